@@ -1,0 +1,1 @@
+//! Command-line types (clap): `serve` and the client subcommands.

@@ -1,0 +1,1 @@
+//! Server configuration: TOML file, `QIT_*` environment and flags.

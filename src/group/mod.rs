@@ -1,0 +1,1 @@
+//! Consumer-group delivery state (pure state machine) and its durable journal.

@@ -1,0 +1,40 @@
+//! qit: a message broker on a durable, segmented log.
+//!
+//! Layers (data flows down on publish, up on receive; nothing calls upward):
+//!
+//! ```text
+//! api::http  api::grpc  cli/client      thin adapters: parse, call the broker, map errors
+//!         \      |      /
+//!          broker                        queue registry, exchanges, dedup, the shared state
+//!         /      |      \
+//!    route     group     log             routing rules; consumer-group state machines and
+//!                                        their journal; the partition log (segments, indexes)
+//! ```
+//!
+//! - [`log`]: the partition log — batches, segments, sparse indexes, recovery.
+//! - [`group`]: per-group delivery state (ack floor, leases, redelivery, DLQ decisions) as a
+//!   pure state machine, and its durable journal.
+//! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
+//! - [`broker`]: queues, partitions, groups and exchanges wired together.
+//! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
+//! - [`server`]: binds listeners, runs timers, drains on shutdown.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod group;
+pub mod log;
+pub mod route;
+pub mod server;
+
+/// Generated protobuf and gRPC types for `qit.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("qit.v1");
+
+    /// Encoded file descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("qit_descriptor");
+}

@@ -1,0 +1,2 @@
+//! The `qit` binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Exchange routing rules: direct, fanout, topic and headers matching.

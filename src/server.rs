@@ -1,0 +1,1 @@
+//! Binds the HTTP and gRPC listeners, runs timers and drains on shutdown.

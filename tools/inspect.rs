@@ -1,0 +1,2 @@
+//! `qit-inspect`: offline segment inspection.
+fn main() {}
