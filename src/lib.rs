@@ -14,6 +14,7 @@
 //! - [`log`]: the partition log — batches, segments, sparse indexes, recovery.
 //! - [`group`]: per-group delivery state (ack floor, leases, redelivery, DLQ decisions) as a
 //!   pure state machine, and its durable journal.
+//! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
 //! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod group;
+pub mod journal;
 pub mod log;
 pub mod route;
 pub mod server;
