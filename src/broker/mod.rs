@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 
