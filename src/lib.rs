@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod group;
 pub mod journal;
 pub mod log;
+pub mod metrics;
 pub mod route;
 pub mod server;
 

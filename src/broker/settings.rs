@@ -131,10 +131,10 @@ impl QueueSettings {
         if self.segment_bytes < 4096 || self.segment_bytes > 4 * 1024 * 1024 * 1024 {
             return bad("segment_bytes", "must be 4096..=4294967296");
         }
-        if let Some(dlq) = &self.dead_letter {
-            if !super::is_valid_name(dlq) {
-                return bad("dead_letter", "must be 1-200 chars of [A-Za-z0-9._-]");
-            }
+        if let Some(dlq) = &self.dead_letter
+            && !super::is_valid_name(dlq)
+        {
+            return bad("dead_letter", "must be 1-200 chars of [A-Za-z0-9._-]");
         }
         if self.retention.max_bytes == Some(0) {
             return bad("retention.max_bytes", "must be positive");

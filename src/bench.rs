@@ -1,0 +1,570 @@
+//! `qit bench`: a load generator against a running server.
+//!
+//! Producers publish batches of fixed-size messages; consumers lease them (a gRPC
+//! `ReceiveMessages` stream with credit, or HTTP long-polls) and acknowledge each one. Every
+//! payload starts with its send time (microseconds since the Unix epoch, little-endian), so a
+//! consumer measures end-to-end latency without any coordination. Producer and consumer
+//! share the clock because they run on one machine (or should have synced clocks).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::proto::broker_client::BrokerClient;
+use crate::proto::{self, receive_request, receive_response};
+
+/// Bytes at the start of each payload that hold its send time.
+const STAMP_BYTES: usize = 8;
+/// Give up when consumers make no progress for this long after producers finished.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Consumer group the bench consumes with.
+const GROUP: &str = "bench";
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8080`.
+    pub http_url: String,
+    /// gRPC endpoint, e.g. `http://127.0.0.1:9090`.
+    pub grpc_url: String,
+    /// Publish and consume over HTTP instead of gRPC.
+    pub use_http: bool,
+    /// Queue to use; a fresh `bench-...` queue (deleted afterwards) when `None`.
+    pub queue: Option<String>,
+    /// Messages to publish in all (ignored when `duration` is set).
+    pub messages: u64,
+    /// Publish for this long instead of a fixed count.
+    pub duration: Option<Duration>,
+    /// Payload size in bytes (at least 8: the send-time stamp).
+    pub size: usize,
+    /// Messages per publish request.
+    pub batch: usize,
+    /// Concurrent producers.
+    pub producers: usize,
+    /// Concurrent consumers.
+    pub consumers: usize,
+    /// Partitions of the bench queue.
+    pub partitions: u32,
+    /// Credit per gRPC consumer stream (most unacknowledged messages out at once).
+    pub credit: u32,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// `grpc` or `http`.
+    pub transport: &'static str,
+    /// Queue used.
+    pub queue: String,
+    /// Messages published.
+    pub published: u64,
+    /// Messages consumed and acknowledged (redeliveries included).
+    pub consumed: u64,
+    /// Payload size in bytes.
+    pub size: usize,
+    /// Publish throughput.
+    pub publish_msgs_per_s: f64,
+    /// Publish throughput in MB/s (10^6 bytes of payload).
+    pub publish_mb_per_s: f64,
+    /// Consume (lease + ack) throughput.
+    pub consume_msgs_per_s: f64,
+    /// Consume throughput in MB/s.
+    pub consume_mb_per_s: f64,
+    /// End-to-end latency percentiles in milliseconds.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Largest observed.
+    pub max_ms: f64,
+}
+
+impl BenchReport {
+    /// A summary for people.
+    pub fn human(&self) -> String {
+        format!(
+            "queue {} over {}, {} B messages\n\
+             publish: {} msgs in all, {:.0} msgs/s, {:.1} MB/s\n\
+             consume: {} msgs in all, {:.0} msgs/s, {:.1} MB/s\n\
+             end-to-end latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            self.queue,
+            self.transport,
+            self.size,
+            self.published,
+            self.publish_msgs_per_s,
+            self.publish_mb_per_s,
+            self.consumed,
+            self.consume_msgs_per_s,
+            self.consume_mb_per_s,
+            self.p50_ms,
+            self.p90_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.max_ms
+        )
+    }
+}
+
+/// Errors of a bench run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Options out of range.
+    #[error("invalid bench option: {0}")]
+    Invalid(String),
+    /// The HTTP side failed.
+    #[error("HTTP request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The server answered HTTP with an error status.
+    #[error("server answered {status}: {body}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Response body.
+        body: String,
+    },
+    /// Connecting over gRPC failed.
+    #[error("gRPC connection failed: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// A gRPC call failed.
+    #[error("gRPC call failed: {0}")]
+    Rpc(#[from] tonic::Status),
+    /// A worker task died.
+    #[error("a bench task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Counters shared by all workers.
+struct Shared {
+    opts: BenchOptions,
+    queue: String,
+    published: AtomicU64,
+    consumed: AtomicU64,
+    /// Messages the consumers must see before they stop (`u64::MAX` until known).
+    target: AtomicU64,
+    /// Set when consumers should stop regardless.
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn consumers_done(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+            || self.consumed.load(Ordering::Relaxed) >= self.target.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the benchmark and returns its report.
+pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
+    validate(&opts)?;
+    let fresh = opts.queue.is_none();
+    let queue = opts
+        .queue
+        .clone()
+        .unwrap_or_else(|| format!("bench-{}-{}", std::process::id(), rand::random::<u32>()));
+    let http = reqwest::Client::new();
+    create_queue(&http, &opts, &queue).await?;
+    let shared = Arc::new(Shared {
+        target: AtomicU64::new(if opts.duration.is_some() {
+            u64::MAX
+        } else {
+            opts.messages
+        }),
+        opts,
+        queue,
+        published: AtomicU64::new(0),
+        consumed: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let report = drive(&shared).await;
+    if fresh {
+        let url = format!("{}/queues/{}", shared.opts.http_url, shared.queue);
+        // Best effort: a failed cleanup must not hide the figures.
+        let _ = http.delete(url).send().await;
+    }
+    report
+}
+
+fn validate(opts: &BenchOptions) -> Result<(), BenchError> {
+    let bad = |m: &str| Err(BenchError::Invalid(m.to_string()));
+    if opts.size < STAMP_BYTES {
+        return bad("--size must be at least 8 bytes (the send-time stamp)");
+    }
+    if opts.batch == 0 || opts.batch > 1000 {
+        return bad("--batch must be 1..=1000");
+    }
+    if opts.producers == 0 || opts.consumers == 0 {
+        return bad("--producers and --consumers must be at least 1");
+    }
+    if opts.duration.is_none() && opts.messages == 0 {
+        return bad("--messages must be at least 1");
+    }
+    Ok(())
+}
+
+async fn create_queue(
+    http: &reqwest::Client,
+    opts: &BenchOptions,
+    queue: &str,
+) -> Result<(), BenchError> {
+    let url = format!("{}/queues/{}", opts.http_url, queue);
+    let body = serde_json::json!({ "partitions": opts.partitions });
+    let response = http.post(url).json(&body).send().await?;
+    expect_success(response).await.map(|_| ())
+}
+
+async fn expect_success(response: reqwest::Response) -> Result<reqwest::Response, BenchError> {
+    if response.status().is_success() {
+        return Ok(response);
+    }
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    Err(BenchError::Status { status, body })
+}
+
+async fn drive(shared: &Arc<Shared>) -> Result<BenchReport, BenchError> {
+    let progress = progress_bar(shared);
+    let mut consumers = Vec::new();
+    for _ in 0..shared.opts.consumers {
+        let shared = Arc::clone(shared);
+        consumers.push(tokio::spawn(async move {
+            if shared.opts.use_http {
+                consume_http(&shared).await
+            } else {
+                consume_grpc(&shared).await
+            }
+        }));
+    }
+    let start = Instant::now();
+    let mut producers = Vec::new();
+    for index in 0..shared.opts.producers {
+        let shared = Arc::clone(shared);
+        producers.push(tokio::spawn(
+            async move { produce(&shared, index, start).await },
+        ));
+    }
+    for producer in producers {
+        producer.await??;
+    }
+    let publish_secs = start.elapsed().as_secs_f64();
+    let published = shared.published.load(Ordering::Relaxed);
+    shared.target.store(published, Ordering::Relaxed);
+    let watchdog = spawn_drain_watchdog(Arc::clone(shared));
+    let mut histogram = new_histogram();
+    for consumer in consumers {
+        let part = consumer.await??;
+        // Same bounds on every histogram, so adding cannot fail.
+        let _ = histogram.add(&part);
+    }
+    watchdog.abort();
+    let consume_secs = start.elapsed().as_secs_f64();
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    Ok(report(shared, &histogram, publish_secs, consume_secs))
+}
+
+fn report(
+    shared: &Shared,
+    histogram: &Histogram<u64>,
+    publish_secs: f64,
+    consume_secs: f64,
+) -> BenchReport {
+    let published = shared.published.load(Ordering::Relaxed);
+    let consumed = shared.consumed.load(Ordering::Relaxed);
+    let size = shared.opts.size;
+    let per_s = |n: u64, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    BenchReport {
+        transport: if shared.opts.use_http { "http" } else { "grpc" },
+        queue: shared.queue.clone(),
+        published,
+        consumed,
+        size,
+        publish_msgs_per_s: per_s(published, publish_secs),
+        publish_mb_per_s: per_s(published, publish_secs) * size as f64 / 1e6,
+        consume_msgs_per_s: per_s(consumed, consume_secs),
+        consume_mb_per_s: per_s(consumed, consume_secs) * size as f64 / 1e6,
+        p50_ms: ms(histogram.value_at_quantile(0.5)),
+        p90_ms: ms(histogram.value_at_quantile(0.9)),
+        p99_ms: ms(histogram.value_at_quantile(0.99)),
+        p999_ms: ms(histogram.value_at_quantile(0.999)),
+        max_ms: ms(histogram.max()),
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h at 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid")
+}
+
+fn progress_bar(shared: &Arc<Shared>) -> Option<ProgressBar> {
+    if !shared.opts.progress {
+        return None;
+    }
+    let total = shared.opts.duration.map_or(shared.opts.messages, |_| 0);
+    let bar = if total > 0 {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::new_spinner()
+    };
+    let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    let ticker = bar.clone();
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        while !ticker.is_finished() {
+            let published = shared.published.load(Ordering::Relaxed);
+            let consumed = shared.consumed.load(Ordering::Relaxed);
+            ticker.set_position(consumed);
+            ticker.set_message(format!("published {published}  consumed {consumed}"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Some(bar)
+}
+
+/// Stops consumers that have made no progress for [`DRAIN_TIMEOUT`] once all is published.
+fn spawn_drain_watchdog(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = shared.consumed.load(Ordering::Relaxed);
+        let mut since = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = shared.consumed.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() > DRAIN_TIMEOUT {
+                shared.stop.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    })
+}
+
+/// How many messages producer `index` publishes (fixed-count mode).
+fn share_of(total: u64, producers: usize, index: usize) -> u64 {
+    let producers = producers as u64;
+    let index = index as u64;
+    total / producers + u64::from(index < total % producers)
+}
+
+async fn produce(shared: &Shared, index: usize, start: Instant) -> Result<(), BenchError> {
+    let opts = &shared.opts;
+    let mut remaining = match opts.duration {
+        Some(_) => u64::MAX,
+        None => share_of(opts.messages, opts.producers, index),
+    };
+    let mut grpc = if opts.use_http {
+        None
+    } else {
+        Some(BrokerClient::connect(opts.grpc_url.clone()).await?)
+    };
+    let http = reqwest::Client::new();
+    while remaining > 0 && opts.duration.is_none_or(|d| start.elapsed() < d) {
+        let count = remaining.min(opts.batch as u64) as usize;
+        match grpc.as_mut() {
+            Some(client) => publish_grpc(client, shared, count).await?,
+            None => publish_http(&http, shared, count).await?,
+        }
+        remaining -= count as u64;
+        shared.published.fetch_add(count as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// A payload of `size` bytes stamped with the current time.
+fn payload(size: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(size);
+    buf.put_u64_le(now_micros());
+    buf.resize(size, b'x');
+    buf.freeze()
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Microseconds since the stamp at the head of `body`, if it has one.
+fn latency_micros(body: &[u8]) -> Option<u64> {
+    let stamp: [u8; STAMP_BYTES] = body.get(..STAMP_BYTES)?.try_into().ok()?;
+    Some(
+        now_micros()
+            .saturating_sub(u64::from_le_bytes(stamp))
+            .max(1),
+    )
+}
+
+async fn publish_grpc(
+    client: &mut BrokerClient<tonic::transport::Channel>,
+    shared: &Shared,
+    count: usize,
+) -> Result<(), BenchError> {
+    let messages = (0..count)
+        .map(|_| proto::OutgoingMessage {
+            body: payload(shared.opts.size).to_vec(),
+            content_type: Some("application/octet-stream".into()),
+            ..Default::default()
+        })
+        .collect();
+    client
+        .send_message(proto::SendMessageRequest {
+            queue: shared.queue.clone(),
+            messages,
+        })
+        .await?;
+    Ok(())
+}
+
+async fn publish_http(
+    http: &reqwest::Client,
+    shared: &Shared,
+    count: usize,
+) -> Result<(), BenchError> {
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let messages: Vec<_> = (0..count)
+        .map(|_| serde_json::json!({ "body_base64": engine.encode(payload(shared.opts.size)) }))
+        .collect();
+    let url = format!(
+        "{}/queues/{}/messages/batch",
+        shared.opts.http_url, shared.queue
+    );
+    let response = http
+        .post(url)
+        .json(&serde_json::json!({ "messages": messages }))
+        .send()
+        .await?;
+    expect_success(response).await.map(|_| ())
+}
+
+async fn consume_grpc(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
+    let mut histogram = new_histogram();
+    let mut client = BrokerClient::connect(shared.opts.grpc_url.clone()).await?;
+    let (requests, rx) = mpsc::channel(4096);
+    let open = receive_request::Request::Open(proto::OpenStream {
+        queue: shared.queue.clone(),
+        group: GROUP.into(),
+        max_in_flight: shared.opts.credit,
+        visibility_ms: None,
+    });
+    // The receiver lives in the stream below, so this send cannot fail.
+    let _ = requests
+        .send(proto::ReceiveRequest {
+            request: Some(open),
+        })
+        .await;
+    let mut responses = client
+        .receive_messages(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while !shared.consumers_done() {
+        let next = tokio::time::timeout(Duration::from_millis(200), responses.next()).await;
+        let Ok(next) = next else { continue };
+        let Some(response) = next.transpose()? else {
+            break;
+        };
+        if let Some(receive_response::Response::Message(message)) = response.response {
+            if let Some(micros) = latency_micros(&message.body) {
+                let _ = histogram.record(micros);
+            }
+            let ack = receive_request::Request::Ack(proto::StreamAck { id: message.id });
+            if requests
+                .send(proto::ReceiveRequest { request: Some(ack) })
+                .await
+                .is_err()
+            {
+                break;
+            }
+            shared.consumed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(histogram)
+}
+
+async fn consume_http(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let mut histogram = new_histogram();
+    let http = reqwest::Client::new();
+    let base = format!("{}/queues/{}/messages", shared.opts.http_url, shared.queue);
+    let max = shared.opts.batch.clamp(1, 1000);
+    while !shared.consumers_done() {
+        let url = format!("{base}?group={GROUP}&max={max}&wait=1");
+        let response = expect_success(http.get(url).send().await?).await?;
+        let page: serde_json::Value = response.json().await?;
+        let messages = page["messages"].as_array().cloned().unwrap_or_default();
+        for message in &messages {
+            let body = message["body_base64"]
+                .as_str()
+                .and_then(|b| engine.decode(b).ok())
+                .unwrap_or_default();
+            if let Some(micros) = latency_micros(&body) {
+                let _ = histogram.record(micros);
+            }
+            let id = message["id"].as_str().unwrap_or_default();
+            let ack = format!("{base}/{id}?group={GROUP}");
+            expect_success(http.delete(ack).send().await?).await?;
+            shared.consumed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(histogram)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn producer_shares_add_up() {
+        for (total, producers) in [(10, 3), (1, 4), (1000, 8), (7, 7)] {
+            let sum: u64 = (0..producers).map(|i| share_of(total, producers, i)).sum();
+            assert_eq!(sum, total);
+        }
+    }
+
+    #[test]
+    fn payload_carries_its_send_time() {
+        let body = payload(100);
+        assert_eq!(body.len(), 100);
+        let latency = latency_micros(&body).unwrap();
+        assert!(latency < 60_000_000, "stamp is now, not garbage: {latency}");
+        assert_eq!(latency_micros(b"short"), None);
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let opts = BenchOptions {
+            http_url: String::new(),
+            grpc_url: String::new(),
+            use_http: false,
+            queue: None,
+            messages: 10,
+            duration: None,
+            size: 4,
+            batch: 10,
+            producers: 1,
+            consumers: 1,
+            partitions: 1,
+            credit: 100,
+            progress: false,
+        };
+        assert!(matches!(validate(&opts), Err(BenchError::Invalid(_))));
+        assert!(validate(&BenchOptions { size: 8, ..opts }).is_ok());
+    }
+}

@@ -1,0 +1,181 @@
+//! Prometheus metrics: the recorder, the names of every series, and scrape-time gauges.
+//!
+//! Counters and histograms are recorded where things happen (through the `metrics` facade,
+//! which costs an atomic add when a recorder is installed and nothing otherwise). Gauges
+//! that describe state (backlog, in flight, stored bytes) are computed from the broker at
+//! scrape time by [`record_queue_gauges`], so no hot path maintains them.
+//!
+//! All series are named `qit_...`.
+
+use std::sync::{Mutex, OnceLock};
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::broker::QueueInfo;
+
+/// Messages appended to a queue (label `queue`).
+pub const PUBLISHED: &str = "qit_messages_published_total";
+/// Leases handed out (labels `queue`, `group`).
+pub const DELIVERED: &str = "qit_messages_delivered_total";
+/// Deliveries beyond a message's first (labels `queue`, `group`).
+pub const REDELIVERED: &str = "qit_messages_redelivered_total";
+/// Acknowledgements (labels `queue`, `group`).
+pub const ACKED: &str = "qit_messages_acked_total";
+/// Negative acknowledgements (labels `queue`, `group`).
+pub const NACKED: &str = "qit_messages_nacked_total";
+/// Leases that ran past their visibility timeout (labels `queue`, `group`).
+pub const EXPIRED: &str = "qit_leases_expired_total";
+/// Messages moved to the dead-letter queue (labels `queue`, `group`).
+pub const DEAD_LETTERED: &str = "qit_messages_dead_lettered_total";
+/// Messages a group skipped because retention deleted them first (labels `queue`, `group`).
+pub const RETENTION_SKIPPED: &str = "qit_messages_skipped_by_retention_total";
+/// Publish latency from request to durable append, seconds (label `queue`).
+pub const PUBLISH_LATENCY: &str = "qit_publish_latency_seconds";
+/// Time from publish to acknowledgement, seconds (labels `queue`, `group`).
+pub const END_TO_END_LATENCY: &str = "qit_end_to_end_latency_seconds";
+/// Duration of one fsync of a segment or journal, seconds.
+pub const FSYNC_LATENCY: &str = "qit_fsync_latency_seconds";
+/// Messages not yet done for a group (gauge; labels `queue`, `group`).
+pub const BACKLOG: &str = "qit_backlog_messages";
+/// Leases held now (gauge; labels `queue`, `group`).
+pub const IN_FLIGHT: &str = "qit_in_flight_messages";
+/// Bytes of `.log` segment files (gauge; labels `queue`, `partition`).
+pub const STORED_BYTES: &str = "qit_stored_bytes";
+/// Number of segments (gauge; labels `queue`, `partition`).
+pub const SEGMENTS: &str = "qit_segments";
+/// Number of queues (gauge).
+pub const QUEUES: &str = "qit_queues";
+/// Open HTTP connections (gauge).
+pub const HTTP_CONNECTIONS: &str = "qit_http_connections_open";
+/// Open gRPC consumer and subscriber streams (gauge; label `kind`).
+pub const GRPC_STREAMS: &str = "qit_grpc_streams_open";
+/// Open long-poll waiters (gauge).
+pub const LONG_POLL_WAITERS: &str = "qit_long_poll_waiters";
+/// Segments deleted by retention (label `queue`).
+pub const RETENTION_SEGMENTS_DELETED: &str = "qit_retention_segments_deleted_total";
+/// Bytes reclaimed by retention and compaction (labels `queue`, `task`).
+pub const BYTES_RECLAIMED: &str = "qit_bytes_reclaimed_total";
+/// Records removed by compaction (label `queue`).
+pub const COMPACTION_RECORDS_REMOVED: &str = "qit_compaction_records_removed_total";
+/// Unix time of a background task's last run, seconds (gauge; label `task`).
+pub const BACKGROUND_LAST_RUN: &str = "qit_background_last_run_timestamp_seconds";
+
+/// Latency buckets in seconds: 50 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static INSTALL_LOCK: Mutex<()> = Mutex::new(());
+
+/// Errors of installing the metrics recorder.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The exporter rejected its configuration.
+    #[error("metrics exporter: {0}")]
+    Build(#[from] BuildError),
+    /// Another recorder than qit's is installed in this process.
+    #[error("a different metrics recorder is already installed")]
+    ForeignRecorder,
+}
+
+/// Installs the global Prometheus recorder once (later calls return the same handle), so
+/// several servers in one test process share it.
+pub fn install() -> Result<&'static PrometheusHandle, MetricsError> {
+    let _guard = INSTALL_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle);
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|_| MetricsError::ForeignRecorder)?;
+    Ok(HANDLE.get_or_init(|| handle))
+}
+
+/// Sets the state gauges of every queue, group and partition from a broker snapshot.
+pub fn record_queue_gauges(queues: &[QueueInfo]) {
+    metrics::gauge!(QUEUES).set(queues.len() as f64);
+    for queue in queues {
+        for partition in &queue.partitions {
+            let labels = [
+                ("queue", queue.name.clone()),
+                ("partition", partition.partition.to_string()),
+            ];
+            metrics::gauge!(STORED_BYTES, &labels).set(partition.bytes as f64);
+            metrics::gauge!(SEGMENTS, &labels).set(f64::from(partition.segments));
+        }
+        for group in &queue.groups {
+            let labels = [("queue", queue.name.clone()), ("group", group.name.clone())];
+            metrics::gauge!(BACKLOG, &labels).set(group.backlog as f64);
+            metrics::gauge!(IN_FLIGHT, &labels).set(group.in_flight as f64);
+        }
+    }
+}
+
+/// Renders every series in the Prometheus text format (empty when no recorder is installed).
+pub fn render() -> String {
+    HANDLE
+        .get()
+        .map(|handle| {
+            handle.run_upkeep();
+            handle.render()
+        })
+        .unwrap_or_default()
+}
+
+/// Counts `n` events of a `queue`-labelled counter.
+pub fn count_queue(name: &'static str, queue: &str, n: u64) {
+    metrics::counter!(name, "queue" => queue.to_string()).increment(n);
+}
+
+/// Counts `n` events of a `queue`+`group`-labelled counter.
+pub fn count_group(name: &'static str, queue: &str, group: &str, n: u64) {
+    metrics::counter!(name, "queue" => queue.to_string(), "group" => group.to_string())
+        .increment(n);
+}
+
+/// Records one latency sample in seconds.
+pub fn observe_seconds(name: &'static str, seconds: f64) {
+    metrics::histogram!(name).record(seconds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{GroupSummary, PartitionInfo, QueueSettings};
+
+    #[test]
+    fn gauges_and_counters_render_with_qit_names() {
+        install().unwrap();
+        let info = QueueInfo {
+            name: "metrics-test".into(),
+            settings: QueueSettings::default(),
+            partitions: vec![PartitionInfo {
+                partition: 0,
+                first_offset: 0,
+                next_offset: 7,
+                segments: 1,
+                bytes: 1234,
+            }],
+            groups: vec![GroupSummary {
+                name: "default".into(),
+                backlog: 5,
+                in_flight: 2,
+                dead_lettered: 0,
+            }],
+        };
+        record_queue_gauges(&[info]);
+        count_queue(PUBLISHED, "metrics-test", 7);
+        observe_seconds(FSYNC_LATENCY, 0.002);
+        let text = render();
+        assert!(text.contains(r#"qit_backlog_messages{queue="metrics-test",group="default"} 5"#));
+        assert!(text.contains(r#"qit_stored_bytes{queue="metrics-test",partition="0"} 1234"#));
+        assert!(text.contains(r#"qit_messages_published_total{queue="metrics-test"} 7"#));
+        assert!(text.contains("qit_fsync_latency_seconds_bucket"));
+    }
+}
