@@ -30,6 +30,7 @@ pub mod config;
 pub mod group;
 pub mod journal;
 pub mod log;
+pub mod maintenance;
 pub mod metrics;
 pub mod route;
 pub mod server;
