@@ -2,12 +2,38 @@
 //! with sparse offset and time indexes, read through mmap. The byte format is specified in
 //! `storage-format.md`.
 //!
-//! CONTRACT STUB: the public API below is fixed; bodies are filled in by the log work.
+//! - [`record`]: the batch/record codec (the only code that lays out batch bytes).
+//! - [`index`]: sparse offset and time index entries.
+//! - [`segment`]: one segment's files, read through mmap (sealed) or `pread` (active).
+//! - [`recovery`]: opening a directory, checking indexes, cutting a torn tail.
+//! - [`writer`]: the single writer thread with group commit.
+//! - [`inspect`]: offline verification and dumps for `qit-inspect`.
+//!
+//! Readers never take a lock shared with the writer for the bytes they read: the segment
+//! list is an `ArcSwap` snapshot, sealed segments are immutable maps, and the active segment
+//! is read with positioned reads bounded by the length the writer has published.
+
+pub mod index;
+pub mod inspect;
+pub mod record;
+pub mod recovery;
+pub mod segment;
+mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, watch};
+
+use segment::Segment;
+use writer::{Command, Writer};
 
 /// When appended records are forced to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -129,61 +155,293 @@ pub enum LogError {
     Closed,
 }
 
+/// State shared by the handle, the readers and the writer thread.
+struct Shared {
+    dir: PathBuf,
+    config: LogConfig,
+    /// Segments, oldest first; the last one is active. Replaced whole, never mutated.
+    segments: ArcSwap<Vec<Arc<Segment>>>,
+    /// One past the last readable offset.
+    next_offset: AtomicU64,
+    watch: watch::Sender<u64>,
+    /// Serializes changes of the segment list (roll, drop, truncate).
+    list_lock: Mutex<()>,
+}
+
+/// Owns the writer thread; dropping the last handle stops it after a final sync.
+struct Inner {
+    shared: Arc<Shared>,
+    commands: Option<mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.commands.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// One partition: a directory of segments. Cheap to clone (a handle).
 #[derive(Clone)]
-pub struct PartitionLog {}
+pub struct PartitionLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PartitionLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionLog")
+            .field("dir", &self.inner.shared.dir)
+            .field("next_offset", &self.next_offset())
+            .finish()
+    }
+}
 
 impl PartitionLog {
     /// Opens (creating if needed) the partition in `dir`, recovering the active segment.
-    pub fn open(_dir: &Path, _config: LogConfig) -> Result<Self, LogError> {
-        todo!()
+    pub fn open(dir: &Path, config: LogConfig) -> Result<Self, LogError> {
+        let (segments, state) = recovery::open_segments(dir, &config)?;
+        let active = segments.last().cloned().ok_or_else(|| LogError::Corrupt {
+            path: dir.to_path_buf(),
+            position: 0,
+            reason: "no active segment".into(),
+        })?;
+        let next = state.extent.next_offset;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            config,
+            segments: ArcSwap::from_pointee(segments),
+            next_offset: AtomicU64::new(next),
+            watch: watch::Sender::new(next),
+            list_lock: Mutex::new(()),
+        });
+        let (commands, rx) = mpsc::channel();
+        let writer = Writer::new(Arc::clone(&shared), rx, active, state)?;
+        let thread = std::thread::Builder::new()
+            .name("qit-log-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|source| LogError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared,
+                commands: Some(commands),
+                thread: Some(thread),
+            }),
+        })
     }
+
+    fn send(&self, command: Command) -> Result<(), LogError> {
+        self.inner
+            .commands
+            .as_ref()
+            .ok_or(LogError::Closed)?
+            .send(command)
+            .map_err(|_| LogError::Closed)
+    }
+
     /// Appends records with consecutive offsets; returns the first one. Resolves once the
     /// records are readable, and under [`FsyncPolicy::Always`] once they are durable.
-    pub async fn append(&self, _records: Vec<Record>) -> Result<u64, LogError> {
-        todo!()
+    /// Cancellation-safe: once called, the records are written even if the future is dropped.
+    pub async fn append(&self, records: Vec<Record>) -> Result<u64, LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Append { records, reply })?;
+        answer.await.map_err(|_| LogError::Closed)?
     }
+
     /// Reads whole records from `from` (clamped up to the first offset) up to the budgets;
     /// at least one record when any exists at or past `from`.
     pub fn read(
         &self,
-        _from: u64,
-        _max_records: usize,
-        _max_bytes: usize,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
-        todo!()
+        let next = self.next_offset();
+        let segments = self.inner.shared.segments.load_full();
+        let first = segments.first().map_or(0, |s| s.base_offset);
+        let from = from.max(first);
+        let mut out = Vec::new();
+        if from >= next || max_records == 0 {
+            return Ok(out);
+        }
+        let start = segments
+            .partition_point(|s| s.base_offset <= from)
+            .saturating_sub(1);
+        let mut bytes = 0usize;
+        for segment in segments.iter().skip(start) {
+            let done = read_segment(segment, from, next, &mut out, &mut bytes, |n, b| {
+                n >= max_records || b >= max_bytes
+            })?;
+            if done {
+                break;
+            }
+        }
+        Ok(out)
     }
+
     /// The first offset whose record has a timestamp >= `timestamp_ms`, if any.
-    pub fn offset_for_timestamp(&self, _timestamp_ms: i64) -> Result<Option<u64>, LogError> {
-        todo!()
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, LogError> {
+        let next = self.next_offset();
+        let segments = self.inner.shared.segments.load_full();
+        let Some(segment) = segments
+            .iter()
+            .find(|s| s.max_timestamp_ms().is_some_and(|t| t >= timestamp_ms))
+        else {
+            return Ok(None);
+        };
+        let mut from = segment.offset_for_time_hint(timestamp_ms);
+        loop {
+            let records = self.read(from, 1024, usize::MAX)?;
+            let Some(last) = records.last() else {
+                return Ok(None);
+            };
+            if let Some(hit) = records.iter().find(|r| r.timestamp_ms >= timestamp_ms) {
+                return Ok(Some(hit.offset));
+            }
+            from = last.offset + 1;
+            if from >= next {
+                return Ok(None);
+            }
+        }
     }
+
     /// The first retained offset.
     pub fn first_offset(&self) -> u64 {
-        todo!()
+        self.inner
+            .shared
+            .segments
+            .load()
+            .first()
+            .map_or(0, |s| s.base_offset)
     }
+
     /// One past the last readable offset.
     pub fn next_offset(&self) -> u64 {
-        todo!()
+        self.inner.shared.next_offset.load(Ordering::Acquire)
     }
+
     /// Watches [`Self::next_offset`]; changes on every append.
-    pub fn watch_next_offset(&self) -> tokio::sync::watch::Receiver<u64> {
-        todo!()
+    pub fn watch_next_offset(&self) -> watch::Receiver<u64> {
+        self.inner.shared.watch.subscribe()
     }
+
     /// Segments, oldest first.
     pub fn segments(&self) -> Vec<SegmentInfo> {
-        todo!()
+        self.inner
+            .shared
+            .segments
+            .load()
+            .iter()
+            .map(|s| SegmentInfo {
+                base_offset: s.base_offset,
+                next_offset: s.next_offset(),
+                bytes: s.len(),
+                max_timestamp_ms: s.max_timestamp_ms(),
+                sealed: s.is_sealed(),
+            })
+            .collect()
     }
+
+    /// The partition's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.shared.dir
+    }
+
     /// Deletes whole sealed segments whose every offset is below `offset`; returns how many.
-    /// Safe while readers hold maps of them.
-    pub fn drop_segments_before(&self, _offset: u64) -> Result<usize, LogError> {
-        todo!()
+    /// Safe while readers hold maps of them: an unlinked file stays mapped until dropped.
+    pub fn drop_segments_before(&self, offset: u64) -> Result<usize, LogError> {
+        let shared = &self.inner.shared;
+        let removed: Vec<Arc<Segment>> = {
+            let _guard = shared.list_lock.lock();
+            let list = shared.segments.load_full();
+            let count = list
+                .iter()
+                .take(list.len().saturating_sub(1))
+                .take_while(|s| s.is_sealed() && s.next_offset() <= offset)
+                .count();
+            if count == 0 {
+                return Ok(0);
+            }
+            shared
+                .segments
+                .store(Arc::new(list.get(count..).unwrap_or_default().to_vec()));
+            list.get(..count).unwrap_or_default().to_vec()
+        };
+        for segment in &removed {
+            for path in [
+                &segment.paths.log,
+                &segment.paths.index,
+                &segment.paths.time_index,
+            ] {
+                std::fs::remove_file(path).map_err(|source| LogError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        recovery::sync_dir(&shared.dir)?;
+        Ok(removed.len())
     }
+
     /// Removes every record at or past `offset` (for replication); next_offset becomes `offset`.
-    pub async fn truncate_suffix(&self, _offset: u64) -> Result<(), LogError> {
-        todo!()
+    pub async fn truncate_suffix(&self, offset: u64) -> Result<(), LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Truncate { offset, reply })?;
+        answer.await.map_err(|_| LogError::Closed)?
     }
+
     /// Writes and fsyncs everything appended so far.
     pub async fn flush(&self) -> Result<(), LogError> {
-        todo!()
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Flush { reply })?;
+        answer.await.map_err(|_| LogError::Closed)?
     }
+}
+
+/// Reads records of one segment from `from` into `out` until `full` says stop or the
+/// segment ends; returns true when full.
+fn read_segment(
+    segment: &Segment,
+    from: u64,
+    next: u64,
+    out: &mut Vec<StoredRecord>,
+    bytes: &mut usize,
+    full: impl Fn(usize, usize) -> bool,
+) -> Result<bool, LogError> {
+    let len = segment.len();
+    let mut position = segment.position_for(from);
+    while position < len {
+        // Every batch passed over is CRC-checked too (at most one index interval of them),
+        // so a damaged header can never make a read skip or stop silently.
+        let (header, batch) = segment.batch_at(position)?;
+        if header.next_offset() <= from {
+            position += u64::from(header.batch_len);
+            continue;
+        }
+        if header.base_offset >= next {
+            return Ok(true);
+        }
+        let records = record::decode_records(&header, &batch).map_err(|e| LogError::Corrupt {
+            path: segment.paths.log.clone(),
+            position,
+            reason: e.to_string(),
+        })?;
+        for record in records {
+            if record.offset < from || record.offset >= next {
+                continue;
+            }
+            *bytes += record.value.len() + record.key.as_ref().map_or(0, Bytes::len);
+            out.push(record);
+            if full(out.len(), *bytes) {
+                return Ok(true);
+            }
+        }
+        position += u64::from(header.batch_len);
+    }
+    Ok(false)
 }

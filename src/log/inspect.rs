@@ -1,0 +1,1 @@
+//! Offline verification, dumps and statistics of segments (used by `qit-inspect`).

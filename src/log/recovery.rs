@@ -1,0 +1,371 @@
+//! Opening a partition directory: find segments, check or rebuild their indexes, and cut a
+//! torn tail off the active segment.
+//!
+//! Policy (see `storage-format.md`, "Recovery"):
+//! - Only the active (last) segment may end in a torn or corrupt batch; it is truncated to
+//!   the last whole batch and synced.
+//! - A sealed segment must end on a whole, valid batch; otherwise opening fails naming the
+//!   file and byte position. Sealed segments are checked cheaply (index entries point at
+//!   batch headers, the batches after the last entry are CRC-checked); full CRC checks
+//!   happen on every read and in `qit-inspect verify`.
+//! - A missing or damaged index is rebuilt from the log.
+//! - Consecutive segments must cover consecutive offsets; a gap or overlap is an error.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::index::{self, OffsetEntry, TimeEntry};
+use super::segment::{self, Extent, IndexBuilder, Scan, Segment, SegmentPaths};
+use super::{LogConfig, LogError};
+
+/// Leftovers of an interrupted rewrite (compaction, truncation) end in this.
+pub const TEMP_SUFFIX: &str = ".tmp";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The base offsets of the segments in `dir`, ascending. Removes leftover temp files.
+pub fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.ends_with(TEMP_SUFFIX) {
+            fs::remove_file(&path).map_err(io(&path))?;
+            continue;
+        }
+        if let Some(stem) = name.strip_suffix(".log")
+            && stem.len() == 20
+            && let Ok(base) = stem.parse::<u64>()
+        {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// What the writer needs to continue the active segment.
+pub struct ActiveState {
+    /// The open file, positioned for appends at `extent.len`.
+    pub file: File,
+    /// The segment's recovered extent.
+    pub extent: Extent,
+    /// Index builder state to continue with.
+    pub builder: IndexBuilder,
+}
+
+/// Opens every segment of `dir`; creates the first one when the directory is empty.
+pub fn open_segments(
+    dir: &Path,
+    config: &LogConfig,
+) -> Result<(Vec<std::sync::Arc<Segment>>, ActiveState), LogError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut bases = list_segments(dir)?;
+    if bases.is_empty() {
+        create_segment_files(dir, 0)?;
+        bases.push(0);
+    }
+    let mut segments = Vec::with_capacity(bases.len());
+    let last = bases.len() - 1;
+    for (i, &base) in bases.iter().enumerate().take(last) {
+        let segment = open_sealed(dir, base, config.index_interval_bytes)?;
+        check_continuity(&segment, bases.get(i + 1).copied())?;
+        segments.push(std::sync::Arc::new(segment));
+    }
+    let (active, state) = open_active(dir, bases[last], config.index_interval_bytes)?;
+    if let Some(previous) = segments.last() {
+        check_continuity(previous, Some(active.base_offset))?;
+    }
+    segments.push(std::sync::Arc::new(active));
+    Ok((segments, state))
+}
+
+fn check_continuity(segment: &Segment, next_base: Option<u64>) -> Result<(), LogError> {
+    match next_base {
+        Some(next) if segment.next_offset() != next => Err(LogError::Corrupt {
+            path: segment.paths.log.clone(),
+            position: segment.len(),
+            reason: format!(
+                "segment ends at offset {} but the next segment starts at {next}",
+                segment.next_offset()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Creates empty files for a new segment and syncs the directory.
+pub fn create_segment_files(dir: &Path, base: u64) -> Result<(File, SegmentPaths), LogError> {
+    let paths = SegmentPaths::new(dir, base);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .append(true)
+        .open(&paths.log)
+        .map_err(io(&paths.log))?;
+    for path in [&paths.index, &paths.time_index] {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+    }
+    sync_dir(dir)?;
+    Ok((file, paths))
+}
+
+/// fsyncs a directory so that created, renamed or removed entries are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// The valid prefix of an index file: entries that point at real batches, in order.
+fn checked_offset_index(log: &[u8], base: u64, bytes: &[u8]) -> Option<Vec<OffsetEntry>> {
+    let mut entries = Vec::with_capacity(index::offset_entries(bytes));
+    let mut previous: Option<OffsetEntry> = None;
+    for i in 0..index::offset_entries(bytes) {
+        let entry = OffsetEntry::at(bytes, i)?;
+        if previous.is_some_and(|p| {
+            p.relative_offset >= entry.relative_offset || p.position >= entry.position
+        }) {
+            return None;
+        }
+        let header = super::record::peek_header(log.get(entry.position as usize..)?)?;
+        if log.get(entry.position as usize..entry.position as usize + 4)
+            != Some(&super::record::BATCH_MAGIC.to_le_bytes()[..])
+            || header.base_offset != base + u64::from(entry.relative_offset)
+        {
+            return None;
+        }
+        entries.push(entry);
+        previous = Some(entry);
+    }
+    Some(entries)
+}
+
+fn checked_time_index(bytes: &[u8], next_relative: u64) -> Option<Vec<TimeEntry>> {
+    let mut entries = Vec::with_capacity(index::time_entries(bytes));
+    for i in 0..index::time_entries(bytes) {
+        let entry = TimeEntry::at(bytes, i)?;
+        let ordered = entries.last().is_none_or(|p: &TimeEntry| {
+            p.timestamp_ms <= entry.timestamp_ms && p.relative_offset < entry.relative_offset
+        });
+        if !ordered || u64::from(entry.relative_offset) >= next_relative {
+            return None;
+        }
+        entries.push(entry);
+    }
+    Some(entries)
+}
+
+/// Result of checking one segment's files.
+struct Checked {
+    log: Bytes,
+    index: Vec<OffsetEntry>,
+    time_index: Vec<TimeEntry>,
+    scan: Scan,
+    rebuilt: bool,
+}
+
+/// Scans a segment from its last valid index entry (or from the start when the index is
+/// unusable) and returns the indexes to keep.
+fn check_segment(paths: &SegmentPaths, base: u64, interval: u32) -> Result<Checked, LogError> {
+    let log = segment::map_file(&paths.log)?;
+    let index_bytes = read_or_empty(&paths.index)?;
+    let (index, start, expected) = match checked_offset_index(&log, base, &index_bytes) {
+        Some(entries) if !entries.is_empty() || log.is_empty() => {
+            let last = entries.last().copied();
+            let start = last.map_or(0, |e| u64::from(e.position));
+            let expected = last.map_or(base, |e| base + u64::from(e.relative_offset));
+            (Some(entries), start, expected)
+        }
+        _ => (None, 0, base),
+    };
+    let time_bytes = read_or_empty(&paths.time_index)?;
+    let last_time = index.as_ref().and_then(|_| {
+        checked_time_index(&time_bytes, u64::MAX).and_then(|t| t.last().map(|e| e.timestamp_ms))
+    });
+    let mut builder = IndexBuilder::new(interval, last_time, index.is_none());
+    let scan = segment::scan(&log, base, start, expected, &mut builder);
+    match index {
+        Some(mut entries) => {
+            // The entry at `start` is re-found by the scan; keep the old ones before it.
+            let rescanned: Vec<OffsetEntry> = scan
+                .index
+                .iter()
+                .copied()
+                .filter(|e| u64::from(e.position) > start)
+                .collect();
+            entries.extend(rescanned);
+            let next_relative = scan.next_offset.saturating_sub(base);
+            match checked_time_index(&time_bytes, next_relative) {
+                Some(time_index) => Ok(Checked {
+                    log,
+                    index: entries,
+                    time_index,
+                    scan,
+                    rebuilt: false,
+                }),
+                None => Ok(rebuild(log, base, interval)),
+            }
+        }
+        None => Ok(Checked {
+            index: scan.index.clone(),
+            time_index: scan.time_index.clone(),
+            log,
+            scan,
+            rebuilt: true,
+        }),
+    }
+}
+
+/// Scans a whole segment and builds both indexes from scratch.
+fn rebuild(log: Bytes, base: u64, interval: u32) -> Checked {
+    let mut builder = IndexBuilder::new(interval, None, true);
+    let scan = segment::scan(&log, base, 0, base, &mut builder);
+    Checked {
+        index: scan.index.clone(),
+        time_index: scan.time_index.clone(),
+        log,
+        scan,
+        rebuilt: true,
+    }
+}
+
+fn read_or_empty(path: &Path) -> Result<Vec<u8>, LogError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// Writes index files from scratch (atomically: temp file + rename).
+fn write_indexes(
+    dir: &Path,
+    paths: &SegmentPaths,
+    index: &[OffsetEntry],
+    time_index: &[TimeEntry],
+) -> Result<(), LogError> {
+    let mut offsets = Vec::new();
+    index.iter().for_each(|e| e.encode(&mut offsets));
+    let mut times = Vec::new();
+    time_index.iter().for_each(|e| e.encode(&mut times));
+    for (path, bytes) in [(&paths.index, offsets), (&paths.time_index, times)] {
+        let tmp = temp_path(path);
+        fs::write(&tmp, &bytes).map_err(io(&tmp))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&tmp))?;
+        fs::rename(&tmp, path).map_err(io(path))?;
+    }
+    sync_dir(dir)
+}
+
+/// `path` with [`TEMP_SUFFIX`] appended.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(TEMP_SUFFIX);
+    PathBuf::from(name)
+}
+
+fn open_sealed(dir: &Path, base: u64, interval: u32) -> Result<Segment, LogError> {
+    let paths = SegmentPaths::new(dir, base);
+    let checked = check_segment(&paths, base, interval)?;
+    if let Some((position, decoded)) = &checked.scan.stopped {
+        return Err(LogError::Corrupt {
+            path: paths.log.clone(),
+            position: *position,
+            reason: format!("sealed segment is damaged: {decoded:?}"),
+        });
+    }
+    if checked.rebuilt {
+        tracing::warn!(segment = %paths.log.display(), "rebuilt damaged or missing index");
+        write_indexes(dir, &paths, &checked.index, &checked.time_index)?;
+    }
+    let extent = Extent {
+        len: checked.scan.end,
+        next_offset: checked.scan.next_offset,
+        max_timestamp_ms: checked.scan.max_timestamp_ms,
+    };
+    let index = segment::map_file(&paths.index)?;
+    let time_index = segment::map_file(&paths.time_index)?;
+    Ok(Segment::sealed(
+        base,
+        paths,
+        checked.log,
+        index,
+        time_index,
+        extent,
+    ))
+}
+
+fn open_active(dir: &Path, base: u64, interval: u32) -> Result<(Segment, ActiveState), LogError> {
+    let paths = SegmentPaths::new(dir, base);
+    let checked = check_segment(&paths, base, interval)?;
+    let scan = &checked.scan;
+    let cut = scan.stopped.is_some();
+    if let Some((position, decoded)) = &scan.stopped {
+        tracing::warn!(
+            segment = %paths.log.display(),
+            position,
+            ?decoded,
+            dropped_bytes = checked.log.len() as u64 - position,
+            "truncating torn or corrupt tail of the active segment"
+        );
+    }
+    let log_len = checked.log.len() as u64;
+    drop(checked.log);
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(&paths.log)
+        .map_err(io(&paths.log))?;
+    if cut || log_len != scan.end {
+        file.set_len(scan.end).map_err(io(&paths.log))?;
+        file.sync_all().map_err(io(&paths.log))?;
+    }
+    let index: Vec<OffsetEntry> = checked
+        .index
+        .iter()
+        .copied()
+        .filter(|e| u64::from(e.position) < scan.end)
+        .collect();
+    let next_relative = scan.next_offset.saturating_sub(base);
+    let time_index: Vec<TimeEntry> = checked
+        .time_index
+        .iter()
+        .copied()
+        .filter(|e| u64::from(e.relative_offset) < next_relative)
+        .collect();
+    if cut || checked.rebuilt {
+        write_indexes(dir, &paths, &index, &time_index)?;
+    }
+    let extent = Extent {
+        len: scan.end,
+        next_offset: scan.next_offset,
+        max_timestamp_ms: scan.max_timestamp_ms,
+    };
+    let reader = File::open(&paths.log).map_err(io(&paths.log))?;
+    let segment = Segment::active(base, paths, reader, &index, &time_index, extent);
+    let builder = IndexBuilder::new(interval, scan.max_timestamp_ms, index.is_empty());
+    Ok((
+        segment,
+        ActiveState {
+            file,
+            extent,
+            builder,
+        },
+    ))
+}

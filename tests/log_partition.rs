@@ -1,0 +1,389 @@
+//! The partition log end to end: appends, reads, rolls, reopen, recovery of torn tails,
+//! corruption detection, concurrent readers, retention drops and suffix truncation.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use qit::log::{Compression, FsyncPolicy, LogConfig, LogError, PartitionLog, Record};
+
+fn config(segment_bytes: u64) -> LogConfig {
+    LogConfig {
+        segment_bytes,
+        fsync: FsyncPolicy::Never,
+        ..LogConfig::default()
+    }
+}
+
+fn rec(i: u64) -> Record {
+    Record {
+        timestamp_ms: 1_000 + i as i64,
+        key: i.is_multiple_of(3).then(|| Bytes::from(format!("k{}", i % 7))),
+        headers: vec![("n".into(), Bytes::from(i.to_string()))],
+        value: Bytes::from(format!("value-{i}-{}", "x".repeat((i % 50) as usize))),
+    }
+}
+
+fn values(log: &PartitionLog, from: u64) -> Vec<(u64, Bytes)> {
+    log.read(from, usize::MAX, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.offset, r.value))
+        .collect()
+}
+
+fn log_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn assert_prefix(got: &[(u64, Bytes)], len: usize) {
+    assert_eq!(got.len(), len);
+    for (i, (offset, value)) in got.iter().enumerate() {
+        assert_eq!(*offset, i as u64);
+        assert_eq!(*value, rec(i as u64).value);
+    }
+}
+
+#[tokio::test]
+async fn append_then_read_back_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(64 * 1024 * 1024)).unwrap();
+    assert_eq!(log.append(vec![rec(0), rec(1)]).await.unwrap(), 0);
+    assert_eq!(log.append(vec![rec(2)]).await.unwrap(), 2);
+    assert_eq!(log.next_offset(), 3);
+    let records = log.read(0, 100, usize::MAX).unwrap();
+    assert_eq!(records.len(), 3);
+    for (i, r) in records.iter().enumerate() {
+        let want = rec(i as u64);
+        assert_eq!(r.offset, i as u64);
+        assert_eq!(r.value, want.value);
+        assert_eq!(r.key, want.key);
+        assert_eq!(r.headers, want.headers);
+        assert_eq!(r.timestamp_ms, want.timestamp_ms);
+    }
+    // From the middle of a batch, and budgets.
+    assert_eq!(log.read(1, 100, usize::MAX).unwrap()[0].offset, 1);
+    assert_eq!(log.read(0, 2, usize::MAX).unwrap().len(), 2);
+    assert_eq!(log.read(0, 100, 1).unwrap().len(), 1, "at least one record");
+    assert!(log.read(3, 100, usize::MAX).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn rolls_segments_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = PartitionLog::open(dir.path(), config(4096)).unwrap();
+        for i in 0..200 {
+            log.append(vec![rec(i)]).await.unwrap();
+        }
+        assert!(log.segments().len() > 3);
+        assert!(log.segments().iter().rev().skip(1).all(|s| s.sealed));
+    }
+    let log = PartitionLog::open(dir.path(), config(4096)).unwrap();
+    assert_eq!(log.next_offset(), 200);
+    assert_prefix(&values(&log, 0), 200);
+    assert_eq!(log.append(vec![rec(200)]).await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn lz4_batches_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        compression: Compression::Lz4,
+        ..config(1 << 20)
+    };
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let batch: Vec<Record> = (0..100).map(rec).collect();
+    log.append(batch.clone()).await.unwrap();
+    let got = log.read(0, 1000, usize::MAX).unwrap();
+    assert_eq!(got.len(), 100);
+    assert!(got.iter().zip(&batch).all(|(g, w)| g.value == w.value));
+    let size: u64 = log.segments().iter().map(|s| s.bytes).sum();
+    let raw: usize = batch.iter().map(|r| r.value.len()).sum();
+    assert!((size as usize) < raw, "compressed {size} < raw {raw}");
+}
+
+#[tokio::test]
+async fn finds_offsets_by_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    for i in 0..300 {
+        log.append(vec![rec(i)]).await.unwrap();
+    }
+    // rec(i) has timestamp 1000 + i.
+    assert_eq!(log.offset_for_timestamp(0).unwrap(), Some(0));
+    assert_eq!(log.offset_for_timestamp(1_150).unwrap(), Some(150));
+    assert_eq!(log.offset_for_timestamp(1_299).unwrap(), Some(299));
+    assert_eq!(log.offset_for_timestamp(1_300).unwrap(), None);
+}
+
+/// Cutting the active segment anywhere inside its last batch recovers exactly the batches
+/// before it, and the log keeps working.
+#[tokio::test]
+async fn torn_tail_is_cut_at_every_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p");
+    let before_last = {
+        let log = PartitionLog::open(&path, config(1 << 20)).unwrap();
+        for i in 0..4 {
+            log.append(vec![rec(2 * i), rec(2 * i + 1)]).await.unwrap();
+        }
+        let before_last = log.segments()[0].bytes as usize;
+        log.append(vec![rec(8), rec(9)]).await.unwrap();
+        before_last
+    };
+    let file = log_files(&path).pop().unwrap();
+    let whole = std::fs::read(&file).unwrap();
+    for cut in before_last..whole.len() {
+        std::fs::write(&file, &whole[..cut]).unwrap();
+        let log = PartitionLog::open(&path, config(1 << 20)).unwrap();
+        assert_eq!(log.next_offset(), 8, "cut at {cut}");
+        assert_prefix(&values(&log, 0), 8);
+        assert_eq!(log.append(vec![rec(8)]).await.unwrap(), 8);
+        drop(log);
+        std::fs::write(&file, &whole).unwrap();
+    }
+    let log = PartitionLog::open(&path, config(1 << 20)).unwrap();
+    assert_eq!(log.next_offset(), 10, "the uncut file is whole");
+}
+
+#[tokio::test]
+async fn flipped_byte_in_sealed_segment_is_an_error_on_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // Segments of several index intervals: opening checks only the tail of a sealed
+    // segment, so damage early in it must be caught by the read's CRC check.
+    let cfg = || config(16 * 1024);
+    {
+        let log = PartitionLog::open(dir.path(), cfg()).unwrap();
+        for i in 0..600 {
+            log.append(vec![rec(i)]).await.unwrap();
+        }
+        assert!(log.segments().len() > 1);
+    }
+    let first = log_files(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&first, &bytes).unwrap();
+    let log = PartitionLog::open(dir.path(), cfg()).unwrap();
+    match log.read(0, 1000, usize::MAX) {
+        Err(LogError::Corrupt { path, position, .. }) => {
+            assert_eq!(path, first);
+            assert!(
+                position <= 100,
+                "the damaged batch starts at or before byte 100"
+            );
+        }
+        other => panic!("expected a corruption error, got {other:?}"),
+    }
+    // Reads that do not touch the damaged batch still work.
+    let later = log.segments()[1].base_offset;
+    assert_eq!(log.read(later, 1, usize::MAX).unwrap()[0].offset, later);
+}
+
+#[tokio::test]
+async fn torn_sealed_segment_fails_open_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+        for i in 0..100 {
+            log.append(vec![rec(i)]).await.unwrap();
+        }
+    }
+    let first = log_files(dir.path()).remove(0);
+    let bytes = std::fs::read(&first).unwrap();
+    std::fs::write(&first, &bytes[..bytes.len() - 3]).unwrap();
+    let err = PartitionLog::open(dir.path(), config(2048)).unwrap_err();
+    assert!(
+        err.to_string().contains(&first.display().to_string()),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn missing_indexes_are_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = PartitionLog::open(dir.path(), config(8192)).unwrap();
+        for i in 0..300 {
+            log.append(vec![rec(i)]).await.unwrap();
+        }
+    }
+    for file in log_files(dir.path()) {
+        std::fs::remove_file(file.with_extension("index")).unwrap();
+        std::fs::write(file.with_extension("timeindex"), b"garbage").unwrap();
+    }
+    let log = PartitionLog::open(dir.path(), config(8192)).unwrap();
+    assert_prefix(&values(&log, 0), 300);
+    assert_eq!(log.read(250, 1, usize::MAX).unwrap()[0].offset, 250);
+    assert_eq!(log.offset_for_timestamp(1_250).unwrap(), Some(250));
+    for file in log_files(dir.path()) {
+        assert!(std::fs::metadata(file.with_extension("index")).is_ok());
+    }
+}
+
+#[tokio::test]
+async fn readers_see_a_consistent_prefix_while_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(8192)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let log = log.clone();
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut checks = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let got = log.read(0, usize::MAX, usize::MAX).unwrap();
+                    for (i, r) in got.iter().enumerate() {
+                        assert_eq!(r.offset, i as u64);
+                        assert_eq!(r.value, rec(i as u64).value);
+                    }
+                    checks += 1;
+                }
+                checks
+            })
+        })
+        .collect();
+    for i in 0..100 {
+        log.append(vec![rec(2 * i), rec(2 * i + 1)]).await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        assert!(reader.join().unwrap() > 0);
+    }
+}
+
+#[tokio::test]
+async fn dropping_segments_is_safe_for_readers_holding_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    for i in 0..100 {
+        log.append(vec![rec(i)]).await.unwrap();
+    }
+    let held = log.read(0, 10, usize::MAX).unwrap();
+    let second_base = log.segments()[1].base_offset;
+    assert_eq!(log.drop_segments_before(second_base).unwrap(), 1);
+    assert_eq!(log.first_offset(), second_base);
+    assert_eq!(
+        held[0].value,
+        rec(0).value,
+        "bytes of a dropped segment stay readable"
+    );
+    assert_eq!(log.read(0, 1, usize::MAX).unwrap()[0].offset, second_base);
+    // Never the active segment.
+    log.drop_segments_before(u64::MAX).unwrap();
+    assert_eq!(log.segments().len(), 1);
+    assert_eq!(log.next_offset(), 100);
+    drop(log);
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    assert_eq!(log.next_offset(), 100);
+}
+
+#[tokio::test]
+async fn truncate_suffix_removes_the_tail_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    for i in 0..50 {
+        log.append(vec![rec(2 * i), rec(2 * i + 1)]).await.unwrap();
+    }
+    log.truncate_suffix(37).await.unwrap();
+    assert_eq!(log.next_offset(), 37);
+    assert_prefix(&values(&log, 0), 37);
+    assert_eq!(log.append(vec![rec(37)]).await.unwrap(), 37);
+    drop(log);
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    assert_eq!(log.next_offset(), 38);
+    assert_prefix(&values(&log, 0), 38);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appenders_under_fsync_always_get_distinct_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        fsync: FsyncPolicy::Always,
+        ..config(64 * 1024)
+    };
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut firsts = Vec::new();
+                for i in 0..20 {
+                    let batch = (0..10).map(|j| rec(t * 1000 + i * 10 + j)).collect();
+                    firsts.push(log.append(batch).await.unwrap());
+                }
+                firsts
+            })
+        })
+        .collect();
+    let mut firsts = Vec::new();
+    for task in tasks {
+        firsts.extend(task.await.unwrap());
+    }
+    firsts.sort_unstable();
+    assert_eq!(firsts, (0..160).map(|i| i * 10).collect::<Vec<u64>>());
+    assert_eq!(log.read(0, usize::MAX, usize::MAX).unwrap().len(), 1600);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(Vec<u16>),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => proptest::collection::vec(any::<u16>(), 1..6).prop_map(Op::Append),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Random appends, rolls (tiny segments) and reopens behave like a `Vec`.
+    #[test]
+    fn log_matches_a_vec_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut log = PartitionLog::open(dir.path(), config(512)).unwrap();
+            let mut model: Vec<Bytes> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Append(sizes) => {
+                        let batch: Vec<Record> = sizes
+                            .iter()
+                            .map(|s| Record {
+                                value: Bytes::from(vec![(*s % 251) as u8; (*s % 300) as usize]),
+                                ..Record::default()
+                            })
+                            .collect();
+                        let first = log.append(batch.clone()).await.unwrap();
+                        assert_eq!(first, model.len() as u64);
+                        model.extend(batch.into_iter().map(|r| r.value));
+                    }
+                    Op::Reopen => {
+                        drop(log);
+                        log = PartitionLog::open(dir.path(), config(512)).unwrap();
+                    }
+                }
+                assert_eq!(log.next_offset(), model.len() as u64);
+            }
+            let from = model.len() as u64 / 2;
+            let got = values(&log, from);
+            assert_eq!(got.len(), model.len() - from as usize);
+            for (offset, value) in got {
+                assert_eq!(&value, &model[offset as usize]);
+            }
+        });
+    }
+}
