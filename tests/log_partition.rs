@@ -20,7 +20,9 @@ fn config(segment_bytes: u64) -> LogConfig {
 fn rec(i: u64) -> Record {
     Record {
         timestamp_ms: 1_000 + i as i64,
-        key: i.is_multiple_of(3).then(|| Bytes::from(format!("k{}", i % 7))),
+        key: i
+            .is_multiple_of(3)
+            .then(|| Bytes::from(format!("k{}", i % 7))),
         headers: vec![("n".into(), Bytes::from(i.to_string()))],
         value: Bytes::from(format!("value-{i}-{}", "x".repeat((i % 50) as usize))),
     }
