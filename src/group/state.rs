@@ -1,0 +1,808 @@
+//! The delivery state of one consumer group: a pure state machine.
+//!
+//! It takes events (lease, ack, nack, extend, expiry, seek) with the current time `now` (ms)
+//! and returns what happened plus the [`Event`]s to journal. It does no I/O: the broker reads
+//! candidate records from the log and offers them, appends events to the journal, and
+//! appends dead letters to the DLQ.
+//!
+//! Per partition every offset in `[floor, cursor)` is in exactly one of: `done` (acked or
+//! dead-lettered), `leases` (in flight), `waiting` (to be redelivered at a time), or `parked`
+//! (skipped by `ordering = key` because its key was busy). Offsets below `floor` are all
+//! done; offsets from `cursor` on were never delivered since the last restart or seek.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::event::Event;
+use super::ranges::RangeSet;
+use crate::broker::Ordering;
+
+/// Most parked offsets per partition before new reads wait (bounds memory).
+pub const MAX_PARKED: usize = 10_000;
+/// `due_ms` of a message whose dead-lettering is under way (never due by time).
+const DEAD_LETTERING: i64 = i64::MAX;
+
+/// The queue settings a group obeys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// Deliveries before dead-lettering (0 = unlimited).
+    pub max_deliveries: u32,
+    /// Redelivery delays (s) by delivery count; the last repeats; empty = at once.
+    pub backoff_secs: Vec<u64>,
+    /// Most leases at once across partitions.
+    pub max_in_flight: u32,
+    /// Per-key ordering.
+    pub ordering: Ordering,
+}
+
+impl GroupConfig {
+    fn backoff_ms(&self, delivery_count: u32) -> i64 {
+        let index = delivery_count.max(1) as usize - 1;
+        let secs = self
+            .backoff_secs
+            .get(index)
+            .or(self.backoff_secs.last())
+            .copied()
+            .unwrap_or(0);
+        (secs.min(i64::MAX as u64 / 1000) * 1000) as i64
+    }
+
+    fn exhausted(&self, delivery_count: u32) -> bool {
+        self.max_deliveries > 0 && delivery_count >= self.max_deliveries
+    }
+}
+
+/// A record offered for leasing: its offset and the hash of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// Offset in the partition.
+    pub offset: u64,
+    /// Hash of the key, if the record has one.
+    pub key: Option<u64>,
+}
+
+/// A lease handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// 1 on first delivery.
+    pub delivery_count: u32,
+}
+
+/// Why a message left its lease without an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The consumer nacked it.
+    Nacked,
+    /// Its visibility timeout passed.
+    Expired,
+}
+
+impl Reason {
+    /// The name used in dead-letter headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Nacked => "nacked",
+            Reason::Expired => "expired",
+        }
+    }
+}
+
+/// What became of a message after nack or expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It will be offered again from `due_ms`.
+    Redeliver {
+        /// When.
+        due_ms: i64,
+    },
+    /// It ran out of deliveries: the broker must append it to the DLQ, then call
+    /// [`GroupState::complete_dead_letter`] (or [`GroupState::abort_dead_letter`]).
+    DeadLetter {
+        /// Deliveries it had.
+        delivery_count: u32,
+        /// Why the last one failed.
+        reason: Reason,
+    },
+}
+
+/// A lease that ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// What happens next.
+    pub outcome: Outcome,
+}
+
+/// Errors of group operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    /// The partition does not exist.
+    #[error("no partition {0}")]
+    NoPartition(u32),
+    /// The offset was never delivered to this group.
+    #[error("offset {0} was never delivered")]
+    NeverDelivered(u64),
+    /// The offset is not leased now (acked, waiting for redelivery, or dead-lettering).
+    #[error("offset {0} is not leased")]
+    NotLeased(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    deadline_ms: i64,
+    delivery_count: u32,
+    key: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    due_ms: i64,
+    delivery_count: u32,
+    key: Option<u64>,
+}
+
+/// One partition's share of a group's state.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionState {
+    floor: u64,
+    cursor: u64,
+    leases: BTreeMap<u64, Lease>,
+    deadlines: BTreeSet<(i64, u64)>,
+    waiting: BTreeMap<u64, Waiting>,
+    parked: BTreeMap<u64, Option<u64>>,
+    done: RangeSet,
+    /// Delivery counts of not-done offsets from before a restart.
+    counts: HashMap<u64, u32>,
+}
+
+impl PartitionState {
+    fn starting_at(offset: u64) -> Self {
+        Self {
+            floor: offset,
+            cursor: offset,
+            ..Self::default()
+        }
+    }
+
+    /// Marks `offset` done and advances the floor over contiguous done offsets.
+    fn mark_done(&mut self, offset: u64) -> bool {
+        if offset < self.floor || !self.done.insert(offset) {
+            return false;
+        }
+        self.counts.remove(&offset);
+        while let Some(end) = self.done.take_range_at(self.floor) {
+            self.floor = end;
+        }
+        self.cursor = self.cursor.max(self.floor);
+        true
+    }
+
+    /// Marks `[start, end)` done (offsets the log does not hold, or a restored snapshot).
+    fn mark_done_range(&mut self, start: u64, end: u64) {
+        let start = start.max(self.floor);
+        if start >= end {
+            return;
+        }
+        self.done.insert_range(start, end);
+        self.counts.retain(|o, _| *o < start || *o >= end);
+        while let Some(end) = self.done.take_range_at(self.floor) {
+            self.floor = end;
+        }
+        self.cursor = self.cursor.max(self.floor);
+    }
+
+    fn is_done(&self, offset: u64) -> bool {
+        offset < self.floor || self.done.contains(offset)
+    }
+
+    fn remove_lease(&mut self, offset: u64) -> Option<Lease> {
+        let lease = self.leases.remove(&offset)?;
+        self.deadlines.remove(&(lease.deadline_ms, offset));
+        Some(lease)
+    }
+
+    fn add_lease(&mut self, offset: u64, lease: Lease) {
+        self.deadlines.insert((lease.deadline_ms, offset));
+        self.leases.insert(offset, lease);
+    }
+}
+
+/// A group's whole state: one [`PartitionState`] per partition plus shared limits.
+#[derive(Debug, Clone)]
+pub struct GroupState {
+    config: GroupConfig,
+    partitions: Vec<PartitionState>,
+    /// Keys with a message leased or waiting (ordering = key), with how many.
+    busy_keys: HashMap<u64, u32>,
+    in_flight: usize,
+    /// Deliveries beyond the first, since this state was built.
+    pub redelivered: u64,
+    /// Messages dead-lettered (kept across restarts).
+    pub dead_lettered: u64,
+    /// Leases that expired, since this state was built.
+    pub expired: u64,
+}
+
+impl GroupState {
+    /// A fresh group whose partition `i` starts at `starts[i]`.
+    pub fn new(config: GroupConfig, starts: &[u64]) -> Self {
+        Self {
+            config,
+            partitions: starts
+                .iter()
+                .map(|s| PartitionState::starting_at(*s))
+                .collect(),
+            busy_keys: HashMap::new(),
+            in_flight: 0,
+            redelivered: 0,
+            dead_lettered: 0,
+            expired: 0,
+        }
+    }
+
+    /// Replaces the settings (after a queue's settings change on restart).
+    pub fn set_config(&mut self, config: GroupConfig) {
+        self.config = config;
+    }
+
+    /// Number of partitions.
+    pub fn partition_count(&self) -> usize {
+        self.partitions.len()
+    }
+
+    fn part(&self, partition: u32) -> Result<&PartitionState, GroupError> {
+        self.partitions
+            .get(partition as usize)
+            .ok_or(GroupError::NoPartition(partition))
+    }
+
+    fn part_mut(&mut self, partition: u32) -> Result<&mut PartitionState, GroupError> {
+        self.partitions
+            .get_mut(partition as usize)
+            .ok_or(GroupError::NoPartition(partition))
+    }
+
+    /// Where new candidates of `partition` should be read from.
+    pub fn cursor(&self, partition: u32) -> u64 {
+        self.part(partition).map_or(0, |p| p.cursor)
+    }
+
+    /// The ack floor of `partition`.
+    pub fn floor(&self, partition: u32) -> u64 {
+        self.part(partition).map_or(0, |p| p.floor)
+    }
+
+    /// Leases held on `partition`.
+    pub fn in_flight_on(&self, partition: u32) -> u64 {
+        self.part(partition).map_or(0, |p| p.leases.len() as u64)
+    }
+
+    /// Leases held in all.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Messages of `partition` not yet done, given the log's next offset `end`.
+    pub fn backlog(&self, partition: u32, end: u64) -> u64 {
+        self.part(partition).map_or(0, |p| {
+            end.saturating_sub(p.floor).saturating_sub(p.done.len())
+        })
+    }
+
+    /// How many more leases `max_in_flight` allows.
+    pub fn capacity(&self) -> usize {
+        (self.config.max_in_flight as usize).saturating_sub(self.in_flight)
+    }
+
+    /// True when `partition` may hand out a redelivery now or a parked message.
+    pub fn has_ready(&self, partition: u32, now: i64) -> bool {
+        self.part(partition).is_ok_and(|p| {
+            p.waiting.values().any(|w| w.due_ms <= now)
+                || p.parked.values().any(|k| !self.key_busy(*k))
+        })
+    }
+
+    /// The earliest time something changes by itself (a lease expiry or a redelivery).
+    pub fn next_wakeup(&self) -> Option<i64> {
+        self.partitions
+            .iter()
+            .flat_map(|p| {
+                let lease = p.deadlines.first().map(|(d, _)| *d);
+                let due = p
+                    .waiting
+                    .values()
+                    .map(|w| w.due_ms)
+                    .filter(|d| *d != DEAD_LETTERING)
+                    .min();
+                lease.into_iter().chain(due)
+            })
+            .min()
+    }
+
+    fn key_busy(&self, key: Option<u64>) -> bool {
+        self.config.ordering == Ordering::Key
+            && key.is_some_and(|k| self.busy_keys.get(&k).is_some_and(|n| *n > 0))
+    }
+
+    fn hold_key(&mut self, key: Option<u64>) {
+        if self.config.ordering == Ordering::Key
+            && let Some(k) = key
+        {
+            *self.busy_keys.entry(k).or_default() += 1;
+        }
+    }
+
+    fn release_key(&mut self, key: Option<u64>) {
+        if let Some(k) = key
+            && let Some(n) = self.busy_keys.get_mut(&k)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.busy_keys.remove(&k);
+            }
+        }
+    }
+
+    /// Leases up to `max` messages of `partition`: due redeliveries and unblocked parked
+    /// messages first (lowest offset first), then `fresh` candidates read from
+    /// [`Self::cursor`] on. Returns the grants and the events to journal.
+    pub fn lease(
+        &mut self,
+        partition: u32,
+        now: i64,
+        visibility_ms: i64,
+        max: usize,
+        fresh: &[Candidate],
+    ) -> Result<(Vec<Grant>, Vec<Event>), GroupError> {
+        let budget = max.min(self.capacity());
+        let mut grants = Vec::new();
+        if budget == 0 {
+            self.part(partition)?;
+            return Ok((grants, Vec::new()));
+        }
+        self.lease_old(partition, now, visibility_ms, budget, &mut grants)?;
+        self.lease_fresh(partition, now, visibility_ms, budget, fresh, &mut grants)?;
+        let events = grants
+            .iter()
+            .map(|g| Event::Leased {
+                partition,
+                offset: g.offset,
+                delivery_count: g.delivery_count,
+            })
+            .collect();
+        Ok((grants, events))
+    }
+
+    /// Due redeliveries and parked messages whose key is free.
+    fn lease_old(
+        &mut self,
+        partition: u32,
+        now: i64,
+        visibility_ms: i64,
+        budget: usize,
+        grants: &mut Vec<Grant>,
+    ) -> Result<(), GroupError> {
+        let p = self.part(partition)?;
+        let mut ready: Vec<(u64, bool)> = p
+            .waiting
+            .iter()
+            .filter(|(_, w)| w.due_ms <= now)
+            .map(|(o, _)| (*o, true))
+            .take(budget)
+            .collect();
+        let mut free_keys: HashMap<u64, ()> = HashMap::new();
+        for (offset, key) in &p.parked {
+            if ready.len() >= budget * 2 {
+                break;
+            }
+            // One parked message per key: the next one waits for this one's ack.
+            let first_of_key = key.is_none_or(|k| free_keys.insert(k, ()).is_none());
+            if first_of_key && !self.key_busy(*key) {
+                ready.push((*offset, false));
+            }
+        }
+        ready.sort_unstable();
+        for (offset, was_waiting) in ready.into_iter().take(budget) {
+            let p = self.part_mut(partition)?;
+            let (count, key) = if was_waiting {
+                let Some(w) = p.waiting.remove(&offset) else {
+                    continue;
+                };
+                (w.delivery_count, w.key)
+            } else {
+                let Some(key) = p.parked.remove(&offset) else {
+                    continue;
+                };
+                let count = p.counts.remove(&offset).unwrap_or(0);
+                (count, key)
+            };
+            let delivery_count = count + 1;
+            p.add_lease(
+                offset,
+                Lease {
+                    deadline_ms: now.saturating_add(visibility_ms),
+                    delivery_count,
+                    key,
+                },
+            );
+            if !was_waiting {
+                self.hold_key(key);
+            }
+            if delivery_count > 1 {
+                self.redelivered += 1;
+            }
+            self.in_flight += 1;
+            grants.push(Grant {
+                partition,
+                offset,
+                delivery_count,
+            });
+        }
+        Ok(())
+    }
+
+    /// New messages from the cursor on.
+    fn lease_fresh(
+        &mut self,
+        partition: u32,
+        now: i64,
+        visibility_ms: i64,
+        budget: usize,
+        fresh: &[Candidate],
+        grants: &mut Vec<Grant>,
+    ) -> Result<(), GroupError> {
+        for candidate in fresh {
+            if grants.len() >= budget {
+                break;
+            }
+            let busy = self.key_busy(candidate.key);
+            let p = self.part_mut(partition)?;
+            if candidate.offset < p.cursor {
+                continue;
+            }
+            // Offsets the log no longer has (compacted away) count as done.
+            p.mark_done_range(p.cursor, candidate.offset);
+            if p.is_done(candidate.offset) {
+                p.cursor = p.cursor.max(candidate.offset + 1);
+                continue;
+            }
+            if busy {
+                if p.parked.len() >= MAX_PARKED {
+                    break;
+                }
+                p.parked.insert(candidate.offset, candidate.key);
+                p.cursor = candidate.offset + 1;
+                continue;
+            }
+            let delivery_count = p.counts.remove(&candidate.offset).unwrap_or(0) + 1;
+            p.add_lease(
+                candidate.offset,
+                Lease {
+                    deadline_ms: now.saturating_add(visibility_ms),
+                    delivery_count,
+                    key: candidate.key,
+                },
+            );
+            p.cursor = candidate.offset + 1;
+            self.hold_key(candidate.key);
+            if delivery_count > 1 {
+                self.redelivered += 1;
+            }
+            self.in_flight += 1;
+            grants.push(Grant {
+                partition,
+                offset: candidate.offset,
+                delivery_count,
+            });
+        }
+        Ok(())
+    }
+
+    /// Acknowledges `offset`. `Ok(false)` when it was already done (harmless repeat).
+    pub fn ack(&mut self, partition: u32, offset: u64) -> Result<(bool, Vec<Event>), GroupError> {
+        let p = self.part_mut(partition)?;
+        if p.is_done(offset) {
+            return Ok((false, Vec::new()));
+        }
+        let key = if let Some(lease) = p.remove_lease(offset) {
+            self.in_flight -= 1;
+            lease.key
+        } else if let Some(waiting) = p.waiting.remove(&offset) {
+            waiting.key
+        } else if offset >= p.cursor || p.parked.contains_key(&offset) {
+            return Err(GroupError::NeverDelivered(offset));
+        } else {
+            return Err(GroupError::NotLeased(offset));
+        };
+        let p = self.part_mut(partition)?;
+        p.mark_done(offset);
+        self.release_key(key);
+        Ok((true, vec![Event::Done { partition, offset }]))
+    }
+
+    /// Ends a lease without an ack: redeliver after `delay_ms` (default: the backoff for
+    /// its delivery count), or dead-letter it when it has had `max_deliveries`.
+    pub fn nack(
+        &mut self,
+        partition: u32,
+        offset: u64,
+        now: i64,
+        delay_ms: Option<i64>,
+    ) -> Result<Outcome, GroupError> {
+        let p = self.part_mut(partition)?;
+        let Some(lease) = p.remove_lease(offset) else {
+            return Err(if p.is_done(offset) || offset < p.cursor {
+                GroupError::NotLeased(offset)
+            } else {
+                GroupError::NeverDelivered(offset)
+            });
+        };
+        self.in_flight -= 1;
+        Ok(self.after_failure(partition, offset, lease, now, delay_ms, Reason::Nacked))
+    }
+
+    fn after_failure(
+        &mut self,
+        partition: u32,
+        offset: u64,
+        lease: Lease,
+        now: i64,
+        delay_ms: Option<i64>,
+        reason: Reason,
+    ) -> Outcome {
+        let exhausted = self.config.exhausted(lease.delivery_count);
+        let due_ms = if exhausted {
+            DEAD_LETTERING
+        } else {
+            now.saturating_add(
+                delay_ms
+                    .unwrap_or_else(|| self.config.backoff_ms(lease.delivery_count))
+                    .max(0),
+            )
+        };
+        if let Some(p) = self.partitions.get_mut(partition as usize) {
+            p.waiting.insert(
+                offset,
+                Waiting {
+                    due_ms,
+                    delivery_count: lease.delivery_count,
+                    key: lease.key,
+                },
+            );
+        }
+        if exhausted {
+            Outcome::DeadLetter {
+                delivery_count: lease.delivery_count,
+                reason,
+            }
+        } else {
+            Outcome::Redeliver { due_ms }
+        }
+    }
+
+    /// Moves a lease's deadline to `now + visibility_ms`.
+    pub fn extend(
+        &mut self,
+        partition: u32,
+        offset: u64,
+        now: i64,
+        visibility_ms: i64,
+    ) -> Result<(), GroupError> {
+        let p = self.part_mut(partition)?;
+        let Some(mut lease) = p.remove_lease(offset) else {
+            return Err(GroupError::NotLeased(offset));
+        };
+        lease.deadline_ms = now.saturating_add(visibility_ms);
+        p.add_lease(offset, lease);
+        Ok(())
+    }
+
+    /// Ends every lease whose deadline is at or before `now`.
+    pub fn expire(&mut self, now: i64) -> Vec<Expired> {
+        let mut expired = Vec::new();
+        for partition in 0..self.partitions.len() as u32 {
+            while let Some(p) = self.partitions.get_mut(partition as usize) {
+                let Some(&(deadline, offset)) = p.deadlines.first() else {
+                    break;
+                };
+                if deadline > now {
+                    break;
+                }
+                let Some(lease) = p.remove_lease(offset) else {
+                    break;
+                };
+                self.in_flight -= 1;
+                self.expired += 1;
+                let outcome =
+                    self.after_failure(partition, offset, lease, now, None, Reason::Expired);
+                expired.push(Expired {
+                    partition,
+                    offset,
+                    outcome,
+                });
+            }
+        }
+        expired
+    }
+
+    /// Records that a dead-lettered message reached the DLQ: it is done for this group.
+    pub fn complete_dead_letter(&mut self, partition: u32, offset: u64) -> Vec<Event> {
+        let Some(p) = self.partitions.get_mut(partition as usize) else {
+            return Vec::new();
+        };
+        let key = p.waiting.remove(&offset).and_then(|w| w.key);
+        if !p.mark_done(offset) {
+            return Vec::new();
+        }
+        self.release_key(key);
+        self.dead_lettered += 1;
+        vec![Event::DeadLettered { partition, offset }]
+    }
+
+    /// The DLQ append failed: offer the message again now.
+    pub fn abort_dead_letter(&mut self, partition: u32, offset: u64, now: i64) {
+        if let Some(w) = self
+            .partitions
+            .get_mut(partition as usize)
+            .and_then(|p| p.waiting.get_mut(&offset))
+        {
+            w.due_ms = now;
+        }
+    }
+
+    /// Moves `partition` to `offset`: everything before it counts as done, everything from
+    /// it on is delivered again. Leases on the partition are dropped.
+    pub fn seek(&mut self, partition: u32, offset: u64) -> Result<Vec<Event>, GroupError> {
+        let p = self.part_mut(partition)?;
+        let old = std::mem::replace(p, PartitionState::starting_at(offset));
+        self.in_flight -= old.leases.len();
+        for key in old
+            .leases
+            .values()
+            .map(|l| l.key)
+            .chain(old.waiting.values().map(|w| w.key))
+        {
+            self.release_key(key);
+        }
+        Ok(vec![Event::Seek { partition, offset }])
+    }
+
+    /// Retention removed everything below `first`: skip there. Returns how many messages
+    /// that were not done were skipped.
+    pub fn skip_to(&mut self, partition: u32, first: u64) -> u64 {
+        let Some(p) = self.partitions.get_mut(partition as usize) else {
+            return 0;
+        };
+        if p.floor >= first {
+            return 0;
+        }
+        let mut done_below = 0;
+        for (start, end) in p.done.iter() {
+            if start < first {
+                done_below += end.min(first) - start;
+            }
+        }
+        let skipped = (first - p.floor).saturating_sub(done_below);
+        p.done.remove_below(first);
+        p.floor = first;
+        while let Some(end) = p.done.take_range_at(p.floor) {
+            p.floor = end;
+        }
+        p.cursor = p.cursor.max(p.floor);
+        p.parked.retain(|o, _| *o >= first);
+        p.counts.retain(|o, _| *o >= first);
+        let dropped: Vec<Option<u64>> = p.waiting.range(..first).map(|(_, w)| w.key).collect();
+        p.waiting.retain(|o, _| *o >= first);
+        for key in dropped {
+            self.release_key(key);
+        }
+        skipped
+    }
+
+    /// Replays one journaled event into a state being rebuilt.
+    pub fn apply(&mut self, event: &Event) {
+        match *event {
+            Event::Leased {
+                partition,
+                offset,
+                delivery_count,
+            } => {
+                if let Some(p) = self.partitions.get_mut(partition as usize)
+                    && !p.is_done(offset)
+                {
+                    p.counts.insert(offset, delivery_count);
+                }
+            }
+            Event::Done { partition, offset } => {
+                if let Some(p) = self.partitions.get_mut(partition as usize) {
+                    p.mark_done(offset);
+                }
+            }
+            Event::DeadLettered { partition, offset } => {
+                if let Some(p) = self.partitions.get_mut(partition as usize)
+                    && p.mark_done(offset)
+                {
+                    self.dead_lettered += 1;
+                }
+            }
+            Event::Seek { partition, offset } => {
+                if let Some(p) = self.partitions.get_mut(partition as usize) {
+                    *p = PartitionState::starting_at(offset);
+                }
+            }
+        }
+    }
+
+    /// After a restart nothing is leased: every not-done message is offered again, from the
+    /// floor, with the delivery counts it had.
+    pub fn reset_after_restart(&mut self) {
+        for p in &mut self.partitions {
+            p.cursor = p.floor;
+            p.leases.clear();
+            p.deadlines.clear();
+            p.waiting.clear();
+            p.parked.clear();
+        }
+        self.busy_keys.clear();
+        self.in_flight = 0;
+    }
+
+    /// The durable part of the state, for a checkpoint: floors, done ranges, delivery
+    /// counts of messages not done, and the dead-letter counter.
+    pub fn snapshot(&self) -> super::event::Snapshot {
+        super::event::Snapshot {
+            dead_lettered: self.dead_lettered,
+            partitions: self
+                .partitions
+                .iter()
+                .map(|p| {
+                    let mut counts: Vec<(u64, u32)> =
+                        p.counts.iter().map(|(o, c)| (*o, *c)).collect();
+                    counts.extend(p.leases.iter().map(|(o, l)| (*o, l.delivery_count)));
+                    counts.extend(p.waiting.iter().map(|(o, w)| (*o, w.delivery_count)));
+                    counts.sort_unstable();
+                    super::event::PartitionSnapshot {
+                        floor: p.floor,
+                        done: p.done.iter().collect(),
+                        counts,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds a state from a snapshot (partitions beyond it start at `starts`).
+    pub fn restore(config: GroupConfig, snapshot: &super::event::Snapshot, starts: &[u64]) -> Self {
+        let mut state = Self::new(config, starts);
+        state.dead_lettered = snapshot.dead_lettered;
+        for (p, snap) in state.partitions.iter_mut().zip(&snapshot.partitions) {
+            *p = PartitionState::starting_at(snap.floor);
+            for (start, end) in &snap.done {
+                p.mark_done_range(*start, *end);
+            }
+            p.counts = snap.counts.iter().copied().collect();
+        }
+        state
+    }
+
+    /// Approximate heap bytes held (for tests and metrics).
+    pub fn approx_bytes(&self) -> usize {
+        self.partitions
+            .iter()
+            .map(|p| {
+                p.leases.len() * 64
+                    + p.waiting.len() * 48
+                    + p.parked.len() * 40
+                    + p.done.range_count() * 32
+                    + p.counts.len() * 24
+            })
+            .sum::<usize>()
+            + self.busy_keys.len() * 24
+    }
+}
