@@ -505,6 +505,10 @@ impl GroupState {
     }
 
     /// Acknowledges `offset`. `Ok(false)` when it was already done (harmless repeat).
+    ///
+    /// A message need not be leased now to be acked: a consumer that received it before a
+    /// broker restart (which drops leases) may still finish it. The broker checks that the
+    /// offset exists in the log.
     pub fn ack(&mut self, partition: u32, offset: u64) -> Result<(bool, Vec<Event>), GroupError> {
         let p = self.part_mut(partition)?;
         if p.is_done(offset) {
@@ -515,10 +519,10 @@ impl GroupState {
             lease.key
         } else if let Some(waiting) = p.waiting.remove(&offset) {
             waiting.key
-        } else if offset >= p.cursor || p.parked.contains_key(&offset) {
-            return Err(GroupError::NeverDelivered(offset));
         } else {
-            return Err(GroupError::NotLeased(offset));
+            // Parked or not delivered since the restart: no key is held for it.
+            p.parked.remove(&offset);
+            None
         };
         let p = self.part_mut(partition)?;
         p.mark_done(offset);

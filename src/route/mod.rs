@@ -1,8 +1,9 @@
 //! Exchange routing rules: direct, fanout, topic and headers matching.
 //!
-//! CONTRACT STUB: the types below are fixed; the functions are filled in by the route work:
-//! `topic_matches(pattern, key)`, `headers_match(binding_headers, mode, headers)`,
-//! `route(kind, bindings, routing_key, headers) -> Vec<String>`, `validate_binding(kind, binding)`.
+//! - direct: the routing key equals the binding key (no key matches a binding without key);
+//! - fanout: every bound queue;
+//! - topic: dot-separated words, `*` matches exactly one word, `#` zero or more (AMQP);
+//! - headers: the binding's headers all (`all`) or at least one (`any`) equal the message's.
 
 use std::collections::BTreeMap;
 
@@ -48,4 +49,246 @@ pub struct Binding {
     /// `all` or `any` (headers exchange).
     #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
     pub match_mode: Option<HeaderMatch>,
+}
+
+/// Longest binding key or routing key.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A binding that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The target queue name is malformed.
+    #[error("invalid queue name `{0}` in binding")]
+    InvalidQueue(String),
+    /// The key or pattern is malformed.
+    #[error("invalid binding key `{key}`: {reason}")]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A headers exchange binding without headers.
+    #[error("a headers exchange binding needs `headers`")]
+    MissingHeaders,
+}
+
+/// True when a topic `pattern` matches `routing_key` (`*` one word, `#` zero or more).
+pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
+    let pattern: Vec<&str> = split_words(pattern);
+    let key: Vec<&str> = split_words(routing_key);
+    // reachable[j]: pattern prefix matched against the first j words of the key.
+    let mut reachable = vec![false; key.len() + 1];
+    reachable[0] = true;
+    for word in &pattern {
+        let mut next = vec![false; key.len() + 1];
+        match *word {
+            "#" => {
+                let mut any = false;
+                for j in 0..=key.len() {
+                    any |= reachable[j];
+                    next[j] = any;
+                }
+            }
+            "*" => {
+                for j in 0..key.len() {
+                    next[j + 1] = reachable[j];
+                }
+            }
+            literal => {
+                for j in 0..key.len() {
+                    next[j + 1] = reachable[j] && key[j] == literal;
+                }
+            }
+        }
+        reachable = next;
+    }
+    reachable[key.len()]
+}
+
+/// Words of a dotted key; the empty key has no words.
+fn split_words(key: &str) -> Vec<&str> {
+    if key.is_empty() {
+        Vec::new()
+    } else {
+        key.split('.').collect()
+    }
+}
+
+/// True when `headers` satisfy a headers binding under `mode`.
+pub fn headers_match(
+    binding: &BTreeMap<String, String>,
+    mode: HeaderMatch,
+    headers: &BTreeMap<String, String>,
+) -> bool {
+    let hit = |(name, value): (&String, &String)| headers.get(name) == Some(value);
+    match mode {
+        HeaderMatch::All => binding.iter().all(hit),
+        HeaderMatch::Any => binding.iter().any(hit),
+    }
+}
+
+/// The distinct queues (in binding order) a message goes to.
+pub fn route(
+    kind: ExchangeKind,
+    bindings: &[Binding],
+    routing_key: Option<&str>,
+    headers: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let key = routing_key.unwrap_or("");
+    let mut out: Vec<String> = Vec::new();
+    for binding in bindings {
+        let matched = match kind {
+            ExchangeKind::Direct => binding.key.as_deref().unwrap_or("") == key,
+            ExchangeKind::Fanout => true,
+            ExchangeKind::Topic => topic_matches(binding.key.as_deref().unwrap_or(""), key),
+            ExchangeKind::Headers => binding
+                .headers
+                .as_ref()
+                .is_some_and(|h| headers_match(h, binding.match_mode.unwrap_or_default(), headers)),
+        };
+        if matched && !out.contains(&binding.queue) {
+            out.push(binding.queue.clone());
+        }
+    }
+    out
+}
+
+/// Checks that a binding can be used on an exchange of `kind`.
+pub fn validate_binding(kind: ExchangeKind, binding: &Binding) -> Result<(), RouteError> {
+    if !crate::broker::is_valid_name(&binding.queue) {
+        return Err(RouteError::InvalidQueue(binding.queue.clone()));
+    }
+    if let Some(key) = &binding.key {
+        let bad = |reason| {
+            Err(RouteError::InvalidKey {
+                key: key.clone(),
+                reason,
+            })
+        };
+        if key.len() > MAX_KEY_LEN {
+            return bad("longer than 255 bytes");
+        }
+        if kind == ExchangeKind::Topic && !key.is_empty() && key.split('.').any(str::is_empty) {
+            return bad("empty word between dots");
+        }
+    }
+    if kind == ExchangeKind::Headers && binding.headers.as_ref().is_none_or(|h| h.is_empty()) {
+        return Err(RouteError::MissingHeaders);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn topic_pattern_table() {
+        let rows = [
+            ("a.b.c", "a.b.c", true),
+            ("a.b.c", "a.b", false),
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.c", false),
+            ("a.*", "a.b", true),
+            ("a.*", "a.b.c", false),
+            ("*", "a", true),
+            ("*", "", false),
+            ("#", "", true),
+            ("#", "a.b.c", true),
+            ("a.#", "a", true),
+            ("a.#", "a.b.c", true),
+            ("a.#", "b.a", false),
+            ("#.a", "a", true),
+            ("#.a", "x.y.a", true),
+            ("#.a", "a.x", false),
+            ("a.#.b", "a.b", true),
+            ("a.#.b", "a.x.y.b", true),
+            ("a.#.b", "a.x.y", false),
+            ("#.#", "a.b", true),
+            ("*.#", "", false),
+            ("*.#", "a", true),
+            ("#.*.#", "a", true),
+            ("stock.*.nyse", "stock.ibm.nyse", true),
+            ("stock.*.nyse", "stock.ibm.nasdaq", false),
+            ("", "", true),
+            ("", "a", false),
+        ];
+        for (pattern, key, want) in rows {
+            assert_eq!(topic_matches(pattern, key), want, "{pattern} vs {key}");
+        }
+    }
+
+    fn bind(queue: &str, key: Option<&str>) -> Binding {
+        Binding {
+            queue: queue.into(),
+            key: key.map(Into::into),
+            headers: None,
+            match_mode: None,
+        }
+    }
+
+    #[test]
+    fn routes_by_kind() {
+        let none = BTreeMap::new();
+        let bindings = vec![
+            bind("q1", Some("red")),
+            bind("q2", Some("blue")),
+            bind("q1", Some("red")),
+        ];
+        assert_eq!(
+            route(ExchangeKind::Direct, &bindings, Some("red"), &none),
+            vec!["q1"]
+        );
+        assert!(route(ExchangeKind::Direct, &bindings, Some("green"), &none).is_empty());
+        assert_eq!(
+            route(ExchangeKind::Fanout, &bindings, None, &none),
+            vec!["q1", "q2"]
+        );
+        let mut headers = BTreeMap::new();
+        headers.insert("x".to_string(), "1".to_string());
+        let hb = Binding {
+            headers: Some(
+                [
+                    ("x".to_string(), "1".to_string()),
+                    ("y".to_string(), "2".to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            ),
+            match_mode: Some(HeaderMatch::Any),
+            ..bind("h", None)
+        };
+        assert_eq!(
+            route(ExchangeKind::Headers, &[hb.clone()], None, &headers),
+            vec!["h"]
+        );
+        let all = Binding {
+            match_mode: Some(HeaderMatch::All),
+            ..hb
+        };
+        assert!(route(ExchangeKind::Headers, &[all], None, &headers).is_empty());
+    }
+
+    #[test]
+    fn bindings_are_validated() {
+        assert!(validate_binding(ExchangeKind::Topic, &bind("q", Some("a..b"))).is_err());
+        assert!(validate_binding(ExchangeKind::Topic, &bind("q", Some("a.*.#"))).is_ok());
+        assert!(validate_binding(ExchangeKind::Direct, &bind("bad name", None)).is_err());
+        assert!(validate_binding(ExchangeKind::Headers, &bind("q", None)).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn literal_patterns_match_only_themselves(
+            a in "[a-c]{1,2}(\\.[a-c]{1,2}){0,3}",
+            b in "[a-c]{1,2}(\\.[a-c]{1,2}){0,3}",
+        ) {
+            prop_assert!(topic_matches(&a, &a));
+            prop_assert!(topic_matches("#", &a));
+            prop_assert_eq!(topic_matches(&a, &b), a == b);
+        }
+    }
 }
