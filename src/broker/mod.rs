@@ -1,27 +1,42 @@
 //! The broker: queues -> partitions -> {log, groups}, exchanges, idempotent publish.
 //!
-//! CONTRACT STUB: the public API below is what the HTTP/gRPC adapters call; bodies are
-//! filled in by the queue work.
+//! - [`types`]: what adapters send and receive (ids, messages, infos, [`BrokerError`]).
+//! - [`settings`]: queue settings and their validation.
+//! - [`registry`]: the persisted metadata and the commands that change it.
+//! - [`queue`]: one queue at run time (partitions, groups, waiters).
+//! - [`message`]: records <-> messages, internal headers, the dedup window.
+//!
+//! Background work started by [`Broker::open`]: a timer that expires leases and wakes
+//! waiters when redeliveries come due, and a worker that moves dead letters to their DLQ.
 
+pub mod message;
+pub mod queue;
+pub mod registry;
 pub mod settings;
+pub mod types;
 
-use std::collections::BTreeMap;
-use std::fmt;
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use serde::Serialize;
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
-
-use crate::log::{FsyncPolicy, LogError};
 pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
+pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
+pub use types::*;
+
+use queue::{DeadLetterJob, Group, Queue, now_ms};
+use registry::{MetaCommand, Registry};
 
 /// Longest queue, group or exchange name.
 pub const MAX_NAME_LEN: usize = 200;
+/// How often the timer looks for expired leases and due redeliveries.
+const TICK: Duration = Duration::from_millis(50);
+/// Most messages one receive may ask for.
+pub const MAX_RECEIVE: usize = 1000;
 
 /// True for 1-200 chars of `[A-Za-z0-9._-]`.
 pub fn is_valid_name(name: &str) -> bool {
@@ -32,436 +47,698 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// A message id: `"{partition}-{offset}"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MessageId {
-    /// Partition number.
-    pub partition: u32,
-    /// Offset in the partition.
-    pub offset: u64,
-}
-
-impl fmt::Display for MessageId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.partition, self.offset)
+fn check_name(name: &str) -> Result<(), BrokerError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(BrokerError::InvalidName(name.to_string()))
     }
 }
 
-impl FromStr for MessageId {
-    type Err = BrokerError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BrokerError::InvalidArgument(format!("malformed message id `{s}`"));
-        let (p, o) = s.split_once('-').ok_or_else(bad)?;
-        Ok(MessageId {
-            partition: p.parse().map_err(|_| bad())?,
-            offset: o.parse().map_err(|_| bad())?,
-        })
-    }
-}
-
-/// A message to publish.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NewMessage {
-    /// Partitioning / compaction / ordering key.
-    pub key: Option<String>,
-    /// User headers.
-    pub headers: BTreeMap<String, String>,
-    /// MIME type of the body, kept with it (e.g. `application/json`).
-    pub content_type: Option<String>,
-    /// The payload, byte for byte.
-    pub body: Bytes,
-    /// Idempotency key: a repeat within the queue's dedup window stores nothing.
-    pub idempotency_key: Option<String>,
-}
-
-/// Where a published message went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Published {
-    /// `"{partition}-{offset}"`.
-    #[serde(serialize_with = "serialize_display")]
-    pub id: MessageId,
-    /// Partition number.
-    pub partition: u32,
-    /// Offset in the partition.
-    pub offset: u64,
-}
-
-fn serialize_display<S: serde::Serializer, T: fmt::Display>(
-    v: &T,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
-}
-
-/// A delivered (leased) or replayed message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    /// The queue it belongs to.
-    pub queue: String,
-    /// Its id (partition and offset).
-    pub id: MessageId,
-    /// Publish time, ms since the Unix epoch.
-    pub timestamp_ms: i64,
-    /// Key, if any.
-    pub key: Option<String>,
-    /// User headers (internal ones hidden).
-    pub headers: BTreeMap<String, String>,
-    /// MIME type given at publish.
-    pub content_type: Option<String>,
-    /// The payload.
-    pub body: Bytes,
-    /// 1 on first delivery; 0 for a replay without lease.
-    pub delivery_count: u32,
-}
-
-/// Summary of one partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PartitionInfo {
-    /// Partition number.
-    pub partition: u32,
-    /// First retained offset.
-    pub first_offset: u64,
-    /// Next offset to be written.
-    pub next_offset: u64,
-    /// Number of segments.
-    pub segments: u32,
-    /// Bytes of `.log` files.
-    pub bytes: u64,
-}
-
-/// Summary of one group on a queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GroupSummary {
-    /// Group name.
-    pub name: String,
-    /// Messages not yet done for this group (not acked nor dead-lettered).
-    pub backlog: u64,
-    /// Leases held now.
-    pub in_flight: u64,
-    /// Messages this group sent to the dead-letter queue.
-    pub dead_lettered: u64,
-}
-
-/// Queue info.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct QueueInfo {
-    /// Queue name.
-    pub name: String,
-    /// Effective settings.
-    pub settings: QueueSettings,
-    /// Partitions.
-    pub partitions: Vec<PartitionInfo>,
-    /// Groups.
-    pub groups: Vec<GroupSummary>,
-}
-
-/// Per-partition state of a group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GroupPartitionInfo {
-    /// Partition number.
-    pub partition: u32,
-    /// Ack floor: every offset below is done.
-    pub committed_offset: u64,
-    /// Messages not yet done.
-    pub backlog: u64,
-    /// Leases held now.
-    pub in_flight: u64,
-}
-
-/// Detailed group state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GroupInfo {
-    /// Queue name.
-    pub queue: String,
-    /// Group name.
-    pub name: String,
-    /// Per partition.
-    pub partitions: Vec<GroupPartitionInfo>,
-    /// Total backlog.
-    pub backlog: u64,
-    /// Total leases held.
-    pub in_flight: u64,
-    /// Deliveries beyond the first, since the broker started.
-    pub redelivered: u64,
-    /// Messages sent to the dead-letter queue.
-    pub dead_lettered: u64,
-}
-
-/// Where a seek moves a group.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SeekTarget {
-    /// The earliest retained offset of every partition.
-    Earliest,
-    /// The end of every partition (skip the backlog).
-    Latest,
-    /// An offset in one partition.
-    Offset {
-        /// Partition number.
-        partition: u32,
-        /// Target offset.
-        offset: u64,
-    },
-    /// The first message at or after a time, in every partition.
-    Time(i64),
-}
-
-/// Where a replay read starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadFrom {
-    /// At an offset.
-    Offset(u64),
-    /// At the first message with timestamp >= this (ms).
-    Time(i64),
-}
-
-/// One queue a message was routed to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Routed {
-    /// Queue name.
-    pub queue: String,
-    /// Id in that queue.
-    #[serde(serialize_with = "serialize_display")]
-    pub id: MessageId,
-}
-
-/// Broker-wide settings.
-#[derive(Debug, Clone)]
-pub struct BrokerConfig {
-    /// Root of all state.
-    pub data_dir: PathBuf,
-    /// Durability policy for appends and group journals.
-    pub fsync: FsyncPolicy,
-    /// Most queues the broker holds (dead-letter queues count).
-    pub max_queues: usize,
-}
-
-impl Default for BrokerConfig {
-    fn default() -> Self {
-        Self {
-            data_dir: PathBuf::from("qit-data"),
-            fsync: FsyncPolicy::Interval,
-            max_queues: 10_000,
-        }
-    }
-}
-
-/// Errors of broker operations; `api::error` maps them to HTTP and gRPC statuses.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    /// A queue/group/exchange name is malformed.
-    #[error("invalid name `{0}`: use 1-200 chars of [A-Za-z0-9._-]")]
-    InvalidName(String),
-    /// A setting is out of range.
-    #[error(transparent)]
-    InvalidSetting(#[from] InvalidSetting),
-    /// Any other malformed input.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// No such queue.
-    #[error("queue `{0}` not found")]
-    QueueNotFound(String),
-    /// No such group.
-    #[error("group `{group}` not found on queue `{queue}`")]
-    GroupNotFound {
-        /// Queue name.
-        queue: String,
-        /// Group name.
-        group: String,
-    },
-    /// No such exchange.
-    #[error("exchange `{0}` not found")]
-    ExchangeNotFound(String),
-    /// No message with this id.
-    #[error("message `{0}` not found")]
-    MessageNotFound(MessageId),
-    /// The message is not leased to this group now (nack/extend of an acked or expired lease).
-    #[error("message `{0}` is not leased")]
-    NotLeased(MessageId),
-    /// The queue exists with other settings.
-    #[error("queue `{0}` already exists with different settings")]
-    QueueExists(String),
-    /// The exchange exists with another type.
-    #[error("exchange `{0}` already exists with a different type")]
-    ExchangeExists(String),
-    /// Payload over `max_message_bytes`.
-    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
-    MessageTooLarge {
-        /// Payload size.
-        size: u64,
-        /// The queue's limit.
-        limit: u64,
-    },
-    /// A resource cap was reached (queues, waiters, ...).
-    #[error("limit reached: {0}")]
-    LimitReached(String),
-    /// The broker is shutting down.
-    #[error("the broker is shutting down")]
-    ShuttingDown,
-    /// The partition log failed.
-    #[error(transparent)]
-    Log(#[from] LogError),
-    /// Broker metadata or journal I/O failed.
-    #[error("storage error on {path}: {source}")]
-    Storage {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Stored metadata is damaged.
-    #[error("corrupt state in {path}: {reason}")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The broker. Shared as `Arc<Broker>` by every adapter.
-pub struct Broker {}
+pub struct Broker {
+    config: BrokerConfig,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    registry: RwLock<Registry>,
+    /// Serializes metadata changes (create/delete queue, exchanges, bindings).
+    meta: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+    dead_letters: mpsc::UnboundedSender<DeadLetterJob>,
+}
 
 impl Broker {
-    /// Opens the data directory: loads queues, exchanges and group state, recovering logs.
-    pub async fn open(_config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
-        todo!()
+    fn registry_path(&self) -> PathBuf {
+        self.config.data_dir.join("registry.json")
     }
+
+    fn queues_dir(&self) -> PathBuf {
+        self.config.data_dir.join("queues")
+    }
+
+    /// Opens the data directory: loads queues, exchanges and group state, recovering logs.
+    pub async fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(data_dir.join("queues")).map_err(|source| {
+            BrokerError::Storage {
+                path: data_dir.clone(),
+                source,
+            }
+        })?;
+        let registry = Registry::load(&data_dir.join("registry.json"))?;
+        let fsync = config.fsync;
+        let root = data_dir.join("queues");
+        let specs: Vec<(String, QueueSettings)> = registry
+            .queues
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let opened = tokio::task::spawn_blocking(move || {
+            specs
+                .into_iter()
+                .map(|(name, settings)| {
+                    Queue::open(&root, &name, settings, fsync).map(|q| (name, Arc::new(q)))
+                })
+                .collect::<Result<HashMap<_, _>, _>>()
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))??;
+        let (dead_letters, jobs) = mpsc::unbounded_channel();
+        let broker = Arc::new(Broker {
+            config,
+            queues: RwLock::new(opened),
+            registry: RwLock::new(registry),
+            meta: tokio::sync::Mutex::new(()),
+            shutdown: CancellationToken::new(),
+            dead_letters,
+        });
+        tokio::spawn(run_timer(Arc::downgrade(&broker), broker.shutdown.clone()));
+        tokio::spawn(run_dead_letters(Arc::downgrade(&broker), jobs));
+        Ok(broker)
+    }
+
+    fn check_running(&self) -> Result<(), BrokerError> {
+        if self.shutdown.is_cancelled() {
+            Err(BrokerError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
+        self.queues
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
+    }
+
+    fn existing_group(queue: &Queue, name: &str) -> Result<Arc<Group>, BrokerError> {
+        queue.group(name).ok_or_else(|| BrokerError::GroupNotFound {
+            queue: queue.name.clone(),
+            group: name.to_string(),
+        })
+    }
+
+    fn apply(&self, command: MetaCommand) -> Result<(), BrokerError> {
+        let mut next = self.registry.read().clone();
+        next.apply(&command);
+        next.save(&self.registry_path())?;
+        *self.registry.write() = next;
+        Ok(())
+    }
+
     /// Creates a queue (and its dead-letter queue). `Ok(true)` if created, `Ok(false)` if it
     /// existed with equal settings.
     pub async fn create_queue(
         &self,
-        _name: &str,
-        _settings: QueueSettings,
+        name: &str,
+        settings: QueueSettings,
     ) -> Result<(QueueInfo, bool), BrokerError> {
-        todo!()
+        self.check_running()?;
+        check_name(name)?;
+        settings.validate()?;
+        let dlq = settings.dead_letter_name(name);
+        if settings.max_deliveries > 0 && (dlq == name || !is_valid_name(&dlq)) {
+            return Err(BrokerError::InvalidSetting(InvalidSetting {
+                field: "dead_letter",
+                reason: format!("`{dlq}` cannot be this queue's dead-letter queue"),
+            }));
+        }
+        let _meta = self.meta.lock().await;
+        let (info, created) = self.create_locked(name, settings.clone()).await?;
+        if created && settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
+            self.create_locked(&dlq, dead_letter_settings()).await?;
+        }
+        Ok((info, created))
     }
+
+    async fn create_locked(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+    ) -> Result<(QueueInfo, bool), BrokerError> {
+        if let Some(existing) = self.queues.read().get(name).cloned() {
+            return if existing.settings == settings {
+                Ok((existing.info(), false))
+            } else {
+                Err(BrokerError::QueueExists(name.to_string()))
+            };
+        }
+        if self.queues.read().len() >= self.config.max_queues {
+            return Err(BrokerError::LimitReached(format!(
+                "at most {} queues",
+                self.config.max_queues
+            )));
+        }
+        let root = self.queues_dir();
+        let (owned_name, owned_settings, fsync) =
+            (name.to_string(), settings.clone(), self.config.fsync);
+        let queue = tokio::task::spawn_blocking(move || {
+            Queue::open(&root, &owned_name, owned_settings, fsync)
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
+        self.apply(MetaCommand::CreateQueue {
+            name: name.to_string(),
+            settings,
+        })?;
+        let queue = Arc::new(queue);
+        let info = queue.info();
+        self.queues.write().insert(name.to_string(), queue);
+        tracing::info!(queue = name, "queue created");
+        Ok((info, true))
+    }
+
     /// All queues, by name.
     pub fn list_queues(&self) -> Vec<QueueInfo> {
-        todo!()
+        let mut queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        queues.iter().map(|q| q.info()).collect()
     }
+
     /// One queue's info.
-    pub fn queue_info(&self, _name: &str) -> Result<QueueInfo, BrokerError> {
-        todo!()
+    pub fn queue_info(&self, name: &str) -> Result<QueueInfo, BrokerError> {
+        Ok(self.queue(name)?.info())
     }
+
     /// Deletes a queue and its data.
-    pub async fn delete_queue(&self, _name: &str) -> Result<(), BrokerError> {
-        todo!()
+    pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        self.check_running()?;
+        let _meta = self.meta.lock().await;
+        let queue = self.queue(name)?;
+        self.apply(MetaCommand::DeleteQueue {
+            name: name.to_string(),
+        })?;
+        self.queues.write().remove(name);
+        queue.mark_deleted();
+        let dir = queue.dir().to_path_buf();
+        drop(queue);
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir).map_err(|e| (dir, e)))
+            .await
+            .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))?
+            .map_err(|(path, source)| BrokerError::Storage { path, source })?;
+        tracing::info!(queue = name, "queue deleted");
+        Ok(())
     }
-    /// Publishes messages (all or nothing per partition batch); one result per message.
+
+    /// Publishes messages (one batch per partition); one result per message.
     pub async fn publish(
         &self,
-        _queue: &str,
-        _messages: Vec<NewMessage>,
+        queue: &str,
+        messages: Vec<NewMessage>,
     ) -> Result<Vec<Published>, BrokerError> {
-        todo!()
+        self.check_running()?;
+        if messages.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "no messages to publish".into(),
+            ));
+        }
+        let started = Instant::now();
+        let result = self.queue(queue)?.publish(messages).await;
+        crate::metrics::observe_seconds(
+            crate::metrics::PUBLISH_LATENCY,
+            started.elapsed().as_secs_f64(),
+        );
+        result
     }
+
     /// Leases up to `max` messages for `group`, waiting up to `wait` for the first one.
     /// Returns early with what it has; returns empty on shutdown.
     pub async fn receive(
         &self,
-        _queue: &str,
-        _group: &str,
-        _max: usize,
-        _wait: Duration,
-        _visibility: Option<Duration>,
+        queue: &str,
+        group: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Option<Duration>,
     ) -> Result<Vec<Delivery>, BrokerError> {
-        todo!()
+        self.check_running()?;
+        if !(1..=MAX_RECEIVE).contains(&max) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "max must be 1..={MAX_RECEIVE}"
+            )));
+        }
+        let q = self.queue(queue)?;
+        let g = q.group_or_create(group)?;
+        let visibility_ms = visibility
+            .map(millis)
+            .unwrap_or(q.settings.ack_timeout as i64 * 1000);
+        if visibility_ms <= 0 {
+            return Err(BrokerError::InvalidArgument(
+                "visibility must be positive".into(),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = q.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (out, jobs) = q.lease(&g, max, visibility_ms)?;
+            self.dispatch(jobs);
+            if !out.is_empty() {
+                return Ok(out);
+            }
+            if q.is_deleted() {
+                return Err(BrokerError::QueueNotFound(queue.to_string()));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline || self.shutdown.is_cancelled() {
+                return Ok(Vec::new());
+            }
+            let wake = g
+                .next_wakeup()
+                .map(|at| now + Duration::from_millis(at.saturating_sub(now_ms()).max(1) as u64))
+                .map_or(deadline, |at| at.min(deadline));
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = self.shutdown.cancelled() => return Ok(Vec::new()),
+            }
+        }
     }
+
+    fn dispatch(&self, jobs: Vec<DeadLetterJob>) {
+        for job in jobs {
+            // The worker lives as long as the broker; a send can only fail during teardown.
+            let _ = self.dead_letters.send(job);
+        }
+    }
+
     /// Acknowledges a message for a group; repeating an ack is harmless.
-    pub async fn ack(&self, _queue: &str, _group: &str, _id: MessageId) -> Result<(), BrokerError> {
-        todo!()
+    pub async fn ack(&self, queue: &str, group: &str, id: MessageId) -> Result<(), BrokerError> {
+        self.check_running()?;
+        let q = self.queue(queue)?;
+        let g = Self::existing_group(&q, group)?;
+        q.ack(&g, id).await
     }
+
     /// Returns a leased message for redelivery after `delay` (default: the queue's backoff).
     pub async fn nack(
         &self,
-        _queue: &str,
-        _group: &str,
-        _id: MessageId,
-        _delay: Option<Duration>,
+        queue: &str,
+        group: &str,
+        id: MessageId,
+        delay: Option<Duration>,
     ) -> Result<(), BrokerError> {
-        todo!()
+        self.check_running()?;
+        let q = self.queue(queue)?;
+        let g = Self::existing_group(&q, group)?;
+        if let Some(job) = q.nack(&g, id, delay.map(millis))? {
+            self.dispatch(vec![job]);
+        }
+        Ok(())
     }
+
     /// Extends a lease to `visibility` from now.
     pub async fn extend(
         &self,
-        _queue: &str,
-        _group: &str,
-        _id: MessageId,
-        _visibility: Duration,
+        queue: &str,
+        group: &str,
+        id: MessageId,
+        visibility: Duration,
     ) -> Result<(), BrokerError> {
-        todo!()
+        self.check_running()?;
+        let q = self.queue(queue)?;
+        let g = Self::existing_group(&q, group)?;
+        let visibility_ms = millis(visibility);
+        if visibility_ms <= 0 {
+            return Err(BrokerError::InvalidArgument(
+                "visibility must be positive".into(),
+            ));
+        }
+        q.extend(&g, id, visibility_ms)
     }
+
+    /// Moves a dead letter to its DLQ, then marks it done for its group.
+    async fn dead_letter(&self, job: DeadLetterJob) {
+        let Ok(q) = self.queue(&job.queue) else {
+            return;
+        };
+        let Some(g) = q.group(&job.group) else { return };
+        let outcome = self.append_dead_letter(&q, &job).await;
+        match outcome {
+            Ok(()) => {
+                if let Err(error) = q.complete_dead_letter(&g, job.id).await {
+                    tracing::error!(%error, queue = %job.queue, id = %job.id, "recording a dead letter failed");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, queue = %job.queue, id = %job.id, "dead-lettering failed; will retry");
+                q.abort_dead_letter(&g, job.id);
+            }
+        }
+    }
+
+    async fn append_dead_letter(&self, q: &Queue, job: &DeadLetterJob) -> Result<(), BrokerError> {
+        let log = q
+            .partitions
+            .get(job.id.partition as usize)
+            .ok_or(BrokerError::MessageNotFound(job.id))?;
+        let Some(record) = log
+            .read(job.id.offset, 1, usize::MAX)?
+            .into_iter()
+            .find(|r| r.offset == job.id.offset)
+        else {
+            // Retention removed it already: nothing left to move.
+            return Ok(());
+        };
+        let mut dead = message::to_new_message(&record);
+        for (name, value) in [
+            (message::ORIGINAL_QUEUE_HEADER, job.queue.clone()),
+            (message::ORIGINAL_ID_HEADER, job.id.to_string()),
+            (message::ORIGINAL_GROUP_HEADER, job.group.clone()),
+            (
+                message::DELIVERY_COUNT_HEADER,
+                job.delivery_count.to_string(),
+            ),
+            (message::REASON_HEADER, job.reason.as_str().to_string()),
+        ] {
+            dead.headers.insert(name.to_string(), value);
+        }
+        let dlq_name = q.settings.dead_letter_name(&q.name);
+        let dlq = match self.queue(&dlq_name) {
+            Ok(dlq) => dlq,
+            Err(_) => {
+                let _meta = self.meta.lock().await;
+                self.create_locked(&dlq_name, dead_letter_settings())
+                    .await?;
+                self.queue(&dlq_name)?
+            }
+        };
+        dlq.publish(vec![dead]).await.map(|_| ())
+    }
+
     /// Moves up to `max` (default all) dead-lettered messages back into `queue`.
-    pub async fn redrive(&self, _queue: &str, _max: Option<usize>) -> Result<usize, BrokerError> {
-        todo!()
+    pub async fn redrive(&self, queue: &str, max: Option<usize>) -> Result<usize, BrokerError> {
+        self.check_running()?;
+        let q = self.queue(queue)?;
+        let dlq = self.queue(&q.settings.dead_letter_name(queue))?;
+        let group = dlq.group_or_create(queue::DEFAULT_GROUP)?;
+        let mut moved = 0;
+        let limit = max.unwrap_or(usize::MAX);
+        while moved < limit {
+            let want = (limit - moved).min(MAX_RECEIVE);
+            let (batch, _) = dlq.lease(&group, want, 60_000)?;
+            if batch.is_empty() {
+                break;
+            }
+            for delivery in batch {
+                let mut headers = delivery.headers;
+                for name in message::DEAD_LETTER_HEADERS {
+                    headers.remove(name);
+                }
+                let again = NewMessage {
+                    key: delivery.key,
+                    headers,
+                    content_type: delivery.content_type,
+                    body: delivery.body,
+                    idempotency_key: None,
+                };
+                q.publish(vec![again]).await?;
+                dlq.ack(&group, delivery.id).await?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
     }
+
+    fn partition<'a>(
+        &self,
+        q: &'a Queue,
+        partition: u32,
+    ) -> Result<&'a crate::log::PartitionLog, BrokerError> {
+        q.partitions.get(partition as usize).ok_or_else(|| {
+            BrokerError::InvalidArgument(format!("queue `{}` has no partition {partition}", q.name))
+        })
+    }
+
     /// Reads a partition without leasing; returns messages and the next offset to read.
     pub fn read_log(
         &self,
-        _queue: &str,
-        _partition: u32,
-        _from: ReadFrom,
-        _max: usize,
+        queue: &str,
+        partition: u32,
+        from: ReadFrom,
+        max: usize,
     ) -> Result<(Vec<Delivery>, u64), BrokerError> {
-        todo!()
+        let q = self.queue(queue)?;
+        let log = self.partition(&q, partition)?;
+        let start = match from {
+            ReadFrom::Offset(offset) => offset,
+            ReadFrom::Time(ms) => log
+                .offset_for_timestamp(ms)?
+                .unwrap_or_else(|| log.next_offset()),
+        };
+        let records = log.read(start, max.clamp(1, 10_000), 16 * 1024 * 1024)?;
+        let next = records
+            .last()
+            .map_or(start.max(log.first_offset()), |r| r.offset + 1);
+        let deliveries = records
+            .into_iter()
+            .map(|r| message::to_delivery(&q.name, partition, r, 0))
+            .collect();
+        Ok((deliveries, next))
     }
+
     /// Waits until partition `partition` of `queue` has an offset >= `offset` or `timeout`
     /// passes or the broker shuts down (for streaming subscribers).
     pub async fn wait_for_offset(
         &self,
-        _queue: &str,
-        _partition: u32,
-        _offset: u64,
-        _timeout: Duration,
+        queue: &str,
+        partition: u32,
+        offset: u64,
+        timeout: Duration,
     ) -> Result<(), BrokerError> {
-        todo!()
+        let q = self.queue(queue)?;
+        let mut next = self.partition(&q, partition)?.watch_next_offset();
+        drop(q);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            if *next.borrow_and_update() > offset {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = next.changed() => if changed.is_err() { return Ok(()) },
+                _ = &mut deadline => return Ok(()),
+                _ = self.shutdown.cancelled() => return Ok(()),
+            }
+        }
     }
+
     /// Detailed state of a group.
-    pub fn group_info(&self, _queue: &str, _group: &str) -> Result<GroupInfo, BrokerError> {
-        todo!()
+    pub fn group_info(&self, queue: &str, group: &str) -> Result<GroupInfo, BrokerError> {
+        let q = self.queue(queue)?;
+        let g = Self::existing_group(&q, group)?;
+        Ok(q.group_info(&g))
     }
+
     /// Moves a group's position.
     pub async fn seek(
         &self,
-        _queue: &str,
-        _group: &str,
-        _target: SeekTarget,
+        queue: &str,
+        group: &str,
+        target: SeekTarget,
     ) -> Result<GroupInfo, BrokerError> {
-        todo!()
+        self.check_running()?;
+        let q = self.queue(queue)?;
+        let g = q.group_or_create(group)?;
+        let mut targets = Vec::new();
+        for (p, log) in q.partitions.iter().enumerate() {
+            let p = p as u32;
+            let offset = match &target {
+                SeekTarget::Earliest => log.first_offset(),
+                SeekTarget::Latest => log.next_offset(),
+                SeekTarget::Offset { partition, offset } if *partition == p => {
+                    (*offset).clamp(log.first_offset(), log.next_offset())
+                }
+                SeekTarget::Offset { .. } => continue,
+                SeekTarget::Time(ms) => log
+                    .offset_for_timestamp(*ms)?
+                    .unwrap_or_else(|| log.next_offset()),
+            };
+            targets.push((p, offset));
+        }
+        if let SeekTarget::Offset { partition, .. } = target {
+            self.partition(&q, partition)?;
+        }
+        q.seek(&g, &targets).await?;
+        Ok(q.group_info(&g))
     }
+
     /// Creates an exchange; `Ok(true)` if created, `Ok(false)` if it existed with this type.
     pub async fn create_exchange(
         &self,
-        _name: &str,
-        _kind: ExchangeKind,
+        name: &str,
+        kind: ExchangeKind,
     ) -> Result<bool, BrokerError> {
-        todo!()
+        self.check_running()?;
+        check_name(name)?;
+        let _meta = self.meta.lock().await;
+        if let Some(existing) = self.registry.read().exchanges.get(name) {
+            return if existing.kind == kind {
+                Ok(false)
+            } else {
+                Err(BrokerError::ExchangeExists(name.to_string()))
+            };
+        }
+        self.apply(MetaCommand::CreateExchange {
+            name: name.to_string(),
+            kind,
+        })?;
+        Ok(true)
     }
+
+    fn exchange_kind(&self, name: &str) -> Result<ExchangeKind, BrokerError> {
+        self.registry
+            .read()
+            .exchanges
+            .get(name)
+            .map(|x| x.kind)
+            .ok_or_else(|| BrokerError::ExchangeNotFound(name.to_string()))
+    }
+
     /// Binds a queue to an exchange (idempotent).
-    pub async fn bind(&self, _exchange: &str, _binding: Binding) -> Result<(), BrokerError> {
-        todo!()
+    pub async fn bind(&self, exchange: &str, binding: Binding) -> Result<(), BrokerError> {
+        self.check_running()?;
+        let _meta = self.meta.lock().await;
+        let kind = self.exchange_kind(exchange)?;
+        crate::route::validate_binding(kind, &binding)?;
+        self.queue(&binding.queue)?;
+        self.apply(MetaCommand::Bind {
+            exchange: exchange.to_string(),
+            binding,
+        })
     }
+
     /// Removes a binding.
-    pub async fn unbind(&self, _exchange: &str, _binding: Binding) -> Result<(), BrokerError> {
-        todo!()
+    pub async fn unbind(&self, exchange: &str, binding: Binding) -> Result<(), BrokerError> {
+        self.check_running()?;
+        let _meta = self.meta.lock().await;
+        self.exchange_kind(exchange)?;
+        self.apply(MetaCommand::Unbind {
+            exchange: exchange.to_string(),
+            binding,
+        })
     }
+
     /// Publishes through an exchange into every matching queue.
     pub async fn publish_to_exchange(
         &self,
-        _exchange: &str,
-        _routing_key: Option<&str>,
-        _message: NewMessage,
+        exchange: &str,
+        routing_key: Option<&str>,
+        message: NewMessage,
     ) -> Result<Vec<Routed>, BrokerError> {
-        todo!()
+        self.check_running()?;
+        let (kind, bindings) = {
+            let registry = self.registry.read();
+            let record = registry
+                .exchanges
+                .get(exchange)
+                .ok_or_else(|| BrokerError::ExchangeNotFound(exchange.to_string()))?;
+            (record.kind, record.bindings.clone())
+        };
+        let targets = crate::route::route(kind, &bindings, routing_key, &message.headers);
+        let mut routed = Vec::new();
+        for name in targets {
+            let Ok(q) = self.queue(&name) else { continue };
+            if let Some(published) = q.publish(vec![message.clone()]).await?.first() {
+                routed.push(Routed {
+                    queue: name,
+                    id: published.id,
+                });
+            }
+        }
+        Ok(routed)
     }
+
     /// Checks that storage is writable (health check).
     pub async fn check_storage(&self) -> Result<(), BrokerError> {
-        todo!()
+        self.check_running()?;
+        let path = self.config.data_dir.join(".healthcheck");
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let result = std::fs::File::create(&path)
+                .and_then(|mut f| f.write_all(b"ok").and_then(|()| f.sync_all()))
+                .and_then(|()| std::fs::remove_file(&path));
+            result.map_err(|source| BrokerError::Storage { path, source })
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidArgument(format!("health check failed: {e}")))?
     }
+
     /// Stops: wakes every waiting receiver with an empty answer, refuses new work with
     /// [`BrokerError::ShuttingDown`], flushes and fsyncs logs and journals.
     pub async fn shutdown(&self) -> Result<(), BrokerError> {
-        todo!()
+        self.shutdown.cancel();
+        let queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
+        for q in &queues {
+            q.notify.notify_waiters();
+        }
+        for q in &queues {
+            q.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// True once [`Broker::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Queues at run time (for background maintenance).
+    pub(crate) fn queue_handles(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    /// The broker's configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+}
+
+/// Settings of an automatically created dead-letter queue.
+fn dead_letter_settings() -> QueueSettings {
+    QueueSettings {
+        max_deliveries: 0,
+        ..QueueSettings::default()
+    }
+}
+
+/// Expires leases and wakes waiters of groups whose redeliveries came due.
+async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        let now = now_ms();
+        for q in broker.queue_handles() {
+            for g in q.groups() {
+                if g.next_wakeup().is_some_and(|at| at <= now) {
+                    let jobs = q.expire(&g, now);
+                    broker.dispatch(jobs);
+                    q.notify.notify_waiters();
+                }
+            }
+        }
+    }
+}
+
+/// Moves dead letters to their DLQs, one at a time.
+async fn run_dead_letters(broker: Weak<Broker>, mut jobs: mpsc::UnboundedReceiver<DeadLetterJob>) {
+    while let Some(job) = jobs.recv().await {
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        broker.dead_letter(job).await;
     }
 }

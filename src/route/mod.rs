@@ -91,9 +91,7 @@ pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
                 }
             }
             "*" => {
-                for j in 0..key.len() {
-                    next[j + 1] = reachable[j];
-                }
+                next[1..].copy_from_slice(&reachable[..key.len()]);
             }
             literal => {
                 for j in 0..key.len() {
@@ -261,7 +259,12 @@ mod tests {
             ..bind("h", None)
         };
         assert_eq!(
-            route(ExchangeKind::Headers, &[hb.clone()], None, &headers),
+            route(
+                ExchangeKind::Headers,
+                std::slice::from_ref(&hb),
+                None,
+                &headers
+            ),
             vec!["h"]
         );
         let all = Binding {

@@ -1,0 +1,221 @@
+//! Between broker messages and log records: internal headers, ids, key hashes — and the
+//! idempotent-publish window.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+use bytes::Bytes;
+
+use super::types::{Delivery, MessageId, NewMessage};
+use crate::log::{Record, StoredRecord};
+
+/// Internal header holding the publisher's content type.
+pub const CONTENT_TYPE_HEADER: &str = "qit-content-type";
+/// Internal header holding the idempotency key.
+pub const IDEMPOTENCY_HEADER: &str = "qit-idempotency-key";
+/// Dead-letter headers (visible to users).
+pub const ORIGINAL_QUEUE_HEADER: &str = "qit-original-queue";
+/// Id of the message in its original queue.
+pub const ORIGINAL_ID_HEADER: &str = "qit-original-id";
+/// Group that dead-lettered it.
+pub const ORIGINAL_GROUP_HEADER: &str = "qit-original-group";
+/// Deliveries it had.
+pub const DELIVERY_COUNT_HEADER: &str = "qit-delivery-count";
+/// `expired` or `nacked`.
+pub const REASON_HEADER: &str = "qit-dead-letter-reason";
+
+/// Headers added when dead-lettering, dropped again on redrive.
+pub const DEAD_LETTER_HEADERS: [&str; 5] = [
+    ORIGINAL_QUEUE_HEADER,
+    ORIGINAL_ID_HEADER,
+    ORIGINAL_GROUP_HEADER,
+    DELIVERY_COUNT_HEADER,
+    REASON_HEADER,
+];
+
+/// The log record for a published message.
+pub fn to_record(message: &NewMessage, timestamp_ms: i64) -> Record {
+    let mut headers: Vec<(String, Bytes)> = message
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), Bytes::copy_from_slice(v.as_bytes())))
+        .collect();
+    if let Some(content_type) = &message.content_type {
+        headers.push((
+            CONTENT_TYPE_HEADER.into(),
+            Bytes::copy_from_slice(content_type.as_bytes()),
+        ));
+    }
+    if let Some(key) = &message.idempotency_key {
+        headers.push((
+            IDEMPOTENCY_HEADER.into(),
+            Bytes::copy_from_slice(key.as_bytes()),
+        ));
+    }
+    Record {
+        timestamp_ms,
+        key: message
+            .key
+            .as_ref()
+            .map(|k| Bytes::copy_from_slice(k.as_bytes())),
+        headers,
+        value: message.body.clone(),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The delivery for a stored record.
+pub fn to_delivery(
+    queue: &str,
+    partition: u32,
+    record: StoredRecord,
+    delivery_count: u32,
+) -> Delivery {
+    let mut headers = BTreeMap::new();
+    let mut content_type = None;
+    for (name, value) in &record.headers {
+        match name.as_str() {
+            CONTENT_TYPE_HEADER => content_type = Some(text(value)),
+            IDEMPOTENCY_HEADER => {}
+            _ => {
+                headers.insert(name.clone(), text(value));
+            }
+        }
+    }
+    Delivery {
+        queue: queue.to_string(),
+        id: MessageId {
+            partition,
+            offset: record.offset,
+        },
+        timestamp_ms: record.timestamp_ms,
+        key: record.key.as_deref().map(text),
+        headers,
+        content_type,
+        body: record.value,
+        delivery_count,
+    }
+}
+
+/// A message as it was published, rebuilt from its record (for dead-lettering, redrive).
+pub fn to_new_message(record: &StoredRecord) -> NewMessage {
+    let delivery = to_delivery("", 0, record.clone(), 0);
+    NewMessage {
+        key: delivery.key,
+        headers: delivery.headers,
+        content_type: delivery.content_type,
+        body: delivery.body,
+        idempotency_key: None,
+    }
+}
+
+/// The idempotency key of a stored record, if it has one.
+pub fn idempotency_key(record: &StoredRecord) -> Option<String> {
+    record
+        .headers
+        .iter()
+        .find(|(name, _)| name == IDEMPOTENCY_HEADER)
+        .map(|(_, value)| text(value))
+}
+
+/// A stable 64-bit hash of a key, for per-key ordering (in memory only).
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The partition of a keyed message: CRC-32 of the key, stable across versions.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    crc32fast::hash(key) % partitions.max(1)
+}
+
+/// Idempotency keys seen within the dedup window, with the id they got.
+#[derive(Debug, Default)]
+pub struct DedupWindow {
+    ids: HashMap<String, (MessageId, i64)>,
+    order: VecDeque<(i64, String)>,
+}
+
+impl DedupWindow {
+    /// The id a key got, if it was published at or after `now - window`.
+    pub fn get(&mut self, key: &str, now_ms: i64, window_ms: i64) -> Option<MessageId> {
+        self.evict(now_ms - window_ms);
+        self.ids.get(key).map(|(id, _)| *id)
+    }
+
+    /// Remembers that `key` got `id` at `at_ms`.
+    pub fn insert(&mut self, key: String, id: MessageId, at_ms: i64) {
+        self.order.push_back((at_ms, key.clone()));
+        self.ids.insert(key, (id, at_ms));
+    }
+
+    fn evict(&mut self, before_ms: i64) {
+        while let Some((at, _)) = self.order.front() {
+            if *at >= before_ms {
+                break;
+            }
+            if let Some((at, key)) = self.order.pop_front()
+                && self.ids.get(&key).is_some_and(|(_, t)| *t == at)
+            {
+                self.ids.remove(&key);
+            }
+        }
+    }
+
+    /// Keys remembered now.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when no key is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_headers_round_trip_hidden() {
+        let message = NewMessage {
+            key: Some("k".into()),
+            headers: [("a".to_string(), "1".to_string())].into_iter().collect(),
+            content_type: Some("application/json".into()),
+            body: Bytes::from_static(b"{}"),
+            idempotency_key: Some("idem".into()),
+        };
+        let record = to_record(&message, 5);
+        let stored = StoredRecord {
+            offset: 3,
+            timestamp_ms: record.timestamp_ms,
+            key: record.key.clone(),
+            headers: record.headers.clone(),
+            value: record.value.clone(),
+        };
+        assert_eq!(idempotency_key(&stored).as_deref(), Some("idem"));
+        let delivery = to_delivery("q", 1, stored, 2);
+        assert_eq!(delivery.id.to_string(), "1-3");
+        assert_eq!(delivery.headers.len(), 1);
+        assert_eq!(delivery.content_type.as_deref(), Some("application/json"));
+        assert_eq!(delivery.key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn dedup_window_forgets_old_keys() {
+        let mut window = DedupWindow::default();
+        let id = MessageId {
+            partition: 0,
+            offset: 1,
+        };
+        window.insert("a".into(), id, 1_000);
+        assert_eq!(window.get("a", 1_500, 1_000), Some(id));
+        assert_eq!(window.get("a", 2_001, 1_000), None);
+        assert!(window.is_empty());
+    }
+}

@@ -1,0 +1,769 @@
+//! One queue at run time: its partition logs, its consumer groups (state + journal), the
+//! waiters' wake-up signal and the idempotent-publish window.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering as AtomicOrdering,
+};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use super::message::{self, DedupWindow};
+use super::settings::QueueSettings;
+use super::types::{
+    BrokerError, Delivery, GroupInfo, GroupPartitionInfo, GroupSummary, MessageId, NewMessage,
+    PartitionInfo, Published, QueueInfo,
+};
+use crate::group::event::{decode_events, encode_events};
+use crate::group::{
+    Candidate, Event, GroupConfig, GroupError, GroupState, Outcome, Reason, Snapshot,
+};
+use crate::journal::{Journal, Ticket};
+use crate::log::{FsyncPolicy, LogConfig, PartitionLog, StoredRecord};
+
+/// A group checkpoints its journal after this many journaled bytes.
+const CHECKPOINT_BYTES: u64 = 4 * 1024 * 1024;
+/// Bytes a journal frame adds to its payload.
+const FRAME_OVERHEAD: u64 = 9;
+/// The group every queue has.
+pub const DEFAULT_GROUP: &str = "default";
+/// Most bytes read from a partition for one lease call.
+const LEASE_READ_BYTES: usize = 8 * 1024 * 1024;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A message that must go to the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterJob {
+    /// The queue it is in.
+    pub queue: String,
+    /// The group that gave up on it.
+    pub group: String,
+    /// Its id.
+    pub id: MessageId,
+    /// Deliveries it had.
+    pub delivery_count: u32,
+    /// Why the last one failed.
+    pub reason: Reason,
+}
+
+/// A consumer group at run time.
+pub struct Group {
+    /// Group name.
+    pub name: String,
+    state: Mutex<GroupState>,
+    journal: Journal,
+    /// Journaled bytes since the last checkpoint this group asked for.
+    journaled: AtomicU64,
+    rotation: AtomicUsize,
+}
+
+impl Group {
+    /// Appends events to the journal; checkpoints when it has grown. Call with the state
+    /// locked so that journal order is state order.
+    fn journal(&self, state: &GroupState, events: &[Event]) -> Option<Ticket> {
+        if events.is_empty() {
+            return None;
+        }
+        let entry = encode_events(events);
+        let size = entry.len() as u64 + FRAME_OVERHEAD;
+        let ticket = self.journal.append(vec![entry]);
+        if self.journaled.fetch_add(size, AtomicOrdering::Relaxed) + size > CHECKPOINT_BYTES {
+            self.journaled.store(0, AtomicOrdering::Relaxed);
+            // A failed checkpoint leaves the previous journal in place: nothing is lost.
+            let _ = self.journal.checkpoint(state.snapshot().encode());
+        }
+        Some(ticket)
+    }
+
+    /// The earliest time (ms) this group changes by itself.
+    pub fn next_wakeup(&self) -> Option<i64> {
+        self.state.lock().next_wakeup()
+    }
+}
+
+/// One queue.
+pub struct Queue {
+    /// Queue name.
+    pub name: String,
+    /// Its settings.
+    pub settings: QueueSettings,
+    dir: PathBuf,
+    fsync: FsyncPolicy,
+    /// Partition logs, by partition number.
+    pub partitions: Vec<PartitionLog>,
+    groups: RwLock<BTreeMap<String, Arc<Group>>>,
+    /// Serializes group creation.
+    group_creation: Mutex<()>,
+    /// Woken on publish, redelivery, freed keys, shutdown and delete.
+    pub notify: Notify,
+    round_robin: AtomicU32,
+    dedup: tokio::sync::Mutex<DedupWindow>,
+    deleted: AtomicBool,
+}
+
+fn storage(path: &Path) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
+    move |source| BrokerError::Storage {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Queue {
+    /// Opens (or creates) the queue's directory under `root`.
+    pub fn open(
+        root: &Path,
+        name: &str,
+        settings: QueueSettings,
+        fsync: FsyncPolicy,
+    ) -> Result<Self, BrokerError> {
+        let dir = root.join(name);
+        let log_config = LogConfig {
+            segment_bytes: settings.segment_bytes,
+            fsync,
+            ..LogConfig::default()
+        };
+        let partitions = (0..settings.partitions)
+            .map(|p| PartitionLog::open(&dir.join(p.to_string()), log_config.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut queue = Self {
+            name: name.to_string(),
+            settings,
+            dir,
+            fsync,
+            partitions,
+            groups: RwLock::new(BTreeMap::new()),
+            group_creation: Mutex::new(()),
+            notify: Notify::new(),
+            round_robin: AtomicU32::new(0),
+            dedup: tokio::sync::Mutex::new(DedupWindow::default()),
+            deleted: AtomicBool::new(false),
+        };
+        queue.load_groups()?;
+        queue.group_or_create(DEFAULT_GROUP)?;
+        queue.dedup = tokio::sync::Mutex::new(queue.rebuild_dedup()?);
+        Ok(queue)
+    }
+
+    fn groups_dir(&self) -> PathBuf {
+        self.dir.join("groups")
+    }
+
+    fn group_config(&self) -> GroupConfig {
+        GroupConfig {
+            max_deliveries: self.settings.max_deliveries,
+            backoff_secs: self.settings.backoff.clone(),
+            max_in_flight: self.settings.max_in_flight,
+            ordering: self.settings.ordering,
+        }
+    }
+
+    fn load_groups(&self) -> Result<(), BrokerError> {
+        let dir = self.groups_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(storage(&dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(storage(&dir))?.path();
+            if let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".journal"))
+                && super::is_valid_name(name)
+            {
+                self.open_group(name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a group's journal and rebuilds its state.
+    fn open_group(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
+        let path = self.groups_dir().join(format!("{name}.journal"));
+        let (journal, replay) = Journal::open(&path, self.fsync)?;
+        let corrupt = |reason: String| BrokerError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let starts: Vec<u64> = self
+            .partitions
+            .iter()
+            .map(PartitionLog::first_offset)
+            .collect();
+        let mut state = match &replay.checkpoint {
+            Some(bytes) => {
+                let snapshot = Snapshot::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+                GroupState::restore(self.group_config(), &snapshot, &starts)
+            }
+            None => GroupState::new(self.group_config(), &starts),
+        };
+        for entry in &replay.entries {
+            for event in decode_events(entry).map_err(|e| corrupt(e.to_string()))? {
+                state.apply(&event);
+            }
+        }
+        state.reset_after_restart();
+        for (p, log) in self.partitions.iter().enumerate() {
+            state.skip_to(p as u32, log.first_offset());
+        }
+        let group = Arc::new(Group {
+            name: name.to_string(),
+            state: Mutex::new(state),
+            journal,
+            journaled: AtomicU64::new(0),
+            rotation: AtomicUsize::new(0),
+        });
+        self.groups
+            .write()
+            .insert(name.to_string(), Arc::clone(&group));
+        Ok(group)
+    }
+
+    /// A group, if it exists.
+    pub fn group(&self, name: &str) -> Option<Arc<Group>> {
+        self.groups.read().get(name).cloned()
+    }
+
+    /// A group, created (starting at the earliest retained offsets) if needed.
+    pub fn group_or_create(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
+        if let Some(group) = self.group(name) {
+            return Ok(group);
+        }
+        if !super::is_valid_name(name) {
+            return Err(BrokerError::InvalidName(name.to_string()));
+        }
+        let _creating = self.group_creation.lock();
+        match self.group(name) {
+            Some(group) => Ok(group),
+            None => self.open_group(name),
+        }
+    }
+
+    /// All groups.
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups.read().values().cloned().collect()
+    }
+
+    /// Marks the queue deleted and wakes its waiters.
+    pub fn mark_deleted(&self) {
+        self.deleted.store(true, AtomicOrdering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// True once deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(AtomicOrdering::Acquire)
+    }
+
+    /// The queue's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn rebuild_dedup(&self) -> Result<DedupWindow, BrokerError> {
+        let mut window = DedupWindow::default();
+        let since = now_ms() - self.settings.dedup_window as i64 * 1000;
+        for (p, log) in self.partitions.iter().enumerate() {
+            let Some(mut from) = log.offset_for_timestamp(since)? else {
+                continue;
+            };
+            loop {
+                let records = log.read(from, 1024, 16 * 1024 * 1024)?;
+                let Some(last) = records.last() else { break };
+                from = last.offset + 1;
+                for record in &records {
+                    if let Some(key) = message::idempotency_key(record) {
+                        let id = MessageId {
+                            partition: p as u32,
+                            offset: record.offset,
+                        };
+                        window.insert(key, id, record.timestamp_ms);
+                    }
+                }
+            }
+        }
+        Ok(window)
+    }
+
+    fn partition_for(&self, message: &NewMessage) -> u32 {
+        let n = self.partitions.len() as u32;
+        match &message.key {
+            Some(key) => message::partition_for_key(key.as_bytes(), n),
+            None => self.round_robin.fetch_add(1, AtomicOrdering::Relaxed) % n.max(1),
+        }
+    }
+
+    /// Appends messages: one batch per partition; a repeated idempotency key within the
+    /// dedup window returns the first message's id and stores nothing.
+    pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<Published>, BrokerError> {
+        if self.is_deleted() {
+            return Err(BrokerError::QueueNotFound(self.name.clone()));
+        }
+        for m in &messages {
+            let size = m.body.len() as u64;
+            if size > self.settings.max_message_bytes {
+                return Err(BrokerError::MessageTooLarge {
+                    size,
+                    limit: self.settings.max_message_bytes,
+                });
+            }
+        }
+        let now = now_ms();
+        let window_ms = self.settings.dedup_window as i64 * 1000;
+        let mut dedup = if messages.iter().any(|m| m.idempotency_key.is_some()) {
+            Some(self.dedup.lock().await)
+        } else {
+            None
+        };
+        let mut results: Vec<Option<MessageId>> = vec![None; messages.len()];
+        let mut same_as: Vec<Option<usize>> = vec![None; messages.len()];
+        let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, m) in messages.iter().enumerate() {
+            if let (Some(key), Some(window)) = (m.idempotency_key.as_deref(), dedup.as_mut()) {
+                if let Some(id) = window.get(key, now, window_ms) {
+                    results[i] = Some(id);
+                    continue;
+                }
+                if let Some(&first) = first_with_key.get(key) {
+                    same_as[i] = Some(first);
+                    continue;
+                }
+                first_with_key.insert(key, i);
+            }
+            by_partition
+                .entry(self.partition_for(m))
+                .or_default()
+                .push(i);
+        }
+        let appends = by_partition.iter().map(|(p, indices)| {
+            let records = indices
+                .iter()
+                .map(|i| message::to_record(&messages[*i], now))
+                .collect();
+            let log = &self.partitions[*p as usize];
+            async move { log.append(records).await.map(|first| (*p, first)) }
+        });
+        let firsts = futures_util::future::try_join_all(appends).await?;
+        for ((_, indices), (p, first)) in by_partition.iter().zip(firsts) {
+            for (k, i) in indices.iter().enumerate() {
+                results[*i] = Some(MessageId {
+                    partition: p,
+                    offset: first + k as u64,
+                });
+            }
+        }
+        for (i, first) in same_as.iter().enumerate() {
+            if let Some(first) = first {
+                results[i] = results[*first];
+            }
+        }
+        if let Some(window) = dedup.as_mut() {
+            for (key, i) in first_with_key {
+                if let Some(id) = results[i] {
+                    window.insert(key.to_string(), id, now);
+                }
+            }
+        }
+        drop(dedup);
+        self.notify.notify_waiters();
+        crate::metrics::count_queue(crate::metrics::PUBLISHED, &self.name, messages.len() as u64);
+        Ok(results
+            .into_iter()
+            .flatten()
+            .map(|id| Published {
+                id,
+                partition: id.partition,
+                offset: id.offset,
+            })
+            .collect())
+    }
+
+    /// Ends expired leases of `group`; returns the dead-letter jobs to run.
+    pub fn expire(&self, group: &Group, now: i64) -> Vec<DeadLetterJob> {
+        let expired = group.state.lock().expire(now);
+        if !expired.is_empty() {
+            crate::metrics::count_group(
+                crate::metrics::EXPIRED,
+                &self.name,
+                &group.name,
+                expired.len() as u64,
+            );
+        }
+        expired
+            .into_iter()
+            .filter_map(|e| match e.outcome {
+                Outcome::DeadLetter {
+                    delivery_count,
+                    reason,
+                } => Some(self.job(group, e.partition, e.offset, delivery_count, reason)),
+                Outcome::Redeliver { .. } => None,
+            })
+            .collect()
+    }
+
+    fn job(
+        &self,
+        group: &Group,
+        partition: u32,
+        offset: u64,
+        delivery_count: u32,
+        reason: Reason,
+    ) -> DeadLetterJob {
+        DeadLetterJob {
+            queue: self.name.clone(),
+            group: group.name.clone(),
+            id: MessageId { partition, offset },
+            delivery_count,
+            reason,
+        }
+    }
+
+    /// Leases up to `max` messages for `group`, visiting partitions round-robin.
+    pub fn lease(
+        &self,
+        group: &Group,
+        max: usize,
+        visibility_ms: i64,
+    ) -> Result<(Vec<Delivery>, Vec<DeadLetterJob>), BrokerError> {
+        let now = now_ms();
+        let jobs = self.expire(group, now);
+        let n = self.partitions.len();
+        let start = group.rotation.fetch_add(1, AtomicOrdering::Relaxed);
+        let mut out = Vec::new();
+        let mut refetch = Vec::new();
+        let mut state = group.state.lock();
+        let mut events = Vec::new();
+        for i in 0..n {
+            let p = ((start + i) % n) as u32;
+            let remaining = max.saturating_sub(out.len() + refetch.len());
+            if remaining == 0 || state.capacity() == 0 {
+                break;
+            }
+            let log = &self.partitions[p as usize];
+            let skipped = state.skip_to(p, log.first_offset());
+            if skipped > 0 {
+                crate::metrics::count_group(
+                    crate::metrics::RETENTION_SKIPPED,
+                    &self.name,
+                    &group.name,
+                    skipped,
+                );
+            }
+            let records = self.candidates(&state, p, remaining)?;
+            let fresh: Vec<Candidate> = records
+                .iter()
+                .map(|r| Candidate {
+                    offset: r.offset,
+                    key: r.key.as_deref().map(message::key_hash),
+                })
+                .collect();
+            let (grants, leased) = state
+                .lease(p, now, visibility_ms, remaining, &fresh)
+                .map_err(|e| self.group_error(p, e))?;
+            events.extend(leased);
+            let mut by_offset: HashMap<u64, StoredRecord> =
+                records.into_iter().map(|r| (r.offset, r)).collect();
+            for grant in grants {
+                match by_offset.remove(&grant.offset) {
+                    Some(record) => out.push(message::to_delivery(
+                        &self.name,
+                        p,
+                        record,
+                        grant.delivery_count,
+                    )),
+                    None => refetch.push(grant),
+                }
+            }
+        }
+        let _ = group.journal(&state, &events);
+        drop(state);
+        for grant in refetch {
+            let log = &self.partitions[grant.partition as usize];
+            if let Some(record) = log
+                .read(grant.offset, 1, usize::MAX)?
+                .into_iter()
+                .find(|r| r.offset == grant.offset)
+            {
+                out.push(message::to_delivery(
+                    &self.name,
+                    grant.partition,
+                    record,
+                    grant.delivery_count,
+                ));
+            }
+        }
+        self.count_deliveries(group, &out);
+        Ok((out, jobs))
+    }
+
+    /// Records from the group's cursor that may be leased now.
+    fn candidates(
+        &self,
+        state: &GroupState,
+        partition: u32,
+        remaining: usize,
+    ) -> Result<Vec<StoredRecord>, BrokerError> {
+        let log = &self.partitions[partition as usize];
+        let cursor = state.cursor(partition);
+        if cursor >= log.next_offset() {
+            return Ok(Vec::new());
+        }
+        let want = match self.settings.ordering {
+            // Look ahead past busy keys, within bounds.
+            super::settings::Ordering::Key => remaining.saturating_mul(8).clamp(64, 4096),
+            super::settings::Ordering::None => remaining,
+        };
+        Ok(log.read(cursor, want, LEASE_READ_BYTES)?)
+    }
+
+    fn count_deliveries(&self, group: &Group, out: &[Delivery]) {
+        if out.is_empty() {
+            return;
+        }
+        let redelivered = out.iter().filter(|d| d.delivery_count > 1).count() as u64;
+        crate::metrics::count_group(
+            crate::metrics::DELIVERED,
+            &self.name,
+            &group.name,
+            out.len() as u64,
+        );
+        if redelivered > 0 {
+            crate::metrics::count_group(
+                crate::metrics::REDELIVERED,
+                &self.name,
+                &group.name,
+                redelivered,
+            );
+        }
+    }
+
+    fn group_error(&self, partition: u32, error: GroupError) -> BrokerError {
+        match error {
+            GroupError::NoPartition(_) => BrokerError::InvalidArgument(format!(
+                "queue `{}` has no partition {partition}",
+                self.name
+            )),
+            GroupError::NeverDelivered(offset) | GroupError::NotLeased(offset) => {
+                let id = MessageId { partition, offset };
+                let exists = self
+                    .partitions
+                    .get(partition as usize)
+                    .is_some_and(|log| offset < log.next_offset());
+                if exists {
+                    BrokerError::NotLeased(id)
+                } else {
+                    BrokerError::MessageNotFound(id)
+                }
+            }
+        }
+    }
+
+    fn check_exists(&self, id: MessageId) -> Result<(), BrokerError> {
+        match self.partitions.get(id.partition as usize) {
+            Some(log) if id.offset < log.next_offset() => Ok(()),
+            _ => Err(BrokerError::MessageNotFound(id)),
+        }
+    }
+
+    async fn wait_durable(&self, ticket: Option<Ticket>) -> Result<(), BrokerError> {
+        match ticket {
+            Some(ticket) if self.fsync == FsyncPolicy::Always => Ok(ticket.wait().await?),
+            _ => Ok(()),
+        }
+    }
+
+    /// Acknowledges a message for `group`; repeating an ack is harmless.
+    pub async fn ack(&self, group: &Group, id: MessageId) -> Result<(), BrokerError> {
+        self.check_exists(id)?;
+        let ticket = {
+            let mut state = group.state.lock();
+            let (fresh, events) = state
+                .ack(id.partition, id.offset)
+                .map_err(|e| self.group_error(id.partition, e))?;
+            if !fresh {
+                return Ok(());
+            }
+            group.journal(&state, &events)
+        };
+        crate::metrics::count_group(crate::metrics::ACKED, &self.name, &group.name, 1);
+        if self.settings.ordering == super::settings::Ordering::Key {
+            self.notify.notify_waiters();
+        }
+        self.wait_durable(ticket).await
+    }
+
+    /// Ends a lease without an ack; returns a dead-letter job when deliveries ran out.
+    pub fn nack(
+        &self,
+        group: &Group,
+        id: MessageId,
+        delay_ms: Option<i64>,
+    ) -> Result<Option<DeadLetterJob>, BrokerError> {
+        self.check_exists(id)?;
+        let outcome = group
+            .state
+            .lock()
+            .nack(id.partition, id.offset, now_ms(), delay_ms)
+            .map_err(|e| self.group_error(id.partition, e))?;
+        crate::metrics::count_group(crate::metrics::NACKED, &self.name, &group.name, 1);
+        Ok(match outcome {
+            Outcome::Redeliver { .. } => {
+                self.notify.notify_waiters();
+                None
+            }
+            Outcome::DeadLetter {
+                delivery_count,
+                reason,
+            } => Some(self.job(group, id.partition, id.offset, delivery_count, reason)),
+        })
+    }
+
+    /// Moves a lease's deadline to `visibility_ms` from now.
+    pub fn extend(
+        &self,
+        group: &Group,
+        id: MessageId,
+        visibility_ms: i64,
+    ) -> Result<(), BrokerError> {
+        self.check_exists(id)?;
+        group
+            .state
+            .lock()
+            .extend(id.partition, id.offset, now_ms(), visibility_ms)
+            .map_err(|e| self.group_error(id.partition, e))
+    }
+
+    /// Records that a dead letter reached the DLQ.
+    pub async fn complete_dead_letter(
+        &self,
+        group: &Group,
+        id: MessageId,
+    ) -> Result<(), BrokerError> {
+        let ticket = {
+            let mut state = group.state.lock();
+            let events = state.complete_dead_letter(id.partition, id.offset);
+            group.journal(&state, &events)
+        };
+        crate::metrics::count_group(crate::metrics::DEAD_LETTERED, &self.name, &group.name, 1);
+        self.notify.notify_waiters();
+        self.wait_durable(ticket).await
+    }
+
+    /// The DLQ append failed: offer the message again.
+    pub fn abort_dead_letter(&self, group: &Group, id: MessageId) {
+        group
+            .state
+            .lock()
+            .abort_dead_letter(id.partition, id.offset, now_ms());
+        self.notify.notify_waiters();
+    }
+
+    /// Moves `group` to the given offsets (partition, offset) and waits until journaled.
+    pub async fn seek(&self, group: &Group, targets: &[(u32, u64)]) -> Result<(), BrokerError> {
+        let ticket = {
+            let mut state = group.state.lock();
+            let mut events = Vec::new();
+            for (p, offset) in targets {
+                events.extend(
+                    state
+                        .seek(*p, *offset)
+                        .map_err(|e| self.group_error(*p, e))?,
+                );
+            }
+            group.journal(&state, &events)
+        };
+        self.notify.notify_waiters();
+        match ticket {
+            Some(ticket) => Ok(ticket.wait().await?),
+            None => Ok(()),
+        }
+    }
+
+    /// Partition summaries.
+    pub fn partition_infos(&self) -> Vec<PartitionInfo> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .map(|(p, log)| {
+                let segments = log.segments();
+                PartitionInfo {
+                    partition: p as u32,
+                    first_offset: log.first_offset(),
+                    next_offset: log.next_offset(),
+                    segments: segments.len() as u32,
+                    bytes: segments.iter().map(|s| s.bytes).sum(),
+                }
+            })
+            .collect()
+    }
+
+    /// Detailed state of a group.
+    pub fn group_info(&self, group: &Group) -> GroupInfo {
+        let state = group.state.lock();
+        let partitions: Vec<GroupPartitionInfo> = self
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(p, log)| GroupPartitionInfo {
+                partition: p as u32,
+                committed_offset: state.floor(p as u32),
+                backlog: state.backlog(p as u32, log.next_offset()),
+                in_flight: state.in_flight_on(p as u32),
+            })
+            .collect();
+        GroupInfo {
+            queue: self.name.clone(),
+            name: group.name.clone(),
+            backlog: partitions.iter().map(|p| p.backlog).sum(),
+            in_flight: partitions.iter().map(|p| p.in_flight).sum(),
+            partitions,
+            redelivered: state.redelivered,
+            dead_lettered: state.dead_lettered,
+        }
+    }
+
+    /// Queue info.
+    pub fn info(&self) -> QueueInfo {
+        QueueInfo {
+            name: self.name.clone(),
+            settings: self.settings.clone(),
+            partitions: self.partition_infos(),
+            groups: self
+                .groups()
+                .iter()
+                .map(|g| {
+                    let info = self.group_info(g);
+                    GroupSummary {
+                        name: info.name,
+                        backlog: info.backlog,
+                        in_flight: info.in_flight,
+                        dead_lettered: info.dead_lettered,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes and fsyncs every partition and journal.
+    pub async fn flush(&self) -> Result<(), BrokerError> {
+        for log in &self.partitions {
+            log.flush().await?;
+        }
+        for group in self.groups() {
+            group.journal.flush().await?;
+        }
+        Ok(())
+    }
+}

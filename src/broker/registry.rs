@@ -1,0 +1,208 @@
+//! The broker's metadata — queues with their settings, exchanges with their bindings — as
+//! one JSON file (`{data_dir}/registry.json`), replaced atomically on every change.
+//!
+//! Every change is a [`MetaCommand`] applied by [`Registry::apply`], a pure function of the
+//! current state: the same commands could later come from a replicated log.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::settings::QueueSettings;
+use super::types::BrokerError;
+use crate::route::{Binding, ExchangeKind};
+
+/// Registry file format version.
+const VERSION: u32 = 1;
+
+/// An exchange and its bindings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangeRecord {
+    /// Routing type.
+    #[serde(rename = "type")]
+    pub kind: ExchangeKind,
+    /// Bindings in the order they were made.
+    pub bindings: Vec<Binding>,
+}
+
+/// Everything the registry file holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// Format version.
+    #[serde(default)]
+    pub version: u32,
+    /// Queues by name.
+    #[serde(default)]
+    pub queues: BTreeMap<String, QueueSettings>,
+    /// Exchanges by name.
+    #[serde(default)]
+    pub exchanges: BTreeMap<String, ExchangeRecord>,
+}
+
+/// A change of broker metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaCommand {
+    /// Add a queue.
+    CreateQueue {
+        /// Name.
+        name: String,
+        /// Settings.
+        settings: QueueSettings,
+    },
+    /// Remove a queue (and its bindings).
+    DeleteQueue {
+        /// Name.
+        name: String,
+    },
+    /// Add an exchange.
+    CreateExchange {
+        /// Name.
+        name: String,
+        /// Type.
+        kind: ExchangeKind,
+    },
+    /// Add a binding (no-op when present).
+    Bind {
+        /// Exchange.
+        exchange: String,
+        /// Binding.
+        binding: Binding,
+    },
+    /// Remove a binding.
+    Unbind {
+        /// Exchange.
+        exchange: String,
+        /// Binding.
+        binding: Binding,
+    },
+}
+
+impl Registry {
+    /// Loads the registry at `path`; a missing file is an empty registry.
+    pub fn load(path: &Path) -> Result<Self, BrokerError> {
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(BrokerError::Storage {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|e| BrokerError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes the registry to `path` atomically (temp file, fsync, rename, fsync dir).
+    pub fn save(&self, path: &Path) -> Result<(), BrokerError> {
+        let storage = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BrokerError::Storage { path, source }
+        };
+        let mut record = self.clone();
+        record.version = VERSION;
+        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| BrokerError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+        let mut file = File::create(&tmp).map_err(storage(&tmp))?;
+        file.write_all(&bytes).map_err(storage(&tmp))?;
+        file.sync_all().map_err(storage(&tmp))?;
+        fs::rename(&tmp, path).map_err(storage(path))?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(storage(dir))?;
+        }
+        Ok(())
+    }
+
+    /// Applies a command. Validation (names, conflicts) happens before; applying a command
+    /// twice is harmless.
+    pub fn apply(&mut self, command: &MetaCommand) {
+        match command {
+            MetaCommand::CreateQueue { name, settings } => {
+                self.queues.insert(name.clone(), settings.clone());
+            }
+            MetaCommand::DeleteQueue { name } => {
+                self.queues.remove(name);
+                for exchange in self.exchanges.values_mut() {
+                    exchange.bindings.retain(|b| &b.queue != name);
+                }
+            }
+            MetaCommand::CreateExchange { name, kind } => {
+                self.exchanges
+                    .entry(name.clone())
+                    .or_insert_with(|| ExchangeRecord {
+                        kind: *kind,
+                        bindings: Vec::new(),
+                    });
+            }
+            MetaCommand::Bind { exchange, binding } => {
+                if let Some(record) = self.exchanges.get_mut(exchange)
+                    && !record.bindings.contains(binding)
+                {
+                    record.bindings.push(binding.clone());
+                }
+            }
+            MetaCommand::Unbind { exchange, binding } => {
+                if let Some(record) = self.exchanges.get_mut(exchange) {
+                    record.bindings.retain(|b| b != binding);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_and_loads_with_commands_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.json");
+        let mut registry = Registry::load(&path).unwrap();
+        let binding = Binding {
+            queue: "q".into(),
+            key: Some("k".into()),
+            headers: None,
+            match_mode: None,
+        };
+        for command in [
+            MetaCommand::CreateQueue {
+                name: "q".into(),
+                settings: QueueSettings::default(),
+            },
+            MetaCommand::CreateExchange {
+                name: "x".into(),
+                kind: ExchangeKind::Direct,
+            },
+            MetaCommand::Bind {
+                exchange: "x".into(),
+                binding: binding.clone(),
+            },
+            MetaCommand::Bind {
+                exchange: "x".into(),
+                binding,
+            },
+        ] {
+            registry.apply(&command);
+        }
+        registry.save(&path).unwrap();
+        let loaded = Registry::load(&path).unwrap();
+        assert_eq!(loaded.exchanges["x"].bindings.len(), 1);
+        assert!(loaded.queues.contains_key("q"));
+        let mut deleted = loaded;
+        deleted.apply(&MetaCommand::DeleteQueue { name: "q".into() });
+        assert!(deleted.exchanges["x"].bindings.is_empty());
+    }
+}
