@@ -1,0 +1,472 @@
+//! The broker in-process: queue semantics over real logs and journals in a temp dir.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use qit::broker::{
+    Binding, Broker, BrokerConfig, BrokerError, ExchangeKind, HeaderMatch, MessageId, NewMessage,
+    Ordering, QueueSettings, ReadFrom, SeekTarget,
+};
+use qit::log::FsyncPolicy;
+
+async fn open(dir: &Path) -> Arc<Broker> {
+    Broker::open(BrokerConfig {
+        data_dir: dir.to_path_buf(),
+        fsync: FsyncPolicy::Always,
+        max_queues: 100,
+    })
+    .await
+    .unwrap()
+}
+
+fn msg(body: &str) -> NewMessage {
+    NewMessage {
+        body: Bytes::copy_from_slice(body.as_bytes()),
+        content_type: Some("text/plain".into()),
+        ..NewMessage::default()
+    }
+}
+
+fn keyed(body: &str, key: &str) -> NewMessage {
+    NewMessage {
+        key: Some(key.into()),
+        ..msg(body)
+    }
+}
+
+const NOW: Duration = Duration::ZERO;
+
+async fn recv(b: &Broker, q: &str, max: usize) -> Vec<qit::broker::Delivery> {
+    b.receive(q, "default", max, NOW, None).await.unwrap()
+}
+
+fn bodies(deliveries: &[qit::broker::Delivery]) -> Vec<String> {
+    deliveries
+        .iter()
+        .map(|d| String::from_utf8(d.body.to_vec()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn publish_receive_ack_and_restart_keeps_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let b = open(dir.path()).await;
+        let (_, created) = b
+            .create_queue("jobs", QueueSettings::default())
+            .await
+            .unwrap();
+        assert!(created);
+        let (_, again) = b
+            .create_queue("jobs", QueueSettings::default())
+            .await
+            .unwrap();
+        assert!(!again, "same settings: idempotent");
+        let other = QueueSettings {
+            partitions: 2,
+            ..QueueSettings::default()
+        };
+        assert!(matches!(
+            b.create_queue("jobs", other).await,
+            Err(BrokerError::QueueExists(_))
+        ));
+        assert!(
+            b.queue_info("jobs.dlq").is_ok(),
+            "DLQ created with the queue"
+        );
+        let ids = b
+            .publish("jobs", vec![msg("a"), msg("b"), msg("c")])
+            .await
+            .unwrap();
+        assert_eq!(ids[2].id.to_string(), "0-2");
+        let got = recv(&b, "jobs", 2).await;
+        assert_eq!(bodies(&got), vec!["a", "b"]);
+        assert_eq!(got[0].delivery_count, 1);
+        assert_eq!(got[0].content_type.as_deref(), Some("text/plain"));
+        b.ack("jobs", "default", got[0].id).await.unwrap();
+        b.ack("jobs", "default", got[0].id).await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+    let b = open(dir.path()).await;
+    // "a" was acked; "b" was leased but not acked: delivered again, count 2.
+    let got = recv(&b, "jobs", 10).await;
+    assert_eq!(bodies(&got), vec!["b", "c"]);
+    assert_eq!(got[0].delivery_count, 2);
+    assert_eq!(got[1].delivery_count, 1);
+    let info = b.group_info("jobs", "default").unwrap();
+    assert_eq!(info.partitions[0].committed_offset, 1);
+    assert_eq!(info.in_flight, 2);
+}
+
+#[tokio::test]
+async fn expiry_and_nack_redeliver_then_dead_letter_with_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    let settings = QueueSettings {
+        max_deliveries: 2,
+        ..QueueSettings::default()
+    };
+    b.create_queue("work", settings).await.unwrap();
+    b.publish("work", vec![msg("x")]).await.unwrap();
+    let vis = Some(Duration::from_millis(100));
+    let first = b.receive("work", "default", 1, NOW, vis).await.unwrap();
+    assert_eq!(first[0].delivery_count, 1);
+    // Expiry: redelivered on its own, waiting receivers wake.
+    let second = b
+        .receive("work", "default", 1, Duration::from_secs(5), vis)
+        .await
+        .unwrap();
+    assert_eq!(second[0].delivery_count, 2);
+    // Second delivery fails: dead-lettered.
+    b.nack("work", "default", second[0].id, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let dead = b
+        .receive("work.dlq", "default", 1, Duration::from_secs(5), None)
+        .await
+        .unwrap();
+    assert_eq!(bodies(&dead), vec!["x"]);
+    let h = &dead[0].headers;
+    assert_eq!(h["qit-original-queue"], "work");
+    assert_eq!(h["qit-original-id"], "0-0");
+    assert_eq!(h["qit-delivery-count"], "2");
+    assert_eq!(h["qit-dead-letter-reason"], "nacked");
+    b.nack("work.dlq", "default", dead[0].id, None)
+        .await
+        .unwrap();
+    // Counted done for the group.
+    for _ in 0..50 {
+        if b.group_info("work", "default").unwrap().dead_lettered == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let info = b.group_info("work", "default").unwrap();
+    assert_eq!((info.dead_lettered, info.backlog), (1, 0));
+    // Redrive moves it back with a fresh delivery count.
+    assert_eq!(b.redrive("work", None).await.unwrap(), 1);
+    let back = recv(&b, "work", 1).await;
+    assert_eq!(bodies(&back), vec!["x"]);
+    assert_eq!(back[0].delivery_count, 1);
+    assert!(!back[0].headers.contains_key("qit-original-queue"));
+    assert!(recv(&b, "work.dlq", 1).await.is_empty());
+}
+
+#[tokio::test]
+async fn nack_uses_backoff_and_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    let settings = QueueSettings {
+        backoff: vec![3600],
+        ..QueueSettings::default()
+    };
+    b.create_queue("slow", settings).await.unwrap();
+    b.publish("slow", vec![msg("a")]).await.unwrap();
+    let got = recv(&b, "slow", 1).await;
+    b.nack("slow", "default", got[0].id, None).await.unwrap();
+    assert!(recv(&b, "slow", 1).await.is_empty(), "backoff of an hour");
+    assert!(matches!(
+        b.nack("slow", "default", got[0].id, None).await,
+        Err(BrokerError::NotLeased(_))
+    ));
+    b.publish("slow", vec![msg("b")]).await.unwrap();
+    let got = recv(&b, "slow", 1).await;
+    b.nack("slow", "default", got[0].id, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(bodies(&recv(&b, "slow", 1).await), vec!["b"]);
+    assert!(matches!(
+        b.ack(
+            "slow",
+            "default",
+            MessageId {
+                partition: 0,
+                offset: 99
+            }
+        )
+        .await,
+        Err(BrokerError::MessageNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn idempotency_keys_dedupe_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = {
+        let b = open(dir.path()).await;
+        b.create_queue("d", QueueSettings::default()).await.unwrap();
+        let m = NewMessage {
+            idempotency_key: Some("order-1".into()),
+            ..msg("one")
+        };
+        let a = b.publish("d", vec![m.clone()]).await.unwrap();
+        let again = b.publish("d", vec![m.clone(), m]).await.unwrap();
+        assert_eq!(again[0].id, a[0].id);
+        assert_eq!(again[1].id, a[0].id);
+        b.shutdown().await.unwrap();
+        a[0].id
+    };
+    let b = open(dir.path()).await;
+    let m = NewMessage {
+        idempotency_key: Some("order-1".into()),
+        ..msg("one")
+    };
+    assert_eq!(b.publish("d", vec![m]).await.unwrap()[0].id, first);
+    assert_eq!(b.queue_info("d").unwrap().partitions[0].next_offset, 1);
+}
+
+#[tokio::test]
+async fn key_ordering_holds_one_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    let settings = QueueSettings {
+        ordering: Ordering::Key,
+        ..QueueSettings::default()
+    };
+    b.create_queue("fifo", settings).await.unwrap();
+    b.publish(
+        "fifo",
+        vec![
+            keyed("a1", "a"),
+            keyed("a2", "a"),
+            keyed("b1", "b"),
+            keyed("a3", "a"),
+        ],
+    )
+    .await
+    .unwrap();
+    let got = recv(&b, "fifo", 10).await;
+    assert_eq!(bodies(&got), vec!["a1", "b1"]);
+    b.ack("fifo", "default", got[0].id).await.unwrap();
+    let got = recv(&b, "fifo", 10).await;
+    assert_eq!(bodies(&got), vec!["a2"]);
+}
+
+#[tokio::test]
+async fn max_in_flight_and_groups_are_pub_sub() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    let settings = QueueSettings {
+        max_in_flight: 2,
+        partitions: 3,
+        ..QueueSettings::default()
+    };
+    b.create_queue("events", settings).await.unwrap();
+    let batch: Vec<NewMessage> = (0..6).map(|i| msg(&i.to_string())).collect();
+    b.publish("events", batch).await.unwrap();
+    assert_eq!(
+        recv(&b, "events", 10).await.len(),
+        2,
+        "capped by max_in_flight"
+    );
+    assert!(recv(&b, "events", 10).await.is_empty());
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        for d in b.receive("events", "audit", 10, NOW, None).await.unwrap() {
+            seen.push(String::from_utf8(d.body.to_vec()).unwrap());
+            b.ack("events", "audit", d.id).await.unwrap();
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec!["0", "1", "2", "3", "4", "5"],
+        "a second group sees all"
+    );
+    let info = b.queue_info("events").unwrap();
+    assert_eq!(info.groups.len(), 2);
+    assert!(matches!(
+        b.group_info("events", "nope"),
+        Err(BrokerError::GroupNotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn seek_and_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    b.create_queue("s", QueueSettings::default()).await.unwrap();
+    b.publish("s", (0..5).map(|i| msg(&i.to_string())).collect())
+        .await
+        .unwrap();
+    b.seek(
+        "s",
+        "default",
+        SeekTarget::Offset {
+            partition: 0,
+            offset: 3,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(bodies(&recv(&b, "s", 10).await), vec!["3", "4"]);
+    b.seek("s", "default", SeekTarget::Earliest).await.unwrap();
+    assert_eq!(recv(&b, "s", 10).await.len(), 5);
+    let info = b.seek("s", "default", SeekTarget::Latest).await.unwrap();
+    assert_eq!(info.backlog, 0);
+    let (replay, next) = b.read_log("s", 0, ReadFrom::Offset(1), 2).unwrap();
+    assert_eq!(bodies(&replay), vec!["1", "2"]);
+    assert_eq!(next, 3);
+    assert_eq!(replay[0].delivery_count, 0);
+    let (all, _) = b.read_log("s", 0, ReadFrom::Time(0), 100).unwrap();
+    assert_eq!(all.len(), 5);
+}
+
+#[tokio::test]
+async fn exchanges_route_by_kind_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let b = open(dir.path()).await;
+        for q in ["q1", "q2"] {
+            b.create_queue(q, QueueSettings::default()).await.unwrap();
+        }
+        assert!(
+            b.create_exchange("logs", ExchangeKind::Topic)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !b.create_exchange("logs", ExchangeKind::Topic)
+                .await
+                .unwrap()
+        );
+        assert!(
+            b.create_exchange("logs", ExchangeKind::Fanout)
+                .await
+                .is_err()
+        );
+        let bind = |queue: &str, key: &str| Binding {
+            queue: queue.into(),
+            key: Some(key.into()),
+            headers: None,
+            match_mode: None,
+        };
+        b.bind("logs", bind("q1", "app.*.error")).await.unwrap();
+        b.bind("logs", bind("q2", "app.#")).await.unwrap();
+        assert!(matches!(
+            b.bind("logs", bind("missing", "x")).await,
+            Err(BrokerError::QueueNotFound(_))
+        ));
+        b.create_exchange("h", ExchangeKind::Headers).await.unwrap();
+        b.bind(
+            "h",
+            Binding {
+                queue: "q1".into(),
+                key: None,
+                headers: Some(
+                    [("kind".to_string(), "a".to_string())]
+                        .into_iter()
+                        .collect(),
+                ),
+                match_mode: Some(HeaderMatch::All),
+            },
+        )
+        .await
+        .unwrap();
+        b.shutdown().await.unwrap();
+    }
+    let b = open(dir.path()).await;
+    let routed = b
+        .publish_to_exchange("logs", Some("app.web.error"), msg("e"))
+        .await
+        .unwrap();
+    let queues: Vec<&str> = routed.iter().map(|r| r.queue.as_str()).collect();
+    assert_eq!(queues, vec!["q1", "q2"]);
+    let routed = b
+        .publish_to_exchange("logs", Some("app.web.info"), msg("i"))
+        .await
+        .unwrap();
+    assert_eq!(routed.len(), 1);
+    assert!(
+        b.publish_to_exchange("logs", Some("other"), msg("o"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut with_header = msg("h");
+    with_header.headers = BTreeMap::from([("kind".to_string(), "a".to_string())]);
+    assert_eq!(
+        b.publish_to_exchange("h", None, with_header)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn long_poll_wakes_on_publish_and_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    b.create_queue("lp", QueueSettings::default())
+        .await
+        .unwrap();
+    let waiter = {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move {
+            b.receive("lp", "default", 1, Duration::from_secs(30), None)
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.publish("lp", vec![msg("ping")]).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bodies(&got), vec!["ping"]);
+    let idle = {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move {
+            b.receive("lp", "default", 1, Duration::from_secs(30), None)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.shutdown().await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), idle)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(answer.is_empty());
+    assert!(matches!(
+        b.publish("lp", vec![msg("late")]).await,
+        Err(BrokerError::ShuttingDown)
+    ));
+}
+
+/// Cutting a group journal at every byte of its last entry never fails the reopen and
+/// never loses an ack that came before that entry.
+#[tokio::test]
+async fn journal_cut_at_every_byte_of_last_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let b = open(dir.path()).await;
+        b.create_queue("j", QueueSettings::default()).await.unwrap();
+        b.publish("j", vec![msg("a"), msg("b"), msg("c")])
+            .await
+            .unwrap();
+        let got = recv(&b, "j", 3).await;
+        b.ack("j", "default", got[0].id).await.unwrap();
+        b.ack("j", "default", got[1].id).await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+    let journal = dir.path().join("queues/j/groups/default.journal");
+    let whole = std::fs::read(&journal).unwrap();
+    // The last entry is the ack of "b": 9 bytes of frame header + 17 bytes of event.
+    let last = 9 + 17;
+    for cut in whole.len() - last..whole.len() {
+        std::fs::write(&journal, &whole[..cut]).unwrap();
+        let b = open(dir.path()).await;
+        let got = recv(&b, "j", 3).await;
+        assert_eq!(bodies(&got), vec!["b", "c"], "cut at {cut}");
+        b.shutdown().await.unwrap();
+        drop(b);
+        std::fs::write(&journal, &whole).unwrap();
+    }
+}
