@@ -1,1 +1,281 @@
-//! Command-line types (clap): `serve` and the client subcommands.
+//! Command-line types (clap): `serve`, the client subcommands and `bench`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::LogFormat;
+use crate::log::FsyncPolicy;
+
+/// qit: a message broker on a durable log.
+#[derive(Debug, Parser)]
+#[command(name = "qit", version, about)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where client commands find the server, and how they print.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// HTTP endpoint of the server.
+    #[arg(
+        long,
+        global = true,
+        env = "QIT_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// gRPC endpoint of the server.
+    #[arg(
+        long,
+        global = true,
+        env = "QIT_GRPC_SERVER",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    pub grpc_server: String,
+    /// Bearer token (when the server has auth on).
+    #[arg(long, global = true, env = "QIT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Manage queues.
+    Queue {
+        /// Client options.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// What to do.
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Publish one message.
+    Send(SendArgs),
+    /// Receive (lease) messages.
+    Recv(RecvArgs),
+    /// Acknowledge a message.
+    Ack(SettleArgs),
+    /// Return a message for redelivery.
+    Nack(NackArgs),
+    /// Print a partition from an offset or time (replay), optionally following it.
+    Tail(TailArgs),
+    /// Load-test a running server.
+    Bench(BenchArgs),
+}
+
+/// `qit serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Data directory.
+    #[arg(long, env = "QIT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP listen address.
+    #[arg(long, env = "QIT_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// gRPC listen address.
+    #[arg(long, env = "QIT_GRPC")]
+    pub grpc: Option<SocketAddr>,
+    /// TOML configuration file.
+    #[arg(long, env = "QIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// When to fsync appends and acks: always, interval or never.
+    #[arg(long, env = "QIT_FSYNC", value_parser = parse_fsync)]
+    pub fsync: Option<FsyncPolicy>,
+    /// Require authentication.
+    #[arg(long, env = "QIT_AUTH")]
+    pub auth: bool,
+    /// Log format.
+    #[arg(long, env = "QIT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// `qit queue ...`.
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// Create a queue.
+    Create {
+        /// Queue name.
+        name: String,
+        /// Partitions.
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// Visibility timeout in seconds.
+        #[arg(long)]
+        ack_timeout: Option<u64>,
+        /// Deliveries before dead-lettering (0 = unlimited).
+        #[arg(long)]
+        max_deliveries: Option<u32>,
+        /// Any settings as JSON (merged under the flags).
+        #[arg(long)]
+        settings: Option<String>,
+    },
+    /// Delete a queue and its data.
+    Delete {
+        /// Queue name.
+        name: String,
+    },
+    /// List queues.
+    List,
+    /// Show a queue.
+    Info {
+        /// Queue name.
+        name: String,
+    },
+}
+
+/// `qit send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Client options.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Queue name.
+    pub queue: String,
+    /// The body; read from `--file` or standard input when absent.
+    pub body: Option<String>,
+    /// Read the body from a file.
+    #[arg(long, conflicts_with = "body")]
+    pub file: Option<PathBuf>,
+    /// Message key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// A header `name=value` (repeatable).
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Content type of the body.
+    #[arg(long, default_value = "text/plain")]
+    pub content_type: String,
+    /// Idempotency key.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+/// `qit recv`.
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    /// Client options.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Queue name.
+    pub queue: String,
+    /// Consumer group.
+    #[arg(long, default_value = "default")]
+    pub group: String,
+    /// Most messages.
+    #[arg(long, default_value_t = 1)]
+    pub max: u32,
+    /// Seconds to wait for a message.
+    #[arg(long, default_value_t = 0.0)]
+    pub wait: f64,
+    /// Visibility timeout in seconds.
+    #[arg(long)]
+    pub visibility: Option<f64>,
+    /// Acknowledge what was received.
+    #[arg(long)]
+    pub ack: bool,
+}
+
+/// `qit ack`.
+#[derive(Debug, Args)]
+pub struct SettleArgs {
+    /// Client options.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Queue name.
+    pub queue: String,
+    /// Message id (`partition-offset`).
+    pub id: String,
+    /// Consumer group.
+    #[arg(long, default_value = "default")]
+    pub group: String,
+}
+
+/// `qit nack`.
+#[derive(Debug, Args)]
+pub struct NackArgs {
+    /// Which message.
+    #[command(flatten)]
+    pub message: SettleArgs,
+    /// Redeliver after this many seconds.
+    #[arg(long)]
+    pub delay: Option<f64>,
+}
+
+/// `qit tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Client options.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Queue name.
+    pub queue: String,
+    /// Start at this offset, RFC 3339 time or unix ms (`t:` prefix forces a time).
+    #[arg(long, default_value = "0")]
+    pub from: String,
+    /// Partition.
+    #[arg(long, default_value_t = 0)]
+    pub partition: u32,
+    /// Keep following new messages.
+    #[arg(long)]
+    pub follow: bool,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub max: Option<u64>,
+}
+
+/// `qit bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Client options.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    /// Publish for this many seconds instead.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Messages per publish request.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    /// Concurrent consumers.
+    #[arg(long, default_value_t = 4)]
+    pub consumers: usize,
+    /// Partitions of the bench queue.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: u32,
+    /// Credit per consumer stream.
+    #[arg(long, default_value_t = 1000)]
+    pub credit: u32,
+    /// Use an existing queue instead of a fresh one.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Use HTTP instead of gRPC.
+    #[arg(long)]
+    pub http: bool,
+}
+
+/// Parses `always`, `interval` or `never`.
+pub fn parse_fsync(raw: &str) -> Result<FsyncPolicy, String> {
+    match raw {
+        "always" => Ok(FsyncPolicy::Always),
+        "interval" => Ok(FsyncPolicy::Interval),
+        "never" => Ok(FsyncPolicy::Never),
+        other => Err(format!("`{other}` is not one of always, interval, never")),
+    }
+}

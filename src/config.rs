@@ -1,1 +1,164 @@
-//! Server configuration: TOML file, `QIT_*` environment and flags.
+//! Server configuration: defaults, an optional TOML file, `QIT_*` environment variables and
+//! flags, in rising precedence (flags and environment are merged by clap).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::log::FsyncPolicy;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything `qit serve` needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Root of all state.
+    pub data_dir: PathBuf,
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// gRPC listen address.
+    pub grpc: SocketAddr,
+    /// Durability policy.
+    pub fsync: FsyncPolicy,
+    /// Require authentication.
+    pub auth: bool,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Most queues (dead-letter queues count).
+    pub max_queues: usize,
+    /// Most concurrent long-poll receivers.
+    pub max_waiters: usize,
+    /// Most concurrent gRPC streams.
+    pub max_streams: usize,
+    /// Largest HTTP request body in bytes.
+    pub max_body_bytes: usize,
+    /// Secret for signing tokens (else generated and kept in the data directory).
+    #[serde(skip_serializing)]
+    pub jwt_secret: Option<String>,
+    /// Token lifetime in seconds.
+    pub token_ttl_secs: u64,
+    /// A user who may do everything.
+    pub admin: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("qit-data"),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            fsync: FsyncPolicy::Interval,
+            auth: false,
+            log_format: LogFormat::Text,
+            max_queues: 10_000,
+            max_waiters: 10_000,
+            max_streams: 10_000,
+            max_body_bytes: 80 * 1024 * 1024,
+            jwt_secret: None,
+            token_ttl_secs: 3600,
+            admin: None,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this config.
+    #[error("invalid config file {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting `{field}`: {reason}")]
+    Invalid {
+        /// The setting.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ServerConfig {
+    /// Reads a TOML file (unknown keys are errors).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if self.http == self.grpc && self.http.port() != 0 {
+            return invalid("grpc", "must differ from the HTTP address");
+        }
+        if self.max_queues == 0 {
+            return invalid("max_queues", "must be positive");
+        }
+        if self.max_waiters == 0 || self.max_streams == 0 {
+            return invalid("max_waiters", "caps must be positive");
+        }
+        if self.max_body_bytes < 1024 {
+            return invalid("max_body_bytes", "must be at least 1024");
+        }
+        if self.token_ttl_secs == 0 {
+            return invalid("token_ttl_secs", "must be positive");
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return invalid("jwt_secret", "must be at least 16 bytes");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qit.toml");
+        std::fs::write(&path, "data_dir = \"/tmp/q\"\nfsync = \"always\"\n").unwrap();
+        let config = ServerConfig::from_file(&path).unwrap();
+        assert_eq!(config.fsync, FsyncPolicy::Always);
+        assert_eq!(config.http, ServerConfig::default().http);
+        config.validate().unwrap();
+        std::fs::write(&path, "dta_dir = \"/tmp/q\"\n").unwrap();
+        assert!(ServerConfig::from_file(&path).is_err());
+    }
+}

@@ -1,2 +1,408 @@
-//! The `qit` binary.
-fn main() {}
+//! The `qit` binary: parse the command line, set up logging, run. `anyhow` lives only here.
+
+use std::io::Read;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use qit::cli::{
+    BenchArgs, Cli, ClientArgs, Command, QueueAction, RecvArgs, SendArgs, ServeArgs, TailArgs,
+};
+use qit::client::{Body, Client, segment};
+use qit::config::{LogFormat, ServerConfig};
+use qit::server::{Server, shutdown_signal};
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Queue { client, action } => queue(&client, action).await,
+        Command::Send(args) => send(args).await,
+        Command::Recv(args) => recv(args).await,
+        Command::Ack(args) => {
+            let path = format!(
+                "/queues/{}/messages/{}",
+                segment(&args.queue),
+                segment(&args.id)
+            );
+            let client = Client::new(&args.client);
+            client
+                .request(Method::DELETE, &path, &[("group", args.group)], None)
+                .await?;
+            done(&args.client, "acked")
+        }
+        Command::Nack(args) => {
+            let m = args.message;
+            let path = format!(
+                "/queues/{}/messages/{}/nack",
+                segment(&m.queue),
+                segment(&m.id)
+            );
+            let mut query = vec![("group", m.group)];
+            if let Some(delay) = args.delay {
+                query.push(("delay", delay.to_string()));
+            }
+            Client::new(&m.client)
+                .request(Method::POST, &path, &query, None)
+                .await?;
+            done(&m.client, "nacked")
+        }
+        Command::Tail(args) => tail(args).await,
+        Command::Bench(args) => bench(args).await,
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::from_file(path)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.http {
+        config.http = v;
+    }
+    if let Some(v) = args.grpc {
+        config.grpc = v;
+    }
+    if let Some(v) = args.fsync {
+        config.fsync = v;
+    }
+    if args.auth {
+        config.auth = true;
+    }
+    if let Some(v) = args.log_format {
+        config.log_format = v;
+    }
+    if let Ok(secret) = std::env::var("QIT_JWT_SECRET") {
+        config.jwt_secret = Some(secret);
+    }
+    init_tracing(config.log_format);
+    let server = match Server::bind(config).await {
+        Ok(server) => server,
+        Err(error) => {
+            tracing::error!(%error, "qit could not start");
+            bail!("qit could not start: {error}");
+        }
+    };
+    server.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+fn print(client: &ClientArgs, value: &Value, human: impl FnOnce(&Value) -> String) {
+    if client.json {
+        println!("{value}");
+    } else {
+        println!("{}", human(value));
+    }
+}
+
+fn done(client: &ClientArgs, what: &str) -> Result<()> {
+    print(client, &json!({"ok": true}), |_| what.to_string());
+    Ok(())
+}
+
+fn queue_line(q: &Value) -> String {
+    let messages: u64 = q["partitions"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    p["next_offset"].as_u64().unwrap_or(0) - p["first_offset"].as_u64().unwrap_or(0)
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    let groups: Vec<String> = q["groups"]
+        .as_array()
+        .map(|gs| {
+            gs.iter()
+                .map(|g| {
+                    format!(
+                        "{} (backlog {}, in flight {})",
+                        g["name"].as_str().unwrap_or("?"),
+                        g["backlog"],
+                        g["in_flight"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "{}  partitions {}  messages {}  groups: {}",
+        q["name"].as_str().unwrap_or("?"),
+        q["settings"]["partitions"],
+        messages,
+        groups.join(", ")
+    )
+}
+
+async fn queue(client: &ClientArgs, action: QueueAction) -> Result<()> {
+    let http = Client::new(client);
+    match action {
+        QueueAction::Create {
+            name,
+            partitions,
+            ack_timeout,
+            max_deliveries,
+            settings,
+        } => {
+            let mut body: Value = match settings {
+                Some(text) => serde_json::from_str(&text).context("--settings is not JSON")?,
+                None => json!({}),
+            };
+            for (field, value) in [
+                ("partitions", partitions.map(u64::from)),
+                ("ack_timeout", ack_timeout),
+                ("max_deliveries", max_deliveries.map(u64::from)),
+            ] {
+                if let Some(v) = value {
+                    body[field] = json!(v);
+                }
+            }
+            let info = http
+                .request(
+                    Method::POST,
+                    &format!("/queues/{}", segment(&name)),
+                    &[],
+                    Some(Body::Json(body)),
+                )
+                .await?
+                .unwrap_or(Value::Null);
+            print(client, &info, |q| format!("created {}", queue_line(q)));
+        }
+        QueueAction::Delete { name } => {
+            http.request(
+                Method::DELETE,
+                &format!("/queues/{}", segment(&name)),
+                &[],
+                None,
+            )
+            .await?;
+            done(client, &format!("deleted {name}"))?;
+        }
+        QueueAction::List => {
+            let list = http
+                .request(Method::GET, "/queues", &[], None)
+                .await?
+                .unwrap_or(Value::Null);
+            print(client, &list, |l| {
+                l["queues"]
+                    .as_array()
+                    .map(|qs| qs.iter().map(queue_line).collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_default()
+            });
+        }
+        QueueAction::Info { name } => {
+            let info = http
+                .request(
+                    Method::GET,
+                    &format!("/queues/{}", segment(&name)),
+                    &[],
+                    None,
+                )
+                .await?
+                .unwrap_or(Value::Null);
+            print(client, &info, |q| {
+                serde_json::to_string_pretty(q).unwrap_or_default()
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn send(args: SendArgs) -> Result<()> {
+    let bytes = match (&args.body, &args.file) {
+        (Some(body), _) => body.clone().into_bytes(),
+        (None, Some(path)) => {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        (None, None) => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading standard input")?;
+            buf
+        }
+    };
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once('=')
+            .with_context(|| format!("--header `{h}` is not NAME=VALUE"))?;
+        headers.push((format!("Qit-Header-{name}"), value.to_string()));
+    }
+    if let Some(key) = &args.idempotency_key {
+        headers.push(("Idempotency-Key".into(), key.clone()));
+    }
+    let mut query = Vec::new();
+    if let Some(key) = &args.key {
+        query.push(("key", key.clone()));
+    }
+    let body = Body::Raw {
+        bytes,
+        content_type: args.content_type.clone(),
+        headers,
+    };
+    let answer = Client::new(&args.client)
+        .request(
+            Method::POST,
+            &format!("/queues/{}/messages", segment(&args.queue)),
+            &query,
+            Some(body),
+        )
+        .await?
+        .unwrap_or(Value::Null);
+    print(&args.client, &answer, |a| {
+        format!("sent {}", a["id"].as_str().unwrap_or("?"))
+    });
+    Ok(())
+}
+
+fn message_line(m: &Value) -> String {
+    let body = match (&m["body"], &m["body_base64"]) {
+        (Value::String(s), _) => s.clone(),
+        (Value::Null, Value::String(b)) => format!("base64:{b}"),
+        (other, _) => other.to_string(),
+    };
+    format!(
+        "{}  delivery {}  {}",
+        m["id"].as_str().unwrap_or("?"),
+        m["delivery_count"],
+        body
+    )
+}
+
+async fn recv(args: RecvArgs) -> Result<()> {
+    let client = Client::new(&args.client);
+    let path = format!("/queues/{}/messages", segment(&args.queue));
+    let mut query = vec![
+        ("group", args.group.clone()),
+        ("max", args.max.to_string()),
+        ("wait", args.wait.to_string()),
+    ];
+    if let Some(v) = args.visibility {
+        query.push(("visibility", v.to_string()));
+    }
+    let answer = client
+        .request(Method::GET, &path, &query, None)
+        .await?
+        .unwrap_or(Value::Null);
+    let messages = answer["messages"].as_array().cloned().unwrap_or_default();
+    if args.ack {
+        for m in &messages {
+            let id = m["id"].as_str().unwrap_or_default();
+            client
+                .request(
+                    Method::DELETE,
+                    &format!("{path}/{}", segment(id)),
+                    &[("group", args.group.clone())],
+                    None,
+                )
+                .await?;
+        }
+    }
+    print(&args.client, &answer, |_| {
+        if messages.is_empty() {
+            "no messages".to_string()
+        } else {
+            messages
+                .iter()
+                .map(message_line)
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    });
+    Ok(())
+}
+
+async fn tail(args: TailArgs) -> Result<()> {
+    let client = Client::new(&args.client);
+    let path = format!("/queues/{}/log", segment(&args.queue));
+    let (mut param, mut value) = match args.from.strip_prefix("t:") {
+        Some(time) => ("from_time", time.to_string()),
+        None if args.from.parse::<u64>().is_ok() => ("from", args.from.clone()),
+        None => ("from_time", args.from.clone()),
+    };
+    let mut printed = 0u64;
+    loop {
+        let query = [
+            ("partition", args.partition.to_string()),
+            (param, value.clone()),
+            ("max", "500".to_string()),
+        ];
+        let page = client
+            .request(Method::GET, &path, &query, None)
+            .await?
+            .unwrap_or(Value::Null);
+        let messages = page["messages"].as_array().cloned().unwrap_or_default();
+        for m in &messages {
+            if args.client.json {
+                println!("{m}");
+            } else {
+                println!("{}", message_line(m));
+            }
+            printed += 1;
+            if args.max.is_some_and(|max| printed >= max) {
+                return Ok(());
+            }
+        }
+        param = "from";
+        value = page["next_offset"].as_u64().unwrap_or(0).to_string();
+        if messages.is_empty() {
+            if !args.follow {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn bench(args: BenchArgs) -> Result<()> {
+    let options = qit::bench::BenchOptions {
+        http_url: args.client.server.trim_end_matches('/').to_string(),
+        grpc_url: args.client.grpc_server.clone(),
+        use_http: args.http,
+        queue: args.queue,
+        messages: args.messages,
+        duration: args.duration.map(Duration::from_secs_f64),
+        size: args.size,
+        batch: args.batch,
+        producers: args.producers,
+        consumers: args.consumers,
+        partitions: args.partitions,
+        credit: args.credit,
+        progress: !args.client.json,
+    };
+    let report = qit::bench::run(options).await?;
+    if args.client.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.human());
+    }
+    Ok(())
+}

@@ -1,1 +1,187 @@
-//! Binds the HTTP and gRPC listeners, runs timers and drains on shutdown.
+//! Binds the HTTP and gRPC listeners, serves until told to stop, then drains: the broker
+//! stops first (open long-polls answer empty, new work gets 503), the listeners finish
+//! in-flight requests, and logs and journals are flushed and fsynced last.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::grpc::GrpcApi;
+use crate::api::http::{self, HttpState};
+use crate::broker::{Broker, BrokerConfig, BrokerError};
+use crate::config::{ConfigError, ServerConfig};
+
+/// How long listeners may take to finish in-flight requests after a stop.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker failed to open or to flush.
+    #[error("broker: {0}")]
+    Broker(#[from] BrokerError),
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// gRPC reflection could not be set up.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    config: ServerConfig,
+    broker: Arc<Broker>,
+    http: TcpListener,
+    grpc: TcpListener,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+impl Server {
+    /// Opens the broker (recovering the data directory) and binds both listeners.
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        config.validate()?;
+        crate::metrics::install()?;
+        let broker = Broker::open(BrokerConfig {
+            data_dir: config.data_dir.clone(),
+            fsync: config.fsync,
+            max_queues: config.max_queues,
+        })
+        .await?;
+        let http = bind(config.http).await?;
+        let grpc = bind(config.grpc).await?;
+        Ok(Self {
+            config,
+            broker,
+            http,
+            grpc,
+        })
+    }
+
+    /// The bound HTTP address (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().unwrap_or(self.config.http)
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().unwrap_or(self.config.grpc)
+    }
+
+    /// The broker behind the listeners.
+    pub fn broker(&self) -> Arc<Broker> {
+        Arc::clone(&self.broker)
+    }
+
+    /// Serves until `shutdown` resolves, then drains and flushes.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let stop = CancellationToken::new();
+        let http_addr = self.http_addr();
+        let grpc_addr = self.grpc_addr();
+        let state = HttpState::new(Arc::clone(&self.broker), self.config.max_waiters);
+        let router = http::router(state, self.config.max_body_bytes);
+        let http_stop = stop.clone();
+        let http_task = tokio::spawn(async move {
+            axum::serve(self.http, router)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await
+        });
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let api = GrpcApi::new(Arc::clone(&self.broker), self.config.max_streams);
+        let grpc_stop = stop.clone();
+        let grpc_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(api.into_server())
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(self.grpc),
+                    grpc_stop.cancelled_owned(),
+                ),
+        );
+        tracing::info!(%http_addr, %grpc_addr, data_dir = %self.config.data_dir.display(), fsync = ?self.config.fsync, "qit is serving");
+        shutdown.await;
+        tracing::info!("shutting down: draining requests");
+        // Stop the broker first so that open long-polls answer at once.
+        if let Err(error) = self.broker.shutdown().await {
+            tracing::error!(%error, "flush during shutdown failed");
+        }
+        stop.cancel();
+        for (name, task) in [
+            ("http", http_task),
+            (
+                "grpc",
+                tokio::spawn(async move {
+                    grpc_task
+                        .await
+                        .map(|r| r.map_err(|e| std::io::Error::other(e.to_string())))?
+                }),
+            ),
+        ] {
+            match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => {
+                    tracing::warn!(listener = name, %error, "listener ended with an error")
+                }
+                Ok(Err(error)) => tracing::warn!(listener = name, %error, "listener task failed"),
+                Err(_) => tracing::warn!(listener = name, "listener did not drain in time"),
+            }
+        }
+        // Anything appended while draining is made durable last.
+        self.broker.shutdown().await?;
+        tracing::info!("qit stopped cleanly");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,105 @@
+//! The one place that maps broker errors to HTTP statuses, error codes and gRPC statuses.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::broker::BrokerError;
+
+/// An error answer of the API: status, snake_case code, human message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A 400 with a message.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+
+    /// An error with any status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(error: BrokerError) -> Self {
+        use BrokerError as E;
+        let (status, code) = match &error {
+            E::InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
+            E::InvalidSetting(_) => (StatusCode::BAD_REQUEST, "invalid_setting"),
+            E::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            E::InvalidBinding(_) => (StatusCode::BAD_REQUEST, "invalid_binding"),
+            E::QueueNotFound(_) => (StatusCode::NOT_FOUND, "queue_not_found"),
+            E::GroupNotFound { .. } => (StatusCode::NOT_FOUND, "group_not_found"),
+            E::ExchangeNotFound(_) => (StatusCode::NOT_FOUND, "exchange_not_found"),
+            E::MessageNotFound(_) => (StatusCode::NOT_FOUND, "message_not_found"),
+            E::NotLeased(_) => (StatusCode::CONFLICT, "not_leased"),
+            E::QueueExists(_) => (StatusCode::CONFLICT, "queue_exists"),
+            E::ExchangeExists(_) => (StatusCode::CONFLICT, "exchange_exists"),
+            E::MessageTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
+            E::LimitReached(_) => (StatusCode::TOO_MANY_REQUESTS, "limit_reached"),
+            E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            E::Log(_) | E::Journal(_) | E::Storage { .. } | E::Corrupt { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_error")
+            }
+        };
+        if status == StatusCode::SERVICE_UNAVAILABLE && code == "storage_error" {
+            tracing::error!(%error, "storage error");
+        }
+        Self {
+            status,
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(error: ApiError) -> Self {
+        use tonic::Code;
+        let code = match error.status {
+            StatusCode::BAD_REQUEST => Code::InvalidArgument,
+            StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+            StatusCode::FORBIDDEN => Code::PermissionDenied,
+            StatusCode::NOT_FOUND => Code::NotFound,
+            StatusCode::CONFLICT if error.code.ends_with("_exists") => Code::AlreadyExists,
+            StatusCode::CONFLICT => Code::FailedPrecondition,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS => {
+                Code::ResourceExhausted
+            }
+            StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        tonic::Status::new(code, error.message)
+    }
+}
+
+impl From<BrokerError> for tonic::Status {
+    fn from(error: BrokerError) -> Self {
+        ApiError::from(error).into()
+    }
+}

@@ -1,0 +1,567 @@
+//! The gRPC API (tonic): unary rpcs, the credit-based `ReceiveMessages` stream and the
+//! `Subscribe` replay-then-follow stream.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::broker::{self, Broker, BrokerError, Delivery, MessageId, NewMessage, ReadFrom};
+use crate::proto::{self, broker_server, receive_request, receive_response, subscribe_request};
+
+/// Default credit when a stream opens with `max_in_flight = 0`.
+const DEFAULT_CREDIT: u64 = 100;
+/// How long one lease attempt of a stream waits before re-checking its inputs.
+const STREAM_POLL: Duration = Duration::from_secs(1);
+/// Most messages one `Subscribe` read returns.
+const SUBSCRIBE_BATCH: usize = 500;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct GrpcApi {
+    broker: Arc<Broker>,
+    streams: Arc<Semaphore>,
+}
+
+impl GrpcApi {
+    /// A service over `broker` allowing `max_streams` concurrent streams.
+    pub fn new(broker: Arc<Broker>, max_streams: usize) -> Self {
+        Self {
+            broker,
+            streams: Arc::new(Semaphore::new(max_streams)),
+        }
+    }
+
+    /// The tonic server wrapping this service.
+    pub fn into_server(self) -> broker_server::BrokerServer<Self> {
+        broker_server::BrokerServer::new(self)
+            .max_decoding_message_size(80 * 1024 * 1024)
+            .max_encoding_message_size(80 * 1024 * 1024)
+    }
+
+    fn stream_permit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.streams)
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many open streams"))
+    }
+}
+
+fn settings_from_proto(p: Option<proto::QueueSettings>) -> broker::QueueSettings {
+    let mut s = broker::QueueSettings::default();
+    let Some(p) = p else { return s };
+    if let Some(v) = p.partitions {
+        s.partitions = v;
+    }
+    if let Some(v) = p.ack_timeout_secs {
+        s.ack_timeout = v;
+    }
+    if let Some(v) = p.max_deliveries {
+        s.max_deliveries = v;
+    }
+    if p.dead_letter.is_some() {
+        s.dead_letter = p.dead_letter;
+    }
+    if !p.backoff_secs.is_empty() {
+        s.backoff = p.backoff_secs;
+    }
+    if let Some(r) = p.retention {
+        s.retention.max_age = r.max_age_secs;
+        s.retention.max_bytes = r.max_bytes;
+        if r.policy.as_deref() == Some("acked") {
+            s.retention.policy = broker::RetentionPolicy::Acked;
+        }
+    }
+    if let Some(v) = p.compaction {
+        s.compaction = v;
+    }
+    if let Some(v) = p.max_in_flight {
+        s.max_in_flight = v;
+    }
+    if p.ordering.as_deref() == Some("key") {
+        s.ordering = broker::Ordering::Key;
+    }
+    if let Some(v) = p.dedup_window_secs {
+        s.dedup_window = v;
+    }
+    if let Some(v) = p.max_message_bytes {
+        s.max_message_bytes = v;
+    }
+    if let Some(v) = p.segment_bytes {
+        s.segment_bytes = v;
+    }
+    s
+}
+
+fn check_enum(value: Option<&str>, field: &str, allowed: &[&str]) -> Result<(), Status> {
+    match value {
+        Some(v) if !allowed.contains(&v) => Err(Status::invalid_argument(format!(
+            "`{field}` must be one of {allowed:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn queue_info(info: broker::QueueInfo) -> proto::QueueInfo {
+    proto::QueueInfo {
+        settings_json: serde_json::to_string(&info.settings).unwrap_or_default(),
+        name: info.name,
+        partitions: info
+            .partitions
+            .into_iter()
+            .map(|p| proto::PartitionInfo {
+                partition: p.partition,
+                first_offset: p.first_offset,
+                next_offset: p.next_offset,
+                segments: p.segments,
+                bytes: p.bytes,
+            })
+            .collect(),
+        groups: info
+            .groups
+            .into_iter()
+            .map(|g| proto::GroupSummary {
+                name: g.name,
+                backlog: g.backlog,
+                in_flight: g.in_flight,
+                dead_lettered: g.dead_lettered,
+            })
+            .collect(),
+    }
+}
+
+fn message(d: Delivery) -> proto::Message {
+    proto::Message {
+        id: d.id.to_string(),
+        queue: d.queue,
+        partition: d.id.partition,
+        offset: d.id.offset,
+        timestamp_ms: d.timestamp_ms,
+        key: d.key,
+        headers: d.headers.into_iter().collect(),
+        delivery_count: d.delivery_count,
+        body: d.body.to_vec(),
+        content_type: d.content_type,
+    }
+}
+
+fn message_id(raw: &str) -> Result<MessageId, Status> {
+    raw.parse::<MessageId>().map_err(Status::from)
+}
+
+fn group_name(group: &str) -> &str {
+    if group.is_empty() { "default" } else { group }
+}
+
+fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+#[tonic::async_trait]
+impl broker_server::Broker for GrpcApi {
+    async fn create_queue(
+        &self,
+        request: Request<proto::CreateQueueRequest>,
+    ) -> Result<Response<proto::CreateQueueResponse>, Status> {
+        let r = request.into_inner();
+        if let Some(s) = &r.settings {
+            check_enum(s.ordering.as_deref(), "ordering", &["none", "key"])?;
+            check_enum(
+                s.retention.as_ref().and_then(|r| r.policy.as_deref()),
+                "retention.policy",
+                &["limits", "acked"],
+            )?;
+        }
+        let (info, created) = self
+            .broker
+            .create_queue(&r.queue, settings_from_proto(r.settings))
+            .await?;
+        Ok(Response::new(proto::CreateQueueResponse {
+            queue: Some(queue_info(info)),
+            created,
+        }))
+    }
+
+    async fn delete_queue(
+        &self,
+        request: Request<proto::DeleteQueueRequest>,
+    ) -> Result<Response<proto::DeleteQueueResponse>, Status> {
+        self.broker
+            .delete_queue(&request.into_inner().queue)
+            .await?;
+        Ok(Response::new(proto::DeleteQueueResponse {}))
+    }
+
+    async fn list_queues(
+        &self,
+        _request: Request<proto::ListQueuesRequest>,
+    ) -> Result<Response<proto::ListQueuesResponse>, Status> {
+        let queues = self
+            .broker
+            .list_queues()
+            .into_iter()
+            .map(queue_info)
+            .collect();
+        Ok(Response::new(proto::ListQueuesResponse { queues }))
+    }
+
+    async fn get_queue(
+        &self,
+        request: Request<proto::GetQueueRequest>,
+    ) -> Result<Response<proto::QueueInfo>, Status> {
+        let info = self.broker.queue_info(&request.into_inner().queue)?;
+        Ok(Response::new(queue_info(info)))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<proto::SendMessageRequest>,
+    ) -> Result<Response<proto::SendMessageResponse>, Status> {
+        let r = request.into_inner();
+        let messages = r
+            .messages
+            .into_iter()
+            .map(|m| {
+                for name in m.headers.keys() {
+                    crate::api::json::check_header_name(name).map_err(Status::from)?;
+                }
+                Ok(NewMessage {
+                    key: m.key,
+                    headers: m.headers.into_iter().collect(),
+                    content_type: m.content_type,
+                    body: Bytes::from(m.body),
+                    idempotency_key: m.idempotency_key,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let published = self.broker.publish(&r.queue, messages).await?;
+        Ok(Response::new(proto::SendMessageResponse {
+            messages: published
+                .into_iter()
+                .map(|p| proto::MessageRef {
+                    id: p.id.to_string(),
+                    partition: p.partition,
+                    offset: p.offset,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn ack_message(
+        &self,
+        request: Request<proto::AckMessageRequest>,
+    ) -> Result<Response<proto::AckMessageResponse>, Status> {
+        let r = request.into_inner();
+        self.broker
+            .ack(&r.queue, group_name(&r.group), message_id(&r.id)?)
+            .await?;
+        Ok(Response::new(proto::AckMessageResponse {}))
+    }
+
+    async fn nack_message(
+        &self,
+        request: Request<proto::NackMessageRequest>,
+    ) -> Result<Response<proto::NackMessageResponse>, Status> {
+        let r = request.into_inner();
+        self.broker
+            .nack(
+                &r.queue,
+                group_name(&r.group),
+                message_id(&r.id)?,
+                r.delay_ms.map(millis),
+            )
+            .await?;
+        Ok(Response::new(proto::NackMessageResponse {}))
+    }
+
+    async fn extend_lease(
+        &self,
+        request: Request<proto::ExtendLeaseRequest>,
+    ) -> Result<Response<proto::ExtendLeaseResponse>, Status> {
+        let r = request.into_inner();
+        self.broker
+            .extend(
+                &r.queue,
+                group_name(&r.group),
+                message_id(&r.id)?,
+                millis(r.visibility_ms),
+            )
+            .await?;
+        Ok(Response::new(proto::ExtendLeaseResponse {}))
+    }
+
+    type ReceiveMessagesStream = BoxStream<proto::ReceiveResponse>;
+
+    async fn receive_messages(
+        &self,
+        request: Request<Streaming<proto::ReceiveRequest>>,
+    ) -> Result<Response<Self::ReceiveMessagesStream>, Status> {
+        let permit = self.stream_permit()?;
+        let mut inbound = request.into_inner();
+        let open = match inbound.message().await?.and_then(|m| m.request) {
+            Some(receive_request::Request::Open(open)) => open,
+            _ => return Err(Status::invalid_argument("the first message must be `open`")),
+        };
+        let group = group_name(&open.group).to_string();
+        if !broker::is_valid_name(&group) {
+            return Err(BrokerError::InvalidName(group).into());
+        }
+        self.broker.queue_info(&open.queue)?;
+        let (tx, rx) = mpsc::channel(256);
+        let session = Session {
+            broker: Arc::clone(&self.broker),
+            queue: open.queue,
+            group,
+            visibility: open.visibility_ms.map(millis),
+            credit: match open.max_in_flight {
+                0 => DEFAULT_CREDIT,
+                n => u64::from(n),
+            },
+            outstanding: HashMap::new(),
+            tx,
+        };
+        tokio::spawn(session.run(inbound, permit));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = BoxStream<proto::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let permit = self.stream_permit()?;
+        let r = request.into_inner();
+        let from = match r.start {
+            Some(subscribe_request::Start::FromTimeMs(ms)) => ReadFrom::Time(ms),
+            Some(subscribe_request::Start::FromOffset(offset)) => ReadFrom::Offset(offset),
+            None => ReadFrom::Offset(0),
+        };
+        // Resolve the start now so that a bad queue or partition fails the call itself.
+        let (_, start) = self.broker.read_log(&r.queue, r.partition, from, 1)?;
+        let start = match from {
+            ReadFrom::Time(_) => self
+                .broker
+                .read_log(&r.queue, r.partition, from, 1)?
+                .0
+                .first()
+                .map_or(start, |d| d.id.offset),
+            ReadFrom::Offset(offset) => offset,
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let broker = Arc::clone(&self.broker);
+        tokio::spawn(async move {
+            let _permit = permit;
+            follow(broker, r.queue, r.partition, start, tx).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Streams a partition from `next` on, then follows new messages.
+async fn follow(
+    broker: Arc<Broker>,
+    queue: String,
+    partition: u32,
+    mut next: u64,
+    tx: mpsc::Sender<Result<proto::SubscribeResponse, Status>>,
+) {
+    loop {
+        if broker.is_shutting_down() {
+            let _ = tx
+                .send(Err(Status::unavailable("the broker is shutting down")))
+                .await;
+            return;
+        }
+        let (batch, after) =
+            match broker.read_log(&queue, partition, ReadFrom::Offset(next), SUBSCRIBE_BATCH) {
+                Ok(read) => read,
+                Err(error) => {
+                    let _ = tx.send(Err(error.into())).await;
+                    return;
+                }
+            };
+        if batch.is_empty() {
+            tokio::select! {
+                waited = broker.wait_for_offset(&queue, partition, next, Duration::from_secs(30)) => {
+                    if let Err(error) = waited {
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+                _ = tx.closed() => return,
+            }
+            continue;
+        }
+        for d in batch {
+            let item = proto::SubscribeResponse {
+                message: Some(message(d)),
+            };
+            if tx.send(Ok(item)).await.is_err() {
+                return;
+            }
+        }
+        next = after;
+    }
+}
+
+/// One `ReceiveMessages` stream.
+struct Session {
+    broker: Arc<Broker>,
+    queue: String,
+    group: String,
+    visibility: Option<Duration>,
+    /// Most unacknowledged messages out at once.
+    credit: u64,
+    /// Leased on this stream and not settled, with when the lease runs out.
+    outstanding: HashMap<MessageId, Instant>,
+    tx: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<proto::ReceiveRequest>,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").increment(1.0);
+        loop {
+            let now = Instant::now();
+            self.outstanding.retain(|_, deadline| *deadline > now);
+            let room = self.credit.saturating_sub(self.outstanding.len() as u64);
+            if self.broker.is_shutting_down() {
+                let _ = self
+                    .tx
+                    .send(Err(Status::unavailable("the broker is shutting down")))
+                    .await;
+                break;
+            }
+            tokio::select! {
+                incoming = inbound.message() => match incoming {
+                    Ok(Some(request)) => self.handle(request).await,
+                    _ => break,
+                },
+                leased = self.broker.receive(
+                    &self.queue,
+                    &self.group,
+                    room.min(broker::MAX_RECEIVE as u64) as usize,
+                    STREAM_POLL,
+                    self.visibility,
+                ), if room > 0 => {
+                    if !self.deliver(leased).await {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)), if room == 0 => {}
+                _ = self.tx.closed() => break,
+            }
+        }
+        self.return_leases().await;
+        metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").decrement(1.0);
+    }
+
+    /// Sends leased messages; false when the stream is over.
+    async fn deliver(&mut self, leased: Result<Vec<Delivery>, BrokerError>) -> bool {
+        let list = match leased {
+            Ok(list) => list,
+            Err(error) => {
+                let _ = self.tx.send(Err(error.into())).await;
+                return false;
+            }
+        };
+        let visibility = self.visibility.unwrap_or(Duration::from_secs(
+            self.broker
+                .queue_info(&self.queue)
+                .map_or(30, |i| i.settings.ack_timeout),
+        ));
+        for d in list {
+            self.outstanding.insert(d.id, Instant::now() + visibility);
+            let response = proto::ReceiveResponse {
+                response: Some(receive_response::Response::Message(message(d))),
+            };
+            if self.tx.send(Ok(response)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn handle(&mut self, request: proto::ReceiveRequest) {
+        use receive_request::Request as R;
+        let (id, result) = match request.request {
+            Some(R::Credit(c)) => {
+                self.credit = self.credit.saturating_add(u64::from(c.add));
+                return;
+            }
+            Some(R::Ack(a)) => (a.id.clone(), self.settle(&a.id, None, true).await),
+            Some(R::Nack(n)) => (
+                n.id.clone(),
+                self.settle(&n.id, n.delay_ms.map(millis), false).await,
+            ),
+            Some(R::Extend(e)) => (e.id.clone(), self.extend(&e.id, e.visibility_ms).await),
+            Some(R::Open(_)) | None => (
+                String::new(),
+                Err(Status::invalid_argument("the stream is already open")),
+            ),
+        };
+        if let Err(status) = result {
+            let error = proto::StreamError {
+                id,
+                code: format!("{:?}", status.code()),
+                message: status.message().to_string(),
+            };
+            let response = proto::ReceiveResponse {
+                response: Some(receive_response::Response::Error(error)),
+            };
+            let _ = self.tx.send(Ok(response)).await;
+        }
+    }
+
+    async fn settle(
+        &mut self,
+        raw: &str,
+        delay: Option<Duration>,
+        ack: bool,
+    ) -> Result<(), Status> {
+        let id = message_id(raw)?;
+        self.outstanding.remove(&id);
+        if ack {
+            self.broker.ack(&self.queue, &self.group, id).await?;
+        } else {
+            self.broker
+                .nack(&self.queue, &self.group, id, delay)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn extend(&mut self, raw: &str, visibility_ms: u64) -> Result<(), Status> {
+        let id = message_id(raw)?;
+        let visibility = millis(visibility_ms);
+        self.broker
+            .extend(&self.queue, &self.group, id, visibility)
+            .await?;
+        if let Some(deadline) = self.outstanding.get_mut(&id) {
+            *deadline = Instant::now() + visibility;
+        }
+        Ok(())
+    }
+
+    /// The stream ended: its unsettled leases go back to the group at once.
+    async fn return_leases(&mut self) {
+        for (id, _) in self.outstanding.drain() {
+            let _ = self
+                .broker
+                .nack(&self.queue, &self.group, id, Some(Duration::ZERO))
+                .await;
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The HTTP API (axum): every route of the contract. Handlers parse, call the broker and
+//! map errors through [`ApiError`]; every rejection (bad JSON, bad query, body too large,
+//! unknown route) answers the JSON error shape too.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use super::error::ApiError;
+use super::json::{self, BatchPublish};
+use crate::broker::{
+    Binding, Broker, ExchangeKind, MessageId, NewMessage, QueueSettings, ReadFrom, SeekTarget,
+};
+
+/// Prefix of request headers that become message headers.
+const HEADER_PREFIX: &str = "qit-header-";
+/// Longest long-poll wait in seconds.
+const MAX_WAIT_SECS: f64 = 60.0;
+/// Longest visibility timeout or nack delay in seconds (12 h).
+const MAX_DURATION_SECS: f64 = 43_200.0;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Permits for concurrent long-polls (hardening against connection floods).
+    pub waiters: Arc<Semaphore>,
+    /// The number of permits `waiters` started with.
+    pub max_waiters: usize,
+}
+
+impl HttpState {
+    /// State for `broker` allowing `max_waiters` concurrent long-polls.
+    pub fn new(broker: Arc<Broker>, max_waiters: usize) -> Self {
+        Self {
+            broker,
+            waiters: Arc::new(Semaphore::new(max_waiters)),
+            max_waiters,
+        }
+    }
+}
+
+type Query_ = Result<Query<BTreeMap<String, String>>, QueryRejection>;
+type Body = Result<Bytes, BytesRejection>;
+type ApiResult = Result<Response, ApiError>;
+
+/// The router with every route, for a server or a test.
+pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/queues", get(list_queues))
+        .route(
+            "/queues/{queue}",
+            post(create_queue).get(queue_info).delete(delete_queue),
+        )
+        .route("/queues/{queue}/messages", post(publish).get(receive))
+        .route("/queues/{queue}/messages/batch", post(publish_batch))
+        .route("/queues/{queue}/messages/{id}", axum::routing::delete(ack))
+        .route("/queues/{queue}/messages/{id}/nack", post(nack))
+        .route("/queues/{queue}/messages/{id}/extend", post(extend))
+        .route("/queues/{queue}/redrive", post(redrive))
+        .route("/queues/{queue}/log", get(read_log))
+        .route("/queues/{queue}/groups/{group}", get(group_info))
+        .route("/queues/{queue}/groups/{group}/offset", put(seek))
+        .route("/exchanges/{exchange}", post(create_exchange))
+        .route("/exchanges/{exchange}/bindings", post(bind).delete(unbind))
+        .route("/exchanges/{exchange}/messages", post(publish_to_exchange))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+fn body_bytes(body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "message_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, rejection.body_text())
+    })
+}
+
+fn query(query: Query_) -> Result<BTreeMap<String, String>, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|rejection| ApiError::bad_request(rejection.body_text()))
+}
+
+/// Parses a JSON body; an empty body gives `T::default()` when `empty_ok`.
+fn json_body<T: DeserializeOwned + Default>(bytes: &[u8], empty_ok: bool) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return if empty_ok {
+            Ok(T::default())
+        } else {
+            Err(ApiError::bad_request("a JSON body is required"))
+        };
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+}
+
+fn param<T: FromStr>(q: &BTreeMap<String, String>, name: &str) -> Result<Option<T>, ApiError> {
+    q.get(name)
+        .map(|raw| {
+            raw.parse::<T>()
+                .map_err(|_| ApiError::bad_request(format!("`{name}` has a bad value `{raw}`")))
+        })
+        .transpose()
+}
+
+/// A duration in (possibly fractional) seconds, within `0..=max`.
+fn seconds(
+    q: &BTreeMap<String, String>,
+    name: &str,
+    max: f64,
+) -> Result<Option<Duration>, ApiError> {
+    match param::<f64>(q, name)? {
+        None => Ok(None),
+        Some(s) if s.is_finite() && (0.0..=max).contains(&s) => {
+            Ok(Some(Duration::from_secs_f64(s)))
+        }
+        Some(_) => Err(ApiError::bad_request(format!(
+            "`{name}` must be between 0 and {max} seconds"
+        ))),
+    }
+}
+
+fn group(q: &BTreeMap<String, String>) -> String {
+    q.get("group").cloned().unwrap_or_else(|| "default".into())
+}
+
+fn message_id(raw: &str) -> Result<MessageId, ApiError> {
+    raw.parse::<MessageId>().map_err(ApiError::from)
+}
+
+fn created(value: Value) -> Response {
+    (StatusCode::CREATED, Json(value)).into_response()
+}
+
+fn ok(value: Value) -> Response {
+    (StatusCode::OK, Json(value)).into_response()
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+async fn healthz(State(s): State<HttpState>) -> ApiResult {
+    s.broker.check_storage().await?;
+    Ok(ok(json!({"status": "ok"})))
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    crate::metrics::record_queue_gauges(&s.broker.list_queues());
+    let in_use = s.max_waiters.saturating_sub(s.waiters.available_permits());
+    ::metrics::gauge!(crate::metrics::LONG_POLL_WAITERS).set(in_use as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+async fn list_queues(State(s): State<HttpState>) -> Response {
+    ok(json!({"queues": to_json(&s.broker.list_queues())}))
+}
+
+async fn create_queue(
+    State(s): State<HttpState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let settings: QueueSettings = json_body(&body_bytes(body)?, true)?;
+    let (info, was_created) = s.broker.create_queue(&queue, settings).await?;
+    let status = if was_created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(to_json(&info))).into_response())
+}
+
+async fn queue_info(State(s): State<HttpState>, Path(queue): Path<String>) -> ApiResult {
+    Ok(ok(to_json(&s.broker.queue_info(&queue)?)))
+}
+
+async fn delete_queue(State(s): State<HttpState>, Path(queue): Path<String>) -> ApiResult {
+    s.broker.delete_queue(&queue).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The message of a raw-body publish: body, content type, `?key=`, `Qit-Header-*`,
+/// `Idempotency-Key`.
+fn raw_message(
+    headers: &HeaderMap,
+    q: &BTreeMap<String, String>,
+    body: Bytes,
+) -> Result<NewMessage, ApiError> {
+    let text = |value: &axum::http::HeaderValue, name: &str| {
+        value
+            .to_str()
+            .map(str::to_string)
+            .map_err(|_| ApiError::bad_request(format!("header `{name}` is not visible ASCII")))
+    };
+    let mut message_headers = BTreeMap::new();
+    for (name, value) in headers {
+        if let Some(short) = name.as_str().strip_prefix(HEADER_PREFIX) {
+            json::check_header_name(short)?;
+            message_headers.insert(short.to_string(), text(value, name.as_str())?);
+        }
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| text(v, "content-type"))
+        .transpose()?;
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|v| text(v, "idempotency-key"))
+        .transpose()?;
+    if idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 256)
+    {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key must be 1-256 characters",
+        ));
+    }
+    if content_type.as_deref().is_some_and(json::is_json_type)
+        && serde_json::from_slice::<Value>(&body).is_err()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body is not valid JSON but its Content-Type says JSON",
+        ));
+    }
+    Ok(NewMessage {
+        key: q.get("key").cloned(),
+        headers: message_headers,
+        content_type,
+        body,
+        idempotency_key,
+    })
+}
+
+async fn publish(
+    State(s): State<HttpState>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    q: Query_,
+    body: Body,
+) -> ApiResult {
+    let message = raw_message(&headers, &query(q)?, body_bytes(body)?)?;
+    let published = s.broker.publish(&queue, vec![message]).await?;
+    let first = published
+        .first()
+        .ok_or_else(|| ApiError::bad_request("nothing was published"))?;
+    Ok(created(to_json(first)))
+}
+
+async fn publish_batch(
+    State(s): State<HttpState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let bytes = body_bytes(body)?;
+    let batch: BatchPublish = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    if batch.messages.is_empty() || batch.messages.len() > 10_000 {
+        return Err(ApiError::bad_request(
+            "`messages` must hold 1..=10000 messages",
+        ));
+    }
+    let messages = batch
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| m.into_message(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let published = s.broker.publish(&queue, messages).await?;
+    let ids: Vec<String> = published.iter().map(|p| p.id.to_string()).collect();
+    Ok(created(json!({"ids": ids})))
+}
+
+async fn receive(State(s): State<HttpState>, Path(queue): Path<String>, q: Query_) -> ApiResult {
+    let q = query(q)?;
+    let max: usize = param(&q, "max")?.unwrap_or(1);
+    if !(1..=1000).contains(&max) {
+        return Err(ApiError::bad_request("`max` must be 1..=1000"));
+    }
+    let wait = seconds(&q, "wait", MAX_WAIT_SECS)?.unwrap_or(Duration::ZERO);
+    let visibility = seconds(&q, "visibility", MAX_DURATION_SECS)?;
+    if visibility.is_some_and(|v| v.is_zero()) {
+        return Err(ApiError::bad_request("`visibility` must be positive"));
+    }
+    let _permit = if wait.is_zero() {
+        None
+    } else {
+        Some(s.waiters.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "limit_reached",
+                "too many long-polling receivers",
+            )
+        })?)
+    };
+    let list = s
+        .broker
+        .receive(&queue, &group(&q), max, wait, visibility)
+        .await?;
+    Ok(ok(json::deliveries(&list)))
+}
+
+async fn ack(
+    State(s): State<HttpState>,
+    Path((queue, id)): Path<(String, String)>,
+    q: Query_,
+) -> ApiResult {
+    let q = query(q)?;
+    s.broker.ack(&queue, &group(&q), message_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn nack(
+    State(s): State<HttpState>,
+    Path((queue, id)): Path<(String, String)>,
+    q: Query_,
+) -> ApiResult {
+    let q = query(q)?;
+    let delay = seconds(&q, "delay", MAX_DURATION_SECS)?;
+    s.broker
+        .nack(&queue, &group(&q), message_id(&id)?, delay)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn extend(
+    State(s): State<HttpState>,
+    Path((queue, id)): Path<(String, String)>,
+    q: Query_,
+) -> ApiResult {
+    let q = query(q)?;
+    let visibility = match seconds(&q, "visibility", MAX_DURATION_SECS)? {
+        Some(v) => v,
+        None => Duration::from_secs(s.broker.queue_info(&queue)?.settings.ack_timeout),
+    };
+    s.broker
+        .extend(&queue, &group(&q), message_id(&id)?, visibility)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedriveBody {
+    max: Option<usize>,
+}
+
+async fn redrive(State(s): State<HttpState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+    let request: RedriveBody = json_body(&body_bytes(body)?, true)?;
+    let moved = s.broker.redrive(&queue, request.max).await?;
+    Ok(ok(json!({"moved": moved})))
+}
+
+/// A time as RFC 3339 or unix milliseconds.
+pub fn parse_time(raw: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = raw.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(raw)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| ApiError::bad_request(format!("`{raw}` is neither RFC 3339 nor unix ms")))
+}
+
+async fn read_log(State(s): State<HttpState>, Path(queue): Path<String>, q: Query_) -> ApiResult {
+    let q = query(q)?;
+    let partition: u32 = param(&q, "partition")?.unwrap_or(0);
+    let max: usize = param(&q, "max")?.unwrap_or(100);
+    if !(1..=10_000).contains(&max) {
+        return Err(ApiError::bad_request("`max` must be 1..=10000"));
+    }
+    let from = match (param::<u64>(&q, "from")?, q.get("from_time")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give `from` or `from_time`, not both",
+            ));
+        }
+        (Some(offset), None) => ReadFrom::Offset(offset),
+        (None, Some(time)) => ReadFrom::Time(parse_time(time)?),
+        (None, None) => ReadFrom::Offset(0),
+    };
+    let (list, next) = s.broker.read_log(&queue, partition, from, max)?;
+    let mut body = json::deliveries(&list);
+    body["next_offset"] = json!(next);
+    Ok(ok(body))
+}
+
+async fn group_info(
+    State(s): State<HttpState>,
+    Path((queue, group)): Path<(String, String)>,
+) -> ApiResult {
+    Ok(ok(to_json(&s.broker.group_info(&queue, &group)?)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeekBody {
+    partition: Option<u32>,
+    offset: Option<u64>,
+    from_time: Option<Value>,
+    to: Option<String>,
+}
+
+impl SeekBody {
+    fn target(self) -> Result<SeekTarget, ApiError> {
+        match (self.offset, self.from_time, self.to.as_deref()) {
+            (Some(offset), None, None) => Ok(SeekTarget::Offset {
+                partition: self.partition.unwrap_or(0),
+                offset,
+            }),
+            (None, Some(time), None) => {
+                let raw = match time {
+                    Value::String(s) => s,
+                    Value::Number(n) => n.to_string(),
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "`from_time` must be a string or number",
+                        ));
+                    }
+                };
+                Ok(SeekTarget::Time(parse_time(&raw)?))
+            }
+            (None, None, Some("earliest")) => Ok(SeekTarget::Earliest),
+            (None, None, Some("latest")) => Ok(SeekTarget::Latest),
+            _ => Err(ApiError::bad_request(
+                "give exactly one of `offset`, `from_time` or `to` (earliest|latest)",
+            )),
+        }
+    }
+}
+
+async fn seek(
+    State(s): State<HttpState>,
+    Path((queue, group)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult {
+    let request: SeekBody = json_body(&body_bytes(body)?, false)?;
+    let info = s.broker.seek(&queue, &group, request.target()?).await?;
+    Ok(ok(to_json(&info)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExchangeBody {
+    #[serde(rename = "type")]
+    kind: ExchangeKind,
+}
+
+impl Default for ExchangeBody {
+    fn default() -> Self {
+        Self {
+            kind: ExchangeKind::Direct,
+        }
+    }
+}
+
+async fn create_exchange(
+    State(s): State<HttpState>,
+    Path(exchange): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let request: ExchangeBody = json_body(&body_bytes(body)?, false)?;
+    let was_created = s.broker.create_exchange(&exchange, request.kind).await?;
+    let status = if was_created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({"name": exchange, "type": request.kind})),
+    )
+        .into_response())
+}
+
+fn binding(body: Body) -> Result<Binding, ApiError> {
+    let bytes = body_bytes(body)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+}
+
+async fn bind(State(s): State<HttpState>, Path(exchange): Path<String>, body: Body) -> ApiResult {
+    let binding = binding(body)?;
+    s.broker.bind(&exchange, binding.clone()).await?;
+    Ok(created(to_json(&binding)))
+}
+
+async fn unbind(State(s): State<HttpState>, Path(exchange): Path<String>, body: Body) -> ApiResult {
+    s.broker.unbind(&exchange, binding(body)?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn publish_to_exchange(
+    State(s): State<HttpState>,
+    Path(exchange): Path<String>,
+    headers: HeaderMap,
+    q: Query_,
+    body: Body,
+) -> ApiResult {
+    let q = query(q)?;
+    let message = raw_message(&headers, &q, body_bytes(body)?)?;
+    let routing_key = q.get("key").map(String::as_str);
+    let routed = s
+        .broker
+        .publish_to_exchange(&exchange, routing_key, message)
+        .await?;
+    Ok(created(json!({"routed": to_json(&routed)})))
+}
