@@ -1,0 +1,171 @@
+//! Shared helpers for integration tests: a real server on ephemeral ports, in-process or as
+//! the `qit` binary.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qit::config::ServerConfig;
+use qit::log::FsyncPolicy;
+use qit::server::Server;
+use tokio::sync::oneshot;
+
+/// A server running in this process.
+pub struct TestServer {
+    /// `http://127.0.0.1:PORT`
+    pub http: String,
+    /// `http://127.0.0.1:PORT`
+    pub grpc: String,
+    /// Its data directory.
+    pub dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh temp dir.
+    pub async fn start() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let mut server = Self::start_in(temp.path(), FsyncPolicy::Interval).await;
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on `dir`.
+    pub async fn start_in(dir: &Path, fsync: FsyncPolicy) -> Self {
+        let config = ServerConfig {
+            data_dir: dir.to_path_buf(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            grpc: "127.0.0.1:0".parse().unwrap(),
+            fsync,
+            ..ServerConfig::default()
+        };
+        let server = Server::bind(config).await.unwrap();
+        let http = format!("http://{}", server.http_addr());
+        let grpc = format!("http://{}", server.grpc_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            http,
+            grpc,
+            dir: dir.to_path_buf(),
+            stop: Some(stop),
+            task: Some(task),
+            _temp: None,
+        }
+    }
+
+    /// Stops gracefully and waits for the drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server stops within 10 s")
+                .unwrap();
+        }
+    }
+}
+
+/// A free TCP port on the loopback (best effort: the port is released before use).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `qit` binary running as a child process.
+pub struct Process {
+    /// The child.
+    pub child: Child,
+    /// HTTP base URL.
+    pub http: String,
+    /// gRPC base URL.
+    pub grpc: String,
+}
+
+impl Process {
+    /// Starts `qit serve` on `dir` with extra flags and waits until it is healthy.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let (http_port, grpc_port) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--http", &format!("127.0.0.1:{http_port}")])
+            .args(["--grpc", &format!("127.0.0.1:{grpc_port}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let process = Self {
+            child,
+            http: format!("http://127.0.0.1:{http_port}"),
+            grpc: format!("http://127.0.0.1:{grpc_port}"),
+        };
+        process.wait_healthy();
+        process
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = self.http.trim_start_matches("http://").to_string();
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("qit did not start listening on {addr}");
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the exit, up to `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A reqwest client.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}

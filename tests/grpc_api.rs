@@ -1,0 +1,334 @@
+//! The gRPC API against a real server, with the client generated from the proto.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use qit::proto::broker_client::BrokerClient;
+use qit::proto::{self, receive_request, receive_response, subscribe_request};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn client(s: &TestServer) -> BrokerClient<Channel> {
+    BrokerClient::connect(s.grpc.clone()).await.unwrap()
+}
+
+async fn create(c: &mut BrokerClient<Channel>, queue: &str) {
+    c.create_queue(proto::CreateQueueRequest {
+        queue: queue.into(),
+        settings: None,
+    })
+    .await
+    .unwrap();
+}
+
+async fn send(c: &mut BrokerClient<Channel>, queue: &str, bodies: &[&str]) -> Vec<String> {
+    let messages = bodies
+        .iter()
+        .map(|b| proto::OutgoingMessage {
+            body: b.as_bytes().to_vec(),
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        })
+        .collect();
+    c.send_message(proto::SendMessageRequest {
+        queue: queue.into(),
+        messages,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .messages
+    .into_iter()
+    .map(|m| m.id)
+    .collect()
+}
+
+fn open(queue: &str, credit: u32) -> proto::ReceiveRequest {
+    proto::ReceiveRequest {
+        request: Some(receive_request::Request::Open(proto::OpenStream {
+            queue: queue.into(),
+            group: String::new(),
+            max_in_flight: credit,
+            visibility_ms: None,
+        })),
+    }
+}
+
+fn ack(id: &str) -> proto::ReceiveRequest {
+    proto::ReceiveRequest {
+        request: Some(receive_request::Request::Ack(proto::StreamAck {
+            id: id.into(),
+        })),
+    }
+}
+
+async fn next_message(
+    stream: &mut tonic::Streaming<proto::ReceiveResponse>,
+    wait: Duration,
+) -> Option<proto::Message> {
+    match tokio::time::timeout(wait, stream.next()).await {
+        Ok(Some(Ok(proto::ReceiveResponse {
+            response: Some(receive_response::Response::Message(m)),
+        }))) => Some(m),
+        Ok(Some(Ok(other))) => panic!("unexpected response {other:?}"),
+        Ok(Some(Err(status))) => panic!("stream failed: {status}"),
+        Ok(None) | Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn send_receive_ack_then_subscribe_replays_and_follows() {
+    let s = TestServer::start().await;
+    let mut c = client(&s).await;
+    create(&mut c, "g").await;
+    let ids = send(&mut c, "g", &["one", "two"]).await;
+    assert_eq!(ids, vec!["0-0", "0-1"]);
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(open("g", 10)).await.unwrap();
+    let mut stream = c
+        .receive_messages(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for want in ["one", "two"] {
+        let m = next_message(&mut stream, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(m.body, want.as_bytes());
+        assert_eq!(m.delivery_count, 1);
+        tx.send(ack(&m.id)).await.unwrap();
+    }
+    // A live message arrives on the open stream.
+    send(&mut c, "g", &["three"]).await;
+    let m = next_message(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(m.body, b"three");
+    tx.send(ack(&m.id)).await.unwrap();
+    drop(tx);
+    // Acks were applied: the group is done.
+    for _ in 0..50 {
+        let info = c
+            .get_queue(proto::GetQueueRequest { queue: "g".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if info.groups[0].backlog == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let info = c
+        .get_queue(proto::GetQueueRequest { queue: "g".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.groups[0].backlog, 0);
+    // Subscribe replays from offset 1, then follows.
+    let mut sub = c
+        .subscribe(proto::SubscribeRequest {
+            queue: "g".into(),
+            partition: 0,
+            start: Some(subscribe_request::Start::FromOffset(1)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = sub.next().await.unwrap().unwrap().message.unwrap();
+        got.push(String::from_utf8(m.body).unwrap());
+    }
+    assert_eq!(got, vec!["two", "three"]);
+    send(&mut c, "g", &["four"]).await;
+    let live = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(live.message.unwrap().body, b"four");
+    let mut by_time = c
+        .subscribe(proto::SubscribeRequest {
+            queue: "g".into(),
+            partition: 0,
+            start: Some(subscribe_request::Start::FromTimeMs(0)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = by_time.next().await.unwrap().unwrap().message.unwrap();
+    assert_eq!(first.offset, 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn credit_is_never_exceeded_and_a_dropped_stream_returns_its_leases() {
+    let s = TestServer::start().await;
+    let mut c = client(&s).await;
+    create(&mut c, "credit").await;
+    send(&mut c, "credit", &["a", "b", "c", "d", "e"]).await;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(open("credit", 2)).await.unwrap();
+    let mut stream = c
+        .receive_messages(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_message(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let _second = next_message(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        next_message(&mut stream, Duration::from_millis(700))
+            .await
+            .is_none(),
+        "a third message would exceed the credit of 2"
+    );
+    tx.send(ack(&first.id)).await.unwrap();
+    let third = next_message(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(third.body, b"c");
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Credit(proto::Credit { add: 1 })),
+    })
+    .await
+    .unwrap();
+    let fourth = next_message(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(fourth.body, b"d");
+    // A bad ack answers an error on the stream and keeps it open.
+    tx.send(ack("0-999")).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+        Ok(Some(Ok(proto::ReceiveResponse {
+            response: Some(receive_response::Response::Error(e)),
+        }))) => assert_eq!(e.id, "0-999"),
+        other => panic!("expected a stream error, got {other:?}"),
+    }
+    drop(tx);
+    drop(stream);
+    // b, c, d go back to the group at once; e was never delivered.
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(open("credit", 10)).await.unwrap();
+        let mut again = c
+            .receive_messages(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        left.clear();
+        while let Some(m) = next_message(&mut again, Duration::from_millis(500)).await {
+            left.push(String::from_utf8(m.body).unwrap());
+        }
+        if left.len() == 4 {
+            break;
+        }
+    }
+    left.sort();
+    assert_eq!(left, vec!["b", "c", "d", "e"]);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn errors_use_fitting_status_codes() {
+    let s = TestServer::start().await;
+    let mut c = client(&s).await;
+    create(&mut c, "e").await;
+    let code = |r: Result<tonic::Response<proto::CreateQueueResponse>, tonic::Status>| {
+        r.unwrap_err().code()
+    };
+    let conflicting = c
+        .create_queue(proto::CreateQueueRequest {
+            queue: "e".into(),
+            settings: Some(proto::QueueSettings {
+                partitions: Some(4),
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert_eq!(code(conflicting), Code::AlreadyExists);
+    let invalid = c
+        .create_queue(proto::CreateQueueRequest {
+            queue: "no spaces".into(),
+            settings: None,
+        })
+        .await;
+    assert_eq!(code(invalid), Code::InvalidArgument);
+    let missing = c
+        .send_message(proto::SendMessageRequest {
+            queue: "nope".into(),
+            messages: vec![proto::OutgoingMessage::default()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let bad_id = c
+        .ack_message(proto::AckMessageRequest {
+            queue: "e".into(),
+            group: String::new(),
+            id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_id.code(), Code::InvalidArgument);
+    send(&mut c, "e", &["m"]).await;
+    let not_leased = c
+        .nack_message(proto::NackMessageRequest {
+            queue: "e".into(),
+            group: String::new(),
+            id: "0-0".into(),
+            delay_ms: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(not_leased.code(), Code::FailedPrecondition);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(ack("0-0")).await.unwrap();
+    let not_open = c
+        .receive_messages(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(not_open.code(), Code::InvalidArgument);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_lists_the_broker_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let s = TestServer::start().await;
+    let channel = Channel::from_shared(s.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = c
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"qit.v1.Broker".to_string()), "{names:?}");
+    s.stop().await;
+}

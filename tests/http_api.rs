@@ -1,0 +1,519 @@
+//! The HTTP API against a real server on ephemeral ports.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestServer, http};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn send(s: &TestServer, queue: &str, body: &str) -> Value {
+    let r = http()
+        .post(format!("{}/queues/{queue}/messages", s.http))
+        .header("content-type", "text/plain")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    r.json().await.unwrap()
+}
+
+async fn get(s: &TestServer, path: &str) -> (StatusCode, Value) {
+    let r = http()
+        .get(format!("{}{path}", s.http))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(s: &TestServer, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let mut r = http().post(format!("{}{path}", s.http));
+    if let Some(body) = body {
+        r = r.json(&body);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn create(s: &TestServer, queue: &str, settings: Value) {
+    let (status, _) = post(s, &format!("/queues/{queue}"), Some(settings)).await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+/// The seed's own usage, verbatim.
+#[tokio::test]
+async fn seed_flow_verbatim() {
+    let s = TestServer::start().await;
+    let (status, info) = post(&s, "/queues/email-jobs", None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(info["name"], "email-jobs");
+    let (again, _) = post(&s, "/queues/email-jobs", None).await;
+    assert_eq!(again, StatusCode::OK, "same settings: idempotent");
+    let r = http()
+        .post(format!("{}/queues/email-jobs/messages", s.http))
+        .header("Content-Type", "application/json")
+        .body(r#"{"to": "user@example.com", "subject": "Hello!"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let published: Value = r.json().await.unwrap();
+    assert_eq!(published["id"], "0-0");
+    let (status, got) = get(&s, "/queues/email-jobs/messages").await;
+    assert_eq!(status, StatusCode::OK);
+    let m = &got["messages"][0];
+    assert_eq!(
+        m["body"],
+        json!({"to": "user@example.com", "subject": "Hello!"})
+    );
+    assert_eq!(m["delivery_count"], 1);
+    assert_eq!(m["queue"], "email-jobs");
+    assert!(m["timestamp"].as_i64().unwrap() > 1_600_000_000_000);
+    let id = m["id"].as_str().unwrap();
+    let r = http()
+        .delete(format!("{}/queues/email-jobs/messages/{id}", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (_, info) = get(&s, "/queues/email-jobs").await;
+    assert_eq!(info["groups"][0]["backlog"], 0);
+    assert_eq!(info["partitions"][0]["next_offset"], 1);
+    let (_, empty) = get(&s, "/queues/email-jobs/messages").await;
+    assert_eq!(empty["messages"], json!([]));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn long_poll_wakes_on_publish() {
+    let s = TestServer::start().await;
+    create(&s, "lp", json!({})).await;
+    let url = format!("{}/queues/lp/messages?wait=20", s.http);
+    let started = Instant::now();
+    let waiter = tokio::spawn(async move {
+        http()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send(&s, "lp", "wake up").await;
+    let got = waiter.await.unwrap();
+    assert_eq!(got["messages"][0]["body"], "wake up");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered long before the wait ran out"
+    );
+    let (_, empty) = get(&s, "/queues/lp/messages?wait=0.2").await;
+    assert_eq!(empty["messages"], json!([]));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_inputs_get_clear_errors() {
+    let s = TestServer::start().await;
+    create(&s, "q", json!({"max_message_bytes": 16})).await;
+    let client = http();
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (
+            client.post(format!("{}/queues/bad name!", s.http)),
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
+        (
+            client
+                .post(format!("{}/queues/x", s.http))
+                .body("{not json"),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            client
+                .post(format!("{}/queues/x", s.http))
+                .json(&json!({"partitons": 2})),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            client
+                .post(format!("{}/queues/x", s.http))
+                .json(&json!({"partitions": 0})),
+            StatusCode::BAD_REQUEST,
+            "invalid_setting",
+        ),
+        (
+            client
+                .post(format!("{}/queues/q", s.http))
+                .json(&json!({"partitions": 3})),
+            StatusCode::CONFLICT,
+            "queue_exists",
+        ),
+        (
+            client.get(format!("{}/queues/missing", s.http)),
+            StatusCode::NOT_FOUND,
+            "queue_not_found",
+        ),
+        (
+            client.get(format!("{}/queues/q/messages?max=5000", s.http)),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client.get(format!("{}/queues/q/messages?max=abc", s.http)),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client.get(format!("{}/queues/q/messages?wait=61", s.http)),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client.get(format!("{}/queues/q/messages?visibility=-1", s.http)),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client.delete(format!("{}/queues/q/messages/notanid", s.http)),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client.delete(format!("{}/queues/q/messages/0-99", s.http)),
+            StatusCode::NOT_FOUND,
+            "message_not_found",
+        ),
+        (
+            client.delete(format!("{}/queues/q/messages/0-0?group=nogroup", s.http)),
+            StatusCode::NOT_FOUND,
+            "group_not_found",
+        ),
+        (
+            client
+                .post(format!("{}/queues/q/messages", s.http))
+                .body("x".repeat(17)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "message_too_large",
+        ),
+        (
+            client
+                .post(format!("{}/queues/q/messages", s.http))
+                .header("content-type", "application/json")
+                .body("{oops"),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            client
+                .post(format!("{}/queues/q/messages", s.http))
+                .header("Qit-Header-qit-internal", "v")
+                .body("x"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client
+                .post(format!("{}/queues/q/messages/batch", s.http))
+                .json(&json!({"messages": []})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client
+                .post(format!("{}/queues/q/messages/batch", s.http))
+                .json(&json!({"messages": [{"key": "k"}]})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client
+                .put(format!("{}/queues/q/groups/default/offset", s.http))
+                .json(&json!({"to": "middle"})),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client.get(format!("{}/queues/q/log?from_time=yesterday", s.http)),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            client
+                .post(format!("{}/exchanges/x", s.http))
+                .json(&json!({"type": "weird"})),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            client
+                .post(format!("{}/exchanges/none/bindings", s.http))
+                .json(&json!({"queue": "q"})),
+            StatusCode::NOT_FOUND,
+            "exchange_not_found",
+        ),
+        (
+            client.get(format!("{}/no/such/route", s.http)),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            client.patch(format!("{}/queues/q", s.http)),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (i, (request, status, code)) in cases.into_iter().enumerate() {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), status, "case {i}");
+        let body: Value = r
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("case {i}: not JSON: {e}"));
+        assert_eq!(body["error"]["code"], code, "case {i}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    // Nothing half-written was stored.
+    let (_, info) = get(&s, "/queues/q").await;
+    assert_eq!(info["partitions"][0]["next_offset"], 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_beyond_any_queue_limit_get_json_413() {
+    let s = TestServer::start().await;
+    create(&s, "big", json!({})).await;
+    let r = http()
+        .post(format!("{}/queues/big/messages", s.http))
+        .body(vec![b'x'; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "message_too_large");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_nack_dead_letter_and_redrive() {
+    let s = TestServer::start().await;
+    create(&s, "w", json!({"max_deliveries": 2, "ack_timeout": 1})).await;
+    send(&s, "w", "job").await;
+    let (_, first) = get(&s, "/queues/w/messages?visibility=0.2").await;
+    assert_eq!(first["messages"][0]["delivery_count"], 1);
+    let (_, second) = get(&s, "/queues/w/messages?wait=5").await;
+    assert_eq!(
+        second["messages"][0]["delivery_count"], 2,
+        "redelivered after expiry"
+    );
+    let id = second["messages"][0]["id"].as_str().unwrap().to_string();
+    let (status, _) = post(
+        &s,
+        &format!("/queues/w/messages/{id}/extend?visibility=30"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = post(&s, &format!("/queues/w/messages/{id}/nack?delay=0"), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, again) = post(&s, &format!("/queues/w/messages/{id}/nack"), None).await;
+    assert_eq!(
+        (status, again["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("not_leased"))
+    );
+    let (_, dead) = get(&s, "/queues/w.dlq/messages?wait=5&group=inspect").await;
+    let m = &dead["messages"][0];
+    assert_eq!(m["body"], "job");
+    assert_eq!(m["headers"]["qit-original-queue"], "w");
+    assert_eq!(m["headers"]["qit-dead-letter-reason"], "nacked");
+    let (_, group) = get(&s, "/queues/w/groups/default").await;
+    assert_eq!(group["dead_lettered"], 1);
+    assert_eq!(group["partitions"][0]["committed_offset"], 1);
+    let (status, moved) = post(&s, "/queues/w/redrive", Some(json!({"max": 10}))).await;
+    assert_eq!((status, moved["moved"].clone()), (StatusCode::OK, json!(1)));
+    let (_, back) = get(&s, "/queues/w/messages").await;
+    assert_eq!(back["messages"][0]["body"], "job");
+    assert_eq!(back["messages"][0]["delivery_count"], 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn batch_headers_keys_idempotency_and_binary_bodies() {
+    let s = TestServer::start().await;
+    create(&s, "b", json!({"partitions": 2})).await;
+    let (status, ids) = post(
+        &s,
+        "/queues/b/messages/batch",
+        Some(json!({"messages": [
+            {"body": {"n": 1}, "key": "k1", "headers": {"h": "v"}},
+            {"body": "text"},
+            {"body_base64": "/wA="}
+        ]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(ids["ids"].as_array().unwrap().len(), 3);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (_, page) = get(&s, "/queues/b/messages?max=10").await;
+        seen.extend(page["messages"].as_array().unwrap().clone());
+    }
+    assert_eq!(seen.len(), 3);
+    let first = seen.iter().find(|m| m["key"] == "k1").unwrap();
+    assert_eq!(first["body"], json!({"n": 1}));
+    assert_eq!(first["headers"]["h"], "v");
+    assert!(seen.iter().any(|m| m["body"] == "text"));
+    assert!(seen.iter().any(|m| m["body_base64"] == "/wA="));
+    let publish = |key: &'static str| {
+        http()
+            .post(format!("{}/queues/b/messages?key=user-7", s.http))
+            .header("Idempotency-Key", key)
+            .header("Qit-Header-trace", "abc")
+            .body("once")
+    };
+    let a: Value = publish("same").send().await.unwrap().json().await.unwrap();
+    let b: Value = publish("same").send().await.unwrap().json().await.unwrap();
+    assert_eq!(a["id"], b["id"]);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn exchanges_seek_and_log_replay() {
+    let s = TestServer::start().await;
+    create(&s, "orders", json!({})).await;
+    create(&s, "audit", json!({})).await;
+    let (status, _) = post(&s, "/exchanges/events", Some(json!({"type": "topic"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = post(&s, "/exchanges/events", Some(json!({"type": "topic"}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = post(&s, "/exchanges/events", Some(json!({"type": "fanout"}))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    for (queue, key) in [("orders", "order.*"), ("audit", "#")] {
+        let (status, _) = post(
+            &s,
+            "/exchanges/events/bindings",
+            Some(json!({"queue": queue, "key": key})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let r: Value = http()
+        .post(format!(
+            "{}/exchanges/events/messages?key=order.created",
+            s.http
+        ))
+        .body("o1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let routed: Vec<&str> = r["routed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["queue"].as_str().unwrap())
+        .collect();
+    assert_eq!(routed, vec!["orders", "audit"]);
+    let r: Value = http()
+        .post(format!(
+            "{}/exchanges/events/messages?key=user.signup",
+            s.http
+        ))
+        .body("u1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["routed"].as_array().unwrap().len(), 1);
+    let unbind = http()
+        .delete(format!("{}/exchanges/events/bindings", s.http))
+        .json(&json!({"queue": "audit", "key": "#"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unbind.status(), StatusCode::NO_CONTENT);
+    // Replay and seek on audit.
+    let (_, log) = get(&s, "/queues/audit/log?from=1&max=10").await;
+    assert_eq!(log["messages"][0]["body"], "u1");
+    assert_eq!(log["next_offset"], 2);
+    let (_, log) = get(&s, "/queues/audit/log?from_time=1970-01-01T00:00:00Z").await;
+    assert_eq!(log["messages"].as_array().unwrap().len(), 2);
+    let r = http()
+        .put(format!("{}/queues/audit/groups/default/offset", s.http))
+        .json(&json!({"partition": 0, "offset": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, got) = get(&s, "/queues/audit/messages?max=10").await;
+    assert_eq!(got["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(got["messages"][0]["body"], "u1");
+    let r = http()
+        .put(format!("{}/queues/audit/groups/default/offset", s.http))
+        .json(&json!({"to": "latest"}))
+        .send()
+        .await
+        .unwrap();
+    let group: Value = r.json().await.unwrap();
+    assert_eq!(group["backlog"], 0);
+    let r = http()
+        .delete(format!("{}/queues/orders", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (status, _) = get(&s, "/queues/orders").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, list) = get(&s, "/queues").await;
+    assert!(
+        list["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|q| q["name"] != "orders")
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let s = TestServer::start().await;
+    create(&s, "m", json!({})).await;
+    send(&s, "m", "x").await;
+    let (status, health) = get(&s, "/healthz").await;
+    assert_eq!((status, health), (StatusCode::OK, json!({"status": "ok"})));
+    let text = http()
+        .get(format!("{}/metrics", s.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("qit_messages_published_total{queue=\"m\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("qit_backlog_messages{queue=\"m\",group=\"default\"} 1"),
+        "{text}"
+    );
+    s.stop().await;
+}
