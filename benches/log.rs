@@ -106,12 +106,21 @@ fn disk_baseline(_: &mut Criterion) {
     let path = dir.path().join("dd");
     let started = Instant::now();
     let status = std::process::Command::new("dd")
-        .args(["if=/dev/zero", &format!("of={}", path.display()), "bs=1M", "count=512", "conv=fdatasync"])
+        .args([
+            "if=/dev/zero",
+            &format!("of={}", path.display()),
+            "bs=1M",
+            "count=512",
+            "conv=fdatasync",
+        ])
         .stderr(std::process::Stdio::null())
         .status();
     if status.is_ok_and(|s| s.success()) {
         let secs = started.elapsed().as_secs_f64();
-        println!("disk baseline (dd 512 MiB, fdatasync): {:.0} MB/s", 512.0 * 1.048_576 / secs);
+        println!(
+            "disk baseline (dd 512 MiB, fdatasync): {:.0} MB/s",
+            512.0 * 1.048_576 / secs
+        );
     }
 }
 

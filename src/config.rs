@@ -50,6 +50,9 @@ pub struct ServerConfig {
     pub token_ttl_secs: u64,
     /// A user who may do everything.
     pub admin: Option<String>,
+    /// Password of the admin user, created on start when given.
+    #[serde(skip_serializing)]
+    pub admin_password: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +71,7 @@ impl Default for ServerConfig {
             jwt_secret: None,
             token_ttl_secs: 3600,
             admin: None,
+            admin_password: None,
         }
     }
 }
@@ -138,8 +142,12 @@ impl ServerConfig {
         if self.token_ttl_secs == 0 {
             return invalid("token_ttl_secs", "must be positive");
         }
-        if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
-            return invalid("jwt_secret", "must be at least 16 bytes");
+        if self
+            .jwt_secret
+            .as_ref()
+            .is_some_and(|s| s.len() < crate::auth::MIN_SECRET_LEN)
+        {
+            return invalid("jwt_secret", "must be at least 32 bytes");
         }
         Ok(())
     }

@@ -19,9 +19,13 @@
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
 //! - [`server`]: binds listeners, runs timers, drains on shutdown.
+//! - [`maintenance`]: retention and key compaction in the background.
+//! - [`auth`]: users, tokens, ownership and grants.
+//! - [`metrics`]: Prometheus series; [`bench`]: the `qit bench` load generator.
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod cli;

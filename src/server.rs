@@ -40,6 +40,9 @@ pub enum ServerError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// Users and grants could not be opened.
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::AuthError),
     /// gRPC reflection could not be set up.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -49,6 +52,7 @@ pub enum ServerError {
 pub struct Server {
     config: ServerConfig,
     broker: Arc<Broker>,
+    auth: Option<Arc<crate::auth::AuthStore>>,
     http: TcpListener,
     grpc: TcpListener,
 }
@@ -70,11 +74,17 @@ impl Server {
             max_queues: config.max_queues,
         })
         .await?;
+        let auth = if config.auth {
+            Some(Arc::new(open_auth(&config)?))
+        } else {
+            None
+        };
         let http = bind(config.http).await?;
         let grpc = bind(config.grpc).await?;
         Ok(Self {
             config,
             broker,
+            auth,
             http,
             grpc,
         })
@@ -100,7 +110,8 @@ impl Server {
         let stop = CancellationToken::new();
         let http_addr = self.http_addr();
         let grpc_addr = self.grpc_addr();
-        let state = HttpState::new(Arc::clone(&self.broker), self.config.max_waiters);
+        let mut state = HttpState::new(Arc::clone(&self.broker), self.config.max_waiters);
+        state.auth = self.auth.clone();
         let router = http::router(state, self.config.max_body_bytes);
         let http_stop = stop.clone();
         let http_task = tokio::spawn(async move {
@@ -114,7 +125,8 @@ impl Server {
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let api = GrpcApi::new(Arc::clone(&self.broker), self.config.max_streams);
+        let api = GrpcApi::new(Arc::clone(&self.broker), self.config.max_streams)
+            .with_auth(self.auth.clone());
         let grpc_stop = stop.clone();
         let grpc_task = tokio::spawn(
             tonic::transport::Server::builder()
@@ -159,6 +171,18 @@ impl Server {
         tracing::info!("qit stopped cleanly");
         Ok(())
     }
+}
+
+fn open_auth(config: &ServerConfig) -> Result<crate::auth::AuthStore, ServerError> {
+    let auth_config = crate::auth::AuthConfig {
+        admin: config.admin.clone(),
+        admin_password: config.admin_password.clone(),
+        jwt_secret: config.jwt_secret.clone(),
+        token_ttl: Duration::from_secs(config.token_ttl_secs),
+        ..crate::auth::AuthConfig::default()
+    }
+    .with_env_secret();
+    Ok(crate::auth::AuthStore::open(&config.data_dir, auth_config)?)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -13,6 +13,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::authenticate;
+use super::error::ApiError;
+use crate::auth::{Action, AuthStore, Resource};
 use crate::broker::{self, Broker, BrokerError, Delivery, MessageId, NewMessage, ReadFrom};
 use crate::proto::{self, broker_server, receive_request, receive_response, subscribe_request};
 
@@ -30,6 +33,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub struct GrpcApi {
     broker: Arc<Broker>,
     streams: Arc<Semaphore>,
+    auth: Option<Arc<AuthStore>>,
 }
 
 impl GrpcApi {
@@ -38,6 +42,50 @@ impl GrpcApi {
         Self {
             broker,
             streams: Arc::new(Semaphore::new(max_streams)),
+            auth: None,
+        }
+    }
+
+    /// Requires tokens and checks grants with `auth` (`None`: auth off).
+    pub fn with_auth(mut self, auth: Option<Arc<AuthStore>>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Authenticates the caller from `authorization` metadata and checks `need`.
+    fn check<T>(
+        &self,
+        request: &Request<T>,
+        need: Option<(Action, Resource)>,
+    ) -> Result<Option<String>, Status> {
+        let Some(store) = &self.auth else {
+            return Ok(None);
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let user = authenticate(store, header).map_err(Status::from)?;
+        if let Some((action, resource)) = need {
+            store
+                .authorize(&user, action, &resource)
+                .map_err(|e| Status::from(ApiError::from(e)))?;
+        }
+        Ok(Some(user))
+    }
+
+    fn record_owner(&self, user: Option<String>, resource: Resource, dlq: Option<String>) {
+        if let (Some(store), Some(user)) = (&self.auth, user) {
+            let mut result = store.set_owner(&resource, &user);
+            if let Some(dlq) = dlq {
+                let dlq = Resource::queue(&dlq);
+                if store.owner(&dlq).is_none() {
+                    result = result.and(store.set_owner(&dlq, &user));
+                }
+            }
+            if let Err(error) = result {
+                tracing::error!(%error, "recording ownership failed");
+            }
         }
     }
 
@@ -171,6 +219,10 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::CreateQueueRequest>,
     ) -> Result<Response<proto::CreateQueueResponse>, Status> {
+        let user = self.check(
+            &request,
+            Some((Action::Create, Resource::queue(&request.get_ref().queue))),
+        )?;
         let r = request.into_inner();
         if let Some(s) = &r.settings {
             check_enum(s.ordering.as_deref(), "ordering", &["none", "key"])?;
@@ -184,6 +236,11 @@ impl broker_server::Broker for GrpcApi {
             .broker
             .create_queue(&r.queue, settings_from_proto(r.settings))
             .await?;
+        if created {
+            let dlq = (info.settings.max_deliveries > 0)
+                .then(|| info.settings.dead_letter_name(&r.queue));
+            self.record_owner(user, Resource::queue(&r.queue), dlq);
+        }
         Ok(Response::new(proto::CreateQueueResponse {
             queue: Some(queue_info(info)),
             created,
@@ -194,16 +251,25 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::DeleteQueueRequest>,
     ) -> Result<Response<proto::DeleteQueueResponse>, Status> {
-        self.broker
-            .delete_queue(&request.into_inner().queue)
-            .await?;
+        self.check(
+            &request,
+            Some((Action::Manage, Resource::queue(&request.get_ref().queue))),
+        )?;
+        let queue = request.into_inner().queue;
+        self.broker.delete_queue(&queue).await?;
+        if let Some(store) = &self.auth
+            && let Err(error) = store.remove_resource(&Resource::queue(&queue))
+        {
+            tracing::error!(%error, "forgetting ownership failed");
+        }
         Ok(Response::new(proto::DeleteQueueResponse {}))
     }
 
     async fn list_queues(
         &self,
-        _request: Request<proto::ListQueuesRequest>,
+        request: Request<proto::ListQueuesRequest>,
     ) -> Result<Response<proto::ListQueuesResponse>, Status> {
+        self.check(&request, None)?;
         let queues = self
             .broker
             .list_queues()
@@ -217,6 +283,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::GetQueueRequest>,
     ) -> Result<Response<proto::QueueInfo>, Status> {
+        self.check(&request, None)?;
         let info = self.broker.queue_info(&request.into_inner().queue)?;
         Ok(Response::new(queue_info(info)))
     }
@@ -225,6 +292,10 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::SendMessageRequest>,
     ) -> Result<Response<proto::SendMessageResponse>, Status> {
+        self.check(
+            &request,
+            Some((Action::Publish, Resource::queue(&request.get_ref().queue))),
+        )?;
         let r = request.into_inner();
         let messages = r
             .messages
@@ -259,6 +330,10 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::AckMessageRequest>,
     ) -> Result<Response<proto::AckMessageResponse>, Status> {
+        self.check(
+            &request,
+            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
+        )?;
         let r = request.into_inner();
         self.broker
             .ack(&r.queue, group_name(&r.group), message_id(&r.id)?)
@@ -270,6 +345,10 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::NackMessageRequest>,
     ) -> Result<Response<proto::NackMessageResponse>, Status> {
+        self.check(
+            &request,
+            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
+        )?;
         let r = request.into_inner();
         self.broker
             .nack(
@@ -286,6 +365,10 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::ExtendLeaseRequest>,
     ) -> Result<Response<proto::ExtendLeaseResponse>, Status> {
+        self.check(
+            &request,
+            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
+        )?;
         let r = request.into_inner();
         self.broker
             .extend(
@@ -304,6 +387,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<Streaming<proto::ReceiveRequest>>,
     ) -> Result<Response<Self::ReceiveMessagesStream>, Status> {
+        let user = self.check(&request, None)?;
         let permit = self.stream_permit()?;
         let mut inbound = request.into_inner();
         let open = match inbound.message().await?.and_then(|m| m.request) {
@@ -313,6 +397,11 @@ impl broker_server::Broker for GrpcApi {
         let group = group_name(&open.group).to_string();
         if !broker::is_valid_name(&group) {
             return Err(BrokerError::InvalidName(group).into());
+        }
+        if let (Some(store), Some(user)) = (&self.auth, &user) {
+            store
+                .authorize(user, Action::Consume, &Resource::queue(&open.queue))
+                .map_err(|e| Status::from(ApiError::from(e)))?;
         }
         self.broker.queue_info(&open.queue)?;
         let (tx, rx) = mpsc::channel(256);
@@ -338,6 +427,10 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.check(
+            &request,
+            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
+        )?;
         let permit = self.stream_permit()?;
         let r = request.into_inner();
         let from = match r.start {

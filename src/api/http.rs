@@ -41,6 +41,8 @@ pub struct HttpState {
     pub waiters: Arc<Semaphore>,
     /// The number of permits `waiters` started with.
     pub max_waiters: usize,
+    /// Users and grants, when auth is on.
+    pub auth: Option<Arc<crate::auth::AuthStore>>,
 }
 
 impl HttpState {
@@ -50,6 +52,7 @@ impl HttpState {
             broker,
             waiters: Arc::new(Semaphore::new(max_waiters)),
             max_waiters,
+            auth: None,
         }
     }
 }
@@ -80,8 +83,15 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/exchanges/{exchange}", post(create_exchange))
         .route("/exchanges/{exchange}/bindings", post(bind).delete(unbind))
         .route("/exchanges/{exchange}/messages", post(publish_to_exchange))
+        .route("/queues/{queue}/grants", post(super::auth::grant))
+        .route("/auth/register", post(super::auth::register))
+        .route("/auth/login", post(super::auth::login))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::auth::middleware,
+        ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -521,8 +531,14 @@ fn binding(body: Body) -> Result<Binding, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
 }
 
-async fn bind(State(s): State<HttpState>, Path(exchange): Path<String>, body: Body) -> ApiResult {
+async fn bind(
+    State(s): State<HttpState>,
+    Path(exchange): Path<String>,
+    axum::Extension(caller): axum::Extension<super::auth::Caller>,
+    body: Body,
+) -> ApiResult {
     let binding = binding(body)?;
+    super::auth::check_bind_target(&s, &caller, &binding.queue)?;
     s.broker.bind(&exchange, binding.clone()).await?;
     Ok(created(to_json(&binding)))
 }

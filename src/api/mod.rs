@@ -1,6 +1,7 @@
 //! Adapters: HTTP (axum) and gRPC (tonic). Thin: parse, call the broker, map errors in
 //! one place ([`error`]).
 
+pub mod auth;
 pub mod error;
 pub mod grpc;
 pub mod http;

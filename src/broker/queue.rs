@@ -255,6 +255,32 @@ impl Queue {
         self.groups.read().values().cloned().collect()
     }
 
+    /// The lowest ack floor of all groups on `partition` (`None` without groups).
+    pub fn min_group_floor(&self, partition: u32) -> Option<u64> {
+        self.groups()
+            .iter()
+            .map(|g| g.state.lock().floor(partition))
+            .min()
+    }
+
+    /// Moves every group whose floor fell below a partition's first offset up to it.
+    pub fn skip_groups_to_start(&self) {
+        for group in self.groups() {
+            let mut state = group.state.lock();
+            for (p, log) in self.partitions.iter().enumerate() {
+                let skipped = state.skip_to(p as u32, log.first_offset());
+                if skipped > 0 {
+                    crate::metrics::count_group(
+                        crate::metrics::RETENTION_SKIPPED,
+                        &self.name,
+                        &group.name,
+                        skipped,
+                    );
+                }
+            }
+        }
+    }
+
     /// Marks the queue deleted and wakes its waiters.
     pub fn mark_deleted(&self) {
         self.deleted.store(true, AtomicOrdering::Release);

@@ -8,11 +8,13 @@
 //! - [`recovery`]: opening a directory, checking indexes, cutting a torn tail.
 //! - [`writer`]: the single writer thread with group commit.
 //! - [`inspect`]: offline verification and dumps for `qit-inspect`.
+//! - [`compaction`]: rewriting a sealed segment without some records, atomically.
 //!
 //! Readers never take a lock shared with the writer for the bytes they read: the segment
 //! list is an `ArcSwap` snapshot, sealed segments are immutable maps, and the active segment
 //! is read with positioned reads bounded by the length the writer has published.
 
+pub mod compaction;
 pub mod index;
 pub mod inspect;
 pub mod record;

@@ -36,13 +36,18 @@ impl TestServer {
 
     /// Starts a server on `dir`.
     pub async fn start_in(dir: &Path, fsync: FsyncPolicy) -> Self {
-        let config = ServerConfig {
+        Self::start_with(dir, |c| c.fsync = fsync).await
+    }
+
+    /// Starts a server on `dir` with a config adjusted by `adjust`.
+    pub async fn start_with(dir: &Path, adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        let mut config = ServerConfig {
             data_dir: dir.to_path_buf(),
             http: "127.0.0.1:0".parse().unwrap(),
             grpc: "127.0.0.1:0".parse().unwrap(),
-            fsync,
             ..ServerConfig::default()
         };
+        adjust(&mut config);
         let server = Server::bind(config).await.unwrap();
         let http = format!("http://{}", server.http_addr());
         let grpc = format!("http://{}", server.grpc_addr());

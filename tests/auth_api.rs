@@ -1,0 +1,372 @@
+//! Users and access over HTTP and gRPC: a roles x routes matrix, token tampering and
+//! expiry, and a restart keeping users, owners and grants.
+
+mod common;
+
+use std::path::Path;
+
+use common::{TestServer, http};
+use qit::proto::broker_client::BrokerClient;
+use qit::proto::{self};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
+
+async fn start(dir: &Path) -> TestServer {
+    TestServer::start_with(dir, |c| {
+        c.auth = true;
+        c.jwt_secret = Some(SECRET.into());
+        c.admin = Some("admin".into());
+        c.admin_password = Some("admin-password".into());
+    })
+    .await
+}
+
+async fn register(s: &TestServer, user: &str) -> String {
+    let r = http()
+        .post(format!("{}/auth/register", s.http))
+        .json(&json!({"username": user, "password": format!("{user}-password")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    login(s, user, &format!("{user}-password")).await
+}
+
+async fn login(s: &TestServer, user: &str, password: &str) -> String {
+    let r: Value = http()
+        .post(format!("{}/auth/login", s.http))
+        .json(&json!({"username": user, "password": password}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["token"].as_str().unwrap().to_string()
+}
+
+async fn call(
+    s: &TestServer,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> StatusCode {
+    let mut r = http().request(method, format!("{}{path}", s.http));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().await.unwrap().status()
+}
+
+#[tokio::test]
+async fn roles_by_routes_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let alice = register(&s, "alice").await;
+    let bob = register(&s, "bob").await;
+    let admin = login(&s, "admin", "admin-password").await;
+    assert_eq!(
+        call(&s, None, Method::GET, "/healthz", None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, None, Method::GET, "/queues", None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&s, Some("garbage"), Method::GET, "/queues", None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&s, Some(&alice), Method::POST, "/queues/jobs", None).await,
+        StatusCode::CREATED
+    );
+    // (route, alice = owner, bob = stranger)
+    let matrix: Vec<(Method, &str, Option<Value>, StatusCode, StatusCode)> = vec![
+        (
+            Method::GET,
+            "/queues/jobs",
+            None,
+            StatusCode::OK,
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            "/queues/jobs/messages",
+            Some(json!({"n": 1})),
+            StatusCode::CREATED,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::POST,
+            "/queues/jobs/messages/batch",
+            Some(json!({"messages": [{"body": 1}]})),
+            StatusCode::CREATED,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            "/queues/jobs/messages",
+            None,
+            StatusCode::OK,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            "/queues/jobs/log",
+            None,
+            StatusCode::OK,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            "/queues/jobs/groups/default",
+            None,
+            StatusCode::OK,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::POST,
+            "/queues/jobs/redrive",
+            None,
+            StatusCode::OK,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::POST,
+            "/queues/jobs/grants",
+            Some(json!({"user": "bob", "permissions": []})),
+            StatusCode::OK,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::DELETE,
+            "/queues/jobs.dlq",
+            None,
+            StatusCode::NO_CONTENT,
+            StatusCode::FORBIDDEN,
+        ),
+    ];
+    for (i, (method, path, body, owner, stranger)) in matrix.into_iter().enumerate() {
+        assert_eq!(
+            call(&s, Some(&bob), method.clone(), path, body.clone()).await,
+            stranger,
+            "bob, row {i}"
+        );
+        assert_eq!(
+            call(&s, Some(&alice), method, path, body).await,
+            owner,
+            "alice, row {i}"
+        );
+    }
+    // Grants let bob publish, then consume.
+    let grant = json!({"user": "bob", "permissions": ["publish"]});
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/queues/jobs/grants",
+            Some(grant)
+        )
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&bob),
+            Method::POST,
+            "/queues/jobs/messages",
+            Some(json!(1))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(&s, Some(&bob), Method::GET, "/queues/jobs/messages", None).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&s, Some(&bob), Method::DELETE, "/queues/jobs", None).await,
+        StatusCode::FORBIDDEN
+    );
+    // Exchanges: bob owns his, but may not bind alice's queue without publish rights on it.
+    assert_eq!(
+        call(
+            &s,
+            Some(&bob),
+            Method::POST,
+            "/exchanges/bx",
+            Some(json!({"type": "fanout"}))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(&s, Some(&alice), Method::POST, "/queues/private", None).await,
+        StatusCode::CREATED
+    );
+    let bind = json!({"queue": "private"});
+    assert_eq!(
+        call(
+            &s,
+            Some(&bob),
+            Method::POST,
+            "/exchanges/bx/bindings",
+            Some(bind.clone())
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/exchanges/bx/bindings",
+            Some(bind)
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    // The admin may do everything.
+    assert_eq!(
+        call(&s, Some(&admin), Method::DELETE, "/queues/jobs", None).await,
+        StatusCode::NO_CONTENT
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn tampered_expired_and_wrong_credentials_get_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let token = register(&s, "carol").await;
+    let r = http()
+        .post(format!("{}/auth/login", s.http))
+        .json(&json!({"username": "carol", "password": "wrong-password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let mut parts: Vec<String> = token.split('.').map(String::from).collect();
+    parts[1] = parts[1].chars().rev().collect();
+    assert_eq!(
+        call(&s, Some(&parts.join(".")), Method::GET, "/queues", None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let mut sig = token.clone();
+    let last = sig.pop().unwrap();
+    sig.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(
+        call(&s, Some(&sig), Method::GET, "/queues", None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    // A token signed with the right secret but already expired.
+    let expired = {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let claims = json!({"sub": "carol", "exp": 1_000_000_000u64, "iat": 999_999_000u64});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        call(&s, Some(&expired), Method::GET, "/queues", None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&s, Some(&token), Method::GET, "/queues", None).await,
+        StatusCode::OK
+    );
+    s.stop().await;
+}
+
+fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+#[tokio::test]
+async fn grpc_needs_tokens_and_grants_and_a_restart_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = {
+        let s = start(dir.path()).await;
+        let alice = register(&s, "alice").await;
+        let bob = register(&s, "bob").await;
+        let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+        let create = proto::CreateQueueRequest {
+            queue: "g".into(),
+            settings: None,
+        };
+        let denied = c.create_queue(create.clone()).await.unwrap_err();
+        assert_eq!(denied.code(), Code::Unauthenticated);
+        c.create_queue(authed(create, &alice)).await.unwrap();
+        let send = proto::SendMessageRequest {
+            queue: "g".into(),
+            messages: vec![proto::OutgoingMessage {
+                body: b"x".to_vec(),
+                ..Default::default()
+            }],
+        };
+        let forbidden = c
+            .send_message(authed(send.clone(), &bob))
+            .await
+            .unwrap_err();
+        assert_eq!(forbidden.code(), Code::PermissionDenied);
+        c.send_message(authed(send, &alice)).await.unwrap();
+        let grant = json!({"user": "bob", "permissions": ["publish", "consume"]});
+        assert_eq!(
+            call(
+                &s,
+                Some(&alice),
+                Method::POST,
+                "/queues/g/grants",
+                Some(grant)
+            )
+            .await,
+            StatusCode::OK
+        );
+        s.stop().await;
+        (alice, bob)
+    };
+    let s = start(dir.path()).await;
+    // Tokens, users, owners and grants survive the restart.
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    let sub = proto::SubscribeRequest {
+        queue: "g".into(),
+        partition: 0,
+        start: Some(proto::subscribe_request::Start::FromOffset(0)),
+    };
+    let mut stream = c.subscribe(authed(sub, &bob)).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.message.unwrap().body, b"x");
+    let delete = proto::DeleteQueueRequest { queue: "g".into() };
+    assert_eq!(
+        c.delete_queue(authed(delete.clone(), &bob))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    c.delete_queue(authed(delete, &alice)).await.unwrap();
+    let fresh = login(&s, "bob", "bob-password").await;
+    assert_eq!(
+        call(&s, Some(&fresh), Method::GET, "/queues", None).await,
+        StatusCode::OK
+    );
+    s.stop().await;
+}
