@@ -50,6 +50,12 @@ pub struct ServerConfig {
     pub token_ttl_secs: u64,
     /// A user who may do everything.
     pub admin: Option<String>,
+    /// Seconds between retention and compaction passes.
+    pub maintenance_interval_secs: u64,
+    /// Seconds compaction keeps tombstones (empty values) before dropping them.
+    pub delete_retention_secs: u64,
+    /// Most bytes per second compaction rewrites.
+    pub compaction_bytes_per_sec: u64,
     /// Password of the admin user, created on start when given.
     #[serde(skip_serializing)]
     pub admin_password: Option<String>,
@@ -71,6 +77,9 @@ impl Default for ServerConfig {
             jwt_secret: None,
             token_ttl_secs: 3600,
             admin: None,
+            maintenance_interval_secs: 10,
+            delete_retention_secs: 24 * 3600,
+            compaction_bytes_per_sec: 64 * 1024 * 1024,
             admin_password: None,
         }
     }
@@ -138,6 +147,12 @@ impl ServerConfig {
         }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes", "must be at least 1024");
+        }
+        if self.maintenance_interval_secs == 0 || self.compaction_bytes_per_sec == 0 {
+            return invalid(
+                "maintenance_interval_secs",
+                "intervals and rates must be positive",
+            );
         }
         if self.token_ttl_secs == 0 {
             return invalid("token_ttl_secs", "must be positive");

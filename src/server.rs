@@ -138,6 +138,16 @@ impl Server {
                     grpc_stop.cancelled_owned(),
                 ),
         );
+        let maintenance = crate::maintenance::MaintenanceConfig {
+            interval: Duration::from_secs(self.config.maintenance_interval_secs),
+            delete_retention: Duration::from_secs(self.config.delete_retention_secs),
+            bytes_per_sec: self.config.compaction_bytes_per_sec,
+        };
+        tokio::spawn(crate::maintenance::run(
+            Arc::downgrade(&self.broker),
+            maintenance,
+            stop.clone(),
+        ));
         tracing::info!(%http_addr, %grpc_addr, data_dir = %self.config.data_dir.display(), fsync = ?self.config.fsync, "qit is serving");
         shutdown.await;
         tracing::info!("shutting down: draining requests");

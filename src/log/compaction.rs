@@ -2,10 +2,11 @@
 //!
 //! Offsets never change: each batch keeps its base offset and `last_offset_delta`, so a batch
 //! whose records all go stays as an empty batch covering its offsets (runs of empty batches
-//! are merged into one). The new segment is written next to the old one as `.log.tmp`,
-//! fsynced, and renamed over it; then its indexes are written the same way. A crash before
-//! the rename leaves the old segment (the `.tmp` is removed on open); a crash after it leaves
-//! the new one, with indexes rebuilt on open if they were not renamed yet. Readers holding a
+//! are merged into one). The new segment and its indexes are written next to the old ones as
+//! `.tmp` files and fsynced; then the old indexes are removed, the new log is renamed over
+//! the old one, and the new indexes are renamed into place. A crash before the log rename
+//! leaves the old segment (`.tmp` files are removed on open, missing indexes rebuilt); a
+//! crash after it leaves the new one, its indexes rebuilt on open if not renamed yet. Readers holding a
 //! map of the old file keep reading it until they drop it.
 
 use std::fs::{self, File};
@@ -168,18 +169,26 @@ impl PartitionLog {
             return Ok(RewriteStats::default());
         };
         let paths = old.paths.clone();
+        let mut builder = IndexBuilder::new(shared.config.index_interval_bytes, None, true);
+        let scan = segment::scan(&bytes, base_offset, 0, base_offset, &mut builder);
         write_synced(&temp_path(&paths.log), &bytes)?;
+        write_temp_indexes(&paths, &scan.index, &scan.time_index)?;
         if stop == Step::WroteTemp {
             return Ok(RewriteStats::default());
+        }
+        // Old indexes go first: a crash from here on leaves the segment without indexes,
+        // which opening rebuilds, never with indexes of the other version.
+        for path in [&paths.index, &paths.time_index] {
+            fs::remove_file(path).map_err(io(path))?;
         }
         fs::rename(temp_path(&paths.log), &paths.log).map_err(io(&paths.log))?;
         recovery::sync_dir(&shared.dir)?;
         if stop == Step::Renamed {
             return Ok(RewriteStats::default());
         }
-        let mut builder = IndexBuilder::new(shared.config.index_interval_bytes, None, true);
-        let scan = segment::scan(&bytes, base_offset, 0, base_offset, &mut builder);
-        write_indexes(&paths, &scan.index, &scan.time_index)?;
+        for path in [&paths.index, &paths.time_index] {
+            fs::rename(temp_path(path), path).map_err(io(path))?;
+        }
         recovery::sync_dir(&shared.dir)?;
         let fresh = Arc::new(Segment::sealed(
             base_offset,
@@ -206,7 +215,7 @@ impl PartitionLog {
     }
 }
 
-fn write_indexes(
+fn write_temp_indexes(
     paths: &SegmentPaths,
     offsets: &[super::index::OffsetEntry],
     times: &[super::index::TimeEntry],
@@ -215,9 +224,6 @@ fn write_indexes(
     offsets.iter().for_each(|e| e.encode(&mut index));
     let mut time = Vec::new();
     times.iter().for_each(|e| e.encode(&mut time));
-    for (path, bytes) in [(&paths.index, index), (&paths.time_index, time)] {
-        write_synced(&temp_path(path), &bytes)?;
-        fs::rename(temp_path(path), path).map_err(io(path))?;
-    }
-    Ok(())
+    write_synced(&temp_path(&paths.index), &index)?;
+    write_synced(&temp_path(&paths.time_index), &time)
 }

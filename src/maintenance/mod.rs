@@ -112,7 +112,11 @@ pub fn compact(
 /// Runs retention and compaction over every queue now (blocking I/O: call off the async
 /// threads).
 pub fn run_once(broker: &Broker, config: &MaintenanceConfig) -> PassStats {
-    let now = now_ms();
+    run_once_at(broker, config, now_ms())
+}
+
+/// [`run_once`] as if the time were `now` (ms), for tests and tools.
+pub fn run_once_at(broker: &Broker, config: &MaintenanceConfig, now: i64) -> PassStats {
     let mut total = PassStats::default();
     for queue in broker.queue_handles() {
         match retain(&queue, now) {
