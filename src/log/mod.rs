@@ -276,9 +276,14 @@ impl PartitionLog {
             .saturating_sub(1);
         let mut bytes = 0usize;
         for segment in segments.iter().skip(start) {
-            let done = read_segment(segment, from, next, &mut out, &mut bytes, |n, b| {
-                n >= max_records || b >= max_bytes
-            })?;
+            let done = read_segment(
+                segment,
+                from,
+                next,
+                &mut out,
+                &mut bytes,
+                (max_records, max_bytes),
+            )?;
             if done {
                 break;
             }
@@ -413,8 +418,9 @@ fn read_segment(
     next: u64,
     out: &mut Vec<StoredRecord>,
     bytes: &mut usize,
-    full: impl Fn(usize, usize) -> bool,
+    (max_records, max_bytes): (usize, usize),
 ) -> Result<bool, LogError> {
+    let full = |n: usize, b: usize| n >= max_records || b >= max_bytes;
     let len = segment.len();
     let mut position = segment.position_for(from);
     while position < len {
@@ -428,10 +434,13 @@ fn read_segment(
         if header.base_offset >= next {
             return Ok(true);
         }
-        let records = record::decode_records(&header, &batch).map_err(|e| LogError::Corrupt {
-            path: segment.paths.log.clone(),
-            position,
-            reason: e.to_string(),
+        let limit = max_records.saturating_sub(out.len());
+        let records = record::decode_records_from(&header, &batch, from, limit).map_err(|e| {
+            LogError::Corrupt {
+                path: segment.paths.log.clone(),
+                position,
+                reason: e.to_string(),
+            }
         })?;
         for record in records {
             if record.offset < from || record.offset >= next {

@@ -212,26 +212,41 @@ fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
     buf.extend_from_slice(bytes);
 }
 
-/// Appends one record's encoding (length-prefixed) to `buf`.
+/// Bytes a varint of `value` takes.
+fn varint_len(value: u64) -> usize {
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Appends one record's encoding (length-prefixed) to `buf`, without temporary buffers.
 fn encode_record(buf: &mut Vec<u8>, offset_delta: u32, timestamp_delta: i64, record: &Record) {
-    let mut body = Vec::with_capacity(16 + record.value.len());
-    put_varint(&mut body, u64::from(offset_delta));
-    put_varint(&mut body, zigzag(timestamp_delta));
-    match &record.key {
-        Some(key) => {
-            put_varint(&mut body, key.len() as u64 + 1);
-            body.extend_from_slice(key);
-        }
-        None => put_varint(&mut body, 0),
+    let key_tag = record.key.as_ref().map_or(0, |k| k.len() as u64 + 1);
+    let headers_len: usize = record
+        .headers
+        .iter()
+        .map(|(n, v)| varint_len(n.len() as u64) + n.len() + varint_len(v.len() as u64) + v.len())
+        .sum();
+    let body_len = varint_len(u64::from(offset_delta))
+        + varint_len(zigzag(timestamp_delta))
+        + varint_len(key_tag)
+        + record.key.as_ref().map_or(0, Bytes::len)
+        + varint_len(record.headers.len() as u64)
+        + headers_len
+        + varint_len(record.value.len() as u64)
+        + record.value.len();
+    buf.reserve(body_len + 10);
+    put_varint(buf, body_len as u64);
+    put_varint(buf, u64::from(offset_delta));
+    put_varint(buf, zigzag(timestamp_delta));
+    put_varint(buf, key_tag);
+    if let Some(key) = &record.key {
+        buf.extend_from_slice(key);
     }
-    put_varint(&mut body, record.headers.len() as u64);
+    put_varint(buf, record.headers.len() as u64);
     for (name, value) in &record.headers {
-        put_bytes(&mut body, name.as_bytes());
-        put_bytes(&mut body, value);
+        put_bytes(buf, name.as_bytes());
+        put_bytes(buf, value);
     }
-    put_bytes(&mut body, &record.value);
-    put_varint(buf, body.len() as u64);
-    buf.extend_from_slice(&body);
+    put_bytes(buf, &record.value);
 }
 
 /// A record to encode together with its offset slot relative to the batch base.
@@ -358,6 +373,17 @@ pub fn decode_records(
     header: &BatchHeader,
     batch: &Bytes,
 ) -> Result<Vec<StoredRecord>, RecordError> {
+    decode_records_from(header, batch, 0, usize::MAX)
+}
+
+/// Decodes at most `limit` records with offset >= `from`; records below `from` are skipped
+/// without being materialized.
+pub fn decode_records_from(
+    header: &BatchHeader,
+    batch: &Bytes,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<StoredRecord>, RecordError> {
     let section = batch.slice(HEADER_LEN.min(batch.len())..);
     let section = match header.compression {
         Compression::None => section,
@@ -366,14 +392,25 @@ pub fn decode_records(
                 .map_err(|e| RecordError(format!("LZ4: {e}")))?,
         ),
     };
-    let mut records = Vec::with_capacity(header.record_count as usize);
+    let wanted = (header.record_count as usize).min(limit);
+    let mut records = Vec::with_capacity(wanted.min(1024));
     let mut cursor = Cursor {
         bytes: &section,
         at: 0,
     };
     for _ in 0..header.record_count {
+        if records.len() >= limit {
+            return Ok(records);
+        }
         let len = cursor.varint()?;
         let body = cursor.take(len)?;
+        let mut peek = Cursor {
+            bytes: section.get(..body.end).unwrap_or_default(),
+            at: body.start,
+        };
+        if header.base_offset + peek.varint()? < from {
+            continue;
+        }
         records.push(decode_record(header, &section, body)?);
     }
     if cursor.at != section.len() {
@@ -499,6 +536,24 @@ mod tests {
             let at = position.index(buf.len());
             buf[at] ^= flip;
             prop_assert!(!matches!(classify(&buf), Decoded::Batch(_)));
+        }
+    }
+
+    #[test]
+    fn varint_lengths_match_encoding() {
+        for value in [
+            0u64,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, value);
+            assert_eq!(buf.len(), varint_len(value), "{value}");
         }
     }
 
