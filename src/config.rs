@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub max_waiters: usize,
     /// Most concurrent gRPC streams.
     pub max_streams: usize,
+    /// Most concurrent long-polls and most gRPC streams per client address.
+    pub max_per_client: usize,
     /// Largest HTTP request body in bytes.
     pub max_body_bytes: usize,
     /// Secret for signing tokens (else generated and kept in the data directory).
@@ -73,6 +75,7 @@ impl Default for ServerConfig {
             max_queues: 10_000,
             max_waiters: 10_000,
             max_streams: 10_000,
+            max_per_client: 1000,
             max_body_bytes: 80 * 1024 * 1024,
             jwt_secret: None,
             token_ttl_secs: 3600,
@@ -142,7 +145,7 @@ impl ServerConfig {
         if self.max_queues == 0 {
             return invalid("max_queues", "must be positive");
         }
-        if self.max_waiters == 0 || self.max_streams == 0 {
+        if self.max_waiters == 0 || self.max_streams == 0 || self.max_per_client == 0 {
             return invalid("max_waiters", "caps must be positive");
         }
         if self.max_body_bytes < 1024 {

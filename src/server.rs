@@ -112,12 +112,16 @@ impl Server {
         let grpc_addr = self.grpc_addr();
         let mut state = HttpState::new(Arc::clone(&self.broker), self.config.max_waiters);
         state.auth = self.auth.clone();
+        state.per_client = crate::api::limits::ClientLimits::new(self.config.max_per_client);
         let router = http::router(state, self.config.max_body_bytes);
         let http_stop = stop.clone();
         let http_task = tokio::spawn(async move {
-            axum::serve(self.http, router)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await
+            axum::serve(
+                self.http,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await
         });
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -126,7 +130,8 @@ impl Server {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
         let api = GrpcApi::new(Arc::clone(&self.broker), self.config.max_streams)
-            .with_auth(self.auth.clone());
+            .with_auth(self.auth.clone())
+            .with_per_client(self.config.max_per_client);
         let grpc_stop = stop.clone();
         let grpc_task = tokio::spawn(
             tonic::transport::Server::builder()

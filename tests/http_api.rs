@@ -517,3 +517,26 @@ async fn health_and_metrics() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn long_polls_are_capped_per_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_with(dir.path(), |c| c.max_per_client = 1).await;
+    create(&s, "capped", json!({})).await;
+    let url = format!("{}/queues/capped/messages?wait=5", s.http);
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { http().get(url).send().await.unwrap().status() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = http().get(&url).send().await.unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "limit_reached");
+    // Receives without waiting are never capped.
+    let (status, _) = get(&s, "/queues/capped/messages").await;
+    assert_eq!(status, StatusCode::OK);
+    send(&s, "capped", "release").await;
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    s.stop().await;
+}

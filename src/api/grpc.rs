@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::authenticate;
 use super::error::ApiError;
+use super::limits::{ClientLimits, ClientPermit};
 use crate::auth::{Action, AuthStore, Resource};
 use crate::broker::{self, Broker, BrokerError, Delivery, MessageId, NewMessage, ReadFrom};
 use crate::proto::{self, broker_server, receive_request, receive_response, subscribe_request};
@@ -26,6 +27,9 @@ const STREAM_POLL: Duration = Duration::from_secs(1);
 /// Most messages one `Subscribe` read returns.
 const SUBSCRIBE_BATCH: usize = 500;
 
+/// A stream's slots in the server-wide and per-client caps.
+type StreamPermit = (OwnedSemaphorePermit, Option<ClientPermit>);
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The gRPC service.
@@ -33,6 +37,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub struct GrpcApi {
     broker: Arc<Broker>,
     streams: Arc<Semaphore>,
+    per_client: Arc<ClientLimits>,
     auth: Option<Arc<AuthStore>>,
 }
 
@@ -42,8 +47,15 @@ impl GrpcApi {
         Self {
             broker,
             streams: Arc::new(Semaphore::new(max_streams)),
+            per_client: ClientLimits::new(max_streams),
             auth: None,
         }
+    }
+
+    /// Caps open streams per client address.
+    pub fn with_per_client(mut self, per_client: usize) -> Self {
+        self.per_client = ClientLimits::new(per_client);
+        self
     }
 
     /// Requires tokens and checks grants with `auth` (`None`: auth off).
@@ -96,10 +108,17 @@ impl GrpcApi {
             .max_encoding_message_size(80 * 1024 * 1024)
     }
 
-    fn stream_permit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        Arc::clone(&self.streams)
+    fn stream_permit<T>(&self, request: &Request<T>) -> Result<StreamPermit, Status> {
+        let total = Arc::clone(&self.streams)
             .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted("too many open streams"))
+            .map_err(|_| Status::resource_exhausted("too many open streams"))?;
+        let mine = match request.remote_addr() {
+            Some(addr) => Some(self.per_client.acquire(addr.ip()).ok_or_else(|| {
+                Status::resource_exhausted("too many open streams from this client")
+            })?),
+            None => None,
+        };
+        Ok((total, mine))
     }
 }
 
@@ -388,7 +407,7 @@ impl broker_server::Broker for GrpcApi {
         request: Request<Streaming<proto::ReceiveRequest>>,
     ) -> Result<Response<Self::ReceiveMessagesStream>, Status> {
         let user = self.check(&request, None)?;
-        let permit = self.stream_permit()?;
+        let permit = self.stream_permit(&request)?;
         let mut inbound = request.into_inner();
         let open = match inbound.message().await?.and_then(|m| m.request) {
             Some(receive_request::Request::Open(open)) => open,
@@ -431,7 +450,7 @@ impl broker_server::Broker for GrpcApi {
             &request,
             Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
         )?;
-        let permit = self.stream_permit()?;
+        let permit = self.stream_permit(&request)?;
         let r = request.into_inner();
         let from = match r.start {
             Some(subscribe_request::Start::FromTimeMs(ms)) => ReadFrom::Time(ms),
@@ -520,11 +539,7 @@ struct Session {
 }
 
 impl Session {
-    async fn run(
-        mut self,
-        mut inbound: Streaming<proto::ReceiveRequest>,
-        _permit: OwnedSemaphorePermit,
-    ) {
+    async fn run(mut self, mut inbound: Streaming<proto::ReceiveRequest>, _permit: StreamPermit) {
         metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").increment(1.0);
         loop {
             let now = Instant::now();

@@ -43,6 +43,8 @@ pub struct HttpState {
     pub max_waiters: usize,
     /// Users and grants, when auth is on.
     pub auth: Option<Arc<crate::auth::AuthStore>>,
+    /// Long-polls per client address.
+    pub per_client: Arc<super::limits::ClientLimits>,
 }
 
 impl HttpState {
@@ -53,6 +55,7 @@ impl HttpState {
             waiters: Arc::new(Semaphore::new(max_waiters)),
             max_waiters,
             auth: None,
+            per_client: super::limits::ClientLimits::new(max_waiters),
         }
     }
 }
@@ -322,7 +325,12 @@ async fn publish_batch(
     Ok(created(json!({"ids": ids})))
 }
 
-async fn receive(State(s): State<HttpState>, Path(queue): Path<String>, q: Query_) -> ApiResult {
+async fn receive(
+    State(s): State<HttpState>,
+    Path(queue): Path<String>,
+    client: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    q: Query_,
+) -> ApiResult {
     let q = query(q)?;
     let max: usize = param(&q, "max")?.unwrap_or(1);
     if !(1..=1000).contains(&max) {
@@ -333,16 +341,30 @@ async fn receive(State(s): State<HttpState>, Path(queue): Path<String>, q: Query
     if visibility.is_some_and(|v| v.is_zero()) {
         return Err(ApiError::bad_request("`visibility` must be positive"));
     }
-    let _permit = if wait.is_zero() {
+    let too_many = |what: &str| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "limit_reached",
+            format!("too many long-polling receivers {what}"),
+        )
+    };
+    let _permits = if wait.is_zero() {
         None
     } else {
-        Some(s.waiters.clone().try_acquire_owned().map_err(|_| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "limit_reached",
-                "too many long-polling receivers",
-            )
-        })?)
+        let total = s
+            .waiters
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| too_many("on this server"))?;
+        let mine = match client {
+            Some(axum::Extension(axum::extract::ConnectInfo(addr))) => Some(
+                s.per_client
+                    .acquire(addr.ip())
+                    .ok_or_else(|| too_many("from this client"))?,
+            ),
+            None => None,
+        };
+        Some((total, mine))
     };
     let list = s
         .broker

@@ -6,3 +6,4 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod limits;
