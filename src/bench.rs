@@ -204,8 +204,11 @@ fn validate(opts: &BenchOptions) -> Result<(), BenchError> {
     if opts.batch == 0 || opts.batch > 1000 {
         return bad("--batch must be 1..=1000");
     }
-    if opts.producers == 0 || opts.consumers == 0 {
-        return bad("--producers and --consumers must be at least 1");
+    if opts.producers == 0 && opts.consumers == 0 {
+        return bad("--producers and --consumers cannot both be 0");
+    }
+    if opts.producers == 0 && (opts.queue.is_none() || opts.duration.is_some()) {
+        return bad("--producers 0 consumes --messages from an existing --queue");
     }
     if opts.duration.is_none() && opts.messages == 0 {
         return bad("--messages must be at least 1");
@@ -259,7 +262,9 @@ async fn drive(shared: &Arc<Shared>) -> Result<BenchReport, BenchError> {
     }
     let publish_secs = start.elapsed().as_secs_f64();
     let published = shared.published.load(Ordering::Relaxed);
-    shared.target.store(published, Ordering::Relaxed);
+    if shared.opts.producers > 0 {
+        shared.target.store(published, Ordering::Relaxed);
+    }
     let watchdog = spawn_drain_watchdog(Arc::clone(shared));
     let mut histogram = new_histogram();
     for consumer in consumers {

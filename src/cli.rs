@@ -250,10 +250,10 @@ pub struct BenchArgs {
     /// Messages per publish request.
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
-    /// Concurrent producers.
+    /// Concurrent producers (0: only consume `--messages` from an existing `--queue`).
     #[arg(long, default_value_t = 4)]
     pub producers: usize,
-    /// Concurrent consumers.
+    /// Concurrent consumers (0: only publish).
     #[arg(long, default_value_t = 4)]
     pub consumers: usize,
     /// Partitions of the bench queue.

@@ -9,24 +9,27 @@
 //!         kind 1 = entry, kind 2 = checkpoint (a snapshot replacing all before it)
 //! ```
 //!
-//! A single writer thread appends frames: every append enqueued while it was busy goes out
-//! in one `write` and, under `fsync = always`, one fsync (group commit). A checkpoint writes
-//! a new file holding only the snapshot, fsyncs it and renames it over the journal, so a
-//! crash leaves either the old journal or the new one. On open, a torn or corrupt tail is
-//! cut off after the last whole frame.
+//! An append writes its frames with one `write` on the caller's thread, under the journal's
+//! lock, so that an answered append survives a crash of the process; fsyncs run on the
+//! journal's sync thread ([`crate::commit`]): under `fsync = always` one fsync serves every
+//! append written while the previous one ran (group commit), under `interval` the thread
+//! syncs a few milliseconds after the first unsynced write. A checkpoint writes a new file
+//! holding only the snapshot, fsyncs it and renames it over the journal, so a crash leaves
+//! either the old journal or the new one. On open, a torn or corrupt tail is cut off after
+//! the last whole frame.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use parking_lot::Mutex;
 
+use crate::commit::GroupCommit;
 use crate::log::FsyncPolicy;
 
 /// `"QITJ"`.
@@ -80,27 +83,9 @@ pub enum JournalError {
     /// The journal was closed.
     #[error("the journal is closed")]
     Closed,
-}
-
-impl JournalError {
-    fn duplicate(&self) -> Self {
-        match self {
-            JournalError::Io { path, source } => JournalError::Io {
-                path: path.clone(),
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            },
-            JournalError::Corrupt {
-                path,
-                position,
-                reason,
-            } => JournalError::Corrupt {
-                path: path.clone(),
-                position: *position,
-                reason: reason.clone(),
-            },
-            JournalError::Closed => JournalError::Closed,
-        }
-    }
+    /// An fsync failed earlier: the journal takes no more appends until reopened.
+    #[error("the journal failed and takes no appends: {0}")]
+    Failed(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
@@ -110,40 +95,71 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
     }
 }
 
-/// Completion of an enqueued append or checkpoint.
+/// Completion of an append or checkpoint: already written when returned; [`Ticket::wait`]
+/// resolves once it is durable under [`FsyncPolicy::Always`] (at once otherwise).
 pub struct Ticket {
-    answer: Result<oneshot::Receiver<Result<(), JournalError>>, JournalError>,
+    state: Result<Option<(Arc<Shared>, u64)>, JournalError>,
 }
 
 impl Ticket {
     /// Resolves once the operation is written, and under [`FsyncPolicy::Always`] durable.
     pub async fn wait(self) -> Result<(), JournalError> {
-        self.answer?.await.map_err(|_| JournalError::Closed)?
-    }
-}
-
-enum Command {
-    Append(Vec<Bytes>, oneshot::Sender<Result<(), JournalError>>),
-    Checkpoint(Bytes, oneshot::Sender<Result<(), JournalError>>),
-    Flush(oneshot::Sender<Result<(), JournalError>>),
-}
-
-struct Inner {
-    commands: Option<mpsc::Sender<Command>>,
-    thread: Option<JoinHandle<()>>,
-    since_checkpoint: Arc<AtomicU64>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.commands.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        match self.state? {
+            Some((shared, end)) => shared
+                .commit
+                .wait_synced(end)
+                .await
+                .map_err(JournalError::Failed),
+            None => Ok(()),
         }
     }
 }
 
-/// A journal file. Cheap to clone (a handle); the writer stops when the last one drops.
+/// The journal file and where writing stands, behind the journal's lock.
+struct JournalFile {
+    /// Shared with the sync thread, which fsyncs it outside the lock.
+    file: Arc<File>,
+    /// Length of the file.
+    len: u64,
+    /// Bytes written since open (across checkpoints): the position durability is tracked in.
+    written: u64,
+    /// Written since the last fsync.
+    dirty: bool,
+    last_sync: Instant,
+    /// Reused frame buffer.
+    buf: Vec<u8>,
+    /// Why the journal takes no more appends.
+    failed: Option<String>,
+}
+
+/// State shared by the handles and the sync thread.
+struct Shared {
+    path: PathBuf,
+    fsync: FsyncPolicy,
+    file: Mutex<JournalFile>,
+    commit: GroupCommit,
+    since_checkpoint: AtomicU64,
+}
+
+/// Owns the sync thread; the last handle's drop stops it and syncs a last time.
+struct Inner {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.commit.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if let Err(error) = self.shared.sync_now() {
+            tracing::error!(%error, "final journal fsync failed");
+        }
+    }
+}
+
+/// A journal file. Cheap to clone (a handle).
 #[derive(Clone)]
 pub struct Journal {
     inner: Arc<Inner>,
@@ -245,71 +261,168 @@ impl Journal {
             file.set_len(valid as u64).map_err(io(path))?;
             file.sync_all().map_err(io(path))?;
         }
-        let since_checkpoint = Arc::new(AtomicU64::new(valid.saturating_sub(HEADER_LEN) as u64));
-        let (commands, rx) = mpsc::channel();
-        let writer = JournalWriter {
+        let shared = Arc::new(Shared {
             path: path.to_path_buf(),
-            file,
-            rx,
             fsync,
-            dirty: false,
-            last_sync: Instant::now(),
-            since_checkpoint: Arc::clone(&since_checkpoint),
-        };
-        let thread = std::thread::Builder::new()
-            .name("qit-journal".into())
-            .spawn(move || writer.run())
-            .map_err(io(path))?;
-        let journal = Journal {
-            inner: Arc::new(Inner {
-                commands: Some(commands),
-                thread: Some(thread),
-                since_checkpoint,
+            file: Mutex::new(JournalFile {
+                file: Arc::new(file),
+                len: valid.max(HEADER_LEN) as u64,
+                written: 0,
+                dirty: false,
+                last_sync: Instant::now(),
+                buf: Vec::new(),
+                failed: None,
             }),
+            commit: GroupCommit::new(0),
+            since_checkpoint: AtomicU64::new(valid.saturating_sub(HEADER_LEN) as u64),
+        });
+        let thread = match fsync {
+            FsyncPolicy::Never => None,
+            FsyncPolicy::Always | FsyncPolicy::Interval => {
+                let for_thread = Arc::clone(&shared);
+                let thread = std::thread::Builder::new()
+                    .name("qit-journal-sync".into())
+                    .spawn(move || for_thread.run_sync_thread())
+                    .map_err(io(path))?;
+                Some(thread)
+            }
+        };
+        let journal = Journal {
+            inner: Arc::new(Inner { shared, thread }),
         };
         Ok((journal, replay))
     }
 
-    fn enqueue(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<(), JournalError>>) -> Command,
-    ) -> Ticket {
-        let (reply, answer) = oneshot::channel();
-        let sent = self
-            .inner
-            .commands
-            .as_ref()
-            .map(|tx| tx.send(make(reply)).is_ok())
-            .unwrap_or(false);
+    fn ticket(&self, written: Result<u64, JournalError>) -> Ticket {
+        let shared = &self.inner.shared;
         Ticket {
-            answer: if sent {
-                Ok(answer)
-            } else {
-                Err(JournalError::Closed)
-            },
+            state: written.map(|end| {
+                (shared.fsync == FsyncPolicy::Always).then(|| (Arc::clone(shared), end))
+            }),
         }
     }
 
-    /// Enqueues entries now (order = call order across all callers); await the ticket for
+    /// Writes entries now (order = call order across all callers); await the ticket for
     /// durability. Concurrent appends are group-committed.
     pub fn append(&self, entries: Vec<Bytes>) -> Ticket {
-        self.enqueue(|reply| Command::Append(entries, reply))
+        self.ticket(self.inner.shared.append(&entries))
     }
 
-    /// Enqueues a checkpoint now: `snapshot` replaces everything appended before this call;
-    /// entries appended after it are kept after it. Atomic against crashes.
+    /// Checkpoints now: `snapshot` replaces everything appended before this call; entries
+    /// appended after it are kept after it. Atomic against crashes; durable when it returns.
     pub fn checkpoint(&self, snapshot: Bytes) -> Ticket {
-        self.enqueue(|reply| Command::Checkpoint(snapshot, reply))
+        self.ticket(self.inner.shared.checkpoint(&snapshot))
     }
 
     /// Bytes in the journal file since the last checkpoint (to decide when to checkpoint).
     pub fn bytes_since_checkpoint(&self) -> u64 {
-        self.inner.since_checkpoint.load(Ordering::Relaxed)
+        self.inner.shared.since_checkpoint.load(Ordering::Relaxed)
     }
 
-    /// Writes and fsyncs everything enqueued so far.
+    /// fsyncs everything appended so far (on the caller's thread).
     pub async fn flush(&self) -> Result<(), JournalError> {
-        self.enqueue(Command::Flush).wait().await
+        self.inner.shared.sync_now().map(|_| ())
+    }
+}
+
+impl Shared {
+    /// Writes `entries` as frames with one `write`; returns the position after them.
+    fn append(&self, entries: &[Bytes]) -> Result<u64, JournalError> {
+        let mut guard = self.file.lock();
+        let f = &mut *guard;
+        if let Some(reason) = &f.failed {
+            return Err(JournalError::Failed(reason.clone()));
+        }
+        f.buf.clear();
+        entries
+            .iter()
+            .for_each(|e| put_frame(&mut f.buf, KIND_ENTRY, e));
+        if let Err(error) = (&*f.file).write_all(&f.buf) {
+            // Keep the file ending on a whole frame.
+            let _ = f.file.set_len(f.len);
+            return Err(io(&self.path)(error));
+        }
+        f.len += f.buf.len() as u64;
+        f.written += f.buf.len() as u64;
+        self.since_checkpoint
+            .fetch_add(f.buf.len() as u64, Ordering::Relaxed);
+        if !f.dirty {
+            f.dirty = true;
+            if self.fsync == FsyncPolicy::Interval {
+                self.commit.request();
+            }
+        }
+        Ok(f.written)
+    }
+
+    /// fsyncs what is written, on the caller's thread.
+    fn sync_now(&self) -> Result<u64, JournalError> {
+        let mut f = self.file.lock();
+        if f.dirty {
+            f.file.sync_data().map_err(io(&self.path))?;
+            f.dirty = false;
+            f.last_sync = Instant::now();
+        }
+        self.commit.mark_synced(f.written);
+        Ok(f.written)
+    }
+
+    /// The sync thread: one fsync per request, outside the lock.
+    fn run_sync_thread(&self) {
+        self.commit.run(
+            self.fsync,
+            SYNC_INTERVAL,
+            || self.file.lock().last_sync,
+            || self.sync_outside_lock(),
+        );
+    }
+
+    fn sync_outside_lock(&self) {
+        let (file, end) = {
+            let mut f = self.file.lock();
+            if !f.dirty {
+                return;
+            }
+            f.dirty = false;
+            (Arc::clone(&f.file), f.written)
+        };
+        let result = file.sync_data();
+        let mut f = self.file.lock();
+        f.last_sync = Instant::now();
+        match result {
+            Ok(()) => self.commit.mark_synced(end),
+            Err(error) => {
+                let reason = format!("fsync of {} failed: {error}", self.path.display());
+                tracing::error!(%reason, "the journal stops taking appends");
+                f.failed = Some(reason.clone());
+                self.commit.fail(reason);
+            }
+        }
+    }
+
+    /// Replaces the journal with a file holding only `snapshot`.
+    fn checkpoint(&self, snapshot: &[u8]) -> Result<u64, JournalError> {
+        let mut f = self.file.lock();
+        let tmp = temp_path(&self.path);
+        let mut bytes = file_header().to_vec();
+        put_frame(&mut bytes, KIND_CHECKPOINT, snapshot);
+        let mut file = File::create(&tmp).map_err(io(&tmp))?;
+        file.write_all(&bytes).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
+        sync_parent(&self.path)?;
+        f.file = Arc::new(
+            OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .map_err(io(&self.path))?,
+        );
+        f.len = bytes.len() as u64;
+        f.dirty = false;
+        self.since_checkpoint.store(0, Ordering::Relaxed);
+        // Everything appended before is in the snapshot, which is durable now.
+        self.commit.mark_synced(f.written);
+        Ok(f.written)
     }
 }
 
@@ -323,140 +436,6 @@ fn sync_parent(path: &Path) -> Result<(), JournalError> {
     match path.parent() {
         Some(dir) => File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir)),
         None => Ok(()),
-    }
-}
-
-/// The writer thread's state.
-struct JournalWriter {
-    path: PathBuf,
-    file: File,
-    rx: Receiver<Command>,
-    fsync: FsyncPolicy,
-    dirty: bool,
-    last_sync: Instant,
-    since_checkpoint: Arc<AtomicU64>,
-}
-
-impl JournalWriter {
-    fn run(mut self) {
-        while let Some(first) = self.next_command() {
-            let mut commands = vec![first];
-            while let Ok(command) = self.rx.try_recv() {
-                commands.push(command);
-            }
-            self.process(commands);
-        }
-        if let Err(error) = self.sync() {
-            tracing::error!(%error, "final journal fsync failed");
-        }
-    }
-
-    fn next_command(&mut self) -> Option<Command> {
-        loop {
-            if !(self.dirty && self.fsync == FsyncPolicy::Interval) {
-                return self.rx.recv().ok();
-            }
-            let wait = (self.last_sync + SYNC_INTERVAL).saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(wait) {
-                Ok(command) => return Some(command),
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(error) = self.sync() {
-                        tracing::error!(%error, "journal fsync failed");
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => return None,
-            }
-        }
-    }
-
-    fn process(&mut self, commands: Vec<Command>) {
-        let mut buf = Vec::new();
-        let mut waiting = Vec::new();
-        for command in commands {
-            match command {
-                Command::Append(entries, reply) => {
-                    entries
-                        .iter()
-                        .for_each(|e| put_frame(&mut buf, KIND_ENTRY, e));
-                    waiting.push(reply);
-                }
-                Command::Checkpoint(snapshot, reply) => {
-                    self.commit(&mut buf, &mut waiting);
-                    let _ = reply.send(self.checkpoint(&snapshot));
-                }
-                Command::Flush(reply) => {
-                    self.commit(&mut buf, &mut waiting);
-                    let _ = reply.send(self.sync());
-                }
-            }
-        }
-        self.commit(&mut buf, &mut waiting);
-    }
-
-    fn commit(
-        &mut self,
-        buf: &mut Vec<u8>,
-        waiting: &mut Vec<oneshot::Sender<Result<(), JournalError>>>,
-    ) {
-        if waiting.is_empty() && buf.is_empty() {
-            return;
-        }
-        let mut result = self.write(buf);
-        if result.is_ok() && self.fsync == FsyncPolicy::Always {
-            result = self.sync();
-        }
-        for reply in waiting.drain(..) {
-            let _ = reply.send(result.as_ref().map(|_| ()).map_err(JournalError::duplicate));
-        }
-    }
-
-    fn write(&mut self, buf: &mut Vec<u8>) -> Result<(), JournalError> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let before = self.file.metadata().map(|m| m.len());
-        let result = self.file.write_all(buf).map_err(io(&self.path));
-        if result.is_err() {
-            // Keep the file ending on a whole frame.
-            if let Ok(len) = before {
-                let _ = self.file.set_len(len);
-            }
-        } else {
-            self.since_checkpoint
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            self.dirty = true;
-        }
-        buf.clear();
-        result
-    }
-
-    fn sync(&mut self) -> Result<(), JournalError> {
-        if !self.dirty {
-            return Ok(());
-        }
-        self.file.sync_data().map_err(io(&self.path))?;
-        self.dirty = false;
-        self.last_sync = Instant::now();
-        Ok(())
-    }
-
-    /// Replaces the journal with a file holding only `snapshot`.
-    fn checkpoint(&mut self, snapshot: &[u8]) -> Result<(), JournalError> {
-        let tmp = temp_path(&self.path);
-        let mut bytes = file_header().to_vec();
-        put_frame(&mut bytes, KIND_CHECKPOINT, snapshot);
-        let mut file = File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
-        sync_parent(&self.path)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(io(&self.path))?;
-        self.dirty = false;
-        self.since_checkpoint.store(0, Ordering::Relaxed);
-        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@
 //! - [`log`]: the partition log — batches, segments, sparse indexes, recovery.
 //! - [`group`]: per-group delivery state (ack floor, leases, redelivery, DLQ decisions) as a
 //!   pure state machine, and its durable journal.
+//! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
 //! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
@@ -30,6 +31,7 @@ pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod commit;
 pub mod config;
 pub mod group;
 pub mod journal;

@@ -15,13 +15,21 @@ use qit::client::{Body, Client, segment};
 use qit::config::{LogFormat, ServerConfig};
 use qit::server::{Server, shutdown_signal};
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(cli.command))
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli.command)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The causes in one line, never a backtrace: this is for people, not debuggers.
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(command: Command) -> Result<()> {

@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::grpc::GrpcApi;
 use crate::api::http::{self, HttpState};
@@ -116,8 +117,14 @@ impl Server {
         let router = http::router(state, self.config.max_body_bytes);
         let http_stop = stop.clone();
         let http_task = tokio::spawn(async move {
+            // Small responses must not wait for a delayed ACK (Nagle): TCP_NODELAY.
+            let listener = self.http.tap_io(|tcp| {
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot set TCP_NODELAY");
+                }
+            });
             axum::serve(
-                self.http,
+                listener,
                 router.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(http_stop.cancelled_owned())
@@ -139,7 +146,7 @@ impl Server {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(self.grpc),
+                    TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                     grpc_stop.cancelled_owned(),
                 ),
         );

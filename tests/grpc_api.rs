@@ -332,3 +332,69 @@ async fn reflection_lists_the_broker_service() {
     assert!(names.contains(&"qit.v1.Broker".to_string()), "{names:?}");
     s.stop().await;
 }
+
+/// Regression: competing streams of one group must see every message exactly once when
+/// nothing fails, and every ack sent on a stream must land (no message left unacked).
+#[tokio::test]
+async fn competing_streams_deliver_each_message_once_and_every_ack_lands() {
+    const MESSAGES: usize = 20_000;
+    const CONSUMERS: usize = 4;
+    let s = TestServer::start().await;
+    let mut c = client(&s).await;
+    c.create_queue(proto::CreateQueueRequest {
+        queue: "work".into(),
+        settings: Some(proto::QueueSettings {
+            partitions: Some(4),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        u32,
+    >::new()));
+    let mut consumers = Vec::new();
+    for _ in 0..CONSUMERS {
+        let mut c = client(&s).await;
+        let seen = std::sync::Arc::clone(&seen);
+        consumers.push(tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel(4096);
+            tx.send(open("work", 500)).await.unwrap();
+            let mut stream = c
+                .receive_messages(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            while let Some(m) = next_message(&mut stream, Duration::from_secs(2)).await {
+                *seen.lock().unwrap().entry(m.id.clone()).or_default() += 1;
+                tx.send(ack(&m.id)).await.unwrap();
+            }
+            // Keep the stream open until every ack was read by the server.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }));
+    }
+    for chunk in 0..MESSAGES / 500 {
+        let bodies: Vec<String> = (0..500).map(|i| format!("m{}", chunk * 500 + i)).collect();
+        let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
+        send(&mut c, "work", &refs).await;
+    }
+    for consumer in consumers {
+        consumer.await.unwrap();
+    }
+    {
+        let seen = seen.lock().unwrap();
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+        assert_eq!(seen.len(), MESSAGES);
+    }
+    let info = c
+        .get_queue(proto::GetQueueRequest {
+            queue: "work".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.groups[0].backlog, 0, "{info:?}");
+    s.stop().await;
+}

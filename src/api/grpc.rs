@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio::time::Instant;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -16,19 +15,18 @@ use tonic::{Request, Response, Status, Streaming};
 use super::auth::authenticate;
 use super::error::ApiError;
 use super::limits::{ClientLimits, ClientPermit};
+use super::receive::Session;
 use crate::auth::{Action, AuthStore, Resource};
 use crate::broker::{self, Broker, BrokerError, Delivery, MessageId, NewMessage, ReadFrom};
-use crate::proto::{self, broker_server, receive_request, receive_response, subscribe_request};
+use crate::proto::{self, broker_server, receive_request, subscribe_request};
 
 /// Default credit when a stream opens with `max_in_flight = 0`.
 const DEFAULT_CREDIT: u64 = 100;
-/// How long one lease attempt of a stream waits before re-checking its inputs.
-const STREAM_POLL: Duration = Duration::from_secs(1);
 /// Most messages one `Subscribe` read returns.
 const SUBSCRIBE_BATCH: usize = 500;
 
 /// A stream's slots in the server-wide and per-client caps.
-type StreamPermit = (OwnedSemaphorePermit, Option<ClientPermit>);
+pub(super) type StreamPermit = (OwnedSemaphorePermit, Option<ClientPermit>);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -205,7 +203,7 @@ fn queue_info(info: broker::QueueInfo) -> proto::QueueInfo {
     }
 }
 
-fn message(d: Delivery) -> proto::Message {
+pub(super) fn message(d: Delivery) -> proto::Message {
     proto::Message {
         id: d.id.to_string(),
         queue: d.queue,
@@ -220,7 +218,7 @@ fn message(d: Delivery) -> proto::Message {
     }
 }
 
-fn message_id(raw: &str) -> Result<MessageId, Status> {
+pub(super) fn message_id(raw: &str) -> Result<MessageId, Status> {
     raw.parse::<MessageId>().map_err(Status::from)
 }
 
@@ -228,7 +226,7 @@ fn group_name(group: &str) -> &str {
     if group.is_empty() { "default" } else { group }
 }
 
-fn millis(ms: u64) -> Duration {
+pub(super) fn millis(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
 
@@ -422,13 +420,15 @@ impl broker_server::Broker for GrpcApi {
                 .authorize(user, Action::Consume, &Resource::queue(&open.queue))
                 .map_err(|e| Status::from(ApiError::from(e)))?;
         }
-        self.broker.queue_info(&open.queue)?;
+        let settings = self.broker.queue_settings(&open.queue)?;
         let (tx, rx) = mpsc::channel(256);
         let session = Session {
             broker: Arc::clone(&self.broker),
             queue: open.queue,
             group,
-            visibility: open.visibility_ms.map(millis),
+            visibility: open
+                .visibility_ms
+                .map_or(Duration::from_secs(settings.ack_timeout), millis),
             credit: match open.max_in_flight {
                 0 => DEFAULT_CREDIT,
                 n => u64::from(n),
@@ -522,154 +522,5 @@ async fn follow(
             }
         }
         next = after;
-    }
-}
-
-/// One `ReceiveMessages` stream.
-struct Session {
-    broker: Arc<Broker>,
-    queue: String,
-    group: String,
-    visibility: Option<Duration>,
-    /// Most unacknowledged messages out at once.
-    credit: u64,
-    /// Leased on this stream and not settled, with when the lease runs out.
-    outstanding: HashMap<MessageId, Instant>,
-    tx: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
-}
-
-impl Session {
-    async fn run(mut self, mut inbound: Streaming<proto::ReceiveRequest>, _permit: StreamPermit) {
-        metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").increment(1.0);
-        loop {
-            let now = Instant::now();
-            self.outstanding.retain(|_, deadline| *deadline > now);
-            let room = self.credit.saturating_sub(self.outstanding.len() as u64);
-            if self.broker.is_shutting_down() {
-                let _ = self
-                    .tx
-                    .send(Err(Status::unavailable("the broker is shutting down")))
-                    .await;
-                break;
-            }
-            tokio::select! {
-                incoming = inbound.message() => match incoming {
-                    Ok(Some(request)) => self.handle(request).await,
-                    _ => break,
-                },
-                leased = self.broker.receive(
-                    &self.queue,
-                    &self.group,
-                    room.min(broker::MAX_RECEIVE as u64) as usize,
-                    STREAM_POLL,
-                    self.visibility,
-                ), if room > 0 => {
-                    if !self.deliver(leased).await {
-                        break;
-                    }
-                }
-                _ = tokio::time::sleep(Duration::from_millis(200)), if room == 0 => {}
-                _ = self.tx.closed() => break,
-            }
-        }
-        self.return_leases().await;
-        metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").decrement(1.0);
-    }
-
-    /// Sends leased messages; false when the stream is over.
-    async fn deliver(&mut self, leased: Result<Vec<Delivery>, BrokerError>) -> bool {
-        let list = match leased {
-            Ok(list) => list,
-            Err(error) => {
-                let _ = self.tx.send(Err(error.into())).await;
-                return false;
-            }
-        };
-        let visibility = self.visibility.unwrap_or(Duration::from_secs(
-            self.broker
-                .queue_info(&self.queue)
-                .map_or(30, |i| i.settings.ack_timeout),
-        ));
-        for d in list {
-            self.outstanding.insert(d.id, Instant::now() + visibility);
-            let response = proto::ReceiveResponse {
-                response: Some(receive_response::Response::Message(message(d))),
-            };
-            if self.tx.send(Ok(response)).await.is_err() {
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn handle(&mut self, request: proto::ReceiveRequest) {
-        use receive_request::Request as R;
-        let (id, result) = match request.request {
-            Some(R::Credit(c)) => {
-                self.credit = self.credit.saturating_add(u64::from(c.add));
-                return;
-            }
-            Some(R::Ack(a)) => (a.id.clone(), self.settle(&a.id, None, true).await),
-            Some(R::Nack(n)) => (
-                n.id.clone(),
-                self.settle(&n.id, n.delay_ms.map(millis), false).await,
-            ),
-            Some(R::Extend(e)) => (e.id.clone(), self.extend(&e.id, e.visibility_ms).await),
-            Some(R::Open(_)) | None => (
-                String::new(),
-                Err(Status::invalid_argument("the stream is already open")),
-            ),
-        };
-        if let Err(status) = result {
-            let error = proto::StreamError {
-                id,
-                code: format!("{:?}", status.code()),
-                message: status.message().to_string(),
-            };
-            let response = proto::ReceiveResponse {
-                response: Some(receive_response::Response::Error(error)),
-            };
-            let _ = self.tx.send(Ok(response)).await;
-        }
-    }
-
-    async fn settle(
-        &mut self,
-        raw: &str,
-        delay: Option<Duration>,
-        ack: bool,
-    ) -> Result<(), Status> {
-        let id = message_id(raw)?;
-        self.outstanding.remove(&id);
-        if ack {
-            self.broker.ack(&self.queue, &self.group, id).await?;
-        } else {
-            self.broker
-                .nack(&self.queue, &self.group, id, delay)
-                .await?;
-        }
-        Ok(())
-    }
-
-    async fn extend(&mut self, raw: &str, visibility_ms: u64) -> Result<(), Status> {
-        let id = message_id(raw)?;
-        let visibility = millis(visibility_ms);
-        self.broker
-            .extend(&self.queue, &self.group, id, visibility)
-            .await?;
-        if let Some(deadline) = self.outstanding.get_mut(&id) {
-            *deadline = Instant::now() + visibility;
-        }
-        Ok(())
-    }
-
-    /// The stream ended: its unsettled leases go back to the group at once.
-    async fn return_leases(&mut self) {
-        for (id, _) in self.outstanding.drain() {
-            let _ = self
-                .broker
-                .nack(&self.queue, &self.group, id, Some(Duration::ZERO))
-                .await;
-        }
     }
 }

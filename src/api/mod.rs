@@ -7,3 +7,4 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod limits;
+pub mod receive;

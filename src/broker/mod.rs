@@ -225,6 +225,11 @@ impl Broker {
         Ok(self.queue(name)?.info())
     }
 
+    /// A queue's settings (cheap, unlike [`Self::queue_info`]).
+    pub fn queue_settings(&self, name: &str) -> Result<QueueSettings, BrokerError> {
+        Ok(self.queue(name)?.settings.clone())
+    }
+
     /// Deletes a queue and its data.
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.check_running()?;
@@ -334,6 +339,20 @@ impl Broker {
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         q.ack(&g, id).await
+    }
+
+    /// Acknowledges several messages of a group with one journal write (a streaming
+    /// consumer's acks); one result per id, in order. `Err` when the queue or group is gone.
+    pub async fn ack_many(
+        &self,
+        queue: &str,
+        group: &str,
+        ids: &[MessageId],
+    ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
+        self.check_running()?;
+        let q = self.queue(queue)?;
+        let g = Self::existing_group(&q, group)?;
+        Ok(q.ack_many(&g, ids).await)
     }
 
     /// Returns a leased message for redelivery after `delay` (default: the queue's backoff).

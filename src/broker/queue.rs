@@ -612,22 +612,45 @@ impl Queue {
 
     /// Acknowledges a message for `group`; repeating an ack is harmless.
     pub async fn ack(&self, group: &Group, id: MessageId) -> Result<(), BrokerError> {
-        self.check_exists(id)?;
+        self.ack_many(group, &[id]).await.pop().unwrap_or(Ok(()))
+    }
+
+    /// Acknowledges messages for `group` under one lock and one journal write; one result
+    /// per id, in order. Repeating an ack is harmless.
+    pub async fn ack_many(&self, group: &Group, ids: &[MessageId]) -> Vec<Result<(), BrokerError>> {
+        let mut results = Vec::with_capacity(ids.len());
+        let mut fresh = 0u64;
         let ticket = {
             let mut state = group.state.lock();
-            let (fresh, events) = state
-                .ack(id.partition, id.offset)
-                .map_err(|e| self.group_error(id.partition, e))?;
-            if !fresh {
-                return Ok(());
+            let mut events = Vec::new();
+            for id in ids {
+                let result = self.check_exists(*id).and_then(|()| {
+                    state
+                        .ack(id.partition, id.offset)
+                        .map_err(|e| self.group_error(id.partition, e))
+                });
+                results.push(result.map(|(was_fresh, acked)| {
+                    fresh += u64::from(was_fresh);
+                    events.extend(acked);
+                }));
             }
             group.journal(&state, &events)
         };
-        crate::metrics::count_group(crate::metrics::ACKED, &self.name, &group.name, 1);
-        if self.settings.ordering == super::settings::Ordering::Key {
-            self.notify.notify_waiters();
+        if fresh > 0 {
+            crate::metrics::count_group(crate::metrics::ACKED, &self.name, &group.name, fresh);
+            if self.settings.ordering == super::settings::Ordering::Key {
+                self.notify.notify_waiters();
+            }
         }
-        self.wait_durable(ticket).await
+        if let Err(error) = self.wait_durable(ticket).await {
+            let reason = error.to_string();
+            for result in results.iter_mut().filter(|r| r.is_ok()) {
+                *result = Err(BrokerError::Journal(crate::journal::JournalError::Failed(
+                    reason.clone(),
+                )));
+            }
+        }
+        results
     }
 
     /// Ends a lease without an ack; returns a dead-letter job when deliveries ran out.

@@ -6,7 +6,8 @@
 //! - [`index`]: sparse offset and time index entries.
 //! - [`segment`]: one segment's files, read through mmap (sealed) or `pread` (active).
 //! - [`recovery`]: opening a directory, checking indexes, cutting a torn tail.
-//! - [`writer`]: the single writer thread with group commit.
+//! - [`writer`]: appends on the caller's thread under the writer lock; the sync thread with
+//!   group commit.
 //! - [`inspect`]: offline verification and dumps for `qit-inspect`.
 //! - [`compaction`]: rewriting a sealed segment without some records, atomically.
 //!
@@ -25,17 +26,17 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
+use crate::commit::GroupCommit;
 use segment::Segment;
-use writer::{Command, Writer};
+use writer::Writer;
 
 /// When appended records are forced to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -155,9 +156,13 @@ pub enum LogError {
     /// The log was closed.
     #[error("the log is closed")]
     Closed,
+    /// An fsync failed earlier: what is on disk is unknown, so the log takes no appends
+    /// until it is reopened (which recovers from what the disk holds).
+    #[error("the partition log failed and takes no appends: {0}")]
+    Failed(String),
 }
 
-/// State shared by the handle, the readers and the writer thread.
+/// State shared by the handles, the readers and the sync thread.
 struct Shared {
     dir: PathBuf,
     config: LogConfig,
@@ -168,20 +173,27 @@ struct Shared {
     watch: watch::Sender<u64>,
     /// Serializes changes of the segment list (roll, drop, truncate).
     list_lock: Mutex<()>,
+    /// The active segment's writing state: appends take this lock for one encode and one
+    /// `write`; fsyncs happen outside it.
+    writer: Mutex<Writer>,
+    /// Group commit with the sync thread (appenders under `fsync = always` wait on it).
+    commit: GroupCommit,
 }
 
-/// Owns the writer thread; dropping the last handle stops it after a final sync.
+/// Owns the sync thread; dropping the last handle stops it and syncs a last time.
 struct Inner {
     shared: Arc<Shared>,
-    commands: Option<mpsc::Sender<Command>>,
-    thread: Option<JoinHandle<()>>,
+    sync_thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.commands.take();
-        if let Some(thread) = self.thread.take() {
+        self.shared.commit.close();
+        if let Some(thread) = self.sync_thread.take() {
             let _ = thread.join();
+        }
+        if let Err(error) = self.shared.writer.lock().sync(&self.shared) {
+            tracing::error!(%error, "final fsync of the partition log failed");
         }
     }
 }
@@ -211,6 +223,7 @@ impl PartitionLog {
             reason: "no active segment".into(),
         })?;
         let next = state.extent.next_offset;
+        let fsync = config.fsync;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             config,
@@ -218,41 +231,54 @@ impl PartitionLog {
             next_offset: AtomicU64::new(next),
             watch: watch::Sender::new(next),
             list_lock: Mutex::new(()),
+            writer: Mutex::new(Writer::new(active, state)?),
+            commit: GroupCommit::new(next),
         });
-        let (commands, rx) = mpsc::channel();
-        let writer = Writer::new(Arc::clone(&shared), rx, active, state)?;
-        let thread = std::thread::Builder::new()
-            .name("qit-log-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|source| LogError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        let sync_thread = match fsync {
+            FsyncPolicy::Never => None,
+            FsyncPolicy::Always | FsyncPolicy::Interval => {
+                let for_thread = Arc::clone(&shared);
+                let thread = std::thread::Builder::new()
+                    .name("qit-log-sync".into())
+                    .spawn(move || writer::run_sync_thread(for_thread))
+                    .map_err(|source| LogError::Io {
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
+                Some(thread)
+            }
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
-                commands: Some(commands),
-                thread: Some(thread),
+                sync_thread,
             }),
         })
     }
 
-    fn send(&self, command: Command) -> Result<(), LogError> {
-        self.inner
-            .commands
-            .as_ref()
-            .ok_or(LogError::Closed)?
-            .send(command)
-            .map_err(|_| LogError::Closed)
-    }
-
-    /// Appends records with consecutive offsets; returns the first one. Resolves once the
-    /// records are readable, and under [`FsyncPolicy::Always`] once they are durable.
-    /// Cancellation-safe: once called, the records are written even if the future is dropped.
-    pub async fn append(&self, records: Vec<Record>) -> Result<u64, LogError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Append { records, reply })?;
-        answer.await.map_err(|_| LogError::Closed)?
+    /// Appends records with consecutive offsets as one batch; returns the first offset.
+    ///
+    /// The batch is written (one `write`, on the caller's thread) when this is called, not
+    /// when the future is first polled; the future resolves at once, or under
+    /// [`FsyncPolicy::Always`] once the records are durable (one fsync serves every append
+    /// written while the previous one ran). Dropping the future does not undo the write.
+    pub fn append(
+        &self,
+        records: Vec<Record>,
+    ) -> impl std::future::Future<Output = Result<u64, LogError>> + Send + 'static {
+        let shared = Arc::clone(&self.inner.shared);
+        let written = shared.writer.lock().append(&shared, &records);
+        async move {
+            let (first, end) = written?;
+            if shared.config.fsync == FsyncPolicy::Always {
+                shared
+                    .commit
+                    .wait_synced(end)
+                    .await
+                    .map_err(LogError::Failed)?;
+            }
+            Ok(first)
+        }
     }
 
     /// Reads whole records from `from` (clamped up to the first offset) up to the budgets;
@@ -397,16 +423,14 @@ impl PartitionLog {
 
     /// Removes every record at or past `offset` (for replication); next_offset becomes `offset`.
     pub async fn truncate_suffix(&self, offset: u64) -> Result<(), LogError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Truncate { offset, reply })?;
-        answer.await.map_err(|_| LogError::Closed)?
+        let shared = &self.inner.shared;
+        shared.writer.lock().truncate(shared, offset)
     }
 
-    /// Writes and fsyncs everything appended so far.
+    /// fsyncs everything appended so far (on the caller's thread).
     pub async fn flush(&self) -> Result<(), LogError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Flush { reply })?;
-        answer.await.map_err(|_| LogError::Closed)?
+        let shared = &self.inner.shared;
+        shared.writer.lock().sync(shared)
     }
 }
 

@@ -1,20 +1,23 @@
-//! The single writer of a partition: a dedicated thread that owns the active segment.
+//! The writer of a partition: the state of the active segment, behind the partition's
+//! writer lock, plus the sync thread that makes appends durable.
 //!
-//! Appenders send commands over a channel. The writer drains every pending command, encodes
-//! each append as one batch into one buffer, writes it with one `write`, and under
-//! `fsync = always` syncs once for all of them (group commit) before answering. Records
-//! become visible to readers (the segment's length and the partition's next offset are
-//! published) only after that, so a reader never sees a record an appender was not told
-//! about, and under `always` never one that is not durable.
+//! An append takes the lock, encodes its records as one batch, and writes it with one
+//! `write` on the caller's own thread: no hand-off to another thread, so an append costs an
+//! encode and a syscall. fsyncs happen on the partition's sync thread, outside the lock:
+//! under `fsync = always` every appender that wrote while a sync ran is covered by the next
+//! one (group commit), and under `interval` the thread syncs a few milliseconds after the
+//! first unsynced write.
+//!
+//! Records become visible to readers (the segment's length and the partition's next offset
+//! are published) after their write, and under `always` only after their fsync, so a reader
+//! never sees a record an appender was not told about, and under `always` never one that is
+//! not durable.
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
-
-use tokio::sync::oneshot;
 
 use super::index::{OffsetEntry, TimeEntry};
 use super::record::{self, Slot};
@@ -22,51 +25,84 @@ use super::recovery::{self, ActiveState};
 use super::segment::{self, Extent, IndexBuilder, Segment, SegmentPaths};
 use super::{FsyncPolicy, LogError, Record, Shared};
 
-/// Most commands handled in one group commit.
-const MAX_DRAIN: usize = 4096;
-
-/// A request to the writer.
-pub enum Command {
-    /// Append one batch; answers its first offset.
-    Append {
-        /// The records.
-        records: Vec<Record>,
-        /// Where the answer goes.
-        reply: oneshot::Sender<Result<u64, LogError>>,
-    },
-    /// Write and fsync everything so far.
-    Flush {
-        /// Where the answer goes.
-        reply: oneshot::Sender<Result<(), LogError>>,
-    },
-    /// Drop every record at or past `offset`.
-    Truncate {
-        /// First offset to remove.
-        offset: u64,
-        /// Where the answer goes.
-        reply: oneshot::Sender<Result<(), LogError>>,
-    },
+/// The sync thread: fsyncs the active segment when asked (`always`) or shortly after the
+/// first unsynced write (`interval`), outside the writer lock, then publishes (`always`)
+/// and tells waiting appenders.
+pub fn run_sync_thread(shared: Arc<Shared>) {
+    shared.commit.run(
+        shared.config.fsync,
+        shared.config.fsync_interval,
+        || shared.writer.lock().last_sync,
+        || sync_outside_lock(&shared),
+    );
 }
 
-/// State of the writer thread.
+/// One group commit: capture what is written, fsync it without holding the lock, publish.
+fn sync_outside_lock(shared: &Shared) {
+    let captured = {
+        let mut writer = shared.writer.lock();
+        if !writer.dirty {
+            return;
+        }
+        writer.dirty = false;
+        (
+            Arc::clone(&writer.file),
+            Arc::clone(&writer.active),
+            writer.extent,
+        )
+    };
+    let (file, segment, extent) = captured;
+    let started = Instant::now();
+    let result = file.sync_data();
+    metrics::histogram!(crate::metrics::FSYNC_LATENCY).record(started.elapsed().as_secs_f64());
+    let mut writer = shared.writer.lock();
+    writer.last_sync = Instant::now();
+    match result {
+        Ok(()) => {
+            // A roll since the capture synced and published the old segment itself.
+            if Arc::ptr_eq(&segment, &writer.active)
+                && shared.config.fsync == FsyncPolicy::Always
+                && extent.next_offset > segment.next_offset()
+            {
+                publish(shared, &segment, extent);
+            }
+            shared.commit.mark_synced(extent.next_offset);
+        }
+        Err(error) => {
+            let message = format!("fsync of {} failed: {error}", segment.paths.log.display());
+            tracing::error!(%message, "the partition log stops taking appends");
+            writer.failed = Some(message.clone());
+            shared.commit.fail(message);
+        }
+    }
+}
+
+/// Makes `extent` of `segment` visible to readers.
+fn publish(shared: &Shared, segment: &Segment, extent: Extent) {
+    segment.publish(extent);
+    shared
+        .next_offset
+        .store(extent.next_offset, Ordering::Release);
+    shared.watch.send_replace(extent.next_offset);
+}
+
+/// The active segment's writing state, guarded by the partition's writer lock.
 pub struct Writer {
-    shared: Arc<Shared>,
-    rx: Receiver<Command>,
     active: Arc<Segment>,
-    file: File,
+    /// Shared with the sync thread, which fsyncs it outside the lock.
+    file: Arc<File>,
     index_file: File,
     time_file: File,
-    /// What readers can see of the active segment.
+    /// What is written of the active segment (readers may see less under `always`).
     extent: Extent,
     builder: IndexBuilder,
-    /// Encoded batches not yet written.
+    /// Reused encode buffer.
     buf: Vec<u8>,
-    staged_next_offset: u64,
-    staged_offsets: Vec<OffsetEntry>,
-    staged_times: Vec<TimeEntry>,
-    /// Appends written since the last fsync.
+    /// Written since the last fsync.
     dirty: bool,
     last_sync: Instant,
+    /// Why the log takes no more appends (a failed fsync leaves the disk state unknown).
+    failed: Option<String>,
 }
 
 fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
@@ -86,220 +122,107 @@ fn open_append(path: &std::path::Path) -> Result<File, LogError> {
 
 impl Writer {
     /// A writer continuing the active segment `active` in `state`.
-    pub fn new(
-        shared: Arc<Shared>,
-        rx: Receiver<Command>,
-        active: Arc<Segment>,
-        state: ActiveState,
-    ) -> Result<Self, LogError> {
+    pub fn new(active: Arc<Segment>, state: ActiveState) -> Result<Self, LogError> {
         let index_file = open_append(&active.paths.index)?;
         let time_file = open_append(&active.paths.time_index)?;
         Ok(Self {
-            shared,
-            rx,
-            staged_next_offset: state.extent.next_offset,
             extent: state.extent,
-            file: state.file,
+            file: Arc::new(state.file),
             builder: state.builder,
             active,
             index_file,
             time_file,
-            buf: Vec::with_capacity(1 << 20),
-            staged_offsets: Vec::new(),
-            staged_times: Vec::new(),
+            buf: Vec::with_capacity(64 * 1024),
             dirty: false,
             last_sync: Instant::now(),
+            failed: None,
         })
     }
 
-    /// Runs until every sender is gone, then syncs.
-    pub fn run(mut self) {
-        while let Some(first) = self.next_command() {
-            let mut commands = vec![first];
-            while commands.len() < MAX_DRAIN {
-                match self.rx.try_recv() {
-                    Ok(command) => commands.push(command),
-                    Err(_) => break,
-                }
-            }
-            self.process(commands);
+    /// Writes `records` as one batch (rolling first when the segment is full); returns its
+    /// first offset and one past its last. Publishes at once unless `fsync = always`.
+    pub fn append(&mut self, shared: &Shared, records: &[Record]) -> Result<(u64, u64), LogError> {
+        if let Some(reason) = &self.failed {
+            return Err(LogError::Failed(reason.clone()));
         }
-        if let Err(error) = self.sync() {
-            tracing::error!(%error, "final fsync of the partition log failed");
-        }
-    }
-
-    /// Waits for a command, syncing on time under `fsync = interval`.
-    fn next_command(&mut self) -> Option<Command> {
-        loop {
-            if !(self.dirty && self.shared.config.fsync == FsyncPolicy::Interval) {
-                return self.rx.recv().ok();
-            }
-            let due = self.last_sync + self.shared.config.fsync_interval;
-            let wait = due.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(wait) {
-                Ok(command) => return Some(command),
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(error) = self.sync() {
-                        tracing::error!(%error, "background fsync failed");
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => return None,
-            }
-        }
-    }
-
-    fn process(&mut self, commands: Vec<Command>) {
-        let mut waiting = Vec::new();
-        for command in commands {
-            match command {
-                Command::Append { records, reply } => match self.stage(&records) {
-                    Ok(first) => waiting.push((reply, first)),
-                    Err(error) => {
-                        let _ = reply.send(Err(error));
-                    }
-                },
-                Command::Flush { reply } => {
-                    self.commit(&mut waiting);
-                    let _ = reply.send(self.sync());
-                }
-                Command::Truncate { offset, reply } => {
-                    self.commit(&mut waiting);
-                    let _ = reply.send(self.truncate(offset));
-                }
-            }
-        }
-        self.commit(&mut waiting);
-    }
-
-    /// Encodes one append into the buffer; rolls first when the segment is full.
-    fn stage(&mut self, records: &[Record]) -> Result<u64, LogError> {
+        let base = self.extent.next_offset;
         if records.is_empty() {
-            return Ok(self.staged_next_offset);
+            return Ok((base, base));
         }
-        let size = self.extent.len + self.buf.len() as u64;
-        if size >= self.shared.config.segment_bytes {
-            self.write_staged()?;
-            self.roll()?;
+        if self.extent.len >= shared.config.segment_bytes {
+            self.roll(shared)?;
         }
-        let position = self.extent.len + self.buf.len() as u64;
-        let start = self.buf.len();
-        let base = self.staged_next_offset;
-        record::encode_batch(
-            &mut self.buf,
-            base,
-            0,
-            records,
-            self.shared.config.compression,
-        );
-        let header = self
-            .buf
-            .get(start..)
-            .and_then(record::peek_header)
-            .ok_or_else(|| LogError::Corrupt {
-                path: self.active.paths.log.clone(),
-                position,
-                reason: "encoder produced no header".into(),
-            })?;
+        let position = self.extent.len;
+        self.buf.clear();
+        record::encode_batch(&mut self.buf, base, 0, records, shared.config.compression);
+        let header = record::peek_header(&self.buf).ok_or_else(|| LogError::Corrupt {
+            path: self.active.paths.log.clone(),
+            position,
+            reason: "encoder produced no header".into(),
+        })?;
+        if let Err(error) = (&*self.file).write_all(&self.buf) {
+            // Cut whatever part of the batch made it, so the file ends on a whole batch.
+            let _ = self.file.set_len(self.extent.len);
+            return Err(io(&self.active.paths.log)(error));
+        }
         let (offset_entry, time_entry) =
             self.builder
                 .observe(self.active.base_offset, &header, position);
-        self.staged_offsets.extend(offset_entry);
-        self.staged_times.extend(time_entry);
-        self.staged_next_offset = header.next_offset();
-        Ok(base)
-    }
-
-    /// Writes staged batches and index entries to the files (no fsync, no publish).
-    fn write_staged(&mut self) -> Result<(), LogError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        if let Err(error) = self.file.write_all(&self.buf) {
-            // Cut whatever part of the buffer made it, so the file ends on a whole batch.
-            let _ = self.file.set_len(self.extent.len);
-            self.discard_staged();
-            return Err(io(&self.active.paths.log)(error));
-        }
-        let mut index_bytes = Vec::new();
-        self.staged_offsets
-            .iter()
-            .for_each(|e| e.encode(&mut index_bytes));
-        let mut time_bytes = Vec::new();
-        self.staged_times
-            .iter()
-            .for_each(|e| e.encode(&mut time_bytes));
-        // Index files are hints: a failure here is repaired by recovery, not fatal.
-        let _ = self.index_file.write_all(&index_bytes);
-        let _ = self.time_file.write_all(&time_bytes);
-        self.active
-            .push_index(&self.staged_offsets, &self.staged_times);
+        self.write_index_entries(offset_entry, time_entry);
         self.extent = Extent {
-            len: self.extent.len + self.buf.len() as u64,
-            next_offset: self.staged_next_offset,
+            len: position + self.buf.len() as u64,
+            next_offset: header.next_offset(),
             max_timestamp_ms: self.builder.max_timestamp_ms(),
         };
-        self.buf.clear();
-        self.staged_offsets.clear();
-        self.staged_times.clear();
-        self.dirty = true;
-        Ok(())
-    }
-
-    fn discard_staged(&mut self) {
-        self.buf.clear();
-        self.staged_offsets.clear();
-        self.staged_times.clear();
-        self.staged_next_offset = self.extent.next_offset;
-    }
-
-    /// Writes, syncs when the policy says so, publishes, then answers the appenders.
-    fn commit(&mut self, waiting: &mut Vec<(oneshot::Sender<Result<u64, LogError>>, u64)>) {
-        let mut result = self.write_staged();
-        if result.is_ok() && self.shared.config.fsync == FsyncPolicy::Always {
-            result = self.sync();
-        }
-        if result.is_ok() {
-            self.publish();
-        }
-        for (reply, first) in waiting.drain(..) {
-            let answer = match &result {
-                Ok(()) => Ok(first),
-                Err(error) => Err(clone_error(error)),
-            };
-            let _ = reply.send(answer);
-        }
-    }
-
-    /// Makes everything written so far visible to readers.
-    fn publish(&self) {
-        self.active.publish(self.extent);
-        self.shared
-            .next_offset
-            .store(self.extent.next_offset, Ordering::Release);
-        self.shared.watch.send_replace(self.extent.next_offset);
-    }
-
-    /// fsyncs the active segment if anything was written since the last sync.
-    fn sync(&mut self) -> Result<(), LogError> {
         if !self.dirty {
-            return Ok(());
+            self.dirty = true;
+            if shared.config.fsync == FsyncPolicy::Interval {
+                shared.commit.request();
+            }
         }
-        let started = Instant::now();
-        self.file.sync_data().map_err(io(&self.active.paths.log))?;
-        metrics::histogram!(crate::metrics::FSYNC_LATENCY).record(started.elapsed().as_secs_f64());
-        self.dirty = false;
-        self.last_sync = Instant::now();
+        if shared.config.fsync != FsyncPolicy::Always {
+            publish(shared, &self.active, self.extent);
+        }
+        Ok((base, self.extent.next_offset))
+    }
+
+    /// Appends sparse index entries to the index files and the in-memory indexes.
+    fn write_index_entries(&mut self, offset: Option<OffsetEntry>, time: Option<TimeEntry>) {
+        if offset.is_none() && time.is_none() {
+            return;
+        }
+        let offsets: Vec<OffsetEntry> = offset.into_iter().collect();
+        let times: Vec<TimeEntry> = time.into_iter().collect();
+        let mut bytes = Vec::new();
+        // Index files are hints: a failed write here is repaired by recovery, not fatal.
+        offsets.iter().for_each(|e| e.encode(&mut bytes));
+        let _ = self.index_file.write_all(&bytes);
+        bytes.clear();
+        times.iter().for_each(|e| e.encode(&mut bytes));
+        let _ = self.time_file.write_all(&bytes);
+        self.active.push_index(&offsets, &times);
+    }
+
+    /// fsyncs and publishes everything written so far, on the caller's thread.
+    pub fn sync(&mut self, shared: &Shared) -> Result<(), LogError> {
+        if self.dirty {
+            let started = Instant::now();
+            self.file.sync_data().map_err(io(&self.active.paths.log))?;
+            metrics::histogram!(crate::metrics::FSYNC_LATENCY)
+                .record(started.elapsed().as_secs_f64());
+            self.dirty = false;
+            self.last_sync = Instant::now();
+        }
+        publish(shared, &self.active, self.extent);
+        shared.commit.mark_synced(self.extent.next_offset);
         Ok(())
     }
 
     /// Seals the active segment and starts a new one at the next offset.
-    fn roll(&mut self) -> Result<(), LogError> {
-        self.sync()?;
-        self.publish();
+    fn roll(&mut self, shared: &Shared) -> Result<(), LogError> {
+        self.sync(shared)?;
         let _ = self.index_file.sync_data();
         let _ = self.time_file.sync_data();
-        let dir = self.shared.dir.clone();
         let old = Arc::clone(&self.active);
         let sealed = Arc::new(Segment::sealed(
             old.base_offset,
@@ -310,7 +233,7 @@ impl Writer {
             self.extent,
         ));
         let base = self.extent.next_offset;
-        let (file, paths) = recovery::create_segment_files(&dir, base)?;
+        let (file, paths) = recovery::create_segment_files(&shared.dir, base)?;
         let reader = File::open(&paths.log).map_err(io(&paths.log))?;
         let extent = Extent {
             len: 0,
@@ -319,32 +242,32 @@ impl Writer {
         };
         let active = Arc::new(Segment::active(base, paths, reader, &[], &[], extent));
         {
-            let _guard = self.shared.list_lock.lock();
-            let mut list: Vec<Arc<Segment>> = self.shared.segments.load().as_ref().clone();
+            let _guard = shared.list_lock.lock();
+            let mut list: Vec<Arc<Segment>> = shared.segments.load().as_ref().clone();
             if let Some(last) = list.last_mut() {
                 *last = sealed;
             }
             list.push(Arc::clone(&active));
-            self.shared.segments.store(Arc::new(list));
+            shared.segments.store(Arc::new(list));
         }
         self.index_file = open_append(&active.paths.index)?;
         self.time_file = open_append(&active.paths.time_index)?;
-        self.file = file;
+        self.file = Arc::new(file);
         self.active = active;
         self.extent = extent;
-        self.builder = IndexBuilder::new(self.shared.config.index_interval_bytes, None, true);
+        self.builder = IndexBuilder::new(shared.config.index_interval_bytes, None, true);
         Ok(())
     }
 
     /// Removes every record at or past `offset`, rewriting the segment that holds it.
-    fn truncate(&mut self, offset: u64) -> Result<(), LogError> {
+    pub fn truncate(&mut self, shared: &Shared, offset: u64) -> Result<(), LogError> {
         if offset >= self.extent.next_offset {
             return Ok(());
         }
-        self.sync()?;
-        let _guard = self.shared.list_lock.lock();
-        let segments = self.shared.segments.load_full();
-        let dir = self.shared.dir.clone();
+        self.sync(shared)?;
+        let _guard = shared.list_lock.lock();
+        let segments = shared.segments.load_full();
+        let dir = shared.dir.clone();
         let keep_until = segments
             .iter()
             .rposition(|s| s.base_offset < offset)
@@ -366,22 +289,22 @@ impl Writer {
             }
         }
         recovery::sync_dir(&dir)?;
-        let (list, state) = recovery::open_segments(&dir, &self.shared.config)?;
+        let (list, state) = recovery::open_segments(&dir, &shared.config)?;
         let active = list.last().cloned().ok_or_else(|| LogError::Corrupt {
             path: dir.clone(),
             position: 0,
             reason: "no segment after truncation".into(),
         })?;
-        self.shared.segments.store(Arc::new(list));
+        shared.segments.store(Arc::new(list));
         self.index_file = open_append(&active.paths.index)?;
         self.time_file = open_append(&active.paths.time_index)?;
-        self.file = state.file;
+        self.file = Arc::new(state.file);
         self.extent = state.extent;
         self.builder = state.builder;
-        self.staged_next_offset = state.extent.next_offset;
         self.active = active;
         self.dirty = false;
-        self.publish();
+        publish(shared, &self.active, self.extent);
+        shared.commit.reset_synced(self.extent.next_offset);
         Ok(())
     }
 }
@@ -457,24 +380,4 @@ fn rewrite_prefix(dir: &std::path::Path, segment: &Segment, offset: u64) -> Resu
         let _ = fs::remove_file(path);
     }
     recovery::sync_dir(dir)
-}
-
-/// `LogError` holds an `io::Error`, which is not `Clone`; rebuild an equivalent.
-fn clone_error(error: &LogError) -> LogError {
-    match error {
-        LogError::Io { path, source } => LogError::Io {
-            path: path.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        LogError::Corrupt {
-            path,
-            position,
-            reason,
-        } => LogError::Corrupt {
-            path: path.clone(),
-            position: *position,
-            reason: reason.clone(),
-        },
-        LogError::Closed => LogError::Closed,
-    }
 }

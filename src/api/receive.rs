@@ -1,0 +1,283 @@
+//! One `ReceiveMessages` stream: leases messages for the consumer as its credit allows and
+//! applies the acks, nacks, extends and credit it sends on the same stream.
+//!
+//! The session never has more unsettled messages out than its credit. It leases in chunks
+//! (when at least [`refill`] slots are free, or the stream holds nothing), so a consumer
+//! acking one message at a time does not cost one log read per ack; acks that arrive
+//! together are applied with one journal write. When the stream ends, its unsettled leases
+//! go back to the group at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tonic::{Status, Streaming};
+
+use super::grpc::{StreamPermit, message, message_id, millis};
+use crate::broker::{self, Broker, BrokerError, Delivery, MessageId};
+use crate::proto::{self, receive_request, receive_response};
+
+/// How long one lease attempt waits before the session re-checks its inputs.
+const STREAM_POLL: Duration = Duration::from_secs(1);
+/// How often leases that ran out are dropped from the credit count.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// Most requests taken off the stream at once (and acks applied with one journal write).
+const MAX_DRAIN: usize = 1024;
+
+/// Free slots that make a lease worth its log read: a quarter of the credit, at most 64.
+pub fn refill(credit: u64) -> u64 {
+    (credit / 4).clamp(1, 64)
+}
+
+/// One open `ReceiveMessages` stream.
+pub struct Session {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Queue consumed.
+    pub queue: String,
+    /// Group consumed for.
+    pub group: String,
+    /// Lease duration (the queue's `ack_timeout` unless the stream asked otherwise).
+    pub visibility: Duration,
+    /// Most unsettled messages out at once.
+    pub credit: u64,
+    /// Leased on this stream and not settled, with when the lease runs out.
+    pub outstanding: HashMap<MessageId, Instant>,
+    /// Responses to the consumer.
+    pub tx: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
+}
+
+impl Session {
+    fn room(&self) -> u64 {
+        self.credit.saturating_sub(self.outstanding.len() as u64)
+    }
+
+    fn wants_lease(&self) -> bool {
+        let room = self.room();
+        room > 0 && (self.outstanding.is_empty() || room >= refill(self.credit))
+    }
+
+    /// Serves the stream until the consumer or the broker ends it.
+    pub async fn run(
+        mut self,
+        mut inbound: Streaming<proto::ReceiveRequest>,
+        _permit: StreamPermit,
+    ) {
+        metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").increment(1.0);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        loop {
+            if self.broker.is_shutting_down() {
+                let _ = self
+                    .tx
+                    .send(Err(Status::unavailable("the broker is shutting down")))
+                    .await;
+                break;
+            }
+            let want = self.wants_lease();
+            let max = self.room().min(broker::MAX_RECEIVE as u64) as usize;
+            tokio::select! {
+                biased;
+                incoming = inbound.next() => match incoming {
+                    Some(Ok(first)) => {
+                        let (requests, open) = drain(first, &mut inbound);
+                        self.handle_all(requests).await;
+                        if !open {
+                            break;
+                        }
+                    }
+                    _ => break,
+                },
+                leased = self.broker.receive(
+                    &self.queue,
+                    &self.group,
+                    max.max(1),
+                    STREAM_POLL,
+                    Some(self.visibility),
+                ), if want => {
+                    if !self.deliver(leased).await {
+                        break;
+                    }
+                }
+                _ = prune.tick() => {
+                    let now = Instant::now();
+                    self.outstanding.retain(|_, deadline| *deadline > now);
+                }
+                _ = self.tx.closed() => break,
+            }
+        }
+        self.return_leases().await;
+        metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").decrement(1.0);
+    }
+
+    /// Sends leased messages; false when the stream is over.
+    async fn deliver(&mut self, leased: Result<Vec<Delivery>, BrokerError>) -> bool {
+        let list = match leased {
+            Ok(list) => list,
+            Err(error) => {
+                let _ = self.tx.send(Err(error.into())).await;
+                return false;
+            }
+        };
+        let deadline = Instant::now() + self.visibility;
+        for d in list {
+            self.outstanding.insert(d.id, deadline);
+            let response = proto::ReceiveResponse {
+                response: Some(receive_response::Response::Message(message(d))),
+            };
+            if self.tx.send(Ok(response)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Applies requests in order; runs of acks go to the broker together.
+    async fn handle_all(&mut self, requests: Vec<proto::ReceiveRequest>) {
+        use receive_request::Request as R;
+        let mut acks: Vec<String> = Vec::new();
+        for request in requests {
+            match request.request {
+                Some(R::Ack(a)) => acks.push(a.id),
+                other => {
+                    self.ack_all(std::mem::take(&mut acks)).await;
+                    self.handle(other).await;
+                }
+            }
+        }
+        self.ack_all(acks).await;
+    }
+
+    async fn ack_all(&mut self, raw: Vec<String>) {
+        if raw.is_empty() {
+            return;
+        }
+        let mut ids = Vec::with_capacity(raw.len());
+        let mut raw_ids = Vec::with_capacity(raw.len());
+        for id in raw {
+            match message_id(&id) {
+                Ok(parsed) => {
+                    self.outstanding.remove(&parsed);
+                    ids.push(parsed);
+                    raw_ids.push(id);
+                }
+                Err(status) => self.report(id, status).await,
+            }
+        }
+        let results = match self.broker.ack_many(&self.queue, &self.group, &ids).await {
+            Ok(results) => results,
+            Err(error) => {
+                // The queue or group is gone: one error for the whole run.
+                self.report(String::new(), error.into()).await;
+                return;
+            }
+        };
+        for (id, result) in raw_ids.into_iter().zip(results) {
+            if let Err(error) = result {
+                self.report(id, error.into()).await;
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Option<receive_request::Request>) {
+        use receive_request::Request as R;
+        let (id, result) = match request {
+            Some(R::Credit(c)) => {
+                self.credit = self.credit.saturating_add(u64::from(c.add));
+                return;
+            }
+            Some(R::Ack(a)) => {
+                self.ack_all(vec![a.id]).await;
+                return;
+            }
+            Some(R::Nack(n)) => (n.id.clone(), self.nack(&n.id, n.delay_ms.map(millis)).await),
+            Some(R::Extend(e)) => (e.id.clone(), self.extend(&e.id, e.visibility_ms).await),
+            Some(R::Open(_)) | None => (
+                String::new(),
+                Err(Status::invalid_argument("the stream is already open")),
+            ),
+        };
+        if let Err(status) = result {
+            self.report(id, status).await;
+        }
+    }
+
+    /// Tells the consumer that the request about `id` failed; the stream goes on.
+    async fn report(&self, id: String, status: Status) {
+        let error = proto::StreamError {
+            id,
+            code: format!("{:?}", status.code()),
+            message: status.message().to_string(),
+        };
+        let response = proto::ReceiveResponse {
+            response: Some(receive_response::Response::Error(error)),
+        };
+        let _ = self.tx.send(Ok(response)).await;
+    }
+
+    async fn nack(&mut self, raw: &str, delay: Option<Duration>) -> Result<(), Status> {
+        let id = message_id(raw)?;
+        self.outstanding.remove(&id);
+        self.broker
+            .nack(&self.queue, &self.group, id, delay)
+            .await?;
+        Ok(())
+    }
+
+    async fn extend(&mut self, raw: &str, visibility_ms: u64) -> Result<(), Status> {
+        let id = message_id(raw)?;
+        let visibility = millis(visibility_ms);
+        self.broker
+            .extend(&self.queue, &self.group, id, visibility)
+            .await?;
+        if let Some(deadline) = self.outstanding.get_mut(&id) {
+            *deadline = Instant::now() + visibility;
+        }
+        Ok(())
+    }
+
+    /// The stream ended: its unsettled leases go back to the group at once.
+    async fn return_leases(&mut self) {
+        for (id, _) in self.outstanding.drain() {
+            let _ = self
+                .broker
+                .nack(&self.queue, &self.group, id, Some(Duration::ZERO))
+                .await;
+        }
+    }
+}
+
+/// `first` plus every request already waiting on the stream (up to [`MAX_DRAIN`]); false
+/// when the stream ended or failed meanwhile.
+fn drain(
+    first: proto::ReceiveRequest,
+    inbound: &mut Streaming<proto::ReceiveRequest>,
+) -> (Vec<proto::ReceiveRequest>, bool) {
+    let mut requests = vec![first];
+    while requests.len() < MAX_DRAIN {
+        // `Streaming::next` keeps its state in the stream, so dropping a pending poll loses
+        // nothing.
+        match inbound.next().now_or_never() {
+            Some(Some(Ok(request))) => requests.push(request),
+            Some(Some(Err(_)) | None) => return (requests, false),
+            None => break,
+        }
+    }
+    (requests, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refill_is_a_quarter_of_the_credit_within_bounds() {
+        assert_eq!(refill(1), 1);
+        assert_eq!(refill(10), 2);
+        assert_eq!(refill(100), 25);
+        assert_eq!(refill(1000), 64);
+    }
+}
