@@ -43,6 +43,9 @@ pub struct BenchOptions {
     pub messages: u64,
     /// Publish for this long instead of a fixed count.
     pub duration: Option<Duration>,
+    /// Publish at most this many messages per second in all (`None`: as fast as possible),
+    /// to measure latency at a given load.
+    pub rate: Option<f64>,
     /// Payload size in bytes (at least 8: the send-time stamp).
     pub size: usize,
     /// Messages per publish request.
@@ -209,6 +212,9 @@ fn validate(opts: &BenchOptions) -> Result<(), BenchError> {
     }
     if opts.producers == 0 && (opts.queue.is_none() || opts.duration.is_some()) {
         return bad("--producers 0 consumes --messages from an existing --queue");
+    }
+    if opts.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return bad("--rate must be a positive number of messages per second");
     }
     if opts.duration.is_none() && opts.messages == 0 {
         return bad("--messages must be at least 1");
@@ -379,7 +385,16 @@ async fn produce(shared: &Shared, index: usize, start: Instant) -> Result<(), Be
         Some(BrokerClient::connect(opts.grpc_url.clone()).await?)
     };
     let http = reqwest::Client::new();
+    // Under `--rate`, each producer sends its share of the rate on a fixed schedule.
+    let period = opts
+        .rate
+        .map(|rate| Duration::from_secs_f64(opts.batch as f64 * opts.producers as f64 / rate));
+    let mut sent_batches = 0u32;
     while remaining > 0 && opts.duration.is_none_or(|d| start.elapsed() < d) {
+        if let Some(period) = period {
+            tokio::time::sleep_until((start + period * sent_batches).into()).await;
+            sent_batches += 1;
+        }
         let count = remaining.min(opts.batch as u64) as usize;
         match grpc.as_mut() {
             Some(client) => publish_grpc(client, shared, count).await?,
@@ -508,12 +523,13 @@ async fn consume_http(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
     let mut histogram = new_histogram();
     let http = reqwest::Client::new();
     let base = format!("{}/queues/{}/messages", shared.opts.http_url, shared.queue);
-    let max = shared.opts.batch.clamp(1, 1000);
+    // Long-polls return as soon as one message is there; up to 100 lets a consumer catch up.
+    let url = format!("{base}?group={GROUP}&max=100&wait=1");
     while !shared.consumers_done() {
-        let url = format!("{base}?group={GROUP}&max={max}&wait=1");
-        let response = expect_success(http.get(url).send().await?).await?;
+        let response = expect_success(http.get(&url).send().await?).await?;
         let page: serde_json::Value = response.json().await?;
         let messages = page["messages"].as_array().cloned().unwrap_or_default();
+        let mut acks = Vec::with_capacity(messages.len());
         for message in &messages {
             let body = message["body_base64"]
                 .as_str()
@@ -523,8 +539,12 @@ async fn consume_http(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
                 let _ = histogram.record(micros);
             }
             let id = message["id"].as_str().unwrap_or_default();
-            let ack = format!("{base}/{id}?group={GROUP}");
-            expect_success(http.delete(ack).send().await?).await?;
+            let ack = http.delete(format!("{base}/{id}?group={GROUP}")).send();
+            acks.push(async move { expect_success(ack.await?).await });
+        }
+        // Acks of one page go out together, as a consumer with a worker pool would send them.
+        for result in futures_util::future::join_all(acks).await {
+            result?;
             shared.consumed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -561,6 +581,7 @@ mod tests {
             queue: None,
             messages: 10,
             duration: None,
+            rate: None,
             size: 4,
             batch: 10,
             producers: 1,

@@ -244,6 +244,9 @@ pub struct BenchArgs {
     /// Publish for this many seconds instead.
     #[arg(long)]
     pub duration: Option<f64>,
+    /// Publish at most this many messages per second in all (latency at a given load).
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Payload bytes.
     #[arg(long, default_value_t = 100)]
     pub size: usize,

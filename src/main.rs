@@ -397,7 +397,12 @@ async fn bench(args: BenchArgs) -> Result<()> {
         use_http: args.http,
         queue: args.queue,
         messages: args.messages,
-        duration: args.duration.map(Duration::from_secs_f64),
+        duration: args
+            .duration
+            .map(Duration::try_from_secs_f64)
+            .transpose()
+            .context("--duration must be a non-negative number of seconds")?,
+        rate: args.rate,
         size: args.size,
         batch: args.batch,
         producers: args.producers,
