@@ -231,6 +231,43 @@ async fn missing_indexes_are_rebuilt() {
     }
 }
 
+/// Regression: opening checks only the last index entry of a sealed segment against the
+/// log, so a stale entry earlier in the index must be caught when a read uses it, never
+/// followed to the wrong batch (which would skip records silently).
+#[tokio::test]
+async fn a_stale_index_entry_is_an_error_on_read_not_a_silent_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || LogConfig {
+        index_interval_bytes: 256,
+        ..config(16 * 1024)
+    };
+    {
+        let log = PartitionLog::open(dir.path(), cfg()).unwrap();
+        for i in 0..600 {
+            log.append(vec![rec(i)]).await.unwrap();
+        }
+        assert!(log.segments().len() > 1);
+    }
+    let first = log_files(dir.path()).remove(0);
+    let index_path = first.with_extension("index");
+    let mut index = std::fs::read(&index_path).unwrap();
+    // Entries are (relative offset u32, position u32); one per few one-record batches.
+    let rel =
+        |index: &[u8], i: usize| u32::from_le_bytes(index[8 * i..8 * i + 4].try_into().unwrap());
+    assert!(index.len() >= 3 * 8 && rel(&index, 1) >= 2 && rel(&index, 2) > rel(&index, 1));
+    // Entry 1 now claims one offset less than the batch it points at: still ascending, but
+    // stale. Followed blindly, a read of that offset would return the next one instead.
+    let claimed = rel(&index, 1) - 1;
+    index[8..12].copy_from_slice(&claimed.to_le_bytes());
+    std::fs::write(&index_path, &index).unwrap();
+    let log = PartitionLog::open(dir.path(), cfg()).unwrap();
+    let second_offset = u64::from(claimed);
+    match log.read(second_offset, 1, usize::MAX) {
+        Err(LogError::Corrupt { path, .. }) => assert_eq!(path, index_path),
+        other => panic!("expected an index error, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn readers_see_a_consistent_prefix_while_writing() {
     let dir = tempfile::tempdir().unwrap();

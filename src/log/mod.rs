@@ -446,11 +446,23 @@ fn read_segment(
 ) -> Result<bool, LogError> {
     let full = |n: usize, b: usize| n >= max_records || b >= max_bytes;
     let len = segment.len();
-    let mut position = segment.position_for(from);
+    let (mut position, mut expected_base) = segment.position_for(from);
     while position < len {
         // Every batch passed over is CRC-checked too (at most one index interval of them),
         // so a damaged header can never make a read skip or stop silently.
         let (header, batch) = segment.batch_at(position)?;
+        if let Some(expected_base) = expected_base.take()
+            && header.base_offset != expected_base
+        {
+            return Err(LogError::Corrupt {
+                path: segment.paths.index.clone(),
+                position,
+                reason: format!(
+                    "index entry says offset {expected_base}, the batch there starts at {}",
+                    header.base_offset
+                ),
+            });
+        }
         if header.next_offset() <= from {
             position += u64::from(header.batch_len);
             continue;

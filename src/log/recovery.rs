@@ -5,9 +5,10 @@
 //! - Only the active (last) segment may end in a torn or corrupt batch; it is truncated to
 //!   the last whole batch and synced.
 //! - A sealed segment must end on a whole, valid batch; otherwise opening fails naming the
-//!   file and byte position. Sealed segments are checked cheaply (index entries point at
-//!   batch headers, the batches after the last entry are CRC-checked); full CRC checks
-//!   happen on every read and in `qit-inspect verify`.
+//!   file and byte position. Sealed segments are checked cheaply (index entries ascend, the
+//!   last one points at its batch, the batches after it are CRC-checked), touching a page
+//!   or two of the log, not all of it; full CRC checks happen on every read, readers check
+//!   each index entry they use against its batch, and `qit-inspect verify` checks it all.
 //! - A missing or damaged index is rebuilt from the log.
 //! - Consecutive segments must cover consecutive offsets; a gap or overlap is an error.
 
@@ -130,7 +131,10 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
-/// The valid prefix of an index file: entries that point at real batches, in order.
+/// An index file's entries when they are usable: strictly ascending in offset and position,
+/// within the log, and the last one pointing at a batch with the offset it names. Only the
+/// last entry is checked against the log, so opening a sealed segment touches one page of
+/// it, not one per entry; readers check every entry they use (see `read_segment`).
 fn checked_offset_index(log: &[u8], base: u64, bytes: &[u8]) -> Option<Vec<OffsetEntry>> {
     let mut entries = Vec::with_capacity(index::offset_entries(bytes));
     let mut previous: Option<OffsetEntry> = None;
@@ -138,18 +142,21 @@ fn checked_offset_index(log: &[u8], base: u64, bytes: &[u8]) -> Option<Vec<Offse
         let entry = OffsetEntry::at(bytes, i)?;
         if previous.is_some_and(|p| {
             p.relative_offset >= entry.relative_offset || p.position >= entry.position
-        }) {
-            return None;
-        }
-        let header = super::record::peek_header(log.get(entry.position as usize..)?)?;
-        if log.get(entry.position as usize..entry.position as usize + 4)
-            != Some(&super::record::BATCH_MAGIC.to_le_bytes()[..])
-            || header.base_offset != base + u64::from(entry.relative_offset)
+        }) || entry.position as usize >= log.len().max(1)
         {
             return None;
         }
         entries.push(entry);
         previous = Some(entry);
+    }
+    if let Some(last) = entries.last() {
+        let at = log.get(last.position as usize..)?;
+        let header = super::record::peek_header(at)?;
+        if at.get(..4) != Some(&super::record::BATCH_MAGIC.to_le_bytes()[..])
+            || header.base_offset != base + u64::from(last.relative_offset)
+        {
+            return None;
+        }
     }
     Some(entries)
 }

@@ -360,14 +360,21 @@ impl Segment {
         }
     }
 
-    /// The byte position to start scanning from for `offset`.
-    pub fn position_for(&self, offset: u64) -> u64 {
+    /// Where to start scanning for `offset`: the byte position of the index entry at or
+    /// below it and the base offset the batch there must have (position 0 and `None` without
+    /// an entry). Readers check the batch against it, so a stale index is caught, not followed.
+    pub fn position_for(&self, offset: u64) -> (u64, Option<u64>) {
         let relative = offset
             .saturating_sub(self.base_offset)
             .min(u64::from(u32::MAX)) as u32;
         self.index
             .with(|bytes| index::lookup_offset(bytes, relative))
-            .map_or(0, |e| u64::from(e.position))
+            .map_or((0, None), |e| {
+                (
+                    u64::from(e.position),
+                    Some(self.base_offset + u64::from(e.relative_offset)),
+                )
+            })
     }
 
     /// The offset to start scanning from for the first record with timestamp >= `ts`.
