@@ -29,10 +29,14 @@ pub const EXPIRED: &str = "qit_leases_expired_total";
 pub const DEAD_LETTERED: &str = "qit_messages_dead_lettered_total";
 /// Messages a group skipped because retention deleted them first (labels `queue`, `group`).
 pub const RETENTION_SKIPPED: &str = "qit_messages_skipped_by_retention_total";
-/// Publish latency from request to durable append, seconds (label `queue`).
+/// Publish latency from request to append (durable under `fsync = always`), seconds
+/// (label `queue`).
 pub const PUBLISH_LATENCY: &str = "qit_publish_latency_seconds";
-/// Time from publish to acknowledgement, seconds (labels `queue`, `group`).
+/// Time from publish to first delivery to a consumer, seconds (labels `queue`, `group`).
 pub const END_TO_END_LATENCY: &str = "qit_end_to_end_latency_seconds";
+/// Age of a group's oldest message not yet acked or dead-lettered, seconds (gauge; labels
+/// `queue`, `group`; 0 when nothing is pending).
+pub const OLDEST_PENDING_AGE: &str = "qit_oldest_unacked_age_seconds";
 /// Duration of one fsync of a segment or journal, seconds.
 pub const FSYNC_LATENCY: &str = "qit_fsync_latency_seconds";
 /// Messages not yet done for a group (gauge; labels `queue`, `group`).
@@ -45,8 +49,8 @@ pub const STORED_BYTES: &str = "qit_stored_bytes";
 pub const SEGMENTS: &str = "qit_segments";
 /// Number of queues (gauge).
 pub const QUEUES: &str = "qit_queues";
-/// Open HTTP connections (gauge).
-pub const HTTP_CONNECTIONS: &str = "qit_http_connections_open";
+/// Open client connections (gauge; label `protocol`: `http` or `grpc`).
+pub const CONNECTIONS: &str = "qit_connections_open";
 /// Open gRPC consumer and subscriber streams (gauge; label `kind`).
 pub const GRPC_STREAMS: &str = "qit_grpc_streams_open";
 /// Open long-poll waiters (gauge).
@@ -114,6 +118,14 @@ pub fn record_queue_gauges(queues: &[QueueInfo]) {
             metrics::gauge!(BACKLOG, &labels).set(group.backlog as f64);
             metrics::gauge!(IN_FLIGHT, &labels).set(group.in_flight as f64);
         }
+    }
+}
+
+/// Sets the oldest-unacked-age gauges from `(queue, group, age ms)`.
+pub fn record_pending_ages(ages: &[(String, String, i64)]) {
+    for (queue, group, age_ms) in ages {
+        let labels = [("queue", queue.clone()), ("group", group.clone())];
+        metrics::gauge!(OLDEST_PENDING_AGE, &labels).set(*age_ms as f64 / 1000.0);
     }
 }
 

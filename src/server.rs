@@ -7,10 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 use crate::api::grpc::GrpcApi;
 use crate::api::http::{self, HttpState};
@@ -117,15 +115,10 @@ impl Server {
         let router = http::router(state, self.config.max_body_bytes);
         let http_stop = stop.clone();
         let http_task = tokio::spawn(async move {
-            // Small responses must not wait for a delayed ACK (Nagle): TCP_NODELAY.
-            let listener = self.http.tap_io(|tcp| {
-                if let Err(error) = tcp.set_nodelay(true) {
-                    tracing::debug!(%error, "cannot set TCP_NODELAY");
-                }
-            });
+            let listener = crate::api::conn::HttpListener(self.http);
             axum::serve(
                 listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
+                router.into_make_service_with_connect_info::<crate::api::conn::ClientAddr>(),
             )
             .with_graceful_shutdown(http_stop.cancelled_owned())
             .await
@@ -146,7 +139,7 @@ impl Server {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .serve_with_incoming_shutdown(
-                    TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
+                    crate::api::conn::GrpcIncoming::new(self.grpc),
                     grpc_stop.cancelled_owned(),
                 ),
         );

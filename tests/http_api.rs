@@ -497,6 +497,10 @@ async fn health_and_metrics() {
     let s = TestServer::start().await;
     create(&s, "m", json!({})).await;
     send(&s, "m", "x").await;
+    send(&s, "m", "y").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (status, _) = get(&s, "/queues/m/messages").await;
+    assert_eq!(status, StatusCode::OK);
     let (status, health) = get(&s, "/healthz").await;
     assert_eq!((status, health), (StatusCode::OK, json!({"status": "ok"})));
     let text = http()
@@ -512,9 +516,33 @@ async fn health_and_metrics() {
         "{text}"
     );
     assert!(
-        text.contains("qit_backlog_messages{queue=\"m\",group=\"default\"} 1"),
+        text.contains("qit_backlog_messages{queue=\"m\",group=\"default\"} 2"),
         "{text}"
     );
+    assert!(
+        text.contains("qit_in_flight_messages{queue=\"m\",group=\"default\"} 1"),
+        "{text}"
+    );
+    for series in [
+        "qit_messages_delivered_total{queue=\"m\",group=\"default\"} 1",
+        "qit_publish_latency_seconds_count{queue=\"m\"}",
+        "qit_end_to_end_latency_seconds_count{queue=\"m\",group=\"default\"} 1",
+        "qit_connections_open{protocol=\"http\"}",
+        "qit_stored_bytes{queue=\"m\",partition=\"0\"}",
+        "qit_segments{queue=\"m\",partition=\"0\"} 1",
+    ] {
+        assert!(text.contains(series), "{series} missing in\n{text}");
+    }
+    // The oldest pending message is the first one, published at least 20 ms ago.
+    let age: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("qit_oldest_unacked_age_seconds{queue=\"m\",group=\"default\"} ")
+        })
+        .expect("oldest unacked age")
+        .parse()
+        .unwrap();
+    assert!((0.02..60.0).contains(&age), "age {age}");
     s.stop().await;
 }
 

@@ -195,6 +195,7 @@ async fn healthz(State(s): State<HttpState>) -> ApiResult {
 
 async fn metrics(State(s): State<HttpState>) -> Response {
     crate::metrics::record_queue_gauges(&s.broker.list_queues());
+    crate::metrics::record_pending_ages(&s.broker.oldest_pending_ages_ms());
     let in_use = s.max_waiters.saturating_sub(s.waiters.available_permits());
     ::metrics::gauge!(crate::metrics::LONG_POLL_WAITERS).set(in_use as f64);
     (
@@ -328,7 +329,7 @@ async fn publish_batch(
 async fn receive(
     State(s): State<HttpState>,
     Path(queue): Path<String>,
-    client: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    client: Option<axum::Extension<axum::extract::ConnectInfo<super::conn::ClientAddr>>>,
     q: Query_,
 ) -> ApiResult {
     let q = query(q)?;
@@ -357,11 +358,13 @@ async fn receive(
             .try_acquire_owned()
             .map_err(|_| too_many("on this server"))?;
         let mine = match client {
-            Some(axum::Extension(axum::extract::ConnectInfo(addr))) => Some(
-                s.per_client
-                    .acquire(addr.ip())
-                    .ok_or_else(|| too_many("from this client"))?,
-            ),
+            Some(axum::Extension(axum::extract::ConnectInfo(super::conn::ClientAddr(addr)))) => {
+                Some(
+                    s.per_client
+                        .acquire(addr.ip())
+                        .ok_or_else(|| too_many("from this client"))?,
+                )
+            }
             None => None,
         };
         Some((total, mine))

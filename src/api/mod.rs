@@ -2,6 +2,7 @@
 //! one place ([`error`]).
 
 pub mod auth;
+pub mod conn;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -264,10 +264,8 @@ impl Broker {
         }
         let started = Instant::now();
         let result = self.queue(queue)?.publish(messages).await;
-        crate::metrics::observe_seconds(
-            crate::metrics::PUBLISH_LATENCY,
-            started.elapsed().as_secs_f64(),
-        );
+        metrics::histogram!(crate::metrics::PUBLISH_LATENCY, "queue" => queue.to_string())
+            .record(started.elapsed().as_secs_f64());
         result
     }
 
@@ -709,6 +707,20 @@ impl Broker {
     }
 
     /// Queues at run time (for background maintenance).
+    /// Per queue and group, the age in ms of the oldest message not yet done (for metrics).
+    pub fn oldest_pending_ages_ms(&self) -> Vec<(String, String, i64)> {
+        let now = now_ms();
+        self.queue_handles()
+            .iter()
+            .flat_map(|q| {
+                q.groups().into_iter().map(move |g| {
+                    let age = q.oldest_pending_age_ms(&g, now).unwrap_or(0);
+                    (q.name.clone(), g.name.clone(), age)
+                })
+            })
+            .collect()
+    }
+
     pub(crate) fn queue_handles(&self) -> Vec<Arc<Queue>> {
         self.queues.read().values().cloned().collect()
     }

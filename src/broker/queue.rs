@@ -558,6 +558,15 @@ impl Queue {
         if out.is_empty() {
             return;
         }
+        let now = now_ms();
+        let latency = metrics::histogram!(
+            crate::metrics::END_TO_END_LATENCY,
+            "queue" => self.name.clone(),
+            "group" => group.name.clone()
+        );
+        for d in out.iter().filter(|d| d.delivery_count == 1) {
+            latency.record(now.saturating_sub(d.timestamp_ms).max(0) as f64 / 1000.0);
+        }
         let redelivered = out.iter().filter(|d| d.delivery_count > 1).count() as u64;
         crate::metrics::count_group(
             crate::metrics::DELIVERED,
@@ -781,6 +790,24 @@ impl Queue {
             redelivered: state.redelivered,
             dead_lettered: state.dead_lettered,
         }
+    }
+
+    /// Age (ms) of `group`'s oldest message not yet done: the one at its ack floor of each
+    /// partition (one small log read per partition). `None` when nothing is pending.
+    pub fn oldest_pending_age_ms(&self, group: &Group, now: i64) -> Option<i64> {
+        let floors: Vec<u64> = {
+            let state = group.state.lock();
+            (0..self.partitions.len() as u32)
+                .map(|p| state.floor(p))
+                .collect()
+        };
+        self.partitions
+            .iter()
+            .zip(floors)
+            .filter(|(log, floor)| *floor < log.next_offset())
+            .filter_map(|(log, floor)| log.read(floor, 1, 1).ok()?.first().map(|r| r.timestamp_ms))
+            .map(|ts| now.saturating_sub(ts).max(0))
+            .max()
     }
 
     /// Queue info.
