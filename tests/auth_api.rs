@@ -238,6 +238,35 @@ async fn roles_by_routes_over_http() {
         .await,
         StatusCode::FORBIDDEN
     );
+    // Only the owner deletes an exchange; anyone signed in may look at it.
+    assert_eq!(
+        call(&s, Some(&alice), Method::GET, "/exchanges/bx", None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, Some(&alice), Method::DELETE, "/exchanges/bx", None).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&s, Some(&bob), Method::DELETE, "/exchanges/bx", None).await,
+        StatusCode::NO_CONTENT
+    );
+    // A deleted exchange's name is free again, for a new owner.
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/exchanges/bx",
+            Some(json!({"type": "direct"}))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(&s, Some(&bob), Method::DELETE, "/exchanges/bx", None).await,
+        StatusCode::FORBIDDEN
+    );
     // The admin may do everything.
     assert_eq!(
         call(&s, Some(&admin), Method::DELETE, "/queues/jobs", None).await,

@@ -449,6 +449,35 @@ async fn exchanges_seek_and_log_replay() {
         .await
         .unwrap();
     assert_eq!(unbind.status(), StatusCode::NO_CONTENT);
+    let (status, info) = get(&s, "/exchanges/events").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(info["type"], "topic");
+    assert_eq!(
+        info["bindings"],
+        json!([{"queue": "orders", "key": "order.*"}])
+    );
+    let (_, list) = get(&s, "/exchanges").await;
+    assert_eq!(list["exchanges"][0]["name"], "events");
+    // Deleting the exchange keeps its queues; publishing through it is then a 404.
+    let (status, _) = post(&s, "/exchanges/gone", Some(json!({"type": "fanout"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let r = http()
+        .delete(format!("{}/exchanges/gone", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (status, body) = get(&s, "/exchanges/gone").await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::NOT_FOUND, &json!("exchange_not_found"))
+    );
+    let r = http()
+        .delete(format!("{}/exchanges/gone", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // Replay and seek on audit.
     let (_, log) = get(&s, "/queues/audit/log?from=1&max=10").await;
     assert_eq!(log["messages"][0]["body"], "u1");

@@ -57,7 +57,12 @@ pub fn required(method: &Method, path: &str) -> Option<(Action, Resource)> {
         ["queues", q, "messages", ..] | ["queues", q, "log"] | ["queues", q, "groups", ..] => {
             Some((Action::Consume, Resource::queue(q)))
         }
-        ["exchanges", x] => Some((Action::Create, Resource::exchange(x))),
+        ["exchanges", x] if *method == Method::POST => {
+            Some((Action::Create, Resource::exchange(x)))
+        }
+        ["exchanges", x] if *method == Method::DELETE => {
+            Some((Action::Manage, Resource::exchange(x)))
+        }
         ["exchanges", x, "bindings"] => Some((Action::Manage, Resource::exchange(x))),
         _ => None,
     }
@@ -114,28 +119,35 @@ pub async fn middleware(
     request.extensions_mut().insert(Caller(Some(user.clone())));
     let response = next.run(request).await;
     if let Some((action, resource)) = need {
-        record_ownership(
-            &store,
-            &state.broker,
-            &user,
+        let outcome = Outcome {
             action,
-            &resource,
-            &method,
-            response.status(),
-        );
+            resource: &resource,
+            method: &method,
+            path: &path,
+            status: response.status(),
+        };
+        record_ownership(&store, &state.broker, &user, outcome);
     }
     response
 }
 
-fn record_ownership(
-    store: &AuthStore,
-    broker: &Broker,
-    user: &str,
+/// What a request changed about ownership.
+struct Outcome<'a> {
     action: Action,
-    resource: &Resource,
-    method: &Method,
+    resource: &'a Resource,
+    method: &'a Method,
+    path: &'a str,
     status: StatusCode,
-) {
+}
+
+fn record_ownership(store: &AuthStore, broker: &Broker, user: &str, outcome: Outcome<'_>) {
+    let Outcome {
+        action,
+        resource,
+        method,
+        path,
+        status,
+    } = outcome;
     let result = match (action, status) {
         (Action::Create, StatusCode::CREATED) => {
             let owned = store.set_owner(resource, user);
@@ -151,8 +163,9 @@ fn record_ownership(
             }
             owned
         }
+        // Deleting the queue or exchange itself (not a binding) forgets owner and grants.
         (Action::Manage, StatusCode::NO_CONTENT)
-            if *method == Method::DELETE && matches!(resource, Resource::Queue(_)) =>
+            if *method == Method::DELETE && path.trim_matches('/').split('/').count() == 2 =>
         {
             store.remove_resource(resource)
         }
@@ -326,5 +339,10 @@ mod tests {
             Some((Action::Manage, Resource::exchange("x")))
         );
         assert_eq!(required(&Method::GET, "/queues"), None);
+        let x = |a| Some((a, Resource::exchange("x")));
+        assert_eq!(required(&Method::POST, "/exchanges/x"), x(Action::Create));
+        assert_eq!(required(&Method::DELETE, "/exchanges/x"), x(Action::Manage));
+        assert_eq!(required(&Method::GET, "/exchanges/x"), None);
+        assert_eq!(required(&Method::GET, "/exchanges"), None);
     }
 }

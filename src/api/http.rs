@@ -83,7 +83,13 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/queues/{queue}/log", get(read_log))
         .route("/queues/{queue}/groups/{group}", get(group_info))
         .route("/queues/{queue}/groups/{group}/offset", put(seek))
-        .route("/exchanges/{exchange}", post(create_exchange))
+        .route("/exchanges", get(list_exchanges))
+        .route(
+            "/exchanges/{exchange}",
+            post(create_exchange)
+                .get(exchange_info)
+                .delete(delete_exchange),
+        )
         .route("/exchanges/{exchange}/bindings", post(bind).delete(unbind))
         .route("/exchanges/{exchange}/messages", post(publish_to_exchange))
         .route("/queues/{queue}/grants", post(super::auth::grant))
@@ -548,6 +554,21 @@ async fn create_exchange(
         Json(json!({"name": exchange, "type": request.kind})),
     )
         .into_response())
+}
+
+async fn list_exchanges(State(s): State<HttpState>) -> ApiResult {
+    Ok(ok(
+        json!({"exchanges": to_json(&s.broker.list_exchanges())}),
+    ))
+}
+
+async fn exchange_info(State(s): State<HttpState>, Path(exchange): Path<String>) -> ApiResult {
+    Ok(ok(to_json(&s.broker.exchange_info(&exchange)?)))
+}
+
+async fn delete_exchange(State(s): State<HttpState>, Path(exchange): Path<String>) -> ApiResult {
+    s.broker.delete_exchange(&exchange).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn binding(body: Body) -> Result<Binding, ApiError> {

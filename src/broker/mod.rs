@@ -609,6 +609,44 @@ impl Broker {
         Ok(true)
     }
 
+    /// Deletes an exchange and its bindings (the queues stay).
+    pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
+        self.check_running()?;
+        let _meta = self.meta.lock().await;
+        self.exchange_kind(name)?;
+        self.apply(MetaCommand::DeleteExchange {
+            name: name.to_string(),
+        })
+    }
+
+    /// One exchange: its type and bindings.
+    pub fn exchange_info(&self, name: &str) -> Result<ExchangeInfo, BrokerError> {
+        let registry = self.registry.read();
+        let record = registry
+            .exchanges
+            .get(name)
+            .ok_or_else(|| BrokerError::ExchangeNotFound(name.to_string()))?;
+        Ok(ExchangeInfo {
+            name: name.to_string(),
+            kind: record.kind,
+            bindings: record.bindings.clone(),
+        })
+    }
+
+    /// Every exchange, by name.
+    pub fn list_exchanges(&self) -> Vec<ExchangeInfo> {
+        self.registry
+            .read()
+            .exchanges
+            .iter()
+            .map(|(name, record)| ExchangeInfo {
+                name: name.clone(),
+                kind: record.kind,
+                bindings: record.bindings.clone(),
+            })
+            .collect()
+    }
+
     fn exchange_kind(&self, name: &str) -> Result<ExchangeKind, BrokerError> {
         self.registry
             .read()

@@ -65,6 +65,11 @@ pub enum MetaCommand {
         /// Type.
         kind: ExchangeKind,
     },
+    /// Remove an exchange and its bindings.
+    DeleteExchange {
+        /// Name.
+        name: String,
+    },
     /// Add a binding (no-op when present).
     Bind {
         /// Exchange.
@@ -145,6 +150,9 @@ impl Registry {
                         kind: *kind,
                         bindings: Vec::new(),
                     });
+            }
+            MetaCommand::DeleteExchange { name } => {
+                self.exchanges.remove(name);
             }
             MetaCommand::Bind { exchange, binding } => {
                 if let Some(record) = self.exchanges.get_mut(exchange)

@@ -121,6 +121,18 @@ pub struct GroupSummary {
     pub dead_lettered: u64,
 }
 
+/// An exchange as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExchangeInfo {
+    /// Name.
+    pub name: String,
+    /// Routing type.
+    #[serde(rename = "type")]
+    pub kind: crate::route::ExchangeKind,
+    /// Bindings in the order they were made.
+    pub bindings: Vec<crate::route::Binding>,
+}
+
 /// Queue info.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QueueInfo {
