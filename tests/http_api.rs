@@ -334,7 +334,8 @@ async fn expiry_nack_dead_letter_and_redrive() {
         (status, again["error"]["code"].clone()),
         (StatusCode::CONFLICT, json!("not_leased"))
     );
-    let (_, dead) = get(&s, "/queues/w.dlq/messages?wait=5&group=inspect").await;
+    // Looking at the DLQ with its default group leases the dead letter; redrive still moves it.
+    let (_, dead) = get(&s, "/queues/w.dlq/messages?wait=5").await;
     let m = &dead["messages"][0];
     assert_eq!(m["body"], "job");
     assert_eq!(m["headers"]["qit-original-queue"], "w");
@@ -344,6 +345,13 @@ async fn expiry_nack_dead_letter_and_redrive() {
     assert_eq!(group["partitions"][0]["committed_offset"], 1);
     let (status, moved) = post(&s, "/queues/w/redrive", Some(json!({"max": 10}))).await;
     assert_eq!((status, moved["moved"].clone()), (StatusCode::OK, json!(1)));
+    let (status, moved) = post(&s, "/queues/w/redrive", None).await;
+    assert_eq!((status, moved["moved"].clone()), (StatusCode::OK, json!(0)));
+    let (_, dlq) = get(&s, "/queues/w.dlq/groups/default").await;
+    assert_eq!(
+        (dlq["backlog"].clone(), dlq["in_flight"].clone()),
+        (json!(0), json!(0))
+    );
     let (_, back) = get(&s, "/queues/w/messages").await;
     assert_eq!(back["messages"][0]["body"], "job");
     assert_eq!(back["messages"][0]["delivery_count"], 1);

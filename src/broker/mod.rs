@@ -455,6 +455,9 @@ impl Broker {
         let q = self.queue(queue)?;
         let dlq = self.queue(&q.settings.dead_letter_name(queue))?;
         let group = dlq.group_or_create(queue::DEFAULT_GROUP)?;
+        // Every dead letter moves, also one somebody is looking at through a lease (its ack
+        // later is a harmless repeat).
+        dlq.release_leases(&group);
         let mut moved = 0;
         let limit = max.unwrap_or(usize::MAX);
         while moved < limit {

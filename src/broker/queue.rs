@@ -719,6 +719,16 @@ impl Queue {
         self.wait_durable(ticket).await
     }
 
+    /// Ends every lease of `group` now, keeping delivery counts (see
+    /// [`GroupState::release_leases`]).
+    pub fn release_leases(&self, group: &Group) -> usize {
+        let released = group.state.lock().release_leases(now_ms());
+        if released > 0 {
+            self.notify.notify_waiters();
+        }
+        released
+    }
+
     /// The DLQ append failed: offer the message again.
     pub fn abort_dead_letter(&self, group: &Group, id: MessageId) {
         group

@@ -590,6 +590,30 @@ impl GroupState {
         }
     }
 
+    /// Ends every lease at once without counting a failed delivery: the messages wait for
+    /// redelivery from `now` with the delivery counts they had (used before a redrive takes
+    /// everything out of a dead-letter queue). Returns how many leases ended.
+    pub fn release_leases(&mut self, now: i64) -> usize {
+        let mut released = 0;
+        for p in &mut self.partitions {
+            let leases = std::mem::take(&mut p.leases);
+            p.deadlines.clear();
+            for (offset, lease) in leases {
+                p.waiting.insert(
+                    offset,
+                    Waiting {
+                        due_ms: now,
+                        delivery_count: lease.delivery_count,
+                        key: lease.key,
+                    },
+                );
+                released += 1;
+            }
+        }
+        self.in_flight -= released;
+        released
+    }
+
     /// Moves a lease's deadline to `now + visibility_ms`.
     pub fn extend(
         &mut self,
@@ -808,5 +832,41 @@ impl GroupState {
             })
             .sum::<usize>()
             + self.busy_keys.len() * 24
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> GroupConfig {
+        GroupConfig {
+            max_deliveries: 0,
+            backoff_secs: vec![60],
+            max_in_flight: 100,
+            ordering: Ordering::None,
+        }
+    }
+
+    fn fresh(offsets: std::ops::Range<u64>) -> Vec<Candidate> {
+        offsets
+            .map(|offset| Candidate { offset, key: None })
+            .collect()
+    }
+
+    #[test]
+    fn released_leases_are_offered_again_at_once_with_their_counts() {
+        let mut state = GroupState::new(config(), &[0]);
+        let (grants, _) = state.lease(0, 0, 30_000, 10, &fresh(0..3)).unwrap();
+        assert_eq!(grants.len(), 3);
+        state.ack(0, 1).unwrap();
+        assert_eq!(state.release_leases(5), 2);
+        assert_eq!(state.in_flight(), 0);
+        assert_eq!(state.next_wakeup(), Some(5), "no lease deadline is left");
+        let (again, _) = state.lease(0, 5, 30_000, 10, &[]).unwrap();
+        let offsets: Vec<(u64, u32)> = again.iter().map(|g| (g.offset, g.delivery_count)).collect();
+        assert_eq!(offsets, vec![(0, 2), (2, 2)]);
+        assert_eq!(state.release_leases(6), 2);
+        assert_eq!(state.release_leases(7), 0);
     }
 }
