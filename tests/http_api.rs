@@ -52,8 +52,27 @@ async fn seed_flow_verbatim() {
     let (status, info) = post(&s, "/queues/email-jobs", None).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(info["name"], "email-jobs");
+    assert_eq!(info["settings"]["dead_letter"], "email-jobs.dlq");
     let (again, _) = post(&s, "/queues/email-jobs", None).await;
     assert_eq!(again, StatusCode::OK, "same settings: idempotent");
+    let (again, _) = post(
+        &s,
+        "/queues/email-jobs",
+        Some(json!({"dead_letter": "email-jobs.dlq", "partitions": 1})),
+    )
+    .await;
+    assert_eq!(
+        again,
+        StatusCode::OK,
+        "the defaults spelled out are the same settings"
+    );
+    let (status, dlq) = get(&s, "/queues/email-jobs.dlq").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the dead-letter queue comes with the queue"
+    );
+    assert_eq!(dlq["settings"]["max_deliveries"], 0);
     let r = http()
         .post(format!("{}/queues/email-jobs/messages", s.http))
         .header("Content-Type", "application/json")

@@ -168,6 +168,7 @@ impl Broker {
                 reason: format!("`{dlq}` cannot be this queue's dead-letter queue"),
             }));
         }
+        let settings = settings.effective(name);
         let _meta = self.meta.lock().await;
         let (info, created) = self.create_locked(name, settings.clone()).await?;
         if created && settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
@@ -182,7 +183,8 @@ impl Broker {
         settings: QueueSettings,
     ) -> Result<(QueueInfo, bool), BrokerError> {
         if let Some(existing) = self.queues.read().get(name).cloned() {
-            return if existing.settings == settings {
+            return if existing.settings.clone().effective(name) == settings.clone().effective(name)
+            {
                 Ok((existing.info(), false))
             } else {
                 Err(BrokerError::QueueExists(name.to_string()))

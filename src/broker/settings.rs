@@ -142,6 +142,15 @@ impl QueueSettings {
         Ok(())
     }
 
+    /// These settings with defaults that depend on the queue's name filled in (the
+    /// dead-letter queue's name, when messages can be dead-lettered), as stored and shown.
+    pub fn effective(mut self, queue: &str) -> Self {
+        if self.max_deliveries > 0 {
+            self.dead_letter = Some(self.dead_letter_name(queue));
+        }
+        self
+    }
+
     /// The dead-letter queue's name for queue `queue`.
     pub fn dead_letter_name(&self, queue: &str) -> String {
         self.dead_letter
