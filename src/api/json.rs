@@ -1,8 +1,9 @@
 //! The JSON shapes of messages: a delivered message, and batch-publish input.
 //!
 //! A body comes back as JSON when it was published as JSON (its content type is
-//! `application/json` or `*+json` and it parses), as a string when it is other UTF-8 text,
-//! and base64-encoded in `body_base64` otherwise.
+//! `application/json` or `*+json` and it parses, or it has no content type, or curl's
+//! default form type, and is a JSON object or array), as a string when it is other UTF-8
+//! text, and base64-encoded in `body_base64` otherwise.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +28,24 @@ pub fn is_json_type(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// The body as JSON, when it was published as JSON: with a JSON content type, or with none
+/// (or curl's default form type, which a JSON text never is) and a JSON object or array.
+fn json_body(content_type: Option<&str>, body: &[u8]) -> Option<Value> {
+    let untyped = content_type.is_none_or(|t| {
+        t.split(';').next().is_some_and(|e| {
+            e.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+    });
+    match content_type {
+        Some(t) if is_json_type(t) => serde_json::from_slice(body).ok(),
+        _ if untyped => serde_json::from_slice::<Value>(body)
+            .ok()
+            .filter(|v| v.is_object() || v.is_array()),
+        _ => None,
+    }
+}
+
 /// The JSON object of a delivered or replayed message.
 pub fn delivery(d: &Delivery) -> Value {
     let mut obj = Map::new();
@@ -43,11 +62,7 @@ pub fn delivery(d: &Delivery) -> Value {
     if let Some(content_type) = &d.content_type {
         obj.insert("content_type".into(), json!(content_type));
     }
-    let as_json = d
-        .content_type
-        .as_deref()
-        .filter(|t| is_json_type(t))
-        .and_then(|_| serde_json::from_slice::<Value>(&d.body).ok());
+    let as_json = json_body(d.content_type.as_deref(), &d.body);
     match (as_json, std::str::from_utf8(&d.body)) {
         (Some(value), _) => obj.insert("body".into(), value),
         (None, Ok(text)) => obj.insert("body".into(), json!(text)),
@@ -188,5 +203,20 @@ mod tests {
         let binary = delivery(&d(&[0xff, 0x00], None));
         assert_eq!(binary["body_base64"], "/wA=");
         assert!(is_json_type("application/vnd.api+json; charset=utf-8"));
+        // `curl -d '{...}'` without a content type header sends the form type.
+        let form = "application/x-www-form-urlencoded";
+        assert_eq!(
+            delivery(&d(br#"{"a":1}"#, Some(form)))["body"],
+            json!({"a": 1})
+        );
+        assert_eq!(delivery(&d(b"a=1&b=2", Some(form)))["body"], "a=1&b=2");
+        assert_eq!(delivery(&d(b"[1,2]", None))["body"], json!([1, 2]));
+        // Scalars stay text unless the publisher said JSON.
+        assert_eq!(delivery(&d(b"123", None))["body"], "123");
+        assert_eq!(delivery(&d(b"123", Some("application/json")))["body"], 123);
+        assert_eq!(
+            delivery(&d(br#"{"a":1}"#, Some("text/plain")))["body"],
+            r#"{"a":1}"#
+        );
     }
 }
