@@ -93,6 +93,18 @@ async fn rolls_segments_and_reopens() {
     assert_eq!(log.next_offset(), 200);
     assert_prefix(&values(&log, 0), 200);
     assert_eq!(log.append(vec![rec(200)]).await.unwrap(), 200);
+    // `locate` names the segment holding an offset and a batch at or before it.
+    let segments = log.segments();
+    for offset in [0, 57, 120, 200] {
+        let (base, position) = log.locate(offset).unwrap();
+        let segment = segments.iter().find(|s| s.base_offset == base).unwrap();
+        assert!(
+            base <= offset && offset < segment.next_offset,
+            "offset {offset}"
+        );
+        assert!(position < segment.bytes);
+    }
+    assert_eq!(log.locate(201), None);
 }
 
 #[tokio::test]

@@ -317,6 +317,21 @@ impl PartitionLog {
         Ok(out)
     }
 
+    /// Where a read of `offset` starts: the base offset of the segment holding it and the
+    /// byte position of the batch its sparse index names (at or before the record). `None`
+    /// when the offset is not retained or not yet written.
+    pub fn locate(&self, offset: u64) -> Option<(u64, u64)> {
+        if offset >= self.next_offset() {
+            return None;
+        }
+        let segments = self.inner.shared.segments.load();
+        let index = segments
+            .partition_point(|s| s.base_offset <= offset)
+            .checked_sub(1)?;
+        let segment = segments.get(index)?;
+        Some((segment.base_offset, segment.position_for(offset).0))
+    }
+
     /// The first offset whose record has a timestamp >= `timestamp_ms`, if any.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, LogError> {
         let next = self.next_offset();
