@@ -624,3 +624,50 @@ async fn long_polls_are_capped_per_client() {
     assert_eq!(first.await.unwrap(), StatusCode::OK);
     s.stop().await;
 }
+
+/// A start over a damaged data directory serves what it could open and names what it
+/// could not; deleting the damaged queue clears it.
+#[tokio::test]
+async fn a_damaged_queue_is_named_while_the_others_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_in(dir.path(), qit::log::FsyncPolicy::Interval).await;
+    for queue in ["good", "bad"] {
+        create(&s, queue, json!({"segment_bytes": 4096})).await;
+        for i in 0..100 {
+            send(
+                &s,
+                queue,
+                &format!("message {i} with some padding to fill segments"),
+            )
+            .await;
+        }
+    }
+    s.stop().await;
+    let sealed = dir.path().join("queues/bad/0/00000000000000000000.log");
+    let bytes = std::fs::read(&sealed).unwrap();
+    std::fs::write(&sealed, &bytes[..bytes.len() - 5]).unwrap();
+    let s = TestServer::start_in(dir.path(), qit::log::FsyncPolicy::Interval).await;
+    let (status, got) = get(&s, "/queues/good/messages?max=100").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got["messages"].as_array().unwrap().len(), 100);
+    let (status, body) = get(&s, "/queues/bad/messages").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "queue_damaged");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("00000000000000000000.log"), "{message}");
+    let (status, health) = get(&s, "/healthz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+    let (status, _) = post(&s, "/queues/bad", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let r = http()
+        .delete(format!("{}/queues/bad", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert!(!dir.path().join("queues/bad").exists());
+    let (status, _) = get(&s, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    create(&s, "bad", json!({})).await;
+    s.stop().await;
+}

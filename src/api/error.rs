@@ -56,6 +56,7 @@ impl From<BrokerError> for ApiError {
             E::MessageTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
             E::LimitReached(_) => (StatusCode::TOO_MANY_REQUESTS, "limit_reached"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            E::QueueDamaged { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_damaged"),
             E::Log(_) | E::Journal(_) | E::Storage { .. } | E::Corrupt { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_error")
             }

@@ -31,6 +31,29 @@ pub use types::*;
 use queue::{DeadLetterJob, Group, Queue, now_ms};
 use registry::{MetaCommand, Registry};
 
+/// Opens every queue of the registry; a queue whose data cannot be opened is set aside with
+/// the reason (logged), so that the others serve.
+fn open_queues(
+    root: &std::path::Path,
+    specs: Vec<(String, QueueSettings)>,
+    fsync: crate::log::FsyncPolicy,
+) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
+    let mut opened = HashMap::new();
+    let mut damaged = HashMap::new();
+    for (name, settings) in specs {
+        match Queue::open(root, &name, settings, fsync) {
+            Ok(queue) => {
+                opened.insert(name, Arc::new(queue));
+            }
+            Err(error) => {
+                tracing::error!(queue = %name, %error, "queue is unavailable: its data could not be opened");
+                damaged.insert(name, error.to_string());
+            }
+        }
+    }
+    (opened, damaged)
+}
+
 /// Longest queue, group or exchange name.
 pub const MAX_NAME_LEN: usize = 200;
 /// How often the timer looks for expired leases and due redeliveries.
@@ -63,6 +86,8 @@ fn millis(d: Duration) -> i64 {
 pub struct Broker {
     config: BrokerConfig,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Queues whose data could not be opened at start, with what opening reported.
+    damaged: RwLock<HashMap<String, String>>,
     registry: RwLock<Registry>,
     /// Serializes metadata changes (create/delete queue, exchanges, bindings).
     meta: tokio::sync::Mutex<()>,
@@ -96,20 +121,15 @@ impl Broker {
             .iter()
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
-        let opened = tokio::task::spawn_blocking(move || {
-            specs
-                .into_iter()
-                .map(|(name, settings)| {
-                    Queue::open(&root, &name, settings, fsync).map(|q| (name, Arc::new(q)))
-                })
-                .collect::<Result<HashMap<_, _>, _>>()
-        })
-        .await
-        .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))??;
+        let (opened, damaged) =
+            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync))
+                .await
+                .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
         let (dead_letters, jobs) = mpsc::unbounded_channel();
         let broker = Arc::new(Broker {
             config,
             queues: RwLock::new(opened),
+            damaged: RwLock::new(damaged),
             registry: RwLock::new(registry),
             meta: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
@@ -129,11 +149,33 @@ impl Broker {
     }
 
     fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
-        self.queues
+        if let Some(queue) = self.queues.read().get(name) {
+            return Ok(Arc::clone(queue));
+        }
+        Err(self.missing(name))
+    }
+
+    /// Why `name` is not an open queue: damaged at start, or unknown.
+    fn missing(&self, name: &str) -> BrokerError {
+        match self.damaged.read().get(name) {
+            Some(reason) => BrokerError::QueueDamaged {
+                queue: name.to_string(),
+                reason: reason.clone(),
+            },
+            None => BrokerError::QueueNotFound(name.to_string()),
+        }
+    }
+
+    /// Queues whose data could not be opened at start, with what opening reported.
+    pub fn damaged_queues(&self) -> Vec<(String, String)> {
+        let mut list: Vec<_> = self
+            .damaged
             .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
+            .iter()
+            .map(|(q, r)| (q.clone(), r.clone()))
+            .collect();
+        list.sort();
+        list
     }
 
     fn existing_group(queue: &Queue, name: &str) -> Result<Arc<Group>, BrokerError> {
@@ -170,6 +212,9 @@ impl Broker {
         }
         let settings = settings.effective(name);
         let _meta = self.meta.lock().await;
+        if self.damaged.read().contains_key(name) {
+            return Err(self.missing(name));
+        }
         let (info, created) = self.create_locked(name, settings.clone()).await?;
         if created && settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
             self.create_locked(&dlq, dead_letter_settings()).await?;
@@ -236,6 +281,9 @@ impl Broker {
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.check_running()?;
         let _meta = self.meta.lock().await;
+        if self.damaged.read().contains_key(name) {
+            return self.delete_damaged(name).await;
+        }
         let queue = self.queue(name)?;
         self.apply(MetaCommand::DeleteQueue {
             name: name.to_string(),
@@ -249,6 +297,24 @@ impl Broker {
             .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))?
             .map_err(|(path, source)| BrokerError::Storage { path, source })?;
         tracing::info!(queue = name, "queue deleted");
+        Ok(())
+    }
+
+    /// Deletes a queue whose data could not be opened (the operator's way out).
+    async fn delete_damaged(&self, name: &str) -> Result<(), BrokerError> {
+        self.apply(MetaCommand::DeleteQueue {
+            name: name.to_string(),
+        })?;
+        self.damaged.write().remove(name);
+        let dir = self.queues_dir().join(name);
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
+            _ => Ok(()),
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))?
+        .map_err(|(path, source)| BrokerError::Storage { path, source })?;
+        tracing::warn!(queue = name, "damaged queue deleted with its data");
         Ok(())
     }
 
@@ -718,6 +784,9 @@ impl Broker {
     /// Checks that storage is writable (health check).
     pub async fn check_storage(&self) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some((queue, _)) = self.damaged_queues().into_iter().next() {
+            return Err(self.missing(&queue));
+        }
         let path = self.config.data_dir.join(".healthcheck");
         tokio::task::spawn_blocking(move || {
             use std::io::Write;

@@ -288,6 +288,15 @@ pub enum BrokerError {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The queue's stored data could not be opened at start (named in `reason`, with file
+    /// and byte position); the rest of the broker serves. Deleting the queue clears it.
+    #[error("queue `{queue}` is unavailable, its stored data is damaged: {reason}")]
+    QueueDamaged {
+        /// Queue name.
+        queue: String,
+        /// What opening it reported.
+        reason: String,
+    },
     /// A binding is malformed.
     #[error(transparent)]
     InvalidBinding(#[from] crate::route::RouteError),
