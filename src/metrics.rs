@@ -129,6 +129,14 @@ pub fn record_pending_ages(ages: &[(String, String, i64)]) {
     }
 }
 
+/// Folds recorded histogram samples into their buckets. Samples are kept raw until then, so
+/// the server calls this every few seconds, keeping their memory bounded between scrapes.
+pub fn upkeep() {
+    if let Some(handle) = HANDLE.get() {
+        handle.run_upkeep();
+    }
+}
+
 /// Renders every series in the Prometheus text format (empty when no recorder is installed).
 pub fn render() -> String {
     HANDLE

@@ -17,6 +17,8 @@ use crate::config::{ConfigError, ServerConfig};
 
 /// How long listeners may take to finish in-flight requests after a stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often raw histogram samples are folded into buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 /// Errors of starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +150,16 @@ impl Server {
             delete_retention: Duration::from_secs(self.config.delete_retention_secs),
             bytes_per_sec: self.config.compaction_bytes_per_sec,
         };
+        let upkeep_stop = stop.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => crate::metrics::upkeep(),
+                    _ = upkeep_stop.cancelled() => return,
+                }
+            }
+        });
         tokio::spawn(crate::maintenance::run(
             Arc::downgrade(&self.broker),
             maintenance,
