@@ -135,6 +135,22 @@ impl GroupCommit {
     }
 }
 
+/// Starts a sync thread named `name` running `run` when `policy` needs one (`always` and
+/// `interval`; `never` has none).
+pub fn spawn_sync_thread(
+    policy: FsyncPolicy,
+    name: &str,
+    run: impl FnOnce() + Send + 'static,
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+    match policy {
+        FsyncPolicy::Never => Ok(None),
+        FsyncPolicy::Always | FsyncPolicy::Interval => std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(run)
+            .map(Some),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -276,17 +276,11 @@ impl Journal {
             commit: GroupCommit::new(0),
             since_checkpoint: AtomicU64::new(valid.saturating_sub(HEADER_LEN) as u64),
         });
-        let thread = match fsync {
-            FsyncPolicy::Never => None,
-            FsyncPolicy::Always | FsyncPolicy::Interval => {
-                let for_thread = Arc::clone(&shared);
-                let thread = std::thread::Builder::new()
-                    .name("qit-journal-sync".into())
-                    .spawn(move || for_thread.run_sync_thread())
-                    .map_err(io(path))?;
-                Some(thread)
-            }
-        };
+        let for_thread = Arc::clone(&shared);
+        let thread = crate::commit::spawn_sync_thread(fsync, "qit-journal-sync", move || {
+            for_thread.run_sync_thread()
+        })
+        .map_err(io(path))?;
         let journal = Journal {
             inner: Arc::new(Inner { shared, thread }),
         };

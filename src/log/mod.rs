@@ -234,20 +234,14 @@ impl PartitionLog {
             writer: Mutex::new(Writer::new(active, state)?),
             commit: GroupCommit::new(next),
         });
-        let sync_thread = match fsync {
-            FsyncPolicy::Never => None,
-            FsyncPolicy::Always | FsyncPolicy::Interval => {
-                let for_thread = Arc::clone(&shared);
-                let thread = std::thread::Builder::new()
-                    .name("qit-log-sync".into())
-                    .spawn(move || writer::run_sync_thread(for_thread))
-                    .map_err(|source| LogError::Io {
-                        path: dir.to_path_buf(),
-                        source,
-                    })?;
-                Some(thread)
-            }
-        };
+        let for_thread = Arc::clone(&shared);
+        let sync_thread = crate::commit::spawn_sync_thread(fsync, "qit-log-sync", move || {
+            writer::run_sync_thread(for_thread)
+        })
+        .map_err(|source| LogError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
