@@ -210,7 +210,6 @@ impl Broker {
                 reason: format!("`{dlq}` cannot be this queue's dead-letter queue"),
             }));
         }
-        let settings = settings.effective(name);
         let _meta = self.meta.lock().await;
         if self.damaged.read().contains_key(name) {
             return Err(self.missing(name));
@@ -227,9 +226,11 @@ impl Broker {
         name: &str,
         settings: QueueSettings,
     ) -> Result<(QueueInfo, bool), BrokerError> {
+        // Compared and stored with name-dependent defaults filled in, so that spelling them
+        // out is the same settings.
+        let settings = settings.effective(name);
         if let Some(existing) = self.queues.read().get(name).cloned() {
-            return if existing.settings.clone().effective(name) == settings.clone().effective(name)
-            {
+            return if existing.settings.clone().effective(name) == settings {
                 Ok((existing.info(), false))
             } else {
                 Err(BrokerError::QueueExists(name.to_string()))
@@ -697,11 +698,7 @@ impl Broker {
             .exchanges
             .get(name)
             .ok_or_else(|| BrokerError::ExchangeNotFound(name.to_string()))?;
-        Ok(ExchangeInfo {
-            name: name.to_string(),
-            kind: record.kind,
-            bindings: record.bindings.clone(),
-        })
+        Ok(ExchangeInfo::of(name, record))
     }
 
     /// Every exchange, by name.
@@ -710,11 +707,7 @@ impl Broker {
             .read()
             .exchanges
             .iter()
-            .map(|(name, record)| ExchangeInfo {
-                name: name.clone(),
-                kind: record.kind,
-                bindings: record.bindings.clone(),
-            })
+            .map(|(name, record)| ExchangeInfo::of(name, record))
             .collect()
     }
 
@@ -784,8 +777,8 @@ impl Broker {
     /// Checks that storage is writable (health check).
     pub async fn check_storage(&self) -> Result<(), BrokerError> {
         self.check_running()?;
-        if let Some((queue, _)) = self.damaged_queues().into_iter().next() {
-            return Err(self.missing(&queue));
+        if let Some((queue, reason)) = self.damaged_queues().into_iter().next() {
+            return Err(BrokerError::QueueDamaged { queue, reason });
         }
         let path = self.config.data_dir.join(".healthcheck");
         tokio::task::spawn_blocking(move || {

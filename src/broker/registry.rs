@@ -28,6 +28,17 @@ pub struct ExchangeRecord {
     pub bindings: Vec<Binding>,
 }
 
+impl super::types::ExchangeInfo {
+    /// The API view of exchange `name` as recorded.
+    pub fn of(name: &str, record: &ExchangeRecord) -> Self {
+        Self {
+            name: name.to_string(),
+            kind: record.kind,
+            bindings: record.bindings.clone(),
+        }
+    }
+}
+
 /// Everything the registry file holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
