@@ -1,28 +1,41 @@
 //! qit: a message broker on a durable, segmented log.
 //!
-//! Layers (data flows down on publish, up on receive; nothing calls upward):
+//! Layers (data flows down on publish, up on receive; nothing calls upward — a module uses
+//! only its own layer and those below it, which `tests/layers.rs` checks on every
+//! `cargo test`):
 //!
 //! ```text
-//! api::http  api::grpc  cli/client      thin adapters: parse, call the broker, map errors
-//!         \      |      /
-//!          broker                        queue registry, exchanges, dedup, the shared state
-//!         /      |      \
-//!    route     group     log             routing rules; consumer-group state machines and
-//!                                        their journal; the partition log (segments, indexes)
+//! 6  server                              binds listeners, runs timers, joins tasks, drains
+//! 5  config  cli  client  bench          the edge: settings, command line, client, load
+//! 4  api (http, grpc, receive, auth, …)  thin adapters: parse, call the broker, map errors
+//! 3  maintenance                         retention and compaction over the broker's queues
+//! 2  broker                              queue registry, exchanges, dedup, the shared state
+//! 1  group  route  metrics  auth  clock  state machines (take `now`), routing rules, metric
+//!                                        names, users and grants, the clock the broker reads
+//! 0  log  journal  commit  proto         storage: partition log, group journal, group
+//!                                        commit of fsyncs; generated protobuf types
 //! ```
 //!
+//! Lower layers report upward through data or callbacks, never by importing: the log tells
+//! the broker each fsync's duration through [`log::FsyncObserver`]; the metrics take their
+//! own plain structs ([`metrics::QueueGauges`]) that the broker fills. Within [`api`], the
+//! shared pieces sit in their own modules ([`api::state`], [`api::wire`]) so that no two
+//! adapter files import each other.
+//!
 //! - [`log`]: the partition log — batches, segments, sparse indexes, recovery.
-//! - [`group`]: per-group delivery state (ack floor, leases, redelivery, DLQ decisions) as a
-//!   pure state machine, and its durable journal.
-//! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
+//! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
+//! - [`group`]: per-group delivery state (ack floor, leases, redelivery, DLQ decisions) as a
+//!   pure state machine taking `now`, its journal events and snapshots.
 //! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
+//! - [`clock`]: where the broker reads "now" (a manual clock in tests).
+//! - [`metrics`]: Prometheus series; [`auth`]: users, tokens, ownership and grants.
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
-//! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
-//! - [`server`]: binds listeners, runs timers, drains on shutdown.
 //! - [`maintenance`]: retention and key compaction in the background.
-//! - [`auth`]: users, tokens, ownership and grants.
-//! - [`metrics`]: Prometheus series; [`bench`]: the `qit bench` load generator.
+//! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
+//! - [`server`]: binds listeners, runs timers, joins background tasks, drains on shutdown.
+//! - [`config`], [`cli`], [`client`], [`bench`]: settings, the command line, its HTTP
+//!   client, the `qit bench` load generator.
 #![warn(missing_docs)]
 
 pub mod api;
@@ -31,6 +44,7 @@ pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod commit;
 pub mod config;
 pub mod group;

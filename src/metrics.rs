@@ -11,8 +11,6 @@ use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::broker::QueueInfo;
-
 /// Messages appended to a queue (label `queue`).
 pub const PUBLISHED: &str = "qit_messages_published_total";
 /// Leases handed out (labels `queue`, `group`).
@@ -101,8 +99,42 @@ pub fn install() -> Result<&'static PrometheusHandle, MetricsError> {
     Ok(HANDLE.get_or_init(|| handle))
 }
 
+/// What the state gauges show of one queue. Plain data the broker layer fills in, so this
+/// module, below the broker, never imports the broker's types.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueGauges {
+    /// Queue name.
+    pub name: String,
+    /// Per partition.
+    pub partitions: Vec<PartitionGauges>,
+    /// Per group.
+    pub groups: Vec<GroupGauges>,
+}
+
+/// What the state gauges show of one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionGauges {
+    /// Partition number.
+    pub partition: u32,
+    /// Bytes of `.log` files.
+    pub bytes: u64,
+    /// Number of segments.
+    pub segments: u32,
+}
+
+/// What the state gauges show of one group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupGauges {
+    /// Group name.
+    pub name: String,
+    /// Messages not yet done.
+    pub backlog: u64,
+    /// Leases held now.
+    pub in_flight: u64,
+}
+
 /// Sets the state gauges of every queue, group and partition from a broker snapshot.
-pub fn record_queue_gauges(queues: &[QueueInfo]) {
+pub fn record_queue_gauges(queues: &[QueueGauges]) {
     metrics::gauge!(QUEUES).set(queues.len() as f64);
     for queue in queues {
         for partition in &queue.partitions {
@@ -167,26 +199,21 @@ pub fn observe_seconds(name: &'static str, seconds: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::{GroupSummary, PartitionInfo, QueueSettings};
 
     #[test]
     fn gauges_and_counters_render_with_qit_names() {
         install().unwrap();
-        let info = QueueInfo {
+        let info = QueueGauges {
             name: "metrics-test".into(),
-            settings: QueueSettings::default(),
-            partitions: vec![PartitionInfo {
+            partitions: vec![PartitionGauges {
                 partition: 0,
-                first_offset: 0,
-                next_offset: 7,
                 segments: 1,
                 bytes: 1234,
             }],
-            groups: vec![GroupSummary {
+            groups: vec![GroupGauges {
                 name: "default".into(),
                 backlog: 5,
                 in_flight: 2,
-                dead_lettered: 0,
             }],
         };
         record_queue_gauges(&[info]);

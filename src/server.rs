@@ -1,6 +1,7 @@
 //! Binds the HTTP and gRPC listeners, serves until told to stop, then drains: the broker
 //! stops first (open long-polls answer empty, new work gets 503), the listeners finish
-//! in-flight requests, and logs and journals are flushed and fsynced last.
+//! in-flight requests, every background task (tracked by one `TaskTracker`) is joined, and
+//! logs and journals are flushed and fsynced last.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -73,6 +74,7 @@ impl Server {
             data_dir: config.data_dir.clone(),
             fsync: config.fsync,
             max_queues: config.max_queues,
+            ..BrokerConfig::default()
         })
         .await?;
         let auth = if config.auth {
@@ -115,8 +117,11 @@ impl Server {
         state.auth = self.auth.clone();
         state.per_client = crate::api::limits::ClientLimits::new(self.config.max_per_client);
         let router = http::router(state, self.config.max_body_bytes);
+        // One tracker for every task: the broker's own (timer, dead letters), the streams
+        // the adapters serve, the listeners and the upkeep below. Shutdown joins them all.
+        let tasks = self.broker.tasks().clone();
         let http_stop = stop.clone();
-        let http_task = tokio::spawn(async move {
+        let http_task = tasks.spawn(async move {
             let listener = crate::api::conn::HttpListener(self.http);
             axum::serve(
                 listener,
@@ -135,7 +140,7 @@ impl Server {
             .with_auth(self.auth.clone())
             .with_per_client(self.config.max_per_client);
         let grpc_stop = stop.clone();
-        let grpc_task = tokio::spawn(
+        let grpc_task = tasks.spawn(
             tonic::transport::Server::builder()
                 .add_service(api.into_server())
                 .add_service(reflection_v1)
@@ -151,7 +156,7 @@ impl Server {
             bytes_per_sec: self.config.compaction_bytes_per_sec,
         };
         let upkeep_stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut every = tokio::time::interval(METRICS_UPKEEP);
             loop {
                 tokio::select! {
@@ -160,7 +165,7 @@ impl Server {
                 }
             }
         });
-        tokio::spawn(crate::maintenance::run(
+        tasks.spawn(crate::maintenance::run(
             Arc::downgrade(&self.broker),
             maintenance,
             stop.clone(),
@@ -177,7 +182,7 @@ impl Server {
             ("http", http_task),
             (
                 "grpc",
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     grpc_task
                         .await
                         .map(|r| r.map_err(|e| std::io::Error::other(e.to_string())))?
@@ -192,6 +197,17 @@ impl Server {
                 Ok(Err(error)) => tracing::warn!(listener = name, %error, "listener task failed"),
                 Err(_) => tracing::warn!(listener = name, "listener did not drain in time"),
             }
+        }
+        // Every background task has seen the stop by now; wait for them to end, so that
+        // nothing runs on after `run` returns.
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.broker.join_tasks())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.broker.tasks().len(),
+                "background tasks did not end in time"
+            );
         }
         // Anything appended while draining is made durable last.
         self.broker.shutdown().await?;

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
-use super::http::HttpState;
+use super::state::HttpState;
 use crate::auth::{Action, AuthError, AuthStore, ErrorClass, Permission, Resource};
 use crate::broker::Broker;
 

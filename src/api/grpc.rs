@@ -7,26 +7,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::authenticate;
 use super::error::ApiError;
-use super::limits::{ClientLimits, ClientPermit};
+use super::limits::ClientLimits;
 use super::receive::Session;
+use super::wire::{StreamPermit, message, message_id, millis};
 use crate::auth::{Action, AuthStore, Resource};
-use crate::broker::{self, Broker, BrokerError, Delivery, MessageId, NewMessage, ReadFrom};
+use crate::broker::{self, Broker, BrokerError, NewMessage, ReadFrom};
 use crate::proto::{self, broker_server, receive_request, subscribe_request};
 
 /// Default credit when a stream opens with `max_in_flight = 0`.
 const DEFAULT_CREDIT: u64 = 100;
 /// Most messages one `Subscribe` read returns.
 const SUBSCRIBE_BATCH: usize = 500;
-
-/// A stream's slots in the server-wide and per-client caps.
-pub(super) type StreamPermit = (OwnedSemaphorePermit, Option<ClientPermit>);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -203,31 +201,8 @@ fn queue_info(info: broker::QueueInfo) -> proto::QueueInfo {
     }
 }
 
-pub(super) fn message(d: Delivery) -> proto::Message {
-    proto::Message {
-        id: d.id.to_string(),
-        queue: d.queue,
-        partition: d.id.partition,
-        offset: d.id.offset,
-        timestamp_ms: d.timestamp_ms,
-        key: d.key,
-        headers: d.headers.into_iter().collect(),
-        delivery_count: d.delivery_count,
-        body: d.body.to_vec(),
-        content_type: d.content_type,
-    }
-}
-
-pub(super) fn message_id(raw: &str) -> Result<MessageId, Status> {
-    raw.parse::<MessageId>().map_err(Status::from)
-}
-
 fn group_name(group: &str) -> &str {
     if group.is_empty() { "default" } else { group }
-}
-
-pub(super) fn millis(ms: u64) -> Duration {
-    Duration::from_millis(ms)
 }
 
 #[tonic::async_trait]
@@ -436,7 +411,7 @@ impl broker_server::Broker for GrpcApi {
             outstanding: HashMap::new(),
             tx,
         };
-        tokio::spawn(session.run(inbound, permit));
+        self.broker.tasks().spawn(session.run(inbound, permit));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -470,7 +445,7 @@ impl broker_server::Broker for GrpcApi {
         };
         let (tx, rx) = mpsc::channel(256);
         let broker = Arc::clone(&self.broker);
-        tokio::spawn(async move {
+        self.broker.tasks().spawn(async move {
             let _permit = permit;
             follow(broker, r.queue, r.partition, start, tx).await;
         });
@@ -488,9 +463,8 @@ async fn follow(
 ) {
     loop {
         if broker.is_shutting_down() {
-            let _ = tx
-                .send(Err(Status::unavailable("the broker is shutting down")))
-                .await;
+            // Never wait on a consumer that stopped reading: shutdown joins this task.
+            let _ = tx.try_send(Err(Status::unavailable("the broker is shutting down")));
             return;
         }
         let (batch, after) =
@@ -517,8 +491,9 @@ async fn follow(
             let item = proto::SubscribeResponse {
                 message: Some(message(d)),
             };
-            if tx.send(Ok(item)).await.is_err() {
-                return;
+            tokio::select! {
+                sent = tx.send(Ok(item)) => if sent.is_err() { return },
+                _ = broker.stopped() => return,
             }
         }
         next = after;

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -17,12 +16,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 
 use super::error::ApiError;
 use super::json::{self, BatchPublish};
 use crate::broker::{
-    Binding, Broker, ExchangeKind, MessageId, NewMessage, QueueSettings, ReadFrom, SeekTarget,
+    Binding, ExchangeKind, MessageId, NewMessage, QueueInfo, QueueSettings, ReadFrom, SeekTarget,
 };
 
 /// Prefix of request headers that become message headers.
@@ -32,33 +30,7 @@ const MAX_WAIT_SECS: f64 = 60.0;
 /// Longest visibility timeout or nack delay in seconds (12 h).
 const MAX_DURATION_SECS: f64 = 43_200.0;
 
-/// Shared state of the HTTP handlers.
-#[derive(Clone)]
-pub struct HttpState {
-    /// The broker.
-    pub broker: Arc<Broker>,
-    /// Permits for concurrent long-polls (hardening against connection floods).
-    pub waiters: Arc<Semaphore>,
-    /// The number of permits `waiters` started with.
-    pub max_waiters: usize,
-    /// Users and grants, when auth is on.
-    pub auth: Option<Arc<crate::auth::AuthStore>>,
-    /// Long-polls per client address.
-    pub per_client: Arc<super::limits::ClientLimits>,
-}
-
-impl HttpState {
-    /// State for `broker` allowing `max_waiters` concurrent long-polls.
-    pub fn new(broker: Arc<Broker>, max_waiters: usize) -> Self {
-        Self {
-            broker,
-            waiters: Arc::new(Semaphore::new(max_waiters)),
-            max_waiters,
-            auth: None,
-            per_client: super::limits::ClientLimits::new(max_waiters),
-        }
-    }
-}
+pub use super::state::HttpState;
 
 type Query_ = Result<Query<BTreeMap<String, String>>, QueryRejection>;
 type Body = Result<Bytes, BytesRejection>;
@@ -200,7 +172,13 @@ async fn healthz(State(s): State<HttpState>) -> ApiResult {
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    crate::metrics::record_queue_gauges(&s.broker.list_queues());
+    let gauges: Vec<_> = s
+        .broker
+        .list_queues()
+        .iter()
+        .map(QueueInfo::gauges)
+        .collect();
+    crate::metrics::record_queue_gauges(&gauges);
     crate::metrics::record_pending_ages(&s.broker.oldest_pending_ages_ms());
     let in_use = s.max_waiters.saturating_sub(s.waiters.available_permits());
     ::metrics::gauge!(crate::metrics::LONG_POLL_WAITERS).set(in_use as f64);

@@ -9,3 +9,5 @@ pub mod http;
 pub mod json;
 pub mod limits;
 pub mod receive;
+pub mod state;
+pub mod wire;

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 
-use super::grpc::{StreamPermit, message, message_id, millis};
+use super::wire::{StreamPermit, message, message_id, millis};
 use crate::broker::{self, Broker, BrokerError, Delivery, MessageId};
 use crate::proto::{self, receive_request, receive_response};
 
@@ -71,10 +71,10 @@ impl Session {
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         loop {
             if self.broker.is_shutting_down() {
+                // Never wait on a consumer that stopped reading: shutdown joins this task.
                 let _ = self
                     .tx
-                    .send(Err(Status::unavailable("the broker is shutting down")))
-                    .await;
+                    .try_send(Err(Status::unavailable("the broker is shutting down")));
                 break;
             }
             let want = self.wants_lease();
@@ -113,12 +113,21 @@ impl Session {
         metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").decrement(1.0);
     }
 
+    /// Sends one response; false when the consumer is gone or the broker stops first (a
+    /// consumer that stopped reading must not hold up shutdown, which joins this task).
+    async fn send(&self, response: Result<proto::ReceiveResponse, Status>) -> bool {
+        tokio::select! {
+            sent = self.tx.send(response) => sent.is_ok(),
+            _ = self.broker.stopped() => false,
+        }
+    }
+
     /// Sends leased messages; false when the stream is over.
     async fn deliver(&mut self, leased: Result<Vec<Delivery>, BrokerError>) -> bool {
         let list = match leased {
             Ok(list) => list,
             Err(error) => {
-                let _ = self.tx.send(Err(error.into())).await;
+                self.send(Err(error.into())).await;
                 return false;
             }
         };
@@ -128,7 +137,8 @@ impl Session {
             let response = proto::ReceiveResponse {
                 response: Some(receive_response::Response::Message(message(d))),
             };
-            if self.tx.send(Ok(response)).await.is_err() {
+            // What was not sent is outstanding and goes back with the stream's leases.
+            if !self.send(Ok(response)).await {
                 return false;
             }
         }
@@ -215,7 +225,7 @@ impl Session {
         let response = proto::ReceiveResponse {
             response: Some(receive_response::Response::Error(error)),
         };
-        let _ = self.tx.send(Ok(response)).await;
+        self.send(Ok(response)).await;
     }
 
     async fn nack(&mut self, raw: &str, delay: Option<Duration>) -> Result<(), Status> {

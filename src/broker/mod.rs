@@ -23,12 +23,15 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
 
 pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 pub use types::*;
 
-use queue::{DeadLetterJob, Group, Queue, now_ms};
+use queue::{DeadLetterJob, Group, Queue};
 use registry::{MetaCommand, Registry};
 
 /// Opens every queue of the registry; a queue whose data cannot be opened is set aside with
@@ -37,11 +40,12 @@ fn open_queues(
     root: &std::path::Path,
     specs: Vec<(String, QueueSettings)>,
     fsync: crate::log::FsyncPolicy,
+    clock: &Clock,
 ) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
     let mut opened = HashMap::new();
     let mut damaged = HashMap::new();
     for (name, settings) in specs {
-        match Queue::open(root, &name, settings, fsync) {
+        match Queue::open(root, &name, settings, fsync, clock.clone()) {
             Ok(queue) => {
                 opened.insert(name, Arc::new(queue));
             }
@@ -93,6 +97,8 @@ pub struct Broker {
     meta: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     dead_letters: mpsc::UnboundedSender<DeadLetterJob>,
+    /// Every background task of the broker and of its streams, joined at shutdown.
+    tasks: TaskTracker,
 }
 
 impl Broker {
@@ -115,6 +121,7 @@ impl Broker {
         })?;
         let registry = Registry::load(&data_dir.join("registry.json"))?;
         let fsync = config.fsync;
+        let clock = config.clock.clone();
         let root = data_dir.join("queues");
         let specs: Vec<(String, QueueSettings)> = registry
             .queues
@@ -122,7 +129,7 @@ impl Broker {
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
         let (opened, damaged) =
-            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync))
+            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync, &clock))
                 .await
                 .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
         let (dead_letters, jobs) = mpsc::unbounded_channel();
@@ -134,9 +141,16 @@ impl Broker {
             meta: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             dead_letters,
+            tasks: TaskTracker::new(),
         });
-        tokio::spawn(run_timer(Arc::downgrade(&broker), broker.shutdown.clone()));
-        tokio::spawn(run_dead_letters(Arc::downgrade(&broker), jobs));
+        broker
+            .tasks
+            .spawn(run_timer(Arc::downgrade(&broker), broker.shutdown.clone()));
+        broker.tasks.spawn(run_dead_letters(
+            Arc::downgrade(&broker),
+            jobs,
+            broker.shutdown.clone(),
+        ));
         Ok(broker)
     }
 
@@ -243,10 +257,14 @@ impl Broker {
             )));
         }
         let root = self.queues_dir();
-        let (owned_name, owned_settings, fsync) =
-            (name.to_string(), settings.clone(), self.config.fsync);
+        let (owned_name, owned_settings, fsync, clock) = (
+            name.to_string(),
+            settings.clone(),
+            self.config.fsync,
+            self.config.clock.clone(),
+        );
         let queue = tokio::task::spawn_blocking(move || {
-            Queue::open(&root, &owned_name, owned_settings, fsync)
+            Queue::open(&root, &owned_name, owned_settings, fsync, clock)
         })
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
@@ -383,7 +401,11 @@ impl Broker {
             }
             let wake = g
                 .next_wakeup()
-                .map(|at| now + Duration::from_millis(at.saturating_sub(now_ms()).max(1) as u64))
+                .map(|at| {
+                    now + Duration::from_millis(
+                        at.saturating_sub(self.config.clock.now_ms()).max(1) as u64,
+                    )
+                })
                 .map_or(deadline, |at| at.min(deadline));
             tokio::select! {
                 _ = &mut notified => {}
@@ -811,10 +833,35 @@ impl Broker {
         self.shutdown.is_cancelled()
     }
 
+    /// Resolves once [`Broker::shutdown`] was called: long awaits of background tasks race
+    /// against it.
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await;
+    }
+
+    /// The tracker of the broker's background tasks (timer, dead-letter worker) and of the
+    /// streams adapters serve on its behalf: spawn such tasks here so that shutdown can
+    /// join them ([`Broker::join_tasks`]).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Waits until every tracked task has ended. Call after [`Broker::shutdown`] (tasks
+    /// end when they see it); no new task can be tracked afterwards.
+    pub async fn join_tasks(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Where the broker reads "now".
+    pub fn clock(&self) -> &Clock {
+        &self.config.clock
+    }
+
     /// Queues at run time (for background maintenance).
     /// Per queue and group, the age in ms of the oldest message not yet done (for metrics).
     pub fn oldest_pending_ages_ms(&self) -> Vec<(String, String, i64)> {
-        let now = now_ms();
+        let now = self.config.clock.now_ms();
         self.queue_handles()
             .iter()
             .flat_map(|q| {
@@ -856,7 +903,7 @@ async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
         let Some(broker) = broker.upgrade() else {
             return;
         };
-        let now = now_ms();
+        let now = broker.config.clock.now_ms();
         for q in broker.queue_handles() {
             for g in q.groups() {
                 if g.next_wakeup().is_some_and(|at| at <= now) {
@@ -869,9 +916,21 @@ async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
     }
 }
 
-/// Moves dead letters to their DLQs, one at a time.
-async fn run_dead_letters(broker: Weak<Broker>, mut jobs: mpsc::UnboundedReceiver<DeadLetterJob>) {
-    while let Some(job) = jobs.recv().await {
+/// Moves dead letters to their DLQs, one at a time, until shutdown. A move under way is
+/// finished; a job still queued at shutdown loses nothing: its message was never acked, so
+/// after a restart it is delivered (and dead-lettered) again.
+async fn run_dead_letters(
+    broker: Weak<Broker>,
+    mut jobs: mpsc::UnboundedReceiver<DeadLetterJob>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let job = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            job = jobs.recv() => job,
+        };
+        let Some(job) = job else { return };
         let Some(broker) = broker.upgrade() else {
             return;
         };

@@ -18,12 +18,13 @@ use super::types::{
     BrokerError, Delivery, GroupInfo, GroupPartitionInfo, GroupSummary, MessageId, NewMessage,
     PartitionInfo, Published, QueueInfo,
 };
+use crate::clock::Clock;
 use crate::group::event::{decode_events, encode_events};
 use crate::group::{
     Candidate, Event, GroupConfig, GroupError, GroupState, Outcome, Reason, Snapshot,
 };
 use crate::journal::{Journal, Ticket};
-use crate::log::{FsyncPolicy, LogConfig, PartitionLog, StoredRecord};
+use crate::log::{FsyncObserver, FsyncPolicy, LogConfig, PartitionLog, StoredRecord};
 
 /// A group checkpoints its journal after this many journaled bytes.
 const CHECKPOINT_BYTES: u64 = 4 * 1024 * 1024;
@@ -33,13 +34,6 @@ const FRAME_OVERHEAD: u64 = 9;
 pub const DEFAULT_GROUP: &str = "default";
 /// Most bytes read from a partition for one lease call.
 const LEASE_READ_BYTES: usize = 8 * 1024 * 1024;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 /// A message that must go to the dead-letter queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +103,8 @@ pub struct Queue {
     round_robin: AtomicU32,
     dedup: tokio::sync::Mutex<DedupWindow>,
     deleted: AtomicBool,
+    /// Where "now" comes from.
+    clock: Clock,
 }
 
 fn storage(path: &Path) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
@@ -125,11 +121,15 @@ impl Queue {
         name: &str,
         settings: QueueSettings,
         fsync: FsyncPolicy,
+        clock: Clock,
     ) -> Result<Self, BrokerError> {
         let dir = root.join(name);
         let log_config = LogConfig {
             segment_bytes: settings.segment_bytes,
             fsync,
+            on_fsync: Some(FsyncObserver::new(|took| {
+                crate::metrics::observe_seconds(crate::metrics::FSYNC_LATENCY, took.as_secs_f64());
+            })),
             ..LogConfig::default()
         };
         let partitions = (0..settings.partitions)
@@ -147,6 +147,7 @@ impl Queue {
             round_robin: AtomicU32::new(0),
             dedup: tokio::sync::Mutex::new(DedupWindow::default()),
             deleted: AtomicBool::new(false),
+            clock,
         };
         queue.load_groups()?;
         queue.group_or_create(DEFAULT_GROUP)?;
@@ -299,7 +300,7 @@ impl Queue {
 
     fn rebuild_dedup(&self) -> Result<DedupWindow, BrokerError> {
         let mut window = DedupWindow::default();
-        let since = now_ms() - self.settings.dedup_window as i64 * 1000;
+        let since = self.clock.now_ms() - self.settings.dedup_window as i64 * 1000;
         for (p, log) in self.partitions.iter().enumerate() {
             let Some(mut from) = log.offset_for_timestamp(since)? else {
                 continue;
@@ -345,7 +346,7 @@ impl Queue {
                 });
             }
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let window_ms = self.settings.dedup_window as i64 * 1000;
         let mut dedup = if messages.iter().any(|m| m.idempotency_key.is_some()) {
             Some(self.dedup.lock().await)
@@ -463,7 +464,7 @@ impl Queue {
         max: usize,
         visibility_ms: i64,
     ) -> Result<(Vec<Delivery>, Vec<DeadLetterJob>), BrokerError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let jobs = self.expire(group, now);
         let n = self.partitions.len();
         let start = group.rotation.fetch_add(1, AtomicOrdering::Relaxed);
@@ -558,7 +559,7 @@ impl Queue {
         if out.is_empty() {
             return;
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let latency = metrics::histogram!(
             crate::metrics::END_TO_END_LATENCY,
             "queue" => self.name.clone(),
@@ -673,7 +674,7 @@ impl Queue {
         let outcome = group
             .state
             .lock()
-            .nack(id.partition, id.offset, now_ms(), delay_ms)
+            .nack(id.partition, id.offset, self.clock.now_ms(), delay_ms)
             .map_err(|e| self.group_error(id.partition, e))?;
         crate::metrics::count_group(crate::metrics::NACKED, &self.name, &group.name, 1);
         Ok(match outcome {
@@ -699,7 +700,7 @@ impl Queue {
         group
             .state
             .lock()
-            .extend(id.partition, id.offset, now_ms(), visibility_ms)
+            .extend(id.partition, id.offset, self.clock.now_ms(), visibility_ms)
             .map_err(|e| self.group_error(id.partition, e))
     }
 
@@ -722,7 +723,7 @@ impl Queue {
     /// Ends every lease of `group` now, keeping delivery counts (see
     /// [`GroupState::release_leases`]).
     pub fn release_leases(&self, group: &Group) -> usize {
-        let released = group.state.lock().release_leases(now_ms());
+        let released = group.state.lock().release_leases(self.clock.now_ms());
         if released > 0 {
             self.notify.notify_waiters();
         }
@@ -734,7 +735,7 @@ impl Queue {
         group
             .state
             .lock()
-            .abort_dead_letter(id.partition, id.offset, now_ms());
+            .abort_dead_letter(id.partition, id.offset, self.clock.now_ms());
         self.notify.notify_waiters();
     }
 

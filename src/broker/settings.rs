@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Delivery ordering within a group (defined by the group layer, a queue setting here).
+pub use crate::group::Ordering;
+
 /// Largest allowed `max_message_bytes` (64 MiB).
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 
@@ -78,17 +81,6 @@ pub enum RetentionPolicy {
     Limits,
     /// Also delete sealed segments that every group has acknowledged past.
     Acked,
-}
-
-/// Delivery ordering within a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Ordering {
-    /// Any number of messages in flight, of any key.
-    #[default]
-    None,
-    /// At most one message per key in flight.
-    Key,
 }
 
 /// A setting that is out of range.

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::settings::{InvalidSetting, QueueSettings};
+use crate::clock::Clock;
 use crate::log::{FsyncPolicy, LogError};
 
 /// A message id: `"{partition}-{offset}"`.
@@ -146,6 +147,33 @@ pub struct QueueInfo {
     pub groups: Vec<GroupSummary>,
 }
 
+impl QueueInfo {
+    /// The part of this snapshot the state gauges show (the metrics layer's own types).
+    pub fn gauges(&self) -> crate::metrics::QueueGauges {
+        crate::metrics::QueueGauges {
+            name: self.name.clone(),
+            partitions: self
+                .partitions
+                .iter()
+                .map(|p| crate::metrics::PartitionGauges {
+                    partition: p.partition,
+                    bytes: p.bytes,
+                    segments: p.segments,
+                })
+                .collect(),
+            groups: self
+                .groups
+                .iter()
+                .map(|g| crate::metrics::GroupGauges {
+                    name: g.name.clone(),
+                    backlog: g.backlog,
+                    in_flight: g.in_flight,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Per-partition state of a group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GroupPartitionInfo {
@@ -224,6 +252,8 @@ pub struct BrokerConfig {
     pub fsync: FsyncPolicy,
     /// Most queues the broker holds (dead-letter queues count).
     pub max_queues: usize,
+    /// Where "now" comes from (the system clock; a manual one in tests).
+    pub clock: Clock,
 }
 
 impl Default for BrokerConfig {
@@ -232,6 +262,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("qit-data"),
             fsync: FsyncPolicy::Interval,
             max_queues: 10_000,
+            clock: Clock::system(),
         }
     }
 }

@@ -6,4 +6,6 @@ pub mod ranges;
 pub mod state;
 
 pub use event::{Event, Snapshot};
-pub use state::{Candidate, Expired, Grant, GroupConfig, GroupError, GroupState, Outcome, Reason};
+pub use state::{
+    Candidate, Expired, Grant, GroupConfig, GroupError, GroupState, Ordering, Outcome, Reason,
+};

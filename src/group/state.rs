@@ -14,12 +14,22 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::event::Event;
 use super::ranges::RangeSet;
-use crate::broker::Ordering;
 
 /// Most parked offsets per partition before new reads wait (bounds memory).
 pub const MAX_PARKED: usize = 10_000;
 /// `due_ms` of a message whose dead-lettering is under way (never due by time).
 const DEAD_LETTERING: i64 = i64::MAX;
+
+/// Delivery ordering within a group (the queue setting `ordering`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Any number of messages in flight, of any key.
+    #[default]
+    None,
+    /// At most one message per key in flight.
+    Key,
+}
 
 /// The queue settings a group obeys.
 #[derive(Debug, Clone, PartialEq, Eq)]

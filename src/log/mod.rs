@@ -74,6 +74,32 @@ pub struct LogConfig {
     pub index_interval_bytes: u32,
     /// Compression for new batches.
     pub compression: Compression,
+    /// Told how long each fsync of a segment took (the broker feeds its latency metric).
+    pub on_fsync: Option<FsyncObserver>,
+}
+
+/// Told the duration of every fsync of a segment. The log reports upward through this
+/// instead of importing the metrics of a layer above it.
+#[derive(Clone)]
+pub struct FsyncObserver(Arc<dyn Fn(Duration) + Send + Sync>);
+
+impl FsyncObserver {
+    /// An observer calling `f` with each fsync's duration (on the syncing thread: keep it
+    /// cheap).
+    pub fn new(f: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Reports one fsync that took `took`.
+    pub fn observe(&self, took: Duration) {
+        (self.0)(took);
+    }
+}
+
+impl std::fmt::Debug for FsyncObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FsyncObserver")
+    }
 }
 
 impl Default for LogConfig {
@@ -84,6 +110,7 @@ impl Default for LogConfig {
             fsync_interval: Duration::from_millis(5),
             index_interval_bytes: 4096,
             compression: Compression::None,
+            on_fsync: None,
         }
     }
 }

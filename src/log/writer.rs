@@ -54,7 +54,7 @@ fn sync_outside_lock(shared: &Shared) {
     let (file, segment, extent) = captured;
     let started = Instant::now();
     let result = file.sync_data();
-    metrics::histogram!(crate::metrics::FSYNC_LATENCY).record(started.elapsed().as_secs_f64());
+    report_fsync(shared, started);
     let mut writer = shared.writer.lock();
     writer.last_sync = Instant::now();
     match result {
@@ -74,6 +74,13 @@ fn sync_outside_lock(shared: &Shared) {
             writer.failed = Some(message.clone());
             shared.commit.fail(message);
         }
+    }
+}
+
+/// Tells the configured observer how long an fsync that began at `started` took.
+fn report_fsync(shared: &Shared, started: Instant) {
+    if let Some(observer) = &shared.config.on_fsync {
+        observer.observe(started.elapsed());
     }
 }
 
@@ -208,8 +215,7 @@ impl Writer {
         if self.dirty {
             let started = Instant::now();
             self.file.sync_data().map_err(io(&self.active.paths.log))?;
-            metrics::histogram!(crate::metrics::FSYNC_LATENCY)
-                .record(started.elapsed().as_secs_f64());
+            report_fsync(shared, started);
             self.dirty = false;
             self.last_sync = Instant::now();
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::broker::queue::{Queue, now_ms};
+use crate::broker::queue::Queue;
 use crate::metrics;
 
 /// Settings of the background tasks.
@@ -112,13 +112,16 @@ pub fn compact(
 /// Runs retention and compaction over every queue now (blocking I/O: call off the async
 /// threads).
 pub fn run_once(broker: &Broker, config: &MaintenanceConfig) -> PassStats {
-    run_once_at(broker, config, now_ms())
+    run_once_at(broker, config, broker.clock().now_ms())
 }
 
 /// [`run_once`] as if the time were `now` (ms), for tests and tools.
 pub fn run_once_at(broker: &Broker, config: &MaintenanceConfig, now: i64) -> PassStats {
     let mut total = PassStats::default();
     for queue in broker.queue_handles() {
+        if broker.is_shutting_down() {
+            break; // the rest waits for the next start: shutdown joins this pass
+        }
         match retain(&queue, now) {
             Ok(s) => {
                 total.segments_deleted += s.segments_deleted;
