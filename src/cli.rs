@@ -151,9 +151,10 @@ pub struct SendArgs {
     /// A header `name=value` (repeatable).
     #[arg(long = "header", value_name = "NAME=VALUE")]
     pub headers: Vec<String>,
-    /// Content type of the body.
-    #[arg(long, default_value = "text/plain")]
-    pub content_type: String,
+    /// Content type of the body; without it, a body that is a JSON object or array is sent
+    /// as `application/json` and anything else as `text/plain`.
+    #[arg(long)]
+    pub content_type: Option<String>,
     /// Idempotency key.
     #[arg(long)]
     pub idempotency_key: Option<String>,

@@ -27,6 +27,15 @@ pub enum ClientError {
     Invalid(String),
 }
 
+/// The content type `qit send` gives a body when none is named: `application/json` for a
+/// JSON object or array (what the HTTP route would take as JSON), `text/plain` otherwise.
+pub fn content_type_of(body: &[u8]) -> &'static str {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value) if value.is_object() || value.is_array() => "application/json",
+        _ => "text/plain",
+    }
+}
+
 /// A body to send.
 pub enum Body {
     /// JSON.
@@ -125,4 +134,19 @@ pub fn segment(name: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content_type_of;
+
+    #[test]
+    fn json_objects_and_arrays_are_sent_as_json_and_the_rest_as_text() {
+        assert_eq!(content_type_of(br#"{"a":1}"#), "application/json");
+        assert_eq!(content_type_of(b" [1, 2] "), "application/json");
+        assert_eq!(content_type_of(b"42"), "text/plain");
+        assert_eq!(content_type_of(br#""quoted""#), "text/plain");
+        assert_eq!(content_type_of(b"{not json"), "text/plain");
+        assert_eq!(content_type_of(b""), "text/plain");
+    }
 }

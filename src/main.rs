@@ -1,6 +1,6 @@
 //! The `qit` binary: parse the command line, set up logging, run. `anyhow` lives only here.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -79,8 +79,10 @@ async fn run(command: Command) -> Result<()> {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only on a terminal: in a file or a pipe they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -277,8 +279,11 @@ async fn send(args: SendArgs) -> Result<()> {
         query.push(("key", key.clone()));
     }
     let body = Body::Raw {
+        content_type: args
+            .content_type
+            .clone()
+            .unwrap_or_else(|| qit::client::content_type_of(&bytes).to_string()),
         bytes,
-        content_type: args.content_type.clone(),
         headers,
     };
     let answer = Client::new(&args.client)
