@@ -398,3 +398,46 @@ async fn competing_streams_deliver_each_message_once_and_every_ack_lands() {
     assert_eq!(info.groups[0].backlog, 0, "{info:?}");
     s.stop().await;
 }
+
+/// Regression (issue 11, item 6): background tasks (the broker's timer and dead-letter
+/// worker, every gRPC stream, the listeners) were spawned and never joined, so work could
+/// outlive shutdown. They are tracked now, and a stop joins every one of them, even with
+/// streams still open on the client side.
+#[tokio::test]
+async fn stop_joins_every_background_task_with_streams_open() {
+    let s = TestServer::start().await;
+    let mut c = client(&s).await;
+    create(&mut c, "joined").await;
+    // The server answered over gRPC: its listeners and timers were spawned before.
+    let before = s.broker.tasks().len();
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(open("joined", 10)).await.unwrap();
+    let receiving = c
+        .receive_messages(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let subscribed = c
+        .subscribe(proto::SubscribeRequest {
+            queue: "joined".into(),
+            partition: 0,
+            start: Some(subscribe_request::Start::FromOffset(0)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.broker.tasks().len(),
+        before + 2,
+        "each stream runs as a tracked task"
+    );
+    let broker = std::sync::Arc::clone(&s.broker);
+    s.stop().await;
+    assert!(broker.tasks().is_closed(), "shutdown closed the tracker");
+    assert!(
+        broker.tasks().is_empty(),
+        "{} tasks outlived the server",
+        broker.tasks().len()
+    );
+    drop((tx, receiving, subscribed));
+}

@@ -122,3 +122,108 @@ async fn kill_9_loses_no_acked_message_and_forgets_no_unacked_one() {
     let expected: BTreeSet<String> = published.difference(&acked).cloned().collect();
     assert_eq!(redelivered, expected, "every unacked message comes back");
 }
+
+/// Runs `qit` with `args` (off the async threads) and returns its standard output.
+async fn run_qit(args: Vec<String>) -> String {
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qit"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "qit {:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Regression (issue 11, item 6): `qit send q '{"a":1}'` stored the JSON body as
+/// `text/plain`, so receivers got it back as a string. Without `--content-type` a JSON object
+/// or array now goes as `application/json`; `--content-type` still wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qit_send_stores_a_json_body_as_json_and_takes_a_content_type() {
+    let s = common::TestServer::start().await;
+    http()
+        .post(format!("{}/queues/cli", s.http))
+        .send()
+        .await
+        .unwrap();
+    for (extra, body) in [
+        (vec![], r#"{"a":1}"#),
+        (vec![], "plain words"),
+        (vec!["--content-type", "application/xml"], "<a/>"),
+    ] {
+        let mut args: Vec<String> = vec!["send".into(), "--server".into(), s.http.clone()];
+        args.extend(extra.into_iter().map(String::from));
+        args.extend(["cli".to_string(), body.to_string()]);
+        run_qit(args).await;
+    }
+    let log: Value = http()
+        .get(format!("{}/queues/cli/log?from=0&max=10", s.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let m = &log["messages"];
+    assert_eq!(m[0]["content_type"], "application/json", "{log}");
+    assert_eq!(m[0]["body"], serde_json::json!({"a": 1}), "{log}");
+    assert_eq!(m[1]["content_type"], "text/plain", "{log}");
+    assert_eq!(m[1]["body"], "plain words", "{log}");
+    assert_eq!(m[2]["content_type"], "application/xml", "{log}");
+    s.stop().await;
+}
+
+/// Regression (issue 11, item 6): log lines carried ANSI colour codes when written to a file
+/// or a pipe. They are coloured only on a terminal.
+#[test]
+fn log_lines_carry_no_colour_codes_when_stderr_is_a_pipe() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qit"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Wait for the "serving" line (the deadline only guards against a hang).
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("qit is serving")) {
+        match received.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l.contains("qit is serving")),
+        "no serving line in {seen:?}"
+    );
+    let text = seen.join("\n");
+    assert!(
+        !text.contains("\u{1b}["),
+        "colour codes in a pipe: {text:?}"
+    );
+}

@@ -20,6 +20,8 @@ pub struct TestServer {
     pub grpc: String,
     /// Its data directory.
     pub dir: PathBuf,
+    /// The broker behind the listeners (its task tracker shows what still runs).
+    pub broker: std::sync::Arc<qit::broker::Broker>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _temp: Option<tempfile::TempDir>,
@@ -51,6 +53,7 @@ impl TestServer {
         let server = Server::bind(config).await.unwrap();
         let http = format!("http://{}", server.http_addr());
         let grpc = format!("http://{}", server.grpc_addr());
+        let broker = server.broker();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -64,6 +67,7 @@ impl TestServer {
             http,
             grpc,
             dir: dir.to_path_buf(),
+            broker,
             stop: Some(stop),
             task: Some(task),
             _temp: None,
