@@ -10,17 +10,35 @@ use qit::broker::{
     Binding, Broker, BrokerConfig, BrokerError, ExchangeKind, HeaderMatch, MessageId, NewMessage,
     Ordering, QueueSettings, ReadFrom, SeekTarget,
 };
+use qit::clock::Clock;
 use qit::log::FsyncPolicy;
 
 async fn open(dir: &Path) -> Arc<Broker> {
+    open_with_clock(dir, Clock::system()).await
+}
+
+/// A broker reading "now" from `clock` (a manual clock moves only when a test says so).
+async fn open_with_clock(dir: &Path, clock: Clock) -> Arc<Broker> {
     Broker::open(BrokerConfig {
         data_dir: dir.to_path_buf(),
         fsync: FsyncPolicy::Always,
         max_queues: 100,
-        ..BrokerConfig::default()
+        clock,
     })
     .await
     .unwrap()
+}
+
+/// Polls `future` once: `Some` when it is done at once, `None` when it waits (it is then
+/// parked, e.g. a long-poll registered as a waiter). Deterministic, unlike a sleep.
+async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut *future).poll(cx) {
+            std::task::Poll::Ready(out) => Some(out),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 fn msg(body: &str) -> NewMessage {
@@ -105,7 +123,8 @@ async fn publish_receive_ack_and_restart_keeps_acks() {
 #[tokio::test]
 async fn expiry_and_nack_redeliver_then_dead_letter_with_headers() {
     let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path()).await;
+    let clock = Clock::manual(1_700_000_000_000);
+    let b = open_with_clock(dir.path(), clock.clone()).await;
     let settings = QueueSettings {
         max_deliveries: 2,
         ..QueueSettings::default()
@@ -115,7 +134,12 @@ async fn expiry_and_nack_redeliver_then_dead_letter_with_headers() {
     let vis = Some(Duration::from_millis(100));
     let first = b.receive("work", "default", 1, NOW, vis).await.unwrap();
     assert_eq!(first[0].delivery_count, 1);
-    // Expiry: redelivered on its own, waiting receivers wake.
+    assert!(
+        recv(&b, "work", 1).await.is_empty(),
+        "leased until it expires"
+    );
+    // Expiry: once the visibility timeout has passed, it is redelivered.
+    clock.advance(Duration::from_millis(100));
     let second = b
         .receive("work", "default", 1, Duration::from_secs(5), vis)
         .await
@@ -138,12 +162,11 @@ async fn expiry_and_nack_redeliver_then_dead_letter_with_headers() {
     b.nack("work.dlq", "default", dead[0].id, None)
         .await
         .unwrap();
-    // Counted done for the group.
-    for _ in 0..50 {
-        if b.group_info("work", "default").unwrap().dead_lettered == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Counted done for the group (the dead-letter worker records it after the DLQ append).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.group_info("work", "default").unwrap().dead_lettered != 1 {
+        assert!(std::time::Instant::now() < deadline, "never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let info = b.group_info("work", "default").unwrap();
     assert_eq!((info.dead_lettered, info.backlog), (1, 0));
@@ -159,7 +182,8 @@ async fn expiry_and_nack_redeliver_then_dead_letter_with_headers() {
 #[tokio::test]
 async fn nack_uses_backoff_and_delay() {
     let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path()).await;
+    let clock = Clock::manual(1_700_000_000_000);
+    let b = open_with_clock(dir.path(), clock.clone()).await;
     let settings = QueueSettings {
         backoff: vec![3600],
         ..QueueSettings::default()
@@ -173,6 +197,15 @@ async fn nack_uses_backoff_and_delay() {
         b.nack("slow", "default", got[0].id, None).await,
         Err(BrokerError::NotLeased(_))
     ));
+    clock.advance(Duration::from_secs(3599));
+    assert!(recv(&b, "slow", 1).await.is_empty(), "a second early");
+    clock.advance(Duration::from_secs(1));
+    let again = recv(&b, "slow", 1).await;
+    assert_eq!(
+        (bodies(&again), again[0].delivery_count),
+        (vec!["a".into()], 2)
+    );
+    b.ack("slow", "default", again[0].id).await.unwrap();
     b.publish("slow", vec![msg("b")]).await.unwrap();
     let got = recv(&b, "slow", 1).await;
     b.nack("slow", "default", got[0].id, Some(Duration::ZERO))
@@ -405,29 +438,36 @@ async fn long_poll_wakes_on_publish_and_shutdown() {
     b.create_queue("lp", QueueSettings::default())
         .await
         .unwrap();
-    let waiter = {
+    // Each receive is polled once first: then it is parked as a waiter for sure, where a
+    // sleep would only make that likely.
+    let mut waiter = {
         let b = Arc::clone(&b);
-        tokio::spawn(async move {
+        Box::pin(async move {
             b.receive("lp", "default", 1, Duration::from_secs(30), None)
                 .await
                 .unwrap()
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        poll_once(&mut waiter).await.is_none(),
+        "nothing to receive yet"
+    );
+    let waiter = tokio::spawn(waiter);
     b.publish("lp", vec![msg("ping")]).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(bodies(&got), vec!["ping"]);
-    let idle = {
+    let mut idle = {
         let b = Arc::clone(&b);
-        tokio::spawn(async move {
+        Box::pin(async move {
             b.receive("lp", "default", 1, Duration::from_secs(30), None)
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(poll_once(&mut idle).await.is_none(), "the long-poll waits");
+    let idle = tokio::spawn(idle);
     b.shutdown().await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(5), idle)
         .await

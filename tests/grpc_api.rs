@@ -112,23 +112,18 @@ async fn send_receive_ack_then_subscribe_replays_and_follows() {
     tx.send(ack(&m.id)).await.unwrap();
     drop(tx);
     // Acks were applied: the group is done.
-    for _ in 0..50 {
-        let info = c
-            .get_queue(proto::GetQueueRequest { queue: "g".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if info.groups[0].backlog == 0 {
-            break;
+    common::eventually("the stream's acks are applied", || {
+        let mut c = c.clone();
+        async move {
+            let info = c
+                .get_queue(proto::GetQueueRequest { queue: "g".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            info.groups[0].backlog == 0
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let info = c
-        .get_queue(proto::GetQueueRequest { queue: "g".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(info.groups[0].backlog, 0);
+    })
+    .await;
     // Subscribe replays from offset 1, then follows.
     let mut sub = c
         .subscribe(proto::SubscribeRequest {
@@ -366,12 +361,17 @@ async fn competing_streams_deliver_each_message_once_and_every_ack_lands() {
                 .await
                 .unwrap()
                 .into_inner();
-            while let Some(m) = next_message(&mut stream, Duration::from_secs(2)).await {
-                *seen.lock().unwrap().entry(m.id.clone()).or_default() += 1;
-                tx.send(ack(&m.id)).await.unwrap();
+            // Consume until every message was seen by some consumer (not until the stream
+            // is idle for a while: a busy machine can pause the publisher for longer).
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            while seen.lock().unwrap().len() < MESSAGES && std::time::Instant::now() < deadline {
+                if let Some(m) = next_message(&mut stream, Duration::from_millis(200)).await {
+                    *seen.lock().unwrap().entry(m.id.clone()).or_default() += 1;
+                    tx.send(ack(&m.id)).await.unwrap();
+                }
             }
-            // Keep the stream open until every ack was read by the server.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // The caller keeps the stream open until every ack was applied.
+            (tx, stream)
         }));
     }
     for chunk in 0..MESSAGES / 500 {
@@ -379,8 +379,9 @@ async fn competing_streams_deliver_each_message_once_and_every_ack_lands() {
         let refs: Vec<&str> = bodies.iter().map(String::as_str).collect();
         send(&mut c, "work", &refs).await;
     }
+    let mut open_streams = Vec::new();
     for consumer in consumers {
-        consumer.await.unwrap();
+        open_streams.push(consumer.await.unwrap());
     }
     {
         let seen = seen.lock().unwrap();
@@ -388,14 +389,21 @@ async fn competing_streams_deliver_each_message_once_and_every_ack_lands() {
         assert!(twice.is_empty(), "delivered more than once: {twice:?}");
         assert_eq!(seen.len(), MESSAGES);
     }
-    let info = c
-        .get_queue(proto::GetQueueRequest {
-            queue: "work".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(info.groups[0].backlog, 0, "{info:?}");
+    common::eventually("every ack sent on the streams is applied", || {
+        let mut c = c.clone();
+        async move {
+            let info = c
+                .get_queue(proto::GetQueueRequest {
+                    queue: "work".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            info.groups[0].backlog == 0
+        }
+    })
+    .await;
+    drop(open_streams);
     s.stop().await;
 }
 

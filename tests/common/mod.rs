@@ -178,3 +178,38 @@ impl Drop for Process {
 pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
+
+/// Waits until `check` holds, polling. The deadline is a guard against a hang, never what a
+/// test measures: a test waits on a condition, not on the scheduler of a busy machine.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the server at `base` holds `n` long-polls (its `qit_long_poll_waiters`
+/// gauge), i.e. the requests reached the server and took their slots.
+pub async fn wait_for_long_polls(base: &str, n: usize) {
+    eventually(&format!("{n} long-polls are open"), || async {
+        let text = http()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines().any(|line| {
+            line.strip_prefix("qit_long_poll_waiters ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|v| v == n as f64)
+        })
+    })
+    .await;
+}
