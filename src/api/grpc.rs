@@ -453,6 +453,15 @@ impl broker_server::Broker for GrpcApi {
     }
 }
 
+/// Sends one response; false when the subscriber is gone or the broker stops first (a
+/// subscriber that stopped reading must not hold up shutdown, which joins this task).
+async fn send_or_stop<T>(broker: &Broker, tx: &mpsc::Sender<T>, item: T) -> bool {
+    tokio::select! {
+        sent = tx.send(item) => sent.is_ok(),
+        _ = broker.stopped() => false,
+    }
+}
+
 /// Streams a partition from `next` on, then follows new messages.
 async fn follow(
     broker: Arc<Broker>,
@@ -471,7 +480,7 @@ async fn follow(
             match broker.read_log(&queue, partition, ReadFrom::Offset(next), SUBSCRIBE_BATCH) {
                 Ok(read) => read,
                 Err(error) => {
-                    let _ = tx.send(Err(error.into())).await;
+                    send_or_stop(&broker, &tx, Err(error.into())).await;
                     return;
                 }
             };
@@ -479,7 +488,7 @@ async fn follow(
             tokio::select! {
                 waited = broker.wait_for_offset(&queue, partition, next, Duration::from_secs(30)) => {
                     if let Err(error) = waited {
-                        let _ = tx.send(Err(error.into())).await;
+                        send_or_stop(&broker, &tx, Err(error.into())).await;
                         return;
                     }
                 }
@@ -491,9 +500,8 @@ async fn follow(
             let item = proto::SubscribeResponse {
                 message: Some(message(d)),
             };
-            tokio::select! {
-                sent = tx.send(Ok(item)) => if sent.is_err() { return },
-                _ = broker.stopped() => return,
+            if !send_or_stop(&broker, &tx, Ok(item)).await {
+                return;
             }
         }
         next = after;
