@@ -178,6 +178,7 @@ impl Server {
             tracing::error!(%error, "flush during shutdown failed");
         }
         stop.cancel();
+        let listeners = [http_task.abort_handle(), grpc_task.abort_handle()];
         for (name, task) in [
             ("http", http_task),
             (
@@ -197,6 +198,11 @@ impl Server {
                 Ok(Err(error)) => tracing::warn!(listener = name, %error, "listener task failed"),
                 Err(_) => tracing::warn!(listener = name, "listener did not drain in time"),
             }
+        }
+        // A listener past the drain deadline (say, a client that stopped reading its stream)
+        // is cut off: nothing outlives the server. A no-op for those that drained.
+        for listener in listeners {
+            listener.abort();
         }
         // Every background task has seen the stop by now; wait for them to end, so that
         // nothing runs on after `run` returns.
