@@ -278,3 +278,17 @@ fn the_scanner_sees_the_import_forms_it_checks() {
         vec!["metrics"]
     );
 }
+
+#[test]
+fn qit_inspect_uses_the_storage_layer_alone() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/inspect.rs");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let used: BTreeSet<&str> = code_lines(&text)
+        .flat_map(|(_, line)| idents_after(line, "qit::"))
+        .collect();
+    let above: Vec<&&str> = used.iter().filter(|m| layer(m) != Some(0)).collect();
+    assert!(
+        above.is_empty(),
+        "qit-inspect works offline on storage alone, yet uses {above:?}"
+    );
+}
