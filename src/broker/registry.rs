@@ -17,6 +17,9 @@ use crate::route::{Binding, ExchangeKind};
 
 /// Registry file format version.
 const VERSION: u32 = 1;
+/// Largest registry file a change that adds something may write (16 MiB): the whole file is
+/// rewritten on every change, so its size bounds the cost of every create and bind.
+pub const MAX_REGISTRY_BYTES: usize = 16 * 1024 * 1024;
 
 /// An exchange and its bindings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,8 +119,41 @@ impl Registry {
         })
     }
 
+    /// Checks every name the file holds (queues, their dead-letter queues, exchanges, bound
+    /// queues) against the name rule, so that a file written by an earlier version that
+    /// accepted `..` is refused rather than served. The error names the offender.
+    pub fn check_names(&self, path: &Path) -> Result<(), BrokerError> {
+        let refuse = |what: String, error: crate::name::NameError| BrokerError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{what}: {error}; the broker will not serve it: remove it from the file (and its directory under queues/) or restore a backup"
+            ),
+        };
+        for (name, settings) in &self.queues {
+            crate::name::check(name).map_err(|e| refuse(format!("queue `{name}`"), e))?;
+            if let Some(dlq) = &settings.dead_letter {
+                crate::name::check(dlq)
+                    .map_err(|e| refuse(format!("dead_letter of queue `{name}`"), e))?;
+            }
+        }
+        for (name, exchange) in &self.exchanges {
+            crate::name::check(name).map_err(|e| refuse(format!("exchange `{name}`"), e))?;
+            for binding in &exchange.bindings {
+                crate::name::check(&binding.queue)
+                    .map_err(|e| refuse(format!("a binding of exchange `{name}`"), e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the registry to `path` atomically (temp file, fsync, rename, fsync dir).
     pub fn save(&self, path: &Path) -> Result<(), BrokerError> {
+        self.save_within(path, usize::MAX)
+    }
+
+    /// [`Self::save`], refused with [`BrokerError::LimitReached`] (nothing written) when the
+    /// file would be larger than `max_bytes`.
+    pub fn save_within(&self, path: &Path, max_bytes: usize) -> Result<(), BrokerError> {
         let storage = |path: &Path| {
             let path = path.to_path_buf();
             move |source| BrokerError::Storage { path, source }
@@ -128,6 +164,12 @@ impl Registry {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        if bytes.len() > max_bytes {
+            return Err(BrokerError::LimitReached(format!(
+                "the registry of queues, exchanges and bindings would grow to {} bytes, over its limit of {max_bytes} bytes",
+                bytes.len()
+            )));
+        }
         let tmp = PathBuf::from(format!("{}.tmp", path.display()));
         let mut file = File::create(&tmp).map_err(storage(&tmp))?;
         file.write_all(&bytes).map_err(storage(&tmp))?;
@@ -178,6 +220,17 @@ impl Registry {
                 }
             }
         }
+    }
+}
+
+impl MetaCommand {
+    /// True for commands that add to the registry (and so are held to its size limit);
+    /// removals always go through, also over the limit.
+    pub fn grows(&self) -> bool {
+        matches!(
+            self,
+            Self::CreateQueue { .. } | Self::CreateExchange { .. } | Self::Bind { .. }
+        )
     }
 }
 
