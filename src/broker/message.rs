@@ -302,6 +302,35 @@ mod tests {
         assert_eq!(delivery.key.as_deref(), Some("k"));
     }
 
+    /// Issue 19.11: the whole record counts, not the body alone.
+    #[test]
+    fn the_whole_record_counts_against_the_limit() {
+        let message = NewMessage {
+            key: Some("kk".into()),
+            headers: [("h".to_string(), "vvv".to_string())].into_iter().collect(),
+            content_type: Some("t/t".into()),
+            body: Bytes::from_static(b"12345"),
+            idempotency_key: Some("i".into()),
+        };
+        assert_eq!(message_size(&message), 5 + 2 + 4 + 3 + 1);
+        check_new_message(&message, 0, 15).unwrap();
+        assert!(matches!(
+            check_new_message(&message, 0, 14),
+            Err(BrokerError::MessageTooLarge {
+                size: 15,
+                limit: 14
+            })
+        ));
+        let long_key = NewMessage {
+            key: Some("k".repeat(MAX_KEY_BYTES + 1)),
+            ..NewMessage::default()
+        };
+        assert!(matches!(
+            check_new_message(&long_key, 3, u64::MAX),
+            Err(BrokerError::InvalidArgument(m)) if m.starts_with("message 3: key")
+        ));
+    }
+
     #[test]
     fn dedup_window_forgets_old_keys() {
         let mut window = DedupWindow::default();

@@ -277,4 +277,52 @@ mod tests {
         deleted.apply(&MetaCommand::DeleteQueue { name: "q".into() });
         assert!(deleted.exchanges["x"].bindings.is_empty());
     }
+
+    /// Issue 19.12: the registry's size is capped; a refused save leaves the file as it was.
+    #[test]
+    fn a_save_over_the_limit_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.json");
+        let mut registry = Registry::default();
+        registry.apply(&MetaCommand::CreateQueue {
+            name: "q".into(),
+            settings: QueueSettings::default(),
+        });
+        registry.save(&path).unwrap();
+        let before = fs::read(&path).unwrap();
+        registry.apply(&MetaCommand::CreateQueue {
+            name: "r".into(),
+            settings: QueueSettings::default(),
+        });
+        let refused = registry.save_within(&path, before.len()).unwrap_err();
+        assert!(matches!(refused, BrokerError::LimitReached(_)), "{refused}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+        assert!(!dir.path().join("registry.json.tmp").exists());
+        assert!(
+            MetaCommand::Bind {
+                exchange: "x".into(),
+                binding: Binding {
+                    queue: "q".into(),
+                    key: None,
+                    headers: None,
+                    match_mode: None
+                }
+            }
+            .grows()
+        );
+        assert!(!MetaCommand::DeleteQueue { name: "q".into() }.grows());
+    }
+
+    /// Issue 18: a stored name that breaks the rule is named in the refusal.
+    #[test]
+    fn stored_bad_names_are_named() {
+        let path = Path::new("/d/registry.json");
+        let mut registry = Registry::default();
+        registry.apply(&MetaCommand::CreateExchange {
+            name: "..".into(),
+            kind: ExchangeKind::Fanout,
+        });
+        let error = registry.check_names(path).unwrap_err().to_string();
+        assert!(error.contains("exchange `..`"), "{error}");
+    }
 }
