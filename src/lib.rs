@@ -11,7 +11,8 @@
 //! 3  maintenance                         retention and compaction over the broker's queues
 //! 2  broker                              queue registry, exchanges, dedup, the shared state
 //! 1  group  route  metrics  auth  clock  state machines (take `now`), routing rules, metric
-//!                                        names, users and grants, the clock the broker reads
+//!    name                                names, users and grants, the clock the broker reads,
+//!                                        the name rule
 //! 0  log  journal  commit  proto         storage: partition log, group journal, group
 //!                                        commit of fsyncs; generated protobuf types
 //! ```
@@ -25,6 +26,8 @@
 //! - [`log`]: the partition log — batches, segments, sparse indexes, recovery.
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
 //! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
+//! - [`name`]: the rule for queue, group, exchange and user names, and the only way a name
+//!   becomes a path under the data directory.
 //! - [`group`]: per-group delivery state (ack floor, leases, redelivery, DLQ decisions) as a
 //!   pure state machine taking `now`, its journal events and snapshots.
 //! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
@@ -52,6 +55,7 @@ pub mod journal;
 pub mod log;
 pub mod maintenance;
 pub mod metrics;
+pub mod name;
 pub mod route;
 pub mod server;
 
