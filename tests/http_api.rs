@@ -595,6 +595,20 @@ async fn health_and_metrics() {
         .parse()
         .unwrap();
     assert!((0.02..60.0).contains(&age), "age {age}");
+    // The log reports its fsyncs upward (an observer, not an import of metrics): under
+    // `fsync = interval` the sync thread runs shortly after a write.
+    common::eventually("a segment fsync is in the latency histogram", || async {
+        let text = http()
+            .get(format!("{}/metrics", s.http))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("qit_fsync_latency_seconds_count")
+    })
+    .await;
     s.stop().await;
 }
 
