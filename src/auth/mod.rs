@@ -48,7 +48,9 @@ pub const JWT_SECRET_ENV: &str = "QIT_JWT_SECRET";
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// A username that breaks the rules.
-    #[error("invalid username `{username}`: use 1-64 characters of [A-Za-z0-9._-]")]
+    #[error(
+        "invalid username `{username}`: use 1-64 characters of [A-Za-z0-9._-], not starting with `.`"
+    )]
     InvalidUsername {
         /// The name given (cut to 65 characters).
         username: String,

@@ -61,10 +61,12 @@ fn wrong_password_and_unknown_user_look_the_same() {
 fn registration_rules() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    assert!(matches!(
-        s.register("bad name", "password123"),
-        Err(AuthError::InvalidUsername { .. })
-    ));
+    for bad in ["bad name", "..", ".", ".hidden", "a/b"] {
+        assert!(matches!(
+            s.register(bad, "password123"),
+            Err(AuthError::InvalidUsername { .. })
+        ));
+    }
     assert!(matches!(
         s.register("alice", "short"),
         Err(AuthError::InvalidPassword { .. })

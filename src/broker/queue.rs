@@ -176,13 +176,17 @@ impl Queue {
         };
         for entry in entries {
             let path = entry.map_err(storage(&dir))?.path();
-            if let Some(name) = path
+            let Some(name) = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_suffix(".journal"))
-                && crate::name::is_valid(name)
-            {
+            else {
+                continue;
+            };
+            if crate::name::is_valid(name) {
                 self.open_group(name)?;
+            } else {
+                tracing::warn!(queue = %self.name, file = %path.display(), "ignoring a group journal whose name is not a valid group name");
             }
         }
         Ok(())
