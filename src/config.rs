@@ -95,7 +95,7 @@ impl Default for ServerConfig {
             admin_password: None,
             max_groups_per_queue: 1000,
             max_connections: 1000,
-            header_timeout_secs: 10,
+            header_timeout_secs: 30,
             idle_timeout_secs: 120,
         }
     }

@@ -58,20 +58,26 @@ pub struct Counted {
 }
 
 /// The idle timer of a connection: reset lazily (only when it fires) from the time of the
-/// last byte read or written, so a busy connection costs no timer work per read.
+/// last byte read or written, so a busy connection costs no timer work per read. Until
+/// the first byte arrives, the (shorter) first-byte timeout applies: a client that
+/// connects and says nothing is dropped as soon as one that stops mid-headers.
 struct Idle {
     timeout: Duration,
-    last_active: Instant,
+    /// The last traffic, `None` before the first byte.
+    last_active: Option<Instant>,
+    /// When the first byte must have arrived.
+    first_due: Instant,
     timer: Pin<Box<Sleep>>,
 }
 
 impl Idle {
-    fn new(timeout: Duration) -> Self {
-        let now = Instant::now();
+    fn new(first_byte: Duration, timeout: Duration) -> Self {
+        let first_due = Instant::now() + first_byte.min(timeout);
         Self {
             timeout,
-            last_active: now,
-            timer: Box::pin(tokio::time::sleep_until(now + timeout)),
+            last_active: None,
+            first_due,
+            timer: Box::pin(tokio::time::sleep_until(first_due)),
         }
     }
 
@@ -81,7 +87,9 @@ impl Idle {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let due = self.last_active + self.timeout;
+            let due = self
+                .last_active
+                .map_or(self.first_due, |at| at + self.timeout);
             if due <= Instant::now() {
                 return Poll::Ready(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -107,10 +115,16 @@ impl Counted {
         }
     }
 
-    /// Holds `slot` while open and closes after `idle_timeout` without traffic.
-    fn limited(mut self, slot: OwnedSemaphorePermit, idle_timeout: Duration) -> Self {
+    /// Holds `slot` while open; closes if the client sends nothing within `first_byte`,
+    /// and after `idle_timeout` without traffic.
+    fn limited(
+        mut self,
+        slot: OwnedSemaphorePermit,
+        first_byte: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
         self._slot = Some(slot);
-        self.idle = Some(Idle::new(idle_timeout));
+        self.idle = Some(Idle::new(first_byte, idle_timeout));
         self
     }
 
@@ -119,7 +133,7 @@ impl Counted {
         if n > 0
             && let Some(idle) = &mut self.idle
         {
-            idle.last_active = Instant::now();
+            idle.last_active = Some(Instant::now());
         }
     }
 
@@ -247,16 +261,21 @@ where
     }
 }
 
-/// Waits for a connection slot, then accepts one connection.
+/// Waits until a connection slot is free, then accepts one connection and takes a slot
+/// for it. The slot is not held while waiting in `accept` (an idle listener must not take
+/// one from the other); if the other listener took the last slot meanwhile, this one
+/// connection waits for the next (so at most one accepted connection per listener is
+/// over the cap).
 async fn accept_limited(
     listener: &TcpListener,
     limits: &ConnLimits,
     protocol: &'static str,
 ) -> Option<(Counted, SocketAddr)> {
-    let slot = Arc::clone(&limits.slots).acquire_owned().await.ok()?;
+    drop(limits.slots.acquire().await.ok()?);
     let (stream, addr) = accept_with_backoff(|| listener.accept()).await;
+    let slot = Arc::clone(&limits.slots).acquire_owned().await.ok()?;
     Some((
-        Counted::new(stream, protocol).limited(slot, limits.idle_timeout),
+        Counted::new(stream, protocol).limited(slot, limits.header_timeout, limits.idle_timeout),
         addr,
     ))
 }
@@ -365,5 +384,30 @@ mod tests {
         assert_eq!(accepted, 4);
         // 10 + 20 + 40 ms of back-off for the three EMFILEs, none for the aborted one.
         assert!(started.elapsed() >= Duration::from_millis(70));
+    }
+
+    /// Regression (issue 19, item 9): a connection without traffic is closed after the
+    /// idle timeout (it used to be held forever).
+    #[tokio::test]
+    async fn a_silent_connection_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let slot = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let mut io = Counted::new(stream, "test").limited(
+            slot,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        );
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncReadExt::read(&mut io, &mut buf),
+        )
+        .await
+        .expect("the idle timeout never fired");
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 }
