@@ -126,7 +126,7 @@ impl Queue {
         settings: QueueSettings,
         fsync: FsyncPolicy,
     ) -> Result<Self, BrokerError> {
-        let dir = root.join(name);
+        let dir = crate::name::child(root, name, "")?;
         let log_config = LogConfig {
             segment_bytes: settings.segment_bytes,
             fsync,
@@ -180,7 +180,7 @@ impl Queue {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_suffix(".journal"))
-                && super::is_valid_name(name)
+                && crate::name::is_valid(name)
             {
                 self.open_group(name)?;
             }
@@ -190,7 +190,7 @@ impl Queue {
 
     /// Opens a group's journal and rebuilds its state.
     fn open_group(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
-        let path = self.groups_dir().join(format!("{name}.journal"));
+        let path = crate::name::child(&self.groups_dir(), name, ".journal")?;
         let (journal, replay) = Journal::open(&path, self.fsync)?;
         let corrupt = |reason: String| BrokerError::Corrupt {
             path: path.clone(),
@@ -250,9 +250,7 @@ impl Queue {
         if let Some(group) = self.group(name) {
             return Ok(group);
         }
-        if !super::is_valid_name(name) {
-            return Err(BrokerError::InvalidName(name.to_string()));
-        }
+        crate::name::check(name)?;
         let _creating = self.group_creation.lock();
         if let Some(group) = self.group(name) {
             return Ok(group);
