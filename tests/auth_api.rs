@@ -475,6 +475,17 @@ async fn dead_letters_and_redrive_need_rights_on_both_queues() {
             "{queue} was not created"
         );
     }
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    let loot = proto::CreateQueueRequest {
+        queue: "loot".into(),
+        settings: Some(proto::QueueSettings {
+            max_deliveries: Some(0),
+            dead_letter: Some("payroll".into()),
+            ..Default::default()
+        }),
+    };
+    let denied = c.create_queue(authed(loot, &mallory)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
     assert_eq!(stored(&s, &alice, "payroll").await, 1);
     // Her own queue with a new dead-letter queue: both hers.
     let own = json!({"max_deliveries": 1, "dead_letter": "own-dead"});
