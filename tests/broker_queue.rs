@@ -24,6 +24,7 @@ async fn open_with_clock(dir: &Path, clock: Clock) -> Arc<Broker> {
         fsync: FsyncPolicy::Always,
         max_queues: 100,
         clock,
+        ..BrokerConfig::default()
     })
     .await
     .unwrap()

@@ -7,6 +7,23 @@ use serde_json::json;
 
 use crate::broker::BrokerError;
 
+/// The body, or the JSON error for a rejected one (413 when too large). Here, not in the
+/// route table, so that every HTTP adapter file maps a rejected body the same way without
+/// importing another adapter file.
+pub fn body_bytes(
+    body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<bytes::Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "message_too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, rejection.body_text())
+    })
+}
+
 /// An error answer of the API: status, snake_case code, human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {

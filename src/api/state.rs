@@ -21,6 +21,9 @@ pub struct HttpState {
     pub auth: Option<Arc<crate::auth::AuthStore>>,
     /// Long-polls per client address.
     pub per_client: Arc<super::limits::ClientLimits>,
+    /// Slots for password hashing (logins, registrations): one per core, so a login flood
+    /// cannot take every thread and all memory.
+    pub hashing: Arc<Semaphore>,
 }
 
 impl HttpState {
@@ -32,6 +35,9 @@ impl HttpState {
             max_waiters,
             auth: None,
             per_client: super::limits::ClientLimits::new(max_waiters),
+            hashing: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(1, usize::from),
+            )),
         }
     }
 }

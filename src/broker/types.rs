@@ -254,6 +254,20 @@ pub struct BrokerConfig {
     pub max_queues: usize,
     /// Where "now" comes from (the system clock; a manual one in tests).
     pub clock: Clock,
+    /// Most consumer groups one queue holds (each has a journal and state).
+    pub max_groups_per_queue: usize,
+}
+
+/// What [`super::Broker::create_queue_reporting`] did.
+#[derive(Debug, Clone)]
+pub struct CreatedQueue {
+    /// The queue as it is now.
+    pub info: QueueInfo,
+    /// True if this call created the queue (false: it existed with equal settings).
+    pub created: bool,
+    /// The dead-letter queue this call created with it, if any (an existing one is used as
+    /// it is).
+    pub dead_letter_created: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -263,6 +277,7 @@ impl Default for BrokerConfig {
             fsync: FsyncPolicy::Interval,
             max_queues: 10_000,
             clock: Clock::system(),
+            max_groups_per_queue: 1_000,
         }
     }
 }
