@@ -8,6 +8,8 @@
 //! - [`recovery`]: opening a directory, checking indexes, cutting a torn tail.
 //! - [`writer`]: appends on the caller's thread under the writer lock; the sync thread with
 //!   group commit.
+//! - [`combine`]: merged appends: appends that arrive together go out as one batch and one
+//!   `write` (leader/follower combining, no timer).
 //! - [`inspect`]: offline verification and dumps for `qit-inspect`.
 //! - [`compaction`]: rewriting a sealed segment without some records, atomically.
 //!
@@ -15,6 +17,7 @@
 //! list is an `ArcSwap` snapshot, sealed segments are immutable maps, and the active segment
 //! is read with positioned reads bounded by the length the writer has published.
 
+mod combine;
 pub mod compaction;
 pub mod index;
 pub mod inspect;
@@ -178,6 +181,8 @@ struct Shared {
     writer: Mutex<Writer>,
     /// Group commit with the sync thread (appenders under `fsync = always` wait on it).
     commit: GroupCommit,
+    /// Appends waiting to be merged into the next batch.
+    combiner: combine::Combiner,
 }
 
 /// Owns the sync thread; dropping the last handle stops it and syncs a last time.
@@ -233,6 +238,7 @@ impl PartitionLog {
             list_lock: Mutex::new(()),
             writer: Mutex::new(Writer::new(active, state)?),
             commit: GroupCommit::new(next),
+            combiner: combine::Combiner::default(),
         });
         let for_thread = Arc::clone(&shared);
         let sync_thread = crate::commit::spawn_sync_thread(fsync, "qit-log-sync", move || {
@@ -250,20 +256,21 @@ impl PartitionLog {
         })
     }
 
-    /// Appends records with consecutive offsets as one batch; returns the first offset.
+    /// Appends records with consecutive offsets; returns the first offset.
     ///
-    /// The batch is written (one `write`, on the caller's thread) when this is called, not
-    /// when the future is first polled; the future resolves at once, or under
-    /// [`FsyncPolicy::Always`] once the records are durable (one fsync serves every append
-    /// written while the previous one ran). Dropping the future does not undo the write.
+    /// Appends that arrive together (queued before a leader takes them, see [`combine`])
+    /// are written as one batch with one `write`, each as one run of consecutive offsets in
+    /// its own order. The future resolves once the records are written, or under
+    /// [`FsyncPolicy::Always`] once they are durable (one fsync serves every append written
+    /// while the previous one ran). Dropped before a leader took the records, it writes
+    /// nothing; dropped later, it does not undo the write.
     pub fn append(
         &self,
         records: Vec<Record>,
     ) -> impl std::future::Future<Output = Result<u64, LogError>> + Send + 'static {
         let shared = Arc::clone(&self.inner.shared);
-        let written = shared.writer.lock().append(&shared, &records);
         async move {
-            let (first, end) = written?;
+            let (first, end) = combine::append(Arc::clone(&shared), records).await?;
             if shared.config.fsync == FsyncPolicy::Always {
                 shared
                     .commit
@@ -273,6 +280,11 @@ impl PartitionLog {
             }
             Ok(first)
         }
+    }
+
+    /// Batches written since the log was opened (each one `write`); merged appends share one.
+    pub fn batches_written(&self) -> u64 {
+        self.inner.shared.combiner.writes()
     }
 
     /// Reads whole records from `from` (clamped up to the first offset) up to the budgets;
