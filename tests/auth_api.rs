@@ -347,7 +347,7 @@ async fn grpc_needs_tokens_and_grants_and_a_restart_keeps_them() {
         let send = proto::SendMessageRequest {
             queue: "g".into(),
             messages: vec![proto::OutgoingMessage {
-                body: b"x".to_vec(),
+                body: bytes::Bytes::from_static(b"x"),
                 ..Default::default()
             }],
         };
@@ -382,7 +382,7 @@ async fn grpc_needs_tokens_and_grants_and_a_restart_keeps_them() {
     };
     let mut stream = c.subscribe(authed(sub, &bob)).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    assert_eq!(first.message.unwrap().body, b"x");
+    assert_eq!(&first.message.unwrap().body[..], b"x");
     let delete = proto::DeleteQueueRequest { queue: "g".into() };
     assert_eq!(
         c.delete_queue(authed(delete.clone(), &bob))

@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::auth::authenticate;
 use super::error::ApiError;
 use super::limits::{ClientLimits, ClientPermit};
+use super::publish::PublishSession;
 use super::receive::Session;
 use crate::auth::{Action, AuthStore, Resource};
 use crate::broker::{self, Broker, BrokerError, Delivery, MessageId, NewMessage, ReadFrom};
@@ -213,7 +213,7 @@ pub(super) fn message(d: Delivery) -> proto::Message {
         key: d.key,
         headers: d.headers.into_iter().collect(),
         delivery_count: d.delivery_count,
-        body: d.body.to_vec(),
+        body: d.body,
         content_type: d.content_type,
     }
 }
@@ -317,30 +317,30 @@ impl broker_server::Broker for GrpcApi {
         let messages = r
             .messages
             .into_iter()
-            .map(|m| {
-                for name in m.headers.keys() {
-                    crate::api::json::check_header_name(name).map_err(Status::from)?;
-                }
-                Ok(NewMessage {
-                    key: m.key,
-                    headers: m.headers.into_iter().collect(),
-                    content_type: m.content_type,
-                    body: Bytes::from(m.body),
-                    idempotency_key: m.idempotency_key,
-                })
-            })
+            .map(new_message)
             .collect::<Result<Vec<_>, Status>>()?;
         let published = self.broker.publish(&r.queue, messages).await?;
         Ok(Response::new(proto::SendMessageResponse {
-            messages: published
-                .into_iter()
-                .map(|p| proto::MessageRef {
-                    id: p.id.to_string(),
-                    partition: p.partition,
-                    offset: p.offset,
-                })
-                .collect(),
+            messages: published.into_iter().map(message_ref).collect(),
         }))
+    }
+
+    type PublishStream = BoxStream<proto::PublishResponse>;
+
+    async fn publish(
+        &self,
+        request: Request<Streaming<proto::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        let user = self.check(&request, None)?;
+        let permit = self.stream_permit(&request)?;
+        let (tx, rx) = mpsc::channel(super::publish::RESPONSE_BUFFER);
+        let session = PublishSession {
+            broker: Arc::clone(&self.broker),
+            auth: self.auth.clone().zip(user),
+            tx,
+        };
+        tokio::spawn(session.run(request.into_inner(), permit));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn ack_message(
@@ -522,5 +522,28 @@ async fn follow(
             }
         }
         next = after;
+    }
+}
+
+/// A message to publish, from its protobuf form (header names checked).
+pub(super) fn new_message(m: proto::OutgoingMessage) -> Result<NewMessage, Status> {
+    for name in m.headers.keys() {
+        crate::api::json::check_header_name(name).map_err(Status::from)?;
+    }
+    Ok(NewMessage {
+        key: m.key,
+        headers: m.headers.into_iter().collect(),
+        content_type: m.content_type,
+        body: m.body,
+        idempotency_key: m.idempotency_key,
+    })
+}
+
+/// Where a published message was stored, in protobuf form.
+pub(super) fn message_ref(p: broker::Published) -> proto::MessageRef {
+    proto::MessageRef {
+        id: p.id.to_string(),
+        partition: p.partition,
+        offset: p.offset,
     }
 }

@@ -8,4 +8,5 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod limits;
+pub mod publish;
 pub mod receive;

@@ -811,6 +811,11 @@ impl Broker {
         self.shutdown.is_cancelled()
     }
 
+    /// Resolves once shutdown has begun.
+    pub async fn until_shutdown(&self) {
+        self.shutdown.cancelled().await
+    }
+
     /// Queues at run time (for background maintenance).
     /// Per queue and group, the age in ms of the oldest message not yet done (for metrics).
     pub fn oldest_pending_ages_ms(&self) -> Vec<(String, String, i64)> {
