@@ -332,8 +332,11 @@ impl Broker {
             ));
         }
         let started = Instant::now();
-        let result = self.queue(queue)?.publish(messages).await;
-        metrics::histogram!(crate::metrics::PUBLISH_LATENCY, "queue" => queue.to_string())
+        let queue = self.queue(queue)?;
+        let result = queue.publish(messages).await;
+        queue
+            .publish_metrics
+            .latency
             .record(started.elapsed().as_secs_f64());
         result
     }
