@@ -85,9 +85,10 @@ impl Combiner {
             armed: true,
         };
         tokio::task::yield_now().await;
-        queued.armed = false;
         self.lead_if_idle(shared);
-        result.await.unwrap_or(Err(LogError::Closed))
+        let written = result.await.unwrap_or(Err(LogError::Closed));
+        queued.armed = false;
+        written
     }
 
     /// Becomes the leader unless one is writing, and writes rounds until the queue is empty.
