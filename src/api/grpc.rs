@@ -1,5 +1,5 @@
-//! The gRPC API (tonic): unary rpcs, the credit-based `ReceiveMessages` stream and the
-//! `Subscribe` replay-then-follow stream.
+//! The gRPC API (tonic): unary rpcs, the `Publish` stream (see [`super::publish`]), the
+//! credit-based `ReceiveMessages` stream and the `Subscribe` replay-then-follow stream.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -309,10 +309,13 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::SendMessageRequest>,
     ) -> Result<Response<proto::SendMessageResponse>, Status> {
-        self.check(
-            &request,
-            Some((Action::Publish, Resource::queue(&request.get_ref().queue))),
-        )?;
+        // The hot path: no resource name is built when auth is off.
+        if self.auth.is_some() {
+            self.check(
+                &request,
+                Some((Action::Publish, Resource::queue(&request.get_ref().queue))),
+            )?;
+        }
         let r = request.into_inner();
         let messages = r
             .messages
