@@ -16,6 +16,8 @@
 //!   pure state machine, and its durable journal.
 //! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
+//! - [`name`]: the rule for queue, group, exchange and user names, and the only way a name
+//!   becomes a path under the data directory.
 //! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
@@ -38,6 +40,7 @@ pub mod journal;
 pub mod log;
 pub mod maintenance;
 pub mod metrics;
+pub mod name;
 pub mod route;
 pub mod server;
 

@@ -24,6 +24,7 @@ use parking_lot::RwLock;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::name::MAX_NAME_LEN;
 pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 pub use types::*;
@@ -54,28 +55,28 @@ fn open_queues(
     (opened, damaged)
 }
 
-/// Longest queue, group or exchange name.
-pub const MAX_NAME_LEN: usize = 200;
 /// How often the timer looks for expired leases and due redeliveries.
 const TICK: Duration = Duration::from_millis(50);
 /// Most messages one receive may ask for.
 pub const MAX_RECEIVE: usize = 1000;
 
-/// True for 1-200 chars of `[A-Za-z0-9._-]`.
-pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+/// Longest lease (visibility timeout) or nack delay: 12 hours, as for `ack_timeout`.
+pub const MAX_LEASE_DURATION: Duration = Duration::from_secs(43_200);
+
+/// Checks a visibility timeout or nack delay given by a client: at most
+/// [`MAX_LEASE_DURATION`]. `what` names the field in the error.
+pub fn check_lease_duration(what: &str, duration: Duration) -> Result<(), BrokerError> {
+    if duration > MAX_LEASE_DURATION {
+        return Err(BrokerError::InvalidArgument(format!(
+            "`{what}` must be at most {} ms (12 h)",
+            MAX_LEASE_DURATION.as_millis()
+        )));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), BrokerError> {
-    if is_valid_name(name) {
-        Ok(())
-    } else {
-        Err(BrokerError::InvalidName(name.to_string()))
-    }
+    crate::name::check(name).map_err(BrokerError::from)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -93,7 +94,14 @@ pub struct Broker {
     meta: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     dead_letters: mpsc::UnboundedSender<DeadLetterJob>,
+    /// Decides whether dead letters of a queue may go into an existing queue (set by the
+    /// server when auth is on); `None` lets every move through.
+    dead_letter_guard: std::sync::OnceLock<DeadLetterGuard>,
 }
+
+/// `guard(source, target)`: may dead letters of queue `source` be appended to the
+/// existing queue `target`?
+pub type DeadLetterGuard = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 impl Broker {
     fn registry_path(&self) -> PathBuf {
@@ -113,7 +121,9 @@ impl Broker {
                 source,
             }
         })?;
-        let registry = Registry::load(&data_dir.join("registry.json"))?;
+        let registry_path = data_dir.join("registry.json");
+        let registry = Registry::load(&registry_path)?;
+        registry.check_names(&registry_path)?;
         let fsync = config.fsync;
         let root = data_dir.join("queues");
         let specs: Vec<(String, QueueSettings)> = registry
@@ -134,10 +144,18 @@ impl Broker {
             meta: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             dead_letters,
+            dead_letter_guard: std::sync::OnceLock::new(),
         });
         tokio::spawn(run_timer(Arc::downgrade(&broker), broker.shutdown.clone()));
         tokio::spawn(run_dead_letters(Arc::downgrade(&broker), jobs));
         Ok(broker)
+    }
+
+    /// Installs the check every dead-letter move into an existing queue passes (once; a
+    /// second call is ignored). A refused move leaves the message in its queue, to be
+    /// delivered and tried again, and is logged.
+    pub fn set_dead_letter_guard(&self, guard: DeadLetterGuard) {
+        let _ = self.dead_letter_guard.set(guard);
     }
 
     fn check_running(&self) -> Result<(), BrokerError> {
@@ -188,7 +206,12 @@ impl Broker {
     fn apply(&self, command: MetaCommand) -> Result<(), BrokerError> {
         let mut next = self.registry.read().clone();
         next.apply(&command);
-        next.save(&self.registry_path())?;
+        let limit = if command.grows() {
+            registry::MAX_REGISTRY_BYTES
+        } else {
+            usize::MAX
+        };
+        next.save_within(&self.registry_path(), limit)?;
         *self.registry.write() = next;
         Ok(())
     }
@@ -200,25 +223,80 @@ impl Broker {
         name: &str,
         settings: QueueSettings,
     ) -> Result<(QueueInfo, bool), BrokerError> {
+        let created = self.create_queue_reporting(name, settings).await?;
+        Ok((created.info, created.created))
+    }
+
+    /// [`Self::create_queue`], also saying whether its dead-letter queue was made by this
+    /// call (ownership is only ever given for queues a call created).
+    pub async fn create_queue_reporting(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+    ) -> Result<CreatedQueue, BrokerError> {
         self.check_running()?;
         check_name(name)?;
         settings.validate()?;
         let dlq = settings.dead_letter_name(name);
-        if settings.max_deliveries > 0 && (dlq == name || !is_valid_name(&dlq)) {
-            return Err(BrokerError::InvalidSetting(InvalidSetting {
+        let bad_dlq = |reason: String| {
+            BrokerError::InvalidSetting(InvalidSetting {
                 field: "dead_letter",
-                reason: format!("`{dlq}` cannot be this queue's dead-letter queue"),
-            }));
+                reason,
+            })
+        };
+        if dlq == name {
+            return Err(bad_dlq(format!(
+                "`{dlq}` cannot be its own dead-letter queue"
+            )));
+        }
+        if settings.max_deliveries > 0
+            && let Err(e) = crate::name::check(&dlq)
+        {
+            return Err(bad_dlq(e.to_string()));
         }
         let _meta = self.meta.lock().await;
         if self.damaged.read().contains_key(name) {
             return Err(self.missing(name));
         }
+        if let Some(chain) = self.dead_letter_loop(name, &dlq) {
+            return Err(bad_dlq(format!(
+                "dead letters would go round in a loop: {}",
+                chain.join(" -> ")
+            )));
+        }
         let (info, created) = self.create_locked(name, settings.clone()).await?;
+        let mut dead_letter_created = None;
         if created && settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
             self.create_locked(&dlq, dead_letter_settings()).await?;
+            dead_letter_created = Some(dlq);
         }
-        Ok((info, created))
+        Ok(CreatedQueue {
+            info,
+            created,
+            dead_letter_created,
+        })
+    }
+
+    /// The dead-letter chain `name -> dlq -> ...` through existing queues when it comes back
+    /// to `name` (a loop), else `None`. Call with `meta` held.
+    fn dead_letter_loop(&self, name: &str, dlq: &str) -> Option<Vec<String>> {
+        let queues = self.queues.read();
+        let mut chain = vec![name.to_string(), dlq.to_string()];
+        let mut current = dlq.to_string();
+        while let Some(queue) = queues.get(&current) {
+            let next = queue.settings.dead_letter_name(&current);
+            if next == name {
+                chain.push(next);
+                return Some(chain);
+            }
+            if chain.contains(&next) {
+                // A loop among other queues (made before loops were refused): not ours.
+                return None;
+            }
+            chain.push(next.clone());
+            current = next;
+        }
+        None
     }
 
     async fn create_locked(
@@ -281,6 +359,7 @@ impl Broker {
     /// Deletes a queue and its data.
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.check_running()?;
+        check_name(name)?;
         let _meta = self.meta.lock().await;
         if self.damaged.read().contains_key(name) {
             return self.delete_damaged(name).await;
@@ -291,12 +370,8 @@ impl Broker {
         })?;
         self.queues.write().remove(name);
         queue.mark_deleted();
-        let dir = queue.dir().to_path_buf();
         drop(queue);
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir).map_err(|e| (dir, e)))
-            .await
-            .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))?
-            .map_err(|(path, source)| BrokerError::Storage { path, source })?;
+        self.remove_queue_dir(name).await?;
         tracing::info!(queue = name, "queue deleted");
         Ok(())
     }
@@ -307,15 +382,18 @@ impl Broker {
             name: name.to_string(),
         })?;
         self.damaged.write().remove(name);
-        let dir = self.queues_dir().join(name);
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
-            _ => Ok(()),
-        })
-        .await
-        .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))?
-        .map_err(|(path, source)| BrokerError::Storage { path, source })?;
+        self.remove_queue_dir(name).await?;
         tracing::warn!(queue = name, "damaged queue deleted with its data");
+        Ok(())
+    }
+
+    /// Removes `{data_dir}/queues/{name}` and only that: a symlink there is removed, never
+    /// followed.
+    async fn remove_queue_dir(&self, name: &str) -> Result<(), BrokerError> {
+        let (root, name) = (self.queues_dir(), name.to_string());
+        tokio::task::spawn_blocking(move || crate::name::remove_child_dir(&root, &name))
+            .await
+            .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))??;
         Ok(())
     }
 
@@ -331,11 +409,13 @@ impl Broker {
                 "no messages to publish".into(),
             ));
         }
+        let q = self.queue(queue)?;
+        for (index, m) in messages.iter().enumerate() {
+            message::check_new_message(m, index, q.settings.max_message_bytes)?;
+        }
         let started = Instant::now();
-        let queue = self.queue(queue)?;
-        let result = queue.publish(messages).await;
-        queue
-            .publish_metrics
+        let result = q.publish(messages).await;
+        q.publish_metrics
             .latency
             .record(started.elapsed().as_secs_f64());
         result
@@ -357,8 +437,11 @@ impl Broker {
                 "max must be 1..={MAX_RECEIVE}"
             )));
         }
+        if let Some(visibility) = visibility {
+            check_lease_duration("visibility", visibility)?;
+        }
         let q = self.queue(queue)?;
-        let g = q.group_or_create(group)?;
+        let g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
         let visibility_ms = visibility
             .map(millis)
             .unwrap_or(q.settings.ack_timeout as i64 * 1000);
@@ -434,6 +517,9 @@ impl Broker {
         delay: Option<Duration>,
     ) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some(delay) = delay {
+            check_lease_duration("delay", delay)?;
+        }
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         if let Some(job) = q.nack(&g, id, delay.map(millis))? {
@@ -451,6 +537,7 @@ impl Broker {
         visibility: Duration,
     ) -> Result<(), BrokerError> {
         self.check_running()?;
+        check_lease_duration("visibility", visibility)?;
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         let visibility_ms = millis(visibility);
@@ -510,6 +597,17 @@ impl Broker {
         }
         let dlq_name = q.settings.dead_letter_name(&q.name);
         let dlq = match self.queue(&dlq_name) {
+            Ok(_)
+                if self
+                    .dead_letter_guard
+                    .get()
+                    .is_some_and(|allowed| !allowed(&q.name, &dlq_name)) =>
+            {
+                return Err(BrokerError::LimitReached(format!(
+                    "dead letters of `{}` may not go to `{dlq_name}`",
+                    q.name
+                )));
+            }
             Ok(dlq) => dlq,
             Err(_) => {
                 let _meta = self.meta.lock().await;
@@ -521,41 +619,77 @@ impl Broker {
         dlq.publish(vec![dead]).await.map(|_| ())
     }
 
-    /// Moves up to `max` (default all) dead-lettered messages back into `queue`.
+    /// Moves up to `max` (default all) dead-lettered messages back into `queue`: at most the
+    /// messages that were in the dead-letter queue when the redrive started (dead letters
+    /// that arrive meanwhile stay for the next one). Stops with
+    /// [`BrokerError::ShuttingDown`] when the broker shuts down; what moved until then stays
+    /// moved.
     pub async fn redrive(&self, queue: &str, max: Option<usize>) -> Result<usize, BrokerError> {
         self.check_running()?;
         let q = self.queue(queue)?;
-        let dlq = self.queue(&q.settings.dead_letter_name(queue))?;
+        let dlq_name = q.settings.dead_letter_name(queue);
+        if dlq_name == queue {
+            return Err(BrokerError::InvalidArgument(format!(
+                "queue `{queue}` is its own dead-letter queue: nothing to redrive"
+            )));
+        }
+        let dlq = self.queue(&dlq_name)?;
         let group = dlq.group_or_create(queue::DEFAULT_GROUP)?;
+        // The end of every partition now: later dead letters are not this redrive's.
+        let ends: Vec<u64> = dlq.partitions.iter().map(|p| p.next_offset()).collect();
+        let before_end = |id: MessageId| {
+            ends.get(id.partition as usize)
+                .is_some_and(|end| id.offset < *end)
+        };
         // Every dead letter moves, also one somebody is looking at through a lease (its ack
         // later is a harmless repeat).
         dlq.release_leases(&group);
         let mut moved = 0;
         let limit = max.unwrap_or(usize::MAX);
-        while moved < limit {
+        let result = loop {
+            if moved >= limit {
+                break Ok(moved);
+            }
+            if self.shutdown.is_cancelled() {
+                break Err(BrokerError::ShuttingDown);
+            }
             let want = (limit - moved).min(MAX_RECEIVE);
             let (batch, _) = dlq.lease(&group, want, 60_000)?;
             if batch.is_empty() {
-                break;
+                break Ok(moved);
             }
-            for delivery in batch {
-                let mut headers = delivery.headers;
-                for name in message::DEAD_LETTER_HEADERS {
-                    headers.remove(name);
-                }
-                let again = NewMessage {
-                    key: delivery.key,
-                    headers,
-                    content_type: delivery.content_type,
-                    body: delivery.body,
-                    idempotency_key: None,
-                };
-                q.publish(vec![again]).await?;
-                dlq.ack(&group, delivery.id).await?;
-                moved += 1;
+            let (ids, again): (Vec<MessageId>, Vec<NewMessage>) = batch
+                .into_iter()
+                .filter(|d| before_end(d.id))
+                .map(|delivery| {
+                    let mut headers = delivery.headers;
+                    for name in message::DEAD_LETTER_HEADERS {
+                        headers.remove(name);
+                    }
+                    let again = NewMessage {
+                        key: delivery.key,
+                        headers,
+                        content_type: delivery.content_type,
+                        body: delivery.body,
+                        idempotency_key: None,
+                    };
+                    (delivery.id, again)
+                })
+                .unzip();
+            if ids.is_empty() {
+                // Only newer dead letters in this batch; they stay leased until the end, so
+                // the next lease brings others or nothing.
+                continue;
             }
-        }
-        Ok(moved)
+            q.publish(again).await?;
+            for acked in dlq.ack_many(&group, &ids).await {
+                acked?;
+            }
+            moved += ids.len();
+        };
+        // Newer dead letters this redrive leased and left go back at once.
+        dlq.release_leases(&group);
+        result
     }
 
     fn partition<'a>(
@@ -637,7 +771,7 @@ impl Broker {
     ) -> Result<GroupInfo, BrokerError> {
         self.check_running()?;
         let q = self.queue(queue)?;
-        let g = q.group_or_create(group)?;
+        let g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
         let mut targets = Vec::new();
         for (p, log) in q.partitions.iter().enumerate() {
             let p = p as u32;
@@ -754,6 +888,20 @@ impl Broker {
         routing_key: Option<&str>,
         message: NewMessage,
     ) -> Result<Vec<Routed>, BrokerError> {
+        self.publish_to_exchange_checked(exchange, routing_key, message, |_| Ok(()))
+            .await
+    }
+
+    /// [`Self::publish_to_exchange`], calling `check` with the names of the queues the
+    /// message routes to before anything is appended: an `Err` from it publishes nothing.
+    /// The message goes to exactly the queues `check` saw.
+    pub async fn publish_to_exchange_checked<E: From<BrokerError>>(
+        &self,
+        exchange: &str,
+        routing_key: Option<&str>,
+        message: NewMessage,
+        check: impl FnOnce(&[String]) -> Result<(), E>,
+    ) -> Result<Vec<Routed>, E> {
         self.check_running()?;
         let (kind, bindings) = {
             let registry = self.registry.read();
@@ -764,12 +912,22 @@ impl Broker {
             (record.kind, record.bindings.clone())
         };
         let targets = crate::route::route(kind, &bindings, routing_key, &message.headers);
+        let queues: Vec<Arc<Queue>> = targets
+            .iter()
+            .filter_map(|name| self.queue(name).ok())
+            .collect();
+        // The caller's check and every target's limits pass before any target stores it:
+        // a refusal stores nothing.
+        let names: Vec<String> = queues.iter().map(|q| q.name.clone()).collect();
+        check(&names)?;
+        for q in &queues {
+            message::check_new_message(&message, 0, q.settings.max_message_bytes)?;
+        }
         let mut routed = Vec::new();
-        for name in targets {
-            let Ok(q) = self.queue(&name) else { continue };
+        for q in queues {
             if let Some(published) = q.publish(vec![message.clone()]).await?.first() {
                 routed.push(Routed {
-                    queue: name,
+                    queue: q.name.clone(),
                     id: published.id,
                 });
             }

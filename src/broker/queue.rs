@@ -149,7 +149,7 @@ impl Queue {
         settings: QueueSettings,
         fsync: FsyncPolicy,
     ) -> Result<Self, BrokerError> {
-        let dir = root.join(name);
+        let dir = crate::name::child(root, name, "")?;
         let log_config = LogConfig {
             segment_bytes: settings.segment_bytes,
             fsync,
@@ -200,13 +200,17 @@ impl Queue {
         };
         for entry in entries {
             let path = entry.map_err(storage(&dir))?.path();
-            if let Some(name) = path
+            let Some(name) = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_suffix(".journal"))
-                && super::is_valid_name(name)
-            {
+            else {
+                continue;
+            };
+            if crate::name::is_valid(name) {
                 self.open_group(name)?;
+            } else {
+                tracing::warn!(queue = %self.name, file = %path.display(), "ignoring a group journal whose name is not a valid group name");
             }
         }
         Ok(())
@@ -214,7 +218,7 @@ impl Queue {
 
     /// Opens a group's journal and rebuilds its state.
     fn open_group(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
-        let path = self.groups_dir().join(format!("{name}.journal"));
+        let path = crate::name::child(&self.groups_dir(), name, ".journal")?;
         let (journal, replay) = Journal::open(&path, self.fsync)?;
         let corrupt = |reason: String| BrokerError::Corrupt {
             path: path.clone(),
@@ -261,17 +265,31 @@ impl Queue {
 
     /// A group, created (starting at the earliest retained offsets) if needed.
     pub fn group_or_create(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
+        self.group_or_create_within(name, usize::MAX)
+    }
+
+    /// [`Self::group_or_create`], refusing to create a group beyond `max_groups`
+    /// ([`BrokerError::LimitReached`]); existing groups are always returned.
+    pub fn group_or_create_within(
+        &self,
+        name: &str,
+        max_groups: usize,
+    ) -> Result<Arc<Group>, BrokerError> {
         if let Some(group) = self.group(name) {
             return Ok(group);
         }
-        if !super::is_valid_name(name) {
-            return Err(BrokerError::InvalidName(name.to_string()));
-        }
+        crate::name::check(name)?;
         let _creating = self.group_creation.lock();
-        match self.group(name) {
-            Some(group) => Ok(group),
-            None => self.open_group(name),
+        if let Some(group) = self.group(name) {
+            return Ok(group);
         }
+        if self.groups.read().len() >= max_groups {
+            return Err(BrokerError::LimitReached(format!(
+                "at most {max_groups} groups on queue `{}`",
+                self.name
+            )));
+        }
+        self.open_group(name)
     }
 
     /// All groups.

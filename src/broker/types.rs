@@ -224,6 +224,20 @@ pub struct BrokerConfig {
     pub fsync: FsyncPolicy,
     /// Most queues the broker holds (dead-letter queues count).
     pub max_queues: usize,
+    /// Most consumer groups one queue holds (each has a journal and state).
+    pub max_groups_per_queue: usize,
+}
+
+/// What [`super::Broker::create_queue_reporting`] did.
+#[derive(Debug, Clone)]
+pub struct CreatedQueue {
+    /// The queue as it is now.
+    pub info: QueueInfo,
+    /// True if this call created the queue (false: it existed with equal settings).
+    pub created: bool,
+    /// The dead-letter queue this call created with it, if any (an existing one is used as
+    /// it is).
+    pub dead_letter_created: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -232,6 +246,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("qit-data"),
             fsync: FsyncPolicy::Interval,
             max_queues: 10_000,
+            max_groups_per_queue: 1_000,
         }
     }
 }
@@ -239,9 +254,10 @@ impl Default for BrokerConfig {
 /// Errors of broker operations; `api::error` maps them to HTTP and gRPC statuses.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// A queue/group/exchange name is malformed.
-    #[error("invalid name `{0}`: use 1-200 chars of [A-Za-z0-9._-]")]
-    InvalidName(String),
+    /// A queue/group/exchange name is malformed (or a path built from it would leave its
+    /// directory).
+    #[error(transparent)]
+    InvalidName(#[from] crate::name::NameError),
     /// A setting is out of range.
     #[error(transparent)]
     InvalidSetting(#[from] InvalidSetting),
@@ -274,8 +290,8 @@ pub enum BrokerError {
     /// The exchange exists with another type.
     #[error("exchange `{0}` already exists with a different type")]
     ExchangeExists(String),
-    /// Payload over `max_message_bytes`.
-    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    /// Message (body, key, headers, content type, idempotency key) over `max_message_bytes`.
+    #[error("message of {size} bytes (body, key and headers) exceeds the limit of {limit} bytes")]
     MessageTooLarge {
         /// Payload size.
         size: u64,
