@@ -16,6 +16,8 @@
 //!   pure state machine, and its durable journal.
 //! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
+//! - [`storage`]: the I/O seam under the log, the journal, the registry and the auth files
+//!   (the real disk, and a simulated one for crash and fault tests).
 //! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
@@ -40,6 +42,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod route;
 pub mod server;
+pub mod storage;
 
 /// Generated protobuf and gRPC types for `qit.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

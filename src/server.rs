@@ -73,6 +73,7 @@ impl Server {
             data_dir: config.data_dir.clone(),
             fsync: config.fsync,
             max_queues: config.max_queues,
+            ..BrokerConfig::default()
         })
         .await?;
         let auth = if config.auth {

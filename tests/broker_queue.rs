@@ -17,6 +17,7 @@ async fn open(dir: &Path) -> Arc<Broker> {
         data_dir: dir.to_path_buf(),
         fsync: FsyncPolicy::Always,
         max_queues: 100,
+        ..BrokerConfig::default()
     })
     .await
     .unwrap()

@@ -20,6 +20,7 @@ async fn broker(dir: &Path) -> Arc<Broker> {
         data_dir: dir.to_path_buf(),
         fsync: FsyncPolicy::Never,
         max_queues: 100,
+        ..BrokerConfig::default()
     })
     .await
     .unwrap()

@@ -28,6 +28,7 @@ pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 pub use types::*;
 
+use crate::storage::SharedStorage;
 use queue::{DeadLetterJob, Group, Queue, now_ms};
 use registry::{MetaCommand, Registry};
 
@@ -37,11 +38,12 @@ fn open_queues(
     root: &std::path::Path,
     specs: Vec<(String, QueueSettings)>,
     fsync: crate::log::FsyncPolicy,
+    storage: &SharedStorage,
 ) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
     let mut opened = HashMap::new();
     let mut damaged = HashMap::new();
     for (name, settings) in specs {
-        match Queue::open(root, &name, settings, fsync) {
+        match Queue::open(root, &name, settings, fsync, storage) {
             Ok(queue) => {
                 opened.insert(name, Arc::new(queue));
             }
@@ -107,13 +109,14 @@ impl Broker {
     /// Opens the data directory: loads queues, exchanges and group state, recovering logs.
     pub async fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(data_dir.join("queues")).map_err(|source| {
-            BrokerError::Storage {
+        let storage = Arc::clone(&config.storage);
+        storage
+            .create_dir_all(&data_dir.join("queues"))
+            .map_err(|source| BrokerError::Storage {
                 path: data_dir.clone(),
                 source,
-            }
-        })?;
-        let registry = Registry::load(&data_dir.join("registry.json"))?;
+            })?;
+        let registry = Registry::load(&*storage, &data_dir.join("registry.json"))?;
         let fsync = config.fsync;
         let root = data_dir.join("queues");
         let specs: Vec<(String, QueueSettings)> = registry
@@ -122,7 +125,7 @@ impl Broker {
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
         let (opened, damaged) =
-            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync))
+            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync, &storage))
                 .await
                 .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
         let (dead_letters, jobs) = mpsc::unbounded_channel();
@@ -188,7 +191,7 @@ impl Broker {
     fn apply(&self, command: MetaCommand) -> Result<(), BrokerError> {
         let mut next = self.registry.read().clone();
         next.apply(&command);
-        next.save(&self.registry_path())?;
+        next.save(&*self.config.storage, &self.registry_path())?;
         *self.registry.write() = next;
         Ok(())
     }
@@ -245,8 +248,9 @@ impl Broker {
         let root = self.queues_dir();
         let (owned_name, owned_settings, fsync) =
             (name.to_string(), settings.clone(), self.config.fsync);
+        let storage = Arc::clone(&self.config.storage);
         let queue = tokio::task::spawn_blocking(move || {
-            Queue::open(&root, &owned_name, owned_settings, fsync)
+            Queue::open(&root, &owned_name, owned_settings, fsync, &storage)
         })
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
@@ -293,7 +297,8 @@ impl Broker {
         queue.mark_deleted();
         let dir = queue.dir().to_path_buf();
         drop(queue);
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir).map_err(|e| (dir, e)))
+        let storage = Arc::clone(&self.config.storage);
+        tokio::task::spawn_blocking(move || storage.remove_dir_all(&dir).map_err(|e| (dir, e)))
             .await
             .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))?
             .map_err(|(path, source)| BrokerError::Storage { path, source })?;
@@ -308,7 +313,8 @@ impl Broker {
         })?;
         self.damaged.write().remove(name);
         let dir = self.queues_dir().join(name);
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        let storage = Arc::clone(&self.config.storage);
+        tokio::task::spawn_blocking(move || match storage.remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
             _ => Ok(()),
         })
@@ -781,11 +787,12 @@ impl Broker {
             return Err(BrokerError::QueueDamaged { queue, reason });
         }
         let path = self.config.data_dir.join(".healthcheck");
+        let storage = Arc::clone(&self.config.storage);
         tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let result = std::fs::File::create(&path)
-                .and_then(|mut f| f.write_all(b"ok").and_then(|()| f.sync_all()))
-                .and_then(|()| std::fs::remove_file(&path));
+            let result = storage
+                .open(&path, crate::storage::OpenMode::Create)
+                .and_then(|f| f.append(b"ok").and_then(|()| f.sync_data()))
+                .and_then(|()| storage.remove(&path));
             result.map_err(|source| BrokerError::Storage { path, source })
         })
         .await

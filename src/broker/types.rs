@@ -224,6 +224,8 @@ pub struct BrokerConfig {
     pub fsync: FsyncPolicy,
     /// Most queues the broker holds (dead-letter queues count).
     pub max_queues: usize,
+    /// Where the data lives: the real disk, or a simulated one in tests.
+    pub storage: crate::storage::SharedStorage,
 }
 
 impl Default for BrokerConfig {
@@ -232,6 +234,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("qit-data"),
             fsync: FsyncPolicy::Interval,
             max_queues: 10_000,
+            storage: crate::storage::disk(),
         }
     }
 }
