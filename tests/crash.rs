@@ -170,7 +170,7 @@ fn retention_survives_a_crash_at_every_sync_point() {
 
 #[test]
 fn compaction_rewrite_survives_a_crash_at_every_sync_point() {
-    let keep = |r: &qit::log::StoredRecord| r.offset % 2 == 0;
+    let keep = |r: &qit::log::StoredRecord| r.offset.is_multiple_of(2);
     for crash_at in 1.. {
         let disk = SimDisk::new();
         let (log, all) = filled(&disk);
@@ -187,7 +187,7 @@ fn compaction_rewrite_survives_a_crash_at_every_sync_point() {
         let new: Vec<u64> = old
             .iter()
             .copied()
-            .filter(|o| !in_target(*o) || *o % 2 == 0)
+            .filter(|o| !in_target(*o) || o.is_multiple_of(2))
             .collect();
         let got: Vec<u64> = records.iter().map(|r| r.offset).collect();
         assert!(

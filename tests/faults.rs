@@ -227,10 +227,7 @@ async fn broker_publish_on_a_full_disk_fails_cleanly_and_resumes() {
         .unwrap();
     assert_eq!(got.len(), 3, "the failed publish left nothing behind");
     for delivery in &got {
-        broker
-            .ack("jobs", "default", delivery.id.clone())
-            .await
-            .unwrap();
+        broker.ack("jobs", "default", delivery.id).await.unwrap();
     }
     disk.set_space(None);
     broker.publish("jobs", vec![big]).await.unwrap();

@@ -146,10 +146,7 @@ impl State {
     /// Fails with EIO after a crash, or with an injected fault.
     fn check(&mut self, op: Op, path: &Path) -> io::Result<()> {
         if self.crashed.is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::Other,
-                "simulated crash: the disk is gone",
-            ));
+            return Err(io::Error::other("simulated crash: the disk is gone"));
         }
         let text = path.to_string_lossy();
         let hit = self
@@ -185,7 +182,7 @@ impl State {
             && self.syncs >= at
         {
             self.crashed = Some(self.image(seed));
-            return Err(io::Error::new(io::ErrorKind::Other, "simulated crash"));
+            return Err(io::Error::other("simulated crash"));
         }
         Ok(())
     }
