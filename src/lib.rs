@@ -18,6 +18,8 @@
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
 //! - [`storage`]: the I/O seam under the log, the journal, the registry and the auth files
 //!   (the real disk, and a simulated one for crash and fault tests).
+//! - [`name`]: the rule for queue, group, exchange and user names, and the only way a name
+//!   becomes a path under the data directory.
 //! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
@@ -40,6 +42,7 @@ pub mod journal;
 pub mod log;
 pub mod maintenance;
 pub mod metrics;
+pub mod name;
 pub mod route;
 pub mod server;
 pub mod storage;

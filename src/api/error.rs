@@ -42,6 +42,9 @@ impl From<BrokerError> for ApiError {
     fn from(error: BrokerError) -> Self {
         use BrokerError as E;
         let (status, code) = match &error {
+            E::InvalidName(crate::name::NameError::Io { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_error")
+            }
             E::InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
             E::InvalidSetting(_) => (StatusCode::BAD_REQUEST, "invalid_setting"),
             E::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "bad_request"),

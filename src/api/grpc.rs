@@ -412,23 +412,23 @@ impl broker_server::Broker for GrpcApi {
             _ => return Err(Status::invalid_argument("the first message must be `open`")),
         };
         let group = group_name(&open.group).to_string();
-        if !broker::is_valid_name(&group) {
-            return Err(BrokerError::InvalidName(group).into());
-        }
+        crate::name::check(&group).map_err(BrokerError::from)?;
         if let (Some(store), Some(user)) = (&self.auth, &user) {
             store
                 .authorize(user, Action::Consume, &Resource::queue(&open.queue))
                 .map_err(|e| Status::from(ApiError::from(e)))?;
         }
         let settings = self.broker.queue_settings(&open.queue)?;
+        let visibility = open
+            .visibility_ms
+            .map_or(Duration::from_secs(settings.ack_timeout), millis);
+        broker::check_lease_duration("visibility_ms", visibility)?;
         let (tx, rx) = mpsc::channel(256);
         let session = Session {
             broker: Arc::clone(&self.broker),
             queue: open.queue,
             group,
-            visibility: open
-                .visibility_ms
-                .map_or(Duration::from_secs(settings.ack_timeout), millis),
+            visibility,
             credit: match open.max_in_flight {
                 0 => DEFAULT_CREDIT,
                 n => u64::from(n),

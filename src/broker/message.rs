@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
 
-use super::types::{Delivery, MessageId, NewMessage};
+use super::types::{BrokerError, Delivery, MessageId, NewMessage};
 use crate::log::{Record, StoredRecord};
 
 /// Internal header holding the publisher's content type.
@@ -32,6 +32,102 @@ pub const DEAD_LETTER_HEADERS: [&str; 5] = [
     DELIVERY_COUNT_HEADER,
     REASON_HEADER,
 ];
+
+/// Longest message key in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest idempotency key in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Most user headers on one message.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name in bytes.
+pub const MAX_HEADER_NAME_BYTES: usize = 128;
+/// Longest header value in bytes.
+pub const MAX_HEADER_VALUE_BYTES: usize = 8 * 1024;
+/// Longest content type in bytes.
+pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
+
+/// The bytes of a message counted against a queue's `max_message_bytes`: the whole record
+/// as the publisher gave it (body, key, header names and values, content type and
+/// idempotency key).
+pub fn message_size(message: &NewMessage) -> u64 {
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    (message.body.len()
+        + message.key.as_ref().map_or(0, String::len)
+        + headers
+        + message.content_type.as_ref().map_or(0, String::len)
+        + message.idempotency_key.as_ref().map_or(0, String::len)) as u64
+}
+
+/// Checks a message from a publisher: key, headers, content type and idempotency key within
+/// their caps (400), and the whole record within `max_message_bytes` (413). `index` is its
+/// place in a batch, for the message.
+pub fn check_new_message(
+    message: &NewMessage,
+    index: usize,
+    max_message_bytes: u64,
+) -> Result<(), BrokerError> {
+    let bad = |what: String| {
+        Err(BrokerError::InvalidArgument(format!(
+            "message {index}: {what}"
+        )))
+    };
+    if let Some(key) = &message.key
+        && key.len() > MAX_KEY_BYTES
+    {
+        return bad(format!(
+            "key of {} bytes, at most {MAX_KEY_BYTES}",
+            key.len()
+        ));
+    }
+    if let Some(key) = &message.idempotency_key
+        && !(1..=MAX_IDEMPOTENCY_KEY_BYTES).contains(&key.len())
+    {
+        return bad(format!(
+            "idempotency key of {} bytes, must be 1..={MAX_IDEMPOTENCY_KEY_BYTES}",
+            key.len()
+        ));
+    }
+    if let Some(content_type) = &message.content_type
+        && content_type.len() > MAX_CONTENT_TYPE_BYTES
+    {
+        return bad(format!(
+            "content type of {} bytes, at most {MAX_CONTENT_TYPE_BYTES}",
+            content_type.len()
+        ));
+    }
+    if message.headers.len() > MAX_HEADERS {
+        return bad(format!(
+            "{} headers, at most {MAX_HEADERS}",
+            message.headers.len()
+        ));
+    }
+    for (name, value) in &message.headers {
+        if name.is_empty() || name.len() > MAX_HEADER_NAME_BYTES {
+            return bad(format!(
+                "a header name of {} bytes, must be 1..={MAX_HEADER_NAME_BYTES}",
+                name.len()
+            ));
+        }
+        if value.len() > MAX_HEADER_VALUE_BYTES {
+            return bad(format!(
+                "header `{name}` has a value of {} bytes, at most {MAX_HEADER_VALUE_BYTES}",
+                value.len()
+            ));
+        }
+    }
+    let size = message_size(message);
+    if size > max_message_bytes {
+        return Err(BrokerError::MessageTooLarge {
+            size,
+            limit: max_message_bytes,
+        });
+    }
+    Ok(())
+}
 
 /// The log record for a published message.
 pub fn to_record(message: &NewMessage, timestamp_ms: i64) -> Record {
@@ -204,6 +300,35 @@ mod tests {
         assert_eq!(delivery.headers.len(), 1);
         assert_eq!(delivery.content_type.as_deref(), Some("application/json"));
         assert_eq!(delivery.key.as_deref(), Some("k"));
+    }
+
+    /// Issue 19.11: the whole record counts, not the body alone.
+    #[test]
+    fn the_whole_record_counts_against_the_limit() {
+        let message = NewMessage {
+            key: Some("kk".into()),
+            headers: [("h".to_string(), "vvv".to_string())].into_iter().collect(),
+            content_type: Some("t/t".into()),
+            body: Bytes::from_static(b"12345"),
+            idempotency_key: Some("i".into()),
+        };
+        assert_eq!(message_size(&message), 5 + 2 + 4 + 3 + 1);
+        check_new_message(&message, 0, 15).unwrap();
+        assert!(matches!(
+            check_new_message(&message, 0, 14),
+            Err(BrokerError::MessageTooLarge {
+                size: 15,
+                limit: 14
+            })
+        ));
+        let long_key = NewMessage {
+            key: Some("k".repeat(MAX_KEY_BYTES + 1)),
+            ..NewMessage::default()
+        };
+        assert!(matches!(
+            check_new_message(&long_key, 3, u64::MAX),
+            Err(BrokerError::InvalidArgument(m)) if m.starts_with("message 3: key")
+        ));
     }
 
     #[test]

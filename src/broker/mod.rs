@@ -24,6 +24,7 @@ use parking_lot::RwLock;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::name::MAX_NAME_LEN;
 pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 pub use types::*;
@@ -56,28 +57,28 @@ fn open_queues(
     (opened, damaged)
 }
 
-/// Longest queue, group or exchange name.
-pub const MAX_NAME_LEN: usize = 200;
 /// How often the timer looks for expired leases and due redeliveries.
 const TICK: Duration = Duration::from_millis(50);
 /// Most messages one receive may ask for.
 pub const MAX_RECEIVE: usize = 1000;
 
-/// True for 1-200 chars of `[A-Za-z0-9._-]`.
-pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+/// Longest lease (visibility timeout) or nack delay: 12 hours, as for `ack_timeout`.
+pub const MAX_LEASE_DURATION: Duration = Duration::from_secs(43_200);
+
+/// Checks a visibility timeout or nack delay given by a client: at most
+/// [`MAX_LEASE_DURATION`]. `what` names the field in the error.
+pub fn check_lease_duration(what: &str, duration: Duration) -> Result<(), BrokerError> {
+    if duration > MAX_LEASE_DURATION {
+        return Err(BrokerError::InvalidArgument(format!(
+            "`{what}` must be at most {} ms (12 h)",
+            MAX_LEASE_DURATION.as_millis()
+        )));
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), BrokerError> {
-    if is_valid_name(name) {
-        Ok(())
-    } else {
-        Err(BrokerError::InvalidName(name.to_string()))
-    }
+    crate::name::check(name).map_err(BrokerError::from)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -116,7 +117,9 @@ impl Broker {
                 path: data_dir.clone(),
                 source,
             })?;
-        let registry = Registry::load(&*storage, &data_dir.join("registry.json"))?;
+        let registry_path = data_dir.join("registry.json");
+        let registry = Registry::load(&*storage, &registry_path)?;
+        registry.check_names(&registry_path)?;
         let fsync = config.fsync;
         let root = data_dir.join("queues");
         let specs: Vec<(String, QueueSettings)> = registry
@@ -191,7 +194,12 @@ impl Broker {
     fn apply(&self, command: MetaCommand) -> Result<(), BrokerError> {
         let mut next = self.registry.read().clone();
         next.apply(&command);
-        next.save(&*self.config.storage, &self.registry_path())?;
+        let limit = if command.grows() {
+            registry::MAX_REGISTRY_BYTES
+        } else {
+            usize::MAX
+        };
+        next.save_within(&*self.config.storage, &self.registry_path(), limit)?;
         *self.registry.write() = next;
         Ok(())
     }
@@ -207,21 +215,59 @@ impl Broker {
         check_name(name)?;
         settings.validate()?;
         let dlq = settings.dead_letter_name(name);
-        if settings.max_deliveries > 0 && (dlq == name || !is_valid_name(&dlq)) {
-            return Err(BrokerError::InvalidSetting(InvalidSetting {
+        let bad_dlq = |reason: String| {
+            BrokerError::InvalidSetting(InvalidSetting {
                 field: "dead_letter",
-                reason: format!("`{dlq}` cannot be this queue's dead-letter queue"),
-            }));
+                reason,
+            })
+        };
+        if dlq == name {
+            return Err(bad_dlq(format!(
+                "`{dlq}` cannot be its own dead-letter queue"
+            )));
+        }
+        if settings.max_deliveries > 0
+            && let Err(e) = crate::name::check(&dlq)
+        {
+            return Err(bad_dlq(e.to_string()));
         }
         let _meta = self.meta.lock().await;
         if self.damaged.read().contains_key(name) {
             return Err(self.missing(name));
+        }
+        if let Some(chain) = self.dead_letter_loop(name, &dlq) {
+            return Err(bad_dlq(format!(
+                "dead letters would go round in a loop: {}",
+                chain.join(" -> ")
+            )));
         }
         let (info, created) = self.create_locked(name, settings.clone()).await?;
         if created && settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
             self.create_locked(&dlq, dead_letter_settings()).await?;
         }
         Ok((info, created))
+    }
+
+    /// The dead-letter chain `name -> dlq -> ...` through existing queues when it comes back
+    /// to `name` (a loop), else `None`. Call with `meta` held.
+    fn dead_letter_loop(&self, name: &str, dlq: &str) -> Option<Vec<String>> {
+        let queues = self.queues.read();
+        let mut chain = vec![name.to_string(), dlq.to_string()];
+        let mut current = dlq.to_string();
+        while let Some(queue) = queues.get(&current) {
+            let next = queue.settings.dead_letter_name(&current);
+            if next == name {
+                chain.push(next);
+                return Some(chain);
+            }
+            if chain.contains(&next) {
+                // A loop among other queues (made before loops were refused): not ours.
+                return None;
+            }
+            chain.push(next.clone());
+            current = next;
+        }
+        None
     }
 
     async fn create_locked(
@@ -285,6 +331,7 @@ impl Broker {
     /// Deletes a queue and its data.
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.check_running()?;
+        check_name(name)?;
         let _meta = self.meta.lock().await;
         if self.damaged.read().contains_key(name) {
             return self.delete_damaged(name).await;
@@ -295,13 +342,8 @@ impl Broker {
         })?;
         self.queues.write().remove(name);
         queue.mark_deleted();
-        let dir = queue.dir().to_path_buf();
         drop(queue);
-        let storage = Arc::clone(&self.config.storage);
-        tokio::task::spawn_blocking(move || storage.remove_dir_all(&dir).map_err(|e| (dir, e)))
-            .await
-            .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))?
-            .map_err(|(path, source)| BrokerError::Storage { path, source })?;
+        self.remove_queue_dir(name).await?;
         tracing::info!(queue = name, "queue deleted");
         Ok(())
     }
@@ -312,16 +354,18 @@ impl Broker {
             name: name.to_string(),
         })?;
         self.damaged.write().remove(name);
-        let dir = self.queues_dir().join(name);
-        let storage = Arc::clone(&self.config.storage);
-        tokio::task::spawn_blocking(move || match storage.remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err((dir, e)),
-            _ => Ok(()),
-        })
-        .await
-        .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))?
-        .map_err(|(path, source)| BrokerError::Storage { path, source })?;
+        self.remove_queue_dir(name).await?;
         tracing::warn!(queue = name, "damaged queue deleted with its data");
+        Ok(())
+    }
+
+    /// Removes `{data_dir}/queues/{name}` and only that: a symlink there is removed, never
+    /// followed.
+    async fn remove_queue_dir(&self, name: &str) -> Result<(), BrokerError> {
+        let (root, name) = (self.queues_dir(), name.to_string());
+        tokio::task::spawn_blocking(move || crate::name::remove_child_dir(&root, &name))
+            .await
+            .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))??;
         Ok(())
     }
 
@@ -337,8 +381,12 @@ impl Broker {
                 "no messages to publish".into(),
             ));
         }
+        let q = self.queue(queue)?;
+        for (index, m) in messages.iter().enumerate() {
+            message::check_new_message(m, index, q.settings.max_message_bytes)?;
+        }
         let started = Instant::now();
-        let result = self.queue(queue)?.publish(messages).await;
+        let result = q.publish(messages).await;
         metrics::histogram!(crate::metrics::PUBLISH_LATENCY, "queue" => queue.to_string())
             .record(started.elapsed().as_secs_f64());
         result
@@ -359,6 +407,9 @@ impl Broker {
             return Err(BrokerError::InvalidArgument(format!(
                 "max must be 1..={MAX_RECEIVE}"
             )));
+        }
+        if let Some(visibility) = visibility {
+            check_lease_duration("visibility", visibility)?;
         }
         let q = self.queue(queue)?;
         let g = q.group_or_create(group)?;
@@ -437,6 +488,9 @@ impl Broker {
         delay: Option<Duration>,
     ) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some(delay) = delay {
+            check_lease_duration("delay", delay)?;
+        }
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         if let Some(job) = q.nack(&g, id, delay.map(millis))? {
@@ -454,6 +508,7 @@ impl Broker {
         visibility: Duration,
     ) -> Result<(), BrokerError> {
         self.check_running()?;
+        check_lease_duration("visibility", visibility)?;
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         let visibility_ms = millis(visibility);
@@ -524,41 +579,77 @@ impl Broker {
         dlq.publish(vec![dead]).await.map(|_| ())
     }
 
-    /// Moves up to `max` (default all) dead-lettered messages back into `queue`.
+    /// Moves up to `max` (default all) dead-lettered messages back into `queue`: at most the
+    /// messages that were in the dead-letter queue when the redrive started (dead letters
+    /// that arrive meanwhile stay for the next one). Stops with
+    /// [`BrokerError::ShuttingDown`] when the broker shuts down; what moved until then stays
+    /// moved.
     pub async fn redrive(&self, queue: &str, max: Option<usize>) -> Result<usize, BrokerError> {
         self.check_running()?;
         let q = self.queue(queue)?;
-        let dlq = self.queue(&q.settings.dead_letter_name(queue))?;
+        let dlq_name = q.settings.dead_letter_name(queue);
+        if dlq_name == queue {
+            return Err(BrokerError::InvalidArgument(format!(
+                "queue `{queue}` is its own dead-letter queue: nothing to redrive"
+            )));
+        }
+        let dlq = self.queue(&dlq_name)?;
         let group = dlq.group_or_create(queue::DEFAULT_GROUP)?;
+        // The end of every partition now: later dead letters are not this redrive's.
+        let ends: Vec<u64> = dlq.partitions.iter().map(|p| p.next_offset()).collect();
+        let before_end = |id: MessageId| {
+            ends.get(id.partition as usize)
+                .is_some_and(|end| id.offset < *end)
+        };
         // Every dead letter moves, also one somebody is looking at through a lease (its ack
         // later is a harmless repeat).
         dlq.release_leases(&group);
         let mut moved = 0;
         let limit = max.unwrap_or(usize::MAX);
-        while moved < limit {
+        let result = loop {
+            if moved >= limit {
+                break Ok(moved);
+            }
+            if self.shutdown.is_cancelled() {
+                break Err(BrokerError::ShuttingDown);
+            }
             let want = (limit - moved).min(MAX_RECEIVE);
             let (batch, _) = dlq.lease(&group, want, 60_000)?;
             if batch.is_empty() {
-                break;
+                break Ok(moved);
             }
-            for delivery in batch {
-                let mut headers = delivery.headers;
-                for name in message::DEAD_LETTER_HEADERS {
-                    headers.remove(name);
-                }
-                let again = NewMessage {
-                    key: delivery.key,
-                    headers,
-                    content_type: delivery.content_type,
-                    body: delivery.body,
-                    idempotency_key: None,
-                };
-                q.publish(vec![again]).await?;
-                dlq.ack(&group, delivery.id).await?;
-                moved += 1;
+            let (ids, again): (Vec<MessageId>, Vec<NewMessage>) = batch
+                .into_iter()
+                .filter(|d| before_end(d.id))
+                .map(|delivery| {
+                    let mut headers = delivery.headers;
+                    for name in message::DEAD_LETTER_HEADERS {
+                        headers.remove(name);
+                    }
+                    let again = NewMessage {
+                        key: delivery.key,
+                        headers,
+                        content_type: delivery.content_type,
+                        body: delivery.body,
+                        idempotency_key: None,
+                    };
+                    (delivery.id, again)
+                })
+                .unzip();
+            if ids.is_empty() {
+                // Only newer dead letters in this batch; they stay leased until the end, so
+                // the next lease brings others or nothing.
+                continue;
             }
-        }
-        Ok(moved)
+            q.publish(again).await?;
+            for acked in dlq.ack_many(&group, &ids).await {
+                acked?;
+            }
+            moved += ids.len();
+        };
+        // Newer dead letters this redrive leased and left go back at once.
+        dlq.release_leases(&group);
+        result
     }
 
     fn partition<'a>(
@@ -767,12 +858,19 @@ impl Broker {
             (record.kind, record.bindings.clone())
         };
         let targets = crate::route::route(kind, &bindings, routing_key, &message.headers);
+        // Every target accepts the message before any stores it: a refusal stores nothing.
+        let queues: Vec<Arc<Queue>> = targets
+            .iter()
+            .filter_map(|name| self.queue(name).ok())
+            .collect();
+        for q in &queues {
+            message::check_new_message(&message, 0, q.settings.max_message_bytes)?;
+        }
         let mut routed = Vec::new();
-        for name in targets {
-            let Ok(q) = self.queue(&name) else { continue };
+        for q in queues {
             if let Some(published) = q.publish(vec![message.clone()]).await?.first() {
                 routed.push(Routed {
-                    queue: name,
+                    queue: q.name.clone(),
                     id: published.id,
                 });
             }

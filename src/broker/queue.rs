@@ -128,7 +128,7 @@ impl Queue {
         fsync: FsyncPolicy,
         storage: &SharedStorage,
     ) -> Result<Self, BrokerError> {
-        let dir = root.join(name);
+        let dir = crate::name::child(root, name, "")?;
         let log_config = LogConfig {
             storage: Arc::clone(storage),
             segment_bytes: settings.segment_bytes,
@@ -183,7 +183,7 @@ impl Queue {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_suffix(".journal"))
-                && super::is_valid_name(name)
+                && crate::name::is_valid(name)
             {
                 self.open_group(name)?;
             }
@@ -193,7 +193,7 @@ impl Queue {
 
     /// Opens a group's journal and rebuilds its state.
     fn open_group(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
-        let path = self.groups_dir().join(format!("{name}.journal"));
+        let path = crate::name::child(&self.groups_dir(), name, ".journal")?;
         let (journal, replay) = Journal::open(Arc::clone(&self.storage), &path, self.fsync)?;
         let corrupt = |reason: String| BrokerError::Corrupt {
             path: path.clone(),
@@ -243,9 +243,7 @@ impl Queue {
         if let Some(group) = self.group(name) {
             return Ok(group);
         }
-        if !super::is_valid_name(name) {
-            return Err(BrokerError::InvalidName(name.to_string()));
-        }
+        crate::name::check(name)?;
         let _creating = self.group_creation.lock();
         match self.group(name) {
             Some(group) => Ok(group),

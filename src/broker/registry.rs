@@ -16,6 +16,9 @@ use crate::storage::Storage;
 
 /// Registry file format version.
 const VERSION: u32 = 1;
+/// Largest registry file a change that adds something may write (16 MiB): the whole file is
+/// rewritten on every change, so its size bounds the cost of every create and bind.
+pub const MAX_REGISTRY_BYTES: usize = 16 * 1024 * 1024;
 
 /// An exchange and its bindings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,14 +118,58 @@ impl Registry {
         })
     }
 
+    /// Checks every name the file holds (queues, their dead-letter queues, exchanges, bound
+    /// queues) against the name rule, so that a file written by an earlier version that
+    /// accepted `..` is refused rather than served. The error names the offender.
+    pub fn check_names(&self, path: &Path) -> Result<(), BrokerError> {
+        let refuse = |what: String, error: crate::name::NameError| BrokerError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{what}: {error}; the broker will not serve it: remove it from the file (and its directory under queues/) or restore a backup"
+            ),
+        };
+        for (name, settings) in &self.queues {
+            crate::name::check(name).map_err(|e| refuse(format!("queue `{name}`"), e))?;
+            if let Some(dlq) = &settings.dead_letter {
+                crate::name::check(dlq)
+                    .map_err(|e| refuse(format!("dead_letter of queue `{name}`"), e))?;
+            }
+        }
+        for (name, exchange) in &self.exchanges {
+            crate::name::check(name).map_err(|e| refuse(format!("exchange `{name}`"), e))?;
+            for binding in &exchange.bindings {
+                crate::name::check(&binding.queue)
+                    .map_err(|e| refuse(format!("a binding of exchange `{name}`"), e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the registry to `path` atomically (temp file, fsync, rename, fsync dir).
     pub fn save(&self, storage: &dyn Storage, path: &Path) -> Result<(), BrokerError> {
+        self.save_within(storage, path, usize::MAX)
+    }
+
+    /// [`Self::save`], refused with [`BrokerError::LimitReached`] (nothing written) when the
+    /// file would be larger than `max_bytes`.
+    pub fn save_within(
+        &self,
+        storage: &dyn Storage,
+        path: &Path,
+        max_bytes: usize,
+    ) -> Result<(), BrokerError> {
         let mut record = self.clone();
         record.version = VERSION;
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| BrokerError::Corrupt {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        if bytes.len() > max_bytes {
+            return Err(BrokerError::LimitReached(format!(
+                "the registry of queues, exchanges and bindings would grow to {} bytes, over its limit of {max_bytes} bytes",
+                bytes.len()
+            )));
+        }
         crate::storage::atomic_replace(storage, path, &bytes, false).map_err(|e| {
             BrokerError::Storage {
                 path: e.path,
@@ -171,10 +218,22 @@ impl Registry {
     }
 }
 
+impl MetaCommand {
+    /// True for commands that add to the registry (and so are held to its size limit);
+    /// removals always go through, also over the limit.
+    pub fn grows(&self) -> bool {
+        matches!(
+            self,
+            Self::CreateQueue { .. } | Self::CreateExchange { .. } | Self::Bind { .. }
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::Disk;
+    use std::fs;
 
     #[test]
     fn saves_and_loads_with_commands_applied() {
@@ -214,5 +273,55 @@ mod tests {
         let mut deleted = loaded;
         deleted.apply(&MetaCommand::DeleteQueue { name: "q".into() });
         assert!(deleted.exchanges["x"].bindings.is_empty());
+    }
+
+    /// Issue 19.12: the registry's size is capped; a refused save leaves the file as it was.
+    #[test]
+    fn a_save_over_the_limit_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.json");
+        let mut registry = Registry::default();
+        registry.apply(&MetaCommand::CreateQueue {
+            name: "q".into(),
+            settings: QueueSettings::default(),
+        });
+        registry.save(&Disk, &path).unwrap();
+        let before = fs::read(&path).unwrap();
+        registry.apply(&MetaCommand::CreateQueue {
+            name: "r".into(),
+            settings: QueueSettings::default(),
+        });
+        let refused = registry
+            .save_within(&Disk, &path, before.len())
+            .unwrap_err();
+        assert!(matches!(refused, BrokerError::LimitReached(_)), "{refused}");
+        assert_eq!(fs::read(&path).unwrap(), before);
+        assert!(!dir.path().join("registry.json.tmp").exists());
+        assert!(
+            MetaCommand::Bind {
+                exchange: "x".into(),
+                binding: Binding {
+                    queue: "q".into(),
+                    key: None,
+                    headers: None,
+                    match_mode: None
+                }
+            }
+            .grows()
+        );
+        assert!(!MetaCommand::DeleteQueue { name: "q".into() }.grows());
+    }
+
+    /// Issue 18: a stored name that breaks the rule is named in the refusal.
+    #[test]
+    fn stored_bad_names_are_named() {
+        let path = Path::new("/d/registry.json");
+        let mut registry = Registry::default();
+        registry.apply(&MetaCommand::CreateExchange {
+            name: "..".into(),
+            kind: ExchangeKind::Fanout,
+        });
+        let error = registry.check_names(path).unwrap_err().to_string();
+        assert!(error.contains("exchange `..`"), "{error}");
     }
 }

@@ -132,9 +132,12 @@ impl QueueSettings {
             return bad("segment_bytes", "must be 4096..=4294967296");
         }
         if let Some(dlq) = &self.dead_letter
-            && !super::is_valid_name(dlq)
+            && let Err(e) = crate::name::check(dlq)
         {
-            return bad("dead_letter", "must be 1-200 chars of [A-Za-z0-9._-]");
+            return Err(InvalidSetting {
+                field: "dead_letter",
+                reason: e.to_string(),
+            });
         }
         if self.retention.max_bytes == Some(0) {
             return bad("retention.max_bytes", "must be positive");

@@ -242,9 +242,10 @@ impl Default for BrokerConfig {
 /// Errors of broker operations; `api::error` maps them to HTTP and gRPC statuses.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// A queue/group/exchange name is malformed.
-    #[error("invalid name `{0}`: use 1-200 chars of [A-Za-z0-9._-]")]
-    InvalidName(String),
+    /// A queue/group/exchange name is malformed (or a path built from it would leave its
+    /// directory).
+    #[error(transparent)]
+    InvalidName(#[from] crate::name::NameError),
     /// A setting is out of range.
     #[error(transparent)]
     InvalidSetting(#[from] InvalidSetting),
@@ -277,8 +278,8 @@ pub enum BrokerError {
     /// The exchange exists with another type.
     #[error("exchange `{0}` already exists with a different type")]
     ExchangeExists(String),
-    /// Payload over `max_message_bytes`.
-    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    /// Message (body, key, headers, content type, idempotency key) over `max_message_bytes`.
+    #[error("message of {size} bytes (body, key and headers) exceeds the limit of {limit} bytes")]
     MessageTooLarge {
         /// Payload size.
         size: u64,

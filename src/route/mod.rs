@@ -53,12 +53,18 @@ pub struct Binding {
 
 /// Longest binding key or routing key.
 pub const MAX_KEY_LEN: usize = 255;
+/// Most headers one headers-exchange binding may match on.
+pub const MAX_BINDING_HEADERS: usize = 32;
+/// Longest header name in a binding.
+pub const MAX_BINDING_HEADER_NAME: usize = 128;
+/// Longest header value in a binding.
+pub const MAX_BINDING_HEADER_VALUE: usize = 1024;
 
 /// A binding that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    /// The target queue name is malformed.
-    #[error("invalid queue name `{0}` in binding")]
+    /// The target queue name is malformed (why, with the name cut short).
+    #[error("binding: {0}")]
     InvalidQueue(String),
     /// The key or pattern is malformed.
     #[error("invalid binding key `{key}`: {reason}")]
@@ -71,6 +77,9 @@ pub enum RouteError {
     /// A headers exchange binding without headers.
     #[error("a headers exchange binding needs `headers`")]
     MissingHeaders,
+    /// A binding's headers are too many or too long.
+    #[error("binding headers: {0}")]
+    HeadersTooLarge(String),
 }
 
 /// True when a topic `pattern` matches `routing_key` (`*` one word, `#` zero or more).
@@ -154,8 +163,8 @@ pub fn route(
 
 /// Checks that a binding can be used on an exchange of `kind`.
 pub fn validate_binding(kind: ExchangeKind, binding: &Binding) -> Result<(), RouteError> {
-    if !crate::broker::is_valid_name(&binding.queue) {
-        return Err(RouteError::InvalidQueue(binding.queue.clone()));
+    if let Err(e) = crate::name::check(&binding.queue) {
+        return Err(RouteError::InvalidQueue(e.to_string()));
     }
     if let Some(key) = &binding.key {
         let bad = |reason| {
@@ -165,7 +174,10 @@ pub fn validate_binding(kind: ExchangeKind, binding: &Binding) -> Result<(), Rou
             })
         };
         if key.len() > MAX_KEY_LEN {
-            return bad("longer than 255 bytes");
+            return Err(RouteError::InvalidKey {
+                key: key.chars().take(32).chain("…".chars()).collect(),
+                reason: "longer than 255 bytes",
+            });
         }
         if kind == ExchangeKind::Topic && !key.is_empty() && key.split('.').any(str::is_empty) {
             return bad("empty word between dots");
@@ -173,6 +185,35 @@ pub fn validate_binding(kind: ExchangeKind, binding: &Binding) -> Result<(), Rou
     }
     if kind == ExchangeKind::Headers && binding.headers.as_ref().is_none_or(|h| h.is_empty()) {
         return Err(RouteError::MissingHeaders);
+    }
+    check_binding_headers(binding.headers.as_ref())
+}
+
+/// Caps a binding's headers: count, name and value lengths.
+fn check_binding_headers(headers: Option<&BTreeMap<String, String>>) -> Result<(), RouteError> {
+    let Some(headers) = headers else {
+        return Ok(());
+    };
+    let too_large = |what: String| Err(RouteError::HeadersTooLarge(what));
+    if headers.len() > MAX_BINDING_HEADERS {
+        return too_large(format!(
+            "{} headers, at most {MAX_BINDING_HEADERS}",
+            headers.len()
+        ));
+    }
+    for (name, value) in headers {
+        if name.is_empty() || name.len() > MAX_BINDING_HEADER_NAME {
+            return too_large(format!(
+                "a header name of {} bytes, must be 1..={MAX_BINDING_HEADER_NAME}",
+                name.len()
+            ));
+        }
+        if value.len() > MAX_BINDING_HEADER_VALUE {
+            return too_large(format!(
+                "a value of {} bytes, at most {MAX_BINDING_HEADER_VALUE}",
+                value.len()
+            ));
+        }
     }
     Ok(())
 }
