@@ -61,6 +61,15 @@ pub struct ServerConfig {
     /// Password of the admin user, created on start when given.
     #[serde(skip_serializing)]
     pub admin_password: Option<String>,
+    /// Most consumer groups per queue.
+    pub max_groups_per_queue: usize,
+    /// Most open connections, HTTP and gRPC together; past it new connections wait.
+    pub max_connections: usize,
+    /// Seconds an HTTP/1 client has to send a request's headers (also how long an idle
+    /// keep-alive connection stays open).
+    pub header_timeout_secs: u64,
+    /// Seconds a connection may pass without a byte read or written before it is closed.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +93,10 @@ impl Default for ServerConfig {
             delete_retention_secs: 24 * 3600,
             compaction_bytes_per_sec: 64 * 1024 * 1024,
             admin_password: None,
+            max_groups_per_queue: 1000,
+            max_connections: 1000,
+            header_timeout_secs: 30,
+            idle_timeout_secs: 120,
         }
     }
 }
@@ -157,6 +170,24 @@ impl ServerConfig {
                 "intervals and rates must be positive",
             );
         }
+        if self.max_groups_per_queue == 0 || self.max_connections == 0 {
+            return invalid("max_connections", "caps must be positive");
+        }
+        if self.header_timeout_secs == 0 {
+            return invalid("header_timeout_secs", "must be positive");
+        }
+        if self.idle_timeout_secs <= 60 {
+            return invalid(
+                "idle_timeout_secs",
+                "must exceed 60 s, the longest long-poll",
+            );
+        }
+        if self.auth && self.admin.is_some() && self.admin_password.is_none() {
+            return invalid(
+                "admin_password",
+                "an `admin` needs an `admin_password`, or anyone could register the name first",
+            );
+        }
         if self.token_ttl_secs == 0 {
             return invalid("token_ttl_secs", "must be positive");
         }
@@ -186,5 +217,22 @@ mod tests {
         config.validate().unwrap();
         std::fs::write(&path, "dta_dir = \"/tmp/q\"\n").unwrap();
         assert!(ServerConfig::from_file(&path).is_err());
+    }
+
+    /// Regression (issue 19, item 5): an `admin` without `admin_password` under auth is
+    /// refused at start (anyone could register the name first).
+    #[test]
+    fn an_admin_needs_a_password_with_auth() {
+        let mut config = ServerConfig {
+            auth: true,
+            admin: Some("root".into()),
+            ..ServerConfig::default()
+        };
+        assert!(config.validate().is_err());
+        config.admin_password = Some("admin-password".into());
+        config.validate().unwrap();
+        config.auth = false;
+        config.admin_password = None;
+        config.validate().unwrap();
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::conn::{self, ConnLimits};
 use crate::api::grpc::GrpcApi;
 use crate::api::http::{self, HttpState};
 use crate::broker::{Broker, BrokerConfig, BrokerError};
@@ -73,6 +74,7 @@ impl Server {
             data_dir: config.data_dir.clone(),
             fsync: config.fsync,
             max_queues: config.max_queues,
+            max_groups_per_queue: config.max_groups_per_queue,
             ..BrokerConfig::default()
         })
         .await?;
@@ -81,6 +83,9 @@ impl Server {
         } else {
             None
         };
+        if let Some(store) = &auth {
+            broker.set_dead_letter_guard(crate::api::auth::dead_letter_guard(Arc::clone(store)));
+        }
         let http = bind(config.http).await?;
         let grpc = bind(config.grpc).await?;
         Ok(Self {
@@ -116,15 +121,16 @@ impl Server {
         state.auth = self.auth.clone();
         state.per_client = crate::api::limits::ClientLimits::new(self.config.max_per_client);
         let router = http::router(state, self.config.max_body_bytes);
+        let limits = ConnLimits {
+            slots: Arc::new(tokio::sync::Semaphore::new(self.config.max_connections)),
+            header_timeout: Duration::from_secs(self.config.header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.config.idle_timeout_secs),
+        };
         let http_stop = stop.clone();
+        let http_limits = limits.clone();
         let http_task = tokio::spawn(async move {
-            let listener = crate::api::conn::HttpListener(self.http);
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<crate::api::conn::ClientAddr>(),
-            )
-            .with_graceful_shutdown(http_stop.cancelled_owned())
-            .await
+            conn::serve_http(self.http, router, http_limits, http_stop).await;
+            Ok::<(), std::io::Error>(())
         });
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -138,11 +144,12 @@ impl Server {
         let grpc_stop = stop.clone();
         let grpc_task = tokio::spawn(
             tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(conn::KEEPALIVE_INTERVAL))
                 .add_service(api.into_server())
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .serve_with_incoming_shutdown(
-                    crate::api::conn::GrpcIncoming::new(self.grpc),
+                    conn::grpc_incoming(self.grpc, limits),
                     grpc_stop.cancelled_owned(),
                 ),
         );

@@ -399,3 +399,495 @@ async fn grpc_needs_tokens_and_grants_and_a_restart_keeps_them() {
     );
     s.stop().await;
 }
+
+/// `call` with the response body too.
+async fn call_json(
+    s: &TestServer,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut r = http()
+        .request(method, format!("{}{path}", s.http))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let response = r.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The next offset of partition 0 of `queue` (how many messages it ever got).
+async fn stored(s: &TestServer, token: &str, queue: &str) -> u64 {
+    let (status, info) = call_json(s, token, Method::GET, &format!("/queues/{queue}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    info["partitions"][0]["next_offset"].as_u64().unwrap()
+}
+
+/// Regression (issue 19, item 1): a `dead_letter` naming somebody else's queue stole its
+/// messages through redrive (or injected into it through nack); redrive needs consume on
+/// the DLQ and publish on the queue; dead-letter moves stay within those rights also when
+/// the DLQ was deleted and made again by someone else.
+#[tokio::test]
+async fn dead_letters_and_redrive_need_rights_on_both_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let alice = register(&s, "alice").await;
+    let mallory = register(&s, "mallory").await;
+    let bob = register(&s, "bob").await;
+    assert_eq!(
+        call(&s, Some(&alice), Method::POST, "/queues/payroll", None).await,
+        StatusCode::CREATED
+    );
+    let salary = Some(json!({"salary": 1}));
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/queues/payroll/messages",
+            salary
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    for (queue, settings) in [
+        (
+            "loot",
+            json!({"max_deliveries": 0, "dead_letter": "payroll"}),
+        ),
+        (
+            "inject",
+            json!({"max_deliveries": 1, "dead_letter": "payroll"}),
+        ),
+    ] {
+        let path = format!("/queues/{queue}");
+        assert_eq!(
+            call(&s, Some(&mallory), Method::POST, &path, Some(settings)).await,
+            StatusCode::FORBIDDEN,
+            "{queue}"
+        );
+        assert_eq!(
+            call(&s, Some(&mallory), Method::GET, &path, None).await,
+            StatusCode::NOT_FOUND,
+            "{queue} was not created"
+        );
+    }
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    let loot = proto::CreateQueueRequest {
+        queue: "loot".into(),
+        settings: Some(proto::QueueSettings {
+            max_deliveries: Some(0),
+            dead_letter: Some("payroll".into()),
+            ..Default::default()
+        }),
+    };
+    let denied = c.create_queue(authed(loot, &mallory)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert_eq!(stored(&s, &alice, "payroll").await, 1);
+    // Her own queue with a new dead-letter queue: both hers.
+    let own = json!({"max_deliveries": 1, "dead_letter": "own-dead"});
+    assert_eq!(
+        call(&s, Some(&mallory), Method::POST, "/queues/own", Some(own)).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&mallory),
+            Method::GET,
+            "/queues/own-dead/messages",
+            None
+        )
+        .await,
+        StatusCode::OK
+    );
+    // Redrive: publish on the queue and consume on its DLQ.
+    let both = json!({"user": "bob", "permissions": ["publish", "consume"]});
+    assert_eq!(
+        call(
+            &s,
+            Some(&mallory),
+            Method::POST,
+            "/queues/own/grants",
+            Some(both.clone())
+        )
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, Some(&bob), Method::POST, "/queues/own/redrive", None).await,
+        StatusCode::FORBIDDEN
+    );
+    let consume = json!({"user": "bob", "permissions": ["consume"]});
+    assert_eq!(
+        call(
+            &s,
+            Some(&mallory),
+            Method::POST,
+            "/queues/own-dead/grants",
+            Some(consume)
+        )
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, Some(&bob), Method::POST, "/queues/own/redrive", None).await,
+        StatusCode::OK
+    );
+    // The DLQ deleted and made again by alice: mallory's dead letters do not go there.
+    assert_eq!(
+        call(&s, Some(&mallory), Method::DELETE, "/queues/own-dead", None).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&s, Some(&alice), Method::POST, "/queues/own-dead", None).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&mallory),
+            Method::POST,
+            "/queues/own/messages",
+            Some(json!(7))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    let (status, got) = call_json(&s, &mallory, Method::GET, "/queues/own/messages", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let id = got["messages"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        call(
+            &s,
+            Some(&mallory),
+            Method::POST,
+            &format!("/queues/own/messages/{id}/nack?delay=0"),
+            None
+        )
+        .await,
+        StatusCode::NO_CONTENT
+    );
+    // The refused move leaves the message in `own`: it is delivered again.
+    let (status, again) = call_json(
+        &s,
+        &mallory,
+        Method::GET,
+        "/queues/own/messages?wait=20",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["messages"][0]["id"], id.as_str(), "{again}");
+    assert_eq!(stored(&s, &alice, "own-dead").await, 0);
+    s.stop().await;
+}
+
+/// Regression (issue 19, item 2): naming an existing queue without an owner (made before
+/// auth was on) as `dead_letter` made the caller its owner, over HTTP and gRPC. Such
+/// queues belong to the admin.
+#[tokio::test]
+async fn ownerless_queues_belong_to_the_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = TestServer::start_with(dir.path(), |_| {}).await;
+    assert_eq!(
+        http()
+            .post(format!("{}/queues/legacy", open.http))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::CREATED
+    );
+    open.stop().await;
+    let s = start(dir.path()).await;
+    let mallory = register(&s, "mallory").await;
+    let admin = login(&s, "admin", "admin-password").await;
+    let grab = json!({"max_deliveries": 1, "dead_letter": "legacy"});
+    assert_eq!(
+        call(&s, Some(&mallory), Method::POST, "/queues/grab", Some(grab)).await,
+        StatusCode::FORBIDDEN
+    );
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    let create = proto::CreateQueueRequest {
+        queue: "grab2".into(),
+        settings: Some(proto::QueueSettings {
+            max_deliveries: Some(1),
+            dead_letter: Some("legacy".into()),
+            ..Default::default()
+        }),
+    };
+    let denied = c.create_queue(authed(create, &mallory)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    // Creating it again (it exists) gives nothing either.
+    assert_eq!(
+        call(&s, Some(&mallory), Method::POST, "/queues/legacy", None).await,
+        StatusCode::OK
+    );
+    for path in ["/queues/legacy", "/queues/legacy/messages"] {
+        let method = if path.ends_with("messages") {
+            Method::GET
+        } else {
+            Method::DELETE
+        };
+        assert_eq!(
+            call(&s, Some(&mallory), method, path, None).await,
+            StatusCode::FORBIDDEN,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        call(&s, Some(&admin), Method::DELETE, "/queues/legacy", None).await,
+        StatusCode::NO_CONTENT
+    );
+    s.stop().await;
+}
+
+/// Regression (issue 19, item 3): the auth layer checked the raw path while handlers
+/// decoded it, so `/queues/%69nvoices` was checked as `%69nvoices` and served as
+/// `invoices`; owners were stored under the encoded name.
+#[tokio::test]
+async fn percent_encoded_names_are_decided_as_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let alice = register(&s, "alice").await;
+    let mallory = register(&s, "mallory").await;
+    assert_eq!(
+        call(&s, Some(&alice), Method::POST, "/queues/invoices", None).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/queues/%69nvoices/messages",
+            Some(json!(1))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    for (method, path) in [
+        (Method::GET, "/queues/%69nvoices/messages"),
+        (Method::POST, "/queues/%69nvoices/messages"),
+        (Method::GET, "/queues/%69nvoices/log"),
+        (Method::DELETE, "/queues/%69nvoices"),
+        (Method::POST, "/queues/%69nvoices/grants"),
+    ] {
+        assert_eq!(
+            call(
+                &s,
+                Some(&mallory),
+                method.clone(),
+                path,
+                Some(json!({"user": "mallory", "permissions": ["consume"]}))
+            )
+            .await,
+            StatusCode::FORBIDDEN,
+            "{method} {path}"
+        );
+    }
+    assert_eq!(stored(&s, &alice, "invoices").await, 1);
+    // Created under an encoded name, owned under the decoded one.
+    assert_eq!(
+        call(&s, Some(&mallory), Method::POST, "/queues/%6Dine", None).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&mallory),
+            Method::POST,
+            "/queues/mine/messages",
+            Some(json!(1))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(&s, Some(&alice), Method::DELETE, "/queues/mine", None).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&s, Some(&mallory), Method::DELETE, "/queues/mine", None).await,
+        StatusCode::NO_CONTENT
+    );
+    // The same for exchanges.
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/exchanges/ax",
+            Some(json!({"type": "fanout"}))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(&s, Some(&mallory), Method::DELETE, "/exchanges/%61x", None).await,
+        StatusCode::FORBIDDEN
+    );
+    s.stop().await;
+}
+
+/// Regression (issue 19, item 4): anyone could publish through an exchange into queues
+/// they may not publish to. Now every queue it routes to needs publish, decided before
+/// anything is appended.
+#[tokio::test]
+async fn exchange_publish_needs_publish_on_every_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let alice = register(&s, "alice").await;
+    let bob = register(&s, "bob").await;
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/exchanges/ax",
+            Some(json!({"type": "fanout"}))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    for q in ["payroll", "public"] {
+        assert_eq!(
+            call(
+                &s,
+                Some(&alice),
+                Method::POST,
+                &format!("/queues/{q}"),
+                None
+            )
+            .await,
+            StatusCode::CREATED
+        );
+        let bind = json!({"queue": q});
+        assert_eq!(
+            call(
+                &s,
+                Some(&alice),
+                Method::POST,
+                "/exchanges/ax/bindings",
+                Some(bind)
+            )
+            .await,
+            StatusCode::CREATED
+        );
+    }
+    let grant = json!({"user": "bob", "permissions": ["publish"]});
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/queues/public/grants",
+            Some(grant.clone())
+        )
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&bob),
+            Method::POST,
+            "/exchanges/ax/messages",
+            Some(json!(1))
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(stored(&s, &alice, "payroll").await, 0);
+    assert_eq!(
+        stored(&s, &alice, "public").await,
+        0,
+        "nothing appended before deciding"
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/queues/payroll/grants",
+            Some(grant)
+        )
+        .await,
+        StatusCode::OK
+    );
+    let (status, routed) = call_json(
+        &s,
+        &bob,
+        Method::POST,
+        "/exchanges/ax/messages",
+        Some(json!(1)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(routed["routed"].as_array().unwrap().len(), 2);
+    s.stop().await;
+}
+
+/// Regressions (issue 19, items 5, 6 and 8): the admin's name cannot be registered; a
+/// well-signed token of a user that does not exist gets 401 (HTTP and gRPC); usernames
+/// are checked before anything else, and login bodies are small.
+#[tokio::test]
+async fn admin_name_ghost_tokens_and_huge_usernames_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let r = http()
+        .post(format!("{}/auth/register", s.http))
+        .json(&json!({"username": "admin", "password": "mallory-password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let ghost = {
+        use jsonwebtoken::{EncodingKey, Header, encode};
+        let claims = json!({"sub": "ghost", "exp": 4_000_000_000u64, "iat": 1_700_000_000u64});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        call(&s, Some(&ghost), Method::GET, "/queues", None).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    let listed = c
+        .list_queues(authed(proto::ListQueuesRequest {}, &ghost))
+        .await
+        .unwrap_err();
+    assert_eq!(listed.code(), Code::Unauthenticated);
+    for (username, status) in [
+        ("a".repeat(100_000), StatusCode::PAYLOAD_TOO_LARGE),
+        ("a".repeat(65), StatusCode::BAD_REQUEST),
+        ("bad name".to_string(), StatusCode::BAD_REQUEST),
+    ] {
+        let r = http()
+            .post(format!("{}/auth/login", s.http))
+            .json(&json!({"username": username, "password": "whatever-password"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            status,
+            "{}",
+            &username[..username.len().min(10)]
+        );
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["error"]["message"].as_str().unwrap().len() < 300,
+            "{body}"
+        );
+    }
+    s.stop().await;
+}

@@ -206,6 +206,7 @@ async fn broker_publish_on_a_full_disk_fails_cleanly_and_resumes() {
         fsync: FsyncPolicy::Always,
         max_queues: 10,
         storage: Arc::new(disk.clone()),
+        ..BrokerConfig::default()
     })
     .await
     .unwrap();

@@ -311,7 +311,8 @@ async fn registry_with_a_bad_name_is_refused_at_start() {
 }
 
 /// A queue directory that is a symlink (an operator's doing) is deleted as a link: its
-/// target, wherever it is, stays.
+/// target, wherever it is, stays. (Defence in depth: this held before issue 18 too, because
+/// `std::fs::remove_dir_all` does not follow a symlink; it now rests on an explicit check.)
 #[cfg(unix)]
 #[tokio::test]
 async fn deleting_a_symlinked_queue_keeps_the_link_target() {

@@ -1,12 +1,29 @@
-//! Authentication and authorization at the API edge, for HTTP and gRPC alike.
+//! Authentication and authorization at the API edge, for HTTP and gRPC alike: the one
+//! policy of who may move messages where.
 //!
-//! The whole route policy lives in [`required`]: which action on which resource a request
-//! needs. With auth off, every check passes and behaviour is as without this module.
-//! Ownership is recorded when a create succeeds and forgotten when a delete does.
+//! Every decision is made on the same decoded names the handlers use: the HTTP middleware
+//! takes the route that matched and its percent-decoded path parameters (so
+//! `/queues/%69nvoices` is decided, served and owned as `invoices`), and the rules that need
+//! a request's body or routing (a queue's `dead_letter`, a binding's target, the queues an
+//! exchange routes to) are functions here that the HTTP and gRPC handlers call before they
+//! change anything:
+//!
+//! - [`required`]: the action and resource a route needs (publish, consume, manage);
+//!   redrive needs publish on the queue and consume on its dead-letter queue ([`needs`]).
+//! - [`check_dead_letter`]: a new queue's dead-letter queue must be one the caller may
+//!   publish to and consume from, or one this create makes.
+//! - [`check_bind_target`], [`check_route_targets`]: binding a queue, and publishing
+//!   through an exchange, need publish on the queue(s).
+//! - [`record_created_queue`]: ownership is only ever given for queues a call created;
+//!   a queue without an owner belongs to the admin alone.
+//!
+//! With auth off, every check passes and behaviour is as without this module.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,7 +34,12 @@ use serde_json::json;
 use super::error::ApiError;
 use super::http::HttpState;
 use crate::auth::{Action, AuthError, AuthStore, ErrorClass, Permission, Resource};
-use crate::broker::Broker;
+use crate::broker::{Broker, CreatedQueue, QueueSettings};
+
+/// Largest body of `/auth/register` and `/auth/login`.
+pub const AUTH_BODY_LIMIT: usize = 4096;
+/// How long a login or registration waits for a password-hashing slot before 429.
+const HASHING_WAIT: Duration = Duration::from_secs(2);
 
 /// The authenticated caller of a request (`None` when auth is off).
 #[derive(Debug, Clone, Default)]
@@ -41,31 +63,49 @@ impl From<AuthError> for ApiError {
     }
 }
 
-/// The action and resource a request needs, from its method and path.
-pub fn required(method: &Method, path: &str) -> Option<(Action, Resource)> {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let write = |m: &Method| m != Method::GET;
-    match segments.as_slice() {
-        ["queues", q] if *method == Method::POST => Some((Action::Create, Resource::queue(q))),
-        ["queues", q] if *method == Method::DELETE => Some((Action::Manage, Resource::queue(q))),
-        ["queues", q, "messages"] | ["queues", q, "messages", "batch"] if write(method) => {
-            Some((Action::Publish, Resource::queue(q)))
+/// The action and resource a route needs: `route` is the route as registered (say
+/// `/queues/{queue}/messages`), `name` the decoded `{queue}` or `{exchange}` of the request.
+pub fn required(method: &Method, route: &str, name: &str) -> Option<(Action, Resource)> {
+    let queue = |action| Some((action, Resource::queue(name)));
+    let exchange = |action| Some((action, Resource::exchange(name)));
+    match (route, method.clone()) {
+        ("/queues/{queue}", Method::POST) => queue(Action::Create),
+        ("/queues/{queue}", Method::DELETE) => queue(Action::Manage),
+        ("/queues/{queue}/messages" | "/queues/{queue}/messages/batch", Method::POST) => {
+            queue(Action::Publish)
         }
-        ["queues", q, "redrive"] | ["queues", q, "grants"] => {
-            Some((Action::Manage, Resource::queue(q)))
-        }
-        ["queues", q, "messages", ..] | ["queues", q, "log"] | ["queues", q, "groups", ..] => {
-            Some((Action::Consume, Resource::queue(q)))
-        }
-        ["exchanges", x] if *method == Method::POST => {
-            Some((Action::Create, Resource::exchange(x)))
-        }
-        ["exchanges", x] if *method == Method::DELETE => {
-            Some((Action::Manage, Resource::exchange(x)))
-        }
-        ["exchanges", x, "bindings"] => Some((Action::Manage, Resource::exchange(x))),
+        ("/queues/{queue}/redrive", _) => queue(Action::Publish),
+        ("/queues/{queue}/grants", _) => queue(Action::Manage),
+        (
+            "/queues/{queue}/messages"
+            | "/queues/{queue}/messages/{id}"
+            | "/queues/{queue}/messages/{id}/nack"
+            | "/queues/{queue}/messages/{id}/extend"
+            | "/queues/{queue}/log"
+            | "/queues/{queue}/groups/{group}"
+            | "/queues/{queue}/groups/{group}/offset",
+            _,
+        ) => queue(Action::Consume),
+        ("/exchanges/{exchange}", Method::POST) => exchange(Action::Create),
+        ("/exchanges/{exchange}", Method::DELETE) => exchange(Action::Manage),
+        ("/exchanges/{exchange}/bindings", _) => exchange(Action::Manage),
         _ => None,
     }
+}
+
+/// Everything a request needs: [`required`], plus consume on the dead-letter queue for a
+/// redrive (it takes messages out of it).
+pub fn needs(broker: &Broker, method: &Method, route: &str, name: &str) -> Vec<(Action, Resource)> {
+    let mut all: Vec<_> = required(method, route, name).into_iter().collect();
+    if route == "/queues/{queue}/redrive"
+        && let Ok(settings) = broker.queue_settings(name)
+    {
+        all.push((
+            Action::Consume,
+            Resource::queue(&settings.dead_letter_name(name)),
+        ));
+    }
+    all
 }
 
 /// The user named by a bearer token (`Authorization: Bearer ...`).
@@ -86,21 +126,24 @@ pub fn authenticate(store: &AuthStore, authorization: Option<&str>) -> Result<St
     Ok(store.verify_token(token)?.sub)
 }
 
-/// Checks the bearer token and the route policy; records owners after creates/deletes.
+/// True for routes anyone may call: the health check and `/auth/*`.
+fn is_public(route: Option<&str>) -> bool {
+    route.is_some_and(|r| r == "/healthz" || r.starts_with("/auth/"))
+}
+
+/// Checks the bearer token and the route policy on the decoded path parameters.
 pub async fn middleware(
     State(state): State<HttpState>,
+    matched: Option<MatchedPath>,
+    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let Some(store) = state.auth.clone() else {
+    let route = matched.as_ref().map(MatchedPath::as_str);
+    let Some(store) = state.auth.clone().filter(|_| !is_public(route)) else {
         request.extensions_mut().insert(Caller(None));
         return next.run(request).await;
     };
-    let path = request.uri().path().to_string();
-    if path == "/healthz" || path.starts_with("/auth/") {
-        request.extensions_mut().insert(Caller(None));
-        return next.run(request).await;
-    }
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -109,71 +152,191 @@ pub async fn middleware(
         Ok(user) => user,
         Err(error) => return error.into_response(),
     };
-    let method = request.method().clone();
-    let need = required(&method, &path);
-    if let Some((action, resource)) = &need
-        && let Err(error) = store.authorize(&user, *action, resource)
-    {
-        return ApiError::from(error).into_response();
-    }
-    request.extensions_mut().insert(Caller(Some(user.clone())));
-    let response = next.run(request).await;
-    if let Some((action, resource)) = need {
-        let outcome = Outcome {
-            action,
-            resource: &resource,
-            method: &method,
-            path: &path,
-            status: response.status(),
+    if let Some(route) = route {
+        let params = match params {
+            Ok(params) => params,
+            Err(rejection) => return ApiError::bad_request(rejection.body_text()).into_response(),
         };
-        record_ownership(&store, &state.broker, &user, outcome);
-    }
-    response
-}
-
-/// What a request changed about ownership.
-struct Outcome<'a> {
-    action: Action,
-    resource: &'a Resource,
-    method: &'a Method,
-    path: &'a str,
-    status: StatusCode,
-}
-
-fn record_ownership(store: &AuthStore, broker: &Broker, user: &str, outcome: Outcome<'_>) {
-    let Outcome {
-        action,
-        resource,
-        method,
-        path,
-        status,
-    } = outcome;
-    let result = match (action, status) {
-        (Action::Create, StatusCode::CREATED) => {
-            let owned = store.set_owner(resource, user);
-            // The dead-letter queue made with a queue belongs to the same owner.
-            if let Resource::Queue(name) = resource
-                && let Ok(info) = broker.queue_info(name)
-                && info.settings.max_deliveries > 0
-            {
-                let dlq = Resource::queue(&info.settings.dead_letter_name(name));
-                if store.owner(&dlq).is_none() {
-                    let _ = store.set_owner(&dlq, user);
-                }
+        let name = params
+            .iter()
+            .find(|(key, _)| matches!(*key, "queue" | "exchange"))
+            .map_or("", |(_, value)| value);
+        for (action, resource) in needs(&state.broker, request.method(), route, name) {
+            if let Err(error) = store.authorize(&user, action, &resource) {
+                return ApiError::from(error).into_response();
             }
-            owned
         }
-        // Deleting the queue or exchange itself (not a binding) forgets owner and grants.
-        (Action::Manage, StatusCode::NO_CONTENT)
-            if *method == Method::DELETE && path.trim_matches('/').split('/').count() == 2 =>
-        {
-            store.remove_resource(resource)
-        }
-        _ => Ok(()),
-    };
-    if let Err(error) = result {
-        tracing::error!(%error, "recording ownership failed");
     }
+    request.extensions_mut().insert(Caller(Some(user)));
+    next.run(request).await
+}
+
+/// `Ok` if `user` may do every one of `actions` on `resource` (always with auth off).
+fn allow(
+    auth: Option<&AuthStore>,
+    user: Option<&str>,
+    actions: &[Action],
+    resource: &Resource,
+) -> Result<(), AuthError> {
+    if let (Some(store), Some(user)) = (auth, user) {
+        for action in actions {
+            store.authorize(user, *action, resource)?;
+        }
+    }
+    Ok(())
+}
+
+/// Before creating `queue` with `settings`: its dead-letter queue (named or the default
+/// `{queue}.dlq`, also with `max_deliveries: 0`, since redrive reads it) must be one the
+/// caller may publish to and consume from, unless it does not exist yet (the create makes
+/// it and the caller owns it). An existing `queue` is not checked: creating it again
+/// changes nothing.
+pub fn check_dead_letter(
+    auth: Option<&AuthStore>,
+    user: Option<&str>,
+    broker: &Broker,
+    queue: &str,
+    settings: &QueueSettings,
+) -> Result<(), AuthError> {
+    if broker.queue_settings(queue).is_ok() {
+        return Ok(());
+    }
+    let dlq = settings.dead_letter_name(queue);
+    if broker.queue_settings(&dlq).is_err() {
+        return Ok(());
+    }
+    allow(
+        auth,
+        user,
+        &[Action::Publish, Action::Consume],
+        &Resource::queue(&dlq),
+    )
+}
+
+/// Records the creator as owner of a queue this call created, and of the dead-letter queue
+/// made with it, never of one that existed. If the dead-letter queue appeared meanwhile
+/// (made by someone else between the check and the create) and the caller may not use it,
+/// the new queue is deleted again and the create refused.
+pub async fn record_created_queue(
+    auth: Option<&AuthStore>,
+    user: Option<&str>,
+    broker: &Broker,
+    queue: &str,
+    created: &CreatedQueue,
+) -> Result<(), ApiError> {
+    let (Some(store), Some(user), true) = (auth, user, created.created) else {
+        return Ok(());
+    };
+    let dlq_name = created.info.settings.dead_letter_name(queue);
+    if created.dead_letter_created.is_none() && broker.queue_settings(&dlq_name).is_ok() {
+        let dlq = Resource::queue(&dlq_name);
+        if let Err(error) = allow(auth, Some(user), &[Action::Publish, Action::Consume], &dlq) {
+            broker.delete_queue(queue).await?;
+            return Err(error.into());
+        }
+    }
+    let mut result = store.set_owner(&Resource::queue(queue), user);
+    if let Some(dlq) = &created.dead_letter_created {
+        result = result.and(store.set_owner(&Resource::queue(dlq), user));
+    }
+    result.map_err(ApiError::from)
+}
+
+/// The broker's dead-letter guard with auth on: dead letters of a queue may go into an
+/// existing queue only if the source's owner may publish to and consume from it (a queue
+/// without owner is the admin's). This holds the rule of [`check_dead_letter`] also when
+/// the dead-letter queue was deleted and made again by someone else later.
+pub fn dead_letter_guard(store: Arc<AuthStore>) -> crate::broker::DeadLetterGuard {
+    Box::new(
+        move |source, target| match store.owner(&Resource::queue(source)) {
+            None => true,
+            Some(owner) => allow(
+                Some(&store),
+                Some(&owner),
+                &[Action::Publish, Action::Consume],
+                &Resource::queue(target),
+            )
+            .is_ok(),
+        },
+    )
+}
+
+/// Records the creator of a new exchange as its owner.
+pub fn record_created_exchange(
+    auth: Option<&AuthStore>,
+    user: Option<&str>,
+    exchange: &str,
+) -> Result<(), ApiError> {
+    match (auth, user) {
+        (Some(store), Some(user)) => Ok(store.set_owner(&Resource::exchange(exchange), user)?),
+        _ => Ok(()),
+    }
+}
+
+/// Forgets the owner and grants of a deleted queue or exchange (a later one of the same
+/// name starts clean).
+pub fn forget(auth: Option<&AuthStore>, resource: &Resource) {
+    if let Some(store) = auth
+        && let Err(error) = store.remove_resource(resource)
+    {
+        tracing::error!(%error, "forgetting ownership failed");
+    }
+}
+
+/// Checks that the caller may publish into the queue a binding targets.
+pub fn check_bind_target(state: &HttpState, caller: &Caller, queue: &str) -> Result<(), ApiError> {
+    Ok(allow(
+        state.auth.as_deref(),
+        caller.0.as_deref(),
+        &[Action::Publish],
+        &Resource::queue(queue),
+    )?)
+}
+
+/// Checks that the caller may publish into every queue a message routes to (publishing
+/// through an exchange needs no grant on the exchange itself).
+pub fn check_route_targets(
+    state: &HttpState,
+    caller: &Caller,
+    targets: &[String],
+) -> Result<(), ApiError> {
+    for queue in targets {
+        check_bind_target(state, caller, queue)?;
+    }
+    Ok(())
+}
+
+/// Runs password hashing (register, login) on the blocking pool, at most as many at once
+/// as `state.hashing` allows; a request that waits longer than [`HASHING_WAIT`] for a slot
+/// gets 429.
+async fn hashing<T: Send + 'static>(
+    state: &HttpState,
+    work: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let busy = || {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many logins and registrations at once; retry shortly",
+        )
+    };
+    let permit = tokio::time::timeout(HASHING_WAIT, Arc::clone(&state.hashing).acquire_owned())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_error",
+            e.to_string(),
+        )
+    })?;
+    Ok(result?)
 }
 
 #[derive(Deserialize)]
@@ -201,43 +364,33 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 /// `POST /auth/register`.
 pub async fn register(
     State(state): State<HttpState>,
-    body: bytes::Bytes,
+    body: Result<bytes::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let store = store(&state)?;
-    let credentials: Credentials = parse(&body)?;
+    let credentials: Credentials = parse(&super::http::body_bytes(body)?)?;
+    crate::auth::check_username(&credentials.username)?;
     let username = credentials.username.clone();
-    tokio::task::spawn_blocking(move || {
+    hashing(&state, move || {
         store.register(&credentials.username, &credentials.password)
     })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_error",
-            e.to_string(),
-        )
-    })??;
+    .await?;
     Ok((StatusCode::CREATED, Json(json!({"username": username}))).into_response())
 }
 
 /// `POST /auth/login`.
 pub async fn login(
     State(state): State<HttpState>,
-    body: bytes::Bytes,
+    client: Option<Extension<axum::extract::ConnectInfo<super::conn::ClientAddr>>>,
+    body: Result<bytes::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let store = store(&state)?;
-    let credentials: Credentials = parse(&body)?;
-    let token = tokio::task::spawn_blocking(move || {
-        store.login(&credentials.username, &credentials.password)
+    let credentials: Credentials = parse(&super::http::body_bytes(body)?)?;
+    crate::auth::check_username(&credentials.username)?;
+    let client = client.map(|Extension(axum::extract::ConnectInfo(addr))| addr.0.ip());
+    let token = hashing(&state, move || {
+        store.login_from(&credentials.username, &credentials.password, client)
     })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_error",
-            e.to_string(),
-        )
-    })??;
+    .await?;
     Ok((
         StatusCode::OK,
         Json(json!({"token": token, "token_type": "Bearer"})),
@@ -278,16 +431,6 @@ pub async fn grant(
         .into_response())
 }
 
-/// Checks that the caller may publish into the queue a binding targets.
-pub fn check_bind_target(state: &HttpState, caller: &Caller, queue: &str) -> Result<(), ApiError> {
-    match (&state.auth, &caller.0) {
-        (Some(store), Some(user)) => {
-            Ok(store.authorize(user, Action::Publish, &Resource::queue(queue))?)
-        }
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,54 +438,48 @@ mod tests {
     #[test]
     fn policy_table() {
         let q = |a| Some((a, Resource::queue("jobs")));
-        assert_eq!(required(&Method::POST, "/queues/jobs"), q(Action::Create));
-        assert_eq!(required(&Method::DELETE, "/queues/jobs"), q(Action::Manage));
-        assert_eq!(required(&Method::GET, "/queues/jobs"), None);
+        let need = |m: Method, route: &str| required(&m, route, "jobs");
+        assert_eq!(need(Method::POST, "/queues/{queue}"), q(Action::Create));
+        assert_eq!(need(Method::DELETE, "/queues/{queue}"), q(Action::Manage));
+        assert_eq!(need(Method::GET, "/queues/{queue}"), None);
+        for route in ["/queues/{queue}/messages", "/queues/{queue}/messages/batch"] {
+            assert_eq!(need(Method::POST, route), q(Action::Publish));
+        }
+        for (method, route) in [
+            (Method::GET, "/queues/{queue}/messages"),
+            (Method::DELETE, "/queues/{queue}/messages/{id}"),
+            (Method::POST, "/queues/{queue}/messages/{id}/nack"),
+            (Method::POST, "/queues/{queue}/messages/{id}/extend"),
+            (Method::GET, "/queues/{queue}/log"),
+            (Method::GET, "/queues/{queue}/groups/{group}"),
+            (Method::PUT, "/queues/{queue}/groups/{group}/offset"),
+        ] {
+            assert_eq!(need(method, route), q(Action::Consume), "{route}");
+        }
         assert_eq!(
-            required(&Method::POST, "/queues/jobs/messages"),
+            need(Method::POST, "/queues/{queue}/redrive"),
             q(Action::Publish)
         );
         assert_eq!(
-            required(&Method::POST, "/queues/jobs/messages/batch"),
-            q(Action::Publish)
-        );
-        assert_eq!(
-            required(&Method::GET, "/queues/jobs/messages"),
-            q(Action::Consume)
-        );
-        assert_eq!(
-            required(&Method::DELETE, "/queues/jobs/messages/0-1"),
-            q(Action::Consume)
-        );
-        assert_eq!(
-            required(&Method::POST, "/queues/jobs/messages/0-1/nack"),
-            q(Action::Consume)
-        );
-        assert_eq!(
-            required(&Method::GET, "/queues/jobs/log"),
-            q(Action::Consume)
-        );
-        assert_eq!(
-            required(&Method::PUT, "/queues/jobs/groups/g/offset"),
-            q(Action::Consume)
-        );
-        assert_eq!(
-            required(&Method::POST, "/queues/jobs/redrive"),
+            need(Method::POST, "/queues/{queue}/grants"),
             q(Action::Manage)
         );
+        assert_eq!(need(Method::GET, "/queues"), None);
+        let x = |a| Some((a, Resource::exchange("jobs")));
         assert_eq!(
-            required(&Method::POST, "/queues/jobs/grants"),
-            q(Action::Manage)
+            need(Method::POST, "/exchanges/{exchange}"),
+            x(Action::Create)
         );
         assert_eq!(
-            required(&Method::POST, "/exchanges/x/bindings"),
-            Some((Action::Manage, Resource::exchange("x")))
+            need(Method::DELETE, "/exchanges/{exchange}"),
+            x(Action::Manage)
         );
-        assert_eq!(required(&Method::GET, "/queues"), None);
-        let x = |a| Some((a, Resource::exchange("x")));
-        assert_eq!(required(&Method::POST, "/exchanges/x"), x(Action::Create));
-        assert_eq!(required(&Method::DELETE, "/exchanges/x"), x(Action::Manage));
-        assert_eq!(required(&Method::GET, "/exchanges/x"), None);
-        assert_eq!(required(&Method::GET, "/exchanges"), None);
+        assert_eq!(
+            need(Method::POST, "/exchanges/{exchange}/bindings"),
+            x(Action::Manage)
+        );
+        assert_eq!(need(Method::GET, "/exchanges/{exchange}"), None);
+        assert_eq!(need(Method::POST, "/exchanges/{exchange}/messages"), None);
+        assert_eq!(need(Method::GET, "/exchanges"), None);
     }
 }

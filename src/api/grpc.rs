@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::authenticate;
@@ -24,6 +24,17 @@ use crate::proto::{self, broker_server, receive_request, subscribe_request};
 const DEFAULT_CREDIT: u64 = 100;
 /// Most messages one `Subscribe` read returns.
 const SUBSCRIBE_BATCH: usize = 500;
+/// Bytes of messages a `Subscribe` stream holds that its reader has not taken yet. When a
+/// reader is slower than the log, the stream stops reading the log (HTTP/2 flow control
+/// then keeps what is sent bounded too) instead of buffering.
+pub const SUBSCRIBE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// An item of a `Subscribe` stream with its share of the stream's byte budget, released
+/// when the server takes the item to send it.
+type Budgeted = (
+    Result<proto::SubscribeResponse, Status>,
+    Option<OwnedSemaphorePermit>,
+);
 
 /// A stream's slots in the server-wide and per-client caps.
 pub(super) type StreamPermit = (OwnedSemaphorePermit, Option<ClientPermit>);
@@ -82,21 +93,6 @@ impl GrpcApi {
                 .map_err(|e| Status::from(ApiError::from(e)))?;
         }
         Ok(Some(user))
-    }
-
-    fn record_owner(&self, user: Option<String>, resource: Resource, dlq: Option<String>) {
-        if let (Some(store), Some(user)) = (&self.auth, user) {
-            let mut result = store.set_owner(&resource, &user);
-            if let Some(dlq) = dlq {
-                let dlq = Resource::queue(&dlq);
-                if store.owner(&dlq).is_none() {
-                    result = result.and(store.set_owner(&dlq, &user));
-                }
-            }
-            if let Err(error) = result {
-                tracing::error!(%error, "recording ownership failed");
-            }
-        }
     }
 
     /// The tonic server wrapping this service.
@@ -249,18 +245,18 @@ impl broker_server::Broker for GrpcApi {
                 &["limits", "acked"],
             )?;
         }
-        let (info, created) = self
+        let settings = settings_from_proto(r.settings);
+        let (auth, user) = (self.auth.as_deref(), user.as_deref());
+        super::auth::check_dead_letter(auth, user, &self.broker, &r.queue, &settings)
+            .map_err(|e| Status::from(ApiError::from(e)))?;
+        let created = self
             .broker
-            .create_queue(&r.queue, settings_from_proto(r.settings))
+            .create_queue_reporting(&r.queue, settings)
             .await?;
-        if created {
-            let dlq = (info.settings.max_deliveries > 0)
-                .then(|| info.settings.dead_letter_name(&r.queue));
-            self.record_owner(user, Resource::queue(&r.queue), dlq);
-        }
+        super::auth::record_created_queue(auth, user, &self.broker, &r.queue, &created).await?;
         Ok(Response::new(proto::CreateQueueResponse {
-            queue: Some(queue_info(info)),
-            created,
+            queue: Some(queue_info(created.info)),
+            created: created.created,
         }))
     }
 
@@ -274,11 +270,7 @@ impl broker_server::Broker for GrpcApi {
         )?;
         let queue = request.into_inner().queue;
         self.broker.delete_queue(&queue).await?;
-        if let Some(store) = &self.auth
-            && let Err(error) = store.remove_resource(&Resource::queue(&queue))
-        {
-            tracing::error!(%error, "forgetting ownership failed");
-        }
+        super::auth::forget(self.auth.as_deref(), &Resource::queue(&queue));
         Ok(Response::new(proto::DeleteQueueResponse {}))
     }
 
@@ -468,28 +460,65 @@ impl broker_server::Broker for GrpcApi {
                 .map_or(start, |d| d.id.offset),
             ReadFrom::Offset(offset) => offset,
         };
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(SUBSCRIBE_BATCH);
         let broker = Arc::clone(&self.broker);
+        let budget = Arc::new(Semaphore::new(SUBSCRIBE_BUFFER_BYTES));
         tokio::spawn(async move {
             let _permit = permit;
-            follow(broker, r.queue, r.partition, start, tx).await;
+            follow(
+                broker,
+                r.queue,
+                r.partition,
+                start,
+                Budget { tx, bytes: budget },
+            )
+            .await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|(item, _share)| item),
+        )))
+    }
+}
+
+/// The sending side of a `Subscribe` stream, bounded by bytes.
+struct Budget {
+    tx: mpsc::Sender<Budgeted>,
+    bytes: Arc<Semaphore>,
+}
+
+impl Budget {
+    /// Sends an error (it ends the stream).
+    async fn fail(&self, status: Status) {
+        let _ = self.tx.send((Err(status), None)).await;
+    }
+
+    /// Sends a message once its bytes fit the budget (a message larger than the whole
+    /// budget waits for all of it). `false` when the reader is gone.
+    async fn send(&self, message: proto::Message) -> bool {
+        let size = message.body.len()
+            + message.key.as_ref().map_or(0, String::len)
+            + message
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let want = u32::try_from(size.clamp(1, SUBSCRIBE_BUFFER_BYTES)).unwrap_or(u32::MAX);
+        let share = tokio::select! {
+            share = Arc::clone(&self.bytes).acquire_many_owned(want) => share.ok(),
+            _ = self.tx.closed() => return false,
+        };
+        let item = proto::SubscribeResponse {
+            message: Some(message),
+        };
+        self.tx.send((Ok(item), share)).await.is_ok()
     }
 }
 
 /// Streams a partition from `next` on, then follows new messages.
-async fn follow(
-    broker: Arc<Broker>,
-    queue: String,
-    partition: u32,
-    mut next: u64,
-    tx: mpsc::Sender<Result<proto::SubscribeResponse, Status>>,
-) {
+async fn follow(broker: Arc<Broker>, queue: String, partition: u32, mut next: u64, out: Budget) {
     loop {
         if broker.is_shutting_down() {
-            let _ = tx
-                .send(Err(Status::unavailable("the broker is shutting down")))
+            out.fail(Status::unavailable("the broker is shutting down"))
                 .await;
             return;
         }
@@ -497,7 +526,7 @@ async fn follow(
             match broker.read_log(&queue, partition, ReadFrom::Offset(next), SUBSCRIBE_BATCH) {
                 Ok(read) => read,
                 Err(error) => {
-                    let _ = tx.send(Err(error.into())).await;
+                    out.fail(error.into()).await;
                     return;
                 }
             };
@@ -505,22 +534,88 @@ async fn follow(
             tokio::select! {
                 waited = broker.wait_for_offset(&queue, partition, next, Duration::from_secs(30)) => {
                     if let Err(error) = waited {
-                        let _ = tx.send(Err(error.into())).await;
+                        out.fail(error.into()).await;
                         return;
                     }
                 }
-                _ = tx.closed() => return,
+                _ = out.tx.closed() => return,
             }
             continue;
         }
         for d in batch {
-            let item = proto::SubscribeResponse {
-                message: Some(message(d)),
-            };
-            if tx.send(Ok(item)).await.is_err() {
+            if !out.send(message(d)).await {
                 return;
             }
         }
         next = after;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{BrokerConfig, QueueSettings};
+
+    /// Regression (issue 19, item 10): a `Subscribe` reader that takes nothing holds at
+    /// most the byte budget of messages, not a count of them (three unread streams over
+    /// 30 MB messages took 1.35 GB).
+    #[tokio::test]
+    async fn an_unread_subscription_buffers_at_most_its_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        })
+        .await
+        .unwrap();
+        let settings = QueueSettings {
+            max_message_bytes: 4 * 1024 * 1024,
+            ..QueueSettings::default()
+        };
+        broker.create_queue("big", settings).await.unwrap();
+        let body = Bytes::from(vec![7u8; 3 * 1024 * 1024]);
+        for _ in 0..8 {
+            let message = NewMessage {
+                key: None,
+                headers: Default::default(),
+                content_type: None,
+                body: body.clone(),
+                idempotency_key: None,
+            };
+            broker.publish("big", vec![message]).await.unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(SUBSCRIBE_BATCH);
+        let bytes = Arc::new(Semaphore::new(SUBSCRIBE_BUFFER_BYTES));
+        let out = Budget {
+            tx,
+            bytes: Arc::clone(&bytes),
+        };
+        let task = tokio::spawn(follow(Arc::clone(&broker), "big".into(), 0, 0, out));
+        // Wait until the follower is stuck on the budget (a failure guard, not a timing).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while bytes.available_permits() >= body.len() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "follower never filled its budget"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        let queued = rx.len();
+        assert!(
+            queued * body.len() <= SUBSCRIBE_BUFFER_BYTES,
+            "{queued} messages queued"
+        );
+        assert_eq!(queued, 2);
+        // Taking one frees its share and lets the next one in.
+        let (first, share) = rx.recv().await.unwrap();
+        assert!(first.is_ok());
+        drop(share);
+        let (second, _share) = rx.recv().await.unwrap();
+        assert!(second.is_ok());
+        drop(rx);
+        task.abort();
     }
 }

@@ -12,15 +12,17 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::json::{self, BatchPublish};
+use crate::auth::Resource;
 use crate::broker::{
     Binding, Broker, ExchangeKind, MessageId, NewMessage, QueueSettings, ReadFrom, SeekTarget,
 };
@@ -45,6 +47,9 @@ pub struct HttpState {
     pub auth: Option<Arc<crate::auth::AuthStore>>,
     /// Long-polls per client address.
     pub per_client: Arc<super::limits::ClientLimits>,
+    /// Slots for password hashing (logins, registrations): one per core, so a login flood
+    /// cannot take every thread and all memory.
+    pub hashing: Arc<Semaphore>,
 }
 
 impl HttpState {
@@ -56,6 +61,9 @@ impl HttpState {
             max_waiters,
             auth: None,
             per_client: super::limits::ClientLimits::new(max_waiters),
+            hashing: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(1, usize::from),
+            )),
         }
     }
 }
@@ -93,8 +101,14 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/exchanges/{exchange}/bindings", post(bind).delete(unbind))
         .route("/exchanges/{exchange}/messages", post(publish_to_exchange))
         .route("/queues/{queue}/grants", post(super::auth::grant))
-        .route("/auth/register", post(super::auth::register))
-        .route("/auth/login", post(super::auth::login))
+        .route(
+            "/auth/register",
+            post(super::auth::register).layer(auth_body_limit()),
+        )
+        .route(
+            "/auth/login",
+            post(super::auth::login).layer(auth_body_limit()),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -103,6 +117,10 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+fn auth_body_limit() -> DefaultBodyLimit {
+    DefaultBodyLimit::max(super::auth::AUTH_BODY_LIMIT)
 }
 
 async fn not_found() -> ApiError {
@@ -117,7 +135,8 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-fn body_bytes(body: Body) -> Result<Bytes, ApiError> {
+/// The body, or the JSON error for a rejected one (413 when too large).
+pub(super) fn body_bytes(body: Body) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         let status = rejection.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -218,10 +237,15 @@ async fn list_queues(State(s): State<HttpState>) -> Response {
 async fn create_queue(
     State(s): State<HttpState>,
     Path(queue): Path<String>,
+    Extension(caller): Extension<Caller>,
     body: Body,
 ) -> ApiResult {
     let settings: QueueSettings = json_body(&body_bytes(body)?, true)?;
-    let (info, was_created) = s.broker.create_queue(&queue, settings).await?;
+    let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
+    super::auth::check_dead_letter(auth, user, &s.broker, &queue, &settings)?;
+    let created = s.broker.create_queue_reporting(&queue, settings).await?;
+    super::auth::record_created_queue(auth, user, &s.broker, &queue, &created).await?;
+    let (info, was_created) = (created.info, created.created);
     let status = if was_created {
         StatusCode::CREATED
     } else {
@@ -236,6 +260,7 @@ async fn queue_info(State(s): State<HttpState>, Path(queue): Path<String>) -> Ap
 
 async fn delete_queue(State(s): State<HttpState>, Path(queue): Path<String>) -> ApiResult {
     s.broker.delete_queue(&queue).await?;
+    super::auth::forget(s.auth.as_deref(), &Resource::queue(&queue));
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -540,10 +565,14 @@ impl Default for ExchangeBody {
 async fn create_exchange(
     State(s): State<HttpState>,
     Path(exchange): Path<String>,
+    Extension(caller): Extension<Caller>,
     body: Body,
 ) -> ApiResult {
     let request: ExchangeBody = json_body(&body_bytes(body)?, false)?;
     let was_created = s.broker.create_exchange(&exchange, request.kind).await?;
+    if was_created {
+        super::auth::record_created_exchange(s.auth.as_deref(), caller.0.as_deref(), &exchange)?;
+    }
     let status = if was_created {
         StatusCode::CREATED
     } else {
@@ -568,6 +597,7 @@ async fn exchange_info(State(s): State<HttpState>, Path(exchange): Path<String>)
 
 async fn delete_exchange(State(s): State<HttpState>, Path(exchange): Path<String>) -> ApiResult {
     s.broker.delete_exchange(&exchange).await?;
+    super::auth::forget(s.auth.as_deref(), &Resource::exchange(&exchange));
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -580,7 +610,7 @@ fn binding(body: Body) -> Result<Binding, ApiError> {
 async fn bind(
     State(s): State<HttpState>,
     Path(exchange): Path<String>,
-    axum::Extension(caller): axum::Extension<super::auth::Caller>,
+    Extension(caller): Extension<Caller>,
     body: Body,
 ) -> ApiResult {
     let binding = binding(body)?;
@@ -597,6 +627,7 @@ async fn unbind(State(s): State<HttpState>, Path(exchange): Path<String>, body: 
 async fn publish_to_exchange(
     State(s): State<HttpState>,
     Path(exchange): Path<String>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     q: Query_,
     body: Body,
@@ -606,7 +637,9 @@ async fn publish_to_exchange(
     let routing_key = q.get("key").map(String::as_str);
     let routed = s
         .broker
-        .publish_to_exchange(&exchange, routing_key, message)
+        .publish_to_exchange_checked(&exchange, routing_key, message, |targets| {
+            super::auth::check_route_targets(&s, &caller, targets)
+        })
         .await?;
     Ok(created(json!({"routed": to_json(&routed)})))
 }

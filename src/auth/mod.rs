@@ -23,6 +23,7 @@ mod persist;
 mod token;
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -48,7 +49,9 @@ pub const JWT_SECRET_ENV: &str = "QIT_JWT_SECRET";
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// A username that breaks the rules.
-    #[error("invalid username `{username}`: use 1-64 characters of [A-Za-z0-9._-]")]
+    #[error(
+        "invalid username `{username}`: use 1-64 characters of [A-Za-z0-9._-], not starting with `.`"
+    )]
     InvalidUsername {
         /// The name given (cut to 65 characters).
         username: String,
@@ -65,6 +68,15 @@ pub enum AuthError {
         /// The name.
         username: String,
     },
+    /// Registering the configured admin's name (only the configuration creates it).
+    #[error("the username `{username}` is reserved")]
+    ReservedUsername {
+        /// The name.
+        username: String,
+    },
+    /// A well-signed token whose user no longer exists.
+    #[error("the token's user no longer exists")]
+    UnknownTokenUser,
     /// Granting to a user that does not exist.
     #[error("unknown user `{username}`")]
     UnknownUser {
@@ -74,7 +86,7 @@ pub enum AuthError {
     /// Wrong password or unknown user (deliberately indistinguishable).
     #[error("invalid username or password")]
     InvalidCredentials,
-    /// Too many failed logins for this username.
+    /// Too many failed logins for this username from this client.
     #[error("too many failed logins for `{username}`; retry in {} s", retry_after.as_secs().max(1))]
     RateLimited {
         /// The username.
@@ -165,11 +177,13 @@ impl AuthError {
                 ErrorClass::BadRequest
             }
             AuthError::UserExists { .. } => ErrorClass::Conflict,
+            AuthError::ReservedUsername { .. } => ErrorClass::Forbidden,
             AuthError::UnknownUser { .. } => ErrorClass::NotFound,
             AuthError::InvalidCredentials
             | AuthError::MalformedToken
             | AuthError::TamperedToken
-            | AuthError::ExpiredToken => ErrorClass::Unauthenticated,
+            | AuthError::ExpiredToken
+            | AuthError::UnknownTokenUser => ErrorClass::Unauthenticated,
             AuthError::RateLimited { .. } => ErrorClass::TooManyRequests,
             AuthError::Forbidden { .. } => ErrorClass::Forbidden,
             AuthError::InvalidConfig { .. }
@@ -196,7 +210,8 @@ pub struct AuthConfig {
     pub token_ttl: Duration,
     /// argon2id cost for new hashes.
     pub password_cost: PasswordCost,
-    /// Failed logins per username allowed within `failed_login_window` (default 5).
+    /// Failed logins per (client address, username) allowed within `failed_login_window`
+    /// (default 5).
     pub max_failed_logins: u32,
     /// The failed-login window (default 60 s).
     pub failed_login_window: Duration,
@@ -306,7 +321,7 @@ impl AuthStore {
         else {
             return Ok(());
         };
-        match self.register(admin, password) {
+        match self.create_user(admin, password) {
             Ok(()) | Err(AuthError::UserExists { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -322,8 +337,19 @@ impl AuthStore {
         self.users.read().users.contains_key(user)
     }
 
-    /// Registers a user. CPU-heavy (hashes the password): use `spawn_blocking` from async.
+    /// Registers a user; the configured admin's name is refused (the configuration creates
+    /// it). CPU-heavy (hashes the password): use `spawn_blocking` from async.
     pub fn register(&self, username: &str, password: &str) -> Result<(), AuthError> {
+        check_username(username)?;
+        if self.is_admin(username) {
+            return Err(AuthError::ReservedUsername {
+                username: username.to_owned(),
+            });
+        }
+        self.create_user(username, password)
+    }
+
+    fn create_user(&self, username: &str, password: &str) -> Result<(), AuthError> {
         check_username(username)?;
         check_password(password)?;
         if self.user_exists(username) {
@@ -353,19 +379,34 @@ impl AuthStore {
 
     /// Checks a password and returns a signed token. CPU-heavy: use `spawn_blocking`.
     pub fn login(&self, username: &str, password: &str) -> Result<String, AuthError> {
-        self.login_at(username, password, Instant::now(), unix_now())
+        self.login_from(username, password, None)
     }
 
-    /// [`AuthStore::login`] at a given time (`now` for the rate limiter, `unix_now` in
+    /// [`AuthStore::login`] by a client at `client` (failed logins lock out that client
+    /// for that user, not the user for everyone).
+    pub fn login_from(
+        &self,
+        username: &str,
+        password: &str,
+        client: Option<IpAddr>,
+    ) -> Result<String, AuthError> {
+        self.login_at(username, password, client, Instant::now(), unix_now())
+    }
+
+    /// [`AuthStore::login_from`] at a given time (`now` for the rate limiter, `unix_now` in
     /// seconds for the token's expiry).
     pub fn login_at(
         &self,
         username: &str,
         password: &str,
+        client: Option<IpAddr>,
         now: Instant,
         unix_now: u64,
     ) -> Result<String, AuthError> {
-        if let Err(retry_after) = self.limiter.lock().check(username, now) {
+        // Before anything else: a bad name is neither hashed, nor kept, nor logged.
+        check_username(username)?;
+        let key = (client, username);
+        if let Err(retry_after) = self.limiter.lock().check(key, now) {
             return Err(AuthError::RateLimited {
                 username: username.to_owned(),
                 retry_after,
@@ -386,11 +427,11 @@ impl AuthStore {
             }
         };
         if !matches {
-            self.limiter.lock().record_failure(username, now);
+            self.limiter.lock().record_failure(key, now);
             tracing::info!(user = username, "failed login");
             return Err(AuthError::InvalidCredentials);
         }
-        self.limiter.lock().record_success(username);
+        self.limiter.lock().record_success(key);
         let exp = unix_now.saturating_add(self.config.token_ttl.as_secs());
         self.secret.issue(username, exp)
     }
@@ -402,14 +443,19 @@ impl AuthStore {
         })
     }
 
-    /// Verifies a token (signature, shape, expiry) and returns its claims.
+    /// Verifies a token (signature, shape, expiry, and that its user still exists) and
+    /// returns its claims.
     pub fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {
         self.verify_token_at(token, unix_now())
     }
 
     /// [`AuthStore::verify_token`] at `unix_now` seconds.
     pub fn verify_token_at(&self, token: &str, unix_now: u64) -> Result<Claims, AuthError> {
-        self.secret.verify(token, unix_now)
+        let claims = self.secret.verify(token, unix_now)?;
+        if !self.user_exists(&claims.sub) {
+            return Err(AuthError::UnknownTokenUser);
+        }
+        Ok(claims)
     }
 
     /// Records `user` as the owner (creator) of `resource`.

@@ -61,20 +61,14 @@ impl PasswordCost {
     }
 }
 
-/// Checks a username: 1-64 characters of `[A-Za-z0-9._-]`.
+/// Checks a username: the name rule of [`crate::name`] (`[A-Za-z0-9._-]`, not starting with
+/// `.`), at most 64 characters.
 pub fn check_username(username: &str) -> Result<(), AuthError> {
-    let valid = !username.is_empty()
-        && username.len() <= MAX_USERNAME_LEN
-        && username
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(AuthError::InvalidUsername {
+    crate::name::check_with_max(username, MAX_USERNAME_LEN).map_err(|_| {
+        AuthError::InvalidUsername {
             username: username.chars().take(MAX_USERNAME_LEN + 1).collect(),
-        })
-    }
+        }
+    })
 }
 
 /// Checks a new password's length: 8..=1024 bytes.

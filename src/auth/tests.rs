@@ -23,7 +23,8 @@ fn store(dir: &Path) -> AuthStore {
 /// A store with users root (admin), alice (owner of queue q) and bob.
 fn populated(dir: &Path) -> AuthStore {
     let s = store(dir);
-    for user in ["root", "alice", "bob"] {
+    s.create_user("root", "password123").unwrap();
+    for user in ["alice", "bob"] {
         s.register(user, "password123").unwrap();
     }
     s.set_owner(&Resource::queue("q"), "alice").unwrap();
@@ -61,10 +62,12 @@ fn wrong_password_and_unknown_user_look_the_same() {
 fn registration_rules() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    assert!(matches!(
-        s.register("bad name", "password123"),
-        Err(AuthError::InvalidUsername { .. })
-    ));
+    for bad in ["bad name", "..", ".", ".hidden", "a/b"] {
+        assert!(matches!(
+            s.register(bad, "password123"),
+            Err(AuthError::InvalidUsername { .. })
+        ));
+    }
     assert!(matches!(
         s.register("alice", "short"),
         Err(AuthError::InvalidPassword { .. })
@@ -117,7 +120,7 @@ fn expired_tokens_are_refused() {
     s.register("alice", "password123").unwrap();
     let t0 = 1_700_000_000;
     let token = s
-        .login_at("alice", "password123", Instant::now(), t0)
+        .login_at("alice", "password123", None, Instant::now(), t0)
         .unwrap();
     assert!(s.verify_token_at(&token, t0 + 3599).is_ok());
     assert!(matches!(
@@ -290,18 +293,30 @@ fn failed_logins_are_rate_limited() {
     for i in 0..5 {
         let at = t0 + Duration::from_secs(i);
         assert!(matches!(
-            s.login_at("alice", "wrong-password", at, unix),
+            s.login_at("alice", "wrong-password", None, at, unix),
             Err(AuthError::InvalidCredentials)
         ));
     }
     let err = s
-        .login_at("alice", "password123", t0 + Duration::from_secs(10), unix)
+        .login_at(
+            "alice",
+            "password123",
+            None,
+            t0 + Duration::from_secs(10),
+            unix,
+        )
         .unwrap_err();
     assert!(matches!(err, AuthError::RateLimited { .. }), "{err:?}");
     assert_eq!(err.class(), ErrorClass::TooManyRequests);
     assert!(
-        s.login_at("alice", "password123", t0 + Duration::from_secs(61), unix)
-            .is_ok()
+        s.login_at(
+            "alice",
+            "password123",
+            None,
+            t0 + Duration::from_secs(61),
+            unix
+        )
+        .is_ok()
     );
 }
 
@@ -333,4 +348,79 @@ fn debug_output_redacts_secrets() {
     let users = s.users.read();
     let record = format!("{:?}", users.users.get("root").unwrap());
     assert!(!record.contains("argon2"), "{record}");
+}
+
+/// Regression (issue 19, item 5): with an `admin` configured, nobody may register its
+/// name (with no `admin_password`, anyone could claim it first).
+#[test]
+fn the_admin_name_cannot_be_registered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let err = s.register("root", "password123").unwrap_err();
+    assert!(matches!(err, AuthError::ReservedUsername { .. }), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Forbidden);
+    assert!(!s.user_exists("root"));
+}
+
+/// Regression (issue 19, item 6): a correctly signed token of a user that does not exist
+/// (any more) is refused.
+#[test]
+fn token_of_an_unknown_user_is_refused() {
+    let cfg = AuthConfig {
+        jwt_secret: Some("k".repeat(40)),
+        ..config()
+    };
+    let first = tempfile::tempdir().unwrap();
+    let s = AuthStore::open(first.path(), cfg.clone()).unwrap();
+    s.register("alice", "password123").unwrap();
+    let token = s.login("alice", "password123").unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let err = AuthStore::open(other.path(), cfg)
+        .unwrap()
+        .verify_token(&token)
+        .unwrap_err();
+    assert!(matches!(err, AuthError::UnknownTokenUser), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Unauthenticated);
+}
+
+/// Regression (issue 19, item 6): failed logins lock out one client for one user, not the
+/// user for everyone.
+#[test]
+fn lockout_is_per_client_and_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    s.register("alice", "password123").unwrap();
+    let (t0, unix) = (Instant::now(), unix_now());
+    let mallory: Option<IpAddr> = Some("10.0.0.66".parse().unwrap());
+    let alice: Option<IpAddr> = Some("10.0.0.7".parse().unwrap());
+    for _ in 0..5 {
+        let _ = s.login_at("alice", "wrong-password", mallory, t0, unix);
+    }
+    assert!(matches!(
+        s.login_at("alice", "password123", mallory, t0, unix),
+        Err(AuthError::RateLimited { .. })
+    ));
+    assert!(s.login_at("alice", "password123", alice, t0, unix).is_ok());
+}
+
+/// Regression (issue 19, item 8): a huge username is refused before it is hashed, kept by
+/// the limiter or put whole into an error (and so into a log line).
+#[test]
+fn a_huge_username_is_refused_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let huge = "a".repeat(1 << 20);
+    let (t0, unix) = (Instant::now(), unix_now());
+    for _ in 0..10 {
+        let err = s
+            .login_at(&huge, "password123", None, t0, unix)
+            .unwrap_err();
+        assert!(matches!(err, AuthError::InvalidUsername { .. }), "{err:?}");
+        assert!(err.to_string().len() < 200);
+    }
+    // Refused before the limiter: ten attempts did not lock it out.
+    assert!(matches!(
+        s.login_at(&huge, "password123", None, t0, unix),
+        Err(AuthError::InvalidUsername { .. })
+    ));
 }

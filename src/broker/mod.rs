@@ -96,7 +96,14 @@ pub struct Broker {
     meta: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     dead_letters: mpsc::UnboundedSender<DeadLetterJob>,
+    /// Decides whether dead letters of a queue may go into an existing queue (set by the
+    /// server when auth is on); `None` lets every move through.
+    dead_letter_guard: std::sync::OnceLock<DeadLetterGuard>,
 }
+
+/// `guard(source, target)`: may dead letters of queue `source` be appended to the
+/// existing queue `target`?
+pub type DeadLetterGuard = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 impl Broker {
     fn registry_path(&self) -> PathBuf {
@@ -140,10 +147,18 @@ impl Broker {
             meta: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             dead_letters,
+            dead_letter_guard: std::sync::OnceLock::new(),
         });
         tokio::spawn(run_timer(Arc::downgrade(&broker), broker.shutdown.clone()));
         tokio::spawn(run_dead_letters(Arc::downgrade(&broker), jobs));
         Ok(broker)
+    }
+
+    /// Installs the check every dead-letter move into an existing queue passes (once; a
+    /// second call is ignored). A refused move leaves the message in its queue, to be
+    /// delivered and tried again, and is logged.
+    pub fn set_dead_letter_guard(&self, guard: DeadLetterGuard) {
+        let _ = self.dead_letter_guard.set(guard);
     }
 
     fn check_running(&self) -> Result<(), BrokerError> {
@@ -211,6 +226,17 @@ impl Broker {
         name: &str,
         settings: QueueSettings,
     ) -> Result<(QueueInfo, bool), BrokerError> {
+        let created = self.create_queue_reporting(name, settings).await?;
+        Ok((created.info, created.created))
+    }
+
+    /// [`Self::create_queue`], also saying whether its dead-letter queue was made by this
+    /// call (ownership is only ever given for queues a call created).
+    pub async fn create_queue_reporting(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+    ) -> Result<CreatedQueue, BrokerError> {
         self.check_running()?;
         check_name(name)?;
         settings.validate()?;
@@ -242,10 +268,16 @@ impl Broker {
             )));
         }
         let (info, created) = self.create_locked(name, settings.clone()).await?;
+        let mut dead_letter_created = None;
         if created && settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
             self.create_locked(&dlq, dead_letter_settings()).await?;
+            dead_letter_created = Some(dlq);
         }
-        Ok((info, created))
+        Ok(CreatedQueue {
+            info,
+            created,
+            dead_letter_created,
+        })
     }
 
     /// The dead-letter chain `name -> dlq -> ...` through existing queues when it comes back
@@ -412,7 +444,7 @@ impl Broker {
             check_lease_duration("visibility", visibility)?;
         }
         let q = self.queue(queue)?;
-        let g = q.group_or_create(group)?;
+        let g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
         let visibility_ms = visibility
             .map(millis)
             .unwrap_or(q.settings.ack_timeout as i64 * 1000);
@@ -568,6 +600,17 @@ impl Broker {
         }
         let dlq_name = q.settings.dead_letter_name(&q.name);
         let dlq = match self.queue(&dlq_name) {
+            Ok(_)
+                if self
+                    .dead_letter_guard
+                    .get()
+                    .is_some_and(|allowed| !allowed(&q.name, &dlq_name)) =>
+            {
+                return Err(BrokerError::LimitReached(format!(
+                    "dead letters of `{}` may not go to `{dlq_name}`",
+                    q.name
+                )));
+            }
             Ok(dlq) => dlq,
             Err(_) => {
                 let _meta = self.meta.lock().await;
@@ -731,7 +774,7 @@ impl Broker {
     ) -> Result<GroupInfo, BrokerError> {
         self.check_running()?;
         let q = self.queue(queue)?;
-        let g = q.group_or_create(group)?;
+        let g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
         let mut targets = Vec::new();
         for (p, log) in q.partitions.iter().enumerate() {
             let p = p as u32;
@@ -848,6 +891,20 @@ impl Broker {
         routing_key: Option<&str>,
         message: NewMessage,
     ) -> Result<Vec<Routed>, BrokerError> {
+        self.publish_to_exchange_checked(exchange, routing_key, message, |_| Ok(()))
+            .await
+    }
+
+    /// [`Self::publish_to_exchange`], calling `check` with the names of the queues the
+    /// message routes to before anything is appended: an `Err` from it publishes nothing.
+    /// The message goes to exactly the queues `check` saw.
+    pub async fn publish_to_exchange_checked<E: From<BrokerError>>(
+        &self,
+        exchange: &str,
+        routing_key: Option<&str>,
+        message: NewMessage,
+        check: impl FnOnce(&[String]) -> Result<(), E>,
+    ) -> Result<Vec<Routed>, E> {
         self.check_running()?;
         let (kind, bindings) = {
             let registry = self.registry.read();
@@ -858,11 +915,14 @@ impl Broker {
             (record.kind, record.bindings.clone())
         };
         let targets = crate::route::route(kind, &bindings, routing_key, &message.headers);
-        // Every target accepts the message before any stores it: a refusal stores nothing.
         let queues: Vec<Arc<Queue>> = targets
             .iter()
             .filter_map(|name| self.queue(name).ok())
             .collect();
+        // The caller's check and every target's limits pass before any target stores it:
+        // a refusal stores nothing.
+        let names: Vec<String> = queues.iter().map(|q| q.name.clone()).collect();
+        check(&names)?;
         for q in &queues {
             message::check_new_message(&message, 0, q.settings.max_message_bytes)?;
         }

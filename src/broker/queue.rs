@@ -179,13 +179,17 @@ impl Queue {
             Err(e) => return Err(storage(&dir)(e)),
         };
         for path in entries {
-            if let Some(name) = path
+            let Some(name) = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_suffix(".journal"))
-                && crate::name::is_valid(name)
-            {
+            else {
+                continue;
+            };
+            if crate::name::is_valid(name) {
                 self.open_group(name)?;
+            } else {
+                tracing::warn!(queue = %self.name, file = %path.display(), "ignoring a group journal whose name is not a valid group name");
             }
         }
         Ok(())
@@ -240,15 +244,31 @@ impl Queue {
 
     /// A group, created (starting at the earliest retained offsets) if needed.
     pub fn group_or_create(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
+        self.group_or_create_within(name, usize::MAX)
+    }
+
+    /// [`Self::group_or_create`], refusing to create a group beyond `max_groups`
+    /// ([`BrokerError::LimitReached`]); existing groups are always returned.
+    pub fn group_or_create_within(
+        &self,
+        name: &str,
+        max_groups: usize,
+    ) -> Result<Arc<Group>, BrokerError> {
         if let Some(group) = self.group(name) {
             return Ok(group);
         }
         crate::name::check(name)?;
         let _creating = self.group_creation.lock();
-        match self.group(name) {
-            Some(group) => Ok(group),
-            None => self.open_group(name),
+        if let Some(group) = self.group(name) {
+            return Ok(group);
         }
+        if self.groups.read().len() >= max_groups {
+            return Err(BrokerError::LimitReached(format!(
+                "at most {max_groups} groups on queue `{}`",
+                self.name
+            )));
+        }
+        self.open_group(name)
     }
 
     /// All groups.

@@ -224,8 +224,22 @@ pub struct BrokerConfig {
     pub fsync: FsyncPolicy,
     /// Most queues the broker holds (dead-letter queues count).
     pub max_queues: usize,
+    /// Most consumer groups one queue holds (each has a journal and state).
+    pub max_groups_per_queue: usize,
     /// Where the data lives: the real disk, or a simulated one in tests.
     pub storage: crate::storage::SharedStorage,
+}
+
+/// What [`super::Broker::create_queue_reporting`] did.
+#[derive(Debug, Clone)]
+pub struct CreatedQueue {
+    /// The queue as it is now.
+    pub info: QueueInfo,
+    /// True if this call created the queue (false: it existed with equal settings).
+    pub created: bool,
+    /// The dead-letter queue this call created with it, if any (an existing one is used as
+    /// it is).
+    pub dead_letter_created: Option<String>,
 }
 
 impl Default for BrokerConfig {
@@ -234,6 +248,7 @@ impl Default for BrokerConfig {
             data_dir: PathBuf::from("qit-data"),
             fsync: FsyncPolicy::Interval,
             max_queues: 10_000,
+            max_groups_per_queue: 1_000,
             storage: crate::storage::disk(),
         }
     }
