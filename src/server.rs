@@ -75,6 +75,7 @@ impl Server {
             fsync: config.fsync,
             max_queues: config.max_queues,
             max_groups_per_queue: config.max_groups_per_queue,
+            ..BrokerConfig::default()
         })
         .await?;
         let auth = if config.auth {

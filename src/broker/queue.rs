@@ -2,7 +2,6 @@
 //! waiters' wake-up signal and the idempotent-publish window.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{
@@ -24,6 +23,7 @@ use crate::group::{
 };
 use crate::journal::{Journal, Ticket};
 use crate::log::{FsyncPolicy, LogConfig, PartitionLog, StoredRecord};
+use crate::storage::SharedStorage;
 
 /// A group checkpoints its journal after this many journaled bytes.
 const CHECKPOINT_BYTES: u64 = 4 * 1024 * 1024;
@@ -99,6 +99,7 @@ pub struct Queue {
     pub settings: QueueSettings,
     dir: PathBuf,
     fsync: FsyncPolicy,
+    storage: SharedStorage,
     /// Partition logs, by partition number.
     pub partitions: Vec<PartitionLog>,
     groups: RwLock<BTreeMap<String, Arc<Group>>>,
@@ -148,9 +149,11 @@ impl Queue {
         name: &str,
         settings: QueueSettings,
         fsync: FsyncPolicy,
+        storage: &SharedStorage,
     ) -> Result<Self, BrokerError> {
         let dir = crate::name::child(root, name, "")?;
         let log_config = LogConfig {
+            storage: Arc::clone(storage),
             segment_bytes: settings.segment_bytes,
             fsync,
             ..LogConfig::default()
@@ -163,6 +166,7 @@ impl Queue {
             settings,
             dir,
             fsync,
+            storage: Arc::clone(storage),
             partitions,
             groups: RwLock::new(BTreeMap::new()),
             group_creation: Mutex::new(()),
@@ -193,13 +197,12 @@ impl Queue {
 
     fn load_groups(&self) -> Result<(), BrokerError> {
         let dir = self.groups_dir();
-        let entries = match fs::read_dir(&dir) {
+        let entries = match self.storage.read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(storage(&dir)(e)),
         };
-        for entry in entries {
-            let path = entry.map_err(storage(&dir))?.path();
+        for path in entries {
             let Some(name) = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -219,7 +222,7 @@ impl Queue {
     /// Opens a group's journal and rebuilds its state.
     fn open_group(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
         let path = crate::name::child(&self.groups_dir(), name, ".journal")?;
-        let (journal, replay) = Journal::open(&path, self.fsync)?;
+        let (journal, replay) = Journal::open(Arc::clone(&self.storage), &path, self.fsync)?;
         let corrupt = |reason: String| BrokerError::Corrupt {
             path: path.clone(),
             reason,

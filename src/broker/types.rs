@@ -226,6 +226,8 @@ pub struct BrokerConfig {
     pub max_queues: usize,
     /// Most consumer groups one queue holds (each has a journal and state).
     pub max_groups_per_queue: usize,
+    /// Where the data lives: the real disk, or a simulated one in tests.
+    pub storage: crate::storage::SharedStorage,
 }
 
 /// What [`super::Broker::create_queue_reporting`] did.
@@ -247,6 +249,7 @@ impl Default for BrokerConfig {
             fsync: FsyncPolicy::Interval,
             max_queues: 10_000,
             max_groups_per_queue: 1_000,
+            storage: crate::storage::disk(),
         }
     }
 }

@@ -38,6 +38,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::commit::GroupCommit;
+use crate::storage::SharedStorage;
 use segment::Segment;
 use writer::Writer;
 
@@ -67,6 +68,8 @@ pub enum Compression {
 /// Settings of one partition log.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
+    /// Where the files live: the real disk, or a simulated one in tests.
+    pub storage: SharedStorage,
     /// A segment rolls once it holds more than this many bytes (default 64 MiB).
     pub segment_bytes: u64,
     /// Durability policy for appends.
@@ -82,6 +85,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
+            storage: crate::storage::disk(),
             segment_bytes: 64 * 1024 * 1024,
             fsync: FsyncPolicy::Interval,
             fsync_interval: Duration::from_millis(5),
@@ -229,6 +233,7 @@ impl PartitionLog {
         })?;
         let next = state.extent.next_offset;
         let fsync = config.fsync;
+        let writer = Writer::new(&*config.storage, active, state)?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             config,
@@ -236,7 +241,7 @@ impl PartitionLog {
             next_offset: AtomicU64::new(next),
             watch: watch::Sender::new(next),
             list_lock: Mutex::new(()),
-            writer: Mutex::new(Writer::new(active, state)?),
+            writer: Mutex::new(writer),
             commit: GroupCommit::new(next),
             combiner: combine::Combiner::default(),
         });
@@ -426,19 +431,22 @@ impl PartitionLog {
                 .store(Arc::new(list.get(count..).unwrap_or_default().to_vec()));
             list.get(..count).unwrap_or_default().to_vec()
         };
+        let storage = &*shared.config.storage;
         for segment in &removed {
+            // Indexes first: a crash in between leaves a log whose indexes are rebuilt,
+            // never index files without their log.
             for path in [
-                &segment.paths.log,
                 &segment.paths.index,
                 &segment.paths.time_index,
+                &segment.paths.log,
             ] {
-                std::fs::remove_file(path).map_err(|source| LogError::Io {
+                storage.remove(path).map_err(|source| LogError::Io {
                     path: path.clone(),
                     source,
                 })?;
             }
         }
-        recovery::sync_dir(&shared.dir)?;
+        recovery::sync_dir(storage, &shared.dir)?;
         Ok(removed.len())
     }
 
