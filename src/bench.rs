@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::proto::broker_client::BrokerClient;
@@ -50,6 +50,10 @@ pub struct BenchOptions {
     pub size: usize,
     /// Messages per publish request.
     pub batch: usize,
+    /// Publish requests each producer keeps outstanding (unanswered) at once.
+    pub window: usize,
+    /// How gRPC producers publish: unary `SendMessage` calls or one `Publish` stream each.
+    pub mode: PublishMode,
     /// Concurrent producers.
     pub producers: usize,
     /// Concurrent consumers.
@@ -62,11 +66,28 @@ pub struct BenchOptions {
     pub progress: bool,
 }
 
+/// How a gRPC producer publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// One unary `SendMessage` call per request.
+    #[default]
+    Unary,
+    /// One `Publish` stream per producer, requests pipelined on it.
+    Stream,
+}
+
 /// The outcome of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     /// `grpc` or `http`.
     pub transport: &'static str,
+    /// How gRPC producers published.
+    pub mode: PublishMode,
+    /// Messages per publish request.
+    pub batch: usize,
+    /// Outstanding publish requests per producer.
+    pub window: usize,
     /// Queue used.
     pub queue: String,
     /// Messages published.
@@ -147,6 +168,10 @@ pub enum BenchError {
     /// A worker task died.
     #[error("a bench task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The server answered a request on a `Publish` stream with an error, or broke the
+    /// stream's promises (an unknown `seq`, an early end).
+    #[error("publish stream: {0}")]
+    Stream(String),
 }
 
 /// Counters shared by all workers.
@@ -206,6 +231,12 @@ fn validate(opts: &BenchOptions) -> Result<(), BenchError> {
     }
     if opts.batch == 0 || opts.batch > 1000 {
         return bad("--batch must be 1..=1000");
+    }
+    if opts.window == 0 || opts.window > 10_000 {
+        return bad("--window must be 1..=10000");
+    }
+    if opts.use_http && opts.mode == PublishMode::Stream {
+        return bad("--mode stream publishes over gRPC; drop --http");
     }
     if opts.producers == 0 && opts.consumers == 0 {
         return bad("--producers and --consumers cannot both be 0");
@@ -299,6 +330,9 @@ fn report(
     let ms = |micros: u64| micros as f64 / 1000.0;
     BenchReport {
         transport: if shared.opts.use_http { "http" } else { "grpc" },
+        mode: shared.opts.mode,
+        batch: shared.opts.batch,
+        window: shared.opts.window,
         queue: shared.queue.clone(),
         published,
         consumed,
@@ -373,37 +407,154 @@ fn share_of(total: u64, producers: usize, index: usize) -> u64 {
     total / producers + u64::from(index < total % producers)
 }
 
+/// Hands out the size of each publish request: the producer's share of `--messages` (or
+/// until `--duration` is over), paced by `--rate`.
+struct Pacer {
+    remaining: u64,
+    deadline: Option<Instant>,
+    /// Under `--rate`, the time between two requests of this producer.
+    period: Option<Duration>,
+    start: Instant,
+    sent: u32,
+    batch: usize,
+}
+
+impl Pacer {
+    fn new(opts: &BenchOptions, index: usize, start: Instant) -> Self {
+        Self {
+            remaining: match opts.duration {
+                Some(_) => u64::MAX,
+                None => share_of(opts.messages, opts.producers, index),
+            },
+            deadline: opts.duration.map(|d| start + d),
+            period: opts.rate.map(|rate| {
+                Duration::from_secs_f64(opts.batch as f64 * opts.producers as f64 / rate)
+            }),
+            start,
+            sent: 0,
+            batch: opts.batch,
+        }
+    }
+
+    /// The next request's message count, after waiting for its turn; `None` when done.
+    async fn next(&mut self) -> Option<usize> {
+        if self.remaining == 0 || self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        if let Some(period) = self.period {
+            tokio::time::sleep_until((self.start + period * self.sent).into()).await;
+        }
+        self.sent += 1;
+        let count = self.remaining.min(self.batch as u64) as usize;
+        self.remaining -= count as u64;
+        Some(count)
+    }
+}
+
 async fn produce(shared: &Shared, index: usize, start: Instant) -> Result<(), BenchError> {
     let opts = &shared.opts;
-    let mut remaining = match opts.duration {
-        Some(_) => u64::MAX,
-        None => share_of(opts.messages, opts.producers, index),
-    };
-    let mut grpc = if opts.use_http {
-        None
-    } else {
-        Some(BrokerClient::connect(opts.grpc_url.clone()).await?)
-    };
-    let http = reqwest::Client::new();
-    // Under `--rate`, each producer sends its share of the rate on a fixed schedule.
-    let period = opts
-        .rate
-        .map(|rate| Duration::from_secs_f64(opts.batch as f64 * opts.producers as f64 / rate));
-    let mut sent_batches = 0u32;
-    while remaining > 0 && opts.duration.is_none_or(|d| start.elapsed() < d) {
-        if let Some(period) = period {
-            tokio::time::sleep_until((start + period * sent_batches).into()).await;
-            sent_batches += 1;
+    let pacer = Pacer::new(opts, index, start);
+    if opts.use_http {
+        let http = reqwest::Client::new();
+        return windowed(shared, pacer, |count| publish_http(&http, shared, count)).await;
+    }
+    let client = BrokerClient::connect(opts.grpc_url.clone()).await?;
+    match opts.mode {
+        PublishMode::Unary => {
+            windowed(shared, pacer, |count| {
+                publish_grpc(client.clone(), shared, count)
+            })
+            .await
         }
-        let count = remaining.min(opts.batch as u64) as usize;
-        match grpc.as_mut() {
-            Some(client) => publish_grpc(client, shared, count).await?,
-            None => publish_http(&http, shared, count).await?,
+        PublishMode::Stream => publish_stream(client, shared, pacer).await,
+    }
+}
+
+/// Keeps up to `--window` publishes (made by `send`) outstanding until the pacer is done.
+async fn windowed<F, Fut>(shared: &Shared, mut pacer: Pacer, mut send: F) -> Result<(), BenchError>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<usize, BenchError>>,
+{
+    let mut in_flight = FuturesUnordered::new();
+    let mut done = false;
+    loop {
+        while !done && in_flight.len() < shared.opts.window {
+            match pacer.next().await {
+                Some(count) => in_flight.push(send(count)),
+                None => done = true,
+            }
         }
-        remaining -= count as u64;
+        match in_flight.next().await {
+            Some(result) => {
+                shared
+                    .published
+                    .fetch_add(result? as u64, Ordering::Relaxed);
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// One `Publish` stream: up to `--window` requests unanswered, responses matched by `seq`.
+async fn publish_stream(
+    mut client: BrokerClient<tonic::transport::Channel>,
+    shared: &Shared,
+    mut pacer: Pacer,
+) -> Result<(), BenchError> {
+    let (requests, rx) = mpsc::channel(shared.opts.window);
+    let mut responses = client.publish(ReceiverStream::new(rx)).await?.into_inner();
+    let mut outstanding: std::collections::HashMap<u64, usize> = Default::default();
+    let mut seq = 0u64;
+    let mut done = false;
+    loop {
+        while !done && outstanding.len() < shared.opts.window {
+            let Some(count) = pacer.next().await else {
+                done = true;
+                break;
+            };
+            seq += 1;
+            let request = proto::PublishRequest {
+                seq,
+                queue: shared.queue.clone(),
+                messages: (0..count).map(|_| outgoing(shared.opts.size)).collect(),
+            };
+            requests
+                .send(request)
+                .await
+                .map_err(|_| BenchError::Stream("the server ended the stream".into()))?;
+            outstanding.insert(seq, count);
+        }
+        if outstanding.is_empty() {
+            break;
+        }
+        let response = responses
+            .message()
+            .await?
+            .ok_or_else(|| BenchError::Stream("the server ended the stream early".into()))?;
+        let count = outstanding.remove(&response.seq).ok_or_else(|| {
+            BenchError::Stream(format!("answer for unknown seq {}", response.seq))
+        })?;
+        if let Some(error) = response.error {
+            return Err(BenchError::Stream(format!(
+                "request {} failed with code {}: {}",
+                response.seq, error.code, error.message
+            )));
+        }
         shared.published.fetch_add(count as u64, Ordering::Relaxed);
     }
+    drop(requests);
+    while responses.message().await?.is_some() {}
     Ok(())
+}
+
+/// A bench message of `size` bytes.
+fn outgoing(size: usize) -> proto::OutgoingMessage {
+    proto::OutgoingMessage {
+        body: payload(size),
+        content_type: Some("application/octet-stream".into()),
+        ..Default::default()
+    }
 }
 
 /// A payload of `size` bytes stamped with the current time.
@@ -431,31 +582,25 @@ fn latency_micros(body: &[u8]) -> Option<u64> {
 }
 
 async fn publish_grpc(
-    client: &mut BrokerClient<tonic::transport::Channel>,
+    mut client: BrokerClient<tonic::transport::Channel>,
     shared: &Shared,
     count: usize,
-) -> Result<(), BenchError> {
-    let messages = (0..count)
-        .map(|_| proto::OutgoingMessage {
-            body: payload(shared.opts.size).to_vec(),
-            content_type: Some("application/octet-stream".into()),
-            ..Default::default()
-        })
-        .collect();
+) -> Result<usize, BenchError> {
+    let messages = (0..count).map(|_| outgoing(shared.opts.size)).collect();
     client
         .send_message(proto::SendMessageRequest {
             queue: shared.queue.clone(),
             messages,
         })
         .await?;
-    Ok(())
+    Ok(count)
 }
 
 async fn publish_http(
     http: &reqwest::Client,
     shared: &Shared,
     count: usize,
-) -> Result<(), BenchError> {
+) -> Result<usize, BenchError> {
     use base64::Engine;
     let engine = base64::engine::general_purpose::STANDARD;
     let messages: Vec<_> = (0..count)
@@ -470,7 +615,7 @@ async fn publish_http(
         .json(&serde_json::json!({ "messages": messages }))
         .send()
         .await?;
-    expect_success(response).await.map(|_| ())
+    expect_success(response).await.map(|_| count)
 }
 
 async fn consume_grpc(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
@@ -584,6 +729,8 @@ mod tests {
             rate: None,
             size: 4,
             batch: 10,
+            window: 1,
+            mode: PublishMode::Unary,
             producers: 1,
             consumers: 1,
             partitions: 1,

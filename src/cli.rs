@@ -254,6 +254,12 @@ pub struct BenchArgs {
     /// Messages per publish request.
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
+    /// Publish requests each producer keeps outstanding at once.
+    #[arg(long, default_value_t = 1)]
+    pub window: usize,
+    /// How gRPC producers publish: `unary` (SendMessage) or `stream` (one Publish stream each).
+    #[arg(long, value_enum, default_value_t = BenchMode::Unary)]
+    pub mode: BenchMode,
     /// Concurrent producers (0: only consume `--messages` from an existing `--queue`).
     #[arg(long, default_value_t = 4)]
     pub producers: usize,
@@ -272,6 +278,15 @@ pub struct BenchArgs {
     /// Use HTTP instead of gRPC.
     #[arg(long)]
     pub http: bool,
+}
+
+/// `qit bench --mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    /// One unary `SendMessage` call per publish.
+    Unary,
+    /// One `Publish` stream per producer.
+    Stream,
 }
 
 /// Parses `always`, `interval` or `never`.

@@ -15,11 +15,13 @@
 //! append written while the previous one ran (group commit), under `interval` the thread
 //! syncs a few milliseconds after the first unsynced write. A checkpoint writes a new file
 //! holding only the snapshot, fsyncs it and renames it over the journal, so a crash leaves
-//! either the old journal or the new one. On open, a torn or corrupt tail is cut off after
-//! the last whole frame.
+//! either the old journal or the new one.
+//!
+//! On open, a torn tail (an incomplete last frame, or damaged bytes after which no valid
+//! frame follows) is cut off after the last whole frame. Damage followed by a valid frame
+//! is damage in the middle: opening fails with [`JournalError::Corrupt`] naming the file
+//! and byte position, rather than silently dropping every later entry.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +33,7 @@ use parking_lot::Mutex;
 
 use crate::commit::GroupCommit;
 use crate::log::FsyncPolicy;
+use crate::storage::{self, OpenMode, SharedStorage, StorageFile};
 
 /// `"QITJ"`.
 const MAGIC: &[u8; 4] = b"QITJ";
@@ -118,7 +121,7 @@ impl Ticket {
 /// The journal file and where writing stands, behind the journal's lock.
 struct JournalFile {
     /// Shared with the sync thread, which fsyncs it outside the lock.
-    file: Arc<File>,
+    file: Arc<dyn StorageFile>,
     /// Length of the file.
     len: u64,
     /// Bytes written since open (across checkpoints): the position durability is tracked in.
@@ -134,6 +137,7 @@ struct JournalFile {
 
 /// State shared by the handles and the sync thread.
 struct Shared {
+    storage: SharedStorage,
     path: PathBuf,
     fsync: FsyncPolicy,
     file: Mutex<JournalFile>,
@@ -165,107 +169,190 @@ pub struct Journal {
     inner: Arc<Inner>,
 }
 
-/// Encodes one frame.
-fn put_frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&[kind]);
-    hasher.update(payload);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&hasher.finalize().to_le_bytes());
-    out.push(kind);
-    out.extend_from_slice(payload);
-}
+/// The journal's bytes: the only code that lays out or reads file headers and frames. It
+/// never panics on any input (the lints below are enforced by the compiler).
+mod frame {
+    #![deny(
+        clippy::unwrap_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )]
 
-fn file_header() -> [u8; HEADER_LEN] {
-    let mut header = [0; HEADER_LEN];
-    header[..4].copy_from_slice(MAGIC);
-    header[4] = VERSION;
-    header
-}
+    use std::path::Path;
 
-/// Parses a journal file's bytes; returns the replay and the length of the valid prefix.
-fn parse(path: &Path, bytes: &Bytes) -> Result<(Replay, usize), JournalError> {
-    let mut replay = Replay::default();
-    if bytes.len() < HEADER_LEN {
-        // A file cut before its header was complete holds nothing yet.
-        replay.truncated_bytes = bytes.len() as u64;
-        return Ok((replay, 0));
+    use bytes::Bytes;
+
+    use super::{
+        FRAME_HEADER_LEN, HEADER_LEN, JournalError, KIND_CHECKPOINT, KIND_ENTRY, MAGIC, MAX_FRAME,
+        Replay, VERSION,
+    };
+
+    fn crc(kind: u8, payload: &[u8]) -> u32 {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&[kind]);
+        hasher.update(payload);
+        hasher.finalize()
     }
-    if bytes.get(..4) != Some(&MAGIC[..]) || bytes.get(4) != Some(&VERSION) {
-        return Err(JournalError::Corrupt {
-            path: path.to_path_buf(),
-            position: 0,
-            reason: "not a qit journal (bad magic or version)".into(),
-        });
+
+    /// Encodes one frame. Payloads are far below 4 GiB (requests are capped), and a longer
+    /// one would be refused on read, never misread: its length saturates.
+    pub fn put_frame(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&crc(kind, payload).to_le_bytes());
+        out.push(kind);
+        out.extend_from_slice(payload);
     }
-    let mut at = HEADER_LEN;
-    while let Some((kind, payload, next)) = frame_at(bytes, at) {
-        match kind {
-            KIND_CHECKPOINT => {
-                replay.checkpoint = Some(payload);
-                replay.entries.clear();
-            }
-            _ => replay.entries.push(payload),
+
+    /// The 8-byte file header.
+    pub fn file_header() -> [u8; HEADER_LEN] {
+        let mut header = [0; HEADER_LEN];
+        for (slot, byte) in header.iter_mut().zip(MAGIC.iter().chain([&VERSION])) {
+            *slot = *byte;
         }
-        at = next;
+        header
     }
-    replay.truncated_bytes = (bytes.len() - at) as u64;
-    Ok((replay, at))
+
+    /// What is at a position of a journal.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Frame {
+        /// A whole, valid frame: its kind, payload and the position after it.
+        Valid(u8, Bytes, usize),
+        /// The frame runs past the end of the file (an interrupted write).
+        Incomplete,
+        /// Bytes that are not a valid frame.
+        Damaged(String),
+    }
+
+    fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+        let end = at.checked_add(4)?;
+        Some(u32::from_le_bytes(bytes.get(at..end)?.try_into().ok()?))
+    }
+
+    /// Classifies the bytes at `at`.
+    pub fn frame_at(bytes: &Bytes, at: usize) -> Frame {
+        let Some(rest) = bytes.get(at..) else {
+            return Frame::Incomplete;
+        };
+        let (Some(len), Some(sum), Some(&kind)) = (u32_at(rest, 0), u32_at(rest, 4), rest.get(8))
+        else {
+            return Frame::Incomplete;
+        };
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if len > MAX_FRAME {
+            return Frame::Damaged(format!("frame length {len} exceeds {MAX_FRAME}"));
+        }
+        if !matches!(kind, KIND_ENTRY | KIND_CHECKPOINT) {
+            return Frame::Damaged(format!("unknown frame kind {kind}"));
+        }
+        let Some(payload) = FRAME_HEADER_LEN
+            .checked_add(len)
+            .and_then(|end| rest.get(FRAME_HEADER_LEN..end))
+        else {
+            return Frame::Incomplete;
+        };
+        if crc(kind, payload) != sum {
+            return Frame::Damaged("frame CRC mismatch".into());
+        }
+        let start = at.saturating_add(FRAME_HEADER_LEN);
+        let end = start.saturating_add(len);
+        Frame::Valid(kind, bytes.slice(start..end), end)
+    }
+
+    /// True when a valid frame starts somewhere after `at`: damage at `at` is then in the
+    /// middle of the journal, not a torn tail.
+    fn valid_frame_after(bytes: &Bytes, at: usize) -> bool {
+        (at.saturating_add(1)..bytes.len()).any(|p| matches!(frame_at(bytes, p), Frame::Valid(..)))
+    }
+
+    /// Parses a journal file's bytes; returns the replay and the length of the valid prefix.
+    /// A torn tail is left out (and counted); damage followed by a valid frame is an error.
+    pub fn parse(path: &Path, bytes: &Bytes) -> Result<(Replay, usize), JournalError> {
+        let mut replay = Replay::default();
+        if bytes.len() < HEADER_LEN {
+            // A file cut before its header was complete holds nothing yet.
+            replay.truncated_bytes = bytes.len() as u64;
+            return Ok((replay, 0));
+        }
+        if bytes.get(..HEADER_LEN) != Some(&file_header()[..]) {
+            return Err(JournalError::Corrupt {
+                path: path.to_path_buf(),
+                position: 0,
+                reason: "not a qit journal (bad magic or version)".into(),
+            });
+        }
+        let mut at = HEADER_LEN;
+        while at < bytes.len() {
+            match frame_at(bytes, at) {
+                Frame::Valid(kind, payload, next) => {
+                    if kind == KIND_CHECKPOINT {
+                        replay.checkpoint = Some(payload);
+                        replay.entries.clear();
+                    } else {
+                        replay.entries.push(payload);
+                    }
+                    at = next;
+                }
+                // The bytes after an interrupted write are a prefix of that one frame, so
+                // a valid frame after them means the damage is elsewhere (say, a length).
+                Frame::Incomplete if !valid_frame_after(bytes, at) => break,
+                Frame::Incomplete => {
+                    return Err(JournalError::Corrupt {
+                        path: path.to_path_buf(),
+                        position: at as u64,
+                        reason: "frame runs past the end of the file, with valid frames after it"
+                            .into(),
+                    });
+                }
+                Frame::Damaged(reason) if valid_frame_after(bytes, at) => {
+                    return Err(JournalError::Corrupt {
+                        path: path.to_path_buf(),
+                        position: at as u64,
+                        reason: format!("{reason}, with valid frames after it"),
+                    });
+                }
+                Frame::Damaged(_) => break,
+            }
+        }
+        replay.truncated_bytes = bytes.len().saturating_sub(at) as u64;
+        Ok((replay, at))
+    }
 }
 
-/// The whole, valid frame at `at`, if there is one.
-fn frame_at(bytes: &Bytes, at: usize) -> Option<(u8, Bytes, usize)> {
-    let header = bytes.get(at..at.checked_add(FRAME_HEADER_LEN)?)?;
-    let len = u32::from_le_bytes(header.get(0..4)?.try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(header.get(4..8)?.try_into().ok()?);
-    let kind = *header.get(8)?;
-    if len > MAX_FRAME || !matches!(kind, KIND_ENTRY | KIND_CHECKPOINT) {
-        return None;
-    }
-    let start = at + FRAME_HEADER_LEN;
-    let end = start.checked_add(len)?;
-    let payload = bytes.get(start..end)?;
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&[kind]);
-    hasher.update(payload);
-    (hasher.finalize() == crc).then(|| (kind, bytes.slice(start..end), end))
-}
+use frame::{file_header, parse, put_frame};
 
 impl Journal {
-    /// Opens or creates the journal at `path` and replays it.
-    pub fn open(path: &Path, fsync: FsyncPolicy) -> Result<(Journal, Replay), JournalError> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(io(dir))?;
-        }
-        let _ = fs::remove_file(temp_path(path));
-        let bytes = match fs::read(path) {
-            Ok(bytes) => Bytes::from(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Bytes::new(),
-            Err(e) => return Err(io(path)(e)),
-        };
+    /// Opens or creates the journal at `path` on `storage` and replays it.
+    pub fn open(
+        storage: SharedStorage,
+        path: &Path,
+        fsync: FsyncPolicy,
+    ) -> Result<(Journal, Replay), JournalError> {
+        let dir = storage::parent_dir(path);
+        storage.create_dir_all(dir).map_err(io(dir))?;
+        let _ = storage.remove(&storage::temp_path(path));
+        let bytes = storage::read_if_exists(&*storage, path)
+            .map_err(io(path))?
+            .map(Bytes::from)
+            .unwrap_or_default();
         let (replay, valid) = parse(path, &bytes)?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .append(true)
-            .open(path)
-            .map_err(io(path))?;
+        let file = storage.open(path, OpenMode::Append).map_err(io(path))?;
         if valid < HEADER_LEN {
             file.set_len(0).map_err(io(path))?;
-            file.write_all(&file_header()).map_err(io(path))?;
-            file.sync_all().map_err(io(path))?;
-            sync_parent(path)?;
+            file.append(&file_header()).map_err(io(path))?;
+            file.sync_data().map_err(io(path))?;
+            storage.sync_dir(dir).map_err(io(dir))?;
         } else if valid < bytes.len() {
             tracing::warn!(journal = %path.display(), cut = bytes.len() - valid, "truncating torn journal tail");
             file.set_len(valid as u64).map_err(io(path))?;
-            file.sync_all().map_err(io(path))?;
+            file.sync_data().map_err(io(path))?;
         }
         let shared = Arc::new(Shared {
+            storage,
             path: path.to_path_buf(),
             fsync,
             file: Mutex::new(JournalFile {
-                file: Arc::new(file),
+                file,
                 len: valid.max(HEADER_LEN) as u64,
                 written: 0,
                 dirty: false,
@@ -331,9 +418,17 @@ impl Shared {
         entries
             .iter()
             .for_each(|e| put_frame(&mut f.buf, KIND_ENTRY, e));
-        if let Err(error) = (&*f.file).write_all(&f.buf) {
-            // Keep the file ending on a whole frame.
-            let _ = f.file.set_len(f.len);
+        if let Err(error) = f.file.append(&f.buf) {
+            // Keep the file ending on a whole frame; when that fails too, take no more
+            // appends, so none lands behind a partial frame.
+            if let Err(cut) = f.file.set_len(f.len) {
+                let reason = format!(
+                    "write to {} failed ({error}) and cutting back the partial frame failed ({cut})",
+                    self.path.display()
+                );
+                tracing::error!(%reason, "the journal stops taking appends");
+                f.failed = Some(reason);
+            }
             return Err(io(&self.path)(error));
         }
         f.len += f.buf.len() as u64;
@@ -349,13 +444,24 @@ impl Shared {
         Ok(f.written)
     }
 
-    /// fsyncs what is written, on the caller's thread.
+    /// fsyncs what is written, on the caller's thread. A failed fsync fails the journal
+    /// for good: a retried fsync may "succeed" after the kernel dropped the dirty pages.
     fn sync_now(&self) -> Result<u64, JournalError> {
         let mut f = self.file.lock();
+        if let Some(reason) = &f.failed {
+            return Err(JournalError::Failed(reason.clone()));
+        }
         if f.dirty {
-            f.file.sync_data().map_err(io(&self.path))?;
-            f.dirty = false;
+            let result = f.file.sync_data();
             f.last_sync = Instant::now();
+            if let Err(error) = result {
+                let reason = format!("fsync of {} failed: {error}", self.path.display());
+                tracing::error!(%reason, "the journal stops taking appends");
+                f.failed = Some(reason.clone());
+                self.commit.fail(reason);
+                return Err(io(&self.path)(error));
+            }
+            f.dirty = false;
         }
         self.commit.mark_synced(f.written);
         Ok(f.written)
@@ -397,20 +503,21 @@ impl Shared {
     /// Replaces the journal with a file holding only `snapshot`.
     fn checkpoint(&self, snapshot: &[u8]) -> Result<u64, JournalError> {
         let mut f = self.file.lock();
-        let tmp = temp_path(&self.path);
+        if let Some(reason) = &f.failed {
+            return Err(JournalError::Failed(reason.clone()));
+        }
         let mut bytes = file_header().to_vec();
         put_frame(&mut bytes, KIND_CHECKPOINT, snapshot);
-        let mut file = File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
-        sync_parent(&self.path)?;
-        f.file = Arc::new(
-            OpenOptions::new()
-                .append(true)
-                .open(&self.path)
-                .map_err(io(&self.path))?,
-        );
+        storage::atomic_replace(&*self.storage, &self.path, &bytes, false).map_err(|e| {
+            JournalError::Io {
+                path: e.path,
+                source: e.source,
+            }
+        })?;
+        f.file = self
+            .storage
+            .open(&self.path, OpenMode::Append)
+            .map_err(io(&self.path))?;
         f.len = bytes.len() as u64;
         f.dirty = false;
         self.since_checkpoint.store(0, Ordering::Relaxed);
@@ -420,22 +527,12 @@ impl Shared {
     }
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
-}
-
-fn sync_parent(path: &Path) -> Result<(), JournalError> {
-    match path.parent() {
-        Some(dir) => File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir)),
-        None => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::{disk, temp_path};
+    use proptest::prelude::*;
+    use std::fs;
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
@@ -446,13 +543,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.journal");
         {
-            let (journal, replay) = Journal::open(&path, FsyncPolicy::Always).unwrap();
+            let (journal, replay) = Journal::open(disk(), &path, FsyncPolicy::Always).unwrap();
             assert_eq!(replay, Replay::default());
             journal.append(vec![b("a"), b("b")]).wait().await.unwrap();
             journal.checkpoint(b("snap")).wait().await.unwrap();
             journal.append(vec![b("c")]).wait().await.unwrap();
         }
-        let (journal, replay) = Journal::open(&path, FsyncPolicy::Always).unwrap();
+        let (journal, replay) = Journal::open(disk(), &path, FsyncPolicy::Always).unwrap();
         assert_eq!(replay.checkpoint, Some(b("snap")));
         assert_eq!(replay.entries, vec![b("c")]);
         assert_eq!(replay.truncated_bytes, 0);
@@ -465,7 +562,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.journal");
         {
-            let (journal, _) = Journal::open(&path, FsyncPolicy::Never).unwrap();
+            let (journal, _) = Journal::open(disk(), &path, FsyncPolicy::Never).unwrap();
             journal
                 .append(vec![b("one"), b("two")])
                 .wait()
@@ -475,20 +572,20 @@ mod tests {
         }
         let two_frames = fs::read(&path).unwrap();
         {
-            let (journal, _) = Journal::open(&path, FsyncPolicy::Never).unwrap();
+            let (journal, _) = Journal::open(disk(), &path, FsyncPolicy::Never).unwrap();
             journal.append(vec![b("three")]).wait().await.unwrap();
         }
         let whole = fs::read(&path).unwrap();
         for cut in two_frames.len()..whole.len() {
             fs::write(&path, &whole[..cut]).unwrap();
-            let (_, replay) = Journal::open(&path, FsyncPolicy::Never).unwrap();
+            let (_, replay) = Journal::open(disk(), &path, FsyncPolicy::Never).unwrap();
             assert_eq!(replay.entries, vec![b("one"), b("two")], "cut {cut}");
             assert_eq!(replay.truncated_bytes, (cut - two_frames.len()) as u64);
         }
         let mut flipped = whole.clone();
         *flipped.last_mut().unwrap() ^= 1;
         fs::write(&path, &flipped).unwrap();
-        let (_, replay) = Journal::open(&path, FsyncPolicy::Never).unwrap();
+        let (_, replay) = Journal::open(disk(), &path, FsyncPolicy::Never).unwrap();
         assert_eq!(replay.entries.len(), 2);
     }
 
@@ -497,13 +594,120 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.journal");
         {
-            let (journal, _) = Journal::open(&path, FsyncPolicy::Never).unwrap();
+            let (journal, _) = Journal::open(disk(), &path, FsyncPolicy::Never).unwrap();
             journal.append(vec![b("kept")]).wait().await.unwrap();
         }
         fs::write(temp_path(&path), b"half a checkpoint").unwrap();
-        let (_, replay) = Journal::open(&path, FsyncPolicy::Never).unwrap();
+        let (_, replay) = Journal::open(disk(), &path, FsyncPolicy::Never).unwrap();
         assert_eq!(replay.entries, vec![b("kept")]);
         assert!(!temp_path(&path).exists());
+    }
+
+    /// Damage followed by valid frames is reported with file and position, not cut off
+    /// with every later entry (issue 11: the journal silently dropped every later ack).
+    #[tokio::test]
+    async fn damage_in_the_middle_is_a_named_error_not_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.journal");
+        {
+            let (journal, _) = Journal::open(disk(), &path, FsyncPolicy::Never).unwrap();
+            journal
+                .append(vec![b("one"), b("two"), b("three")])
+                .wait()
+                .await
+                .unwrap();
+        }
+        let whole = fs::read(&path).unwrap();
+        // The payload byte of the first frame ("one" starts after header + frame header).
+        let first_payload = HEADER_LEN + FRAME_HEADER_LEN;
+        for at in [first_payload, HEADER_LEN, HEADER_LEN + 8] {
+            let mut damaged = whole.clone();
+            damaged[at] ^= 0x40;
+            fs::write(&path, &damaged).unwrap();
+            match Journal::open(disk(), &path, FsyncPolicy::Never) {
+                Err(JournalError::Corrupt {
+                    position, path: p, ..
+                }) => {
+                    assert_eq!(position, HEADER_LEN as u64, "flip at {at}");
+                    assert_eq!(p, path);
+                }
+                Err(other) => panic!("flip at {at}: {other}"),
+                Ok((_, replay)) => panic!("flip at {at}: opened with {:?}", replay.entries),
+            }
+            // Nothing was cut: the damaged file is left for the operator.
+            assert_eq!(fs::read(&path).unwrap(), damaged);
+        }
+    }
+
+    fn journal_bytes(entries: &[Vec<u8>], checkpoint_at: Option<usize>) -> Vec<u8> {
+        let mut out = file_header().to_vec();
+        for (i, e) in entries.iter().enumerate() {
+            let kind = if Some(i) == checkpoint_at {
+                KIND_CHECKPOINT
+            } else {
+                KIND_ENTRY
+            };
+            put_frame(&mut out, kind, e);
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut with_header = file_header().to_vec();
+            with_header.extend_from_slice(&bytes);
+            let _ = parse(Path::new("j"), &Bytes::from(bytes));
+            let _ = parse(Path::new("j"), &Bytes::from(with_header));
+        }
+
+        /// Any one mutation of a valid journal: an error or a replay of a prefix of its
+        /// entries, never a panic and never an entry that was not written.
+        #[test]
+        fn parse_of_mutated_journals_is_an_error_or_a_prefix(
+            entries in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..8),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let whole = journal_bytes(&entries, None);
+            let mut mutated = whole.clone();
+            let i = at.index(mutated.len());
+            mutated[i] ^= xor;
+            let cut = cut.index(mutated.len() + 1);
+            for bytes in [mutated, whole[..cut].to_vec()] {
+                if let Ok((replay, valid)) = parse(Path::new("j"), &Bytes::from(bytes.clone())) {
+                    prop_assert!(valid <= bytes.len());
+                    prop_assert!(replay.entries.len() <= entries.len());
+                    for (got, want) in replay.entries.iter().zip(&entries) {
+                        prop_assert_eq!(&got[..], &want[..]);
+                    }
+                }
+            }
+        }
+
+        /// A journal cut anywhere (a torn tail) replays exactly the whole frames before
+        /// the cut.
+        #[test]
+        fn a_cut_anywhere_is_a_torn_tail(
+            entries in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let whole = journal_bytes(&entries, None);
+            let cut = cut.index(whole.len() + 1);
+            let (replay, valid) = parse(Path::new("j"), &Bytes::copy_from_slice(&whole[..cut])).unwrap();
+            let mut end = HEADER_LEN;
+            let mut whole_frames = 0;
+            for e in &entries {
+                if end + FRAME_HEADER_LEN + e.len() > cut {
+                    break;
+                }
+                end += FRAME_HEADER_LEN + e.len();
+                whole_frames += 1;
+            }
+            prop_assert_eq!(replay.entries.len(), whole_frames);
+            prop_assert_eq!(valid, if cut < HEADER_LEN { 0 } else { end });
+        }
     }
 
     #[test]
@@ -521,7 +725,7 @@ mod tests {
     async fn concurrent_appenders_keep_their_own_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.journal");
-        let (journal, _) = Journal::open(&path, FsyncPolicy::Always).unwrap();
+        let (journal, _) = Journal::open(disk(), &path, FsyncPolicy::Always).unwrap();
         let tasks: Vec<_> = (0..4)
             .map(|t| {
                 let journal = journal.clone();
@@ -540,7 +744,7 @@ mod tests {
             task.await.unwrap();
         }
         drop(journal);
-        let (_, replay) = Journal::open(&path, FsyncPolicy::Always).unwrap();
+        let (_, replay) = Journal::open(disk(), &path, FsyncPolicy::Always).unwrap();
         assert_eq!(replay.entries.len(), 200);
         for t in 0..4 {
             let mine: Vec<usize> = replay

@@ -26,6 +26,8 @@
 //! - [`log`]: the partition log — batches, segments, sparse indexes, recovery.
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
 //! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
+//! - [`storage`]: the I/O seam under the log, the journal, the registry and the auth files
+//!   (the real disk, and a simulated one for crash and fault tests).
 //! - [`name`]: the rule for queue, group, exchange and user names, and the only way a name
 //!   becomes a path under the data directory.
 //! - [`group`]: per-group delivery state (ack floor, leases, redelivery, DLQ decisions) as a
@@ -58,6 +60,7 @@ pub mod metrics;
 pub mod name;
 pub mod route;
 pub mod server;
+pub mod storage;
 
 /// Generated protobuf and gRPC types for `qit.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

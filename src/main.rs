@@ -415,6 +415,11 @@ async fn bench(args: BenchArgs) -> Result<()> {
         rate: args.rate,
         size: args.size,
         batch: args.batch,
+        window: args.window,
+        mode: match args.mode {
+            qit::cli::BenchMode::Unary => qit::bench::PublishMode::Unary,
+            qit::cli::BenchMode::Stream => qit::bench::PublishMode::Stream,
+        },
         producers: args.producers,
         consumers: args.consumers,
         partitions: args.partitions,

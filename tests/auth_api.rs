@@ -347,7 +347,7 @@ async fn grpc_needs_tokens_and_grants_and_a_restart_keeps_them() {
         let send = proto::SendMessageRequest {
             queue: "g".into(),
             messages: vec![proto::OutgoingMessage {
-                body: b"x".to_vec(),
+                body: bytes::Bytes::from_static(b"x"),
                 ..Default::default()
             }],
         };
@@ -382,7 +382,7 @@ async fn grpc_needs_tokens_and_grants_and_a_restart_keeps_them() {
     };
     let mut stream = c.subscribe(authed(sub, &bob)).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    assert_eq!(first.message.unwrap().body, b"x");
+    assert_eq!(&first.message.unwrap().body[..], b"x");
     let delete = proto::DeleteQueueRequest { queue: "g".into() };
     assert_eq!(
         c.delete_queue(authed(delete.clone(), &bob))
@@ -889,5 +889,58 @@ async fn admin_name_ghost_tokens_and_huge_usernames_are_refused() {
             "{body}"
         );
     }
+    s.stop().await;
+}
+
+/// The `Publish` stream checks like `SendMessage`: a token to open it, and the publish
+/// grant per request (a refused request is answered, the stream stays open).
+#[tokio::test]
+async fn publish_stream_needs_a_token_and_checks_each_request() {
+    use tokio_stream::wrappers::ReceiverStream;
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let alice = register(&s, "alice").await;
+    let bob = register(&s, "bob").await;
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    for (queue, owner) in [("mine", &bob), ("hers", &alice)] {
+        let create = proto::CreateQueueRequest {
+            queue: queue.into(),
+            settings: None,
+        };
+        c.create_queue(authed(create, owner)).await.unwrap();
+    }
+    let request = |seq: u64, queue: &str| proto::PublishRequest {
+        seq,
+        queue: queue.into(),
+        messages: vec![proto::OutgoingMessage {
+            body: bytes::Bytes::from_static(b"x"),
+            ..Default::default()
+        }],
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let denied = c.publish(ReceiverStream::new(rx)).await;
+    let code = match denied {
+        Err(status) => status.code(),
+        Ok(response) => {
+            tx.send(request(1, "mine")).await.unwrap();
+            response.into_inner().message().await.unwrap_err().code()
+        }
+    };
+    assert_eq!(code, Code::Unauthenticated);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses = c
+        .publish(authed(ReceiverStream::new(rx), &bob))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request(1, "hers")).await.unwrap();
+    tx.send(request(2, "mine")).await.unwrap();
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let r = responses.message().await.unwrap().unwrap();
+        got.insert(r.seq, r.error.map(|e| Code::from(e.code as i32)));
+    }
+    assert_eq!(got[&1], Some(Code::PermissionDenied));
+    assert_eq!(got[&2], None);
     s.stop().await;
 }

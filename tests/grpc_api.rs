@@ -30,7 +30,7 @@ async fn send(c: &mut BrokerClient<Channel>, queue: &str, bodies: &[&str]) -> Ve
     let messages = bodies
         .iter()
         .map(|b| proto::OutgoingMessage {
-            body: b.as_bytes().to_vec(),
+            body: bytes::Bytes::copy_from_slice(b.as_bytes()),
             content_type: Some("text/plain".into()),
             ..Default::default()
         })
@@ -99,7 +99,7 @@ async fn send_receive_ack_then_subscribe_replays_and_follows() {
         let m = next_message(&mut stream, Duration::from_secs(5))
             .await
             .unwrap();
-        assert_eq!(m.body, want.as_bytes());
+        assert_eq!(&m.body[..], want.as_bytes());
         assert_eq!(m.delivery_count, 1);
         tx.send(ack(&m.id)).await.unwrap();
     }
@@ -108,7 +108,7 @@ async fn send_receive_ack_then_subscribe_replays_and_follows() {
     let m = next_message(&mut stream, Duration::from_secs(5))
         .await
         .unwrap();
-    assert_eq!(m.body, b"three");
+    assert_eq!(&m.body[..], b"three");
     tx.send(ack(&m.id)).await.unwrap();
     drop(tx);
     // Acks were applied: the group is done.
@@ -137,7 +137,7 @@ async fn send_receive_ack_then_subscribe_replays_and_follows() {
     let mut got = Vec::new();
     for _ in 0..2 {
         let m = sub.next().await.unwrap().unwrap().message.unwrap();
-        got.push(String::from_utf8(m.body).unwrap());
+        got.push(String::from_utf8(m.body.to_vec()).unwrap());
     }
     assert_eq!(got, vec!["two", "three"]);
     send(&mut c, "g", &["four"]).await;
@@ -146,7 +146,7 @@ async fn send_receive_ack_then_subscribe_replays_and_follows() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(live.message.unwrap().body, b"four");
+    assert_eq!(&live.message.unwrap().body[..], b"four");
     let mut by_time = c
         .subscribe(proto::SubscribeRequest {
             queue: "g".into(),
@@ -190,7 +190,7 @@ async fn credit_is_never_exceeded_and_a_dropped_stream_returns_its_leases() {
     let third = next_message(&mut stream, Duration::from_secs(5))
         .await
         .unwrap();
-    assert_eq!(third.body, b"c");
+    assert_eq!(&third.body[..], b"c");
     tx.send(proto::ReceiveRequest {
         request: Some(receive_request::Request::Credit(proto::Credit { add: 1 })),
     })
@@ -199,7 +199,7 @@ async fn credit_is_never_exceeded_and_a_dropped_stream_returns_its_leases() {
     let fourth = next_message(&mut stream, Duration::from_secs(5))
         .await
         .unwrap();
-    assert_eq!(fourth.body, b"d");
+    assert_eq!(&fourth.body[..], b"d");
     // A bad ack answers an error on the stream and keeps it open.
     tx.send(ack("0-999")).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
@@ -222,7 +222,7 @@ async fn credit_is_never_exceeded_and_a_dropped_stream_returns_its_leases() {
             .into_inner();
         left.clear();
         while let Some(m) = next_message(&mut again, Duration::from_millis(500)).await {
-            left.push(String::from_utf8(m.body).unwrap());
+            left.push(String::from_utf8(m.body.to_vec()).unwrap());
         }
         if left.len() == 4 {
             break;

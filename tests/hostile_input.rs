@@ -288,7 +288,7 @@ async fn the_whole_record_counts_and_keys_are_capped_over_grpc() {
     let mut c = grpc(&s).await;
     let message = |key: Option<String>, header: Option<String>, idem: Option<String>| {
         proto::OutgoingMessage {
-            body: b"x".to_vec(),
+            body: bytes::Bytes::from_static(b"x"),
             key,
             headers: header.map(|v| ("h".to_string(), v)).into_iter().collect(),
             content_type: None,
@@ -392,7 +392,7 @@ async fn one_lease(s: &TestServer, c: &mut BrokerClient<Channel>, queue: &str) -
     c.send_message(proto::SendMessageRequest {
         queue: queue.into(),
         messages: vec![proto::OutgoingMessage {
-            body: b"x".to_vec(),
+            body: bytes::Bytes::from_static(b"x"),
             ..Default::default()
         }],
     })
@@ -471,7 +471,7 @@ async fn receive_stream_lease_durations_are_capped() {
     c.send_message(proto::SendMessageRequest {
         queue: "q".into(),
         messages: vec![proto::OutgoingMessage {
-            body: b"y".to_vec(),
+            body: bytes::Bytes::from_static(b"y"),
             ..Default::default()
         }],
     })

@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("commit", 0),
     ("journal", 0),
     ("proto", 0),
+    ("storage", 0),
     // Pure rules and leaf services: group state machines, routing, metrics names, auth.
     ("group", 1),
     ("route", 1),

@@ -256,7 +256,7 @@ async fn hostile_names_over_grpc_are_refused_and_lose_nothing() {
             .send_message(proto::SendMessageRequest {
                 queue: name.clone(),
                 messages: vec![proto::OutgoingMessage {
-                    body: b"x".to_vec(),
+                    body: bytes::Bytes::from_static(b"x"),
                     ..Default::default()
                 }],
             })

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod limits;
+pub mod publish;
 pub mod receive;
 pub mod state;
 pub mod wire;

@@ -118,7 +118,7 @@ impl Session {
     async fn send(&self, response: Result<proto::ReceiveResponse, Status>) -> bool {
         tokio::select! {
             sent = self.tx.send(response) => sent.is_ok(),
-            _ = self.broker.stopped() => false,
+            _ = self.broker.until_shutdown() => false,
         }
     }
 

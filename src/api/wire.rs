@@ -8,7 +8,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::Status;
 
 use super::limits::ClientPermit;
-use crate::broker::{Delivery, MessageId};
+use crate::broker::{Delivery, MessageId, NewMessage, Published};
 use crate::proto;
 
 /// A stream's slots in the server-wide and per-client caps.
@@ -25,7 +25,7 @@ pub fn message(d: Delivery) -> proto::Message {
         key: d.key,
         headers: d.headers.into_iter().collect(),
         delivery_count: d.delivery_count,
-        body: d.body.to_vec(),
+        body: d.body,
         content_type: d.content_type,
     }
 }
@@ -38,4 +38,27 @@ pub fn message_id(raw: &str) -> Result<MessageId, Status> {
 /// Milliseconds of the wire as a duration.
 pub fn millis(ms: u64) -> Duration {
     Duration::from_millis(ms)
+}
+
+/// A message to publish, from its protobuf form (header names checked).
+pub fn new_message(m: proto::OutgoingMessage) -> Result<NewMessage, Status> {
+    for name in m.headers.keys() {
+        crate::api::json::check_header_name(name).map_err(Status::from)?;
+    }
+    Ok(NewMessage {
+        key: m.key,
+        headers: m.headers.into_iter().collect(),
+        content_type: m.content_type,
+        body: m.body,
+        idempotency_key: m.idempotency_key,
+    })
+}
+
+/// Where a published message was stored, in protobuf form.
+pub fn message_ref(p: Published) -> proto::MessageRef {
+    proto::MessageRef {
+        id: p.id.to_string(),
+        partition: p.partition,
+        offset: p.offset,
+    }
 }

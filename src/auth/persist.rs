@@ -1,36 +1,21 @@
-//! Durable auth files: whole-file JSON written atomically (temp file, fsync, rename,
-//! directory fsync) with owner-only permissions, since they hold password hashes and the
-//! signing secret.
+//! Durable auth files: whole-file JSON written atomically ([`storage::atomic_replace`]:
+//! temp file, fsync, rename, directory fsync) with owner-only permissions, since they hold
+//! password hashes and the signing secret.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::AuthError;
+use crate::storage::{self, Disk, Storage};
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> AuthError + '_ {
     move |source| AuthError::Io {
         path: path.to_path_buf(),
         source,
     }
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
-}
-
-/// Creates (or truncates) a file readable and writable by its owner only.
-fn create_private(path: &Path) -> std::io::Result<File> {
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
 }
 
 /// Sets mode 0600 on an existing file (a no-op off Unix).
@@ -52,18 +37,12 @@ pub fn restrict_permissions(path: &Path) -> Result<(), AuthError> {
 
 /// Replaces `path` with `bytes` atomically and durably; the file has mode 0600.
 pub fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<(), AuthError> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let tmp = tmp_path(path);
-    let mut file = create_private(&tmp).map_err(io_error(&tmp))?;
-    file.write_all(bytes).map_err(io_error(&tmp))?;
-    file.sync_all().map_err(io_error(&tmp))?;
-    // A leftover temp file from an earlier run may have kept looser permissions.
-    restrict_permissions(&tmp)?;
-    fs::rename(&tmp, path).map_err(io_error(path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
+    let dir = storage::parent_dir(path);
+    Disk.create_dir_all(dir).map_err(io_error(dir))?;
+    storage::atomic_replace(&Disk, path, bytes, true).map_err(|e| AuthError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Writes `value` as pretty JSON to `path`, atomically.
@@ -77,12 +56,12 @@ pub fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<(), AuthError> 
 
 /// Reads JSON from `path`; `T::default()` when the file does not exist.
 pub fn load_json<T: DeserializeOwned + Default>(path: &Path) -> Result<T, AuthError> {
-    match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AuthError::CorruptState {
+    match storage::read_if_exists(&Disk, path) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).map_err(|e| AuthError::CorruptState {
             path: path.to_path_buf(),
             reason: e.to_string(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Ok(None) => Ok(T::default()),
         Err(source) => Err(AuthError::Io {
             path: path.to_path_buf(),
             source,

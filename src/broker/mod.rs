@@ -32,6 +32,7 @@ pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 pub use types::*;
 
+use crate::storage::SharedStorage;
 use queue::{DeadLetterJob, Group, Queue};
 use registry::{MetaCommand, Registry};
 
@@ -41,12 +42,13 @@ fn open_queues(
     root: &std::path::Path,
     specs: Vec<(String, QueueSettings)>,
     fsync: crate::log::FsyncPolicy,
+    storage: &SharedStorage,
     clock: &Clock,
 ) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
     let mut opened = HashMap::new();
     let mut damaged = HashMap::new();
     for (name, settings) in specs {
-        match Queue::open(root, &name, settings, fsync, clock.clone()) {
+        match Queue::open(root, &name, settings, fsync, storage, clock.clone()) {
             Ok(queue) => {
                 opened.insert(name, Arc::new(queue));
             }
@@ -121,14 +123,15 @@ impl Broker {
     /// Opens the data directory: loads queues, exchanges and group state, recovering logs.
     pub async fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(data_dir.join("queues")).map_err(|source| {
-            BrokerError::Storage {
+        let storage = Arc::clone(&config.storage);
+        storage
+            .create_dir_all(&data_dir.join("queues"))
+            .map_err(|source| BrokerError::Storage {
                 path: data_dir.clone(),
                 source,
-            }
-        })?;
+            })?;
         let registry_path = data_dir.join("registry.json");
-        let registry = Registry::load(&registry_path)?;
+        let registry = Registry::load(&*storage, &registry_path)?;
         registry.check_names(&registry_path)?;
         let fsync = config.fsync;
         let clock = config.clock.clone();
@@ -139,7 +142,7 @@ impl Broker {
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
         let (opened, damaged) =
-            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync, &clock))
+            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync, &storage, &clock))
                 .await
                 .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
         let (dead_letters, jobs) = mpsc::unbounded_channel();
@@ -225,7 +228,7 @@ impl Broker {
         } else {
             usize::MAX
         };
-        next.save_within(&self.registry_path(), limit)?;
+        next.save_within(&*self.config.storage, &self.registry_path(), limit)?;
         *self.registry.write() = next;
         Ok(())
     }
@@ -341,8 +344,9 @@ impl Broker {
             self.config.fsync,
             self.config.clock.clone(),
         );
+        let storage = Arc::clone(&self.config.storage);
         let queue = tokio::task::spawn_blocking(move || {
-            Queue::open(&root, &owned_name, owned_settings, fsync, clock)
+            Queue::open(&root, &owned_name, owned_settings, fsync, &storage, clock)
         })
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
@@ -433,7 +437,8 @@ impl Broker {
         }
         let started = Instant::now();
         let result = q.publish(messages).await;
-        metrics::histogram!(crate::metrics::PUBLISH_LATENCY, "queue" => queue.to_string())
+        q.publish_metrics
+            .latency
             .record(started.elapsed().as_secs_f64());
         result
     }
@@ -963,11 +968,12 @@ impl Broker {
             return Err(BrokerError::QueueDamaged { queue, reason });
         }
         let path = self.config.data_dir.join(".healthcheck");
+        let storage = Arc::clone(&self.config.storage);
         tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let result = std::fs::File::create(&path)
-                .and_then(|mut f| f.write_all(b"ok").and_then(|()| f.sync_all()))
-                .and_then(|()| std::fs::remove_file(&path));
+            let result = storage
+                .open(&path, crate::storage::OpenMode::Create)
+                .and_then(|f| f.append(b"ok").and_then(|()| f.sync_data()))
+                .and_then(|()| storage.remove(&path));
             result.map_err(|source| BrokerError::Storage { path, source })
         })
         .await
@@ -993,10 +999,9 @@ impl Broker {
         self.shutdown.is_cancelled()
     }
 
-    /// Resolves once [`Broker::shutdown`] was called: long awaits of background tasks race
-    /// against it.
-    pub async fn stopped(&self) {
-        self.shutdown.cancelled().await;
+    /// Resolves once shutdown has begun.
+    pub async fn until_shutdown(&self) {
+        self.shutdown.cancelled().await
     }
 
     /// The tracker of the broker's background tasks (timer, dead-letter worker) and of the

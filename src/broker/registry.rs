@@ -5,15 +5,14 @@
 //! current state: the same commands could later come from a replicated log.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::settings::QueueSettings;
 use super::types::BrokerError;
 use crate::route::{Binding, ExchangeKind};
+use crate::storage::Storage;
 
 /// Registry file format version.
 const VERSION: u32 = 1;
@@ -102,10 +101,10 @@ pub enum MetaCommand {
 
 impl Registry {
     /// Loads the registry at `path`; a missing file is an empty registry.
-    pub fn load(path: &Path) -> Result<Self, BrokerError> {
-        let bytes = match fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+    pub fn load(storage: &dyn Storage, path: &Path) -> Result<Self, BrokerError> {
+        let bytes = match crate::storage::read_if_exists(storage, path) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(Self::default()),
             Err(source) => {
                 return Err(BrokerError::Storage {
                     path: path.to_path_buf(),
@@ -147,17 +146,18 @@ impl Registry {
     }
 
     /// Writes the registry to `path` atomically (temp file, fsync, rename, fsync dir).
-    pub fn save(&self, path: &Path) -> Result<(), BrokerError> {
-        self.save_within(path, usize::MAX)
+    pub fn save(&self, storage: &dyn Storage, path: &Path) -> Result<(), BrokerError> {
+        self.save_within(storage, path, usize::MAX)
     }
 
     /// [`Self::save`], refused with [`BrokerError::LimitReached`] (nothing written) when the
     /// file would be larger than `max_bytes`.
-    pub fn save_within(&self, path: &Path, max_bytes: usize) -> Result<(), BrokerError> {
-        let storage = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| BrokerError::Storage { path, source }
-        };
+    pub fn save_within(
+        &self,
+        storage: &dyn Storage,
+        path: &Path,
+        max_bytes: usize,
+    ) -> Result<(), BrokerError> {
         let mut record = self.clone();
         record.version = VERSION;
         let bytes = serde_json::to_vec_pretty(&record).map_err(|e| BrokerError::Corrupt {
@@ -170,17 +170,12 @@ impl Registry {
                 bytes.len()
             )));
         }
-        let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-        let mut file = File::create(&tmp).map_err(storage(&tmp))?;
-        file.write_all(&bytes).map_err(storage(&tmp))?;
-        file.sync_all().map_err(storage(&tmp))?;
-        fs::rename(&tmp, path).map_err(storage(path))?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(storage(dir))?;
-        }
-        Ok(())
+        crate::storage::atomic_replace(storage, path, &bytes, false).map_err(|e| {
+            BrokerError::Storage {
+                path: e.path,
+                source: e.source,
+            }
+        })
     }
 
     /// Applies a command. Validation (names, conflicts) happens before; applying a command
@@ -237,12 +232,14 @@ impl MetaCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Disk;
+    use std::fs;
 
     #[test]
     fn saves_and_loads_with_commands_applied() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.json");
-        let mut registry = Registry::load(&path).unwrap();
+        let mut registry = Registry::load(&Disk, &path).unwrap();
         let binding = Binding {
             queue: "q".into(),
             key: Some("k".into()),
@@ -269,8 +266,8 @@ mod tests {
         ] {
             registry.apply(&command);
         }
-        registry.save(&path).unwrap();
-        let loaded = Registry::load(&path).unwrap();
+        registry.save(&Disk, &path).unwrap();
+        let loaded = Registry::load(&Disk, &path).unwrap();
         assert_eq!(loaded.exchanges["x"].bindings.len(), 1);
         assert!(loaded.queues.contains_key("q"));
         let mut deleted = loaded;
@@ -288,13 +285,15 @@ mod tests {
             name: "q".into(),
             settings: QueueSettings::default(),
         });
-        registry.save(&path).unwrap();
+        registry.save(&Disk, &path).unwrap();
         let before = fs::read(&path).unwrap();
         registry.apply(&MetaCommand::CreateQueue {
             name: "r".into(),
             settings: QueueSettings::default(),
         });
-        let refused = registry.save_within(&path, before.len()).unwrap_err();
+        let refused = registry
+            .save_within(&Disk, &path, before.len())
+            .unwrap_err();
         assert!(matches!(refused, BrokerError::LimitReached(_)), "{refused}");
         assert_eq!(fs::read(&path).unwrap(), before);
         assert!(!dir.path().join("registry.json.tmp").exists());

@@ -256,6 +256,8 @@ pub struct BrokerConfig {
     pub clock: Clock,
     /// Most consumer groups one queue holds (each has a journal and state).
     pub max_groups_per_queue: usize,
+    /// Where the data lives: the real disk, or a simulated one in tests.
+    pub storage: crate::storage::SharedStorage,
 }
 
 /// What [`super::Broker::create_queue_reporting`] did.
@@ -278,6 +280,7 @@ impl Default for BrokerConfig {
             max_queues: 10_000,
             clock: Clock::system(),
             max_groups_per_queue: 1_000,
+            storage: crate::storage::disk(),
         }
     }
 }

@@ -4,6 +4,11 @@
 //! (little-endian; count is 0 where unused). A snapshot is: magic `QGS1` | dead_lettered u64
 //! | partition count u32 | per partition: floor u64, done-range count u32, ranges
 //! (start u64, end u64)*, count entries u32, (offset u64, delivery count u32)*.
+#![deny(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -56,7 +61,7 @@ pub struct DecodeError(pub String);
 
 /// Encodes events into one journal entry.
 pub fn encode_events(events: &[Event]) -> Bytes {
-    let mut out = BytesMut::with_capacity(events.len() * EVENT_LEN);
+    let mut out = BytesMut::with_capacity(events.len().saturating_mul(EVENT_LEN));
     for event in events {
         let (kind, partition, offset, count) = match *event {
             Event::Leased {
@@ -192,17 +197,20 @@ impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
         let slice = self
             .bytes
-            .get(self.at..self.at + n)
+            .get(self.at..self.at.saturating_add(n))
             .ok_or_else(|| DecodeError("truncated".into()))?;
-        self.at += n;
+        self.at = self.at.saturating_add(n);
         Ok(slice)
     }
     fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
+        let mut a = [0; 1];
+        a.copy_from_slice(self.take(1)?);
+        Ok(a[0])
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        let mut a = [0; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
         let mut a = [0; 8];
@@ -212,8 +220,62 @@ impl Reader<'_> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Events and snapshots decode arbitrary bytes to an error or a value, never a panic.
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = decode_events(&bytes);
+            let _ = Snapshot::decode(&bytes);
+            let mut with_magic = Snapshot::default().encode().to_vec();
+            with_magic.truncate(5);
+            with_magic.extend_from_slice(&bytes);
+            let _ = Snapshot::decode(&with_magic);
+        }
+
+        /// A valid snapshot or event entry with one byte changed or cut short: never a panic.
+        #[test]
+        fn decoders_never_panic_on_mutated_bytes(
+            floors in proptest::collection::vec((any::<u64>(), 0u64..100, 0u64..100), 1..5),
+            position in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let snapshot = Snapshot {
+                dead_lettered: 3,
+                partitions: floors
+                    .iter()
+                    .map(|&(floor, a, b)| PartitionSnapshot {
+                        floor,
+                        done: vec![(a, a + b)],
+                        counts: vec![(b, 2)],
+                    })
+                    .collect(),
+            };
+            let events: Vec<Event> = floors
+                .iter()
+                .map(|&(offset, a, _)| Event::Leased { partition: a as u32, offset, delivery_count: 1 })
+                .collect();
+            for encoded in [snapshot.encode().to_vec(), encode_events(&events).to_vec()] {
+                let mut mutated = encoded.clone();
+                let at = position.index(mutated.len());
+                mutated[at] ^= xor;
+                let _ = Snapshot::decode(&mutated);
+                let _ = decode_events(&mutated);
+                let short = &encoded[..cut.index(encoded.len())];
+                let _ = Snapshot::decode(short);
+                let _ = decode_events(short);
+            }
+        }
+    }
 
     #[test]
     fn events_and_snapshots_round_trip() {

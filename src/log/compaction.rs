@@ -9,8 +9,6 @@
 //! crash after it leaves the new one, its indexes rebuilt on open if not renamed yet. Readers holding a
 //! map of the old file keep reading it until they drop it.
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,6 +16,7 @@ use super::record::{self, BatchHeader, Slot};
 use super::recovery::{self, temp_path};
 use super::segment::{self, Extent, IndexBuilder, Segment, SegmentPaths};
 use super::{LogError, PartitionLog, Record, StoredRecord};
+use crate::storage::{OpenMode, Storage};
 
 /// What a rewrite did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -129,10 +128,10 @@ fn flush_empty_run(run: &mut Option<(u64, u64, u64)>, out: &mut Vec<u8>) {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), LogError> {
-    let mut file = File::create(path).map_err(io(path))?;
-    file.write_all(bytes).map_err(io(path))?;
-    file.sync_all().map_err(io(path))
+fn write_synced(storage: &dyn Storage, path: &Path, bytes: &[u8]) -> Result<(), LogError> {
+    let file = storage.open(path, OpenMode::Create).map_err(io(path))?;
+    file.append(bytes).map_err(io(path))?;
+    file.sync_data().map_err(io(path))
 }
 
 impl PartitionLog {
@@ -168,34 +167,37 @@ impl PartitionLog {
         let Some((bytes, removed)) = rewritten_bytes(&old, keep)? else {
             return Ok(RewriteStats::default());
         };
+        let storage = &*shared.config.storage;
         let paths = old.paths.clone();
         let mut builder = IndexBuilder::new(shared.config.index_interval_bytes, None, true);
         let scan = segment::scan(&bytes, base_offset, 0, base_offset, &mut builder);
-        write_synced(&temp_path(&paths.log), &bytes)?;
-        write_temp_indexes(&paths, &scan.index, &scan.time_index)?;
+        write_synced(storage, &temp_path(&paths.log), &bytes)?;
+        write_temp_indexes(storage, &paths, &scan.index, &scan.time_index)?;
         if stop == Step::WroteTemp {
             return Ok(RewriteStats::default());
         }
         // Old indexes go first: a crash from here on leaves the segment without indexes,
         // which opening rebuilds, never with indexes of the other version.
         for path in [&paths.index, &paths.time_index] {
-            fs::remove_file(path).map_err(io(path))?;
+            storage.remove(path).map_err(io(path))?;
         }
-        fs::rename(temp_path(&paths.log), &paths.log).map_err(io(&paths.log))?;
-        recovery::sync_dir(&shared.dir)?;
+        storage
+            .rename(&temp_path(&paths.log), &paths.log)
+            .map_err(io(&paths.log))?;
+        recovery::sync_dir(storage, &shared.dir)?;
         if stop == Step::Renamed {
             return Ok(RewriteStats::default());
         }
         for path in [&paths.index, &paths.time_index] {
-            fs::rename(temp_path(path), path).map_err(io(path))?;
+            storage.rename(&temp_path(path), path).map_err(io(path))?;
         }
-        recovery::sync_dir(&shared.dir)?;
+        recovery::sync_dir(storage, &shared.dir)?;
         let fresh = Arc::new(Segment::sealed(
             base_offset,
             paths.clone(),
-            segment::map_file(&paths.log)?,
-            segment::map_file(&paths.index)?,
-            segment::map_file(&paths.time_index)?,
+            segment::map_file(storage, &paths.log)?,
+            segment::map_file(storage, &paths.index)?,
+            segment::map_file(storage, &paths.time_index)?,
             Extent {
                 len: scan.end,
                 next_offset: old.next_offset(),
@@ -216,6 +218,7 @@ impl PartitionLog {
 }
 
 fn write_temp_indexes(
+    storage: &dyn Storage,
     paths: &SegmentPaths,
     offsets: &[super::index::OffsetEntry],
     times: &[super::index::TimeEntry],
@@ -224,6 +227,6 @@ fn write_temp_indexes(
     offsets.iter().for_each(|e| e.encode(&mut index));
     let mut time = Vec::new();
     times.iter().for_each(|e| e.encode(&mut time));
-    write_synced(&temp_path(&paths.index), &index)?;
-    write_synced(&temp_path(&paths.time_index), &time)
+    write_synced(storage, &temp_path(&paths.index), &index)?;
+    write_synced(storage, &temp_path(&paths.time_index), &time)
 }

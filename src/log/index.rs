@@ -6,6 +6,11 @@
 //! i64, relative offset u32)`: the timestamp is the largest of every record up to and
 //! including the batch at that offset, so entries are non-decreasing in both fields.
 //! Lookups are binary searches over the raw bytes, so a mapped file needs no parsing.
+#![deny(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 /// Bytes per offset index entry.
 pub const OFFSET_ENTRY_LEN: usize = 8;
@@ -40,7 +45,7 @@ impl OffsetEntry {
     /// Entry `i` of an index, if present.
     pub fn at(bytes: &[u8], i: usize) -> Option<Self> {
         let at = i.checked_mul(OFFSET_ENTRY_LEN)?;
-        let entry = bytes.get(at..at + OFFSET_ENTRY_LEN)?;
+        let entry = bytes.get(at..at.checked_add(OFFSET_ENTRY_LEN)?)?;
         Some(Self {
             relative_offset: u32::from_le_bytes(entry.get(0..4)?.try_into().ok()?),
             position: u32::from_le_bytes(entry.get(4..8)?.try_into().ok()?),
@@ -58,7 +63,7 @@ impl TimeEntry {
     /// Entry `i` of a time index, if present.
     pub fn at(bytes: &[u8], i: usize) -> Option<Self> {
         let at = i.checked_mul(TIME_ENTRY_LEN)?;
-        let entry = bytes.get(at..at + TIME_ENTRY_LEN)?;
+        let entry = bytes.get(at..at.checked_add(TIME_ENTRY_LEN)?)?;
         Some(Self {
             timestamp_ms: i64::from_le_bytes(entry.get(0..8)?.try_into().ok()?),
             relative_offset: u32::from_le_bytes(entry.get(8..12)?.try_into().ok()?),
@@ -82,9 +87,9 @@ pub fn lookup_offset(bytes: &[u8], target: u32) -> Option<OffsetEntry> {
     let n = offset_entries(bytes);
     let (mut lo, mut hi) = (0, n);
     while lo < hi {
-        let mid = lo + (hi - lo) / 2;
+        let mid = lo.midpoint(hi);
         match OffsetEntry::at(bytes, mid) {
-            Some(e) if e.relative_offset <= target => lo = mid + 1,
+            Some(e) if e.relative_offset <= target => lo = mid.saturating_add(1),
             _ => hi = mid,
         }
     }
@@ -97,9 +102,9 @@ pub fn lookup_time(bytes: &[u8], target: i64) -> Option<TimeEntry> {
     let n = time_entries(bytes);
     let (mut lo, mut hi) = (0, n);
     while lo < hi {
-        let mid = lo + (hi - lo) / 2;
+        let mid = lo.midpoint(hi);
         match TimeEntry::at(bytes, mid) {
-            Some(e) if e.timestamp_ms < target => lo = mid + 1,
+            Some(e) if e.timestamp_ms < target => lo = mid.saturating_add(1),
             _ => hi = mid,
         }
     }
@@ -107,8 +112,33 @@ pub fn lookup_time(bytes: &[u8], target: i64) -> Option<TimeEntry> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Index bytes from disk (any length, any content): lookups give an entry or none,
+        /// never a panic, and a found offset entry is never past the target.
+        #[test]
+        fn lookups_never_panic_on_arbitrary_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+            target in any::<u32>(),
+            ts in any::<i64>(),
+            i in any::<usize>(),
+        ) {
+            if let Some(e) = lookup_offset(&bytes, target) {
+                prop_assert!(e.relative_offset <= target);
+            }
+            let _ = lookup_time(&bytes, ts);
+            let _ = OffsetEntry::at(&bytes, i);
+            let _ = TimeEntry::at(&bytes, i);
+        }
+    }
 
     fn index(entries: &[(u32, u32)]) -> Vec<u8> {
         let mut out = Vec::new();

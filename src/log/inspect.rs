@@ -140,7 +140,7 @@ pub fn inspect(path: &Path, with_records: bool) -> Result<Vec<SegmentReport>, Lo
 
 fn inspect_segment(file: &Path, with_records: bool) -> Result<SegmentReport, LogError> {
     let base_offset = base_of(file).unwrap_or(0);
-    let bytes = segment::map_file(file)?;
+    let bytes = segment::map_file(&crate::storage::Disk, file)?;
     let mut report = SegmentReport {
         file: file.to_path_buf(),
         base_offset,
@@ -217,7 +217,7 @@ fn read_index(path: &Path) -> Result<Option<Bytes>, LogError> {
     if !path.exists() {
         return Ok(None);
     }
-    segment::map_file(path).map(Some)
+    segment::map_file(&crate::storage::Disk, path).map(Some)
 }
 
 /// Every index entry must point at a batch start with the right offset, in order; every

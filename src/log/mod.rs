@@ -8,6 +8,8 @@
 //! - [`recovery`]: opening a directory, checking indexes, cutting a torn tail.
 //! - [`writer`]: appends on the caller's thread under the writer lock; the sync thread with
 //!   group commit.
+//! - [`combine`]: merged appends: appends that arrive together go out as one batch and one
+//!   `write` (leader/follower combining, no timer).
 //! - [`inspect`]: offline verification and dumps for `qit-inspect`.
 //! - [`compaction`]: rewriting a sealed segment without some records, atomically.
 //!
@@ -15,6 +17,7 @@
 //! list is an `ArcSwap` snapshot, sealed segments are immutable maps, and the active segment
 //! is read with positioned reads bounded by the length the writer has published.
 
+mod combine;
 pub mod compaction;
 pub mod index;
 pub mod inspect;
@@ -35,6 +38,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::commit::GroupCommit;
+use crate::storage::SharedStorage;
 use segment::Segment;
 use writer::Writer;
 
@@ -64,6 +68,8 @@ pub enum Compression {
 /// Settings of one partition log.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
+    /// Where the files live: the real disk, or a simulated one in tests.
+    pub storage: SharedStorage,
     /// A segment rolls once it holds more than this many bytes (default 64 MiB).
     pub segment_bytes: u64,
     /// Durability policy for appends.
@@ -105,6 +111,7 @@ impl std::fmt::Debug for FsyncObserver {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
+            storage: crate::storage::disk(),
             segment_bytes: 64 * 1024 * 1024,
             fsync: FsyncPolicy::Interval,
             fsync_interval: Duration::from_millis(5),
@@ -205,6 +212,8 @@ struct Shared {
     writer: Mutex<Writer>,
     /// Group commit with the sync thread (appenders under `fsync = always` wait on it).
     commit: GroupCommit,
+    /// Appends waiting to be merged into the next batch.
+    combiner: combine::Combiner,
 }
 
 /// Owns the sync thread; dropping the last handle stops it and syncs a last time.
@@ -251,6 +260,7 @@ impl PartitionLog {
         })?;
         let next = state.extent.next_offset;
         let fsync = config.fsync;
+        let writer = Writer::new(&*config.storage, active, state)?;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             config,
@@ -258,8 +268,9 @@ impl PartitionLog {
             next_offset: AtomicU64::new(next),
             watch: watch::Sender::new(next),
             list_lock: Mutex::new(()),
-            writer: Mutex::new(Writer::new(active, state)?),
+            writer: Mutex::new(writer),
             commit: GroupCommit::new(next),
+            combiner: combine::Combiner::default(),
         });
         let for_thread = Arc::clone(&shared);
         let sync_thread = crate::commit::spawn_sync_thread(fsync, "qit-log-sync", move || {
@@ -277,20 +288,21 @@ impl PartitionLog {
         })
     }
 
-    /// Appends records with consecutive offsets as one batch; returns the first offset.
+    /// Appends records with consecutive offsets; returns the first offset.
     ///
-    /// The batch is written (one `write`, on the caller's thread) when this is called, not
-    /// when the future is first polled; the future resolves at once, or under
-    /// [`FsyncPolicy::Always`] once the records are durable (one fsync serves every append
-    /// written while the previous one ran). Dropping the future does not undo the write.
+    /// Appends that arrive together (queued before a leader takes them, see [`combine`])
+    /// are written as one batch with one `write`, each as one run of consecutive offsets in
+    /// its own order. The future resolves once the records are written, or under
+    /// [`FsyncPolicy::Always`] once they are durable (one fsync serves every append written
+    /// while the previous one ran). Dropped before a leader took the records, it writes
+    /// nothing; dropped later, it does not undo the write.
     pub fn append(
         &self,
         records: Vec<Record>,
     ) -> impl std::future::Future<Output = Result<u64, LogError>> + Send + 'static {
         let shared = Arc::clone(&self.inner.shared);
-        let written = shared.writer.lock().append(&shared, &records);
         async move {
-            let (first, end) = written?;
+            let (first, end) = combine::append(Arc::clone(&shared), records).await?;
             if shared.config.fsync == FsyncPolicy::Always {
                 shared
                     .commit
@@ -300,6 +312,11 @@ impl PartitionLog {
             }
             Ok(first)
         }
+    }
+
+    /// Batches written since the log was opened (each one `write`); merged appends share one.
+    pub fn batches_written(&self) -> u64 {
+        self.inner.shared.combiner.writes()
     }
 
     /// Reads whole records from `from` (clamped up to the first offset) up to the budgets;
@@ -441,19 +458,22 @@ impl PartitionLog {
                 .store(Arc::new(list.get(count..).unwrap_or_default().to_vec()));
             list.get(..count).unwrap_or_default().to_vec()
         };
+        let storage = &*shared.config.storage;
         for segment in &removed {
+            // Indexes first: a crash in between leaves a log whose indexes are rebuilt,
+            // never index files without their log.
             for path in [
-                &segment.paths.log,
                 &segment.paths.index,
                 &segment.paths.time_index,
+                &segment.paths.log,
             ] {
-                std::fs::remove_file(path).map_err(|source| LogError::Io {
+                storage.remove(path).map_err(|source| LogError::Io {
                     path: path.clone(),
                     source,
                 })?;
             }
         }
-        recovery::sync_dir(&shared.dir)?;
+        recovery::sync_dir(storage, &shared.dir)?;
         Ok(removed.len())
     }
 

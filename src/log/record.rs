@@ -6,6 +6,11 @@
 //!
 //! Decoding never panics: [`classify`] tells a whole batch from a torn one (not enough bytes)
 //! and a corrupt one (bad magic, length or CRC), and recovery and `qit-inspect` both use it.
+#![deny(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use bytes::{BufMut, Bytes};
 
@@ -84,8 +89,12 @@ pub struct BatchHeader {
 
 impl BatchHeader {
     /// One past the last offset this batch covers.
+    /// [`classify`] refuses a batch whose offsets would overflow, so this saturates only
+    /// for headers that were never checked.
     pub fn next_offset(&self) -> u64 {
-        self.base_offset + u64::from(self.last_offset_delta) + 1
+        self.base_offset
+            .saturating_add(u64::from(self.last_offset_delta))
+            .saturating_add(1)
     }
 }
 
@@ -115,11 +124,15 @@ pub enum Decoded {
 pub struct RecordError(pub String);
 
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        bytes.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Reads a header without checking the CRC (cheap: for skipping and index checks).
@@ -188,6 +201,14 @@ pub fn classify(bytes: &[u8]) -> Decoded {
     if header.record_count > header.last_offset_delta.saturating_add(1) {
         return corrupt("more records than offset slots".into());
     }
+    if header
+        .base_offset
+        .checked_add(u64::from(header.last_offset_delta))
+        .and_then(|last| last.checked_add(1))
+        .is_none()
+    {
+        return corrupt("offsets run past u64::MAX".into());
+    }
     Decoded::Batch(header)
 }
 
@@ -204,7 +225,7 @@ fn zigzag(value: i64) -> u64 {
 }
 
 fn unzigzag(value: u64) -> i64 {
-    ((value >> 1) as i64) ^ -((value & 1) as i64)
+    ((value >> 1) as i64) ^ ((value & 1) as i64).wrapping_neg()
 }
 
 fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
@@ -213,11 +234,15 @@ fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Bytes a varint of `value` takes.
+// Encoder: sizes come from records in memory (bounded by the request limits), not from disk.
+#[allow(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 fn varint_len(value: u64) -> usize {
     (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Appends one record's encoding (length-prefixed) to `buf`, without temporary buffers.
+// Encoder: sizes come from records in memory (bounded by the request limits), not from disk.
+#[allow(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 fn encode_record(buf: &mut Vec<u8>, offset_delta: u32, timestamp_delta: i64, record: &Record) {
     let key_tag = record.key.as_ref().map_or(0, |k| k.len() as u64 + 1);
     let headers_len: usize = record
@@ -279,6 +304,8 @@ pub fn encode_batch(
 
 /// Encodes a batch of records at given offset slots (gaps allowed, as after compaction).
 /// `last_offset_delta` is the last slot the batch covers, present or not.
+// Encoder: sizes come from records in memory (bounded by the request limits), not from disk.
+#[allow(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 pub fn encode_slots(
     out: &mut Vec<u8>,
     base_offset: u64,
@@ -345,7 +372,7 @@ impl Cursor<'_> {
                 .bytes
                 .get(self.at)
                 .ok_or_else(|| RecordError("truncated varint".into()))?;
-            self.at += 1;
+            self.at = self.at.saturating_add(1);
             value |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
                 return Ok(value);
@@ -387,10 +414,22 @@ pub fn decode_records_from(
     let section = batch.slice(HEADER_LEN.min(batch.len())..);
     let section = match header.compression {
         Compression::None => section,
-        Compression::Lz4 => Bytes::from(
-            lz4_flex::block::decompress(&section, header.raw_size as usize)
-                .map_err(|e| RecordError(format!("LZ4: {e}")))?,
-        ),
+        Compression::Lz4 => {
+            // The size to allocate comes from disk: cap it by what LZ4 can expand to (at
+            // most 255 bytes per input byte) and by the largest batch.
+            let raw_size = usize::try_from(header.raw_size).unwrap_or(usize::MAX);
+            let most = section.len().saturating_mul(255).min(MAX_BATCH_LEN);
+            if raw_size > most {
+                return Err(RecordError(format!(
+                    "LZ4 raw size {raw_size} exceeds what {} compressed bytes can hold",
+                    section.len()
+                )));
+            }
+            Bytes::from(
+                lz4_flex::block::decompress(&section, raw_size)
+                    .map_err(|e| RecordError(format!("LZ4: {e}")))?,
+            )
+        }
     };
     let wanted = (header.record_count as usize).min(limit);
     let mut records = Vec::with_capacity(wanted.min(1024));
@@ -408,7 +447,11 @@ pub fn decode_records_from(
             bytes: section.get(..body.end).unwrap_or_default(),
             at: body.start,
         };
-        if header.base_offset + peek.varint()? < from {
+        let offset = header
+            .base_offset
+            .checked_add(peek.varint()?)
+            .ok_or_else(|| RecordError("offset delta overflows".into()))?;
+        if offset < from {
             continue;
         }
         records.push(decode_record(header, &section, body)?);
@@ -435,13 +478,16 @@ fn decode_record(
     let timestamp_delta = unzigzag(cursor.varint()?);
     let key = match cursor.varint()? {
         0 => None,
-        n => Some(section.slice(cursor.take(n - 1)?)),
+        n => Some(section.slice(cursor.take(n.saturating_sub(1))?)),
     };
     let header_count = cursor.varint()?;
     let mut headers = Vec::with_capacity(header_count.min(64) as usize);
     for _ in 0..header_count {
         let name_len = cursor.varint()?;
-        let name = std::str::from_utf8(&section[cursor.take(name_len)?])
+        let name = section
+            .get(cursor.take(name_len)?)
+            .map(std::str::from_utf8)
+            .ok_or_else(|| RecordError("header name runs past the section".into()))?
             .map_err(|_| RecordError("header name is not UTF-8".into()))?
             .to_owned();
         let value_len = cursor.varint()?;
@@ -453,7 +499,10 @@ fn decode_record(
         return Err(RecordError("record length mismatch".into()));
     }
     Ok(StoredRecord {
-        offset: header.base_offset + offset_delta,
+        offset: header
+            .base_offset
+            .checked_add(offset_delta)
+            .ok_or_else(|| RecordError("offset delta overflows".into()))?,
         timestamp_ms: header.first_timestamp_ms.wrapping_add(timestamp_delta),
         key,
         headers,
@@ -462,6 +511,11 @@ fn decode_record(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -525,6 +579,46 @@ mod tests {
             let _ = classify(&bytes);
         }
 
+        /// The records decoder behind a CRC that matches (a writer bug, a format mismatch
+        /// or a crafted file): arbitrary header fields and records sections give an error
+        /// or records, never a panic or a huge allocation.
+        #[test]
+        fn decode_records_never_panics_on_arbitrary_sections(
+            section in proptest::collection::vec(any::<u8>(), 0..300),
+            base in prop_oneof![Just(u64::MAX - 3), any::<u64>(), 0u64..10],
+            last_delta in prop_oneof![Just(u32::MAX), 0u32..50],
+            count in 0u32..60,
+            raw_size in prop_oneof![Just(u32::MAX), any::<u32>(), 0u32..2000],
+            lz4 in any::<bool>(),
+        ) {
+            let bytes = resealed(base, last_delta, count, raw_size, lz4, &section);
+            if let Decoded::Batch(header) = classify(&bytes) {
+                let batch = Bytes::from(bytes);
+                let _ = decode_records(&header, &batch);
+                let _ = decode_records_from(&header, &batch, base.wrapping_add(3), 5);
+            }
+        }
+
+        /// A valid batch with one byte changed and its CRC fixed up: never a panic.
+        #[test]
+        fn decode_records_never_panics_on_mutated_batches(
+            records in proptest::collection::vec(record_strategy(), 1..6),
+            lz4 in any::<bool>(),
+            position in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+        ) {
+            let compression = if lz4 { Compression::Lz4 } else { Compression::None };
+            let mut buf = Vec::new();
+            encode_batch(&mut buf, 100, 0, &records, compression);
+            let at = LEN_AT + 4 + position.index(buf.len() - LEN_AT - 4);
+            buf[at] ^= xor;
+            let crc = crc32fast::hash(&buf[LEN_AT..]);
+            buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            if let Decoded::Batch(header) = classify(&buf) {
+                let _ = decode_records(&header, &Bytes::from(buf));
+            }
+        }
+
         #[test]
         fn any_flipped_byte_is_caught(
             records in proptest::collection::vec(record_strategy(), 1..5),
@@ -537,6 +631,54 @@ mod tests {
             buf[at] ^= flip;
             prop_assert!(!matches!(classify(&buf), Decoded::Batch(_)));
         }
+    }
+
+    /// A batch with the given header fields around `section`, with a matching CRC.
+    fn resealed(
+        base: u64,
+        last_delta: u32,
+        count: u32,
+        raw_size: u32,
+        lz4: bool,
+        section: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_u32_le(BATCH_MAGIC);
+        out.put_u32_le(0);
+        out.put_u32_le((HEADER_LEN + section.len()) as u32);
+        out.put_u8(FORMAT_VERSION);
+        out.put_u8(if lz4 { COMPRESSION_LZ4 } else { 0 });
+        out.put_u16_le(0);
+        out.put_u64_le(base);
+        out.put_u64_le(0);
+        out.put_u32_le(last_delta);
+        out.put_u32_le(count);
+        out.put_i64_le(i64::MAX);
+        out.put_i64_le(i64::MAX);
+        out.put_u32_le(raw_size);
+        out.extend_from_slice(section);
+        let crc = crc32fast::hash(&out[LEN_AT..]);
+        out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Regression (issue 11): an LZ4 batch's `raw_size` comes from disk and was allocated
+    /// as is; a crafted 4 GiB one must be refused before allocating.
+    #[test]
+    fn lz4_raw_size_is_capped_before_allocating() {
+        let bytes = resealed(0, 0, 1, u32::MAX, true, &[0x10, 0x41]);
+        let Decoded::Batch(header) = classify(&bytes) else {
+            panic!("not a batch");
+        };
+        let error = decode_records(&header, &Bytes::from(bytes)).unwrap_err();
+        assert!(error.0.contains("raw size"), "{error}");
+    }
+
+    /// Regression (issue 11): offsets from disk near `u64::MAX` overflowed `base + delta`.
+    #[test]
+    fn offsets_past_u64_max_are_corrupt_not_a_panic() {
+        let bytes = resealed(u64::MAX - 1, 5, 0, 0, false, &[]);
+        assert!(matches!(classify(&bytes), Decoded::Corrupt { .. }));
     }
 
     #[test]

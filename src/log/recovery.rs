@@ -12,17 +12,17 @@
 //! - A missing or damaged index is rebuilt from the log.
 //! - Consecutive segments must cover consecutive offsets; a gap or overlap is an error.
 
-use std::fs::{self, File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::index::{self, OffsetEntry, TimeEntry};
 use super::segment::{self, Extent, IndexBuilder, Scan, Segment, SegmentPaths};
 use super::{LogConfig, LogError};
+use crate::storage::{self, OpenMode, Storage, StorageFile};
 
-/// Leftovers of an interrupted rewrite (compaction, truncation) end in this.
-pub const TEMP_SUFFIX: &str = ".tmp";
+pub use crate::storage::{TEMP_SUFFIX, temp_path};
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     move |source| LogError::Io {
@@ -32,15 +32,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
 }
 
 /// The base offsets of the segments in `dir`, ascending. Removes leftover temp files.
-pub fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+pub fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<u64>, LogError> {
     let mut bases = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io(dir))? {
-        let path = entry.map_err(io(dir))?.path();
+    for path in storage.read_dir(dir).map_err(io(dir))? {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
         if name.ends_with(TEMP_SUFFIX) {
-            fs::remove_file(&path).map_err(io(&path))?;
+            storage.remove(&path).map_err(io(&path))?;
             continue;
         }
         if let Some(stem) = name.strip_suffix(".log")
@@ -56,8 +55,8 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
 
 /// What the writer needs to continue the active segment.
 pub struct ActiveState {
-    /// The open file, positioned for appends at `extent.len`.
-    pub file: File,
+    /// The open file; appends go to its end, `extent.len`.
+    pub file: Arc<dyn StorageFile>,
     /// The segment's recovered extent.
     pub extent: Extent,
     /// Index builder state to continue with.
@@ -69,20 +68,22 @@ pub fn open_segments(
     dir: &Path,
     config: &LogConfig,
 ) -> Result<(Vec<std::sync::Arc<Segment>>, ActiveState), LogError> {
-    fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut bases = list_segments(dir)?;
+    let storage = &*config.storage;
+    storage.create_dir_all(dir).map_err(io(dir))?;
+    let mut bases = list_segments(storage, dir)?;
     if bases.is_empty() {
-        create_segment_files(dir, 0)?;
+        create_segment_files(storage, dir, 0)?;
         bases.push(0);
     }
     let mut segments = Vec::with_capacity(bases.len());
     let last = bases.len() - 1;
     for (i, &base) in bases.iter().enumerate().take(last) {
-        let segment = open_sealed(dir, base, config.index_interval_bytes)?;
+        let segment = open_sealed(storage, dir, base, config.index_interval_bytes)?;
         check_continuity(&segment, bases.get(i + 1).copied())?;
         segments.push(std::sync::Arc::new(segment));
     }
-    let (active, state) = open_active(dir, bases[last], config.index_interval_bytes)?;
+    let last_base = bases.get(last).copied().unwrap_or_default();
+    let (active, state) = open_active(storage, dir, last_base, config.index_interval_bytes)?;
     if let Some(previous) = segments.last() {
         check_continuity(previous, Some(active.base_offset))?;
     }
@@ -105,30 +106,25 @@ fn check_continuity(segment: &Segment, next_base: Option<u64>) -> Result<(), Log
 }
 
 /// Creates empty files for a new segment and syncs the directory.
-pub fn create_segment_files(dir: &Path, base: u64) -> Result<(File, SegmentPaths), LogError> {
+pub fn create_segment_files(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+) -> Result<(Arc<dyn StorageFile>, SegmentPaths), LogError> {
     let paths = SegmentPaths::new(dir, base);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .append(true)
-        .open(&paths.log)
+    let file = storage
+        .open(&paths.log, OpenMode::Append)
         .map_err(io(&paths.log))?;
     for path in [&paths.index, &paths.time_index] {
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .append(true)
-            .open(path)
-            .map_err(io(path))?;
+        storage.open(path, OpenMode::Append).map_err(io(path))?;
     }
-    sync_dir(dir)?;
+    sync_dir(storage, dir)?;
     Ok((file, paths))
 }
 
 /// fsyncs a directory so that created, renamed or removed entries are durable.
-pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+pub fn sync_dir(storage: &dyn Storage, dir: &Path) -> Result<(), LogError> {
+    storage.sync_dir(dir).map_err(io(dir))
 }
 
 /// An index file's entries when they are usable: strictly ascending in offset and position,
@@ -187,9 +183,14 @@ struct Checked {
 
 /// Scans a segment from its last valid index entry (or from the start when the index is
 /// unusable) and returns the indexes to keep.
-fn check_segment(paths: &SegmentPaths, base: u64, interval: u32) -> Result<Checked, LogError> {
-    let log = segment::map_file(&paths.log)?;
-    let index_bytes = read_or_empty(&paths.index)?;
+fn check_segment(
+    storage: &dyn Storage,
+    paths: &SegmentPaths,
+    base: u64,
+    interval: u32,
+) -> Result<Checked, LogError> {
+    let log = segment::map_file(storage, &paths.log)?;
+    let index_bytes = read_or_empty(storage, &paths.index)?;
     let (index, start, expected) = match checked_offset_index(&log, base, &index_bytes) {
         Some(entries) if !entries.is_empty() || log.is_empty() => {
             let last = entries.last().copied();
@@ -199,7 +200,7 @@ fn check_segment(paths: &SegmentPaths, base: u64, interval: u32) -> Result<Check
         }
         _ => (None, 0, base),
     };
-    let time_bytes = read_or_empty(&paths.time_index)?;
+    let time_bytes = read_or_empty(storage, &paths.time_index)?;
     let last_time = index.as_ref().and_then(|_| {
         checked_time_index(&time_bytes, u64::MAX).and_then(|t| t.last().map(|e| e.timestamp_ms))
     });
@@ -250,17 +251,15 @@ fn rebuild(log: Bytes, base: u64, interval: u32) -> Checked {
     }
 }
 
-fn read_or_empty(path: &Path) -> Result<Vec<u8>, LogError> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(io(path)(e)),
-    }
+fn read_or_empty(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>, LogError> {
+    storage::read_if_exists(storage, path)
+        .map(Option::unwrap_or_default)
+        .map_err(io(path))
 }
 
-/// Writes index files from scratch (atomically: temp file + rename).
+/// Writes index files from scratch (atomically: temp file, fsync, rename, fsync dir).
 fn write_indexes(
-    dir: &Path,
+    storage: &dyn Storage,
     paths: &SegmentPaths,
     index: &[OffsetEntry],
     time_index: &[TimeEntry],
@@ -270,26 +269,22 @@ fn write_indexes(
     let mut times = Vec::new();
     time_index.iter().for_each(|e| e.encode(&mut times));
     for (path, bytes) in [(&paths.index, offsets), (&paths.time_index, times)] {
-        let tmp = temp_path(path);
-        fs::write(&tmp, &bytes).map_err(io(&tmp))?;
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io(&tmp))?;
-        fs::rename(&tmp, path).map_err(io(path))?;
+        storage::atomic_replace(storage, path, &bytes, false).map_err(|e| LogError::Io {
+            path: e.path,
+            source: e.source,
+        })?;
     }
-    sync_dir(dir)
+    Ok(())
 }
 
-/// `path` with [`TEMP_SUFFIX`] appended.
-pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(TEMP_SUFFIX);
-    PathBuf::from(name)
-}
-
-fn open_sealed(dir: &Path, base: u64, interval: u32) -> Result<Segment, LogError> {
+fn open_sealed(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    interval: u32,
+) -> Result<Segment, LogError> {
     let paths = SegmentPaths::new(dir, base);
-    let checked = check_segment(&paths, base, interval)?;
+    let checked = check_segment(storage, &paths, base, interval)?;
     if let Some((position, decoded)) = &checked.scan.stopped {
         return Err(LogError::Corrupt {
             path: paths.log.clone(),
@@ -299,15 +294,15 @@ fn open_sealed(dir: &Path, base: u64, interval: u32) -> Result<Segment, LogError
     }
     if checked.rebuilt {
         tracing::warn!(segment = %paths.log.display(), "rebuilt damaged or missing index");
-        write_indexes(dir, &paths, &checked.index, &checked.time_index)?;
+        write_indexes(storage, &paths, &checked.index, &checked.time_index)?;
     }
     let extent = Extent {
         len: checked.scan.end,
         next_offset: checked.scan.next_offset,
         max_timestamp_ms: checked.scan.max_timestamp_ms,
     };
-    let index = segment::map_file(&paths.index)?;
-    let time_index = segment::map_file(&paths.time_index)?;
+    let index = segment::map_file(storage, &paths.index)?;
+    let time_index = segment::map_file(storage, &paths.time_index)?;
     Ok(Segment::sealed(
         base,
         paths,
@@ -318,9 +313,14 @@ fn open_sealed(dir: &Path, base: u64, interval: u32) -> Result<Segment, LogError
     ))
 }
 
-fn open_active(dir: &Path, base: u64, interval: u32) -> Result<(Segment, ActiveState), LogError> {
+fn open_active(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+    interval: u32,
+) -> Result<(Segment, ActiveState), LogError> {
     let paths = SegmentPaths::new(dir, base);
-    let checked = check_segment(&paths, base, interval)?;
+    let checked = check_segment(storage, &paths, base, interval)?;
     let scan = &checked.scan;
     let cut = scan.stopped.is_some();
     if let Some((position, decoded)) = &scan.stopped {
@@ -334,14 +334,12 @@ fn open_active(dir: &Path, base: u64, interval: u32) -> Result<(Segment, ActiveS
     }
     let log_len = checked.log.len() as u64;
     drop(checked.log);
-    let file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .open(&paths.log)
+    let file = storage
+        .open(&paths.log, OpenMode::Append)
         .map_err(io(&paths.log))?;
     if cut || log_len != scan.end {
         file.set_len(scan.end).map_err(io(&paths.log))?;
-        file.sync_all().map_err(io(&paths.log))?;
+        file.sync_data().map_err(io(&paths.log))?;
     }
     let index: Vec<OffsetEntry> = checked
         .index
@@ -357,15 +355,14 @@ fn open_active(dir: &Path, base: u64, interval: u32) -> Result<(Segment, ActiveS
         .filter(|e| u64::from(e.relative_offset) < next_relative)
         .collect();
     if cut || checked.rebuilt {
-        write_indexes(dir, &paths, &index, &time_index)?;
+        write_indexes(storage, &paths, &index, &time_index)?;
     }
     let extent = Extent {
         len: scan.end,
         next_offset: scan.next_offset,
         max_timestamp_ms: scan.max_timestamp_ms,
     };
-    let reader = File::open(&paths.log).map_err(io(&paths.log))?;
-    let segment = Segment::active(base, paths, reader, &index, &time_index, extent);
+    let segment = Segment::active(base, paths, Arc::clone(&file), &index, &time_index, extent);
     let builder = IndexBuilder::new(interval, scan.max_timestamp_ms, index.is_empty());
     Ok((
         segment,

@@ -6,18 +6,17 @@
 //! published; its indexes live in memory (behind a short `RwLock` taken only to copy an
 //! entry) and are appended to their files by the writer.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use memmap2::Mmap;
 use parking_lot::RwLock;
 
 use super::LogError;
 use super::index::{self, OffsetEntry, TimeEntry};
 use super::record::{self, BatchHeader, Decoded, HEADER_LEN};
+use crate::storage::{Storage, StorageFile};
 
 /// `i64::MIN` stands for "no record yet" in [`Segment::max_timestamp_ms`].
 const NO_TIMESTAMP: i64 = i64::MIN;
@@ -50,22 +49,14 @@ impl SegmentPaths {
     }
 }
 
-/// Maps a file read-only into `Bytes` (empty files give empty `Bytes`).
-pub fn map_file(path: &Path) -> Result<Bytes, LogError> {
-    let io = |source| LogError::Io {
+/// Maps a sealed file read-only into `Bytes` (empty files give empty `Bytes`). qit never
+/// truncates or rewrites a sealed file in place (compaction and truncation write a new file
+/// and rename it), so the mapped bytes never change under the map.
+pub fn map_file(storage: &dyn Storage, path: &Path) -> Result<Bytes, LogError> {
+    storage.map(path).map_err(|source| LogError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let file = File::open(path).map_err(io)?;
-    let len = file.metadata().map_err(io)?.len();
-    if len == 0 {
-        return Ok(Bytes::new());
-    }
-    // SAFETY: qit never truncates or rewrites a sealed file in place (compaction and
-    // truncation write a new file and rename it), so the mapped bytes never change under
-    // the map; an unlinked file stays mapped until the last reader drops it.
-    let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-    Ok(Bytes::from_owner(map))
+    })
 }
 
 /// Where a segment's bytes come from.
@@ -73,7 +64,7 @@ enum Data {
     /// A sealed segment: the whole file, mapped.
     Mapped(Bytes),
     /// The active segment: positioned reads up to the published length.
-    File(File),
+    File(Arc<dyn StorageFile>),
 }
 
 /// An index's bytes: mapped (sealed) or in memory and growing (active).
@@ -296,7 +287,7 @@ impl Segment {
     pub fn active(
         base_offset: u64,
         paths: SegmentPaths,
-        file: File,
+        file: Arc<dyn StorageFile>,
         index: &[OffsetEntry],
         time_index: &[TimeEntry],
         extent: Extent,

@@ -13,8 +13,6 @@
 //! never sees a record an appender was not told about, and under `always` never one that is
 //! not durable.
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -24,6 +22,7 @@ use super::record::{self, Slot};
 use super::recovery::{self, ActiveState};
 use super::segment::{self, Extent, IndexBuilder, Segment, SegmentPaths};
 use super::{FsyncPolicy, LogError, Record, Shared};
+use crate::storage::{OpenMode, Storage, StorageFile};
 
 /// The sync thread: fsyncs the active segment when asked (`always`) or shortly after the
 /// first unsynced write (`interval`), outside the writer lock, then publishes (`always`)
@@ -97,9 +96,9 @@ fn publish(shared: &Shared, segment: &Segment, extent: Extent) {
 pub struct Writer {
     active: Arc<Segment>,
     /// Shared with the sync thread, which fsyncs it outside the lock.
-    file: Arc<File>,
-    index_file: File,
-    time_file: File,
+    file: Arc<dyn StorageFile>,
+    index_file: Arc<dyn StorageFile>,
+    time_file: Arc<dyn StorageFile>,
     /// What is written of the active segment (readers may see less under `always`).
     extent: Extent,
     builder: IndexBuilder,
@@ -119,22 +118,25 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     }
 }
 
-fn open_append(path: &std::path::Path) -> Result<File, LogError> {
-    fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(io(path))
+fn open_append(
+    storage: &dyn Storage,
+    path: &std::path::Path,
+) -> Result<Arc<dyn StorageFile>, LogError> {
+    storage.open(path, OpenMode::Append).map_err(io(path))
 }
 
 impl Writer {
     /// A writer continuing the active segment `active` in `state`.
-    pub fn new(active: Arc<Segment>, state: ActiveState) -> Result<Self, LogError> {
-        let index_file = open_append(&active.paths.index)?;
-        let time_file = open_append(&active.paths.time_index)?;
+    pub fn new(
+        storage: &dyn Storage,
+        active: Arc<Segment>,
+        state: ActiveState,
+    ) -> Result<Self, LogError> {
+        let index_file = open_append(storage, &active.paths.index)?;
+        let time_file = open_append(storage, &active.paths.time_index)?;
         Ok(Self {
             extent: state.extent,
-            file: Arc::new(state.file),
+            file: state.file,
             builder: state.builder,
             active,
             index_file,
@@ -167,10 +169,21 @@ impl Writer {
             position,
             reason: "encoder produced no header".into(),
         })?;
-        if let Err(error) = (&*self.file).write_all(&self.buf) {
-            // Cut whatever part of the batch made it, so the file ends on a whole batch.
-            let _ = self.file.set_len(self.extent.len);
-            return Err(io(&self.active.paths.log)(error));
+        if let Err(error) = self.file.append(&self.buf) {
+            // Cut whatever part of the batch made it, so the file ends on a whole batch and
+            // the next append (say once space returns) follows the last whole one. When the
+            // cut fails too, the file may end in a partial batch: take no more appends, so
+            // none lands behind it (reopening cuts it as a torn tail).
+            let path = &self.active.paths.log;
+            if let Err(cut) = self.file.set_len(self.extent.len) {
+                let reason = format!(
+                    "write to {} failed ({error}) and cutting back the partial batch failed ({cut})",
+                    path.display()
+                );
+                tracing::error!(%reason, "the partition log stops taking appends");
+                self.failed = Some(reason);
+            }
+            return Err(io(path)(error));
         }
         let (offset_entry, time_entry) =
             self.builder
@@ -203,21 +216,38 @@ impl Writer {
         let mut bytes = Vec::new();
         // Index files are hints: a failed write here is repaired by recovery, not fatal.
         offsets.iter().for_each(|e| e.encode(&mut bytes));
-        let _ = self.index_file.write_all(&bytes);
+        let _ = self.index_file.append(&bytes);
         bytes.clear();
         times.iter().for_each(|e| e.encode(&mut bytes));
-        let _ = self.time_file.write_all(&bytes);
+        let _ = self.time_file.append(&bytes);
         self.active.push_index(&offsets, &times);
     }
 
     /// fsyncs and publishes everything written so far, on the caller's thread.
+    ///
+    /// A failed fsync fails the log for good (until reopened): the kernel may have dropped
+    /// the dirty pages and cleared the error, so a second fsync could "succeed" without the
+    /// data being on disk (PostgreSQL's fsyncgate). Never retry it.
     pub fn sync(&mut self, shared: &Shared) -> Result<(), LogError> {
+        if let Some(reason) = &self.failed {
+            return Err(LogError::Failed(reason.clone()));
+        }
         if self.dirty {
             let started = Instant::now();
-            self.file.sync_data().map_err(io(&self.active.paths.log))?;
+            let result = self.file.sync_data();
             report_fsync(shared, started);
-            self.dirty = false;
             self.last_sync = Instant::now();
+            if let Err(error) = result {
+                let reason = format!(
+                    "fsync of {} failed: {error}",
+                    self.active.paths.log.display()
+                );
+                tracing::error!(%reason, "the partition log stops taking appends");
+                self.failed = Some(reason.clone());
+                shared.commit.fail(reason);
+                return Err(io(&self.active.paths.log)(error));
+            }
+            self.dirty = false;
         }
         publish(shared, &self.active, self.extent);
         shared.commit.mark_synced(self.extent.next_offset);
@@ -229,18 +259,19 @@ impl Writer {
         self.sync(shared)?;
         let _ = self.index_file.sync_data();
         let _ = self.time_file.sync_data();
+        let storage = &*shared.config.storage;
         let old = Arc::clone(&self.active);
         let sealed = Arc::new(Segment::sealed(
             old.base_offset,
             old.paths.clone(),
-            segment::map_file(&old.paths.log)?,
-            segment::map_file(&old.paths.index)?,
-            segment::map_file(&old.paths.time_index)?,
+            segment::map_file(storage, &old.paths.log)?,
+            segment::map_file(storage, &old.paths.index)?,
+            segment::map_file(storage, &old.paths.time_index)?,
             self.extent,
         ));
         let base = self.extent.next_offset;
-        let (file, paths) = recovery::create_segment_files(&shared.dir, base)?;
-        let reader = File::open(&paths.log).map_err(io(&paths.log))?;
+        let (file, paths) = recovery::create_segment_files(storage, &shared.dir, base)?;
+        let reader = Arc::clone(&file);
         let extent = Extent {
             len: 0,
             next_offset: base,
@@ -256,9 +287,9 @@ impl Writer {
             list.push(Arc::clone(&active));
             shared.segments.store(Arc::new(list));
         }
-        self.index_file = open_append(&active.paths.index)?;
-        self.time_file = open_append(&active.paths.time_index)?;
-        self.file = Arc::new(file);
+        self.index_file = open_append(storage, &active.paths.index)?;
+        self.time_file = open_append(storage, &active.paths.time_index)?;
+        self.file = file;
         self.active = active;
         self.extent = extent;
         self.builder = IndexBuilder::new(shared.config.index_interval_bytes, None, true);
@@ -271,6 +302,7 @@ impl Writer {
             return Ok(());
         }
         self.sync(shared)?;
+        let storage = &*shared.config.storage;
         let _guard = shared.list_lock.lock();
         let segments = shared.segments.load_full();
         let dir = shared.dir.clone();
@@ -279,22 +311,22 @@ impl Writer {
             .rposition(|s| s.base_offset < offset)
             .unwrap_or(0);
         for removed in segments.iter().skip(keep_until + 1) {
-            remove_segment_files(&removed.paths);
+            remove_segment_files(storage, &removed.paths);
         }
         match segments.get(keep_until) {
             Some(target) if target.base_offset < offset => {
-                rewrite_prefix(&dir, target, offset)?;
+                rewrite_prefix(storage, &dir, target, offset)?;
             }
             Some(target) => {
                 // Every record goes: start over with an empty segment at `offset`.
-                remove_segment_files(&target.paths);
-                recovery::create_segment_files(&dir, offset)?;
+                remove_segment_files(storage, &target.paths);
+                recovery::create_segment_files(storage, &dir, offset)?;
             }
             None => {
-                recovery::create_segment_files(&dir, offset)?;
+                recovery::create_segment_files(storage, &dir, offset)?;
             }
         }
-        recovery::sync_dir(&dir)?;
+        recovery::sync_dir(storage, &dir)?;
         let (list, state) = recovery::open_segments(&dir, &shared.config)?;
         let active = list.last().cloned().ok_or_else(|| LogError::Corrupt {
             path: dir.clone(),
@@ -302,9 +334,9 @@ impl Writer {
             reason: "no segment after truncation".into(),
         })?;
         shared.segments.store(Arc::new(list));
-        self.index_file = open_append(&active.paths.index)?;
-        self.time_file = open_append(&active.paths.time_index)?;
-        self.file = Arc::new(state.file);
+        self.index_file = open_append(storage, &active.paths.index)?;
+        self.time_file = open_append(storage, &active.paths.time_index)?;
+        self.file = state.file;
         self.extent = state.extent;
         self.builder = state.builder;
         self.active = active;
@@ -315,9 +347,9 @@ impl Writer {
     }
 }
 
-fn remove_segment_files(paths: &SegmentPaths) {
-    for path in [&paths.log, &paths.index, &paths.time_index] {
-        if let Err(error) = fs::remove_file(path)
+fn remove_segment_files(storage: &dyn Storage, paths: &SegmentPaths) {
+    for path in [&paths.index, &paths.time_index, &paths.log] {
+        if let Err(error) = storage.remove(path)
             && error.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(path = %path.display(), %error, "could not remove segment file");
@@ -327,7 +359,12 @@ fn remove_segment_files(paths: &SegmentPaths) {
 
 /// Rewrites `segment` keeping only offsets below `offset` (new file, fsync, rename), and
 /// removes its indexes so that opening rebuilds them.
-fn rewrite_prefix(dir: &std::path::Path, segment: &Segment, offset: u64) -> Result<(), LogError> {
+fn rewrite_prefix(
+    storage: &dyn Storage,
+    dir: &std::path::Path,
+    segment: &Segment,
+    offset: u64,
+) -> Result<(), LogError> {
     let mut out = Vec::new();
     let mut position = 0;
     while position < segment.len() {
@@ -376,14 +413,16 @@ fn rewrite_prefix(dir: &std::path::Path, segment: &Segment, offset: u64) -> Resu
         }
         position += u64::from(header.batch_len);
     }
-    let tmp = recovery::temp_path(&segment.paths.log);
-    fs::write(&tmp, &out).map_err(io(&tmp))?;
-    File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io(&tmp))?;
-    fs::rename(&tmp, &segment.paths.log).map_err(io(&segment.paths.log))?;
+    // Indexes go first: a crash from here on leaves the segment without indexes (rebuilt on
+    // open), never with indexes of the longer version.
     for path in [&segment.paths.index, &segment.paths.time_index] {
-        let _ = fs::remove_file(path);
+        let _ = storage.remove(path);
     }
-    recovery::sync_dir(dir)
+    crate::storage::atomic_replace(storage, &segment.paths.log, &out, false).map_err(|e| {
+        LogError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    })?;
+    recovery::sync_dir(storage, dir)
 }

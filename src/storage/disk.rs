@@ -1,0 +1,108 @@
+//! The real storage: `std::fs` for files and directories, `memmap2` for read-only maps.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use memmap2::Mmap;
+
+use super::{OpenMode, Storage, StorageFile};
+
+/// The local file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Disk;
+
+/// A file on the local file system.
+#[derive(Debug)]
+pub struct DiskFile(File);
+
+impl StorageFile for DiskFile {
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        (&self.0).write_all(bytes)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], position: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, position)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+}
+
+impl Storage for Disk {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
+        let mut options = OpenOptions::new();
+        match mode {
+            OpenMode::Read => {
+                options.read(true);
+            }
+            OpenMode::Append | OpenMode::Create => {
+                options.read(true).append(true).create(true);
+            }
+            OpenMode::CreatePrivate => {
+                options.read(true).append(true).create(true).mode(0o600);
+            }
+        }
+        let file = options.open(path)?;
+        if matches!(mode, OpenMode::Create | OpenMode::CreatePrivate) {
+            // `O_APPEND` and `O_TRUNC` do not combine in std: empty it explicitly.
+            file.set_len(0)?;
+        }
+        Ok(Arc::new(DiskFile(file)))
+    }
+
+    fn map(&self, path: &Path) -> io::Result<Bytes> {
+        let file = File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            return Ok(Bytes::new());
+        }
+        // SAFETY: callers map only files that qit never truncates or rewrites in place
+        // (compaction and truncation write a new file and rename it), so the mapped bytes
+        // never change under the map; an unlinked file stays mapped until the last reader
+        // drops it.
+        let map = unsafe { Mmap::map(&file) }?;
+        Ok(Bytes::from_owner(map))
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::remove_dir_all(dir)
+    }
+
+    fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        fs::read_dir(dir)?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect()
+    }
+}
