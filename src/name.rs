@@ -10,9 +10,11 @@
 //! symlink out of the parent.
 //!
 //! This module sits below `broker`, `route`, `group`, `auth` and `api` and imports none of
-//! them.
+//! them; it deletes through the [`crate::storage`] seam.
 
 use std::path::{Component, Path, PathBuf};
+
+use crate::storage::Storage;
 
 /// Longest queue, group or exchange name.
 pub const MAX_NAME_LEN: usize = 200;
@@ -124,32 +126,25 @@ pub fn child(parent: &Path, name: &str, suffix: &str) -> Result<PathBuf, NameErr
     Ok(path)
 }
 
-/// Removes directory `{parent}/{name}` and everything in it, without following symlinks: if
-/// the entry is a symlink only the link goes (its target stays untouched, wherever it is).
-/// A missing entry is no error (`Ok(false)`); `Ok(true)` when something was removed.
-pub fn remove_child_dir(parent: &Path, name: &str) -> Result<bool, NameError> {
+/// Removes directory `{parent}/{name}` and everything in it through `storage`, whose
+/// `remove_dir_all` never follows a symlink (a symlinked child loses only the link; its
+/// target stays untouched, wherever it is). A missing entry is no error (`Ok(false)`);
+/// `Ok(true)` when something was removed.
+pub fn remove_child_dir(
+    storage: &dyn Storage,
+    parent: &Path,
+    name: &str,
+) -> Result<bool, NameError> {
     let path = child(parent, name, "")?;
-    let io = |what, path: &Path| {
-        let path = path.to_path_buf();
-        move |e: std::io::Error| NameError::Io {
-            what,
+    match storage.remove_dir_all(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(NameError::Io {
+            what: "removing",
             path,
             kind: e.kind(),
-        }
-    };
-    let meta = match std::fs::symlink_metadata(&path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(io("inspecting", &path)(e)),
-    };
-    if meta.file_type().is_symlink() || !meta.is_dir() {
-        // Never follow a link: it may point anywhere, inside or outside the data dir.
-        std::fs::remove_file(&path).map_err(io("removing", &path))?;
-    } else {
-        // `remove_dir_all` does not follow symlinks inside the tree (std since 1.58.1).
-        std::fs::remove_dir_all(&path).map_err(io("removing", &path))?;
+        }),
     }
-    Ok(true)
 }
 
 #[cfg(test)]
@@ -229,10 +224,10 @@ mod tests {
         std::fs::write(outside.path().join("precious"), b"x").unwrap();
         let parent = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), parent.path().join("q")).unwrap();
-        assert!(remove_child_dir(parent.path(), "q").unwrap());
+        assert!(remove_child_dir(&*crate::storage::disk(), parent.path(), "q").unwrap());
         assert!(!parent.path().join("q").exists());
         assert!(outside.path().join("precious").exists());
-        assert!(!remove_child_dir(parent.path(), "q").unwrap());
+        assert!(!remove_child_dir(&*crate::storage::disk(), parent.path(), "q").unwrap());
     }
 
     #[test]
@@ -241,10 +236,10 @@ mod tests {
         for name in ["a", "b"] {
             std::fs::create_dir_all(parent.path().join(name).join("0")).unwrap();
         }
-        assert!(remove_child_dir(parent.path(), "a").unwrap());
+        assert!(remove_child_dir(&*crate::storage::disk(), parent.path(), "a").unwrap());
         assert!(!parent.path().join("a").exists());
         assert!(parent.path().join("b/0").exists());
-        assert!(remove_child_dir(parent.path(), "..").is_err());
+        assert!(remove_child_dir(&*crate::storage::disk(), parent.path(), "..").is_err());
         assert!(parent.path().exists());
     }
 

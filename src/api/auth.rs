@@ -30,6 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use super::error::ApiError;
 use super::state::HttpState;
@@ -313,6 +314,14 @@ async fn hashing<T: Send + 'static>(
     state: &HttpState,
     work: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    with_hashing_slot(&state.hashing, work).await
+}
+
+/// Runs `work` on the blocking pool once one of `slots` is free; 429 after [`HASHING_WAIT`].
+async fn with_hashing_slot<T: Send + 'static>(
+    slots: &Arc<Semaphore>,
+    work: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
+) -> Result<T, ApiError> {
     let busy = || {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -320,7 +329,7 @@ async fn hashing<T: Send + 'static>(
             "too many logins and registrations at once; retry shortly",
         )
     };
-    let permit = tokio::time::timeout(HASHING_WAIT, Arc::clone(&state.hashing).acquire_owned())
+    let permit = tokio::time::timeout(HASHING_WAIT, Arc::clone(slots).acquire_owned())
         .await
         .map_err(|_| busy())?
         .map_err(|_| busy())?;
@@ -434,6 +443,28 @@ pub async fn grant(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 19 item 8: password hashing never runs on more threads than it has slots; a
+    /// login that finds every slot taken for [`HASHING_WAIT`] gets 429 instead of a thread.
+    #[tokio::test]
+    async fn hashing_waits_for_a_slot_then_gets_429() {
+        let slots = Arc::new(Semaphore::new(1));
+        let held = Arc::clone(&slots).acquire_owned().await.unwrap();
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        let refused = with_hashing_slot(&slots, move || {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        drop(held);
+        let value = with_hashing_slot(&slots, || Ok(7)).await.unwrap();
+        assert_eq!(value, 7);
+        assert_eq!(slots.available_permits(), 1);
+    }
 
     #[test]
     fn policy_table() {

@@ -413,7 +413,8 @@ impl Broker {
     /// followed.
     async fn remove_queue_dir(&self, name: &str) -> Result<(), BrokerError> {
         let (root, name) = (self.queues_dir(), name.to_string());
-        tokio::task::spawn_blocking(move || crate::name::remove_child_dir(&root, &name))
+        let storage = Arc::clone(&self.config.storage);
+        tokio::task::spawn_blocking(move || crate::name::remove_child_dir(&*storage, &root, &name))
             .await
             .map_err(|e| BrokerError::InvalidArgument(format!("deleting failed: {e}")))??;
         Ok(())

@@ -97,7 +97,14 @@ impl Storage for Disk {
     }
 
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
-        fs::remove_dir_all(dir)
+        // Never follow a symlink: it may point anywhere, inside or outside the data dir, so
+        // only the link goes. (`fs::remove_dir_all` does not follow links inside the tree.)
+        let meta = fs::symlink_metadata(dir)?;
+        if meta.file_type().is_symlink() || !meta.is_dir() {
+            fs::remove_file(dir)
+        } else {
+            fs::remove_dir_all(dir)
+        }
     }
 
     fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
