@@ -101,9 +101,11 @@ pub fn install() -> Result<&'static PrometheusHandle, MetricsError> {
     Ok(HANDLE.get_or_init(|| handle))
 }
 
-/// Sets the state gauges of every queue, group and partition from a broker snapshot.
-pub fn record_queue_gauges(queues: &[QueueInfo]) {
-    metrics::gauge!(QUEUES).set(queues.len() as f64);
+/// Sets the number of queues (`total`) and the state gauges of the given queues' groups
+/// and partitions (the server passes the busiest few, so that a scrape stays cheap with
+/// thousands of queues).
+pub fn record_queue_gauges(total: usize, queues: &[QueueInfo]) {
+    metrics::gauge!(QUEUES).set(total as f64);
     for queue in queues {
         for partition in &queue.partitions {
             let labels = [
@@ -189,7 +191,7 @@ mod tests {
                 dead_lettered: 0,
             }],
         };
-        record_queue_gauges(&[info]);
+        record_queue_gauges(1, &[info]);
         count_queue(PUBLISHED, "metrics-test", 7);
         observe_seconds(FSYNC_LATENCY, 0.002);
         let text = render();

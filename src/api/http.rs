@@ -50,6 +50,8 @@ pub struct HttpState {
     /// Slots for password hashing (logins, registrations): one per core, so a login flood
     /// cannot take every thread and all memory.
     pub hashing: Arc<Semaphore>,
+    /// Queues given per-queue gauges in `/metrics` (the busiest ones).
+    pub metrics_queues: usize,
 }
 
 impl HttpState {
@@ -64,6 +66,7 @@ impl HttpState {
             hashing: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(1, usize::from),
             )),
+            metrics_queues: crate::config::ServerConfig::default().metrics_queues,
         }
     }
 }
@@ -219,7 +222,10 @@ async fn healthz(State(s): State<HttpState>) -> ApiResult {
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    crate::metrics::record_queue_gauges(&s.broker.list_queues());
+    crate::metrics::record_queue_gauges(
+        s.broker.queue_count(),
+        &s.broker.busiest_queues(s.metrics_queues),
+    );
     crate::metrics::record_pending_ages(&s.broker.oldest_pending_ages_ms());
     let in_use = s.max_waiters.saturating_sub(s.waiters.available_permits());
     ::metrics::gauge!(crate::metrics::LONG_POLL_WAITERS).set(in_use as f64);
@@ -230,8 +236,28 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         .into_response()
 }
 
-async fn list_queues(State(s): State<HttpState>) -> Response {
-    ok(json!({"queues": to_json(&s.broker.list_queues())}))
+/// Most queues one page of `GET /queues` may ask for.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /queues`: every queue, or with `?limit=` (1..=1000) a page of them by name after
+/// `?after=`, with `next` (the `after` of the next page, `null` on the last one).
+async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiResult {
+    let q = query(q)?;
+    let limit: Option<usize> = param(&q, "limit")?;
+    let after = q.get("after").map(String::as_str);
+    let Some(limit) = limit else {
+        if after.is_some() {
+            return Err(ApiError::bad_request("`after` needs `limit`"));
+        }
+        return Ok(ok(json!({"queues": to_json(&s.broker.list_queues())})));
+    };
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be 1..={MAX_PAGE}"
+        )));
+    }
+    let (queues, next) = s.broker.list_queues_page(after, limit);
+    Ok(ok(json!({"queues": to_json(&queues), "next": next})))
 }
 
 async fn create_queue(

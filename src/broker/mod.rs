@@ -350,6 +350,48 @@ impl Broker {
         queues.iter().map(|q| q.info()).collect()
     }
 
+    /// Up to `limit` queues by name, those after `after` (exclusive); with the name to pass
+    /// as `after` for the next page when more remain. Only the page's queues are inspected.
+    pub fn list_queues_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<QueueInfo>, Option<String>) {
+        let mut queues: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .iter()
+            .filter(|(name, _)| after.is_none_or(|after| name.as_str() > after))
+            .map(|(_, q)| Arc::clone(q))
+            .collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        let more = queues.len() > limit;
+        queues.truncate(limit);
+        let next = more
+            .then(|| queues.last().map(|q| q.name.clone()))
+            .flatten();
+        (queues.iter().map(|q| q.info()).collect(), next)
+    }
+
+    /// The number of queues (dead-letter queues included).
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().len()
+    }
+
+    /// Up to `n` queues holding the most messages, busiest first (for per-queue metrics;
+    /// ranked by a cheap count, only the chosen ones are inspected).
+    pub fn busiest_queues(&self, n: usize) -> Vec<QueueInfo> {
+        let mut ranked: Vec<(u64, Arc<Queue>)> = self
+            .queues
+            .read()
+            .values()
+            .map(|q| (q.stored_messages(), Arc::clone(q)))
+            .collect();
+        ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        ranked.truncate(n);
+        ranked.iter().map(|(_, q)| q.info()).collect()
+    }
+
     /// One queue's info.
     pub fn queue_info(&self, name: &str) -> Result<QueueInfo, BrokerError> {
         Ok(self.queue(name)?.info())

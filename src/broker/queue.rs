@@ -867,6 +867,14 @@ impl Queue {
             .max()
     }
 
+    /// Messages retained over all partitions (cheap: no lock, no file access).
+    pub fn stored_messages(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|log| log.next_offset().saturating_sub(log.first_offset()))
+            .sum()
+    }
+
     /// Queue info.
     pub fn info(&self) -> QueueInfo {
         QueueInfo {
