@@ -9,6 +9,7 @@
 //! Background work started by [`Broker::open`]: a timer that expires leases and wakes
 //! waiters when redeliveries come due, and a worker that moves dead letters to their DLQ.
 
+pub mod alarms;
 pub mod message;
 pub mod queue;
 pub mod registry;
@@ -40,11 +41,12 @@ fn open_queues(
     specs: Vec<(String, QueueSettings)>,
     fsync: crate::log::FsyncPolicy,
     storage: &SharedStorage,
+    alarms: &Arc<alarms::Alarms>,
 ) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
     let mut opened = HashMap::new();
     let mut damaged = HashMap::new();
     for (name, settings) in specs {
-        match Queue::open(root, &name, settings, fsync, storage) {
+        match Queue::open(root, &name, settings, fsync, storage, Arc::clone(alarms)) {
             Ok(queue) => {
                 opened.insert(name, Arc::new(queue));
             }
@@ -99,6 +101,8 @@ pub struct Broker {
     /// Decides whether dead letters of a queue may go into an existing queue (set by the
     /// server when auth is on); `None` lets every move through.
     dead_letter_guard: std::sync::OnceLock<DeadLetterGuard>,
+    /// Groups with leases or delayed redeliveries: all the timer looks at.
+    alarms: Arc<alarms::Alarms>,
 }
 
 /// `guard(source, target)`: may dead letters of queue `source` be appended to the
@@ -134,10 +138,13 @@ impl Broker {
             .iter()
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
-        let (opened, damaged) =
-            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync, &storage))
-                .await
-                .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
+        let alarms = Arc::new(alarms::Alarms::default());
+        let for_open = Arc::clone(&alarms);
+        let (opened, damaged) = tokio::task::spawn_blocking(move || {
+            open_queues(&root, specs, fsync, &storage, &for_open)
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
         let (dead_letters, jobs) = mpsc::unbounded_channel();
         let broker = Arc::new(Broker {
             config,
@@ -148,6 +155,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             dead_letters,
             dead_letter_guard: std::sync::OnceLock::new(),
+            alarms,
         });
         tokio::spawn(run_timer(Arc::downgrade(&broker), broker.shutdown.clone()));
         tokio::spawn(run_dead_letters(Arc::downgrade(&broker), jobs));
@@ -324,11 +332,15 @@ impl Broker {
             )));
         }
         let root = self.queues_dir();
-        let (owned_name, owned_settings, fsync) =
-            (name.to_string(), settings.clone(), self.config.fsync);
+        let (owned_name, owned_settings, fsync, alarms) = (
+            name.to_string(),
+            settings.clone(),
+            self.config.fsync,
+            Arc::clone(&self.alarms),
+        );
         let storage = Arc::clone(&self.config.storage);
         let queue = tokio::task::spawn_blocking(move || {
-            Queue::open(&root, &owned_name, owned_settings, fsync, &storage)
+            Queue::open(&root, &owned_name, owned_settings, fsync, &storage, alarms)
         })
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
@@ -1071,15 +1083,28 @@ async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
             return;
         };
         let now = now_ms();
-        for q in broker.queue_handles() {
-            for g in q.groups() {
-                if g.next_wakeup().is_some_and(|at| at <= now) {
-                    let jobs = q.expire(&g, now);
-                    broker.dispatch(jobs);
-                    q.notify.notify_waiters();
-                }
+        // Only groups with a lease or a delayed redelivery: idle queues cost nothing here.
+        let mut keep = Vec::new();
+        for (name, g) in broker.alarms.take() {
+            let Some(q) = broker.queues.read().get(&name).cloned() else {
+                continue;
+            };
+            if !q
+                .group(&g.name)
+                .is_some_and(|current| Arc::ptr_eq(&current, &g))
+            {
+                continue;
+            }
+            if g.next_wakeup().is_some_and(|at| at <= now) {
+                let jobs = q.expire(&g, now);
+                broker.dispatch(jobs);
+                q.notify.notify_waiters();
+            }
+            if alarms::still_armed(&g) {
+                keep.push((name, g));
             }
         }
+        broker.alarms.keep(keep);
     }
 }
 

@@ -3,14 +3,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering as AtomicOrdering,
 };
+use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
+use super::alarms::Alarms;
 use super::message::{self, DedupWindow};
 use super::settings::QueueSettings;
 use super::types::{
@@ -61,13 +62,72 @@ pub struct Group {
     /// Group name.
     pub name: String,
     state: Mutex<GroupState>,
+    /// On the broker's timer list ([`super::alarms`]).
+    armed: AtomicBool,
+    alarms: Arc<Alarms>,
+    queue: String,
+    me: Weak<Group>,
     journal: Journal,
     /// Journaled bytes since the last checkpoint this group asked for.
     journaled: AtomicU64,
     rotation: AtomicUsize,
 }
 
+/// A group's state, locked; when released with a deadline pending, the group goes on the
+/// broker's timer list.
+pub struct StateGuard<'a> {
+    group: &'a Group,
+    state: parking_lot::MutexGuard<'a, GroupState>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = GroupState;
+    fn deref(&self) -> &GroupState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut GroupState {
+        &mut self.state
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if !self.group.armed.load(AtomicOrdering::Acquire) && self.state.has_timers() {
+            self.group.arm();
+        }
+    }
+}
+
 impl Group {
+    /// Locks the state (see [`StateGuard`]).
+    fn lock_state(&self) -> StateGuard<'_> {
+        StateGuard {
+            group: self,
+            state: self.state.lock(),
+        }
+    }
+
+    fn arm(&self) {
+        if !self.armed.swap(true, AtomicOrdering::AcqRel)
+            && let Some(me) = self.me.upgrade()
+        {
+            self.alarms.arm(&self.queue, me);
+        }
+    }
+
+    /// The flag saying the group is on the timer list.
+    pub(super) fn armed_flag(&self) -> &AtomicBool {
+        &self.armed
+    }
+
+    /// True while a lease or a delayed redelivery is pending.
+    pub fn has_timers(&self) -> bool {
+        self.state.lock().has_timers()
+    }
+
     /// Appends events to the journal; checkpoints when it has grown. Call with the state
     /// locked so that journal order is state order.
     fn journal(&self, state: &GroupState, events: &[Event]) -> Option<Ticket> {
@@ -112,6 +172,8 @@ pub struct Queue {
     deleted: AtomicBool,
     /// The queue's publish metrics, looked up once (not per publish).
     pub publish_metrics: PublishMetrics,
+    /// The broker's timer list, for this queue's groups.
+    alarms: Arc<Alarms>,
 }
 
 /// Handles of a queue's publish metrics: recording through them costs no label hashing,
@@ -150,6 +212,7 @@ impl Queue {
         settings: QueueSettings,
         fsync: FsyncPolicy,
         storage: &SharedStorage,
+        alarms: Arc<Alarms>,
     ) -> Result<Self, BrokerError> {
         let dir = crate::name::child(root, name, "")?;
         let log_config = LogConfig {
@@ -175,6 +238,7 @@ impl Queue {
             dedup: tokio::sync::Mutex::new(DedupWindow::default()),
             deleted: AtomicBool::new(false),
             publish_metrics: PublishMetrics::new(name),
+            alarms,
         };
         queue.load_groups()?;
         queue.group_or_create(DEFAULT_GROUP)?;
@@ -248,13 +312,19 @@ impl Queue {
         for (p, log) in self.partitions.iter().enumerate() {
             state.skip_to(p as u32, log.first_offset());
         }
-        let group = Arc::new(Group {
+        let group = Arc::new_cyclic(|me| Group {
             name: name.to_string(),
             state: Mutex::new(state),
+            armed: AtomicBool::new(false),
+            alarms: Arc::clone(&self.alarms),
+            queue: self.name.clone(),
+            me: Weak::clone(me),
             journal,
             journaled: AtomicU64::new(0),
             rotation: AtomicUsize::new(0),
         });
+        // A restarted group may hold redeliveries: the timer must see it.
+        drop(group.lock_state());
         self.groups
             .write()
             .insert(name.to_string(), Arc::clone(&group));
@@ -304,14 +374,14 @@ impl Queue {
     pub fn min_group_floor(&self, partition: u32) -> Option<u64> {
         self.groups()
             .iter()
-            .map(|g| g.state.lock().floor(partition))
+            .map(|g| g.lock_state().floor(partition))
             .min()
     }
 
     /// Moves every group whose floor fell below a partition's first offset up to it.
     pub fn skip_groups_to_start(&self) {
         for group in self.groups() {
-            let mut state = group.state.lock();
+            let mut state = group.lock_state();
             for (p, log) in self.partitions.iter().enumerate() {
                 let skipped = state.skip_to(p as u32, log.first_offset());
                 if skipped > 0 {
@@ -465,7 +535,7 @@ impl Queue {
 
     /// Ends expired leases of `group`; returns the dead-letter jobs to run.
     pub fn expire(&self, group: &Group, now: i64) -> Vec<DeadLetterJob> {
-        let expired = group.state.lock().expire(now);
+        let expired = group.lock_state().expire(now);
         if !expired.is_empty() {
             crate::metrics::count_group(
                 crate::metrics::EXPIRED,
@@ -516,7 +586,7 @@ impl Queue {
         let start = group.rotation.fetch_add(1, AtomicOrdering::Relaxed);
         let mut out = Vec::new();
         let mut refetch = Vec::new();
-        let mut state = group.state.lock();
+        let mut state = group.lock_state();
         let mut events = Vec::new();
         for i in 0..n {
             let p = ((start + i) % n) as u32;
@@ -677,7 +747,7 @@ impl Queue {
         let mut results = Vec::with_capacity(ids.len());
         let mut fresh = 0u64;
         let ticket = {
-            let mut state = group.state.lock();
+            let mut state = group.lock_state();
             let mut events = Vec::new();
             for id in ids {
                 let result = self.check_exists(*id).and_then(|()| {
@@ -757,7 +827,7 @@ impl Queue {
         id: MessageId,
     ) -> Result<(), BrokerError> {
         let ticket = {
-            let mut state = group.state.lock();
+            let mut state = group.lock_state();
             let events = state.complete_dead_letter(id.partition, id.offset);
             group.journal(&state, &events)
         };
@@ -769,7 +839,7 @@ impl Queue {
     /// Ends every lease of `group` now, keeping delivery counts (see
     /// [`GroupState::release_leases`]).
     pub fn release_leases(&self, group: &Group) -> usize {
-        let released = group.state.lock().release_leases(now_ms());
+        let released = group.lock_state().release_leases(now_ms());
         if released > 0 {
             self.notify.notify_waiters();
         }
@@ -788,7 +858,7 @@ impl Queue {
     /// Moves `group` to the given offsets (partition, offset) and waits until journaled.
     pub async fn seek(&self, group: &Group, targets: &[(u32, u64)]) -> Result<(), BrokerError> {
         let ticket = {
-            let mut state = group.state.lock();
+            let mut state = group.lock_state();
             let mut events = Vec::new();
             for (p, offset) in targets {
                 events.extend(
@@ -826,7 +896,7 @@ impl Queue {
 
     /// Detailed state of a group.
     pub fn group_info(&self, group: &Group) -> GroupInfo {
-        let state = group.state.lock();
+        let state = group.lock_state();
         let partitions: Vec<GroupPartitionInfo> = self
             .partitions
             .iter()
@@ -853,7 +923,7 @@ impl Queue {
     /// partition (one small log read per partition). `None` when nothing is pending.
     pub fn oldest_pending_age_ms(&self, group: &Group, now: i64) -> Option<i64> {
         let floors: Vec<u64> = {
-            let state = group.state.lock();
+            let state = group.lock_state();
             (0..self.partitions.len() as u32)
                 .map(|p| state.floor(p))
                 .collect()
