@@ -34,8 +34,11 @@ use crate::storage::SharedStorage;
 use queue::{DeadLetterJob, Group, Queue, now_ms};
 use registry::{MetaCommand, Registry};
 
-/// Opens every queue of the registry; a queue whose data cannot be opened is set aside with
-/// the reason (logged), so that the others serve.
+/// Threads that open queues at start (each queue's recovery is mostly small file reads).
+const OPEN_THREADS: usize = 4;
+
+/// Opens every queue of the registry, on a few threads; a queue whose data cannot be opened
+/// is set aside with the reason (logged), so that the others serve.
 fn open_queues(
     root: &std::path::Path,
     specs: Vec<(String, QueueSettings)>,
@@ -43,10 +46,43 @@ fn open_queues(
     storage: &SharedStorage,
     alarms: &Arc<alarms::Alarms>,
 ) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, OPEN_THREADS);
+    let chunk = specs.len().div_ceil(threads).max(1);
+    let results: Vec<(String, Result<Queue, BrokerError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = specs
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(name, settings)| {
+                            let opened = Queue::open(
+                                root,
+                                name,
+                                settings.clone(),
+                                fsync,
+                                storage,
+                                Arc::clone(alarms),
+                            );
+                            (name.clone(), opened)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| match worker.join() {
+                Ok(results) => results,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    });
     let mut opened = HashMap::new();
     let mut damaged = HashMap::new();
-    for (name, settings) in specs {
-        match Queue::open(root, &name, settings, fsync, storage, Arc::clone(alarms)) {
+    for (name, result) in results {
+        match result {
             Ok(queue) => {
                 opened.insert(name, Arc::new(queue));
             }
