@@ -14,7 +14,8 @@
 //! - [`log`]: the partition log — batches, segments, sparse indexes, recovery.
 //! - [`group`]: per-group delivery state (ack floor, leases, redelivery, DLQ decisions) as a
 //!   pure state machine, and its durable journal.
-//! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
+//! - [`commit`]: group commit of fsyncs on a shared pool of sync threads, for every log and
+//!   journal.
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
 //! - [`storage`]: the I/O seam under the log, the journal, the registry and the auth files
 //!   (the real disk, and a simulated one for crash and fault tests).
@@ -26,12 +27,14 @@
 //! - [`server`]: binds listeners, runs timers, drains on shutdown.
 //! - [`maintenance`]: retention and key compaction in the background.
 //! - [`auth`]: users, tokens, ownership and grants.
-//! - [`metrics`]: Prometheus series; [`bench`]: the `qit bench` load generator.
+//! - [`metrics`]: Prometheus series; [`bench`]: the `qit bench` load generator;
+//!   [`bench_queues`]: `qit bench --queues N`, many queues on one node.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod bench_queues;
 pub mod broker;
 pub mod cli;
 pub mod client;
