@@ -290,14 +290,19 @@ async fn readers_see_a_consistent_prefix_while_writing() {
             let log = log.clone();
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || {
+                // At least one check however late the thread is scheduled (on a busy
+                // machine the appends can all finish before it first runs).
                 let mut checks = 0;
-                while !stop.load(Ordering::Relaxed) {
+                loop {
                     let got = log.read(0, usize::MAX, usize::MAX).unwrap();
                     for (i, r) in got.iter().enumerate() {
                         assert_eq!(r.offset, i as u64);
                         assert_eq!(r.value, rec(i as u64).value);
                     }
                     checks += 1;
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                 }
                 checks
             })
