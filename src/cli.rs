@@ -278,6 +278,23 @@ pub struct BenchArgs {
     /// Use HTTP instead of gRPC.
     #[arg(long)]
     pub http: bool,
+    /// Many-queues mode: create this many queues (each with a dead-letter queue), put a
+    /// message through each, and report create rate, cold-publish latency and the idle
+    /// server's threads, descriptors, memory and CPU.
+    #[arg(long)]
+    pub queues: Option<usize>,
+    /// Requests in flight at once in many-queues mode.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// The server's process id for `/proc` figures (default: the local `qit serve`).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Seconds to let the server idle before sampling it.
+    #[arg(long, default_value_t = 12.0)]
+    pub idle_secs: f64,
+    /// Delete the many-queues mode's queues at the end.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// `qit bench --mode`.

@@ -61,6 +61,10 @@ pub struct ServerConfig {
     /// Password of the admin user, created on start when given.
     #[serde(skip_serializing)]
     pub admin_password: Option<String>,
+    /// Threads that run the fsyncs of every file (group commit).
+    pub sync_threads: usize,
+    /// Queues that get per-queue series in `/metrics` (the busiest by messages; 0 = none).
+    pub metrics_queues: usize,
     /// Most consumer groups per queue.
     pub max_groups_per_queue: usize,
     /// Most open connections, HTTP and gRPC together; past it new connections wait.
@@ -93,6 +97,8 @@ impl Default for ServerConfig {
             delete_retention_secs: 24 * 3600,
             compaction_bytes_per_sec: 64 * 1024 * 1024,
             admin_password: None,
+            sync_threads: crate::commit::DEFAULT_SYNC_THREADS,
+            metrics_queues: crate::metrics::DEFAULT_GAUGED_QUEUES,
             max_groups_per_queue: 1000,
             max_connections: 1000,
             header_timeout_secs: 30,
@@ -160,6 +166,9 @@ impl ServerConfig {
         }
         if self.max_waiters == 0 || self.max_streams == 0 || self.max_per_client == 0 {
             return invalid("max_waiters", "caps must be positive");
+        }
+        if self.sync_threads == 0 || self.sync_threads > 64 {
+            return invalid("sync_threads", "must be within 1..=64");
         }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes", "must be at least 1024");

@@ -11,8 +11,8 @@
 //!
 //! An append writes its frames with one `write` on the caller's thread, under the journal's
 //! lock, so that an answered append survives a crash of the process; fsyncs run on the
-//! journal's sync thread ([`crate::commit`]): under `fsync = always` one fsync serves every
-//! append written while the previous one ran (group commit), under `interval` the thread
+//! shared sync pool ([`crate::commit`]): under `fsync = always` one fsync serves every
+//! append written while the previous one ran (group commit), under `interval` the pool
 //! syncs a few milliseconds after the first unsynced write. A checkpoint writes a new file
 //! holding only the snapshot, fsyncs it and renames it over the journal, so a crash leaves
 //! either the old journal or the new one.
@@ -25,13 +25,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::commit::GroupCommit;
+use crate::commit::{GroupCommit, SyncPool, SyncTarget};
 use crate::log::FsyncPolicy;
 use crate::storage::{self, OpenMode, SharedStorage, StorageFile};
 
@@ -120,7 +119,7 @@ impl Ticket {
 
 /// The journal file and where writing stands, behind the journal's lock.
 struct JournalFile {
-    /// Shared with the sync thread, which fsyncs it outside the lock.
+    /// Shared with the sync pool, which fsyncs it outside the lock.
     file: Arc<dyn StorageFile>,
     /// Length of the file.
     len: u64,
@@ -128,14 +127,13 @@ struct JournalFile {
     written: u64,
     /// Written since the last fsync.
     dirty: bool,
-    last_sync: Instant,
     /// Reused frame buffer.
     buf: Vec<u8>,
     /// Why the journal takes no more appends.
     failed: Option<String>,
 }
 
-/// State shared by the handles and the sync thread.
+/// State shared by the handles and the sync pool.
 struct Shared {
     storage: SharedStorage,
     path: PathBuf,
@@ -145,18 +143,15 @@ struct Shared {
     since_checkpoint: AtomicU64,
 }
 
-/// Owns the sync thread; the last handle's drop stops it and syncs a last time.
+/// The handles' common part; the last handle's drop stops pool syncs and syncs a last
+/// time.
 struct Inner {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.shared.commit.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
         if let Err(error) = self.shared.sync_now() {
             tracing::error!(%error, "final journal fsync failed");
         }
@@ -356,20 +351,16 @@ impl Journal {
                 len: valid.max(HEADER_LEN) as u64,
                 written: 0,
                 dirty: false,
-                last_sync: Instant::now(),
                 buf: Vec::new(),
                 failed: None,
             }),
-            commit: GroupCommit::new(0),
+            commit: GroupCommit::new(0, fsync, SYNC_INTERVAL, SyncPool::shared()),
             since_checkpoint: AtomicU64::new(valid.saturating_sub(HEADER_LEN) as u64),
         });
-        let for_thread = Arc::clone(&shared);
-        let thread = crate::commit::spawn_sync_thread(fsync, "qit-journal-sync", move || {
-            for_thread.run_sync_thread()
-        })
-        .map_err(io(path))?;
+        let target: std::sync::Weak<dyn SyncTarget> = Arc::downgrade(&shared) as _;
+        shared.commit.attach(target);
         let journal = Journal {
-            inner: Arc::new(Inner { shared, thread }),
+            inner: Arc::new(Inner { shared }),
         };
         Ok((journal, replay))
     }
@@ -453,7 +444,6 @@ impl Shared {
         }
         if f.dirty {
             let result = f.file.sync_data();
-            f.last_sync = Instant::now();
             if let Err(error) = result {
                 let reason = format!("fsync of {} failed: {error}", self.path.display());
                 tracing::error!(%reason, "the journal stops taking appends");
@@ -467,16 +457,6 @@ impl Shared {
         Ok(f.written)
     }
 
-    /// The sync thread: one fsync per request, outside the lock.
-    fn run_sync_thread(&self) {
-        self.commit.run(
-            self.fsync,
-            SYNC_INTERVAL,
-            || self.file.lock().last_sync,
-            || self.sync_outside_lock(),
-        );
-    }
-
     fn sync_outside_lock(&self) {
         let (file, end) = {
             let mut f = self.file.lock();
@@ -488,7 +468,6 @@ impl Shared {
         };
         let result = file.sync_data();
         let mut f = self.file.lock();
-        f.last_sync = Instant::now();
         match result {
             Ok(()) => self.commit.mark_synced(end),
             Err(error) => {
@@ -524,6 +503,17 @@ impl Shared {
         // Everything appended before is in the snapshot, which is durable now.
         self.commit.mark_synced(f.written);
         Ok(f.written)
+    }
+}
+
+/// The pool syncs the journal file: one fsync per request, outside the lock.
+impl SyncTarget for Shared {
+    fn commit(&self) -> &GroupCommit {
+        &self.commit
+    }
+
+    fn sync_once(&self) {
+        self.sync_outside_lock();
     }
 }
 

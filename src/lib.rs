@@ -25,7 +25,8 @@
 //!
 //! - [`log`]: the partition log — batches, segments, sparse indexes, recovery.
 //! - [`journal`]: a checksummed append-only journal with checkpoints (group state).
-//! - [`commit`]: group commit of fsyncs, shared by the log and the journal.
+//! - [`commit`]: group commit of fsyncs on a shared pool of sync threads, for every log and
+//!   journal.
 //! - [`storage`]: the I/O seam under the log, the journal, the registry and the auth files
 //!   (the real disk, and a simulated one for crash and fault tests).
 //! - [`name`]: the rule for queue, group, exchange and user names, and the only way a name
@@ -39,13 +40,14 @@
 //! - [`maintenance`]: retention and key compaction in the background.
 //! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
 //! - [`server`]: binds listeners, runs timers, joins background tasks, drains on shutdown.
-//! - [`config`], [`cli`], [`client`], [`bench`]: settings, the command line, its HTTP
-//!   client, the `qit bench` load generator.
+//! - [`config`], [`cli`], [`client`], [`bench`], [`bench_queues`]: settings, the command
+//!   line, its HTTP client, the `qit bench` load generator and its many-queues mode.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod bench_queues;
 pub mod broker;
 pub mod cli;
 pub mod client;

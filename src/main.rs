@@ -401,6 +401,9 @@ async fn tail(args: TailArgs) -> Result<()> {
 }
 
 async fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(queues) = args.queues {
+        return bench_queues(args, queues).await;
+    }
     let options = qit::bench::BenchOptions {
         http_url: args.client.server.trim_end_matches('/').to_string(),
         grpc_url: args.client.grpc_server.clone(),
@@ -427,6 +430,29 @@ async fn bench(args: BenchArgs) -> Result<()> {
         progress: !args.client.json,
     };
     let report = qit::bench::run(options).await?;
+    if args.client.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.human());
+    }
+    Ok(())
+}
+
+async fn bench_queues(args: BenchArgs, queues: usize) -> Result<()> {
+    let options = qit::bench_queues::ManyQueuesOptions {
+        http_url: args.client.server.trim_end_matches('/').to_string(),
+        queues,
+        concurrency: args.concurrency,
+        prefix: args
+            .queue
+            .unwrap_or_else(|| format!("many-{}", std::process::id())),
+        server_pid: args.server_pid,
+        idle_wait: Duration::try_from_secs_f64(args.idle_secs)
+            .context("--idle-secs must be a non-negative number of seconds")?,
+        cpu_window: Duration::from_secs(5),
+        cleanup: args.cleanup,
+    };
+    let report = qit::bench_queues::run(options).await?;
     if args.client.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

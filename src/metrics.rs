@@ -133,9 +133,14 @@ pub struct GroupGauges {
     pub in_flight: u64,
 }
 
-/// Sets the state gauges of every queue, group and partition from a broker snapshot.
-pub fn record_queue_gauges(queues: &[QueueGauges]) {
-    metrics::gauge!(QUEUES).set(queues.len() as f64);
+/// How many of the busiest queues get per-queue gauges by default.
+pub const DEFAULT_GAUGED_QUEUES: usize = 100;
+
+/// Sets the number of queues (`total`) and the state gauges of the given queues' groups
+/// and partitions (the server passes the busiest few, so that a scrape stays cheap with
+/// thousands of queues).
+pub fn record_queue_gauges(total: usize, queues: &[QueueGauges]) {
+    metrics::gauge!(QUEUES).set(total as f64);
     for queue in queues {
         for partition in &queue.partitions {
             let labels = [
@@ -216,7 +221,7 @@ mod tests {
                 in_flight: 2,
             }],
         };
-        record_queue_gauges(&[info]);
+        record_queue_gauges(1, &[info]);
         count_queue(PUBLISHED, "metrics-test", 7);
         observe_seconds(FSYNC_LATENCY, 0.002);
         let text = render();

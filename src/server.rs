@@ -70,6 +70,9 @@ impl Server {
     /// Opens the broker (recovering the data directory) and binds both listeners.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
+        // The process-wide sync pool takes its size from the first server of the process
+        // (later ones, e.g. in tests, share it).
+        crate::commit::SyncPool::configure_shared(config.sync_threads);
         crate::metrics::install()?;
         let broker = Broker::open(BrokerConfig {
             data_dir: config.data_dir.clone(),
@@ -121,6 +124,7 @@ impl Server {
         let mut state = HttpState::new(Arc::clone(&self.broker), self.config.max_waiters);
         state.auth = self.auth.clone();
         state.per_client = crate::api::limits::ClientLimits::new(self.config.max_per_client);
+        state.metrics_queues = self.config.metrics_queues;
         let router = http::router(state, self.config.max_body_bytes);
         // One tracker for every task: the broker's own (timer, dead letters), the streams
         // the adapters serve, the listeners and the upkeep below. Shutdown joins them all.

@@ -36,6 +36,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("cli", 5),
     ("client", 5),
     ("bench", 5),
+    ("bench_queues", 5),
     // Binds it all together.
     ("server", 6),
 ];

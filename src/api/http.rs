@@ -172,13 +172,13 @@ async fn healthz(State(s): State<HttpState>) -> ApiResult {
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    let gauges: Vec<_> = s
+    let busiest: Vec<_> = s
         .broker
-        .list_queues()
+        .busiest_queues(s.metrics_queues)
         .iter()
         .map(QueueInfo::gauges)
         .collect();
-    crate::metrics::record_queue_gauges(&gauges);
+    crate::metrics::record_queue_gauges(s.broker.queue_count(), &busiest);
     crate::metrics::record_pending_ages(&s.broker.oldest_pending_ages_ms());
     let in_use = s.max_waiters.saturating_sub(s.waiters.available_permits());
     ::metrics::gauge!(crate::metrics::LONG_POLL_WAITERS).set(in_use as f64);
@@ -189,8 +189,28 @@ async fn metrics(State(s): State<HttpState>) -> Response {
         .into_response()
 }
 
-async fn list_queues(State(s): State<HttpState>) -> Response {
-    ok(json!({"queues": to_json(&s.broker.list_queues())}))
+/// Most queues one page of `GET /queues` may ask for.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /queues`: every queue, or with `?limit=` (1..=1000) a page of them by name after
+/// `?after=`, with `next` (the `after` of the next page, `null` on the last one).
+async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiResult {
+    let q = query(q)?;
+    let limit: Option<usize> = param(&q, "limit")?;
+    let after = q.get("after").map(String::as_str);
+    let Some(limit) = limit else {
+        if after.is_some() {
+            return Err(ApiError::bad_request("`after` needs `limit`"));
+        }
+        return Ok(ok(json!({"queues": to_json(&s.broker.list_queues())})));
+    };
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` must be 1..={MAX_PAGE}"
+        )));
+    }
+    let (queues, next) = s.broker.list_queues_page(after, limit);
+    Ok(ok(json!({"queues": to_json(&queues), "next": next})))
 }
 
 async fn create_queue(

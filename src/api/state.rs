@@ -24,6 +24,8 @@ pub struct HttpState {
     /// Slots for password hashing (logins, registrations): one per core, so a login flood
     /// cannot take every thread and all memory.
     pub hashing: Arc<Semaphore>,
+    /// Queues given per-queue gauges in `/metrics` (the busiest ones).
+    pub metrics_queues: usize,
 }
 
 impl HttpState {
@@ -38,6 +40,7 @@ impl HttpState {
             hashing: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(1, usize::from),
             )),
+            metrics_queues: crate::metrics::DEFAULT_GAUGED_QUEUES,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! Background work started by [`Broker::open`]: a timer that expires leases and wakes
 //! waiters when redeliveries come due, and a worker that moves dead letters to their DLQ.
 
+pub mod alarms;
 pub mod message;
 pub mod queue;
 pub mod registry;
@@ -36,19 +37,57 @@ use crate::storage::SharedStorage;
 use queue::{DeadLetterJob, Group, Queue};
 use registry::{MetaCommand, Registry};
 
-/// Opens every queue of the registry; a queue whose data cannot be opened is set aside with
-/// the reason (logged), so that the others serve.
+/// Threads that open queues at start (each queue's recovery is mostly small file reads).
+const OPEN_THREADS: usize = 4;
+
+/// Opens every queue of the registry, on a few threads; a queue whose data cannot be opened
+/// is set aside with the reason (logged), so that the others serve.
 fn open_queues(
     root: &std::path::Path,
     specs: Vec<(String, QueueSettings)>,
     fsync: crate::log::FsyncPolicy,
     storage: &SharedStorage,
     clock: &Clock,
+    alarms: &Arc<queue::Alarms>,
 ) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, OPEN_THREADS);
+    let chunk = specs.len().div_ceil(threads).max(1);
+    let results: Vec<(String, Result<Queue, BrokerError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = specs
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(name, settings)| {
+                            let opened = Queue::open(
+                                root,
+                                name,
+                                settings.clone(),
+                                fsync,
+                                storage,
+                                clock.clone(),
+                                Arc::clone(alarms),
+                            );
+                            (name.clone(), opened)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| match worker.join() {
+                Ok(results) => results,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    });
     let mut opened = HashMap::new();
     let mut damaged = HashMap::new();
-    for (name, settings) in specs {
-        match Queue::open(root, &name, settings, fsync, storage, clock.clone()) {
+    for (name, result) in results {
+        match result {
             Ok(queue) => {
                 opened.insert(name, Arc::new(queue));
             }
@@ -105,6 +144,8 @@ pub struct Broker {
     /// Decides whether dead letters of a queue may go into an existing queue (set by the
     /// server when auth is on); `None` lets every move through.
     dead_letter_guard: std::sync::OnceLock<DeadLetterGuard>,
+    /// Groups with leases or delayed redeliveries: all the timer looks at.
+    alarms: Arc<queue::Alarms>,
 }
 
 /// `guard(source, target)`: may dead letters of queue `source` be appended to the
@@ -141,10 +182,13 @@ impl Broker {
             .iter()
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
-        let (opened, damaged) =
-            tokio::task::spawn_blocking(move || open_queues(&root, specs, fsync, &storage, &clock))
-                .await
-                .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
+        let alarms = Arc::new(queue::Alarms::default());
+        let for_open = Arc::clone(&alarms);
+        let (opened, damaged) = tokio::task::spawn_blocking(move || {
+            open_queues(&root, specs, fsync, &storage, &clock, &for_open)
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
         let (dead_letters, jobs) = mpsc::unbounded_channel();
         let broker = Arc::new(Broker {
             config,
@@ -156,6 +200,7 @@ impl Broker {
             dead_letters,
             tasks: TaskTracker::new(),
             dead_letter_guard: std::sync::OnceLock::new(),
+            alarms,
         });
         broker
             .tasks
@@ -338,15 +383,24 @@ impl Broker {
             )));
         }
         let root = self.queues_dir();
-        let (owned_name, owned_settings, fsync, clock) = (
+        let (owned_name, owned_settings, fsync, clock, alarms) = (
             name.to_string(),
             settings.clone(),
             self.config.fsync,
             self.config.clock.clone(),
+            Arc::clone(&self.alarms),
         );
         let storage = Arc::clone(&self.config.storage);
         let queue = tokio::task::spawn_blocking(move || {
-            Queue::open(&root, &owned_name, owned_settings, fsync, &storage, clock)
+            Queue::open(
+                &root,
+                &owned_name,
+                owned_settings,
+                fsync,
+                &storage,
+                clock,
+                alarms,
+            )
         })
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
@@ -366,6 +420,48 @@ impl Broker {
         let mut queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
         queues.iter().map(|q| q.info()).collect()
+    }
+
+    /// Up to `limit` queues by name, those after `after` (exclusive); with the name to pass
+    /// as `after` for the next page when more remain. Only the page's queues are inspected.
+    pub fn list_queues_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<QueueInfo>, Option<String>) {
+        let mut queues: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .iter()
+            .filter(|(name, _)| after.is_none_or(|after| name.as_str() > after))
+            .map(|(_, q)| Arc::clone(q))
+            .collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        let more = queues.len() > limit;
+        queues.truncate(limit);
+        let next = more
+            .then(|| queues.last().map(|q| q.name.clone()))
+            .flatten();
+        (queues.iter().map(|q| q.info()).collect(), next)
+    }
+
+    /// The number of queues (dead-letter queues included).
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().len()
+    }
+
+    /// Up to `n` queues holding the most messages, busiest first (for per-queue metrics;
+    /// ranked by a cheap count, only the chosen ones are inspected).
+    pub fn busiest_queues(&self, n: usize) -> Vec<QueueInfo> {
+        let mut ranked: Vec<(u64, Arc<Queue>)> = self
+            .queues
+            .read()
+            .values()
+            .map(|q| (q.stored_messages(), Arc::clone(q)))
+            .collect();
+        ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        ranked.truncate(n);
+        ranked.iter().map(|(_, q)| q.info()).collect()
     }
 
     /// One queue's info.
@@ -1070,15 +1166,28 @@ async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
             return;
         };
         let now = broker.config.clock.now_ms();
-        for q in broker.queue_handles() {
-            for g in q.groups() {
-                if g.next_wakeup().is_some_and(|at| at <= now) {
-                    let jobs = q.expire(&g, now);
-                    broker.dispatch(jobs);
-                    q.notify.notify_waiters();
-                }
+        // Only groups with a lease or a delayed redelivery: idle queues cost nothing here.
+        let mut keep = Vec::new();
+        for (name, g) in broker.alarms.take() {
+            let Some(q) = broker.queues.read().get(&name).cloned() else {
+                continue;
+            };
+            if !q
+                .group(&g.name)
+                .is_some_and(|current| Arc::ptr_eq(&current, &g))
+            {
+                continue;
+            }
+            if g.next_wakeup().is_some_and(|at| at <= now) {
+                let jobs = q.expire(&g, now);
+                broker.dispatch(jobs);
+                q.notify.notify_waiters();
+            }
+            if g.still_armed() {
+                keep.push((name, g));
             }
         }
+        broker.alarms.keep(keep);
     }
 }
 

@@ -3,14 +3,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering as AtomicOrdering,
 };
+use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
+use super::alarms;
+
+/// The broker's timer list of groups.
+pub type Alarms = alarms::Alarms<Group>;
 use super::message::{self, DedupWindow};
 use super::settings::QueueSettings;
 use super::types::{
@@ -55,13 +59,76 @@ pub struct Group {
     /// Group name.
     pub name: String,
     state: Mutex<GroupState>,
+    /// On the broker's timer list ([`super::alarms`]).
+    armed: AtomicBool,
+    alarms: Arc<Alarms>,
+    queue: String,
+    me: Weak<Group>,
     journal: Journal,
     /// Journaled bytes since the last checkpoint this group asked for.
     journaled: AtomicU64,
     rotation: AtomicUsize,
 }
 
+/// A group's state, locked; when released with a deadline pending, the group goes on the
+/// broker's timer list.
+pub struct StateGuard<'a> {
+    group: &'a Group,
+    state: parking_lot::MutexGuard<'a, GroupState>,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = GroupState;
+    fn deref(&self) -> &GroupState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut GroupState {
+        &mut self.state
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if !self.group.armed.load(AtomicOrdering::Acquire) && self.state.has_timers() {
+            self.group.arm();
+        }
+    }
+}
+
 impl Group {
+    /// Locks the state (see [`StateGuard`]).
+    fn lock_state(&self) -> StateGuard<'_> {
+        StateGuard {
+            group: self,
+            state: self.state.lock(),
+        }
+    }
+
+    fn arm(&self) {
+        if !self.armed.swap(true, AtomicOrdering::AcqRel)
+            && let Some(me) = self.me.upgrade()
+        {
+            self.alarms.arm(&self.queue, me);
+        }
+    }
+
+    /// Whether this group, taken off the timer list by a timer pass, stays on it: disarms
+    /// it, then arms it again if it still has a deadline. True when this call re-armed it
+    /// (the caller keeps it); false when it is idle or a concurrent change already put it
+    /// back on the list.
+    pub fn still_armed(&self) -> bool {
+        self.armed.store(false, AtomicOrdering::Release);
+        self.has_timers() && !self.armed.swap(true, AtomicOrdering::AcqRel)
+    }
+
+    /// True while a lease or a delayed redelivery is pending.
+    pub fn has_timers(&self) -> bool {
+        self.state.lock().has_timers()
+    }
+
     /// Appends events to the journal; checkpoints when it has grown. Call with the state
     /// locked so that journal order is state order.
     fn journal(&self, state: &GroupState, events: &[Event]) -> Option<Ticket> {
@@ -108,6 +175,8 @@ pub struct Queue {
     clock: Clock,
     /// The queue's publish metrics, looked up once (not per publish).
     pub publish_metrics: PublishMetrics,
+    /// The broker's timer list, for this queue's groups.
+    alarms: Arc<Alarms>,
 }
 
 /// Handles of a queue's publish metrics: recording through them costs no label hashing,
@@ -147,6 +216,7 @@ impl Queue {
         fsync: FsyncPolicy,
         storage: &SharedStorage,
         clock: Clock,
+        alarms: Arc<Alarms>,
     ) -> Result<Self, BrokerError> {
         let dir = crate::name::child(root, name, "")?;
         let log_config = LogConfig {
@@ -176,6 +246,7 @@ impl Queue {
             deleted: AtomicBool::new(false),
             clock,
             publish_metrics: PublishMetrics::new(name),
+            alarms,
         };
         queue.load_groups()?;
         queue.group_or_create(DEFAULT_GROUP)?;
@@ -249,13 +320,19 @@ impl Queue {
         for (p, log) in self.partitions.iter().enumerate() {
             state.skip_to(p as u32, log.first_offset());
         }
-        let group = Arc::new(Group {
+        let group = Arc::new_cyclic(|me| Group {
             name: name.to_string(),
             state: Mutex::new(state),
+            armed: AtomicBool::new(false),
+            alarms: Arc::clone(&self.alarms),
+            queue: self.name.clone(),
+            me: Weak::clone(me),
             journal,
             journaled: AtomicU64::new(0),
             rotation: AtomicUsize::new(0),
         });
+        // A restarted group may hold redeliveries: the timer must see it.
+        drop(group.lock_state());
         self.groups
             .write()
             .insert(name.to_string(), Arc::clone(&group));
@@ -305,14 +382,14 @@ impl Queue {
     pub fn min_group_floor(&self, partition: u32) -> Option<u64> {
         self.groups()
             .iter()
-            .map(|g| g.state.lock().floor(partition))
+            .map(|g| g.lock_state().floor(partition))
             .min()
     }
 
     /// Moves every group whose floor fell below a partition's first offset up to it.
     pub fn skip_groups_to_start(&self) {
         for group in self.groups() {
-            let mut state = group.state.lock();
+            let mut state = group.lock_state();
             for (p, log) in self.partitions.iter().enumerate() {
                 let skipped = state.skip_to(p as u32, log.first_offset());
                 if skipped > 0 {
@@ -466,7 +543,7 @@ impl Queue {
 
     /// Ends expired leases of `group`; returns the dead-letter jobs to run.
     pub fn expire(&self, group: &Group, now: i64) -> Vec<DeadLetterJob> {
-        let expired = group.state.lock().expire(now);
+        let expired = group.lock_state().expire(now);
         if !expired.is_empty() {
             crate::metrics::count_group(
                 crate::metrics::EXPIRED,
@@ -517,7 +594,7 @@ impl Queue {
         let start = group.rotation.fetch_add(1, AtomicOrdering::Relaxed);
         let mut out = Vec::new();
         let mut refetch = Vec::new();
-        let mut state = group.state.lock();
+        let mut state = group.lock_state();
         let mut events = Vec::new();
         for i in 0..n {
             let p = ((start + i) % n) as u32;
@@ -678,7 +755,7 @@ impl Queue {
         let mut results = Vec::with_capacity(ids.len());
         let mut fresh = 0u64;
         let ticket = {
-            let mut state = group.state.lock();
+            let mut state = group.lock_state();
             let mut events = Vec::new();
             for id in ids {
                 let result = self.check_exists(*id).and_then(|()| {
@@ -758,7 +835,7 @@ impl Queue {
         id: MessageId,
     ) -> Result<(), BrokerError> {
         let ticket = {
-            let mut state = group.state.lock();
+            let mut state = group.lock_state();
             let events = state.complete_dead_letter(id.partition, id.offset);
             group.journal(&state, &events)
         };
@@ -770,7 +847,7 @@ impl Queue {
     /// Ends every lease of `group` now, keeping delivery counts (see
     /// [`GroupState::release_leases`]).
     pub fn release_leases(&self, group: &Group) -> usize {
-        let released = group.state.lock().release_leases(self.clock.now_ms());
+        let released = group.lock_state().release_leases(self.clock.now_ms());
         if released > 0 {
             self.notify.notify_waiters();
         }
@@ -789,7 +866,7 @@ impl Queue {
     /// Moves `group` to the given offsets (partition, offset) and waits until journaled.
     pub async fn seek(&self, group: &Group, targets: &[(u32, u64)]) -> Result<(), BrokerError> {
         let ticket = {
-            let mut state = group.state.lock();
+            let mut state = group.lock_state();
             let mut events = Vec::new();
             for (p, offset) in targets {
                 events.extend(
@@ -827,7 +904,7 @@ impl Queue {
 
     /// Detailed state of a group.
     pub fn group_info(&self, group: &Group) -> GroupInfo {
-        let state = group.state.lock();
+        let state = group.lock_state();
         let partitions: Vec<GroupPartitionInfo> = self
             .partitions
             .iter()
@@ -854,7 +931,7 @@ impl Queue {
     /// partition (one small log read per partition). `None` when nothing is pending.
     pub fn oldest_pending_age_ms(&self, group: &Group, now: i64) -> Option<i64> {
         let floors: Vec<u64> = {
-            let state = group.state.lock();
+            let state = group.lock_state();
             (0..self.partitions.len() as u32)
                 .map(|p| state.floor(p))
                 .collect()
@@ -866,6 +943,14 @@ impl Queue {
             .filter_map(|(log, floor)| log.read(floor, 1, 1).ok()?.first().map(|r| r.timestamp_ms))
             .map(|ts| now.saturating_sub(ts).max(0))
             .max()
+    }
+
+    /// Messages retained over all partitions (cheap: no lock, no file access).
+    pub fn stored_messages(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|log| log.next_offset().saturating_sub(log.first_offset()))
+            .sum()
     }
 
     /// Queue info.

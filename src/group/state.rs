@@ -318,6 +318,13 @@ impl GroupState {
         })
     }
 
+    /// True while something may change by itself (a lease or a waiting redelivery).
+    pub fn has_timers(&self) -> bool {
+        self.partitions
+            .iter()
+            .any(|p| !p.deadlines.is_empty() || !p.waiting.is_empty())
+    }
+
     /// The earliest time something changes by itself (a lease expiry or a redelivery).
     pub fn next_wakeup(&self) -> Option<i64> {
         self.partitions

@@ -6,8 +6,8 @@
 //! - [`index`]: sparse offset and time index entries.
 //! - [`segment`]: one segment's files, read through mmap (sealed) or `pread` (active).
 //! - [`recovery`]: opening a directory, checking indexes, cutting a torn tail.
-//! - [`writer`]: appends on the caller's thread under the writer lock; the sync thread with
-//!   group commit.
+//! - [`writer`]: appends on the caller's thread under the writer lock; group commit on the
+//!   shared sync pool ([`crate::commit`]).
 //! - [`combine`]: merged appends: appends that arrive together go out as one batch and one
 //!   `write` (leader/follower combining, no timer).
 //! - [`inspect`]: offline verification and dumps for `qit-inspect`.
@@ -29,7 +29,6 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -37,7 +36,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::commit::GroupCommit;
+use crate::commit::{GroupCommit, SyncPool, SyncTarget};
 use crate::storage::SharedStorage;
 use segment::Segment;
 use writer::Writer;
@@ -196,7 +195,7 @@ pub enum LogError {
     Failed(String),
 }
 
-/// State shared by the handles, the readers and the sync thread.
+/// State shared by the handles, the readers and the sync pool.
 struct Shared {
     dir: PathBuf,
     config: LogConfig,
@@ -210,24 +209,21 @@ struct Shared {
     /// The active segment's writing state: appends take this lock for one encode and one
     /// `write`; fsyncs happen outside it.
     writer: Mutex<Writer>,
-    /// Group commit with the sync thread (appenders under `fsync = always` wait on it).
+    /// Group commit with the sync pool (appenders under `fsync = always` wait on it).
     commit: GroupCommit,
     /// Appends waiting to be merged into the next batch.
     combiner: combine::Combiner,
 }
 
-/// Owns the sync thread; dropping the last handle stops it and syncs a last time.
+/// The handles' common part; dropping the last handle stops pool syncs and syncs a last
+/// time.
 struct Inner {
     shared: Arc<Shared>,
-    sync_thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.shared.commit.close();
-        if let Some(thread) = self.sync_thread.take() {
-            let _ = thread.join();
-        }
         if let Err(error) = self.shared.writer.lock().sync(&self.shared) {
             tracing::error!(%error, "final fsync of the partition log failed");
         }
@@ -259,8 +255,13 @@ impl PartitionLog {
             reason: "no active segment".into(),
         })?;
         let next = state.extent.next_offset;
-        let fsync = config.fsync;
         let writer = Writer::new(&*config.storage, active, state)?;
+        let commit = GroupCommit::new(
+            next,
+            config.fsync,
+            config.fsync_interval,
+            SyncPool::shared(),
+        );
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             config,
@@ -269,22 +270,13 @@ impl PartitionLog {
             watch: watch::Sender::new(next),
             list_lock: Mutex::new(()),
             writer: Mutex::new(writer),
-            commit: GroupCommit::new(next),
+            commit,
             combiner: combine::Combiner::default(),
         });
-        let for_thread = Arc::clone(&shared);
-        let sync_thread = crate::commit::spawn_sync_thread(fsync, "qit-log-sync", move || {
-            writer::run_sync_thread(for_thread)
-        })
-        .map_err(|source| LogError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let target: std::sync::Weak<dyn SyncTarget> = Arc::downgrade(&shared) as _;
+        shared.commit.attach(target);
         Ok(Self {
-            inner: Arc::new(Inner {
-                shared,
-                sync_thread,
-            }),
+            inner: Arc::new(Inner { shared }),
         })
     }
 

@@ -1,9 +1,9 @@
 //! The writer of a partition: the state of the active segment, behind the partition's
-//! writer lock, plus the sync thread that makes appends durable.
+//! writer lock, plus the syncs (on the shared pool) that make appends durable.
 //!
 //! An append takes the lock, encodes its records as one batch, and writes it with one
 //! `write` on the caller's own thread: no hand-off to another thread, so an append costs an
-//! encode and a syscall. fsyncs happen on the partition's sync thread, outside the lock:
+//! encode and a syscall. fsyncs happen on a thread of the shared sync pool, outside the lock:
 //! under `fsync = always` every appender that wrote while a sync ran is covered by the next
 //! one (group commit), and under `interval` the thread syncs a few milliseconds after the
 //! first unsynced write.
@@ -24,16 +24,17 @@ use super::segment::{self, Extent, IndexBuilder, Segment, SegmentPaths};
 use super::{FsyncPolicy, LogError, Record, Shared};
 use crate::storage::{OpenMode, Storage, StorageFile};
 
-/// The sync thread: fsyncs the active segment when asked (`always`) or shortly after the
-/// first unsynced write (`interval`), outside the writer lock, then publishes (`always`)
-/// and tells waiting appenders.
-pub fn run_sync_thread(shared: Arc<Shared>) {
-    shared.commit.run(
-        shared.config.fsync,
-        shared.config.fsync_interval,
-        || shared.writer.lock().last_sync,
-        || sync_outside_lock(&shared),
-    );
+/// The shared sync pool fsyncs the active segment when asked (`always`) or one interval
+/// after the first unsynced write (`interval`), outside the writer lock, then publishes
+/// (`always`) and tells waiting appenders.
+impl crate::commit::SyncTarget for Shared {
+    fn commit(&self) -> &crate::commit::GroupCommit {
+        &self.commit
+    }
+
+    fn sync_once(&self) {
+        sync_outside_lock(self);
+    }
 }
 
 /// One group commit: capture what is written, fsync it without holding the lock, publish.
@@ -55,7 +56,6 @@ fn sync_outside_lock(shared: &Shared) {
     let result = file.sync_data();
     report_fsync(shared, started);
     let mut writer = shared.writer.lock();
-    writer.last_sync = Instant::now();
     match result {
         Ok(()) => {
             // A roll since the capture synced and published the old segment itself.
@@ -95,7 +95,7 @@ fn publish(shared: &Shared, segment: &Segment, extent: Extent) {
 /// The active segment's writing state, guarded by the partition's writer lock.
 pub struct Writer {
     active: Arc<Segment>,
-    /// Shared with the sync thread, which fsyncs it outside the lock.
+    /// Shared with the sync pool, which fsyncs it outside the lock.
     file: Arc<dyn StorageFile>,
     index_file: Arc<dyn StorageFile>,
     time_file: Arc<dyn StorageFile>,
@@ -106,7 +106,6 @@ pub struct Writer {
     buf: Vec<u8>,
     /// Written since the last fsync.
     dirty: bool,
-    last_sync: Instant,
     /// Why the log takes no more appends (a failed fsync leaves the disk state unknown).
     failed: Option<String>,
 }
@@ -141,9 +140,9 @@ impl Writer {
             active,
             index_file,
             time_file,
-            buf: Vec::with_capacity(64 * 1024),
+            // Grown by the first append: an idle partition holds no buffer.
+            buf: Vec::new(),
             dirty: false,
-            last_sync: Instant::now(),
             failed: None,
         })
     }
@@ -236,7 +235,6 @@ impl Writer {
             let started = Instant::now();
             let result = self.file.sync_data();
             report_fsync(shared, started);
-            self.last_sync = Instant::now();
             if let Err(error) = result {
                 let reason = format!(
                     "fsync of {} failed: {error}",

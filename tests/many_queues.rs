@@ -1,0 +1,202 @@
+//! Many queues on one node (issue 17): the server's threads stay bounded however many
+//! queues it holds (descriptors still grow per partition: no file cache yet), `GET /queues`
+//! pages, and a restart after `kill -9` finds every queue created in bulk with its message.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{Process, TestServer, http};
+use serde_json::Value;
+
+/// Threads and open descriptors of process `pid` (counts read from `/proc`, no timing).
+fn threads_and_fds(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (threads, fds)
+}
+
+/// Runs `op(i)` for `i < n`, `concurrency` at a time.
+async fn each<F, Fut>(n: usize, concurrency: usize, op: F)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let op = Arc::new(op);
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, op) = (Arc::clone(&next), Arc::clone(&op));
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    op(i).await;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+}
+
+async fn create_and_fill(base: &str, n: usize) {
+    let base = base.to_string();
+    each(n, 16, move |i| {
+        let base = base.clone();
+        async move {
+            let created = http()
+                .post(format!("{base}/queues/tenant-{i:04}"))
+                .json(&serde_json::json!({"max_deliveries": 3}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(created.status(), 201);
+            let published = http()
+                .post(format!("{base}/queues/tenant-{i:04}/messages"))
+                .body(format!("hello {i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(published.status(), 201);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_queues_cost_no_thread_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let qit = Process::start(dir.path(), &[]);
+    let pid = qit.child.id();
+    let (threads_before, fds_before) = threads_and_fds(pid);
+    // 500 queues and their 500 dead-letter queues: 1,000 partitions, 1,000 journals.
+    create_and_fill(&qit.http, 500).await;
+    let (threads, fds) = threads_and_fds(pid);
+    eprintln!("threads {threads_before} -> {threads}, descriptors {fds_before} -> {fds}");
+    // Before the shared sync pool: two sync threads per queue (2,000 threads here).
+    assert!(
+        threads <= threads_before + 32,
+        "{threads} threads (were {threads_before})"
+    );
+    // No file cache yet: every partition keeps its active segment's .log, .index and
+    // .timeindex open and every group its journal, so descriptors still grow with the
+    // queues; bound them at that (4 per partition) plus the 16 clients' connections.
+    assert!(
+        fds <= fds_before + 1000 * 4 + 32,
+        "{fds} descriptors (were {fds_before})"
+    );
+    let listed: Value = http()
+        .get(format!("{}/queues?limit=1000", qit.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["queues"].as_array().unwrap().len(), 1000);
+    assert!(listed["next"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_created_in_bulk_survive_kill_9_with_their_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let qit = Process::start(dir.path(), &["--fsync", "always"]);
+    create_and_fill(&qit.http, 100).await;
+    // An answered creation is durable: the registry's group commit fsynced it.
+    qit.signal("KILL");
+    drop(qit);
+    let qit = Process::start(dir.path(), &["--fsync", "always"]);
+    let listed: Value = http()
+        .get(format!("{}/queues", qit.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["queues"].as_array().unwrap().len(), 200);
+    for i in [0, 42, 99] {
+        let received: Value = http()
+            .get(format!("{}/queues/tenant-{i:04}/messages", qit.http))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(received["messages"][0]["body"], format!("hello {i}"));
+    }
+}
+
+#[tokio::test]
+async fn get_queues_pages_by_name() {
+    let server = TestServer::start().await;
+    for i in 0..25 {
+        http()
+            .post(format!("{}/queues/p{i:02}", server.http))
+            .json(&serde_json::json!({"max_deliveries": 0}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let mut names = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let url = match &after {
+            Some(a) => format!("{}/queues?limit=10&after={a}", server.http),
+            None => format!("{}/queues?limit=10", server.http),
+        };
+        let page: Value = http().get(url).send().await.unwrap().json().await.unwrap();
+        pages += 1;
+        names.extend(
+            page["queues"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|q| q["name"].as_str().unwrap().to_string()),
+        );
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let expected: Vec<String> = (0..25).map(|i| format!("p{i:02}")).collect();
+    assert_eq!(names, expected);
+    // Unpaged: the same shape as before, every queue, no cursor.
+    let all: Value = http()
+        .get(format!("{}/queues", server.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["queues"].as_array().unwrap().len(), 25);
+    assert!(all.get("next").is_none());
+    for bad in ["limit=0", "limit=1001", "limit=x", "after=p01"] {
+        let response = http()
+            .get(format!("{}/queues?{bad}", server.http))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{bad}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"]["code"].is_string());
+    }
+}
