@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{Process, TestServer, http};
+use common::{Process, TestServer, get_json, http};
 use serde_json::Value;
 
 /// Threads and open descriptors of process `pid` (counts read from `/proc`, no timing).
@@ -99,14 +99,7 @@ async fn five_hundred_queues_cost_no_thread_each() {
         fds <= fds_before + 1000 * 4 + 32,
         "{fds} descriptors (were {fds_before})"
     );
-    let listed: Value = http()
-        .get(format!("{}/queues?limit=1000", qit.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = get_json(format!("{}/queues?limit=1000", qit.http)).await;
     assert_eq!(listed["queues"].as_array().unwrap().len(), 1000);
     assert!(listed["next"].is_null());
 }
@@ -120,24 +113,10 @@ async fn queues_created_in_bulk_survive_kill_9_with_their_messages() {
     qit.signal("KILL");
     drop(qit);
     let qit = Process::start(dir.path(), &["--fsync", "always"]);
-    let listed: Value = http()
-        .get(format!("{}/queues", qit.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = get_json(format!("{}/queues", qit.http)).await;
     assert_eq!(listed["queues"].as_array().unwrap().len(), 200);
     for i in [0, 42, 99] {
-        let received: Value = http()
-            .get(format!("{}/queues/tenant-{i:04}/messages", qit.http))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let received: Value = get_json(format!("{}/queues/tenant-{i:04}/messages", qit.http)).await;
         assert_eq!(received["messages"][0]["body"], format!("hello {i}"));
     }
 }
@@ -161,7 +140,7 @@ async fn get_queues_pages_by_name() {
             Some(a) => format!("{}/queues?limit=10&after={a}", server.http),
             None => format!("{}/queues?limit=10", server.http),
         };
-        let page: Value = http().get(url).send().await.unwrap().json().await.unwrap();
+        let page: Value = get_json(url).await;
         pages += 1;
         names.extend(
             page["queues"]
@@ -179,14 +158,7 @@ async fn get_queues_pages_by_name() {
     let expected: Vec<String> = (0..25).map(|i| format!("p{i:02}")).collect();
     assert_eq!(names, expected);
     // Unpaged: the same shape as before, every queue, no cursor.
-    let all: Value = http()
-        .get(format!("{}/queues", server.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = get_json(format!("{}/queues", server.http)).await;
     assert_eq!(all["queues"].as_array().unwrap().len(), 25);
     assert!(all.get("next").is_none());
     for bad in ["limit=0", "limit=1001", "limit=x", "after=p01"] {

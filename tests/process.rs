@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Process, http};
+use common::{Process, get_json, http};
 use serde_json::Value;
 
 async fn publish(base: &str, queue: &str, body: &str) -> String {
@@ -23,16 +23,10 @@ async fn publish(base: &str, queue: &str, body: &str) -> String {
 }
 
 async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
-    let r: Value = http()
-        .get(format!(
-            "{base}/queues/{queue}/messages?max={max}&visibility=60"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = get_json(format!(
+        "{base}/queues/{queue}/messages?max={max}&visibility=60"
+    ))
+    .await;
     r["messages"].as_array().unwrap().clone()
 }
 
@@ -66,14 +60,7 @@ async fn sigterm_answers_open_long_polls_and_exits_cleanly() {
     assert!(status.success(), "exit status {status:?}");
     // A restart sees the data.
     let qit = Process::start(dir.path(), &[]);
-    let r: Value = http()
-        .get(format!("{}/queues/jobs/log?from=0", qit.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = get_json(format!("{}/queues/jobs/log?from=0", qit.http)).await;
     assert_eq!(r["messages"][0]["body"], "kept");
 }
 
@@ -161,14 +148,7 @@ async fn qit_send_stores_a_json_body_as_json_and_takes_a_content_type() {
         args.extend(["cli".to_string(), body.to_string()]);
         run_qit(args).await;
     }
-    let log: Value = http()
-        .get(format!("{}/queues/cli/log?from=0&max=10", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log: Value = get_json(format!("{}/queues/cli/log?from=0&max=10", s.http)).await;
     let m = &log["messages"];
     assert_eq!(m[0]["content_type"], "application/json", "{log}");
     assert_eq!(m[0]["body"], serde_json::json!({"a": 1}), "{log}");

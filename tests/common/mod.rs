@@ -180,6 +180,11 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// GETs `url` and parses the answer as JSON (whatever its status).
+pub async fn get_json(url: String) -> serde_json::Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Waits until `check` holds, polling. The deadline is a guard against a hang, never what a
 /// test measures: a test waits on a condition, not on the scheduler of a busy machine.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
