@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::conn::{self, ConnLimits};
 use crate::api::grpc::GrpcApi;
-use crate::api::http::{self, HttpState};
+use crate::api::http::HttpState;
 use crate::broker::{Broker, BrokerConfig, BrokerError};
 use crate::config::{ConfigError, ServerConfig};
 
@@ -125,7 +125,7 @@ impl Server {
         state.auth = self.auth.clone();
         state.per_client = crate::api::limits::ClientLimits::new(self.config.max_per_client);
         state.metrics_queues = self.config.metrics_queues;
-        let router = http::router(state, self.config.max_body_bytes);
+        let router = crate::api::routes::router(state, self.config.max_body_bytes);
         // One tracker for every task: the broker's own (timer, dead letters), the streams
         // the adapters serve, the listeners and the upkeep below. Shutdown joins them all.
         let tasks = self.broker.tasks().clone();

@@ -127,9 +127,14 @@ pub fn authenticate(store: &AuthStore, authorization: Option<&str>) -> Result<St
     Ok(store.verify_token(token)?.sub)
 }
 
-/// True for routes anyone may call: the health check and `/auth/*`.
+/// True for routes anyone may call: the health check, `/auth/*`, and the console's static
+/// files and the API document (they hold no data; the console logs in through the API).
 fn is_public(route: Option<&str>) -> bool {
-    route.is_some_and(|r| r == "/healthz" || r.starts_with("/auth/"))
+    route.is_some_and(|r| {
+        matches!(r, "/healthz" | "/" | "/openapi.json")
+            || r.starts_with("/auth/")
+            || r.starts_with("/ui/")
+    })
 }
 
 /// Checks the bearer token and the route policy on the decoded path parameters.
@@ -348,10 +353,14 @@ async fn with_hashing_slot<T: Send + 'static>(
     Ok(result?)
 }
 
-#[derive(Deserialize)]
+/// Body of register and login.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"username": "alice", "password": "correct horse battery"}))]
 pub(crate) struct Credentials {
+    /// User name.
     username: String,
+    /// Password.
     password: String,
 }
 
@@ -371,6 +380,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// `POST /auth/register`.
+#[utoipa::path(post, path = "/auth/register", tag = "auth", description = "Create a user (with `--auth`).", request_body = Credentials, responses((status = 201, body = super::schema::Registered), super::schema::Errors))]
 pub async fn register(
     State(state): State<HttpState>,
     body: Result<bytes::Bytes, BytesRejection>,
@@ -387,6 +397,7 @@ pub async fn register(
 }
 
 /// `POST /auth/login`.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", description = "Get a token (with `--auth`).", request_body = Credentials, responses((status = 200, body = super::schema::Token), super::schema::Errors))]
 pub async fn login(
     State(state): State<HttpState>,
     client: Option<Extension<axum::extract::ConnectInfo<super::conn::ClientAddr>>>,
@@ -407,15 +418,21 @@ pub async fn login(
         .into_response())
 }
 
-#[derive(Deserialize)]
+/// Body of a grant.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"user": "bob", "permissions": ["publish", "consume"]}))]
 pub(crate) struct GrantBody {
+    /// Who gets the permissions.
     user: String,
+    /// `publish` and/or `consume`; empty revokes.
+    #[schema(value_type = Vec<String>)]
     permissions: Vec<Permission>,
 }
 
 /// `POST /queues/{q}/grants`: the owner (or admin) lets `user` publish and/or consume;
 /// an empty list revokes.
+#[utoipa::path(post, path = "/queues/{queue}/grants", tag = "auth", params(("queue" = String, Path, description = "Queue name")), request_body = GrantBody, responses((status = 200, body = super::schema::Granted), super::schema::Errors))]
 pub async fn grant(
     State(state): State<HttpState>,
     axum::extract::Path(queue): axum::extract::Path<String>,
@@ -438,6 +455,67 @@ pub async fn grant(
         Json(json!({"queue": queue, "user": request.user, "permissions": now})),
     )
         .into_response())
+}
+
+/// What the caller may do on a queue or an exchange, so that a client (the console) offers
+/// only what will be allowed. With auth off everything is.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"user": "alice", "publish": true, "consume": true, "manage": false}))]
+pub(crate) struct Allowed {
+    /// The caller (`null` with auth off).
+    user: Option<String>,
+    /// May publish (for an exchange: always, the target queues decide).
+    publish: bool,
+    /// May receive, ack, replay, seek (never on an exchange).
+    consume: bool,
+    /// May delete, grant, bind.
+    manage: bool,
+}
+
+fn may(state: &HttpState, caller: &Caller, action: Action, resource: &Resource) -> bool {
+    allow(
+        state.auth.as_deref(),
+        caller.0.as_deref(),
+        &[action],
+        resource,
+    )
+    .is_ok()
+}
+
+/// `GET /queues/{q}/permissions`.
+#[utoipa::path(get, path = "/queues/{queue}/permissions", tag = "auth", description = "What the caller may do on this queue.", params(("queue" = String, Path, description = "Queue name")), responses((status = 200, body = Allowed), super::schema::Errors))]
+pub async fn queue_permissions(
+    State(state): State<HttpState>,
+    axum::extract::Path(queue): axum::extract::Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    state.broker.queue_settings(&queue)?;
+    let resource = Resource::queue(&queue);
+    let allowed = Allowed {
+        user: caller.0.clone(),
+        publish: may(&state, &caller, Action::Publish, &resource),
+        consume: may(&state, &caller, Action::Consume, &resource),
+        manage: may(&state, &caller, Action::Manage, &resource),
+    };
+    Ok(Json(allowed).into_response())
+}
+
+/// `GET /exchanges/{x}/permissions`.
+#[utoipa::path(get, path = "/exchanges/{exchange}/permissions", tag = "auth", description = "What the caller may do on this exchange.", params(("exchange" = String, Path, description = "Exchange name")), responses((status = 200, body = Allowed), super::schema::Errors))]
+pub async fn exchange_permissions(
+    State(state): State<HttpState>,
+    axum::extract::Path(exchange): axum::extract::Path<String>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    state.broker.exchange_info(&exchange)?;
+    let resource = Resource::exchange(&exchange);
+    let allowed = Allowed {
+        user: caller.0.clone(),
+        publish: true,
+        consume: false,
+        manage: may(&state, &caller, Action::Manage, &resource),
+    };
+    Ok(Json(allowed).into_response())
 }
 
 #[cfg(test)]

@@ -7,11 +7,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -20,9 +19,11 @@ use serde_json::{Value, json};
 use super::auth::Caller;
 use super::error::{ApiError, body_bytes};
 use super::json::{self, BatchPublish};
+use super::schema::*;
 use crate::auth::Resource;
 use crate::broker::{
-    Binding, ExchangeKind, MessageId, NewMessage, QueueInfo, QueueSettings, ReadFrom, SeekTarget,
+    Binding, ExchangeInfo, ExchangeKind, GroupInfo, MessageId, NewMessage, Published, QueueInfo,
+    QueueSettings, ReadFrom, SeekTarget,
 };
 
 /// Prefix of request headers that become message headers.
@@ -38,62 +39,13 @@ type Query_ = Result<Query<BTreeMap<String, String>>, QueryRejection>;
 type Body = Result<Bytes, BytesRejection>;
 type ApiResult = Result<Response, ApiError>;
 
-/// The router with every route, for a server or a test.
-pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/queues", get(list_queues))
-        .route(
-            "/queues/{queue}",
-            post(create_queue).get(queue_info).delete(delete_queue),
-        )
-        .route("/queues/{queue}/messages", post(publish).get(receive))
-        .route("/queues/{queue}/messages/batch", post(publish_batch))
-        .route("/queues/{queue}/messages/{id}", axum::routing::delete(ack))
-        .route("/queues/{queue}/messages/{id}/nack", post(nack))
-        .route("/queues/{queue}/messages/{id}/extend", post(extend))
-        .route("/queues/{queue}/redrive", post(redrive))
-        .route("/queues/{queue}/log", get(read_log))
-        .route("/queues/{queue}/groups/{group}", get(group_info))
-        .route("/queues/{queue}/groups/{group}/offset", put(seek))
-        .route("/exchanges", get(list_exchanges))
-        .route(
-            "/exchanges/{exchange}",
-            post(create_exchange)
-                .get(exchange_info)
-                .delete(delete_exchange),
-        )
-        .route("/exchanges/{exchange}/bindings", post(bind).delete(unbind))
-        .route("/exchanges/{exchange}/messages", post(publish_to_exchange))
-        .route("/queues/{queue}/grants", post(super::auth::grant))
-        .route(
-            "/auth/register",
-            post(super::auth::register).layer(auth_body_limit()),
-        )
-        .route(
-            "/auth/login",
-            post(super::auth::login).layer(auth_body_limit()),
-        )
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            super::auth::middleware,
-        ))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(state)
-}
-
-fn auth_body_limit() -> DefaultBodyLimit {
-    DefaultBodyLimit::max(super::auth::AUTH_BODY_LIMIT)
-}
-
-async fn not_found() -> ApiError {
+/// The JSON 404 for a path no route matches.
+pub(super) async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
-async fn method_not_allowed() -> ApiError {
+/// The JSON 405 for a method a route does not serve.
+pub(super) async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -166,12 +118,14 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-async fn healthz(State(s): State<HttpState>) -> ApiResult {
+#[utoipa::path(get, path = "/healthz", tag = "operations", description = "Liveness and storage check.", responses((status = 200, body = Health), Errors))]
+pub(super) async fn healthz(State(s): State<HttpState>) -> ApiResult {
     s.broker.check_storage().await?;
     Ok(ok(json!({"status": "ok"})))
 }
 
-async fn metrics(State(s): State<HttpState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "operations", description = "Prometheus text format.", responses((status = 200, content_type = "text/plain", body = String), Errors))]
+pub(super) async fn metrics(State(s): State<HttpState>) -> Response {
     let busiest: Vec<_> = s
         .broker
         .busiest_queues(s.metrics_queues)
@@ -194,7 +148,8 @@ const MAX_PAGE: usize = 1000;
 
 /// `GET /queues`: every queue, or with `?limit=` (1..=1000) a page of them by name after
 /// `?after=`, with `next` (the `after` of the next page, `null` on the last one).
-async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiResult {
+#[utoipa::path(get, path = "/queues", tag = "queues", params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size; without it every queue"), ("after" = Option<String>, Query, description = "Name after which the page starts (needs `limit`)")), responses((status = 200, body = QueueList), Errors))]
+pub(super) async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiResult {
     let q = query(q)?;
     let limit: Option<usize> = param(&q, "limit")?;
     let after = q.get("after").map(String::as_str);
@@ -213,7 +168,8 @@ async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiResult {
     Ok(ok(json!({"queues": to_json(&queues), "next": next})))
 }
 
-async fn create_queue(
+#[utoipa::path(post, path = "/queues/{queue}", tag = "queues", description = "Create a queue (and its dead-letter queue). The same settings again: 200; other settings: 409.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = QueueSettings, description = "Optional: an empty body means every default", example = json!({"partitions": 2, "max_deliveries": 3, "backoff": [1, 5, 30]})), responses((status = 201, description = "Created", body = QueueInfo), (status = 200, description = "Existed with the same settings", body = QueueInfo), Errors))]
+pub(super) async fn create_queue(
     State(s): State<HttpState>,
     Path(queue): Path<String>,
     Extension(caller): Extension<Caller>,
@@ -233,11 +189,16 @@ async fn create_queue(
     Ok((status, Json(to_json(&info))).into_response())
 }
 
-async fn queue_info(State(s): State<HttpState>, Path(queue): Path<String>) -> ApiResult {
+#[utoipa::path(get, path = "/queues/{queue}", tag = "queues", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 200, body = QueueInfo), Errors))]
+pub(super) async fn queue_info(State(s): State<HttpState>, Path(queue): Path<String>) -> ApiResult {
     Ok(ok(to_json(&s.broker.queue_info(&queue)?)))
 }
 
-async fn delete_queue(State(s): State<HttpState>, Path(queue): Path<String>) -> ApiResult {
+#[utoipa::path(delete, path = "/queues/{queue}", tag = "queues", description = "Delete a queue and its data.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Deleted"), Errors))]
+pub(super) async fn delete_queue(
+    State(s): State<HttpState>,
+    Path(queue): Path<String>,
+) -> ApiResult {
     s.broker.delete_queue(&queue).await?;
     super::auth::forget(s.auth.as_deref(), &Resource::queue(&queue));
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -297,7 +258,8 @@ fn raw_message(
     })
 }
 
-async fn publish(
+#[utoipa::path(post, path = "/queues/{queue}/messages", tag = "messages", description = "Publish one message. Headers `Qit-Header-{name}: value` become message headers.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("key" = Option<String>, Query, description = "Partitioning / ordering / compaction key"), ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 256, description = "A repeat within the dedup window returns the first id and stores nothing")), request_body(description = "The payload, kept byte for byte with its Content-Type", content((Value = "application/json", example = json!({"to": "user@example.com", "subject": "Hello!"})), (String = "text/plain"), (Vec<u8> = "application/octet-stream"))), responses((status = 201, body = Published, example = json!({"id": "0-7", "partition": 0, "offset": 7})), Errors))]
+pub(super) async fn publish(
     State(s): State<HttpState>,
     Path(queue): Path<String>,
     headers: HeaderMap,
@@ -312,7 +274,8 @@ async fn publish(
     Ok(created(to_json(first)))
 }
 
-async fn publish_batch(
+#[utoipa::path(post, path = "/queues/{queue}/messages/batch", tag = "messages", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = BatchPublish, example = json!({"messages": [{"body": {"n": 1}, "key": "a"}, {"body_base64": "/wA=", "headers": {"kind": "raw"}}]})), responses((status = 201, body = BatchIds), Errors))]
+pub(super) async fn publish_batch(
     State(s): State<HttpState>,
     Path(queue): Path<String>,
     body: Body,
@@ -336,7 +299,8 @@ async fn publish_batch(
     Ok(created(json!({"ids": ids})))
 }
 
-async fn receive(
+#[utoipa::path(get, path = "/queues/{queue}/messages", tag = "messages", description = "Receive (lease) messages for a group.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("max" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Most messages (default 1)"), ("wait" = Option<f64>, Query, minimum = 0, maximum = 60, description = "Long-poll seconds (default 0)"), ("visibility" = Option<f64>, Query, exclusive_minimum = 0, maximum = 43200, description = "Lease seconds (default: the queue's `ack_timeout`)")), responses((status = 200, body = Messages), Errors))]
+pub(super) async fn receive(
     State(s): State<HttpState>,
     Path(queue): Path<String>,
     client: Option<axum::Extension<axum::extract::ConnectInfo<super::conn::ClientAddr>>>,
@@ -386,7 +350,8 @@ async fn receive(
     Ok(ok(json::deliveries(&list)))
 }
 
-async fn ack(
+#[utoipa::path(delete, path = "/queues/{queue}/messages/{id}", tag = "messages", description = "Ack: the message is done for the group. Repeating an ack is harmless.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,10}-[0-9]{1,20}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Acked"), Errors))]
+pub(super) async fn ack(
     State(s): State<HttpState>,
     Path((queue, id)): Path<(String, String)>,
     q: Query_,
@@ -396,7 +361,8 @@ async fn ack(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn nack(
+#[utoipa::path(post, path = "/queues/{queue}/messages/{id}/nack", tag = "messages", description = "Redeliver, optionally after a delay.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,10}-[0-9]{1,20}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("delay" = Option<f64>, Query, minimum = 0, maximum = 43200, description = "Seconds before redelivery (default: the queue's backoff)")), responses((status = 204, description = "Released"), Errors))]
+pub(super) async fn nack(
     State(s): State<HttpState>,
     Path((queue, id)): Path<(String, String)>,
     q: Query_,
@@ -409,7 +375,8 @@ async fn nack(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn extend(
+#[utoipa::path(post, path = "/queues/{queue}/messages/{id}/extend", tag = "messages", description = "Extend a lease.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,10}-[0-9]{1,20}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("visibility" = Option<f64>, Query, minimum = 0, maximum = 43200, description = "New lease seconds from now")), responses((status = 204, description = "Extended"), Errors))]
+pub(super) async fn extend(
     State(s): State<HttpState>,
     Path((queue, id)): Path<(String, String)>,
     q: Query_,
@@ -425,13 +392,21 @@ async fn extend(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Body of a redrive.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RedriveBody {
+pub(super) struct RedriveBody {
+    /// Most messages to move (default: all).
+    #[schema(minimum = 0)]
     max: Option<usize>,
 }
 
-async fn redrive(State(s): State<HttpState>, Path(queue): Path<String>, body: Body) -> ApiResult {
+#[utoipa::path(post, path = "/queues/{queue}/redrive", tag = "queues", description = "Move dead letters back into the queue.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = RedriveBody, description = "Optional: an empty body moves every dead letter", example = json!({"max": 100})), responses((status = 200, body = Moved), Errors))]
+pub(super) async fn redrive(
+    State(s): State<HttpState>,
+    Path(queue): Path<String>,
+    body: Body,
+) -> ApiResult {
     let request: RedriveBody = json_body(&body_bytes(body)?, true)?;
     let moved = s.broker.redrive(&queue, request.max).await?;
     Ok(ok(json!({"moved": moved})))
@@ -449,7 +424,12 @@ pub fn parse_time(raw: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("`{raw}` is neither RFC 3339 nor unix ms")))
 }
 
-async fn read_log(State(s): State<HttpState>, Path(queue): Path<String>, q: Query_) -> ApiResult {
+#[utoipa::path(get, path = "/queues/{queue}/log", tag = "messages", description = "Read without leasing (replay).", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("partition" = Option<u32>, Query, description = "Partition (default 0)"), ("from" = Option<u64>, Query, description = "Start offset (default 0)"), ("from_time" = Option<String>, Query, description = "Start time: RFC 3339 or unix ms"), ("max" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most messages (default 100)")), responses((status = 200, body = LogPage), Errors))]
+pub(super) async fn read_log(
+    State(s): State<HttpState>,
+    Path(queue): Path<String>,
+    q: Query_,
+) -> ApiResult {
     let q = query(q)?;
     let partition: u32 = param(&q, "partition")?.unwrap_or(0);
     let max: usize = param(&q, "max")?.unwrap_or(100);
@@ -472,19 +452,27 @@ async fn read_log(State(s): State<HttpState>, Path(queue): Path<String>, q: Quer
     Ok(ok(body))
 }
 
-async fn group_info(
+#[utoipa::path(get, path = "/queues/{queue}/groups/{group}", tag = "groups", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("group" = String, Path, description = "Consumer group name", example = "default", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 200, body = GroupInfo), Errors))]
+pub(super) async fn group_info(
     State(s): State<HttpState>,
     Path((queue, group)): Path<(String, String)>,
 ) -> ApiResult {
     Ok(ok(to_json(&s.broker.group_info(&queue, &group)?)))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Body of a seek: exactly one of `offset` (with `partition`), `from_time` or `to`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SeekBody {
+pub(super) struct SeekBody {
+    /// Partition of `offset` (default 0).
     partition: Option<u32>,
+    /// Offset to move to.
     offset: Option<u64>,
+    /// RFC 3339 or unix ms: the first message at or after it, in every partition.
+    #[schema(value_type = Option<String>)]
     from_time: Option<Value>,
+    /// `earliest` or `latest`.
+    #[schema(pattern = "^(earliest|latest)$")]
     to: Option<String>,
 }
 
@@ -516,7 +504,8 @@ impl SeekBody {
     }
 }
 
-async fn seek(
+#[utoipa::path(put, path = "/queues/{queue}/groups/{group}/offset", tag = "groups", description = "Move a group: to an offset, a time, or the earliest or latest message.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("group" = String, Path, description = "Consumer group name", example = "default", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = SeekBody, example = json!({"to": "earliest"})), responses((status = 200, body = GroupInfo), Errors))]
+pub(super) async fn seek(
     State(s): State<HttpState>,
     Path((queue, group)): Path<(String, String)>,
     body: Body,
@@ -526,9 +515,11 @@ async fn seek(
     Ok(ok(to_json(&info)))
 }
 
-#[derive(Debug, Deserialize)]
+/// Body of an exchange create.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExchangeBody {
+pub(super) struct ExchangeBody {
+    /// Routing type.
     #[serde(rename = "type")]
     kind: ExchangeKind,
 }
@@ -541,7 +532,8 @@ impl Default for ExchangeBody {
     }
 }
 
-async fn create_exchange(
+#[utoipa::path(post, path = "/exchanges/{exchange}", tag = "exchanges", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = ExchangeBody, example = json!({"type": "topic"})), responses((status = 201, description = "Created", body = ExchangeCreated), (status = 200, description = "Existed with the same type", body = ExchangeCreated), Errors))]
+pub(super) async fn create_exchange(
     State(s): State<HttpState>,
     Path(exchange): Path<String>,
     Extension(caller): Extension<Caller>,
@@ -564,17 +556,26 @@ async fn create_exchange(
         .into_response())
 }
 
-async fn list_exchanges(State(s): State<HttpState>) -> ApiResult {
+#[utoipa::path(get, path = "/exchanges", tag = "exchanges", responses((status = 200, body = ExchangeList), Errors))]
+pub(super) async fn list_exchanges(State(s): State<HttpState>) -> ApiResult {
     Ok(ok(
         json!({"exchanges": to_json(&s.broker.list_exchanges())}),
     ))
 }
 
-async fn exchange_info(State(s): State<HttpState>, Path(exchange): Path<String>) -> ApiResult {
+#[utoipa::path(get, path = "/exchanges/{exchange}", tag = "exchanges", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 200, body = ExchangeInfo), Errors))]
+pub(super) async fn exchange_info(
+    State(s): State<HttpState>,
+    Path(exchange): Path<String>,
+) -> ApiResult {
     Ok(ok(to_json(&s.broker.exchange_info(&exchange)?)))
 }
 
-async fn delete_exchange(State(s): State<HttpState>, Path(exchange): Path<String>) -> ApiResult {
+#[utoipa::path(delete, path = "/exchanges/{exchange}", tag = "exchanges", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Deleted"), Errors))]
+pub(super) async fn delete_exchange(
+    State(s): State<HttpState>,
+    Path(exchange): Path<String>,
+) -> ApiResult {
     s.broker.delete_exchange(&exchange).await?;
     super::auth::forget(s.auth.as_deref(), &Resource::exchange(&exchange));
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -586,7 +587,8 @@ fn binding(body: Body) -> Result<Binding, ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
 }
 
-async fn bind(
+#[utoipa::path(post, path = "/exchanges/{exchange}/bindings", tag = "exchanges", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = Binding, example = json!({"queue": "audit", "key": "orders.*"})), responses((status = 201, body = Binding), Errors))]
+pub(super) async fn bind(
     State(s): State<HttpState>,
     Path(exchange): Path<String>,
     Extension(caller): Extension<Caller>,
@@ -598,12 +600,18 @@ async fn bind(
     Ok(created(to_json(&binding)))
 }
 
-async fn unbind(State(s): State<HttpState>, Path(exchange): Path<String>, body: Body) -> ApiResult {
+#[utoipa::path(delete, path = "/exchanges/{exchange}/bindings", tag = "exchanges", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = Binding, example = json!({"queue": "audit", "key": "orders.*"})), responses((status = 204, description = "Unbound"), Errors))]
+pub(super) async fn unbind(
+    State(s): State<HttpState>,
+    Path(exchange): Path<String>,
+    body: Body,
+) -> ApiResult {
     s.broker.unbind(&exchange, binding(body)?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn publish_to_exchange(
+#[utoipa::path(post, path = "/exchanges/{exchange}/messages", tag = "exchanges", description = "Publish through an exchange to every matching bound queue.", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("key" = Option<String>, Query, description = "Routing key"), ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 256, description = "Per target queue: a repeat within its dedup window stores nothing")), request_body(description = "The payload, kept byte for byte with its Content-Type", content((Value = "application/json", example = json!({"to": "user@example.com", "subject": "Hello!"})), (String = "text/plain"), (Vec<u8> = "application/octet-stream"))), responses((status = 201, body = RoutedList), Errors))]
+pub(super) async fn publish_to_exchange(
     State(s): State<HttpState>,
     Path(exchange): Path<String>,
     Extension(caller): Extension<Caller>,

@@ -77,7 +77,7 @@ pub fn deliveries(list: &[Delivery]) -> Value {
 }
 
 /// One message of a batch publish.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchMessage {
     /// Any JSON value, stored as JSON.
@@ -101,7 +101,7 @@ pub struct BatchMessage {
 }
 
 /// `{"messages": [...]}` for a batch publish.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchPublish {
     /// The messages.

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod conn;
+pub mod console;
 pub mod error;
 pub mod grpc;
 pub mod http;
@@ -10,5 +11,7 @@ pub mod json;
 pub mod limits;
 pub mod publish;
 pub mod receive;
+pub mod routes;
+pub mod schema;
 pub mod state;
 pub mod wire;

@@ -9,7 +9,7 @@ pub use crate::group::Ordering;
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// Settings of a queue. Every field has a default; JSON input may omit any of them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueSettings {
     /// Number of partitions (>= 1).
@@ -59,7 +59,7 @@ impl Default for QueueSettings {
 }
 
 /// Retention settings of a queue.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
     /// Delete sealed segments whose newest record is older than this many seconds.
@@ -73,7 +73,7 @@ pub struct Retention {
 }
 
 /// Retention policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RetentionPolicy {
     /// Only `max_age` / `max_bytes` delete data.

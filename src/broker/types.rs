@@ -55,10 +55,11 @@ pub struct NewMessage {
 }
 
 /// Where a published message went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Published {
     /// `"{partition}-{offset}"`.
     #[serde(serialize_with = "serialize_display")]
+    #[schema(value_type = String, example = "0-42")]
     pub id: MessageId,
     /// Partition number.
     pub partition: u32,
@@ -95,7 +96,7 @@ pub struct Delivery {
 }
 
 /// Summary of one partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PartitionInfo {
     /// Partition number.
     pub partition: u32,
@@ -110,7 +111,7 @@ pub struct PartitionInfo {
 }
 
 /// Summary of one group on a queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct GroupSummary {
     /// Group name.
     pub name: String,
@@ -123,7 +124,7 @@ pub struct GroupSummary {
 }
 
 /// An exchange as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ExchangeInfo {
     /// Name.
     pub name: String,
@@ -135,7 +136,7 @@ pub struct ExchangeInfo {
 }
 
 /// Queue info.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct QueueInfo {
     /// Queue name.
     pub name: String,
@@ -175,7 +176,7 @@ impl QueueInfo {
 }
 
 /// Per-partition state of a group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct GroupPartitionInfo {
     /// Partition number.
     pub partition: u32,
@@ -188,7 +189,7 @@ pub struct GroupPartitionInfo {
 }
 
 /// Detailed group state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct GroupInfo {
     /// Queue name.
     pub queue: String,
@@ -234,12 +235,13 @@ pub enum ReadFrom {
 }
 
 /// One queue a message was routed to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Routed {
     /// Queue name.
     pub queue: String,
     /// Id in that queue.
     #[serde(serialize_with = "serialize_display")]
+    #[schema(value_type = String, example = "0-42")]
     pub id: MessageId,
 }
 

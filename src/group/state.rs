@@ -21,7 +21,17 @@ pub const MAX_PARKED: usize = 10_000;
 const DEAD_LETTERING: i64 = i64::MAX;
 
 /// Delivery ordering within a group (the queue setting `ordering`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Ordering {
     /// Any number of messages in flight, of any key.
