@@ -157,6 +157,7 @@ async fn the_console_in_a_real_browser() {
         browse_and_publish(&c, &server.http).await;
         redrive_a_dead_letter(&c, &server.http).await;
         exchanges_page(&c, &server.http).await;
+        dark_theme(&c, &server.http).await;
         c.close().await.unwrap();
         server.stop().await;
     })
@@ -289,6 +290,24 @@ async fn exchanges_page(c: &Client, base: &str) {
     screenshot(c, "exchanges").await;
 }
 
+/// The theme toggle switches to dark and the choice survives a reload.
+async fn dark_theme(c: &Client, base: &str) {
+    c.goto(&format!("{base}/ui/")).await.unwrap();
+    element(c, "tr[data-queue=orders]").await;
+    let theme = "return document.documentElement.dataset.theme || null";
+    let before = c.execute(theme, vec![]).await.unwrap();
+    element(c, "#theme").await.click().await.unwrap();
+    let after = c.execute(theme, vec![]).await.unwrap();
+    assert_ne!(before, after);
+    if after != json!("dark") {
+        element(c, "#theme").await.click().await.unwrap();
+    }
+    c.refresh().await.unwrap();
+    element(c, "tr[data-queue=orders]").await;
+    assert_eq!(c.execute(theme, vec![]).await.unwrap(), json!("dark"));
+    screenshot(c, "overview-dark").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_auth_the_console_starts_with_a_login_form() {
     tokio::time::timeout(WHOLE_TEST, async {
@@ -349,9 +368,120 @@ async fn under_auth_the_console_starts_with_a_login_form() {
             .await
             .unwrap();
         element(&c, "tr[data-queue=alices]").await;
+        // Another user sees alice's queue but is not offered what he may not do.
+        post(
+            format!("{base}/auth/register"),
+            json!({"username": "bob", "password": "bob-password"}),
+        )
+        .await;
+        element(&c, "#logout").await.click().await.unwrap();
+        element(&c, "[data-test=login-user]")
+            .await
+            .send_keys("bob")
+            .await
+            .unwrap();
+        element(&c, "[data-test=login-password]")
+            .await
+            .send_keys("bob-password")
+            .await
+            .unwrap();
+        element(&c, "[data-test=login-submit]")
+            .await
+            .click()
+            .await
+            .unwrap();
+        text_contains(&c, "#user", "bob").await;
+        c.goto(&format!("{base}/ui/#/queues/alices")).await.unwrap();
+        text_contains(&c, "[data-test=queue-title]", "alices").await;
+        element(&c, "button[data-tab=settings]").await;
+        for hidden in [
+            "button[data-tab=publish]",
+            "button[data-tab=messages]",
+            "button[data-tab=dlq]",
+            "[data-test=delete-queue]",
+        ] {
+            assert!(
+                c.find(Locator::Css(hidden)).await.is_err(),
+                "bob is offered {hidden}"
+            );
+        }
         c.close().await.unwrap();
         server.stop().await;
     })
     .await
     .expect("the browser test took too long");
+}
+
+/// The route the console asks before offering an action answers what the server enforces.
+#[tokio::test]
+async fn permissions_tell_what_the_caller_may_do() {
+    let open = TestServer::start().await;
+    post(format!("{}/queues/jobs", open.http), json!({})).await;
+    let all = common::get_json(format!("{}/queues/jobs/permissions", open.http)).await;
+    assert_eq!(
+        all,
+        json!({"user": null, "publish": true, "consume": true, "manage": true})
+    );
+    let missing = http()
+        .get(format!("{}/queues/nope/permissions", open.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    open.stop().await;
+
+    let temp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(temp.path(), |config| {
+        config.auth = true;
+        config.jwt_secret = Some("0123456789abcdef0123456789abcdef-console-test".into());
+    })
+    .await;
+    let base = server.http.clone();
+    let mut tokens = Vec::new();
+    for user in ["alice", "bob"] {
+        let credentials = json!({"username": user, "password": format!("{user}-password")});
+        post(format!("{base}/auth/register"), credentials.clone()).await;
+        let login = post(format!("{base}/auth/login"), credentials).await;
+        tokens.push(login["token"].as_str().unwrap().to_string());
+    }
+    let as_user = |i: usize, method: reqwest::Method, path: &str| {
+        http()
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(&tokens[i])
+    };
+    let created = as_user(0, reqwest::Method::POST, "/queues/jobs")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let grant = as_user(0, reqwest::Method::POST, "/queues/jobs/grants")
+        .json(&json!({"user": "bob", "permissions": ["publish"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(grant.status(), 200);
+    let of = |i: usize| {
+        let request = as_user(i, reqwest::Method::GET, "/queues/jobs/permissions");
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    assert_eq!(
+        of(0).await,
+        json!({"user": "alice", "publish": true, "consume": true, "manage": true})
+    );
+    assert_eq!(
+        of(1).await,
+        json!({"user": "bob", "publish": true, "consume": false, "manage": false})
+    );
+    let anonymous = http()
+        .get(format!("{base}/queues/jobs/permissions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    // The console's files and the document need no token (they hold no data).
+    for path in ["/ui/", "/ui/app.js", "/openapi.json"] {
+        let r = http().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    server.stop().await;
 }

@@ -213,7 +213,12 @@
     const opts = {
       title, width, height: 200,
       cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true } },
+      // At least the last two minutes, so that a fresh page does not span years.
+      scales: { x: { time: true, range: (u, min, max) => {
+        const now = Date.now() / 1000;
+        const hi = max == null ? now : max;
+        return [Math.min(min == null ? hi : min, hi - 120), hi];
+      } } },
       axes: [axis, Object.assign({ size: 56 }, axis)],
       series: [{}].concat(series.map((s) => ({ label: s.label, stroke: s.color, width: 2, fill: s.color + "22", points: { show: false } }))),
     };
@@ -520,7 +525,7 @@
     const actions = h("div", { class: "page-head" },
       h("div", {}, h("div", { class: "crumbs" }, h("a", { href: "#/" }, "Queues"), " / "), h("h1", { "data-test": "queue-title" }, name)),
       h("div", { class: "spacer" }),
-      perms.manage ? h("button", { class: "danger", onclick: deleteQueue }, "Delete queue") : null);
+      perms.manage ? h("button", { class: "danger", onclick: deleteQueue, "data-test": "delete-queue" }, "Delete queue") : null);
 
     async function deleteQueue() {
       if (!confirm("Delete queue " + name + " and all its messages?")) return;

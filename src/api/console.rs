@@ -30,6 +30,11 @@ const ASSETS: &[Asset] = &[
         bytes: include_bytes!("../../ui/app.js"),
     },
     Asset {
+        name: "theme.js",
+        content_type: "text/javascript; charset=utf-8",
+        bytes: include_bytes!("../../ui/theme.js"),
+    },
+    Asset {
         name: "app.css",
         content_type: "text/css; charset=utf-8",
         bytes: include_bytes!("../../ui/app.css"),

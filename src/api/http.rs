@@ -350,7 +350,7 @@ pub(super) async fn receive(
     Ok(ok(json::deliveries(&list)))
 }
 
-#[utoipa::path(delete, path = "/queues/{queue}/messages/{id}", tag = "messages", description = "Ack: the message is done for the group. Repeating an ack is harmless.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,10}-[0-9]{1,20}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Acked"), Errors))]
+#[utoipa::path(delete, path = "/queues/{queue}/messages/{id}", tag = "messages", description = "Ack: the message is done for the group. Repeating an ack is harmless.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,9}-[0-9]{1,19}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Acked"), Errors))]
 pub(super) async fn ack(
     State(s): State<HttpState>,
     Path((queue, id)): Path<(String, String)>,
@@ -361,7 +361,7 @@ pub(super) async fn ack(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(post, path = "/queues/{queue}/messages/{id}/nack", tag = "messages", description = "Redeliver, optionally after a delay.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,10}-[0-9]{1,20}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("delay" = Option<f64>, Query, minimum = 0, maximum = 43200, description = "Seconds before redelivery (default: the queue's backoff)")), responses((status = 204, description = "Released"), Errors))]
+#[utoipa::path(post, path = "/queues/{queue}/messages/{id}/nack", tag = "messages", description = "Redeliver, optionally after a delay.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,9}-[0-9]{1,19}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("delay" = Option<f64>, Query, minimum = 0, maximum = 43200, description = "Seconds before redelivery (default: the queue's backoff)")), responses((status = 204, description = "Released"), Errors))]
 pub(super) async fn nack(
     State(s): State<HttpState>,
     Path((queue, id)): Path<(String, String)>,
@@ -375,7 +375,7 @@ pub(super) async fn nack(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(post, path = "/queues/{queue}/messages/{id}/extend", tag = "messages", description = "Extend a lease.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,10}-[0-9]{1,20}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("visibility" = Option<f64>, Query, minimum = 0, maximum = 43200, description = "New lease seconds from now")), responses((status = 204, description = "Extended"), Errors))]
+#[utoipa::path(post, path = "/queues/{queue}/messages/{id}/extend", tag = "messages", description = "Extend a lease.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,9}-[0-9]{1,19}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("visibility" = Option<f64>, Query, minimum = 0, maximum = 43200, description = "New lease seconds from now")), responses((status = 204, description = "Extended"), Errors))]
 pub(super) async fn extend(
     State(s): State<HttpState>,
     Path((queue, id)): Path<(String, String)>,

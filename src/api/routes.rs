@@ -63,6 +63,35 @@ impl Modify for BearerAuth {
     }
 }
 
+/// POST routes whose body may be left out: a queue's settings, a redrive's limit, and a
+/// message (an empty payload is a message too).
+const OPTIONAL_BODIES: &[&str] = &[
+    "/queues/{queue}",
+    "/queues/{queue}/redrive",
+    "/queues/{queue}/messages",
+    "/exchanges/{exchange}/messages",
+];
+
+/// Marks the bodies of [`OPTIONAL_BODIES`] as not required (utoipa marks every body
+/// required unless its type is an `Option`, which would also allow a JSON `null`).
+struct OptionalBodies;
+
+impl Modify for OptionalBodies {
+    fn modify(&self, doc: &mut Document) {
+        for path in OPTIONAL_BODIES {
+            let body = doc
+                .paths
+                .paths
+                .get_mut(*path)
+                .and_then(|item| item.post.as_mut())
+                .and_then(|op| op.request_body.as_mut());
+            if let Some(utoipa::openapi::RefOr::T(body)) = body {
+                body.required = Some(utoipa::openapi::Required::False);
+            }
+        }
+    }
+}
+
 /// Every route: handlers sharing a path go in one `routes!`.
 fn table() -> Vec<UtoipaMethodRouter<HttpState>> {
     vec![
@@ -109,13 +138,16 @@ fn small_body(
 
 /// The router and the document, both from [`table`].
 fn build() -> (Router<HttpState>, Document) {
-    table()
+    let (router, mut doc) = table()
         .into_iter()
         .fold(
             OpenApiRouter::with_openapi(ApiDoc::openapi()),
             OpenApiRouter::routes,
         )
-        .split_for_parts()
+        .split_for_parts();
+    // After the paths are in: `ApiDoc`'s own modifiers run before.
+    OptionalBodies.modify(&mut doc);
+    (router, doc)
 }
 
 /// The OpenAPI document of every route (built once).
