@@ -180,3 +180,43 @@ fn collect(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
         }
     }
 }
+
+/// Regression (found checking the document's error shape): a path parameter that is not
+/// UTF-8 was answered by axum's `text/plain` rejection; every error is the JSON shape.
+#[tokio::test]
+async fn extractor_rejections_answer_the_json_error_shape() {
+    let server = TestServer::start().await;
+    for path in [
+        "/queues/%FF",
+        "/queues/%FF/messages",
+        "/ui/%FF",
+        "/exchanges/%C3%28",
+    ] {
+        let response = reqwest::get(format!("{}{path}", server.http))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "application/json",
+            "{path}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "bad_request", "{path}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("UTF-8"),
+            "{body}"
+        );
+    }
+    // Text that is not an error stays text.
+    let metrics = reqwest::get(format!("{}/metrics", server.http))
+        .await
+        .unwrap();
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    server.stop().await;
+}

@@ -437,10 +437,10 @@ pub async fn grant(
     State(state): State<HttpState>,
     axum::extract::Path(queue): axum::extract::Path<String>,
     Extension(caller): Extension<Caller>,
-    body: bytes::Bytes,
+    body: Result<bytes::Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let store = store(&state)?;
-    let request: GrantBody = parse(&body)?;
+    let request: GrantBody = parse(&super::error::body_bytes(body)?)?;
     state.broker.queue_info(&queue)?;
     let by = caller.0.unwrap_or_default();
     let resource = Resource::queue(&queue);

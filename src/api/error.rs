@@ -24,6 +24,35 @@ pub fn body_bytes(
     })
 }
 
+/// Turns an error answer that is not JSON into the JSON error shape. axum's own extractor
+/// rejections (a path parameter that is not UTF-8, say) answer `text/plain`; every error of
+/// the API is `{"error": {"code", "message"}}`, so the router maps them here, in one place.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_text = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !is_text {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "message_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ if status.is_server_error() => "internal_error",
+        _ => "bad_request",
+    };
+    ApiError::new(status, code, text).into_response()
+}
+
 /// An error answer of the API: status, snake_case code, human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
