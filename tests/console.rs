@@ -243,6 +243,20 @@ async fn browse_and_publish(c: &Client, base: &str) {
     let log: Value = common::get_json(format!("{base}/queues/orders/log?from=3")).await;
     assert_eq!(log["messages"][0]["body"], json!({"from": "the console"}));
     assert_eq!(log["messages"][0]["content_type"], "application/json");
+
+    // Seek the default group past everything: its backlog empties.
+    element(c, "button[data-tab=groups]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    text_contains(c, "[data-test=groups]", "0: 0").await;
+    let to = element(c, "[data-test=seek-to]").await;
+    to.select_by_value("latest").await.unwrap();
+    element(c, "[data-test=seek]").await.click().await.unwrap();
+    text_contains(c, "[data-test=groups]", "0: 4").await;
+    let group = common::get_json(format!("{base}/queues/orders/groups/default")).await;
+    assert_eq!(group["backlog"], 0, "{group}");
 }
 
 async fn redrive_a_dead_letter(c: &Client, base: &str) {
@@ -288,6 +302,20 @@ async fn exchanges_page(c: &Client, base: &str) {
     c.goto(&format!("{base}/ui/#/exchanges")).await.unwrap();
     text_contains(c, "[data-exchange=events]", "orders.*").await;
     screenshot(c, "exchanges").await;
+    // Create one in the page: it exists through the API.
+    element(c, "[data-test=create-exchange-name]")
+        .await
+        .send_keys("alerts")
+        .await
+        .unwrap();
+    element(c, "[data-test=create-exchange]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    text_contains(c, "[data-exchange=alerts]", "direct").await;
+    let alerts = common::get_json(format!("{base}/exchanges/alerts")).await;
+    assert_eq!(alerts["type"], "direct", "{alerts}");
 }
 
 /// The theme toggle switches to dark and the choice survives a reload.

@@ -700,7 +700,7 @@
     const tbody = h("tbody", { "data-test": "groups" });
     const qpath = "/queues/" + enc(queue);
     const seekGroup = h("input", { value: "default", "aria-label": "Group" });
-    const seekTo = h("select", { "aria-label": "Seek to" },
+    const seekTo = h("select", { "aria-label": "Seek to", "data-test": "seek-to" },
       h("option", { value: "earliest" }, "earliest"), h("option", { value: "latest" }, "latest"),
       h("option", { value: "offset" }, "offset"), h("option", { value: "time" }, "time"));
     const seekPart = h("input", { type: "number", min: 0, value: 0, style: "width:80px", "aria-label": "Partition" });
