@@ -38,7 +38,8 @@
 //! - [`metrics`]: Prometheus series; [`auth`]: users, tokens, ownership and grants.
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`maintenance`]: retention and key compaction in the background.
-//! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
+//! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters; the route table that builds both the
+//!   router and `/openapi.json` ([`api::routes`]); the web console's embedded files.
 //! - [`server`]: binds listeners, runs timers, joins background tasks, drains on shutdown.
 //! - [`config`], [`cli`], [`client`], [`bench`], [`bench_queues`]: settings, the command
 //!   line, its HTTP client, the `qit bench` load generator and its many-queues mode.

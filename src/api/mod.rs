@@ -1,5 +1,6 @@
 //! Adapters: HTTP (axum) and gRPC (tonic). Thin: parse, call the broker, map errors in
-//! one place ([`error`]).
+//! one place ([`error`]). [`routes`] is the one table the HTTP router and the OpenAPI
+//! document are both built from; [`console`] serves the web console's embedded files.
 
 pub mod auth;
 pub mod conn;
