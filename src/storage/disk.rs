@@ -54,6 +54,9 @@ impl Storage for Disk {
             OpenMode::CreatePrivate => {
                 options.read(true).append(true).create(true).mode(0o600);
             }
+            OpenMode::Reopen => {
+                options.read(true).append(true);
+            }
         }
         let file = options.open(path)?;
         if matches!(mode, OpenMode::Create | OpenMode::CreatePrivate) {
