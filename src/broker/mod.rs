@@ -35,7 +35,8 @@ pub use types::*;
 
 use crate::storage::SharedStorage;
 use queue::{DeadLetterJob, Group, Queue};
-use registry::{MetaCommand, Registry};
+use crate::journal::Ticket;
+use registry::{MetaCommand, MetaLog, Registry};
 
 /// Threads that open queues at start (each queue's recovery is mostly small file reads).
 const OPEN_THREADS: usize = 4;
@@ -135,6 +136,8 @@ pub struct Broker {
     /// Queues whose data could not be opened at start, with what opening reported.
     damaged: RwLock<HashMap<String, String>>,
     registry: RwLock<Registry>,
+    /// The registry's durable form (a journal of changes, group-committed).
+    meta_log: MetaLog,
     /// Serializes metadata changes (create/delete queue, exchanges, bindings).
     meta: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
@@ -153,10 +156,6 @@ pub struct Broker {
 pub type DeadLetterGuard = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 impl Broker {
-    fn registry_path(&self) -> PathBuf {
-        self.config.data_dir.join("registry.json")
-    }
-
     fn queues_dir(&self) -> PathBuf {
         self.config.data_dir.join("queues")
     }
@@ -171,9 +170,7 @@ impl Broker {
                 path: data_dir.clone(),
                 source,
             })?;
-        let registry_path = data_dir.join("registry.json");
-        let registry = Registry::load(&*storage, &registry_path)?;
-        registry.check_names(&registry_path)?;
+        let (meta_log, registry) = MetaLog::open(Arc::clone(&storage), &data_dir).await?;
         let fsync = config.fsync;
         let clock = config.clock.clone();
         let root = data_dir.join("queues");
@@ -195,6 +192,7 @@ impl Broker {
             queues: RwLock::new(opened),
             damaged: RwLock::new(damaged),
             registry: RwLock::new(registry),
+            meta_log,
             meta: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             dead_letters,
@@ -265,16 +263,20 @@ impl Broker {
         })
     }
 
-    fn apply(&self, command: MetaCommand) -> Result<(), BrokerError> {
-        let mut next = self.registry.read().clone();
-        next.apply(&command);
-        let limit = if command.grows() {
-            registry::MAX_REGISTRY_BYTES
-        } else {
-            usize::MAX
-        };
-        next.save_within(&*self.config.storage, &self.registry_path(), limit)?;
-        *self.registry.write() = next;
+    /// Applies a metadata change (call under the metadata lock) and writes it to the
+    /// registry's journal; the ticket resolves once it is durable. Waiting for it after
+    /// releasing the lock lets concurrent changes share one fsync.
+    fn apply(&self, command: MetaCommand) -> Result<Ticket, BrokerError> {
+        let mut registry = self.registry.write();
+        self.meta_log
+            .check_room(&command, &registry, registry::MAX_REGISTRY_BYTES)?;
+        registry.apply(&command);
+        self.meta_log.record(&command, &registry)
+    }
+
+    /// [`Self::apply`] and wait until the change is durable.
+    async fn commit(&self, command: MetaCommand) -> Result<(), BrokerError> {
+        self.apply(command)?.wait().await?;
         Ok(())
     }
 
@@ -316,21 +318,33 @@ impl Broker {
         {
             return Err(bad_dlq(e.to_string()));
         }
-        let _meta = self.meta.lock().await;
-        if self.damaged.read().contains_key(name) {
-            return Err(self.missing(name));
-        }
-        if let Some(chain) = self.dead_letter_loop(name, &dlq) {
-            return Err(bad_dlq(format!(
-                "dead letters would go round in a loop: {}",
-                chain.join(" -> ")
-            )));
-        }
-        let (info, created) = self.create_locked(name, settings.clone()).await?;
-        let mut dead_letter_created = None;
-        if created && settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
-            self.create_locked(&dlq, dead_letter_settings()).await?;
-            dead_letter_created = Some(dlq);
+        let (info, tickets, dead_letter_created) = {
+            let _meta = self.meta.lock().await;
+            if self.damaged.read().contains_key(name) {
+                return Err(self.missing(name));
+            }
+            if let Some(chain) = self.dead_letter_loop(name, &dlq) {
+                return Err(bad_dlq(format!(
+                    "dead letters would go round in a loop: {}",
+                    chain.join(" -> ")
+                )));
+            }
+            let (info, ticket) = self.create_locked(name, settings.clone()).await?;
+            let mut dead_letter_created = None;
+            let mut tickets = Vec::new();
+            if let Some(ticket) = ticket {
+                tickets.push(ticket);
+                if settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
+                    tickets.extend(self.create_locked(&dlq, dead_letter_settings()).await?.1);
+                    dead_letter_created = Some(dlq);
+                }
+            }
+            (info, tickets, dead_letter_created)
+        };
+        // Outside the lock: creations running side by side share the registry's fsync.
+        let created = !tickets.is_empty();
+        for ticket in tickets {
+            ticket.wait().await?;
         }
         Ok(CreatedQueue {
             info,
@@ -361,17 +375,19 @@ impl Broker {
         None
     }
 
+    /// Creates one queue under the metadata lock; the ticket (`None` when the queue existed
+    /// with these settings) resolves once the registry holds it durably.
     async fn create_locked(
         &self,
         name: &str,
         settings: QueueSettings,
-    ) -> Result<(QueueInfo, bool), BrokerError> {
+    ) -> Result<(QueueInfo, Option<Ticket>), BrokerError> {
         // Compared and stored with name-dependent defaults filled in, so that spelling them
         // out is the same settings.
         let settings = settings.effective(name);
         if let Some(existing) = self.queues.read().get(name).cloned() {
             return if existing.settings.clone().effective(name) == settings {
-                Ok((existing.info(), false))
+                Ok((existing.info(), None))
             } else {
                 Err(BrokerError::QueueExists(name.to_string()))
             };
@@ -392,6 +408,9 @@ impl Broker {
         );
         let storage = Arc::clone(&self.config.storage);
         let queue = tokio::task::spawn_blocking(move || {
+            // A directory the registry does not name is left over from a creation or a
+            // deletion a crash cut short: the new queue starts empty, not with its data.
+            crate::name::remove_child_dir(&*storage, &root, &owned_name)?;
             Queue::open(
                 &root,
                 &owned_name,
@@ -404,15 +423,15 @@ impl Broker {
         })
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
-        self.apply(MetaCommand::CreateQueue {
+        let ticket = self.apply(MetaCommand::CreateQueue {
             name: name.to_string(),
             settings,
         })?;
         let queue = Arc::new(queue);
         let info = queue.info();
         self.queues.write().insert(name.to_string(), queue);
-        tracing::info!(queue = name, "queue created");
-        Ok((info, true))
+        tracing::debug!(queue = name, "queue created");
+        Ok((info, Some(ticket)))
     }
 
     /// All queues, by name.
@@ -478,27 +497,35 @@ impl Broker {
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.check_running()?;
         check_name(name)?;
-        let _meta = self.meta.lock().await;
-        if self.damaged.read().contains_key(name) {
-            return self.delete_damaged(name).await;
-        }
-        let queue = self.queue(name)?;
-        self.apply(MetaCommand::DeleteQueue {
-            name: name.to_string(),
-        })?;
-        self.queues.write().remove(name);
-        queue.mark_deleted();
-        drop(queue);
-        self.remove_queue_dir(name).await?;
-        tracing::info!(queue = name, "queue deleted");
+        let ticket = {
+            let _meta = self.meta.lock().await;
+            if self.damaged.read().contains_key(name) {
+                return self.delete_damaged(name).await;
+            }
+            let queue = self.queue(name)?;
+            let ticket = self.apply(MetaCommand::DeleteQueue {
+                name: name.to_string(),
+            })?;
+            self.queues.write().remove(name);
+            queue.mark_deleted();
+            drop(queue);
+            // A crash before the deletion is durable finds the queue registered without its
+            // directory: it opens empty (the deletion was not answered).
+            self.remove_queue_dir(name).await?;
+            ticket
+        };
+        // Outside the lock: deletions running side by side share the registry's fsync.
+        ticket.wait().await?;
+        tracing::debug!(queue = name, "queue deleted");
         Ok(())
     }
 
     /// Deletes a queue whose data could not be opened (the operator's way out).
     async fn delete_damaged(&self, name: &str) -> Result<(), BrokerError> {
-        self.apply(MetaCommand::DeleteQueue {
+        self.commit(MetaCommand::DeleteQueue {
             name: name.to_string(),
-        })?;
+        })
+        .await?;
         self.damaged.write().remove(name);
         self.remove_queue_dir(name).await?;
         tracing::warn!(queue = name, "damaged queue deleted with its data");
@@ -733,9 +760,15 @@ impl Broker {
             }
             Ok(dlq) => dlq,
             Err(_) => {
-                let _meta = self.meta.lock().await;
-                self.create_locked(&dlq_name, dead_letter_settings())
-                    .await?;
+                let ticket = {
+                    let _meta = self.meta.lock().await;
+                    self.create_locked(&dlq_name, dead_letter_settings())
+                        .await?
+                        .1
+                };
+                if let Some(ticket) = ticket {
+                    ticket.wait().await?;
+                }
                 self.queue(&dlq_name)?
             }
         };
@@ -934,10 +967,11 @@ impl Broker {
                 Err(BrokerError::ExchangeExists(name.to_string()))
             };
         }
-        self.apply(MetaCommand::CreateExchange {
+        self.commit(MetaCommand::CreateExchange {
             name: name.to_string(),
             kind,
-        })?;
+        })
+        .await?;
         Ok(true)
     }
 
@@ -946,9 +980,10 @@ impl Broker {
         self.check_running()?;
         let _meta = self.meta.lock().await;
         self.exchange_kind(name)?;
-        self.apply(MetaCommand::DeleteExchange {
+        self.commit(MetaCommand::DeleteExchange {
             name: name.to_string(),
         })
+        .await
     }
 
     /// One exchange: its type and bindings.
@@ -987,10 +1022,11 @@ impl Broker {
         let kind = self.exchange_kind(exchange)?;
         crate::route::validate_binding(kind, &binding)?;
         self.queue(&binding.queue)?;
-        self.apply(MetaCommand::Bind {
+        self.commit(MetaCommand::Bind {
             exchange: exchange.to_string(),
             binding,
         })
+        .await
     }
 
     /// Removes a binding.
@@ -998,10 +1034,11 @@ impl Broker {
         self.check_running()?;
         let _meta = self.meta.lock().await;
         self.exchange_kind(exchange)?;
-        self.apply(MetaCommand::Unbind {
+        self.commit(MetaCommand::Unbind {
             exchange: exchange.to_string(),
             binding,
         })
+        .await
     }
 
     /// Publishes through an exchange into every matching queue.
