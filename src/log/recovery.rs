@@ -61,6 +61,10 @@ pub struct ActiveState {
     pub extent: Extent,
     /// Index builder state to continue with.
     pub builder: IndexBuilder,
+    /// The partition's first segment was just created and its directory entries not yet
+    /// fsynced: the first fsync of a record syncs the directory too (a new, idle partition
+    /// costs no fsync).
+    pub dir_unsynced: bool,
 }
 
 /// Opens every segment of `dir`; creates the first one when the directory is empty.
@@ -71,8 +75,11 @@ pub fn open_segments(
     let storage = &*config.storage;
     storage.create_dir_all(dir).map_err(io(dir))?;
     let mut bases = list_segments(storage, dir)?;
-    if bases.is_empty() {
-        create_segment_files(storage, dir, 0)?;
+    let fresh = bases.is_empty();
+    if fresh {
+        // Not synced here: nothing is in it yet, and opening creates it again if a crash
+        // loses it.
+        create_segment_files_unsynced(storage, dir, 0)?;
         bases.push(0);
     }
     let mut segments = Vec::with_capacity(bases.len());
@@ -83,7 +90,8 @@ pub fn open_segments(
         segments.push(std::sync::Arc::new(segment));
     }
     let last_base = bases.get(last).copied().unwrap_or_default();
-    let (active, state) = open_active(storage, dir, last_base, config.index_interval_bytes)?;
+    let (active, mut state) = open_active(storage, dir, last_base, config.index_interval_bytes)?;
+    state.dir_unsynced = fresh;
     if let Some(previous) = segments.last() {
         check_continuity(previous, Some(active.base_offset))?;
     }
@@ -111,6 +119,17 @@ pub fn create_segment_files(
     dir: &Path,
     base: u64,
 ) -> Result<(Arc<dyn StorageFile>, SegmentPaths), LogError> {
+    let created = create_segment_files_unsynced(storage, dir, base)?;
+    sync_dir(storage, dir)?;
+    Ok(created)
+}
+
+/// Creates empty files for a new segment (the caller syncs the directory).
+fn create_segment_files_unsynced(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+) -> Result<(Arc<dyn StorageFile>, SegmentPaths), LogError> {
     let paths = SegmentPaths::new(dir, base);
     let file = storage
         .open(&paths.log, OpenMode::Append)
@@ -118,7 +137,6 @@ pub fn create_segment_files(
     for path in [&paths.index, &paths.time_index] {
         storage.open(path, OpenMode::Append).map_err(io(path))?;
     }
-    sync_dir(storage, dir)?;
     Ok((file, paths))
 }
 
@@ -370,6 +388,7 @@ fn open_active(
             file,
             extent,
             builder,
+            dir_unsynced: false,
         },
     ))
 }

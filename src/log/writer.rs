@@ -49,11 +49,17 @@ fn sync_outside_lock(shared: &Shared) {
             Arc::clone(&writer.file),
             Arc::clone(&writer.active),
             writer.extent,
+            std::mem::take(&mut writer.dir_unsynced),
         )
     };
-    let (file, segment, extent) = captured;
+    let (file, segment, extent, dir_unsynced) = captured;
     let started = Instant::now();
-    let result = file.sync_data();
+    let result = file.sync_data().and_then(|()| {
+        if dir_unsynced {
+            shared.config.storage.sync_dir(&shared.dir)?;
+        }
+        Ok(())
+    });
     report_fsync(shared, started);
     let mut writer = shared.writer.lock();
     match result {
@@ -106,6 +112,8 @@ pub struct Writer {
     buf: Vec<u8>,
     /// Written since the last fsync.
     dirty: bool,
+    /// The partition's directory awaits its first fsync (see [`ActiveState::dir_unsynced`]).
+    dir_unsynced: bool,
     /// Why the log takes no more appends (a failed fsync leaves the disk state unknown).
     failed: Option<String>,
 }
@@ -143,6 +151,7 @@ impl Writer {
             // Grown by the first append: an idle partition holds no buffer.
             buf: Vec::new(),
             dirty: false,
+            dir_unsynced: state.dir_unsynced,
             failed: None,
         })
     }
@@ -233,7 +242,12 @@ impl Writer {
         }
         if self.dirty {
             let started = Instant::now();
-            let result = self.file.sync_data();
+            let result = self.file.sync_data().and_then(|()| {
+                if self.dir_unsynced {
+                    shared.config.storage.sync_dir(&shared.dir)?;
+                }
+                Ok(())
+            });
             report_fsync(shared, started);
             if let Err(error) = result {
                 let reason = format!(
@@ -246,6 +260,7 @@ impl Writer {
                 return Err(io(&self.active.paths.log)(error));
             }
             self.dirty = false;
+            self.dir_unsynced = false;
         }
         publish(shared, &self.active, self.extent);
         shared.commit.mark_synced(self.extent.next_offset);
