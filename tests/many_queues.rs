@@ -140,7 +140,10 @@ async fn five_hundred_queues_cost_no_thread_and_no_descriptor_each() {
         .expect("qit_open_files in /metrics")
         .parse()
         .unwrap();
-    assert!(open_files <= (MAX_OPEN_FILES + 8 * 4) as f64, "{open_files}");
+    assert!(
+        open_files <= (MAX_OPEN_FILES + 8 * 4) as f64,
+        "{open_files}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

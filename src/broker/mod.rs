@@ -33,9 +33,9 @@ pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 pub use types::*;
 
+use crate::journal::Ticket;
 use crate::storage::SharedStorage;
 use queue::{DeadLetterJob, Group, Queue};
-use crate::journal::Ticket;
 use registry::{MetaCommand, MetaLog, Registry};
 
 /// Threads that open queues at start (each queue's recovery is mostly small file reads).

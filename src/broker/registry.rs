@@ -315,7 +315,12 @@ impl MetaLog {
                     source,
                 })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(BrokerError::Storage { path: legacy, source }),
+            Err(source) => {
+                return Err(BrokerError::Storage {
+                    path: legacy,
+                    source,
+                });
+            }
         }
         registry.check_names(&path)?;
         let size = serde_json::to_vec(&registry).map_or(0, |b| b.len() as u64);
@@ -577,7 +582,11 @@ mod tests {
             if let Ok((log, mut registry)) = MetaLog::open(Arc::new(sim.clone()), data).await {
                 for i in 0..4 {
                     let name = format!("new{i}");
-                    if change(&log, &mut registry, queue(&name)).wait().await.is_err() {
+                    if change(&log, &mut registry, queue(&name))
+                        .wait()
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                     answered.push(name);
@@ -587,7 +596,10 @@ mod tests {
             let (_, reopened) = MetaLog::open(Arc::new(after), data).await.unwrap();
             assert!(reopened.queues.contains_key("old"), "crash at {crash_at}");
             for name in &answered {
-                assert!(reopened.queues.contains_key(name), "crash at {crash_at}: {name}");
+                assert!(
+                    reopened.queues.contains_key(name),
+                    "crash at {crash_at}: {name}"
+                );
             }
         }
     }

@@ -125,11 +125,13 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     }
 }
 
+/// Opens an index file of the active segment for appending: a hint, which recovery rebuilds
+/// from the log when it is short or damaged, so the file cache may close it unsynced.
 fn open_append(
     storage: &dyn Storage,
     path: &std::path::Path,
 ) -> Result<Arc<dyn StorageFile>, LogError> {
-    storage.open(path, OpenMode::Append).map_err(io(path))
+    storage.open(path, OpenMode::AppendHint).map_err(io(path))
 }
 
 impl Writer {

@@ -1,6 +1,7 @@
 //! A bounded set of open files: [`CachedStorage`] wraps a [`Storage`] and keeps the
-//! long-lived files (those opened with [`OpenMode::Append`]: the active segments' `.log`,
-//! `.index` and `.timeindex`, the group journals) open only while they are used. Past the
+//! long-lived files (those opened with [`OpenMode::Append`] or [`OpenMode::AppendHint`]: the
+//! active segments' `.log`, `.index` and `.timeindex`, the group journals) open only while
+//! they are used. Past the
 //! configured number of open files the least recently used are closed, and
 //! [`CachedStorage::close_idle`] closes those unused for a while, so ten thousand idle queues
 //! hold no file descriptor.
@@ -16,7 +17,9 @@
 //! bytes and syncing it later through a new descriptor could report success for bytes that
 //! never reached the disk. Files with unsynced bytes therefore stay open (the limit is
 //! exceeded rather than that), and [`CachedStorage::close_idle`] syncs an idle file before
-//! closing it (under `fsync = never` nothing else would). A failed `sync_data` is remembered:
+//! closing it (under `fsync = never` nothing else would). Files opened with
+//! [`OpenMode::AppendHint`] (indexes, which recovery rebuilds when short) are exempt: they
+//! are closed whatever they hold. A failed `sync_data` is remembered:
 //! every later one on that file fails the same way, and the file is never closed.
 
 use std::collections::HashMap;
@@ -122,13 +125,14 @@ impl CachedStorage {
 
 impl Storage for CachedStorage {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
-        if mode != OpenMode::Append {
+        if !matches!(mode, OpenMode::Append | OpenMode::AppendHint) {
             return self.inner.open(path, mode);
         }
         let file = self.inner.open(path, mode)?;
         let slot = Arc::new(Slot {
             id: self.cache.next_id.fetch_add(1, Ordering::Relaxed),
             path: path.to_path_buf(),
+            hint: mode == OpenMode::AppendHint,
             storage: Arc::clone(&self.inner),
             cache: Arc::clone(&self.cache),
             last_used: AtomicU64::new(self.cache.now_ms()),
@@ -264,6 +268,8 @@ struct SlotState {
 struct Slot {
     id: u64,
     path: PathBuf,
+    /// Opened with [`OpenMode::AppendHint`]: closed with unsynced bytes too.
+    hint: bool,
     storage: SharedStorage,
     cache: Arc<Cache>,
     /// Milliseconds since the cache's epoch at the last use.
@@ -286,8 +292,7 @@ impl Slot {
         self: &Arc<Self>,
         state: &mut SlotState,
     ) -> io::Result<(Arc<dyn StorageFile>, bool)> {
-        self.last_used
-            .store(self.cache.now_ms(), Ordering::Relaxed);
+        self.last_used.store(self.cache.now_ms(), Ordering::Relaxed);
         if let Some(file) = &state.file {
             return Ok((Arc::clone(file), false));
         }
@@ -356,7 +361,8 @@ impl Slot {
     /// True when the file is open with bytes no sync covered yet.
     fn needs_sync(&self) -> bool {
         let state = self.state.lock();
-        state.file.is_some()
+        !self.hint
+            && state.file.is_some()
             && state.failed.is_none()
             && state.writing == 0
             && state.synced != state.written
@@ -365,7 +371,8 @@ impl Slot {
     /// Closes the file when it is open and clean; true when it did.
     fn close_if_clean(&self, cache: &Cache) -> bool {
         let mut state = self.state.lock();
-        let clean = state.writing == 0 && state.synced == state.written && state.failed.is_none();
+        let synced = self.hint || state.synced == state.written;
+        let clean = state.writing == 0 && synced && state.failed.is_none();
         if !clean || state.file.take().is_none() {
             return false;
         }
@@ -561,6 +568,18 @@ mod tests {
             assert_eq!(buf, expected);
         }
         assert!(cached.open_files() <= MIN_OPEN_FILES);
+    }
+
+    #[test]
+    fn hint_files_are_closed_with_unsynced_bytes() {
+        let (sim, cached) = sim_cache(MIN_OPEN_FILES, Duration::ZERO);
+        let hint = cached.open(&path(0), OpenMode::AppendHint).unwrap();
+        hint.append(b"entry").unwrap();
+        let syncs = sim.syncs();
+        assert_eq!(cached.close_idle(), 1);
+        assert_eq!(sim.syncs(), syncs, "a hint is not synced to be closed");
+        hint.append(b"more").unwrap();
+        assert_eq!(hint.len().unwrap(), 9);
     }
 
     #[test]

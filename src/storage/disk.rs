@@ -48,7 +48,7 @@ impl Storage for Disk {
             OpenMode::Read => {
                 options.read(true);
             }
-            OpenMode::Append | OpenMode::Create => {
+            OpenMode::Append | OpenMode::AppendHint | OpenMode::Create => {
                 options.read(true).append(true).create(true);
             }
             OpenMode::CreatePrivate => {

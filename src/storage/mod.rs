@@ -45,6 +45,10 @@ pub enum OpenMode {
     Create,
     /// As [`OpenMode::Create`], readable and writable by its owner only (mode 0600).
     CreatePrivate,
+    /// As [`OpenMode::Append`], for a file whose lost writes recovery repairs (a segment's
+    /// indexes, rebuilt from the log when short or damaged): the file cache may close it
+    /// with bytes not yet fsynced.
+    AppendHint,
     /// An existing file, reads anywhere, writes at the end; never created (the file cache
     /// reopens a file it closed this way, so a removed file stays removed).
     Reopen,

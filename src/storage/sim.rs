@@ -419,7 +419,10 @@ impl Storage for SimDisk {
         let mut state = self.state.lock();
         state.check(Op::Open, path)?;
         let id = match (state.lookup(path), mode) {
-            (Ok(id), OpenMode::Read | OpenMode::Append | OpenMode::Reopen) => id,
+            (
+                Ok(id),
+                OpenMode::Read | OpenMode::Append | OpenMode::AppendHint | OpenMode::Reopen,
+            ) => id,
             (Ok(id), OpenMode::Create | OpenMode::CreatePrivate) => {
                 state.inode(id)?.data.clear();
                 id
