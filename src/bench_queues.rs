@@ -287,7 +287,10 @@ pub async fn run(opts: ManyQueuesOptions) -> Result<ManyQueuesReport, BenchError
     let mut idle_publishes = Vec::with_capacity(probes);
     for k in 0..probes {
         let request = http
-            .post(format!("{base}/queues/{}/messages", name(k * opts.queues / probes)))
+            .post(format!(
+                "{base}/queues/{}/messages",
+                name(k * opts.queues / probes)
+            ))
             .body("{\"cold\":true}");
         let started = Instant::now();
         check(request.send().await?).await?;

@@ -215,3 +215,78 @@ async fn get_queues_pages_by_name() {
         assert!(body["error"]["code"].is_string());
     }
 }
+
+async fn open_broker(dir: &std::path::Path, max_queues: usize) -> Arc<qit::broker::Broker> {
+    qit::broker::Broker::open(qit::broker::BrokerConfig {
+        data_dir: dir.to_path_buf(),
+        fsync: qit::log::FsyncPolicy::Always,
+        max_queues,
+        ..qit::broker::BrokerConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Creations and deletions running side by side (sharing the registry's fsyncs) are all
+/// durable once answered: a reopened broker finds exactly the queues left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_and_deletes_are_durable_when_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open_broker(dir.path(), 1000).await;
+    let settings = || qit::broker::QueueSettings {
+        max_deliveries: 3,
+        ..Default::default()
+    };
+    let creates: Vec<_> = (0..100)
+        .map(|i| {
+            let broker = Arc::clone(&broker);
+            tokio::spawn(async move { broker.create_queue(&format!("c{i:03}"), settings()).await })
+        })
+        .collect();
+    for create in creates {
+        assert!(create.await.unwrap().unwrap().1, "created");
+    }
+    let deletes: Vec<_> = (0..100)
+        .step_by(2)
+        .map(|i| {
+            let broker = Arc::clone(&broker);
+            tokio::spawn(async move { broker.delete_queue(&format!("c{i:03}")).await })
+        })
+        .collect();
+    for delete in deletes {
+        delete.await.unwrap().unwrap();
+    }
+    drop(broker);
+    let reopened = open_broker(dir.path(), 1000).await;
+    let names: Vec<String> = reopened.list_queues().into_iter().map(|q| q.name).collect();
+    // 50 queues left and the 100 dead-letter queues (deleting a queue keeps its DLQ).
+    assert_eq!(names.len(), 150, "{names:?}");
+    assert!(names.contains(&"c001".to_string()));
+    assert!(!names.contains(&"c000".to_string()));
+    assert!(names.contains(&"c000.dlq".to_string()));
+    // A deleted queue's directory is gone; a new queue of that name starts empty.
+    assert!(!dir.path().join("queues/c000").exists());
+}
+
+/// A queue whose dead-letter queue would pass `max_queues` is refused whole: no queue
+/// without its dead-letter queue is left behind.
+#[tokio::test]
+async fn a_queue_and_its_dead_letter_queue_fit_the_limit_together_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open_broker(dir.path(), 3).await;
+    let settings = qit::broker::QueueSettings::default();
+    broker.create_queue("a", settings.clone()).await.unwrap();
+    let refused = broker.create_queue("b", settings).await.unwrap_err();
+    assert!(
+        matches!(refused, qit::broker::BrokerError::LimitReached(_)),
+        "{refused}"
+    );
+    let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
+    assert_eq!(names, ["a", "a.dlq"]);
+    let plain = qit::broker::QueueSettings {
+        max_deliveries: 0,
+        ..Default::default()
+    };
+    broker.create_queue("b", plain).await.unwrap();
+    assert_eq!(broker.queue_count(), 3);
+}

@@ -329,17 +329,9 @@ impl Broker {
                     chain.join(" -> ")
                 )));
             }
-            let (info, ticket) = self.create_locked(name, settings.clone()).await?;
-            let mut dead_letter_created = None;
-            let mut tickets = Vec::new();
-            if let Some(ticket) = ticket {
-                tickets.push(ticket);
-                if settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
-                    tickets.extend(self.create_locked(&dlq, dead_letter_settings()).await?.1);
-                    dead_letter_created = Some(dlq);
-                }
-            }
-            (info, tickets, dead_letter_created)
+            let dead_letter = (settings.max_deliveries > 0).then_some(dlq);
+            self.create_with_dead_letter(name, settings, dead_letter)
+                .await?
         };
         // Outside the lock: creations running side by side share the registry's fsync.
         let created = !tickets.is_empty();
@@ -382,56 +374,92 @@ impl Broker {
         name: &str,
         settings: QueueSettings,
     ) -> Result<(QueueInfo, Option<Ticket>), BrokerError> {
+        let (info, tickets, _) = self.create_with_dead_letter(name, settings, None).await?;
+        Ok((info, tickets.into_iter().next()))
+    }
+
+    /// Creates queue `name` under the metadata lock and, when it is new and `dead_letter`
+    /// names a queue that does not exist, that dead-letter queue with it: both opened on one
+    /// blocking thread, both refused when they would pass `max_queues`. Returns the queue's
+    /// info, the registry tickets (none when the queue existed with these settings) and the
+    /// dead-letter queue made, if one was.
+    async fn create_with_dead_letter(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+        dead_letter: Option<String>,
+    ) -> Result<(QueueInfo, Vec<Ticket>, Option<String>), BrokerError> {
         // Compared and stored with name-dependent defaults filled in, so that spelling them
         // out is the same settings.
         let settings = settings.effective(name);
         if let Some(existing) = self.queues.read().get(name).cloned() {
             return if existing.settings.clone().effective(name) == settings {
-                Ok((existing.info(), None))
+                Ok((existing.info(), Vec::new(), None))
             } else {
                 Err(BrokerError::QueueExists(name.to_string()))
             };
         }
-        if self.queues.read().len() >= self.config.max_queues {
+        let dead_letter = dead_letter.filter(|dlq| !self.queues.read().contains_key(dlq));
+        let mut specs = vec![(name.to_string(), settings)];
+        if let Some(dlq) = &dead_letter {
+            specs.push((dlq.clone(), dead_letter_settings().effective(dlq)));
+        }
+        if self.queues.read().len() + specs.len() > self.config.max_queues {
             return Err(BrokerError::LimitReached(format!(
                 "at most {} queues",
                 self.config.max_queues
             )));
         }
+        let opened = self.open_new_queues(specs.clone()).await?;
+        let mut tickets = Vec::with_capacity(opened.len());
+        let mut info = None;
+        for (queue, (queue_name, queue_settings)) in opened.into_iter().zip(specs) {
+            tickets.push(self.apply(MetaCommand::CreateQueue {
+                name: queue_name.clone(),
+                settings: queue_settings,
+            })?);
+            let queue = Arc::new(queue);
+            info.get_or_insert_with(|| queue.info());
+            self.queues.write().insert(queue_name.clone(), queue);
+            tracing::debug!(queue = queue_name, "queue created");
+        }
+        let info = info.ok_or_else(|| self.missing(name))?;
+        Ok((info, tickets, dead_letter))
+    }
+
+    /// Opens new queues (their directories cleared first) on one blocking thread.
+    async fn open_new_queues(
+        &self,
+        specs: Vec<(String, QueueSettings)>,
+    ) -> Result<Vec<Queue>, BrokerError> {
         let root = self.queues_dir();
-        let (owned_name, owned_settings, fsync, clock, alarms) = (
-            name.to_string(),
-            settings.clone(),
+        let (fsync, clock, alarms) = (
             self.config.fsync,
             self.config.clock.clone(),
             Arc::clone(&self.alarms),
         );
         let storage = Arc::clone(&self.config.storage);
-        let queue = tokio::task::spawn_blocking(move || {
-            // A directory the registry does not name is left over from a creation or a
-            // deletion a crash cut short: the new queue starts empty, not with its data.
-            crate::name::remove_child_dir(&*storage, &root, &owned_name)?;
-            Queue::open(
-                &root,
-                &owned_name,
-                owned_settings,
-                fsync,
-                &storage,
-                clock,
-                alarms,
-            )
+        tokio::task::spawn_blocking(move || {
+            specs
+                .into_iter()
+                .map(|(name, settings)| {
+                    // A directory the registry does not name is left over from a creation
+                    // or a deletion a crash cut short: the new queue starts empty.
+                    crate::name::remove_child_dir(&*storage, &root, &name)?;
+                    Queue::open(
+                        &root,
+                        &name,
+                        settings,
+                        fsync,
+                        &storage,
+                        clock.clone(),
+                        Arc::clone(&alarms),
+                    )
+                })
+                .collect()
         })
         .await
-        .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
-        let ticket = self.apply(MetaCommand::CreateQueue {
-            name: name.to_string(),
-            settings,
-        })?;
-        let queue = Arc::new(queue);
-        let info = queue.info();
-        self.queues.write().insert(name.to_string(), queue);
-        tracing::debug!(queue = name, "queue created");
-        Ok((info, Some(ticket)))
+        .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))?
     }
 
     /// All queues, by name.
