@@ -74,13 +74,25 @@ pub fn open_segments(
 ) -> Result<(Vec<std::sync::Arc<Segment>>, ActiveState), LogError> {
     let storage = &*config.storage;
     storage.create_dir_all(dir).map_err(io(dir))?;
-    let mut bases = list_segments(storage, dir)?;
-    let fresh = bases.is_empty();
-    if fresh {
+    let bases = list_segments(storage, dir)?;
+    if bases.is_empty() {
+        // A new partition: its empty first segment, with nothing to read back or check.
         // Not synced here: nothing is in it yet, and opening creates it again if a crash
         // loses it.
-        create_segment_files_unsynced(storage, dir, 0)?;
-        bases.push(0);
+        let (file, paths) = create_segment_files_unsynced(storage, dir, 0)?;
+        let extent = Extent {
+            len: 0,
+            next_offset: 0,
+            max_timestamp_ms: None,
+        };
+        let segment = Segment::active(0, paths, Arc::clone(&file), &[], &[], extent);
+        let state = ActiveState {
+            file,
+            extent,
+            builder: IndexBuilder::new(config.index_interval_bytes, None, true),
+            dir_unsynced: true,
+        };
+        return Ok((vec![Arc::new(segment)], state));
     }
     let mut segments = Vec::with_capacity(bases.len());
     let last = bases.len() - 1;
@@ -90,8 +102,7 @@ pub fn open_segments(
         segments.push(std::sync::Arc::new(segment));
     }
     let last_base = bases.get(last).copied().unwrap_or_default();
-    let (active, mut state) = open_active(storage, dir, last_base, config.index_interval_bytes)?;
-    state.dir_unsynced = fresh;
+    let (active, state) = open_active(storage, dir, last_base, config.index_interval_bytes)?;
     if let Some(previous) = segments.last() {
         check_continuity(previous, Some(active.base_offset))?;
     }
