@@ -589,7 +589,7 @@ impl Broker {
         }
         let started = Instant::now();
         let result = q.publish(messages).await;
-        q.publish_metrics
+        q.publish_metrics()
             .latency
             .record(started.elapsed().as_secs_f64());
         result
