@@ -54,8 +54,12 @@ pub struct ManyQueuesReport {
     pub queues: usize,
     /// Queue creations per second.
     pub create_per_sec: f64,
-    /// Publishes to queues touched last long ago: p50 / p99 / max in milliseconds.
+    /// Publishes to queues touched last long ago, `concurrency` at a time while the others
+    /// are created or published to: p50 / p99 / max in milliseconds.
     pub cold_publish_ms: [f64; 3],
+    /// Publishes one at a time to queues of the idle server whose files the cache closed
+    /// (up to [`COLD_PROBES`] queues spread over the range): p50 / p99 / max in milliseconds.
+    pub idle_cold_publish_ms: [f64; 3],
     /// Messages put through (publish, receive, ack) per second.
     pub roundtrips_per_sec: f64,
     /// The server process after the traffic, once idle.
@@ -74,7 +78,8 @@ impl ManyQueuesReport {
             .map_or(String::new(), |r| format!("\ndeleted:   {r:.0} queues/s"));
         format!(
             "queues:    {} (+ {} dead-letter queues)\ncreated:   {:.0} queues/s\n\
-             cold publish: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n\
+             cold publish: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (all queues, under load)\n\
+             idle cold publish: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (one at a time, files closed)\n\
              through:   {:.0} messages/s (publish, receive, ack)\n\
              idle:      {} threads, {} open descriptors, {:.1} MiB resident, {:.2}% of a core{deletes}",
             self.queues,
@@ -83,6 +88,9 @@ impl ManyQueuesReport {
             self.cold_publish_ms[0],
             self.cold_publish_ms[1],
             self.cold_publish_ms[2],
+            self.idle_cold_publish_ms[0],
+            self.idle_cold_publish_ms[1],
+            self.idle_cold_publish_ms[2],
             self.roundtrips_per_sec,
             self.idle.threads,
             self.idle.fds,
@@ -196,6 +204,9 @@ fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64().max(1e-9)
 }
 
+/// Queues the idle server gets one publish each, one at a time.
+pub const COLD_PROBES: usize = 200;
+
 /// Runs the many-queues benchmark.
 pub async fn run(opts: ManyQueuesOptions) -> Result<ManyQueuesReport, BenchError> {
     if opts.queues == 0 {
@@ -271,6 +282,21 @@ pub async fn run(opts: ManyQueuesOptions) -> Result<ManyQueuesReport, BenchError
     let idle_cpu_percent =
         (after.saturating_sub(before)) as f64 / opts.cpu_window.as_secs_f64().max(1e-9);
 
+    // By now the idle server closed its files: each of these publishes reopens them.
+    let probes = opts.queues.min(COLD_PROBES);
+    let mut idle_publishes = Vec::with_capacity(probes);
+    for k in 0..probes {
+        let request = http
+            .post(format!(
+                "{base}/queues/{}/messages",
+                name(k * opts.queues / probes)
+            ))
+            .body("{\"cold\":true}");
+        let started = Instant::now();
+        check(request.send().await?).await?;
+        idle_publishes.push(started.elapsed());
+    }
+
     let delete_per_sec = if opts.cleanup {
         let (client, url, queue) = (http.clone(), base.clone(), name.clone());
         let started = Instant::now();
@@ -294,6 +320,7 @@ pub async fn run(opts: ManyQueuesOptions) -> Result<ManyQueuesReport, BenchError
         queues: opts.queues,
         create_per_sec,
         cold_publish_ms: percentiles(&publishes),
+        idle_cold_publish_ms: percentiles(&idle_publishes),
         roundtrips_per_sec,
         idle,
         idle_cpu_percent,

@@ -289,8 +289,9 @@ pub struct BenchArgs {
     /// The server's process id for `/proc` figures (default: the local `qit serve`).
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Seconds to let the server idle before sampling it.
-    #[arg(long, default_value_t = 12.0)]
+    /// Seconds to let the server idle before sampling it (past the server's
+    /// `idle_close_secs`, 10 by default, and one idle sweep after it).
+    #[arg(long, default_value_t = 15.0)]
     pub idle_secs: f64,
     /// Delete the many-queues mode's queues at the end.
     #[arg(long)]

@@ -74,6 +74,11 @@ pub struct ServerConfig {
     pub header_timeout_secs: u64,
     /// Seconds a connection may pass without a byte read or written before it is closed.
     pub idle_timeout_secs: u64,
+    /// Most long-lived files (active segments, group journals) kept open; the least
+    /// recently used are closed past it and reopened on use.
+    pub max_open_files: usize,
+    /// Seconds a long-lived file stays open unused before it is closed.
+    pub idle_close_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +108,8 @@ impl Default for ServerConfig {
             max_connections: 1000,
             header_timeout_secs: 30,
             idle_timeout_secs: 120,
+            max_open_files: crate::storage::cache::DEFAULT_MAX_OPEN_FILES,
+            idle_close_secs: crate::storage::cache::DEFAULT_IDLE_CLOSE.as_secs(),
         }
     }
 }
@@ -169,6 +176,12 @@ impl ServerConfig {
         }
         if self.sync_threads == 0 || self.sync_threads > 64 {
             return invalid("sync_threads", "must be within 1..=64");
+        }
+        if self.max_open_files < crate::storage::cache::MIN_OPEN_FILES {
+            return invalid("max_open_files", "must be at least 16");
+        }
+        if self.idle_close_secs == 0 {
+            return invalid("idle_close_secs", "must be positive");
         }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes", "must be at least 1024");

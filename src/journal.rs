@@ -127,6 +127,8 @@ struct JournalFile {
     written: u64,
     /// Written since the last fsync.
     dirty: bool,
+    /// Created by open and its directory entry not yet fsynced: the first sync does it.
+    created_unsynced: bool,
     /// Reused frame buffer.
     buf: Vec<u8>,
     /// Why the journal takes no more appends.
@@ -332,11 +334,14 @@ impl Journal {
             .unwrap_or_default();
         let (replay, valid) = parse(path, &bytes)?;
         let file = storage.open(path, OpenMode::Append).map_err(io(path))?;
-        if valid < HEADER_LEN {
-            file.set_len(0).map_err(io(path))?;
-            file.append(&file_header()).map_err(io(path))?;
-            file.sync_data().map_err(io(path))?;
-            storage.sync_dir(dir).map_err(io(dir))?;
+        let fresh = valid < HEADER_LEN;
+        if fresh {
+            // Nothing written nor synced here: an empty journal holds nothing to lose, and
+            // the header goes out with the first entry, whose fsync also syncs the
+            // directory. A new queue's journal costs no write and no fsync.
+            if !bytes.is_empty() {
+                file.set_len(0).map_err(io(path))?;
+            }
         } else if valid < bytes.len() {
             tracing::warn!(journal = %path.display(), cut = bytes.len() - valid, "truncating torn journal tail");
             file.set_len(valid as u64).map_err(io(path))?;
@@ -348,9 +353,10 @@ impl Journal {
             fsync,
             file: Mutex::new(JournalFile {
                 file,
-                len: valid.max(HEADER_LEN) as u64,
+                len: if fresh { 0 } else { valid as u64 },
                 written: 0,
                 dirty: false,
+                created_unsynced: fresh,
                 buf: Vec::new(),
                 failed: None,
             }),
@@ -406,6 +412,10 @@ impl Shared {
             return Err(JournalError::Failed(reason.clone()));
         }
         f.buf.clear();
+        if f.len == 0 {
+            // A fresh journal: its header goes with the first entries.
+            f.buf.extend_from_slice(&file_header());
+        }
         entries
             .iter()
             .for_each(|e| put_frame(&mut f.buf, KIND_ENTRY, e));
@@ -443,7 +453,12 @@ impl Shared {
             return Err(JournalError::Failed(reason.clone()));
         }
         if f.dirty {
-            let result = f.file.sync_data();
+            let result = f.file.sync_data().and_then(|()| {
+                if f.created_unsynced {
+                    self.storage.sync_dir(storage::parent_dir(&self.path))?;
+                }
+                Ok(())
+            });
             if let Err(error) = result {
                 let reason = format!("fsync of {} failed: {error}", self.path.display());
                 tracing::error!(%reason, "the journal stops taking appends");
@@ -452,21 +467,32 @@ impl Shared {
                 return Err(io(&self.path)(error));
             }
             f.dirty = false;
+            f.created_unsynced = false;
         }
         self.commit.mark_synced(f.written);
         Ok(f.written)
     }
 
     fn sync_outside_lock(&self) {
-        let (file, end) = {
+        let captured = {
             let mut f = self.file.lock();
             if !f.dirty {
                 return;
             }
             f.dirty = false;
-            (Arc::clone(&f.file), f.written)
+            (
+                Arc::clone(&f.file),
+                f.written,
+                std::mem::take(&mut f.created_unsynced),
+            )
         };
-        let result = file.sync_data();
+        let (file, end, created_unsynced) = captured;
+        let result = file.sync_data().and_then(|()| {
+            if created_unsynced {
+                self.storage.sync_dir(storage::parent_dir(&self.path))?;
+            }
+            Ok(())
+        });
         let mut f = self.file.lock();
         match result {
             Ok(()) => self.commit.mark_synced(end),
@@ -499,6 +525,8 @@ impl Shared {
             .map_err(io(&self.path))?;
         f.len = bytes.len() as u64;
         f.dirty = false;
+        // The replace synced the file and its directory.
+        f.created_unsynced = false;
         self.since_checkpoint.store(0, Ordering::Relaxed);
         // Everything appended before is in the snapshot, which is durable now.
         self.commit.mark_synced(f.written);

@@ -47,6 +47,8 @@ pub const STORED_BYTES: &str = "qit_stored_bytes";
 pub const SEGMENTS: &str = "qit_segments";
 /// Number of queues (gauge).
 pub const QUEUES: &str = "qit_queues";
+/// Long-lived files (active segments, group journals) the file cache holds open (gauge).
+pub const OPEN_FILES: &str = "qit_open_files";
 /// Open client connections (gauge; label `protocol`: `http` or `grpc`).
 pub const CONNECTIONS: &str = "qit_connections_open";
 /// Open gRPC consumer and subscriber streams (gauge; label `kind`).
@@ -61,6 +63,11 @@ pub const BYTES_RECLAIMED: &str = "qit_bytes_reclaimed_total";
 pub const COMPACTION_RECORDS_REMOVED: &str = "qit_compaction_records_removed_total";
 /// Unix time of a background task's last run, seconds (gauge; label `task`).
 pub const BACKGROUND_LAST_RUN: &str = "qit_background_last_run_timestamp_seconds";
+
+/// Sets the [`OPEN_FILES`] gauge.
+pub fn set_open_files(open: usize) {
+    metrics::gauge!(OPEN_FILES).set(open as f64);
+}
 
 /// Latency buckets in seconds: 50 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[

@@ -16,11 +16,14 @@ use crate::api::grpc::GrpcApi;
 use crate::api::http::HttpState;
 use crate::broker::{Broker, BrokerConfig, BrokerError};
 use crate::config::{ConfigError, ServerConfig};
+use crate::storage::CachedStorage;
 
 /// How long listeners may take to finish in-flight requests after a stop.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often raw histogram samples are folded into buckets.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// How often idle long-lived files are looked for (a fraction of `idle_close_secs`).
+const IDLE_SWEEPS_PER_CLOSE: u32 = 4;
 
 /// Errors of starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,8 @@ pub enum ServerError {
 pub struct Server {
     config: ServerConfig,
     broker: Arc<Broker>,
+    /// The broker's storage: the disk behind a bounded set of open files.
+    files: Arc<CachedStorage>,
     auth: Option<Arc<crate::auth::AuthStore>>,
     http: TcpListener,
     grpc: TcpListener,
@@ -74,11 +79,17 @@ impl Server {
         // (later ones, e.g. in tests, share it).
         crate::commit::SyncPool::configure_shared(config.sync_threads);
         crate::metrics::install()?;
+        let files = Arc::new(CachedStorage::new(
+            crate::storage::disk(),
+            config.max_open_files,
+            Duration::from_secs(config.idle_close_secs),
+        ));
         let broker = Broker::open(BrokerConfig {
             data_dir: config.data_dir.clone(),
             fsync: config.fsync,
             max_queues: config.max_queues,
             max_groups_per_queue: config.max_groups_per_queue,
+            storage: Arc::clone(&files) as crate::storage::SharedStorage,
             ..BrokerConfig::default()
         })
         .await?;
@@ -95,6 +106,7 @@ impl Server {
         Ok(Self {
             config,
             broker,
+            files,
             auth,
             http,
             grpc,
@@ -176,6 +188,11 @@ impl Server {
                 }
             }
         });
+        tasks.spawn(close_idle_files(
+            Arc::clone(&self.files),
+            Duration::from_secs(self.config.idle_close_secs) / IDLE_SWEEPS_PER_CLOSE,
+            stop.clone(),
+        ));
         tasks.spawn(crate::maintenance::run(
             Arc::downgrade(&self.broker),
             maintenance,
@@ -230,6 +247,28 @@ impl Server {
         self.broker.shutdown().await?;
         tracing::info!("qit stopped cleanly");
         Ok(())
+    }
+}
+
+/// Closes the long-lived files left idle, every `every`, until `stop`.
+async fn close_idle_files(files: Arc<CachedStorage>, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let sweep = Arc::clone(&files);
+        // It may fsync files with unsynced bytes: off the async threads.
+        match tokio::task::spawn_blocking(move || sweep.close_idle()).await {
+            Ok(closed) if closed > 0 => {
+                tracing::debug!(closed, open = files.open_files(), "closed idle files")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "closing idle files failed"),
+        }
+        crate::metrics::set_open_files(files.open_files());
     }
 }
 

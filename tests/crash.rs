@@ -2,7 +2,9 @@
 //! rewrites and retention run on a simulated disk that "crashes" at the Nth sync, keeping
 //! only synced bytes plus an arbitrary prefix of the unsynced ones. After every crash point
 //! the data is reopened: every acknowledged append and journal entry is there, in order,
-//! and nothing unacknowledged is half there (a batch is whole or absent).
+//! and nothing unacknowledged is half there (a batch is whole or absent). The log runs
+//! once more through the file cache (issue 17), closing and reopening its files between
+//! appends.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,13 +13,17 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use qit::journal::Journal;
 use qit::log::{FsyncPolicy, LogConfig, PartitionLog, Record};
-use qit::storage::{SharedStorage, SimDisk, Storage};
+use qit::storage::{CachedStorage, SharedStorage, SimDisk, Storage};
 
 const DIR: &str = "/data/q/0";
 
 fn config(storage: &SimDisk, segment_bytes: u64) -> LogConfig {
+    config_on(Arc::new(storage.clone()), segment_bytes)
+}
+
+fn config_on(storage: SharedStorage, segment_bytes: u64) -> LogConfig {
     LogConfig {
-        storage: Arc::new(storage.clone()) as SharedStorage,
+        storage,
         segment_bytes,
         fsync: FsyncPolicy::Always,
         ..LogConfig::default()
@@ -44,10 +50,23 @@ fn rt() -> tokio::runtime::Runtime {
 /// Appends `batches` one after the other (each acknowledged before the next); returns how
 /// many were acknowledged before the first error.
 fn append_all(log: &PartitionLog, batches: &[Vec<Record>]) -> usize {
+    append_all_then(log, batches, || {})
+}
+
+/// [`append_all`], running `after_each` after every acknowledged append.
+fn append_all_then(
+    log: &PartitionLog,
+    batches: &[Vec<Record>],
+    mut after_each: impl FnMut(),
+) -> usize {
     let rt = rt();
     batches
         .iter()
-        .take_while(|b| rt.block_on(log.append((*b).clone())).is_ok())
+        .take_while(|b| {
+            let ok = rt.block_on(log.append((*b).clone())).is_ok();
+            after_each();
+            ok
+        })
         .count()
 }
 
@@ -68,12 +87,39 @@ fn flat(batches: &[Vec<Record>]) -> Vec<Bytes> {
 /// survived and checks it: the acknowledged batches, then possibly the one that was in
 /// flight, whole. Returns the syncs the run made.
 fn crash_appends(batches: &[Vec<Record>], segment_bytes: u64, crash_at: u64, seed: u64) -> u64 {
+    crash_appends_on(batches, segment_bytes, crash_at, seed, false)
+}
+
+/// [`crash_appends`]; with `cached`, the log runs through a file cache that closes every
+/// idle file (syncing those with unsynced bytes) after each append, so every append after
+/// the first reopens the segment's files.
+fn crash_appends_on(
+    batches: &[Vec<Record>],
+    segment_bytes: u64,
+    crash_at: u64,
+    seed: u64,
+    cached: bool,
+) -> u64 {
     let disk = SimDisk::new();
     if crash_at > 0 {
         disk.crash_at_sync(crash_at, seed);
     }
-    let acked = match PartitionLog::open(Path::new(DIR), config(&disk, segment_bytes)) {
-        Ok(log) => append_all(&log, batches),
+    let cache = Arc::new(CachedStorage::new(
+        Arc::new(disk.clone()),
+        16,
+        std::time::Duration::ZERO,
+    ));
+    let storage: SharedStorage = if cached {
+        Arc::clone(&cache) as SharedStorage
+    } else {
+        Arc::new(disk.clone())
+    };
+    let acked = match PartitionLog::open(Path::new(DIR), config_on(storage, segment_bytes)) {
+        Ok(log) => append_all_then(&log, batches, || {
+            if cached {
+                cache.close_idle();
+            }
+        }),
         Err(_) => 0,
     };
     let syncs = disk.syncs();
@@ -107,6 +153,18 @@ fn log_appends_survive_a_crash_at_every_sync_point() {
     for crash_at in 1..=total + 1 {
         for seed in 0..4 {
             crash_appends(&batches, 400, crash_at, seed);
+        }
+    }
+}
+
+#[test]
+fn log_appends_through_the_file_cache_survive_a_crash_at_every_sync_point() {
+    let batches: Vec<Vec<Record>> = (0..12).map(|i| batch(i, 1 + i % 4)).collect();
+    let total = crash_appends_on(&batches, 400, 0, 0, true);
+    assert!(total > 12, "{total} syncs");
+    for crash_at in 1..=total + 1 {
+        for seed in 0..4 {
+            crash_appends_on(&batches, 400, crash_at, seed, true);
         }
     }
 }

@@ -372,10 +372,10 @@ async fn binding_sizes_are_capped() {
             "the error does not repeat the input: {body}"
         );
     }
-    let registry = std::fs::metadata(s.dir.join("registry.json"))
+    let registry = std::fs::metadata(s.dir.join("registry.journal"))
         .unwrap()
         .len();
-    assert!(registry < 4096, "registry.json is {registry} bytes");
+    assert!(registry < 4096, "registry.journal is {registry} bytes");
     let (status, _) = post(
         &s,
         "/exchanges/h/bindings",

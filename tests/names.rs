@@ -88,7 +88,7 @@ async fn assert_victim_intact(s: &TestServer, after: &str) {
         "victim's data dir gone after {after}"
     );
     assert!(
-        s.dir.join("registry.json").is_file(),
+        s.dir.join("registry.journal").is_file(),
         "registry gone after {after}"
     );
 }

@@ -5,6 +5,8 @@
 # from start to a healthy answer on /healthz with all N queues (and their DLQs) opened.
 #
 # usage: tools/many-queues.sh [N=10000] [extra serve flags...]
+# The server gets a config file allowing the N queues and their N dead-letter queues
+# (`max_queues` counts both; its default, 10,000, would stop at 5,000 queues with DLQs).
 set -euo pipefail
 N=${1:-10000}
 shift || true
@@ -14,8 +16,11 @@ HTTP=127.0.0.1:${HTTP_PORT:-18080}
 GRPC=127.0.0.1:${GRPC_PORT:-19090}
 SERVER_PID=
 
+CONFIG="$DIR.toml"
+echo "max_queues = $((2 * N + 16))" > "$CONFIG"
+
 start() {
-  RUST_LOG=warn "$QIT" serve --data-dir "$DIR" --http "$HTTP" --grpc "$GRPC" "$@" &
+  RUST_LOG=warn "$QIT" serve --data-dir "$DIR" --http "$HTTP" --grpc "$GRPC" --config "$CONFIG" "$@" &
   SERVER_PID=$!
 }
 stop() {
@@ -25,7 +30,7 @@ stop() {
 wait_healthy() {
   until curl -sf -o /dev/null "http://$HTTP/healthz"; do sleep 0.01; done
 }
-trap 'stop; rm -rf "$DIR"' EXIT
+trap 'stop; rm -rf "$DIR" "$CONFIG"' EXIT
 
 start "$@"
 wait_healthy

@@ -33,9 +33,10 @@ pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 pub use types::*;
 
+use crate::journal::Ticket;
 use crate::storage::SharedStorage;
 use queue::{DeadLetterJob, Group, Queue};
-use registry::{MetaCommand, Registry};
+use registry::{MetaCommand, MetaLog, Registry};
 
 /// Threads that open queues at start (each queue's recovery is mostly small file reads).
 const OPEN_THREADS: usize = 4;
@@ -135,6 +136,8 @@ pub struct Broker {
     /// Queues whose data could not be opened at start, with what opening reported.
     damaged: RwLock<HashMap<String, String>>,
     registry: RwLock<Registry>,
+    /// The registry's durable form (a journal of changes, group-committed).
+    meta_log: MetaLog,
     /// Serializes metadata changes (create/delete queue, exchanges, bindings).
     meta: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
@@ -153,10 +156,6 @@ pub struct Broker {
 pub type DeadLetterGuard = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 impl Broker {
-    fn registry_path(&self) -> PathBuf {
-        self.config.data_dir.join("registry.json")
-    }
-
     fn queues_dir(&self) -> PathBuf {
         self.config.data_dir.join("queues")
     }
@@ -171,9 +170,7 @@ impl Broker {
                 path: data_dir.clone(),
                 source,
             })?;
-        let registry_path = data_dir.join("registry.json");
-        let registry = Registry::load(&*storage, &registry_path)?;
-        registry.check_names(&registry_path)?;
+        let (meta_log, registry) = MetaLog::open(Arc::clone(&storage), &data_dir).await?;
         let fsync = config.fsync;
         let clock = config.clock.clone();
         let root = data_dir.join("queues");
@@ -195,6 +192,7 @@ impl Broker {
             queues: RwLock::new(opened),
             damaged: RwLock::new(damaged),
             registry: RwLock::new(registry),
+            meta_log,
             meta: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             dead_letters,
@@ -265,16 +263,20 @@ impl Broker {
         })
     }
 
-    fn apply(&self, command: MetaCommand) -> Result<(), BrokerError> {
-        let mut next = self.registry.read().clone();
-        next.apply(&command);
-        let limit = if command.grows() {
-            registry::MAX_REGISTRY_BYTES
-        } else {
-            usize::MAX
-        };
-        next.save_within(&*self.config.storage, &self.registry_path(), limit)?;
-        *self.registry.write() = next;
+    /// Applies a metadata change (call under the metadata lock) and writes it to the
+    /// registry's journal; the ticket resolves once it is durable. Waiting for it after
+    /// releasing the lock lets concurrent changes share one fsync.
+    fn apply(&self, command: MetaCommand) -> Result<Ticket, BrokerError> {
+        let mut registry = self.registry.write();
+        self.meta_log
+            .check_room(&command, &registry, registry::MAX_REGISTRY_BYTES)?;
+        registry.apply(&command);
+        self.meta_log.record(&command, &registry)
+    }
+
+    /// [`Self::apply`] and wait until the change is durable.
+    async fn commit(&self, command: MetaCommand) -> Result<(), BrokerError> {
+        self.apply(command)?.wait().await?;
         Ok(())
     }
 
@@ -316,21 +318,25 @@ impl Broker {
         {
             return Err(bad_dlq(e.to_string()));
         }
-        let _meta = self.meta.lock().await;
-        if self.damaged.read().contains_key(name) {
-            return Err(self.missing(name));
-        }
-        if let Some(chain) = self.dead_letter_loop(name, &dlq) {
-            return Err(bad_dlq(format!(
-                "dead letters would go round in a loop: {}",
-                chain.join(" -> ")
-            )));
-        }
-        let (info, created) = self.create_locked(name, settings.clone()).await?;
-        let mut dead_letter_created = None;
-        if created && settings.max_deliveries > 0 && !self.queues.read().contains_key(&dlq) {
-            self.create_locked(&dlq, dead_letter_settings()).await?;
-            dead_letter_created = Some(dlq);
+        let (info, tickets, dead_letter_created) = {
+            let _meta = self.meta.lock().await;
+            if self.damaged.read().contains_key(name) {
+                return Err(self.missing(name));
+            }
+            if let Some(chain) = self.dead_letter_loop(name, &dlq) {
+                return Err(bad_dlq(format!(
+                    "dead letters would go round in a loop: {}",
+                    chain.join(" -> ")
+                )));
+            }
+            let dead_letter = (settings.max_deliveries > 0).then_some(dlq);
+            self.create_with_dead_letter(name, settings, dead_letter)
+                .await?
+        };
+        // Outside the lock: creations running side by side share the registry's fsync.
+        let created = !tickets.is_empty();
+        for ticket in tickets {
+            ticket.wait().await?;
         }
         Ok(CreatedQueue {
             info,
@@ -361,58 +367,99 @@ impl Broker {
         None
     }
 
+    /// Creates one queue under the metadata lock; the ticket (`None` when the queue existed
+    /// with these settings) resolves once the registry holds it durably.
     async fn create_locked(
         &self,
         name: &str,
         settings: QueueSettings,
-    ) -> Result<(QueueInfo, bool), BrokerError> {
+    ) -> Result<(QueueInfo, Option<Ticket>), BrokerError> {
+        let (info, tickets, _) = self.create_with_dead_letter(name, settings, None).await?;
+        Ok((info, tickets.into_iter().next()))
+    }
+
+    /// Creates queue `name` under the metadata lock and, when it is new and `dead_letter`
+    /// names a queue that does not exist, that dead-letter queue with it: both opened on one
+    /// blocking thread, both refused when they would pass `max_queues`. Returns the queue's
+    /// info, the registry tickets (none when the queue existed with these settings) and the
+    /// dead-letter queue made, if one was.
+    async fn create_with_dead_letter(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+        dead_letter: Option<String>,
+    ) -> Result<(QueueInfo, Vec<Ticket>, Option<String>), BrokerError> {
         // Compared and stored with name-dependent defaults filled in, so that spelling them
         // out is the same settings.
         let settings = settings.effective(name);
         if let Some(existing) = self.queues.read().get(name).cloned() {
             return if existing.settings.clone().effective(name) == settings {
-                Ok((existing.info(), false))
+                Ok((existing.info(), Vec::new(), None))
             } else {
                 Err(BrokerError::QueueExists(name.to_string()))
             };
         }
-        if self.queues.read().len() >= self.config.max_queues {
+        let dead_letter = dead_letter.filter(|dlq| !self.queues.read().contains_key(dlq));
+        let mut specs = vec![(name.to_string(), settings)];
+        if let Some(dlq) = &dead_letter {
+            specs.push((dlq.clone(), dead_letter_settings().effective(dlq)));
+        }
+        if self.queues.read().len() + specs.len() > self.config.max_queues {
             return Err(BrokerError::LimitReached(format!(
                 "at most {} queues",
                 self.config.max_queues
             )));
         }
+        let opened = self.open_new_queues(specs.clone()).await?;
+        let mut tickets = Vec::with_capacity(opened.len());
+        let mut info = None;
+        for (queue, (queue_name, queue_settings)) in opened.into_iter().zip(specs) {
+            tickets.push(self.apply(MetaCommand::CreateQueue {
+                name: queue_name.clone(),
+                settings: queue_settings,
+            })?);
+            let queue = Arc::new(queue);
+            info.get_or_insert_with(|| queue.info());
+            self.queues.write().insert(queue_name.clone(), queue);
+            tracing::debug!(queue = queue_name, "queue created");
+        }
+        let info = info.ok_or_else(|| self.missing(name))?;
+        Ok((info, tickets, dead_letter))
+    }
+
+    /// Opens new queues (their directories cleared first) on one blocking thread.
+    async fn open_new_queues(
+        &self,
+        specs: Vec<(String, QueueSettings)>,
+    ) -> Result<Vec<Queue>, BrokerError> {
         let root = self.queues_dir();
-        let (owned_name, owned_settings, fsync, clock, alarms) = (
-            name.to_string(),
-            settings.clone(),
+        let (fsync, clock, alarms) = (
             self.config.fsync,
             self.config.clock.clone(),
             Arc::clone(&self.alarms),
         );
         let storage = Arc::clone(&self.config.storage);
-        let queue = tokio::task::spawn_blocking(move || {
-            Queue::open(
-                &root,
-                &owned_name,
-                owned_settings,
-                fsync,
-                &storage,
-                clock,
-                alarms,
-            )
+        tokio::task::spawn_blocking(move || {
+            specs
+                .into_iter()
+                .map(|(name, settings)| {
+                    // A directory the registry does not name is left over from a creation
+                    // or a deletion a crash cut short: the new queue starts empty.
+                    crate::name::remove_child_dir(&*storage, &root, &name)?;
+                    Queue::open(
+                        &root,
+                        &name,
+                        settings,
+                        fsync,
+                        &storage,
+                        clock.clone(),
+                        Arc::clone(&alarms),
+                    )
+                })
+                .collect()
         })
         .await
-        .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))??;
-        self.apply(MetaCommand::CreateQueue {
-            name: name.to_string(),
-            settings,
-        })?;
-        let queue = Arc::new(queue);
-        let info = queue.info();
-        self.queues.write().insert(name.to_string(), queue);
-        tracing::info!(queue = name, "queue created");
-        Ok((info, true))
+        .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))?
     }
 
     /// All queues, by name.
@@ -478,27 +525,35 @@ impl Broker {
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.check_running()?;
         check_name(name)?;
-        let _meta = self.meta.lock().await;
-        if self.damaged.read().contains_key(name) {
-            return self.delete_damaged(name).await;
-        }
-        let queue = self.queue(name)?;
-        self.apply(MetaCommand::DeleteQueue {
-            name: name.to_string(),
-        })?;
-        self.queues.write().remove(name);
-        queue.mark_deleted();
-        drop(queue);
-        self.remove_queue_dir(name).await?;
-        tracing::info!(queue = name, "queue deleted");
+        let ticket = {
+            let _meta = self.meta.lock().await;
+            if self.damaged.read().contains_key(name) {
+                return self.delete_damaged(name).await;
+            }
+            let queue = self.queue(name)?;
+            let ticket = self.apply(MetaCommand::DeleteQueue {
+                name: name.to_string(),
+            })?;
+            self.queues.write().remove(name);
+            queue.mark_deleted();
+            drop(queue);
+            // A crash before the deletion is durable finds the queue registered without its
+            // directory: it opens empty (the deletion was not answered).
+            self.remove_queue_dir(name).await?;
+            ticket
+        };
+        // Outside the lock: deletions running side by side share the registry's fsync.
+        ticket.wait().await?;
+        tracing::debug!(queue = name, "queue deleted");
         Ok(())
     }
 
     /// Deletes a queue whose data could not be opened (the operator's way out).
     async fn delete_damaged(&self, name: &str) -> Result<(), BrokerError> {
-        self.apply(MetaCommand::DeleteQueue {
+        self.commit(MetaCommand::DeleteQueue {
             name: name.to_string(),
-        })?;
+        })
+        .await?;
         self.damaged.write().remove(name);
         self.remove_queue_dir(name).await?;
         tracing::warn!(queue = name, "damaged queue deleted with its data");
@@ -534,7 +589,7 @@ impl Broker {
         }
         let started = Instant::now();
         let result = q.publish(messages).await;
-        q.publish_metrics
+        q.publish_metrics()
             .latency
             .record(started.elapsed().as_secs_f64());
         result
@@ -733,9 +788,15 @@ impl Broker {
             }
             Ok(dlq) => dlq,
             Err(_) => {
-                let _meta = self.meta.lock().await;
-                self.create_locked(&dlq_name, dead_letter_settings())
-                    .await?;
+                let ticket = {
+                    let _meta = self.meta.lock().await;
+                    self.create_locked(&dlq_name, dead_letter_settings())
+                        .await?
+                        .1
+                };
+                if let Some(ticket) = ticket {
+                    ticket.wait().await?;
+                }
                 self.queue(&dlq_name)?
             }
         };
@@ -934,10 +995,11 @@ impl Broker {
                 Err(BrokerError::ExchangeExists(name.to_string()))
             };
         }
-        self.apply(MetaCommand::CreateExchange {
+        self.commit(MetaCommand::CreateExchange {
             name: name.to_string(),
             kind,
-        })?;
+        })
+        .await?;
         Ok(true)
     }
 
@@ -946,9 +1008,10 @@ impl Broker {
         self.check_running()?;
         let _meta = self.meta.lock().await;
         self.exchange_kind(name)?;
-        self.apply(MetaCommand::DeleteExchange {
+        self.commit(MetaCommand::DeleteExchange {
             name: name.to_string(),
         })
+        .await
     }
 
     /// One exchange: its type and bindings.
@@ -987,10 +1050,11 @@ impl Broker {
         let kind = self.exchange_kind(exchange)?;
         crate::route::validate_binding(kind, &binding)?;
         self.queue(&binding.queue)?;
-        self.apply(MetaCommand::Bind {
+        self.commit(MetaCommand::Bind {
             exchange: exchange.to_string(),
             binding,
         })
+        .await
     }
 
     /// Removes a binding.
@@ -998,10 +1062,11 @@ impl Broker {
         self.check_running()?;
         let _meta = self.meta.lock().await;
         self.exchange_kind(exchange)?;
-        self.apply(MetaCommand::Unbind {
+        self.commit(MetaCommand::Unbind {
             exchange: exchange.to_string(),
             binding,
         })
+        .await
     }
 
     /// Publishes through an exchange into every matching queue.

@@ -173,8 +173,9 @@ pub struct Queue {
     deleted: AtomicBool,
     /// Where "now" comes from.
     clock: Clock,
-    /// The queue's publish metrics, looked up once (not per publish).
-    pub publish_metrics: PublishMetrics,
+    /// The queue's publish metrics, registered at its first publish (a queue that is never
+    /// published to, say an unused dead-letter queue, costs no series) and looked up once.
+    publish_metrics: std::sync::OnceLock<PublishMetrics>,
     /// The broker's timer list, for this queue's groups.
     alarms: Arc<Alarms>,
 }
@@ -197,6 +198,14 @@ impl PublishMetrics {
                 "queue" => queue.to_string()
             ),
         }
+    }
+}
+
+impl Queue {
+    /// The queue's publish metrics, registered on first use.
+    pub fn publish_metrics(&self) -> &PublishMetrics {
+        self.publish_metrics
+            .get_or_init(|| PublishMetrics::new(&self.name))
     }
 }
 
@@ -245,7 +254,7 @@ impl Queue {
             dedup: tokio::sync::Mutex::new(DedupWindow::default()),
             deleted: AtomicBool::new(false),
             clock,
-            publish_metrics: PublishMetrics::new(name),
+            publish_metrics: std::sync::OnceLock::new(),
             alarms,
         };
         queue.load_groups()?;
@@ -527,7 +536,7 @@ impl Queue {
         }
         drop(dedup);
         self.notify.notify_waiters();
-        self.publish_metrics
+        self.publish_metrics()
             .published
             .increment(messages.len() as u64);
         Ok(results

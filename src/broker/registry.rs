@@ -1,23 +1,32 @@
-//! The broker's metadata — queues with their settings, exchanges with their bindings — as
-//! one JSON file (`{data_dir}/registry.json`), replaced atomically on every change.
+//! The broker's metadata — queues with their settings, exchanges with their bindings — kept
+//! in a journal of changes with checkpoints (`{data_dir}/registry.journal`, see
+//! `storage-format.md`): a change costs one small append, and concurrent changes share one
+//! fsync (group commit) instead of each rewriting and fsyncing the whole registry.
 //!
 //! Every change is a [`MetaCommand`] applied by [`Registry::apply`], a pure function of the
-//! current state: the same commands could later come from a replicated log.
+//! current state: the same commands could later come from a replicated log. A registry of
+//! the previous format (`registry.json`, rewritten whole on every change) is taken over on
+//! open.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::settings::QueueSettings;
 use super::types::BrokerError;
+use crate::journal::{Journal, Ticket};
+use crate::log::FsyncPolicy;
 use crate::route::{Binding, ExchangeKind};
-use crate::storage::Storage;
+use crate::storage::{SharedStorage, Storage};
 
 /// Registry file format version.
 const VERSION: u32 = 1;
-/// Largest registry file a change that adds something may write (16 MiB): the whole file is
-/// rewritten on every change, so its size bounds the cost of every create and bind.
+/// Largest registry a change that adds something may leave (16 MiB of JSON): every
+/// checkpoint rewrites it whole, so its size bounds the cost of checkpoints and of a start.
 pub const MAX_REGISTRY_BYTES: usize = 16 * 1024 * 1024;
 
 /// An exchange and its bindings.
@@ -57,7 +66,8 @@ pub struct Registry {
 }
 
 /// A change of broker metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum MetaCommand {
     /// Add a queue.
     CreateQueue {
@@ -229,10 +239,180 @@ impl MetaCommand {
     }
 }
 
+/// A registry checkpoint is written once the entries since the last one outgrow this, or
+/// twice the last checkpoint (so rewriting the registry costs O(1) per change).
+const MIN_CHECKPOINT_BYTES: u64 = 256 * 1024;
+
+/// The registry's durable form: a journal of [`MetaCommand`]s (JSON, one per entry) with
+/// checkpoints of the whole [`Registry`] (JSON), always fsynced before a change is answered;
+/// concurrent changes share an fsync.
+pub struct MetaLog {
+    path: PathBuf,
+    journal: Journal,
+    /// Size of the last checkpoint.
+    checkpoint_bytes: AtomicU64,
+    /// An upper bound of the registry's JSON size: the last checkpoint (or the size at
+    /// open) plus every growing change since; a checkpoint makes it exact again.
+    estimated_bytes: AtomicU64,
+}
+
+fn corrupt(path: &Path, reason: impl ToString) -> BrokerError {
+    BrokerError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+impl MetaLog {
+    /// The journal's file in `data_dir`.
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("registry.journal")
+    }
+
+    /// The registry file of the previous format in `data_dir`.
+    pub fn legacy_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("registry.json")
+    }
+
+    /// Opens (or creates) the registry of `data_dir` on `storage` and replays it. A
+    /// `registry.json` of the previous format is taken over when the journal holds nothing:
+    /// its names are checked (a bad one refused, naming that file), it is written as the
+    /// journal's first checkpoint, then removed.
+    pub async fn open(
+        storage: SharedStorage,
+        data_dir: &Path,
+    ) -> Result<(MetaLog, Registry), BrokerError> {
+        let path = Self::path(data_dir);
+        let legacy = Self::legacy_path(data_dir);
+        let (journal, replay) = Journal::open(Arc::clone(&storage), &path, FsyncPolicy::Always)?;
+        let log = MetaLog {
+            path: path.clone(),
+            journal,
+            checkpoint_bytes: AtomicU64::new(0),
+            estimated_bytes: AtomicU64::new(0),
+        };
+        let taken_over = replay.checkpoint.is_none() && replay.entries.is_empty();
+        let legacy_registry = if taken_over {
+            Some(Registry::load(&*storage, &legacy)?)
+        } else {
+            None
+        };
+        let registry = match legacy_registry {
+            Some(registry) if registry != Registry::default() => {
+                registry.check_names(&legacy)?;
+                log.checkpoint(&registry)?.wait().await?;
+                tracing::info!(from = %legacy.display(), to = %path.display(), "registry taken over");
+                registry
+            }
+            _ => log.replay(&replay)?,
+        };
+        // A taken-over (or, after a crash, already taken-over) registry.json goes.
+        match storage.remove(&legacy) {
+            Ok(()) => storage
+                .sync_dir(data_dir)
+                .map_err(|source| BrokerError::Storage {
+                    path: data_dir.to_path_buf(),
+                    source,
+                })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(BrokerError::Storage {
+                    path: legacy,
+                    source,
+                });
+            }
+        }
+        registry.check_names(&path)?;
+        let size = serde_json::to_vec(&registry).map_or(0, |b| b.len() as u64);
+        log.estimated_bytes.store(size, Ordering::Relaxed);
+        Ok((log, registry))
+    }
+
+    /// The registry the journal's checkpoint and entries make.
+    fn replay(&self, replay: &crate::journal::Replay) -> Result<Registry, BrokerError> {
+        let mut registry = match &replay.checkpoint {
+            Some(bytes) => {
+                self.checkpoint_bytes
+                    .store(bytes.len() as u64, Ordering::Relaxed);
+                serde_json::from_slice(bytes).map_err(|e| corrupt(&self.path, e))?
+            }
+            None => Registry::default(),
+        };
+        for entry in &replay.entries {
+            let command: MetaCommand =
+                serde_json::from_slice(entry).map_err(|e| corrupt(&self.path, e))?;
+            registry.apply(&command);
+        }
+        Ok(registry)
+    }
+
+    /// Refuses with [`BrokerError::LimitReached`] a `command` that adds to the registry
+    /// when the registry (`before` it) would grow past `max_bytes` ([`MAX_REGISTRY_BYTES`]
+    /// for the broker); removals always go through. Cheap: the exact size is computed only
+    /// near the limit.
+    pub fn check_room(
+        &self,
+        command: &MetaCommand,
+        before: &Registry,
+        max_bytes: usize,
+    ) -> Result<(), BrokerError> {
+        if !command.grows() {
+            return Ok(());
+        }
+        let entry = serde_json::to_vec(command).map_or(0, |b| b.len() as u64);
+        let estimate = self.estimated_bytes.load(Ordering::Relaxed) + entry;
+        if estimate <= max_bytes as u64 {
+            self.estimated_bytes.store(estimate, Ordering::Relaxed);
+            return Ok(());
+        }
+        let mut after = before.clone();
+        after.apply(command);
+        let exact = serde_json::to_vec(&after).map_or(u64::MAX, |b| b.len() as u64);
+        if exact > max_bytes as u64 {
+            return Err(BrokerError::LimitReached(format!(
+                "the registry of queues, exchanges and bindings would grow to {exact} bytes, over its limit of {max_bytes} bytes"
+            )));
+        }
+        self.estimated_bytes.store(exact, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes `command` (already applied to `after`, which the caller holds still, e.g.
+    /// under its metadata lock); checkpoints `after` when the journal has grown. Await the
+    /// ticket for durability.
+    pub fn record(&self, command: &MetaCommand, after: &Registry) -> Result<Ticket, BrokerError> {
+        let entry = serde_json::to_vec(command).map_err(|e| corrupt(&self.path, e))?;
+        let ticket = self.journal.append(vec![Bytes::from(entry)]);
+        let limit = (2 * self.checkpoint_bytes.load(Ordering::Relaxed)).max(MIN_CHECKPOINT_BYTES);
+        if self.journal.bytes_since_checkpoint() > limit {
+            // The checkpoint covers the command just written; its ticket is durable once the
+            // checkpoint is.
+            return self.checkpoint(after);
+        }
+        Ok(ticket)
+    }
+
+    fn checkpoint(&self, registry: &Registry) -> Result<Ticket, BrokerError> {
+        let mut record = registry.clone();
+        record.version = VERSION;
+        let bytes = serde_json::to_vec(&record).map_err(|e| corrupt(&self.path, e))?;
+        self.checkpoint_bytes
+            .store(bytes.len() as u64, Ordering::Relaxed);
+        self.estimated_bytes
+            .store(bytes.len() as u64, Ordering::Relaxed);
+        Ok(self.journal.checkpoint(Bytes::from(bytes)))
+    }
+
+    /// fsyncs every change recorded so far.
+    pub async fn flush(&self) -> Result<(), BrokerError> {
+        Ok(self.journal.flush().await?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::Disk;
+    use crate::storage::{Disk, SimDisk, disk};
     use std::fs;
 
     #[test]
@@ -323,5 +503,123 @@ mod tests {
         });
         let error = registry.check_names(path).unwrap_err().to_string();
         assert!(error.contains("exchange `..`"), "{error}");
+    }
+
+    fn queue(name: &str) -> MetaCommand {
+        MetaCommand::CreateQueue {
+            name: name.into(),
+            settings: QueueSettings::default(),
+        }
+    }
+
+    /// Applies `command` and records it, as the broker does (durable when the ticket of
+    /// this or any later change resolves).
+    fn change(log: &MetaLog, registry: &mut Registry, command: MetaCommand) -> Ticket {
+        registry.apply(&command);
+        log.record(&command, registry).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_journal_replays_changes_across_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut registry) = MetaLog::open(disk(), dir.path()).await.unwrap();
+        // Enough changes for several checkpoints (each entry ~150 bytes, first at 256 KiB).
+        for i in 0..4000 {
+            change(&log, &mut registry, queue(&format!("q{i}")));
+        }
+        let mut last = None;
+        for i in (0..4000).step_by(2) {
+            let name = format!("q{i}");
+            last = Some(change(
+                &log,
+                &mut registry,
+                MetaCommand::DeleteQueue { name },
+            ));
+        }
+        last.unwrap().wait().await.unwrap();
+        drop(log);
+        let (_, reopened) = MetaLog::open(disk(), dir.path()).await.unwrap();
+        assert_eq!(reopened.queues, registry.queues);
+        assert_eq!(reopened.queues.len(), 2000);
+        // Checkpoints kept the file near the registry's size, not the history's.
+        let size = fs::metadata(MetaLog::path(dir.path())).unwrap().len();
+        assert!(size < 2_000_000, "{size} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_registry_json_of_the_previous_format_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut legacy = Registry::default();
+        legacy.apply(&queue("old"));
+        legacy
+            .save(&Disk, &MetaLog::legacy_path(dir.path()))
+            .unwrap();
+        let (log, mut registry) = MetaLog::open(disk(), dir.path()).await.unwrap();
+        assert!(registry.queues.contains_key("old"));
+        assert!(!MetaLog::legacy_path(dir.path()).exists());
+        change(&log, &mut registry, queue("new"))
+            .wait()
+            .await
+            .unwrap();
+        drop(log);
+        let (_, reopened) = MetaLog::open(disk(), dir.path()).await.unwrap();
+        assert_eq!(reopened.queues.keys().collect::<Vec<_>>(), ["new", "old"]);
+    }
+
+    /// A crash at every sync point of a take-over and of the changes after it leaves the
+    /// old registry or the new one, never neither, and every answered change.
+    #[tokio::test]
+    async fn a_crash_during_take_over_or_changes_loses_nothing_answered() {
+        let data = Path::new("/data");
+        let mut legacy = Registry::default();
+        legacy.apply(&queue("old"));
+        for crash_at in 1..=12 {
+            let sim = SimDisk::new();
+            sim.create_dir_all(data).unwrap();
+            legacy.save(&sim, &MetaLog::legacy_path(data)).unwrap();
+            sim.crash_at_sync(sim.syncs() + crash_at, crash_at);
+            let mut answered = Vec::new();
+            if let Ok((log, mut registry)) = MetaLog::open(Arc::new(sim.clone()), data).await {
+                for i in 0..4 {
+                    let name = format!("new{i}");
+                    if change(&log, &mut registry, queue(&name))
+                        .wait()
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    answered.push(name);
+                }
+            }
+            let after = SimDisk::restore(&sim.crash_image(crash_at));
+            let (_, reopened) = MetaLog::open(Arc::new(after), data).await.unwrap();
+            assert!(reopened.queues.contains_key("old"), "crash at {crash_at}");
+            for name in &answered {
+                assert!(
+                    reopened.queues.contains_key(name),
+                    "crash at {crash_at}: {name}"
+                );
+            }
+        }
+    }
+
+    /// Issue 19.12, with the journal: a change over the registry's limit is refused.
+    #[tokio::test]
+    async fn a_change_over_the_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut registry) = MetaLog::open(disk(), dir.path()).await.unwrap();
+        let first = queue("a");
+        log.check_room(&first, &registry, 10_000).unwrap();
+        change(&log, &mut registry, first).wait().await.unwrap();
+        let big = MetaCommand::CreateQueue {
+            name: "b".repeat(200),
+            settings: QueueSettings::default(),
+        };
+        let refused = log.check_room(&big, &registry, 200).unwrap_err();
+        assert!(matches!(refused, BrokerError::LimitReached(_)), "{refused}");
+        // Removals always go through.
+        let delete = MetaCommand::DeleteQueue { name: "a".into() };
+        log.check_room(&delete, &registry, 1).unwrap();
     }
 }

@@ -61,6 +61,10 @@ pub struct ActiveState {
     pub extent: Extent,
     /// Index builder state to continue with.
     pub builder: IndexBuilder,
+    /// The partition's first segment was just created and its directory entries not yet
+    /// fsynced: the first fsync of a record syncs the directory too (a new, idle partition
+    /// costs no fsync).
+    pub dir_unsynced: bool,
 }
 
 /// Opens every segment of `dir`; creates the first one when the directory is empty.
@@ -70,10 +74,25 @@ pub fn open_segments(
 ) -> Result<(Vec<std::sync::Arc<Segment>>, ActiveState), LogError> {
     let storage = &*config.storage;
     storage.create_dir_all(dir).map_err(io(dir))?;
-    let mut bases = list_segments(storage, dir)?;
+    let bases = list_segments(storage, dir)?;
     if bases.is_empty() {
-        create_segment_files(storage, dir, 0)?;
-        bases.push(0);
+        // A new partition: its empty first segment, with nothing to read back or check.
+        // Not synced here: nothing is in it yet, and opening creates it again if a crash
+        // loses it.
+        let (file, paths) = create_segment_files_unsynced(storage, dir, 0)?;
+        let extent = Extent {
+            len: 0,
+            next_offset: 0,
+            max_timestamp_ms: None,
+        };
+        let segment = Segment::active(0, paths, Arc::clone(&file), &[], &[], extent);
+        let state = ActiveState {
+            file,
+            extent,
+            builder: IndexBuilder::new(config.index_interval_bytes, None, true),
+            dir_unsynced: true,
+        };
+        return Ok((vec![Arc::new(segment)], state));
     }
     let mut segments = Vec::with_capacity(bases.len());
     let last = bases.len() - 1;
@@ -111,6 +130,17 @@ pub fn create_segment_files(
     dir: &Path,
     base: u64,
 ) -> Result<(Arc<dyn StorageFile>, SegmentPaths), LogError> {
+    let created = create_segment_files_unsynced(storage, dir, base)?;
+    sync_dir(storage, dir)?;
+    Ok(created)
+}
+
+/// Creates empty files for a new segment (the caller syncs the directory).
+fn create_segment_files_unsynced(
+    storage: &dyn Storage,
+    dir: &Path,
+    base: u64,
+) -> Result<(Arc<dyn StorageFile>, SegmentPaths), LogError> {
     let paths = SegmentPaths::new(dir, base);
     let file = storage
         .open(&paths.log, OpenMode::Append)
@@ -118,7 +148,6 @@ pub fn create_segment_files(
     for path in [&paths.index, &paths.time_index] {
         storage.open(path, OpenMode::Append).map_err(io(path))?;
     }
-    sync_dir(storage, dir)?;
     Ok((file, paths))
 }
 
@@ -370,6 +399,7 @@ fn open_active(
             file,
             extent,
             builder,
+            dir_unsynced: false,
         },
     ))
 }

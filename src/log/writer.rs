@@ -49,11 +49,17 @@ fn sync_outside_lock(shared: &Shared) {
             Arc::clone(&writer.file),
             Arc::clone(&writer.active),
             writer.extent,
+            std::mem::take(&mut writer.dir_unsynced),
         )
     };
-    let (file, segment, extent) = captured;
+    let (file, segment, extent, dir_unsynced) = captured;
     let started = Instant::now();
-    let result = file.sync_data();
+    let result = file.sync_data().and_then(|()| {
+        if dir_unsynced {
+            shared.config.storage.sync_dir(&shared.dir)?;
+        }
+        Ok(())
+    });
     report_fsync(shared, started);
     let mut writer = shared.writer.lock();
     match result {
@@ -106,6 +112,8 @@ pub struct Writer {
     buf: Vec<u8>,
     /// Written since the last fsync.
     dirty: bool,
+    /// The partition's directory awaits its first fsync (see [`ActiveState::dir_unsynced`]).
+    dir_unsynced: bool,
     /// Why the log takes no more appends (a failed fsync leaves the disk state unknown).
     failed: Option<String>,
 }
@@ -117,11 +125,13 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     }
 }
 
+/// Opens an index file of the active segment for appending: a hint, which recovery rebuilds
+/// from the log when it is short or damaged, so the file cache may close it unsynced.
 fn open_append(
     storage: &dyn Storage,
     path: &std::path::Path,
 ) -> Result<Arc<dyn StorageFile>, LogError> {
-    storage.open(path, OpenMode::Append).map_err(io(path))
+    storage.open(path, OpenMode::AppendHint).map_err(io(path))
 }
 
 impl Writer {
@@ -143,6 +153,7 @@ impl Writer {
             // Grown by the first append: an idle partition holds no buffer.
             buf: Vec::new(),
             dirty: false,
+            dir_unsynced: state.dir_unsynced,
             failed: None,
         })
     }
@@ -233,7 +244,12 @@ impl Writer {
         }
         if self.dirty {
             let started = Instant::now();
-            let result = self.file.sync_data();
+            let result = self.file.sync_data().and_then(|()| {
+                if self.dir_unsynced {
+                    shared.config.storage.sync_dir(&shared.dir)?;
+                }
+                Ok(())
+            });
             report_fsync(shared, started);
             if let Err(error) = result {
                 let reason = format!(
@@ -246,6 +262,7 @@ impl Writer {
                 return Err(io(&self.active.paths.log)(error));
             }
             self.dirty = false;
+            self.dir_unsynced = false;
         }
         publish(shared, &self.active, self.extent);
         shared.commit.mark_synced(self.extent.next_offset);

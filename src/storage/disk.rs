@@ -48,11 +48,14 @@ impl Storage for Disk {
             OpenMode::Read => {
                 options.read(true);
             }
-            OpenMode::Append | OpenMode::Create => {
+            OpenMode::Append | OpenMode::AppendHint | OpenMode::Create => {
                 options.read(true).append(true).create(true);
             }
             OpenMode::CreatePrivate => {
                 options.read(true).append(true).create(true).mode(0o600);
+            }
+            OpenMode::Reopen => {
+                options.read(true).append(true);
             }
         }
         let file = options.open(path)?;

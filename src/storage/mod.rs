@@ -2,6 +2,8 @@
 //! auth files do to files goes through [`Storage`] and [`StorageFile`].
 //!
 //! - [`disk`]: the real implementation (`std::fs` and `memmap2`).
+//! - [`cache`]: a decorator that keeps a bounded set of the long-lived files open and
+//!   reopens the others on use.
 //! - [`sim`]: an in-memory implementation for tests that tracks which bytes and which
 //!   directory entries are durable, can "crash" at the Nth sync (keeping only synced bytes
 //!   plus an arbitrary prefix of the unsynced ones) and can fail chosen calls with EIO or
@@ -14,6 +16,7 @@
 //!
 //! [`atomic_replace`] is the one copy of "temp file, write, fsync, rename, fsync dir".
 
+pub mod cache;
 pub mod disk;
 pub mod sim;
 
@@ -24,6 +27,7 @@ use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 
+pub use cache::CachedStorage;
 pub use disk::Disk;
 pub use sim::SimDisk;
 
@@ -41,6 +45,13 @@ pub enum OpenMode {
     Create,
     /// As [`OpenMode::Create`], readable and writable by its owner only (mode 0600).
     CreatePrivate,
+    /// As [`OpenMode::Append`], for a file whose lost writes recovery repairs (a segment's
+    /// indexes, rebuilt from the log when short or damaged): the file cache may close it
+    /// with bytes not yet fsynced.
+    AppendHint,
+    /// An existing file, reads anywhere, writes at the end; never created (the file cache
+    /// reopens a file it closed this way, so a removed file stays removed).
+    Reopen,
 }
 
 /// An open file. Writes always go to the end of the file (`O_APPEND`), so a cut-back with

@@ -419,12 +419,15 @@ impl Storage for SimDisk {
         let mut state = self.state.lock();
         state.check(Op::Open, path)?;
         let id = match (state.lookup(path), mode) {
-            (Ok(id), OpenMode::Read | OpenMode::Append) => id,
+            (
+                Ok(id),
+                OpenMode::Read | OpenMode::Append | OpenMode::AppendHint | OpenMode::Reopen,
+            ) => id,
             (Ok(id), OpenMode::Create | OpenMode::CreatePrivate) => {
                 state.inode(id)?.data.clear();
                 id
             }
-            (Err(e), OpenMode::Read) => return Err(e),
+            (Err(e), OpenMode::Read | OpenMode::Reopen) => return Err(e),
             (Err(_), _) => {
                 state.parent_exists(path)?;
                 let id = state.inodes.len();
