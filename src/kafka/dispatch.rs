@@ -240,6 +240,41 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes after a served key and version: a request or an error, never a panic
+        /// nor a giant allocation (array counts are checked against the bytes present).
+        #[test]
+        fn any_request_body_decodes_or_fails(
+            which in 0..SUPPORTED.len(),
+            version in 0i16..20,
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let (api, _, _) = SUPPORTED[which];
+            let mut frame = BytesMut::new();
+            frame.put_i16(api as i16);
+            frame.put_i16(version);
+            frame.put_i32(1);
+            frame.extend_from_slice(&body);
+            let _ = decode(frame.freeze());
+        }
+
+        /// A count of 2^31 elements in a few bytes is refused, not allocated.
+        #[test]
+        fn huge_counts_are_refused(which in 0..SUPPORTED.len(), version in 0i16..13) {
+            let (api, _, _) = SUPPORTED[which];
+            let mut frame = BytesMut::new();
+            frame.put_i16(api as i16);
+            frame.put_i16(version);
+            frame.put_i32(1);
+            frame.put_i16(-1); // null client id
+            for _ in 0..8 {
+                frame.put_i32(i32::MAX);
+            }
+            let _ = decode(frame.freeze());
+        }
+    }
 
     #[test]
     fn every_served_version_is_one_the_crate_knows() {

@@ -304,16 +304,23 @@ pub fn describe_configs(
         };
         match configs {
             Ok(configs) => {
-                let wanted = resource.configuration_keys.as_ref();
+                // No keys (null, or an empty list as kafka-python sends) means all.
+                let wanted = resource
+                    .configuration_keys
+                    .as_ref()
+                    .filter(|keys| !keys.is_empty());
+                // A value other than qit's default was set for this topic (source 1,
+                // DYNAMIC_TOPIC_CONFIG); the rest are defaults (5, DEFAULT_CONFIG).
+                let defaults = topic_configs(&QueueSettings::default());
                 result.configs = configs
                     .into_iter()
                     .filter(|(k, _)| wanted.is_none_or(|w| w.iter().any(|x| x.as_str() == *k)))
                     .map(|(k, v)| {
+                        let default = defaults.iter().any(|(dk, dv)| *dk == k && *dv == v);
                         DescribeConfigsResourceResult::default()
                             .with_name(text(k))
                             .with_value(Some(text(&v)))
-                            .with_read_only(true)
-                            .with_config_source(5)
+                            .with_config_source(if default { 5 } else { 1 })
                     })
                     .collect();
             }
