@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::Session;
+use super::session::Session;
 use super::topics::NODE_ID;
 
 /// How often deadlines and sessions are checked.
@@ -301,7 +301,7 @@ impl Coordinator {
     pub async fn join(&self, request: JoinGroupRequest, _version: i16) -> JoinGroupResponse {
         let rx = match self.enter(&request) {
             Ok(rx) => rx,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         rx.await.unwrap_or_else(|_| {
             join_error(ResponseError::UnknownMemberId, request.member_id.as_str())
@@ -311,10 +311,10 @@ impl Coordinator {
     fn enter(
         &self,
         request: &JoinGroupRequest,
-    ) -> Result<oneshot::Receiver<JoinGroupResponse>, JoinGroupResponse> {
+    ) -> Result<oneshot::Receiver<JoinGroupResponse>, Box<JoinGroupResponse>> {
         let group_id = request.group_id.0.to_string();
         let member_id = request.member_id.to_string();
-        let refuse = |e: ResponseError| Err(join_error(e, &member_id));
+        let refuse = |e: ResponseError| Err(Box::new(join_error(e, &member_id)));
         if group_id.is_empty() {
             return refuse(ResponseError::InvalidGroupId);
         }

@@ -45,10 +45,14 @@ struct SequenceState {
     last_used: Option<Instant>,
 }
 
+/// A producer's state on one partition, locked across its check and append.
+type SharedSequence = Arc<tokio::sync::Mutex<SequenceState>>;
+
 /// Idempotent producers: id allocation and per-partition sequence state.
 pub struct Producers {
     next_id: AtomicI64,
-    states: Mutex<HashMap<(i64, String, u32), Arc<tokio::sync::Mutex<SequenceState>>>>,
+    /// By (producer id, topic, partition).
+    states: Mutex<HashMap<(i64, String, u32), SharedSequence>>,
 }
 
 impl Default for Producers {
@@ -155,7 +159,6 @@ pub async fn produce(
             .map_err(|e| e.code());
         let partitions = topic.partition_data.into_iter().map(|p| {
             let name = name.as_str();
-            let allowed = allowed.clone();
             async move {
                 let mut out = PartitionProduceResponse::default()
                     .with_index(p.index)

@@ -14,7 +14,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable};
 
-use super::conn::Session;
+use super::session::Session;
 use super::{Kafka, KafkaError};
 
 /// The APIs served, with the versions of each (what kafka-python 3 and librdkafka 2

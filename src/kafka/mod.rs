@@ -7,6 +7,7 @@
 //!
 //! - [`conn`]: the accept loop and one task per connection: frames in, responses out, in
 //!   order, with SASL/PLAIN first when auth is on.
+//! - [`session`]: what a connection knows of its client; SASL/PLAIN.
 //! - [`dispatch`]: which APIs and versions are served, header decoding, routing a request
 //!   to its handler, error frames for what is not served.
 //! - [`records`]: record batches to and from log records (CRC, decompression, bounds).
@@ -23,6 +24,7 @@ pub mod data;
 pub mod dispatch;
 pub mod offsets;
 pub mod records;
+pub mod session;
 pub mod topics;
 
 use std::sync::Arc;

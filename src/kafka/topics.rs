@@ -21,7 +21,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
-use super::conn::Session;
+use super::session::Session;
 use super::{Kafka, KafkaError};
 use crate::auth::{Action, Resource};
 use crate::broker::{QueueSettings, RetentionPolicy};
