@@ -277,6 +277,79 @@ async fn bad_batches_get_errors_and_idempotent_repeats_are_stored_once() {
     server.stop().await;
 }
 
+/// A Fetch at the end of the log waits (up to its `max_wait_ms`) and answers with the
+/// record published meanwhile over the broker's own API: had the long-poll not woken, it
+/// would answer empty at the end of its wait.
+#[tokio::test]
+async fn a_fetch_long_polls_until_a_record_arrives() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{FetchRequest, FetchResponse};
+    let server = TestServer::start().await;
+    server
+        .broker
+        .create_queue("waiting", Default::default())
+        .await
+        .unwrap();
+    let mut stream = connect(&server).await;
+    let mut body = FetchRequest::default()
+        .with_max_wait_ms(30_000)
+        .with_min_bytes(1)
+        .with_max_bytes(1 << 20);
+    body.topics = vec![
+        FetchTopic::default()
+            .with_topic(TopicName(StrBytes::from_static_str("waiting")))
+            .with_partitions(vec![
+                FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20),
+            ]),
+    ];
+    send(&mut stream, &request(ApiKey::Fetch, 12, 5, &body)).await;
+    // Publish once the broker holds the fetch parked (its waiters gauge says so).
+    common::eventually("the fetch is parked", || {
+        let url = format!("{}/metrics", server.http);
+        async move {
+            common::http()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                .lines()
+                .any(|l| l == "qit_kafka_fetch_waiters 1")
+        }
+    })
+    .await;
+    let broker = server.broker.clone();
+    let publisher = tokio::spawn(async move {
+        broker
+            .publish(
+                "waiting",
+                vec![qit::broker::NewMessage {
+                    body: Bytes::from_static(b"late"),
+                    ..Default::default()
+                }],
+            )
+            .await
+            .unwrap();
+    });
+    let mut answer = receive(&mut stream).await.expect("a fetch answer");
+    publisher.await.unwrap();
+    assert_eq!(answer.get_i32(), 5);
+    let _tagged = answer.get_u8();
+    let response = FetchResponse::decode(&mut answer, 12).unwrap();
+    let partition = &response.responses[0].partitions[0];
+    assert_eq!(partition.error_code, 0);
+    assert_eq!(partition.high_watermark, 1);
+    let mut records = partition.records.clone().unwrap();
+    let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut records).unwrap();
+    assert_eq!(set.records[0].value.as_deref(), Some(&b"late"[..]));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_listener_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();

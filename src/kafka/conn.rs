@@ -63,7 +63,11 @@ pub async fn serve(
         };
         let (kafka, stop) = (Arc::clone(&kafka), stop.clone());
         tasks.spawn(async move {
-            if let Err(error) = connection(stream, peer, &kafka, &stop).await {
+            let open = metrics::gauge!(crate::metrics::CONNECTIONS, "protocol" => "kafka");
+            open.increment(1.0);
+            let served = connection(stream, peer, &kafka, &stop).await;
+            open.decrement(1.0);
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "kafka connection closed");
             }
             drop(slot);

@@ -24,10 +24,29 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use parking_lot::Mutex;
 
-use super::records::{self, ProducedBatch};
+use super::records;
 use super::{Kafka, KafkaError};
 use crate::auth::Action;
 use crate::broker::BrokerError;
+
+/// Gauge of Fetch requests waiting for records now.
+pub const FETCH_WAITERS: &str = "qit_kafka_fetch_waiters";
+
+/// Counts one waiting Fetch in [`FETCH_WAITERS`] while it lives (also when cancelled).
+struct Waiting;
+
+impl Waiting {
+    fn new() -> Self {
+        metrics::gauge!(FETCH_WAITERS).increment(1.0);
+        Waiting
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        metrics::gauge!(FETCH_WAITERS).decrement(1.0);
+    }
+}
 
 /// Longest Fetch long-poll the broker grants.
 const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
@@ -122,7 +141,23 @@ enum Sequence {
     Refuse(ResponseError),
 }
 
-fn check_sequence(state: &SequenceState, batch: &ProducedBatch, count: i32) -> Sequence {
+/// The idempotence fields of a partition's first batch.
+struct Idempotence {
+    producer_id: i64,
+    producer_epoch: i16,
+    base_sequence: i32,
+}
+
+/// Most record bytes one partition takes from one request: a log batch stays well within
+/// the log's own limit.
+const MAX_APPEND_BYTES: usize = records::MAX_DECOMPRESSED;
+
+fn record_bytes(record: &crate::log::Record) -> usize {
+    let headers: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    record.value.len() + record.key.as_ref().map_or(0, |k| k.len()) + headers
+}
+
+fn check_sequence(state: &SequenceState, batch: &Idempotence, count: i32) -> Sequence {
     let first = batch.base_sequence;
     let last = first.wrapping_add(count - 1);
     if state.recent.is_empty() || batch.producer_epoch > state.epoch {
@@ -226,6 +261,11 @@ async fn produce_partition(
     let Some(first) = batches.first() else {
         return Err((ResponseError::InvalidRecord.code(), "no records".into()));
     };
+    let first = Idempotence {
+        producer_id: first.producer_id,
+        producer_epoch: first.producer_epoch,
+        base_sequence: first.base_sequence,
+    };
     let count: usize = batches.iter().map(|b| b.records.len()).sum();
     if count == 0 {
         return Err((ResponseError::InvalidRecord.code(), "no records".into()));
@@ -236,7 +276,14 @@ async fn produce_partition(
             .partition_bounds(topic, partition)
             .map_or(0, |b| b.first)
     };
-    let records: Vec<_> = batches.iter().flat_map(|b| b.records.clone()).collect();
+    let records: Vec<_> = batches.into_iter().flat_map(|b| b.records).collect();
+    let bytes: usize = records.iter().map(record_bytes).sum();
+    if bytes > MAX_APPEND_BYTES {
+        return Err((
+            ResponseError::MessageTooLarge.code(),
+            format!("{bytes} bytes of records for one partition, at most {MAX_APPEND_BYTES}"),
+        ));
+    }
     if first.producer_id < 0 {
         let base = append(kafka, topic, partition, records).await?;
         return Ok((base, start(kafka)));
@@ -245,7 +292,7 @@ async fn produce_partition(
     let mut state = state.lock().await;
     state.last_used = Some(Instant::now());
     let count = i32::try_from(count).unwrap_or(i32::MAX);
-    match check_sequence(&state, first, count) {
+    match check_sequence(&state, &first, count) {
         Sequence::Duplicate(base) => Ok((base, start(kafka))),
         Sequence::Refuse(error) => Err((error.code(), format!("{error:?}"))),
         Sequence::Append => {
@@ -312,10 +359,12 @@ pub async fn fetch(kafka: &Kafka, user: Option<&str>, request: FetchRequest) -> 
     loop {
         let (response, bytes, errors) = fetch_once(kafka, &wanted, &denied, max_bytes);
         let now = tokio::time::Instant::now();
-        if bytes >= min_bytes.max(1) || errors || now >= deadline || kafka.broker.is_shutting_down()
-        {
+        // `min_bytes` 0 answers at once, as in Kafka; otherwise wait for that much.
+        let enough = bytes >= min_bytes;
+        if enough || errors || now >= deadline || kafka.broker.is_shutting_down() {
             return response;
         }
+        let _waiting = Waiting::new();
         wait_for_any(kafka, &wanted, deadline - now).await;
     }
 }
