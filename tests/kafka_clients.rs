@@ -97,8 +97,31 @@ async fn topics_are_created_described_and_deleted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_and_http_read_each_others_messages() {
+    use qit::proto::broker_client::BrokerClient;
+    use qit::proto::{SubscribeRequest, subscribe_request::Start};
+    use tokio_stream::StreamExt;
     let server = TestServer::start().await;
     scenario(&server, "cross", &[]).await;
+    // The Kafka-produced record over gRPC too: key, headers and timestamp as sent.
+    let mut grpc = BrokerClient::connect(server.grpc.clone()).await.unwrap();
+    let mut stream = grpc
+        .subscribe(SubscribeRequest {
+            queue: "bridge".into(),
+            partition: 0,
+            start: Some(Start::FromOffset(0)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap().message.unwrap();
+    assert_eq!(first.key.as_deref(), Some("user-7"));
+    assert_eq!(first.headers.get("trace").map(String::as_str), Some("abc"));
+    let http_view = get_json(format!(
+        "{}/queues/bridge/log?partition=0&from=0",
+        server.http
+    ))
+    .await;
+    assert_eq!(http_view["messages"][0]["timestamp"], first.timestamp_ms);
     server.stop().await;
 }
 

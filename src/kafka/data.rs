@@ -364,6 +364,13 @@ pub async fn fetch(kafka: &Kafka, user: Option<&str>, request: FetchRequest) -> 
         if enough || errors || now >= deadline || kafka.broker.is_shutting_down() {
             return response;
         }
+        tracing::trace!(
+            partitions = wanted.len(),
+            offsets = ?wanted.iter().map(|w| w.offset).collect::<Vec<_>>(),
+            bytes,
+            min_bytes,
+            "fetch waits"
+        );
         let _waiting = Waiting::new();
         wait_for_any(kafka, &wanted, deadline - now).await;
     }
