@@ -68,6 +68,13 @@ async fn ten_thousand_messages_through_a_group_of_two_with_commits_and_a_restart
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_pythons_group_consumer_commits_into_the_qit_group() {
+    let server = TestServer::start().await;
+    scenario(&server, "kafka_python_group", &[]).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timestamps_are_kept_and_seekable() {
     let server = TestServer::start().await;
     scenario(&server, "timestamps", &[]).await;

@@ -37,6 +37,10 @@ const TICK: Duration = Duration::from_millis(100);
 /// Bounds on the timeouts a member may ask for.
 const MIN_SESSION: Duration = Duration::from_millis(1000);
 const MAX_SESSION: Duration = Duration::from_secs(300);
+/// How long a group that was empty waits for more members before its first generation
+/// (Kafka's `group.initial.rebalance.delay.ms`, 3 s there): consumers started together
+/// join one generation, and a leader has its topic metadata before it assigns.
+const INITIAL_REBALANCE_DELAY: Duration = Duration::from_millis(1000);
 /// Most groups held; past it new groups are refused.
 const MAX_GROUPS: usize = 10_000;
 /// Most members of one group.
@@ -100,6 +104,8 @@ struct Group {
     protocol: Option<String>,
     leader: Option<String>,
     members: BTreeMap<String, Member>,
+    /// The join phase of a group that was empty ends no earlier than this.
+    not_before: Option<Instant>,
 }
 
 impl Group {
@@ -111,6 +117,7 @@ impl Group {
             protocol: None,
             leader: None,
             members: BTreeMap::new(),
+            not_before: None,
         }
     }
 
@@ -119,6 +126,7 @@ impl Group {
         if matches!(self.state, State::PreparingRebalance { .. }) {
             return;
         }
+        self.not_before = (self.state == State::Empty).then(|| now + INITIAL_REBALANCE_DELAY);
         let longest = self
             .members
             .values()
@@ -154,6 +162,10 @@ impl Group {
         if self.members.values().any(|m| m.joining.is_none()) {
             return;
         }
+        if !force && self.not_before.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.not_before = None;
         self.generation = self.generation.wrapping_add(1).max(1);
         let leader = match &self.leader {
             Some(l) if self.members.contains_key(l) => l.clone(),

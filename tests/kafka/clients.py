@@ -312,7 +312,35 @@ def scenario_sasl(bootstrap, http_url, password):
     print(json.dumps({"stranger": str(errors[0]), "wrong_password": str(failures[0])}))
 
 
+def scenario_kafka_python_group(bootstrap, http_url):
+    """kafka-python's own group consumer: subscribe, poll, commit, and the commit read back
+    by a new consumer and over HTTP."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import TopicPartition as KTP
+    topic, group = "kp", "kp-group"
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for i in range(50):
+        producer.send(topic, key=b"k%d" % i, value=b"v%d" % i, headers=[("h", b"x")])
+    producer.flush()
+    producer.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    got = []
+    until("kafka-python's consumer has all 50", lambda: (
+        got.extend(r for rs in consumer.poll(timeout_ms=200).values() for r in rs), len(got) >= 50)[1])
+    assert [r.value for r in got] == [b"v%d" % i for i in range(50)]
+    assert got[7].key == b"k7" and got[7].headers == [("h", b"x")], got[7]
+    consumer.commit()
+    consumer.close()
+    assert group_floors(http_url, topic, group) == {0: 50}
+    again = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    assert again.committed(KTP(topic, 0)) == 50
+    again.close()
+    print(json.dumps({"ok": True}))
+
+
 SCENARIOS = {
+    "kafka_python_group": scenario_kafka_python_group,
     "group": scenario_group,
     "timestamps": scenario_timestamps,
     "compression": scenario_compression,
