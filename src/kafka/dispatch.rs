@@ -53,7 +53,7 @@ pub struct Peek {
 
 /// Reads the fixed first eight bytes of a request (the frame is at least that long).
 pub fn peek(frame: &[u8]) -> Option<Peek> {
-    let b = frame.get(..8)?;
+    let b: &[u8; 8] = frame.get(..8)?.try_into().ok()?;
     Some(Peek {
         key: i16::from_be_bytes([b[0], b[1]]),
         version: i16::from_be_bytes([b[2], b[3]]),
