@@ -84,6 +84,9 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "QIT_GRPC")]
     pub grpc: Option<SocketAddr>,
+    /// Kafka protocol listen address, or `off` (default 127.0.0.1:9092).
+    #[arg(long, env = "QIT_KAFKA")]
+    pub kafka: Option<crate::config::KafkaListen>,
     /// TOML configuration file.
     #[arg(long, env = "QIT_CONFIG")]
     pub config: Option<PathBuf>,

@@ -19,6 +19,44 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the Kafka listener binds, or `off` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KafkaListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for KafkaListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|addr| Self(Some(addr)))
+            .map_err(|_| format!("`{s}` is neither HOST:PORT nor `off`"))
+    }
+}
+
+impl std::fmt::Display for KafkaListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+impl Serialize for KafkaListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for KafkaListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Everything `qit serve` needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -29,6 +67,8 @@ pub struct ServerConfig {
     pub http: SocketAddr,
     /// gRPC listen address.
     pub grpc: SocketAddr,
+    /// Kafka protocol listen address (`off`: no listener).
+    pub kafka: KafkaListen,
     /// Durability policy.
     pub fsync: FsyncPolicy,
     /// Require authentication.
@@ -87,6 +127,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("qit-data"),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            kafka: KafkaListen(Some(SocketAddr::from(([127, 0, 0, 1], 9092)))),
             fsync: FsyncPolicy::Interval,
             auth: false,
             log_format: LogFormat::Text,
@@ -168,6 +209,12 @@ impl ServerConfig {
         if self.http == self.grpc && self.http.port() != 0 {
             return invalid("grpc", "must differ from the HTTP address");
         }
+        if let Some(kafka) = self.kafka.0
+            && kafka.port() != 0
+            && (kafka == self.http || kafka == self.grpc)
+        {
+            return invalid("kafka", "must differ from the HTTP and gRPC addresses");
+        }
         if self.max_queues == 0 {
             return invalid("max_queues", "must be positive");
         }
@@ -237,6 +284,14 @@ mod tests {
         assert_eq!(config.fsync, FsyncPolicy::Always);
         assert_eq!(config.http, ServerConfig::default().http);
         config.validate().unwrap();
+        std::fs::write(&path, "kafka = \"off\"\n").unwrap();
+        assert_eq!(
+            ServerConfig::from_file(&path).unwrap().kafka,
+            KafkaListen(None)
+        );
+        std::fs::write(&path, "kafka = \"127.0.0.1:19092\"\n").unwrap();
+        let config = ServerConfig::from_file(&path).unwrap();
+        assert_eq!(config.kafka.to_string(), "127.0.0.1:19092");
         std::fs::write(&path, "dta_dir = \"/tmp/q\"\n").unwrap();
         assert!(ServerConfig::from_file(&path).is_err());
     }

@@ -8,6 +8,7 @@
 //! 6  server                              binds listeners, runs timers, joins tasks, drains
 //! 5  config  cli  client  bench          the edge: settings, command line, client, load
 //! 4  api (http, grpc, receive, auth, …)  thin adapters: parse, call the broker, map errors
+//!    kafka                               (kafka: the Kafka wire protocol over the queues)
 //! 3  maintenance                         retention and compaction over the broker's queues
 //! 2  broker                              queue registry, exchanges, dedup, the shared state
 //! 1  group  route  metrics  auth  clock  state machines (take `now`), routing rules, metric
@@ -39,7 +40,8 @@
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`maintenance`]: retention and key compaction in the background.
 //! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters; the route table that builds both the
-//!   router and `/openapi.json` ([`api::routes`]); the web console's embedded files.
+//!   router and `/openapi.json` ([`api::routes`]); the web console's embedded files;
+//!   [`kafka`]: the Kafka wire protocol.
 //! - [`server`]: binds listeners, runs timers, joins background tasks, drains on shutdown.
 //! - [`config`], [`cli`], [`client`], [`bench`], [`bench_queues`]: settings, the command
 //!   line, its HTTP client, the `qit bench` load generator and its many-queues mode.
@@ -57,6 +59,7 @@ pub mod commit;
 pub mod config;
 pub mod group;
 pub mod journal;
+pub mod kafka;
 pub mod log;
 pub mod maintenance;
 pub mod metrics;

@@ -104,6 +104,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(v) = args.grpc {
         config.grpc = v;
     }
+    if let Some(v) = args.kafka {
+        config.kafka = v;
+    }
     if let Some(v) = args.fsync {
         config.fsync = v;
     }

@@ -1,4 +1,4 @@
-//! Binds the HTTP and gRPC listeners, serves until told to stop, then drains: the broker
+//! Binds the HTTP, gRPC and Kafka listeners, serves until told to stop, then drains: the broker
 //! stops first (open long-polls answer empty, new work gets 503), the listeners finish
 //! in-flight requests, every background task (tracked by one `TaskTracker`) is joined, and
 //! logs and journals are flushed and fsynced last.
@@ -63,6 +63,7 @@ pub struct Server {
     auth: Option<Arc<crate::auth::AuthStore>>,
     http: TcpListener,
     grpc: TcpListener,
+    kafka: Option<TcpListener>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -103,6 +104,10 @@ impl Server {
         }
         let http = bind(config.http).await?;
         let grpc = bind(config.grpc).await?;
+        let kafka = match config.kafka.0 {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         Ok(Self {
             config,
             broker,
@@ -110,6 +115,7 @@ impl Server {
             auth,
             http,
             grpc,
+            kafka,
         })
     }
 
@@ -123,6 +129,12 @@ impl Server {
         self.grpc.local_addr().unwrap_or(self.config.grpc)
     }
 
+    /// The bound Kafka address, if the listener is on.
+    pub fn kafka_addr(&self) -> Option<SocketAddr> {
+        let listener = self.kafka.as_ref()?;
+        listener.local_addr().ok().or(self.config.kafka.0)
+    }
+
     /// The broker behind the listeners.
     pub fn broker(&self) -> Arc<Broker> {
         Arc::clone(&self.broker)
@@ -133,6 +145,7 @@ impl Server {
         let stop = CancellationToken::new();
         let http_addr = self.http_addr();
         let grpc_addr = self.grpc_addr();
+        let kafka_addr = self.kafka_addr();
         let mut state = HttpState::new(Arc::clone(&self.broker), self.config.max_waiters);
         state.auth = self.auth.clone();
         state.per_client = crate::api::limits::ClientLimits::new(self.config.max_per_client);
@@ -173,6 +186,24 @@ impl Server {
                     grpc_stop.cancelled_owned(),
                 ),
         );
+        if let Some(listener) = self.kafka {
+            let kafka = Arc::new(crate::kafka::Kafka::new(
+                Arc::clone(&self.broker),
+                self.auth.clone(),
+                crate::kafka::KafkaConfig {
+                    max_connections: self.config.max_connections,
+                    ..crate::kafka::KafkaConfig::default()
+                },
+            ));
+            let (groups, groups_stop) = (Arc::clone(&kafka), stop.clone());
+            tasks.spawn(async move { groups.groups.run(groups_stop).await });
+            tasks.spawn(crate::kafka::conn::serve(
+                listener,
+                kafka,
+                tasks.clone(),
+                stop.clone(),
+            ));
+        }
         let maintenance = crate::maintenance::MaintenanceConfig {
             interval: Duration::from_secs(self.config.maintenance_interval_secs),
             delete_retention: Duration::from_secs(self.config.delete_retention_secs),
@@ -198,7 +229,7 @@ impl Server {
             maintenance,
             stop.clone(),
         ));
-        tracing::info!(%http_addr, %grpc_addr, data_dir = %self.config.data_dir.display(), fsync = ?self.config.fsync, "qit is serving");
+        tracing::info!(%http_addr, %grpc_addr, kafka_addr = ?kafka_addr, data_dir = %self.config.data_dir.display(), fsync = ?self.config.fsync, "qit is serving");
         shutdown.await;
         tracing::info!("shutting down: draining requests");
         // Stop the broker first so that open long-polls answer at once.

@@ -31,6 +31,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("maintenance", 3),
     // Adapters.
     ("api", 4),
+    ("kafka", 4),
     // The edge: configuration, the command line, the client, the load generator.
     ("config", 5),
     ("cli", 5),

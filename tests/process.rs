@@ -169,6 +169,7 @@ fn log_lines_carry_no_colour_codes_when_stderr_is_a_pipe() {
         .arg("--data-dir")
         .arg(dir.path())
         .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .args(["--kafka", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .env_remove("NO_COLOR")
         .stdout(std::process::Stdio::null())

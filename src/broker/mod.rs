@@ -12,6 +12,7 @@
 pub mod alarms;
 pub mod message;
 pub mod queue;
+mod records;
 pub mod registry;
 pub mod settings;
 pub mod types;
@@ -30,6 +31,7 @@ use crate::clock::Clock;
 
 pub use crate::name::MAX_NAME_LEN;
 pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
+pub use records::PartitionBounds;
 pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, RetentionPolicy};
 pub use types::*;
 

@@ -18,6 +18,8 @@ pub struct TestServer {
     pub http: String,
     /// `http://127.0.0.1:PORT`
     pub grpc: String,
+    /// `127.0.0.1:PORT` of the Kafka listener (`None` when the config turned it off).
+    pub kafka: Option<String>,
     /// Its data directory.
     pub dir: PathBuf,
     /// The broker behind the listeners (its task tracker shows what still runs).
@@ -47,12 +49,14 @@ impl TestServer {
             data_dir: dir.to_path_buf(),
             http: "127.0.0.1:0".parse().unwrap(),
             grpc: "127.0.0.1:0".parse().unwrap(),
+            kafka: "127.0.0.1:0".parse().unwrap(),
             ..ServerConfig::default()
         };
         adjust(&mut config);
         let server = Server::bind(config).await.unwrap();
         let http = format!("http://{}", server.http_addr());
         let grpc = format!("http://{}", server.grpc_addr());
+        let kafka = server.kafka_addr().map(|a| a.to_string());
         let broker = server.broker();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -66,6 +70,7 @@ impl TestServer {
         Self {
             http,
             grpc,
+            kafka,
             dir: dir.to_path_buf(),
             broker,
             stop: Some(stop),
@@ -106,18 +111,21 @@ pub struct Process {
     pub http: String,
     /// gRPC base URL.
     pub grpc: String,
+    /// `127.0.0.1:PORT` of the Kafka listener.
+    pub kafka: String,
 }
 
 impl Process {
     /// Starts `qit serve` on `dir` with extra flags and waits until it is healthy.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
-        let (http_port, grpc_port) = (free_port(), free_port());
+        let (http_port, grpc_port, kafka_port) = (free_port(), free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_qit"))
             .arg("serve")
             .arg("--data-dir")
             .arg(dir)
             .args(["--http", &format!("127.0.0.1:{http_port}")])
             .args(["--grpc", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--kafka", &format!("127.0.0.1:{kafka_port}")])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -128,6 +136,7 @@ impl Process {
             child,
             http: format!("http://127.0.0.1:{http_port}"),
             grpc: format!("http://127.0.0.1:{grpc_port}"),
+            kafka: format!("127.0.0.1:{kafka_port}"),
         };
         process.wait_healthy();
         process

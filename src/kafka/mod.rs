@@ -1,0 +1,170 @@
+//! The Kafka wire protocol over qit's queues: a thin adapter, like [`crate::api`].
+//!
+//! A topic is a queue, a Kafka partition is a qit partition and offsets are the same
+//! numbers. Records produced here are appended with their key, headers and timestamp as
+//! the producer sent them, so HTTP and gRPC consumers see them, and fetches encode whatever
+//! the log holds (HTTP and gRPC publishes too) as record batches.
+//!
+//! - [`conn`]: the accept loop and one task per connection: frames in, responses out, in
+//!   order, with SASL/PLAIN first when auth is on.
+//! - [`session`]: what a connection knows of its client; SASL/PLAIN.
+//! - [`dispatch`]: which APIs and versions are served, header decoding, routing a request
+//!   to its handler, error frames for what is not served.
+//! - [`records`]: record batches to and from log records (CRC, decompression, bounds).
+//! - [`topics`]: Metadata, CreateTopics, DeleteTopics, DescribeConfigs, ListOffsets.
+//! - [`data`]: Produce (with idempotent producers) and Fetch (long-poll).
+//! - [`coordinator`]: the group membership protocol (JoinGroup, SyncGroup, Heartbeat,
+//!   LeaveGroup) as a state machine over members and generations.
+//! - [`offsets`]: OffsetCommit and OffsetFetch on qit's own groups: a committed offset is
+//!   the group's ack floor, the same one `GET /queues/{q}/groups/{g}` shows.
+
+pub mod conn;
+pub mod coordinator;
+pub mod data;
+pub mod dispatch;
+pub mod offsets;
+pub mod records;
+pub mod session;
+pub mod topics;
+
+use std::sync::Arc;
+
+use kafka_protocol::ResponseError;
+
+use crate::auth::{Action, AuthStore, Resource};
+use crate::broker::{Broker, BrokerError};
+
+/// Errors of the Kafka adapter. [`KafkaError::code`] maps each to a Kafka error code.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// Reading or writing the socket failed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame's size prefix is negative, too small or above the limit.
+    #[error("frame of {size} bytes (must be 8..={max})")]
+    FrameSize {
+        /// The announced size.
+        size: i64,
+        /// The largest frame accepted.
+        max: usize,
+    },
+    /// A request or a record batch could not be decoded.
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// A record batch failed its CRC.
+    #[error("corrupt record batch: {0}")]
+    Corrupt(String),
+    /// A response could not be encoded (a bug, or a value the chosen version cannot hold).
+    #[error("cannot encode the response: {0}")]
+    Encode(String),
+    /// The broker refused or failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The caller may not do this.
+    #[error("not authorized: {0}")]
+    Forbidden(String),
+    /// A fetch or commit names an offset outside the partition.
+    #[error("offset out of range")]
+    OffsetOutOfRange,
+}
+
+impl KafkaError {
+    /// The Kafka error code that tells a client what went wrong.
+    pub fn code(&self) -> i16 {
+        let error = match self {
+            KafkaError::Io(_) | KafkaError::Encode(_) => ResponseError::UnknownServerError,
+            KafkaError::FrameSize { .. } | KafkaError::Malformed(_) => ResponseError::InvalidRecord,
+            KafkaError::Corrupt(_) => ResponseError::CorruptMessage,
+            KafkaError::Forbidden(_) => ResponseError::TopicAuthorizationFailed,
+            KafkaError::OffsetOutOfRange => ResponseError::OffsetOutOfRange,
+            KafkaError::Broker(error) => broker_error(error),
+        };
+        error.code()
+    }
+}
+
+fn broker_error(error: &BrokerError) -> ResponseError {
+    match error {
+        BrokerError::QueueNotFound(_) => ResponseError::UnknownTopicOrPartition,
+        BrokerError::InvalidName(_) => ResponseError::InvalidTopicException,
+        BrokerError::InvalidSetting(_) => ResponseError::InvalidConfig,
+        BrokerError::InvalidArgument(_) | BrokerError::InvalidBinding(_) => {
+            ResponseError::InvalidRequest
+        }
+        BrokerError::GroupNotFound { .. } => ResponseError::GroupIdNotFound,
+        BrokerError::QueueExists(_) | BrokerError::ExchangeExists(_) => {
+            ResponseError::TopicAlreadyExists
+        }
+        BrokerError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
+        BrokerError::LimitReached(_) => ResponseError::PolicyViolation,
+        // Clients refresh their metadata and retry on this one.
+        BrokerError::ShuttingDown => ResponseError::NotLeaderOrFollower,
+        BrokerError::QueueDamaged { .. }
+        | BrokerError::Log(_)
+        | BrokerError::Journal(_)
+        | BrokerError::Storage { .. }
+        | BrokerError::Corrupt { .. } => ResponseError::KafkaStorageError,
+        BrokerError::ExchangeNotFound(_)
+        | BrokerError::MessageNotFound(_)
+        | BrokerError::NotLeased(_) => ResponseError::UnknownServerError,
+    }
+}
+
+/// Settings of the Kafka listener.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Largest request frame in bytes (a larger size prefix closes the connection).
+    pub max_frame_bytes: usize,
+    /// Most open Kafka connections; past it new ones wait.
+    pub max_connections: usize,
+    /// Seconds a connection may stay silent before it is closed.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024 * 1024,
+            max_connections: 1000,
+            idle_timeout_secs: 600,
+        }
+    }
+}
+
+/// Everything the Kafka connections share.
+pub struct Kafka {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Users and grants, when auth is on.
+    pub auth: Option<Arc<AuthStore>>,
+    /// Listener settings.
+    pub config: KafkaConfig,
+    /// Group membership and generations.
+    pub groups: coordinator::Coordinator,
+    /// Idempotent producers: ids and the sequences they sent.
+    pub producers: data::Producers,
+}
+
+impl Kafka {
+    /// The shared state for a listener over `broker`.
+    pub fn new(broker: Arc<Broker>, auth: Option<Arc<AuthStore>>, config: KafkaConfig) -> Self {
+        Self {
+            broker,
+            auth,
+            config,
+            groups: coordinator::Coordinator::default(),
+            producers: data::Producers::default(),
+        }
+    }
+
+    /// `Ok` if `user` may do `action` on topic `topic` (always, with auth off).
+    pub fn allow(&self, user: Option<&str>, action: Action, topic: &str) -> Result<(), KafkaError> {
+        let Some(store) = &self.auth else {
+            return Ok(());
+        };
+        let user = user.ok_or_else(|| KafkaError::Forbidden("not authenticated".into()))?;
+        store
+            .authorize(user, action, &Resource::queue(topic))
+            .map_err(|e| KafkaError::Forbidden(e.to_string()))
+    }
+}

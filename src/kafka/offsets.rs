@@ -1,0 +1,164 @@
+//! OffsetCommit and OffsetFetch on qit's own consumer groups.
+//!
+//! A Kafka group `g` consuming topic `q` is qit's group `g` on queue `q`: a commit of
+//! offset N on a partition moves the group's ack floor there (the same seek as
+//! `PUT /queues/{q}/groups/{g}/offset`), so `GET /queues/{q}/groups/{g}` shows it as
+//! `committed_offset`, and a fetch of the committed offset reads the floor back. A group
+//! qit does not have yet has no committed offset (-1: the client's `auto.offset.reset`
+//! decides); one that HTTP or gRPC consumers use reports the floor their acks reached.
+//! Commit metadata strings are not kept.
+
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponsePartition, OffsetFetchResponseTopic,
+};
+use kafka_protocol::messages::{
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use super::{Kafka, KafkaError};
+use crate::auth::Action;
+use crate::broker::{BrokerError, GroupInfo, SeekTarget};
+
+/// OffsetCommit: each partition's offset becomes the group's ack floor there.
+pub async fn commit(
+    kafka: &Kafka,
+    user: Option<&str>,
+    request: OffsetCommitRequest,
+) -> OffsetCommitResponse {
+    let group = request.group_id.0.to_string();
+    let refused = if !crate::name::is_valid(&group) {
+        Some(ResponseError::InvalidGroupId.code())
+    } else {
+        kafka
+            .groups
+            .check_commit(
+                &group,
+                request.member_id.as_str(),
+                request.generation_id_or_member_epoch,
+            )
+            .map(|e| e.code())
+    };
+    let mut response = OffsetCommitResponse::default();
+    for topic in request.topics {
+        let name = topic.name.0.to_string();
+        let allowed = kafka.allow(user, Action::Consume, &name);
+        let mut out = OffsetCommitResponseTopic::default().with_name(topic.name.clone());
+        for p in topic.partitions {
+            let code = match (&refused, &allowed) {
+                (Some(code), _) => *code,
+                (None, Err(error)) => error.code(),
+                (None, Ok(())) => {
+                    commit_one(kafka, &name, &group, p.partition_index, p.committed_offset)
+                        .await
+                        .map_or_else(|e| e.code(), |()| 0)
+                }
+            };
+            out.partitions.push(
+                OffsetCommitResponsePartition::default()
+                    .with_partition_index(p.partition_index)
+                    .with_error_code(code),
+            );
+        }
+        response.topics.push(out);
+    }
+    response
+}
+
+async fn commit_one(
+    kafka: &Kafka,
+    topic: &str,
+    group: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<(), KafkaError> {
+    let count = kafka.broker.partition_count(topic)?;
+    let (Some(partition), Ok(offset)) = (
+        u32::try_from(partition).ok().filter(|p| *p < count),
+        u64::try_from(offset),
+    ) else {
+        return Err(KafkaError::OffsetOutOfRange);
+    };
+    kafka
+        .broker
+        .seek(topic, group, SeekTarget::Offset { partition, offset })
+        .await?;
+    Ok(())
+}
+
+/// OffsetFetch (v1-7): the group's ack floor per partition, -1 where qit has no such
+/// group yet.
+pub fn fetch(
+    kafka: &Kafka,
+    user: Option<&str>,
+    request: OffsetFetchRequest,
+    _version: i16,
+) -> OffsetFetchResponse {
+    let group = request.group_id.0.to_string();
+    let mut response = OffsetFetchResponse::default();
+    if !crate::name::is_valid(&group) {
+        response.error_code = ResponseError::InvalidGroupId.code();
+        return response;
+    }
+    let asked: Vec<(String, Option<Vec<i32>>)> = match request.topics {
+        Some(topics) => topics
+            .into_iter()
+            .map(|t| (t.name.0.to_string(), Some(t.partition_indexes)))
+            .collect(),
+        // All topics on which the group exists.
+        None => kafka
+            .broker
+            .list_queues()
+            .into_iter()
+            .filter(|q| kafka.broker.group_info(&q.name, &group).is_ok())
+            .map(|q| (q.name, None))
+            .collect(),
+    };
+    for (name, partitions) in asked {
+        let info = kafka
+            .allow(user, Action::Consume, &name)
+            .and_then(|()| floors(kafka, &name, &group));
+        let partitions = partitions.unwrap_or_else(|| match &info {
+            Ok(Some(info)) => info.partitions.iter().map(|p| p.partition as i32).collect(),
+            _ => Vec::new(),
+        });
+        let mut out = OffsetFetchResponseTopic::default()
+            .with_name(TopicName(StrBytes::from_string(name.clone())));
+        for index in partitions {
+            let mut p = OffsetFetchResponsePartition::default()
+                .with_partition_index(index)
+                .with_committed_offset(-1)
+                .with_committed_leader_epoch(-1)
+                .with_metadata(Some(StrBytes::default()));
+            match &info {
+                Ok(Some(info)) => {
+                    if let Some(floor) = info
+                        .partitions
+                        .iter()
+                        .find(|g| i64::from(g.partition) == i64::from(index))
+                    {
+                        p.committed_offset = floor.committed_offset as i64;
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => p.error_code = error.code(),
+            }
+            out.partitions.push(p);
+        }
+        response.topics.push(out);
+    }
+    response
+}
+
+/// The group's state on a topic, `None` when qit has no such group there.
+fn floors(kafka: &Kafka, topic: &str, group: &str) -> Result<Option<GroupInfo>, KafkaError> {
+    match kafka.broker.group_info(topic, group) {
+        Ok(info) => Ok(Some(info)),
+        Err(BrokerError::GroupNotFound { .. }) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
