@@ -78,7 +78,8 @@ async fn run(command: Command) -> Result<()> {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // openraft reports every ignored vote of an election as a warning: only its errors.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
     // Colour codes only on a terminal: in a file or a pipe they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -112,6 +113,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(v) = args.log_format {
         config.log_format = v;
+    }
+    if let Some(v) = args.node_id {
+        config.node_id = Some(v);
+    }
+    if let Some(v) = args.cluster {
+        config.cluster = Some(v);
+    }
+    if let Some(v) = args.peers {
+        config.peers = Some(v);
+    }
+    if let Some(v) = args.cluster_secret {
+        config.cluster_secret = Some(v);
     }
     if let Ok(secret) = std::env::var("QIT_JWT_SECRET") {
         config.jwt_secret = Some(secret);

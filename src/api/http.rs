@@ -42,6 +42,7 @@ type ApiResult = Result<Response, ApiError>;
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/cluster", get(cluster_view))
         .route("/metrics", get(metrics))
         .route("/queues", get(list_queues))
         .route(
@@ -168,7 +169,28 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
 
 async fn healthz(State(s): State<HttpState>) -> ApiResult {
     s.broker.check_storage().await?;
+    if let Some(cluster) = &s.cluster
+        && !cluster.healthy()
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_quorum",
+            "this node is not part of a working quorum",
+        ));
+    }
     Ok(ok(json!({"status": "ok"})))
+}
+
+/// `GET /cluster`: the nodes, the metadata leader and every partition's leader and replicas.
+async fn cluster_view(State(s): State<HttpState>) -> ApiResult {
+    match &s.cluster {
+        Some(cluster) => Ok(ok(json!(cluster.view()))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_clustered",
+            "this node runs alone (started without --peers)",
+        )),
+    }
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
