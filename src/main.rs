@@ -78,8 +78,9 @@ async fn run(command: Command) -> Result<()> {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // openraft reports every ignored vote of an election as a warning: only its errors.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
+        // openraft logs every refused connection to a down peer as an error, several times
+        // a second per group: qit reports a group's failure itself (see `cluster::view`).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
     // Colour codes only on a terminal: in a file or a pipe they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -245,8 +245,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     ) -> Result<(), StorageError<u64>> {
         let mut inner = self.inner.lock();
         // Not synced: a lost committed id is learnt again from the leader.
-        write_small(&inner.dir, "committed", &committed, false)
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        let saved = match &committed {
+            Some(id) => write_small(&inner.dir, "committed", id, false),
+            None => match std::fs::remove_file(inner.dir.join("committed")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        saved.map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
         inner.committed = committed;
         Ok(())
     }

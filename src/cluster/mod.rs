@@ -58,6 +58,8 @@ use types::{Command, NodeAddrs, Raft, decode, encode};
 const MAX_HOPS: u32 = 2;
 /// How long a request waits for a group without a leader to elect one.
 const LEADER_WAIT: Duration = Duration::from_secs(2);
+/// How long a leader waits for a majority to commit an entry before answering "no leader".
+const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a node waits to apply an op committed through another node.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
 
@@ -360,7 +362,15 @@ impl Cluster {
         command: Command,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
-        match raft.client_write(command.clone()).await {
+        let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(command.clone())).await;
+        let Ok(written) = written else {
+            // A leader cut off from its majority cannot commit; the entry may still commit
+            // later (a retry can then store it twice: at least once, like a lost answer).
+            return Err(no_leader(format!(
+                "group {group}: not committed within {COMMIT_WAIT:?} (no quorum?)"
+            )));
+        };
+        match written {
             Ok(response) => {
                 let result = response.data.0.map_err(BrokerError::from)?;
                 Ok((result, Some((group, response.log_id.index))))

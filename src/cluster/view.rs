@@ -143,6 +143,7 @@ impl Cluster {
     /// Updates the per-group series every second until `stop`.
     pub async fn run_metrics(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut leaders: HashMap<u64, Option<u64>> = HashMap::new();
+        let mut failed: Vec<u64> = Vec::new();
         let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -162,6 +163,12 @@ impl Cluster {
                     names.get(&id).cloned().unwrap_or_default()
                 };
                 let m = raft.metrics().borrow().clone();
+                if let Err(fatal) = &m.running_state
+                    && !failed.contains(&id)
+                {
+                    tracing::error!(group = id, queue = %name, %fatal, "a raft group stopped");
+                    failed.push(id);
+                }
                 let labels = [("group", id.to_string()), ("queue", name)];
                 metrics::gauge!(TERM, &labels).set(m.current_term as f64);
                 let leads = m.current_leader == Some(self.node_id());
