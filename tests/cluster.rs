@@ -427,7 +427,10 @@ async fn leader_kills_lose_nothing_acknowledged() {
                         continue;
                     };
                     if acked_ok.lock().contains(text) {
-                        bad.lock().push(text.to_string());
+                        bad.lock().push(format!(
+                            "{text} as {id} (count {}) from {base}",
+                            m["delivery_count"]
+                        ));
                     }
                     delivered.lock().insert(text.to_string());
                     let acked = http()
@@ -437,6 +440,7 @@ async fn leader_kills_lose_nothing_acknowledged() {
                         .await;
                     if acked.is_ok_and(|r| r.status().is_success()) {
                         acked_ok.lock().insert(text.to_string());
+                        eprintln!("acked {text} as {id} via {base}");
                     }
                 }
             }

@@ -306,7 +306,7 @@ impl Cluster {
                 if leases {
                     self.run_leases(&raft, command).await
                 } else {
-                    self.propose(&raft, group, command, hops).await
+                    self.propose(&raft, group, command).await
                 }
             }
             Some(leader) if hops < MAX_HOPS => self.forward(leader, command, hops).await,
@@ -360,7 +360,6 @@ impl Cluster {
         raft: &Raft,
         group: u64,
         command: Command,
-        hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
         let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(command.clone())).await;
         let Ok(written) = written else {
@@ -375,12 +374,12 @@ impl Cluster {
                 let result = response.data.0.map_err(BrokerError::from)?;
                 Ok((result, Some((group, response.log_id.index))))
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => match to.leader_id {
-                Some(leader) if leader != self.node_id() && hops < MAX_HOPS => {
-                    self.forward(leader, command, hops).await
-                }
-                _ => Err(no_leader(format!("group {group} is electing a leader"))),
-            },
+            // Not forwarded again: a leader deposed after appending the entry answers so too,
+            // and the entry may still commit under the next leader; proposing it again would
+            // store it twice. The client retries on 503, as after any lost answer.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => Err(no_leader(
+                format!("group {group} changed leader (now {:?})", to.leader_id),
+            )),
             Err(error) => Err(no_leader(format!("group {group}: {error}"))),
         }
     }
