@@ -156,8 +156,7 @@ impl Cluster {
             }
         })
         .await;
-        let id = *leader.lock();
-        id
+        *leader.lock()
     }
 }
 

@@ -111,10 +111,7 @@ fn read_small<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> std::io::
 fn scan(bytes: &[u8]) -> (Vec<(LogId<u64>, Slot)>, u64) {
     let mut out = Vec::new();
     let mut pos = 0usize;
-    loop {
-        let Some(header) = bytes.get(pos..pos + HEADER) else {
-            break;
-        };
+    while let Some(header) = bytes.get(pos..pos + HEADER) {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let Some(payload) = bytes.get(pos + HEADER..pos + HEADER + len as usize) else {
@@ -183,6 +180,8 @@ impl LogStore {
         })
     }
 
+    // openraft's own error type, as its traits return it.
+    #[allow(clippy::result_large_err)]
     fn read_entry(
         inner: &Inner,
         index: u64,
@@ -204,11 +203,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
         let inner = self.inner.lock();
-        inner
-            .slots
-            .range(range)
-            .map(|(index, slot)| Self::read_entry(&inner, *index, *slot))
-            .collect()
+        let mut entries = Vec::new();
+        for (index, slot) in inner.slots.range(range) {
+            entries.push(Self::read_entry(&inner, *index, *slot)?);
+        }
+        Ok(entries)
     }
 }
 

@@ -40,6 +40,9 @@ struct SnapshotBody {
     membership: StoredMembership<u64, BasicNode>,
 }
 
+/// A snapshot as kept: its meta and bytes.
+type Stored = (SnapshotMeta<u64, BasicNode>, Vec<u8>);
+
 /// One group's state machine.
 pub struct StateMachine {
     role: Role,
@@ -47,7 +50,7 @@ pub struct StateMachine {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     /// The last snapshot built or installed (shared with the builders).
-    snapshot: Arc<parking_lot::Mutex<Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>>>,
+    snapshot: Arc<parking_lot::Mutex<Option<Stored>>>,
     snapshots_built: u64,
 }
 
