@@ -70,6 +70,22 @@ pub enum Command {
     Tail(TailArgs),
     /// Load-test a running server.
     Bench(BenchArgs),
+    /// Look at a cluster.
+    Cluster {
+        /// Client options.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// What to do.
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+/// `qit cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// The nodes, the metadata leader and every partition's leader and replicas.
+    Status,
 }
 
 /// `qit serve`.

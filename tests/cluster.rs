@@ -299,6 +299,32 @@ async fn any_node_serves_every_step() {
             .await;
         }
     }
+    // `qit cluster status` shows the same view.
+    let out = Command::new(env!("CARGO_BIN_EXE_qit"))
+        .args([
+            "cluster",
+            "--server",
+            &cluster.node(3).http,
+            "--json",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["node_id"], 3);
+    assert_eq!(status["nodes"].as_array().map(Vec::len), Some(3));
+    assert!(
+        status["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["queue"] == "orders" && p["replicas"].as_array().map(Vec::len) == Some(3))
+    );
     // The cluster listener wants the secret.
     let mut client = qit::proto::cluster::cluster_client::ClusterClient::connect(format!(
         "http://127.0.0.1:{}",
