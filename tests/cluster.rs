@@ -589,3 +589,142 @@ fn openraft_storage_suite_passes() {
     }
     openraft::testing::Suite::test_all(Builder).unwrap();
 }
+
+/// SIGSTOP of a queue's leader past the election timeout, then SIGCONT: the others elect a
+/// new leader and serve; the old one steps down and ends with the same log; no node ever
+/// reports two leaders for one group in one term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_steps_down() {
+    let cluster = Cluster::start().await;
+    create_queue(
+        &cluster.node(1).http,
+        "paused",
+        json!({"partitions": 1, "max_deliveries": 0}),
+    )
+    .await;
+    let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    // Every (group, term) -> the leaders any node reported for it.
+    let seen: Arc<Mutex<BTreeMap<(u64, u64), BTreeSet<u64>>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (bases, seen, stop) = (bases.clone(), Arc::clone(&seen), Arc::clone(&stop));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                for base in &bases {
+                    let Ok(Ok(Some(v))) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        tokio::spawn({
+                            let url = format!("{base}/cluster");
+                            async move { view(&url).await }
+                        }),
+                    )
+                    .await
+                    else {
+                        continue;
+                    };
+                    let mut seen = seen.lock();
+                    if let (Some(term), Some(leader)) = (v["term"].as_u64(), v["leader"].as_u64()) {
+                        seen.entry((0, term)).or_default().insert(leader);
+                    }
+                    for p in v["partitions"].as_array().into_iter().flatten() {
+                        if let (Some(g), Some(t), Some(l)) = (
+                            p["group"].as_u64(),
+                            p["term"].as_u64(),
+                            p["leader"].as_u64(),
+                        ) {
+                            seen.entry((g, t)).or_default().insert(l);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let leader = cluster.queue_leader(1, "paused").await;
+    let survivor = if leader == 1 { 2 } else { 1 };
+    for i in 0..5 {
+        let (status, body) = retrying("publish", || {
+            http()
+                .post(format!(
+                    "{}/queues/paused/messages",
+                    cluster.node(survivor).http
+                ))
+                .body(format!("before-{i}"))
+        })
+        .await;
+        assert!(status.is_success(), "{status} {body}");
+    }
+    let pid = cluster
+        .node(leader)
+        .child
+        .as_ref()
+        .unwrap()
+        .id()
+        .to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let survivor_url = format!("{}/cluster", cluster.node(survivor).http);
+    eventually("the others elect a new leader", || async {
+        view(&survivor_url).await.is_some_and(|v| {
+            v["partitions"].as_array().into_iter().flatten().any(|p| {
+                p["queue"] == "paused" && p["leader"].as_u64().is_some_and(|l| l != leader)
+            })
+        })
+    })
+    .await;
+    let (status, body) = retrying("publish while the old leader sleeps", || {
+        http()
+            .post(format!(
+                "{}/queues/paused/messages",
+                cluster.node(survivor).http
+            ))
+            .body("during")
+    })
+    .await;
+    assert!(status.is_success(), "{status} {body}");
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let new_leader = cluster.queue_leader(survivor, "paused").await;
+    assert_ne!(new_leader, leader);
+    let old_url = format!("{}/cluster", cluster.node(leader).http);
+    eventually("the old leader steps down", || async {
+        view(&old_url).await.is_some_and(|v| {
+            v["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["queue"] == "paused" && p["leader"].as_u64() == Some(new_leader))
+        })
+    })
+    .await;
+    let reference = log_bodies(&cluster.node(survivor).http, "paused", 0)
+        .await
+        .unwrap();
+    assert_eq!(reference.len(), 6);
+    let base = cluster.node(leader).http.clone();
+    eventually("the old leader holds the same log", || async {
+        log_bodies(&base, "paused", 0).await.as_ref() == Some(&reference)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let seen = seen.lock();
+    for ((group, term), leaders) in seen.iter() {
+        assert_eq!(
+            leaders.len(),
+            1,
+            "group {group} term {term}: leaders {leaders:?}"
+        );
+    }
+    assert!(seen.len() >= 2, "the sampler saw the terms: {seen:?}");
+}
