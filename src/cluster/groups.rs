@@ -16,7 +16,7 @@ use super::ClusterError;
 use super::log_store::LogStore;
 use super::network::{Network, Peers};
 use super::placement;
-use super::state_machine::{Role, StateMachine};
+use super::state_machine::{MetaHooks, Role, StateMachine};
 use super::types::{NodeAddrs, Raft};
 use crate::broker::Broker;
 
@@ -58,7 +58,7 @@ pub struct Groups {
 /// openraft settings of a group: the preferred leader times out first, so that leaders
 /// spread as placement says; nothing is ever snapshotted or purged (see `mod.rs`).
 fn raft_config(group: u64, preferred: bool) -> Result<Config, ClusterError> {
-    let (min, max) = if preferred { (600, 900) } else { (1000, 1500) };
+    let (min, max) = if preferred { (450, 650) } else { (750, 1050) };
     Config {
         cluster_name: format!("qit-{group}"),
         heartbeat_interval: HEARTBEAT_MS,
@@ -152,17 +152,6 @@ impl Groups {
     }
 
     /// Opens the group of a queue just created (when this node is one of its replicas).
-    ///
-    /// Boxed: the metadata group's state machine calls it while applying, and opening a
-    /// group names the state machine type again (an unboxed future would be a type cycle).
-    pub fn open_queue<'a>(
-        &'a self,
-        name: &'a str,
-        id: u64,
-    ) -> futures_util::future::BoxFuture<'a, ()> {
-        Box::pin(self.open_queue_inner(name, id))
-    }
-
     async fn open_queue_inner(&self, name: &str, id: u64) {
         let replicas = placement::replicas(name, &self.voter_ids(), REPLICAS);
         self.queues.write().insert(
@@ -181,7 +170,7 @@ impl Groups {
     }
 
     /// Stops and removes the group of a queue being deleted.
-    pub async fn close_queue(&self, name: &str) {
+    async fn close_queue_inner(&self, name: &str) {
         let Some(group) = self.queues.write().remove(name) else {
             return;
         };
@@ -230,11 +219,6 @@ impl Groups {
             .collect()
     }
 
-    /// Records a node's addresses.
-    pub fn set_node(&self, addrs: NodeAddrs) {
-        self.nodes.write().insert(addrs.id, addrs);
-    }
-
     /// A node's addresses, if it announced them.
     pub fn node(&self, id: u64) -> Option<NodeAddrs> {
         self.nodes.read().get(&id).cloned()
@@ -246,5 +230,21 @@ impl Groups {
         for raft in all {
             let _ = raft.shutdown().await;
         }
+    }
+}
+
+impl MetaHooks for Groups {
+    fn set_node(&self, addrs: NodeAddrs) {
+        self.nodes.write().insert(addrs.id, addrs);
+    }
+
+    /// Boxed: the metadata group's state machine calls it while applying, and opening a
+    /// group names the state machine type again (an unboxed future would be a type cycle).
+    fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(self.open_queue_inner(name, id))
+    }
+
+    fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(self.close_queue_inner(name))
     }
 }

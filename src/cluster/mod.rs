@@ -176,7 +176,7 @@ impl Cluster {
         let voters: Vec<u64> = config.peers.keys().copied().collect();
         let members = placement::replicas("", &voters, voters.len());
         let meta = groups
-            .open_group(META_GROUP, &members, Role::Meta(Arc::clone(&groups)))
+            .open_group(META_GROUP, &members, Role::Meta(Arc::clone(&groups) as _))
             .await?;
         Ok(Arc::new(Self {
             groups,

@@ -16,16 +16,27 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::groups::Groups;
-use super::types::{Applied, Command, TypeConfig, decode, encode};
+use super::types::{Applied, Command, NodeAddrs, TypeConfig, decode, encode};
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
+
+/// What applying metadata does beyond the broker: the cluster's groups follow the queues
+/// (implemented by [`super::groups::Groups`]; a trait so that the two files do not import
+/// each other).
+pub trait MetaHooks: Send + Sync {
+    /// A node announced its addresses.
+    fn set_node(&self, addrs: NodeAddrs);
+    /// Queue `name` was created by the entry that gives it group `id`.
+    fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
+    /// Queue `name` is about to be deleted.
+    fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()>;
+}
 
 /// Which group a machine belongs to.
 #[derive(Clone)]
 pub enum Role {
     /// The metadata group: creating and deleting a queue opens and closes its group.
-    Meta(Arc<Groups>),
+    Meta(Arc<dyn MetaHooks>),
     /// A queue's group.
     Queue,
     /// A machine with no broker behind it, for openraft's storage suite: entries only move
