@@ -329,30 +329,45 @@ impl Cluster {
             .and_then(|m| m.current_leader)
     }
 
-    /// Runs a lease op here, the leader, once everything committed before this term is
-    /// applied (else a new leader could deliver a message acked under the old one).
+    /// Confirms with a quorum that this node leads `raft` and waits until it applied every
+    /// entry committed before (openraft's read index); the term it leads in.
+    ///
+    /// The metrics alone do not do: a restarted node reports the leadership its saved vote
+    /// names until it hears of a newer term, and would serve leases from a state that lacks
+    /// the acks committed since (the leader-kill test delivered acked messages that way).
+    async fn confirm_leader(&self, raft: &Raft) -> Result<u64, BrokerError> {
+        match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(raft.metrics().borrow().current_term),
+            Ok(Err(error)) => Err(no_leader(format!("not the leader: {error}"))),
+            Err(_) => Err(no_leader("leadership not confirmed in time")),
+        }
+    }
+
+    /// Runs a lease op here, the leader, once a quorum confirmed the leadership and every
+    /// entry committed before is applied (else a new leader could deliver a message acked
+    /// under the old one). A receive is confirmed again after it leased: if the term moved
+    /// on meanwhile, another leader may have taken acks this node never saw, so the
+    /// deliveries are withheld (their leases here lapse) and the client asks again.
     async fn run_leases(
         &self,
         raft: &Raft,
         command: Command,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
-        let caught_up = |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
-            m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
-        };
-        let ready = caught_up(&raft.metrics().borrow());
-        if !ready
-            && raft
-                .wait(Some(LEADER_WAIT))
-                .metrics(caught_up, "applied the current term")
-                .await
-                .is_err()
-        {
-            return Err(no_leader("the new leader is still applying its log"));
-        }
         let Command::Broker(op) = command else {
             return Err(no_leader("not a lease op"));
         };
-        Ok((self.broker.apply_op(op).await?, None))
+        let term = self.confirm_leader(raft).await?;
+        let receive = matches!(op, Op::Receive { .. });
+        let result = self.broker.apply_op(op).await?;
+        if receive && matches!(&result, OpResult::Delivered(list) if !list.is_empty()) {
+            let now = self.confirm_leader(raft).await?;
+            if now != term {
+                return Err(no_leader(format!(
+                    "leadership changed while leasing (term {term} -> {now})"
+                )));
+            }
+        }
+        Ok((result, None))
     }
 
     async fn propose(
