@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use common::{eventually, free_port, http};
 use parking_lot::Mutex;
+use qit::proto::broker_client::BrokerClient;
+use qit::proto::{self, receive_request, receive_response};
 use serde_json::{Value, json};
+use tokio_stream::StreamExt;
 
 const SECRET: &str = "cluster-test-secret-0123456789";
 
@@ -341,6 +344,65 @@ async fn any_node_serves_every_step() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    // gRPC too: send on node 1, a receive stream on node 2 acks them.
+    let grpc = |id: u64| format!("http://127.0.0.1:{}", cluster.node(id).grpc_port);
+    let mut sender = BrokerClient::connect(grpc(1)).await.unwrap();
+    let messages = (0..3)
+        .map(|i| proto::OutgoingMessage {
+            body: bytes::Bytes::from(format!("grpc-{i}")),
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        })
+        .collect();
+    let sent = sender
+        .send_message(proto::SendMessageRequest {
+            queue: "orders".into(),
+            messages,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(sent.len(), 3);
+    let mut receiver = BrokerClient::connect(grpc(2)).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Open(proto::OpenStream {
+            queue: "orders".into(),
+            group: String::new(),
+            max_in_flight: 10,
+            visibility_ms: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = receiver
+        .receive_messages(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = BTreeSet::new();
+    while streamed.len() < 3 {
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the stream delivers within the guard");
+        let Some(Ok(proto::ReceiveResponse {
+            response: Some(receive_response::Response::Message(m)),
+        })) = next
+        else {
+            panic!("unexpected stream item: {next:?}");
+        };
+        streamed.insert(String::from_utf8_lossy(&m.body).to_string());
+        tx.send(proto::ReceiveRequest {
+            request: Some(receive_request::Request::Ack(proto::StreamAck { id: m.id })),
+        })
+        .await
+        .unwrap();
+    }
+    let expected: BTreeSet<String> = (0..3).map(|i| format!("grpc-{i}")).collect();
+    assert_eq!(streamed, expected);
+    published.extend(expected);
+    drop(tx);
     // Read fallback: alone, node 1 has no quorum, yet serves its committed data; writes
     // answer 503 no_leader with Retry-After.
     cluster.node_mut(2).kill();
