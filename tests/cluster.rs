@@ -652,6 +652,9 @@ fn openraft_storage_suite_passes() {
     openraft::testing::Suite::test_all(Builder).unwrap();
 }
 
+/// `(group, term)` -> every leader a node reported for it.
+type LeadersSeen = BTreeMap<(u64, u64), BTreeSet<u64>>;
+
 /// SIGSTOP of a queue's leader past the election timeout, then SIGCONT: the others elect a
 /// new leader and serve; the old one steps down and ends with the same log; no node ever
 /// reports two leaders for one group in one term.
@@ -666,7 +669,7 @@ async fn a_paused_leader_steps_down() {
     .await;
     let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
     // Every (group, term) -> the leaders any node reported for it.
-    let seen: Arc<Mutex<BTreeMap<(u64, u64), BTreeSet<u64>>>> = Arc::default();
+    let seen: Arc<Mutex<LeadersSeen>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let (bases, seen, stop) = (bases.clone(), Arc::clone(&seen), Arc::clone(&stop));
