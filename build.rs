@@ -1,4 +1,5 @@
-//! Compiles `proto/qit/v1/broker.proto` with the protoc shipped by `protoc-bin-vendored`,
+//! Compiles `proto/qit/v1/broker.proto` (and the cluster's internal
+//! `proto/qit/cluster/v1/cluster.proto`) with the protoc shipped by `protoc-bin-vendored`,
 //! so a fresh machine needs nothing but cargo.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -12,6 +13,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("qit_descriptor.bin"))
-        .compile_with_config(config, &["proto/qit/v1/broker.proto"], &["proto"])?;
+        .compile_with_config(
+            config,
+            &[
+                "proto/qit/v1/broker.proto",
+                "proto/qit/cluster/v1/cluster.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

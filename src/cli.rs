@@ -70,6 +70,22 @@ pub enum Command {
     Tail(TailArgs),
     /// Load-test a running server.
     Bench(BenchArgs),
+    /// Look at a cluster.
+    Cluster {
+        /// Client options.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// What to do.
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+/// `qit cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// The nodes, the metadata leader and every partition's leader and replicas.
+    Status,
 }
 
 /// `qit serve`.
@@ -99,6 +115,19 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "QIT_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// This node's id in a cluster (integer >= 1).
+    #[arg(long, env = "QIT_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// This node's cluster (replication) listener, HOST:PORT.
+    #[arg(long, env = "QIT_CLUSTER")]
+    pub cluster: Option<SocketAddr>,
+    /// Every initial voter as ID=HOST:PORT,... (the same list on every node); without it
+    /// qit runs as a single node.
+    #[arg(long, env = "QIT_PEERS")]
+    pub peers: Option<String>,
+    /// The secret every node of the cluster shares (at least 16 bytes).
+    #[arg(long, env = "QIT_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
 }
 
 /// `qit queue ...`.

@@ -37,6 +37,7 @@ pub fn content_type_of(body: &[u8]) -> &'static str {
 }
 
 /// A body to send.
+#[derive(Clone)]
 pub enum Body {
     /// JSON.
     Json(Value),
@@ -50,6 +51,9 @@ pub enum Body {
         headers: Vec<(String, String)>,
     },
 }
+
+/// How often a request answered "no leader" is tried again.
+pub const NO_LEADER_RETRIES: u32 = 10;
 
 /// The client.
 pub struct Client {
@@ -68,8 +72,34 @@ impl Client {
         }
     }
 
-    /// Sends a request; `Ok(None)` for an empty (204) answer.
+    /// Sends a request; `Ok(None)` for an empty (204) answer. A cluster without a leader
+    /// for the request (503 `no_leader`) is asked again, after its `Retry-After`, for up to
+    /// [`NO_LEADER_RETRIES`] times: an election takes a second or two.
     pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Body>,
+    ) -> Result<Option<Value>, ClientError> {
+        let mut tries = 0;
+        loop {
+            match self
+                .request_once(method.clone(), path, query, body.clone())
+                .await
+            {
+                Err(ClientError::Server { code, .. })
+                    if code == "no_leader" && tries < NO_LEADER_RETRIES =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn request_once(
         &self,
         method: Method,
         path: &str,

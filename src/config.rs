@@ -1,6 +1,7 @@
 //! Server configuration: defaults, an optional TOML file, `QIT_*` environment variables and
 //! flags, in rising precedence (flags and environment are merged by clap).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -119,6 +120,16 @@ pub struct ServerConfig {
     pub max_open_files: usize,
     /// Seconds a long-lived file stays open unused before it is closed.
     pub idle_close_secs: u64,
+    /// This node's id in a cluster (integer >= 1; with `peers`).
+    pub node_id: Option<u64>,
+    /// This node's cluster (replication) listener (with `peers`).
+    pub cluster: Option<SocketAddr>,
+    /// Every initial voter as `ID=HOST:PORT,...`, the same on every node; without it qit
+    /// is a single node.
+    pub peers: Option<String>,
+    /// The secret every node of the cluster is started with.
+    #[serde(skip_serializing)]
+    pub cluster_secret: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +162,10 @@ impl Default for ServerConfig {
             idle_timeout_secs: 120,
             max_open_files: crate::storage::cache::DEFAULT_MAX_OPEN_FILES,
             idle_close_secs: crate::storage::cache::DEFAULT_IDLE_CLOSE.as_secs(),
+            node_id: None,
+            cluster: None,
+            peers: None,
+            cluster_secret: None,
         }
     }
 }
@@ -260,6 +275,7 @@ impl ServerConfig {
         if self.token_ttl_secs == 0 {
             return invalid("token_ttl_secs", "must be positive");
         }
+        self.validate_cluster()?;
         if self
             .jwt_secret
             .as_ref()
@@ -268,6 +284,77 @@ impl ServerConfig {
             return invalid("jwt_secret", "must be at least 32 bytes");
         }
         Ok(())
+    }
+}
+
+impl ServerConfig {
+    /// The voters of `peers` by id (`None` without `peers`: a single node).
+    pub fn peer_map(&self) -> Result<Option<BTreeMap<u64, String>>, ConfigError> {
+        let Some(peers) = self.peers.as_deref() else {
+            return Ok(None);
+        };
+        let bad = |reason: String| ConfigError::Invalid {
+            field: "peers",
+            reason,
+        };
+        let mut map = BTreeMap::new();
+        for item in peers.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (id, addr) = item
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{item}` is not ID=HOST:PORT")))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("`{id}` is not a node id")))?;
+            if id == 0 {
+                return Err(bad("node ids start at 1".into()));
+            }
+            let addr = addr.trim();
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+            {
+                return Err(bad(format!("`{addr}` is not HOST:PORT")));
+            }
+            if map.insert(id, addr.to_string()).is_some() {
+                return Err(bad(format!("node {id} appears twice")));
+            }
+        }
+        if map.is_empty() {
+            return Err(bad("lists no node".into()));
+        }
+        Ok(Some(map))
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        let Some(peers) = self.peer_map()? else {
+            return Ok(());
+        };
+        let Some(id) = self.node_id else {
+            return invalid("node_id", "a cluster node needs --node-id");
+        };
+        if !peers.contains_key(&id) {
+            return invalid("node_id", "must be one of --peers");
+        }
+        if self.cluster.is_none() {
+            return invalid("cluster", "a cluster node needs --cluster HOST:PORT");
+        }
+        match &self.cluster_secret {
+            None => invalid(
+                "cluster_secret",
+                "a cluster node needs --cluster-secret (or QIT_CLUSTER_SECRET)",
+            ),
+            Some(secret) if secret.len() < crate::cluster::auth::MIN_SECRET_LEN => {
+                invalid("cluster_secret", "must be at least 16 bytes")
+            }
+            Some(_) => Ok(()),
+        }
     }
 }
 
@@ -311,5 +398,33 @@ mod tests {
         config.auth = false;
         config.admin_password = None;
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let mut config = ServerConfig {
+            peers: Some("1=127.0.0.1:7101, 2=127.0.0.1:7102,3=127.0.0.1:7103".into()),
+            ..ServerConfig::default()
+        };
+        assert!(config.validate().is_err(), "node id missing");
+        config.node_id = Some(2);
+        config.cluster = Some("127.0.0.1:7102".parse().unwrap());
+        assert!(config.validate().is_err(), "secret missing");
+        config.cluster_secret = Some("short".into());
+        assert!(config.validate().is_err(), "secret too short");
+        config.cluster_secret = Some("a-long-enough-cluster-secret".into());
+        config.validate().unwrap();
+        assert_eq!(config.peer_map().unwrap().unwrap().len(), 3);
+        config.node_id = Some(4);
+        assert!(config.validate().is_err(), "not a peer");
+        for bad in ["1=nowhere", "0=127.0.0.1:1", "1=a:1,1=b:2", "x=a:1", ""] {
+            config.peers = Some(bad.into());
+            assert!(config.peer_map().is_err(), "{bad}");
+        }
+        let secret = ServerConfig {
+            cluster_secret: Some("never-shown-in-output".into()),
+            ..ServerConfig::default()
+        };
+        assert!(!toml::to_string(&secret).unwrap().contains("never-shown"));
     }
 }

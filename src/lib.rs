@@ -9,7 +9,8 @@
 //! 5  config  cli  client  bench          the edge: settings, command line, client, load
 //! 4  api (http, grpc, receive, auth, …)  thin adapters: parse, call the broker, map errors
 //!    kafka                               (kafka: the Kafka wire protocol over the queues)
-//! 3  maintenance                         retention and compaction over the broker's queues
+//! 3  maintenance  cluster                retention and compaction over the broker's queues;
+//!                                        replication (openraft groups), forwarding, placement
 //! 2  broker                              queue registry, exchanges, dedup, the shared state
 //! 1  group  route  metrics  auth  clock  state machines (take `now`), routing rules, metric
 //!    name                                names, users and grants, the clock the broker reads,
@@ -39,9 +40,9 @@
 //! - [`metrics`]: Prometheus series; [`auth`]: users, tokens, ownership and grants.
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`maintenance`]: retention and key compaction in the background.
-//! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters; the route table that builds both the
-//!   router and `/openapi.json` ([`api::routes`]); the web console's embedded files;
-//!   [`kafka`]: the Kafka wire protocol.
+//! - [`cluster`]: the three-node cluster: openraft groups for metadata and queues, the
+//!   internal service, forwarding to leaders, placement and the `/cluster` view.
+//! - [`api`]: the HTTP (axum) and gRPC (tonic) adapters.
 //! - [`server`]: binds listeners, runs timers, joins background tasks, drains on shutdown.
 //! - [`config`], [`cli`], [`client`], [`bench`], [`bench_queues`]: settings, the command
 //!   line, its HTTP client, the `qit bench` load generator and its many-queues mode.
@@ -55,6 +56,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod commit;
 pub mod config;
 pub mod group;
@@ -75,4 +77,10 @@ pub mod proto {
 
     /// Encoded file descriptor set, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("qit_descriptor");
+
+    /// The cluster's internal service (`qit.cluster.v1`), between nodes only.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
+    pub mod cluster {
+        tonic::include_proto!("qit.cluster.v1");
+    }
 }

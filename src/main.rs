@@ -9,7 +9,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use qit::cli::{
-    BenchArgs, Cli, ClientArgs, Command, QueueAction, RecvArgs, SendArgs, ServeArgs, TailArgs,
+    BenchArgs, Cli, ClientArgs, ClusterAction, Command, QueueAction, RecvArgs, SendArgs, ServeArgs,
+    TailArgs,
 };
 use qit::client::{Body, Client, segment};
 use qit::config::{LogFormat, ServerConfig};
@@ -73,12 +74,63 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Tail(args) => tail(args).await,
         Command::Bench(args) => bench(args).await,
+        Command::Cluster {
+            client,
+            action: ClusterAction::Status,
+        } => cluster_status(&client).await,
     }
+}
+
+async fn cluster_status(client_args: &ClientArgs) -> Result<()> {
+    let client = Client::new(client_args);
+    let view = client
+        .request(reqwest::Method::GET, "/cluster", &[], None)
+        .await?
+        .unwrap_or(Value::Null);
+    print(client_args, &view, |v| {
+        let id = |x: &Value| x.as_u64().map_or("none".to_string(), |i| i.to_string());
+        let mut lines = vec![format!(
+            "node {}  metadata leader {}  term {}",
+            id(&v["node_id"]),
+            id(&v["leader"]),
+            v["term"]
+        )];
+        for n in v["nodes"].as_array().into_iter().flatten() {
+            lines.push(format!(
+                "  node {}  {}  cluster {}  http {}  grpc {}",
+                id(&n["id"]),
+                if n["up"] == true { "up  " } else { "down" },
+                n["cluster"].as_str().unwrap_or("?"),
+                n["http"].as_str().unwrap_or("?"),
+                n["grpc"].as_str().unwrap_or("?"),
+            ));
+        }
+        for p in v["partitions"].as_array().into_iter().flatten() {
+            let replicas: Vec<String> = p["replicas"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(id)
+                .collect();
+            lines.push(format!(
+                "  {}/{}  leader {}  replicas {}  committed {}",
+                p["queue"].as_str().unwrap_or("?"),
+                p["partition"],
+                id(&p["leader"]),
+                replicas.join(","),
+                p["committed_offset"]
+            ));
+        }
+        lines.join("\n")
+    });
+    Ok(())
 }
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // openraft logs every refused connection to a down peer as an error, several times
+        // a second per group: qit reports a group's failure itself (see `cluster::view`).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
     // Colour codes only on a terminal: in a file or a pipe they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -115,6 +167,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(v) = args.log_format {
         config.log_format = v;
+    }
+    if let Some(v) = args.node_id {
+        config.node_id = Some(v);
+    }
+    if let Some(v) = args.cluster {
+        config.cluster = Some(v);
+    }
+    if let Some(v) = args.peers {
+        config.peers = Some(v);
+    }
+    if let Some(v) = args.cluster_secret {
+        config.cluster_secret = Some(v);
     }
     if let Ok(secret) = std::env::var("QIT_JWT_SECRET") {
         config.jwt_secret = Some(secret);

@@ -52,6 +52,9 @@ pub enum ServerError {
     /// gRPC reflection could not be set up.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The cluster could not start.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A bound, not yet running server.
@@ -64,6 +67,8 @@ pub struct Server {
     http: TcpListener,
     grpc: TcpListener,
     kafka: Option<TcpListener>,
+    /// The cluster listener and this node's cluster, with `--peers`.
+    cluster: Option<(TcpListener, Arc<crate::cluster::Cluster>)>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -85,8 +90,15 @@ impl Server {
             config.max_open_files,
             Duration::from_secs(config.idle_close_secs),
         ));
+        let peers = config.peer_map()?;
+        // A cluster node's broker data is the state its Raft logs rebuild (cleared here,
+        // replayed by the groups as they start).
+        let broker_dir = match &peers {
+            Some(_) => crate::cluster::fresh_state_dir(&config.data_dir)?,
+            None => config.data_dir.clone(),
+        };
         let broker = Broker::open(BrokerConfig {
-            data_dir: config.data_dir.clone(),
+            data_dir: broker_dir,
             fsync: config.fsync,
             max_queues: config.max_queues,
             max_groups_per_queue: config.max_groups_per_queue,
@@ -104,9 +116,39 @@ impl Server {
         }
         let http = bind(config.http).await?;
         let grpc = bind(config.grpc).await?;
+        // The Kafka listener writes to the local broker directly; a cluster node's broker
+        // is rebuilt from its Raft logs, so Kafka stays off there until it goes through
+        // the replicator.
         let kafka = match config.kafka.0 {
+            Some(_) if peers.is_some() => {
+                tracing::warn!("the Kafka listener is not available in a cluster yet: not started");
+                None
+            }
             Some(addr) => Some(bind(addr).await?),
             None => None,
+        };
+        let cluster = match (peers, config.cluster, config.node_id) {
+            (Some(peers), Some(addr), Some(node_id)) => {
+                let listener = bind(addr).await?;
+                let secret = config.cluster_secret.as_deref().unwrap_or_default();
+                let cluster = crate::cluster::Cluster::start(
+                    crate::cluster::ClusterConfig {
+                        node_id,
+                        peers,
+                        secret: crate::cluster::auth::Secret::new(secret),
+                        data_dir: config.data_dir.clone(),
+                        sync: config.fsync == crate::log::FsyncPolicy::Always,
+                        cluster_addr: listener.local_addr().unwrap_or(addr),
+                        http_addr: http.local_addr().unwrap_or(config.http),
+                        grpc_addr: grpc.local_addr().unwrap_or(config.grpc),
+                    },
+                    Arc::clone(&broker),
+                )
+                .await?;
+                broker.set_replicator(cluster.clone());
+                Some((listener, cluster))
+            }
+            _ => None,
         };
         Ok(Self {
             config,
@@ -116,6 +158,7 @@ impl Server {
             http,
             grpc,
             kafka,
+            cluster,
         })
     }
 
@@ -150,6 +193,7 @@ impl Server {
         state.auth = self.auth.clone();
         state.per_client = crate::api::limits::ClientLimits::new(self.config.max_per_client);
         state.metrics_queues = self.config.metrics_queues;
+        state.cluster = self.cluster.as_ref().map(|(_, c)| Arc::clone(c));
         let router = crate::api::routes::router(state, self.config.max_body_bytes);
         // One tracker for every task: the broker's own (timer, dead letters), the streams
         // the adapters serve, the listeners and the upkeep below. Shutdown joins them all.
@@ -224,6 +268,29 @@ impl Server {
             Duration::from_secs(self.config.idle_close_secs) / IDLE_SWEEPS_PER_CLOSE,
             stop.clone(),
         ));
+        let cluster = match self.cluster {
+            Some((listener, cluster)) => {
+                let addr = listener.local_addr().ok();
+                let service = crate::cluster::service::Service::server(Arc::clone(&cluster));
+                let cluster_stop = stop.clone();
+                tasks.spawn(async move {
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    if let Err(error) = tonic::transport::Server::builder()
+                        .tcp_nodelay(true)
+                        .add_service(service)
+                        .serve_with_incoming_shutdown(incoming, cluster_stop.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(%error, "cluster listener failed");
+                    }
+                });
+                tasks.spawn(Arc::clone(&cluster).announce(stop.clone()));
+                tasks.spawn(Arc::clone(&cluster).run_metrics(stop.clone()));
+                tracing::info!(node_id = cluster.node_id(), cluster = ?addr, "cluster node started");
+                Some(cluster)
+            }
+            None => None,
+        };
         tasks.spawn(crate::maintenance::run(
             Arc::downgrade(&self.broker),
             maintenance,
@@ -232,6 +299,10 @@ impl Server {
         tracing::info!(%http_addr, %grpc_addr, kafka_addr = ?kafka_addr, data_dir = %self.config.data_dir.display(), fsync = ?self.config.fsync, "qit is serving");
         shutdown.await;
         tracing::info!("shutting down: draining requests");
+        if let Some(cluster) = &cluster {
+            // Stop replicating and applying before the broker's data is flushed.
+            cluster.shutdown().await;
+        }
         // Stop the broker first so that open long-polls answer at once.
         if let Err(error) = self.broker.shutdown().await {
             tracing::error!(%error, "flush during shutdown failed");

@@ -29,6 +29,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("broker", 2),
     // Background work over the broker.
     ("maintenance", 3),
+    // Replication: openraft groups over the broker's apply path, forwarding, placement.
+    ("cluster", 3),
     // Adapters.
     ("api", 4),
     ("kafka", 4),

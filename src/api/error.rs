@@ -109,6 +109,8 @@ impl From<BrokerError> for ApiError {
             E::Log(_) | E::Journal(_) | E::Storage { .. } | E::Corrupt { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_error")
             }
+            E::NoLeader(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
+            E::Remote { .. } => (remote_status(error.code()), error.code()),
         };
         if status == StatusCode::SERVICE_UNAVAILABLE && code == "storage_error" {
             tracing::error!(%error, "storage error");
@@ -121,9 +123,37 @@ impl From<BrokerError> for ApiError {
     }
 }
 
+/// The HTTP status of an error code another cluster node answered with.
+fn remote_status(code: &str) -> StatusCode {
+    match code {
+        "invalid_name" | "invalid_setting" | "bad_request" | "invalid_binding" => {
+            StatusCode::BAD_REQUEST
+        }
+        "queue_not_found" | "group_not_found" | "exchange_not_found" | "message_not_found" => {
+            StatusCode::NOT_FOUND
+        }
+        "not_leased" | "queue_exists" | "exchange_exists" => StatusCode::CONFLICT,
+        "message_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "limit_reached" => StatusCode::TOO_MANY_REQUESTS,
+        "shutting_down" | "queue_damaged" | "storage_error" | "no_leader" => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
+        if self.code == "no_leader" {
+            // A leader is usually elected within a second or two.
+            return (
+                self.status,
+                [(axum::http::header::RETRY_AFTER, "1")],
+                Json(body),
+            )
+                .into_response();
+        }
         (self.status, Json(body)).into_response()
     }
 }

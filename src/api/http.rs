@@ -121,7 +121,29 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
 #[utoipa::path(get, path = "/healthz", tag = "operations", description = "Liveness and storage check.", responses((status = 200, body = Health), Errors))]
 pub(super) async fn healthz(State(s): State<HttpState>) -> ApiResult {
     s.broker.check_storage().await?;
+    if let Some(cluster) = &s.cluster
+        && !cluster.healthy()
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_quorum",
+            "this node is not part of a working quorum",
+        ));
+    }
     Ok(ok(json!({"status": "ok"})))
+}
+
+/// `GET /cluster`: the nodes, the metadata leader and every partition's leader and replicas.
+#[utoipa::path(get, path = "/cluster", tag = "operations", description = "The cluster: nodes, the metadata leader, every partition's leader and replicas (404 `not_clustered` on a single node).", responses((status = 200, body = crate::cluster::view::ClusterView), Errors))]
+pub(super) async fn cluster_view(State(s): State<HttpState>) -> ApiResult {
+    match &s.cluster {
+        Some(cluster) => Ok(ok(json!(cluster.view()))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_clustered",
+            "this node runs alone (started without --peers)",
+        )),
+    }
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations", description = "Prometheus text format.", responses((status = 200, content_type = "text/plain", body = String), Errors))]

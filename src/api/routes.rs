@@ -100,6 +100,7 @@ fn table() -> Vec<UtoipaMethodRouter<HttpState>> {
         routes!(console::asset),
         routes!(openapi_json),
         routes!(http::healthz),
+        routes!(http::cluster_view),
         routes!(http::metrics),
         routes!(http::list_queues),
         routes!(http::create_queue, http::queue_info, http::delete_queue),

@@ -26,6 +26,8 @@ pub struct HttpState {
     pub hashing: Arc<Semaphore>,
     /// Queues given per-queue gauges in `/metrics` (the busiest ones).
     pub metrics_queues: usize,
+    /// The cluster this node belongs to (`None`: a single node).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl HttpState {
@@ -41,6 +43,7 @@ impl HttpState {
                 std::thread::available_parallelism().map_or(1, usize::from),
             )),
             metrics_queues: crate::metrics::DEFAULT_GAUGED_QUEUES,
+            cluster: None,
         }
     }
 }

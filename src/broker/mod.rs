@@ -14,6 +14,7 @@ pub mod message;
 pub mod queue;
 mod records;
 pub mod registry;
+pub mod replicate;
 pub mod settings;
 pub mod types;
 
@@ -151,6 +152,8 @@ pub struct Broker {
     dead_letter_guard: std::sync::OnceLock<DeadLetterGuard>,
     /// Groups with leases or delayed redeliveries: all the timer looks at.
     alarms: Arc<queue::Alarms>,
+    /// The cluster's way to run state changes (absent on a single node).
+    replicator: std::sync::OnceLock<Arc<dyn replicate::Replicator>>,
 }
 
 /// `guard(source, target)`: may dead letters of queue `source` be appended to the
@@ -201,6 +204,7 @@ impl Broker {
             tasks: TaskTracker::new(),
             dead_letter_guard: std::sync::OnceLock::new(),
             alarms,
+            replicator: std::sync::OnceLock::new(),
         });
         broker
             .tasks
@@ -301,6 +305,33 @@ impl Broker {
         settings: QueueSettings,
     ) -> Result<CreatedQueue, BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::CreateQueue {
+                name: name.to_string(),
+                settings,
+            };
+            return match replicator.submit(op).await? {
+                replicate::OpResult::Created {
+                    created,
+                    dead_letter_created,
+                } => Ok(CreatedQueue {
+                    info: self.queue_info(name)?,
+                    created,
+                    dead_letter_created,
+                }),
+                other => Err(BrokerError::InvalidArgument(format!(
+                    "unexpected answer from the cluster: {other:?}"
+                ))),
+            };
+        }
+        self.create_queue_local(name, settings).await
+    }
+
+    async fn create_queue_local(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+    ) -> Result<CreatedQueue, BrokerError> {
         check_name(name)?;
         settings.validate()?;
         let dlq = settings.dead_letter_name(name);
@@ -526,6 +557,16 @@ impl Broker {
     /// Deletes a queue and its data.
     pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::DeleteQueue {
+                name: name.to_string(),
+            };
+            return replicator.submit(op).await?.done();
+        }
+        self.delete_queue_local(name).await
+    }
+
+    async fn delete_queue_local(&self, name: &str) -> Result<(), BrokerError> {
         check_name(name)?;
         let ticket = {
             let _meta = self.meta.lock().await;
@@ -580,6 +621,29 @@ impl Broker {
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Published>, BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            if messages.is_empty() {
+                return Err(BrokerError::InvalidArgument(
+                    "no messages to publish".into(),
+                ));
+            }
+            let op = replicate::Op::Publish {
+                queue: queue.to_string(),
+                messages: messages.into_iter().map(Into::into).collect(),
+                now_ms: self.config.clock.now_ms(),
+            };
+            return replicator.submit(op).await?.published();
+        }
+        self.publish_local(queue, messages, None).await
+    }
+
+    /// Appends on this node; `now_ms` (a replicated publish's stamp) or the clock's now.
+    async fn publish_local(
+        &self,
+        queue: &str,
+        messages: Vec<NewMessage>,
+        now_ms: Option<i64>,
+    ) -> Result<Vec<Published>, BrokerError> {
         if messages.is_empty() {
             return Err(BrokerError::InvalidArgument(
                 "no messages to publish".into(),
@@ -590,7 +654,7 @@ impl Broker {
             message::check_new_message(m, index, q.settings.max_message_bytes)?;
         }
         let started = Instant::now();
-        let result = q.publish(messages).await;
+        let result = q.publish_at(messages, now_ms).await;
         q.publish_metrics()
             .latency
             .record(started.elapsed().as_secs_f64());
@@ -608,6 +672,28 @@ impl Broker {
         visibility: Option<Duration>,
     ) -> Result<Vec<Delivery>, BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Receive {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                max,
+                wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                visibility_ms: visibility.map(|v| u64::try_from(v.as_millis()).unwrap_or(u64::MAX)),
+            };
+            return replicator.submit(op).await?.delivered();
+        }
+        self.receive_local(queue, group, max, wait, visibility)
+            .await
+    }
+
+    async fn receive_local(
+        &self,
+        queue: &str,
+        group: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Option<Duration>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
         if !(1..=MAX_RECEIVE).contains(&max) {
             return Err(BrokerError::InvalidArgument(format!(
                 "max must be 1..={MAX_RECEIVE}"
@@ -669,6 +755,13 @@ impl Broker {
     /// Acknowledges a message for a group; repeating an ack is harmless.
     pub async fn ack(&self, queue: &str, group: &str, id: MessageId) -> Result<(), BrokerError> {
         self.check_running()?;
+        if self.replicator().is_some() {
+            return self
+                .ack_many(queue, group, &[id])
+                .await?
+                .pop()
+                .unwrap_or(Ok(()));
+        }
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         q.ack(&g, id).await
@@ -683,8 +776,32 @@ impl Broker {
         ids: &[MessageId],
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Ack {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                ids: ids.iter().map(|id| (id.partition, id.offset)).collect(),
+            };
+            return replicator.submit(op).await?.acked();
+        }
+        self.ack_many_local(queue, group, ids, false).await
+    }
+
+    /// Acks on this node; a replica applying a replicated ack creates the group (it never
+    /// leased from it).
+    async fn ack_many_local(
+        &self,
+        queue: &str,
+        group: &str,
+        ids: &[MessageId],
+        create_group: bool,
+    ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         let q = self.queue(queue)?;
-        let g = Self::existing_group(&q, group)?;
+        let g = if create_group {
+            q.group_or_create(group)?
+        } else {
+            Self::existing_group(&q, group)?
+        };
         Ok(q.ack_many(&g, ids).await)
     }
 
@@ -697,6 +814,26 @@ impl Broker {
         delay: Option<Duration>,
     ) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Nack {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                partition: id.partition,
+                offset: id.offset,
+                delay_ms: delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            };
+            return replicator.submit(op).await?.done();
+        }
+        self.nack_local(queue, group, id, delay).await
+    }
+
+    async fn nack_local(
+        &self,
+        queue: &str,
+        group: &str,
+        id: MessageId,
+        delay: Option<Duration>,
+    ) -> Result<(), BrokerError> {
         if let Some(delay) = delay {
             check_lease_duration("delay", delay)?;
         }
@@ -717,6 +854,26 @@ impl Broker {
         visibility: Duration,
     ) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Extend {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                partition: id.partition,
+                offset: id.offset,
+                visibility_ms: u64::try_from(visibility.as_millis()).unwrap_or(u64::MAX),
+            };
+            return replicator.submit(op).await?.done();
+        }
+        self.extend_local(queue, group, id, visibility).await
+    }
+
+    async fn extend_local(
+        &self,
+        queue: &str,
+        group: &str,
+        id: MessageId,
+        visibility: Duration,
+    ) -> Result<(), BrokerError> {
         check_lease_duration("visibility", visibility)?;
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
@@ -738,7 +895,19 @@ impl Broker {
         let outcome = self.append_dead_letter(&q, &job).await;
         match outcome {
             Ok(()) => {
-                if let Err(error) = q.complete_dead_letter(&g, job.id).await {
+                let done = match self.replicator() {
+                    Some(replicator) => replicator
+                        .submit(replicate::Op::DeadLetterDone {
+                            queue: job.queue.clone(),
+                            group: job.group.clone(),
+                            partition: job.id.partition,
+                            offset: job.id.offset,
+                        })
+                        .await
+                        .and_then(replicate::OpResult::done),
+                    None => q.complete_dead_letter(&g, job.id).await,
+                };
+                if let Err(error) = done {
                     tracing::error!(%error, queue = %job.queue, id = %job.id, "recording a dead letter failed");
                 }
             }
@@ -747,6 +916,18 @@ impl Broker {
                 q.abort_dead_letter(&g, job.id);
             }
         }
+    }
+
+    /// Records on this node that a dead letter reached its dead-letter queue.
+    async fn dead_letter_done_local(
+        &self,
+        queue: &str,
+        group: &str,
+        id: MessageId,
+    ) -> Result<(), BrokerError> {
+        let q = self.queue(queue)?;
+        let g = q.group_or_create(group)?;
+        q.complete_dead_letter(&g, id).await
     }
 
     async fn append_dead_letter(&self, q: &Queue, job: &DeadLetterJob) -> Result<(), BrokerError> {
@@ -776,6 +957,23 @@ impl Broker {
             dead.headers.insert(name.to_string(), value);
         }
         let dlq_name = q.settings.dead_letter_name(&q.name);
+        if self.replicator().is_some() {
+            // Cluster: the dead-letter queue's own group stores it (created through the
+            // metadata group when missing).
+            if self.queue(&dlq_name).is_err() {
+                self.create_queue(&dlq_name, dead_letter_settings()).await?;
+            } else if self
+                .dead_letter_guard
+                .get()
+                .is_some_and(|allowed| !allowed(&q.name, &dlq_name))
+            {
+                return Err(BrokerError::LimitReached(format!(
+                    "dead letters of `{}` may not go to `{dlq_name}`",
+                    q.name
+                )));
+            }
+            return self.publish(&dlq_name, vec![dead]).await.map(|_| ());
+        }
         let dlq = match self.queue(&dlq_name) {
             Ok(_)
                 if self
@@ -812,6 +1010,11 @@ impl Broker {
     /// moved.
     pub async fn redrive(&self, queue: &str, max: Option<usize>) -> Result<usize, BrokerError> {
         self.check_running()?;
+        if self.replicator().is_some() {
+            return Err(BrokerError::InvalidArgument(
+                "redrive is not available in cluster mode yet".into(),
+            ));
+        }
         let q = self.queue(queue)?;
         let dlq_name = q.settings.dead_letter_name(queue);
         if dlq_name == queue {
@@ -956,6 +1159,24 @@ impl Broker {
         target: SeekTarget,
     ) -> Result<GroupInfo, BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Seek {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                target: target.into(),
+            };
+            replicator.submit(op).await?.done()?;
+            return self.group_info(queue, group);
+        }
+        self.seek_local(queue, group, target).await
+    }
+
+    async fn seek_local(
+        &self,
+        queue: &str,
+        group: &str,
+        target: SeekTarget,
+    ) -> Result<GroupInfo, BrokerError> {
         let q = self.queue(queue)?;
         let g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
         let mut targets = Vec::new();
@@ -988,6 +1209,26 @@ impl Broker {
         kind: ExchangeKind,
     ) -> Result<bool, BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::CreateExchange {
+                name: name.to_string(),
+                kind,
+            };
+            return match replicator.submit(op).await? {
+                replicate::OpResult::ExchangeCreated(created) => Ok(created),
+                other => Err(BrokerError::InvalidArgument(format!(
+                    "unexpected answer from the cluster: {other:?}"
+                ))),
+            };
+        }
+        self.create_exchange_local(name, kind).await
+    }
+
+    async fn create_exchange_local(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+    ) -> Result<bool, BrokerError> {
         check_name(name)?;
         let _meta = self.meta.lock().await;
         if let Some(existing) = self.registry.read().exchanges.get(name) {
@@ -1008,6 +1249,16 @@ impl Broker {
     /// Deletes an exchange and its bindings (the queues stay).
     pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::DeleteExchange {
+                name: name.to_string(),
+            };
+            return replicator.submit(op).await?.done();
+        }
+        self.delete_exchange_local(name).await
+    }
+
+    async fn delete_exchange_local(&self, name: &str) -> Result<(), BrokerError> {
         let _meta = self.meta.lock().await;
         self.exchange_kind(name)?;
         self.commit(MetaCommand::DeleteExchange {
@@ -1048,6 +1299,17 @@ impl Broker {
     /// Binds a queue to an exchange (idempotent).
     pub async fn bind(&self, exchange: &str, binding: Binding) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Bind {
+                exchange: exchange.to_string(),
+                binding,
+            };
+            return replicator.submit(op).await?.done();
+        }
+        self.bind_local(exchange, binding).await
+    }
+
+    async fn bind_local(&self, exchange: &str, binding: Binding) -> Result<(), BrokerError> {
         let _meta = self.meta.lock().await;
         let kind = self.exchange_kind(exchange)?;
         crate::route::validate_binding(kind, &binding)?;
@@ -1062,6 +1324,17 @@ impl Broker {
     /// Removes a binding.
     pub async fn unbind(&self, exchange: &str, binding: Binding) -> Result<(), BrokerError> {
         self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Unbind {
+                exchange: exchange.to_string(),
+                binding,
+            };
+            return replicator.submit(op).await?.done();
+        }
+        self.unbind_local(exchange, binding).await
+    }
+
+    async fn unbind_local(&self, exchange: &str, binding: Binding) -> Result<(), BrokerError> {
         let _meta = self.meta.lock().await;
         self.exchange_kind(exchange)?;
         self.commit(MetaCommand::Unbind {
@@ -1115,7 +1388,12 @@ impl Broker {
         }
         let mut routed = Vec::new();
         for q in queues {
-            if let Some(published) = q.publish(vec![message.clone()]).await?.first() {
+            let published = if self.replicator().is_some() {
+                self.publish(&q.name, vec![message.clone()]).await?
+            } else {
+                q.publish(vec![message.clone()]).await?
+            };
+            if let Some(published) = published.first() {
                 routed.push(Routed {
                     queue: q.name.clone(),
                     id: published.id,

@@ -465,6 +465,17 @@ impl Queue {
     /// Appends messages: one batch per partition; a repeated idempotency key within the
     /// dedup window returns the first message's id and stores nothing.
     pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<Published>, BrokerError> {
+        self.publish_at(messages, None).await
+    }
+
+    /// [`Self::publish`] stamped with `now_ms` when given (a replicated publish carries the
+    /// proposer's clock so that every replica stores the same timestamps and makes the same
+    /// dedup decisions), else with the clock's now.
+    pub async fn publish_at(
+        &self,
+        messages: Vec<NewMessage>,
+        now_ms: Option<i64>,
+    ) -> Result<Vec<Published>, BrokerError> {
         if self.is_deleted() {
             return Err(BrokerError::QueueNotFound(self.name.clone()));
         }
@@ -477,7 +488,7 @@ impl Queue {
                 });
             }
         }
-        let now = self.clock.now_ms();
+        let now = now_ms.unwrap_or_else(|| self.clock.now_ms());
         let window_ms = self.settings.dedup_window as i64 * 1000;
         let mut dedup = if messages.iter().any(|m| m.idempotency_key.is_some()) {
             Some(self.dedup.lock().await)

@@ -367,6 +367,18 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    /// The queue's (or the metadata's) replication group has no leader now (cluster
+    /// mode): try again shortly.
+    #[error("no leader: {0}")]
+    NoLeader(String),
+    /// An error another cluster node answered with, by its API code.
+    #[error("{message}")]
+    Remote {
+        /// The API error code.
+        code: String,
+        /// The human message.
+        message: String,
+    },
     /// Stored metadata is damaged.
     #[error("corrupt state in {path}: {reason}")]
     Corrupt {

@@ -98,7 +98,7 @@ fn broker_error(error: &BrokerError) -> ResponseError {
         BrokerError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
         BrokerError::LimitReached(_) => ResponseError::PolicyViolation,
         // Clients refresh their metadata and retry on this one.
-        BrokerError::ShuttingDown => ResponseError::NotLeaderOrFollower,
+        BrokerError::ShuttingDown | BrokerError::NoLeader(_) => ResponseError::NotLeaderOrFollower,
         BrokerError::QueueDamaged { .. }
         | BrokerError::Log(_)
         | BrokerError::Journal(_)
@@ -106,7 +106,8 @@ fn broker_error(error: &BrokerError) -> ResponseError {
         | BrokerError::Corrupt { .. } => ResponseError::KafkaStorageError,
         BrokerError::ExchangeNotFound(_)
         | BrokerError::MessageNotFound(_)
-        | BrokerError::NotLeased(_) => ResponseError::UnknownServerError,
+        | BrokerError::NotLeased(_)
+        | BrokerError::Remote { .. } => ResponseError::UnknownServerError,
     }
 }
 

@@ -1,0 +1,250 @@
+//! The Raft groups this node takes part in: the metadata group (id 0, every voter) and one
+//! group per queue on its replicas, opened when the metadata group applies the queue's
+//! creation and closed when it applies its deletion. A queue's group id is derived from the
+//! metadata log index that created it (`2 × index`, `2 × index + 1` for the dead-letter
+//! queue made with it), so every node names it alike and a re-created queue never meets
+//! the old group's messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::{BasicNode, Config, SnapshotPolicy};
+use parking_lot::RwLock;
+
+use super::ClusterError;
+use super::log_store::LogStore;
+use super::network::{Network, Peers};
+use super::placement;
+use super::state_machine::{MetaHooks, Role, StateMachine};
+use super::types::{NodeAddrs, Raft};
+use crate::broker::Broker;
+
+/// The metadata group's id.
+pub const META_GROUP: u64 = 0;
+/// Replicas of a queue (at most the number of voters).
+pub const REPLICAS: usize = 3;
+/// How long a replica other than the preferred leader waits before it initializes an
+/// empty group itself.
+const INIT_FALLBACK: std::time::Duration = std::time::Duration::from_secs(2);
+/// Heartbeat interval (ms).
+const HEARTBEAT_MS: u64 = 150;
+
+/// A queue's group as this node knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueGroup {
+    /// Group id.
+    pub id: u64,
+    /// Replicas, preferred leader first.
+    pub replicas: Vec<u64>,
+}
+
+/// The groups of this node.
+pub struct Groups {
+    /// This node.
+    pub node_id: u64,
+    /// Every voter's id and cluster address.
+    pub voters: BTreeMap<u64, String>,
+    raft_dir: PathBuf,
+    sync: bool,
+    /// The other nodes.
+    pub peers: Arc<Peers>,
+    broker: Arc<Broker>,
+    rafts: RwLock<HashMap<u64, Raft>>,
+    queues: RwLock<BTreeMap<String, QueueGroup>>,
+    nodes: RwLock<BTreeMap<u64, NodeAddrs>>,
+}
+
+/// openraft settings of a group: the preferred leader times out first, so that leaders
+/// spread as placement says; nothing is ever snapshotted or purged (see `mod.rs`).
+fn raft_config(group: u64, preferred: bool) -> Result<Config, ClusterError> {
+    let (min, max) = if preferred { (450, 650) } else { (750, 1050) };
+    Config {
+        cluster_name: format!("qit-{group}"),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: min,
+        election_timeout_max: max,
+        snapshot_policy: SnapshotPolicy::Never,
+        ..Config::default()
+    }
+    .validate()
+    .map_err(|e| ClusterError::Config(e.to_string()))
+}
+
+impl Groups {
+    /// Groups of `node_id`, logs under `raft_dir`.
+    pub fn new(
+        node_id: u64,
+        voters: BTreeMap<u64, String>,
+        raft_dir: PathBuf,
+        sync: bool,
+        peers: Arc<Peers>,
+        broker: Arc<Broker>,
+    ) -> Self {
+        Self {
+            node_id,
+            voters,
+            raft_dir,
+            sync,
+            peers,
+            broker,
+            rafts: RwLock::new(HashMap::new()),
+            queues: RwLock::new(BTreeMap::new()),
+            nodes: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    fn voter_ids(&self) -> Vec<u64> {
+        self.voters.keys().copied().collect()
+    }
+
+    /// Opens group `id` on `members` (preferred leader first) and initializes it if it is
+    /// new; registers it for incoming RPCs.
+    pub async fn open_group(
+        &self,
+        id: u64,
+        members: &[u64],
+        role: Role,
+    ) -> Result<Raft, ClusterError> {
+        let preferred = members.first() == Some(&self.node_id);
+        let config = Arc::new(raft_config(id, preferred)?);
+        let dir = self.raft_dir.join(id.to_string());
+        let log = LogStore::open(&dir, self.sync).map_err(|source| ClusterError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let machine = StateMachine::new(role, Some(Arc::clone(&self.broker)));
+        let network = Network {
+            group: id,
+            peers: Arc::clone(&self.peers),
+        };
+        let raft = Raft::new(self.node_id, config, network, log, machine)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        self.rafts.write().insert(id, raft.clone());
+        let nodes: BTreeMap<u64, BasicNode> = members
+            .iter()
+            .filter_map(|m| self.voters.get(m).map(|addr| (*m, BasicNode::new(addr))))
+            .collect();
+        // Every replica initializes with the same membership (harmless where the group
+        // exists already: openraft answers "not allowed"). The preferred leader does so at
+        // once and so is elected first, which spreads leaders as placement says; the others
+        // only if the group is still empty a moment later (the preferred one is down).
+        if preferred {
+            if let Err(error) = raft.initialize(nodes).await {
+                tracing::debug!(group = id, %error, "group already initialized");
+            }
+        } else {
+            let later = raft.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(INIT_FALLBACK).await;
+                let empty = {
+                    let m = later.metrics();
+                    let m = m.borrow();
+                    m.current_leader.is_none() && m.last_log_index.is_none()
+                };
+                if empty && let Err(error) = later.initialize(nodes).await {
+                    tracing::debug!(group = id, %error, "group already initialized");
+                }
+            });
+        }
+        Ok(raft)
+    }
+
+    /// Opens the group of a queue just created (when this node is one of its replicas).
+    async fn open_queue_inner(&self, name: &str, id: u64) {
+        let replicas = placement::replicas(name, &self.voter_ids(), REPLICAS);
+        self.queues.write().insert(
+            name.to_string(),
+            QueueGroup {
+                id,
+                replicas: replicas.clone(),
+            },
+        );
+        if !replicas.contains(&self.node_id) {
+            return;
+        }
+        if let Err(error) = self.open_group(id, &replicas, Role::Queue).await {
+            tracing::error!(queue = name, group = id, %error, "cannot open the queue's raft group");
+        }
+    }
+
+    /// Stops and removes the group of a queue being deleted.
+    async fn close_queue_inner(&self, name: &str) {
+        let Some(group) = self.queues.write().remove(name) else {
+            return;
+        };
+        let raft = self.rafts.write().remove(&group.id);
+        if let Some(raft) = raft
+            && let Err(error) = raft.shutdown().await
+        {
+            tracing::warn!(queue = name, %error, "stopping the queue's raft group failed");
+        }
+        let dir = self.raft_dir.join(group.id.to_string());
+        if let Err(error) = std::fs::remove_dir_all(&dir)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %dir.display(), %error, "removing a queue's raft log failed");
+        }
+    }
+
+    /// A group by id.
+    pub fn raft(&self, id: u64) -> Option<Raft> {
+        self.rafts.read().get(&id).cloned()
+    }
+
+    /// Every open group.
+    pub fn rafts(&self) -> Vec<(u64, Raft)> {
+        let mut all: Vec<(u64, Raft)> = self
+            .rafts
+            .read()
+            .iter()
+            .map(|(id, r)| (*id, r.clone()))
+            .collect();
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+
+    /// A queue's group.
+    pub fn queue_group(&self, name: &str) -> Option<QueueGroup> {
+        self.queues.read().get(name).cloned()
+    }
+
+    /// Every queue's group.
+    pub fn queue_groups(&self) -> Vec<(String, QueueGroup)> {
+        self.queues
+            .read()
+            .iter()
+            .map(|(n, g)| (n.clone(), g.clone()))
+            .collect()
+    }
+
+    /// A node's addresses, if it announced them.
+    pub fn node(&self, id: u64) -> Option<NodeAddrs> {
+        self.nodes.read().get(&id).cloned()
+    }
+
+    /// Stops every group.
+    pub async fn shutdown(&self) {
+        let all: Vec<Raft> = self.rafts.write().drain().map(|(_, r)| r).collect();
+        for raft in all {
+            let _ = raft.shutdown().await;
+        }
+    }
+}
+
+impl MetaHooks for Groups {
+    fn set_node(&self, addrs: NodeAddrs) {
+        self.nodes.write().insert(addrs.id, addrs);
+    }
+
+    /// Boxed: the metadata group's state machine calls it while applying, and opening a
+    /// group names the state machine type again (an unboxed future would be a type cycle).
+    fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(self.open_queue_inner(name, id))
+    }
+
+    fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(self.close_queue_inner(name))
+    }
+}

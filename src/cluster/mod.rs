@@ -1,0 +1,451 @@
+//! The cluster: several `qit` nodes serving one broker, replicated with openraft.
+//!
+//! - [`types`]: the openraft type configuration, the entry payload, the codec.
+//! - [`log_store`]: a group's Raft log on disk (`RaftLogStorage`).
+//! - [`state_machine`]: applying committed entries through the broker's one apply path.
+//! - [`groups`]: the metadata group and one group per queue, opened and closed as queues
+//!   come and go.
+//! - [`placement`]: rendezvous hashing of queues over node ids.
+//! - [`network`] and [`service`]: the internal tonic service on `--cluster`, signed with
+//!   the cluster secret ([`auth`]).
+//! - [`view`]: `GET /cluster`, health and metrics.
+//!
+//! How a request runs: the broker hands every state change to [`Cluster`] as an
+//! [`Op`](crate::broker::replicate::Op) (it is the broker's
+//! [`Replicator`](crate::broker::replicate::Replicator)). Replicated ops (publish, ack,
+//! seek, dead-letter completion, metadata) are proposed to the group's leader and answered
+//! once a majority has them and this node has applied them; lease ops (receive, nack,
+//! extend) run on the leader of the queue's group, where the leases live. A node that
+//! does not lead forwards over the internal service, so every node serves every route, over
+//! HTTP and gRPC alike. Reads (`GET /queues/{q}`, `/log`, `Subscribe`) are local: every
+//! replica holds exactly the committed entries.
+//!
+//! Storage, first version: each group has its own Raft log next to the broker's data, and
+//! the broker's data directory of a cluster node is the state the logs rebuild: it is
+//! cleared at start and the committed logs are replayed into it. Logs are never purged (no
+//! snapshots carry data yet), so a lagging or wiped node catches up from the leaders' logs.
+//! Messages are thus written twice (Raft log and segment log) and a restart replays
+//! everything: the segment log as the Raft log (format v2) is the next step.
+
+pub mod auth;
+pub mod groups;
+pub mod log_store;
+pub mod network;
+pub mod placement;
+pub mod service;
+pub mod state_machine;
+pub mod types;
+pub mod view;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+
+use crate::broker::replicate::{Op, OpResult, Replicator, Scope, WireError};
+use crate::broker::{Broker, BrokerError};
+use groups::{Groups, META_GROUP};
+use network::Peers;
+use state_machine::Role;
+use types::{Command, NodeAddrs, Raft, decode, encode};
+
+/// How many times an op may be forwarded before it is answered "no leader".
+const MAX_HOPS: u32 = 2;
+/// How long a request waits for a group without a leader to elect one.
+const LEADER_WAIT: Duration = Duration::from_secs(2);
+/// How long a leader waits for a majority to commit an entry before answering "no leader".
+const COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// How long a node waits to apply an op committed through another node.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// Errors of starting the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A setting is unusable.
+    #[error("cluster settings: {0}")]
+    Config(String),
+    /// A Raft log or directory could not be used.
+    #[error("cluster storage {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// openraft refused to start a group.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// What a cluster node needs.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's id.
+    pub node_id: u64,
+    /// Every voter's id and cluster address (this node's included).
+    pub peers: BTreeMap<u64, String>,
+    /// The shared secret.
+    pub secret: auth::Secret,
+    /// This node's data directory (Raft logs go to `raft/`).
+    pub data_dir: PathBuf,
+    /// Sync Raft log appends before acknowledging them (`--fsync always`).
+    pub sync: bool,
+    /// This node's bound cluster, HTTP and gRPC addresses (announced to the others).
+    pub cluster_addr: SocketAddr,
+    /// HTTP address.
+    pub http_addr: SocketAddr,
+    /// gRPC address.
+    pub grpc_addr: SocketAddr,
+}
+
+/// The broker data directory of a cluster node, cleared: the committed Raft logs rebuild
+/// it at start (see the module docs).
+pub fn fresh_state_dir(data_dir: &Path) -> Result<PathBuf, ClusterError> {
+    let state = data_dir.join("state");
+    match std::fs::remove_dir_all(&state) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ClusterError::Io {
+                path: state,
+                source,
+            });
+        }
+    }
+    std::fs::create_dir_all(&state).map_err(|source| ClusterError::Io {
+        path: state.clone(),
+        source,
+    })?;
+    Ok(state)
+}
+
+/// What a node answers to a forwarded op: the outcome and, for a replicated op, the
+/// group and log index it was committed at (so the caller can wait to apply it too).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardReply {
+    /// The outcome.
+    pub result: Result<OpResult, WireError>,
+    /// `(group, index)` of the committed entry.
+    pub applied: Option<(u64, u64)>,
+}
+
+/// A running cluster node.
+pub struct Cluster {
+    groups: Arc<Groups>,
+    meta: Raft,
+    broker: Arc<Broker>,
+    config: ClusterConfig,
+}
+
+fn no_leader(what: impl std::fmt::Display) -> BrokerError {
+    BrokerError::NoLeader(what.to_string())
+}
+
+impl Cluster {
+    /// Opens this node's groups (the metadata group now; queue groups as its log replays)
+    /// over `broker`, whose data directory must be the fresh one from [`fresh_state_dir`].
+    pub async fn start(
+        config: ClusterConfig,
+        broker: Arc<Broker>,
+    ) -> Result<Arc<Self>, ClusterError> {
+        if !config.peers.contains_key(&config.node_id) {
+            return Err(ClusterError::Config(format!(
+                "node {} is not in --peers",
+                config.node_id
+            )));
+        }
+        let peers = Arc::new(Peers::new(
+            config.node_id,
+            &config.peers,
+            config.secret.clone(),
+        )?);
+        let groups = Arc::new(Groups::new(
+            config.node_id,
+            config.peers.clone(),
+            config.data_dir.join("raft"),
+            config.sync,
+            peers,
+            Arc::clone(&broker),
+        ));
+        let voters: Vec<u64> = config.peers.keys().copied().collect();
+        let members = placement::replicas("", &voters, voters.len());
+        let meta = groups
+            .open_group(META_GROUP, &members, Role::Meta(Arc::clone(&groups) as _))
+            .await?;
+        Ok(Arc::new(Self {
+            groups,
+            meta,
+            broker,
+            config,
+        }))
+    }
+
+    /// The peers.
+    pub fn peers(&self) -> &Peers {
+        &self.groups.peers
+    }
+
+    /// The groups.
+    pub fn groups(&self) -> &Groups {
+        &self.groups
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// The metadata group.
+    pub fn meta(&self) -> &Raft {
+        &self.meta
+    }
+
+    /// Announces this node's addresses through the metadata group until it sticks (run in
+    /// the background).
+    pub async fn announce(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let addrs = NodeAddrs {
+            id: self.config.node_id,
+            cluster: self.config.cluster_addr.to_string(),
+            http: self.config.http_addr.to_string(),
+            grpc: self.config.grpc_addr.to_string(),
+        };
+        loop {
+            if self.groups.node(addrs.id).as_ref() == Some(&addrs) {
+                return;
+            }
+            let reply = self.execute(Command::Node(addrs.clone()), 0).await;
+            if reply.result.is_ok() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// The group a command runs in (`None`: a queue this node does not know).
+    fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
+        match command {
+            Command::Node(_) => Some((META_GROUP, false)),
+            Command::Broker(op) => match op.scope() {
+                Scope::Meta => Some((META_GROUP, false)),
+                Scope::Queue(q) => self.groups.queue_group(q).map(|g| (g.id, false)),
+                Scope::Leases(q) => self.groups.queue_group(q).map(|g| (g.id, true)),
+            },
+        }
+    }
+
+    /// Runs a command here (leading its group) or forwards it to the node that leads it.
+    pub async fn execute(&self, command: Command, hops: u32) -> ForwardReply {
+        match self.execute_inner(command, hops).await {
+            Ok((result, applied)) => ForwardReply {
+                result: Ok(result),
+                applied,
+            },
+            Err(error) => ForwardReply {
+                result: Err(WireError::from(&error)),
+                applied: None,
+            },
+        }
+    }
+
+    async fn execute_inner(
+        &self,
+        command: Command,
+        hops: u32,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let Some((group, leases)) = self.group_of(&command) else {
+            // A queue created a moment ago may not have reached this node's metadata yet:
+            // the metadata leader knows every committed queue.
+            let leader = self.meta.metrics().borrow().current_leader;
+            return match (leader, &command) {
+                (Some(leader), _) if leader != self.node_id() && hops < MAX_HOPS => {
+                    self.forward(leader, command, hops).await
+                }
+                (_, Command::Broker(op)) => Err(BrokerError::QueueNotFound(match op.scope() {
+                    Scope::Queue(q) | Scope::Leases(q) => q.to_string(),
+                    Scope::Meta => String::new(),
+                })),
+                (_, Command::Node(_)) => Err(no_leader("metadata")),
+            };
+        };
+        let Some(raft) = self.groups.raft(group) else {
+            // Not a replica of this queue: one of its replicas leads or forwards.
+            let replica = match &command {
+                Command::Broker(op) => match op.scope() {
+                    Scope::Queue(q) | Scope::Leases(q) => self
+                        .groups
+                        .queue_group(q)
+                        .and_then(|g| g.replicas.first().copied()),
+                    Scope::Meta => None,
+                },
+                Command::Node(_) => None,
+            };
+            return match replica {
+                Some(node) if hops < MAX_HOPS => self.forward(node, command, hops).await,
+                _ => Err(no_leader(format!(
+                    "group {group} is not reachable from here"
+                ))),
+            };
+        };
+        let leader = self.leader_of(&raft).await;
+        match leader {
+            Some(leader) if leader == self.node_id() => {
+                if leases {
+                    self.run_leases(&raft, command).await
+                } else {
+                    self.propose(&raft, group, command).await
+                }
+            }
+            Some(leader) if hops < MAX_HOPS => self.forward(leader, command, hops).await,
+            Some(leader) => Err(no_leader(format!(
+                "group {group}: leader {leader} is more than {MAX_HOPS} hops away"
+            ))),
+            None => Err(no_leader(format!("group {group} has no leader"))),
+        }
+    }
+
+    /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
+    async fn leader_of(&self, raft: &Raft) -> Option<u64> {
+        if let Some(leader) = raft.metrics().borrow().current_leader {
+            return Some(leader);
+        }
+        raft.wait(Some(LEADER_WAIT))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+
+    /// Confirms with a quorum that this node leads `raft` and waits until it applied every
+    /// entry committed before (openraft's read index); the term it leads in.
+    ///
+    /// The metrics alone do not do: a restarted node reports the leadership its saved vote
+    /// names until it hears of a newer term, and would serve leases from a state that lacks
+    /// the acks committed since (the leader-kill test delivered acked messages that way).
+    async fn confirm_leader(&self, raft: &Raft) -> Result<u64, BrokerError> {
+        match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(raft.metrics().borrow().current_term),
+            Ok(Err(error)) => Err(no_leader(format!("not the leader: {error}"))),
+            Err(_) => Err(no_leader("leadership not confirmed in time")),
+        }
+    }
+
+    /// Runs a lease op here, the leader, once a quorum confirmed the leadership and every
+    /// entry committed before is applied (else a new leader could deliver a message acked
+    /// under the old one). A receive is confirmed again after it leased: if the term moved
+    /// on meanwhile, another leader may have taken acks this node never saw, so the
+    /// deliveries are withheld (their leases here lapse) and the client asks again.
+    async fn run_leases(
+        &self,
+        raft: &Raft,
+        command: Command,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let Command::Broker(op) = command else {
+            return Err(no_leader("not a lease op"));
+        };
+        let term = self.confirm_leader(raft).await?;
+        let receive = matches!(op, Op::Receive { .. });
+        let result = self.broker.apply_op(op).await?;
+        if receive && matches!(&result, OpResult::Delivered(list) if !list.is_empty()) {
+            let now = self.confirm_leader(raft).await?;
+            if now != term {
+                return Err(no_leader(format!(
+                    "leadership changed while leasing (term {term} -> {now})"
+                )));
+            }
+        }
+        Ok((result, None))
+    }
+
+    async fn propose(
+        &self,
+        raft: &Raft,
+        group: u64,
+        command: Command,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(command.clone())).await;
+        let Ok(written) = written else {
+            // A leader cut off from its majority cannot commit; the entry may still commit
+            // later (a retry can then store it twice: at least once, like a lost answer).
+            return Err(no_leader(format!(
+                "group {group}: not committed within {COMMIT_WAIT:?} (no quorum?)"
+            )));
+        };
+        match written {
+            Ok(response) => {
+                let result = response.data.0.map_err(BrokerError::from)?;
+                Ok((result, Some((group, response.log_id.index))))
+            }
+            // Not forwarded again: a leader deposed after appending the entry answers so too,
+            // and the entry may still commit under the next leader; proposing it again would
+            // store it twice. The client retries on 503, as after any lost answer.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => Err(no_leader(
+                format!("group {group} changed leader (now {:?})", to.leader_id),
+            )),
+            Err(error) => Err(no_leader(format!("group {group}: {error}"))),
+        }
+    }
+
+    async fn forward(
+        &self,
+        target: u64,
+        command: Command,
+        hops: u32,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let body = encode(&command)
+            .map_err(|e| BrokerError::InvalidArgument(format!("cannot encode op: {e}")))?;
+        let reply = self
+            .peers()
+            .forward(target, hops + 1, body)
+            .await
+            .map_err(|status| no_leader(format!("node {target}: {}", status.message())))?;
+        let reply: ForwardReply = decode(&reply)
+            .map_err(|e| no_leader(format!("node {target} answered garbage: {e}")))?;
+        match reply.result {
+            Ok(result) => Ok((result, reply.applied)),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Waits until this node applied `index` of `group` (bounded; the op is committed
+    /// either way, this only gives read-your-writes on the node that answered).
+    async fn wait_applied(&self, group: u64, index: u64) {
+        if let Some(raft) = self.groups.raft(group) {
+            let _ = raft
+                .wait(Some(APPLY_WAIT))
+                .applied_index_at_least(Some(index), "the forwarded op")
+                .await;
+        }
+    }
+
+    /// Stops every group.
+    pub async fn shutdown(&self) {
+        self.groups.shutdown().await;
+    }
+}
+
+impl Replicator for Cluster {
+    fn submit(&self, op: Op) -> BoxFuture<'_, Result<OpResult, BrokerError>> {
+        Box::pin(async move {
+            let reply = self.execute(Command::Broker(op), 0).await;
+            let result = reply.result.map_err(BrokerError::from)?;
+            if let Some((group, index)) = reply.applied {
+                self.wait_applied(group, index).await;
+            }
+            Ok(result)
+        })
+    }
+}

@@ -1,0 +1,278 @@
+//! Talking to the other nodes: one lazily connected HTTP/2 channel per peer, shared by
+//! every Raft group and by forwarded ops (so the heartbeats of many groups to one node ride
+//! one connection), each call signed with the cluster secret; and openraft's
+//! [`RaftNetworkFactory`] over it, one per group.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use super::ClusterError;
+use super::auth::{MAC_KEY, Secret, TS_KEY, now_ms};
+use super::types::{TypeConfig, decode, encode};
+use crate::proto::cluster::cluster_client::ClusterClient;
+use crate::proto::cluster::{ForwardRequest, RaftRequest};
+
+/// Kind of a Raft RPC: vote.
+pub const KIND_VOTE: u32 = 1;
+/// Kind of a Raft RPC: append entries.
+pub const KIND_APPEND: u32 = 2;
+/// Kind of a Raft RPC: install snapshot.
+pub const KIND_SNAPSHOT: u32 = 3;
+/// Metadata key naming the calling node.
+pub const NODE_KEY: &str = "x-qit-node";
+/// Largest message on the internal service.
+pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+/// A peer heard from within this many ms counts as up.
+pub const UP_WITHIN_MS: i64 = 3_000;
+
+/// The scope a call's proof covers: method, group and calling node.
+pub fn scope(method: &str, group: u64, from: u64) -> Vec<u8> {
+    format!("{method}/{group}/{from}").into_bytes()
+}
+
+struct Peer {
+    addr: String,
+    client: ClusterClient<Channel>,
+    /// When this node last heard from the peer (ms), 0 never.
+    seen: AtomicI64,
+}
+
+/// The other nodes of the cluster.
+pub struct Peers {
+    node_id: u64,
+    secret: Secret,
+    peers: BTreeMap<u64, Peer>,
+}
+
+impl Peers {
+    /// Channels to every peer but `node_id` (connected on first use).
+    pub fn new(
+        node_id: u64,
+        addrs: &BTreeMap<u64, String>,
+        secret: Secret,
+    ) -> Result<Self, ClusterError> {
+        let mut peers = BTreeMap::new();
+        for (id, addr) in addrs {
+            if *id == node_id {
+                continue;
+            }
+            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| ClusterError::Config(format!("peer {id} address `{addr}`: {e}")))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5));
+            let client = ClusterClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
+            peers.insert(
+                *id,
+                Peer {
+                    addr: addr.clone(),
+                    client,
+                    seen: AtomicI64::new(0),
+                },
+            );
+        }
+        Ok(Self {
+            node_id,
+            secret,
+            peers,
+        })
+    }
+
+    /// The secret calls are checked against.
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// Notes that `node` was heard from.
+    pub fn saw(&self, node: u64) {
+        if let Some(peer) = self.peers.get(&node) {
+            peer.seen.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// True for this node, and for a peer heard from within [`UP_WITHIN_MS`].
+    pub fn is_up(&self, node: u64) -> bool {
+        node == self.node_id
+            || self
+                .peers
+                .get(&node)
+                .is_some_and(|p| now_ms() - p.seen.load(Ordering::Relaxed) <= UP_WITHIN_MS)
+    }
+
+    /// A peer's cluster address.
+    pub fn addr(&self, node: u64) -> Option<&str> {
+        self.peers.get(&node).map(|p| p.addr.as_str())
+    }
+
+    fn request<T>(&self, method: &str, group: u64, body: &[u8], message: T) -> tonic::Request<T> {
+        let ts = now_ms();
+        let proof = self
+            .secret
+            .sign(ts, &scope(method, group, self.node_id), body);
+        let mut request = tonic::Request::new(message);
+        let meta = request.metadata_mut();
+        if let (Ok(ts), Ok(proof), Ok(node)) = (
+            ts.to_string().parse(),
+            proof.parse(),
+            self.node_id.to_string().parse(),
+        ) {
+            meta.insert(TS_KEY, ts);
+            meta.insert(MAC_KEY, proof);
+            meta.insert(NODE_KEY, node);
+        }
+        request
+    }
+
+    fn peer(&self, target: u64) -> Result<&Peer, tonic::Status> {
+        self.peers
+            .get(&target)
+            .ok_or_else(|| tonic::Status::not_found(format!("node {target} is not a peer")))
+    }
+
+    /// Sends one Raft RPC body to `target`'s group `group`.
+    pub async fn raft(
+        &self,
+        target: u64,
+        group: u64,
+        kind: u32,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let peer = self.peer(target)?;
+        let mut request = self.request(
+            "raft",
+            group,
+            &body,
+            RaftRequest {
+                group,
+                kind,
+                body: body.clone().into(),
+            },
+        );
+        request.set_timeout(timeout);
+        let reply = peer.client.clone().raft(request).await?;
+        self.saw(target);
+        Ok(reply.into_inner().body.to_vec())
+    }
+
+    /// Forwards an encoded command to `target`.
+    pub async fn forward(
+        &self,
+        target: u64,
+        hops: u32,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let peer = self.peer(target)?;
+        let request = self.request(
+            "forward",
+            u64::from(hops),
+            &body,
+            ForwardRequest {
+                hops,
+                body: body.clone().into(),
+            },
+        );
+        let reply = peer.client.clone().forward(request).await?;
+        self.saw(target);
+        Ok(reply.into_inner().body.to_vec())
+    }
+}
+
+/// openraft's network for one group.
+#[derive(Clone)]
+pub struct Network {
+    /// The group.
+    pub group: u64,
+    /// The peers.
+    pub peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Self::Network {
+        Connection {
+            group: self.group,
+            target,
+            peers: Arc::clone(&self.peers),
+        }
+    }
+}
+
+/// openraft's connection to one peer for one group.
+pub struct Connection {
+    group: u64,
+    target: u64,
+    peers: Arc<Peers>,
+}
+
+impl Connection {
+    async fn call<Req, Resp, E>(
+        &self,
+        kind: u32,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let body = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = self
+            .peers
+            .raft(self.target, self.group, kind, body, option.hard_ttl())
+            .await
+            .map_err(|status| RPCError::Unreachable(Unreachable::new(&status)))?;
+        let result: Result<Resp, RaftError<u64, E>> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(KIND_APPEND, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.call(KIND_SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call(KIND_VOTE, &rpc, &option).await
+    }
+}

@@ -1,0 +1,101 @@
+//! The internal service on `--cluster`: openraft RPCs into this node's groups and ops that
+//! other nodes forward here. Every call must carry a valid proof of the cluster secret
+//! (see [`super::auth`]); nothing else is looked at before the proof checks out.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::Cluster;
+use super::auth::{MAC_KEY, TS_KEY, now_ms};
+use super::network::{KIND_APPEND, KIND_SNAPSHOT, KIND_VOTE, NODE_KEY, scope};
+use super::types::{Command, decode, encode};
+use crate::proto::cluster::cluster_server::{self, ClusterServer};
+use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply};
+
+/// The service.
+pub struct Service {
+    cluster: Arc<Cluster>,
+}
+
+impl Service {
+    /// The tonic server of the service.
+    pub fn server(cluster: Arc<Cluster>) -> ClusterServer<Service> {
+        ClusterServer::new(Service { cluster })
+            .max_decoding_message_size(super::network::MAX_MESSAGE)
+            .max_encoding_message_size(super::network::MAX_MESSAGE)
+    }
+
+    /// Checks the proof of a call; the calling node's id when it holds.
+    fn verify<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+        group: u64,
+        body: &[u8],
+    ) -> Result<u64, Status> {
+        let meta = request.metadata();
+        let get = |key: &str| meta.get(key).and_then(|v| v.to_str().ok());
+        let denied = || Status::unauthenticated("cluster call without a valid proof of the secret");
+        let ts: i64 = get(TS_KEY)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(denied)?;
+        let from: u64 = get(NODE_KEY)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(denied)?;
+        let proof = get(MAC_KEY).ok_or_else(denied)?;
+        if !self.cluster.peers().secret().verify(
+            now_ms(),
+            ts,
+            &scope(method, group, from),
+            body,
+            proof,
+        ) {
+            tracing::warn!(
+                from,
+                method,
+                "refused a cluster call: bad proof of the secret"
+            );
+            return Err(denied());
+        }
+        self.cluster.peers().saw(from);
+        Ok(from)
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("undecodable cluster call: {e}"))
+}
+
+fn reply<T: serde::Serialize>(value: &T) -> Result<Response<Reply>, Status> {
+    let body = encode(value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(Reply { body: body.into() }))
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for Service {
+    async fn raft(&self, request: Request<RaftRequest>) -> Result<Response<Reply>, Status> {
+        let group = request.get_ref().group;
+        let body = request.get_ref().body.clone();
+        self.verify(&request, "raft", group, &body)?;
+        let Some(raft) = self.cluster.groups().raft(group) else {
+            return Err(Status::not_found(format!(
+                "no raft group {group} here (yet)"
+            )));
+        };
+        match request.get_ref().kind {
+            KIND_VOTE => reply(&raft.vote(decode(&body).map_err(bad)?).await),
+            KIND_APPEND => reply(&raft.append_entries(decode(&body).map_err(bad)?).await),
+            KIND_SNAPSHOT => reply(&raft.install_snapshot(decode(&body).map_err(bad)?).await),
+            other => Err(bad(format!("unknown raft call kind {other}"))),
+        }
+    }
+
+    async fn forward(&self, request: Request<ForwardRequest>) -> Result<Response<Reply>, Status> {
+        let hops = request.get_ref().hops;
+        let body = request.get_ref().body.clone();
+        self.verify(&request, "forward", u64::from(hops), &body)?;
+        let command: Command = decode(&body).map_err(bad)?;
+        reply(&self.cluster.execute(command, hops).await)
+    }
+}

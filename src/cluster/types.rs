@@ -1,0 +1,73 @@
+//! The openraft type configuration of every qit Raft group, the entry payload
+//! ([`Command`]), what applying one answers ([`Applied`]), and the one codec (bincode with
+//! a size limit) that puts these on disk and on the wire.
+
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use crate::broker::replicate::{Op, OpResult, WireError};
+
+/// A node's addresses, as the metadata group records them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddrs {
+    /// The node id.
+    pub id: u64,
+    /// Its cluster (replication) listener.
+    pub cluster: String,
+    /// Its HTTP listener.
+    pub http: String,
+    /// Its gRPC listener.
+    pub grpc: String,
+}
+
+/// The payload of a Raft entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A broker op (metadata ops in the metadata group, queue ops in the queue's group).
+    Broker(Op),
+    /// A node announces its addresses (metadata group).
+    Node(NodeAddrs),
+}
+
+/// What applying an entry answered (the same on every replica).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied(pub Result<OpResult, WireError>);
+
+openraft::declare_raft_types!(
+    /// The type configuration of every qit Raft group.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// A Raft group handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Largest entry, RPC or file record the codec accepts (a publish batch is at most the
+/// HTTP body limit; this leaves room).
+pub const MAX_ENCODED: u64 = 256 * 1024 * 1024;
+
+fn options() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .with_limit(MAX_ENCODED)
+}
+
+/// Encodes a value (entries, votes, RPCs).
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::Error> {
+    use bincode::Options;
+    options().serialize(value)
+}
+
+/// Decodes a value; malformed or oversized input is an error, never a panic.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, bincode::Error> {
+    use bincode::Options;
+    options().deserialize(bytes)
+}

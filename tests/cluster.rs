@@ -1,0 +1,795 @@
+//! The three-node cluster (issue 13), end to end: three real `qit` processes on loopback
+//! with their own data directories. Tests wait on conditions (generous deadlines guard
+//! against hangs; they measure nothing), kill nodes with SIGKILL and restart them.
+//! Also runs openraft's storage suite against the cluster's Raft log and state machine.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{eventually, free_port, http};
+use parking_lot::Mutex;
+use qit::proto::broker_client::BrokerClient;
+use qit::proto::{self, receive_request, receive_response};
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+
+/// One node of a test cluster.
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    http: String,
+    http_port: u16,
+    grpc_port: u16,
+    cluster_port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self, peers: &str) {
+        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
+            .arg("serve")
+            .args(["--node-id", &self.id.to_string()])
+            .args(["--cluster", &format!("127.0.0.1:{}", self.cluster_port)])
+            .args(["--peers", peers])
+            .args(["--cluster-secret", SECRET])
+            .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env("RUST_LOG", "error,openraft=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, and reap.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    peers: String,
+    _temp: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<Node> = (1..=3)
+            .map(|id| {
+                let http_port = free_port();
+                Node {
+                    id,
+                    dir: temp.path().join(format!("node-{id}")),
+                    http: format!("http://127.0.0.1:{http_port}"),
+                    http_port,
+                    grpc_port: free_port(),
+                    cluster_port: free_port(),
+                    child: None,
+                }
+            })
+            .collect();
+        let peers = nodes
+            .iter()
+            .map(|n| format!("{}=127.0.0.1:{}", n.id, n.cluster_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for node in &mut nodes {
+            node.start(&peers);
+        }
+        let cluster = Self {
+            nodes,
+            peers,
+            _temp: temp,
+        };
+        let started = Instant::now();
+        for node in &cluster.nodes {
+            let url = format!("{}/cluster", node.http);
+            eventually("every node sees a metadata leader", || async {
+                view(&url).await.is_some_and(|v| v["leader"].is_u64())
+            })
+            .await;
+        }
+        eprintln!(
+            "metadata leader on every node after {:?}",
+            started.elapsed()
+        );
+        cluster
+    }
+
+    fn node(&self, id: u64) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn restart(&mut self, id: u64) {
+        let peers = self.peers.clone();
+        self.node_mut(id).start(&peers);
+    }
+
+    /// Waits until `url_node` sees a leader for every partition of `queue`; returns it.
+    async fn queue_leader(&self, url_node: u64, queue: &str) -> u64 {
+        let url = format!("{}/cluster", self.node(url_node).http);
+        let leader = Arc::new(Mutex::new(0));
+        let found = Arc::clone(&leader);
+        eventually(&format!("node {url_node} sees a leader of {queue}"), || {
+            let (url, found) = (url.clone(), Arc::clone(&found));
+            async move {
+                let Some(v) = view(&url).await else {
+                    return false;
+                };
+                let leaders: Vec<Option<u64>> = v["partitions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["queue"] == queue)
+                    .map(|p| p["leader"].as_u64())
+                    .collect();
+                match leaders.first() {
+                    Some(Some(l)) if leaders.iter().all(|x| *x == Some(*l)) => {
+                        *found.lock() = *l;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        })
+        .await;
+        *leader.lock()
+    }
+}
+
+async fn view(url: &str) -> Option<Value> {
+    let response = http()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+/// Retries a request while the cluster answers "no leader" (503) or a node is down.
+async fn retrying(
+    what: &str,
+    mut make: impl FnMut() -> reqwest::RequestBuilder,
+) -> (reqwest::StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = make().timeout(Duration::from_secs(30)).send().await {
+            let status = response.status();
+            if status != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                let body = response.json().await.unwrap_or(Value::Null);
+                return (status, body);
+            }
+            assert!(
+                response.headers().contains_key("retry-after"),
+                "a 503 carries Retry-After"
+            );
+        }
+        assert!(Instant::now() < deadline, "{what}: no answer in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn create_queue(base: &str, queue: &str, settings: Value) {
+    let (status, body) = retrying("create", || {
+        http()
+            .post(format!("{base}/queues/{queue}"))
+            .json(&settings)
+    })
+    .await;
+    assert!(status.is_success(), "create {queue}: {status} {body}");
+}
+
+async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
+    let (status, body) = retrying("receive", || {
+        http().get(format!(
+            "{base}/queues/{queue}/messages?max={max}&wait=1&visibility=5"
+        ))
+    })
+    .await;
+    assert!(status.is_success(), "receive: {status} {body}");
+    body["messages"].as_array().cloned().unwrap_or_default()
+}
+
+async fn log_bodies(base: &str, queue: &str, partition: u32) -> Option<Vec<String>> {
+    let url = format!("{base}/queues/{queue}/log?partition={partition}&offset=0&max=10000");
+    let v = view(&url).await?;
+    Some(
+        v["messages"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["body"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+/// Create on node 2, publish on node 3, receive on node 1, ack on node 2; every node
+/// holds the same committed log and sees the acks; reads fall back to a lone node;
+/// the cluster listener refuses calls without the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_every_step() {
+    let mut cluster = Cluster::start().await;
+    create_queue(
+        &cluster.node(2).http,
+        "orders",
+        json!({"partitions": 2, "max_deliveries": 0}),
+    )
+    .await;
+    for id in 1..=3 {
+        cluster.queue_leader(id, "orders").await;
+    }
+    let mut published = BTreeSet::new();
+    for i in 0..20 {
+        let body = format!("order-{i}");
+        let (status, answer) = retrying("publish", || {
+            http()
+                .post(format!("{}/queues/orders/messages", cluster.node(3).http))
+                .body(body.clone())
+        })
+        .await;
+        assert!(status.is_success(), "publish: {status} {answer}");
+        published.insert(body);
+    }
+    let mut received = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.len() < 20 {
+        assert!(Instant::now() < deadline, "node 1 did not deliver all 20");
+        receive_into(&cluster.node(1).http, &mut received).await;
+    }
+    let bodies: BTreeSet<String> = received.values().cloned().collect();
+    assert_eq!(bodies, published);
+    for id in received.keys() {
+        let (status, answer) = retrying("ack", || {
+            http().delete(format!(
+                "{}/queues/orders/messages/{id}",
+                cluster.node(2).http
+            ))
+        })
+        .await;
+        assert!(status.is_success(), "ack {id}: {status} {answer}");
+    }
+    // Every node applies the acks (group state rides the queue's log) and holds the same
+    // committed log.
+    for node in &cluster.nodes {
+        let url = format!("{}/queues/orders", node.http);
+        eventually(&format!("node {} sees every ack", node.id), || async {
+            view(&url).await.is_some_and(|v| {
+                v["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|g| g["name"] == "default" && g["backlog"] == 0)
+            })
+        })
+        .await;
+    }
+    for partition in 0..2 {
+        let reference = log_bodies(&cluster.node(1).http, "orders", partition).await;
+        for id in 2..=3 {
+            let base = cluster.node(id).http.clone();
+            eventually("replicas hold identical logs", || async {
+                log_bodies(&base, "orders", partition).await == reference
+            })
+            .await;
+        }
+    }
+    // `qit cluster status` shows the same view.
+    let out = Command::new(env!("CARGO_BIN_EXE_qit"))
+        .args([
+            "cluster",
+            "--server",
+            &cluster.node(3).http,
+            "--json",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["node_id"], 3);
+    assert_eq!(status["nodes"].as_array().map(Vec::len), Some(3));
+    assert!(
+        status["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["queue"] == "orders" && p["replicas"].as_array().map(Vec::len) == Some(3))
+    );
+    // The cluster listener wants the secret.
+    let mut client = qit::proto::cluster::cluster_client::ClusterClient::connect(format!(
+        "http://127.0.0.1:{}",
+        cluster.node(1).cluster_port
+    ))
+    .await
+    .unwrap();
+    let refused = client
+        .raft(qit::proto::cluster::RaftRequest {
+            group: 0,
+            kind: 1,
+            body: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    // gRPC too: send on node 1, a receive stream on node 2 acks them.
+    let grpc = |id: u64| format!("http://127.0.0.1:{}", cluster.node(id).grpc_port);
+    let mut sender = BrokerClient::connect(grpc(1)).await.unwrap();
+    let messages = (0..3)
+        .map(|i| proto::OutgoingMessage {
+            body: bytes::Bytes::from(format!("grpc-{i}")),
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        })
+        .collect();
+    let sent = sender
+        .send_message(proto::SendMessageRequest {
+            queue: "orders".into(),
+            messages,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(sent.len(), 3);
+    let mut receiver = BrokerClient::connect(grpc(2)).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Open(proto::OpenStream {
+            queue: "orders".into(),
+            group: String::new(),
+            max_in_flight: 10,
+            visibility_ms: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = receiver
+        .receive_messages(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = BTreeSet::new();
+    while streamed.len() < 3 {
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the stream delivers within the guard");
+        let Some(Ok(proto::ReceiveResponse {
+            response: Some(receive_response::Response::Message(m)),
+        })) = next
+        else {
+            panic!("unexpected stream item: {next:?}");
+        };
+        streamed.insert(String::from_utf8_lossy(&m.body).to_string());
+        tx.send(proto::ReceiveRequest {
+            request: Some(receive_request::Request::Ack(proto::StreamAck { id: m.id })),
+        })
+        .await
+        .unwrap();
+    }
+    let expected: BTreeSet<String> = (0..3).map(|i| format!("grpc-{i}")).collect();
+    assert_eq!(streamed, expected);
+    published.extend(expected);
+    drop(tx);
+    // Read fallback: alone, node 1 has no quorum, yet serves its committed data; writes
+    // answer 503 no_leader with Retry-After.
+    cluster.node_mut(2).kill();
+    cluster.node_mut(3).kill();
+    let base = cluster.node(1).http.clone();
+    eventually("a lone node reports no quorum", || async {
+        http()
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    let mut local = Vec::new();
+    for partition in 0..2 {
+        local.extend(log_bodies(&base, "orders", partition).await.unwrap());
+    }
+    assert_eq!(local.into_iter().collect::<BTreeSet<_>>(), published);
+    let info = view(&format!("{base}/queues/orders")).await.unwrap();
+    assert_eq!(info["name"], "orders");
+    let response = http()
+        .post(format!("{base}/queues/orders/messages"))
+        .body("nobody-commits-this")
+        .send()
+        .await
+        .expect("a lone node answers a publish");
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "no_leader");
+}
+
+/// Receives what node `base` delivers into `into` (id -> body).
+async fn receive_into(base: &str, into: &mut BTreeMap<String, String>) {
+    for m in receive(base, "orders", 100).await {
+        if let (Some(id), Some(body)) = (m["id"].as_str(), m["body"].as_str()) {
+            into.insert(id.to_string(), body.to_string());
+        }
+    }
+}
+
+/// kill -9 of a queue's leader under publish and consume load, twice: every publish
+/// answered 2xx is delivered, no message is delivered after its ack was answered 2xx; the
+/// killed node restarts and catches up, and a node whose data was wiped rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kills_lose_nothing_acknowledged() {
+    let mut cluster = Cluster::start().await;
+    let queue = "work";
+    create_queue(
+        &cluster.node(1).http,
+        queue,
+        json!({"partitions": 1, "max_deliveries": 0, "ack_timeout": 2}),
+    )
+    .await;
+    let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked_ok: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let published_ok: Arc<Mutex<Vec<String>>> = Arc::default();
+    let delivered: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let redelivered_after_ack: Arc<Mutex<Vec<String>>> = Arc::default();
+
+    let publisher = {
+        let (bases, stop, published_ok) =
+            (bases.clone(), Arc::clone(&stop), Arc::clone(&published_ok));
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!("m-{i}");
+                let base = &bases[i % bases.len()];
+                let answer = http()
+                    .post(format!("{base}/queues/work/messages"))
+                    .body(body.clone())
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                if answer.is_ok_and(|r| r.status().is_success()) {
+                    published_ok.lock().push(body);
+                }
+                i += 1;
+            }
+        })
+    };
+    let consumer = {
+        let (bases, stop, acked_ok, delivered, bad) = (
+            bases.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&acked_ok),
+            Arc::clone(&delivered),
+            Arc::clone(&redelivered_after_ack),
+        );
+        tokio::spawn(async move {
+            let mut turn = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                turn += 1;
+                let base = &bases[turn % bases.len()];
+                let Ok(response) = http()
+                    .get(format!("{base}/queues/work/messages?max=50&wait=1"))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let Ok(body) = response.json::<Value>().await else {
+                    continue;
+                };
+                for m in body["messages"].as_array().cloned().unwrap_or_default() {
+                    let (Some(id), Some(text)) = (m["id"].as_str(), m["body"].as_str()) else {
+                        continue;
+                    };
+                    if acked_ok.lock().contains(text) {
+                        bad.lock().push(format!(
+                            "{text} as {id} (count {}) from {base}",
+                            m["delivery_count"]
+                        ));
+                    }
+                    delivered.lock().insert(text.to_string());
+                    let acked = http()
+                        .delete(format!("{base}/queues/work/messages/{id}"))
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                    if acked.is_ok_and(|r| r.status().is_success()) {
+                        acked_ok.lock().insert(text.to_string());
+                        eprintln!("acked {text} as {id} via {base}");
+                    }
+                }
+            }
+        })
+    };
+
+    let mut failovers = Vec::new();
+    for round in 0..2 {
+        let before = published_ok.lock().len();
+        eventually("the load makes progress", || async {
+            published_ok.lock().len() >= before + 30
+        })
+        .await;
+        let survivor = if cluster.node(1).child.is_some() {
+            1
+        } else {
+            2
+        };
+        let leader = cluster.queue_leader(survivor, queue).await;
+        let killed_at = Instant::now();
+        cluster.node_mut(leader).kill();
+        let count = published_ok.lock().len();
+        eventually("a publish succeeds after the kill", || async {
+            published_ok.lock().len() > count
+        })
+        .await;
+        failovers.push(killed_at.elapsed());
+        eprintln!(
+            "round {round}: killed leader {leader}; next publish answered after {:?}",
+            killed_at.elapsed()
+        );
+        cluster.restart(leader);
+        let base = cluster.node(leader).http.clone();
+        eventually("the restarted node serves its cluster view", || async {
+            view(&format!("{base}/cluster")).await.is_some()
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    publisher.await.unwrap();
+    consumer.await.unwrap();
+
+    // Drain: every publish answered 2xx is delivered (the rest, leased when a leader died,
+    // comes back after the visibility timeout).
+    let expected: HashSet<String> = published_ok.lock().iter().cloned().collect();
+    let base = cluster.node(1).http.clone();
+    eventually("every acknowledged publish is delivered", || async {
+        let missing = expected.iter().any(|b| !delivered.lock().contains(b));
+        if !missing {
+            return true;
+        }
+        let Some(body) = view(&format!("{base}/queues/work/messages?max=100&wait=1")).await else {
+            return false;
+        };
+        for m in body["messages"].as_array().cloned().unwrap_or_default() {
+            let (Some(id), Some(text)) = (m["id"].as_str(), m["body"].as_str()) else {
+                continue;
+            };
+            if acked_ok.lock().contains(text) {
+                redelivered_after_ack.lock().push(text.to_string());
+            }
+            delivered.lock().insert(text.to_string());
+            let _ = http()
+                .delete(format!("{base}/queues/work/messages/{id}"))
+                .send()
+                .await;
+        }
+        false
+    })
+    .await;
+    assert!(
+        redelivered_after_ack.lock().is_empty(),
+        "delivered again after an acknowledged ack: {:?}",
+        redelivered_after_ack.lock()
+    );
+    eprintln!(
+        "{} publishes acknowledged, {} acks acknowledged, failovers {failovers:?}",
+        expected.len(),
+        acked_ok.lock().len()
+    );
+
+    // Every replica, the restarted ones included, holds the same committed log.
+    let reference = log_bodies(&cluster.node(1).http, queue, 0).await.unwrap();
+    for id in 2..=3 {
+        let base = cluster.node(id).http.clone();
+        eventually(&format!("node {id} caught up"), || async {
+            log_bodies(&base, queue, 0).await.as_ref() == Some(&reference)
+        })
+        .await;
+    }
+    // A node whose data is lost rejoins from the others.
+    cluster.node_mut(3).kill();
+    std::fs::remove_dir_all(&cluster.node(3).dir).unwrap();
+    cluster.restart(3);
+    let base = cluster.node(3).http.clone();
+    eventually("the wiped node has the whole log again", || async {
+        log_bodies(&base, queue, 0).await.as_ref() == Some(&reference)
+    })
+    .await;
+}
+
+/// openraft's storage suite against the cluster's Raft log and state machine.
+#[test]
+fn openraft_storage_suite_passes() {
+    use qit::cluster::log_store::LogStore;
+    use qit::cluster::state_machine::{Role, StateMachine};
+    use qit::cluster::types::TypeConfig;
+
+    struct Builder;
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir>
+        for Builder
+    {
+        async fn build(
+            &self,
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachine), openraft::StorageError<u64>>
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let log = LogStore::open(dir.path(), true).unwrap();
+            Ok((dir, log, StateMachine::new(Role::Bare, None)))
+        }
+    }
+    openraft::testing::Suite::test_all(Builder).unwrap();
+}
+
+/// `(group, term)` -> every leader a node reported for it.
+type LeadersSeen = BTreeMap<(u64, u64), BTreeSet<u64>>;
+
+/// SIGSTOP of a queue's leader past the election timeout, then SIGCONT: the others elect a
+/// new leader and serve; the old one steps down and ends with the same log; no node ever
+/// reports two leaders for one group in one term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_steps_down() {
+    let cluster = Cluster::start().await;
+    create_queue(
+        &cluster.node(1).http,
+        "paused",
+        json!({"partitions": 1, "max_deliveries": 0}),
+    )
+    .await;
+    let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    // Every (group, term) -> the leaders any node reported for it.
+    let seen: Arc<Mutex<LeadersSeen>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (bases, seen, stop) = (bases.clone(), Arc::clone(&seen), Arc::clone(&stop));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                for base in &bases {
+                    let Ok(Ok(Some(v))) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        tokio::spawn({
+                            let url = format!("{base}/cluster");
+                            async move { view(&url).await }
+                        }),
+                    )
+                    .await
+                    else {
+                        continue;
+                    };
+                    let mut seen = seen.lock();
+                    if let (Some(term), Some(leader)) = (v["term"].as_u64(), v["leader"].as_u64()) {
+                        seen.entry((0, term)).or_default().insert(leader);
+                    }
+                    for p in v["partitions"].as_array().into_iter().flatten() {
+                        if let (Some(g), Some(t), Some(l)) = (
+                            p["group"].as_u64(),
+                            p["term"].as_u64(),
+                            p["leader"].as_u64(),
+                        ) {
+                            seen.entry((g, t)).or_default().insert(l);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let leader = cluster.queue_leader(1, "paused").await;
+    let survivor = if leader == 1 { 2 } else { 1 };
+    for i in 0..5 {
+        let (status, body) = retrying("publish", || {
+            http()
+                .post(format!(
+                    "{}/queues/paused/messages",
+                    cluster.node(survivor).http
+                ))
+                .body(format!("before-{i}"))
+        })
+        .await;
+        assert!(status.is_success(), "{status} {body}");
+    }
+    let pid = cluster
+        .node(leader)
+        .child
+        .as_ref()
+        .unwrap()
+        .id()
+        .to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let survivor_url = format!("{}/cluster", cluster.node(survivor).http);
+    eventually("the others elect a new leader", || async {
+        view(&survivor_url).await.is_some_and(|v| {
+            v["partitions"].as_array().into_iter().flatten().any(|p| {
+                p["queue"] == "paused" && p["leader"].as_u64().is_some_and(|l| l != leader)
+            })
+        })
+    })
+    .await;
+    let (status, body) = retrying("publish while the old leader sleeps", || {
+        http()
+            .post(format!(
+                "{}/queues/paused/messages",
+                cluster.node(survivor).http
+            ))
+            .body("during")
+    })
+    .await;
+    assert!(status.is_success(), "{status} {body}");
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let new_leader = cluster.queue_leader(survivor, "paused").await;
+    assert_ne!(new_leader, leader);
+    let old_url = format!("{}/cluster", cluster.node(leader).http);
+    eventually("the old leader steps down", || async {
+        view(&old_url).await.is_some_and(|v| {
+            v["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["queue"] == "paused" && p["leader"].as_u64() == Some(new_leader))
+        })
+    })
+    .await;
+    let reference = log_bodies(&cluster.node(survivor).http, "paused", 0)
+        .await
+        .unwrap();
+    assert_eq!(reference.len(), 6);
+    let base = cluster.node(leader).http.clone();
+    eventually("the old leader holds the same log", || async {
+        log_bodies(&base, "paused", 0).await.as_ref() == Some(&reference)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let seen = seen.lock();
+    for ((group, term), leaders) in seen.iter() {
+        assert_eq!(
+            leaders.len(),
+            1,
+            "group {group} term {term}: leaders {leaders:?}"
+        );
+    }
+    assert!(seen.len() >= 2, "the sampler saw the terms: {seen:?}");
+}
