@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, OptionFuture};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
@@ -27,6 +28,9 @@ const STREAM_POLL: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Most requests taken off the stream at once (and acks applied with one journal write).
 const MAX_DRAIN: usize = 1024;
+
+/// A lease attempt in flight.
+type PendingLease = BoxFuture<'static, Result<Vec<Delivery>, BrokerError>>;
 
 /// Free slots that make a lease worth its log read: a quarter of the credit, at most 64.
 pub fn refill(credit: u64) -> u64 {
@@ -69,6 +73,11 @@ impl Session {
     ) {
         metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").increment(1.0);
         let mut prune = tokio::time::interval(PRUNE_EVERY);
+        // The lease in flight lives across turns of the loop: dropping it when another
+        // branch wins could lose what it leased (a lease forwarded to a cluster leader is
+        // taken there even if this side stops waiting), and the messages would come back
+        // only when the lease runs out.
+        let mut lease: Option<PendingLease> = None;
         loop {
             if self.broker.is_shutting_down() {
                 // Never wait on a consumer that stopped reading: shutdown joins this task.
@@ -77,8 +86,9 @@ impl Session {
                     .try_send(Err(Status::unavailable("the broker is shutting down")));
                 break;
             }
-            let want = self.wants_lease();
-            let max = self.room().min(broker::MAX_RECEIVE as u64) as usize;
+            if lease.is_none() && self.wants_lease() {
+                lease = Some(self.start_lease());
+            }
             tokio::select! {
                 biased;
                 incoming = inbound.next() => match incoming {
@@ -91,13 +101,9 @@ impl Session {
                     }
                     _ => break,
                 },
-                leased = self.broker.receive(
-                    &self.queue,
-                    &self.group,
-                    max.max(1),
-                    STREAM_POLL,
-                    Some(self.visibility),
-                ), if want => {
+                leased = OptionFuture::from(lease.as_mut()), if lease.is_some() => {
+                    lease = None;
+                    let Some(leased) = leased else { continue };
                     if !self.deliver(leased).await {
                         break;
                     }
@@ -111,6 +117,19 @@ impl Session {
         }
         self.return_leases().await;
         metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").decrement(1.0);
+    }
+
+    /// Starts one lease attempt for the room the stream has now.
+    fn start_lease(&self) -> PendingLease {
+        let broker = Arc::clone(&self.broker);
+        let (queue, group) = (self.queue.clone(), self.group.clone());
+        let max = self.room().min(broker::MAX_RECEIVE as u64).max(1) as usize;
+        let visibility = self.visibility;
+        Box::pin(async move {
+            broker
+                .receive(&queue, &group, max, STREAM_POLL, Some(visibility))
+                .await
+        })
     }
 
     /// Sends one response; false when the consumer is gone or the broker stops first (a
