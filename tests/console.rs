@@ -157,6 +157,7 @@ async fn the_console_in_a_real_browser() {
         browse_and_publish(&c, &server.http).await;
         redrive_a_dead_letter(&c, &server.http).await;
         exchanges_page(&c, &server.http).await;
+        cluster_page_on_a_single_node(&c, &server.http).await;
         dark_theme(&c, &server.http).await;
         c.close().await.unwrap();
         server.stop().await;
@@ -319,6 +320,12 @@ async fn exchanges_page(c: &Client, base: &str) {
 }
 
 /// The theme toggle switches to dark and the choice survives a reload.
+/// The cluster page on a node started without `--peers` says so instead of failing.
+async fn cluster_page_on_a_single_node(c: &Client, base: &str) {
+    c.goto(&format!("{base}/ui/#/cluster")).await.unwrap();
+    text_contains(c, "[data-test=cluster]", "runs alone").await;
+}
+
 async fn dark_theme(c: &Client, base: &str) {
     c.goto(&format!("{base}/ui/")).await.unwrap();
     element(c, "tr[data-queue=orders]").await;

@@ -855,6 +855,50 @@
       h("div", { style: "margin-top:12px" }, pub));
   }
 
+  // ---------- cluster ----------
+
+  function clusterView() {
+    setNav("cluster");
+    const body = h("div", { "data-test": "cluster" });
+    app().replaceChildren(h("div", { class: "page-head" }, h("h1", {}, "Cluster")), body);
+    mount({
+      async refresh() {
+        let c;
+        try {
+          c = await api("GET", "/cluster");
+        } catch (e) {
+          if (e.code !== "not_clustered") throw e;
+          body.replaceChildren(h("div", { class: "panel empty" }, "This node runs alone (started without --peers)."));
+          return;
+        }
+        body.replaceChildren(clusterNodes(c), clusterPartitions(c));
+      },
+    });
+  }
+
+  function clusterNodes(c) {
+    const leads = {};
+    for (const p of c.partitions) if (p.leader != null) leads[p.leader] = (leads[p.leader] || 0) + 1;
+    const rows = c.nodes.map((n) => h("tr", {},
+      h("td", {}, String(n.id) + (n.id === c.node_id ? " (this node)" : "") + (n.id === c.leader ? " · metadata leader" : "")),
+      h("td", {}, n.up ? "up" : "down"),
+      h("td", { class: "mono" }, n.cluster), h("td", { class: "mono" }, n.http || "–"), h("td", { class: "mono" }, n.grpc || "–"),
+      h("td", { class: "num" }, num(leads[n.id] || 0))));
+    return h("div", { class: "panel table-wrap" }, h("h2", {}, "Nodes"), h("table", { "data-test": "cluster-nodes" },
+      h("thead", {}, h("tr", {}, ["Node", "State", "Cluster", "HTTP", "gRPC", "Partitions led"].map((t, i) => h("th", { class: i === 5 ? "num" : "" }, t)))),
+      h("tbody", {}, rows)));
+  }
+
+  function clusterPartitions(c) {
+    const rows = c.partitions.map((p) => h("tr", {},
+      h("td", {}, h("a", { href: "#/queues/" + enc(p.queue) }, p.queue)), h("td", {}, p.partition),
+      h("td", {}, p.leader == null ? "no leader" : String(p.leader)),
+      h("td", { class: "mono" }, p.replicas.join(", ")), h("td", { class: "num" }, num(p.committed_offset))));
+    return h("div", { class: "panel table-wrap" }, h("h2", {}, "Partitions"), h("table", { "data-test": "cluster-partitions" },
+      h("thead", {}, h("tr", {}, ["Queue", "Partition", "Leader", "Replicas", "Committed offset"].map((t, i) => h("th", { class: i === 4 ? "num" : "" }, t)))),
+      h("tbody", {}, rows)));
+  }
+
   // ---------- router ----------
 
   function route() {
@@ -865,6 +909,7 @@
     const m = hash.match(/^#\/queues\/(.+)$/);
     if (m) queueView(decodeURIComponent(m[1])).catch(failed);
     else if (hash.startsWith("#/exchanges")) exchangesView();
+    else if (hash.startsWith("#/cluster")) clusterView();
     else overviewView();
     schedule();
   }
