@@ -319,9 +319,7 @@ impl Broker {
                     created,
                     dead_letter_created,
                 }),
-                other => Err(BrokerError::InvalidArgument(format!(
-                    "unexpected answer from the cluster: {other:?}"
-                ))),
+                other => Err(replicate::unexpected(&other)),
             };
         }
         self.create_queue_local(name, settings).await
@@ -1216,9 +1214,7 @@ impl Broker {
             };
             return match replicator.submit(op).await? {
                 replicate::OpResult::ExchangeCreated(created) => Ok(created),
-                other => Err(BrokerError::InvalidArgument(format!(
-                    "unexpected answer from the cluster: {other:?}"
-                ))),
+                other => Err(replicate::unexpected(&other)),
             };
         }
         self.create_exchange_local(name, kind).await

@@ -446,7 +446,8 @@ pub trait Replicator: Send + Sync {
     fn submit(&self, op: Op) -> BoxFuture<'_, Result<OpResult, BrokerError>>;
 }
 
-fn unexpected(what: &OpResult) -> BrokerError {
+/// The error for an answer of the wrong kind from the cluster (a bug, never user input).
+pub(super) fn unexpected(what: &OpResult) -> BrokerError {
     BrokerError::InvalidArgument(format!("unexpected answer from the cluster: {what:?}"))
 }
 
