@@ -224,7 +224,10 @@ impl ServerConfig {
         if self.http == self.grpc && self.http.port() != 0 {
             return invalid("grpc", "must differ from the HTTP address");
         }
+        // A cluster node does not open the Kafka listener (see `Server::start`), so its
+        // default address may coincide with a node's gRPC port (9092 in a 9091..9093 set).
         if let Some(kafka) = self.kafka.0
+            && self.peers.is_none()
             && kafka.port() != 0
             && (kafka == self.http || kafka == self.grpc)
         {
@@ -381,6 +384,29 @@ mod tests {
         assert_eq!(config.kafka.to_string(), "127.0.0.1:19092");
         std::fs::write(&path, "dta_dir = \"/tmp/q\"\n").unwrap();
         assert!(ServerConfig::from_file(&path).is_err());
+    }
+
+    /// A cluster node's gRPC port may be the Kafka default (nodes on 9091..9093): the
+    /// listener is not opened on a cluster node, so the clash is not one.
+    #[test]
+    fn a_cluster_node_may_use_the_kafka_default_port_for_grpc() {
+        let grpc: SocketAddr = "127.0.0.1:9092".parse().unwrap();
+        let mut config = ServerConfig {
+            grpc,
+            kafka: ServerConfig::default().kafka,
+            ..ServerConfig::default()
+        };
+        assert_eq!(
+            config.kafka.0,
+            Some(grpc),
+            "the Kafka default is 127.0.0.1:9092"
+        );
+        assert!(config.validate().is_err());
+        config.node_id = Some(2);
+        config.cluster = Some("127.0.0.1:7102".parse().unwrap());
+        config.peers = Some("1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103".into());
+        config.cluster_secret = Some("a-secret-long-enough-for-the-check".into());
+        config.validate().unwrap();
     }
 
     /// Regression (issue 19, item 5): an `admin` without `admin_password` under auth is
