@@ -224,10 +224,7 @@ impl ServerConfig {
         if self.http == self.grpc && self.http.port() != 0 {
             return invalid("grpc", "must differ from the HTTP address");
         }
-        // A cluster node does not open the Kafka listener (see `Server::start`), so its
-        // default address may coincide with a node's gRPC port (9092 in a 9091..9093 set).
-        if let Some(kafka) = self.kafka.0
-            && self.peers.is_none()
+        if let Some(kafka) = self.kafka_listener()
             && kafka.port() != 0
             && (kafka == self.http || kafka == self.grpc)
         {
@@ -329,6 +326,13 @@ impl ServerConfig {
         Ok(Some(map))
     }
 
+    /// Where the Kafka listener opens, if it does: never on a cluster node, whose broker is
+    /// rebuilt from its Raft logs while Kafka's appends do not go through Raft yet (so the
+    /// Kafka default may coincide with a node's gRPC port, 9092 in a 9091..9093 set).
+    pub fn kafka_listener(&self) -> Option<SocketAddr> {
+        self.kafka.0.filter(|_| self.peers.is_none())
+    }
+
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: &str| {
             Err(ConfigError::Invalid {
@@ -407,6 +411,11 @@ mod tests {
         config.peers = Some("1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103".into());
         config.cluster_secret = Some("a-secret-long-enough-for-the-check".into());
         config.validate().unwrap();
+        assert_eq!(
+            config.kafka_listener(),
+            None,
+            "no Kafka listener on a cluster node"
+        );
     }
 
     /// Regression (issue 19, item 5): an `admin` without `admin_password` under auth is

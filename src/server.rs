@@ -116,14 +116,10 @@ impl Server {
         }
         let http = bind(config.http).await?;
         let grpc = bind(config.grpc).await?;
-        // The Kafka listener writes to the local broker directly; a cluster node's broker
-        // is rebuilt from its Raft logs, so Kafka stays off there until it goes through
-        // the replicator.
-        let kafka = match config.kafka.0 {
-            Some(_) if peers.is_some() => {
-                tracing::warn!("the Kafka listener is not available in a cluster yet: not started");
-                None
-            }
+        if peers.is_some() && config.kafka.0.is_some() {
+            tracing::warn!("the Kafka listener is not available in a cluster yet: not started");
+        }
+        let kafka = match config.kafka_listener() {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
