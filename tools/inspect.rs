@@ -2,7 +2,9 @@
 //!
 //! - `dump PATH`: batches and records (offset, timestamp, key, headers, value preview);
 //! - `verify PATH`: every CRC, the offset sequence and both indexes; exit 0 only when sound;
-//! - `stats PATH`: segments, batches, records, bytes, compression and time range.
+//! - `stats PATH`: segments, batches, records, bytes, compression and time range;
+//! - `compare A B`: two copies of one partition (say, on two cluster replicas), batch for
+//!   batch and record for record; exit 0 only when they hold the same log.
 //!
 //! PATH is a segment `.log` file or a partition directory. `--json` prints JSON.
 
@@ -48,31 +50,93 @@ enum Command {
         /// A `.log` file or a partition directory.
         path: PathBuf,
     },
+    /// Compare two copies of one partition batch for batch and record for record.
+    Compare {
+        /// A partition directory (or `.log` file).
+        a: PathBuf,
+        /// The other copy.
+        b: PathBuf,
+        /// Compare only the offsets both copies still hold (retention runs on each copy
+        /// by itself).
+        #[arg(long)]
+        common_start: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (path, with_records) = match &cli.command {
+        Command::Compare { a, b, common_start } => {
+            return compare(a, b, *common_start, cli.json);
+        }
         Command::Dump { path, .. } => (path, true),
         Command::Verify { path } | Command::Stats { path } => (path, false),
     };
-    let reports = match inspect::inspect(path, with_records) {
-        Ok(reports) if !reports.is_empty() => reports,
-        Ok(_) => {
-            eprintln!("no segment files at {}", path.display());
-            return ExitCode::from(2);
-        }
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(2);
-        }
+    let reports = match scan(path, with_records) {
+        Ok(reports) => reports,
+        Err(code) => return code,
     };
     match cli.command {
         Command::Dump { preview, .. } => dump(&reports, preview, cli.json),
         Command::Verify { .. } => return verify(&reports, cli.json),
-        Command::Stats { .. } => stats(&reports, cli.json),
+        _ => stats(&reports, cli.json),
     }
     ExitCode::SUCCESS
+}
+
+/// Scans `path`; exit code 2 (said on stderr) when it has no segments or cannot be read.
+fn scan(path: &std::path::Path, with_records: bool) -> Result<Vec<SegmentReport>, ExitCode> {
+    match inspect::inspect(path, with_records) {
+        Ok(reports) if !reports.is_empty() => Ok(reports),
+        Ok(_) => {
+            eprintln!("no segment files at {}", path.display());
+            Err(ExitCode::from(2))
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn compare(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    common_start: bool,
+    as_json: bool,
+) -> ExitCode {
+    let (reports_a, reports_b) = match (scan(a, true), scan(b, true)) {
+        (Ok(x), Ok(y)) => (x, y),
+        (Err(code), _) | (_, Err(code)) => return code,
+    };
+    let problems = reports_a
+        .iter()
+        .chain(&reports_b)
+        .map(|r| r.problems.len())
+        .sum::<usize>();
+    let difference = inspect::compare(&reports_a, &reports_b, common_start);
+    let batches = reports_a.iter().map(|r| r.batches.len()).sum::<usize>();
+    let records = reports_a
+        .iter()
+        .map(SegmentReport::record_count)
+        .sum::<u64>();
+    if as_json {
+        println!(
+            "{}",
+            json!({"same": difference.is_none() && problems == 0, "difference": difference, "problems": problems, "batches": batches, "records": records})
+        );
+    } else if let Some(d) = &difference {
+        println!("DIFFERENT at offset {}: {}", d.offset, d.what);
+    } else if problems > 0 {
+        println!("FAILED: {problems} problem(s) in the copies (run `verify` on each)");
+    } else {
+        println!("same: {batches} batches, {records} records");
+    }
+    if difference.is_none() && problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn dump(reports: &[SegmentReport], preview: usize, as_json: bool) {
