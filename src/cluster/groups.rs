@@ -73,6 +73,8 @@ fn raft_config(group: u64, preferred: bool) -> Result<Config, ClusterError> {
     .map_err(|e| ClusterError::Config(e.to_string()))
 }
 
+/// How long a leader waits for a follower to take one chunk of a snapshot (ms).
+const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
 /// Raft log entries kept below a queue group's snapshot, at most (a follower that lags by
 /// less catches up from the log; one further behind is sent the snapshot).
 const KEEP_BELOW_SNAPSHOT: u64 = 1000;
@@ -88,6 +90,9 @@ fn storage_policy(mut config: Config, group: u64, entries: u64) -> (Config, usiz
     }
     config.snapshot_policy = SnapshotPolicy::LogsSinceLast(entries);
     config.max_in_snapshot_log_to_keep = KEEP_BELOW_SNAPSHOT.min(entries);
+    // A chunk of a snapshot (3 MiB) and, for the last one, the follower's unpacking and
+    // swap-in must fit (openraft's default is 200 ms).
+    config.install_snapshot_timeout = INSTALL_SNAPSHOT_TIMEOUT_MS;
     // A purge frees whole chunks: a quarter of the snapshot interval each.
     let chunk = usize::try_from(entries / 4)
         .unwrap_or(usize::MAX)
