@@ -130,6 +130,9 @@ pub struct ServerConfig {
     /// The secret every node of the cluster is started with.
     #[serde(skip_serializing)]
     pub cluster_secret: Option<String>,
+    /// A queue's Raft group snapshots the queue's data after this many entries and purges
+    /// its Raft log below the snapshot (0: never, the log grows without bound).
+    pub raft_snapshot_entries: u64,
 }
 
 impl Default for ServerConfig {
@@ -166,6 +169,7 @@ impl Default for ServerConfig {
             cluster: None,
             peers: None,
             cluster_secret: None,
+            raft_snapshot_entries: 20_000,
         }
     }
 }

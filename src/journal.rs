@@ -392,6 +392,14 @@ impl Journal {
         self.ticket(self.inner.shared.checkpoint(&snapshot))
     }
 
+    /// The bytes of a journal file holding only `snapshot` as its checkpoint: what a
+    /// journal that just checkpointed holds (a copy of a group's state taken elsewhere).
+    pub fn checkpoint_file(snapshot: &[u8]) -> Vec<u8> {
+        let mut bytes = file_header().to_vec();
+        put_frame(&mut bytes, KIND_CHECKPOINT, snapshot);
+        bytes
+    }
+
     /// Bytes in the journal file since the last checkpoint (to decide when to checkpoint).
     pub fn bytes_since_checkpoint(&self) -> u64 {
         self.inner.shared.since_checkpoint.load(Ordering::Relaxed)

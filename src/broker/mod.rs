@@ -589,6 +589,77 @@ impl Broker {
         Ok(())
     }
 
+    /// The queue's data now, for a replica's snapshot (see [`queue::QueueImage`]): call it
+    /// where nothing else appends to the queue (a cluster's apply task).
+    pub fn queue_image(&self, name: &str) -> Result<queue::QueueImage, BrokerError> {
+        Ok(self.queue(name)?.image())
+    }
+
+    /// Writes and fsyncs every partition and journal of a queue.
+    pub async fn flush_queue(&self, name: &str) -> Result<(), BrokerError> {
+        self.queue(name)?.flush().await
+    }
+
+    /// Replaces a queue's data: the queue is closed (its waiters woken, as on deletion), its
+    /// directory emptied, `fill` writes the new content into it (on a blocking thread), and
+    /// the queue is opened again over it with the settings it had. The registry is not
+    /// touched. For a cluster replica, whose data directory is derived from its Raft
+    /// snapshots and logs: a crash halfway is repaired at the next start.
+    pub async fn replace_queue_data<F>(&self, name: &str, fill: F) -> Result<(), BrokerError>
+    where
+        F: FnOnce(&std::path::Path) -> std::io::Result<()> + Send + 'static,
+    {
+        let _meta = self.meta.lock().await;
+        let settings = self
+            .registry
+            .read()
+            .queues
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))?;
+        let old = self.queues.write().remove(name);
+        if let Some(old) = old {
+            old.mark_deleted();
+        }
+        let root = self.queues_dir();
+        let storage = Arc::clone(&self.config.storage);
+        let (fsync, clock, alarms) = (
+            self.config.fsync,
+            self.config.clock.clone(),
+            Arc::clone(&self.alarms),
+        );
+        let owned = name.to_string();
+        let opened = tokio::task::spawn_blocking(move || {
+            crate::name::remove_child_dir(&*storage, &root, &owned)?;
+            let dir = crate::name::child(&root, &owned, "")?;
+            let io = |source| BrokerError::Storage {
+                path: dir.clone(),
+                source,
+            };
+            storage.create_dir_all(&dir).map_err(io)?;
+            fill(&dir).map_err(io)?;
+            Queue::open(&root, &owned, settings, fsync, &storage, clock, alarms)
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidArgument(format!("replacing a queue failed: {e}")));
+        match opened.and_then(|r| r) {
+            Ok(queue) => {
+                self.damaged.write().remove(name);
+                self.queues
+                    .write()
+                    .insert(name.to_string(), Arc::new(queue));
+                Ok(())
+            }
+            Err(error) => {
+                tracing::error!(queue = name, %error, "queue is unavailable: its new data could not be opened");
+                self.damaged
+                    .write()
+                    .insert(name.to_string(), error.to_string());
+                Err(error)
+            }
+        }
+    }
+
     /// Deletes a queue whose data could not be opened (the operator's way out).
     async fn delete_damaged(&self, name: &str) -> Result<(), BrokerError> {
         self.commit(MetaCommand::DeleteQueue {

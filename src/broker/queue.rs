@@ -152,6 +152,31 @@ impl Group {
     }
 }
 
+/// A file of a queue's data as an image of the queue names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFile {
+    /// Path relative to the queue's directory (`{partition}/{file}`).
+    pub relative: PathBuf,
+    /// The live file.
+    pub path: PathBuf,
+    /// Bytes that belong to the image (an active segment grows past it).
+    pub len: u64,
+    /// Never modified in place (a sealed segment and its indexes): may be hard-linked.
+    pub immutable: bool,
+}
+
+/// A queue's data at one instant: its segment files and each group's state as a journal
+/// file holding one checkpoint. Taken while nothing appends (a cluster takes it between
+/// two applies); the files are only named, the caller links or copies them at once.
+#[derive(Debug, Clone, Default)]
+pub struct QueueImage {
+    /// Segment files, partition by partition, oldest first. The active segment's indexes
+    /// are left out (opening rebuilds them).
+    pub files: Vec<ImageFile>,
+    /// `(relative path, bytes)` of each group journal.
+    pub journals: Vec<(PathBuf, Vec<u8>)>,
+}
+
 /// One queue.
 pub struct Queue {
     /// Queue name.
@@ -993,6 +1018,48 @@ impl Queue {
                 })
                 .collect(),
         }
+    }
+
+    /// The queue's data now (see [`QueueImage`]).
+    pub fn image(&self) -> QueueImage {
+        let mut image = QueueImage::default();
+        for (p, log) in self.partitions.iter().enumerate() {
+            for segment in log.segments() {
+                let paths = crate::log::segment::SegmentPaths::new(log.dir(), segment.base_offset);
+                let mut files = vec![(paths.log, Some(segment.bytes))];
+                if segment.sealed {
+                    files.push((paths.index, None));
+                    files.push((paths.time_index, None));
+                }
+                for (path, len) in files {
+                    let len = match len {
+                        Some(len) => len,
+                        None => match std::fs::metadata(&path) {
+                            Ok(meta) => meta.len(),
+                            // Opening rebuilds a missing index.
+                            Err(_) => continue,
+                        },
+                    };
+                    let Some(file) = path.file_name() else {
+                        continue;
+                    };
+                    image.files.push(ImageFile {
+                        relative: PathBuf::from(p.to_string()).join(file),
+                        path: path.clone(),
+                        len,
+                        immutable: segment.sealed,
+                    });
+                }
+            }
+        }
+        for group in self.groups() {
+            let snapshot = group.state.lock().snapshot().encode();
+            image.journals.push((
+                PathBuf::from("groups").join(format!("{}.journal", group.name)),
+                Journal::checkpoint_file(&snapshot),
+            ));
+        }
+        image
     }
 
     /// Writes and fsyncs every partition and journal.

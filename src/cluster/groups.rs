@@ -47,6 +47,8 @@ pub struct Groups {
     pub voters: BTreeMap<u64, String>,
     raft_dir: PathBuf,
     sync: bool,
+    /// A queue group snapshots after this many entries (see [`storage_policy`]).
+    snapshot_entries: u64,
     /// The other nodes.
     pub peers: Arc<Peers>,
     broker: Arc<Broker>,
@@ -56,7 +58,7 @@ pub struct Groups {
 }
 
 /// openraft settings of a group: the preferred leader times out first, so that leaders
-/// spread as placement says; nothing is ever snapshotted or purged (see `mod.rs`).
+/// spread as placement says (snapshots and purging: [`storage_policy`]).
 fn raft_config(group: u64, preferred: bool) -> Result<Config, ClusterError> {
     let (min, max) = if preferred { (450, 650) } else { (750, 1050) };
     Config {
@@ -71,13 +73,44 @@ fn raft_config(group: u64, preferred: bool) -> Result<Config, ClusterError> {
     .map_err(|e| ClusterError::Config(e.to_string()))
 }
 
+/// How long a leader waits for a follower to take one chunk of a snapshot (ms).
+const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
+/// Raft log entries kept below a queue group's snapshot, at most (a follower that lags by
+/// less catches up from the log; one further behind is sent the snapshot).
+const KEEP_BELOW_SNAPSHOT: u64 = 1000;
+
+/// How a queue group's log stays bounded: a snapshot (carrying the queue's data) every
+/// `entries` applied entries, then the log below it is purged, keeping up to
+/// [`KEEP_BELOW_SNAPSHOT`] (or `entries`, when smaller) for followers a little behind. The
+/// metadata group is never snapshotted: its log is small, and its replay re-creates the
+/// queues at start. Returns the config and the chunk size of the group's log.
+fn storage_policy(mut config: Config, group: u64, entries: u64) -> (Config, usize) {
+    if group == META_GROUP || entries == 0 {
+        return (config, super::log_store::DEFAULT_CHUNK_ENTRIES);
+    }
+    config.snapshot_policy = SnapshotPolicy::LogsSinceLast(entries);
+    config.max_in_snapshot_log_to_keep = KEEP_BELOW_SNAPSHOT.min(entries);
+    // A chunk of a snapshot (3 MiB) and, for the last one, the follower's unpacking and
+    // swap-in must fit (openraft's default is 200 ms).
+    config.install_snapshot_timeout = INSTALL_SNAPSHOT_TIMEOUT_MS;
+    // A purge frees whole chunks: a quarter of the snapshot interval each.
+    let chunk = usize::try_from(entries / 4)
+        .unwrap_or(usize::MAX)
+        .clamp(16, super::log_store::DEFAULT_CHUNK_ENTRIES);
+    (config, chunk)
+}
+
+/// Entries replayed by queue groups at start, over all of them (counter): with snapshots,
+/// at most about `raft_snapshot_entries` per group, never the whole history.
+pub const START_REPLAYED: &str = "qit_cluster_start_replayed_entries_total";
+
 impl Groups {
     /// Groups of `node_id`, logs under `raft_dir`.
     pub fn new(
         node_id: u64,
         voters: BTreeMap<u64, String>,
         raft_dir: PathBuf,
-        sync: bool,
+        (sync, snapshot_entries): (bool, u64),
         peers: Arc<Peers>,
         broker: Arc<Broker>,
     ) -> Self {
@@ -86,6 +119,7 @@ impl Groups {
             voters,
             raft_dir,
             sync,
+            snapshot_entries,
             peers,
             broker,
             rafts: RwLock::new(HashMap::new()),
@@ -107,13 +141,25 @@ impl Groups {
         role: Role,
     ) -> Result<Raft, ClusterError> {
         let preferred = members.first() == Some(&self.node_id);
-        let config = Arc::new(raft_config(id, preferred)?);
+        let (config, chunk_entries) =
+            storage_policy(raft_config(id, preferred)?, id, self.snapshot_entries);
+        let config = Arc::new(config);
         let dir = self.raft_dir.join(id.to_string());
-        let log = LogStore::open(&dir, self.sync).map_err(|source| ClusterError::Io {
-            path: dir.clone(),
-            source,
+        let log = LogStore::open_chunked(&dir, self.sync, chunk_entries).map_err(|source| {
+            ClusterError::Io {
+                path: dir.clone(),
+                source,
+            }
         })?;
-        let machine = StateMachine::new(role, Some(Arc::clone(&self.broker)));
+        let machine = match role {
+            Role::Queue(name) => {
+                StateMachine::for_queue(&name, Arc::clone(&self.broker), &dir.join("snapshot"))
+                    .await
+                    .map_err(|e| ClusterError::Raft(format!("group {id}: {e}")))?
+            }
+            role => StateMachine::new(role, Some(Arc::clone(&self.broker))),
+        };
+        let replayed = machine.applied_counter();
         let network = Network {
             group: id,
             peers: Arc::clone(&self.peers),
@@ -121,6 +167,11 @@ impl Groups {
         let raft = Raft::new(self.node_id, config, network, log, machine)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        if id != META_GROUP {
+            let replayed = replayed.load(std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!(START_REPLAYED).increment(replayed);
+            tracing::debug!(group = id, replayed, "queue group started");
+        }
         self.rafts.write().insert(id, raft.clone());
         let nodes: BTreeMap<u64, BasicNode> = members
             .iter()
@@ -164,7 +215,10 @@ impl Groups {
         if !replicas.contains(&self.node_id) {
             return;
         }
-        if let Err(error) = self.open_group(id, &replicas, Role::Queue).await {
+        if let Err(error) = self
+            .open_group(id, &replicas, Role::Queue(name.to_string()))
+            .await
+        {
             tracing::error!(queue = name, group = id, %error, "cannot open the queue's raft group");
         }
     }

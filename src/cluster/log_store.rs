@@ -1,14 +1,20 @@
-//! The Raft log of one group on disk ([`RaftLogStorage`]): a file of checksummed records
-//! and small files for the vote, the committed id and the purge point.
+//! The Raft log of one group on disk ([`RaftLogStorage`]): a sequence of chunk files of
+//! checksummed records, and small files for the vote, the committed id and the purge point.
 //!
 //! ```text
-//! log:   record*      record = len u32 LE | crc32(payload) u32 LE | payload (an encoded Entry)
+//! log.{seq:010}:  record*     record = len u32 LE | crc32(payload) u32 LE | payload (an encoded Entry)
 //! vote, committed, purged:     crc32(payload) u32 LE | payload (encoded), replaced by rename
 //! ```
-//! Opening scans the log file; a torn or corrupt tail (a crash mid-append) is cut off, which
-//! Raft allows for entries this node never acknowledged. Truncation cuts the file; a purge
-//! only records the purge point (the bytes below it stay until the file is rewritten — this
-//! first version never rewrites it, and qit never purges: see `mod.rs`).
+//! Entries are appended to the last chunk; a new chunk starts once the last one holds
+//! [`CHUNK_BYTES`] or the configured number of entries. A purge records the purge point,
+//! then deletes every chunk whose entries all lie at or below it, so disk use follows the
+//! log openraft keeps (the snapshot policy decides how long that is, see `groups.rs`).
+//!
+//! Opening scans the chunks in order; a torn or corrupt record (a crash mid-append) ends the
+//! log there: its chunk is cut and any later chunk is removed, which Raft allows for entries
+//! this node never acknowledged. Truncation cuts the chunk holding the first removed entry
+//! and removes the chunks after it. A log of the first layout (one file `log`) is taken over
+//! as the first chunk.
 //!
 //! Appends are written at once and, with `--fsync always`, synced before openraft is told
 //! they are durable; with `interval`/`never` they are acknowledged from the page cache, as a
@@ -32,27 +38,48 @@ use super::types::{TypeConfig, decode, encode};
 
 /// Bytes of a record header: length and CRC.
 const HEADER: usize = 8;
+/// A chunk takes no more appends once it holds this many bytes.
+pub const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+/// Entries per chunk unless configured otherwise.
+pub const DEFAULT_CHUNK_ENTRIES: usize = 4096;
+/// Prefix of chunk file names (`log.{seq:010}`).
+const CHUNK_PREFIX: &str = "log.";
 
-/// Where an entry lies in the log file.
+/// Where an entry lies.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
-    /// Offset of the record header.
+    /// The chunk's sequence number.
+    chunk: u64,
+    /// Offset of the record header in the chunk.
     pos: u64,
     /// Payload length.
     len: u32,
 }
 
+/// One chunk file.
+struct Chunk {
+    file: File,
+    path: PathBuf,
+    /// Length of its valid records.
+    end: u64,
+    /// Entries it holds (purged ones included).
+    entries: usize,
+    /// Index of its last entry.
+    last_index: Option<u64>,
+}
+
 struct Inner {
     dir: PathBuf,
-    file: File,
-    /// Length of the valid log file.
-    end: u64,
+    chunks: BTreeMap<u64, Chunk>,
     slots: BTreeMap<u64, Slot>,
     last_log_id: Option<LogId<u64>>,
     purged: Option<LogId<u64>>,
     vote: Option<Vote<u64>>,
     committed: Option<LogId<u64>>,
     sync: bool,
+    chunk_entries: usize,
+    /// Sequence number of the next chunk created.
+    next_seq: u64,
 }
 
 /// One group's Raft log (cheap to clone: clones share the files).
@@ -107,8 +134,8 @@ fn read_small<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> std::io::
     decode(payload).map(Some).map_err(|_| corrupt())
 }
 
-/// Scans the log file: the valid records and where they end.
-fn scan(bytes: &[u8]) -> (Vec<(LogId<u64>, Slot)>, u64) {
+/// Scans a chunk: the valid records (log id, position, payload length) and where they end.
+fn scan(bytes: &[u8]) -> (Vec<(LogId<u64>, u64, u32)>, u64) {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while let Some(header) = bytes.get(pos..pos + HEADER) {
@@ -123,61 +150,214 @@ fn scan(bytes: &[u8]) -> (Vec<(LogId<u64>, Slot)>, u64) {
         let Ok(entry) = decode::<Entry<TypeConfig>>(payload) else {
             break;
         };
-        out.push((
-            entry.log_id,
-            Slot {
-                pos: pos as u64,
-                len,
-            },
-        ));
+        out.push((entry.log_id, pos as u64, len));
         pos += HEADER + len as usize;
     }
     (out, pos as u64)
 }
 
-impl LogStore {
-    /// Opens (or creates) the log in `dir`; `sync` makes every append durable before it is
-    /// acknowledged.
-    pub fn open(dir: &Path, sync: bool) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join("log");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)?;
+/// The chunk files in `dir`, by sequence number.
+fn chunk_files(dir: &Path) -> std::io::Result<BTreeMap<u64, PathBuf>> {
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let seq = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(CHUNK_PREFIX))
+            .and_then(|s| s.parse::<u64>().ok());
+        if let Some(seq) = seq {
+            found.insert(seq, path);
+        }
+    }
+    Ok(found)
+}
+
+fn chunk_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{CHUNK_PREFIX}{seq:010}"))
+}
+
+fn open_rw(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// What opening found in one chunk.
+struct Scanned {
+    chunk: Chunk,
+    /// The log ended inside this chunk (later chunks are not part of it).
+    ended: bool,
+}
+
+impl Inner {
+    /// Scans one chunk into `slots`, keeping entries above the purge point; cuts a torn or
+    /// out-of-order tail.
+    fn scan_chunk(&mut self, seq: u64, path: PathBuf) -> std::io::Result<Scanned> {
+        let file = open_rw(&path)?;
         let mut bytes = Vec::new();
         (&file).read_to_end(&mut bytes)?;
-        let (records, end) = scan(&bytes);
+        let (records, mut end) = scan(&bytes);
+        let (mut entries, mut last_index, mut ended) = (0, None, false);
+        for (log_id, pos, len) in records {
+            let kept = self.purged.is_none_or(|p| log_id.index > p.index);
+            let follows = self
+                .slots
+                .keys()
+                .next_back()
+                .is_none_or(|last| log_id.index == last + 1);
+            if kept && !follows {
+                end = pos;
+                break;
+            }
+            entries += 1;
+            last_index = Some(log_id.index);
+            if kept {
+                self.slots.insert(
+                    log_id.index,
+                    Slot {
+                        chunk: seq,
+                        pos,
+                        len,
+                    },
+                );
+                self.last_log_id = Some(log_id);
+            }
+        }
         if end < bytes.len() as u64 {
             tracing::warn!(path = %path.display(), valid = end, len = bytes.len(), "raft log: cutting a torn tail");
             file.set_len(end)?;
             file.sync_all()?;
+            ended = true;
+        }
+        Ok(Scanned {
+            chunk: Chunk {
+                file,
+                path,
+                end,
+                entries,
+                last_index,
+            },
+            ended,
+        })
+    }
+
+    /// Deletes the chunks whose entries all lie at or below the purge point (and empty
+    /// chunks other than the last).
+    fn drop_purged_chunks(&mut self) -> std::io::Result<()> {
+        let last_seq = self.chunks.keys().next_back().copied();
+        let purged = self.purged.map(|p| p.index);
+        let gone: Vec<u64> = self
+            .chunks
+            .iter()
+            .filter(|(seq, c)| match c.last_index {
+                Some(last) => purged.is_some_and(|p| last <= p),
+                None => Some(**seq) != last_seq,
+            })
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &gone {
+            if let Some(chunk) = self.chunks.remove(seq) {
+                std::fs::remove_file(&chunk.path)?;
+            }
+        }
+        if !gone.is_empty() && self.sync {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// The chunk appends go to: the last one, or a new one once it is full.
+    fn writable_chunk(&mut self) -> std::io::Result<u64> {
+        if let Some((seq, chunk)) = self.chunks.iter().next_back()
+            && chunk.end < CHUNK_BYTES
+            && chunk.entries < self.chunk_entries
+        {
+            return Ok(*seq);
+        }
+        let seq = self
+            .chunks
+            .keys()
+            .next_back()
+            .map_or(self.next_seq, |s| (s + 1).max(self.next_seq));
+        self.next_seq = seq + 1;
+        let path = chunk_path(&self.dir, seq);
+        let file = open_rw(&path)?;
+        file.set_len(0)?;
+        if self.sync {
+            sync_dir(&self.dir)?;
+        }
+        self.chunks.insert(
+            seq,
+            Chunk {
+                file,
+                path,
+                end: 0,
+                entries: 0,
+                last_index: None,
+            },
+        );
+        Ok(seq)
+    }
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `dir` with [`DEFAULT_CHUNK_ENTRIES`]; `sync` makes
+    /// every append durable before it is acknowledged.
+    pub fn open(dir: &Path, sync: bool) -> std::io::Result<Self> {
+        Self::open_chunked(dir, sync, DEFAULT_CHUNK_ENTRIES)
+    }
+
+    /// [`Self::open`], starting a new chunk every `chunk_entries` entries (or
+    /// [`CHUNK_BYTES`]): a purge frees whole chunks, so this bounds what a purge leaves.
+    pub fn open_chunked(dir: &Path, sync: bool, chunk_entries: usize) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let legacy = dir.join("log");
+        if legacy.is_file() {
+            std::fs::rename(&legacy, chunk_path(dir, 0))?;
+            sync_dir(dir)?;
         }
         let purged: Option<LogId<u64>> = read_small(dir, "purged")?;
-        let mut slots = BTreeMap::new();
-        let mut last_log_id = purged;
-        for (log_id, slot) in records {
-            if purged.is_some_and(|p| log_id.index <= p.index) {
+        let mut inner = Inner {
+            dir: dir.to_path_buf(),
+            chunks: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            last_log_id: purged,
+            purged,
+            vote: read_small(dir, "vote")?,
+            committed: read_small(dir, "committed")?,
+            sync,
+            chunk_entries: chunk_entries.max(1),
+            next_seq: 0,
+        };
+        let mut ended = false;
+        for (seq, path) in chunk_files(dir)? {
+            inner.next_seq = seq + 1;
+            if ended {
+                tracing::warn!(path = %path.display(), "raft log: removing a chunk after the end of the log");
+                std::fs::remove_file(&path)?;
                 continue;
             }
-            slots.insert(log_id.index, slot);
-            last_log_id = Some(log_id);
+            let scanned = inner.scan_chunk(seq, path)?;
+            ended = scanned.ended;
+            inner.chunks.insert(seq, scanned.chunk);
         }
+        inner.drop_purged_chunks()?;
         Ok(Self {
-            inner: Arc::new(Mutex::new(Inner {
-                dir: dir.to_path_buf(),
-                file,
-                end,
-                slots,
-                last_log_id,
-                purged,
-                vote: read_small(dir, "vote")?,
-                committed: read_small(dir, "committed")?,
-                sync,
-            })),
+            inner: Arc::new(Mutex::new(inner)),
         })
+    }
+
+    /// Bytes of the log's chunk files (for tests and metrics).
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.lock().chunks.values().map(|c| c.end).sum()
     }
 
     // openraft's own error type, as its traits return it.
@@ -188,8 +368,15 @@ impl LogStore {
         slot: Slot,
     ) -> Result<Entry<TypeConfig>, StorageError<u64>> {
         let subject = ErrorSubject::Log(LogId::new(openraft::CommittedLeaderId::new(0, 0), index));
+        let Some(chunk) = inner.chunks.get(&slot.chunk) else {
+            return Err(io_err(
+                subject,
+                ErrorVerb::Read,
+                std::io::Error::other(format!("chunk {} of entry {index} is gone", slot.chunk)),
+            ));
+        };
         let mut buf = vec![0u8; slot.len as usize];
-        inner
+        chunk
             .file
             .read_exact_at(&mut buf, slot.pos + HEADER as u64)
             .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
@@ -270,41 +457,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut inner = self.inner.lock();
-        let mut bytes = Vec::new();
-        let mut added = Vec::new();
-        let mut pos = inner.end;
-        for entry in entries {
-            let subject = ErrorSubject::Log(entry.log_id);
-            let payload =
-                encode(&entry).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-            let len =
-                u32::try_from(payload.len()).map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
-            bytes.extend_from_slice(&len.to_le_bytes());
-            bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-            bytes.extend_from_slice(&payload);
-            added.push((entry.log_id, Slot { pos, len }));
-            pos += (HEADER + payload.len()) as u64;
-        }
-        let written = inner.file.write_all_at(&bytes, inner.end).and_then(|()| {
-            if inner.sync {
-                inner.file.sync_data()
-            } else {
+        let written = Self::append_locked(&mut inner, entries);
+        drop(inner);
+        match written {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
                 Ok(())
             }
-        });
-        if let Err(e) = written {
-            let message = e.to_string();
-            callback.log_io_completed(Err(std::io::Error::other(message)));
-            return Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, e));
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e)
+            }
         }
-        inner.end = pos;
-        for (log_id, slot) in added {
-            inner.slots.insert(log_id.index, slot);
-            inner.last_log_id = Some(log_id);
-        }
-        drop(inner);
-        callback.log_io_completed(Ok(()));
-        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
@@ -313,12 +477,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let Some(first) = removed.values().next().copied() else {
             return Ok(());
         };
-        inner
-            .file
-            .set_len(first.pos)
-            .and_then(|()| inner.file.sync_data())
-            .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))?;
-        inner.end = first.pos;
+        let err = |e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e);
+        let later: Vec<u64> = inner
+            .chunks
+            .range(first.chunk + 1..)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in later {
+            if let Some(chunk) = inner.chunks.remove(&seq) {
+                std::fs::remove_file(&chunk.path).map_err(err)?;
+            }
+        }
+        let cut = removed.values().filter(|s| s.chunk == first.chunk).count();
+        if let Some(chunk) = inner.chunks.get_mut(&first.chunk) {
+            chunk
+                .file
+                .set_len(first.pos)
+                .and_then(|()| chunk.file.sync_data())
+                .map_err(err)?;
+            chunk.end = first.pos;
+            chunk.entries = chunk.entries.saturating_sub(cut);
+            chunk.last_index = (chunk.entries > 0)
+                .then(|| log_id.index.checked_sub(1))
+                .flatten();
+        }
         let last = match inner.slots.iter().next_back() {
             Some((index, slot)) => Some(Self::read_entry(&inner, *index, *slot)?.log_id),
             None => inner.purged,
@@ -329,8 +511,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
         let mut inner = self.inner.lock();
-        write_small(&inner.dir, "purged", &log_id, true)
-            .map_err(|e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e))?;
+        let err = |e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e);
+        write_small(&inner.dir, "purged", &log_id, true).map_err(err)?;
         inner.purged = Some(log_id);
         let kept = inner.slots.split_off(&(log_id.index + 1));
         inner.slots = kept;
@@ -338,6 +520,65 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .last_log_id
             .is_none_or(|last| last.index < log_id.index)
         {
+            inner.last_log_id = Some(log_id);
+        }
+        inner.drop_purged_chunks().map_err(err)
+    }
+}
+
+impl LogStore {
+    // openraft's own error type, as its traits return it.
+    #[allow(clippy::result_large_err)]
+    fn append_locked<I>(inner: &mut Inner, entries: I) -> Result<(), StorageError<u64>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>>,
+    {
+        let seq = inner
+            .writable_chunk()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        let start = inner.chunks.get(&seq).map_or(0, |c| c.end);
+        let mut bytes = Vec::new();
+        let mut added = Vec::new();
+        let mut pos = start;
+        for entry in entries {
+            let subject = ErrorSubject::Log(entry.log_id);
+            let payload =
+                encode(&entry).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+            let len =
+                u32::try_from(payload.len()).map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
+            bytes.extend_from_slice(&len.to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+            added.push((
+                entry.log_id,
+                Slot {
+                    chunk: seq,
+                    pos,
+                    len,
+                },
+            ));
+            pos += (HEADER + payload.len()) as u64;
+        }
+        let sync = inner.sync;
+        let Some(chunk) = inner.chunks.get_mut(&seq) else {
+            return Err(io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other("the chunk being written vanished"),
+            ));
+        };
+        chunk
+            .file
+            .write_all_at(&bytes, start)
+            .and_then(|()| if sync { chunk.file.sync_data() } else { Ok(()) })
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        chunk.end = pos;
+        chunk.entries += added.len();
+        if let Some((last, _)) = added.last() {
+            chunk.last_index = Some(last.index);
+        }
+        for (log_id, slot) in added {
+            inner.slots.insert(log_id.index, slot);
             inner.last_log_id = Some(log_id);
         }
         Ok(())
@@ -349,8 +590,114 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn entry(index: u64, bytes: usize) -> Entry<TypeConfig> {
+        let op = crate::broker::replicate::Op::DeleteQueue {
+            name: "x".repeat(bytes.max(1)),
+        };
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(super::super::types::Command::Broker(op)),
+        }
+    }
+
+    fn append(store: &LogStore, from: u64, to: u64) {
+        let mut inner = store.inner.lock();
+        for i in from..to {
+            LogStore::append_locked(&mut inner, [entry(i, 100)]).unwrap();
+        }
+    }
+
+    fn chunks(dir: &Path) -> usize {
+        chunk_files(dir).unwrap().len()
+    }
+
+    async fn indexes(store: &mut LogStore) -> Vec<u64> {
+        store
+            .try_get_log_entries(0..u64::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect()
+    }
+
+    /// A purge deletes the chunks below the purge point (the disk shrinks) and a reopened
+    /// log holds exactly the entries after it.
+    #[tokio::test]
+    async fn purging_deletes_whole_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open_chunked(dir.path(), false, 10).unwrap();
+        append(&store, 1, 101);
+        assert_eq!(chunks(dir.path()), 10);
+        let before = store.disk_bytes();
+        store.purge(entry(55, 0).log_id).await.unwrap();
+        assert_eq!(chunks(dir.path()), 5, "chunks 1-50 go, 51-60 stays");
+        assert!(store.disk_bytes() < before / 2 + before / 10);
+        assert_eq!(indexes(&mut store).await, (56..101).collect::<Vec<_>>());
+        drop(store);
+        let mut store = LogStore::open_chunked(dir.path(), false, 10).unwrap();
+        assert_eq!(indexes(&mut store).await, (56..101).collect::<Vec<_>>());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(55));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(100));
+        // Purging past the end (an installed snapshot) empties the log; appends go on after.
+        store.purge(entry(200, 0).log_id).await.unwrap();
+        assert_eq!(chunks(dir.path()), 0);
+        append(&store, 201, 205);
+        drop(store);
+        let mut store = LogStore::open_chunked(dir.path(), false, 10).unwrap();
+        assert_eq!(indexes(&mut store).await, (201..205).collect::<Vec<_>>());
+    }
+
+    /// Truncation cuts the chunk holding the first removed entry and removes later ones.
+    #[tokio::test]
+    async fn truncation_spans_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open_chunked(dir.path(), false, 10).unwrap();
+        append(&store, 1, 36);
+        store.truncate(entry(15, 0).log_id).await.unwrap();
+        assert_eq!(chunks(dir.path()), 2);
+        assert_eq!(indexes(&mut store).await, (1..15).collect::<Vec<_>>());
+        append(&store, 15, 18);
+        drop(store);
+        let mut store = LogStore::open_chunked(dir.path(), false, 10).unwrap();
+        assert_eq!(indexes(&mut store).await, (1..18).collect::<Vec<_>>());
+    }
+
+    /// A torn record in a chunk ends the log there: later chunks are removed on open.
+    #[tokio::test]
+    async fn a_torn_chunk_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open_chunked(dir.path(), false, 10).unwrap();
+        append(&store, 1, 31);
+        drop(store);
+        let second = chunk_path(dir.path(), 1);
+        let len = std::fs::metadata(&second).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&second)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let mut store = LogStore::open_chunked(dir.path(), false, 10).unwrap();
+        assert_eq!(indexes(&mut store).await, (1..20).collect::<Vec<_>>());
+        assert_eq!(chunks(dir.path()), 2);
+    }
+
+    /// A log of the first layout (one file `log`) opens as the first chunk.
+    #[tokio::test]
+    async fn the_single_file_layout_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open_chunked(dir.path(), false, 1000).unwrap();
+        append(&store, 1, 6);
+        drop(store);
+        std::fs::rename(chunk_path(dir.path(), 0), dir.path().join("log")).unwrap();
+        let mut store = LogStore::open(dir.path(), false).unwrap();
+        assert_eq!(indexes(&mut store).await, (1..6).collect::<Vec<_>>());
+    }
+
     proptest! {
-        /// A log file cut at any byte opens with exactly the whole records before the cut.
+        /// A chunk cut at any byte opens with exactly the whole records before the cut.
         #[test]
         fn a_torn_tail_keeps_the_whole_records(n in 1usize..6, cut_back in 0usize..64) {
             let mut bytes = Vec::new();

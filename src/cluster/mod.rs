@@ -20,12 +20,18 @@
 //! HTTP and gRPC alike. Reads (`GET /queues/{q}`, `/log`, `Subscribe`) are local: every
 //! replica holds exactly the committed entries.
 //!
-//! Storage, first version: each group has its own Raft log next to the broker's data, and
-//! the broker's data directory of a cluster node is the state the logs rebuild: it is
-//! cleared at start and the committed logs are replayed into it. Logs are never purged (no
-//! snapshots carry data yet), so a lagging or wiped node catches up from the leaders' logs.
-//! Messages are thus written twice (Raft log and segment log) and a restart replays
-//! everything: the segment log as the Raft log (format v2) is the next step.
+//! Storage: each group has its own Raft log next to the broker's data
+//! (`raft/{group}/`, [`log_store`]), and the broker's data directory of a cluster node
+//! (`state/`) is derived from the groups: it is cleared at start, the metadata group
+//! replays its (small, never purged) log and so re-creates every queue, and each queue
+//! group restores its queue from its latest snapshot and replays only the entries after
+//! it ([`state_machine`], [`snapshot`]). A queue group snapshots every
+//! `raft_snapshot_entries` entries: the snapshot hard-links the queue's sealed segments
+//! (so they are not stored twice) and copies its group state; the Raft log below it is
+//! purged, chunk by chunk. A follower too far behind for the log, or wiped, is sent the
+//! snapshot as one stream and swaps it in. Messages are still written twice while they
+//! are in the Raft log (bounded by the snapshot interval); the segment log as the Raft log
+//! (format v2) would end that.
 
 pub mod auth;
 pub mod groups;
@@ -33,6 +39,7 @@ pub mod log_store;
 pub mod network;
 pub mod placement;
 pub mod service;
+pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 pub mod view;
@@ -96,6 +103,9 @@ pub struct ClusterConfig {
     pub data_dir: PathBuf,
     /// Sync Raft log appends before acknowledging them (`--fsync always`).
     pub sync: bool,
+    /// A queue group snapshots its data after this many applied entries, and its Raft log
+    /// is purged below the snapshot (`raft_snapshot_entries`).
+    pub snapshot_entries: u64,
     /// This node's bound cluster, HTTP and gRPC addresses (announced to the others).
     pub cluster_addr: SocketAddr,
     /// HTTP address.
@@ -104,8 +114,8 @@ pub struct ClusterConfig {
     pub grpc_addr: SocketAddr,
 }
 
-/// The broker data directory of a cluster node, cleared: the committed Raft logs rebuild
-/// it at start (see the module docs).
+/// The broker data directory of a cluster node, cleared: the groups' snapshots and
+/// committed Raft logs rebuild it at start (see the module docs).
 pub fn fresh_state_dir(data_dir: &Path) -> Result<PathBuf, ClusterError> {
     let state = data_dir.join("state");
     match std::fs::remove_dir_all(&state) {
@@ -169,7 +179,7 @@ impl Cluster {
             config.node_id,
             config.peers.clone(),
             config.data_dir.join("raft"),
-            config.sync,
+            (config.sync, config.snapshot_entries),
             peers,
             Arc::clone(&broker),
         ));

@@ -2,23 +2,39 @@
 //! broker's own apply path ([`crate::broker::Broker::apply_op`]), so a leader, a follower
 //! and a restarted node reach the same queues, offsets and group state from the same log.
 //!
-//! The broker's data directory is the state this machine builds. A cluster node clears it
-//! at start and replays the committed Raft log into it (see `mod.rs`), so `applied_state`
-//! starts empty and nothing is ever applied twice. Snapshots hold only the applied log id
-//! and membership: qit never purges a Raft log, so openraft never has to ship one.
+//! The broker's data directory is the state these machines build; a cluster node clears it
+//! at start (see `mod.rs`). The metadata group replays its whole log (it is small and
+//! never purged) and so creates every queue again, empty. A queue group's machine then
+//! restores the queue's data from the group's latest snapshot ([`super::snapshot`]) before
+//! openraft replays only the entries after it.
+//!
+//! A queue group's snapshot carries the queue's data: the files are captured between two
+//! applies ([`RaftStateMachine::get_snapshot_builder`] runs on the apply task) and the
+//! CRCs, fsyncs and manifest are done by the builder on its own task. Installing one (a
+//! far-behind or wiped follower) unpacks it, checks it and swaps it into the broker.
+//! Snapshots of the metadata group (and of the storage suite's bare machine) hold only the
+//! applied log id and membership.
 
-use std::io::Cursor;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, StorageError, StoredMembership,
+    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder,
+    StorageError, StoredMembership,
 };
-use serde::{Deserialize, Serialize};
 
-use super::types::{Applied, Command, NodeAddrs, TypeConfig, decode, encode};
+use super::snapshot::{
+    Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, unpack_bare,
+};
+use super::types::{Applied, Command, NodeAddrs, TypeConfig};
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
+
+/// Snapshots built by queue groups (counter).
+pub const SNAPSHOTS_BUILT: &str = "qit_cluster_snapshots_built_total";
+/// Snapshots installed from a leader by queue groups (counter).
+pub const SNAPSHOTS_INSTALLED: &str = "qit_cluster_snapshots_installed_total";
 
 /// What applying metadata does beyond the broker: the cluster's groups follow the queues
 /// (implemented by [`super::groups::Groups`]; a trait so that the two files do not import
@@ -37,22 +53,32 @@ pub trait MetaHooks: Send + Sync {
 pub enum Role {
     /// The metadata group: creating and deleting a queue opens and closes its group.
     Meta(Arc<dyn MetaHooks>),
-    /// A queue's group.
-    Queue,
+    /// The group of the named queue.
+    Queue(String),
     /// A machine with no broker behind it, for openraft's storage suite: entries only move
     /// the applied id and the membership.
     Bare,
 }
 
-/// What a snapshot holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SnapshotBody {
-    last_applied: Option<LogId<u64>>,
-    membership: StoredMembership<u64, BasicNode>,
+/// A snapshot without data, as kept in memory: its meta and packed bytes.
+type InMemory = (SnapshotMeta<u64, BasicNode>, Vec<u8>);
+
+/// openraft's storage error for `error`.
+fn storage_error(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    error: impl std::fmt::Display,
+) -> StorageError<u64> {
+    StorageError::from_io_error(subject, verb, std::io::Error::other(error.to_string()))
 }
 
-/// A snapshot as kept: its meta and bytes.
-type Stored = (SnapshotMeta<u64, BasicNode>, Vec<u8>);
+fn meta_of(manifest: &Manifest) -> SnapshotMeta<u64, BasicNode> {
+    SnapshotMeta {
+        last_log_id: manifest.last_log_id,
+        last_membership: manifest.membership.clone(),
+        snapshot_id: manifest.snapshot_id.clone(),
+    }
+}
 
 /// One group's state machine.
 pub struct StateMachine {
@@ -60,22 +86,75 @@ pub struct StateMachine {
     broker: Option<Arc<Broker>>,
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
-    /// The last snapshot built or installed (shared with the builders).
-    snapshot: Arc<parking_lot::Mutex<Option<Stored>>>,
+    /// The last snapshot without data built or installed (shared with the builders).
+    in_memory: Arc<parking_lot::Mutex<Option<InMemory>>>,
+    /// A queue group's snapshots.
+    store: Option<SnapshotDir>,
     snapshots_built: u64,
+    /// Entries applied by this machine (and its clones); read after start-up, it is how
+    /// many the start replayed.
+    applied: Arc<AtomicU64>,
+    /// A builder's files, captured between two applies.
+    captured: Option<Result<Captured, String>>,
 }
 
 impl StateMachine {
-    /// A machine applying into `broker` (none for [`Role::Bare`]).
+    /// A machine applying into `broker` (none for [`Role::Bare`]) whose snapshots carry no
+    /// data.
     pub fn new(role: Role, broker: Option<Arc<Broker>>) -> Self {
         Self {
             role,
             broker,
             last_applied: None,
             membership: StoredMembership::default(),
-            snapshot: Arc::default(),
+            in_memory: Arc::default(),
+            store: None,
             snapshots_built: 0,
+            applied: Arc::default(),
+            captured: None,
         }
+    }
+
+    /// The machine of queue `name`'s group, its snapshots in `dir`: the queue's data (just
+    /// created empty by the metadata replay) is replaced by the latest snapshot's, and the
+    /// machine starts at the log id that snapshot covers.
+    pub async fn for_queue(
+        name: &str,
+        broker: Arc<Broker>,
+        dir: &std::path::Path,
+    ) -> Result<Self, SnapshotError> {
+        let store = SnapshotDir::open(dir)?;
+        let mut machine = Self::new(Role::Queue(name.to_string()), Some(broker));
+        if let Some(stored) = store.current() {
+            machine.restore(&stored).await?;
+            tracing::info!(queue = name, last = ?stored.manifest.last_log_id, files = stored.manifest.files.len(), "queue restored from its snapshot");
+        }
+        machine.store = Some(store);
+        Ok(machine)
+    }
+
+    /// Entries applied so far (see the field).
+    pub fn applied_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.applied)
+    }
+
+    /// Swaps a stored snapshot's data into the broker and moves to the log id it covers.
+    async fn restore(&mut self, stored: &Stored) -> Result<(), SnapshotError> {
+        if let (Role::Queue(name), Some(broker)) = (&self.role, &self.broker) {
+            let source = stored.clone();
+            broker
+                .replace_queue_data(name, move |dir| {
+                    source.restore_into(dir).map_err(std::io::Error::from)
+                })
+                .await
+                .map_err(|e| SnapshotError::Invalid {
+                    path: stored.dir.clone(),
+                    reason: format!("the broker cannot open it: {e}"),
+                })?;
+        }
+        self.last_applied = stored.manifest.last_log_id;
+        self.membership = stored.manifest.membership.clone();
+        Ok(())
     }
 
     async fn apply_command(&mut self, log_id: LogId<u64>, command: Command) -> Applied {
@@ -121,36 +200,124 @@ impl StateMachine {
             }
         }
     }
+
+    /// Links the queue's files for a snapshot at the applied point (on the apply task).
+    fn capture(&self) -> Option<Result<Captured, String>> {
+        let (Role::Queue(name), Some(store), Some(broker)) =
+            (&self.role, &self.store, &self.broker)
+        else {
+            return None;
+        };
+        let id = format!(
+            "{}-{}",
+            self.last_applied.map_or(0, |l| l.index),
+            self.snapshots_built
+        );
+        let manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
+        Some(
+            broker
+                .queue_image(name)
+                .map_err(|e| e.to_string())
+                .and_then(|image| store.capture(&image, manifest).map_err(|e| e.to_string())),
+        )
+    }
+
+    /// Completes a captured snapshot on a blocking thread.
+    async fn finish(&self, captured: Captured) -> Result<Stored, String> {
+        if let (Role::Queue(name), Some(broker)) = (&self.role, &self.broker) {
+            broker
+                .flush_queue(name)
+                .await
+                .map_err(|e| format!("flushing the queue: {e}"))?;
+        }
+        let store = self.store.clone().ok_or("no snapshot directory")?;
+        tokio::task::spawn_blocking(move || store.finish(captured))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// A snapshot without data of the applied point, kept in memory.
+    #[allow(clippy::result_large_err)]
+    fn build_in_memory(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let id = format!(
+            "{}-{}",
+            self.last_applied.map_or(0, |l| l.index),
+            self.snapshots_built
+        );
+        let manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
+        let bytes = pack_bare(&manifest)
+            .map_err(|e| storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        let meta = meta_of(&manifest);
+        *self.in_memory.lock() = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotData::memory(bytes)),
+        })
+    }
+
+    // openraft's own error type, as its traits return it.
+    #[allow(clippy::result_large_err)]
+    fn stored_snapshot(stored: &Stored) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let meta = meta_of(&stored.manifest);
+        let reader = stored.reader().map_err(|e| {
+            storage_error(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                e,
+            )
+        })?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotData::pack(reader)),
+        })
+    }
+
+    /// Installs a received snapshot of a queue group: unpacked and checked on a blocking
+    /// thread, then swapped into the broker.
+    async fn install_queue(
+        &mut self,
+        store: SnapshotDir,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: SnapshotData,
+    ) -> Result<(), String> {
+        let expected = meta.last_log_id;
+        let stored = tokio::task::spawn_blocking(move || {
+            let (mut reader, received) = snapshot.into_reader().map_err(|e| e.to_string())?;
+            let unpacked = store
+                .unpack(&mut reader, expected)
+                .map_err(|e| e.to_string());
+            if let Some(path) = received {
+                let _ = std::fs::remove_file(path);
+            }
+            unpacked
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.restore(&stored).await.map_err(|e| e.to_string())?;
+        metrics::counter!(SNAPSHOTS_INSTALLED).increment(1);
+        tracing::info!(last = ?meta.last_log_id, files = stored.manifest.files.len(), "queue snapshot installed");
+        Ok(())
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let body = SnapshotBody {
-            last_applied: self.last_applied,
-            membership: self.membership.clone(),
-        };
-        let bytes = encode(&body).map_err(|e| {
-            StorageError::from_io_error(
-                openraft::ErrorSubject::StateMachine,
-                openraft::ErrorVerb::Write,
-                std::io::Error::other(e),
-            )
-        })?;
-        self.snapshots_built += 1;
-        let meta = SnapshotMeta {
-            last_log_id: self.last_applied,
-            last_membership: self.membership.clone(),
-            snapshot_id: format!(
-                "{}-{}",
-                self.last_applied.map_or(0, |l| l.index),
-                self.snapshots_built
-            ),
-        };
-        *self.snapshot.lock() = Some((meta.clone(), bytes.clone()));
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        match self.captured.take() {
+            None => self.build_in_memory(),
+            Some(captured) => {
+                let stored = match captured {
+                    Ok(captured) => self.finish(captured).await,
+                    Err(error) => Err(error),
+                };
+                let stored = stored.map_err(|e| {
+                    tracing::error!(error = %e, "building a queue snapshot failed");
+                    storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+                })?;
+                metrics::counter!(SNAPSHOTS_BUILT).increment(1);
+                Self::stored_snapshot(&stored)
+            }
+        }
     }
 }
 
@@ -171,6 +338,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut replies = Vec::new();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
+            self.applied.fetch_add(1, Ordering::Relaxed);
             let reply = match entry.payload {
                 EntryPayload::Blank => Applied(Ok(OpResult::Done)),
                 EntryPayload::Membership(membership) => {
@@ -185,52 +353,80 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshots_built += 1;
+        let captured = self.capture();
         StateMachine {
             role: self.role.clone(),
             broker: self.broker.clone(),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
-            snapshot: Arc::clone(&self.snapshot),
+            in_memory: Arc::clone(&self.in_memory),
+            store: self.store.clone(),
             snapshots_built: self.snapshots_built,
+            applied: Arc::clone(&self.applied),
+            captured,
         }
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError<u64>> {
+        match &self.store {
+            Some(store) => SnapshotData::receiving(store.incoming())
+                .await
+                .map(Box::new)
+                .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e)),
+            None => Ok(Box::new(SnapshotData::memory(Vec::new()))),
+        }
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError<u64>> {
-        let bytes = snapshot.into_inner();
-        let body: SnapshotBody = decode(&bytes).map_err(|e| {
-            StorageError::from_io_error(
-                openraft::ErrorSubject::Snapshot(Some(meta.signature())),
-                openraft::ErrorVerb::Read,
-                std::io::Error::other(e),
-            )
-        })?;
-        if self.broker.is_some() {
-            // The broker's data below the snapshot is not in it: only a log that was never
-            // purged can be followed, and qit never purges. Say so loudly if it happens.
-            tracing::error!(last = ?meta.last_log_id, "installing a snapshot without its data: the replica misses what it covers");
+        let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
+        if let Some(store) = self.store.clone() {
+            self.install_queue(store, meta, *snapshot)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "installing a queue snapshot failed");
+                    storage_error(subject(), ErrorVerb::Read, e)
+                })?;
+        } else {
+            let (mut reader, _) = snapshot
+                .into_reader()
+                .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
+            let manifest = unpack_bare(&mut reader)
+                .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
+            if matches!(self.role, Role::Meta(_)) {
+                // The metadata log is never purged, so a leader never has to send this.
+                tracing::error!(last = ?meta.last_log_id, "installing a metadata snapshot without its data: the replica misses what it covers");
+            }
+            let bytes =
+                pack_bare(&manifest).map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
+            *self.in_memory.lock() = Some((meta.clone(), bytes));
         }
-        self.last_applied = body.last_applied;
-        self.membership = body.membership;
-        *self.snapshot.lock() = Some((meta.clone(), bytes));
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
-        Ok(self.snapshot.lock().as_ref().map(|(meta, bytes)| Snapshot {
-            meta: meta.clone(),
-            snapshot: Box::new(Cursor::new(bytes.clone())),
-        }))
+        if let Some(store) = &self.store {
+            return store
+                .current()
+                .as_ref()
+                .map(Self::stored_snapshot)
+                .transpose();
+        }
+        Ok(self
+            .in_memory
+            .lock()
+            .as_ref()
+            .map(|(meta, bytes)| Snapshot {
+                meta: meta.clone(),
+                snapshot: Box::new(SnapshotData::memory(bytes.clone())),
+            }))
     }
 }

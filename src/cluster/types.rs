@@ -2,8 +2,6 @@
 //! ([`Command`]), what applying one answers ([`Applied`]), and the one codec (bincode with
 //! a size limit) that puts these on disk and on the wire.
 
-use std::io::Cursor;
-
 use serde::{Deserialize, Serialize};
 
 use crate::broker::replicate::{Op, OpResult, WireError};
@@ -42,7 +40,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = super::snapshot::SnapshotData,
 );
 
 /// A Raft group handle.

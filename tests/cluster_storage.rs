@@ -1,0 +1,460 @@
+//! Cluster storage (issue 13, "storage"): queue groups snapshot their data and purge their
+//! Raft logs, a restarted node restores its queues from the snapshots and replays only the
+//! entries after them, and a wiped node is sent the snapshots. Three real `qit` processes
+//! on loopback with a small `raft_snapshot_entries`; tests wait on conditions (deadlines
+//! only guard against hangs).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{eventually, free_port, http};
+use serde_json::{Value, json};
+
+const SECRET: &str = "cluster-test-secret-0123456789";
+/// Entries between two snapshots of a queue group, in these tests.
+const SNAPSHOT_ENTRIES: u64 = 40;
+/// Bytes of each message body.
+const BODY_BYTES: usize = 2048;
+
+/// One node of a test cluster.
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    config: PathBuf,
+    http: String,
+    http_port: u16,
+    grpc_port: u16,
+    cluster_port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self, peers: &str) {
+        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--node-id", &self.id.to_string()])
+            .args(["--cluster", &format!("127.0.0.1:{}", self.cluster_port)])
+            .args(["--peers", peers])
+            .args(["--cluster-secret", SECRET])
+            .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .env("RUST_LOG", "error,openraft=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, and reap.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    peers: String,
+    _temp: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let config = temp.path().join("qit.toml");
+        std::fs::write(
+            &config,
+            format!("raft_snapshot_entries = {SNAPSHOT_ENTRIES}\n"),
+        )
+        .unwrap();
+        let mut nodes: Vec<Node> = (1..=3)
+            .map(|id| {
+                let http_port = free_port();
+                Node {
+                    id,
+                    dir: temp.path().join(format!("node-{id}")),
+                    config: config.clone(),
+                    http: format!("http://127.0.0.1:{http_port}"),
+                    http_port,
+                    grpc_port: free_port(),
+                    cluster_port: free_port(),
+                    child: None,
+                }
+            })
+            .collect();
+        let peers = nodes
+            .iter()
+            .map(|n| format!("{}=127.0.0.1:{}", n.id, n.cluster_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for node in &mut nodes {
+            node.start(&peers);
+        }
+        for node in &nodes {
+            let url = format!("{}/cluster", node.http);
+            eventually("every node sees a metadata leader", || async {
+                view(&url).await.is_some_and(|v| v["leader"].is_u64())
+            })
+            .await;
+        }
+        Self {
+            nodes,
+            peers,
+            _temp: temp,
+        }
+    }
+
+    fn node(&self, id: u64) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn restart(&mut self, id: u64) {
+        let peers = self.peers.clone();
+        self.nodes[(id - 1) as usize].start(&peers);
+    }
+
+    fn kill(&mut self, id: u64) {
+        self.nodes[(id - 1) as usize].kill();
+    }
+
+    /// The Raft group of `queue`, as node `id` names it.
+    async fn group_of(&self, id: u64, queue: &str) -> u64 {
+        let url = format!("{}/cluster", self.node(id).http);
+        let mut group = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while group.is_none() {
+            assert!(Instant::now() < deadline, "no group for {queue}");
+            group = view(&url).await.and_then(|v| {
+                v["partitions"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["queue"] == queue && p["leader"].is_u64())?["group"]
+                    .as_u64()
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        group.unwrap_or_default()
+    }
+}
+
+async fn view(url: &str) -> Option<Value> {
+    let response = http()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+/// Retries a request while the cluster answers "no leader" (503) or a node is down.
+async fn retrying(
+    what: &str,
+    mut make: impl FnMut() -> reqwest::RequestBuilder,
+) -> (reqwest::StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = make().timeout(Duration::from_secs(30)).send().await {
+            let status = response.status();
+            if status != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                let body = response.json().await.unwrap_or(Value::Null);
+                return (status, body);
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: no answer in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Creates queue `queue` with one partition and small segments (so that snapshots hold
+/// sealed, hard-linked segments and an active one).
+async fn create_queue(base: &str, queue: &str) {
+    let settings = json!({"partitions": 1, "max_deliveries": 0, "segment_bytes": 32768});
+    let (status, body) = retrying("create", || {
+        http()
+            .post(format!("{base}/queues/{queue}"))
+            .json(&settings)
+    })
+    .await;
+    assert!(status.is_success(), "create {queue}: {status} {body}");
+}
+
+fn body(i: usize) -> String {
+    let head = format!("m-{i:05}-");
+    format!("{head}{}", "x".repeat(BODY_BYTES - head.len()))
+}
+
+/// Publishes messages `range` one per request (one Raft entry each), from two tasks
+/// through nodes `via`.
+async fn publish(cluster: &Cluster, queue: &str, range: std::ops::Range<usize>, via: [u64; 2]) {
+    let bases = via.map(|id| cluster.node(id).http.clone());
+    let mut tasks = Vec::new();
+    for (lane, base) in bases.into_iter().enumerate() {
+        let queue = queue.to_string();
+        let mine: Vec<usize> = range.clone().filter(|i| i % 2 == lane).collect();
+        tasks.push(tokio::spawn(async move {
+            for i in mine {
+                let (status, answer) = retrying("publish", || {
+                    http()
+                        .post(format!("{base}/queues/{queue}/messages"))
+                        .body(body(i))
+                })
+                .await;
+                assert!(status.is_success(), "publish {i}: {status} {answer}");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// Receives and acks through node `id` until `want` messages were delivered; with `last`,
+/// checks that nothing more is delivered then. Returns the bodies delivered.
+async fn drain(cluster: &Cluster, id: u64, queue: &str, want: usize, last: bool) -> Vec<String> {
+    let base = cluster.node(id).http.clone();
+    let mut bodies = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while bodies.len() < want {
+        let messages = receive(&base, queue, (want - bodies.len()).min(100)).await;
+        assert!(
+            Instant::now() < deadline,
+            "node {id} delivered {} of {want}",
+            bodies.len()
+        );
+        for m in messages {
+            let (Some(id), Some(text)) = (m["id"].as_str(), m["body"].as_str()) else {
+                panic!("a delivery without id or body: {m}");
+            };
+            let (status, answer) = retrying("ack", || {
+                http().delete(format!("{base}/queues/{queue}/messages/{id}"))
+            })
+            .await;
+            assert!(status.is_success(), "ack {id}: {status} {answer}");
+            bodies.push(text.to_string());
+        }
+    }
+    if last {
+        let more = receive(&base, queue, 100).await;
+        assert!(
+            more.is_empty(),
+            "node {id} delivered more than the {want} expected"
+        );
+    }
+    bodies
+}
+
+/// One receive through `base` (waits up to a second).
+async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
+    let (status, answer) = retrying("receive", || {
+        http().get(format!(
+            "{base}/queues/{queue}/messages?max={max}&wait=1&visibility=15"
+        ))
+    })
+    .await;
+    assert!(status.is_success(), "receive: {status} {answer}");
+    answer["messages"].as_array().cloned().unwrap_or_default()
+}
+
+/// The committed log of partition 0 as node `base` reads it locally.
+async fn log(base: &str, queue: &str) -> Option<Vec<Value>> {
+    let url = format!("{base}/queues/{queue}/log?partition=0&offset=0&max=10000");
+    Some(view(&url).await?["messages"].as_array()?.clone())
+}
+
+/// The replicated part of the default group's state: per partition, the ack floor and
+/// backlog.
+async fn group_state(base: &str, queue: &str) -> Option<Vec<(u64, u64)>> {
+    let v = view(&format!("{base}/queues/{queue}/groups/default")).await?;
+    Some(
+        v["partitions"]
+            .as_array()?
+            .iter()
+            .map(|p| {
+                (
+                    p["committed_offset"].as_u64().unwrap_or(u64::MAX),
+                    p["backlog"].as_u64().unwrap_or(u64::MAX),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Waits until node `id` holds the same committed log and group state as node `like`.
+async fn converged(cluster: &Cluster, id: u64, like: u64, queue: &str, messages: usize) {
+    let (base, reference) = (
+        cluster.node(id).http.clone(),
+        cluster.node(like).http.clone(),
+    );
+    eventually(&format!("node {id} holds node {like}'s log"), || async {
+        let mine = log(&base, queue).await;
+        mine.as_ref().is_some_and(|m| m.len() == messages) && mine == log(&reference, queue).await
+    })
+    .await;
+    eventually(
+        &format!("node {id} holds node {like}'s group state"),
+        || async {
+            let mine = group_state(&base, queue).await;
+            mine.is_some() && mine == group_state(&reference, queue).await
+        },
+    )
+    .await;
+}
+
+/// A counter or gauge from node `base`'s `/metrics` (0 when absent).
+async fn metric(base: &str, name: &str) -> f64 {
+    let Ok(response) = http().get(format!("{base}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Bytes of the Raft log chunk files of `group` under node data dir `dir`.
+fn raft_log_bytes(dir: &Path, group: u64) -> u64 {
+    let group_dir = dir.join("raft").join(group.to_string());
+    std::fs::read_dir(&group_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("log"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Far more entries than the snapshot interval: every node's Raft log of the queue stays
+/// a fraction of what was published (purged below its snapshots), each message is
+/// delivered exactly once, and a restarted node serves the same log and group state while
+/// replaying only the entries after its snapshot, not the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_bound_the_raft_log_and_restarts_replay_only_the_suffix() {
+    let mut cluster = Cluster::start().await;
+    create_queue(&cluster.node(1).http, "bounded").await;
+    let group = cluster.group_of(1, "bounded").await;
+    let total = 400;
+    publish(&cluster, "bounded", 0..total, [1, 3]).await;
+    let first = drain(&cluster, 2, "bounded", 150, false).await;
+    assert_eq!(first.len(), 150);
+    for id in 2..=3 {
+        converged(&cluster, id, 1, "bounded", total).await;
+    }
+    let published_bytes = (total * BODY_BYTES) as u64;
+    for node in &cluster.nodes {
+        // Purging follows the snapshots, a little after the last entries are applied.
+        eventually(&format!("node {} purges its raft log", node.id), || async {
+            raft_log_bytes(&node.dir, group) < published_bytes / 2
+        })
+        .await;
+        let bytes = raft_log_bytes(&node.dir, group);
+        eprintln!(
+            "node {}: raft log of group {group}: {bytes} bytes for {published_bytes} published",
+            node.id
+        );
+        assert!(
+            node.dir
+                .join("raft")
+                .join(group.to_string())
+                .join("snapshot")
+                .join("current")
+                .is_file(),
+            "node {} has a snapshot",
+            node.id
+        );
+    }
+
+    // Restart node 2: it restores the snapshot and replays only the suffix.
+    cluster.kill(2);
+    cluster.restart(2);
+    converged(&cluster, 2, 1, "bounded", total).await;
+    let replayed = metric(
+        &cluster.node(2).http,
+        "qit_cluster_start_replayed_entries_total",
+    )
+    .await;
+    let entries = (total + first.len()) as f64;
+    eprintln!("restart replayed {replayed} of about {entries} queue entries");
+    assert!(
+        replayed <= 2.0 * SNAPSHOT_ENTRIES as f64 + 10.0,
+        "a restart replayed {replayed} entries of about {entries}"
+    );
+
+    // Every message is delivered once: the rest now, through the restarted node.
+    let rest = drain(&cluster, 2, "bounded", total - first.len(), true).await;
+    let mut seen = BTreeSet::new();
+    for text in first.iter().chain(&rest) {
+        assert!(seen.insert(text.clone()), "delivered twice: {}", &text[..8]);
+    }
+    let expected: BTreeSet<String> = (0..total).map(body).collect();
+    assert_eq!(seen.len(), expected.len());
+    assert!(seen == expected, "delivered a different set of messages");
+    for id in [1, 3] {
+        converged(&cluster, id, 2, "bounded", total).await;
+    }
+}
+
+/// A node whose data directory was wiped rejoins: the leader's log is purged, so it is
+/// sent the queue's snapshot, installs it and then follows the log; its committed log and
+/// group state end identical to the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_is_sent_the_snapshot() {
+    let mut cluster = Cluster::start().await;
+    create_queue(&cluster.node(1).http, "wiped").await;
+    let group = cluster.group_of(1, "wiped").await;
+    publish(&cluster, "wiped", 0..200, [1, 3]).await;
+    let acked = drain(&cluster, 1, "wiped", 50, false).await;
+    assert_eq!(acked.len(), 50);
+    converged(&cluster, 3, 1, "wiped", 200).await;
+
+    cluster.kill(3);
+    std::fs::remove_dir_all(&cluster.node(3).dir).unwrap();
+    // Entries while it is away, so that the snapshot it gets is not the one it had.
+    publish(&cluster, "wiped", 200..300, [1, 2]).await;
+    cluster.restart(3);
+    converged(&cluster, 3, 1, "wiped", 300).await;
+    let installed = metric(
+        &cluster.node(3).http,
+        "qit_cluster_snapshots_installed_total",
+    )
+    .await;
+    assert!(installed >= 1.0, "node 3 installed no snapshot");
+    assert!(
+        cluster
+            .node(3)
+            .dir
+            .join("raft")
+            .join(group.to_string())
+            .join("snapshot")
+            .join("current")
+            .is_file()
+    );
+    // It follows the log from there.
+    publish(&cluster, "wiped", 300..320, [1, 3]).await;
+    converged(&cluster, 3, 1, "wiped", 320).await;
+    let rest = drain(&cluster, 3, "wiped", 320 - acked.len(), true).await;
+    let all: BTreeSet<&String> = acked.iter().chain(&rest).collect();
+    assert_eq!(all.len(), 320, "every message delivered exactly once");
+    assert_eq!(acked.len() + rest.len(), 320);
+}
