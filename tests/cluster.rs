@@ -627,6 +627,24 @@ async fn leader_kills_lose_nothing_acknowledged() {
         log_bodies(&base, queue, 0).await.as_ref() == Some(&reference)
     })
     .await;
+
+    // Byte-level: the replicas' segment files hold the same batches and records
+    // (qit-inspect compare), the restarted and the wiped node included.
+    let partition = |id: u64| cluster.node(id).dir.join("state/queues/work/0");
+    for id in 2..=3 {
+        let out = Command::new(env!("CARGO_BIN_EXE_qit-inspect"))
+            .arg("compare")
+            .arg(partition(1))
+            .arg(partition(id))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node 1 and node {id} differ: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// openraft's storage suite against the cluster's Raft log and state machine.
