@@ -222,6 +222,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.last_applied = body.last_applied;
         self.membership = body.membership;
         *self.snapshot.lock() = Some((meta.clone(), bytes));
+        metrics::counter!(super::view::SNAPSHOT_INSTALLS).increment(1);
         Ok(())
     }
 
