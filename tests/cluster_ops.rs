@@ -226,7 +226,9 @@ async fn ok(what: &str, make: impl FnMut() -> reqwest::RequestBuilder) -> Value 
 
 async fn create_queue(base: &str, token: Option<&str>, queue: &str, settings: Value) {
     ok(&format!("create {queue}"), || {
-        let request = http().post(format!("{base}/queues/{queue}")).json(&settings);
+        let request = http()
+            .post(format!("{base}/queues/{queue}"))
+            .json(&settings);
         match token {
             Some(token) => request.bearer_auth(token),
             None => request,
@@ -258,10 +260,7 @@ async fn wait_known(base: &str, token: &str) {
 }
 
 /// The status of a request with a bearer token (a 503 is asked again).
-async fn status_of(
-    make: impl Fn() -> reqwest::RequestBuilder,
-    token: &str,
-) -> StatusCode {
+async fn status_of(make: impl Fn() -> reqwest::RequestBuilder, token: &str) -> StatusCode {
     retrying("request", || make().bearer_auth(token)).await.0
 }
 
@@ -297,7 +296,13 @@ async fn users_grants_and_ownership_are_replicated() {
     assert_eq!(status, StatusCode::CONFLICT);
 
     // alice creates a queue on node 2 and an exchange on node 1: she owns both everywhere.
-    create_queue(&base(2), Some(&alice3), "jobs", json!({"max_deliveries": 0})).await;
+    create_queue(
+        &base(2),
+        Some(&alice3),
+        "jobs",
+        json!({"max_deliveries": 0}),
+    )
+    .await;
     ok("create exchange", || {
         http()
             .post(format!("{}/exchanges/events", base(1)))
@@ -364,7 +369,10 @@ async fn users_grants_and_ownership_are_replicated() {
         retrying("alice binds", &alice_binds).await.0.is_success()
     })
     .await;
-    assert_eq!(retrying("bob binds", bind(&bob1)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        retrying("bob binds", bind(&bob1)).await.0,
+        StatusCode::FORBIDDEN
+    );
 
     // Revoked on node 1: bob's publish on node 2 is refused again.
     ok("revoke", || {
@@ -442,7 +450,13 @@ async fn backlog(base: &str, queue: &str) -> Option<u64> {
 async fn redrive_moves_dead_letters_back_once() {
     let cluster = Cluster::start(&[]).await;
     let base = |id: u64| cluster.node(id).http.clone();
-    create_queue(&base(1), None, "jobs", json!({"partitions": 1, "max_deliveries": 1})).await;
+    create_queue(
+        &base(1),
+        None,
+        "jobs",
+        json!({"partitions": 1, "max_deliveries": 1}),
+    )
+    .await;
     let sent: BTreeSet<String> = (0..5).map(|i| format!("job-{i}")).collect();
     for body in &sent {
         ok("publish", || {
@@ -460,7 +474,10 @@ async fn redrive_moves_dead_letters_back_once() {
         for m in receive(&base(3), "jobs", 10).await {
             let id = m["id"].as_str().unwrap().to_string();
             ok("nack", || {
-                http().post(format!("{}/queues/jobs/messages/{id}/nack?delay=0", base(3)))
+                http().post(format!(
+                    "{}/queues/jobs/messages/{id}/nack?delay=0",
+                    base(3)
+                ))
             })
             .await;
             nacked += 1;
@@ -502,7 +519,10 @@ async fn redrive_moves_dead_letters_back_once() {
     while delivered.len() < 5 {
         assert!(Instant::now() < deadline, "only {delivered:?} delivered");
         for m in receive(&base(1), "jobs", 10).await {
-            assert_eq!(m["delivery_count"], 1, "a redriven message starts counting again");
+            assert_eq!(
+                m["delivery_count"], 1,
+                "a redriven message starts counting again"
+            );
             delivered.push(m["body"].as_str().unwrap().to_string());
         }
     }
@@ -561,21 +581,27 @@ async fn delivery_counts_survive_a_leader_kill() {
     // move below does not meet an election (a failed move offers the message again).
     eventually("both groups have a live leader", || async {
         leaders(&base).await.is_some_and(|l| {
-            ["poison", "poison.dlq"]
-                .iter()
-                .all(|q| l.get(*q).is_some_and(|(lead, _)| lead.is_some_and(|n| n != leader)))
+            ["poison", "poison.dlq"].iter().all(|q| {
+                l.get(*q)
+                    .is_some_and(|(lead, _)| lead.is_some_and(|n| n != leader))
+            })
         })
     })
     .await;
     let m = next(base.clone()).await;
-    assert_eq!(m["delivery_count"], 3, "the new leader goes on counting: {m}");
+    assert_eq!(
+        m["delivery_count"], 3,
+        "the new leader goes on counting: {m}"
+    );
     let id = m["id"].as_str().unwrap().to_string();
     ok("nack", || {
         http().post(format!("{base}/queues/poison/messages/{id}/nack?delay=0"))
     })
     .await;
     eventually("the message reaches the dead-letter queue", || async {
-        log_bodies(&base, "poison.dlq").await.is_some_and(|l| l == ["bad"])
+        log_bodies(&base, "poison.dlq")
+            .await
+            .is_some_and(|l| l == ["bad"])
     })
     .await;
     let letters = view(
@@ -670,7 +696,11 @@ async fn sigterm_hands_off_and_leadership_returns() {
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let published = Arc::new(AtomicUsize::new(0));
     let load = {
-        let (stop, errors, published) = (Arc::clone(&stop), Arc::clone(&errors), Arc::clone(&published));
+        let (stop, errors, published) = (
+            Arc::clone(&stop),
+            Arc::clone(&errors),
+            Arc::clone(&published),
+        );
         let (bases, queues) = (survivor_bases.clone(), queues.clone());
         tokio::spawn(async move {
             let mut i = 0usize;
@@ -685,7 +715,9 @@ async fn sigterm_hands_off_and_leadership_returns() {
                 if status.is_success() {
                     published.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    errors.lock().push(format!("{queue} via {base}: {status} {body}"));
+                    errors
+                        .lock()
+                        .push(format!("{queue} via {base}: {status} {body}"));
                 }
                 i += 1;
             }
@@ -698,7 +730,10 @@ async fn sigterm_hands_off_and_leadership_returns() {
     .await;
     let requested = counter(&survivor_bases, "qit_cluster_elections_requested_total").await;
     let status = cluster.node_mut(stopping).terminate();
-    assert!(status.success(), "node {stopping} stopped cleanly: {status:?}");
+    assert!(
+        status.success(),
+        "node {stopping} stopped cleanly: {status:?}"
+    );
     let asked = counter(&survivor_bases, "qit_cluster_elections_requested_total").await;
     assert!(
         asked >= requested + groups as f64,
@@ -722,21 +757,35 @@ async fn sigterm_hands_off_and_leadership_returns() {
     .await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
-    assert!(errors.lock().is_empty(), "client-visible errors: {:?}", errors.lock());
+    assert!(
+        errors.lock().is_empty(),
+        "client-visible errors: {:?}",
+        errors.lock()
+    );
 
     // `qit cluster status` draws the table: every node up, leaders and lag per partition.
     let out = Command::new(env!("CARGO_BIN_EXE_qit"))
-        .args(["cluster", "--server", &cluster.node(stopping).http, "status"])
+        .args([
+            "cluster",
+            "--server",
+            &cluster.node(stopping).http,
+            "status",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(table.contains("NODE") && table.contains("LAG"), "{table}");
     for id in 1..=3u64 {
         assert!(
-            table
-                .lines()
-                .any(|l| l.split_whitespace().take(2).eq([id.to_string().as_str(), "up"])),
+            table.lines().any(|l| l
+                .split_whitespace()
+                .take(2)
+                .eq([id.to_string().as_str(), "up"])),
             "node {id} up in:\n{table}"
         );
     }
@@ -746,6 +795,9 @@ async fn sigterm_hands_off_and_leadership_returns() {
             .find(|l| l.starts_with(&format!("{q}/0 ")))
             .unwrap_or_else(|| panic!("{q} in:\n{table}"));
         let lag = row.split_whitespace().last().unwrap();
-        assert!(lag.parse::<u64>().is_ok(), "the leader reports {q}'s lag: {row}");
+        assert!(
+            lag.parse::<u64>().is_ok(),
+            "the leader reports {q}'s lag: {row}"
+        );
     }
 }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::replicate::{Op, OpResult};
 use super::{Broker, BrokerError};
 use crate::auth::{AuthStore, Permission, Resource, UserRecord};
 
@@ -116,7 +115,12 @@ impl Broker {
     }
 
     /// Revokes every permission of `user` on `resource`, if `by` may manage it.
-    pub async fn revoke(&self, by: &str, resource: &Resource, user: &str) -> Result<(), BrokerError> {
+    pub async fn revoke(
+        &self,
+        by: &str,
+        resource: &Resource,
+        user: &str,
+    ) -> Result<(), BrokerError> {
         self.access(AccessOp::Revoke {
             by: by.to_string(),
             resource: resource.clone(),
@@ -133,18 +137,18 @@ impl Broker {
         .await
     }
 
-    /// Runs an access op: through the cluster when there is one, else here.
+    /// Runs an access op: through the cluster when there is one (`replicate.rs`), else here.
     async fn access(&self, op: AccessOp) -> Result<(), BrokerError> {
         self.check_running()?;
-        match self.replicator() {
-            Some(replicator) => replicator.submit(Op::Access(op)).await?.done(),
-            None => self.apply_access(op).map(|_| ()),
+        if self.replicator().is_some() {
+            return self.submit_access(op).await;
         }
+        self.apply_access(op)
     }
 
     /// Applies an access op to the installed store (the one apply path of the single node
     /// and of every cluster replica).
-    pub(super) fn apply_access(&self, op: AccessOp) -> Result<OpResult, BrokerError> {
+    pub(super) fn apply_access(&self, op: AccessOp) -> Result<(), BrokerError> {
         let store = self.auth.get().ok_or_else(|| {
             BrokerError::InvalidArgument("authentication is off on this node".into())
         })?;
@@ -170,39 +174,13 @@ impl Broker {
             AccessOp::Revoke { by, resource, user } => store.revoke(&by, &resource, &user)?,
             AccessOp::Forget { resource } => store.remove_resource(&resource)?,
         }
-        Ok(OpResult::Done)
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Access ops survive the cluster's binary codec (resources travel as `queue/NAME`).
-    #[test]
-    fn access_ops_round_trip_in_the_binary_codec() {
-        let ops = [
-            Op::Access(AccessOp::CreateUser {
-                username: "alice".into(),
-                password_hash: PasswordHash("$argon2id$v=19$...".into()),
-                created_at_ms: 7,
-            }),
-            Op::Access(AccessOp::Grant {
-                by: "alice".into(),
-                resource: Resource::queue("jobs"),
-                user: "bob".into(),
-                permissions: vec![Permission::Publish, Permission::Consume],
-            }),
-            Op::Access(AccessOp::Forget {
-                resource: Resource::exchange("events"),
-            }),
-        ];
-        for op in ops {
-            let bytes = bincode::serialize(&op).unwrap();
-            let back: Op = bincode::deserialize(&bytes).unwrap();
-            assert_eq!(back, op);
-        }
-    }
 
     #[test]
     fn debug_hides_the_password_hash() {

@@ -877,7 +877,11 @@ impl Broker {
                 group: group.to_string(),
                 counts: ended.counts,
             };
-            if let Err(error) = replicator.submit(op).await.and_then(replicate::OpResult::done) {
+            if let Err(error) = replicator
+                .submit(op)
+                .await
+                .and_then(replicate::OpResult::done)
+            {
                 tracing::warn!(%error, queue, group, "replicating a delivery count failed");
             }
         }
@@ -1148,10 +1152,7 @@ impl Broker {
                 Some(_) => self.publish(queue, again).await?,
                 None => target.publish(again).await?,
             };
-            for acked in self
-                .ack_many(dlq_name, queue::DEFAULT_GROUP, &ids)
-                .await?
-            {
+            for acked in self.ack_many(dlq_name, queue::DEFAULT_GROUP, &ids).await? {
                 acked?;
             }
             moved += ids.len();

@@ -65,7 +65,14 @@ pub struct Ended {
 }
 
 impl Ended {
-    fn push(&mut self, queue: &Queue, group: &Group, partition: u32, offset: u64, outcome: Outcome) {
+    fn push(
+        &mut self,
+        queue: &Queue,
+        group: &Group,
+        partition: u32,
+        offset: u64,
+        outcome: Outcome,
+    ) {
         match outcome {
             Outcome::Redeliver { delivery_count, .. } => {
                 self.counts.push((partition, offset, delivery_count));

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use super::access::AccessOp;
 use super::{
     Binding, Broker, BrokerError, Delivery, ExchangeKind, MessageId, NewMessage, QueueSettings,
     SeekTarget,
@@ -281,7 +282,7 @@ pub enum Op {
         visibility_ms: u64,
     },
     /// A change of users, ownership or grants (metadata group).
-    Access(super::access::AccessOp),
+    Access(AccessOp),
     /// Move dead letters back into `queue` (runs on the leader of the dead-letter queue,
     /// which holds its leases; each move is a replicated publish and ack).
     Redrive {
@@ -552,6 +553,14 @@ impl OpResult {
 }
 
 impl Broker {
+    /// Runs a change of users, ownership or grants through the cluster.
+    pub(super) async fn submit_access(&self, op: AccessOp) -> Result<(), BrokerError> {
+        match self.replicator() {
+            Some(replicator) => replicator.submit(Op::Access(op)).await?.done(),
+            None => Err(BrokerError::InvalidArgument("not a cluster node".into())),
+        }
+    }
+
     /// The replicator, when this broker is a cluster member.
     pub(super) fn replicator(&self) -> Option<&std::sync::Arc<dyn Replicator>> {
         self.replicator.get()
@@ -688,7 +697,10 @@ impl Broker {
                 .await?;
                 Ok(OpResult::Done)
             }
-            Op::Access(op) => self.apply_access(op),
+            Op::Access(op) => {
+                self.apply_access(op)?;
+                Ok(OpResult::Done)
+            }
             Op::Redrive {
                 queue,
                 dead_letter,
@@ -714,6 +726,8 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{Permission, Resource};
+    use crate::broker::access::PasswordHash;
     use proptest::prelude::*;
 
     fn arb_message() -> impl Strategy<Value = WireMessage> {
@@ -769,6 +783,32 @@ mod tests {
                 exchange: "x".into(),
                 binding: serde_json::from_str(r#"{"queue":"q","key":"a.b"}"#).unwrap(),
             },
+        ];
+        for op in ops {
+            let bytes = bincode::serialize(&op).unwrap();
+            let back: Op = bincode::deserialize(&bytes).unwrap();
+            assert_eq!(back, op);
+        }
+    }
+
+    /// Access ops survive the cluster's binary codec (resources travel as `queue/NAME`).
+    #[test]
+    fn access_ops_round_trip_in_the_binary_codec() {
+        let ops = [
+            Op::Access(AccessOp::CreateUser {
+                username: "alice".into(),
+                password_hash: PasswordHash("$argon2id$v=19$...".into()),
+                created_at_ms: 7,
+            }),
+            Op::Access(AccessOp::Grant {
+                by: "alice".into(),
+                resource: Resource::queue("jobs"),
+                user: "bob".into(),
+                permissions: vec![Permission::Publish, Permission::Consume],
+            }),
+            Op::Access(AccessOp::Forget {
+                resource: Resource::exchange("events"),
+            }),
         ];
         for op in ops {
             let bytes = bincode::serialize(&op).unwrap();

@@ -77,7 +77,9 @@ impl Cluster {
                 moved += 1;
                 match self.hand_off(group, preferred).await {
                     Ok(leader) => tracing::info!(group, leader, "gave leadership back"),
-                    Err(error) => tracing::debug!(group, preferred, %error, "giving leadership back failed"),
+                    Err(error) => {
+                        tracing::debug!(group, preferred, %error, "giving leadership back failed")
+                    }
                 }
             }
         }

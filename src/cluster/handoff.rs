@@ -119,7 +119,9 @@ impl Cluster {
     pub fn preferred_leader(&self, group: u64) -> Option<u64> {
         if group == META_GROUP {
             let voters: Vec<u64> = self.groups().voters.keys().copied().collect();
-            return placement::replicas("", &voters, voters.len()).first().copied();
+            return placement::replicas("", &voters, voters.len())
+                .first()
+                .copied();
         }
         self.groups()
             .queue_groups()
@@ -233,7 +235,6 @@ impl Cluster {
             }
         }
     }
-
 }
 
 impl Cluster {

@@ -20,6 +20,9 @@ use super::types::{Applied, Command, NodeAddrs, TypeConfig, decode, encode};
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
 
+/// Counter of the snapshots this node installed from a leader (a `/metrics` series).
+pub const SNAPSHOT_INSTALLS: &str = "qit_cluster_snapshot_installs_total";
+
 /// What applying metadata does beyond the broker: the cluster's groups follow the queues
 /// (implemented by [`super::groups::Groups`]; a trait so that the two files do not import
 /// each other).
@@ -222,7 +225,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.last_applied = body.last_applied;
         self.membership = body.membership;
         *self.snapshot.lock() = Some((meta.clone(), bytes));
-        metrics::counter!(super::view::SNAPSHOT_INSTALLS).increment(1);
+        metrics::counter!(SNAPSHOT_INSTALLS).increment(1);
         Ok(())
     }
 

@@ -31,7 +31,7 @@ pub const APPLIED_INDEX: &str = "qit_cluster_applied_index";
 /// The last index in the group's current snapshot on this node.
 pub const SNAPSHOT_INDEX: &str = "qit_cluster_snapshot_index";
 /// Snapshots this node installed from a leader (counted by the state machine).
-pub const SNAPSHOT_INSTALLS: &str = "qit_cluster_snapshot_installs_total";
+pub use super::state_machine::SNAPSHOT_INSTALLS;
 
 /// One node in [`ClusterView`].
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -127,7 +127,9 @@ impl Cluster {
         for (queue, group) in self.groups().queue_groups() {
             let raft = self.groups().raft(group.id);
             let (leader, term) = raft.as_ref().map_or((None, 0), leader_and_term);
-            let lag = raft.as_ref().and_then(|r| follower_lag(&r.metrics().borrow()));
+            let lag = raft
+                .as_ref()
+                .and_then(|r| follower_lag(&r.metrics().borrow()));
             let Ok(info) = self.broker.queue_info(&queue) else {
                 continue;
             };
@@ -244,7 +246,11 @@ pub fn status_table(view: &ClusterView, others: &[ClusterView]) -> String {
     ));
     for n in &view.nodes {
         let groups = leads.get(&n.id).map_or(0, |g| g.len());
-        let meta = if view.leader == Some(n.id) { "+meta" } else { "" };
+        let meta = if view.leader == Some(n.id) {
+            "+meta"
+        } else {
+            ""
+        };
         let led = format!("{groups}{meta}");
         out.push(format!(
             "{:<6} {:<5} {:<7} {:<22} {:<22} {}",
@@ -340,8 +346,17 @@ mod tests {
         assert_eq!(row("1 ")[..3], ["1", "up", "0+meta"], "{table}");
         assert_eq!(row("2 ")[..3], ["2", "up", "1"], "{table}");
         assert_eq!(row("3 ")[..3], ["3", "down", "0"], "{table}");
-        assert_eq!(row("orders/0"), ["orders/0", "2", "2,1,3", "42", "7"], "{table}");
+        assert_eq!(
+            row("orders/0"),
+            ["orders/0", "2", "2,1,3", "42", "7"],
+            "{table}"
+        );
         let alone = status_table(&answering, &[]);
-        assert!(alone.lines().any(|l| l.starts_with("orders/0") && l.ends_with(" -")), "{alone}");
+        assert!(
+            alone
+                .lines()
+                .any(|l| l.starts_with("orders/0") && l.ends_with(" -")),
+            "{alone}"
+        );
     }
 }

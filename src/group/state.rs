@@ -803,7 +803,12 @@ impl GroupState {
     /// counts of failed deliveries from the leader, so that a new leader goes on counting).
     /// Counts only grow; a done message is left alone. True when the state changed (the
     /// caller journals it as [`Event::Leased`]).
-    pub fn note_delivery_count(&mut self, partition: u32, offset: u64, delivery_count: u32) -> bool {
+    pub fn note_delivery_count(
+        &mut self,
+        partition: u32,
+        offset: u64,
+        delivery_count: u32,
+    ) -> bool {
         let Some(p) = self.partitions.get_mut(partition as usize) else {
             return false;
         };
@@ -919,12 +924,21 @@ mod tests {
     fn noted_delivery_counts_carry_over_to_the_next_delivery() {
         let mut follower = GroupState::new(config(), &[0]);
         assert!(follower.note_delivery_count(0, 1, 2));
-        assert!(!follower.note_delivery_count(0, 1, 1), "counts never shrink");
+        assert!(
+            !follower.note_delivery_count(0, 1, 1),
+            "counts never shrink"
+        );
         follower.ack(0, 0).unwrap();
-        assert!(!follower.note_delivery_count(0, 0, 5), "a done message stays done");
+        assert!(
+            !follower.note_delivery_count(0, 0, 5),
+            "a done message stays done"
+        );
         assert!(!follower.note_delivery_count(9, 0, 5), "no such partition");
         let (grants, _) = follower.lease(0, 0, 30_000, 10, &fresh(0..3)).unwrap();
-        let counts: Vec<(u64, u32)> = grants.iter().map(|g| (g.offset, g.delivery_count)).collect();
+        let counts: Vec<(u64, u32)> = grants
+            .iter()
+            .map(|g| (g.offset, g.delivery_count))
+            .collect();
         assert_eq!(counts, vec![(1, 3), (2, 1)]);
         // On the leader, the count it replicated itself changes nothing.
         let outcome = follower.nack(0, 1, 0, Some(0)).unwrap();
@@ -936,7 +950,10 @@ mod tests {
             }
         );
         assert!(!follower.note_delivery_count(0, 1, 3));
-        assert!(follower.note_delivery_count(0, 2, 4), "a lease learns a higher count");
+        assert!(
+            follower.note_delivery_count(0, 2, 4),
+            "a lease learns a higher count"
+        );
     }
 
     #[test]

@@ -264,8 +264,12 @@ pub async fn delete(
         };
         match outcome {
             Ok(()) => {
-                crate::api::auth::forget(kafka.auth.as_deref(), &kafka.broker, &Resource::queue(&topic))
-                    .await
+                crate::api::auth::forget(
+                    kafka.auth.as_deref(),
+                    &kafka.broker,
+                    &Resource::queue(&topic),
+                )
+                .await
             }
             Err(error) => {
                 result.error_code = error.code();
