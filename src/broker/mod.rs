@@ -162,8 +162,10 @@ pub struct Broker {
     replicator: std::sync::OnceLock<Arc<dyn replicate::Replicator>>,
 }
 
+/// `(partition, offset, delivery count)` of ended leases, to replicate.
+type Counts = Vec<(u32, u64, u32)>;
 /// `(queue, group, counts)`: delivery counts of ended leases, to replicate.
-type CountsJob = (String, String, Vec<(u32, u64, u32)>);
+type CountsJob = (String, String, Counts);
 
 /// `guard(source, target)`: may dead letters of queue `source` be appended to the
 /// existing queue `target`?
@@ -1630,7 +1632,7 @@ async fn run_delivery_counts(
             job = jobs.recv() => job,
         };
         let Some(first) = first else { return };
-        let mut by_group: HashMap<(String, String), Vec<(u32, u64, u32)>> = HashMap::new();
+        let mut by_group: HashMap<(String, String), Counts> = HashMap::new();
         let mut add = |(queue, group, counts): CountsJob| {
             by_group.entry((queue, group)).or_default().extend(counts);
         };
