@@ -87,42 +87,29 @@ async fn cluster_status(client_args: &ClientArgs) -> Result<()> {
         .request(reqwest::Method::GET, "/cluster", &[], None)
         .await?
         .unwrap_or(Value::Null);
-    print(client_args, &view, |v| {
-        let id = |x: &Value| x.as_u64().map_or("none".to_string(), |i| i.to_string());
-        let mut lines = vec![format!(
-            "node {}  metadata leader {}  term {}",
-            id(&v["node_id"]),
-            id(&v["leader"]),
-            v["term"]
-        )];
-        for n in v["nodes"].as_array().into_iter().flatten() {
-            lines.push(format!(
-                "  node {}  {}  cluster {}  http {}  grpc {}",
-                id(&n["id"]),
-                if n["up"] == true { "up  " } else { "down" },
-                n["cluster"].as_str().unwrap_or("?"),
-                n["http"].as_str().unwrap_or("?"),
-                n["grpc"].as_str().unwrap_or("?"),
-            ));
+    if client_args.json {
+        println!("{view}");
+        return Ok(());
+    }
+    let view: qit::cluster::view::ClusterView = serde_json::from_value(view)?;
+    // Only a group's leader knows how far its followers lag: ask the other nodes too.
+    let mut others = Vec::new();
+    for node in view.nodes.iter().filter(|n| n.up && n.id != view.node_id) {
+        let Some(http) = &node.http else { continue };
+        let mut peer = client_args.clone();
+        peer.server = format!("http://{http}");
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            Client::new(&peer).request(reqwest::Method::GET, "/cluster", &[], None),
+        )
+        .await;
+        if let Ok(Ok(Some(other))) = answer
+            && let Ok(other) = serde_json::from_value(other)
+        {
+            others.push(other);
         }
-        for p in v["partitions"].as_array().into_iter().flatten() {
-            let replicas: Vec<String> = p["replicas"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(id)
-                .collect();
-            lines.push(format!(
-                "  {}/{}  leader {}  replicas {}  committed {}",
-                p["queue"].as_str().unwrap_or("?"),
-                p["partition"],
-                id(&p["leader"]),
-                replicas.join(","),
-                p["committed_offset"]
-            ));
-        }
-        lines.join("\n")
-    });
+    }
+    println!("{}", qit::cluster::view::status_table(&view, &others));
     Ok(())
 }
 

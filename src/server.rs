@@ -98,7 +98,7 @@ impl Server {
             None => config.data_dir.clone(),
         };
         let broker = Broker::open(BrokerConfig {
-            data_dir: broker_dir,
+            data_dir: broker_dir.clone(),
             fsync: config.fsync,
             max_queues: config.max_queues,
             max_groups_per_queue: config.max_groups_per_queue,
@@ -106,13 +106,16 @@ impl Server {
             ..BrokerConfig::default()
         })
         .await?;
+        // A cluster node's users and grants are replicated metadata: like the broker's data
+        // they live in the state its Raft logs rebuild.
         let auth = if config.auth {
-            Some(Arc::new(open_auth(&config)?))
+            Some(Arc::new(open_auth(&config, &broker_dir)?))
         } else {
             None
         };
         if let Some(store) = &auth {
             broker.set_dead_letter_guard(crate::api::auth::dead_letter_guard(Arc::clone(store)));
+            broker.set_auth(Arc::clone(store));
         }
         let http = bind(config.http).await?;
         let grpc = bind(config.grpc).await?;
@@ -283,6 +286,7 @@ impl Server {
                 });
                 tasks.spawn(Arc::clone(&cluster).announce(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_metrics(stop.clone()));
+                tasks.spawn(Arc::clone(&cluster).run_balance(stop.clone()));
                 tracing::info!(node_id = cluster.node_id(), cluster = ?addr, "cluster node started");
                 Some(cluster)
             }
@@ -297,6 +301,9 @@ impl Server {
         shutdown.await;
         tracing::info!("shutting down: draining requests");
         if let Some(cluster) = &cluster {
+            // Leaders hand their groups to up-to-date followers first (requests keep being
+            // served meanwhile), so that a clean stop costs no election timeout.
+            cluster.hand_off_all().await;
             // Stop replicating and applying before the broker's data is flushed.
             cluster.shutdown().await;
         }
@@ -371,8 +378,14 @@ async fn close_idle_files(files: Arc<CachedStorage>, every: Duration, stop: Canc
     }
 }
 
-fn open_auth(config: &ServerConfig) -> Result<crate::auth::AuthStore, ServerError> {
-    let auth_config = crate::auth::AuthConfig {
+/// Opens users and grants under `dir`. A cluster node without a configured JWT secret
+/// signs with one derived from the cluster secret, so that a token from one node verifies
+/// on every node (and after a restart).
+fn open_auth(
+    config: &ServerConfig,
+    dir: &std::path::Path,
+) -> Result<crate::auth::AuthStore, ServerError> {
+    let mut auth_config = crate::auth::AuthConfig {
         admin: config.admin.clone(),
         admin_password: config.admin_password.clone(),
         jwt_secret: config.jwt_secret.clone(),
@@ -380,7 +393,14 @@ fn open_auth(config: &ServerConfig) -> Result<crate::auth::AuthStore, ServerErro
         ..crate::auth::AuthConfig::default()
     }
     .with_env_secret();
-    Ok(crate::auth::AuthStore::open(&config.data_dir, auth_config)?)
+    if auth_config.jwt_secret.is_none()
+        && config.peers.is_some()
+        && let Some(secret) = &config.cluster_secret
+    {
+        auth_config.jwt_secret =
+            Some(crate::cluster::auth::Secret::new(secret).derive_key(b"qit jwt signing key"));
+    }
+    Ok(crate::auth::AuthStore::open(dir, auth_config)?)
 }
 
 /// Resolves on SIGINT or SIGTERM.

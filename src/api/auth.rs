@@ -48,18 +48,10 @@ pub struct Caller(pub Option<String>);
 
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
-        let (status, code) = match error.class() {
-            ErrorClass::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
-            ErrorClass::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
-            ErrorClass::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
-            ErrorClass::NotFound => (StatusCode::NOT_FOUND, "user_not_found"),
-            ErrorClass::Conflict => (StatusCode::CONFLICT, "user_exists"),
-            ErrorClass::TooManyRequests => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            ErrorClass::Internal => {
-                tracing::error!(%error, "auth storage error");
-                (StatusCode::SERVICE_UNAVAILABLE, "storage_error")
-            }
-        };
+        if error.class() == ErrorClass::Internal {
+            tracing::error!(%error, "auth storage error");
+        }
+        let (status, code) = super::error::auth_status(error.class());
         ApiError::new(status, code, error.to_string())
     }
 }
@@ -230,7 +222,7 @@ pub async fn record_created_queue(
     queue: &str,
     created: &CreatedQueue,
 ) -> Result<(), ApiError> {
-    let (Some(store), Some(user), true) = (auth, user, created.created) else {
+    let (Some(_), Some(user), true) = (auth, user, created.created) else {
         return Ok(());
     };
     let dlq_name = created.info.settings.dead_letter_name(queue);
@@ -241,11 +233,11 @@ pub async fn record_created_queue(
             return Err(error.into());
         }
     }
-    let mut result = store.set_owner(&Resource::queue(queue), user);
+    broker.set_owner(&Resource::queue(queue), user).await?;
     if let Some(dlq) = &created.dead_letter_created {
-        result = result.and(store.set_owner(&Resource::queue(dlq), user));
+        broker.set_owner(&Resource::queue(dlq), user).await?;
     }
-    result.map_err(ApiError::from)
+    Ok(())
 }
 
 /// The broker's dead-letter guard with auth on: dead letters of a queue may go into an
@@ -267,23 +259,27 @@ pub fn dead_letter_guard(store: Arc<AuthStore>) -> crate::broker::DeadLetterGuar
     )
 }
 
-/// Records the creator of a new exchange as its owner.
-pub fn record_created_exchange(
+/// Records the creator of a new exchange as its owner (through the broker: replicated in
+/// a cluster).
+pub async fn record_created_exchange(
     auth: Option<&AuthStore>,
     user: Option<&str>,
+    broker: &Broker,
     exchange: &str,
 ) -> Result<(), ApiError> {
     match (auth, user) {
-        (Some(store), Some(user)) => Ok(store.set_owner(&Resource::exchange(exchange), user)?),
+        (Some(_), Some(user)) => Ok(broker
+            .set_owner(&Resource::exchange(exchange), user)
+            .await?),
         _ => Ok(()),
     }
 }
 
 /// Forgets the owner and grants of a deleted queue or exchange (a later one of the same
-/// name starts clean).
-pub fn forget(auth: Option<&AuthStore>, resource: &Resource) {
-    if let Some(store) = auth
-        && let Err(error) = store.remove_resource(resource)
+/// name starts clean; through the broker: replicated in a cluster).
+pub async fn forget(auth: Option<&AuthStore>, broker: &Broker, resource: &Resource) {
+    if auth.is_some()
+        && let Err(error) = broker.forget_resource(resource).await
     {
         tracing::error!(%error, "forgetting ownership failed");
     }
@@ -389,10 +385,11 @@ pub async fn register(
     let credentials: Credentials = parse(&super::error::body_bytes(body)?)?;
     crate::auth::check_username(&credentials.username)?;
     let username = credentials.username.clone();
-    hashing(&state, move || {
-        store.register(&credentials.username, &credentials.password)
+    let record = hashing(&state, move || {
+        store.new_user(&credentials.username, &credentials.password)
     })
     .await?;
+    state.broker.create_user(&username, record).await?;
     Ok((StatusCode::CREATED, Json(json!({"username": username}))).into_response())
 }
 
@@ -445,9 +442,12 @@ pub async fn grant(
     let by = caller.0.unwrap_or_default();
     let resource = Resource::queue(&queue);
     if request.permissions.is_empty() {
-        store.revoke(&by, &resource, &request.user)?;
+        state.broker.revoke(&by, &resource, &request.user).await?;
     } else {
-        store.grant(&by, &resource, &request.user, &request.permissions)?;
+        state
+            .broker
+            .grant(&by, &resource, &request.user, &request.permissions)
+            .await?;
     }
     let now: Vec<Permission> = store.permissions(&resource, &request.user);
     Ok((

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::auth::ErrorClass;
 use crate::broker::BrokerError;
 
 /// The body, or the JSON error for a rejected one (413 when too large). Here, not in the
@@ -110,6 +111,7 @@ impl From<BrokerError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_error")
             }
             E::NoLeader(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
+            E::Auth(auth) => auth_status(auth.class()),
             E::Remote { .. } => (remote_status(error.code()), error.code()),
         };
         if status == StatusCode::SERVICE_UNAVAILABLE && code == "storage_error" {
@@ -123,9 +125,27 @@ impl From<BrokerError> for ApiError {
     }
 }
 
+/// The HTTP status and code of an auth error of this class.
+pub fn auth_status(class: ErrorClass) -> (StatusCode, &'static str) {
+    match class {
+        ErrorClass::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+        ErrorClass::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+        ErrorClass::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+        ErrorClass::NotFound => (StatusCode::NOT_FOUND, "user_not_found"),
+        ErrorClass::Conflict => (StatusCode::CONFLICT, "user_exists"),
+        ErrorClass::TooManyRequests => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        ErrorClass::Internal => (StatusCode::SERVICE_UNAVAILABLE, "storage_error"),
+    }
+}
+
 /// The HTTP status of an error code another cluster node answered with.
 fn remote_status(code: &str) -> StatusCode {
     match code {
+        "unauthenticated" => StatusCode::UNAUTHORIZED,
+        "forbidden" => StatusCode::FORBIDDEN,
+        "user_not_found" => StatusCode::NOT_FOUND,
+        "user_exists" => StatusCode::CONFLICT,
+        "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "invalid_name" | "invalid_setting" | "bad_request" | "invalid_binding" => {
             StatusCode::BAD_REQUEST
         }

@@ -245,7 +245,7 @@ impl broker_server::Broker for GrpcApi {
         )?;
         let queue = request.into_inner().queue;
         self.broker.delete_queue(&queue).await?;
-        super::auth::forget(self.auth.as_deref(), &Resource::queue(&queue));
+        super::auth::forget(self.auth.as_deref(), &self.broker, &Resource::queue(&queue)).await;
         Ok(Response::new(proto::DeleteQueueResponse {}))
     }
 

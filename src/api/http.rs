@@ -222,7 +222,7 @@ pub(super) async fn delete_queue(
     Path(queue): Path<String>,
 ) -> ApiResult {
     s.broker.delete_queue(&queue).await?;
-    super::auth::forget(s.auth.as_deref(), &Resource::queue(&queue));
+    super::auth::forget(s.auth.as_deref(), &s.broker, &Resource::queue(&queue)).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -564,7 +564,13 @@ pub(super) async fn create_exchange(
     let request: ExchangeBody = json_body(&body_bytes(body)?, false)?;
     let was_created = s.broker.create_exchange(&exchange, request.kind).await?;
     if was_created {
-        super::auth::record_created_exchange(s.auth.as_deref(), caller.0.as_deref(), &exchange)?;
+        super::auth::record_created_exchange(
+            s.auth.as_deref(),
+            caller.0.as_deref(),
+            &s.broker,
+            &exchange,
+        )
+        .await?;
     }
     let status = if was_created {
         StatusCode::CREATED
@@ -599,7 +605,7 @@ pub(super) async fn delete_exchange(
     Path(exchange): Path<String>,
 ) -> ApiResult {
     s.broker.delete_exchange(&exchange).await?;
-    super::auth::forget(s.auth.as_deref(), &Resource::exchange(&exchange));
+    super::auth::forget(s.auth.as_deref(), &s.broker, &Resource::exchange(&exchange)).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

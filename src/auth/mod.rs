@@ -350,6 +350,24 @@ impl AuthStore {
     }
 
     fn create_user(&self, username: &str, password: &str) -> Result<(), AuthError> {
+        let record = self.hash_new_user(username, password)?;
+        self.insert_user(username, record)
+    }
+
+    /// The first half of [`AuthStore::register`]: checks the name and password and hashes
+    /// the password into the record to store (so that a cluster replicates the hash, never
+    /// the password). CPU-heavy: use `spawn_blocking` from async.
+    pub fn new_user(&self, username: &str, password: &str) -> Result<UserRecord, AuthError> {
+        check_username(username)?;
+        if self.is_admin(username) {
+            return Err(AuthError::ReservedUsername {
+                username: username.to_owned(),
+            });
+        }
+        self.hash_new_user(username, password)
+    }
+
+    fn hash_new_user(&self, username: &str, password: &str) -> Result<UserRecord, AuthError> {
         check_username(username)?;
         check_password(password)?;
         if self.user_exists(username) {
@@ -358,10 +376,17 @@ impl AuthStore {
             });
         }
         let password_hash = password::hash_password(&self.config.password_cost, password)?;
-        let record = UserRecord {
+        Ok(UserRecord {
             password_hash,
             created_at_ms: unix_now().saturating_mul(1000),
-        };
+        })
+    }
+
+    /// The second half of [`AuthStore::register`]: stores a user made by
+    /// [`AuthStore::new_user`] (here or on another cluster node). Deterministic: every node
+    /// given the same users before answers the same.
+    pub fn insert_user(&self, username: &str, record: UserRecord) -> Result<(), AuthError> {
+        check_username(username)?;
         let mut users = self.users.write();
         // Checked again under the lock: another registration may have won meanwhile.
         if users.users.contains_key(username) {

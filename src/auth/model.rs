@@ -100,7 +100,7 @@ impl Permission {
 }
 
 /// A registered user. `Debug` redacts the hash.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
     /// argon2id PHC string.
     pub password_hash: String,

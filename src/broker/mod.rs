@@ -9,6 +9,7 @@
 //! Background work started by [`Broker::open`]: a timer that expires leases and wakes
 //! waiters when redeliveries come due, and a worker that moves dead letters to their DLQ.
 
+pub mod access;
 pub mod alarms;
 pub mod message;
 pub mod queue;
@@ -38,7 +39,7 @@ pub use types::*;
 
 use crate::journal::Ticket;
 use crate::storage::SharedStorage;
-use queue::{DeadLetterJob, Group, Queue};
+use queue::{DeadLetterJob, Ended, Group, Queue};
 use registry::{MetaCommand, MetaLog, Registry};
 
 /// Threads that open queues at start (each queue's recovery is mostly small file reads).
@@ -145,6 +146,11 @@ pub struct Broker {
     meta: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     dead_letters: mpsc::UnboundedSender<DeadLetterJob>,
+    /// Delivery counts of ended leases, for the cluster to replicate (sent only with a
+    /// replicator installed).
+    delivery_counts: mpsc::UnboundedSender<CountsJob>,
+    /// Users, ownership and grants that access ops change (installed with auth on).
+    auth: std::sync::OnceLock<Arc<crate::auth::AuthStore>>,
     /// Every background task of the broker and of its streams, joined at shutdown.
     tasks: TaskTracker,
     /// Decides whether dead letters of a queue may go into an existing queue (set by the
@@ -155,6 +161,11 @@ pub struct Broker {
     /// The cluster's way to run state changes (absent on a single node).
     replicator: std::sync::OnceLock<Arc<dyn replicate::Replicator>>,
 }
+
+/// `(partition, offset, delivery count)` of ended leases, to replicate.
+type Counts = Vec<(u32, u64, u32)>;
+/// `(queue, group, counts)`: delivery counts of ended leases, to replicate.
+type CountsJob = (String, String, Counts);
 
 /// `guard(source, target)`: may dead letters of queue `source` be appended to the
 /// existing queue `target`?
@@ -192,6 +203,7 @@ impl Broker {
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
         let (dead_letters, jobs) = mpsc::unbounded_channel();
+        let (delivery_counts, counts) = mpsc::unbounded_channel();
         let broker = Arc::new(Broker {
             config,
             queues: RwLock::new(opened),
@@ -201,6 +213,8 @@ impl Broker {
             meta: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             dead_letters,
+            delivery_counts,
+            auth: std::sync::OnceLock::new(),
             tasks: TaskTracker::new(),
             dead_letter_guard: std::sync::OnceLock::new(),
             alarms,
@@ -212,6 +226,11 @@ impl Broker {
         broker.tasks.spawn(run_dead_letters(
             Arc::downgrade(&broker),
             jobs,
+            broker.shutdown.clone(),
+        ));
+        broker.tasks.spawn(run_delivery_counts(
+            Arc::downgrade(&broker),
+            counts,
             broker.shutdown.clone(),
         ));
         Ok(broker)
@@ -786,8 +805,8 @@ impl Broker {
             let notified = q.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (out, jobs) = q.lease(&g, max, visibility_ms)?;
-            self.dispatch(jobs);
+            let (out, ended) = q.lease(&g, max, visibility_ms)?;
+            self.dispatch(&q, &g, ended);
             if !out.is_empty() {
                 return Ok(out);
             }
@@ -814,7 +833,19 @@ impl Broker {
         }
     }
 
-    fn dispatch(&self, jobs: Vec<DeadLetterJob>) {
+    /// Hands what ended to the dead-letter worker and, in a cluster, the delivery counts to
+    /// the worker that replicates them (coalesced, off the receive path).
+    fn dispatch(&self, q: &Queue, g: &Group, ended: Ended) {
+        self.dispatch_dead_letters(ended.dead_letters);
+        if self.replicator().is_some() && !ended.counts.is_empty() {
+            // Like the dead-letter worker, it lives as long as the broker.
+            let _ = self
+                .delivery_counts
+                .send((q.name.clone(), g.name.clone(), ended.counts));
+        }
+    }
+
+    fn dispatch_dead_letters(&self, jobs: Vec<DeadLetterJob>) {
         for job in jobs {
             // The worker lives as long as the broker; a send can only fail during teardown.
             let _ = self.dead_letters.send(job);
@@ -908,10 +939,38 @@ impl Broker {
         }
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
-        if let Some(job) = q.nack(&g, id, delay.map(millis))? {
-            self.dispatch(vec![job]);
+        let ended = q.nack(&g, id, delay.map(millis))?;
+        self.dispatch_dead_letters(ended.dead_letters);
+        if let Some(replicator) = self.replicator() {
+            // The nack is answered once its delivery count is replicated: a leader killed
+            // right after still leaves the count to its successor. A failure here does not
+            // undo the nack (it happened); the count is lost with this leader only.
+            let op = replicate::Op::DeliveryCounts {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                counts: ended.counts,
+            };
+            if let Err(error) = replicator
+                .submit(op)
+                .await
+                .and_then(replicate::OpResult::done)
+            {
+                tracing::warn!(%error, queue, group, "replicating a delivery count failed");
+            }
         }
         Ok(())
+    }
+
+    /// Applies delivery counts replicated from a queue's leader.
+    async fn note_delivery_counts_local(
+        &self,
+        queue: &str,
+        group: &str,
+        counts: &[(u32, u64, u32)],
+    ) -> Result<(), BrokerError> {
+        let q = self.queue(queue)?;
+        let g = q.group_or_create(group)?;
+        q.note_delivery_counts(&g, counts).await
     }
 
     /// Extends a lease to `visibility` from now.
@@ -1077,13 +1136,14 @@ impl Broker {
     /// that arrive meanwhile stay for the next one). Stops with
     /// [`BrokerError::ShuttingDown`] when the broker shuts down; what moved until then stays
     /// moved.
+    ///
+    /// In a cluster it runs on the leader of the dead-letter queue (where its leases are);
+    /// the moves are replicated publishes into `queue` and acks in the dead-letter queue.
+    /// Each moved message carries an idempotency key naming its dead letter, so a redrive
+    /// run again after one cut short between the publish and the ack (a leader change)
+    /// stores it only once within the queue's dedup window.
     pub async fn redrive(&self, queue: &str, max: Option<usize>) -> Result<usize, BrokerError> {
         self.check_running()?;
-        if self.replicator().is_some() {
-            return Err(BrokerError::InvalidArgument(
-                "redrive is not available in cluster mode yet".into(),
-            ));
-        }
         let q = self.queue(queue)?;
         let dlq_name = q.settings.dead_letter_name(queue);
         if dlq_name == queue {
@@ -1091,7 +1151,27 @@ impl Broker {
                 "queue `{queue}` is its own dead-letter queue: nothing to redrive"
             )));
         }
-        let dlq = self.queue(&dlq_name)?;
+        if let Some(replicator) = self.replicator() {
+            self.queue(&dlq_name)?;
+            let op = replicate::Op::Redrive {
+                queue: queue.to_string(),
+                dead_letter: dlq_name,
+                max: max.map(|m| u64::try_from(m).unwrap_or(u64::MAX)),
+            };
+            return replicator.submit(op).await?.moved();
+        }
+        self.redrive_local(queue, &dlq_name, max).await
+    }
+
+    /// [`Self::redrive`] on this node: the single node, or the dead-letter queue's leader.
+    async fn redrive_local(
+        &self,
+        queue: &str,
+        dlq_name: &str,
+        max: Option<usize>,
+    ) -> Result<usize, BrokerError> {
+        let target = self.queue(queue)?;
+        let dlq = self.queue(dlq_name)?;
         let group = dlq.group_or_create(queue::DEFAULT_GROUP)?;
         // The end of every partition now: later dead letters are not this redrive's.
         let ends: Vec<u64> = dlq.partitions.iter().map(|p| p.next_offset()).collect();
@@ -1129,7 +1209,7 @@ impl Broker {
                         headers,
                         content_type: delivery.content_type,
                         body: delivery.body,
-                        idempotency_key: None,
+                        idempotency_key: Some(format!("qit-redrive:{dlq_name}:{}", delivery.id)),
                     };
                     (delivery.id, again)
                 })
@@ -1139,8 +1219,13 @@ impl Broker {
                 // the next lease brings others or nothing.
                 continue;
             }
-            q.publish(again).await?;
-            for acked in dlq.ack_many(&group, &ids).await {
+            // Through the replicator in a cluster: the target's group stores them, the
+            // dead-letter queue's group records the acks.
+            match self.replicator() {
+                Some(_) => self.publish(queue, again).await?,
+                None => target.publish(again).await?,
+            };
+            for acked in self.ack_many(dlq_name, queue::DEFAULT_GROUP, &ids).await? {
                 acked?;
             }
             moved += ids.len();
@@ -1591,8 +1676,8 @@ async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
                 continue;
             }
             if g.next_wakeup().is_some_and(|at| at <= now) {
-                let jobs = q.expire(&g, now);
-                broker.dispatch(jobs);
+                let ended = q.expire(&g, now);
+                broker.dispatch(&q, &g, ended);
                 q.notify.notify_waiters();
             }
             if g.still_armed() {
@@ -1600,6 +1685,48 @@ async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
             }
         }
         broker.alarms.keep(keep);
+    }
+}
+
+/// Replicates the delivery counts of expired leases (cluster mode), coalescing what piled
+/// up into one op per group, until shutdown. Best effort: a count lost here (a leader
+/// change meanwhile) only lets a new leader count that delivery again.
+async fn run_delivery_counts(
+    broker: Weak<Broker>,
+    mut jobs: mpsc::UnboundedReceiver<CountsJob>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            job = jobs.recv() => job,
+        };
+        let Some(first) = first else { return };
+        let mut by_group: HashMap<(String, String), Counts> = HashMap::new();
+        let mut add = |(queue, group, counts): CountsJob| {
+            by_group.entry((queue, group)).or_default().extend(counts);
+        };
+        add(first);
+        while let Ok(job) = jobs.try_recv() {
+            add(job);
+        }
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        let Some(replicator) = broker.replicator().cloned() else {
+            continue;
+        };
+        for ((queue, group), counts) in by_group {
+            let op = replicate::Op::DeliveryCounts {
+                queue: queue.clone(),
+                group: group.clone(),
+                counts,
+            };
+            if let Err(error) = replicator.submit(op).await {
+                tracing::debug!(%error, %queue, %group, "replicating delivery counts failed");
+            }
+        }
     }
 }
 

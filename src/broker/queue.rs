@@ -54,6 +54,41 @@ pub struct DeadLetterJob {
     pub reason: Reason,
 }
 
+/// Leases that ended without an ack (expired or nacked), and what follows from them.
+#[derive(Debug, Default)]
+pub struct Ended {
+    /// Messages out of deliveries: to move to the dead-letter queue.
+    pub dead_letters: Vec<DeadLetterJob>,
+    /// `(partition, offset, delivery count)` of every lease that ended: a cluster replicates
+    /// them, so that a new leader goes on counting.
+    pub counts: Vec<(u32, u64, u32)>,
+}
+
+impl Ended {
+    fn push(
+        &mut self,
+        queue: &Queue,
+        group: &Group,
+        partition: u32,
+        offset: u64,
+        outcome: Outcome,
+    ) {
+        match outcome {
+            Outcome::Redeliver { delivery_count, .. } => {
+                self.counts.push((partition, offset, delivery_count));
+            }
+            Outcome::DeadLetter {
+                delivery_count,
+                reason,
+            } => {
+                self.counts.push((partition, offset, delivery_count));
+                self.dead_letters
+                    .push(queue.job(group, partition, offset, delivery_count, reason));
+            }
+        }
+    }
+}
+
 /// A consumer group at run time.
 pub struct Group {
     /// Group name.
@@ -586,8 +621,8 @@ impl Queue {
             .collect())
     }
 
-    /// Ends expired leases of `group`; returns the dead-letter jobs to run.
-    pub fn expire(&self, group: &Group, now: i64) -> Vec<DeadLetterJob> {
+    /// Ends expired leases of `group`; returns what ended.
+    pub fn expire(&self, group: &Group, now: i64) -> Ended {
         let expired = group.lock_state().expire(now);
         if !expired.is_empty() {
             crate::metrics::count_group(
@@ -597,16 +632,11 @@ impl Queue {
                 expired.len() as u64,
             );
         }
-        expired
-            .into_iter()
-            .filter_map(|e| match e.outcome {
-                Outcome::DeadLetter {
-                    delivery_count,
-                    reason,
-                } => Some(self.job(group, e.partition, e.offset, delivery_count, reason)),
-                Outcome::Redeliver { .. } => None,
-            })
-            .collect()
+        let mut ended = Ended::default();
+        for e in expired {
+            ended.push(self, group, e.partition, e.offset, e.outcome);
+        }
+        ended
     }
 
     fn job(
@@ -632,9 +662,9 @@ impl Queue {
         group: &Group,
         max: usize,
         visibility_ms: i64,
-    ) -> Result<(Vec<Delivery>, Vec<DeadLetterJob>), BrokerError> {
+    ) -> Result<(Vec<Delivery>, Ended), BrokerError> {
         let now = self.clock.now_ms();
-        let jobs = self.expire(group, now);
+        let ended = self.expire(group, now);
         let n = self.partitions.len();
         let start = group.rotation.fetch_add(1, AtomicOrdering::Relaxed);
         let mut out = Vec::new();
@@ -701,7 +731,7 @@ impl Queue {
             }
         }
         self.count_deliveries(group, &out);
-        Ok((out, jobs))
+        Ok((out, ended))
     }
 
     /// Records from the group's cursor that may be leased now.
@@ -832,13 +862,14 @@ impl Queue {
         results
     }
 
-    /// Ends a lease without an ack; returns a dead-letter job when deliveries ran out.
+    /// Ends a lease without an ack; what ended holds a dead-letter job when deliveries ran
+    /// out.
     pub fn nack(
         &self,
         group: &Group,
         id: MessageId,
         delay_ms: Option<i64>,
-    ) -> Result<Option<DeadLetterJob>, BrokerError> {
+    ) -> Result<Ended, BrokerError> {
         self.check_exists(id)?;
         let outcome = group
             .state
@@ -846,16 +877,35 @@ impl Queue {
             .nack(id.partition, id.offset, self.clock.now_ms(), delay_ms)
             .map_err(|e| self.group_error(id.partition, e))?;
         crate::metrics::count_group(crate::metrics::NACKED, &self.name, &group.name, 1);
-        Ok(match outcome {
-            Outcome::Redeliver { .. } => {
-                self.notify.notify_waiters();
-                None
-            }
-            Outcome::DeadLetter {
-                delivery_count,
-                reason,
-            } => Some(self.job(group, id.partition, id.offset, delivery_count, reason)),
-        })
+        if matches!(outcome, Outcome::Redeliver { .. }) {
+            self.notify.notify_waiters();
+        }
+        let mut ended = Ended::default();
+        ended.push(self, group, id.partition, id.offset, outcome);
+        Ok(ended)
+    }
+
+    /// Applies delivery counts replicated from the leader (see
+    /// [`GroupState::note_delivery_count`]); journals those that changed the state.
+    pub async fn note_delivery_counts(
+        &self,
+        group: &Group,
+        counts: &[(u32, u64, u32)],
+    ) -> Result<(), BrokerError> {
+        let ticket = {
+            let mut state = group.lock_state();
+            let events: Vec<Event> = counts
+                .iter()
+                .filter(|(p, offset, count)| state.note_delivery_count(*p, *offset, *count))
+                .map(|(p, offset, count)| Event::Leased {
+                    partition: *p,
+                    offset: *offset,
+                    delivery_count: *count,
+                })
+                .collect();
+            group.journal(&state, &events)
+        };
+        self.wait_durable(ticket).await
     }
 
     /// Moves a lease's deadline to `visibility_ms` from now.

@@ -6,8 +6,9 @@
 //! Without a replicator (the single node) the broker calls its local paths directly, so a
 //! lone node pays nothing for this module. With one, the public broker methods turn into
 //! ops and hand them to it; the cluster either proposes them (replicated ops: publish, ack,
-//! seek, dead-letter completion and metadata) or forwards them to the node holding the
-//! leases (receive, nack, extend), which runs them with [`Broker::apply_op`].
+//! seek, dead-letter completion, delivery counts, metadata, users and grants) or forwards
+//! them to the node holding the leases (receive, nack, extend, redrive), which runs them
+//! with [`Broker::apply_op`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use super::access::AccessOp;
 use super::{
     Binding, Broker, BrokerError, Delivery, ExchangeKind, MessageId, NewMessage, QueueSettings,
     SeekTarget,
@@ -279,6 +281,28 @@ pub enum Op {
         /// New visibility in ms.
         visibility_ms: u64,
     },
+    /// A change of users, ownership or grants (metadata group).
+    Access(AccessOp),
+    /// Move dead letters back into `queue` (runs on the leader of the dead-letter queue,
+    /// which holds its leases; each move is a replicated publish and ack).
+    Redrive {
+        /// The queue they go back to.
+        queue: String,
+        /// Its dead-letter queue.
+        dead_letter: String,
+        /// Most messages to move (all when absent).
+        max: Option<u64>,
+    },
+    /// Delivery counts of messages whose lease ended without an ack (nack, expiry), from
+    /// the leader to every replica, so that a new leader goes on counting.
+    DeliveryCounts {
+        /// Queue.
+        queue: String,
+        /// Group.
+        group: String,
+        /// `(partition, offset, delivery count)`.
+        counts: Vec<(u32, u64, u32)>,
+    },
 }
 
 /// Fields whose serde form skips absent values (queue settings, bindings) travel as JSON
@@ -317,16 +341,19 @@ impl Op {
             Op::Publish { queue, .. }
             | Op::Ack { queue, .. }
             | Op::Seek { queue, .. }
-            | Op::DeadLetterDone { queue, .. } => Scope::Queue(queue),
+            | Op::DeadLetterDone { queue, .. }
+            | Op::DeliveryCounts { queue, .. } => Scope::Queue(queue),
             Op::Receive { queue, .. } | Op::Nack { queue, .. } | Op::Extend { queue, .. } => {
                 Scope::Leases(queue)
             }
+            Op::Redrive { dead_letter, .. } => Scope::Leases(dead_letter),
             Op::CreateQueue { .. }
             | Op::DeleteQueue { .. }
             | Op::CreateExchange { .. }
             | Op::DeleteExchange { .. }
             | Op::Bind { .. }
-            | Op::Unbind { .. } => Scope::Meta,
+            | Op::Unbind { .. }
+            | Op::Access(_) => Scope::Meta,
         }
     }
 }
@@ -351,6 +378,8 @@ pub enum OpResult {
     ExchangeCreated(bool),
     /// Leased messages.
     Delivered(Vec<WireDelivery>),
+    /// How many dead letters a redrive moved.
+    Moved(u64),
 }
 
 /// A broker error as it travels between nodes: a stable code and the message.
@@ -405,9 +434,24 @@ impl BrokerError {
             E::ShuttingDown => "shutting_down",
             E::QueueDamaged { .. } => "queue_damaged",
             E::NoLeader(_) => "no_leader",
+            E::Auth(auth) => auth_code(auth.class()),
             E::Remote { code, .. } => known_code(code),
             E::Log(_) | E::Journal(_) | E::Storage { .. } | E::Corrupt { .. } => "storage_error",
         }
+    }
+}
+
+/// The API code of an auth error of this class (as `api::error` answers it).
+fn auth_code(class: crate::auth::ErrorClass) -> &'static str {
+    use crate::auth::ErrorClass as C;
+    match class {
+        C::BadRequest => "bad_request",
+        C::Unauthenticated => "unauthenticated",
+        C::Forbidden => "forbidden",
+        C::NotFound => "user_not_found",
+        C::Conflict => "user_exists",
+        C::TooManyRequests => "rate_limited",
+        C::Internal => "storage_error",
     }
 }
 
@@ -431,6 +475,11 @@ pub fn known_code(code: &str) -> &'static str {
         "shutting_down",
         "queue_damaged",
         "no_leader",
+        "unauthenticated",
+        "forbidden",
+        "user_not_found",
+        "user_exists",
+        "rate_limited",
     ];
     CODES
         .iter()
@@ -486,6 +535,14 @@ impl OpResult {
         }
     }
 
+    /// How many messages a redrive moved.
+    pub fn moved(self) -> Result<usize, BrokerError> {
+        match self {
+            OpResult::Moved(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// `Ok(())` for `Done`.
     pub fn done(self) -> Result<(), BrokerError> {
         match self {
@@ -496,6 +553,14 @@ impl OpResult {
 }
 
 impl Broker {
+    /// Runs a change of users, ownership or grants through the cluster.
+    pub(super) async fn submit_access(&self, op: AccessOp) -> Result<(), BrokerError> {
+        match self.replicator() {
+            Some(replicator) => replicator.submit(Op::Access(op)).await?.done(),
+            None => Err(BrokerError::InvalidArgument("not a cluster node".into())),
+        }
+    }
+
     /// The replicator, when this broker is a cluster member.
     pub(super) fn replicator(&self) -> Option<&std::sync::Arc<dyn Replicator>> {
         self.replicator.get()
@@ -632,6 +697,28 @@ impl Broker {
                 .await?;
                 Ok(OpResult::Done)
             }
+            Op::Access(op) => {
+                self.apply_access(op)?;
+                Ok(OpResult::Done)
+            }
+            Op::Redrive {
+                queue,
+                dead_letter,
+                max,
+            } => {
+                let max = max.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+                let moved = self.redrive_local(&queue, &dead_letter, max).await?;
+                Ok(OpResult::Moved(moved as u64))
+            }
+            Op::DeliveryCounts {
+                queue,
+                group,
+                counts,
+            } => {
+                self.note_delivery_counts_local(&queue, &group, &counts)
+                    .await?;
+                Ok(OpResult::Done)
+            }
         }
     }
 }
@@ -639,6 +726,8 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::{Permission, Resource};
+    use crate::broker::access::PasswordHash;
     use proptest::prelude::*;
 
     fn arb_message() -> impl Strategy<Value = WireMessage> {
@@ -694,6 +783,32 @@ mod tests {
                 exchange: "x".into(),
                 binding: serde_json::from_str(r#"{"queue":"q","key":"a.b"}"#).unwrap(),
             },
+        ];
+        for op in ops {
+            let bytes = bincode::serialize(&op).unwrap();
+            let back: Op = bincode::deserialize(&bytes).unwrap();
+            assert_eq!(back, op);
+        }
+    }
+
+    /// Access ops survive the cluster's binary codec (resources travel as `queue/NAME`).
+    #[test]
+    fn access_ops_round_trip_in_the_binary_codec() {
+        let ops = [
+            Op::Access(AccessOp::CreateUser {
+                username: "alice".into(),
+                password_hash: PasswordHash("$argon2id$v=19$...".into()),
+                created_at_ms: 7,
+            }),
+            Op::Access(AccessOp::Grant {
+                by: "alice".into(),
+                resource: Resource::queue("jobs"),
+                user: "bob".into(),
+                permissions: vec![Permission::Publish, Permission::Consume],
+            }),
+            Op::Access(AccessOp::Forget {
+                resource: Resource::exchange("events"),
+            }),
         ];
         for op in ops {
             let bytes = bincode::serialize(&op).unwrap();

@@ -371,6 +371,9 @@ pub enum BrokerError {
     /// mode): try again shortly.
     #[error("no leader: {0}")]
     NoLeader(String),
+    /// A user, grant or ownership change was refused (or its file failed).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// An error another cluster node answered with, by its API code.
     #[error("{message}")]
     Remote {

@@ -46,6 +46,13 @@ impl Secret {
         mac
     }
 
+    /// A key for another use derived from the secret (hex of an HMAC over `label`): every
+    /// node derives the same one, and it tells nothing about the secret.
+    pub fn derive_key(&self, label: &[u8]) -> String {
+        let tag = self.mac(0, b"derive", label).finalize().into_bytes();
+        tag.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The proof for a call with this timestamp, scope (method and group) and body.
     pub fn sign(&self, ts: i64, scope: &[u8], body: &[u8]) -> String {
         let tag = self.mac(ts, scope, body).finalize().into_bytes();

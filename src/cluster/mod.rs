@@ -9,6 +9,8 @@
 //! - [`network`] and [`service`]: the internal tonic service on `--cluster`, signed with
 //!   the cluster secret ([`auth`]).
 //! - [`view`]: `GET /cluster`, health and metrics.
+//! - [`handoff`] and [`balance`]: leadership handed off on a clean stop, and given back to
+//!   a group's preferred leader when it returns.
 //!
 //! How a request runs: the broker hands every state change to [`Cluster`] as an
 //! [`Op`](crate::broker::replicate::Op) (it is the broker's
@@ -34,7 +36,9 @@
 //! (format v2) would end that.
 
 pub mod auth;
+pub mod balance;
 pub mod groups;
+pub mod handoff;
 pub mod log_store;
 pub mod network;
 pub mod placement;
@@ -151,6 +155,8 @@ pub struct Cluster {
     meta: Raft,
     broker: Arc<Broker>,
     config: ClusterConfig,
+    /// Groups being handed to another node (their requests wait).
+    transfers: handoff::Transfers,
 }
 
 fn no_leader(what: impl std::fmt::Display) -> BrokerError {
@@ -193,6 +199,7 @@ impl Cluster {
             meta,
             broker,
             config,
+            transfers: handoff::Transfers::default(),
         }))
     }
 
@@ -310,7 +317,11 @@ impl Cluster {
                 ))),
             };
         };
-        let leader = self.leader_of(&raft).await;
+        let mut leader = self.leader_of(&raft).await;
+        if leader == Some(self.node_id()) && self.transfers.pause(group).await {
+            // The group was being handed off meanwhile: ask again who leads it.
+            leader = self.leader_of(&raft).await;
+        }
         match leader {
             Some(leader) if leader == self.node_id() => {
                 if leases {

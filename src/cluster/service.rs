@@ -87,6 +87,8 @@ impl cluster_server::Cluster for Service {
             KIND_VOTE => reply(&raft.vote(decode(&body).map_err(bad)?).await),
             KIND_APPEND => reply(&raft.append_entries(decode(&body).map_err(bad)?).await),
             KIND_SNAPSHOT => reply(&raft.install_snapshot(decode(&body).map_err(bad)?).await),
+            // Leader hand-off (see `handoff.rs`).
+            super::handoff::KIND_ELECT => reply(&self.cluster.campaign(&raft).await),
             other => Err(bad(format!("unknown raft call kind {other}"))),
         }
     }

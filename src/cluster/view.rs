@@ -1,12 +1,13 @@
 //! What a node tells about the cluster: `GET /cluster` ([`ClusterView`]), whether it is part
 //! of a working quorum (`/healthz`), and per-group series in `/metrics` (term, leader
-//! changes, replication lag).
+//! changes, replication lag, last log, commit, apply and snapshot indexes, snapshot
+//! installs).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Cluster;
 use super::groups::META_GROUP;
@@ -21,9 +22,19 @@ pub const LEADER_CHANGES: &str = "qit_cluster_leader_changes_total";
 pub const REPLICATION_LAG: &str = "qit_cluster_replication_lag_entries";
 /// 1 while this node leads the group.
 pub const IS_LEADER: &str = "qit_cluster_is_leader";
+/// The last index of the group's log on this node.
+pub const LAST_LOG_INDEX: &str = "qit_cluster_last_log_index";
+/// The index up to which this node knows the group's log committed.
+pub const COMMIT_INDEX: &str = "qit_cluster_commit_index";
+/// The index up to which this node applied the group's log.
+pub const APPLIED_INDEX: &str = "qit_cluster_applied_index";
+/// The last index in the group's current snapshot on this node.
+pub const SNAPSHOT_INDEX: &str = "qit_cluster_snapshot_index";
+/// Snapshots this node installed from a leader (counted by the state machine).
+pub use super::state_machine::SNAPSHOTS_INSTALLED;
 
 /// One node in [`ClusterView`].
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     /// Node id.
     pub id: u64,
@@ -38,7 +49,7 @@ pub struct NodeView {
 }
 
 /// One partition in [`ClusterView`].
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PartitionView {
     /// Queue.
     pub queue: String,
@@ -54,10 +65,14 @@ pub struct PartitionView {
     pub group: u64,
     /// Its current term, as this node knows it.
     pub term: u64,
+    /// When this node leads the group: entries its slowest follower lacks (else absent:
+    /// only the leader knows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
 }
 
 /// `GET /cluster`.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterView {
     /// The answering node.
     pub node_id: u64,
@@ -75,6 +90,18 @@ fn leader_and_term(raft: &Raft) -> (Option<u64>, u64) {
     let m = raft.metrics();
     let m = m.borrow();
     (m.current_leader, m.current_term)
+}
+
+/// On a group's leader, the entries its slowest follower lacks (`None` elsewhere).
+fn follower_lag(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u64> {
+    let last = m.last_log_index.unwrap_or(0);
+    m.replication.as_ref().map(|followers| {
+        followers
+            .values()
+            .map(|matched| last.saturating_sub(matched.map_or(0, |l| l.index)))
+            .max()
+            .unwrap_or(0)
+    })
 }
 
 impl Cluster {
@@ -98,10 +125,11 @@ impl Cluster {
             .collect();
         let mut partitions = Vec::new();
         for (queue, group) in self.groups().queue_groups() {
-            let (leader, term) = self
-                .groups()
-                .raft(group.id)
-                .map_or((None, 0), |r| leader_and_term(&r));
+            let raft = self.groups().raft(group.id);
+            let (leader, term) = raft.as_ref().map_or((None, 0), leader_and_term);
+            let lag = raft
+                .as_ref()
+                .and_then(|r| follower_lag(&r.metrics().borrow()));
             let Ok(info) = self.broker.queue_info(&queue) else {
                 continue;
             };
@@ -114,6 +142,7 @@ impl Cluster {
                     committed_offset: p.next_offset,
                     group: group.id,
                     term,
+                    lag,
                 });
             }
         }
@@ -177,16 +206,157 @@ impl Cluster {
                 if previous.is_some_and(|p| p != m.current_leader) && m.current_leader.is_some() {
                     metrics::counter!(LEADER_CHANGES, &labels).increment(1);
                 }
-                let lag = m.replication.as_ref().map_or(0, |followers| {
-                    let last = m.last_log_index.unwrap_or(0);
-                    followers
-                        .values()
-                        .map(|matched| last.saturating_sub(matched.map_or(0, |l| l.index)))
-                        .max()
-                        .unwrap_or(0)
-                });
+                let lag = follower_lag(&m).unwrap_or(0);
                 metrics::gauge!(REPLICATION_LAG, &labels).set(lag as f64);
+                let index = |l: Option<openraft::LogId<u64>>| l.map_or(0.0, |l| l.index as f64);
+                metrics::gauge!(LAST_LOG_INDEX, &labels).set(m.last_log_index.unwrap_or(0) as f64);
+                metrics::gauge!(APPLIED_INDEX, &labels).set(index(m.last_applied));
+                metrics::gauge!(SNAPSHOT_INDEX, &labels).set(index(m.snapshot));
+                if let Ok(committed) = raft.with_raft_state(|state| state.committed).await {
+                    metrics::gauge!(COMMIT_INDEX, &labels).set(index(committed));
+                }
             }
         }
+    }
+}
+
+/// `qit cluster status` as tables: the nodes (up or down, how many groups each leads) and
+/// the partitions (leader, replicas, committed offset, and the lag its leader reports).
+/// `view` is the answering node's; `others` are the views of the other nodes that
+/// answered, where the lag of the groups they lead comes from.
+pub fn status_table(view: &ClusterView, others: &[ClusterView]) -> String {
+    let name = |id: Option<u64>| id.map_or("-".to_string(), |i| i.to_string());
+    let mut out = vec![format!(
+        "answered by node {}  metadata leader {}  term {}",
+        view.node_id,
+        name(view.leader),
+        view.term
+    )];
+    let mut leads: std::collections::BTreeMap<u64, std::collections::BTreeSet<u64>> =
+        std::collections::BTreeMap::new();
+    for p in &view.partitions {
+        if let Some(leader) = p.leader {
+            leads.entry(leader).or_default().insert(p.group);
+        }
+    }
+    out.push(String::new());
+    out.push(format!(
+        "{:<6} {:<5} {:<7} {:<22} {:<22} {}",
+        "NODE", "STATE", "LEADS", "HTTP", "GRPC", "CLUSTER"
+    ));
+    for n in &view.nodes {
+        let groups = leads.get(&n.id).map_or(0, |g| g.len());
+        let meta = if view.leader == Some(n.id) {
+            "+meta"
+        } else {
+            ""
+        };
+        let led = format!("{groups}{meta}");
+        out.push(format!(
+            "{:<6} {:<5} {:<7} {:<22} {:<22} {}",
+            n.id,
+            if n.up { "up" } else { "down" },
+            led,
+            n.http.as_deref().unwrap_or("?"),
+            n.grpc.as_deref().unwrap_or("?"),
+            n.cluster
+        ));
+    }
+    out.push(String::new());
+    out.push(format!(
+        "{:<32} {:<6} {:<9} {:>10} {:>6}",
+        "QUEUE/PARTITION", "LEADER", "REPLICAS", "COMMITTED", "LAG"
+    ));
+    for p in &view.partitions {
+        let lag = p.lag.or_else(|| {
+            others
+                .iter()
+                .filter(|o| Some(o.node_id) == p.leader)
+                .flat_map(|o| &o.partitions)
+                .find(|o| o.group == p.group && o.partition == p.partition)
+                .and_then(|o| o.lag)
+        });
+        let replicas: Vec<String> = p.replicas.iter().map(u64::to_string).collect();
+        let partition = format!("{}/{}", p.queue, p.partition);
+        out.push(format!(
+            "{:<32} {:<6} {:<9} {:>10} {:>6}",
+            partition,
+            name(p.leader),
+            replicas.join(","),
+            p.committed_offset,
+            name(lag)
+        ));
+    }
+    out.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition(queue: &str, leader: Option<u64>, lag: Option<u64>) -> PartitionView {
+        PartitionView {
+            queue: queue.into(),
+            partition: 0,
+            leader,
+            replicas: vec![2, 1, 3],
+            committed_offset: 42,
+            group: 8,
+            term: 3,
+            lag,
+        }
+    }
+
+    fn node(id: u64, up: bool) -> NodeView {
+        NodeView {
+            id,
+            cluster: format!("127.0.0.1:710{id}"),
+            http: Some(format!("127.0.0.1:808{id}")),
+            grpc: None,
+            up,
+        }
+    }
+
+    /// The table shows who is down, how many groups each node leads, and the lag the
+    /// partition's leader reports (from the leader's own view when another node answered).
+    #[test]
+    fn status_table_shows_nodes_leaders_and_lag() {
+        let answering = ClusterView {
+            node_id: 1,
+            leader: Some(1),
+            term: 5,
+            nodes: vec![node(1, true), node(2, true), node(3, false)],
+            partitions: vec![partition("orders", Some(2), None)],
+        };
+        let leader = ClusterView {
+            node_id: 2,
+            partitions: vec![partition("orders", Some(2), Some(7))],
+            ..answering.clone()
+        };
+        let table = status_table(&answering, &[leader]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("metadata leader 1"), "{table}");
+        let row = |prefix: &str| {
+            lines
+                .iter()
+                .find(|l| l.starts_with(prefix))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(row("1 ")[..3], ["1", "up", "0+meta"], "{table}");
+        assert_eq!(row("2 ")[..3], ["2", "up", "1"], "{table}");
+        assert_eq!(row("3 ")[..3], ["3", "down", "0"], "{table}");
+        assert_eq!(
+            row("orders/0"),
+            ["orders/0", "2", "2,1,3", "42", "7"],
+            "{table}"
+        );
+        let alone = status_table(&answering, &[]);
+        assert!(
+            alone
+                .lines()
+                .any(|l| l.starts_with("orders/0") && l.ends_with(" -")),
+            "{alone}"
+        );
     }
 }

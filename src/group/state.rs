@@ -117,6 +117,8 @@ pub enum Outcome {
     Redeliver {
         /// When.
         due_ms: i64,
+        /// Deliveries it had.
+        delivery_count: u32,
     },
     /// It ran out of deliveries: the broker must append it to the DLQ, then call
     /// [`GroupState::complete_dead_letter`] (or [`GroupState::abort_dead_letter`]).
@@ -613,7 +615,10 @@ impl GroupState {
                 reason,
             }
         } else {
-            Outcome::Redeliver { due_ms }
+            Outcome::Redeliver {
+                due_ms,
+                delivery_count: lease.delivery_count,
+            }
         }
     }
 
@@ -794,6 +799,38 @@ impl GroupState {
         }
     }
 
+    /// Learns that `offset` has had `delivery_count` deliveries (a cluster replicates the
+    /// counts of failed deliveries from the leader, so that a new leader goes on counting).
+    /// Counts only grow; a done message is left alone. True when the state changed (the
+    /// caller journals it as [`Event::Leased`]).
+    pub fn note_delivery_count(
+        &mut self,
+        partition: u32,
+        offset: u64,
+        delivery_count: u32,
+    ) -> bool {
+        let Some(p) = self.partitions.get_mut(partition as usize) else {
+            return false;
+        };
+        if p.is_done(offset) {
+            return false;
+        }
+        if let Some(lease) = p.leases.get_mut(&offset) {
+            let grew = lease.delivery_count < delivery_count;
+            lease.delivery_count = lease.delivery_count.max(delivery_count);
+            return grew;
+        }
+        if let Some(waiting) = p.waiting.get_mut(&offset) {
+            let grew = waiting.delivery_count < delivery_count;
+            waiting.delivery_count = waiting.delivery_count.max(delivery_count);
+            return grew;
+        }
+        let count = p.counts.entry(offset).or_insert(0);
+        let grew = *count < delivery_count;
+        *count = (*count).max(delivery_count);
+        grew
+    }
+
     /// After a restart nothing is leased: every not-done message is offered again, from the
     /// floor, with the delivery counts it had.
     pub fn reset_after_restart(&mut self) {
@@ -879,6 +916,44 @@ mod tests {
         offsets
             .map(|offset| Candidate { offset, key: None })
             .collect()
+    }
+
+    /// A replica that learned a message's failed deliveries (cluster mode) delivers it with
+    /// the next count when it leads; counts never shrink and done messages stay done.
+    #[test]
+    fn noted_delivery_counts_carry_over_to_the_next_delivery() {
+        let mut follower = GroupState::new(config(), &[0]);
+        assert!(follower.note_delivery_count(0, 1, 2));
+        assert!(
+            !follower.note_delivery_count(0, 1, 1),
+            "counts never shrink"
+        );
+        follower.ack(0, 0).unwrap();
+        assert!(
+            !follower.note_delivery_count(0, 0, 5),
+            "a done message stays done"
+        );
+        assert!(!follower.note_delivery_count(9, 0, 5), "no such partition");
+        let (grants, _) = follower.lease(0, 0, 30_000, 10, &fresh(0..3)).unwrap();
+        let counts: Vec<(u64, u32)> = grants
+            .iter()
+            .map(|g| (g.offset, g.delivery_count))
+            .collect();
+        assert_eq!(counts, vec![(1, 3), (2, 1)]);
+        // On the leader, the count it replicated itself changes nothing.
+        let outcome = follower.nack(0, 1, 0, Some(0)).unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::Redeliver {
+                due_ms: 0,
+                delivery_count: 3
+            }
+        );
+        assert!(!follower.note_delivery_count(0, 1, 3));
+        assert!(
+            follower.note_delivery_count(0, 2, 4),
+            "a lease learns a higher count"
+        );
     }
 
     #[test]

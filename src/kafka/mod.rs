@@ -107,6 +107,7 @@ fn broker_error(error: &BrokerError) -> ResponseError {
         BrokerError::ExchangeNotFound(_)
         | BrokerError::MessageNotFound(_)
         | BrokerError::NotLeased(_)
+        | BrokerError::Auth(_)
         | BrokerError::Remote { .. } => ResponseError::UnknownServerError,
     }
 }

@@ -263,7 +263,14 @@ pub async fn delete(
             Err(error) => Err(error),
         };
         match outcome {
-            Ok(()) => crate::api::auth::forget(kafka.auth.as_deref(), &Resource::queue(&topic)),
+            Ok(()) => {
+                crate::api::auth::forget(
+                    kafka.auth.as_deref(),
+                    &kafka.broker,
+                    &Resource::queue(&topic),
+                )
+                .await
+            }
             Err(error) => {
                 result.error_code = error.code();
                 result.error_message = Some(text(&error.to_string()));

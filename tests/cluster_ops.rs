@@ -1,0 +1,803 @@
+//! Living with the three-node cluster (issues 13 and 14), end to end on three real `qit`
+//! processes: users, grants and ownership replicated through the metadata group, redrive
+//! through the replicator, delivery counts that survive a leader's kill, leadership handed
+//! off on SIGTERM and given back when the node returns, and `qit cluster status` as a
+//! table. Tests wait on conditions (generous deadlines guard against hangs; they measure
+//! nothing).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{eventually, free_port, http};
+use parking_lot::Mutex;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const SECRET: &str = "cluster-ops-test-secret-0123456789";
+const PASSWORD: &str = "correct-horse-battery";
+
+/// One node of a test cluster.
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    http: String,
+    http_port: u16,
+    grpc_port: u16,
+    cluster_port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn start(&mut self, peers: &str, extra: &[String]) {
+        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
+            .arg("serve")
+            .args(["--node-id", &self.id.to_string()])
+            .args(["--cluster", &format!("127.0.0.1:{}", self.cluster_port)])
+            .args(["--peers", peers])
+            .args(["--cluster-secret", SECRET])
+            .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(extra)
+            .env("RUST_LOG", "error,openraft=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, and reap.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for the exit (a guard of 60 s against a hang).
+    fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the node runs");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node {} did not stop", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    peers: String,
+    extra: Vec<String>,
+    _temp: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(extra: &[&str]) -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let mut nodes: Vec<Node> = (1..=3)
+            .map(|id| {
+                let http_port = free_port();
+                Node {
+                    id,
+                    dir: temp.path().join(format!("node-{id}")),
+                    http: format!("http://127.0.0.1:{http_port}"),
+                    http_port,
+                    grpc_port: free_port(),
+                    cluster_port: free_port(),
+                    child: None,
+                }
+            })
+            .collect();
+        let peers = nodes
+            .iter()
+            .map(|n| format!("{}=127.0.0.1:{}", n.id, n.cluster_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for node in &mut nodes {
+            node.start(&peers, &extra);
+        }
+        let cluster = Self {
+            nodes,
+            peers,
+            extra,
+            _temp: temp,
+        };
+        for node in &cluster.nodes {
+            cluster.wait_serving(node.id).await;
+        }
+        cluster
+    }
+
+    fn node(&self, id: u64) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn restart(&mut self, id: u64) {
+        let (peers, extra) = (self.peers.clone(), self.extra.clone());
+        self.node_mut(id).start(&peers, &extra);
+    }
+
+    /// Waits until node `id` answers `/healthz` (part of a working quorum).
+    async fn wait_serving(&self, id: u64) {
+        let url = format!("{}/healthz", self.node(id).http);
+        eventually(&format!("node {id} serves"), || async {
+            http()
+                .get(&url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    /// Waits until node `via` sees a leader for `queue`; returns it.
+    async fn queue_leader(&self, via: u64, queue: &str) -> u64 {
+        let url = format!("{}/cluster", self.node(via).http);
+        let found = Arc::new(Mutex::new(0));
+        eventually(&format!("node {via} sees a leader of {queue}"), || {
+            let (url, found) = (url.clone(), Arc::clone(&found));
+            async move {
+                let leader = view(&url, None).await.and_then(|v| {
+                    v["partitions"]
+                        .as_array()?
+                        .iter()
+                        .find(|p| p["queue"] == queue)?["leader"]
+                        .as_u64()
+                });
+                if let Some(leader) = leader {
+                    *found.lock() = leader;
+                }
+                leader.is_some()
+            }
+        })
+        .await;
+        *found.lock()
+    }
+}
+
+/// GET `url` as JSON (with a bearer token), `None` unless 2xx.
+async fn view(url: &str, token: Option<&str>) -> Option<Value> {
+    let mut request = http().get(url).timeout(Duration::from_secs(5));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+/// Sends a request again while the cluster answers 503 (no leader) or a node is out of
+/// reach; the first other answer.
+async fn retrying(
+    what: &str,
+    mut make: impl FnMut() -> reqwest::RequestBuilder,
+) -> (StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = make().timeout(Duration::from_secs(30)).send().await {
+            let status = response.status();
+            if status != StatusCode::SERVICE_UNAVAILABLE {
+                let body = response.json().await.unwrap_or(Value::Null);
+                return (status, body);
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: no answer in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `retrying`, and the answer must be a success.
+async fn ok(what: &str, make: impl FnMut() -> reqwest::RequestBuilder) -> Value {
+    let (status, body) = retrying(what, make).await;
+    assert!(status.is_success(), "{what}: {status} {body}");
+    body
+}
+
+async fn create_queue(base: &str, token: Option<&str>, queue: &str, settings: Value) {
+    ok(&format!("create {queue}"), || {
+        let request = http()
+            .post(format!("{base}/queues/{queue}"))
+            .json(&settings);
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    })
+    .await;
+}
+
+/// Logs in at `base` (the node must know the user: failed logins are rate-limited); the
+/// token.
+async fn login(base: &str, user: &str) -> String {
+    let body = ok(&format!("{user} logs in at {base}"), || {
+        http()
+            .post(format!("{base}/auth/login"))
+            .json(&json!({"username": user, "password": PASSWORD}))
+    })
+    .await;
+    body["token"].as_str().expect("a token").to_string()
+}
+
+/// Waits until node `base` knows the user of `token` (it verifies the token: no login is
+/// tried, so no failed login counts against the user).
+async fn wait_known(base: &str, token: &str) {
+    let url = format!("{base}/queues");
+    eventually(&format!("{base} knows the token's user"), || async {
+        view(&url, Some(token)).await.is_some()
+    })
+    .await;
+}
+
+/// The status of a request with a bearer token (a 503 is asked again).
+async fn status_of(make: impl Fn() -> reqwest::RequestBuilder, token: &str) -> StatusCode {
+    retrying("request", || make().bearer_auth(token)).await.0
+}
+
+/// Users registered on one node log in on the others, a token from one node works on the
+/// others (and after a restart), grants made on one node hold on the others, and the
+/// creator of a queue or exchange owns it on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_grants_and_ownership_are_replicated() {
+    let mut cluster = Cluster::start(&["--auth"]).await;
+    let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    let base = |id: u64| bases[(id - 1) as usize].clone();
+    for (user, at) in [("alice", 1), ("bob", 3)] {
+        let (status, body) = retrying("register", || {
+            http()
+                .post(format!("{}/auth/register", base(at)))
+                .json(&json!({"username": user, "password": PASSWORD}))
+        })
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "register {user}: {body}");
+    }
+    // Registered on node 1, alice logs in on node 3; a token from node 1 works on node 2.
+    let alice1 = login(&base(1), "alice").await;
+    wait_known(&base(2), &alice1).await;
+    wait_known(&base(3), &alice1).await;
+    let alice3 = login(&base(3), "alice").await;
+    // Taken by node 1 already: the name is taken on every node.
+    let (status, _) = retrying("register again", || {
+        http()
+            .post(format!("{}/auth/register", base(2)))
+            .json(&json!({"username": "alice", "password": PASSWORD}))
+    })
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    // alice creates a queue on node 2 and an exchange on node 1: she owns both everywhere.
+    create_queue(
+        &base(2),
+        Some(&alice3),
+        "jobs",
+        json!({"max_deliveries": 0}),
+    )
+    .await;
+    ok("create exchange", || {
+        http()
+            .post(format!("{}/exchanges/events", base(1)))
+            .bearer_auth(&alice3)
+            .json(&json!({"type": "fanout"}))
+    })
+    .await;
+    let bob3 = login(&base(3), "bob").await;
+    wait_known(&base(1), &bob3).await;
+    let bob1 = login(&base(1), "bob").await;
+    let publish = |at: u64| {
+        let url = format!("{}/queues/jobs/messages", base(at));
+        move || http().post(&url).body("hello")
+    };
+    assert_eq!(status_of(publish(1), &bob1).await, StatusCode::FORBIDDEN);
+    // A grant made on node 2 holds on node 1.
+    let grants = |at: u64| format!("{}/queues/jobs/grants", base(at));
+    ok("grant publish", || {
+        http()
+            .post(grants(2))
+            .bearer_auth(&alice1)
+            .json(&json!({"user": "bob", "permissions": ["publish"]}))
+    })
+    .await;
+    let publish_on_1 = publish(1);
+    eventually("bob may publish on node 1", || async {
+        status_of(&publish_on_1, &bob1).await.is_success()
+    })
+    .await;
+    // alice owns `jobs` on node 3 (she manages its grants there), bob does not.
+    eventually("alice manages her queue on node 3", || async {
+        retrying("alice grants on node 3", || {
+            http()
+                .post(grants(3))
+                .bearer_auth(&alice1)
+                .json(&json!({"user": "bob", "permissions": ["publish", "consume"]}))
+        })
+        .await
+        .0
+        .is_success()
+    })
+    .await;
+    let (status, _) = retrying("bob grants", || {
+        http()
+            .post(grants(3))
+            .bearer_auth(&bob1)
+            .json(&json!({"user": "bob", "permissions": ["consume"]}))
+    })
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Exchange ownership: alice binds on node 3, bob may not.
+    let bind = |token: &str| {
+        let url = format!("{}/exchanges/events/bindings", base(3));
+        let token = token.to_string();
+        move || {
+            http()
+                .post(&url)
+                .bearer_auth(&token)
+                .json(&json!({"queue": "jobs"}))
+        }
+    };
+    let alice_binds = bind(&alice1);
+    eventually("alice manages her exchange on node 3", || async {
+        retrying("alice binds", &alice_binds).await.0.is_success()
+    })
+    .await;
+    assert_eq!(
+        retrying("bob binds", bind(&bob1)).await.0,
+        StatusCode::FORBIDDEN
+    );
+
+    // Revoked on node 1: bob's publish on node 2 is refused again.
+    ok("revoke", || {
+        http()
+            .post(grants(1))
+            .bearer_auth(&alice1)
+            .json(&json!({"user": "bob", "permissions": []}))
+    })
+    .await;
+    let publish_on_2 = publish(2);
+    eventually("the revoke holds on node 2", || async {
+        status_of(&publish_on_2, &bob1).await == StatusCode::FORBIDDEN
+    })
+    .await;
+
+    // A node killed and restarted rebuilds users and grants from the metadata log, and
+    // verifies the tokens it issued before (the signing key is derived from the cluster
+    // secret, the same on every node and after a restart).
+    cluster.node_mut(3).kill();
+    cluster.restart(3);
+    cluster.wait_serving(3).await;
+    let jobs3 = format!("{}/queues/jobs", base(3));
+    eventually("node 3 knows alice's token and queue again", || async {
+        view(&jobs3, Some(&alice3)).await.is_some()
+    })
+    .await;
+    let publish_on_3 = publish(3);
+    eventually("the revoke holds on the restarted node", || async {
+        status_of(&publish_on_3, &bob1).await == StatusCode::FORBIDDEN
+    })
+    .await;
+    assert!(status_of(publish(3), &alice3).await.is_success());
+}
+
+/// Receives up to `max` messages of `queue` at `base` (leases of 30 s).
+async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
+    let body = ok("receive", || {
+        http().get(format!(
+            "{base}/queues/{queue}/messages?max={max}&wait=1&visibility=30"
+        ))
+    })
+    .await;
+    body["messages"].as_array().cloned().unwrap_or_default()
+}
+
+/// Every record of partition 0 of `queue` as node `base` holds it.
+async fn log_bodies(base: &str, queue: &str) -> Option<Vec<String>> {
+    let v = view(
+        &format!("{base}/queues/{queue}/log?partition=0&from=0&max=10000"),
+        None,
+    )
+    .await?;
+    Some(
+        v["messages"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["body"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+/// The backlog of `queue`'s default group as node `base` sees it.
+async fn backlog(base: &str, queue: &str) -> Option<u64> {
+    let v = view(&format!("{base}/queues/{queue}"), None).await?;
+    v["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["name"] == "default")?["backlog"]
+        .as_u64()
+}
+
+/// Redrive in a cluster: the dead letters go back into the queue exactly once, as
+/// replicated publishes, and are acked in the dead-letter queue on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_moves_dead_letters_back_once() {
+    let cluster = Cluster::start(&[]).await;
+    let base = |id: u64| cluster.node(id).http.clone();
+    create_queue(
+        &base(1),
+        None,
+        "jobs",
+        json!({"partitions": 1, "max_deliveries": 1}),
+    )
+    .await;
+    let sent: BTreeSet<String> = (0..5).map(|i| format!("job-{i}")).collect();
+    for body in &sent {
+        ok("publish", || {
+            http()
+                .post(format!("{}/queues/jobs/messages", base(2)))
+                .body(body.clone())
+        })
+        .await;
+    }
+    // One delivery each, nacked: out of deliveries, they go to `jobs.dlq`.
+    let mut nacked = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nacked < 5 {
+        assert!(Instant::now() < deadline, "only {nacked} of 5 delivered");
+        for m in receive(&base(3), "jobs", 10).await {
+            let id = m["id"].as_str().unwrap().to_string();
+            ok("nack", || {
+                http().post(format!(
+                    "{}/queues/jobs/messages/{id}/nack?delay=0",
+                    base(3)
+                ))
+            })
+            .await;
+            nacked += 1;
+        }
+    }
+    for id in 1..=3 {
+        let b = base(id);
+        eventually(&format!("node {id} holds the 5 dead letters"), || async {
+            log_bodies(&b, "jobs.dlq").await.map(|l| l.len()) == Some(5)
+                && backlog(&b, "jobs").await == Some(0)
+        })
+        .await;
+    }
+    let moved = ok("redrive", || {
+        http()
+            .post(format!("{}/queues/jobs/redrive", base(2)))
+            .json(&json!({}))
+    })
+    .await;
+    assert_eq!(moved["moved"], 5, "{moved}");
+    for id in 1..=3 {
+        let b = base(id);
+        eventually(&format!("node {id} holds the moves"), || async {
+            log_bodies(&b, "jobs").await.map(|l| l.len()) == Some(10)
+                && backlog(&b, "jobs.dlq").await == Some(0)
+                && backlog(&b, "jobs").await == Some(5)
+        })
+        .await;
+    }
+    let log = log_bodies(&base(1), "jobs").await.unwrap();
+    let redriven: Vec<String> = log[5..].to_vec();
+    assert_eq!(
+        redriven.iter().cloned().collect::<BTreeSet<_>>(),
+        sent,
+        "each dead letter once: {redriven:?}"
+    );
+    let mut delivered = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered.len() < 5 {
+        assert!(Instant::now() < deadline, "only {delivered:?} delivered");
+        for m in receive(&base(1), "jobs", 10).await {
+            assert_eq!(
+                m["delivery_count"], 1,
+                "a redriven message starts counting again"
+            );
+            delivered.push(m["body"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(delivered.iter().cloned().collect::<BTreeSet<_>>(), sent);
+    assert_eq!(delivered.len(), 5);
+    let again = ok("redrive again", || {
+        http()
+            .post(format!("{}/queues/jobs/redrive", base(3)))
+            .json(&json!({}))
+    })
+    .await;
+    assert_eq!(again["moved"], 0, "{again}");
+}
+
+/// A message nacked twice, then its queue's leader killed: the new leader delivers it with
+/// count 3 and dead-letters it at `max_deliveries: 3`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_counts_survive_a_leader_kill() {
+    let mut cluster = Cluster::start(&[]).await;
+    create_queue(
+        &cluster.node(1).http,
+        None,
+        "poison",
+        json!({"partitions": 1, "max_deliveries": 3}),
+    )
+    .await;
+    let leader = cluster.queue_leader(1, "poison").await;
+    let survivor = if leader == 1 { 2 } else { 1 };
+    let base = cluster.node(survivor).http.clone();
+    ok("publish", || {
+        http()
+            .post(format!("{base}/queues/poison/messages"))
+            .body("bad")
+    })
+    .await;
+    let next = |base: String| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(m) = receive(&base, "poison", 1).await.pop() {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "no delivery in time");
+        }
+    };
+    for count in 1..=2 {
+        let m = next(base.clone()).await;
+        assert_eq!(m["delivery_count"], count);
+        let id = m["id"].as_str().unwrap().to_string();
+        ok("nack", || {
+            http().post(format!("{base}/queues/poison/messages/{id}/nack?delay=0"))
+        })
+        .await;
+    }
+    cluster.node_mut(leader).kill();
+    // The dead-letter queue has its own group: let it have a live leader too, so that the
+    // move below does not meet an election (a failed move offers the message again).
+    eventually("both groups have a live leader", || async {
+        leaders(&base).await.is_some_and(|l| {
+            ["poison", "poison.dlq"].iter().all(|q| {
+                l.get(*q)
+                    .is_some_and(|(lead, _)| lead.is_some_and(|n| n != leader))
+            })
+        })
+    })
+    .await;
+    let m = next(base.clone()).await;
+    assert_eq!(
+        m["delivery_count"], 3,
+        "the new leader goes on counting: {m}"
+    );
+    let id = m["id"].as_str().unwrap().to_string();
+    ok("nack", || {
+        http().post(format!("{base}/queues/poison/messages/{id}/nack?delay=0"))
+    })
+    .await;
+    eventually("the message reaches the dead-letter queue", || async {
+        log_bodies(&base, "poison.dlq")
+            .await
+            .is_some_and(|l| l == ["bad"])
+    })
+    .await;
+    let letters = view(
+        &format!("{base}/queues/poison.dlq/log?partition=0&from=0&max=10"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        letters["messages"][0]["headers"]["qit-delivery-count"], "3",
+        "{letters}"
+    );
+    eventually("the queue is done with it", || async {
+        backlog(&base, "poison").await == Some(0)
+    })
+    .await;
+}
+
+/// The queues each node leads, by `/cluster` of node `via`: queue -> (leader, preferred).
+async fn leaders(base: &str) -> Option<BTreeMap<String, (Option<u64>, u64)>> {
+    let v = view(&format!("{base}/cluster"), None).await?;
+    Some(
+        v["partitions"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p["queue"].as_str()?.to_string(),
+                    (p["leader"].as_u64(), p["replicas"][0].as_u64()?),
+                ))
+            })
+            .collect(),
+    )
+}
+
+/// The sum of a counter over the `/metrics` of `bases`.
+async fn counter(bases: &[String], name: &str) -> f64 {
+    let mut sum = 0.0;
+    for base in bases {
+        let Ok(response) = http().get(format!("{base}/metrics")).send().await else {
+            continue;
+        };
+        let text = response.text().await.unwrap_or_default();
+        sum += text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    sum
+}
+
+/// SIGTERM on a node leading queues under a light publish load: it hands its groups to the
+/// others first, no publish gets an error other than a retried 503, and it stops cleanly.
+/// Once it is back, the queues it is the preferred leader of move back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_off_and_leadership_returns() {
+    let mut cluster = Cluster::start(&[]).await;
+    let queues: Vec<String> = (0..6).map(|i| format!("q{i}")).collect();
+    for q in &queues {
+        create_queue(
+            &cluster.node(1).http,
+            None,
+            q,
+            json!({"partitions": 1, "max_deliveries": 0}),
+        )
+        .await;
+        cluster.queue_leader(1, q).await;
+    }
+    // Wait until placement holds: every queue led by its preferred replica.
+    let base1 = cluster.node(1).http.clone();
+    eventually("every queue is led by its preferred leader", || async {
+        leaders(&base1)
+            .await
+            .is_some_and(|l| l.len() == 6 && l.values().all(|(lead, pref)| *lead == Some(*pref)))
+    })
+    .await;
+    let placed = leaders(&base1).await.unwrap();
+    let mut led: BTreeMap<u64, usize> = BTreeMap::new();
+    for (lead, _) in placed.values() {
+        *led.entry(lead.unwrap()).or_default() += 1;
+    }
+    let (&stopping, &groups) = led.iter().max_by_key(|(_, n)| **n).unwrap();
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != stopping).collect();
+    let survivor_bases: Vec<String> = survivors
+        .iter()
+        .map(|id| cluster.node(*id).http.clone())
+        .collect();
+
+    // A light publish load through the survivors, into every queue.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let published = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (stop, errors, published) = (
+            Arc::clone(&stop),
+            Arc::clone(&errors),
+            Arc::clone(&published),
+        );
+        let (bases, queues) = (survivor_bases.clone(), queues.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let (base, queue) = (&bases[i % bases.len()], &queues[i % queues.len()]);
+                let (status, body) = retrying("publish", || {
+                    http()
+                        .post(format!("{base}/queues/{queue}/messages"))
+                        .body(format!("m-{i}"))
+                })
+                .await;
+                if status.is_success() {
+                    published.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors
+                        .lock()
+                        .push(format!("{queue} via {base}: {status} {body}"));
+                }
+                i += 1;
+            }
+        })
+    };
+    let before = published.load(Ordering::Relaxed);
+    eventually("the load makes progress", || async {
+        published.load(Ordering::Relaxed) >= before + 20
+    })
+    .await;
+    let requested = counter(&survivor_bases, "qit_cluster_elections_requested_total").await;
+    let status = cluster.node_mut(stopping).terminate();
+    assert!(
+        status.success(),
+        "node {stopping} stopped cleanly: {status:?}"
+    );
+    let asked = counter(&survivor_bases, "qit_cluster_elections_requested_total").await;
+    assert!(
+        asked >= requested + groups as f64,
+        "node {stopping} asked the others to take its {groups} queues (campaigns {requested} -> {asked})"
+    );
+    let after_stop = published.load(Ordering::Relaxed);
+    eventually("the load goes on without the stopped node", || async {
+        published.load(Ordering::Relaxed) >= after_stop + 20
+    })
+    .await;
+
+    // Back: its preferred queues return to it once it caught up.
+    cluster.restart(stopping);
+    cluster.wait_serving(stopping).await;
+    let survivor = survivor_bases[0].clone();
+    eventually("leadership returns to the restarted node", || async {
+        leaders(&survivor)
+            .await
+            .is_some_and(|l| l.values().all(|(lead, pref)| *lead == Some(*pref)))
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(
+        errors.lock().is_empty(),
+        "client-visible errors: {:?}",
+        errors.lock()
+    );
+
+    // `qit cluster status` draws the table: every node up, leaders and lag per partition.
+    let out = Command::new(env!("CARGO_BIN_EXE_qit"))
+        .args([
+            "cluster",
+            "--server",
+            &cluster.node(stopping).http,
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(table.contains("NODE") && table.contains("LAG"), "{table}");
+    for id in 1..=3u64 {
+        assert!(
+            table.lines().any(|l| l
+                .split_whitespace()
+                .take(2)
+                .eq([id.to_string().as_str(), "up"])),
+            "node {id} up in:\n{table}"
+        );
+    }
+    for q in &queues {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{q}/0 ")))
+            .unwrap_or_else(|| panic!("{q} in:\n{table}"));
+        let lag = row.split_whitespace().last().unwrap();
+        assert!(
+            lag.parse::<u64>().is_ok(),
+            "the leader reports {q}'s lag: {row}"
+        );
+    }
+}
