@@ -326,6 +326,14 @@ async fn deleting_a_symlinked_queue_keeps_the_link_target() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    // A queue has a directory from its first message on.
+    let r = http()
+        .post(format!("{}/queues/linked/messages", s.http))
+        .body("data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
     // Swap the queue's directory for a link to a directory outside the data dir.
     let dir = s.dir.join("queues/linked");
     let moved = outside.path().join("linked-data");
