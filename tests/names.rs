@@ -388,6 +388,11 @@ proptest! {
             let queues = dir.path().join("queues");
             let top_before = listing(dir.path()).1;
             if broker.create_queue(&name, plain).await.is_ok() {
+                // A queue has a directory from its first message on.
+                broker
+                    .publish(&name, vec![NewMessage { body: "n".into(), ..NewMessage::default() }])
+                    .await
+                    .unwrap();
                 let path = queues.join(&name);
                 assert_eq!(path.parent(), Some(queues.as_path()), "{name:?}");
                 assert!(path.is_dir(), "{name:?}");

@@ -138,7 +138,7 @@ impl StorageFile for LazyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{SimDisk, Storage};
+    use crate::storage::SimDisk;
 
     #[test]
     fn an_absent_file_is_created_with_its_directory_by_the_first_append_only() {
