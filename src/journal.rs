@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 
 use crate::commit::{GroupCommit, SyncPool, SyncTarget};
 use crate::log::FsyncPolicy;
-use crate::storage::{self, OpenMode, SharedStorage, StorageFile};
+use crate::storage::{self, Known, OpenMode, SharedStorage, StorageFile};
 
 /// `"QITJ"`.
 const MAGIC: &[u8; 4] = b"QITJ";
@@ -133,6 +133,8 @@ struct JournalFile {
     buf: Vec<u8>,
     /// Why the journal takes no more appends.
     failed: Option<String>,
+    /// Closed for good ([`Journal::close`]): no more appends or checkpoints.
+    closed: bool,
 }
 
 /// State shared by the handles and the sync pool.
@@ -325,15 +327,20 @@ impl Journal {
         path: &Path,
         fsync: FsyncPolicy,
     ) -> Result<(Journal, Replay), JournalError> {
-        let dir = storage::parent_dir(path);
-        storage.create_dir_all(dir).map_err(io(dir))?;
-        let _ = storage.remove(&storage::temp_path(path));
-        let bytes = storage::read_if_exists(&*storage, path)
-            .map_err(io(path))?
-            .map(Bytes::from)
-            .unwrap_or_default();
+        let read = storage::read_if_exists(&*storage, path).map_err(io(path))?;
+        // Opened on first use; a journal that does not exist yet is created (with its
+        // directory) by its first append: a new queue's group costs no file.
+        let known = if read.is_some() {
+            // A leftover of an interrupted checkpoint (ignored when the journal is absent:
+            // the next checkpoint starts its temp file afresh).
+            let _ = storage.remove(&storage::temp_path(path));
+            Known::Present
+        } else {
+            Known::Absent
+        };
+        let bytes = read.map(Bytes::from).unwrap_or_default();
         let (replay, valid) = parse(path, &bytes)?;
-        let file = storage.open(path, OpenMode::Append).map_err(io(path))?;
+        let file = storage::deferred(Arc::clone(&storage), path, OpenMode::Append, known);
         let fresh = valid < HEADER_LEN;
         if fresh {
             // Nothing written nor synced here: an empty journal holds nothing to lose, and
@@ -359,6 +366,7 @@ impl Journal {
                 created_unsynced: fresh,
                 buf: Vec::new(),
                 failed: None,
+                closed: false,
             }),
             commit: GroupCommit::new(0, fsync, SYNC_INTERVAL, SyncPool::shared()),
             since_checkpoint: AtomicU64::new(valid.saturating_sub(HEADER_LEN) as u64),
@@ -409,6 +417,14 @@ impl Journal {
     pub async fn flush(&self) -> Result<(), JournalError> {
         self.inner.shared.sync_now().map(|_| ())
     }
+
+    /// Takes no more appends or checkpoints ([`JournalError::Closed`]), for good: once this
+    /// returns, nothing writes the file (or creates it, or its directory) any more, so the
+    /// caller may remove them (a deleted queue's journal, whose appends still in flight
+    /// must not create its directory again).
+    pub fn close(&self) {
+        self.inner.shared.file.lock().closed = true;
+    }
 }
 
 impl Shared {
@@ -416,6 +432,9 @@ impl Shared {
     fn append(&self, entries: &[Bytes]) -> Result<u64, JournalError> {
         let mut guard = self.file.lock();
         let f = &mut *guard;
+        if f.closed {
+            return Err(JournalError::Closed);
+        }
         if let Some(reason) = &f.failed {
             return Err(JournalError::Failed(reason.clone()));
         }
@@ -516,21 +535,31 @@ impl Shared {
     /// Replaces the journal with a file holding only `snapshot`.
     fn checkpoint(&self, snapshot: &[u8]) -> Result<u64, JournalError> {
         let mut f = self.file.lock();
+        if f.closed {
+            return Err(JournalError::Closed);
+        }
         if let Some(reason) = &f.failed {
             return Err(JournalError::Failed(reason.clone()));
         }
         let mut bytes = file_header().to_vec();
         put_frame(&mut bytes, KIND_CHECKPOINT, snapshot);
+        if f.len == 0 {
+            // Never written: its directory may not exist yet (see `Journal::open`).
+            let dir = storage::parent_dir(&self.path);
+            self.storage.create_dir_all(dir).map_err(io(dir))?;
+        }
         storage::atomic_replace(&*self.storage, &self.path, &bytes, false).map_err(|e| {
             JournalError::Io {
                 path: e.path,
                 source: e.source,
             }
         })?;
-        f.file = self
-            .storage
-            .open(&self.path, OpenMode::Append)
-            .map_err(io(&self.path))?;
+        f.file = storage::deferred(
+            Arc::clone(&self.storage),
+            &self.path,
+            OpenMode::Append,
+            Known::Present,
+        );
         f.len = bytes.len() as u64;
         f.dirty = false;
         // The replace synced the file and its directory.

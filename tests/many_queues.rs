@@ -290,3 +290,68 @@ async fn a_queue_and_its_dead_letter_queue_fit_the_limit_together_or_not_at_all(
     broker.create_queue("b", plain).await.unwrap();
     assert_eq!(broker.queue_count(), 3);
 }
+
+fn message(body: &str) -> qit::broker::NewMessage {
+    qit::broker::NewMessage {
+        body: bytes::Bytes::from(body.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Issue 17: a queue costs no directory, file or descriptor until its first message, and its
+/// dead-letter queue, listed and answering from creation, none until a message is
+/// dead-lettered; neither a read nor a restart creates any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_and_dead_letter_queues_cost_no_directory_until_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let queues = dir.path().join("queues");
+    let broker = open_broker(dir.path(), 100).await;
+    let settings = qit::broker::QueueSettings {
+        max_deliveries: 1,
+        ..Default::default()
+    };
+    broker.create_queue("jobs", settings).await.unwrap();
+    let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
+    assert_eq!(names, ["jobs", "jobs.dlq"]);
+    let dlq = broker.queue_info("jobs.dlq").unwrap();
+    assert_eq!(dlq.partitions[0].next_offset, 0);
+    let none = std::time::Duration::ZERO;
+    let empty = broker.receive("jobs.dlq", "default", 10, none, None).await;
+    assert!(empty.unwrap().is_empty());
+    assert!(!queues.join("jobs").exists(), "created a directory");
+    assert!(!queues.join("jobs.dlq").exists(), "created a directory");
+    // Nor does a restart.
+    drop(broker);
+    let broker = open_broker(dir.path(), 100).await;
+    assert_eq!(broker.queue_count(), 2);
+    assert!(!queues.join("jobs").exists() && !queues.join("jobs.dlq").exists());
+    // The first message creates the queue's files; the DLQ stays without any.
+    broker.publish("jobs", vec![message("one")]).await.unwrap();
+    assert!(queues.join("jobs/0").is_dir());
+    assert!(!queues.join("jobs.dlq").exists());
+    let lease = std::time::Duration::from_secs(60);
+    let delivered = broker
+        .receive("jobs", "default", 1, none, Some(lease))
+        .await
+        .unwrap();
+    assert_eq!(delivered.len(), 1);
+    // The only delivery allowed failed: the message goes to the DLQ, which now has files.
+    broker
+        .nack("jobs", "default", delivered[0].id, None)
+        .await
+        .unwrap();
+    common::eventually("the message in the dead-letter queue", || async {
+        broker.queue_info("jobs.dlq").unwrap().partitions[0].next_offset == 1
+    })
+    .await;
+    assert!(queues.join("jobs.dlq/0").is_dir());
+    broker.shutdown().await.unwrap();
+    drop(broker);
+    let broker = open_broker(dir.path(), 100).await;
+    let moved = broker
+        .receive("jobs.dlq", "default", 10, none, Some(lease))
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].body, "one");
+}

@@ -326,6 +326,14 @@ async fn deleting_a_symlinked_queue_keeps_the_link_target() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    // A queue has a directory from its first message on.
+    let r = http()
+        .post(format!("{}/queues/linked/messages", s.http))
+        .body("data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
     // Swap the queue's directory for a link to a directory outside the data dir.
     let dir = s.dir.join("queues/linked");
     let moved = outside.path().join("linked-data");
@@ -380,6 +388,11 @@ proptest! {
             let queues = dir.path().join("queues");
             let top_before = listing(dir.path()).1;
             if broker.create_queue(&name, plain).await.is_ok() {
+                // A queue has a directory from its first message on.
+                broker
+                    .publish(&name, vec![NewMessage { body: "n".into(), ..NewMessage::default() }])
+                    .await
+                    .unwrap();
                 let path = queues.join(&name);
                 assert_eq!(path.parent(), Some(queues.as_path()), "{name:?}");
                 assert!(path.is_dir(), "{name:?}");

@@ -229,7 +229,9 @@ pub struct Queue {
     /// Woken on publish, redelivery, freed keys, shutdown and delete.
     pub notify: Notify,
     round_robin: AtomicU32,
-    dedup: tokio::sync::Mutex<DedupWindow>,
+    /// The idempotency keys of the dedup window, read back from the log by the first
+    /// publish with a key (a queue never given one never reads its log for them).
+    dedup: tokio::sync::Mutex<Option<DedupWindow>>,
     deleted: AtomicBool,
     /// Where "now" comes from.
     clock: Clock,
@@ -300,7 +302,7 @@ impl Queue {
         let partitions = (0..settings.partitions)
             .map(|p| PartitionLog::open(&dir.join(p.to_string()), log_config.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut queue = Self {
+        let queue = Self {
             name: name.to_string(),
             settings,
             dir,
@@ -311,7 +313,7 @@ impl Queue {
             group_creation: Mutex::new(()),
             notify: Notify::new(),
             round_robin: AtomicU32::new(0),
-            dedup: tokio::sync::Mutex::new(DedupWindow::default()),
+            dedup: tokio::sync::Mutex::new(None),
             deleted: AtomicBool::new(false),
             clock,
             publish_metrics: std::sync::OnceLock::new(),
@@ -319,7 +321,6 @@ impl Queue {
         };
         queue.load_groups()?;
         queue.group_or_create(DEFAULT_GROUP)?;
-        queue.dedup = tokio::sync::Mutex::new(queue.rebuild_dedup()?);
         Ok(queue)
     }
 
@@ -405,6 +406,10 @@ impl Queue {
         self.groups
             .write()
             .insert(name.to_string(), Arc::clone(&group));
+        if self.is_deleted() {
+            // Made while the queue was being deleted: see `mark_deleted`.
+            group.journal.close();
+        }
         Ok(group)
     }
 
@@ -473,9 +478,16 @@ impl Queue {
         }
     }
 
-    /// Marks the queue deleted and wakes its waiters.
+    /// Marks the queue deleted, closes its logs and journals (so that work still in flight
+    /// cannot create its directory again once it is removed) and wakes its waiters.
     pub fn mark_deleted(&self) {
         self.deleted.store(true, AtomicOrdering::Release);
+        for log in &self.partitions {
+            log.close();
+        }
+        for group in self.groups() {
+            group.journal.close();
+        }
         self.notify.notify_waiters();
     }
 
@@ -489,9 +501,10 @@ impl Queue {
         &self.dir
     }
 
-    fn rebuild_dedup(&self) -> Result<DedupWindow, BrokerError> {
+    /// The dedup window as of `now_ms`, read back from the log.
+    fn rebuild_dedup(&self, now_ms: i64) -> Result<DedupWindow, BrokerError> {
         let mut window = DedupWindow::default();
-        let since = self.clock.now_ms() - self.settings.dedup_window as i64 * 1000;
+        let since = now_ms - self.settings.dedup_window as i64 * 1000;
         for (p, log) in self.partitions.iter().enumerate() {
             let Some(mut from) = log.offset_for_timestamp(since)? else {
                 continue;
@@ -551,7 +564,13 @@ impl Queue {
         let now = now_ms.unwrap_or_else(|| self.clock.now_ms());
         let window_ms = self.settings.dedup_window as i64 * 1000;
         let mut dedup = if messages.iter().any(|m| m.idempotency_key.is_some()) {
-            Some(self.dedup.lock().await)
+            let mut window = self.dedup.lock().await;
+            if window.is_none() {
+                *window = Some(self.rebuild_dedup(now)?);
+            }
+            Some(tokio::sync::MutexGuard::map(window, |w| {
+                w.get_or_insert_with(DedupWindow::default)
+            }))
         } else {
             None
         };
@@ -584,7 +603,14 @@ impl Queue {
             let log = &self.partitions[*p as usize];
             async move { log.append(records).await.map(|first| (*p, first)) }
         });
-        let firsts = futures_util::future::try_join_all(appends).await?;
+        let firsts = match futures_util::future::try_join_all(appends).await {
+            Ok(firsts) => firsts,
+            // Deleted while this publish ran: its logs were closed.
+            Err(_) if self.is_deleted() => {
+                return Err(BrokerError::QueueNotFound(self.name.clone()));
+            }
+            Err(error) => return Err(error.into()),
+        };
         for ((_, indices), (p, first)) in by_partition.iter().zip(firsts) {
             for (k, i) in indices.iter().enumerate() {
                 results[*i] = Some(MessageId {

@@ -255,7 +255,7 @@ impl PartitionLog {
             reason: "no active segment".into(),
         })?;
         let next = state.extent.next_offset;
-        let writer = Writer::new(&*config.storage, active, state)?;
+        let writer = Writer::new(&config.storage, active, state);
         let commit = GroupCommit::new(
             next,
             config.fsync,
@@ -473,6 +473,14 @@ impl PartitionLog {
     pub async fn truncate_suffix(&self, offset: u64) -> Result<(), LogError> {
         let shared = &self.inner.shared;
         shared.writer.lock().truncate(shared, offset)
+    }
+
+    /// Takes no more appends ([`LogError::Closed`]), for good: once this returns, no append
+    /// writes the files (or creates them, or the directory) any more, so the caller may
+    /// remove them (a deleted queue, whose publishes still in flight must not create its
+    /// directory again).
+    pub fn close(&self) {
+        self.inner.shared.writer.lock().closed = true;
     }
 
     /// fsyncs everything appended so far (on the caller's thread).

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use super::index::{self, OffsetEntry, TimeEntry};
 use super::segment::{self, Extent, IndexBuilder, Scan, Segment, SegmentPaths};
 use super::{LogConfig, LogError};
-use crate::storage::{self, OpenMode, Storage, StorageFile};
+use crate::storage::{self, Known, OpenMode, Storage, StorageFile};
 
 pub use crate::storage::{TEMP_SUFFIX, temp_path};
 
@@ -65,34 +65,26 @@ pub struct ActiveState {
     /// fsynced: the first fsync of a record syncs the directory too (a new, idle partition
     /// costs no fsync).
     pub dir_unsynced: bool,
+    /// Whether the segment's index files exist (the writer opens them on first use).
+    pub indexes: Known,
 }
 
-/// Opens every segment of `dir`; creates the first one when the directory is empty.
+/// Opens every segment of `dir`. A partition without a directory or without segments is
+/// new: its first segment's files (and the directory) are created by its first append, so
+/// an unused partition costs no directory, file or descriptor.
 pub fn open_segments(
     dir: &Path,
     config: &LogConfig,
 ) -> Result<(Vec<std::sync::Arc<Segment>>, ActiveState), LogError> {
     let storage = &*config.storage;
-    storage.create_dir_all(dir).map_err(io(dir))?;
-    let bases = list_segments(storage, dir)?;
+    let bases = match list_segments(storage, dir) {
+        Err(LogError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Vec::new()
+        }
+        listed => listed?,
+    };
     if bases.is_empty() {
-        // A new partition: its empty first segment, with nothing to read back or check.
-        // Not synced here: nothing is in it yet, and opening creates it again if a crash
-        // loses it.
-        let (file, paths) = create_segment_files_unsynced(storage, dir, 0)?;
-        let extent = Extent {
-            len: 0,
-            next_offset: 0,
-            max_timestamp_ms: None,
-        };
-        let segment = Segment::active(0, paths, Arc::clone(&file), &[], &[], extent);
-        let state = ActiveState {
-            file,
-            extent,
-            builder: IndexBuilder::new(config.index_interval_bytes, None, true),
-            dir_unsynced: true,
-        };
-        return Ok((vec![Arc::new(segment)], state));
+        return Ok(new_partition(dir, config));
     }
     let mut segments = Vec::with_capacity(bases.len());
     let last = bases.len() - 1;
@@ -102,12 +94,40 @@ pub fn open_segments(
         segments.push(std::sync::Arc::new(segment));
     }
     let last_base = bases.get(last).copied().unwrap_or_default();
-    let (active, state) = open_active(storage, dir, last_base, config.index_interval_bytes)?;
+    let (active, state) =
+        open_active(&config.storage, dir, last_base, config.index_interval_bytes)?;
     if let Some(previous) = segments.last() {
         check_continuity(previous, Some(active.base_offset))?;
     }
     segments.push(std::sync::Arc::new(active));
     Ok((segments, state))
+}
+
+/// A new partition: its empty first segment, with nothing to read back or check, whose
+/// files are created (with the directory) by the first append. Nothing is synced here:
+/// nothing is in it yet, and the first fsync of a record syncs the directory too.
+fn new_partition(dir: &Path, config: &LogConfig) -> (Vec<Arc<Segment>>, ActiveState) {
+    let paths = SegmentPaths::new(dir, 0);
+    let file = storage::deferred(
+        Arc::clone(&config.storage),
+        &paths.log,
+        OpenMode::Append,
+        Known::Absent,
+    );
+    let extent = Extent {
+        len: 0,
+        next_offset: 0,
+        max_timestamp_ms: None,
+    };
+    let segment = Segment::active(0, paths, Arc::clone(&file), &[], &[], extent);
+    let state = ActiveState {
+        file,
+        extent,
+        builder: IndexBuilder::new(config.index_interval_bytes, None, true),
+        dir_unsynced: true,
+        indexes: Known::Absent,
+    };
+    (vec![Arc::new(segment)], state)
 }
 
 fn check_continuity(segment: &Segment, next_base: Option<u64>) -> Result<(), LogError> {
@@ -343,11 +363,12 @@ fn open_sealed(
 }
 
 fn open_active(
-    storage: &dyn Storage,
+    shared: &storage::SharedStorage,
     dir: &Path,
     base: u64,
     interval: u32,
 ) -> Result<(Segment, ActiveState), LogError> {
+    let storage = &**shared;
     let paths = SegmentPaths::new(dir, base);
     let checked = check_segment(storage, &paths, base, interval)?;
     let scan = &checked.scan;
@@ -363,9 +384,14 @@ fn open_active(
     }
     let log_len = checked.log.len() as u64;
     drop(checked.log);
-    let file = storage
-        .open(&paths.log, OpenMode::Append)
-        .map_err(io(&paths.log))?;
+    // Opened on first use: an idle restarted partition holds no descriptor and costs no
+    // `open`. A torn tail is cut now, before the partition serves.
+    let file = storage::deferred(
+        Arc::clone(shared),
+        &paths.log,
+        OpenMode::Append,
+        Known::Present,
+    );
     if cut || log_len != scan.end {
         file.set_len(scan.end).map_err(io(&paths.log))?;
         file.sync_data().map_err(io(&paths.log))?;
@@ -400,6 +426,7 @@ fn open_active(
             extent,
             builder,
             dir_unsynced: false,
+            indexes: Known::Present,
         },
     ))
 }

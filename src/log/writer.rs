@@ -22,7 +22,7 @@ use super::record::{self, Slot};
 use super::recovery::{self, ActiveState};
 use super::segment::{self, Extent, IndexBuilder, Segment, SegmentPaths};
 use super::{FsyncPolicy, LogError, Record, Shared};
-use crate::storage::{OpenMode, Storage, StorageFile};
+use crate::storage::{Known, OpenMode, SharedStorage, Storage, StorageFile};
 
 /// The shared sync pool fsyncs the active segment when asked (`always`) or one interval
 /// after the first unsynced write (`interval`), outside the writer lock, then publishes
@@ -116,6 +116,8 @@ pub struct Writer {
     dir_unsynced: bool,
     /// Why the log takes no more appends (a failed fsync leaves the disk state unknown).
     failed: Option<String>,
+    /// Closed for good ([`super::PartitionLog::close`]): no more appends.
+    pub closed: bool,
 }
 
 fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
@@ -125,25 +127,23 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     }
 }
 
-/// Opens an index file of the active segment for appending: a hint, which recovery rebuilds
-/// from the log when it is short or damaged, so the file cache may close it unsynced.
-fn open_append(
-    storage: &dyn Storage,
+/// An index file of the active segment, opened for appending on its first use (`known`
+/// says whether it exists): a hint, which recovery rebuilds from the log when it is short
+/// or damaged, so the file cache may close it unsynced.
+fn open_index(
+    storage: &SharedStorage,
     path: &std::path::Path,
-) -> Result<Arc<dyn StorageFile>, LogError> {
-    storage.open(path, OpenMode::AppendHint).map_err(io(path))
+    known: Known,
+) -> Arc<dyn StorageFile> {
+    crate::storage::deferred(Arc::clone(storage), path, OpenMode::AppendHint, known)
 }
 
 impl Writer {
     /// A writer continuing the active segment `active` in `state`.
-    pub fn new(
-        storage: &dyn Storage,
-        active: Arc<Segment>,
-        state: ActiveState,
-    ) -> Result<Self, LogError> {
-        let index_file = open_append(storage, &active.paths.index)?;
-        let time_file = open_append(storage, &active.paths.time_index)?;
-        Ok(Self {
+    pub fn new(storage: &SharedStorage, active: Arc<Segment>, state: ActiveState) -> Self {
+        let index_file = open_index(storage, &active.paths.index, state.indexes);
+        let time_file = open_index(storage, &active.paths.time_index, state.indexes);
+        Self {
             extent: state.extent,
             file: state.file,
             builder: state.builder,
@@ -155,12 +155,16 @@ impl Writer {
             dirty: false,
             dir_unsynced: state.dir_unsynced,
             failed: None,
-        })
+            closed: false,
+        }
     }
 
     /// Writes `records` as one batch (rolling first when the segment is full); returns its
     /// first offset and one past its last. Publishes at once unless `fsync = always`.
     pub fn append(&mut self, shared: &Shared, records: &[Record]) -> Result<(u64, u64), LogError> {
+        if self.closed {
+            return Err(LogError::Closed);
+        }
         if let Some(reason) = &self.failed {
             return Err(LogError::Failed(reason.clone()));
         }
@@ -302,8 +306,12 @@ impl Writer {
             list.push(Arc::clone(&active));
             shared.segments.store(Arc::new(list));
         }
-        self.index_file = open_append(storage, &active.paths.index)?;
-        self.time_file = open_append(storage, &active.paths.time_index)?;
+        self.index_file = open_index(&shared.config.storage, &active.paths.index, Known::Present);
+        self.time_file = open_index(
+            &shared.config.storage,
+            &active.paths.time_index,
+            Known::Present,
+        );
         self.file = file;
         self.active = active;
         self.extent = extent;
@@ -349,8 +357,12 @@ impl Writer {
             reason: "no segment after truncation".into(),
         })?;
         shared.segments.store(Arc::new(list));
-        self.index_file = open_append(storage, &active.paths.index)?;
-        self.time_file = open_append(storage, &active.paths.time_index)?;
+        self.index_file = open_index(&shared.config.storage, &active.paths.index, state.indexes);
+        self.time_file = open_index(
+            &shared.config.storage,
+            &active.paths.time_index,
+            state.indexes,
+        );
         self.file = state.file;
         self.extent = state.extent;
         self.builder = state.builder;

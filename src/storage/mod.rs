@@ -4,6 +4,7 @@
 //! - [`disk`]: the real implementation (`std::fs` and `memmap2`).
 //! - [`cache`]: a decorator that keeps a bounded set of the long-lived files open and
 //!   reopens the others on use.
+//! - [`lazy`]: files opened (or created, with their directory) on first use.
 //! - [`sim`]: an in-memory implementation for tests that tracks which bytes and which
 //!   directory entries are durable, can "crash" at the Nth sync (keeping only synced bytes
 //!   plus an arbitrary prefix of the unsynced ones) and can fail chosen calls with EIO or
@@ -18,6 +19,7 @@
 
 pub mod cache;
 pub mod disk;
+pub mod lazy;
 pub mod sim;
 
 use std::fmt::Debug;
@@ -29,6 +31,7 @@ use bytes::Bytes;
 
 pub use cache::CachedStorage;
 pub use disk::Disk;
+pub use lazy::{Known, deferred};
 pub use sim::SimDisk;
 
 /// Suffix of the temp file [`atomic_replace`] writes before renaming it into place.
