@@ -69,9 +69,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         // A stopped process must run again to die of SIGKILL's reaping in time.
-        if self.child.is_some() {
+        if let Some(child) = &self.child {
             let _ = Command::new("kill")
-                .args(["-CONT", &self.child.as_ref().unwrap().id().to_string()])
+                .args(["-CONT", &child.id().to_string()])
                 .status();
         }
         self.kill();
@@ -252,9 +252,9 @@ async fn followers_serve_what_the_leader_committed() {
         holds(base, "ryw", &expected, &format!("follower {id}")).await;
         let url = format!("{base}/queues/ryw");
         eventually(&format!("follower {id} counts the messages"), || async {
-            view(&url).await.is_some_and(|v| {
-                v["partitions"][0]["next_offset"].as_u64() == Some(3)
-            })
+            view(&url)
+                .await
+                .is_some_and(|v| v["partitions"][0]["next_offset"].as_u64() == Some(3))
         })
         .await;
     }
@@ -264,14 +264,22 @@ async fn followers_serve_what_the_leader_committed() {
         let body = format!("via-follower-{id}");
         publish(base, "ryw", &body).await;
         expected.push(body.clone());
-        let log = log_bodies(base, "ryw").await.expect("the follower serves /log");
+        let log = log_bodies(base, "ryw")
+            .await
+            .expect("the follower serves /log");
         assert!(
             log.contains(&body),
             "follower {id} answered the publish of {body} but does not show it: {log:?}"
         );
     }
     for id in 1..=3 {
-        holds(&cluster.node(id).http, "ryw", &expected, &format!("node {id}")).await;
+        holds(
+            &cluster.node(id).http,
+            "ryw",
+            &expected,
+            &format!("node {id}"),
+        )
+        .await;
     }
 }
 
@@ -322,13 +330,16 @@ async fn a_stopped_leader_is_replaced_for_all_its_groups_and_follows_after() {
     for q in &queues {
         let leader = cluster.leader_of(survivors[0], q, Some(stopped)).await;
         let url = format!("{old}/cluster");
-        eventually(&format!("node {stopped} follows {leader} in {q}"), || async {
-            view(&url)
-                .await
-                .as_ref()
-                .and_then(|v| partition(v, q).map(|p| p["leader"].as_u64() == Some(leader)))
-                .unwrap_or(false)
-        })
+        eventually(
+            &format!("node {stopped} follows {leader} in {q}"),
+            || async {
+                view(&url)
+                    .await
+                    .as_ref()
+                    .and_then(|v| partition(v, q).map(|p| p["leader"].as_u64() == Some(leader)))
+                    .unwrap_or(false)
+            },
+        )
         .await;
         holds(old, q, &expected, &format!("the resumed node {stopped}")).await;
     }

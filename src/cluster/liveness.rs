@@ -357,7 +357,9 @@ impl Detector {
             && claim.node != node
             && claim.term >= local.term
             && now.saturating_duration_since(claim.at) < SLOW_WAIT
-            && peers.get(&claim.node).is_none_or(|p| p.gone_since.is_none())
+            && peers
+                .get(&claim.node)
+                .is_none_or(|p| p.gone_since.is_none())
         {
             if watch
                 .asked
@@ -409,10 +411,7 @@ impl Cluster {
             .into_iter()
             .map(|(_, g)| (g.id, g.replicas))
             .collect();
-        replicas.insert(
-            META_GROUP,
-            placement::replicas("", &voters, voters.len()),
-        );
+        replicas.insert(META_GROUP, placement::replicas("", &voters, voters.len()));
         self.groups()
             .rafts()
             .into_iter()
@@ -477,7 +476,10 @@ impl Cluster {
         let Some(raft) = self.groups().raft(group) else {
             return;
         };
-        tracing::info!(group, "no word from the group's leader: starting an election");
+        tracing::info!(
+            group,
+            "no word from the group's leader: starting an election"
+        );
         if let Err(error) = raft.trigger().elect().await {
             tracing::warn!(group, %error, "cannot start an election");
         }
@@ -626,7 +628,10 @@ mod tests {
             .expect("elects");
         // Node 2 is first after the leader (1) in placement order: rank 0.
         assert!(elected >= SLOW_WAIT, "{elected:?}");
-        assert!(elected <= SLOW_WAIT + SLOW_JITTER + BEAT_EVERY, "{elected:?}");
+        assert!(
+            elected <= SLOW_WAIT + SLOW_JITTER + BEAT_EVERY,
+            "{elected:?}"
+        );
     }
 
     #[test]
@@ -650,9 +655,14 @@ mod tests {
         locals[0].replicas = vec![3, 1, 2];
         let mut second = Detector::new(ME, half);
         second.received(1, &beat(7, 3, 5), start);
-        let slow =
-            first_election(&mut second, start, Duration::from_secs(30), &locals, |_, _| {})
-                .expect("elects");
+        let slow = first_election(
+            &mut second,
+            start,
+            Duration::from_secs(30),
+            &locals,
+            |_, _| {},
+        )
+        .expect("elects");
         assert!(slow >= SLOW_WAIT + SLOW_STAGGER, "{slow:?}");
     }
 
@@ -734,14 +744,20 @@ mod tests {
         let elected = first_election(&mut d, start, Duration::from_secs(10), &locals, |_, _| {})
             .expect("elects");
         // Node 2 is second among [1, 2, 3].
-        assert!(elected >= LEADERLESS_WAIT + LEADERLESS_STAGGER, "{elected:?}");
+        assert!(
+            elected >= LEADERLESS_WAIT + LEADERLESS_STAGGER,
+            "{elected:?}"
+        );
         // With node 1 gone, node 2 is first.
         let mut d = Detector::new(ME, half);
         let elected = first_election(&mut d, start, Duration::from_secs(10), &locals, |d, now| {
             d.sent(1, Sent::Refused, now);
         })
         .expect("elects");
-        assert!(elected < LEADERLESS_WAIT + LEADERLESS_STAGGER, "{elected:?}");
+        assert!(
+            elected < LEADERLESS_WAIT + LEADERLESS_STAGGER,
+            "{elected:?}"
+        );
     }
 
     #[test]

@@ -180,9 +180,10 @@ async fn propose_entry(
         // Not forwarded again: a leader deposed after appending the entry answers so too,
         // and the entry may still commit under the next leader; proposing it again would
         // store it twice. The client retries on 503, as after any lost answer.
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => Err(no_leader(
-            format!("group {group} changed leader (now {:?})", to.leader_id),
-        )),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => Err(no_leader(format!(
+            "group {group} changed leader (now {:?})",
+            to.leader_id
+        ))),
         Err(error) => Err(no_leader(format!("group {group}: {error}"))),
     }
 }
@@ -200,9 +201,7 @@ enum Forwarding {
 fn forward_deadline(command: &Command) -> Duration {
     let waits = LEADER_WAIT * 2 + COMMIT_WAIT + APPLY_WAIT + Duration::from_secs(3);
     match command {
-        Command::Broker(Op::Receive { wait_ms, .. }) => {
-            waits + Duration::from_millis(*wait_ms)
-        }
+        Command::Broker(Op::Receive { wait_ms, .. }) => waits + Duration::from_millis(*wait_ms),
         _ => waits,
     }
 }
@@ -543,7 +542,9 @@ impl Cluster {
             .forward(target, hops + 1, body, forward_deadline(command))
             .await
             .map_err(|status| match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => {
                     Forwarding::Moved(format!("node {target}: {}", status.message()))
                 }
                 _ => Forwarding::Failed(no_leader(format!("node {target}: {}", status.message()))),

@@ -208,8 +208,9 @@ impl Peers {
         timeout: Duration,
     ) -> Result<bytes::Bytes, tonic::Status> {
         let peer = self.peer(target)?;
-        let mut request = self.signed("forward", u64::from(hops), body, |body| {
-            ForwardRequest { hops, body }
+        let mut request = self.signed("forward", u64::from(hops), body, |body| ForwardRequest {
+            hops,
+            body,
         });
         request.set_timeout(timeout);
         let reply = peer.client.clone().forward(request).await?;

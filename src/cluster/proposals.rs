@@ -110,7 +110,8 @@ impl Proposals {
         }
         let (mut messages, mut bytes, mut n) = (0, 0, 0);
         for w in &pending.waiting {
-            if n > 0 && (messages + w.messages.len() > MAX_MESSAGES || bytes + w.bytes() > MAX_BYTES)
+            if n > 0
+                && (messages + w.messages.len() > MAX_MESSAGES || bytes + w.bytes() > MAX_BYTES)
             {
                 break;
             }
@@ -170,7 +171,11 @@ async fn write_batch(raft: &Raft, group: u64, mut batch: Vec<Waiter>) {
             }
         }
         Ok((other, _)) => {
-            tracing::error!(?other, total, "a batch of publishes answered something else");
+            tracing::error!(
+                ?other,
+                total,
+                "a batch of publishes answered something else"
+            );
             let error = WireError {
                 code: "internal".into(),
                 message: "a batch of publishes was answered without one place per message".into(),

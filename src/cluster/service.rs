@@ -8,7 +8,9 @@ use tonic::{Request, Response, Status};
 
 use super::Cluster;
 use super::auth::{MAC_KEY, TS_KEY, now_ms};
-use super::network::{KIND_APPEND, KIND_BEAT, KIND_SNAPSHOT, KIND_VOTE, NODE_KEY, raft_method, scope};
+use super::network::{
+    KIND_APPEND, KIND_BEAT, KIND_SNAPSHOT, KIND_VOTE, NODE_KEY, raft_method, scope,
+};
 use super::types::{Command, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
 use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply};
