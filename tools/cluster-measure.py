@@ -32,10 +32,10 @@ def req(method, url, body=None, timeout=5):
 def view(n):
     s, v = req("GET", f"http://127.0.0.1:1808{n}/cluster", timeout=2)
     return v if s == 200 else None
-def wait(cond, limit=60):
+def wait(cond, limit=60, what=""):
     t = time.time()
     while not cond():
-        if time.time() - t > limit: raise SystemExit("timeout")
+        if time.time() - t > limit: raise SystemExit(f"timeout waiting: {what or cond}")
         time.sleep(0.02)
 def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().split(")")[1].split()
@@ -59,7 +59,7 @@ try:
         print("cpu % of a core per node over 60 s idle:", {n: round(100*(c1[n]-c0[n])/(t1-t0),1) for n in procs})
         print("queue groups whose term changed while idle:", sum(1 for q in terms0 if terms1.get(q) != terms0[q]))
     else:
-        wait(lambda: req("POST", "http://127.0.0.1:18081/queues/f", b'{"partitions":1}')[0] in (200, 201))
+        wait(lambda: req("POST", "http://127.0.0.1:18081/queues/f", b'{"partitions":1}')[0] in (200, 201, 409))
         times, acked = [], []
         def publish(n, body):
             s, _ = req("POST", f"http://127.0.0.1:1808{n}/queues/f/messages", json.dumps(body).encode(), timeout=3)
@@ -72,16 +72,16 @@ try:
                     if v:
                         for p in v["partitions"]:
                             if p["queue"] == "f" and p["leader"]: return p["leader"]
-            wait(lambda: leader() is not None)
+            wait(lambda: leader() is not None, what=f"kill {k}: a leader of f")
             L = leader()
             surv = [n for n in (1,2,3) if n != L][0]
             for i in range(5):
                 wait(lambda: publish(surv, f"k{k}-before-{i}"))
             t = time.time(); procs[L].send_signal(signal.SIGKILL); procs[L].wait()
-            wait(lambda: publish(surv, f"k{k}-after"))
+            wait(lambda: publish(surv, f"k{k}-after"), what=f"kill {k}: publish after")
             times.append(time.time() - t)
             start(L)
-            wait(lambda: view(L) is not None and all(p["leader"] for p in view(L)["partitions"]))
+            wait(lambda: view(L) is not None and all(p["leader"] for p in view(L)["partitions"]), what=f"kill {k}: node {L} back with leaders")
             time.sleep(1)
         times.sort()
         q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
@@ -89,9 +89,9 @@ try:
               "max", round(times[-1],3), "all", [round(x,2) for x in times])
         for n in (1,2,3):
             def has_all():
-                s, v = req("GET", f"http://127.0.0.1:1808{n}/queues/f/log?partition=0&from=0&max=100000")
+                s, v = req("GET", f"http://127.0.0.1:1808{n}/queues/f/log?partition=0&from=0&max=1000")
                 if s != 200: return False
-                got = {json.dumps(m["body"]) if not isinstance(m["body"], str) else m["body"] for m in v["messages"]}
+                got = " ".join(json.dumps(m) for m in v["messages"])
                 return all(b in got for b in acked)
             wait(has_all, limit=30)
         print("acknowledged publishes:", len(acked), "- all in the log of every node")
