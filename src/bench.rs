@@ -496,7 +496,17 @@ where
     }
 }
 
+/// gRPC status code of a request a cluster could not place: no leader for the moment
+/// (an election is under way); asked again.
+const UNAVAILABLE: u32 = tonic::Code::Unavailable as u32;
+/// How many times one request on a `Publish` stream is asked again after [`UNAVAILABLE`].
+const STREAM_RETRIES: u32 = 50;
+/// Pause before asking again.
+const STREAM_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// One `Publish` stream: up to `--window` requests unanswered, responses matched by `seq`.
+/// A request answered [`UNAVAILABLE`] (a cluster between leaders) is sent again, up to
+/// [`STREAM_RETRIES`] times.
 async fn publish_stream(
     mut client: BrokerClient<tonic::transport::Channel>,
     shared: &Shared,
@@ -504,14 +514,23 @@ async fn publish_stream(
 ) -> Result<(), BenchError> {
     let (requests, rx) = mpsc::channel(shared.opts.window);
     let mut responses = client.publish(ReceiverStream::new(rx)).await?.into_inner();
-    let mut outstanding: std::collections::HashMap<u64, usize> = Default::default();
+    // seq -> (messages, times asked again)
+    let mut outstanding: std::collections::HashMap<u64, (usize, u32)> = Default::default();
+    let mut again: Vec<(usize, u32)> = Vec::new();
     let mut seq = 0u64;
     let mut done = false;
     loop {
-        while !done && outstanding.len() < shared.opts.window {
-            let Some(count) = pacer.next().await else {
-                done = true;
-                break;
+        while outstanding.len() < shared.opts.window {
+            let (count, retries) = match again.pop() {
+                Some(retry) => retry,
+                None if done => break,
+                None => match pacer.next().await {
+                    Some(count) => (count, 0),
+                    None => {
+                        done = true;
+                        break;
+                    }
+                },
             };
             seq += 1;
             let request = proto::PublishRequest {
@@ -523,18 +542,28 @@ async fn publish_stream(
                 .send(request)
                 .await
                 .map_err(|_| BenchError::Stream("the server ended the stream".into()))?;
-            outstanding.insert(seq, count);
+            outstanding.insert(seq, (count, retries));
         }
-        if outstanding.is_empty() {
+        if outstanding.is_empty() && again.is_empty() {
             break;
         }
         let response = responses
             .message()
             .await?
             .ok_or_else(|| BenchError::Stream("the server ended the stream early".into()))?;
-        let count = outstanding.remove(&response.seq).ok_or_else(|| {
+        let (count, retries) = outstanding.remove(&response.seq).ok_or_else(|| {
             BenchError::Stream(format!("answer for unknown seq {}", response.seq))
         })?;
+        if let Some(error) = &response.error
+            && error.code == UNAVAILABLE
+            && retries < STREAM_RETRIES
+        {
+            if again.is_empty() {
+                tokio::time::sleep(STREAM_RETRY_PAUSE).await;
+            }
+            again.push((count, retries + 1));
+            continue;
+        }
         if let Some(error) = response.error {
             return Err(BenchError::Stream(format!(
                 "request {} failed with code {}: {}",

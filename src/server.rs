@@ -97,9 +97,16 @@ impl Server {
             Some(_) => crate::cluster::fresh_state_dir(&config.data_dir)?,
             None => config.data_dir.clone(),
         };
+        // A cluster node's broker data is rebuilt from the Raft logs at every start, and
+        // those are what `--fsync` makes durable: syncing the rebuilt copy too would only
+        // double the fsyncs of every write.
+        let broker_fsync = match &peers {
+            Some(_) => crate::log::FsyncPolicy::Never,
+            None => config.fsync,
+        };
         let broker = Broker::open(BrokerConfig {
             data_dir: broker_dir.clone(),
-            fsync: config.fsync,
+            fsync: broker_fsync,
             max_queues: config.max_queues,
             max_groups_per_queue: config.max_groups_per_queue,
             storage: Arc::clone(&files) as crate::storage::SharedStorage,
@@ -287,6 +294,7 @@ impl Server {
                 tasks.spawn(Arc::clone(&cluster).announce(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_metrics(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_balance(stop.clone()));
+                tasks.spawn(Arc::clone(&cluster).run_liveness(stop.clone()));
                 tracing::info!(node_id = cluster.node_id(), cluster = ?addr, "cluster node started");
                 Some(cluster)
             }

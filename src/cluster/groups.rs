@@ -27,8 +27,9 @@ pub const REPLICAS: usize = 3;
 /// How long a replica other than the preferred leader waits before it initializes an
 /// empty group itself.
 const INIT_FALLBACK: std::time::Duration = std::time::Duration::from_secs(2);
-/// Heartbeat interval (ms).
-const HEARTBEAT_MS: u64 = 150;
+/// Deadline of openraft's own RPCs (append entries, and the quorum round of a linearizable
+/// read); openraft takes it from `heartbeat_interval`, which sends nothing by itself here.
+const RPC_TIMEOUT_MS: u64 = 200;
 
 /// A queue's group as this node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,15 +58,22 @@ pub struct Groups {
     nodes: RwLock<BTreeMap<u64, NodeAddrs>>,
 }
 
-/// openraft settings of a group: the preferred leader times out first, so that leaders
-/// spread as placement says (snapshots and purging: [`storage_policy`]).
-fn raft_config(group: u64, preferred: bool) -> Result<Config, ClusterError> {
-    let (min, max) = if preferred { (450, 650) } else { (750, 1050) };
+/// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
+/// per node does their work for every group at once ([`super::liveness`]), and openraft
+/// still sends every new entry and commit at once. What is left of its timers:
+/// `heartbeat_interval` is the deadline of its RPCs; `election_timeout_max` is the leader
+/// lease, during which a follower refuses to vote after hearing from its leader (kept
+/// below the liveness waits, so a follower that saw a leader die can be elected at once).
+/// Snapshots and purging: [`storage_policy`].
+fn raft_config(group: u64) -> Result<Config, ClusterError> {
     Config {
         cluster_name: format!("qit-{group}"),
-        heartbeat_interval: HEARTBEAT_MS,
-        election_timeout_min: min,
-        election_timeout_max: max,
+        heartbeat_interval: RPC_TIMEOUT_MS,
+        election_timeout_min: RPC_TIMEOUT_MS + 20,
+        election_timeout_max: RPC_TIMEOUT_MS + 50,
+        enable_tick: false,
+        enable_heartbeat: false,
+        enable_elect: false,
         snapshot_policy: SnapshotPolicy::Never,
         ..Config::default()
     }
@@ -142,7 +150,7 @@ impl Groups {
     ) -> Result<Raft, ClusterError> {
         let preferred = members.first() == Some(&self.node_id);
         let (config, chunk_entries) =
-            storage_policy(raft_config(id, preferred)?, id, self.snapshot_entries);
+            storage_policy(raft_config(id)?, id, self.snapshot_entries);
         let config = Arc::new(config);
         let dir = self.raft_dir.join(id.to_string());
         let log = LogStore::open_chunked(&dir, self.sync, chunk_entries).map_err(|source| {

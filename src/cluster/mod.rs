@@ -6,6 +6,9 @@
 //! - [`groups`]: the metadata group and one group per queue, opened and closed as queues
 //!   come and go.
 //! - [`placement`]: rendezvous hashing of queues over node ids.
+//! - [`liveness`]: one beat per peer for all groups, and elections when a leader falls
+//!   silent (openraft's per-group heartbeats and election timers are off).
+//! - [`proposals`]: publishes that arrive together go as one entry (group commit).
 //! - [`network`] and [`service`]: the internal tonic service on `--cluster`, signed with
 //!   the cluster secret ([`auth`]).
 //! - [`view`]: `GET /cluster`, health and metrics.
@@ -39,9 +42,11 @@ pub mod auth;
 pub mod balance;
 pub mod groups;
 pub mod handoff;
+pub mod liveness;
 pub mod log_store;
 pub mod network;
 pub mod placement;
+pub mod proposals;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;
@@ -73,6 +78,9 @@ const LEADER_WAIT: Duration = Duration::from_secs(2);
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a node waits to apply an op committed through another node.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
+/// How many times one request follows its group's leader to another node, when the one it
+/// was forwarded to is gone or deposed.
+const FORWARD_ATTEMPTS: u32 = 3;
 
 /// Errors of starting the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +160,8 @@ pub struct ForwardReply {
 /// A running cluster node.
 pub struct Cluster {
     groups: Arc<Groups>,
+    liveness: liveness::Liveness,
+    proposals: Arc<proposals::Proposals>,
     meta: Raft,
     broker: Arc<Broker>,
     config: ClusterConfig,
@@ -161,6 +171,55 @@ pub struct Cluster {
 
 fn no_leader(what: impl std::fmt::Display) -> BrokerError {
     BrokerError::NoLeader(what.to_string())
+}
+
+/// Proposes `command` as one entry of `raft`'s group (this node leads it) and waits until
+/// it is committed and applied here.
+async fn propose_entry(
+    raft: &Raft,
+    group: u64,
+    command: Command,
+) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+    let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(command)).await;
+    let Ok(written) = written else {
+        // A leader cut off from its majority cannot commit; the entry may still commit
+        // later (a retry can then store it twice: at least once, like a lost answer).
+        return Err(no_leader(format!(
+            "group {group}: not committed within {COMMIT_WAIT:?} (no quorum?)"
+        )));
+    };
+    match written {
+        Ok(response) => {
+            let result = response.data.0.map_err(BrokerError::from)?;
+            Ok((result, Some((group, response.log_id.index))))
+        }
+        // Not forwarded again: a leader deposed after appending the entry answers so too,
+        // and the entry may still commit under the next leader; proposing it again would
+        // store it twice. The client retries on 503, as after any lost answer.
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => Err(no_leader(format!(
+            "group {group} changed leader (now {:?})",
+            to.leader_id
+        ))),
+        Err(error) => Err(no_leader(format!("group {group}: {error}"))),
+    }
+}
+
+/// How forwarding an op failed.
+enum Forwarding {
+    /// The target is gone or no longer leads: the op may go to the group's next leader.
+    Moved(String),
+    /// The answer (or the reason there is none) is final.
+    Failed(BrokerError),
+}
+
+/// How long a forwarded op may take: its own waits (a long-poll's, a leader's for a
+/// quorum, the answering node's to apply), and some slack.
+fn forward_deadline(command: &Command) -> Duration {
+    let waits = LEADER_WAIT * 2 + COMMIT_WAIT + APPLY_WAIT + Duration::from_secs(3);
+    match command {
+        Command::Broker(Op::Receive { wait_ms, .. }) => waits + Duration::from_millis(*wait_ms),
+        _ => waits,
+    }
 }
 
 impl Cluster {
@@ -196,6 +255,8 @@ impl Cluster {
             .await?;
         Ok(Arc::new(Self {
             groups,
+            liveness: liveness::Liveness::new(config.node_id, config.peers.keys().copied()),
+            proposals: Arc::default(),
             meta,
             broker,
             config,
@@ -317,25 +378,83 @@ impl Cluster {
                 ))),
             };
         };
-        let mut leader = self.leader_of(&raft).await;
-        if leader == Some(self.node_id()) && self.transfers.pause(group).await {
-            // The group was being handed off meanwhile: ask again who leads it.
-            leader = self.leader_of(&raft).await;
-        }
-        match leader {
-            Some(leader) if leader == self.node_id() => {
-                if leases {
-                    self.run_leases(&raft, command).await
-                } else {
-                    self.propose(&raft, group, command).await
-                }
+        let mut attempts = 0;
+        loop {
+            let mut leader = self.leader_of(&raft).await;
+            if leader == Some(self.node_id()) && self.transfers.pause(group).await {
+                // The group was being handed off meanwhile: ask again who leads it.
+                leader = self.leader_of(&raft).await;
             }
-            Some(leader) if hops < MAX_HOPS => self.forward(leader, command, hops).await,
-            Some(leader) => Err(no_leader(format!(
-                "group {group}: leader {leader} is more than {MAX_HOPS} hops away"
-            ))),
-            None => Err(no_leader(format!("group {group} has no leader"))),
+            return match leader {
+                Some(leader) if leader == self.node_id() => {
+                    if leases {
+                        self.run_leases(&raft, command).await
+                    } else {
+                        self.propose(&raft, group, command).await
+                    }
+                }
+                Some(leader) if hops < MAX_HOPS => {
+                    match self.forward_to_leader(&raft, leader, &command, hops).await {
+                        Err(Forwarding::Moved(why)) if attempts + 1 < FORWARD_ATTEMPTS => {
+                            tracing::debug!(group, leader, %why, "following the group's leader");
+                            attempts += 1;
+                            self.leader_other_than(&raft, leader).await;
+                            continue;
+                        }
+                        Err(Forwarding::Moved(why)) => {
+                            Err(no_leader(format!("group {group}: {why}")))
+                        }
+                        Err(Forwarding::Failed(error)) => Err(error),
+                        Ok(done) => Ok(done),
+                    }
+                }
+                Some(leader) => Err(no_leader(format!(
+                    "group {group}: leader {leader} is more than {MAX_HOPS} hops away"
+                ))),
+                None => Err(no_leader(format!("group {group} has no leader"))),
+            };
         }
+    }
+
+    /// Forwards `command` to `leader`, the leader of `raft`'s group as this node knows it,
+    /// until it answers, or until it is gone (its address refuses calls, or the deadline
+    /// passed) or deposed (this node learns of another leader meanwhile): then the caller
+    /// follows the group to its next leader, within the same request. A publish so sent
+    /// twice may be stored twice (at least once, as when a client retries a lost answer);
+    /// the other replicated ops are idempotent, lease ops are not replicated.
+    async fn forward_to_leader(
+        &self,
+        raft: &Raft,
+        leader: u64,
+        command: &Command,
+        hops: u32,
+    ) -> Result<(OpResult, Option<(u64, u64)>), Forwarding> {
+        let mut metrics = raft.metrics();
+        let deposed = async {
+            let changed = metrics
+                .wait_for(|m| m.current_leader.is_some_and(|l| l != leader))
+                .await
+                .is_ok();
+            if !changed {
+                // The group stopped: never "deposed", the call decides.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            answer = self.forward_call(leader, command, hops) => answer,
+            () = deposed => Err(Forwarding::Moved(format!("node {leader} no longer leads"))),
+        }
+    }
+
+    /// Waits (up to [`LEADER_WAIT`]) until `raft`'s group has a leader other than `old`.
+    async fn leader_other_than(&self, raft: &Raft, old: u64) {
+        let _ = raft
+            .wait(Some(LEADER_WAIT))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != old),
+                "another leader",
+            )
+            .await;
     }
 
     /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
@@ -391,32 +510,25 @@ impl Cluster {
         Ok((result, None))
     }
 
+    /// Proposes `command` to `raft`'s group, which this node leads: publishes through the
+    /// group commit of [`proposals`], anything else as an entry of its own.
     async fn propose(
         &self,
         raft: &Raft,
         group: u64,
         command: Command,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
-        let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(command.clone())).await;
-        let Ok(written) = written else {
-            // A leader cut off from its majority cannot commit; the entry may still commit
-            // later (a retry can then store it twice: at least once, like a lost answer).
-            return Err(no_leader(format!(
-                "group {group}: not committed within {COMMIT_WAIT:?} (no quorum?)"
-            )));
-        };
-        match written {
-            Ok(response) => {
-                let result = response.data.0.map_err(BrokerError::from)?;
-                Ok((result, Some((group, response.log_id.index))))
+        match command {
+            Command::Broker(Op::Publish {
+                queue,
+                messages,
+                now_ms,
+            }) => {
+                self.proposals
+                    .publish(raft, group, queue, messages, now_ms)
+                    .await
             }
-            // Not forwarded again: a leader deposed after appending the entry answers so too,
-            // and the entry may still commit under the next leader; proposing it again would
-            // store it twice. The client retries on 503, as after any lost answer.
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(to))) => Err(no_leader(
-                format!("group {group} changed leader (now {:?})", to.leader_id),
-            )),
-            Err(error) => Err(no_leader(format!("group {group}: {error}"))),
+            command => propose_entry(raft, group, command).await,
         }
     }
 
@@ -426,18 +538,44 @@ impl Cluster {
         command: Command,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
-        let body = encode(&command)
-            .map_err(|e| BrokerError::InvalidArgument(format!("cannot encode op: {e}")))?;
+        self.forward_call(target, &command, hops)
+            .await
+            .map_err(|e| match e {
+                Forwarding::Moved(why) => no_leader(why),
+                Forwarding::Failed(error) => error,
+            })
+    }
+
+    /// One forwarding call to `target`, with a deadline that leaves the op its own waits.
+    async fn forward_call(
+        &self,
+        target: u64,
+        command: &Command,
+        hops: u32,
+    ) -> Result<(OpResult, Option<(u64, u64)>), Forwarding> {
+        let body = encode(command).map_err(|e| {
+            Forwarding::Failed(BrokerError::InvalidArgument(format!(
+                "cannot encode op: {e}"
+            )))
+        })?;
         let reply = self
             .peers()
-            .forward(target, hops + 1, body)
+            .forward(target, hops + 1, body, forward_deadline(command))
             .await
-            .map_err(|status| no_leader(format!("node {target}: {}", status.message())))?;
-        let reply: ForwardReply = decode(&reply)
-            .map_err(|e| no_leader(format!("node {target} answered garbage: {e}")))?;
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled => {
+                    Forwarding::Moved(format!("node {target}: {}", status.message()))
+                }
+                _ => Forwarding::Failed(no_leader(format!("node {target}: {}", status.message()))),
+            })?;
+        let reply: ForwardReply = decode(&reply).map_err(|e| {
+            Forwarding::Failed(no_leader(format!("node {target} answered garbage: {e}")))
+        })?;
         match reply.result {
             Ok(result) => Ok((result, reply.applied)),
-            Err(error) => Err(error.into()),
+            Err(error) => Err(Forwarding::Failed(error.into())),
         }
     }
 

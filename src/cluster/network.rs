@@ -1,7 +1,8 @@
 //! Talking to the other nodes: one lazily connected HTTP/2 channel per peer, shared by
-//! every Raft group and by forwarded ops (so the heartbeats of many groups to one node ride
-//! one connection), each call signed with the cluster secret; and openraft's
-//! [`RaftNetworkFactory`] over it, one per group.
+//! every Raft group, by the node's beats ([`super::liveness`]) and by forwarded ops, each
+//! call signed with the cluster secret; and openraft's [`RaftNetworkFactory`] over it, one
+//! per group. A call to a node that is gone fails fast: connecting gives up after
+//! [`CONNECT_TIMEOUT`], and every call has a deadline.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +34,10 @@ pub const KIND_VOTE: u32 = 1;
 pub const KIND_APPEND: u32 = 2;
 /// Kind of a Raft RPC: install snapshot.
 pub const KIND_SNAPSHOT: u32 = 3;
+/// Kind of a call on the Raft method that is no Raft RPC: a node's beat (group 0).
+pub const KIND_BEAT: u32 = 4;
+/// How long connecting to a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Metadata key naming the calling node.
 pub const NODE_KEY: &str = "x-qit-node";
 /// Largest message on the internal service.
@@ -43,6 +48,12 @@ pub const UP_WITHIN_MS: i64 = 3_000;
 /// The scope a call's proof covers: method, group and calling node.
 pub fn scope(method: &str, group: u64, from: u64) -> Vec<u8> {
     format!("{method}/{group}/{from}").into_bytes()
+}
+
+/// The method name a Raft call of `kind` is signed under (the kind is part of the proof,
+/// so a signed body cannot be replayed as another kind of call).
+pub fn raft_method(kind: u32) -> String {
+    format!("raft.{kind}")
 }
 
 struct Peer {
@@ -73,7 +84,7 @@ impl Peers {
             }
             let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| ClusterError::Config(format!("peer {id} address `{addr}`: {e}")))?
-                .connect_timeout(Duration::from_secs(1))
+                .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5));
@@ -122,12 +133,20 @@ impl Peers {
         self.peers.get(&node).map(|p| p.addr.as_str())
     }
 
-    fn request<T>(&self, method: &str, group: u64, body: &[u8], message: T) -> tonic::Request<T> {
+    /// A call whose message `message` makes from `body`, signed over `body` (moved into
+    /// the message, not copied).
+    fn signed<T>(
+        &self,
+        method: &str,
+        group: u64,
+        body: Vec<u8>,
+        message: impl FnOnce(bytes::Bytes) -> T,
+    ) -> tonic::Request<T> {
         let ts = now_ms();
         let proof = self
             .secret
-            .sign(ts, &scope(method, group, self.node_id), body);
-        let mut request = tonic::Request::new(message);
+            .sign(ts, &scope(method, group, self.node_id), &body);
+        let mut request = tonic::Request::new(message(body.into()));
         let meta = request.metadata_mut();
         if let (Ok(ts), Ok(proof), Ok(node)) = (
             ts.to_string().parse(),
@@ -155,44 +174,48 @@ impl Peers {
         kind: u32,
         body: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, tonic::Status> {
+    ) -> Result<bytes::Bytes, tonic::Status> {
         let peer = self.peer(target)?;
-        let mut request = self.request(
-            "raft",
+        let mut request = self.signed(&raft_method(kind), group, body, |body| RaftRequest {
             group,
-            &body,
-            RaftRequest {
-                group,
-                kind,
-                body: body.clone().into(),
-            },
-        );
+            kind,
+            body,
+        });
         request.set_timeout(timeout);
         let reply = peer.client.clone().raft(request).await?;
         self.saw(target);
-        Ok(reply.into_inner().body.to_vec())
+        Ok(reply.into_inner().body)
     }
 
-    /// Forwards an encoded command to `target`.
+    /// Sends this node's beat to `target`.
+    pub async fn beat(
+        &self,
+        target: u64,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), tonic::Status> {
+        self.raft(target, 0, KIND_BEAT, body, timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Forwards an encoded command to `target`, giving up after `timeout`.
     pub async fn forward(
         &self,
         target: u64,
         hops: u32,
         body: Vec<u8>,
-    ) -> Result<Vec<u8>, tonic::Status> {
+        timeout: Duration,
+    ) -> Result<bytes::Bytes, tonic::Status> {
         let peer = self.peer(target)?;
-        let request = self.request(
-            "forward",
-            u64::from(hops),
-            &body,
-            ForwardRequest {
-                hops,
-                body: body.clone().into(),
-            },
-        );
+        let mut request = self.signed("forward", u64::from(hops), body, |body| ForwardRequest {
+            hops,
+            body,
+        });
+        request.set_timeout(timeout);
         let reply = peer.client.clone().forward(request).await?;
         self.saw(target);
-        Ok(reply.into_inner().body.to_vec())
+        Ok(reply.into_inner().body)
     }
 }
 

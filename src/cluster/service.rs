@@ -1,5 +1,5 @@
-//! The internal service on `--cluster`: openraft RPCs into this node's groups and ops that
-//! other nodes forward here. Every call must carry a valid proof of the cluster secret
+//! The internal service on `--cluster`: openraft RPCs into this node's groups, the other
+//! nodes' beats ([`super::liveness`]) and ops that other nodes forward here. Every call must carry a valid proof of the cluster secret
 //! (see [`super::auth`]); nothing else is looked at before the proof checks out.
 
 use std::sync::Arc;
@@ -8,7 +8,9 @@ use tonic::{Request, Response, Status};
 
 use super::Cluster;
 use super::auth::{MAC_KEY, TS_KEY, now_ms};
-use super::network::{KIND_APPEND, KIND_SNAPSHOT, KIND_VOTE, NODE_KEY, scope};
+use super::network::{
+    KIND_APPEND, KIND_BEAT, KIND_SNAPSHOT, KIND_VOTE, NODE_KEY, raft_method, scope,
+};
 use super::types::{Command, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
 use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply};
@@ -76,14 +78,19 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<Reply>, Status> {
 impl cluster_server::Cluster for Service {
     async fn raft(&self, request: Request<RaftRequest>) -> Result<Response<Reply>, Status> {
         let group = request.get_ref().group;
+        let kind = request.get_ref().kind;
         let body = request.get_ref().body.clone();
-        self.verify(&request, "raft", group, &body)?;
+        let from = self.verify(&request, &raft_method(kind), group, &body)?;
+        if kind == KIND_BEAT {
+            self.cluster.beat_received(from, &body).await.map_err(bad)?;
+            return reply(&());
+        }
         let Some(raft) = self.cluster.groups().raft(group) else {
             return Err(Status::not_found(format!(
                 "no raft group {group} here (yet)"
             )));
         };
-        match request.get_ref().kind {
+        match kind {
             KIND_VOTE => reply(&raft.vote(decode(&body).map_err(bad)?).await),
             KIND_APPEND => reply(&raft.append_entries(decode(&body).map_err(bad)?).await),
             KIND_SNAPSHOT => reply(&raft.install_snapshot(decode(&body).map_err(bad)?).await),

@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use super::Cluster;
 use super::groups::META_GROUP;
-use super::network::UP_WITHIN_MS;
 use super::types::Raft;
 
 /// Current term of a group.
@@ -156,14 +155,18 @@ impl Cluster {
     }
 
     /// True while this node is part of a working quorum: the metadata group has a leader
-    /// that a majority acknowledged lately (this node), or that this node heard from lately.
+    /// and a majority of the voters was heard from lately (this node), or this node heard
+    /// from the leader lately. (openraft's `millis_since_quorum_ack` is only as fresh as
+    /// its last metrics report, which an idle group without heartbeats no longer sends;
+    /// the nodes' beats are.)
     pub fn healthy(&self) -> bool {
-        let m = self.meta().metrics();
-        let m = m.borrow();
-        match m.current_leader {
-            Some(leader) if leader == self.node_id() => m
-                .millis_since_quorum_ack
-                .is_some_and(|ms| ms <= UP_WITHIN_MS as u64),
+        let leader = self.meta().metrics().borrow().current_leader;
+        match leader {
+            Some(leader) if leader == self.node_id() => {
+                let voters = &self.groups().voters;
+                let up = voters.keys().filter(|v| self.peers().is_up(**v)).count();
+                up > voters.len() / 2
+            }
             Some(leader) => self.peers().is_up(leader),
             None => false,
         }
