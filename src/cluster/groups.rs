@@ -149,8 +149,7 @@ impl Groups {
         role: Role,
     ) -> Result<Raft, ClusterError> {
         let preferred = members.first() == Some(&self.node_id);
-        let (config, chunk_entries) =
-            storage_policy(raft_config(id)?, id, self.snapshot_entries);
+        let (config, chunk_entries) = storage_policy(raft_config(id)?, id, self.snapshot_entries);
         let config = Arc::new(config);
         let dir = self.raft_dir.join(id.to_string());
         let log = LogStore::open_chunked(&dir, self.sync, chunk_entries).map_err(|source| {
