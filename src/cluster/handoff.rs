@@ -24,8 +24,7 @@ use super::groups::META_GROUP;
 use super::placement;
 use super::types::{Raft, decode};
 
-/// Kind of the internal Raft RPC that asks a node to campaign in a group at once.
-pub const KIND_ELECT: u32 = 4;
+pub use super::network::KIND_ELECT;
 /// Counter, on the node asked: campaigns started at another node's request.
 pub const ELECTIONS_REQUESTED: &str = "qit_cluster_elections_requested_total";
 /// Counter, on the leader: groups it handed to another node.

@@ -36,6 +36,10 @@ pub const KIND_APPEND: u32 = 2;
 pub const KIND_SNAPSHOT: u32 = 3;
 /// Kind of a call on the Raft method that is no Raft RPC: a node's beat (group 0).
 pub const KIND_BEAT: u32 = 4;
+/// Kind of a call on the Raft method that is no Raft RPC: campaign in the group at once
+/// (leader hand-off, see `handoff.rs`). Every kind is listed here, so that no two share
+/// a number.
+pub const KIND_ELECT: u32 = 5;
 /// How long connecting to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Metadata key naming the calling node.
@@ -297,5 +301,18 @@ impl RaftNetwork<TypeConfig> for Connection {
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.call(KIND_VOTE, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two call kinds on one number made a hand-off request arrive as a liveness beat.
+    #[test]
+    fn call_kinds_are_distinct() {
+        let kinds = [KIND_VOTE, KIND_APPEND, KIND_SNAPSHOT, KIND_BEAT, KIND_ELECT];
+        let distinct: std::collections::BTreeSet<u32> = kinds.into_iter().collect();
+        assert_eq!(distinct.len(), kinds.len());
     }
 }
