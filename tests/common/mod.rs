@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 use qit::config::ServerConfig;
 use qit::log::FsyncPolicy;
 use qit::server::Server;

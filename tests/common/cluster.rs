@@ -1,0 +1,433 @@
+//! A cluster of real `qit` processes on loopback for integration tests: each node has its
+//! own data directory and ephemeral ports; nodes can be killed (SIGKILL), stopped and
+//! continued (SIGSTOP/SIGCONT), terminated (SIGTERM) and restarted on the same directory.
+//! Also the HTTP helpers the cluster tests share. Every wait is on a condition; the
+//! deadlines only guard against hangs and measure nothing.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use super::{eventually, free_port, http};
+
+/// The secret every node of a test cluster shares.
+pub const SECRET: &str = "cluster-test-secret-0123456789";
+
+/// One node of a test cluster.
+pub struct Node {
+    /// Its node id (1-based).
+    pub id: u64,
+    /// Its data directory.
+    pub dir: PathBuf,
+    /// `http://127.0.0.1:PORT`
+    pub http: String,
+    /// Its HTTP port.
+    pub http_port: u16,
+    /// Its gRPC port.
+    pub grpc_port: u16,
+    /// Its cluster (Raft and forwarding) port.
+    pub cluster_port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// A node that is not running yet, with fresh ports and `dir` as its data directory.
+    pub fn new(id: u64, dir: PathBuf) -> Self {
+        let http_port = free_port();
+        Self {
+            id,
+            dir,
+            http: format!("http://127.0.0.1:{http_port}"),
+            http_port,
+            grpc_port: free_port(),
+            cluster_port: free_port(),
+            child: None,
+        }
+    }
+
+    /// `ID=127.0.0.1:PORT`, as `--peers` names this node.
+    pub fn peer(&self) -> String {
+        format!("{}=127.0.0.1:{}", self.id, self.cluster_port)
+    }
+
+    /// `http://127.0.0.1:PORT` of its gRPC listener.
+    pub fn grpc(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// Starts `qit serve` for this node with the cluster's `peers` and `extra` flags.
+    pub fn start(&mut self, peers: &str, extra: &[String]) {
+        assert!(self.child.is_none(), "node {} runs already", self.id);
+        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
+            .arg("serve")
+            .args(["--node-id", &self.id.to_string()])
+            .args(["--cluster", &format!("127.0.0.1:{}", self.cluster_port)])
+            .args(["--peers", peers])
+            .args(["--cluster-secret", SECRET])
+            .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(extra)
+            .env("RUST_LOG", "error,openraft=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn qit");
+        self.child = Some(child);
+    }
+
+    /// Whether the process was started and not killed or terminated since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The process id of the running node.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the node runs").id()
+    }
+
+    /// Sends signal `name` (`STOP`, `CONT`, `TERM`, ...) to the running node.
+    pub fn signal(&self, name: &str) {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for the exit (a guard of 60 s against a hang).
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("the node runs");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for qit") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node {} did not stop", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // A stopped process is continued first, so that SIGKILL's reaping does not wait.
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// A test cluster: nodes `1..=n` in one temp directory, each started with the same
+/// `--peers` and extra flags.
+pub struct Cluster {
+    /// The nodes, `nodes[i]` has id `i + 1`.
+    pub nodes: Vec<Node>,
+    /// The `--peers` value every node was started with.
+    pub peers: String,
+    /// Extra `qit serve` flags every node is started with.
+    pub extra: Vec<String>,
+    temp: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Three nodes with the default configuration, each seeing a metadata leader.
+    pub async fn start() -> Self {
+        Self::start_with(3, &[]).await
+    }
+
+    /// Three nodes whose config file holds `toml` (passed with `--config`).
+    pub async fn start_with_config(toml: &str) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let config = temp.path().join("qit.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let extra = vec!["--config".to_string(), config.display().to_string()];
+        Self::launch(temp, 3, extra).await
+    }
+
+    /// `size` nodes started with `extra` flags, each seeing a metadata leader.
+    pub async fn start_with(size: u64, extra: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        Self::launch(temp, size, extra).await
+    }
+
+    async fn launch(temp: tempfile::TempDir, size: u64, extra: Vec<String>) -> Self {
+        let mut nodes: Vec<Node> = (1..=size)
+            .map(|id| Node::new(id, temp.path().join(format!("node-{id}"))))
+            .collect();
+        let peers = nodes.iter().map(Node::peer).collect::<Vec<_>>().join(",");
+        for node in &mut nodes {
+            node.start(&peers, &extra);
+        }
+        let cluster = Self {
+            nodes,
+            peers,
+            extra,
+            temp,
+        };
+        for node in &cluster.nodes {
+            cluster.wait_metadata_leader(node.id).await;
+        }
+        cluster
+    }
+
+    /// The temp directory holding every node's data directory.
+    pub fn root(&self) -> &std::path::Path {
+        self.temp.path()
+    }
+
+    /// Node `id`.
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// Node `id`, to kill or signal it.
+    pub fn node_mut(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// HTTP base URL of node `id`.
+    pub fn http(&self, id: u64) -> &str {
+        &self.node(id).http
+    }
+
+    /// SIGKILL of node `id`.
+    pub fn kill(&mut self, id: u64) {
+        self.node_mut(id).kill();
+    }
+
+    /// Starts node `id` again on its data directory, with its old ports.
+    pub fn restart(&mut self, id: u64) {
+        let (peers, extra) = (self.peers.clone(), self.extra.clone());
+        self.node_mut(id).start(&peers, &extra);
+    }
+
+    /// Waits until node `id` sees a metadata leader.
+    pub async fn wait_metadata_leader(&self, id: u64) {
+        let url = format!("{}/cluster", self.node(id).http);
+        eventually(&format!("node {id} sees a metadata leader"), || async {
+            view(&url).await.is_some_and(|v| v["leader"].is_u64())
+        })
+        .await;
+    }
+
+    /// Waits until node `id` answers `/healthz` (part of a working quorum).
+    pub async fn wait_serving(&self, id: u64) {
+        let url = format!("{}/healthz", self.node(id).http);
+        eventually(&format!("node {id} serves"), || async {
+            http()
+                .get(&url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    /// Waits until node `on` sees one leader, other than `not`, for every partition of
+    /// `queue`; returns it.
+    pub async fn leader_of(&self, on: u64, queue: &str, not: Option<u64>) -> u64 {
+        let url = format!("{}/cluster", self.node(on).http);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(v) = view(&url).await
+                && let Some(leader) = common_leader(&v, queue)
+                && Some(leader) != not
+            {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {on} sees no leader of {queue} (other than {not:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until node `on` sees a leader for `queue`; returns its Raft group (of the
+    /// first partition).
+    pub async fn group_of(&self, on: u64, queue: &str) -> u64 {
+        let url = format!("{}/cluster", self.node(on).http);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let group = view(&url).await.and_then(|v| {
+                partition(&v, queue)
+                    .filter(|p| p["leader"].is_u64())?
+                    .get("group")?
+                    .as_u64()
+            });
+            if let Some(group) = group {
+                return group;
+            }
+            assert!(Instant::now() < deadline, "node {on} sees no group for {queue}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The one leader of every partition of `queue` in a `GET /cluster` view, if they agree.
+pub fn common_leader(view: &Value, queue: &str) -> Option<u64> {
+    let leaders: Vec<Option<u64>> = view["partitions"]
+        .as_array()?
+        .iter()
+        .filter(|p| p["queue"] == queue)
+        .map(|p| p["leader"].as_u64())
+        .collect();
+    let first = (*leaders.first()?)?;
+    leaders.iter().all(|l| *l == Some(first)).then_some(first)
+}
+
+/// The first partition of `queue` in a `GET /cluster` view.
+pub fn partition<'a>(view: &'a Value, queue: &str) -> Option<&'a Value> {
+    view["partitions"]
+        .as_array()?
+        .iter()
+        .find(|p| p["queue"] == queue)
+}
+
+/// GET `url` as JSON, `None` unless 2xx.
+pub async fn view(url: &str) -> Option<Value> {
+    view_as(url, None).await
+}
+
+/// GET `url` as JSON with an optional bearer token, `None` unless 2xx.
+pub async fn view_as(url: &str, token: Option<&str>) -> Option<Value> {
+    let mut request = http().get(url).timeout(Duration::from_secs(5));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+/// Sends a request again while the cluster answers 503 (no leader; it must carry
+/// `Retry-After`) or a node is out of reach; the first other answer.
+pub async fn retrying(
+    what: &str,
+    mut make: impl FnMut() -> reqwest::RequestBuilder,
+) -> (StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = make().timeout(Duration::from_secs(30)).send().await {
+            let status = response.status();
+            if status != StatusCode::SERVICE_UNAVAILABLE {
+                let body = response.json().await.unwrap_or(Value::Null);
+                return (status, body);
+            }
+            assert!(
+                response.headers().contains_key("retry-after"),
+                "{what}: a 503 carries Retry-After"
+            );
+        }
+        assert!(Instant::now() < deadline, "{what}: no answer in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `retrying`, and the answer must be a success; its body.
+pub async fn ok(what: &str, make: impl FnMut() -> reqwest::RequestBuilder) -> Value {
+    let (status, body) = retrying(what, make).await;
+    assert!(status.is_success(), "{what}: {status} {body}");
+    body
+}
+
+/// Creates `queue` through node `base` with `settings`.
+pub async fn create_queue(base: &str, queue: &str, settings: Value) {
+    create_queue_as(base, None, queue, settings).await;
+}
+
+/// Creates `queue` through node `base` with `settings`, as the user of `token`.
+pub async fn create_queue_as(base: &str, token: Option<&str>, queue: &str, settings: Value) {
+    ok(&format!("create {queue}"), || {
+        let request = http()
+            .post(format!("{base}/queues/{queue}"))
+            .json(&settings);
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    })
+    .await;
+}
+
+/// Publishes one message with `body` to `queue` through node `base`.
+pub async fn publish(base: &str, queue: &str, body: &str) {
+    ok(&format!("publish {body}"), || {
+        http()
+            .post(format!("{base}/queues/{queue}/messages"))
+            .body(body.to_string())
+    })
+    .await;
+}
+
+/// Receives up to `max` messages of `queue` through node `base` (long-poll of 1 s,
+/// visibility 5 s).
+pub async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
+    let body = ok("receive", || {
+        http().get(format!(
+            "{base}/queues/{queue}/messages?max={max}&wait=1&visibility=5"
+        ))
+    })
+    .await;
+    body["messages"].as_array().cloned().unwrap_or_default()
+}
+
+/// The bodies of partition `partition` of `queue`'s committed log as node `base` holds it.
+pub async fn log_bodies(base: &str, queue: &str, partition: u32) -> Option<Vec<String>> {
+    let url = format!("{base}/queues/{queue}/log?partition={partition}&from=0&max=10000");
+    let v = view(&url).await?;
+    Some(
+        v["messages"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["body"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+/// The sum of every series of metric `name` (any labels) on node `base`; 0 when absent
+/// or when the node does not answer.
+pub async fn metric(base: &str, name: &str) -> f64 {
+    let Ok(response) = http().get(format!("{base}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The sum of metric `name` over the nodes at `bases`.
+pub async fn metric_sum(bases: &[String], name: &str) -> f64 {
+    let mut sum = 0.0;
+    for base in bases {
+        sum += metric(base, name).await;
+    }
+    sum
+}
