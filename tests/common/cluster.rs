@@ -278,7 +278,10 @@ impl Cluster {
             if let Some(group) = group {
                 return group;
             }
-            assert!(Instant::now() < deadline, "node {on} sees no group for {queue}");
+            assert!(
+                Instant::now() < deadline,
+                "node {on} sees no group for {queue}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
