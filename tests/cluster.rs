@@ -6,231 +6,18 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_port, http};
+use common::cluster::{Cluster, create_queue, log_bodies, receive, retrying, view};
+use common::{eventually, http};
 use parking_lot::Mutex;
 use qit::proto::broker_client::BrokerClient;
 use qit::proto::{self, receive_request, receive_response};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
-
-const SECRET: &str = "cluster-test-secret-0123456789";
-
-/// One node of a test cluster.
-struct Node {
-    id: u64,
-    dir: PathBuf,
-    http: String,
-    http_port: u16,
-    grpc_port: u16,
-    cluster_port: u16,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn start(&mut self, peers: &str) {
-        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
-            .arg("serve")
-            .args(["--node-id", &self.id.to_string()])
-            .args(["--cluster", &format!("127.0.0.1:{}", self.cluster_port)])
-            .args(["--peers", peers])
-            .args(["--cluster-secret", SECRET])
-            .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
-            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .env("RUST_LOG", "error,openraft=off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-struct Cluster {
-    nodes: Vec<Node>,
-    peers: String,
-    _temp: tempfile::TempDir,
-}
-
-impl Cluster {
-    async fn start() -> Self {
-        let temp = tempfile::tempdir().unwrap();
-        let mut nodes: Vec<Node> = (1..=3)
-            .map(|id| {
-                let http_port = free_port();
-                Node {
-                    id,
-                    dir: temp.path().join(format!("node-{id}")),
-                    http: format!("http://127.0.0.1:{http_port}"),
-                    http_port,
-                    grpc_port: free_port(),
-                    cluster_port: free_port(),
-                    child: None,
-                }
-            })
-            .collect();
-        let peers = nodes
-            .iter()
-            .map(|n| format!("{}=127.0.0.1:{}", n.id, n.cluster_port))
-            .collect::<Vec<_>>()
-            .join(",");
-        for node in &mut nodes {
-            node.start(&peers);
-        }
-        let cluster = Self {
-            nodes,
-            peers,
-            _temp: temp,
-        };
-        let started = Instant::now();
-        for node in &cluster.nodes {
-            let url = format!("{}/cluster", node.http);
-            eventually("every node sees a metadata leader", || async {
-                view(&url).await.is_some_and(|v| v["leader"].is_u64())
-            })
-            .await;
-        }
-        eprintln!(
-            "metadata leader on every node after {:?}",
-            started.elapsed()
-        );
-        cluster
-    }
-
-    fn node(&self, id: u64) -> &Node {
-        &self.nodes[(id - 1) as usize]
-    }
-
-    fn node_mut(&mut self, id: u64) -> &mut Node {
-        &mut self.nodes[(id - 1) as usize]
-    }
-
-    fn restart(&mut self, id: u64) {
-        let peers = self.peers.clone();
-        self.node_mut(id).start(&peers);
-    }
-
-    /// Waits until `url_node` sees a leader for every partition of `queue`; returns it.
-    async fn queue_leader(&self, url_node: u64, queue: &str) -> u64 {
-        let url = format!("{}/cluster", self.node(url_node).http);
-        let leader = Arc::new(Mutex::new(0));
-        let found = Arc::clone(&leader);
-        eventually(&format!("node {url_node} sees a leader of {queue}"), || {
-            let (url, found) = (url.clone(), Arc::clone(&found));
-            async move {
-                let Some(v) = view(&url).await else {
-                    return false;
-                };
-                let leaders: Vec<Option<u64>> = v["partitions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|p| p["queue"] == queue)
-                    .map(|p| p["leader"].as_u64())
-                    .collect();
-                match leaders.first() {
-                    Some(Some(l)) if leaders.iter().all(|x| *x == Some(*l)) => {
-                        *found.lock() = *l;
-                        true
-                    }
-                    _ => false,
-                }
-            }
-        })
-        .await;
-        *leader.lock()
-    }
-}
-
-async fn view(url: &str) -> Option<Value> {
-    let response = http()
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    response.json().await.ok()
-}
-
-/// Retries a request while the cluster answers "no leader" (503) or a node is down.
-async fn retrying(
-    what: &str,
-    mut make: impl FnMut() -> reqwest::RequestBuilder,
-) -> (reqwest::StatusCode, Value) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(response) = make().timeout(Duration::from_secs(30)).send().await {
-            let status = response.status();
-            if status != reqwest::StatusCode::SERVICE_UNAVAILABLE {
-                let body = response.json().await.unwrap_or(Value::Null);
-                return (status, body);
-            }
-            assert!(
-                response.headers().contains_key("retry-after"),
-                "a 503 carries Retry-After"
-            );
-        }
-        assert!(Instant::now() < deadline, "{what}: no answer in time");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn create_queue(base: &str, queue: &str, settings: Value) {
-    let (status, body) = retrying("create", || {
-        http()
-            .post(format!("{base}/queues/{queue}"))
-            .json(&settings)
-    })
-    .await;
-    assert!(status.is_success(), "create {queue}: {status} {body}");
-}
-
-async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
-    let (status, body) = retrying("receive", || {
-        http().get(format!(
-            "{base}/queues/{queue}/messages?max={max}&wait=1&visibility=5"
-        ))
-    })
-    .await;
-    assert!(status.is_success(), "receive: {status} {body}");
-    body["messages"].as_array().cloned().unwrap_or_default()
-}
-
-async fn log_bodies(base: &str, queue: &str, partition: u32) -> Option<Vec<String>> {
-    let url = format!("{base}/queues/{queue}/log?partition={partition}&offset=0&max=10000");
-    let v = view(&url).await?;
-    Some(
-        v["messages"]
-            .as_array()?
-            .iter()
-            .filter_map(|m| m["body"].as_str().map(String::from))
-            .collect(),
-    )
-}
 
 /// Create on node 2, publish on node 3, receive on node 1, ack on node 2; every node
 /// holds the same committed log and sees the acks; reads fall back to a lone node;
@@ -245,7 +32,7 @@ async fn any_node_serves_every_step() {
     )
     .await;
     for id in 1..=3 {
-        cluster.queue_leader(id, "orders").await;
+        cluster.leader_of(id, "orders", None).await;
     }
     let mut published = BTreeSet::new();
     for i in 0..20 {
@@ -541,12 +328,8 @@ async fn leader_kills_lose_nothing_acknowledged() {
             published_ok.lock().len() >= before + 30
         })
         .await;
-        let survivor = if cluster.node(1).child.is_some() {
-            1
-        } else {
-            2
-        };
-        let leader = cluster.queue_leader(survivor, queue).await;
+        let survivor = if cluster.node(1).is_running() { 1 } else { 2 };
+        let leader = cluster.leader_of(survivor, queue, None).await;
         let killed_at = Instant::now();
         cluster.node_mut(leader).kill();
         let count = published_ok.lock().len();
@@ -723,7 +506,7 @@ async fn a_paused_leader_steps_down() {
             }
         })
     };
-    let leader = cluster.queue_leader(1, "paused").await;
+    let leader = cluster.leader_of(1, "paused", None).await;
     let survivor = if leader == 1 { 2 } else { 1 };
     for i in 0..5 {
         let (status, body) = retrying("publish", || {
@@ -737,13 +520,7 @@ async fn a_paused_leader_steps_down() {
         .await;
         assert!(status.is_success(), "{status} {body}");
     }
-    let pid = cluster
-        .node(leader)
-        .child
-        .as_ref()
-        .unwrap()
-        .id()
-        .to_string();
+    let pid = cluster.node(leader).pid().to_string();
     assert!(
         Command::new("kill")
             .args(["-STOP", &pid])
@@ -777,7 +554,7 @@ async fn a_paused_leader_steps_down() {
             .unwrap()
             .success()
     );
-    let new_leader = cluster.queue_leader(survivor, "paused").await;
+    let new_leader = cluster.leader_of(survivor, "paused", None).await;
     assert_ne!(new_leader, leader);
     let old_url = format!("{}/cluster", cluster.node(leader).http);
     eventually("the old leader steps down", || async {

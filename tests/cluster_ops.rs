@@ -8,234 +8,20 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_port, http};
+use common::cluster::{
+    Cluster, create_queue_as, log_bodies, metric_sum, ok, retrying, view, view_as,
+};
+use common::{eventually, http};
 use parking_lot::Mutex;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-const SECRET: &str = "cluster-ops-test-secret-0123456789";
 const PASSWORD: &str = "correct-horse-battery";
-
-/// One node of a test cluster.
-struct Node {
-    id: u64,
-    dir: PathBuf,
-    http: String,
-    http_port: u16,
-    grpc_port: u16,
-    cluster_port: u16,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn start(&mut self, peers: &str, extra: &[String]) {
-        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
-            .arg("serve")
-            .args(["--node-id", &self.id.to_string()])
-            .args(["--cluster", &format!("127.0.0.1:{}", self.cluster_port)])
-            .args(["--peers", peers])
-            .args(["--cluster-secret", SECRET])
-            .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
-            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args(extra)
-            .env("RUST_LOG", "error,openraft=off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, and wait for the exit (a guard of 60 s against a hang).
-    fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("the node runs");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "node {} did not stop", self.id);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-struct Cluster {
-    nodes: Vec<Node>,
-    peers: String,
-    extra: Vec<String>,
-    _temp: tempfile::TempDir,
-}
-
-impl Cluster {
-    async fn start(extra: &[&str]) -> Self {
-        let temp = tempfile::tempdir().unwrap();
-        let mut nodes: Vec<Node> = (1..=3)
-            .map(|id| {
-                let http_port = free_port();
-                Node {
-                    id,
-                    dir: temp.path().join(format!("node-{id}")),
-                    http: format!("http://127.0.0.1:{http_port}"),
-                    http_port,
-                    grpc_port: free_port(),
-                    cluster_port: free_port(),
-                    child: None,
-                }
-            })
-            .collect();
-        let peers = nodes
-            .iter()
-            .map(|n| format!("{}=127.0.0.1:{}", n.id, n.cluster_port))
-            .collect::<Vec<_>>()
-            .join(",");
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        for node in &mut nodes {
-            node.start(&peers, &extra);
-        }
-        let cluster = Self {
-            nodes,
-            peers,
-            extra,
-            _temp: temp,
-        };
-        for node in &cluster.nodes {
-            cluster.wait_serving(node.id).await;
-        }
-        cluster
-    }
-
-    fn node(&self, id: u64) -> &Node {
-        &self.nodes[(id - 1) as usize]
-    }
-
-    fn node_mut(&mut self, id: u64) -> &mut Node {
-        &mut self.nodes[(id - 1) as usize]
-    }
-
-    fn restart(&mut self, id: u64) {
-        let (peers, extra) = (self.peers.clone(), self.extra.clone());
-        self.node_mut(id).start(&peers, &extra);
-    }
-
-    /// Waits until node `id` answers `/healthz` (part of a working quorum).
-    async fn wait_serving(&self, id: u64) {
-        let url = format!("{}/healthz", self.node(id).http);
-        eventually(&format!("node {id} serves"), || async {
-            http()
-                .get(&url)
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await;
-    }
-
-    /// Waits until node `via` sees a leader for `queue`; returns it.
-    async fn queue_leader(&self, via: u64, queue: &str) -> u64 {
-        let url = format!("{}/cluster", self.node(via).http);
-        let found = Arc::new(Mutex::new(0));
-        eventually(&format!("node {via} sees a leader of {queue}"), || {
-            let (url, found) = (url.clone(), Arc::clone(&found));
-            async move {
-                let leader = view(&url, None).await.and_then(|v| {
-                    v["partitions"]
-                        .as_array()?
-                        .iter()
-                        .find(|p| p["queue"] == queue)?["leader"]
-                        .as_u64()
-                });
-                if let Some(leader) = leader {
-                    *found.lock() = leader;
-                }
-                leader.is_some()
-            }
-        })
-        .await;
-        *found.lock()
-    }
-}
-
-/// GET `url` as JSON (with a bearer token), `None` unless 2xx.
-async fn view(url: &str, token: Option<&str>) -> Option<Value> {
-    let mut request = http().get(url).timeout(Duration::from_secs(5));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    response.json().await.ok()
-}
-
-/// Sends a request again while the cluster answers 503 (no leader) or a node is out of
-/// reach; the first other answer.
-async fn retrying(
-    what: &str,
-    mut make: impl FnMut() -> reqwest::RequestBuilder,
-) -> (StatusCode, Value) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(response) = make().timeout(Duration::from_secs(30)).send().await {
-            let status = response.status();
-            if status != StatusCode::SERVICE_UNAVAILABLE {
-                let body = response.json().await.unwrap_or(Value::Null);
-                return (status, body);
-            }
-        }
-        assert!(Instant::now() < deadline, "{what}: no answer in time");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// `retrying`, and the answer must be a success.
-async fn ok(what: &str, make: impl FnMut() -> reqwest::RequestBuilder) -> Value {
-    let (status, body) = retrying(what, make).await;
-    assert!(status.is_success(), "{what}: {status} {body}");
-    body
-}
-
-async fn create_queue(base: &str, token: Option<&str>, queue: &str, settings: Value) {
-    ok(&format!("create {queue}"), || {
-        let request = http()
-            .post(format!("{base}/queues/{queue}"))
-            .json(&settings);
-        match token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        }
-    })
-    .await;
-}
 
 /// Logs in at `base` (the node must know the user: failed logins are rate-limited); the
 /// token.
@@ -254,7 +40,7 @@ async fn login(base: &str, user: &str) -> String {
 async fn wait_known(base: &str, token: &str) {
     let url = format!("{base}/queues");
     eventually(&format!("{base} knows the token's user"), || async {
-        view(&url, Some(token)).await.is_some()
+        view_as(&url, Some(token)).await.is_some()
     })
     .await;
 }
@@ -269,7 +55,7 @@ async fn status_of(make: impl Fn() -> reqwest::RequestBuilder, token: &str) -> S
 /// creator of a queue or exchange owns it on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_grants_and_ownership_are_replicated() {
-    let mut cluster = Cluster::start(&["--auth"]).await;
+    let mut cluster = Cluster::start_with(3, &["--auth"]).await;
     let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
     let base = |id: u64| bases[(id - 1) as usize].clone();
     for (user, at) in [("alice", 1), ("bob", 3)] {
@@ -296,7 +82,7 @@ async fn users_grants_and_ownership_are_replicated() {
     assert_eq!(status, StatusCode::CONFLICT);
 
     // alice creates a queue on node 2 and an exchange on node 1: she owns both everywhere.
-    create_queue(
+    create_queue_as(
         &base(2),
         Some(&alice3),
         "jobs",
@@ -396,7 +182,7 @@ async fn users_grants_and_ownership_are_replicated() {
     cluster.wait_serving(3).await;
     let jobs3 = format!("{}/queues/jobs", base(3));
     eventually("node 3 knows alice's token and queue again", || async {
-        view(&jobs3, Some(&alice3)).await.is_some()
+        view_as(&jobs3, Some(&alice3)).await.is_some()
     })
     .await;
     let publish_on_3 = publish(3);
@@ -418,25 +204,9 @@ async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
     body["messages"].as_array().cloned().unwrap_or_default()
 }
 
-/// Every record of partition 0 of `queue` as node `base` holds it.
-async fn log_bodies(base: &str, queue: &str) -> Option<Vec<String>> {
-    let v = view(
-        &format!("{base}/queues/{queue}/log?partition=0&from=0&max=10000"),
-        None,
-    )
-    .await?;
-    Some(
-        v["messages"]
-            .as_array()?
-            .iter()
-            .filter_map(|m| m["body"].as_str().map(String::from))
-            .collect(),
-    )
-}
-
 /// The backlog of `queue`'s default group as node `base` sees it.
 async fn backlog(base: &str, queue: &str) -> Option<u64> {
-    let v = view(&format!("{base}/queues/{queue}"), None).await?;
+    let v = view(&format!("{base}/queues/{queue}")).await?;
     v["groups"]
         .as_array()?
         .iter()
@@ -448,9 +218,9 @@ async fn backlog(base: &str, queue: &str) -> Option<u64> {
 /// replicated publishes, and are acked in the dead-letter queue on every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redrive_moves_dead_letters_back_once() {
-    let cluster = Cluster::start(&[]).await;
+    let cluster = Cluster::start().await;
     let base = |id: u64| cluster.node(id).http.clone();
-    create_queue(
+    create_queue_as(
         &base(1),
         None,
         "jobs",
@@ -486,7 +256,7 @@ async fn redrive_moves_dead_letters_back_once() {
     for id in 1..=3 {
         let b = base(id);
         eventually(&format!("node {id} holds the 5 dead letters"), || async {
-            log_bodies(&b, "jobs.dlq").await.map(|l| l.len()) == Some(5)
+            log_bodies(&b, "jobs.dlq", 0).await.map(|l| l.len()) == Some(5)
                 && backlog(&b, "jobs").await == Some(0)
         })
         .await;
@@ -501,13 +271,13 @@ async fn redrive_moves_dead_letters_back_once() {
     for id in 1..=3 {
         let b = base(id);
         eventually(&format!("node {id} holds the moves"), || async {
-            log_bodies(&b, "jobs").await.map(|l| l.len()) == Some(10)
+            log_bodies(&b, "jobs", 0).await.map(|l| l.len()) == Some(10)
                 && backlog(&b, "jobs.dlq").await == Some(0)
                 && backlog(&b, "jobs").await == Some(5)
         })
         .await;
     }
-    let log = log_bodies(&base(1), "jobs").await.unwrap();
+    let log = log_bodies(&base(1), "jobs", 0).await.unwrap();
     let redriven: Vec<String> = log[5..].to_vec();
     assert_eq!(
         redriven.iter().cloned().collect::<BTreeSet<_>>(),
@@ -541,15 +311,15 @@ async fn redrive_moves_dead_letters_back_once() {
 /// count 3 and dead-letters it at `max_deliveries: 3`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_counts_survive_a_leader_kill() {
-    let mut cluster = Cluster::start(&[]).await;
-    create_queue(
+    let mut cluster = Cluster::start().await;
+    create_queue_as(
         &cluster.node(1).http,
         None,
         "poison",
         json!({"partitions": 1, "max_deliveries": 3}),
     )
     .await;
-    let leader = cluster.queue_leader(1, "poison").await;
+    let leader = cluster.leader_of(1, "poison", None).await;
     let survivor = if leader == 1 { 2 } else { 1 };
     let base = cluster.node(survivor).http.clone();
     ok("publish", || {
@@ -599,15 +369,14 @@ async fn delivery_counts_survive_a_leader_kill() {
     })
     .await;
     eventually("the message reaches the dead-letter queue", || async {
-        log_bodies(&base, "poison.dlq")
+        log_bodies(&base, "poison.dlq", 0)
             .await
             .is_some_and(|l| l == ["bad"])
     })
     .await;
-    let letters = view(
-        &format!("{base}/queues/poison.dlq/log?partition=0&from=0&max=10"),
-        None,
-    )
+    let letters = view(&format!(
+        "{base}/queues/poison.dlq/log?partition=0&from=0&max=10"
+    ))
     .await
     .unwrap();
     assert_eq!(
@@ -622,7 +391,7 @@ async fn delivery_counts_survive_a_leader_kill() {
 
 /// The queues each node leads, by `/cluster` of node `via`: queue -> (leader, preferred).
 async fn leaders(base: &str) -> Option<BTreeMap<String, (Option<u64>, u64)>> {
-    let v = view(&format!("{base}/cluster"), None).await?;
+    let v = view(&format!("{base}/cluster")).await?;
     Some(
         v["partitions"]
             .as_array()?
@@ -637,39 +406,22 @@ async fn leaders(base: &str) -> Option<BTreeMap<String, (Option<u64>, u64)>> {
     )
 }
 
-/// The sum of a counter over the `/metrics` of `bases`.
-async fn counter(bases: &[String], name: &str) -> f64 {
-    let mut sum = 0.0;
-    for base in bases {
-        let Ok(response) = http().get(format!("{base}/metrics")).send().await else {
-            continue;
-        };
-        let text = response.text().await.unwrap_or_default();
-        sum += text
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
-    }
-    sum
-}
-
 /// SIGTERM on a node leading queues under a light publish load: it hands its groups to the
 /// others first, no publish gets an error other than a retried 503, and it stops cleanly.
 /// Once it is back, the queues it is the preferred leader of move back to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_off_and_leadership_returns() {
-    let mut cluster = Cluster::start(&[]).await;
+    let mut cluster = Cluster::start().await;
     let queues: Vec<String> = (0..6).map(|i| format!("q{i}")).collect();
     for q in &queues {
-        create_queue(
+        create_queue_as(
             &cluster.node(1).http,
             None,
             q,
             json!({"partitions": 1, "max_deliveries": 0}),
         )
         .await;
-        cluster.queue_leader(1, q).await;
+        cluster.leader_of(1, q, None).await;
     }
     // Wait until placement holds: every queue led by its preferred replica.
     let base1 = cluster.node(1).http.clone();
@@ -728,13 +480,13 @@ async fn sigterm_hands_off_and_leadership_returns() {
         published.load(Ordering::Relaxed) >= before + 20
     })
     .await;
-    let requested = counter(&survivor_bases, "qit_cluster_elections_requested_total").await;
+    let requested = metric_sum(&survivor_bases, "qit_cluster_elections_requested_total").await;
     let status = cluster.node_mut(stopping).terminate();
     assert!(
         status.success(),
         "node {stopping} stopped cleanly: {status:?}"
     );
-    let asked = counter(&survivor_bases, "qit_cluster_elections_requested_total").await;
+    let asked = metric_sum(&survivor_bases, "qit_cluster_elections_requested_total").await;
     assert!(
         asked >= requested + groups as f64,
         "node {stopping} asked the others to take its {groups} queues (campaigns {requested} -> {asked})"

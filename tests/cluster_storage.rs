@@ -7,196 +7,28 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_port, http};
+use common::cluster::{Cluster, metric, retrying, view};
+use common::{eventually, http};
 use serde_json::{Value, json};
 
-const SECRET: &str = "cluster-test-secret-0123456789";
 /// Entries between two snapshots of a queue group, in these tests.
 const SNAPSHOT_ENTRIES: u64 = 40;
 /// Bytes of each message body.
 const BODY_BYTES: usize = 2048;
 
-/// One node of a test cluster.
-struct Node {
-    id: u64,
-    dir: PathBuf,
-    config: PathBuf,
-    http: String,
-    http_port: u16,
-    grpc_port: u16,
-    cluster_port: u16,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn start(&mut self, peers: &str) {
-        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--node-id", &self.id.to_string()])
-            .args(["--cluster", &format!("127.0.0.1:{}", self.cluster_port)])
-            .args(["--peers", peers])
-            .args(["--cluster-secret", SECRET])
-            .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
-            .args(["--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .env("RUST_LOG", "error,openraft=off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-struct Cluster {
-    nodes: Vec<Node>,
-    peers: String,
-    _temp: tempfile::TempDir,
-}
-
-impl Cluster {
-    async fn start() -> Self {
-        let temp = tempfile::tempdir().unwrap();
-        let config = temp.path().join("qit.toml");
-        std::fs::write(
-            &config,
-            format!("raft_snapshot_entries = {SNAPSHOT_ENTRIES}\n"),
-        )
-        .unwrap();
-        let mut nodes: Vec<Node> = (1..=3)
-            .map(|id| {
-                let http_port = free_port();
-                Node {
-                    id,
-                    dir: temp.path().join(format!("node-{id}")),
-                    config: config.clone(),
-                    http: format!("http://127.0.0.1:{http_port}"),
-                    http_port,
-                    grpc_port: free_port(),
-                    cluster_port: free_port(),
-                    child: None,
-                }
-            })
-            .collect();
-        let peers = nodes
-            .iter()
-            .map(|n| format!("{}=127.0.0.1:{}", n.id, n.cluster_port))
-            .collect::<Vec<_>>()
-            .join(",");
-        for node in &mut nodes {
-            node.start(&peers);
-        }
-        for node in &nodes {
-            let url = format!("{}/cluster", node.http);
-            eventually("every node sees a metadata leader", || async {
-                view(&url).await.is_some_and(|v| v["leader"].is_u64())
-            })
-            .await;
-        }
-        Self {
-            nodes,
-            peers,
-            _temp: temp,
-        }
-    }
-
-    fn node(&self, id: u64) -> &Node {
-        &self.nodes[(id - 1) as usize]
-    }
-
-    fn restart(&mut self, id: u64) {
-        let peers = self.peers.clone();
-        self.nodes[(id - 1) as usize].start(&peers);
-    }
-
-    fn kill(&mut self, id: u64) {
-        self.nodes[(id - 1) as usize].kill();
-    }
-
-    /// The Raft group of `queue`, as node `id` names it.
-    async fn group_of(&self, id: u64, queue: &str) -> u64 {
-        let url = format!("{}/cluster", self.node(id).http);
-        let mut group = None;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while group.is_none() {
-            assert!(Instant::now() < deadline, "no group for {queue}");
-            group = view(&url).await.and_then(|v| {
-                v["partitions"]
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["queue"] == queue && p["leader"].is_u64())?["group"]
-                    .as_u64()
-            });
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        group.unwrap_or_default()
-    }
-}
-
-async fn view(url: &str) -> Option<Value> {
-    let response = http()
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    response.json().await.ok()
-}
-
-/// Retries a request while the cluster answers "no leader" (503) or a node is down.
-async fn retrying(
-    what: &str,
-    mut make: impl FnMut() -> reqwest::RequestBuilder,
-) -> (reqwest::StatusCode, Value) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(response) = make().timeout(Duration::from_secs(30)).send().await {
-            let status = response.status();
-            if status != reqwest::StatusCode::SERVICE_UNAVAILABLE {
-                let body = response.json().await.unwrap_or(Value::Null);
-                return (status, body);
-            }
-        }
-        assert!(Instant::now() < deadline, "{what}: no answer in time");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Three nodes that snapshot every [`SNAPSHOT_ENTRIES`] entries.
+async fn start() -> Cluster {
+    Cluster::start_with_config(&format!("raft_snapshot_entries = {SNAPSHOT_ENTRIES}\n")).await
 }
 
 /// Creates queue `queue` with one partition and small segments (so that snapshots hold
 /// sealed, hard-linked segments and an active one).
 async fn create_queue(base: &str, queue: &str) {
     let settings = json!({"partitions": 1, "max_deliveries": 0, "segment_bytes": 32768});
-    let (status, body) = retrying("create", || {
-        http()
-            .post(format!("{base}/queues/{queue}"))
-            .json(&settings)
-    })
-    .await;
-    assert!(status.is_success(), "create {queue}: {status} {body}");
+    common::cluster::create_queue(base, queue, settings).await;
 }
 
 fn body(i: usize) -> String {
@@ -278,7 +110,7 @@ async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
 
 /// The committed log of partition 0 as node `base` reads it locally.
 async fn log(base: &str, queue: &str) -> Option<Vec<Value>> {
-    let url = format!("{base}/queues/{queue}/log?partition=0&offset=0&max=10000");
+    let url = format!("{base}/queues/{queue}/log?partition=0&from=0&max=10000");
     Some(view(&url).await?["messages"].as_array()?.clone())
 }
 
@@ -321,18 +153,6 @@ async fn converged(cluster: &Cluster, id: u64, like: u64, queue: &str, messages:
     .await;
 }
 
-/// A counter or gauge from node `base`'s `/metrics` (0 when absent).
-async fn metric(base: &str, name: &str) -> f64 {
-    let Ok(response) = http().get(format!("{base}/metrics")).send().await else {
-        return 0.0;
-    };
-    let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Bytes of the Raft log chunk files of `group` under node data dir `dir`.
 fn raft_log_bytes(dir: &Path, group: u64) -> u64 {
     let group_dir = dir.join("raft").join(group.to_string());
@@ -351,7 +171,7 @@ fn raft_log_bytes(dir: &Path, group: u64) -> u64 {
 /// replaying only the entries after its snapshot, not the history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_bound_the_raft_log_and_restarts_replay_only_the_suffix() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = start().await;
     create_queue(&cluster.node(1).http, "bounded").await;
     let group = cluster.group_of(1, "bounded").await;
     let total = 400;
@@ -420,7 +240,7 @@ async fn snapshots_bound_the_raft_log_and_restarts_replay_only_the_suffix() {
 /// group state end identical to the others'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_node_is_sent_the_snapshot() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = start().await;
     create_queue(&cluster.node(1).http, "wiped").await;
     let group = cluster.group_of(1, "wiped").await;
     publish(&cluster, "wiped", 0..200, [1, 3]).await;

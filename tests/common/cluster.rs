@@ -148,7 +148,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Three nodes with the default configuration, each seeing a metadata leader.
+    /// Three nodes with the default configuration, each serving (`/healthz`: part of a
+    /// working quorum).
     pub async fn start() -> Self {
         Self::start_with(3, &[]).await
     }
@@ -162,7 +163,7 @@ impl Cluster {
         Self::launch(temp, 3, extra).await
     }
 
-    /// `size` nodes started with `extra` flags, each seeing a metadata leader.
+    /// `size` nodes started with `extra` flags, each serving.
     pub async fn start_with(size: u64, extra: &[&str]) -> Self {
         let temp = tempfile::tempdir().expect("temp dir");
         let extra = extra.iter().map(|s| s.to_string()).collect();
@@ -184,7 +185,7 @@ impl Cluster {
             temp,
         };
         for node in &cluster.nodes {
-            cluster.wait_metadata_leader(node.id).await;
+            cluster.wait_serving(node.id).await;
         }
         cluster
     }
