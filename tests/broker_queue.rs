@@ -180,6 +180,36 @@ async fn expiry_and_nack_redeliver_then_dead_letter_with_headers() {
     assert!(recv(&b, "work.dlq", 1).await.is_empty());
 }
 
+/// A message larger than the default cap, accepted by a queue with a higher
+/// `max_message_bytes`, still reaches the dead-letter queue made with it (it used to be
+/// refused there, and the dead-letter worker retried it for ever).
+#[tokio::test]
+async fn a_large_message_is_dead_lettered_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    let settings = QueueSettings {
+        max_deliveries: 1,
+        max_message_bytes: 4 * 1024 * 1024,
+        ..QueueSettings::default()
+    };
+    b.create_queue("big", settings).await.unwrap();
+    let body = "y".repeat(2 * 1024 * 1024);
+    b.publish("big", vec![msg(&body)]).await.unwrap();
+    let got = recv(&b, "big", 1).await;
+    b.nack("big", "default", got[0].id, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let dead = b
+        .receive("big.dlq", "default", 1, Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    assert_eq!(bodies(&dead), vec![body]);
+    assert_eq!(
+        b.queue_info("big.dlq").unwrap().settings.max_message_bytes,
+        4 * 1024 * 1024
+    );
+}
+
 #[tokio::test]
 async fn nack_uses_backoff_and_delay() {
     let dir = tempfile::tempdir().unwrap();

@@ -450,10 +450,11 @@ impl Broker {
             };
         }
         let dead_letter = dead_letter.filter(|dlq| !self.queues.read().contains_key(dlq));
+        let dead_letter_spec = dead_letter
+            .as_ref()
+            .map(|dlq| (dlq.clone(), dead_letter_settings(&settings).effective(dlq)));
         let mut specs = vec![(name.to_string(), settings)];
-        if let Some(dlq) = &dead_letter {
-            specs.push((dlq.clone(), dead_letter_settings().effective(dlq)));
-        }
+        specs.extend(dead_letter_spec);
         if self.queues.read().len() + specs.len() > self.config.max_queues {
             return Err(BrokerError::LimitReached(format!(
                 "at most {} queues",
@@ -1089,7 +1090,8 @@ impl Broker {
             // Cluster: the dead-letter queue's own group stores it (created through the
             // metadata group when missing).
             if self.queue(&dlq_name).is_err() {
-                self.create_queue(&dlq_name, dead_letter_settings()).await?;
+                self.create_queue(&dlq_name, dead_letter_settings(&q.settings))
+                    .await?;
             } else if self
                 .dead_letter_guard
                 .get()
@@ -1118,7 +1120,7 @@ impl Broker {
             Err(_) => {
                 let ticket = {
                     let _meta = self.meta.lock().await;
-                    self.create_locked(&dlq_name, dead_letter_settings())
+                    self.create_locked(&dlq_name, dead_letter_settings(&q.settings))
                         .await?
                         .1
                 };
@@ -1643,10 +1645,16 @@ impl Broker {
 }
 
 /// Settings of an automatically created dead-letter queue.
-fn dead_letter_settings() -> QueueSettings {
+/// Settings of a dead-letter queue made for a queue with `source` settings: no dead
+/// letters of its own, and room for every message the source accepted (else a dead letter
+/// larger than the default cap could never be moved, and its worker would retry it for
+/// ever).
+fn dead_letter_settings(source: &QueueSettings) -> QueueSettings {
+    let defaults = QueueSettings::default();
     QueueSettings {
         max_deliveries: 0,
-        ..QueueSettings::default()
+        max_message_bytes: source.max_message_bytes.max(defaults.max_message_bytes),
+        ..defaults
     }
 }
 
