@@ -177,6 +177,10 @@ impl Storage for CachedStorage {
     fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
         self.inner.read_dir(dir)
     }
+
+    fn dir_exists(&self, dir: &Path) -> io::Result<bool> {
+        self.inner.dir_exists(dir)
+    }
 }
 
 impl Cache {

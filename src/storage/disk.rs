@@ -99,6 +99,14 @@ impl Storage for Disk {
         fs::create_dir_all(dir)
     }
 
+    fn dir_exists(&self, dir: &Path) -> io::Result<bool> {
+        match fs::metadata(dir) {
+            Ok(meta) => Ok(meta.is_dir()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
         // Never follow a symlink: it may point anywhere, inside or outside the data dir, so
         // only the link goes. (`fs::remove_dir_all` does not follow links inside the tree.)

@@ -6,9 +6,11 @@
 //! (an append, or a `set_len` to a non-zero length), which creates its directory and the
 //! file (with the mode given, which must create). A file known to be **present** opens on
 //! the first operation that needs its bytes; a `sync_data` before that has nothing of ours
-//! to sync. Durability of the new directory entries stays with the caller: the log and the
-//! journal fsync the directory with their first fsync, as they do for a file created
-//! eagerly.
+//! to sync. The file's own directory entry stays with the caller (the log and the journal
+//! fsync the file's directory with their first fsync, as they do for a file created
+//! eagerly); the directories the first change created above it (a new queue's
+//! `queues/{q}`, say) are made durable by the first `sync_data` after it, which syncs the
+//! directory holding each of them.
 
 use std::fmt;
 use std::io;
@@ -42,6 +44,7 @@ pub fn deferred(
         known,
         file: OnceLock::new(),
         opening: Mutex::new(()),
+        created_dirs: Mutex::new(Vec::new()),
     })
 }
 
@@ -55,6 +58,9 @@ struct LazyFile {
     file: OnceLock<Arc<dyn StorageFile>>,
     /// Serializes the first open.
     opening: Mutex<()>,
+    /// Directories the first change created, whose entries the next `sync_data` makes
+    /// durable (by syncing the directory that holds each).
+    created_dirs: Mutex<Vec<PathBuf>>,
 }
 
 impl fmt::Debug for LazyFile {
@@ -78,10 +84,37 @@ impl LazyFile {
             return Ok(file);
         }
         if self.known == Known::Absent {
-            self.storage.create_dir_all(parent_dir(&self.path))?;
+            let dir = parent_dir(&self.path);
+            let missing = self.missing_dirs(dir)?;
+            self.storage.create_dir_all(dir)?;
+            self.created_dirs.lock().extend(missing);
         }
         let file = self.storage.open(&self.path, self.mode)?;
         Ok(self.file.get_or_init(|| file))
+    }
+
+    /// `dir` and those of its ancestors that do not exist yet, deepest first.
+    fn missing_dirs(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut missing = Vec::new();
+        let mut at = dir;
+        while !self.storage.dir_exists(at)? {
+            missing.push(at.to_path_buf());
+            match at.parent() {
+                Some(up) if !up.as_os_str().is_empty() => at = up,
+                _ => break,
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Makes the entries of the directories the first change created durable.
+    fn sync_created_dirs(&self) -> io::Result<()> {
+        let mut created = self.created_dirs.lock();
+        while let Some(dir) = created.first() {
+            self.storage.sync_dir(parent_dir(dir))?;
+            created.remove(0);
+        }
+        Ok(())
     }
 
     /// True while the file is known absent and not created yet: it holds no byte.
@@ -122,7 +155,10 @@ impl StorageFile for LazyFile {
     fn sync_data(&self) -> io::Result<()> {
         // Nothing was written through a file never opened: nothing of ours to sync.
         match self.file.get() {
-            Some(file) => file.sync_data(),
+            Some(file) => {
+                file.sync_data()?;
+                self.sync_created_dirs()
+            }
             None => Ok(()),
         }
     }
@@ -138,7 +174,7 @@ impl StorageFile for LazyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::SimDisk;
+    use crate::storage::{SimDisk, Storage};
 
     #[test]
     fn an_absent_file_is_created_with_its_directory_by_the_first_append_only() {
@@ -160,6 +196,72 @@ mod tests {
         file.read_exact_at(&mut buf, 1).unwrap();
         assert_eq!(&buf, b"bc");
         file.sync_data().unwrap();
+    }
+
+    /// A storage that records the directories synced, over the simulated disk.
+    #[derive(Debug)]
+    struct SyncedDirs {
+        sim: SimDisk,
+        synced: Mutex<Vec<PathBuf>>,
+    }
+
+    impl Storage for SyncedDirs {
+        fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>> {
+            self.sim.open(path, mode)
+        }
+        fn map(&self, path: &Path) -> io::Result<bytes::Bytes> {
+            self.sim.map(path)
+        }
+        fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+            self.sim.read(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            self.sim.rename(from, to)
+        }
+        fn remove(&self, path: &Path) -> io::Result<()> {
+            self.sim.remove(path)
+        }
+        fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+            self.synced.lock().push(dir.to_path_buf());
+            self.sim.sync_dir(dir)
+        }
+        fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+            self.sim.create_dir_all(dir)
+        }
+        fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+            self.sim.remove_dir_all(dir)
+        }
+        fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+            self.sim.read_dir(dir)
+        }
+    }
+
+    #[test]
+    fn the_first_sync_makes_the_created_directories_durable() {
+        let sim = SimDisk::new();
+        sim.create_dir_all(Path::new("/data/queues")).unwrap();
+        let recorder = Arc::new(SyncedDirs {
+            sim,
+            synced: Mutex::new(Vec::new()),
+        });
+        let storage: SharedStorage = recorder.clone();
+        let path = Path::new("/data/queues/q/0/00000000000000000000.log");
+        let file = deferred(storage, path, OpenMode::Append, Known::Absent);
+        file.sync_data().unwrap();
+        assert!(recorder.synced.lock().is_empty(), "nothing created yet");
+        file.append(b"abc").unwrap();
+        file.sync_data().unwrap();
+        // `queues/q/0` was created in `queues/q`, `queues/q` in `queues`; the file's own
+        // entry (in `queues/q/0`) is the log's to sync.
+        assert_eq!(
+            *recorder.synced.lock(),
+            vec![
+                PathBuf::from("/data/queues/q"),
+                PathBuf::from("/data/queues")
+            ]
+        );
+        file.sync_data().unwrap();
+        assert_eq!(recorder.synced.lock().len(), 2, "synced once");
     }
 
     #[test]

@@ -98,6 +98,15 @@ pub trait Storage: Send + Sync + Debug {
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// The paths of the entries of `dir` (files and directories), in no particular order.
     fn read_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
+    /// Whether directory `dir` exists. The default lists it; implementations answer
+    /// without reading its entries.
+    fn dir_exists(&self, dir: &Path) -> io::Result<bool> {
+        match self.read_dir(dir) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// A shared storage handle.
