@@ -118,7 +118,11 @@ pub struct ServerConfig {
     /// Most long-lived files (active segments, group journals) kept open; the least
     /// recently used are closed past it and reopened on use.
     pub max_open_files: usize,
-    /// Seconds a long-lived file stays open unused before it is closed.
+    /// Most sealed segment files (`.log`, `.index`, `.timeindex`) kept mapped; the least
+    /// recently used maps are dropped past it and mapped again on use.
+    pub max_mapped_files: usize,
+    /// Seconds a long-lived file stays open (and a sealed segment's file mapped) unused
+    /// before it is closed (unmapped).
     pub idle_close_secs: u64,
     /// This node's id in a cluster (integer >= 1; with `peers`).
     pub node_id: Option<u64>,
@@ -164,6 +168,7 @@ impl Default for ServerConfig {
             header_timeout_secs: 30,
             idle_timeout_secs: 120,
             max_open_files: crate::storage::cache::DEFAULT_MAX_OPEN_FILES,
+            max_mapped_files: crate::storage::maps::DEFAULT_MAX_MAPPED_FILES,
             idle_close_secs: crate::storage::cache::DEFAULT_IDLE_CLOSE.as_secs(),
             node_id: None,
             cluster: None,
@@ -245,6 +250,9 @@ impl ServerConfig {
         }
         if self.max_open_files < crate::storage::cache::MIN_OPEN_FILES {
             return invalid("max_open_files", "must be at least 16");
+        }
+        if self.max_mapped_files < crate::storage::maps::MIN_MAPPED_FILES {
+            return invalid("max_mapped_files", "must be at least 16");
         }
         if self.idle_close_secs == 0 {
             return invalid("idle_close_secs", "must be positive");

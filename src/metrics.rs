@@ -49,6 +49,8 @@ pub const SEGMENTS: &str = "qit_segments";
 pub const QUEUES: &str = "qit_queues";
 /// Long-lived files (active segments, group journals) the file cache holds open (gauge).
 pub const OPEN_FILES: &str = "qit_open_files";
+/// Sealed segment files (`.log`, `.index`, `.timeindex`) the map cache holds mapped (gauge).
+pub const MAPPED_FILES: &str = "qit_mapped_files";
 /// Open client connections (gauge; label `protocol`: `http` or `grpc`).
 pub const CONNECTIONS: &str = "qit_connections_open";
 /// Open gRPC consumer and subscriber streams (gauge; label `kind`).
@@ -67,6 +69,11 @@ pub const BACKGROUND_LAST_RUN: &str = "qit_background_last_run_timestamp_seconds
 /// Sets the [`OPEN_FILES`] gauge.
 pub fn set_open_files(open: usize) {
     metrics::gauge!(OPEN_FILES).set(open as f64);
+}
+
+/// Sets the [`MAPPED_FILES`] gauge.
+pub fn set_mapped_files(mapped: usize) {
+    metrics::gauge!(MAPPED_FILES).set(mapped as f64);
 }
 
 /// Latency buckets in seconds: 50 µs to 10 s.

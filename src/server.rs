@@ -85,11 +85,14 @@ impl Server {
         // (later ones, e.g. in tests, share it).
         crate::commit::SyncPool::configure_shared(config.sync_threads);
         crate::metrics::install()?;
-        let files = Arc::new(CachedStorage::new(
-            crate::storage::disk(),
-            config.max_open_files,
-            Duration::from_secs(config.idle_close_secs),
-        ));
+        let files = Arc::new(
+            CachedStorage::new(
+                crate::storage::disk(),
+                config.max_open_files,
+                Duration::from_secs(config.idle_close_secs),
+            )
+            .with_max_mapped_files(config.max_mapped_files),
+        );
         let peers = config.peer_map()?;
         // A cluster node's broker data is the state its Raft logs rebuild (cleared here,
         // replayed by the groups as they start).
@@ -364,7 +367,7 @@ impl Server {
     }
 }
 
-/// Closes the long-lived files left idle, every `every`, until `stop`.
+/// Closes the long-lived files and drops the maps left idle, every `every`, until `stop`.
 async fn close_idle_files(files: Arc<CachedStorage>, every: Duration, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -383,6 +386,7 @@ async fn close_idle_files(files: Arc<CachedStorage>, every: Duration, stop: Canc
             Err(error) => tracing::warn!(%error, "closing idle files failed"),
         }
         crate::metrics::set_open_files(files.open_files());
+        crate::metrics::set_mapped_files(files.mapped_files());
     }
 }
 

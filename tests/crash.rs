@@ -4,7 +4,7 @@
 //! the data is reopened: every acknowledged append and journal entry is there, in order,
 //! and nothing unacknowledged is half there (a batch is whole or absent). The log runs
 //! once more through the file cache (issue 17), closing and reopening its files between
-//! appends.
+//! appends, and reading back through a map cache smaller than its sealed files.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -124,9 +124,29 @@ fn crash_appends_on(
     };
     let syncs = disk.syncs();
     let after = SimDisk::restore(&disk.crash_image(seed));
-    let log = PartitionLog::open(Path::new(DIR), config(&after, segment_bytes))
+    // Through the caches too: the read-back maps more sealed files than the map cache
+    // keeps, so it drops and maps them again on the way.
+    let after_cache = cached.then(|| {
+        Arc::new(
+            CachedStorage::new(Arc::new(after.clone()), 16, std::time::Duration::ZERO)
+                .with_max_mapped_files(16),
+        )
+    });
+    let after_storage: SharedStorage = match &after_cache {
+        Some(cache) => Arc::clone(cache) as SharedStorage,
+        None => Arc::new(after.clone()),
+    };
+    let log = PartitionLog::open(Path::new(DIR), config_on(after_storage, segment_bytes))
         .unwrap_or_else(|e| panic!("crash at sync {crash_at} (seed {seed}): reopen failed: {e}"));
     let got = values(&log);
+    if let Some(cache) = &after_cache {
+        // Every map dropped (the first sweep marks the time, the second drops what was not
+        // used since): a second read maps them all again and finds the same.
+        cache.close_idle();
+        cache.close_idle();
+        assert_eq!(cache.mapped_files(), 0);
+        assert_eq!(values(&log), got);
+    }
     let with_acked = flat(&batches[..acked]);
     let with_next = flat(&batches[..(acked + 1).min(batches.len())]);
     assert!(

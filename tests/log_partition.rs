@@ -96,7 +96,7 @@ async fn rolls_segments_and_reopens() {
     // `locate` names the segment holding an offset and a batch at or before it.
     let segments = log.segments();
     for offset in [0, 57, 120, 200] {
-        let (base, position) = log.locate(offset).unwrap();
+        let (base, position) = log.locate(offset).unwrap().unwrap();
         let segment = segments.iter().find(|s| s.base_offset == base).unwrap();
         assert!(
             base <= offset && offset < segment.next_offset,
@@ -104,7 +104,7 @@ async fn rolls_segments_and_reopens() {
         );
         assert!(position < segment.bytes);
     }
-    assert_eq!(log.locate(201), None);
+    assert_eq!(log.locate(201).unwrap(), None);
 }
 
 #[tokio::test]

@@ -156,6 +156,9 @@ pub(super) async fn metrics(State(s): State<HttpState>) -> Response {
         .collect();
     crate::metrics::record_queue_gauges(s.broker.queue_count(), &busiest);
     crate::metrics::record_pending_ages(&s.broker.oldest_pending_ages_ms());
+    if let Some(maps) = s.broker.config().storage.map_cache() {
+        crate::metrics::set_mapped_files(maps.mapped());
+    }
     let in_use = s.max_waiters.saturating_sub(s.waiters.available_permits());
     ::metrics::gauge!(crate::metrics::LONG_POLL_WAITERS).set(in_use as f64);
     (

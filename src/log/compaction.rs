@@ -176,6 +176,8 @@ impl PartitionLog {
         if stop == Step::WroteTemp {
             return Ok(RewriteStats::default());
         }
+        // Readers holding the old segment keep reading its bytes, not the new file's.
+        old.pin()?;
         // Old indexes go first: a crash from here on leaves the segment without indexes,
         // which opening rebuilds, never with indexes of the other version.
         for path in [&paths.index, &paths.time_index] {
@@ -195,9 +197,7 @@ impl PartitionLog {
         let fresh = Arc::new(Segment::sealed(
             base_offset,
             paths.clone(),
-            segment::map_file(storage, &paths.log)?,
-            segment::map_file(storage, &paths.index)?,
-            segment::map_file(storage, &paths.time_index)?,
+            &shared.config.storage,
             Extent {
                 len: scan.end,
                 next_offset: old.next_offset(),

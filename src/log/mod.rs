@@ -349,17 +349,21 @@ impl PartitionLog {
 
     /// Where a read of `offset` starts: the base offset of the segment holding it and the
     /// byte position of the batch its sparse index names (at or before the record). `None`
-    /// when the offset is not retained or not yet written.
-    pub fn locate(&self, offset: u64) -> Option<(u64, u64)> {
+    /// when the offset is not retained or not yet written; an error when the segment's
+    /// index cannot be mapped.
+    pub fn locate(&self, offset: u64) -> Result<Option<(u64, u64)>, LogError> {
         if offset >= self.next_offset() {
-            return None;
+            return Ok(None);
         }
         let segments = self.inner.shared.segments.load();
-        let index = segments
+        let Some(segment) = segments
             .partition_point(|s| s.base_offset <= offset)
-            .checked_sub(1)?;
-        let segment = segments.get(index)?;
-        Some((segment.base_offset, segment.position_for(offset).0))
+            .checked_sub(1)
+            .and_then(|index| segments.get(index))
+        else {
+            return Ok(None);
+        };
+        Ok(Some((segment.base_offset, segment.position_for(offset)?.0)))
     }
 
     /// The first offset whose record has a timestamp >= `timestamp_ms`, if any.
@@ -372,7 +376,7 @@ impl PartitionLog {
         else {
             return Ok(None);
         };
-        let mut from = segment.offset_for_time_hint(timestamp_ms);
+        let mut from = segment.offset_for_time_hint(timestamp_ms)?;
         loop {
             let records = self.read(from, 1024, usize::MAX)?;
             let Some(last) = records.last() else {
@@ -431,7 +435,8 @@ impl PartitionLog {
     }
 
     /// Deletes whole sealed segments whose every offset is below `offset`; returns how many.
-    /// Safe while readers hold maps of them: an unlinked file stays mapped until dropped.
+    /// Safe while readers hold them: their files are pinned mapped first, and an unlinked
+    /// file stays mapped until the last reader drops it.
     pub fn drop_segments_before(&self, offset: u64) -> Result<usize, LogError> {
         let shared = &self.inner.shared;
         let removed: Vec<Arc<Segment>> = {
@@ -444,6 +449,10 @@ impl PartitionLog {
                 .count();
             if count == 0 {
                 return Ok(0);
+            }
+            // Readers still holding the old list keep reading the removed segments' bytes.
+            for segment in list.iter().take(count) {
+                segment.pin()?;
             }
             shared
                 .segments
@@ -502,7 +511,7 @@ fn read_segment(
 ) -> Result<bool, LogError> {
     let full = |n: usize, b: usize| n >= max_records || b >= max_bytes;
     let len = segment.len();
-    let (mut position, mut expected_base) = segment.position_for(from);
+    let (mut position, mut expected_base) = segment.position_for(from)?;
     while position < len {
         // Every batch passed over is CRC-checked too (at most one index interval of them),
         // so a damaged header can never make a read skip or stop silently.

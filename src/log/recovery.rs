@@ -89,7 +89,7 @@ pub fn open_segments(
     let mut segments = Vec::with_capacity(bases.len());
     let last = bases.len() - 1;
     for (i, &base) in bases.iter().enumerate().take(last) {
-        let segment = open_sealed(storage, dir, base, config.index_interval_bytes)?;
+        let segment = open_sealed(&config.storage, dir, base, config.index_interval_bytes)?;
         check_continuity(&segment, bases.get(i + 1).copied())?;
         segments.push(std::sync::Arc::new(segment));
     }
@@ -327,11 +327,12 @@ fn write_indexes(
 }
 
 fn open_sealed(
-    storage: &dyn Storage,
+    shared: &storage::SharedStorage,
     dir: &Path,
     base: u64,
     interval: u32,
 ) -> Result<Segment, LogError> {
+    let storage = &**shared;
     let paths = SegmentPaths::new(dir, base);
     let checked = check_segment(storage, &paths, base, interval)?;
     if let Some((position, decoded)) = &checked.scan.stopped {
@@ -350,16 +351,9 @@ fn open_sealed(
         next_offset: checked.scan.next_offset,
         max_timestamp_ms: checked.scan.max_timestamp_ms,
     };
-    let index = segment::map_file(storage, &paths.index)?;
-    let time_index = segment::map_file(storage, &paths.time_index)?;
-    Ok(Segment::sealed(
-        base,
-        paths,
-        checked.log,
-        index,
-        time_index,
-        extent,
-    ))
+    // Mapped again by its first reader, through the map cache.
+    drop(checked.log);
+    Ok(Segment::sealed(base, paths, shared, extent))
 }
 
 fn open_active(

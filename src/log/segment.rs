@@ -1,7 +1,10 @@
 //! One segment: a `.log` file of batches plus its `.index` and `.timeindex`.
 //!
 //! A sealed segment is read through a read-only memory map of each file, shared as `Bytes`,
-//! so readers slice batches out of it without copying and without any lock. The active
+//! so readers slice batches out of it without copying and without any lock. The maps are
+//! made on first use and bounded by the storage's map cache ([`MappedFile`]): an idle
+//! sealed segment holds no map, and one dropped by the cache is mapped again by its next
+//! reader. The active
 //! segment is read with positioned reads (`pread`) bounded by the length the writer has
 //! published; its indexes live in memory (behind a short `RwLock` taken only to copy an
 //! entry) and are appended to their files by the writer.
@@ -16,7 +19,7 @@ use parking_lot::RwLock;
 use super::LogError;
 use super::index::{self, OffsetEntry, TimeEntry};
 use super::record::{self, BatchHeader, Decoded, HEADER_LEN};
-use crate::storage::{Storage, StorageFile};
+use crate::storage::{MappedFile, SharedStorage, Storage, StorageFile};
 
 /// `i64::MIN` stands for "no record yet" in [`Segment::max_timestamp_ms`].
 const NO_TIMESTAMP: i64 = i64::MIN;
@@ -61,23 +64,35 @@ pub fn map_file(storage: &dyn Storage, path: &Path) -> Result<Bytes, LogError> {
 
 /// Where a segment's bytes come from.
 enum Data {
-    /// A sealed segment: the whole file, mapped.
-    Mapped(Bytes),
+    /// A sealed segment: the whole file, mapped on use.
+    Mapped(MappedFile),
     /// The active segment: positioned reads up to the published length.
     File(Arc<dyn StorageFile>),
 }
 
-/// An index's bytes: mapped (sealed) or in memory and growing (active).
+/// An index's bytes: mapped on use (sealed) or in memory and growing (active).
 enum IndexBytes {
-    Mapped(Bytes),
+    Mapped(MappedFile),
     Growing(RwLock<Vec<u8>>),
 }
 
 impl IndexBytes {
-    fn with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R, LogError> {
         match self {
-            IndexBytes::Mapped(bytes) => f(bytes),
-            IndexBytes::Growing(lock) => f(&lock.read()),
+            IndexBytes::Mapped(file) => {
+                file.with(|bytes| f(bytes)).map_err(|source| LogError::Io {
+                    path: file.path().to_path_buf(),
+                    source,
+                })
+            }
+            IndexBytes::Growing(lock) => Ok(f(&lock.read())),
+        }
+    }
+
+    fn mapped(&self) -> Option<&MappedFile> {
+        match self {
+            IndexBytes::Mapped(file) => Some(file),
+            IndexBytes::Growing(_) => None,
         }
     }
 }
@@ -262,21 +277,20 @@ pub struct Extent {
 }
 
 impl Segment {
-    /// A sealed segment over mapped files.
+    /// A sealed segment, its files mapped on use through `storage`'s map cache. `extent`
+    /// is what an earlier look at the files found (they never change while sealed).
     pub fn sealed(
         base_offset: u64,
         paths: SegmentPaths,
-        log: Bytes,
-        index: Bytes,
-        time_index: Bytes,
+        storage: &SharedStorage,
         extent: Extent,
     ) -> Self {
         Self {
             base_offset,
+            data: Data::Mapped(MappedFile::new(storage, &paths.log)),
+            index: IndexBytes::Mapped(MappedFile::new(storage, &paths.index)),
+            time_index: IndexBytes::Mapped(MappedFile::new(storage, &paths.time_index)),
             paths,
-            data: Data::Mapped(log),
-            index: IndexBytes::Mapped(index),
-            time_index: IndexBytes::Mapped(time_index),
             len: AtomicU64::new(extent.len),
             next_offset: AtomicU64::new(extent.next_offset),
             max_timestamp_ms: AtomicI64::new(extent.max_timestamp_ms.unwrap_or(NO_TIMESTAMP)),
@@ -307,6 +321,28 @@ impl Segment {
     /// True when this segment is read through a map (sealed).
     pub fn is_sealed(&self) -> bool {
         matches!(self.data, Data::Mapped(_))
+    }
+
+    /// Keeps a sealed segment's files mapped (mapping them now if needed) for as long as
+    /// this segment lives, whatever the map cache's limit: called before its files are
+    /// replaced or removed, so that readers still holding it read the bytes it had, never
+    /// a new file's and never a missing one. Nothing to do for the active segment.
+    pub fn pin(&self) -> Result<(), LogError> {
+        let mapped = [
+            match &self.data {
+                Data::Mapped(file) => Some(file),
+                Data::File(_) => None,
+            },
+            self.index.mapped(),
+            self.time_index.mapped(),
+        ];
+        for file in mapped.into_iter().flatten() {
+            file.pin().map_err(|source| LogError::Io {
+                path: file.path().to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Bytes readers may read.
@@ -354,27 +390,29 @@ impl Segment {
     /// Where to start scanning for `offset`: the byte position of the index entry at or
     /// below it and the base offset the batch there must have (position 0 and `None` without
     /// an entry). Readers check the batch against it, so a stale index is caught, not followed.
-    pub fn position_for(&self, offset: u64) -> (u64, Option<u64>) {
+    pub fn position_for(&self, offset: u64) -> Result<(u64, Option<u64>), LogError> {
         let relative = offset
             .saturating_sub(self.base_offset)
             .min(u64::from(u32::MAX)) as u32;
-        self.index
-            .with(|bytes| index::lookup_offset(bytes, relative))
-            .map_or((0, None), |e| {
-                (
-                    u64::from(e.position),
-                    Some(self.base_offset + u64::from(e.relative_offset)),
-                )
-            })
+        let entry = self
+            .index
+            .with(|bytes| index::lookup_offset(bytes, relative))?;
+        Ok(entry.map_or((0, None), |e| {
+            (
+                u64::from(e.position),
+                Some(self.base_offset + u64::from(e.relative_offset)),
+            )
+        }))
     }
 
     /// The offset to start scanning from for the first record with timestamp >= `ts`.
-    pub fn offset_for_time_hint(&self, timestamp_ms: i64) -> u64 {
-        self.time_index
-            .with(|bytes| index::lookup_time(bytes, timestamp_ms))
-            .map_or(self.base_offset, |e| {
-                self.base_offset + u64::from(e.relative_offset)
-            })
+    pub fn offset_for_time_hint(&self, timestamp_ms: i64) -> Result<u64, LogError> {
+        let entry = self
+            .time_index
+            .with(|bytes| index::lookup_time(bytes, timestamp_ms))?;
+        Ok(entry.map_or(self.base_offset, |e| {
+            self.base_offset + u64::from(e.relative_offset)
+        }))
     }
 
     fn corrupt(&self, position: u64, reason: String) -> LogError {
@@ -419,7 +457,21 @@ impl Segment {
                 self.corrupt(position, format!("batch of {len} bytes runs past the data"))
             })?;
         match &self.data {
-            Data::Mapped(bytes) => Ok(bytes.slice(position as usize..end as usize)),
+            Data::Mapped(file) => file
+                .with(|bytes| {
+                    (end as usize <= bytes.len())
+                        .then(|| bytes.slice(position as usize..end as usize))
+                })
+                .map_err(|source| LogError::Io {
+                    path: self.paths.log.clone(),
+                    source,
+                })?
+                .ok_or_else(|| {
+                    self.corrupt(
+                        position,
+                        "the mapped file is shorter than the segment".into(),
+                    )
+                }),
             Data::File(file) => {
                 let mut buf = vec![0; len as usize];
                 file.read_exact_at(&mut buf, position)

@@ -20,7 +20,7 @@ use std::time::Instant;
 use super::index::{OffsetEntry, TimeEntry};
 use super::record::{self, Slot};
 use super::recovery::{self, ActiveState};
-use super::segment::{self, Extent, IndexBuilder, Segment, SegmentPaths};
+use super::segment::{Extent, IndexBuilder, Segment, SegmentPaths};
 use super::{FsyncPolicy, LogError, Record, Shared};
 use crate::storage::{Known, OpenMode, SharedStorage, Storage, StorageFile};
 
@@ -280,12 +280,11 @@ impl Writer {
         let _ = self.time_file.sync_data();
         let storage = &*shared.config.storage;
         let old = Arc::clone(&self.active);
+        // Mapped by its first reader (consumers mostly read the newest segment).
         let sealed = Arc::new(Segment::sealed(
             old.base_offset,
             old.paths.clone(),
-            segment::map_file(storage, &old.paths.log)?,
-            segment::map_file(storage, &old.paths.index)?,
-            segment::map_file(storage, &old.paths.time_index)?,
+            &shared.config.storage,
             self.extent,
         ));
         let base = self.extent.next_offset;
@@ -333,6 +332,11 @@ impl Writer {
             .iter()
             .rposition(|s| s.base_offset < offset)
             .unwrap_or(0);
+        // Readers still holding the old list keep reading the old bytes of the segments
+        // rewritten or removed below.
+        for changed in segments.iter().skip(keep_until) {
+            changed.pin()?;
+        }
         for removed in segments.iter().skip(keep_until + 1) {
             remove_segment_files(storage, &removed.paths);
         }

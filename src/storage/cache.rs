@@ -1,4 +1,4 @@
-//! A bounded set of open files: [`CachedStorage`] wraps a [`Storage`] and keeps the
+//! A bounded set of open files and maps: [`CachedStorage`] wraps a [`Storage`] and keeps the
 //! long-lived files (those opened with [`OpenMode::Append`] or [`OpenMode::AppendHint`]: the
 //! active segments' `.log`, `.index` and `.timeindex`, the group journals) open only while
 //! they are used. Past the
@@ -21,6 +21,9 @@
 //! [`OpenMode::AppendHint`] (indexes, which recovery rebuilds when short) are exempt: they
 //! are closed whatever they hold. A failed `sync_data` is remembered:
 //! every later one on that file fails the same way, and the file is never closed.
+//!
+//! The maps of sealed segments are bounded the same way by the storage's [`MapCache`]
+//! (see [`super::maps`]); [`CachedStorage::close_idle`] drops the idle ones too.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::maps::{DEFAULT_MAX_MAPPED_FILES, MapCache};
 use super::{OpenMode, SharedStorage, Storage, StorageFile};
 
 /// Open files kept unless configured otherwise.
@@ -46,6 +50,7 @@ pub const MIN_OPEN_FILES: usize = 16;
 pub struct CachedStorage {
     inner: SharedStorage,
     cache: Arc<Cache>,
+    maps: Arc<MapCache>,
 }
 
 impl fmt::Debug for CachedStorage {
@@ -54,6 +59,7 @@ impl fmt::Debug for CachedStorage {
             .field("inner", &self.inner)
             .field("limit", &self.cache.limit)
             .field("open", &self.open_files())
+            .field("maps", &self.maps)
             .finish()
     }
 }
@@ -72,11 +78,13 @@ struct Cache {
 
 impl CachedStorage {
     /// `inner` keeping at most `limit` long-lived files open (at least
-    /// [`MIN_OPEN_FILES`]; files with unsynced bytes may exceed it), closing files unused for
+    /// [`MIN_OPEN_FILES`]; files with unsynced bytes may exceed it) and
+    /// [`DEFAULT_MAX_MAPPED_FILES`] files mapped, closing files and dropping maps unused for
     /// `idle_after` when [`Self::close_idle`] runs.
     pub fn new(inner: SharedStorage, limit: usize, idle_after: Duration) -> Self {
         Self {
             inner,
+            maps: MapCache::new(DEFAULT_MAX_MAPPED_FILES, idle_after),
             cache: Arc::new(Cache {
                 limit: limit.max(MIN_OPEN_FILES),
                 idle_after,
@@ -86,6 +94,25 @@ impl CachedStorage {
                 slots: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// This storage keeping at most `limit` files mapped (at least
+    /// [`super::maps::MIN_MAPPED_FILES`]; pinned maps may exceed it).
+    pub fn with_max_mapped_files(self, limit: usize) -> Self {
+        Self {
+            maps: MapCache::new(limit, self.cache.idle_after),
+            ..self
+        }
+    }
+
+    /// Files mapped now (sealed segments' logs and indexes).
+    pub fn mapped_files(&self) -> usize {
+        self.maps.mapped()
+    }
+
+    /// The most files kept mapped (pinned ones aside).
+    pub fn max_mapped_files(&self) -> usize {
+        self.maps.limit()
     }
 
     /// Long-lived files open now.
@@ -99,8 +126,10 @@ impl CachedStorage {
     }
 
     /// Closes the files unused for the idle time, syncing first those with unsynced bytes
-    /// (blocking: run it off the async threads). Returns how many it closed.
+    /// (blocking: run it off the async threads), and drops the maps unused for it. Returns
+    /// how many files it closed.
     pub fn close_idle(&self) -> usize {
+        self.maps.unmap_idle();
         let cutoff = self
             .cache
             .now_ms()
@@ -180,6 +209,10 @@ impl Storage for CachedStorage {
 
     fn dir_exists(&self, dir: &Path) -> io::Result<bool> {
         self.inner.dir_exists(dir)
+    }
+
+    fn map_cache(&self) -> Option<Arc<MapCache>> {
+        Some(Arc::clone(&self.maps))
     }
 }
 

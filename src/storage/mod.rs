@@ -5,6 +5,8 @@
 //! - [`cache`]: a decorator that keeps a bounded set of the long-lived files open and
 //!   reopens the others on use.
 //! - [`lazy`]: files opened (or created, with their directory) on first use.
+//! - [`maps`]: read-only maps of immutable files, mapped on first use; through a cache
+//!   ([`CachedStorage`]) at most a configured number at once.
 //! - [`sim`]: an in-memory implementation for tests that tracks which bytes and which
 //!   directory entries are durable, can "crash" at the Nth sync (keeping only synced bytes
 //!   plus an arbitrary prefix of the unsynced ones) and can fail chosen calls with EIO or
@@ -20,6 +22,7 @@
 pub mod cache;
 pub mod disk;
 pub mod lazy;
+pub mod maps;
 pub mod sim;
 
 use std::fmt::Debug;
@@ -32,6 +35,7 @@ use bytes::Bytes;
 pub use cache::CachedStorage;
 pub use disk::Disk;
 pub use lazy::{Known, deferred};
+pub use maps::{MapCache, MappedFile};
 pub use sim::SimDisk;
 
 /// Suffix of the temp file [`atomic_replace`] writes before renaming it into place.
@@ -106,6 +110,11 @@ pub trait Storage: Send + Sync + Debug {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
+    }
+    /// The cache bounding the maps of this storage's [`MappedFile`]s, if it has one
+    /// (without, a file stays mapped from its first use while its handle lives).
+    fn map_cache(&self) -> Option<Arc<MapCache>> {
+        None
     }
 }
 
