@@ -147,6 +147,12 @@ pub fn fresh_state_dir(data_dir: &Path) -> Result<PathBuf, ClusterError> {
     Ok(state)
 }
 
+/// The address this node's connections to its peers go out from: the IP of its cluster
+/// listener, unless that is a wildcard (then the system picks, as for any client).
+fn local_ip(cluster: SocketAddr) -> Option<std::net::IpAddr> {
+    (!cluster.ip().is_unspecified()).then_some(cluster.ip())
+}
+
 /// What a node answers to a forwarded op: the outcome and, for a replicated op, the
 /// group and log index it was committed at (so the caller can wait to apply it too).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -239,6 +245,7 @@ impl Cluster {
             config.node_id,
             &config.peers,
             config.secret.clone(),
+            local_ip(config.cluster_addr),
         )?);
         let groups = Arc::new(Groups::new(
             config.node_id,

@@ -75,11 +75,15 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// Channels to every peer but `node_id` (connected on first use).
+    /// Channels to every peer but `node_id` (connected on first use). With `local`, every
+    /// connection to a peer goes out from that address (this node's `--cluster` IP, when it
+    /// names one): the peers then see the node at the address it announces, and a firewall
+    /// rule on that address cuts the node off as a whole (the partition test does so).
     pub fn new(
         node_id: u64,
         addrs: &BTreeMap<u64, String>,
         secret: Secret,
+        local: Option<std::net::IpAddr>,
     ) -> Result<Self, ClusterError> {
         let mut peers = BTreeMap::new();
         for (id, addr) in addrs {
@@ -89,6 +93,7 @@ impl Peers {
             let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| ClusterError::Config(format!("peer {id} address `{addr}`: {e}")))?
                 .connect_timeout(CONNECT_TIMEOUT)
+                .local_address(local)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5));
