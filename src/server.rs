@@ -145,6 +145,7 @@ impl Server {
                         data_dir: config.data_dir.clone(),
                         sync: config.fsync == crate::log::FsyncPolicy::Always,
                         snapshot_entries: config.raft_snapshot_entries,
+                        join: config.join,
                         cluster_addr: listener.local_addr().unwrap_or(addr),
                         http_addr: http.local_addr().unwrap_or(config.http),
                         grpc_addr: grpc.local_addr().unwrap_or(config.grpc),

@@ -44,8 +44,9 @@ pub struct QueueGroup {
 pub struct Groups {
     /// This node.
     pub node_id: u64,
-    /// Every voter's id and cluster address.
-    pub voters: BTreeMap<u64, String>,
+    /// Every voter's id and cluster address: `--peers` at first, then the metadata group's
+    /// membership as of the entry applied last (so that every node places a queue alike).
+    voters: RwLock<BTreeMap<u64, String>>,
     raft_dir: PathBuf,
     sync: bool,
     /// A queue group snapshots after this many entries (see [`storage_policy`]).
@@ -124,7 +125,7 @@ impl Groups {
     ) -> Self {
         Self {
             node_id,
-            voters,
+            voters: RwLock::new(voters),
             raft_dir,
             sync,
             snapshot_entries,
@@ -136,8 +137,14 @@ impl Groups {
         }
     }
 
-    fn voter_ids(&self) -> Vec<u64> {
-        self.voters.keys().copied().collect()
+    /// Every voter's id and cluster address.
+    pub fn voters(&self) -> BTreeMap<u64, String> {
+        self.voters.read().clone()
+    }
+
+    /// Every voter's id.
+    pub fn voter_ids(&self) -> Vec<u64> {
+        self.voters.read().keys().copied().collect()
     }
 
     /// Opens group `id` on `members` (preferred leader first) and initializes it if it is
@@ -180,10 +187,17 @@ impl Groups {
             tracing::debug!(group = id, replayed, "queue group started");
         }
         self.rafts.write().insert(id, raft.clone());
-        let nodes: BTreeMap<u64, BasicNode> = members
-            .iter()
-            .filter_map(|m| self.voters.get(m).map(|addr| (*m, BasicNode::new(addr))))
-            .collect();
+        let nodes: BTreeMap<u64, BasicNode> = {
+            let voters = self.voters.read();
+            members
+                .iter()
+                .filter_map(|m| voters.get(m).map(|addr| (*m, BasicNode::new(addr))))
+                .collect()
+        };
+        if nodes.is_empty() {
+            // Joining a group that exists elsewhere: its leader adds this node.
+            return Ok(raft);
+        }
         // Every replica initializes with the same membership (harmless where the group
         // exists already: openraft answers "not allowed"). The preferred leader does so at
         // once and so is elected first, which spreads leaders as placement says; the others
@@ -297,6 +311,24 @@ impl Groups {
 impl MetaHooks for Groups {
     fn set_node(&self, addrs: NodeAddrs) {
         self.nodes.write().insert(addrs.id, addrs);
+    }
+
+    fn set_members(&self, membership: &openraft::Membership<u64, BasicNode>) {
+        let voters: BTreeMap<u64, String> = membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
+            .collect();
+        for (id, node) in membership.nodes() {
+            self.peers.ensure(*id, &node.addr);
+        }
+        if voters.is_empty() {
+            return;
+        }
+        let mut current = self.voters.write();
+        if *current != voters {
+            tracing::info!(voters = ?voters.keys().collect::<Vec<_>>(), "cluster voters");
+            *current = voters;
+        }
     }
 
     /// Boxed: the metadata group's state machine calls it while applying, and opening a

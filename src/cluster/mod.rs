@@ -14,6 +14,8 @@
 //! - [`view`]: `GET /cluster`, health and metrics.
 //! - [`handoff`] and [`balance`]: leadership handed off on a clean stop, and given back to
 //!   a group's preferred leader when it returns.
+//! - [`membership`]: nodes added and removed while the cluster runs (the voters are the
+//!   metadata group's membership).
 //!
 //! How a request runs: the broker hands every state change to [`Cluster`] as an
 //! [`Op`](crate::broker::replicate::Op) (it is the broker's
@@ -44,6 +46,7 @@ pub mod groups;
 pub mod handoff;
 pub mod liveness;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod placement;
 pub mod proposals;
@@ -67,7 +70,7 @@ use crate::broker::replicate::{Op, OpResult, Replicator, Scope, WireError};
 use crate::broker::{Broker, BrokerError};
 use groups::{Groups, META_GROUP};
 use network::Peers;
-use state_machine::Role;
+use state_machine::{MetaHooks, Role};
 use types::{Command, NodeAddrs, Raft, decode, encode};
 
 /// How many times an op may be forwarded before it is answered "no leader".
@@ -118,6 +121,9 @@ pub struct ClusterConfig {
     /// A queue group snapshots its data after this many applied entries, and its Raft log
     /// is purged below the snapshot (`raft_snapshot_entries`).
     pub snapshot_entries: u64,
+    /// This node joins a running cluster (`--join`): its metadata group is not initialized
+    /// from `peers` (which name some members to ask, and this node), a member adds it.
+    pub join: bool,
     /// This node's bound cluster, HTTP and gRPC addresses (announced to the others).
     pub cluster_addr: SocketAddr,
     /// HTTP address.
@@ -224,6 +230,7 @@ fn forward_deadline(command: &Command) -> Duration {
     let waits = LEADER_WAIT * 2 + COMMIT_WAIT + APPLY_WAIT + Duration::from_secs(3);
     match command {
         Command::Broker(Op::Receive { wait_ms, .. }) => waits + Duration::from_millis(*wait_ms),
+        Command::Members(_) => waits + membership::CATCH_UP_WAIT,
         _ => waits,
     }
 }
@@ -256,10 +263,17 @@ impl Cluster {
             Arc::clone(&broker),
         ));
         let voters: Vec<u64> = config.peers.keys().copied().collect();
-        let members = placement::replicas("", &voters, voters.len());
+        let members = if config.join {
+            Vec::new()
+        } else {
+            placement::replicas("", &voters, voters.len())
+        };
         let meta = groups
             .open_group(META_GROUP, &members, Role::Meta(Arc::clone(&groups) as _))
             .await?;
+        // The voters as the metadata log left them (nodes added or removed since the
+        // initial `--peers`); applying the log updates them from here on.
+        groups.set_members(meta.metrics().borrow().membership_config.membership());
         Ok(Arc::new(Self {
             groups,
             liveness: liveness::Liveness::new(config.node_id, config.peers.keys().copied()),
@@ -305,6 +319,9 @@ impl Cluster {
             http: self.config.http_addr.to_string(),
             grpc: self.config.grpc_addr.to_string(),
         };
+        if self.config.join {
+            Arc::clone(&self).join(stop.clone()).await;
+        }
         loop {
             if self.groups.node(addrs.id).as_ref() == Some(&addrs) {
                 return;
@@ -324,6 +341,7 @@ impl Cluster {
     fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
         match command {
             Command::Node(_) => Some((META_GROUP, false)),
+            Command::Members(_) => Some((META_GROUP, true)),
             Command::Broker(op) => match op.scope() {
                 Scope::Meta => Some((META_GROUP, false)),
                 Scope::Queue(q) => self.groups.queue_group(q).map(|g| (g.id, false)),
@@ -363,7 +381,7 @@ impl Cluster {
                     Scope::Queue(q) | Scope::Leases(q) => q.to_string(),
                     Scope::Meta => String::new(),
                 })),
-                (_, Command::Node(_)) => Err(no_leader("metadata")),
+                (_, Command::Node(_) | Command::Members(_)) => Err(no_leader("metadata")),
             };
         };
         let Some(raft) = self.groups.raft(group) else {
@@ -376,7 +394,7 @@ impl Cluster {
                         .and_then(|g| g.replicas.first().copied()),
                     Scope::Meta => None,
                 },
-                Command::Node(_) => None,
+                Command::Node(_) | Command::Members(_) => None,
             };
             return match replica {
                 Some(node) if hops < MAX_HOPS => self.forward(node, command, hops).await,
@@ -393,13 +411,11 @@ impl Cluster {
                 leader = self.leader_of(&raft).await;
             }
             return match leader {
-                Some(leader) if leader == self.node_id() => {
-                    if leases {
-                        self.run_leases(&raft, command).await
-                    } else {
-                        self.propose(&raft, group, command).await
-                    }
-                }
+                Some(leader) if leader == self.node_id() => match command {
+                    Command::Members(change) => self.change_members(change).await,
+                    command if leases => self.run_leases(&raft, command).await,
+                    command => self.propose(&raft, group, command).await,
+                },
                 Some(leader) if hops < MAX_HOPS => {
                     match self.forward_to_leader(&raft, leader, &command, hops).await {
                         Err(Forwarding::Moved(why)) if attempts + 1 < FORWARD_ATTEMPTS => {

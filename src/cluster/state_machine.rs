@@ -42,6 +42,8 @@ pub const SNAPSHOTS_INSTALLED: &str = "qit_cluster_snapshots_installed_total";
 pub trait MetaHooks: Send + Sync {
     /// A node announced its addresses.
     fn set_node(&self, addrs: NodeAddrs);
+    /// The metadata group's membership changed (its voters are the cluster's voters).
+    fn set_members(&self, membership: &openraft::Membership<u64, BasicNode>);
     /// Queue `name` was created by the entry that gives it group `id`.
     fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
     /// Queue `name` is about to be deleted.
@@ -159,6 +161,8 @@ impl StateMachine {
 
     async fn apply_command(&mut self, log_id: LogId<u64>, command: Command) -> Applied {
         match command {
+            // Membership changes run on the metadata leader and are never entries.
+            Command::Members(_) => Applied(Ok(OpResult::Done)),
             Command::Node(addrs) => {
                 if let Role::Meta(groups) = &self.role {
                     groups.set_node(addrs);
@@ -342,6 +346,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let reply = match entry.payload {
                 EntryPayload::Blank => Applied(Ok(OpResult::Done)),
                 EntryPayload::Membership(membership) => {
+                    if let Role::Meta(groups) = &self.role {
+                        groups.set_members(&membership);
+                    }
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Applied(Ok(OpResult::Done))
                 }

@@ -26,6 +26,9 @@ pub enum Command {
     Broker(Op),
     /// A node announces its addresses (metadata group).
     Node(NodeAddrs),
+    /// A change of the cluster's voters: run by the metadata group's leader, never stored
+    /// as an entry (openraft writes the membership entries).
+    Members(super::membership::Change),
 }
 
 /// What applying an entry answered (the same on every replica).

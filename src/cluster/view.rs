@@ -136,7 +136,7 @@ impl Cluster {
         let (leader, term) = leader_and_term(self.meta());
         let nodes = self
             .groups()
-            .voters
+            .voters()
             .iter()
             .map(|(id, cluster)| {
                 let addrs = self.groups().node(*id);
@@ -193,7 +193,7 @@ impl Cluster {
         let leader = self.meta().metrics().borrow().current_leader;
         match leader {
             Some(leader) if leader == self.node_id() => {
-                let voters = &self.groups().voters;
+                let voters = self.groups().voters();
                 let up = voters.keys().filter(|v| self.peers().is_up(**v)).count();
                 up > voters.len() / 2
             }
