@@ -1,9 +1,10 @@
 //! Membership changes (issue 14) on real `qit` processes, under publish and consume load:
-//! a fourth node joins (`--join`: learner, then voter), serves, survives a restart as a
-//! voter, and the voter set survives the restart of a node started with the initial
-//! `--peers`; `qit cluster add-node` is idempotent, refusals are 409 with a reason; the
-//! node is removed again (`DELETE /cluster/nodes/{id}`). Every publish answered 2xx is
-//! delivered and acked exactly once, and the replicas' logs are identical.
+//! a fourth node joins (`--join`: learner, then voter) and the queue's group moves a
+//! replica onto it as placement says; the node survives a restart as a voter, and the
+//! voter set survives the restart of a node started with the initial `--peers`; `qit
+//! cluster add-node` is idempotent, refusals are 409 with a reason; the node is removed
+//! again (`qit cluster remove-node`) and the replica moves back. Every publish answered
+//! 2xx is delivered and acked exactly once, and the replicas' logs are identical.
 
 mod common;
 
@@ -176,7 +177,7 @@ async fn node_ids(base: &str) -> Option<Vec<u64>> {
 
 async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     let response = request
-        .timeout(Duration::from_secs(120))
+        .timeout(Duration::from_secs(200))
         .send()
         .await
         .expect("the node answers");
@@ -191,12 +192,54 @@ fn cli(args: &[&str]) -> std::process::Output {
         .expect("run qit")
 }
 
+/// A queue name whose best replicas over nodes 1..=4 include node 4 (so that the join
+/// moves a replica of it onto node 4).
+fn queue_for_node_four() -> String {
+    (0..)
+        .map(|i| format!("work-{i}"))
+        .find(|q| qit::cluster::placement::replicas(q, &[1, 2, 3, 4], 3).contains(&4))
+        .expect("some name")
+}
+
+/// The replicas of `queue` in node `base`'s view.
+async fn replicas(base: &str, queue: &str) -> Option<Vec<u64>> {
+    let v = view(&format!("{base}/cluster")).await?;
+    let p = partition(&v, queue)?;
+    Some(
+        p["replicas"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect(),
+    )
+}
+
+/// Waits until every node of `bases` holds the same committed log of `queue` (partition
+/// 0); returns it.
+async fn same_logs(bases: &[String], queue: &str) -> Vec<String> {
+    let log: Mutex<Option<Vec<String>>> = Mutex::new(None);
+    eventually(&format!("{queue}'s logs agree on {bases:?}"), || async {
+        let mut logs = Vec::new();
+        for b in bases {
+            logs.push(log_bodies(b, queue, 0).await);
+        }
+        let agree = logs[0].is_some() && logs.iter().all(|l| *l == logs[0]);
+        if agree {
+            *log.lock() = logs[0].clone();
+        }
+        agree
+    })
+    .await;
+    log.into_inner().unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
     let mut cluster = Cluster::start().await;
     let base = |c: &Cluster, id: u64| c.http(id).to_string();
-    create_queue(&base(&cluster, 1), "work", json!({"partitions": 1})).await;
-    let mut load = Load::start((1..=3).map(|id| base(&cluster, id)).collect(), "work");
+    let work: &'static str = Box::leak(queue_for_node_four().into_boxed_str());
+    create_queue(&base(&cluster, 1), work, json!({"partitions": 1})).await;
+    let mut load = Load::start((1..=3).map(|id| base(&cluster, id)).collect(), work);
     eventually("the load runs", || async {
         load.seen.lock().acked.len() >= 20
     })
@@ -218,10 +261,28 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
         node_ids(&b4).await == Some(vec![1, 2, 3, 4])
             && view(&format!("{b4}/cluster"))
                 .await
-                .is_some_and(|v| v["leader"].is_u64() && partition(&v, "work").is_some())
+                .is_some_and(|v| v["leader"].is_u64() && partition(&v, work).is_some())
     })
     .await;
     load.bases.lock().push(b4.clone());
+
+    // The queue moves a replica onto node 4, under load, as placement says.
+    let wanted = qit::cluster::placement::replicas(work, &[1, 2, 3, 4], 3);
+    for id in 1..=3 {
+        let b = base(&cluster, id);
+        eventually(&format!("node {id} sees {work} on {wanted:?}"), || async {
+            replicas(&b, work).await.as_ref() == Some(&wanted)
+        })
+        .await;
+    }
+    let holders: Vec<String> = wanted
+        .iter()
+        .map(|id| match id {
+            4 => b4.clone(),
+            id => base(&cluster, *id),
+        })
+        .collect();
+    same_logs(&holders, work).await;
 
     // Adding it again is harmless (the CLI, through another node); another address for
     // its id is refused.
@@ -247,28 +308,14 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
 
-    // A queue created now is placed over the four voters; node 4 serves it.
-    create_queue(&b4, "after", json!({"partitions": 1})).await;
-    common::cluster::publish(&b4, "after", "one").await;
-    eventually("node 4 reads the new queue", || async {
-        log_bodies(&b4, "after", 0).await == Some(vec!["one".to_string()])
-    })
-    .await;
-
     // The voter set survives restarts: node 4 (started with --join again) is a voter at
     // once, and a node started with the initial --peers learns node 4 from the log.
     load.avoid(&b4).await;
-    four.kill();
+    four.terminate();
     four.start(&peers4, &["--join".to_string()]);
-    let work = view(&format!("{}/cluster", cluster.http(1)))
-        .await
-        .and_then(|v| partition(&v, "work").cloned())
-        .expect("work is in the view");
     let restart = (1..=3)
-        .find(|id| {
-            Some(*id) != work["leader"].as_u64() && Some(*id) != work["replicas"][0].as_u64()
-        })
-        .expect("a node that neither leads nor is preferred for work");
+        .find(|id| !wanted.contains(id))
+        .expect("a node that is no replica of the queue now");
     let b = base(&cluster, restart);
     load.avoid(&b).await;
     cluster.kill(restart);
@@ -284,56 +331,9 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
                 .is_some_and(|v| v["leader"].is_u64())
     })
     .await;
+    load.bases.lock().push(b.clone());
 
-    // Removing: refused for a node holding replicas and when too few voters would be left.
-    let (status, body) = send(http().delete(format!("{}/cluster/nodes/2", cluster.http(1)))).await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("work"),
-        "{body}"
-    );
-    // Queues placed on node 4 (made after it joined, with their dead-letter queues) keep
-    // it from leaving until they are deleted.
-    let on_four: Vec<String> = view(&format!("{}/cluster", cluster.http(1)))
-        .await
-        .expect("a view")["partitions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| {
-            p["replicas"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|n| n == 4))
-        })
-        .filter_map(|p| p["queue"].as_str().map(String::from))
-        .collect();
-    if !on_four.is_empty() {
-        let (status, body) =
-            send(http().delete(format!("{}/cluster/nodes/4", cluster.http(1)))).await;
-        assert_eq!(status, StatusCode::CONFLICT, "{body}");
-        for queue in &on_four {
-            assert!(queue.starts_with("after"), "{queue} on node 4");
-            let url = format!("{}/queues/{queue}", cluster.http(1));
-            let (status, body) = common::cluster::retrying("delete", || http().delete(&url)).await;
-            assert!(
-                status.is_success() || status == StatusCode::NOT_FOUND,
-                "{status} {body}"
-            );
-        }
-        eventually("every node forgot the queues on node 4", || async {
-            let mut gone = true;
-            for id in 1..=3 {
-                gone &= view(&format!("{}/cluster", cluster.http(id)))
-                    .await
-                    .is_some_and(|v| on_four.iter().all(|q| partition(&v, q).is_none()));
-            }
-            gone
-        })
-        .await;
-    }
+    // Node 4 leaves (the CLI, through node 3): its replica moves back, under load.
     let out = cli(&["cluster", "--server", cluster.http(3), "remove-node", "4"]);
     assert!(
         out.status.success(),
@@ -344,24 +344,28 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
         let b = base(&cluster, id);
         eventually(&format!("node {id} lists three nodes"), || async {
             node_ids(&b).await == Some(vec![1, 2, 3])
+                && replicas(&b, work).await.is_some_and(|r| !r.contains(&4))
         })
         .await;
     }
     four.terminate();
+    // Too few voters would be left; an unknown node.
     let (status, body) = send(http().delete(format!("{}/cluster/nodes/1", cluster.http(2)))).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
     let (status, body) = send(http().delete(format!("{}/cluster/nodes/9", cluster.http(2)))).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
 
     // Every answered publish is delivered and acked exactly once; the logs agree.
+    let acked = load.seen.lock().acked.len();
     eventually("the load went on after the changes", || async {
-        load.seen.lock().acked.len() >= 60
+        load.seen.lock().acked.len() >= acked + 20
     })
     .await;
     load.stop().await;
     let answered = load.seen.lock().answered.clone();
     eventually("every answered publish is acked", || async {
-        consume_once(cluster.http(1), "work", &load.seen).await;
+        consume_once(cluster.http(1), work, &load.seen).await;
         let seen = load.seen.lock();
         answered.iter().all(|b| seen.acked.contains(b))
     })
@@ -375,21 +379,13 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
     let twice: Vec<_> = seen.deliveries.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "delivered more than once: {twice:?}");
     drop(seen);
-    let first = log_bodies(cluster.http(1), "work", 0)
-        .await
-        .expect("log on 1");
-    for id in 2..=3 {
-        let b = base(&cluster, id);
-        eventually(&format!("node {id}'s log equals node 1's"), || async {
-            log_bodies(&b, "work", 0).await.as_ref() == Some(&first)
-        })
-        .await;
-    }
+    let all: Vec<String> = (1..=3).map(|id| base(&cluster, id)).collect();
+    let log = same_logs(&all, work).await;
     println!(
-        "{} publishes answered, {} stored, every answered one acked once; restarted node {restart}; queues on node 4: {on_four:?}",
+        "{work}: {} publishes answered, {} stored, every answered one acked once; moved onto {wanted:?} and back",
         answered.len(),
-        first.len()
+        log.len()
     );
-    let stored: BTreeSet<String> = first.into_iter().collect();
+    let stored: BTreeSet<String> = log.into_iter().collect();
     assert!(answered.is_subset(&stored));
 }

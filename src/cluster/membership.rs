@@ -11,14 +11,14 @@
 //!   the metadata log, then makes it a voter (openraft's joint consensus). A node that does
 //!   not catch up within [`CATCH_UP_WAIT`] is removed again: no learner is left behind.
 //! - Removing node N (`DELETE /cluster/nodes/{id}`, `qit cluster remove-node`): refused
-//!   while N holds a replica of a queue, or when fewer than [`MIN_VOTERS`] voters would be
-//!   left; else the leader removes N in one change (a leader that removes itself steps
-//!   down once the change is committed).
-//!
-//! Not done yet: moving queue groups onto a new node or off a leaving one. A queue's
-//! replicas are placed when it is created, over the voters of that moment, and stay
-//! there. A new node serves every route at once (it forwards, like any node) and holds
-//! replicas of the queues created after it joined.
+//!   when fewer than [`MIN_VOTERS`] voters would be left. Else N is marked as leaving (an
+//!   entry of the metadata log): placement leaves it out, and every queue group on it moves
+//!   to the next node by rendezvous ([`super::moves`]); once N holds no replica, the leader
+//!   removes it from the metadata group in one change (a leader that removes itself steps
+//!   down once the change is committed). When the moves take longer than [`MOVE_WAIT`],
+//!   the request answers 503 and the moves go on; asking again finishes the removal.
+//! - After a node joined, the same moves give it its share: the queues whose best
+//!   replicas now include it move a replica onto it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -38,6 +38,10 @@ use crate::broker::replicate::OpResult;
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 /// Fewest voters a removal may leave (a queue has up to this many replicas).
 pub const MIN_VOTERS: usize = REPLICAS;
+/// How long removing a node waits for its queue groups to move off it.
+pub const MOVE_WAIT: Duration = Duration::from_secs(90);
+/// The longest a membership change may take (a forwarded one waits this long too).
+pub const LONGEST_CHANGE: Duration = Duration::from_secs(150);
 /// How often a node started with `--join` asks again to be added.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 
@@ -88,11 +92,11 @@ pub enum MembershipError {
         /// Voters that would be left.
         left: usize,
     },
-    /// The node holds queue replicas, which are not moved yet.
+    /// The node's queue groups did not all move off it in time (they go on moving).
     #[error(
-        "node {id} holds replicas of {queues:?}: moving queues off a node is not supported yet (delete those queues first)"
+        "node {id} still holds replicas of {queues:?} after {MOVE_WAIT:?}: they go on moving off it; run remove-node again"
     )]
-    HoldsReplicas {
+    StillMoving {
         /// The node id.
         id: u64,
         /// The queues it holds.
@@ -116,10 +120,10 @@ impl From<MembershipError> for BrokerError {
         let code = match &error {
             MembershipError::Invalid(_) => "bad_request",
             MembershipError::NotMember(_) => "node_not_found",
-            MembershipError::Taken { .. }
-            | MembershipError::TooFew { .. }
-            | MembershipError::HoldsReplicas { .. } => "membership_conflict",
-            MembershipError::CatchUp { .. } | MembershipError::Raft(_) => {
+            MembershipError::Taken { .. } | MembershipError::TooFew { .. } => "membership_conflict",
+            MembershipError::CatchUp { .. }
+            | MembershipError::StillMoving { .. }
+            | MembershipError::Raft(_) => {
                 return BrokerError::NoLeader(error.to_string());
             }
         };
@@ -242,15 +246,8 @@ impl Cluster {
                 left: voters.len() - 1,
             });
         }
-        let queues: Vec<String> = self
-            .groups()
-            .queue_groups()
-            .into_iter()
-            .filter(|(_, g)| g.replicas.contains(&id))
-            .map(|(name, _)| name)
-            .collect();
-        if !queues.is_empty() {
-            return Err(MembershipError::HoldsReplicas { id, queues });
+        if voter {
+            self.drain(id).await?;
         }
         let change = if voter {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
@@ -263,6 +260,40 @@ impl Cluster {
             .map_err(raft_error)?;
         tracing::info!(node = id, "node removed from the cluster");
         Ok(())
+    }
+
+    /// The queues with a replica on `node`.
+    fn queues_on(&self, node: u64) -> Vec<String> {
+        self.groups()
+            .queue_groups()
+            .into_iter()
+            .filter(|(_, g)| g.replicas.contains(&node))
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Marks `node` as leaving (placement leaves it out, so its groups' leaders move them,
+    /// see [`super::moves`]) and waits until it holds no queue replica.
+    async fn drain(&self, node: u64) -> Result<(), MembershipError> {
+        if self.queues_on(node).is_empty() {
+            return Ok(());
+        }
+        if !self.groups().draining().contains(&node) {
+            super::propose_entry(self.meta(), super::META_GROUP, Command::Draining(node))
+                .await
+                .map_err(raft_error)?;
+        }
+        let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+        loop {
+            let queues = self.queues_on(node);
+            if queues.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(MembershipError::StillMoving { id: node, queues });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// A node started with `--join`: asks the other nodes, in turn, to add it, until it
@@ -312,7 +343,7 @@ mod tests {
         assert!(check_address("host:port").is_err());
     }
 
-    /// Refusals travel as 409/404 codes, a change openraft could not make now as 503.
+    /// Refusals travel as 409/404 codes, a change that cannot be made now as 503.
     #[test]
     fn errors_map_to_api_codes() {
         let code = |e: MembershipError| BrokerError::from(e).code().to_string();

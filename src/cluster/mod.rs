@@ -14,8 +14,9 @@
 //! - [`view`]: `GET /cluster`, health and metrics.
 //! - [`handoff`] and [`balance`]: leadership handed off on a clean stop, and given back to
 //!   a group's preferred leader when it returns.
-//! - [`membership`]: nodes added and removed while the cluster runs (the voters are the
-//!   metadata group's membership).
+//! - [`membership`] and [`moves`]: nodes added and removed while the cluster runs (the
+//!   voters are the metadata group's membership), and queue groups moved to the replicas
+//!   placement names over the voters.
 //!
 //! How a request runs: the broker hands every state change to [`Cluster`] as an
 //! [`Op`](crate::broker::replicate::Op) (it is the broker's
@@ -47,6 +48,7 @@ pub mod handoff;
 pub mod liveness;
 pub mod log_store;
 pub mod membership;
+pub mod moves;
 pub mod network;
 pub mod placement;
 pub mod proposals;
@@ -230,7 +232,7 @@ fn forward_deadline(command: &Command) -> Duration {
     let waits = LEADER_WAIT * 2 + COMMIT_WAIT + APPLY_WAIT + Duration::from_secs(3);
     match command {
         Command::Broker(Op::Receive { wait_ms, .. }) => waits + Duration::from_millis(*wait_ms),
-        Command::Members(_) => waits + membership::CATCH_UP_WAIT,
+        Command::Members(_) => waits + membership::LONGEST_CHANGE,
         _ => waits,
     }
 }
@@ -340,7 +342,9 @@ impl Cluster {
     /// The group a command runs in (`None`: a queue this node does not know).
     fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
         match command {
-            Command::Node(_) => Some((META_GROUP, false)),
+            Command::Node(_) | Command::Placed(_) | Command::Draining(_) => {
+                Some((META_GROUP, false))
+            }
             Command::Members(_) => Some((META_GROUP, true)),
             Command::Broker(op) => match op.scope() {
                 Scope::Meta => Some((META_GROUP, false)),
@@ -381,7 +385,7 @@ impl Cluster {
                     Scope::Queue(q) | Scope::Leases(q) => q.to_string(),
                     Scope::Meta => String::new(),
                 })),
-                (_, Command::Node(_) | Command::Members(_)) => Err(no_leader("metadata")),
+                (_, _) => Err(no_leader("metadata")),
             };
         };
         let Some(raft) = self.groups.raft(group) else {
@@ -394,7 +398,7 @@ impl Cluster {
                         .and_then(|g| g.replicas.first().copied()),
                     Scope::Meta => None,
                 },
-                Command::Node(_) | Command::Members(_) => None,
+                _ => None,
             };
             return match replica {
                 Some(node) if hops < MAX_HOPS => self.forward(node, command, hops).await,

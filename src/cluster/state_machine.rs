@@ -27,7 +27,7 @@ use openraft::{
 use super::snapshot::{
     Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, unpack_bare,
 };
-use super::types::{Applied, Command, NodeAddrs, TypeConfig};
+use super::types::{Applied, Command, NodeAddrs, Placed, TypeConfig};
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
 
@@ -46,6 +46,11 @@ pub trait MetaHooks: Send + Sync {
     fn set_members(&self, membership: &openraft::Membership<u64, BasicNode>);
     /// Queue `name` was created by the entry that gives it group `id`.
     fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
+    /// A queue's group moved to other replicas: opened here if this node is one now,
+    /// closed and cleared if it no longer is.
+    fn set_replicas<'a>(&'a self, placed: &'a Placed) -> futures_util::future::BoxFuture<'a, ()>;
+    /// A node is leaving: placement leaves it out from now on.
+    fn set_draining(&self, node: u64);
     /// Queue `name` is about to be deleted.
     fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()>;
 }
@@ -163,6 +168,18 @@ impl StateMachine {
         match command {
             // Membership changes run on the metadata leader and are never entries.
             Command::Members(_) => Applied(Ok(OpResult::Done)),
+            Command::Placed(placed) => {
+                if let Role::Meta(groups) = &self.role {
+                    groups.set_replicas(&placed).await;
+                }
+                Applied(Ok(OpResult::Done))
+            }
+            Command::Draining(node) => {
+                if let Role::Meta(groups) = &self.role {
+                    groups.set_draining(node);
+                }
+                Applied(Ok(OpResult::Done))
+            }
             Command::Node(addrs) => {
                 if let Role::Meta(groups) = &self.role {
                     groups.set_node(addrs);

@@ -29,6 +29,22 @@ pub enum Command {
     /// A change of the cluster's voters: run by the metadata group's leader, never stored
     /// as an entry (openraft writes the membership entries).
     Members(super::membership::Change),
+    /// A queue's replicas changed (metadata group; written by the group's leader while it
+    /// moves the group, see [`super::moves`]).
+    Placed(Placed),
+    /// Node `0` is leaving: every group moves off it (metadata group).
+    Draining(u64),
+}
+
+/// The replicas of a queue's group, preferred leader first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    /// The queue.
+    pub queue: String,
+    /// Its group.
+    pub group: u64,
+    /// The replicas.
+    pub replicas: Vec<u64>,
 }
 
 /// What applying an entry answered (the same on every replica).
