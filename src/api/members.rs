@@ -14,8 +14,7 @@ use super::schema::Errors;
 use super::state::HttpState;
 use crate::broker::BrokerError;
 use crate::cluster::Cluster;
-use crate::cluster::membership::Change;
-use crate::cluster::types::Command;
+use crate::cluster::types::{Change, Command};
 
 /// `POST /cluster/nodes`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

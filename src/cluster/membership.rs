@@ -25,12 +25,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::{BasicNode, ChangeMembers};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
 use super::groups::REPLICAS;
-use super::types::Command;
+use super::types::{Change, Command};
 use crate::broker::BrokerError;
 use crate::broker::replicate::OpResult;
 
@@ -44,24 +43,6 @@ pub const MOVE_WAIT: Duration = Duration::from_secs(90);
 pub const LONGEST_CHANGE: Duration = Duration::from_secs(150);
 /// How often a node started with `--join` asks again to be added.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
-
-/// A change of the cluster's voters. It runs on the metadata group's leader (any node
-/// forwards it there) and is never an entry itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Change {
-    /// Add node `id`, whose cluster listener is `cluster`, as a voter.
-    Add {
-        /// The node id.
-        id: u64,
-        /// Its cluster listener, `HOST:PORT`.
-        cluster: String,
-    },
-    /// Remove node `id`.
-    Remove {
-        /// The node id.
-        id: u64,
-    },
-}
 
 /// Why a membership change was refused or failed.
 #[derive(Debug, thiserror::Error)]

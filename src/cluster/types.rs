@@ -28,12 +28,30 @@ pub enum Command {
     Node(NodeAddrs),
     /// A change of the cluster's voters: run by the metadata group's leader, never stored
     /// as an entry (openraft writes the membership entries).
-    Members(super::membership::Change),
+    Members(Change),
     /// A queue's replicas changed (metadata group; written by the group's leader while it
     /// moves the group, see [`super::moves`]).
     Placed(Placed),
     /// Node `0` is leaving: every group moves off it (metadata group).
     Draining(u64),
+}
+
+/// A change of the cluster's voters ([`super::membership`]). It runs on the metadata group's leader (any node
+/// forwards it there) and is never an entry itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Add node `id`, whose cluster listener is `cluster`, as a voter.
+    Add {
+        /// The node id.
+        id: u64,
+        /// Its cluster listener, `HOST:PORT`.
+        cluster: String,
+    },
+    /// Remove node `id`.
+    Remove {
+        /// The node id.
+        id: u64,
+    },
 }
 
 /// The replicas of a queue's group, preferred leader first.
