@@ -400,20 +400,22 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         consume_once(cluster.http(1), work, &load.seen).await;
-        let seen = load.seen.lock();
         // An ack answered 503 may still have been committed: delivered is what counts.
-        let missing: Vec<&String> = answered
-            .iter()
-            .filter(|b| !seen.deliveries.contains_key(*b))
-            .collect();
+        let missing: Vec<String> = {
+            let seen = load.seen.lock();
+            answered
+                .iter()
+                .filter(|b| !seen.deliveries.contains_key(*b))
+                .cloned()
+                .collect()
+        };
         if missing.is_empty() {
             break;
         }
         if std::time::Instant::now() > deadline {
             for body in &missing {
-                println!("missing {body}: {:#?}", seen.history.get(*body));
+                println!("missing {body}: {:#?}", load.seen.lock().history.get(body));
             }
-            drop(seen);
             for id in 1..=3 {
                 println!(
                     "node {id}: {:?}",
@@ -427,32 +429,33 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
             panic!("answered publishes never delivered: {missing:?}");
         }
     }
-    let seen = load.seen.lock();
-    for body in &seen.redelivered_after_ack {
-        println!("{body}: {:#?}", seen.history.get(body));
-    }
-    assert!(
-        seen.redelivered_after_ack.is_empty(),
-        "delivered again after an ack: {:?}",
-        seen.redelivered_after_ack
-    );
-    // A message is delivered again only when its ack did not go through.
-    let twice: Vec<&String> = seen
-        .deliveries
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(b, _)| b)
-        .collect();
-    let unexplained: Vec<_> = twice
-        .iter()
-        .filter(|b| !seen.ack_failed.contains(**b))
-        .collect();
-    assert!(
-        unexplained.is_empty(),
-        "delivered again though acked: {unexplained:?}"
-    );
-    let redelivered = twice.len();
-    drop(seen);
+    let redelivered = {
+        let seen = load.seen.lock();
+        for body in &seen.redelivered_after_ack {
+            println!("{body}: {:#?}", seen.history.get(body));
+        }
+        assert!(
+            seen.redelivered_after_ack.is_empty(),
+            "delivered again after an ack: {:?}",
+            seen.redelivered_after_ack
+        );
+        // A message is delivered again only when its ack did not go through.
+        let twice: Vec<&String> = seen
+            .deliveries
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(b, _)| b)
+            .collect();
+        let unexplained: Vec<_> = twice
+            .iter()
+            .filter(|b| !seen.ack_failed.contains(**b))
+            .collect();
+        assert!(
+            unexplained.is_empty(),
+            "delivered again though acked: {unexplained:?}"
+        );
+        twice.len()
+    };
     let all: Vec<String> = (1..=3).map(|id| base(&cluster, id)).collect();
     let log = same_logs(&all, work).await;
     println!(
