@@ -315,8 +315,8 @@ pub fn status_table(view: &ClusterView, others: &[ClusterView]) -> String {
     }
     out.push(String::new());
     out.push(format!(
-        "{:<32} {:<6} {:<9} {:>10} {:>6}  {}",
-        "QUEUE/PARTITION", "LEADER", "REPLICAS", "COMMITTED", "LAG", "FOLLOWER:LAG"
+        "{:<32} {:<6} {:<9} {:>10} {:<16} {:>6}",
+        "QUEUE/PARTITION", "LEADER", "REPLICAS", "COMMITTED", "FOLLOWER:LAG", "LAG"
     ));
     for p in &view.partitions {
         let leaders_view = |p: &PartitionView| {
@@ -339,16 +339,15 @@ pub fn status_table(view: &ClusterView, others: &[ClusterView]) -> String {
             .collect();
         let replicas: Vec<String> = p.replicas.iter().map(u64::to_string).collect();
         let partition = format!("{}/{}", p.queue, p.partition);
-        let row = format!(
-            "{:<32} {:<6} {:<9} {:>10} {:>6}  {}",
+        out.push(format!(
+            "{:<32} {:<6} {:<9} {:>10} {:<16} {:>6}",
             partition,
             name(p.leader),
             replicas.join(","),
             p.committed_offset,
-            name(lag),
-            followers.join(" ")
-        );
-        out.push(row.trim_end().to_string());
+            followers.join(","),
+            name(lag)
+        ));
     }
     out.join("\n")
 }
@@ -382,7 +381,8 @@ mod tests {
     }
 
     /// The table shows who is down, how many groups each node leads, and the lag the
-    /// partition's leader reports (from the leader's own view when another node answered).
+    /// partition's leader reports, in all and per follower (from the leader's own view when
+    /// another node answered).
     #[test]
     fn status_table_shows_nodes_leaders_and_lag() {
         let answering = ClusterView {
@@ -392,9 +392,14 @@ mod tests {
             nodes: vec![node(1, true), node(2, true), node(3, false)],
             partitions: vec![partition("orders", Some(2), None)],
         };
+        let mut led = partition("orders", Some(2), Some(7));
+        led.followers = vec![
+            FollowerLag { node: 1, lag: 0 },
+            FollowerLag { node: 3, lag: 7 },
+        ];
         let leader = ClusterView {
             node_id: 2,
-            partitions: vec![partition("orders", Some(2), Some(7))],
+            partitions: vec![led],
             ..answering.clone()
         };
         let table = status_table(&answering, &[leader]);
@@ -412,7 +417,7 @@ mod tests {
         assert_eq!(row("3 ")[..3], ["3", "down", "0"], "{table}");
         assert_eq!(
             row("orders/0"),
-            ["orders/0", "2", "2,1,3", "42", "7"],
+            ["orders/0", "2", "2,1,3", "42", "1:0,3:7", "7"],
             "{table}"
         );
         let alone = status_table(&answering, &[]);
