@@ -86,6 +86,17 @@ pub enum Command {
 pub enum ClusterAction {
     /// The nodes, the metadata leader and every partition's leader and replicas.
     Status,
+    /// Add a node (running, started with `--join` or waiting to be added) as a voter.
+    AddNode {
+        /// `ID=HOST:PORT`: the node's id and cluster listener.
+        node: String,
+    },
+    /// Remove a node from the voters (refused while it holds queue replicas, or when
+    /// fewer than three voters would be left).
+    RemoveNode {
+        /// The node's id.
+        id: u64,
+    },
 }
 
 /// `qit serve`.
@@ -125,6 +136,10 @@ pub struct ServeArgs {
     /// qit runs as a single node.
     #[arg(long, env = "QIT_PEERS")]
     pub peers: Option<String>,
+    /// Join a running cluster: `--peers` names some of its members and this node, and a
+    /// member adds this node (it catches up as a learner, then votes).
+    #[arg(long, env = "QIT_JOIN")]
+    pub join: bool,
     /// The secret every node of the cluster shares (at least 16 bytes).
     #[arg(long, env = "QIT_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,

@@ -131,6 +131,9 @@ pub struct ServerConfig {
     /// Every initial voter as `ID=HOST:PORT,...`, the same on every node; without it qit
     /// is a single node.
     pub peers: Option<String>,
+    /// This node joins a running cluster: `peers` names members to ask and this node, and
+    /// a member adds it (learner, then voter) instead of it forming a cluster with `peers`.
+    pub join: bool,
     /// The secret every node of the cluster is started with.
     #[serde(skip_serializing)]
     pub cluster_secret: Option<String>,
@@ -173,6 +176,7 @@ impl Default for ServerConfig {
             node_id: None,
             cluster: None,
             peers: None,
+            join: false,
             cluster_secret: None,
             raft_snapshot_entries: 20_000,
         }

@@ -78,7 +78,39 @@ async fn run(command: Command) -> Result<()> {
             client,
             action: ClusterAction::Status,
         } => cluster_status(&client).await,
+        Command::Cluster {
+            client,
+            action: ClusterAction::AddNode { node },
+        } => add_node(&client, &node).await,
+        Command::Cluster {
+            client,
+            action: ClusterAction::RemoveNode { id },
+        } => {
+            let path = format!("/cluster/nodes/{id}");
+            Client::new(&client)
+                .request(Method::DELETE, &path, &[], None)
+                .await?;
+            println!("node {id} removed");
+            Ok(())
+        }
     }
+}
+
+/// `qit cluster add-node ID=HOST:PORT`.
+async fn add_node(client_args: &ClientArgs, node: &str) -> Result<()> {
+    let Some((id, cluster)) = node.split_once('=') else {
+        bail!("`{node}` is not ID=HOST:PORT");
+    };
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("`{id}` is not a node id"))?;
+    let body = json!({"id": id, "cluster": cluster.trim()});
+    Client::new(client_args)
+        .request(Method::POST, "/cluster/nodes", &[], Some(Body::Json(body)))
+        .await?;
+    println!("node {id} added");
+    Ok(())
 }
 
 async fn cluster_status(client_args: &ClientArgs) -> Result<()> {
@@ -163,6 +195,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(v) = args.peers {
         config.peers = Some(v);
+    }
+    if args.join {
+        config.join = true;
     }
     if let Some(v) = args.cluster_secret {
         config.cluster_secret = Some(v);

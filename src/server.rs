@@ -148,6 +148,7 @@ impl Server {
                         data_dir: config.data_dir.clone(),
                         sync: config.fsync == crate::log::FsyncPolicy::Always,
                         snapshot_entries: config.raft_snapshot_entries,
+                        join: config.join,
                         cluster_addr: listener.local_addr().unwrap_or(addr),
                         http_addr: http.local_addr().unwrap_or(config.http),
                         grpc_addr: grpc.local_addr().unwrap_or(config.grpc),
@@ -297,6 +298,7 @@ impl Server {
                 tasks.spawn(Arc::clone(&cluster).announce(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_metrics(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_balance(stop.clone()));
+                tasks.spawn(Arc::clone(&cluster).run_moves(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_liveness(stop.clone()));
                 tracing::info!(node_id = cluster.node_id(), cluster = ?addr, "cluster node started");
                 Some(cluster)

@@ -1,27 +1,34 @@
 #!/usr/bin/env python3
 """Measures a three-node qit cluster on this machine (loopback ports 17101..3, 18081..3,
-19091..3): `failover N` kills the leader of a queue N times with SIGKILL and times the
+19091..3, moved by QIT_MEASURE_PORTS): `failover N` kills the leader of a queue N times with SIGKILL and times the
 first publish answered through a survivor, then checks that every publish answered 2xx
 (a few before each kill, the timed one after it) is in the queue's log on every node;
 `idle` creates 100 queues x 3 partitions and reports each node's CPU over 60 idle seconds
-and whether any group changed term.
+and whether any group changed term; `rolling` restarts the three nodes one after the other
+(SIGTERM, start again, wait until it serves and leads its preferred groups again) under a
+W1-shaped load (one message per publish, with an idempotency key; a consumer receiving and
+acking), the client retrying 503 as qit's own do, and reports publish latency (retries
+included), errors, lost and duplicate messages and acked messages delivered again.
 
     python3 tools/cluster-measure.py target/release/qit failover 30
     python3 tools/cluster-measure.py target/release/qit idle
+    python3 tools/cluster-measure.py target/release/qit rolling
 """
 import json, os, signal, subprocess, sys, time, urllib.request, urllib.error, shutil, tempfile
 QIT = sys.argv[1]
 MODE = sys.argv[2]  # idle | failover
 ROOT = tempfile.mkdtemp(prefix="qit-measure-")
-PEERS = "1=127.0.0.1:17101,2=127.0.0.1:17102,3=127.0.0.1:17103"
+# QIT_MEASURE_PORTS moves every port by that much (two runs on one machine must not share ports).
+OFF = int(os.environ.get("QIT_MEASURE_PORTS", "0"))
+PEERS = ",".join(f"{n}=127.0.0.1:{17100 + OFF + n}" for n in (1, 2, 3))
 procs = {}
 def start(n):
     env = dict(os.environ, QIT_CLUSTER_SECRET="measure-secret-0123456789", RUST_LOG="error")
-    procs[n] = subprocess.Popen([QIT, "serve", "--node-id", str(n), "--cluster", f"127.0.0.1:1710{n}",
-        "--peers", PEERS, "--http", f"127.0.0.1:1808{n}", "--grpc", f"127.0.0.1:1909{n}",
+    procs[n] = subprocess.Popen([QIT, "serve", "--node-id", str(n), "--cluster", f"127.0.0.1:{17100 + OFF + n}",
+        "--peers", PEERS, "--http", f"127.0.0.1:{18080 + OFF + n}", "--grpc", f"127.0.0.1:{19090 + OFF + n}",
         "--data-dir", f"{ROOT}/n{n}"], env=env, stdout=subprocess.DEVNULL, stderr=open(f"{ROOT}/n{n}.log", "a"))
-def req(method, url, body=None, timeout=5):
-    r = urllib.request.Request(url, data=body, method=method, headers={"content-type": "application/json"})
+def req(method, url, body=None, timeout=5, headers=None):
+    r = urllib.request.Request(url, data=body, method=method, headers=dict({"content-type": "application/json"}, **(headers or {})))
     try:
         with urllib.request.urlopen(r, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -30,7 +37,7 @@ def req(method, url, body=None, timeout=5):
     except Exception:
         return None, None
 def view(n):
-    s, v = req("GET", f"http://127.0.0.1:1808{n}/cluster", timeout=2)
+    s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/cluster", timeout=2)
     return v if s == 200 else None
 def wait(cond, limit=60, what=""):
     t = time.time()
@@ -45,7 +52,7 @@ try:
     wait(lambda: all((view(n) or {}).get("leader") for n in (1,2,3)))
     if MODE == "idle":
         for i in range(100):
-            wait(lambda: req("POST", f"http://127.0.0.1:18081/queues/idle-{i}", b'{"partitions":3,"max_deliveries":0}')[0] in (200, 201) or req("GET", f"http://127.0.0.1:18081/queues/idle-{i}")[0] == 200)
+            wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/idle-{i}", b'{"partitions":3,"max_deliveries":0}')[0] in (200, 201) or req("GET", f"http://127.0.0.1:{18081 + OFF}/queues/idle-{i}")[0] == 200)
         wait(lambda: all(p["leader"] for p in view(1)["partitions"]) and len(view(1)["partitions"]) == 300)
         leaders = {}
         for p in view(1)["partitions"]: leaders[p["leader"]] = leaders.get(p["leader"], 0) + 1
@@ -58,11 +65,95 @@ try:
         terms1 = {p["queue"]: p["term"] for p in view(1)["partitions"]}
         print("cpu % of a core per node over 60 s idle:", {n: round(100*(c1[n]-c0[n])/(t1-t0),1) for n in procs})
         print("queue groups whose term changed while idle:", sum(1 for q in terms0 if terms1.get(q) != terms0[q]))
+    elif MODE == "rolling":
+        import threading
+        Q = [f"w{i}" for i in range(6)]  # six queues: every node is the preferred leader of some
+        for q in Q:
+            wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/{q}", b'{"partitions":1,"max_deliveries":0}')[0] in (200, 201))
+        stop, down = threading.Event(), set()
+        lat, errors, answered, delivered, acked_ids, again = [], [], set(), {}, set(), []
+        lock = threading.Lock()
+        def up_nodes(): return [n for n in (1,2,3) if n not in down]
+        def publisher(t):
+            i = 0
+            while not stop.is_set():
+                body = f"p{t}-{i}"; i += 1; t0 = time.time()
+                while True:
+                    nodes = up_nodes(); n = nodes[i % len(nodes)]
+                    s, _ = req("POST", f"http://127.0.0.1:{18080 + OFF + n}/queues/{Q[i % len(Q)]}/messages", body.encode(), timeout=10,
+                               headers={"Idempotency-Key": body, "content-type": "text/plain"})
+                    if s in (200, 201):
+                        with lock: lat.append(time.time() - t0); answered.add(body)
+                        break
+                    if time.time() - t0 > 30:
+                        with lock: errors.append((body, s))
+                        break
+                    time.sleep(0.05)
+        def consumer():
+            k = 0
+            while not stop.is_set() or k < 0:
+                nodes = up_nodes(); n = nodes[k % len(nodes)]; k += 1
+                q = Q[k % len(Q)]
+                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}/messages?max=50&wait=0&visibility=30", timeout=10)
+                if s != 200: time.sleep(0.05); continue
+                for m in v["messages"]:
+                    with lock:
+                        if (q, m["id"]) in acked_ids: again.append((q, m["id"]))
+                        delivered[m["body"]] = delivered.get(m["body"], 0) + 1
+                    s2, _ = req("DELETE", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}/messages/{m['id']}", timeout=10)
+                    if s2 == 204:
+                        with lock: acked_ids.add((q, m["id"]))
+        threads = [threading.Thread(target=publisher, args=(t,)) for t in range(2)] + [threading.Thread(target=consumer)]
+        for th in threads: th.start()
+        time.sleep(5)
+        for n in (1,2,3):
+            down.add(n); time.sleep(0.3)
+            t = time.time(); procs[n].send_signal(signal.SIGTERM); procs[n].wait()
+            print(f"node {n} stopped in {time.time() - t:.2f} s", flush=True)
+            start(n)
+            wait(lambda: req("GET", f"http://127.0.0.1:{18080 + OFF + n}/healthz", timeout=2)[0] == 200, what=f"node {n} serves")
+            def balanced():
+                # Asked of another node: a restarted one reports its saved vote's leader at first.
+                v = view(n % 3 + 1)
+                return v is not None and all(p["leader"] == p["replicas"][0] for p in v["partitions"])
+            wait(balanced, limit=120, what="leaders back on their preferred nodes")
+            down.discard(n)
+            print(f"node {n} back and leading its groups {time.time() - t:.2f} s after SIGTERM", flush=True)
+            time.sleep(3)
+        stop.set()
+        for th in threads[:2]: th.join()
+        time.sleep(2); threads[2].join()
+        t = time.time()
+        while any(b not in delivered for b in answered) and time.time() - t < 60:
+            for q in Q:
+                s, v = req("GET", f"http://127.0.0.1:{18081 + OFF}/queues/{q}/messages?max=100&wait=0&visibility=30", timeout=10)
+                for m in (v or {}).get("messages", []):
+                    if (q, m["id"]) in acked_ids: again.append((q, m["id"]))
+                    delivered[m["body"]] = delivered.get(m["body"], 0) + 1
+                    req("DELETE", f"http://127.0.0.1:{18081 + OFF}/queues/{q}/messages/{m['id']}")
+            time.sleep(0.2)
+        logs = []
+        for n in (1,2,3):
+            got = []
+            for q in Q:
+                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}/log?partition=0&from=0&max=100000", timeout=30)
+                got.append([m["body"] for m in v["messages"]] if s == 200 else None)
+            logs.append(got)
+        stored = [b for part in logs[0] for b in (part or [])]
+        lat.sort()
+        q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))]
+        print("publishes answered", len(answered), "errors (no 2xx within 30 s of retries)", len(errors),
+              "p50", round(q(0.5), 3), "p99", round(q(0.99), 3), "max", round(lat[-1], 3), "s")
+        print("lost (answered, never delivered)", sum(1 for b in answered if b not in delivered),
+              "- stored twice", len(stored) - len(set(stored)),
+              "- delivered more than once", sum(1 for c in delivered.values() if c > 1),
+              "- acked then delivered again", len(again),
+              "- logs identical on the 3 nodes", logs[0] == logs[1] == logs[2])
     else:
-        wait(lambda: req("POST", "http://127.0.0.1:18081/queues/f", b'{"partitions":1}')[0] in (200, 201, 409))
+        wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/f", b'{"partitions":1}')[0] in (200, 201, 409))
         times, acked = [], []
         def publish(n, body):
-            s, _ = req("POST", f"http://127.0.0.1:1808{n}/queues/f/messages", json.dumps(body).encode(), timeout=3)
+            s, _ = req("POST", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/messages", json.dumps(body).encode(), timeout=3)
             if s in (200, 201): acked.append(body); return True
             return False
         for k in range(int(sys.argv[3])):
@@ -89,7 +180,7 @@ try:
               "max", round(times[-1],3), "all", [round(x,2) for x in times])
         for n in (1,2,3):
             def has_all():
-                s, v = req("GET", f"http://127.0.0.1:1808{n}/queues/f/log?partition=0&from=0&max=1000")
+                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/log?partition=0&from=0&max=1000")
                 if s != 200: return False
                 got = " ".join(json.dumps(m) for m in v["messages"])
                 return all(b in got for b in acked)

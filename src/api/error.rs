@@ -143,8 +143,8 @@ fn remote_status(code: &str) -> StatusCode {
     match code {
         "unauthenticated" => StatusCode::UNAUTHORIZED,
         "forbidden" => StatusCode::FORBIDDEN,
-        "user_not_found" => StatusCode::NOT_FOUND,
-        "user_exists" => StatusCode::CONFLICT,
+        "user_not_found" | "node_not_found" => StatusCode::NOT_FOUND,
+        "user_exists" | "membership_conflict" => StatusCode::CONFLICT,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "invalid_name" | "invalid_setting" | "bad_request" | "invalid_binding" => {
             StatusCode::BAD_REQUEST

@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod limits;
+pub mod members;
 pub mod publish;
 pub mod receive;
 pub mod routes;

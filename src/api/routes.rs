@@ -20,7 +20,7 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
 use super::state::HttpState;
-use super::{auth, console, http};
+use super::{auth, console, http, members};
 
 /// The document's fixed parts; the paths come from [`table`].
 #[derive(OpenApi)]
@@ -101,6 +101,8 @@ fn table() -> Vec<UtoipaMethodRouter<HttpState>> {
         routes!(openapi_json),
         routes!(http::healthz),
         routes!(http::cluster_view),
+        routes!(members::add_node),
+        routes!(members::remove_node),
         routes!(http::metrics),
         routes!(http::list_queues),
         routes!(http::create_queue, http::queue_info, http::delete_queue),

@@ -480,6 +480,8 @@ pub fn known_code(code: &str) -> &'static str {
         "user_not_found",
         "user_exists",
         "rate_limited",
+        "node_not_found",
+        "membership_conflict",
     ];
     CODES
         .iter()

@@ -47,7 +47,7 @@ impl Cluster {
                 _ = stop.cancelled() => return,
             }
             let now = Instant::now();
-            for id in self.groups().voters.keys() {
+            for id in &self.groups().voter_ids() {
                 if self.peers().is_up(*id) {
                     up_since.entry(*id).or_insert(now);
                 } else {

@@ -5,7 +5,7 @@
 //! queue made with it), so every node names it alike and a re-created queue never meets
 //! the old group's messages.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use super::log_store::LogStore;
 use super::network::{Network, Peers};
 use super::placement;
 use super::state_machine::{MetaHooks, Role, StateMachine};
-use super::types::{NodeAddrs, Raft};
+use super::types::{NodeAddrs, Placed, Raft};
 use crate::broker::Broker;
 
 /// The metadata group's id.
@@ -44,8 +44,9 @@ pub struct QueueGroup {
 pub struct Groups {
     /// This node.
     pub node_id: u64,
-    /// Every voter's id and cluster address.
-    pub voters: BTreeMap<u64, String>,
+    /// Every voter's id and cluster address: `--peers` at first, then the metadata group's
+    /// membership as of the entry applied last (so that every node places a queue alike).
+    voters: RwLock<BTreeMap<u64, String>>,
     raft_dir: PathBuf,
     sync: bool,
     /// A queue group snapshots after this many entries (see [`storage_policy`]).
@@ -56,6 +57,8 @@ pub struct Groups {
     rafts: RwLock<HashMap<u64, Raft>>,
     queues: RwLock<BTreeMap<String, QueueGroup>>,
     nodes: RwLock<BTreeMap<u64, NodeAddrs>>,
+    /// Voters leaving the cluster (placement leaves them out).
+    draining: RwLock<BTreeSet<u64>>,
 }
 
 /// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
@@ -124,7 +127,7 @@ impl Groups {
     ) -> Self {
         Self {
             node_id,
-            voters,
+            voters: RwLock::new(voters),
             raft_dir,
             sync,
             snapshot_entries,
@@ -133,11 +136,18 @@ impl Groups {
             rafts: RwLock::new(HashMap::new()),
             queues: RwLock::new(BTreeMap::new()),
             nodes: RwLock::new(BTreeMap::new()),
+            draining: RwLock::new(BTreeSet::new()),
         }
     }
 
-    fn voter_ids(&self) -> Vec<u64> {
-        self.voters.keys().copied().collect()
+    /// Every voter's id and cluster address.
+    pub fn voters(&self) -> BTreeMap<u64, String> {
+        self.voters.read().clone()
+    }
+
+    /// Every voter's id.
+    pub fn voter_ids(&self) -> Vec<u64> {
+        self.voters.read().keys().copied().collect()
     }
 
     /// Opens group `id` on `members` (preferred leader first) and initializes it if it is
@@ -180,10 +190,17 @@ impl Groups {
             tracing::debug!(group = id, replayed, "queue group started");
         }
         self.rafts.write().insert(id, raft.clone());
-        let nodes: BTreeMap<u64, BasicNode> = members
-            .iter()
-            .filter_map(|m| self.voters.get(m).map(|addr| (*m, BasicNode::new(addr))))
-            .collect();
+        let nodes: BTreeMap<u64, BasicNode> = {
+            let voters = self.voters.read();
+            members
+                .iter()
+                .filter_map(|m| voters.get(m).map(|addr| (*m, BasicNode::new(addr))))
+                .collect()
+        };
+        if nodes.is_empty() {
+            // Joining a group that exists elsewhere: its leader adds this node.
+            return Ok(raft);
+        }
         // Every replica initializes with the same membership (harmless where the group
         // exists already: openraft answers "not allowed"). The preferred leader does so at
         // once and so is elected first, which spreads leaders as placement says; the others
@@ -209,9 +226,29 @@ impl Groups {
         Ok(raft)
     }
 
+    /// The voters that placement may choose: every voter but those leaving.
+    pub fn eligible(&self) -> Vec<u64> {
+        let draining = self.draining.read();
+        self.voter_ids()
+            .into_iter()
+            .filter(|v| !draining.contains(v))
+            .collect()
+    }
+
+    /// Nodes leaving the cluster (groups move off them).
+    pub fn draining(&self) -> BTreeSet<u64> {
+        self.draining.read().clone()
+    }
+
+    /// The marker of a group that moved off this node: the group is not opened again when
+    /// the metadata log replays its queue's creation.
+    fn moved_marker(&self, id: u64) -> PathBuf {
+        self.raft_dir.join(format!("{id}.moved"))
+    }
+
     /// Opens the group of a queue just created (when this node is one of its replicas).
     async fn open_queue_inner(&self, name: &str, id: u64) {
-        let replicas = placement::replicas(name, &self.voter_ids(), REPLICAS);
+        let replicas = placement::replicas(name, &self.eligible(), REPLICAS);
         self.queues.write().insert(
             name.to_string(),
             QueueGroup {
@@ -219,7 +256,7 @@ impl Groups {
                 replicas: replicas.clone(),
             },
         );
-        if !replicas.contains(&self.node_id) {
+        if !replicas.contains(&self.node_id) || self.moved_marker(id).exists() {
             return;
         }
         if let Err(error) = self
@@ -241,11 +278,62 @@ impl Groups {
         {
             tracing::warn!(queue = name, %error, "stopping the queue's raft group failed");
         }
-        let dir = self.raft_dir.join(group.id.to_string());
+        self.remove_group_dir(group.id);
+        let _ = std::fs::remove_file(self.moved_marker(group.id));
+    }
+
+    fn remove_group_dir(&self, id: u64) {
+        let dir = self.raft_dir.join(id.to_string());
         if let Err(error) = std::fs::remove_dir_all(&dir)
             && error.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(path = %dir.display(), %error, "removing a queue's raft log failed");
+        }
+    }
+
+    /// A queue's group has new replicas: this node opens it (joining: the group's leader
+    /// adds it and sends it the log or a snapshot) or closes it and clears the queue's data
+    /// here (it moved off this node).
+    async fn set_replicas_inner(&self, placed: &Placed) {
+        {
+            let mut queues = self.queues.write();
+            match queues.get_mut(&placed.queue) {
+                Some(group) if group.id == placed.group => {
+                    group.replicas = placed.replicas.clone();
+                }
+                _ => return,
+            }
+        }
+        let id = placed.group;
+        let open = self.raft(id).is_some();
+        let member = placed.replicas.contains(&self.node_id);
+        if member && !open {
+            let _ = std::fs::remove_file(self.moved_marker(id));
+            let role = Role::Queue(placed.queue.clone());
+            if let Err(error) = self.open_group(id, &[], role).await {
+                tracing::error!(queue = %placed.queue, group = id, %error, "cannot open the queue's raft group");
+            } else {
+                tracing::info!(queue = %placed.queue, group = id, "joining the queue's group");
+            }
+        } else if !member && open {
+            let raft = self.rafts.write().remove(&id);
+            if let Some(raft) = raft
+                && let Err(error) = raft.shutdown().await
+            {
+                tracing::warn!(group = id, %error, "stopping a moved queue's raft group failed");
+            }
+            if let Err(error) = std::fs::write(self.moved_marker(id), b"") {
+                tracing::warn!(group = id, %error, "cannot mark a moved group");
+            }
+            self.remove_group_dir(id);
+            if let Err(error) = self
+                .broker
+                .replace_queue_data(&placed.queue, |_| Ok(()))
+                .await
+            {
+                tracing::warn!(queue = %placed.queue, %error, "clearing a moved queue's data failed");
+            }
+            tracing::info!(queue = %placed.queue, group = id, "the queue's group moved off this node");
         }
     }
 
@@ -299,6 +387,25 @@ impl MetaHooks for Groups {
         self.nodes.write().insert(addrs.id, addrs);
     }
 
+    fn set_members(&self, membership: &openraft::Membership<u64, BasicNode>) {
+        let voters: BTreeMap<u64, String> = membership
+            .voter_ids()
+            .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
+            .collect();
+        for (id, node) in membership.nodes() {
+            self.peers.ensure(*id, &node.addr);
+        }
+        if voters.is_empty() {
+            return;
+        }
+        self.draining.write().retain(|d| voters.contains_key(d));
+        let mut current = self.voters.write();
+        if *current != voters {
+            tracing::info!(voters = ?voters.keys().collect::<Vec<_>>(), "cluster voters");
+            *current = voters;
+        }
+    }
+
     /// Boxed: the metadata group's state machine calls it while applying, and opening a
     /// group names the state machine type again (an unboxed future would be a type cycle).
     fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()> {
@@ -307,5 +414,15 @@ impl MetaHooks for Groups {
 
     fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()> {
         Box::pin(self.close_queue_inner(name))
+    }
+
+    fn set_replicas<'a>(&'a self, placed: &'a Placed) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(self.set_replicas_inner(placed))
+    }
+
+    fn set_draining(&self, node: u64) {
+        if self.voters.read().contains_key(&node) {
+            self.draining.write().insert(node);
+        }
     }
 }

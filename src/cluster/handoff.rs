@@ -117,7 +117,7 @@ impl Cluster {
     /// The preferred leader of a group (placement's first replica).
     pub fn preferred_leader(&self, group: u64) -> Option<u64> {
         if group == META_GROUP {
-            let voters: Vec<u64> = self.groups().voters.keys().copied().collect();
+            let voters: Vec<u64> = self.groups().voter_ids();
             return placement::replicas("", &voters, voters.len())
                 .first()
                 .copied();

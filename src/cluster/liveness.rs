@@ -385,21 +385,37 @@ impl Detector {
 
 /// The loop's state: the detector and which peers have a beat under way.
 pub struct Liveness {
+    node: u64,
     detector: Mutex<Detector>,
-    sending: HashMap<u64, AtomicBool>,
+    /// Per voter: a beat to it is under way (voters come and go with membership changes).
+    sending: Mutex<HashMap<u64, Arc<AtomicBool>>>,
 }
 
 impl Liveness {
     /// The liveness of `node` among `peers`.
     pub fn new(node: u64, peers: impl IntoIterator<Item = u64>) -> Self {
         Self {
+            node,
             detector: Mutex::new(Detector::new(node, rand::random::<f64>)),
-            sending: peers
-                .into_iter()
-                .filter(|p| *p != node)
-                .map(|p| (p, AtomicBool::new(false)))
-                .collect(),
+            sending: Mutex::new(
+                peers
+                    .into_iter()
+                    .filter(|p| *p != node)
+                    .map(|p| (p, Arc::default()))
+                    .collect(),
+            ),
         }
+    }
+
+    /// The voters other than this node, with their under-way flags (kept to `voters`).
+    fn targets(&self, voters: &[u64]) -> Vec<(u64, Arc<AtomicBool>)> {
+        let mut sending = self.sending.lock();
+        sending.retain(|p, _| voters.contains(p));
+        voters
+            .iter()
+            .filter(|p| **p != self.node)
+            .map(|p| (*p, Arc::clone(sending.entry(*p).or_default())))
+            .collect()
     }
 }
 
@@ -407,7 +423,7 @@ impl Cluster {
     /// Every open group as the loop sees it.
     fn locals(&self) -> Vec<Local> {
         let me = self.node_id();
-        let voters: Vec<u64> = self.groups().voters.keys().copied().collect();
+        let voters: Vec<u64> = self.groups().voter_ids();
         let mut replicas: HashMap<u64, Vec<u64>> = self
             .groups()
             .queue_groups()
@@ -465,12 +481,12 @@ impl Cluster {
                     Action::Ask { node, group } => asks.entry(node).or_default().push(group),
                 }
             }
-            for peer in self.liveness.sending.keys() {
+            for (peer, busy) in self.liveness.targets(&self.groups().voter_ids()) {
                 let beat = Beat {
                     leads: leads.clone(),
-                    asks: asks.remove(peer).unwrap_or_default(),
+                    asks: asks.remove(&peer).unwrap_or_default(),
                 };
-                self.send_beat(*peer, &beat);
+                self.send_beat(peer, busy, &beat);
             }
         }
     }
@@ -489,10 +505,7 @@ impl Cluster {
     }
 
     /// Sends `beat` to `peer` in the background, unless the previous one is under way.
-    fn send_beat(self: &Arc<Self>, peer: u64, beat: &Beat) {
-        let Some(busy) = self.liveness.sending.get(&peer) else {
-            return;
-        };
+    fn send_beat(self: &Arc<Self>, peer: u64, busy: Arc<AtomicBool>, beat: &Beat) {
         if busy.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -516,9 +529,7 @@ impl Cluster {
                 .detector
                 .lock()
                 .sent(peer, sent, Instant::now());
-            if let Some(busy) = cluster.liveness.sending.get(&peer) {
-                busy.store(false, Ordering::Release);
-            }
+            busy.store(false, Ordering::Release);
         });
     }
 

@@ -14,6 +14,9 @@
 //! - [`view`]: `GET /cluster`, health and metrics.
 //! - [`handoff`] and [`balance`]: leadership handed off on a clean stop, and given back to
 //!   a group's preferred leader when it returns.
+//! - [`membership`] and [`moves`]: nodes added and removed while the cluster runs (the
+//!   voters are the metadata group's membership), and queue groups moved to the replicas
+//!   placement names over the voters.
 //!
 //! How a request runs: the broker hands every state change to [`Cluster`] as an
 //! [`Op`](crate::broker::replicate::Op) (it is the broker's
@@ -44,6 +47,8 @@ pub mod groups;
 pub mod handoff;
 pub mod liveness;
 pub mod log_store;
+pub mod membership;
+pub mod moves;
 pub mod network;
 pub mod placement;
 pub mod proposals;
@@ -67,7 +72,7 @@ use crate::broker::replicate::{Op, OpResult, Replicator, Scope, WireError};
 use crate::broker::{Broker, BrokerError};
 use groups::{Groups, META_GROUP};
 use network::Peers;
-use state_machine::Role;
+use state_machine::{MetaHooks, Role};
 use types::{Command, NodeAddrs, Raft, decode, encode};
 
 /// How many times an op may be forwarded before it is answered "no leader".
@@ -118,6 +123,9 @@ pub struct ClusterConfig {
     /// A queue group snapshots its data after this many applied entries, and its Raft log
     /// is purged below the snapshot (`raft_snapshot_entries`).
     pub snapshot_entries: u64,
+    /// This node joins a running cluster (`--join`): its metadata group is not initialized
+    /// from `peers` (which name some members to ask, and this node), a member adds it.
+    pub join: bool,
     /// This node's bound cluster, HTTP and gRPC addresses (announced to the others).
     pub cluster_addr: SocketAddr,
     /// HTTP address.
@@ -145,6 +153,12 @@ pub fn fresh_state_dir(data_dir: &Path) -> Result<PathBuf, ClusterError> {
         source,
     })?;
     Ok(state)
+}
+
+/// The address this node's connections to its peers go out from: the IP of its cluster
+/// listener, unless that is a wildcard (then the system picks, as for any client).
+fn local_ip(cluster: SocketAddr) -> Option<std::net::IpAddr> {
+    (!cluster.ip().is_unspecified()).then_some(cluster.ip())
 }
 
 /// What a node answers to a forwarded op: the outcome and, for a replicated op, the
@@ -218,6 +232,7 @@ fn forward_deadline(command: &Command) -> Duration {
     let waits = LEADER_WAIT * 2 + COMMIT_WAIT + APPLY_WAIT + Duration::from_secs(3);
     match command {
         Command::Broker(Op::Receive { wait_ms, .. }) => waits + Duration::from_millis(*wait_ms),
+        Command::Members(_) => waits + membership::LONGEST_CHANGE,
         _ => waits,
     }
 }
@@ -239,6 +254,7 @@ impl Cluster {
             config.node_id,
             &config.peers,
             config.secret.clone(),
+            local_ip(config.cluster_addr),
         )?);
         let groups = Arc::new(Groups::new(
             config.node_id,
@@ -249,10 +265,17 @@ impl Cluster {
             Arc::clone(&broker),
         ));
         let voters: Vec<u64> = config.peers.keys().copied().collect();
-        let members = placement::replicas("", &voters, voters.len());
+        let members = if config.join {
+            Vec::new()
+        } else {
+            placement::replicas("", &voters, voters.len())
+        };
         let meta = groups
             .open_group(META_GROUP, &members, Role::Meta(Arc::clone(&groups) as _))
             .await?;
+        // The voters as the metadata log left them (nodes added or removed since the
+        // initial `--peers`); applying the log updates them from here on.
+        groups.set_members(meta.metrics().borrow().membership_config.membership());
         Ok(Arc::new(Self {
             groups,
             liveness: liveness::Liveness::new(config.node_id, config.peers.keys().copied()),
@@ -298,6 +321,9 @@ impl Cluster {
             http: self.config.http_addr.to_string(),
             grpc: self.config.grpc_addr.to_string(),
         };
+        if self.config.join {
+            Arc::clone(&self).join(stop.clone()).await;
+        }
         loop {
             if self.groups.node(addrs.id).as_ref() == Some(&addrs) {
                 return;
@@ -316,7 +342,10 @@ impl Cluster {
     /// The group a command runs in (`None`: a queue this node does not know).
     fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
         match command {
-            Command::Node(_) => Some((META_GROUP, false)),
+            Command::Node(_) | Command::Placed(_) | Command::Draining(_) => {
+                Some((META_GROUP, false))
+            }
+            Command::Members(_) => Some((META_GROUP, true)),
             Command::Broker(op) => match op.scope() {
                 Scope::Meta => Some((META_GROUP, false)),
                 Scope::Queue(q) => self.groups.queue_group(q).map(|g| (g.id, false)),
@@ -356,7 +385,7 @@ impl Cluster {
                     Scope::Queue(q) | Scope::Leases(q) => q.to_string(),
                     Scope::Meta => String::new(),
                 })),
-                (_, Command::Node(_)) => Err(no_leader("metadata")),
+                (_, _) => Err(no_leader("metadata")),
             };
         };
         let Some(raft) = self.groups.raft(group) else {
@@ -369,7 +398,7 @@ impl Cluster {
                         .and_then(|g| g.replicas.first().copied()),
                     Scope::Meta => None,
                 },
-                Command::Node(_) => None,
+                _ => None,
             };
             return match replica {
                 Some(node) if hops < MAX_HOPS => self.forward(node, command, hops).await,
@@ -386,13 +415,11 @@ impl Cluster {
                 leader = self.leader_of(&raft).await;
             }
             return match leader {
-                Some(leader) if leader == self.node_id() => {
-                    if leases {
-                        self.run_leases(&raft, command).await
-                    } else {
-                        self.propose(&raft, group, command).await
-                    }
-                }
+                Some(leader) if leader == self.node_id() => match command {
+                    Command::Members(change) => self.change_members(change).await,
+                    command if leases => self.run_leases(&raft, command).await,
+                    command => self.propose(&raft, group, command).await,
+                },
                 Some(leader) if hops < MAX_HOPS => {
                     match self.forward_to_leader(&raft, leader, &command, hops).await {
                         Err(Forwarding::Moved(why)) if attempts + 1 < FORWARD_ATTEMPTS => {

@@ -18,6 +18,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use parking_lot::RwLock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
@@ -67,48 +68,77 @@ struct Peer {
     seen: AtomicI64,
 }
 
-/// The other nodes of the cluster.
+/// A lazily connected channel to `addr`, from `local` when given.
+fn connect(id: u64, addr: &str, local: Option<std::net::IpAddr>) -> Result<Peer, ClusterError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ClusterError::Config(format!("peer {id} address `{addr}`: {e}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .local_address(local)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let client = ClusterClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    Ok(Peer {
+        addr: addr.to_string(),
+        client,
+        seen: AtomicI64::new(0),
+    })
+}
+
+/// The other nodes of the cluster: the initial `--peers`, and every node the metadata
+/// group's membership names since (see [`super::membership`]).
 pub struct Peers {
     node_id: u64,
     secret: Secret,
-    peers: BTreeMap<u64, Peer>,
+    local: Option<std::net::IpAddr>,
+    peers: RwLock<BTreeMap<u64, Arc<Peer>>>,
 }
 
 impl Peers {
-    /// Channels to every peer but `node_id` (connected on first use).
+    /// Channels to every peer but `node_id` (connected on first use). With `local`, every
+    /// connection to a peer goes out from that address (this node's `--cluster` IP, when it
+    /// names one): the peers then see the node at the address it announces, and a firewall
+    /// rule on that address cuts the node off as a whole (the partition test does so).
     pub fn new(
         node_id: u64,
         addrs: &BTreeMap<u64, String>,
         secret: Secret,
+        local: Option<std::net::IpAddr>,
     ) -> Result<Self, ClusterError> {
         let mut peers = BTreeMap::new();
         for (id, addr) in addrs {
-            if *id == node_id {
-                continue;
+            if *id != node_id {
+                peers.insert(*id, Arc::new(connect(*id, addr, local)?));
             }
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| ClusterError::Config(format!("peer {id} address `{addr}`: {e}")))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5));
-            let client = ClusterClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE);
-            peers.insert(
-                *id,
-                Peer {
-                    addr: addr.clone(),
-                    client,
-                    seen: AtomicI64::new(0),
-                },
-            );
         }
         Ok(Self {
             node_id,
             secret,
-            peers,
+            local,
+            peers: RwLock::new(peers),
         })
+    }
+
+    /// Makes `id` a peer at `addr` (a node that joined, or moved to another address); a
+    /// known peer at the same address keeps its channel.
+    pub fn ensure(&self, id: u64, addr: &str) {
+        if id == self.node_id || self.peers.read().get(&id).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        match connect(id, addr, self.local) {
+            Ok(peer) => {
+                tracing::info!(node = id, addr, "new peer");
+                self.peers.write().insert(id, Arc::new(peer));
+            }
+            Err(error) => tracing::warn!(node = id, addr, %error, "unusable peer address"),
+        }
+    }
+
+    /// Every peer's id.
+    pub fn ids(&self) -> Vec<u64> {
+        self.peers.read().keys().copied().collect()
     }
 
     /// The secret calls are checked against.
@@ -118,7 +148,7 @@ impl Peers {
 
     /// Notes that `node` was heard from.
     pub fn saw(&self, node: u64) {
-        if let Some(peer) = self.peers.get(&node) {
+        if let Some(peer) = self.peers.read().get(&node) {
             peer.seen.store(now_ms(), Ordering::Relaxed);
         }
     }
@@ -128,13 +158,14 @@ impl Peers {
         node == self.node_id
             || self
                 .peers
+                .read()
                 .get(&node)
                 .is_some_and(|p| now_ms() - p.seen.load(Ordering::Relaxed) <= UP_WITHIN_MS)
     }
 
     /// A peer's cluster address.
-    pub fn addr(&self, node: u64) -> Option<&str> {
-        self.peers.get(&node).map(|p| p.addr.as_str())
+    pub fn addr(&self, node: u64) -> Option<String> {
+        self.peers.read().get(&node).map(|p| p.addr.clone())
     }
 
     /// A call whose message `message` makes from `body`, signed over `body` (moved into
@@ -164,9 +195,11 @@ impl Peers {
         request
     }
 
-    fn peer(&self, target: u64) -> Result<&Peer, tonic::Status> {
+    fn peer(&self, target: u64) -> Result<Arc<Peer>, tonic::Status> {
         self.peers
+            .read()
             .get(&target)
+            .cloned()
             .ok_or_else(|| tonic::Status::not_found(format!("node {target} is not a peer")))
     }
 
@@ -235,7 +268,9 @@ pub struct Network {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> Self::Network {
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        // A node added to a group (a learner joining) may be new to this node.
+        self.peers.ensure(target, &node.addr);
         Connection {
             group: self.group,
             target,

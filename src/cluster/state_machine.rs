@@ -27,7 +27,7 @@ use openraft::{
 use super::snapshot::{
     Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, unpack_bare,
 };
-use super::types::{Applied, Command, NodeAddrs, TypeConfig};
+use super::types::{Applied, Command, NodeAddrs, Placed, TypeConfig};
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
 
@@ -42,8 +42,15 @@ pub const SNAPSHOTS_INSTALLED: &str = "qit_cluster_snapshots_installed_total";
 pub trait MetaHooks: Send + Sync {
     /// A node announced its addresses.
     fn set_node(&self, addrs: NodeAddrs);
+    /// The metadata group's membership changed (its voters are the cluster's voters).
+    fn set_members(&self, membership: &openraft::Membership<u64, BasicNode>);
     /// Queue `name` was created by the entry that gives it group `id`.
     fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
+    /// A queue's group moved to other replicas: opened here if this node is one now,
+    /// closed and cleared if it no longer is.
+    fn set_replicas<'a>(&'a self, placed: &'a Placed) -> futures_util::future::BoxFuture<'a, ()>;
+    /// A node is leaving: placement leaves it out from now on.
+    fn set_draining(&self, node: u64);
     /// Queue `name` is about to be deleted.
     fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()>;
 }
@@ -159,6 +166,20 @@ impl StateMachine {
 
     async fn apply_command(&mut self, log_id: LogId<u64>, command: Command) -> Applied {
         match command {
+            // Membership changes run on the metadata leader and are never entries.
+            Command::Members(_) => Applied(Ok(OpResult::Done)),
+            Command::Placed(placed) => {
+                if let Role::Meta(groups) = &self.role {
+                    groups.set_replicas(&placed).await;
+                }
+                Applied(Ok(OpResult::Done))
+            }
+            Command::Draining(node) => {
+                if let Role::Meta(groups) = &self.role {
+                    groups.set_draining(node);
+                }
+                Applied(Ok(OpResult::Done))
+            }
             Command::Node(addrs) => {
                 if let Role::Meta(groups) = &self.role {
                     groups.set_node(addrs);
@@ -342,6 +363,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let reply = match entry.payload {
                 EntryPayload::Blank => Applied(Ok(OpResult::Done)),
                 EntryPayload::Membership(membership) => {
+                    if let Role::Meta(groups) = &self.role {
+                        groups.set_members(&membership);
+                    }
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Applied(Ok(OpResult::Done))
                 }

@@ -26,6 +26,43 @@ pub enum Command {
     Broker(Op),
     /// A node announces its addresses (metadata group).
     Node(NodeAddrs),
+    /// A change of the cluster's voters: run by the metadata group's leader, never stored
+    /// as an entry (openraft writes the membership entries).
+    Members(Change),
+    /// A queue's replicas changed (metadata group; written by the group's leader while it
+    /// moves the group, see [`super::moves`]).
+    Placed(Placed),
+    /// Node `0` is leaving: every group moves off it (metadata group).
+    Draining(u64),
+}
+
+/// A change of the cluster's voters ([`super::membership`]). It runs on the metadata group's leader (any node
+/// forwards it there) and is never an entry itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Add node `id`, whose cluster listener is `cluster`, as a voter.
+    Add {
+        /// The node id.
+        id: u64,
+        /// Its cluster listener, `HOST:PORT`.
+        cluster: String,
+    },
+    /// Remove node `id`.
+    Remove {
+        /// The node id.
+        id: u64,
+    },
+}
+
+/// The replicas of a queue's group, preferred leader first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    /// The queue.
+    pub queue: String,
+    /// Its group.
+    pub group: u64,
+    /// The replicas.
+    pub replicas: Vec<u64>,
 }
 
 /// What applying an entry answered (the same on every replica).

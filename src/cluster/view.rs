@@ -3,7 +3,7 @@
 //! changes, replication lag, last log, commit, apply and snapshot indexes, snapshot
 //! installs).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ pub const TERM: &str = "qit_cluster_term";
 pub const LEADER_CHANGES: &str = "qit_cluster_leader_changes_total";
 /// On a group's leader: entries the slowest follower lacks.
 pub const REPLICATION_LAG: &str = "qit_cluster_replication_lag_entries";
+/// On a group's leader: entries one follower lacks (label `follower`; 0 on other nodes).
+pub const FOLLOWER_LAG: &str = "qit_cluster_follower_lag_entries";
 /// 1 while this node leads the group.
 pub const IS_LEADER: &str = "qit_cluster_is_leader";
 /// The last index of the group's log on this node.
@@ -68,6 +70,18 @@ pub struct PartitionView {
     /// only the leader knows).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag: Option<u64>,
+    /// When this node leads the group: what each follower lacks (else empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub followers: Vec<FollowerLag>,
+}
+
+/// How far one follower of a group is behind its leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FollowerLag {
+    /// The follower's node id.
+    pub node: u64,
+    /// Entries of the leader's log it lacks.
+    pub lag: u64,
 }
 
 /// `GET /cluster`.
@@ -103,13 +117,26 @@ fn follower_lag(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u
     })
 }
 
+/// On a group's leader, what each follower lacks, by node id (empty elsewhere).
+fn followers_lag(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Vec<FollowerLag> {
+    let last = m.last_log_index.unwrap_or(0);
+    m.replication
+        .iter()
+        .flatten()
+        .map(|(node, matched)| FollowerLag {
+            node: *node,
+            lag: last.saturating_sub(matched.map_or(0, |l| l.index)),
+        })
+        .collect()
+}
+
 impl Cluster {
     /// The cluster as this node sees it.
     pub fn view(&self) -> ClusterView {
         let (leader, term) = leader_and_term(self.meta());
         let nodes = self
             .groups()
-            .voters
+            .voters()
             .iter()
             .map(|(id, cluster)| {
                 let addrs = self.groups().node(*id);
@@ -126,9 +153,11 @@ impl Cluster {
         for (queue, group) in self.groups().queue_groups() {
             let raft = self.groups().raft(group.id);
             let (leader, term) = raft.as_ref().map_or((None, 0), leader_and_term);
-            let lag = raft
-                .as_ref()
-                .and_then(|r| follower_lag(&r.metrics().borrow()));
+            let (lag, followers) = raft.as_ref().map_or((None, Vec::new()), |r| {
+                let m = r.metrics();
+                let m = m.borrow();
+                (follower_lag(&m), followers_lag(&m))
+            });
             let Ok(info) = self.broker.queue_info(&queue) else {
                 continue;
             };
@@ -142,6 +171,7 @@ impl Cluster {
                     group: group.id,
                     term,
                     lag,
+                    followers: followers.clone(),
                 });
             }
         }
@@ -163,7 +193,7 @@ impl Cluster {
         let leader = self.meta().metrics().borrow().current_leader;
         match leader {
             Some(leader) if leader == self.node_id() => {
-                let voters = &self.groups().voters;
+                let voters = self.groups().voters();
                 let up = voters.keys().filter(|v| self.peers().is_up(**v)).count();
                 up > voters.len() / 2
             }
@@ -175,6 +205,8 @@ impl Cluster {
     /// Updates the per-group series every second until `stop`.
     pub async fn run_metrics(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut leaders: HashMap<u64, Option<u64>> = HashMap::new();
+        // Per-follower series set last round (zeroed when this node no longer leads).
+        let mut follower_series: HashSet<(u64, u64)> = HashSet::new();
         let mut failed: Vec<u64> = Vec::new();
         let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -211,6 +243,22 @@ impl Cluster {
                 }
                 let lag = follower_lag(&m).unwrap_or(0);
                 metrics::gauge!(REPLICATION_LAG, &labels).set(lag as f64);
+                let followers = followers_lag(&m);
+                for f in &followers {
+                    follower_series.insert((id, f.node));
+                }
+                for (group, node) in follower_series.iter().filter(|(g, _)| *g == id) {
+                    let lag = followers
+                        .iter()
+                        .find(|f| f.node == *node)
+                        .map_or(0, |f| f.lag);
+                    let labels = [
+                        ("group", group.to_string()),
+                        ("queue", labels[1].1.clone()),
+                        ("follower", node.to_string()),
+                    ];
+                    metrics::gauge!(FOLLOWER_LAG, &labels).set(lag as f64);
+                }
                 let index = |l: Option<openraft::LogId<u64>>| l.map_or(0.0, |l| l.index as f64);
                 metrics::gauge!(LAST_LOG_INDEX, &labels).set(m.last_log_index.unwrap_or(0) as f64);
                 metrics::gauge!(APPLIED_INDEX, &labels).set(index(m.last_applied));
@@ -267,26 +315,37 @@ pub fn status_table(view: &ClusterView, others: &[ClusterView]) -> String {
     }
     out.push(String::new());
     out.push(format!(
-        "{:<32} {:<6} {:<9} {:>10} {:>6}",
-        "QUEUE/PARTITION", "LEADER", "REPLICAS", "COMMITTED", "LAG"
+        "{:<32} {:<6} {:<9} {:>10} {:<16} {:>6}",
+        "QUEUE/PARTITION", "LEADER", "REPLICAS", "COMMITTED", "FOLLOWER:LAG", "LAG"
     ));
     for p in &view.partitions {
-        let lag = p.lag.or_else(|| {
+        let leaders_view = |p: &PartitionView| {
             others
                 .iter()
                 .filter(|o| Some(o.node_id) == p.leader)
                 .flat_map(|o| &o.partitions)
                 .find(|o| o.group == p.group && o.partition == p.partition)
-                .and_then(|o| o.lag)
-        });
+                .cloned()
+        };
+        let lag = p.lag.or_else(|| leaders_view(p).and_then(|o| o.lag));
+        let followers = if p.followers.is_empty() {
+            leaders_view(p).map(|o| o.followers).unwrap_or_default()
+        } else {
+            p.followers.clone()
+        };
+        let followers: Vec<String> = followers
+            .iter()
+            .map(|f| format!("{}:{}", f.node, f.lag))
+            .collect();
         let replicas: Vec<String> = p.replicas.iter().map(u64::to_string).collect();
         let partition = format!("{}/{}", p.queue, p.partition);
         out.push(format!(
-            "{:<32} {:<6} {:<9} {:>10} {:>6}",
+            "{:<32} {:<6} {:<9} {:>10} {:<16} {:>6}",
             partition,
             name(p.leader),
             replicas.join(","),
             p.committed_offset,
+            followers.join(","),
             name(lag)
         ));
     }
@@ -307,6 +366,7 @@ mod tests {
             group: 8,
             term: 3,
             lag,
+            followers: Vec::new(),
         }
     }
 
@@ -321,7 +381,8 @@ mod tests {
     }
 
     /// The table shows who is down, how many groups each node leads, and the lag the
-    /// partition's leader reports (from the leader's own view when another node answered).
+    /// partition's leader reports, in all and per follower (from the leader's own view when
+    /// another node answered).
     #[test]
     fn status_table_shows_nodes_leaders_and_lag() {
         let answering = ClusterView {
@@ -331,9 +392,14 @@ mod tests {
             nodes: vec![node(1, true), node(2, true), node(3, false)],
             partitions: vec![partition("orders", Some(2), None)],
         };
+        let mut led = partition("orders", Some(2), Some(7));
+        led.followers = vec![
+            FollowerLag { node: 1, lag: 0 },
+            FollowerLag { node: 3, lag: 7 },
+        ];
         let leader = ClusterView {
             node_id: 2,
-            partitions: vec![partition("orders", Some(2), Some(7))],
+            partitions: vec![led],
             ..answering.clone()
         };
         let table = status_table(&answering, &[leader]);
@@ -351,7 +417,7 @@ mod tests {
         assert_eq!(row("3 ")[..3], ["3", "down", "0"], "{table}");
         assert_eq!(
             row("orders/0"),
-            ["orders/0", "2", "2,1,3", "42", "7"],
+            ["orders/0", "2", "2,1,3", "42", "1:0,3:7", "7"],
             "{table}"
         );
         let alone = status_table(&answering, &[]);

@@ -30,6 +30,9 @@ pub struct Node {
     pub grpc_port: u16,
     /// Its cluster (Raft and forwarding) port.
     pub cluster_port: u16,
+    /// The IP its cluster listener binds, and its connections to the peers go out from
+    /// (`127.0.0.1` unless made with [`Node::new_at`]).
+    pub cluster_ip: String,
     child: Option<Child>,
 }
 
@@ -44,13 +47,14 @@ impl Node {
             http_port,
             grpc_port: free_port(),
             cluster_port: free_port(),
+            cluster_ip: "127.0.0.1".to_string(),
             child: None,
         }
     }
 
     /// `ID=127.0.0.1:PORT`, as `--peers` names this node.
     pub fn peer(&self) -> String {
-        format!("{}=127.0.0.1:{}", self.id, self.cluster_port)
+        format!("{}={}:{}", self.id, self.cluster_ip, self.cluster_port)
     }
 
     /// `http://127.0.0.1:PORT` of its gRPC listener.
@@ -64,7 +68,10 @@ impl Node {
         let child = Command::new(env!("CARGO_BIN_EXE_qit"))
             .arg("serve")
             .args(["--node-id", &self.id.to_string()])
-            .args(["--cluster", &format!("127.0.0.1:{}", self.cluster_port)])
+            .args([
+                "--cluster",
+                &format!("{}:{}", self.cluster_ip, self.cluster_port),
+            ])
             .args(["--peers", peers])
             .args(["--cluster-secret", SECRET])
             .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
@@ -434,4 +441,51 @@ pub async fn metric_sum(bases: &[String], name: &str) -> f64 {
         sum += metric(base, name).await;
     }
     sum
+}
+
+impl Node {
+    /// A node like [`Node::new`] whose cluster listener is on `cluster_ip` (another loopback
+    /// address, such as `127.0.0.3`, so that a firewall rule on it cuts the node off from
+    /// its peers while its HTTP and gRPC listeners stay on `127.0.0.1`).
+    pub fn new_at(id: u64, dir: PathBuf, cluster_ip: &str) -> Self {
+        let mut node = Self::new(id, dir);
+        node.cluster_ip = cluster_ip.to_string();
+        node.cluster_port = free_port_on(cluster_ip);
+        node
+    }
+}
+
+/// A port free on `ip` now.
+pub fn free_port_on(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Cluster {
+    /// `ips.len()` nodes with the default configuration, node `i + 1`'s cluster listener on
+    /// `ips[i]` (see [`Node::new_at`]), each seeing a metadata leader.
+    pub async fn start_at(ips: &[&str]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut nodes: Vec<Node> = ips
+            .iter()
+            .zip(1u64..)
+            .map(|(ip, id)| Node::new_at(id, temp.path().join(format!("node-{id}")), ip))
+            .collect();
+        let peers = nodes.iter().map(Node::peer).collect::<Vec<_>>().join(",");
+        for node in &mut nodes {
+            node.start(&peers, &[]);
+        }
+        let cluster = Self {
+            nodes,
+            peers,
+            extra: Vec::new(),
+            temp,
+        };
+        for node in &cluster.nodes {
+            cluster.wait_metadata_leader(node.id).await;
+        }
+        cluster
+    }
 }

@@ -1,0 +1,473 @@
+//! Membership changes (issue 14) on real `qit` processes, under publish and consume load:
+//! a fourth node joins (`--join`: learner, then voter) and the queue's group moves a
+//! replica onto it as placement says; the node survives a restart as a voter, and the
+//! voter set survives the restart of a node started with the initial `--peers`; `qit
+//! cluster add-node` is idempotent, refusals are 409 with a reason; the node is removed
+//! again (`qit cluster remove-node`) and the replica moves back. Every publish answered
+//! 2xx is stored once (the publisher sends idempotency keys, as an exactly-once producer
+//! does) and delivered; no message is delivered again after its ack was answered (one
+//! whose ack failed, its lease dropped by a leader change, is); the replicas' logs are
+//! identical.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::cluster::{Cluster, Node, create_queue, log_bodies, partition, view};
+use common::{eventually, http};
+use parking_lot::Mutex;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// What the load saw.
+#[derive(Default)]
+struct Seen {
+    /// Bodies whose publish was answered 2xx.
+    answered: BTreeSet<String>,
+    /// Bodies acked (answered 2xx).
+    acked: BTreeSet<String>,
+    /// Message ids acked (answered 2xx).
+    acked_ids: BTreeSet<String>,
+    /// Bodies delivered again (same message id) after their ack was answered.
+    redelivered_after_ack: Vec<String>,
+    /// Deliveries per body.
+    deliveries: BTreeMap<String, usize>,
+    /// Bodies whose ack was refused or lost (a leader change drops the leases: the message
+    /// is delivered again, as after any lost ack).
+    ack_failed: BTreeSet<String>,
+    /// What happened to each body, in order (printed when a check fails).
+    history: BTreeMap<String, Vec<String>>,
+}
+
+/// Publishers and a consumer of queue `q` going through the nodes of `bases` in turn.
+struct Load {
+    bases: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+    /// Loop turns of the publisher and of the consumer.
+    turns: [Arc<AtomicUsize>; 2],
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(bases: Vec<String>, queue: &'static str) -> Self {
+        let bases = Arc::new(Mutex::new(bases));
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let turns: [Arc<AtomicUsize>; 2] = Default::default();
+        let publisher = {
+            let (bases, seen, stop) = (Arc::clone(&bases), Arc::clone(&seen), Arc::clone(&stop));
+            let turns = Arc::clone(&turns[0]);
+            tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    turns.fetch_add(1, Ordering::Relaxed);
+                    let base = {
+                        let b = bases.lock();
+                        b[i % b.len()].clone()
+                    };
+                    let body = format!("m-{i}");
+                    i += 1;
+                    let sent = http()
+                        .post(format!("{base}/queues/{queue}/messages"))
+                        .header("Idempotency-Key", body.clone())
+                        .body(body.clone())
+                        .timeout(Duration::from_secs(20))
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status().is_success()) {
+                        seen.lock().answered.insert(body);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            })
+        };
+        let consumer = {
+            let (bases, seen, stop) = (Arc::clone(&bases), Arc::clone(&seen), Arc::clone(&stop));
+            let turns = Arc::clone(&turns[1]);
+            tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    turns.fetch_add(1, Ordering::Relaxed);
+                    let base = {
+                        let b = bases.lock();
+                        b[i % b.len()].clone()
+                    };
+                    i += 1;
+                    consume_once(&base, queue, &seen).await;
+                }
+            })
+        };
+        Self {
+            bases,
+            seen,
+            stop,
+            turns,
+            tasks: vec![publisher, consumer],
+        }
+    }
+
+    /// Stops sending through `base` and waits until no request through it is under way.
+    async fn avoid(&self, base: &str) {
+        self.bases.lock().retain(|b| b != base);
+        let at = self.turns.each_ref().map(|t| t.load(Ordering::Relaxed));
+        eventually("the load left the node", || async {
+            self.turns
+                .iter()
+                .zip(at)
+                .all(|(t, at)| t.load(Ordering::Relaxed) >= at + 2)
+        })
+        .await;
+    }
+
+    /// Stops publishing and consuming (what was answered stays recorded).
+    async fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks.drain(..) {
+            task.await.expect("a load task panicked");
+        }
+    }
+}
+
+/// One receive through `base` and an ack of each message received, recorded in `seen`.
+async fn consume_once(base: &str, queue: &str, seen: &Mutex<Seen>) {
+    let url = format!("{base}/queues/{queue}/messages?max=20&wait=1&visibility=30");
+    let Ok(response) = http()
+        .get(url)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+    else {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        return;
+    };
+    if !response.status().is_success() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        return;
+    }
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    for m in body["messages"].as_array().into_iter().flatten() {
+        let (Some(id), Some(text)) = (m["id"].as_str(), m["body"].as_str()) else {
+            continue;
+        };
+        {
+            let mut seen = seen.lock();
+            let at = format!(
+                "{:?} delivered as {id} through {base} ({m})",
+                std::time::Instant::now()
+            );
+            seen.history.entry(text.to_string()).or_default().push(at);
+            *seen.deliveries.entry(text.to_string()).or_default() += 1;
+            if seen.acked_ids.contains(id) {
+                seen.redelivered_after_ack.push(text.to_string());
+            }
+        }
+        let answer = http()
+            .delete(format!("{base}/queues/{queue}/messages/{id}"))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await;
+        let acked = answer.as_ref().is_ok_and(|r| r.status().is_success());
+        seen.lock()
+            .history
+            .entry(text.to_string())
+            .or_default()
+            .push(format!(
+                "{:?} ack through {base}: {:?}",
+                std::time::Instant::now(),
+                answer.map(|r| r.status())
+            ));
+        if acked {
+            let mut seen = seen.lock();
+            seen.acked.insert(text.to_string());
+            seen.acked_ids.insert(id.to_string());
+        } else {
+            seen.lock().ack_failed.insert(text.to_string());
+        }
+    }
+}
+
+/// The ids of the nodes in node `base`'s view.
+async fn node_ids(base: &str) -> Option<Vec<u64>> {
+    let v = view(&format!("{base}/cluster")).await?;
+    Some(
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| n["id"].as_u64())
+            .collect(),
+    )
+}
+
+async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = request
+        .timeout(Duration::from_secs(200))
+        .send()
+        .await
+        .expect("the node answers");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qit"))
+        .args(args)
+        .output()
+        .expect("run qit")
+}
+
+/// A queue name whose best replicas over nodes 1..=4 include node 4 (so that the join
+/// moves a replica of it onto node 4).
+fn queue_for_node_four() -> String {
+    (0..)
+        .map(|i| format!("work-{i}"))
+        .find(|q| qit::cluster::placement::replicas(q, &[1, 2, 3, 4], 3).contains(&4))
+        .expect("some name")
+}
+
+/// The replicas of `queue` in node `base`'s view.
+async fn replicas(base: &str, queue: &str) -> Option<Vec<u64>> {
+    let v = view(&format!("{base}/cluster")).await?;
+    let p = partition(&v, queue)?;
+    Some(
+        p["replicas"]
+            .as_array()?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect(),
+    )
+}
+
+/// Waits until every node of `bases` holds the same committed log of `queue` (partition
+/// 0); returns it.
+async fn same_logs(bases: &[String], queue: &str) -> Vec<String> {
+    let log: Mutex<Option<Vec<String>>> = Mutex::new(None);
+    eventually(&format!("{queue}'s logs agree on {bases:?}"), || async {
+        let mut logs = Vec::new();
+        for b in bases {
+            logs.push(log_bodies(b, queue, 0).await);
+        }
+        let agree = logs[0].is_some() && logs.iter().all(|l| *l == logs[0]);
+        if agree {
+            *log.lock() = logs[0].clone();
+        }
+        agree
+    })
+    .await;
+    log.into_inner().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
+    let mut cluster = Cluster::start().await;
+    let base = |c: &Cluster, id: u64| c.http(id).to_string();
+    let work: &'static str = Box::leak(queue_for_node_four().into_boxed_str());
+    create_queue(&base(&cluster, 1), work, json!({"partitions": 1})).await;
+    let mut load = Load::start((1..=3).map(|id| base(&cluster, id)).collect(), work);
+    eventually("the load runs", || async {
+        load.seen.lock().acked.len() >= 20
+    })
+    .await;
+
+    // Node 4 joins: started with --join and --peers naming the members and itself.
+    let mut four = Node::new(4, cluster.root().join("node-4"));
+    let peers4 = format!("{},{}", cluster.peers, four.peer());
+    four.start(&peers4, &["--join".to_string()]);
+    for id in 1..=3 {
+        let b = base(&cluster, id);
+        eventually(&format!("node {id} lists node 4"), || async {
+            node_ids(&b).await == Some(vec![1, 2, 3, 4])
+        })
+        .await;
+    }
+    let b4 = four.http.clone();
+    eventually("node 4 votes and sees the metadata leader", || async {
+        node_ids(&b4).await == Some(vec![1, 2, 3, 4])
+            && view(&format!("{b4}/cluster"))
+                .await
+                .is_some_and(|v| v["leader"].is_u64() && partition(&v, work).is_some())
+    })
+    .await;
+    load.bases.lock().push(b4.clone());
+    println!("{:?} node 4 joined", std::time::Instant::now());
+
+    // The queue moves a replica onto node 4, under load, as placement says.
+    let wanted = qit::cluster::placement::replicas(work, &[1, 2, 3, 4], 3);
+    for id in 1..=3 {
+        let b = base(&cluster, id);
+        eventually(&format!("node {id} sees {work} on {wanted:?}"), || async {
+            replicas(&b, work).await.as_ref() == Some(&wanted)
+        })
+        .await;
+    }
+    let holders: Vec<String> = wanted
+        .iter()
+        .map(|id| match id {
+            4 => b4.clone(),
+            id => base(&cluster, *id),
+        })
+        .collect();
+    same_logs(&holders, work).await;
+    println!("{:?} moved onto {wanted:?}", std::time::Instant::now());
+
+    // Adding it again is harmless (the CLI, through another node); another address for
+    // its id is refused.
+    let cluster_addr = format!("127.0.0.1:{}", four.cluster_port);
+    let out = cli(&[
+        "cluster",
+        "--server",
+        cluster.http(2),
+        "add-node",
+        &format!("4={cluster_addr}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, body) = send(
+        http()
+            .post(format!("{}/cluster/nodes", cluster.http(3)))
+            .json(&json!({"id": 4, "cluster": "127.0.0.1:1"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
+
+    // The voter set survives restarts: node 4 (started with --join again) is a voter at
+    // once, and a node started with the initial --peers learns node 4 from the log.
+    load.avoid(&b4).await;
+    println!("{:?} restarting node 4", std::time::Instant::now());
+    four.terminate();
+    four.start(&peers4, &["--join".to_string()]);
+    let restart = (1..=3)
+        .find(|id| !wanted.contains(id))
+        .expect("a node that is no replica of the queue now");
+    let b = base(&cluster, restart);
+    load.avoid(&b).await;
+    cluster.kill(restart);
+    cluster.restart(restart);
+    eventually("the restarted node lists node 4", || async {
+        node_ids(&b).await == Some(vec![1, 2, 3, 4])
+    })
+    .await;
+    eventually("node 4 is back as a voter", || async {
+        node_ids(&b4).await == Some(vec![1, 2, 3, 4])
+            && view(&format!("{b4}/cluster"))
+                .await
+                .is_some_and(|v| v["leader"].is_u64())
+    })
+    .await;
+    load.bases.lock().push(b.clone());
+
+    println!("{:?} removing node 4", std::time::Instant::now());
+    // Node 4 leaves (the CLI, through node 3): its replica moves back, under load.
+    let out = cli(&["cluster", "--server", cluster.http(3), "remove-node", "4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in 1..=3 {
+        let b = base(&cluster, id);
+        eventually(&format!("node {id} lists three nodes"), || async {
+            node_ids(&b).await == Some(vec![1, 2, 3])
+                && replicas(&b, work).await.is_some_and(|r| !r.contains(&4))
+        })
+        .await;
+    }
+    four.terminate();
+    // Too few voters would be left; an unknown node.
+    let (status, body) = send(http().delete(format!("{}/cluster/nodes/1", cluster.http(2)))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
+    let (status, body) = send(http().delete(format!("{}/cluster/nodes/9", cluster.http(2)))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    // Every answered publish is delivered and acked exactly once; the logs agree.
+    let acked = load.seen.lock().acked.len();
+    eventually("the load went on after the changes", || async {
+        load.seen.lock().acked.len() >= acked + 20
+    })
+    .await;
+    load.stop().await;
+    let answered = load.seen.lock().answered.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        consume_once(cluster.http(1), work, &load.seen).await;
+        // An ack answered 503 may still have been committed: delivered is what counts.
+        let missing: Vec<String> = {
+            let seen = load.seen.lock();
+            answered
+                .iter()
+                .filter(|b| !seen.deliveries.contains_key(*b))
+                .cloned()
+                .collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            for body in &missing {
+                println!("missing {body}: {:#?}", load.seen.lock().history.get(body));
+            }
+            for id in 1..=3 {
+                println!(
+                    "node {id}: {:?}",
+                    view(&format!("{}/queues/{work}", cluster.http(id))).await
+                );
+                println!(
+                    "node {id} log: {:?}",
+                    log_bodies(cluster.http(id), work, 0).await
+                );
+            }
+            panic!("answered publishes never delivered: {missing:?}");
+        }
+    }
+    let redelivered = {
+        let seen = load.seen.lock();
+        for body in &seen.redelivered_after_ack {
+            println!("{body}: {:#?}", seen.history.get(body));
+        }
+        assert!(
+            seen.redelivered_after_ack.is_empty(),
+            "delivered again after an ack: {:?}",
+            seen.redelivered_after_ack
+        );
+        // A message is delivered again only when its ack did not go through.
+        let twice: Vec<&String> = seen
+            .deliveries
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(b, _)| b)
+            .collect();
+        let unexplained: Vec<_> = twice
+            .iter()
+            .filter(|b| !seen.ack_failed.contains(**b))
+            .collect();
+        assert!(
+            unexplained.is_empty(),
+            "delivered again though acked: {unexplained:?}"
+        );
+        twice.len()
+    };
+    let all: Vec<String> = (1..=3).map(|id| base(&cluster, id)).collect();
+    let log = same_logs(&all, work).await;
+    println!(
+        "{work}: {} publishes answered, {} stored, every answered one delivered, {redelivered} delivered again after a failed ack (leases dropped by a leader change); moved onto {wanted:?} and back",
+        answered.len(),
+        log.len()
+    );
+    let stored: BTreeSet<String> = log.iter().cloned().collect();
+    assert!(answered.is_subset(&stored));
+    assert_eq!(
+        stored.len(),
+        log.len(),
+        "a publish stored twice (idempotency keys)"
+    );
+}
