@@ -19,6 +19,10 @@ use serde_json::{Value, json};
 /// The map cache's limit in these tests.
 const LIMIT: usize = 16;
 
+/// Segments big enough that their `.log` is mapped, not read (the disk reads files of at
+/// most 8 KiB, such as these segments' indexes, into memory instead).
+const SEGMENT_BYTES: u64 = 16 * 1024;
+
 /// Lines of `/proc/self/maps` naming a file under `dir` (one per map).
 fn maps_under(dir: &Path) -> usize {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -60,7 +64,7 @@ fn setup() -> (tempfile::TempDir, PathBuf, Arc<CachedStorage>, LogConfig) {
     );
     let config = LogConfig {
         storage: Arc::clone(&storage) as _,
-        segment_bytes: 4096,
+        segment_bytes: SEGMENT_BYTES,
         fsync: FsyncPolicy::Never,
         ..LogConfig::default()
     };
@@ -77,7 +81,7 @@ fn check(records: &[qit::log::StoredRecord], from: u64) {
 
 #[test]
 fn reading_more_sealed_segments_than_the_limit_keeps_the_maps_bounded() {
-    const N: u64 = 600;
+    const N: u64 = 2400;
     let (_temp, dir, storage, config) = setup();
     let rt = rt();
     let log = PartitionLog::open(&dir, config.clone()).unwrap();
@@ -85,8 +89,8 @@ fn reading_more_sealed_segments_than_the_limit_keeps_the_maps_bounded() {
         rt.block_on(log.append(record(offset))).unwrap();
     }
     let sealed = log.segments().iter().filter(|s| s.sealed).count();
-    // Three files per sealed segment: several times the limit.
-    assert!(sealed * 3 >= 4 * LIMIT, "{sealed} sealed segments");
+    // Their logs alone are several times the limit.
+    assert!(sealed >= 3 * LIMIT, "{sealed} sealed segments");
     assert_eq!(storage.mapped_files(), 0, "a roll maps nothing");
 
     // Sequentially, a few records at a time.
@@ -158,7 +162,7 @@ fn reading_more_sealed_segments_than_the_limit_keeps_the_maps_bounded() {
 /// every read is right and the count stays bounded.
 #[test]
 fn concurrent_readers_and_a_rolling_writer_through_a_small_map_cache() {
-    const N: u64 = 900;
+    const N: u64 = 1800;
     let (_temp, dir, storage, config) = setup();
     let rt = rt();
     let log = PartitionLog::open(&dir, config).unwrap();
@@ -197,7 +201,7 @@ fn concurrent_readers_and_a_rolling_writer_through_a_small_map_cache() {
 /// data directory stay within it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_keeps_its_maps_within_max_mapped_files() {
-    const N: usize = 400;
+    const N: usize = 1600;
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path().canonicalize().unwrap();
     let server = common::TestServer::start_with(&data, |c| {
@@ -208,13 +212,13 @@ async fn a_server_keeps_its_maps_within_max_mapped_files() {
     let base = server.http.clone();
     let created = http()
         .post(format!("{base}/queues/backlog"))
-        .json(&json!({"segment_bytes": 4096, "max_deliveries": 0}))
+        .json(&json!({"segment_bytes": SEGMENT_BYTES, "max_deliveries": 0}))
         .send()
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
     let body = |i: usize| format!("message {i:04} {}", "m".repeat(300));
-    for chunk in (0..N).collect::<Vec<_>>().chunks(5) {
+    for chunk in (0..N).collect::<Vec<_>>().chunks(8) {
         let messages: Vec<Value> = chunk.iter().map(|i| json!({"body": body(*i)})).collect();
         let published = http()
             .post(format!("{base}/queues/backlog/messages/batch"))
@@ -226,11 +230,11 @@ async fn a_server_keeps_its_maps_within_max_mapped_files() {
     }
     let info: Value = get_json(format!("{base}/queues/backlog")).await;
     let segments = info["partitions"][0]["segments"].as_u64().unwrap();
-    assert!(segments as usize * 3 >= 4 * LIMIT, "{info}");
+    assert!(segments as usize >= 2 * LIMIT, "{info}");
     let mut received = Vec::new();
     while received.len() < N {
         let page: Value = get_json(format!(
-            "{base}/queues/backlog/messages?max=20&visibility=3600"
+            "{base}/queues/backlog/messages?max=100&visibility=3600"
         ))
         .await;
         let messages = page["messages"].as_array().unwrap();

@@ -42,7 +42,9 @@ use crate::storage::SharedStorage;
 use queue::{DeadLetterJob, Ended, Group, Queue};
 use registry::{MetaCommand, MetaLog, Registry};
 
-/// Threads that open queues at start (each queue's recovery is mostly small file reads).
+/// Threads that open queues at start: each queue's recovery is mostly small file reads and
+/// directory lookups, waiting on the file system (and, on a cold cache, on the disk), so
+/// a few more threads than cores overlap them.
 const OPEN_THREADS: usize = 4;
 
 /// Opens every queue of the registry, on a few threads; a queue whose data cannot be opened
@@ -56,8 +58,8 @@ fn open_queues(
     alarms: &Arc<queue::Alarms>,
 ) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
     let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .clamp(1, OPEN_THREADS);
+        .map_or(1, |cores| usize::from(cores) * 2)
+        .clamp(2, OPEN_THREADS);
     let chunk = specs.len().div_ceil(threads).max(1);
     let results: Vec<(String, Result<Queue, BrokerError>)> = std::thread::scope(|scope| {
         let workers: Vec<_> = specs

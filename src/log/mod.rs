@@ -512,10 +512,11 @@ fn read_segment(
     let full = |n: usize, b: usize| n >= max_records || b >= max_bytes;
     let len = segment.len();
     let (mut position, mut expected_base) = segment.position_for(from)?;
+    let reader = segment.reader()?;
     while position < len {
         // Every batch passed over is CRC-checked too (at most one index interval of them),
         // so a damaged header can never make a read skip or stop silently.
-        let (header, batch) = segment.batch_at(position)?;
+        let (header, batch) = reader.batch_at(position)?;
         if let Some(expected_base) = expected_base.take()
             && header.base_offset != expected_base
         {

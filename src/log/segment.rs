@@ -423,15 +423,56 @@ impl Segment {
         }
     }
 
+    /// The segment's bytes for a run of reads: a sealed segment's map is taken once (one
+    /// look in the map cache, mapping it again if the cache dropped it), not per batch.
+    pub fn reader(&self) -> Result<SegmentReader<'_>, LogError> {
+        let source = match &self.data {
+            Data::Mapped(file) => Source::Mapped(file.bytes().map_err(|source| LogError::Io {
+                path: self.paths.log.clone(),
+                source,
+            })?),
+            Data::File(file) => Source::File(file),
+        };
+        Ok(SegmentReader {
+            segment: self,
+            source,
+        })
+    }
+
+    /// Reads just the header of the batch at `position` (no CRC check).
+    pub fn header_at(&self, position: u64) -> Result<BatchHeader, LogError> {
+        self.reader()?.header_at(position)
+    }
+
+    /// Reads the whole batch at `position` and checks its CRC.
+    pub fn batch_at(&self, position: u64) -> Result<(BatchHeader, Bytes), LogError> {
+        self.reader()?.batch_at(position)
+    }
+}
+
+/// Where a [`SegmentReader`] reads.
+enum Source<'a> {
+    /// The sealed segment's map (holding it keeps it mapped).
+    Mapped(Bytes),
+    /// The active segment's file.
+    File(&'a Arc<dyn StorageFile>),
+}
+
+/// A segment's bytes held for a run of reads ([`Segment::reader`]).
+pub struct SegmentReader<'a> {
+    segment: &'a Segment,
+    source: Source<'a>,
+}
+
+impl SegmentReader<'_> {
     /// Reads just the header of the batch at `position` (no CRC check).
     pub fn header_at(&self, position: u64) -> Result<BatchHeader, LogError> {
         let bytes = self.read_range(position, HEADER_LEN as u64)?;
-        if record::peek_header(&bytes).is_none()
-            || bytes.get(..4) != Some(&record::BATCH_MAGIC.to_le_bytes()[..])
-        {
-            return Err(self.corrupt(position, "bad batch header".into()));
+        if bytes.get(..4) != Some(&record::BATCH_MAGIC.to_le_bytes()[..]) {
+            return Err(self.segment.corrupt(position, "bad batch header".into()));
         }
-        record::peek_header(&bytes).ok_or_else(|| self.corrupt(position, "bad batch header".into()))
+        record::peek_header(&bytes)
+            .ok_or_else(|| self.segment.corrupt(position, "bad batch header".into()))
     }
 
     /// Reads the whole batch at `position` and checks its CRC.
@@ -440,43 +481,36 @@ impl Segment {
         let bytes = self.read_range(position, u64::from(header.batch_len))?;
         match record::classify(&bytes) {
             Decoded::Batch(header) => Ok((header, bytes)),
-            Decoded::Torn { available, needed } => Err(self.corrupt(
+            Decoded::Torn { available, needed } => Err(self.segment.corrupt(
                 position,
                 format!("torn batch: {available} of {needed} bytes"),
             )),
-            Decoded::Corrupt { reason } => Err(self.corrupt(position, reason)),
+            Decoded::Corrupt { reason } => Err(self.segment.corrupt(position, reason)),
         }
     }
 
     /// `len` bytes at `position`, within the readable length.
     fn read_range(&self, position: u64, len: u64) -> Result<Bytes, LogError> {
+        let segment = self.segment;
         let end = position
             .checked_add(len)
-            .filter(|end| *end <= self.len())
+            .filter(|end| *end <= segment.len())
             .ok_or_else(|| {
-                self.corrupt(position, format!("batch of {len} bytes runs past the data"))
+                segment.corrupt(position, format!("batch of {len} bytes runs past the data"))
             })?;
-        match &self.data {
-            Data::Mapped(file) => file
-                .with(|bytes| {
-                    (end as usize <= bytes.len())
-                        .then(|| bytes.slice(position as usize..end as usize))
-                })
-                .map_err(|source| LogError::Io {
-                    path: self.paths.log.clone(),
-                    source,
-                })?
-                .ok_or_else(|| {
-                    self.corrupt(
-                        position,
-                        "the mapped file is shorter than the segment".into(),
-                    )
-                }),
-            Data::File(file) => {
+        match &self.source {
+            Source::Mapped(bytes) if end as usize <= bytes.len() => {
+                Ok(bytes.slice(position as usize..end as usize))
+            }
+            Source::Mapped(_) => Err(segment.corrupt(
+                position,
+                "the mapped file is shorter than the segment".into(),
+            )),
+            Source::File(file) => {
                 let mut buf = vec![0; len as usize];
                 file.read_exact_at(&mut buf, position)
                     .map_err(|source| LogError::Io {
-                        path: self.paths.log.clone(),
+                        path: segment.paths.log.clone(),
                         source,
                     })?;
                 Ok(Bytes::from(buf))

@@ -1,4 +1,5 @@
-//! The real storage: `std::fs` for files and directories, `memmap2` for read-only maps.
+//! The real storage: `std::fs` for files and directories, `memmap2` for read-only maps
+//! (files of at most [`SMALL_FILE_BYTES`] are read instead).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -10,6 +11,9 @@ use bytes::Bytes;
 use memmap2::Mmap;
 
 use super::{OpenMode, Storage, StorageFile};
+
+/// Files up to this size are read into memory rather than mapped by [`Storage::map`].
+pub const SMALL_FILE_BYTES: u64 = 8 * 1024;
 
 /// The local file system.
 #[derive(Debug, Clone, Copy, Default)]
@@ -68,8 +72,16 @@ impl Storage for Disk {
 
     fn map(&self, path: &Path) -> io::Result<Bytes> {
         let file = File::open(path)?;
-        if file.metadata()?.len() == 0 {
+        let len = file.metadata()?.len();
+        if len == 0 {
             return Ok(Bytes::new());
+        }
+        if len <= SMALL_FILE_BYTES {
+            // Cheaper read than mapped: no map to set up, fault in and tear down (`munmap`
+            // interrupts every core running the process), and no entry in the map table.
+            let mut bytes = vec![0; len as usize];
+            file.read_exact_at(&mut bytes, 0)?;
+            return Ok(Bytes::from(bytes));
         }
         // SAFETY: callers map only files that qit never truncates or rewrites in place
         // (compaction and truncation write a new file and rename it), so the mapped bytes

@@ -84,7 +84,8 @@ pub trait StorageFile: Send + Sync + Debug {
 pub trait Storage: Send + Sync + Debug {
     /// Opens `path` in `mode`.
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn StorageFile>>;
-    /// The whole of an immutable file, mapped read-only when the implementation can. Only
+    /// The whole of an immutable file, mapped read-only when the implementation can (small
+    /// files may be read instead: a map costs more than a copy of a few pages). Only
     /// for files nobody writes or truncates in place while the map lives (sealed segments,
     /// their indexes).
     fn map(&self, path: &Path) -> io::Result<Bytes>;
