@@ -44,6 +44,7 @@ pub mod groups;
 pub mod handoff;
 pub mod liveness;
 pub mod log_store;
+pub mod metadata;
 pub mod network;
 pub mod placement;
 pub mod proposals;
@@ -202,6 +203,12 @@ async fn propose_entry(
         ))),
         Err(error) => Err(no_leader(format!("group {group}: {error}"))),
     }
+}
+
+/// A receiver of `raft`'s current leader (a group this node has no watch of yet).
+fn watch_metrics_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<u64>> {
+    let (_, rx) = tokio::sync::watch::channel(raft.metrics().borrow().current_leader);
+    rx
 }
 
 /// How forwarding an op failed.
@@ -394,7 +401,10 @@ impl Cluster {
                     }
                 }
                 Some(leader) if hops < MAX_HOPS => {
-                    match self.forward_to_leader(&raft, leader, &command, hops).await {
+                    match self
+                        .forward_to_leader(&raft, group, leader, &command, hops)
+                        .await
+                    {
                         Err(Forwarding::Moved(why)) if attempts + 1 < FORWARD_ATTEMPTS => {
                             tracing::debug!(group, leader, %why, "following the group's leader");
                             attempts += 1;
@@ -425,14 +435,20 @@ impl Cluster {
     async fn forward_to_leader(
         &self,
         raft: &Raft,
+        group: u64,
         leader: u64,
         command: &Command,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), Forwarding> {
-        let mut metrics = raft.metrics();
+        // The group's leader only (its metrics change at every entry: hundreds of
+        // requests in flight would all wake at each).
+        let mut leaders = self
+            .groups
+            .leader_watch(group)
+            .unwrap_or_else(|| watch_metrics_leader(raft));
         let deposed = async {
-            let changed = metrics
-                .wait_for(|m| m.current_leader.is_some_and(|l| l != leader))
+            let changed = leaders
+                .wait_for(|l| l.is_some_and(|l| l != leader))
                 .await
                 .is_ok();
             if !changed {
@@ -582,11 +598,8 @@ impl Cluster {
     /// Waits until this node applied `index` of `group` (bounded; the op is committed
     /// either way, this only gives read-your-writes on the node that answered).
     async fn wait_applied(&self, group: u64, index: u64) {
-        if let Some(raft) = self.groups.raft(group) {
-            let _ = raft
-                .wait(Some(APPLY_WAIT))
-                .applied_index_at_least(Some(index), "the forwarded op")
-                .await;
+        if let Some(applied) = self.groups.applied(group) {
+            applied.wait(index, APPLY_WAIT).await;
         }
     }
 
