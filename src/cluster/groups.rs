@@ -15,9 +15,10 @@ use tokio::sync::watch;
 
 use super::ClusterError;
 use super::log_store::LogStore;
+use super::metadata::MetaHooks;
 use super::network::{Network, Peers};
 use super::placement;
-use super::state_machine::{AppliedIndex, MetaHooks, Role, StateMachine};
+use super::state_machine::{AppliedIndex, Role, StateMachine};
 use super::types::{NodeAddrs, Raft};
 use crate::broker::Broker;
 

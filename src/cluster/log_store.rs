@@ -16,9 +16,10 @@
 //! and removes the chunks after it. A log of the first layout (one file `log`) is taken over
 //! as the first chunk.
 //!
-//! Appends are written at once and, with `--fsync always`, synced before openraft is told
-//! they are durable; with `interval`/`never` they are acknowledged from the page cache, as a
-//! single node's publishes are.
+//! Appends are written at once and, with `--fsync always`, synced (on a blocking thread,
+//! without the log's lock) before openraft is told they are durable; with
+//! `interval`/`never` they are acknowledged from the page cache, as a single node's
+//! publishes are.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -58,7 +59,8 @@ struct Slot {
 
 /// One chunk file.
 struct Chunk {
-    file: File,
+    /// Shared with an append's fsync, which runs without the log's lock.
+    file: Arc<File>,
     path: PathBuf,
     /// Length of its valid records.
     end: u64,
@@ -281,7 +283,7 @@ impl Inner {
         }
         Ok(Scanned {
             chunk: Chunk {
-                file,
+                file: Arc::new(file),
                 path,
                 end,
                 entries,
@@ -339,7 +341,7 @@ impl Inner {
         self.chunks.insert(
             seq,
             Chunk {
-                file,
+                file: Arc::new(file),
                 path,
                 end: 0,
                 entries: 0,
@@ -504,18 +506,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut inner = self.inner.lock();
-        let written = Self::append_locked(&mut inner, entries);
-        self.set_tip(&inner);
-        drop(inner);
-        match written {
+        let written = {
+            let mut inner = self.inner.lock();
+            let written = Self::append_locked(&mut inner, entries);
+            self.set_tip(&inner);
+            written
+        };
+        let to_sync = match written {
+            Ok(to_sync) => to_sync,
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                return Err(e);
+            }
+        };
+        // The fsync runs on a blocking thread, without the lock: openraft waits for it
+        // anyway, but the runtime's workers (two on this machine) keep serving meanwhile.
+        let synced = match to_sync {
+            Some(file) => tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+            None => Ok(()),
+        };
+        match synced {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
             Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(e)
+                let error = io_err(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Write,
+                    std::io::Error::new(e.kind(), e.to_string()),
+                );
+                callback.log_io_completed(Err(e));
+                Err(error)
             }
         }
     }
@@ -578,9 +602,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 impl LogStore {
+    /// Writes `entries` at the end of the log; the chunk to sync before they count as
+    /// durable (`None` when this log does not sync).
     // openraft's own error type, as its traits return it.
     #[allow(clippy::result_large_err)]
-    fn append_locked<I>(inner: &mut Inner, entries: I) -> Result<(), StorageError<u64>>
+    fn append_locked<I>(
+        inner: &mut Inner,
+        entries: I,
+    ) -> Result<Option<Arc<File>>, StorageError<u64>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>>,
     {
@@ -621,8 +650,8 @@ impl LogStore {
         chunk
             .file
             .write_all_at(&bytes, start)
-            .and_then(|()| if sync { chunk.file.sync_data() } else { Ok(()) })
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        let to_sync = sync.then(|| Arc::clone(&chunk.file));
         chunk.end = pos;
         chunk.entries += added.len();
         if let Some((last, _)) = added.last() {
@@ -632,7 +661,7 @@ impl LogStore {
             inner.slots.insert(log_id.index, slot);
             inner.last_log_id = Some(log_id);
         }
-        Ok(())
+        Ok(to_sync)
     }
 }
 

@@ -22,11 +22,26 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::state_machine::MetaHooks;
 use super::types::NodeAddrs;
 use crate::broker::registry::Registry;
 use crate::broker::replicate::{AccessImage, Op};
 use crate::broker::{Broker, BrokerError};
+
+/// What applying metadata does beyond the broker: the cluster's groups follow the queues
+/// (implemented by [`super::groups::Groups`]; a trait so that the two files do not import
+/// each other).
+pub trait MetaHooks: Send + Sync {
+    /// A node announced its addresses.
+    fn set_node(&self, addrs: NodeAddrs);
+    /// Queue `name` was created by the entry that gives it group `id`.
+    fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
+    /// Queue `name` is about to be deleted.
+    fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()>;
+    /// Every queue's group id.
+    fn queue_groups(&self) -> Vec<(String, u64)>;
+    /// Every node's announced addresses.
+    fn nodes(&self) -> Vec<NodeAddrs>;
+}
 
 /// The file holding the metadata group's snapshot.
 pub const SNAPSHOT_FILE: &str = "meta-snapshot";

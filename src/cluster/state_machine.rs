@@ -26,11 +26,11 @@ use openraft::{
     StorageError, StoredMembership,
 };
 
-use super::metadata::{MetaImage, SNAPSHOT_FILE, write_durably};
+use super::metadata::{MetaHooks, MetaImage, SNAPSHOT_FILE, write_durably};
 use super::snapshot::{
     Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, unpack_bare,
 };
-use super::types::{Applied, Command, NodeAddrs, TypeConfig};
+use super::types::{Applied, Command, TypeConfig};
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
 
@@ -40,22 +40,6 @@ pub const SNAPSHOTS_BUILT: &str = "qit_cluster_snapshots_built_total";
 pub const SNAPSHOTS_INSTALLED: &str = "qit_cluster_snapshots_installed_total";
 /// Snapshots of the metadata group installed from a leader (counter).
 pub const META_SNAPSHOTS_INSTALLED: &str = "qit_cluster_meta_snapshots_installed_total";
-
-/// What applying metadata does beyond the broker: the cluster's groups follow the queues
-/// (implemented by [`super::groups::Groups`]; a trait so that the two files do not import
-/// each other).
-pub trait MetaHooks: Send + Sync {
-    /// A node announced its addresses.
-    fn set_node(&self, addrs: NodeAddrs);
-    /// Queue `name` was created by the entry that gives it group `id`.
-    fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
-    /// Queue `name` is about to be deleted.
-    fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()>;
-    /// Every queue's group id.
-    fn queue_groups(&self) -> Vec<(String, u64)>;
-    /// Every node's announced addresses.
-    fn nodes(&self) -> Vec<NodeAddrs>;
-}
 
 /// Which group a machine belongs to.
 #[derive(Clone)]
