@@ -1,8 +1,15 @@
 #!/usr/bin/env python3
 """Measures a three-node qit cluster on this machine (loopback ports 17101..3, 18081..3,
-19091..3, moved by QIT_MEASURE_PORTS): `failover N` kills the leader of a queue N times with SIGKILL and times the
-first publish answered through a survivor, then checks that every publish answered 2xx
-(a few before each kill, the timed one after it) is in the queue's log on every node;
+19091..3, moved by QIT_MEASURE_PORTS).
+
+`failover N` kills the leader of a queue N times with SIGKILL and times the first publish
+answered through a survivor. Before each kill it publishes a few messages, then receives and
+acks some (so acks commit just before the leader dies); after the timed publish it receives
+and acks again. At the end it checks that every publish answered 2xx is in the queue's log
+on every node, drains the queue (receive + ack until nothing comes), and checks that every
+acknowledged publish was delivered and that no message whose ack was answered 204 was
+delivered again.
+
 `idle` creates 100 queues x 3 partitions and reports each node's CPU over 60 idle seconds
 and whether any group changed term; `rolling` restarts the three nodes one after the other
 (SIGTERM, start again, wait until it serves and leads its preferred groups again) under a
@@ -13,17 +20,24 @@ included), errors, lost and duplicate messages and acked messages delivered agai
     python3 tools/cluster-measure.py target/release/qit failover 30
     python3 tools/cluster-measure.py target/release/qit idle
     python3 tools/cluster-measure.py target/release/qit rolling
+
+Node logs go to the run's temp directory, which is kept (and named) when a run fails;
+`QIT_MEASURE_LOG` sets their RUST_LOG (default `error`), e.g.
+`QIT_MEASURE_LOG=error,qit::cluster::liveness=debug`; `QIT_MEASURE_KEEP=1` keeps them
+always. Exits non-zero on any loss or redelivery, or failover times over the targets
+(p50 <= 1 s, p99 <= 2 s).
 """
-import json, os, signal, subprocess, sys, time, urllib.request, urllib.error, shutil, tempfile
+import json, os, signal, subprocess, sys, time, urllib.request, urllib.error, urllib.parse, shutil, tempfile
 QIT = sys.argv[1]
 MODE = sys.argv[2]  # idle | failover
 ROOT = tempfile.mkdtemp(prefix="qit-measure-")
 # QIT_MEASURE_PORTS moves every port by that much (two runs on one machine must not share ports).
 OFF = int(os.environ.get("QIT_MEASURE_PORTS", "0"))
 PEERS = ",".join(f"{n}=127.0.0.1:{17100 + OFF + n}" for n in (1, 2, 3))
+LOG = os.environ.get("QIT_MEASURE_LOG", "error")
 procs = {}
 def start(n):
-    env = dict(os.environ, QIT_CLUSTER_SECRET="measure-secret-0123456789", RUST_LOG="error")
+    env = dict(os.environ, QIT_CLUSTER_SECRET="measure-secret-0123456789", RUST_LOG=LOG)
     procs[n] = subprocess.Popen([QIT, "serve", "--node-id", str(n), "--cluster", f"127.0.0.1:{17100 + OFF + n}",
         "--peers", PEERS, "--http", f"127.0.0.1:{18080 + OFF + n}", "--grpc", f"127.0.0.1:{19090 + OFF + n}",
         "--data-dir", f"{ROOT}/n{n}"], env=env, stdout=subprocess.DEVNULL, stderr=open(f"{ROOT}/n{n}.log", "a"))
@@ -39,6 +53,11 @@ def req(method, url, body=None, timeout=5, headers=None):
 def view(n):
     s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/cluster", timeout=2)
     return v if s == 200 else None
+def mark(what):
+    # A line in every node's log, so that a failure can be found in them.
+    for n in (1, 2, 3):
+        with open(f"{ROOT}/n{n}.log", "a") as f:
+            f.write(f"=== measure {time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d}: {what}\n")
 def wait(cond, limit=60, what=""):
     t = time.time()
     while not cond():
@@ -47,6 +66,10 @@ def wait(cond, limit=60, what=""):
 def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().split(")")[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+def quantile(xs, f):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(f * len(xs)))]
+failed = True
 try:
     for n in (1,2,3): start(n)
     wait(lambda: all((view(n) or {}).get("leader") for n in (1,2,3)))
@@ -65,6 +88,7 @@ try:
         terms1 = {p["queue"]: p["term"] for p in view(1)["partitions"]}
         print("cpu % of a core per node over 60 s idle:", {n: round(100*(c1[n]-c0[n])/(t1-t0),1) for n in procs})
         print("queue groups whose term changed while idle:", sum(1 for q in terms0 if terms1.get(q) != terms0[q]))
+        failed = False
     elif MODE == "rolling":
         import threading
         Q = [f"w{i}" for i in range(6)]  # six queues: every node is the preferred leader of some
@@ -149,44 +173,85 @@ try:
               "- delivered more than once", sum(1 for c in delivered.values() if c > 1),
               "- acked then delivered again", len(again),
               "- logs identical on the 3 nodes", logs[0] == logs[1] == logs[2])
+        failed = False
     else:
-        wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/f", b'{"partitions":1}')[0] in (200, 201, 409))
-        times, acked = [], []
+        # max_deliveries 0: a message whose lease lapses many times is never dead-lettered.
+        wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/f", b'{"partitions":1,"max_deliveries":0}')[0] in (200, 201, 409))
+        times, published = [], []
+        acked = {}        # message id -> body, for every ack answered 204
+        delivered = []    # (id, body, delivery_count) of every delivery
+        redelivered = []  # deliveries of a message whose ack was answered 204 before
         def publish(n, body):
             s, _ = req("POST", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/messages", json.dumps(body).encode(), timeout=3)
-            if s in (200, 201): acked.append(body); return True
+            if s in (200, 201): published.append(body); return True
             return False
+        def consume(n, most, wait_s=0, visibility=30):
+            """Receives up to `most` messages through node n and acks each; how many came."""
+            s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/messages?max={most}&wait={wait_s}&visibility={visibility}", timeout=wait_s + 5)
+            if s != 200 or not v: return 0
+            for m in v["messages"]:
+                delivered.append((m["id"], m.get("body"), m.get("delivery_count")))
+                if m["id"] in acked:
+                    redelivered.append(m)
+                    continue
+                a, _ = req("DELETE", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/messages/{urllib.parse.quote(m['id'], safe='')}", timeout=5)
+                if a in (200, 204): acked[m["id"]] = m.get("body")
+            return len(v["messages"])
+        def leader():
+            for n in (1,2,3):
+                v = view(n)
+                if v:
+                    for p in v["partitions"]:
+                        if p["queue"] == "f" and p["leader"]: return p["leader"]
         for k in range(int(sys.argv[3])):
-            def leader():
-                for n in (1,2,3):
-                    v = view(n)
-                    if v:
-                        for p in v["partitions"]:
-                            if p["queue"] == "f" and p["leader"]: return p["leader"]
             wait(lambda: leader() is not None, what=f"kill {k}: a leader of f")
+            via = k % 3 + 1
+            for i in range(5):
+                wait(lambda: publish(via, f"k{k}-before-{i}"), what=f"kill {k}: publish before")
+            consume(via, 3)
+            # The leader as the nodes see it right before the kill (a returning node may
+            # have been handed its groups back meanwhile).
             L = leader()
             surv = [n for n in (1,2,3) if n != L][0]
-            for i in range(5):
-                wait(lambda: publish(surv, f"k{k}-before-{i}"))
+            mark(f"kill {k}: SIGKILL node {L}, the leader of f")
             t = time.time(); procs[L].send_signal(signal.SIGKILL); procs[L].wait()
             wait(lambda: publish(surv, f"k{k}-after"), what=f"kill {k}: publish after")
             times.append(time.time() - t)
+            mark(f"kill {k}: publish answered after {times[-1]:.3f} s")
+            consume(surv, 3)
             start(L)
             wait(lambda: view(L) is not None and all(p["leader"] for p in view(L)["partitions"]), what=f"kill {k}: node {L} back with leaders")
             time.sleep(1)
-        times.sort()
-        q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-        print("failover seconds over", len(times), "kills: p50", round(q(0.5),3), "p90", round(q(0.9),3),
-              "max", round(times[-1],3), "all", [round(x,2) for x in times])
+        print("failover seconds over", len(times), "kills: p50", round(quantile(times, 0.5),3), "p99", round(quantile(times, 0.99),3),
+              "max", round(max(times),3), "all", [round(x,2) for x in times])
         for n in (1,2,3):
             def has_all():
                 s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/log?partition=0&from=0&max=1000")
                 if s != 200: return False
                 got = " ".join(json.dumps(m) for m in v["messages"])
-                return all(b in got for b in acked)
-            wait(has_all, limit=30)
-        print("acknowledged publishes:", len(acked), "- all in the log of every node")
+                return all(json.dumps(b) in got for b in published)
+            wait(has_all, limit=30, what=f"every acknowledged publish in node {n}'s log")
+        print("acknowledged publishes:", len(published), "- all in the log of every node")
+        # Drain: every acknowledged publish must be delivered; nothing acked comes back.
+        def drained():
+            got = consume(1, 100, wait_s=1)
+            bodies = set(acked.values())
+            return got == 0 and all(b in bodies for b in published)
+        wait(drained, limit=60, what="the queue drained, every acknowledged publish delivered and acked")
+        bodies = set(acked.values())
+        lost = [b for b in published if b not in bodies]
+        print("acks answered 204:", len(acked), "deliveries:", len(delivered),
+              "lost acknowledged publishes:", len(lost), "acked messages delivered again:", len(redelivered))
+        if redelivered: print("redelivered:", redelivered[:5])
+        failed = bool(lost or redelivered)
+        if quantile(times, 0.5) > 1 or quantile(times, 0.99) > 2:
+            print("over target (p50 <= 1 s, p99 <= 2 s)")
+            failed = True
 finally:
     for p in procs.values():
         p.kill(); p.wait()
-    shutil.rmtree(ROOT, ignore_errors=True)
+    if failed or os.environ.get("QIT_MEASURE_KEEP"):
+        print("node logs kept in", ROOT, file=sys.stderr)
+    else:
+        shutil.rmtree(ROOT, ignore_errors=True)
+    if failed: sys.exit(1)

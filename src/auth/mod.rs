@@ -31,14 +31,13 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 pub use limiter::LoginLimiter;
-pub use model::{Action, Permission, Resource, UserRecord};
+pub use model::{Action, GrantsFile, Permission, Resource, UserRecord, UsersFile};
 pub use password::{
     MAX_PASSWORD_LEN, MAX_USERNAME_LEN, MIN_PASSWORD_LEN, PasswordCost, check_password,
     check_username,
 };
 pub use token::{Claims, MIN_SECRET_LEN, unix_now};
 
-use model::{GrantsFile, UsersFile};
 use token::Secret;
 
 /// Environment variable the server may read the JWT secret from (see
@@ -582,6 +581,27 @@ impl AuthStore {
             g.grants.remove(resource);
             Ok(())
         })
+    }
+
+    /// Every user and grant now (a cluster's metadata snapshot).
+    pub fn export(&self) -> (UsersFile, GrantsFile) {
+        (self.users.read().clone(), self.grants.read().clone())
+    }
+
+    /// Replaces every user and grant (a cluster node installing a metadata snapshot); the
+    /// configured admin is kept (created again if the snapshot lacks it).
+    pub fn replace(&self, users: UsersFile, grants: GrantsFile) -> Result<(), AuthError> {
+        {
+            let mut current = self.users.write();
+            persist::save_json(&self.dir.join(USERS_FILE), &users)?;
+            *current = users;
+        }
+        {
+            let mut current = self.grants.write();
+            persist::save_json(&self.dir.join(GRANTS_FILE), &grants)?;
+            *current = grants;
+        }
+        self.bootstrap_admin()
     }
 
     /// Applies `change` to a copy of the grants, persists it, then makes it current, so a

@@ -725,6 +725,59 @@ impl Broker {
     }
 }
 
+/// Users and grants as a cluster's metadata snapshot carries them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AccessImage {
+    /// Registered users.
+    pub users: crate::auth::UsersFile,
+    /// Owners and grants.
+    pub grants: crate::auth::GrantsFile,
+}
+
+/// What a cluster's metadata snapshot takes from the broker, and how it puts it back.
+impl Broker {
+    /// The registry now: queues with their settings, exchanges with their bindings.
+    pub fn registry_image(&self) -> super::registry::Registry {
+        self.registry.read().clone()
+    }
+
+    /// Creates exactly queue `name` with `settings`, as a metadata snapshot records it (a
+    /// dead-letter queue is a record of its own, never made with it). `Ok(false)` if it
+    /// exists with these settings.
+    pub async fn restore_queue(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+    ) -> Result<bool, BrokerError> {
+        super::check_name(name)?;
+        let ticket = {
+            let _meta = self.meta.lock().await;
+            self.create_locked(name, settings).await?.1
+        };
+        let created = ticket.is_some();
+        if let Some(ticket) = ticket {
+            ticket.wait().await?;
+        }
+        Ok(created)
+    }
+
+    /// Users and grants now (`None` with auth off).
+    pub fn access_image(&self) -> Option<AccessImage> {
+        self.auth.get().map(|store| {
+            let (users, grants) = store.export();
+            AccessImage { users, grants }
+        })
+    }
+
+    /// Replaces users and grants with `image` (nothing with auth off).
+    pub fn restore_access(&self, image: &AccessImage) -> Result<(), BrokerError> {
+        if let Some(store) = self.auth.get() {
+            store.replace(image.users.clone(), image.grants.clone())?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,12 +11,14 @@ use std::sync::Arc;
 
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use parking_lot::RwLock;
+use tokio::sync::watch;
 
 use super::ClusterError;
 use super::log_store::LogStore;
+use super::metadata::MetaHooks;
 use super::network::{Network, Peers};
 use super::placement;
-use super::state_machine::{MetaHooks, Role, StateMachine};
+use super::state_machine::{AppliedIndex, Role, StateMachine};
 use super::types::{NodeAddrs, Placed, Raft};
 use crate::broker::Broker;
 
@@ -30,6 +32,35 @@ const INIT_FALLBACK: std::time::Duration = std::time::Duration::from_secs(2);
 /// Deadline of openraft's own RPCs (append entries, and the quorum round of a linearizable
 /// read); openraft takes it from `heartbeat_interval`, which sends nothing by itself here.
 const RPC_TIMEOUT_MS: u64 = 200;
+
+/// What requests of one group wait on.
+struct GroupWatch {
+    applied: Arc<AppliedIndex>,
+    leader: watch::Receiver<Option<u64>>,
+}
+
+/// A receiver of `raft`'s leader that wakes only when the leader changes (openraft's
+/// metrics change at every append, commit and apply: a request waiting on them wakes for
+/// each). Fed by a task that ends with the group.
+fn leader_watch(raft: &Raft) -> watch::Receiver<Option<u64>> {
+    let mut metrics = raft.metrics();
+    let (tx, rx) = watch::channel(metrics.borrow().current_leader);
+    tokio::spawn(async move {
+        loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            tx.send_if_modified(|known| {
+                let changed = *known != leader;
+                *known = leader;
+                changed
+            });
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    rx
+}
 
 /// A queue's group as this node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +86,10 @@ pub struct Groups {
     pub peers: Arc<Peers>,
     broker: Arc<Broker>,
     rafts: RwLock<HashMap<u64, Raft>>,
+    /// Each open group's log (its tip is read by [`super::liveness`]).
+    logs: RwLock<HashMap<u64, LogStore>>,
+    /// Each open group's applied index and its leader, for requests that wait on them.
+    watches: RwLock<HashMap<u64, GroupWatch>>,
     queues: RwLock<BTreeMap<String, QueueGroup>>,
     nodes: RwLock<BTreeMap<u64, NodeAddrs>>,
     /// Voters leaving the cluster (placement leaves them out).
@@ -90,13 +125,14 @@ const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
 /// less catches up from the log; one further behind is sent the snapshot).
 const KEEP_BELOW_SNAPSHOT: u64 = 1000;
 
-/// How a queue group's log stays bounded: a snapshot (carrying the queue's data) every
-/// `entries` applied entries, then the log below it is purged, keeping up to
-/// [`KEEP_BELOW_SNAPSHOT`] (or `entries`, when smaller) for followers a little behind. The
-/// metadata group is never snapshotted: its log is small, and its replay re-creates the
-/// queues at start. Returns the config and the chunk size of the group's log.
-fn storage_policy(mut config: Config, group: u64, entries: u64) -> (Config, usize) {
-    if group == META_GROUP || entries == 0 {
+/// How a group's log stays bounded: a snapshot every `entries` applied entries (a queue
+/// group's carries the queue's data, the metadata group's the metadata, see
+/// [`super::metadata`]), then the log below it is purged, keeping up to
+/// [`KEEP_BELOW_SNAPSHOT`] (or `entries`, when smaller) for followers a little behind.
+/// `entries == 0` keeps every log whole. Returns the config and the chunk size of the
+/// group's log.
+fn storage_policy(mut config: Config, entries: u64) -> (Config, usize) {
+    if entries == 0 {
         return (config, super::log_store::DEFAULT_CHUNK_ENTRIES);
     }
     config.snapshot_policy = SnapshotPolicy::LogsSinceLast(entries);
@@ -134,6 +170,8 @@ impl Groups {
             peers,
             broker,
             rafts: RwLock::new(HashMap::new()),
+            logs: RwLock::new(HashMap::new()),
+            watches: RwLock::new(HashMap::new()),
             queues: RwLock::new(BTreeMap::new()),
             nodes: RwLock::new(BTreeMap::new()),
             draining: RwLock::new(BTreeSet::new()),
@@ -159,7 +197,7 @@ impl Groups {
         role: Role,
     ) -> Result<Raft, ClusterError> {
         let preferred = members.first() == Some(&self.node_id);
-        let (config, chunk_entries) = storage_policy(raft_config(id)?, id, self.snapshot_entries);
+        let (config, chunk_entries) = storage_policy(raft_config(id)?, self.snapshot_entries);
         let config = Arc::new(config);
         let dir = self.raft_dir.join(id.to_string());
         let log = LogStore::open_chunked(&dir, self.sync, chunk_entries).map_err(|source| {
@@ -174,9 +212,14 @@ impl Groups {
                     .await
                     .map_err(|e| ClusterError::Raft(format!("group {id}: {e}")))?
             }
+            Role::Meta(hooks) => StateMachine::for_meta(hooks, Arc::clone(&self.broker), &dir)
+                .await
+                .map_err(|e| ClusterError::Raft(format!("metadata snapshot: {e}")))?,
             role => StateMachine::new(role, Some(Arc::clone(&self.broker))),
         };
         let replayed = machine.applied_counter();
+        let applied = machine.applied_index();
+        self.logs.write().insert(id, log.clone());
         let network = Network {
             group: id,
             peers: Arc::clone(&self.peers),
@@ -190,6 +233,13 @@ impl Groups {
             tracing::debug!(group = id, replayed, "queue group started");
         }
         self.rafts.write().insert(id, raft.clone());
+        self.watches.write().insert(
+            id,
+            GroupWatch {
+                applied,
+                leader: leader_watch(&raft),
+            },
+        );
         let nodes: BTreeMap<u64, BasicNode> = {
             let voters = self.voters.read();
             members
@@ -273,6 +323,8 @@ impl Groups {
             return;
         };
         let raft = self.rafts.write().remove(&group.id);
+        self.logs.write().remove(&group.id);
+        self.watches.write().remove(&group.id);
         if let Some(raft) = raft
             && let Err(error) = raft.shutdown().await
         {
@@ -342,6 +394,21 @@ impl Groups {
         self.rafts.read().get(&id).cloned()
     }
 
+    /// Group `id`'s applied index here, to wait on.
+    pub fn applied(&self, id: u64) -> Option<Arc<AppliedIndex>> {
+        self.watches.read().get(&id).map(|w| Arc::clone(&w.applied))
+    }
+
+    /// Group `id`'s leader as this node knows it, changing only when the leader does.
+    pub fn leader_watch(&self, id: u64) -> Option<watch::Receiver<Option<u64>>> {
+        self.watches.read().get(&id).map(|w| w.leader.clone())
+    }
+
+    /// The id of the last entry in group `id`'s log here (`None`: empty, or not open).
+    pub fn last_log_id(&self, id: u64) -> Option<openraft::LogId<u64>> {
+        self.logs.read().get(&id).and_then(LogStore::tip)
+    }
+
     /// Every open group.
     pub fn rafts(&self) -> Vec<(u64, Raft)> {
         let mut all: Vec<(u64, Raft)> = self
@@ -376,6 +443,8 @@ impl Groups {
     /// Stops every group.
     pub async fn shutdown(&self) {
         let all: Vec<Raft> = self.rafts.write().drain().map(|(_, r)| r).collect();
+        self.logs.write().clear();
+        self.watches.write().clear();
         for raft in all {
             let _ = raft.shutdown().await;
         }
@@ -424,5 +493,33 @@ impl MetaHooks for Groups {
         if self.voters.read().contains_key(&node) {
             self.draining.write().insert(node);
         }
+    }
+
+    fn queue_groups(&self) -> Vec<(String, u64)> {
+        self.queues
+            .read()
+            .iter()
+            .map(|(name, group)| (name.clone(), group.id))
+            .collect()
+    }
+
+    fn nodes(&self) -> Vec<NodeAddrs> {
+        self.nodes.read().values().cloned().collect()
+    }
+
+    fn queue_replicas(&self) -> Vec<Placed> {
+        self.queues
+            .read()
+            .iter()
+            .map(|(name, group)| Placed {
+                queue: name.clone(),
+                group: group.id,
+                replicas: group.replicas.clone(),
+            })
+            .collect()
+    }
+
+    fn draining(&self) -> Vec<u64> {
+        self.draining.read().iter().copied().collect()
     }
 }

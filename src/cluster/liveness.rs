@@ -14,7 +14,17 @@
 //!   gone), calls openraft's `elect()` for that group. Replicas take turns by their place
 //!   in the group's placement (the preferred leader first), so one usually runs alone.
 //! - A group with no leader at all (a failed election, a fresh start) elects after
-//!   [`LEADERLESS_WAIT`] and its shares, again in placement order.
+//!   [`LEADERLESS_WAIT`] and its shares, again in placement order; the random share grows
+//!   with each election of the group this node started in vain ([`BACKOFF_MAX`]).
+//! - While a group's leadership is in question here (no leader, or its leader's node
+//!   refuses beats or fell silent), the beat also carries this node's last log id in it
+//!   (a [`LogTip`]). A replica whose log is behind a live peer's never starts an election:
+//!   it cannot win one (the peer refuses its vote), and its failed candidacy would still
+//!   raise its term above the peer's, so the peer's next candidacy would fail too (a vote
+//!   request refused for its log does not move the refusing node's term). That was the
+//!   failover stall of a survivor with a shorter log going first in every term. Peers
+//!   known to be behind do not count in the turn order either, so the most up-to-date
+//!   replica goes first.
 //! - openraft still sends the committed index after every commit; a beat carries the
 //!   leader's applied index too, so a follower that stays behind it (a commit message lost
 //!   to a restart) asks for a heartbeat, and a node that hears a peer claim a group in an
@@ -33,7 +43,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use openraft::ServerState;
+use openraft::{LogId, ServerState};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -58,6 +68,9 @@ pub const SLOW_STAGGER: Duration = Duration::from_millis(500);
 pub const SLOW_JITTER: Duration = Duration::from_millis(300);
 /// Refused beats in a row (and nothing heard since) that make a node count as gone.
 pub const REFUSALS: u32 = 2;
+/// Wait of the first replica in turn once a leader's node counts as gone: one beat, so
+/// that the survivors' log tips (sent since the first refusal) have arrived.
+pub const GONE_WAIT: Duration = BEAT_EVERY;
 /// Added per rank after a leader's node counts as gone.
 pub const GONE_STAGGER: Duration = Duration::from_millis(250);
 /// Largest random share added after a leader's node counts as gone.
@@ -67,11 +80,14 @@ pub const GONE_JITTER: Duration = Duration::from_millis(50);
 pub const LEADERLESS_WAIT: Duration = Duration::from_millis(300);
 /// Added per rank to [`LEADERLESS_WAIT`].
 pub const LEADERLESS_STAGGER: Duration = Duration::from_millis(150);
-/// Largest random share added to [`LEADERLESS_WAIT`]. Wide on purpose: a replica whose
-/// log is shorter cannot win, yet its candidacy takes the others' votes in its term; if it
-/// always went first (by rank) it would block the group for ever, so after a failed
-/// election chance, more than rank, decides who tries next.
-pub const LEADERLESS_JITTER: Duration = Duration::from_millis(900);
+/// Largest random share added to [`LEADERLESS_WAIT`] (before back-off).
+pub const LEADERLESS_JITTER: Duration = Duration::from_millis(300);
+/// The random share of a leaderless group's wait doubles with each election this node
+/// started for it in vain, up to this factor.
+pub const BACKOFF_MAX: u32 = 8;
+/// How long a peer's log tip counts after it arrived (a few beats: a peer that stops
+/// sending them, being gone, no longer holds the others back).
+pub const TIP_FRESH: Duration = Duration::from_millis(600);
 /// How long a follower stays behind its leader's applied index, without progress, before
 /// it asks for a heartbeat (also the least time between two asks for one group).
 pub const ASK_AFTER: Duration = Duration::from_millis(500);
@@ -87,6 +103,19 @@ pub struct Led {
     pub applied: Option<u64>,
 }
 
+/// The last log id of a replica in one group (ordered as openraft orders them when it
+/// compares a candidate's log with a voter's).
+pub type Tip = Option<LogId<u64>>;
+
+/// The sender's last log id in a group whose leadership is in question at the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogTip {
+    /// The group.
+    pub group: u64,
+    /// The sender's last log id in it.
+    pub last: Tip,
+}
+
 /// What a node tells each peer every [`BEAT_EVERY`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Beat {
@@ -94,6 +123,8 @@ pub struct Beat {
     pub leads: Vec<Led>,
     /// Groups whose leader (the receiver) should send the sender a heartbeat.
     pub asks: Vec<u64>,
+    /// The sender's log tips in the groups whose leadership is in question there.
+    pub tips: Vec<LogTip>,
 }
 
 /// One local group as the loop sees it.
@@ -113,6 +144,8 @@ pub struct Local {
     pub term: u64,
     /// This node's last applied index in it.
     pub applied: Option<u64>,
+    /// This node's last log id in it (what its vote requests carry).
+    pub last_log: Tip,
 }
 
 /// What the loop should do.
@@ -163,6 +196,10 @@ struct Watch {
     behind: Option<(Option<u64>, Instant)>,
     /// When this node last asked the leader for a heartbeat.
     asked: Option<Instant>,
+    /// The peers' log tips in this group, and when each arrived.
+    tips: HashMap<u64, (Tip, Instant)>,
+    /// Elections of this group this node started since it last saw a leader.
+    tries: u32,
 }
 
 /// What this node knows about one peer.
@@ -211,6 +248,8 @@ impl Detector {
             claim: None,
             behind: None,
             asked: None,
+            tips: HashMap::new(),
+            tries: 0,
         })
     }
 
@@ -233,6 +272,11 @@ impl Detector {
                 });
             }
         }
+        for tip in &beat.tips {
+            self.watch(tip.group, now)
+                .tips
+                .insert(from, (tip.last, now));
+        }
     }
 
     /// A beat to `to` went as `sent`.
@@ -251,13 +295,69 @@ impl Detector {
     }
 
     /// This node's place among `replicas` that may elect: placement order, without
-    /// `except` (the leader in question) and without nodes that count as gone.
-    fn rank(&self, replicas: &[u64], except: Option<u64>) -> usize {
+    /// `except` (the leader in question), without nodes that count as gone and without
+    /// nodes in `behind` (they wait for this one).
+    fn rank(&self, replicas: &[u64], except: Option<u64>, behind: &HashSet<u64>) -> usize {
         replicas
             .iter()
-            .filter(|r| Some(**r) != except && (**r == self.node || self.gone(**r).is_none()))
+            .filter(|r| {
+                **r == self.node
+                    || (Some(**r) != except && self.gone(**r).is_none() && !behind.contains(*r))
+            })
             .position(|r| *r == self.node)
             .unwrap_or(replicas.len())
+    }
+
+    /// The live peers whose fresh log tip in `group` is ahead of `mine` (this node must
+    /// not elect: it cannot win) and those behind it (they wait for this node).
+    fn compare_tips(&self, group: u64, mine: Tip, now: Instant) -> (bool, HashSet<u64>) {
+        let Some(watch) = self.groups.get(&group) else {
+            return (false, HashSet::new());
+        };
+        let mut ahead = false;
+        let mut behind = HashSet::new();
+        for (node, (tip, at)) in &watch.tips {
+            if *node == self.node
+                || now.saturating_duration_since(*at) >= TIP_FRESH
+                || self.gone(*node).is_some()
+            {
+                continue;
+            }
+            if *tip > mine {
+                ahead = true;
+            } else if *tip < mine {
+                behind.insert(*node);
+            }
+        }
+        (ahead, behind)
+    }
+
+    /// The log tips this node sends with its beats: those of the groups whose
+    /// leadership is in question here (no leader, or its leader's node refused a beat or
+    /// has not claimed the group for half of [`SLOW_WAIT`]).
+    pub fn tips(&self, locals: &[Local], now: Instant) -> Vec<LogTip> {
+        locals
+            .iter()
+            .filter(|l| l.voter && !l.leading)
+            .filter(|l| match l.leader {
+                None => true,
+                Some(leader) if leader == self.node => true,
+                Some(leader) => {
+                    let refused = self.peers.get(&leader).is_some_and(|p| p.refusals > 0);
+                    let quiet = self.groups.get(&l.group).is_none_or(|w| {
+                        w.claim.is_none_or(|c| {
+                            c.node != leader
+                                || now.saturating_duration_since(c.at.max(w.since)) >= SLOW_WAIT / 2
+                        })
+                    });
+                    refused || quiet
+                }
+            })
+            .map(|l| LogTip {
+                group: l.group,
+                last: l.last_log,
+            })
+            .collect()
     }
 
     /// One turn of the loop at `now` over this node's groups: what to do.
@@ -287,6 +387,9 @@ impl Detector {
                 watch.share = draw();
                 watch.behind = None;
             }
+            if local.leader.is_some() {
+                watch.tries = 0;
+            }
             let action = match local.leader {
                 Some(leader) if leader != self.node => self.follow(local, leader, now),
                 _ => self.leaderless(local, now),
@@ -297,6 +400,7 @@ impl Detector {
                 {
                     watch.since = now;
                     watch.share = draw();
+                    watch.tries = watch.tries.saturating_add(1);
                 }
                 actions.push(action);
             }
@@ -306,7 +410,8 @@ impl Detector {
 
     /// A group whose leader is `leader`, another node.
     fn follow(&mut self, local: &Local, leader: u64, now: Instant) -> Option<Action> {
-        let rank = self.rank(&local.replicas, Some(leader));
+        let (ahead, behind) = self.compare_tips(local.group, local.last_log, now);
+        let rank = self.rank(&local.replicas, Some(leader), &behind);
         let gone = self.gone(leader);
         let watch = self.groups.get_mut(&local.group)?;
         let claim = watch
@@ -314,14 +419,15 @@ impl Detector {
             .filter(|c| c.node == leader && c.term >= local.term);
         if let Some(gone) = gone {
             let at = gone.max(watch.since)
+                + GONE_WAIT
                 + times(GONE_STAGGER, rank)
                 + scaled(GONE_JITTER, watch.share);
-            return (now >= at).then_some(Action::Elect(local.group));
+            return (now >= at).then(|| elect_unless(ahead, local)).flatten();
         }
         let last = claim.map_or(watch.since, |c| c.at.max(watch.since));
         let wait = SLOW_WAIT + times(SLOW_STAGGER, rank) + scaled(SLOW_JITTER, watch.share);
         if now.saturating_duration_since(last) >= wait {
-            return Some(Action::Elect(local.group));
+            return elect_unless(ahead, local);
         }
         // Behind the leader's applied index with no progress: the commit may have been
         // lost on the way (openraft sends it once); ask for a heartbeat.
@@ -350,7 +456,8 @@ impl Detector {
 
     /// A group without a leader this node knows of.
     fn leaderless(&mut self, local: &Local, now: Instant) -> Option<Action> {
-        let rank = self.rank(&local.replicas, None);
+        let (ahead, behind) = self.compare_tips(local.group, local.last_log, now);
+        let rank = self.rank(&local.replicas, None, &behind);
         let peers = &self.peers;
         let node = self.node;
         let watch = self.groups.get_mut(&local.group)?;
@@ -376,11 +483,28 @@ impl Detector {
             }
             return None;
         }
+        let backoff = 1u32 << watch.tries.min(BACKOFF_MAX.trailing_zeros());
         let wait = LEADERLESS_WAIT
             + times(LEADERLESS_STAGGER, rank)
-            + scaled(LEADERLESS_JITTER, watch.share);
-        (now.saturating_duration_since(watch.since) >= wait).then_some(Action::Elect(local.group))
+            + scaled(LEADERLESS_JITTER * backoff, watch.share);
+        (now.saturating_duration_since(watch.since) >= wait)
+            .then(|| elect_unless(ahead, local))
+            .flatten()
     }
+}
+
+/// An election of `local`'s group, unless a live peer's log is `ahead`: that peer goes
+/// (this node cannot win, and its candidacy would only delay the peer's).
+fn elect_unless(ahead: bool, local: &Local) -> Option<Action> {
+    if ahead {
+        tracing::debug!(
+            group = local.group,
+            last = ?local.last_log,
+            "a live peer's log is ahead: leaving the election to it"
+        );
+        return None;
+    }
+    Some(Action::Elect(local.group))
 }
 
 /// The loop's state: the detector and which peers have a beat under way.
@@ -449,6 +573,7 @@ impl Cluster {
                     leader: m.current_leader,
                     term: m.current_term,
                     applied: m.last_applied.map(|l| l.index),
+                    last_log: self.groups().last_log_id(group),
                 }
             })
             .collect()
@@ -473,7 +598,12 @@ impl Cluster {
                     applied: l.applied,
                 })
                 .collect();
-            let actions = self.liveness.detector.lock().turn(Instant::now(), &locals);
+            let (actions, tips) = {
+                let mut detector = self.liveness.detector.lock();
+                let now = Instant::now();
+                let actions = detector.turn(now, &locals);
+                (actions, detector.tips(&locals, now))
+            };
             let mut asks: HashMap<u64, Vec<u64>> = HashMap::new();
             for action in actions {
                 match action {
@@ -485,6 +615,7 @@ impl Cluster {
                 let beat = Beat {
                     leads: leads.clone(),
                     asks: asks.remove(&peer).unwrap_or_default(),
+                    tips: tips.clone(),
                 };
                 self.send_beat(peer, busy, &beat);
             }
@@ -497,6 +628,7 @@ impl Cluster {
         };
         tracing::info!(
             group,
+            last = ?self.groups().last_log_id(group),
             "no word from the group's leader: starting an election"
         );
         if let Err(error) = raft.trigger().elect().await {
@@ -583,7 +715,12 @@ mod tests {
             leader,
             term,
             applied: Some(5),
+            last_log: tip(term, 5),
         }
+    }
+
+    fn tip(term: u64, index: u64) -> Tip {
+        Some(LogId::new(openraft::CommittedLeaderId::new(term, 1), index))
     }
 
     fn beat(group: u64, term: u64, applied: u64) -> Beat {
@@ -594,6 +731,15 @@ mod tests {
                 applied: Some(applied),
             }],
             asks: vec![],
+            tips: vec![],
+        }
+    }
+
+    /// A beat of a follower that questions group `group`'s leadership with log tip `last`.
+    fn tip_beat(group: u64, last: Tip) -> Beat {
+        Beat {
+            tips: vec![LogTip { group, last }],
+            ..Beat::default()
         }
     }
 
@@ -779,17 +925,160 @@ mod tests {
         assert_eq!(elected, None);
     }
 
+    /// The failover stall: node 2 is first in turn once leader 1 is gone, but node 3's log
+    /// is longer. Node 2 must leave the election to node 3 for as long as node 3 keeps
+    /// telling its tip (its own candidacy would fail and raise its term over node 3's), and
+    /// elect only once node 3 falls silent too.
+    #[test]
+    fn a_replica_behind_a_live_peer_does_not_elect() {
+        let mut d = Detector::new(ME, half);
+        let start = Instant::now();
+        d.received(1, &beat(7, 3, 5), start);
+        let locals = [local(7, Some(1), 3)];
+        let ahead = tip(3, 9);
+        let elected = first_election(&mut d, start, Duration::from_secs(30), &locals, |d, now| {
+            d.sent(1, Sent::Refused, now);
+            d.received(3, &tip_beat(7, ahead), now);
+        });
+        assert_eq!(elected, None);
+        // Leaderless after node 3's attempt: still not node 2's turn while 3 is ahead.
+        let mut leaderless = [local(7, None, 4)];
+        leaderless[0].last_log = tip(3, 5);
+        let later = start + Duration::from_secs(31);
+        let elected = first_election(
+            &mut d,
+            later,
+            Duration::from_secs(30),
+            &leaderless,
+            |d, now| {
+                d.received(3, &tip_beat(7, ahead), now);
+            },
+        );
+        assert_eq!(elected, None);
+        // Node 3 stops telling: its tip goes stale and node 2 elects.
+        let silent = start + Duration::from_secs(62);
+        let elected = first_election(
+            &mut d,
+            silent,
+            Duration::from_secs(30),
+            &leaderless,
+            |_, _| {},
+        );
+        assert!(elected.is_some());
+    }
+
+    /// The same tip does not hold a replica back, and a higher term beats a longer log
+    /// (openraft's order of log ids).
+    #[test]
+    fn an_equal_or_older_tip_does_not_hold_back() {
+        for other in [tip(3, 5), tip(2, 50), None] {
+            let mut d = Detector::new(ME, half);
+            let start = Instant::now();
+            d.received(1, &beat(7, 3, 5), start);
+            let locals = [local(7, Some(1), 3)];
+            let elected =
+                first_election(&mut d, start, Duration::from_secs(30), &locals, |d, now| {
+                    d.sent(1, Sent::Refused, now);
+                    d.received(3, &tip_beat(7, other), now);
+                });
+            assert!(elected.is_some(), "{other:?}");
+        }
+    }
+
+    /// A replica whose log is ahead goes first even where placement puts it second: the
+    /// one before it waits for it anyway.
+    #[test]
+    fn the_replica_ahead_goes_first() {
+        let start = Instant::now();
+        let mut locals = [local(7, Some(1), 3)];
+        // Placement [1, 3, 2]: with 1 gone, node 3 is first in turn and node 2 second.
+        locals[0].replicas = vec![1, 3, 2];
+        let run = |their: Tip| {
+            let mut d = Detector::new(ME, half);
+            d.received(1, &beat(7, 3, 5), start);
+            first_election(&mut d, start, Duration::from_secs(30), &locals, |d, now| {
+                d.sent(1, Sent::Refused, now);
+                d.received(3, &tip_beat(7, their), now);
+            })
+            .expect("elects")
+        };
+        let behind_me = run(tip(3, 2));
+        let level = run(tip(3, 5));
+        assert!(behind_me < level, "{behind_me:?} {level:?}");
+        assert!(behind_me < GONE_WAIT + GONE_STAGGER, "{behind_me:?}");
+    }
+
+    /// Tips are sent only for groups whose leadership is in question here.
+    #[test]
+    fn tips_go_only_with_groups_in_question() {
+        let mut d = Detector::new(ME, half);
+        let start = Instant::now();
+        let locals = [
+            local(7, Some(1), 3),
+            local(8, None, 3),
+            local(9, Some(ME), 3),
+        ];
+        d.received(1, &beat(7, 3, 5), start);
+        d.sent(1, Sent::Delivered, start);
+        let _ = d.turn(start, &locals);
+        let groups: Vec<u64> = d.tips(&locals, start).iter().map(|t| t.group).collect();
+        assert_eq!(groups, vec![8]);
+        // The leader's node refused a beat: group 7 is in question too.
+        d.sent(1, Sent::Refused, start);
+        let groups: Vec<u64> = d.tips(&locals, start).iter().map(|t| t.group).collect();
+        assert_eq!(groups, vec![7, 8]);
+    }
+
+    /// Every election this node starts in vain for a leaderless group makes its next wait
+    /// longer (for the same random share), up to the cap.
+    #[test]
+    fn failed_elections_back_off() {
+        let mut d = Detector::new(ME, half);
+        let start = Instant::now();
+        let locals = [local(7, None, 3)];
+        let mut waits = Vec::new();
+        let mut from = start;
+        for _ in 0..6 {
+            let wait = first_election(&mut d, from, Duration::from_secs(60), &locals, |_, _| {})
+                .expect("elects");
+            waits.push(wait);
+            from += wait + BEAT_EVERY;
+        }
+        assert!(waits.windows(2).take(3).all(|w| w[0] < w[1]), "{waits:?}");
+        let cap = LEADERLESS_WAIT
+            + LEADERLESS_STAGGER * 2
+            + LEADERLESS_JITTER * BACKOFF_MAX
+            + BEAT_EVERY * 2;
+        assert!(waits.iter().all(|w| *w <= cap), "{waits:?}");
+        // A leader seen resets it.
+        let _ = d.turn(from, &[local(7, Some(1), 4)]);
+        let again = first_election(
+            &mut d,
+            from + BEAT_EVERY,
+            Duration::from_secs(60),
+            &locals,
+            |_, _| {},
+        )
+        .expect("elects");
+        assert!(again <= waits[0] + BEAT_EVERY, "{again:?} {waits:?}");
+    }
+
     proptest! {
         /// Beats survive the codec; garbage is an error, never a panic.
         #[test]
         fn beats_round_trip(
             leads in proptest::collection::vec((any::<u64>(), any::<u64>(), any::<Option<u64>>()), 0..50),
             asks in proptest::collection::vec(any::<u64>(), 0..20),
+            tips in proptest::collection::vec((any::<u64>(), any::<Option<(u64, u64, u64)>>()), 0..20),
             garbage in proptest::collection::vec(any::<u8>(), 0..64),
         ) {
             let beat = Beat {
                 leads: leads.into_iter().map(|(group, term, applied)| Led { group, term, applied }).collect(),
                 asks,
+                tips: tips.into_iter().map(|(group, last)| LogTip {
+                    group,
+                    last: last.map(|(t, n, i)| LogId::new(openraft::CommittedLeaderId::new(t, n), i)),
+                }).collect(),
             };
             let back: Beat = decode(&encode(&beat).unwrap()).unwrap();
             prop_assert_eq!(back, beat);

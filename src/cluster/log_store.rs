@@ -16,9 +16,10 @@
 //! and removes the chunks after it. A log of the first layout (one file `log`) is taken over
 //! as the first chunk.
 //!
-//! Appends are written at once and, with `--fsync always`, synced before openraft is told
-//! they are durable; with `interval`/`never` they are acknowledged from the page cache, as a
-//! single node's publishes are.
+//! Appends are written at once and, with `--fsync always`, synced (on a blocking thread,
+//! without the log's lock) before openraft is told they are durable; with
+//! `interval`/`never` they are acknowledged from the page cache, as a single node's
+//! publishes are.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -58,7 +59,8 @@ struct Slot {
 
 /// One chunk file.
 struct Chunk {
-    file: File,
+    /// Shared with an append's fsync, which runs without the log's lock.
+    file: Arc<File>,
     path: PathBuf,
     /// Length of its valid records.
     end: u64,
@@ -76,6 +78,8 @@ struct Inner {
     purged: Option<LogId<u64>>,
     vote: Option<Vote<u64>>,
     committed: Option<LogId<u64>>,
+    /// The `committed` file, rewritten in place at every commit.
+    committed_file: Option<File>,
     sync: bool,
     chunk_entries: usize,
     /// Sequence number of the next chunk created.
@@ -86,6 +90,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
+    /// The last log id, also readable while an append holds `inner` (see [`Self::tip`]).
+    tip: Arc<Mutex<Option<LogId<u64>>>>,
 }
 
 fn io_err(
@@ -132,6 +138,18 @@ fn read_small<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> std::io::
         return Err(corrupt());
     }
     decode(payload).map(Some).map_err(|_| corrupt())
+}
+
+/// The committed id saved in `dir`, if any: a torn or corrupt file (a crash mid-write)
+/// counts as none, as a lost one does (it is learnt again from the leader).
+fn read_committed(dir: &Path) -> Option<LogId<u64>> {
+    match read_small(dir, "committed") {
+        Ok(committed) => committed,
+        Err(error) => {
+            tracing::warn!(dir = %dir.display(), %error, "raft log: ignoring the saved committed id");
+            None
+        }
+    }
 }
 
 /// Scans a chunk: the valid records (log id, position, payload length) and where they end.
@@ -198,6 +216,32 @@ struct Scanned {
 }
 
 impl Inner {
+    /// Saves the committed id at every commit, cheaply: written in place (one `pwrite` of a
+    /// fixed-size record, no new file, no rename) and not synced. A torn write fails its
+    /// CRC and reads as no committed id (see [`read_committed`]).
+    fn write_committed(&mut self, committed: Option<LogId<u64>>) -> std::io::Result<()> {
+        let path = self.dir.join("committed");
+        let Some(id) = committed else {
+            self.committed_file = None;
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        };
+        let payload = encode(&id).map_err(std::io::Error::other)?;
+        let mut bytes = crc32fast::hash(&payload).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&payload);
+        if self.committed_file.is_none() {
+            let file = open_rw(&path)?;
+            file.set_len(bytes.len() as u64)?;
+            self.committed_file = Some(file);
+        }
+        match &self.committed_file {
+            Some(file) => file.write_all_at(&bytes, 0),
+            None => Ok(()),
+        }
+    }
+
     /// Scans one chunk into `slots`, keeping entries above the purge point; cuts a torn or
     /// out-of-order tail.
     fn scan_chunk(&mut self, seq: u64, path: PathBuf) -> std::io::Result<Scanned> {
@@ -239,7 +283,7 @@ impl Inner {
         }
         Ok(Scanned {
             chunk: Chunk {
-                file,
+                file: Arc::new(file),
                 path,
                 end,
                 entries,
@@ -297,7 +341,7 @@ impl Inner {
         self.chunks.insert(
             seq,
             Chunk {
-                file,
+                file: Arc::new(file),
                 path,
                 end: 0,
                 entries: 0,
@@ -332,7 +376,8 @@ impl LogStore {
             last_log_id: purged,
             purged,
             vote: read_small(dir, "vote")?,
-            committed: read_small(dir, "committed")?,
+            committed: read_committed(dir),
+            committed_file: None,
             sync,
             chunk_entries: chunk_entries.max(1),
             next_seq: 0,
@@ -351,8 +396,19 @@ impl LogStore {
         }
         inner.drop_purged_chunks()?;
         Ok(Self {
+            tip: Arc::new(Mutex::new(inner.last_log_id)),
             inner: Arc::new(Mutex::new(inner)),
         })
+    }
+
+    /// The id of the last entry written (or the purge point of an empty log), without
+    /// waiting for an append under way: what this replica's vote requests carry.
+    pub fn tip(&self) -> Option<LogId<u64>> {
+        *self.tip.lock()
+    }
+
+    fn set_tip(&self, inner: &Inner) {
+        *self.tip.lock() = inner.last_log_id;
     }
 
     /// Bytes of the log's chunk files (for tests and metrics).
@@ -430,15 +486,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         committed: Option<LogId<u64>>,
     ) -> Result<(), StorageError<u64>> {
         let mut inner = self.inner.lock();
-        // Not synced: a lost committed id is learnt again from the leader.
-        let saved = match &committed {
-            Some(id) => write_small(&inner.dir, "committed", id, false),
-            None => match std::fs::remove_file(inner.dir.join("committed")) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        };
-        saved.map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        inner
+            .write_committed(committed)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
         inner.committed = committed;
         Ok(())
     }
@@ -456,17 +506,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut inner = self.inner.lock();
-        let written = Self::append_locked(&mut inner, entries);
-        drop(inner);
-        match written {
+        let written = {
+            let mut inner = self.inner.lock();
+            let written = Self::append_locked(&mut inner, entries);
+            self.set_tip(&inner);
+            written
+        };
+        let to_sync = match written {
+            Ok(to_sync) => to_sync,
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                return Err(e);
+            }
+        };
+        // The fsync runs on a blocking thread, without the lock: openraft waits for it
+        // anyway, but the runtime's workers (two on this machine) keep serving meanwhile.
+        let synced = match to_sync {
+            Some(file) => tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+            None => Ok(()),
+        };
+        match synced {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
             Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(e)
+                let error = io_err(
+                    ErrorSubject::Logs,
+                    ErrorVerb::Write,
+                    std::io::Error::new(e.kind(), e.to_string()),
+                );
+                callback.log_io_completed(Err(e));
+                Err(error)
             }
         }
     }
@@ -506,6 +579,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => inner.purged,
         };
         inner.last_log_id = last;
+        self.set_tip(&inner);
         Ok(())
     }
 
@@ -522,14 +596,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             inner.last_log_id = Some(log_id);
         }
+        self.set_tip(&inner);
         inner.drop_purged_chunks().map_err(err)
     }
 }
 
 impl LogStore {
+    /// Writes `entries` at the end of the log; the chunk to sync before they count as
+    /// durable (`None` when this log does not sync).
     // openraft's own error type, as its traits return it.
     #[allow(clippy::result_large_err)]
-    fn append_locked<I>(inner: &mut Inner, entries: I) -> Result<(), StorageError<u64>>
+    fn append_locked<I>(
+        inner: &mut Inner,
+        entries: I,
+    ) -> Result<Option<Arc<File>>, StorageError<u64>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>>,
     {
@@ -570,8 +650,8 @@ impl LogStore {
         chunk
             .file
             .write_all_at(&bytes, start)
-            .and_then(|()| if sync { chunk.file.sync_data() } else { Ok(()) })
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        let to_sync = sync.then(|| Arc::clone(&chunk.file));
         chunk.end = pos;
         chunk.entries += added.len();
         if let Some((last, _)) = added.last() {
@@ -581,7 +661,7 @@ impl LogStore {
             inner.slots.insert(log_id.index, slot);
             inner.last_log_id = Some(log_id);
         }
-        Ok(())
+        Ok(to_sync)
     }
 }
 

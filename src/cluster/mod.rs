@@ -3,6 +3,7 @@
 //! - [`types`]: the openraft type configuration, the entry payload, the codec.
 //! - [`log_store`]: a group's Raft log on disk (`RaftLogStorage`).
 //! - [`state_machine`]: applying committed entries through the broker's one apply path.
+//! - [`metadata`]: the metadata group's snapshot (registry, users, grants, group ids).
 //! - [`groups`]: the metadata group and one group per queue, opened and closed as queues
 //!   come and go.
 //! - [`placement`]: rendezvous hashing of queues over node ids.
@@ -31,9 +32,9 @@
 //! Storage: each group has its own Raft log next to the broker's data
 //! (`raft/{group}/`, [`log_store`]), and the broker's data directory of a cluster node
 //! (`state/`) is derived from the groups: it is cleared at start, the metadata group
-//! replays its (small, never purged) log and so re-creates every queue, and each queue
-//! group restores its queue from its latest snapshot and replays only the entries after
-//! it ([`state_machine`], [`snapshot`]). A queue group snapshots every
+//! installs its snapshot ([`metadata`]) and replays the entries after it, and so re-creates
+//! every queue, and each queue group restores its queue from its latest snapshot and
+//! replays only the entries after it ([`state_machine`], [`snapshot`]). A queue group snapshots every
 //! `raft_snapshot_entries` entries: the snapshot hard-links the queue's sealed segments
 //! (so they are not stored twice) and copies its group state; the Raft log below it is
 //! purged, chunk by chunk. A follower too far behind for the log, or wiped, is sent the
@@ -48,6 +49,7 @@ pub mod handoff;
 pub mod liveness;
 pub mod log_store;
 pub mod membership;
+pub mod metadata;
 pub mod moves;
 pub mod network;
 pub mod placement;
@@ -71,8 +73,9 @@ use serde::{Deserialize, Serialize};
 use crate::broker::replicate::{Op, OpResult, Replicator, Scope, WireError};
 use crate::broker::{Broker, BrokerError};
 use groups::{Groups, META_GROUP};
+use metadata::MetaHooks;
 use network::Peers;
-use state_machine::{MetaHooks, Role};
+use state_machine::Role;
 use types::{Command, NodeAddrs, Raft, decode, encode};
 
 /// How many times an op may be forwarded before it is answered "no leader".
@@ -176,6 +179,10 @@ pub struct Cluster {
     groups: Arc<Groups>,
     liveness: liveness::Liveness,
     proposals: Arc<proposals::Proposals>,
+    /// Publishes this node forwards to their queue's leader, batched the same way.
+    forwards: Arc<proposals::Proposals>,
+    /// This node's own handle, for the forwarding batches' background writers.
+    me: std::sync::Weak<Cluster>,
     meta: Raft,
     broker: Arc<Broker>,
     config: ClusterConfig,
@@ -216,6 +223,16 @@ async fn propose_entry(
         ))),
         Err(error) => Err(no_leader(format!("group {group}: {error}"))),
     }
+}
+
+/// A receiver of `raft`'s current leader (a group this node has no watch of yet).
+fn watch_metrics_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<u64>> {
+    let (_, rx) = tokio::sync::watch::channel(raft.metrics().borrow().current_leader);
+    rx
+}
+
+fn is_publish(command: &Command) -> bool {
+    matches!(command, Command::Broker(Op::Publish { .. }))
 }
 
 /// How forwarding an op failed.
@@ -276,10 +293,12 @@ impl Cluster {
         // The voters as the metadata log left them (nodes added or removed since the
         // initial `--peers`); applying the log updates them from here on.
         groups.set_members(meta.metrics().borrow().membership_config.membership());
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
             groups,
             liveness: liveness::Liveness::new(config.node_id, config.peers.keys().copied()),
             proposals: Arc::default(),
+            forwards: Arc::default(),
+            me: me.clone(),
             meta,
             broker,
             config,
@@ -420,8 +439,14 @@ impl Cluster {
                     command if leases => self.run_leases(&raft, command).await,
                     command => self.propose(&raft, group, command).await,
                 },
+                Some(_) if hops < MAX_HOPS && is_publish(&command) => {
+                    self.forward_publish(group, command, hops).await
+                }
                 Some(leader) if hops < MAX_HOPS => {
-                    match self.forward_to_leader(&raft, leader, &command, hops).await {
+                    match self
+                        .forward_to_leader(&raft, group, leader, &command, hops)
+                        .await
+                    {
                         Err(Forwarding::Moved(why)) if attempts + 1 < FORWARD_ATTEMPTS => {
                             tracing::debug!(group, leader, %why, "following the group's leader");
                             attempts += 1;
@@ -452,14 +477,20 @@ impl Cluster {
     async fn forward_to_leader(
         &self,
         raft: &Raft,
+        group: u64,
         leader: u64,
         command: &Command,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), Forwarding> {
-        let mut metrics = raft.metrics();
+        // The group's leader only (its metrics change at every entry: hundreds of
+        // requests in flight would all wake at each).
+        let mut leaders = self
+            .groups
+            .leader_watch(group)
+            .unwrap_or_else(|| watch_metrics_leader(raft));
         let deposed = async {
-            let changed = metrics
-                .wait_for(|m| m.current_leader.is_some_and(|l| l != leader))
+            let changed = leaders
+                .wait_for(|l| l.is_some_and(|l| l != leader))
                 .await
                 .is_ok();
             if !changed {
@@ -551,11 +582,82 @@ impl Cluster {
                 messages,
                 now_ms,
             }) => {
+                let sink = || proposals::propose_to(raft, group);
                 self.proposals
-                    .publish(raft, group, queue, messages, now_ms)
+                    .publish(sink, group, queue, messages, now_ms)
                     .await
             }
             command => propose_entry(raft, group, command).await,
+        }
+    }
+
+    /// Forwards a publish to its queue's leader together with the others that arrive
+    /// meanwhile (one forwarded publish for many, see [`proposals`]).
+    async fn forward_publish(
+        &self,
+        group: u64,
+        command: Command,
+        hops: u32,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let Command::Broker(Op::Publish {
+            queue,
+            messages,
+            now_ms,
+        }) = command
+        else {
+            return Err(no_leader("not a publish"));
+        };
+        let me = self.me.clone();
+        let sink = move || -> proposals::Sink {
+            Arc::new(move |command| {
+                let me = me.clone();
+                Box::pin(async move {
+                    match me.upgrade() {
+                        Some(cluster) => cluster.forward_batch(group, command, hops).await,
+                        None => Err(no_leader("the node is stopping")),
+                    }
+                })
+            })
+        };
+        self.forwards
+            .publish(sink, group, queue, messages, now_ms)
+            .await
+    }
+
+    /// Sends a batch of forwarded publishes to the group's leader, following it when it
+    /// moves (or proposes it here, should this node have become the leader meanwhile).
+    async fn forward_batch(
+        &self,
+        group: u64,
+        command: Command,
+        hops: u32,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let Some(raft) = self.groups.raft(group) else {
+            return Err(no_leader(format!("group {group} is closed here")));
+        };
+        let mut attempts = 0;
+        loop {
+            let leader = self.leader_of(&raft).await;
+            return match leader {
+                Some(leader) if leader == self.node_id() => {
+                    propose_entry(&raft, group, command).await
+                }
+                Some(leader) => match self
+                    .forward_to_leader(&raft, group, leader, &command, hops)
+                    .await
+                {
+                    Err(Forwarding::Moved(why)) if attempts + 1 < FORWARD_ATTEMPTS => {
+                        tracing::debug!(group, leader, %why, "following the group's leader");
+                        attempts += 1;
+                        self.leader_other_than(&raft, leader).await;
+                        continue;
+                    }
+                    Err(Forwarding::Moved(why)) => Err(no_leader(format!("group {group}: {why}"))),
+                    Err(Forwarding::Failed(error)) => Err(error),
+                    Ok(done) => Ok(done),
+                },
+                None => Err(no_leader(format!("group {group} has no leader"))),
+            };
         }
     }
 
@@ -609,11 +711,8 @@ impl Cluster {
     /// Waits until this node applied `index` of `group` (bounded; the op is committed
     /// either way, this only gives read-your-writes on the node that answered).
     async fn wait_applied(&self, group: u64, index: u64) {
-        if let Some(raft) = self.groups.raft(group) {
-            let _ = raft
-                .wait(Some(APPLY_WAIT))
-                .applied_index_at_least(Some(index), "the forwarded op")
-                .await;
+        if let Some(applied) = self.groups.applied(group) {
+            applied.wait(index, APPLY_WAIT).await;
         }
     }
 

@@ -11,10 +11,16 @@
 //! applied, before anything is written) is proposed again one publish at a time, so each
 //! caller gets its own answer; a batch that was not committed (no leader, no quorum) is
 //! answered "no leader" to every caller, who may retry as after any lost answer.
+//!
+//! The same batching serves a node that forwards publishes to the queue's leader: the
+//! publishes to one queue that arrive while [`WRITERS`] forwards are on the way go as one
+//! forwarded publish (one call to the leader instead of one per publish). Where a batch
+//! goes is the caller's [`Sink`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -22,6 +28,18 @@ use super::propose_entry;
 use super::types::{Command, Raft};
 use crate::broker::BrokerError;
 use crate::broker::replicate::{Op, OpResult, WireError, WireMessage};
+
+/// Where a batch of publishes goes (one `Op::Publish` command), and what it answered.
+pub type Sink = Arc<dyn Fn(Command) -> BoxFuture<'static, Proposed> + Send + Sync>;
+
+/// The sink of a group this node leads: proposed as one entry.
+pub fn propose_to(raft: &Raft, group: u64) -> Sink {
+    let raft = raft.clone();
+    Arc::new(move |command| {
+        let raft = raft.clone();
+        Box::pin(async move { propose_entry(&raft, group, command).await })
+    })
+}
 
 /// Entries of one group on the way at once (more publishes wait and go as one entry).
 pub const WRITERS: usize = 4;
@@ -60,11 +78,11 @@ pub struct Proposals {
 }
 
 impl Proposals {
-    /// Proposes a publish of `messages` to `queue` in `raft`'s group `group` (this node
-    /// leads it), alone or with others.
+    /// Sends a publish of `messages` to `queue` (group `group`) to the `sink` (made only
+    /// when a new writer starts), alone or with others.
     pub async fn publish(
         self: &Arc<Self>,
-        raft: &Raft,
+        sink: impl FnOnce() -> Sink,
         group: u64,
         queue: String,
         messages: Vec<WireMessage>,
@@ -88,7 +106,7 @@ impl Proposals {
             }
         };
         if start_writer {
-            tokio::spawn(Arc::clone(self).write(raft.clone(), group));
+            tokio::spawn(Arc::clone(self).write(sink(), group));
         }
         answered.await.unwrap_or_else(|_| {
             Err(BrokerError::NoLeader(
@@ -123,9 +141,9 @@ impl Proposals {
     }
 
     /// Writes batches of `group` until none waits.
-    async fn write(self: Arc<Self>, raft: Raft, group: u64) {
+    async fn write(self: Arc<Self>, sink: Sink, group: u64) {
         while let Some(batch) = self.take(group) {
-            write_batch(&raft, group, batch).await;
+            write_batch(&sink, batch).await;
         }
     }
 }
@@ -138,18 +156,18 @@ fn publish(queue: String, messages: Vec<WireMessage>, now_ms: i64) -> Command {
     })
 }
 
-/// Proposes one waiter's publish alone and answers it.
-async fn write_alone(raft: &Raft, group: u64, w: Waiter) {
-    let result = propose_entry(raft, group, publish(w.queue, w.messages, w.now_ms)).await;
+/// Sends one waiter's publish alone and answers it.
+async fn write_alone(sink: &Sink, w: Waiter) {
+    let result = sink(publish(w.queue, w.messages, w.now_ms)).await;
     let _ = w.answer.send(result);
 }
 
-/// Proposes `batch` as one entry and gives each waiter its share of the offsets.
-async fn write_batch(raft: &Raft, group: u64, mut batch: Vec<Waiter>) {
+/// Sends `batch` as one publish and gives each waiter its share of the offsets.
+async fn write_batch(sink: &Sink, mut batch: Vec<Waiter>) {
     if batch.len() == 1
         && let Some(w) = batch.pop()
     {
-        return write_alone(raft, group, w).await;
+        return write_alone(sink, w).await;
     }
     let Some(queue) = batch.first().map(|w| w.queue.clone()) else {
         return;
@@ -162,7 +180,7 @@ async fn write_batch(raft: &Raft, group: u64, mut batch: Vec<Waiter>) {
         .iter()
         .flat_map(|w| w.messages.iter().cloned())
         .collect();
-    match propose_entry(raft, group, publish(queue, messages, now_ms)).await {
+    match sink(publish(queue, messages, now_ms)).await {
         Ok((OpResult::Published(places), applied)) if places.len() == total => {
             let mut places = places.into_iter();
             for w in batch {
@@ -194,7 +212,7 @@ async fn write_batch(raft: &Raft, group: u64, mut batch: Vec<Waiter>) {
             // whole publish): each publish goes alone, for its own answer.
             tracing::debug!(%error, "a batch of publishes was refused; proposing each alone");
             for w in batch {
-                write_alone(raft, group, w).await;
+                write_alone(sink, w).await;
             }
         }
     }

@@ -140,6 +140,9 @@ pub struct Manifest {
     pub membership: StoredMembership<u64, BasicNode>,
     /// The queue's files (none for a group without data).
     pub files: Vec<FileEntry>,
+    /// The metadata group's snapshot: its [`super::metadata::MetaImage`] (as JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Value>,
 }
 
 impl Manifest {
@@ -155,6 +158,7 @@ impl Manifest {
             last_log_id,
             membership,
             files: Vec::new(),
+            meta: None,
         }
     }
 }

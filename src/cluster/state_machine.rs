@@ -3,8 +3,8 @@
 //! and a restarted node reach the same queues, offsets and group state from the same log.
 //!
 //! The broker's data directory is the state these machines build; a cluster node clears it
-//! at start (see `mod.rs`). The metadata group replays its whole log (it is small and
-//! never purged) and so creates every queue again, empty. A queue group's machine then
+//! at start (see `mod.rs`). The metadata group installs its latest snapshot and replays
+//! the entries after it, and so creates every queue again, empty. A queue group's machine then
 //! restores the queue's data from the group's latest snapshot ([`super::snapshot`]) before
 //! openraft replays only the entries after it.
 //!
@@ -12,8 +12,10 @@
 //! applies ([`RaftStateMachine::get_snapshot_builder`] runs on the apply task) and the
 //! CRCs, fsyncs and manifest are done by the builder on its own task. Installing one (a
 //! far-behind or wiped follower) unpacks it, checks it and swaps it into the broker.
-//! Snapshots of the metadata group (and of the storage suite's bare machine) hold only the
-//! applied log id and membership.
+//! A snapshot of the metadata group carries the metadata ([`super::metadata`]): installed
+//! into the empty broker at start before the entries after it replay, or over a follower's
+//! state when its leader sends it. Snapshots of the storage suite's bare machine hold only
+//! the applied log id and membership.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +26,11 @@ use openraft::{
     StorageError, StoredMembership,
 };
 
+use super::metadata::{MetaHooks, MetaImage, SNAPSHOT_FILE, write_durably};
 use super::snapshot::{
     Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, unpack_bare,
 };
-use super::types::{Applied, Command, NodeAddrs, Placed, TypeConfig};
+use super::types::{Applied, Command, TypeConfig};
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
 
@@ -35,25 +38,8 @@ use crate::broker::replicate::{Op, OpResult, WireError};
 pub const SNAPSHOTS_BUILT: &str = "qit_cluster_snapshots_built_total";
 /// Snapshots installed from a leader by queue groups (counter).
 pub const SNAPSHOTS_INSTALLED: &str = "qit_cluster_snapshots_installed_total";
-
-/// What applying metadata does beyond the broker: the cluster's groups follow the queues
-/// (implemented by [`super::groups::Groups`]; a trait so that the two files do not import
-/// each other).
-pub trait MetaHooks: Send + Sync {
-    /// A node announced its addresses.
-    fn set_node(&self, addrs: NodeAddrs);
-    /// The metadata group's membership changed (its voters are the cluster's voters).
-    fn set_members(&self, membership: &openraft::Membership<u64, BasicNode>);
-    /// Queue `name` was created by the entry that gives it group `id`.
-    fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
-    /// A queue's group moved to other replicas: opened here if this node is one now,
-    /// closed and cleared if it no longer is.
-    fn set_replicas<'a>(&'a self, placed: &'a Placed) -> futures_util::future::BoxFuture<'a, ()>;
-    /// A node is leaving: placement leaves it out from now on.
-    fn set_draining(&self, node: u64);
-    /// Queue `name` is about to be deleted.
-    fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()>;
-}
+/// Snapshots of the metadata group installed from a leader (counter).
+pub const META_SNAPSHOTS_INSTALLED: &str = "qit_cluster_meta_snapshots_installed_total";
 
 /// Which group a machine belongs to.
 #[derive(Clone)]
@@ -65,6 +51,52 @@ pub enum Role {
     /// A machine with no broker behind it, for openraft's storage suite: entries only move
     /// the applied id and the membership.
     Bare,
+}
+
+/// The last index a group applied here, and the requests waiting for an index: each is
+/// woken once, when its index is applied (not at every change of the group's metrics, as
+/// openraft's `wait()` does).
+#[derive(Default)]
+pub struct AppliedIndex {
+    inner: parking_lot::Mutex<AppliedWaiters>,
+}
+
+#[derive(Default)]
+struct AppliedWaiters {
+    index: Option<u64>,
+    waiting: std::collections::BTreeMap<u64, Vec<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl AppliedIndex {
+    /// `index` was applied: wakes whoever waits for it or an earlier one.
+    pub fn advance(&self, index: u64) {
+        let ready = {
+            let mut inner = self.inner.lock();
+            if inner.index.is_some_and(|i| i >= index) {
+                return;
+            }
+            inner.index = Some(index);
+            let later = inner.waiting.split_off(&(index + 1));
+            std::mem::replace(&mut inner.waiting, later)
+        };
+        for sender in ready.into_values().flatten() {
+            let _ = sender.send(());
+        }
+    }
+
+    /// Waits until `index` is applied, at most `limit`; true if it was.
+    pub async fn wait(&self, index: u64, limit: std::time::Duration) -> bool {
+        let applied = {
+            let mut inner = self.inner.lock();
+            if inner.index.is_some_and(|i| i >= index) {
+                return true;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            inner.waiting.entry(index).or_default().push(tx);
+            rx
+        };
+        matches!(tokio::time::timeout(limit, applied).await, Ok(Ok(())))
+    }
 }
 
 /// A snapshot without data, as kept in memory: its meta and packed bytes.
@@ -101,8 +133,14 @@ pub struct StateMachine {
     /// Entries applied by this machine (and its clones); read after start-up, it is how
     /// many the start replayed.
     applied: Arc<AtomicU64>,
+    /// The last applied index, for requests that wait for one.
+    applied_index: Arc<AppliedIndex>,
     /// A builder's files, captured between two applies.
     captured: Option<Result<Captured, String>>,
+    /// The metadata group's directory (its snapshot file is there).
+    meta_dir: Option<std::path::PathBuf>,
+    /// A metadata builder's image, captured between two applies.
+    captured_meta: Option<MetaImage>,
 }
 
 impl StateMachine {
@@ -118,8 +156,97 @@ impl StateMachine {
             store: None,
             snapshots_built: 0,
             applied: Arc::default(),
+            applied_index: Arc::default(),
             captured: None,
+            meta_dir: None,
+            captured_meta: None,
         }
+    }
+
+    /// The machine of the metadata group, its snapshot in `dir`: the metadata of the latest
+    /// snapshot is installed into `broker` (empty at start) and the machine starts at the
+    /// log id it covers.
+    pub async fn for_meta(
+        hooks: Arc<dyn MetaHooks>,
+        broker: Arc<Broker>,
+        dir: &std::path::Path,
+    ) -> Result<Self, String> {
+        let mut machine = Self::new(Role::Meta(hooks), Some(broker));
+        machine.meta_dir = Some(dir.to_path_buf());
+        let path = dir.join(SNAPSHOT_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(machine),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let manifest =
+            unpack_bare(&mut bytes.as_slice()).map_err(|e| format!("{}: {e}", path.display()))?;
+        machine.install_meta(&manifest, bytes).await?;
+        tracing::info!(last = ?manifest.last_log_id, "metadata restored from its snapshot");
+        Ok(machine)
+    }
+
+    /// Installs a metadata snapshot (its manifest and packed bytes): its image into the
+    /// broker and the groups, then the applied point and the snapshot kept.
+    async fn install_meta(&mut self, manifest: &Manifest, bytes: Vec<u8>) -> Result<(), String> {
+        let (Role::Meta(hooks), Some(broker)) = (&self.role, &self.broker) else {
+            return Err("not the metadata group".into());
+        };
+        let image: MetaImage = match &manifest.meta {
+            Some(value) => serde_json::from_value(value.clone())
+                .map_err(|e| format!("the snapshot's metadata: {e}"))?,
+            None => return Err("a metadata snapshot without its metadata".into()),
+        };
+        image
+            .install(broker, hooks.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.applied_up_to(manifest.last_log_id);
+        self.membership = manifest.membership.clone();
+        *self.in_memory.lock() = Some((meta_of(manifest), bytes));
+        Ok(())
+    }
+
+    /// Builds the metadata group's snapshot from the image captured at the applied point
+    /// and stores it (replacing the previous one).
+    #[allow(clippy::result_large_err)]
+    async fn build_meta(
+        &mut self,
+        image: MetaImage,
+    ) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let fail = |e: String| {
+            tracing::error!(error = %e, "building the metadata snapshot failed");
+            storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+        };
+        let id = format!(
+            "{}-{}",
+            self.last_applied.map_or(0, |l| l.index),
+            self.snapshots_built
+        );
+        let mut manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
+        manifest.meta = Some(serde_json::to_value(&image).map_err(|e| fail(e.to_string()))?);
+        let bytes = pack_bare(&manifest).map_err(|e| fail(e.to_string()))?;
+        self.store_meta(&bytes).await.map_err(fail)?;
+        let meta = meta_of(&manifest);
+        *self.in_memory.lock() = Some((meta.clone(), bytes.clone()));
+        metrics::counter!(SNAPSHOTS_BUILT).increment(1);
+        tracing::debug!(last = ?manifest.last_log_id, "metadata snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotData::memory(bytes)),
+        })
+    }
+
+    /// Writes a metadata snapshot's bytes to its file, durably, on a blocking thread.
+    async fn store_meta(&self, bytes: &[u8]) -> Result<(), String> {
+        let Some(dir) = self.meta_dir.clone() else {
+            return Ok(());
+        };
+        let bytes = bytes.to_vec();
+        tokio::task::spawn_blocking(move || write_durably(&dir, SNAPSHOT_FILE, &bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("writing the metadata snapshot: {e}"))
     }
 
     /// The machine of queue `name`'s group, its snapshots in `dir`: the queue's data (just
@@ -145,6 +272,19 @@ impl StateMachine {
         Arc::clone(&self.applied)
     }
 
+    /// The last applied index, to wait on.
+    pub fn applied_index(&self) -> Arc<AppliedIndex> {
+        Arc::clone(&self.applied_index)
+    }
+
+    /// Moves to `last` (a snapshot's applied point) and wakes who waits for it.
+    fn applied_up_to(&mut self, last: Option<LogId<u64>>) {
+        self.last_applied = last;
+        if let Some(last) = last {
+            self.applied_index.advance(last.index);
+        }
+    }
+
     /// Swaps a stored snapshot's data into the broker and moves to the log id it covers.
     async fn restore(&mut self, stored: &Stored) -> Result<(), SnapshotError> {
         if let (Role::Queue(name), Some(broker)) = (&self.role, &self.broker) {
@@ -159,7 +299,7 @@ impl StateMachine {
                     reason: format!("the broker cannot open it: {e}"),
                 })?;
         }
-        self.last_applied = stored.manifest.last_log_id;
+        self.applied_up_to(stored.manifest.last_log_id);
         self.membership = stored.manifest.membership.clone();
         Ok(())
     }
@@ -324,6 +464,9 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        if let Some(image) = self.captured_meta.take() {
+            return self.build_meta(image).await;
+        }
         match self.captured.take() {
             None => self.build_in_memory(),
             Some(captured) => {
@@ -373,12 +516,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             replies.push(reply);
         }
+        if let Some(last) = self.last_applied {
+            self.applied_index.advance(last.index);
+        }
         Ok(replies)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.snapshots_built += 1;
         let captured = self.capture();
+        let captured_meta = match (&self.role, &self.broker) {
+            (Role::Meta(hooks), Some(broker)) => Some(MetaImage::capture(broker, hooks.as_ref())),
+            _ => None,
+        };
         StateMachine {
             role: self.role.clone(),
             broker: self.broker.clone(),
@@ -388,7 +538,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store: self.store.clone(),
             snapshots_built: self.snapshots_built,
             applied: Arc::clone(&self.applied),
+            applied_index: Arc::clone(&self.applied_index),
             captured,
+            meta_dir: self.meta_dir.clone(),
+            captured_meta,
         }
     }
 
@@ -421,15 +574,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
             let manifest = unpack_bare(&mut reader)
                 .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
-            if matches!(self.role, Role::Meta(_)) {
-                // The metadata log is never purged, so a leader never has to send this.
-                tracing::error!(last = ?meta.last_log_id, "installing a metadata snapshot without its data: the replica misses what it covers");
-            }
             let bytes =
                 pack_bare(&manifest).map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
+            if matches!(self.role, Role::Meta(_)) {
+                // Stored first: a start rebuilds the metadata from this file.
+                self.store_meta(&bytes)
+                    .await
+                    .map_err(|e| storage_error(subject(), ErrorVerb::Write, e))?;
+                self.install_meta(&manifest, bytes.clone())
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "installing a metadata snapshot failed");
+                        storage_error(subject(), ErrorVerb::Read, e)
+                    })?;
+                metrics::counter!(META_SNAPSHOTS_INSTALLED).increment(1);
+                tracing::info!(last = ?meta.last_log_id, "metadata snapshot installed");
+            }
             *self.in_memory.lock() = Some((meta.clone(), bytes));
         }
-        self.last_applied = meta.last_log_id;
+        self.applied_up_to(meta.last_log_id);
         self.membership = meta.last_membership.clone();
         Ok(())
     }

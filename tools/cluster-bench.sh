@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Publish throughput of a three-node cluster against one node, both with `--fsync always`,
+# on this machine (issue 13's throughput target: the cluster at >= 50 % of one node).
+#
+#   tools/cluster-bench.sh                       # target/release/qit, 3 runs of 100,000 each
+#   QIT=target/release/qit RUNS=5 MESSAGES=200000 tools/cluster-bench.sh
+#   BENCH_ARGS="--batch 100 --window 4" tools/cluster-bench.sh   # another load shape
+#
+# The load is workload W1 of the README's Performance section: 100-byte messages, 2
+# producers on gRPC Publish streams each keeping 100 publishes of one message unanswered,
+# one partition, no consumers. The cluster's load goes through node 1 (`--server`), which
+# forwards to the queue's leader when it does not lead it; VIA=leader sends it to the
+# leader instead. Every run starts on fresh data directories (under $TMPDIR, removed at
+# the end) and prints `uptime`: other work on the machine makes a figure an upper bound of
+# the time it took.
+set -euo pipefail
+
+QIT=${QIT:-target/release/qit}
+RUNS=${RUNS:-3}
+MESSAGES=${MESSAGES:-100000}
+VIA=${VIA:-node1}
+BENCH_ARGS=${BENCH_ARGS:---batch 1 --window 100}
+ROOT=$(mktemp -d "${TMPDIR:-/tmp}/qit-cluster-bench.XXXXXX")
+export QIT_CLUSTER_SECRET=cluster-bench-secret-0123456789
+PEERS=1=127.0.0.1:27101,2=127.0.0.1:27102,3=127.0.0.1:27103
+
+pids=()
+stop_all() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  pids=()
+}
+trap 'stop_all; rm -rf "$ROOT"' EXIT
+
+wait_http() { # url
+  for _ in $(seq 1 600); do
+    if curl -fsS "$1" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "no answer from $1" >&2
+  return 1
+}
+
+bench() { # http grpc
+  # shellcheck disable=SC2086
+  "$QIT" bench --server "$1" --grpc-server "$2" $BENCH_ARGS --producers 2 --consumers 0 \
+    --partitions 1 --mode stream --messages "$MESSAGES" --json
+}
+
+rate() { python3 -c 'import json,sys; print(round(json.load(sys.stdin)["publish_msgs_per_s"]))'; }
+
+single() {
+  local dir=$ROOT/single-$1
+  "$QIT" serve --fsync always --http 127.0.0.1:28080 --grpc 127.0.0.1:29090 \
+    --data-dir "$dir" >"$dir.log" 2>&1 &
+  pids+=($!)
+  wait_http http://127.0.0.1:28080/healthz
+  bench http://127.0.0.1:28080 http://127.0.0.1:29090
+  stop_all
+  rm -rf "$dir"
+}
+
+cluster() {
+  local dir=$ROOT/cluster-$1
+  for n in 1 2 3; do
+    "$QIT" serve --fsync always --node-id "$n" --cluster "127.0.0.1:2710$n" --peers "$PEERS" \
+      --http "127.0.0.1:2808$n" --grpc "127.0.0.1:2909$n" --data-dir "$dir/node-$n" \
+      >"$dir-node-$n.log" 2>&1 &
+    pids+=($!)
+  done
+  for n in 1 2 3; do wait_http "http://127.0.0.1:2808$n/healthz"; done
+  local http=http://127.0.0.1:28081 grpc=http://127.0.0.1:29091
+  if [[ $VIA == leader ]]; then
+    # The bench queue is made by the bench itself; make it first to find its leader.
+    curl -fsS -X POST http://127.0.0.1:28081/queues/cluster-bench -H 'content-type: application/json' \
+      -d '{"partitions":1}' >/dev/null
+    local leader=""
+    for _ in $(seq 1 100); do
+      leader=$(curl -fsS http://127.0.0.1:28081/cluster | python3 -c 'import json,sys; print(next((p["leader"] or "") for p in json.load(sys.stdin)["partitions"] if p["queue"]=="cluster-bench"))' 2>/dev/null || true)
+      [[ -n $leader ]] && break
+      sleep 0.1
+    done
+    http=http://127.0.0.1:2808$leader grpc=http://127.0.0.1:2909$leader
+    BENCH_ARGS="$BENCH_ARGS --queue cluster-bench"
+  fi
+  bench "$http" "$grpc"
+  stop_all
+  rm -rf "$dir" "$dir"-node-*.log
+}
+
+mkdir -p "$ROOT"
+echo "# qit publish, W1 shape (${BENCH_ARGS}), --fsync always, $MESSAGES messages per run"
+for run in $(seq 1 "$RUNS"); do
+  s=$(single "$run" | rate)
+  echo "run $run single node: $s msg/s   ($(uptime | sed 's/.*load/load/'))"
+  c=$(cluster "$run" | rate)
+  echo "run $run three nodes (via $VIA): $c msg/s   ($(uptime | sed 's/.*load/load/'))"
+done
