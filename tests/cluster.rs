@@ -259,8 +259,12 @@ async fn leader_kills_lose_nothing_acknowledged() {
             while !stop.load(Ordering::Relaxed) {
                 let body = format!("m-{i}");
                 let base = &bases[i % bases.len()];
+                // With an idempotency key: a publish forwarded by a follower is sent
+                // again when the leader changes under it, and without a key that may store
+                // it twice (at least once, as when a client retries).
                 let answer = http()
                     .post(format!("{base}/queues/work/messages"))
+                    .header("Idempotency-Key", body.clone())
                     .body(body.clone())
                     .timeout(Duration::from_secs(10))
                     .send()
