@@ -116,13 +116,22 @@ impl Load {
     async fn avoid(&self, base: &str) {
         self.bases.lock().retain(|b| b != base);
         let at = self.turns.each_ref().map(|t| t.load(Ordering::Relaxed));
-        eventually("the load left the node", || async {
-            self.turns
-                .iter()
-                .zip(at)
-                .all(|(t, at)| t.load(Ordering::Relaxed) >= at + 2)
-        })
-        .await;
+        // A turn may legitimately last minutes (a receive and up to 20 acks, each with a
+        // 20 s timeout, while a group moves), so the guard against a hang is that long;
+        // it measures nothing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(480);
+        while !self
+            .turns
+            .iter()
+            .zip(at)
+            .all(|(t, at)| t.load(Ordering::Relaxed) >= at + 2)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the load never left the node"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops publishing and consuming (what was answered stays recorded).
