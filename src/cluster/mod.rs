@@ -443,21 +443,12 @@ impl Cluster {
                     self.forward_publish(group, command, hops).await
                 }
                 Some(leader) if hops < MAX_HOPS => {
-                    match self
-                        .forward_to_leader(&raft, group, leader, &command, hops)
-                        .await
-                    {
-                        Err(Forwarding::Moved(why)) if attempts + 1 < FORWARD_ATTEMPTS => {
-                            tracing::debug!(group, leader, %why, "following the group's leader");
-                            attempts += 1;
-                            self.leader_other_than(&raft, leader).await;
-                            continue;
-                        }
-                        Err(Forwarding::Moved(why)) => {
-                            Err(no_leader(format!("group {group}: {why}")))
-                        }
-                        Err(Forwarding::Failed(error)) => Err(error),
-                        Ok(done) => Ok(done),
+                    let forwarded = self
+                        .forward_or_follow(&raft, group, leader, &command, hops, &mut attempts)
+                        .await;
+                    match forwarded {
+                        Some(answer) => answer,
+                        None => continue,
                     }
                 }
                 Some(leader) => Err(no_leader(format!(
@@ -465,6 +456,35 @@ impl Cluster {
                 ))),
                 None => Err(no_leader(format!("group {group} has no leader"))),
             };
+        }
+    }
+
+    /// One forward of `command` to `leader` ([`Self::forward_to_leader`]): the answer, or
+    /// `None` when the leader moved and another of [`FORWARD_ATTEMPTS`] is left (counted in
+    /// `attempts`); the caller then asks again who leads, once another leader is known or
+    /// [`LEADER_WAIT`] has passed.
+    async fn forward_or_follow(
+        &self,
+        raft: &Raft,
+        group: u64,
+        leader: u64,
+        command: &Command,
+        hops: u32,
+        attempts: &mut u32,
+    ) -> Option<Result<(OpResult, Option<(u64, u64)>), BrokerError>> {
+        match self
+            .forward_to_leader(raft, group, leader, command, hops)
+            .await
+        {
+            Err(Forwarding::Moved(why)) if *attempts + 1 < FORWARD_ATTEMPTS => {
+                tracing::debug!(group, leader, %why, "following the group's leader");
+                *attempts += 1;
+                self.leader_other_than(raft, leader).await;
+                None
+            }
+            Err(Forwarding::Moved(why)) => Some(Err(no_leader(format!("group {group}: {why}")))),
+            Err(Forwarding::Failed(error)) => Some(Err(error)),
+            Ok(done) => Some(Ok(done)),
         }
     }
 
@@ -642,20 +662,15 @@ impl Cluster {
                 Some(leader) if leader == self.node_id() => {
                     propose_entry(&raft, group, command).await
                 }
-                Some(leader) => match self
-                    .forward_to_leader(&raft, group, leader, &command, hops)
-                    .await
-                {
-                    Err(Forwarding::Moved(why)) if attempts + 1 < FORWARD_ATTEMPTS => {
-                        tracing::debug!(group, leader, %why, "following the group's leader");
-                        attempts += 1;
-                        self.leader_other_than(&raft, leader).await;
-                        continue;
+                Some(leader) => {
+                    let forwarded = self
+                        .forward_or_follow(&raft, group, leader, &command, hops, &mut attempts)
+                        .await;
+                    match forwarded {
+                        Some(answer) => answer,
+                        None => continue,
                     }
-                    Err(Forwarding::Moved(why)) => Err(no_leader(format!("group {group}: {why}"))),
-                    Err(Forwarding::Failed(error)) => Err(error),
-                    Ok(done) => Ok(done),
-                },
+                }
                 None => Err(no_leader(format!("group {group} has no leader"))),
             };
         }
