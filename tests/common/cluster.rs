@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use super::{eventually, free_port, http};
+use super::{eventually, free_port, free_port_on, http};
 
 /// The secret every node of a test cluster shares.
 pub const SECRET: &str = "cluster-test-secret-0123456789";
@@ -79,7 +79,11 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(extra)
-            .env("RUST_LOG", "error,openraft=off")
+            // QIT_TEST_LOG: the nodes' log filter when a test is looked into.
+            .env(
+                "RUST_LOG",
+                std::env::var("QIT_TEST_LOG").unwrap_or_else(|_| "error,openraft=off".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -453,14 +457,6 @@ impl Node {
         node.cluster_port = free_port_on(cluster_ip);
         node
     }
-}
-
-/// A port free on `ip` now.
-pub fn free_port_on(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 impl Cluster {

@@ -96,13 +96,38 @@ impl TestServer {
     }
 }
 
-/// A free TCP port on the loopback (best effort: the port is released before use).
+/// A free TCP port on the loopback for a server a test starts.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port_on("127.0.0.1")
+}
+
+/// First port [`free_port_on`] hands out: below Linux's ephemeral range (32768-60999 by
+/// default), so no outgoing connection (a test's client, a node's peer connection) can be
+/// given the port between the check here and the server's own bind, as with a port the
+/// kernel picks for `bind(0)`.
+const PORTS_FROM: u32 = 20_000;
+/// Ports [`free_port_on`] cycles through.
+const PORTS_SPAN: u32 = 12_000;
+
+/// A free TCP port on `ip` for a server a test starts. Never the same port twice in one
+/// test process (tests of one binary run in parallel); the start differs per process, and
+/// a port some other process holds is skipped.
+pub fn free_port_on(ip: &str) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % PORTS_SPAN;
+    for _ in 0..PORTS_SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = PORTS_FROM + (start + n) % PORTS_SPAN;
+        let port = u16::try_from(port).expect("ports below 32768");
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free port on {ip} in {PORTS_FROM}..{}",
+        PORTS_FROM + PORTS_SPAN
+    )
 }
 
 /// The `qit` binary running as a child process.
