@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::conn::{self, ConnLimits};
@@ -285,9 +286,18 @@ impl Server {
                 let service = crate::cluster::service::Service::server(Arc::clone(&cluster));
                 let cluster_stop = stop.clone();
                 tasks.spawn(async move {
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    // tonic's own `tcp_nodelay` applies only to listeners it binds: each
+                    // accepted peer connection is set here, or Nagle's algorithm holds the
+                    // small frames of an answer for the peer's delayed ACK (tens of ms).
+                    let incoming =
+                        tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+                            accepted.inspect(|stream| {
+                                if let Err(error) = stream.set_nodelay(true) {
+                                    tracing::debug!(%error, "TCP_NODELAY on a peer connection");
+                                }
+                            })
+                        });
                     if let Err(error) = tonic::transport::Server::builder()
-                        .tcp_nodelay(true)
                         .add_service(service)
                         .serve_with_incoming_shutdown(incoming, cluster_stop.cancelled_owned())
                         .await

@@ -10,9 +10,9 @@
 # producers on gRPC Publish streams each keeping 100 publishes of one message unanswered,
 # one partition, no consumers. The cluster's load goes through node 1 (`--server`), which
 # forwards to the queue's leader when it does not lead it; VIA=leader sends it to the
-# leader instead. Every run starts on fresh data directories (under $TMPDIR, removed at
-# the end) and prints `uptime`: other work on the machine makes a figure an upper bound of
-# the time it took.
+# leader instead, VIA=follower to a node that does not lead it. Every run starts on fresh
+# data directories (under $TMPDIR, removed at the end) and prints `uptime`: other work on
+# the machine makes a figure an upper bound of the time it took.
 set -euo pipefail
 
 QIT=${QIT:-target/release/qit}
@@ -70,7 +70,7 @@ cluster() {
   done
   for n in 1 2 3; do wait_http "http://127.0.0.1:2808$n/healthz"; done
   local http=http://127.0.0.1:28081 grpc=http://127.0.0.1:29091
-  if [[ $VIA == leader ]]; then
+  if [[ $VIA == leader || $VIA == follower ]]; then
     # The bench queue is made by the bench itself; make it first to find its leader.
     curl -fsS -X POST http://127.0.0.1:28081/queues/cluster-bench -H 'content-type: application/json' \
       -d '{"partitions":1}' >/dev/null
@@ -80,7 +80,9 @@ cluster() {
       [[ -n $leader ]] && break
       sleep 0.1
     done
-    http=http://127.0.0.1:2808$leader grpc=http://127.0.0.1:2909$leader
+    local via=$leader
+    if [[ $VIA == follower ]]; then via=$(( leader % 3 + 1 )); fi
+    http=http://127.0.0.1:2808$via grpc=http://127.0.0.1:2909$via
     BENCH_ARGS="$BENCH_ARGS --queue cluster-bench"
   fi
   bench "$http" "$grpc"
