@@ -210,6 +210,41 @@ async fn a_large_message_is_dead_lettered_whole() {
     );
 }
 
+/// A queue whose named dead-letter queue exists with a smaller `max_message_bytes` is
+/// refused: a dead letter larger than that cap could never be moved there (the worker
+/// offered it again for ever). Nothing is created, and the dead-letter queue is unchanged.
+#[tokio::test]
+async fn a_dead_letter_queue_with_a_smaller_message_cap_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    let small = QueueSettings {
+        max_message_bytes: 1024,
+        ..QueueSettings::default()
+    };
+    b.create_queue("small-dlq", small).await.unwrap();
+    let settings = QueueSettings {
+        max_deliveries: 1,
+        max_message_bytes: 4096,
+        dead_letter: Some("small-dlq".into()),
+        ..QueueSettings::default()
+    };
+    let refused = b.create_queue("large", settings.clone()).await;
+    match refused {
+        Err(BrokerError::InvalidSetting(s)) => {
+            assert_eq!(s.field, "dead_letter");
+            assert!(s.reason.contains("1024"), "{}", s.reason);
+        }
+        other => panic!("expected an invalid dead_letter, got {other:?}"),
+    }
+    assert!(b.queue_info("large").is_err(), "nothing created");
+    // With a cap the dead-letter queue takes, it is made.
+    let fitting = QueueSettings {
+        max_message_bytes: 1024,
+        ..settings
+    };
+    b.create_queue("large", fitting).await.unwrap();
+}
+
 #[tokio::test]
 async fn nack_uses_backoff_and_delay() {
     let dir = tempfile::tempdir().unwrap();

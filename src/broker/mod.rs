@@ -381,6 +381,16 @@ impl Broker {
                     chain.join(" -> ")
                 )));
             }
+            if settings.max_deliveries > 0
+                && !self.queues.read().contains_key(name)
+                && let Some(limit) = self.smaller_message_cap(&dlq, settings.max_message_bytes)
+            {
+                return Err(bad_dlq(format!(
+                    "`{dlq}` takes messages of at most {limit} bytes, fewer than this queue's \
+                     max_message_bytes ({}): a larger dead letter could never be moved there",
+                    settings.max_message_bytes
+                )));
+            }
             let dead_letter = (settings.max_deliveries > 0).then_some(dlq);
             self.create_with_dead_letter(name, settings, dead_letter)
                 .await?
@@ -395,6 +405,14 @@ impl Broker {
             created,
             dead_letter_created,
         })
+    }
+
+    /// The `max_message_bytes` of existing queue `dlq` when it is below `max_message_bytes`
+    /// (a dead letter that large would be refused there, and offered again for ever).
+    fn smaller_message_cap(&self, dlq: &str, max_message_bytes: u64) -> Option<u64> {
+        let queues = self.queues.read();
+        let limit = queues.get(dlq)?.settings.max_message_bytes;
+        (limit < max_message_bytes).then_some(limit)
     }
 
     /// The dead-letter chain `name -> dlq -> ...` through existing queues when it comes back
