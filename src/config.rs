@@ -134,6 +134,10 @@ pub struct ServerConfig {
     /// This node joins a running cluster: `peers` names members to ask and this node, and
     /// a member adds it (learner, then voter) instead of it forming a cluster with `peers`.
     pub join: bool,
+    /// This node replaces node `replaces`, which lost its data or is gone for good: it
+    /// joins (as with `join`) and, once it votes, has the old node removed, so that its
+    /// replicas move (most of them onto this node).
+    pub replaces: Option<u64>,
     /// The secret every node of the cluster is started with.
     #[serde(skip_serializing)]
     pub cluster_secret: Option<String>,
@@ -177,6 +181,7 @@ impl Default for ServerConfig {
             cluster: None,
             peers: None,
             join: false,
+            replaces: None,
             cluster_secret: None,
             raft_snapshot_entries: 20_000,
         }
@@ -364,6 +369,15 @@ impl ServerConfig {
         };
         if !peers.contains_key(&id) {
             return invalid("node_id", "must be one of --peers");
+        }
+        if self.replaces == Some(id) {
+            return invalid(
+                "replaces",
+                "names the node being replaced: the new node needs a new --node-id",
+            );
+        }
+        if self.replaces == Some(0) {
+            return invalid("replaces", "node ids start at 1");
         }
         if self.cluster.is_none() {
             return invalid("cluster", "a cluster node needs --cluster HOST:PORT");

@@ -7,7 +7,7 @@
 //! 2xx is stored once (the publisher sends idempotency keys, as an exactly-once producer
 //! does) and delivered; no message is delivered again after its ack was answered (one
 //! whose ack failed, its lease dropped by a leader change, is); the replicas' logs are
-//! identical.
+//! identical. A node that lost its data is replaced with one command (`--replaces`).
 
 mod common;
 
@@ -479,4 +479,161 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
         log.len(),
         "a publish stored twice (idempotency keys)"
     );
+}
+
+/// Waits until `check` holds, like [`eventually`], with a hang guard long enough for
+/// membership changes that move several queue groups on a busy machine (it measures
+/// nothing).
+async fn eventually_slow<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Queues `names` with one partition each, `count` messages published in each (bodies
+/// `{queue}-{i}`) through nodes 1 and 2, and `acked` of each received and acked; the
+/// acked bodies.
+async fn queues_with_acks(
+    cluster: &Cluster,
+    names: &[&str],
+    count: usize,
+    acked: usize,
+) -> BTreeSet<String> {
+    let mut done = BTreeSet::new();
+    for queue in names {
+        create_queue(cluster.http(1), queue, json!({"partitions": 1})).await;
+        for i in 0..count {
+            let via = cluster.http(1 + (i % 2) as u64);
+            common::cluster::publish(via, queue, &format!("{queue}-{i}")).await;
+        }
+        let mut mine = BTreeSet::new();
+        while mine.len() < acked {
+            for m in common::cluster::receive(cluster.http(2), queue, acked - mine.len()).await {
+                let (Some(id), Some(body)) = (m["id"].as_str(), m["body"].as_str()) else {
+                    panic!("a delivery without id or body: {m}");
+                };
+                let base = cluster.http(2);
+                common::cluster::ok("ack", || {
+                    http().delete(format!("{base}/queues/{queue}/messages/{id}"))
+                })
+                .await;
+                mine.insert(body.to_string());
+            }
+        }
+        done.extend(mine);
+    }
+    done
+}
+
+/// Receives and acks `queue` through `base` until `want` distinct bodies came, then
+/// checks that nothing more comes; the bodies delivered.
+async fn deliver_rest(base: &str, queue: &str, want: usize) -> BTreeSet<String> {
+    let mut bodies = BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while bodies.len() < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue}: {} of {want} delivered through {base}",
+            bodies.len()
+        );
+        for m in common::cluster::receive(base, queue, 50).await {
+            let (Some(id), Some(body)) = (m["id"].as_str(), m["body"].as_str()) else {
+                panic!("a delivery without id or body: {m}");
+            };
+            common::cluster::ok("ack", || {
+                http().delete(format!("{base}/queues/{queue}/messages/{id}"))
+            })
+            .await;
+            bodies.insert(body.to_string());
+        }
+    }
+    let more = common::cluster::receive(base, queue, 50).await;
+    assert!(more.is_empty(), "{queue}: delivered more: {more:?}");
+    bodies
+}
+
+/// Issue 14: a node that lost its data comes back under a new id with one command
+/// (`--replaces OLD`): it joins, the old node is removed, its replicas move (onto the new
+/// node, the only other one), and nothing is lost or delivered again after its ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_lost_its_data_is_replaced_with_one_command() {
+    let mut cluster = Cluster::start().await;
+    let names = ["keep-a", "keep-b", "keep-c"];
+    let (count, acked_each) = (30, 10);
+    let acked = queues_with_acks(&cluster, &names, count, acked_each).await;
+    let all: Vec<String> = (1..=3).map(|id| cluster.http(id).to_string()).collect();
+    for queue in names {
+        assert_eq!(same_logs(&all, queue).await.len(), count);
+    }
+
+    // Node 3 loses its data.
+    cluster.kill(3);
+    std::fs::remove_dir_all(&cluster.node(3).dir).expect("wipe node 3");
+    let mut four = Node::new(4, cluster.root().join("node-4"));
+    let peers4 = format!("{},{}", cluster.peers, four.peer());
+    four.start(&peers4, &["--replaces".to_string(), "3".to_string()]);
+
+    let bases = [
+        cluster.http(1).to_string(),
+        cluster.http(2).to_string(),
+        four.http.clone(),
+    ];
+    for b in &bases {
+        eventually_slow(&format!("{b} lists nodes 1, 2 and 4"), || async {
+            node_ids(b).await == Some(vec![1, 2, 4])
+        })
+        .await;
+    }
+    for queue in names {
+        for b in &bases {
+            eventually_slow(&format!("{b} places {queue} on 1, 2 and 4"), || async {
+                replicas(b, queue).await.is_some_and(|mut r| {
+                    r.sort_unstable();
+                    r == [1, 2, 4]
+                })
+            })
+            .await;
+        }
+        let log = same_logs(&bases, queue).await;
+        let want: Vec<String> = (0..count).map(|i| format!("{queue}-{i}")).collect();
+        assert_eq!(log, want, "{queue}'s log on nodes 1, 2 and 4");
+    }
+    // Every message not acked is delivered (through the new node), no acked one.
+    for queue in names {
+        let rest = deliver_rest(&four.http, queue, count - acked_each).await;
+        let again: Vec<&String> = rest.intersection(&acked).collect();
+        assert!(
+            again.is_empty(),
+            "acked messages delivered again: {again:?}"
+        );
+        let every: BTreeSet<String> = (0..count).map(|i| format!("{queue}-{i}")).collect();
+        let seen: BTreeSet<String> = acked
+            .iter()
+            .filter(|b| b.starts_with(&format!("{queue}-")))
+            .chain(&rest)
+            .cloned()
+            .collect();
+        assert_eq!(seen, every, "{queue}: every message delivered");
+    }
+    // Starting it again with the same command is harmless.
+    four.terminate();
+    four.start(&peers4, &["--replaces".to_string(), "3".to_string()]);
+    eventually_slow("node 4 is back as a voter", || async {
+        node_ids(&four.http).await == Some(vec![1, 2, 4])
+            && http()
+                .get(format!("{}/healthz", four.http))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
 }

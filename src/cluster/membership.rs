@@ -19,6 +19,11 @@
 //!   the request answers 503 and the moves go on; asking again finishes the removal.
 //! - After a node joined, the same moves give it its share: the queues whose best
 //!   replicas now include it move a replica onto it.
+//! - Replacing node O by a new node N (`--replaces O` on N, with a new id): N joins as
+//!   above and, once it votes, asks for O's removal (so the voters never drop below
+//!   [`MIN_VOTERS`], and O may be dead): O's groups move off it, onto N where placement
+//!   says so, and O leaves the membership. Raft forbids a node that lost its log to vote
+//!   again under its old id; this is the one-command way back.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -301,6 +306,40 @@ impl Cluster {
                     Err(super::Forwarding::Failed(error)) => {
                         tracing::warn!(peer, %error, "asking to join")
                     }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(JOIN_RETRY) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// A node started with `--replaces old`, once it votes: asks the metadata leader to
+    /// remove `old` (its queue groups move off it, by rendezvous mostly onto this node)
+    /// until `old` is no member any more, or `stop`. A removal that runs past
+    /// [`MOVE_WAIT`], or meets no leader, is asked again: every step is safe to repeat.
+    pub async fn replace(&self, old: u64, stop: CancellationToken) {
+        let change = Command::Members(Change::Remove { id: old });
+        loop {
+            if self.meta_membership().get_node(&old).is_none() && self.is_voter() {
+                tracing::info!(node = old, "the replaced node is no member");
+                return;
+            }
+            let reply = self.execute(change.clone(), 0).await;
+            match reply.result {
+                Ok(_) => {
+                    tracing::info!(node = old, "replaced node removed from the cluster");
+                    return;
+                }
+                Err(error) if error.code == "node_not_found" => {
+                    tracing::info!(node = old, "the replaced node is no member");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(node = old, code = %error.code, "removing the replaced node: {}; asking again", error.message)
                 }
             }
             tokio::select! {

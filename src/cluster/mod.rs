@@ -129,6 +129,9 @@ pub struct ClusterConfig {
     /// This node joins a running cluster (`--join`): its metadata group is not initialized
     /// from `peers` (which name some members to ask, and this node), a member adds it.
     pub join: bool,
+    /// This node replaces that node (`--replaces`): once it votes, it has the old node
+    /// removed ([`membership`]).
+    pub replaces: Option<u64>,
     /// This node's bound cluster, HTTP and gRPC addresses (announced to the others).
     pub cluster_addr: SocketAddr,
     /// HTTP address.
@@ -331,8 +334,9 @@ impl Cluster {
         &self.meta
     }
 
-    /// Announces this node's addresses through the metadata group until it sticks (run in
-    /// the background).
+    /// Joins the cluster (`--join`), announces this node's addresses through the metadata
+    /// group until they stick, and then has the node it replaces removed (`--replaces`);
+    /// run in the background.
     pub async fn announce(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let addrs = NodeAddrs {
             id: self.config.node_id,
@@ -345,16 +349,19 @@ impl Cluster {
         }
         loop {
             if self.groups.node(addrs.id).as_ref() == Some(&addrs) {
-                return;
+                break;
             }
             let reply = self.execute(Command::Node(addrs.clone()), 0).await;
             if reply.result.is_ok() {
-                return;
+                break;
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = stop.cancelled() => return,
             }
+        }
+        if let Some(old) = self.config.replaces {
+            self.replace(old, stop).await;
         }
     }
 
