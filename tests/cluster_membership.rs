@@ -637,3 +637,93 @@ async fn a_node_that_lost_its_data_is_replaced_with_one_command() {
     })
     .await;
 }
+
+/// Runs `qit serve` as node `node` with `peers` and `extra` until it exits (a guard of
+/// 60 s against a hang: a node that does not exit fails the test); its status and stderr.
+fn serve_until_exit(
+    node: &Node,
+    peers: &str,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qit"))
+        .arg("serve")
+        .args(["--node-id", &node.id.to_string()])
+        .args([
+            "--cluster",
+            &format!("{}:{}", node.cluster_ip, node.cluster_port),
+        ])
+        .args(["--peers", peers])
+        .args(["--cluster-secret", common::cluster::SECRET])
+        .args(["--http", &format!("127.0.0.1:{}", node.http_port)])
+        .args(["--grpc", &format!("127.0.0.1:{}", node.grpc_port)])
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .args(extra)
+        .env("RUST_LOG", "error,openraft=off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn qit");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for qit") {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                use std::io::Read;
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            return (status, stderr);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("node {} kept running with an empty data directory", node.id);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 14: a node whose data was lost is not let back under its old id (Raft's rule: it
+/// could vote with an empty log), with or without `--join`; it refuses to start and names
+/// the replacement command. The cluster goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_is_not_let_back_under_its_old_id() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "kept", json!({"partitions": 1})).await;
+    common::cluster::publish(cluster.http(1), "kept", "before").await;
+    let b1 = cluster.http(1).to_string();
+    eventually("node 1 knows node 3's addresses", || async {
+        view(&format!("{b1}/cluster")).await.is_some_and(|v| {
+            v["nodes"]
+                .as_array()
+                .is_some_and(|ns| ns.iter().any(|n| n["id"] == 3 && n["http"].is_string()))
+        })
+    })
+    .await;
+
+    cluster.kill(3);
+    std::fs::remove_dir_all(&cluster.node(3).dir).expect("wipe node 3");
+    let peers = cluster.peers.clone();
+    for extra in [&[][..], &["--join"][..]] {
+        let (status, stderr) = serve_until_exit(cluster.node(3), &peers, extra);
+        assert!(!status.success(), "node 3 started with an empty data dir");
+        assert!(
+            stderr.contains("--replaces 3"),
+            "the refusal names the replacement command: {stderr}"
+        );
+    }
+    // Nothing was written as node 3 on the way.
+    let raft = cluster.node(3).dir.join("raft").join("0");
+    assert!(
+        std::fs::read_dir(&raft).map_or(true, |mut d| d.next().is_none()),
+        "node 3 wrote a metadata log"
+    );
+    // The two others serve on.
+    common::cluster::publish(cluster.http(2), "kept", "after").await;
+    eventually("nodes 1 and 2 agree on the log", || async {
+        log_bodies(cluster.http(1), "kept", 0).await == Some(vec!["before".into(), "after".into()])
+            && log_bodies(cluster.http(2), "kept", 0).await
+                == Some(vec!["before".into(), "after".into()])
+    })
+    .await;
+}

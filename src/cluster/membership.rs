@@ -23,7 +23,7 @@
 //!   above and, once it votes, asks for O's removal (so the voters never drop below
 //!   [`MIN_VOTERS`], and O may be dead): O's groups move off it, onto N where placement
 //!   says so, and O leaves the membership. Raft forbids a node that lost its log to vote
-//!   again under its old id; this is the one-command way back.
+//!   again under its old id; this is the one-command way back (see [`super::rejoin`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -149,7 +149,7 @@ impl Cluster {
     }
 
     /// The metadata group's membership as this node knows it.
-    fn meta_membership(&self) -> openraft::Membership<u64, BasicNode> {
+    pub(super) fn meta_membership(&self) -> openraft::Membership<u64, BasicNode> {
         self.meta()
             .metrics()
             .borrow()

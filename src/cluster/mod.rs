@@ -17,7 +17,8 @@
 //!   a group's preferred leader when it returns.
 //! - [`membership`] and [`moves`]: nodes added and removed while the cluster runs (the
 //!   voters are the metadata group's membership), and queue groups moved to the replicas
-//!   placement names over the voters.
+//!   placement names over the voters; [`rejoin`]: a node that lost its data is not let
+//!   back under its old id.
 //!
 //! How a request runs: the broker hands every state change to [`Cluster`] as an
 //! [`Op`](crate::broker::replicate::Op) (it is the broker's
@@ -37,7 +38,7 @@
 //! replays only the entries after it ([`state_machine`], [`snapshot`]). A queue group snapshots every
 //! `raft_snapshot_entries` entries: the snapshot hard-links the queue's sealed segments
 //! (so they are not stored twice) and copies its group state; the Raft log below it is
-//! purged, chunk by chunk. A follower too far behind for the log, or wiped, is sent the
+//! purged, chunk by chunk. A follower too far behind for the log, or a new replica, is sent the
 //! snapshot as one stream and swaps it in. Messages are still written twice while they
 //! are in the Raft log (bounded by the snapshot interval); the segment log as the Raft log
 //! (format v2) would end that.
@@ -54,6 +55,7 @@ pub mod moves;
 pub mod network;
 pub mod placement;
 pub mod proposals;
+pub mod rejoin;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;
@@ -108,6 +110,9 @@ pub enum ClusterError {
     /// openraft refused to start a group.
     #[error("raft: {0}")]
     Raft(String),
+    /// This node lost its data but its id is a member that ran ([`rejoin`]).
+    #[error("{0}")]
+    LostData(String),
 }
 
 /// What a cluster node needs.
@@ -276,6 +281,7 @@ impl Cluster {
             config.secret.clone(),
             local_ip(config.cluster_addr),
         )?);
+        rejoin::check(&peers, config.node_id, &config.data_dir.join("raft")).await?;
         let groups = Arc::new(Groups::new(
             config.node_id,
             config.peers.clone(),
