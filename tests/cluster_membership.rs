@@ -727,3 +727,97 @@ async fn a_wiped_node_is_not_let_back_under_its_old_id() {
     })
     .await;
 }
+
+/// Logs `user` in at `base` with `password`; the token.
+async fn login(base: &str, user: &str, password: &str) -> String {
+    let body = common::cluster::ok(&format!("{user} logs in"), || {
+        http()
+            .post(format!("{base}/auth/login"))
+            .json(&json!({"username": user, "password": password}))
+    })
+    .await;
+    body["token"].as_str().expect("a token").to_string()
+}
+
+/// With `--auth`, adding and removing cluster nodes is the admin's: 401 without a valid
+/// token, 403 for another user, done for the admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_admin_adds_and_removes_nodes() {
+    const PASSWORD: &str = "a long enough password";
+    let cluster = Cluster::start_with_config(&format!(
+        "auth = true\nadmin = \"root\"\nadmin_password = \"{PASSWORD}\"\n"
+    ))
+    .await;
+    let b2 = cluster.http(2).to_string();
+    common::cluster::ok("register bob", || {
+        http()
+            .post(format!("{b2}/auth/register"))
+            .json(&json!({"username": "bob", "password": PASSWORD}))
+    })
+    .await;
+    let bob = login(&b2, "bob", PASSWORD).await;
+    let root = login(&b2, "root", PASSWORD).await;
+
+    let mut four = Node::new(4, cluster.root().join("node-4"));
+    let peers4 = format!("{},{}", cluster.peers, four.peer());
+    let add = json!({"id": 4, "cluster": format!("127.0.0.1:{}", four.cluster_port)});
+    let post = || http().post(format!("{b2}/cluster/nodes")).json(&add);
+    let delete = || http().delete(format!("{b2}/cluster/nodes/4"));
+    for (what, request) in [("add", post()), ("remove", delete())] {
+        let (status, body) = send(request).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{what} without a token: {body}"
+        );
+    }
+    for (what, request) in [("add", post()), ("remove", delete())] {
+        let (status, body) = send(request.bearer_auth("not-a-token")).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{what} with a bad token: {body}"
+        );
+    }
+    for (what, request) in [("add", post()), ("remove", delete())] {
+        let (status, body) = send(request.bearer_auth(&bob)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{what} as bob: {body}");
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+    }
+    let ids = |v: &Value| -> Vec<u64> {
+        v["nodes"]
+            .as_array()
+            .map(|ns| ns.iter().filter_map(|n| n["id"].as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let b1 = cluster.http(1).to_string();
+    let members = || async {
+        common::cluster::view_as(&format!("{b1}/cluster"), Some(&root))
+            .await
+            .map(|v| ids(&v))
+    };
+    assert_eq!(members().await, Some(vec![1, 2, 3]), "bob changed nothing");
+
+    // The admin adds node 4 (running with --join, which asks too: either way it is a
+    // member once the answer came) and removes it again.
+    let mut extra = cluster.extra.clone();
+    extra.push("--join".to_string());
+    four.start(&peers4, &extra);
+    let (status, body) = send(post().bearer_auth(&root)).await;
+    assert_eq!(status, StatusCode::OK, "add as the admin: {body}");
+    eventually("node 4 is a member", || async {
+        members().await == Some(vec![1, 2, 3, 4])
+    })
+    .await;
+    let (status, body) = send(delete().bearer_auth(&root)).await;
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "remove as the admin: {body}"
+    );
+    eventually("node 4 left", || async {
+        members().await == Some(vec![1, 2, 3])
+    })
+    .await;
+    four.terminate();
+}
