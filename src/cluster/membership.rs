@@ -140,6 +140,7 @@ impl Cluster {
         &self,
         change: Change,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let _one_at_a_time = self.membership_changes.lock().await;
         let done = match change {
             Change::Add { id, cluster } => self.add_node(id, &cluster).await,
             Change::Remove { id } => self.remove_node(id).await,

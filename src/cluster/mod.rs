@@ -196,6 +196,10 @@ pub struct Cluster {
     config: ClusterConfig,
     /// Groups being handed to another node (their requests wait).
     transfers: handoff::Transfers,
+    /// Held by the membership change under way here, the metadata leader: one at a time
+    /// (openraft refuses a second while the first is joint; a node asking to join while
+    /// an operator adds it then gets one answer, not a refusal).
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 fn no_leader(what: impl std::fmt::Display) -> BrokerError {
@@ -312,6 +316,7 @@ impl Cluster {
             broker,
             config,
             transfers: handoff::Transfers::default(),
+            membership_changes: tokio::sync::Mutex::new(()),
         }))
     }
 
