@@ -7,7 +7,9 @@
 //! 2xx is stored once (the publisher sends idempotency keys, as an exactly-once producer
 //! does) and delivered; no message is delivered again after its ack was answered (one
 //! whose ack failed, its lease dropped by a leader change, is); the replicas' logs are
-//! identical. A node that lost its data is replaced with one command (`--replaces`).
+//! identical. A node that lost its data is replaced with one command (`--replaces`), and
+//! is not let back under its old id; only the admin adds and removes nodes (`--auth`);
+//! queues created while a node leaves are placed on the others.
 
 mod common;
 
@@ -820,4 +822,91 @@ async fn only_the_admin_adds_and_removes_nodes() {
     })
     .await;
     four.terminate();
+}
+
+/// Issue 14: queues created while a node is leaving are not placed on it and serve at
+/// once. The removal is held in progress by stopping (SIGSTOP) the node that a queue on
+/// the leaving node must move to: its catch-up cannot finish until the node continues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queues_made_while_a_node_leaves_are_not_placed_on_it() {
+    let cluster = Cluster::start_with(4, &[]).await;
+    let b = |id: u64| cluster.http(id).to_string();
+    let v = view(&format!("{}/cluster", b(1))).await.expect("a view");
+    let leader = v["leader"].as_u64().expect("a metadata leader");
+    // `stopped`: neither the metadata leader nor the leaving node 4; `via` takes the
+    // requests.
+    let stopped = (1..=3).find(|n| *n != leader).expect("a node");
+    let via = (1..=3).find(|n| *n != stopped).expect("another node");
+    let others: Vec<u64> = (1..=4).filter(|n| *n != stopped).collect();
+    let moving = (0..)
+        .map(|i| format!("moving-{i}"))
+        .find(|q| {
+            let mut r = qit::cluster::placement::replicas(q, &[1, 2, 3, 4], 3);
+            r.sort_unstable();
+            r == others
+        })
+        .expect("some name");
+    create_queue(&b(via), &moving, json!({"partitions": 1})).await;
+    common::cluster::publish(&b(via), &moving, "m").await;
+
+    cluster.node(stopped).signal("STOP");
+    let remove = {
+        let url = format!("{}/cluster/nodes/4", b(via));
+        tokio::spawn(async move {
+            let mut asked = false;
+            loop {
+                let (status, body) = send(http().delete(&url)).await;
+                match status {
+                    StatusCode::NO_CONTENT => return,
+                    StatusCode::NOT_FOUND if asked => return,
+                    StatusCode::SERVICE_UNAVAILABLE => asked = true,
+                    other => panic!("remove-node 4: {other} {body}"),
+                }
+            }
+        })
+    };
+    // The removal is under way once the moving queue's group records its new replica.
+    eventually(&format!("{moving} starts moving off node 4"), || async {
+        replicas(&b(via), &moving)
+            .await
+            .is_some_and(|r| r.contains(&stopped))
+    })
+    .await;
+
+    let made: Vec<String> = (0..4).map(|i| format!("made-while-leaving-{i}")).collect();
+    for queue in &made {
+        create_queue(&b(via), queue, json!({"partitions": 1})).await;
+        let placed = replicas(&b(via), queue).await.expect("placed");
+        assert!(
+            !placed.contains(&4),
+            "{queue} placed on the leaving node: {placed:?}"
+        );
+        for i in 0..5 {
+            common::cluster::publish(&b(via), queue, &format!("{queue}-{i}")).await;
+        }
+        let got = deliver_rest(&b(via), queue, 5).await;
+        assert_eq!(got.len(), 5, "{queue} serves while node 4 leaves");
+    }
+    assert!(
+        !remove.is_finished(),
+        "the removal cannot finish while node {stopped} is stopped"
+    );
+
+    cluster.node(stopped).signal("CONT");
+    tokio::time::timeout(Duration::from_secs(300), remove)
+        .await
+        .expect("remove-node 4 answers (guard against a hang)")
+        .expect("the removal task");
+    let three: Vec<String> = (1..=3).map(b).collect();
+    for base in &three {
+        eventually_slow(&format!("{base} lists nodes 1 to 3"), || async {
+            node_ids(base).await == Some(vec![1, 2, 3])
+        })
+        .await;
+    }
+    for queue in made.iter().chain([&moving]) {
+        let r = replicas(&b(via), queue).await.expect("placed");
+        assert!(!r.contains(&4), "{queue} on {r:?}");
+        same_logs(&three, queue).await;
+    }
 }

@@ -260,11 +260,11 @@ impl Cluster {
     }
 
     /// Marks `node` as leaving (placement leaves it out, so its groups' leaders move them,
-    /// see [`super::moves`]) and waits until it holds no queue replica.
+    /// see [`super::moves`]) and waits until it holds no queue replica. The mark is an
+    /// entry of the metadata log also when the node holds nothing: every queue created
+    /// after it, until the node is removed, is placed on the others (a queue made in the
+    /// moment between finding the node empty and removing it would land on it).
     async fn drain(&self, node: u64) -> Result<(), MembershipError> {
-        if self.queues_on(node).is_empty() {
-            return Ok(());
-        }
         if !self.groups().draining().contains(&node) {
             super::propose_entry(self.meta(), super::META_GROUP, Command::Draining(node))
                 .await
