@@ -742,7 +742,8 @@ async fn login(base: &str, user: &str, password: &str) -> String {
 }
 
 /// With `--auth`, adding and removing cluster nodes is the admin's: 401 without a valid
-/// token, 403 for another user, done for the admin.
+/// token, 403 for another user, done for the admin (who may not give a new id a member's
+/// address).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_the_admin_adds_and_removes_nodes() {
     const PASSWORD: &str = "a long enough password";
@@ -811,6 +812,22 @@ async fn only_the_admin_adds_and_removes_nodes() {
         members().await == Some(vec![1, 2, 3, 4])
     })
     .await;
+    // A member's address for another id is refused: one process would be two voters.
+    let (status, body) = send(
+        http()
+            .post(format!("{b2}/cluster/nodes"))
+            .bearer_auth(&root)
+            .json(
+                &json!({"id": 5, "cluster": format!("127.0.0.1:{}", cluster.node(1).cluster_port)}),
+            ),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "node 1's address for node 5: {body}"
+    );
+    assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
     let (status, body) = send(delete().bearer_auth(&root)).await;
     assert_eq!(
         status,

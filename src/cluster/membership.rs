@@ -68,6 +68,19 @@ pub enum MembershipError {
         /// Its address in the membership.
         addr: String,
     },
+    /// Another member has the address (a call to either would reach the one process, which
+    /// would then count twice in a quorum).
+    #[error(
+        "{addr} is the address of member {other}: node {id} needs another cluster address (port) while node {other} is a member"
+    )]
+    AddressTaken {
+        /// The node being added.
+        id: u64,
+        /// The address.
+        addr: String,
+        /// The member that has it.
+        other: u64,
+    },
     /// Too few voters would be left.
     #[error(
         "removing node {id} would leave {left} voters; the cluster keeps at least {MIN_VOTERS}"
@@ -106,7 +119,9 @@ impl From<MembershipError> for BrokerError {
         let code = match &error {
             MembershipError::Invalid(_) => "bad_request",
             MembershipError::NotMember(_) => "node_not_found",
-            MembershipError::Taken { .. } | MembershipError::TooFew { .. } => "membership_conflict",
+            MembershipError::Taken { .. }
+            | MembershipError::AddressTaken { .. }
+            | MembershipError::TooFew { .. } => "membership_conflict",
             MembershipError::CatchUp { .. }
             | MembershipError::StillMoving { .. }
             | MembershipError::Raft(_) => {
@@ -178,6 +193,16 @@ impl Cluster {
             return Err(MembershipError::Taken {
                 id,
                 addr: node.addr.clone(),
+            });
+        }
+        if let Some((other, _)) = membership
+            .nodes()
+            .find(|(other, node)| **other != id && node.addr == cluster)
+        {
+            return Err(MembershipError::AddressTaken {
+                id,
+                addr: cluster.to_string(),
+                other: *other,
             });
         }
         let voter = membership.voter_ids().any(|v| v == id);
@@ -373,6 +398,12 @@ mod tests {
             "membership_conflict"
         );
         assert_eq!(code(MembershipError::NotMember(9)), "node_not_found");
+        let taken = MembershipError::AddressTaken {
+            id: 5,
+            addr: "127.0.0.1:7101".into(),
+            other: 1,
+        };
+        assert_eq!(code(taken), "membership_conflict");
         assert_eq!(code(MembershipError::Raft("x".into())), "no_leader");
     }
 }
