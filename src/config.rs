@@ -480,6 +480,13 @@ mod tests {
         config.cluster_secret = Some("a-long-enough-cluster-secret".into());
         config.validate().unwrap();
         assert_eq!(config.peer_map().unwrap().unwrap().len(), 3);
+        config.replaces = Some(2);
+        assert!(config.validate().is_err(), "replaces itself");
+        config.replaces = Some(0);
+        assert!(config.validate().is_err(), "replaces node 0");
+        config.replaces = Some(3);
+        config.validate().unwrap();
+        config.replaces = None;
         config.node_id = Some(4);
         assert!(config.validate().is_err(), "not a peer");
         for bad in ["1=nowhere", "0=127.0.0.1:1", "1=a:1,1=b:2", "x=a:1", ""] {
