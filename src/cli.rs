@@ -140,6 +140,11 @@ pub struct ServeArgs {
     /// member adds this node (it catches up as a learner, then votes).
     #[arg(long, env = "QIT_JOIN")]
     pub join: bool,
+    /// Replace node ID (one that lost its data, or is gone for good) with this one, which
+    /// has a new `--node-id`: implies `--join`; once this node votes, node ID is removed
+    /// and its replicas move. Repeating it (a restart with the same command) is harmless.
+    #[arg(long, env = "QIT_REPLACES", value_name = "ID")]
+    pub replaces: Option<u64>,
     /// The secret every node of the cluster shares (at least 16 bytes).
     #[arg(long, env = "QIT_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,

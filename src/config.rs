@@ -134,6 +134,10 @@ pub struct ServerConfig {
     /// This node joins a running cluster: `peers` names members to ask and this node, and
     /// a member adds it (learner, then voter) instead of it forming a cluster with `peers`.
     pub join: bool,
+    /// This node replaces node `replaces`, which lost its data or is gone for good: it
+    /// joins (as with `join`) and, once it votes, has the old node removed, so that its
+    /// replicas move (most of them onto this node).
+    pub replaces: Option<u64>,
     /// The secret every node of the cluster is started with.
     #[serde(skip_serializing)]
     pub cluster_secret: Option<String>,
@@ -177,6 +181,7 @@ impl Default for ServerConfig {
             cluster: None,
             peers: None,
             join: false,
+            replaces: None,
             cluster_secret: None,
             raft_snapshot_entries: 20_000,
         }
@@ -365,6 +370,15 @@ impl ServerConfig {
         if !peers.contains_key(&id) {
             return invalid("node_id", "must be one of --peers");
         }
+        if self.replaces == Some(id) {
+            return invalid(
+                "replaces",
+                "names the node being replaced: the new node needs a new --node-id",
+            );
+        }
+        if self.replaces == Some(0) {
+            return invalid("replaces", "node ids start at 1");
+        }
         if self.cluster.is_none() {
             return invalid("cluster", "a cluster node needs --cluster HOST:PORT");
         }
@@ -466,6 +480,13 @@ mod tests {
         config.cluster_secret = Some("a-long-enough-cluster-secret".into());
         config.validate().unwrap();
         assert_eq!(config.peer_map().unwrap().unwrap().len(), 3);
+        config.replaces = Some(2);
+        assert!(config.validate().is_err(), "replaces itself");
+        config.replaces = Some(0);
+        assert!(config.validate().is_err(), "replaces node 0");
+        config.replaces = Some(3);
+        config.validate().unwrap();
+        config.replaces = None;
         config.node_id = Some(4);
         assert!(config.validate().is_err(), "not a peer");
         for bad in ["1=nowhere", "0=127.0.0.1:1", "1=a:1,1=b:2", "x=a:1", ""] {

@@ -199,6 +199,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.join {
         config.join = true;
     }
+    if let Some(v) = args.replaces {
+        config.replaces = Some(v);
+    }
     if let Some(v) = args.cluster_secret {
         config.cluster_secret = Some(v);
     }

@@ -233,7 +233,7 @@ async fn receive_into(base: &str, into: &mut BTreeMap<String, String>) {
 
 /// kill -9 of a queue's leader under publish and consume load, twice: every publish
 /// answered 2xx is delivered, no message is delivered after its ack was answered 2xx; the
-/// killed node restarts and catches up, and a node whose data was wiped rejoins.
+/// killed node restarts and catches up, and a node whose data was wiped is replaced (`--replaces`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kills_lose_nothing_acknowledged() {
     let mut cluster = Cluster::start().await;
@@ -405,20 +405,20 @@ async fn leader_kills_lose_nothing_acknowledged() {
         })
         .await;
     }
-    // A node whose data is lost rejoins from the others.
+    // A node whose data is lost comes back under a new id (`--replaces`), from the others.
     cluster.node_mut(3).kill();
     std::fs::remove_dir_all(&cluster.node(3).dir).unwrap();
-    cluster.restart(3);
-    let base = cluster.node(3).http.clone();
-    eventually("the wiped node has the whole log again", || async {
+    let new = cluster.replace(3).await;
+    let base = cluster.node(new).http.clone();
+    eventually("the replacement has the whole log", || async {
         log_bodies(&base, queue, 0).await.as_ref() == Some(&reference)
     })
     .await;
 
     // Byte-level: the replicas' segment files hold the same batches and records
-    // (qit-inspect compare), the restarted and the wiped node included.
+    // (qit-inspect compare), the restarted node and the replacement included.
     let partition = |id: u64| cluster.node(id).dir.join("state/queues/work/0");
-    for id in 2..=3 {
+    for id in [2, new] {
         let out = Command::new(env!("CARGO_BIN_EXE_qit-inspect"))
             .arg("compare")
             .arg(partition(1))

@@ -7,7 +7,9 @@
 //! 2xx is stored once (the publisher sends idempotency keys, as an exactly-once producer
 //! does) and delivered; no message is delivered again after its ack was answered (one
 //! whose ack failed, its lease dropped by a leader change, is); the replicas' logs are
-//! identical.
+//! identical. A node that lost its data is replaced with one command (`--replaces`), and
+//! is not let back under its old id; only the admin adds and removes nodes (`--auth`);
+//! queues created while a node leaves are placed on the others.
 
 mod common;
 
@@ -479,4 +481,449 @@ async fn a_node_joins_and_leaves_under_load_without_losing_a_message() {
         log.len(),
         "a publish stored twice (idempotency keys)"
     );
+}
+
+/// Waits until `check` holds, like [`eventually`], with a hang guard long enough for
+/// membership changes that move several queue groups on a busy machine (it measures
+/// nothing).
+async fn eventually_slow<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Queues `names` with one partition each, `count` messages published in each (bodies
+/// `{queue}-{i}`) through nodes 1 and 2, and `acked` of each received and acked; the
+/// acked bodies.
+async fn queues_with_acks(
+    cluster: &Cluster,
+    names: &[&str],
+    count: usize,
+    acked: usize,
+) -> BTreeSet<String> {
+    let mut done = BTreeSet::new();
+    for queue in names {
+        create_queue(cluster.http(1), queue, json!({"partitions": 1})).await;
+        for i in 0..count {
+            let via = cluster.http(1 + (i % 2) as u64);
+            common::cluster::publish(via, queue, &format!("{queue}-{i}")).await;
+        }
+        let mut mine = BTreeSet::new();
+        while mine.len() < acked {
+            for m in common::cluster::receive(cluster.http(2), queue, acked - mine.len()).await {
+                let (Some(id), Some(body)) = (m["id"].as_str(), m["body"].as_str()) else {
+                    panic!("a delivery without id or body: {m}");
+                };
+                let base = cluster.http(2);
+                common::cluster::ok("ack", || {
+                    http().delete(format!("{base}/queues/{queue}/messages/{id}"))
+                })
+                .await;
+                mine.insert(body.to_string());
+            }
+        }
+        done.extend(mine);
+    }
+    done
+}
+
+/// Receives and acks `queue` through `base` until `want` distinct bodies came, then
+/// checks that nothing more comes; the bodies delivered.
+async fn deliver_rest(base: &str, queue: &str, want: usize) -> BTreeSet<String> {
+    let mut bodies = BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while bodies.len() < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queue}: {} of {want} delivered through {base}",
+            bodies.len()
+        );
+        for m in common::cluster::receive(base, queue, 50).await {
+            let (Some(id), Some(body)) = (m["id"].as_str(), m["body"].as_str()) else {
+                panic!("a delivery without id or body: {m}");
+            };
+            common::cluster::ok("ack", || {
+                http().delete(format!("{base}/queues/{queue}/messages/{id}"))
+            })
+            .await;
+            bodies.insert(body.to_string());
+        }
+    }
+    let more = common::cluster::receive(base, queue, 50).await;
+    assert!(more.is_empty(), "{queue}: delivered more: {more:?}");
+    bodies
+}
+
+/// Issue 14: a node that lost its data comes back under a new id with one command
+/// (`--replaces OLD`): it joins, the old node is removed, its replicas move (onto the new
+/// node, the only other one), and nothing is lost or delivered again after its ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_lost_its_data_is_replaced_with_one_command() {
+    let mut cluster = Cluster::start().await;
+    let names = ["keep-a", "keep-b", "keep-c"];
+    let (count, acked_each) = (30, 10);
+    let acked = queues_with_acks(&cluster, &names, count, acked_each).await;
+    let all: Vec<String> = (1..=3).map(|id| cluster.http(id).to_string()).collect();
+    for queue in names {
+        assert_eq!(same_logs(&all, queue).await.len(), count);
+    }
+
+    // Node 3 loses its data.
+    cluster.kill(3);
+    std::fs::remove_dir_all(&cluster.node(3).dir).expect("wipe node 3");
+    let mut four = Node::new(4, cluster.root().join("node-4"));
+    let peers4 = format!("{},{}", cluster.peers, four.peer());
+    four.start(&peers4, &["--replaces".to_string(), "3".to_string()]);
+
+    let bases = [
+        cluster.http(1).to_string(),
+        cluster.http(2).to_string(),
+        four.http.clone(),
+    ];
+    for b in &bases {
+        eventually_slow(&format!("{b} lists nodes 1, 2 and 4"), || async {
+            node_ids(b).await == Some(vec![1, 2, 4])
+        })
+        .await;
+    }
+    for queue in names {
+        for b in &bases {
+            eventually_slow(&format!("{b} places {queue} on 1, 2 and 4"), || async {
+                replicas(b, queue).await.is_some_and(|mut r| {
+                    r.sort_unstable();
+                    r == [1, 2, 4]
+                })
+            })
+            .await;
+        }
+        let log = same_logs(&bases, queue).await;
+        let want: Vec<String> = (0..count).map(|i| format!("{queue}-{i}")).collect();
+        assert_eq!(log, want, "{queue}'s log on nodes 1, 2 and 4");
+    }
+    // Every message not acked is delivered (through the new node), no acked one.
+    for queue in names {
+        let rest = deliver_rest(&four.http, queue, count - acked_each).await;
+        let again: Vec<&String> = rest.intersection(&acked).collect();
+        assert!(
+            again.is_empty(),
+            "acked messages delivered again: {again:?}"
+        );
+        let every: BTreeSet<String> = (0..count).map(|i| format!("{queue}-{i}")).collect();
+        let seen: BTreeSet<String> = acked
+            .iter()
+            .filter(|b| b.starts_with(&format!("{queue}-")))
+            .chain(&rest)
+            .cloned()
+            .collect();
+        assert_eq!(seen, every, "{queue}: every message delivered");
+    }
+    // Starting it again with the same command is harmless.
+    four.terminate();
+    four.start(&peers4, &["--replaces".to_string(), "3".to_string()]);
+    eventually_slow("node 4 is back as a voter", || async {
+        node_ids(&four.http).await == Some(vec![1, 2, 4])
+            && http()
+                .get(format!("{}/healthz", four.http))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+}
+
+/// Runs `qit serve` as node `node` with `peers` and `extra` until it exits (a guard of
+/// 60 s against a hang: a node that does not exit fails the test); its status and stderr.
+fn serve_until_exit(
+    node: &Node,
+    peers: &str,
+    extra: &[&str],
+) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qit"))
+        .arg("serve")
+        .args(["--node-id", &node.id.to_string()])
+        .args([
+            "--cluster",
+            &format!("{}:{}", node.cluster_ip, node.cluster_port),
+        ])
+        .args(["--peers", peers])
+        .args(["--cluster-secret", common::cluster::SECRET])
+        .args(["--http", &format!("127.0.0.1:{}", node.http_port)])
+        .args(["--grpc", &format!("127.0.0.1:{}", node.grpc_port)])
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .args(extra)
+        .env("RUST_LOG", "error,openraft=off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn qit");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for qit") {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                use std::io::Read;
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            return (status, stderr);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("node {} kept running with an empty data directory", node.id);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 14: a node whose data was lost is not let back under its old id (Raft's rule: it
+/// could vote with an empty log), with or without `--join`; it refuses to start and names
+/// the replacement command. The cluster goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_is_not_let_back_under_its_old_id() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "kept", json!({"partitions": 1})).await;
+    common::cluster::publish(cluster.http(1), "kept", "before").await;
+    let b1 = cluster.http(1).to_string();
+    eventually("node 1 knows node 3's addresses", || async {
+        view(&format!("{b1}/cluster")).await.is_some_and(|v| {
+            v["nodes"]
+                .as_array()
+                .is_some_and(|ns| ns.iter().any(|n| n["id"] == 3 && n["http"].is_string()))
+        })
+    })
+    .await;
+
+    cluster.kill(3);
+    std::fs::remove_dir_all(&cluster.node(3).dir).expect("wipe node 3");
+    let peers = cluster.peers.clone();
+    for extra in [&[][..], &["--join"][..]] {
+        let (status, stderr) = serve_until_exit(cluster.node(3), &peers, extra);
+        assert!(!status.success(), "node 3 started with an empty data dir");
+        assert!(
+            stderr.contains("--replaces 3"),
+            "the refusal names the replacement command: {stderr}"
+        );
+    }
+    // Nothing was written as node 3 on the way.
+    let raft = cluster.node(3).dir.join("raft").join("0");
+    assert!(
+        std::fs::read_dir(&raft).map_or(true, |mut d| d.next().is_none()),
+        "node 3 wrote a metadata log"
+    );
+    // The two others serve on.
+    common::cluster::publish(cluster.http(2), "kept", "after").await;
+    eventually("nodes 1 and 2 agree on the log", || async {
+        log_bodies(cluster.http(1), "kept", 0).await == Some(vec!["before".into(), "after".into()])
+            && log_bodies(cluster.http(2), "kept", 0).await
+                == Some(vec!["before".into(), "after".into()])
+    })
+    .await;
+}
+
+/// Logs `user` in at `base` with `password`; the token.
+async fn login(base: &str, user: &str, password: &str) -> String {
+    let body = common::cluster::ok(&format!("{user} logs in"), || {
+        http()
+            .post(format!("{base}/auth/login"))
+            .json(&json!({"username": user, "password": password}))
+    })
+    .await;
+    body["token"].as_str().expect("a token").to_string()
+}
+
+/// With `--auth`, adding and removing cluster nodes is the admin's: 401 without a valid
+/// token, 403 for another user, done for the admin (who may not give a new id a member's
+/// address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_admin_adds_and_removes_nodes() {
+    const PASSWORD: &str = "a long enough password";
+    let cluster = Cluster::start_with_config(&format!(
+        "auth = true\nadmin = \"root\"\nadmin_password = \"{PASSWORD}\"\n"
+    ))
+    .await;
+    let b2 = cluster.http(2).to_string();
+    common::cluster::ok("register bob", || {
+        http()
+            .post(format!("{b2}/auth/register"))
+            .json(&json!({"username": "bob", "password": PASSWORD}))
+    })
+    .await;
+    let bob = login(&b2, "bob", PASSWORD).await;
+    let root = login(&b2, "root", PASSWORD).await;
+
+    let mut four = Node::new(4, cluster.root().join("node-4"));
+    let peers4 = format!("{},{}", cluster.peers, four.peer());
+    let add = json!({"id": 4, "cluster": format!("127.0.0.1:{}", four.cluster_port)});
+    let post = || http().post(format!("{b2}/cluster/nodes")).json(&add);
+    let delete = || http().delete(format!("{b2}/cluster/nodes/4"));
+    for (what, request) in [("add", post()), ("remove", delete())] {
+        let (status, body) = send(request).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{what} without a token: {body}"
+        );
+    }
+    for (what, request) in [("add", post()), ("remove", delete())] {
+        let (status, body) = send(request.bearer_auth("not-a-token")).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{what} with a bad token: {body}"
+        );
+    }
+    for (what, request) in [("add", post()), ("remove", delete())] {
+        let (status, body) = send(request.bearer_auth(&bob)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{what} as bob: {body}");
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+    }
+    let ids = |v: &Value| -> Vec<u64> {
+        v["nodes"]
+            .as_array()
+            .map(|ns| ns.iter().filter_map(|n| n["id"].as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let b1 = cluster.http(1).to_string();
+    let members = || async {
+        common::cluster::view_as(&format!("{b1}/cluster"), Some(&root))
+            .await
+            .map(|v| ids(&v))
+    };
+    assert_eq!(members().await, Some(vec![1, 2, 3]), "bob changed nothing");
+
+    // The admin adds node 4 (running with --join, which asks too: either way it is a
+    // member once the answer came) and removes it again.
+    let mut extra = cluster.extra.clone();
+    extra.push("--join".to_string());
+    four.start(&peers4, &extra);
+    let (status, body) = send(post().bearer_auth(&root)).await;
+    assert_eq!(status, StatusCode::OK, "add as the admin: {body}");
+    eventually("node 4 is a member", || async {
+        members().await == Some(vec![1, 2, 3, 4])
+    })
+    .await;
+    // A member's address for another id is refused: one process would be two voters.
+    let (status, body) = send(
+        http()
+            .post(format!("{b2}/cluster/nodes"))
+            .bearer_auth(&root)
+            .json(
+                &json!({"id": 5, "cluster": format!("127.0.0.1:{}", cluster.node(1).cluster_port)}),
+            ),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "node 1's address for node 5: {body}"
+    );
+    assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
+    let (status, body) = send(delete().bearer_auth(&root)).await;
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "remove as the admin: {body}"
+    );
+    eventually("node 4 left", || async {
+        members().await == Some(vec![1, 2, 3])
+    })
+    .await;
+    four.terminate();
+}
+
+/// Issue 14: queues created while a node is leaving are not placed on it and serve at
+/// once. The removal is held in progress by stopping (SIGSTOP) the node that a queue on
+/// the leaving node must move to: its catch-up cannot finish until the node continues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queues_made_while_a_node_leaves_are_not_placed_on_it() {
+    let cluster = Cluster::start_with(4, &[]).await;
+    let b = |id: u64| cluster.http(id).to_string();
+    let v = view(&format!("{}/cluster", b(1))).await.expect("a view");
+    let leader = v["leader"].as_u64().expect("a metadata leader");
+    // `stopped`: neither the metadata leader nor the leaving node 4; `via` takes the
+    // requests.
+    let stopped = (1..=3).find(|n| *n != leader).expect("a node");
+    let via = (1..=3).find(|n| *n != stopped).expect("another node");
+    let others: Vec<u64> = (1..=4).filter(|n| *n != stopped).collect();
+    let moving = (0..)
+        .map(|i| format!("moving-{i}"))
+        .find(|q| {
+            let mut r = qit::cluster::placement::replicas(q, &[1, 2, 3, 4], 3);
+            r.sort_unstable();
+            r == others
+        })
+        .expect("some name");
+    create_queue(&b(via), &moving, json!({"partitions": 1})).await;
+    common::cluster::publish(&b(via), &moving, "m").await;
+
+    cluster.node(stopped).signal("STOP");
+    let remove = {
+        let url = format!("{}/cluster/nodes/4", b(via));
+        tokio::spawn(async move {
+            let mut asked = false;
+            loop {
+                let (status, body) = send(http().delete(&url)).await;
+                match status {
+                    StatusCode::NO_CONTENT => return,
+                    StatusCode::NOT_FOUND if asked => return,
+                    StatusCode::SERVICE_UNAVAILABLE => asked = true,
+                    other => panic!("remove-node 4: {other} {body}"),
+                }
+            }
+        })
+    };
+    // The removal is under way once the moving queue's group records its new replica.
+    eventually(&format!("{moving} starts moving off node 4"), || async {
+        replicas(&b(via), &moving)
+            .await
+            .is_some_and(|r| r.contains(&stopped))
+    })
+    .await;
+
+    let made: Vec<String> = (0..4).map(|i| format!("made-while-leaving-{i}")).collect();
+    for queue in &made {
+        create_queue(&b(via), queue, json!({"partitions": 1})).await;
+        let placed = replicas(&b(via), queue).await.expect("placed");
+        assert!(
+            !placed.contains(&4),
+            "{queue} placed on the leaving node: {placed:?}"
+        );
+        for i in 0..5 {
+            common::cluster::publish(&b(via), queue, &format!("{queue}-{i}")).await;
+        }
+        let got = deliver_rest(&b(via), queue, 5).await;
+        assert_eq!(got.len(), 5, "{queue} serves while node 4 leaves");
+    }
+    assert!(
+        !remove.is_finished(),
+        "the removal cannot finish while node {stopped} is stopped"
+    );
+
+    cluster.node(stopped).signal("CONT");
+    tokio::time::timeout(Duration::from_secs(300), remove)
+        .await
+        .expect("remove-node 4 answers (guard against a hang)")
+        .expect("the removal task");
+    let three: Vec<String> = (1..=3).map(b).collect();
+    for base in &three {
+        eventually_slow(&format!("{base} lists nodes 1 to 3"), || async {
+            node_ids(base).await == Some(vec![1, 2, 3])
+        })
+        .await;
+    }
+    for queue in made.iter().chain([&moving]) {
+        let r = replicas(&b(via), queue).await.expect("placed");
+        assert!(!r.contains(&4), "{queue} on {r:?}");
+        same_logs(&three, queue).await;
+    }
 }

@@ -2,7 +2,7 @@
 //! `raft_snapshot_entries`, queues, exchanges, users and grants made and removed through
 //! every node are snapshotted with their group ids and the metadata log is purged below the
 //! snapshot; a restarted node rebuilds from its own snapshot, a node that missed the purged
-//! entries is sent the snapshot over its old state, a wiped node over nothing, and every
+//! entries is sent the snapshot over its old state, a wiped node's replacement over nothing, and every
 //! node ends with the same metadata. Three `qit` processes on loopback with auth on; every
 //! wait is on a condition (the deadlines only guard against hangs).
 
@@ -78,6 +78,20 @@ impl Nodes {
         let (peers, extra) = (self.peers.clone(), self.extra.clone());
         self.nodes[(id - 1) as usize].start(&peers, &extra);
         self.wait_serving(id).await;
+    }
+
+    /// Starts a new node (the next id) that replaces node `old` (`--replaces`), waits until
+    /// it serves; its id.
+    async fn replace(&mut self, old: u64) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let mut node = Node::new(id, self._temp.path().join(format!("node-{id}")));
+        let peers = format!("{},{}", self.peers, node.peer());
+        let mut extra = self.extra.clone();
+        extra.extend(["--replaces".to_string(), old.to_string()]);
+        node.start(&peers, &extra);
+        self.nodes.push(node);
+        self.wait_serving(id).await;
+        id
     }
 
     /// Waits until node `id` answers `/healthz` (part of a working quorum).
@@ -344,24 +358,50 @@ async fn the_metadata_log_is_snapshotted_purged_and_restored() {
         .await;
     eprintln!("node 3 caught up by {installed} metadata snapshot install(s)");
 
-    // Node 2 restarts from its own snapshot and log; node 1 loses its data directory.
+    // Node 2 restarts from its own snapshot and log; node 1 loses its data directory and
+    // comes back under a new id (`--replaces 1`: a wiped node may not rejoin under its old
+    // one), sent the metadata snapshot over nothing.
     cluster.kill(2);
     cluster.restart(2).await;
     cluster.kill(1);
     std::fs::remove_dir_all(&cluster.node(1).dir).expect("wipe node 1");
-    cluster.restart(1).await;
+    let new = cluster.replace(1).await;
+    let wiped = cluster.http(new).to_string();
     cluster.admin = login(&base(2), ADMIN).await;
+    // The replacement is done once node 1 left and every queue moved off it (a guard of
+    // 240 s against a hang: some 30 groups move).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    loop {
+        let nodes: Option<Vec<u64>> = cluster.get(new, "/cluster").await.and_then(|v| {
+            let ids = v["nodes"]
+                .as_array()?
+                .iter()
+                .filter_map(|n| n["id"].as_u64());
+            Some(ids.collect())
+        });
+        if nodes == Some(vec![2, 3, new]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1 not replaced: {nodes:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     // Every node holds the same metadata, as made.
     eventually("every node holds the same metadata", || async {
         let mut all = Vec::new();
-        for id in 1..=3 {
+        for id in [2, 3, new] {
             all.push(cluster.metadata(id).await);
         }
         all.iter().all(|m| m.is_some() && *m == all[0])
     })
     .await;
-    let metadata = cluster.metadata(1).await.expect("node 1's metadata");
+    let metadata = cluster
+        .metadata(new)
+        .await
+        .expect("the new node's metadata");
     let names: Vec<&str> = metadata["queues"]
         .as_array()
         .expect("queues")
@@ -386,18 +426,18 @@ async fn the_metadata_log_is_snapshotted_purged_and_restored() {
 
     // Users and grants on the wiped node: everyone logs in, bob may publish to q20 only,
     // dave may consume r3; the message published before is still in q23.
-    let bob = login(&base(1), "bob").await;
-    let dave = login(&base(1), "dave").await;
-    login(&base(1), "erin").await;
+    let bob = login(&wiped, "bob").await;
+    let dave = login(&wiped, "dave").await;
+    login(&wiped, "erin").await;
     let publish = |queue: &'static str| {
-        let url = format!("{}/queues/{queue}/messages", base(1));
+        let url = format!("{}/queues/{queue}/messages", wiped);
         move || http().post(&url).body("from bob")
     };
     assert!(status(&bob, publish("q20")).await.is_success());
     assert_eq!(status(&bob, publish("q21")).await, StatusCode::FORBIDDEN);
-    let receive = format!("{}/queues/r3/messages?max=1", base(1));
+    let receive = format!("{}/queues/r3/messages?max=1", wiped);
     assert!(status(&dave, || http().get(&receive)).await.is_success());
-    let log = format!("{}/queues/q23/log?partition=0&from=0&max=10", base(1));
+    let log = format!("{}/queues/q23/log?partition=0&from=0&max=10", wiped);
     let bodies = retrying("read q23", || http().get(&log).bearer_auth(&alice))
         .await
         .1;

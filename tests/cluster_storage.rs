@@ -1,6 +1,6 @@
 //! Cluster storage (issue 13, "storage"): queue groups snapshot their data and purge their
 //! Raft logs, a restarted node restores its queues from the snapshots and replays only the
-//! entries after them, and a wiped node is sent the snapshots. Three real `qit` processes
+//! entries after them, and the replacement of a wiped node is sent the snapshots. Three real `qit` processes
 //! on loopback with a small `raft_snapshot_entries`; tests wait on conditions (deadlines
 //! only guard against hangs).
 
@@ -235,9 +235,10 @@ async fn snapshots_bound_the_raft_log_and_restarts_replay_only_the_suffix() {
     }
 }
 
-/// A node whose data directory was wiped rejoins: the leader's log is purged, so it is
-/// sent the queue's snapshot, installs it and then follows the log; its committed log and
-/// group state end identical to the others'.
+/// A node whose data directory was wiped is replaced by a new node (`--replaces`): the
+/// leader's log is purged, so the new replica is sent the queue's snapshot, installs it
+/// and then follows the log; its committed log and group state end identical to the
+/// others'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_node_is_sent_the_snapshot() {
     let mut cluster = start().await;
@@ -250,19 +251,23 @@ async fn a_wiped_node_is_sent_the_snapshot() {
 
     cluster.kill(3);
     std::fs::remove_dir_all(&cluster.node(3).dir).unwrap();
-    // Entries while it is away, so that the snapshot it gets is not the one it had.
+    // Entries while it is away, so that the snapshot the replacement gets is not the one
+    // node 3 had.
     publish(&cluster, "wiped", 200..300, [1, 2]).await;
-    cluster.restart(3);
-    converged(&cluster, 3, 1, "wiped", 300).await;
+    // It comes back under a new id (a wiped node may not rejoin under its old one): node
+    // 4 replaces it, and the queue's group moves onto node 4, which is sent the snapshot
+    // (the log below it is purged).
+    let new = cluster.replace(3).await;
+    converged(&cluster, new, 1, "wiped", 300).await;
     let installed = metric(
-        &cluster.node(3).http,
+        &cluster.node(new).http,
         "qit_cluster_snapshots_installed_total",
     )
     .await;
-    assert!(installed >= 1.0, "node 3 installed no snapshot");
+    assert!(installed >= 1.0, "node {new} installed no snapshot");
     assert!(
         cluster
-            .node(3)
+            .node(new)
             .dir
             .join("raft")
             .join(group.to_string())
@@ -271,9 +276,9 @@ async fn a_wiped_node_is_sent_the_snapshot() {
             .is_file()
     );
     // It follows the log from there.
-    publish(&cluster, "wiped", 300..320, [1, 3]).await;
-    converged(&cluster, 3, 1, "wiped", 320).await;
-    let rest = drain(&cluster, 3, "wiped", 320 - acked.len(), true).await;
+    publish(&cluster, "wiped", 300..320, [1, new]).await;
+    converged(&cluster, new, 1, "wiped", 320).await;
+    let rest = drain(&cluster, new, "wiped", 320 - acked.len(), true).await;
     let all: BTreeSet<&String> = acked.iter().chain(&rest).collect();
     assert_eq!(all.len(), 320, "every message delivered exactly once");
     assert_eq!(acked.len() + rest.len(), 320);

@@ -16,10 +16,13 @@ and whether any group changed term; `rolling` restarts the three nodes one after
 W1-shaped load (one message per publish, with an idempotency key; a consumer receiving and
 acking), the client retrying 503 as qit's own do, and reports publish latency (retries
 included), errors, lost and duplicate messages and acked messages delivered again.
+`addnode GB` fills the cluster with GB gigabytes and times a fourth node (`--join`) until
+it holds, caught up, every replica placement gives it, against dd writing as much.
 
     python3 tools/cluster-measure.py target/release/qit failover 30
     python3 tools/cluster-measure.py target/release/qit idle
     python3 tools/cluster-measure.py target/release/qit rolling
+    python3 tools/cluster-measure.py target/release/qit addnode 1    # GB held when node 4 joins
 
 Node logs go to the run's temp directory, which is kept (and named) when a run fails;
 `QIT_MEASURE_LOG` sets their RUST_LOG (default `error`), e.g.
@@ -29,17 +32,18 @@ always. Exits non-zero on any loss or redelivery, or failover times over the tar
 """
 import json, os, signal, subprocess, sys, time, urllib.request, urllib.error, urllib.parse, shutil, tempfile
 QIT = sys.argv[1]
-MODE = sys.argv[2]  # idle | failover
+MODE = sys.argv[2]  # idle | failover | rolling | addnode
 ROOT = tempfile.mkdtemp(prefix="qit-measure-")
 # QIT_MEASURE_PORTS moves every port by that much (two runs on one machine must not share ports).
 OFF = int(os.environ.get("QIT_MEASURE_PORTS", "0"))
 PEERS = ",".join(f"{n}=127.0.0.1:{17100 + OFF + n}" for n in (1, 2, 3))
 LOG = os.environ.get("QIT_MEASURE_LOG", "error")
 procs = {}
-def start(n):
+def start(n, join=False):
     env = dict(os.environ, QIT_CLUSTER_SECRET="measure-secret-0123456789", RUST_LOG=LOG)
-    procs[n] = subprocess.Popen([QIT, "serve", "--node-id", str(n), "--cluster", f"127.0.0.1:{17100 + OFF + n}",
-        "--peers", PEERS, "--http", f"127.0.0.1:{18080 + OFF + n}", "--grpc", f"127.0.0.1:{19090 + OFF + n}",
+    peers = PEERS + (f",{n}=127.0.0.1:{17100 + OFF + n}" if join else "")
+    procs[n] = subprocess.Popen([QIT, "serve", "--node-id", str(n), "--cluster", f"127.0.0.1:{17100 + OFF + n}"] + (["--join"] if join else []) + [
+        "--peers", peers, "--http", f"127.0.0.1:{18080 + OFF + n}", "--grpc", f"127.0.0.1:{19090 + OFF + n}",
         "--data-dir", f"{ROOT}/n{n}"], env=env, stdout=subprocess.DEVNULL, stderr=open(f"{ROOT}/n{n}.log", "a"))
 def req(method, url, body=None, timeout=5, headers=None):
     r = urllib.request.Request(url, data=body, method=method, headers=dict({"content-type": "application/json"}, **(headers or {})))
@@ -66,6 +70,21 @@ def wait(cond, limit=60, what=""):
 def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().split(")")[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+def fnv1a(parts):
+    # placement.rs's hash, to know where placement puts a queue.
+    h, M = 0xcbf29ce484222325, (1 << 64) - 1
+    for part in parts:
+        for b in part:
+            h ^= b; h = (h * 0x100000001b3) & M
+        h ^= 0xff; h = (h * 0x100000001b3) & M
+    h ^= h >> 33; h = (h * 0xff51afd7ed558ccd) & M; h ^= h >> 33
+    return h
+def placement(queue, nodes, k=3):
+    scored = sorted(((fnv1a([queue.encode(), n.to_bytes(8, "little")]), n) for n in nodes), reverse=True)
+    return [n for _, n in scored[:k]]
+def next_offset(n, q):
+    s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}", timeout=5)
+    return v["partitions"][0]["next_offset"] if s == 200 and v else None
 def quantile(xs, f):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(f * len(xs)))]
@@ -174,6 +193,77 @@ try:
               "- acked then delivered again", len(again),
               "- logs identical on the 3 nodes", logs[0] == logs[1] == logs[2])
         failed = False
+    elif MODE == "addnode":
+        # A fourth node joins a cluster holding GB gigabytes (1 MiB messages over eight
+        # queues); timed from its start until it holds every replica placement gives it,
+        # caught up, and until it leads the groups it is the preferred leader of. Compared
+        # with writing as many bytes to this disk (dd, fdatasync).
+        import threading
+        GB = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+        # 512 KiB messages (a message's limit is 1 MiB with its headers).
+        SIZE, Q = 1 << 19, [f"big{i}" for i in range(8)]
+        count = int(GB * 2048)
+        for q in Q:
+            wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/{q}", b'{"partitions":1,"max_deliveries":0}')[0] in (200, 201))
+        body = b"x" * SIZE
+        def publish(i):
+            # Sent again only on 503 or no answer: any other refusal ends the run (a refused
+            # publish is still a Raft entry; retrying it would fill the disk).
+            q, n = Q[i % len(Q)], i % 3 + 1
+            s, v = req("POST", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}/messages", body, timeout=60,
+                       headers={"content-type": "application/octet-stream", "Idempotency-Key": f"b{i}"})
+            if s in (200, 201): return True
+            if s not in (None, 503): raise SystemExit(f"publish {i} refused: {s} {v}")
+            return False
+        refused = []
+        def fill(t):
+            try:
+                for i in range(t, count, 4):
+                    if refused: return
+                    wait(lambda: publish(i), limit=300, what=f"publish {i}")
+            except SystemExit as e:
+                refused.append(str(e))
+        t = time.time()
+        threads = [threading.Thread(target=fill, args=(t,)) for t in range(4)]
+        for th in threads: th.start()
+        for th in threads: th.join()
+        if refused: raise SystemExit(refused[0])
+        print(f"filled {count * SIZE >> 20} MiB in {time.time() - t:.1f} s", flush=True)
+        wait(lambda: all(next_offset(n, q) == next_offset(1, q) for q in Q for n in (2, 3)), limit=300, what="the three nodes agree")
+        t = time.time()
+        subprocess.run(["dd", "if=/dev/zero", f"of={ROOT}/dd", "bs=1M", f"count={count * SIZE >> 20}", "conv=fdatasync"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        dd = time.time() - t
+        os.remove(f"{ROOT}/dd")
+        print(f"dd: {count * SIZE >> 20} MiB written and synced in {dd:.1f} s ({(count * SIZE >> 20) / dd:.0f} MiB/s)", flush=True)
+        share = [q for q in Q if 4 in placement(q, [1, 2, 3, 4])]
+        before = {q: next_offset(1, q) for q in Q}
+        def served():
+            v = view(1)
+            if not v: return False
+            placed = {p["queue"]: p["replicas"] for p in v["partitions"]}
+            return all(placed.get(q) == placement(q, [1, 2, 3, 4]) and next_offset(4, q) == before[q] for q in share)
+        def leads():
+            v = view(4)  # node 1 knows no leader of a group it holds no replica of
+            return v is not None and all(p["leader"] == 4 for p in v["partitions"] if p["queue"] in share and placement(p["queue"], [1, 2, 3, 4])[0] == 4)
+        t = time.time()
+        start(4, join=True)
+        try:
+            wait(served, limit=float(os.environ.get("QIT_MEASURE_ADD_LIMIT", "3600")), what="node 4 holds its share")
+        except SystemExit:
+            v = view(1) or {}
+            for q in share:
+                print(q, "placement", placement(q, [1, 2, 3, 4]), "replicas", [p["replicas"] for p in v.get("partitions", []) if p["queue"] == q],
+                      "next offsets", before[q], next_offset(4, q))
+            raise
+        t_served = time.time() - t
+        wait(leads, limit=300, what="node 4 leads its preferred groups")
+        t_leads = time.time() - t
+        du = lambda n: int(subprocess.run(["du", "-sm", f"{ROOT}/n{n}"], capture_output=True, text=True).stdout.split()[0])
+        print(f"node 4 holds its share ({len(share)} of {len(Q)} queues, {du(4)} MiB on disk; node 1 {du(1)} MiB) "
+              f"{t_served:.1f} s after its start, leads its preferred groups after {t_leads:.1f} s; "
+              f"target {dd:.1f} + 10 s: {'met' if t_served <= dd + 10 else 'NOT met'}", flush=True)
+        failed = False
     else:
         # max_deliveries 0: a message whose lease lapses many times is never dead-lettered.
         wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/f", b'{"partitions":1,"max_deliveries":0}')[0] in (200, 201, 409))
@@ -250,6 +340,10 @@ try:
 finally:
     for p in procs.values():
         p.kill(); p.wait()
+    if MODE == "addnode":
+        # Gigabytes: the data directories go whatever happened (the logs stay on failure).
+        for n in procs:
+            shutil.rmtree(f"{ROOT}/n{n}", ignore_errors=True)
     if failed or os.environ.get("QIT_MEASURE_KEEP"):
         print("node logs kept in", ROOT, file=sys.stderr)
     else:

@@ -63,7 +63,7 @@ async fn run(cluster: &Cluster, change: Change) -> Result<(), ApiError> {
 }
 
 /// `POST /cluster/nodes`: adds a node as a voter once it caught up.
-#[utoipa::path(post, path = "/cluster/nodes", tag = "operations", description = "Adds a node to the cluster: it catches up with the metadata as a learner, then votes. The node runs already (started with `--join`, or waiting). Admin only with `--auth`. 409 `membership_conflict` when the id is taken at another address; 503 `no_leader` when it did not catch up in time.", request_body = NodeBody, responses((status = 200, description = "Added (or was a voter at that address already); the cluster now", body = crate::cluster::view::ClusterView), Errors))]
+#[utoipa::path(post, path = "/cluster/nodes", tag = "operations", description = "Adds a node to the cluster: it catches up with the metadata as a learner, then votes. The node runs already (started with `--join`, or waiting). Admin only with `--auth`. 409 `membership_conflict` when the id is taken at another address, or the address by another member; 503 `no_leader` when it did not catch up in time.", request_body = NodeBody, responses((status = 200, description = "Added (or was a voter at that address already); the cluster now", body = crate::cluster::view::ClusterView), Errors))]
 pub(super) async fn add_node(
     State(s): State<HttpState>,
     Extension(caller): Extension<Caller>,

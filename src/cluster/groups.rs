@@ -113,12 +113,20 @@ fn raft_config(group: u64) -> Result<Config, ClusterError> {
         enable_heartbeat: false,
         enable_elect: false,
         snapshot_policy: SnapshotPolicy::Never,
+        max_payload_entries: MAX_APPEND_ENTRIES,
         ..Config::default()
     }
     .validate()
     .map_err(|e| ClusterError::Config(e.to_string()))
 }
 
+/// Most entries in one AppendEntries (openraft's default is 300). Every call must finish
+/// within [`RPC_TIMEOUT_MS`]: a replica catching up (a new one, or one back from a long
+/// absence) is sent the log in calls of this many entries, and 300 entries of large
+/// messages (300 x 512 KiB) never arrived in time, so a new node never caught up. A
+/// follower that keeps up gets a few entries per call (a queue has at most four publish
+/// entries on the way), so this bounds only catch-up.
+const MAX_APPEND_ENTRIES: u64 = 16;
 /// How long a leader waits for a follower to take one chunk of a snapshot (ms).
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
 /// Raft log entries kept below a queue group's snapshot, at most (a follower that lags by

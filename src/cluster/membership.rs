@@ -19,6 +19,11 @@
 //!   the request answers 503 and the moves go on; asking again finishes the removal.
 //! - After a node joined, the same moves give it its share: the queues whose best
 //!   replicas now include it move a replica onto it.
+//! - Replacing node O by a new node N (`--replaces O` on N, with a new id): N joins as
+//!   above and, once it votes, asks for O's removal (so the voters never drop below
+//!   [`MIN_VOTERS`], and O may be dead): O's groups move off it, onto N where placement
+//!   says so, and O leaves the membership. Raft forbids a node that lost its log to vote
+//!   again under its old id; this is the one-command way back (see [`super::rejoin`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -63,6 +68,19 @@ pub enum MembershipError {
         /// Its address in the membership.
         addr: String,
     },
+    /// Another member has the address (a call to either would reach the one process, which
+    /// would then count twice in a quorum).
+    #[error(
+        "{addr} is the address of member {other}: node {id} needs another cluster address (port) while node {other} is a member"
+    )]
+    AddressTaken {
+        /// The node being added.
+        id: u64,
+        /// The address.
+        addr: String,
+        /// The member that has it.
+        other: u64,
+    },
     /// Too few voters would be left.
     #[error(
         "removing node {id} would leave {left} voters; the cluster keeps at least {MIN_VOTERS}"
@@ -101,7 +119,9 @@ impl From<MembershipError> for BrokerError {
         let code = match &error {
             MembershipError::Invalid(_) => "bad_request",
             MembershipError::NotMember(_) => "node_not_found",
-            MembershipError::Taken { .. } | MembershipError::TooFew { .. } => "membership_conflict",
+            MembershipError::Taken { .. }
+            | MembershipError::AddressTaken { .. }
+            | MembershipError::TooFew { .. } => "membership_conflict",
             MembershipError::CatchUp { .. }
             | MembershipError::StillMoving { .. }
             | MembershipError::Raft(_) => {
@@ -135,6 +155,7 @@ impl Cluster {
         &self,
         change: Change,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let _one_at_a_time = self.membership_changes.lock().await;
         let done = match change {
             Change::Add { id, cluster } => self.add_node(id, &cluster).await,
             Change::Remove { id } => self.remove_node(id).await,
@@ -144,7 +165,7 @@ impl Cluster {
     }
 
     /// The metadata group's membership as this node knows it.
-    fn meta_membership(&self) -> openraft::Membership<u64, BasicNode> {
+    pub(super) fn meta_membership(&self) -> openraft::Membership<u64, BasicNode> {
         self.meta()
             .metrics()
             .borrow()
@@ -172,6 +193,16 @@ impl Cluster {
             return Err(MembershipError::Taken {
                 id,
                 addr: node.addr.clone(),
+            });
+        }
+        if let Some((other, _)) = membership
+            .nodes()
+            .find(|(other, node)| **other != id && node.addr == cluster)
+        {
+            return Err(MembershipError::AddressTaken {
+                id,
+                addr: cluster.to_string(),
+                other: *other,
             });
         }
         let voter = membership.voter_ids().any(|v| v == id);
@@ -254,11 +285,11 @@ impl Cluster {
     }
 
     /// Marks `node` as leaving (placement leaves it out, so its groups' leaders move them,
-    /// see [`super::moves`]) and waits until it holds no queue replica.
+    /// see [`super::moves`]) and waits until it holds no queue replica. The mark is an
+    /// entry of the metadata log also when the node holds nothing: every queue created
+    /// after it, until the node is removed, is placed on the others (a queue made in the
+    /// moment between finding the node empty and removing it would land on it).
     async fn drain(&self, node: u64) -> Result<(), MembershipError> {
-        if self.queues_on(node).is_empty() {
-            return Ok(());
-        }
         if !self.groups().draining().contains(&node) {
             super::propose_entry(self.meta(), super::META_GROUP, Command::Draining(node))
                 .await
@@ -311,6 +342,40 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// A node started with `--replaces old`, once it votes: asks the metadata leader to
+    /// remove `old` (its queue groups move off it, by rendezvous mostly onto this node)
+    /// until `old` is no member any more, or `stop`. A removal that runs past
+    /// [`MOVE_WAIT`], or meets no leader, is asked again: every step is safe to repeat.
+    pub async fn replace(&self, old: u64, stop: CancellationToken) {
+        let change = Command::Members(Change::Remove { id: old });
+        loop {
+            if self.meta_membership().get_node(&old).is_none() && self.is_voter() {
+                tracing::info!(node = old, "the replaced node is no member");
+                return;
+            }
+            let reply = self.execute(change.clone(), 0).await;
+            match reply.result {
+                Ok(_) => {
+                    tracing::info!(node = old, "replaced node removed from the cluster");
+                    return;
+                }
+                Err(error) if error.code == "node_not_found" => {
+                    tracing::info!(node = old, "the replaced node is no member");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(node = old, code = %error.code, "removing the replaced node: {}; asking again", error.message)
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(JOIN_RETRY) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +398,12 @@ mod tests {
             "membership_conflict"
         );
         assert_eq!(code(MembershipError::NotMember(9)), "node_not_found");
+        let taken = MembershipError::AddressTaken {
+            id: 5,
+            addr: "127.0.0.1:7101".into(),
+            other: 1,
+        };
+        assert_eq!(code(taken), "membership_conflict");
         assert_eq!(code(MembershipError::Raft("x".into())), "no_leader");
     }
 }

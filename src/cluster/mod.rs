@@ -17,7 +17,8 @@
 //!   a group's preferred leader when it returns.
 //! - [`membership`] and [`moves`]: nodes added and removed while the cluster runs (the
 //!   voters are the metadata group's membership), and queue groups moved to the replicas
-//!   placement names over the voters.
+//!   placement names over the voters; [`rejoin`]: a node that lost its data is not let
+//!   back under its old id.
 //!
 //! How a request runs: the broker hands every state change to [`Cluster`] as an
 //! [`Op`](crate::broker::replicate::Op) (it is the broker's
@@ -37,7 +38,7 @@
 //! replays only the entries after it ([`state_machine`], [`snapshot`]). A queue group snapshots every
 //! `raft_snapshot_entries` entries: the snapshot hard-links the queue's sealed segments
 //! (so they are not stored twice) and copies its group state; the Raft log below it is
-//! purged, chunk by chunk. A follower too far behind for the log, or wiped, is sent the
+//! purged, chunk by chunk. A follower too far behind for the log, or a new replica, is sent the
 //! snapshot as one stream and swaps it in. Messages are still written twice while they
 //! are in the Raft log (bounded by the snapshot interval); the segment log as the Raft log
 //! (format v2) would end that.
@@ -54,6 +55,7 @@ pub mod moves;
 pub mod network;
 pub mod placement;
 pub mod proposals;
+pub mod rejoin;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;
@@ -108,6 +110,9 @@ pub enum ClusterError {
     /// openraft refused to start a group.
     #[error("raft: {0}")]
     Raft(String),
+    /// This node lost its data but its id is a member that ran ([`rejoin`]).
+    #[error("{0}")]
+    LostData(String),
 }
 
 /// What a cluster node needs.
@@ -129,6 +134,9 @@ pub struct ClusterConfig {
     /// This node joins a running cluster (`--join`): its metadata group is not initialized
     /// from `peers` (which name some members to ask, and this node), a member adds it.
     pub join: bool,
+    /// This node replaces that node (`--replaces`): once it votes, it has the old node
+    /// removed ([`membership`]).
+    pub replaces: Option<u64>,
     /// This node's bound cluster, HTTP and gRPC addresses (announced to the others).
     pub cluster_addr: SocketAddr,
     /// HTTP address.
@@ -188,6 +196,10 @@ pub struct Cluster {
     config: ClusterConfig,
     /// Groups being handed to another node (their requests wait).
     transfers: handoff::Transfers,
+    /// Held by the membership change under way here, the metadata leader: one at a time
+    /// (openraft refuses a second while the first is joint; a node asking to join while
+    /// an operator adds it then gets one answer, not a refusal).
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 fn no_leader(what: impl std::fmt::Display) -> BrokerError {
@@ -273,6 +285,7 @@ impl Cluster {
             config.secret.clone(),
             local_ip(config.cluster_addr),
         )?);
+        rejoin::check(&peers, config.node_id, &config.data_dir.join("raft")).await?;
         let groups = Arc::new(Groups::new(
             config.node_id,
             config.peers.clone(),
@@ -303,6 +316,7 @@ impl Cluster {
             broker,
             config,
             transfers: handoff::Transfers::default(),
+            membership_changes: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -331,8 +345,9 @@ impl Cluster {
         &self.meta
     }
 
-    /// Announces this node's addresses through the metadata group until it sticks (run in
-    /// the background).
+    /// Joins the cluster (`--join`), announces this node's addresses through the metadata
+    /// group until they stick, and then has the node it replaces removed (`--replaces`);
+    /// run in the background.
     pub async fn announce(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let addrs = NodeAddrs {
             id: self.config.node_id,
@@ -345,16 +360,19 @@ impl Cluster {
         }
         loop {
             if self.groups.node(addrs.id).as_ref() == Some(&addrs) {
-                return;
+                break;
             }
             let reply = self.execute(Command::Node(addrs.clone()), 0).await;
             if reply.result.is_ok() {
-                return;
+                break;
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = stop.cancelled() => return,
             }
+        }
+        if let Some(old) = self.config.replaces {
+            self.replace(old, stop).await;
         }
     }
 

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::Cluster;
 use super::auth::{MAC_KEY, TS_KEY, now_ms};
 use super::network::{
-    KIND_APPEND, KIND_BEAT, KIND_SNAPSHOT, KIND_VOTE, NODE_KEY, raft_method, scope,
+    KIND_APPEND, KIND_BEAT, KIND_KNOWN, KIND_SNAPSHOT, KIND_VOTE, NODE_KEY, raft_method, scope,
 };
 use super::types::{Command, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
@@ -84,6 +84,10 @@ impl cluster_server::Cluster for Service {
         if kind == KIND_BEAT {
             self.cluster.beat_received(from, &body).await.map_err(bad)?;
             return reply(&());
+        }
+        if kind == KIND_KNOWN {
+            let node: u64 = decode(&body).map_err(bad)?;
+            return reply(&self.cluster.knows_member(node));
         }
         let Some(raft) = self.cluster.groups().raft(group) else {
             return Err(Status::not_found(format!(

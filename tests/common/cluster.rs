@@ -232,6 +232,21 @@ impl Cluster {
         self.node_mut(id).start(&peers, &extra);
     }
 
+    /// Starts a new node (the next id) that replaces node `old` (`--replaces old`, with the
+    /// cluster's extra flags; `old` should be down) and waits until it serves; its id.
+    /// (Its `--peers` name it too: [`Cluster::restart`] does not restart it.)
+    pub async fn replace(&mut self, old: u64) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let mut node = Node::new(id, self.temp.path().join(format!("node-{id}")));
+        let peers = format!("{},{}", self.peers, node.peer());
+        let mut extra = self.extra.clone();
+        extra.extend(["--replaces".to_string(), old.to_string()]);
+        node.start(&peers, &extra);
+        self.nodes.push(node);
+        self.wait_serving(id).await;
+        id
+    }
+
     /// Waits until node `id` sees a metadata leader.
     pub async fn wait_metadata_leader(&self, id: u64) {
         let url = format!("{}/cluster", self.node(id).http);
