@@ -736,6 +736,15 @@ impl Broker {
                     "no messages to publish".into(),
                 ));
             }
+            // Checked before it is proposed, against this node's copy of the queue's
+            // settings: a refused publish would otherwise still cost a Raft entry of its
+            // size on every replica (and a client retrying it would grow every log). The
+            // apply checks again, on the settings as of the entry.
+            if let Ok(q) = self.queue(queue) {
+                for (index, m) in messages.iter().enumerate() {
+                    message::check_new_message(m, index, q.settings.max_message_bytes)?;
+                }
+            }
             let op = replicate::Op::Publish {
                 queue: queue.to_string(),
                 messages: messages.into_iter().map(Into::into).collect(),
