@@ -18,6 +18,7 @@ use super::log_store::LogStore;
 use super::metadata::MetaHooks;
 use super::network::{Network, Peers};
 use super::placement;
+use super::snapshot_transfer::Receiver;
 use super::state_machine::{AppliedIndex, Role, StateMachine};
 use super::types::{NodeAddrs, Placed, Raft};
 use crate::broker::Broker;
@@ -94,6 +95,8 @@ pub struct Groups {
     nodes: RwLock<BTreeMap<u64, NodeAddrs>>,
     /// Voters leaving the cluster (placement leaves them out).
     draining: RwLock<BTreeSet<u64>>,
+    /// Snapshots being received from the groups' leaders.
+    snapshot_receiver: Receiver,
 }
 
 /// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
@@ -172,6 +175,7 @@ impl Groups {
         Self {
             node_id,
             voters: RwLock::new(voters),
+            snapshot_receiver: Receiver::new(raft_dir.clone()),
             raft_dir,
             sync,
             snapshot_entries,
@@ -184,6 +188,11 @@ impl Groups {
             nodes: RwLock::new(BTreeMap::new()),
             draining: RwLock::new(BTreeSet::new()),
         }
+    }
+
+    /// The receiving side of snapshot transfers into this node's groups.
+    pub fn snapshot_receiver(&self) -> &Receiver {
+        &self.snapshot_receiver
     }
 
     /// Every voter's id and cluster address.

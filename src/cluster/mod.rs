@@ -11,7 +11,8 @@
 //!   silent (openraft's per-group heartbeats and election timers are off).
 //! - [`proposals`]: publishes that arrive together go as one entry (group commit).
 //! - [`network`] and [`service`]: the internal tonic service on `--cluster`, signed with
-//!   the cluster secret ([`auth`]).
+//!   the cluster secret ([`auth`]); [`snapshot_transfer`]: snapshots sent in chunks that
+//!   resume after a cut.
 //! - [`view`]: `GET /cluster`, health and metrics.
 //! - [`handoff`] and [`balance`]: leadership handed off on a clean stop, and given back to
 //!   a group's preferred leader when it returns.
@@ -38,10 +39,10 @@
 //! replays only the entries after it ([`state_machine`], [`snapshot`]). A queue group snapshots every
 //! `raft_snapshot_entries` entries: the snapshot hard-links the queue's sealed segments
 //! (so they are not stored twice) and copies its group state; the Raft log below it is
-//! purged, chunk by chunk. A follower too far behind for the log, or a new replica, is sent the
-//! snapshot as one stream and swaps it in. Messages are still written twice while they
-//! are in the Raft log (bounded by the snapshot interval); the segment log as the Raft log
-//! (format v2) would end that.
+//! purged, chunk by chunk. A follower too far behind for the log, or a new replica, is
+//! sent the snapshot as one stream ([`snapshot_transfer`], resumed after a cut) and swaps
+//! it in. Messages are still written twice while they are in the Raft log (bounded by the
+//! snapshot interval); the segment log as the Raft log (format v2) would end that.
 
 pub mod auth;
 pub mod balance;
@@ -58,6 +59,7 @@ pub mod proposals;
 pub mod rejoin;
 pub mod service;
 pub mod snapshot;
+pub mod snapshot_transfer;
 pub mod state_machine;
 pub mod types;
 pub mod view;

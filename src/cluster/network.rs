@@ -5,19 +5,21 @@
 //! [`CONNECT_TIMEOUT`], and every call has a deadline.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use openraft::BasicNode;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
 use parking_lot::RwLock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -25,6 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::ClusterError;
 use super::auth::{MAC_KEY, Secret, TS_KEY, now_ms};
+use super::snapshot_transfer::{self, ChunkRequest, HeldRequest, Link, Pace, TransferReply};
 use super::types::{TypeConfig, decode, encode};
 use crate::proto::cluster::cluster_client::ClusterClient;
 use crate::proto::cluster::{ForwardRequest, RaftRequest};
@@ -44,6 +47,11 @@ pub const KIND_ELECT: u32 = 5;
 /// Kind of a call on the Raft method that is no Raft RPC: does the callee know the node in
 /// the body as a member that ran (group 0, see `rejoin.rs`)?
 pub const KIND_KNOWN: u32 = 6;
+/// Kind of a call on the Raft method: how much of a snapshot does the callee hold (the
+/// resumable snapshot transfer, see `snapshot_transfer.rs`)?
+pub const KIND_SNAPSHOT_HELD: u32 = 7;
+/// Kind of a call on the Raft method: one chunk of a snapshot (see `snapshot_transfer.rs`).
+pub const KIND_SNAPSHOT_CHUNK: u32 = 8;
 /// How long connecting to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Metadata key naming the calling node.
@@ -311,6 +319,36 @@ impl Connection {
             decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
+
+    /// One call of the snapshot transfer; `Err` when it got no usable answer.
+    async fn transfer<Req: Serialize>(
+        &self,
+        kind: u32,
+        request: &Req,
+        ttl: Duration,
+    ) -> Result<TransferReply, String> {
+        let body = encode(request).map_err(|e| e.to_string())?;
+        let reply = self
+            .peers
+            .raft(self.target, self.group, kind, body, ttl)
+            .await
+            .map_err(|status| status.to_string())?;
+        decode(&reply).map_err(|e| e.to_string())
+    }
+}
+
+impl Link for Connection {
+    async fn held(&mut self, request: HeldRequest, ttl: Duration) -> Result<TransferReply, String> {
+        self.transfer(KIND_SNAPSHOT_HELD, &request, ttl).await
+    }
+
+    async fn chunk(
+        &mut self,
+        request: ChunkRequest,
+        ttl: Duration,
+    ) -> Result<TransferReply, String> {
+        self.transfer(KIND_SNAPSHOT_CHUNK, &request, ttl).await
+    }
 }
 
 impl RaftNetwork<TypeConfig> for Connection {
@@ -322,6 +360,8 @@ impl RaftNetwork<TypeConfig> for Connection {
         self.call(KIND_APPEND, &rpc, &option).await
     }
 
+    /// openraft's chunk call, which its own transport would send; qit sends snapshots with
+    /// [`RaftNetwork::full_snapshot`] below (a node of an older version still answers it).
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
@@ -340,6 +380,18 @@ impl RaftNetwork<TypeConfig> for Connection {
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.call(KIND_VOTE, &rpc, &option).await
     }
+
+    /// The resumable transfer ([`snapshot_transfer`]) instead of openraft's chunks, which
+    /// start again from 0 after a cut.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        snapshot_transfer::send(self, vote, snapshot, cancel, Pace::of(&option)).await
+    }
 }
 
 #[cfg(test)]
@@ -349,7 +401,16 @@ mod tests {
     /// Two call kinds on one number made a hand-off request arrive as a liveness beat.
     #[test]
     fn call_kinds_are_distinct() {
-        let kinds = [KIND_VOTE, KIND_APPEND, KIND_SNAPSHOT, KIND_BEAT, KIND_ELECT];
+        let kinds = [
+            KIND_VOTE,
+            KIND_APPEND,
+            KIND_SNAPSHOT,
+            KIND_BEAT,
+            KIND_ELECT,
+            KIND_KNOWN,
+            KIND_SNAPSHOT_HELD,
+            KIND_SNAPSHOT_CHUNK,
+        ];
         let distinct: std::collections::BTreeSet<u32> = kinds.into_iter().collect();
         assert_eq!(distinct.len(), kinds.len());
     }

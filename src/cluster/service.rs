@@ -9,7 +9,8 @@ use tonic::{Request, Response, Status};
 use super::Cluster;
 use super::auth::{MAC_KEY, TS_KEY, now_ms};
 use super::network::{
-    KIND_APPEND, KIND_BEAT, KIND_KNOWN, KIND_SNAPSHOT, KIND_VOTE, NODE_KEY, raft_method, scope,
+    KIND_APPEND, KIND_BEAT, KIND_KNOWN, KIND_SNAPSHOT, KIND_SNAPSHOT_CHUNK, KIND_SNAPSHOT_HELD,
+    KIND_VOTE, NODE_KEY, raft_method, scope,
 };
 use super::types::{Command, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
@@ -98,6 +99,17 @@ impl cluster_server::Cluster for Service {
             KIND_VOTE => reply(&raft.vote(decode(&body).map_err(bad)?).await),
             KIND_APPEND => reply(&raft.append_entries(decode(&body).map_err(bad)?).await),
             KIND_SNAPSHOT => reply(&raft.install_snapshot(decode(&body).map_err(bad)?).await),
+            // The resumable snapshot transfer (see `snapshot_transfer.rs`).
+            KIND_SNAPSHOT_HELD => {
+                let request = decode(&body).map_err(bad)?;
+                let receiver = self.cluster.groups().snapshot_receiver();
+                reply(&receiver.held(&raft, group, request).await)
+            }
+            KIND_SNAPSHOT_CHUNK => {
+                let request = decode(&body).map_err(bad)?;
+                let receiver = self.cluster.groups().snapshot_receiver();
+                reply(&receiver.chunk(&raft, group, request).await)
+            }
             // Leader hand-off (see `handoff.rs`).
             super::handoff::KIND_ELECT => reply(&self.cluster.campaign(&raft).await),
             other => Err(bad(format!("unknown raft call kind {other}"))),

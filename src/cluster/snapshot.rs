@@ -8,8 +8,10 @@
 //! the active segment hard-linked too but valid only up to the length the manifest names
 //! (it is append-only; what follows belongs to later entries), and each group's state as a
 //! journal file holding one checkpoint. The file `current` names the snapshot in use; it is
-//! replaced by rename, so a crash leaves the old snapshot or the new one. Anything else in
-//! the directory is a leftover of an interrupted build or transfer and is removed on open.
+//! replaced by rename, so a crash leaves the old snapshot or the new one. A transfer in
+//! progress, `receiving-{hex of the snapshot id}.pack` ([`receiving_pack`]), is kept on open
+//! so that it resumes where it stopped ([`super::snapshot_transfer`]); anything else in the
+//! directory is a leftover of an interrupted build or transfer and is removed on open.
 //!
 //! The stream ([`SnapshotData`]) is the snapshot packed into one byte sequence, read
 //! straight from the files (never all in memory):
@@ -18,9 +20,11 @@
 //! "QSNP" | version u8 (1) | 3 reserved bytes | manifest_len u32 LE | manifest JSON | file bytes, in manifest order
 //! ```
 //!
-//! A follower writes the chunks it receives to `incoming-{nanos}.pack`, then unpacks it,
-//! checking every file's length and CRC, into a new snapshot directory before it is made
-//! current and swapped into the broker.
+//! A follower writes the chunks it receives to `receiving-{hex id}.pack` (see
+//! [`super::snapshot_transfer`]; `incoming-{nanos}.pack` when an older leader sends
+//! openraft's own chunks), checks it ([`verify_pack`]), then unpacks it, checking every
+//! file's length and CRC again, into a new snapshot directory before it is made current and
+//! swapped into the broker.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -52,6 +56,12 @@ const CURRENT: &str = "current";
 const MANIFEST: &str = "manifest.json";
 /// Bytes copied at a time.
 const COPY_BUF: usize = 1024 * 1024;
+/// The name of a snapshot being received starts so (see [`receiving_pack`]).
+const RECEIVING: &str = "receiving-";
+/// ... and ends so.
+const PACK: &str = ".pack";
+/// Longest snapshot id a transfer accepts (its file name holds it in hex).
+pub const MAX_SNAPSHOT_ID: usize = 100;
 
 /// Errors of snapshots.
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +262,82 @@ pub fn unpack_bare(reader: &mut impl Read) -> Result<Manifest, SnapshotError> {
     Ok(manifest)
 }
 
+/// The file in snapshot directory `dir` that receives the snapshot `snapshot_id`: its
+/// bytes in hex (the id is a peer's input: so no name can leave the directory or collide
+/// with another id's); `None` for an empty id or one longer than [`MAX_SNAPSHOT_ID`].
+pub fn receiving_pack(dir: &Path, snapshot_id: &str) -> Option<PathBuf> {
+    if snapshot_id.is_empty() || snapshot_id.len() > MAX_SNAPSHOT_ID {
+        return None;
+    }
+    let hex: String = snapshot_id.bytes().map(|b| format!("{b:02x}")).collect();
+    Some(dir.join(format!("{RECEIVING}{hex}{PACK}")))
+}
+
+/// True for the name of a snapshot being received (any id).
+pub fn is_receiving_pack(name: &str) -> bool {
+    name.strip_prefix(RECEIVING)
+        .and_then(|rest| rest.strip_suffix(PACK))
+        .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Checks a received packed stream without writing anything: its manifest names
+/// `snapshot_id` and covers `expected`, every path is plain, every file's bytes match their
+/// length and CRC, and nothing follows the last file. The manifest when it holds.
+pub fn verify_pack(
+    reader: &mut impl Read,
+    snapshot_id: &str,
+    expected: Option<LogId<u64>>,
+) -> Result<Manifest, SnapshotError> {
+    let origin = Path::new("received snapshot");
+    let manifest = read_head(reader, origin)?;
+    if manifest.snapshot_id != snapshot_id || manifest.last_log_id != expected {
+        return Err(SnapshotError::invalid(
+            origin,
+            format!(
+                "holds {} covering {:?}, announced as {snapshot_id} covering {:?}",
+                manifest.snapshot_id, manifest.last_log_id, expected
+            ),
+        ));
+    }
+    let mut buf = vec![0u8; COPY_BUF];
+    for entry in &manifest.files {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut left = entry.len;
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(COPY_BUF).min(COPY_BUF);
+            let n = reader
+                .read(&mut buf[..want])
+                .map_err(SnapshotError::io(origin))?;
+            if n == 0 {
+                return Err(SnapshotError::invalid(
+                    origin,
+                    format!("ends within {}", entry.path),
+                ));
+            }
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        let crc = hasher.finalize();
+        if crc != entry.crc {
+            return Err(SnapshotError::invalid(
+                origin,
+                format!(
+                    "{}: CRC {crc:08x}, the manifest says {:08x}",
+                    entry.path, entry.crc
+                ),
+            ));
+        }
+    }
+    if reader
+        .read(&mut buf[..1])
+        .map_err(SnapshotError::io(origin))?
+        != 0
+    {
+        return Err(SnapshotError::invalid(origin, "bytes after the last file"));
+    }
+    Ok(manifest)
+}
+
 /// CRC-32 of `path`'s bytes `[from, to)`, continuing `init` (the CRC of `[0, from)`).
 fn crc_range(path: &Path, init: u32, from: u64, to: u64) -> Result<u32, SnapshotError> {
     let file = File::open(path).map_err(SnapshotError::io(path))?;
@@ -307,6 +393,13 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(SnapshotError::io(dir))
+}
+
+/// A new snapshot's id: `{index}-{built}-{nanos}`, the last applied index, the builds of
+/// this process so far and the clock (so that two nodes', or two runs', snapshots at one
+/// index never share an id: a transfer resumes by id).
+pub fn snapshot_id(index: u64, built: u64) -> String {
+    format!("{index}-{built}-{}", unique())
 }
 
 fn unique() -> u128 {
@@ -412,13 +505,21 @@ impl SnapshotDir {
         })
     }
 
-    /// Removes everything but `current` and the snapshot it names.
+    /// Removes everything but `current`, the snapshot it names and a snapshot being
+    /// received (its transfer resumes).
     fn remove_others(&self) -> Result<(), SnapshotError> {
         let keep = self.current.lock().as_ref().map(|s| s.dir.clone());
         let entries = std::fs::read_dir(&self.dir).map_err(SnapshotError::io(&self.dir))?;
         for entry in entries {
             let path = entry.map_err(SnapshotError::io(&self.dir))?.path();
-            if Some(&path) == keep.as_ref() || path.file_name().is_some_and(|n| n == CURRENT) {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if Some(&path) == keep.as_ref()
+                || name == CURRENT
+                || (is_receiving_pack(&name) && path.is_file())
+            {
                 continue;
             }
             let removed = if path.is_dir() {
@@ -811,6 +912,16 @@ impl SnapshotData {
         Ok(Self(Data::Receiving { file, path }))
     }
 
+    /// A received stream: the file at `path`, as it is (not truncated).
+    pub async fn received(path: PathBuf) -> std::io::Result<Self> {
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await?;
+        Ok(Self(Data::Receiving { file, path }))
+    }
+
     /// A blocking reader of the whole stream from its start, and the received file to
     /// remove once it is read (if any).
     pub fn into_reader(self) -> std::io::Result<(Box<dyn Read + Send>, Option<PathBuf>)> {
@@ -1059,6 +1170,31 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// A received stream is checked without writing anything: the sound one passes, a
+    /// damaged byte, another id or log id, a cut or trailing bytes do not.
+    #[test]
+    fn received_streams_are_verified() {
+        let temp = tempfile::tempdir().unwrap();
+        let image = queue_dir(temp.path(), 80);
+        let leader = SnapshotDir::open(&temp.path().join("leader")).unwrap();
+        let stored = build(&leader, &image, 7);
+        let id = stored.manifest.snapshot_id.clone();
+        let bytes = packed(&stored);
+        let manifest = verify_pack(&mut bytes.as_slice(), &id, log_id(7)).unwrap();
+        assert_eq!(manifest.files.len(), stored.manifest.files.len());
+        let mut damaged = bytes.clone();
+        let last = damaged.len() - 3;
+        damaged[last] ^= 1;
+        let error = verify_pack(&mut damaged.as_slice(), &id, log_id(7)).unwrap_err();
+        assert!(error.to_string().contains("CRC"), "{error}");
+        assert!(verify_pack(&mut bytes.as_slice(), "other", log_id(7)).is_err());
+        assert!(verify_pack(&mut bytes.as_slice(), &id, log_id(8)).is_err());
+        assert!(verify_pack(&mut &bytes[..bytes.len() - 1], &id, log_id(7)).is_err());
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(verify_pack(&mut trailing.as_slice(), &id, log_id(7)).is_err());
     }
 
     /// A packed stream read through seeks (as openraft sends chunks) is the same stream.

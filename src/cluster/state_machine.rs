@@ -28,7 +28,8 @@ use openraft::{
 
 use super::metadata::{MetaHooks, MetaImage, SNAPSHOT_FILE, write_durably};
 use super::snapshot::{
-    Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, unpack_bare,
+    Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, snapshot_id,
+    unpack_bare,
 };
 use super::types::{Applied, Command, TypeConfig};
 use crate::broker::Broker;
@@ -218,10 +219,9 @@ impl StateMachine {
             tracing::error!(error = %e, "building the metadata snapshot failed");
             storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, e)
         };
-        let id = format!(
-            "{}-{}",
+        let id = snapshot_id(
             self.last_applied.map_or(0, |l| l.index),
-            self.snapshots_built
+            self.snapshots_built,
         );
         let mut manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
         manifest.meta = Some(serde_json::to_value(&image).map_err(|e| fail(e.to_string()))?);
@@ -369,10 +369,9 @@ impl StateMachine {
         else {
             return None;
         };
-        let id = format!(
-            "{}-{}",
+        let id = snapshot_id(
             self.last_applied.map_or(0, |l| l.index),
-            self.snapshots_built
+            self.snapshots_built,
         );
         let manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
         Some(
@@ -401,10 +400,9 @@ impl StateMachine {
     /// A snapshot without data of the applied point, kept in memory.
     #[allow(clippy::result_large_err)]
     fn build_in_memory(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
-        let id = format!(
-            "{}-{}",
+        let id = snapshot_id(
             self.last_applied.map_or(0, |l| l.index),
-            self.snapshots_built
+            self.snapshots_built,
         );
         let manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
         let bytes = pack_bare(&manifest)
