@@ -32,8 +32,7 @@ use std::time::Duration;
 use openraft::error::{Fatal, NetworkError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::SnapshotResponse;
-use openraft::{BasicNode, ErrorSubject, ErrorVerb, OptionalSend, Snapshot, SnapshotMeta};
-use openraft::{StorageError, Vote};
+use openraft::{BasicNode, OptionalSend, Snapshot, SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -424,9 +423,13 @@ pub async fn send<L: Link>(
     pace: Pace,
 ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
     let meta = snapshot.meta.clone();
-    let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-    let read_error =
-        |e: std::io::Error| StorageError::from_io_error(subject.clone(), ErrorVerb::Read, e);
+    // Not a storage error (openraft would stop the group for it): the usual cause is a
+    // newer snapshot that replaced this one (its files removed) while it was being sent;
+    // the next attempt sends the current one.
+    let read_error = |e: std::io::Error| {
+        tracing::info!(snapshot = %meta.snapshot_id, error = %e, "snapshot no longer readable");
+        gave_up(&format!("reading snapshot {}: {e}", meta.snapshot_id))
+    };
     let end = snapshot
         .snapshot
         .seek(SeekFrom::End(0))
@@ -509,8 +512,7 @@ pub async fn send<L: Link>(
             return Err(read_error(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 format!("the snapshot ends at {at}, not {end}"),
-            ))
-            .into());
+            )));
         }
         let done = at + sent == end;
         let request = ChunkRequest {
@@ -828,6 +830,49 @@ mod tests {
         let c = CHUNK as u64;
         assert_eq!(fake.offsets, vec![0, c, 2 * c, 3 * c]);
         assert!(fake.installed.as_ref() == Some(&bytes));
+    }
+
+    /// A snapshot whose files went (a newer one replaced it) ends the attempt as a
+    /// transient failure, not as a storage error (openraft would stop the group).
+    #[tokio::test]
+    async fn an_unreadable_snapshot_is_no_storage_error() {
+        use super::super::snapshot::{FileEntry, FileKind, Manifest, Stored};
+        let temp = tempfile::tempdir().unwrap();
+        let mut manifest = Manifest::bare(
+            "5-1-1".into(),
+            meta("5-1-1").last_log_id,
+            StoredMembership::default(),
+        );
+        manifest.files.push(FileEntry {
+            path: "0/00.log".into(),
+            len: 10,
+            crc: 0,
+            kind: FileKind::Immutable,
+            inode: 0,
+        });
+        let gone = Stored {
+            dir: temp.path().join("snap-gone"),
+            manifest,
+        };
+        let mut fake = Fake {
+            partial: Partial::new(temp.path().join("receiver")),
+            vote: vote(3),
+            chunks: 0,
+            fail_after: usize::MAX,
+            failing: 0,
+            failed: 0,
+            offsets: Vec::new(),
+            installed: None,
+        };
+        let snapshot = Snapshot {
+            meta: meta("5-1-1"),
+            snapshot: Box::new(SnapshotData::pack(gone.reader().unwrap())),
+        };
+        let answer = send(&mut fake, vote(3), snapshot, never(), pace()).await;
+        assert!(
+            matches!(answer, Err(StreamingError::Unreachable(_))),
+            "{answer:?}"
+        );
     }
 
     /// A higher vote on the follower ends the transfer with that vote; a cancel ends it

@@ -1,0 +1,286 @@
+//! A snapshot transfer cut midway resumes where it stopped (issue 14): a follower that
+//! missed tens of MB (its leader's Raft log purged below them) is sent the queue group's
+//! snapshot, is killed (SIGKILL) while it receives it, and restarts: the leader goes on
+//! from the bytes the follower kept (`receiving-*.pack`, counted in
+//! `qit_cluster_snapshot_resumed_bytes_total`), and the follower ends with the same
+//! committed data as the others. Three real `qit` processes on loopback; every wait is on a
+//! condition (deadlines only guard against hangs).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, metric, metric_sum, partition, retrying, view};
+use common::{eventually, http};
+use serde_json::json;
+
+/// Entries between two snapshots of a queue group (the log below is purged).
+const SNAPSHOT_ENTRIES: u64 = 40;
+/// Bytes of each message body.
+const BODY_BYTES: usize = 256 * 1024;
+/// Messages published while the follower is away, per round (about 40 MB).
+const PER_ROUND: usize = 160;
+/// Rounds tried to cut a transfer midway (a round whose transfer ended before the kill
+/// is valid, it only proves nothing about resumption: the next one tries again).
+const ROUNDS: usize = 3;
+
+fn body(i: usize) -> String {
+    let head = format!("m-{i:06}-");
+    let fill = char::from(b'a' + (i % 26) as u8);
+    format!(
+        "{head}{}",
+        std::iter::repeat_n(fill, BODY_BYTES - head.len()).collect::<String>()
+    )
+}
+
+/// Publishes messages `range` one per request (one Raft entry each), from two tasks
+/// through nodes `via`.
+async fn publish(cluster: &Cluster, queue: &str, range: std::ops::Range<usize>, via: [u64; 2]) {
+    let bases = via.map(|id| cluster.node(id).http.clone());
+    let mut tasks = Vec::new();
+    for (lane, base) in bases.into_iter().enumerate() {
+        let queue = queue.to_string();
+        let mine: Vec<usize> = range.clone().filter(|i| i % 2 == lane).collect();
+        tasks.push(tokio::spawn(async move {
+            for i in mine {
+                let (status, answer) = retrying("publish", || {
+                    http()
+                        .post(format!("{base}/queues/{queue}/messages"))
+                        .body(body(i))
+                })
+                .await;
+                assert!(status.is_success(), "publish {i}: {status} {answer}");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// The group's snapshot directory on a node.
+fn snapshot_dir(node_dir: &Path, group: u64) -> PathBuf {
+    node_dir
+        .join("raft")
+        .join(group.to_string())
+        .join("snapshot")
+}
+
+/// The partial pack of a transfer in progress and its length, if any.
+fn receiving(node_dir: &Path, group: u64) -> Option<(PathBuf, u64)> {
+    std::fs::read_dir(snapshot_dir(node_dir, group))
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("receiving-") && name.ends_with(".pack")
+        })
+        .and_then(|e| Some((e.path(), e.metadata().ok()?.len())))
+}
+
+/// What the group's `current` names on a node (the snapshot in use), if anything.
+fn current(node_dir: &Path, group: u64) -> Option<String> {
+    std::fs::read_to_string(snapshot_dir(node_dir, group).join("current")).ok()
+}
+
+/// The value of per-group series `name` of group `group` on node `base`.
+async fn group_metric(base: &str, name: &str, group: u64) -> Option<f64> {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let label = format!("group=\"{group}\"");
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// Waits until node `id`'s snapshot of `group` is less than a snapshot interval behind
+/// what it applied (no newer snapshot comes without new entries).
+async fn settled(cluster: &Cluster, id: u64, group: u64) {
+    let base = cluster.node(id).http.clone();
+    eventually(&format!("node {id}'s snapshot of group {group} settles"), || async {
+        let applied = group_metric(&base, "qit_cluster_applied_index", group).await;
+        let snapshot = group_metric(&base, "qit_cluster_snapshot_index", group).await;
+        matches!((applied, snapshot), (Some(a), Some(s)) if s > 0.0 && a - s < SNAPSHOT_ENTRIES as f64)
+    })
+    .await;
+}
+
+/// The node's committed offset of the queue's partition 0, as its `/cluster` view says.
+async fn committed(base: &str, queue: &str) -> Option<u64> {
+    let v = view(&format!("{base}/cluster")).await?;
+    partition(&v, queue)?["committed_offset"].as_u64()
+}
+
+/// Every body of partition 0 as node `base` holds it, read in pages.
+async fn all_bodies(base: &str, queue: &str) -> Option<Vec<String>> {
+    let mut bodies = Vec::new();
+    let mut from = 0u64;
+    loop {
+        let url = format!("{base}/queues/{queue}/log?partition=0&from={from}&max=16");
+        let page = view(&url).await?;
+        let messages = page["messages"].as_array()?;
+        if messages.is_empty() {
+            return Some(bodies);
+        }
+        for m in messages {
+            bodies.push(m["body"].as_str()?.to_string());
+        }
+        from = page["next_offset"].as_u64()?;
+    }
+}
+
+/// Waits until node `id` holds exactly node `like`'s committed log of `queue`, `count`
+/// messages.
+async fn converged(cluster: &Cluster, id: u64, like: u64, queue: &str, count: u64) {
+    let (base, reference) = (
+        cluster.node(id).http.clone(),
+        cluster.node(like).http.clone(),
+    );
+    eventually(&format!("node {id} commits {count} messages"), || async {
+        committed(&base, queue).await == Some(count)
+            && committed(&reference, queue).await == Some(count)
+    })
+    .await;
+    let expected = all_bodies(&reference, queue).await.expect("reference log");
+    assert_eq!(expected.len() as u64, count);
+    let mut sorted = expected.clone();
+    sorted.sort();
+    let published: Vec<String> = (0..count as usize).map(body).collect();
+    assert!(sorted == published, "node {like} holds other messages");
+    eventually(&format!("node {id} holds node {like}'s log"), || async {
+        all_bodies(&base, queue).await.as_ref() == Some(&expected)
+    })
+    .await;
+}
+
+/// A follower killed while it receives a tens-of-MB snapshot resumes the transfer after
+/// its restart, and ends with the committed data of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_snapshot_transfer_resumes_after_a_restart() {
+    let mut cluster =
+        Cluster::start_with_config(&format!("raft_snapshot_entries = {SNAPSHOT_ENTRIES}\n")).await;
+    let queue = "resumed";
+    let settings = json!({"partitions": 1, "max_deliveries": 0, "segment_bytes": 4 * 1024 * 1024});
+    common::cluster::create_queue(&cluster.node(1).http, queue, settings).await;
+    let group = cluster.group_of(1, queue).await;
+    let leader = cluster.leader_of(1, queue, None).await;
+    // The follower: not the leader, nor the group's preferred leader (which would be
+    // given the leadership back once it caught up).
+    let replicas: Vec<u64> = partition(
+        &view(&format!("{}/cluster", cluster.node(1).http))
+            .await
+            .unwrap(),
+        queue,
+    )
+    .unwrap()["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_u64())
+        .collect();
+    let follower = *replicas
+        .iter()
+        .rev()
+        .find(|r| **r != leader && Some(*r) != replicas.first())
+        .unwrap_or_else(|| replicas.iter().find(|r| **r != leader).unwrap());
+    let other = (1..=3).find(|n| *n != leader && *n != follower).unwrap();
+    eprintln!("group {group}: leader {leader}, follower {follower}");
+    let follower_dir = cluster.node(follower).dir.clone();
+
+    let mut published = 0;
+    let mut cut = None;
+    for round in 1..=ROUNDS {
+        // Away while tens of MB are published: the leader snapshots and purges its log
+        // below them, so the follower can only be sent the snapshot.
+        cluster.kill(follower);
+        publish(
+            &cluster,
+            queue,
+            published..published + PER_ROUND,
+            [leader, other],
+        )
+        .await;
+        published += PER_ROUND;
+        // The leader's snapshot settles (no newer one replaces it during the transfer,
+        // which would restart it from 0 as the first transfer of another snapshot).
+        settled(&cluster, leader, group).await;
+        let installed_before = current(&follower_dir, group);
+        cluster.restart(follower);
+        // Watch for the transfer's partial file and kill the node as soon as it holds
+        // some of it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen = None;
+        while Instant::now() < deadline {
+            if let Some((path, len)) = receiving(&follower_dir, group)
+                && len > 0
+            {
+                cluster.kill(follower);
+                seen = Some(path);
+                break;
+            }
+            if current(&follower_dir, group) != installed_before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        cluster.kill(follower);
+        // Cut midway when the partial file is still there after the kill and no new
+        // snapshot was made current (else the install finished first).
+        let held = seen
+            .as_ref()
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map_or(0, |m| m.len());
+        if held > 0 && current(&follower_dir, group) == installed_before {
+            eprintln!("round {round}: cut with {held} bytes received");
+            cut = seen.map(|path| (path, held));
+            break;
+        }
+        eprintln!("round {round}: the transfer ended before the kill; again");
+        cluster.restart(follower);
+        converged(&cluster, follower, leader, queue, published as u64).await;
+    }
+    let Some((path, held)) = cut else {
+        panic!("no round cut a transfer midway in {ROUNDS} rounds");
+    };
+    let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    let resumed_before = metric_sum(&bases, "qit_cluster_snapshot_resumed_bytes_total").await;
+
+    // The restarted node keeps what it received, and the leader goes on from there.
+    cluster.restart(follower);
+    converged(&cluster, follower, leader, queue, published as u64).await;
+    converged(&cluster, other, leader, queue, published as u64).await;
+    let resumed =
+        metric_sum(&bases, "qit_cluster_snapshot_resumed_bytes_total").await - resumed_before;
+    eprintln!("resumed {resumed} bytes; the cut node held {held}");
+    assert!(resumed > 0.0, "the transfer started again from 0");
+    assert!(
+        metric(
+            &cluster.node(follower).http,
+            "qit_cluster_snapshots_installed_total"
+        )
+        .await
+            >= 1.0,
+        "node {follower} installed no snapshot"
+    );
+    // Installed: the partial file is gone, a snapshot is current.
+    eventually("the partial file is removed", || async { !path.exists() }).await;
+    assert!(snapshot_dir(&follower_dir, group).join("current").is_file());
+
+    // It follows the log from there.
+    publish(
+        &cluster,
+        queue,
+        published..published + 10,
+        [leader, follower],
+    )
+    .await;
+    published += 10;
+    converged(&cluster, follower, leader, queue, published as u64).await;
+}
