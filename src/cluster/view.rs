@@ -1,7 +1,7 @@
 //! What a node tells about the cluster: `GET /cluster` ([`ClusterView`]), whether it is part
 //! of a working quorum (`/healthz`), and per-group series in `/metrics` (term, leader
 //! changes, replication lag, last log, commit, apply and snapshot indexes, snapshot
-//! installs).
+//! installs and resumed snapshot bytes).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -31,6 +31,9 @@ pub const COMMIT_INDEX: &str = "qit_cluster_commit_index";
 pub const APPLIED_INDEX: &str = "qit_cluster_applied_index";
 /// The last index in the group's current snapshot on this node.
 pub const SNAPSHOT_INDEX: &str = "qit_cluster_snapshot_index";
+/// Snapshot bytes this node, leading, did not send again because the follower kept them
+/// from a cut transfer (counted by the transfer).
+pub use super::snapshot_transfer::RESUMED_BYTES;
 /// Snapshots this node installed from a leader (counted by the state machine).
 pub use super::state_machine::SNAPSHOTS_INSTALLED;
 
