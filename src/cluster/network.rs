@@ -349,7 +349,14 @@ mod tests {
     /// Two call kinds on one number made a hand-off request arrive as a liveness beat.
     #[test]
     fn call_kinds_are_distinct() {
-        let kinds = [KIND_VOTE, KIND_APPEND, KIND_SNAPSHOT, KIND_BEAT, KIND_ELECT];
+        let kinds = [
+            KIND_VOTE,
+            KIND_APPEND,
+            KIND_SNAPSHOT,
+            KIND_BEAT,
+            KIND_ELECT,
+            KIND_KNOWN,
+        ];
         let distinct: std::collections::BTreeSet<u32> = kinds.into_iter().collect();
         assert_eq!(distinct.len(), kinds.len());
     }
