@@ -1030,7 +1030,7 @@ async fn login(base: &str, user: &str, password: &str) -> String {
     body["token"].as_str().expect("a token").to_string()
 }
 
-/// With `--auth`, adding and removing cluster nodes is the admin's: 401 without a valid
+/// With `--auth`, adding, removing and replacing cluster nodes is the admin's: 401 without a valid
 /// token, 403 for another user, done for the admin (who may not give a new id a member's
 /// address).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1055,7 +1055,16 @@ async fn only_the_admin_adds_and_removes_nodes() {
     let add = json!({"id": 4, "cluster": format!("127.0.0.1:{}", four.cluster_port)});
     let post = || http().post(format!("{b2}/cluster/nodes")).json(&add);
     let delete = || http().delete(format!("{b2}/cluster/nodes/4"));
-    for (what, request) in [("add", post()), ("remove", delete())] {
+    let replace = || {
+        http()
+            .post(format!("{b2}/cluster/nodes/3/replace"))
+            .json(&add)
+    };
+    for (what, request) in [
+        ("add", post()),
+        ("remove", delete()),
+        ("replace", replace()),
+    ] {
         let (status, body) = send(request).await;
         assert_eq!(
             status,
@@ -1063,7 +1072,11 @@ async fn only_the_admin_adds_and_removes_nodes() {
             "{what} without a token: {body}"
         );
     }
-    for (what, request) in [("add", post()), ("remove", delete())] {
+    for (what, request) in [
+        ("add", post()),
+        ("remove", delete()),
+        ("replace", replace()),
+    ] {
         let (status, body) = send(request.bearer_auth("not-a-token")).await;
         assert_eq!(
             status,
@@ -1071,7 +1084,11 @@ async fn only_the_admin_adds_and_removes_nodes() {
             "{what} with a bad token: {body}"
         );
     }
-    for (what, request) in [("add", post()), ("remove", delete())] {
+    for (what, request) in [
+        ("add", post()),
+        ("remove", delete()),
+        ("replace", replace()),
+    ] {
         let (status, body) = send(request.bearer_auth(&bob)).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{what} as bob: {body}");
         assert_eq!(body["error"]["code"], "forbidden", "{body}");
