@@ -97,6 +97,15 @@ pub enum ClusterAction {
         /// The node's id.
         id: u64,
     },
+    /// Replace node OLD (dead, or lost its data) by a new node (running, started with
+    /// `--join`): the new node is added as a voter once it caught up, OLD's queues move
+    /// off it and OLD is removed.
+    ReplaceNode {
+        /// The id of the node replaced.
+        old: u64,
+        /// `ID=HOST:PORT`: the new node's id and cluster listener.
+        node: String,
+    },
 }
 
 /// `qit serve`.

@@ -93,11 +93,15 @@ async fn run(command: Command) -> Result<()> {
             println!("node {id} removed");
             Ok(())
         }
+        Command::Cluster {
+            client,
+            action: ClusterAction::ReplaceNode { old, node },
+        } => replace_node(&client, old, &node).await,
     }
 }
 
-/// `qit cluster add-node ID=HOST:PORT`.
-async fn add_node(client_args: &ClientArgs, node: &str) -> Result<()> {
+/// `ID=HOST:PORT` of `qit cluster add-node` and `replace-node`.
+fn node_arg(node: &str) -> Result<(u64, String)> {
     let Some((id, cluster)) = node.split_once('=') else {
         bail!("`{node}` is not ID=HOST:PORT");
     };
@@ -105,12 +109,100 @@ async fn add_node(client_args: &ClientArgs, node: &str) -> Result<()> {
         .trim()
         .parse()
         .map_err(|_| anyhow::anyhow!("`{id}` is not a node id"))?;
-    let body = json!({"id": id, "cluster": cluster.trim()});
+    Ok((id, cluster.trim().to_string()))
+}
+
+/// `qit cluster add-node ID=HOST:PORT`.
+async fn add_node(client_args: &ClientArgs, node: &str) -> Result<()> {
+    let (id, cluster) = node_arg(node)?;
+    let body = json!({"id": id, "cluster": cluster});
     Client::new(client_args)
         .request(Method::POST, "/cluster/nodes", &[], Some(Body::Json(body)))
         .await?;
     println!("node {id} added");
     Ok(())
+}
+
+/// How often `qit cluster replace-node` looks at the cluster while the replacement runs.
+const REPLACE_PROGRESS: Duration = Duration::from_secs(3);
+
+/// `qit cluster replace-node OLD ID=HOST:PORT`: one request does the replacement (on the
+/// metadata leader); meanwhile the cluster is looked at every few seconds and what changed
+/// is printed.
+async fn replace_node(client_args: &ClientArgs, old: u64, node: &str) -> Result<()> {
+    let (id, cluster) = node_arg(node)?;
+    // With --json only the answer is printed, no progress.
+    if !client_args.json {
+        println!(
+            "replacing node {old} by node {id} ({cluster}) through {}",
+            client_args.server
+        );
+    }
+    let client = Client::new(client_args);
+    let path = format!("/cluster/nodes/{old}/replace");
+    let body = json!({"id": id, "cluster": cluster});
+    let replace = client.request(Method::POST, &path, &[], Some(Body::Json(body)));
+    tokio::pin!(replace);
+    let mut progress = tokio::time::interval(REPLACE_PROGRESS);
+    progress.tick().await;
+    let mut said = String::new();
+    let answer = loop {
+        tokio::select! {
+            answer = &mut replace => break answer?,
+            _ = progress.tick() => {
+                if client_args.json {
+                    continue;
+                }
+                let now = replace_progress(&client, old, id).await;
+                if now != said {
+                    println!("  {now}");
+                    said = now;
+                }
+            }
+        }
+    };
+    if client_args.json {
+        println!("{}", answer.unwrap_or(Value::Null));
+        return Ok(());
+    }
+    let view: qit::cluster::view::ClusterView =
+        serde_json::from_value(answer.unwrap_or(Value::Null))?;
+    let nodes: Vec<String> = view.nodes.iter().map(|n| n.id.to_string()).collect();
+    println!(
+        "node {old} replaced by node {id}: the cluster's nodes are {}",
+        nodes.join(", ")
+    );
+    Ok(())
+}
+
+/// One line on how a replacement of `old` by `new` stands, as `GET /cluster` shows it.
+async fn replace_progress(client: &Client, old: u64, new: u64) -> String {
+    let view = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.request(Method::GET, "/cluster", &[], None),
+    )
+    .await;
+    let Ok(Ok(Some(view))) = view else {
+        return "waiting (the cluster view did not answer)".to_string();
+    };
+    let Ok(view) = serde_json::from_value::<qit::cluster::view::ClusterView>(view) else {
+        return "waiting (the cluster view is unreadable)".to_string();
+    };
+    let member = |id: u64| view.nodes.iter().any(|n| n.id == id);
+    let on_old: std::collections::BTreeSet<&str> = view
+        .partitions
+        .iter()
+        .filter(|p| p.replicas.contains(&old))
+        .map(|p| p.queue.as_str())
+        .collect();
+    match (member(new), member(old)) {
+        (false, _) => format!("node {new} is being added (catching up with the metadata)"),
+        (true, true) => format!(
+            "node {new} is a member; {} queue(s) still have a replica on node {old}",
+            on_old.len()
+        ),
+        (true, false) => format!("node {old} is no member any more"),
+    }
 }
 
 async fn cluster_status(client_args: &ClientArgs) -> Result<()> {

@@ -68,8 +68,11 @@ pub struct Server {
     http: TcpListener,
     grpc: TcpListener,
     kafka: Option<TcpListener>,
-    /// The cluster listener and this node's cluster, with `--peers`.
-    cluster: Option<(TcpListener, Arc<crate::cluster::Cluster>)>,
+    /// The cluster listener's address and this node's cluster, with `--peers` (the
+    /// listener serves from `bind` on).
+    cluster: Option<(SocketAddr, Arc<crate::cluster::Cluster>)>,
+    /// Stops every listener and background task.
+    stop: CancellationToken,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -137,32 +140,44 @@ impl Server {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        // The cluster listener serves from here on (see `cluster::service`): a node that
+        // holds no data answers its peers' start-up question while it asks them the same.
+        let stop = CancellationToken::new();
+        let stop_on_error = stop.clone().drop_guard();
         let cluster = match (peers, config.cluster, config.node_id) {
             (Some(peers), Some(addr), Some(node_id)) => {
                 let listener = bind(addr).await?;
+                let cluster_addr = listener.local_addr().unwrap_or(addr);
                 let secret = config.cluster_secret.as_deref().unwrap_or_default();
-                let cluster = crate::cluster::Cluster::start(
-                    crate::cluster::ClusterConfig {
-                        node_id,
-                        peers,
-                        secret: crate::cluster::auth::Secret::new(secret),
-                        data_dir: config.data_dir.clone(),
-                        sync: config.fsync == crate::log::FsyncPolicy::Always,
-                        snapshot_entries: config.raft_snapshot_entries,
-                        join: config.join || config.replaces.is_some(),
-                        replaces: config.replaces,
-                        cluster_addr: listener.local_addr().unwrap_or(addr),
-                        http_addr: http.local_addr().unwrap_or(config.http),
-                        grpc_addr: grpc.local_addr().unwrap_or(config.grpc),
-                    },
-                    Arc::clone(&broker),
-                )
-                .await?;
+                let cluster_config = crate::cluster::ClusterConfig {
+                    node_id,
+                    peers,
+                    secret: crate::cluster::auth::Secret::new(secret),
+                    data_dir: config.data_dir.clone(),
+                    sync: config.fsync == crate::log::FsyncPolicy::Always,
+                    snapshot_entries: config.raft_snapshot_entries,
+                    join: config.join || config.replaces.is_some(),
+                    replaces: config.replaces,
+                    cluster_addr,
+                    http_addr: http.local_addr().unwrap_or(config.http),
+                    grpc_addr: grpc.local_addr().unwrap_or(config.grpc),
+                };
+                let local = crate::cluster::Cluster::prepare(&cluster_config)?;
+                broker
+                    .tasks()
+                    .spawn(serve_cluster(listener, Arc::clone(&local), stop.clone()));
+                let cluster =
+                    crate::cluster::Cluster::start(cluster_config, Arc::clone(&broker), &local)
+                        .await?;
                 broker.set_replicator(cluster.clone());
-                Some((listener, cluster))
+                local.set_phase(crate::cluster::service::Phase::Running(Arc::clone(
+                    &cluster,
+                )));
+                Some((cluster_addr, cluster))
             }
             _ => None,
         };
+        stop_on_error.disarm();
         Ok(Self {
             config,
             broker,
@@ -172,6 +187,7 @@ impl Server {
             grpc,
             kafka,
             cluster,
+            stop,
         })
     }
 
@@ -198,7 +214,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains and flushes.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
-        let stop = CancellationToken::new();
+        let stop = self.stop.clone();
         let http_addr = self.http_addr();
         let grpc_addr = self.grpc_addr();
         let kafka_addr = self.kafka_addr();
@@ -282,36 +298,13 @@ impl Server {
             stop.clone(),
         ));
         let cluster = match self.cluster {
-            Some((listener, cluster)) => {
-                let addr = listener.local_addr().ok();
-                let service = crate::cluster::service::Service::server(Arc::clone(&cluster));
-                let cluster_stop = stop.clone();
-                tasks.spawn(async move {
-                    // tonic's own `tcp_nodelay` applies only to listeners it binds: each
-                    // accepted peer connection is set here, or Nagle's algorithm holds the
-                    // small frames of an answer for the peer's delayed ACK (tens of ms).
-                    let incoming =
-                        tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-                            accepted.inspect(|stream| {
-                                if let Err(error) = stream.set_nodelay(true) {
-                                    tracing::debug!(%error, "TCP_NODELAY on a peer connection");
-                                }
-                            })
-                        });
-                    if let Err(error) = tonic::transport::Server::builder()
-                        .add_service(service)
-                        .serve_with_incoming_shutdown(incoming, cluster_stop.cancelled_owned())
-                        .await
-                    {
-                        tracing::error!(%error, "cluster listener failed");
-                    }
-                });
+            Some((addr, cluster)) => {
                 tasks.spawn(Arc::clone(&cluster).announce(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_metrics(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_balance(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_moves(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_liveness(stop.clone()));
-                tracing::info!(node_id = cluster.node_id(), cluster = ?addr, "cluster node started");
+                tracing::info!(node_id = cluster.node_id(), cluster = %addr, "cluster node started");
                 Some(cluster)
             }
             None => None,
@@ -377,6 +370,32 @@ impl Server {
         self.broker.shutdown().await?;
         tracing::info!("qit stopped cleanly");
         Ok(())
+    }
+}
+
+/// Serves the cluster listener for `local` (see `cluster::service`) until `stop`.
+async fn serve_cluster(
+    listener: TcpListener,
+    local: Arc<crate::cluster::service::Local>,
+    stop: CancellationToken,
+) {
+    let service = crate::cluster::service::Service::server(local);
+    // tonic's own `tcp_nodelay` applies only to listeners it binds: each accepted peer
+    // connection is set here, or Nagle's algorithm holds the small frames of an answer for
+    // the peer's delayed ACK (tens of ms).
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY on a peer connection");
+            }
+        })
+    });
+    if let Err(error) = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await
+    {
+        tracing::error!(%error, "cluster listener failed");
     }
 }
 

@@ -589,14 +589,40 @@ async fn a_node_that_lost_its_data_is_replaced_with_one_command() {
         cluster.http(2).to_string(),
         four.http.clone(),
     ];
-    for b in &bases {
+    replaced_without_loss(&bases, &names, count, acked_each, &acked).await;
+    // Starting it again with the same command is harmless.
+    four.terminate();
+    four.start(&peers4, &["--replaces".to_string(), "3".to_string()]);
+    eventually_slow("node 4 is back as a voter", || async {
+        node_ids(&four.http).await == Some(vec![1, 2, 4])
+            && http()
+                .get(format!("{}/healthz", four.http))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+}
+
+/// After node 3 was replaced by node 4 (the last of `bases`): every node of `bases` lists
+/// nodes 1, 2 and 4 and places each queue of `names` on them; the replicas' logs are
+/// identical and whole (`count` messages each); every message not among `acked` (`acked_each`
+/// per queue) is delivered through node 4, none of `acked` is.
+async fn replaced_without_loss(
+    bases: &[String],
+    names: &[&str],
+    count: usize,
+    acked_each: usize,
+    acked: &BTreeSet<String>,
+) {
+    for b in bases {
         eventually_slow(&format!("{b} lists nodes 1, 2 and 4"), || async {
             node_ids(b).await == Some(vec![1, 2, 4])
         })
         .await;
     }
     for queue in names {
-        for b in &bases {
+        for b in bases {
             eventually_slow(&format!("{b} places {queue} on 1, 2 and 4"), || async {
                 replicas(b, queue).await.is_some_and(|mut r| {
                     r.sort_unstable();
@@ -605,14 +631,15 @@ async fn a_node_that_lost_its_data_is_replaced_with_one_command() {
             })
             .await;
         }
-        let log = same_logs(&bases, queue).await;
+        let log = same_logs(bases, queue).await;
         let want: Vec<String> = (0..count).map(|i| format!("{queue}-{i}")).collect();
         assert_eq!(log, want, "{queue}'s log on nodes 1, 2 and 4");
     }
     // Every message not acked is delivered (through the new node), no acked one.
+    let four = bases.last().expect("node 4");
     for queue in names {
-        let rest = deliver_rest(&four.http, queue, count - acked_each).await;
-        let again: Vec<&String> = rest.intersection(&acked).collect();
+        let rest = deliver_rest(four, queue, count - acked_each).await;
+        let again: Vec<&String> = rest.intersection(acked).collect();
         assert!(
             again.is_empty(),
             "acked messages delivered again: {again:?}"
@@ -626,18 +653,280 @@ async fn a_node_that_lost_its_data_is_replaced_with_one_command() {
             .collect();
         assert_eq!(seen, every, "{queue}: every message delivered");
     }
-    // Starting it again with the same command is harmless.
-    four.terminate();
-    four.start(&peers4, &["--replaces".to_string(), "3".to_string()]);
-    eventually_slow("node 4 is back as a voter", || async {
-        node_ids(&four.http).await == Some(vec![1, 2, 4])
-            && http()
-                .get(format!("{}/healthz", four.http))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
+}
+
+/// A `qit serve` process, killed when dropped (a failed test leaves none behind).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `qit serve` as `node` with `peers` and `extra`, its log (warnings and up) going to
+/// `log`.
+fn serve_logged(node: &Node, peers: &str, extra: &[&str], log: &std::path::Path) -> Running {
+    let file = std::fs::File::create(log).expect("create the node's log file");
+    Command::new(env!("CARGO_BIN_EXE_qit"))
+        .arg("serve")
+        .args(["--node-id", &node.id.to_string()])
+        .args([
+            "--cluster",
+            &format!("{}:{}", node.cluster_ip, node.cluster_port),
+        ])
+        .args(["--peers", peers])
+        .args(["--cluster-secret", common::cluster::SECRET])
+        .args(["--http", &format!("127.0.0.1:{}", node.http_port)])
+        .args(["--grpc", &format!("127.0.0.1:{}", node.grpc_port)])
+        .arg("--data-dir")
+        .arg(&node.dir)
+        .args(extra)
+        .env("RUST_LOG", "warn,openraft=off")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .map(Running)
+        .expect("spawn qit")
+}
+
+/// How many times the log at `path` says the node waits for its peers (see
+/// `cluster::rejoin`).
+fn waiting_lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .matches(qit::cluster::rejoin::WAITING)
+        .count()
+}
+
+/// Waits for `child` to exit (a guard of 60 s against a hang); its status.
+async fn exit_of(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for qit") {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 14: a wiped node started while none of the peers that know it runs does not
+/// start as a voter with an empty log: it waits for them (and says so), and refuses to
+/// start as soon as one of them is back. Nothing is written as the node meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_started_alone_waits_and_then_refuses() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "kept", json!({"partitions": 1})).await;
+    common::cluster::publish(cluster.http(1), "kept", "before").await;
+    let b1 = cluster.http(1).to_string();
+    eventually("node 1 knows node 3's addresses", || async {
+        view(&format!("{b1}/cluster")).await.is_some_and(|v| {
+            v["nodes"]
+                .as_array()
+                .is_some_and(|ns| ns.iter().any(|n| n["id"] == 3 && n["http"].is_string()))
+        })
     })
     .await;
+    for id in 1..=3 {
+        cluster.node_mut(id).terminate();
+    }
+    std::fs::remove_dir_all(&cluster.node(3).dir).expect("wipe node 3");
+
+    // Node 3 alone: it waits for nodes 1 and 2, and says so again and again.
+    let log = cluster.root().join("node-3.log");
+    let mut three = serve_logged(cluster.node(3), &cluster.peers, &[], &log);
+    eventually_slow("node 3 says twice that it waits for its peers", || async {
+        waiting_lines(&log) >= 2
+    })
+    .await;
+    assert!(
+        three.0.try_wait().expect("wait for qit").is_none(),
+        "node 3 exited while waiting"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("no answer from [1, 2]"), "{text}");
+    let raft = cluster.node(3).dir.join("raft").join("0");
+    assert!(
+        std::fs::read_dir(&raft).map_or(true, |mut d| d.next().is_none()),
+        "node 3 wrote a metadata log while waiting"
+    );
+
+    // Node 1 is back (alone it has no quorum, but it knows node 3 ran): node 3 refuses.
+    cluster.restart(1);
+    let status = exit_of(&mut three.0, "node 3").await;
+    assert!(!status.success(), "node 3 started with an empty data dir");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("node 1 knows node 3") && text.contains("--replaces 3"),
+        "the refusal names the node that knows it and the replacement command: {text}"
+    );
+    assert!(
+        std::fs::read_dir(&raft).map_or(true, |mut d| d.next().is_none()),
+        "node 3 wrote a metadata log"
+    );
+    // Nodes 1 and 2 serve on.
+    cluster.restart(2);
+    common::cluster::publish(cluster.http(2), "kept", "after").await;
+    eventually("nodes 1 and 2 agree on the log", || async {
+        log_bodies(cluster.http(1), "kept", 0).await == Some(vec!["before".into(), "after".into()])
+            && log_bodies(cluster.http(2), "kept", 0).await
+                == Some(vec!["before".into(), "after".into()])
+    })
+    .await;
+}
+
+/// Issue 14: the nodes of a new cluster form it when they start one at a time (each
+/// waits until every other node of `--peers` runs, then they start together).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_cluster_forms_when_its_nodes_start_one_at_a_time() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| Node::new(id, temp.path().join(format!("node-{id}"))))
+        .collect();
+    let peers = nodes.iter().map(Node::peer).collect::<Vec<_>>().join(",");
+    let log = temp.path().join("node-1.log");
+    let mut one = serve_logged(&nodes[0], &peers, &[], &log);
+    eventually_slow("node 1 waits for nodes 2 and 3", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("no answer from [2, 3]")
+    })
+    .await;
+    nodes[1].start(&peers, &[]);
+    // Node 2 runs and holds nothing either: node 1 now waits for node 3 only.
+    eventually_slow("node 1 waits for node 3 only", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("no answer from [3]")
+    })
+    .await;
+    assert!(
+        one.0.try_wait().expect("wait for qit").is_none(),
+        "node 1 exited"
+    );
+    nodes[2].start(&peers, &[]);
+    let bases: Vec<String> = nodes.iter().map(|n| n.http.clone()).collect();
+    for b in &bases {
+        eventually_slow(
+            &format!("{b} serves in a cluster of 1, 2 and 3"),
+            || async {
+                node_ids(b).await == Some(vec![1, 2, 3])
+                    && http()
+                        .get(format!("{b}/healthz"))
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+    }
+    create_queue(&bases[0], "formed", json!({"partitions": 1})).await;
+    common::cluster::publish(&bases[2], "formed", "one").await;
+    for b in &bases {
+        eventually(&format!("{b} holds the message"), || async {
+            log_bodies(b, "formed", 0).await == Some(vec!["one".into()])
+        })
+        .await;
+    }
+    drop(one);
+}
+
+/// Issue 14: `qit cluster replace-node OLD NEW=HOST:PORT` replaces a dead node by a node
+/// started with a plain `--join`, from an operator's shell against any node: the new node
+/// votes, the old one's replicas move onto it, the old one leaves; nothing acked is lost
+/// or delivered again. Asking again is harmless; refusals are 4xx with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_node_is_replaced_from_the_shell() {
+    let mut cluster = Cluster::start().await;
+    let names = ["shell-a", "shell-b", "shell-c"];
+    let (count, acked_each) = (30, 10);
+    let acked = queues_with_acks(&cluster, &names, count, acked_each).await;
+    let all: Vec<String> = (1..=3).map(|id| cluster.http(id).to_string()).collect();
+    for queue in names {
+        assert_eq!(same_logs(&all, queue).await.len(), count);
+    }
+
+    cluster.kill(3);
+    let mut four = Node::new(4, cluster.root().join("node-4"));
+    let peers4 = format!("{},{}", cluster.peers, four.peer());
+    four.start(&peers4, &["--join".to_string()]);
+    let four_addr = format!("127.0.0.1:{}", four.cluster_port);
+    let out = cli(&[
+        "cluster",
+        "--server",
+        cluster.http(1),
+        "replace-node",
+        "3",
+        &format!("4={four_addr}"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    assert!(stdout.contains("node 3 replaced by node 4"), "{stdout}");
+    let bases = [
+        cluster.http(1).to_string(),
+        cluster.http(2).to_string(),
+        four.http.clone(),
+    ];
+    replaced_without_loss(&bases, &names, count, acked_each, &acked).await;
+
+    // Again, through another node: done already.
+    let out = cli(&[
+        "cluster",
+        "--server",
+        cluster.http(2),
+        "replace-node",
+        "3",
+        &format!("4={four_addr}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Refusals: no such node; the new id is a member elsewhere; another member's address.
+    let b2 = cluster.http(2).to_string();
+    let replace = |old: u64, body: Value| {
+        http()
+            .post(format!("{b2}/cluster/nodes/{old}/replace"))
+            .json(&body)
+    };
+    let (status, body) = send(replace(9, json!({"id": 5, "cluster": "127.0.0.1:1"}))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "node_not_found", "{body}");
+    let (status, body) = send(replace(1, json!({"id": 2, "cluster": "127.0.0.1:1"}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
+    let taken = format!("127.0.0.1:{}", cluster.node(2).cluster_port);
+    let (status, body) = send(replace(1, json!({"id": 5, "cluster": taken}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
+    let (status, body) = send(replace(1, json!({"id": 1, "cluster": "127.0.0.1:1"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // The CLI exits non-zero with the server's reason.
+    let out = cli(&[
+        "cluster",
+        "--server",
+        &b2,
+        "replace-node",
+        "9",
+        "5=127.0.0.1:1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node 9 is not a member"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing changed: nodes 1, 2 and 4.
+    assert_eq!(node_ids(&b2).await, Some(vec![1, 2, 4]));
 }
 
 /// Runs `qit serve` as node `node` with `peers` and `extra` until it exits (a guard of
@@ -741,7 +1030,7 @@ async fn login(base: &str, user: &str, password: &str) -> String {
     body["token"].as_str().expect("a token").to_string()
 }
 
-/// With `--auth`, adding and removing cluster nodes is the admin's: 401 without a valid
+/// With `--auth`, adding, removing and replacing cluster nodes is the admin's: 401 without a valid
 /// token, 403 for another user, done for the admin (who may not give a new id a member's
 /// address).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -766,7 +1055,16 @@ async fn only_the_admin_adds_and_removes_nodes() {
     let add = json!({"id": 4, "cluster": format!("127.0.0.1:{}", four.cluster_port)});
     let post = || http().post(format!("{b2}/cluster/nodes")).json(&add);
     let delete = || http().delete(format!("{b2}/cluster/nodes/4"));
-    for (what, request) in [("add", post()), ("remove", delete())] {
+    let replace = || {
+        http()
+            .post(format!("{b2}/cluster/nodes/3/replace"))
+            .json(&add)
+    };
+    for (what, request) in [
+        ("add", post()),
+        ("remove", delete()),
+        ("replace", replace()),
+    ] {
         let (status, body) = send(request).await;
         assert_eq!(
             status,
@@ -774,7 +1072,11 @@ async fn only_the_admin_adds_and_removes_nodes() {
             "{what} without a token: {body}"
         );
     }
-    for (what, request) in [("add", post()), ("remove", delete())] {
+    for (what, request) in [
+        ("add", post()),
+        ("remove", delete()),
+        ("replace", replace()),
+    ] {
         let (status, body) = send(request.bearer_auth("not-a-token")).await;
         assert_eq!(
             status,
@@ -782,7 +1084,11 @@ async fn only_the_admin_adds_and_removes_nodes() {
             "{what} with a bad token: {body}"
         );
     }
-    for (what, request) in [("add", post()), ("remove", delete())] {
+    for (what, request) in [
+        ("add", post()),
+        ("remove", delete()),
+        ("replace", replace()),
+    ] {
         let (status, body) = send(request.bearer_auth(&bob)).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{what} as bob: {body}");
         assert_eq!(body["error"]["code"], "forbidden", "{body}");

@@ -1,6 +1,8 @@
-//! `POST /cluster/nodes` and `DELETE /cluster/nodes/{id}`: adding a node to the cluster's
-//! voters and removing one (see [`crate::cluster::membership`]). Any node takes the request
-//! and forwards it to the metadata group's leader. With `--auth`, only the admin may.
+//! `POST /cluster/nodes`, `DELETE /cluster/nodes/{id}` and `POST
+//! /cluster/nodes/{id}/replace`: adding a node to the cluster's voters, removing one, and
+//! replacing one by another (see [`crate::cluster::membership`]). Any node takes the
+//! request and forwards it to the metadata group's leader. With `--auth`, only the admin
+//! may.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -48,7 +50,7 @@ fn admin_only(state: &HttpState, caller: &Caller) -> Result<(), ApiError> {
         _ => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "only the admin adds or removes cluster nodes",
+            "only the admin adds, removes or replaces cluster nodes",
         )),
     }
 }
@@ -85,6 +87,12 @@ pub(super) async fn add_node(
     Ok(Json(cluster.view()).into_response())
 }
 
+/// A node id in a path.
+fn node_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::bad_request(format!("`{id}` is not a node id")))
+}
+
 /// `DELETE /cluster/nodes/{id}`: removes a node from the voters.
 #[utoipa::path(delete, path = "/cluster/nodes/{id}", tag = "operations", description = "Removes a node from the cluster's voters. Admin only with `--auth`. 409 `membership_conflict` while the node holds queue replicas (they are not moved yet) or when fewer than 3 voters would be left; 404 `node_not_found` for a node that is no member. Stop the node afterwards.", params(("id" = u64, Path, description = "Node id")), responses((status = 204, description = "Removed"), Errors))]
 pub(super) async fn remove_node(
@@ -94,9 +102,33 @@ pub(super) async fn remove_node(
 ) -> Result<Response, ApiError> {
     let cluster = clustered(&s)?;
     admin_only(&s, &caller)?;
-    let id: u64 = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("`{id}` is not a node id")))?;
+    let id = node_id(&id)?;
     run(cluster, Change::Remove { id }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /cluster/nodes/{id}/replace`: replaces node `id` by the node in the body.
+#[utoipa::path(post, path = "/cluster/nodes/{id}/replace", tag = "operations", description = "Replaces node `id` (typically one that lost its data, or is dead) by a new node, in one request: the new node (running, started with `--join`) is added as a learner, catches up and votes (a no-op when it joined by itself already), then node `id` is marked as leaving, its queue groups move off it (by rendezvous, onto the new node where it ranks) and it is removed. The same as `qit serve --replaces`, run from any node. Admin only with `--auth`. 400 `bad_request` for a malformed body or the same id; 404 `node_not_found` when node `id` is no member; 409 `membership_conflict` when the new id is a member at another address, or the address is another member's (node `id`'s included: the new node needs its own); 503 `no_leader` when the new node did not catch up in time, or the moves took longer than 90 s (they go on: ask again, or remove the old node, to finish). Asking again after the replacement is done answers 200.", params(("id" = u64, Path, description = "The id of the node replaced")), request_body = NodeBody, responses((status = 200, description = "Replaced: the new node votes, the old one is no member; the cluster now", body = crate::cluster::view::ClusterView), Errors))]
+pub(super) async fn replace_node(
+    State(s): State<HttpState>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Caller>,
+    body: Result<bytes::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let cluster = clustered(&s)?;
+    admin_only(&s, &caller)?;
+    let old = node_id(&id)?;
+    let bytes = body_bytes(body)?;
+    let request: NodeBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    run(
+        cluster,
+        Change::Replace {
+            old,
+            id: request.id,
+            cluster: request.cluster,
+        },
+    )
+    .await?;
+    Ok(Json(cluster.view()).into_response())
 }

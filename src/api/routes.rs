@@ -103,6 +103,7 @@ fn table() -> Vec<UtoipaMethodRouter<HttpState>> {
         routes!(http::cluster_view),
         routes!(members::add_node),
         routes!(members::remove_node),
+        routes!(members::replace_node),
         routes!(http::metrics),
         routes!(http::list_queues),
         routes!(http::create_queue, http::queue_info, http::delete_queue),

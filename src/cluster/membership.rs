@@ -24,6 +24,10 @@
 //!   [`MIN_VOTERS`], and O may be dead): O's groups move off it, onto N where placement
 //!   says so, and O leaves the membership. Raft forbids a node that lost its log to vote
 //!   again under its old id; this is the one-command way back (see [`super::rejoin`]).
+//! - Replacing node O by node N from an operator's shell (`POST /cluster/nodes/{O}/replace`,
+//!   `qit cluster replace-node O N=HOST:PORT`, N running with `--join`): the same two
+//!   steps, run by the metadata leader in one request: N is added (learner, caught up,
+//!   voter; a no-op when N joined by itself already), then O is removed as above.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -44,8 +48,10 @@ pub const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 pub const MIN_VOTERS: usize = REPLICAS;
 /// How long removing a node waits for its queue groups to move off it.
 pub const MOVE_WAIT: Duration = Duration::from_secs(90);
-/// The longest a membership change may take (a forwarded one waits this long too).
-pub const LONGEST_CHANGE: Duration = Duration::from_secs(150);
+/// The longest a membership change may take (a forwarded one waits this long too): a
+/// replacement adds a node and then removes one.
+pub const LONGEST_CHANGE: Duration =
+    Duration::from_secs(CATCH_UP_WAIT.as_secs() + MOVE_WAIT.as_secs() + 30);
 /// How often a node started with `--join` asks again to be added.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 
@@ -159,6 +165,7 @@ impl Cluster {
         let done = match change {
             Change::Add { id, cluster } => self.add_node(id, &cluster).await,
             Change::Remove { id } => self.remove_node(id).await,
+            Change::Replace { old, id, cluster } => self.replace_node(old, id, &cluster).await,
         };
         done.map(|()| (OpResult::Done, None))
             .map_err(BrokerError::from)
@@ -271,6 +278,38 @@ impl Cluster {
             .await
             .map_err(raft_error)?;
         tracing::info!(node = id, "node removed from the cluster");
+        Ok(())
+    }
+
+    /// Replaces node `old` by node `id` at `cluster`: adds the new node as a voter
+    /// ([`Self::add_node`]: harmless when it joined by itself), then removes `old`
+    /// ([`Self::remove_node`]: its groups move off it, by rendezvous onto the new node where
+    /// it ranks). Asking again after `old` left with `id` a voter at `cluster` is harmless.
+    async fn replace_node(&self, old: u64, id: u64, cluster: &str) -> Result<(), MembershipError> {
+        if old == id {
+            return Err(MembershipError::Invalid(format!(
+                "node {old} cannot replace itself: the new node needs a new id"
+            )));
+        }
+        check_address(cluster)?;
+        let membership = self.meta_membership();
+        if membership.get_node(&old).is_none() {
+            let done = membership.voter_ids().any(|v| v == id)
+                && membership.get_node(&id).is_some_and(|n| n.addr == cluster);
+            return if done {
+                Ok(())
+            } else {
+                Err(MembershipError::NotMember(old))
+            };
+        }
+        self.add_node(id, cluster).await?;
+        tracing::info!(
+            old,
+            node = id,
+            "replacing node {old} by node {id}: node {id} votes"
+        );
+        self.remove_node(old).await?;
+        tracing::info!(old, node = id, "node {old} replaced by node {id}");
         Ok(())
     }
 

@@ -269,12 +269,10 @@ fn forward_deadline(command: &Command) -> Duration {
 }
 
 impl Cluster {
-    /// Opens this node's groups (the metadata group now; queue groups as its log replays)
-    /// over `broker`, whose data directory must be the fresh one from [`fresh_state_dir`].
-    pub async fn start(
-        config: ClusterConfig,
-        broker: Arc<Broker>,
-    ) -> Result<Arc<Self>, ClusterError> {
+    /// This node before it starts, as its cluster listener answers for it
+    /// ([`service::Local`]): serve it (with [`service::Service::server`]) before
+    /// [`Cluster::start`], so that peers starting at the same time hear from it.
+    pub fn prepare(config: &ClusterConfig) -> Result<Arc<service::Local>, ClusterError> {
         if !config.peers.contains_key(&config.node_id) {
             return Err(ClusterError::Config(format!(
                 "node {} is not in --peers",
@@ -287,13 +285,25 @@ impl Cluster {
             config.secret.clone(),
             local_ip(config.cluster_addr),
         )?);
-        rejoin::check(&peers, config.node_id, &config.data_dir.join("raft")).await?;
+        Ok(Arc::new(service::Local::new(peers)))
+    }
+
+    /// Opens this node's groups (the metadata group now; queue groups as its log replays)
+    /// over `broker`, whose data directory must be the fresh one from [`fresh_state_dir`],
+    /// once its data or its peers let it ([`rejoin`]). `local` is from [`Cluster::prepare`];
+    /// the caller moves it to [`service::Phase::Running`] once the node is wired up.
+    pub async fn start(
+        config: ClusterConfig,
+        broker: Arc<Broker>,
+        local: &service::Local,
+    ) -> Result<Arc<Self>, ClusterError> {
+        rejoin::check(local, config.node_id, &config.data_dir.join("raft")).await?;
         let groups = Arc::new(Groups::new(
             config.node_id,
             config.peers.clone(),
             config.data_dir.join("raft"),
             (config.sync, config.snapshot_entries),
-            peers,
+            Arc::clone(local.peers()),
             Arc::clone(&broker),
         ));
         let voters: Vec<u64> = config.peers.keys().copied().collect();

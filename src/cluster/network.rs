@@ -44,8 +44,9 @@ pub const KIND_BEAT: u32 = 4;
 /// (leader hand-off, see `handoff.rs`). Every kind is listed here, so that no two share
 /// a number.
 pub const KIND_ELECT: u32 = 5;
-/// Kind of a call on the Raft method that is no Raft RPC: does the callee know the node in
-/// the body as a member that ran (group 0, see `rejoin.rs`)?
+/// Kind of a call on the Raft method that is no Raft RPC: a starting node without data asks
+/// whether the callee knows it as a member that ran (group 0; a `rejoin::Question`,
+/// answered with a `rejoin::Acquaintance`, also before the callee's groups are open).
 pub const KIND_KNOWN: u32 = 6;
 /// Kind of a call on the Raft method: how much of a snapshot does the callee hold (the
 /// resumable snapshot transfer, see `snapshot_transfer.rs`)?

@@ -1,30 +1,97 @@
 //! The internal service on `--cluster`: openraft RPCs into this node's groups, the other
 //! nodes' beats ([`super::liveness`]) and ops that other nodes forward here. Every call must carry a valid proof of the cluster secret
 //! (see [`super::auth`]); nothing else is looked at before the proof checks out.
+//!
+//! The service serves from the moment the listener is bound, before this node's groups are
+//! open ([`Local`]): a starting node that holds no data answers its peers' start-up question
+//! ([`super::rejoin`]) while it asks them the same; everything else waits until it runs
+//! (a Raft call finds no group, a beat or a forwarded op is "unavailable").
 
 use std::sync::Arc;
 
+use parking_lot::RwLock;
 use tonic::{Request, Response, Status};
 
 use super::Cluster;
 use super::auth::{MAC_KEY, TS_KEY, now_ms};
 use super::network::{
     KIND_APPEND, KIND_BEAT, KIND_KNOWN, KIND_SNAPSHOT, KIND_SNAPSHOT_CHUNK, KIND_SNAPSHOT_HELD,
-    KIND_VOTE, NODE_KEY, raft_method, scope,
+    KIND_VOTE, NODE_KEY, Peers, raft_method, scope,
 };
+use super::rejoin::{Acquaintance, Question};
 use super::types::{Command, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
 use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply};
 
+/// Where this node is in its start, as its cluster listener answers for it.
+#[derive(Clone)]
+pub enum Phase {
+    /// It holds no data and asks its peers whether it may start ([`super::rejoin`]).
+    Checking,
+    /// It opens its groups (or has not started to check yet).
+    Opening,
+    /// It runs.
+    Running(Arc<Cluster>),
+}
+
+/// This node as its cluster listener sees it: its peers (whose secret checks the calls)
+/// and its [`Phase`].
+pub struct Local {
+    peers: Arc<Peers>,
+    phase: RwLock<Phase>,
+}
+
+impl Local {
+    /// A node about to start, talking to `peers`.
+    pub fn new(peers: Arc<Peers>) -> Self {
+        Self {
+            peers,
+            phase: RwLock::new(Phase::Opening),
+        }
+    }
+
+    /// The peers.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// Moves this node to `phase`.
+    pub fn set_phase(&self, phase: Phase) {
+        *self.phase.write() = phase;
+    }
+
+    /// The running cluster, once it runs.
+    fn cluster(&self) -> Option<Arc<Cluster>> {
+        match &*self.phase.read() {
+            Phase::Running(cluster) => Some(Arc::clone(cluster)),
+            _ => None,
+        }
+    }
+
+    /// The answer to a peer's start-up question in the current phase.
+    async fn acquaintance(&self, question: Question) -> Acquaintance {
+        let phase = self.phase.read().clone();
+        match phase {
+            Phase::Checking => Acquaintance::NoStateEither,
+            Phase::Opening => Acquaintance::Unsure,
+            Phase::Running(cluster) => cluster.acquaintance(question).await,
+        }
+    }
+}
+
 /// The service.
 pub struct Service {
-    cluster: Arc<Cluster>,
+    local: Arc<Local>,
+}
+
+fn starting() -> Status {
+    Status::unavailable("this node is starting")
 }
 
 impl Service {
     /// The tonic server of the service.
-    pub fn server(cluster: Arc<Cluster>) -> ClusterServer<Service> {
-        ClusterServer::new(Service { cluster })
+    pub fn server(local: Arc<Local>) -> ClusterServer<Service> {
+        ClusterServer::new(Service { local })
             .max_decoding_message_size(super::network::MAX_MESSAGE)
             .max_encoding_message_size(super::network::MAX_MESSAGE)
     }
@@ -47,7 +114,7 @@ impl Service {
             .and_then(|v| v.parse().ok())
             .ok_or_else(denied)?;
         let proof = get(MAC_KEY).ok_or_else(denied)?;
-        if !self.cluster.peers().secret().verify(
+        if !self.local.peers().secret().verify(
             now_ms(),
             ts,
             &scope(method, group, from),
@@ -61,7 +128,7 @@ impl Service {
             );
             return Err(denied());
         }
-        self.cluster.peers().saw(from);
+        self.local.peers().saw(from);
         Ok(from)
     }
 }
@@ -82,15 +149,21 @@ impl cluster_server::Cluster for Service {
         let kind = request.get_ref().kind;
         let body = request.get_ref().body.clone();
         let from = self.verify(&request, &raft_method(kind), group, &body)?;
+        if kind == KIND_KNOWN {
+            let question: Question = decode(&body).map_err(bad)?;
+            return reply(&self.local.acquaintance(question).await);
+        }
+        let Some(cluster) = self.local.cluster() else {
+            return Err(match kind {
+                KIND_BEAT => starting(),
+                _ => Status::not_found(format!("no raft group {group} here (yet)")),
+            });
+        };
         if kind == KIND_BEAT {
-            self.cluster.beat_received(from, &body).await.map_err(bad)?;
+            cluster.beat_received(from, &body).await.map_err(bad)?;
             return reply(&());
         }
-        if kind == KIND_KNOWN {
-            let node: u64 = decode(&body).map_err(bad)?;
-            return reply(&self.cluster.knows_member(node));
-        }
-        let Some(raft) = self.cluster.groups().raft(group) else {
+        let Some(raft) = cluster.groups().raft(group) else {
             return Err(Status::not_found(format!(
                 "no raft group {group} here (yet)"
             )));
@@ -102,16 +175,16 @@ impl cluster_server::Cluster for Service {
             // The resumable snapshot transfer (see `snapshot_transfer.rs`).
             KIND_SNAPSHOT_HELD => {
                 let request = decode(&body).map_err(bad)?;
-                let receiver = self.cluster.groups().snapshot_receiver();
+                let receiver = cluster.groups().snapshot_receiver();
                 reply(&receiver.held(&raft, group, request).await)
             }
             KIND_SNAPSHOT_CHUNK => {
                 let request = decode(&body).map_err(bad)?;
-                let receiver = self.cluster.groups().snapshot_receiver();
+                let receiver = cluster.groups().snapshot_receiver();
                 reply(&receiver.chunk(&raft, group, request).await)
             }
             // Leader hand-off (see `handoff.rs`).
-            super::handoff::KIND_ELECT => reply(&self.cluster.campaign(&raft).await),
+            super::handoff::KIND_ELECT => reply(&cluster.campaign(&raft).await),
             other => Err(bad(format!("unknown raft call kind {other}"))),
         }
     }
@@ -120,7 +193,8 @@ impl cluster_server::Cluster for Service {
         let hops = request.get_ref().hops;
         let body = request.get_ref().body.clone();
         self.verify(&request, "forward", u64::from(hops), &body)?;
+        let cluster = self.local.cluster().ok_or_else(starting)?;
         let command: Command = decode(&body).map_err(bad)?;
-        reply(&self.cluster.execute(command, hops).await)
+        reply(&cluster.execute(command, hops).await)
     }
 }

@@ -52,6 +52,16 @@ pub enum Change {
         /// The node id.
         id: u64,
     },
+    /// Replace node `old` by node `id` at `cluster`: add the new node, then remove the old
+    /// one (its groups move off it).
+    Replace {
+        /// The node replaced.
+        old: u64,
+        /// The new node's id.
+        id: u64,
+        /// Its cluster listener, `HOST:PORT`.
+        cluster: String,
+    },
 }
 
 /// The replicas of a queue's group, preferred leader first.
