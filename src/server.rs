@@ -170,9 +170,7 @@ impl Server {
                     crate::cluster::Cluster::start(cluster_config, Arc::clone(&broker), &local)
                         .await?;
                 broker.set_replicator(cluster.clone());
-                local.set_phase(crate::cluster::service::Phase::Running(Arc::clone(
-                    &cluster,
-                )));
+                local.set_phase(crate::cluster::rejoin::Phase::Running(Arc::clone(&cluster)));
                 Some((cluster_addr, cluster))
             }
             _ => None,
@@ -376,7 +374,7 @@ impl Server {
 /// Serves the cluster listener for `local` (see `cluster::service`) until `stop`.
 async fn serve_cluster(
     listener: TcpListener,
-    local: Arc<crate::cluster::service::Local>,
+    local: Arc<crate::cluster::rejoin::Local>,
     stop: CancellationToken,
 ) {
     let service = crate::cluster::service::Service::server(local);

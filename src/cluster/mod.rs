@@ -270,9 +270,9 @@ fn forward_deadline(command: &Command) -> Duration {
 
 impl Cluster {
     /// This node before it starts, as its cluster listener answers for it
-    /// ([`service::Local`]): serve it (with [`service::Service::server`]) before
+    /// ([`rejoin::Local`]): serve it (with [`service::Service::server`]) before
     /// [`Cluster::start`], so that peers starting at the same time hear from it.
-    pub fn prepare(config: &ClusterConfig) -> Result<Arc<service::Local>, ClusterError> {
+    pub fn prepare(config: &ClusterConfig) -> Result<Arc<rejoin::Local>, ClusterError> {
         if !config.peers.contains_key(&config.node_id) {
             return Err(ClusterError::Config(format!(
                 "node {} is not in --peers",
@@ -285,17 +285,17 @@ impl Cluster {
             config.secret.clone(),
             local_ip(config.cluster_addr),
         )?);
-        Ok(Arc::new(service::Local::new(peers)))
+        Ok(Arc::new(rejoin::Local::new(peers)))
     }
 
     /// Opens this node's groups (the metadata group now; queue groups as its log replays)
     /// over `broker`, whose data directory must be the fresh one from [`fresh_state_dir`],
     /// once its data or its peers let it ([`rejoin`]). `local` is from [`Cluster::prepare`];
-    /// the caller moves it to [`service::Phase::Running`] once the node is wired up.
+    /// the caller moves it to [`rejoin::Phase::Running`] once the node is wired up.
     pub async fn start(
         config: ClusterConfig,
         broker: Arc<Broker>,
-        local: &service::Local,
+        local: &rejoin::Local,
     ) -> Result<Arc<Self>, ClusterError> {
         rejoin::check(local, config.node_id, &config.data_dir.join("raft")).await?;
         let groups = Arc::new(Groups::new(

@@ -28,18 +28,19 @@
 //! the entry in which the asking node announced itself would otherwise let it in.
 //!
 //! The cluster listener serves these questions from the moment the listener is bound
-//! ([`super::service::Local`]), before the node's groups are open: a node in this check
+//! ([`Local`]), before the node's groups are open: a node in this check
 //! answers "no state either", a node opening its groups "unsure", and Raft calls find no
 //! group until the node runs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use super::network::{KIND_KNOWN, Peers};
-use super::service::{Local, Phase};
 use super::types::{decode, encode};
 use super::{Cluster, ClusterError, META_GROUP};
 
@@ -303,6 +304,62 @@ impl Cluster {
                     .unwrap_or(Acquaintance::Unsure)
             }
             _ => Acquaintance::Unsure,
+        }
+    }
+}
+
+/// Where this node is in its start, as its cluster listener answers for it.
+#[derive(Clone)]
+pub enum Phase {
+    /// It holds no data and asks its peers whether it may start ([`super::rejoin`]).
+    Checking,
+    /// It opens its groups (or has not started to check yet).
+    Opening,
+    /// It runs.
+    Running(Arc<Cluster>),
+}
+
+/// This node as its cluster listener sees it: its peers (whose secret checks the calls)
+/// and its [`Phase`].
+pub struct Local {
+    peers: Arc<Peers>,
+    phase: RwLock<Phase>,
+}
+
+impl Local {
+    /// A node about to start, talking to `peers`.
+    pub fn new(peers: Arc<Peers>) -> Self {
+        Self {
+            peers,
+            phase: RwLock::new(Phase::Opening),
+        }
+    }
+
+    /// The peers.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// Moves this node to `phase`.
+    pub fn set_phase(&self, phase: Phase) {
+        *self.phase.write() = phase;
+    }
+
+    /// The running cluster, once it runs.
+    pub(super) fn cluster(&self) -> Option<Arc<Cluster>> {
+        match &*self.phase.read() {
+            Phase::Running(cluster) => Some(Arc::clone(cluster)),
+            _ => None,
+        }
+    }
+
+    /// The answer to a peer's start-up question in the current phase.
+    pub(super) async fn acquaintance(&self, question: Question) -> Acquaintance {
+        let phase = self.phase.read().clone();
+        match phase {
+            Phase::Checking => Acquaintance::NoStateEither,
+            Phase::Opening => Acquaintance::Unsure,
+            Phase::Running(cluster) => cluster.acquaintance(question).await,
         }
     }
 }

@@ -9,75 +9,17 @@
 
 use std::sync::Arc;
 
-use parking_lot::RwLock;
 use tonic::{Request, Response, Status};
 
-use super::Cluster;
 use super::auth::{MAC_KEY, TS_KEY, now_ms};
 use super::network::{
     KIND_APPEND, KIND_BEAT, KIND_KNOWN, KIND_SNAPSHOT, KIND_SNAPSHOT_CHUNK, KIND_SNAPSHOT_HELD,
-    KIND_VOTE, NODE_KEY, Peers, raft_method, scope,
+    KIND_VOTE, NODE_KEY, raft_method, scope,
 };
-use super::rejoin::{Acquaintance, Question};
+use super::rejoin::{Local, Question};
 use super::types::{Command, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
 use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply};
-
-/// Where this node is in its start, as its cluster listener answers for it.
-#[derive(Clone)]
-pub enum Phase {
-    /// It holds no data and asks its peers whether it may start ([`super::rejoin`]).
-    Checking,
-    /// It opens its groups (or has not started to check yet).
-    Opening,
-    /// It runs.
-    Running(Arc<Cluster>),
-}
-
-/// This node as its cluster listener sees it: its peers (whose secret checks the calls)
-/// and its [`Phase`].
-pub struct Local {
-    peers: Arc<Peers>,
-    phase: RwLock<Phase>,
-}
-
-impl Local {
-    /// A node about to start, talking to `peers`.
-    pub fn new(peers: Arc<Peers>) -> Self {
-        Self {
-            peers,
-            phase: RwLock::new(Phase::Opening),
-        }
-    }
-
-    /// The peers.
-    pub fn peers(&self) -> &Arc<Peers> {
-        &self.peers
-    }
-
-    /// Moves this node to `phase`.
-    pub fn set_phase(&self, phase: Phase) {
-        *self.phase.write() = phase;
-    }
-
-    /// The running cluster, once it runs.
-    fn cluster(&self) -> Option<Arc<Cluster>> {
-        match &*self.phase.read() {
-            Phase::Running(cluster) => Some(Arc::clone(cluster)),
-            _ => None,
-        }
-    }
-
-    /// The answer to a peer's start-up question in the current phase.
-    async fn acquaintance(&self, question: Question) -> Acquaintance {
-        let phase = self.phase.read().clone();
-        match phase {
-            Phase::Checking => Acquaintance::NoStateEither,
-            Phase::Opening => Acquaintance::Unsure,
-            Phase::Running(cluster) => cluster.acquaintance(question).await,
-        }
-    }
-}
 
 /// The service.
 pub struct Service {
