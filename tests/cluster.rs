@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, create_queue, log_bodies, receive, retrying, view};
+use common::cluster::{Cluster, create_queue, labeled_metric, log_bodies, receive, retrying, view};
 use common::{eventually, http};
 use parking_lot::Mutex;
 use qit::proto::broker_client::BrokerClient;
@@ -595,19 +595,9 @@ async fn a_paused_leader_steps_down() {
 
 /// The last Raft log index of `queue`'s group on the node at `base` (from `/metrics`).
 async fn last_log_index(base: &str, queue: &str) -> Option<u64> {
-    let text = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
     let label = format!("queue=\"{queue}\"");
-    text.lines()
-        .find(|l| l.starts_with("qit_cluster_last_log_index{") && l.contains(&label))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
+    let value = labeled_metric(base, "qit_cluster_last_log_index", &label).await?;
+    Some(value as u64)
 }
 
 /// A publish over the queue's `max_message_bytes`, sent to any node, is answered 413

@@ -669,22 +669,7 @@ impl Drop for Running {
 /// `log`.
 fn serve_logged(node: &Node, peers: &str, extra: &[&str], log: &std::path::Path) -> Running {
     let file = std::fs::File::create(log).expect("create the node's log file");
-    Command::new(env!("CARGO_BIN_EXE_qit"))
-        .arg("serve")
-        .args(["--node-id", &node.id.to_string()])
-        .args([
-            "--cluster",
-            &format!("{}:{}", node.cluster_ip, node.cluster_port),
-        ])
-        .args(["--peers", peers])
-        .args(["--cluster-secret", common::cluster::SECRET])
-        .args(["--http", &format!("127.0.0.1:{}", node.http_port)])
-        .args(["--grpc", &format!("127.0.0.1:{}", node.grpc_port)])
-        .arg("--data-dir")
-        .arg(&node.dir)
-        .args(extra)
-        .env("RUST_LOG", "warn,openraft=off")
-        .stdout(std::process::Stdio::null())
+    node.serve_command(peers, extra, "warn,openraft=off")
         .stderr(file)
         .spawn()
         .map(Running)
@@ -936,22 +921,8 @@ fn serve_until_exit(
     peers: &str,
     extra: &[&str],
 ) -> (std::process::ExitStatus, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qit"))
-        .arg("serve")
-        .args(["--node-id", &node.id.to_string()])
-        .args([
-            "--cluster",
-            &format!("{}:{}", node.cluster_ip, node.cluster_port),
-        ])
-        .args(["--peers", peers])
-        .args(["--cluster-secret", common::cluster::SECRET])
-        .args(["--http", &format!("127.0.0.1:{}", node.http_port)])
-        .args(["--grpc", &format!("127.0.0.1:{}", node.grpc_port)])
-        .arg("--data-dir")
-        .arg(&node.dir)
-        .args(extra)
-        .env("RUST_LOG", "error,openraft=off")
-        .stdout(std::process::Stdio::null())
+    let mut child = node
+        .serve_command(peers, extra, "error,openraft=off")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn qit");

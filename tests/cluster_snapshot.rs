@@ -11,8 +11,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, metric, metric_sum, partition, retrying, view};
-use common::{eventually, http};
+use common::cluster::{
+    Cluster, labeled_metric, metric, metric_sum, partition, publish_spread, view,
+};
+use common::eventually;
 use serde_json::json;
 
 /// Entries between two snapshots of a queue group (the log below is purged).
@@ -32,31 +34,6 @@ fn body(i: usize) -> String {
         "{head}{}",
         std::iter::repeat_n(fill, BODY_BYTES - head.len()).collect::<String>()
     )
-}
-
-/// Publishes messages `range` one per request (one Raft entry each), from two tasks
-/// through nodes `via`.
-async fn publish(cluster: &Cluster, queue: &str, range: std::ops::Range<usize>, via: [u64; 2]) {
-    let bases = via.map(|id| cluster.node(id).http.clone());
-    let mut tasks = Vec::new();
-    for (lane, base) in bases.into_iter().enumerate() {
-        let queue = queue.to_string();
-        let mine: Vec<usize> = range.clone().filter(|i| i % 2 == lane).collect();
-        tasks.push(tokio::spawn(async move {
-            for i in mine {
-                let (status, answer) = retrying("publish", || {
-                    http()
-                        .post(format!("{base}/queues/{queue}/messages"))
-                        .body(body(i))
-                })
-                .await;
-                assert!(status.is_success(), "publish {i}: {status} {answer}");
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
 }
 
 /// The group's snapshot directory on a node.
@@ -84,29 +61,13 @@ fn current(node_dir: &Path, group: u64) -> Option<String> {
     std::fs::read_to_string(snapshot_dir(node_dir, group).join("current")).ok()
 }
 
-/// The value of per-group series `name` of group `group` on node `base`.
-async fn group_metric(base: &str, name: &str, group: u64) -> Option<f64> {
-    let text = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let label = format!("group=\"{group}\"");
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(&label))
-        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
 /// Waits until node `id`'s snapshot of `group` is less than a snapshot interval behind
 /// what it applied (no newer snapshot comes without new entries).
 async fn settled(cluster: &Cluster, id: u64, group: u64) {
     let base = cluster.node(id).http.clone();
     eventually(&format!("node {id}'s snapshot of group {group} settles"), || async {
-        let applied = group_metric(&base, "qit_cluster_applied_index", group).await;
-        let snapshot = group_metric(&base, "qit_cluster_snapshot_index", group).await;
+        let applied = labeled_metric(&base, "qit_cluster_applied_index", &format!("group=\"{group}\"")).await;
+        let snapshot = labeled_metric(&base, "qit_cluster_snapshot_index", &format!("group=\"{group}\"")).await;
         matches!((applied, snapshot), (Some(a), Some(s)) if s > 0.0 && a - s < SNAPSHOT_ENTRIES as f64)
     })
     .await;
@@ -200,13 +161,8 @@ async fn a_cut_snapshot_transfer_resumes_after_a_restart() {
         // Away while tens of MB are published: the leader snapshots and purges its log
         // below them, so the follower can only be sent the snapshot.
         cluster.kill(follower);
-        publish(
-            &cluster,
-            queue,
-            published..published + PER_ROUND,
-            [leader, other],
-        )
-        .await;
+        let range = published..published + PER_ROUND;
+        publish_spread(&cluster, queue, range, [leader, other], body).await;
         published += PER_ROUND;
         // The leader's snapshot settles (no newer one replaces it during the transfer,
         // which would restart it from 0 as the first transfer of another snapshot).
@@ -274,13 +230,8 @@ async fn a_cut_snapshot_transfer_resumes_after_a_restart() {
     assert!(snapshot_dir(&follower_dir, group).join("current").is_file());
 
     // It follows the log from there.
-    publish(
-        &cluster,
-        queue,
-        published..published + 10,
-        [leader, follower],
-    )
-    .await;
+    let range = published..published + 10;
+    publish_spread(&cluster, queue, range, [leader, follower], body).await;
     published += 10;
     converged(&cluster, follower, leader, queue, published as u64).await;
 }

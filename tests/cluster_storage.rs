@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, metric, retrying, view};
+use common::cluster::{Cluster, metric, publish_spread, retrying, view};
 use common::{eventually, http};
 use serde_json::{Value, json};
 
@@ -34,31 +34,6 @@ async fn create_queue(base: &str, queue: &str) {
 fn body(i: usize) -> String {
     let head = format!("m-{i:05}-");
     format!("{head}{}", "x".repeat(BODY_BYTES - head.len()))
-}
-
-/// Publishes messages `range` one per request (one Raft entry each), from two tasks
-/// through nodes `via`.
-async fn publish(cluster: &Cluster, queue: &str, range: std::ops::Range<usize>, via: [u64; 2]) {
-    let bases = via.map(|id| cluster.node(id).http.clone());
-    let mut tasks = Vec::new();
-    for (lane, base) in bases.into_iter().enumerate() {
-        let queue = queue.to_string();
-        let mine: Vec<usize> = range.clone().filter(|i| i % 2 == lane).collect();
-        tasks.push(tokio::spawn(async move {
-            for i in mine {
-                let (status, answer) = retrying("publish", || {
-                    http()
-                        .post(format!("{base}/queues/{queue}/messages"))
-                        .body(body(i))
-                })
-                .await;
-                assert!(status.is_success(), "publish {i}: {status} {answer}");
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
 }
 
 /// Receives and acks through node `id` until `want` messages were delivered; with `last`,
@@ -175,7 +150,7 @@ async fn snapshots_bound_the_raft_log_and_restarts_replay_only_the_suffix() {
     create_queue(&cluster.node(1).http, "bounded").await;
     let group = cluster.group_of(1, "bounded").await;
     let total = 400;
-    publish(&cluster, "bounded", 0..total, [1, 3]).await;
+    publish_spread(&cluster, "bounded", 0..total, [1, 3], body).await;
     let first = drain(&cluster, 2, "bounded", 150, false).await;
     assert_eq!(first.len(), 150);
     for id in 2..=3 {
@@ -244,7 +219,7 @@ async fn a_wiped_node_is_sent_the_snapshot() {
     let mut cluster = start().await;
     create_queue(&cluster.node(1).http, "wiped").await;
     let group = cluster.group_of(1, "wiped").await;
-    publish(&cluster, "wiped", 0..200, [1, 3]).await;
+    publish_spread(&cluster, "wiped", 0..200, [1, 3], body).await;
     let acked = drain(&cluster, 1, "wiped", 50, false).await;
     assert_eq!(acked.len(), 50);
     converged(&cluster, 3, 1, "wiped", 200).await;
@@ -253,7 +228,7 @@ async fn a_wiped_node_is_sent_the_snapshot() {
     std::fs::remove_dir_all(&cluster.node(3).dir).unwrap();
     // Entries while it is away, so that the snapshot the replacement gets is not the one
     // node 3 had.
-    publish(&cluster, "wiped", 200..300, [1, 2]).await;
+    publish_spread(&cluster, "wiped", 200..300, [1, 2], body).await;
     // It comes back under a new id (a wiped node may not rejoin under its old one): node
     // 4 replaces it, and the queue's group moves onto node 4, which is sent the snapshot
     // (the log below it is purged).
@@ -276,7 +251,7 @@ async fn a_wiped_node_is_sent_the_snapshot() {
             .is_file()
     );
     // It follows the log from there.
-    publish(&cluster, "wiped", 300..320, [1, new]).await;
+    publish_spread(&cluster, "wiped", 300..320, [1, new], body).await;
     converged(&cluster, new, 1, "wiped", 320).await;
     let rest = drain(&cluster, new, "wiped", 320 - acked.len(), true).await;
     let all: BTreeSet<&String> = acked.iter().chain(&rest).collect();

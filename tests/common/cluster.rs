@@ -62,10 +62,11 @@ impl Node {
         format!("http://127.0.0.1:{}", self.grpc_port)
     }
 
-    /// Starts `qit serve` for this node with the cluster's `peers` and `extra` flags.
-    pub fn start(&mut self, peers: &str, extra: &[String]) {
-        assert!(self.child.is_none(), "node {} runs already", self.id);
-        let child = Command::new(env!("CARGO_BIN_EXE_qit"))
+    /// `qit serve` for this node with the cluster's `peers` and `extra` flags, its log
+    /// filtered by `log_filter`, standard output discarded (the caller picks stderr).
+    pub fn serve_command(&self, peers: &str, extra: &[&str], log_filter: &str) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_qit"));
+        command
             .arg("serve")
             .args(["--node-id", &self.id.to_string()])
             .args([
@@ -79,12 +80,19 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(extra)
-            // QIT_TEST_LOG: the nodes' log filter when a test is looked into.
-            .env(
-                "RUST_LOG",
-                std::env::var("QIT_TEST_LOG").unwrap_or_else(|_| "error,openraft=off".into()),
-            )
-            .stdout(Stdio::null())
+            .env("RUST_LOG", log_filter)
+            .stdout(Stdio::null());
+        command
+    }
+
+    /// Starts `qit serve` for this node with the cluster's `peers` and `extra` flags.
+    pub fn start(&mut self, peers: &str, extra: &[String]) {
+        assert!(self.child.is_none(), "node {} runs already", self.id);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        // QIT_TEST_LOG: the nodes' log filter when a test is looked into.
+        let filter = std::env::var("QIT_TEST_LOG").unwrap_or_else(|_| "error,openraft=off".into());
+        let child = self
+            .serve_command(peers, &extra, &filter)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn qit");
@@ -412,6 +420,37 @@ pub async fn publish(base: &str, queue: &str, body: &str) {
     .await;
 }
 
+/// Publishes message `body(i)` for each `i` in `range`, one per request (one Raft entry
+/// each), from two tasks: even `i` through node `via[0]`, odd through `via[1]`.
+pub async fn publish_spread(
+    cluster: &Cluster,
+    queue: &str,
+    range: std::ops::Range<usize>,
+    via: [u64; 2],
+    body: fn(usize) -> String,
+) {
+    let bases = via.map(|id| cluster.node(id).http.clone());
+    let mut tasks = Vec::new();
+    for (lane, base) in bases.into_iter().enumerate() {
+        let queue = queue.to_string();
+        let mine: Vec<usize> = range.clone().filter(|i| i % 2 == lane).collect();
+        tasks.push(tokio::spawn(async move {
+            for i in mine {
+                let (status, answer) = retrying("publish", || {
+                    http()
+                        .post(format!("{base}/queues/{queue}/messages"))
+                        .body(body(i))
+                })
+                .await;
+                assert!(status.is_success(), "publish {i}: {status} {answer}");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 /// Receives up to `max` messages of `queue` through node `base` (long-poll of 1 s,
 /// visibility 5 s).
 pub async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
@@ -451,6 +490,23 @@ pub async fn metric(base: &str, name: &str) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The value of series `name` on node `base` whose labels include `label` (such as
+/// `queue="q"`), if the node answers and has it.
+pub async fn labeled_metric(base: &str, name: &str, label: &str) -> Option<f64> {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let prefix = format!("{name}{{");
+    text.lines()
+        .find(|line| line.starts_with(&prefix) && line.contains(label))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
 /// The sum of metric `name` over the nodes at `bases`.
