@@ -454,6 +454,8 @@ pub async fn send<L: Link>(
                 .saturating_mul(1 << (failures - 1).min(5))
                 .min(BACKOFF_MAX);
             tokio::select! {
+                // A cancel that is due wins over a call that is ready too.
+                biased;
                 closed = cancel.as_mut() => return Err(closed.into()),
                 () = tokio::time::sleep(pause) => {}
             }
@@ -464,6 +466,8 @@ pub async fn send<L: Link>(
                 snapshot_id: meta.snapshot_id.clone(),
             };
             let answer = tokio::select! {
+                // A cancel that is due wins over a call that is ready too.
+                biased;
                 closed = cancel.as_mut() => return Err(closed.into()),
                 answer = tokio::time::timeout(ttl, link.held(request, ttl)) => answer,
             };
@@ -523,6 +527,7 @@ pub async fn send<L: Link>(
             done,
         };
         let answer = tokio::select! {
+            biased;
             closed = cancel.as_mut() => return Err(closed.into()),
             answer = tokio::time::timeout(ttl, link.chunk(request, ttl)) => answer,
         };
