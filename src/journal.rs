@@ -156,7 +156,10 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.shared.commit.close();
-        if let Err(error) = self.shared.sync_now() {
+        let closed = self.shared.file.lock().closed;
+        if let Err(error) = self.shared.sync_now()
+            && !closed
+        {
             tracing::error!(%error, "final journal fsync failed");
         }
     }
@@ -488,7 +491,12 @@ impl Shared {
             });
             if let Err(error) = result {
                 let reason = format!("fsync of {} failed: {error}", self.path.display());
-                tracing::error!(%reason, "the journal stops taking appends");
+                if f.closed {
+                    // Closed: its queue is being removed with its files, as intended.
+                    tracing::debug!(%reason, "fsync of a removed queue's journal failed");
+                } else {
+                    tracing::error!(%reason, "the journal stops taking appends");
+                }
                 f.failed = Some(reason.clone());
                 self.commit.fail(reason);
                 return Err(io(&self.path)(error));
@@ -525,7 +533,12 @@ impl Shared {
             Ok(()) => self.commit.mark_synced(end),
             Err(error) => {
                 let reason = format!("fsync of {} failed: {error}", self.path.display());
-                tracing::error!(%reason, "the journal stops taking appends");
+                if f.closed {
+                    // Closed: its queue is being removed with its files, as intended.
+                    tracing::debug!(%reason, "fsync of a removed queue's journal failed");
+                } else {
+                    tracing::error!(%reason, "the journal stops taking appends");
+                }
                 f.failed = Some(reason.clone());
                 self.commit.fail(reason);
             }

@@ -224,7 +224,12 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.shared.commit.close();
-        if let Err(error) = self.shared.writer.lock().sync(&self.shared) {
+        let mut writer = self.shared.writer.lock();
+        // A closed log belongs to a removed queue: its failure was reported as expected.
+        let closed = writer.closed;
+        if let Err(error) = writer.sync(&self.shared)
+            && !closed
+        {
             tracing::error!(%error, "final fsync of the partition log failed");
         }
     }

@@ -37,6 +37,17 @@ impl crate::commit::SyncTarget for Shared {
     }
 }
 
+/// Reports a failed fsync: an error that stops the log, unless the log was closed because
+/// its queue is being deleted or replaced (its files are removed on purpose, so there is
+/// nothing left to make durable and the failure is expected).
+fn report_sync_failure(closed: bool, reason: &str) {
+    if closed {
+        tracing::debug!(%reason, "fsync of a removed queue's log failed");
+    } else {
+        tracing::error!(%reason, "the partition log stops taking appends");
+    }
+}
+
 /// One group commit: capture what is written, fsync it without holding the lock, publish.
 fn sync_outside_lock(shared: &Shared) {
     let captured = {
@@ -75,7 +86,7 @@ fn sync_outside_lock(shared: &Shared) {
         }
         Err(error) => {
             let message = format!("fsync of {} failed: {error}", segment.paths.log.display());
-            tracing::error!(%message, "the partition log stops taking appends");
+            report_sync_failure(writer.closed, &message);
             writer.failed = Some(message.clone());
             shared.commit.fail(message);
         }
@@ -260,7 +271,7 @@ impl Writer {
                     "fsync of {} failed: {error}",
                     self.active.paths.log.display()
                 );
-                tracing::error!(%reason, "the partition log stops taking appends");
+                report_sync_failure(self.closed, &reason);
                 self.failed = Some(reason.clone());
                 shared.commit.fail(reason);
                 return Err(io(&self.active.paths.log)(error));
