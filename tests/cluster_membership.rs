@@ -697,12 +697,11 @@ async fn exit_of(child: &mut std::process::Child, what: &str) -> std::process::E
     }
 }
 
-/// Issue 14: a wiped node started while none of the peers that know it runs does not
-/// start as a voter with an empty log: it waits for them (and says so), and refuses to
-/// start as soon as one of them is back. Nothing is written as the node meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_wiped_node_started_alone_waits_and_then_refuses() {
-    let mut cluster = Cluster::start().await;
+/// Three nodes holding queue `kept` with one message, once node 1 knows node 3's
+/// addresses (node 3 announced itself: it is a member that ran, which a wiped node 3 must
+/// not be let back as).
+async fn holding_kept_with_node_3_announced() -> Cluster {
+    let cluster = Cluster::start().await;
     create_queue(cluster.http(1), "kept", json!({"partitions": 1})).await;
     common::cluster::publish(cluster.http(1), "kept", "before").await;
     let b1 = cluster.http(1).to_string();
@@ -714,6 +713,15 @@ async fn a_wiped_node_started_alone_waits_and_then_refuses() {
         })
     })
     .await;
+    cluster
+}
+
+/// Issue 14: a wiped node started while none of the peers that know it runs does not
+/// start as a voter with an empty log: it waits for them (and says so), and refuses to
+/// start as soon as one of them is back. Nothing is written as the node meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_started_alone_waits_and_then_refuses() {
+    let mut cluster = holding_kept_with_node_3_announced().await;
     for id in 1..=3 {
         cluster.node_mut(id).terminate();
     }
@@ -950,18 +958,7 @@ fn serve_until_exit(
 /// the replacement command. The cluster goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_node_is_not_let_back_under_its_old_id() {
-    let mut cluster = Cluster::start().await;
-    create_queue(cluster.http(1), "kept", json!({"partitions": 1})).await;
-    common::cluster::publish(cluster.http(1), "kept", "before").await;
-    let b1 = cluster.http(1).to_string();
-    eventually("node 1 knows node 3's addresses", || async {
-        view(&format!("{b1}/cluster")).await.is_some_and(|v| {
-            v["nodes"]
-                .as_array()
-                .is_some_and(|ns| ns.iter().any(|n| n["id"] == 3 && n["http"].is_string()))
-        })
-    })
-    .await;
+    let mut cluster = holding_kept_with_node_3_announced().await;
 
     cluster.kill(3);
     std::fs::remove_dir_all(&cluster.node(3).dir).expect("wipe node 3");
