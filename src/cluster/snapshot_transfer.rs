@@ -675,6 +675,21 @@ mod tests {
     }
 
     impl Fake {
+        /// A follower holding `vote`, keeping its partial files in `dir`, whose calls fail
+        /// `failing` times in a row once `fail_after` chunks arrived.
+        fn new(dir: &Path, vote: Vote<u64>, fail_after: usize, failing: usize) -> Self {
+            Self {
+                partial: Partial::new(dir.to_path_buf()),
+                vote,
+                chunks: 0,
+                fail_after,
+                failing,
+                failed: 0,
+                offsets: Vec::new(),
+                installed: None,
+            }
+        }
+
         fn fails(&mut self) -> bool {
             if self.chunks >= self.fail_after && self.failed < self.failing {
                 self.failed += 1;
@@ -753,16 +768,7 @@ mod tests {
     async fn a_cut_transfer_resumes_at_the_held_offset() {
         let temp = tempfile::tempdir().unwrap();
         let bytes: Vec<u8> = (0..(CHUNK * 5 + 234)).map(|i| (i % 251) as u8).collect();
-        let mut fake = Fake {
-            partial: Partial::new(temp.path().to_path_buf()),
-            vote: vote(3),
-            chunks: 0,
-            fail_after: 2,
-            failing: usize::MAX,
-            failed: 0,
-            offsets: Vec::new(),
-            installed: None,
-        };
+        let mut fake = Fake::new(temp.path(), vote(3), 2, usize::MAX);
         let first = send(
             &mut fake,
             vote(3),
@@ -812,16 +818,7 @@ mod tests {
     async fn a_failed_call_is_followed_by_the_question_not_a_restart() {
         let temp = tempfile::tempdir().unwrap();
         let bytes: Vec<u8> = (0..(CHUNK * 3 + 5)).map(|i| (i % 13) as u8).collect();
-        let mut fake = Fake {
-            partial: Partial::new(temp.path().to_path_buf()),
-            vote: vote(3),
-            chunks: 0,
-            fail_after: 1,
-            failing: 3,
-            failed: 0,
-            offsets: Vec::new(),
-            installed: None,
-        };
+        let mut fake = Fake::new(temp.path(), vote(3), 1, 3);
         send(
             &mut fake,
             vote(3),
@@ -859,16 +856,7 @@ mod tests {
             dir: temp.path().join("snap-gone"),
             manifest,
         };
-        let mut fake = Fake {
-            partial: Partial::new(temp.path().join("receiver")),
-            vote: vote(3),
-            chunks: 0,
-            fail_after: usize::MAX,
-            failing: 0,
-            failed: 0,
-            offsets: Vec::new(),
-            installed: None,
-        };
+        let mut fake = Fake::new(&temp.path().join("receiver"), vote(3), usize::MAX, 0);
         let snapshot = Snapshot {
             meta: meta("5-1-1"),
             snapshot: Box::new(SnapshotData::pack(gone.reader().unwrap())),
@@ -885,16 +873,7 @@ mod tests {
     #[tokio::test]
     async fn a_higher_vote_or_a_cancel_ends_it() {
         let temp = tempfile::tempdir().unwrap();
-        let mut fake = Fake {
-            partial: Partial::new(temp.path().to_path_buf()),
-            vote: vote(5),
-            chunks: 0,
-            fail_after: usize::MAX,
-            failing: 0,
-            failed: 0,
-            offsets: Vec::new(),
-            installed: None,
-        };
+        let mut fake = Fake::new(temp.path(), vote(5), usize::MAX, 0);
         let answer = send(
             &mut fake,
             vote(3),
