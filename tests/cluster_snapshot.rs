@@ -4,7 +4,9 @@
 //! from the bytes the follower kept (`receiving-*.pack`, counted in
 //! `qit_cluster_snapshot_resumed_bytes_total`), and the follower ends with the same
 //! committed data as the others. Three real `qit` processes on loopback; every wait is on a
-//! condition (deadlines only guard against hangs).
+//! condition (deadlines only guard against hangs), and the leader is stopped around the
+//! kill so that the cut does not depend on how fast the transfer runs. A round in which
+//! the leader made a newer snapshot (sent from 0, as any other snapshot) is tried again.
 
 mod common;
 
@@ -71,6 +73,60 @@ async fn settled(cluster: &Cluster, id: u64, group: u64) {
         matches!((applied, snapshot), (Some(a), Some(s)) if s > 0.0 && a - s < SNAPSHOT_ENTRIES as f64)
     })
     .await;
+}
+
+/// The metric counting the bytes a snapshot transfer did not send again.
+const RESUMED: &str = "qit_cluster_snapshot_resumed_bytes_total";
+
+/// The id of the snapshot a node's group has current (from its manifest), if any.
+fn current_id(node_dir: &Path, group: u64) -> Option<String> {
+    let dir = snapshot_dir(node_dir, group).join(current(node_dir, group)?.trim());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).ok()?).ok()?;
+    Some(manifest["snapshot_id"].as_str()?.to_string())
+}
+
+/// The name of the partial file that receives snapshot `id` (its id in hex).
+fn receiving_pack_of(id: &str) -> String {
+    let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("receiving-{hex}.pack")
+}
+
+/// Watches the restarted `follower` receive the group's snapshot and kills it as soon as
+/// its partial file holds some of it: the partial file and what it held after the kill,
+/// or `None` when the transfer ended first. The leader is stopped (SIGSTOP) around the
+/// kill, so it sends no further chunk in between however the machine schedules the three
+/// processes: the transfer is cut with most of the snapshot unsent. It is continued at
+/// once, well within an election timeout, so it stays the leader.
+async fn cut_transfer(
+    cluster: &mut Cluster,
+    leader: u64,
+    follower: u64,
+    group: u64,
+) -> Option<(PathBuf, u64)> {
+    let dir = cluster.node(follower).dir.clone();
+    let installed_before = current(&dir, group);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = None;
+    while Instant::now() < deadline {
+        if let Some((path, len)) = receiving(&dir, group)
+            && len > 0
+        {
+            cluster.node(leader).signal("STOP");
+            cluster.kill(follower);
+            cluster.node(leader).signal("CONT");
+            seen = Some(path);
+            break;
+        }
+        if current(&dir, group) != installed_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    cluster.kill(follower);
+    let path = seen?;
+    let held = std::fs::metadata(&path).ok()?.len();
+    (held > 0 && current(&dir, group) == installed_before).then_some((path, held))
 }
 
 /// The node's committed offset of the queue's partition 0, as its `/cluster` view says.
@@ -156,7 +212,7 @@ async fn a_cut_snapshot_transfer_resumes_after_a_restart() {
     let follower_dir = cluster.node(follower).dir.clone();
 
     let mut published = 0;
-    let mut cut = None;
+    let mut proven = false;
     for round in 1..=ROUNDS {
         // Away while tens of MB are published: the leader snapshots and purges its log
         // below them, so the follower can only be sent the snapshot.
@@ -164,70 +220,62 @@ async fn a_cut_snapshot_transfer_resumes_after_a_restart() {
         let range = published..published + PER_ROUND;
         publish_spread(&cluster, queue, range, [leader, other], body).await;
         published += PER_ROUND;
-        // The leader's snapshot settles (no newer one replaces it during the transfer,
-        // which would restart it from 0 as the first transfer of another snapshot).
+        // The leader's snapshot settles (a newer one replacing it during the transfer
+        // restarts it from 0 as the first transfer of another snapshot; a round where
+        // that still happens proves nothing and is tried again, below).
         settled(&cluster, leader, group).await;
         let installed_before = current(&follower_dir, group);
         cluster.restart(follower);
-        // Watch for the transfer's partial file and kill the node as soon as it holds
-        // some of it.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut seen = None;
-        while Instant::now() < deadline {
-            if let Some((path, len)) = receiving(&follower_dir, group)
-                && len > 0
-            {
-                cluster.kill(follower);
-                seen = Some(path);
-                break;
-            }
-            if current(&follower_dir, group) != installed_before {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        cluster.kill(follower);
-        // Cut midway when the partial file is still there after the kill and no new
-        // snapshot was made current (else the install finished first).
-        let held = seen
-            .as_ref()
-            .and_then(|path| std::fs::metadata(path).ok())
-            .map_or(0, |m| m.len());
-        if held > 0 && current(&follower_dir, group) == installed_before {
-            eprintln!("round {round}: cut with {held} bytes received");
-            cut = seen.map(|path| (path, held));
-            break;
-        }
-        eprintln!("round {round}: the transfer ended before the kill; again");
+        let Some((path, held)) = cut_transfer(&mut cluster, leader, follower, group).await else {
+            eprintln!("round {round}: the transfer ended before the kill; again");
+            cluster.restart(follower);
+            converged(&cluster, follower, leader, queue, published as u64).await;
+            continue;
+        };
+        assert_eq!(
+            current(&follower_dir, group),
+            installed_before,
+            "a cut transfer made a snapshot current"
+        );
+        eprintln!("round {round}: cut with {held} bytes received");
+        let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+        let resumed_before = metric_sum(&bases, RESUMED).await;
+
+        // The restarted node keeps what it received, and the leader goes on from there.
         cluster.restart(follower);
         converged(&cluster, follower, leader, queue, published as u64).await;
+        converged(&cluster, other, leader, queue, published as u64).await;
+        assert!(
+            metric(
+                &cluster.node(follower).http,
+                "qit_cluster_snapshots_installed_total"
+            )
+            .await
+                >= 1.0,
+            "node {follower} installed no snapshot"
+        );
+        // Installed: the partial file is gone, a snapshot is current.
+        eventually("the partial file is removed", || async { !path.exists() }).await;
+        let installed = current_id(&follower_dir, group).expect("a current snapshot");
+        if path.file_name() != Some(receiving_pack_of(&installed).as_ref()) {
+            eprintln!(
+                "round {round}: the leader made a newer snapshot ({installed}) and sent it instead; again"
+            );
+            continue;
+        }
+        let resumed = metric_sum(&bases, RESUMED).await - resumed_before;
+        eprintln!("resumed {resumed} bytes; the cut node held {held}");
+        assert!(
+            resumed > 0.0,
+            "the transfer of {installed} started again from 0"
+        );
+        proven = true;
+        break;
     }
-    let Some((path, held)) = cut else {
-        panic!("no round cut a transfer midway in {ROUNDS} rounds");
-    };
-    let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
-    let resumed_before = metric_sum(&bases, "qit_cluster_snapshot_resumed_bytes_total").await;
-
-    // The restarted node keeps what it received, and the leader goes on from there.
-    cluster.restart(follower);
-    converged(&cluster, follower, leader, queue, published as u64).await;
-    converged(&cluster, other, leader, queue, published as u64).await;
-    let resumed =
-        metric_sum(&bases, "qit_cluster_snapshot_resumed_bytes_total").await - resumed_before;
-    eprintln!("resumed {resumed} bytes; the cut node held {held}");
-    assert!(resumed > 0.0, "the transfer started again from 0");
     assert!(
-        metric(
-            &cluster.node(follower).http,
-            "qit_cluster_snapshots_installed_total"
-        )
-        .await
-            >= 1.0,
-        "node {follower} installed no snapshot"
+        proven,
+        "no round of {ROUNDS} cut the transfer of a snapshot that was then installed"
     );
-    // Installed: the partial file is gone, a snapshot is current.
-    eventually("the partial file is removed", || async { !path.exists() }).await;
-    assert!(snapshot_dir(&follower_dir, group).join("current").is_file());
 
     // It follows the log from there.
     let range = published..published + 10;
