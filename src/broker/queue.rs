@@ -535,6 +535,50 @@ impl Queue {
         }
     }
 
+    /// Appends `records` to partition `partition` as one run, once per `key` within the
+    /// dedup window: a key seen there answers the offset its first append got and stores
+    /// nothing. The key is kept as the first record's idempotency header (so a rebuilt
+    /// window knows it), stamped `now_ms` (a replicated append carries its proposer's).
+    pub async fn append_once(
+        &self,
+        partition: u32,
+        mut records: Vec<crate::log::Record>,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<u64, BrokerError> {
+        let log = self.partitions.get(partition as usize).ok_or_else(|| {
+            BrokerError::InvalidArgument(format!(
+                "queue `{}` has no partition {partition}",
+                self.name
+            ))
+        })?;
+        let window_ms = self.settings.dedup_window as i64 * 1000;
+        let mut window = self.dedup.lock().await;
+        if window.is_none() {
+            *window = Some(self.rebuild_dedup(now_ms)?);
+        }
+        let window = window.get_or_insert_with(DedupWindow::default);
+        if let Some(id) = window.get(key, now_ms, window_ms) {
+            return Ok(id.offset);
+        }
+        if let Some(first) = records.first_mut() {
+            first.headers.push((
+                message::IDEMPOTENCY_HEADER.to_string(),
+                bytes::Bytes::copy_from_slice(key.as_bytes()),
+            ));
+        }
+        let first = log.append(records).await?;
+        window.insert(
+            key.to_string(),
+            MessageId {
+                partition,
+                offset: first,
+            },
+            now_ms,
+        );
+        Ok(first)
+    }
+
     /// Appends messages: one batch per partition; a repeated idempotency key within the
     /// dedup window returns the first message's id and stores nothing.
     pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<Published>, BrokerError> {

@@ -34,6 +34,19 @@ pub enum Command {
     Placed(Placed),
     /// Node `0` is leaving: every group moves off it (metadata group).
     Draining(u64),
+    /// A node announces its Kafka listener (metadata group). A variant of its own, last,
+    /// rather than a field of [`NodeAddrs`]: entries and snapshots already stored decode
+    /// as before (bincode has no optional fields).
+    Kafka(KafkaAddr),
+}
+
+/// A node's Kafka listener, as the metadata group records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaAddr {
+    /// The node id.
+    pub id: u64,
+    /// Its Kafka listener, `HOST:PORT`.
+    pub kafka: String,
 }
 
 /// A change of the cluster's voters ([`super::membership`]). It runs on the metadata group's leader (any node

@@ -183,6 +183,12 @@ pub async fn serve(
     let user = session.user.clone();
     let user = user.as_deref();
     let version = request.version;
+    if kafka.cluster.is_some()
+        && let Some(group) = super::coordinator::group_of(&request.body)
+        && !kafka.layout(session.local).coordinates(group)
+    {
+        return Ok(super::coordinator::not_coordinator(request.body, version));
+    }
     let response = match request.body {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions()),
         RequestKind::SaslHandshake(r) => ResponseKind::SaslHandshake(session.handshake(&r)),
@@ -215,7 +221,8 @@ pub async fn serve(
         RequestKind::Fetch(r) => ResponseKind::Fetch(super::data::fetch(kafka, user, r).await),
         RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(kafka.producers.init(&r)),
         RequestKind::FindCoordinator(r) => {
-            ResponseKind::FindCoordinator(super::coordinator::find(session, r, version))
+            let layout = kafka.layout(session.local);
+            ResponseKind::FindCoordinator(super::coordinator::find(&layout, r, version))
         }
         RequestKind::JoinGroup(r) => ResponseKind::JoinGroup(kafka.groups.join(r, version).await),
         RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(kafka.groups.sync(r).await),
@@ -225,7 +232,7 @@ pub async fn serve(
             ResponseKind::OffsetCommit(super::offsets::commit(kafka, user, r).await)
         }
         RequestKind::OffsetFetch(r) => {
-            ResponseKind::OffsetFetch(super::offsets::fetch(kafka, user, r, version))
+            ResponseKind::OffsetFetch(super::offsets::fetch(kafka, user, r, version).await)
         }
         other => {
             return Err(KafkaError::Malformed(format!(
