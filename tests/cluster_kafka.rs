@@ -462,6 +462,7 @@ async fn clients_go_on_when_the_leader_and_coordinator_is_killed() {
         "the failover scenario failed:\n{rest}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    println!("failover: {rest}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(rest.contains("\"acked\": 4000"), "{rest}");
     assert!(
         rest.contains("\"stored\": 4000"),

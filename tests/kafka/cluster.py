@@ -69,17 +69,16 @@ def consumer(bootstrap, group):
 
 
 def poll_some(consumers, seen):
+    """One round over the consumers, up to 500 records from each."""
     for name, c in consumers.items():
-        msg = c.poll(0.05)
-        if msg is None:
-            continue
-        if msg.error():
-            if msg.error().code() == KafkaError._PARTITION_EOF:
-                continue
-            if msg.error().retriable() or not msg.error().fatal():
-                continue
-            raise AssertionError(f"consumer {name}: {msg.error()}")
-        seen.setdefault(msg.value(), []).append((name, msg.partition(), msg.offset()))
+        for msg in c.consume(500, 0.02):
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                if msg.error().retriable() or not msg.error().fatal():
+                    continue
+                raise AssertionError(f"consumer {name}: {msg.error()}")
+            seen.setdefault(msg.value(), []).append((name, msg.partition(), msg.offset()))
 
 
 def commit(c):
@@ -159,21 +158,40 @@ def scenario_failover(bootstrap, http_url, topic, group, n):
         assert time.monotonic() < deadline, f"only {len(seen)} consumed before the kill"
     for c in members.values():
         commit(c)
+    # Records in flight when the node dies: their retries go to the new leader.
+    quarter = half + (n - half) // 4
+    delivering(producer, topic, [{"value": f"r{i}".encode()} for i in range(half, quarter)],
+               acked, errors)
     print("kill", flush=True)
     assert sys.stdin.readline().strip() == "killed"
-    delivering(producer, topic, [{"value": f"r{i}".encode()} for i in range(half, n)], acked, errors)
+    killed_at = time.monotonic()
+    delivering(producer, topic, [{"value": f"r{i}".encode()} for i in range(quarter, n)], acked, errors)
     deadline = time.monotonic() + 2 * DEADLINE_S
     while len(producer) > 0:
         producer.poll(0.05)
         poll_some(members, seen)
         assert time.monotonic() < deadline, f"{len(producer)} records still in flight"
+    produced_s = time.monotonic() - killed_at
     missing = [v for v in acked if v not in seen]
+    last_report = time.monotonic()
     while missing:
         poll_some(members, seen)
+        if time.monotonic() - last_report > 2:
+            last_report = time.monotonic()
+            owned = {name: sorted(tp.partition for tp in c.assignment()) for name, c in members.items()}
+            print(f"{time.monotonic() - killed_at:.1f}s: {len(missing)} missing, owned {owned}",
+                  file=sys.stderr, flush=True)
         missing = [v for v in missing if v not in seen]
         assert time.monotonic() < deadline, f"{len(missing)} acknowledged records never consumed: {missing[:5]}"
     for c in members.values():
         commit(c)
+    ends = {}
+    for where in seen.values():
+        for _, p, o in where:
+            ends[p] = max(ends.get(p, 0), o + 1)
+    until("the commits through the new coordinator are the qit group's floors",
+          lambda: group_floors(http_url, topic, group) == ends)
+    for c in members.values():
         c.close()
     counts = {}
     for value in acked:
@@ -184,7 +202,9 @@ def scenario_failover(bootstrap, http_url, topic, group, n):
     stored = sum(p["next_offset"] for p in info["partitions"])
     redelivered = sum(len(w) - 1 for w in seen.values())
     print(json.dumps({"acked": len(acked), "errors": len(errors), "stored": stored,
-                      "consumed": len(seen), "consumed_again": redelivered}))
+                      "consumed": len(seen), "consumed_again": redelivered,
+                      "produced_after_kill_s": round(produced_s, 1),
+                      "consumed_after_kill_s": round(time.monotonic() - killed_at, 1)}))
 
 
 SCENARIOS = {
