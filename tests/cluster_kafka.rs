@@ -294,7 +294,7 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
         eventually(
             &format!("node {node}'s Metadata names every node and the leader"),
             || async move {
-                let m = metadata(&mut connect(&addr).await, name).await;
+                let m = metadata(&mut connect(addr).await, name).await;
                 let mut brokers: Vec<(i32, String)> = m
                     .brokers
                     .iter()

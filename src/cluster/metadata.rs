@@ -270,3 +270,25 @@ pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()
     std::fs::rename(&tmp, dir.join(name))?;
     File::open(dir)?.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot written before the Kafka listeners were kept (no `kafka` field) still
+    /// installs, with none known; one written now keeps them.
+    #[test]
+    fn snapshots_with_and_without_kafka_listeners_decode() {
+        let mut old = serde_json::to_value(MetaImage::default()).unwrap();
+        old.as_object_mut().unwrap().remove("kafka");
+        let image: MetaImage = serde_json::from_value(old).unwrap();
+        assert!(image.kafka.is_empty());
+        let image = MetaImage {
+            kafka: BTreeMap::from([(2, "127.0.0.1:19092".to_string())]),
+            ..MetaImage::default()
+        };
+        let back: MetaImage =
+            serde_json::from_value(serde_json::to_value(&image).unwrap()).unwrap();
+        assert_eq!(back.kafka, image.kafka);
+    }
+}
