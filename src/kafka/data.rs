@@ -576,3 +576,93 @@ fn read_partition(
     records::encode_batch(&mut out, &stored);
     Ok((out.freeze(), bounds.first, bounds.next))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(batches: &[(i32, i32)]) -> SequenceState {
+        SequenceState {
+            recent: batches
+                .iter()
+                .enumerate()
+                .map(|(i, (first, last))| (*first, *last, i as u64 * 10))
+                .collect(),
+            ..SequenceState::default()
+        }
+    }
+
+    fn batch(base_sequence: i32) -> Idempotence {
+        Idempotence {
+            producer_id: 7,
+            producer_epoch: 0,
+            base_sequence,
+        }
+    }
+
+    fn check(state: &SequenceState, first: i32, count: i32, gaps: bool) -> &'static str {
+        match check_sequence(state, &batch(first), count, gaps, Instant::now()) {
+            Sequence::Append => "append",
+            Sequence::Duplicate(_) => "duplicate",
+            Sequence::Refuse(ResponseError::OutOfOrderSequenceNumber) => "out of order",
+            Sequence::Refuse(_) => "refused",
+        }
+    }
+
+    #[test]
+    fn a_single_node_refuses_a_gap_and_a_cluster_node_takes_one_forward() {
+        let state = sent(&[(0, 4), (5, 9)]);
+        assert_eq!(check(&state, 10, 5, false), "append");
+        assert_eq!(check(&state, 5, 5, false), "duplicate");
+        assert_eq!(check(&state, 20, 5, false), "out of order");
+        // On a cluster node the batches 10..19 may have gone through another node.
+        assert_eq!(check(&state, 20, 5, true), "append");
+        assert_eq!(check(&state, 5, 5, true), "duplicate");
+        // Never backwards: an older batch not remembered here.
+        assert_eq!(check(&state, 3, 1, true), "out of order");
+    }
+
+    #[test]
+    fn a_batch_that_failed_here_holds_the_later_ones_back() {
+        let now = Instant::now();
+        let mut state = sent(&[(0, 4)]);
+        state.failed = Some((5, now));
+        let later = check_sequence(&state, &batch(10), 5, true, now);
+        assert!(matches!(
+            later,
+            Sequence::Refuse(ResponseError::OutOfOrderSequenceNumber)
+        ));
+        // Its retry goes through; a hold long past no longer counts.
+        assert!(matches!(
+            check_sequence(&state, &batch(5), 5, true, now),
+            Sequence::Append
+        ));
+        let much_later = now + FAILED_HOLD + Duration::from_secs(1);
+        assert!(matches!(
+            check_sequence(&state, &batch(10), 5, true, much_later),
+            Sequence::Append
+        ));
+    }
+
+    #[test]
+    fn batch_keys_name_producer_epoch_partition_and_sequences() {
+        let key = batch_key(&batch(5), 1, 3);
+        assert_eq!(key, "kafka:7:0:1:5-7");
+        assert_ne!(key, batch_key(&batch(5), 0, 3), "another partition");
+        assert_ne!(key, batch_key(&batch(5), 1, 4), "another batch");
+    }
+
+    #[test]
+    fn cluster_nodes_hand_out_distinct_producer_ids() {
+        let (one, two) = (Producers::for_node(1), Producers::for_node(2));
+        let ids: Vec<i64> = (0..100)
+            .flat_map(|_| [one.allocate(), two.allocate()])
+            .collect();
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len());
+        assert!(ids.iter().all(|id| *id > 0));
+        assert_eq!(one.allocate() % NODE_ID_SPAN, 1);
+    }
+}
