@@ -81,6 +81,42 @@ def poll_some(consumers, seen):
             seen.setdefault(msg.value(), []).append((name, msg.partition(), msg.offset()))
 
 
+def committed_everywhere(members, seen, http_url, topic, group, partitions):
+    """Polls (heartbeats, rebalances) until the members together own every partition, then
+    commits their positions; true once those are the qit group's floors: the end of every
+    partition, as far as the members consumed."""
+    poll_some(members, seen)
+    owned = set()
+    for c in members.values():
+        owned |= {tp.partition for tp in c.assignment()}
+    if owned != set(range(partitions)):
+        return report(f"owned {owned}")
+    for name, c in members.items():
+        try:
+            c.commit(asynchronous=False)
+        except KafkaException as e:
+            # Nothing consumed since it got its partitions: they stay where they were.
+            if e.args[0].code() != KafkaError._NO_OFFSET:
+                return report(f"commit of {name}: {e}")
+    ends = {}
+    for where in seen.values():
+        for _, p, o in where:
+            ends[p] = max(ends.get(p, 0), o + 1)
+    floors = group_floors(http_url, topic, group)
+    return floors == ends or report(f"floors {floors}, ends {ends}")
+
+
+REPORTED = [0.0]
+
+
+def report(what):
+    """Says on stderr (every 2 s at most) why a wait goes on; false."""
+    if time.monotonic() - REPORTED[0] > 2:
+        REPORTED[0] = time.monotonic()
+        print(f"waiting: {what}", file=sys.stderr, flush=True)
+    return False
+
+
 def commit(c):
     """A synchronous commit, again while the group moves (coordinator failover, rebalance)."""
     deadline = time.monotonic() + DEADLINE_S
@@ -123,14 +159,8 @@ def scenario_group(bootstrap_a, bootstrap_b, http_url, topic, group, n):
     for value, where in seen.items():
         for name, p, _ in where:
             by_member.setdefault(name, set()).add(p)
-    for c in members.values():
-        commit(c)
-    ends = {}
-    for where in seen.values():
-        for _, p, o in where:
-            ends[p] = max(ends.get(p, 0), o + 1)
     until("the commits show as the qit group's floors",
-          lambda: group_floors(http_url, topic, group) == ends)
+          lambda: committed_everywhere(members, seen, http_url, topic, group, 4))
     for c in members.values():
         c.close()
     print(json.dumps({"owned": {k: sorted(v) for k, v in owned.items()},
@@ -183,14 +213,8 @@ def scenario_failover(bootstrap, http_url, topic, group, n):
                   file=sys.stderr, flush=True)
         missing = [v for v in missing if v not in seen]
         assert time.monotonic() < deadline, f"{len(missing)} acknowledged records never consumed: {missing[:5]}"
-    for c in members.values():
-        commit(c)
-    ends = {}
-    for where in seen.values():
-        for _, p, o in where:
-            ends[p] = max(ends.get(p, 0), o + 1)
     until("the commits through the new coordinator are the qit group's floors",
-          lambda: group_floors(http_url, topic, group) == ends)
+          lambda: committed_everywhere(members, seen, http_url, topic, group, 2))
     for c in members.values():
         c.close()
     counts = {}
