@@ -7,6 +7,10 @@
 //! qit does not have yet has no committed offset (-1: the client's `auto.offset.reset`
 //! decides); one that HTTP or gRPC consumers use reports the floor their acks reached.
 //! Commit metadata strings are not kept.
+//!
+//! On a cluster node a commit or a fetch of the floors that finds the topic's group without
+//! a leader (an election) answers `COORDINATOR_LOAD_IN_PROGRESS`, which clients retry,
+//! rather than an error they would take as final (and fall back to `auto.offset.reset`).
 
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::offset_commit_response::{
@@ -55,7 +59,7 @@ pub async fn commit(
                 (None, Ok(())) => {
                     commit_one(kafka, &name, &group, p.partition_index, p.committed_offset)
                         .await
-                        .map_or_else(|e| e.code(), |()| 0)
+                        .map_or_else(|e| group_code(&e), |()| 0)
                 }
             };
             out.partitions.push(
@@ -97,7 +101,7 @@ pub async fn fetch(
     kafka: &Kafka,
     user: Option<&str>,
     request: OffsetFetchRequest,
-    _version: i16,
+    version: i16,
 ) -> OffsetFetchResponse {
     let group = request.group_id.0.to_string();
     let mut response = OffsetFetchResponse::default();
@@ -146,13 +150,31 @@ pub async fn fetch(
                     }
                 }
                 Ok(None) => {}
-                Err(error) => p.error_code = error.code(),
+                Err(error) => {
+                    p.error_code = group_code(error);
+                    if version >= 2
+                        && p.error_code == ResponseError::CoordinatorLoadInProgress.code()
+                    {
+                        response.error_code = p.error_code;
+                    }
+                }
             }
             out.partitions.push(p);
         }
         response.topics.push(out);
     }
     response
+}
+
+/// The code of a failed commit or floor read: one clients retry while the topic's group
+/// elects a leader, else the error's own.
+fn group_code(error: &KafkaError) -> i16 {
+    match error {
+        KafkaError::Broker(BrokerError::NoLeader(_) | BrokerError::ShuttingDown) => {
+            ResponseError::CoordinatorLoadInProgress.code()
+        }
+        other => other.code(),
+    }
 }
 
 /// The group's committed offset per partition of a topic, `None` when qit has no such
@@ -166,5 +188,24 @@ async fn floors(
         Ok(floors) => Ok(floors),
         Err(BrokerError::GroupNotFound { .. }) => Ok(None),
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_without_a_leader_is_retried_not_final() {
+        let electing = KafkaError::Broker(BrokerError::NoLeader("group 4".into()));
+        assert_eq!(
+            group_code(&electing),
+            ResponseError::CoordinatorLoadInProgress.code()
+        );
+        let missing = KafkaError::Broker(BrokerError::QueueNotFound("q".into()));
+        assert_eq!(
+            group_code(&missing),
+            ResponseError::UnknownTopicOrPartition.code()
+        );
     }
 }
