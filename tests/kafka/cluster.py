@@ -98,10 +98,10 @@ def committed_everywhere(members, seen, http_url, topic, group, partitions):
             # Nothing consumed since it got its partitions: they stay where they were.
             if e.args[0].code() != KafkaError._NO_OFFSET:
                 return report(f"commit of {name}: {e}")
-    ends = {}
+    ends = {p: 0 for p in range(partitions)}
     for where in seen.values():
         for _, p, o in where:
-            ends[p] = max(ends.get(p, 0), o + 1)
+            ends[p] = max(ends[p], o + 1)
     floors = group_floors(http_url, topic, group)
     return floors == ends or report(f"floors {floors}, ends {ends}")
 
@@ -176,7 +176,7 @@ def scenario_failover(bootstrap, http_url, topic, group, n):
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                          "acks": "all", "linger.ms": 5, "message.timeout.ms": 120000})
     acked, errors = [], []
-    delivering(producer, topic, [{"value": f"r{i}".encode()} for i in range(half)], acked, errors)
+    delivering(producer, topic, [{"value": f"r{i}".encode(), "key": f"k{i}".encode()} for i in range(half)], acked, errors)
     assert producer.flush(60) == 0 and not errors, errors[:5]
     members = {"a": consumer(bootstrap, group), "b": consumer(bootstrap, group)}
     for c in members.values():
@@ -190,12 +190,12 @@ def scenario_failover(bootstrap, http_url, topic, group, n):
         commit(c)
     # Records in flight when the node dies: their retries go to the new leader.
     quarter = half + (n - half) // 4
-    delivering(producer, topic, [{"value": f"r{i}".encode()} for i in range(half, quarter)],
+    delivering(producer, topic, [{"value": f"r{i}".encode(), "key": f"k{i}".encode()} for i in range(half, quarter)],
                acked, errors)
     print("kill", flush=True)
     assert sys.stdin.readline().strip() == "killed"
     killed_at = time.monotonic()
-    delivering(producer, topic, [{"value": f"r{i}".encode()} for i in range(quarter, n)], acked, errors)
+    delivering(producer, topic, [{"value": f"r{i}".encode(), "key": f"k{i}".encode()} for i in range(quarter, n)], acked, errors)
     deadline = time.monotonic() + 2 * DEADLINE_S
     while len(producer) > 0:
         producer.poll(0.05)
