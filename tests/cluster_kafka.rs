@@ -312,6 +312,13 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
         .await;
     }
 
+    // GET /cluster names each node's Kafka listener too.
+    let view = common::get_json(format!("{}/cluster", cluster.http(via))).await;
+    for node in view["nodes"].as_array().expect("nodes") {
+        let id = node["id"].as_u64().expect("an id");
+        assert_eq!(node["kafka"], json!(cluster.node(id).kafka()), "{node}");
+    }
+
     // Produce through a node that does not lead: forwarded; again through the third node
     // (the client "failed over"): the same batch is answered with its offset, not stored.
     let mut producer = connect(&cluster.node(via).kafka()).await;
