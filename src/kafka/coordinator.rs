@@ -661,3 +661,88 @@ impl Coordinator {
         self.groups.lock().get(group).map_or(0, |g| g.members.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+    use kafka_protocol::messages::{
+        ApiKey, GroupId, OffsetCommitRequest, OffsetFetchRequest, TopicName,
+    };
+
+    fn group() -> GroupId {
+        GroupId(text("g"))
+    }
+
+    /// Every group request gets NOT_COORDINATOR in a frame its version can carry.
+    #[test]
+    fn not_coordinator_answers_encode_at_every_served_version() {
+        let topic = TopicName(text("t"));
+        let requests = || -> Vec<(ApiKey, RequestKind)> {
+            vec![
+                (
+                    ApiKey::JoinGroup,
+                    RequestKind::JoinGroup(JoinGroupRequest::default().with_group_id(group())),
+                ),
+                (
+                    ApiKey::SyncGroup,
+                    RequestKind::SyncGroup(SyncGroupRequest::default().with_group_id(group())),
+                ),
+                (
+                    ApiKey::Heartbeat,
+                    RequestKind::Heartbeat(HeartbeatRequest::default().with_group_id(group())),
+                ),
+                (
+                    ApiKey::LeaveGroup,
+                    RequestKind::LeaveGroup(LeaveGroupRequest::default().with_group_id(group())),
+                ),
+                (
+                    ApiKey::OffsetCommit,
+                    RequestKind::OffsetCommit(
+                        OffsetCommitRequest::default()
+                            .with_group_id(group())
+                            .with_topics(vec![
+                                OffsetCommitRequestTopic::default()
+                                    .with_name(topic.clone())
+                                    .with_partitions(vec![
+                                        OffsetCommitRequestPartition::default()
+                                            .with_partition_index(1),
+                                    ]),
+                            ]),
+                    ),
+                ),
+                (
+                    ApiKey::OffsetFetch,
+                    RequestKind::OffsetFetch(
+                        OffsetFetchRequest::default()
+                            .with_group_id(group())
+                            .with_topics(Some(vec![
+                                OffsetFetchRequestTopic::default()
+                                    .with_name(topic.clone())
+                                    .with_partition_indexes(vec![1]),
+                            ])),
+                    ),
+                ),
+            ]
+        };
+        for (api, min, max) in super::super::dispatch::SUPPORTED {
+            for version in *min..=*max {
+                for (key, request) in requests() {
+                    if key != *api {
+                        continue;
+                    }
+                    assert_eq!(group_of(&request), Some("g"));
+                    let answer = not_coordinator(request, version).expect("a group request");
+                    let frame = super::super::dispatch::encode(*api, version, 1, &answer);
+                    assert!(frame.is_ok(), "{api:?} v{version}: {frame:?}");
+                }
+            }
+        }
+        let other = RequestKind::ApiVersions(Default::default());
+        assert_eq!(group_of(&other), None);
+        assert!(not_coordinator(other, 3).is_none());
+    }
+}
