@@ -5,10 +5,11 @@
 //!
 //! Without a replicator (the single node) the broker calls its local paths directly, so a
 //! lone node pays nothing for this module. With one, the public broker methods turn into
-//! ops and hand them to it; the cluster either proposes them (replicated ops: publish, ack,
-//! seek, dead-letter completion, delivery counts, metadata, users and grants) or forwards
-//! them to the node holding the leases (receive, nack, extend, redrive), which runs them
-//! with [`Broker::apply_op`].
+//! ops and hand them to it; the cluster either proposes them (replicated ops: publish, the
+//! Kafka adapter's record appends, ack, seek, dead-letter completion, delivery counts,
+//! metadata, users and grants) or forwards them to the node holding the leases (receive,
+//! nack, extend, redrive, and reads of a group's committed offsets for a node without a
+//! replica), which runs them with [`Broker::apply_op`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
