@@ -351,6 +351,40 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
         ["plain", "x", "y", "z"]
     );
 
+    // Topics made and deleted through followers: metadata entries, seen on every node.
+    {
+        use kafka_protocol::messages::create_topics_request::CreatableTopic;
+        use kafka_protocol::messages::{
+            CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+        };
+        let mut create = CreateTopicsRequest::default().with_timeout_ms(30_000);
+        create.topics = vec![
+            CreatableTopic::default()
+                .with_name(topic("made"))
+                .with_num_partitions(3)
+                .with_replication_factor(3),
+        ];
+        let mut answer = call(&mut producer, ApiKey::CreateTopics, 7, &create).await;
+        let made = CreateTopicsResponse::decode(&mut answer, 7).unwrap();
+        assert_eq!(made.topics[0].error_code, 0, "{made:?}");
+        assert_eq!(made.topics[0].replication_factor, 3);
+        // The node that answered has applied the creation.
+        let info = common::get_json(format!("{}/queues/made", cluster.http(via))).await;
+        assert_eq!(info["partitions"].as_array().map(Vec::len), Some(3));
+        let mut delete = DeleteTopicsRequest::default().with_timeout_ms(30_000);
+        delete.topic_names = vec![topic("made")];
+        let mut answer = call(&mut elsewhere, ApiKey::DeleteTopics, 5, &delete).await;
+        let deleted = DeleteTopicsResponse::decode(&mut answer, 5).unwrap();
+        assert_eq!(deleted.responses[0].error_code, 0, "{deleted:?}");
+        for node in 1..=3 {
+            let url = format!("{}/queues/made", cluster.http(node));
+            eventually(&format!("node {node} dropped the topic"), || async {
+                common::http().get(&url).send().await.unwrap().status() == 404
+            })
+            .await;
+        }
+    }
+
     // One coordinator for a group, named by every node; the others send members there.
     let group = group_on(&cluster, via, "raw");
     for node in 1..=3 {
