@@ -237,10 +237,16 @@ pub struct DedupWindow {
 }
 
 impl DedupWindow {
-    /// The id a key got, if it was published at or after `now - window`.
+    /// The id a key got, if it was published at or after `now - window` (checked on the
+    /// key itself too: times inserted out of order leave older keys behind newer ones in
+    /// the eviction queue, and the answer must not depend on that order).
     pub fn get(&mut self, key: &str, now_ms: i64, window_ms: i64) -> Option<MessageId> {
-        self.evict(now_ms - window_ms);
-        self.ids.get(key).map(|(id, _)| *id)
+        let since = now_ms - window_ms;
+        self.evict(since);
+        self.ids
+            .get(key)
+            .filter(|(_, at)| *at >= since)
+            .map(|(id, _)| *id)
     }
 
     /// Remembers that `key` got `id` at `at_ms`.
@@ -342,5 +348,21 @@ mod tests {
         assert_eq!(window.get("a", 1_500, 1_000), Some(id));
         assert_eq!(window.get("a", 2_001, 1_000), None);
         assert!(window.is_empty());
+    }
+
+    /// A key inserted with an older time after a newer one is forgotten at its own time,
+    /// not when the newer one goes (the queue is evicted from its front only).
+    #[test]
+    fn dedup_window_forgets_a_key_at_its_own_time_whatever_the_order() {
+        let mut window = DedupWindow::default();
+        let id = MessageId {
+            partition: 0,
+            offset: 1,
+        };
+        window.insert("new".into(), id, 5_000);
+        window.insert("old".into(), id, 1_000);
+        assert_eq!(window.get("old", 1_500, 1_000), Some(id));
+        assert_eq!(window.get("old", 2_001, 1_000), None);
+        assert_eq!(window.get("new", 2_001, 1_000), Some(id));
     }
 }

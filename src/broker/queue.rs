@@ -536,9 +536,12 @@ impl Queue {
     }
 
     /// Appends `records` to partition `partition` as one run, once per `key` within the
-    /// dedup window: a key seen there answers the offset its first append got and stores
-    /// nothing. The key is kept as the first record's idempotency header (so a rebuilt
-    /// window knows it), stamped `now_ms` (a replicated append carries its proposer's).
+    /// dedup window as of `now_ms` (a replicated append carries its proposer's clock): a
+    /// key seen there answers the offset its first append got and stores nothing. The key
+    /// is kept as the first record's idempotency header and remembered at that record's
+    /// own timestamp, which is what a window rebuilt from the log (after a restart, on
+    /// any replica) reads back, so every replica decides alike. (A batch stamped by its
+    /// producer more than the window in the past is therefore never matched.)
     pub async fn append_once(
         &self,
         partition: u32,
@@ -567,6 +570,7 @@ impl Queue {
                 bytes::Bytes::copy_from_slice(key.as_bytes()),
             ));
         }
+        let stamped = records.first().map_or(now_ms, |r| r.timestamp_ms);
         let first = log.append(records).await?;
         window.insert(
             key.to_string(),
@@ -574,7 +578,7 @@ impl Queue {
                 partition,
                 offset: first,
             },
-            now_ms,
+            stamped,
         );
         Ok(first)
     }
