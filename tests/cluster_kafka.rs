@@ -189,7 +189,9 @@ fn batch(producer_id: i64, sequence: i32, values: &[&str]) -> Bytes {
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
             sequence: sequence + i as i32,
-            timestamp: 1_700_000_000_000,
+            // Now, as producers stamp records (a batch stamped more than the queue's
+            // dedup window ago is not matched across nodes).
+            timestamp: qit::clock::Clock::system().now_ms(),
             key: None,
             value: Some(Bytes::copy_from_slice(v.as_bytes())),
             headers: Default::default(),

@@ -13,7 +13,9 @@
 //! range) that the replicated append stores once per the queue's dedup window
 //! ([`crate::broker::Broker::append_records_once`]): a batch retried through any node
 //! within it is answered with its first offset and not stored again, as an HTTP publish
-//! with an idempotency key. A sequence past the next one is accepted there (the batches
+//! with an idempotency key (a batch stamped by its producer more than the window in the
+//! past is not matched: the key is remembered at the batch's own timestamp, which every
+//! replica reads back alike). A sequence past the next one is accepted there (the batches
 //! in between went through another node), unless a batch before it failed on this node
 //! lately; producer ids end in the node id, so no two nodes hand out the same one.
 
