@@ -305,4 +305,93 @@ mod tests {
         };
         assert_eq!(&answer[..], &[0, 0, 0, 6, 0, 0, 0, 77, 0, 35]);
     }
+
+    mod group_requests {
+        use super::*;
+        use kafka_protocol::messages::offset_commit_request::{
+            OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+        };
+        use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+        use kafka_protocol::messages::{
+            GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, OffsetCommitRequest,
+            OffsetFetchRequest, SyncGroupRequest, TopicName,
+        };
+        use kafka_protocol::protocol::StrBytes;
+
+        fn group() -> GroupId {
+            GroupId(StrBytes::from_static_str("g"))
+        }
+
+        /// Every group request gets NOT_COORDINATOR in a frame its version can carry.
+        #[test]
+        fn not_coordinator_answers_encode_at_every_served_version() {
+            let topic = TopicName(StrBytes::from_static_str("t"));
+            let requests = || -> Vec<(ApiKey, RequestKind)> {
+                vec![
+                    (
+                        ApiKey::JoinGroup,
+                        RequestKind::JoinGroup(JoinGroupRequest::default().with_group_id(group())),
+                    ),
+                    (
+                        ApiKey::SyncGroup,
+                        RequestKind::SyncGroup(SyncGroupRequest::default().with_group_id(group())),
+                    ),
+                    (
+                        ApiKey::Heartbeat,
+                        RequestKind::Heartbeat(HeartbeatRequest::default().with_group_id(group())),
+                    ),
+                    (
+                        ApiKey::LeaveGroup,
+                        RequestKind::LeaveGroup(
+                            LeaveGroupRequest::default().with_group_id(group()),
+                        ),
+                    ),
+                    (
+                        ApiKey::OffsetCommit,
+                        RequestKind::OffsetCommit(
+                            OffsetCommitRequest::default()
+                                .with_group_id(group())
+                                .with_topics(vec![
+                                    OffsetCommitRequestTopic::default()
+                                        .with_name(topic.clone())
+                                        .with_partitions(vec![
+                                            OffsetCommitRequestPartition::default()
+                                                .with_partition_index(1),
+                                        ]),
+                                ]),
+                        ),
+                    ),
+                    (
+                        ApiKey::OffsetFetch,
+                        RequestKind::OffsetFetch(
+                            OffsetFetchRequest::default()
+                                .with_group_id(group())
+                                .with_topics(Some(vec![
+                                    OffsetFetchRequestTopic::default()
+                                        .with_name(topic.clone())
+                                        .with_partition_indexes(vec![1]),
+                                ])),
+                        ),
+                    ),
+                ]
+            };
+            for (api, min, max) in SUPPORTED {
+                for version in *min..=*max {
+                    for (key, request) in requests() {
+                        if key != *api {
+                            continue;
+                        }
+                        assert_eq!(crate::kafka::coordinator::group_of(&request), Some("g"));
+                        let answer = crate::kafka::coordinator::not_coordinator(request, version)
+                            .expect("a group request");
+                        let frame = encode(*api, version, 1, &answer);
+                        assert!(frame.is_ok(), "{api:?} v{version}: {frame:?}");
+                    }
+                }
+            }
+            let other = RequestKind::ApiVersions(Default::default());
+            assert_eq!(crate::kafka::coordinator::group_of(&other), None);
+            assert!(crate::kafka::coordinator::not_coordinator(other, 3).is_none());
+        }
+    }
 }
