@@ -347,11 +347,15 @@ impl ServerConfig {
         Ok(Some(map))
     }
 
-    /// Where the Kafka listener opens, if it does: never on a cluster node, whose broker is
-    /// rebuilt from its Raft logs while Kafka's appends do not go through Raft yet (so the
-    /// Kafka default may coincide with a node's gRPC port, 9092 in a 9091..9093 set).
+    /// Where the Kafka listener opens, if it does. A cluster node opens it only at an
+    /// address other than the single node's default: nodes sharing a host would all want
+    /// 127.0.0.1:9092 (which is also the second node's gRPC port in a 9091..9093 set), so
+    /// each node is given its own `--kafka`.
     pub fn kafka_listener(&self) -> Option<SocketAddr> {
-        self.kafka.0.filter(|_| self.peers.is_none())
+        let default = Self::default().kafka.0;
+        self.kafka
+            .0
+            .filter(|addr| self.peers.is_none() || Some(*addr) != default)
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
@@ -420,8 +424,8 @@ mod tests {
         assert!(ServerConfig::from_file(&path).is_err());
     }
 
-    /// A cluster node's gRPC port may be the Kafka default (nodes on 9091..9093): the
-    /// listener is not opened on a cluster node, so the clash is not one.
+    /// A cluster node's gRPC port may be the Kafka default (nodes on 9091..9093): a cluster
+    /// node does not open the listener at the default address, so the clash is not one.
     #[test]
     fn a_cluster_node_may_use_the_kafka_default_port_for_grpc() {
         let grpc: SocketAddr = "127.0.0.1:9092".parse().unwrap();
@@ -444,7 +448,15 @@ mod tests {
         assert_eq!(
             config.kafka_listener(),
             None,
-            "no Kafka listener on a cluster node"
+            "no Kafka listener at the default address on a cluster node"
+        );
+        let own: SocketAddr = "127.0.0.1:19102".parse().unwrap();
+        config.kafka = KafkaListen(Some(own));
+        config.validate().unwrap();
+        assert_eq!(
+            config.kafka_listener(),
+            Some(own),
+            "a cluster node given its own address listens there"
         );
     }
 

@@ -133,8 +133,10 @@ impl Server {
         }
         let http = bind(config.http).await?;
         let grpc = bind(config.grpc).await?;
-        if peers.is_some() && config.kafka.0.is_some() {
-            tracing::warn!("the Kafka listener is not available in a cluster yet: not started");
+        if peers.is_some() && config.kafka.0.is_some() && config.kafka_listener().is_none() {
+            tracing::info!(
+                "a cluster node's Kafka listener opens at an address given with --kafka, not at the default: not started"
+            );
         }
         let kafka = match config.kafka_listener() {
             Some(addr) => Some(bind(addr).await?),
@@ -161,6 +163,7 @@ impl Server {
                     cluster_addr,
                     http_addr: http.local_addr().unwrap_or(config.http),
                     grpc_addr: grpc.local_addr().unwrap_or(config.grpc),
+                    kafka_addr: kafka.as_ref().and_then(|k| k.local_addr().ok()),
                 };
                 let local = crate::cluster::Cluster::prepare(&cluster_config)?;
                 broker
@@ -258,14 +261,18 @@ impl Server {
                 ),
         );
         if let Some(listener) = self.kafka {
-            let kafka = Arc::new(crate::kafka::Kafka::new(
+            let mut kafka = crate::kafka::Kafka::new(
                 Arc::clone(&self.broker),
                 self.auth.clone(),
                 crate::kafka::KafkaConfig {
                     max_connections: self.config.max_connections,
                     ..crate::kafka::KafkaConfig::default()
                 },
-            ));
+            );
+            if let Some((_, cluster)) = &self.cluster {
+                kafka = kafka.with_cluster(Arc::clone(cluster));
+            }
+            let kafka = Arc::new(kafka);
             let (groups, groups_stop) = (Arc::clone(&kafka), stop.clone());
             tasks.spawn(async move { groups.groups.run(groups_stop).await });
             tasks.spawn(crate::kafka::conn::serve(

@@ -577,3 +577,51 @@ async fn journal_cut_at_every_byte_of_last_entry() {
         std::fs::write(&journal, &whole).unwrap();
     }
 }
+
+/// A record append with a batch key (an idempotent Kafka producer's batch on a cluster
+/// node) is stored once within the dedup window, also after a restart (the window is read
+/// back from the log), and the key does not show in what readers get.
+#[tokio::test]
+async fn a_keyed_record_append_is_stored_once_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = |value: &str| qit::log::Record {
+        timestamp_ms: Clock::system().now_ms(),
+        key: None,
+        headers: vec![("h".to_string(), Bytes::from_static(b"v"))],
+        value: Bytes::copy_from_slice(value.as_bytes()),
+    };
+    let key = || Some("kafka:7:0:0:0-1".to_string());
+    {
+        let b = open(dir.path()).await;
+        b.create_queue("k", QueueSettings::default()).await.unwrap();
+        let first = b
+            .append_records_once("k", 0, vec![record("a"), record("b")], key())
+            .await
+            .unwrap();
+        assert_eq!(first, 0);
+        let again = b
+            .append_records_once("k", 0, vec![record("a"), record("b")], key())
+            .await
+            .unwrap();
+        assert_eq!(again, 0, "the retried batch answers its first offset");
+        b.shutdown().await.unwrap();
+    }
+    let b = open(dir.path()).await;
+    let after = b
+        .append_records_once("k", 0, vec![record("a"), record("b")], key())
+        .await
+        .unwrap();
+    assert_eq!(after, 0, "the window is read back from the log");
+    let other = Some("kafka:7:0:0:2-2".to_string());
+    assert_eq!(
+        b.append_records_once("k", 0, vec![record("c")], other)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(b.partition_bounds("k", 0).unwrap().next, 3);
+    let (read, _) = b.read_log("k", 0, ReadFrom::Offset(0), 10).unwrap();
+    assert_eq!(bodies(&read), ["a", "b", "c"]);
+    assert!(read.iter().all(|d| d.headers.keys().eq(["h"])), "{read:?}");
+    b.shutdown().await.unwrap();
+}

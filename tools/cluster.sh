@@ -4,7 +4,7 @@
 # per node; logs to node-N.log there.
 #
 #   tools/cluster.sh                 # nodes 1..3: HTTP 8081..8083, gRPC 9091..9093,
-#                                    # cluster 7101..7103
+#                                    # Kafka 19091..19093, cluster 7101..7103
 #   QIT=target/release/qit tools/cluster.sh
 #   curl -s localhost:8081/cluster   # who leads what
 #
@@ -33,11 +33,12 @@ trap stop INT TERM EXIT
 
 for n in 1 2 3; do
   "$QIT" serve --node-id "$n" --cluster "127.0.0.1:710$n" --peers "$PEERS" \
-    --http "127.0.0.1:808$n" --grpc "127.0.0.1:909$n" --data-dir "$DIR/node-$n" "$@" \
+    --http "127.0.0.1:808$n" --grpc "127.0.0.1:909$n" --kafka "127.0.0.1:1909$n" \
+    --data-dir "$DIR/node-$n" "$@" \
     >"$DIR/node-$n.log" 2>&1 &
   pids+=($!)
 done
-echo "qit cluster: HTTP 127.0.0.1:8081..8083, gRPC 9091..9093; logs in $DIR/node-*.log"
+echo "qit cluster: HTTP 127.0.0.1:8081..8083, gRPC 9091..9093, Kafka 19091..19093; logs in $DIR/node-*.log"
 for _ in $(seq 1 100); do
   if curl -fsS 127.0.0.1:8081/cluster >/dev/null 2>&1; then break; fi
   sleep 0.1

@@ -1,7 +1,7 @@
 //! Between broker messages and log records: internal headers, ids, key hashes — and the
 //! idempotent-publish window.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
@@ -233,30 +233,38 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
 #[derive(Debug, Default)]
 pub struct DedupWindow {
     ids: HashMap<String, (MessageId, i64)>,
-    order: VecDeque<(i64, String)>,
+    /// `(time, key)` in time order (not insertion order: a Kafka producer's timestamps
+    /// need not rise, and one far ahead must not hold the older keys back).
+    order: BTreeSet<(i64, String)>,
 }
 
 impl DedupWindow {
-    /// The id a key got, if it was published at or after `now - window`.
+    /// The id a key got, if it was published at or after `now - window` (checked on the
+    /// key itself too: times inserted out of order leave older keys behind newer ones in
+    /// the eviction queue, and the answer must not depend on that order).
     pub fn get(&mut self, key: &str, now_ms: i64, window_ms: i64) -> Option<MessageId> {
-        self.evict(now_ms - window_ms);
-        self.ids.get(key).map(|(id, _)| *id)
+        let since = now_ms - window_ms;
+        self.evict(since);
+        self.ids
+            .get(key)
+            .filter(|(_, at)| *at >= since)
+            .map(|(id, _)| *id)
     }
 
     /// Remembers that `key` got `id` at `at_ms`.
     pub fn insert(&mut self, key: String, id: MessageId, at_ms: i64) {
-        self.order.push_back((at_ms, key.clone()));
-        self.ids.insert(key, (id, at_ms));
+        if let Some((_, old)) = self.ids.insert(key.clone(), (id, at_ms)) {
+            self.order.remove(&(old, key.clone()));
+        }
+        self.order.insert((at_ms, key));
     }
 
     fn evict(&mut self, before_ms: i64) {
-        while let Some((at, _)) = self.order.front() {
+        while let Some((at, _)) = self.order.first() {
             if *at >= before_ms {
                 break;
             }
-            if let Some((at, key)) = self.order.pop_front()
-                && self.ids.get(&key).is_some_and(|(_, t)| *t == at)
-            {
+            if let Some((_, key)) = self.order.pop_first() {
                 self.ids.remove(&key);
             }
         }
@@ -342,5 +350,30 @@ mod tests {
         assert_eq!(window.get("a", 1_500, 1_000), Some(id));
         assert_eq!(window.get("a", 2_001, 1_000), None);
         assert!(window.is_empty());
+    }
+
+    /// A key inserted with an older time after a newer one is forgotten at its own time,
+    /// not when the newer one goes.
+    #[test]
+    fn dedup_window_forgets_a_key_at_its_own_time_whatever_the_order() {
+        let mut window = DedupWindow::default();
+        let id = MessageId {
+            partition: 0,
+            offset: 1,
+        };
+        window.insert("new".into(), id, 5_000);
+        window.insert("old".into(), id, 1_000);
+        assert_eq!(window.get("old", 1_500, 1_000), Some(id));
+        assert_eq!(window.get("old", 2_001, 1_000), None);
+        assert_eq!(window.get("new", 2_001, 1_000), Some(id));
+        assert_eq!(
+            window.len(),
+            1,
+            "the old key is gone, not held behind the new one"
+        );
+        // Remembered again later: the newer time counts.
+        window.insert("new".into(), id, 9_000);
+        assert_eq!(window.get("new", 6_500, 1_000), Some(id));
+        assert_eq!(window.len(), 1);
     }
 }

@@ -535,6 +535,54 @@ impl Queue {
         }
     }
 
+    /// Appends `records` to partition `partition` as one run, once per `key` within the
+    /// dedup window as of `now_ms` (a replicated append carries its proposer's clock): a
+    /// key seen there answers the offset its first append got and stores nothing. The key
+    /// is kept as the first record's idempotency header and remembered at that record's
+    /// own timestamp, which is what a window rebuilt from the log (after a restart, on
+    /// any replica) reads back, so every replica decides alike. (A batch stamped by its
+    /// producer more than the window in the past is therefore never matched.)
+    pub async fn append_once(
+        &self,
+        partition: u32,
+        mut records: Vec<crate::log::Record>,
+        key: &str,
+        now_ms: i64,
+    ) -> Result<u64, BrokerError> {
+        let log = self.partitions.get(partition as usize).ok_or_else(|| {
+            BrokerError::InvalidArgument(format!(
+                "queue `{}` has no partition {partition}",
+                self.name
+            ))
+        })?;
+        let window_ms = self.settings.dedup_window as i64 * 1000;
+        let mut window = self.dedup.lock().await;
+        if window.is_none() {
+            *window = Some(self.rebuild_dedup(now_ms)?);
+        }
+        let window = window.get_or_insert_with(DedupWindow::default);
+        if let Some(id) = window.get(key, now_ms, window_ms) {
+            return Ok(id.offset);
+        }
+        if let Some(first) = records.first_mut() {
+            first.headers.push((
+                message::IDEMPOTENCY_HEADER.to_string(),
+                bytes::Bytes::copy_from_slice(key.as_bytes()),
+            ));
+        }
+        let stamped = records.first().map_or(now_ms, |r| r.timestamp_ms);
+        let first = log.append(records).await?;
+        window.insert(
+            key.to_string(),
+            MessageId {
+                partition,
+                offset: first,
+            },
+            stamped,
+        );
+        Ok(first)
+    }
+
     /// Appends messages: one batch per partition; a repeated idempotency key within the
     /// dedup window returns the first message's id and stores nothing.
     pub async fn publish(&self, messages: Vec<NewMessage>) -> Result<Vec<Published>, BrokerError> {

@@ -5,6 +5,7 @@
 
 use crate::log::{Record, StoredRecord};
 
+use super::replicate::{Op, WireRecord};
 use super::{Broker, BrokerError};
 
 /// First retained offset and next offset of one partition.
@@ -45,7 +46,58 @@ impl Broker {
         partition: u32,
         records: Vec<Record>,
     ) -> Result<u64, BrokerError> {
+        self.append_records_once(queue, partition, records, None)
+            .await
+    }
+
+    /// [`Self::append_records`], once per `batch_key` within the queue's dedup window
+    /// when one is given: an append with a key seen there answers the first offset the
+    /// first one got and stores nothing (a retried batch, also one retried through
+    /// another cluster node). On a cluster node the append is a replicated op of the
+    /// partition's group, answered once committed.
+    pub async fn append_records_once(
+        &self,
+        queue: &str,
+        partition: u32,
+        records: Vec<Record>,
+        batch_key: Option<String>,
+    ) -> Result<u64, BrokerError> {
         self.check_running()?;
+        if records.is_empty() {
+            return Err(BrokerError::InvalidArgument("no records to append".into()));
+        }
+        if let Some(replicator) = self.replicator() {
+            // Checked before it is proposed, as a publish is (the apply checks again).
+            if let Ok(q) = self.queue(queue) {
+                check_sizes(&records, q.settings.max_message_bytes)?;
+            }
+            let op = Op::AppendRecords {
+                queue: queue.to_string(),
+                partition,
+                records: records.into_iter().map(WireRecord::from).collect(),
+                batch_key,
+                now_ms: self.clock().now_ms(),
+            };
+            let published = replicator.submit(op).await?.published()?;
+            return published
+                .first()
+                .map(|p| p.offset)
+                .ok_or_else(|| BrokerError::InvalidArgument("nothing appended".into()));
+        }
+        let now_ms = self.clock().now_ms();
+        self.append_records_local(queue, partition, records, batch_key, now_ms)
+            .await
+    }
+
+    /// Appends on this node's own state (the single node, and every replica's apply).
+    pub(super) async fn append_records_local(
+        &self,
+        queue: &str,
+        partition: u32,
+        records: Vec<Record>,
+        batch_key: Option<String>,
+        now_ms: i64,
+    ) -> Result<u64, BrokerError> {
         if records.is_empty() {
             return Err(BrokerError::InvalidArgument("no records to append".into()));
         }
@@ -53,22 +105,84 @@ impl Broker {
         if q.is_deleted() {
             return Err(BrokerError::QueueNotFound(queue.to_string()));
         }
-        let limit = q.settings.max_message_bytes;
-        for record in &records {
-            let size = record_size(record);
-            if size > limit {
-                return Err(BrokerError::MessageTooLarge { size, limit });
-            }
-        }
+        check_sizes(&records, q.settings.max_message_bytes)?;
         let count = records.len() as u64;
         let started = std::time::Instant::now();
-        let first = self.partition(&q, partition)?.append(records).await?;
+        let first = match batch_key {
+            Some(key) => q.append_once(partition, records, &key, now_ms).await?,
+            None => self.partition(&q, partition)?.append(records).await?,
+        };
         q.notify.notify_waiters();
         q.publish_metrics().published.increment(count);
         q.publish_metrics()
             .latency
             .record(started.elapsed().as_secs_f64());
         Ok(first)
+    }
+
+    /// The committed offset of each partition of `group` on `queue` (`None`: no such
+    /// group). On a cluster node it is read on the leader of the queue's group (a node
+    /// without a replica holds none of its data).
+    pub async fn committed_offsets_at_leader(
+        &self,
+        queue: &str,
+        group: &str,
+    ) -> Result<Option<Vec<(u32, u64)>>, BrokerError> {
+        self.check_running()?;
+        match self.replicator() {
+            Some(replicator) => {
+                let op = Op::GroupOffsets {
+                    queue: queue.to_string(),
+                    group: group.to_string(),
+                };
+                replicator.submit(op).await?.offsets()
+            }
+            None => self.committed_offsets(queue, group),
+        }
+    }
+
+    /// The committed offset of each partition of `group` on `queue` in this node's own
+    /// state (`None`: no such group).
+    pub fn committed_offsets(
+        &self,
+        queue: &str,
+        group: &str,
+    ) -> Result<Option<Vec<(u32, u64)>>, BrokerError> {
+        match self.group_info(queue, group) {
+            Ok(info) => Ok(Some(
+                info.partitions
+                    .iter()
+                    .map(|p| (p.partition, p.committed_offset))
+                    .collect(),
+            )),
+            Err(BrokerError::GroupNotFound { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Moves `group`'s committed offset on one partition of `queue` to `offset` (clamped
+    /// to the partition's bounds), creating the group if needed: a seek that does not read
+    /// the group back (a cluster node without a replica of the queue has no copy of it).
+    pub async fn commit_offset(
+        &self,
+        queue: &str,
+        group: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), BrokerError> {
+        self.check_running()?;
+        let target = super::SeekTarget::Offset { partition, offset };
+        match self.replicator() {
+            Some(replicator) => {
+                let op = Op::Seek {
+                    queue: queue.to_string(),
+                    group: group.to_string(),
+                    target: target.into(),
+                };
+                replicator.submit(op).await?.done()
+            }
+            None => self.seek(queue, group, target).await.map(|_| ()),
+        }
     }
 
     /// Reads stored records of one partition from `from` (clamped up to the first retained
@@ -106,6 +220,17 @@ impl Broker {
             .map_or(timestamp_ms, |r| r.timestamp_ms);
         Ok(Some((offset, found)))
     }
+}
+
+/// Each record within `limit` bytes.
+fn check_sizes(records: &[Record], limit: u64) -> Result<(), BrokerError> {
+    for record in records {
+        let size = record_size(record);
+        if size > limit {
+            return Err(BrokerError::MessageTooLarge { size, limit });
+        }
+    }
+    Ok(())
 }
 
 /// The bytes of a record counted against `max_message_bytes`.

@@ -5,10 +5,11 @@
 //!
 //! Without a replicator (the single node) the broker calls its local paths directly, so a
 //! lone node pays nothing for this module. With one, the public broker methods turn into
-//! ops and hand them to it; the cluster either proposes them (replicated ops: publish, ack,
-//! seek, dead-letter completion, delivery counts, metadata, users and grants) or forwards
-//! them to the node holding the leases (receive, nack, extend, redrive), which runs them
-//! with [`Broker::apply_op`].
+//! ops and hand them to it; the cluster either proposes them (replicated ops: publish, the
+//! Kafka adapter's record appends, ack, seek, dead-letter completion, delivery counts,
+//! metadata, users and grants) or forwards them to the node holding the leases (receive,
+//! nack, extend, redrive, and reads of a group's committed offsets for a node without a
+//! replica), which runs them with [`Broker::apply_op`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -58,6 +59,42 @@ impl From<WireMessage> for NewMessage {
             content_type: m.content_type,
             body: m.body,
             idempotency_key: m.idempotency_key,
+        }
+    }
+}
+
+/// A log record as it travels in an op (the Kafka adapter's produce: the producer's
+/// timestamp, key and header bytes kept as they are).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRecord {
+    /// Milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Key bytes.
+    pub key: Option<Bytes>,
+    /// Headers in order.
+    pub headers: Vec<(String, Bytes)>,
+    /// The payload.
+    pub value: Bytes,
+}
+
+impl From<crate::log::Record> for WireRecord {
+    fn from(r: crate::log::Record) -> Self {
+        Self {
+            timestamp_ms: r.timestamp_ms,
+            key: r.key,
+            headers: r.headers,
+            value: r.value,
+        }
+    }
+}
+
+impl From<WireRecord> for crate::log::Record {
+    fn from(r: WireRecord) -> Self {
+        Self {
+            timestamp_ms: r.timestamp_ms,
+            key: r.key,
+            headers: r.headers,
+            value: r.value,
         }
     }
 }
@@ -303,6 +340,30 @@ pub enum Op {
         /// `(partition, offset, delivery count)`.
         counts: Vec<(u32, u64, u32)>,
     },
+    // New variants go last: stored entries name their variant by its index.
+    /// Append records as they are to one partition (the Kafka adapter's produce), once
+    /// per `batch_key` within the queue's dedup window.
+    AppendRecords {
+        /// Queue.
+        queue: String,
+        /// Partition.
+        partition: u32,
+        /// The records.
+        records: Vec<WireRecord>,
+        /// The batch's idempotence key (an idempotent Kafka producer's id, epoch and
+        /// sequence), kept as the first record's idempotency header.
+        batch_key: Option<String>,
+        /// Append time, for the dedup window.
+        now_ms: i64,
+    },
+    /// Read a group's committed offsets on the leader of the queue's group (not
+    /// replicated: for a node that holds no replica of the queue).
+    GroupOffsets {
+        /// Queue.
+        queue: String,
+        /// Group.
+        group: String,
+    },
 }
 
 /// Fields whose serde form skips absent values (queue settings, bindings) travel as JSON
@@ -342,10 +403,12 @@ impl Op {
             | Op::Ack { queue, .. }
             | Op::Seek { queue, .. }
             | Op::DeadLetterDone { queue, .. }
-            | Op::DeliveryCounts { queue, .. } => Scope::Queue(queue),
-            Op::Receive { queue, .. } | Op::Nack { queue, .. } | Op::Extend { queue, .. } => {
-                Scope::Leases(queue)
-            }
+            | Op::DeliveryCounts { queue, .. }
+            | Op::AppendRecords { queue, .. } => Scope::Queue(queue),
+            Op::Receive { queue, .. }
+            | Op::Nack { queue, .. }
+            | Op::Extend { queue, .. }
+            | Op::GroupOffsets { queue, .. } => Scope::Leases(queue),
             Op::Redrive { dead_letter, .. } => Scope::Leases(dead_letter),
             Op::CreateQueue { .. }
             | Op::DeleteQueue { .. }
@@ -380,6 +443,8 @@ pub enum OpResult {
     Delivered(Vec<WireDelivery>),
     /// How many dead letters a redrive moved.
     Moved(u64),
+    /// A group's committed offset per partition (`None`: no such group).
+    Offsets(Option<Vec<(u32, u64)>>),
 }
 
 /// A broker error as it travels between nodes: a stable code and the message.
@@ -541,6 +606,14 @@ impl OpResult {
     pub fn moved(self) -> Result<usize, BrokerError> {
         match self {
             OpResult::Moved(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A group's committed offsets.
+    pub fn offsets(self) -> Result<Option<Vec<(u32, u64)>>, BrokerError> {
+        match self {
+            OpResult::Offsets(offsets) => Ok(offsets),
             other => Err(unexpected(&other)),
         }
     }
@@ -720,6 +793,22 @@ impl Broker {
                 self.note_delivery_counts_local(&queue, &group, &counts)
                     .await?;
                 Ok(OpResult::Done)
+            }
+            Op::AppendRecords {
+                queue,
+                partition,
+                records,
+                batch_key,
+                now_ms,
+            } => {
+                let records = records.into_iter().map(crate::log::Record::from).collect();
+                let first = self
+                    .append_records_local(&queue, partition, records, batch_key, now_ms)
+                    .await?;
+                Ok(OpResult::Published(vec![(partition, first)]))
+            }
+            Op::GroupOffsets { queue, group } => {
+                Ok(OpResult::Offsets(self.committed_offsets(&queue, &group)?))
             }
         }
     }

@@ -14,13 +14,14 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use super::ClusterError;
+use super::kafka_addrs::KafkaAddrs;
 use super::log_store::LogStore;
 use super::metadata::MetaHooks;
 use super::network::{Network, Peers};
 use super::placement;
 use super::snapshot_transfer::Receiver;
 use super::state_machine::{AppliedIndex, Role, StateMachine};
-use super::types::{NodeAddrs, Placed, Raft};
+use super::types::{KafkaAddr, NodeAddrs, Placed, Raft};
 use crate::broker::Broker;
 
 /// The metadata group's id.
@@ -93,6 +94,8 @@ pub struct Groups {
     watches: RwLock<HashMap<u64, GroupWatch>>,
     queues: RwLock<BTreeMap<String, QueueGroup>>,
     nodes: RwLock<BTreeMap<u64, NodeAddrs>>,
+    /// Every node's Kafka listener.
+    pub kafka: KafkaAddrs,
     /// Voters leaving the cluster (placement leaves them out).
     draining: RwLock<BTreeSet<u64>>,
     /// Snapshots being received from the groups' leaders.
@@ -186,6 +189,7 @@ impl Groups {
             watches: RwLock::new(HashMap::new()),
             queues: RwLock::new(BTreeMap::new()),
             nodes: RwLock::new(BTreeMap::new()),
+            kafka: KafkaAddrs::default(),
             draining: RwLock::new(BTreeSet::new()),
         }
     }
@@ -538,5 +542,13 @@ impl MetaHooks for Groups {
 
     fn draining(&self) -> Vec<u64> {
         self.draining.read().iter().copied().collect()
+    }
+
+    fn set_kafka(&self, addr: KafkaAddr) {
+        self.kafka.set(addr);
+    }
+
+    fn kafka_addrs(&self) -> BTreeMap<u64, String> {
+        self.kafka.all()
     }
 }

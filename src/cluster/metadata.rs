@@ -22,7 +22,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{NodeAddrs, Placed};
+use super::types::{KafkaAddr, NodeAddrs, Placed};
 use crate::broker::registry::Registry;
 use crate::broker::replicate::{AccessImage, Op};
 use crate::broker::{Broker, BrokerError};
@@ -52,6 +52,10 @@ pub trait MetaHooks: Send + Sync {
     fn queue_replicas(&self) -> Vec<Placed>;
     /// Voters marked as leaving.
     fn draining(&self) -> Vec<u64>;
+    /// A node announced its Kafka listener.
+    fn set_kafka(&self, addr: KafkaAddr);
+    /// Every node's announced Kafka listener.
+    fn kafka_addrs(&self) -> BTreeMap<u64, String>;
 }
 
 /// The file holding the metadata group's snapshot.
@@ -75,6 +79,9 @@ pub struct MetaImage {
     /// Voters marked as leaving (placement leaves them out).
     #[serde(default)]
     pub draining: Vec<u64>,
+    /// The nodes' Kafka listeners (absent from snapshots written before they were kept).
+    #[serde(default)]
+    pub kafka: BTreeMap<u64, String>,
 }
 
 /// Errors of installing a metadata image.
@@ -114,6 +121,7 @@ impl MetaImage {
                 .map(|p| (p.queue, p.replicas))
                 .collect(),
             draining: hooks.draining(),
+            kafka: hooks.kafka_addrs(),
         }
     }
 
@@ -136,6 +144,12 @@ impl MetaImage {
         }
         for node in &self.nodes {
             hooks.set_node(node.clone());
+        }
+        for (id, kafka) in &self.kafka {
+            hooks.set_kafka(KafkaAddr {
+                id: *id,
+                kafka: kafka.clone(),
+            });
         }
         Ok(())
     }
@@ -255,4 +269,26 @@ pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()
     }
     std::fs::rename(&tmp, dir.join(name))?;
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot written before the Kafka listeners were kept (no `kafka` field) still
+    /// installs, with none known; one written now keeps them.
+    #[test]
+    fn snapshots_with_and_without_kafka_listeners_decode() {
+        let mut old = serde_json::to_value(MetaImage::default()).unwrap();
+        old.as_object_mut().unwrap().remove("kafka");
+        let image: MetaImage = serde_json::from_value(old).unwrap();
+        assert!(image.kafka.is_empty());
+        let image = MetaImage {
+            kafka: BTreeMap::from([(2, "127.0.0.1:19092".to_string())]),
+            ..MetaImage::default()
+        };
+        let back: MetaImage =
+            serde_json::from_value(serde_json::to_value(&image).unwrap()).unwrap();
+        assert_eq!(back.kafka, image.kafka);
+    }
 }

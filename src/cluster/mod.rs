@@ -14,6 +14,7 @@
 //!   the cluster secret ([`auth`]); [`snapshot_transfer`]: snapshots sent in chunks that
 //!   resume after a cut.
 //! - [`view`]: `GET /cluster`, health and metrics.
+//! - [`kafka_addrs`]: the nodes' Kafka listeners, for the Kafka adapter's metadata.
 //! - [`handoff`] and [`balance`]: leadership handed off on a clean stop, and given back to
 //!   a group's preferred leader when it returns.
 //! - [`membership`] and [`moves`]: nodes added and removed while the cluster runs (the
@@ -48,6 +49,7 @@ pub mod auth;
 pub mod balance;
 pub mod groups;
 pub mod handoff;
+pub mod kafka_addrs;
 pub mod liveness;
 pub mod log_store;
 pub mod membership;
@@ -145,6 +147,8 @@ pub struct ClusterConfig {
     pub http_addr: SocketAddr,
     /// gRPC address.
     pub grpc_addr: SocketAddr,
+    /// Kafka address, when the listener is on (announced as [`Command::Kafka`]).
+    pub kafka_addr: Option<SocketAddr>,
 }
 
 /// The broker data directory of a cluster node, cleared: the groups' snapshots and
@@ -383,15 +387,43 @@ impl Cluster {
                 _ = stop.cancelled() => return,
             }
         }
+        if let Some(kafka) = self.config.kafka_addr {
+            let kafka = types::KafkaAddr {
+                id: self.config.node_id,
+                kafka: kafka.to_string(),
+            };
+            self.announce_kafka(kafka, &stop).await;
+        }
         if let Some(old) = self.config.replaces {
             self.replace(old, stop).await;
+        }
+    }
+
+    /// Announces this node's Kafka listener through the metadata group until it sticks.
+    async fn announce_kafka(
+        &self,
+        kafka: types::KafkaAddr,
+        stop: &tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            if self.groups.kafka.get(kafka.id).as_ref() == Some(&kafka.kafka) {
+                return;
+            }
+            let reply = self.execute(Command::Kafka(kafka.clone()), 0).await;
+            if reply.result.is_ok() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.cancelled() => return,
+            }
         }
     }
 
     /// The group a command runs in (`None`: a queue this node does not know).
     fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
         match command {
-            Command::Node(_) | Command::Placed(_) | Command::Draining(_) => {
+            Command::Node(_) | Command::Placed(_) | Command::Draining(_) | Command::Kafka(_) => {
                 Some((META_GROUP, false))
             }
             Command::Members(_) => Some((META_GROUP, true)),

@@ -326,6 +326,12 @@ impl StateMachine {
                 }
                 Applied(Ok(OpResult::Done))
             }
+            Command::Kafka(addr) => {
+                if let Role::Meta(groups) = &self.role {
+                    groups.set_kafka(addr);
+                }
+                Applied(Ok(OpResult::Done))
+            }
             Command::Broker(op) => {
                 let Some(broker) = &self.broker else {
                     return Applied(Ok(OpResult::Done));

@@ -34,6 +34,19 @@ pub enum Command {
     Placed(Placed),
     /// Node `0` is leaving: every group moves off it (metadata group).
     Draining(u64),
+    /// A node announces its Kafka listener (metadata group). A variant of its own, last,
+    /// rather than a field of [`NodeAddrs`]: entries and snapshots already stored decode
+    /// as before (bincode has no optional fields).
+    Kafka(KafkaAddr),
+}
+
+/// A node's Kafka listener, as the metadata group records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaAddr {
+    /// The node id.
+    pub id: u64,
+    /// Its Kafka listener, `HOST:PORT`.
+    pub kafka: String,
 }
 
 /// A change of the cluster's voters ([`super::membership`]). It runs on the metadata group's leader (any node
@@ -115,4 +128,33 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, bincode::Error> {
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, bincode::Error> {
     use bincode::Options;
     options().deserialize(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries written before `Command::Kafka` existed decode as they did: variants keep
+    /// their index (a new one only ever goes last), and the new one round-trips.
+    #[test]
+    fn a_new_variant_leaves_stored_entries_readable() {
+        let node = Command::Node(NodeAddrs {
+            id: 2,
+            cluster: "127.0.0.1:7102".into(),
+            http: "127.0.0.1:8082".into(),
+            grpc: "127.0.0.1:9092".into(),
+        });
+        let bytes = encode(&node).unwrap();
+        assert_eq!(&bytes[..4], &1u32.to_le_bytes(), "Node is variant 1");
+        assert_eq!(decode::<Command>(&bytes).unwrap(), node);
+        let draining = encode(&Command::Draining(3)).unwrap();
+        assert_eq!(&draining[..4], &4u32.to_le_bytes(), "Draining is variant 4");
+        let kafka = Command::Kafka(KafkaAddr {
+            id: 2,
+            kafka: "127.0.0.1:19092".into(),
+        });
+        let bytes = encode(&kafka).unwrap();
+        assert_eq!(&bytes[..4], &5u32.to_le_bytes(), "Kafka comes last");
+        assert_eq!(decode::<Command>(&bytes).unwrap(), kafka);
+    }
 }

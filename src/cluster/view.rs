@@ -50,6 +50,9 @@ pub struct NodeView {
     pub grpc: Option<String>,
     /// Heard from lately (always true for the answering node).
     pub up: bool,
+    /// Kafka listener (once the node announced it; absent on nodes without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<String>,
 }
 
 /// One partition in [`ClusterView`].
@@ -149,6 +152,7 @@ impl Cluster {
                     http: addrs.as_ref().map(|a| a.http.clone()),
                     grpc: addrs.as_ref().map(|a| a.grpc.clone()),
                     up: self.peers().is_up(*id),
+                    kafka: self.groups().kafka.get(*id),
                 }
             })
             .collect();
@@ -380,6 +384,7 @@ mod tests {
             http: Some(format!("127.0.0.1:808{id}")),
             grpc: None,
             up,
+            kafka: None,
         }
     }
 

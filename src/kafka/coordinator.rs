@@ -19,9 +19,16 @@ use kafka_protocol::ResponseError;
 use kafka_protocol::messages::find_coordinator_response::Coordinator as CoordinatorEntry;
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::leave_group_response::MemberResponse;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponsePartition, OffsetFetchResponseTopic,
+};
 use kafka_protocol::messages::{
     BrokerId, FindCoordinatorRequest, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
-    JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, SyncGroupRequest,
+    JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
+    OffsetCommitResponse, OffsetFetchResponse, RequestKind, ResponseKind, SyncGroupRequest,
     SyncGroupResponse,
 };
 use kafka_protocol::protocol::StrBytes;
@@ -29,8 +36,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::session::Session;
-use super::topics::NODE_ID;
+use super::brokers::Layout;
 
 /// How often deadlines and sessions are checked.
 const TICK: Duration = Duration::from_millis(100);
@@ -50,33 +56,131 @@ fn text(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
 
-/// FindCoordinator: this broker coordinates every group.
+/// FindCoordinator: the node that coordinates each asked group ([`Layout::coordinator`];
+/// this node on a single node).
 pub fn find(
-    session: &Session,
+    layout: &Layout,
     request: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
-    let host = text(&session.local.ip().to_string());
-    let port = i32::from(session.local.port());
     let mut response = FindCoordinatorResponse::default();
     if version >= 4 {
         response.coordinators = request
             .coordinator_keys
             .into_iter()
             .map(|key| {
-                CoordinatorEntry::default()
-                    .with_key(key)
-                    .with_node_id(BrokerId(NODE_ID))
-                    .with_host(host.clone())
-                    .with_port(port)
+                let entry = CoordinatorEntry::default();
+                match layout.broker(layout.coordinator(key.as_str())) {
+                    Some(broker) => entry
+                        .with_node_id(BrokerId(broker.id))
+                        .with_host(text(&broker.host))
+                        .with_port(broker.port),
+                    None => entry
+                        .with_node_id(BrokerId(-1))
+                        .with_error_code(ResponseError::CoordinatorNotAvailable.code()),
+                }
+                .with_key(key)
             })
             .collect();
     } else {
-        response.node_id = BrokerId(NODE_ID);
-        response.host = host;
-        response.port = port;
+        match layout.broker(layout.coordinator(request.key.as_str())) {
+            Some(broker) => {
+                response.node_id = BrokerId(broker.id);
+                response.host = text(&broker.host);
+                response.port = broker.port;
+            }
+            None => {
+                response.node_id = BrokerId(-1);
+                response.error_code = ResponseError::CoordinatorNotAvailable.code();
+            }
+        }
     }
     response
+}
+
+/// The consumer group a group request names (`None` for other requests).
+pub fn group_of(request: &RequestKind) -> Option<&str> {
+    let group = match request {
+        RequestKind::JoinGroup(r) => &r.group_id,
+        RequestKind::SyncGroup(r) => &r.group_id,
+        RequestKind::Heartbeat(r) => &r.group_id,
+        RequestKind::LeaveGroup(r) => &r.group_id,
+        RequestKind::OffsetCommit(r) => &r.group_id,
+        RequestKind::OffsetFetch(r) => &r.group_id,
+        _ => return None,
+    };
+    Some(group.0.as_str())
+}
+
+/// The answer to a group request sent to a node that does not coordinate the group:
+/// `NOT_COORDINATOR`, on which clients look the coordinator up again.
+pub fn not_coordinator(request: RequestKind, version: i16) -> Option<ResponseKind> {
+    let code = ResponseError::NotCoordinator.code();
+    Some(match request {
+        RequestKind::JoinGroup(r) => ResponseKind::JoinGroup(join_error(
+            ResponseError::NotCoordinator,
+            r.member_id.as_str(),
+        )),
+        RequestKind::SyncGroup(_) => {
+            ResponseKind::SyncGroup(sync_error(ResponseError::NotCoordinator))
+        }
+        RequestKind::Heartbeat(_) => {
+            ResponseKind::Heartbeat(HeartbeatResponse::default().with_error_code(code))
+        }
+        RequestKind::LeaveGroup(_) => {
+            ResponseKind::LeaveGroup(LeaveGroupResponse::default().with_error_code(code))
+        }
+        RequestKind::OffsetCommit(r) => {
+            let mut response = OffsetCommitResponse::default();
+            response.topics = r
+                .topics
+                .into_iter()
+                .map(|t| {
+                    OffsetCommitResponseTopic::default()
+                        .with_name(t.name)
+                        .with_partitions(
+                            t.partitions
+                                .into_iter()
+                                .map(|p| {
+                                    OffsetCommitResponsePartition::default()
+                                        .with_partition_index(p.partition_index)
+                                        .with_error_code(code)
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            ResponseKind::OffsetCommit(response)
+        }
+        RequestKind::OffsetFetch(r) => {
+            let mut response = OffsetFetchResponse::default();
+            if version >= 2 {
+                response.error_code = code;
+            }
+            response.topics = r
+                .topics
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| {
+                    OffsetFetchResponseTopic::default()
+                        .with_name(t.name)
+                        .with_partitions(
+                            t.partition_indexes
+                                .into_iter()
+                                .map(|p| {
+                                    OffsetFetchResponsePartition::default()
+                                        .with_partition_index(p)
+                                        .with_committed_offset(-1)
+                                        .with_error_code(code)
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            ResponseKind::OffsetFetch(response)
+        }
+        _ => return None,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,18 @@
 //! snapshot: after a restart a producer starts afresh). A batch seen again answers with
 //! its first offset and stores nothing; a gap in the sequence is
 //! `OUT_OF_ORDER_SEQUENCE_NUMBER`; an older epoch is `INVALID_PRODUCER_EPOCH`.
+//!
+//! On a cluster node that state is this node's only: a producer whose leader moved sends
+//! its next batches (and its retries) to another node, which has not seen them. So there
+//! every idempotent append carries a batch key (producer id, epoch, partition, sequence
+//! range) that the replicated append stores once per the queue's dedup window
+//! ([`crate::broker::Broker::append_records_once`]): a batch retried through any node
+//! within it is answered with its first offset and not stored again, as an HTTP publish
+//! with an idempotency key (a batch stamped by its producer more than the window in the
+//! past is not matched: the key is remembered at the batch's own timestamp, which every
+//! replica reads back alike). A sequence past the next one is accepted there (the batches
+//! in between went through another node), unless a batch before it failed on this node
+//! lately; producer ids end in the node id, so no two nodes hand out the same one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -62,7 +74,14 @@ struct SequenceState {
     /// `(first sequence, last sequence, first offset)` of the latest batches.
     recent: VecDeque<(i32, i32, u64)>,
     last_used: Option<Instant>,
+    /// The first sequence of a batch whose append failed here, and when: later batches
+    /// must not overtake it (see [`check_sequence`]).
+    failed: Option<(i32, Instant)>,
 }
+
+/// How long a failed batch holds back the batches after it on a cluster node, where
+/// sequence gaps are otherwise accepted.
+const FAILED_HOLD: Duration = Duration::from_secs(10);
 
 /// A producer's state on one partition, locked across its check and append.
 type SharedSequence = Arc<tokio::sync::Mutex<SequenceState>>;
@@ -70,21 +89,57 @@ type SharedSequence = Arc<tokio::sync::Mutex<SequenceState>>;
 /// Idempotent producers: id allocation and per-partition sequence state.
 pub struct Producers {
     next_id: AtomicI64,
+    /// An id is `next_id × stride + node` (stride 1 and node 0 on a single node).
+    stride: i64,
+    node: i64,
     /// By (producer id, topic, partition).
     states: Mutex<HashMap<(i64, String, u32), SharedSequence>>,
+    /// On a cluster node: appends carry a batch key, so that a batch retried through
+    /// another node (whose sequence state here is empty) is stored once.
+    keyed: bool,
+}
+
+fn clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as i64)
 }
 
 impl Default for Producers {
     fn default() -> Self {
         // Ids differ across restarts: they start from the clock.
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as i64)
-            .saturating_mul(1024);
         Self {
-            next_id: AtomicI64::new(start),
+            next_id: AtomicI64::new(clock_ms().saturating_mul(1024)),
+            stride: 1,
+            node: 0,
             states: Mutex::new(HashMap::new()),
+            keyed: false,
         }
+    }
+}
+
+/// Node ids apart by this much or more may share producer ids.
+const NODE_ID_SPAN: i64 = 1024;
+
+impl Producers {
+    /// The producers of cluster node `node`: ids end in the node id (modulo
+    /// [`NODE_ID_SPAN`]), so no two nodes hand out the same one, and differ across
+    /// restarts (64 per millisecond of the clock); appends carry their batch key.
+    pub fn for_node(node: u64) -> Self {
+        Self {
+            next_id: AtomicI64::new(clock_ms().saturating_mul(64)),
+            stride: NODE_ID_SPAN,
+            node: (node % NODE_ID_SPAN as u64) as i64,
+            keyed: true,
+            ..Self::default()
+        }
+    }
+
+    fn allocate(&self) -> i64 {
+        self.next_id
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_mul(self.stride)
+            .saturating_add(self.node)
     }
 }
 
@@ -103,7 +158,7 @@ impl Producers {
             response.producer_id = request.producer_id;
             response.producer_epoch = request.producer_epoch.saturating_add(1);
         } else {
-            response.producer_id = ProducerId(self.next_id.fetch_add(1, Ordering::Relaxed));
+            response.producer_id = ProducerId(self.allocate());
             response.producer_epoch = 0;
         }
         response
@@ -157,7 +212,18 @@ fn record_bytes(record: &crate::log::Record) -> usize {
     record.value.len() + record.key.as_ref().map_or(0, |k| k.len()) + headers
 }
 
-fn check_sequence(state: &SequenceState, batch: &Idempotence, count: i32) -> Sequence {
+/// What to do with an idempotent batch of `count` records, given what the producer sent
+/// here lately. `gaps`: a cluster node, where a producer may have sent the batches in
+/// between through another node (its leader then): a sequence past the next one is
+/// appended too, unless a batch before it failed here within [`FAILED_HOLD`] (it must be
+/// retried first, or the partition would hold the batches out of order).
+fn check_sequence(
+    state: &SequenceState,
+    batch: &Idempotence,
+    count: i32,
+    gaps: bool,
+    now: Instant,
+) -> Sequence {
     let first = batch.base_sequence;
     let last = first.wrapping_add(count - 1);
     if state.recent.is_empty() || batch.producer_epoch > state.epoch {
@@ -173,8 +239,14 @@ fn check_sequence(state: &SequenceState, batch: &Idempotence, count: i32) -> Seq
     {
         return Sequence::Duplicate(*offset);
     }
+    let held = |first: i32| {
+        state
+            .failed
+            .is_some_and(|(failed, at)| first > failed && now.duration_since(at) < FAILED_HOLD)
+    };
     match state.recent.back() {
         Some((_, previous, _)) if previous.wrapping_add(1) == first => Sequence::Append,
+        Some((_, previous, _)) if gaps && first > *previous && !held(first) => Sequence::Append,
         _ => Sequence::Refuse(ResponseError::OutOfOrderSequenceNumber),
     }
 }
@@ -285,18 +357,33 @@ async fn produce_partition(
         ));
     }
     if first.producer_id < 0 {
-        let base = append(kafka, topic, partition, records).await?;
+        let base = append(kafka, topic, partition, records, None).await?;
         return Ok((base, start(kafka)));
     }
+    let count = i32::try_from(count).unwrap_or(i32::MAX);
+    let key = kafka
+        .producers
+        .keyed
+        .then(|| batch_key(&first, partition, count));
     let state = kafka.producers.state(first.producer_id, topic, partition);
     let mut state = state.lock().await;
     state.last_used = Some(Instant::now());
-    let count = i32::try_from(count).unwrap_or(i32::MAX);
-    match check_sequence(&state, &first, count) {
+    let now = Instant::now();
+    match check_sequence(&state, &first, count, kafka.producers.keyed, now) {
         Sequence::Duplicate(base) => Ok((base, start(kafka))),
         Sequence::Refuse(error) => Err((error.code(), format!("{error:?}"))),
         Sequence::Append => {
-            let base = append(kafka, topic, partition, records).await?;
+            let appended = append(kafka, topic, partition, records, key).await;
+            let base = match appended {
+                Ok(base) => base,
+                Err(refused) => {
+                    if state.failed.is_none() {
+                        state.failed = Some((first.base_sequence, now));
+                    }
+                    return Err(refused);
+                }
+            };
+            state.failed = None;
             if first.producer_epoch != state.epoch {
                 state.recent.clear();
                 state.epoch = first.producer_epoch;
@@ -311,15 +398,27 @@ async fn produce_partition(
     }
 }
 
+/// The key an idempotent batch is stored under on a cluster node: producer id, epoch,
+/// partition and sequence range. The same batch retried (through this node or another,
+/// within the queue's dedup window) has the same key and is stored once.
+fn batch_key(batch: &Idempotence, partition: u32, count: i32) -> String {
+    let last = batch.base_sequence.wrapping_add(count - 1);
+    format!(
+        "kafka:{}:{}:{partition}:{}-{last}",
+        batch.producer_id, batch.producer_epoch, batch.base_sequence
+    )
+}
+
 async fn append(
     kafka: &Kafka,
     topic: &str,
     partition: u32,
     records: Vec<crate::log::Record>,
+    key: Option<String>,
 ) -> Result<u64, Refusal> {
     kafka
         .broker
-        .append_records(topic, partition, records)
+        .append_records_once(topic, partition, records, key)
         .await
         .map_err(|e| refusal(e.into()))
 }
@@ -462,6 +561,7 @@ fn read_partition(
     first_in_response: bool,
 ) -> Result<(Bytes, u64, u64), KafkaError> {
     let partition = partition_of(kafka, &wanted.topic, wanted.partition)?;
+    kafka.check_replica(&wanted.topic)?;
     let bounds = kafka.broker.partition_bounds(&wanted.topic, partition)?;
     let offset = u64::try_from(wanted.offset).unwrap_or(u64::MAX);
     if offset < bounds.first || offset > bounds.next {
@@ -477,4 +577,94 @@ fn read_partition(
     let mut out = BytesMut::new();
     records::encode_batch(&mut out, &stored);
     Ok((out.freeze(), bounds.first, bounds.next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(batches: &[(i32, i32)]) -> SequenceState {
+        SequenceState {
+            recent: batches
+                .iter()
+                .enumerate()
+                .map(|(i, (first, last))| (*first, *last, i as u64 * 10))
+                .collect(),
+            ..SequenceState::default()
+        }
+    }
+
+    fn batch(base_sequence: i32) -> Idempotence {
+        Idempotence {
+            producer_id: 7,
+            producer_epoch: 0,
+            base_sequence,
+        }
+    }
+
+    fn check(state: &SequenceState, first: i32, count: i32, gaps: bool) -> &'static str {
+        match check_sequence(state, &batch(first), count, gaps, Instant::now()) {
+            Sequence::Append => "append",
+            Sequence::Duplicate(_) => "duplicate",
+            Sequence::Refuse(ResponseError::OutOfOrderSequenceNumber) => "out of order",
+            Sequence::Refuse(_) => "refused",
+        }
+    }
+
+    #[test]
+    fn a_single_node_refuses_a_gap_and_a_cluster_node_takes_one_forward() {
+        let state = sent(&[(0, 4), (5, 9)]);
+        assert_eq!(check(&state, 10, 5, false), "append");
+        assert_eq!(check(&state, 5, 5, false), "duplicate");
+        assert_eq!(check(&state, 20, 5, false), "out of order");
+        // On a cluster node the batches 10..19 may have gone through another node.
+        assert_eq!(check(&state, 20, 5, true), "append");
+        assert_eq!(check(&state, 5, 5, true), "duplicate");
+        // Never backwards: an older batch not remembered here.
+        assert_eq!(check(&state, 3, 1, true), "out of order");
+    }
+
+    #[test]
+    fn a_batch_that_failed_here_holds_the_later_ones_back() {
+        let now = Instant::now();
+        let mut state = sent(&[(0, 4)]);
+        state.failed = Some((5, now));
+        let later = check_sequence(&state, &batch(10), 5, true, now);
+        assert!(matches!(
+            later,
+            Sequence::Refuse(ResponseError::OutOfOrderSequenceNumber)
+        ));
+        // Its retry goes through; a hold long past no longer counts.
+        assert!(matches!(
+            check_sequence(&state, &batch(5), 5, true, now),
+            Sequence::Append
+        ));
+        let much_later = now + FAILED_HOLD + Duration::from_secs(1);
+        assert!(matches!(
+            check_sequence(&state, &batch(10), 5, true, much_later),
+            Sequence::Append
+        ));
+    }
+
+    #[test]
+    fn batch_keys_name_producer_epoch_partition_and_sequences() {
+        let key = batch_key(&batch(5), 1, 3);
+        assert_eq!(key, "kafka:7:0:1:5-7");
+        assert_ne!(key, batch_key(&batch(5), 0, 3), "another partition");
+        assert_ne!(key, batch_key(&batch(5), 1, 4), "another batch");
+    }
+
+    #[test]
+    fn cluster_nodes_hand_out_distinct_producer_ids() {
+        let (one, two) = (Producers::for_node(1), Producers::for_node(2));
+        let ids: Vec<i64> = (0..100)
+            .flat_map(|_| [one.allocate(), two.allocate()])
+            .collect();
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len());
+        assert!(ids.iter().all(|id| *id > 0));
+        assert_eq!(one.allocate() % NODE_ID_SPAN, 1);
+    }
 }

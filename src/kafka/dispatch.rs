@@ -183,6 +183,12 @@ pub async fn serve(
     let user = session.user.clone();
     let user = user.as_deref();
     let version = request.version;
+    if kafka.cluster.is_some()
+        && let Some(group) = super::coordinator::group_of(&request.body)
+        && !kafka.layout(session.local).coordinates(group)
+    {
+        return Ok(super::coordinator::not_coordinator(request.body, version));
+    }
     let response = match request.body {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(api_versions()),
         RequestKind::SaslHandshake(r) => ResponseKind::SaslHandshake(session.handshake(&r)),
@@ -215,7 +221,8 @@ pub async fn serve(
         RequestKind::Fetch(r) => ResponseKind::Fetch(super::data::fetch(kafka, user, r).await),
         RequestKind::InitProducerId(r) => ResponseKind::InitProducerId(kafka.producers.init(&r)),
         RequestKind::FindCoordinator(r) => {
-            ResponseKind::FindCoordinator(super::coordinator::find(session, r, version))
+            let layout = kafka.layout(session.local);
+            ResponseKind::FindCoordinator(super::coordinator::find(&layout, r, version))
         }
         RequestKind::JoinGroup(r) => ResponseKind::JoinGroup(kafka.groups.join(r, version).await),
         RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(kafka.groups.sync(r).await),
@@ -225,7 +232,7 @@ pub async fn serve(
             ResponseKind::OffsetCommit(super::offsets::commit(kafka, user, r).await)
         }
         RequestKind::OffsetFetch(r) => {
-            ResponseKind::OffsetFetch(super::offsets::fetch(kafka, user, r, version))
+            ResponseKind::OffsetFetch(super::offsets::fetch(kafka, user, r, version).await)
         }
         other => {
             return Err(KafkaError::Malformed(format!(
@@ -297,5 +304,94 @@ mod tests {
             panic!("expected an answer");
         };
         assert_eq!(&answer[..], &[0, 0, 0, 6, 0, 0, 0, 77, 0, 35]);
+    }
+
+    mod group_requests {
+        use super::*;
+        use kafka_protocol::messages::offset_commit_request::{
+            OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+        };
+        use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+        use kafka_protocol::messages::{
+            GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, OffsetCommitRequest,
+            OffsetFetchRequest, SyncGroupRequest, TopicName,
+        };
+        use kafka_protocol::protocol::StrBytes;
+
+        fn group() -> GroupId {
+            GroupId(StrBytes::from_static_str("g"))
+        }
+
+        /// Every group request gets NOT_COORDINATOR in a frame its version can carry.
+        #[test]
+        fn not_coordinator_answers_encode_at_every_served_version() {
+            let topic = TopicName(StrBytes::from_static_str("t"));
+            let requests = || -> Vec<(ApiKey, RequestKind)> {
+                vec![
+                    (
+                        ApiKey::JoinGroup,
+                        RequestKind::JoinGroup(JoinGroupRequest::default().with_group_id(group())),
+                    ),
+                    (
+                        ApiKey::SyncGroup,
+                        RequestKind::SyncGroup(SyncGroupRequest::default().with_group_id(group())),
+                    ),
+                    (
+                        ApiKey::Heartbeat,
+                        RequestKind::Heartbeat(HeartbeatRequest::default().with_group_id(group())),
+                    ),
+                    (
+                        ApiKey::LeaveGroup,
+                        RequestKind::LeaveGroup(
+                            LeaveGroupRequest::default().with_group_id(group()),
+                        ),
+                    ),
+                    (
+                        ApiKey::OffsetCommit,
+                        RequestKind::OffsetCommit(
+                            OffsetCommitRequest::default()
+                                .with_group_id(group())
+                                .with_topics(vec![
+                                    OffsetCommitRequestTopic::default()
+                                        .with_name(topic.clone())
+                                        .with_partitions(vec![
+                                            OffsetCommitRequestPartition::default()
+                                                .with_partition_index(1),
+                                        ]),
+                                ]),
+                        ),
+                    ),
+                    (
+                        ApiKey::OffsetFetch,
+                        RequestKind::OffsetFetch(
+                            OffsetFetchRequest::default()
+                                .with_group_id(group())
+                                .with_topics(Some(vec![
+                                    OffsetFetchRequestTopic::default()
+                                        .with_name(topic.clone())
+                                        .with_partition_indexes(vec![1]),
+                                ])),
+                        ),
+                    ),
+                ]
+            };
+            for (api, min, max) in SUPPORTED {
+                for version in *min..=*max {
+                    for (key, request) in requests() {
+                        if key != *api {
+                            continue;
+                        }
+                        assert_eq!(crate::kafka::coordinator::group_of(&request), Some("g"));
+                        let answer = crate::kafka::coordinator::not_coordinator(request, version)
+                            .expect("a group request");
+                        let frame = encode(*api, version, 1, &answer);
+                        assert!(frame.is_ok(), "{api:?} v{version}: {frame:?}");
+                    }
+                }
+            }
+            let other = RequestKind::ApiVersions(Default::default());
+            assert_eq!(crate::kafka::coordinator::group_of(&other), None);
+            assert!(crate::kafka::coordinator::not_coordinator(other, 3).is_none());
+        }
     }
 }

@@ -17,7 +17,16 @@
 //!   LeaveGroup) as a state machine over members and generations.
 //! - [`offsets`]: OffsetCommit and OffsetFetch on qit's own groups: a committed offset is
 //!   the group's ack floor, the same one `GET /queues/{q}/groups/{g}` shows.
+//! - [`brokers`]: the brokers clients are told about: on a cluster node every node with a
+//!   Kafka listener, partition leaders and group coordinators.
+//!
+//! On a cluster node every state change goes through the broker's replicator (produce is a
+//! replicated append of the partition's group, forwarded to its leader from any node;
+//! commits are replicated seeks), fetches read this node's committed copy (a node without
+//! a replica answers `NOT_LEADER_OR_FOLLOWER`, and clients go to the leader Metadata
+//! names), and group membership lives on the group's coordinator only.
 
+pub mod brokers;
 pub mod conn;
 pub mod coordinator;
 pub mod data;
@@ -33,6 +42,7 @@ use kafka_protocol::ResponseError;
 
 use crate::auth::{Action, AuthStore, Resource};
 use crate::broker::{Broker, BrokerError};
+use crate::cluster::Cluster;
 
 /// Errors of the Kafka adapter. [`KafkaError::code`] maps each to a Kafka error code.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +76,9 @@ pub enum KafkaError {
     /// A fetch or commit names an offset outside the partition.
     #[error("offset out of range")]
     OffsetOutOfRange,
+    /// This cluster node holds no replica of the partition: the client asks the leader.
+    #[error("no replica of `{0}` on this node")]
+    NotReplica(String),
 }
 
 impl KafkaError {
@@ -77,6 +90,7 @@ impl KafkaError {
             KafkaError::Corrupt(_) => ResponseError::CorruptMessage,
             KafkaError::Forbidden(_) => ResponseError::TopicAuthorizationFailed,
             KafkaError::OffsetOutOfRange => ResponseError::OffsetOutOfRange,
+            KafkaError::NotReplica(_) => ResponseError::NotLeaderOrFollower,
             KafkaError::Broker(error) => broker_error(error),
         };
         error.code()
@@ -145,6 +159,8 @@ pub struct Kafka {
     pub groups: coordinator::Coordinator,
     /// Idempotent producers: ids and the sequences they sent.
     pub producers: data::Producers,
+    /// The cluster, on a cluster node.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Kafka {
@@ -156,6 +172,51 @@ impl Kafka {
             config,
             groups: coordinator::Coordinator::default(),
             producers: data::Producers::default(),
+            cluster: None,
+        }
+    }
+
+    /// The shared state of a cluster node's listener: producer ids carry the node id (so
+    /// that two nodes never hand out the same one), and requests see the cluster.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.producers = data::Producers::for_node(cluster.node_id());
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The brokers as clients are to see them, for a client that reached this node at
+    /// `local`.
+    pub fn layout(&self, local: std::net::SocketAddr) -> brokers::Layout {
+        match &self.cluster {
+            Some(cluster) => brokers::Layout::of(cluster, local),
+            None => brokers::Layout::single(local),
+        }
+    }
+
+    /// `(leader of its Raft group as known here, replicas)` of a topic's partitions on a
+    /// cluster node (`None` on a single node, or for a topic the cluster does not know).
+    pub fn topic_replicas(&self, topic: &str) -> Option<(Option<u64>, Vec<u64>)> {
+        let cluster = self.cluster.as_ref()?;
+        let group = cluster.groups().queue_group(topic)?;
+        let leader = cluster
+            .groups()
+            .leader_watch(group.id)
+            .and_then(|watch| *watch.borrow());
+        Some((leader, group.replicas))
+    }
+
+    /// `Ok` when this node holds the topic's data: always on a single node; on a cluster
+    /// node, when it is a replica of the topic's group (its copy holds exactly the
+    /// committed entries).
+    pub fn check_replica(&self, topic: &str) -> Result<(), KafkaError> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        match cluster.groups().queue_group(topic) {
+            Some(group) if cluster.groups().raft(group.id).is_none() => {
+                Err(KafkaError::NotReplica(topic.to_string()))
+            }
+            _ => Ok(()),
         }
     }
 

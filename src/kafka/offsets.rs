@@ -7,6 +7,10 @@
 //! qit does not have yet has no committed offset (-1: the client's `auto.offset.reset`
 //! decides); one that HTTP or gRPC consumers use reports the floor their acks reached.
 //! Commit metadata strings are not kept.
+//!
+//! On a cluster node a commit or a fetch of the floors that finds the topic's group without
+//! a leader (an election) answers `COORDINATOR_LOAD_IN_PROGRESS`, which clients retry,
+//! rather than an error they would take as final (and fall back to `auto.offset.reset`).
 
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::offset_commit_response::{
@@ -22,7 +26,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::{Kafka, KafkaError};
 use crate::auth::Action;
-use crate::broker::{BrokerError, GroupInfo, SeekTarget};
+use crate::broker::BrokerError;
 
 /// OffsetCommit: each partition's offset becomes the group's ack floor there.
 pub async fn commit(
@@ -55,7 +59,7 @@ pub async fn commit(
                 (None, Ok(())) => {
                     commit_one(kafka, &name, &group, p.partition_index, p.committed_offset)
                         .await
-                        .map_or_else(|e| e.code(), |()| 0)
+                        .map_or_else(|e| group_code(&e), |()| 0)
                 }
             };
             out.partitions.push(
@@ -85,18 +89,19 @@ async fn commit_one(
     };
     kafka
         .broker
-        .seek(topic, group, SeekTarget::Offset { partition, offset })
+        .commit_offset(topic, group, partition, offset)
         .await?;
     Ok(())
 }
 
 /// OffsetFetch (v1-7): the group's ack floor per partition, -1 where qit has no such
-/// group yet.
-pub fn fetch(
+/// group yet. On a cluster node the floors are read on the leader of the topic's group (so
+/// that a coordinator that just took over reads every commit made through the old one).
+pub async fn fetch(
     kafka: &Kafka,
     user: Option<&str>,
     request: OffsetFetchRequest,
-    _version: i16,
+    version: i16,
 ) -> OffsetFetchResponse {
     let group = request.group_id.0.to_string();
     let mut response = OffsetFetchResponse::default();
@@ -109,7 +114,7 @@ pub fn fetch(
             .into_iter()
             .map(|t| (t.name.0.to_string(), Some(t.partition_indexes)))
             .collect(),
-        // All topics on which the group exists.
+        // All topics on which the group exists (as this node's copy knows them).
         None => kafka
             .broker
             .list_queues()
@@ -119,11 +124,12 @@ pub fn fetch(
             .collect(),
     };
     for (name, partitions) in asked {
-        let info = kafka
-            .allow(user, Action::Consume, &name)
-            .and_then(|()| floors(kafka, &name, &group));
-        let partitions = partitions.unwrap_or_else(|| match &info {
-            Ok(Some(info)) => info.partitions.iter().map(|p| p.partition as i32).collect(),
+        let floors = match kafka.allow(user, Action::Consume, &name) {
+            Ok(()) => floors(kafka, &name, &group).await,
+            Err(error) => Err(error),
+        };
+        let partitions = partitions.unwrap_or_else(|| match &floors {
+            Ok(Some(floors)) => floors.iter().map(|(p, _)| *p as i32).collect(),
             _ => Vec::new(),
         });
         let mut out = OffsetFetchResponseTopic::default()
@@ -134,18 +140,24 @@ pub fn fetch(
                 .with_committed_offset(-1)
                 .with_committed_leader_epoch(-1)
                 .with_metadata(Some(StrBytes::default()));
-            match &info {
-                Ok(Some(info)) => {
-                    if let Some(floor) = info
-                        .partitions
+            match &floors {
+                Ok(Some(floors)) => {
+                    if let Some((_, floor)) = floors
                         .iter()
-                        .find(|g| i64::from(g.partition) == i64::from(index))
+                        .find(|(partition, _)| i64::from(*partition) == i64::from(index))
                     {
-                        p.committed_offset = floor.committed_offset as i64;
+                        p.committed_offset = *floor as i64;
                     }
                 }
                 Ok(None) => {}
-                Err(error) => p.error_code = error.code(),
+                Err(error) => {
+                    p.error_code = group_code(error);
+                    if version >= 2
+                        && p.error_code == ResponseError::CoordinatorLoadInProgress.code()
+                    {
+                        response.error_code = p.error_code;
+                    }
+                }
             }
             out.partitions.push(p);
         }
@@ -154,11 +166,46 @@ pub fn fetch(
     response
 }
 
-/// The group's state on a topic, `None` when qit has no such group there.
-fn floors(kafka: &Kafka, topic: &str, group: &str) -> Result<Option<GroupInfo>, KafkaError> {
-    match kafka.broker.group_info(topic, group) {
-        Ok(info) => Ok(Some(info)),
+/// The code of a failed commit or floor read: one clients retry while the topic's group
+/// elects a leader, else the error's own.
+fn group_code(error: &KafkaError) -> i16 {
+    match error {
+        KafkaError::Broker(BrokerError::NoLeader(_) | BrokerError::ShuttingDown) => {
+            ResponseError::CoordinatorLoadInProgress.code()
+        }
+        other => other.code(),
+    }
+}
+
+/// The group's committed offset per partition of a topic, `None` when qit has no such
+/// group there.
+async fn floors(
+    kafka: &Kafka,
+    topic: &str,
+    group: &str,
+) -> Result<Option<Vec<(u32, u64)>>, KafkaError> {
+    match kafka.broker.committed_offsets_at_leader(topic, group).await {
+        Ok(floors) => Ok(floors),
         Err(BrokerError::GroupNotFound { .. }) => Ok(None),
         Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_without_a_leader_is_retried_not_final() {
+        let electing = KafkaError::Broker(BrokerError::NoLeader("group 4".into()));
+        assert_eq!(
+            group_code(&electing),
+            ResponseError::CoordinatorLoadInProgress.code()
+        );
+        let missing = KafkaError::Broker(BrokerError::QueueNotFound("q".into()));
+        assert_eq!(
+            group_code(&missing),
+            ResponseError::UnknownTopicOrPartition.code()
+        );
     }
 }

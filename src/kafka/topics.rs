@@ -21,13 +21,12 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
+use super::brokers::Layout;
 use super::session::Session;
 use super::{Kafka, KafkaError};
 use crate::auth::{Action, Resource};
 use crate::broker::{QueueSettings, RetentionPolicy};
 
-/// The one node id this broker has.
-pub const NODE_ID: i32 = 0;
 /// Configs a topic creation accepts and ignores (replication is not Kafka's here).
 const IGNORED_CONFIGS: &[&str] = &[
     "min.insync.replicas",
@@ -44,7 +43,8 @@ fn topic_name(name: &str) -> TopicName {
     TopicName(text(name))
 }
 
-/// The Metadata response: this broker, and the asked topics (all when none are named).
+/// The Metadata response: the brokers ([`super::brokers`]), and the asked topics (all
+/// when none are named).
 pub async fn metadata(
     kafka: &Kafka,
     session: &Session,
@@ -53,14 +53,19 @@ pub async fn metadata(
     version: i16,
 ) -> MetadataResponse {
     let mut response = MetadataResponse::default();
-    response.brokers = vec![
-        MetadataResponseBroker::default()
-            .with_node_id(BrokerId(NODE_ID))
-            .with_host(text(&session.local.ip().to_string()))
-            .with_port(i32::from(session.local.port())),
-    ];
+    let layout = kafka.layout(session.local);
+    response.brokers = layout
+        .brokers()
+        .into_iter()
+        .map(|b| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(b.id))
+                .with_host(text(&b.host))
+                .with_port(b.port)
+        })
+        .collect();
     response.cluster_id = Some(StrBytes::from_static_str("qit"));
-    response.controller_id = BrokerId(NODE_ID);
+    response.controller_id = BrokerId(layout.controller());
     let names: Option<Vec<String>> = request.topics.map(|topics| {
         topics
             .into_iter()
@@ -85,13 +90,14 @@ pub async fn metadata(
     for name in names {
         response
             .topics
-            .push(topic_metadata(kafka, user, &name, auto_create).await);
+            .push(topic_metadata(kafka, &layout, user, &name, auto_create).await);
     }
     response
 }
 
 async fn topic_metadata(
     kafka: &Kafka,
+    layout: &Layout,
     user: Option<&str>,
     name: &str,
     auto_create: bool,
@@ -104,14 +110,17 @@ async fn topic_metadata(
     }
     match partitions {
         Ok(n) => {
+            let (raft_leader, replicas) = kafka.topic_replicas(name).unwrap_or_default();
+            let placed = layout.placement(raft_leader, &replicas);
+            let ids = |ids: &[i32]| ids.iter().map(|id| BrokerId(*id)).collect::<Vec<_>>();
             topic.partitions = (0..n as i32)
                 .map(|p| {
                     MetadataResponsePartition::default()
                         .with_partition_index(p)
-                        .with_leader_id(BrokerId(NODE_ID))
+                        .with_leader_id(BrokerId(placed.leader))
                         .with_leader_epoch(0)
-                        .with_replica_nodes(vec![BrokerId(NODE_ID)])
-                        .with_isr_nodes(vec![BrokerId(NODE_ID)])
+                        .with_replica_nodes(ids(&placed.replicas))
+                        .with_isr_nodes(ids(&placed.isr))
                 })
                 .collect();
         }
@@ -155,14 +164,15 @@ pub async fn create(
     request: CreateTopicsRequest,
 ) -> CreateTopicsResponse {
     let mut response = CreateTopicsResponse::default();
+    let replication = replication_factor(kafka);
     for topic in request.topics {
         let name = topic.name.0.to_string();
         let mut result = CreatableTopicResult::default().with_name(topic.name.clone());
-        let outcome = match settings_of(&topic) {
+        let outcome = match settings_of(&topic, replication) {
             Err((error, why)) => Err((error.code(), why)),
             Ok(settings) => {
                 result.num_partitions = settings.partitions as i32;
-                result.replication_factor = 1;
+                result.replication_factor = replication;
                 if kafka.broker.partition_count(&name).is_ok() {
                     Err((
                         ResponseError::TopicAlreadyExists.code(),
@@ -186,19 +196,32 @@ pub async fn create(
     response
 }
 
-/// Queue settings from a topic creation's partitions, replication and configs.
-fn settings_of(topic: &CreatableTopic) -> Result<QueueSettings, (ResponseError, String)> {
+/// How many replicas a topic gets: 1 on a single node; on a cluster node as many as
+/// placement gives a queue group (at most 3, at most the voters).
+fn replication_factor(kafka: &Kafka) -> i16 {
+    kafka.cluster.as_ref().map_or(1, |cluster| {
+        let voters = cluster.groups().voter_ids().len();
+        i16::try_from(voters.min(crate::cluster::groups::REPLICAS)).unwrap_or(1)
+    })
+}
+
+/// Queue settings from a topic creation's partitions, replication and configs. qit places
+/// the replicas itself: any factor up to the one it gives (`replication`) is accepted.
+fn settings_of(
+    topic: &CreatableTopic,
+    replication: i16,
+) -> Result<QueueSettings, (ResponseError, String)> {
     let mut settings = QueueSettings::default();
     match topic.num_partitions {
         -1 => {}
         n if n >= 1 => settings.partitions = n as u32,
         n => return Err((ResponseError::InvalidPartitions, format!("{n} partitions"))),
     }
-    if !matches!(topic.replication_factor, -1 | 1) {
+    if topic.replication_factor != -1 && !(1..=replication).contains(&topic.replication_factor) {
         return Err((
             ResponseError::InvalidReplicationFactor,
             format!(
-                "replication factor {} on a single broker",
+                "replication factor {} (qit keeps {replication} replicas)",
                 topic.replication_factor
             ),
         ));
@@ -417,6 +440,7 @@ fn offset_at(
 ) -> Result<Option<(u64, i64)>, KafkaError> {
     let partition = u32::try_from(partition)
         .map_err(|_| KafkaError::Broker(crate::broker::BrokerError::QueueNotFound(topic.into())))?;
+    kafka.check_replica(topic)?;
     let bounds = kafka
         .broker
         .partition_bounds(topic, partition)

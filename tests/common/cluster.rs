@@ -30,6 +30,8 @@ pub struct Node {
     pub grpc_port: u16,
     /// Its cluster (Raft and forwarding) port.
     pub cluster_port: u16,
+    /// Its Kafka listener's port.
+    pub kafka_port: u16,
     /// The IP its cluster listener binds, and its connections to the peers go out from
     /// (`127.0.0.1` unless made with [`Node::new_at`]).
     pub cluster_ip: String,
@@ -47,6 +49,7 @@ impl Node {
             http_port,
             grpc_port: free_port(),
             cluster_port: free_port(),
+            kafka_port: free_port(),
             cluster_ip: "127.0.0.1".to_string(),
             child: None,
         }
@@ -55,6 +58,11 @@ impl Node {
     /// `ID=127.0.0.1:PORT`, as `--peers` names this node.
     pub fn peer(&self) -> String {
         format!("{}={}:{}", self.id, self.cluster_ip, self.cluster_port)
+    }
+
+    /// `127.0.0.1:PORT` of its Kafka listener (a bootstrap server).
+    pub fn kafka(&self) -> String {
+        format!("127.0.0.1:{}", self.kafka_port)
     }
 
     /// `http://127.0.0.1:PORT` of its gRPC listener.
@@ -77,6 +85,7 @@ impl Node {
             .args(["--cluster-secret", SECRET])
             .args(["--http", &format!("127.0.0.1:{}", self.http_port)])
             .args(["--grpc", &format!("127.0.0.1:{}", self.grpc_port)])
+            .args(["--kafka", &self.kafka()])
             .arg("--data-dir")
             .arg(&self.dir)
             .args(extra)
