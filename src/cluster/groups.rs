@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -20,7 +21,7 @@ use super::network::{Network, Peers};
 use super::placement;
 use super::snapshot_transfer::Receiver;
 use super::state_machine::{AppliedIndex, Role, StateMachine};
-use super::types::{NodeAddrs, Placed, Raft};
+use super::types::{LogId, Membership, NodeAddrs, Placed, Raft};
 use crate::broker::Broker;
 
 /// The metadata group's id.
@@ -45,7 +46,7 @@ struct GroupWatch {
 /// each). Fed by a task that ends with the group.
 fn leader_watch(raft: &Raft) -> watch::Receiver<Option<u64>> {
     let mut metrics = raft.metrics();
-    let (tx, rx) = watch::channel(metrics.borrow().current_leader);
+    let (tx, rx) = watch::channel(metrics.borrow_watched().current_leader);
     tokio::spawn(async move {
         loop {
             let leader = metrics.borrow_and_update().current_leader;
@@ -117,6 +118,12 @@ fn raft_config(group: u64) -> Result<Config, ClusterError> {
         enable_elect: false,
         snapshot_policy: SnapshotPolicy::Never,
         max_payload_entries: MAX_APPEND_ENTRIES,
+        // A node whose data was lost rejoins: the leader sends it the log again instead
+        // of stopping replication to it (openraft 0.9's `loosen-follower-log-revert`).
+        allow_log_reversion: Some(true),
+        // A restarted leader campaigns like any node (as in openraft 0.9): its broker state
+        // is rebuilt at start, so it must not resume leading before it hears the group.
+        enable_leader_restore: Some(false),
         ..Config::default()
     }
     .validate()
@@ -282,7 +289,7 @@ impl Groups {
                 tokio::time::sleep(INIT_FALLBACK).await;
                 let empty = {
                     let m = later.metrics();
-                    let m = m.borrow();
+                    let m = m.borrow_watched();
                     m.current_leader.is_none() && m.last_log_index.is_none()
                 };
                 if empty && let Err(error) = later.initialize(nodes).await {
@@ -422,7 +429,7 @@ impl Groups {
     }
 
     /// The id of the last entry in group `id`'s log here (`None`: empty, or not open).
-    pub fn last_log_id(&self, id: u64) -> Option<openraft::LogId<u64>> {
+    pub fn last_log_id(&self, id: u64) -> Option<LogId> {
         self.logs.read().get(&id).and_then(LogStore::tip)
     }
 
@@ -473,7 +480,7 @@ impl MetaHooks for Groups {
         self.nodes.write().insert(addrs.id, addrs);
     }
 
-    fn set_members(&self, membership: &openraft::Membership<u64, BasicNode>) {
+    fn set_members(&self, membership: &Membership) {
         let voters: BTreeMap<u64, String> = membership
             .voter_ids()
             .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))

@@ -33,12 +33,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers};
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
 use super::groups::REPLICAS;
-use super::types::{Change, Command};
+use super::types::{Change, Command, Membership};
 use crate::broker::BrokerError;
 use crate::broker::replicate::OpResult;
 
@@ -172,10 +173,10 @@ impl Cluster {
     }
 
     /// The metadata group's membership as this node knows it.
-    pub(super) fn meta_membership(&self) -> openraft::Membership<u64, BasicNode> {
+    pub(super) fn meta_membership(&self) -> Membership {
         self.meta()
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .clone()

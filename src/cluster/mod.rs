@@ -71,6 +71,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
@@ -241,7 +242,7 @@ async fn propose_entry(
 
 /// A receiver of `raft`'s current leader (a group this node has no watch of yet).
 fn watch_metrics_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<u64>> {
-    let (_, rx) = tokio::sync::watch::channel(raft.metrics().borrow().current_leader);
+    let (_, rx) = tokio::sync::watch::channel(raft.metrics().borrow_watched().current_leader);
     rx
 }
 
@@ -317,7 +318,12 @@ impl Cluster {
             .await?;
         // The voters as the metadata log left them (nodes added or removed since the
         // initial `--peers`); applying the log updates them from here on.
-        groups.set_members(meta.metrics().borrow().membership_config.membership());
+        groups.set_members(
+            meta.metrics()
+                .borrow_watched()
+                .membership_config
+                .membership(),
+        );
         Ok(Arc::new_cyclic(|me| Self {
             groups,
             liveness: liveness::Liveness::new(config.node_id, config.peers.keys().copied()),
@@ -425,7 +431,7 @@ impl Cluster {
         let Some((group, leases)) = self.group_of(&command) else {
             // A queue created a moment ago may not have reached this node's metadata yet:
             // the metadata leader knows every committed queue.
-            let leader = self.meta.metrics().borrow().current_leader;
+            let leader = self.meta.metrics().borrow_watched().current_leader;
             return match (leader, &command) {
                 (Some(leader), _) if leader != self.node_id() && hops < MAX_HOPS => {
                     self.forward(leader, command, hops).await
@@ -567,7 +573,7 @@ impl Cluster {
 
     /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
     async fn leader_of(&self, raft: &Raft) -> Option<u64> {
-        if let Some(leader) = raft.metrics().borrow().current_leader {
+        if let Some(leader) = raft.metrics().borrow_watched().current_leader {
             return Some(leader);
         }
         raft.wait(Some(LEADER_WAIT))
@@ -584,8 +590,13 @@ impl Cluster {
     /// names until it hears of a newer term, and would serve leases from a state that lacks
     /// the acks committed since (the leader-kill test delivered acked messages that way).
     async fn confirm_leader(&self, raft: &Raft) -> Result<u64, BrokerError> {
-        match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Ok(raft.metrics().borrow().current_term),
+        match tokio::time::timeout(
+            LEADER_WAIT,
+            raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(raft.metrics().borrow_watched().current_term),
             Ok(Err(error)) => Err(no_leader(format!("not the leader: {error}"))),
             Err(_) => Err(no_leader("leadership not confirmed in time")),
         }

@@ -20,6 +20,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers};
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +37,7 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(120);
 /// The group's voters as its leader knows them (all configs of a joint one).
 fn group_voters(raft: &Raft) -> BTreeSet<u64> {
     raft.metrics()
-        .borrow()
+        .borrow_watched()
         .membership_config
         .membership()
         .voter_ids()
@@ -46,7 +47,7 @@ fn group_voters(raft: &Raft) -> BTreeSet<u64> {
 /// True while the group's membership is a joint one (a change under way).
 fn in_joint(raft: &Raft) -> bool {
     raft.metrics()
-        .borrow()
+        .borrow_watched()
         .membership_config
         .membership()
         .get_joint_config()

@@ -1,25 +1,30 @@
-//! The internal service on `--cluster`: openraft RPCs into this node's groups, the other
-//! nodes' beats ([`super::liveness`]) and ops that other nodes forward here. Every call must carry a valid proof of the cluster secret
-//! (see [`super::auth`]); nothing else is looked at before the proof checks out.
+//! The internal service on `--cluster`: openraft RPCs into this node's groups (entries
+//! arrive on pipelined append streams, see [`super::network`]), the other nodes' beats
+//! ([`super::liveness`]) and ops that other nodes forward here. Every call must carry a
+//! valid proof of the cluster secret (see [`super::auth`]), and every message of a stream
+//! its own; nothing else is looked at before the proof checks out.
 //!
 //! The service serves from the moment the listener is bound, before this node's groups are
 //! open ([`Local`]): a starting node that holds no data answers its peers' start-up question
 //! ([`super::rejoin`]) while it asks them the same; everything else waits until it runs
 //! (a Raft call finds no group, a beat or a forwarded op is "unavailable").
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use futures_util::{Stream, StreamExt};
+use openraft::raft::AppendEntriesRequest;
+use tonic::{Request, Response, Status, Streaming};
 
-use super::auth::{MAC_KEY, TS_KEY, now_ms};
+use super::auth::{MAC_KEY, Secret, TS_KEY, now_ms};
 use super::network::{
-    KIND_APPEND, KIND_BEAT, KIND_KNOWN, KIND_SNAPSHOT, KIND_SNAPSHOT_CHUNK, KIND_SNAPSHOT_HELD,
-    KIND_VOTE, NODE_KEY, raft_method, scope,
+    GROUP_KEY, KIND_APPEND, KIND_APPEND_STREAM, KIND_BEAT, KIND_KNOWN, KIND_SNAPSHOT_CHUNK,
+    KIND_SNAPSHOT_HELD, KIND_VOTE, NODE_KEY, STREAM_KEY, StreamReply, raft_method, scope,
 };
 use super::rejoin::{Local, Question};
-use super::types::{Command, decode, encode};
+use super::types::{Command, TypeConfig, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
-use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply};
+use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply, StreamRequest};
 
 /// The service.
 pub struct Service {
@@ -75,6 +80,51 @@ impl Service {
     }
 }
 
+/// The replies of an append stream.
+type Replies = Pin<Box<dyn Stream<Item = Result<Reply, Status>> + Send>>;
+
+/// The requests of an append stream, each checked against its proof and decoded; the first
+/// message that fails (a bad proof, out of sequence, undecodable, or a broken stream) ends
+/// them and is kept in `refused`, to end the replies with once openraft answered the rest.
+fn checked_requests(
+    messages: Streaming<StreamRequest>,
+    secret: Secret,
+    stream_id: String,
+    refused: Arc<parking_lot::Mutex<Option<Status>>>,
+) -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static {
+    messages
+        .enumerate()
+        .scan((), move |(), (expected, message)| {
+            let request = match message {
+                Ok(message) => {
+                    let signed = message.seq == expected as u64
+                        && secret.verify_in_stream(
+                            stream_id.as_bytes(),
+                            message.seq,
+                            &message.body,
+                            &message.proof,
+                        );
+                    if signed {
+                        decode(&message.body).map_err(bad)
+                    } else {
+                        Err(Status::unauthenticated(
+                            "append stream message without a valid proof of the secret",
+                        ))
+                    }
+                }
+                Err(status) => Err(status),
+            };
+            let request = match request {
+                Ok(request) => Some(request),
+                Err(status) => {
+                    *refused.lock() = Some(status);
+                    None
+                }
+            };
+            std::future::ready(request)
+        })
+}
+
 fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("undecodable cluster call: {e}"))
 }
@@ -86,6 +136,50 @@ fn reply<T: serde::Serialize>(value: &T) -> Result<Response<Reply>, Status> {
 
 #[tonic::async_trait]
 impl cluster_server::Cluster for Service {
+    type AppendStreamStream = Replies;
+
+    /// A leader's append stream into one of this node's groups: openraft takes the
+    /// requests as they arrive (`Raft::stream_append`) and answers them in order.
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<StreamRequest>>,
+    ) -> Result<Response<Replies>, Status> {
+        let meta = request.metadata();
+        let get = |key: &str| meta.get(key).and_then(|v| v.to_str().ok());
+        let denied =
+            || Status::unauthenticated("append stream without a valid proof of the secret");
+        let group: u64 = get(GROUP_KEY)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(denied)?;
+        let stream_id = get(STREAM_KEY).ok_or_else(denied)?.to_string();
+        self.verify(
+            &request,
+            &raft_method(KIND_APPEND_STREAM),
+            group,
+            stream_id.as_bytes(),
+        )?;
+        let cluster = self.local.cluster().ok_or_else(starting)?;
+        let raft = cluster
+            .groups()
+            .raft(group)
+            .ok_or_else(|| Status::not_found(format!("no raft group {group} here (yet)")))?;
+        let refused = Arc::new(parking_lot::Mutex::new(None));
+        let requests = checked_requests(
+            request.into_inner(),
+            self.local.peers().secret().clone(),
+            stream_id,
+            Arc::clone(&refused),
+        );
+        let answers = raft.stream_append(requests).map(|answer| {
+            let answer: StreamReply = answer.map_err(|fatal| fatal.to_string());
+            let body = encode(&answer).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Reply { body: body.into() })
+        });
+        let refusal = futures_util::stream::once(async move { refused.lock().take() })
+            .filter_map(|refused| std::future::ready(refused.map(Err)));
+        Ok(Response::new(Box::pin(answers.chain(refusal))))
+    }
+
     async fn raft(&self, request: Request<RaftRequest>) -> Result<Response<Reply>, Status> {
         let group = request.get_ref().group;
         let kind = request.get_ref().kind;
@@ -113,7 +207,6 @@ impl cluster_server::Cluster for Service {
         match kind {
             KIND_VOTE => reply(&raft.vote(decode(&body).map_err(bad)?).await),
             KIND_APPEND => reply(&raft.append_entries(decode(&body).map_err(bad)?).await),
-            KIND_SNAPSHOT => reply(&raft.install_snapshot(decode(&body).map_err(bad)?).await),
             // The resumable snapshot transfer (see `snapshot_transfer.rs`).
             KIND_SNAPSHOT_HELD => {
                 let request = decode(&body).map_err(bad)?;
