@@ -112,7 +112,7 @@ fn raft_config(group: u64) -> Result<Config, ClusterError> {
         cluster_name: format!("qit-{group}"),
         heartbeat_interval: RPC_TIMEOUT_MS,
         election_timeout_min: RPC_TIMEOUT_MS + 20,
-        election_timeout_max: RPC_TIMEOUT_MS + 50,
+        election_timeout_max: LEADER_LEASE.as_millis() as u64,
         enable_tick: false,
         enable_heartbeat: false,
         enable_elect: false,
@@ -121,14 +121,16 @@ fn raft_config(group: u64) -> Result<Config, ClusterError> {
         // A node whose data was lost rejoins: the leader sends it the log again instead
         // of stopping replication to it (openraft 0.9's `loosen-follower-log-revert`).
         allow_log_reversion: Some(true),
-        // A restarted leader campaigns like any node (as in openraft 0.9): its broker state
-        // is rebuilt at start, so it must not resume leading before it hears the group.
-        enable_leader_restore: Some(false),
         ..Config::default()
     }
     .validate()
     .map_err(|e| ClusterError::Config(e.to_string()))
 }
+
+/// How long a leader's writes are taken after a quorum last answered it (openraft's
+/// leader lease, its `election_timeout_max`).
+pub(super) const LEADER_LEASE: std::time::Duration =
+    std::time::Duration::from_millis(RPC_TIMEOUT_MS + 50);
 
 /// Most entries in one AppendEntries (openraft's default is 300). Every call must finish
 /// within [`RPC_TIMEOUT_MS`]: a replica catching up (a new one, or one back from a long

@@ -71,6 +71,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use openraft::Instant as _;
+use openraft::ReadPolicy;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
@@ -87,6 +89,8 @@ use types::{Command, NodeAddrs, Raft, decode, encode};
 const MAX_HOPS: u32 = 2;
 /// How long a request waits for a group without a leader to elect one.
 const LEADER_WAIT: Duration = Duration::from_secs(2);
+/// A write renews the leader lease first when less than this is left of it.
+const LEASE_MARGIN: Duration = Duration::from_millis(100);
 /// How long a leader waits for a majority to commit an entry before answering "no leader".
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a node waits to apply an op committed through another node.
@@ -216,6 +220,13 @@ async fn propose_entry(
     group: u64,
     command: Command,
 ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+    // openraft 0.10 takes a write only while its leader lease holds (a quorum answered
+    // within `election_timeout_max`), and a group sends nothing while it is idle (its
+    // heartbeats are off, see `liveness`): the first write after a pause renews the lease
+    // with one quorum round first.
+    if let Err(error) = ensure_lease(raft).await {
+        return Err(no_leader(format!("group {group}: {error}")));
+    }
     let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(command)).await;
     let Ok(written) = written else {
         // A leader cut off from its majority cannot commit; the entry may still commit
@@ -237,6 +248,31 @@ async fn propose_entry(
             to.leader_id
         ))),
         Err(error) => Err(no_leader(format!("group {group}: {error}"))),
+    }
+}
+
+/// True when this node leads `raft`'s group and its leader lease has less than
+/// [`LEASE_MARGIN`] left (or its followers never answered).
+fn lease_may_lapse(raft: &Raft) -> bool {
+    let m = raft.metrics();
+    let m = m.borrow_watched();
+    m.state == openraft::ServerState::Leader
+        && m.last_quorum_acked
+            .as_ref()
+            .is_none_or(|at| at.elapsed() + LEASE_MARGIN >= groups::LEADER_LEASE)
+}
+
+/// Before a write or a membership change: renews the leader lease of `raft`'s group with
+/// one quorum round when it may lapse (openraft 0.10 refuses both without a lease, and an
+/// idle group's lease lapses: its heartbeats are off).
+async fn ensure_lease(raft: &Raft) -> Result<(), String> {
+    if !lease_may_lapse(raft) {
+        return Ok(());
+    }
+    match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!("leader lease not renewed: {error}")),
+        Err(_) => Err("leader lease not renewed in time (no quorum?)".into()),
     }
 }
 
@@ -590,11 +626,8 @@ impl Cluster {
     /// names until it hears of a newer term, and would serve leases from a state that lacks
     /// the acks committed since (the leader-kill test delivered acked messages that way).
     async fn confirm_leader(&self, raft: &Raft) -> Result<u64, BrokerError> {
-        match tokio::time::timeout(
-            LEADER_WAIT,
-            raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
-        )
-        .await
+        match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable(ReadPolicy::ReadIndex))
+            .await
         {
             Ok(Ok(_)) => Ok(raft.metrics().borrow_watched().current_term),
             Ok(Err(error)) => Err(no_leader(format!("not the leader: {error}"))),

@@ -147,6 +147,7 @@ impl Cluster {
             let addr = addresses
                 .get(node)
                 .ok_or_else(|| format!("node {node} is no voter"))?;
+            super::ensure_lease(raft).await?;
             let added = raft
                 .add_learner(*node, BasicNode::new(addr), false)
                 .await
@@ -168,6 +169,7 @@ impl Cluster {
         // 3. The group's voters become the wanted replicas.
         let target: BTreeSet<u64> = wanted.iter().copied().collect();
         if voters != target || in_joint(raft) {
+            super::ensure_lease(raft).await?;
             raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false)
                 .await
                 .map_err(|e| format!("changing the group's voters: {e}"))?;

@@ -437,7 +437,7 @@ impl Connection {
         option: RPCOption,
     ) -> Result<AppendReplies, RPCError<TypeConfig>>
     where
-        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static,
     {
         let deadline = option.hard_ttl();
         let sent = Arc::new(parking_lot::Mutex::new(VecDeque::new()));
@@ -554,6 +554,15 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
         Box::pin(async move {
+            // Opened once openraft has a request: it makes the request after its backoff
+            // (a peer that is down is not called again at once), and a session with
+            // nothing to send opens no stream.
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                let nothing: BoxStream<'s, _> = Box::pin(futures_util::stream::empty());
+                return Ok(nothing);
+            };
+            let input = futures_util::stream::once(std::future::ready(first)).chain(input);
             let replies = self.open_append_stream(input, option).await?;
             // Ends after the first error or refusal (a conflict, a higher vote), as
             // openraft expects.
