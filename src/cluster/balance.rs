@@ -13,7 +13,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use super::types::Raft;
+use super::state_machine::Raft;
 
 /// How often a node looks for groups to give back.
 const EVERY: Duration = Duration::from_secs(1);

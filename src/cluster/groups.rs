@@ -20,8 +20,8 @@ use super::metadata::MetaHooks;
 use super::network::{Network, Peers};
 use super::placement;
 use super::snapshot_transfer::Receiver;
-use super::state_machine::{AppliedIndex, Role, StateMachine};
-use super::types::{LogId, Membership, NodeAddrs, Placed, Raft};
+use super::state_machine::{AppliedIndex, Raft, Role, StateMachine};
+use super::types::{LogId, Membership, NodeAddrs, Placed};
 use crate::broker::Broker;
 
 /// The metadata group's id.

@@ -25,7 +25,8 @@ use tokio::sync::Notify;
 use super::Cluster;
 use super::groups::META_GROUP;
 use super::placement;
-use super::types::{Raft, decode};
+use super::state_machine::Raft;
+use super::types::decode;
 
 pub use super::network::KIND_ELECT;
 /// Counter, on the node asked: campaigns started at another node's request.

@@ -82,8 +82,9 @@ use crate::broker::{Broker, BrokerError};
 use groups::{Groups, META_GROUP};
 use metadata::MetaHooks;
 use network::Peers;
+use state_machine::Raft;
 use state_machine::Role;
-use types::{Command, NodeAddrs, Raft, decode, encode};
+use types::{Command, NodeAddrs, decode, encode};
 
 /// How many times an op may be forwarded before it is answered "no leader".
 const MAX_HOPS: u32 = 2;

@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use super::Cluster;
 use super::groups::{QueueGroup, REPLICAS};
 use super::placement;
-use super::types::{Command, Placed, Raft};
+use super::state_machine::Raft;
+use super::types::{Command, Placed};
 
 /// How often a node looks for groups it leads that should move.
 const EVERY: Duration = Duration::from_secs(1);

@@ -34,9 +34,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::ClusterError;
 use super::auth::{MAC_KEY, Secret, TS_KEY, now_ms};
-use super::snapshot::SnapshotData;
+use super::snapshot::{Snapshot, SnapshotData};
 use super::snapshot_transfer::{self, ChunkRequest, HeldRequest, Link, Pace, TransferReply};
-use super::types::{Snapshot, TypeConfig, Vote, decode, encode};
+use super::types::{TypeConfig, Vote, decode, encode};
 use crate::proto::cluster::cluster_client::ClusterClient;
 use crate::proto::cluster::{ForwardRequest, RaftRequest, StreamRequest};
 

@@ -26,7 +26,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::propose_entry;
-use super::types::{Command, Raft};
+use super::state_machine::Raft;
+use super::types::Command;
 use crate::broker::BrokerError;
 use crate::broker::replicate::{Op, OpResult, WireError, WireMessage};
 

@@ -35,7 +35,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::types::{LogId, StoredMembership};
+use super::types::{LogId, StoredMembership, TypeConfig};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
@@ -873,6 +873,9 @@ impl Seek for PackReader {
         Ok(target)
     }
 }
+
+/// A snapshot: its meta and its data.
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
 /// The snapshot data openraft moves: a packed stream read from the files, a received
 /// stream being written to a file, or bytes in memory (groups without data); and the id of

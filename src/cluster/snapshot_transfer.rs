@@ -38,9 +38,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::snapshot::{
-    MAX_SNAPSHOT_ID, SnapshotData, SnapshotError, is_receiving_pack, receiving_pack, verify_pack,
+    MAX_SNAPSHOT_ID, Snapshot, SnapshotData, SnapshotError, is_receiving_pack, receiving_pack,
+    verify_pack,
 };
-use super::types::{Raft, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use super::state_machine::Raft;
+use super::types::{SnapshotMeta, TypeConfig, Vote};
 
 /// Bytes of snapshots a leader did not send again because the follower already held them
 /// from a cut transfer (counter; counted each time a transfer starts again after asking).

@@ -26,11 +26,11 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 
 use super::metadata::{MetaHooks, MetaImage, SNAPSHOT_FILE, write_durably};
 use super::snapshot::{
-    Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, snapshot_id,
-    unpack_bare,
+    Captured, Manifest, Snapshot, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare,
+    snapshot_id, unpack_bare,
 };
 use super::types::{
-    Applied, Command, EntryPayload, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
+    Applied, Command, EntryPayload, LogId, SnapshotMeta, StoredMembership, TypeConfig,
 };
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
@@ -41,6 +41,9 @@ pub const SNAPSHOTS_BUILT: &str = "qit_cluster_snapshots_built_total";
 pub const SNAPSHOTS_INSTALLED: &str = "qit_cluster_snapshots_installed_total";
 /// Snapshots of the metadata group installed from a leader (counter).
 pub const META_SNAPSHOTS_INSTALLED: &str = "qit_cluster_meta_snapshots_installed_total";
+
+/// A Raft group handle (every group's state machine is a [`StateMachine`]).
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// Which group a machine belongs to.
 #[derive(Clone)]

@@ -106,8 +106,6 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
 );
 
-/// A Raft group handle.
-pub type Raft = openraft::Raft<TypeConfig, super::state_machine::StateMachine>;
 /// A log id: the term and node of the leader that wrote the entry, and its index.
 pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
 /// The leader a log id names (term and node).
@@ -124,9 +122,6 @@ pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 /// What a snapshot covers.
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
-/// A snapshot: its meta and its data.
-pub type Snapshot =
-    openraft::type_config::alias::SnapshotOf<TypeConfig, super::snapshot::SnapshotData>;
 /// A group's metrics.
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 

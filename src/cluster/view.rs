@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Cluster;
 use super::groups::META_GROUP;
-use super::types::{LogId, Raft, RaftMetrics};
+use super::state_machine::Raft;
+use super::types::{LogId, RaftMetrics};
 
 /// Current term of a group.
 pub const TERM: &str = "qit_cluster_term";
