@@ -103,9 +103,11 @@ pub struct Groups {
 /// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
 /// per node does their work for every group at once ([`super::liveness`]), and openraft
 /// still sends every new entry and commit at once. What is left of its timers:
-/// `heartbeat_interval` is the deadline of its RPCs; `election_timeout_max` is the leader
-/// lease, during which a follower refuses to vote after hearing from its leader (kept
-/// below the liveness waits, so a follower that saw a leader die can be elected at once).
+/// `heartbeat_interval` is the deadline of its RPCs (of each request on an append stream,
+/// see [`super::network`]); `election_timeout_max` is the leader lease, during which a
+/// follower refuses to vote after hearing from its leader (kept below the liveness waits,
+/// so a follower that saw a leader die can be elected at once) and after which a leader
+/// that heard no quorum takes no write until it renews it (see `ensure_lease`).
 /// Snapshots and purging: [`storage_policy`].
 fn raft_config(group: u64) -> Result<Config, ClusterError> {
     Config {
@@ -132,8 +134,8 @@ fn raft_config(group: u64) -> Result<Config, ClusterError> {
 pub(super) const LEADER_LEASE: std::time::Duration =
     std::time::Duration::from_millis(RPC_TIMEOUT_MS + 50);
 
-/// Most entries in one AppendEntries (openraft's default is 300). Every call must finish
-/// within [`RPC_TIMEOUT_MS`]: a replica catching up (a new one, or one back from a long
+/// Most entries in one AppendEntries (openraft's default is 300). Every request must be
+/// answered within [`RPC_TIMEOUT_MS`] of going out (pipelined on a stream or not): a replica catching up (a new one, or one back from a long
 /// absence) is sent the log in calls of this many entries, and 300 entries of large
 /// messages (300 x 512 KiB) never arrived in time, so a new node never caught up. A
 /// follower that keeps up gets a few entries per call (a queue has at most four publish

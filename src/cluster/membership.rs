@@ -218,7 +218,7 @@ impl Cluster {
             return Ok(());
         }
         let meta = self.meta();
-        super::ensure_lease(&meta).await.map_err(raft_error)?;
+        super::ensure_lease(meta).await.map_err(raft_error)?;
         if !voter {
             let added = meta
                 .add_learner(id, BasicNode::new(cluster), false)
@@ -247,7 +247,7 @@ impl Cluster {
                 return Err(MembershipError::CatchUp { id });
             }
         }
-        super::ensure_lease(&meta).await.map_err(raft_error)?;
+        super::ensure_lease(meta).await.map_err(raft_error)?;
         meta.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
             .await
             .map_err(raft_error)?;
@@ -276,9 +276,7 @@ impl Cluster {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
-        super::ensure_lease(&self.meta())
-            .await
-            .map_err(raft_error)?;
+        super::ensure_lease(self.meta()).await.map_err(raft_error)?;
         self.meta()
             .change_membership(change, false)
             .await

@@ -87,7 +87,7 @@ type Replies = Pin<Box<dyn Stream<Item = Result<Reply, Status>> + Send>>;
 /// message that fails (a bad proof, out of sequence, undecodable, or a broken stream) ends
 /// them and is kept in `refused`, to end the replies with once openraft answered the rest.
 fn checked_requests(
-    messages: Streaming<StreamRequest>,
+    messages: impl Stream<Item = Result<StreamRequest, Status>> + Send + 'static,
     secret: Secret,
     stream_id: String,
     refused: Arc<parking_lot::Mutex<Option<Status>>>,
@@ -231,5 +231,80 @@ impl cluster_server::Cluster for Service {
         let cluster = self.local.cluster().ok_or_else(starting)?;
         let command: Command = decode(&body).map_err(bad)?;
         reply(&cluster.execute(command, hops).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::types::Vote;
+
+    fn request(term: u64) -> Vec<u8> {
+        let request: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
+            vote: Vote::new_committed(term, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: Vec::new(),
+        };
+        encode(&request).unwrap()
+    }
+
+    fn message(secret: &Secret, stream: &str, seq: u64, body: Vec<u8>) -> StreamRequest {
+        StreamRequest {
+            seq,
+            proof: secret.sign_in_stream(stream.as_bytes(), seq, &body),
+            body: body.into(),
+        }
+    }
+
+    /// Runs `messages` through the checks of stream `s1`: the terms of the requests
+    /// taken, and the refusal that ended them.
+    async fn check(messages: Vec<StreamRequest>) -> (Vec<u64>, Option<tonic::Code>) {
+        let secret = Secret::new("a-cluster-secret-of-some-length");
+        let refused = Arc::new(parking_lot::Mutex::new(None));
+        let taken: Vec<u64> = checked_requests(
+            futures_util::stream::iter(messages.into_iter().map(Ok)),
+            secret,
+            "s1".into(),
+            Arc::clone(&refused),
+        )
+        .map(|r| r.vote.leader_id.term)
+        .collect()
+        .await;
+        let code = refused.lock().as_ref().map(Status::code);
+        (taken, code)
+    }
+
+    /// Messages signed for the stream, in order, all go through; one signed for another
+    /// stream, out of place or with another body ends the stream there, refused.
+    #[tokio::test]
+    async fn only_the_streams_own_messages_in_order_go_through() {
+        let secret = Secret::new("a-cluster-secret-of-some-length");
+        let good = |seq, term| message(&secret, "s1", seq, request(term));
+        assert_eq!(
+            check(vec![good(0, 1), good(1, 2)]).await,
+            (vec![1, 2], None)
+        );
+        let unauthenticated = Some(tonic::Code::Unauthenticated);
+        let other_stream = message(&secret, "s2", 1, request(2));
+        assert_eq!(
+            check(vec![good(0, 1), other_stream, good(2, 3)]).await,
+            (vec![1], unauthenticated)
+        );
+        assert_eq!(check(vec![good(1, 1)]).await, (vec![], unauthenticated));
+        assert_eq!(
+            check(vec![good(0, 1), good(0, 1)]).await,
+            (vec![1], unauthenticated)
+        );
+        let mut forged = good(0, 1);
+        forged.body = request(9).into();
+        assert_eq!(check(vec![forged]).await, (vec![], unauthenticated));
+        let wrong_secret = message(
+            &Secret::new("another-secret-of-some-length"),
+            "s1",
+            0,
+            request(1),
+        );
+        assert_eq!(check(vec![wrong_secret]).await, (vec![], unauthenticated));
     }
 }
