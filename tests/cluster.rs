@@ -435,26 +435,28 @@ async fn leader_kills_lose_nothing_acknowledged() {
 }
 
 /// openraft's storage suite against the cluster's Raft log and state machine.
-#[test]
-fn openraft_storage_suite_passes() {
+#[tokio::test]
+async fn openraft_storage_suite_passes() {
     use qit::cluster::log_store::LogStore;
     use qit::cluster::state_machine::{Role, StateMachine};
     use qit::cluster::types::TypeConfig;
 
     struct Builder;
-    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir>
+    impl openraft::testing::log::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir>
         for Builder
     {
         async fn build(
             &self,
-        ) -> Result<(tempfile::TempDir, LogStore, StateMachine), openraft::StorageError<u64>>
+        ) -> Result<(tempfile::TempDir, LogStore, StateMachine), openraft::StorageError<TypeConfig>>
         {
             let dir = tempfile::tempdir().unwrap();
             let log = LogStore::open(dir.path(), true).unwrap();
             Ok((dir, log, StateMachine::new(Role::Bare, None)))
         }
     }
-    openraft::testing::Suite::test_all(Builder).unwrap();
+    openraft::testing::log::Suite::test_all(Builder)
+        .await
+        .unwrap();
 }
 
 /// `(group, term)` -> every leader a node reported for it.

@@ -62,7 +62,23 @@ impl Secret {
     /// True when `proof` is this secret's proof for the call and `ts` is within
     /// [`MAX_SKEW_MS`] of `now`. Compares in constant time.
     pub fn verify(&self, now: i64, ts: i64, scope: &[u8], body: &[u8], proof: &str) -> bool {
-        if (now - ts).abs() > MAX_SKEW_MS || proof.len() != 64 {
+        (now - ts).abs() <= MAX_SKEW_MS && self.verify_tag(ts, scope, body, proof)
+    }
+
+    /// The proof of message `seq` of stream `stream` (an id the stream's opener chose and
+    /// signed when it opened it): a message is bound to its stream and its place in it, so
+    /// it cannot be replayed into another stream, nor repeated or reordered in its own.
+    pub fn sign_in_stream(&self, stream: &[u8], seq: u64, body: &[u8]) -> String {
+        self.sign(stream_ts(seq), &stream_scope(stream), body)
+    }
+
+    /// True when `proof` is [`Self::sign_in_stream`]'s proof for this message.
+    pub fn verify_in_stream(&self, stream: &[u8], seq: u64, body: &[u8], proof: &str) -> bool {
+        self.verify_tag(stream_ts(seq), &stream_scope(stream), body, proof)
+    }
+
+    fn verify_tag(&self, ts: i64, scope: &[u8], body: &[u8], proof: &str) -> bool {
+        if proof.len() != 64 {
             return false;
         }
         let Some(tag) = (0..32)
@@ -77,6 +93,16 @@ impl Secret {
         };
         self.mac(ts, scope, body).verify_slice(&tag).is_ok()
     }
+}
+
+/// The scope of a stream's messages.
+fn stream_scope(stream: &[u8]) -> Vec<u8> {
+    [b"stream/".as_slice(), stream].concat()
+}
+
+/// A message's sequence number where a call has its timestamp.
+fn stream_ts(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
 /// Now, in ms since the Unix epoch.
@@ -112,6 +138,19 @@ mod tests {
             }
             prop_assert!(!secret.verify(1_000, 1_000, b"raft/3", &body, "zz"));
         }
+    }
+
+    /// A stream's message verifies only in its stream, at its place, with its body.
+    #[test]
+    fn a_stream_message_is_bound_to_its_stream_and_place() {
+        let secret = Secret::new("a-cluster-secret-of-some-length");
+        let proof = secret.sign_in_stream(b"s1", 3, b"body");
+        assert!(secret.verify_in_stream(b"s1", 3, b"body", &proof));
+        assert!(!secret.verify_in_stream(b"s2", 3, b"body", &proof));
+        assert!(!secret.verify_in_stream(b"s1", 4, b"body", &proof));
+        assert!(!secret.verify_in_stream(b"s1", 3, b"bodY", &proof));
+        let other = Secret::new("another-secret-of-some-length");
+        assert!(!other.verify_in_stream(b"s1", 3, b"body", &proof));
     }
 
     #[test]

@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openraft::async_runtime::watch::WatchReceiver;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use super::types::Raft;
+use super::state_machine::Raft;
 
 /// How often a node looks for groups to give back.
 const EVERY: Duration = Duration::from_secs(1);
@@ -27,7 +28,7 @@ const NEAR_LAG: u64 = 64;
 /// True when `node` follows `raft` (led here) at most [`NEAR_LAG`] entries behind.
 fn nearly_caught_up(raft: &Raft, node: u64) -> bool {
     let m = raft.metrics();
-    let m = m.borrow();
+    let m = m.borrow_watched();
     let last = m.last_log_index.unwrap_or(0);
     m.replication.as_ref().is_some_and(|r| {
         r.get(&node)

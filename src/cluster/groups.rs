@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use parking_lot::RwLock;
 use tokio::sync::watch;
@@ -20,8 +21,8 @@ use super::metadata::MetaHooks;
 use super::network::{Network, Peers};
 use super::placement;
 use super::snapshot_transfer::Receiver;
-use super::state_machine::{AppliedIndex, Role, StateMachine};
-use super::types::{KafkaAddr, NodeAddrs, Placed, Raft};
+use super::state_machine::{AppliedIndex, Raft, Role, StateMachine};
+use super::types::{KafkaAddr, LogId, Membership, NodeAddrs, Placed};
 use crate::broker::Broker;
 
 /// The metadata group's id.
@@ -46,7 +47,7 @@ struct GroupWatch {
 /// each). Fed by a task that ends with the group.
 fn leader_watch(raft: &Raft) -> watch::Receiver<Option<u64>> {
     let mut metrics = raft.metrics();
-    let (tx, rx) = watch::channel(metrics.borrow().current_leader);
+    let (tx, rx) = watch::channel(metrics.borrow_watched().current_leader);
     tokio::spawn(async move {
         loop {
             let leader = metrics.borrow_and_update().current_leader;
@@ -105,29 +106,39 @@ pub struct Groups {
 /// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
 /// per node does their work for every group at once ([`super::liveness`]), and openraft
 /// still sends every new entry and commit at once. What is left of its timers:
-/// `heartbeat_interval` is the deadline of its RPCs; `election_timeout_max` is the leader
-/// lease, during which a follower refuses to vote after hearing from its leader (kept
-/// below the liveness waits, so a follower that saw a leader die can be elected at once).
+/// `heartbeat_interval` is the deadline of its RPCs (of each request on an append stream,
+/// see [`super::network`]); `election_timeout_max` is the leader lease, during which a
+/// follower refuses to vote after hearing from its leader (kept below the liveness waits,
+/// so a follower that saw a leader die can be elected at once) and after which a leader
+/// that heard no quorum takes no write until it renews it (see `ensure_lease`).
 /// Snapshots and purging: [`storage_policy`].
 fn raft_config(group: u64) -> Result<Config, ClusterError> {
     Config {
         cluster_name: format!("qit-{group}"),
         heartbeat_interval: RPC_TIMEOUT_MS,
         election_timeout_min: RPC_TIMEOUT_MS + 20,
-        election_timeout_max: RPC_TIMEOUT_MS + 50,
+        election_timeout_max: LEADER_LEASE.as_millis() as u64,
         enable_tick: false,
         enable_heartbeat: false,
         enable_elect: false,
         snapshot_policy: SnapshotPolicy::Never,
         max_payload_entries: MAX_APPEND_ENTRIES,
+        // A node whose data was lost rejoins: the leader sends it the log again instead
+        // of stopping replication to it (openraft 0.9's `loosen-follower-log-revert`).
+        allow_log_reversion: Some(true),
         ..Config::default()
     }
     .validate()
     .map_err(|e| ClusterError::Config(e.to_string()))
 }
 
-/// Most entries in one AppendEntries (openraft's default is 300). Every call must finish
-/// within [`RPC_TIMEOUT_MS`]: a replica catching up (a new one, or one back from a long
+/// How long a leader's writes are taken after a quorum last answered it (openraft's
+/// leader lease, its `election_timeout_max`).
+pub(super) const LEADER_LEASE: std::time::Duration =
+    std::time::Duration::from_millis(RPC_TIMEOUT_MS + 50);
+
+/// Most entries in one AppendEntries (openraft's default is 300). Every request must be
+/// answered within [`RPC_TIMEOUT_MS`] of going out (pipelined on a stream or not): a replica catching up (a new one, or one back from a long
 /// absence) is sent the log in calls of this many entries, and 300 entries of large
 /// messages (300 x 512 KiB) never arrived in time, so a new node never caught up. A
 /// follower that keeps up gets a few entries per call (a queue has at most four publish
@@ -286,7 +297,7 @@ impl Groups {
                 tokio::time::sleep(INIT_FALLBACK).await;
                 let empty = {
                     let m = later.metrics();
-                    let m = m.borrow();
+                    let m = m.borrow_watched();
                     m.current_leader.is_none() && m.last_log_index.is_none()
                 };
                 if empty && let Err(error) = later.initialize(nodes).await {
@@ -426,7 +437,7 @@ impl Groups {
     }
 
     /// The id of the last entry in group `id`'s log here (`None`: empty, or not open).
-    pub fn last_log_id(&self, id: u64) -> Option<openraft::LogId<u64>> {
+    pub fn last_log_id(&self, id: u64) -> Option<LogId> {
         self.logs.read().get(&id).and_then(LogStore::tip)
     }
 
@@ -477,7 +488,7 @@ impl MetaHooks for Groups {
         self.nodes.write().insert(addrs.id, addrs);
     }
 
-    fn set_members(&self, membership: &openraft::Membership<u64, BasicNode>) {
+    fn set_members(&self, membership: &Membership) {
         let voters: BTreeMap<u64, String> = membership
             .voter_ids()
             .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))

@@ -3,7 +3,9 @@
 //! and [`super::balance`] gives a returning node back the groups it is the preferred
 //! leader of.
 //!
-//! openraft 0.9 has no leader transfer, so the leader does it with what it has: it holds
+//! The leader does it over the internal service rather than with openraft's
+//! `Trigger::transfer_leader` (new in 0.10, not used here: this hand-off predates it and
+//! its tests pin its behaviour): it holds
 //! new work of the group back (requests wait, [`Transfers::pause`]), waits until the
 //! target's log matches its own, then asks the target over the internal service
 //! ([`KIND_ELECT`]) to campaign at once. The target's vote request carries a log as long
@@ -16,13 +18,15 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::Cluster;
 use super::groups::META_GROUP;
 use super::placement;
-use super::types::{Raft, decode};
+use super::state_machine::Raft;
+use super::types::decode;
 
 pub use super::network::KIND_ELECT;
 /// Counter, on the node asked: campaigns started at another node's request.
@@ -102,7 +106,7 @@ impl Drop for Held<'_> {
 /// What a group's leader knows of a follower: its id and the last log index it holds.
 fn followers(raft: &Raft) -> Vec<(u64, u64)> {
     let m = raft.metrics();
-    let m = m.borrow();
+    let m = m.borrow_watched();
     m.replication
         .as_ref()
         .map(|r| {
@@ -131,7 +135,7 @@ impl Cluster {
 
     /// True while this node leads `raft`.
     pub(super) fn leads(&self, raft: &Raft) -> bool {
-        raft.metrics().borrow().current_leader == Some(self.node_id())
+        raft.metrics().borrow_watched().current_leader == Some(self.node_id())
     }
 
     /// The follower to hand `group` to: its preferred leader when that is up and not
@@ -244,6 +248,6 @@ impl Cluster {
             return Err(format!("node {} is stopping", self.node_id()));
         }
         metrics::counter!(ELECTIONS_REQUESTED).increment(1);
-        raft.trigger().elect().await.map_err(|e| e.to_string())
+        raft.trigger().elect(false).await.map_err(|e| e.to_string())
     }
 }

@@ -43,7 +43,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use openraft::{LogId, ServerState};
+use openraft::ServerState;
+use openraft::async_runtime::watch::WatchReceiver;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -51,7 +52,7 @@ use tokio::time::Instant;
 use super::Cluster;
 use super::groups::META_GROUP;
 use super::placement;
-use super::types::{decode, encode};
+use super::types::{LogId, decode, encode};
 
 /// How often a node sends its beat to each peer.
 pub const BEAT_EVERY: Duration = Duration::from_millis(100);
@@ -105,7 +106,7 @@ pub struct Led {
 
 /// The last log id of a replica in one group (ordered as openraft orders them when it
 /// compares a candidate's log with a voter's).
-pub type Tip = Option<LogId<u64>>;
+pub type Tip = Option<LogId>;
 
 /// The sender's last log id in a group whose leadership is in question at the sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -560,7 +561,7 @@ impl Cluster {
             .into_iter()
             .map(|(group, raft)| {
                 let m = raft.metrics();
-                let m = m.borrow();
+                let m = m.borrow_watched();
                 Local {
                     group,
                     replicas: replicas.remove(&group).unwrap_or_else(|| voters.clone()),
@@ -631,7 +632,7 @@ impl Cluster {
             last = ?self.groups().last_log_id(group),
             "no word from the group's leader: starting an election"
         );
-        if let Err(error) = raft.trigger().elect().await {
+        if let Err(error) = raft.trigger().elect(false).await {
             tracing::warn!(group, %error, "cannot start an election");
         }
     }
@@ -681,7 +682,7 @@ impl Cluster {
             };
             let (leading, term) = {
                 let m = raft.metrics();
-                let m = m.borrow();
+                let m = m.borrow_watched();
                 (m.state == ServerState::Leader, m.current_term)
             };
             if leading
@@ -697,6 +698,7 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
+    use super::super::types::log_id;
     use super::*;
     use proptest::prelude::*;
 
@@ -720,7 +722,7 @@ mod tests {
     }
 
     fn tip(term: u64, index: u64) -> Tip {
-        Some(LogId::new(openraft::CommittedLeaderId::new(term, 1), index))
+        Some(log_id(term, 1, index))
     }
 
     fn beat(group: u64, term: u64, applied: u64) -> Beat {
@@ -1077,7 +1079,7 @@ mod tests {
                 asks,
                 tips: tips.into_iter().map(|(group, last)| LogTip {
                     group,
-                    last: last.map(|(t, n, i)| LogId::new(openraft::CommittedLeaderId::new(t, n), i)),
+                    last: last.map(|(t, n, i)| log_id(t, n, i)),
                 }).collect(),
             };
             let back: Beat = decode(&encode(&beat).unwrap()).unwrap();

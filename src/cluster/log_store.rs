@@ -16,9 +16,12 @@
 //! and removes the chunks after it. A log of the first layout (one file `log`) is taken over
 //! as the first chunk.
 //!
-//! Appends are written at once and, with `--fsync always`, synced (on a blocking thread,
-//! without the log's lock) before openraft is told they are durable; with
-//! `interval`/`never` they are acknowledged from the page cache, as a single node's
+//! Appends are written at once and, with `--fsync always`, synced before openraft is told
+//! they are durable: `append` returns once the entries are written (readable), and a
+//! [`Flusher`] task syncs them in order, several appends with one sync when they queue up,
+//! and then calls openraft back. openraft replicates entries it submitted, so a leader
+//! sends an entry to its followers while its own sync of it is under way. With
+//! `interval`/`never` appends are acknowledged from the page cache, as a single node's
 //! publishes are.
 
 use std::collections::BTreeMap;
@@ -30,12 +33,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, StorageError, StorageIOError, Vote};
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
-use super::types::{TypeConfig, decode, encode};
+use super::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
 
 /// Bytes of a record header: length and CRC.
 const HEADER: usize = 8;
@@ -74,10 +77,10 @@ struct Inner {
     dir: PathBuf,
     chunks: BTreeMap<u64, Chunk>,
     slots: BTreeMap<u64, Slot>,
-    last_log_id: Option<LogId<u64>>,
-    purged: Option<LogId<u64>>,
-    vote: Option<Vote<u64>>,
-    committed: Option<LogId<u64>>,
+    last_log_id: Option<LogId>,
+    purged: Option<LogId>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
     /// The `committed` file, rewritten in place at every commit.
     committed_file: Option<File>,
     sync: bool,
@@ -91,17 +94,62 @@ struct Inner {
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     /// The last log id, also readable while an append holds `inner` (see [`Self::tip`]).
-    tip: Arc<Mutex<Option<LogId<u64>>>>,
+    tip: Arc<Mutex<Option<LogId>>>,
+    /// Syncs appends in order (started by the first append that needs it).
+    flusher: Arc<Mutex<Option<Flusher>>>,
 }
 
-fn io_err(
-    subject: ErrorSubject<u64>,
-    verb: ErrorVerb,
-    e: impl std::error::Error + 'static,
-) -> StorageError<u64> {
-    StorageError::IO {
-        source: StorageIOError::new(subject, verb, openraft::AnyError::new(&e)),
+/// An append waiting for its sync: the chunk it was written to and openraft's callback.
+struct Flush {
+    file: Arc<File>,
+    done: IOFlushed<TypeConfig>,
+}
+
+/// The task that syncs appends in the order they were written and only then tells
+/// openraft they are durable. Appends that queue while a sync runs share the next one
+/// (one `sync_data` per chunk they touched), so a busy group pays one sync per batch.
+#[derive(Clone)]
+struct Flusher {
+    tx: mpsc::UnboundedSender<Flush>,
+}
+
+impl Flusher {
+    /// Starts the task; it ends when every clone of the log (and so the sender) is gone.
+    fn start() -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Flush>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let mut files: Vec<Arc<File>> = Vec::new();
+                for flush in &batch {
+                    if !files.iter().any(|f| Arc::ptr_eq(f, &flush.file)) {
+                        files.push(Arc::clone(&flush.file));
+                    }
+                }
+                let synced = tokio::task::spawn_blocking(move || {
+                    files.iter().try_for_each(|file| file.sync_data())
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                for flush in batch {
+                    let result = match &synced {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                    };
+                    flush.done.io_completed(result);
+                }
+            }
+        });
+        Self { tx }
     }
+}
+
+/// `error` with what was being done when it happened.
+fn io_err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("raft log: {context}: {e}"))
 }
 
 fn write_small<T: Serialize>(dir: &Path, name: &str, value: &T, sync: bool) -> std::io::Result<()> {
@@ -142,7 +190,7 @@ fn read_small<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> std::io::
 
 /// The committed id saved in `dir`, if any: a torn or corrupt file (a crash mid-write)
 /// counts as none, as a lost one does (it is learnt again from the leader).
-fn read_committed(dir: &Path) -> Option<LogId<u64>> {
+fn read_committed(dir: &Path) -> Option<LogId> {
     match read_small(dir, "committed") {
         Ok(committed) => committed,
         Err(error) => {
@@ -153,7 +201,7 @@ fn read_committed(dir: &Path) -> Option<LogId<u64>> {
 }
 
 /// Scans a chunk: the valid records (log id, position, payload length) and where they end.
-fn scan(bytes: &[u8]) -> (Vec<(LogId<u64>, u64, u32)>, u64) {
+fn scan(bytes: &[u8]) -> (Vec<(LogId, u64, u32)>, u64) {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while let Some(header) = bytes.get(pos..pos + HEADER) {
@@ -165,7 +213,7 @@ fn scan(bytes: &[u8]) -> (Vec<(LogId<u64>, u64, u32)>, u64) {
         if crc32fast::hash(payload) != crc {
             break;
         }
-        let Ok(entry) = decode::<Entry<TypeConfig>>(payload) else {
+        let Ok(entry) = decode::<Entry>(payload) else {
             break;
         };
         out.push((entry.log_id, pos as u64, len));
@@ -219,7 +267,7 @@ impl Inner {
     /// Saves the committed id at every commit, cheaply: written in place (one `pwrite` of a
     /// fixed-size record, no new file, no rename) and not synced. A torn write fails its
     /// CRC and reads as no committed id (see [`read_committed`]).
-    fn write_committed(&mut self, committed: Option<LogId<u64>>) -> std::io::Result<()> {
+    fn write_committed(&mut self, committed: Option<LogId>) -> std::io::Result<()> {
         let path = self.dir.join("committed");
         let Some(id) = committed else {
             self.committed_file = None;
@@ -368,7 +416,7 @@ impl LogStore {
             std::fs::rename(&legacy, chunk_path(dir, 0))?;
             sync_dir(dir)?;
         }
-        let purged: Option<LogId<u64>> = read_small(dir, "purged")?;
+        let purged: Option<LogId> = read_small(dir, "purged")?;
         let mut inner = Inner {
             dir: dir.to_path_buf(),
             chunks: BTreeMap::new(),
@@ -398,12 +446,13 @@ impl LogStore {
         Ok(Self {
             tip: Arc::new(Mutex::new(inner.last_log_id)),
             inner: Arc::new(Mutex::new(inner)),
+            flusher: Arc::default(),
         })
     }
 
     /// The id of the last entry written (or the purge point of an empty log), without
     /// waiting for an append under way: what this replica's vote requests carry.
-    pub fn tip(&self) -> Option<LogId<u64>> {
+    pub fn tip(&self) -> Option<LogId> {
         *self.tip.lock()
     }
 
@@ -416,27 +465,17 @@ impl LogStore {
         self.inner.lock().chunks.values().map(|c| c.end).sum()
     }
 
-    // openraft's own error type, as its traits return it.
-    #[allow(clippy::result_large_err)]
-    fn read_entry(
-        inner: &Inner,
-        index: u64,
-        slot: Slot,
-    ) -> Result<Entry<TypeConfig>, StorageError<u64>> {
-        let subject = ErrorSubject::Log(LogId::new(openraft::CommittedLeaderId::new(0, 0), index));
+    fn read_entry(inner: &Inner, index: u64, slot: Slot) -> std::io::Result<Entry> {
+        let subject = format!("reading entry {index}");
         let Some(chunk) = inner.chunks.get(&slot.chunk) else {
-            return Err(io_err(
-                subject,
-                ErrorVerb::Read,
-                std::io::Error::other(format!("chunk {} of entry {index} is gone", slot.chunk)),
-            ));
+            return Err(io_err(subject, format!("chunk {} is gone", slot.chunk)));
         };
         let mut buf = vec![0u8; slot.len as usize];
         chunk
             .file
             .read_exact_at(&mut buf, slot.pos + HEADER as u64)
-            .map_err(|e| io_err(subject.clone(), ErrorVerb::Read, e))?;
-        decode(&buf).map_err(|e| io_err(subject, ErrorVerb::Read, e))
+            .map_err(|e| io_err(&subject, e))?;
+        decode(&buf).map_err(|e| io_err(&subject, e))
     }
 }
 
@@ -444,7 +483,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<u64>> {
+    ) -> std::io::Result<Vec<Entry>> {
         let inner = self.inner.lock();
         let mut entries = Vec::new();
         for (index, slot) in inner.slots.range(range) {
@@ -452,12 +491,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         Ok(entries)
     }
+
+    async fn read_vote(&mut self) -> std::io::Result<Option<Vote>> {
+        Ok(self.inner.lock().vote)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
+    async fn get_log_state(&mut self) -> std::io::Result<LogState<TypeConfig>> {
         let inner = self.inner.lock();
         Ok(LogState {
             last_purged_log_id: inner.purged,
@@ -469,41 +512,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+    async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
-        write_small(&inner.dir, "vote", vote, true)
-            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))?;
+        write_small(&inner.dir, "vote", vote, true).map_err(|e| io_err("saving the vote", e))?;
         inner.vote = Some(*vote);
         Ok(())
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
-        Ok(self.inner.lock().vote)
-    }
-
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId<u64>>,
-    ) -> Result<(), StorageError<u64>> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
         inner
             .write_committed(committed)
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))?;
+            .map_err(|e| io_err("saving the committed id", e))?;
         inner.committed = committed;
         Ok(())
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+    async fn read_committed(&mut self) -> std::io::Result<Option<LogId>> {
         Ok(self.inner.lock().committed)
     }
 
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError<u64>>
+        callback: IOFlushed<TypeConfig>,
+    ) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
         let written = {
@@ -512,45 +547,43 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.set_tip(&inner);
             written
         };
-        let to_sync = match written {
-            Ok(to_sync) => to_sync,
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                return Err(e);
+        match written {
+            Ok(Some(file)) => {
+                // Synced by the flusher, in order, without holding up openraft's core.
+                let flusher = self
+                    .flusher
+                    .lock()
+                    .get_or_insert_with(Flusher::start)
+                    .clone();
+                if let Err(mpsc::error::SendError(flush)) = flusher.tx.send(Flush {
+                    file,
+                    done: callback,
+                }) {
+                    flush
+                        .done
+                        .io_completed(Err(std::io::Error::other("raft log: the flusher stopped")));
+                }
+                Ok(())
             }
-        };
-        // The fsync runs on a blocking thread, without the lock: openraft waits for it
-        // anyway, but the runtime's workers (two on this machine) keep serving meanwhile.
-        let synced = match to_sync {
-            Some(file) => tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
-            None => Ok(()),
-        };
-        match synced {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
+            Ok(None) => {
+                callback.io_completed(Ok(()));
                 Ok(())
             }
             Err(e) => {
-                let error = io_err(
-                    ErrorSubject::Logs,
-                    ErrorVerb::Write,
-                    std::io::Error::new(e.kind(), e.to_string()),
-                );
-                callback.log_io_completed(Err(e));
-                Err(error)
+                callback.io_completed(Err(std::io::Error::new(e.kind(), e.to_string())));
+                Err(e)
             }
         }
     }
 
-    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+    async fn truncate_after(&mut self, last: Option<LogId>) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
-        let removed = inner.slots.split_off(&log_id.index);
+        let from = last.map_or(0, |l| l.index + 1);
+        let removed = inner.slots.split_off(&from);
         let Some(first) = removed.values().next().copied() else {
             return Ok(());
         };
-        let err = |e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e);
+        let err = |e| io_err(format!("truncating after {last:?}"), e);
         let later: Vec<u64> = inner
             .chunks
             .range(first.chunk + 1..)
@@ -570,9 +603,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(err)?;
             chunk.end = first.pos;
             chunk.entries = chunk.entries.saturating_sub(cut);
-            chunk.last_index = (chunk.entries > 0)
-                .then(|| log_id.index.checked_sub(1))
-                .flatten();
+            chunk.last_index = (chunk.entries > 0).then(|| from.checked_sub(1)).flatten();
         }
         let last = match inner.slots.iter().next_back() {
             Some((index, slot)) => Some(Self::read_entry(&inner, *index, *slot)?.log_id),
@@ -583,9 +614,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+    async fn purge(&mut self, log_id: LogId) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
-        let err = |e| io_err(ErrorSubject::Log(log_id), ErrorVerb::Delete, e);
+        let err = |e| io_err(format!("purging up to {log_id}"), e);
         write_small(&inner.dir, "purged", &log_id, true).map_err(err)?;
         inner.purged = Some(log_id);
         let kept = inner.slots.split_off(&(log_id.index + 1));
@@ -604,28 +635,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 impl LogStore {
     /// Writes `entries` at the end of the log; the chunk to sync before they count as
     /// durable (`None` when this log does not sync).
-    // openraft's own error type, as its traits return it.
-    #[allow(clippy::result_large_err)]
-    fn append_locked<I>(
-        inner: &mut Inner,
-        entries: I,
-    ) -> Result<Option<Arc<File>>, StorageError<u64>>
+    fn append_locked<I>(inner: &mut Inner, entries: I) -> std::io::Result<Option<Arc<File>>>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>>,
+        I: IntoIterator<Item = Entry>,
     {
         let seq = inner
             .writable_chunk()
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            .map_err(|e| io_err("starting a chunk", e))?;
         let start = inner.chunks.get(&seq).map_or(0, |c| c.end);
         let mut bytes = Vec::new();
         let mut added = Vec::new();
         let mut pos = start;
         for entry in entries {
-            let subject = ErrorSubject::Log(entry.log_id);
-            let payload =
-                encode(&entry).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
-            let len =
-                u32::try_from(payload.len()).map_err(|e| io_err(subject, ErrorVerb::Write, e))?;
+            let subject = || format!("writing entry {}", entry.log_id);
+            let payload = encode(&entry).map_err(|e| io_err(subject(), e))?;
+            let len = u32::try_from(payload.len()).map_err(|e| io_err(subject(), e))?;
             bytes.extend_from_slice(&len.to_le_bytes());
             bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
             bytes.extend_from_slice(&payload);
@@ -641,16 +665,12 @@ impl LogStore {
         }
         let sync = inner.sync;
         let Some(chunk) = inner.chunks.get_mut(&seq) else {
-            return Err(io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                std::io::Error::other("the chunk being written vanished"),
-            ));
+            return Err(io_err("appending", "the chunk being written vanished"));
         };
         chunk
             .file
             .write_all_at(&bytes, start)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            .map_err(|e| io_err("appending", e))?;
         let to_sync = sync.then(|| Arc::clone(&chunk.file));
         chunk.end = pos;
         chunk.entries += added.len();
@@ -667,16 +687,17 @@ impl LogStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::types::{EntryPayload, log_id};
     use super::*;
     use proptest::prelude::*;
 
-    fn entry(index: u64, bytes: usize) -> Entry<TypeConfig> {
+    fn entry(index: u64, bytes: usize) -> Entry {
         let op = crate::broker::replicate::Op::DeleteQueue {
             name: "x".repeat(bytes.max(1)),
         };
         Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: openraft::EntryPayload::Normal(super::super::types::Command::Broker(op)),
+            log_id: log_id(1, 1, index),
+            payload: EntryPayload::Normal(super::super::types::Command::Broker(op)),
         }
     }
 
@@ -735,7 +756,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = LogStore::open_chunked(dir.path(), false, 10).unwrap();
         append(&store, 1, 36);
-        store.truncate(entry(15, 0).log_id).await.unwrap();
+        store
+            .truncate_after(Some(entry(14, 0).log_id))
+            .await
+            .unwrap();
         assert_eq!(chunks(dir.path()), 2);
         assert_eq!(indexes(&mut store).await, (1..15).collect::<Vec<_>>());
         append(&store, 15, 18);
@@ -783,9 +807,9 @@ mod tests {
             let mut bytes = Vec::new();
             let mut ends = Vec::new();
             for i in 0..n {
-                let entry: Entry<TypeConfig> = Entry {
-                    log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i as u64),
-                    payload: openraft::EntryPayload::Blank,
+                let entry: Entry = Entry {
+                    log_id: log_id(1, 1, i as u64),
+                    payload: EntryPayload::Blank,
                 };
                 let payload = encode(&entry).unwrap();
                 bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());

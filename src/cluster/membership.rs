@@ -33,12 +33,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers};
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
 use super::groups::REPLICAS;
-use super::types::{Change, Command};
+use super::types::{Change, Command, Membership};
 use crate::broker::BrokerError;
 use crate::broker::replicate::OpResult;
 
@@ -172,10 +173,10 @@ impl Cluster {
     }
 
     /// The metadata group's membership as this node knows it.
-    pub(super) fn meta_membership(&self) -> openraft::Membership<u64, BasicNode> {
+    pub(super) fn meta_membership(&self) -> Membership {
         self.meta()
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .clone()
@@ -217,6 +218,7 @@ impl Cluster {
             return Ok(());
         }
         let meta = self.meta();
+        super::ensure_lease(meta).await.map_err(raft_error)?;
         if !voter {
             let added = meta
                 .add_learner(id, BasicNode::new(cluster), false)
@@ -245,6 +247,7 @@ impl Cluster {
                 return Err(MembershipError::CatchUp { id });
             }
         }
+        super::ensure_lease(meta).await.map_err(raft_error)?;
         meta.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
             .await
             .map_err(raft_error)?;
@@ -273,6 +276,7 @@ impl Cluster {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
+        super::ensure_lease(self.meta()).await.map_err(raft_error)?;
         self.meta()
             .change_membership(change, false)
             .await

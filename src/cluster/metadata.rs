@@ -22,7 +22,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{KafkaAddr, NodeAddrs, Placed};
+use super::types::{KafkaAddr, Membership, NodeAddrs, Placed};
 use crate::broker::registry::Registry;
 use crate::broker::replicate::{AccessImage, Op};
 use crate::broker::{Broker, BrokerError};
@@ -34,7 +34,7 @@ pub trait MetaHooks: Send + Sync {
     /// A node announced its addresses.
     fn set_node(&self, addrs: NodeAddrs);
     /// The metadata group's membership changed (its voters are the cluster's voters).
-    fn set_members(&self, membership: &openraft::Membership<u64, openraft::BasicNode>);
+    fn set_members(&self, membership: &Membership);
     /// Queue `name` was created by the entry that gives it group `id`.
     fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
     /// A queue's group moved to other replicas: opened here if this node is one now,

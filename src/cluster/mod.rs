@@ -73,6 +73,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use openraft::Instant as _;
+use openraft::ReadPolicy;
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
@@ -81,13 +84,16 @@ use crate::broker::{Broker, BrokerError};
 use groups::{Groups, META_GROUP};
 use metadata::MetaHooks;
 use network::Peers;
+use state_machine::Raft;
 use state_machine::Role;
-use types::{Command, NodeAddrs, Raft, decode, encode};
+use types::{Command, NodeAddrs, decode, encode};
 
 /// How many times an op may be forwarded before it is answered "no leader".
 const MAX_HOPS: u32 = 2;
 /// How long a request waits for a group without a leader to elect one.
 const LEADER_WAIT: Duration = Duration::from_secs(2);
+/// A write renews the leader lease first when less than this is left of it.
+const LEASE_MARGIN: Duration = Duration::from_millis(100);
 /// How long a leader waits for a majority to commit an entry before answering "no leader".
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a node waits to apply an op committed through another node.
@@ -219,6 +225,13 @@ async fn propose_entry(
     group: u64,
     command: Command,
 ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+    // openraft 0.10 takes a write only while its leader lease holds (a quorum answered
+    // within `election_timeout_max`), and a group sends nothing while it is idle (its
+    // heartbeats are off, see `liveness`): the first write after a pause renews the lease
+    // with one quorum round first.
+    if let Err(error) = ensure_lease(raft).await {
+        return Err(no_leader(format!("group {group}: {error}")));
+    }
     let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(command)).await;
     let Ok(written) = written else {
         // A leader cut off from its majority cannot commit; the entry may still commit
@@ -243,9 +256,34 @@ async fn propose_entry(
     }
 }
 
+/// True when this node leads `raft`'s group and its leader lease has less than
+/// [`LEASE_MARGIN`] left (or its followers never answered).
+fn lease_may_lapse(raft: &Raft) -> bool {
+    let m = raft.metrics();
+    let m = m.borrow_watched();
+    m.state == openraft::ServerState::Leader
+        && m.last_quorum_acked
+            .as_ref()
+            .is_none_or(|at| at.elapsed() + LEASE_MARGIN >= groups::LEADER_LEASE)
+}
+
+/// Before a write or a membership change: renews the leader lease of `raft`'s group with
+/// one quorum round when it may lapse (openraft 0.10 refuses both without a lease, and an
+/// idle group's lease lapses: its heartbeats are off).
+async fn ensure_lease(raft: &Raft) -> Result<(), String> {
+    if !lease_may_lapse(raft) {
+        return Ok(());
+    }
+    match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!("leader lease not renewed: {error}")),
+        Err(_) => Err("leader lease not renewed in time (no quorum?)".into()),
+    }
+}
+
 /// A receiver of `raft`'s current leader (a group this node has no watch of yet).
 fn watch_metrics_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<u64>> {
-    let (_, rx) = tokio::sync::watch::channel(raft.metrics().borrow().current_leader);
+    let (_, rx) = tokio::sync::watch::channel(raft.metrics().borrow_watched().current_leader);
     rx
 }
 
@@ -321,7 +359,12 @@ impl Cluster {
             .await?;
         // The voters as the metadata log left them (nodes added or removed since the
         // initial `--peers`); applying the log updates them from here on.
-        groups.set_members(meta.metrics().borrow().membership_config.membership());
+        groups.set_members(
+            meta.metrics()
+                .borrow_watched()
+                .membership_config
+                .membership(),
+        );
         Ok(Arc::new_cyclic(|me| Self {
             groups,
             liveness: liveness::Liveness::new(config.node_id, config.peers.keys().copied()),
@@ -359,6 +402,11 @@ impl Cluster {
     /// The metadata group.
     pub fn meta(&self) -> &Raft {
         &self.meta
+    }
+
+    /// The metadata group's leader as this node knows it (`None` while it has none).
+    pub fn meta_leader(&self) -> Option<u64> {
+        self.meta.metrics().borrow_watched().current_leader
     }
 
     /// Joins the cluster (`--join`), announces this node's addresses through the metadata
@@ -457,7 +505,7 @@ impl Cluster {
         let Some((group, leases)) = self.group_of(&command) else {
             // A queue created a moment ago may not have reached this node's metadata yet:
             // the metadata leader knows every committed queue.
-            let leader = self.meta.metrics().borrow().current_leader;
+            let leader = self.meta.metrics().borrow_watched().current_leader;
             return match (leader, &command) {
                 (Some(leader), _) if leader != self.node_id() && hops < MAX_HOPS => {
                     self.forward(leader, command, hops).await
@@ -599,7 +647,7 @@ impl Cluster {
 
     /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
     async fn leader_of(&self, raft: &Raft) -> Option<u64> {
-        if let Some(leader) = raft.metrics().borrow().current_leader {
+        if let Some(leader) = raft.metrics().borrow_watched().current_leader {
             return Some(leader);
         }
         raft.wait(Some(LEADER_WAIT))
@@ -616,8 +664,10 @@ impl Cluster {
     /// names until it hears of a newer term, and would serve leases from a state that lacks
     /// the acks committed since (the leader-kill test delivered acked messages that way).
     async fn confirm_leader(&self, raft: &Raft) -> Result<u64, BrokerError> {
-        match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable()).await {
-            Ok(Ok(_)) => Ok(raft.metrics().borrow().current_term),
+        match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable(ReadPolicy::ReadIndex))
+            .await
+        {
+            Ok(Ok(_)) => Ok(raft.metrics().borrow_watched().current_term),
             Ok(Err(error)) => Err(no_leader(format!("not the leader: {error}"))),
             Err(_) => Err(no_leader("leadership not confirmed in time")),
         }

@@ -20,13 +20,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers};
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
 use super::groups::{QueueGroup, REPLICAS};
 use super::placement;
-use super::types::{Command, Placed, Raft};
+use super::state_machine::Raft;
+use super::types::{Command, Placed};
 
 /// How often a node looks for groups it leads that should move.
 const EVERY: Duration = Duration::from_secs(1);
@@ -36,7 +38,7 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(120);
 /// The group's voters as its leader knows them (all configs of a joint one).
 fn group_voters(raft: &Raft) -> BTreeSet<u64> {
     raft.metrics()
-        .borrow()
+        .borrow_watched()
         .membership_config
         .membership()
         .voter_ids()
@@ -46,7 +48,7 @@ fn group_voters(raft: &Raft) -> BTreeSet<u64> {
 /// True while the group's membership is a joint one (a change under way).
 fn in_joint(raft: &Raft) -> bool {
     raft.metrics()
-        .borrow()
+        .borrow_watched()
         .membership_config
         .membership()
         .get_joint_config()
@@ -146,6 +148,7 @@ impl Cluster {
             let addr = addresses
                 .get(node)
                 .ok_or_else(|| format!("node {node} is no voter"))?;
+            super::ensure_lease(raft).await?;
             let added = raft
                 .add_learner(*node, BasicNode::new(addr), false)
                 .await
@@ -167,6 +170,7 @@ impl Cluster {
         // 3. The group's voters become the wanted replicas.
         let target: BTreeSet<u64> = wanted.iter().copied().collect();
         if voters != target || in_joint(raft) {
+            super::ensure_lease(raft).await?;
             raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false)
                 .await
                 .map_err(|e| format!("changing the group's voters: {e}"))?;

@@ -3,23 +3,30 @@
 //! call signed with the cluster secret; and openraft's [`RaftNetworkFactory`] over it, one
 //! per group. A call to a node that is gone fails fast: connecting gives up after
 //! [`CONNECT_TIMEOUT`], and every call has a deadline.
+//!
+//! Entries go to a follower over one stream per replication session ([`append_stream`]):
+//! the leader sends each AppendEntries as soon as openraft has it, without waiting for the
+//! answer to the one before, and the follower answers them in order (openraft's
+//! `stream_append` on both ends). A request left unanswered for longer than openraft's RPC
+//! deadline ends the stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{
-    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
-    StreamingError, Unreachable,
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
-use openraft::{BasicNode, OptionalSend, Snapshot, Vote};
+use openraft::{BasicNode, OptionalSend};
 use parking_lot::RwLock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -27,16 +34,18 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::ClusterError;
 use super::auth::{MAC_KEY, Secret, TS_KEY, now_ms};
+use super::snapshot::{Snapshot, SnapshotData};
 use super::snapshot_transfer::{self, ChunkRequest, HeldRequest, Link, Pace, TransferReply};
-use super::types::{TypeConfig, decode, encode};
+use super::types::{TypeConfig, Vote, decode, encode};
 use crate::proto::cluster::cluster_client::ClusterClient;
-use crate::proto::cluster::{ForwardRequest, RaftRequest};
+use crate::proto::cluster::{ForwardRequest, RaftRequest, StreamRequest};
 
 /// Kind of a Raft RPC: vote.
 pub const KIND_VOTE: u32 = 1;
 /// Kind of a Raft RPC: append entries.
 pub const KIND_APPEND: u32 = 2;
-/// Kind of a Raft RPC: install snapshot.
+/// Kind of a Raft RPC: install snapshot in openraft 0.9's chunks (no longer sent or
+/// answered; the number stays taken).
 pub const KIND_SNAPSHOT: u32 = 3;
 /// Kind of a call on the Raft method that is no Raft RPC: a node's beat (group 0).
 pub const KIND_BEAT: u32 = 4;
@@ -53,6 +62,12 @@ pub const KIND_KNOWN: u32 = 6;
 pub const KIND_SNAPSHOT_HELD: u32 = 7;
 /// Kind of a call on the Raft method: one chunk of a snapshot (see `snapshot_transfer.rs`).
 pub const KIND_SNAPSHOT_CHUNK: u32 = 8;
+/// The kind an append stream's opening is signed under (it is no call on the Raft method).
+pub const KIND_APPEND_STREAM: u32 = 9;
+/// Metadata key of an append stream's group.
+pub const GROUP_KEY: &str = "x-qit-group";
+/// Metadata key of an append stream's id (hex), which its messages' proofs cover.
+pub const STREAM_KEY: &str = "x-qit-stream";
 /// How long connecting to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Metadata key naming the calling node.
@@ -189,22 +204,22 @@ impl Peers {
         body: Vec<u8>,
         message: impl FnOnce(bytes::Bytes) -> T,
     ) -> tonic::Request<T> {
-        let ts = now_ms();
-        let proof = self
-            .secret
-            .sign(ts, &scope(method, group, self.node_id), &body);
+        let proof = self.proof(method, group, &body);
         let mut request = tonic::Request::new(message(body.into()));
-        let meta = request.metadata_mut();
-        if let (Ok(ts), Ok(proof), Ok(node)) = (
-            ts.to_string().parse(),
-            proof.parse(),
-            self.node_id.to_string().parse(),
-        ) {
-            meta.insert(TS_KEY, ts);
-            meta.insert(MAC_KEY, proof);
-            meta.insert(NODE_KEY, node);
-        }
+        proof.attach(&mut request);
         request
+    }
+
+    /// This node's proof of a call: `method` on `group` with `body`, signed now.
+    fn proof(&self, method: &str, group: u64, body: &[u8]) -> Proof {
+        let ts = now_ms();
+        Proof {
+            ts,
+            node: self.node_id,
+            mac: self
+                .secret
+                .sign(ts, &scope(method, group, self.node_id), body),
+        }
     }
 
     fn peer(&self, target: u64) -> Result<Arc<Peer>, tonic::Status> {
@@ -215,6 +230,71 @@ impl Peers {
             .ok_or_else(|| tonic::Status::not_found(format!("node {target} is not a peer")))
     }
 
+    /// Opens an append stream to `target`'s group `group`: every request `requests` yields
+    /// goes out at once, signed; the replies come back in order. Gives up opening after
+    /// `timeout`.
+    pub async fn append_stream(
+        &self,
+        target: u64,
+        group: u64,
+        requests: impl Stream<Item = Vec<u8>> + Send + 'static,
+        timeout: Duration,
+    ) -> Result<tonic::Streaming<crate::proto::cluster::Reply>, tonic::Status> {
+        let peer = self.peer(target)?;
+        let stream_id = format!("{:032x}", rand::random::<u128>());
+        let proof = self.proof(
+            &raft_method(KIND_APPEND_STREAM),
+            group,
+            stream_id.as_bytes(),
+        );
+        let secret = self.secret.clone();
+        let id = stream_id.clone();
+        let messages = requests.enumerate().map(move |(seq, body)| {
+            let seq = seq as u64;
+            StreamRequest {
+                seq,
+                proof: secret.sign_in_stream(id.as_bytes(), seq, &body),
+                body: body.into(),
+            }
+        });
+        let mut request = tonic::Request::new(messages);
+        proof.attach(&mut request);
+        let meta = request.metadata_mut();
+        if let (Ok(group), Ok(id)) = (group.to_string().parse(), stream_id.parse()) {
+            meta.insert(GROUP_KEY, group);
+            meta.insert(STREAM_KEY, id);
+        }
+        let opened = tokio::time::timeout(timeout, peer.client.clone().append_stream(request))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("opening an append stream"))??;
+        self.saw(target);
+        Ok(opened.into_inner())
+    }
+}
+
+/// A call's proof of the cluster secret, as it goes in the call's metadata.
+struct Proof {
+    ts: i64,
+    node: u64,
+    mac: String,
+}
+
+impl Proof {
+    fn attach<T>(&self, request: &mut tonic::Request<T>) {
+        let meta = request.metadata_mut();
+        if let (Ok(ts), Ok(proof), Ok(node)) = (
+            self.ts.to_string().parse(),
+            self.mac.parse(),
+            self.node.to_string().parse(),
+        ) {
+            meta.insert(TS_KEY, ts);
+            meta.insert(MAC_KEY, proof);
+            meta.insert(NODE_KEY, node);
+        }
+    }
+}
+
+impl Peers {
     /// Sends one Raft RPC body to `target`'s group `group`.
     pub async fn raft(
         &self,
@@ -298,27 +378,40 @@ pub struct Connection {
     peers: Arc<Peers>,
 }
 
+/// What a follower answers to one request of an append stream: openraft's result, or why
+/// its group could not take it (the group stopped).
+pub type StreamReply = Result<StreamAppendResult<TypeConfig>, String>;
+
+/// An RPC error for a call that got no answer.
+fn unreachable(e: impl std::error::Error + 'static) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&e))
+}
+
+/// An RPC error for an answer that makes no sense or came too late.
+fn network_error(e: impl std::error::Error + 'static) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
 impl Connection {
-    async fn call<Req, Resp, E>(
+    async fn call<Req, Resp>(
         &self,
         kind: u32,
         request: &Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
-        let body = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let body = encode(request).map_err(network_error)?;
         let reply = self
             .peers
             .raft(self.target, self.group, kind, body, option.hard_ttl())
             .await
-            .map_err(|status| RPCError::Unreachable(Unreachable::new(&status)))?;
-        let result: Result<Resp, RaftError<u64, E>> =
-            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            .map_err(unreachable)?;
+        let result: Result<Resp, RaftError<TypeConfig>> = decode(&reply).map_err(network_error)?;
+        // The callee's group stopped (its only error here): as good as unreachable.
+        result.map_err(unreachable)
     }
 
     /// One call of the snapshot transfer; `Err` when it got no usable answer.
@@ -336,6 +429,87 @@ impl Connection {
             .map_err(|status| status.to_string())?;
         decode(&reply).map_err(|e| e.to_string())
     }
+
+    /// Opens the append stream of one replication session (see the module docs).
+    async fn open_append_stream<S>(
+        &self,
+        input: S,
+        option: RPCOption,
+    ) -> Result<AppendReplies, RPCError<TypeConfig>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static,
+    {
+        let deadline = option.hard_ttl();
+        let sent = Arc::new(parking_lot::Mutex::new(VecDeque::new()));
+        let sending = Arc::clone(&sent);
+        let target = self.target;
+        // A request that cannot be encoded (larger than the codec takes) ends the stream:
+        // openraft starts the next session from the last answered request.
+        let bodies = input.scan((), move |(), request| {
+            let body = match encode(&request) {
+                Ok(body) => {
+                    sending.lock().push_back(Instant::now());
+                    Some(body)
+                }
+                Err(error) => {
+                    tracing::warn!(target, %error, "an append request could not be encoded");
+                    None
+                }
+            };
+            std::future::ready(body)
+        });
+        let replies = self
+            .peers
+            .append_stream(self.target, self.group, bodies, option.soft_ttl())
+            .await
+            .map_err(unreachable)?;
+        Ok(AppendReplies {
+            replies,
+            sent,
+            deadline,
+        })
+    }
+}
+
+/// The answers of an append stream, in the order of the requests, and when each request
+/// still unanswered went out.
+struct AppendReplies {
+    replies: tonic::Streaming<crate::proto::cluster::Reply>,
+    sent: Arc<parking_lot::Mutex<VecDeque<Instant>>>,
+    /// How long a request may stay unanswered.
+    deadline: Duration,
+}
+
+impl AppendReplies {
+    /// The next answer; `None` once the follower ended the stream, an error once it broke
+    /// or the oldest request waited longer than the deadline (the stream ends then).
+    async fn next(
+        &mut self,
+    ) -> Option<Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>> {
+        loop {
+            let oldest = self.sent.lock().front().copied();
+            let check = oldest.unwrap_or_else(Instant::now) + self.deadline;
+            tokio::select! {
+                biased;
+                reply = self.replies.next() => {
+                    self.sent.lock().pop_front();
+                    return reply.map(|reply| {
+                        let reply = reply.map_err(unreachable)?;
+                        let reply: StreamReply = decode(&reply.body).map_err(network_error)?;
+                        reply.map_err(|fatal| unreachable(std::io::Error::other(fatal)))
+                    });
+                }
+                () = tokio::time::sleep_until(check.into()) => {
+                    if oldest.is_some_and(|at| at.elapsed() >= self.deadline) {
+                        return Some(Err(network_error(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "an append request went unanswered",
+                        ))));
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Link for Connection {
@@ -352,33 +526,62 @@ impl Link for Connection {
     }
 }
 
-impl RaftNetwork<TypeConfig> for Connection {
+impl RaftNetworkV2<TypeConfig> for Connection {
+    type SnapshotData = SnapshotData;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call(KIND_APPEND, &rpc, &option).await
     }
 
-    /// openraft's chunk call, which its own transport would send; qit sends snapshots with
-    /// [`RaftNetwork::full_snapshot`] below (a node of an older version still answers it).
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+    /// Pipelined: every request goes out as openraft makes it, over one stream (see the
+    /// module docs); openraft's default sends one and waits for its answer.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<u64>,
-        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
-    > {
-        self.call(KIND_SNAPSHOT, &rpc, &option).await
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        Box::pin(async move {
+            // Opened once openraft has a request: it makes the request after its backoff
+            // (a peer that is down is not called again at once), and a session with
+            // nothing to send opens no stream.
+            let mut input = input;
+            let Some(first) = input.next().await else {
+                let nothing: BoxStream<'s, _> = Box::pin(futures_util::stream::empty());
+                return Ok(nothing);
+            };
+            let input = futures_util::stream::once(std::future::ready(first)).chain(input);
+            let replies = self.open_append_stream(input, option).await?;
+            // Ends after the first error or refusal (a conflict, a higher vote), as
+            // openraft expects.
+            let answers = futures_util::stream::unfold(Some(replies), |replies| async move {
+                let mut replies = replies?;
+                let answer = replies.next().await?;
+                let go_on = matches!(answer, Ok(Ok(_)));
+                Some((answer, go_on.then_some(replies)))
+            });
+            let answers: BoxStream<'s, _> = Box::pin(answers);
+            Ok(answers)
+        })
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<u64>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call(KIND_VOTE, &rpc, &option).await
     }
 
@@ -386,11 +589,11 @@ impl RaftNetwork<TypeConfig> for Connection {
     /// start again from 0 after a cut.
     async fn full_snapshot(
         &mut self,
-        vote: Vote<u64>,
-        snapshot: Snapshot<TypeConfig>,
+        vote: Vote,
+        snapshot: Snapshot,
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
-    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         snapshot_transfer::send(self, vote, snapshot, cancel, Pace::of(&option)).await
     }
 }
@@ -411,6 +614,7 @@ mod tests {
             KIND_KNOWN,
             KIND_SNAPSHOT_HELD,
             KIND_SNAPSHOT_CHUNK,
+            KIND_APPEND_STREAM,
         ];
         let distinct: std::collections::BTreeSet<u32> = kinds.into_iter().collect();
         assert_eq!(distinct.len(), kinds.len());

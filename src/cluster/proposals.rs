@@ -3,9 +3,10 @@
 //! entry (one `Op::Publish` with all their messages, stamped with the latest of their
 //! times), and each caller gets back its own share of the offsets.
 //!
-//! openraft appends (and, with `--fsync always`, syncs) each entry on its own, so one entry
-//! per publish would bound a queue to about one publish per fsync; a batch of publishes
-//! shares one. Under a light load every publish is still its own entry, written at once.
+//! Every entry is a Raft round of its own (a write, with `--fsync always` a sync, and an
+//! AppendEntries to each follower), so one entry per publish would bound a queue to about
+//! one publish per round; a batch of publishes shares one. Under a light load every
+//! publish is still its own entry, written at once.
 //!
 //! A batch whose apply fails (a message too large, say: a publish is checked when it is
 //! applied, before anything is written) is proposed again one publish at a time, so each
@@ -25,7 +26,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::propose_entry;
-use super::types::{Command, Raft};
+use super::state_machine::Raft;
+use super::types::Command;
 use crate::broker::BrokerError;
 use crate::broker::replicate::{Op, OpResult, WireError, WireMessage};
 

@@ -37,6 +37,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openraft::async_runtime::watch::WatchReceiver;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
@@ -276,7 +277,7 @@ impl Cluster {
         }
         let (leader, last) = {
             let metrics = self.meta().metrics();
-            let metrics = metrics.borrow();
+            let metrics = metrics.borrow_watched();
             (metrics.current_leader, metrics.last_log_index)
         };
         if last.is_none_or(|index| index == INITIAL_ENTRY) {
@@ -287,7 +288,11 @@ impl Cluster {
         }
         match leader {
             Some(leader) if leader == self.node_id() => {
-                let read = tokio::time::timeout(CONFIRM_WAIT, self.meta().ensure_linearizable());
+                let read = tokio::time::timeout(
+                    CONFIRM_WAIT,
+                    self.meta()
+                        .ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+                );
                 match read.await {
                     Ok(Ok(_)) if self.knows_member(question.node) => Acquaintance::Known,
                     Ok(Ok(_)) => Acquaintance::NotKnown,

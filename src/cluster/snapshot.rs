@@ -35,7 +35,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use openraft::{BasicNode, LogId, StoredMembership};
+use super::types::{LogId, StoredMembership, TypeConfig};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
@@ -145,9 +145,9 @@ pub struct Manifest {
     /// openraft's snapshot id.
     pub snapshot_id: String,
     /// The last log id applied into the data.
-    pub last_log_id: Option<LogId<u64>>,
+    pub last_log_id: Option<LogId>,
     /// The membership at that point.
-    pub membership: StoredMembership<u64, BasicNode>,
+    pub membership: StoredMembership,
     /// The queue's files (none for a group without data).
     pub files: Vec<FileEntry>,
     /// The metadata group's snapshot: its [`super::metadata::MetaImage`] (as JSON).
@@ -159,8 +159,8 @@ impl Manifest {
     /// A manifest without files.
     pub fn bare(
         snapshot_id: String,
-        last_log_id: Option<LogId<u64>>,
-        membership: StoredMembership<u64, BasicNode>,
+        last_log_id: Option<LogId>,
+        membership: StoredMembership,
     ) -> Self {
         Self {
             version: VERSION,
@@ -286,7 +286,7 @@ pub fn is_receiving_pack(name: &str) -> bool {
 pub fn verify_pack(
     reader: &mut impl Read,
     snapshot_id: &str,
-    expected: Option<LogId<u64>>,
+    expected: Option<LogId>,
 ) -> Result<Manifest, SnapshotError> {
     let origin = Path::new("received snapshot");
     let manifest = read_head(reader, origin)?;
@@ -702,7 +702,7 @@ impl SnapshotDir {
     pub fn unpack(
         &self,
         reader: &mut impl Read,
-        expected: Option<LogId<u64>>,
+        expected: Option<LogId>,
     ) -> Result<Stored, SnapshotError> {
         let origin = self.dir.join("incoming");
         let mut manifest = read_head(reader, &origin)?;
@@ -874,10 +874,18 @@ impl Seek for PackReader {
     }
 }
 
+/// A snapshot: its meta and its data.
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
 /// The snapshot data openraft moves: a packed stream read from the files, a received
-/// stream being written to a file, or bytes in memory (groups without data).
+/// stream being written to a file, or bytes in memory (groups without data); and the id of
+/// the snapshot (its manifest's), which names a transfer of exactly these bytes (openraft
+/// 0.10's snapshot meta carries no id).
 #[derive(Debug)]
-pub struct SnapshotData(Data);
+pub struct SnapshotData {
+    id: String,
+    data: Data,
+}
 
 #[derive(Debug)]
 enum Data {
@@ -890,42 +898,42 @@ enum Data {
 }
 
 impl SnapshotData {
-    /// Bytes in memory.
-    pub fn memory(bytes: Vec<u8>) -> Self {
-        Self(Data::Memory(Cursor::new(bytes)))
+    /// Snapshot `id`'s bytes in memory.
+    pub fn memory(id: &str, bytes: Vec<u8>) -> Self {
+        Self::new(id, Data::Memory(Cursor::new(bytes)))
     }
 
     /// A stored snapshot's packed stream.
-    pub fn pack(reader: PackReader) -> Self {
-        Self(Data::Pack(reader))
+    pub fn pack(id: &str, reader: PackReader) -> Self {
+        Self::new(id, Data::Pack(reader))
     }
 
-    /// A new file at `path` to receive a stream into.
-    pub async fn receiving(path: PathBuf) -> std::io::Result<Self> {
+    fn new(id: &str, data: Data) -> Self {
+        Self {
+            id: id.to_string(),
+            data,
+        }
+    }
+
+    /// The snapshot's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Snapshot `id`'s received stream: the file at `path`, as it is (not truncated).
+    pub async fn received(id: &str, path: PathBuf) -> std::io::Result<Self> {
         let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
             .read(true)
             .write(true)
             .open(&path)
             .await?;
-        Ok(Self(Data::Receiving { file, path }))
-    }
-
-    /// A received stream: the file at `path`, as it is (not truncated).
-    pub async fn received(path: PathBuf) -> std::io::Result<Self> {
-        let file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .await?;
-        Ok(Self(Data::Receiving { file, path }))
+        Ok(Self::new(id, Data::Receiving { file, path }))
     }
 
     /// A blocking reader of the whole stream from its start, and the received file to
     /// remove once it is read (if any).
     pub fn into_reader(self) -> std::io::Result<(Box<dyn Read + Send>, Option<PathBuf>)> {
-        match self.0 {
+        match self.data {
             Data::Memory(mut cursor) => {
                 cursor.set_position(0);
                 Ok((Box::new(cursor), None))
@@ -949,7 +957,7 @@ impl AsyncRead for SnapshotData {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().data {
             Data::Memory(cursor) => Pin::new(cursor).poll_read(cx, buf),
             // Blocking, bounded by the caller's buffer (one chunk of a snapshot transfer).
             Data::Pack(pack) => {
@@ -975,7 +983,7 @@ impl AsyncWrite for SnapshotData {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().data {
             Data::Memory(cursor) => Pin::new(cursor).poll_write(cx, buf),
             Data::Pack(_) => Poll::Ready(Err(read_only())),
             Data::Receiving { file, .. } => Pin::new(file).poll_write(cx, buf),
@@ -983,7 +991,7 @@ impl AsyncWrite for SnapshotData {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().data {
             Data::Memory(cursor) => Pin::new(cursor).poll_flush(cx),
             Data::Pack(_) => Poll::Ready(Ok(())),
             Data::Receiving { file, .. } => Pin::new(file).poll_flush(cx),
@@ -991,7 +999,7 @@ impl AsyncWrite for SnapshotData {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().data {
             Data::Memory(cursor) => Pin::new(cursor).poll_shutdown(cx),
             Data::Pack(_) => Poll::Ready(Ok(())),
             Data::Receiving { file, .. } => Pin::new(file).poll_shutdown(cx),
@@ -1001,7 +1009,7 @@ impl AsyncWrite for SnapshotData {
 
 impl AsyncSeek for SnapshotData {
     fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> std::io::Result<()> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().data {
             Data::Memory(cursor) => Pin::new(cursor).start_seek(position),
             Data::Pack(pack) => pack.seek(position).map(|_| ()),
             Data::Receiving { file, .. } => Pin::new(file).start_seek(position),
@@ -1009,7 +1017,7 @@ impl AsyncSeek for SnapshotData {
     }
 
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<u64>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().data {
             Data::Memory(cursor) => Pin::new(cursor).poll_complete(cx),
             Data::Pack(pack) => Poll::Ready(Ok(pack.pos)),
             Data::Receiving { file, .. } => Pin::new(file).poll_complete(cx),
@@ -1023,8 +1031,8 @@ mod tests {
     use crate::broker::queue::ImageFile;
     use proptest::prelude::*;
 
-    fn log_id(index: u64) -> Option<LogId<u64>> {
-        Some(LogId::new(openraft::CommittedLeaderId::new(2, 1), index))
+    fn log_id(index: u64) -> Option<LogId> {
+        Some(crate::cluster::types::log_id(2, 1, index))
     }
 
     /// A queue directory: a sealed segment with an index, an active one with `active`

@@ -29,17 +29,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{Fatal, NetworkError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::OptionalSend;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::{NetworkError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::SnapshotResponse;
-use openraft::{BasicNode, OptionalSend, Snapshot, SnapshotMeta, Vote};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::snapshot::{
-    MAX_SNAPSHOT_ID, SnapshotData, SnapshotError, is_receiving_pack, receiving_pack, verify_pack,
+    MAX_SNAPSHOT_ID, Snapshot, SnapshotData, SnapshotError, is_receiving_pack, receiving_pack,
+    verify_pack,
 };
-use super::types::{Raft, TypeConfig};
+use super::state_machine::Raft;
+use super::types::{SnapshotMeta, TypeConfig, Vote};
 
 /// Bytes of snapshots a leader did not send again because the follower already held them
 /// from a cut transfer (counter; counted each time a transfer starts again after asking).
@@ -90,7 +93,7 @@ impl TransferError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HeldRequest {
     /// The leader's vote.
-    pub vote: Vote<u64>,
+    pub vote: Vote,
     /// The snapshot.
     pub snapshot_id: String,
 }
@@ -99,9 +102,11 @@ pub struct HeldRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChunkRequest {
     /// The leader's vote.
-    pub vote: Vote<u64>,
-    /// The snapshot.
-    pub meta: SnapshotMeta<u64, BasicNode>,
+    pub vote: Vote,
+    /// The snapshot's id (of its manifest: it names exactly these bytes).
+    pub snapshot_id: String,
+    /// What the snapshot covers.
+    pub meta: SnapshotMeta,
     /// Where the bytes go in the stream.
     pub offset: u64,
     /// The bytes.
@@ -118,9 +123,9 @@ pub enum TransferReply {
     /// The chunk would leave a hole: the bytes held.
     Gap(u64),
     /// The follower holds a higher vote: the sender leads no more.
-    HigherVote(Vote<u64>),
+    HigherVote(Vote),
     /// The snapshot is installed (or the follower's state covers it); the follower's vote.
-    Installed(Vote<u64>),
+    Installed(Vote),
     /// The received stream did not check and was removed; the next attempt starts at 0.
     Damaged(String),
     /// The follower could not store or install it now (its disk, its Raft group stopping).
@@ -190,19 +195,18 @@ impl Partial {
     }
 
     /// Checks snapshot `id`'s whole stream (see [`verify_pack`]); a damaged one is removed.
-    pub fn verify(&self, meta: &SnapshotMeta<u64, BasicNode>) -> Result<PathBuf, TransferError> {
-        let path = self.path(&meta.snapshot_id)?;
+    pub fn verify(&self, id: &str, meta: &SnapshotMeta) -> Result<PathBuf, TransferError> {
+        let path = self.path(id)?;
         let checked = std::fs::File::open(&path)
             .map_err(TransferError::io(&path))
             .and_then(|file| {
                 let mut reader = std::io::BufReader::with_capacity(1024 * 1024, file);
-                verify_pack(&mut reader, &meta.snapshot_id, meta.last_log_id)
-                    .map_err(TransferError::from)
+                verify_pack(&mut reader, id, meta.last_log_id).map_err(TransferError::from)
             });
         match checked {
             Ok(_) => Ok(path),
             Err(error) => {
-                self.remove(&meta.snapshot_id);
+                self.remove(id);
                 Err(error)
             }
         }
@@ -275,8 +279,8 @@ impl Receiver {
 
     /// The follower's vote when it is higher than the leader's `vote` (as openraft
     /// checks a chunk).
-    fn higher_vote(raft: &Raft, vote: &Vote<u64>) -> Option<Vote<u64>> {
-        let mine = raft.metrics().borrow().vote;
+    fn higher_vote(raft: &Raft, vote: &Vote) -> Option<Vote> {
+        let mine = raft.metrics().borrow_watched().vote;
         if *vote >= mine { None } else { Some(mine) }
     }
 
@@ -288,7 +292,7 @@ impl Receiver {
         let slot = self.slot(group);
         let installed = slot.lock().await;
         if installed.as_deref() == Some(request.snapshot_id.as_str()) {
-            return TransferReply::Installed(raft.metrics().borrow().vote);
+            return TransferReply::Installed(raft.metrics().borrow_watched().vote);
         }
         let partial = self.partial(group);
         let id = request.snapshot_id;
@@ -306,20 +310,22 @@ impl Receiver {
         }
         let slot = self.slot(group);
         let mut installed = slot.lock().await;
-        let id = request.meta.snapshot_id.clone();
+        let id = request.snapshot_id.clone();
         if installed.as_deref() == Some(id.as_str()) {
-            return TransferReply::Installed(raft.metrics().borrow().vote);
+            return TransferReply::Installed(raft.metrics().borrow_watched().vote);
         }
         let partial = self.partial(group);
         let ChunkRequest {
             vote,
+            snapshot_id: _,
             meta,
             offset,
             data,
             done,
         } = request;
         let writer = partial.clone();
-        let written = blocking(move || writer.write(&id, offset, &data)).await;
+        let written_id = id.clone();
+        let written = blocking(move || writer.write(&written_id, offset, &data)).await;
         match written {
             Ok(TransferReply::Held(_)) if done => {}
             Ok(reply) => return reply,
@@ -327,24 +333,24 @@ impl Receiver {
         }
         let checker = partial.clone();
         let checked_meta = meta.clone();
-        let path = match blocking(move || checker.verify(&checked_meta)).await {
+        let checked_id = id.clone();
+        let path = match blocking(move || checker.verify(&checked_id, &checked_meta)).await {
             Ok(path) => path,
             Err(error) => {
                 tracing::warn!(group, %error, "a received snapshot is damaged; removed");
                 return TransferReply::Damaged(error);
             }
         };
-        let data = match SnapshotData::received(path).await {
+        let data = match SnapshotData::received(&id, path).await {
             Ok(data) => data,
             Err(error) => return TransferReply::Failed(error.to_string()),
         };
         let snapshot = Snapshot {
             meta: meta.clone(),
-            snapshot: Box::new(data),
+            snapshot: data,
         };
         let result = raft.install_full_snapshot(vote, snapshot).await;
         // Installed (the state machine read it), or not needed: either way it is done.
-        let id = meta.snapshot_id;
         let remover = partial.clone();
         let removed_id = id.clone();
         let _ = blocking(move || {
@@ -383,7 +389,7 @@ pub trait Link: Send {
 }
 
 /// What ends an attempt that made no progress for too long.
-fn gave_up(why: &str) -> StreamingError<TypeConfig, Fatal<u64>> {
+fn gave_up(why: &str) -> StreamingError<TypeConfig> {
     StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
         "snapshot transfer: {why}"
     ))))
@@ -417,18 +423,19 @@ impl Pace {
 /// which the caller checks).
 pub async fn send<L: Link>(
     link: &mut L,
-    vote: Vote<u64>,
-    mut snapshot: Snapshot<TypeConfig>,
+    vote: Vote,
+    mut snapshot: Snapshot,
     cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
     pace: Pace,
-) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
     let meta = snapshot.meta.clone();
+    let id = snapshot.snapshot.id().to_string();
     // Not a storage error (openraft would stop the group for it): the usual cause is a
     // newer snapshot that replaced this one (its files removed) while it was being sent;
     // the next attempt sends the current one.
     let read_error = |e: std::io::Error| {
-        tracing::info!(snapshot = %meta.snapshot_id, error = %e, "snapshot no longer readable");
-        gave_up(&format!("reading snapshot {}: {e}", meta.snapshot_id))
+        tracing::info!(snapshot = %id, error = %e, "snapshot no longer readable");
+        gave_up(&format!("reading snapshot {id}: {e}"))
     };
     let end = snapshot
         .snapshot
@@ -463,7 +470,7 @@ pub async fn send<L: Link>(
         let Some(at) = offset else {
             let request = HeldRequest {
                 vote,
-                snapshot_id: meta.snapshot_id.clone(),
+                snapshot_id: id.clone(),
             };
             let answer = tokio::select! {
                 // A cancel that is due wins over a call that is ready too.
@@ -478,7 +485,7 @@ pub async fn send<L: Link>(
                     if at > 0 {
                         metrics::counter!(RESUMED_BYTES).increment(at);
                         tracing::info!(
-                            snapshot = %meta.snapshot_id,
+                            snapshot = %id,
                             resumed = at,
                             of = end,
                             "snapshot transfer resumes"
@@ -506,7 +513,7 @@ pub async fn send<L: Link>(
             .await
             .map_err(read_error)?;
         let mut data = Vec::with_capacity(usize::try_from(chunk_size.min(end - at)).unwrap_or(0));
-        (&mut *snapshot.snapshot)
+        (&mut snapshot.snapshot)
             .take(chunk_size)
             .read_to_end(&mut data)
             .await
@@ -521,6 +528,7 @@ pub async fn send<L: Link>(
         let done = at + sent == end;
         let request = ChunkRequest {
             vote,
+            snapshot_id: id.clone(),
             meta: meta.clone(),
             offset: at,
             data,
@@ -540,10 +548,7 @@ pub async fn send<L: Link>(
                 return Ok(SnapshotResponse::new(higher));
             }
             Ok(TransferReply::Damaged(why)) => {
-                let error = std::io::Error::other(format!(
-                    "node refused snapshot {}: {why}",
-                    meta.snapshot_id
-                ));
+                let error = std::io::Error::other(format!("node refused snapshot {id}: {why}"));
                 return Err(NetworkError::new(&error).into());
             }
             Ok(other) => {
@@ -563,17 +568,16 @@ pub async fn send<L: Link>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::{CommittedLeaderId, LogId, StoredMembership};
+    use crate::cluster::types::{StoredMembership, log_id};
 
-    fn vote(term: u64) -> Vote<u64> {
+    fn vote(term: u64) -> Vote {
         Vote::new_committed(term, 1)
     }
 
-    fn meta(id: &str) -> SnapshotMeta<u64, BasicNode> {
+    fn meta() -> SnapshotMeta {
         SnapshotMeta {
-            last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 7)),
+            last_log_id: Some(log_id(2, 1, 7)),
             last_membership: StoredMembership::default(),
-            snapshot_id: id.to_string(),
         }
     }
 
@@ -656,7 +660,7 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let partial = Partial::new(temp.path().to_path_buf());
         partial.write("s-1", 0, b"QSNP not really").unwrap();
-        assert!(partial.verify(&meta("s-1")).is_err());
+        assert!(partial.verify("s-1", &meta()).is_err());
         assert_eq!(partial.held("s-1").unwrap(), 0);
     }
 
@@ -665,7 +669,7 @@ mod tests {
     /// chunks until `failing` calls failed.
     struct Fake {
         partial: Partial,
-        vote: Vote<u64>,
+        vote: Vote,
         chunks: usize,
         fail_after: usize,
         failing: usize,
@@ -677,7 +681,7 @@ mod tests {
     impl Fake {
         /// A follower holding `vote`, keeping its partial files in `dir`, whose calls fail
         /// `failing` times in a row once `fail_after` chunks arrived.
-        fn new(dir: &Path, vote: Vote<u64>, fail_after: usize, failing: usize) -> Self {
+        fn new(dir: &Path, vote: Vote, fail_after: usize, failing: usize) -> Self {
             Self {
                 partial: Partial::new(dir.to_path_buf()),
                 vote,
@@ -726,7 +730,7 @@ mod tests {
             }
             self.chunks += 1;
             self.offsets.push(request.offset);
-            let id = &request.meta.snapshot_id;
+            let id = &request.snapshot_id;
             let reply = self
                 .partial
                 .write(id, request.offset, &request.data)
@@ -740,10 +744,10 @@ mod tests {
         }
     }
 
-    fn snapshot(id: &str, bytes: &[u8]) -> Snapshot<TypeConfig> {
+    fn snapshot(id: &str, bytes: &[u8]) -> Snapshot {
         Snapshot {
-            meta: meta(id),
-            snapshot: Box::new(SnapshotData::memory(bytes.to_vec())),
+            meta: meta(),
+            snapshot: SnapshotData::memory(id, bytes.to_vec()),
         }
     }
 
@@ -842,7 +846,7 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let mut manifest = Manifest::bare(
             "5-1-1".into(),
-            meta("5-1-1").last_log_id,
+            meta().last_log_id,
             StoredMembership::default(),
         );
         manifest.files.push(FileEntry {
@@ -858,8 +862,8 @@ mod tests {
         };
         let mut fake = Fake::new(&temp.path().join("receiver"), vote(3), usize::MAX, 0);
         let snapshot = Snapshot {
-            meta: meta("5-1-1"),
-            snapshot: Box::new(SnapshotData::pack(gone.reader().unwrap())),
+            meta: meta(),
+            snapshot: SnapshotData::pack("5-1-1", gone.reader().unwrap()),
         };
         let answer = send(&mut fake, vote(3), snapshot, never(), pace()).await;
         assert!(

@@ -20,18 +20,18 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
-use openraft::{
-    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder,
-    StorageError, StoredMembership,
-};
+use futures_util::StreamExt;
+use openraft::RaftSnapshotBuilder;
+use openraft::storage::{EntryResponder, RaftStateMachine};
 
 use super::metadata::{MetaHooks, MetaImage, SNAPSHOT_FILE, write_durably};
 use super::snapshot::{
-    Captured, Manifest, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare, snapshot_id,
-    unpack_bare,
+    Captured, Manifest, Snapshot, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare,
+    snapshot_id, unpack_bare,
 };
-use super::types::{Applied, Command, TypeConfig};
+use super::types::{
+    Applied, Command, EntryPayload, LogId, SnapshotMeta, StoredMembership, TypeConfig,
+};
 use crate::broker::Broker;
 use crate::broker::replicate::{Op, OpResult, WireError};
 
@@ -41,6 +41,9 @@ pub const SNAPSHOTS_BUILT: &str = "qit_cluster_snapshots_built_total";
 pub const SNAPSHOTS_INSTALLED: &str = "qit_cluster_snapshots_installed_total";
 /// Snapshots of the metadata group installed from a leader (counter).
 pub const META_SNAPSHOTS_INSTALLED: &str = "qit_cluster_meta_snapshots_installed_total";
+
+/// A Raft group handle (every group's state machine is a [`StateMachine`]).
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
 /// Which group a machine belongs to.
 #[derive(Clone)]
@@ -100,23 +103,18 @@ impl AppliedIndex {
     }
 }
 
-/// A snapshot without data, as kept in memory: its meta and packed bytes.
-type InMemory = (SnapshotMeta<u64, BasicNode>, Vec<u8>);
+/// A snapshot without data, as kept in memory: its meta, id and packed bytes.
+type InMemory = (SnapshotMeta, String, Vec<u8>);
 
-/// openraft's storage error for `error`.
-fn storage_error(
-    subject: ErrorSubject<u64>,
-    verb: ErrorVerb,
-    error: impl std::fmt::Display,
-) -> StorageError<u64> {
-    StorageError::from_io_error(subject, verb, std::io::Error::other(error.to_string()))
+/// The I/O error openraft's storage traits return for `error`, with what was being done.
+fn storage_error(context: &str, error: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{context}: {error}"))
 }
 
-fn meta_of(manifest: &Manifest) -> SnapshotMeta<u64, BasicNode> {
+fn meta_of(manifest: &Manifest) -> SnapshotMeta {
     SnapshotMeta {
         last_log_id: manifest.last_log_id,
         last_membership: manifest.membership.clone(),
-        snapshot_id: manifest.snapshot_id.clone(),
     }
 }
 
@@ -124,8 +122,8 @@ fn meta_of(manifest: &Manifest) -> SnapshotMeta<u64, BasicNode> {
 pub struct StateMachine {
     role: Role,
     broker: Option<Arc<Broker>>,
-    last_applied: Option<LogId<u64>>,
-    membership: StoredMembership<u64, BasicNode>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
     /// The last snapshot without data built or installed (shared with the builders).
     in_memory: Arc<parking_lot::Mutex<Option<InMemory>>>,
     /// A queue group's snapshots.
@@ -204,20 +202,16 @@ impl StateMachine {
             .map_err(|e| e.to_string())?;
         self.applied_up_to(manifest.last_log_id);
         self.membership = manifest.membership.clone();
-        *self.in_memory.lock() = Some((meta_of(manifest), bytes));
+        *self.in_memory.lock() = Some((meta_of(manifest), manifest.snapshot_id.clone(), bytes));
         Ok(())
     }
 
     /// Builds the metadata group's snapshot from the image captured at the applied point
     /// and stores it (replacing the previous one).
-    #[allow(clippy::result_large_err)]
-    async fn build_meta(
-        &mut self,
-        image: MetaImage,
-    ) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+    async fn build_meta(&mut self, image: MetaImage) -> Result<Snapshot, std::io::Error> {
         let fail = |e: String| {
             tracing::error!(error = %e, "building the metadata snapshot failed");
-            storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+            storage_error("building the metadata snapshot", e)
         };
         let id = snapshot_id(
             self.last_applied.map_or(0, |l| l.index),
@@ -228,12 +222,13 @@ impl StateMachine {
         let bytes = pack_bare(&manifest).map_err(|e| fail(e.to_string()))?;
         self.store_meta(&bytes).await.map_err(fail)?;
         let meta = meta_of(&manifest);
-        *self.in_memory.lock() = Some((meta.clone(), bytes.clone()));
+        let id = manifest.snapshot_id;
+        *self.in_memory.lock() = Some((meta.clone(), id.clone(), bytes.clone()));
         metrics::counter!(SNAPSHOTS_BUILT).increment(1);
         tracing::debug!(last = ?manifest.last_log_id, "metadata snapshot built");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(SnapshotData::memory(bytes)),
+            snapshot: SnapshotData::memory(&id, bytes),
         })
     }
 
@@ -278,7 +273,7 @@ impl StateMachine {
     }
 
     /// Moves to `last` (a snapshot's applied point) and wakes who waits for it.
-    fn applied_up_to(&mut self, last: Option<LogId<u64>>) {
+    fn applied_up_to(&mut self, last: Option<LogId>) {
         self.last_applied = last;
         if let Some(last) = last {
             self.applied_index.advance(last.index);
@@ -304,7 +299,7 @@ impl StateMachine {
         Ok(())
     }
 
-    async fn apply_command(&mut self, log_id: LogId<u64>, command: Command) -> Applied {
+    async fn apply_command(&mut self, log_id: LogId, command: Command) -> Applied {
         match command {
             // Membership changes run on the metadata leader and are never entries.
             Command::Members(_) => Applied(Ok(OpResult::Done)),
@@ -404,37 +399,31 @@ impl StateMachine {
     }
 
     /// A snapshot without data of the applied point, kept in memory.
-    #[allow(clippy::result_large_err)]
-    fn build_in_memory(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+    fn build_in_memory(&mut self) -> Result<Snapshot, std::io::Error> {
         let id = snapshot_id(
             self.last_applied.map_or(0, |l| l.index),
             self.snapshots_built,
         );
         let manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
-        let bytes = pack_bare(&manifest)
-            .map_err(|e| storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        let bytes = pack_bare(&manifest).map_err(|e| storage_error("building a snapshot", e))?;
         let meta = meta_of(&manifest);
-        *self.in_memory.lock() = Some((meta.clone(), bytes.clone()));
+        let id = manifest.snapshot_id;
+        *self.in_memory.lock() = Some((meta.clone(), id.clone(), bytes.clone()));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(SnapshotData::memory(bytes)),
+            snapshot: SnapshotData::memory(&id, bytes),
         })
     }
 
-    // openraft's own error type, as its traits return it.
-    #[allow(clippy::result_large_err)]
-    fn stored_snapshot(stored: &Stored) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+    fn stored_snapshot(stored: &Stored) -> Result<Snapshot, std::io::Error> {
         let meta = meta_of(&stored.manifest);
-        let reader = stored.reader().map_err(|e| {
-            storage_error(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Read,
-                e,
-            )
-        })?;
+        let id = &stored.manifest.snapshot_id;
+        let reader = stored
+            .reader()
+            .map_err(|e| storage_error(&format!("reading snapshot {id}"), e))?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(SnapshotData::pack(reader)),
+            snapshot: SnapshotData::pack(id, reader),
         })
     }
 
@@ -443,7 +432,7 @@ impl StateMachine {
     async fn install_queue(
         &mut self,
         store: SnapshotDir,
-        meta: &SnapshotMeta<u64, BasicNode>,
+        meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), String> {
         let expected = meta.last_log_id;
@@ -467,7 +456,9 @@ impl StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, std::io::Error> {
         if let Some(image) = self.captured_meta.take() {
             return self.build_meta(image).await;
         }
@@ -480,7 +471,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 };
                 let stored = stored.map_err(|e| {
                     tracing::error!(error = %e, "building a queue snapshot failed");
-                    storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+                    storage_error("building a queue snapshot", e)
                 })?;
                 metrics::counter!(SNAPSHOTS_BUILT).increment(1);
                 Self::stored_snapshot(&stored)
@@ -490,21 +481,21 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError<u64>> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
         Ok((self.last_applied, self.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<u64>>
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), std::io::Error>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
-        I::IntoIter: Send,
+        Strm: futures_util::Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>>
+            + Unpin
+            + Send,
     {
-        let mut replies = Vec::new();
-        for entry in entries {
+        while let Some(next) = entries.next().await {
+            let (entry, responder) = next?;
             self.last_applied = Some(entry.log_id);
             self.applied.fetch_add(1, Ordering::Relaxed);
             let reply = match entry.payload {
@@ -518,12 +509,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(command) => self.apply_command(entry.log_id, command).await,
             };
-            replies.push(reply);
+            if let Some(responder) = responder {
+                responder.send(reply);
+            }
+            // Woken per entry: the stream may wait for more before it ends.
+            self.applied_index.advance(entry.log_id.index);
         }
-        if let Some(last) = self.last_applied {
-            self.applied_index.advance(last.index);
-        }
-        Ok(replies)
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -549,61 +541,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError<u64>> {
-        match &self.store {
-            Some(store) => SnapshotData::receiving(store.incoming())
-                .await
-                .map(Box::new)
-                .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e)),
-            None => Ok(Box::new(SnapshotData::memory(Vec::new()))),
-        }
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<u64, BasicNode>,
-        snapshot: Box<SnapshotData>,
-    ) -> Result<(), StorageError<u64>> {
-        let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), std::io::Error> {
+        let subject = format!("installing snapshot {}", snapshot.id());
         if let Some(store) = self.store.clone() {
-            self.install_queue(store, meta, *snapshot)
+            self.install_queue(store, meta, snapshot)
                 .await
                 .map_err(|e| {
                     tracing::error!(error = %e, "installing a queue snapshot failed");
-                    storage_error(subject(), ErrorVerb::Read, e)
+                    storage_error(&subject, e)
                 })?;
         } else {
             let (mut reader, _) = snapshot
                 .into_reader()
-                .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
-            let manifest = unpack_bare(&mut reader)
-                .map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
-            let bytes =
-                pack_bare(&manifest).map_err(|e| storage_error(subject(), ErrorVerb::Read, e))?;
+                .map_err(|e| storage_error(&subject, e))?;
+            let manifest = unpack_bare(&mut reader).map_err(|e| storage_error(&subject, e))?;
+            let bytes = pack_bare(&manifest).map_err(|e| storage_error(&subject, e))?;
             if matches!(self.role, Role::Meta(_)) {
                 // Stored first: a start rebuilds the metadata from this file.
                 self.store_meta(&bytes)
                     .await
-                    .map_err(|e| storage_error(subject(), ErrorVerb::Write, e))?;
+                    .map_err(|e| storage_error(&subject, e))?;
                 self.install_meta(&manifest, bytes.clone())
                     .await
                     .map_err(|e| {
                         tracing::error!(error = %e, "installing a metadata snapshot failed");
-                        storage_error(subject(), ErrorVerb::Read, e)
+                        storage_error(&subject, e)
                     })?;
                 metrics::counter!(META_SNAPSHOTS_INSTALLED).increment(1);
                 tracing::info!(last = ?meta.last_log_id, "metadata snapshot installed");
             }
-            *self.in_memory.lock() = Some((meta.clone(), bytes));
+            *self.in_memory.lock() = Some((meta.clone(), manifest.snapshot_id, bytes));
         }
         self.applied_up_to(meta.last_log_id);
         self.membership = meta.last_membership.clone();
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, std::io::Error> {
         if let Some(store) = &self.store {
             return store
                 .current()
@@ -615,9 +593,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .in_memory
             .lock()
             .as_ref()
-            .map(|(meta, bytes)| Snapshot {
+            .map(|(meta, id, bytes)| Snapshot {
                 meta: meta.clone(),
-                snapshot: Box::new(SnapshotData::memory(bytes.clone())),
+                snapshot: SnapshotData::memory(id, bytes.clone()),
             }))
     }
 }

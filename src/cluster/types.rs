@@ -49,6 +49,25 @@ pub struct KafkaAddr {
     pub kafka: String,
 }
 
+/// A short form for openraft's logs: the variant, without a publish's messages.
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Broker(Op::Publish {
+                queue, messages, ..
+            }) => write!(f, "publish of {} messages to {queue}", messages.len()),
+            Command::Broker(op) => write!(f, "{op:?}"),
+            Command::Node(addrs) => write!(f, "node {} at {}", addrs.id, addrs.cluster),
+            Command::Members(change) => write!(f, "members {change:?}"),
+            Command::Placed(placed) => {
+                write!(f, "placed {} on {:?}", placed.queue, placed.replicas)
+            }
+            Command::Draining(node) => write!(f, "draining node {node}"),
+            Command::Kafka(addr) => write!(f, "node {} Kafka at {}", addr.id, addr.kafka),
+        }
+    }
+}
+
 /// A change of the cluster's voters ([`super::membership`]). It runs on the metadata group's leader (any node
 /// forwards it there) and is never an entry itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,12 +118,37 @@ openraft::declare_raft_types!(
         R = Applied,
         NodeId = u64,
         Node = openraft::BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = super::snapshot::SnapshotData,
 );
 
-/// A Raft group handle.
-pub type Raft = openraft::Raft<TypeConfig>;
+/// A log id: the term and node of the leader that wrote the entry, and its index.
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+/// The leader a log id names (term and node).
+pub type LeaderId = openraft::type_config::alias::CommittedLeaderIdOf<TypeConfig>;
+/// A replica's vote.
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+/// A Raft entry.
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+/// The payload of a Raft entry (blank, a [`Command`], or a membership).
+pub type EntryPayload = openraft::type_config::alias::EntryPayloadOf<TypeConfig>;
+/// A group's membership.
+pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
+/// A membership and the log id it was written at.
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+/// What a snapshot covers.
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+/// A group's metrics.
+pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+
+/// The log id of entry `index` written by node `node`'s leadership in `term`.
+pub fn log_id(term: u64, node: u64, index: u64) -> LogId {
+    LogId::new(
+        LeaderId {
+            term,
+            node_id: node,
+        },
+        index,
+    )
+}
 
 /// Largest entry, RPC or file record the codec accepts (a publish batch is at most the
 /// HTTP body limit; this leaves room).

@@ -7,11 +7,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use serde::{Deserialize, Serialize};
 
 use super::Cluster;
 use super::groups::META_GROUP;
-use super::types::Raft;
+use super::state_machine::Raft;
+use super::types::{LogId, RaftMetrics};
 
 /// Current term of a group.
 pub const TERM: &str = "qit_cluster_term";
@@ -107,12 +109,12 @@ pub struct ClusterView {
 
 fn leader_and_term(raft: &Raft) -> (Option<u64>, u64) {
     let m = raft.metrics();
-    let m = m.borrow();
+    let m = m.borrow_watched();
     (m.current_leader, m.current_term)
 }
 
 /// On a group's leader, the entries its slowest follower lacks (`None` elsewhere).
-fn follower_lag(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u64> {
+fn follower_lag(m: &RaftMetrics) -> Option<u64> {
     let last = m.last_log_index.unwrap_or(0);
     m.replication.as_ref().map(|followers| {
         followers
@@ -124,7 +126,7 @@ fn follower_lag(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u
 }
 
 /// On a group's leader, what each follower lacks, by node id (empty elsewhere).
-fn followers_lag(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Vec<FollowerLag> {
+fn followers_lag(m: &RaftMetrics) -> Vec<FollowerLag> {
     let last = m.last_log_index.unwrap_or(0);
     m.replication
         .iter()
@@ -162,7 +164,7 @@ impl Cluster {
             let (leader, term) = raft.as_ref().map_or((None, 0), leader_and_term);
             let (lag, followers) = raft.as_ref().map_or((None, Vec::new()), |r| {
                 let m = r.metrics();
-                let m = m.borrow();
+                let m = m.borrow_watched();
                 (follower_lag(&m), followers_lag(&m))
             });
             let Ok(info) = self.broker.queue_info(&queue) else {
@@ -197,7 +199,7 @@ impl Cluster {
     /// its last metrics report, which an idle group without heartbeats no longer sends;
     /// the nodes' beats are.)
     pub fn healthy(&self) -> bool {
-        let leader = self.meta().metrics().borrow().current_leader;
+        let leader = self.meta().metrics().borrow_watched().current_leader;
         match leader {
             Some(leader) if leader == self.node_id() => {
                 let voters = self.groups().voters();
@@ -233,7 +235,7 @@ impl Cluster {
                 } else {
                     names.get(&id).cloned().unwrap_or_default()
                 };
-                let m = raft.metrics().borrow().clone();
+                let m = raft.metrics().borrow_watched().clone();
                 if let Err(fatal) = &m.running_state
                     && !failed.contains(&id)
                 {
@@ -266,13 +268,11 @@ impl Cluster {
                     ];
                     metrics::gauge!(FOLLOWER_LAG, &labels).set(lag as f64);
                 }
-                let index = |l: Option<openraft::LogId<u64>>| l.map_or(0.0, |l| l.index as f64);
+                let index = |l: Option<LogId>| l.map_or(0.0, |l| l.index as f64);
                 metrics::gauge!(LAST_LOG_INDEX, &labels).set(m.last_log_index.unwrap_or(0) as f64);
                 metrics::gauge!(APPLIED_INDEX, &labels).set(index(m.last_applied));
                 metrics::gauge!(SNAPSHOT_INDEX, &labels).set(index(m.snapshot));
-                if let Ok(committed) = raft.with_raft_state(|state| state.committed).await {
-                    metrics::gauge!(COMMIT_INDEX, &labels).set(index(committed));
-                }
+                metrics::gauge!(COMMIT_INDEX, &labels).set(index(m.local_committed));
             }
         }
     }

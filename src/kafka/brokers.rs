@@ -114,7 +114,7 @@ impl Layout {
             me,
             local,
             nodes,
-            controller: cluster.meta().metrics().borrow().current_leader,
+            controller: cluster.meta_leader(),
         }
     }
 
