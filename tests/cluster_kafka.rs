@@ -14,7 +14,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -34,35 +33,15 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use common::cluster::{Cluster, create_queue, log_bodies};
-use common::eventually;
+use common::{eventually, kafka_python};
 use qit::kafka::brokers::{Layout, NodeState};
 
 /// A guard against a hang: every read must answer or close within this.
 const ANSWER: Duration = Duration::from_secs(60);
 
-/// The venv's python, installed once per test binary.
-fn python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = std::process::Command::new("bash")
-            .arg(format!("{root}/tools/kafka-clients.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run tools/kafka-clients.sh");
-        assert!(out.status.success(), "installing the Kafka clients failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("the script names the python")
-            .trim()
-            .to_string()
-    })
-}
-
 /// `python tests/kafka/cluster.py SCENARIO ARGS...`, stdin and stdout piped.
 async fn scenario(name: &str, args: &[&str]) -> tokio::process::Child {
-    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let python = tokio::task::spawn_blocking(kafka_python).await.unwrap();
     let script = format!("{}/tests/kafka/cluster.py", env!("CARGO_MANIFEST_DIR"));
     tokio::process::Command::new(python)
         .arg(script)

@@ -7,34 +7,13 @@
 mod common;
 
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{TestServer, eventually, get_json};
-
-/// The venv's python, installed once per test binary.
-fn python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = std::process::Command::new("bash")
-            .arg(format!("{root}/tools/kafka-clients.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run tools/kafka-clients.sh");
-        assert!(out.status.success(), "installing the Kafka clients failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .expect("the script names the python")
-            .trim()
-            .to_string()
-    })
-}
+use common::{TestServer, eventually, get_json, kafka_python};
 
 /// Runs one scenario of `clients.py` against `server`; panics with its output on failure.
 async fn scenario(server: &TestServer, name: &str, extra: &[&str]) -> String {
-    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let python = tokio::task::spawn_blocking(kafka_python).await.unwrap();
     let script = format!("{}/tests/kafka/clients.py", env!("CARGO_MANIFEST_DIR"));
     let bootstrap = server.kafka.clone().expect("the Kafka listener is on");
     let child = tokio::process::Command::new(python)
@@ -145,7 +124,7 @@ async fn sasl_plain_with_qits_users_and_grants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kcat_produces_and_consumes() {
     let server = TestServer::start().await;
-    tokio::task::spawn_blocking(python).await.unwrap();
+    tokio::task::spawn_blocking(kafka_python).await.unwrap();
     let broker = server.kafka.clone().unwrap();
     let kcat = |args: Vec<String>, input: &'static str| {
         let mut child = std::process::Command::new("kcat")

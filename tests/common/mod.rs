@@ -255,3 +255,24 @@ pub async fn wait_for_long_polls(base: &str, n: usize) {
     })
     .await;
 }
+
+/// The Python of the Kafka clients' venv (`tools/kafka-clients.sh` installs it the first
+/// time), once per test binary.
+pub fn kafka_python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let out = std::process::Command::new("bash")
+            .arg(format!("{root}/tools/kafka-clients.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run tools/kafka-clients.sh");
+        assert!(out.status.success(), "installing the Kafka clients failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("the script names the python")
+            .trim()
+            .to_string()
+    })
+}
