@@ -239,16 +239,11 @@ pub struct DedupWindow {
 }
 
 impl DedupWindow {
-    /// The id a key got, if it was published at or after `now - window` (checked on the
-    /// key itself too: times inserted out of order leave older keys behind newer ones in
-    /// the eviction queue, and the answer must not depend on that order).
+    /// The id a key got, if it was published at or after `now - window` (every key older
+    /// than that is evicted first, whatever order the times were inserted in).
     pub fn get(&mut self, key: &str, now_ms: i64, window_ms: i64) -> Option<MessageId> {
-        let since = now_ms - window_ms;
-        self.evict(since);
-        self.ids
-            .get(key)
-            .filter(|(_, at)| *at >= since)
-            .map(|(id, _)| *id)
+        self.evict(now_ms - window_ms);
+        self.ids.get(key).map(|(id, _)| *id)
     }
 
     /// Remembers that `key` got `id` at `at_ms`.

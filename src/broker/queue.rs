@@ -501,6 +501,20 @@ impl Queue {
         &self.dir
     }
 
+    /// The dedup window, locked; read back from the log (as of `now_ms`) the first time.
+    async fn dedup_window(
+        &self,
+        now_ms: i64,
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, DedupWindow>, BrokerError> {
+        let mut window = self.dedup.lock().await;
+        if window.is_none() {
+            *window = Some(self.rebuild_dedup(now_ms)?);
+        }
+        Ok(tokio::sync::MutexGuard::map(window, |w| {
+            w.get_or_insert_with(DedupWindow::default)
+        }))
+    }
+
     /// The dedup window as of `now_ms`, read back from the log.
     fn rebuild_dedup(&self, now_ms: i64) -> Result<DedupWindow, BrokerError> {
         let mut window = DedupWindow::default();
@@ -556,11 +570,7 @@ impl Queue {
             ))
         })?;
         let window_ms = self.settings.dedup_window as i64 * 1000;
-        let mut window = self.dedup.lock().await;
-        if window.is_none() {
-            *window = Some(self.rebuild_dedup(now_ms)?);
-        }
-        let window = window.get_or_insert_with(DedupWindow::default);
+        let mut window = self.dedup_window(now_ms).await?;
         if let Some(id) = window.get(key, now_ms, window_ms) {
             return Ok(id.offset);
         }
@@ -612,13 +622,7 @@ impl Queue {
         let now = now_ms.unwrap_or_else(|| self.clock.now_ms());
         let window_ms = self.settings.dedup_window as i64 * 1000;
         let mut dedup = if messages.iter().any(|m| m.idempotency_key.is_some()) {
-            let mut window = self.dedup.lock().await;
-            if window.is_none() {
-                *window = Some(self.rebuild_dedup(now)?);
-            }
-            Some(tokio::sync::MutexGuard::map(window, |w| {
-                w.get_or_insert_with(DedupWindow::default)
-            }))
+            Some(self.dedup_window(now).await?)
         } else {
             None
         };
