@@ -234,9 +234,11 @@ async fn receive_into(base: &str, into: &mut BTreeMap<String, String>) {
 /// kill -9 of a queue's leader under publish and consume load, twice: every publish
 /// answered 2xx is delivered, no message is delivered after its ack was answered 2xx; the
 /// killed node restarts and catches up, and a node whose data was wiped is replaced (`--replaces`).
+/// With `--fsync always`, so the synced Raft log (zeros written ahead of its appends) is
+/// what the killed node restarts from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kills_lose_nothing_acknowledged() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = Cluster::start_with(3, &["--fsync", "always"]).await;
     let queue = "work";
     create_queue(
         &cluster.node(1).http,
