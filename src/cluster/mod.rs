@@ -184,6 +184,34 @@ fn local_ip(cluster: SocketAddr) -> Option<std::net::IpAddr> {
     (!cluster.ip().is_unspecified()).then_some(cluster.ip())
 }
 
+/// The Kafka address this node announces for its listener at `kafka`: that address,
+/// unless it is a wildcard (`0.0.0.0`, `::`), which no client can connect to. Then the
+/// listener's port at the IP of this node's `--cluster` address, or else at the host the
+/// cluster's `--peers` list gives for this node (how the other nodes reach it).
+fn advertised_kafka(kafka: SocketAddr, cluster: SocketAddr, listed: Option<&str>) -> String {
+    if !kafka.ip().is_unspecified() {
+        return kafka.to_string();
+    }
+    if !cluster.ip().is_unspecified() {
+        return SocketAddr::new(cluster.ip(), kafka.port()).to_string();
+    }
+    let host = listed
+        .and_then(|addr| addr.rsplit_once(':'))
+        .map(|(host, _)| host)
+        .filter(|host| {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            bare.parse::<std::net::IpAddr>()
+                .map_or(!bare.is_empty(), |ip| !ip.is_unspecified())
+        });
+    match host {
+        Some(host) => format!("{host}:{}", kafka.port()),
+        None => {
+            tracing::warn!(%kafka, "the Kafka listener is on a wildcard address and neither --cluster nor --peers names this node's host: clients are told {kafka}");
+            kafka.to_string()
+        }
+    }
+}
+
 /// What a node answers to a forwarded op: the outcome and, for a replicated op, the
 /// group and log index it was committed at (so the caller can wait to apply it too).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -436,9 +464,14 @@ impl Cluster {
             }
         }
         if let Some(kafka) = self.config.kafka_addr {
+            let listed = self.config.peers.get(&self.config.node_id);
             let kafka = types::KafkaAddr {
                 id: self.config.node_id,
-                kafka: kafka.to_string(),
+                kafka: advertised_kafka(
+                    kafka,
+                    self.config.cluster_addr,
+                    listed.map(String::as_str),
+                ),
             };
             self.announce_kafka(kafka, &stop).await;
         }
@@ -859,5 +892,51 @@ impl Replicator for Cluster {
             }
             Ok(result)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_kafka;
+
+    #[test]
+    fn a_wildcard_kafka_listener_is_announced_at_a_reachable_host() {
+        let addr = |s: &str| s.parse().unwrap();
+        // A specific listener is announced as it is.
+        assert_eq!(
+            advertised_kafka(addr("10.0.0.2:9092"), addr("0.0.0.0:7101"), None),
+            "10.0.0.2:9092"
+        );
+        // A wildcard takes the cluster listener's IP...
+        assert_eq!(
+            advertised_kafka(addr("0.0.0.0:9092"), addr("10.0.0.2:7101"), Some("x:1")),
+            "10.0.0.2:9092"
+        );
+        // ...or, that being a wildcard too, the host --peers lists for this node.
+        assert_eq!(
+            advertised_kafka(
+                addr("0.0.0.0:9092"),
+                addr("0.0.0.0:7101"),
+                Some("node2.lan:7101")
+            ),
+            "node2.lan:9092"
+        );
+        assert_eq!(
+            advertised_kafka(addr("[::]:9092"), addr("[::]:7101"), Some("[fd00::2]:7101")),
+            "[fd00::2]:9092"
+        );
+        // Nothing better known: the listener's own address.
+        assert_eq!(
+            advertised_kafka(
+                addr("0.0.0.0:9092"),
+                addr("0.0.0.0:7101"),
+                Some("0.0.0.0:7101")
+            ),
+            "0.0.0.0:9092"
+        );
+        assert_eq!(
+            advertised_kafka(addr("0.0.0.0:9092"), addr("0.0.0.0:7101"), None),
+            "0.0.0.0:9092"
+        );
     }
 }
