@@ -666,3 +666,119 @@ async fn eventually_index(base: &str, queue: &str) -> u64 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A burst of pipelined requests on a `Publish` stream, on the queue's leader (which
+/// stores the valid ones of a queue together, in one proposal) and on a follower (which
+/// forwards them): each request is answered once, on its own: the bad ones (unknown
+/// queue, a message over the queue's limit, no messages, a bad header) with their error
+/// and nothing stored, the good ones with their own contiguous offsets; every node's
+/// committed log then holds exactly the good messages at the offsets answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_a_publish_stream_is_answered_request_by_request() {
+    let cluster = Cluster::start().await;
+    create_queue(
+        &cluster.node(1).http,
+        "burst",
+        json!({"partitions": 1, "max_message_bytes": 16}),
+    )
+    .await;
+    let leader = cluster.leader_of(1, "burst", None).await;
+    let follower = leader % 3 + 1;
+    let outgoing = |text: &str| proto::OutgoingMessage {
+        body: bytes::Bytes::from(text.to_string()),
+        ..Default::default()
+    };
+    let mut expected: BTreeMap<u64, String> = BTreeMap::new();
+    for (round, via) in [leader, follower].into_iter().enumerate() {
+        let mut client = BrokerClient::connect(cluster.node(via).grpc())
+            .await
+            .unwrap();
+        let request = |seq: u64, queue: &str, bodies: &[String]| proto::PublishRequest {
+            seq,
+            queue: queue.into(),
+            messages: bodies.iter().map(|b| outgoing(b)).collect(),
+        };
+        let good = |seq: u64, n: usize| -> Vec<String> {
+            (0..n).map(|i| format!("r{round}-{seq}-{i}")).collect()
+        };
+        let mut bad_header = request(5, "burst", &["h".to_string()]);
+        bad_header.messages[0]
+            .headers
+            .insert("bad name\n".into(), "v".into());
+        let requests = vec![
+            request(1, "burst", &good(1, 3)),
+            request(2, "nope", &good(2, 1)),
+            request(3, "burst", &["x".repeat(17)]),
+            request(4, "burst", &[]),
+            bad_header,
+            request(6, "burst", &good(6, 1)),
+            request(7, "burst", &good(7, 2)),
+        ];
+        // Queued before the stream opens, so that they arrive together.
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        for r in requests.clone() {
+            tx.send(r).await.unwrap();
+        }
+        let mut responses = client
+            .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = BTreeMap::new();
+        for _ in 0..requests.len() {
+            let r = responses.message().await.unwrap().unwrap();
+            assert!(got.insert(r.seq, r).is_none(), "one answer per request");
+        }
+        drop(tx);
+        assert!(responses.message().await.unwrap().is_none());
+        let code = |seq: u64| {
+            got[&seq]
+                .error
+                .as_ref()
+                .map(|e| tonic::Code::from(e.code as i32))
+        };
+        assert_eq!(code(2), Some(tonic::Code::NotFound), "via node {via}");
+        assert!(code(3).is_some(), "over the limit, via node {via}");
+        assert_eq!(
+            code(4),
+            Some(tonic::Code::InvalidArgument),
+            "via node {via}"
+        );
+        assert_eq!(
+            code(5),
+            Some(tonic::Code::InvalidArgument),
+            "via node {via}"
+        );
+        for seq in [2, 3, 4, 5] {
+            assert!(got[&seq].messages.is_empty());
+        }
+        for (seq, n) in [(1u64, 3usize), (6, 1), (7, 2)] {
+            assert_eq!(code(seq), None, "request {seq} via node {via}");
+            let offsets: Vec<u64> = got[&seq].messages.iter().map(|m| m.offset).collect();
+            assert_eq!(offsets.len(), n);
+            for (i, offset) in offsets.iter().enumerate() {
+                assert_eq!(
+                    *offset,
+                    offsets[0] + i as u64,
+                    "contiguous within request {seq}"
+                );
+                let fresh = expected.insert(*offset, good(seq, n)[i].clone());
+                assert!(fresh.is_none(), "offset {offset} answered twice");
+            }
+        }
+    }
+    let want: Vec<String> = expected.values().cloned().collect();
+    assert_eq!(
+        expected.keys().copied().collect::<Vec<_>>(),
+        (0..want.len() as u64).collect::<Vec<_>>(),
+        "the answered offsets leave no gap"
+    );
+    for id in 1..=3 {
+        let base = cluster.node(id).http.clone();
+        eventually(&format!("node {id} holds the good messages"), || {
+            let (base, want) = (base.clone(), want.clone());
+            async move { log_bodies(&base, "burst", 0).await == Some(want) }
+        })
+        .await;
+    }
+}

@@ -7,13 +7,19 @@
 //! rule, in whatever order that happens. A bad request (unknown queue, too large, not
 //! allowed, malformed content) gets a response with `error` and the stream stays open.
 //!
+//! On a cluster node the requests read together are stored together per queue
+//! ([`Broker::publish_many`]): the queue's leader then proposes them in one entry after one
+//! lookup of the group, instead of each request paying its own way there.
+//!
 //! Flow control: at most [`MAX_PENDING`] requests of a stream are being stored at once and
 //! responses go through a bounded channel; a producer that stops reading responses stops
 //! being read, so HTTP/2 flow control holds it back instead of the server buffering.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
@@ -21,7 +27,7 @@ use tonic::{Code, Status, Streaming};
 use super::error::ApiError;
 use super::wire::{StreamPermit, message_ref, new_message};
 use crate::auth::{Action, AuthStore, Resource};
-use crate::broker::{Broker, NewMessage};
+use crate::broker::{Broker, NewMessage, Published};
 use crate::proto;
 
 /// Most requests of one stream being stored at once.
@@ -52,23 +58,28 @@ impl PublishSession {
     pub async fn run(self, mut inbound: Streaming<proto::PublishRequest>, _permit: StreamPermit) {
         metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "publish").increment(1.0);
         let mut pending = FuturesUnordered::new();
+        // Requests being stored (a future of `pending` may store several).
+        let mut in_flight = 0usize;
         let mut reading = true;
         let mut failure: Option<Status> = None;
-        while reading || !pending.is_empty() {
+        'serving: while reading || !pending.is_empty() {
             tokio::select! {
                 biased;
-                Some(response) = pending.next(), if !pending.is_empty() => {
-                    if self.tx.send(Ok(response)).await.is_err() {
-                        break;
+                Some(responses) = pending.next(), if !pending.is_empty() => {
+                    let responses: Vec<proto::PublishResponse> = responses;
+                    in_flight -= responses.len();
+                    for response in responses {
+                        if self.tx.send(Ok(response)).await.is_err() {
+                            break 'serving;
+                        }
                     }
                 }
-                incoming = inbound.message(), if reading && pending.len() < MAX_PENDING => {
+                incoming = inbound.message(), if reading && in_flight < MAX_PENDING => {
+                    let mut burst = Vec::new();
                     let mut next = Some(incoming);
                     while let Some(incoming) = next.take() {
                         match incoming {
-                            Ok(Some(request)) => {
-                                pending.push(store(Arc::clone(&self.broker), self.prepare(request)));
-                            }
+                            Ok(Some(request)) => burst.push(self.prepare(request)),
                             Ok(None) => reading = false,
                             Err(status) => {
                                 reading = false;
@@ -76,9 +87,13 @@ impl PublishSession {
                             }
                         }
                         // Take what has already arrived, so it is stored together.
-                        if reading && pending.len() < MAX_PENDING {
+                        if reading && in_flight + burst.len() < MAX_PENDING {
                             next = inbound.message().now_or_never();
                         }
+                    }
+                    in_flight += burst.len();
+                    for stored in self.stores(burst) {
+                        pending.push(stored);
                     }
                 }
                 () = self.broker.until_shutdown(), if reading => {
@@ -106,6 +121,37 @@ impl PublishSession {
         }
     }
 
+    /// Futures that store `burst` (requests read together), each answering the requests
+    /// it stored: one per request on a single node (the partitions' appends merge
+    /// anyway), one per queue on a cluster node ([`Broker::publish_many`]).
+    fn stores(&self, burst: Vec<Prepared>) -> Vec<BoxFuture<'static, Vec<proto::PublishResponse>>> {
+        let broker = &self.broker;
+        if !broker.is_replicated() {
+            return burst
+                .into_iter()
+                .map(|p| store(Arc::clone(broker), p).map(|r| vec![r]).boxed())
+                .collect();
+        }
+        let mut stores = Vec::new();
+        let mut by_queue: BTreeMap<String, Vec<(u64, Vec<NewMessage>)>> = BTreeMap::new();
+        for prepared in burst {
+            match prepared.messages {
+                Ok(messages) => by_queue
+                    .entry(prepared.queue)
+                    .or_default()
+                    .push((prepared.seq, messages)),
+                Err(status) => {
+                    let refused = refused(prepared.seq, &status);
+                    stores.push(futures_util::future::ready(vec![refused]).boxed());
+                }
+            }
+        }
+        for (queue, requests) in by_queue {
+            stores.push(store_many(Arc::clone(broker), queue, requests).boxed());
+        }
+        stores
+    }
+
     fn authorize(&self, queue: &str) -> Result<(), Status> {
         let Some((store, user)) = &self.auth else {
             return Ok(());
@@ -127,20 +173,45 @@ async fn store(broker: Arc<Broker>, prepared: Prepared) -> proto::PublishRespons
         Ok(messages) => broker.publish(&queue, messages).await.map_err(Status::from),
         Err(status) => Err(status),
     };
+    response(seq, published)
+}
+
+/// Stores the requests (`seq`, messages) of one burst to `queue` together and makes their
+/// responses.
+async fn store_many(
+    broker: Arc<Broker>,
+    queue: String,
+    requests: Vec<(u64, Vec<NewMessage>)>,
+) -> Vec<proto::PublishResponse> {
+    let (seqs, publishes): (Vec<u64>, Vec<Vec<NewMessage>>) = requests.into_iter().unzip();
+    let published = broker.publish_many(&queue, publishes).await;
+    seqs.into_iter()
+        .zip(published)
+        .map(|(seq, published)| response(seq, published.map_err(Status::from)))
+        .collect()
+}
+
+/// The response to request `seq`.
+fn response(seq: u64, published: Result<Vec<Published>, Status>) -> proto::PublishResponse {
     match published {
         Ok(published) => proto::PublishResponse {
             seq,
             messages: published.into_iter().map(message_ref).collect(),
             error: None,
         },
-        Err(status) => proto::PublishResponse {
-            seq,
-            messages: Vec::new(),
-            error: Some(proto::PublishError {
-                code: status.code() as u32,
-                message: status.message().to_string(),
-            }),
-        },
+        Err(status) => refused(seq, &status),
+    }
+}
+
+/// The response to request `seq` that was not stored.
+fn refused(seq: u64, status: &Status) -> proto::PublishResponse {
+    proto::PublishResponse {
+        seq,
+        messages: Vec::new(),
+        error: Some(proto::PublishError {
+            code: status.code() as u32,
+            message: status.message().to_string(),
+        }),
     }
 }
 

@@ -127,6 +127,27 @@ pub fn check_lease_duration(what: &str, duration: Duration) -> Result<(), Broker
     Ok(())
 }
 
+/// A publish's messages checked before a cluster proposes them, against this node's copy
+/// of the queue's `max_message_bytes` (when it has the queue): a refused publish would
+/// otherwise still cost a Raft entry of its size on every replica (and a client retrying
+/// it would grow every log). The apply checks again, on the settings as of the entry.
+fn check_publish(
+    messages: &[NewMessage],
+    max_message_bytes: Option<u64>,
+) -> Result<(), BrokerError> {
+    if messages.is_empty() {
+        return Err(BrokerError::InvalidArgument(
+            "no messages to publish".into(),
+        ));
+    }
+    if let Some(max) = max_message_bytes {
+        for (index, m) in messages.iter().enumerate() {
+            message::check_new_message(m, index, max)?;
+        }
+    }
+    Ok(())
+}
+
 fn check_name(name: &str) -> Result<(), BrokerError> {
     crate::name::check(name).map_err(BrokerError::from)
 }
@@ -731,20 +752,10 @@ impl Broker {
     ) -> Result<Vec<Published>, BrokerError> {
         self.check_running()?;
         if let Some(replicator) = self.replicator() {
-            if messages.is_empty() {
-                return Err(BrokerError::InvalidArgument(
-                    "no messages to publish".into(),
-                ));
-            }
-            // Checked before it is proposed, against this node's copy of the queue's
-            // settings: a refused publish would otherwise still cost a Raft entry of its
-            // size on every replica (and a client retrying it would grow every log). The
-            // apply checks again, on the settings as of the entry.
-            if let Ok(q) = self.queue(queue) {
-                for (index, m) in messages.iter().enumerate() {
-                    message::check_new_message(m, index, q.settings.max_message_bytes)?;
-                }
-            }
+            check_publish(
+                &messages,
+                self.queue(queue).ok().map(|q| q.settings.max_message_bytes),
+            )?;
             let op = replicate::Op::Publish {
                 queue: queue.to_string(),
                 messages: messages.into_iter().map(Into::into).collect(),
@@ -753,6 +764,52 @@ impl Broker {
             return replicator.submit(op).await?.published();
         }
         self.publish_local(queue, messages, None).await
+    }
+
+    /// Several publishes to `queue` that arrived together (a producer's pipelined
+    /// requests), each answered on its own, in order, as [`Self::publish`] would answer
+    /// it. In a cluster the valid ones go to the replicator together, which commits them
+    /// in one entry instead of each paying its own way to the queue's leader; on a single
+    /// node they are published side by side (the partition's appends merge anyway).
+    pub async fn publish_many(
+        &self,
+        queue: &str,
+        publishes: Vec<Vec<NewMessage>>,
+    ) -> Vec<Result<Vec<Published>, BrokerError>> {
+        let Some(replicator) = self.replicator() else {
+            let each = publishes.into_iter().map(|m| self.publish(queue, m));
+            return futures_util::future::join_all(each).await;
+        };
+        let settings = self.queue(queue).ok().map(|q| q.settings.max_message_bytes);
+        let mut answers: Vec<Option<Result<Vec<Published>, BrokerError>>> = Vec::new();
+        let mut valid = Vec::new();
+        for messages in publishes {
+            match self
+                .check_running()
+                .and_then(|()| check_publish(&messages, settings))
+            {
+                Ok(()) => {
+                    answers.push(None);
+                    valid.push(messages.into_iter().map(Into::into).collect());
+                }
+                Err(e) => answers.push(Some(Err(e))),
+            }
+        }
+        let now_ms = self.config.clock.now_ms();
+        let mut results = replicator
+            .submit_publishes(queue.to_string(), valid, now_ms)
+            .await
+            .into_iter();
+        answers
+            .into_iter()
+            .map(|answer| match answer {
+                Some(refused) => refused,
+                None => match results.next() {
+                    Some(result) => result.and_then(replicate::OpResult::published),
+                    None => Err(BrokerError::NoLeader("a publish went unanswered".into())),
+                },
+            })
+            .collect()
     }
 
     /// Appends on this node; `now_ms` (a replicated publish's stamp) or the clock's now.

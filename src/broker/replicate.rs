@@ -560,6 +560,25 @@ pub fn known_code(code: &str) -> &'static str {
 pub trait Replicator: Send + Sync {
     /// Runs `op` and answers once it is committed and applied on this node.
     fn submit(&self, op: Op) -> BoxFuture<'_, Result<OpResult, BrokerError>>;
+
+    /// Runs several publishes to `queue` that arrived together, each answered on its own
+    /// (in order), as if each were submitted alone; a replicator may commit them together.
+    fn submit_publishes(
+        &self,
+        queue: String,
+        publishes: Vec<Vec<WireMessage>>,
+        now_ms: i64,
+    ) -> BoxFuture<'_, Vec<Result<OpResult, BrokerError>>> {
+        Box::pin(futures_util::future::join_all(publishes.into_iter().map(
+            move |messages| {
+                self.submit(Op::Publish {
+                    queue: queue.clone(),
+                    messages,
+                    now_ms,
+                })
+            },
+        )))
+    }
 }
 
 /// The error for an answer of the wrong kind from the cluster (a bug, never user input).
@@ -639,6 +658,11 @@ impl Broker {
     /// The replicator, when this broker is a cluster member.
     pub(super) fn replicator(&self) -> Option<&std::sync::Arc<dyn Replicator>> {
         self.replicator.get()
+    }
+
+    /// True on a cluster node (state changes go through the replicator).
+    pub fn is_replicated(&self) -> bool {
+        self.replicator.get().is_some()
     }
 
     /// Installs the cluster's replicator (once; later calls are ignored). From then on the

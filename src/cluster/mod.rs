@@ -79,7 +79,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
-use crate::broker::replicate::{Op, OpResult, Replicator, Scope, WireError};
+use crate::broker::replicate::{Op, OpResult, Replicator, Scope, WireError, WireMessage};
 use crate::broker::{Broker, BrokerError};
 use groups::{Groups, META_GROUP};
 use metadata::MetaHooks;
@@ -679,6 +679,18 @@ impl Cluster {
     }
 
     /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
+    /// The Raft group of `queue` and its handle, when this node leads it and is not
+    /// handing it off (the publishes it proposes itself, as [`Self::execute`] would).
+    async fn led_queue_group(&self, queue: &str) -> Option<(Raft, u64)> {
+        let group = self.groups.queue_group(queue)?.id;
+        let raft = self.groups.raft(group)?;
+        let mut leader = self.leader_of(&raft).await;
+        if leader == Some(self.node_id()) && self.transfers.pause(group).await {
+            leader = self.leader_of(&raft).await;
+        }
+        (leader == Some(self.node_id())).then_some((raft, group))
+    }
+
     async fn leader_of(&self, raft: &Raft) -> Option<u64> {
         if let Some(leader) = raft.metrics().borrow_watched().current_leader {
             return Some(leader);
@@ -891,6 +903,46 @@ impl Replicator for Cluster {
                 self.wait_applied(group, index).await;
             }
             Ok(result)
+        })
+    }
+
+    /// On the queue's leader the publishes queue for the next entry together, one lookup
+    /// of the group and its leader for all of them; elsewhere each goes as [`Self::submit`]
+    /// sends it (forwarded, batched there with the others on the way).
+    fn submit_publishes(
+        &self,
+        queue: String,
+        publishes: Vec<Vec<WireMessage>>,
+        now_ms: i64,
+    ) -> BoxFuture<'_, Vec<Result<OpResult, BrokerError>>> {
+        Box::pin(async move {
+            let Some((raft, group)) = self.led_queue_group(&queue).await else {
+                let each = publishes.into_iter().map(|messages| {
+                    self.submit(Op::Publish {
+                        queue: queue.clone(),
+                        messages,
+                        now_ms,
+                    })
+                });
+                return futures_util::future::join_all(each).await;
+            };
+            let sink = || proposals::propose_to(&raft, group);
+            let proposed = self
+                .proposals
+                .publish_many(sink, group, queue, publishes, now_ms)
+                .await;
+            let last = proposed
+                .iter()
+                .filter_map(|p| p.as_ref().ok().and_then(|(_, applied)| *applied))
+                .map(|(_, index)| index)
+                .max();
+            if let Some(index) = last {
+                self.wait_applied(group, index).await;
+            }
+            proposed
+                .into_iter()
+                .map(|p| p.map(|(result, _)| result))
+                .collect()
         })
     }
 }

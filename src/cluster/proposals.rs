@@ -62,6 +62,22 @@ struct Waiter {
 }
 
 impl Waiter {
+    /// A publish waiting to be written, and where its answer arrives.
+    fn new(
+        queue: String,
+        messages: Vec<WireMessage>,
+        now_ms: i64,
+    ) -> (Self, oneshot::Receiver<Proposed>) {
+        let (answer, answered) = oneshot::channel();
+        let waiter = Self {
+            queue,
+            messages,
+            now_ms,
+            answer,
+        };
+        (waiter, answered)
+    }
+
     fn bytes(&self) -> usize {
         self.messages.iter().map(|m| m.body.len()).sum()
     }
@@ -90,17 +106,39 @@ impl Proposals {
         messages: Vec<WireMessage>,
         now_ms: i64,
     ) -> Proposed {
-        let (answer, answered) = oneshot::channel();
+        let (waiter, answered) = Waiter::new(queue, messages, now_ms);
+        self.enqueue(sink, group, vec![waiter]);
+        answer(answered).await
+    }
+
+    /// Sends several publishes to `queue` (group `group`) that arrived together, each with
+    /// its own answer (in order), as [`Self::publish`] sends one: they queue at once, under
+    /// one lock, so they go in the same entry unless it is full.
+    pub async fn publish_many(
+        self: &Arc<Self>,
+        sink: impl FnOnce() -> Sink,
+        group: u64,
+        queue: String,
+        publishes: Vec<Vec<WireMessage>>,
+        now_ms: i64,
+    ) -> Vec<Proposed> {
+        let (waiters, answers): (Vec<Waiter>, Vec<_>) = publishes
+            .into_iter()
+            .map(|messages| Waiter::new(queue.clone(), messages, now_ms))
+            .unzip();
+        self.enqueue(sink, group, waiters);
+        futures_util::future::join_all(answers.into_iter().map(answer)).await
+    }
+
+    /// Queues `waiters` on `group` and starts a writer for them when fewer than
+    /// [`WRITERS`] are at work.
+    fn enqueue(self: &Arc<Self>, sink: impl FnOnce() -> Sink, group: u64, waiters: Vec<Waiter>) {
         let start_writer = {
             let mut groups = self.groups.lock();
             let pending = groups.entry(group).or_default();
-            pending.waiting.push(Waiter {
-                queue,
-                messages,
-                now_ms,
-                answer,
-            });
-            if pending.writers < WRITERS {
+            let some = !waiters.is_empty();
+            pending.waiting.extend(waiters);
+            if some && pending.writers < WRITERS {
                 pending.writers += 1;
                 true
             } else {
@@ -110,11 +148,6 @@ impl Proposals {
         if start_writer {
             tokio::spawn(Arc::clone(self).write(sink(), group));
         }
-        answered.await.unwrap_or_else(|_| {
-            Err(BrokerError::NoLeader(
-                "the publish was dropped unanswered".into(),
-            ))
-        })
     }
 
     /// The next batch of `group`, or `None` (and one writer fewer) when none waits.
@@ -148,6 +181,15 @@ impl Proposals {
             write_batch(&sink, batch).await;
         }
     }
+}
+
+/// A waiter's answer, or "no leader" when its writer dropped it unanswered.
+async fn answer(answered: oneshot::Receiver<Proposed>) -> Proposed {
+    answered.await.unwrap_or_else(|_| {
+        Err(BrokerError::NoLeader(
+            "the publish was dropped unanswered".into(),
+        ))
+    })
 }
 
 fn publish(queue: String, messages: Vec<WireMessage>, now_ms: i64) -> Command {
