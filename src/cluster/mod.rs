@@ -679,16 +679,21 @@ impl Cluster {
     }
 
     /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
-    /// The Raft group of `queue` and its handle, when this node leads it and is not
-    /// handing it off (the publishes it proposes itself, as [`Self::execute`] would).
-    async fn led_queue_group(&self, queue: &str) -> Option<(Raft, u64)> {
+    /// Where this replica sends publishes to `queue`, as [`Self::execute`] would: its Raft
+    /// group and, when this node leads it (and is not handing it off), the group's handle
+    /// to propose them; `None` for the handle when another replica leads (forwarded).
+    /// `None` on a node without a replica or while the group has no leader.
+    async fn publish_route(&self, queue: &str) -> Option<(u64, Option<Raft>)> {
         let group = self.groups.queue_group(queue)?.id;
         let raft = self.groups.raft(group)?;
         let mut leader = self.leader_of(&raft).await;
         if leader == Some(self.node_id()) && self.transfers.pause(group).await {
             leader = self.leader_of(&raft).await;
         }
-        (leader == Some(self.node_id())).then_some((raft, group))
+        match leader? {
+            leader if leader == self.node_id() => Some((group, Some(raft))),
+            _ => Some((group, None)),
+        }
     }
 
     async fn leader_of(&self, raft: &Raft) -> Option<u64> {
@@ -784,8 +789,16 @@ impl Cluster {
         else {
             return Err(no_leader("not a publish"));
         };
+        let sink = self.forward_sink(group, hops);
+        self.forwards
+            .publish(sink, group, queue, messages, now_ms)
+            .await
+    }
+
+    /// The sink of forwarded publishes to `group`'s leader ([`Self::forward_batch`]).
+    fn forward_sink(&self, group: u64, hops: u32) -> impl FnOnce() -> proposals::Sink + use<> {
         let me = self.me.clone();
-        let sink = move || -> proposals::Sink {
+        move || -> proposals::Sink {
             Arc::new(move |command| {
                 let me = me.clone();
                 Box::pin(async move {
@@ -795,10 +808,7 @@ impl Cluster {
                     }
                 })
             })
-        };
-        self.forwards
-            .publish(sink, group, queue, messages, now_ms)
-            .await
+        }
     }
 
     /// Sends a batch of forwarded publishes to the group's leader, following it when it
@@ -906,9 +916,11 @@ impl Replicator for Cluster {
         })
     }
 
-    /// On the queue's leader the publishes queue for the next entry together, one lookup
-    /// of the group and its leader for all of them; elsewhere each goes as [`Self::submit`]
-    /// sends it (forwarded, batched there with the others on the way).
+    /// One lookup of the queue's group and its leader for all of the publishes: on the
+    /// leader they queue for the next entry together, on another replica for the next
+    /// forward to the leader together (and are then waited for here, as [`Self::submit`]
+    /// waits); on a node without a replica, or while the group has no leader, each goes
+    /// as [`Self::submit`] sends it.
     fn submit_publishes(
         &self,
         queue: String,
@@ -916,21 +928,33 @@ impl Replicator for Cluster {
         now_ms: i64,
     ) -> BoxFuture<'_, Vec<Result<OpResult, BrokerError>>> {
         Box::pin(async move {
-            let Some((raft, group)) = self.led_queue_group(&queue).await else {
-                let each = publishes.into_iter().map(|messages| {
-                    self.submit(Op::Publish {
-                        queue: queue.clone(),
-                        messages,
-                        now_ms,
-                    })
-                });
-                return futures_util::future::join_all(each).await;
+            let proposed = match self.publish_route(&queue).await {
+                Some((group, Some(raft))) => {
+                    let sink = || proposals::propose_to(&raft, group);
+                    let proposed = self
+                        .proposals
+                        .publish_many(sink, group, queue, publishes, now_ms);
+                    (group, proposed.await)
+                }
+                Some((group, None)) => {
+                    let sink = self.forward_sink(group, 0);
+                    let proposed = self
+                        .forwards
+                        .publish_many(sink, group, queue, publishes, now_ms);
+                    (group, proposed.await)
+                }
+                None => {
+                    let each = publishes.into_iter().map(|messages| {
+                        self.submit(Op::Publish {
+                            queue: queue.clone(),
+                            messages,
+                            now_ms,
+                        })
+                    });
+                    return futures_util::future::join_all(each).await;
+                }
             };
-            let sink = || proposals::propose_to(&raft, group);
-            let proposed = self
-                .proposals
-                .publish_many(sink, group, queue, publishes, now_ms)
-                .await;
+            let (group, proposed) = proposed;
             let last = proposed
                 .iter()
                 .filter_map(|p| p.as_ref().ok().and_then(|(_, applied)| *applied))
