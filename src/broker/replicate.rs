@@ -569,16 +569,25 @@ pub trait Replicator: Send + Sync {
         publishes: Vec<Vec<WireMessage>>,
         now_ms: i64,
     ) -> BoxFuture<'_, Vec<Result<OpResult, BrokerError>>> {
-        Box::pin(futures_util::future::join_all(publishes.into_iter().map(
-            move |messages| {
-                self.submit(Op::Publish {
-                    queue: queue.clone(),
-                    messages,
-                    now_ms,
-                })
-            },
-        )))
+        Box::pin(submit_each(self, queue, publishes, now_ms))
     }
+}
+
+/// Submits each of `publishes` to `queue` on its own, side by side; the answers in order.
+pub async fn submit_each<R: Replicator + ?Sized>(
+    replicator: &R,
+    queue: String,
+    publishes: Vec<Vec<WireMessage>>,
+    now_ms: i64,
+) -> Vec<Result<OpResult, BrokerError>> {
+    let each = publishes.into_iter().map(|messages| {
+        replicator.submit(Op::Publish {
+            queue: queue.clone(),
+            messages,
+            now_ms,
+        })
+    });
+    futures_util::future::join_all(each).await
 }
 
 /// The error for an answer of the wrong kind from the cluster (a bug, never user input).

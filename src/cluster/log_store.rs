@@ -886,23 +886,29 @@ mod tests {
         assert_eq!(indexes(&mut store).await, (1..6).collect::<Vec<_>>());
     }
 
+    /// `n` records of blank entries back to back, and where each ends.
+    fn records(n: usize) -> (Vec<u8>, Vec<u64>) {
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        for i in 0..n {
+            let entry: Entry = Entry {
+                log_id: log_id(1, 1, i as u64),
+                payload: EntryPayload::Blank,
+            };
+            let payload = encode(&entry).unwrap();
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+            ends.push(bytes.len() as u64);
+        }
+        (bytes, ends)
+    }
+
     proptest! {
         /// A chunk cut at any byte opens with exactly the whole records before the cut.
         #[test]
         fn a_torn_tail_keeps_the_whole_records(n in 1usize..6, cut_back in 0usize..64) {
-            let mut bytes = Vec::new();
-            let mut ends = Vec::new();
-            for i in 0..n {
-                let entry: Entry = Entry {
-                    log_id: log_id(1, 1, i as u64),
-                    payload: EntryPayload::Blank,
-                };
-                let payload = encode(&entry).unwrap();
-                bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-                bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-                bytes.extend_from_slice(&payload);
-                ends.push(bytes.len() as u64);
-            }
+            let (bytes, ends) = records(n);
             let cut = bytes.len().saturating_sub(cut_back);
             let (records, end) = scan(&bytes[..cut]);
             let whole = ends.iter().filter(|e| **e <= cut as u64).count();
@@ -914,17 +920,7 @@ mod tests {
         /// the last record.
         #[test]
         fn zeros_after_the_records_end_the_scan(n in 0usize..6, zeros in 0usize..64) {
-            let mut bytes = Vec::new();
-            for i in 0..n {
-                let entry: Entry = Entry {
-                    log_id: log_id(1, 1, i as u64),
-                    payload: EntryPayload::Blank,
-                };
-                let payload = encode(&entry).unwrap();
-                bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-                bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-                bytes.extend_from_slice(&payload);
-            }
+            let (mut bytes, _) = records(n);
             let end = bytes.len() as u64;
             bytes.extend(std::iter::repeat_n(0u8, zeros));
             let (records, scanned_end) = scan(&bytes);

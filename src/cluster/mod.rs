@@ -79,7 +79,9 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
-use crate::broker::replicate::{Op, OpResult, Replicator, Scope, WireError, WireMessage};
+use crate::broker::replicate::{
+    Op, OpResult, Replicator, Scope, WireError, WireMessage, submit_each,
+};
 use crate::broker::{Broker, BrokerError};
 use groups::{Groups, META_GROUP};
 use metadata::MetaHooks;
@@ -943,16 +945,7 @@ impl Replicator for Cluster {
                         .publish_many(sink, group, queue, publishes, now_ms);
                     (group, proposed.await)
                 }
-                None => {
-                    let each = publishes.into_iter().map(|messages| {
-                        self.submit(Op::Publish {
-                            queue: queue.clone(),
-                            messages,
-                            now_ms,
-                        })
-                    });
-                    return futures_util::future::join_all(each).await;
-                }
+                None => return submit_each(self, queue, publishes, now_ms).await,
             };
             let (group, proposed) = proposed;
             let last = proposed
