@@ -226,11 +226,30 @@ async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
 }
 
 fn cli(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qit"))
+    let child = Command::new(env!("CARGO_BIN_EXE_qit"))
         .args(args)
-        .output()
-        .expect("run qit")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run qit");
+    // A guard against a hang (a command that never ends fails the test instead): the
+    // output is read on a thread, the process killed when it runs past the deadline.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(CLI_DEADLINE) {
+        Ok(output) => output.expect("run qit"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("`qit {}` ran past {CLI_DEADLINE:?}", args.join(" "));
+        }
+    }
 }
+
+/// How long a `qit` command of these tests may run (a guard against hangs only).
+const CLI_DEADLINE: Duration = Duration::from_secs(300);
 
 /// A queue name whose best replicas over nodes 1..=4 include node 4 (so that the join
 /// moves a replica of it onto node 4).
