@@ -573,11 +573,7 @@ impl Cluster {
         };
         let mut attempts = 0;
         loop {
-            let mut leader = self.leader_of(&raft).await;
-            if leader == Some(self.node_id()) && self.transfers.pause(group).await {
-                // The group was being handed off meanwhile: ask again who leads it.
-                leader = self.leader_of(&raft).await;
-            }
+            let leader = self.leader_after_handoff(&raft, group).await;
             return match leader {
                 Some(leader) if leader == self.node_id() => match command {
                     Command::Members(change) => self.change_members(change).await,
@@ -680,7 +676,6 @@ impl Cluster {
             .await;
     }
 
-    /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
     /// Where this replica sends publishes to `queue`, as [`Self::execute`] would: its Raft
     /// group and, when this node leads it (and is not handing it off), the group's handle
     /// to propose them; `None` for the handle when another replica leads (forwarded).
@@ -688,16 +683,24 @@ impl Cluster {
     async fn publish_route(&self, queue: &str) -> Option<(u64, Option<Raft>)> {
         let group = self.groups.queue_group(queue)?.id;
         let raft = self.groups.raft(group)?;
-        let mut leader = self.leader_of(&raft).await;
-        if leader == Some(self.node_id()) && self.transfers.pause(group).await {
-            leader = self.leader_of(&raft).await;
-        }
-        match leader? {
+        match self.leader_after_handoff(&raft, group).await? {
             leader if leader == self.node_id() => Some((group, Some(raft))),
             _ => Some((group, None)),
         }
     }
 
+    /// The leader of `group` ([`Self::leader_of`]); when that is this node and the group
+    /// was being handed off meanwhile (the hand-off holds new work until it ends), asked
+    /// again once the hand-off is over.
+    async fn leader_after_handoff(&self, raft: &Raft, group: u64) -> Option<u64> {
+        let leader = self.leader_of(raft).await;
+        if leader == Some(self.node_id()) && self.transfers.pause(group).await {
+            return self.leader_of(raft).await;
+        }
+        leader
+    }
+
+    /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
     async fn leader_of(&self, raft: &Raft) -> Option<u64> {
         if let Some(leader) = raft.metrics().borrow_watched().current_leader {
             return Some(leader);
