@@ -58,17 +58,7 @@ async fn scenario(name: &str, args: &[&str]) -> tokio::process::Child {
 /// Waits for a scenario to end (a guard of 300 s against a hang); its stdout, or a panic
 /// with its output when it failed.
 async fn finished(child: tokio::process::Child, name: &str) -> String {
-    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("scenario {name} hung"))
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "scenario {name} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    common::scenario_output(child, name, Duration::from_secs(300)).await
 }
 
 /// Every node's bootstrap address, comma-separated.

@@ -20,22 +20,13 @@ async fn scenario(server: &TestServer, name: &str, extra: &[&str]) -> String {
         .arg(script)
         .args([name, bootstrap.as_str(), server.http.as_str()])
         .args(extra)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output();
-    // A guard against a hang, not a measure.
-    let out = tokio::time::timeout(Duration::from_secs(240), child)
-        .await
-        .unwrap_or_else(|_| panic!("scenario {name} hung"))
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "scenario {name} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+        .spawn()
+        .expect("start the scenario");
+    common::scenario_output(child, name, Duration::from_secs(240)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

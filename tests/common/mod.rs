@@ -256,6 +256,23 @@ pub async fn wait_for_long_polls(base: &str, n: usize) {
     .await;
 }
 
+/// Waits for the Kafka client scenario `child` (stdout and stderr piped) to end, `guard`
+/// at most (against a hang, not a measure); its stdout, or a panic with its output when
+/// it failed.
+pub async fn scenario_output(child: tokio::process::Child, name: &str, guard: Duration) -> String {
+    let out = tokio::time::timeout(guard, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("scenario {name} hung"))
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "scenario {name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The Python of the Kafka clients' venv (`tools/kafka-clients.sh` installs it the first
 /// time), once per test binary.
 pub fn kafka_python() -> &'static str {
