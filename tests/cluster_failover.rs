@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::cluster::{Cluster, create_queue, log_bodies, partition, publish, view};
+use common::cluster::{Cluster, create_queue, log_bodies, partition, publish, receive, view};
 use common::eventually;
 use serde_json::json;
 
@@ -72,4 +72,63 @@ async fn the_survivor_with_the_longer_log_is_elected() {
         )
         .await;
     }
+}
+
+/// A queue group's replicas other than its first leader cast their vote for it but never
+/// received its first entry, and it dies for good (the state a group was left in when its
+/// preferred leader won its first election and died at once; openraft refuses to
+/// initialize a node that has voted, so such a group stayed without a leader). Every
+/// replica now writes the group's initial membership itself when the queue is created:
+/// the two survivors, restarted with their votes and empty group logs, elect one of them
+/// and take publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survivors_that_voted_for_a_dead_first_leader_elect_one_of_them() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "v", json!({"partitions": 1})).await;
+    let first = cluster.leader_of(1, "v", None).await;
+    let group = cluster.group_of(1, "v").await;
+    let survivors: Vec<u64> = (1..=3).filter(|n| *n != first).collect();
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+
+    // Each survivor keeps a vote (its own, or the other's where it never wrote one: a
+    // follower that only received the leader's entries) and nothing else of the group.
+    let dir = |id: u64| {
+        cluster
+            .root()
+            .join(format!("node-{id}"))
+            .join("raft")
+            .join(group.to_string())
+    };
+    let votes: Vec<Option<Vec<u8>>> = survivors
+        .iter()
+        .map(|&id| std::fs::read(dir(id).join("vote")).ok())
+        .collect();
+    let any_vote = votes
+        .iter()
+        .flatten()
+        .next()
+        .unwrap_or_else(|| panic!("a survivor holds a vote in group {group}"))
+        .clone();
+    for (&id, vote) in survivors.iter().zip(votes) {
+        let dir = dir(id);
+        std::fs::remove_dir_all(&dir).expect("remove the group's log");
+        std::fs::create_dir_all(&dir).expect("recreate the group's dir");
+        std::fs::write(dir.join("vote"), vote.unwrap_or_else(|| any_vote.clone()))
+            .expect("put the vote back");
+    }
+    for &id in &survivors {
+        cluster.restart(id);
+    }
+    for &id in &survivors {
+        cluster.wait_serving(id).await;
+    }
+
+    publish(cluster.http(survivors[0]), "v", "after").await;
+    let leader = cluster.leader_of(survivors[1], "v", Some(first)).await;
+    assert!(survivors.contains(&leader), "leader {leader} is a survivor");
+    let got = receive(cluster.http(survivors[1]), "v", 10).await;
+    let bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
+    assert_eq!(bodies, ["after"]);
 }

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::ClusterError;
 use super::kafka_addrs::KafkaAddrs;
 use super::log_store::LogStore;
-use super::metadata::MetaHooks;
+use super::metadata::{MetaHooks, QueueOpening};
 use super::network::{Network, Peers};
 use super::placement;
 use super::snapshot_transfer::Receiver;
@@ -29,9 +29,6 @@ use crate::broker::Broker;
 pub const META_GROUP: u64 = 0;
 /// Replicas of a queue (at most the number of voters).
 pub const REPLICAS: usize = 3;
-/// How long a replica other than the preferred leader waits before it initializes an
-/// empty group itself.
-const INIT_FALLBACK: std::time::Duration = std::time::Duration::from_secs(2);
 /// Deadline of openraft's own RPCs (append entries, and the quorum round of a linearizable
 /// read); openraft takes it from `heartbeat_interval`, which sends nothing by itself here.
 const RPC_TIMEOUT_MS: u64 = 200;
@@ -220,8 +217,11 @@ impl Groups {
         self.voters.read().keys().copied().collect()
     }
 
-    /// Opens group `id` on `members` (preferred leader first) and initializes it if it is
-    /// new; registers it for incoming RPCs.
+    /// Opens group `id` and registers it for incoming RPCs. A new group's replicas pass its
+    /// initial `members` (preferred leader first): each writes them as the first entry of
+    /// its empty log ([`LogStore::seed`]), and the preferred leader stands for election at
+    /// once. `members` is empty where this node joins a group that exists elsewhere (its
+    /// leader adds it and sends it the log or a snapshot).
     pub async fn open_group(
         &self,
         id: u64,
@@ -249,6 +249,7 @@ impl Groups {
                 .map_err(|e| ClusterError::Raft(format!("metadata snapshot: {e}")))?,
             role => StateMachine::new(role, Some(Arc::clone(&self.broker))),
         };
+        let seeded = self.seed(id, &log, members)?;
         let replayed = machine.applied_counter();
         let applied = machine.applied_index();
         self.logs.write().insert(id, log.clone());
@@ -272,6 +273,22 @@ impl Groups {
                 leader: leader_watch(&raft),
             },
         );
+        if seeded && preferred {
+            // The preferred leader stands first, which spreads leaders as placement says;
+            // the others stand later if it does not win (see `super::liveness`).
+            if let Err(error) = raft.trigger().elect(false).await {
+                tracing::debug!(group = id, %error, "cannot start the first election");
+            }
+        }
+        Ok(raft)
+    }
+
+    /// Writes the initial membership of a new group on `members` (see [`LogStore::seed`])
+    /// into `log`, if it is empty; returns whether it did.
+    fn seed(&self, id: u64, log: &LogStore, members: &[u64]) -> Result<bool, ClusterError> {
+        let Some(&preferred) = members.first() else {
+            return Ok(false);
+        };
         let nodes: BTreeMap<u64, BasicNode> = {
             let voters = self.voters.read();
             members
@@ -279,33 +296,14 @@ impl Groups {
                 .filter_map(|m| voters.get(m).map(|addr| (*m, BasicNode::new(addr))))
                 .collect()
         };
-        if nodes.is_empty() {
-            // Joining a group that exists elsewhere: its leader adds this node.
-            return Ok(raft);
+        if !nodes.contains_key(&self.node_id) {
+            return Ok(false);
         }
-        // Every replica initializes with the same membership (harmless where the group
-        // exists already: openraft answers "not allowed"). The preferred leader does so at
-        // once and so is elected first, which spreads leaders as placement says; the others
-        // only if the group is still empty a moment later (the preferred one is down).
-        if preferred {
-            if let Err(error) = raft.initialize(nodes).await {
-                tracing::debug!(group = id, %error, "group already initialized");
-            }
-        } else {
-            let later = raft.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(INIT_FALLBACK).await;
-                let empty = {
-                    let m = later.metrics();
-                    let m = m.borrow_watched();
-                    m.current_leader.is_none() && m.last_log_index.is_none()
-                };
-                if empty && let Err(error) = later.initialize(nodes).await {
-                    tracing::debug!(group = id, %error, "group already initialized");
-                }
-            });
-        }
-        Ok(raft)
+        log.seed(preferred, Membership::from(nodes))
+            .map_err(|source| ClusterError::Io {
+                path: self.raft_dir.join(id.to_string()),
+                source,
+            })
     }
 
     /// The voters that placement may choose: every voter but those leaving.
@@ -328,8 +326,8 @@ impl Groups {
         self.raft_dir.join(format!("{id}.moved"))
     }
 
-    /// Opens the group of a queue just created (when this node is one of its replicas).
-    async fn open_queue_inner(&self, name: &str, id: u64) {
+    /// Opens the group of a queue (when this node is one of its replicas).
+    async fn open_queue_inner(&self, name: &str, id: u64, opening: QueueOpening) {
         let replicas = placement::replicas(name, &self.eligible(), REPLICAS);
         self.queues.write().insert(
             name.to_string(),
@@ -341,8 +339,12 @@ impl Groups {
         if !replicas.contains(&self.node_id) || self.moved_marker(id).exists() {
             return;
         }
+        let members: &[u64] = match opening {
+            QueueOpening::Created => &replicas,
+            QueueOpening::Restored => &[],
+        };
         if let Err(error) = self
-            .open_group(id, &replicas, Role::Queue(name.to_string()))
+            .open_group(id, members, Role::Queue(name.to_string()))
             .await
         {
             tracing::error!(queue = name, group = id, %error, "cannot open the queue's raft group");
@@ -509,8 +511,13 @@ impl MetaHooks for Groups {
 
     /// Boxed: the metadata group's state machine calls it while applying, and opening a
     /// group names the state machine type again (an unboxed future would be a type cycle).
-    fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()> {
-        Box::pin(self.open_queue_inner(name, id))
+    fn open_queue<'a>(
+        &'a self,
+        name: &'a str,
+        id: u64,
+        opening: QueueOpening,
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(self.open_queue_inner(name, id, opening))
     }
 
     fn close_queue<'a>(&'a self, name: &'a str) -> futures_util::future::BoxFuture<'a, ()> {

@@ -46,7 +46,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
+use super::types::{Entry, EntryPayload, LogId, Membership, TypeConfig, Vote, decode, encode};
 
 /// Bytes of a record header: length and CRC.
 const HEADER: usize = 8;
@@ -482,6 +482,36 @@ impl LogStore {
         *self.tip.lock() = inner.last_log_id;
     }
 
+    /// Writes `membership` as the first entry of an empty log, as if `leader` had written
+    /// it with openraft's `initialize` (log id 0 of term 0 and `leader`) and sent it here,
+    /// and syncs it when this log syncs; returns whether it wrote it (not when the log
+    /// holds entries or a purge point).
+    ///
+    /// Every replica of a new group does this with the same membership and `leader` before
+    /// the group starts, so each one can stand for election. With `initialize` on one
+    /// replica only, a replica that voted for it before receiving the entry could neither
+    /// be elected nor initialize (openraft refuses once a vote is cast): if that candidate
+    /// then died, the group stayed without a leader for good. The entry is the one each
+    /// replica would have received from `leader`, so the replicas' logs agree as they
+    /// would have then.
+    pub fn seed(&self, leader: u64, membership: Membership) -> std::io::Result<bool> {
+        let mut inner = self.inner.lock();
+        if inner.last_log_id.is_some() {
+            return Ok(false);
+        }
+        let entry = Entry {
+            log_id: super::types::log_id(0, leader, 0),
+            payload: EntryPayload::Membership(membership),
+        };
+        let written = Self::append_locked(&mut inner, [entry]);
+        self.set_tip(&inner);
+        if let Some(file) = written? {
+            file.sync_data()
+                .map_err(|e| io_err("syncing the initial membership", e))?;
+        }
+        Ok(true)
+    }
+
     /// Bytes of the log's records in its chunk files, zeros ahead not counted (for tests
     /// and metrics).
     pub fn disk_bytes(&self) -> u64 {
@@ -884,6 +914,47 @@ mod tests {
         std::fs::rename(chunk_path(dir.path(), 0), dir.path().join("log")).unwrap();
         let mut store = LogStore::open(dir.path(), false).unwrap();
         assert_eq!(indexes(&mut store).await, (1..6).collect::<Vec<_>>());
+    }
+
+    /// A seed is the first entry of an empty log only (synced logs too), kept on reopening;
+    /// a log with entries or a purge point is left alone.
+    #[tokio::test]
+    async fn a_seed_goes_into_an_empty_log_only() {
+        let members = || {
+            Membership::from(
+                [
+                    (1u64, openraft::BasicNode::new("a")),
+                    (2, openraft::BasicNode::new("b")),
+                ]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), true).unwrap();
+        assert!(store.seed(2, members()).unwrap());
+        assert!(!store.seed(2, members()).unwrap(), "only once");
+        drop(store);
+        let mut store = LogStore::open(dir.path(), true).unwrap();
+        let read = store.try_get_log_entries(0..10).await.unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].log_id, log_id(0, 2, 0));
+        assert_eq!(read[0].payload, EntryPayload::Membership(members()));
+        assert!(
+            store.read_vote().await.unwrap().is_none(),
+            "no vote is cast"
+        );
+
+        let used = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(used.path(), false).unwrap();
+        append(&store, 1, 3);
+        assert!(!store.seed(1, members()).unwrap());
+        store.purge(entry(5, 0).log_id).await.unwrap();
+        assert!(
+            !store.seed(1, members()).unwrap(),
+            "a purge point is not an empty log"
+        );
+        assert_eq!(indexes(&mut store).await, Vec::<u64>::new());
     }
 
     /// `n` records of blank entries back to back, and where each ends.

@@ -27,6 +27,18 @@ use crate::broker::registry::Registry;
 use crate::broker::replicate::{AccessImage, Op};
 use crate::broker::{Broker, BrokerError};
 
+/// Where the opening of a queue's group comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueOpening {
+    /// Applying the entry that created the queue: placement picks the replicas it picked
+    /// then, the group's initial membership, which a replica with an empty log writes as
+    /// its first entry.
+    Created,
+    /// Installing a metadata snapshot: placement may have changed since the queue was
+    /// created, so this node only joins the group, whose leader sends it the log.
+    Restored,
+}
+
 /// What applying metadata does beyond the broker: the cluster's groups follow the queues
 /// (implemented by [`super::groups::Groups`]; a trait so that the two files do not import
 /// each other).
@@ -36,7 +48,12 @@ pub trait MetaHooks: Send + Sync {
     /// The metadata group's membership changed (its voters are the cluster's voters).
     fn set_members(&self, membership: &Membership);
     /// Queue `name` was created by the entry that gives it group `id`.
-    fn open_queue<'a>(&'a self, name: &'a str, id: u64) -> futures_util::future::BoxFuture<'a, ()>;
+    fn open_queue<'a>(
+        &'a self,
+        name: &'a str,
+        id: u64,
+        opening: QueueOpening,
+    ) -> futures_util::future::BoxFuture<'a, ()>;
     /// A queue's group moved to other replicas: opened here if this node is one now,
     /// closed and cleared if it no longer is.
     fn set_replicas<'a>(&'a self, placed: &'a Placed) -> futures_util::future::BoxFuture<'a, ()>;
@@ -190,7 +207,7 @@ impl MetaImage {
                 .restore_queue(name, settings.clone())
                 .await
                 .map_err(refused(format!("creating queue {name}")))?;
-            hooks.open_queue(name, id).await;
+            hooks.open_queue(name, id, QueueOpening::Restored).await;
         }
         Ok(())
     }

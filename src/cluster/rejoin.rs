@@ -53,8 +53,9 @@ pub const ASK_AGAIN: Duration = Duration::from_secs(1);
 pub const LOG_EVERY: Duration = Duration::from_secs(5);
 /// How long a peer's metadata leader may take to confirm an answer.
 const CONFIRM_WAIT: Duration = Duration::from_millis(1500);
-/// The index of the metadata log's first entry, the initial membership (openraft's
-/// `initialize`); a node that was elected appends a blank entry after it.
+/// The index of the metadata log's first entry, the initial membership (written by every
+/// node of a new cluster, see `LogStore::seed`); a node that was elected appends a blank
+/// entry after it.
 const INITIAL_ENTRY: u64 = 0;
 /// The start of the line a node that waits for its peers logs (tests look for it).
 pub const WAITING: &str = "holds no cluster data and waits for its peers";

@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use openraft::RaftSnapshotBuilder;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 
-use super::metadata::{MetaHooks, MetaImage, SNAPSHOT_FILE, write_durably};
+use super::metadata::{MetaHooks, MetaImage, QueueOpening, SNAPSHOT_FILE, write_durably};
 use super::snapshot::{
     Captured, Manifest, Snapshot, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare,
     snapshot_id, unpack_bare,
@@ -353,9 +353,13 @@ impl StateMachine {
                         }),
                     ) = (created_name, &result)
                 {
-                    groups.open_queue(&name, log_id.index * 2).await;
+                    groups
+                        .open_queue(&name, log_id.index * 2, QueueOpening::Created)
+                        .await;
                     if let Some(dlq) = dead_letter_created {
-                        groups.open_queue(dlq, log_id.index * 2 + 1).await;
+                        groups
+                            .open_queue(dlq, log_id.index * 2 + 1, QueueOpening::Created)
+                            .await;
                     }
                 }
                 Applied(result.map_err(|e| WireError::from(&e)))
