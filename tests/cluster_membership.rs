@@ -1099,21 +1099,22 @@ async fn only_the_admin_adds_and_removes_nodes() {
     let mut extra = cluster.extra.clone();
     extra.push("--join".to_string());
     four.start(&peers4, &extra);
-    let (status, body) = send(post().bearer_auth(&root)).await;
+    // A 503 (no leader, or its lease not renewed on a busy machine) says to retry.
+    let (status, body) = common::cluster::retrying("add", || post().bearer_auth(&root)).await;
     assert_eq!(status, StatusCode::OK, "add as the admin: {body}");
     eventually("node 4 is a member", || async {
         members().await == Some(vec![1, 2, 3, 4])
     })
     .await;
     // A member's address for another id is refused: one process would be two voters.
-    let (status, body) = send(
+    let (status, body) = common::cluster::retrying("add 5", || {
         http()
             .post(format!("{b2}/cluster/nodes"))
             .bearer_auth(&root)
             .json(
                 &json!({"id": 5, "cluster": format!("127.0.0.1:{}", cluster.node(1).cluster_port)}),
-            ),
-    )
+            )
+    })
     .await;
     assert_eq!(
         status,
@@ -1121,7 +1122,7 @@ async fn only_the_admin_adds_and_removes_nodes() {
         "node 1's address for node 5: {body}"
     );
     assert_eq!(body["error"]["code"], "membership_conflict", "{body}");
-    let (status, body) = send(delete().bearer_auth(&root)).await;
+    let (status, body) = common::cluster::retrying("remove", || delete().bearer_auth(&root)).await;
     assert_eq!(
         status,
         StatusCode::NO_CONTENT,
