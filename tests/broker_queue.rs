@@ -625,3 +625,57 @@ async fn a_keyed_record_append_is_stored_once_across_a_restart() {
     assert!(read.iter().all(|d| d.headers.keys().eq(["h"])), "{read:?}");
     b.shutdown().await.unwrap();
 }
+
+/// `publish_many` on a single node answers each request on its own: its own offsets, or
+/// its own error, in the order of the requests; a bad request stores nothing.
+#[tokio::test]
+async fn publish_many_answers_request_by_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    let settings = QueueSettings {
+        max_message_bytes: 1024,
+        ..QueueSettings::default()
+    };
+    b.create_queue("many", settings).await.unwrap();
+    let big = "x".repeat(2048);
+    let answers = b
+        .publish_many(
+            "many",
+            vec![
+                vec![msg("a"), msg("b")],
+                vec![msg("c"), msg(&big)],
+                vec![],
+                vec![msg("d")],
+            ],
+        )
+        .await;
+    assert_eq!(answers.len(), 4);
+    let offsets = |i: usize| -> Vec<String> {
+        answers[i]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("request {i}: {e}"))
+            .iter()
+            .map(|p| p.id.to_string())
+            .collect()
+    };
+    assert_eq!(offsets(0), ["0-0", "0-1"]);
+    assert!(
+        matches!(answers[1], Err(BrokerError::MessageTooLarge { .. })),
+        "{:?}",
+        answers[1].as_ref().err()
+    );
+    assert!(
+        matches!(answers[2], Err(BrokerError::InvalidArgument(_))),
+        "{:?}",
+        answers[2].as_ref().err()
+    );
+    assert_eq!(offsets(3), ["0-2"]);
+    assert_eq!(bodies(&recv(&b, "many", 10).await), ["a", "b", "d"]);
+    assert!(
+        matches!(
+            b.publish_many("missing", vec![vec![msg("e")]]).await[..],
+            [Err(BrokerError::QueueNotFound(_))]
+        ),
+        "an unknown queue"
+    );
+}
