@@ -175,6 +175,9 @@ pub enum QueueAction {
         /// Deliveries before dead-lettering (0 = unlimited).
         #[arg(long)]
         max_deliveries: Option<u32>,
+        /// Nodes holding a copy of each partition in a cluster (default min(3, nodes)).
+        #[arg(long)]
+        replicas: Option<u32>,
         /// Any settings as JSON (merged under the flags).
         #[arg(long)]
         settings: Option<String>,

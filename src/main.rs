@@ -368,6 +368,7 @@ async fn queue(client: &ClientArgs, action: QueueAction) -> Result<()> {
             partitions,
             ack_timeout,
             max_deliveries,
+            replicas,
             settings,
         } => {
             let mut body: Value = match settings {
@@ -378,6 +379,7 @@ async fn queue(client: &ClientArgs, action: QueueAction) -> Result<()> {
                 ("partitions", partitions.map(u64::from)),
                 ("ack_timeout", ack_timeout),
                 ("max_deliveries", max_deliveries.map(u64::from)),
+                ("replicas", replicas.map(u64::from)),
             ] {
                 if let Some(v) = value {
                     body[field] = json!(v);

@@ -782,3 +782,72 @@ async fn a_burst_on_a_publish_stream_is_answered_request_by_request() {
         .await;
     }
 }
+
+/// The `replicas` queue setting: that many nodes hold each partition (the dead-letter
+/// queue made with it too), the default is all three, more than the nodes or 0 is refused,
+/// and a queue on one node is served through the others (forwarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replicas_setting_places_that_many_copies() {
+    let cluster = Cluster::start().await;
+    let b1 = cluster.http(1).to_string();
+    create_queue(&b1, "one", json!({"replicas": 1})).await;
+    create_queue(&b1, "two", json!({"replicas": 2, "max_deliveries": 3})).await;
+    create_queue(&b1, "all", json!({})).await;
+    for (queue, bad) in [
+        ("four", json!({"replicas": 4})),
+        ("none", json!({"replicas": 0})),
+    ] {
+        let (status, body) = retrying(&format!("create {queue}"), || {
+            http().post(format!("{b1}/queues/{queue}")).json(&bad)
+        })
+        .await;
+        assert_eq!(status, 400, "{queue}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("replicas")),
+            "{body}"
+        );
+    }
+
+    let expected = [("one", 1), ("two", 2), ("two.dlq", 2), ("all", 3)];
+    let url = format!("{}/cluster", cluster.http(2));
+    eventually("every queue has a leader among its replicas", || async {
+        let Some(v) = view(&url).await else {
+            return false;
+        };
+        expected.iter().all(|(queue, n)| {
+            common::cluster::partition(&v, queue).is_some_and(|p| {
+                let replicas: Vec<u64> = p["replicas"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                replicas.len() == *n && p["leader"].as_u64().is_some_and(|l| replicas.contains(&l))
+            })
+        })
+    })
+    .await;
+    let info = common::get_json(format!("{}/queues/two", cluster.http(3))).await;
+    assert_eq!(info["settings"]["replicas"], 2, "{info}");
+
+    // "one" lives on one node: the others forward to it, and hold no copy of it.
+    let v = view(&url).await.expect("a view");
+    let one = common::cluster::partition(&v, "one").expect("one's partition");
+    let home = one["replicas"][0].as_u64().expect("one's node");
+    let group = one["group"].as_u64().expect("one's group");
+    let others: Vec<u64> = (1..=3).filter(|n| *n != home).collect();
+    common::cluster::publish(cluster.http(others[0]), "one", "hello").await;
+    let got = receive(cluster.http(others[1]), "one", 10).await;
+    let bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
+    assert_eq!(bodies, ["hello"]);
+    for node in others {
+        let dir = cluster.root().join(format!("node-{node}/raft/{group}"));
+        assert!(
+            !dir.exists(),
+            "node {node} holds no copy of `one` ({})",
+            dir.display()
+        );
+    }
+    let dir = cluster.root().join(format!("node-{home}/raft/{group}"));
+    assert!(dir.exists(), "node {home} holds `one` ({})", dir.display());
+}

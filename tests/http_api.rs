@@ -682,3 +682,27 @@ async fn a_damaged_queue_is_named_while_the_others_serve() {
     create(&s, "bad", json!({})).await;
     s.stop().await;
 }
+
+/// A single node holds one copy: `replicas` 1 is taken (and shown), more or 0 is a 400
+/// naming the setting, and nothing is created.
+#[tokio::test]
+async fn a_single_node_takes_one_replica() {
+    let s = TestServer::start().await;
+    create(&s, "solo", json!({"replicas": 1})).await;
+    let (status, info) = get(&s, "/queues/solo").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(info["settings"]["replicas"], 1, "{info}");
+    let (_, plain) = {
+        create(&s, "plain", json!({})).await;
+        get(&s, "/queues/plain").await
+    };
+    assert!(plain["settings"].get("replicas").is_none(), "{plain}");
+    for bad in [json!({"replicas": 3}), json!({"replicas": 0})] {
+        let (status, body) = post(&s, "/queues/many", Some(bad.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("replicas"), "{bad}: {body}");
+    }
+    let (status, _) = get(&s, "/queues/many").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

@@ -157,6 +157,7 @@ fn settings_from_proto(p: Option<proto::QueueSettings>) -> broker::QueueSettings
     if let Some(v) = p.segment_bytes {
         s.segment_bytes = v;
     }
+    s.replicas = p.replicas;
     s
 }
 

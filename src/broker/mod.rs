@@ -364,6 +364,16 @@ impl Broker {
                 other => Err(replicate::unexpected(&other)),
             };
         }
+        if let Some(replicas) = settings.replicas
+            && replicas > 1
+        {
+            return Err(BrokerError::InvalidSetting(InvalidSetting {
+                field: "replicas",
+                reason: format!(
+                    "{replicas} copies need a cluster of {replicas} nodes; this server is a single node"
+                ),
+            }));
+        }
         self.create_queue_local(name, settings).await
     }
 
@@ -1734,12 +1744,13 @@ impl Broker {
 /// Settings of a dead-letter queue made for a queue with `source` settings: no dead
 /// letters of its own, and room for every message the source accepted (else a dead letter
 /// larger than the default cap could never be moved, and its worker would retry it for
-/// ever).
+/// ever), and as many copies in a cluster as the source.
 fn dead_letter_settings(source: &QueueSettings) -> QueueSettings {
     let defaults = QueueSettings::default();
     QueueSettings {
         max_deliveries: 0,
         max_message_bytes: source.max_message_bytes.max(defaults.max_message_bytes),
+        replicas: source.replicas,
         ..defaults
     }
 }

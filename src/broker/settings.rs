@@ -37,6 +37,10 @@ pub struct QueueSettings {
     pub max_message_bytes: u64,
     /// Segment roll size in bytes.
     pub segment_bytes: u64,
+    /// Nodes holding a copy of each partition in a cluster (1..=256, at most the cluster's
+    /// nodes); unset: `min(3, nodes)`. A single node holds the one copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
 }
 
 impl Default for QueueSettings {
@@ -54,6 +58,7 @@ impl Default for QueueSettings {
             dedup_window: 120,
             max_message_bytes: 1024 * 1024,
             segment_bytes: 64 * 1024 * 1024,
+            replicas: None,
         }
     }
 }
@@ -133,6 +138,9 @@ impl QueueSettings {
         }
         if self.retention.max_bytes == Some(0) {
             return bad("retention.max_bytes", "must be positive");
+        }
+        if self.replicas.is_some_and(|r| !(1..=256).contains(&r)) {
+            return bad("replicas", "must be 1..=256");
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ use crate::broker::Broker;
 
 /// The metadata group's id.
 pub const META_GROUP: u64 = 0;
-/// Replicas of a queue (at most the number of voters).
+/// Replicas of a queue whose `replicas` setting is unset (at most the number of voters).
 pub const REPLICAS: usize = 3;
 /// Deadline of openraft's own RPCs (append entries, and the quorum round of a linearizable
 /// read); openraft takes it from `heartbeat_interval`, which sends nothing by itself here.
@@ -326,9 +326,21 @@ impl Groups {
         self.raft_dir.join(format!("{id}.moved"))
     }
 
+    /// Where placement puts `queue` over the eligible voters: its `replicas` setting's
+    /// count of them ([`REPLICAS`] when unset), preferred leader first.
+    pub fn placed(&self, queue: &str) -> Vec<u64> {
+        let count = self
+            .broker
+            .queue_settings(queue)
+            .ok()
+            .and_then(|s| s.replicas)
+            .map_or(REPLICAS, |r| usize::try_from(r).unwrap_or(REPLICAS));
+        placement::replicas(queue, &self.eligible(), count)
+    }
+
     /// Opens the group of a queue (when this node is one of its replicas).
     async fn open_queue_inner(&self, name: &str, id: u64, opening: QueueOpening) {
-        let replicas = placement::replicas(name, &self.eligible(), REPLICAS);
+        let replicas = self.placed(name);
         self.queues.write().insert(
             name.to_string(),
             QueueGroup {

@@ -800,6 +800,24 @@ impl Cluster {
             .await
     }
 
+    /// A queue may ask for at most as many copies as there are nodes to place them on
+    /// (the voters not leaving); more is refused, as Kafka refuses a replication factor
+    /// above its brokers.
+    fn check_replicas(&self, replicas: Option<u32>) -> Result<(), BrokerError> {
+        let nodes = self.groups.eligible().len();
+        match replicas {
+            Some(wanted) if usize::try_from(wanted).map_or(true, |w| w > nodes) => {
+                Err(BrokerError::InvalidSetting(crate::broker::InvalidSetting {
+                    field: "replicas",
+                    reason: format!(
+                        "{wanted} copies, but the cluster has {nodes} nodes to place them on"
+                    ),
+                }))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The sink of forwarded publishes to `group`'s leader ([`Self::forward_batch`]).
     fn forward_sink(&self, group: u64, hops: u32) -> impl FnOnce() -> proposals::Sink + use<> {
         let me = self.me.clone();
@@ -912,6 +930,9 @@ impl Cluster {
 impl Replicator for Cluster {
     fn submit(&self, op: Op) -> BoxFuture<'_, Result<OpResult, BrokerError>> {
         Box::pin(async move {
+            if let Op::CreateQueue { settings, .. } = &op {
+                self.check_replicas(settings.replicas)?;
+            }
             let reply = self.execute(Command::Broker(op), 0).await;
             let result = reply.result.map_err(BrokerError::from)?;
             if let Some((group, index)) = reply.applied {

@@ -1,7 +1,7 @@
 //! Moving queue groups to the replicas placement names over the voters.
 //!
 //! Placement ([`super::placement`]) ranks the voters for every queue; when a node joins or
-//! starts leaving ([`super::membership`]), some queues' best `REPLICAS` nodes change. The
+//! starts leaving ([`super::membership`]), some queues' best nodes (as many as each queue's `replicas`) change. The
 //! leader of each such group moves it, one step after the other, each step safe to repeat
 //! (a new leader picks the move up where the old one stopped):
 //!
@@ -25,8 +25,7 @@ use openraft::{BasicNode, ChangeMembers};
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use super::groups::{QueueGroup, REPLICAS};
-use super::placement;
+use super::groups::QueueGroup;
 use super::state_machine::Raft;
 use super::types::{Command, Placed};
 
@@ -76,7 +75,7 @@ impl Cluster {
                 if !self.leads(&raft) {
                     continue;
                 }
-                let wanted = placement::replicas(&queue, &self.groups().eligible(), REPLICAS);
+                let wanted = self.groups().placed(&queue);
                 let voters = group_voters(&raft);
                 let settled = wanted.iter().copied().collect::<BTreeSet<u64>>() == voters
                     && !in_joint(&raft)

@@ -164,15 +164,18 @@ pub async fn create(
     request: CreateTopicsRequest,
 ) -> CreateTopicsResponse {
     let mut response = CreateTopicsResponse::default();
-    let replication = replication_factor(kafka);
+    let (replication, nodes) = replication_factor(kafka);
     for topic in request.topics {
         let name = topic.name.0.to_string();
         let mut result = CreatableTopicResult::default().with_name(topic.name.clone());
-        let outcome = match settings_of(&topic, replication) {
+        let outcome = match settings_of(&topic, nodes) {
             Err((error, why)) => Err((error.code(), why)),
             Ok(settings) => {
                 result.num_partitions = settings.partitions as i32;
-                result.replication_factor = replication;
+                result.replication_factor = settings
+                    .replicas
+                    .and_then(|r| i16::try_from(r).ok())
+                    .unwrap_or(replication);
                 if kafka.broker.partition_count(&name).is_ok() {
                     Err((
                         ResponseError::TopicAlreadyExists.code(),
@@ -196,20 +199,26 @@ pub async fn create(
     response
 }
 
-/// How many replicas a topic gets: 1 on a single node; on a cluster node as many as
-/// placement gives a queue group (at most 3, at most the voters).
-fn replication_factor(kafka: &Kafka) -> i16 {
-    kafka.cluster.as_ref().map_or(1, |cluster| {
-        let voters = cluster.groups().voter_ids().len();
-        i16::try_from(voters.min(crate::cluster::groups::REPLICAS)).unwrap_or(1)
+/// How many replicas a topic gets by default (1 on a single node; on a cluster node as
+/// many as placement gives a queue group, at most 3 and at most the voters), and the most
+/// it may ask for (the nodes placement may use).
+fn replication_factor(kafka: &Kafka) -> (i16, i16) {
+    kafka.cluster.as_ref().map_or((1, 1), |cluster| {
+        let nodes = cluster.groups().eligible().len();
+        let default = nodes.min(crate::cluster::groups::REPLICAS);
+        (
+            i16::try_from(default).unwrap_or(1),
+            i16::try_from(nodes).unwrap_or(i16::MAX),
+        )
     })
 }
 
-/// Queue settings from a topic creation's partitions, replication and configs. qit places
-/// the replicas itself: any factor up to the one it gives (`replication`) is accepted.
+/// Queue settings from a topic creation's partitions, replication and configs. A
+/// replication factor becomes the queue's `replicas` (1 up to the `nodes` there are);
+/// -1 leaves qit's default.
 fn settings_of(
     topic: &CreatableTopic,
-    replication: i16,
+    nodes: i16,
 ) -> Result<QueueSettings, (ResponseError, String)> {
     let mut settings = QueueSettings::default();
     match topic.num_partitions {
@@ -217,14 +226,15 @@ fn settings_of(
         n if n >= 1 => settings.partitions = n as u32,
         n => return Err((ResponseError::InvalidPartitions, format!("{n} partitions"))),
     }
-    if topic.replication_factor != -1 && !(1..=replication).contains(&topic.replication_factor) {
-        return Err((
-            ResponseError::InvalidReplicationFactor,
-            format!(
-                "replication factor {} (qit keeps {replication} replicas)",
-                topic.replication_factor
-            ),
-        ));
+    match topic.replication_factor {
+        -1 => {}
+        factor if (1..=nodes).contains(&factor) => settings.replicas = Some(factor as u32),
+        factor => {
+            return Err((
+                ResponseError::InvalidReplicationFactor,
+                format!("replication factor {factor}: there are {nodes} nodes to hold copies"),
+            ));
+        }
     }
     for config in &topic.configs {
         let name = config.name.as_str();
@@ -456,4 +466,34 @@ fn offset_at(
         t if t >= 0 => kafka.broker.offset_for_time(topic, partition, t)?,
         _ => Some((bounds.next, -1)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creating(factor: i16) -> CreatableTopic {
+        CreatableTopic::default()
+            .with_name(TopicName(StrBytes::from_static_str("t")))
+            .with_num_partitions(2)
+            .with_replication_factor(factor)
+    }
+
+    /// A replication factor from 1 up to the nodes is the queue's `replicas`; -1 keeps the
+    /// default; 0, negative or above the nodes is `INVALID_REPLICATION_FACTOR`.
+    #[test]
+    fn the_replication_factor_is_the_queues_replicas() {
+        let replicas = |factor, nodes| settings_of(&creating(factor), nodes).map(|s| s.replicas);
+        assert_eq!(replicas(-1, 3), Ok(None));
+        assert_eq!(replicas(1, 3), Ok(Some(1)));
+        assert_eq!(replicas(3, 3), Ok(Some(3)));
+        assert_eq!(replicas(1, 1), Ok(Some(1)));
+        for (factor, nodes) in [(4, 3), (2, 1), (0, 3), (-2, 3)] {
+            let refused = settings_of(&creating(factor), nodes).map(|_| ());
+            assert!(
+                matches!(refused, Err((ResponseError::InvalidReplicationFactor, _))),
+                "factor {factor} on {nodes} nodes: {refused:?}"
+            );
+        }
+    }
 }
