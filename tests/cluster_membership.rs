@@ -1221,3 +1221,41 @@ async fn queues_made_while_a_node_leaves_are_not_placed_on_it() {
         same_logs(&three, queue).await;
     }
 }
+
+/// A queue kept on one node (`replicas` 1) moves, with its messages, off that node when it
+/// is removed, and stays on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_one_replica_queue_moves_off_a_removed_node() {
+    let cluster = Cluster::start_with(4, &[]).await;
+    let b = |id: u64| cluster.http(id).to_string();
+    let lone = (0..)
+        .map(|i| format!("lone-{i}"))
+        .find(|q| qit::cluster::placement::replicas(q, &[1, 2, 3, 4], 1) == [4])
+        .expect("some name");
+    create_queue(&b(1), &lone, json!({"replicas": 1, "max_deliveries": 0})).await;
+    eventually(&format!("{lone} is on node 4 alone"), || async {
+        replicas(&b(1), &lone).await == Some(vec![4])
+    })
+    .await;
+    let sent: BTreeSet<String> = (0..3).map(|i| format!("kept-{i}")).collect();
+    for body in &sent {
+        common::cluster::publish(&b(2), &lone, body).await;
+    }
+
+    let (status, body) = common::cluster::retrying("remove node 4", || {
+        http().delete(format!("{}/cluster/nodes/4", b(1)))
+    })
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "remove-node 4: {body}");
+    for id in 1..=3 {
+        eventually_slow(&format!("node {id} lists nodes 1 to 3"), || async {
+            node_ids(&b(id)).await == Some(vec![1, 2, 3])
+        })
+        .await;
+    }
+    let placed = replicas(&b(1), &lone).await.expect("placed");
+    assert_eq!(placed.len(), 1, "{lone} keeps one copy: {placed:?}");
+    assert_ne!(placed, [4], "{lone} left node 4");
+    let got = deliver_rest(&b(3), &lone, sent.len()).await;
+    assert_eq!(got, sent, "every message moved with {lone}");
+}
