@@ -458,9 +458,15 @@ pub struct WireError {
 
 impl From<&BrokerError> for WireError {
     fn from(error: &BrokerError) -> Self {
+        // A `NoLeader` travels as its reason alone: it is a `NoLeader` again on arrival,
+        // whose message says "no leader" once however many nodes it went through.
+        let message = match error {
+            BrokerError::NoLeader(why) => why.clone(),
+            other => other.to_string(),
+        };
         Self {
             code: error.code().to_string(),
-            message: error.to_string(),
+            message,
         }
     }
 }
@@ -944,6 +950,24 @@ mod tests {
         #[test]
         fn decoding_garbage_does_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = bincode::deserialize::<Op>(&bytes);
+        }
+    }
+
+    /// An error that goes from node to node (a forward of a forward) reads the same at the
+    /// end: "no leader" once, the other codes with their message.
+    #[test]
+    fn errors_read_the_same_after_any_number_of_hops() {
+        let errors = [
+            BrokerError::NoLeader("leader lease not renewed".into()),
+            BrokerError::QueueNotFound("q".into()),
+        ];
+        for error in errors {
+            let mut hopped = BrokerError::from(WireError::from(&error));
+            for _ in 0..3 {
+                hopped = BrokerError::from(WireError::from(&hopped));
+            }
+            assert_eq!(hopped.to_string(), error.to_string());
+            assert_eq!(hopped.code(), error.code());
         }
     }
 
