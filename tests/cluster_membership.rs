@@ -1028,12 +1028,7 @@ async fn only_the_admin_adds_and_removes_nodes() {
     ))
     .await;
     let b2 = cluster.http(2).to_string();
-    common::cluster::ok("register bob", || {
-        http()
-            .post(format!("{b2}/auth/register"))
-            .json(&json!({"username": "bob", "password": PASSWORD}))
-    })
-    .await;
+    common::cluster::register(&b2, "bob", PASSWORD).await;
     let bob = login(&b2, "bob", PASSWORD).await;
     let root = login(&b2, "root", PASSWORD).await;
 

@@ -195,13 +195,7 @@ async fn login(base: &str, user: &str) -> String {
 }
 
 async fn register(base: &str, user: &str) {
-    let (status, body) = retrying(&format!("register {user}"), || {
-        http()
-            .post(format!("{base}/auth/register"))
-            .json(&json!({"username": user, "password": PASSWORD}))
-    })
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "register {user}: {body}");
+    common::cluster::register(base, user, PASSWORD).await;
 }
 
 /// Sends a request as `token` (a 503 is asked again); the status.

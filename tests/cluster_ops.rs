@@ -59,13 +59,7 @@ async fn users_grants_and_ownership_are_replicated() {
     let bases: Vec<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
     let base = |id: u64| bases[(id - 1) as usize].clone();
     for (user, at) in [("alice", 1), ("bob", 3)] {
-        let (status, body) = retrying("register", || {
-            http()
-                .post(format!("{}/auth/register", base(at)))
-                .json(&json!({"username": user, "password": PASSWORD}))
-        })
-        .await;
-        assert_eq!(status, StatusCode::CREATED, "register {user}: {body}");
+        common::cluster::register(&base(at), user, PASSWORD).await;
     }
     // Registered on node 1, alice logs in on node 3; a token from node 1 works on node 2.
     let alice1 = login(&base(1), "alice").await;

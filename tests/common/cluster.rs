@@ -393,6 +393,43 @@ pub async fn retrying(
     }
 }
 
+/// Registers `user` with `password` through node `base`. A 503 or a lost answer may
+/// come after the registration was committed (an answer cut by a busy machine, as any
+/// client can meet), so after one the user's 409 `user_exists` counts as registered;
+/// without one the answer must be 201.
+pub async fn register(base: &str, user: &str, password: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unsure = false;
+    loop {
+        let sent = http()
+            .post(format!("{base}/auth/register"))
+            .json(&serde_json::json!({"username": user, "password": password}))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
+                let status = response.status();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                let taken_by_us = unsure
+                    && status == StatusCode::CONFLICT
+                    && body["error"]["code"] == "user_exists";
+                assert!(
+                    status == StatusCode::CREATED || taken_by_us,
+                    "register {user}: {status} {body}"
+                );
+                return;
+            }
+            _ => unsure = true,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "register {user}: no answer in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `retrying`, and the answer must be a success; its body.
 pub async fn ok(what: &str, make: impl FnMut() -> reqwest::RequestBuilder) -> Value {
     let (status, body) = retrying(what, make).await;
