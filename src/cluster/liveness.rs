@@ -15,7 +15,9 @@
 //!   in the group's placement (the preferred leader first), so one usually runs alone.
 //! - A group with no leader at all (a failed election, a fresh start) elects after
 //!   [`LEADERLESS_WAIT`] and its shares, again in placement order; the random share grows
-//!   with each election of the group this node started in vain ([`BACKOFF_MAX`]).
+//!   with each election of the group this node started in vain ([`BACKOFF_MAX`]). In a
+//!   group that never had a leader, the replicas other than the preferred leader wait
+//!   [`FIRST_WAIT`] more, so that the first leaders spread as placement says.
 //! - While a group's leadership is in question here (no leader, or its leader's node
 //!   refuses beats or fell silent), the beat also carries this node's last log id in it
 //!   (a [`LogTip`]). A replica whose log is behind a live peer's never starts an election:
@@ -83,6 +85,11 @@ pub const LEADERLESS_WAIT: Duration = Duration::from_millis(300);
 pub const LEADERLESS_STAGGER: Duration = Duration::from_millis(150);
 /// Largest random share added to [`LEADERLESS_WAIT`] (before back-off).
 pub const LEADERLESS_JITTER: Duration = Duration::from_millis(300);
+/// Added to the wait of a replica other than the first in turn while its group never had
+/// a leader (its log holds only the initial membership, index 0, which every replica
+/// writes at creation): the preferred leader wins the first election, as placement
+/// spreads leaders, unless it is gone (then the next in turn is first, without this).
+pub const FIRST_WAIT: Duration = Duration::from_secs(2);
 /// The random share of a leaderless group's wait doubles with each election this node
 /// started for it in vain, up to this factor.
 pub const BACKOFF_MAX: u32 = 8;
@@ -485,7 +492,14 @@ impl Detector {
             return None;
         }
         let backoff = 1u32 << watch.tries.min(BACKOFF_MAX.trailing_zeros());
+        let never_led = local.last_log.is_some_and(|l| l.index == 0);
+        let first = if never_led && rank > 0 {
+            FIRST_WAIT
+        } else {
+            Duration::ZERO
+        };
         let wait = LEADERLESS_WAIT
+            + first
             + times(LEADERLESS_STAGGER, rank)
             + scaled(LEADERLESS_JITTER * backoff, watch.share);
         (now.saturating_duration_since(watch.since) >= wait)
@@ -914,6 +928,37 @@ mod tests {
         })
         .expect("elects");
         assert!(first < second, "{first:?} {second:?}");
+    }
+
+    /// A group that never had a leader (only the initial membership in the log) waits
+    /// for its preferred leader: the others add `FIRST_WAIT`, unless it is gone.
+    #[test]
+    fn a_new_group_leaves_the_first_election_to_its_preferred_leader() {
+        let start = Instant::now();
+        let mut new = local(7, None, 1);
+        new.last_log = Some(log_id(0, 1, 0));
+        let locals = [new];
+        let mut d = Detector::new(ME, half);
+        let waited = first_election(&mut d, start, Duration::from_secs(10), &locals, |_, _| {})
+            .expect("elects");
+        assert!(
+            waited >= FIRST_WAIT + LEADERLESS_WAIT + LEADERLESS_STAGGER,
+            "{waited:?}"
+        );
+        // Node 1, the preferred leader, gone: node 2 is first and does not wait for it.
+        let mut d = Detector::new(ME, half);
+        let first = first_election(&mut d, start, Duration::from_secs(10), &locals, |d, now| {
+            d.sent(1, Sent::Refused, now);
+        })
+        .expect("elects");
+        assert!(first < FIRST_WAIT, "{first:?}");
+        // A group that had a leader (a blank entry after the membership) waits as before.
+        let mut led = local(7, None, 1);
+        led.last_log = Some(log_id(1, 1, 1));
+        let mut d = Detector::new(ME, half);
+        let waited = first_election(&mut d, start, Duration::from_secs(10), &[led], |_, _| {})
+            .expect("elects");
+        assert!(waited < FIRST_WAIT, "{waited:?}");
     }
 
     #[test]
