@@ -47,6 +47,11 @@ use super::types::{SnapshotMeta, TypeConfig, Vote};
 /// Bytes of snapshots a leader did not send again because the follower already held them
 /// from a cut transfer (counter; counted each time a transfer starts again after asking).
 pub const RESUMED_BYTES: &str = "qit_cluster_snapshot_resumed_bytes_total";
+/// Bytes of partly received snapshots a follower threw away (counter): a chunk below what
+/// it held cut the file, or a chunk of another snapshot replaced it. A transfer that goes
+/// on after a cut, by asking or because the leader's next chunk found the restarted
+/// follower, throws nothing away.
+pub const DISCARDED_BYTES: &str = "qit_cluster_snapshot_discarded_bytes_total";
 /// Chunk size when openraft names none (it names its `snapshot_max_chunk_size`, 3 MiB).
 const DEFAULT_CHUNK: usize = 3 * 1024 * 1024;
 /// Calls in a row that move nothing forward before an attempt gives up (openraft's
@@ -187,6 +192,7 @@ impl Partial {
         }
         if offset < held {
             file.set_len(offset).map_err(TransferError::io(&path))?;
+            metrics::counter!(DISCARDED_BYTES).increment(held - offset);
         }
         file.write_all_at(data, offset)
             .and_then(|()| file.sync_data())
@@ -232,8 +238,12 @@ impl Partial {
             let name = entry.file_name().to_string_lossy().into_owned();
             if path != keep && is_receiving_pack(&name) {
                 tracing::info!(path = %path.display(), "a newer snapshot replaces a partial transfer");
-                if let Err(error) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), %error, "cannot remove a partial snapshot");
+                let len = entry.metadata().map_or(0, |m| m.len());
+                match std::fs::remove_file(&path) {
+                    Ok(()) => metrics::counter!(DISCARDED_BYTES).increment(len),
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "cannot remove a partial snapshot");
+                    }
                 }
             }
         }

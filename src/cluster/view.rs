@@ -33,6 +33,9 @@ pub const COMMIT_INDEX: &str = "qit_cluster_commit_index";
 pub const APPLIED_INDEX: &str = "qit_cluster_applied_index";
 /// The last index in the group's current snapshot on this node.
 pub const SNAPSHOT_INDEX: &str = "qit_cluster_snapshot_index";
+/// Bytes of partly received snapshots this node, following, threw away (counted by the
+/// transfer).
+pub use super::snapshot_transfer::DISCARDED_BYTES;
 /// Snapshot bytes this node, leading, did not send again because the follower kept them
 /// from a cut transfer (counted by the transfer).
 pub use super::snapshot_transfer::RESUMED_BYTES;
