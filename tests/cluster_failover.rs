@@ -88,6 +88,10 @@ async fn survivors_that_voted_for_a_dead_first_leader_elect_one_of_them() {
     let first = cluster.leader_of(1, "v", None).await;
     let group = cluster.group_of(1, "v").await;
     let survivors: Vec<u64> = (1..=3).filter(|n| *n != first).collect();
+    // Every node has opened the group and heard a leader.
+    for id in 1..=3 {
+        cluster.leader_of(id, "v", None).await;
+    }
     for id in 1..=3 {
         cluster.kill(id);
     }
