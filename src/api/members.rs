@@ -94,7 +94,7 @@ fn node_id(id: &str) -> Result<u64, ApiError> {
 }
 
 /// `DELETE /cluster/nodes/{id}`: removes a node from the voters.
-#[utoipa::path(delete, path = "/cluster/nodes/{id}", tag = "operations", description = "Removes a node from the cluster's voters. Admin only with `--auth`. 409 `membership_conflict` while the node holds queue replicas (they are not moved yet) or when fewer than 3 voters would be left; 404 `node_not_found` for a node that is no member. Stop the node afterwards.", params(("id" = u64, Path, description = "Node id")), responses((status = 204, description = "Removed"), Errors))]
+#[utoipa::path(delete, path = "/cluster/nodes/{id}", tag = "operations", description = "Removes a node from the cluster's voters: it is marked as leaving (placement leaves it out), its queue groups move off it (by rendezvous) and, once it holds no replica, it leaves the metadata group. Admin only with `--auth`. 409 `membership_conflict` when fewer than 3 voters would be left; 404 `node_not_found` for a node that is no member; 503 `no_leader` when the moves took longer than 90 s (they go on: ask again to finish). Stop the node afterwards.", params(("id" = u64, Path, description = "Node id")), responses((status = 204, description = "Removed"), Errors))]
 pub(super) async fn remove_node(
     State(s): State<HttpState>,
     Path(id): Path<String>,

@@ -84,7 +84,6 @@ use crate::broker::replicate::{
 };
 use crate::broker::{Broker, BrokerError};
 use groups::{Groups, META_GROUP};
-use metadata::MetaHooks;
 use network::Peers;
 use state_machine::Raft;
 use state_machine::Role;
@@ -387,14 +386,14 @@ impl Cluster {
         let meta = groups
             .open_group(META_GROUP, &members, Role::Meta(Arc::clone(&groups) as _))
             .await?;
-        // The voters as the metadata log left them (nodes added or removed since the
-        // initial `--peers`); applying the log updates them from here on.
-        groups.set_members(
-            meta.metrics()
-                .borrow_watched()
-                .membership_config
-                .membership(),
-        );
+        // The voters stay as the applied metadata left them (its snapshot and the entries
+        // replayed by `open_group`): placement must read them at the same log position on
+        // every node. The log's latest membership (maybe not applied yet) only names the
+        // addresses this node may have to reach.
+        let latest = meta.metrics().borrow_watched().membership_config.clone();
+        for (id, node) in latest.membership().nodes() {
+            groups.peers.ensure(*id, &node.addr);
+        }
         Ok(Arc::new_cyclic(|me| Self {
             groups,
             liveness: liveness::Liveness::new(config.node_id, config.peers.keys().copied()),

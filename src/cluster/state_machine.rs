@@ -196,6 +196,11 @@ impl StateMachine {
                 .map_err(|e| format!("the snapshot's metadata: {e}"))?,
             None => return Err("a metadata snapshot without its metadata".into()),
         };
+        // The voters as of the snapshot's point first: placement and the leaving marks
+        // that the image installs are read against them, as every node read them when it
+        // applied the same entries (the voters this node had may be its stale `--peers` at
+        // start, or an older membership when a leader sends the snapshot).
+        hooks.set_members(manifest.membership.membership());
         image
             .install(broker, hooks.as_ref())
             .await
@@ -601,5 +606,117 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta: meta.clone(),
                 snapshot: SnapshotData::memory(id, bytes.clone()),
             }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use futures_util::future::BoxFuture;
+    use openraft::BasicNode;
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::broker::{BrokerConfig, QueueSettings};
+    use crate::cluster::types::{KafkaAddr, Membership, NodeAddrs, Placed, log_id};
+
+    /// Hooks that keep the voters and leaving marks as `Groups` does (a node not among
+    /// the voters cannot be marked leaving) and note the voters each queue was opened with.
+    #[derive(Default)]
+    struct Hooks {
+        voters: Mutex<BTreeSet<u64>>,
+        draining: Mutex<BTreeSet<u64>>,
+        opened: Mutex<Vec<(String, BTreeSet<u64>)>>,
+    }
+
+    impl MetaHooks for Hooks {
+        fn set_node(&self, _: NodeAddrs) {}
+        fn set_members(&self, membership: &Membership) {
+            *self.voters.lock() = membership.voter_ids().collect();
+        }
+        fn open_queue<'a>(&'a self, name: &'a str, _: u64, _: QueueOpening) -> BoxFuture<'a, ()> {
+            let voters = self.voters.lock().clone();
+            self.opened.lock().push((name.to_string(), voters));
+            Box::pin(async {})
+        }
+        fn set_replicas<'a>(&'a self, _: &'a Placed) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+        fn set_draining(&self, node: u64) {
+            if self.voters.lock().contains(&node) {
+                self.draining.lock().insert(node);
+            }
+        }
+        fn close_queue<'a>(&'a self, _: &'a str) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+        fn queue_groups(&self) -> Vec<(String, u64)> {
+            Vec::new()
+        }
+        fn nodes(&self) -> Vec<NodeAddrs> {
+            Vec::new()
+        }
+        fn queue_replicas(&self) -> Vec<Placed> {
+            Vec::new()
+        }
+        fn draining(&self) -> Vec<u64> {
+            self.draining.lock().iter().copied().collect()
+        }
+        fn set_kafka(&self, _: KafkaAddr) {}
+        fn kafka_addrs(&self) -> BTreeMap<u64, String> {
+            BTreeMap::new()
+        }
+    }
+
+    /// A metadata snapshot taken after node 4 joined, node 1 left and node 4 was marked
+    /// leaving, installed by a node whose voters are its stale `--peers` (1, 2, 3): its
+    /// queues are opened against the snapshot's voters and node 4's mark is kept, as on
+    /// the nodes that applied those entries (else placement would differ between nodes).
+    #[tokio::test]
+    async fn a_metadata_snapshot_sets_its_voters_before_its_queues_and_leaving_marks() {
+        let temp = tempfile::tempdir().unwrap();
+        let broker = Broker::open(BrokerConfig {
+            data_dir: temp.path().join("data"),
+            ..BrokerConfig::default()
+        })
+        .await
+        .unwrap();
+        let nodes: BTreeMap<u64, BasicNode> = [2, 3, 4]
+            .into_iter()
+            .map(|id| (id, BasicNode::new(format!("127.0.0.1:710{id}"))))
+            .collect();
+        let last = log_id(2, 2, 40);
+        let mut image = MetaImage {
+            draining: vec![4],
+            ..MetaImage::default()
+        };
+        image
+            .registry
+            .queues
+            .insert("q".into(), QueueSettings::default());
+        image.groups.insert("q".into(), 20);
+        let mut manifest = Manifest::bare(
+            snapshot_id(40, 1),
+            Some(last),
+            StoredMembership::new(Some(last), Membership::from(nodes)),
+        );
+        manifest.meta = Some(serde_json::to_value(&image).unwrap());
+        let meta_dir = temp.path().join("raft");
+        std::fs::create_dir_all(&meta_dir).unwrap();
+        std::fs::write(meta_dir.join(SNAPSHOT_FILE), pack_bare(&manifest).unwrap()).unwrap();
+
+        let hooks = Arc::new(Hooks::default());
+        *hooks.voters.lock() = BTreeSet::from([1, 2, 3]);
+        let machine = StateMachine::for_meta(Arc::clone(&hooks) as _, broker, &meta_dir)
+            .await
+            .unwrap();
+
+        assert_eq!(machine.last_applied, Some(last));
+        assert_eq!(
+            *hooks.opened.lock(),
+            vec![("q".to_string(), BTreeSet::from([2, 3, 4]))]
+        );
+        assert_eq!(*hooks.draining.lock(), BTreeSet::from([4]));
     }
 }
