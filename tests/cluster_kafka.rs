@@ -7,7 +7,8 @@
 //! hides: a produce sent to a node that does not lead is forwarded (an idempotent batch
 //! retried through another node is stored once), a fetch on a follower reads its committed
 //! copy, Metadata names every node, and a group request to a node that does not
-//! coordinate the group is answered `NOT_COORDINATOR`. Every wait is on a condition; the
+//! coordinate the group is answered `NOT_COORDINATOR`, and an offset fetch of every topic
+//! (no topic list) on a node without a replica of the topic still finds the group's commit. Every wait is on a condition; the
 //! deadlines only guard against hangs.
 
 mod common;
@@ -564,6 +565,24 @@ async fn a_node_without_a_replica_forwards_produce_and_commits() {
     assert_eq!(fetched.error_code, 0);
     let p = &fetched.topics[0].partitions[0];
     assert_eq!((p.error_code, p.committed_offset), (0, 1));
+    // Without a list of topics (as `kafka-consumer-groups --describe` asks): every topic
+    // the group committed on, also one this node holds no replica of.
+    let all = OffsetFetchRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.clone())))
+        .with_topics(None);
+    let mut answer = call(&mut stream, ApiKey::OffsetFetch, 7, &all).await;
+    let fetched = OffsetFetchResponse::decode(&mut answer, 7).unwrap();
+    assert_eq!(fetched.error_code, 0);
+    let topics: Vec<(String, i32, i64)> = fetched
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(|p| (t.name.0.to_string(), p.partition_index, p.committed_offset))
+        })
+        .collect();
+    assert_eq!(topics, [(name.clone(), 0, 1)]);
     let info = common::get_json(format!(
         "{}/queues/{name}/groups/{group}",
         cluster.http(leader)

@@ -94,9 +94,15 @@ async fn commit_one(
     Ok(())
 }
 
+/// A topic's committed offsets for a group, read on its leader: `None` where the group
+/// does not exist there.
+type Floors = Result<Option<Vec<(u32, u64)>>, KafkaError>;
+
 /// OffsetFetch (v1-7): the group's ack floor per partition, -1 where qit has no such
 /// group yet. On a cluster node the floors are read on the leader of the topic's group (so
 /// that a coordinator that just took over reads every commit made through the old one).
+/// Without a list of topics, every topic on which the group has committed offsets is
+/// answered, also those this node holds no replica of.
 pub async fn fetch(
     kafka: &Kafka,
     user: Option<&str>,
@@ -109,25 +115,31 @@ pub async fn fetch(
         response.error_code = ResponseError::InvalidGroupId.code();
         return response;
     }
-    let asked: Vec<(String, Option<Vec<i32>>)> = match request.topics {
-        Some(topics) => topics
-            .into_iter()
-            .map(|t| (t.name.0.to_string(), Some(t.partition_indexes)))
-            .collect(),
-        // All topics on which the group exists (as this node's copy knows them).
-        None => kafka
-            .broker
-            .list_queues()
-            .into_iter()
-            .filter(|q| kafka.broker.group_info(&q.name, &group).is_ok())
-            .map(|q| (q.name, None))
-            .collect(),
+    let asked: Vec<(String, Option<Vec<i32>>, Floors)> = match request.topics {
+        Some(topics) => {
+            let mut asked = Vec::with_capacity(topics.len());
+            for t in topics {
+                let name = t.name.0.to_string();
+                let floors = match kafka.allow(user, Action::Consume, &name) {
+                    Ok(()) => floors(kafka, &name, &group).await,
+                    Err(error) => Err(error),
+                };
+                asked.push((name, Some(t.partition_indexes), floors));
+            }
+            asked
+        }
+        None => match every_floor(kafka, user, &group).await {
+            Ok(every) => every
+                .into_iter()
+                .map(|(name, floors)| (name, None, Ok(Some(floors))))
+                .collect(),
+            Err(code) => {
+                response.error_code = code;
+                return response;
+            }
+        },
     };
-    for (name, partitions) in asked {
-        let floors = match kafka.allow(user, Action::Consume, &name) {
-            Ok(()) => floors(kafka, &name, &group).await,
-            Err(error) => Err(error),
-        };
+    for (name, partitions, floors) in asked {
         let partitions = partitions.unwrap_or_else(|| match &floors {
             Ok(Some(floors)) => floors.iter().map(|(p, _)| *p as i32).collect(),
             _ => Vec::new(),
@@ -164,6 +176,43 @@ pub async fn fetch(
         response.topics.push(out);
     }
     response
+}
+
+/// The floors of `group` on every topic the user may consume where the group exists, read
+/// on each topic's leader (side by side: on a cluster node most are other nodes' reads).
+/// A topic whose group cannot be read now (an election) makes the whole answer
+/// `COORDINATOR_LOAD_IN_PROGRESS`, for the client to ask again, rather than a list that
+/// silently lacks it; a topic deleted meanwhile, or that cannot be read at all (a damaged
+/// queue, logged), is left out.
+async fn every_floor(
+    kafka: &Kafka,
+    user: Option<&str>,
+    group: &str,
+) -> Result<Vec<(String, Vec<(u32, u64)>)>, i16> {
+    let names: Vec<String> = kafka
+        .broker
+        .list_queues()
+        .into_iter()
+        .map(|q| q.name)
+        .filter(|name| kafka.allow(user, Action::Consume, name).is_ok())
+        .collect();
+    let reads = names.iter().map(|name| floors(kafka, name, group));
+    let read = futures_util::future::join_all(reads).await;
+    let mut every = Vec::new();
+    for (name, floors) in names.into_iter().zip(read) {
+        match floors {
+            Ok(Some(floors)) => every.push((name, floors)),
+            Ok(None) | Err(KafkaError::Broker(BrokerError::QueueNotFound(_))) => {}
+            Err(error) => {
+                let code = group_code(&error);
+                if code == ResponseError::CoordinatorLoadInProgress.code() {
+                    return Err(code);
+                }
+                tracing::warn!(topic = %name, group, %error, "offset fetch: topic left out");
+            }
+        }
+    }
+    Ok(every)
 }
 
 /// The code of a failed commit or floor read: one clients retry while the topic's group
