@@ -191,6 +191,12 @@ impl Partial {
             return Ok(TransferReply::Gap(held));
         }
         if offset < held {
+            tracing::info!(
+                path = %path.display(),
+                offset,
+                held,
+                "a chunk below what is held cuts the partial snapshot"
+            );
             file.set_len(offset).map_err(TransferError::io(&path))?;
             metrics::counter!(DISCARDED_BYTES).increment(held - offset);
         }
@@ -571,6 +577,9 @@ pub async fn send<L: Link>(
                 last_failure = error;
                 offset = None;
             }
+        }
+        if failures > 0 {
+            tracing::debug!(snapshot = %id, at, failures, last = %last_failure, "a chunk was not taken; asking again");
         }
     }
 }

@@ -483,6 +483,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     storage_error("building a queue snapshot", e)
                 })?;
                 metrics::counter!(SNAPSHOTS_BUILT).increment(1);
+                tracing::debug!(last = ?stored.manifest.last_log_id, "queue snapshot built");
                 Self::stored_snapshot(&stored)
             }
         }

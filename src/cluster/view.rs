@@ -33,6 +33,10 @@ pub const COMMIT_INDEX: &str = "qit_cluster_commit_index";
 pub const APPLIED_INDEX: &str = "qit_cluster_applied_index";
 /// The last index in the group's current snapshot on this node.
 pub const SNAPSHOT_INDEX: &str = "qit_cluster_snapshot_index";
+/// The last index purged from the group's log on this node (the log holds the entries
+/// after it; a follower that lacks them is sent the snapshot). openraft postpones a purge
+/// while entries are on their way to a follower.
+pub const PURGED_INDEX: &str = "qit_cluster_purged_index";
 /// Bytes of partly received snapshots this node, following, threw away (counted by the
 /// transfer).
 pub use super::snapshot_transfer::DISCARDED_BYTES;
@@ -275,6 +279,7 @@ impl Cluster {
                 metrics::gauge!(LAST_LOG_INDEX, &labels).set(m.last_log_index.unwrap_or(0) as f64);
                 metrics::gauge!(APPLIED_INDEX, &labels).set(index(m.last_applied));
                 metrics::gauge!(SNAPSHOT_INDEX, &labels).set(index(m.snapshot));
+                metrics::gauge!(PURGED_INDEX, &labels).set(index(m.purged));
                 metrics::gauge!(COMMIT_INDEX, &labels).set(index(m.local_committed));
             }
         }
