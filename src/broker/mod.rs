@@ -564,6 +564,14 @@ impl Broker {
         .map_err(|e| BrokerError::InvalidArgument(format!("creating queue failed: {e}")))?
     }
 
+    /// Every queue's name, sorted (without inspecting the queues, as [`Self::list_queues`]
+    /// does).
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.queues.read().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// All queues, by name.
     pub fn list_queues(&self) -> Vec<QueueInfo> {
         let mut queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();

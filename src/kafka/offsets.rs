@@ -191,9 +191,8 @@ async fn every_floor(
 ) -> Result<Vec<(String, Vec<(u32, u64)>)>, i16> {
     let names: Vec<String> = kafka
         .broker
-        .list_queues()
+        .queue_names()
         .into_iter()
-        .map(|q| q.name)
         .filter(|name| kafka.allow(user, Action::Consume, name).is_ok())
         .collect();
     let reads = names.iter().map(|name| floors(kafka, name, group));

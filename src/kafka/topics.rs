@@ -75,16 +75,7 @@ pub async fn metadata(
     let names = match names {
         // v0 says "all" with an empty list.
         Some(names) if !(names.is_empty() && version == 0) => names,
-        _ => {
-            let mut all: Vec<String> = kafka
-                .broker
-                .list_queues()
-                .into_iter()
-                .map(|q| q.name)
-                .collect();
-            all.sort();
-            all
-        }
+        _ => kafka.broker.queue_names(),
     };
     let auto_create = version < 4 || request.allow_auto_topic_creation;
     for name in names {
