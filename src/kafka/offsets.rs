@@ -12,6 +12,7 @@
 //! a leader (an election) answers `COORDINATOR_LOAD_IN_PROGRESS`, which clients retry,
 //! rather than an error they would take as final (and fall back to `auto.offset.reset`).
 
+use futures_util::StreamExt;
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::offset_commit_response::{
     OffsetCommitResponsePartition, OffsetCommitResponseTopic,
@@ -178,8 +179,12 @@ pub async fn fetch(
     response
 }
 
+/// Floor reads of an OffsetFetch of all topics under way at once.
+const FLOOR_READS: usize = 32;
+
 /// The floors of `group` on every topic the user may consume where the group exists, read
-/// on each topic's leader (side by side: on a cluster node most are other nodes' reads).
+/// on each topic's leader ([`FLOOR_READS`] side by side: on a cluster node most are other
+/// nodes' reads).
 /// A topic whose group cannot be read now (an election) makes the whole answer
 /// `COORDINATOR_LOAD_IN_PROGRESS`, for the client to ask again, rather than a list that
 /// silently lacks it; a topic deleted meanwhile, or that cannot be read at all (a damaged
@@ -195,8 +200,11 @@ async fn every_floor(
         .into_iter()
         .filter(|name| kafka.allow(user, Action::Consume, name).is_ok())
         .collect();
-    let reads = names.iter().map(|name| floors(kafka, name, group));
-    let read = futures_util::future::join_all(reads).await;
+    let read: Vec<Floors> = futures_util::stream::iter(names.clone())
+        .map(|name| async move { floors(kafka, &name, group).await })
+        .buffered(FLOOR_READS)
+        .collect()
+        .await;
     let mut every = Vec::new();
     for (name, floors) in names.into_iter().zip(read) {
         match floors {
