@@ -692,10 +692,8 @@ async fn a_single_node_takes_one_replica() {
     let (status, info) = get(&s, "/queues/solo").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(info["settings"]["replicas"], 1, "{info}");
-    let (_, plain) = {
-        create(&s, "plain", json!({})).await;
-        get(&s, "/queues/plain").await
-    };
+    create(&s, "plain", json!({})).await;
+    let (_, plain) = get(&s, "/queues/plain").await;
     assert!(plain["settings"].get("replicas").is_none(), "{plain}");
     for bad in [json!({"replicas": 3}), json!({"replicas": 0})] {
         let (status, body) = post(&s, "/queues/many", Some(bad.clone())).await;
