@@ -56,6 +56,9 @@ pub enum ServerError {
     /// The cluster could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The data directory is in use by another server, or could not be locked.
+    #[error(transparent)]
+    DataDir(#[from] crate::storage::DirLockError),
 }
 
 /// A bound, not yet running server.
@@ -73,6 +76,8 @@ pub struct Server {
     cluster: Option<(SocketAddr, Arc<crate::cluster::Cluster>)>,
     /// Stops every listener and background task.
     stop: CancellationToken,
+    /// This server's hold on its data directory, released when it is dropped.
+    _dir_lock: crate::storage::DirLock,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -85,6 +90,8 @@ impl Server {
     /// Opens the broker (recovering the data directory) and binds both listeners.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         config.validate()?;
+        // Before anything reads or changes the data directory.
+        let dir_lock = crate::storage::DirLock::acquire(&config.data_dir)?;
         // The process-wide sync pool takes its size from the first server of the process
         // (later ones, e.g. in tests, share it).
         crate::commit::SyncPool::configure_shared(config.sync_threads);
@@ -189,6 +196,7 @@ impl Server {
             kafka,
             cluster,
             stop,
+            _dir_lock: dir_lock,
         })
     }
 

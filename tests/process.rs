@@ -206,3 +206,61 @@ fn log_lines_carry_no_colour_codes_when_stderr_is_a_pipe() {
         "colour codes in a pipe: {text:?}"
     );
 }
+
+/// A second server started on a data directory in use stops before it touches anything
+/// there (it would cut the first one's open segments as torn tails), and names the reason;
+/// the first one serves on with its data. Once the first one is gone, even by `kill -9`,
+/// the directory is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_a_data_directory_in_use_stops_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Process::start(dir.path(), &["--fsync", "always"]);
+    http()
+        .post(format!("{}/queues/jobs", first.http))
+        .send()
+        .await
+        .unwrap();
+    publish(&first.http, "jobs", "before").await;
+
+    let port = || format!("127.0.0.1:{}", common::free_port());
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_qit"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--http", &port(), "--grpc", &port(), "--kafka", &port()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second server on the same data directory kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{status:?}: {stderr}");
+    assert!(stderr.contains("in use by another qit process"), "{stderr}");
+
+    publish(&first.http, "jobs", "after").await;
+    let log: Value = get_json(format!("{}/queues/jobs/log?from=0", first.http)).await;
+    let bodies: Vec<&str> = log["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["body"].as_str())
+        .collect();
+    assert_eq!(bodies, ["before", "after"]);
+
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10)).expect("killed");
+    let again = Process::start(dir.path(), &[]);
+    let log: Value = get_json(format!("{}/queues/jobs/log?from=0", again.http)).await;
+    assert_eq!(log["messages"].as_array().map(Vec::len), Some(2), "{log}");
+}

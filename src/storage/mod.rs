@@ -2,6 +2,7 @@
 //! auth files do to files goes through [`Storage`] and [`StorageFile`].
 //!
 //! - [`disk`]: the real implementation (`std::fs` and `memmap2`).
+//! - [`dir_lock`]: the lock that keeps a second server off a data directory in use.
 //! - [`cache`]: a decorator that keeps a bounded set of the long-lived files open and
 //!   reopens the others on use.
 //! - [`lazy`]: files opened (or created, with their directory) on first use.
@@ -20,6 +21,7 @@
 //! [`atomic_replace`] is the one copy of "temp file, write, fsync, rename, fsync dir".
 
 pub mod cache;
+pub mod dir_lock;
 pub mod disk;
 pub mod lazy;
 pub mod maps;
@@ -33,6 +35,7 @@ use std::sync::{Arc, LazyLock};
 use bytes::Bytes;
 
 pub use cache::CachedStorage;
+pub use dir_lock::{DirLock, DirLockError};
 pub use disk::Disk;
 pub use lazy::{Known, deferred};
 pub use maps::{MapCache, MappedFile};
