@@ -67,7 +67,7 @@ async fn any_node_serves_every_step() {
     // Every node applies the acks (group state rides the queue's log) and holds the same
     // committed log.
     for node in &cluster.nodes {
-        let url = format!("{}/queues/orders", node.http);
+        let url = format!("{}/queues/orders?local=true", node.http);
         eventually(&format!("node {} sees every ack", node.id), || async {
             view(&url).await.is_some_and(|v| {
                 v["groups"]
@@ -866,4 +866,110 @@ async fn the_replicas_setting_places_that_many_copies() {
     }
     let dir = cluster.root().join(format!("node-{home}/raft/{group}"));
     assert!(dir.exists(), "node {home} holds `one` ({})", dir.display());
+}
+
+/// Reads on any node show the queue as the leader of its group holds it: a node without a
+/// replica of a one-replica queue answers its info, its group's state and its log (its
+/// own copy, `?local=true`, is empty), and every node counts the leases the leader granted
+/// (`in_flight`), which a follower's own copy does not hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_reads_what_the_leader_holds() {
+    let cluster = Cluster::start().await;
+    let b1 = cluster.http(1).to_string();
+    create_queue(&b1, "lone", json!({"replicas": 1})).await;
+    create_queue(&b1, "wide", json!({})).await;
+    let url = format!("{}/cluster", cluster.http(1));
+    eventually("both queues have a leader", || async {
+        view(&url).await.is_some_and(|v| {
+            ["lone", "wide"].iter().all(|queue| {
+                common::cluster::partition(&v, queue).is_some_and(|p| p["leader"].is_u64())
+            })
+        })
+    })
+    .await;
+    for body in ["a", "b", "c"] {
+        common::cluster::publish(&b1, "lone", body).await;
+        common::cluster::publish(&b1, "wide", body).await;
+    }
+    let b2 = cluster.http(2).to_string();
+    let leased = common::cluster::ok("receive", || {
+        http().get(format!(
+            "{b2}/queues/wide/messages?max=2&wait=5&visibility=600"
+        ))
+    })
+    .await;
+    assert_eq!(
+        leased["messages"].as_array().map(Vec::len),
+        Some(2),
+        "{leased}"
+    );
+    let v = view(&url).await.expect("a view");
+    let wide_leader = common::cluster::partition(&v, "wide")
+        .and_then(|p| p["leader"].as_u64())
+        .expect("wide's leader");
+    let lone_home = common::cluster::partition(&v, "lone")
+        .and_then(|p| p["replicas"][0].as_u64())
+        .expect("lone's node");
+    for node in 1..=3 {
+        let base = cluster.http(node);
+        let info = common::get_json(format!("{base}/queues/lone")).await;
+        assert_eq!(
+            info["partitions"][0]["next_offset"], 3,
+            "node {node}: {info}"
+        );
+        let log = common::get_json(format!("{base}/queues/lone/log?partition=0")).await;
+        let bodies: Vec<&str> = log["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["body"].as_str())
+            .collect();
+        assert_eq!(bodies, ["a", "b", "c"], "node {node}: {log}");
+        let own = log_bodies(base, "lone", 0).await.unwrap_or_default();
+        assert_eq!(
+            own.len(),
+            if node == lone_home { 3 } else { 0 },
+            "node {node}"
+        );
+        let group = common::get_json(format!("{base}/queues/lone/groups/default")).await;
+        assert_eq!(group["backlog"], 3, "node {node}: {group}");
+        let group = common::get_json(format!("{base}/queues/wide/groups/default")).await;
+        assert_eq!(group["in_flight"], 2, "node {node}: {group}");
+        let info = common::get_json(format!("{base}/queues/wide")).await;
+        assert_eq!(info["groups"][0]["in_flight"], 2, "node {node}: {info}");
+        let own = common::get_json(format!("{base}/queues/wide/groups/default?local=true")).await;
+        let leases_here = if node == wide_leader { 2 } else { 0 };
+        assert_eq!(
+            own["in_flight"], leases_here,
+            "node {node}'s own copy: {own}"
+        );
+    }
+
+    // A Subscribe stream on a node without a replica replays the log and follows it.
+    let elsewhere = (1..=3)
+        .find(|n| *n != lone_home)
+        .expect("a node without `lone`");
+    let mut client = BrokerClient::connect(cluster.node(elsewhere).grpc())
+        .await
+        .unwrap();
+    let request = proto::SubscribeRequest {
+        queue: "lone".into(),
+        partition: 0,
+        start: Some(proto::subscribe_request::Start::FromOffset(0)),
+    };
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    common::cluster::publish(&b1, "lone", "d").await;
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the subscription goes on");
+        let message = next
+            .expect("open")
+            .expect("a message")
+            .message
+            .expect("set");
+        seen.push(String::from_utf8(message.body.to_vec()).unwrap());
+    }
+    assert_eq!(seen, ["a", "b", "c", "d"]);
 }

@@ -43,7 +43,7 @@ async fn followers_serve_what_the_leader_committed() {
     for id in &followers {
         let base = &cluster.node(*id).http;
         holds(base, "ryw", &expected, &format!("follower {id}")).await;
-        let url = format!("{base}/queues/ryw");
+        let url = format!("{base}/queues/ryw?local=true");
         eventually(&format!("follower {id} counts the messages"), || async {
             view(&url)
                 .await

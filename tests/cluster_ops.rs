@@ -198,9 +198,9 @@ async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
     body["messages"].as_array().cloned().unwrap_or_default()
 }
 
-/// The backlog of `queue`'s default group as node `base` sees it.
+/// The backlog of `queue`'s default group in node `base`'s own copy.
 async fn backlog(base: &str, queue: &str) -> Option<u64> {
-    let v = view(&format!("{base}/queues/{queue}")).await?;
+    let v = view(&format!("{base}/queues/{queue}?local=true")).await?;
     v["groups"]
         .as_array()?
         .iter()

@@ -214,7 +214,7 @@ async fn all_bodies(base: &str, queue: &str) -> Option<Vec<String>> {
     let mut bodies = Vec::new();
     let mut from = 0u64;
     loop {
-        let url = format!("{base}/queues/{queue}/log?partition=0&from={from}&max=16");
+        let url = format!("{base}/queues/{queue}/log?partition=0&from={from}&max=16&local=true");
         let page = view(&url).await?;
         let messages = page["messages"].as_array()?;
         if messages.is_empty() {

@@ -85,14 +85,14 @@ async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
 
 /// The committed log of partition 0 as node `base` reads it locally.
 async fn log(base: &str, queue: &str) -> Option<Vec<Value>> {
-    let url = format!("{base}/queues/{queue}/log?partition=0&from=0&max=10000");
+    let url = format!("{base}/queues/{queue}/log?partition=0&from=0&max=10000&local=true");
     Some(view(&url).await?["messages"].as_array()?.clone())
 }
 
-/// The replicated part of the default group's state: per partition, the ack floor and
-/// backlog.
+/// The replicated part of the default group's state in node `base`'s own copy: per partition,
+/// the ack floor and backlog.
 async fn group_state(base: &str, queue: &str) -> Option<Vec<(u64, u64)>> {
-    let v = view(&format!("{base}/queues/{queue}/groups/default")).await?;
+    let v = view(&format!("{base}/queues/{queue}/groups/default?local=true")).await?;
     Some(
         v["partitions"]
             .as_array()?

@@ -23,6 +23,9 @@ use crate::proto::{self, broker_server, receive_request, subscribe_request};
 
 /// Default credit when a stream opens with `max_in_flight = 0`.
 const DEFAULT_CREDIT: u64 = 100;
+/// How often a `Subscribe` stream on a cluster node without a replica of its queue asks a
+/// replica for new messages once it has read them all.
+const REMOTE_POLL: Duration = Duration::from_millis(250);
 /// Most messages one `Subscribe` read returns.
 const SUBSCRIBE_BATCH: usize = 500;
 /// Bytes of messages a `Subscribe` stream holds that its reader has not taken yet. When a
@@ -269,7 +272,8 @@ impl broker_server::Broker for GrpcApi {
         request: Request<proto::GetQueueRequest>,
     ) -> Result<Response<proto::QueueInfo>, Status> {
         self.check(&request, None)?;
-        let info = self.broker.queue_info(&request.into_inner().queue)?;
+        let queue = request.into_inner().queue;
+        let info = self.broker.current_queue_info(&queue).await?;
         Ok(Response::new(queue_info(info)))
     }
 
@@ -429,14 +433,12 @@ impl broker_server::Broker for GrpcApi {
             None => ReadFrom::Offset(0),
         };
         // Resolve the start now so that a bad queue or partition fails the call itself.
-        let (_, start) = self.broker.read_log(&r.queue, r.partition, from, 1)?;
+        let (first, start) = self
+            .broker
+            .read_current_log(&r.queue, r.partition, from, 1)
+            .await?;
         let start = match from {
-            ReadFrom::Time(_) => self
-                .broker
-                .read_log(&r.queue, r.partition, from, 1)?
-                .0
-                .first()
-                .map_or(start, |d| d.id.offset),
+            ReadFrom::Time(_) => first.first().map_or(start, |d| d.id.offset),
             ReadFrom::Offset(offset) => offset,
         };
         let (tx, rx) = mpsc::channel(SUBSCRIBE_BATCH);
@@ -516,23 +518,34 @@ async fn follow(broker: Arc<Broker>, queue: String, partition: u32, mut next: u6
             ));
             return;
         }
-        let (batch, after) =
-            match broker.read_log(&queue, partition, ReadFrom::Offset(next), SUBSCRIBE_BATCH) {
-                Ok(read) => read,
-                Err(error) => {
-                    unless_stopped(&broker, out.fail(error.into())).await;
-                    return;
-                }
-            };
+        let read = broker
+            .read_current_log(&queue, partition, ReadFrom::Offset(next), SUBSCRIBE_BATCH)
+            .await;
+        let (batch, after) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                unless_stopped(&broker, out.fail(error.into())).await;
+                return;
+            }
+        };
         if batch.is_empty() {
-            tokio::select! {
-                waited = broker.wait_for_offset(&queue, partition, next, Duration::from_secs(30)) => {
-                    if let Err(error) = waited {
-                        unless_stopped(&broker, out.fail(error.into())).await;
-                        return;
+            if broker.holds_queue_data(&queue) {
+                tokio::select! {
+                    waited = broker.wait_for_offset(&queue, partition, next, Duration::from_secs(30)) => {
+                        if let Err(error) = waited {
+                            unless_stopped(&broker, out.fail(error.into())).await;
+                            return;
+                        }
                     }
+                    _ = out.tx.closed() => return,
                 }
-                _ = out.tx.closed() => return,
+            } else {
+                // A cluster node without a replica of the queue hears of no new message:
+                // it asks a replica again after a pause.
+                tokio::select! {
+                    () = tokio::time::sleep(REMOTE_POLL) => {}
+                    _ = out.tx.closed() => return,
+                }
             }
             continue;
         }

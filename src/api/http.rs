@@ -214,9 +214,23 @@ pub(super) async fn create_queue(
     Ok((status, Json(to_json(&info))).into_response())
 }
 
-#[utoipa::path(get, path = "/queues/{queue}", tag = "queues", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 200, body = QueueInfo), Errors))]
-pub(super) async fn queue_info(State(s): State<HttpState>, Path(queue): Path<String>) -> ApiResult {
-    Ok(ok(to_json(&s.broker.queue_info(&queue)?)))
+#[utoipa::path(get, path = "/queues/{queue}", tag = "queues", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("local" = Option<bool>, Query, description = "On a cluster node that holds a replica of the queue: answer from this node's own committed copy (where `in_flight` counts only the leases this node granted: the leader's) instead of asking the leader of the queue's group (default false)")), responses((status = 200, body = QueueInfo), Errors))]
+pub(super) async fn queue_info(
+    State(s): State<HttpState>,
+    Path(queue): Path<String>,
+    q: Query_,
+) -> ApiResult {
+    let info = if local(&query(q)?)? {
+        s.broker.queue_info(&queue)?
+    } else {
+        s.broker.current_queue_info(&queue).await?
+    };
+    Ok(ok(to_json(&info)))
+}
+
+/// The `local` query flag: read this node's own copy of a replicated queue.
+fn local(q: &BTreeMap<String, String>) -> Result<bool, ApiError> {
+    Ok(param(q, "local")?.unwrap_or(false))
 }
 
 #[utoipa::path(delete, path = "/queues/{queue}", tag = "queues", description = "Delete a queue and its data.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Deleted"), Errors))]
@@ -449,7 +463,7 @@ pub fn parse_time(raw: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::bad_request(format!("`{raw}` is neither RFC 3339 nor unix ms")))
 }
 
-#[utoipa::path(get, path = "/queues/{queue}/log", tag = "messages", description = "Read without leasing (replay).", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("partition" = Option<u32>, Query, description = "Partition (default 0)"), ("from" = Option<u64>, Query, description = "Start offset (default 0)"), ("from_time" = Option<String>, Query, description = "Start time: RFC 3339 or unix ms"), ("max" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most messages (default 100)")), responses((status = 200, body = LogPage), Errors))]
+#[utoipa::path(get, path = "/queues/{queue}/log", tag = "messages", description = "Read without leasing (replay).", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("partition" = Option<u32>, Query, description = "Partition (default 0)"), ("from" = Option<u64>, Query, description = "Start offset (default 0)"), ("from_time" = Option<String>, Query, description = "Start time: RFC 3339 or unix ms"), ("max" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most messages (default 100)"), ("local" = Option<bool>, Query, description = "On a cluster node: read this node's own copy, also when it holds no replica of the queue (then it is empty) instead of asking a replica (default false)")), responses((status = 200, body = LogPage), Errors))]
 pub(super) async fn read_log(
     State(s): State<HttpState>,
     Path(queue): Path<String>,
@@ -471,18 +485,30 @@ pub(super) async fn read_log(
         (None, Some(time)) => ReadFrom::Time(parse_time(time)?),
         (None, None) => ReadFrom::Offset(0),
     };
-    let (list, next) = s.broker.read_log(&queue, partition, from, max)?;
+    let (list, next) = if local(&q)? {
+        s.broker.read_log(&queue, partition, from, max)?
+    } else {
+        s.broker
+            .read_current_log(&queue, partition, from, max)
+            .await?
+    };
     let mut body = json::deliveries(&list);
     body["next_offset"] = json!(next);
     Ok(ok(body))
 }
 
-#[utoipa::path(get, path = "/queues/{queue}/groups/{group}", tag = "groups", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("group" = String, Path, description = "Consumer group name", example = "default", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 200, body = GroupInfo), Errors))]
+#[utoipa::path(get, path = "/queues/{queue}/groups/{group}", tag = "groups", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("group" = String, Path, description = "Consumer group name", example = "default", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("local" = Option<bool>, Query, description = "On a cluster node that holds a replica of the queue: answer from this node's own committed copy (where `in_flight` counts only the leases this node granted: the leader's) instead of asking the leader of the queue's group (default false)")), responses((status = 200, body = GroupInfo), Errors))]
 pub(super) async fn group_info(
     State(s): State<HttpState>,
     Path((queue, group)): Path<(String, String)>,
+    q: Query_,
 ) -> ApiResult {
-    Ok(ok(to_json(&s.broker.group_info(&queue, &group)?)))
+    let info = if local(&query(q)?)? {
+        s.broker.group_info(&queue, &group)?
+    } else {
+        s.broker.current_group_info(&queue, &group).await?
+    };
+    Ok(ok(to_json(&info)))
 }
 
 /// Body of a seek: exactly one of `offset` (with `partition`), `from_time` or `to`.

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use super::access::AccessOp;
 use super::{
-    Binding, Broker, BrokerError, Delivery, ExchangeKind, MessageId, NewMessage, QueueSettings,
-    SeekTarget,
+    Binding, Broker, BrokerError, Delivery, ExchangeKind, GroupInfo, MessageId, NewMessage,
+    QueueInfo, QueueSettings, ReadFrom, SeekTarget,
 };
 
 /// A message to publish, as it travels in an op.
@@ -364,6 +364,31 @@ pub enum Op {
         /// Group.
         group: String,
     },
+    /// Read a queue's info where its state is current: on the leader of the queue's group,
+    /// which alone holds the leases (not replicated, see [`Op::is_read`]).
+    QueueInfo {
+        /// Queue.
+        queue: String,
+    },
+    /// Read a group's state on the leader of the queue's group (not replicated).
+    GroupInfo {
+        /// Queue.
+        queue: String,
+        /// Group.
+        group: String,
+    },
+    /// Read messages of one partition without leasing them, on the leader of the queue's
+    /// group (not replicated).
+    ReadLog {
+        /// Queue.
+        queue: String,
+        /// Partition.
+        partition: u32,
+        /// Where to start.
+        from: ReadFrom,
+        /// Most messages.
+        max: u64,
+    },
 }
 
 /// Fields whose serde form skips absent values (queue settings, bindings) travel as JSON
@@ -396,6 +421,19 @@ pub enum Scope<'a> {
 }
 
 impl Op {
+    /// True for an op that only reads: never an entry, it runs on the leader of its
+    /// queue's group without a quorum round first, or on a replica when no leader
+    /// answers (read fallback).
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Op::GroupOffsets { .. }
+                | Op::QueueInfo { .. }
+                | Op::GroupInfo { .. }
+                | Op::ReadLog { .. }
+        )
+    }
+
     /// Where this op runs.
     pub fn scope(&self) -> Scope<'_> {
         match self {
@@ -408,7 +446,10 @@ impl Op {
             Op::Receive { queue, .. }
             | Op::Nack { queue, .. }
             | Op::Extend { queue, .. }
-            | Op::GroupOffsets { queue, .. } => Scope::Leases(queue),
+            | Op::GroupOffsets { queue, .. }
+            | Op::QueueInfo { queue }
+            | Op::GroupInfo { queue, .. }
+            | Op::ReadLog { queue, .. } => Scope::Leases(queue),
             Op::Redrive { dead_letter, .. } => Scope::Leases(dead_letter),
             Op::CreateQueue { .. }
             | Op::DeleteQueue { .. }
@@ -445,6 +486,18 @@ pub enum OpResult {
     Moved(u64),
     /// A group's committed offset per partition (`None`: no such group).
     Offsets(Option<Vec<(u32, u64)>>),
+    /// A queue's info, as JSON (its settings skip absent fields, which the cluster's
+    /// binary codec cannot carry).
+    QueueInfo(String),
+    /// A group's state, as JSON.
+    GroupInfo(String),
+    /// Messages read without leasing, and the offset after them.
+    Log {
+        /// The messages.
+        messages: Vec<WireDelivery>,
+        /// The next offset to read.
+        next: u64,
+    },
 }
 
 /// A broker error as it travels between nodes: a stable code and the message.
@@ -567,6 +620,20 @@ pub trait Replicator: Send + Sync {
     /// Runs `op` and answers once it is committed and applied on this node.
     fn submit(&self, op: Op) -> BoxFuture<'_, Result<OpResult, BrokerError>>;
 
+    /// Runs a read-only `op` ([`Op::is_read`]) where the queue's state is current, the
+    /// leader of its group; `None` when this node answers it from its own copy instead (it
+    /// leads the group, or it holds a replica and no leader answers: read fallback).
+    fn read(&self, op: Op) -> BoxFuture<'_, Option<Result<OpResult, BrokerError>>> {
+        let _ = op;
+        Box::pin(std::future::ready(None))
+    }
+
+    /// False when this node holds no replica of `queue` (its copy stays empty).
+    fn holds_replica(&self, queue: &str) -> bool {
+        let _ = queue;
+        true
+    }
+
     /// Runs several publishes to `queue` that arrived together, each answered on its own
     /// (in order), as if each were submitted alone; a replicator may commit them together.
     fn submit_publishes(
@@ -597,6 +664,18 @@ pub async fn submit_each<R: Replicator + ?Sized>(
 }
 
 /// The error for an answer of the wrong kind from the cluster (a bug, never user input).
+/// `value` as JSON text, for an answer that carries it so.
+fn to_json_text<T: Serialize>(value: &T) -> Result<String, BrokerError> {
+    serde_json::to_string(value).map_err(|e| BrokerError::InvalidArgument(e.to_string()))
+}
+
+/// The value an answer carries as JSON text.
+fn from_json_text<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, BrokerError> {
+    serde_json::from_str(json).map_err(|e| {
+        BrokerError::InvalidArgument(format!("undecodable answer from the cluster: {e}"))
+    })
+}
+
 pub(super) fn unexpected(what: &OpResult) -> BrokerError {
     BrokerError::InvalidArgument(format!("unexpected answer from the cluster: {what:?}"))
 }
@@ -652,6 +731,32 @@ impl OpResult {
         }
     }
 
+    /// A queue's info.
+    pub fn queue_info(self) -> Result<QueueInfo, BrokerError> {
+        match self {
+            OpResult::QueueInfo(json) => from_json_text(&json),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A group's state.
+    pub fn group_info(self) -> Result<GroupInfo, BrokerError> {
+        match self {
+            OpResult::GroupInfo(json) => from_json_text(&json),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Messages read from a partition, and the offset after them.
+    pub fn log(self) -> Result<(Vec<Delivery>, u64), BrokerError> {
+        match self {
+            OpResult::Log { messages, next } => {
+                Ok((messages.into_iter().map(Delivery::from).collect(), next))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// `Ok(())` for `Done`.
     pub fn done(self) -> Result<(), BrokerError> {
         match self {
@@ -668,6 +773,66 @@ impl Broker {
             Some(replicator) => replicator.submit(Op::Access(op)).await?.done(),
             None => Err(BrokerError::InvalidArgument("not a cluster node".into())),
         }
+    }
+
+    /// A queue's info as it is now: on a cluster node as the leader of the queue's group
+    /// has it (the only replica with the leases, so with the groups' `in_flight`), else
+    /// from this node's own state (see [`Replicator::read`]).
+    pub async fn current_queue_info(&self, name: &str) -> Result<QueueInfo, BrokerError> {
+        let op = Op::QueueInfo {
+            queue: name.to_string(),
+        };
+        match self.read_at_leader(op).await {
+            Some(answer) => answer?.queue_info(),
+            None => self.queue_info(name),
+        }
+    }
+
+    /// A group's state as it is now (as [`Self::current_queue_info`]).
+    pub async fn current_group_info(
+        &self,
+        queue: &str,
+        group: &str,
+    ) -> Result<GroupInfo, BrokerError> {
+        let op = Op::GroupInfo {
+            queue: queue.to_string(),
+            group: group.to_string(),
+        };
+        match self.read_at_leader(op).await {
+            Some(answer) => answer?.group_info(),
+            None => self.group_info(queue, group),
+        }
+    }
+
+    /// [`Self::read_log`] on any node: a cluster node without a replica of the queue reads
+    /// a replica's committed log, any other node its own.
+    pub async fn read_current_log(
+        &self,
+        queue: &str,
+        partition: u32,
+        from: ReadFrom,
+        max: usize,
+    ) -> Result<(Vec<Delivery>, u64), BrokerError> {
+        let op = Op::ReadLog {
+            queue: queue.to_string(),
+            partition,
+            from,
+            max: max as u64,
+        };
+        match self.read_at_leader(op).await {
+            Some(answer) => answer?.log(),
+            None => self.read_log(queue, partition, from, max),
+        }
+    }
+
+    /// False on a cluster node that holds no replica of `queue` (its own copy of the queue
+    /// stays empty: reads go to a replica, see [`Self::read_current_log`]).
+    pub fn holds_queue_data(&self, queue: &str) -> bool {
+        self.replicator().is_none_or(|r| r.holds_replica(queue))
+    }
+
+    async fn read_at_leader(&self, op: Op) -> Option<Result<OpResult, BrokerError>> {
+        self.replicator()?.read(op).await
     }
 
     /// The replicator, when this broker is a cluster member.
@@ -849,6 +1014,25 @@ impl Broker {
             Op::GroupOffsets { queue, group } => {
                 Ok(OpResult::Offsets(self.committed_offsets(&queue, &group)?))
             }
+            Op::QueueInfo { queue } => Ok(OpResult::QueueInfo(to_json_text(
+                &self.queue_info(&queue)?,
+            )?)),
+            Op::GroupInfo { queue, group } => Ok(OpResult::GroupInfo(to_json_text(
+                &self.group_info(&queue, &group)?,
+            )?)),
+            Op::ReadLog {
+                queue,
+                partition,
+                from,
+                max,
+            } => {
+                let max = usize::try_from(max).unwrap_or(usize::MAX);
+                let (list, next) = self.read_log(&queue, partition, from, max)?;
+                Ok(OpResult::Log {
+                    messages: list.into_iter().map(WireDelivery::from).collect(),
+                    next,
+                })
+            }
         }
     }
 }
@@ -990,6 +1174,67 @@ mod tests {
             let back: Op = bincode::deserialize(&bytes).unwrap();
             assert_eq!(back, op);
         }
+    }
+
+    /// The reads a cluster node forwards to a queue's leader answer what the leader's own
+    /// state says, through the cluster's binary codec: a queue with settings that skip
+    /// absent fields, a group with leases, a log page.
+    #[tokio::test]
+    async fn forwarded_reads_answer_what_the_leader_reads_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(crate::broker::BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..crate::broker::BrokerConfig::default()
+        })
+        .await
+        .unwrap();
+        let settings: QueueSettings =
+            serde_json::from_str(r#"{"partitions":2,"backoff":[1,5],"retention":{"max_age":60}}"#)
+                .unwrap();
+        broker.create_queue("q", settings).await.unwrap();
+        for body in ["a", "b", "c"] {
+            let message = NewMessage {
+                key: Some(body.into()),
+                headers: BTreeMap::new(),
+                content_type: None,
+                body: Bytes::from(body),
+                idempotency_key: None,
+            };
+            broker.publish("q", vec![message]).await.unwrap();
+        }
+        let leased = broker
+            .receive("q", "g", 2, Duration::ZERO, None)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 2);
+        let through_the_wire = |result: OpResult| -> OpResult {
+            bincode::deserialize(&bincode::serialize(&result).unwrap()).unwrap()
+        };
+        let op = Op::QueueInfo { queue: "q".into() };
+        let info = through_the_wire(broker.apply_op(op).await.unwrap());
+        assert_eq!(info.queue_info().unwrap(), broker.queue_info("q").unwrap());
+        let op = Op::GroupInfo {
+            queue: "q".into(),
+            group: "g".into(),
+        };
+        let group = through_the_wire(broker.apply_op(op).await.unwrap());
+        let group = group.group_info().unwrap();
+        assert_eq!(group, broker.group_info("q", "g").unwrap());
+        assert_eq!(group.in_flight, 2);
+        let partition = leased[0].id.partition;
+        let op = Op::ReadLog {
+            queue: "q".into(),
+            partition,
+            from: ReadFrom::Offset(0),
+            max: 10,
+        };
+        let (page, next) = through_the_wire(broker.apply_op(op).await.unwrap())
+            .log()
+            .unwrap();
+        let (local, local_next) = broker
+            .read_log("q", partition, ReadFrom::Offset(0), 10)
+            .unwrap();
+        assert_eq!((page, next), (local, local_next));
     }
 
     /// Access ops survive the cluster's binary codec (resources travel as `queue/NAME`).

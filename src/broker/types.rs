@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::settings::{InvalidSetting, QueueSettings};
 use crate::clock::Clock;
@@ -96,7 +96,7 @@ pub struct Delivery {
 }
 
 /// Summary of one partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PartitionInfo {
     /// Partition number.
     pub partition: u32,
@@ -111,7 +111,7 @@ pub struct PartitionInfo {
 }
 
 /// Summary of one group on a queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupSummary {
     /// Group name.
     pub name: String,
@@ -136,7 +136,7 @@ pub struct ExchangeInfo {
 }
 
 /// Queue info.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueInfo {
     /// Queue name.
     pub name: String,
@@ -176,7 +176,7 @@ impl QueueInfo {
 }
 
 /// Per-partition state of a group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupPartitionInfo {
     /// Partition number.
     pub partition: u32,
@@ -189,7 +189,7 @@ pub struct GroupPartitionInfo {
 }
 
 /// Detailed group state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupInfo {
     /// Queue name.
     pub queue: String,
@@ -226,7 +226,7 @@ pub enum SeekTarget {
 }
 
 /// Where a replay read starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReadFrom {
     /// At an offset.
     Offset(u64),

@@ -536,6 +536,16 @@ impl Cluster {
         command: Command,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let command = match command {
+            Command::Broker(op) if op.is_read() => {
+                let answer = match self.read_elsewhere(&op, hops).await {
+                    Some(answer) => answer,
+                    None => self.broker.apply_op(op).await,
+                };
+                return answer.map(|result| (result, None));
+            }
+            command => command,
+        };
         let Some((group, leases)) = self.group_of(&command) else {
             // A queue created a moment ago may not have reached this node's metadata yet:
             // the metadata leader knows every committed queue.
@@ -596,6 +606,47 @@ impl Cluster {
                 ))),
                 None => Err(no_leader(format!("group {group} has no leader"))),
             };
+        }
+    }
+
+    /// Where a read-only op ([`Op::is_read`]) runs: `None` to answer it from this node's own
+    /// copy, which it does when it leads the queue's group, or holds a replica while the
+    /// group has no leader or its leader does not answer (read fallback: committed data,
+    /// maybe behind the leader's), and for a log read whenever it holds a replica (the
+    /// committed log is the same on every replica). Else the answer of the leader, or for
+    /// a node without a replica of the first of the replicas that answers (each one answers
+    /// as this one would); `no_leader` when none does.
+    async fn read_elsewhere(&self, op: &Op, hops: u32) -> Option<Result<OpResult, BrokerError>> {
+        let (Scope::Leases(queue) | Scope::Queue(queue)) = op.scope() else {
+            return None;
+        };
+        let group = self.groups.queue_group(queue)?;
+        let replica = self.groups.raft(group.id);
+        if replica.is_some() && matches!(op, Op::ReadLog { .. }) {
+            return None;
+        }
+        let targets = match &replica {
+            Some(raft) => match raft.metrics().borrow_watched().current_leader {
+                Some(leader) if leader != self.node_id() => vec![leader],
+                _ => return None,
+            },
+            None => group.replicas.clone(),
+        };
+        let command = Command::Broker(op.clone());
+        let mut why = format!("group {}: more than {MAX_HOPS} hops", group.id);
+        for target in targets.into_iter().take_while(|_| hops < MAX_HOPS) {
+            let call = self.forward_call(target, &command, hops);
+            match tokio::time::timeout(LEADER_WAIT, call).await {
+                Ok(Ok((result, _))) => return Some(Ok(result)),
+                Ok(Err(Forwarding::Failed(BrokerError::NoLeader(reason)))) => why = reason,
+                Ok(Err(Forwarding::Failed(error))) => return Some(Err(error)),
+                Ok(Err(Forwarding::Moved(reason))) => why = reason,
+                Err(_) => why = format!("node {target} did not answer in time"),
+            }
+        }
+        match replica {
+            Some(_) => None,
+            None => Some(Err(no_leader(why))),
         }
     }
 
@@ -927,6 +978,16 @@ impl Cluster {
 }
 
 impl Replicator for Cluster {
+    fn read(&self, op: Op) -> BoxFuture<'_, Option<Result<OpResult, BrokerError>>> {
+        Box::pin(async move { self.read_elsewhere(&op, 0).await })
+    }
+
+    fn holds_replica(&self, queue: &str) -> bool {
+        self.groups
+            .queue_group(queue)
+            .is_none_or(|g| self.groups.raft(g.id).is_some())
+    }
+
     fn submit(&self, op: Op) -> BoxFuture<'_, Result<OpResult, BrokerError>> {
         Box::pin(async move {
             if let Op::CreateQueue { settings, .. } = &op {

@@ -511,7 +511,8 @@ pub async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
 
 /// The bodies of partition `partition` of `queue`'s committed log as node `base` holds it.
 pub async fn log_bodies(base: &str, queue: &str, partition: u32) -> Option<Vec<String>> {
-    let url = format!("{base}/queues/{queue}/log?partition={partition}&from=0&max=10000");
+    let url =
+        format!("{base}/queues/{queue}/log?partition={partition}&from=0&max=10000&local=true");
     let v = view(&url).await?;
     Some(
         v["messages"]
