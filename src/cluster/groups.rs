@@ -41,9 +41,11 @@ struct GroupWatch {
 
 /// A receiver of `raft`'s leader that wakes only when the leader changes (openraft's
 /// metrics change at every append, commit and apply: a request waiting on them wakes for
-/// each). Fed by a task that ends with the group.
+/// each). Fed by a task that ends with the group and watches openraft's server metrics
+/// (vote, state, leader, membership), which change only with those: watching all of its
+/// metrics woke the task, often on another thread, several times per replicated request.
 fn leader_watch(raft: &Raft) -> watch::Receiver<Option<u64>> {
-    let mut metrics = raft.metrics();
+    let mut metrics = raft.server_metrics();
     let (tx, rx) = watch::channel(metrics.borrow_watched().current_leader);
     tokio::spawn(async move {
         loop {
