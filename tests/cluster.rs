@@ -869,9 +869,10 @@ async fn the_replicas_setting_places_that_many_copies() {
 }
 
 /// Reads on any node show the queue as the leader of its group holds it: a node without a
-/// replica of a one-replica queue answers its info, its group's state and its log (its
-/// own copy, `?local=true`, is empty), and every node counts the leases the leader granted
-/// (`in_flight`), which a follower's own copy does not hold.
+/// replica of a one-replica queue answers its info (alone and in the list), its group's
+/// state, its log and a Subscribe stream (its own copy, `?local=true`, is empty), and
+/// every node counts the leases the leader granted (`in_flight`), which a follower's own
+/// copy does not hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_reads_what_the_leader_holds() {
     let cluster = Cluster::start().await;
@@ -937,6 +938,20 @@ async fn every_node_reads_what_the_leader_holds() {
         assert_eq!(group["in_flight"], 2, "node {node}: {group}");
         let info = common::get_json(format!("{base}/queues/wide")).await;
         assert_eq!(info["groups"][0]["in_flight"], 2, "node {node}: {info}");
+        let list = common::get_json(format!("{base}/queues")).await;
+        let listed = |name: &str| {
+            list["queues"]
+                .as_array()
+                .and_then(|queues| queues.iter().find(|q| q["name"] == name))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (lone, wide) = (listed("lone"), listed("wide"));
+        assert_eq!(
+            lone["partitions"][0]["next_offset"], 3,
+            "node {node}: {list}"
+        );
+        assert_eq!(wide["groups"][0]["in_flight"], 2, "node {node}: {list}");
         let own = common::get_json(format!("{base}/queues/wide/groups/default?local=true")).await;
         let leases_here = if node == wide_leader { 2 } else { 0 };
         assert_eq!(

@@ -124,7 +124,7 @@ impl Nodes {
     /// Node `id`'s metadata as its API shows it: queues with their settings, exchanges
     /// with their bindings, and each queue's Raft group.
     async fn metadata(&self, id: u64) -> Option<Value> {
-        let mut queues: Vec<Value> = self.get(id, "/queues").await?["queues"]
+        let mut queues: Vec<Value> = self.get(id, "/queues?local=true").await?["queues"]
             .as_array()?
             .iter()
             .map(|q| json!([q["name"], q["settings"]]))

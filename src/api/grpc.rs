@@ -260,7 +260,8 @@ impl broker_server::Broker for GrpcApi {
         self.check(&request, None)?;
         let queues = self
             .broker
-            .list_queues()
+            .current_queue_infos(self.broker.list_queues())
+            .await
             .into_iter()
             .map(queue_info)
             .collect();

@@ -173,7 +173,7 @@ const MAX_PAGE: usize = 1000;
 
 /// `GET /queues`: every queue, or with `?limit=` (1..=1000) a page of them by name after
 /// `?after=`, with `next` (the `after` of the next page, `null` on the last one).
-#[utoipa::path(get, path = "/queues", tag = "queues", params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size; without it every queue"), ("after" = Option<String>, Query, description = "Name after which the page starts (needs `limit`)")), responses((status = 200, body = QueueList), Errors))]
+#[utoipa::path(get, path = "/queues", tag = "queues", params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size; without it every queue"), ("after" = Option<String>, Query, description = "Name after which the page starts (needs `limit`)"), ("local" = Option<bool>, Query, description = "On a cluster node: each queue as this node's own copy holds it (where `in_flight` counts only the leases this node granted, and a queue without a replica here is empty) instead of as the leader of its group does (default false)")), responses((status = 200, body = QueueList), Errors))]
 pub(super) async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiResult {
     let q = query(q)?;
     let limit: Option<usize> = param(&q, "limit")?;
@@ -182,7 +182,13 @@ pub(super) async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiRes
         if after.is_some() {
             return Err(ApiError::bad_request("`after` needs `limit`"));
         }
-        return Ok(ok(json!({"queues": to_json(&s.broker.list_queues())})));
+        let queues = s.broker.list_queues();
+        let queues = if local(&q)? {
+            queues
+        } else {
+            s.broker.current_queue_infos(queues).await
+        };
+        return Ok(ok(json!({"queues": to_json(&queues)})));
     };
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!(
@@ -190,6 +196,11 @@ pub(super) async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiRes
         )));
     }
     let (queues, next) = s.broker.list_queues_page(after, limit);
+    let queues = if local(&q)? {
+        queues
+    } else {
+        s.broker.current_queue_infos(queues).await
+    };
     Ok(ok(json!({"queues": to_json(&queues), "next": next})))
 }
 

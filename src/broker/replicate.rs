@@ -664,6 +664,9 @@ pub async fn submit_each<R: Replicator + ?Sized>(
 }
 
 /// The error for an answer of the wrong kind from the cluster (a bug, never user input).
+/// Queues whose info a listing asks other nodes for at once.
+pub const LIST_READS: usize = 32;
+
 /// `value` as JSON text, for an answer that carries it so.
 fn to_json_text<T: Serialize>(value: &T) -> Result<String, BrokerError> {
     serde_json::to_string(value).map_err(|e| BrokerError::InvalidArgument(e.to_string()))
@@ -786,6 +789,29 @@ impl Broker {
             Some(answer) => answer?.queue_info(),
             None => self.queue_info(name),
         }
+    }
+
+    /// `infos` (from [`Self::list_queues`] or a page of it) each as
+    /// [`Self::current_queue_info`] reads it, at most [`LIST_READS`] at once and in the same
+    /// order; a queue no replica answers for keeps the info given.
+    pub async fn current_queue_infos(&self, infos: Vec<QueueInfo>) -> Vec<QueueInfo> {
+        use futures_util::StreamExt;
+        if self.replicator().is_none() {
+            return infos;
+        }
+        futures_util::stream::iter(infos)
+            .map(|info| async move {
+                let op = Op::QueueInfo {
+                    queue: info.name.clone(),
+                };
+                match self.read_at_leader(op).await {
+                    Some(Ok(answer)) => answer.queue_info().unwrap_or(info),
+                    _ => info,
+                }
+            })
+            .buffered(LIST_READS)
+            .collect()
+            .await
     }
 
     /// A group's state as it is now (as [`Self::current_queue_info`]).
