@@ -630,7 +630,17 @@ impl Cluster {
                 Some(leader) if leader != self.node_id() => vec![leader],
                 _ => return None,
             },
-            None => group.replicas.clone(),
+            // Not itself: a replica that has not opened the group yet would only ask
+            // itself again.
+            None => {
+                let me = self.node_id();
+                group
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != me)
+                    .collect()
+            }
         };
         let command = Command::Broker(op.clone());
         let mut why = format!("group {}: more than {MAX_HOPS} hops", group.id);
