@@ -892,6 +892,19 @@ async fn every_node_reads_what_the_leader_holds() {
         common::cluster::publish(&b1, "lone", body).await;
         common::cluster::publish(&b1, "wide", body).await;
     }
+    // Every node's own copy knows both queues (the metadata reaches each node in its own
+    // time), so that the `local=true` reads below find them.
+    for node in 1..=3 {
+        let base = cluster.http(node).to_string();
+        eventually(&format!("node {node} knows both queues"), || async {
+            let (lone, wide) = (
+                view(&format!("{base}/queues/lone?local=true")).await,
+                view(&format!("{base}/queues/wide/groups/default?local=true")).await,
+            );
+            lone.is_some() && wide.is_some()
+        })
+        .await;
+    }
     let b2 = cluster.http(2).to_string();
     let leased = common::cluster::ok("receive", || {
         http().get(format!(

@@ -620,7 +620,9 @@ impl Cluster {
         let (Scope::Leases(queue) | Scope::Queue(queue)) = op.scope() else {
             return None;
         };
-        let group = self.groups.queue_group(queue)?;
+        let Some(group) = self.groups.queue_group(queue) else {
+            return self.read_at_meta_leader(op, hops).await;
+        };
         let replica = self.groups.raft(group.id);
         if replica.is_some() && matches!(op, Op::ReadLog { .. }) {
             return None;
@@ -657,6 +659,30 @@ impl Cluster {
         match replica {
             Some(_) => None,
             None => Some(Err(no_leader(why))),
+        }
+    }
+
+    /// A read of a queue this node does not know (yet): a queue created a moment ago may not
+    /// have reached this node's metadata, while the metadata leader knows every committed
+    /// queue, so it is asked; `None` (answered here, a 404) when this node leads the
+    /// metadata group, no leader is known, or it does not answer.
+    async fn read_at_meta_leader(
+        &self,
+        op: &Op,
+        hops: u32,
+    ) -> Option<Result<OpResult, BrokerError>> {
+        let leader = self.meta.metrics().borrow_watched().current_leader?;
+        if leader == self.node_id() || hops >= MAX_HOPS {
+            return None;
+        }
+        let command = Command::Broker(op.clone());
+        let call = self.forward_call(leader, &command, hops);
+        match tokio::time::timeout(LEADER_WAIT, call).await {
+            Ok(Ok((result, _))) => Some(Ok(result)),
+            Ok(Err(Forwarding::Failed(error))) if !matches!(error, BrokerError::NoLeader(_)) => {
+                Some(Err(error))
+            }
+            _ => None,
         }
     }
 
