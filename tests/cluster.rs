@@ -932,13 +932,7 @@ async fn every_node_reads_what_the_leader_holds() {
             "node {node}: {info}"
         );
         let log = common::get_json(format!("{base}/queues/lone/log?partition=0")).await;
-        let bodies: Vec<&str> = log["messages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|m| m["body"].as_str())
-            .collect();
-        assert_eq!(bodies, ["a", "b", "c"], "node {node}: {log}");
+        assert_eq!(common::bodies(&log), ["a", "b", "c"], "node {node}: {log}");
         let own = log_bodies(base, "lone", 0).await.unwrap_or_default();
         assert_eq!(
             own.len(),

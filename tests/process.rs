@@ -250,13 +250,7 @@ async fn a_second_server_on_a_data_directory_in_use_stops_and_changes_nothing() 
 
     publish(&first.http, "jobs", "after").await;
     let log: Value = get_json(format!("{}/queues/jobs/log?from=0", first.http)).await;
-    let bodies: Vec<&str> = log["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["body"].as_str())
-        .collect();
-    assert_eq!(bodies, ["before", "after"]);
+    assert_eq!(common::bodies(&log), ["before", "after"], "{log}");
 
     first.signal("KILL");
     first.wait(Duration::from_secs(10)).expect("killed");

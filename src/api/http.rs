@@ -178,30 +178,28 @@ pub(super) async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiRes
     let q = query(q)?;
     let limit: Option<usize> = param(&q, "limit")?;
     let after = q.get("after").map(String::as_str);
-    let Some(limit) = limit else {
-        if after.is_some() {
-            return Err(ApiError::bad_request("`after` needs `limit`"));
+    let (queues, page) = match limit {
+        None if after.is_some() => return Err(ApiError::bad_request("`after` needs `limit`")),
+        None => (s.broker.list_queues(), None),
+        Some(limit) if !(1..=MAX_PAGE).contains(&limit) => {
+            return Err(ApiError::bad_request(format!(
+                "`limit` must be 1..={MAX_PAGE}"
+            )));
         }
-        let queues = s.broker.list_queues();
-        let queues = if local(&q)? {
-            queues
-        } else {
-            s.broker.current_queue_infos(queues).await
-        };
-        return Ok(ok(json!({"queues": to_json(&queues)})));
+        Some(limit) => {
+            let (queues, next) = s.broker.list_queues_page(after, limit);
+            (queues, Some(next))
+        }
     };
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "`limit` must be 1..={MAX_PAGE}"
-        )));
-    }
-    let (queues, next) = s.broker.list_queues_page(after, limit);
     let queues = if local(&q)? {
         queues
     } else {
         s.broker.current_queue_infos(queues).await
     };
-    Ok(ok(json!({"queues": to_json(&queues), "next": next})))
+    Ok(ok(match page {
+        None => json!({"queues": to_json(&queues)}),
+        Some(next) => json!({"queues": to_json(&queues), "next": next}),
+    }))
 }
 
 #[utoipa::path(post, path = "/queues/{queue}", tag = "queues", description = "Create a queue (and its dead-letter queue). The same settings again: 200; other settings: 409.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = QueueSettings, description = "Optional: an empty body means every default", example = json!({"partitions": 2, "max_deliveries": 3, "backoff": [1, 5, 30]})), responses((status = 201, description = "Created", body = QueueInfo), (status = 200, description = "Existed with the same settings", body = QueueInfo), Errors))]

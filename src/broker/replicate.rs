@@ -663,7 +663,6 @@ pub async fn submit_each<R: Replicator + ?Sized>(
     futures_util::future::join_all(each).await
 }
 
-/// The error for an answer of the wrong kind from the cluster (a bug, never user input).
 /// Queues whose info a listing asks other nodes for at once.
 pub const LIST_READS: usize = 32;
 
@@ -679,6 +678,7 @@ fn from_json_text<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, Broke
     })
 }
 
+/// The error for an answer of the wrong kind from the cluster (a bug, never user input).
 pub(super) fn unexpected(what: &OpResult) -> BrokerError {
     BrokerError::InvalidArgument(format!("unexpected answer from the cluster: {what:?}"))
 }
@@ -782,13 +782,22 @@ impl Broker {
     /// has it (the only replica with the leases, so with the groups' `in_flight`), else
     /// from this node's own state (see [`Replicator::read`]).
     pub async fn current_queue_info(&self, name: &str) -> Result<QueueInfo, BrokerError> {
+        match self.leader_queue_info(name).await {
+            Some(answer) => answer,
+            None => self.queue_info(name),
+        }
+    }
+
+    /// A queue's info from the node [`Replicator::read`] picks; `None`: read it here.
+    async fn leader_queue_info(&self, name: &str) -> Option<Result<QueueInfo, BrokerError>> {
         let op = Op::QueueInfo {
             queue: name.to_string(),
         };
-        match self.read_at_leader(op).await {
-            Some(answer) => answer?.queue_info(),
-            None => self.queue_info(name),
-        }
+        Some(
+            self.read_at_leader(op)
+                .await?
+                .and_then(OpResult::queue_info),
+        )
     }
 
     /// `infos` (from [`Self::list_queues`] or a page of it) each as
@@ -801,11 +810,8 @@ impl Broker {
         }
         futures_util::stream::iter(infos)
             .map(|info| async move {
-                let op = Op::QueueInfo {
-                    queue: info.name.clone(),
-                };
-                match self.read_at_leader(op).await {
-                    Some(Ok(answer)) => answer.queue_info().unwrap_or(info),
+                match self.leader_queue_info(&info.name).await {
+                    Some(Ok(current)) => current,
                     _ => info,
                 }
             })

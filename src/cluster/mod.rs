@@ -617,7 +617,7 @@ impl Cluster {
     /// a node without a replica of the first of the replicas that answers (each one answers
     /// as this one would); `no_leader` when none does.
     async fn read_elsewhere(&self, op: &Op, hops: u32) -> Option<Result<OpResult, BrokerError>> {
-        let (Scope::Leases(queue) | Scope::Queue(queue)) = op.scope() else {
+        let Scope::Leases(queue) = op.scope() else {
             return None;
         };
         let Some(group) = self.groups.queue_group(queue) else {
@@ -647,13 +647,9 @@ impl Cluster {
         let command = Command::Broker(op.clone());
         let mut why = format!("group {}: more than {MAX_HOPS} hops", group.id);
         for target in targets.into_iter().take_while(|_| hops < MAX_HOPS) {
-            let call = self.forward_call(target, &command, hops);
-            match tokio::time::timeout(LEADER_WAIT, call).await {
-                Ok(Ok((result, _))) => return Some(Ok(result)),
-                Ok(Err(Forwarding::Failed(BrokerError::NoLeader(reason)))) => why = reason,
-                Ok(Err(Forwarding::Failed(error))) => return Some(Err(error)),
-                Ok(Err(Forwarding::Moved(reason))) => why = reason,
-                Err(_) => why = format!("node {target} did not answer in time"),
+            match self.forward_read(target, &command, hops).await {
+                Ok(answer) => return Some(answer),
+                Err(reason) => why = reason,
             }
         }
         match replica {
@@ -676,13 +672,25 @@ impl Cluster {
             return None;
         }
         let command = Command::Broker(op.clone());
-        let call = self.forward_call(leader, &command, hops);
+        self.forward_read(leader, &command, hops).await.ok()
+    }
+
+    /// One forwarded read, given [`LEADER_WAIT`] to answer: its answer (a result or a final
+    /// error such as `queue_not_found`), or why there is none (the target is gone, has no
+    /// leader either, or is too slow), for the caller to ask elsewhere or read here.
+    async fn forward_read(
+        &self,
+        target: u64,
+        command: &Command,
+        hops: u32,
+    ) -> Result<Result<OpResult, BrokerError>, String> {
+        let call = self.forward_call(target, command, hops);
         match tokio::time::timeout(LEADER_WAIT, call).await {
-            Ok(Ok((result, _))) => Some(Ok(result)),
-            Ok(Err(Forwarding::Failed(error))) if !matches!(error, BrokerError::NoLeader(_)) => {
-                Some(Err(error))
-            }
-            _ => None,
+            Ok(Ok((result, _))) => Ok(Ok(result)),
+            Ok(Err(Forwarding::Failed(BrokerError::NoLeader(reason)))) => Err(reason),
+            Ok(Err(Forwarding::Failed(error))) => Ok(Err(error)),
+            Ok(Err(Forwarding::Moved(reason))) => Err(reason),
+            Err(_) => Err(format!("node {target} did not answer in time")),
         }
     }
 

@@ -216,6 +216,16 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// The text bodies of the messages of a receive or log answer, in order.
+pub fn bodies(answer: &serde_json::Value) -> Vec<&str> {
+    answer["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["body"].as_str())
+        .collect()
+}
+
 /// GETs `url` and parses the answer as JSON (whatever its status).
 pub async fn get_json(url: String) -> serde_json::Value {
     http().get(url).send().await.unwrap().json().await.unwrap()
