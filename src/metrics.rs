@@ -3,7 +3,8 @@
 //! Counters and histograms are recorded where things happen (through the `metrics` facade,
 //! which costs an atomic add when a recorder is installed and nothing otherwise). Gauges
 //! that describe state (backlog, in flight, stored bytes) are computed from the broker at
-//! scrape time by [`record_queue_gauges`], so no hot path maintains them.
+//! scrape time ([`StateGauges`]), so no hot path maintains them and a series ends with what
+//! it describes.
 //!
 //! All series are named `qit_...`.
 
@@ -150,33 +151,103 @@ pub struct GroupGauges {
 /// How many of the busiest queues get per-queue gauges by default.
 pub const DEFAULT_GAUGED_QUEUES: usize = 100;
 
-/// Sets the number of queues (`total`) and the state gauges of the given queues' groups
-/// and partitions (the server passes the busiest few, so that a scrape stays cheap with
-/// thousands of queues).
-pub fn record_queue_gauges(total: usize, queues: &[QueueGauges]) {
-    metrics::gauge!(QUEUES).set(total as f64);
-    for queue in queues {
-        for partition in &queue.partitions {
-            let labels = [
-                ("queue", queue.name.clone()),
-                ("partition", partition.partition.to_string()),
-            ];
-            metrics::gauge!(STORED_BYTES, &labels).set(partition.bytes as f64);
-            metrics::gauge!(SEGMENTS, &labels).set(f64::from(partition.segments));
+/// Gauges of current state, rendered at scrape time: a series is shown only while what it
+/// describes exists, so the series of a deleted queue or of a Raft group that left this
+/// node end with it. (A gauge kept in the recorder would go on showing its last value
+/// until the process ends: a deleted queue's backlog, a former leader's `is_leader` 1.)
+#[derive(Debug, Default)]
+pub struct StateGauges {
+    /// Each metric's samples, in the order the metrics were first set: a family's samples
+    /// stay together, under one `# TYPE` line, as the text format requires.
+    families: Vec<(&'static str, String)>,
+}
+
+impl StateGauges {
+    /// Adds one sample of gauge `name` with `labels`.
+    pub fn set(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
+        let index = match self.families.iter().position(|(n, _)| *n == name) {
+            Some(index) => index,
+            None => {
+                self.families.push((name, String::new()));
+                self.families.len() - 1
+            }
+        };
+        let lines = &mut self.families[index].1;
+        lines.push_str(name);
+        if !labels.is_empty() {
+            lines.push('{');
+            for (i, (key, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    lines.push(',');
+                }
+                lines.push_str(key);
+                lines.push_str("=\"");
+                push_escaped(lines, value);
+                lines.push('"');
+            }
+            lines.push('}');
         }
-        for group in &queue.groups {
-            let labels = [("queue", queue.name.clone()), ("group", group.name.clone())];
-            metrics::gauge!(BACKLOG, &labels).set(group.backlog as f64);
-            metrics::gauge!(IN_FLIGHT, &labels).set(group.in_flight as f64);
+        lines.push(' ');
+        lines.push_str(&value.to_string());
+        lines.push('\n');
+    }
+
+    /// The samples in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        for (name, lines) in &self.families {
+            text.push_str("# TYPE ");
+            text.push_str(name);
+            text.push_str(" gauge\n");
+            text.push_str(lines);
+        }
+        text
+    }
+}
+
+/// A label value as the text format writes it (`\`, `"` and newlines escaped).
+fn push_escaped(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
         }
     }
 }
 
-/// Sets the oldest-unacked-age gauges from `(queue, group, age ms)`.
-pub fn record_pending_ages(ages: &[(String, String, i64)]) {
+/// Adds the number of queues (`total`) and the state gauges of the given queues' groups
+/// and partitions (the server passes the busiest few, so that a scrape stays cheap with
+/// thousands of queues).
+pub fn queue_gauges(state: &mut StateGauges, total: usize, queues: &[QueueGauges]) {
+    state.set(QUEUES, &[], total as f64);
+    for queue in queues {
+        for partition in &queue.partitions {
+            let number = partition.partition.to_string();
+            let labels = [
+                ("queue", queue.name.as_str()),
+                ("partition", number.as_str()),
+            ];
+            state.set(STORED_BYTES, &labels, partition.bytes as f64);
+            state.set(SEGMENTS, &labels, f64::from(partition.segments));
+        }
+        for group in &queue.groups {
+            let labels = [
+                ("queue", queue.name.as_str()),
+                ("group", group.name.as_str()),
+            ];
+            state.set(BACKLOG, &labels, group.backlog as f64);
+            state.set(IN_FLIGHT, &labels, group.in_flight as f64);
+        }
+    }
+}
+
+/// Adds the oldest-unacked-age gauges from `(queue, group, age ms)`.
+pub fn pending_ages(state: &mut StateGauges, ages: &[(String, String, i64)]) {
     for (queue, group, age_ms) in ages {
-        let labels = [("queue", queue.clone()), ("group", group.clone())];
-        metrics::gauge!(OLDEST_PENDING_AGE, &labels).set(*age_ms as f64 / 1000.0);
+        let labels = [("queue", queue.as_str()), ("group", group.as_str())];
+        state.set(OLDEST_PENDING_AGE, &labels, *age_ms as f64 / 1000.0);
     }
 }
 
@@ -188,15 +259,18 @@ pub fn upkeep() {
     }
 }
 
-/// Renders every series in the Prometheus text format (empty when no recorder is installed).
-pub fn render() -> String {
-    HANDLE
+/// Renders every recorded series and then `state` in the Prometheus text format (only
+/// `state` when no recorder is installed).
+pub fn render(state: &StateGauges) -> String {
+    let mut text = HANDLE
         .get()
         .map(|handle| {
             handle.run_upkeep();
             handle.render()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    text.push_str(&state.render());
+    text
 }
 
 /// Counts `n` events of a `queue`-labelled counter.
@@ -235,13 +309,40 @@ mod tests {
                 in_flight: 2,
             }],
         };
-        record_queue_gauges(1, &[info]);
+        let mut state = StateGauges::default();
+        queue_gauges(&mut state, 1, &[info]);
         count_queue(PUBLISHED, "metrics-test", 7);
         observe_seconds(FSYNC_LATENCY, 0.002);
-        let text = render();
+        let text = render(&state);
         assert!(text.contains(r#"qit_backlog_messages{queue="metrics-test",group="default"} 5"#));
         assert!(text.contains(r#"qit_stored_bytes{queue="metrics-test",partition="0"} 1234"#));
         assert!(text.contains(r#"qit_messages_published_total{queue="metrics-test"} 7"#));
         assert!(text.contains("qit_fsync_latency_seconds_bucket"));
+    }
+
+    /// Each family is one block under one `# TYPE` line, even when its samples were set
+    /// in between another's; label values are escaped; the next scrape shows only what it
+    /// sets (a queue gone since shows no series).
+    #[test]
+    fn state_gauges_group_families_and_show_only_what_was_set() {
+        let mut state = StateGauges::default();
+        state.set(BACKLOG, &[("queue", "a"), ("group", "g")], 3.0);
+        state.set(IN_FLIGHT, &[("queue", "a"), ("group", "g")], 1.0);
+        state.set(BACKLOG, &[("queue", "b\"\\"), ("group", "g")], 0.5);
+        state.set(QUEUES, &[], 2.0);
+        let text = state.render();
+        let expected = [
+            "# TYPE qit_backlog_messages gauge",
+            r#"qit_backlog_messages{queue="a",group="g"} 3"#,
+            r#"qit_backlog_messages{queue="b\"\\",group="g"} 0.5"#,
+            "# TYPE qit_in_flight_messages gauge",
+            r#"qit_in_flight_messages{queue="a",group="g"} 1"#,
+            "# TYPE qit_queues gauge",
+            "qit_queues 2",
+        ];
+        assert_eq!(text.lines().collect::<Vec<_>>(), expected);
+        let mut later = StateGauges::default();
+        queue_gauges(&mut later, 0, &[]);
+        assert_eq!(later.render(), "# TYPE qit_queues gauge\nqit_queues 0\n");
     }
 }

@@ -609,6 +609,41 @@ async fn health_and_metrics() {
         text.contains("qit_fsync_latency_seconds_count")
     })
     .await;
+    // A deleted queue's state series go with it; its counters stay.
+    let status = http()
+        .delete(format!("{}/queues/m", s.http))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let text = http()
+        .get(format!("{}/metrics", s.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for gone in [
+        "qit_backlog_messages{queue=\"m\"",
+        "qit_in_flight_messages{queue=\"m\"",
+        "qit_stored_bytes{queue=\"m\"",
+        "qit_segments{queue=\"m\"",
+        "qit_oldest_unacked_age_seconds{queue=\"m\"",
+    ] {
+        assert!(!text.contains(gone), "{gone} still in\n{text}");
+    }
+    assert!(
+        text.contains("qit_messages_published_total{queue=\"m\"}"),
+        "{text}"
+    );
+    // Only `m.dlq` is left, and the family is typed once.
+    assert!(
+        text.contains("# TYPE qit_queues gauge\nqit_queues 1\n"),
+        "{text}"
+    );
+    assert_eq!(text.matches("# TYPE qit_queues ").count(), 1, "{text}");
     s.stop().await;
 }
 

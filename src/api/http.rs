@@ -154,8 +154,12 @@ pub(super) async fn metrics(State(s): State<HttpState>) -> Response {
         .iter()
         .map(QueueInfo::gauges)
         .collect();
-    crate::metrics::record_queue_gauges(s.broker.queue_count(), &busiest);
-    crate::metrics::record_pending_ages(&s.broker.oldest_pending_ages_ms());
+    let mut state = crate::metrics::StateGauges::default();
+    crate::metrics::queue_gauges(&mut state, s.broker.queue_count(), &busiest);
+    crate::metrics::pending_ages(&mut state, &s.broker.oldest_pending_ages_ms());
+    if let Some(cluster) = &s.cluster {
+        cluster.group_gauges(&mut state);
+    }
     if let Some(maps) = s.broker.config().storage.map_cache() {
         crate::metrics::set_mapped_files(maps.mapped());
     }
@@ -163,7 +167,7 @@ pub(super) async fn metrics(State(s): State<HttpState>) -> Response {
     ::metrics::gauge!(crate::metrics::LONG_POLL_WAITERS).set(in_use as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(),
+        crate::metrics::render(&state),
     )
         .into_response()
 }

@@ -3,7 +3,7 @@
 //! changes, replication lag, last log, commit, apply and snapshot indexes, snapshot
 //! installs and resumed snapshot bytes).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use super::Cluster;
 use super::groups::META_GROUP;
 use super::state_machine::Raft;
 use super::types::{LogId, RaftMetrics};
+use crate::metrics::StateGauges;
 
 /// Current term of a group.
 pub const TERM: &str = "qit_cluster_term";
@@ -145,6 +146,20 @@ fn followers_lag(m: &RaftMetrics) -> Vec<FollowerLag> {
         .collect()
 }
 
+/// The follower-lag series of a group on node `me`: what each follower lacks on the
+/// group's leader, 0 for each other voter elsewhere (only the leader knows).
+fn follower_lag_series(m: &RaftMetrics, me: u64) -> Vec<FollowerLag> {
+    if m.replication.is_some() {
+        return followers_lag(m);
+    }
+    m.membership_config
+        .membership()
+        .voter_ids()
+        .filter(|node| *node != me)
+        .map(|node| FollowerLag { node, lag: 0 })
+        .collect()
+}
+
 impl Cluster {
     /// The cluster as this node sees it.
     pub fn view(&self) -> ClusterView {
@@ -218,11 +233,10 @@ impl Cluster {
         }
     }
 
-    /// Updates the per-group series every second until `stop`.
+    /// Watches every group for leader changes (counted) and for a stop (logged once),
+    /// every second until `stop`.
     pub async fn run_metrics(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut leaders: HashMap<u64, Option<u64>> = HashMap::new();
-        // Per-follower series set last round (zeroed when this node no longer leads).
-        let mut follower_series: HashSet<(u64, u64)> = HashSet::new();
         let mut failed: Vec<u64> = Vec::new();
         let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -230,18 +244,9 @@ impl Cluster {
                 _ = every.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let names: HashMap<u64, String> = self
-                .groups()
-                .queue_groups()
-                .into_iter()
-                .map(|(q, g)| (g.id, q))
-                .collect();
+            let names = self.group_names();
             for (id, raft) in self.groups().rafts() {
-                let name = if id == META_GROUP {
-                    "_meta".to_string()
-                } else {
-                    names.get(&id).cloned().unwrap_or_default()
-                };
+                let name = names.get(&id).cloned().unwrap_or_default();
                 let m = raft.metrics().borrow_watched().clone();
                 if let Err(fatal) = &m.running_state
                     && !failed.contains(&id)
@@ -249,39 +254,63 @@ impl Cluster {
                     tracing::error!(group = id, queue = %name, %fatal, "a raft group stopped");
                     failed.push(id);
                 }
-                let labels = [("group", id.to_string()), ("queue", name)];
-                metrics::gauge!(TERM, &labels).set(m.current_term as f64);
-                let leads = m.current_leader == Some(self.node_id());
-                metrics::gauge!(IS_LEADER, &labels).set(if leads { 1.0 } else { 0.0 });
                 let previous = leaders.insert(id, m.current_leader);
                 if previous.is_some_and(|p| p != m.current_leader) && m.current_leader.is_some() {
+                    let labels = [("group", id.to_string()), ("queue", name)];
                     metrics::counter!(LEADER_CHANGES, &labels).increment(1);
                 }
-                let lag = follower_lag(&m).unwrap_or(0);
-                metrics::gauge!(REPLICATION_LAG, &labels).set(lag as f64);
-                let followers = followers_lag(&m);
-                for f in &followers {
-                    follower_series.insert((id, f.node));
-                }
-                for (group, node) in follower_series.iter().filter(|(g, _)| *g == id) {
-                    let lag = followers
-                        .iter()
-                        .find(|f| f.node == *node)
-                        .map_or(0, |f| f.lag);
-                    let labels = [
-                        ("group", group.to_string()),
-                        ("queue", labels[1].1.clone()),
-                        ("follower", node.to_string()),
-                    ];
-                    metrics::gauge!(FOLLOWER_LAG, &labels).set(lag as f64);
-                }
-                let index = |l: Option<LogId>| l.map_or(0.0, |l| l.index as f64);
-                metrics::gauge!(LAST_LOG_INDEX, &labels).set(m.last_log_index.unwrap_or(0) as f64);
-                metrics::gauge!(APPLIED_INDEX, &labels).set(index(m.last_applied));
-                metrics::gauge!(SNAPSHOT_INDEX, &labels).set(index(m.snapshot));
-                metrics::gauge!(PURGED_INDEX, &labels).set(index(m.purged));
-                metrics::gauge!(COMMIT_INDEX, &labels).set(index(m.local_committed));
             }
+        }
+    }
+
+    /// The queue (or `_meta`) of each group this node runs, by group id.
+    fn group_names(&self) -> HashMap<u64, String> {
+        let mut names: HashMap<u64, String> = self
+            .groups()
+            .queue_groups()
+            .into_iter()
+            .map(|(q, g)| (g.id, q))
+            .collect();
+        names.insert(META_GROUP, "_meta".to_string());
+        names
+    }
+
+    /// Adds the state of every group this node runs now (term, leadership, lag, indexes)
+    /// to a scrape: a group that left this node (its queue deleted or moved) shows nothing.
+    pub fn group_gauges(&self, state: &mut StateGauges) {
+        let names = self.group_names();
+        for (id, raft) in self.groups().rafts() {
+            let name = names.get(&id).cloned().unwrap_or_default();
+            let m = raft.metrics().borrow_watched().clone();
+            let group = id.to_string();
+            let labels = [("group", group.as_str()), ("queue", name.as_str())];
+            state.set(TERM, &labels, m.current_term as f64);
+            let leads = m.current_leader == Some(self.node_id());
+            state.set(IS_LEADER, &labels, if leads { 1.0 } else { 0.0 });
+            state.set(
+                REPLICATION_LAG,
+                &labels,
+                follower_lag(&m).unwrap_or(0) as f64,
+            );
+            for f in follower_lag_series(&m, self.node_id()) {
+                let node = f.node.to_string();
+                let labels = [
+                    ("group", group.as_str()),
+                    ("queue", name.as_str()),
+                    ("follower", node.as_str()),
+                ];
+                state.set(FOLLOWER_LAG, &labels, f.lag as f64);
+            }
+            let index = |l: Option<LogId>| l.map_or(0.0, |l| l.index as f64);
+            state.set(
+                LAST_LOG_INDEX,
+                &labels,
+                m.last_log_index.unwrap_or(0) as f64,
+            );
+            state.set(COMMIT_INDEX, &labels, index(m.local_committed));
+            state.set(APPLIED_INDEX, &labels, index(m.last_applied));
+            state.set(SNAPSHOT_INDEX, &labels, index(m.snapshot));
+            state.set(PURGED_INDEX, &labels, index(m.purged));
         }
     }
 }
