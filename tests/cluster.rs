@@ -190,6 +190,8 @@ async fn any_node_serves_every_step() {
     assert_eq!(streamed, expected);
     published.extend(expected);
     drop(tx);
+    drop(stream);
+    stream_end_returns_leases_at_once(&cluster).await;
     // Read fallback: alone, node 1 has no quorum, yet serves its committed data; writes
     // answer 503 no_leader with Retry-After.
     cluster.node_mut(2).kill();
@@ -220,6 +222,94 @@ async fn any_node_serves_every_step() {
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "no_leader");
+}
+
+/// A receive stream on a node that does not lead its queue ends with a message unacked
+/// while the stream is asking the leader for more: the message goes back to the group at
+/// once and its next delivery is its second. (The stream's lease on its way to the leader
+/// once took the returned message again for nobody, so it came back only after the ack
+/// timeout, one delivery nearer the dead-letter queue.)
+async fn stream_end_returns_leases_at_once(cluster: &Cluster) {
+    let settings = json!({"ack_timeout": 600, "max_deliveries": 2});
+    create_queue(&cluster.node(1).http, "returns", settings).await;
+    let leader = cluster.leader_of(1, "returns", None).await;
+    let follower = if leader == 1 { 2 } else { 1 };
+    for body in ["first", "second"] {
+        let (status, answer) = retrying("publish", || {
+            http()
+                .post(format!(
+                    "{}/queues/returns/messages",
+                    cluster.node(leader).http
+                ))
+                .body(body)
+        })
+        .await;
+        assert!(status.is_success(), "publish: {status} {answer}");
+    }
+    let grpc = format!("http://127.0.0.1:{}", cluster.node(follower).grpc_port);
+    let mut receiver = BrokerClient::connect(grpc).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Open(proto::OpenStream {
+            queue: "returns".into(),
+            group: String::new(),
+            max_in_flight: 2,
+            visibility_ms: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = receiver
+        .receive_messages(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the stream delivers within the guard");
+        let Some(Ok(proto::ReceiveResponse {
+            response: Some(receive_response::Response::Message(m)),
+        })) = next
+        else {
+            panic!("unexpected stream item: {next:?}");
+        };
+        got.push(m);
+    }
+    // Acking one makes room: the stream asks the leader for more (a long-poll there).
+    let (acked, kept) = (got[0].id.clone(), got[1].clone());
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Ack(proto::StreamAck {
+            id: acked,
+        })),
+    })
+    .await
+    .unwrap();
+    let groups = format!(
+        "{}/queues/returns/groups/default",
+        cluster.node(leader).http
+    );
+    eventually("the ack is applied", || async {
+        view(&groups).await.is_some_and(|g| g["in_flight"] == 1)
+    })
+    .await;
+    drop(tx);
+    drop(stream);
+    eventually("the unacked message is back in the group", || async {
+        view(&groups)
+            .await
+            .is_some_and(|g| g["in_flight"] == 0 && g["backlog"] == 1)
+    })
+    .await;
+    let url = format!(
+        "{}/queues/returns/messages?wait=1",
+        cluster.node(leader).http
+    );
+    let again = view(&url).await.expect("a receive answers");
+    let again = &again["messages"][0];
+    assert_eq!(again["id"], kept.id.as_str(), "{again}");
+    assert_eq!(again["delivery_count"], 2, "{again}");
 }
 
 /// Receives what node `base` delivers into `into` (id -> body).

@@ -115,6 +115,17 @@ impl Session {
                 _ = self.tx.closed() => break,
             }
         }
+        // A lease still on its way stops before the stream's leases go back: else it could
+        // take them again for nobody (a lease forwarded to a cluster leader goes on there,
+        // long-polling, until its call is dropped). What it got already goes back with them.
+        if let Some(mut pending) = lease.take() {
+            if let Some(Ok(leased)) = pending.as_mut().now_or_never() {
+                let now = Instant::now();
+                self.outstanding
+                    .extend(leased.into_iter().map(|d| (d.id, now)));
+            }
+            drop(pending);
+        }
         self.return_leases().await;
         metrics::gauge!(crate::metrics::GRPC_STREAMS, "kind" => "receive").decrement(1.0);
     }
