@@ -13,6 +13,10 @@ use crate::log::{Record, StoredRecord};
 pub const CONTENT_TYPE_HEADER: &str = "qit-content-type";
 /// Internal header holding the idempotency key.
 pub const IDEMPOTENCY_HEADER: &str = "qit-idempotency-key";
+/// Internal header marking a record produced over Kafka with a null value (a tombstone):
+/// its value is stored empty, HTTP and gRPC consumers see an empty body, and a Kafka fetch
+/// gives the null back.
+pub const NULL_VALUE_HEADER: &str = "qit-null-value";
 /// Dead-letter headers (visible to users).
 pub const ORIGINAL_QUEUE_HEADER: &str = "qit-original-queue";
 /// Id of the message in its original queue.
@@ -175,7 +179,7 @@ pub fn to_delivery(
     for (name, value) in &record.headers {
         match name.as_str() {
             CONTENT_TYPE_HEADER => content_type = Some(text(value)),
-            IDEMPOTENCY_HEADER => {}
+            IDEMPOTENCY_HEADER | NULL_VALUE_HEADER => {}
             _ => {
                 headers.insert(name.clone(), text(value));
             }
@@ -199,9 +203,18 @@ pub fn to_delivery(
 /// A message as it was published, rebuilt from its record (for dead-lettering, redrive).
 pub fn to_new_message(record: &StoredRecord) -> NewMessage {
     let delivery = to_delivery("", 0, record.clone(), 0);
+    let mut headers = delivery.headers;
+    // A tombstone stays one in the dead-letter queue and back.
+    if record
+        .headers
+        .iter()
+        .any(|(name, _)| name == NULL_VALUE_HEADER)
+    {
+        headers.insert(NULL_VALUE_HEADER.to_string(), String::new());
+    }
     NewMessage {
         key: delivery.key,
-        headers: delivery.headers,
+        headers,
         content_type: delivery.content_type,
         body: delivery.body,
         idempotency_key: None,

@@ -33,7 +33,7 @@ use std::io::Read;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::KafkaError;
-use crate::broker::message::IDEMPOTENCY_HEADER;
+use crate::broker::message::{IDEMPOTENCY_HEADER, NULL_VALUE_HEADER};
 use crate::log::{Record, StoredRecord};
 
 /// Size of a batch header.
@@ -236,10 +236,7 @@ fn decode_record(cursor: &mut Cursor<'_>, base_timestamp: i64) -> Result<Record,
     let timestamp_delta = inner.varlong()?;
     let _offset_delta = inner.varint()?;
     let key = inner.nullable_bytes()?.map(Bytes::copy_from_slice);
-    let value = inner
-        .nullable_bytes()?
-        .map(Bytes::copy_from_slice)
-        .unwrap_or_default();
+    let value = inner.nullable_bytes()?.map(Bytes::copy_from_slice);
     let header_count = inner.varint()?;
     let header_count =
         usize::try_from(header_count).map_err(|_| malformed("negative header count"))?;
@@ -263,11 +260,15 @@ fn decode_record(cursor: &mut Cursor<'_>, base_timestamp: i64) -> Result<Record,
     if inner.remaining() != 0 {
         return Err(malformed("bytes left inside a record"));
     }
+    // A null value (a tombstone) is kept as an empty one with a marker.
+    if value.is_none() {
+        headers.push((NULL_VALUE_HEADER.to_string(), Bytes::new()));
+    }
     Ok(Record {
         timestamp_ms: base_timestamp.saturating_add(timestamp_delta),
         key,
         headers,
-        value,
+        value: value.unwrap_or_default(),
     })
 }
 
@@ -394,11 +395,15 @@ pub fn encode_batch(out: &mut BytesMut, records: &[StoredRecord]) {
         put_varlong(&mut body, record.timestamp_ms - base_timestamp);
         put_varlong(&mut body, (record.offset - base_offset) as i64);
         put_bytes(&mut body, record.key.as_deref());
-        put_bytes(&mut body, Some(&record.value));
+        let tombstone = record
+            .headers
+            .iter()
+            .any(|(name, _)| name == NULL_VALUE_HEADER);
+        put_bytes(&mut body, (!tombstone).then_some(&record.value[..]));
         let headers = record
             .headers
             .iter()
-            .filter(|(name, _)| name != IDEMPOTENCY_HEADER);
+            .filter(|(name, _)| name != IDEMPOTENCY_HEADER && name != NULL_VALUE_HEADER);
         put_varlong(&mut body, headers.clone().count() as i64);
         for (name, value) in headers {
             put_bytes(&mut body, Some(name.as_bytes()));
@@ -451,6 +456,70 @@ mod tests {
         let mut bytes = out.freeze();
         let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes).unwrap();
         assert_eq!(set.records[1].offset, 7);
+    }
+
+    /// A null value (a tombstone) comes back null, and an empty value empty: the two
+    /// differ only by the marker header, which a fetch does not show.
+    #[test]
+    fn a_null_value_stays_null_and_an_empty_one_empty() {
+        use kafka_protocol::records::{
+            Compression, Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+        };
+        let produced: Vec<KRecord> = [None, Some(Bytes::new())]
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| KRecord {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: 0,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: i as i64,
+                sequence: -1,
+                timestamp: 1000,
+                key: Some(Bytes::from_static(b"k")),
+                value,
+                headers: Default::default(),
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        let options = RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        };
+        RecordBatchEncoder::encode(&mut buf, &produced, &options).unwrap();
+        let records: Vec<Record> = decode_batches(&buf, 0)
+            .unwrap()
+            .into_iter()
+            .flat_map(|b| b.records)
+            .collect();
+        assert_eq!(records.len(), 2);
+        assert!(records.iter().all(|r| r.value.is_empty()));
+        assert_eq!(
+            records[0].headers,
+            vec![(NULL_VALUE_HEADER.to_string(), Bytes::new())]
+        );
+        assert!(records[1].headers.is_empty());
+        let stored: Vec<StoredRecord> = records
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| StoredRecord {
+                offset: i as u64,
+                timestamp_ms: r.timestamp_ms,
+                key: r.key,
+                headers: r.headers,
+                value: r.value,
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        encode_batch(&mut out, &stored);
+        let mut bytes = out.freeze();
+        let fetched = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes).unwrap();
+        let values: Vec<_> = fetched.records.iter().map(|r| r.value.clone()).collect();
+        assert_eq!(values, vec![None, Some(Bytes::new())]);
+        assert!(fetched.records.iter().all(|r| r.headers.is_empty()));
     }
 
     #[test]

@@ -275,6 +275,18 @@ def scenario_cross(bootstrap, http_url):
     headers = dict(second.headers())
     assert headers.get("origin") == b"http", headers
     assert headers.get("qit-content-type") == b"text/plain", headers
+    # A tombstone (null value) comes back null and an empty value empty; over HTTP both
+    # are empty bodies, without the marker.
+    produce_all(producer, topic, [{"value": None, "key": b"gone"}, {"value": b"", "key": b"empty"}])
+    poll_until({"k": consumer}, 4, seen)
+    tombstone, empty = seen[(0, 2)][1], seen[(0, 3)][1]
+    assert tombstone.key() == b"gone" and tombstone.value() is None, tombstone.value()
+    assert empty.key() == b"empty" and empty.value() == b"", empty.value()
+    assert not tombstone.headers() and not empty.headers(), (tombstone.headers(), empty.headers())
+    status, log = http("GET", f"{http_url}/queues/{topic}/log?partition=0&from=2")
+    assert status == 200 and len(log["messages"]) == 2, log
+    for m in log["messages"]:
+        assert m.get("body", m.get("body_base64")) == "" and m["headers"] == {}, m
     consumer.close()
     print(json.dumps({"ok": True}))
 
