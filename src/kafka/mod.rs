@@ -97,32 +97,23 @@ impl KafkaError {
     }
 }
 
+/// The Kafka error for a broker error, by its API code: an error another cluster node
+/// answered (which arrives as [`BrokerError::Remote`] with that code) maps as the same
+/// error raised on this node.
 fn broker_error(error: &BrokerError) -> ResponseError {
-    match error {
-        BrokerError::QueueNotFound(_) => ResponseError::UnknownTopicOrPartition,
-        BrokerError::InvalidName(_) => ResponseError::InvalidTopicException,
-        BrokerError::InvalidSetting(_) => ResponseError::InvalidConfig,
-        BrokerError::InvalidArgument(_) | BrokerError::InvalidBinding(_) => {
-            ResponseError::InvalidRequest
-        }
-        BrokerError::GroupNotFound { .. } => ResponseError::GroupIdNotFound,
-        BrokerError::QueueExists(_) | BrokerError::ExchangeExists(_) => {
-            ResponseError::TopicAlreadyExists
-        }
-        BrokerError::MessageTooLarge { .. } => ResponseError::MessageTooLarge,
-        BrokerError::LimitReached(_) => ResponseError::PolicyViolation,
+    match error.code() {
+        "queue_not_found" => ResponseError::UnknownTopicOrPartition,
+        "invalid_name" => ResponseError::InvalidTopicException,
+        "invalid_setting" => ResponseError::InvalidConfig,
+        "bad_request" | "invalid_binding" => ResponseError::InvalidRequest,
+        "group_not_found" => ResponseError::GroupIdNotFound,
+        "queue_exists" | "exchange_exists" => ResponseError::TopicAlreadyExists,
+        "message_too_large" => ResponseError::MessageTooLarge,
+        "limit_reached" => ResponseError::PolicyViolation,
         // Clients refresh their metadata and retry on this one.
-        BrokerError::ShuttingDown | BrokerError::NoLeader(_) => ResponseError::NotLeaderOrFollower,
-        BrokerError::QueueDamaged { .. }
-        | BrokerError::Log(_)
-        | BrokerError::Journal(_)
-        | BrokerError::Storage { .. }
-        | BrokerError::Corrupt { .. } => ResponseError::KafkaStorageError,
-        BrokerError::ExchangeNotFound(_)
-        | BrokerError::MessageNotFound(_)
-        | BrokerError::NotLeased(_)
-        | BrokerError::Auth(_)
-        | BrokerError::Remote { .. } => ResponseError::UnknownServerError,
+        "shutting_down" | "no_leader" => ResponseError::NotLeaderOrFollower,
+        "queue_damaged" | "storage_error" => ResponseError::KafkaStorageError,
+        _ => ResponseError::UnknownServerError,
     }
 }
 
@@ -229,5 +220,49 @@ impl Kafka {
         store
             .authorize(user, action, &Resource::queue(topic))
             .map_err(|e| KafkaError::Forbidden(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::replicate::WireError;
+
+    /// What a topic call answers is the same on the node that raised the error and on a
+    /// cluster node it was forwarded from (where it arrives as `Remote` with its code):
+    /// a DeleteTopics of an unknown topic is UNKNOWN_TOPIC_OR_PARTITION there too, not
+    /// UNKNOWN_SERVER_ERROR.
+    #[test]
+    fn a_forwarded_error_maps_as_the_error_itself() {
+        let errors = [
+            BrokerError::QueueNotFound("t".into()),
+            BrokerError::InvalidName(crate::name::check("bad name!").unwrap_err()),
+            BrokerError::InvalidSetting(crate::broker::settings::InvalidSetting {
+                field: "partitions",
+                reason: "must be 1..=256".into(),
+            }),
+            BrokerError::InvalidArgument("max".into()),
+            BrokerError::QueueExists("t".into()),
+            BrokerError::LimitReached("queues".into()),
+            BrokerError::ShuttingDown,
+            BrokerError::NoLeader("election".into()),
+        ];
+        for error in errors {
+            let local = KafkaError::Broker(error);
+            let KafkaError::Broker(inner) = &local else {
+                unreachable!()
+            };
+            let forwarded = KafkaError::Broker(BrokerError::from(WireError::from(inner)));
+            assert_ne!(
+                local.code(),
+                ResponseError::UnknownServerError.code(),
+                "{local}"
+            );
+            assert_eq!(forwarded.code(), local.code(), "{local}");
+        }
+        assert_eq!(
+            KafkaError::Broker(BrokerError::QueueNotFound("t".into())).code(),
+            ResponseError::UnknownTopicOrPartition.code()
+        );
     }
 }
