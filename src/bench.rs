@@ -688,6 +688,14 @@ async fn consume_grpc(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
             shared.consumed.fetch_add(1, Ordering::Relaxed);
         }
     }
+    // Half-closed, the stream ends once the server took the acks still on their way: none
+    // of the messages counted here goes back to the group (to be counted again by another
+    // consumer). What it delivers meanwhile goes back when it ends.
+    drop(requests);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = responses.next().await {}
+    })
+    .await;
     Ok(histogram)
 }
 

@@ -158,6 +158,43 @@ async fn qit_send_stores_a_json_body_as_json_and_takes_a_content_type() {
     s.stop().await;
 }
 
+/// `qit bench` counts each message consumed once: a consumer that stops hands its last
+/// acks over before its stream ends, so no acked message goes back to the group to be
+/// consumed (and counted) again by the other consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qit_bench_consumes_as_many_as_it_publishes() {
+    let s = common::TestServer::start().await;
+    for _ in 0..3 {
+        let out = run_qit(
+            [
+                "bench",
+                "--server",
+                &s.http,
+                "--grpc-server",
+                &s.grpc,
+                "--messages",
+                "3000",
+                "--producers",
+                "2",
+                "--consumers",
+                "2",
+                "--json",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )
+        .await;
+        let summary: Value = out
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .expect("a JSON summary line");
+        assert_eq!(summary["published"], 3000, "{summary}");
+        assert_eq!(summary["consumed"], 3000, "{summary}");
+    }
+    s.stop().await;
+}
+
 /// Regression (issue 11, item 6): log lines carried ANSI colour codes when written to a file
 /// or a pipe. They are coloured only on a terminal.
 #[test]
