@@ -572,6 +572,17 @@ impl Broker {
         names
     }
 
+    /// The names of a queue's groups in this node's copy (cheap, unlike
+    /// [`Self::queue_info`]).
+    pub fn group_names(&self, queue: &str) -> Result<Vec<String>, BrokerError> {
+        Ok(self
+            .queue(queue)?
+            .groups()
+            .iter()
+            .map(|g| g.name.clone())
+            .collect())
+    }
+
     /// All queues, by name.
     pub fn list_queues(&self) -> Vec<QueueInfo> {
         let mut queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();

@@ -191,7 +191,57 @@ enum State {
     Stable,
 }
 
+impl State {
+    /// Kafka's name of the state (ListGroups, DescribeGroups).
+    fn name(self) -> &'static str {
+        match self {
+            State::Empty => "Empty",
+            State::PreparingRebalance { .. } => "PreparingRebalance",
+            State::CompletingRebalance => "CompletingRebalance",
+            State::Stable => "Stable",
+        }
+    }
+}
+
+/// Who a member is: the client id of its JoinGroup's request header and the host it
+/// connected from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Client {
+    /// The client id.
+    pub id: String,
+    /// The client's address.
+    pub host: String,
+}
+
+/// A group with members, as DescribeGroups tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    /// Kafka's name of the group's state.
+    pub state: &'static str,
+    /// The protocol type its members joined with (`consumer` for consumers).
+    pub protocol_type: String,
+    /// The protocol (assignor) chosen, empty before the first generation.
+    pub protocol: String,
+    /// The members.
+    pub members: Vec<MemberView>,
+}
+
+/// A member as DescribeGroups tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// Member id.
+    pub id: String,
+    /// Its client id and host.
+    pub client: Client,
+    /// Its metadata for the chosen protocol (a consumer's subscription).
+    pub metadata: Bytes,
+    /// Its assignment in the current generation.
+    pub assignment: Bytes,
+}
+
 struct Member {
+    /// The client id and host it joined from (as DescribeGroups tells them).
+    client: Client,
     session_timeout: Duration,
     rebalance_timeout: Duration,
     protocols: Vec<(String, Bytes)>,
@@ -222,6 +272,31 @@ impl Group {
             leader: None,
             members: BTreeMap::new(),
             not_before: None,
+        }
+    }
+
+    fn view(&self) -> GroupView {
+        let protocol = self.protocol.clone().unwrap_or_default();
+        let members = self
+            .members
+            .iter()
+            .map(|(id, m)| MemberView {
+                id: id.clone(),
+                client: m.client.clone(),
+                metadata: m
+                    .protocols
+                    .iter()
+                    .find(|(name, _)| *name == protocol)
+                    .map(|(_, meta)| meta.clone())
+                    .unwrap_or_default(),
+                assignment: m.assignment.clone(),
+            })
+            .collect();
+        GroupView {
+            state: self.state.name(),
+            protocol_type: self.protocol_type.clone(),
+            protocol,
+            members,
         }
     }
 
@@ -347,6 +422,7 @@ impl Group {
             if self.members.is_empty() && self.state != State::Empty {
                 self.state = State::Empty;
                 self.leader = None;
+                self.protocol = None;
             } else {
                 self.prepare_rebalance(now);
             }
@@ -366,6 +442,7 @@ impl Group {
         if self.members.is_empty() {
             self.state = State::Empty;
             self.leader = None;
+            self.protocol = None;
         } else {
             self.prepare_rebalance(now);
             self.try_complete_join(false);
@@ -414,8 +491,8 @@ impl Coordinator {
     }
 
     /// JoinGroup: waits until the rebalance completes (or the member is refused).
-    pub async fn join(&self, request: JoinGroupRequest, _version: i16) -> JoinGroupResponse {
-        let rx = match self.enter(&request) {
+    pub async fn join(&self, request: JoinGroupRequest, client: Client) -> JoinGroupResponse {
+        let rx = match self.enter(&request, client) {
             Ok(rx) => rx,
             Err(response) => return *response,
         };
@@ -427,6 +504,7 @@ impl Coordinator {
     fn enter(
         &self,
         request: &JoinGroupRequest,
+        client: Client,
     ) -> Result<oneshot::Receiver<JoinGroupResponse>, Box<JoinGroupResponse>> {
         let group_id = request.group_id.0.to_string();
         let member_id = request.member_id.to_string();
@@ -472,6 +550,7 @@ impl Coordinator {
             .collect();
         group.protocol_type = request.protocol_type.to_string();
         let member = group.members.entry(id).or_insert_with(|| Member {
+            client: Client::default(),
             session_timeout: session,
             rebalance_timeout: rebalance,
             protocols: Vec::new(),
@@ -480,6 +559,7 @@ impl Coordinator {
             syncing: None,
             assignment: Bytes::new(),
         });
+        member.client = client;
         member.session_timeout = session;
         member.rebalance_timeout = rebalance;
         member.protocols = protocols;
@@ -654,6 +734,20 @@ impl Coordinator {
             }
         }
         response
+    }
+
+    /// Every group with members now, by name.
+    pub fn views(&self) -> Vec<(String, GroupView)> {
+        let groups = self.groups.lock();
+        groups
+            .iter()
+            .map(|(name, g)| (name.clone(), g.view()))
+            .collect()
+    }
+
+    /// `group` as it is now, if it has members.
+    pub fn view(&self, group: &str) -> Option<GroupView> {
+        self.groups.lock().get(group).map(Group::view)
     }
 
     /// The members of `group` now (for tests and the README's claims).

@@ -38,6 +38,8 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::SaslAuthenticate, 0, 2),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
 ];
 
 /// The first fields of every request header: key, version, correlation id.
@@ -224,7 +226,26 @@ pub async fn serve(
             let layout = kafka.layout(session.local);
             ResponseKind::FindCoordinator(super::coordinator::find(&layout, r, version))
         }
-        RequestKind::JoinGroup(r) => ResponseKind::JoinGroup(kafka.groups.join(r, version).await),
+        RequestKind::JoinGroup(r) => {
+            let client = super::coordinator::Client {
+                id: request
+                    .header
+                    .client_id
+                    .as_ref()
+                    .map(|id| id.to_string())
+                    .unwrap_or_default(),
+                host: format!("/{}", session.peer.ip()),
+            };
+            ResponseKind::JoinGroup(kafka.groups.join(r, client).await)
+        }
+        RequestKind::ListGroups(r) => {
+            let layout = kafka.layout(session.local);
+            ResponseKind::ListGroups(super::group_listing::list(kafka, &layout, user, &r))
+        }
+        RequestKind::DescribeGroups(r) => {
+            let layout = kafka.layout(session.local);
+            ResponseKind::DescribeGroups(super::group_listing::describe(kafka, &layout, user, &r))
+        }
         RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(kafka.groups.sync(r).await),
         RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(kafka.groups.heartbeat(&r)),
         RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(kafka.groups.leave(&r, version)),

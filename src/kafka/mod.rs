@@ -31,6 +31,7 @@ pub mod conn;
 pub mod coordinator;
 pub mod data;
 pub mod dispatch;
+pub mod group_listing;
 pub mod offsets;
 pub mod records;
 pub mod session;

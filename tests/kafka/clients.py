@@ -310,7 +310,20 @@ def scenario_sasl(bootstrap, http_url, password):
     consumer.subscribe(["private"])
     seen = {}
     poll_until({"alice": consumer}, 1, seen)
+    consumer.commit(asynchronous=False)
     consumer.close()
+    # Groups are listed and described to those who may consume their queues only.
+    owners = [g.group_id for g in admin.list_consumer_groups().result(30).valid]
+    assert "owners" in owners, owners
+    mallory = AdminClient(conf("mallory", password))
+    hidden = [g.group_id for g in mallory.list_consumer_groups().result(30).valid]
+    assert "owners" not in hidden, hidden
+    try:
+        mallory.describe_consumer_groups(["owners"])["owners"].result(30)
+        raise AssertionError("a stranger describes the owners' group")
+    except Exception as e:  # confluent_kafka raises KafkaException(KafkaError)
+        code = e.args[0].code() if e.args and hasattr(e.args[0], "code") else None
+        assert code == KafkaError.GROUP_AUTHORIZATION_FAILED, repr(e)
     stranger = Producer({**conf("mallory", password), "message.timeout.ms": 10000})
     errors = []
     stranger.produce("private", b"intrusion", on_delivery=lambda err, m: errors.append(err))
@@ -343,7 +356,30 @@ def scenario_kafka_python_group(bootstrap, http_url):
     assert [r.value for r in got] == [b"v%d" % i for i in range(50)]
     assert got[7].key == b"k7" and got[7].headers == [("h", b"x")], got[7]
     consumer.commit()
+    # Admin tools list and describe the group: while its consumer runs, Stable with that
+    # member (client id, host, subscription, assignment); once it left, Empty. qit's own
+    # group `default` of the queue is a group too.
+    from kafka import KafkaAdminClient
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    listed = {g["group_id"]: g for g in admin.list_groups()}
+    assert listed[group]["group_state"] == "Stable" and listed[group]["protocol_type"] == "consumer", listed
+    assert listed["default"]["group_state"] == "Empty", listed
+    described = admin.describe_groups([group, "nobody-has-this"])
+    stable = described[group]
+    assert stable["group_state"] == "Stable" and stable["protocol_data"] == "range", stable
+    [member] = stable["members"]
+    assert member["client_id"].startswith("kafka-python") and member["client_host"] == "/127.0.0.1", member
+    assert member["member_metadata"]["topics"] == [topic], member
+    assert member["member_assignment"]["assigned_partitions"] == [{"topic": topic, "partitions": [0]}], member
+    assert described["nobody-has-this"]["group_state"] == "Dead", described
     consumer.close()
+    until("the group is empty once its consumer left",
+          lambda: admin.describe_groups([group])[group]["group_state"] == "Empty")
+    confluent = AdminClient({"bootstrap.servers": bootstrap})
+    result = confluent.list_consumer_groups().result(30)
+    empty = {g.group_id: g for g in result.valid}
+    assert group in empty and "EMPTY" in str(empty[group].state), (empty, result.errors)
+    admin.close()
     assert group_floors(http_url, topic, group) == {0: 50}
     again = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
     assert again.committed(KTP(topic, 0)) == 50

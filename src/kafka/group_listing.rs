@@ -1,0 +1,163 @@
+//! ListGroups and DescribeGroups: the consumer groups this broker coordinates, as Kafka's
+//! admin tools (`kafka-consumer-groups`, the AdminClients) list and describe them.
+//!
+//! A group is listed when it has members here (the classic protocol's state, members,
+//! client ids and assignments, see [`super::coordinator`]), or when qit has it on a queue
+//! (its committed offsets live there, see [`super::offsets`]): such a group is `Empty`,
+//! as Kafka lists a group whose members left while its offsets stay, and a qit group that
+//! HTTP and gRPC consumers use is the same thing to a Kafka client. A qit group is read
+//! from this node's copy of each queue. On a cluster every node answers for the groups it
+//! coordinates, as in Kafka (an admin client asks every broker and merges the lists).
+//!
+//! With auth on, a user sees only the groups that qit has on queues the user may consume
+//! (qit's grants are on queues, not on groups); describing another group answers
+//! `GROUP_AUTHORIZATION_FAILED`.
+
+use std::collections::BTreeSet;
+
+use kafka_protocol::ResponseError;
+use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
+use kafka_protocol::messages::list_groups_response::ListedGroup;
+use kafka_protocol::messages::{
+    DescribeGroupsRequest, DescribeGroupsResponse, GroupId, ListGroupsRequest, ListGroupsResponse,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use super::Kafka;
+use super::brokers::Layout;
+use super::coordinator::GroupView;
+use crate::auth::Action;
+
+/// The protocol type of a group qit has without members here.
+const CONSUMER: &str = "consumer";
+/// What DescribeGroups says of a group nobody has.
+const DEAD: &str = "Dead";
+/// `authorized_operations` when they were not asked for (Kafka's `INT32_MIN`).
+const NOT_ASKED: i32 = i32::MIN;
+
+fn text(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+/// The groups qit has on the queues `user` may consume, in this node's copies.
+fn qit_groups(kafka: &Kafka, user: Option<&str>) -> BTreeSet<String> {
+    kafka
+        .broker
+        .queue_names()
+        .into_iter()
+        .filter(|queue| kafka.allow(user, Action::Consume, queue).is_ok())
+        .filter_map(|queue| kafka.broker.group_names(&queue).ok())
+        .flatten()
+        .collect()
+}
+
+/// Whether `user` may see `group`.
+fn visible(kafka: &Kafka, qit: &BTreeSet<String>, group: &str) -> bool {
+    kafka.auth.is_none() || qit.contains(group)
+}
+
+/// A group without members here: `Empty` when qit has it, else nobody has it.
+fn memberless(in_qit: bool) -> GroupView {
+    GroupView {
+        state: if in_qit { "Empty" } else { DEAD },
+        protocol_type: if in_qit { CONSUMER } else { "" }.to_string(),
+        protocol: String::new(),
+        members: Vec::new(),
+    }
+}
+
+/// ListGroups (v0-4): every group this node coordinates that `user` may see, of the
+/// asked states (all when none are asked; v4 and later).
+pub fn list(
+    kafka: &Kafka,
+    layout: &Layout,
+    user: Option<&str>,
+    request: &ListGroupsRequest,
+) -> ListGroupsResponse {
+    let qit = qit_groups(kafka, user);
+    let mut groups: Vec<(String, GroupView)> = kafka.groups.views();
+    let active: BTreeSet<String> = groups.iter().map(|(name, _)| name.clone()).collect();
+    groups.extend(
+        qit.iter()
+            .filter(|name| !active.contains(*name))
+            .map(|name| (name.clone(), memberless(true))),
+    );
+    groups.retain(|(name, view)| {
+        layout.coordinates(name)
+            && visible(kafka, &qit, name)
+            && (request.states_filter.is_empty()
+                || request
+                    .states_filter
+                    .iter()
+                    .any(|s| s.as_str().eq_ignore_ascii_case(view.state)))
+    });
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut response = ListGroupsResponse::default();
+    response.groups = groups
+        .into_iter()
+        .map(|(name, view)| {
+            ListedGroup::default()
+                .with_group_id(GroupId(text(&name)))
+                .with_protocol_type(text(&view.protocol_type))
+                .with_group_state(text(view.state))
+        })
+        .collect();
+    response
+}
+
+/// DescribeGroups (v0-5): each asked group's state, protocol and members; a group this
+/// node does not coordinate answers `NOT_COORDINATOR` (the client looks it up again).
+pub fn describe(
+    kafka: &Kafka,
+    layout: &Layout,
+    user: Option<&str>,
+    request: &DescribeGroupsRequest,
+) -> DescribeGroupsResponse {
+    let qit = qit_groups(kafka, user);
+    let mut response = DescribeGroupsResponse::default();
+    for group in &request.groups {
+        let name = group.0.as_str();
+        let described = DescribedGroup::default()
+            .with_group_id(group.clone())
+            .with_authorized_operations(NOT_ASKED);
+        let refused = if !layout.coordinates(name) {
+            Some(ResponseError::NotCoordinator)
+        } else if !visible(kafka, &qit, name) {
+            Some(ResponseError::GroupAuthorizationFailed)
+        } else {
+            None
+        };
+        if let Some(error) = refused {
+            response.groups.push(
+                described
+                    .with_error_code(error.code())
+                    .with_group_state(text(DEAD)),
+            );
+            continue;
+        }
+        let view = kafka
+            .groups
+            .view(name)
+            .unwrap_or_else(|| memberless(qit.contains(name)));
+        let members = view
+            .members
+            .into_iter()
+            .map(|m| {
+                DescribedGroupMember::default()
+                    .with_member_id(text(&m.id))
+                    .with_client_id(text(&m.client.id))
+                    .with_client_host(text(&m.client.host))
+                    .with_member_metadata(m.metadata)
+                    .with_member_assignment(m.assignment)
+            })
+            .collect();
+        response.groups.push(
+            described
+                .with_group_state(text(view.state))
+                .with_protocol_type(text(&view.protocol_type))
+                .with_protocol_data(text(&view.protocol))
+                .with_members(members),
+        );
+    }
+    response
+}
