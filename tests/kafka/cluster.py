@@ -161,6 +161,15 @@ def scenario_group(bootstrap_a, bootstrap_b, http_url, topic, group, n):
             by_member.setdefault(name, set()).add(p)
     until("the commits show as the qit group's floors",
           lambda: committed_everywhere(members, seen, http_url, topic, group, 4))
+    # An admin client finds the group on its coordinator, whichever node that is: listed
+    # once (every node lists the groups it coordinates) and described with both members.
+    from kafka import KafkaAdminClient
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_a)
+    listed = [g["group_id"] for g in admin.list_groups()]
+    assert listed.count(group) == 1, listed
+    described = admin.describe_groups([group])[group]
+    assert described["group_state"] == "Stable" and len(described["members"]) == 2, described
+    admin.close()
     for c in members.values():
         c.close()
     print(json.dumps({"owned": {k: sorted(v) for k, v in owned.items()},
