@@ -115,6 +115,28 @@ async fn any_node_serves_every_step() {
             .iter()
             .any(|p| p["queue"] == "orders" && p["replicas"].as_array().map(Vec::len) == Some(3))
     );
+    // `/metrics` has the group's series per partition of the queue (they share it).
+    let text = http()
+        .get(format!("{}/metrics", cluster.node(1).http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in ["qit_cluster_term", "qit_cluster_replication_lag_entries"] {
+        for partition in 0..2 {
+            let series = text.lines().find(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    && l.contains("queue=\"orders\"")
+                    && l.contains(&format!("partition=\"{partition}\""))
+            });
+            assert!(
+                series.is_some(),
+                "{name} of partition {partition} in\n{text}"
+            );
+        }
+    }
     // The cluster listener wants the secret.
     let mut client = qit::proto::cluster::cluster_client::ClusterClient::connect(format!(
         "http://127.0.0.1:{}",

@@ -256,10 +256,28 @@ impl Cluster {
                 }
                 let previous = leaders.insert(id, m.current_leader);
                 if previous.is_some_and(|p| p != m.current_leader) && m.current_leader.is_some() {
-                    let labels = [("group", id.to_string()), ("queue", name)];
-                    metrics::counter!(LEADER_CHANGES, &labels).increment(1);
+                    self.count_leader_change(id, &name);
                 }
             }
+        }
+    }
+
+    /// Counts a leader change of group `id` (of queue `name`): once per partition of the
+    /// queue (they share the group), once for the metadata group.
+    fn count_leader_change(&self, id: u64, name: &str) {
+        let group = id.to_string();
+        if id == META_GROUP {
+            let labels = [("group", group), ("queue", name.to_string())];
+            metrics::counter!(LEADER_CHANGES, &labels).increment(1);
+            return;
+        }
+        for partition in 0..self.broker.partition_count(name).unwrap_or(1) {
+            let labels = [
+                ("group", group.clone()),
+                ("queue", name.to_string()),
+                ("partition", partition.to_string()),
+            ];
+            metrics::counter!(LEADER_CHANGES, &labels).increment(1);
         }
     }
 
@@ -277,41 +295,48 @@ impl Cluster {
 
     /// Adds the state of every group this node runs now (term, leadership, lag, indexes)
     /// to a scrape: a group that left this node (its queue deleted or moved) shows nothing.
+    /// A queue's series come once per partition (label `partition`): its partitions share
+    /// the queue's group, so they show the same values. The metadata group's have none.
     pub fn group_gauges(&self, state: &mut StateGauges) {
         let names = self.group_names();
         for (id, raft) in self.groups().rafts() {
             let name = names.get(&id).cloned().unwrap_or_default();
             let m = raft.metrics().borrow_watched().clone();
             let group = id.to_string();
-            let labels = [("group", group.as_str()), ("queue", name.as_str())];
-            state.set(TERM, &labels, m.current_term as f64);
-            let leads = m.current_leader == Some(self.node_id());
-            state.set(IS_LEADER, &labels, if leads { 1.0 } else { 0.0 });
-            state.set(
-                REPLICATION_LAG,
-                &labels,
-                follower_lag(&m).unwrap_or(0) as f64,
-            );
-            for f in follower_lag_series(&m, self.node_id()) {
-                let node = f.node.to_string();
-                let labels = [
-                    ("group", group.as_str()),
-                    ("queue", name.as_str()),
-                    ("follower", node.as_str()),
-                ];
-                state.set(FOLLOWER_LAG, &labels, f.lag as f64);
+            let partitions: Vec<Option<String>> = match id {
+                META_GROUP => vec![None],
+                _ => (0..self.broker.partition_count(&name).unwrap_or(1))
+                    .map(|p| Some(p.to_string()))
+                    .collect(),
+            };
+            for partition in &partitions {
+                let mut labels = vec![("group", group.as_str()), ("queue", name.as_str())];
+                if let Some(partition) = partition {
+                    labels.push(("partition", partition.as_str()));
+                }
+                self.group_series(state, &m, &labels);
             }
-            let index = |l: Option<LogId>| l.map_or(0.0, |l| l.index as f64);
-            state.set(
-                LAST_LOG_INDEX,
-                &labels,
-                m.last_log_index.unwrap_or(0) as f64,
-            );
-            state.set(COMMIT_INDEX, &labels, index(m.local_committed));
-            state.set(APPLIED_INDEX, &labels, index(m.last_applied));
-            state.set(SNAPSHOT_INDEX, &labels, index(m.snapshot));
-            state.set(PURGED_INDEX, &labels, index(m.purged));
         }
+    }
+
+    /// One set of a group's series under `labels`.
+    fn group_series(&self, state: &mut StateGauges, m: &RaftMetrics, labels: &[(&str, &str)]) {
+        state.set(TERM, labels, m.current_term as f64);
+        let leads = m.current_leader == Some(self.node_id());
+        state.set(IS_LEADER, labels, if leads { 1.0 } else { 0.0 });
+        state.set(REPLICATION_LAG, labels, follower_lag(m).unwrap_or(0) as f64);
+        for f in follower_lag_series(m, self.node_id()) {
+            let node = f.node.to_string();
+            let mut labels = labels.to_vec();
+            labels.push(("follower", node.as_str()));
+            state.set(FOLLOWER_LAG, &labels, f.lag as f64);
+        }
+        let index = |l: &Option<LogId>| l.as_ref().map_or(0.0, |l| l.index as f64);
+        state.set(LAST_LOG_INDEX, labels, m.last_log_index.unwrap_or(0) as f64);
+        state.set(COMMIT_INDEX, labels, index(&m.local_committed));
+        state.set(APPLIED_INDEX, labels, index(&m.last_applied));
+        state.set(SNAPSHOT_INDEX, labels, index(&m.snapshot));
+        state.set(PURGED_INDEX, labels, index(&m.purged));
     }
 }
 
