@@ -116,14 +116,7 @@ async fn any_node_serves_every_step() {
             .any(|p| p["queue"] == "orders" && p["replicas"].as_array().map(Vec::len) == Some(3))
     );
     // `/metrics` has the group's series per partition of the queue (they share it).
-    let text = http()
-        .get(format!("{}/metrics", cluster.node(1).http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics_text(&cluster.node(1).http).await;
     for name in ["qit_cluster_term", "qit_cluster_replication_lag_entries"] {
         for partition in 0..2 {
             let series = text.lines().find(|l| {
@@ -173,34 +166,10 @@ async fn any_node_serves_every_step() {
         .into_inner()
         .messages;
     assert_eq!(sent.len(), 3);
-    let mut receiver = BrokerClient::connect(grpc(2)).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(proto::ReceiveRequest {
-        request: Some(receive_request::Request::Open(proto::OpenStream {
-            queue: "orders".into(),
-            group: String::new(),
-            max_in_flight: 10,
-            visibility_ms: None,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = receiver
-        .receive_messages(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_stream(grpc(2), "orders", 10).await;
     let mut streamed = BTreeSet::new();
     while streamed.len() < 3 {
-        let next = tokio::time::timeout(Duration::from_secs(30), stream.next())
-            .await
-            .expect("the stream delivers within the guard");
-        let Some(Ok(proto::ReceiveResponse {
-            response: Some(receive_response::Response::Message(m)),
-        })) = next
-        else {
-            panic!("unexpected stream item: {next:?}");
-        };
+        let m = next_streamed(&mut stream).await;
         streamed.insert(String::from_utf8_lossy(&m.body).to_string());
         tx.send(proto::ReceiveRequest {
             request: Some(receive_request::Request::Ack(proto::StreamAck { id: m.id })),
@@ -246,6 +215,50 @@ async fn any_node_serves_every_step() {
     assert_eq!(body["error"]["code"], "no_leader");
 }
 
+/// A `ReceiveMessages` stream on the gRPC endpoint `grpc` for the default group of
+/// `queue`: where requests (acks) go, and the responses.
+async fn open_stream(
+    grpc: String,
+    queue: &str,
+    max_in_flight: u32,
+) -> (
+    tokio::sync::mpsc::Sender<proto::ReceiveRequest>,
+    tonic::Streaming<proto::ReceiveResponse>,
+) {
+    let mut receiver = BrokerClient::connect(grpc).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Open(proto::OpenStream {
+            queue: queue.into(),
+            group: String::new(),
+            max_in_flight,
+            visibility_ms: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let stream = receiver
+        .receive_messages(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
+/// The next message `stream` delivers (anything else fails the test).
+async fn next_streamed(stream: &mut tonic::Streaming<proto::ReceiveResponse>) -> proto::Message {
+    let next = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the stream delivers within the guard");
+    let Some(Ok(proto::ReceiveResponse {
+        response: Some(receive_response::Response::Message(m)),
+    })) = next
+    else {
+        panic!("unexpected stream item: {next:?}");
+    };
+    m
+}
+
 /// A receive stream on a node that does not lead its queue ends with a message unacked
 /// while the stream is asking the leader for more: the message goes back to the group at
 /// once and its next delivery is its second. (The stream's lease on its way to the leader
@@ -269,36 +282,11 @@ async fn stream_end_returns_leases_at_once(cluster: &Cluster) {
         assert!(status.is_success(), "publish: {status} {answer}");
     }
     let grpc = format!("http://127.0.0.1:{}", cluster.node(follower).grpc_port);
-    let mut receiver = BrokerClient::connect(grpc).await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(proto::ReceiveRequest {
-        request: Some(receive_request::Request::Open(proto::OpenStream {
-            queue: "returns".into(),
-            group: String::new(),
-            max_in_flight: 2,
-            visibility_ms: None,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = receiver
-        .receive_messages(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut got = Vec::new();
-    while got.len() < 2 {
-        let next = tokio::time::timeout(Duration::from_secs(30), stream.next())
-            .await
-            .expect("the stream delivers within the guard");
-        let Some(Ok(proto::ReceiveResponse {
-            response: Some(receive_response::Response::Message(m)),
-        })) = next
-        else {
-            panic!("unexpected stream item: {next:?}");
-        };
-        got.push(m);
-    }
+    let (tx, mut stream) = open_stream(grpc, "returns", 2).await;
+    let got = [
+        next_streamed(&mut stream).await,
+        next_streamed(&mut stream).await,
+    ];
     // Acking one makes room: the stream asks the leader for more (a long-poll there).
     let (acked, kept) = (got[0].id.clone(), got[1].clone());
     tx.send(proto::ReceiveRequest {

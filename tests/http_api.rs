@@ -555,14 +555,7 @@ async fn health_and_metrics() {
     assert_eq!(status, StatusCode::OK);
     let (status, health) = get(&s, "/healthz").await;
     assert_eq!((status, health), (StatusCode::OK, json!({"status": "ok"})));
-    let text = http()
-        .get(format!("{}/metrics", s.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics_text(&s.http).await;
     assert!(
         text.contains("qit_messages_published_total{queue=\"m\"}"),
         "{text}"
@@ -598,14 +591,7 @@ async fn health_and_metrics() {
     // The log reports its fsyncs upward (an observer, not an import of metrics): under
     // `fsync = interval` the sync thread runs shortly after a write.
     common::eventually("a segment fsync is in the latency histogram", || async {
-        let text = http()
-            .get(format!("{}/metrics", s.http))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = common::metrics_text(&s.http).await;
         text.contains("qit_fsync_latency_seconds_count")
     })
     .await;
@@ -617,14 +603,7 @@ async fn health_and_metrics() {
         .unwrap()
         .status();
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let text = http()
-        .get(format!("{}/metrics", s.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics_text(&s.http).await;
     for gone in [
         "qit_backlog_messages{queue=\"m\"",
         "qit_in_flight_messages{queue=\"m\"",

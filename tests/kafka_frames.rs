@@ -307,20 +307,11 @@ async fn a_fetch_long_polls_until_a_record_arrives() {
     ];
     send(&mut stream, &request(ApiKey::Fetch, 12, 5, &body)).await;
     // Publish once the broker holds the fetch parked (its waiters gauge says so).
-    common::eventually("the fetch is parked", || {
-        let url = format!("{}/metrics", server.http);
-        async move {
-            common::http()
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-                .lines()
-                .any(|l| l == "qit_kafka_fetch_waiters 1")
-        }
+    common::eventually("the fetch is parked", || async {
+        common::metrics_text(&server.http)
+            .await
+            .lines()
+            .any(|l| l == "qit_kafka_fetch_waiters 1")
     })
     .await;
     let broker = server.broker.clone();

@@ -126,14 +126,7 @@ async fn five_hundred_queues_cost_no_thread_and_no_descriptor_each() {
     let listed: Value = get_json(format!("{}/queues?limit=1000", qit.http)).await;
     assert_eq!(listed["queues"].as_array().unwrap().len(), 1000);
     assert!(listed["next"].is_null());
-    let metrics = common::http()
-        .get(format!("{}/metrics", qit.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&qit.http).await;
     let open_files: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("qit_open_files "))

@@ -247,14 +247,7 @@ async fn a_server_keeps_its_maps_within_max_mapped_files() {
     }
     let expected: Vec<String> = (0..N).map(body).collect();
     assert_eq!(received, expected);
-    let metrics = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&base).await;
     let mapped: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("qit_mapped_files "))

@@ -458,38 +458,53 @@ mod tests {
         assert_eq!(set.records[1].offset, 7);
     }
 
+    /// A record as a Kafka producer makes it (the crate's type).
+    fn produced(
+        offset: i64,
+        timestamp: i64,
+        key: &[u8],
+        value: Option<Bytes>,
+    ) -> kafka_protocol::records::Record {
+        kafka_protocol::records::Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: kafka_protocol::records::TimestampType::Creation,
+            offset,
+            sequence: -1,
+            timestamp,
+            key: Some(Bytes::copy_from_slice(key)),
+            value,
+            headers: Default::default(),
+        }
+    }
+
+    /// A batch of such records as the crate encodes it.
+    fn produced_batch(
+        records: &[kafka_protocol::records::Record],
+        compression: kafka_protocol::records::Compression,
+    ) -> BytesMut {
+        let mut buf = BytesMut::new();
+        let options = kafka_protocol::records::RecordEncodeOptions {
+            version: 2,
+            compression,
+        };
+        kafka_protocol::records::RecordBatchEncoder::encode(&mut buf, records, &options).unwrap();
+        buf
+    }
+
     /// A null value (a tombstone) comes back null, and an empty value empty: the two
     /// differ only by the marker header, which a fetch does not show.
     #[test]
     fn a_null_value_stays_null_and_an_empty_one_empty() {
-        use kafka_protocol::records::{
-            Compression, Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-        };
-        let produced: Vec<KRecord> = [None, Some(Bytes::new())]
-            .into_iter()
-            .enumerate()
-            .map(|(i, value)| KRecord {
-                transactional: false,
-                control: false,
-                delete_horizon: false,
-                partition_leader_epoch: 0,
-                producer_id: -1,
-                producer_epoch: -1,
-                timestamp_type: TimestampType::Creation,
-                offset: i as i64,
-                sequence: -1,
-                timestamp: 1000,
-                key: Some(Bytes::from_static(b"k")),
-                value,
-                headers: Default::default(),
-            })
-            .collect();
-        let mut buf = BytesMut::new();
-        let options = RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        };
-        RecordBatchEncoder::encode(&mut buf, &produced, &options).unwrap();
+        let records = [
+            produced(0, 1000, b"k", None),
+            produced(1, 1000, b"k", Some(Bytes::new())),
+        ];
+        let buf = produced_batch(&records, kafka_protocol::records::Compression::None);
         let records: Vec<Record> = decode_batches(&buf, 0)
             .unwrap()
             .into_iter()
@@ -536,38 +551,25 @@ mod tests {
 
     #[test]
     fn compressed_batches_from_the_crate_decode() {
-        use kafka_protocol::records::{
-            Compression, Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-        };
+        use kafka_protocol::records::Compression;
         for compression in [
             Compression::Gzip,
             Compression::Snappy,
             Compression::Lz4,
             Compression::Zstd,
         ] {
-            let records: Vec<KRecord> = (0..50)
-                .map(|i| KRecord {
-                    transactional: false,
-                    control: false,
-                    delete_horizon: false,
-                    partition_leader_epoch: 0,
-                    producer_id: -1,
-                    producer_epoch: -1,
-                    timestamp_type: TimestampType::Creation,
-                    offset: i,
-                    sequence: -1,
-                    timestamp: 1000 + i,
-                    key: Some(Bytes::from(format!("key-{i}"))),
-                    value: Some(Bytes::from(vec![b'x'; 100])),
-                    headers: Default::default(),
+            let records: Vec<_> = (0..50)
+                .map(|i| {
+                    let key = format!("key-{i}");
+                    produced(
+                        i,
+                        1000 + i,
+                        key.as_bytes(),
+                        Some(Bytes::from(vec![b'x'; 100])),
+                    )
                 })
                 .collect();
-            let mut buf = BytesMut::new();
-            let options = RecordEncodeOptions {
-                version: 2,
-                compression,
-            };
-            RecordBatchEncoder::encode(&mut buf, &records, &options).unwrap();
+            let buf = produced_batch(&records, compression);
             let batches = decode_batches(&buf, 0).unwrap();
             let decoded: Vec<_> = batches.iter().flat_map(|b| &b.records).collect();
             assert_eq!(decoded.len(), 50, "{compression:?}");

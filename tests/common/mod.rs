@@ -245,18 +245,23 @@ where
     }
 }
 
+/// The `/metrics` text of the server at `base`.
+pub async fn metrics_text(base: &str) -> String {
+    http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Waits until the server at `base` holds `n` long-polls (its `qit_long_poll_waiters`
 /// gauge), i.e. the requests reached the server and took their slots.
 pub async fn wait_for_long_polls(base: &str, n: usize) {
     eventually(&format!("{n} long-polls are open"), || async {
-        let text = http()
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(base).await;
         text.lines().any(|line| {
             line.strip_prefix("qit_long_poll_waiters ")
                 .and_then(|v| v.trim().parse::<f64>().ok())
