@@ -320,6 +320,38 @@ async fn stream_end_returns_leases_at_once(cluster: &Cluster) {
     let again = &again["messages"][0];
     assert_eq!(again["id"], kept.id.as_str(), "{again}");
     assert_eq!(again["delivery_count"], 2, "{again}");
+    unknown_groups_are_refused(cluster, follower, leader).await;
+}
+
+/// An ack naming a group the queue does not have answers 404 through any node, as on a
+/// single node, and creates nothing (it was once proposed, and its apply created the group
+/// with the message acked: that group never saw it); a name no group can have is 400.
+async fn unknown_groups_are_refused(cluster: &Cluster, follower: u64, leader: u64) {
+    for id in [follower, leader] {
+        let base = &cluster.node(id).http;
+        let (status, body) = retrying("ack", || {
+            http().delete(format!("{base}/queues/returns/messages/0-0?group=ghost"))
+        })
+        .await;
+        assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "node {id}: {body}");
+        assert_eq!(
+            body["error"]["code"], "group_not_found",
+            "node {id}: {body}"
+        );
+        let (status, body) = retrying("ack", || {
+            http().delete(format!("{base}/queues/returns/messages/0-0?group=a%20b"))
+        })
+        .await;
+        assert_eq!(
+            status,
+            reqwest::StatusCode::BAD_REQUEST,
+            "node {id}: {body}"
+        );
+        assert_eq!(body["error"]["code"], "invalid_name", "node {id}: {body}");
+    }
+    let groups = format!("{}/queues/returns/groups/ghost", cluster.node(leader).http);
+    let response = http().get(groups).send().await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
 }
 
 /// Receives what node `base` delivers into `into` (id -> body).

@@ -212,6 +212,30 @@ async fn bad_inputs_get_clear_errors() {
             StatusCode::NOT_FOUND,
             "group_not_found",
         ),
+        // A group name no group can have is bad input, wherever it is named.
+        (
+            client.delete(format!("{}/queues/q/messages/0-0?group=a%20b", s.http)),
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
+        (
+            client.post(format!("{}/queues/q/messages/0-0/nack?group=a%20b", s.http)),
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
+        (
+            client.post(format!(
+                "{}/queues/q/messages/0-0/extend?group=a%20b&visibility=5",
+                s.http
+            )),
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
+        (
+            client.get(format!("{}/queues/q/groups/a%20b", s.http)),
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
         (
             client
                 .post(format!("{}/queues/q/messages", s.http))

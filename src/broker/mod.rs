@@ -305,6 +305,8 @@ impl Broker {
     }
 
     fn existing_group(queue: &Queue, name: &str) -> Result<Arc<Group>, BrokerError> {
+        // A name no group can have is bad input (400), not an unknown group (404).
+        crate::name::check(name)?;
         queue.group(name).ok_or_else(|| BrokerError::GroupNotFound {
             queue: queue.name.clone(),
             group: name.to_string(),
@@ -1413,6 +1415,14 @@ impl Broker {
                 _ = self.shutdown.cancelled() => return Ok(()),
             }
         }
+    }
+
+    /// Checks that `group` of `queue` exists on this node: a cluster leader asks before it
+    /// proposes an ack, whose apply creates the group on a replica that has not seen it
+    /// yet (so an ack naming an unknown group must be refused before it is an entry).
+    pub fn check_group(&self, queue: &str, group: &str) -> Result<(), BrokerError> {
+        let q = self.queue(queue)?;
+        Self::existing_group(&q, group).map(|_| ())
     }
 
     /// Detailed state of a group.

@@ -868,6 +868,14 @@ impl Cluster {
                     .publish(sink, group, queue, messages, now_ms)
                     .await
             }
+            Command::Broker(Op::Ack {
+                ref queue,
+                group: ref consumer,
+                ..
+            }) => {
+                self.broker.check_group(queue, consumer)?;
+                propose_entry(raft, group, command).await
+            }
             command => propose_entry(raft, group, command).await,
         }
     }
