@@ -321,6 +321,50 @@ async fn stream_end_returns_leases_at_once(cluster: &Cluster) {
     assert_eq!(again["id"], kept.id.as_str(), "{again}");
     assert_eq!(again["delivery_count"], 2, "{again}");
     unknown_groups_are_refused(cluster, follower, leader).await;
+    a_nack_answers_once_its_dead_letter_is_stored(cluster, follower).await;
+}
+
+/// A nack through node `via` that dead-letters a message answers once the dead letter is
+/// in the dead-letter queue (whose leader may be another node): reading it or redriving
+/// right after finds it.
+async fn a_nack_answers_once_its_dead_letter_is_stored(cluster: &Cluster, via: u64) {
+    let base = cluster.node(via).http.clone();
+    create_queue(&base, "dies", json!({"max_deliveries": 1})).await;
+    let (status, answer) = retrying("publish", || {
+        http()
+            .post(format!("{base}/queues/dies/messages"))
+            .body("last")
+    })
+    .await;
+    assert!(status.is_success(), "publish: {status} {answer}");
+    let got = view(&format!("{base}/queues/dies/messages?wait=5")).await;
+    let got = got.expect("a receive answers");
+    let id = got["messages"][0]["id"]
+        .as_str()
+        .expect("a message")
+        .to_string();
+    let (status, answer) = retrying("nack", || {
+        http().post(format!("{base}/queues/dies/messages/{id}/nack"))
+    })
+    .await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "nack: {answer}");
+    let group = view(&format!("{base}/queues/dies/groups/default")).await;
+    let group = group.expect("the group");
+    assert_eq!(group["dead_lettered"], 1, "{group}");
+    let log = view(&format!("{base}/queues/dies.dlq/log"))
+        .await
+        .expect("a log");
+    assert_eq!(log["messages"].as_array().map(Vec::len), Some(1), "{log}");
+    let (status, moved) = retrying("redrive", || {
+        http()
+            .post(format!("{base}/queues/dies/redrive"))
+            .json(&json!({}))
+    })
+    .await;
+    assert_eq!(
+        (status, moved["moved"].clone()),
+        (reqwest::StatusCode::OK, json!(1))
+    );
 }
 
 /// An ack naming a group the queue does not have answers 404 through any node, as on a

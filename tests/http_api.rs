@@ -373,6 +373,9 @@ async fn expiry_nack_dead_letter_and_redrive() {
         (status, again["error"]["code"].clone()),
         (StatusCode::CONFLICT, json!("not_leased"))
     );
+    // The nack answered once the dead letter was in the dead-letter queue.
+    let (_, log) = get(&s, "/queues/w.dlq/log").await;
+    assert_eq!(log["messages"].as_array().map(Vec::len), Some(1), "{log}");
     // Looking at the DLQ with its default group leases the dead letter; redrive still moves it.
     let (_, dead) = get(&s, "/queues/w.dlq/messages?wait=5").await;
     let m = &dead["messages"][0];

@@ -1058,7 +1058,12 @@ impl Broker {
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         let ended = q.nack(&g, id, delay.map(millis))?;
-        self.dispatch_dead_letters(ended.dead_letters);
+        // A nack that dead-letters answers once the message is in the dead-letter queue
+        // (a script that nacks and then reads or redrives the dead letters finds it there),
+        // rather than handing it to the worker that takes expired leases' dead letters.
+        for job in ended.dead_letters {
+            self.dead_letter(job).await;
+        }
         if let Some(replicator) = self.replicator() {
             // The nack is answered once its delivery count is replicated: a leader killed
             // right after still leaves the count to its successor. A failure here does not
