@@ -217,9 +217,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     });
     let report = drive(&shared).await;
     if fresh {
-        let url = format!("{}/queues/{}", shared.opts.http_url, shared.queue);
-        // Best effort: a failed cleanup must not hide the figures.
-        let _ = http.delete(url).send().await;
+        // The fresh queue and the dead-letter queue made with it. Best effort: a failed
+        // cleanup must not hide the figures.
+        for queue in [shared.queue.clone(), format!("{}.dlq", shared.queue)] {
+            let url = format!("{}/queues/{queue}", shared.opts.http_url);
+            let _ = http.delete(url).send().await;
+        }
     }
     report
 }

@@ -160,7 +160,7 @@ async fn qit_send_stores_a_json_body_as_json_and_takes_a_content_type() {
 
 /// `qit bench` counts each message consumed once: a consumer that stops hands its last
 /// acks over before its stream ends, so no acked message goes back to the group to be
-/// consumed (and counted) again by the other consumer.
+/// consumed (and counted) again by the other consumer. It removes what it created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qit_bench_consumes_as_many_as_it_publishes() {
     let s = common::TestServer::start().await;
@@ -192,6 +192,9 @@ async fn qit_bench_consumes_as_many_as_it_publishes() {
         assert_eq!(summary["published"], 3000, "{summary}");
         assert_eq!(summary["consumed"], 3000, "{summary}");
     }
+    // It leaves nothing behind: its queue and that queue's dead-letter queue are gone.
+    let left: Value = get_json(format!("{}/queues", s.http)).await;
+    assert_eq!(left["queues"], serde_json::json!([]), "{left}");
     s.stop().await;
 }
 
