@@ -346,6 +346,60 @@ async fn oversized_bodies_beyond_any_queue_limit_get_json_413() {
     s.stop().await;
 }
 
+/// A redrive never takes a dead letter for a repeat of another message: not of a client's
+/// publish under a made-up key (clients may not use qit's key prefixes), nor of an earlier
+/// redrive from a dead-letter queue that was deleted and made again (its ids start over).
+#[tokio::test]
+async fn a_redrive_stores_every_dead_letter_it_moves() {
+    let s = TestServer::start().await;
+    create(&s, "r", json!({"max_deliveries": 1})).await;
+    for key in ["qit-redrive:r.dlq:0-0", "QIT-x", "kafka:7:0:0:0-0"] {
+        let status = http()
+            .post(format!("{}/queues/r/messages", s.http))
+            .header("idempotency-key", key)
+            .body("junk")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{key}");
+    }
+    let (status, _) = post(
+        &s,
+        "/queues/r/messages/batch",
+        Some(json!({"messages": [{"body": 1, "idempotency_key": "qit-redrive:r.dlq:0-0"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    send(&s, "r", "precious").await;
+    for round in 1..=2 {
+        let (_, got) = get(&s, "/queues/r/messages?wait=5").await;
+        let id = got["messages"][0]["id"].as_str().unwrap().to_string();
+        let (status, _) = post(&s, &format!("/queues/r/messages/{id}/nack"), None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (_, moved) = post(&s, "/queues/r/redrive", None).await;
+        assert_eq!(moved["moved"], 1, "round {round}");
+        let (_, log) = get(&s, "/queues/r/log?max=10").await;
+        let bodies: Vec<&Value> = log["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| &m["body"])
+            .collect();
+        assert_eq!(bodies.len(), 1 + round, "round {round}: {log}");
+        assert!(bodies.iter().all(|b| *b == "precious"), "{log}");
+        // The dead-letter queue made again starts its ids over.
+        let status = http()
+            .delete(format!("{}/queues/r.dlq", s.http))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn expiry_nack_dead_letter_and_redrive() {
     let s = TestServer::start().await;

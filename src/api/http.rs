@@ -284,13 +284,8 @@ fn raw_message(
         .get("idempotency-key")
         .map(|v| text(v, "idempotency-key"))
         .transpose()?;
-    if idempotency_key
-        .as_ref()
-        .is_some_and(|k| k.is_empty() || k.len() > 256)
-    {
-        return Err(ApiError::bad_request(
-            "Idempotency-Key must be 1-256 characters",
-        ));
+    if let Some(key) = &idempotency_key {
+        json::check_idempotency_key(key)?;
     }
     if content_type.as_deref().is_some_and(json::is_json_type)
         && serde_json::from_slice::<Value>(&body).is_err()

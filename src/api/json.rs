@@ -140,6 +140,9 @@ impl BatchMessage {
         for name in headers.keys() {
             check_header_name(name)?;
         }
+        if let Some(key) = &self.idempotency_key {
+            check_idempotency_key(key)?;
+        }
         Ok(NewMessage {
             key: self.key,
             headers,
@@ -165,6 +168,27 @@ pub fn check_header_name(name: &str) -> Result<(), ApiError> {
     if name.to_ascii_lowercase().starts_with("qit-") {
         return Err(ApiError::bad_request(format!(
             "header name `{name}` uses the reserved prefix `qit-`"
+        )));
+    }
+    Ok(())
+}
+
+/// Prefixes of the idempotency keys qit gives messages itself (a redrive's, a Kafka
+/// producer's batches): a client's key may not start with one, or a client could make qit
+/// drop a message it moves as a repeat of the client's.
+pub const RESERVED_KEY_PREFIXES: [&str; 2] = ["qit-", "kafka:"];
+
+/// Checks a client's idempotency key: 1-256 bytes, not under a reserved prefix.
+pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > 256 {
+        return Err(ApiError::bad_request(
+            "an idempotency key must be 1-256 characters",
+        ));
+    }
+    let lower = key.to_ascii_lowercase();
+    if let Some(prefix) = RESERVED_KEY_PREFIXES.iter().find(|p| lower.starts_with(*p)) {
+        return Err(ApiError::bad_request(format!(
+            "idempotency key `{key}` uses the reserved prefix `{prefix}`"
         )));
     }
     Ok(())

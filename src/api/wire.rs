@@ -45,6 +45,9 @@ pub fn new_message(m: proto::OutgoingMessage) -> Result<NewMessage, Status> {
     for name in m.headers.keys() {
         crate::api::json::check_header_name(name).map_err(Status::from)?;
     }
+    if let Some(key) = &m.idempotency_key {
+        crate::api::json::check_idempotency_key(key).map_err(Status::from)?;
+    }
     Ok(NewMessage {
         key: m.key,
         headers: m.headers.into_iter().collect(),

@@ -221,6 +221,27 @@ pub fn to_new_message(record: &StoredRecord) -> NewMessage {
     }
 }
 
+/// The idempotency key a redrive gives dead letter `id` of `dlq` (first dead-lettered as
+/// `original`, at `timestamp_ms`): the same for a retried redrive of it, another for any
+/// other dead letter, and short whatever the names (a 64-bit FNV-1a of the parts).
+pub fn redrive_key(dlq: &str, id: MessageId, original: &str, timestamp_ms: i64) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let id = id.to_string();
+    let parts: [&[u8]; 4] = [
+        dlq.as_bytes(),
+        id.as_bytes(),
+        original.as_bytes(),
+        &timestamp_ms.to_le_bytes(),
+    ];
+    for part in parts {
+        for byte in part.iter().chain(&[0xff]) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("qit-redrive:{hash:016x}")
+}
+
 /// The idempotency key of a stored record, if it has one.
 pub fn idempotency_key(record: &StoredRecord) -> Option<String> {
     record
@@ -292,6 +313,33 @@ impl DedupWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A redrive key is stable for one dead letter, differs when anything about it does,
+    /// and stays short for the longest names.
+    #[test]
+    fn redrive_keys_are_stable_distinct_and_short() {
+        let id = MessageId {
+            partition: 0,
+            offset: 0,
+        };
+        let key = redrive_key("q.dlq", id, "0-0", 1000);
+        assert_eq!(key, redrive_key("q.dlq", id, "0-0", 1000));
+        let other = MessageId {
+            partition: 0,
+            offset: 1,
+        };
+        for different in [
+            redrive_key("r.dlq", id, "0-0", 1000),
+            redrive_key("q.dlq", other, "0-0", 1000),
+            redrive_key("q.dlq", id, "0-1", 1000),
+            redrive_key("q.dlq", id, "0-0", 1001),
+        ] {
+            assert_ne!(key, different);
+        }
+        let long = "x".repeat(204);
+        assert!(redrive_key(&long, id, &long, i64::MAX).len() <= 64);
+        assert!(key.starts_with("qit-"));
+    }
 
     #[test]
     fn internal_headers_round_trip_hidden() {

@@ -1325,6 +1325,20 @@ impl Broker {
                 .filter(|d| before_end(d.id))
                 .map(|delivery| {
                     let mut headers = delivery.headers;
+                    // Stable across a retried redrive of this dead letter, and apart from
+                    // any other: a dead-letter queue made again reuses ids, but not with
+                    // the same message dead-lettered at the same time. Clients may not
+                    // use the prefix.
+                    let original = headers
+                        .get(message::ORIGINAL_ID_HEADER)
+                        .cloned()
+                        .unwrap_or_default();
+                    let key = message::redrive_key(
+                        dlq_name,
+                        delivery.id,
+                        &original,
+                        delivery.timestamp_ms,
+                    );
                     for name in message::DEAD_LETTER_HEADERS {
                         headers.remove(name);
                     }
@@ -1333,7 +1347,7 @@ impl Broker {
                         headers,
                         content_type: delivery.content_type,
                         body: delivery.body,
-                        idempotency_key: Some(format!("qit-redrive:{dlq_name}:{}", delivery.id)),
+                        idempotency_key: Some(key),
                     };
                     (delivery.id, again)
                 })
