@@ -679,3 +679,36 @@ async fn publish_many_answers_request_by_request() {
         "an unknown queue"
     );
 }
+
+/// Deleting a queue forgets its owner and grants in the same step (on a cluster, the same
+/// entry): a grant never outlives its queue into one made again under the same name.
+#[tokio::test]
+async fn deleting_a_queue_forgets_its_grants_with_it() {
+    use qit::auth::{AuthConfig, AuthStore, Permission, Resource};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = open(dir.path()).await;
+    let store = Arc::new(AuthStore::open(dir.path(), AuthConfig::default()).unwrap());
+    broker.set_auth(Arc::clone(&store));
+    for user in ["alice", "bob"] {
+        let record = store.new_user(user, "a-long-enough-password").unwrap();
+        broker.create_user(user, record).await.unwrap();
+    }
+    broker
+        .create_queue("granted", QueueSettings::default())
+        .await
+        .unwrap();
+    let queue = Resource::queue("granted");
+    broker.set_owner(&queue, "alice").await.unwrap();
+    broker
+        .grant("alice", &queue, "bob", &[Permission::Publish])
+        .await
+        .unwrap();
+    assert_eq!(store.permissions(&queue, "bob"), vec![Permission::Publish]);
+    broker.delete_queue("granted").await.unwrap();
+    assert!(store.permissions(&queue, "bob").is_empty());
+    broker
+        .create_queue("granted", QueueSettings::default())
+        .await
+        .unwrap();
+    assert!(store.permissions(&queue, "bob").is_empty());
+}

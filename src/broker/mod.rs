@@ -657,6 +657,21 @@ impl Broker {
     }
 
     async fn delete_queue_local(&self, name: &str) -> Result<(), BrokerError> {
+        self.remove_queue(name).await?;
+        // Its owner and grants go in the same step, on every replica: a grant must not
+        // outlive its queue into one made again under the name (a cluster node that had
+        // applied the deletion but not yet a later forget let the grantee in, and its
+        // publish reached the new queue through the metadata leader).
+        if let Some(store) = self.auth.get()
+            && let Err(error) = store.remove_resource(&crate::auth::Resource::queue(name))
+        {
+            tracing::error!(queue = name, %error, "forgetting a deleted queue's grants failed");
+        }
+        Ok(())
+    }
+
+    /// Removes a queue, its data and its registry entry.
+    async fn remove_queue(&self, name: &str) -> Result<(), BrokerError> {
         check_name(name)?;
         let ticket = {
             let _meta = self.meta.lock().await;
