@@ -364,7 +364,7 @@ impl Cluster {
                 return;
             }
             for peer in self.peers().ids() {
-                match self.forward_call(peer, &change, 0).await {
+                match self.forward_call(peer, &change, 0, None).await {
                     Ok(_) => {
                         tracing::info!(through = peer, "joined the cluster");
                         return;

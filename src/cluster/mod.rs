@@ -87,7 +87,7 @@ use groups::{Groups, META_GROUP};
 use network::Peers;
 use state_machine::Raft;
 use state_machine::Role;
-use types::{Command, NodeAddrs, decode, encode};
+use types::{Command, ForwardedRef, NodeAddrs, decode, encode};
 
 /// How many times an op may be forwarded before it is answered "no leader".
 const MAX_HOPS: u32 = 2;
@@ -519,7 +519,18 @@ impl Cluster {
 
     /// Runs a command here (leading its group) or forwards it to the node that leads it.
     pub async fn execute(&self, command: Command, hops: u32) -> ForwardReply {
-        match self.execute_inner(command, hops).await {
+        self.execute_routed(command, hops, None).await
+    }
+
+    /// [`Self::execute`] for a command another node forwarded, routed by `expected` (see
+    /// [`Forwarded`]).
+    pub async fn execute_routed(
+        &self,
+        command: Command,
+        hops: u32,
+        expected: Option<u64>,
+    ) -> ForwardReply {
+        match self.execute_inner(command, hops, expected).await {
             Ok((result, applied)) => ForwardReply {
                 result: Ok(result),
                 applied,
@@ -535,6 +546,7 @@ impl Cluster {
         &self,
         command: Command,
         hops: u32,
+        expected: Option<u64>,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
         let command = match command {
             Command::Broker(op) if op.is_read() => {
@@ -552,7 +564,7 @@ impl Cluster {
             let leader = self.meta.metrics().borrow_watched().current_leader;
             return match (leader, &command) {
                 (Some(leader), _) if leader != self.node_id() && hops < MAX_HOPS => {
-                    self.forward(leader, command, hops).await
+                    self.forward(leader, command, hops, expected).await
                 }
                 (_, Command::Broker(op)) => Err(BrokerError::QueueNotFound(match op.scope() {
                     Scope::Queue(q) | Scope::Leases(q) => q.to_string(),
@@ -561,6 +573,11 @@ impl Cluster {
                 (_, _) => Err(no_leader("metadata")),
             };
         };
+        if expected.is_some_and(|expected| expected != group) {
+            return Err(no_leader(format!(
+                "the queue was made again (group {group}, not {expected:?}): ask again"
+            )));
+        }
         let Some(raft) = self.groups.raft(group) else {
             // Not a replica of this queue: one of its replicas leads or forwards.
             let replica = match &command {
@@ -574,7 +591,9 @@ impl Cluster {
                 _ => None,
             };
             return match replica {
-                Some(node) if hops < MAX_HOPS => self.forward(node, command, hops).await,
+                Some(node) if hops < MAX_HOPS => {
+                    self.forward(node, command, hops, Some(group)).await
+                }
                 _ => Err(no_leader(format!(
                     "group {group} is not reachable from here"
                 ))),
@@ -684,7 +703,7 @@ impl Cluster {
         command: &Command,
         hops: u32,
     ) -> Result<Result<OpResult, BrokerError>, String> {
-        let call = self.forward_call(target, command, hops);
+        let call = self.forward_call(target, command, hops, None);
         match tokio::time::timeout(LEADER_WAIT, call).await {
             Ok(Ok((result, _))) => Ok(Ok(result)),
             Ok(Err(Forwarding::Failed(BrokerError::NoLeader(reason)))) => Err(reason),
@@ -754,7 +773,7 @@ impl Cluster {
             }
         };
         tokio::select! {
-            answer = self.forward_call(leader, command, hops) => answer,
+            answer = self.forward_call(leader, command, hops, Some(group)) => answer,
             () = deposed => Err(Forwarding::Moved(format!("node {leader} no longer leads"))),
         }
     }
@@ -973,8 +992,9 @@ impl Cluster {
         target: u64,
         command: Command,
         hops: u32,
+        group: Option<u64>,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
-        self.forward_call(target, &command, hops)
+        self.forward_call(target, &command, hops, group)
             .await
             .map_err(|e| match e {
                 Forwarding::Moved(why) => no_leader(why),
@@ -988,8 +1008,9 @@ impl Cluster {
         target: u64,
         command: &Command,
         hops: u32,
+        group: Option<u64>,
     ) -> Result<(OpResult, Option<(u64, u64)>), Forwarding> {
-        let body = encode(command).map_err(|e| {
+        let body = encode(&ForwardedRef { group, command }).map_err(|e| {
             Forwarding::Failed(BrokerError::InvalidArgument(format!(
                 "cannot encode op: {e}"
             )))

@@ -22,7 +22,7 @@ use super::network::{
     KIND_SNAPSHOT_HELD, KIND_VOTE, NODE_KEY, STREAM_KEY, StreamReply, raft_method, scope,
 };
 use super::rejoin::{Local, Question};
-use super::types::{Command, TypeConfig, decode, encode};
+use super::types::{Forwarded, TypeConfig, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
 use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply, StreamRequest};
 
@@ -229,8 +229,12 @@ impl cluster_server::Cluster for Service {
         let body = request.get_ref().body.clone();
         self.verify(&request, "forward", u64::from(hops), &body)?;
         let cluster = self.local.cluster().ok_or_else(starting)?;
-        let command: Command = decode(&body).map_err(bad)?;
-        reply(&cluster.execute(command, hops).await)
+        let forwarded: Forwarded = decode(&body).map_err(bad)?;
+        reply(
+            &cluster
+                .execute_routed(forwarded.command, hops, forwarded.group)
+                .await,
+        )
     }
 }
 

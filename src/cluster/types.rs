@@ -107,6 +107,27 @@ pub struct Placed {
     pub replicas: Vec<u64>,
 }
 
+/// A command forwarded to another node, with the group the sender routed it by (`None`
+/// when the sender did not know the command's queue): a node that finds the queue in
+/// another group refuses it, since the queue was made again meanwhile and the sender's
+/// checks (grants, say) were made against the one that is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarded {
+    /// The group the sender routed the command by.
+    pub group: Option<u64>,
+    /// The command.
+    pub command: Command,
+}
+
+/// [`Forwarded`] as it is encoded from a borrowed command (the same bytes).
+#[derive(Debug, Serialize)]
+pub struct ForwardedRef<'a> {
+    /// The group the sender routed the command by.
+    pub group: Option<u64>,
+    /// The command.
+    pub command: &'a Command,
+}
+
 /// What applying an entry answered (the same on every replica).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied(pub Result<OpResult, WireError>);
@@ -177,6 +198,27 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, bincode::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A forward encoded from a borrowed command decodes as the owned form, group and all.
+    #[test]
+    fn a_forward_encodes_as_it_decodes() {
+        let command = Command::Broker(Op::DeleteQueue { name: "q".into() });
+        for group in [None, Some(0), Some(17)] {
+            let bytes = encode(&ForwardedRef {
+                group,
+                command: &command,
+            })
+            .unwrap();
+            let back: Forwarded = decode(&bytes).unwrap();
+            assert_eq!(
+                back,
+                Forwarded {
+                    group,
+                    command: command.clone()
+                }
+            );
+        }
+    }
 
     /// Entries written before `Command::Kafka` existed decode as they did: variants keep
     /// their index (a new one only ever goes last), and the new one round-trips.
