@@ -307,6 +307,28 @@ impl Cluster {
         }
     }
 
+    /// Waits until node `on` sees `queue` led by its preferred replica (its first); returns
+    /// it. A group first led elsewhere is handed to that replica a few seconds later (leader
+    /// balance), and leases held by the old leader go with it: a test that takes leases
+    /// and then counts them waits for this first.
+    pub async fn preferred_leader(&self, on: u64, queue: &str) -> u64 {
+        let url = format!("{}/cluster", self.node(on).http);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(v) = view(&url).await
+                && let Some(leader) = common_leader(&v, queue)
+                && partition(&v, queue).is_some_and(|p| p["replicas"][0] == leader)
+            {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {on} does not see {queue} led by its preferred replica"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until node `on` sees a leader for `queue`; returns its Raft group (of the
     /// first partition).
     pub async fn group_of(&self, on: u64, queue: &str) -> u64 {
