@@ -13,8 +13,8 @@
 //!                                        replication (openraft groups), forwarding, placement
 //! 2  broker                              queue registry, exchanges, dedup, the shared state
 //! 1  group  route  metrics  auth  clock  state machines (take `now`), routing rules, metric
-//!    name                                names, users and grants, the clock the broker reads,
-//!                                        the name rule
+//!    name  hash                          names, users and grants, the clock the broker reads,
+//!                                        the name rule, a stable hash
 //! 0  log  journal  commit  proto         storage: partition log, group journal, group
 //!                                        commit of fsyncs; generated protobuf types
 //! ```
@@ -37,6 +37,7 @@
 //!   pure state machine taking `now`, its journal events and snapshots.
 //! - [`route`]: exchange routing rules (direct, fanout, topic, headers).
 //! - [`clock`]: where the broker reads "now" (a manual clock in tests).
+//! - [`hash`]: a stable hash (placement, redrive keys).
 //! - [`metrics`]: Prometheus series; [`auth`]: users, tokens, ownership and grants.
 //! - [`broker`]: queues, partitions, groups and exchanges wired together.
 //! - [`maintenance`]: retention and key compaction in the background.
@@ -60,6 +61,7 @@ pub mod cluster;
 pub mod commit;
 pub mod config;
 pub mod group;
+pub mod hash;
 pub mod journal;
 pub mod kafka;
 pub mod log;

@@ -40,6 +40,16 @@ async fn post(s: &TestServer, path: &str, body: Option<Value>) -> (StatusCode, V
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// DELETEs `path`; the status.
+async fn delete(s: &TestServer, path: &str) -> StatusCode {
+    http()
+        .delete(format!("{}{path}", s.http))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 async fn create(s: &TestServer, queue: &str, settings: Value) {
     let (status, _) = post(s, &format!("/queues/{queue}"), Some(settings)).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -389,12 +399,7 @@ async fn a_redrive_stores_every_dead_letter_it_moves() {
         assert_eq!(bodies.len(), 1 + round, "round {round}: {log}");
         assert!(bodies.iter().all(|b| *b == "precious"), "{log}");
         // The dead-letter queue made again starts its ids over.
-        let status = http()
-            .delete(format!("{}/queues/r.dlq", s.http))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = delete(&s, "/queues/r.dlq").await;
         assert_eq!(status, StatusCode::NO_CONTENT);
     }
     s.stop().await;
@@ -677,12 +682,7 @@ async fn health_and_metrics() {
     })
     .await;
     // A deleted queue's state series go with it; its counters stay.
-    let status = http()
-        .delete(format!("{}/queues/m", s.http))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let status = delete(&s, "/queues/m").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let text = common::metrics_text(&s.http).await;
     for gone in [

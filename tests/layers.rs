@@ -25,6 +25,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("auth", 1),
     ("clock", 1),
     ("name", 1),
+    ("hash", 1),
     // The broker wires storage and rules together.
     ("broker", 2),
     // Background work over the broker.

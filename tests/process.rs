@@ -34,11 +34,7 @@ async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
 async fn sigterm_answers_open_long_polls_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut qit = Process::start(dir.path(), &[]);
-    http()
-        .post(format!("{}/queues/jobs", qit.http))
-        .send()
-        .await
-        .unwrap();
+    create(&qit.http, "jobs").await;
     publish(&qit.http, "jobs", "kept").await;
     // Drain the group first so that the long-poll really waits.
     receive(&qit.http, "jobs", 10).await;
@@ -71,11 +67,7 @@ async fn kill_9_loses_no_acked_message_and_forgets_no_unacked_one() {
     let mut published = BTreeSet::new();
     {
         let qit = Process::start(dir.path(), &["--fsync", "always"]);
-        http()
-            .post(format!("{}/queues/crash", qit.http))
-            .send()
-            .await
-            .unwrap();
+        create(&qit.http, "crash").await;
         for i in 0..30 {
             published.insert(publish(&qit.http, "crash", &format!("m{i}")).await);
         }
@@ -108,6 +100,17 @@ async fn kill_9_loses_no_acked_message_and_forgets_no_unacked_one() {
     assert_eq!(redelivered, expected, "every unacked message comes back");
 }
 
+/// Creates `queue` on the server at `base`.
+async fn create(base: &str, queue: &str) {
+    let status = http()
+        .post(format!("{base}/queues/{queue}"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "create {queue}: {status}");
+}
+
 /// Runs `qit` with `args` (off the async threads) and returns its standard output.
 async fn run_qit(args: Vec<String>) -> String {
     let output = tokio::task::spawn_blocking(move || {
@@ -133,11 +136,7 @@ async fn run_qit(args: Vec<String>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qit_send_stores_a_json_body_as_json_and_takes_a_content_type() {
     let s = common::TestServer::start().await;
-    http()
-        .post(format!("{}/queues/cli", s.http))
-        .send()
-        .await
-        .unwrap();
+    create(&s.http, "cli").await;
     for (extra, body) in [
         (vec![], r#"{"a":1}"#),
         (vec![], "plain words"),
@@ -255,11 +254,7 @@ fn log_lines_carry_no_colour_codes_when_stderr_is_a_pipe() {
 async fn a_second_server_on_a_data_directory_in_use_stops_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut first = Process::start(dir.path(), &["--fsync", "always"]);
-    http()
-        .post(format!("{}/queues/jobs", first.http))
-        .send()
-        .await
-        .unwrap();
+    create(&first.http, "jobs").await;
     publish(&first.http, "jobs", "before").await;
 
     let port = || format!("127.0.0.1:{}", common::free_port());

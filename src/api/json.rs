@@ -180,7 +180,8 @@ pub const RESERVED_KEY_PREFIXES: [&str; 2] = ["qit-", "kafka:"];
 
 /// Checks a client's idempotency key: 1-256 bytes, not under a reserved prefix.
 pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
-    if key.is_empty() || key.len() > 256 {
+    use crate::broker::message::MAX_IDEMPOTENCY_KEY_BYTES;
+    if !(1..=MAX_IDEMPOTENCY_KEY_BYTES).contains(&key.len()) {
         return Err(ApiError::bad_request(
             "an idempotency key must be 1-256 characters",
         ));

@@ -205,11 +205,7 @@ pub fn to_new_message(record: &StoredRecord) -> NewMessage {
     let delivery = to_delivery("", 0, record.clone(), 0);
     let mut headers = delivery.headers;
     // A tombstone stays one in the dead-letter queue and back.
-    if record
-        .headers
-        .iter()
-        .any(|(name, _)| name == NULL_VALUE_HEADER)
-    {
+    if is_tombstone(record) {
         headers.insert(NULL_VALUE_HEADER.to_string(), String::new());
     }
     NewMessage {
@@ -221,24 +217,26 @@ pub fn to_new_message(record: &StoredRecord) -> NewMessage {
     }
 }
 
+/// Whether a record is a Kafka tombstone (produced with a null value, see
+/// [`NULL_VALUE_HEADER`]).
+pub fn is_tombstone(record: &StoredRecord) -> bool {
+    record
+        .headers
+        .iter()
+        .any(|(name, _)| name == NULL_VALUE_HEADER)
+}
+
 /// The idempotency key a redrive gives dead letter `id` of `dlq` (first dead-lettered as
 /// `original`, at `timestamp_ms`): the same for a retried redrive of it, another for any
-/// other dead letter, and short whatever the names (a 64-bit FNV-1a of the parts).
+/// other dead letter, and short whatever the names.
 pub fn redrive_key(dlq: &str, id: MessageId, original: &str, timestamp_ms: i64) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let id = id.to_string();
-    let parts: [&[u8]; 4] = [
+    let hash = crate::hash::fnv1a(&[
         dlq.as_bytes(),
         id.as_bytes(),
         original.as_bytes(),
         &timestamp_ms.to_le_bytes(),
-    ];
-    for part in parts {
-        for byte in part.iter().chain(&[0xff]) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    ]);
     format!("qit-redrive:{hash:016x}")
 }
 

@@ -3,30 +3,17 @@
 //! best of them is its preferred leader. Every node computes the same answer from the same
 //! voter list, and a node's loss moves only the queues it held.
 
-/// FNV-1a, 64 bits: stable across builds and platforms (unlike `DefaultHasher`).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for byte in *part {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        hash ^= 0xff;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    // A final mix so that close inputs spread.
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    hash ^= hash >> 33;
-    hash
-}
-
 /// The replicas of `queue` among `nodes`, preferred leader first: `min(replicas, nodes)`
 /// of them.
 pub fn replicas(queue: &str, nodes: &[u64], replicas: usize) -> Vec<u64> {
     let mut scored: Vec<(u64, u64)> = nodes
         .iter()
-        .map(|id| (fnv1a(&[queue.as_bytes(), &id.to_le_bytes()]), *id))
+        .map(|id| {
+            (
+                crate::hash::fnv1a(&[queue.as_bytes(), &id.to_le_bytes()]),
+                *id,
+            )
+        })
         .collect();
     scored.sort_by(|a, b| b.cmp(a));
     scored.dedup_by_key(|(_, id)| *id);

@@ -265,20 +265,26 @@ impl Cluster {
     /// Counts a leader change of group `id` (of queue `name`): once per partition of the
     /// queue (they share the group), once for the metadata group.
     fn count_leader_change(&self, id: u64, name: &str) {
-        let group = id.to_string();
+        for labels in self.series_labels(id, name) {
+            metrics::counter!(LEADER_CHANGES, &labels).increment(1);
+        }
+    }
+
+    /// The labels of group `id`'s series (of queue `name`): `group`, `queue`, and for a
+    /// queue's group one set per partition of the queue with `partition` (they share the
+    /// group); one set without for the metadata group.
+    fn series_labels(&self, id: u64, name: &str) -> Vec<Vec<(&'static str, String)>> {
+        let base = vec![("group", id.to_string()), ("queue", name.to_string())];
         if id == META_GROUP {
-            let labels = [("group", group), ("queue", name.to_string())];
-            metrics::counter!(LEADER_CHANGES, &labels).increment(1);
-            return;
+            return vec![base];
         }
-        for partition in 0..self.broker.partition_count(name).unwrap_or(1) {
-            let labels = [
-                ("group", group.clone()),
-                ("queue", name.to_string()),
-                ("partition", partition.to_string()),
-            ];
-            metrics::counter!(LEADER_CHANGES, &labels).increment(1);
-        }
+        (0..self.broker.partition_count(name).unwrap_or(1))
+            .map(|partition| {
+                let mut labels = base.clone();
+                labels.push(("partition", partition.to_string()));
+                labels
+            })
+            .collect()
     }
 
     /// The queue (or `_meta`) of each group this node runs, by group id.
@@ -302,18 +308,9 @@ impl Cluster {
         for (id, raft) in self.groups().rafts() {
             let name = names.get(&id).cloned().unwrap_or_default();
             let m = raft.metrics().borrow_watched().clone();
-            let group = id.to_string();
-            let partitions: Vec<Option<String>> = match id {
-                META_GROUP => vec![None],
-                _ => (0..self.broker.partition_count(&name).unwrap_or(1))
-                    .map(|p| Some(p.to_string()))
-                    .collect(),
-            };
-            for partition in &partitions {
-                let mut labels = vec![("group", group.as_str()), ("queue", name.as_str())];
-                if let Some(partition) = partition {
-                    labels.push(("partition", partition.as_str()));
-                }
+            for labels in self.series_labels(id, &name) {
+                let labels: Vec<(&str, &str)> =
+                    labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 self.group_series(state, &m, &labels);
             }
         }

@@ -251,6 +251,17 @@ struct Member {
     assignment: Bytes,
 }
 
+impl Member {
+    /// The member's metadata for `protocol` (empty when it did not offer it).
+    fn metadata(&self, protocol: &str) -> Bytes {
+        self.protocols
+            .iter()
+            .find(|(name, _)| name == protocol)
+            .map(|(_, meta)| meta.clone())
+            .unwrap_or_default()
+    }
+}
+
 struct Group {
     state: State,
     generation: i32,
@@ -283,12 +294,7 @@ impl Group {
             .map(|(id, m)| MemberView {
                 id: id.clone(),
                 client: m.client.clone(),
-                metadata: m
-                    .protocols
-                    .iter()
-                    .find(|(name, _)| *name == protocol)
-                    .map(|(_, meta)| meta.clone())
-                    .unwrap_or_default(),
+                metadata: m.metadata(&protocol),
                 assignment: m.assignment.clone(),
             })
             .collect();
@@ -367,15 +373,9 @@ impl Group {
             .members
             .iter()
             .map(|(id, m)| {
-                let metadata = m
-                    .protocols
-                    .iter()
-                    .find(|(name, _)| *name == protocol)
-                    .map(|(_, meta)| meta.clone())
-                    .unwrap_or_default();
                 JoinGroupResponseMember::default()
                     .with_member_id(text(id))
-                    .with_metadata(metadata)
+                    .with_metadata(m.metadata(&protocol))
             })
             .collect();
         let now = Instant::now();

@@ -33,7 +33,7 @@ use std::io::Read;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::KafkaError;
-use crate::broker::message::{IDEMPOTENCY_HEADER, NULL_VALUE_HEADER};
+use crate::broker::message::{IDEMPOTENCY_HEADER, NULL_VALUE_HEADER, is_tombstone};
 use crate::log::{Record, StoredRecord};
 
 /// Size of a batch header.
@@ -395,10 +395,7 @@ pub fn encode_batch(out: &mut BytesMut, records: &[StoredRecord]) {
         put_varlong(&mut body, record.timestamp_ms - base_timestamp);
         put_varlong(&mut body, (record.offset - base_offset) as i64);
         put_bytes(&mut body, record.key.as_deref());
-        let tombstone = record
-            .headers
-            .iter()
-            .any(|(name, _)| name == NULL_VALUE_HEADER);
+        let tombstone = is_tombstone(record);
         put_bytes(&mut body, (!tombstone).then_some(&record.value[..]));
         let headers = record
             .headers
