@@ -54,16 +54,32 @@ pub const MAX_CONTENT_TYPE_BYTES: usize = 256;
 /// as the publisher gave it (body, key, header names and values, content type and
 /// idempotency key).
 pub fn message_size(message: &NewMessage) -> u64 {
-    let headers: usize = message
-        .headers
+    record_size(
+        &message.body,
+        message.key.as_deref(),
+        &message.headers,
+        message.content_type.as_deref(),
+        message.idempotency_key.as_deref(),
+    )
+}
+
+/// [`message_size`] of a message's parts (also of one as it travels in a cluster op).
+pub fn record_size(
+    body: &[u8],
+    key: Option<&str>,
+    headers: &BTreeMap<String, String>,
+    content_type: Option<&str>,
+    idempotency_key: Option<&str>,
+) -> u64 {
+    let headers: usize = headers
         .iter()
         .map(|(name, value)| name.len() + value.len())
         .sum();
-    (message.body.len()
-        + message.key.as_ref().map_or(0, String::len)
+    (body.len()
+        + key.map_or(0, str::len)
         + headers
-        + message.content_type.as_ref().map_or(0, String::len)
-        + message.idempotency_key.as_ref().map_or(0, String::len)) as u64
+        + content_type.map_or(0, str::len)
+        + idempotency_key.map_or(0, str::len)) as u64
 }
 
 /// Checks a message from a publisher: key, headers, content type and idempotency key within

@@ -1451,6 +1451,29 @@ impl Broker {
         }
     }
 
+    /// Checks a publish's messages against `queue`'s `max_message_bytes` on this node: a
+    /// cluster leader asks before it proposes them, since the node that took the publish
+    /// checked only when it knew the queue (its metadata may lag a creation), and a refused
+    /// publish must not cost an entry of its size on every replica.
+    pub fn check_sizes(
+        &self,
+        queue: &str,
+        messages: &[replicate::WireMessage],
+    ) -> Result<(), BrokerError> {
+        let Ok(q) = self.queue(queue) else {
+            return Ok(());
+        };
+        let limit = q.settings.max_message_bytes;
+        match messages
+            .iter()
+            .map(replicate::WireMessage::size)
+            .find(|s| *s > limit)
+        {
+            Some(size) => Err(BrokerError::MessageTooLarge { size, limit }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks that `group` of `queue` exists on this node: a cluster leader asks before it
     /// proposes an ack, whose apply creates the group on a replica that has not seen it
     /// yet (so an ack naming an unknown group must be refused before it is an entry).

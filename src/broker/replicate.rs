@@ -39,6 +39,19 @@ pub struct WireMessage {
     pub idempotency_key: Option<String>,
 }
 
+impl WireMessage {
+    /// The bytes counted against a queue's `max_message_bytes` ([`message::message_size`]).
+    pub fn size(&self) -> u64 {
+        super::message::record_size(
+            &self.body,
+            self.key.as_deref(),
+            &self.headers,
+            self.content_type.as_deref(),
+            self.idempotency_key.as_deref(),
+        )
+    }
+}
+
 impl From<NewMessage> for WireMessage {
     fn from(m: NewMessage) -> Self {
         Self {

@@ -882,6 +882,7 @@ impl Cluster {
                 messages,
                 now_ms,
             }) => {
+                self.broker.check_sizes(&queue, &messages)?;
                 let sink = || proposals::propose_to(raft, group);
                 self.proposals
                     .publish(sink, group, queue, messages, now_ms)
