@@ -496,6 +496,43 @@ async fn batch_headers_keys_idempotency_and_binary_bodies() {
     let a: Value = publish("same").send().await.unwrap().json().await.unwrap();
     let b: Value = publish("same").send().await.unwrap().json().await.unwrap();
     assert_eq!(a["id"], b["id"]);
+    // Two idempotency keys (or content types) are refused, not one of them picked; a
+    // message header on two lines is one comma-separated value.
+    let (_, before) = get(&s, "/queues/b").await;
+    for name in ["Idempotency-Key", "Content-Type"] {
+        let r = http()
+            .post(format!("{}/queues/b/messages", s.http))
+            .header(name, "text/one")
+            .header(name, "text/two")
+            .body("twice")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{name}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "bad_request", "{name}");
+    }
+    let (_, after) = get(&s, "/queues/b").await;
+    assert_eq!(before["partitions"], after["partitions"], "nothing stored");
+    let r = http()
+        .post(format!("{}/queues/b/messages", s.http))
+        .header("Qit-Header-tag", "a")
+        .header("Qit-Header-tag", "b")
+        .body("listed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id: Value = r.json().await.unwrap();
+    let (_, log) = get(
+        &s,
+        &format!(
+            "/queues/b/log?partition={}&from={}",
+            id["partition"], id["offset"]
+        ),
+    )
+    .await;
+    assert_eq!(log["messages"][0]["headers"]["tag"], "a, b", "{log}");
     s.stop().await;
 }
 

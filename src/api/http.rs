@@ -256,6 +256,22 @@ pub(super) async fn delete_queue(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// The value of header `name`, which may be given once at most: two values (say two
+/// idempotency keys) are a 400 rather than one of them picked.
+fn single_header<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+) -> Result<Option<&'h axum::http::HeaderValue>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(format!(
+            "header `{name}` is given more than once"
+        )));
+    }
+    Ok(first)
+}
+
 /// The message of a raw-body publish: body, content type, `?key=`, `Qit-Header-*`,
 /// `Idempotency-Key`.
 fn raw_message(
@@ -269,19 +285,25 @@ fn raw_message(
             .map(str::to_string)
             .map_err(|_| ApiError::bad_request(format!("header `{name}` is not visible ASCII")))
     };
-    let mut message_headers = BTreeMap::new();
+    let mut message_headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in headers {
         if let Some(short) = name.as_str().strip_prefix(HEADER_PREFIX) {
             json::check_header_name(short)?;
-            message_headers.insert(short.to_string(), text(value, name.as_str())?);
+            let value = text(value, name.as_str())?;
+            // A header sent on several lines is one list (RFC 9110, 5.3).
+            message_headers
+                .entry(short.to_string())
+                .and_modify(|v| {
+                    v.push_str(", ");
+                    v.push_str(&value);
+                })
+                .or_insert(value);
         }
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
+    let content_type = single_header(headers, header::CONTENT_TYPE.as_str())?
         .map(|v| text(v, "content-type"))
         .transpose()?;
-    let idempotency_key = headers
-        .get("idempotency-key")
+    let idempotency_key = single_header(headers, "idempotency-key")?
         .map(|v| text(v, "idempotency-key"))
         .transpose()?;
     if let Some(key) = &idempotency_key {
