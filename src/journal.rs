@@ -403,6 +403,12 @@ impl Journal {
         self.ticket(self.inner.shared.checkpoint(&snapshot))
     }
 
+    /// Checkpoints now, as [`Self::checkpoint`], for a caller that cannot wait: a
+    /// checkpoint replaces the file atomically and is durable once this returns `Ok`.
+    pub fn checkpoint_now(&self, snapshot: &[u8]) -> Result<(), JournalError> {
+        self.inner.shared.checkpoint(snapshot).map(|_| ())
+    }
+
     /// The bytes of a journal file holding only `snapshot` as its checkpoint: what a
     /// journal that just checkpointed holds (a copy of a group's state taken elsewhere).
     pub fn checkpoint_file(snapshot: &[u8]) -> Vec<u8> {

@@ -712,3 +712,55 @@ async fn deleting_a_queue_forgets_its_grants_with_it() {
         .unwrap();
     assert!(store.permissions(&queue, "bob").is_empty());
 }
+
+/// Recovery that cuts a torn tail the group had already acked (the log lost it, the
+/// journal did not) makes the group forget those offsets, and for good: the messages
+/// stored there next are delivered, also after another restart.
+#[tokio::test]
+async fn a_group_forgets_acks_past_a_cut_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let b = open(dir.path()).await;
+        b.create_queue("tq", QueueSettings::default())
+            .await
+            .unwrap();
+        for body in ["m0", "m1", "m2", "m3", "m4"] {
+            b.publish("tq", vec![msg(body)]).await.unwrap();
+        }
+        for d in recv(&b, "tq", 10).await {
+            b.ack("tq", "default", d.id).await.unwrap();
+        }
+        assert_eq!(
+            b.group_info("tq", "default").unwrap().partitions[0].committed_offset,
+            5
+        );
+        b.shutdown().await.unwrap();
+    }
+    let segment = dir.path().join("queues/tq/0/00000000000000000000.log");
+    let len = std::fs::metadata(&segment).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    file.set_len(len - 5).unwrap();
+    drop(file);
+    {
+        let b = open(dir.path()).await;
+        assert_eq!(b.queue_info("tq").unwrap().partitions[0].next_offset, 4);
+        let info = b.group_info("tq", "default").unwrap();
+        assert_eq!(info.partitions[0].committed_offset, 4);
+        let ids = b.publish("tq", vec![msg("new")]).await.unwrap();
+        assert_eq!(ids[0].id.to_string(), "0-4");
+        let got = recv(&b, "tq", 10).await;
+        assert_eq!(bodies(&got), vec!["new"]);
+        b.shutdown().await.unwrap();
+    }
+    let b = open(dir.path()).await;
+    let got = recv(&b, "tq", 10).await;
+    assert_eq!(
+        bodies(&got),
+        vec!["new"],
+        "the old ack of 0-4 stays forgotten"
+    );
+    assert_eq!(got[0].delivery_count, 2);
+}

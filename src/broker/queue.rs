@@ -387,8 +387,16 @@ impl Queue {
             }
         }
         state.reset_after_restart();
+        let mut cut = false;
         for (p, log) in self.partitions.iter().enumerate() {
             state.skip_to(p as u32, log.first_offset());
+            cut |= state.cut_to(p as u32, log.next_offset());
+        }
+        if cut {
+            // The log lost a tail this group had seen (and maybe acked): what it knew of
+            // those offsets must not stick to the messages stored there next.
+            tracing::warn!(queue = %self.name, group = name, "the group had seen offsets past the end of the recovered log: forgetting them");
+            journal.checkpoint_now(&state.snapshot().encode())?;
         }
         let group = Arc::new_cyclic(|me| Group {
             name: name.to_string(),

@@ -107,6 +107,22 @@ impl RangeSet {
         }
     }
 
+    /// Removes every offset at or above `offset`.
+    pub fn remove_from(&mut self, offset: u64) {
+        while let Some((&start, &end)) = self.ranges.last_key_value() {
+            if end <= offset {
+                break;
+            }
+            self.ranges.remove(&start);
+            self.len -= end - start;
+            if start < offset {
+                self.ranges.insert(start, offset);
+                self.len += offset - start;
+                break;
+            }
+        }
+    }
+
     /// Iterates the ranges in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.ranges.iter().map(|(s, e)| (*s, *e))
@@ -132,7 +148,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(128))]
         #[test]
         fn behaves_like_a_btreeset(
-            ops in proptest::collection::vec((0u64..64, 0u8..3, 0u64..6), 0..200),
+            ops in proptest::collection::vec((0u64..64, 0u8..4, 0u64..6), 0..200),
         ) {
             let mut set = RangeSet::new();
             let mut model = BTreeSet::new();
@@ -140,6 +156,9 @@ mod tests {
                 if op == 0 {
                     set.remove_below(offset);
                     model.retain(|o| *o >= offset);
+                } else if op == 3 {
+                    set.remove_from(offset);
+                    model.retain(|o| *o < offset);
                 } else if op == 1 {
                     set.insert_range(offset, offset + width);
                     model.extend(offset..offset + width);

@@ -765,6 +765,27 @@ impl GroupState {
         skipped
     }
 
+    /// The partition's log ends at `end` (recovery cut a torn tail the group had seen):
+    /// whatever the group recorded at or past it is forgotten, so that the messages stored
+    /// at those offsets next are new to it. Call on a state without leases (after
+    /// [`Self::reset_after_restart`]). True when the state changed.
+    pub fn cut_to(&mut self, partition: u32, end: u64) -> bool {
+        let Some(p) = self.partitions.get_mut(partition as usize) else {
+            return false;
+        };
+        let beyond = p.floor > end
+            || p.done.iter().any(|(_, e)| e > end)
+            || p.counts.keys().any(|o| *o >= end);
+        if !beyond {
+            return false;
+        }
+        p.floor = p.floor.min(end);
+        p.cursor = p.cursor.min(end);
+        p.done.remove_from(end);
+        p.counts.retain(|o, _| *o < end);
+        true
+    }
+
     /// Replays one journaled event into a state being rebuilt.
     pub fn apply(&mut self, event: &Event) {
         match *event {
