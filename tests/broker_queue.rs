@@ -764,3 +764,55 @@ async fn a_group_forgets_acks_past_a_cut_tail() {
     );
     assert_eq!(got[0].delivery_count, 2);
 }
+
+/// A delivery that a restart ended counts as failed: with `max_deliveries` used up, the
+/// message goes to the dead-letter queue (reason `expired`) instead of being delivered
+/// again and again, one restart after another.
+#[tokio::test]
+async fn a_restart_does_not_outrun_max_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = QueueSettings {
+        max_deliveries: 2,
+        ..QueueSettings::default()
+    };
+    {
+        let b = open(dir.path()).await;
+        b.create_queue("md", settings).await.unwrap();
+        b.publish("md", vec![msg("poison"), msg("fine")])
+            .await
+            .unwrap();
+        let got = recv(&b, "md", 10).await;
+        assert_eq!(bodies(&got), vec!["poison", "fine"]);
+        b.ack("md", "default", got[1].id).await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+    {
+        let b = open(dir.path()).await;
+        let got = recv(&b, "md", 10).await;
+        assert_eq!(bodies(&got), vec!["poison"]);
+        assert_eq!(got[0].delivery_count, 2, "one delivery left");
+        b.shutdown().await.unwrap();
+    }
+    let b = open(dir.path()).await;
+    let dead = b
+        .receive("md.dlq", "default", 1, Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    assert_eq!(bodies(&dead), vec!["poison"]);
+    assert_eq!(dead[0].headers["qit-delivery-count"], "2");
+    assert_eq!(dead[0].headers["qit-dead-letter-reason"], "expired");
+    assert!(
+        recv(&b, "md", 10).await.is_empty(),
+        "not delivered a third time"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.group_info("md", "default").unwrap().dead_lettered != 1 {
+        assert!(std::time::Instant::now() < deadline, "never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let info = b.group_info("md", "default").unwrap();
+    assert_eq!((info.backlog, info.in_flight), (0, 0));
+    b.shutdown().await.unwrap();
+    let b = open(dir.path()).await;
+    assert!(recv(&b, "md", 10).await.is_empty(), "done for good");
+}

@@ -392,6 +392,7 @@ impl Queue {
             state.skip_to(p as u32, log.first_offset());
             cut |= state.cut_to(p as u32, log.next_offset());
         }
+        state.end_interrupted_deliveries();
         if cut {
             // The log lost a tail this group had seen (and maybe acked): what it knew of
             // those offsets must not stick to the messages stored there next.

@@ -495,6 +495,12 @@ impl GroupState {
             if candidate.offset < p.cursor {
                 continue;
             }
+            if p.leases.contains_key(&candidate.offset) || p.waiting.contains_key(&candidate.offset)
+            {
+                // Already tracked (a delivery a restart ended, on its way to the DLQ).
+                p.cursor = candidate.offset + 1;
+                continue;
+            }
             // Offsets the log no longer has (compacted away) count as done.
             p.mark_done_range(p.cursor, candidate.offset);
             if p.is_done(candidate.offset) {
@@ -864,6 +870,38 @@ impl GroupState {
         }
         self.busy_keys.clear();
         self.in_flight = 0;
+    }
+
+    /// After [`Self::reset_after_restart`]: a message whose last delivery had used up
+    /// `max_deliveries` when the restart ended its lease failed that delivery, as if its
+    /// lease had expired. It gets a lease that is already over, so the next
+    /// [`Self::expire`] sends it to the dead-letter queue instead of delivering it again.
+    /// Returns how many.
+    pub fn end_interrupted_deliveries(&mut self) -> usize {
+        let config = self.config.clone();
+        let mut ended = 0;
+        for p in &mut self.partitions {
+            let exhausted: Vec<(u64, u32)> = p
+                .counts
+                .iter()
+                .filter(|(_, count)| config.exhausted(**count))
+                .map(|(o, c)| (*o, *c))
+                .collect();
+            for (offset, delivery_count) in exhausted {
+                p.counts.remove(&offset);
+                p.add_lease(
+                    offset,
+                    Lease {
+                        deadline_ms: i64::MIN,
+                        delivery_count,
+                        key: None,
+                    },
+                );
+                ended += 1;
+            }
+        }
+        self.in_flight += ended;
+        ended
     }
 
     /// The durable part of the state, for a checkpoint: floors, done ranges, delivery
