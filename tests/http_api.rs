@@ -533,6 +533,32 @@ async fn batch_headers_keys_idempotency_and_binary_bodies() {
     )
     .await;
     assert_eq!(log["messages"][0]["headers"]["tag"], "a, b", "{log}");
+    // A key that is not UTF-8 once decoded, or given twice, is refused: it used to become
+    // U+FFFD (two keys made one) or the last of the two.
+    for query in ["key=%fe", "key=%c3", "key=a&key=b"] {
+        let r = http()
+            .post(format!("{}/queues/b/messages?{query}", s.http))
+            .body("k")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query}");
+    }
+    let (_, unchanged) = get(&s, "/queues/b").await;
+    assert_eq!(
+        unchanged["partitions"][0]["next_offset"].as_u64(),
+        Some(id["offset"].as_u64().unwrap() + 1)
+    );
+    // HEAD on the receive route leases nothing.
+    let before = get(&s, "/queues/b/groups/default").await.1["in_flight"].clone();
+    let r = http()
+        .head(format!("{}/queues/b/messages?max=10", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let after = get(&s, "/queues/b/groups/default").await.1["in_flight"].clone();
+    assert_eq!(before, after);
     s.stop().await;
 }
 

@@ -13,6 +13,7 @@ pub mod limits;
 pub mod members;
 pub mod publish;
 pub mod receive;
+pub mod request_checks;
 pub mod routes;
 pub mod schema;
 pub mod state;

@@ -215,6 +215,7 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(axum::middleware::map_response(super::error::json_errors))
+        .layer(axum::middleware::from_fn(super::request_checks::middleware))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::middleware,
