@@ -481,16 +481,48 @@ pub(super) async fn redrive(
     Ok(ok(json!({"moved": moved})))
 }
 
-/// A time as RFC 3339 or unix milliseconds.
+/// A time as RFC 3339 (`Z` or a numeric offset, either case of `T` and `Z`; a time
+/// without either is taken as UTC) or unix milliseconds.
 pub fn parse_time(raw: &str) -> Result<i64, ApiError> {
     if let Ok(ms) = raw.parse::<i64>() {
         return Ok(ms);
     }
-    humantime::parse_rfc3339_weak(raw)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
+    rfc3339_ms(raw)
+        .or_else(|| rfc3339_ms(&format!("{raw}Z")))
         .ok_or_else(|| ApiError::bad_request(format!("`{raw}` is neither RFC 3339 nor unix ms")))
+}
+
+/// Unix milliseconds of an RFC 3339 time. humantime reads UTC times only, so a numeric
+/// offset (`+02:00`) is taken off first and applied after.
+fn rfc3339_ms(raw: &str) -> Option<i64> {
+    let upper = raw.to_ascii_uppercase();
+    let (local, offset_ms) = match upper.strip_suffix('Z') {
+        Some(local) => (local.to_string(), 0),
+        None => {
+            let split = upper.len().checked_sub(6)?;
+            let (local, offset) = (upper.get(..split)?, upper.get(split..)?);
+            let sign = match offset.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let (hours, minutes) = offset.get(1..)?.split_once(':')?;
+            let (hours, minutes): (i64, i64) = (hours.parse().ok()?, minutes.parse().ok()?);
+            if hours > 23
+                || minutes > 59
+                || !offset[1..].bytes().all(|b| b.is_ascii_digit() || b == b':')
+            {
+                return None;
+            }
+            (local.to_string(), sign * (hours * 60 + minutes) * 60_000)
+        }
+    };
+    let utc = humantime::parse_rfc3339_weak(&format!("{local}Z")).ok()?;
+    let ms = match utc.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).ok()?,
+        Err(e) => -i64::try_from(e.duration().as_millis()).ok()?,
+    };
+    Some(ms - offset_ms)
 }
 
 #[utoipa::path(get, path = "/queues/{queue}/log", tag = "messages", description = "Read without leasing (replay).", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("partition" = Option<u32>, Query, description = "Partition (default 0)"), ("from" = Option<u64>, Query, description = "Start offset (default 0)"), ("from_time" = Option<String>, Query, description = "Start time: RFC 3339 or unix ms"), ("max" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most messages (default 100)"), ("local" = Option<bool>, Query, description = "On a cluster node: read this node's own copy, also when it holds no replica of the queue (then it is empty) instead of asking a replica (default false)")), responses((status = 200, body = LogPage), Errors))]
@@ -716,4 +748,42 @@ pub(super) async fn publish_to_exchange(
         })
         .await?;
     Ok(created(json!({"routed": to_json(&routed)})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn times_in_any_rfc3339_offset_are_the_same_instant() {
+        let utc = parse_time("2026-12-04T04:00:00Z").unwrap();
+        assert_eq!(utc, 1_796_356_800_000);
+        for same in [
+            "2026-12-04T04:00:00+00:00",
+            "2026-12-04T06:00:00+02:00",
+            "2026-12-03T23:00:00-05:00",
+            "2026-12-04T09:30:00+05:30",
+            "2026-12-04t04:00:00z",
+            "1796356800000",
+        ] {
+            assert_eq!(parse_time(same).unwrap(), utc, "{same}");
+        }
+        assert_eq!(
+            parse_time("2026-12-04T05:00:00.5+01:00").unwrap(),
+            utc + 500
+        );
+        assert_eq!(
+            parse_time("2026-12-04T04:00:00").unwrap(),
+            utc,
+            "no offset: UTC"
+        );
+        for bad in [
+            "2026-12-04T04:00:00+24:00",
+            "2026-12-04T04:00:00+0a:00",
+            "soon",
+            "+01:00",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
 }
