@@ -357,11 +357,9 @@ async fn max_in_flight_and_groups_are_pub_sub() {
     b.create_queue("events", settings).await.unwrap();
     let batch: Vec<NewMessage> = (0..6).map(|i| msg(&i.to_string())).collect();
     b.publish("events", batch).await.unwrap();
-    assert_eq!(
-        recv(&b, "events", 10).await.len(),
-        2,
-        "capped by max_in_flight"
-    );
+    let mut first_leased: Vec<MessageId> =
+        recv(&b, "events", 10).await.iter().map(|d| d.id).collect();
+    assert_eq!(first_leased.len(), 2, "capped by max_in_flight");
     assert!(recv(&b, "events", 10).await.is_empty());
     let mut seen = Vec::new();
     for _ in 0..3 {
@@ -376,6 +374,20 @@ async fn max_in_flight_and_groups_are_pub_sub() {
         vec!["0", "1", "2", "3", "4", "5"],
         "a second group sees all"
     );
+    // A long-poll of the full group waits; an ack that frees a slot wakes it at once. Its
+    // wait is 600 s; without the wake it is served by a re-check 30 s on, past the 20 s
+    // guard (a guard, not a measure: the woken receive takes milliseconds).
+    let held = b.receive("events", "default", 10, NOW, None).await.unwrap();
+    assert!(held.is_empty(), "still full");
+    let mut waiting = Box::pin(b.receive("events", "default", 1, Duration::from_secs(600), None));
+    assert!(poll_once(&mut waiting).await.is_none(), "parked while full");
+    let first = first_leased.pop().unwrap();
+    b.ack("events", "default", first).await.unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the ack woke the waiting receive")
+        .unwrap();
+    assert_eq!(woken.len(), 1);
     let info = b.queue_info("events").unwrap();
     assert_eq!(info.groups.len(), 2);
     assert!(matches!(

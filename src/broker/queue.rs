@@ -916,8 +916,10 @@ impl Queue {
     pub async fn ack_many(&self, group: &Group, ids: &[MessageId]) -> Vec<Result<(), BrokerError>> {
         let mut results = Vec::with_capacity(ids.len());
         let mut fresh = 0u64;
+        let was_full;
         let ticket = {
             let mut state = group.lock_state();
+            was_full = state.capacity() == 0;
             let mut events = Vec::new();
             for id in ids {
                 let result = self.check_exists(*id).and_then(|()| {
@@ -934,7 +936,9 @@ impl Queue {
         };
         if fresh > 0 {
             crate::metrics::count_group(crate::metrics::ACKED, &self.name, &group.name, fresh);
-            if self.settings.ordering == super::settings::Ordering::Key {
+            // A waiting receive may lease again: the next of a key, or a group that was
+            // at max_in_flight.
+            if was_full || self.settings.ordering == super::settings::Ordering::Key {
                 self.notify.notify_waiters();
             }
         }
