@@ -312,12 +312,22 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn print(client: &ClientArgs, value: &Value, human: impl FnOnce(&Value) -> String) {
+/// Prints `value` (as JSON with `--json`, else as `human` renders it). False when stdout
+/// is gone (a reader such as `head` closed the pipe): the command then stops quietly
+/// rather than panicking, and does nothing that depended on the output being seen.
+fn print(client: &ClientArgs, value: &Value, human: impl FnOnce(&Value) -> String) -> bool {
     if client.json {
-        println!("{value}");
+        say(&value.to_string())
     } else {
-        println!("{}", human(value));
+        say(&human(value))
     }
+}
+
+/// Writes one line to stdout and flushes it; false when that failed.
+fn say(line: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
 }
 
 fn done(client: &ClientArgs, what: &str) -> Result<()> {
@@ -517,7 +527,19 @@ async fn recv(args: RecvArgs) -> Result<()> {
         .await?
         .unwrap_or(Value::Null);
     let messages = answer["messages"].as_array().cloned().unwrap_or_default();
-    if args.ack {
+    // Printed first, acked after: a message is acked only once it was written out.
+    let printed = print(&args.client, &answer, |_| {
+        if messages.is_empty() {
+            "no messages".to_string()
+        } else {
+            messages
+                .iter()
+                .map(message_line)
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    });
+    if args.ack && printed {
         for m in &messages {
             let id = m["id"].as_str().unwrap_or_default();
             client
@@ -530,17 +552,6 @@ async fn recv(args: RecvArgs) -> Result<()> {
                 .await?;
         }
     }
-    print(&args.client, &answer, |_| {
-        if messages.is_empty() {
-            "no messages".to_string()
-        } else {
-            messages
-                .iter()
-                .map(message_line)
-                .collect::<Vec<_>>()
-                .join("\n")
-        }
-    });
     Ok(())
 }
 
@@ -565,10 +576,13 @@ async fn tail(args: TailArgs) -> Result<()> {
             .unwrap_or(Value::Null);
         let messages = page["messages"].as_array().cloned().unwrap_or_default();
         for m in &messages {
-            if args.client.json {
-                println!("{m}");
+            let line = if args.client.json {
+                m.to_string()
             } else {
-                println!("{}", message_line(m));
+                message_line(m)
+            };
+            if !say(&line) {
+                return Ok(());
             }
             printed += 1;
             if args.max.is_some_and(|max| printed >= max) {

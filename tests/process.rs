@@ -157,6 +157,47 @@ async fn qit_send_stores_a_json_body_as_json_and_takes_a_content_type() {
     s.stop().await;
 }
 
+/// `qit recv --ack` and `qit tail` whose output nobody reads (the reader closed the pipe,
+/// as `| head -1` does) stop quietly instead of panicking, and `recv --ack` acks only what
+/// it wrote out: it used to ack every message first and then panic printing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_stops_the_cli_quietly_and_acks_nothing_unseen() {
+    let s = common::TestServer::start().await;
+    create(&s.http, "pipe").await;
+    for i in 0..5 {
+        publish(&s.http, "pipe", &format!("m{i}")).await;
+    }
+    let server = s.http.clone();
+    let commands: Vec<Vec<String>> = vec![
+        ["recv", "--server", &server, "--max", "5", "--ack", "pipe"]
+            .map(String::from)
+            .to_vec(),
+        ["tail", "--server", &server, "--from", "0", "pipe"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for args in commands {
+        let status = tokio::task::spawn_blocking(move || {
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qit"))
+                .args(&args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            // The read end closes before the command has anything to write.
+            drop(child.stdout.take());
+            child.wait().unwrap()
+        })
+        .await
+        .unwrap();
+        assert_ne!(status.code(), Some(101), "no panic");
+    }
+    let group: Value = get_json(format!("{}/queues/pipe/groups/default", s.http)).await;
+    assert_eq!(group["in_flight"], 5, "{group}");
+    assert_eq!(group["partitions"][0]["committed_offset"], 0, "{group}");
+    s.stop().await;
+}
+
 /// `qit bench` counts each message consumed once: a consumer that stops hands its last
 /// acks over before its stream ends, so no acked message goes back to the group to be
 /// consumed (and counted) again by the other consumer. It removes what it created.
