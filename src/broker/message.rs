@@ -288,8 +288,15 @@ pub struct DedupWindow {
 
 impl DedupWindow {
     /// The id a key got, if it was published at or after `now - window` (every key older
-    /// than that is evicted first, whatever order the times were inserted in).
+    /// than that is evicted first, whatever order the times were inserted in). A window
+    /// of 0 remembers nothing: `dedup_window: 0` turns deduplication off (it used to
+    /// match a repeat within the same millisecond only, so by chance).
     pub fn get(&mut self, key: &str, now_ms: i64, window_ms: i64) -> Option<MessageId> {
+        if window_ms <= 0 {
+            self.ids.clear();
+            self.order.clear();
+            return None;
+        }
         self.evict(now_ms - window_ms);
         self.ids.get(key).map(|(id, _)| *id)
     }
@@ -407,6 +414,22 @@ mod tests {
             check_new_message(&long_key, 3, u64::MAX),
             Err(BrokerError::InvalidArgument(m)) if m.starts_with("message 3: key")
         ));
+    }
+
+    #[test]
+    fn a_window_of_zero_matches_nothing() {
+        let mut window = DedupWindow::default();
+        let id = MessageId {
+            partition: 0,
+            offset: 1,
+        };
+        window.insert("a".into(), id, 1_000);
+        assert_eq!(
+            window.get("a", 1_000, 0),
+            None,
+            "not even in the same millisecond"
+        );
+        assert!(window.is_empty());
     }
 
     #[test]
