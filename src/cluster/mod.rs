@@ -95,6 +95,9 @@ const MAX_HOPS: u32 = 2;
 const LEADER_WAIT: Duration = Duration::from_secs(2);
 /// A write renews the leader lease first when less than this is left of it.
 const LEASE_MARGIN: Duration = Duration::from_millis(100);
+/// How long a leader whose lease may have lapsed waits to hear from a quorum before a
+/// request (a deposed one hears who leads now within a round trip).
+const CONFIRM_WAIT: Duration = Duration::from_millis(500);
 /// How long a leader waits for a majority to commit an entry before answering "no leader".
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a node waits to apply an op committed through another node.
@@ -300,13 +303,48 @@ fn lease_may_lapse(raft: &Raft) -> bool {
 /// one quorum round when it may lapse (openraft 0.10 refuses both without a lease, and an
 /// idle group's lease lapses: its heartbeats are off).
 async fn ensure_lease(raft: &Raft) -> Result<(), String> {
+    renew_lease(raft, LEADER_WAIT)
+        .await
+        .map_err(|lost| lost.reason)
+}
+
+/// Why a leader lease was not renewed, and who leads instead when a quorum said so.
+struct LeaseLost {
+    reason: String,
+    /// A quorum answered with a newer term: this node no longer leads.
+    deposed: bool,
+    /// The group's leader as the quorum knows it, if it does.
+    leader: Option<u64>,
+}
+
+/// [`ensure_lease`] waiting up to `wait`, telling a deposed leader who leads now.
+async fn renew_lease(raft: &Raft, wait: Duration) -> Result<(), LeaseLost> {
     if !lease_may_lapse(raft) {
         return Ok(());
     }
-    match tokio::time::timeout(LEADER_WAIT, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+    match tokio::time::timeout(wait, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(error)) => Err(format!("leader lease not renewed: {error}")),
-        Err(_) => Err("leader lease not renewed in time (no quorum?)".into()),
+        Ok(Err(error)) => {
+            let forward = error.forward_to_leader();
+            let leader = forward.and_then(|to| to.leader_id);
+            let reason = match (forward, leader) {
+                (_, Some(leader)) => format!("this node no longer leads (node {leader} does)"),
+                (Some(_), None) => {
+                    "this node no longer leads (its successor is not known yet)".into()
+                }
+                (None, None) => format!("leader lease not renewed: {error}"),
+            };
+            Err(LeaseLost {
+                reason,
+                deposed: forward.is_some(),
+                leader,
+            })
+        }
+        Err(_) => Err(LeaseLost {
+            reason: "leader lease not renewed in time (no quorum?)".into(),
+            deposed: false,
+            leader: None,
+        }),
     }
 }
 
@@ -806,11 +844,35 @@ impl Cluster {
     /// was being handed off meanwhile (the hand-off holds new work until it ends), asked
     /// again once the hand-off is over.
     async fn leader_after_handoff(&self, raft: &Raft, group: u64) -> Option<u64> {
-        let leader = self.leader_of(raft).await;
+        let mut leader = self.leader_of(raft).await;
         if leader == Some(self.node_id()) && self.transfers.pause(group).await {
-            return self.leader_of(raft).await;
+            leader = self.leader_of(raft).await;
+        }
+        if leader == Some(self.node_id()) {
+            return self.confirm_leading(raft, group).await;
         }
         leader
+    }
+
+    /// This node's metrics say it leads `raft`'s group. When its leader lease may have
+    /// lapsed (it was paused or cut off, say) it renews it first, before anything is
+    /// proposed: a node that learns so that another node leads now answers that one (the
+    /// caller forwards there, within the request, instead of answering `no_leader`); a
+    /// node that cannot renew it within [`CONFIRM_WAIT`] answers itself, and proposing
+    /// (which tries again, up to [`LEADER_WAIT`]) reports why.
+    async fn confirm_leading(&self, raft: &Raft, group: u64) -> Option<u64> {
+        let me = self.node_id();
+        match renew_lease(raft, CONFIRM_WAIT).await {
+            Err(lost) if lost.deposed => {
+                tracing::debug!(group, reason = %lost.reason, "deposed: following the group's leader");
+                self.leader_other_than(raft, me).await;
+                let known = raft.metrics().borrow_watched().current_leader;
+                known
+                    .filter(|l| *l != me)
+                    .or(lost.leader.filter(|l| *l != me))
+            }
+            _ => Some(me),
+        }
     }
 
     /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
@@ -969,7 +1031,10 @@ impl Cluster {
         };
         let mut attempts = 0;
         loop {
-            let leader = self.leader_of(&raft).await;
+            let leader = match self.leader_of(&raft).await {
+                Some(me) if me == self.node_id() => self.confirm_leading(&raft, group).await,
+                leader => leader,
+            };
             return match leader {
                 Some(leader) if leader == self.node_id() => {
                     propose_entry(&raft, group, command).await
