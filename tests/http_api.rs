@@ -545,8 +545,9 @@ async fn batch_headers_keys_idempotency_and_binary_bodies() {
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query}");
     }
     let (_, unchanged) = get(&s, "/queues/b").await;
+    let p = id["partition"].as_u64().unwrap() as usize;
     assert_eq!(
-        unchanged["partitions"][0]["next_offset"].as_u64(),
+        unchanged["partitions"][p]["next_offset"].as_u64(),
         Some(id["offset"].as_u64().unwrap() + 1)
     );
     // HEAD on the receive route leases nothing.
@@ -559,6 +560,28 @@ async fn batch_headers_keys_idempotency_and_binary_bodies() {
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     let after = get(&s, "/queues/b/groups/default").await.1["in_flight"].clone();
     assert_eq!(before, after);
+    // `"body": null` is a JSON body like any other (a missing body is the error).
+    let (status, ids) = post(
+        &s,
+        "/queues/b/messages/batch",
+        Some(json!({"messages": [{"body": null, "key": "nothing"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{ids}");
+    let (p, offset) = ids["ids"][0].as_str().unwrap().split_once('-').unwrap();
+    let (_, log) = get(&s, &format!("/queues/b/log?partition={p}&from={offset}")).await;
+    assert_eq!(log["messages"][0]["body"], Value::Null, "{log}");
+    assert_eq!(
+        log["messages"][0]["content_type"], "application/json",
+        "{log}"
+    );
+    let (status, _) = post(
+        &s,
+        "/queues/b/messages/batch",
+        Some(json!({"messages": [{"key": "k"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "no body at all");
     s.stop().await;
 }
 

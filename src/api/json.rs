@@ -80,8 +80,8 @@ pub fn deliveries(list: &[Delivery]) -> Value {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchMessage {
-    /// Any JSON value, stored as JSON.
-    #[serde(default)]
+    /// Any JSON value, stored as JSON (`null` too: only a missing `body` is none).
+    #[serde(default, deserialize_with = "present")]
     pub body: Option<Value>,
     /// Raw bytes, base64-encoded.
     #[serde(default)]
@@ -98,6 +98,11 @@ pub struct BatchMessage {
     /// Idempotency key.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+}
+
+/// A field that is present, whatever its value (`null` included), is `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 /// `{"messages": [...]}` for a batch publish.
