@@ -499,22 +499,8 @@ fn rfc3339_ms(raw: &str) -> Option<i64> {
     let (local, offset_ms) = match upper.strip_suffix('Z') {
         Some(local) => (local.to_string(), 0),
         None => {
-            let split = upper.len().checked_sub(6)?;
-            let (local, offset) = (upper.get(..split)?, upper.get(split..)?);
-            let sign = match offset.as_bytes().first()? {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let (hours, minutes) = offset.get(1..)?.split_once(':')?;
-            let (hours, minutes): (i64, i64) = (hours.parse().ok()?, minutes.parse().ok()?);
-            if hours > 23
-                || minutes > 59
-                || !offset[1..].bytes().all(|b| b.is_ascii_digit() || b == b':')
-            {
-                return None;
-            }
-            (local.to_string(), sign * (hours * 60 + minutes) * 60_000)
+            let (local, offset) = upper.split_at_checked(upper.len().checked_sub(6)?)?;
+            (local.to_string(), offset_ms(offset.as_bytes())?)
         }
     };
     let utc = humantime::parse_rfc3339_weak(&format!("{local}Z")).ok()?;
@@ -523,6 +509,24 @@ fn rfc3339_ms(raw: &str) -> Option<i64> {
         Err(e) => -i64::try_from(e.duration().as_millis()).ok()?,
     };
     Some(ms - offset_ms)
+}
+
+/// Milliseconds of an RFC 3339 numeric offset, exactly `+HH:MM` or `-HH:MM`.
+fn offset_ms(offset: &[u8]) -> Option<i64> {
+    let &[sign, h1, h2, b':', m1, m2] = offset else {
+        return None;
+    };
+    let two = |a: u8, b: u8| {
+        (a.is_ascii_digit() && b.is_ascii_digit()).then(|| i64::from((a - b'0') * 10 + b - b'0'))
+    };
+    let hours = two(h1, h2).filter(|h| *h < 24)?;
+    let minutes = two(m1, m2).filter(|m| *m < 60)?;
+    let sign = match sign {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    Some(sign * (hours * 60 + minutes) * 60_000)
 }
 
 #[utoipa::path(get, path = "/queues/{queue}/log", tag = "messages", description = "Read without leasing (replay).", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("partition" = Option<u32>, Query, description = "Partition (default 0)"), ("from" = Option<u64>, Query, description = "Start offset (default 0)"), ("from_time" = Option<String>, Query, description = "Start time: RFC 3339 or unix ms"), ("max" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most messages (default 100)"), ("local" = Option<bool>, Query, description = "On a cluster node: read this node's own copy, also when it holds no replica of the queue (then it is empty) instead of asking a replica (default false)")), responses((status = 200, body = LogPage), Errors))]
@@ -780,6 +784,7 @@ mod tests {
         for bad in [
             "2026-12-04T04:00:00+24:00",
             "2026-12-04T04:00:00+0a:00",
+            "2026-12-04T04:00:00+1:000",
             "soon",
             "+01:00",
         ] {
