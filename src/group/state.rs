@@ -486,6 +486,14 @@ impl GroupState {
         fresh: &[Candidate],
         grants: &mut Vec<Grant>,
     ) -> Result<(), GroupError> {
+        // The last offset leased or waiting. Normally all of them lie before the cursor and
+        // one comparison per candidate says so; only a delivery a restart ended (on its way
+        // to the DLQ, see `end_interrupted_deliveries`) can lie at or past it.
+        let tracked_to = {
+            let p = self.part(partition)?;
+            let last_lease = p.leases.last_key_value().map(|(o, _)| *o);
+            last_lease.max(p.waiting.last_key_value().map(|(o, _)| *o))
+        };
         for candidate in fresh {
             if grants.len() >= budget {
                 break;
@@ -495,7 +503,9 @@ impl GroupState {
             if candidate.offset < p.cursor {
                 continue;
             }
-            if p.leases.contains_key(&candidate.offset) || p.waiting.contains_key(&candidate.offset)
+            if tracked_to.is_some_and(|last| candidate.offset <= last)
+                && (p.leases.contains_key(&candidate.offset)
+                    || p.waiting.contains_key(&candidate.offset))
             {
                 // Already tracked (a delivery a restart ended, on its way to the DLQ).
                 p.cursor = candidate.offset + 1;
@@ -876,9 +886,8 @@ impl GroupState {
     /// `max_deliveries` when the restart ended its lease failed that delivery, as if its
     /// lease had expired. It gets a lease that is already over, so the next
     /// [`Self::expire`] sends it to the dead-letter queue instead of delivering it again.
-    /// Returns how many.
-    pub fn end_interrupted_deliveries(&mut self) -> usize {
-        let config = self.config.clone();
+    pub fn end_interrupted_deliveries(&mut self) {
+        let config = &self.config;
         let mut ended = 0;
         for p in &mut self.partitions {
             let exhausted: Vec<(u64, u32)> = p
@@ -901,7 +910,6 @@ impl GroupState {
             }
         }
         self.in_flight += ended;
-        ended
     }
 
     /// The durable part of the state, for a checkpoint: floors, done ranges, delivery
