@@ -239,3 +239,62 @@ async fn broker_publish_on_a_full_disk_fails_cleanly_and_resumes() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body.len(), 64 * 1024);
 }
+
+/// A dead letter whose move to the dead-letter queue fails (the DLQ's disk is full) is not
+/// offered again (it used up its deliveries): the move is tried again and stores it once.
+/// It was offered again at once, and so delivered past `max_deliveries`.
+#[tokio::test]
+async fn a_failed_dead_letter_move_is_tried_again_not_delivered_again() {
+    let disk = SimDisk::new();
+    let broker = Broker::open(BrokerConfig {
+        data_dir: "/data".into(),
+        fsync: FsyncPolicy::Always,
+        max_queues: 10,
+        storage: Arc::new(disk.clone()),
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+    let settings = QueueSettings {
+        max_deliveries: 1,
+        ..QueueSettings::default()
+    };
+    broker.create_queue("jobs", settings).await.unwrap();
+    broker
+        .publish("jobs", vec![message("poison")])
+        .await
+        .unwrap();
+    let got = broker
+        .receive("jobs", "default", 10, Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    disk.inject(Fault::new(Op::Write, "jobs.dlq", Errno::Enospc).times(1));
+    broker
+        .nack("jobs", "default", got[0].id, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let again = broker
+        .receive("jobs", "default", 10, Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "delivered again: {again:?}");
+    // The retry (a quarter second later) moves it.
+    let dead = broker
+        .receive("jobs.dlq", "default", 10, Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].body[..], b"poison");
+    let info = broker.group_info("jobs", "default").unwrap();
+    assert_eq!((info.backlog, info.in_flight), (0, 0), "{info:?}");
+    let (stored, _) = broker
+        .read_log("jobs.dlq", 0, qit::broker::ReadFrom::Offset(0), 10)
+        .unwrap();
+    assert_eq!(stored.len(), 1, "stored once: {stored:?}");
+    let again = broker
+        .receive("jobs", "default", 10, Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "delivered again: {again:?}");
+}

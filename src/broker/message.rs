@@ -256,6 +256,23 @@ pub fn redrive_key(dlq: &str, id: MessageId, original: &str, timestamp_ms: i64) 
     format!("qit-redrive:{hash:016x}")
 }
 
+/// The idempotency key under which group `group` of `queue` dead-letters message `id` after
+/// `delivery_count` deliveries: the same when the move is tried again (after a failed
+/// append, or by a new cluster leader that finds the delivery interrupted), so the
+/// dead-letter queue stores it once within its dedup window.
+pub fn dead_letter_key(queue: &str, group: &str, id: MessageId, delivery_count: u32) -> String {
+    let id = id.to_string();
+    let hash = crate::hash::fnv1a(&[
+        queue.as_bytes(),
+        &[0],
+        group.as_bytes(),
+        &[0],
+        id.as_bytes(),
+        &delivery_count.to_le_bytes(),
+    ]);
+    format!("qit-dead-letter:{hash:016x}")
+}
+
 /// The idempotency key of a stored record, if it has one.
 pub fn idempotency_key(record: &StoredRecord) -> Option<String> {
     record
@@ -360,6 +377,31 @@ mod tests {
         let long = "x".repeat(204);
         assert!(redrive_key(&long, id, &long, i64::MAX).len() <= 64);
         assert!(key.starts_with("qit-"));
+    }
+
+    #[test]
+    fn dead_letter_keys_are_stable_and_distinct() {
+        let id = MessageId {
+            partition: 1,
+            offset: 7,
+        };
+        let key = dead_letter_key("q", "g", id, 5);
+        assert_eq!(key, dead_letter_key("q", "g", id, 5));
+        let other = MessageId {
+            partition: 1,
+            offset: 8,
+        };
+        for different in [
+            dead_letter_key("r", "g", id, 5),
+            dead_letter_key("q", "h", id, 5),
+            dead_letter_key("q", "g", other, 5),
+            dead_letter_key("q", "g", id, 6),
+            // The separators keep names that run together apart.
+            dead_letter_key("qg", "", id, 5),
+        ] {
+            assert_ne!(key, different);
+        }
+        assert!(key.starts_with("qit-dead-letter:"));
     }
 
     #[test]

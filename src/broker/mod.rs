@@ -1073,16 +1073,12 @@ impl Broker {
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         let ended = q.nack(&g, id, delay.map(millis))?;
-        // A nack that dead-letters answers once the message is in the dead-letter queue
-        // (a script that nacks and then reads or redrives the dead letters finds it there),
-        // rather than handing it to the worker that takes expired leases' dead letters.
-        for job in ended.dead_letters {
-            self.dead_letter(job).await;
-        }
         if let Some(replicator) = self.replicator() {
             // The nack is answered once its delivery count is replicated: a leader killed
-            // right after still leaves the count to its successor. A failure here does not
-            // undo the nack (it happened); the count is lost with this leader only.
+            // right after still leaves the count to its successor, which then dead-letters
+            // a message that used up its deliveries rather than delivering it again. So the
+            // count goes first, before a dead letter's move. A failure here does not undo
+            // the nack (it happened); the count is lost with this leader only.
             let op = replicate::Op::DeliveryCounts {
                 queue: queue.to_string(),
                 group: group.to_string(),
@@ -1095,6 +1091,13 @@ impl Broker {
             {
                 tracing::warn!(%error, queue, group, "replicating a delivery count failed");
             }
+        }
+        // A nack that dead-letters answers once the message is in the dead-letter queue
+        // (a script that nacks and then reads or redrives the dead letters finds it there),
+        // rather than handing it to the worker that takes expired leases' dead letters. A
+        // move that fails is retried in the background.
+        for job in ended.dead_letters {
+            self.dead_letter(job).await;
         }
         Ok(())
     }
@@ -1152,36 +1155,58 @@ impl Broker {
         q.extend(&g, id, visibility_ms)
     }
 
-    /// Moves a dead letter to its DLQ, then marks it done for its group.
+    /// Moves a dead letter to its DLQ, then marks it done for its group; either step failing
+    /// for a passing reason has the whole move tried again later.
     async fn dead_letter(&self, job: DeadLetterJob) {
         let Ok(q) = self.queue(&job.queue) else {
             return;
         };
         let Some(g) = q.group(&job.group) else { return };
-        let outcome = self.append_dead_letter(&q, &job).await;
-        match outcome {
-            Ok(()) => {
-                let done = match self.replicator() {
-                    Some(replicator) => replicator
-                        .submit(replicate::Op::DeadLetterDone {
-                            queue: job.queue.clone(),
-                            group: job.group.clone(),
-                            partition: job.id.partition,
-                            offset: job.id.offset,
-                        })
-                        .await
-                        .and_then(replicate::OpResult::done),
-                    None => q.complete_dead_letter(&g, job.id).await,
-                };
-                if let Err(error) = done {
-                    tracing::error!(%error, queue = %job.queue, id = %job.id, "recording a dead letter failed");
-                }
-            }
+        let moved = match self.append_dead_letter(&q, &job).await {
+            Ok(()) => match self.replicator() {
+                Some(replicator) => replicator
+                    .submit(replicate::Op::DeadLetterDone {
+                        queue: job.queue.clone(),
+                        group: job.group.clone(),
+                        partition: job.id.partition,
+                        offset: job.id.offset,
+                    })
+                    .await
+                    .and_then(replicate::OpResult::done),
+                None => q.complete_dead_letter(&g, job.id).await,
+            },
+            Err(error) => Err(error),
+        };
+        match moved {
+            Ok(()) => {}
+            Err(error) if error.is_transient() => self.retry_dead_letter_later(job, &error),
             Err(error) => {
-                tracing::warn!(%error, queue = %job.queue, id = %job.id, "dead-lettering failed; will retry");
+                // Trying again would be refused again: the queue keeps the message and
+                // offers it again, so that it is not held out of reach for ever.
+                tracing::warn!(%error, queue = %job.queue, id = %job.id, "the dead-letter queue refused a dead letter; it is offered again");
                 q.abort_dead_letter(&g, job.id);
             }
         }
+    }
+
+    /// A dead letter's move failed (the dead-letter queue's group has no leader, its disk
+    /// is full, ..): the message stays out of delivery (it used up its deliveries) and the
+    /// worker tries the move again after a pause that grows with each failure. Its
+    /// idempotency key makes a retried append that had in fact been stored harmless.
+    fn retry_dead_letter_later(&self, job: DeadLetterJob, error: &BrokerError) {
+        let pause = dead_letter_retry_pause(job.attempt);
+        tracing::warn!(%error, queue = %job.queue, id = %job.id, attempt = job.attempt, retry_in_ms = pause.as_millis() as u64, "dead-lettering failed; will retry");
+        let jobs = self.dead_letters.clone();
+        let job = DeadLetterJob {
+            attempt: job.attempt.saturating_add(1),
+            ..job
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            // The worker lives as long as the broker: after it, nothing is left to retry
+            // (a restart delivers the message again, and dead-letters it again).
+            let _ = jobs.send(job);
+        });
     }
 
     /// Records on this node that a dead letter reached its dead-letter queue.
@@ -1210,6 +1235,12 @@ impl Broker {
             return Ok(());
         };
         let mut dead = message::to_new_message(&record);
+        dead.idempotency_key = Some(message::dead_letter_key(
+            &job.queue,
+            &job.group,
+            job.id,
+            job.delivery_count,
+        ));
         for (name, value) in [
             (message::ORIGINAL_QUEUE_HEADER, job.queue.clone()),
             (message::ORIGINAL_ID_HEADER, job.id.to_string()),
@@ -1841,6 +1872,19 @@ fn dead_letter_settings(source: &QueueSettings) -> QueueSettings {
     }
 }
 
+/// The first pause before a failed dead letter's move is tried again.
+const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// The longest pause between two tries of a dead letter's move.
+const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The pause before try `attempt + 1` of a dead letter's move: doubling from
+/// [`DEAD_LETTER_RETRY_FIRST`] up to [`DEAD_LETTER_RETRY_MAX`].
+fn dead_letter_retry_pause(attempt: u32) -> Duration {
+    DEAD_LETTER_RETRY_FIRST
+        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .min(DEAD_LETTER_RETRY_MAX)
+}
+
 /// Expires leases and wakes waiters of groups whose redeliveries came due.
 async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(TICK);
@@ -1940,5 +1984,20 @@ async fn run_dead_letters(
             return;
         };
         broker.dead_letter(job).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_retries_back_off_to_a_cap() {
+        assert_eq!(dead_letter_retry_pause(0), DEAD_LETTER_RETRY_FIRST);
+        assert_eq!(dead_letter_retry_pause(1), Duration::from_millis(500));
+        assert_eq!(dead_letter_retry_pause(6), Duration::from_secs(16));
+        for attempt in [7, 16, 17, u32::MAX] {
+            assert_eq!(dead_letter_retry_pause(attempt), DEAD_LETTER_RETRY_MAX);
+        }
     }
 }

@@ -52,6 +52,8 @@ pub struct DeadLetterJob {
     pub delivery_count: u32,
     /// Why the last one failed.
     pub reason: Reason,
+    /// Moves of it tried before and failed (each waits longer before the next).
+    pub attempt: u32,
 }
 
 /// Leases that ended without an ack (expired or nacked), and what follows from them.
@@ -740,6 +742,7 @@ impl Queue {
             id: MessageId { partition, offset },
             delivery_count,
             reason,
+            attempt: 0,
         }
     }
 
@@ -1040,7 +1043,8 @@ impl Queue {
         released
     }
 
-    /// The DLQ append failed: offer the message again.
+    /// The DLQ refused the dead letter (see [`BrokerError::is_transient`]): offer the
+    /// message again now.
     pub fn abort_dead_letter(&self, group: &Group, id: MessageId) {
         group
             .state

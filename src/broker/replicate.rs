@@ -550,6 +550,16 @@ impl From<WireError> for BrokerError {
 }
 
 impl BrokerError {
+    /// True for a failure that trying again later may overcome (storage, no leader, a
+    /// shutdown, an unknown remote failure); false for a refusal (a limit, a bad name or
+    /// setting, a missing queue, ..) that trying again would only repeat.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.code(),
+            "storage_error" | "no_leader" | "shutting_down" | "internal"
+        )
+    }
+
     /// The API error code of this error (also how it travels between cluster nodes).
     pub fn code(&self) -> &'static str {
         use BrokerError as E;
@@ -1141,6 +1151,39 @@ mod tests {
     use crate::auth::{Permission, Resource};
     use crate::broker::access::PasswordHash;
     use proptest::prelude::*;
+
+    #[test]
+    fn passing_failures_are_told_from_refusals() {
+        for transient in [
+            BrokerError::NoLeader("election".into()),
+            BrokerError::ShuttingDown,
+            BrokerError::Storage {
+                path: "/d".into(),
+                source: std::io::Error::other("full"),
+            },
+            BrokerError::from(WireError {
+                code: "no_leader".into(),
+                message: "m".into(),
+            }),
+            BrokerError::from(WireError {
+                code: "something new".into(),
+                message: "m".into(),
+            }),
+        ] {
+            assert!(transient.is_transient(), "{transient:?}");
+        }
+        for refusal in [
+            BrokerError::LimitReached("guard".into()),
+            BrokerError::QueueNotFound("q".into()),
+            BrokerError::InvalidArgument("x".into()),
+            BrokerError::from(WireError {
+                code: "message_too_large".into(),
+                message: "m".into(),
+            }),
+        ] {
+            assert!(!refusal.is_transient(), "{refusal:?}");
+        }
+    }
 
     fn arb_message() -> impl Strategy<Value = WireMessage> {
         (

@@ -121,7 +121,8 @@ pub enum Outcome {
         delivery_count: u32,
     },
     /// It ran out of deliveries: the broker must append it to the DLQ, then call
-    /// [`GroupState::complete_dead_letter`] (or [`GroupState::abort_dead_letter`]).
+    /// [`GroupState::complete_dead_letter`]; until then it is not offered again (a failed
+    /// append is retried), unless the DLQ refuses it ([`GroupState::abort_dead_letter`]).
     DeadLetter {
         /// Deliveries it had.
         delivery_count: u32,
@@ -721,7 +722,7 @@ impl GroupState {
         vec![Event::DeadLettered { partition, offset }]
     }
 
-    /// The DLQ append failed: offer the message again now.
+    /// The DLQ refused the message: offer it again now.
     pub fn abort_dead_letter(&mut self, partition: u32, offset: u64, now: i64) {
         if let Some(w) = self
             .partitions
