@@ -136,3 +136,111 @@ async fn survivors_that_voted_for_a_dead_first_leader_elect_one_of_them() {
     let bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
     assert_eq!(bodies, ["after"]);
 }
+
+/// The term of `queue`'s group as node `base` knows it.
+async fn term(base: &str, queue: &str) -> Option<u64> {
+    let v = view(&format!("{base}/cluster")).await?;
+    partition(&v, queue)?["term"].as_u64()
+}
+
+/// A replica loses its copy of one queue's group (that group's directory only; the rest of
+/// the node is intact) after it helped commit publishes the third replica never saw. It
+/// must not vote until it has caught up: its blank log granted its vote to the replica
+/// that lacked the publishes, which then led, and acknowledged publishes were gone from
+/// every node (found by the cluster fault helper, 2 of 2). Now the group waits without a
+/// leader until the replica holding them returns, and every node ends up with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_a_groups_log_does_not_vote_until_caught_up() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "amn", json!({"partitions": 1})).await;
+    let leader = cluster.leader_of(1, "amn", None).await;
+    let group = cluster.group_of(1, "amn").await;
+    for id in 1..=3 {
+        cluster.leader_of(id, "amn", None).await;
+    }
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let [behind, forgetful] = others[..] else {
+        panic!("three replicas expected");
+    };
+
+    // `behind` misses 20 publishes; `forgetful` helps commit them, then loses the group.
+    cluster.kill(behind);
+    let acked: Vec<String> = (0..20).map(|i| format!("acked {i}")).collect();
+    for body in &acked {
+        publish(cluster.http(leader), "amn", body).await;
+    }
+    cluster.kill(forgetful);
+    let dir = cluster
+        .root()
+        .join(format!("node-{forgetful}"))
+        .join("raft")
+        .join(group.to_string());
+    std::fs::remove_dir_all(&dir).expect("remove the group's log");
+    let old_term = term(cluster.http(leader), "amn").await.expect("a term");
+    cluster.kill(leader);
+    cluster.restart(forgetful);
+    cluster.restart(behind);
+    cluster.wait_serving(behind).await;
+    cluster.wait_serving(forgetful).await;
+
+    // Both have the group open; `behind` campaigns twice more after that, and its vote
+    // requests reach `forgetful`, which refuses them: no leader, no publish.
+    for id in [behind, forgetful] {
+        let base = cluster.http(id).to_string();
+        eventually(&format!("node {id} has the group open"), || {
+            let base = base.clone();
+            async move { term(&base, "amn").await.is_some() }
+        })
+        .await;
+    }
+    let base = cluster.http(behind).to_string();
+    let seen = term(&base, "amn").await.unwrap_or(old_term).max(old_term);
+    eventually(
+        "the survivor behind campaigns twice (or is elected)",
+        || {
+            let base = base.clone();
+            async move {
+                let elected = view(&format!("{base}/cluster"))
+                    .await
+                    .is_some_and(|v| partition(&v, "amn").is_some_and(|p| p["leader"].is_u64()));
+                elected || term(&base, "amn").await.is_some_and(|t| t >= seen + 2)
+            }
+        },
+    )
+    .await;
+    let answer = common::http()
+        .post(format!("{base}/queues/amn/messages"))
+        .body("while leaderless")
+        .timeout(std::time::Duration::from_secs(30))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(
+        answer.status(),
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        "no leader may be elected without the replica that holds the publishes"
+    );
+
+    // The replica holding them returns: it leads, and every node holds every publish.
+    cluster.restart(leader);
+    publish(cluster.http(forgetful), "amn", "after").await;
+    let mut want = acked.clone();
+    want.push("after".to_string());
+    for node in 1..=3 {
+        let base = cluster.http(node).to_string();
+        let want = want.clone();
+        eventually(
+            &format!("node {node} holds every acknowledged publish"),
+            || {
+                let base = base.clone();
+                let want = want.clone();
+                async move {
+                    log_bodies(&base, "amn", 0)
+                        .await
+                        .is_some_and(|bodies| want.iter().all(|b| bodies.contains(b)))
+                }
+            },
+        )
+        .await;
+    }
+}

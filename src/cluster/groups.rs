@@ -64,6 +64,33 @@ fn leader_watch(raft: &Raft) -> watch::Receiver<Option<u64>> {
     rx
 }
 
+/// Takes group `id` out of `lost` once it has applied an entry of the term of the leader
+/// it follows (see [`Groups::open_group`]).
+fn watch_catch_up(id: u64, raft: &Raft, lost: Arc<RwLock<BTreeSet<u64>>>) {
+    let mut metrics = raft.metrics();
+    tokio::spawn(async move {
+        loop {
+            let caught_up = {
+                let m = metrics.borrow_watched();
+                m.vote.is_committed()
+                    && m.last_applied
+                        .is_some_and(|applied| applied.leader_id.term == m.vote.leader_id.term)
+            };
+            if caught_up {
+                lost.write().remove(&id);
+                tracing::info!(
+                    group = id,
+                    "the group's lost log is caught up: it votes again"
+                );
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// A queue's group as this node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueGroup {
@@ -100,6 +127,9 @@ pub struct Groups {
     draining: RwLock<BTreeSet<u64>>,
     /// Snapshots being received from the groups' leaders.
     snapshot_receiver: Receiver,
+    /// Groups whose log this node lost while it was a replica (see [`Self::open_group`]):
+    /// they neither vote nor stand for election here until they have caught up.
+    lost: Arc<RwLock<BTreeSet<u64>>>,
 }
 
 /// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
@@ -198,6 +228,7 @@ impl Groups {
             logs: RwLock::new(HashMap::new()),
             watches: RwLock::new(HashMap::new()),
             queues: RwLock::new(BTreeMap::new()),
+            lost: Arc::default(),
             nodes: RwLock::new(BTreeMap::new()),
             kafka: KafkaAddrs::default(),
             draining: RwLock::new(BTreeSet::new()),
@@ -224,6 +255,15 @@ impl Groups {
     /// its empty log ([`LogStore::seed`]), and the preferred leader stands for election at
     /// once. `members` is empty where this node joins a group that exists elsewhere (its
     /// leader adds it and sends it the log or a snapshot).
+    ///
+    /// A queue group whose log is blank while its held marker (written before the log's
+    /// first vote or entry) is there lost its files here (deleted or damaged by hand):
+    /// Raft's safety rests on every voter remembering what it acknowledged, and a voter
+    /// that forgot could vote in a replica that lacks committed entries, so they would be
+    /// undone. Such a group opens as a follower that does not vote or stand for election
+    /// ([`Self::has_lost`]) until it has applied an entry of its current leader's term:
+    /// every entry committed before that leader's election precedes it, so the log holds
+    /// them all again. Until then the group needs its other replicas for a quorum.
     pub async fn open_group(
         &self,
         id: u64,
@@ -240,6 +280,26 @@ impl Groups {
                 source,
             }
         })?;
+        let mut lost = false;
+        if id != META_GROUP {
+            let marker = self.held_marker(id);
+            lost = log.is_blank() && marker.exists();
+            log.mark_held(marker).map_err(|source| ClusterError::Io {
+                path: self.held_marker(id),
+                source,
+            })?;
+        }
+        let members = if lost {
+            tracing::warn!(
+                group = id,
+                path = %dir.display(),
+                "this node lost its copy of the group's log: it rejoins as a follower and \
+                 does not vote until it has caught up"
+            );
+            &[]
+        } else {
+            members
+        };
         let machine = match role {
             Role::Queue(name) => {
                 StateMachine::for_queue(&name, Arc::clone(&self.broker), &dir.join("snapshot"))
@@ -266,6 +326,10 @@ impl Groups {
             let replayed = replayed.load(std::sync::atomic::Ordering::Relaxed);
             metrics::counter!(START_REPLAYED).increment(replayed);
             tracing::debug!(group = id, replayed, "queue group started");
+        }
+        if lost {
+            self.lost.write().insert(id);
+            watch_catch_up(id, &raft, Arc::clone(&self.lost));
         }
         self.rafts.write().insert(id, raft.clone());
         self.watches.write().insert(
@@ -320,6 +384,18 @@ impl Groups {
     /// Nodes leaving the cluster (groups move off them).
     pub fn draining(&self) -> BTreeSet<u64> {
         self.draining.read().clone()
+    }
+
+    /// True while group `id` rejoins after this node lost its log (see
+    /// [`Self::open_group`]): it must not vote or stand for election.
+    pub fn has_lost(&self, id: u64) -> bool {
+        self.lost.read().contains(&id)
+    }
+
+    /// The marker that this node held group `id`'s log ([`LogStore::mark_held`]); it lies
+    /// beside the group's directory, so that losing the directory leaves it.
+    fn held_marker(&self, id: u64) -> PathBuf {
+        self.raft_dir.join(format!("{id}.held"))
     }
 
     /// The marker of a group that moved off this node: the group is not opened again when
@@ -383,6 +459,12 @@ impl Groups {
     }
 
     fn remove_group_dir(&self, id: u64) {
+        self.lost.write().remove(&id);
+        if let Err(error) = std::fs::remove_file(self.held_marker(id))
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(group = id, %error, "removing a group's held marker failed");
+        }
         let dir = self.raft_dir.join(id.to_string());
         if let Err(error) = std::fs::remove_dir_all(&dir)
             && error.kind() != std::io::ErrorKind::NotFound

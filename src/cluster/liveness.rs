@@ -641,6 +641,10 @@ impl Cluster {
         let Some(raft) = self.groups().raft(group) else {
             return;
         };
+        if self.groups().has_lost(group) {
+            // Its log was lost here: it waits for a leader among the other replicas.
+            return;
+        }
         tracing::info!(
             group,
             last = ?self.groups().last_log_id(group),

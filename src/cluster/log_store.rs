@@ -99,6 +99,9 @@ struct Inner {
     chunk_entries: usize,
     /// Sequence number of the next chunk created.
     next_seq: u64,
+    /// The marker that this node held the group's log, still to write before the first
+    /// vote or entry (see [`LogStore::mark_held`]).
+    held_marker: Option<PathBuf>,
 }
 
 /// One group's Raft log (cheap to clone: clones share the files).
@@ -281,6 +284,34 @@ struct Scanned {
 }
 
 impl Inner {
+    /// True when the log holds nothing a voter must remember: no vote, no entry, no purge
+    /// point.
+    fn is_blank(&self) -> bool {
+        self.vote.is_none() && self.last_log_id.is_none() && self.purged.is_none()
+    }
+
+    /// Writes the held marker, if one is still to write (and syncs its directory), before
+    /// the log first holds state.
+    fn write_held_marker(&mut self) -> std::io::Result<()> {
+        let Some(marker) = self.held_marker.take() else {
+            return Ok(());
+        };
+        let written = (|| -> std::io::Result<()> {
+            if !marker.exists() {
+                File::create(&marker)?.sync_all()?;
+                if let Some(parent) = marker.parent() {
+                    sync_dir(parent)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(error) = written {
+            self.held_marker = Some(marker);
+            return Err(io_err("writing the held marker", error));
+        }
+        Ok(())
+    }
+
     /// Saves the committed id at every commit, cheaply: written in place (one `pwrite` of a
     /// fixed-size record, no new file, no rename) and not synced. A torn write fails its
     /// CRC and reads as no committed id (see [`read_committed`]).
@@ -451,6 +482,7 @@ impl LogStore {
             sync,
             chunk_entries: chunk_entries.max(1),
             next_seq: 0,
+            held_marker: None,
         };
         let mut ended = false;
         for (seq, path) in chunk_files(dir)? {
@@ -470,6 +502,25 @@ impl LogStore {
             inner: Arc::new(Mutex::new(inner)),
             flusher: Arc::default(),
         })
+    }
+
+    /// True when the log holds nothing a voter must remember (no vote, no entry, no purge
+    /// point): a new replica's, or one whose files were lost.
+    pub fn is_blank(&self) -> bool {
+        self.inner.lock().is_blank()
+    }
+
+    /// Makes `marker` (a file outside the log's directory) the lasting sign that this node
+    /// held the log: written now when the log holds state, else before its first vote or
+    /// entry is written. A blank log next to its marker is a log that was lost (see
+    /// `Groups::open_group`).
+    pub fn mark_held(&self, marker: PathBuf) -> std::io::Result<()> {
+        let mut inner = self.inner.lock();
+        inner.held_marker = Some(marker);
+        if inner.is_blank() {
+            return Ok(());
+        }
+        inner.write_held_marker()
     }
 
     /// The id of the last entry written (or the purge point of an empty log), without
@@ -567,6 +618,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
+        inner.write_held_marker()?;
         write_small(&inner.dir, "vote", vote, true).map_err(|e| io_err("saving the vote", e))?;
         inner.vote = Some(*vote);
         Ok(())
@@ -693,6 +745,7 @@ impl LogStore {
     where
         I: IntoIterator<Item = Entry>,
     {
+        inner.write_held_marker()?;
         let seq = inner
             .writable_chunk()
             .map_err(|e| io_err("starting a chunk", e))?;
@@ -902,6 +955,34 @@ mod tests {
         drop(store);
         let mut store = LogStore::open_chunked(dir.path(), true, 1000).unwrap();
         assert_eq!(indexes(&mut store).await, (1..31).collect::<Vec<_>>());
+    }
+
+    /// The held marker is written before the first vote or entry, or at once for a log
+    /// with state; a blank log is told from one that holds state.
+    #[tokio::test]
+    async fn the_held_marker_comes_before_the_first_state() {
+        let root = tempfile::tempdir().unwrap();
+        let (dir, marker) = (root.path().join("7"), root.path().join("7.held"));
+        let mut store = LogStore::open(&dir, true).unwrap();
+        assert!(store.is_blank());
+        store.mark_held(marker.clone()).unwrap();
+        assert!(!marker.exists(), "nothing held yet");
+        store.save_vote(&Vote::new(1, 2)).await.unwrap();
+        assert!(marker.exists(), "written with the first vote");
+        assert!(!store.is_blank());
+        std::fs::remove_file(&marker).unwrap();
+        drop(store);
+        // Reopened with state: written at once.
+        let store = LogStore::open(&dir, true).unwrap();
+        store.mark_held(marker.clone()).unwrap();
+        assert!(marker.exists());
+        // A new blank log: its first entry writes it.
+        std::fs::remove_file(&marker).unwrap();
+        let (dir2, marker2) = (root.path().join("9"), root.path().join("9.held"));
+        let store = LogStore::open(&dir2, false).unwrap();
+        store.mark_held(marker2.clone()).unwrap();
+        append(&store, 1, 2);
+        assert!(marker2.exists(), "written with the first entry");
     }
 
     /// A log of the first layout (one file `log`) opens as the first chunk.

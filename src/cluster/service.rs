@@ -204,6 +204,14 @@ impl cluster_server::Cluster for Service {
                 "no raft group {group} here (yet)"
             )));
         };
+        if matches!(kind, KIND_VOTE | super::handoff::KIND_ELECT)
+            && cluster.groups().has_lost(group)
+        {
+            // Its log was lost here: a vote from it could undo committed entries.
+            return Err(Status::unavailable(format!(
+                "raft group {group} here is catching up after losing its log: it does not vote yet"
+            )));
+        }
         match kind {
             KIND_VOTE => reply(&raft.vote(decode(&body).map_err(bad)?).await),
             KIND_APPEND => reply(&raft.append_entries(decode(&body).map_err(bad)?).await),
