@@ -244,3 +244,53 @@ async fn a_replica_that_lost_a_groups_log_does_not_vote_until_caught_up() {
         .await;
     }
 }
+
+/// A long-poll receive through a follower goes on at the next leader when the leader it
+/// waits at is killed, and gets the message published after the failover. It was answered
+/// 503 `no_leader` at once ("node N: transport error"; found by the cluster fault helper,
+/// 3 of 3), as if the group had no leader for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_through_a_follower_outlives_the_leader() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "lp", json!({"partitions": 1})).await;
+    let leader = cluster.leader_of(1, "lp", None).await;
+    for id in 1..=3 {
+        cluster.leader_of(id, "lp", None).await;
+    }
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let [via, publisher] = others[..] else {
+        panic!("three replicas expected");
+    };
+    let base = cluster.http(via).to_string();
+    let poll = tokio::spawn(async move {
+        let response = common::http()
+            .get(format!("{base}/queues/lp/messages?wait=30"))
+            .timeout(std::time::Duration::from_secs(60))
+            .send()
+            .await
+            .expect("an answer");
+        let status = response.status();
+        (
+            status,
+            response
+                .json::<serde_json::Value>()
+                .await
+                .unwrap_or_default(),
+        )
+    });
+    let via_base = cluster.http(via).to_string();
+    eventually("the long-poll waits", || {
+        let via_base = via_base.clone();
+        async move { common::cluster::metric(&via_base, "qit_long_poll_waiters").await >= 1.0 }
+    })
+    .await;
+    cluster.kill(leader);
+    publish(cluster.http(publisher), "lp", "after the failover").await;
+    let (status, body) = poll.await.expect("the long-poll task");
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let bodies: Vec<&str> = body["messages"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|m| m["body"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(bodies, ["after the failover"], "{body}");
+}

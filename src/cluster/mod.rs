@@ -366,6 +366,15 @@ enum Forwarding {
     Failed(BrokerError),
 }
 
+/// Takes `elapsed` off the wait of a receive (a long-poll followed to another leader
+/// waits only for what is left of it); other commands are left as they are.
+fn shorten_wait(command: &mut Command, elapsed: Duration) {
+    if let Command::Broker(Op::Receive { wait_ms, .. }) = command {
+        let elapsed = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        *wait_ms = wait_ms.saturating_sub(elapsed);
+    }
+}
+
 /// How long a forwarded op may take: its own waits (a long-poll's, a leader's for a
 /// quorum, the answering node's to apply), and some slack.
 fn forward_deadline(command: &Command) -> Duration {
@@ -638,6 +647,7 @@ impl Cluster {
             };
         };
         let mut attempts = 0;
+        let (mut command, mut since) = (command, tokio::time::Instant::now());
         loop {
             let leader = self.leader_after_handoff(&raft, group).await;
             return match leader {
@@ -655,7 +665,13 @@ impl Cluster {
                         .await;
                     match forwarded {
                         Some(answer) => answer,
-                        None => continue,
+                        None => {
+                            // A long-poll goes on at the next leader for what is left of
+                            // its wait.
+                            shorten_wait(&mut command, since.elapsed());
+                            since = tokio::time::Instant::now();
+                            continue;
+                        }
                     }
                 }
                 Some(leader) => Err(no_leader(format!(
@@ -1086,9 +1102,14 @@ impl Cluster {
             .forward(target, hops + 1, body, forward_deadline(command))
             .await
             .map_err(|status| match status.code() {
+                // The target went away or could not be reached (a killed node's calls end
+                // in a transport error or a reset stream): ask who leads now. Errors of
+                // the op itself come in the reply.
                 tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled => {
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Internal => {
                     Forwarding::Moved(format!("node {target}: {}", status.message()))
                 }
                 _ => Forwarding::Failed(no_leader(format!("node {target}: {}", status.message()))),
@@ -1189,7 +1210,7 @@ impl Replicator for Cluster {
 
 #[cfg(test)]
 mod tests {
-    use super::advertised_kafka;
+    use super::{Command, Duration, Op, advertised_kafka, shorten_wait};
 
     #[test]
     fn a_wildcard_kafka_listener_is_announced_at_a_reachable_host() {
@@ -1230,5 +1251,27 @@ mod tests {
             advertised_kafka(addr("0.0.0.0:9092"), addr("0.0.0.0:7101"), None),
             "0.0.0.0:9092"
         );
+    }
+
+    #[test]
+    fn a_followed_long_poll_waits_only_what_is_left() {
+        let receive = |wait_ms| {
+            Command::Broker(Op::Receive {
+                queue: "q".into(),
+                group: "g".into(),
+                max: 1,
+                wait_ms,
+                visibility_ms: None,
+            })
+        };
+        let mut command = receive(10_000);
+        shorten_wait(&mut command, Duration::from_millis(2_500));
+        shorten_wait(&mut command, Duration::from_millis(1_500));
+        assert_eq!(command, receive(6_000));
+        shorten_wait(&mut command, Duration::from_secs(60));
+        assert_eq!(command, receive(0), "never below nothing");
+        let mut other = Command::Broker(Op::DeleteQueue { name: "q".into() });
+        shorten_wait(&mut other, Duration::from_secs(1));
+        assert_eq!(other, Command::Broker(Op::DeleteQueue { name: "q".into() }));
     }
 }
