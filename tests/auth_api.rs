@@ -96,7 +96,7 @@ async fn roles_by_routes_over_http() {
             "/queues/jobs",
             None,
             StatusCode::OK,
-            StatusCode::OK,
+            StatusCode::FORBIDDEN,
         ),
         (
             Method::POST,
@@ -942,5 +942,94 @@ async fn publish_stream_needs_a_token_and_checks_each_request() {
     }
     assert_eq!(got[&1], Some(Code::PermissionDenied));
     assert_eq!(got[&2], None);
+    s.stop().await;
+}
+
+/// The names of the queues `GET /queues{query}` lists to the holder of `token`.
+async fn listed(s: &TestServer, token: &str, query: &str) -> Vec<String> {
+    let (status, body) = call_json(s, token, Method::GET, &format!("/queues{query}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A queue's info and its place in lists are for those who may see it: its owner, the
+/// admin and anyone holding a grant on it. Any user could read every queue's settings and
+/// counts and list every queue's name (found by the contract helper), over HTTP and gRPC.
+#[tokio::test]
+async fn queues_are_seen_only_by_their_owner_grantees_and_the_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let alice = register(&s, "alice").await;
+    let bob = register(&s, "bob").await;
+    let admin = login(&s, "admin", "admin-password").await;
+    for (token, queue) in [(&alice, "alices"), (&bob, "bobs")] {
+        assert_eq!(
+            call(
+                &s,
+                Some(token),
+                Method::POST,
+                &format!("/queues/{queue}"),
+                None
+            )
+            .await,
+            StatusCode::CREATED
+        );
+    }
+    assert_eq!(listed(&s, &bob, "").await, ["bobs", "bobs.dlq"]);
+    assert_eq!(listed(&s, &bob, "?limit=10").await, ["bobs", "bobs.dlq"]);
+    assert_eq!(
+        listed(&s, &admin, "").await,
+        ["alices", "alices.dlq", "bobs", "bobs.dlq"]
+    );
+    assert_eq!(
+        call(&s, Some(&bob), Method::GET, "/queues/alices", None).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&s, Some(&bob), Method::GET, "/queues/nobodys", None).await,
+        StatusCode::NOT_FOUND,
+        "a missing queue is missing to everyone"
+    );
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    let get = proto::GetQueueRequest {
+        queue: "alices".into(),
+    };
+    let denied = c.get_queue(authed(get.clone(), &bob)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let names = |r: proto::ListQueuesResponse| -> Vec<String> {
+        r.queues.into_iter().map(|q| q.name).collect()
+    };
+    let list = c
+        .list_queues(authed(proto::ListQueuesRequest {}, &bob))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(list), ["bobs", "bobs.dlq"]);
+
+    // A grant of any permission shows the queue.
+    let grant = json!({"user": "bob", "permissions": ["publish"]});
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/queues/alices/grants",
+            Some(grant)
+        )
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(listed(&s, &bob, "").await, ["alices", "bobs", "bobs.dlq"]);
+    assert_eq!(
+        call(&s, Some(&bob), Method::GET, "/queues/alices", None).await,
+        StatusCode::OK
+    );
+    let info = c.get_queue(authed(get, &bob)).await.unwrap().into_inner();
+    assert_eq!(info.name, "alices");
     s.stop().await;
 }

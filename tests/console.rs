@@ -403,12 +403,27 @@ async fn under_auth_the_console_starts_with_a_login_form() {
             .await
             .unwrap();
         element(&c, "tr[data-queue=alices]").await;
-        // Another user sees alice's queue but is not offered what he may not do.
+        // Another user granted `publish` on alice's queue sees it but is not offered what
+        // he may not do.
         post(
             format!("{base}/auth/register"),
             json!({"username": "bob", "password": "bob-password"}),
         )
         .await;
+        let login = post(
+            format!("{base}/auth/login"),
+            json!({"username": "alice", "password": "alice-password"}),
+        )
+        .await;
+        let token = login["token"].as_str().expect("a token").to_string();
+        let granted = http()
+            .post(format!("{base}/queues/alices/grants"))
+            .bearer_auth(token)
+            .json(&json!({"user": "bob", "permissions": ["publish"]}))
+            .send()
+            .await
+            .unwrap();
+        assert!(granted.status().is_success(), "{}", granted.status());
         element(&c, "#logout").await.click().await.unwrap();
         element(&c, "[data-test=login-user]")
             .await
@@ -429,8 +444,8 @@ async fn under_auth_the_console_starts_with_a_login_form() {
         c.goto(&format!("{base}/ui/#/queues/alices")).await.unwrap();
         text_contains(&c, "[data-test=queue-title]", "alices").await;
         element(&c, "button[data-tab=settings]").await;
+        element(&c, "button[data-tab=publish]").await;
         for hidden in [
-            "button[data-tab=publish]",
             "button[data-tab=messages]",
             "button[data-tab=dlq]",
             "[data-test=delete-queue]",

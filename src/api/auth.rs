@@ -63,6 +63,7 @@ pub fn required(method: &Method, route: &str, name: &str) -> Option<(Action, Res
     let exchange = |action| Some((action, Resource::exchange(name)));
     match (route, method.clone()) {
         ("/queues/{queue}", Method::POST) => queue(Action::Create),
+        ("/queues/{queue}", Method::GET) => queue(Action::View),
         ("/queues/{queue}", Method::DELETE) => queue(Action::Manage),
         ("/queues/{queue}/messages" | "/queues/{queue}/messages/batch", Method::POST) => {
             queue(Action::Publish)
@@ -87,9 +88,13 @@ pub fn required(method: &Method, route: &str, name: &str) -> Option<(Action, Res
 }
 
 /// Everything a request needs: [`required`], plus consume on the dead-letter queue for a
-/// redrive (it takes messages out of it).
+/// redrive (it takes messages out of it). Seeing a queue that does not exist needs
+/// nothing: the answer is its 404, as to the admin.
 pub fn needs(broker: &Broker, method: &Method, route: &str, name: &str) -> Vec<(Action, Resource)> {
-    let mut all: Vec<_> = required(method, route, name).into_iter().collect();
+    let mut all: Vec<_> = required(method, route, name)
+        .into_iter()
+        .filter(|(action, _)| *action != Action::View || broker.queue_settings(name).is_ok())
+        .collect();
     if route == "/queues/{queue}/redrive"
         && let Ok(settings) = broker.queue_settings(name)
     {
@@ -167,6 +172,11 @@ pub async fn middleware(
     }
     request.extensions_mut().insert(Caller(Some(user)));
     next.run(request).await
+}
+
+/// Whether `user` may see queue `queue` (in lists, its info); always with auth off.
+pub fn may_view(auth: Option<&AuthStore>, user: Option<&str>, queue: &str) -> bool {
+    allow(auth, user, &[Action::View], &Resource::queue(queue)).is_ok()
 }
 
 /// `Ok` if `user` may do every one of `actions` on `resource` (always with auth off).
@@ -550,7 +560,7 @@ mod tests {
         let need = |m: Method, route: &str| required(&m, route, "jobs");
         assert_eq!(need(Method::POST, "/queues/{queue}"), q(Action::Create));
         assert_eq!(need(Method::DELETE, "/queues/{queue}"), q(Action::Manage));
-        assert_eq!(need(Method::GET, "/queues/{queue}"), None);
+        assert_eq!(need(Method::GET, "/queues/{queue}"), q(Action::View));
         for route in ["/queues/{queue}/messages", "/queues/{queue}/messages/batch"] {
             assert_eq!(need(Method::POST, route), q(Action::Publish));
         }

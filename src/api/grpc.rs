@@ -257,10 +257,17 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::ListQueuesRequest>,
     ) -> Result<Response<proto::ListQueuesResponse>, Status> {
-        self.check(&request, None)?;
+        let user = self.check(&request, None)?;
+        let auth = self.auth.as_deref();
+        let visible = self
+            .broker
+            .list_queues()
+            .into_iter()
+            .filter(|info| super::auth::may_view(auth, user.as_deref(), &info.name))
+            .collect();
         let queues = self
             .broker
-            .current_queue_infos(self.broker.list_queues())
+            .current_queue_infos(visible)
             .await
             .into_iter()
             .map(queue_info)
@@ -272,7 +279,14 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::GetQueueRequest>,
     ) -> Result<Response<proto::QueueInfo>, Status> {
-        self.check(&request, None)?;
+        let queue = &request.get_ref().queue;
+        // A queue that does not exist is a NOT_FOUND to everyone.
+        let need = self
+            .broker
+            .queue_settings(queue)
+            .is_ok()
+            .then(|| (Action::View, Resource::queue(queue)));
+        self.check(&request, need)?;
         let queue = request.into_inner().queue;
         let info = self.broker.current_queue_info(&queue).await?;
         Ok(Response::new(queue_info(info)))

@@ -176,9 +176,15 @@ pub(super) async fn metrics(State(s): State<HttpState>) -> Response {
 const MAX_PAGE: usize = 1000;
 
 /// `GET /queues`: every queue, or with `?limit=` (1..=1000) a page of them by name after
-/// `?after=`, with `next` (the `after` of the next page, `null` on the last one).
+/// `?after=`, with `next` (the `after` of the next page, `null` on the last one). With
+/// auth on, only the queues the caller may see (owns, or holds a grant on; the admin
+/// sees all): a page holds fewer than `limit` when some of its queues are hidden.
 #[utoipa::path(get, path = "/queues", tag = "queues", params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size; without it every queue"), ("after" = Option<String>, Query, description = "Name after which the page starts (needs `limit`)"), ("local" = Option<bool>, Query, description = "On a cluster node: each queue as this node's own copy holds it (where `in_flight` counts only the leases this node granted, and a queue without a replica here is empty) instead of as the leader of its group does (default false)")), responses((status = 200, body = QueueList), Errors))]
-pub(super) async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiResult {
+pub(super) async fn list_queues(
+    State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
+    q: Query_,
+) -> ApiResult {
     let q = query(q)?;
     let limit: Option<usize> = param(&q, "limit")?;
     let after = q.get("after").map(String::as_str);
@@ -195,6 +201,11 @@ pub(super) async fn list_queues(State(s): State<HttpState>, q: Query_) -> ApiRes
             (queues, Some(next))
         }
     };
+    let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
+    let queues: Vec<_> = queues
+        .into_iter()
+        .filter(|info| super::auth::may_view(auth, user, &info.name))
+        .collect();
     let queues = if local(&q)? {
         queues
     } else {

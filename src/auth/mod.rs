@@ -10,7 +10,7 @@
 //! Rules: the creator owns a queue or exchange; the owner and the admin (named in
 //! [`AuthConfig::admin`]) may do everything with it; other users need a grant for
 //! [`Action::Publish`] / [`Action::Consume`] and are refused [`Action::Manage`]; any
-//! authenticated user may [`Action::Create`].
+//! grant allows [`Action::View`]; any authenticated user may [`Action::Create`].
 //!
 //! [`AuthStore::register`] and [`AuthStore::login`] hash passwords (deliberately slow):
 //! async callers run them in `tokio::task::spawn_blocking`. Nothing here logs or `Debug`s a
@@ -518,11 +518,12 @@ impl AuthStore {
         if grants.owners.get(resource).map(String::as_str) == Some(user) {
             return Ok(());
         }
-        let granted = Permission::for_action(action).is_some_and(|needed| {
-            grants
-                .permissions(resource, user)
-                .is_some_and(|held| held.contains(&needed))
-        });
+        let held = grants.permissions(resource, user);
+        let granted = match action {
+            Action::View => held.is_some_and(|held| !held.is_empty()),
+            action => Permission::for_action(action)
+                .is_some_and(|needed| held.is_some_and(|held| held.contains(&needed))),
+        };
         if granted {
             Ok(())
         } else {

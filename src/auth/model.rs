@@ -65,6 +65,9 @@ pub enum Action {
     Manage,
     /// Create it (any authenticated user may).
     Create,
+    /// See it: read its settings and counts, find it in lists (its owner, the admin, and
+    /// anyone granted any permission on it may).
+    View,
 }
 
 impl fmt::Display for Action {
@@ -74,6 +77,7 @@ impl fmt::Display for Action {
             Action::Consume => "consume",
             Action::Manage => "manage",
             Action::Create => "create",
+            Action::View => "view",
         })
     }
 }
@@ -94,7 +98,7 @@ impl Permission {
         match action {
             Action::Publish => Some(Permission::Publish),
             Action::Consume => Some(Permission::Consume),
-            Action::Manage | Action::Create => None,
+            Action::Manage | Action::Create | Action::View => None,
         }
     }
 }

@@ -228,6 +228,10 @@ fn authorize_matrix() {
         ("carol", Consume, false),
         ("carol", Manage, false),
         ("carol", Create, true),
+        ("alice", View, true),
+        ("root", View, true),
+        ("bob", View, true),
+        ("carol", View, false),
     ];
     for (user, action, allowed) in rows {
         let result = s.authorize(user, action, &q);

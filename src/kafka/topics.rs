@@ -44,7 +44,8 @@ fn topic_name(name: &str) -> TopicName {
 }
 
 /// The Metadata response: the brokers ([`super::brokers`]), and the asked topics (all
-/// when none are named).
+/// when none are named: with auth on, all the user may see, as Kafka lists only topics
+/// one may describe).
 pub async fn metadata(
     kafka: &Kafka,
     session: &Session,
@@ -75,7 +76,12 @@ pub async fn metadata(
     let names = match names {
         // v0 says "all" with an empty list.
         Some(names) if !(names.is_empty() && version == 0) => names,
-        _ => kafka.broker.queue_names(),
+        _ => kafka
+            .broker
+            .queue_names()
+            .into_iter()
+            .filter(|name| kafka.allow(user, Action::View, name).is_ok())
+            .collect(),
     };
     let auto_create = version < 4 || request.allow_auto_topic_creation;
     for name in names {
@@ -99,6 +105,9 @@ async fn topic_metadata(
         let created = create_queue(kafka, user, name, QueueSettings::default()).await;
         partitions = created.and_then(|()| Ok(kafka.broker.partition_count(name)?));
     }
+    // A topic the user may not see: TOPIC_AUTHORIZATION_FAILED, as Kafka answers without
+    // Describe.
+    let partitions = partitions.and_then(|n| kafka.allow(user, Action::View, name).map(|()| n));
     match partitions {
         Ok(n) => {
             let (raft_leader, replicas) = kafka.topic_replicas(name).unwrap_or_default();

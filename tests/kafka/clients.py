@@ -316,6 +316,10 @@ def scenario_sasl(bootstrap, http_url, password):
     owners = [g.group_id for g in admin.list_consumer_groups().result(30).valid]
     assert "owners" in owners, owners
     mallory = AdminClient(conf("mallory", password))
+    # Topics are listed to those who may see them only (the owner, grantees, the admin).
+    assert "private" in admin.list_topics(timeout=30).topics
+    listed = mallory.list_topics(timeout=30).topics
+    assert "private" not in listed, f"a stranger lists the private topic: {sorted(listed)}"
     hidden = [g.group_id for g in mallory.list_consumer_groups().result(30).valid]
     assert "owners" not in hidden, hidden
     try:
