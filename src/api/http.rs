@@ -320,9 +320,7 @@ fn raw_message(
     if let Some(key) = &idempotency_key {
         json::check_idempotency_key(key)?;
     }
-    if content_type.as_deref().is_some_and(json::is_json_type)
-        && serde_json::from_slice::<Value>(&body).is_err()
-    {
+    if content_type.as_deref().is_some_and(json::is_json_type) && !json::is_json_text(&body) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
@@ -427,7 +425,7 @@ pub(super) async fn receive(
         .broker
         .receive(&queue, &group(&q), max, wait, visibility)
         .await?;
-    Ok(ok(json::deliveries(&list)))
+    Ok((StatusCode::OK, Json(json::deliveries(&list, None))).into_response())
 }
 
 #[utoipa::path(delete, path = "/queues/{queue}/messages/{id}", tag = "messages", description = "Ack: the message is done for the group. Repeating an ack is harmless.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("id" = String, Path, description = "Message id `{partition}-{offset}`", example = "0-7", pattern = "^[0-9]{1,9}-[0-9]{1,19}$"), ("group" = Option<String>, Query, description = "Consumer group (default `default`)", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Acked"), Errors))]
@@ -569,9 +567,7 @@ pub(super) async fn read_log(
             .read_current_log(&queue, partition, from, max)
             .await?
     };
-    let mut body = json::deliveries(&list);
-    body["next_offset"] = json!(next);
-    Ok(ok(body))
+    Ok((StatusCode::OK, Json(json::deliveries(&list, Some(next)))).into_response())
 }
 
 #[utoipa::path(get, path = "/queues/{queue}/groups/{group}", tag = "groups", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("group" = String, Path, description = "Consumer group name", example = "default", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("local" = Option<bool>, Query, description = "On a cluster node that holds a replica of the queue: answer from this node's own committed copy (where `in_flight` counts only the leases this node granted: the leader's) instead of asking the leader of the queue's group (default false)")), responses((status = 200, body = GroupInfo), Errors))]

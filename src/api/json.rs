@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use crate::broker::{Delivery, NewMessage};
@@ -28,61 +28,118 @@ pub fn is_json_type(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// True when `body` is one JSON text in UTF-8 (any number in JSON's syntax, whatever its
+/// size or digits: it is stored and sent back as it is, never converted).
+pub fn is_json_text(body: &[u8]) -> bool {
+    std::str::from_utf8(body).is_ok_and(|text| serde_json::from_str::<&RawValue>(text).is_ok())
+}
+
 /// The body as JSON, when it was published as JSON: with a JSON content type, or with none
 /// (or curl's default form type, which a JSON text never is) and a JSON object or array.
-fn json_body(content_type: Option<&str>, body: &[u8]) -> Option<Value> {
+/// The stored text itself, never re-encoded: a number keeps every digit it was sent with.
+fn json_body<'a>(content_type: Option<&str>, body: &'a [u8]) -> Option<&'a RawValue> {
     let untyped = content_type.is_none_or(|t| {
         t.split(';').next().is_some_and(|e| {
             e.trim()
                 .eq_ignore_ascii_case("application/x-www-form-urlencoded")
         })
     });
+    let parsed = || {
+        let text = std::str::from_utf8(body).ok()?;
+        serde_json::from_str::<&RawValue>(text).ok()
+    };
     match content_type {
-        Some(t) if is_json_type(t) => serde_json::from_slice(body).ok(),
-        _ if untyped => serde_json::from_slice::<Value>(body)
-            .ok()
-            .filter(|v| v.is_object() || v.is_array()),
+        Some(t) if is_json_type(t) => parsed(),
+        _ if untyped => parsed().filter(|v| v.get().starts_with(['{', '['])),
         _ => None,
     }
 }
 
-/// The JSON object of a delivered or replayed message.
-pub fn delivery(d: &Delivery) -> Value {
-    let mut obj = Map::new();
-    obj.insert("id".into(), json!(d.id.to_string()));
-    obj.insert("queue".into(), json!(d.queue));
-    obj.insert("partition".into(), json!(d.id.partition));
-    obj.insert("offset".into(), json!(d.id.offset));
-    obj.insert("timestamp".into(), json!(d.timestamp_ms));
-    if let Some(key) = &d.key {
-        obj.insert("key".into(), json!(key));
-    }
-    obj.insert("headers".into(), json!(d.headers));
-    obj.insert("delivery_count".into(), json!(d.delivery_count));
-    if let Some(content_type) = &d.content_type {
-        obj.insert("content_type".into(), json!(content_type));
-    }
-    let as_json = json_body(d.content_type.as_deref(), &d.body);
-    match (as_json, std::str::from_utf8(&d.body)) {
-        (Some(value), _) => obj.insert("body".into(), value),
-        (None, Ok(text)) => obj.insert("body".into(), json!(text)),
-        (None, Err(_)) => obj.insert("body_base64".into(), json!(BASE64.encode(&d.body))),
-    };
-    Value::Object(obj)
+/// A body as it goes out: its JSON text as stored, or text.
+enum Body<'a> {
+    Json(&'a RawValue),
+    Text(&'a str),
 }
 
-/// `{"messages": [...]}` for a list of deliveries.
-pub fn deliveries(list: &[Delivery]) -> Value {
-    json!({ "messages": list.iter().map(delivery).collect::<Vec<_>>() })
+impl Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Body::Json(raw) => raw.serialize(serializer),
+            Body::Text(text) => text.serialize(serializer),
+        }
+    }
+}
+
+/// The JSON object of a delivered or replayed message.
+#[derive(Serialize)]
+pub struct DeliveryJson<'a> {
+    id: String,
+    queue: &'a str,
+    partition: u32,
+    offset: u64,
+    timestamp: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    headers: &'a BTreeMap<String, String>,
+    delivery_count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<Body<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+}
+
+/// A delivered or replayed message as JSON.
+pub fn delivery(d: &Delivery) -> DeliveryJson<'_> {
+    let (body, body_base64) = match (
+        json_body(d.content_type.as_deref(), &d.body),
+        std::str::from_utf8(&d.body),
+    ) {
+        (Some(raw), _) => (Some(Body::Json(raw)), None),
+        (None, Ok(text)) => (Some(Body::Text(text)), None),
+        (None, Err(_)) => (None, Some(BASE64.encode(&d.body))),
+    };
+    DeliveryJson {
+        id: d.id.to_string(),
+        queue: &d.queue,
+        partition: d.id.partition,
+        offset: d.id.offset,
+        timestamp: d.timestamp_ms,
+        key: d.key.as_deref(),
+        headers: &d.headers,
+        delivery_count: d.delivery_count,
+        content_type: d.content_type.as_deref(),
+        body,
+        body_base64,
+    }
+}
+
+/// `{"messages": [...]}` for a list of deliveries (with `next_offset` for a log read).
+#[derive(Serialize)]
+pub struct Deliveries<'a> {
+    messages: Vec<DeliveryJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_offset: Option<u64>,
+}
+
+/// [`Deliveries`] of `list`, and `next_offset` when given.
+pub fn deliveries(list: &[Delivery], next_offset: Option<u64>) -> Deliveries<'_> {
+    Deliveries {
+        messages: list.iter().map(delivery).collect(),
+        next_offset,
+    }
 }
 
 /// One message of a batch publish.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchMessage {
-    /// Any JSON value, stored as JSON (`null` too: only a missing `body` is none).
+    /// Any JSON value, stored as JSON text as it was sent (`null` too: only a missing
+    /// `body` is none).
     #[serde(default, deserialize_with = "present")]
-    pub body: Option<Value>,
+    #[schema(value_type = Option<serde_json::Value>)]
+    pub body: Option<Box<RawValue>>,
     /// Raw bytes, base64-encoded.
     #[serde(default)]
     pub body_base64: Option<String>,
@@ -101,8 +158,10 @@ pub struct BatchMessage {
 }
 
 /// A field that is present, whatever its value (`null` included), is `Some`.
-fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(deserializer).map(Some)
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// `{"messages": [...]}` for a batch publish.
@@ -123,7 +182,7 @@ impl BatchMessage {
                 )));
             }
             (Some(value), None) => (
-                Bytes::from(value.to_string()),
+                Bytes::copy_from_slice(value.get().as_bytes()),
                 Some("application/json".to_string()),
             ),
             (None, Some(encoded)) => (
@@ -204,6 +263,12 @@ pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
 mod tests {
     use super::*;
     use crate::broker::MessageId;
+    use serde_json::{Value, json};
+
+    /// The delivery's JSON as a client parses it.
+    fn out(d: &Delivery) -> Value {
+        serde_json::from_str(&serde_json::to_string(&delivery(d)).unwrap()).unwrap()
+    }
 
     fn d(body: &[u8], content_type: Option<&str>) -> Delivery {
         Delivery {
@@ -223,30 +288,61 @@ mod tests {
 
     #[test]
     fn bodies_come_back_in_their_kind() {
-        let json_body = delivery(&d(br#"{"to":"a"}"#, Some("application/json")));
+        let json_body = out(&d(br#"{"to":"a"}"#, Some("application/json")));
         assert_eq!(json_body["body"], json!({"to": "a"}));
         assert_eq!(json_body["id"], "0-7");
-        let text = delivery(&d(b"hello", Some("text/plain")));
+        let text = out(&d(b"hello", Some("text/plain")));
         assert_eq!(text["body"], "hello");
-        let not_json = delivery(&d(b"{oops", Some("application/json")));
+        let not_json = out(&d(b"{oops", Some("application/json")));
         assert_eq!(not_json["body"], "{oops");
-        let binary = delivery(&d(&[0xff, 0x00], None));
+        let binary = out(&d(&[0xff, 0x00], None));
         assert_eq!(binary["body_base64"], "/wA=");
         assert!(is_json_type("application/vnd.api+json; charset=utf-8"));
         // `curl -d '{...}'` without a content type header sends the form type.
         let form = "application/x-www-form-urlencoded";
-        assert_eq!(
-            delivery(&d(br#"{"a":1}"#, Some(form)))["body"],
-            json!({"a": 1})
-        );
-        assert_eq!(delivery(&d(b"a=1&b=2", Some(form)))["body"], "a=1&b=2");
-        assert_eq!(delivery(&d(b"[1,2]", None))["body"], json!([1, 2]));
+        assert_eq!(out(&d(br#"{"a":1}"#, Some(form)))["body"], json!({"a": 1}));
+        assert_eq!(out(&d(b"a=1&b=2", Some(form)))["body"], "a=1&b=2");
+        assert_eq!(out(&d(b"[1,2]", None))["body"], json!([1, 2]));
         // Scalars stay text unless the publisher said JSON.
-        assert_eq!(delivery(&d(b"123", None))["body"], "123");
-        assert_eq!(delivery(&d(b"123", Some("application/json")))["body"], 123);
+        assert_eq!(out(&d(b"123", None))["body"], "123");
+        assert_eq!(out(&d(b"123", Some("application/json")))["body"], 123);
         assert_eq!(
-            delivery(&d(br#"{"a":1}"#, Some("text/plain")))["body"],
+            out(&d(br#"{"a":1}"#, Some("text/plain")))["body"],
             r#"{"a":1}"#
         );
+    }
+
+    /// A JSON body goes out as the text it was stored as: numbers beyond f64 or u64 keep
+    /// every digit (they came back rounded: 1.2345678901234568e29).
+    #[test]
+    fn json_bodies_go_out_as_stored() {
+        let text = r#"{"id":123456789012345678901234567890,"f":0.10000000000000000555,"g":1.50,"e":1e400,"z":-0}"#;
+        let one = d(text.as_bytes(), Some("application/json"));
+        let sent = serde_json::to_string(&deliveries(&[one], Some(9))).unwrap();
+        assert!(sent.contains(&format!(r#""body":{text}"#)), "{sent}");
+        assert!(sent.ends_with(r#""next_offset":9}"#), "{sent}");
+        let untyped = d(b"  [18446744073709551617]  ", None);
+        let sent = serde_json::to_string(&delivery(&untyped)).unwrap();
+        assert!(sent.contains(r#""body":[18446744073709551617]"#), "{sent}");
+    }
+
+    /// A batch message's JSON body is stored as the text it was sent as.
+    #[test]
+    fn batch_bodies_are_stored_as_sent() {
+        let batch: BatchPublish = serde_json::from_str(
+            r#"{"messages":[{"body":{"n":123456789012345678901234567890}},{"body":null}]}"#,
+        )
+        .unwrap();
+        let stored: Vec<NewMessage> = batch
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| m.into_message(i).unwrap())
+            .collect();
+        assert_eq!(
+            &stored[0].body[..],
+            br#"{"n":123456789012345678901234567890}"#
+        );
+        assert_eq!(&stored[1].body[..], b"null");
     }
 }
