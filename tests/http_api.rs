@@ -930,3 +930,66 @@ async fn json_numbers_keep_every_digit() {
         );
     }
 }
+
+/// A headers binding on `Tenant` matches a message published over HTTP with
+/// `Qit-Header-Tenant` (HTTP hands header names over in lower case): it never matched,
+/// and only a lower-case binding did (found by the contract helper).
+#[tokio::test]
+async fn header_bindings_match_header_names_in_any_case() {
+    let s = TestServer::start().await;
+    create(&s, "tenant-a", json!({})).await;
+    let (status, _) = post(&s, "/exchanges/tenants", Some(json!({"type": "headers"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = post(
+        &s,
+        "/exchanges/tenants/bindings",
+        Some(json!({"queue": "tenant-a", "headers": {"Tenant": "A"}, "match": "all"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let routed = |value: &'static str| {
+        let url = format!("{}/exchanges/tenants/messages", s.http);
+        async move {
+            let r: Value = http()
+                .post(url)
+                .header("Qit-Header-Tenant", value)
+                .body("m")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["routed"].as_array().unwrap().len()
+        }
+    };
+    assert_eq!(routed("A").await, 1, "the name matches in any case");
+    assert_eq!(routed("a").await, 0, "the value must be equal");
+}
+
+/// A name no queue can have is a 400 `invalid_name` on every route, not a 404
+/// `queue_not_found` as if it might exist (found by the contract helper).
+#[tokio::test]
+async fn invalid_queue_names_are_400_everywhere() {
+    let s = TestServer::start().await;
+    for (method, path) in [
+        ("GET", "/queues/a%20b"),
+        ("GET", "/queues/a%20b/messages"),
+        ("POST", "/queues/a%20b/messages"),
+        ("GET", "/queues/.x/log"),
+        ("GET", "/queues/a%20b/groups/default"),
+    ] {
+        let response = http()
+            .request(method.parse().unwrap(), format!("{}{path}", s.http))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or_default();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_name", "{method} {path}");
+    }
+    let (status, body) = get(&s, "/queues/no-such-queue").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}

@@ -281,8 +281,12 @@ impl Broker {
         Err(self.missing(name))
     }
 
-    /// Why `name` is not an open queue: damaged at start, or unknown.
+    /// Why `name` is not an open queue: damaged at start, not a queue name at all, or
+    /// unknown.
     fn missing(&self, name: &str) -> BrokerError {
+        if let Err(error) = crate::name::check(name) {
+            return BrokerError::InvalidName(error);
+        }
         match self.damaged.read().get(name) {
             Some(reason) => BrokerError::QueueDamaged {
                 queue: name.to_string(),

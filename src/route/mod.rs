@@ -122,13 +122,20 @@ fn split_words(key: &str) -> Vec<&str> {
     }
 }
 
-/// True when `headers` satisfy a headers binding under `mode`.
+/// True when `headers` satisfy a headers binding under `mode`. Header names match
+/// whatever their case (HTTP sends them in lower case: `Qit-Header-Tenant` arrives as
+/// `tenant`); values must be equal.
 pub fn headers_match(
     binding: &BTreeMap<String, String>,
     mode: HeaderMatch,
     headers: &BTreeMap<String, String>,
 ) -> bool {
-    let hit = |(name, value): (&String, &String)| headers.get(name) == Some(value);
+    let hit = |(name, value): (&String, &String)| {
+        headers.get(name) == Some(value)
+            || headers
+                .iter()
+                .any(|(n, v)| v == value && n.eq_ignore_ascii_case(name))
+    };
     match mode {
         HeaderMatch::All => binding.iter().all(hit),
         HeaderMatch::Any => binding.iter().any(hit),
@@ -313,6 +320,12 @@ mod tests {
             ..hb
         };
         assert!(route(ExchangeKind::Headers, &[all], None, &headers).is_empty());
+        // Names match whatever their case; values do not.
+        let upper: BTreeMap<String, String> = [("X".to_string(), "1".to_string())].into();
+        assert!(headers_match(&upper, HeaderMatch::All, &headers));
+        assert!(headers_match(&headers, HeaderMatch::All, &upper));
+        let other_value: BTreeMap<String, String> = [("X".to_string(), "01".to_string())].into();
+        assert!(!headers_match(&other_value, HeaderMatch::All, &headers));
     }
 
     #[test]
