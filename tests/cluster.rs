@@ -772,6 +772,13 @@ async fn a_paused_leader_steps_down() {
             .body("sent-while-asleep")
             .send(),
     );
+    // So must a read sent to it: answered from the new leader's state (which holds
+    // "during"), not from its own stale one (it answered that for a moment after waking).
+    let read_old = tokio::spawn(
+        http()
+            .get(format!("{}/queues/paused", cluster.node(leader).http))
+            .send(),
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         Command::new("kill")
@@ -786,6 +793,12 @@ async fn a_paused_leader_steps_down() {
         status.is_success(),
         "{status} {}",
         answer.text().await.unwrap_or_default()
+    );
+    let info: Value = read_old.await.unwrap().unwrap().json().await.unwrap();
+    let next = info["partitions"][0]["next_offset"].as_u64();
+    assert!(
+        next.is_some_and(|n| n >= 6),
+        "the woken old leader read a stale queue: {info}"
     );
     let old_url = format!("{}/cluster", cluster.node(leader).http);
     eventually("the old leader steps down", || async {

@@ -701,10 +701,14 @@ impl Cluster {
             return None;
         }
         let targets = match &replica {
-            Some(raft) => match raft.metrics().borrow_watched().current_leader {
-                Some(leader) if leader != self.node_id() => vec![leader],
-                _ => return None,
-            },
+            Some(raft) => {
+                let known = raft.metrics().borrow_watched().current_leader;
+                match known {
+                    Some(leader) if leader != self.node_id() => vec![leader],
+                    Some(_) => vec![self.confirm_reading(raft, group.id).await?],
+                    None => return None,
+                }
+            }
             // Not itself: a replica that has not opened the group yet would only ask
             // itself again.
             None => {
@@ -728,6 +732,27 @@ impl Cluster {
         match replica {
             Some(_) => None,
             None => Some(Err(no_leader(why))),
+        }
+    }
+
+    /// This node's metrics say it leads `raft`'s group, and a read would be answered from
+    /// its own state: when its leader lease may have lapsed (it was paused, say) it first
+    /// renews it, and a node that learns so that it was deposed reads at the new leader
+    /// (the leader it names, `Some`) rather than answer from a state the new leader has
+    /// moved past. `None`: read here (still the leader, or no quorum to ask: the read
+    /// fallback).
+    async fn confirm_reading(&self, raft: &Raft, group: u64) -> Option<u64> {
+        let me = self.node_id();
+        match renew_lease(raft, CONFIRM_WAIT).await {
+            Err(lost) if lost.deposed => {
+                tracing::debug!(group, reason = %lost.reason, "deposed: reading at the group's leader");
+                self.leader_other_than(raft, me).await;
+                let known = raft.metrics().borrow_watched().current_leader;
+                known
+                    .filter(|l| *l != me)
+                    .or(lost.leader.filter(|l| *l != me))
+            }
+            _ => None,
         }
     }
 
