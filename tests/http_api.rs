@@ -876,6 +876,12 @@ async fn a_single_node_takes_one_replica() {
     create(&s, "plain", json!({})).await;
     let (_, plain) = get(&s, "/queues/plain").await;
     assert!(plain["settings"].get("replicas").is_none(), "{plain}");
+    // One replica spelled out is the default: creating again either way is the same
+    // queue (it was a 409 queue_exists, found by the contract helper).
+    for (queue, again) in [("solo", json!({})), ("plain", json!({"replicas": 1}))] {
+        let (status, body) = post(&s, &format!("/queues/{queue}"), Some(again)).await;
+        assert_eq!(status, StatusCode::OK, "{queue}: {body}");
+    }
     for bad in [json!({"replicas": 3}), json!({"replicas": 0})] {
         let (status, body) = post(&s, "/queues/many", Some(bad.clone())).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");

@@ -281,6 +281,18 @@ impl Broker {
         Err(self.missing(name))
     }
 
+    /// `settings` as two creates of one queue compare them: on a single node, one replica
+    /// spelled out is the default (the only copy there is).
+    fn comparable(&self, settings: QueueSettings) -> QueueSettings {
+        match settings.replicas {
+            Some(1) if self.replicator().is_none() => QueueSettings {
+                replicas: None,
+                ..settings
+            },
+            _ => settings,
+        }
+    }
+
     /// Why `name` is not an open queue: damaged at start, not a queue name at all, or
     /// unknown.
     fn missing(&self, name: &str) -> BrokerError {
@@ -500,7 +512,9 @@ impl Broker {
         // out is the same settings.
         let settings = settings.effective(name);
         if let Some(existing) = self.queues.read().get(name).cloned() {
-            return if existing.settings.clone().effective(name) == settings {
+            let same = self.comparable(existing.settings.clone().effective(name))
+                == self.comparable(settings.clone());
+            return if same {
                 Ok((existing.info(), Vec::new(), None))
             } else {
                 Err(BrokerError::QueueExists(name.to_string()))
