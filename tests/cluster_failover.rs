@@ -56,22 +56,25 @@ async fn the_survivor_with_the_longer_log_is_elected() {
         "only the survivor with every entry can lead"
     );
     for node in [behind, ahead] {
-        let base = cluster.http(node).to_string();
-        let acked = acked.clone();
-        eventually(
-            &format!("node {node} holds every acknowledged publish"),
-            || {
-                let base = base.clone();
-                let acked = acked.clone();
-                async move {
-                    log_bodies(&base, "f", 0)
-                        .await
-                        .is_some_and(|bodies| acked.iter().all(|b| bodies.contains(b)))
-                }
-            },
-        )
-        .await;
+        holds_all(&cluster, node, "f", &acked).await;
     }
+}
+
+/// Waits until node `node` holds every one of `acked` in partition 0 of `queue`.
+async fn holds_all(cluster: &Cluster, node: u64, queue: &str, acked: &[String]) {
+    let base = cluster.http(node).to_string();
+    eventually(
+        &format!("node {node} holds every acknowledged publish"),
+        || {
+            let base = base.clone();
+            async move {
+                log_bodies(&base, queue, 0)
+                    .await
+                    .is_some_and(|bodies| acked.iter().all(|b| bodies.contains(b)))
+            }
+        },
+    )
+    .await;
 }
 
 /// A queue group's replicas other than its first leader cast their vote for it but never
@@ -227,21 +230,7 @@ async fn a_replica_that_lost_a_groups_log_does_not_vote_until_caught_up() {
     let mut want = acked.clone();
     want.push("after".to_string());
     for node in 1..=3 {
-        let base = cluster.http(node).to_string();
-        let want = want.clone();
-        eventually(
-            &format!("node {node} holds every acknowledged publish"),
-            || {
-                let base = base.clone();
-                let want = want.clone();
-                async move {
-                    log_bodies(&base, "amn", 0)
-                        .await
-                        .is_some_and(|bodies| want.iter().all(|b| bodies.contains(b)))
-                }
-            },
-        )
-        .await;
+        holds_all(&cluster, node, "amn", &want).await;
     }
 }
 

@@ -196,12 +196,9 @@ fn message(body: &str) -> NewMessage {
     }
 }
 
-/// The broker on a full disk: the publish gets a storage error, receives and acks go on
-/// (they need only a small journal frame), and publishing resumes when space returns.
-#[tokio::test]
-async fn broker_publish_on_a_full_disk_fails_cleanly_and_resumes() {
-    let disk = SimDisk::new();
-    let broker = Broker::open(BrokerConfig {
+/// A broker on `disk` that syncs every write.
+async fn broker_on(disk: &SimDisk) -> Arc<Broker> {
+    Broker::open(BrokerConfig {
         data_dir: "/data".into(),
         fsync: FsyncPolicy::Always,
         max_queues: 10,
@@ -209,7 +206,15 @@ async fn broker_publish_on_a_full_disk_fails_cleanly_and_resumes() {
         ..BrokerConfig::default()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// The broker on a full disk: the publish gets a storage error, receives and acks go on
+/// (they need only a small journal frame), and publishing resumes when space returns.
+#[tokio::test]
+async fn broker_publish_on_a_full_disk_fails_cleanly_and_resumes() {
+    let disk = SimDisk::new();
+    let broker = broker_on(&disk).await;
     broker
         .create_queue("jobs", QueueSettings::default())
         .await
@@ -246,15 +251,7 @@ async fn broker_publish_on_a_full_disk_fails_cleanly_and_resumes() {
 #[tokio::test]
 async fn a_failed_dead_letter_move_is_tried_again_not_delivered_again() {
     let disk = SimDisk::new();
-    let broker = Broker::open(BrokerConfig {
-        data_dir: "/data".into(),
-        fsync: FsyncPolicy::Always,
-        max_queues: 10,
-        storage: Arc::new(disk.clone()),
-        ..BrokerConfig::default()
-    })
-    .await
-    .unwrap();
+    let broker = broker_on(&disk).await;
     let settings = QueueSettings {
         max_deliveries: 1,
         ..QueueSettings::default()

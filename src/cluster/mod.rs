@@ -743,17 +743,9 @@ impl Cluster {
     /// fallback).
     async fn confirm_reading(&self, raft: &Raft, group: u64) -> Option<u64> {
         let me = self.node_id();
-        match renew_lease(raft, CONFIRM_WAIT).await {
-            Err(lost) if lost.deposed => {
-                tracing::debug!(group, reason = %lost.reason, "deposed: reading at the group's leader");
-                self.leader_other_than(raft, me).await;
-                let known = raft.metrics().borrow_watched().current_leader;
-                known
-                    .filter(|l| *l != me)
-                    .or(lost.leader.filter(|l| *l != me))
-            }
-            _ => None,
-        }
+        self.confirm_leading(raft, group)
+            .await
+            .filter(|leader| *leader != me)
     }
 
     /// A read of a queue this node does not know (yet): a queue created a moment ago may not
