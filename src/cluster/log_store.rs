@@ -290,17 +290,24 @@ impl Inner {
         self.vote.is_none() && self.last_log_id.is_none() && self.purged.is_none()
     }
 
-    /// Writes the held marker, if one is still to write (and syncs its directory), before
-    /// the log first holds state.
-    fn write_held_marker(&mut self) -> std::io::Result<()> {
+    /// Writes the held marker, if one is still to write, before the log first holds state.
+    /// `durable`: synced (and its directory) before the state it guards is written; a log
+    /// that holds state
+    /// already needs no sync (its files are there: a crash before the marker reaches the
+    /// disk leaves it to write again at the next start), which keeps the first start
+    /// after an upgrade from syncing once per group.
+    fn write_held_marker(&mut self, durable: bool) -> std::io::Result<()> {
         let Some(marker) = self.held_marker.take() else {
             return Ok(());
         };
         let written = (|| -> std::io::Result<()> {
             if !marker.exists() {
-                File::create(&marker)?.sync_all()?;
-                if let Some(parent) = marker.parent() {
-                    sync_dir(parent)?;
+                let file = File::create(&marker)?;
+                if durable {
+                    file.sync_all()?;
+                    if let Some(parent) = marker.parent() {
+                        sync_dir(parent)?;
+                    }
                 }
             }
             Ok(())
@@ -520,7 +527,7 @@ impl LogStore {
         if inner.is_blank() {
             return Ok(());
         }
-        inner.write_held_marker()
+        inner.write_held_marker(false)
     }
 
     /// The id of the last entry written (or the purge point of an empty log), without
@@ -618,7 +625,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
-        inner.write_held_marker()?;
+        inner.write_held_marker(true)?;
         write_small(&inner.dir, "vote", vote, true).map_err(|e| io_err("saving the vote", e))?;
         inner.vote = Some(*vote);
         Ok(())
@@ -745,7 +752,7 @@ impl LogStore {
     where
         I: IntoIterator<Item = Entry>,
     {
-        inner.write_held_marker()?;
+        inner.write_held_marker(true)?;
         let seq = inner
             .writable_chunk()
             .map_err(|e| io_err("starting a chunk", e))?;
