@@ -1010,6 +1010,46 @@ async fn queues_are_seen_only_by_their_owner_grantees_and_the_admin() {
         .unwrap()
         .into_inner();
     assert_eq!(names(list), ["bobs", "bobs.dlq"]);
+    // An exchange shows others only its bindings to queues they may see.
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/exchanges/alx",
+            Some(json!({"type": "fanout"}))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/exchanges/alx/bindings",
+            Some(json!({"queue": "alices"}))
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    let bound = |token: String, path: &'static str| {
+        let s = &s;
+        async move {
+            let (status, body) = call_json(s, &token, Method::GET, path, None).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let info = if path == "/exchanges" {
+                body["exchanges"][0].clone()
+            } else {
+                body
+            };
+            info["bindings"].as_array().map_or(0, Vec::len)
+        }
+    };
+    assert_eq!(bound(bob.clone(), "/exchanges/alx").await, 0);
+    assert_eq!(bound(bob.clone(), "/exchanges").await, 0);
+    assert_eq!(bound(alice.clone(), "/exchanges/alx").await, 1);
+    assert_eq!(bound(admin.clone(), "/exchanges").await, 1);
 
     // A grant of any permission shows the queue.
     let grant = json!({"user": "bob", "permissions": ["publish"]});
@@ -1031,5 +1071,6 @@ async fn queues_are_seen_only_by_their_owner_grantees_and_the_admin() {
     );
     let info = c.get_queue(authed(get, &bob)).await.unwrap().into_inner();
     assert_eq!(info.name, "alices");
+    assert_eq!(bound(bob.clone(), "/exchanges/alx").await, 1);
     s.stop().await;
 }

@@ -179,6 +179,26 @@ pub fn may_view(auth: Option<&AuthStore>, user: Option<&str>, queue: &str) -> bo
     allow(auth, user, &[Action::View], &Resource::queue(queue)).is_ok()
 }
 
+/// `info` as `user` may see it: an exchange's owner (and the admin) sees every binding,
+/// anyone else only the bindings to queues they may see.
+pub fn visible_bindings(
+    auth: Option<&AuthStore>,
+    user: Option<&str>,
+    mut info: crate::broker::ExchangeInfo,
+) -> crate::broker::ExchangeInfo {
+    if allow(
+        auth,
+        user,
+        &[Action::Manage],
+        &Resource::exchange(&info.name),
+    )
+    .is_err()
+    {
+        info.bindings.retain(|b| may_view(auth, user, &b.queue));
+    }
+    info
+}
+
 /// `Ok` if `user` may do every one of `actions` on `resource` (always with auth off).
 fn allow(
     auth: Option<&AuthStore>,

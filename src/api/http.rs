@@ -687,18 +687,31 @@ pub(super) async fn create_exchange(
 }
 
 #[utoipa::path(get, path = "/exchanges", tag = "exchanges", responses((status = 200, body = ExchangeList), Errors))]
-pub(super) async fn list_exchanges(State(s): State<HttpState>) -> ApiResult {
-    Ok(ok(
-        json!({"exchanges": to_json(&s.broker.list_exchanges())}),
-    ))
+pub(super) async fn list_exchanges(
+    State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
+    let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
+    let exchanges: Vec<ExchangeInfo> = s
+        .broker
+        .list_exchanges()
+        .into_iter()
+        .map(|info| super::auth::visible_bindings(auth, user, info))
+        .collect();
+    Ok(ok(json!({"exchanges": to_json(&exchanges)})))
 }
 
 #[utoipa::path(get, path = "/exchanges/{exchange}", tag = "exchanges", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 200, body = ExchangeInfo), Errors))]
 pub(super) async fn exchange_info(
     State(s): State<HttpState>,
     Path(exchange): Path<String>,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult {
-    Ok(ok(to_json(&s.broker.exchange_info(&exchange)?)))
+    let info = s.broker.exchange_info(&exchange)?;
+    let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
+    Ok(ok(to_json(&super::auth::visible_bindings(
+        auth, user, info,
+    ))))
 }
 
 #[utoipa::path(delete, path = "/exchanges/{exchange}", tag = "exchanges", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Deleted"), Errors))]
