@@ -999,3 +999,26 @@ async fn invalid_queue_names_are_400_everywhere() {
     let (status, body) = get(&s, "/queues/no-such-queue").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
 }
+
+/// A queue name of 197-200 characters cannot have the default dead-letter queue (its
+/// `.dlq` would pass 200): the 400 says so and how to get past it, and naming one, or no
+/// dead letters, creates the queue.
+#[tokio::test]
+async fn a_longest_name_needs_a_named_dead_letter_queue() {
+    let s = TestServer::start().await;
+    let name = "q".repeat(200);
+    let (status, body) = post(&s, &format!("/queues/{name}"), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_setting");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("name one with `dead_letter`"), "{message}");
+    let (status, body) = post(
+        &s,
+        &format!("/queues/{name}"),
+        Some(json!({"dead_letter": "long-dlq"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let other = "r".repeat(199);
+    create(&s, &other, json!({"max_deliveries": 0})).await;
+}

@@ -417,6 +417,15 @@ impl Broker {
         if settings.max_deliveries > 0
             && let Err(e) = crate::name::check(&dlq)
         {
+            if settings.dead_letter.is_none() {
+                // The default name, not one the caller gave: say how to get past it.
+                return Err(bad_dlq(format!(
+                    "the default dead-letter queue `{{queue}}.dlq` of a {}-character name \
+                     would be over {MAX_NAME_LEN} characters: name one with `dead_letter` \
+                     (or set `max_deliveries` to 0)",
+                    name.len()
+                )));
+            }
             return Err(bad_dlq(e.to_string()));
         }
         let (info, tickets, dead_letter_created) = {
