@@ -283,3 +283,40 @@ async fn a_long_poll_through_a_follower_outlives_the_leader() {
         .unwrap_or_default();
     assert_eq!(bodies, ["after the failover"], "{body}");
 }
+
+/// A one-replica queue whose node lost the group's log has no other replica to catch up
+/// from: the group starts empty and serves again rather than wait for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_single_replica_group_starts_empty() {
+    let mut cluster = Cluster::start().await;
+    create_queue(
+        cluster.http(1),
+        "solo",
+        json!({"partitions": 1, "replicas": 1}),
+    )
+    .await;
+    let group = cluster.group_of(1, "solo").await;
+    let holder = {
+        let v = view(&format!("{}/cluster", cluster.http(1)))
+            .await
+            .expect("a view");
+        partition(&v, "solo").expect("solo")["replicas"][0]
+            .as_u64()
+            .expect("its replica")
+    };
+    publish(cluster.http(holder), "solo", "before").await;
+    cluster.kill(holder);
+    let dir = cluster
+        .root()
+        .join(format!("node-{holder}"))
+        .join("raft")
+        .join(group.to_string());
+    std::fs::remove_dir_all(&dir).expect("remove the group's log");
+    cluster.restart(holder);
+    cluster.wait_serving(holder).await;
+    publish(cluster.http(holder), "solo", "after").await;
+    assert_eq!(
+        log_bodies(cluster.http(holder), "solo", 0).await,
+        Some(vec!["after".to_string()])
+    );
+}

@@ -289,16 +289,34 @@ impl Groups {
                 source,
             })?;
         }
-        let members = if lost {
-            tracing::warn!(
-                group = id,
-                path = %dir.display(),
-                "this node lost its copy of the group's log: it rejoins as a follower and \
-                 does not vote until it has caught up"
-            );
-            &[]
-        } else {
-            members
+        let only_me = [self.node_id];
+        let alone = match &role {
+            Role::Queue(name) => self
+                .queue_group(name)
+                .is_some_and(|g| g.replicas == only_me),
+            _ => false,
+        };
+        let members: &[u64] = match (lost, alone) {
+            (true, true) => {
+                // No other replica holds it: waiting would keep the queue down for good.
+                tracing::error!(
+                    group = id,
+                    path = %dir.display(),
+                    "this node lost the only copy of the group's log: the queue starts empty"
+                );
+                lost = false;
+                &only_me
+            }
+            (true, false) => {
+                tracing::warn!(
+                    group = id,
+                    path = %dir.display(),
+                    "this node lost its copy of the group's log: it rejoins as a follower \
+                     and does not vote until it has caught up"
+                );
+                &[]
+            }
+            (false, _) => members,
         };
         let machine = match role {
             Role::Queue(name) => {
