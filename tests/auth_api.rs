@@ -622,10 +622,10 @@ async fn ownerless_queues_belong_to_the_admin() {
     };
     let denied = c.create_queue(authed(create, &mallory)).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
-    // Creating it again (it exists) gives nothing either.
+    // Creating it again (it exists) gives nothing either, not even its info.
     assert_eq!(
         call(&s, Some(&mallory), Method::POST, "/queues/legacy", None).await,
-        StatusCode::OK
+        StatusCode::FORBIDDEN
     );
     for path in ["/queues/legacy", "/queues/legacy/messages"] {
         let method = if path.ends_with("messages") {
@@ -982,6 +982,33 @@ async fn queues_are_seen_only_by_their_owner_grantees_and_the_admin() {
     }
     assert_eq!(listed(&s, &bob, "").await, ["bobs", "bobs.dlq"]);
     assert_eq!(listed(&s, &bob, "?limit=10").await, ["bobs", "bobs.dlq"]);
+    // Pages of one: the cursor names only queues bob may see (it named every queue).
+    let mut after = String::new();
+    let (mut cursors, mut paged) = (Vec::new(), Vec::new());
+    loop {
+        let path = format!("/queues?limit=1{after}");
+        let (status, page) = call_json(&s, &bob, Method::GET, &path, None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        paged.extend(
+            page["queues"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|q| q["name"].as_str().unwrap().to_string()),
+        );
+        let Some(next) = page["next"].as_str() else {
+            break;
+        };
+        cursors.push(next.to_string());
+        after = format!("&after={next}");
+    }
+    assert_eq!(paged, ["bobs", "bobs.dlq"]);
+    assert_eq!(cursors, ["bobs"]);
+    // Creating an existing queue again answers its info only to those who may see it.
+    assert_eq!(
+        call(&s, Some(&bob), Method::POST, "/queues/alices", None).await,
+        StatusCode::FORBIDDEN
+    );
     assert_eq!(
         listed(&s, &admin, "").await,
         ["alices", "alices.dlq", "bobs", "bobs.dlq"]

@@ -984,6 +984,8 @@ async fn invalid_queue_names_are_400_everywhere() {
         ("POST", "/queues/a%20b/messages"),
         ("GET", "/queues/.x/log"),
         ("GET", "/queues/a%20b/groups/default"),
+        ("GET", "/exchanges/a%20b"),
+        ("DELETE", "/exchanges/a%20b"),
     ] {
         let response = http()
             .request(method.parse().unwrap(), format!("{}{path}", s.http))

@@ -179,6 +179,20 @@ pub fn may_view(auth: Option<&AuthStore>, user: Option<&str>, queue: &str) -> bo
     allow(auth, user, &[Action::View], &Resource::queue(queue)).is_ok()
 }
 
+/// Before creating `queue`: one that exists already is answered (its info, or a 409
+/// naming different settings) only to whoever may see it; others get 403.
+pub fn check_existing_visible(
+    auth: Option<&AuthStore>,
+    user: Option<&str>,
+    broker: &Broker,
+    queue: &str,
+) -> Result<(), ApiError> {
+    if broker.queue_settings(queue).is_ok() {
+        allow(auth, user, &[Action::View], &Resource::queue(queue))?;
+    }
+    Ok(())
+}
+
 /// `info` as `user` may see it: an exchange's owner (and the admin) sees every binding,
 /// anyone else only the bindings to queues they may see.
 pub fn visible_bindings(

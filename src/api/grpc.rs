@@ -226,6 +226,7 @@ impl broker_server::Broker for GrpcApi {
         }
         let settings = settings_from_proto(r.settings);
         let (auth, user) = (self.auth.as_deref(), user.as_deref());
+        super::auth::check_existing_visible(auth, user, &self.broker, &r.queue)?;
         super::auth::check_dead_letter(auth, user, &self.broker, &r.queue, &settings)
             .map_err(|e| Status::from(ApiError::from(e)))?;
         let created = self

@@ -178,7 +178,7 @@ const MAX_PAGE: usize = 1000;
 /// `GET /queues`: every queue, or with `?limit=` (1..=1000) a page of them by name after
 /// `?after=`, with `next` (the `after` of the next page, `null` on the last one). With
 /// auth on, only the queues the caller may see (owns, or holds a grant on; the admin
-/// sees all): a page holds fewer than `limit` when some of its queues are hidden.
+/// sees all), paged over those.
 #[utoipa::path(get, path = "/queues", tag = "queues", params(("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size; without it every queue"), ("after" = Option<String>, Query, description = "Name after which the page starts (needs `limit`)"), ("local" = Option<bool>, Query, description = "On a cluster node: each queue as this node's own copy holds it (where `in_flight` counts only the leases this node granted, and a queue without a replica here is empty) instead of as the leader of its group does (default false)")), responses((status = 200, body = QueueList), Errors))]
 pub(super) async fn list_queues(
     State(s): State<HttpState>,
@@ -188,6 +188,8 @@ pub(super) async fn list_queues(
     let q = query(q)?;
     let limit: Option<usize> = param(&q, "limit")?;
     let after = q.get("after").map(String::as_str);
+    let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
+    let shown = |name: &str| super::auth::may_view(auth, user, name);
     let (queues, page) = match limit {
         None if after.is_some() => return Err(ApiError::bad_request("`after` needs `limit`")),
         None => (s.broker.list_queues(), None),
@@ -197,14 +199,14 @@ pub(super) async fn list_queues(
             )));
         }
         Some(limit) => {
-            let (queues, next) = s.broker.list_queues_page(after, limit);
+            // Paged over the queues the caller may see: `next` names one of them.
+            let (queues, next) = s.broker.list_queues_page(after, limit, shown);
             (queues, Some(next))
         }
     };
-    let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
     let queues: Vec<_> = queues
         .into_iter()
-        .filter(|info| super::auth::may_view(auth, user, &info.name))
+        .filter(|info| shown(&info.name))
         .collect();
     let queues = if local(&q)? {
         queues
@@ -226,6 +228,7 @@ pub(super) async fn create_queue(
 ) -> ApiResult {
     let settings: QueueSettings = json_body(&body_bytes(body)?, true)?;
     let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
+    super::auth::check_existing_visible(auth, user, &s.broker, &queue)?;
     super::auth::check_dead_letter(auth, user, &s.broker, &queue, &settings)?;
     let created = s.broker.create_queue_reporting(&queue, settings).await?;
     super::auth::record_created_queue(auth, user, &s.broker, &queue, &created).await?;

@@ -625,12 +625,14 @@ impl Broker {
         &self,
         after: Option<&str>,
         limit: usize,
+        shown: impl Fn(&str) -> bool,
     ) -> (Vec<QueueInfo>, Option<String>) {
         let mut queues: Vec<Arc<Queue>> = self
             .queues
             .read()
             .iter()
             .filter(|(name, _)| after.is_none_or(|after| name.as_str() > after))
+            .filter(|(name, _)| shown(name))
             .map(|(_, q)| Arc::clone(q))
             .collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1667,7 +1669,7 @@ impl Broker {
         let record = registry
             .exchanges
             .get(name)
-            .ok_or_else(|| BrokerError::ExchangeNotFound(name.to_string()))?;
+            .ok_or_else(|| missing_exchange(name))?;
         Ok(ExchangeInfo::of(name, record))
     }
 
@@ -1687,7 +1689,7 @@ impl Broker {
             .exchanges
             .get(name)
             .map(|x| x.kind)
-            .ok_or_else(|| BrokerError::ExchangeNotFound(name.to_string()))
+            .ok_or_else(|| missing_exchange(name))
     }
 
     /// Binds a queue to an exchange (idempotent).
@@ -1765,7 +1767,7 @@ impl Broker {
             let record = registry
                 .exchanges
                 .get(exchange)
-                .ok_or_else(|| BrokerError::ExchangeNotFound(exchange.to_string()))?;
+                .ok_or_else(|| missing_exchange(exchange))?;
             (record.kind, record.bindings.clone())
         };
         let targets = crate::route::route(kind, &bindings, routing_key, &message.headers);
@@ -1896,6 +1898,14 @@ fn dead_letter_settings(source: &QueueSettings) -> QueueSettings {
         max_message_bytes: source.max_message_bytes.max(defaults.max_message_bytes),
         replicas: source.replicas,
         ..defaults
+    }
+}
+
+/// Why `name` is not an exchange: not an exchange name at all (400), or unknown (404).
+fn missing_exchange(name: &str) -> BrokerError {
+    match crate::name::check(name) {
+        Err(error) => BrokerError::InvalidName(error),
+        Ok(()) => BrokerError::ExchangeNotFound(name.to_string()),
     }
 }
 
