@@ -58,6 +58,7 @@ pub mod moves;
 pub mod network;
 pub mod placement;
 pub mod proposals;
+pub mod recent_entries;
 pub mod rejoin;
 pub mod service;
 pub mod snapshot;
