@@ -294,7 +294,8 @@ async fn the_metadata_log_is_snapshotted_purged_and_restored() {
                     let label = format!("queue=\"{queue}\"");
                     text.lines()
                         .filter(|l| !l.starts_with('#') && l.contains(&label))
-                        .filter(|l| !l.split(' ').next().unwrap_or("").ends_with("_total"))
+                        // The series' name, before its labels (`name{labels} value`).
+                        .filter(|l| !l.split(['{', ' ']).next().unwrap_or("").ends_with("_total"))
                         .filter(|l| !l.contains("_seconds"))
                         .count()
                 };
