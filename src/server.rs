@@ -403,12 +403,20 @@ async fn serve_cluster(
             }
         })
     });
-    if let Err(error) = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(%error, "cluster listener failed");
+        .serve_with_incoming(incoming);
+    // Ends at the stop without draining: the stop comes after this node's groups were
+    // handed off and shut down, so its peers' calls have nothing left to reach, and the
+    // append streams their leaders keep open would hold a graceful drain for the whole
+    // deadline (5 s per restart).
+    tokio::select! {
+        served = server => {
+            if let Err(error) = served {
+                tracing::error!(%error, "cluster listener failed");
+            }
+        }
+        () = stop.cancelled() => {}
     }
 }
 

@@ -480,6 +480,13 @@ async fn sigterm_hands_off_and_leadership_returns() {
         status.success(),
         "node {stopping} stopped cleanly: {status:?}"
     );
+    // Nothing was left running or cut off at its stop: its peers' append streams (it
+    // follows the other queues) did not hold the cluster listener open.
+    let log = cluster.node(stopping).log();
+    assert!(
+        !log.contains("did not end in time") && !log.contains("did not drain in time"),
+        "node {stopping} stopped without waiting out a deadline: {log}"
+    );
     let asked = metric_sum(&survivor_bases, "qit_cluster_elections_requested_total").await;
     assert!(
         asked >= requested + groups as f64,

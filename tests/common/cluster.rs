@@ -4,8 +4,10 @@
 //! Also the HTTP helpers the cluster tests share. Every wait is on a condition; the
 //! deadlines only guard against hangs and measure nothing.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -36,6 +38,9 @@ pub struct Node {
     /// (`127.0.0.1` unless made with [`Node::new_at`]).
     pub cluster_ip: String,
     child: Option<Child>,
+    /// Everything the process wrote to stderr (its log) since it was made, also passed on
+    /// to this process's stderr.
+    log: Arc<Mutex<String>>,
 }
 
 impl Node {
@@ -52,6 +57,7 @@ impl Node {
             kafka_port: free_port(),
             cluster_ip: "127.0.0.1".to_string(),
             child: None,
+            log: Arc::default(),
         }
     }
 
@@ -99,13 +105,31 @@ impl Node {
         assert!(self.child.is_none(), "node {} runs already", self.id);
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         // QIT_TEST_LOG: the nodes' log filter when a test is looked into.
-        let filter = std::env::var("QIT_TEST_LOG").unwrap_or_else(|_| "error,openraft=off".into());
-        let child = self
+        // qit::server's warnings tell of an unclean stop (see `Node::log`).
+        let filter = std::env::var("QIT_TEST_LOG")
+            .unwrap_or_else(|_| "error,openraft=off,qit::server=warn".into());
+        let mut child = self
             .serve_command(peers, &extra, &filter)
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn qit");
+        if let Some(stderr) = child.stderr.take() {
+            let log = Arc::clone(&self.log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
         self.child = Some(child);
+    }
+
+    /// What the node logged (stderr) so far, over all its runs.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether the process was started and not killed or terminated since.
