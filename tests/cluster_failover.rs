@@ -173,12 +173,7 @@ async fn a_replica_that_lost_a_groups_log_does_not_vote_until_caught_up() {
         publish(cluster.http(leader), "amn", body).await;
     }
     cluster.kill(forgetful);
-    let dir = cluster
-        .root()
-        .join(format!("node-{forgetful}"))
-        .join("raft")
-        .join(group.to_string());
-    std::fs::remove_dir_all(&dir).expect("remove the group's log");
+    lose_group_log(&cluster, forgetful, group);
     let old_term = term(cluster.http(leader), "amn").await.expect("a term");
     cluster.kill(leader);
     cluster.restart(forgetful);
@@ -306,12 +301,7 @@ async fn a_lost_single_replica_group_starts_empty() {
     };
     publish(cluster.http(holder), "solo", "before").await;
     cluster.kill(holder);
-    let dir = cluster
-        .root()
-        .join(format!("node-{holder}"))
-        .join("raft")
-        .join(group.to_string());
-    std::fs::remove_dir_all(&dir).expect("remove the group's log");
+    lose_group_log(&cluster, holder, group);
     cluster.restart(holder);
     cluster.wait_serving(holder).await;
     publish(cluster.http(holder), "solo", "after").await;
@@ -319,4 +309,15 @@ async fn a_lost_single_replica_group_starts_empty() {
         log_bodies(cluster.http(holder), "solo", 0).await,
         Some(vec!["after".to_string()])
     );
+}
+
+/// Deletes group `group`'s Raft log directory on (stopped) node `node`, as an operator's
+/// mistake or a damaged disk would, leaving the rest of its data directory.
+fn lose_group_log(cluster: &Cluster, node: u64, group: u64) {
+    let dir = cluster
+        .root()
+        .join(format!("node-{node}"))
+        .join("raft")
+        .join(group.to_string());
+    std::fs::remove_dir_all(&dir).expect("remove the group's log");
 }

@@ -192,7 +192,11 @@ pub(super) async fn list_queues(
     let shown = |name: &str| super::auth::may_view(auth, user, name);
     let (queues, page) = match limit {
         None if after.is_some() => return Err(ApiError::bad_request("`after` needs `limit`")),
-        None => (s.broker.list_queues(), None),
+        None => {
+            let mut queues = s.broker.list_queues();
+            queues.retain(|info| shown(&info.name));
+            (queues, None)
+        }
         Some(limit) if !(1..=MAX_PAGE).contains(&limit) => {
             return Err(ApiError::bad_request(format!(
                 "`limit` must be 1..={MAX_PAGE}"
@@ -204,10 +208,6 @@ pub(super) async fn list_queues(
             (queues, Some(next))
         }
     };
-    let queues: Vec<_> = queues
-        .into_iter()
-        .filter(|info| shown(&info.name))
-        .collect();
     let queues = if local(&q)? {
         queues
     } else {

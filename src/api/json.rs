@@ -31,7 +31,12 @@ pub fn is_json_type(content_type: &str) -> bool {
 /// True when `body` is one JSON text in UTF-8 (any number in JSON's syntax, whatever its
 /// size or digits: it is stored and sent back as it is, never converted).
 pub fn is_json_text(body: &[u8]) -> bool {
-    std::str::from_utf8(body).is_ok_and(|text| serde_json::from_str::<&RawValue>(text).is_ok())
+    json_text(body).is_some()
+}
+
+/// `body` as one JSON text in UTF-8, unconverted ([`is_json_text`]).
+fn json_text(body: &[u8]) -> Option<&RawValue> {
+    serde_json::from_str(std::str::from_utf8(body).ok()?).ok()
 }
 
 /// The body as JSON, when it was published as JSON: with a JSON content type, or with none
@@ -44,13 +49,9 @@ fn json_body<'a>(content_type: Option<&str>, body: &'a [u8]) -> Option<&'a RawVa
                 .eq_ignore_ascii_case("application/x-www-form-urlencoded")
         })
     });
-    let parsed = || {
-        let text = std::str::from_utf8(body).ok()?;
-        serde_json::from_str::<&RawValue>(text).ok()
-    };
     match content_type {
-        Some(t) if is_json_type(t) => parsed(),
-        _ if untyped => parsed().filter(|v| v.get().starts_with(['{', '['])),
+        Some(t) if is_json_type(t) => json_text(body),
+        _ if untyped => json_text(body).filter(|v| v.get().starts_with(['{', '['])),
         _ => None,
     }
 }

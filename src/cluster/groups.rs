@@ -284,10 +284,11 @@ impl Groups {
         if id != META_GROUP {
             let marker = self.held_marker(id);
             lost = log.is_blank() && marker.exists();
-            log.mark_held(marker).map_err(|source| ClusterError::Io {
-                path: self.held_marker(id),
-                source,
-            })?;
+            log.mark_held(marker.clone())
+                .map_err(|source| ClusterError::Io {
+                    path: marker,
+                    source,
+                })?;
         }
         let only_me = [self.node_id];
         let alone = match &role {

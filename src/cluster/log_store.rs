@@ -295,10 +295,9 @@ impl Inner {
 
     /// Writes the held marker, if one is still to write, before the log first holds state.
     /// `durable`: synced (and its directory) before the state it guards is written; a log
-    /// that holds state
-    /// already needs no sync (its files are there: a crash before the marker reaches the
-    /// disk leaves it to write again at the next start), which keeps the first start
-    /// after an upgrade from syncing once per group.
+    /// that holds state already needs no sync (its files are there: a crash before the
+    /// marker reaches the disk leaves it to write again at the next start), which keeps the
+    /// first start after an upgrade from syncing once per group.
     fn write_held_marker(&mut self, durable: bool) -> std::io::Result<()> {
         let Some(marker) = self.held_marker.take() else {
             return Ok(());
