@@ -6,7 +6,7 @@
 #   tools/schemathesis.sh                             # bounded: 25 examples per operation, 120 s a run (CI)
 #   ST_EXAMPLES=300 ST_MAX_TIME=1800 tools/schemathesis.sh  # longer
 #
-# Needs the debug binary (cargo build); installs schemathesis with pip when missing.
+# Needs the debug binary (built here as `cargo test` builds it); installs schemathesis with pip when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXAMPLES="${ST_EXAMPLES:-25}"
@@ -16,7 +16,9 @@ CHECKS="not_a_server_error,status_code_conformance,content_type_conformance,resp
 if ! command -v schemathesis >/dev/null 2>&1; then
   python3 -m pip install --quiet 'schemathesis>=4.32,<5'
 fi
-cargo build --quiet --bin qit
+# The binary `cargo test` built (same features as the tests: `cargo build --bin qit` alone
+# would build every dependency a second time with other features).
+cargo test --no-run --quiet
 BIN="$PWD/target/debug/qit"
 
 WORK="$(mktemp -d /tmp/qit-schemathesis.XXXXXX)"
