@@ -791,34 +791,49 @@ async fn exchange_publish_needs_publish_on_every_target() {
         .await,
         StatusCode::OK
     );
-    assert_eq!(
-        call(
+    // Bob's publish through the exchange: refused, with the message of the refusal.
+    let refused = || async {
+        let (status, body) = call_json(
             &s,
-            Some(&bob),
+            &bob,
             Method::POST,
             "/exchanges/ax/messages",
-            Some(json!(1))
+            Some(json!(1)),
         )
-        .await,
-        StatusCode::FORBIDDEN
-    );
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // A queue bob may not see is not named (nor is it among the exchange's bindings he
+    // sees).
+    let why = refused().await;
+    assert!(why.contains("exchange `ax`"), "{why}");
+    assert!(!why.contains("payroll"), "{why}");
     assert_eq!(stored(&s, &alice, "payroll").await, 0);
     assert_eq!(
         stored(&s, &alice, "public").await,
         0,
         "nothing appended before deciding"
     );
-    assert_eq!(
+    // One he may see but not publish to is named.
+    let consume = json!({"user": "bob", "permissions": ["consume"]});
+    let grant_payroll = |grant: Value| {
         call(
             &s,
             Some(&alice),
             Method::POST,
             "/queues/payroll/grants",
-            Some(grant)
+            Some(grant),
         )
-        .await,
-        StatusCode::OK
-    );
+    };
+    assert_eq!(grant_payroll(consume).await, StatusCode::OK);
+    let why = refused().await;
+    assert!(why.contains("payroll"), "{why}");
+    assert_eq!(grant_payroll(grant).await, StatusCode::OK);
     let (status, routed) = call_json(
         &s,
         &bob,

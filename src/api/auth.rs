@@ -340,14 +340,37 @@ pub fn check_bind_target(state: &HttpState, caller: &Caller, queue: &str) -> Res
 }
 
 /// Checks that the caller may publish into every queue a message routes to (publishing
-/// through an exchange needs no grant on the exchange itself).
+/// through an exchange needs no grant on the exchange itself). A target the caller may
+/// not see is not named in the refusal: an exchange shows others only its bindings to
+/// queues they may see.
 pub fn check_route_targets(
     state: &HttpState,
     caller: &Caller,
+    exchange: &str,
     targets: &[String],
 ) -> Result<(), ApiError> {
     for queue in targets {
-        check_bind_target(state, caller, queue)?;
+        let Err(refused) = check_bind_target(state, caller, queue) else {
+            continue;
+        };
+        let resource = Resource::queue(queue);
+        let visible = allow(
+            state.auth.as_deref(),
+            caller.0.as_deref(),
+            &[Action::View],
+            &resource,
+        );
+        return Err(match visible {
+            Ok(()) => refused,
+            Err(_) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "user `{}` may not publish to every queue exchange `{exchange}` routes this message to",
+                    caller.0.as_deref().unwrap_or_default()
+                ),
+            ),
+        });
     }
     Ok(())
 }

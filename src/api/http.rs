@@ -771,7 +771,7 @@ pub(super) async fn publish_to_exchange(
     let routed = s
         .broker
         .publish_to_exchange_checked(&exchange, routing_key, message, |targets| {
-            super::auth::check_route_targets(&s, &caller, targets)
+            super::auth::check_route_targets(&s, &caller, &exchange, targets)
         })
         .await?;
     Ok(created(json!({"routed": to_json(&routed)})))
