@@ -1116,3 +1116,73 @@ async fn queues_are_seen_only_by_their_owner_grantees_and_the_admin() {
     assert_eq!(bound(bob.clone(), "/exchanges/alx").await, 1);
     s.stop().await;
 }
+
+/// A queue or exchange that does not exist is a 404 to anyone (a user's typo is told as
+/// such, as `GET /queues/{q}` tells it), not a 403; one that exists but is someone
+/// else's stays a 403. HTTP and gRPC alike.
+#[tokio::test]
+async fn a_missing_queue_or_exchange_is_not_found_not_forbidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let alice = register(&s, "alice").await;
+    let bob = register(&s, "bob").await;
+    for path in ["/queues/owned", "/exchanges/owned"] {
+        let body = path
+            .starts_with("/exchanges")
+            .then(|| json!({"type": "fanout"}));
+        assert_eq!(
+            call(&s, Some(&bob), Method::POST, path, body).await,
+            StatusCode::CREATED
+        );
+    }
+    let grant = json!({"user": "carol", "permissions": ["publish"]});
+    let binding = json!({"queue": "owned"});
+    let cases = [
+        (Method::POST, "messages", None, "queue_not_found"),
+        (Method::GET, "messages", None, "queue_not_found"),
+        (Method::DELETE, "", None, "queue_not_found"),
+        (Method::POST, "grants", Some(grant), "queue_not_found"),
+        (Method::GET, "log?partition=0", None, "queue_not_found"),
+    ];
+    for (method, tail, body, code) in cases {
+        for (queue, want) in [
+            ("nosuchq", StatusCode::NOT_FOUND),
+            ("owned", StatusCode::FORBIDDEN),
+        ] {
+            let path = format!("/queues/{queue}/{tail}");
+            let path = path.trim_end_matches('/');
+            let (status, answer) = call_json(&s, &alice, method.clone(), path, body.clone()).await;
+            assert_eq!(status, want, "{method} {path}: {answer}");
+            let expected = if want == StatusCode::NOT_FOUND {
+                code
+            } else {
+                "forbidden"
+            };
+            assert_eq!(
+                answer["error"]["code"], expected,
+                "{method} {path}: {answer}"
+            );
+        }
+    }
+    for (exchange, want) in [
+        ("nosuchx", StatusCode::NOT_FOUND),
+        ("owned", StatusCode::FORBIDDEN),
+    ] {
+        let path = format!("/exchanges/{exchange}/bindings");
+        let (status, answer) =
+            call_json(&s, &alice, Method::POST, &path, Some(binding.clone())).await;
+        assert_eq!(status, want, "{path}: {answer}");
+    }
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    for (queue, want) in [
+        ("nosuchq", Code::NotFound),
+        ("owned", Code::PermissionDenied),
+    ] {
+        let delete = proto::DeleteQueueRequest {
+            queue: queue.into(),
+        };
+        let refused = c.delete_queue(authed(delete, &alice)).await.unwrap_err();
+        assert_eq!(refused.code(), want, "{queue}: {refused:?}");
+    }
+    s.stop().await;
+}

@@ -16,6 +16,7 @@
 //!   through an exchange, need publish on the queue(s).
 //! - [`record_created_queue`]: ownership is only ever given for queues a call created;
 //!   a queue without an owner belongs to the admin alone.
+//! - [`refusal`]: a refused call on a queue or exchange that does not exist is its 404.
 //!
 //! With auth off, every check passes and behaviour is as without this module.
 
@@ -166,12 +167,34 @@ pub async fn middleware(
             .map_or("", |(_, value)| value);
         for (action, resource) in needs(&state.broker, request.method(), route, name) {
             if let Err(error) = store.authorize(&user, action, &resource) {
-                return ApiError::from(error).into_response();
+                return refusal(&state.broker, action, &resource, error).into_response();
             }
         }
     }
     request.extensions_mut().insert(Caller(Some(user)));
     next.run(request).await
+}
+
+/// The answer to a refused `action` on `resource`: the 404 of a queue or exchange that
+/// does not exist (no one but the admin holds rights on it, and a missing queue is no
+/// secret: seeing one answers 404 too), else the refusal. Decided after the check failed,
+/// so a resource made meanwhile is never used unchecked.
+pub fn refusal(
+    broker: &Broker,
+    action: Action,
+    resource: &Resource,
+    refused: AuthError,
+) -> ApiError {
+    if action != Action::Create && matches!(refused, AuthError::Forbidden { .. }) {
+        let missing = match resource {
+            Resource::Queue(name) => broker.queue_settings(name).err(),
+            Resource::Exchange(name) => broker.exchange_info(name).err(),
+        };
+        if let Some(missing) = missing {
+            return missing.into();
+        }
+    }
+    refused.into()
 }
 
 /// Whether `user` may see queue `queue` (in lists, its info); always with auth off.

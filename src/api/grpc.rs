@@ -89,9 +89,9 @@ impl GrpcApi {
             .and_then(|v| v.to_str().ok());
         let user = authenticate(store, header).map_err(Status::from)?;
         if let Some((action, resource)) = need {
-            store
-                .authorize(&user, action, &resource)
-                .map_err(|e| Status::from(ApiError::from(e)))?;
+            store.authorize(&user, action, &resource).map_err(|e| {
+                Status::from(super::auth::refusal(&self.broker, action, &resource, e))
+            })?;
         }
         Ok(Some(user))
     }
