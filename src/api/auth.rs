@@ -376,23 +376,18 @@ pub fn check_route_targets(
         let Err(refused) = check_bind_target(state, caller, queue) else {
             continue;
         };
-        let resource = Resource::queue(queue);
-        let visible = allow(
-            state.auth.as_deref(),
-            caller.0.as_deref(),
-            &[Action::View],
-            &resource,
-        );
-        return Err(match visible {
-            Ok(()) => refused,
-            Err(_) => ApiError::new(
+        let (auth, user) = (state.auth.as_deref(), caller.0.as_deref());
+        return Err(if may_view(auth, user, queue) {
+            refused
+        } else {
+            ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!(
                     "user `{}` may not publish to every queue exchange `{exchange}` routes this message to",
-                    caller.0.as_deref().unwrap_or_default()
+                    user.unwrap_or_default()
                 ),
-            ),
+            )
         });
     }
     Ok(())
