@@ -1143,6 +1143,7 @@ async fn a_missing_queue_or_exchange_is_not_found_not_forbidden() {
         (Method::DELETE, "", None),
         (Method::POST, "grants", Some(grant)),
         (Method::GET, "log?partition=0", None),
+        (Method::DELETE, "groups/default", None),
     ];
     for (method, tail, body) in cases {
         for (queue, want, code) in [

@@ -828,3 +828,91 @@ async fn a_restart_does_not_outrun_max_deliveries() {
     let b = open(dir.path()).await;
     assert!(recv(&b, "md", 10).await.is_empty(), "done for good");
 }
+
+/// Deleting a group: refused while it has a lease in flight, then gone for good (also
+/// after a restart), no longer counted against the queue's group limit; a receive that
+/// waited under its name gets a new group, which starts at the earliest message.
+#[tokio::test]
+async fn a_deleted_group_is_gone_and_its_name_starts_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |dir: &Path| BrokerConfig {
+        data_dir: dir.to_path_buf(),
+        fsync: FsyncPolicy::Always,
+        max_queues: 100,
+        max_groups_per_queue: 3,
+        ..BrokerConfig::default()
+    };
+    {
+        let b = Broker::open(config(dir.path())).await.unwrap();
+        b.create_queue("q", QueueSettings::default()).await.unwrap();
+        b.publish("q", vec![msg("0"), msg("1")]).await.unwrap();
+        let leased = b.receive("q", "audit", 1, NOW, None).await.unwrap();
+        b.receive("q", "fill", 1, NOW, None).await.unwrap();
+        assert!(
+            matches!(
+                b.receive("q", "other", 1, NOW, None).await,
+                Err(BrokerError::LimitReached(_))
+            ),
+            "default, audit and fill fill the limit of 3"
+        );
+        match b.delete_group("q", "audit").await {
+            Err(BrokerError::GroupInUse { in_flight: 1, .. }) => {}
+            other => panic!("a group with a lease in flight is kept: {other:?}"),
+        }
+        b.ack("q", "audit", leased[0].id).await.unwrap();
+        b.delete_group("q", "audit").await.unwrap();
+        for gone in [
+            b.group_info("q", "audit").map(|_| ()),
+            b.delete_group("q", "audit").await,
+            b.delete_group("q", "never").await,
+        ] {
+            assert!(
+                matches!(gone, Err(BrokerError::GroupNotFound { .. })),
+                "{gone:?}"
+            );
+        }
+        assert!(matches!(
+            b.delete_group("nope", "audit").await,
+            Err(BrokerError::QueueNotFound(_))
+        ));
+        assert_eq!(
+            bodies(&b.receive("q", "other", 5, NOW, None).await.unwrap()),
+            vec!["0", "1"],
+            "the freed slot takes a new group"
+        );
+
+        // A receive waiting under a name whose group is deleted gets the new group.
+        b.create_queue("lp", QueueSettings::default())
+            .await
+            .unwrap();
+        let mut waiting = {
+            let b = Arc::clone(&b);
+            Box::pin(async move {
+                b.receive("lp", "late", 1, Duration::from_secs(30), None)
+                    .await
+                    .unwrap()
+            })
+        };
+        assert!(poll_once(&mut waiting).await.is_none(), "parked");
+        b.delete_group("lp", "late").await.unwrap();
+        let waiting = tokio::spawn(waiting);
+        b.publish("lp", vec![msg("wake")]).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .expect("the publish woke the receive")
+            .unwrap();
+        assert_eq!(bodies(&got), vec!["wake"]);
+        assert_eq!(
+            b.group_info("lp", "late").unwrap().in_flight,
+            1,
+            "the lease is the new group's"
+        );
+        b.shutdown().await.unwrap();
+    }
+    let b = Broker::open(config(dir.path())).await.unwrap();
+    assert!(matches!(
+        b.group_info("q", "audit"),
+        Err(BrokerError::GroupNotFound { .. })
+    ));
+    assert!(b.group_info("q", "other").is_ok(), "the others stay");
+}

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, create_queue, labeled_metric, log_bodies, receive, retrying, view};
+use common::cluster::{
+    Cluster, create_queue, labeled_metric, log_bodies, ok, receive, retrying, view,
+};
 use common::{eventually, http};
 use parking_lot::Mutex;
 use qit::proto::broker_client::BrokerClient;
@@ -183,6 +185,7 @@ async fn any_node_serves_every_step() {
     drop(tx);
     drop(stream);
     stream_end_returns_leases_at_once(&cluster).await;
+    a_group_is_deleted_through_any_node(&cluster).await;
     // Read fallback: alone, node 1 has no quorum, yet serves its committed data; writes
     // answer 503 no_leader with Retry-After.
     cluster.node_mut(2).kill();
@@ -397,6 +400,64 @@ async fn unknown_groups_are_refused(cluster: &Cluster, follower: u64, leader: u6
     let groups = format!("{}/queues/returns/groups/ghost", cluster.node(leader).http);
     let response = http().get(groups).send().await.unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
+}
+
+/// Group `audit` of `orders`, leased through node 1: a delete through node 3 is refused
+/// while the lease is out (the leader checks), goes through once node 2 acked it, and
+/// every replica then drops the group.
+async fn a_group_is_deleted_through_any_node(cluster: &Cluster) {
+    let base = |id: u64| cluster.node(id).http.clone();
+    let leased = ok("receive", || {
+        http().get(format!(
+            "{}/queues/orders/messages?group=audit&visibility=60",
+            base(1)
+        ))
+    })
+    .await;
+    let id = leased["messages"][0]["id"].as_str().unwrap().to_string();
+    let url = format!("{}/queues/orders/groups/audit", base(3));
+    let (status, body) = retrying("delete group", || http().delete(&url)).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "group_in_use", "{body}");
+    ok("ack", || {
+        http().delete(format!(
+            "{}/queues/orders/messages/{id}?group=audit",
+            base(2)
+        ))
+    })
+    .await;
+    // A 503 may come after the delete was committed: then its retry finds no group.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unsure = false;
+    loop {
+        assert!(Instant::now() < deadline, "delete group: no answer in time");
+        let Ok(response) = http().delete(&url).send().await else {
+            unsure = true;
+            continue;
+        };
+        match response.status() {
+            reqwest::StatusCode::NO_CONTENT => break,
+            reqwest::StatusCode::NOT_FOUND if unsure => break,
+            reqwest::StatusCode::SERVICE_UNAVAILABLE => unsure = true,
+            other => panic!("delete group: {other} {}", response.text().await.unwrap()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in &cluster.nodes {
+        let url = format!("{}/queues/orders?local=true", node.http);
+        eventually(&format!("node {} drops group audit", node.id), || async {
+            view(&url).await.is_some_and(|v| {
+                v["groups"].as_array().is_some_and(|groups| {
+                    groups.iter().any(|g| g["name"] == "default")
+                        && !groups.iter().any(|g| g["name"] == "audit")
+                })
+            })
+        })
+        .await;
+    }
+    let (status, body) = retrying("delete group", || http().delete(&url)).await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "group_not_found", "{body}");
 }
 
 /// Receives what node `base` delivers into `into` (id -> body).

@@ -1024,3 +1024,74 @@ async fn a_longest_name_needs_a_named_dead_letter_queue() {
     let other = "r".repeat(199);
     create(&s, &other, json!({"max_deliveries": 0})).await;
 }
+
+/// `DELETE /queues/{q}/groups/{g}`: 409 `group_in_use` while a lease is out, 204 once it
+/// is acked, then 404 `group_not_found`; the queue no longer lists the group and a new
+/// receive under its name starts again at the earliest message.
+#[tokio::test]
+async fn a_group_is_deleted_once_nothing_is_in_flight() {
+    let s = TestServer::start().await;
+    create(&s, "g", json!({})).await;
+    send(&s, "g", "first").await;
+    let deleted = |path: &'static str| {
+        let url = format!("{}{path}", s.http);
+        async move {
+            let r = http().delete(url).send().await.unwrap();
+            let status = r.status();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                body["error"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    let (_, leased) = get(&s, "/queues/g/messages?group=reports").await;
+    let id = leased["messages"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        deleted("/queues/g/groups/reports").await,
+        (StatusCode::CONFLICT, "group_in_use".to_string())
+    );
+    assert_eq!(
+        delete(&s, &format!("/queues/g/messages/{id}?group=reports")).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        deleted("/queues/g/groups/reports").await,
+        (StatusCode::NO_CONTENT, String::new())
+    );
+    for (path, status, code) in [
+        (
+            "/queues/g/groups/reports",
+            StatusCode::NOT_FOUND,
+            "group_not_found",
+        ),
+        (
+            "/queues/nope/groups/reports",
+            StatusCode::NOT_FOUND,
+            "queue_not_found",
+        ),
+        (
+            "/queues/g/groups/a%20b",
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+        ),
+    ] {
+        assert_eq!(deleted(path).await, (status, code.to_string()), "{path}");
+    }
+    let (status, _) = get(&s, "/queues/g/groups/reports").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, info) = get(&s, "/queues/g").await;
+    let names: Vec<&str> = info["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["default"]);
+    let (_, again) = get(&s, "/queues/g/messages?group=reports").await;
+    assert_eq!(
+        again["messages"][0]["body"], "first",
+        "a new group starts at the start"
+    );
+    assert_eq!(again["messages"][0]["delivery_count"], 1);
+}

@@ -646,6 +646,7 @@ mod tests {
             (Method::POST, "/queues/{queue}/messages/{id}/extend"),
             (Method::GET, "/queues/{queue}/log"),
             (Method::GET, "/queues/{queue}/groups/{group}"),
+            (Method::DELETE, "/queues/{queue}/groups/{group}"),
             (Method::PUT, "/queues/{queue}/groups/{group}/offset"),
         ] {
             assert_eq!(need(method, route), q(Action::Consume), "{route}");

@@ -101,6 +101,7 @@ impl From<BrokerError> for ApiError {
             E::ExchangeNotFound(_) => (StatusCode::NOT_FOUND, "exchange_not_found"),
             E::MessageNotFound(_) => (StatusCode::NOT_FOUND, "message_not_found"),
             E::NotLeased(_) => (StatusCode::CONFLICT, "not_leased"),
+            E::GroupInUse { .. } => (StatusCode::CONFLICT, "group_in_use"),
             E::QueueExists(_) => (StatusCode::CONFLICT, "queue_exists"),
             E::ExchangeExists(_) => (StatusCode::CONFLICT, "exchange_exists"),
             E::MessageTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
@@ -152,7 +153,7 @@ fn remote_status(code: &str) -> StatusCode {
         "queue_not_found" | "group_not_found" | "exchange_not_found" | "message_not_found" => {
             StatusCode::NOT_FOUND
         }
-        "not_leased" | "queue_exists" | "exchange_exists" => StatusCode::CONFLICT,
+        "not_leased" | "group_in_use" | "queue_exists" | "exchange_exists" => StatusCode::CONFLICT,
         "message_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
         "limit_reached" => StatusCode::TOO_MANY_REQUESTS,
         "shutting_down" | "queue_damaged" | "storage_error" | "no_leader" => {

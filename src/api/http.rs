@@ -587,6 +587,15 @@ pub(super) async fn group_info(
     Ok(ok(to_json(&info)))
 }
 
+#[utoipa::path(delete, path = "/queues/{queue}/groups/{group}", tag = "groups", description = "Delete a consumer group: its committed offsets and state go, it no longer counts against `max_groups_per_queue` or holds back retention, and the next receive under its name starts a new group at the earliest retained message. Refused with 409 `group_in_use` while it has messages in flight.", params(("queue" = String, Path, description = "Queue name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "jobs", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$"), ("group" = String, Path, description = "Consumer group name", example = "reports", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), responses((status = 204, description = "Deleted"), Errors))]
+pub(super) async fn delete_group(
+    State(s): State<HttpState>,
+    Path((queue, group)): Path<(String, String)>,
+) -> ApiResult {
+    s.broker.delete_group(&queue, &group).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// Body of a seek: exactly one of `offset` (with `partition`), `from_time` or `to`.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

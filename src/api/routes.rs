@@ -37,7 +37,7 @@ use super::{auth, console, http, members};
     tags(
         (name = "queues", description = "Create, inspect and delete queues; redrive dead letters"),
         (name = "messages", description = "Publish, receive, ack, nack, replay"),
-        (name = "groups", description = "Consumer group state and seeking"),
+        (name = "groups", description = "Consumer group state, seeking and deletion"),
         (name = "exchanges", description = "Routers that publish into bound queues"),
         (name = "auth", description = "Users, tokens, grants (with `--auth`)"),
         (name = "operations", description = "Health and metrics"),
@@ -114,7 +114,7 @@ fn table() -> Vec<UtoipaMethodRouter<HttpState>> {
         routes!(http::extend),
         routes!(http::redrive),
         routes!(http::read_log),
-        routes!(http::group_info),
+        routes!(http::group_info, http::delete_group),
         routes!(http::seek),
         routes!(auth::grant),
         routes!(auth::queue_permissions),

@@ -953,7 +953,7 @@ impl Broker {
             check_lease_duration("visibility", visibility)?;
         }
         let q = self.queue(queue)?;
-        let g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
+        let mut g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
         let visibility_ms = visibility
             .map(millis)
             .unwrap_or(q.settings.ack_timeout as i64 * 1000);
@@ -967,6 +967,10 @@ impl Broker {
             let notified = q.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if !q.is_current(&g) {
+                // Deleted while this receive waited: the name now means a new group.
+                g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
+            }
             let (out, ended) = q.lease(&g, max, visibility_ms)?;
             self.dispatch(&q, &g, ended);
             if !out.is_empty() {
@@ -1549,6 +1553,49 @@ impl Broker {
         Ok(q.group_info(&g))
     }
 
+    /// Deletes a consumer group of `queue`: its committed offsets, leases and journal go
+    /// (Kafka's DeleteGroups). Refused while it has messages in flight
+    /// ([`BrokerError::GroupInUse`]); the next receive under the name starts a new group
+    /// at the earliest retained message.
+    pub async fn delete_group(&self, queue: &str, group: &str) -> Result<(), BrokerError> {
+        self.check_running()?;
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::DeleteGroup {
+                queue: queue.to_string(),
+                group: group.to_string(),
+            };
+            return replicator.submit(op).await?.done();
+        }
+        self.delete_group_local(queue, group, true)
+    }
+
+    /// Checks that `group` of `queue` exists here and has nothing in flight: a cluster
+    /// leader asks before it proposes a delete, which every replica then applies as is.
+    pub fn check_group_deletable(&self, queue: &str, group: &str) -> Result<(), BrokerError> {
+        let q = self.queue(queue)?;
+        let g = Self::existing_group(&q, group)?;
+        let in_flight = g.in_flight();
+        if in_flight > 0 {
+            return Err(BrokerError::GroupInUse {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                in_flight: in_flight as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Deletes a group on this node ([`Queue::remove_group`]).
+    fn delete_group_local(
+        &self,
+        queue: &str,
+        group: &str,
+        only_idle: bool,
+    ) -> Result<(), BrokerError> {
+        crate::name::check(group)?;
+        self.queue(queue)?.remove_group(group, only_idle)
+    }
+
     /// Moves a group's position.
     pub async fn seek(
         &self,
@@ -1941,10 +1988,7 @@ async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
             let Some(q) = broker.queues.read().get(&name).cloned() else {
                 continue;
             };
-            if !q
-                .group(&g.name)
-                .is_some_and(|current| Arc::ptr_eq(&current, &g))
-            {
+            if !q.is_current(&g) {
                 continue;
             }
             if g.next_wakeup().is_some_and(|at| at <= now) {

@@ -144,6 +144,11 @@ impl Group {
         }
     }
 
+    /// Messages leased and not yet acked, nacked or expired.
+    pub fn in_flight(&self) -> usize {
+        self.state.lock().in_flight()
+    }
+
     fn arm(&self) {
         if !self.armed.swap(true, AtomicOrdering::AcqRel)
             && let Some(me) = self.me.upgrade()
@@ -456,6 +461,58 @@ impl Queue {
             )));
         }
         self.open_group(name)
+    }
+
+    /// Deletes group `name`: its state and journal go, so it no longer counts against the
+    /// queue's group limit or holds back retention, and the next receive under the name
+    /// starts a new group at the earliest retained message. With `only_idle`, a group
+    /// with leases in flight is refused ([`BrokerError::GroupInUse`]) and a missing one
+    /// is [`BrokerError::GroupNotFound`]; without it (a replica applying a delete its
+    /// leader checked) a missing group is no error and its leases are dropped.
+    pub fn remove_group(&self, name: &str, only_idle: bool) -> Result<(), BrokerError> {
+        let _creating = self.group_creation.lock();
+        let Some(group) = self.group(name) else {
+            if only_idle {
+                return Err(BrokerError::GroupNotFound {
+                    queue: self.name.clone(),
+                    group: name.to_string(),
+                });
+            }
+            return Ok(());
+        };
+        {
+            // Under the state lock, so that no lease is granted between the check and
+            // the removal (a receive holding the old group sees it gone, see `is_current`).
+            let state = group.lock_state();
+            let in_flight = state.in_flight();
+            if only_idle && in_flight > 0 {
+                return Err(BrokerError::GroupInUse {
+                    queue: self.name.clone(),
+                    group: name.to_string(),
+                    in_flight: in_flight as u64,
+                });
+            }
+            self.groups.write().remove(name);
+        }
+        group.journal.close();
+        let dir = self.groups_dir();
+        let path = crate::name::child(&dir, name, ".journal")?;
+        match self.storage.remove(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(storage(&path)(e)),
+        }
+        match self.storage.sync_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(storage(&dir)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// True while `group` is the queue's group of its name (not deleted, not replaced by
+    /// a new group of the same name).
+    pub fn is_current(&self, group: &Arc<Group>) -> bool {
+        self.group(&group.name)
+            .is_some_and(|current| Arc::ptr_eq(&current, group))
     }
 
     /// All groups.

@@ -402,6 +402,13 @@ pub enum Op {
         /// Most messages.
         max: u64,
     },
+    /// Delete a consumer group (its leader checked that it exists and is idle).
+    DeleteGroup {
+        /// Queue.
+        queue: String,
+        /// Group.
+        group: String,
+    },
 }
 
 /// Fields whose serde form skips absent values (queue settings, bindings) travel as JSON
@@ -455,7 +462,8 @@ impl Op {
             | Op::Seek { queue, .. }
             | Op::DeadLetterDone { queue, .. }
             | Op::DeliveryCounts { queue, .. }
-            | Op::AppendRecords { queue, .. } => Scope::Queue(queue),
+            | Op::AppendRecords { queue, .. }
+            | Op::DeleteGroup { queue, .. } => Scope::Queue(queue),
             Op::Receive { queue, .. }
             | Op::Nack { queue, .. }
             | Op::Extend { queue, .. }
@@ -571,6 +579,7 @@ impl BrokerError {
             E::InvalidBinding(_) => "invalid_binding",
             E::QueueNotFound(_) => "queue_not_found",
             E::GroupNotFound { .. } => "group_not_found",
+            E::GroupInUse { .. } => "group_in_use",
             E::ExchangeNotFound(_) => "exchange_not_found",
             E::MessageNotFound(_) => "message_not_found",
             E::NotLeased(_) => "not_leased",
@@ -612,6 +621,7 @@ pub fn known_code(code: &str) -> &'static str {
         "invalid_binding",
         "queue_not_found",
         "group_not_found",
+        "group_in_use",
         "exchange_not_found",
         "message_not_found",
         "not_leased",
@@ -941,6 +951,10 @@ impl Broker {
                 target,
             } => {
                 self.seek_local(&queue, &group, target.into()).await?;
+                Ok(OpResult::Done)
+            }
+            Op::DeleteGroup { queue, group } => {
+                self.delete_group_local(&queue, &group, false)?;
                 Ok(OpResult::Done)
             }
             Op::DeadLetterDone {

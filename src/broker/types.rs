@@ -311,6 +311,18 @@ pub enum BrokerError {
         /// Group name.
         group: String,
     },
+    /// A group still has leases in flight (deleting it is refused).
+    #[error(
+        "group `{group}` of queue `{queue}` has {in_flight} messages in flight: ack or nack them, or let their leases expire, before deleting it"
+    )]
+    GroupInUse {
+        /// Queue name.
+        queue: String,
+        /// Group name.
+        group: String,
+        /// Leases in flight.
+        in_flight: u64,
+    },
     /// No such exchange.
     #[error("exchange `{0}` not found")]
     ExchangeNotFound(String),

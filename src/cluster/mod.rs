@@ -992,6 +992,13 @@ impl Cluster {
                 self.broker.check_group(queue, consumer)?;
                 propose_entry(raft, group, command).await
             }
+            Command::Broker(Op::DeleteGroup {
+                ref queue,
+                group: ref consumer,
+            }) => {
+                self.broker.check_group_deletable(queue, consumer)?;
+                propose_entry(raft, group, command).await
+            }
             command => propose_entry(raft, group, command).await,
         }
     }

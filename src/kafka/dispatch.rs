@@ -40,6 +40,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SaslAuthenticate, 0, 2),
     (ApiKey::ListGroups, 0, 4),
     (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::DeleteGroups, 0, 2),
 ];
 
 /// The first fields of every request header: key, version, correlation id.
@@ -245,6 +246,10 @@ pub async fn serve(
         RequestKind::DescribeGroups(r) => {
             let layout = kafka.layout(session.local);
             ResponseKind::DescribeGroups(super::group_listing::describe(kafka, &layout, user, &r))
+        }
+        RequestKind::DeleteGroups(r) => {
+            let layout = kafka.layout(session.local);
+            ResponseKind::DeleteGroups(super::group_listing::delete(kafka, &layout, user, &r).await)
         }
         RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(kafka.groups.sync(r).await),
         RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(kafka.groups.heartbeat(&r)),

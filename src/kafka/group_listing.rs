@@ -1,5 +1,6 @@
-//! ListGroups and DescribeGroups: the consumer groups this broker coordinates, as Kafka's
-//! admin tools (`kafka-consumer-groups`, the AdminClients) list and describe them.
+//! ListGroups, DescribeGroups and DeleteGroups: the consumer groups this broker
+//! coordinates, as Kafka's admin tools (`kafka-consumer-groups`, the AdminClients) list,
+//! describe and delete them.
 //!
 //! A group is listed when it has members here (the classic protocol's state, members,
 //! client ids and assignments, see [`super::coordinator`]), or when qit has it on a queue
@@ -12,14 +13,22 @@
 //! With auth on, a user sees only the groups that qit has on queues the user may consume
 //! (qit's grants are on queues, not on groups); describing another group answers
 //! `GROUP_AUTHORIZATION_FAILED`.
+//!
+//! Deleting a group deletes qit's group of that name on every queue that has it (as
+//! `DELETE /queues/{q}/groups/{g}` does one), so its committed offsets go. As in Kafka, a
+//! group with members is refused (`NON_EMPTY_GROUP`), and so is one with messages leased
+//! through HTTP or gRPC; with auth on, the user must be allowed to consume every queue
+//! that has the group.
 
 use std::collections::BTreeSet;
 
 use kafka_protocol::ResponseError;
+use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
 use kafka_protocol::messages::describe_groups_response::{DescribedGroup, DescribedGroupMember};
 use kafka_protocol::messages::list_groups_response::ListedGroup;
 use kafka_protocol::messages::{
-    DescribeGroupsRequest, DescribeGroupsResponse, GroupId, ListGroupsRequest, ListGroupsResponse,
+    DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
+    GroupId, ListGroupsRequest, ListGroupsResponse,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -160,4 +169,75 @@ pub fn describe(
         );
     }
     response
+}
+
+/// DeleteGroups (v0-2): each asked group, deleted on every queue that has it (see the
+/// module doc); a group this node does not coordinate answers `NOT_COORDINATOR`.
+pub async fn delete(
+    kafka: &Kafka,
+    layout: &Layout,
+    user: Option<&str>,
+    request: &DeleteGroupsRequest,
+) -> DeleteGroupsResponse {
+    let mut response = DeleteGroupsResponse::default();
+    for group in &request.groups_names {
+        let error = delete_one(kafka, layout, user, group.0.as_str()).await;
+        response.results.push(
+            DeletableGroupResult::default()
+                .with_group_id(group.clone())
+                .with_error_code(error.map_or(0, |e| e.code())),
+        );
+    }
+    response
+}
+
+/// Deletes one group; the error to answer, if any.
+async fn delete_one(
+    kafka: &Kafka,
+    layout: &Layout,
+    user: Option<&str>,
+    name: &str,
+) -> Option<ResponseError> {
+    if !layout.coordinates(name) {
+        return Some(ResponseError::NotCoordinator);
+    }
+    if crate::name::check(name).is_err() {
+        return Some(ResponseError::InvalidGroupId);
+    }
+    if kafka
+        .groups
+        .view(name)
+        .is_some_and(|view| !view.members.is_empty())
+    {
+        return Some(ResponseError::NonEmptyGroup);
+    }
+    let queues: Vec<String> = kafka
+        .broker
+        .queue_names()
+        .into_iter()
+        .filter(|queue| {
+            kafka
+                .broker
+                .group_names(queue)
+                .is_ok_and(|groups| groups.iter().any(|g| g == name))
+        })
+        .collect();
+    if queues
+        .iter()
+        .any(|queue| kafka.allow(user, Action::Consume, queue).is_err())
+    {
+        return Some(ResponseError::GroupAuthorizationFailed);
+    }
+    if queues.is_empty() {
+        return Some(ResponseError::GroupIdNotFound);
+    }
+    for queue in &queues {
+        match kafka.broker.delete_group(queue, name).await {
+            // Deleted meanwhile (another admin, the queue itself): nothing left to delete.
+            Err(e) if matches!(e.code(), "group_not_found" | "queue_not_found") => {}
+            Err(e) => return Some(super::broker_error(&e)),
+            Ok(()) => {}
+        }
+    }
+    None
 }

@@ -108,6 +108,7 @@ fn broker_error(error: &BrokerError) -> ResponseError {
         "invalid_setting" => ResponseError::InvalidConfig,
         "bad_request" | "invalid_binding" => ResponseError::InvalidRequest,
         "group_not_found" => ResponseError::GroupIdNotFound,
+        "group_in_use" => ResponseError::NonEmptyGroup,
         "queue_exists" | "exchange_exists" => ResponseError::TopicAlreadyExists,
         "message_too_large" => ResponseError::MessageTooLarge,
         "limit_reached" => ResponseError::PolicyViolation,

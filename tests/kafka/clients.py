@@ -93,6 +93,17 @@ def group_floors(http_url, topic, group):
     return {p["partition"]: p["committed_offset"] for p in info["partitions"]}
 
 
+def delete_group_error(admin, group):
+    """Deletes `group` with confluent-kafka's admin client; the Kafka error code, or None."""
+    try:
+        admin.delete_consumer_groups([group], request_timeout=30)[group].result(30)
+        return None
+    except Exception as e:  # confluent_kafka raises KafkaException(KafkaError)
+        if e.args and hasattr(e.args[0], "code"):
+            return e.args[0].code()
+        raise
+
+
 def scenario_group(bootstrap, http_url):
     """10,000 keyed messages with headers; a group of two; commit; a restarted consumer
     continues from the commit."""
@@ -376,10 +387,12 @@ def scenario_kafka_python_group(bootstrap, http_url):
     assert member["member_metadata"]["topics"] == [topic], member
     assert member["member_assignment"]["assigned_partitions"] == [{"topic": topic, "partitions": [0]}], member
     assert described["nobody-has-this"]["group_state"] == "Dead", described
+    # A group with members is not deleted (Kafka's NON_EMPTY_GROUP).
+    confluent = AdminClient({"bootstrap.servers": bootstrap})
+    assert delete_group_error(confluent, group) == KafkaError.NON_EMPTY_GROUP
     consumer.close()
     until("the group is empty once its consumer left",
           lambda: admin.describe_groups([group])[group]["group_state"] == "Empty")
-    confluent = AdminClient({"bootstrap.servers": bootstrap})
     result = confluent.list_consumer_groups().result(30)
     empty = {g.group_id: g for g in result.valid}
     assert group in empty and "EMPTY" in str(empty[group].state), (empty, result.errors)
@@ -388,6 +401,11 @@ def scenario_kafka_python_group(bootstrap, http_url):
     again = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
     assert again.committed(KTP(topic, 0)) == 50
     again.close()
+    # Once empty, deleting it drops its committed offsets, which HTTP sees too.
+    assert delete_group_error(confluent, group) is None
+    status, _ = http("GET", f"{http_url}/queues/{topic}/groups/{group}")
+    assert status == 404, f"the deleted group is still there: {status}"
+    assert delete_group_error(confluent, group) == KafkaError.GROUP_ID_NOT_FOUND
     print(json.dumps({"ok": True}))
 
 
