@@ -115,6 +115,9 @@ pub struct ServerConfig {
     pub header_timeout_secs: u64,
     /// Seconds a connection may pass without a byte read or written before it is closed.
     pub idle_timeout_secs: u64,
+    /// Seconds a stop waits for the listeners to finish the requests in flight, and again
+    /// for the background tasks to end, before it cuts them off.
+    pub drain_timeout_secs: u64,
     /// Most long-lived files (active segments, group journals) kept open; the least
     /// recently used are closed past it and reopened on use.
     pub max_open_files: usize,
@@ -174,6 +177,7 @@ impl Default for ServerConfig {
             max_connections: 1000,
             header_timeout_secs: 30,
             idle_timeout_secs: 120,
+            drain_timeout_secs: 5,
             max_open_files: crate::storage::cache::DEFAULT_MAX_OPEN_FILES,
             max_mapped_files: crate::storage::maps::DEFAULT_MAX_MAPPED_FILES,
             idle_close_secs: crate::storage::cache::DEFAULT_IDLE_CLOSE.as_secs(),
@@ -280,6 +284,9 @@ impl ServerConfig {
         }
         if self.header_timeout_secs == 0 {
             return invalid("header_timeout_secs", "must be positive");
+        }
+        if self.drain_timeout_secs == 0 {
+            return invalid("drain_timeout_secs", "must be positive");
         }
         if self.idle_timeout_secs <= 60 {
             return invalid(
@@ -422,6 +429,16 @@ mod tests {
         assert_eq!(config.kafka.to_string(), "127.0.0.1:19092");
         std::fs::write(&path, "dta_dir = \"/tmp/q\"\n").unwrap();
         assert!(ServerConfig::from_file(&path).is_err());
+        std::fs::write(&path, "drain_timeout_secs = 25\n").unwrap();
+        let config = ServerConfig::from_file(&path).unwrap();
+        assert_eq!(config.drain_timeout_secs, 25);
+        config.validate().unwrap();
+        std::fs::write(&path, "drain_timeout_secs = 0\n").unwrap();
+        let error = ServerConfig::from_file(&path)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(error.to_string().contains("drain_timeout_secs"), "{error}");
     }
 
     /// A cluster node's gRPC port may be the Kafka default (nodes on 9091..9093): a cluster

@@ -19,8 +19,6 @@ use crate::broker::{Broker, BrokerConfig, BrokerError};
 use crate::config::{ConfigError, ServerConfig};
 use crate::storage::CachedStorage;
 
-/// How long listeners may take to finish in-flight requests after a stop.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often raw histogram samples are folded into buckets.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 /// How often idle long-lived files are looked for (a fraction of `idle_close_secs`).
@@ -342,6 +340,7 @@ impl Server {
             tracing::error!(%error, "flush during shutdown failed");
         }
         stop.cancel();
+        let drain = Duration::from_secs(self.config.drain_timeout_secs);
         let listeners = [http_task.abort_handle(), grpc_task.abort_handle()];
         for (name, task) in [
             ("http", http_task),
@@ -354,7 +353,7 @@ impl Server {
                 }),
             ),
         ] {
-            match tokio::time::timeout(DRAIN_TIMEOUT, task).await {
+            match tokio::time::timeout(drain, task).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(error))) => {
                     tracing::warn!(listener = name, %error, "listener ended with an error")
@@ -370,7 +369,7 @@ impl Server {
         }
         // Every background task has seen the stop by now; wait for them to end, so that
         // nothing runs on after `run` returns.
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.broker.join_tasks())
+        if tokio::time::timeout(drain, self.broker.join_tasks())
             .await
             .is_err()
         {
