@@ -349,6 +349,17 @@ async fn renew_lease(raft: &Raft, wait: Duration) -> Result<(), LeaseLost> {
     }
 }
 
+/// Reads a replica answered from its own committed copy because no leader of the group
+/// answered for it (read fallback: the data may be behind the leader's) (counter).
+pub const READ_FALLBACKS: &str = "qit_cluster_read_fallbacks_total";
+
+/// A read of `group` is answered from this node's own copy (the read fallback), because
+/// of `why`.
+fn read_fallback(group: u64, why: &str) {
+    tracing::debug!(group, %why, "read fallback: answering from this node's copy");
+    metrics::counter!(READ_FALLBACKS).increment(1);
+}
+
 /// A receiver of `raft`'s current leader (a group this node has no watch of yet).
 fn watch_metrics_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<u64>> {
     let (_, rx) = tokio::sync::watch::channel(raft.metrics().borrow_watched().current_leader);
@@ -707,7 +718,10 @@ impl Cluster {
                 match known {
                     Some(leader) if leader != self.node_id() => vec![leader],
                     Some(_) => vec![self.confirm_reading(raft, group.id).await?],
-                    None => return None,
+                    None => {
+                        read_fallback(group.id, "the group has no leader");
+                        return None;
+                    }
                 }
             }
             // Not itself: a replica that has not opened the group yet would only ask
@@ -731,7 +745,10 @@ impl Cluster {
             }
         }
         match replica {
-            Some(_) => None,
+            Some(_) => {
+                read_fallback(group.id, &why);
+                None
+            }
             None => Some(Err(no_leader(why))),
         }
     }
@@ -743,10 +760,20 @@ impl Cluster {
     /// moved past. `None`: read here (still the leader, or no quorum to ask: the read
     /// fallback).
     async fn confirm_reading(&self, raft: &Raft, group: u64) -> Option<u64> {
-        let me = self.node_id();
-        self.confirm_leading(raft, group)
-            .await
-            .filter(|leader| *leader != me)
+        match renew_lease(raft, CONFIRM_WAIT).await {
+            Ok(()) => None,
+            Err(lost) if lost.deposed => {
+                let successor = self.successor(raft, group, &lost).await;
+                if successor.is_none() {
+                    read_fallback(group, "deposed, its successor not known yet");
+                }
+                successor
+            }
+            Err(lost) => {
+                read_fallback(group, &lost.reason);
+                None
+            }
+        }
     }
 
     /// A read of a queue this node does not know (yet): a queue created a moment ago may not
@@ -895,18 +922,22 @@ impl Cluster {
     /// node that cannot renew it within [`CONFIRM_WAIT`] answers itself, and proposing
     /// (which tries again, up to [`LEADER_WAIT`]) reports why.
     async fn confirm_leading(&self, raft: &Raft, group: u64) -> Option<u64> {
-        let me = self.node_id();
         match renew_lease(raft, CONFIRM_WAIT).await {
-            Err(lost) if lost.deposed => {
-                tracing::debug!(group, reason = %lost.reason, "deposed: following the group's leader");
-                self.leader_other_than(raft, me).await;
-                let known = raft.metrics().borrow_watched().current_leader;
-                known
-                    .filter(|l| *l != me)
-                    .or(lost.leader.filter(|l| *l != me))
-            }
-            _ => Some(me),
+            Err(lost) if lost.deposed => self.successor(raft, group, &lost).await,
+            _ => Some(self.node_id()),
         }
+    }
+
+    /// Who leads `raft`'s group after this node learned it was deposed (waiting up to
+    /// [`LEADER_WAIT`] for the others' election), if that is known yet.
+    async fn successor(&self, raft: &Raft, group: u64, lost: &LeaseLost) -> Option<u64> {
+        let me = self.node_id();
+        tracing::debug!(group, reason = %lost.reason, "deposed: following the group's leader");
+        self.leader_other_than(raft, me).await;
+        let known = raft.metrics().borrow_watched().current_leader;
+        known
+            .filter(|l| *l != me)
+            .or(lost.leader.filter(|l| *l != me))
     }
 
     /// The group's leader, waiting up to [`LEADER_WAIT`] for an election.
