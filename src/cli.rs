@@ -58,6 +58,15 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Look at, move or delete consumer groups.
+    Group {
+        /// Client options.
+        #[command(flatten)]
+        client: ClientArgs,
+        /// What to do.
+        #[command(subcommand)]
+        action: GroupAction,
+    },
     /// Publish one message.
     Send(SendArgs),
     /// Receive (lease) messages.
@@ -193,6 +202,51 @@ pub enum QueueAction {
     Info {
         /// Queue name.
         name: String,
+    },
+}
+
+/// `qit group ...`.
+#[derive(Debug, Subcommand)]
+pub enum GroupAction {
+    /// A queue's groups: backlog and messages in flight of each.
+    List {
+        /// Queue name.
+        queue: String,
+    },
+    /// A group's committed offset, backlog and messages in flight per partition.
+    Info {
+        /// Queue name.
+        queue: String,
+        /// Group name.
+        group: String,
+    },
+    /// Move a group (its next receive starts there): give exactly one of `--to`,
+    /// `--offset` or `--time`.
+    Seek {
+        /// Queue name.
+        queue: String,
+        /// Group name.
+        group: String,
+        /// `earliest` or `latest`, in every partition.
+        #[arg(long, value_parser = ["earliest", "latest"])]
+        to: Option<String>,
+        /// An offset of `--partition`.
+        #[arg(long)]
+        offset: Option<u64>,
+        /// The partition of `--offset`.
+        #[arg(long, default_value_t = 0, requires = "offset")]
+        partition: u32,
+        /// The first message at or after this time (RFC 3339 or unix ms), in every
+        /// partition.
+        #[arg(long)]
+        time: Option<String>,
+    },
+    /// Delete a group (refused while it has messages in flight).
+    Delete {
+        /// Queue name.
+        queue: String,
+        /// Group name.
+        group: String,
     },
 }
 

@@ -9,8 +9,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use qit::cli::{
-    BenchArgs, Cli, ClientArgs, ClusterAction, Command, QueueAction, RecvArgs, SendArgs, ServeArgs,
-    TailArgs,
+    BenchArgs, Cli, ClientArgs, ClusterAction, Command, GroupAction, QueueAction, RecvArgs,
+    SendArgs, ServeArgs, TailArgs,
 };
 use qit::client::{Body, Client, segment};
 use qit::config::{LogFormat, ServerConfig};
@@ -42,6 +42,7 @@ async fn run(command: Command) -> Result<()> {
     match command {
         Command::Serve(args) => serve(args).await,
         Command::Queue { client, action } => queue(&client, action).await,
+        Command::Group { client, action } => group(&client, action).await,
         Command::Send(args) => send(args).await,
         Command::Recv(args) => recv(args).await,
         Command::Ack(args) => {
@@ -444,6 +445,93 @@ async fn queue(client: &ClientArgs, action: QueueAction) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn group(client: &ClientArgs, action: GroupAction) -> Result<()> {
+    let http = Client::new(client);
+    let path =
+        |queue: &str, group: &str| format!("/queues/{}/groups/{}", segment(queue), segment(group));
+    match action {
+        GroupAction::List { queue } => {
+            let info = http
+                .request(
+                    Method::GET,
+                    &format!("/queues/{}", segment(&queue)),
+                    &[],
+                    None,
+                )
+                .await?
+                .unwrap_or(Value::Null);
+            let groups = json!({"groups": info["groups"]});
+            print(client, &groups, |g| {
+                g["groups"]
+                    .as_array()
+                    .map(|gs| gs.iter().map(group_line).collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_default()
+            });
+        }
+        GroupAction::Info { queue, group } => {
+            let info = http
+                .request(Method::GET, &path(&queue, &group), &[], None)
+                .await?
+                .unwrap_or(Value::Null);
+            print(client, &info, group_text);
+        }
+        GroupAction::Seek {
+            queue,
+            group,
+            to,
+            offset,
+            partition,
+            time,
+        } => {
+            let body = match (to, offset, time) {
+                (Some(to), None, None) => json!({ "to": to }),
+                (None, Some(offset), None) => json!({ "partition": partition, "offset": offset }),
+                (None, None, Some(time)) => json!({ "from_time": time }),
+                _ => anyhow::bail!("give exactly one of --to, --offset or --time"),
+            };
+            let info = http
+                .request(
+                    Method::PUT,
+                    &format!("{}/offset", path(&queue, &group)),
+                    &[],
+                    Some(Body::Json(body)),
+                )
+                .await?
+                .unwrap_or(Value::Null);
+            print(client, &info, group_text);
+        }
+        GroupAction::Delete { queue, group } => {
+            http.request(Method::DELETE, &path(&queue, &group), &[], None)
+                .await?;
+            done(client, &format!("deleted group {group} of {queue}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One group of a queue's info, as a line.
+fn group_line(g: &Value) -> String {
+    format!(
+        "{}  backlog {}  in flight {}  dead-lettered {}",
+        g["name"].as_str().unwrap_or("?"),
+        g["backlog"],
+        g["in_flight"],
+        g["dead_lettered"]
+    )
+}
+
+/// A group's state: a line for the group, one per partition.
+fn group_text(g: &Value) -> String {
+    let mut lines = vec![group_line(g)];
+    for p in g["partitions"].as_array().into_iter().flatten() {
+        lines.push(format!(
+            "  partition {}  committed {}  backlog {}  in flight {}",
+            p["partition"], p["committed_offset"], p["backlog"], p["in_flight"]
+        ));
+    }
+    lines.join("\n")
 }
 
 async fn send(args: SendArgs) -> Result<()> {

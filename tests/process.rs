@@ -334,3 +334,66 @@ async fn a_second_server_on_a_data_directory_in_use_stops_and_changes_nothing() 
     let log: Value = get_json(format!("{}/queues/jobs/log?from=0", again.http)).await;
     assert_eq!(log["messages"].as_array().map(Vec::len), Some(2), "{log}");
 }
+
+/// `qit group`: list a queue's groups, show one, seek it, and delete it (refused while it
+/// has a message in flight, with the server's reason and a failing exit status).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qit_group_lists_shows_seeks_and_deletes_groups() {
+    let s = common::TestServer::start().await;
+    create(&s.http, "cg").await;
+    for i in 0..3 {
+        publish(&s.http, "cg", &format!("m{i}")).await;
+    }
+    let leased = receive_group(&s.http, "cg", "audit").await;
+    let qit = |args: &[&str]| {
+        let mut all: Vec<String> = vec!["group".into(), "--server".into(), s.http.clone()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
+    };
+    let listed = run_qit(qit(&["list", "cg"])).await;
+    assert!(
+        listed.contains("audit  backlog 3  in flight 1") && listed.contains("default  backlog 3"),
+        "{listed}"
+    );
+    let shown = run_qit(qit(&["info", "cg", "audit"])).await;
+    assert!(shown.contains("partition 0  committed 0"), "{shown}");
+    let moved: Value = serde_json::from_str(
+        &run_qit(qit(&["--json", "seek", "cg", "default", "--offset", "2"])).await,
+    )
+    .unwrap();
+    assert_eq!(moved["partitions"][0]["committed_offset"], 2, "{moved}");
+    let refused = tokio::task::spawn_blocking({
+        let args = qit(&["delete", "cg", "audit"]);
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_qit"))
+                .args(&args)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("in flight"), "{stderr}");
+    let id = leased["messages"][0]["id"].as_str().unwrap().to_string();
+    let acked = http()
+        .delete(format!("{}/queues/cg/messages/{id}?group=audit", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acked.status(), 204);
+    let deleted = run_qit(qit(&["delete", "cg", "audit"])).await;
+    assert!(deleted.contains("deleted group audit of cg"), "{deleted}");
+    let listed = run_qit(qit(&["list", "cg"])).await;
+    assert!(!listed.contains("audit"), "{listed}");
+    s.stop().await;
+}
+
+/// Leases one message of `queue` for `group` (60 s).
+async fn receive_group(base: &str, queue: &str, group: &str) -> Value {
+    get_json(format!(
+        "{base}/queues/{queue}/messages?group={group}&visibility=60"
+    ))
+    .await
+}
