@@ -258,6 +258,39 @@ async fn browse_and_publish(c: &Client, base: &str) {
     text_contains(c, "[data-test=groups]", "0: 4").await;
     let group = common::get_json(format!("{base}/queues/orders/groups/default")).await;
     assert_eq!(group["backlog"], 0, "{group}");
+
+    // Delete a group (after a confirmation): it leaves the table and the queue.
+    let leased = common::get_json(format!("{base}/queues/orders/messages?group=audit")).await;
+    let id = leased["messages"][0]["id"].as_str().unwrap().to_string();
+    let acked = common::http()
+        .delete(format!("{base}/queues/orders/messages/{id}?group=audit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acked.status(), 204);
+    c.refresh().await.unwrap();
+    element(c, "button[data-tab=groups]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    element(c, "[data-test=delete-group][data-group=audit]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    c.accept_alert().await.unwrap();
+    until("the deleted group leaves the table", || async {
+        let rows = element(c, "[data-test=groups]").await.text().await.ok()?;
+        (!rows.contains("audit") && rows.contains("default")).then_some(())
+    })
+    .await;
+    let gone = common::http()
+        .get(format!("{base}/queues/orders/groups/audit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
 }
 
 async fn redrive_a_dead_letter(c: &Client, base: &str) {

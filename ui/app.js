@@ -729,6 +729,15 @@
       } catch (e) { failed(e); }
     });
 
+    async function deleteGroup(group) {
+      if (!confirm("Delete group " + group + " of " + queue + "? Its committed offsets go; a new group of that name starts at the earliest message.")) return;
+      try {
+        await api("DELETE", qpath + "/groups/" + enc(group));
+        toast("Group " + group + " deleted");
+        await pane.load();
+      } catch (e) { failed(e); }
+    }
+
     async function oldestAge(g) {
       // The oldest unfinished message of a group is the one at its ack floor.
       let oldest = null;
@@ -745,7 +754,7 @@
       live: true,
       el: h("div", {},
         h("div", { class: "panel table-wrap" }, h("table", {},
-          h("thead", {}, h("tr", {}, ["Group", "Committed offsets", "Backlog", "In flight", "Redelivered", "Dead-lettered", "Oldest unacked"].map((t, i) => h("th", { class: i > 1 ? "num" : "" }, t)))),
+          h("thead", {}, h("tr", {}, ["Group", "Committed offsets", "Backlog", "In flight", "Redelivered", "Dead-lettered", "Oldest unacked", ""].map((t, i) => h("th", { class: i > 1 ? "num" : "" }, t)))),
           tbody)),
         perms.consume ? h("div", { class: "panel" }, h("h2", {}, "Seek a group"), seekForm) : null),
       async load() {
@@ -757,7 +766,10 @@
           h("td", { class: "mono" }, g.partitions.map((p) => p.partition + ": " + p.committed_offset).join("  ")),
           h("td", { class: "num" }, num(g.backlog)), h("td", { class: "num" }, num(g.in_flight)),
           h("td", { class: "num" }, num(g.redelivered)), h("td", { class: "num" }, num(g.dead_lettered)),
-          h("td", { class: "num" }, ages[i] === null ? "–" : age(ages[i])))));
+          h("td", { class: "num" }, ages[i] === null ? "–" : age(ages[i])),
+          h("td", { class: "num" }, perms.consume
+            ? h("button", { class: "danger", title: g.in_flight ? "Has messages in flight" : "", onclick: () => deleteGroup(g.name), "data-test": "delete-group", "data-group": g.name }, "Delete")
+            : null))));
       },
     };
     return pane;
