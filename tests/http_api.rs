@@ -1095,3 +1095,44 @@ async fn a_group_is_deleted_once_nothing_is_in_flight() {
     );
     assert_eq!(again["messages"][0]["delivery_count"], 1);
 }
+
+/// Two queues that share a dead-letter queue: each one's redrive moves back its own dead
+/// letters only (it used to move every dead letter of the shared queue into the queue it
+/// was called on), and leaves the other's where they are.
+#[tokio::test]
+async fn a_redrive_moves_only_its_own_queues_dead_letters() {
+    let s = TestServer::start().await;
+    for q in ["a", "b"] {
+        create(&s, q, json!({"max_deliveries": 1, "dead_letter": "shared"})).await;
+        send(&s, q, &format!("from-{q}")).await;
+        let (_, got) = get(&s, &format!("/queues/{q}/messages")).await;
+        let id = got["messages"][0]["id"].as_str().unwrap().to_string();
+        let (status, _) = post(&s, &format!("/queues/{q}/messages/{id}/nack"), None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let (_, shared) = get(&s, "/queues/shared/groups/default").await;
+    assert_eq!(shared["backlog"], 2, "{shared}");
+    let bodies = |log: Value| -> Vec<String> {
+        log["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    for (q, left) in [("a", 1), ("b", 0)] {
+        let (status, moved) = post(&s, &format!("/queues/{q}/redrive"), None).await;
+        assert_eq!(status, StatusCode::OK, "{moved}");
+        assert_eq!(moved["moved"], 1, "{q}: {moved}");
+        let (_, log) = get(&s, &format!("/queues/{q}/log?max=10")).await;
+        let want = format!("from-{q}");
+        assert_eq!(bodies(log), vec![want.clone(), want], "{q}");
+        let (_, shared) = get(&s, "/queues/shared/groups/default").await;
+        assert_eq!(shared["backlog"], left, "after {q}'s redrive: {shared}");
+        assert_eq!(
+            shared["in_flight"], 0,
+            "the other's are offered again: {shared}"
+        );
+    }
+    s.stop().await;
+}

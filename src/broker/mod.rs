@@ -1401,7 +1401,7 @@ impl Broker {
             }
             let (ids, again): (Vec<MessageId>, Vec<NewMessage>) = batch
                 .into_iter()
-                .filter(|d| before_end(d.id))
+                .filter(|d| before_end(d.id) && dead_letter_of(d, queue))
                 .map(|delivery| {
                     let mut headers = delivery.headers;
                     // Stable across a retried redrive of this dead letter, and apart from
@@ -1432,8 +1432,9 @@ impl Broker {
                 })
                 .unzip();
             if ids.is_empty() {
-                // Only newer dead letters in this batch; they stay leased until the end, so
-                // the next lease brings others or nothing.
+                // Only newer dead letters, or other queues' (a dead-letter queue several
+                // queues share), in this batch; they stay leased until the end, so the next
+                // lease brings others or nothing.
                 continue;
             }
             // Through the replicator in a cluster: the target's group stores them, the
@@ -1960,6 +1961,16 @@ fn missing_exchange(name: &str) -> BrokerError {
 const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_millis(250);
 /// The longest pause between two tries of a dead letter's move.
 const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// True when dead letter `d` is `queue`'s to redrive: it came from `queue`, or its
+/// original queue is not recorded (a message published into the dead-letter queue by
+/// hand). A dead letter of another queue that shares the dead-letter queue stays there,
+/// for that queue's own redrive.
+fn dead_letter_of(d: &Delivery, queue: &str) -> bool {
+    d.headers
+        .get(message::ORIGINAL_QUEUE_HEADER)
+        .is_none_or(|original| original == queue)
+}
 
 /// The pause before try `attempt + 1` of a dead letter's move: doubling from
 /// [`DEAD_LETTER_RETRY_FIRST`] up to [`DEAD_LETTER_RETRY_MAX`].
