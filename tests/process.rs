@@ -111,16 +111,21 @@ async fn create(base: &str, queue: &str) {
     assert!(status.is_success(), "create {queue}: {status}");
 }
 
-/// Runs `qit` with `args` (off the async threads) and returns its standard output.
-async fn run_qit(args: Vec<String>) -> String {
-    let output = tokio::task::spawn_blocking(move || {
+/// Runs `qit` with `args` (off the async threads) and returns what it did.
+async fn qit_output(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_qit"))
             .args(&args)
             .output()
             .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// Runs `qit` with `args`, which must succeed, and returns its standard output.
+async fn run_qit(args: Vec<String>) -> String {
+    let output = qit_output(args).await;
     assert!(
         output.status.success(),
         "qit {:?}: {}",
@@ -362,17 +367,7 @@ async fn qit_group_lists_shows_seeks_and_deletes_groups() {
     )
     .unwrap();
     assert_eq!(moved["partitions"][0]["committed_offset"], 2, "{moved}");
-    let refused = tokio::task::spawn_blocking({
-        let args = qit(&["delete", "cg", "audit"]);
-        move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_qit"))
-                .args(&args)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let refused = qit_output(qit(&["delete", "cg", "audit"])).await;
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("in flight"), "{stderr}");
