@@ -20,7 +20,7 @@
 //! through HTTP or gRPC; with auth on, the user must be allowed to consume every queue
 //! that has the group.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kafka_protocol::ResponseError;
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
@@ -179,9 +179,12 @@ pub async fn delete(
     user: Option<&str>,
     request: &DeleteGroupsRequest,
 ) -> DeleteGroupsResponse {
+    let holders = holders(kafka, request);
     let mut response = DeleteGroupsResponse::default();
     for group in &request.groups_names {
-        let error = delete_one(kafka, layout, user, group.0.as_str()).await;
+        let name = group.0.as_str();
+        let queues = holders.get(name).map_or(&[][..], Vec::as_slice);
+        let error = delete_one(kafka, layout, user, name, queues).await;
         response.results.push(
             DeletableGroupResult::default()
                 .with_group_id(group.clone())
@@ -191,12 +194,28 @@ pub async fn delete(
     response
 }
 
-/// Deletes one group; the error to answer, if any.
+/// The queues that have each group the request names, in this node's copies: one pass
+/// over the queues, however many groups the request names.
+fn holders(kafka: &Kafka, request: &DeleteGroupsRequest) -> BTreeMap<String, Vec<String>> {
+    let asked: BTreeSet<&str> = request.groups_names.iter().map(|g| g.0.as_str()).collect();
+    let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for queue in kafka.broker.queue_names() {
+        for group in kafka.broker.group_names(&queue).unwrap_or_default() {
+            if asked.contains(group.as_str()) {
+                holders.entry(group).or_default().push(queue.clone());
+            }
+        }
+    }
+    holders
+}
+
+/// Deletes one group from `queues`, the queues that have it; the error to answer, if any.
 async fn delete_one(
     kafka: &Kafka,
     layout: &Layout,
     user: Option<&str>,
     name: &str,
+    queues: &[String],
 ) -> Option<ResponseError> {
     if !layout.coordinates(name) {
         return Some(ResponseError::NotCoordinator);
@@ -211,17 +230,6 @@ async fn delete_one(
     {
         return Some(ResponseError::NonEmptyGroup);
     }
-    let queues: Vec<String> = kafka
-        .broker
-        .queue_names()
-        .into_iter()
-        .filter(|queue| {
-            kafka
-                .broker
-                .group_names(queue)
-                .is_ok_and(|groups| groups.iter().any(|g| g == name))
-        })
-        .collect();
     if queues
         .iter()
         .any(|queue| kafka.allow(user, Action::Consume, queue).is_err())
@@ -231,7 +239,7 @@ async fn delete_one(
     if queues.is_empty() {
         return Some(ResponseError::GroupIdNotFound);
     }
-    for queue in &queues {
+    for queue in queues {
         match kafka.broker.delete_group(queue, name).await {
             // Deleted meanwhile (another admin, the queue itself): nothing left to delete.
             Err(e) if matches!(e.code(), "group_not_found" | "queue_not_found") => {}
