@@ -1094,6 +1094,22 @@ async fn a_group_is_deleted_once_nothing_is_in_flight() {
         "a new group starts at the start"
     );
     assert_eq!(again["messages"][0]["delivery_count"], 1);
+    // Group `default`, which every queue has, starts again at once: a reset.
+    let (_, got) = get(&s, "/queues/g/messages").await;
+    let id = got["messages"][0]["id"].as_str().unwrap().to_string();
+    delete(&s, &format!("/queues/g/messages/{id}")).await;
+    let (_, before) = get(&s, "/queues/g/groups/default").await;
+    assert_eq!(before["partitions"][0]["committed_offset"], 1, "{before}");
+    for _ in 0..2 {
+        assert_eq!(
+            deleted("/queues/g/groups/default").await,
+            (StatusCode::NO_CONTENT, String::new())
+        );
+        let (status, after) = get(&s, "/queues/g/groups/default").await;
+        assert_eq!(status, StatusCode::OK, "{after}");
+        assert_eq!(after["partitions"][0]["committed_offset"], 0, "{after}");
+        assert_eq!(after["backlog"], 1, "{after}");
+    }
 }
 
 /// Two queues that share a dead-letter queue: each one's redrive moves back its own dead

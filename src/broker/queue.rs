@@ -465,7 +465,8 @@ impl Queue {
 
     /// Deletes group `name`: its state and journal go, so it no longer counts against the
     /// queue's group limit or holds back retention, and the next receive under the name
-    /// starts a new group at the earliest retained message. With `only_idle`, a group
+    /// starts a new group at the earliest retained message. Group `default`, which every
+    /// queue has, starts again at once as a new group. With `only_idle`, a group
     /// with leases in flight is refused ([`BrokerError::GroupInUse`]) and a missing one
     /// is [`BrokerError::GroupNotFound`]; without it (a replica applying a delete its
     /// leader checked) a missing group is no error and its leases are dropped.
@@ -503,9 +504,14 @@ impl Queue {
             Err(e) => return Err(storage(&path)(e)),
         }
         match self.storage.sync_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(storage(&dir)(e)),
-            _ => Ok(()),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(storage(&dir)(e)),
+            _ => {}
         }
+        if name == DEFAULT_GROUP {
+            // Every queue has it: deleting it starts it again, as a new group.
+            self.open_group(DEFAULT_GROUP)?;
+        }
+        Ok(())
     }
 
     /// True while `group` is the queue's group of its name (not deleted, not replaced by
