@@ -971,6 +971,15 @@ async fn header_bindings_match_header_names_in_any_case() {
     };
     assert_eq!(routed("A").await, 1, "the name matches in any case");
     assert_eq!(routed("a").await, 0, "the value must be equal");
+    // So one header named in two cases is refused: it could never match both values.
+    let (status, body) = post(
+        &s,
+        "/exchanges/tenants/bindings",
+        Some(json!({"queue": "tenant-a", "headers": {"Tenant": "A", "tenant": "B"}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_binding", "{body}");
 }
 
 /// A name no queue can have is a 400 `invalid_name` on every route, not a 404

@@ -1743,6 +1743,7 @@ impl Broker {
     /// Binds a queue to an exchange (idempotent).
     pub async fn bind(&self, exchange: &str, binding: Binding) -> Result<(), BrokerError> {
         self.check_running()?;
+        crate::route::check_new_binding(&binding)?;
         if let Some(replicator) = self.replicator() {
             let op = replicate::Op::Bind {
                 exchange: exchange.to_string(),

@@ -80,6 +80,11 @@ pub enum RouteError {
     /// A binding's headers are too many or too long.
     #[error("binding headers: {0}")]
     HeadersTooLarge(String),
+    /// A binding names one header twice, in two cases (names match in any case).
+    #[error(
+        "binding headers name `{0}` and `{1}`, the same header (names match in any case): give it once"
+    )]
+    DuplicateHeader(String, String),
 }
 
 /// True when a topic `pattern` matches `routing_key` (`*` one word, `#` zero or more).
@@ -194,6 +199,23 @@ pub fn validate_binding(kind: ExchangeKind, binding: &Binding) -> Result<(), Rou
         return Err(RouteError::MissingHeaders);
     }
     check_binding_headers(binding.headers.as_ref())
+}
+
+/// Checks what a new binding asks for beyond [`validate_binding`]: no header named twice
+/// in two cases (`Tenant` and `tenant` are one header, so an `all` binding with two values
+/// could never match). Only for bindings being made: one stored before the check is
+/// still applied as it is (a replayed entry must do what it did when it was written).
+pub fn check_new_binding(binding: &Binding) -> Result<(), RouteError> {
+    let Some(headers) = &binding.headers else {
+        return Ok(());
+    };
+    let mut seen: BTreeMap<String, &String> = BTreeMap::new();
+    for name in headers.keys() {
+        if let Some(first) = seen.insert(name.to_ascii_lowercase(), name) {
+            return Err(RouteError::DuplicateHeader(first.clone(), name.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// Caps a binding's headers: count, name and value lengths.
@@ -334,6 +356,22 @@ mod tests {
         assert!(validate_binding(ExchangeKind::Topic, &bind("q", Some("a.*.#"))).is_ok());
         assert!(validate_binding(ExchangeKind::Direct, &bind("bad name", None)).is_err());
         assert!(validate_binding(ExchangeKind::Headers, &bind("q", None)).is_err());
+        let with = |names: &[&str]| Binding {
+            headers: Some(
+                names
+                    .iter()
+                    .map(|n| (n.to_string(), "v".to_string()))
+                    .collect(),
+            ),
+            ..bind("q", None)
+        };
+        assert!(check_new_binding(&with(&["Tenant", "region"])).is_ok());
+        assert!(check_new_binding(&bind("q", None)).is_ok());
+        let twice = check_new_binding(&with(&["Tenant", "tenant"])).unwrap_err();
+        assert!(
+            twice.to_string().contains("`Tenant` and `tenant`"),
+            "{twice}"
+        );
     }
 
     proptest! {
