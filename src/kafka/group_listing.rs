@@ -18,7 +18,8 @@
 //! `DELETE /queues/{q}/groups/{g}` does one), so its committed offsets go. As in Kafka, a
 //! group with members is refused (`NON_EMPTY_GROUP`), and so is one with messages leased
 //! through HTTP or gRPC; with auth on, the user must be allowed to consume every queue
-//! that has the group.
+//! that has the group. Which queues have it is read from this node's copies, as for the
+//! listing: on a cluster, a queue this node holds no replica of is not seen.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -13,7 +13,7 @@ import time
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from clients import DEADLINE_S, group_floors, http, until  # noqa: E402
+from clients import DEADLINE_S, delete_group_error, group_floors, http, until  # noqa: E402
 
 
 def delivering(producer, topic, messages, acked, errors):
@@ -172,6 +172,13 @@ def scenario_group(bootstrap_a, bootstrap_b, http_url, topic, group, n):
     admin.close()
     for c in members.values():
         c.close()
+    # Once its members left, deleting it through either node (the client asks the group's
+    # coordinator) drops the qit group on the topic's replicas.
+    from confluent_kafka.admin import AdminClient
+    deleter = AdminClient({"bootstrap.servers": bootstrap_b})
+    until("the emptied group is deleted", lambda: delete_group_error(deleter, group) is None)
+    status, _ = http("GET", f"{http_url}/queues/{topic}/groups/{group}")
+    assert status == 404, f"the deleted group is still there: {status}"
     print(json.dumps({"owned": {k: sorted(v) for k, v in owned.items()},
                       "consumed": len(seen)}))
 
