@@ -1575,15 +1575,7 @@ impl Broker {
     pub fn check_group_deletable(&self, queue: &str, group: &str) -> Result<(), BrokerError> {
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
-        let in_flight = g.in_flight();
-        if in_flight > 0 {
-            return Err(BrokerError::GroupInUse {
-                queue: queue.to_string(),
-                group: group.to_string(),
-                in_flight: in_flight as u64,
-            });
-        }
-        Ok(())
+        q.refuse_in_flight(group, g.in_flight())
     }
 
     /// Deletes a group on this node ([`Queue::remove_group`]).

@@ -485,13 +485,8 @@ impl Queue {
             // Under the state lock, so that no lease is granted between the check and
             // the removal (a receive holding the old group sees it gone, see `is_current`).
             let state = group.lock_state();
-            let in_flight = state.in_flight();
-            if only_idle && in_flight > 0 {
-                return Err(BrokerError::GroupInUse {
-                    queue: self.name.clone(),
-                    group: name.to_string(),
-                    in_flight: in_flight as u64,
-                });
+            if only_idle {
+                self.refuse_in_flight(name, state.in_flight())?;
             }
             self.groups.write().remove(name);
         }
@@ -512,6 +507,19 @@ impl Queue {
             self.open_group(DEFAULT_GROUP)?;
         }
         Ok(())
+    }
+
+    /// Refuses deleting group `name` while `in_flight` of its messages are leased
+    /// ([`BrokerError::GroupInUse`]).
+    pub fn refuse_in_flight(&self, name: &str, in_flight: usize) -> Result<(), BrokerError> {
+        if in_flight == 0 {
+            return Ok(());
+        }
+        Err(BrokerError::GroupInUse {
+            queue: self.name.clone(),
+            group: name.to_string(),
+            in_flight: in_flight as u64,
+        })
     }
 
     /// True while `group` is the queue's group of its name (not deleted, not replaced by
