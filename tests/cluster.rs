@@ -1140,6 +1140,39 @@ async fn the_replicas_setting_places_that_many_copies() {
     .await;
     let info = common::get_json(format!("{}/queues/two", cluster.http(3))).await;
     assert_eq!(info["settings"]["replicas"], 2, "{info}");
+    // The leader of a group lists its followers' lag: the other replicas, not itself.
+    for queue in ["two", "all"] {
+        eventually(&format!("{queue}'s leader lists its followers"), || async {
+            let Some(leader) = view(&url)
+                .await
+                .and_then(|v| common::cluster::partition(&v, queue)?["leader"].as_u64())
+            else {
+                return false;
+            };
+            let Some(v) = view(&format!("{}/cluster", cluster.http(leader))).await else {
+                return false;
+            };
+            let Some(p) = common::cluster::partition(&v, queue) else {
+                return false;
+            };
+            let ids = |list: &Value, field: Option<&str>| -> Vec<u64> {
+                let mut ids: Vec<u64> = list
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|e| field.map_or(e, |f| &e[f]).as_u64())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ids.sort_unstable();
+                ids
+            };
+            let mut others = ids(&p["replicas"], None);
+            others.retain(|n| *n != leader);
+            p["leader"].as_u64() == Some(leader) && ids(&p["followers"], Some("node")) == others
+        })
+        .await;
+    }
 
     // "one" lives on one node: the others forward to it, and hold no copy of it.
     let v = view(&url).await.expect("a view");

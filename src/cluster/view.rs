@@ -123,25 +123,36 @@ fn leader_and_term(raft: &Raft) -> (Option<u64>, u64) {
 
 /// On a group's leader, the entries its slowest follower lacks (`None` elsewhere).
 fn follower_lag(m: &RaftMetrics) -> Option<u64> {
-    let last = m.last_log_index.unwrap_or(0);
-    m.replication.as_ref().map(|followers| {
-        followers
-            .values()
-            .map(|matched| last.saturating_sub(matched.map_or(0, |l| l.index)))
-            .max()
-            .unwrap_or(0)
-    })
+    m.replication
+        .is_some()
+        .then(|| followers_lag(m).iter().map(|f| f.lag).max().unwrap_or(0))
 }
 
 /// On a group's leader, what each follower lacks, by node id (empty elsewhere).
 fn followers_lag(m: &RaftMetrics) -> Vec<FollowerLag> {
-    let last = m.last_log_index.unwrap_or(0);
-    m.replication
+    let matched = m
+        .replication
         .iter()
         .flatten()
+        .map(|(node, matched)| (*node, matched.map(|l| l.index)));
+    lags(m.id, m.last_log_index, matched)
+}
+
+/// What each follower lacks of a leader's log that ends at `last`, from how far each
+/// voter's log matches it. openraft's replication metrics list every voter, the leader
+/// `me` among them: it is no follower of itself, so it is left out.
+fn lags(
+    me: u64,
+    last: Option<u64>,
+    matched: impl IntoIterator<Item = (u64, Option<u64>)>,
+) -> Vec<FollowerLag> {
+    let last = last.unwrap_or(0);
+    matched
+        .into_iter()
+        .filter(|(node, _)| *node != me)
         .map(|(node, matched)| FollowerLag {
-            node: *node,
-            lag: last.saturating_sub(matched.map_or(0, |l| l.index)),
+            node,
+            lag: last.saturating_sub(matched.unwrap_or(0)),
         })
         .collect()
 }
@@ -445,6 +456,21 @@ mod tests {
             up,
             kafka: None,
         }
+    }
+
+    /// A leader's own entry in openraft's replication metrics is no follower: the lags
+    /// list the other voters only, each by what it lacks of the leader's log.
+    #[test]
+    fn a_leader_is_not_its_own_follower() {
+        let matched = [(1, Some(10)), (2, Some(7)), (3, None)];
+        assert_eq!(
+            lags(1, Some(10), matched),
+            [
+                FollowerLag { node: 2, lag: 3 },
+                FollowerLag { node: 3, lag: 10 }
+            ]
+        );
+        assert_eq!(lags(2, None, [(2, None)]), []);
     }
 
     /// The table shows who is down, how many groups each node leads, and the lag the
