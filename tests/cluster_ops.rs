@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    Cluster, create_queue_as, log_bodies, metric_sum, ok, retrying, view, view_as,
+    Cluster, create_queue_as, labeled_metric, log_bodies, metric_sum, ok, retrying, view, view_as,
 };
 use common::{eventually, http};
 use parking_lot::Mutex;
@@ -299,6 +299,82 @@ async fn redrive_moves_dead_letters_back_once() {
     })
     .await;
     assert_eq!(again["moved"], 0, "{again}");
+}
+
+/// The value of Raft-index metric `name` of `queue`'s group on node `base`, once the node
+/// reports one past `after` (the metrics are refreshed now and then).
+async fn index_past(base: &str, name: &str, queue: &str, after: u64) -> u64 {
+    let label = format!("queue=\"{queue}\"");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let index = labeled_metric(base, name, &label).await.map(|v| v as u64);
+        if let Some(index) = index.filter(|i| *i > after) {
+            return index;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} of {queue} at {base} stays at {index:?}, not past {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A delivery still in flight when its queue's leader is killed counts: the receive's
+/// delivery count is replicated (an entry of its own, proposed after the receive), so the
+/// new leader delivers the message with count 2, and at `max_deliveries: 2` a nack then
+/// dead-letters it, as a single node does across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_flight_delivery_counts_after_a_leader_kill() {
+    let mut cluster = Cluster::start().await;
+    let settings = json!({"partitions": 1, "max_deliveries": 2});
+    create_queue_as(&cluster.node(1).http, None, "inflight", settings).await;
+    let leader = cluster.preferred_leader(1, "inflight").await;
+    let leader_base = cluster.node(leader).http.clone();
+    let survivor = if leader == 1 { 2 } else { 1 };
+    let base = cluster.node(survivor).http.clone();
+    ok("publish", || {
+        http()
+            .post(format!("{base}/queues/inflight/messages"))
+            .body("slow")
+    })
+    .await;
+    // openraft reports a leader's last log index before the entry can commit, so once the
+    // publish is answered the leader's metric holds the publish's index.
+    let published = index_past(&leader_base, "qit_cluster_last_log_index", "inflight", 0).await;
+    // A lease long enough not to expire during the test (an expiry is counted anyway).
+    let first = ok("receive", || {
+        http().get(format!(
+            "{base}/queues/inflight/messages?max=1&visibility=300"
+        ))
+    })
+    .await;
+    assert_eq!(first["messages"][0]["delivery_count"], 1, "{first}");
+    // The count is committed once the survivor applied an entry after the publish: the
+    // only entry proposed since is the count (the queue's leader did not change).
+    index_past(&base, "qit_cluster_applied_index", "inflight", published).await;
+    cluster.node_mut(leader).kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let again = loop {
+        if let Some(m) = common::cluster::receive(&base, "inflight", 1).await.pop() {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no delivery after the kill");
+    };
+    assert_eq!(
+        again["delivery_count"], 2,
+        "the delivery in flight at the kill counted: {again}"
+    );
+    let id = again["id"].as_str().unwrap().to_string();
+    ok("nack", || {
+        http().post(format!("{base}/queues/inflight/messages/{id}/nack?delay=0"))
+    })
+    .await;
+    eventually("the message reaches the dead-letter queue", || async {
+        log_bodies(&base, "inflight.dlq", 0)
+            .await
+            .is_some_and(|l| l == ["slow"])
+    })
+    .await;
 }
 
 /// A message nacked twice, then its queue's leader killed: the new leader delivers it with

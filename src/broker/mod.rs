@@ -169,8 +169,8 @@ pub struct Broker {
     meta: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
     dead_letters: mpsc::UnboundedSender<DeadLetterJob>,
-    /// Delivery counts of ended leases, for the cluster to replicate (sent only with a
-    /// replicator installed).
+    /// Delivery counts of leases granted and ended, for the cluster to replicate (sent only
+    /// with a replicator installed).
     delivery_counts: mpsc::UnboundedSender<CountsJob>,
     /// Users, ownership and grants that access ops change (installed with auth on).
     auth: std::sync::OnceLock<Arc<crate::auth::AuthStore>>,
@@ -185,9 +185,9 @@ pub struct Broker {
     replicator: std::sync::OnceLock<Arc<dyn replicate::Replicator>>,
 }
 
-/// `(partition, offset, delivery count)` of ended leases, to replicate.
+/// `(partition, offset, delivery count)` of leases granted or ended, to replicate.
 type Counts = Vec<(u32, u64, u32)>;
-/// `(queue, group, counts)`: delivery counts of ended leases, to replicate.
+/// `(queue, group, counts)`: delivery counts of leases granted or ended, to replicate.
 type CountsJob = (String, String, Counts);
 
 /// `guard(source, target)`: may dead letters of queue `source` be appended to the
@@ -971,7 +971,16 @@ impl Broker {
                 // Deleted while this receive waited: the name now means a new group.
                 g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
             }
-            let (out, ended) = q.lease(&g, max, visibility_ms)?;
+            let (out, mut ended) = q.lease(&g, max, visibility_ms)?;
+            if self.replicator().is_some() {
+                // A cluster replicates each delivery's count too (coalesced, off this
+                // path), so a new leader counts a delivery that was in flight when its
+                // predecessor died, as a single node counts one across a restart.
+                ended.counts.extend(
+                    out.iter()
+                        .map(|d| (d.id.partition, d.id.offset, d.delivery_count)),
+                );
+            }
             self.dispatch(&q, &g, ended);
             if !out.is_empty() {
                 return Ok(out);
@@ -2008,9 +2017,10 @@ async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
     }
 }
 
-/// Replicates the delivery counts of expired leases (cluster mode), coalescing what piled
-/// up into one op per group, until shutdown. Best effort: a count lost here (a leader
-/// change meanwhile) only lets a new leader count that delivery again.
+/// Replicates the delivery counts of granted and expired leases (cluster mode), coalescing
+/// what piled up into one op per group, until shutdown. Best effort, as a single node's
+/// journal of leases is: a count lost here (its leader died before it was committed) is
+/// one delivery a new leader does not count.
 async fn run_delivery_counts(
     broker: Weak<Broker>,
     mut jobs: mpsc::UnboundedReceiver<CountsJob>,
@@ -2038,6 +2048,16 @@ async fn run_delivery_counts(
             continue;
         };
         for ((queue, group), counts) in by_group {
+            // A group deleted meanwhile stays deleted: its replicas would make it again
+            // to note the counts.
+            if broker
+                .queue(&queue)
+                .ok()
+                .and_then(|q| q.group(&group))
+                .is_none()
+            {
+                continue;
+            }
             let op = replicate::Op::DeliveryCounts {
                 queue: queue.clone(),
                 group: group.clone(),

@@ -343,8 +343,8 @@ pub enum Op {
         /// Most messages to move (all when absent).
         max: Option<u64>,
     },
-    /// Delivery counts of messages whose lease ended without an ack (nack, expiry), from
-    /// the leader to every replica, so that a new leader goes on counting.
+    /// Delivery counts of messages leased, or whose lease ended without an ack (nack,
+    /// expiry), from the leader to every replica, so that a new leader goes on counting.
     DeliveryCounts {
         /// Queue.
         queue: String,

@@ -838,7 +838,7 @@ impl GroupState {
     }
 
     /// Learns that `offset` has had `delivery_count` deliveries (a cluster replicates the
-    /// counts of failed deliveries from the leader, so that a new leader goes on counting).
+    /// counts of deliveries from the leader, so that a new leader goes on counting).
     /// Counts only grow; a done message is left alone. True when the state changed (the
     /// caller journals it as [`Event::Leased`]).
     pub fn note_delivery_count(
