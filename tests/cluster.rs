@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    Cluster, create_queue, labeled_metric, log_bodies, metric, ok, receive, retrying, view,
+    Cluster, create_queue, index_past, log_bodies, metric, ok, receive, retrying, view,
 };
 use common::{eventually, http};
 use parking_lot::Mutex;
@@ -908,13 +908,6 @@ async fn a_paused_leader_steps_down() {
     assert!(seen.len() >= 2, "the sampler saw the terms: {seen:?}");
 }
 
-/// The last Raft log index of `queue`'s group on the node at `base` (from `/metrics`).
-async fn last_log_index(base: &str, queue: &str) -> Option<u64> {
-    let label = format!("queue=\"{queue}\"");
-    let value = labeled_metric(base, "qit_cluster_last_log_index", &label).await?;
-    Some(value as u64)
-}
-
 /// A publish over the queue's `max_message_bytes`, sent to any node, is answered 413
 /// before it is proposed: it adds no entry to the queue's Raft log (each one used to cost
 /// an entry of its size on every replica, and a client retrying it grew every log).
@@ -925,7 +918,7 @@ async fn a_publish_too_large_adds_no_raft_entry() {
     create_queue(&base, "capped", json!({"max_message_bytes": 1024})).await;
     let leader = cluster.leader_of(1, "capped", None).await;
     let leader_base = cluster.node(leader).http.clone();
-    let before = eventually_index(&leader_base, "capped").await;
+    let before = index_past(&leader_base, "qit_cluster_last_log_index", "capped", 0).await;
     let body = "z".repeat(4096);
     for id in 1..=3 {
         for _ in 0..10 {
@@ -948,34 +941,11 @@ async fn a_publish_too_large_adds_no_raft_entry() {
     // The one publish that fits (and at most a few entries of leader changes). The
     // metrics are refreshed now and then: the first index past `before` is read after the
     // fitting publish was applied, so it counts every entry proposed before it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let after = loop {
-        let index = eventually_index(&leader_base, "capped").await;
-        if index > before {
-            break index;
-        }
-        assert!(Instant::now() < deadline, "the log index stays at {index}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let after = index_past(&leader_base, "qit_cluster_last_log_index", "capped", before).await;
     assert!(
         after > before && after - before < 10,
         "30 refused publishes and one stored moved the log from {before} to {after}"
     );
-}
-
-/// [`last_log_index`] once the node reports it.
-async fn eventually_index(base: &str, queue: &str) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(index) = last_log_index(base, queue).await {
-            return index;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log index of {queue} at {base}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A burst of pipelined requests on a `Publish` stream, on the queue's leader (which

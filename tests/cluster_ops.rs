@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    Cluster, create_queue_as, labeled_metric, log_bodies, metric_sum, ok, retrying, view, view_as,
+    Cluster, create_queue_as, index_past, log_bodies, metric_sum, ok, retrying, view, view_as,
 };
 use common::{eventually, http};
 use parking_lot::Mutex;
@@ -301,22 +301,32 @@ async fn redrive_moves_dead_letters_back_once() {
     assert_eq!(again["moved"], 0, "{again}");
 }
 
-/// The value of Raft-index metric `name` of `queue`'s group on node `base`, once the node
-/// reports one past `after` (the metrics are refreshed now and then).
-async fn index_past(base: &str, name: &str, queue: &str, after: u64) -> u64 {
-    let label = format!("queue=\"{queue}\"");
+/// The next message of `queue` received through `base` (one at a time, retried for up to
+/// a minute while none comes, as across an election).
+async fn next_delivery(base: &str, queue: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let index = labeled_metric(base, name, &label).await.map(|v| v as u64);
-        if let Some(index) = index.filter(|i| *i > after) {
-            return index;
+        if let Some(m) = receive(base, queue, 1).await.pop() {
+            return m;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{name} of {queue} at {base} stays at {index:?}, not past {after}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(Instant::now() < deadline, "no delivery of {queue} in time");
     }
+}
+
+/// Nacks `message` of `queue` through `base` at once, and waits until it is the only dead
+/// letter, with `body`, in the queue's dead-letter queue.
+async fn nack_into_dead_letters(base: &str, queue: &str, message: &Value, body: &str) {
+    let id = message["id"].as_str().expect("an id").to_string();
+    ok("nack", || {
+        http().post(format!("{base}/queues/{queue}/messages/{id}/nack?delay=0"))
+    })
+    .await;
+    eventually("the message reaches the dead-letter queue", || async {
+        log_bodies(base, &format!("{queue}.dlq"), 0)
+            .await
+            .is_some_and(|l| l == [body])
+    })
+    .await;
 }
 
 /// A delivery still in flight when its queue's leader is killed counts: the receive's
@@ -353,28 +363,12 @@ async fn an_in_flight_delivery_counts_after_a_leader_kill() {
     // only entry proposed since is the count (the queue's leader did not change).
     index_past(&base, "qit_cluster_applied_index", "inflight", published).await;
     cluster.node_mut(leader).kill();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let again = loop {
-        if let Some(m) = common::cluster::receive(&base, "inflight", 1).await.pop() {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "no delivery after the kill");
-    };
+    let again = next_delivery(&base, "inflight").await;
     assert_eq!(
         again["delivery_count"], 2,
         "the delivery in flight at the kill counted: {again}"
     );
-    let id = again["id"].as_str().unwrap().to_string();
-    ok("nack", || {
-        http().post(format!("{base}/queues/inflight/messages/{id}/nack?delay=0"))
-    })
-    .await;
-    eventually("the message reaches the dead-letter queue", || async {
-        log_bodies(&base, "inflight.dlq", 0)
-            .await
-            .is_some_and(|l| l == ["slow"])
-    })
-    .await;
+    nack_into_dead_letters(&base, "inflight", &again, "slow").await;
 }
 
 /// A message nacked twice, then its queue's leader killed: the new leader delivers it with
@@ -398,17 +392,8 @@ async fn delivery_counts_survive_a_leader_kill() {
             .body("bad")
     })
     .await;
-    let next = |base: String| async move {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(m) = receive(&base, "poison", 1).await.pop() {
-                return m;
-            }
-            assert!(Instant::now() < deadline, "no delivery in time");
-        }
-    };
     for count in 1..=2 {
-        let m = next(base.clone()).await;
+        let m = next_delivery(&base, "poison").await;
         assert_eq!(m["delivery_count"], count);
         let id = m["id"].as_str().unwrap().to_string();
         ok("nack", || {
@@ -428,22 +413,12 @@ async fn delivery_counts_survive_a_leader_kill() {
         })
     })
     .await;
-    let m = next(base.clone()).await;
+    let m = next_delivery(&base, "poison").await;
     assert_eq!(
         m["delivery_count"], 3,
         "the new leader goes on counting: {m}"
     );
-    let id = m["id"].as_str().unwrap().to_string();
-    ok("nack", || {
-        http().post(format!("{base}/queues/poison/messages/{id}/nack?delay=0"))
-    })
-    .await;
-    eventually("the message reaches the dead-letter queue", || async {
-        log_bodies(&base, "poison.dlq", 0)
-            .await
-            .is_some_and(|l| l == ["bad"])
-    })
-    .await;
+    nack_into_dead_letters(&base, "poison", &m, "bad").await;
     let letters = view(&format!(
         "{base}/queues/poison.dlq/log?partition=0&from=0&max=10"
     ))

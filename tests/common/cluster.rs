@@ -602,6 +602,24 @@ pub async fn labeled_metric(base: &str, name: &str, label: &str) -> Option<f64> 
         .and_then(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
+/// The value of Raft-index metric `name` of `queue`'s group on node `base`, once the node
+/// reports one past `after` (the metrics are refreshed now and then).
+pub async fn index_past(base: &str, name: &str, queue: &str, after: u64) -> u64 {
+    let label = format!("queue=\"{queue}\"");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let index = labeled_metric(base, name, &label).await.map(|v| v as u64);
+        if let Some(index) = index.filter(|i| *i > after) {
+            return index;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} of {queue} at {base} stays at {index:?}, not past {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The sum of metric `name` over the nodes at `bases`.
 pub async fn metric_sum(bases: &[String], name: &str) -> f64 {
     let mut sum = 0.0;
