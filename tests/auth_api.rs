@@ -357,6 +357,30 @@ async fn grpc_needs_tokens_and_grants_and_a_restart_keeps_them() {
             .unwrap_err();
         assert_eq!(forbidden.code(), Code::PermissionDenied);
         c.send_message(authed(send, &alice)).await.unwrap();
+        // The group calls need consume on the queue, as over HTTP.
+        let get = proto::GetGroupRequest {
+            queue: "g".into(),
+            group: String::new(),
+        };
+        let seek = proto::SeekGroupRequest {
+            queue: "g".into(),
+            group: String::new(),
+            target: Some(proto::seek_group_request::Target::To("latest".into())),
+        };
+        let delete = proto::DeleteGroupRequest {
+            queue: "g".into(),
+            group: String::new(),
+        };
+        let refusals = [
+            c.get_group(authed(get.clone(), &bob)).await.map(|_| ()),
+            c.seek_group(authed(seek, &bob)).await.map(|_| ()),
+            c.delete_group(authed(delete, &bob)).await.map(|_| ()),
+        ];
+        for refused in refusals {
+            assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+        }
+        let group = c.get_group(authed(get, &alice)).await.unwrap().into_inner();
+        assert_eq!((group.name.as_str(), group.backlog), ("default", 1));
         let grant = json!({"user": "bob", "permissions": ["publish", "consume"]});
         assert_eq!(
             call(
@@ -1177,6 +1201,12 @@ async fn a_missing_queue_or_exchange_is_not_found_not_forbidden() {
         };
         let refused = c.delete_queue(authed(delete, &alice)).await.unwrap_err();
         assert_eq!(refused.code(), want, "{queue}: {refused:?}");
+        let group = proto::DeleteGroupRequest {
+            queue: queue.into(),
+            group: String::new(),
+        };
+        let refused = c.delete_group(authed(group, &alice)).await.unwrap_err();
+        assert_eq!(refused.code(), want, "{queue} group: {refused:?}");
     }
     s.stop().await;
 }

@@ -463,6 +463,41 @@ async fn a_group_is_deleted_through_any_node(cluster: &Cluster) {
     let (status, body) = retrying("delete group", || http().delete(&url)).await;
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["error"]["code"], "group_not_found", "{body}");
+    // gRPC's group calls go through any node too: node 2 answers as the leader holds it.
+    let grpc = format!("http://127.0.0.1:{}", cluster.node(2).grpc_port);
+    let client = BrokerClient::connect(grpc).await.unwrap();
+    let group = |name: &str| proto::GetGroupRequest {
+        queue: "orders".into(),
+        group: name.into(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answers = loop {
+        let mut client = client.clone();
+        let gone = client
+            .get_group(group("audit"))
+            .await
+            .map(|g| g.into_inner().name);
+        let default = client
+            .get_group(group(""))
+            .await
+            .map(|g| g.into_inner().name);
+        let unavailable = |r: &Result<String, tonic::Status>| {
+            r.as_ref()
+                .is_err_and(|e| e.code() == tonic::Code::Unavailable)
+        };
+        if !unavailable(&gone) && !unavailable(&default) {
+            break (gone.map_err(|e| e.code()), default.map_err(|e| e.code()));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no GetGroup answer in time: {gone:?} {default:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        answers,
+        (Err(tonic::Code::NotFound), Ok("default".to_string()))
+    );
 }
 
 /// Receives what node `base` delivers into `into` (id -> body).

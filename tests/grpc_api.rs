@@ -296,6 +296,139 @@ async fn errors_use_fitting_status_codes() {
     s.stop().await;
 }
 
+fn group_request(queue: &str, group: &str) -> proto::GetGroupRequest {
+    proto::GetGroupRequest {
+        queue: queue.into(),
+        group: group.into(),
+    }
+}
+
+fn seek(group: &str, target: proto::seek_group_request::Target) -> proto::SeekGroupRequest {
+    proto::SeekGroupRequest {
+        queue: "gq".into(),
+        group: group.into(),
+        target: Some(target),
+    }
+}
+
+/// `GetGroup`, `SeekGroup` and `DeleteGroup` do over gRPC what the HTTP group routes do: a
+/// group's offsets and leases, a move to an offset, a time or either end, and a delete
+/// refused while a message is in flight and done once none is.
+#[tokio::test]
+async fn groups_are_read_moved_and_deleted() {
+    use proto::seek_group_request::Target;
+    let s = TestServer::start().await;
+    let mut c = client(&s).await;
+    create(&mut c, "gq").await;
+    send(&mut c, "gq", &["a", "b", "c"]).await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Open(proto::OpenStream {
+            queue: "gq".into(),
+            group: "workers".into(),
+            max_in_flight: 1,
+            visibility_ms: None,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = c
+        .receive_messages(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_message(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("a message");
+    let group = c
+        .get_group(group_request("gq", "workers"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (group.name.as_str(), group.in_flight, group.backlog),
+        ("workers", 1, 3),
+        "{group:?}"
+    );
+    assert_eq!(group.partitions[0].committed_offset, 0, "{group:?}");
+    let delete = proto::DeleteGroupRequest {
+        queue: "gq".into(),
+        group: "workers".into(),
+    };
+    let in_use = c.delete_group(delete.clone()).await.unwrap_err();
+    assert_eq!(in_use.code(), Code::FailedPrecondition, "{in_use:?}");
+    // Closing the stream returns its lease at once.
+    drop((tx, stream));
+    common::eventually("the closed stream's lease returns", || {
+        let mut c = c.clone();
+        async move {
+            c.get_group(group_request("gq", "workers"))
+                .await
+                .is_ok_and(|g| g.into_inner().in_flight == 0)
+        }
+    })
+    .await;
+    let latest = c
+        .seek_group(seek("workers", Target::To("latest".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (latest.backlog, latest.partitions[0].committed_offset),
+        (0, 3)
+    );
+    let one = c
+        .seek_group(seek(
+            "workers",
+            Target::Offset(proto::PartitionOffset {
+                partition: 0,
+                offset: 1,
+            }),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((one.backlog, one.partitions[0].committed_offset), (2, 1));
+    let from_start = c
+        .seek_group(seek("workers", Target::FromTimeMs(first.timestamp_ms)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(from_start.backlog, 3, "{from_start:?}");
+    for bad in [
+        Some(Target::To("sideways".into())),
+        Some(Target::FromTimeMs(-1)),
+        None,
+    ] {
+        let request = proto::SeekGroupRequest {
+            queue: "gq".into(),
+            group: "workers".into(),
+            target: bad.clone(),
+        };
+        let refused = c.seek_group(request).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{bad:?}: {refused:?}"
+        );
+    }
+    c.delete_group(delete.clone()).await.unwrap();
+    for (queue, group) in [("gq", "workers"), ("nope", "workers")] {
+        let missing = c.get_group(group_request(queue, group)).await.unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound, "{queue}/{group}");
+    }
+    let again = c.delete_group(delete).await.unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
+    // An empty name means `default`, which every queue has.
+    let default = c
+        .get_group(group_request("gq", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((default.name.as_str(), default.backlog), ("default", 3));
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn reflection_lists_the_broker_service() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;

@@ -18,8 +18,8 @@ use super::publish::PublishSession;
 use super::receive::Session;
 use super::wire::{StreamPermit, message, message_id, message_ref, millis, new_message};
 use crate::auth::{Action, AuthStore, Resource};
-use crate::broker::{self, Broker, BrokerError, ReadFrom};
-use crate::proto::{self, broker_server, receive_request, subscribe_request};
+use crate::broker::{self, Broker, BrokerError, ReadFrom, SeekTarget};
+use crate::proto::{self, broker_server, receive_request, seek_group_request, subscribe_request};
 
 /// Default credit when a stream opens with `max_in_flight = 0`.
 const DEFAULT_CREDIT: u64 = 100;
@@ -474,6 +474,100 @@ impl broker_server::Broker for GrpcApi {
         Ok(Response::new(Box::pin(
             ReceiverStream::new(rx).map(|(item, _share)| item),
         )))
+    }
+
+    async fn get_group(
+        &self,
+        request: Request<proto::GetGroupRequest>,
+    ) -> Result<Response<proto::GroupInfo>, Status> {
+        self.check(
+            &request,
+            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
+        )?;
+        let r = request.into_inner();
+        let info = self
+            .broker
+            .current_group_info(&r.queue, group_name(&r.group))
+            .await?;
+        Ok(Response::new(group_info(info)))
+    }
+
+    async fn seek_group(
+        &self,
+        request: Request<proto::SeekGroupRequest>,
+    ) -> Result<Response<proto::GroupInfo>, Status> {
+        self.check(
+            &request,
+            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
+        )?;
+        let r = request.into_inner();
+        let target = seek_target(r.target)?;
+        let info = self
+            .broker
+            .seek(&r.queue, group_name(&r.group), target)
+            .await?;
+        Ok(Response::new(group_info(info)))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<proto::DeleteGroupRequest>,
+    ) -> Result<Response<proto::DeleteGroupResponse>, Status> {
+        self.check(
+            &request,
+            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
+        )?;
+        let r = request.into_inner();
+        self.broker
+            .delete_group(&r.queue, group_name(&r.group))
+            .await?;
+        Ok(Response::new(proto::DeleteGroupResponse {}))
+    }
+}
+
+fn group_info(info: broker::GroupInfo) -> proto::GroupInfo {
+    proto::GroupInfo {
+        queue: info.queue,
+        name: info.name,
+        partitions: info
+            .partitions
+            .into_iter()
+            .map(|p| proto::GroupPartition {
+                partition: p.partition,
+                committed_offset: p.committed_offset,
+                backlog: p.backlog,
+                in_flight: p.in_flight,
+            })
+            .collect(),
+        backlog: info.backlog,
+        in_flight: info.in_flight,
+        redelivered: info.redelivered,
+        dead_lettered: info.dead_lettered,
+    }
+}
+
+/// Where a `SeekGroup` moves its group: exactly one target, as the HTTP seek takes.
+fn seek_target(target: Option<seek_group_request::Target>) -> Result<SeekTarget, Status> {
+    use seek_group_request::Target;
+    match target {
+        Some(Target::Offset(p)) => Ok(SeekTarget::Offset {
+            partition: p.partition,
+            offset: p.offset,
+        }),
+        Some(Target::FromTimeMs(ms)) if ms >= 0 => Ok(SeekTarget::Time(ms)),
+        Some(Target::FromTimeMs(ms)) => Err(Status::invalid_argument(format!(
+            "from_time_ms must be unix milliseconds, not {ms}"
+        ))),
+        Some(Target::To(to)) => match to.as_str() {
+            "earliest" => Ok(SeekTarget::Earliest),
+            "latest" => Ok(SeekTarget::Latest),
+            _ => Err(Status::invalid_argument(format!(
+                "to must be \"earliest\" or \"latest\", not {to:?}"
+            ))),
+        },
+        None => Err(Status::invalid_argument(
+            "give exactly one target: offset, from_time_ms or to",
+        )),
     }
 }
 
