@@ -96,6 +96,16 @@ impl GrpcApi {
         Ok(Some(user))
     }
 
+    /// [`Self::check`] of `action` on the queue the request names.
+    fn check_queue<T: NamesQueue>(
+        &self,
+        request: &Request<T>,
+        action: Action,
+    ) -> Result<Option<String>, Status> {
+        let queue = Resource::queue(request.get_ref().queue());
+        self.check(request, Some((action, queue)))
+    }
+
     /// The tonic server wrapping this service.
     pub fn into_server(self) -> broker_server::BrokerServer<Self> {
         broker_server::BrokerServer::new(self)
@@ -116,6 +126,34 @@ impl GrpcApi {
         Ok((total, mine))
     }
 }
+
+/// A request that names one queue: the resource its caller's right is checked on.
+trait NamesQueue {
+    fn queue(&self) -> &str;
+}
+
+macro_rules! names_queue {
+    ($($request:ty),* $(,)?) => {
+        $(impl NamesQueue for $request {
+            fn queue(&self) -> &str {
+                &self.queue
+            }
+        })*
+    };
+}
+
+names_queue!(
+    proto::CreateQueueRequest,
+    proto::DeleteQueueRequest,
+    proto::SendMessageRequest,
+    proto::AckMessageRequest,
+    proto::NackMessageRequest,
+    proto::ExtendLeaseRequest,
+    proto::SubscribeRequest,
+    proto::GetGroupRequest,
+    proto::SeekGroupRequest,
+    proto::DeleteGroupRequest,
+);
 
 fn settings_from_proto(p: Option<proto::QueueSettings>) -> broker::QueueSettings {
     let mut s = broker::QueueSettings::default();
@@ -211,10 +249,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::CreateQueueRequest>,
     ) -> Result<Response<proto::CreateQueueResponse>, Status> {
-        let user = self.check(
-            &request,
-            Some((Action::Create, Resource::queue(&request.get_ref().queue))),
-        )?;
+        let user = self.check_queue(&request, Action::Create)?;
         let r = request.into_inner();
         if let Some(s) = &r.settings {
             check_enum(s.ordering.as_deref(), "ordering", &["none", "key"])?;
@@ -244,10 +279,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::DeleteQueueRequest>,
     ) -> Result<Response<proto::DeleteQueueResponse>, Status> {
-        self.check(
-            &request,
-            Some((Action::Manage, Resource::queue(&request.get_ref().queue))),
-        )?;
+        self.check_queue(&request, Action::Manage)?;
         let queue = request.into_inner().queue;
         self.broker.delete_queue(&queue).await?;
         super::auth::forget(self.auth.as_deref(), &self.broker, &Resource::queue(&queue)).await;
@@ -299,10 +331,7 @@ impl broker_server::Broker for GrpcApi {
     ) -> Result<Response<proto::SendMessageResponse>, Status> {
         // The hot path: no resource name is built when auth is off.
         if self.auth.is_some() {
-            self.check(
-                &request,
-                Some((Action::Publish, Resource::queue(&request.get_ref().queue))),
-            )?;
+            self.check_queue(&request, Action::Publish)?;
         }
         let r = request.into_inner();
         let messages = r
@@ -338,10 +367,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::AckMessageRequest>,
     ) -> Result<Response<proto::AckMessageResponse>, Status> {
-        self.check(
-            &request,
-            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
-        )?;
+        self.check_queue(&request, Action::Consume)?;
         let r = request.into_inner();
         self.broker
             .ack(&r.queue, group_name(&r.group), message_id(&r.id)?)
@@ -353,10 +379,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::NackMessageRequest>,
     ) -> Result<Response<proto::NackMessageResponse>, Status> {
-        self.check(
-            &request,
-            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
-        )?;
+        self.check_queue(&request, Action::Consume)?;
         let r = request.into_inner();
         self.broker
             .nack(
@@ -373,10 +396,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::ExtendLeaseRequest>,
     ) -> Result<Response<proto::ExtendLeaseResponse>, Status> {
-        self.check(
-            &request,
-            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
-        )?;
+        self.check_queue(&request, Action::Consume)?;
         let r = request.into_inner();
         self.broker
             .extend(
@@ -437,10 +457,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        self.check(
-            &request,
-            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
-        )?;
+        self.check_queue(&request, Action::Consume)?;
         let permit = self.stream_permit(&request)?;
         let r = request.into_inner();
         let from = match r.start {
@@ -480,10 +497,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::GetGroupRequest>,
     ) -> Result<Response<proto::GroupInfo>, Status> {
-        self.check(
-            &request,
-            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
-        )?;
+        self.check_queue(&request, Action::Consume)?;
         let r = request.into_inner();
         let info = self
             .broker
@@ -496,10 +510,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::SeekGroupRequest>,
     ) -> Result<Response<proto::GroupInfo>, Status> {
-        self.check(
-            &request,
-            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
-        )?;
+        self.check_queue(&request, Action::Consume)?;
         let r = request.into_inner();
         let target = seek_target(r.target)?;
         let info = self
@@ -513,10 +524,7 @@ impl broker_server::Broker for GrpcApi {
         &self,
         request: Request<proto::DeleteGroupRequest>,
     ) -> Result<Response<proto::DeleteGroupResponse>, Status> {
-        self.check(
-            &request,
-            Some((Action::Consume, Resource::queue(&request.get_ref().queue))),
-        )?;
+        self.check_queue(&request, Action::Consume)?;
         let r = request.into_inner();
         self.broker
             .delete_group(&r.queue, group_name(&r.group))
