@@ -48,6 +48,62 @@ async fn log_len(s: &TestServer, queue: &str) -> usize {
     body["messages"].as_array().map_or(0, Vec::len)
 }
 
+/// Request bodies that hold settings, a binding, a batch or a seek are JSON objects: an
+/// array, which serde's derive alone reads field by field (`[3, 60]` made a queue with 3
+/// partitions and a 60 s ack timeout), is refused with 400 `invalid_json` and changes
+/// nothing, nested ones included (`retention`, each batch message).
+#[tokio::test]
+async fn bodies_are_objects_not_arrays_read_field_by_field() {
+    let s = TestServer::start().await;
+    let (status, _) = post(&s, "/queues/kept", json!({})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = post(&s, "/exchanges/fan", json!({"type": "fanout"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    for (path, body) in [
+        ("/queues/arr", json!([3, 60])),
+        ("/queues/arr", json!([])),
+        ("/queues/arr", json!({"retention": [60]})),
+        ("/exchanges/arrx", json!(["fanout"])),
+        ("/exchanges/fan/bindings", json!(["kept"])),
+        ("/queues/kept/messages/batch", json!([[{"body": 1}]])),
+        ("/queues/kept/messages/batch", json!({"messages": [["x"]]})),
+        ("/queues/kept/redrive", json!([5])),
+    ] {
+        let (status, answer) = post(&s, path, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {answer}");
+        assert_eq!(
+            answer["error"]["code"], "invalid_json",
+            "{path} {body}: {answer}"
+        );
+    }
+    let seek = http()
+        .put(format!("{}/queues/kept/groups/default/offset", s.http))
+        .json(&json!([0, 0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seek.status(), StatusCode::BAD_REQUEST);
+    for (path, gone) in [("/queues/arr", true), ("/exchanges/arrx", true)] {
+        let r = http()
+            .get(format!("{}{path}", s.http))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status() == StatusCode::NOT_FOUND, gone, "{path}");
+    }
+    let bindings: Value = http()
+        .get(format!("{}/exchanges/fan", s.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bindings["bindings"], json!([]), "{bindings}");
+    assert_eq!(log_len(&s, "kept").await, 0);
+    s.stop().await;
+}
+
 /// Issue 19.7: a queue that is its own dead-letter queue made `redrive` loop forever.
 #[tokio::test]
 async fn a_queue_cannot_be_its_own_dead_letter_queue() {

@@ -456,8 +456,7 @@ fn store(state: &HttpState) -> Result<Arc<AuthStore>, ApiError> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+    super::object::parse(body)
 }
 
 /// `POST /auth/register`.

@@ -68,8 +68,26 @@ fn json_body<T: DeserializeOwned + Default>(bytes: &[u8], empty_ok: bool) -> Res
             Err(ApiError::bad_request("a JSON body is required"))
         };
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+    super::object::parse(bytes)
+}
+
+/// A create's settings: a JSON object (or nothing) whose `retention`, when given, is an
+/// object too. (The settings' own derive would read an array there field by field; it
+/// stays as it is, since settings also travel in Raft entries, where a struct is a
+/// sequence.)
+fn settings_body(bytes: &[u8]) -> Result<QueueSettings, ApiError> {
+    let settings: QueueSettings = json_body(bytes, true)?;
+    if !bytes.iter().all(u8::is_ascii_whitespace) {
+        let fields: serde_json::Map<String, Value> = super::object::parse(bytes)?;
+        if fields.get("retention").is_some_and(|r| !r.is_object()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "`retention` must be a JSON object",
+            ));
+        }
+    }
+    Ok(settings)
 }
 
 fn param<T: FromStr>(q: &BTreeMap<String, String>, name: &str) -> Result<Option<T>, ApiError> {
@@ -226,7 +244,7 @@ pub(super) async fn create_queue(
     Extension(caller): Extension<Caller>,
     body: Body,
 ) -> ApiResult {
-    let settings: QueueSettings = json_body(&body_bytes(body)?, true)?;
+    let settings = settings_body(&body_bytes(body)?)?;
     let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
     super::auth::check_existing_visible(auth, user, &s.broker, &queue)?;
     super::auth::check_dead_letter(auth, user, &s.broker, &queue, &settings)?;
@@ -362,8 +380,7 @@ pub(super) async fn publish_batch(
     body: Body,
 ) -> ApiResult {
     let bytes = body_bytes(body)?;
-    let batch: BatchPublish = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    let batch: BatchPublish = super::object::parse(&bytes)?;
     if batch.messages.is_empty() || batch.messages.len() > 10_000 {
         return Err(ApiError::bad_request(
             "`messages` must hold 1..=10000 messages",
@@ -737,9 +754,7 @@ pub(super) async fn delete_exchange(
 }
 
 fn binding(body: Body) -> Result<Binding, ApiError> {
-    let bytes = body_bytes(body)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+    super::object::parse(&body_bytes(body)?)
 }
 
 #[utoipa::path(post, path = "/exchanges/{exchange}/bindings", tag = "exchanges", params(("exchange" = String, Path, description = "Exchange name: 1-200 chars of `[A-Za-z0-9._-]`, not starting with `.`", example = "events", pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")), request_body(content = Binding, example = json!({"queue": "audit", "key": "orders.*"})), responses((status = 201, body = Binding), Errors))]

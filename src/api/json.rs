@@ -170,6 +170,7 @@ fn present<'de, D: serde::Deserializer<'de>>(
 #[serde(deny_unknown_fields)]
 pub struct BatchPublish {
     /// The messages.
+    #[serde(deserialize_with = "super::object::deserialize_each")]
     pub messages: Vec<BatchMessage>,
 }
 

@@ -74,8 +74,7 @@ pub(super) async fn add_node(
     let cluster = clustered(&s)?;
     admin_only(&s, &caller)?;
     let bytes = body_bytes(body)?;
-    let request: NodeBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    let request: NodeBody = super::object::parse(&bytes)?;
     run(
         cluster,
         Change::Add {
@@ -119,8 +118,7 @@ pub(super) async fn replace_node(
     admin_only(&s, &caller)?;
     let old = node_id(&id)?;
     let bytes = body_bytes(body)?;
-    let request: NodeBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    let request: NodeBody = super::object::parse(&bytes)?;
     run(
         cluster,
         Change::Replace {

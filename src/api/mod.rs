@@ -11,6 +11,7 @@ pub mod http;
 pub mod json;
 pub mod limits;
 pub mod members;
+pub mod object;
 pub mod publish;
 pub mod receive;
 pub mod request_checks;
