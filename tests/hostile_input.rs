@@ -91,14 +91,7 @@ async fn bodies_are_objects_not_arrays_read_field_by_field() {
             .unwrap();
         assert_eq!(r.status() == StatusCode::NOT_FOUND, gone, "{path}");
     }
-    let bindings: Value = http()
-        .get(format!("{}/exchanges/fan", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bindings = common::get_json(format!("{}/exchanges/fan", s.http)).await;
     assert_eq!(bindings["bindings"], json!([]), "{bindings}");
     assert_eq!(log_len(&s, "kept").await, 0);
     s.stop().await;
