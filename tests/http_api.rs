@@ -1121,6 +1121,54 @@ async fn a_group_is_deleted_once_nothing_is_in_flight() {
     }
 }
 
+/// A redrive reads the shared dead-letter queue instead of leasing it: the other queue's
+/// dead letters ahead of this queue's, more of them than the dead-letter queue's group may
+/// lease at once, used to fill that limit and end the redrive with nothing moved. A
+/// consumer's lease on one of the other queue's dead letters is left alone.
+#[tokio::test]
+async fn a_redrive_gets_past_more_foreign_dead_letters_than_may_be_in_flight() {
+    let s = TestServer::start().await;
+    create(&s, "shared", json!({"max_in_flight": 2})).await;
+    let letters = [("a", 3), ("b", 2)];
+    for (q, n) in letters {
+        create(&s, q, json!({"max_deliveries": 1, "dead_letter": "shared"})).await;
+        for i in 0..n {
+            send(&s, q, &format!("{q}-{i}")).await;
+        }
+        let (_, got) = get(&s, &format!("/queues/{q}/messages?max=10")).await;
+        for m in got["messages"].as_array().unwrap() {
+            let id = m["id"].as_str().unwrap();
+            let (status, _) = post(&s, &format!("/queues/{q}/messages/{id}/nack"), None).await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+        }
+    }
+    let (_, shared) = get(&s, "/queues/shared/groups/default").await;
+    assert_eq!(shared["backlog"], 5, "{shared}");
+    // Somebody works on the first of a's dead letters.
+    let (_, held) = get(&s, "/queues/shared/messages?max=1").await;
+    let held = held["messages"][0]["id"].as_str().unwrap().to_string();
+
+    let (status, moved) = post(&s, "/queues/b/redrive", None).await;
+    assert_eq!(status, StatusCode::OK, "{moved}");
+    assert_eq!(moved["moved"], 2, "{moved}");
+    let (_, log) = get(&s, "/queues/b/log?max=10").await;
+    assert_eq!(log["messages"].as_array().unwrap().len(), 4, "{log}");
+    let (_, shared) = get(&s, "/queues/shared/groups/default").await;
+    assert_eq!(shared["backlog"], 3, "a's stay: {shared}");
+    assert_eq!(shared["in_flight"], 1, "the lease on a's is kept: {shared}");
+    let nack = format!("/queues/shared/messages/{held}/nack?delay=0");
+    let (status, body) = post(&s, &nack, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "still the holder's: {body}");
+
+    let (_, moved) = post(&s, "/queues/a/redrive", Some(json!({"max": 1}))).await;
+    assert_eq!(moved["moved"], 1, "{moved}");
+    let (_, moved) = post(&s, "/queues/a/redrive", None).await;
+    assert_eq!(moved["moved"], 2, "the rest: {moved}");
+    let (_, shared) = get(&s, "/queues/shared/groups/default").await;
+    assert_eq!(shared["backlog"], 0, "{shared}");
+    s.stop().await;
+}
+
 /// Two queues that share a dead-letter queue: each one's redrive moves back its own dead
 /// letters only (it used to move every dead letter of the shared queue into the queue it
 /// was called on), and leaves the other's where they are.

@@ -1349,7 +1349,7 @@ impl Broker {
     /// [`BrokerError::ShuttingDown`] when the broker shuts down; what moved until then stays
     /// moved.
     ///
-    /// In a cluster it runs on the leader of the dead-letter queue (where its leases are);
+    /// In a cluster it runs on the leader of the dead-letter queue (where its group is);
     /// the moves are replicated publishes into `queue` and acks in the dead-letter queue.
     /// Each moved message carries an idempotency key naming its dead letter, so a redrive
     /// run again after one cut short between the publish and the ack (a leader change)
@@ -1376,6 +1376,12 @@ impl Broker {
     }
 
     /// [`Self::redrive`] on this node: the single node, or the dead-letter queue's leader.
+    ///
+    /// The dead-letter queue's partitions are read, not leased: a dead-letter queue that
+    /// several queues share may hold more of the others' dead letters than its group may
+    /// lease at once (`max_in_flight`), and those must neither stop the redrive nor be
+    /// taken from whoever has them leased. A letter of `queue` moves even while it is
+    /// leased or waiting (its ack later is a harmless repeat).
     async fn redrive_local(
         &self,
         queue: &str,
@@ -1387,79 +1393,38 @@ impl Broker {
         let group = dlq.group_or_create(queue::DEFAULT_GROUP)?;
         // The end of every partition now: later dead letters are not this redrive's.
         let ends: Vec<u64> = dlq.partitions.iter().map(|p| p.next_offset()).collect();
-        let before_end = |id: MessageId| {
-            ends.get(id.partition as usize)
-                .is_some_and(|end| id.offset < *end)
-        };
-        // Every dead letter moves, also one somebody is looking at through a lease (its ack
-        // later is a harmless repeat).
-        dlq.release_leases(&group);
-        let mut moved = 0;
         let limit = max.unwrap_or(usize::MAX);
-        let result = loop {
-            if moved >= limit {
-                break Ok(moved);
+        let mut moved = 0;
+        for (partition, end) in (0u32..).zip(ends) {
+            let mut from = 0;
+            while moved < limit && from < end {
+                if self.shutdown.is_cancelled() {
+                    return Err(BrokerError::ShuttingDown);
+                }
+                let (open, next) = dlq.not_done(&group, partition, from, end, MAX_RECEIVE)?;
+                from = next;
+                let (ids, again): (Vec<MessageId>, Vec<NewMessage>) = open
+                    .into_iter()
+                    .filter(|d| dead_letter_of(d, queue))
+                    .take(limit - moved)
+                    .map(|d| (d.id, redriven(dlq_name, d)))
+                    .unzip();
+                if ids.is_empty() {
+                    continue;
+                }
+                // Through the replicator in a cluster: the target's group stores them, the
+                // dead-letter queue's group records the acks.
+                match self.replicator() {
+                    Some(_) => self.publish(queue, again).await?,
+                    None => target.publish(again).await?,
+                };
+                for acked in self.ack_many(dlq_name, queue::DEFAULT_GROUP, &ids).await? {
+                    acked?;
+                }
+                moved += ids.len();
             }
-            if self.shutdown.is_cancelled() {
-                break Err(BrokerError::ShuttingDown);
-            }
-            let want = (limit - moved).min(MAX_RECEIVE);
-            let (batch, _) = dlq.lease(&group, want, 60_000)?;
-            if batch.is_empty() {
-                break Ok(moved);
-            }
-            let (ids, again): (Vec<MessageId>, Vec<NewMessage>) = batch
-                .into_iter()
-                .filter(|d| before_end(d.id) && dead_letter_of(d, queue))
-                .map(|delivery| {
-                    let mut headers = delivery.headers;
-                    // Stable across a retried redrive of this dead letter, and apart from
-                    // any other: a dead-letter queue made again reuses ids, but not with
-                    // the same message dead-lettered at the same time. Clients may not
-                    // use the prefix.
-                    let original = headers
-                        .get(message::ORIGINAL_ID_HEADER)
-                        .cloned()
-                        .unwrap_or_default();
-                    let key = message::redrive_key(
-                        dlq_name,
-                        delivery.id,
-                        &original,
-                        delivery.timestamp_ms,
-                    );
-                    for name in message::DEAD_LETTER_HEADERS {
-                        headers.remove(name);
-                    }
-                    let again = NewMessage {
-                        key: delivery.key,
-                        headers,
-                        content_type: delivery.content_type,
-                        body: delivery.body,
-                        idempotency_key: Some(key),
-                    };
-                    (delivery.id, again)
-                })
-                .unzip();
-            if ids.is_empty() {
-                // Only newer dead letters, or other queues' (a dead-letter queue several
-                // queues share), in this batch; they stay leased until the end, so the next
-                // lease brings others or nothing.
-                continue;
-            }
-            // Through the replicator in a cluster: the target's group stores them, the
-            // dead-letter queue's group records the acks.
-            match self.replicator() {
-                Some(_) => self.publish(queue, again).await?,
-                None => target.publish(again).await?,
-            };
-            for acked in self.ack_many(dlq_name, queue::DEFAULT_GROUP, &ids).await? {
-                acked?;
-            }
-            moved += ids.len();
-        };
-        // Newer dead letters this redrive leased and left go back at once.
-        dlq.release_leases(&group);
-        result
+        }
+        Ok(moved)
     }
 
     fn partition<'a>(
@@ -1968,6 +1933,30 @@ const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
 /// original queue is not recorded (a message published into the dead-letter queue by
 /// hand). A dead letter of another queue that shares the dead-letter queue stays there,
 /// for that queue's own redrive.
+/// A dead letter of `dlq` made again as a message of its original queue: the dead-letter
+/// headers go, and an idempotency key names the dead letter, stable across a retried
+/// redrive of it and apart from any other (a dead-letter queue made again reuses ids, but
+/// not with the same message dead-lettered at the same time). Clients may not use the
+/// key's prefix.
+fn redriven(dlq: &str, delivery: Delivery) -> NewMessage {
+    let mut headers = delivery.headers;
+    let original = headers
+        .get(message::ORIGINAL_ID_HEADER)
+        .cloned()
+        .unwrap_or_default();
+    let key = message::redrive_key(dlq, delivery.id, &original, delivery.timestamp_ms);
+    for name in message::DEAD_LETTER_HEADERS {
+        headers.remove(name);
+    }
+    NewMessage {
+        key: delivery.key,
+        headers,
+        content_type: delivery.content_type,
+        body: delivery.body,
+        idempotency_key: Some(key),
+    }
+}
+
 fn dead_letter_of(d: &Delivery, queue: &str) -> bool {
     d.headers
         .get(message::ORIGINAL_QUEUE_HEADER)

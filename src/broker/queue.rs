@@ -915,6 +915,41 @@ impl Queue {
         Ok(log.read(cursor, want, LEASE_READ_BYTES)?)
     }
 
+    /// The messages of `partition` in `from..end` that `group` has not done (acked or
+    /// dead-lettered), also those leased or waiting, read without leasing: up to `max`
+    /// records looked at from `from` (or the group's floor, or the log's start, whichever
+    /// is later). Returns them and where to go on; `end` when nothing is left below it.
+    pub fn not_done(
+        &self,
+        group: &Group,
+        partition: u32,
+        from: u64,
+        end: u64,
+        max: usize,
+    ) -> Result<(Vec<Delivery>, u64), BrokerError> {
+        let log = self
+            .partitions
+            .get(partition as usize)
+            .ok_or_else(|| self.group_error(partition, GroupError::NoPartition(partition)))?;
+        let floor = group.lock_state().floor(partition);
+        let start = from.max(floor).max(log.first_offset());
+        if start >= end {
+            return Ok((Vec::new(), end));
+        }
+        let records = log.read(start, max.max(1), LEASE_READ_BYTES)?;
+        let Some(last) = records.last() else {
+            return Ok((Vec::new(), end));
+        };
+        let next = (last.offset + 1).min(end);
+        let state = group.lock_state();
+        let open = records
+            .into_iter()
+            .filter(|r| r.offset < end && !state.is_done(partition, r.offset))
+            .map(|r| message::to_delivery(&self.name, partition, r, 0))
+            .collect();
+        Ok((open, next))
+    }
+
     fn count_deliveries(&self, group: &Group, out: &[Delivery]) {
         if out.is_empty() {
             return;

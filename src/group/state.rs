@@ -301,6 +301,11 @@ impl GroupState {
         self.part(partition).map_or(0, |p| p.floor)
     }
 
+    /// Whether `offset` of `partition` is done (acked, dead-lettered, or below the floor).
+    pub fn is_done(&self, partition: u32, offset: u64) -> bool {
+        self.part(partition).is_ok_and(|p| p.is_done(offset))
+    }
+
     /// Leases held on `partition`.
     pub fn in_flight_on(&self, partition: u32) -> u64 {
         self.part(partition).map_or(0, |p| p.leases.len() as u64)
