@@ -486,7 +486,8 @@ async fn clients_go_on_when_the_leader_and_coordinator_is_killed() {
 /// A node without a replica of the topic (four nodes, three replicas): its Metadata names
 /// a replica as the leader, a produce through it is forwarded, a fetch on it answers
 /// `NOT_LEADER_OR_FOLLOWER` (clients go to the leader), and as a group's coordinator it
-/// commits offsets through the replicated path and reads them back from the leader.
+/// commits offsets through the replicated path and reads them back from the leader, and
+/// lists, describes and deletes the group there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_forwards_produce_and_commits() {
     use kafka_protocol::messages::offset_commit_request::{
@@ -494,7 +495,9 @@ async fn a_node_without_a_replica_forwards_produce_and_commits() {
     };
     use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
     use kafka_protocol::messages::{
-        GroupId, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+        DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
+        GroupId, ListGroupsRequest, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse,
+        OffsetFetchRequest, OffsetFetchResponse,
     };
     let cluster = Cluster::start_with(4, &[]).await;
     let name = (0..1000)
@@ -554,7 +557,7 @@ async fn a_node_without_a_replica_forwards_produce_and_commits() {
     let committed = OffsetCommitResponse::decode(&mut answer, 8).unwrap();
     assert_eq!(committed.topics[0].partitions[0].error_code, 0);
     let asked = OffsetFetchRequest::default()
-        .with_group_id(group_id)
+        .with_group_id(group_id.clone())
         .with_topics(Some(vec![
             OffsetFetchRequestTopic::default()
                 .with_name(topic(&name))
@@ -589,4 +592,40 @@ async fn a_node_without_a_replica_forwards_produce_and_commits() {
     ))
     .await;
     assert_eq!(info["partitions"][0]["committed_offset"], 1);
+
+    // The admin calls find the group on the leader too (this node's copy of the queue is
+    // empty): listed and described as Empty, and deleted there.
+    let mut answer = call(
+        &mut stream,
+        ApiKey::ListGroups,
+        4,
+        &ListGroupsRequest::default(),
+    )
+    .await;
+    let listed = ListGroupsResponse::decode(&mut answer, 4).unwrap();
+    let states: Vec<(String, String)> = listed
+        .groups
+        .iter()
+        .map(|g| (g.group_id.0.to_string(), g.group_state.to_string()))
+        .collect();
+    assert!(
+        states.contains(&(group.clone(), "Empty".to_string())),
+        "{states:?}"
+    );
+    let asked = DescribeGroupsRequest::default().with_groups(vec![group_id.clone()]);
+    let mut answer = call(&mut stream, ApiKey::DescribeGroups, 5, &asked).await;
+    let described = DescribeGroupsResponse::decode(&mut answer, 5).unwrap();
+    let g = &described.groups[0];
+    assert_eq!((g.error_code, g.group_state.as_str()), (0, "Empty"));
+    let asked = DeleteGroupsRequest::default().with_groups_names(vec![group_id]);
+    let mut answer = call(&mut stream, ApiKey::DeleteGroups, 2, &asked).await;
+    let deleted = DeleteGroupsResponse::decode(&mut answer, 2).unwrap();
+    assert_eq!(deleted.results[0].error_code, 0, "{deleted:?}");
+    let gone = reqwest::get(format!(
+        "{}/queues/{name}/groups/{group}",
+        cluster.http(leader)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(gone.status(), reqwest::StatusCode::NOT_FOUND);
 }

@@ -241,11 +241,12 @@ pub async fn serve(
         }
         RequestKind::ListGroups(r) => {
             let layout = kafka.layout(session.local);
-            ResponseKind::ListGroups(super::group_listing::list(kafka, &layout, user, &r))
+            ResponseKind::ListGroups(super::group_listing::list(kafka, &layout, user, &r).await)
         }
         RequestKind::DescribeGroups(r) => {
             let layout = kafka.layout(session.local);
-            ResponseKind::DescribeGroups(super::group_listing::describe(kafka, &layout, user, &r))
+            let described = super::group_listing::describe(kafka, &layout, user, &r).await;
+            ResponseKind::DescribeGroups(described)
         }
         RequestKind::DeleteGroups(r) => {
             let layout = kafka.layout(session.local);

@@ -6,9 +6,11 @@
 //! client ids and assignments, see [`super::coordinator`]), or when qit has it on a queue
 //! (its committed offsets live there, see [`super::offsets`]): such a group is `Empty`,
 //! as Kafka lists a group whose members left while its offsets stay, and a qit group that
-//! HTTP and gRPC consumers use is the same thing to a Kafka client. A qit group is read
-//! from this node's copy of each queue. On a cluster every node answers for the groups it
-//! coordinates, as in Kafka (an admin client asks every broker and merges the lists).
+//! HTTP and gRPC consumers use is the same thing to a Kafka client. On a cluster every
+//! node answers for the groups it coordinates, as in Kafka (an admin client asks every
+//! broker and merges the lists), and reads which groups a queue has on the queue's leader:
+//! a node may hold no replica of the queue, and a follower's copy lacks a group that so
+//! far has only had messages received.
 //!
 //! With auth on, a user sees only the groups that qit has on queues the user may consume
 //! (qit's grants are on queues, not on groups); describing another group answers
@@ -18,8 +20,7 @@
 //! `DELETE /queues/{q}/groups/{g}` does one), so its committed offsets go. As in Kafka, a
 //! group with members is refused (`NON_EMPTY_GROUP`), and so is one with messages leased
 //! through HTTP or gRPC; with auth on, the user must be allowed to consume every queue
-//! that has the group. Which queues have it is read from this node's copies, as for the
-//! listing: on a cluster, a queue this node holds no replica of is not seen.
+//! that has the group. Which queues have it is read as for the listing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -49,15 +50,44 @@ fn text(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
 
-/// The groups qit has on the queues `user` may consume, in this node's copies.
-fn qit_groups(kafka: &Kafka, user: Option<&str>) -> BTreeSet<String> {
-    kafka
+/// Queues whose groups are read side by side on a cluster (most reads are other nodes').
+const GROUP_READS: usize = 32;
+
+/// The names of the groups qit has on each of `queues`: this node's copies on a single
+/// node, each queue's leader's on a cluster (see the module doc). A queue that cannot be
+/// read now (deleted meanwhile, no leader) is left out.
+async fn groups_by_queue(kafka: &Kafka, queues: Vec<String>) -> Vec<(String, Vec<String>)> {
+    use futures_util::StreamExt;
+    let broker = &kafka.broker;
+    if !broker.is_replicated() {
+        return queues
+            .into_iter()
+            .filter_map(|queue| broker.group_names(&queue).ok().map(|g| (queue, g)))
+            .collect();
+    }
+    futures_util::stream::iter(queues)
+        .map(|queue| async move {
+            let info = broker.current_queue_info(&queue).await.ok()?;
+            Some((queue, info.groups.into_iter().map(|g| g.name).collect()))
+        })
+        .buffered(GROUP_READS)
+        .filter_map(std::future::ready)
+        .collect()
+        .await
+}
+
+/// The groups qit has on the queues `user` may consume.
+async fn qit_groups(kafka: &Kafka, user: Option<&str>) -> BTreeSet<String> {
+    let queues = kafka
         .broker
         .queue_names()
         .into_iter()
         .filter(|queue| kafka.allow(user, Action::Consume, queue).is_ok())
-        .filter_map(|queue| kafka.broker.group_names(&queue).ok())
-        .flatten()
+        .collect();
+    groups_by_queue(kafka, queues)
+        .await
+        .into_iter()
+        .flat_map(|(_, groups)| groups)
         .collect()
 }
 
@@ -78,13 +108,13 @@ fn memberless(in_qit: bool) -> GroupView {
 
 /// ListGroups (v0-4): every group this node coordinates that `user` may see, of the
 /// asked states (all when none are asked; v4 and later).
-pub fn list(
+pub async fn list(
     kafka: &Kafka,
     layout: &Layout,
     user: Option<&str>,
     request: &ListGroupsRequest,
 ) -> ListGroupsResponse {
-    let qit = qit_groups(kafka, user);
+    let qit = qit_groups(kafka, user).await;
     let mut groups: Vec<(String, GroupView)> = kafka.groups.views();
     let active: BTreeSet<String> = groups.iter().map(|(name, _)| name.clone()).collect();
     groups.extend(
@@ -117,13 +147,13 @@ pub fn list(
 
 /// DescribeGroups (v0-5): each asked group's state, protocol and members; a group this
 /// node does not coordinate answers `NOT_COORDINATOR` (the client looks it up again).
-pub fn describe(
+pub async fn describe(
     kafka: &Kafka,
     layout: &Layout,
     user: Option<&str>,
     request: &DescribeGroupsRequest,
 ) -> DescribeGroupsResponse {
-    let qit = qit_groups(kafka, user);
+    let qit = qit_groups(kafka, user).await;
     let mut response = DescribeGroupsResponse::default();
     for group in &request.groups {
         let name = group.0.as_str();
@@ -180,7 +210,7 @@ pub async fn delete(
     user: Option<&str>,
     request: &DeleteGroupsRequest,
 ) -> DeleteGroupsResponse {
-    let holders = holders(kafka, request);
+    let holders = holders(kafka, request).await;
     let mut response = DeleteGroupsResponse::default();
     for group in &request.groups_names {
         let name = group.0.as_str();
@@ -195,13 +225,13 @@ pub async fn delete(
     response
 }
 
-/// The queues that have each group the request names, in this node's copies: one pass
+/// The queues that have each group the request names (read as for the listing): one pass
 /// over the queues, however many groups the request names.
-fn holders(kafka: &Kafka, request: &DeleteGroupsRequest) -> BTreeMap<String, Vec<String>> {
+async fn holders(kafka: &Kafka, request: &DeleteGroupsRequest) -> BTreeMap<String, Vec<String>> {
     let asked: BTreeSet<&str> = request.groups_names.iter().map(|g| g.0.as_str()).collect();
     let mut holders: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for queue in kafka.broker.queue_names() {
-        for group in kafka.broker.group_names(&queue).unwrap_or_default() {
+    for (queue, groups) in groups_by_queue(kafka, kafka.broker.queue_names()).await {
+        for group in groups {
             if asked.contains(group.as_str()) {
                 holders.entry(group).or_default().push(queue.clone());
             }
