@@ -9,8 +9,8 @@
 //! HTTP and gRPC consumers use is the same thing to a Kafka client. On a cluster every
 //! node answers for the groups it coordinates, as in Kafka (an admin client asks every
 //! broker and merges the lists), and reads which groups a queue has on the queue's leader:
-//! a node may hold no replica of the queue, and a follower's copy lacks a group that so
-//! far has only had messages received.
+//! a node may hold no replica of the queue, and the leader is where a group is made (a
+//! follower's copy learns of it from the first replicated entry that names it).
 //!
 //! With auth on, a user sees only the groups that qit has on queues the user may consume
 //! (qit's grants are on queues, not on groups); describing another group answers
