@@ -1929,10 +1929,6 @@ const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_millis(250);
 /// The longest pause between two tries of a dead letter's move.
 const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// True when dead letter `d` is `queue`'s to redrive: it came from `queue`, or its
-/// original queue is not recorded (a message published into the dead-letter queue by
-/// hand). A dead letter of another queue that shares the dead-letter queue stays there,
-/// for that queue's own redrive.
 /// A dead letter of `dlq` made again as a message of its original queue: the dead-letter
 /// headers go, and an idempotency key names the dead letter, stable across a retried
 /// redrive of it and apart from any other (a dead-letter queue made again reuses ids, but
@@ -1957,6 +1953,10 @@ fn redriven(dlq: &str, delivery: Delivery) -> NewMessage {
     }
 }
 
+/// True when dead letter `d` is `queue`'s to redrive: it came from `queue`, or its
+/// original queue is not recorded (a message published into the dead-letter queue by
+/// hand). A dead letter of another queue that shares the dead-letter queue stays there,
+/// for that queue's own redrive.
 fn dead_letter_of(d: &Delivery, queue: &str) -> bool {
     d.headers
         .get(message::ORIGINAL_QUEUE_HEADER)
