@@ -50,30 +50,22 @@ fn text(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
 
-/// Queues whose groups are read side by side on a cluster (most reads are other nodes').
-const GROUP_READS: usize = 32;
-
-/// The names of the groups qit has on each of `queues`: this node's copies on a single
-/// node, each queue's leader's on a cluster (see the module doc). A queue that cannot be
-/// read now (deleted meanwhile, no leader) is left out.
+/// The names of the groups qit has on each of `queues`, as
+/// [`Broker::current_queue_infos`](crate::broker::Broker::current_queue_infos) reads them:
+/// each queue's leader's on a cluster (see the module doc), this node's own otherwise. A
+/// queue deleted meanwhile is left out.
 async fn groups_by_queue(kafka: &Kafka, queues: Vec<String>) -> Vec<(String, Vec<String>)> {
-    use futures_util::StreamExt;
     let broker = &kafka.broker;
-    if !broker.is_replicated() {
-        return queues
-            .into_iter()
-            .filter_map(|queue| broker.group_names(&queue).ok().map(|g| (queue, g)))
-            .collect();
-    }
-    futures_util::stream::iter(queues)
-        .map(|queue| async move {
-            let info = broker.current_queue_info(&queue).await.ok()?;
-            Some((queue, info.groups.into_iter().map(|g| g.name).collect()))
-        })
-        .buffered(GROUP_READS)
-        .filter_map(std::future::ready)
-        .collect()
+    let infos = queues
+        .iter()
+        .filter_map(|queue| broker.queue_info(queue).ok())
+        .collect();
+    broker
+        .current_queue_infos(infos)
         .await
+        .into_iter()
+        .map(|info| (info.name, info.groups.into_iter().map(|g| g.name).collect()))
+        .collect()
 }
 
 /// The groups qit has on the queues `user` may consume.
