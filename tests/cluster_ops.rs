@@ -304,13 +304,8 @@ async fn redrive_moves_dead_letters_back_once() {
 /// The next message of `queue` received through `base` (one at a time, retried for up to
 /// a minute while none comes, as across an election).
 async fn next_delivery(base: &str, queue: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(m) = receive(base, queue, 1).await.pop() {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "no delivery of {queue} in time");
-    }
+    let what = format!("a delivery of {queue}");
+    common::eventually_some(&what, || async { receive(base, queue, 1).await.pop() }).await
 }
 
 /// Nacks `message` of `queue` through `base` at once, and waits until it is the only dead

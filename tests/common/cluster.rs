@@ -606,18 +606,12 @@ pub async fn labeled_metric(base: &str, name: &str, label: &str) -> Option<f64> 
 /// reports one past `after` (the metrics are refreshed now and then).
 pub async fn index_past(base: &str, name: &str, queue: &str, after: u64) -> u64 {
     let label = format!("queue=\"{queue}\"");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let index = labeled_metric(base, name, &label).await.map(|v| v as u64);
-        if let Some(index) = index.filter(|i| *i > after) {
-            return index;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} of {queue} at {base} stays at {index:?}, not past {after}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{name} of {queue} at {base} is past {after}");
+    super::eventually_some(&what, || async {
+        let index = labeled_metric(base, name, &label).await? as u64;
+        (index > after).then_some(index)
+    })
+    .await
 }
 
 /// The sum of metric `name` over the nodes at `bases`.
