@@ -916,3 +916,88 @@ async fn a_deleted_group_is_gone_and_its_name_starts_afresh() {
     ));
     assert!(b.group_info("q", "other").is_ok(), "the others stay");
 }
+
+/// A replicator that runs every op on the broker itself, as a cluster leader whose
+/// followers always agree would, except that it holds delivery-count entries back until
+/// told (a slow Raft round).
+struct HeldCounts {
+    broker: std::sync::OnceLock<std::sync::Weak<Broker>>,
+    /// A counts submit waits for a permit.
+    release: tokio::sync::Semaphore,
+    /// Told when a counts submit starts waiting, and when it is applied.
+    events: tokio::sync::mpsc::UnboundedSender<&'static str>,
+}
+
+impl qit::broker::replicate::Replicator for HeldCounts {
+    fn submit(
+        &self,
+        op: qit::broker::replicate::Op,
+    ) -> futures_util::future::BoxFuture<'_, Result<qit::broker::replicate::OpResult, BrokerError>>
+    {
+        use qit::broker::replicate::Op;
+        Box::pin(async move {
+            let broker = self.broker.get().and_then(|b| b.upgrade()).unwrap();
+            match op {
+                Op::DeliveryCounts { .. } => {
+                    let _ = self.events.send("parked");
+                    self.release.acquire().await.unwrap().forget();
+                    let applied = broker.apply_op(op).await;
+                    let _ = self.events.send("applied");
+                    applied
+                }
+                // As the cluster's leader proposes a group delete.
+                Op::DeleteGroup {
+                    ref queue,
+                    ref group,
+                } => {
+                    let (queue, group) = (queue.clone(), group.clone());
+                    broker
+                        .propose_group_delete(&queue, &group, broker.apply_op(op))
+                        .await
+                }
+                op => broker.apply_op(op).await,
+            }
+        })
+    }
+}
+
+/// A group deleted while the delivery count of its last receive is still on its way to
+/// the replicas stays deleted: the counts entry is committed before the delete (applied
+/// after it, it would make the group again on every replica, and the deleted group would
+/// be listed again).
+#[tokio::test]
+async fn a_group_deleted_while_its_delivery_counts_replicate_stays_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    b.create_queue("q", QueueSettings::default()).await.unwrap();
+    b.publish("q", vec![msg("a")]).await.unwrap();
+    let (events, mut told) = tokio::sync::mpsc::unbounded_channel();
+    let replicator = Arc::new(HeldCounts {
+        broker: std::sync::OnceLock::new(),
+        release: tokio::sync::Semaphore::new(0),
+        events,
+    });
+    replicator.broker.set(Arc::downgrade(&b)).unwrap();
+    b.set_replicator(replicator.clone());
+
+    let got = b.receive("q", "g", 1, NOW, None).await.unwrap();
+    assert_eq!(got.len(), 1);
+    // The count of that delivery is on its way, held back.
+    assert_eq!(told.recv().await, Some("parked"));
+    b.ack("q", "g", got[0].id).await.unwrap();
+    // The delete waits for the counts (or, without the gate, is done at once).
+    let mut delete = Box::pin(b.delete_group("q", "g"));
+    let done_at_once = poll_once(&mut delete).await;
+    replicator.release.add_permits(1);
+    assert_eq!(told.recv().await, Some("applied"));
+    match done_at_once {
+        Some(result) => result.unwrap(),
+        None => delete.await.unwrap(),
+    }
+    match b.group_info("q", "g") {
+        Err(BrokerError::GroupNotFound { .. }) => {}
+        other => panic!("the deleted group is back: {other:?}"),
+    }
+    // No other counts of the group followed.
+    assert!(told.try_recv().is_err());
+}

@@ -172,6 +172,11 @@ pub struct Broker {
     /// Delivery counts of leases granted and ended, for the cluster to replicate (sent only
     /// with a replicator installed).
     delivery_counts: mpsc::UnboundedSender<CountsJob>,
+    /// Held while delivery counts of one group are checked and replicated, and while a
+    /// group delete is checked and proposed ([`Broker::propose_group_delete`]): counts
+    /// checked to belong to a live group are committed before its delete, never after (on
+    /// the replicas a late counts entry would make the deleted group again).
+    counts_gate: tokio::sync::Mutex<()>,
     /// Users, ownership and grants that access ops change (installed with auth on).
     auth: std::sync::OnceLock<Arc<crate::auth::AuthStore>>,
     /// Every background task of the broker and of its streams, joined at shutdown.
@@ -237,6 +242,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             dead_letters,
             delivery_counts,
+            counts_gate: tokio::sync::Mutex::new(()),
             auth: std::sync::OnceLock::new(),
             tasks: TaskTracker::new(),
             dead_letter_guard: std::sync::OnceLock::new(),
@@ -1544,12 +1550,23 @@ impl Broker {
         self.delete_group_local(queue, group, true)
     }
 
-    /// Checks that `group` of `queue` exists here and has nothing in flight: a cluster
-    /// leader asks before it proposes a delete, which every replica then applies as is.
-    pub fn check_group_deletable(&self, queue: &str, group: &str) -> Result<(), BrokerError> {
-        let q = self.queue(queue)?;
-        let g = Self::existing_group(&q, group)?;
-        q.refuse_in_flight(group, g.in_flight())
+    /// Proposes a delete of `group` of `queue` on a cluster leader: checks that the group
+    /// exists here and has nothing in flight, then runs `propose` (the entry every replica
+    /// applies as is). Delivery counts of the group that this node is replicating are
+    /// committed first, and none are proposed for it until `propose` is done.
+    pub async fn propose_group_delete<T>(
+        &self,
+        queue: &str,
+        group: &str,
+        propose: impl std::future::Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        let _gate = self.counts_gate.lock().await;
+        {
+            let q = self.queue(queue)?;
+            let g = Self::existing_group(&q, group)?;
+            q.refuse_in_flight(group, g.in_flight())?;
+        }
+        propose.await
     }
 
     /// Deletes a group on this node ([`Queue::remove_group`]).
@@ -2038,7 +2055,9 @@ async fn run_delivery_counts(
         };
         for ((queue, group), counts) in by_group {
             // A group deleted meanwhile stays deleted: its replicas would make it again
-            // to note the counts.
+            // to note the counts. The gate keeps a delete from passing between this check
+            // and the commit.
+            let _gate = broker.counts_gate.lock().await;
             if broker
                 .queue(&queue)
                 .ok()

@@ -1027,8 +1027,11 @@ impl Cluster {
                 ref queue,
                 group: ref consumer,
             }) => {
-                self.broker.check_group_deletable(queue, consumer)?;
-                propose_entry(raft, group, command).await
+                let (queue, consumer) = (queue.clone(), consumer.clone());
+                let entry = propose_entry(raft, group, command);
+                self.broker
+                    .propose_group_delete(&queue, &consumer, entry)
+                    .await
             }
             command => propose_entry(raft, group, command).await,
         }
