@@ -918,17 +918,64 @@ async fn a_deleted_group_is_gone_and_its_name_starts_afresh() {
 }
 
 /// A replicator that runs every op on the broker itself, as a cluster leader whose
-/// followers always agree would, except that it holds delivery-count entries back until
-/// told (a slow Raft round).
-struct HeldCounts {
+/// followers always agree would, except that it holds back the entries of one kind until
+/// told (a slow Raft round): delivery counts, or a group delete (after the leader's checks).
+struct HeldOps {
     broker: std::sync::OnceLock<std::sync::Weak<Broker>>,
-    /// A counts submit waits for a permit.
+    /// Hold group deletes (else delivery counts).
+    deletes: bool,
+    /// A held op waits for a permit.
     release: tokio::sync::Semaphore,
-    /// Told when a counts submit starts waiting, and when it is applied.
+    /// Told when a held op starts waiting, and when it is applied.
     events: tokio::sync::mpsc::UnboundedSender<&'static str>,
 }
 
-impl qit::broker::replicate::Replicator for HeldCounts {
+impl HeldOps {
+    /// A broker at `dir` holding `queue` with messages `bodies`, and its replicator, which
+    /// holds back group deletes (`deletes`) or delivery counts; and the replicator's events.
+    async fn install(
+        dir: &Path,
+        queue: &str,
+        bodies: &[&str],
+        deletes: bool,
+    ) -> (
+        Arc<Broker>,
+        Arc<Self>,
+        tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+    ) {
+        let b = open(dir).await;
+        b.create_queue(queue, QueueSettings::default())
+            .await
+            .unwrap();
+        b.publish(queue, bodies.iter().map(|body| msg(body)).collect())
+            .await
+            .unwrap();
+        let (events, told) = tokio::sync::mpsc::unbounded_channel();
+        let replicator = Arc::new(Self {
+            broker: std::sync::OnceLock::new(),
+            deletes,
+            release: tokio::sync::Semaphore::new(0),
+            events,
+        });
+        replicator.broker.set(Arc::downgrade(&b)).unwrap();
+        b.set_replicator(replicator.clone());
+        (b, replicator, told)
+    }
+
+    async fn held(
+        &self,
+        broker: &Broker,
+        op: qit::broker::replicate::Op,
+    ) -> Result<qit::broker::replicate::OpResult, BrokerError> {
+        let _ = self.events.send("parked");
+        self.release.acquire().await.unwrap().forget();
+        let applied = broker.apply_op(op).await;
+        let _ = self.events.send("applied");
+        applied
+    }
+}
+
+impl qit::broker::replicate::Replicator for HeldOps {
     fn submit(
         &self,
         op: qit::broker::replicate::Op,
@@ -938,22 +985,21 @@ impl qit::broker::replicate::Replicator for HeldCounts {
         Box::pin(async move {
             let broker = self.broker.get().and_then(|b| b.upgrade()).unwrap();
             match op {
-                Op::DeliveryCounts { .. } => {
-                    let _ = self.events.send("parked");
-                    self.release.acquire().await.unwrap().forget();
-                    let applied = broker.apply_op(op).await;
-                    let _ = self.events.send("applied");
-                    applied
-                }
+                Op::DeliveryCounts { .. } if !self.deletes => self.held(&broker, op).await,
                 // As the cluster's leader proposes a group delete.
                 Op::DeleteGroup {
                     ref queue,
                     ref group,
                 } => {
                     let (queue, group) = (queue.clone(), group.clone());
-                    broker
-                        .propose_group_delete(&queue, &group, broker.apply_op(op))
-                        .await
+                    let entry = async {
+                        if self.deletes {
+                            self.held(&broker, op).await
+                        } else {
+                            broker.apply_op(op).await
+                        }
+                    };
+                    broker.propose_group_delete(&queue, &group, entry).await
                 }
                 op => broker.apply_op(op).await,
             }
@@ -968,17 +1014,7 @@ impl qit::broker::replicate::Replicator for HeldCounts {
 #[tokio::test]
 async fn a_group_deleted_while_its_delivery_counts_replicate_stays_deleted() {
     let dir = tempfile::tempdir().unwrap();
-    let b = open(dir.path()).await;
-    b.create_queue("q", QueueSettings::default()).await.unwrap();
-    b.publish("q", vec![msg("a")]).await.unwrap();
-    let (events, mut told) = tokio::sync::mpsc::unbounded_channel();
-    let replicator = Arc::new(HeldCounts {
-        broker: std::sync::OnceLock::new(),
-        release: tokio::sync::Semaphore::new(0),
-        events,
-    });
-    replicator.broker.set(Arc::downgrade(&b)).unwrap();
-    b.set_replicator(replicator.clone());
+    let (b, replicator, mut told) = HeldOps::install(dir.path(), "q", &["a"], false).await;
 
     let got = b.receive("q", "g", 1, NOW, None).await.unwrap();
     assert_eq!(got.len(), 1);
@@ -1000,4 +1036,56 @@ async fn a_group_deleted_while_its_delivery_counts_replicate_stays_deleted() {
     }
     // No other counts of the group followed.
     assert!(told.try_recv().is_err());
+}
+
+/// A receive while a group's delete is on its way gets nothing of that group (a lease
+/// granted then would be dropped with the group, its consumer unable to ack it); once
+/// the delete is through, the name is a new group that starts at the earliest message.
+#[tokio::test]
+async fn a_group_being_deleted_grants_no_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, replicator, mut told) = HeldOps::install(dir.path(), "q", &["a", "b"], true).await;
+    let first = b.receive("q", "g", 1, NOW, None).await.unwrap();
+    b.ack("q", "g", first[0].id).await.unwrap();
+
+    let delete = tokio::spawn({
+        let b = b.clone();
+        async move { b.delete_group("q", "g").await }
+    });
+    // Checked idle and proposed; the entry is held back.
+    assert_eq!(told.recv().await, Some("parked"));
+    let meanwhile = b.receive("q", "g", 10, NOW, None).await.unwrap();
+    assert!(
+        meanwhile.is_empty(),
+        "leased from a group being deleted: {meanwhile:?}"
+    );
+    replicator.release.add_permits(1);
+    assert_eq!(told.recv().await, Some("applied"));
+    delete.await.unwrap().unwrap();
+    let again = b.receive("q", "g", 10, NOW, None).await.unwrap();
+    let bodies: Vec<&[u8]> = again.iter().map(|d| d.body.as_ref()).collect();
+    assert_eq!(bodies, [b"a".as_slice(), b"b".as_slice()]);
+    assert!(again.iter().all(|d| d.delivery_count == 1), "{again:?}");
+}
+
+/// A delete that does not go through (no leader, say) leaves the group as it was: it
+/// leases again.
+#[tokio::test]
+async fn a_group_whose_delete_failed_leases_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, _replicator, _told) = HeldOps::install(dir.path(), "q", &["a", "b"], true).await;
+    let first = b.receive("q", "g", 1, NOW, None).await.unwrap();
+    b.ack("q", "g", first[0].id).await.unwrap();
+    let failed = b
+        .propose_group_delete("q", "g", async {
+            Err::<(), _>(BrokerError::NoLeader("test".into()))
+        })
+        .await;
+    assert!(
+        matches!(failed, Err(BrokerError::NoLeader(_))),
+        "{failed:?}"
+    );
+    let got = b.receive("q", "g", 1, NOW, None).await.unwrap();
+    assert_eq!(got.len(), 1, "the group leases again");
+    assert_eq!(got[0].body.as_ref(), b"b");
 }

@@ -1552,8 +1552,9 @@ impl Broker {
 
     /// Proposes a delete of `group` of `queue` on a cluster leader: checks that the group
     /// exists here and has nothing in flight, then runs `propose` (the entry every replica
-    /// applies as is). Delivery counts of the group that this node is replicating are
-    /// committed first, and none are proposed for it until `propose` is done.
+    /// applies as is). The group grants no lease meanwhile ([`Queue::close_group`]; again
+    /// when `propose` fails). Delivery counts of the group that this node is replicating
+    /// are committed first, and none are proposed for it until `propose` is done.
     pub async fn propose_group_delete<T>(
         &self,
         queue: &str,
@@ -1561,12 +1562,14 @@ impl Broker {
         propose: impl std::future::Future<Output = Result<T, BrokerError>>,
     ) -> Result<T, BrokerError> {
         let _gate = self.counts_gate.lock().await;
-        {
-            let q = self.queue(queue)?;
-            let g = Self::existing_group(&q, group)?;
-            q.refuse_in_flight(group, g.in_flight())?;
+        crate::name::check(group)?;
+        let q = self.queue(queue)?;
+        let closed = q.close_group(group)?;
+        let proposed = propose.await;
+        if proposed.is_err() {
+            q.reopen_group(&closed);
         }
-        propose.await
+        proposed
     }
 
     /// Deletes a group on this node ([`Queue::remove_group`]).
@@ -2103,6 +2106,34 @@ async fn run_dead_letters(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A receive that took a group just before the group was deleted leases nothing from
+    /// it (the lease would go with the group, its consumer unable to ack it): a lease
+    /// checks, under the group's state lock that the delete holds, that the group is still
+    /// the queue's group of its name.
+    #[tokio::test]
+    async fn a_removed_group_grants_no_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Broker::open(BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        })
+        .await
+        .unwrap();
+        b.create_queue("q", QueueSettings::default()).await.unwrap();
+        let message = NewMessage {
+            body: bytes::Bytes::from_static(b"a"),
+            ..NewMessage::default()
+        };
+        b.publish("q", vec![message]).await.unwrap();
+        let q = b.queue("q").unwrap();
+        let taken = q.group_or_create("g").unwrap();
+        q.remove_group("g", true).unwrap();
+        let (leased, _) = q.lease(&taken, 10, 30_000).unwrap();
+        assert!(leased.is_empty(), "leased from a deleted group: {leased:?}");
+        let got = b.receive("q", "g", 10, Duration::ZERO, None).await.unwrap();
+        assert_eq!(got.len(), 1, "the new group of the name has the message");
+    }
 
     #[test]
     fn dead_letter_retries_back_off_to_a_cap() {

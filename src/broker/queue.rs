@@ -105,6 +105,9 @@ pub struct Group {
     /// Journaled bytes since the last checkpoint this group asked for.
     journaled: AtomicU64,
     rotation: AtomicUsize,
+    /// Set while a cluster leader proposes the group's delete ([`Queue::close_group`]): it
+    /// grants no lease meanwhile (the delete drops every lease when it is applied).
+    closing: AtomicBool,
 }
 
 /// A group's state, locked; when released with a deadline pending, the group goes on the
@@ -416,6 +419,7 @@ impl Queue {
             journal,
             journaled: AtomicU64::new(0),
             rotation: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
         });
         // A restarted group may hold redeliveries: the timer must see it.
         drop(group.lock_state());
@@ -490,6 +494,8 @@ impl Queue {
             }
             self.groups.write().remove(name);
         }
+        // Receives waiting on the old group go on with a new one of the name.
+        self.notify.notify_waiters();
         group.journal.close();
         let dir = self.groups_dir();
         let path = crate::name::child(&dir, name, ".journal")?;
@@ -509,6 +515,29 @@ impl Queue {
         Ok(())
     }
 
+    /// Closes group `name` for a delete that a cluster leader is about to propose: refused
+    /// while it has messages in flight (as [`Self::remove_group`] with `only_idle`), else
+    /// it grants no lease until it is removed or [`Self::reopen_group`] (a lease granted
+    /// between this check and the delete's apply would be dropped with the group).
+    pub fn close_group(&self, name: &str) -> Result<Arc<Group>, BrokerError> {
+        let group = self.group(name).ok_or_else(|| BrokerError::GroupNotFound {
+            queue: self.name.clone(),
+            group: name.to_string(),
+        })?;
+        let state = group.lock_state();
+        self.refuse_in_flight(name, state.in_flight())?;
+        group.closing.store(true, AtomicOrdering::Relaxed);
+        drop(state);
+        Ok(group)
+    }
+
+    /// Lets a group closed by [`Self::close_group`] grant leases again (its delete did not
+    /// go through), and wakes the receives that wait on the queue.
+    pub fn reopen_group(&self, group: &Group) {
+        group.closing.store(false, AtomicOrdering::Relaxed);
+        self.notify.notify_waiters();
+    }
+
     /// Refuses deleting group `name` while `in_flight` of its messages are leased
     /// ([`BrokerError::GroupInUse`]).
     pub fn refuse_in_flight(&self, name: &str, in_flight: usize) -> Result<(), BrokerError> {
@@ -524,9 +553,9 @@ impl Queue {
 
     /// True while `group` is the queue's group of its name (not deleted, not replaced by
     /// a new group of the same name).
-    pub fn is_current(&self, group: &Arc<Group>) -> bool {
+    pub fn is_current(&self, group: &Group) -> bool {
         self.group(&group.name)
-            .is_some_and(|current| Arc::ptr_eq(&current, group))
+            .is_some_and(|current| std::ptr::eq(Arc::as_ptr(&current), group))
     }
 
     /// All groups.
@@ -831,6 +860,11 @@ impl Queue {
         let mut out = Vec::new();
         let mut refetch = Vec::new();
         let mut state = group.lock_state();
+        if group.closing.load(AtomicOrdering::Relaxed) || !self.is_current(group) {
+            // Removed (a receive that held it on the way here goes on with the new group
+            // of the name), or about to be: no lease that would be dropped with it.
+            return Ok((Vec::new(), ended));
+        }
         let mut events = Vec::new();
         for i in 0..n {
             let p = ((start + i) % n) as u32;
