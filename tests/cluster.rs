@@ -913,9 +913,15 @@ async fn a_paused_leader_steps_down() {
         })
     })
     .await;
-    let reference = log_bodies(&cluster.node(survivor).http, "paused", 0)
-        .await
-        .unwrap();
+    // The survivor may be a follower of the new leader: it holds the publish once it has
+    // applied it, which the old leader's answer does not wait for.
+    let survivor_http = cluster.node(survivor).http.clone();
+    let reference = common::eventually_some("the survivor holds all 7 messages", || async {
+        log_bodies(&survivor_http, "paused", 0)
+            .await
+            .filter(|bodies| bodies.len() >= 7)
+    })
+    .await;
     assert_eq!(reference.len(), 7, "{reference:?}");
     assert_eq!(
         reference.last().map(String::as_str),
