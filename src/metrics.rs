@@ -259,18 +259,45 @@ pub fn upkeep() {
     }
 }
 
-/// Renders every recorded series and then `state` in the Prometheus text format (only
-/// `state` when no recorder is installed).
-pub fn render(state: &StateGauges) -> String {
-    let mut text = HANDLE
+/// Renders the recorded series and then `state` in the Prometheus text format (only
+/// `state` when no recorder is installed). A recorded series labelled with a queue for
+/// which `queue_exists` is false is left out: the recorder keeps a deleted queue's counters
+/// until the process ends, and its series end with the queue, as its gauges do.
+pub fn render(state: &StateGauges, queue_exists: impl Fn(&str) -> bool) -> String {
+    let recorded = HANDLE
         .get()
         .map(|handle| {
             handle.run_upkeep();
             handle.render()
         })
         .unwrap_or_default();
+    let mut text = String::with_capacity(recorded.len());
+    for line in recorded.lines() {
+        if queue_label(line).is_some_and(|queue| !queue_exists(queue)) {
+            continue;
+        }
+        text.push_str(line);
+        text.push('\n');
+    }
     text.push_str(&state.render());
     text
+}
+
+/// The value of a sample line's `queue` label (queue names need no escaping, and no other
+/// label value of qit's holds `,queue="`).
+fn queue_label(line: &str) -> Option<&str> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let labels = &line[line.find('{')? + 1..];
+    let labels = &labels[..labels.find('}')?];
+    let start = if labels.starts_with("queue=\"") {
+        "queue=\"".len()
+    } else {
+        labels.find(",queue=\"")? + ",queue=\"".len()
+    };
+    let value = &labels[start..];
+    Some(&value[..value.find('"')?])
 }
 
 /// Counts `n` events of a `queue`-labelled counter.
@@ -313,11 +340,28 @@ mod tests {
         queue_gauges(&mut state, 1, &[info]);
         count_queue(PUBLISHED, "metrics-test", 7);
         observe_seconds(FSYNC_LATENCY, 0.002);
-        let text = render(&state);
+        count_queue(PUBLISHED, "metrics-gone", 3);
+        let text = render(&state, |queue| queue != "metrics-gone");
+        assert!(!text.contains("metrics-gone"), "{text}");
         assert!(text.contains(r#"qit_backlog_messages{queue="metrics-test",group="default"} 5"#));
         assert!(text.contains(r#"qit_stored_bytes{queue="metrics-test",partition="0"} 1234"#));
         assert!(text.contains(r#"qit_messages_published_total{queue="metrics-test"} 7"#));
         assert!(text.contains("qit_fsync_latency_seconds_bucket"));
+    }
+
+    #[test]
+    fn the_queue_label_of_a_sample_is_found() {
+        assert_eq!(
+            queue_label(r#"a_total{queue="q.1",group="g"} 5"#),
+            Some("q.1")
+        );
+        assert_eq!(
+            queue_label(r#"a_bucket{le="0.5",queue="q-2"} 1"#),
+            Some("q-2")
+        );
+        assert_eq!(queue_label(r#"a{group="queue",task="x"} 1"#), None);
+        assert_eq!(queue_label("a_total 5"), None);
+        assert_eq!(queue_label(r#"# HELP a queue="x""#), None);
     }
 
     /// Each family is one block under one `# TYPE` line, even when its samples were set

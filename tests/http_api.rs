@@ -767,7 +767,8 @@ async fn health_and_metrics() {
         text.contains("qit_fsync_latency_seconds_count")
     })
     .await;
-    // A deleted queue's state series go with it; its counters stay.
+    // A deleted queue's series go with it, its counters and histograms too (a scrape
+    // would otherwise grow with every queue name ever used); its DLQ's stay.
     let status = delete(&s, "/queues/m").await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let text = common::metrics_text(&s.http).await;
@@ -777,11 +778,15 @@ async fn health_and_metrics() {
         "qit_stored_bytes{queue=\"m\"",
         "qit_segments{queue=\"m\"",
         "qit_oldest_unacked_age_seconds{queue=\"m\"",
+        "qit_messages_published_total{queue=\"m\"",
+        "qit_messages_delivered_total{queue=\"m\"",
+        "qit_publish_latency_seconds_count{queue=\"m\"",
+        "queue=\"m\"",
     ] {
         assert!(!text.contains(gone), "{gone} still in\n{text}");
     }
     assert!(
-        text.contains("qit_messages_published_total{queue=\"m\"}"),
+        text.contains("qit_stored_bytes{queue=\"m.dlq\",partition=\"0\"}"),
         "{text}"
     );
     // Only `m.dlq` is left, and the family is typed once.
