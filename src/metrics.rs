@@ -260,10 +260,11 @@ pub fn upkeep() {
 }
 
 /// Renders the recorded series and then `state` in the Prometheus text format (only
-/// `state` when no recorder is installed). A recorded series labelled with a queue for
-/// which `queue_exists` is false is left out: the recorder keeps a deleted queue's counters
-/// until the process ends, and its series end with the queue, as its gauges do.
-pub fn render(state: &StateGauges, queue_exists: impl Fn(&str) -> bool) -> String {
+/// `state` when no recorder is installed). The recorder keeps a series until the process
+/// ends, so a recorded series of a queue or a consumer group that is gone is left out, as
+/// its gauges go with it: `exists(queue, None)` tells whether a queue exists,
+/// `exists(queue, Some(group))` whether the queue has that consumer group.
+pub fn render(state: &StateGauges, exists: impl Fn(&str, Option<&str>) -> bool) -> String {
     let recorded = HANDLE
         .get()
         .map(|handle| {
@@ -273,7 +274,7 @@ pub fn render(state: &StateGauges, queue_exists: impl Fn(&str) -> bool) -> Strin
         .unwrap_or_default();
     let mut text = String::with_capacity(recorded.len());
     for line in recorded.lines() {
-        if queue_label(line).is_some_and(|queue| !queue_exists(queue)) {
+        if owner(line).is_some_and(|(queue, group)| !exists(queue, group)) {
             continue;
         }
         text.push_str(line);
@@ -283,18 +284,32 @@ pub fn render(state: &StateGauges, queue_exists: impl Fn(&str) -> bool) -> Strin
     text
 }
 
-/// The value of a sample line's `queue` label (queue names need no escaping, and no other
-/// label value of qit's holds `,queue="`).
-fn queue_label(line: &str) -> Option<&str> {
+/// The queue a sample line's series belongs to, and its consumer group when the series is
+/// one of a group's. A `group` label names a consumer group everywhere except in the
+/// cluster's families (`qit_cluster_*`), where it is a Raft group's id.
+fn owner(line: &str) -> Option<(&str, Option<&str>)> {
+    let queue = label(line, "queue")?;
+    let group = if line.starts_with("qit_cluster_") {
+        None
+    } else {
+        label(line, "group")
+    };
+    Some((queue, group))
+}
+
+/// The value of label `name` in a sample line (queue and group names need no escaping,
+/// and no other label value of qit's holds `,{name}="`).
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     if line.starts_with('#') {
         return None;
     }
     let labels = &line[line.find('{')? + 1..];
     let labels = &labels[..labels.find('}')?];
-    let start = if labels.starts_with("queue=\"") {
-        "queue=\"".len()
+    let start = if labels.starts_with(name) && labels[name.len()..].starts_with("=\"") {
+        name.len() + 2
     } else {
-        labels.find(",queue=\"")? + ",queue=\"".len()
+        let key = format!(",{name}=\"");
+        labels.find(&key)? + key.len()
     };
     let value = &labels[start..];
     Some(&value[..value.find('"')?])
@@ -341,7 +356,15 @@ mod tests {
         count_queue(PUBLISHED, "metrics-test", 7);
         observe_seconds(FSYNC_LATENCY, 0.002);
         count_queue(PUBLISHED, "metrics-gone", 3);
-        let text = render(&state, |queue| queue != "metrics-gone");
+        count_group(ACKED, "metrics-test", "default", 2);
+        count_group(ACKED, "metrics-test", "gone-group", 4);
+        let text = render(&state, |queue, group| {
+            queue != "metrics-gone" && group != Some("gone-group")
+        });
+        assert!(!text.contains("gone-group"), "{text}");
+        assert!(
+            text.contains(r#"qit_messages_acked_total{queue="metrics-test",group="default"} 2"#)
+        );
         assert!(!text.contains("metrics-gone"), "{text}");
         assert!(text.contains(r#"qit_backlog_messages{queue="metrics-test",group="default"} 5"#));
         assert!(text.contains(r#"qit_stored_bytes{queue="metrics-test",partition="0"} 1234"#));
@@ -350,18 +373,28 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_label_of_a_sample_is_found() {
+    fn the_queue_and_group_of_a_sample_are_found() {
         assert_eq!(
-            queue_label(r#"a_total{queue="q.1",group="g"} 5"#),
-            Some("q.1")
+            owner(r#"a_total{queue="q.1",group="g"} 5"#),
+            Some(("q.1", Some("g")))
         );
         assert_eq!(
-            queue_label(r#"a_bucket{le="0.5",queue="q-2"} 1"#),
-            Some("q-2")
+            owner(r#"a_bucket{le="0.5",queue="q-2"} 1"#),
+            Some(("q-2", None))
         );
-        assert_eq!(queue_label(r#"a{group="queue",task="x"} 1"#), None);
-        assert_eq!(queue_label("a_total 5"), None);
-        assert_eq!(queue_label(r#"# HELP a queue="x""#), None);
+        assert_eq!(
+            owner(r#"a_bucket{group="g-1",le="0.5",queue="q-2"} 1"#),
+            Some(("q-2", Some("g-1")))
+        );
+        // A cluster family's `group` is a Raft group's id, not a consumer group.
+        assert_eq!(
+            owner(r#"qit_cluster_leader_changes_total{group="7",queue="q",partition="0"} 1"#),
+            Some(("q", None))
+        );
+        assert_eq!(owner(r#"a{group="queue",task="x"} 1"#), None);
+        assert_eq!(owner(r#"a{subqueue="x"} 1"#), None);
+        assert_eq!(owner("a_total 5"), None);
+        assert_eq!(owner(r#"# HELP a queue="x""#), None);
     }
 
     /// Each family is one block under one `# TYPE` line, even when its samples were set

@@ -767,6 +767,27 @@ async fn health_and_metrics() {
         text.contains("qit_fsync_latency_seconds_count")
     })
     .await;
+    // A deleted group's series go with it; the queue's other groups keep theirs.
+    let (status, got) = get(&s, "/queues/m/messages?group=g2&max=2").await;
+    assert_eq!(status, StatusCode::OK);
+    for m in got["messages"].as_array().expect("messages") {
+        let id = m["id"].as_str().expect("id");
+        let status = delete(&s, &format!("/queues/m/messages/{id}?group=g2")).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let text = common::metrics_text(&s.http).await;
+    assert!(
+        text.contains("qit_messages_acked_total{queue=\"m\",group=\"g2\"} 2"),
+        "{text}"
+    );
+    let status = delete(&s, "/queues/m/groups/g2").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let text = common::metrics_text(&s.http).await;
+    assert!(!text.contains("group=\"g2\""), "{text}");
+    assert!(
+        text.contains("qit_messages_delivered_total{queue=\"m\",group=\"default\"} 1"),
+        "{text}"
+    );
     // A deleted queue's series go with it, its counters and histograms too (a scrape
     // would otherwise grow with every queue name ever used); its DLQ's stay.
     let status = delete(&s, "/queues/m").await;
