@@ -18,6 +18,7 @@ pub mod registry;
 pub mod replicate;
 pub mod settings;
 pub mod types;
+pub mod unanswered;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -83,7 +83,8 @@ use serde::{Deserialize, Serialize};
 use crate::broker::replicate::{
     Op, OpResult, Replicator, Scope, WireError, WireMessage, submit_each,
 };
-use crate::broker::{Broker, BrokerError};
+use crate::broker::unanswered::Unanswered;
+use crate::broker::{Broker, BrokerError, MessageId};
 use groups::{Groups, META_GROUP};
 use network::Peers;
 use state_machine::Raft;
@@ -972,7 +973,9 @@ impl Cluster {
     /// entry committed before is applied (else a new leader could deliver a message acked
     /// under the old one). A receive is confirmed again after it leased: if the term moved
     /// on meanwhile, another leader may have taken acks this node never saw, so the
-    /// deliveries are withheld (their leases here lapse) and the client asks again.
+    /// deliveries are withheld (their leases here lapse) and the client asks again. A
+    /// receive dropped during that confirmation (its caller went away) gives its leases
+    /// back at once ([`Unanswered`]) instead of leaving them to lapse.
     async fn run_leases(
         &self,
         raft: &Raft,
@@ -982,16 +985,17 @@ impl Cluster {
             return Err(no_leader("not a lease op"));
         };
         let term = self.confirm_leader(raft).await?;
-        let receive = matches!(op, Op::Receive { .. });
-        let result = self.broker.apply_op(op).await?;
-        if receive && matches!(&result, OpResult::Delivered(list) if !list.is_empty()) {
+        let result = lease_then_confirm(&self.broker, op, || async {
             let now = self.confirm_leader(raft).await?;
-            if now != term {
-                return Err(no_leader(format!(
+            if now == term {
+                Ok(())
+            } else {
+                Err(no_leader(format!(
                     "leadership changed while leasing (term {term} -> {now})"
-                )));
+                )))
             }
-        }
+        })
+        .await?;
         Ok((result, None))
     }
 
@@ -1267,9 +1271,58 @@ impl Replicator for Cluster {
     }
 }
 
+/// Runs lease op `op` on `broker` and, when it is a receive that leased something, awaits
+/// `confirm` (the leader's second confirmation, see [`Cluster::run_leases`]) before the
+/// answer. Dropped while it waits (its caller went away), the receive gives its leases
+/// back at once ([`Unanswered`]); a failed confirmation leaves them to lapse, since this
+/// node may no longer lead the group.
+async fn lease_then_confirm<F, Fut>(
+    broker: &Arc<Broker>,
+    op: Op,
+    confirm: F,
+) -> Result<OpResult, BrokerError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BrokerError>>,
+{
+    let receiver = match &op {
+        Op::Receive { queue, group, .. } => Some((queue.clone(), group.clone())),
+        _ => None,
+    };
+    let result = broker.apply_op(op).await?;
+    let Some((queue, group)) = receiver else {
+        return Ok(result);
+    };
+    let ids: Vec<MessageId> = match &result {
+        OpResult::Delivered(list) => list
+            .iter()
+            .map(|d| MessageId {
+                partition: d.partition,
+                offset: d.offset,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    if ids.is_empty() {
+        return Ok(result);
+    }
+    let unanswered = Unanswered::new(broker, &queue, &group, ids);
+    let confirmed = confirm().await;
+    unanswered.answered();
+    confirmed.map(|()| result)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{Command, Duration, Op, advertised_kafka, shorten_wait};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use futures_util::FutureExt;
+
+    use super::{
+        Broker, Command, Duration, Op, OpResult, advertised_kafka, lease_then_confirm, no_leader,
+        shorten_wait,
+    };
 
     #[test]
     fn a_wildcard_kafka_listener_is_announced_at_a_reachable_host() {
@@ -1310,6 +1363,79 @@ mod tests {
             advertised_kafka(addr("0.0.0.0:9092"), addr("0.0.0.0:7101"), None),
             "0.0.0.0:9092"
         );
+    }
+
+    /// A broker with queue `q` holding `n` messages, and a receive op of group `g`.
+    async fn leasing(dir: &Path, n: usize) -> (Arc<Broker>, Op) {
+        use crate::broker::{BrokerConfig, NewMessage, QueueSettings};
+        let config = BrokerConfig {
+            data_dir: dir.to_path_buf(),
+            ..BrokerConfig::default()
+        };
+        let broker = Broker::open(config).await.unwrap();
+        broker
+            .create_queue("q", QueueSettings::default())
+            .await
+            .unwrap();
+        let messages = (0..n)
+            .map(|i| NewMessage {
+                body: bytes::Bytes::from(format!("m{i}")),
+                ..NewMessage::default()
+            })
+            .collect();
+        broker.publish("q", messages).await.unwrap();
+        let receive = Op::Receive {
+            queue: "q".into(),
+            group: "g".into(),
+            max: 10,
+            wait_ms: 0,
+            visibility_ms: Some(600_000),
+        };
+        (broker, receive)
+    }
+
+    async fn receivable(broker: &Broker) -> usize {
+        broker
+            .receive("q", "g", 10, Duration::ZERO, None)
+            .await
+            .unwrap()
+            .len()
+    }
+
+    /// A receive dropped while the leader confirms its leadership after leasing (its
+    /// consumer's stream ended, or the follower that forwarded it gave up) gives its
+    /// leases back at once; they used to wait out their lease (here 10 minutes).
+    #[tokio::test]
+    async fn a_receive_dropped_before_its_answer_gives_its_leases_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, receive) = leasing(dir.path(), 3).await;
+        let never_confirmed = lease_then_confirm(&broker, receive, std::future::pending);
+        assert!(never_confirmed.now_or_never().is_none(), "still confirming");
+        assert_eq!(receivable(&broker).await, 3, "the leases came back");
+    }
+
+    /// A confirmed receive keeps its leases, and so does one whose confirmation failed
+    /// (this node may no longer lead: its leases lapse).
+    #[tokio::test]
+    async fn an_answered_or_unconfirmed_receive_keeps_its_leases() {
+        for confirmed in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (broker, receive) = leasing(dir.path(), 3).await;
+            let result = lease_then_confirm(&broker, receive, || async move {
+                if confirmed {
+                    Ok(())
+                } else {
+                    Err(no_leader("deposed"))
+                }
+            })
+            .await;
+            match result {
+                Ok(OpResult::Delivered(list)) => assert!(confirmed && list.len() == 3),
+                Err(error) => assert!(!confirmed, "{error}"),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(receivable(&broker).await, 0, "confirmed: {confirmed}");
+        }
     }
 
     #[test]
