@@ -17,6 +17,8 @@ mod records;
 pub mod registry;
 pub mod replicate;
 pub mod settings;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod types;
 pub mod unanswered;
 
@@ -2115,18 +2117,7 @@ mod tests {
     #[tokio::test]
     async fn a_removed_group_grants_no_lease() {
         let dir = tempfile::tempdir().unwrap();
-        let b = Broker::open(BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..BrokerConfig::default()
-        })
-        .await
-        .unwrap();
-        b.create_queue("q", QueueSettings::default()).await.unwrap();
-        let message = NewMessage {
-            body: bytes::Bytes::from_static(b"a"),
-            ..NewMessage::default()
-        };
-        b.publish("q", vec![message]).await.unwrap();
+        let b = testing::broker_with_queue(dir.path(), "q", 1).await;
         let q = b.queue("q").unwrap();
         let taken = q.group_or_create("g").unwrap();
         q.remove_group("g", true).unwrap();

@@ -78,7 +78,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::broker::{BrokerConfig, NewMessage, QueueSettings};
+    use crate::broker::testing::broker_with_queue;
 
     async fn leased(broker: &Broker, queue: &str, max: usize) -> Vec<MessageId> {
         broker
@@ -93,22 +93,7 @@ mod tests {
     #[tokio::test]
     async fn dropped_unanswered_leases_go_back_at_once_and_answered_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
-        let config = BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..BrokerConfig::default()
-        };
-        let broker = Broker::open(config).await.unwrap();
-        broker
-            .create_queue("q", QueueSettings::default())
-            .await
-            .unwrap();
-        for body in ["a", "b", "c"] {
-            let message = NewMessage {
-                body: bytes::Bytes::from(body),
-                ..NewMessage::default()
-            };
-            broker.publish("q", vec![message]).await.unwrap();
-        }
+        let broker = broker_with_queue(dir.path(), "q", 3).await;
         let first = leased(&broker, "q", 2).await;
         assert_eq!(first.len(), 2);
         drop(Unanswered::new(&broker, "q", "g", first.clone()));

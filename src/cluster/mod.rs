@@ -1367,23 +1367,7 @@ mod tests {
 
     /// A broker with queue `q` holding `n` messages, and a receive op of group `g`.
     async fn leasing(dir: &Path, n: usize) -> (Arc<Broker>, Op) {
-        use crate::broker::{BrokerConfig, NewMessage, QueueSettings};
-        let config = BrokerConfig {
-            data_dir: dir.to_path_buf(),
-            ..BrokerConfig::default()
-        };
-        let broker = Broker::open(config).await.unwrap();
-        broker
-            .create_queue("q", QueueSettings::default())
-            .await
-            .unwrap();
-        let messages = (0..n)
-            .map(|i| NewMessage {
-                body: bytes::Bytes::from(format!("m{i}")),
-                ..NewMessage::default()
-            })
-            .collect();
-        broker.publish("q", messages).await.unwrap();
+        let broker = crate::broker::testing::broker_with_queue(dir, "q", n).await;
         let receive = Op::Receive {
             queue: "q".into(),
             group: "g".into(),
