@@ -1089,3 +1089,66 @@ async fn a_group_whose_delete_failed_leases_again() {
     assert_eq!(got.len(), 1, "the group leases again");
     assert_eq!(got[0].body.as_ref(), b"b");
 }
+
+/// A replicator that runs every op on the broker itself (a cluster leader whose followers
+/// always agree) and tells the kind of each op it is given, in order.
+struct RecordedOps {
+    broker: std::sync::OnceLock<std::sync::Weak<Broker>>,
+    kinds: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl qit::broker::replicate::Replicator for RecordedOps {
+    fn submit(
+        &self,
+        op: qit::broker::replicate::Op,
+    ) -> futures_util::future::BoxFuture<'_, Result<qit::broker::replicate::OpResult, BrokerError>>
+    {
+        Box::pin(async move {
+            let debug = format!("{op:?}");
+            let kind = debug.split([' ', '{', '(']).next().unwrap_or_default();
+            let _ = self.kinds.send(kind.to_string());
+            let broker = self.broker.get().and_then(|b| b.upgrade()).unwrap();
+            broker.apply_op(op).await
+        })
+    }
+}
+
+/// A consumer that went away hands its leases back with one op, followed by one entry of
+/// delivery counts for all of them (a stream's end used to nack them one at a time: on a
+/// cluster a call to the leader and a quorum round each). They are delivered again at once.
+#[tokio::test]
+async fn released_leases_come_back_with_one_op_and_one_count_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    b.create_queue("q", QueueSettings::default()).await.unwrap();
+    b.publish("q", vec![msg("a"), msg("b"), msg("c")])
+        .await
+        .unwrap();
+    let (kinds, mut told) = tokio::sync::mpsc::unbounded_channel();
+    let replicator = Arc::new(RecordedOps {
+        broker: std::sync::OnceLock::new(),
+        kinds,
+    });
+    replicator.broker.set(Arc::downgrade(&b)).unwrap();
+    b.set_replicator(replicator.clone());
+
+    let got = b.receive("q", "g", 3, NOW, None).await.unwrap();
+    assert_eq!(got.len(), 3);
+    // The receive's own counts go in the background: wait for them first.
+    assert_eq!(told.recv().await.as_deref(), Some("Receive"));
+    assert_eq!(told.recv().await.as_deref(), Some("DeliveryCounts"));
+    let ids: Vec<MessageId> = got.iter().map(|d| d.id).collect();
+    b.release("q", "g", &ids).await.unwrap();
+    assert_eq!(told.recv().await.as_deref(), Some("Release"));
+    assert_eq!(told.recv().await.as_deref(), Some("DeliveryCounts"));
+    assert!(told.try_recv().is_err(), "one op and one counts entry");
+
+    let again = b.receive("q", "g", 10, NOW, None).await.unwrap();
+    assert_eq!(bodies(&again), vec!["a", "b", "c"]);
+    assert!(again.iter().all(|d| d.delivery_count == 2), "{again:?}");
+    // Releasing a message that is no longer leased (acked) changes nothing.
+    b.ack("q", "g", again[0].id).await.unwrap();
+    b.release("q", "g", &[again[0].id]).await.unwrap();
+    assert!(b.receive("q", "g", 10, NOW, None).await.unwrap().is_empty());
+    assert_eq!(b.group_info("q", "g").unwrap().in_flight, 2);
+}

@@ -279,13 +279,12 @@ impl Session {
         Ok(())
     }
 
-    /// The stream ended: its unsettled leases go back to the group at once.
+    /// The stream ended: its unsettled leases go back to the group at once (together: on
+    /// a cluster one call to the leader and one delivery-count entry, not one per lease).
     async fn return_leases(&mut self) {
-        for (id, _) in self.outstanding.drain() {
-            let _ = self
-                .broker
-                .nack(&self.queue, &self.group, id, Some(Duration::ZERO))
-                .await;
+        let ids: Vec<MessageId> = self.outstanding.drain().map(|(id, _)| id).collect();
+        if let Err(error) = self.broker.release(&self.queue, &self.group, &ids).await {
+            tracing::debug!(%error, queue = %self.queue, "returning a stream's leases failed");
         }
     }
 }

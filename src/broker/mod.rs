@@ -1124,7 +1124,58 @@ impl Broker {
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
         let ended = q.nack(&g, id, delay.map(millis))?;
+        self.settle_ended(queue, group, ended).await;
+        Ok(())
+    }
+
+    /// Gives leases back to the group for redelivery at once, as nacks without delay do,
+    /// with one delivery-count entry for all of them on a cluster: a consumer that went
+    /// away hands back what it held. Ids that are no longer leased are skipped.
+    pub async fn release(
+        &self,
+        queue: &str,
+        group: &str,
+        ids: &[MessageId],
+    ) -> Result<(), BrokerError> {
+        self.check_running()?;
+        if ids.is_empty() {
+            return Ok(());
+        }
         if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Release {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                ids: ids.iter().map(|id| (id.partition, id.offset)).collect(),
+            };
+            return replicator.submit(op).await?.done();
+        }
+        self.release_local(queue, group, ids).await
+    }
+
+    async fn release_local(
+        &self,
+        queue: &str,
+        group: &str,
+        ids: &[MessageId],
+    ) -> Result<(), BrokerError> {
+        let q = self.queue(queue)?;
+        let g = Self::existing_group(&q, group)?;
+        let mut ended = Ended::default();
+        for id in ids {
+            if let Ok(one) = q.nack(&g, *id, Some(0)) {
+                ended.append(one);
+            }
+        }
+        self.settle_ended(queue, group, ended).await;
+        Ok(())
+    }
+
+    /// What follows leases that a nack or release ended: their delivery counts are
+    /// committed first on a cluster, then dead letters move.
+    async fn settle_ended(&self, queue: &str, group: &str, ended: Ended) {
+        if let Some(replicator) = self.replicator()
+            && !ended.counts.is_empty()
+        {
             // The nack is answered once its delivery count is replicated: a leader killed
             // right after still leaves the count to its successor, which then dead-letters
             // a message that used up its deliveries rather than delivering it again. So the
@@ -1150,7 +1201,6 @@ impl Broker {
         for job in ended.dead_letters {
             self.dead_letter(job).await;
         }
-        Ok(())
     }
 
     /// Applies delivery counts replicated from a queue's leader.

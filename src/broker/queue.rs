@@ -67,6 +67,12 @@ pub struct Ended {
 }
 
 impl Ended {
+    /// Adds what `other` ended.
+    pub fn append(&mut self, mut other: Ended) {
+        self.dead_letters.append(&mut other.dead_letters);
+        self.counts.append(&mut other.counts);
+    }
+
     fn push(
         &mut self,
         queue: &Queue,

@@ -409,6 +409,15 @@ pub enum Op {
         /// Group.
         group: String,
     },
+    /// Give several leases back without delay: a consumer that went away (leader-local).
+    Release {
+        /// Queue.
+        queue: String,
+        /// Group.
+        group: String,
+        /// `(partition, offset)` of each lease.
+        ids: Vec<(u32, u64)>,
+    },
 }
 
 /// Fields whose serde form skips absent values (queue settings, bindings) travel as JSON
@@ -466,6 +475,7 @@ impl Op {
             | Op::DeleteGroup { queue, .. } => Scope::Queue(queue),
             Op::Receive { queue, .. }
             | Op::Nack { queue, .. }
+            | Op::Release { queue, .. }
             | Op::Extend { queue, .. }
             | Op::GroupOffsets { queue, .. }
             | Op::QueueInfo { queue }
@@ -1027,6 +1037,14 @@ impl Broker {
                     delay_ms.map(Duration::from_millis),
                 )
                 .await?;
+                Ok(OpResult::Done)
+            }
+            Op::Release { queue, group, ids } => {
+                let ids: Vec<MessageId> = ids
+                    .into_iter()
+                    .map(|(partition, offset)| MessageId { partition, offset })
+                    .collect();
+                self.release_local(&queue, &group, &ids).await?;
                 Ok(OpResult::Done)
             }
             Op::Extend {
