@@ -187,6 +187,7 @@ async fn any_node_serves_every_step() {
     drop(stream);
     stream_end_returns_leases_at_once(&cluster).await;
     a_group_is_deleted_through_any_node(&cluster).await;
+    a_publish_is_in_the_log_of_every_node_at_once(&cluster).await;
     // Read fallback: alone, node 1 has no quorum, yet serves its committed data; writes
     // answer 503 no_leader with Retry-After.
     cluster.node_mut(2).kill();
@@ -207,6 +208,12 @@ async fn any_node_serves_every_step() {
     assert_eq!(local.into_iter().collect::<BTreeSet<_>>(), published);
     let info = view(&format!("{base}/queues/orders")).await.unwrap();
     assert_eq!(info["name"], "orders");
+    // A log read that would go to the leader falls back to the node's own log.
+    let log = view(&format!("{base}/queues/orders/log?partition=0&max=10000"))
+        .await
+        .expect("a lone node reads its log");
+    let local = log_bodies(&base, "orders", 0).await.unwrap();
+    assert_eq!(common::bodies(&log), local);
     assert!(
         metric(&base, READ_FALLBACKS).await > 0.0,
         "a read answered by the read fallback is counted"
@@ -221,6 +228,36 @@ async fn any_node_serves_every_step() {
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "no_leader");
+}
+
+/// A publish answered through one node is in the log that any node reads right after:
+/// a follower learns that an entry is committed only with the leader's next message, so a
+/// log read goes to the leader (a follower's own log once missed it).
+async fn a_publish_is_in_the_log_of_every_node_at_once(cluster: &Cluster) {
+    create_queue(&cluster.node(1).http, "ryw", json!({})).await;
+    for round in 0..5 {
+        for via in 1..=3 {
+            let body = format!("ryw-{via}-{round}");
+            let (status, answer) = retrying("publish", || {
+                http()
+                    .post(format!("{}/queues/ryw/messages", cluster.node(via).http))
+                    .body(body.clone())
+            })
+            .await;
+            assert!(status.is_success(), "publish: {status} {answer}");
+            for reader in 1..=3 {
+                let url = format!(
+                    "{}/queues/ryw/log?partition=0&max=10000",
+                    cluster.node(reader).http
+                );
+                let log = view(&url).await.expect("a log");
+                assert!(
+                    common::bodies(&log).contains(&body.as_str()),
+                    "{body} (through node {via}) not in node {reader}'s log: {log}"
+                );
+            }
+        }
+    }
 }
 
 /// A `ReceiveMessages` stream on the gRPC endpoint `grpc` for the default group of

@@ -179,7 +179,7 @@ try:
         for n in (1,2,3):
             got = []
             for q in Q:
-                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}/log?partition=0&from=0&max=100000", timeout=30)
+                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}/log?partition=0&from=0&max=100000&local=true", timeout=30)
                 got.append([m["body"] for m in v["messages"]] if s == 200 else None)
             logs.append(got)
         stored = [b for part in logs[0] for b in (part or [])]
@@ -316,7 +316,7 @@ try:
               "max", round(max(times),3), "all", [round(x,2) for x in times])
         for n in (1,2,3):
             def has_all():
-                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/log?partition=0&from=0&max=1000")
+                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/log?partition=0&from=0&max=1000&local=true")
                 if s != 200: return False
                 got = " ".join(json.dumps(m) for m in v["messages"])
                 return all(json.dumps(b) in got for b in published)

@@ -698,10 +698,11 @@ impl Cluster {
     /// Where a read-only op ([`Op::is_read`]) runs: `None` to answer it from this node's own
     /// copy, which it does when it leads the queue's group, or holds a replica while the
     /// group has no leader or its leader does not answer (read fallback: committed data,
-    /// maybe behind the leader's), and for a log read whenever it holds a replica (the
-    /// committed log is the same on every replica). Else the answer of the leader, or for
-    /// a node without a replica of the first of the replicas that answers (each one answers
-    /// as this one would); `no_leader` when none does.
+    /// maybe behind the leader's). Else the answer of the leader, or for a node without a
+    /// replica of the first of the replicas that answers (each one answers as this one
+    /// would); `no_leader` when none does. A log read goes to the leader too: a follower
+    /// learns that an entry is committed only with the leader's next message, so its own
+    /// log could miss a publish that another node has already answered.
     async fn read_elsewhere(&self, op: &Op, hops: u32) -> Option<Result<OpResult, BrokerError>> {
         let Scope::Leases(queue) = op.scope() else {
             return None;
@@ -710,9 +711,6 @@ impl Cluster {
             return self.read_at_meta_leader(op, hops).await;
         };
         let replica = self.groups.raft(group.id);
-        if replica.is_some() && matches!(op, Op::ReadLog { .. }) {
-            return None;
-        }
         let targets = match &replica {
             Some(raft) => {
                 let known = raft.metrics().borrow_watched().current_leader;
