@@ -1064,7 +1064,7 @@ impl Broker {
             let op = replicate::Op::Ack {
                 queue: queue.to_string(),
                 group: group.to_string(),
-                ids: ids.iter().map(|id| (id.partition, id.offset)).collect(),
+                ids: replicate::wire_ids(ids),
             };
             return replicator.submit(op).await?.acked();
         }
@@ -1145,7 +1145,7 @@ impl Broker {
             let op = replicate::Op::Release {
                 queue: queue.to_string(),
                 group: group.to_string(),
-                ids: ids.iter().map(|id| (id.partition, id.offset)).collect(),
+                ids: replicate::wire_ids(ids),
             };
             return replicator.submit(op).await?.done();
         }
@@ -1160,12 +1160,7 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let q = self.queue(queue)?;
         let g = Self::existing_group(&q, group)?;
-        let mut ended = Ended::default();
-        for id in ids {
-            if let Ok(one) = q.nack(&g, *id, Some(0)) {
-                ended.append(one);
-            }
-        }
+        let ended = q.release(&g, ids);
         self.settle_ended(queue, group, ended).await;
         Ok(())
     }

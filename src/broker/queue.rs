@@ -68,7 +68,7 @@ pub struct Ended {
 
 impl Ended {
     /// Adds what `other` ended.
-    pub fn append(&mut self, mut other: Ended) {
+    fn append(&mut self, mut other: Ended) {
         self.dead_letters.append(&mut other.dead_letters);
         self.counts.append(&mut other.counts);
     }
@@ -1123,6 +1123,18 @@ impl Queue {
         let mut ended = Ended::default();
         ended.push(self, group, id.partition, id.offset, outcome);
         Ok(ended)
+    }
+
+    /// Gives leases of `group` back for redelivery at once, as nacks without delay do;
+    /// ids that are not leased now are skipped. What the nacks ended, together.
+    pub fn release(&self, group: &Group, ids: &[MessageId]) -> Ended {
+        let mut ended = Ended::default();
+        for id in ids {
+            if let Ok(one) = self.nack(group, *id, Some(0)) {
+                ended.append(one);
+            }
+        }
+        ended
     }
 
     /// Applies delivery counts replicated from the leader (see

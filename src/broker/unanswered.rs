@@ -57,13 +57,9 @@ impl Broker {
     fn return_unanswered(&self, queue: &str, group: &str, ids: &[MessageId]) {
         let Ok(q) = self.queue(queue) else { return };
         let Some(g) = q.group(group) else { return };
-        let mut returned = 0usize;
-        for id in ids {
-            if let Ok(ended) = q.nack(&g, *id, Some(0)) {
-                self.dispatch(&q, &g, ended);
-                returned += 1;
-            }
-        }
+        let ended = q.release(&g, ids);
+        let returned = ended.counts.len();
+        self.dispatch(&q, &g, ended);
         tracing::debug!(
             queue,
             group,
