@@ -135,6 +135,28 @@ pub struct WireDelivery {
     pub delivery_count: u32,
 }
 
+impl WireDelivery {
+    /// The delivered message's id.
+    pub fn id(&self) -> MessageId {
+        MessageId {
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+/// Message ids as ops carry them, `(partition, offset)`.
+pub fn wire_ids(ids: &[MessageId]) -> Vec<(u32, u64)> {
+    ids.iter().map(|id| (id.partition, id.offset)).collect()
+}
+
+/// Message ids from the `(partition, offset)` pairs an op carries.
+fn message_ids(ids: Vec<(u32, u64)>) -> Vec<MessageId> {
+    ids.into_iter()
+        .map(|(partition, offset)| MessageId { partition, offset })
+        .collect()
+}
+
 impl From<Delivery> for WireDelivery {
     fn from(d: Delivery) -> Self {
         Self {
@@ -154,11 +176,8 @@ impl From<Delivery> for WireDelivery {
 impl From<WireDelivery> for Delivery {
     fn from(d: WireDelivery) -> Self {
         Self {
+            id: d.id(),
             queue: d.queue,
-            id: MessageId {
-                partition: d.partition,
-                offset: d.offset,
-            },
             timestamp_ms: d.timestamp_ms,
             key: d.key,
             headers: d.headers,
@@ -943,10 +962,7 @@ impl Broker {
                 ))
             }
             Op::Ack { queue, group, ids } => {
-                let ids: Vec<MessageId> = ids
-                    .into_iter()
-                    .map(|(partition, offset)| MessageId { partition, offset })
-                    .collect();
+                let ids = message_ids(ids);
                 let results = self.ack_many_local(&queue, &group, &ids, true).await?;
                 Ok(OpResult::Acked(
                     results
@@ -1040,11 +1056,8 @@ impl Broker {
                 Ok(OpResult::Done)
             }
             Op::Release { queue, group, ids } => {
-                let ids: Vec<MessageId> = ids
-                    .into_iter()
-                    .map(|(partition, offset)| MessageId { partition, offset })
-                    .collect();
-                self.release_local(&queue, &group, &ids).await?;
+                self.release_local(&queue, &group, &message_ids(ids))
+                    .await?;
                 Ok(OpResult::Done)
             }
             Op::Extend {

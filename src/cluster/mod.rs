@@ -81,7 +81,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::replicate::{
-    Op, OpResult, Replicator, Scope, WireError, WireMessage, submit_each,
+    Op, OpResult, Replicator, Scope, WireDelivery, WireError, WireMessage, submit_each,
 };
 use crate::broker::unanswered::Unanswered;
 use crate::broker::{Broker, BrokerError, MessageId};
@@ -1292,13 +1292,7 @@ where
         return Ok(result);
     };
     let ids: Vec<MessageId> = match &result {
-        OpResult::Delivered(list) => list
-            .iter()
-            .map(|d| MessageId {
-                partition: d.partition,
-                offset: d.offset,
-            })
-            .collect(),
+        OpResult::Delivered(list) => list.iter().map(WireDelivery::id).collect(),
         _ => Vec::new(),
     };
     if ids.is_empty() {
