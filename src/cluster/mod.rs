@@ -324,7 +324,31 @@ async fn renew_lease(raft: &Raft, wait: Duration) -> Result<(), LeaseLost> {
     if !lease_may_lapse(raft) {
         return Ok(());
     }
-    match tokio::time::timeout(wait, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+    read_index(raft, ReadPolicy::ReadIndex, wait).await
+}
+
+/// Before a read from this node's own state as the leader of `raft`'s group: confirms
+/// that it leads (with its leader lease while that holds, else with a quorum round, up to
+/// `wait`) and waits until its state machine applied every entry committed before
+/// (openraft's read index). A leader lease alone does not do: a node elected a moment ago
+/// holds a fresh lease before it has applied what the previous leader committed (a read
+/// on a leader the group was handed back to answered a queue without the last publish).
+async fn confirm_read(raft: &Raft, wait: Duration) -> Result<(), LeaseLost> {
+    if lease_may_lapse(raft) {
+        return read_index(raft, ReadPolicy::ReadIndex, wait).await;
+    }
+    match read_index(raft, ReadPolicy::LeaseRead, wait).await {
+        // The lease lapsed since it was looked at: a quorum round then.
+        Err(lost) if !lost.deposed => read_index(raft, ReadPolicy::ReadIndex, wait).await,
+        done => done,
+    }
+}
+
+/// openraft's read index by `policy` within `wait`: `Ok` once this node is confirmed as
+/// the leader and has applied every entry committed before; else why not, and who leads
+/// now when that is known.
+async fn read_index(raft: &Raft, policy: ReadPolicy, wait: Duration) -> Result<(), LeaseLost> {
+    match tokio::time::timeout(wait, raft.ensure_linearizable(policy)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(error)) => {
             let forward = error.forward_to_leader();
@@ -753,13 +777,13 @@ impl Cluster {
     }
 
     /// This node's metrics say it leads `raft`'s group, and a read would be answered from
-    /// its own state: when its leader lease may have lapsed (it was paused, say) it first
-    /// renews it, and a node that learns so that it was deposed reads at the new leader
-    /// (the leader it names, `Some`) rather than answer from a state the new leader has
-    /// moved past. `None`: read here (still the leader, or no quorum to ask: the read
-    /// fallback).
+    /// its own state: it first confirms the leadership and applies what was committed
+    /// before ([`confirm_read`]; a quorum round when its lease may have lapsed, as after a
+    /// pause), and a node that learns so that it was deposed reads at the new leader (the
+    /// leader it names, `Some`) rather than answer from a state the new leader has moved
+    /// past. `None`: read here (still the leader, or no quorum to ask: the read fallback).
     async fn confirm_reading(&self, raft: &Raft, group: u64) -> Option<u64> {
-        match renew_lease(raft, CONFIRM_WAIT).await {
+        match confirm_read(raft, CONFIRM_WAIT).await {
             Ok(()) => None,
             Err(lost) if lost.deposed => {
                 let successor = self.successor(raft, group, &lost).await;
