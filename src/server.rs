@@ -313,6 +313,7 @@ impl Server {
                 tasks.spawn(Arc::clone(&cluster).announce(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_metrics(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_balance(stop.clone()));
+                tasks.spawn(Arc::clone(&cluster).run_fencing(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_moves(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_liveness(stop.clone()));
                 tracing::info!(node_id = cluster.node_id(), cluster = %addr, "cluster node started");

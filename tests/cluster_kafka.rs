@@ -84,6 +84,7 @@ fn layout(cluster: &Cluster) -> Layout {
                 let state = NodeState {
                     kafka: Some(n.kafka()),
                     up: true,
+                    fenced: false,
                 };
                 (n.id, state)
             })
@@ -92,7 +93,25 @@ fn layout(cluster: &Cluster) -> Layout {
     }
 }
 
-/// A group id that node `node` coordinates while every node is up.
+/// `cluster` once every node sees every node unfenced: the metadata leader fences a node
+/// that was slow to start (its coordinators move off it until it is unfenced), and the
+/// tests pick group ids by the coordinator they have with no node fenced.
+async fn settled(cluster: Cluster) -> Cluster {
+    for node in &cluster.nodes {
+        let url = format!("{}/cluster", node.http);
+        let size = cluster.nodes.len();
+        eventually(&format!("node {} sees no node fenced", node.id), || async {
+            common::cluster::view(&url).await.is_some_and(|v| {
+                let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+                nodes.len() == size && nodes.iter().all(|n| n["fenced"] == false)
+            })
+        })
+        .await;
+    }
+    cluster
+}
+
+/// A group id that node `node` coordinates while no node is fenced.
 fn group_on(cluster: &Cluster, node: u64, prefix: &str) -> String {
     let layout = layout(cluster);
     (0..1000)
@@ -248,7 +267,7 @@ async fn metadata(stream: &mut TcpStream, name: &str) -> MetadataResponse {
 /// and the other nodes answer that group's heartbeat with `NOT_COORDINATOR`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
-    let cluster = Cluster::start().await;
+    let cluster = settled(Cluster::start().await).await;
     let name = queue_led_by(1, "frames");
     create_queue(cluster.http(1), &name, json!({"partitions": 2})).await;
     let leader = cluster.leader_of(1, &name, None).await;
@@ -385,7 +404,7 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
 /// every record and commits, and the commits are the qit group's floors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_clients_produce_and_consume_in_groups_through_any_node() {
-    let cluster = Cluster::start().await;
+    let cluster = settled(Cluster::start().await).await;
     let name = queue_led_by(3, "through");
     create_queue(cluster.http(1), &name, json!({"partitions": 2})).await;
     let leader = cluster.leader_of(1, &name, None).await;
@@ -429,7 +448,7 @@ async fn kafka_clients_produce_and_consume_in_groups_through_any_node() {
 /// acknowledged record is consumed, and each is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_go_on_when_the_leader_and_coordinator_is_killed() {
-    let mut cluster = Cluster::start().await;
+    let mut cluster = settled(Cluster::start().await).await;
     let name = queue_led_by(2, "survive");
     create_queue(cluster.http(1), &name, json!({"partitions": 2})).await;
     let victim = cluster.leader_of(1, &name, None).await;
@@ -499,7 +518,7 @@ async fn a_node_without_a_replica_forwards_produce_and_commits() {
         GroupId, ListGroupsRequest, ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse,
         OffsetFetchRequest, OffsetFetchResponse,
     };
-    let cluster = Cluster::start_with(4, &[]).await;
+    let cluster = settled(Cluster::start_with(4, &[]).await).await;
     let name = (0..1000)
         .map(|i| format!("elsewhere-{i}"))
         .find(|q| !qit::cluster::placement::replicas(q, &[1, 2, 3, 4], 3).contains(&4))

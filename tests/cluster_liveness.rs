@@ -161,8 +161,24 @@ async fn a_stopped_leader_is_replaced_for_all_its_groups_and_follows_after() {
     }
 }
 
+/// True when node `base`'s `/cluster` says of every node in `nodes` that it is fenced
+/// as `fenced` (the metadata's record, the same on every node).
+async fn sees_fenced(base: &str, nodes: &[u64], fenced: bool) -> bool {
+    view(&format!("{base}/cluster")).await.is_some_and(|v| {
+        nodes.iter().all(|id| {
+            v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|n| n["id"] == *id && n["fenced"] == fenced)
+        })
+    })
+}
+
 /// kill -9 of a node that leads queues: a survivor serves publishes to every queue (the
 /// groups elect new leaders), and the killed node, restarted, catches up on all of them.
+/// Meanwhile the metadata leader fences the killed node (every survivor's `/cluster`
+/// says so) and unfences it once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_and_catches_up_after_restart() {
     let mut cluster = Cluster::start().await;
@@ -179,6 +195,18 @@ async fn a_killed_leader_is_replaced_and_catches_up_after_restart() {
     }
     let new = cluster.leader_of(survivor, &queues[0], Some(victim)).await;
     assert_ne!(new, victim);
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != victim).collect();
+    for id in &survivors {
+        let (base, gone) = (cluster.node(*id).http.clone(), [victim]);
+        eventually(&format!("node {id} sees node {victim} fenced"), || {
+            sees_fenced(&base, &gone, true)
+        })
+        .await;
+        assert!(
+            sees_fenced(&base, &survivors, false).await,
+            "survivors unfenced"
+        );
+    }
     cluster.restart(victim);
     let expected = vec!["before".to_string(), "during".to_string()];
     for q in &queues {
@@ -188,6 +216,13 @@ async fn a_killed_leader_is_replaced_and_catches_up_after_restart() {
             &expected,
             &format!("the restarted node {victim}"),
         )
+        .await;
+    }
+    for id in 1..=3 {
+        let base = cluster.node(id).http.clone();
+        eventually(&format!("node {id} sees every node unfenced"), || {
+            sees_fenced(&base, &[1, 2, 3], false)
+        })
         .await;
     }
 }

@@ -15,6 +15,7 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use super::ClusterError;
+use super::fencing::Fenced;
 use super::kafka_addrs::KafkaAddrs;
 use super::log_store::LogStore;
 use super::metadata::{MetaHooks, QueueOpening};
@@ -22,7 +23,7 @@ use super::network::{Network, Peers};
 use super::placement;
 use super::snapshot_transfer::Receiver;
 use super::state_machine::{AppliedIndex, Raft, Role, StateMachine};
-use super::types::{KafkaAddr, LogId, Membership, NodeAddrs, Placed};
+use super::types::{Fencing, KafkaAddr, LogId, Membership, NodeAddrs, Placed};
 use crate::broker::Broker;
 
 /// The metadata group's id.
@@ -123,6 +124,8 @@ pub struct Groups {
     nodes: RwLock<BTreeMap<u64, NodeAddrs>>,
     /// Every node's Kafka listener.
     pub kafka: KafkaAddrs,
+    /// The nodes the metadata leader fenced.
+    pub fenced: Fenced,
     /// Voters leaving the cluster (placement leaves them out).
     draining: RwLock<BTreeSet<u64>>,
     /// Snapshots being received from the groups' leaders.
@@ -231,6 +234,7 @@ impl Groups {
             lost: Arc::default(),
             nodes: RwLock::new(BTreeMap::new()),
             kafka: KafkaAddrs::default(),
+            fenced: Fenced::default(),
             draining: RwLock::new(BTreeSet::new()),
         }
     }
@@ -683,5 +687,17 @@ impl MetaHooks for Groups {
 
     fn kafka_addrs(&self) -> BTreeMap<u64, String> {
         self.kafka.all()
+    }
+
+    fn set_fenced(&self, change: Fencing) {
+        self.fenced.set(change);
+    }
+
+    fn replace_fenced(&self, nodes: &[u64]) {
+        self.fenced.replace(nodes);
+    }
+
+    fn fenced(&self) -> Vec<u64> {
+        self.fenced.all()
     }
 }

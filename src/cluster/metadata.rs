@@ -22,7 +22,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{KafkaAddr, Membership, NodeAddrs, Placed};
+use super::types::{Fencing, KafkaAddr, Membership, NodeAddrs, Placed};
 use crate::broker::registry::Registry;
 use crate::broker::replicate::{AccessImage, Op};
 use crate::broker::{Broker, BrokerError};
@@ -73,6 +73,12 @@ pub trait MetaHooks: Send + Sync {
     fn set_kafka(&self, addr: KafkaAddr);
     /// Every node's announced Kafka listener.
     fn kafka_addrs(&self) -> BTreeMap<u64, String>;
+    /// A node was fenced or unfenced ([`super::fencing`]).
+    fn set_fenced(&self, change: Fencing);
+    /// The fenced nodes, all of them (installing a snapshot).
+    fn replace_fenced(&self, nodes: &[u64]);
+    /// The fenced nodes.
+    fn fenced(&self) -> Vec<u64>;
 }
 
 /// The file holding the metadata group's snapshot.
@@ -99,6 +105,9 @@ pub struct MetaImage {
     /// The nodes' Kafka listeners (absent from snapshots written before they were kept).
     #[serde(default)]
     pub kafka: BTreeMap<u64, String>,
+    /// The fenced nodes (absent from snapshots written before they were kept).
+    #[serde(default)]
+    pub fenced: Vec<u64>,
 }
 
 /// Errors of installing a metadata image.
@@ -139,6 +148,7 @@ impl MetaImage {
                 .collect(),
             draining: hooks.draining(),
             kafka: hooks.kafka_addrs(),
+            fenced: hooks.fenced(),
         }
     }
 
@@ -168,6 +178,7 @@ impl MetaImage {
                 kafka: kafka.clone(),
             });
         }
+        hooks.replace_fenced(&self.fenced);
         Ok(())
     }
 
@@ -292,20 +303,24 @@ pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()
 mod tests {
     use super::*;
 
-    /// A snapshot written before the Kafka listeners were kept (no `kafka` field) still
-    /// installs, with none known; one written now keeps them.
+    /// A snapshot written before the Kafka listeners and the fenced nodes were kept (no
+    /// `kafka` or `fenced` field) still installs, with none known; one written now keeps
+    /// them.
     #[test]
     fn snapshots_with_and_without_kafka_listeners_decode() {
         let mut old = serde_json::to_value(MetaImage::default()).unwrap();
         old.as_object_mut().unwrap().remove("kafka");
+        old.as_object_mut().unwrap().remove("fenced");
         let image: MetaImage = serde_json::from_value(old).unwrap();
-        assert!(image.kafka.is_empty());
+        assert!(image.kafka.is_empty() && image.fenced.is_empty());
         let image = MetaImage {
             kafka: BTreeMap::from([(2, "127.0.0.1:19092".to_string())]),
+            fenced: vec![3],
             ..MetaImage::default()
         };
         let back: MetaImage =
             serde_json::from_value(serde_json::to_value(&image).unwrap()).unwrap();
         assert_eq!(back.kafka, image.kafka);
+        assert_eq!(back.fenced, [3]);
     }
 }

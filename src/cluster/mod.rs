@@ -47,6 +47,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod fencing;
 pub mod groups;
 pub mod handoff;
 pub mod kafka_addrs;
@@ -589,9 +590,11 @@ impl Cluster {
     /// The group a command runs in (`None`: a queue this node does not know).
     fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
         match command {
-            Command::Node(_) | Command::Placed(_) | Command::Draining(_) | Command::Kafka(_) => {
-                Some((META_GROUP, false))
-            }
+            Command::Node(_)
+            | Command::Placed(_)
+            | Command::Draining(_)
+            | Command::Kafka(_)
+            | Command::Fenced(_) => Some((META_GROUP, false)),
             Command::Members(_) => Some((META_GROUP, true)),
             Command::Broker(op) => match op.scope() {
                 Scope::Meta => Some((META_GROUP, false)),

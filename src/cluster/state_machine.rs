@@ -332,6 +332,12 @@ impl StateMachine {
                 }
                 Applied(Ok(OpResult::Done))
             }
+            Command::Fenced(change) => {
+                if let Role::Meta(groups) = &self.role {
+                    groups.set_fenced(change);
+                }
+                Applied(Ok(OpResult::Done))
+            }
             Command::Broker(op) => {
                 let Some(broker) = &self.broker else {
                     return Applied(Ok(OpResult::Done));
@@ -620,7 +626,7 @@ mod tests {
 
     use super::*;
     use crate::broker::{BrokerConfig, QueueSettings};
-    use crate::cluster::types::{KafkaAddr, Membership, NodeAddrs, Placed, log_id};
+    use crate::cluster::types::{Fencing, KafkaAddr, Membership, NodeAddrs, Placed, log_id};
 
     /// Hooks that keep the voters and leaving marks as `Groups` does (a node not among
     /// the voters cannot be marked leaving) and note the voters each queue was opened with.
@@ -667,6 +673,11 @@ mod tests {
         fn set_kafka(&self, _: KafkaAddr) {}
         fn kafka_addrs(&self) -> BTreeMap<u64, String> {
             BTreeMap::new()
+        }
+        fn set_fenced(&self, _: Fencing) {}
+        fn replace_fenced(&self, _: &[u64]) {}
+        fn fenced(&self) -> Vec<u64> {
+            Vec::new()
         }
     }
 

@@ -38,6 +38,18 @@ pub enum Command {
     /// rather than a field of [`NodeAddrs`]: entries and snapshots already stored decode
     /// as before (bincode has no optional fields).
     Kafka(KafkaAddr),
+    /// The metadata leader fences a node it found down, or unfences one back up
+    /// (metadata group; see [`super::fencing`]). Last, as `Kafka`.
+    Fenced(Fencing),
+}
+
+/// A change of one node's fencing, as the metadata group records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fencing {
+    /// The node id.
+    pub node: u64,
+    /// Fenced (found down) or unfenced (back up).
+    pub fenced: bool,
 }
 
 /// A node's Kafka listener, as the metadata group records it.
@@ -64,6 +76,10 @@ impl std::fmt::Display for Command {
             }
             Command::Draining(node) => write!(f, "draining node {node}"),
             Command::Kafka(addr) => write!(f, "node {} Kafka at {}", addr.id, addr.kafka),
+            Command::Fenced(change) => match change.fenced {
+                true => write!(f, "node {} fenced", change.node),
+                false => write!(f, "node {} unfenced", change.node),
+            },
         }
     }
 }
@@ -220,7 +236,7 @@ mod tests {
         }
     }
 
-    /// Entries written before `Command::Kafka` existed decode as they did: variants keep
+    /// Entries written before `Command::Kafka` and `Command::Fenced` existed decode as they did: variants keep
     /// their index (a new one only ever goes last), and the new one round-trips.
     #[test]
     fn a_new_variant_leaves_stored_entries_readable() {
@@ -240,7 +256,14 @@ mod tests {
             kafka: "127.0.0.1:19092".into(),
         });
         let bytes = encode(&kafka).unwrap();
-        assert_eq!(&bytes[..4], &5u32.to_le_bytes(), "Kafka comes last");
+        assert_eq!(&bytes[..4], &5u32.to_le_bytes(), "Kafka is variant 5");
         assert_eq!(decode::<Command>(&bytes).unwrap(), kafka);
+        let fenced = Command::Fenced(Fencing {
+            node: 3,
+            fenced: true,
+        });
+        let bytes = encode(&fenced).unwrap();
+        assert_eq!(&bytes[..4], &6u32.to_le_bytes(), "Fenced comes last");
+        assert_eq!(decode::<Command>(&bytes).unwrap(), fenced);
     }
 }

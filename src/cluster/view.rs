@@ -63,6 +63,10 @@ pub struct NodeView {
     /// Kafka listener (once the node announced it; absent on nodes without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<String>,
+    /// Fenced: the metadata leader found it down and recorded so, for every node alike
+    /// (it coordinates no Kafka consumer group until it is unfenced, up again a while).
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 /// One partition in [`ClusterView`].
@@ -188,6 +192,7 @@ impl Cluster {
                     grpc: addrs.as_ref().map(|a| a.grpc.clone()),
                     up: self.peers().is_up(*id),
                     kafka: self.groups().kafka.get(*id),
+                    fenced: self.groups().fenced.contains(*id),
                 }
             })
             .collect();
@@ -455,6 +460,7 @@ mod tests {
             grpc: None,
             up,
             kafka: None,
+            fenced: false,
         }
     }
 

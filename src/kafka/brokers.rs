@@ -7,10 +7,12 @@
 //! node leading its Raft group when this node knows it (it holds a replica), else the first
 //! live replica in placement order (the preferred leader), else this node; any of them
 //! serves a produce, forwarding it to the leader. A group's coordinator is chosen by
-//! rendezvous hashing of the group id over the live nodes with a Kafka listener, so every
-//! node names the same one while they agree on who is up, and a node asked to coordinate a
-//! group it does not own answers `NOT_COORDINATOR`: the members look it up again and all
-//! meet on one node, where the group's membership lives ([`super::coordinator`]).
+//! rendezvous hashing of the group id over the nodes with a Kafka listener that are not
+//! fenced (the metadata leader fences the nodes it finds down and records it in the
+//! metadata, see [`crate::cluster::fencing`]), so every node names the same one, even
+//! while their own views of who is up differ; a node asked to coordinate a group it does
+//! not own answers `NOT_COORDINATOR`: the members look it up again and all meet on one
+//! node, where the group's membership lives ([`super::coordinator`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,6 +30,9 @@ pub struct NodeState {
     pub kafka: Option<String>,
     /// Heard from lately (always true for this node).
     pub up: bool,
+    /// Fenced by the metadata leader (found down; see `cluster::fencing`): it coordinates
+    /// no group. Unlike `up`, every node has the same list.
+    pub fenced: bool,
 }
 
 /// A broker entry of a Metadata or FindCoordinator answer.
@@ -82,6 +87,7 @@ impl Layout {
         let me = NodeState {
             kafka: None,
             up: true,
+            fenced: false,
         };
         Self {
             me: SINGLE_NODE_ID,
@@ -106,6 +112,7 @@ impl Layout {
                 let state = NodeState {
                     kafka: kafka.get(&id).cloned(),
                     up: id == me || cluster.peers().is_up(id),
+                    fenced: cluster.groups().fenced.contains(id),
                 };
                 (id, state)
             })
@@ -200,13 +207,14 @@ impl Layout {
     }
 
     /// The node that coordinates `group`: the best by rendezvous hashing of the group id
-    /// over the live nodes clients can reach (this node when it is the only one).
+    /// over the unfenced nodes clients can reach (this node when there is none). Not by
+    /// this node's own view of who is up: every node must name the same one.
     pub fn coordinator(&self, group: &str) -> u64 {
         let candidates: Vec<u64> = self
             .nodes
-            .keys()
-            .copied()
-            .filter(|id| self.advertised(*id) && self.up(*id))
+            .iter()
+            .filter(|(id, node)| self.advertised(**id) && !node.fenced)
+            .map(|(id, _)| *id)
             .collect();
         placement::replicas(&format!("kafka-group/{group}"), &candidates, 1)
             .first()
@@ -238,6 +246,7 @@ mod tests {
                     let state = NodeState {
                         kafka: Some(format!("127.0.0.1:1900{id}")),
                         up: true,
+                        fenced: false,
                     };
                     (id, state)
                 })
@@ -339,17 +348,17 @@ mod tests {
     }
 
     #[test]
-    fn a_dead_coordinator_hands_its_groups_to_another_live_node() {
+    fn a_fenced_coordinator_hands_its_groups_to_another_node() {
         let group = (0..100)
             .map(|i| format!("group-{i}"))
             .find(|g| cluster(1, 3).coordinator(g) == 2)
             .expect("a group coordinated by node 2");
         let mut layout = cluster(1, 3);
-        layout.nodes.get_mut(&2).unwrap().up = false;
+        layout.nodes.get_mut(&2).unwrap().fenced = true;
         let next = layout.coordinator(&group);
         assert_ne!(next, 2);
         let mut on_three = cluster(3, 3);
-        on_three.nodes.get_mut(&2).unwrap().up = false;
+        on_three.nodes.get_mut(&2).unwrap().fenced = true;
         assert_eq!(on_three.coordinator(&group), next, "the survivors agree");
         // Groups of the live nodes stay where they were.
         let stays = (0..100)
@@ -357,6 +366,24 @@ mod tests {
             .filter(|g| cluster(1, 3).coordinator(g) != 2)
             .all(|g| layout.coordinator(&g) == cluster(1, 3).coordinator(&g));
         assert!(stays);
+    }
+
+    /// Nodes whose own views of who is up differ (node 1 missed node 2's beats, node 3
+    /// did not) name the same coordinator: only fencing, which the metadata records for
+    /// every node alike, moves a group (two coordinators listed the same group).
+    #[test]
+    fn nodes_that_disagree_on_who_is_up_name_the_same_coordinator() {
+        let mut on_one = cluster(1, 3);
+        on_one.nodes.get_mut(&2).unwrap().up = false;
+        let on_three = cluster(3, 3);
+        for i in 0..100 {
+            let group = format!("group-{i}");
+            assert_eq!(
+                on_one.coordinator(&group),
+                on_three.coordinator(&group),
+                "{group}"
+            );
+        }
     }
 
     #[test]
