@@ -4,10 +4,15 @@
 //! The group state machines never read a clock: they take `now` as an argument. The broker
 //! reads it here, so a test can open a broker on [`Clock::manual`] and [`Clock::advance`]
 //! it past a visibility timeout instead of sleeping through one.
+//!
+//! [`Ticks`] is the beat of the background tasks that run every so often until the server
+//! stops.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 /// A source of "now" in milliseconds since the Unix epoch. Cloning shares the clock.
 #[derive(Clone, Default)]
@@ -73,6 +78,42 @@ impl std::fmt::Debug for Clock {
     }
 }
 
+/// The beat of a background task: a tick every period until `stop` is cancelled. A tick
+/// missed while the task was busy is not made up: the next one comes a period later.
+pub struct Ticks {
+    interval: tokio::time::Interval,
+    stop: CancellationToken,
+}
+
+impl Ticks {
+    /// Ticks every `period`, the first at once.
+    pub fn new(period: Duration, stop: CancellationToken) -> Self {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { interval, stop }
+    }
+
+    /// Ticks every `period`, the first a period from now.
+    pub fn after(period: Duration, stop: CancellationToken) -> Self {
+        let mut ticks = Self::new(period, stop);
+        ticks.interval.reset();
+        ticks
+    }
+
+    /// Waits for the next tick: `false` once `stop` is cancelled (the task then ends).
+    pub async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.interval.tick() => !self.stop.is_cancelled(),
+            _ = self.stop.cancelled() => false,
+        }
+    }
+
+    /// True once `stop` is cancelled (for a task to give up a long round).
+    pub fn stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +127,40 @@ mod tests {
         assert_eq!(clock.now_ms(), 1_250);
         assert!(clock.set_ms(5));
         assert_eq!(shared.now_ms(), 5);
+    }
+
+    /// The first tick comes at once (`new`) or a period later (`after`); a cancelled stop
+    /// ends the wait at once, however long the period. (The short waits below only tell
+    /// a tick due now from one due in an hour.)
+    #[tokio::test]
+    async fn ticks_end_when_stopped() {
+        use tokio::time::timeout;
+        let (hour, guard, short) = (
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+        );
+        let stop = CancellationToken::new();
+        let mut ticks = Ticks::new(hour, stop.clone());
+        assert_eq!(
+            timeout(guard, ticks.next()).await,
+            Ok(true),
+            "the first at once"
+        );
+        assert!(
+            timeout(short, ticks.next()).await.is_err(),
+            "the next in an hour"
+        );
+        let mut later = Ticks::after(hour, stop.clone());
+        assert!(
+            timeout(short, later.next()).await.is_err(),
+            "the first in an hour"
+        );
+        assert!(!ticks.stopped());
+        stop.cancel();
+        assert!(ticks.stopped());
+        assert_eq!(timeout(guard, ticks.next()).await, Ok(false));
+        assert_eq!(timeout(guard, later.next()).await, Ok(false));
     }
 
     #[test]

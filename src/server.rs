@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Ticks;
+
 use crate::api::conn::{self, ConnLimits};
 use crate::api::grpc::GrpcApi;
 use crate::api::http::HttpState;
@@ -295,12 +297,9 @@ impl Server {
         };
         let upkeep_stop = stop.clone();
         tasks.spawn(async move {
-            let mut every = tokio::time::interval(METRICS_UPKEEP);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => crate::metrics::upkeep(),
-                    _ = upkeep_stop.cancelled() => return,
-                }
+            let mut ticks = Ticks::new(METRICS_UPKEEP, upkeep_stop);
+            while ticks.next().await {
+                crate::metrics::upkeep();
             }
         });
         tasks.spawn(close_idle_files(
@@ -422,13 +421,8 @@ async fn serve_cluster(
 
 /// Closes the long-lived files and drops the maps left idle, every `every`, until `stop`.
 async fn close_idle_files(files: Arc<CachedStorage>, every: Duration, stop: CancellationToken) {
-    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = stop.cancelled() => return,
-        }
+    let mut ticks = Ticks::new(every.max(Duration::from_millis(100)), stop);
+    while ticks.next().await {
         let sweep = Arc::clone(&files);
         // It may fsync files with unsynced bytes: off the async threads.
         match tokio::task::spawn_blocking(move || sweep.close_idle()).await {

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Ticks};
 
 pub use crate::name::MAX_NAME_LEN;
 pub use crate::route::{Binding, ExchangeKind, HeaderMatch};
@@ -2041,13 +2041,8 @@ fn dead_letter_retry_pause(attempt: u32) -> Duration {
 
 /// Expires leases and wakes waiters of groups whose redeliveries came due.
 async fn run_timer(broker: Weak<Broker>, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(TICK);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
+    let mut ticks = Ticks::new(TICK, shutdown);
+    while ticks.next().await {
         let Some(broker) = broker.upgrade() else {
             return;
         };

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::watch::WatchReceiver;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Ticks;
+
 use super::Cluster;
 use super::state_machine::Raft;
 
@@ -40,13 +42,8 @@ impl Cluster {
     /// Gives groups back to their preferred leaders, every [`EVERY`], until `stop`.
     pub async fn run_balance(self: Arc<Self>, stop: CancellationToken) {
         let mut up_since: HashMap<u64, Instant> = HashMap::new();
-        let mut every = tokio::time::interval(EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = stop.cancelled() => return,
-            }
+        let mut ticks = Ticks::new(EVERY, stop);
+        while ticks.next().await {
             let now = Instant::now();
             for id in &self.groups().voter_ids() {
                 if self.peers().is_up(*id) {
@@ -62,7 +59,7 @@ impl Cluster {
             };
             let mut moved = 0;
             for (group, raft) in self.groups().rafts() {
-                if moved >= MOVES_PER_ROUND || stop.is_cancelled() {
+                if moved >= MOVES_PER_ROUND || ticks.stopped() {
                     break;
                 }
                 let Some(preferred) = self.preferred_leader(group) else {

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Ticks;
+
 use super::Cluster;
 use super::types::{Command, Fencing};
 
@@ -114,13 +116,8 @@ impl Cluster {
     /// back up (see the module doc), every [`EVERY`], until `stop`.
     pub async fn run_fencing(self: Arc<Self>, stop: CancellationToken) {
         let mut watch: Option<Watch> = None;
-        let mut every = tokio::time::interval(EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = stop.cancelled() => return,
-            }
+        let mut ticks = Ticks::new(EVERY, stop);
+        while ticks.next().await {
             if !self.leads(self.meta()) {
                 watch = None;
                 continue;

@@ -55,6 +55,7 @@ use super::Cluster;
 use super::groups::META_GROUP;
 use super::placement;
 use super::types::{LogId, decode, encode};
+use crate::clock::Ticks;
 
 /// How often a node sends its beat to each peer.
 pub const BEAT_EVERY: Duration = Duration::from_millis(100);
@@ -596,13 +597,8 @@ impl Cluster {
 
     /// Sends beats and starts elections until `stop` (run in the background).
     pub async fn run_liveness(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        let mut every = tokio::time::interval(BEAT_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = stop.cancelled() => return,
-            }
+        let mut ticks = Ticks::new(BEAT_EVERY, stop);
+        while ticks.next().await {
             let locals = self.locals();
             let leads: Vec<Led> = locals
                 .iter()

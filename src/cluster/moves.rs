@@ -24,6 +24,8 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Ticks;
+
 use super::Cluster;
 use super::groups::QueueGroup;
 use super::state_machine::Raft;
@@ -58,15 +60,10 @@ fn in_joint(raft: &Raft) -> bool {
 impl Cluster {
     /// Moves the groups this node leads to their placement, every [`EVERY`], until `stop`.
     pub async fn run_moves(self: Arc<Self>, stop: CancellationToken) {
-        let mut every = tokio::time::interval(EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = stop.cancelled() => return,
-            }
+        let mut ticks = Ticks::new(EVERY, stop);
+        while ticks.next().await {
             for (queue, group) in self.groups().queue_groups() {
-                if stop.is_cancelled() {
+                if ticks.stopped() {
                     return;
                 }
                 let Some(raft) = self.groups().raft(group.id) else {

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Ticks;
+
 use crate::broker::Broker;
 use crate::broker::queue::Queue;
 use crate::metrics;
@@ -145,14 +147,8 @@ pub fn run_once_at(broker: &Broker, config: &MaintenanceConfig, now: i64) -> Pas
 
 /// Runs [`run_once`] every `config.interval` until `shutdown`.
 pub async fn run(broker: Weak<Broker>, config: MaintenanceConfig, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(config.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
+    let mut ticks = Ticks::after(config.interval, shutdown);
+    while ticks.next().await {
         let Some(strong) = broker.upgrade() else {
             return;
         };
