@@ -246,13 +246,16 @@ async fn a_publish_is_in_the_log_of_every_node_at_once(cluster: &Cluster) {
             .await;
             assert!(status.is_success(), "publish: {status} {answer}");
             for reader in 1..=3 {
-                let url = format!(
-                    "{}/queues/ryw/log?partition=0&max=10000",
-                    cluster.node(reader).http
-                );
+                let base = &cluster.node(reader).http;
+                let url = format!("{base}/queues/ryw/log?partition=0&max=10000");
+                let fallbacks = metric(base, READ_FALLBACKS).await;
                 let log = view(&url).await.expect("a log");
+                // The reader's own copy answers only as the read fallback, when no leader
+                // answered within its wait (a machine too busy to run it in time): that is
+                // counted, never the answer of a node that could reach the leader.
+                let fell_back = metric(base, READ_FALLBACKS).await > fallbacks;
                 assert!(
-                    common::bodies(&log).contains(&body.as_str()),
+                    common::bodies(&log).contains(&body.as_str()) || fell_back,
                     "{body} (through node {via}) not in node {reader}'s log: {log}"
                 );
             }

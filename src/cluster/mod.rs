@@ -724,8 +724,8 @@ impl Cluster {
 
     /// Where a read-only op ([`Op::is_read`]) runs: `None` to answer it from this node's own
     /// copy, which it does when it leads the queue's group, or holds a replica while the
-    /// group has no leader or its leader does not answer (read fallback: committed data,
-    /// maybe behind the leader's). Else the answer of the leader, or for a node without a
+    /// group has no leader (none known after [`LEADER_WAIT`]) or its leader does not answer
+    /// (read fallback: committed data, maybe behind the leader's). Else the answer of the leader, or for a node without a
     /// replica of the first of the replicas that answers (each one answers as this one
     /// would); `no_leader` when none does. A log read goes to the leader too: a follower
     /// learns that an entry is committed only with the leader's next message, so its own
@@ -740,8 +740,10 @@ impl Cluster {
         let replica = self.groups.raft(group.id);
         let targets = match &replica {
             Some(raft) => {
-                let known = raft.metrics().borrow_watched().current_leader;
-                match known {
+                // No leader known here: a replica that has not heard from the leader yet
+                // (a group made a moment ago) learns of it within the wait, and a group
+                // without one may elect one meanwhile.
+                match self.leader_of(raft).await {
                     Some(leader) if leader != self.node_id() => vec![leader],
                     Some(_) => vec![self.confirm_reading(raft, group.id).await?],
                     None => {
