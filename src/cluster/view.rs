@@ -353,7 +353,18 @@ impl Cluster {
     }
 }
 
-/// `qit cluster status` as tables: the nodes (up or down, how many groups each leads) and
+/// A node's STATE in `qit cluster status`: up or down as the answering node sees it, and
+/// fenced when the metadata records so (it coordinates no Kafka group meanwhile).
+fn node_state(node: &NodeView) -> &'static str {
+    match (node.up, node.fenced) {
+        (true, false) => "up",
+        (false, false) => "down",
+        (true, true) => "up,fenced",
+        (false, true) => "down,fenced",
+    }
+}
+
+/// `qit cluster status` as tables: the nodes (up or down, fenced, how many groups each leads) and
 /// the partitions (leader, replicas, committed offset, and the lag its leader reports).
 /// `view` is the answering node's; `others` are the views of the other nodes that
 /// answered, where the lag of the groups they lead comes from.
@@ -374,7 +385,7 @@ pub fn status_table(view: &ClusterView, others: &[ClusterView]) -> String {
     }
     out.push(String::new());
     out.push(format!(
-        "{:<6} {:<5} {:<7} {:<22} {:<22} {}",
+        "{:<6} {:<11} {:<7} {:<22} {:<22} {}",
         "NODE", "STATE", "LEADS", "HTTP", "GRPC", "CLUSTER"
     ));
     for n in &view.nodes {
@@ -386,9 +397,9 @@ pub fn status_table(view: &ClusterView, others: &[ClusterView]) -> String {
         };
         let led = format!("{groups}{meta}");
         out.push(format!(
-            "{:<6} {:<5} {:<7} {:<22} {:<22} {}",
+            "{:<6} {:<11} {:<7} {:<22} {:<22} {}",
             n.id,
-            if n.up { "up" } else { "down" },
+            node_state(n),
             led,
             n.http.as_deref().unwrap_or("?"),
             n.grpc.as_deref().unwrap_or("?"),
@@ -479,18 +490,19 @@ mod tests {
         assert_eq!(lags(2, None, [(2, None)]), []);
     }
 
-    /// The table shows who is down, how many groups each node leads, and the lag the
+    /// The table shows who is down or fenced, how many groups each node leads, and the lag the
     /// partition's leader reports, in all and per follower (from the leader's own view when
     /// another node answered).
     #[test]
     fn status_table_shows_nodes_leaders_and_lag() {
-        let answering = ClusterView {
+        let mut answering = ClusterView {
             node_id: 1,
             leader: Some(1),
             term: 5,
             nodes: vec![node(1, true), node(2, true), node(3, false)],
             partitions: vec![partition("orders", Some(2), None)],
         };
+        answering.nodes[2].fenced = true;
         let mut led = partition("orders", Some(2), Some(7));
         led.followers = vec![
             FollowerLag { node: 1, lag: 0 },
@@ -513,7 +525,7 @@ mod tests {
         };
         assert_eq!(row("1 ")[..3], ["1", "up", "0+meta"], "{table}");
         assert_eq!(row("2 ")[..3], ["2", "up", "1"], "{table}");
-        assert_eq!(row("3 ")[..3], ["3", "down", "0"], "{table}");
+        assert_eq!(row("3 ")[..3], ["3", "down,fenced", "0"], "{table}");
         assert_eq!(
             row("orders/0"),
             ["orders/0", "2", "2,1,3", "42", "1:0,3:7", "7"],
