@@ -1,6 +1,7 @@
 //! The web console in a real, headless Chromium driven over WebDriver (issue 15): load the
 //! overview, see a queue appear after it is created through the API, open it, browse a
-//! message, publish one, redrive a dead letter, and log in under `--auth`.
+//! message, publish one, redrive a dead letter, and log in under `--auth`; the cluster page
+//! of a three-node cluster shows a killed node down and fenced.
 //!
 //! Chromium and chromedriver are Debian packages; when they are missing the test runs
 //! `tools/browser.sh` to install them and fails loudly if that does not work (it never
@@ -161,6 +162,30 @@ async fn the_console_in_a_real_browser() {
         dark_theme(&c, &server.http).await;
         c.close().await.unwrap();
         server.stop().await;
+    })
+    .await
+    .expect("the browser test took too long");
+}
+
+/// The cluster page of a three-node cluster lists the nodes, all up; a node killed -9 shows
+/// as down, then fenced once the metadata leader fenced it (the page refreshes itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_page_shows_a_killed_node_down_and_fenced() {
+    tokio::time::timeout(WHOLE_TEST, async {
+        let driver = start_driver();
+        let mut cluster = common::cluster::Cluster::start().await;
+        let c = browser(&driver).await;
+        let base = cluster.node(1).http.clone();
+        c.goto(&format!("{base}/ui/#/cluster")).await.unwrap();
+        let nodes = "[data-test=cluster-nodes]";
+        until("three nodes up", || async {
+            let text = c.find(Locator::Css(nodes)).await.ok()?.text().await.ok()?;
+            (text.matches(" up").count() == 3 && text.contains("metadata leader")).then_some(())
+        })
+        .await;
+        cluster.kill(3);
+        text_contains(&c, nodes, "down, fenced").await;
+        c.close().await.unwrap();
     })
     .await
     .expect("the browser test took too long");

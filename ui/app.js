@@ -893,7 +893,7 @@
     for (const p of c.partitions) if (p.leader != null) leads[p.leader] = (leads[p.leader] || 0) + 1;
     const rows = c.nodes.map((n) => h("tr", {},
       h("td", {}, String(n.id) + (n.id === c.node_id ? " (this node)" : "") + (n.id === c.leader ? " · metadata leader" : "")),
-      h("td", {}, n.up ? "up" : "down"),
+      h("td", {}, (n.up ? "up" : "down") + (n.fenced ? ", fenced" : "")),
       h("td", { class: "mono" }, n.cluster), h("td", { class: "mono" }, n.http || "–"), h("td", { class: "mono" }, n.grpc || "–"),
       h("td", { class: "num" }, num(leads[n.id] || 0))));
     return h("div", { class: "panel table-wrap" }, h("h2", {}, "Nodes"), h("table", { "data-test": "cluster-nodes" },
