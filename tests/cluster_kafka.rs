@@ -97,14 +97,10 @@ fn layout(cluster: &Cluster) -> Layout {
 /// that was slow to start (its coordinators move off it until it is unfenced), and the
 /// tests pick group ids by the coordinator they have with no node fenced.
 async fn settled(cluster: Cluster) -> Cluster {
+    let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
     for node in &cluster.nodes {
-        let url = format!("{}/cluster", node.http);
-        let size = cluster.nodes.len();
-        eventually(&format!("node {} sees no node fenced", node.id), || async {
-            common::cluster::view(&url).await.is_some_and(|v| {
-                let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
-                nodes.len() == size && nodes.iter().all(|n| n["fenced"] == false)
-            })
+        eventually(&format!("node {} sees no node fenced", node.id), || {
+            common::cluster::sees_fenced(&node.http, &ids, false)
         })
         .await;
     }

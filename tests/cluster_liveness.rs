@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::cluster::{Cluster, common_leader, log_bodies, publish, view};
+use common::cluster::{Cluster, common_leader, log_bodies, publish, sees_fenced, view};
 use common::eventually;
 use serde_json::json;
 
@@ -159,20 +159,6 @@ async fn a_stopped_leader_is_replaced_for_all_its_groups_and_follows_after() {
             holds(&cluster.node(id).http, q, &expected, &format!("node {id}")).await;
         }
     }
-}
-
-/// True when node `base`'s `/cluster` says of every node in `nodes` that it is fenced
-/// as `fenced` (the metadata's record, the same on every node).
-async fn sees_fenced(base: &str, nodes: &[u64], fenced: bool) -> bool {
-    view(&format!("{base}/cluster")).await.is_some_and(|v| {
-        nodes.iter().all(|id| {
-            v["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|n| n["id"] == *id && n["fenced"] == fenced)
-        })
-    })
 }
 
 /// kill -9 of a node that leads queues: a survivor serves publishes to every queue (the

@@ -74,12 +74,7 @@ impl Watch {
     /// this node included and always up) and the recorded fenced nodes. A node down for
     /// [`FENCE_AFTER`] is fenced, a fenced node up for [`UNFENCE_AFTER`] is unfenced, and
     /// a fenced node that is no voter any more is unfenced (it left).
-    pub fn changes(
-        &mut self,
-        now: Instant,
-        up: &[(u64, bool)],
-        fenced: &BTreeSet<u64>,
-    ) -> Vec<Fencing> {
+    pub fn changes(&mut self, now: Instant, up: &[(u64, bool)], fenced: &[u64]) -> Vec<Fencing> {
         self.since.retain(|id, _| up.iter().any(|(v, _)| v == id));
         let mut changes = Vec::new();
         for &(node, is_up) in up {
@@ -129,7 +124,7 @@ impl Cluster {
                 .into_iter()
                 .map(|id| (id, id == me || self.peers().is_up(id)))
                 .collect();
-            let fenced: BTreeSet<u64> = self.groups().fenced.all().into_iter().collect();
+            let fenced = self.groups().fenced.all();
             let changes =
                 watch
                     .get_or_insert_with(Watch::default)
@@ -171,7 +166,7 @@ mod tests {
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         let mut watch = Watch::default();
-        let none = BTreeSet::new();
+        let none: [u64; 0] = [];
         let all_up = [(1, true), (2, true), (3, true)];
         let two_down = [(1, true), (2, false), (3, true)];
         assert!(watch.changes(at(0), &all_up, &none).is_empty());
@@ -181,7 +176,7 @@ mod tests {
         assert!(watch.changes(at(700), &two_down, &none).is_empty());
         assert!(watch.changes(at(1_600), &two_down, &none).is_empty());
         assert_eq!(watch.changes(at(1_700), &two_down, &none), [fence(2)]);
-        let fenced = BTreeSet::from([2]);
+        let fenced = [2];
         assert!(watch.changes(at(1_800), &two_down, &fenced).is_empty());
         // Back up: unfenced after as long again, not before.
         assert!(watch.changes(at(2_000), &all_up, &fenced).is_empty());
@@ -193,7 +188,7 @@ mod tests {
     fn a_fenced_node_that_left_is_unfenced() {
         let now = Instant::now();
         let mut watch = Watch::default();
-        let fenced = BTreeSet::from([4]);
+        let fenced = [4];
         assert_eq!(
             watch.changes(now, &[(1, true), (2, true)], &fenced),
             [unfence(4)]

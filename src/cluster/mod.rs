@@ -725,11 +725,12 @@ impl Cluster {
     /// Where a read-only op ([`Op::is_read`]) runs: `None` to answer it from this node's own
     /// copy, which it does when it leads the queue's group, or holds a replica while the
     /// group has no leader (none known after [`LEADER_WAIT`]) or its leader does not answer
-    /// (read fallback: committed data, maybe behind the leader's). Else the answer of the leader, or for a node without a
-    /// replica of the first of the replicas that answers (each one answers as this one
-    /// would); `no_leader` when none does. A log read goes to the leader too: a follower
-    /// learns that an entry is committed only with the leader's next message, so its own
-    /// log could miss a publish that another node has already answered.
+    /// (read fallback: committed data, maybe behind the leader's). Else the answer of the
+    /// leader, or for a node without a replica of the first of the replicas that answers
+    /// (each one answers as this one would); `no_leader` when none does. A log read goes
+    /// to the leader too: a follower learns that an entry is committed only with the
+    /// leader's next message, so its own log could miss a publish that another node has
+    /// already answered.
     async fn read_elsewhere(&self, op: &Op, hops: u32) -> Option<Result<OpResult, BrokerError>> {
         let Scope::Leases(queue) = op.scope() else {
             return None;

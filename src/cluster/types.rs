@@ -236,8 +236,9 @@ mod tests {
         }
     }
 
-    /// Entries written before `Command::Kafka` and `Command::Fenced` existed decode as they did: variants keep
-    /// their index (a new one only ever goes last), and the new one round-trips.
+    /// Entries written before `Command::Kafka` and `Command::Fenced` existed decode as they
+    /// did: variants keep their index (a new one only ever goes last), and the new ones
+    /// round-trip.
     #[test]
     fn a_new_variant_leaves_stored_entries_readable() {
         let node = Command::Node(NodeAddrs {

@@ -364,10 +364,10 @@ fn node_state(node: &NodeView) -> &'static str {
     }
 }
 
-/// `qit cluster status` as tables: the nodes (up or down, fenced, how many groups each leads) and
-/// the partitions (leader, replicas, committed offset, and the lag its leader reports).
-/// `view` is the answering node's; `others` are the views of the other nodes that
-/// answered, where the lag of the groups they lead comes from.
+/// `qit cluster status` as tables: the nodes (up or down, fenced, how many groups each
+/// leads) and the partitions (leader, replicas, committed offset, and the lag its leader
+/// reports). `view` is the answering node's; `others` are the views of the other nodes
+/// that answered, where the lag of the groups they lead comes from.
 pub fn status_table(view: &ClusterView, others: &[ClusterView]) -> String {
     let name = |id: Option<u64>| id.map_or("-".to_string(), |i| i.to_string());
     let mut out = vec![format!(
@@ -490,9 +490,9 @@ mod tests {
         assert_eq!(lags(2, None, [(2, None)]), []);
     }
 
-    /// The table shows who is down or fenced, how many groups each node leads, and the lag the
-    /// partition's leader reports, in all and per follower (from the leader's own view when
-    /// another node answered).
+    /// The table shows who is down or fenced, how many groups each node leads, and the lag
+    /// the partition's leader reports, in all and per follower (from the leader's own view
+    /// when another node answered).
     #[test]
     fn status_table_shows_nodes_leaders_and_lag() {
         let mut answering = ClusterView {

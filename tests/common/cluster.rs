@@ -397,6 +397,20 @@ pub fn partition<'a>(view: &'a Value, queue: &str) -> Option<&'a Value> {
         .find(|p| p["queue"] == queue)
 }
 
+/// True when node `base`'s `/cluster` says of every node in `nodes` that it is fenced
+/// as `fenced` (the metadata's record, the same on every node).
+pub async fn sees_fenced(base: &str, nodes: &[u64], fenced: bool) -> bool {
+    view(&format!("{base}/cluster")).await.is_some_and(|v| {
+        nodes.iter().all(|id| {
+            v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|n| n["id"] == *id && n["fenced"] == fenced)
+        })
+    })
+}
+
 /// GET `url` as JSON, `None` unless 2xx.
 pub async fn view(url: &str) -> Option<Value> {
     view_as(url, None).await
