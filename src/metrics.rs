@@ -1,13 +1,18 @@
-//! Prometheus metrics: the recorder, the names of every series, and scrape-time gauges.
+//! Prometheus metrics: the recorder, the names of every series, and the series rendered at
+//! scrape time.
 //!
-//! Counters and histograms are recorded where things happen (through the `metrics` facade,
-//! which costs an atomic add when a recorder is installed and nothing otherwise). Gauges
-//! that describe state (backlog, in flight, stored bytes) are computed from the broker at
-//! scrape time ([`StateGauges`]), so no hot path maintains them and a series ends with what
-//! it describes.
+//! Process-wide counters and histograms are recorded where things happen (through the
+//! `metrics` facade, which costs an atomic add when a recorder is installed and nothing
+//! otherwise). Those of a queue or a consumer group are owned by it ([`QueueSeries`],
+//! [`GroupSeries`]: atomics in the queue and the group) and go with it, since the recorder
+//! keeps every series until the process ends. Gauges that describe state (backlog, in
+//! flight, stored bytes) are computed from the broker at scrape time. Both are rendered
+//! through [`ScrapeSeries`], so no hot path maintains a gauge and a series ends with what it
+//! describes.
 //!
 //! All series are named `qit_...`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
@@ -78,7 +83,7 @@ pub fn set_mapped_files(mapped: usize) {
 }
 
 /// Latency buckets in seconds: 50 µs to 10 s.
-const LATENCY_BUCKETS: &[f64] = &[
+const LATENCY_BUCKETS: [f64; 17] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
 ];
@@ -107,7 +112,7 @@ pub fn install() -> Result<&'static PrometheusHandle, MetricsError> {
         return Ok(handle);
     }
     let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)?
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| MetricsError::ForeignRecorder)?;
@@ -151,57 +156,266 @@ pub struct GroupGauges {
 /// How many of the busiest queues get per-queue gauges by default.
 pub const DEFAULT_GAUGED_QUEUES: usize = 100;
 
-/// Gauges of current state, rendered at scrape time: a series is shown only while what it
-/// describes exists, so the series of a deleted queue or of a Raft group that left this
-/// node end with it. (A gauge kept in the recorder would go on showing its last value
-/// until the process ends: a deleted queue's backlog, a former leader's `is_leader` 1.)
+/// Series rendered at scrape time from what they describe: gauges of current state, and the
+/// counters and histograms that queues and consumer groups own ([`QueueSeries`],
+/// [`GroupSeries`]). A series is shown only while what it describes exists, so the series
+/// of a deleted queue or of a Raft group that left this node end with it. (A gauge kept in
+/// the recorder would go on showing its last value until the process ends: a deleted
+/// queue's backlog, a former leader's `is_leader` 1.)
 #[derive(Debug, Default)]
-pub struct StateGauges {
-    /// Each metric's samples, in the order the metrics were first set: a family's samples
-    /// stay together, under one `# TYPE` line, as the text format requires.
-    families: Vec<(&'static str, String)>,
+pub struct ScrapeSeries {
+    /// Each metric's type and samples, in the order the metrics were first set: a family's
+    /// samples stay together, under one `# TYPE` line, as the text format requires.
+    families: Vec<Family>,
 }
 
-impl StateGauges {
+#[derive(Debug)]
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    lines: String,
+}
+
+impl ScrapeSeries {
     /// Adds one sample of gauge `name` with `labels`.
     pub fn set(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
-        let index = match self.families.iter().position(|(n, _)| *n == name) {
+        let lines = self.family(name, "gauge");
+        push_sample(lines, name, "", labels, None, value);
+    }
+
+    /// Adds one sample of counter `name` with `labels`.
+    pub fn counter(&mut self, name: &'static str, labels: &[(&str, &str)], value: u64) {
+        let lines = self.family(name, "counter");
+        push_sample(lines, name, "", labels, None, value);
+    }
+
+    /// Adds the buckets, sum and count of histogram `name` with `labels`.
+    pub fn histogram(&mut self, name: &'static str, labels: &[(&str, &str)], h: &OwnedHistogram) {
+        let lines = self.family(name, "histogram");
+        let mut below = 0;
+        for (bound, samples) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
+            below += samples.load(Ordering::Relaxed);
+            let le = bound.to_string();
+            push_sample(lines, name, "_bucket", labels, Some(&le), below);
+        }
+        let count = h.count();
+        push_sample(lines, name, "_bucket", labels, Some("+Inf"), count);
+        push_sample(lines, name, "_sum", labels, None, h.sum_seconds());
+        push_sample(lines, name, "_count", labels, None, count);
+    }
+
+    /// The lines of family `name`, started (of type `kind`) when new.
+    fn family(&mut self, name: &'static str, kind: &'static str) -> &mut String {
+        let index = match self.families.iter().position(|f| f.name == name) {
             Some(index) => index,
             None => {
-                self.families.push((name, String::new()));
+                let lines = String::new();
+                self.families.push(Family { name, kind, lines });
                 self.families.len() - 1
             }
         };
-        let lines = &mut self.families[index].1;
-        lines.push_str(name);
-        if !labels.is_empty() {
-            lines.push('{');
-            for (i, (key, value)) in labels.iter().enumerate() {
-                if i > 0 {
-                    lines.push(',');
-                }
-                lines.push_str(key);
-                lines.push_str("=\"");
-                push_escaped(lines, value);
-                lines.push('"');
-            }
-            lines.push('}');
-        }
-        lines.push(' ');
-        lines.push_str(&value.to_string());
-        lines.push('\n');
+        &mut self.families[index].lines
     }
 
     /// The samples in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut text = String::new();
-        for (name, lines) in &self.families {
+        for family in &self.families {
             text.push_str("# TYPE ");
-            text.push_str(name);
-            text.push_str(" gauge\n");
-            text.push_str(lines);
+            text.push_str(family.name);
+            text.push(' ');
+            text.push_str(family.kind);
+            text.push('\n');
+            text.push_str(&family.lines);
         }
         text
+    }
+}
+
+/// Appends one sample line: `{name}{suffix}{labels,le} value`.
+fn push_sample(
+    lines: &mut String,
+    name: &str,
+    suffix: &str,
+    labels: &[(&str, &str)],
+    le: Option<&str>,
+    value: impl std::fmt::Display,
+) {
+    lines.push_str(name);
+    lines.push_str(suffix);
+    let le = le.map(|le| ("le", le));
+    let mut all = labels.iter().copied().chain(le).peekable();
+    if all.peek().is_some() {
+        lines.push('{');
+        for (i, (key, value)) in all.enumerate() {
+            if i > 0 {
+                lines.push(',');
+            }
+            lines.push_str(key);
+            lines.push_str("=\"");
+            push_escaped(lines, value);
+            lines.push('"');
+        }
+        lines.push('}');
+    }
+    lines.push(' ');
+    lines.push_str(&value.to_string());
+    lines.push('\n');
+}
+
+/// A counter owned by what it counts (a queue or one of its consumer groups) and rendered
+/// from it at scrape time, so it goes with its owner. The recorder keeps every series it
+/// was given until the process ends: with per-queue series there, a broker whose clients
+/// make and delete queues all day (reply queues, say) grew by about a kilobyte per queue.
+#[derive(Debug, Default)]
+pub struct OwnedCounter(AtomicU64);
+
+impl OwnedCounter {
+    /// Adds `n`.
+    pub fn increment(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A latency histogram owned by what it measures (see [`OwnedCounter`]), in the buckets
+/// of the recorder's histograms ([`LATENCY_BUCKETS`]).
+#[derive(Debug, Default)]
+pub struct OwnedHistogram {
+    /// Samples per bucket, not cumulative; the last one holds those above every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of the samples in nanoseconds.
+    sum_nanos: AtomicU64,
+}
+
+impl OwnedHistogram {
+    /// Records one sample in seconds (a negative or NaN one counts as 0).
+    pub fn record(&self, seconds: f64) {
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        // `as` saturates: a negative or NaN sample adds nothing.
+        let nanos = (seconds * 1e9) as u64;
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Sum of the samples in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+}
+
+/// The counters and histograms of one queue, owned by it (see [`OwnedCounter`]).
+#[derive(Debug, Default)]
+pub struct QueueSeries {
+    /// Messages appended ([`PUBLISHED`]).
+    pub published: OwnedCounter,
+    /// Seconds per publish call ([`PUBLISH_LATENCY`]).
+    pub publish_latency: OwnedHistogram,
+    /// Segments deleted by retention ([`RETENTION_SEGMENTS_DELETED`]).
+    pub retention_segments_deleted: OwnedCounter,
+    /// Bytes freed by retention ([`BYTES_RECLAIMED`], `task="retention"`).
+    pub retention_bytes_reclaimed: OwnedCounter,
+    /// Records removed by compaction ([`COMPACTION_RECORDS_REMOVED`]).
+    pub compaction_records_removed: OwnedCounter,
+    /// Bytes freed by compaction ([`BYTES_RECLAIMED`], `task="compaction"`).
+    pub compaction_bytes_reclaimed: OwnedCounter,
+}
+
+impl QueueSeries {
+    /// Adds the series of queue `queue` to `out`: each counter once it counted something,
+    /// each histogram once it has a sample (as the recorder shows a series from its first
+    /// event).
+    pub fn render(&self, queue: &str, out: &mut ScrapeSeries) {
+        let labels = [("queue", queue)];
+        counter_if_any(out, PUBLISHED, &labels, &self.published);
+        histogram_if_any(out, PUBLISH_LATENCY, &labels, &self.publish_latency);
+        let deleted = &self.retention_segments_deleted;
+        counter_if_any(out, RETENTION_SEGMENTS_DELETED, &labels, deleted);
+        let removed = &self.compaction_records_removed;
+        counter_if_any(out, COMPACTION_RECORDS_REMOVED, &labels, removed);
+        for (task, bytes) in [
+            ("retention", &self.retention_bytes_reclaimed),
+            ("compaction", &self.compaction_bytes_reclaimed),
+        ] {
+            let labels = [("queue", queue), ("task", task)];
+            counter_if_any(out, BYTES_RECLAIMED, &labels, bytes);
+        }
+    }
+}
+
+/// The counters and histograms of one consumer group, owned by it (see [`OwnedCounter`]).
+#[derive(Debug, Default)]
+pub struct GroupSeries {
+    /// Leases handed out ([`DELIVERED`]).
+    pub delivered: OwnedCounter,
+    /// Deliveries beyond a message's first ([`REDELIVERED`]).
+    pub redelivered: OwnedCounter,
+    /// Acknowledgements ([`ACKED`]).
+    pub acked: OwnedCounter,
+    /// Negative acknowledgements ([`NACKED`]).
+    pub nacked: OwnedCounter,
+    /// Leases that ran past their visibility timeout ([`EXPIRED`]).
+    pub expired: OwnedCounter,
+    /// Messages moved to the dead-letter queue ([`DEAD_LETTERED`]).
+    pub dead_lettered: OwnedCounter,
+    /// Messages skipped because retention deleted them first ([`RETENTION_SKIPPED`]).
+    pub retention_skipped: OwnedCounter,
+    /// Seconds from publish to first delivery ([`END_TO_END_LATENCY`]).
+    pub end_to_end_latency: OwnedHistogram,
+}
+
+impl GroupSeries {
+    /// Adds the series of consumer group `group` of queue `queue` to `out` (see
+    /// [`QueueSeries::render`]).
+    pub fn render(&self, queue: &str, group: &str, out: &mut ScrapeSeries) {
+        let labels = [("queue", queue), ("group", group)];
+        for (name, counter) in [
+            (DELIVERED, &self.delivered),
+            (REDELIVERED, &self.redelivered),
+            (ACKED, &self.acked),
+            (NACKED, &self.nacked),
+            (EXPIRED, &self.expired),
+            (DEAD_LETTERED, &self.dead_lettered),
+            (RETENTION_SKIPPED, &self.retention_skipped),
+        ] {
+            counter_if_any(out, name, &labels, counter);
+        }
+        histogram_if_any(out, END_TO_END_LATENCY, &labels, &self.end_to_end_latency);
+    }
+}
+
+fn counter_if_any(
+    out: &mut ScrapeSeries,
+    name: &'static str,
+    labels: &[(&str, &str)],
+    counter: &OwnedCounter,
+) {
+    let value = counter.get();
+    if value > 0 {
+        out.counter(name, labels, value);
+    }
+}
+
+fn histogram_if_any(
+    out: &mut ScrapeSeries,
+    name: &'static str,
+    labels: &[(&str, &str)],
+    histogram: &OwnedHistogram,
+) {
+    if histogram.count() > 0 {
+        out.histogram(name, labels, histogram);
     }
 }
 
@@ -220,7 +434,7 @@ fn push_escaped(out: &mut String, value: &str) {
 /// Adds the number of queues (`total`) and the state gauges of the given queues' groups
 /// and partitions (the server passes the busiest few, so that a scrape stays cheap with
 /// thousands of queues).
-pub fn queue_gauges(state: &mut StateGauges, total: usize, queues: &[QueueGauges]) {
+pub fn queue_gauges(state: &mut ScrapeSeries, total: usize, queues: &[QueueGauges]) {
     state.set(QUEUES, &[], total as f64);
     for queue in queues {
         for partition in &queue.partitions {
@@ -244,7 +458,7 @@ pub fn queue_gauges(state: &mut StateGauges, total: usize, queues: &[QueueGauges
 }
 
 /// Adds the oldest-unacked-age gauges from `(queue, group, age ms)`.
-pub fn pending_ages(state: &mut StateGauges, ages: &[(String, String, i64)]) {
+pub fn pending_ages(state: &mut ScrapeSeries, ages: &[(String, String, i64)]) {
     for (queue, group, age_ms) in ages {
         let labels = [("queue", queue.as_str()), ("group", group.as_str())];
         state.set(OLDEST_PENDING_AGE, &labels, *age_ms as f64 / 1000.0);
@@ -264,7 +478,7 @@ pub fn upkeep() {
 /// ends, so a recorded series of a queue or a consumer group that is gone is left out, as
 /// its gauges go with it: `exists(queue, None)` tells whether a queue exists,
 /// `exists(queue, Some(group))` whether the queue has that consumer group.
-pub fn render(state: &StateGauges, exists: impl Fn(&str, Option<&str>) -> bool) -> String {
+pub fn render(state: &ScrapeSeries, exists: impl Fn(&str, Option<&str>) -> bool) -> String {
     let recorded = HANDLE
         .get()
         .map(|handle| {
@@ -315,17 +529,6 @@ fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     Some(&value[..value.find('"')?])
 }
 
-/// Counts `n` events of a `queue`-labelled counter.
-pub fn count_queue(name: &'static str, queue: &str, n: u64) {
-    metrics::counter!(name, "queue" => queue.to_string()).increment(n);
-}
-
-/// Counts `n` events of a `queue`+`group`-labelled counter.
-pub fn count_group(name: &'static str, queue: &str, group: &str, n: u64) {
-    metrics::counter!(name, "queue" => queue.to_string(), "group" => group.to_string())
-        .increment(n);
-}
-
 /// Records one latency sample in seconds.
 pub fn observe_seconds(name: &'static str, seconds: f64) {
     metrics::histogram!(name).record(seconds);
@@ -351,25 +554,65 @@ mod tests {
                 in_flight: 2,
             }],
         };
-        let mut state = StateGauges::default();
+        let mut state = ScrapeSeries::default();
         queue_gauges(&mut state, 1, &[info]);
-        count_queue(PUBLISHED, "metrics-test", 7);
+        let queue = QueueSeries::default();
+        queue.published.increment(7);
+        queue.render("metrics-test", &mut state);
+        let group = GroupSeries::default();
+        group.acked.increment(2);
+        group.render("metrics-test", "default", &mut state);
         observe_seconds(FSYNC_LATENCY, 0.002);
-        count_queue(PUBLISHED, "metrics-gone", 3);
-        count_group(ACKED, "metrics-test", "default", 2);
-        count_group(ACKED, "metrics-test", "gone-group", 4);
+        // Recorded series of a queue or consumer group that is gone are left out.
+        let changes = "qit_cluster_leader_changes_total";
+        metrics::counter!(changes, "queue" => "metrics-gone").increment(1);
+        metrics::counter!(changes, "queue" => "metrics-test").increment(1);
+        metrics::counter!("qit_test_total", "queue" => "metrics-test", "group" => "gone-group")
+            .increment(4);
         let text = render(&state, |queue, group| {
             queue != "metrics-gone" && group != Some("gone-group")
         });
         assert!(!text.contains("gone-group"), "{text}");
+        assert!(!text.contains("metrics-gone"), "{text}");
+        assert!(text.contains(r#"qit_cluster_leader_changes_total{queue="metrics-test"} 1"#));
         assert!(
             text.contains(r#"qit_messages_acked_total{queue="metrics-test",group="default"} 2"#)
         );
-        assert!(!text.contains("metrics-gone"), "{text}");
         assert!(text.contains(r#"qit_backlog_messages{queue="metrics-test",group="default"} 5"#));
         assert!(text.contains(r#"qit_stored_bytes{queue="metrics-test",partition="0"} 1234"#));
         assert!(text.contains(r#"qit_messages_published_total{queue="metrics-test"} 7"#));
+        assert!(text.contains("# TYPE qit_messages_published_total counter\n"));
         assert!(text.contains("qit_fsync_latency_seconds_bucket"));
+    }
+
+    /// An owned histogram renders as the recorder renders its histograms: the same
+    /// cumulative buckets, `+Inf`, sum and count, so a dashboard cannot tell them apart.
+    #[test]
+    fn an_owned_histogram_renders_as_the_recorder_does() {
+        let handle = install().unwrap();
+        let name = "qit_test_owned_histogram_seconds";
+        let owned = OwnedHistogram::default();
+        for seconds in [0.000_01, 0.000_05, 0.5, 0.25, 2.0, 2.0, 60.0] {
+            owned.record(seconds);
+            metrics::histogram!(name, "queue" => "recorded").record(seconds);
+        }
+        let mut state = ScrapeSeries::default();
+        state.histogram(name, &[("queue", "recorded")], &owned);
+        let mine = state.render();
+        handle.run_upkeep();
+        let theirs = handle.render();
+        let theirs: Vec<&str> = theirs.lines().filter(|l| l.contains(name)).collect();
+        assert_eq!(mine.lines().collect::<Vec<_>>(), theirs, "{mine}");
+        assert!(
+            mine.contains(r#"{queue="recorded",le="0.00005"} 2"#),
+            "{mine}"
+        );
+        assert!(mine.contains(r#"{queue="recorded",le="10"} 6"#), "{mine}");
+        assert!(mine.contains(r#"_count{queue="recorded"} 7"#), "{mine}");
+        let empty = OwnedHistogram::default();
+        empty.record(f64::NAN);
+        empty.record(-1.0);
+        assert_eq!((empty.count(), empty.sum_seconds()), (2, 0.0));
     }
 
     #[test]
@@ -401,8 +644,8 @@ mod tests {
     /// in between another's; label values are escaped; the next scrape shows only what it
     /// sets (a queue gone since shows no series).
     #[test]
-    fn state_gauges_group_families_and_show_only_what_was_set() {
-        let mut state = StateGauges::default();
+    fn scrape_series_group_families_and_show_only_what_was_set() {
+        let mut state = ScrapeSeries::default();
         state.set(BACKLOG, &[("queue", "a"), ("group", "g")], 3.0);
         state.set(IN_FLIGHT, &[("queue", "a"), ("group", "g")], 1.0);
         state.set(BACKLOG, &[("queue", "b\"\\"), ("group", "g")], 0.5);
@@ -418,7 +661,7 @@ mod tests {
             "qit_queues 2",
         ];
         assert_eq!(text.lines().collect::<Vec<_>>(), expected);
-        let mut later = StateGauges::default();
+        let mut later = ScrapeSeries::default();
         queue_gauges(&mut later, 0, &[]);
         assert_eq!(later.render(), "# TYPE qit_queues gauge\nqit_queues 0\n");
     }

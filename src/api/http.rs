@@ -172,9 +172,10 @@ pub(super) async fn metrics(State(s): State<HttpState>) -> Response {
         .iter()
         .map(QueueInfo::gauges)
         .collect();
-    let mut state = crate::metrics::StateGauges::default();
+    let mut state = crate::metrics::ScrapeSeries::default();
     crate::metrics::queue_gauges(&mut state, s.broker.queue_count(), &busiest);
     crate::metrics::pending_ages(&mut state, &s.broker.oldest_pending_ages_ms());
+    s.broker.owned_series(&mut state);
     if let Some(cluster) = &s.cluster {
         cluster.group_gauges(&mut state);
     }

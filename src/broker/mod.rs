@@ -914,9 +914,8 @@ impl Broker {
         }
         let started = Instant::now();
         let result = q.publish_at(messages, now_ms).await;
-        q.publish_metrics()
-            .latency
-            .record(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        q.series.publish_latency.record(took);
         result
     }
 
@@ -1959,6 +1958,19 @@ impl Broker {
             .collect()
     }
 
+    /// Adds the counters and histograms of every queue and consumer group to `out`, queues
+    /// by name (they own them: a deleted queue's series go with it).
+    pub fn owned_series(&self, out: &mut crate::metrics::ScrapeSeries) {
+        let mut queues = self.queue_handles();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        for q in &queues {
+            q.series.render(&q.name, out);
+            for g in q.groups() {
+                g.series.render(&q.name, &g.name, out);
+            }
+        }
+    }
+
     pub(crate) fn queue_handles(&self) -> Vec<Arc<Queue>> {
         self.queues.read().values().cloned().collect()
     }
@@ -2165,6 +2177,39 @@ mod tests {
         assert!(leased.is_empty(), "leased from a deleted group: {leased:?}");
         let got = b.receive("q", "g", 10, Duration::ZERO, None).await.unwrap();
         assert_eq!(got.len(), 1, "the new group of the name has the message");
+    }
+
+    /// A queue's and its groups' counters and histograms are its own: a scrape shows them
+    /// from the queue, the process-wide recorder (which keeps a series until the process
+    /// ends) never holds them, and they go when the queue is deleted.
+    #[tokio::test]
+    async fn a_deleted_queue_takes_its_series_with_it() {
+        let recorder = crate::metrics::install().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let b = testing::broker_with_queue(dir.path(), "series-q", 2).await;
+        let got = b.receive("series-q", "g", 10, Duration::ZERO, None).await;
+        let got = got.unwrap();
+        b.ack("series-q", "g", got[0].id).await.unwrap();
+        let scrape = |b: &Broker| {
+            let mut series = crate::metrics::ScrapeSeries::default();
+            b.owned_series(&mut series);
+            series.render()
+        };
+        let text = scrape(&b);
+        for expected in [
+            r#"qit_messages_published_total{queue="series-q"} 2"#,
+            r#"qit_publish_latency_seconds_count{queue="series-q"} 1"#,
+            r#"qit_messages_delivered_total{queue="series-q",group="g"} 2"#,
+            r#"qit_messages_acked_total{queue="series-q",group="g"} 1"#,
+            r#"qit_end_to_end_latency_seconds_count{queue="series-q",group="g"} 2"#,
+        ] {
+            assert!(text.contains(expected), "no {expected} in {text}");
+        }
+        let recorded = recorder.render();
+        assert!(!recorded.contains("series-q"), "recorded: {recorded}");
+        b.delete_queue("series-q").await.unwrap();
+        let text = scrape(&b);
+        assert!(!text.contains(r#"queue="series-q""#), "{text}");
     }
 
     #[test]

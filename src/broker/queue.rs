@@ -28,6 +28,7 @@ use crate::group::{
 };
 use crate::journal::{Journal, Ticket};
 use crate::log::{FsyncObserver, FsyncPolicy, LogConfig, PartitionLog, StoredRecord};
+use crate::metrics::{GroupSeries, QueueSeries};
 use crate::storage::SharedStorage;
 
 /// A group checkpoints its journal after this many journaled bytes.
@@ -114,6 +115,8 @@ pub struct Group {
     /// Set while a cluster leader proposes the group's delete ([`Queue::close_group`]): it
     /// grants no lease meanwhile (the delete drops every lease when it is applied).
     closing: AtomicBool,
+    /// The group's counters and histograms, which go with it ([`GroupSeries`]).
+    pub series: GroupSeries,
 }
 
 /// A group's state, locked; when released with a deadline pending, the group goes on the
@@ -251,40 +254,10 @@ pub struct Queue {
     deleted: AtomicBool,
     /// Where "now" comes from.
     clock: Clock,
-    /// The queue's publish metrics, registered at its first publish (a queue that is never
-    /// published to, say an unused dead-letter queue, costs no series) and looked up once.
-    publish_metrics: std::sync::OnceLock<PublishMetrics>,
+    /// The queue's counters and histograms, which go with it ([`QueueSeries`]).
+    pub series: QueueSeries,
     /// The broker's timer list, for this queue's groups.
     alarms: Arc<Alarms>,
-}
-
-/// Handles of a queue's publish metrics: recording through them costs no label hashing,
-/// registry lookup or name allocation.
-pub struct PublishMetrics {
-    /// Messages published.
-    pub published: metrics::Counter,
-    /// Seconds per publish call.
-    pub latency: metrics::Histogram,
-}
-
-impl PublishMetrics {
-    fn new(queue: &str) -> Self {
-        Self {
-            published: metrics::counter!(crate::metrics::PUBLISHED, "queue" => queue.to_string()),
-            latency: metrics::histogram!(
-                crate::metrics::PUBLISH_LATENCY,
-                "queue" => queue.to_string()
-            ),
-        }
-    }
-}
-
-impl Queue {
-    /// The queue's publish metrics, registered on first use.
-    pub fn publish_metrics(&self) -> &PublishMetrics {
-        self.publish_metrics
-            .get_or_init(|| PublishMetrics::new(&self.name))
-    }
 }
 
 fn storage(path: &Path) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
@@ -332,7 +305,7 @@ impl Queue {
             dedup: tokio::sync::Mutex::new(None),
             deleted: AtomicBool::new(false),
             clock,
-            publish_metrics: std::sync::OnceLock::new(),
+            series: QueueSeries::default(),
             alarms,
         };
         queue.load_groups()?;
@@ -426,6 +399,7 @@ impl Queue {
             journaled: AtomicU64::new(0),
             rotation: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
+            series: GroupSeries::default(),
         });
         // A restarted group may hold redeliveries: the timer must see it.
         drop(group.lock_state());
@@ -584,12 +558,7 @@ impl Queue {
             for (p, log) in self.partitions.iter().enumerate() {
                 let skipped = state.skip_to(p as u32, log.first_offset());
                 if skipped > 0 {
-                    crate::metrics::count_group(
-                        crate::metrics::RETENTION_SKIPPED,
-                        &self.name,
-                        &group.name,
-                        skipped,
-                    );
+                    group.series.retention_skipped.increment(skipped);
                 }
             }
         }
@@ -802,9 +771,7 @@ impl Queue {
         }
         drop(dedup);
         self.notify.notify_waiters();
-        self.publish_metrics()
-            .published
-            .increment(messages.len() as u64);
+        self.series.published.increment(messages.len() as u64);
         Ok(results
             .into_iter()
             .flatten()
@@ -820,12 +787,7 @@ impl Queue {
     pub fn expire(&self, group: &Group, now: i64) -> Ended {
         let expired = group.lock_state().expire(now);
         if !expired.is_empty() {
-            crate::metrics::count_group(
-                crate::metrics::EXPIRED,
-                &self.name,
-                &group.name,
-                expired.len() as u64,
-            );
+            group.series.expired.increment(expired.len() as u64);
         }
         let mut ended = Ended::default();
         for e in expired {
@@ -881,12 +843,7 @@ impl Queue {
             let log = &self.partitions[p as usize];
             let skipped = state.skip_to(p, log.first_offset());
             if skipped > 0 {
-                crate::metrics::count_group(
-                    crate::metrics::RETENTION_SKIPPED,
-                    &self.name,
-                    &group.name,
-                    skipped,
-                );
+                group.series.retention_skipped.increment(skipped);
             }
             let records = self.candidates(&state, p, remaining)?;
             let fresh: Vec<Candidate> = records
@@ -995,28 +952,14 @@ impl Queue {
             return;
         }
         let now = self.clock.now_ms();
-        let latency = metrics::histogram!(
-            crate::metrics::END_TO_END_LATENCY,
-            "queue" => self.name.clone(),
-            "group" => group.name.clone()
-        );
+        let latency = &group.series.end_to_end_latency;
         for d in out.iter().filter(|d| d.delivery_count == 1) {
             latency.record(now.saturating_sub(d.timestamp_ms).max(0) as f64 / 1000.0);
         }
         let redelivered = out.iter().filter(|d| d.delivery_count > 1).count() as u64;
-        crate::metrics::count_group(
-            crate::metrics::DELIVERED,
-            &self.name,
-            &group.name,
-            out.len() as u64,
-        );
+        group.series.delivered.increment(out.len() as u64);
         if redelivered > 0 {
-            crate::metrics::count_group(
-                crate::metrics::REDELIVERED,
-                &self.name,
-                &group.name,
-                redelivered,
-            );
+            group.series.redelivered.increment(redelivered);
         }
     }
 
@@ -1084,7 +1027,7 @@ impl Queue {
             group.journal(&state, &events)
         };
         if fresh > 0 {
-            crate::metrics::count_group(crate::metrics::ACKED, &self.name, &group.name, fresh);
+            group.series.acked.increment(fresh);
             // A waiting receive may lease again: the next of a key, or a group that was
             // at max_in_flight.
             if was_full || self.settings.ordering == super::settings::Ordering::Key {
@@ -1116,7 +1059,7 @@ impl Queue {
             .lock()
             .nack(id.partition, id.offset, self.clock.now_ms(), delay_ms)
             .map_err(|e| self.group_error(id.partition, e))?;
-        crate::metrics::count_group(crate::metrics::NACKED, &self.name, &group.name, 1);
+        group.series.nacked.increment(1);
         if matches!(outcome, Outcome::Redeliver { .. }) {
             self.notify.notify_waiters();
         }
@@ -1186,7 +1129,7 @@ impl Queue {
             let events = state.complete_dead_letter(id.partition, id.offset);
             group.journal(&state, &events)
         };
-        crate::metrics::count_group(crate::metrics::DEAD_LETTERED, &self.name, &group.name, 1);
+        group.series.dead_lettered.increment(1);
         self.notify.notify_waiters();
         self.wait_durable(ticket).await
     }

@@ -113,10 +113,9 @@ impl Broker {
             None => self.partition(&q, partition)?.append(records).await?,
         };
         q.notify.notify_waiters();
-        q.publish_metrics().published.increment(count);
-        q.publish_metrics()
-            .latency
-            .record(started.elapsed().as_secs_f64());
+        q.series.published.increment(count);
+        let took = started.elapsed().as_secs_f64();
+        q.series.publish_latency.record(took);
         Ok(first)
     }
 

@@ -14,7 +14,7 @@ use super::Cluster;
 use super::groups::META_GROUP;
 use super::state_machine::Raft;
 use super::types::{LogId, RaftMetrics};
-use crate::metrics::StateGauges;
+use crate::metrics::ScrapeSeries;
 
 /// Current term of a group.
 pub const TERM: &str = "qit_cluster_term";
@@ -319,7 +319,7 @@ impl Cluster {
     /// to a scrape: a group that left this node (its queue deleted or moved) shows nothing.
     /// A queue's series come once per partition (label `partition`): its partitions share
     /// the queue's group, so they show the same values. The metadata group's have none.
-    pub fn group_gauges(&self, state: &mut StateGauges) {
+    pub fn group_gauges(&self, state: &mut ScrapeSeries) {
         let names = self.group_names();
         for (id, raft) in self.groups().rafts() {
             let name = names.get(&id).cloned().unwrap_or_default();
@@ -333,7 +333,7 @@ impl Cluster {
     }
 
     /// One set of a group's series under `labels`.
-    fn group_series(&self, state: &mut StateGauges, m: &RaftMetrics, labels: &[(&str, &str)]) {
+    fn group_series(&self, state: &mut ScrapeSeries, m: &RaftMetrics, labels: &[(&str, &str)]) {
         state.set(TERM, labels, m.current_term as f64);
         let leads = m.current_leader == Some(self.node_id());
         state.set(IS_LEADER, labels, if leads { 1.0 } else { 0.0 });

@@ -68,12 +68,11 @@ pub fn retain(queue: &Queue, now: i64) -> Result<PassStats, crate::log::LogError
     }
     if stats.segments_deleted > 0 {
         queue.skip_groups_to_start();
-        metrics::count_queue(
-            metrics::RETENTION_SEGMENTS_DELETED,
-            &queue.name,
-            stats.segments_deleted as u64,
-        );
-        ::metrics::counter!(metrics::BYTES_RECLAIMED, "queue" => queue.name.clone(), "task" => "retention")
+        let series = &queue.series;
+        let deleted = stats.segments_deleted as u64;
+        series.retention_segments_deleted.increment(deleted);
+        series
+            .retention_bytes_reclaimed
             .increment(stats.retention_bytes);
     }
     Ok(stats)
@@ -101,12 +100,12 @@ pub fn compact(
         stats.records_compacted += done.records_removed;
         stats.compaction_bytes += done.bytes_reclaimed;
     }
-    metrics::count_queue(
-        metrics::COMPACTION_RECORDS_REMOVED,
-        &queue.name,
-        stats.records_compacted,
-    );
-    ::metrics::counter!(metrics::BYTES_RECLAIMED, "queue" => queue.name.clone(), "task" => "compaction")
+    let series = &queue.series;
+    series
+        .compaction_records_removed
+        .increment(stats.records_compacted);
+    series
+        .compaction_bytes_reclaimed
         .increment(stats.compaction_bytes);
     Ok(stats)
 }
