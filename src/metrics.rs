@@ -564,9 +564,9 @@ mod tests {
         group.render("metrics-test", "default", &mut state);
         observe_seconds(FSYNC_LATENCY, 0.002);
         // Recorded series of a queue or consumer group that is gone are left out.
-        let changes = "qit_cluster_leader_changes_total";
-        metrics::counter!(changes, "queue" => "metrics-gone").increment(1);
-        metrics::counter!(changes, "queue" => "metrics-test").increment(1);
+        let recorded = "qit_test_recorded_total";
+        metrics::counter!(recorded, "queue" => "metrics-gone").increment(1);
+        metrics::counter!(recorded, "queue" => "metrics-test").increment(1);
         metrics::counter!("qit_test_total", "queue" => "metrics-test", "group" => "gone-group")
             .increment(4);
         let text = render(&state, |queue, group| {
@@ -574,7 +574,7 @@ mod tests {
         });
         assert!(!text.contains("gone-group"), "{text}");
         assert!(!text.contains("metrics-gone"), "{text}");
-        assert!(text.contains(r#"qit_cluster_leader_changes_total{queue="metrics-test"} 1"#));
+        assert!(text.contains(r#"qit_test_recorded_total{queue="metrics-test"} 1"#));
         assert!(
             text.contains(r#"qit_messages_acked_total{queue="metrics-test",group="default"} 2"#)
         );

@@ -120,7 +120,11 @@ async fn any_node_serves_every_step() {
     );
     // `/metrics` has the group's series per partition of the queue (they share it).
     let text = common::metrics_text(&cluster.node(1).http).await;
-    for name in ["qit_cluster_term", "qit_cluster_replication_lag_entries"] {
+    for name in [
+        "qit_cluster_term",
+        "qit_cluster_replication_lag_entries",
+        "qit_cluster_leader_changes_total",
+    ] {
         for partition in 0..2 {
             let series = text.lines().find(|l| {
                 l.starts_with(&format!("{name}{{"))

@@ -161,6 +161,17 @@ async fn a_stopped_leader_is_replaced_for_all_its_groups_and_follows_after() {
     }
 }
 
+/// Whether `/metrics` at `base` counts a leader change of `queue`'s group.
+async fn leader_changes(base: &str, queue: &str) -> bool {
+    let text = common::metrics_text(base).await;
+    let label = format!("queue=\"{queue}\"");
+    text.lines().any(|l| {
+        l.starts_with("qit_cluster_leader_changes_total{")
+            && l.contains(&label)
+            && l.rsplit(' ').next().is_some_and(|v| v != "0")
+    })
+}
+
 /// kill -9 of a node that leads queues: a survivor serves publishes to every queue (the
 /// groups elect new leaders), and the killed node, restarted, catches up on all of them.
 /// Meanwhile the metadata leader fences the killed node (every survivor's `/cluster`
@@ -182,6 +193,11 @@ async fn a_killed_leader_is_replaced_and_catches_up_after_restart() {
     let new = cluster.leader_of(survivor, &queues[0], Some(victim)).await;
     assert_ne!(new, victim);
     let survivors: Vec<u64> = (1..=3).filter(|id| *id != victim).collect();
+    let base = cluster.node(new).http.clone();
+    eventually(&format!("node {new} counts the leader change"), || {
+        leader_changes(&base, &queues[0])
+    })
+    .await;
     for id in &survivors {
         let (base, gone) = (cluster.node(*id).http.clone(), [victim]);
         eventually(&format!("node {id} sees node {victim} fenced"), || {

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{BasicNode, Config, SnapshotPolicy};
@@ -38,6 +39,8 @@ const RPC_TIMEOUT_MS: u64 = 200;
 struct GroupWatch {
     applied: Arc<AppliedIndex>,
     leader: watch::Receiver<Option<u64>>,
+    /// Leader changes seen here (see [`leader_watch`]).
+    leader_changes: Arc<AtomicU64>,
 }
 
 /// A receiver of `raft`'s leader that wakes only when the leader changes (openraft's
@@ -45,10 +48,17 @@ struct GroupWatch {
 /// each). Fed by a task that ends with the group and watches openraft's server metrics
 /// (vote, state, leader, membership), which change only with those: watching all of its
 /// metrics woke the task, often on another thread, several times per replicated request.
-fn leader_watch(raft: &Raft) -> watch::Receiver<Option<u64>> {
+///
+/// The task also counts the group's leader changes (a leader other than the last one
+/// known here; the first leader is none), for `/metrics`.
+fn leader_watch(raft: &Raft) -> (watch::Receiver<Option<u64>>, Arc<AtomicU64>) {
     let mut metrics = raft.server_metrics();
-    let (tx, rx) = watch::channel(metrics.borrow_watched().current_leader);
+    let first = metrics.borrow_watched().current_leader;
+    let (tx, rx) = watch::channel(first);
+    let changes = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&changes);
     tokio::spawn(async move {
+        let mut last_known = first;
         loop {
             let leader = metrics.borrow_and_update().current_leader;
             tx.send_if_modified(|known| {
@@ -56,13 +66,19 @@ fn leader_watch(raft: &Raft) -> watch::Receiver<Option<u64>> {
                 *known = leader;
                 changed
             });
+            if leader.is_some() {
+                if last_known.is_some() && last_known != leader {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                last_known = leader;
+            }
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() { return },
                 () = tx.closed() => return,
             }
         }
     });
-    rx
+    (rx, changes)
 }
 
 /// Takes group `id` out of `lost` once it has applied an entry of the term of the leader
@@ -355,13 +371,13 @@ impl Groups {
             watch_catch_up(id, &raft, Arc::clone(&self.lost));
         }
         self.rafts.write().insert(id, raft.clone());
-        self.watches.write().insert(
-            id,
-            GroupWatch {
-                applied,
-                leader: leader_watch(&raft),
-            },
-        );
+        let (leader, leader_changes) = leader_watch(&raft);
+        let watch = GroupWatch {
+            applied,
+            leader,
+            leader_changes,
+        };
+        self.watches.write().insert(id, watch);
         if seeded && preferred {
             // The preferred leader stands first, which spreads leaders as placement says;
             // the others stand later if it does not win (see `super::liveness`).
@@ -555,6 +571,14 @@ impl Groups {
     /// Group `id`'s leader as this node knows it, changing only when the leader does.
     pub fn leader_watch(&self, id: u64) -> Option<watch::Receiver<Option<u64>>> {
         self.watches.read().get(&id).map(|w| w.leader.clone())
+    }
+
+    /// How often group `id`'s leader changed since the group opened here (`None`: not open).
+    pub fn leader_changes(&self, id: u64) -> Option<u64> {
+        let watches = self.watches.read();
+        watches
+            .get(&id)
+            .map(|w| w.leader_changes.load(Ordering::Relaxed))
     }
 
     /// The id of the last entry in group `id`'s log here (`None`: empty, or not open).

@@ -249,10 +249,8 @@ impl Cluster {
         }
     }
 
-    /// Watches every group for leader changes (counted) and for a stop (logged once),
-    /// every second until `stop`.
+    /// Watches every group for a stop (logged once), every second until `stop`.
     pub async fn run_metrics(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
-        let mut leaders: HashMap<u64, Option<u64>> = HashMap::new();
         let mut failed: Vec<u64> = Vec::new();
         let mut every = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -261,28 +259,17 @@ impl Cluster {
                 _ = stop.cancelled() => return,
             }
             let names = self.group_names();
-            for (id, raft) in self.groups().rafts() {
-                let name = names.get(&id).cloned().unwrap_or_default();
-                let m = raft.metrics().borrow_watched().clone();
-                if let Err(fatal) = &m.running_state
-                    && !failed.contains(&id)
+            let rafts = self.groups().rafts();
+            for (id, raft) in &rafts {
+                if let Err(fatal) = &raft.metrics().borrow_watched().running_state
+                    && !failed.contains(id)
                 {
+                    let name = names.get(id).map_or("", String::as_str);
                     tracing::error!(group = id, queue = %name, %fatal, "a raft group stopped");
-                    failed.push(id);
-                }
-                let previous = leaders.insert(id, m.current_leader);
-                if previous.is_some_and(|p| p != m.current_leader) && m.current_leader.is_some() {
-                    self.count_leader_change(id, &name);
+                    failed.push(*id);
                 }
             }
-        }
-    }
-
-    /// Counts a leader change of group `id` (of queue `name`): once per partition of the
-    /// queue (they share the group), once for the metadata group.
-    fn count_leader_change(&self, id: u64, name: &str) {
-        for labels in self.series_labels(id, name) {
-            metrics::counter!(LEADER_CHANGES, &labels).increment(1);
+            failed.retain(|id| rafts.iter().any(|(g, _)| g == id));
         }
     }
 
@@ -328,6 +315,8 @@ impl Cluster {
                 let labels: Vec<(&str, &str)> =
                     labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 self.group_series(state, &m, &labels);
+                let changes = self.groups().leader_changes(id).unwrap_or(0);
+                state.counter(LEADER_CHANGES, &labels, changes);
             }
         }
     }
