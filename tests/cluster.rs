@@ -205,6 +205,16 @@ async fn any_node_serves_every_step() {
             .is_ok_and(|r| r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE)
     })
     .await;
+    // Its view names no leader: it leads nothing it could commit, and hears no other.
+    eventually("a lone node shows no leader", || async {
+        view(&format!("{base}/cluster")).await.is_some_and(|v| {
+            let partitions = v["partitions"].as_array().cloned().unwrap_or_default();
+            v["leader"].is_null()
+                && partitions.iter().any(|p| p["queue"] == "orders")
+                && partitions.iter().all(|p| p["leader"].is_null())
+        })
+    })
+    .await;
     let mut local = Vec::new();
     for partition in 0..2 {
         local.extend(log_bodies(&base, "orders", partition).await.unwrap());

@@ -76,7 +76,8 @@ pub struct PartitionView {
     pub queue: String,
     /// Partition.
     pub partition: u32,
-    /// The leader of the queue's group, if known here.
+    /// The leader of the queue's group as this node knows it; `None` while none can serve
+    /// (see `serving_leader_and_term`).
     pub leader: Option<u64>,
     /// Replicas, preferred leader first.
     pub replicas: Vec<u64>,
@@ -109,7 +110,7 @@ pub struct FollowerLag {
 pub struct ClusterView {
     /// The answering node.
     pub node_id: u64,
-    /// The metadata group's leader.
+    /// The metadata group's leader as this node knows it (`None` as for a partition's).
     pub leader: Option<u64>,
     /// The metadata group's term.
     pub term: u64,
@@ -117,12 +118,6 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
     /// Every partition of every queue.
     pub partitions: Vec<PartitionView>,
-}
-
-fn leader_and_term(raft: &Raft) -> (Option<u64>, u64) {
-    let m = raft.metrics();
-    let m = m.borrow_watched();
-    (m.current_leader, m.current_term)
 }
 
 /// On a group's leader, the entries its slowest follower lacks (`None` elsewhere).
@@ -178,7 +173,7 @@ fn follower_lag_series(m: &RaftMetrics, me: u64) -> Vec<FollowerLag> {
 impl Cluster {
     /// The cluster as this node sees it.
     pub fn view(&self) -> ClusterView {
-        let (leader, term) = leader_and_term(self.meta());
+        let (leader, term) = self.serving_leader_and_term(self.meta());
         let nodes = self
             .groups()
             .voters()
@@ -199,7 +194,9 @@ impl Cluster {
         let mut partitions = Vec::new();
         for (queue, group) in self.groups().queue_groups() {
             let raft = self.groups().raft(group.id);
-            let (leader, term) = raft.as_ref().map_or((None, 0), leader_and_term);
+            let (leader, term) = raft
+                .as_ref()
+                .map_or((None, 0), |raft| self.serving_leader_and_term(raft));
             let (lag, followers) = raft.as_ref().map_or((None, Vec::new()), |r| {
                 let m = r.metrics();
                 let m = m.borrow_watched();
@@ -229,6 +226,26 @@ impl Cluster {
             nodes,
             partitions,
         }
+    }
+
+    /// A group's leader as `GET /cluster` shows it, and its term: the leader this node
+    /// knows, or none while it cannot serve. That is a leader here whose group has no
+    /// majority of its voters up (it takes no write; it gives way once the others elect
+    /// one), or a leader elsewhere this node has not heard from lately (it may be dead,
+    /// and a new one is being elected), as this node's liveness tells.
+    fn serving_leader_and_term(&self, raft: &Raft) -> (Option<u64>, u64) {
+        let m = raft.metrics();
+        let m = m.borrow_watched();
+        let leader = m.current_leader.filter(|leader| {
+            if *leader != self.node_id() {
+                return self.peers().is_up(*leader);
+            }
+            let membership = m.membership_config.membership();
+            let voters: Vec<u64> = membership.voter_ids().collect();
+            let up = voters.iter().filter(|v| self.peers().is_up(**v)).count();
+            up > voters.len() / 2
+        });
+        (leader, m.current_term)
     }
 
     /// True while this node is part of a working quorum: the metadata group has a leader
