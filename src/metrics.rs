@@ -193,8 +193,8 @@ impl ScrapeSeries {
     pub fn histogram(&mut self, name: &'static str, labels: &[(&str, &str)], h: &OwnedHistogram) {
         let lines = self.family(name, "histogram");
         let mut below = 0;
-        for (bound, samples) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
-            below += samples.load(Ordering::Relaxed);
+        for (bound, samples) in LATENCY_BUCKETS.iter().zip(h.bucket_counts()) {
+            below += samples;
             let le = bound.to_string();
             push_sample(lines, name, "_bucket", labels, Some(&le), below);
         }
@@ -283,9 +283,15 @@ impl OwnedCounter {
 }
 
 /// A latency histogram owned by what it measures (see [`OwnedCounter`]), in the buckets
-/// of the recorder's histograms ([`LATENCY_BUCKETS`]).
+/// of the recorder's histograms ([`LATENCY_BUCKETS`]). Its buckets are allocated at the
+/// first sample: an idle queue or group holds only an empty cell (16 bytes, not 150).
 #[derive(Debug, Default)]
 pub struct OwnedHistogram {
+    samples: OnceLock<Box<Samples>>,
+}
+
+#[derive(Debug, Default)]
+struct Samples {
     /// Samples per bucket, not cumulative; the last one holds those above every bound.
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     /// Sum of the samples in nanoseconds.
@@ -295,24 +301,41 @@ pub struct OwnedHistogram {
 impl OwnedHistogram {
     /// Records one sample in seconds (a negative or NaN one counts as 0).
     pub fn record(&self, seconds: f64) {
+        let samples = self.samples.get_or_init(Box::default);
         let bucket = LATENCY_BUCKETS
             .iter()
             .position(|bound| seconds <= *bound)
             .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        samples.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         // `as` saturates: a negative or NaN sample adds nothing.
         let nanos = (seconds * 1e9) as u64;
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        samples.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Samples per bucket (not cumulative, the last above every bound), all 0 before the
+    /// first sample.
+    fn bucket_counts(&self) -> [u64; LATENCY_BUCKETS.len() + 1] {
+        let mut counts = [0; LATENCY_BUCKETS.len() + 1];
+        if let Some(samples) = self.samples.get() {
+            for (count, bucket) in counts.iter_mut().zip(&samples.buckets) {
+                *count = bucket.load(Ordering::Relaxed);
+            }
+        }
+        counts
     }
 
     /// Samples recorded.
     pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+        self.bucket_counts().iter().sum()
     }
 
     /// Sum of the samples in seconds.
     pub fn sum_seconds(&self) -> f64 {
-        self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+        let nanos = self
+            .samples
+            .get()
+            .map_or(0, |s| s.sum_nanos.load(Ordering::Relaxed));
+        nanos as f64 / 1e9
     }
 }
 
@@ -609,7 +632,10 @@ mod tests {
         );
         assert!(mine.contains(r#"{queue="recorded",le="10"} 6"#), "{mine}");
         assert!(mine.contains(r#"_count{queue="recorded"} 7"#), "{mine}");
+        // An idle queue's or group's histogram is an empty cell until its first sample.
         let empty = OwnedHistogram::default();
+        assert!(std::mem::size_of::<OwnedHistogram>() <= 16);
+        assert_eq!((empty.count(), empty.sum_seconds()), (0, 0.0));
         empty.record(f64::NAN);
         empty.record(-1.0);
         assert_eq!((empty.count(), empty.sum_seconds()), (2, 0.0));
