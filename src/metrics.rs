@@ -192,13 +192,15 @@ impl ScrapeSeries {
     /// Adds the buckets, sum and count of histogram `name` with `labels`.
     pub fn histogram(&mut self, name: &'static str, labels: &[(&str, &str)], h: &OwnedHistogram) {
         let lines = self.family(name, "histogram");
+        let counts = h.bucket_counts();
         let mut below = 0;
-        for (bound, samples) in LATENCY_BUCKETS.iter().zip(h.bucket_counts()) {
+        for (bound, samples) in LATENCY_BUCKETS.iter().zip(counts) {
             below += samples;
             let le = bound.to_string();
             push_sample(lines, name, "_bucket", labels, Some(&le), below);
         }
-        let count = h.count();
+        // From the same reads as the buckets: `+Inf` is never below the last bound's.
+        let count: u64 = counts.iter().sum();
         push_sample(lines, name, "_bucket", labels, Some("+Inf"), count);
         push_sample(lines, name, "_sum", labels, None, h.sum_seconds());
         push_sample(lines, name, "_count", labels, None, count);

@@ -14,6 +14,7 @@ use super::Cluster;
 use super::groups::META_GROUP;
 use super::state_machine::Raft;
 use super::types::{LogId, RaftMetrics};
+use crate::clock::Ticks;
 use crate::metrics::ScrapeSeries;
 
 /// Current term of a group.
@@ -240,12 +241,20 @@ impl Cluster {
             if *leader != self.node_id() {
                 return self.peers().is_up(*leader);
             }
-            let membership = m.membership_config.membership();
-            let voters: Vec<u64> = membership.voter_ids().collect();
-            let up = voters.iter().filter(|v| self.peers().is_up(**v)).count();
-            up > voters.len() / 2
+            self.majority_up(m.membership_config.membership().voter_ids())
         });
         (leader, m.current_term)
+    }
+
+    /// Whether more than half of `voters` are up as this node's liveness tells (this node
+    /// always is).
+    fn majority_up(&self, voters: impl IntoIterator<Item = u64>) -> bool {
+        let (mut all, mut up) = (0, 0);
+        for voter in voters {
+            all += 1;
+            up += usize::from(self.peers().is_up(voter));
+        }
+        up > all / 2
     }
 
     /// True while this node is part of a working quorum: the metadata group has a leader
@@ -256,11 +265,7 @@ impl Cluster {
     pub fn healthy(&self) -> bool {
         let leader = self.meta().metrics().borrow_watched().current_leader;
         match leader {
-            Some(leader) if leader == self.node_id() => {
-                let voters = self.groups().voters();
-                let up = voters.keys().filter(|v| self.peers().is_up(**v)).count();
-                up > voters.len() / 2
-            }
+            Some(leader) if leader == self.node_id() => self.majority_up(self.groups().voter_ids()),
             Some(leader) => self.peers().is_up(leader),
             None => false,
         }
@@ -269,12 +274,8 @@ impl Cluster {
     /// Watches every group for a stop (logged once), every second until `stop`.
     pub async fn run_metrics(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut failed: Vec<u64> = Vec::new();
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = every.tick() => {}
-                _ = stop.cancelled() => return,
-            }
+        let mut ticks = Ticks::new(Duration::from_secs(1), stop);
+        while ticks.next().await {
             let names = self.group_names();
             let rafts = self.groups().rafts();
             for (id, raft) in &rafts {
@@ -328,11 +329,11 @@ impl Cluster {
         for (id, raft) in self.groups().rafts() {
             let name = names.get(&id).cloned().unwrap_or_default();
             let m = raft.metrics().borrow_watched().clone();
+            let changes = self.groups().leader_changes(id).unwrap_or(0);
             for labels in self.series_labels(id, &name) {
                 let labels: Vec<(&str, &str)> =
                     labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 self.group_series(state, &m, &labels);
-                let changes = self.groups().leader_changes(id).unwrap_or(0);
                 state.counter(LEADER_CHANGES, &labels, changes);
             }
         }
