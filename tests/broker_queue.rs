@@ -1152,3 +1152,74 @@ async fn released_leases_come_back_with_one_op_and_one_count_entry() {
     assert!(b.receive("q", "g", 10, NOW, None).await.unwrap().is_empty());
     assert_eq!(b.group_info("q", "g").unwrap().in_flight, 2);
 }
+
+/// The publish latency histogram counts each publish once, on the node that answered it,
+/// replication included: a replica applying a committed publish (or a Kafka append)
+/// serves no one and records nothing, while its published counter still counts what it
+/// stores. (Recording at apply counted one sample per Raft entry, on every replica, and
+/// left out the replication round that the publisher waits for.)
+#[tokio::test]
+async fn publish_latency_counts_publishes_answered_here_not_entries_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path()).await;
+    b.create_queue("q", QueueSettings::default()).await.unwrap();
+    let (kinds, _told) = tokio::sync::mpsc::unbounded_channel();
+    let replicator = Arc::new(RecordedOps {
+        broker: std::sync::OnceLock::new(),
+        kinds,
+    });
+    replicator.broker.set(Arc::downgrade(&b)).unwrap();
+    b.set_replicator(replicator.clone());
+    let scrape = |b: &Broker| {
+        let mut series = qit::metrics::ScrapeSeries::default();
+        b.owned_series(&mut series);
+        series.render()
+    };
+    let record = |value: &str| qit::log::Record {
+        timestamp_ms: Clock::system().now_ms(),
+        key: None,
+        headers: Vec::new(),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+    };
+
+    // Served here: two publishes, two pipelined ones, one record append.
+    b.publish("q", vec![msg("a")]).await.unwrap();
+    b.publish("q", vec![msg("b"), msg("c")]).await.unwrap();
+    let many = b
+        .publish_many("q", vec![vec![msg("d")], vec![msg("e")]])
+        .await;
+    assert!(many.iter().all(Result::is_ok), "{many:?}");
+    b.append_records("q", 0, vec![record("f")]).await.unwrap();
+    let text = scrape(&b);
+    for expected in [
+        r#"qit_publish_latency_seconds_count{queue="q"} 5"#,
+        r#"qit_messages_published_total{queue="q"} 6"#,
+    ] {
+        assert!(text.contains(expected), "no {expected} in {text}");
+    }
+
+    // Applied as a replica: stored and counted as published, not as publishes served.
+    b.apply_op(qit::broker::replicate::Op::Publish {
+        queue: "q".into(),
+        messages: vec![msg("g").into()],
+        now_ms: Clock::system().now_ms(),
+    })
+    .await
+    .unwrap();
+    b.apply_op(qit::broker::replicate::Op::AppendRecords {
+        queue: "q".into(),
+        partition: 0,
+        records: vec![record("h").into()],
+        batch_key: None,
+        now_ms: Clock::system().now_ms(),
+    })
+    .await
+    .unwrap();
+    let text = scrape(&b);
+    for expected in [
+        r#"qit_publish_latency_seconds_count{queue="q"} 5"#,
+        r#"qit_messages_published_total{queue="q"} 8"#,
+    ] {
+        assert!(text.contains(expected), "no {expected} in {text}");
+    }
+}

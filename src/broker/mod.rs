@@ -835,19 +835,40 @@ impl Broker {
         messages: Vec<NewMessage>,
     ) -> Result<Vec<Published>, BrokerError> {
         self.check_running()?;
-        if let Some(replicator) = self.replicator() {
-            check_publish(
-                &messages,
-                self.queue(queue).ok().map(|q| q.settings.max_message_bytes),
-            )?;
-            let op = replicate::Op::Publish {
-                queue: queue.to_string(),
-                messages: messages.into_iter().map(Into::into).collect(),
-                now_ms: self.config.clock.now_ms(),
-            };
-            return replicator.submit(op).await?.published();
+        let started = Instant::now();
+        let published = match self.replicator() {
+            Some(replicator) => {
+                check_publish(
+                    &messages,
+                    self.queue(queue).ok().map(|q| q.settings.max_message_bytes),
+                )?;
+                let op = replicate::Op::Publish {
+                    queue: queue.to_string(),
+                    messages: messages.into_iter().map(Into::into).collect(),
+                    now_ms: self.config.clock.now_ms(),
+                };
+                replicator.submit(op).await?.published()
+            }
+            None => self.publish_local(queue, messages, None).await,
+        };
+        if published.is_ok() {
+            self.record_publish_latency(queue, started, 1);
         }
-        self.publish_local(queue, messages, None).await
+        published
+    }
+
+    /// Counts `publishes` answered by this node in `queue`'s publish latency histogram:
+    /// the time from their arrival here to their answer, replication included. A replica
+    /// applying a committed publish serves no one and records nothing, so the histogram
+    /// counts each publish once, on the node that answered it.
+    pub(crate) fn record_publish_latency(&self, queue: &str, started: Instant, publishes: usize) {
+        let Ok(q) = self.queue(queue) else {
+            return;
+        };
+        let took = started.elapsed().as_secs_f64();
+        for _ in 0..publishes {
+            q.series.publish_latency.record(took);
+        }
     }
 
     /// Several publishes to `queue` that arrived together (a producer's pipelined
@@ -880,11 +901,12 @@ impl Broker {
             }
         }
         let now_ms = self.config.clock.now_ms();
+        let started = Instant::now();
         let mut results = replicator
             .submit_publishes(queue.to_string(), valid, now_ms)
             .await
             .into_iter();
-        answers
+        let answers: Vec<Result<Vec<Published>, BrokerError>> = answers
             .into_iter()
             .map(|answer| match answer {
                 Some(refused) => refused,
@@ -893,7 +915,10 @@ impl Broker {
                     None => Err(BrokerError::NoLeader("a publish went unanswered".into())),
                 },
             })
-            .collect()
+            .collect();
+        let served = answers.iter().filter(|a| a.is_ok()).count();
+        self.record_publish_latency(queue, started, served);
+        answers
     }
 
     /// Appends on this node; `now_ms` (a replicated publish's stamp) or the clock's now.
@@ -912,11 +937,7 @@ impl Broker {
         for (index, m) in messages.iter().enumerate() {
             message::check_new_message(m, index, q.settings.max_message_bytes)?;
         }
-        let started = Instant::now();
-        let result = q.publish_at(messages, now_ms).await;
-        let took = started.elapsed().as_secs_f64();
-        q.series.publish_latency.record(took);
-        result
+        q.publish_at(messages, now_ms).await
     }
 
     /// Leases up to `max` messages for `group`, waiting up to `wait` for the first one.

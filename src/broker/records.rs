@@ -78,15 +78,22 @@ impl Broker {
                 batch_key,
                 now_ms: self.clock().now_ms(),
             };
+            let started = std::time::Instant::now();
             let published = replicator.submit(op).await?.published()?;
-            return published
+            let first = published
                 .first()
                 .map(|p| p.offset)
-                .ok_or_else(|| BrokerError::InvalidArgument("nothing appended".into()));
+                .ok_or_else(|| BrokerError::InvalidArgument("nothing appended".into()))?;
+            self.record_publish_latency(queue, started, 1);
+            return Ok(first);
         }
+        let started = std::time::Instant::now();
         let now_ms = self.clock().now_ms();
-        self.append_records_local(queue, partition, records, batch_key, now_ms)
-            .await
+        let first = self
+            .append_records_local(queue, partition, records, batch_key, now_ms)
+            .await?;
+        self.record_publish_latency(queue, started, 1);
+        Ok(first)
     }
 
     /// Appends on this node's own state (the single node, and every replica's apply).
@@ -107,15 +114,12 @@ impl Broker {
         }
         check_sizes(&records, q.settings.max_message_bytes)?;
         let count = records.len() as u64;
-        let started = std::time::Instant::now();
         let first = match batch_key {
             Some(key) => q.append_once(partition, records, &key, now_ms).await?,
             None => self.partition(&q, partition)?.append(records).await?,
         };
         q.notify.notify_waiters();
         q.series.published.increment(count);
-        let took = started.elapsed().as_secs_f64();
-        q.series.publish_latency.record(took);
         Ok(first)
     }
 
