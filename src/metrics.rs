@@ -346,7 +346,8 @@ impl OwnedHistogram {
 pub struct QueueSeries {
     /// Messages appended ([`PUBLISHED`]).
     pub published: OwnedCounter,
-    /// Seconds per publish call ([`PUBLISH_LATENCY`]).
+    /// Seconds from a publish's arrival to its answer, on the node that answered it
+    /// ([`PUBLISH_LATENCY`]).
     pub publish_latency: OwnedHistogram,
     /// Segments deleted by retention ([`RETENTION_SEGMENTS_DELETED`]).
     pub retention_segments_deleted: OwnedCounter,
@@ -498,60 +499,21 @@ pub fn upkeep() {
     }
 }
 
-/// Renders the recorded series and then `state` in the Prometheus text format (only
-/// `state` when no recorder is installed). The recorder keeps a series until the process
-/// ends, so a recorded series of a queue or a consumer group that is gone is left out, as
-/// its gauges go with it: `exists(queue, None)` tells whether a queue exists,
-/// `exists(queue, Some(group))` whether the queue has that consumer group.
-pub fn render(state: &ScrapeSeries, exists: impl Fn(&str, Option<&str>) -> bool) -> String {
-    let recorded = HANDLE
+/// Renders the recorded series (the process-wide ones: connections, streams, files,
+/// fsyncs, cluster events) and then `state` (only `state` when no recorder is installed).
+/// No recorded series carries a queue or consumer group: those belong to their queue and
+/// group ([`QueueSeries`], [`GroupSeries`]) and go with them, so nothing of a deleted queue
+/// is left to filter out here.
+pub fn render(state: &ScrapeSeries) -> String {
+    let mut text = HANDLE
         .get()
         .map(|handle| {
             handle.run_upkeep();
             handle.render()
         })
         .unwrap_or_default();
-    let mut text = String::with_capacity(recorded.len());
-    for line in recorded.lines() {
-        if owner(line).is_some_and(|(queue, group)| !exists(queue, group)) {
-            continue;
-        }
-        text.push_str(line);
-        text.push('\n');
-    }
     text.push_str(&state.render());
     text
-}
-
-/// The queue a sample line's series belongs to, and its consumer group when the series is
-/// one of a group's. A `group` label names a consumer group everywhere except in the
-/// cluster's families (`qit_cluster_*`), where it is a Raft group's id.
-fn owner(line: &str) -> Option<(&str, Option<&str>)> {
-    let queue = label(line, "queue")?;
-    let group = if line.starts_with("qit_cluster_") {
-        None
-    } else {
-        label(line, "group")
-    };
-    Some((queue, group))
-}
-
-/// The value of label `name` in a sample line (queue and group names need no escaping,
-/// and no other label value of qit's holds `,{name}="`).
-fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    if line.starts_with('#') {
-        return None;
-    }
-    let labels = &line[line.find('{')? + 1..];
-    let labels = &labels[..labels.find('}')?];
-    let start = if labels.starts_with(name) && labels[name.len()..].starts_with("=\"") {
-        name.len() + 2
-    } else {
-        let key = format!(",{name}=\"");
-        labels.find(&key)? + key.len()
-    };
-    let value = &labels[start..];
-    Some(&value[..value.find('"')?])
 }
 
 /// Records one latency sample in seconds.
@@ -588,18 +550,7 @@ mod tests {
         group.acked.increment(2);
         group.render("metrics-test", "default", &mut state);
         observe_seconds(FSYNC_LATENCY, 0.002);
-        // Recorded series of a queue or consumer group that is gone are left out.
-        let recorded = "qit_test_recorded_total";
-        metrics::counter!(recorded, "queue" => "metrics-gone").increment(1);
-        metrics::counter!(recorded, "queue" => "metrics-test").increment(1);
-        metrics::counter!("qit_test_total", "queue" => "metrics-test", "group" => "gone-group")
-            .increment(4);
-        let text = render(&state, |queue, group| {
-            queue != "metrics-gone" && group != Some("gone-group")
-        });
-        assert!(!text.contains("gone-group"), "{text}");
-        assert!(!text.contains("metrics-gone"), "{text}");
-        assert!(text.contains(r#"qit_test_recorded_total{queue="metrics-test"} 1"#));
+        let text = render(&state);
         assert!(
             text.contains(r#"qit_messages_acked_total{queue="metrics-test",group="default"} 2"#)
         );
@@ -641,31 +592,6 @@ mod tests {
         empty.record(f64::NAN);
         empty.record(-1.0);
         assert_eq!((empty.count(), empty.sum_seconds()), (2, 0.0));
-    }
-
-    #[test]
-    fn the_queue_and_group_of_a_sample_are_found() {
-        assert_eq!(
-            owner(r#"a_total{queue="q.1",group="g"} 5"#),
-            Some(("q.1", Some("g")))
-        );
-        assert_eq!(
-            owner(r#"a_bucket{le="0.5",queue="q-2"} 1"#),
-            Some(("q-2", None))
-        );
-        assert_eq!(
-            owner(r#"a_bucket{group="g-1",le="0.5",queue="q-2"} 1"#),
-            Some(("q-2", Some("g-1")))
-        );
-        // A cluster family's `group` is a Raft group's id, not a consumer group.
-        assert_eq!(
-            owner(r#"qit_cluster_leader_changes_total{group="7",queue="q",partition="0"} 1"#),
-            Some(("q", None))
-        );
-        assert_eq!(owner(r#"a{group="queue",task="x"} 1"#), None);
-        assert_eq!(owner(r#"a{subqueue="x"} 1"#), None);
-        assert_eq!(owner("a_total 5"), None);
-        assert_eq!(owner(r#"# HELP a queue="x""#), None);
     }
 
     /// Each family is one block under one `# TYPE` line, even when its samples were set

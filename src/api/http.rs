@@ -182,24 +182,11 @@ pub(super) async fn metrics(State(s): State<HttpState>) -> Response {
     if let Some(maps) = s.broker.config().storage.map_cache() {
         crate::metrics::set_mapped_files(maps.mapped());
     }
-    let groups: std::collections::HashMap<String, Vec<String>> = s
-        .broker
-        .queue_names()
-        .into_iter()
-        .map(|queue| {
-            let groups = s.broker.group_names(&queue).unwrap_or_default();
-            (queue, groups)
-        })
-        .collect();
     let in_use = s.max_waiters.saturating_sub(s.waiters.available_permits());
     ::metrics::gauge!(crate::metrics::LONG_POLL_WAITERS).set(in_use as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&state, |queue, group| match (groups.get(queue), group) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(names), Some(group)) => names.iter().any(|name| name == group),
-        }),
+        crate::metrics::render(&state),
     )
         .into_response()
 }
