@@ -192,6 +192,7 @@ async fn any_node_serves_every_step() {
     stream_end_returns_leases_at_once(&cluster).await;
     a_group_is_deleted_through_any_node(&cluster).await;
     a_publish_is_in_the_log_of_every_node_at_once(&cluster).await;
+    every_part_of_a_message_reaches_every_replica(&cluster).await;
     // Read fallback: alone, node 1 has no quorum, yet serves its committed data; writes
     // answer 503 no_leader with Retry-After.
     cluster.node_mut(2).kill();
@@ -274,6 +275,67 @@ async fn a_publish_is_in_the_log_of_every_node_at_once(cluster: &Cluster) {
                 );
             }
         }
+    }
+}
+
+/// A message's key, headers, content type and body (bytes that are not UTF-8 too), and an
+/// idempotency key's effect, published through each node, are the same in every node's
+/// own copy: a Raft entry carries a publish's messages encoded as one buffer, which every
+/// replica decodes when it applies it.
+async fn every_part_of_a_message_reaches_every_replica(cluster: &Cluster) {
+    create_queue(&cluster.node(1).http, "parts", json!({})).await;
+    for via in 1..=3u64 {
+        for _attempt in 0..2 {
+            // Sent twice with one idempotency key: stored once.
+            let (status, answer) = retrying("publish", || {
+                http()
+                    .post(format!(
+                        "{}/queues/parts/messages?key=k{via}",
+                        cluster.node(via).http
+                    ))
+                    .header("content-type", "application/x-qit-test")
+                    .header("qit-header-origin", format!("node-{via}"))
+                    .header("qit-header-zeta", "z")
+                    .header("idempotency-key", format!("once-{via}"))
+                    .body(vec![0xff, 0x00, via as u8, b'x'])
+            })
+            .await;
+            assert!(status.is_success(), "publish: {status} {answer}");
+        }
+    }
+    let local = |node: u64| {
+        let base = cluster.node(node).http.clone();
+        async move {
+            let url = format!("{base}/queues/parts/log?partition=0&from=0&max=100&local=true");
+            view(&url).await.map(|log| log["messages"].clone())
+        }
+    };
+    let mut copies = Vec::new();
+    for node in 1..=3 {
+        let three = |m: &Value| m.as_array().map(Vec::len) == Some(3);
+        eventually("each replica holds the three messages", || async {
+            local(node).await.is_some_and(|m| three(&m))
+        })
+        .await;
+        // Nothing else is published to the queue: the copy stays as it is now.
+        copies.push(local(node).await.filter(three).expect("the three messages"));
+    }
+    assert_eq!(copies[0], copies[1], "nodes 1 and 2 differ");
+    assert_eq!(copies[0], copies[2], "nodes 1 and 3 differ");
+    for (i, m) in copies[0].as_array().unwrap().iter().enumerate() {
+        let via = i + 1;
+        assert_eq!(m["key"], format!("k{via}"), "{m}");
+        assert_eq!(m["content_type"], "application/x-qit-test", "{m}");
+        assert_eq!(m["headers"]["origin"], format!("node-{via}"), "{m}");
+        assert_eq!(m["headers"]["zeta"], "z", "{m}");
+        let body = m["body_base64"]
+            .as_str()
+            .expect("bytes that are not UTF-8, as base64");
+        let expected = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            [0xff, 0x00, via as u8, b'x'],
+        );
+        assert_eq!(body, expected, "{m}");
     }
 }
 

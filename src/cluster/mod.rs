@@ -59,6 +59,7 @@ pub mod moves;
 pub mod network;
 pub mod placement;
 pub mod proposals;
+pub mod publish_batch;
 pub mod recent_entries;
 pub mod rejoin;
 pub mod service;
@@ -393,7 +394,32 @@ fn watch_metrics_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<u64>
 }
 
 fn is_publish(command: &Command) -> bool {
-    matches!(command, Command::Broker(Op::Publish { .. }))
+    matches!(
+        command,
+        Command::Broker(Op::Publish { .. }) | Command::Publish(_)
+    )
+}
+
+/// A publish's queue, messages and time.
+type PublishParts = (String, Vec<WireMessage>, i64);
+
+/// The parts of a publish command ([`is_publish`]), its messages decoded.
+fn publish_parts(command: Command) -> Result<PublishParts, BrokerError> {
+    let op = match command {
+        Command::Broker(op) => op,
+        Command::Publish(p) => p
+            .into_op()
+            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
+        _ => return Err(BrokerError::InvalidArgument("not a publish".into())),
+    };
+    match op {
+        Op::Publish {
+            queue,
+            messages,
+            now_ms,
+        } => Ok((queue, messages, now_ms)),
+        _ => Err(BrokerError::InvalidArgument("not a publish".into())),
+    }
 }
 
 /// How forwarding an op failed.
@@ -601,6 +627,7 @@ impl Cluster {
                 Scope::Queue(q) => self.groups.queue_group(q).map(|g| (g.id, false)),
                 Scope::Leases(q) => self.groups.queue_group(q).map(|g| (g.id, true)),
             },
+            Command::Publish(p) => self.groups.queue_group(&p.queue).map(|g| (g.id, false)),
         }
     }
 
@@ -657,6 +684,7 @@ impl Cluster {
                     Scope::Queue(q) | Scope::Leases(q) => q.to_string(),
                     Scope::Meta => String::new(),
                 })),
+                (_, Command::Publish(p)) => Err(BrokerError::QueueNotFound(p.queue.clone())),
                 (_, _) => Err(no_leader("metadata")),
             };
         };
@@ -675,6 +703,10 @@ impl Cluster {
                         .and_then(|g| g.replicas.first().copied()),
                     Scope::Meta => None,
                 },
+                Command::Publish(p) => self
+                    .groups
+                    .queue_group(&p.queue)
+                    .and_then(|g| g.replicas.first().copied()),
                 _ => None,
             };
             return match replica {
@@ -1035,18 +1067,16 @@ impl Cluster {
         group: u64,
         command: Command,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        if is_publish(&command) {
+            let (queue, messages, now_ms) = publish_parts(command)?;
+            self.broker.check_sizes(&queue, &messages)?;
+            let sink = || proposals::propose_to(raft, group);
+            return self
+                .proposals
+                .publish(sink, group, queue, messages, now_ms)
+                .await;
+        }
         match command {
-            Command::Broker(Op::Publish {
-                queue,
-                messages,
-                now_ms,
-            }) => {
-                self.broker.check_sizes(&queue, &messages)?;
-                let sink = || proposals::propose_to(raft, group);
-                self.proposals
-                    .publish(sink, group, queue, messages, now_ms)
-                    .await
-            }
             Command::Broker(Op::Ack {
                 ref queue,
                 group: ref consumer,
@@ -1077,14 +1107,7 @@ impl Cluster {
         command: Command,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
-        let Command::Broker(Op::Publish {
-            queue,
-            messages,
-            now_ms,
-        }) = command
-        else {
-            return Err(no_leader("not a publish"));
-        };
+        let (queue, messages, now_ms) = publish_parts(command)?;
         let sink = self.forward_sink(group, hops);
         self.forwards
             .publish(sink, group, queue, messages, now_ms)

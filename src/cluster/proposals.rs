@@ -1,7 +1,7 @@
 //! Group commit of publishes on a queue's leader: publishes to one queue that arrive while
 //! its group already has [`WRITERS`] entries on the way are proposed together as one Raft
-//! entry (one `Op::Publish` with all their messages, stamped with the latest of their
-//! times), and each caller gets back its own share of the offsets.
+//! entry (one [`Command::Publish`] with all their messages, encoded once, stamped with the
+//! latest of their times), and each caller gets back its own share of the offsets.
 //!
 //! Every entry is a Raft round of its own (a write, with `--fsync always` a sync, and an
 //! AppendEntries to each follower), so one entry per publish would bound a queue to about
@@ -26,12 +26,13 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::propose_entry;
+use super::publish_batch::{EncodedPublish, MessageBatch};
 use super::state_machine::Raft;
 use super::types::Command;
 use crate::broker::BrokerError;
-use crate::broker::replicate::{Op, OpResult, WireError, WireMessage};
+use crate::broker::replicate::{OpResult, WireError, WireMessage};
 
-/// Where a batch of publishes goes (one `Op::Publish` command), and what it answered.
+/// Where a batch of publishes goes (one [`Command::Publish`]), and what it answered.
 pub type Sink = Arc<dyn Fn(Command) -> BoxFuture<'static, Proposed> + Send + Sync>;
 
 /// The sink of a group this node leads: proposed as one entry.
@@ -192,17 +193,28 @@ async fn answer(answered: oneshot::Receiver<Proposed>) -> Proposed {
     })
 }
 
-fn publish(queue: String, messages: Vec<WireMessage>, now_ms: i64) -> Command {
-    Command::Broker(Op::Publish {
+/// The command of a publish of `messages` to `queue`: encoded once, here, as one buffer
+/// that the Raft log, the followers and every apply share (see [`super::publish_batch`]).
+fn publish<'a>(
+    queue: String,
+    messages: impl IntoIterator<Item = &'a WireMessage> + Clone,
+    now_ms: i64,
+) -> Result<Command, BrokerError> {
+    let messages =
+        MessageBatch::encode(messages).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+    Ok(Command::Publish(EncodedPublish {
         queue,
         messages,
         now_ms,
-    })
+    }))
 }
 
 /// Sends one waiter's publish alone and answers it.
 async fn write_alone(sink: &Sink, w: Waiter) {
-    let result = sink(publish(w.queue, w.messages, w.now_ms)).await;
+    let result = match publish(w.queue, &w.messages, w.now_ms) {
+        Ok(command) => sink(command).await,
+        Err(error) => Err(error),
+    };
     let _ = w.answer.send(result);
 }
 
@@ -218,13 +230,20 @@ async fn write_batch(sink: &Sink, mut batch: Vec<Waiter>) {
     };
     let now_ms = batch.iter().map(|w| w.now_ms).max().unwrap_or_default();
     let total: usize = batch.iter().map(|w| w.messages.len()).sum();
-    // The waiters keep their messages (bodies are shared, not copied) in case the batch is
-    // refused and each has to go alone.
-    let messages: Vec<WireMessage> = batch
-        .iter()
-        .flat_map(|w| w.messages.iter().cloned())
-        .collect();
-    match sink(publish(queue, messages, now_ms)).await {
+    // Encoded from the waiters' messages, which they keep in case the batch is refused
+    // and each has to go alone.
+    let command = match publish(queue, batch.iter().flat_map(|w| &w.messages), now_ms) {
+        Ok(command) => command,
+        Err(error) => {
+            for w in batch {
+                let _ = w
+                    .answer
+                    .send(Err(BrokerError::InvalidArgument(error.to_string())));
+            }
+            return;
+        }
+    };
+    match sink(command).await {
         Ok((OpResult::Published(places), applied)) if places.len() == total => {
             let mut places = places.into_iter();
             for w in batch {

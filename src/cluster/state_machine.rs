@@ -338,44 +338,55 @@ impl StateMachine {
                 }
                 Applied(Ok(OpResult::Done))
             }
-            Command::Broker(op) => {
-                let Some(broker) = &self.broker else {
-                    return Applied(Ok(OpResult::Done));
-                };
-                let deleted = match &op {
-                    Op::DeleteQueue { name } => Some(name.clone()),
-                    _ => None,
-                };
-                let created_name = match &op {
-                    Op::CreateQueue { name, .. } => Some(name.clone()),
-                    _ => None,
-                };
-                if let (Role::Meta(groups), Some(name)) = (&self.role, &deleted) {
-                    // Stop the queue's group before its data goes.
-                    groups.close_queue(name).await;
-                }
-                let result = broker.apply_op(op).await;
-                if let Role::Meta(groups) = &self.role
-                    && let (
-                        Some(name),
-                        Ok(OpResult::Created {
-                            created: true,
-                            dead_letter_created,
-                        }),
-                    ) = (created_name, &result)
-                {
-                    groups
-                        .open_queue(&name, log_id.index * 2, QueueOpening::Created)
-                        .await;
-                    if let Some(dlq) = dead_letter_created {
-                        groups
-                            .open_queue(dlq, log_id.index * 2 + 1, QueueOpening::Created)
-                            .await;
-                    }
-                }
-                Applied(result.map_err(|e| WireError::from(&e)))
+            Command::Broker(op) => self.apply_op(log_id, op).await,
+            Command::Publish(publish) => match publish.into_op() {
+                Ok(op) => self.apply_op(log_id, op).await,
+                // Every replica decodes the same bytes, so every one answers this.
+                Err(error) => Applied(Err(WireError {
+                    code: "internal".into(),
+                    message: error.to_string(),
+                })),
+            },
+        }
+    }
+
+    /// Applies a broker op; a queue made or deleted opens or closes its group here.
+    async fn apply_op(&mut self, log_id: LogId, op: Op) -> Applied {
+        let Some(broker) = &self.broker else {
+            return Applied(Ok(OpResult::Done));
+        };
+        let deleted = match &op {
+            Op::DeleteQueue { name } => Some(name.clone()),
+            _ => None,
+        };
+        let created_name = match &op {
+            Op::CreateQueue { name, .. } => Some(name.clone()),
+            _ => None,
+        };
+        if let (Role::Meta(groups), Some(name)) = (&self.role, &deleted) {
+            // Stop the queue's group before its data goes.
+            groups.close_queue(name).await;
+        }
+        let result = broker.apply_op(op).await;
+        if let Role::Meta(groups) = &self.role
+            && let (
+                Some(name),
+                Ok(OpResult::Created {
+                    created: true,
+                    dead_letter_created,
+                }),
+            ) = (created_name, &result)
+        {
+            groups
+                .open_queue(&name, log_id.index * 2, QueueOpening::Created)
+                .await;
+            if let Some(dlq) = dead_letter_created {
+                groups
+                    .open_queue(dlq, log_id.index * 2 + 1, QueueOpening::Created)
+                    .await;
             }
         }
+        Applied(result.map_err(|e| WireError::from(&e)))
     }
 
     /// Links the queue's files for a snapshot at the applied point (on the apply task).

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::publish_batch::EncodedPublish;
 use crate::broker::replicate::{Op, OpResult, WireError};
 
 /// A node's addresses, as the metadata group records them.
@@ -41,6 +42,10 @@ pub enum Command {
     /// The metadata leader fences a node it found down, or unfences one back up
     /// (metadata group; see [`super::fencing`]). Last, as `Kafka`.
     Fenced(Fencing),
+    /// A publish as its queue group's leader proposes it: the messages encoded once, as
+    /// one buffer (see [`super::publish_batch`]). Last, as `Kafka`; a node also forwards
+    /// a batch of publishes to the leader in this form.
+    Publish(EncodedPublish),
 }
 
 /// A change of one node's fencing, as the metadata group records it.
@@ -68,6 +73,9 @@ impl std::fmt::Display for Command {
             Command::Broker(Op::Publish {
                 queue, messages, ..
             }) => write!(f, "publish of {} messages to {queue}", messages.len()),
+            Command::Publish(p) => {
+                write!(f, "publish of {} messages to {}", p.messages.len(), p.queue)
+            }
             Command::Broker(op) => write!(f, "{op:?}"),
             Command::Node(addrs) => write!(f, "node {} at {}", addrs.id, addrs.cluster),
             Command::Members(change) => write!(f, "members {change:?}"),
@@ -264,7 +272,46 @@ mod tests {
             fenced: true,
         });
         let bytes = encode(&fenced).unwrap();
-        assert_eq!(&bytes[..4], &6u32.to_le_bytes(), "Fenced comes last");
+        assert_eq!(&bytes[..4], &6u32.to_le_bytes(), "Fenced is variant 6");
         assert_eq!(decode::<Command>(&bytes).unwrap(), fenced);
+        // A publish entry of the first form (messages as a list) still decodes.
+        let listed = Command::Broker(Op::Publish {
+            queue: "q".into(),
+            messages: Vec::new(),
+            now_ms: 7,
+        });
+        assert_eq!(
+            decode::<Command>(&encode(&listed).unwrap()).unwrap(),
+            listed
+        );
+    }
+
+    proptest::proptest! {
+        /// An encoded publish comes back through the Raft codec as it went in, the bytes of
+        /// its batch once, as bytes (a length and the buffer), in the last variant.
+        #[test]
+        fn an_encoded_publish_round_trips(
+            messages in proptest::collection::vec(super::super::publish_batch::tests::message(), 0..8),
+        ) {
+            use super::super::publish_batch::MessageBatch;
+            let batch = MessageBatch::encode(&messages).unwrap();
+            let command = Command::Publish(EncodedPublish {
+                queue: "q".into(),
+                messages: batch,
+                now_ms: 7,
+            });
+            let bytes = encode(&command).unwrap();
+            proptest::prop_assert_eq!(&bytes[..4], &7u32.to_le_bytes(), "Publish comes last");
+            let back: Command = decode(&bytes).unwrap();
+            proptest::prop_assert_eq!(&back, &command);
+            let Command::Publish(back) = back else {
+                return Err(proptest::test_runner::TestCaseError::fail("not a publish"));
+            };
+            proptest::prop_assert_eq!(back.into_op().unwrap(), Op::Publish {
+                queue: "q".into(),
+                messages,
+                now_ms: 7,
+            });
+        }
     }
 }
