@@ -90,11 +90,17 @@ cluster() {
   rm -rf "$dir" "$dir"-node-*.log
 }
 
+# Each measurement starts on a quiet disk: the previous run's data (hundreds of MB,
+# deleted) is written back and trimmed first, so it does not land on the next run's syncs.
+settle() { sync; sleep 1; }
+
 mkdir -p "$ROOT"
 echo "# qit publish, W1 shape (${BENCH_ARGS}), --fsync always, $MESSAGES messages per run"
 for run in $(seq 1 "$RUNS"); do
+  settle
   s=$(single "$run" | rate)
   echo "run $run single node: $s msg/s   ($(uptime | sed 's/.*load/load/'))"
+  settle
   c=$(cluster "$run" | rate)
   echo "run $run three nodes (via $VIA): $c msg/s   ($(uptime | sed 's/.*load/load/'))"
 done
