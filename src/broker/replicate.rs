@@ -1191,7 +1191,7 @@ impl Broker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::auth::{Permission, Resource};
     use crate::broker::access::PasswordHash;
@@ -1230,13 +1230,15 @@ mod tests {
         }
     }
 
-    fn arb_message() -> impl Strategy<Value = WireMessage> {
+    /// Any message: strings of any characters, bodies of any bytes (also used by the
+    /// cluster's codec tests).
+    pub(crate) fn arb_message() -> impl Strategy<Value = WireMessage> {
         (
-            proptest::option::of("[a-z]{0,8}"),
-            proptest::collection::btree_map("[a-z]{1,4}", "[a-z]{0,4}", 0..3),
-            proptest::option::of("[a-z/]{0,10}"),
+            proptest::option::of(".{0,12}"),
+            proptest::collection::btree_map(".{0,8}", ".{0,8}", 0..3),
+            proptest::option::of("[a-z/]{0,16}"),
             proptest::collection::vec(any::<u8>(), 0..64),
-            proptest::option::of("[a-z0-9]{1,8}"),
+            proptest::option::of(".{0,12}"),
         )
             .prop_map(
                 |(key, headers, content_type, body, idempotency_key)| WireMessage {

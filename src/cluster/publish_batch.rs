@@ -297,29 +297,10 @@ impl Reader<'_> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::broker::replicate::tests::arb_message as message;
     use proptest::prelude::*;
-
-    /// Any message (also used by the Raft codec's tests).
-    pub(crate) fn message() -> impl Strategy<Value = WireMessage> {
-        (
-            proptest::option::of(".{0,12}"),
-            proptest::collection::btree_map(".{0,8}", ".{0,8}", 0..3),
-            proptest::option::of("[a-z/]{0,16}"),
-            proptest::collection::vec(any::<u8>(), 0..64),
-            proptest::option::of(".{0,12}"),
-        )
-            .prop_map(
-                |(key, headers, content_type, body, idempotency_key)| WireMessage {
-                    key,
-                    headers,
-                    content_type,
-                    body: Bytes::from(body),
-                    idempotency_key,
-                },
-            )
-    }
 
     proptest! {
         /// Any messages come back as they went in.

@@ -291,7 +291,7 @@ mod tests {
         /// its batch once, as bytes (a length and the buffer), in the last variant.
         #[test]
         fn an_encoded_publish_round_trips(
-            messages in proptest::collection::vec(super::super::publish_batch::tests::message(), 0..8),
+            messages in proptest::collection::vec(crate::broker::replicate::tests::arb_message(), 0..8),
         ) {
             use super::super::publish_batch::MessageBatch;
             let batch = MessageBatch::encode(&messages).unwrap();
