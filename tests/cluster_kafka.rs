@@ -177,9 +177,14 @@ fn batch(producer_id: i64, sequence: i32, values: &[&str]) -> Bytes {
             // Now, as producers stamp records (a batch stamped more than the queue's
             // dedup window ago is not matched across nodes).
             timestamp: qit::clock::Clock::system().now_ms(),
-            key: None,
+            key: Some(Bytes::from(format!("key-{v}"))),
             value: Some(Bytes::copy_from_slice(v.as_bytes())),
-            headers: Default::default(),
+            headers: [(
+                StrBytes::from_static_str("origin"),
+                Some(Bytes::from(format!("h-{v}"))),
+            )]
+            .into_iter()
+            .collect(),
         })
         .collect();
     let mut buf = BytesMut::new();
@@ -337,6 +342,32 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
         log_bodies(cluster.http(leader), &name, 1).await.unwrap(),
         ["plain", "x", "y", "z"]
     );
+    // Every replica's own copy holds the records as produced, keys and headers too (the
+    // entry carries them encoded once, and each replica decodes them).
+    let mut copies = Vec::new();
+    for node in 1..=3 {
+        let url = format!(
+            "{}/queues/{name}/log?partition=1&from=0&max=100&local=true",
+            cluster.http(node)
+        );
+        let four = |log: &serde_json::Value| log["messages"].as_array().map(Vec::len) == Some(4);
+        eventually(&format!("node {node} holds the four records"), || async {
+            four(&common::get_json(url.clone()).await)
+        })
+        .await;
+        copies.push(common::get_json(url).await["messages"].clone());
+    }
+    assert_eq!(copies[0], copies[1], "nodes 1 and 2 differ");
+    assert_eq!(copies[0], copies[2], "nodes 1 and 3 differ");
+    for (m, v) in copies[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["plain", "x", "y", "z"])
+    {
+        assert_eq!(m["key"], format!("key-{v}"), "{m}");
+        assert_eq!(m["headers"]["origin"], format!("h-{v}"), "{m}");
+    }
 
     // Topics made and deleted through followers: metadata entries, seen on every node.
     {

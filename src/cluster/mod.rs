@@ -89,6 +89,7 @@ use crate::broker::unanswered::Unanswered;
 use crate::broker::{Broker, BrokerError, MessageId};
 use groups::{Groups, META_GROUP};
 use network::Peers;
+use publish_batch::EncodedAppend;
 use state_machine::Raft;
 use state_machine::Role;
 use types::{Command, ForwardedRef, NodeAddrs, decode, encode};
@@ -628,6 +629,7 @@ impl Cluster {
                 Scope::Leases(q) => self.groups.queue_group(q).map(|g| (g.id, true)),
             },
             Command::Publish(p) => self.groups.queue_group(&p.queue).map(|g| (g.id, false)),
+            Command::AppendRecords(a) => self.groups.queue_group(&a.queue).map(|g| (g.id, false)),
         }
     }
 
@@ -685,6 +687,7 @@ impl Cluster {
                     Scope::Meta => String::new(),
                 })),
                 (_, Command::Publish(p)) => Err(BrokerError::QueueNotFound(p.queue.clone())),
+                (_, Command::AppendRecords(a)) => Err(BrokerError::QueueNotFound(a.queue.clone())),
                 (_, _) => Err(no_leader("metadata")),
             };
         };
@@ -706,6 +709,10 @@ impl Cluster {
                 Command::Publish(p) => self
                     .groups
                     .queue_group(&p.queue)
+                    .and_then(|g| g.replicas.first().copied()),
+                Command::AppendRecords(a) => self
+                    .groups
+                    .queue_group(&a.queue)
                     .and_then(|g| g.replicas.first().copied()),
                 _ => None,
             };
@@ -1094,6 +1101,18 @@ impl Cluster {
                 self.broker
                     .propose_group_delete(&queue, &consumer, entry)
                     .await
+            }
+            Command::Broker(Op::AppendRecords {
+                queue,
+                partition,
+                records,
+                batch_key,
+                now_ms,
+            }) => {
+                // The records go encoded once, as one buffer (see `publish_batch`).
+                let append = EncodedAppend::new(queue, partition, &records, batch_key, now_ms)
+                    .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+                propose_entry(raft, group, Command::AppendRecords(append)).await
             }
             command => propose_entry(raft, group, command).await,
         }

@@ -16,6 +16,13 @@
 //! string  = len u32 | UTF-8 bytes        key, content_type, idempotency_key are strings
 //! headers = n u32 | (string name | string value)*
 //! ```
+//! A Kafka producer's append is carried the same way ([`EncodedAppend`], [`RecordBatch`]):
+//!
+//! ```text
+//! batch  = count u32 | record*
+//! record = timestamp_ms i64 | flags u8 | [key_len u32 | key] | headers_n u32 |
+//!          (string name | value_len u32 | value)* | value_len u32 | value   (key: flag bit 1)
+//! ```
 //! All integers little-endian. Decoding checks every length against what is left and every
 //! string's UTF-8: a malformed batch is an error, never a panic.
 
@@ -24,7 +31,7 @@ use std::collections::BTreeMap;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::broker::replicate::{Op, WireMessage};
+use crate::broker::replicate::{Op, WireMessage, WireRecord};
 
 const KEY: u8 = 1;
 const CONTENT_TYPE: u8 = 2;
@@ -49,8 +56,10 @@ pub enum BatchError {
 }
 
 /// Messages encoded as one buffer (see the module doc); a clone shares the buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct MessageBatch {
+    #[serde(with = "raw_bytes")]
     raw: Bytes,
 }
 
@@ -86,17 +95,12 @@ impl MessageBatch {
         for _ in 0..count {
             messages.push(reader.message()?);
         }
-        match self.raw.len() - reader.at {
-            0 => Ok(messages),
-            left => Err(BatchError::Trailing(left)),
-        }
+        reader.end(messages)
     }
 
     /// The number of messages (0 for a batch too short to say).
     pub fn len(&self) -> usize {
-        self.raw
-            .get(..4)
-            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        count(&self.raw)
     }
 
     /// True when the batch holds no message.
@@ -105,29 +109,29 @@ impl MessageBatch {
     }
 }
 
-impl Serialize for MessageBatch {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.raw)
-    }
-}
+/// A batch's buffer as the Raft codec carries it: one byte string (a length and the bytes),
+/// decoded into one allocation.
+mod raw_bytes {
+    use bytes::Bytes;
 
-impl<'de> Deserialize<'de> for MessageBatch {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+    pub fn serialize<S: serde::Serializer>(raw: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(raw)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Bytes, D::Error> {
         struct Visit;
         impl serde::de::Visitor<'_> for Visit {
-            type Value = MessageBatch;
+            type Value = Bytes;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an encoded publish batch")
+                f.write_str("an encoded batch")
             }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
-                Ok(MessageBatch {
-                    raw: Bytes::copy_from_slice(v),
-                })
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes::copy_from_slice(v))
             }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
-                Ok(MessageBatch {
-                    raw: Bytes::from(v),
-                })
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes::from(v))
             }
         }
         deserializer.deserialize_byte_buf(Visit)
@@ -164,6 +168,119 @@ impl EncodedPublish {
             now_ms: self.now_ms,
         })
     }
+}
+
+/// Records encoded as one buffer (see the module doc); a clone shares the buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RecordBatch {
+    #[serde(with = "raw_bytes")]
+    raw: Bytes,
+}
+
+impl RecordBatch {
+    /// Encodes `records` into one buffer.
+    pub fn encode(records: &[WireRecord]) -> Result<Self, BatchError> {
+        let size: usize = records.iter().map(record_size).sum();
+        let mut out = BytesMut::with_capacity(4 + size);
+        out.put_u32_le(len32(records.len())?);
+        for r in records {
+            out.put_i64_le(r.timestamp_ms);
+            out.put_u8(if r.key.is_some() { KEY } else { 0 });
+            if let Some(key) = &r.key {
+                put_bytes(&mut out, key)?;
+            }
+            out.put_u32_le(len32(r.headers.len())?);
+            for (name, value) in &r.headers {
+                put_bytes(&mut out, name.as_bytes())?;
+                put_bytes(&mut out, value)?;
+            }
+            put_bytes(&mut out, &r.value)?;
+        }
+        Ok(Self { raw: out.freeze() })
+    }
+
+    /// The records, their keys and values slices of this batch's buffer.
+    pub fn decode(&self) -> Result<Vec<WireRecord>, BatchError> {
+        let mut reader = Reader {
+            raw: &self.raw,
+            at: 0,
+        };
+        let count = reader.u32()? as usize;
+        // Each record takes at least 17 bytes.
+        let mut records = Vec::with_capacity(count.min(self.raw.len() / 17));
+        for _ in 0..count {
+            records.push(reader.record()?);
+        }
+        reader.end(records)
+    }
+
+    /// The number of records (0 for a batch too short to say).
+    pub fn len(&self) -> usize {
+        count(&self.raw)
+    }
+
+    /// True when the batch holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A Kafka producer's append to one partition as one entry, its records encoded once (see
+/// [`crate::broker::replicate::Op::AppendRecords`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodedAppend {
+    /// The queue.
+    pub queue: String,
+    /// The partition.
+    pub partition: u32,
+    /// The records.
+    pub records: RecordBatch,
+    /// The batch's idempotence key, if any.
+    pub batch_key: Option<String>,
+    /// Append time.
+    pub now_ms: i64,
+}
+
+impl EncodedAppend {
+    /// An append of `records` to `partition` of `queue`, encoded.
+    pub fn new(
+        queue: String,
+        partition: u32,
+        records: &[WireRecord],
+        batch_key: Option<String>,
+        now_ms: i64,
+    ) -> Result<Self, BatchError> {
+        Ok(Self {
+            queue,
+            partition,
+            records: RecordBatch::encode(records)?,
+            batch_key,
+            now_ms,
+        })
+    }
+
+    /// The append as the broker applies it.
+    pub fn into_op(self) -> Result<Op, BatchError> {
+        Ok(Op::AppendRecords {
+            queue: self.queue,
+            partition: self.partition,
+            records: self.records.decode()?,
+            batch_key: self.batch_key,
+            now_ms: self.now_ms,
+        })
+    }
+}
+
+fn record_size(r: &WireRecord) -> usize {
+    let headers: usize = r.headers.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+    8 + 1 + r.key.as_ref().map_or(0, |k| 4 + k.len()) + 4 + headers + 4 + r.value.len()
+}
+
+/// The count at the head of a batch (0 for a batch too short to say).
+fn count(raw: &[u8]) -> usize {
+    raw.get(..4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
 }
 
 fn encoded_size(m: &WireMessage) -> usize {
@@ -241,6 +358,44 @@ impl Reader<'_> {
     fn u8(&mut self) -> Result<u8, BatchError> {
         let range = self.take(1)?;
         Ok(self.raw[range.start])
+    }
+
+    /// `decoded` when every byte was read.
+    fn end<T>(&self, decoded: T) -> Result<T, BatchError> {
+        match self.raw.len() - self.at {
+            0 => Ok(decoded),
+            left => Err(BatchError::Trailing(left)),
+        }
+    }
+
+    fn i64(&mut self) -> Result<i64, BatchError> {
+        let range = self.take(8)?;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.raw[range]);
+        Ok(i64::from_le_bytes(b))
+    }
+
+    fn record(&mut self) -> Result<WireRecord, BatchError> {
+        let timestamp_ms = self.i64()?;
+        let flags = self.u8()?;
+        let key = if flags & KEY != 0 {
+            Some(self.bytes()?)
+        } else {
+            None
+        };
+        let n = self.u32()?;
+        let mut headers = Vec::with_capacity((n as usize).min(64));
+        for _ in 0..n {
+            let name = self.string()?;
+            headers.push((name, self.bytes()?));
+        }
+        let value = self.bytes()?;
+        Ok(WireRecord {
+            timestamp_ms,
+            key,
+            headers,
+            value,
+        })
     }
 
     fn u32(&mut self) -> Result<u32, BatchError> {
@@ -328,6 +483,36 @@ mod tests {
             changed[at] = value;
             let _ = MessageBatch { raw: Bytes::from(changed) }.decode();
         }
+
+        /// Any records come back as they went in, and a cut batch is an error.
+        #[test]
+        fn records_round_trip(
+            records in proptest::collection::vec(record(), 0..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let batch = RecordBatch::encode(&records).unwrap();
+            prop_assert_eq!(batch.len(), records.len());
+            prop_assert_eq!(&batch.decode().unwrap(), &records);
+            let cut_at = cut.index(batch.raw.len());
+            let cut = RecordBatch { raw: batch.raw.slice(..cut_at) };
+            prop_assert!(cut.decode().is_err(), "a batch cut at {} decoded", cut_at);
+        }
+    }
+
+    fn record() -> impl Strategy<Value = WireRecord> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..32).prop_map(Bytes::from);
+        (
+            any::<i64>(),
+            proptest::option::of(bytes()),
+            proptest::collection::vec((".{0,8}", bytes()), 0..3),
+            bytes(),
+        )
+            .prop_map(|(timestamp_ms, key, headers, value)| WireRecord {
+                timestamp_ms,
+                key,
+                headers,
+                value,
+            })
     }
 
     #[test]

@@ -25,6 +25,7 @@ use openraft::RaftSnapshotBuilder;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 
 use super::metadata::{MetaHooks, MetaImage, QueueOpening, SNAPSHOT_FILE, write_durably};
+use super::publish_batch::BatchError;
 use super::snapshot::{
     Captured, Manifest, Snapshot, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare,
     snapshot_id, unpack_bare,
@@ -339,14 +340,20 @@ impl StateMachine {
                 Applied(Ok(OpResult::Done))
             }
             Command::Broker(op) => self.apply_op(log_id, op).await,
-            Command::Publish(publish) => match publish.into_op() {
-                Ok(op) => self.apply_op(log_id, op).await,
-                // Every replica decodes the same bytes, so every one answers this.
-                Err(error) => Applied(Err(WireError {
-                    code: "internal".into(),
-                    message: error.to_string(),
-                })),
-            },
+            Command::Publish(publish) => self.apply_decoded(log_id, publish.into_op()).await,
+            Command::AppendRecords(append) => self.apply_decoded(log_id, append.into_op()).await,
+        }
+    }
+
+    /// Applies an op decoded from an entry's encoded batch, or answers why it could not be
+    /// decoded (every replica decodes the same bytes, so every one answers the same).
+    async fn apply_decoded(&mut self, log_id: LogId, decoded: Result<Op, BatchError>) -> Applied {
+        match decoded {
+            Ok(op) => self.apply_op(log_id, op).await,
+            Err(error) => Applied(Err(WireError {
+                code: "internal".into(),
+                message: error.to_string(),
+            })),
         }
     }
 

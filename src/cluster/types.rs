@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::publish_batch::EncodedPublish;
+use super::publish_batch::{EncodedAppend, EncodedPublish};
 use crate::broker::replicate::{Op, OpResult, WireError};
 
 /// A node's addresses, as the metadata group records them.
@@ -46,6 +46,9 @@ pub enum Command {
     /// one buffer (see [`super::publish_batch`]). Last, as `Kafka`; a node also forwards
     /// a batch of publishes to the leader in this form.
     Publish(EncodedPublish),
+    /// A Kafka producer's append as the queue group's leader proposes it: the records
+    /// encoded once, as one buffer. Last, as `Publish`.
+    AppendRecords(EncodedAppend),
 }
 
 /// A change of one node's fencing, as the metadata group records it.
@@ -76,6 +79,13 @@ impl std::fmt::Display for Command {
             Command::Publish(p) => {
                 write!(f, "publish of {} messages to {}", p.messages.len(), p.queue)
             }
+            Command::AppendRecords(a) => write!(
+                f,
+                "append of {} records to {} partition {}",
+                a.records.len(),
+                a.queue,
+                a.partition
+            ),
             Command::Broker(op) => write!(f, "{op:?}"),
             Command::Node(addrs) => write!(f, "node {} at {}", addrs.id, addrs.cluster),
             Command::Members(change) => write!(f, "members {change:?}"),
@@ -284,6 +294,31 @@ mod tests {
             decode::<Command>(&encode(&listed).unwrap()).unwrap(),
             listed
         );
+        // A Kafka append, encoded once, is the last variant and comes back as it went in.
+        let records = vec![crate::broker::replicate::WireRecord {
+            timestamp_ms: 5,
+            key: Some(bytes::Bytes::from_static(b"k")),
+            headers: vec![("h".into(), bytes::Bytes::from_static(b"v"))],
+            value: bytes::Bytes::from_static(b"value"),
+        }];
+        let append =
+            EncodedAppend::new("q".into(), 1, &records, Some("kafka:1:0:0".into()), 9).unwrap();
+        let bytes = encode(&Command::AppendRecords(append.clone())).unwrap();
+        assert_eq!(&bytes[..4], &8u32.to_le_bytes(), "AppendRecords comes last");
+        assert_eq!(
+            decode::<Command>(&bytes).unwrap(),
+            Command::AppendRecords(append.clone())
+        );
+        assert_eq!(
+            append.into_op().unwrap(),
+            Op::AppendRecords {
+                queue: "q".into(),
+                partition: 1,
+                records,
+                batch_key: Some("kafka:1:0:0".into()),
+                now_ms: 9,
+            }
+        );
     }
 
     proptest::proptest! {
@@ -301,7 +336,7 @@ mod tests {
                 now_ms: 7,
             });
             let bytes = encode(&command).unwrap();
-            proptest::prop_assert_eq!(&bytes[..4], &7u32.to_le_bytes(), "Publish comes last");
+            proptest::prop_assert_eq!(&bytes[..4], &7u32.to_le_bytes(), "Publish is variant 7");
             let back: Command = decode(&bytes).unwrap();
             proptest::prop_assert_eq!(&back, &command);
             let Command::Publish(back) = back else {
