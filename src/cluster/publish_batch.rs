@@ -4,7 +4,7 @@
 //! An entry's payload is written to the Raft log, sent to each follower, kept in memory for
 //! the reads that replicate and apply it, and decoded by every replica. Encoded as a list
 //! of structured messages, each of those steps walked every message again (three encodings
-//! and three deep copies per message on a leader with two followers, a decode with an
+//! and four deep copies per message on a leader with two followers, a decode with an
 //! allocation per body on each follower). As one buffer, they copy bytes or count a
 //! reference, and each replica decodes the messages once, when it applies the entry, the
 //! bodies as slices of the buffer.
@@ -42,16 +42,16 @@ const HEADERS: u8 = 8;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BatchError {
     /// The bytes end before what they announce.
-    #[error("a publish batch ends early, at byte {0}")]
+    #[error("an encoded batch ends early, at byte {0}")]
     Truncated(usize),
     /// A key, content type, idempotency key or header is not UTF-8.
-    #[error("a publish batch holds a string that is not UTF-8, at byte {0}")]
+    #[error("an encoded batch holds a string that is not UTF-8, at byte {0}")]
     NotUtf8(usize),
-    /// Bytes are left after the last message.
-    #[error("a publish batch has {0} bytes after its last message")]
+    /// Bytes are left after the last message or record.
+    #[error("an encoded batch has {0} bytes after its last message or record")]
     Trailing(usize),
     /// A length does not fit the format (more than 4 GiB).
-    #[error("a publish batch part is too large to encode ({0} bytes)")]
+    #[error("a part of a batch is too large to encode ({0} bytes)")]
     TooLarge(usize),
 }
 
