@@ -633,6 +633,22 @@ impl Cluster {
         }
     }
 
+    /// The group of `command` once this node has applied the metadata entry that made it,
+    /// for a forward whose sender named the group (`expected`): a group's id is twice the
+    /// index of the metadata entry that created its queue (plus one for the queue's
+    /// dead-letter queue), so a node a little behind on the metadata waits for that entry
+    /// (at most [`LEADER_WAIT`]) instead of answering that a queue just made does not
+    /// exist.
+    async fn group_once_applied(
+        &self,
+        command: &Command,
+        expected: Option<u64>,
+    ) -> Option<(u64, bool)> {
+        let applied = self.groups.applied(META_GROUP)?;
+        applied.wait(expected? / 2, LEADER_WAIT).await;
+        self.group_of(command)
+    }
+
     /// Runs a command here (leading its group) or forwards it to the node that leads it.
     pub async fn execute(&self, command: Command, hops: u32) -> ForwardReply {
         self.execute_routed(command, hops, None).await
@@ -674,7 +690,11 @@ impl Cluster {
             }
             command => command,
         };
-        let Some((group, leases)) = self.group_of(&command) else {
+        let found = match self.group_of(&command) {
+            Some(found) => Some(found),
+            None => self.group_once_applied(&command, expected).await,
+        };
+        let Some((group, leases)) = found else {
             // A queue created a moment ago may not have reached this node's metadata yet:
             // the metadata leader knows every committed queue.
             let leader = self.meta.metrics().borrow_watched().current_leader;
