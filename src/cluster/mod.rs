@@ -616,20 +616,13 @@ impl Cluster {
 
     /// The group a command runs in (`None`: a queue this node does not know).
     fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
-        match command {
-            Command::Node(_)
-            | Command::Placed(_)
-            | Command::Draining(_)
-            | Command::Kafka(_)
-            | Command::Fenced(_) => Some((META_GROUP, false)),
-            Command::Members(_) => Some((META_GROUP, true)),
-            Command::Broker(op) => match op.scope() {
-                Scope::Meta => Some((META_GROUP, false)),
-                Scope::Queue(q) => self.groups.queue_group(q).map(|g| (g.id, false)),
-                Scope::Leases(q) => self.groups.queue_group(q).map(|g| (g.id, true)),
-            },
-            Command::Publish(p) => self.groups.queue_group(&p.queue).map(|g| (g.id, false)),
-            Command::AppendRecords(a) => self.groups.queue_group(&a.queue).map(|g| (g.id, false)),
+        if let Command::Members(_) = command {
+            return Some((META_GROUP, true));
+        }
+        match command.scope() {
+            Scope::Meta => Some((META_GROUP, false)),
+            Scope::Queue(q) => self.groups.queue_group(q).map(|g| (g.id, false)),
+            Scope::Leases(q) => self.groups.queue_group(q).map(|g| (g.id, true)),
         }
     }
 
@@ -702,13 +695,12 @@ impl Cluster {
                 (Some(leader), _) if leader != self.node_id() && hops < MAX_HOPS => {
                     self.forward(leader, command, hops, expected).await
                 }
-                (_, Command::Broker(op)) => Err(BrokerError::QueueNotFound(match op.scope() {
-                    Scope::Queue(q) | Scope::Leases(q) => q.to_string(),
-                    Scope::Meta => String::new(),
-                })),
-                (_, Command::Publish(p)) => Err(BrokerError::QueueNotFound(p.queue.clone())),
-                (_, Command::AppendRecords(a)) => Err(BrokerError::QueueNotFound(a.queue.clone())),
-                (_, _) => Err(no_leader("metadata")),
+                (_, command) => match command.scope() {
+                    Scope::Queue(q) | Scope::Leases(q) => {
+                        Err(BrokerError::QueueNotFound(q.to_string()))
+                    }
+                    Scope::Meta => Err(no_leader("metadata")),
+                },
             };
         };
         if expected.is_some_and(|expected| expected != group) {
@@ -718,23 +710,12 @@ impl Cluster {
         }
         let Some(raft) = self.groups.raft(group) else {
             // Not a replica of this queue: one of its replicas leads or forwards.
-            let replica = match &command {
-                Command::Broker(op) => match op.scope() {
-                    Scope::Queue(q) | Scope::Leases(q) => self
-                        .groups
-                        .queue_group(q)
-                        .and_then(|g| g.replicas.first().copied()),
-                    Scope::Meta => None,
-                },
-                Command::Publish(p) => self
+            let replica = match command.scope() {
+                Scope::Queue(q) | Scope::Leases(q) => self
                     .groups
-                    .queue_group(&p.queue)
+                    .queue_group(q)
                     .and_then(|g| g.replicas.first().copied()),
-                Command::AppendRecords(a) => self
-                    .groups
-                    .queue_group(&a.queue)
-                    .and_then(|g| g.replicas.first().copied()),
-                _ => None,
+                Scope::Meta => None,
             };
             return match replica {
                 Some(node) if hops < MAX_HOPS => {

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::publish_batch::{EncodedAppend, EncodedPublish};
-use crate::broker::replicate::{Op, OpResult, WireError};
+use crate::broker::replicate::{Op, OpResult, Scope, WireError};
 
 /// A node's addresses, as the metadata group records them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +67,24 @@ pub struct KafkaAddr {
     pub id: u64,
     /// Its Kafka listener, `HOST:PORT`.
     pub kafka: String,
+}
+
+impl Command {
+    /// Where the command runs: a broker op's scope, the queue of an encoded publish or
+    /// append, the metadata group for everything else.
+    pub fn scope(&self) -> Scope<'_> {
+        match self {
+            Command::Broker(op) => op.scope(),
+            Command::Publish(p) => Scope::Queue(&p.queue),
+            Command::AppendRecords(a) => Scope::Queue(&a.queue),
+            Command::Node(_)
+            | Command::Members(_)
+            | Command::Placed(_)
+            | Command::Draining(_)
+            | Command::Kafka(_)
+            | Command::Fenced(_) => Scope::Meta,
+        }
+    }
 }
 
 /// A short form for openraft's logs: the variant, without a publish's messages.
