@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::propose_entry;
-use super::publish_batch::{EncodedPublish, MessageBatch};
+use super::publish_batch::EncodedPublish;
 use super::state_machine::Raft;
 use super::types::Command;
 use crate::broker::BrokerError;
@@ -200,13 +200,9 @@ fn publish<'a>(
     messages: impl IntoIterator<Item = &'a WireMessage> + Clone,
     now_ms: i64,
 ) -> Result<Command, BrokerError> {
-    let messages =
-        MessageBatch::encode(messages).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
-    Ok(Command::Publish(EncodedPublish {
-        queue,
-        messages,
-        now_ms,
-    }))
+    EncodedPublish::new(queue, messages, now_ms)
+        .map(Command::Publish)
+        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))
 }
 
 /// Sends one waiter's publish alone and answers it.

@@ -68,34 +68,22 @@ impl MessageBatch {
     pub fn encode<'a>(
         messages: impl IntoIterator<Item = &'a WireMessage> + Clone,
     ) -> Result<Self, BatchError> {
-        let size: usize = messages.clone().into_iter().map(encoded_size).sum();
+        let (count, size) = messages
+            .clone()
+            .into_iter()
+            .fold((0, 0), |(n, size), m| (n + 1, size + encoded_size(m)));
         let mut out = BytesMut::with_capacity(4 + size);
-        out.put_u32_le(0);
-        let mut count: u32 = 0;
+        out.put_u32_le(len32(count)?);
         for m in messages {
             put_message(&mut out, m)?;
-            count = count
-                .checked_add(1)
-                .ok_or(BatchError::TooLarge(usize::MAX))?;
         }
-        out[..4].copy_from_slice(&count.to_le_bytes());
         Ok(Self { raw: out.freeze() })
     }
 
     /// The messages, their bodies slices of this batch's buffer.
     pub fn decode(&self) -> Result<Vec<WireMessage>, BatchError> {
-        let mut reader = Reader {
-            raw: &self.raw,
-            at: 0,
-        };
-        let count = reader.u32()? as usize;
-        // Each message takes at least 5 bytes: a count past that is a lie, not a reason
-        // to reserve memory.
-        let mut messages = Vec::with_capacity(count.min(self.raw.len() / 5));
-        for _ in 0..count {
-            messages.push(reader.message()?);
-        }
-        reader.end(messages)
+        // Each message takes at least 5 bytes.
+        decode_all(&self.raw, 5, Reader::message)
     }
 
     /// The number of messages (0 for a batch too short to say).
@@ -152,7 +140,11 @@ pub struct EncodedPublish {
 
 impl EncodedPublish {
     /// `messages` to `queue`, encoded.
-    pub fn new(queue: String, messages: &[WireMessage], now_ms: i64) -> Result<Self, BatchError> {
+    pub fn new<'a>(
+        queue: String,
+        messages: impl IntoIterator<Item = &'a WireMessage> + Clone,
+        now_ms: i64,
+    ) -> Result<Self, BatchError> {
         Ok(Self {
             queue,
             messages: MessageBatch::encode(messages)?,
@@ -202,17 +194,8 @@ impl RecordBatch {
 
     /// The records, their keys and values slices of this batch's buffer.
     pub fn decode(&self) -> Result<Vec<WireRecord>, BatchError> {
-        let mut reader = Reader {
-            raw: &self.raw,
-            at: 0,
-        };
-        let count = reader.u32()? as usize;
         // Each record takes at least 17 bytes.
-        let mut records = Vec::with_capacity(count.min(self.raw.len() / 17));
-        for _ in 0..count {
-            records.push(reader.record()?);
-        }
-        reader.end(records)
+        decode_all(&self.raw, 17, Reader::record)
     }
 
     /// The number of records (0 for a batch too short to say).
@@ -275,6 +258,26 @@ impl EncodedAppend {
 fn record_size(r: &WireRecord) -> usize {
     let headers: usize = r.headers.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
     8 + 1 + r.key.as_ref().map_or(0, |k| 4 + k.len()) + 4 + headers + 4 + r.value.len()
+}
+
+/// The items of batch `raw`: its count, then that many read by `item`, each at least
+/// `least` bytes long (a count past what the bytes can hold is a lie, not a reason to
+/// reserve memory), and nothing after them.
+fn decode_all<'r, T>(
+    raw: &'r Bytes,
+    least: usize,
+    item: impl Fn(&mut Reader<'r>) -> Result<T, BatchError>,
+) -> Result<Vec<T>, BatchError> {
+    let mut reader = Reader { raw, at: 0 };
+    let count = reader.u32()? as usize;
+    let mut items = Vec::with_capacity(count.min(raw.len() / least));
+    for _ in 0..count {
+        items.push(item(&mut reader)?);
+    }
+    match raw.len() - reader.at {
+        0 => Ok(items),
+        left => Err(BatchError::Trailing(left)),
+    }
 }
 
 /// The count at the head of a batch (0 for a batch too short to say).
@@ -358,14 +361,6 @@ impl Reader<'_> {
     fn u8(&mut self) -> Result<u8, BatchError> {
         let range = self.take(1)?;
         Ok(self.raw[range.start])
-    }
-
-    /// `decoded` when every byte was read.
-    fn end<T>(&self, decoded: T) -> Result<T, BatchError> {
-        match self.raw.len() - self.at {
-            0 => Ok(decoded),
-            left => Err(BatchError::Trailing(left)),
-        }
     }
 
     fn i64(&mut self) -> Result<i64, BatchError> {
