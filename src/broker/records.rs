@@ -66,32 +66,32 @@ impl Broker {
         if records.is_empty() {
             return Err(BrokerError::InvalidArgument("no records to append".into()));
         }
-        if let Some(replicator) = self.replicator() {
-            // Checked before it is proposed, as a publish is (the apply checks again).
-            if let Ok(q) = self.queue(queue) {
-                check_sizes(&records, q.settings.max_message_bytes)?;
-            }
-            let op = Op::AppendRecords {
-                queue: queue.to_string(),
-                partition,
-                records: records.into_iter().map(WireRecord::from).collect(),
-                batch_key,
-                now_ms: self.clock().now_ms(),
-            };
-            let started = std::time::Instant::now();
-            let published = replicator.submit(op).await?.published()?;
-            let first = published
-                .first()
-                .map(|p| p.offset)
-                .ok_or_else(|| BrokerError::InvalidArgument("nothing appended".into()))?;
-            self.record_publish_latency(queue, started, 1);
-            return Ok(first);
-        }
         let started = std::time::Instant::now();
         let now_ms = self.clock().now_ms();
-        let first = self
-            .append_records_local(queue, partition, records, batch_key, now_ms)
-            .await?;
+        let first = match self.replicator() {
+            Some(replicator) => {
+                // Checked before it is proposed, as a publish is (the apply checks again).
+                if let Ok(q) = self.queue(queue) {
+                    check_sizes(&records, q.settings.max_message_bytes)?;
+                }
+                let op = Op::AppendRecords {
+                    queue: queue.to_string(),
+                    partition,
+                    records: records.into_iter().map(WireRecord::from).collect(),
+                    batch_key,
+                    now_ms,
+                };
+                let published = replicator.submit(op).await?.published()?;
+                published
+                    .first()
+                    .map(|p| p.offset)
+                    .ok_or_else(|| BrokerError::InvalidArgument("nothing appended".into()))?
+            }
+            None => {
+                self.append_records_local(queue, partition, records, batch_key, now_ms)
+                    .await?
+            }
+        };
         self.record_publish_latency(queue, started, 1);
         Ok(first)
     }
