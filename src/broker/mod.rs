@@ -836,11 +836,13 @@ impl Broker {
     ) -> Result<Vec<Published>, BrokerError> {
         self.check_running()?;
         let started = Instant::now();
+        // Looked up once: for the checks, the local append and the latency.
+        let found = self.queue(queue).ok();
         let published = match self.replicator() {
             Some(replicator) => {
                 check_publish(
                     &messages,
-                    self.queue(queue).ok().map(|q| q.settings.max_message_bytes),
+                    found.as_ref().map(|q| q.settings.max_message_bytes),
                 )?;
                 let op = replicate::Op::Publish {
                     queue: queue.to_string(),
@@ -849,26 +851,15 @@ impl Broker {
                 };
                 replicator.submit(op).await?.published()
             }
-            None => self.publish_local(queue, messages, None).await,
+            None => {
+                self.publish_found(queue, found.as_ref(), messages, None)
+                    .await
+            }
         };
         if published.is_ok() {
-            self.record_publish_latency(queue, started, 1);
+            record_publish_latency(found.as_ref(), started, 1);
         }
         published
-    }
-
-    /// Counts `publishes` answered by this node in `queue`'s publish latency histogram:
-    /// the time from their arrival here to their answer, replication included. A replica
-    /// applying a committed publish serves no one and records nothing, so the histogram
-    /// counts each publish once, on the node that answered it.
-    pub(crate) fn record_publish_latency(&self, queue: &str, started: Instant, publishes: usize) {
-        let Ok(q) = self.queue(queue) else {
-            return;
-        };
-        let took = started.elapsed().as_secs_f64();
-        for _ in 0..publishes {
-            q.series.publish_latency.record(took);
-        }
     }
 
     /// Several publishes to `queue` that arrived together (a producer's pipelined
@@ -885,7 +876,8 @@ impl Broker {
             let each = publishes.into_iter().map(|m| self.publish(queue, m));
             return futures_util::future::join_all(each).await;
         };
-        let settings = self.queue(queue).ok().map(|q| q.settings.max_message_bytes);
+        let found = self.queue(queue).ok();
+        let settings = found.as_ref().map(|q| q.settings.max_message_bytes);
         let mut answers: Vec<Option<Result<Vec<Published>, BrokerError>>> = Vec::new();
         let mut valid = Vec::new();
         for messages in publishes {
@@ -917,7 +909,7 @@ impl Broker {
             })
             .collect();
         let served = answers.iter().filter(|a| a.is_ok()).count();
-        self.record_publish_latency(queue, started, served);
+        record_publish_latency(found.as_ref(), started, served);
         answers
     }
 
@@ -928,12 +920,25 @@ impl Broker {
         messages: Vec<NewMessage>,
         now_ms: Option<i64>,
     ) -> Result<Vec<Published>, BrokerError> {
+        let found = self.queue(queue).ok();
+        self.publish_found(queue, found.as_ref(), messages, now_ms)
+            .await
+    }
+
+    /// [`Self::publish_local`] to `queue` as the caller looked it up (`found`).
+    async fn publish_found(
+        &self,
+        queue: &str,
+        found: Option<&Arc<Queue>>,
+        messages: Vec<NewMessage>,
+        now_ms: Option<i64>,
+    ) -> Result<Vec<Published>, BrokerError> {
         if messages.is_empty() {
             return Err(BrokerError::InvalidArgument(
                 "no messages to publish".into(),
             ));
         }
-        let q = self.queue(queue)?;
+        let q = found.ok_or_else(|| self.missing(queue))?;
         for (index, m) in messages.iter().enumerate() {
             message::check_new_message(m, index, q.settings.max_message_bytes)?;
         }
@@ -1999,6 +2004,20 @@ impl Broker {
     /// The broker's configuration.
     pub fn config(&self) -> &BrokerConfig {
         &self.config
+    }
+}
+
+/// Counts `publishes` answered by this node in queue `q`'s publish latency histogram (none
+/// when the queue is not known here): the time from their arrival to their answer,
+/// replication included. A replica applying a committed publish serves no one and records
+/// nothing, so the histogram counts each publish once, on the node that answered it.
+pub(crate) fn record_publish_latency(q: Option<&Arc<Queue>>, started: Instant, publishes: usize) {
+    let Some(q) = q else {
+        return;
+    };
+    let took = started.elapsed().as_secs_f64();
+    for _ in 0..publishes {
+        q.series.publish_latency.record(took);
     }
 }
 

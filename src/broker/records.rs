@@ -92,7 +92,7 @@ impl Broker {
                     .await?
             }
         };
-        self.record_publish_latency(queue, started, 1);
+        super::record_publish_latency(self.queue(queue).ok().as_ref(), started, 1);
         Ok(first)
     }
 
