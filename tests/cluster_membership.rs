@@ -7,8 +7,9 @@
 //! 2xx is stored once (the publisher sends idempotency keys, as an exactly-once producer
 //! does) and delivered; no message is delivered again after its ack was answered (one
 //! whose ack failed, its lease dropped by a leader change, is); the replicas' logs are
-//! identical. A node that lost its data is replaced with one command (`--replaces`), and
-//! is not let back under its old id; only the admin adds and removes nodes (`--auth`);
+//! identical. A node that lost its data is replaced with one command (`--replaces`), or
+//! rejoins under its old id and votes only once caught up; only the admin adds and removes
+//! nodes (`--auth`);
 //! queues created while a node leaves are placed on the others.
 
 mod common;
@@ -704,21 +705,9 @@ fn waiting_lines(path: &std::path::Path) -> usize {
         .count()
 }
 
-/// Waits for `child` to exit (a guard of 60 s against a hang); its status.
-async fn exit_of(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for qit") {
-            return status;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what} did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Three nodes holding queue `kept` with one message, once node 1 knows node 3's
-/// addresses (node 3 announced itself: it is a member that ran, which a wiped node 3 must
-/// not be let back as).
+/// addresses (node 3 announced itself: it is a member that ran, so a wiped node 3
+/// rejoins under its id and catches up before it votes).
 async fn holding_kept_with_node_3_announced() -> Cluster {
     let cluster = Cluster::start().await;
     create_queue(cluster.http(1), "kept", json!({"partitions": 1})).await;
@@ -735,11 +724,12 @@ async fn holding_kept_with_node_3_announced() -> Cluster {
     cluster
 }
 
-/// Issue 14: a wiped node started while none of the peers that know it runs does not
-/// start as a voter with an empty log: it waits for them (and says so), and refuses to
-/// start as soon as one of them is back. Nothing is written as the node meanwhile.
+/// Issue 13: a wiped node started while none of the peers that know it runs does not
+/// start as a voter with an empty log: it waits for them (and says so), writing nothing.
+/// Once one is back it rejoins under its id, takes the logs from the groups' leaders, and
+/// once caught up it votes: with another node down, it makes the quorum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_wiped_node_started_alone_waits_and_then_refuses() {
+async fn a_wiped_node_started_alone_waits_then_rejoins_under_its_id() {
     let mut cluster = holding_kept_with_node_3_announced().await;
     for id in 1..=3 {
         cluster.node_mut(id).terminate();
@@ -765,28 +755,54 @@ async fn a_wiped_node_started_alone_waits_and_then_refuses() {
         "node 3 wrote a metadata log while waiting"
     );
 
-    // Node 1 is back (alone it has no quorum, but it knows node 3 ran): node 3 refuses.
+    // Node 1 is back (it knows node 3 ran): node 3 rejoins under its id.
     cluster.restart(1);
-    let status = exit_of(&mut three.0, "node 3").await;
-    assert!(!status.success(), "node 3 started with an empty data dir");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        text.contains("node 1 knows node 3") && text.contains("--replaces 3"),
-        "the refusal names the node that knows it and the replacement command: {text}"
-    );
-    assert!(
-        std::fs::read_dir(&raft).map_or(true, |mut d| d.next().is_none()),
-        "node 3 wrote a metadata log"
-    );
-    // Nodes 1 and 2 serve on.
-    cluster.restart(2);
-    common::cluster::publish(cluster.http(2), "kept", "after").await;
-    eventually("nodes 1 and 2 agree on the log", || async {
-        log_bodies(cluster.http(1), "kept", 0).await == Some(vec!["before".into(), "after".into()])
-            && log_bodies(cluster.http(2), "kept", 0).await
-                == Some(vec!["before".into(), "after".into()])
+    eventually("node 3 says it rejoins", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("node 1 knows it as a member that ran: it lost its data and rejoins")
     })
     .await;
+    // Node 2 is back: nodes 1 and 2 lead, node 3 catches up with every group.
+    cluster.restart(2);
+    common::cluster::publish(cluster.http(2), "kept", "after").await;
+    let both = vec!["before".to_string(), "after".to_string()];
+    for node in 1..=3 {
+        let base = cluster.http(node).to_string();
+        let want = both.clone();
+        eventually(&format!("node {node} holds both messages"), || {
+            let base = base.clone();
+            let want = want.clone();
+            async move { log_bodies(&base, "kept", 0).await == Some(want) }
+        })
+        .await;
+    }
+    let marker = cluster.node(3).dir.join("raft").join("rejoining");
+    eventually("node 3's rejoining marker is gone", || async {
+        !marker.exists()
+    })
+    .await;
+
+    // Caught up, node 3 votes again: with node 1 down, nodes 2 and 3 are the quorum.
+    cluster.kill(1);
+    let b3 = cluster.http(3).to_string();
+    common::cluster::publish(&b3, "kept", "with node 1 down").await;
+    create_queue(&b3, "made-later", json!({"partitions": 1})).await;
+    common::cluster::publish(&b3, "made-later", "new").await;
+    let mut all = both.clone();
+    all.push("with node 1 down".to_string());
+    for node in [2, 3] {
+        let base = cluster.http(node).to_string();
+        let want = all.clone();
+        eventually(&format!("node {node} holds all three messages"), || {
+            let base = base.clone();
+            let want = want.clone();
+            async move { log_bodies(&base, "kept", 0).await == Some(want) }
+        })
+        .await;
+    }
+    let _ = three.0.kill();
+    let _ = three.0.wait();
 }
 
 /// Issue 14: the nodes of a new cluster form it when they start one at a time (each
@@ -941,69 +957,91 @@ async fn a_dead_node_is_replaced_from_the_shell() {
     assert_eq!(node_ids(&b2).await, Some(vec![1, 2, 4]));
 }
 
-/// Runs `qit serve` as node `node` with `peers` and `extra` until it exits (a guard of
-/// 60 s against a hang: a node that does not exit fails the test); its status and stderr.
-fn serve_until_exit(
-    node: &Node,
-    peers: &str,
-    extra: &[&str],
-) -> (std::process::ExitStatus, String) {
-    let mut child = node
-        .serve_command(peers, extra, "error,openraft=off")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn qit");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for qit") {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                use std::io::Read;
-                let _ = pipe.read_to_string(&mut stderr);
-            }
-            return (status, stderr);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("node {} kept running with an empty data directory", node.id);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Issue 14: a node whose data was lost is not let back under its old id (Raft's rule: it
-/// could vote with an empty log), with or without `--join`; it refuses to start and names
-/// the replacement command. The cluster goes on serving.
+/// Issue 13: a node whose data was lost rejoins under its old id, and neither takes
+/// entries from a deposed leader nor votes before it has caught up. Node 3 helps commit a
+/// metadata entry (queue `late`) that node 1 never saw, then loses its data; node 2, the
+/// only other holder, is down. Had node 3 voted with its blank log, or taken node 1's
+/// entries at node 1's old term, nodes 1 and 3 would have committed without `late` (its
+/// creation answered 201), and it would be gone from every node. Nothing commits until
+/// node 2 is back; then `late` is everywhere, and with node 1 down nodes 2 and 3 serve.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_wiped_node_is_not_let_back_under_its_old_id() {
+async fn a_wiped_node_rejoins_under_its_id_and_votes_only_once_caught_up() {
     let mut cluster = holding_kept_with_node_3_announced().await;
 
+    // Node 1 misses the creation of `late`, which nodes 2 and 3 commit.
+    cluster.kill(1);
+    create_queue(cluster.http(2), "late", json!({"partitions": 1})).await;
+    common::cluster::publish(cluster.http(2), "late", "acked").await;
     cluster.kill(3);
     std::fs::remove_dir_all(&cluster.node(3).dir).expect("wipe node 3");
-    let peers = cluster.peers.clone();
-    for extra in [&[][..], &["--join"][..]] {
-        let (status, stderr) = serve_until_exit(cluster.node(3), &peers, extra);
-        assert!(!status.success(), "node 3 started with an empty data dir");
-        assert!(
-            stderr.contains("--replaces 3"),
-            "the refusal names the replacement command: {stderr}"
-        );
-    }
-    // Nothing was written as node 3 on the way.
-    let raft = cluster.node(3).dir.join("raft").join("0");
-    assert!(
-        std::fs::read_dir(&raft).map_or(true, |mut d| d.next().is_none()),
-        "node 3 wrote a metadata log"
-    );
-    // The two others serve on.
-    common::cluster::publish(cluster.http(2), "kept", "after").await;
-    eventually("nodes 1 and 2 agree on the log", || async {
-        log_bodies(cluster.http(1), "kept", 0).await == Some(vec!["before".into(), "after".into()])
-            && log_bodies(cluster.http(2), "kept", 0).await
-                == Some(vec!["before".into(), "after".into()])
+    cluster.kill(2);
+    cluster.restart(1);
+    cluster.restart(3);
+
+    // Node 3 rejoins (node 1 knows it) and has its metadata group open: its listener
+    // answers. Node 1 (which may have restored its old leadership at once) cannot commit:
+    // node 3 takes no entry before node 2 told it the newer term, and votes for nobody.
+    let b1 = cluster.http(1).to_string();
+    let b3 = cluster.http(3).to_string();
+    eventually("node 3 serves its view", || async {
+        http()
+            .get(format!("{b3}/cluster"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .is_ok()
     })
     .await;
+    let answer = http()
+        .post(format!("{b1}/queues/while-node-2-is-down"))
+        .json(&json!({}))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(
+        answer.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "node 1 committed a metadata entry with the blank log of node 3: {}",
+        answer.text().await.unwrap_or_default()
+    );
+
+    // Node 2 is back: it leads, and every node has `late` and its message.
+    cluster.restart(2);
+    for node in 1..=3 {
+        let base = cluster.http(node).to_string();
+        eventually(&format!("node {node} holds late's message"), || {
+            let base = base.clone();
+            async move { log_bodies(&base, "late", 0).await == Some(vec!["acked".to_string()]) }
+        })
+        .await;
+    }
+    let marker = cluster.node(3).dir.join("raft").join("rejoining");
+    eventually("node 3's rejoining marker is gone", || async {
+        !marker.exists()
+    })
+    .await;
+
+    // Node 3 votes again: with node 1 down, nodes 2 and 3 serve.
+    cluster.kill(1);
+    common::cluster::publish(&b3, "late", "after").await;
+    common::cluster::publish(&b3, "kept", "after").await;
+    for node in [2, 3] {
+        let base = cluster.http(node).to_string();
+        eventually(
+            &format!("node {node} holds both of late's messages"),
+            || {
+                let base = base.clone();
+                async move {
+                    log_bodies(&base, "late", 0).await
+                        == Some(vec!["acked".to_string(), "after".to_string()])
+                        && log_bodies(&base, "kept", 0).await
+                            == Some(vec!["before".to_string(), "after".to_string()])
+                }
+            },
+        )
+        .await;
+    }
 }
 
 /// Logs `user` in at `base` with `password`; the token.

@@ -16,6 +16,7 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use super::ClusterError;
+use super::catch_up::{self, Found};
 use super::fencing::Fenced;
 use super::kafka_addrs::KafkaAddrs;
 use super::log_store::LogStore;
@@ -81,19 +82,26 @@ fn leader_watch(raft: &Raft) -> (watch::Receiver<Option<u64>>, Arc<AtomicU64>) {
     (rx, changes)
 }
 
-/// Takes group `id` out of `lost` once it has applied an entry of the term of the leader
-/// it follows (see [`Groups::open_group`]).
-fn watch_catch_up(id: u64, raft: &Raft, lost: Arc<RwLock<BTreeSet<u64>>>) {
+/// Takes group `id` out of `lost` once it has caught up ([`catch_up::caught_up`]): its
+/// catching-up marker goes first, and with the metadata group's the node's
+/// [`catch_up::REJOINING`] marker (every queue group it replicated is open and marked by
+/// then).
+fn watch_catch_up(id: u64, raft: &Raft, lost: Lost, raft_dir: PathBuf) {
     let mut metrics = raft.metrics();
     tokio::spawn(async move {
         loop {
-            let caught_up = {
-                let m = metrics.borrow_watched();
-                m.vote.is_committed()
-                    && m.last_applied
-                        .is_some_and(|applied| applied.leader_id.term == m.vote.leader_id.term)
-            };
+            let caught_up = catch_up::caught_up(&metrics.borrow_watched());
             if caught_up {
+                let mut done = vec![catch_up::marker(&raft_dir, id)];
+                if id == META_GROUP {
+                    done.push(raft_dir.join(catch_up::REJOINING));
+                }
+                for marker in done {
+                    if let Err(error) = catch_up::unmark(&marker) {
+                        // Left in place: the group catches up again at the next start.
+                        tracing::warn!(group = id, path = %marker.display(), %error, "cannot remove a catching-up marker");
+                    }
+                }
                 lost.write().remove(&id);
                 tracing::info!(
                     group = id,
@@ -104,6 +112,28 @@ fn watch_catch_up(id: u64, raft: &Raft, lost: Arc<RwLock<BTreeSet<u64>>>) {
             if metrics.changed().await.is_err() {
                 return;
             }
+        }
+    });
+}
+
+/// The groups that lost their log here, each with its term floor once learned.
+type Lost = Arc<RwLock<BTreeMap<u64, Option<u64>>>>;
+
+/// Learns group `id`'s term floor from its other replicas (`seed` while none answered)
+/// and records it in `lost`, unless the group stopped waiting meanwhile.
+fn learn_floor(id: u64, me: u64, seed: Vec<u64>, peers: Arc<Peers>, lost: Lost) {
+    tokio::spawn(async move {
+        let waiting = || lost.read().get(&id).is_some_and(Option::is_none);
+        let Some(floor) = catch_up::learn_floor(&peers, me, id, &seed, waiting).await else {
+            return;
+        };
+        if let Some(entry) = lost.write().get_mut(&id) {
+            *entry = Some(floor);
+            tracing::info!(
+                group = id,
+                floor,
+                "every other replica told the group's term: this node takes the log from a leader of that term or later"
+            );
         }
     });
 }
@@ -146,9 +176,11 @@ pub struct Groups {
     draining: RwLock<BTreeSet<u64>>,
     /// Snapshots being received from the groups' leaders.
     snapshot_receiver: Receiver,
-    /// Groups whose log this node lost while it was a replica (see [`Self::open_group`]):
-    /// they neither vote nor stand for election here until they have caught up.
-    lost: Arc<RwLock<BTreeSet<u64>>>,
+    /// Groups whose log this node lost while it was a replica (see [`Self::open_group`]),
+    /// with their term floor once learned ([`catch_up`]): they take no entry before it is
+    /// known, then only from leaders of that term or later, and neither vote nor stand for
+    /// election until they have caught up.
+    lost: Lost,
 }
 
 /// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
@@ -276,14 +308,11 @@ impl Groups {
     /// once. `members` is empty where this node joins a group that exists elsewhere (its
     /// leader adds it and sends it the log or a snapshot).
     ///
-    /// A queue group whose log is blank while its held marker (written before the log's
-    /// first vote or entry) is there lost its files here (deleted or damaged by hand):
-    /// Raft's safety rests on every voter remembering what it acknowledged, and a voter
-    /// that forgot could vote in a replica that lacks committed entries, so they would be
-    /// undone. Such a group opens as a follower that does not vote or stand for election
-    /// ([`Self::has_lost`]) until it has applied an entry of its current leader's term:
-    /// every entry committed before that leader's election precedes it, so the log holds
-    /// them all again. Until then the group needs its other replicas for a quorum.
+    /// A group whose log this node lost (its directory, or the node's whole data: see
+    /// [`catch_up`]) opens as a follower that does not vote or stand for election
+    /// ([`Self::has_lost`]) until it has caught up, so that it cannot help elect a replica
+    /// that lacks committed entries. Until then the group needs its other replicas for a
+    /// quorum.
     pub async fn open_group(
         &self,
         id: u64,
@@ -294,22 +323,33 @@ impl Groups {
         let (config, chunk_entries) = storage_policy(raft_config(id)?, self.snapshot_entries);
         let config = Arc::new(config);
         let dir = self.raft_dir.join(id.to_string());
+        let catching_up = catch_up::marker(&self.raft_dir, id);
+        if catching_up.exists() {
+            // It was catching up when the node stopped: what it holds may lack committed
+            // entries, and what it saw of its leaders is gone. It starts over, blank.
+            catch_up::clear(&dir).map_err(|source| ClusterError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let log = LogStore::open_chunked(&dir, self.sync, chunk_entries).map_err(|source| {
             ClusterError::Io {
                 path: dir.clone(),
                 source,
             }
         })?;
-        let mut lost = false;
+        let held = self.held_marker(id);
+        let found = Found {
+            blank: log.is_blank(),
+            held: id != META_GROUP && held.exists(),
+            catching_up: catching_up.exists(),
+            rejoining: self.raft_dir.join(catch_up::REJOINING).exists(),
+        };
         if id != META_GROUP {
-            let marker = self.held_marker(id);
-            lost = log.is_blank() && marker.exists();
-            log.mark_held(marker.clone())
-                .map_err(|source| ClusterError::Io {
-                    path: marker,
-                    source,
-                })?;
+            log.mark_held(held.clone())
+                .map_err(|source| ClusterError::Io { path: held, source })?;
         }
+        let mut lost = catch_up::has_lost(found);
         let only_me = [self.node_id];
         let alone = match &role {
             Role::Queue(name) => self
@@ -339,6 +379,32 @@ impl Groups {
             }
             (false, _) => members,
         };
+        let marked = if lost {
+            catch_up::mark(&catching_up)
+        } else {
+            catch_up::unmark(&catching_up)
+        };
+        marked.map_err(|source| ClusterError::Io {
+            path: catching_up,
+            source,
+        })?;
+        if lost {
+            let seed = match &role {
+                Role::Queue(name) => self
+                    .queue_group(name)
+                    .map(|g| g.replicas)
+                    .unwrap_or_default(),
+                _ => self.voter_ids(),
+            };
+            self.lost.write().insert(id, None);
+            learn_floor(
+                id,
+                self.node_id,
+                seed,
+                Arc::clone(&self.peers),
+                Arc::clone(&self.lost),
+            );
+        }
         let machine = match role {
             Role::Queue(name) => {
                 StateMachine::for_queue(&name, Arc::clone(&self.broker), &dir.join("snapshot"))
@@ -367,8 +433,7 @@ impl Groups {
             tracing::debug!(group = id, replayed, "queue group started");
         }
         if lost {
-            self.lost.write().insert(id);
-            watch_catch_up(id, &raft, Arc::clone(&self.lost));
+            watch_catch_up(id, &raft, Arc::clone(&self.lost), self.raft_dir.clone());
         }
         self.rafts.write().insert(id, raft.clone());
         let (leader, leader_changes) = leader_watch(&raft);
@@ -428,7 +493,32 @@ impl Groups {
     /// True while group `id` rejoins after this node lost its log (see
     /// [`Self::open_group`]): it must not vote or stand for election.
     pub fn has_lost(&self, id: u64) -> bool {
-        self.lost.read().contains(&id)
+        self.lost.read().contains_key(&id)
+    }
+
+    /// True when group `id` here may take entries or a snapshot from a leader of `term`:
+    /// always, unless it lost its log, then only from its term floor on, once learned
+    /// ([`catch_up`]).
+    pub fn admits_leader(&self, id: u64, term: u64) -> bool {
+        match self.lost.read().get(&id) {
+            None => true,
+            Some(floor) => floor.is_some_and(|floor| term >= floor),
+        }
+    }
+
+    /// Group `id`'s term and voters here, for a replica that lost its log (none where the
+    /// group is not open, or lost its log here too: its terms are not to be trusted).
+    pub fn group_term(&self, id: u64) -> Option<catch_up::GroupTerm> {
+        if self.has_lost(id) {
+            return None;
+        }
+        let raft = self.raft(id)?;
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow_watched();
+        Some(catch_up::GroupTerm {
+            term: metrics.vote.leader_id.term,
+            voters: metrics.membership_config.membership().voter_ids().collect(),
+        })
     }
 
     /// The marker that this node held group `id`'s log ([`LogStore::mark_held`]); it lies
@@ -499,6 +589,9 @@ impl Groups {
 
     fn remove_group_dir(&self, id: u64) {
         self.lost.write().remove(&id);
+        if let Err(error) = catch_up::unmark(&catch_up::marker(&self.raft_dir, id)) {
+            tracing::warn!(group = id, %error, "removing a group's catching-up marker failed");
+        }
         if let Err(error) = std::fs::remove_file(self.held_marker(id))
             && error.kind() != std::io::ErrorKind::NotFound
         {

@@ -22,8 +22,9 @@
 //! - Replacing node O by a new node N (`--replaces O` on N, with a new id): N joins as
 //!   above and, once it votes, asks for O's removal (so the voters never drop below
 //!   [`MIN_VOTERS`], and O may be dead): O's groups move off it, onto N where placement
-//!   says so, and O leaves the membership. Raft forbids a node that lost its log to vote
-//!   again under its old id; this is the one-command way back (see [`super::rejoin`]).
+//!   says so, and O leaves the membership. This replaces a node for good (a new host); a
+//!   node that lost its data may also come back under its old id, catching up before it
+//!   votes (see [`super::rejoin`] and [`super::catch_up`]).
 //! - Replacing node O by node N from an operator's shell (`POST /cluster/nodes/{O}/replace`,
 //!   `qit cluster replace-node O N=HOST:PORT`, N running with `--join`): the same two
 //!   steps, run by the metadata leader in one request: N is added (learner, caught up,

@@ -19,8 +19,9 @@
 //!   a group's preferred leader when it returns.
 //! - [`membership`] and [`moves`]: nodes added and removed while the cluster runs (the
 //!   voters are the metadata group's membership), and queue groups moved to the replicas
-//!   placement names over the voters; [`rejoin`]: a node that lost its data is not let
-//!   back under its old id.
+//!   placement names over the voters; [`rejoin`]: a node that lost its data rejoins
+//!   under its old id, and [`catch_up`]: a group whose log a node lost takes entries only
+//!   from a current leader and votes only once caught up.
 //!
 //! How a request runs: the broker hands every state change to [`Cluster`] as an
 //! [`Op`](crate::broker::replicate::Op) (it is the broker's
@@ -47,6 +48,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod catch_up;
 pub mod fencing;
 pub mod groups;
 pub mod handoff;
@@ -129,9 +131,6 @@ pub enum ClusterError {
     /// openraft refused to start a group.
     #[error("raft: {0}")]
     Raft(String),
-    /// This node lost its data but its id is a member that ran ([`rejoin`]).
-    #[error("{0}")]
-    LostData(String),
 }
 
 /// What a cluster node needs.

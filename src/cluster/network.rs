@@ -64,6 +64,10 @@ pub const KIND_SNAPSHOT_HELD: u32 = 7;
 pub const KIND_SNAPSHOT_CHUNK: u32 = 8;
 /// The kind an append stream's opening is signed under (it is no call on the Raft method).
 pub const KIND_APPEND_STREAM: u32 = 9;
+/// Kind of a call on the Raft method that is no Raft RPC: a replica that lost a group's log
+/// asks another replica for the group's term and voters (a `catch_up::GroupTerm`, or none
+/// where the group is not open or was lost there too; see `catch_up.rs`).
+pub const KIND_GROUP_TERM: u32 = 10;
 /// Metadata key of an append stream's group.
 pub const GROUP_KEY: &str = "x-qit-group";
 /// Metadata key of an append stream's id (hex), which its messages' proofs cover.
@@ -615,6 +619,7 @@ mod tests {
             KIND_SNAPSHOT_HELD,
             KIND_SNAPSHOT_CHUNK,
             KIND_APPEND_STREAM,
+            KIND_GROUP_TERM,
         ];
         let distinct: std::collections::BTreeSet<u32> = kinds.into_iter().collect();
         assert_eq!(distinct.len(), kinds.len());

@@ -1,4 +1,4 @@
-//! A node that lost its data does not come back under its old id.
+//! A node that lost its data rejoins under its old id, and catches up before it votes.
 //!
 //! Raft's safety rests on every voter remembering what it acknowledged: a voter whose log
 //! is gone could vote for a candidate that lacks committed entries, or make up a majority
@@ -9,8 +9,13 @@
 //! which it does once it has joined and holds the log). Each peer answers one of
 //! [`Acquaintance`], and [`decide`] rules on one round of answers:
 //!
-//! - one peer answers [`Acquaintance::Known`]: the node refuses to start and tells the
-//!   operator to start it under a new id with `--replaces` ([`super::membership`]);
+//! - one peer answers [`Acquaintance::Known`]: the node lost its data. It rejoins under its
+//!   old id: it writes the [`catch_up::REJOINING`] marker before it opens anything, so every
+//!   group it opens with a blank log (the metadata group, then each queue group as the
+//!   metadata log replays) neither votes nor stands for election until it has caught up
+//!   from that group's leader ([`catch_up`]). The leaders send it their logs or snapshots
+//!   again (openraft's `allow_log_reversion`). `--replaces` (a new id) remains the way to
+//!   replace a node for good ([`super::membership`]);
 //! - else one answers [`Acquaintance::NotKnown`] (a running cluster, confirmed by its
 //!   metadata leader, that never saw this id run: a node started with `--join` or
 //!   `--replaces`, or a node of a new cluster whose peers started before it): it starts;
@@ -21,11 +26,12 @@
 //!   it asks again, every [`ASK_AGAIN`], and says every [`LOG_EVERY`] which peers it waits
 //!   for and why. It does not serve meanwhile.
 //!
-//! So a wiped node started while the peers that know it are down waits for them and then
-//! refuses; a new cluster forms once every node of `--peers` has started (in any order, at
-//! any time). A peer answers "not known" only when its metadata leader confirms it (the
-//! leader after a quorum read, a follower by asking the leader): a node whose own log lacks
-//! the entry in which the asking node announced itself would otherwise let it in.
+//! So a wiped node started while every peer that knows it is down waits for one of them;
+//! a new cluster forms once every node of `--peers` has started (in any order, at any
+//! time). A peer answers "not known" only when its metadata leader confirms it (the leader
+//! after a quorum read, a follower by asking the leader): a node whose own log lacks the
+//! entry in which the asking node announced itself would otherwise let it in as new, and
+//! it would vote with a blank log.
 //!
 //! The cluster listener serves these questions from the moment the listener is bound
 //! ([`Local`]), before the node's groups are open: a node in this check
@@ -41,6 +47,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
+use super::catch_up;
 use super::network::{KIND_KNOWN, Peers};
 use super::types::{decode, encode};
 use super::{Cluster, ClusterError, META_GROUP};
@@ -73,7 +80,7 @@ pub struct Question {
 /// A peer's answer to [`Question`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Acquaintance {
-    /// The node is a member that ran: it lost its data.
+    /// The node is a member that ran: it lost its data (and rejoins, catching up).
     Known,
     /// The cluster never saw the node run (confirmed by the metadata leader).
     NotKnown,
@@ -91,6 +98,9 @@ pub enum Ground {
     NotKnownBy(u64),
     /// Every initial peer holds no data either (or there is none): a new cluster.
     NewCluster,
+    /// This peer knows the node as a member that ran: it lost its data, and rejoins under
+    /// its id, catching up before it votes ([`catch_up`]).
+    Rejoin(u64),
 }
 
 /// The peers a node without data waits for, by what they answered.
@@ -109,8 +119,6 @@ pub struct Waiting {
 pub enum Decision {
     /// It starts.
     Start(Ground),
-    /// It refuses to start: this peer knows it as a member that ran.
-    Refuse(u64),
     /// It asks again.
     Wait(Waiting),
 }
@@ -125,7 +133,7 @@ pub fn decide(answers: &BTreeMap<u64, Option<Acquaintance>>) -> Decision {
             .map(|(peer, _)| *peer)
     };
     if let Some(peer) = with(Acquaintance::Known).next() {
-        return Decision::Refuse(peer);
+        return Decision::Start(Ground::Rejoin(peer));
     }
     if let Some(peer) = with(Acquaintance::NotKnown).next() {
         return Decision::Start(Ground::NotKnownBy(peer));
@@ -154,18 +162,6 @@ pub fn holds_no_state(raft_dir: &Path) -> Result<bool, ClusterError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(source) => Err(ClusterError::Io { path: dir, source }),
     }
-}
-
-/// The refusal of a node that lost its data, known to `peer` as a member.
-fn refusal(node: u64, peer: u64, raft_dir: &Path) -> ClusterError {
-    ClusterError::LostData(format!(
-        "node {node} holds no cluster data ({} is empty), but node {peer} knows node {node} as a \
-         member that ran before: a node that lost its data must not rejoin under its old id \
-         (it could vote with an empty log and undo committed writes). Start it under a new id \
-         with `--replaces {node}`, or replace it from a running node with `qit cluster \
-         replace-node {node} NEW_ID=HOST:PORT` (README, \"Membership\")",
-        raft_dir.join(META_GROUP.to_string()).display()
-    ))
 }
 
 /// Asks `peer` `question`; `None` when it does not answer within `wait`.
@@ -209,7 +205,7 @@ async fn ask_all(peers: &Peers, node: u64) -> BTreeMap<u64, Option<Acquaintance>
 }
 
 /// Holds node `node` back while it holds no state under `raft_dir`, until its peers let
-/// it start, or refuses it (see the module docs). `local` answers the peers' same
+/// it start; marks it rejoining when they know it (see the module docs). `local` answers the peers' same
 /// question meanwhile.
 pub async fn check(local: &Local, node: u64, raft_dir: &Path) -> Result<(), ClusterError> {
     if !holds_no_state(raft_dir)? {
@@ -225,7 +221,21 @@ async fn wait_for_peers(peers: &Peers, node: u64, raft_dir: &Path) -> Result<(),
     let mut said: Option<Instant> = None;
     loop {
         match decide(&ask_all(peers, node).await) {
-            Decision::Refuse(peer) => return Err(refusal(node, peer, raft_dir)),
+            Decision::Start(Ground::Rejoin(peer)) => {
+                let marker = raft_dir.join(catch_up::REJOINING);
+                catch_up::mark(&marker).map_err(|source| ClusterError::Io {
+                    path: marker,
+                    source,
+                })?;
+                tracing::warn!(
+                    peer,
+                    "node {node} holds no cluster data ({} is empty), but node {peer} knows it as a member \
+                     that ran: it lost its data and rejoins under its id; each of its groups takes the log \
+                     from its leader and does not vote until it has caught up",
+                    raft_dir.join(META_GROUP.to_string()).display()
+                );
+                return Ok(());
+            }
             Decision::Start(Ground::NotKnownBy(peer)) => {
                 tracing::info!(
                     peer,
@@ -246,7 +256,7 @@ async fn wait_for_peers(peers: &Peers, node: u64, raft_dir: &Path) -> Result<(),
                         silent = ?waiting.silent,
                         unsure = ?waiting.unsure,
                         no_state = ?waiting.no_state,
-                        "node {node} {WAITING} before it starts (a node that lost its data must not vote under its old id): \
+                        "node {node} {WAITING} before it starts (a node that lost its data must not vote before it has caught up): \
                          no answer from {:?}, not sure yet (starting, or no metadata leader) {:?}, no data either {:?}; \
                          it starts once a peer says its cluster does not know node {node}, or once every peer holds no data either",
                         waiting.silent,
@@ -391,14 +401,14 @@ mod tests {
     }
 
     #[test]
-    fn one_peer_that_knows_the_node_refuses_it() {
+    fn one_peer_that_knows_the_node_makes_it_rejoin() {
         assert_eq!(
             round(&[(1, Some(NotKnown)), (2, Some(Known)), (4, None)]),
-            Decision::Refuse(2)
+            Decision::Start(Ground::Rejoin(2))
         );
         assert_eq!(
             round(&[(1, Some(NoStateEither)), (2, Some(Known))]),
-            Decision::Refuse(2)
+            Decision::Start(Ground::Rejoin(2))
         );
     }
 

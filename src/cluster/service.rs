@@ -18,11 +18,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{MAC_KEY, Secret, TS_KEY, now_ms};
 use super::network::{
-    GROUP_KEY, KIND_APPEND, KIND_APPEND_STREAM, KIND_BEAT, KIND_KNOWN, KIND_SNAPSHOT_CHUNK,
-    KIND_SNAPSHOT_HELD, KIND_VOTE, NODE_KEY, STREAM_KEY, StreamReply, raft_method, scope,
+    GROUP_KEY, KIND_APPEND, KIND_APPEND_STREAM, KIND_BEAT, KIND_GROUP_TERM, KIND_KNOWN,
+    KIND_SNAPSHOT_CHUNK, KIND_SNAPSHOT_HELD, KIND_VOTE, NODE_KEY, STREAM_KEY, StreamReply,
+    raft_method, scope,
 };
 use super::rejoin::{Local, Question};
-use super::types::{Forwarded, TypeConfig, decode, encode};
+use super::snapshot_transfer::{ChunkRequest, HeldRequest};
+use super::types::{Forwarded, TypeConfig, Vote, decode, encode};
 use crate::proto::cluster::cluster_server::{self, ClusterServer};
 use crate::proto::cluster::{ForwardRequest, RaftRequest, Reply, StreamRequest};
 
@@ -88,8 +90,8 @@ type Replies = Pin<Box<dyn Stream<Item = Result<Reply, Status>> + Send>>;
 /// them and is kept in `refused`, to end the replies with once openraft answered the rest.
 fn checked_requests(
     messages: impl Stream<Item = Result<StreamRequest, Status>> + Send + 'static,
-    secret: Secret,
-    stream_id: String,
+    (secret, stream_id): (Secret, String),
+    admits: impl Fn(&AppendEntriesRequest<TypeConfig>) -> bool + Send + 'static,
     refused: Arc<parking_lot::Mutex<Option<Status>>>,
 ) -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static {
     messages
@@ -114,6 +116,15 @@ fn checked_requests(
                 }
                 Err(status) => Err(status),
             };
+            let request = request.and_then(|request: AppendEntriesRequest<TypeConfig>| {
+                if admits(&request) {
+                    Ok(request)
+                } else {
+                    Err(Status::unavailable(
+                        "this replica lost the group's log and takes entries only from a leader of its term floor on",
+                    ))
+                }
+            });
             let request = match request {
                 Ok(request) => Some(request),
                 Err(status) => {
@@ -123,6 +134,14 @@ fn checked_requests(
             };
             std::future::ready(request)
         })
+}
+
+/// The refusal of a leader below a lost group's term floor (or of any, before it is known).
+fn below_floor(group: u64) -> Status {
+    Status::unavailable(format!(
+        "raft group {group} here lost its log: it takes entries only from a leader of a term \
+         every other replica has reached (not known yet, or this leader's is older)"
+    ))
 }
 
 fn bad(e: impl std::fmt::Display) -> Status {
@@ -164,10 +183,15 @@ impl cluster_server::Cluster for Service {
             .raft(group)
             .ok_or_else(|| Status::not_found(format!("no raft group {group} here (yet)")))?;
         let refused = Arc::new(parking_lot::Mutex::new(None));
+        let admits = move |request: &AppendEntriesRequest<TypeConfig>| {
+            cluster
+                .groups()
+                .admits_leader(group, request.vote.leader_id.term)
+        };
         let requests = checked_requests(
             request.into_inner(),
-            self.local.peers().secret().clone(),
-            stream_id,
+            (self.local.peers().secret().clone(), stream_id),
+            admits,
             Arc::clone(&refused),
         );
         let answers = raft.stream_append(requests).map(|answer| {
@@ -199,6 +223,9 @@ impl cluster_server::Cluster for Service {
             cluster.beat_received(from, &body).await.map_err(bad)?;
             return reply(&());
         }
+        if kind == KIND_GROUP_TERM {
+            return reply(&cluster.groups().group_term(group));
+        }
         let Some(raft) = cluster.groups().raft(group) else {
             return Err(Status::not_found(format!(
                 "no raft group {group} here (yet)"
@@ -212,17 +239,30 @@ impl cluster_server::Cluster for Service {
                 "raft group {group} here is catching up after losing its log: it does not vote yet"
             )));
         }
+        let admit = |vote: &Vote| {
+            if cluster.groups().admits_leader(group, vote.leader_id.term) {
+                Ok(())
+            } else {
+                Err(below_floor(group))
+            }
+        };
         match kind {
             KIND_VOTE => reply(&raft.vote(decode(&body).map_err(bad)?).await),
-            KIND_APPEND => reply(&raft.append_entries(decode(&body).map_err(bad)?).await),
+            KIND_APPEND => {
+                let request: AppendEntriesRequest<TypeConfig> = decode(&body).map_err(bad)?;
+                admit(&request.vote)?;
+                reply(&raft.append_entries(request).await)
+            }
             // The resumable snapshot transfer (see `snapshot_transfer.rs`).
             KIND_SNAPSHOT_HELD => {
-                let request = decode(&body).map_err(bad)?;
+                let request: HeldRequest = decode(&body).map_err(bad)?;
+                admit(&request.vote)?;
                 let receiver = cluster.groups().snapshot_receiver();
                 reply(&receiver.held(&raft, group, request).await)
             }
             KIND_SNAPSHOT_CHUNK => {
-                let request = decode(&body).map_err(bad)?;
+                let request: ChunkRequest = decode(&body).map_err(bad)?;
+                admit(&request.vote)?;
                 let receiver = cluster.groups().snapshot_receiver();
                 reply(&receiver.chunk(&raft, group, request).await)
             }
@@ -272,12 +312,20 @@ mod tests {
     /// Runs `messages` through the checks of stream `s1`: the terms of the requests
     /// taken, and the refusal that ended them.
     async fn check(messages: Vec<StreamRequest>) -> (Vec<u64>, Option<tonic::Code>) {
+        check_from(messages, 0).await
+    }
+
+    /// [`check`] in a group that takes entries from leaders of term `floor` on.
+    async fn check_from(
+        messages: Vec<StreamRequest>,
+        floor: u64,
+    ) -> (Vec<u64>, Option<tonic::Code>) {
         let secret = Secret::new("a-cluster-secret-of-some-length");
         let refused = Arc::new(parking_lot::Mutex::new(None));
         let taken: Vec<u64> = checked_requests(
             futures_util::stream::iter(messages.into_iter().map(Ok)),
-            secret,
-            "s1".into(),
+            (secret, "s1".into()),
+            move |r: &AppendEntriesRequest<TypeConfig>| r.vote.leader_id.term >= floor,
             Arc::clone(&refused),
         )
         .map(|r| r.vote.leader_id.term)
@@ -318,5 +366,21 @@ mod tests {
             request(1),
         );
         assert_eq!(check(vec![wrong_secret]).await, (vec![], unauthenticated));
+    }
+
+    /// A replica that lost the group's log takes no request of a leader below its term
+    /// floor: the stream ends there, unavailable (the leader tries again later).
+    #[tokio::test]
+    async fn a_leader_below_the_floor_is_refused() {
+        let secret = Secret::new("a-cluster-secret-of-some-length");
+        let good = |seq, term| message(&secret, "s1", seq, request(term));
+        assert_eq!(
+            check_from(vec![good(0, 3), good(1, 4)], 3).await,
+            (vec![3, 4], None)
+        );
+        assert_eq!(
+            check_from(vec![good(0, 2), good(1, 3)], 3).await,
+            (vec![], Some(tonic::Code::Unavailable))
+        );
     }
 }
