@@ -957,6 +957,51 @@ async fn a_dead_node_is_replaced_from_the_shell() {
     assert_eq!(node_ids(&b2).await, Some(vec![1, 2, 4]));
 }
 
+/// Issue 13: the common case of a lost disk: a follower (of the metadata and of the
+/// queue) is killed, its data directory wiped, and it is started again with the same
+/// command beside a running, idle cluster. Nothing is written meanwhile, so no append
+/// would tell the leaders that its log is blank: it asks them for a heartbeat, and takes
+/// every group's log from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_follower_restarted_beside_an_idle_cluster_catches_up() {
+    let mut cluster = holding_kept_with_node_3_announced().await;
+    let b1 = cluster.http(1).to_string();
+    let meta_leader = common::eventually_some("a metadata leader", || async {
+        view(&format!("{b1}/cluster"))
+            .await
+            .and_then(|v| v["leader"].as_u64())
+    })
+    .await;
+    let kept_leader = cluster.leader_of(1, "kept", None).await;
+    let victim = (1..=3)
+        .find(|n| *n != meta_leader && *n != kept_leader)
+        .expect("a node that leads neither");
+    // Every node holds the message before the victim goes.
+    for node in 1..=3 {
+        let base = cluster.http(node).to_string();
+        eventually(&format!("node {node} holds the message"), || {
+            let base = base.clone();
+            async move { log_bodies(&base, "kept", 0).await == Some(vec!["before".to_string()]) }
+        })
+        .await;
+    }
+
+    cluster.kill(victim);
+    std::fs::remove_dir_all(&cluster.node(victim).dir).expect("wipe the victim");
+    cluster.restart(victim);
+    let base = cluster.http(victim).to_string();
+    eventually("the wiped node holds the message again", || {
+        let base = base.clone();
+        async move { log_bodies(&base, "kept", 0).await == Some(vec!["before".to_string()]) }
+    })
+    .await;
+    let marker = cluster.node(victim).dir.join("raft").join("rejoining");
+    eventually("its rejoining marker is gone", || async {
+        !marker.exists()
+    })
+    .await;
+}
+
 /// Issue 13: a node whose data was lost rejoins under its old id, and neither takes
 /// entries from a deposed leader nor votes before it has caught up. Node 3 helps commit a
 /// metadata entry (queue `late`) that node 1 never saw, then loses its data; node 2, the

@@ -96,6 +96,21 @@ pub fn caught_up(metrics: &RaftMetrics) -> bool {
         })
 }
 
+/// What a replica that lost a group's log asks another replica (call kind
+/// `KIND_GROUP_TERM`): the group's term, and, once it knows its floor, that the group's
+/// leader send it a heartbeat now. A leader believes the replica still holds what it
+/// acknowledged; only an append or a heartbeat finds the blank log (openraft then sends it
+/// the log from the start), and an idle group sends neither by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermRequest {
+    /// Send the asker a heartbeat, if the callee leads the group.
+    pub replicate: bool,
+}
+
+/// How often a replica that knows its floor but has not caught up asks again for a
+/// heartbeat (a leader elected since, or a heartbeat that came too early, is met so).
+pub const NUDGE_EVERY: Duration = Duration::from_secs(1);
+
 /// A replica's answer to one that lost the group's log: the group's term here (of the
 /// latest vote this replica made or took) and its voters as this replica knows them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,15 +155,15 @@ pub fn floor_of(
 }
 
 /// Asks the other replicas of `group` for their term until every one has answered
-/// ([`floor_of`]); the floor. `None` once `still_lost` says the group no longer waits
-/// (closed, or moved off this node).
+/// ([`floor_of`]); the floor, and those replicas. `None` once `still_lost` says the group
+/// no longer waits (closed, or moved off this node).
 pub async fn learn_floor(
     peers: &Peers,
     me: u64,
     group: u64,
     seed: &[u64],
     still_lost: impl Fn() -> bool,
-) -> Option<u64> {
+) -> Option<(u64, Vec<u64>)> {
     let mut answers: BTreeMap<u64, GroupTerm> = BTreeMap::new();
     let mut said: Option<Instant> = None;
     loop {
@@ -156,14 +171,14 @@ pub async fn learn_floor(
             return None;
         }
         let missing = match floor_of(me, seed, &answers) {
-            Ok(floor) => return Some(floor),
+            Ok(floor) => {
+                let others = answers.keys().copied().collect();
+                return Some((floor, others));
+            }
             Err(missing) => missing,
         };
         let asks = missing.iter().map(|peer| async move {
-            let answer = peers
-                .raft(*peer, group, KIND_GROUP_TERM, encode(&()).ok()?, ASK_WAIT)
-                .await
-                .ok()?;
+            let answer = ask(peers, *peer, group, TermRequest { replicate: false }).await?;
             decode::<Option<GroupTerm>>(&answer)
                 .ok()
                 .flatten()
@@ -190,6 +205,24 @@ pub async fn learn_floor(
         }
         tokio::time::sleep(ASK_AGAIN).await;
     }
+}
+
+/// Asks `others` (the group's leader among them acts) to send this replica a heartbeat
+/// in `group` ([`TermRequest::replicate`]).
+pub async fn nudge(peers: &Peers, group: u64, others: &[u64]) {
+    let asks = others
+        .iter()
+        .map(|peer| ask(peers, *peer, group, TermRequest { replicate: true }));
+    futures_util::future::join_all(asks).await;
+}
+
+/// One [`TermRequest`] to `peer`; its answer's bytes, `None` when it did not answer.
+async fn ask(peers: &Peers, peer: u64, group: u64, request: TermRequest) -> Option<bytes::Bytes> {
+    let body = encode(&request).ok()?;
+    peers
+        .raft(peer, group, KIND_GROUP_TERM, body, ASK_WAIT)
+        .await
+        .ok()
 }
 
 /// The catching-up marker of group `group` under `raft_dir` (beside the group's directory,

@@ -120,11 +120,13 @@ fn watch_catch_up(id: u64, raft: &Raft, lost: Lost, raft_dir: PathBuf) {
 type Lost = Arc<RwLock<BTreeMap<u64, Option<u64>>>>;
 
 /// Learns group `id`'s term floor from its other replicas (`seed` while none answered)
-/// and records it in `lost`, unless the group stopped waiting meanwhile.
+/// and records it in `lost`, unless the group stopped waiting meanwhile; then asks them for
+/// heartbeats until the group has caught up ([`catch_up::nudge`]).
 fn learn_floor(id: u64, me: u64, seed: Vec<u64>, peers: Arc<Peers>, lost: Lost) {
     tokio::spawn(async move {
         let waiting = || lost.read().get(&id).is_some_and(Option::is_none);
-        let Some(floor) = catch_up::learn_floor(&peers, me, id, &seed, waiting).await else {
+        let Some((floor, others)) = catch_up::learn_floor(&peers, me, id, &seed, waiting).await
+        else {
             return;
         };
         if let Some(entry) = lost.write().get_mut(&id) {
@@ -134,6 +136,12 @@ fn learn_floor(id: u64, me: u64, seed: Vec<u64>, peers: Arc<Peers>, lost: Lost) 
                 floor,
                 "every other replica told the group's term: this node takes the log from a leader of that term or later"
             );
+        }
+        // Until caught up, the group's leader is asked for a heartbeat now and then: it
+        // is what makes a leader with nothing to send find the blank log.
+        while lost.read().contains_key(&id) {
+            catch_up::nudge(&peers, id, &others).await;
+            tokio::time::sleep(catch_up::NUDGE_EVERY).await;
         }
     });
 }

@@ -17,6 +17,7 @@ use openraft::raft::AppendEntriesRequest;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::{MAC_KEY, Secret, TS_KEY, now_ms};
+use super::catch_up::TermRequest;
 use super::network::{
     GROUP_KEY, KIND_APPEND, KIND_APPEND_STREAM, KIND_BEAT, KIND_GROUP_TERM, KIND_KNOWN,
     KIND_SNAPSHOT_CHUNK, KIND_SNAPSHOT_HELD, KIND_VOTE, NODE_KEY, STREAM_KEY, StreamReply,
@@ -136,6 +137,12 @@ fn checked_requests(
         })
 }
 
+/// True when `me` leads the group of `raft`.
+fn leads(raft: &super::state_machine::Raft, me: u64) -> bool {
+    use openraft::async_runtime::watch::WatchReceiver;
+    raft.metrics().borrow_watched().current_leader == Some(me)
+}
+
 /// The refusal of a leader below a lost group's term floor (or of any, before it is known).
 fn below_floor(group: u64) -> Status {
     Status::unavailable(format!(
@@ -224,6 +231,14 @@ impl cluster_server::Cluster for Service {
             return reply(&());
         }
         if kind == KIND_GROUP_TERM {
+            let request: TermRequest = decode(&body).map_err(bad)?;
+            if request.replicate
+                && let Some(raft) = cluster.groups().raft(group)
+                && leads(&raft, cluster.node_id())
+                && let Err(error) = raft.trigger().heartbeat().await
+            {
+                tracing::debug!(group, %error, "cannot send a heartbeat to a replica that catches up");
+            }
             return reply(&cluster.groups().group_term(group));
         }
         let Some(raft) = cluster.groups().raft(group) else {
