@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::cluster::{Cluster, Node, create_queue, log_bodies, partition, view};
+use common::cluster::{Cluster, Node, create_queue, holds_exactly, log_bodies, partition, view};
 use common::{eventually, http};
 use parking_lot::Mutex;
 use reqwest::StatusCode;
@@ -766,16 +766,8 @@ async fn a_wiped_node_started_alone_waits_then_rejoins_under_its_id() {
     // Node 2 is back: nodes 1 and 2 lead, node 3 catches up with every group.
     cluster.restart(2);
     common::cluster::publish(cluster.http(2), "kept", "after").await;
-    let both = vec!["before".to_string(), "after".to_string()];
     for node in 1..=3 {
-        let base = cluster.http(node).to_string();
-        let want = both.clone();
-        eventually(&format!("node {node} holds both messages"), || {
-            let base = base.clone();
-            let want = want.clone();
-            async move { log_bodies(&base, "kept", 0).await == Some(want) }
-        })
-        .await;
+        holds_exactly(&cluster, node, "kept", &["before", "after"]).await;
     }
     let marker = cluster.node(3).dir.join("raft").join("rejoining");
     eventually("node 3's rejoining marker is gone", || async {
@@ -789,16 +781,13 @@ async fn a_wiped_node_started_alone_waits_then_rejoins_under_its_id() {
     common::cluster::publish(&b3, "kept", "with node 1 down").await;
     create_queue(&b3, "made-later", json!({"partitions": 1})).await;
     common::cluster::publish(&b3, "made-later", "new").await;
-    let mut all = both.clone();
-    all.push("with node 1 down".to_string());
     for node in [2, 3] {
-        let base = cluster.http(node).to_string();
-        let want = all.clone();
-        eventually(&format!("node {node} holds all three messages"), || {
-            let base = base.clone();
-            let want = want.clone();
-            async move { log_bodies(&base, "kept", 0).await == Some(want) }
-        })
+        holds_exactly(
+            &cluster,
+            node,
+            "kept",
+            &["before", "after", "with node 1 down"],
+        )
         .await;
     }
     let _ = three.0.kill();
@@ -978,23 +967,13 @@ async fn a_wiped_follower_restarted_beside_an_idle_cluster_catches_up() {
         .expect("a node that leads neither");
     // Every node holds the message before the victim goes.
     for node in 1..=3 {
-        let base = cluster.http(node).to_string();
-        eventually(&format!("node {node} holds the message"), || {
-            let base = base.clone();
-            async move { log_bodies(&base, "kept", 0).await == Some(vec!["before".to_string()]) }
-        })
-        .await;
+        holds_exactly(&cluster, node, "kept", &["before"]).await;
     }
 
     cluster.kill(victim);
     std::fs::remove_dir_all(&cluster.node(victim).dir).expect("wipe the victim");
     cluster.restart(victim);
-    let base = cluster.http(victim).to_string();
-    eventually("the wiped node holds the message again", || {
-        let base = base.clone();
-        async move { log_bodies(&base, "kept", 0).await == Some(vec!["before".to_string()]) }
-    })
-    .await;
+    holds_exactly(&cluster, victim, "kept", &["before"]).await;
     let marker = cluster.node(victim).dir.join("raft").join("rejoining");
     eventually("its rejoining marker is gone", || async {
         !marker.exists()
@@ -1054,12 +1033,7 @@ async fn a_wiped_node_rejoins_under_its_id_and_votes_only_once_caught_up() {
     // Node 2 is back: it leads, and every node has `late` and its message.
     cluster.restart(2);
     for node in 1..=3 {
-        let base = cluster.http(node).to_string();
-        eventually(&format!("node {node} holds late's message"), || {
-            let base = base.clone();
-            async move { log_bodies(&base, "late", 0).await == Some(vec!["acked".to_string()]) }
-        })
-        .await;
+        holds_exactly(&cluster, node, "late", &["acked"]).await;
     }
     let marker = cluster.node(3).dir.join("raft").join("rejoining");
     eventually("node 3's rejoining marker is gone", || async {
@@ -1072,20 +1046,8 @@ async fn a_wiped_node_rejoins_under_its_id_and_votes_only_once_caught_up() {
     common::cluster::publish(&b3, "late", "after").await;
     common::cluster::publish(&b3, "kept", "after").await;
     for node in [2, 3] {
-        let base = cluster.http(node).to_string();
-        eventually(
-            &format!("node {node} holds both of late's messages"),
-            || {
-                let base = base.clone();
-                async move {
-                    log_bodies(&base, "late", 0).await
-                        == Some(vec!["acked".to_string(), "after".to_string()])
-                        && log_bodies(&base, "kept", 0).await
-                            == Some(vec!["before".to_string(), "after".to_string()])
-                }
-            },
-        )
-        .await;
+        holds_exactly(&cluster, node, "late", &["acked", "after"]).await;
+        holds_exactly(&cluster, node, "kept", &["before", "after"]).await;
     }
 }
 

@@ -583,6 +583,19 @@ pub async fn log_bodies(base: &str, queue: &str, partition: u32) -> Option<Vec<S
     )
 }
 
+/// Waits until node `node`'s own copy of `queue`'s partition 0 holds exactly `bodies`, in
+/// order.
+pub async fn holds_exactly(cluster: &Cluster, node: u64, queue: &str, bodies: &[&str]) {
+    let base = cluster.http(node).to_string();
+    let want: Vec<String> = bodies.iter().map(|b| b.to_string()).collect();
+    eventually(&format!("node {node} holds {want:?} in {queue}"), || {
+        let base = base.clone();
+        let want = want.clone();
+        async move { log_bodies(&base, queue, 0).await == Some(want) }
+    })
+    .await;
+}
+
 /// The sum of every series of metric `name` (any labels) on node `base`; 0 when absent
 /// or when the node does not answer.
 pub async fn metric(base: &str, name: &str) -> f64 {
