@@ -705,6 +705,27 @@ fn waiting_lines(path: &std::path::Path) -> usize {
         .count()
 }
 
+/// Waits until node `id`, which lost its data, has caught up with every group it
+/// replicates: its `rejoining` marker and every group's `catching-up` marker are gone
+/// (see `cluster::catch_up`). Until then a group it is catching up counts on its other
+/// replicas for a quorum.
+async fn caught_up(cluster: &Cluster, id: u64) {
+    let raft = cluster.node(id).dir.join("raft");
+    eventually(
+        &format!("node {id} has caught up with every group"),
+        || async {
+            let markers = std::fs::read_dir(&raft).map(|entries| {
+                entries.filter_map(Result::ok).any(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name == "rejoining" || name.ends_with(".catching-up")
+                })
+            });
+            markers.is_ok_and(|any| !any)
+        },
+    )
+    .await;
+}
+
 /// Three nodes holding queue `kept` with one message, once node 1 knows node 3's
 /// addresses (node 3 announced itself: it is a member that ran, so a wiped node 3
 /// rejoins under its id and catches up before it votes).
@@ -769,13 +790,10 @@ async fn a_wiped_node_started_alone_waits_then_rejoins_under_its_id() {
     for node in 1..=3 {
         holds_exactly(&cluster, node, "kept", &["before", "after"]).await;
     }
-    let marker = cluster.node(3).dir.join("raft").join("rejoining");
-    eventually("node 3's rejoining marker is gone", || async {
-        !marker.exists()
-    })
-    .await;
+    caught_up(&cluster, 3).await;
 
-    // Caught up, node 3 votes again: with node 1 down, nodes 2 and 3 are the quorum.
+    // Caught up with every group, node 3 votes again: with node 1 down, nodes 2 and 3 are
+    // the quorum.
     cluster.kill(1);
     let b3 = cluster.http(3).to_string();
     common::cluster::publish(&b3, "kept", "with node 1 down").await;
@@ -974,11 +992,7 @@ async fn a_wiped_follower_restarted_beside_an_idle_cluster_catches_up() {
     std::fs::remove_dir_all(&cluster.node(victim).dir).expect("wipe the victim");
     cluster.restart(victim);
     holds_exactly(&cluster, victim, "kept", &["before"]).await;
-    let marker = cluster.node(victim).dir.join("raft").join("rejoining");
-    eventually("its rejoining marker is gone", || async {
-        !marker.exists()
-    })
-    .await;
+    caught_up(&cluster, victim).await;
 }
 
 /// Issue 13: a node whose data was lost rejoins under its old id, and neither takes
@@ -1035,13 +1049,9 @@ async fn a_wiped_node_rejoins_under_its_id_and_votes_only_once_caught_up() {
     for node in 1..=3 {
         holds_exactly(&cluster, node, "late", &["acked"]).await;
     }
-    let marker = cluster.node(3).dir.join("raft").join("rejoining");
-    eventually("node 3's rejoining marker is gone", || async {
-        !marker.exists()
-    })
-    .await;
+    caught_up(&cluster, 3).await;
 
-    // Node 3 votes again: with node 1 down, nodes 2 and 3 serve.
+    // Caught up with every group, node 3 votes again: with node 1 down, nodes 2 and 3 serve.
     cluster.kill(1);
     common::cluster::publish(&b3, "late", "after").await;
     common::cluster::publish(&b3, "kept", "after").await;
