@@ -1043,6 +1043,14 @@ async fn a_wiped_node_rejoins_under_its_id_and_votes_only_once_caught_up() {
         "node 1 committed a metadata entry with the blank log of node 3: {}",
         answer.text().await.unwrap_or_default()
     );
+    let meta_catching_up = |base: String| async move {
+        common::cluster::labeled_metric(&base, "qit_cluster_catching_up", "group=\"0\"").await
+    };
+    assert_eq!(
+        meta_catching_up(b3.clone()).await,
+        Some(1.0),
+        "node 3 shows its metadata group catching up"
+    );
 
     // Node 2 is back: it leads, and every node has `late` and its message.
     cluster.restart(2);
@@ -1050,6 +1058,7 @@ async fn a_wiped_node_rejoins_under_its_id_and_votes_only_once_caught_up() {
         holds_exactly(&cluster, node, "late", &["acked"]).await;
     }
     caught_up(&cluster, 3).await;
+    assert_eq!(meta_catching_up(b3.clone()).await, Some(0.0));
 
     // Caught up with every group, node 3 votes again: with node 1 down, nodes 2 and 3 serve.
     cluster.kill(1);

@@ -82,8 +82,8 @@ fn leader_watch(raft: &Raft) -> (watch::Receiver<Option<u64>>, Arc<AtomicU64>) {
     (rx, changes)
 }
 
-/// Takes group `id` out of `lost` once it has caught up ([`catch_up::caught_up`]): its
-/// catching-up marker goes first, and with the metadata group's the node's
+/// Takes group `id` out of `lost` once it has caught up ([`catch_up::caught_up`]), then
+/// removes its catching-up marker, and with the metadata group's the node's
 /// [`catch_up::REJOINING`] marker (every queue group it replicated is open and marked by
 /// then).
 fn watch_catch_up(id: u64, raft: &Raft, lost: Lost, raft_dir: PathBuf) {
@@ -92,6 +92,9 @@ fn watch_catch_up(id: u64, raft: &Raft, lost: Lost, raft_dir: PathBuf) {
         loop {
             let caught_up = catch_up::caught_up(&metrics.borrow_watched());
             if caught_up {
+                // Out of `lost` first: once the markers are gone, the group votes (a
+                // crash in between only has it catch up again at the next start).
+                lost.write().remove(&id);
                 let mut done = vec![catch_up::marker(&raft_dir, id)];
                 if id == META_GROUP {
                     done.push(raft_dir.join(catch_up::REJOINING));
@@ -102,7 +105,6 @@ fn watch_catch_up(id: u64, raft: &Raft, lost: Lost, raft_dir: PathBuf) {
                         tracing::warn!(group = id, path = %marker.display(), %error, "cannot remove a catching-up marker");
                     }
                 }
-                lost.write().remove(&id);
                 tracing::info!(
                     group = id,
                     "the group's lost log is caught up: it votes again"

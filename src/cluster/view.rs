@@ -35,6 +35,10 @@ pub const COMMIT_INDEX: &str = "qit_cluster_commit_index";
 pub const APPLIED_INDEX: &str = "qit_cluster_applied_index";
 /// The last index in the group's current snapshot on this node.
 pub const SNAPSHOT_INDEX: &str = "qit_cluster_snapshot_index";
+/// 1 while the group lost its log on this node and catches up (see `catch_up.rs`): it
+/// neither votes nor stands for election here, so it counts on its other replicas for a
+/// quorum (wait for 0 before stopping another node).
+pub const CATCHING_UP: &str = "qit_cluster_catching_up";
 /// The last index purged from the group's log on this node (the log holds the entries
 /// after it; a follower that lacks them is sent the snapshot). openraft postpones a purge
 /// while entries are on their way to a follower.
@@ -330,11 +334,13 @@ impl Cluster {
             let name = names.get(&id).cloned().unwrap_or_default();
             let m = raft.metrics().borrow_watched().clone();
             let changes = self.groups().leader_changes(id).unwrap_or(0);
+            let catching_up = if self.groups().has_lost(id) { 1.0 } else { 0.0 };
             for labels in self.series_labels(id, &name) {
                 let labels: Vec<(&str, &str)> =
                     labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 self.group_series(state, &m, &labels);
                 state.counter(LEADER_CHANGES, &labels, changes);
+                state.set(CATCHING_UP, &labels, catching_up);
             }
         }
     }
