@@ -816,7 +816,8 @@ async fn leader_kills_lose_nothing_acknowledged() {
     for body in &expected {
         assert!(reference.contains(body), "{body} is in the agreed log");
     }
-    // A node whose data is lost comes back under a new id (`--replaces`), from the others.
+    // A node whose data is lost is replaced by one under a new id (`--replaces`), from the
+    // others (it may also rejoin under its old id: `cluster_membership`).
     cluster.node_mut(3).kill();
     std::fs::remove_dir_all(&cluster.node(3).dir).unwrap();
     let new = cluster.replace(3).await;

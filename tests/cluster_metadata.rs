@@ -385,8 +385,8 @@ async fn the_metadata_log_is_snapshotted_purged_and_restored() {
     eprintln!("node 3 caught up by {installed} metadata snapshot install(s)");
 
     // Node 2 restarts from its own snapshot and log; node 1 loses its data directory and
-    // comes back under a new id (`--replaces 1`: a wiped node may not rejoin under its old
-    // one), sent the metadata snapshot over nothing.
+    // is replaced by one under a new id (`--replaces 1`; it may also rejoin under its old
+    // one, see `cluster_membership`), sent the metadata snapshot over nothing.
     cluster.kill(2);
     cluster.restart(2).await;
     cluster.kill(1);

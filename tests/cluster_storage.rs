@@ -229,9 +229,9 @@ async fn a_wiped_node_is_sent_the_snapshot() {
     // Entries while it is away, so that the snapshot the replacement gets is not the one
     // node 3 had.
     publish_spread(&cluster, "wiped", 200..300, [1, 2], body).await;
-    // It comes back under a new id (a wiped node may not rejoin under its old one): node
-    // 4 replaces it, and the queue's group moves onto node 4, which is sent the snapshot
-    // (the log below it is purged).
+    // It is replaced under a new id (it may also rejoin under its old one, see
+    // `cluster_membership`): node 4 replaces it, and the queue's group moves onto node 4,
+    // which is sent the snapshot (the log below it is purged).
     let new = cluster.replace(3).await;
     converged(&cluster, new, 1, "wiped", 300).await;
     let installed = metric(
