@@ -68,10 +68,12 @@ impl Broker {
         }
         let started = std::time::Instant::now();
         let now_ms = self.clock().now_ms();
+        // Looked up once: for the checks and the latency, as a publish does.
+        let found = self.queue(queue).ok();
         let first = match self.replicator() {
             Some(replicator) => {
                 // Checked before it is proposed, as a publish is (the apply checks again).
-                if let Ok(q) = self.queue(queue) {
+                if let Some(q) = &found {
                     check_sizes(&records, q.settings.max_message_bytes)?;
                 }
                 let op = Op::AppendRecords {
@@ -92,7 +94,7 @@ impl Broker {
                     .await?
             }
         };
-        super::record_publish_latency(self.queue(queue).ok().as_ref(), started, 1);
+        super::record_publish_latency(found.as_ref(), started, 1);
         Ok(first)
     }
 

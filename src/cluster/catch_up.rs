@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::log_store::sync_dir;
 use super::network::{KIND_GROUP_TERM, Peers};
 use super::types::{RaftMetrics, decode, encode};
 
@@ -121,15 +122,15 @@ pub struct GroupTerm {
     pub voters: Vec<u64>,
 }
 
-/// The term floor once every other replica has answered, else the replicas still to hear
-/// from. Who they are: the voters the answers name (so a replica removed since the node
-/// last knew the group is not waited for), or `seed` (the replicas placement names) while
-/// none has answered.
+/// The term floor and the other replicas once every one of them has answered, else the
+/// replicas still to hear from. Who they are: the voters the answers name (so a replica
+/// removed since the node last knew the group is not waited for), or `seed` (the replicas
+/// placement names) while none has answered.
 pub fn floor_of(
     me: u64,
     seed: &[u64],
     answers: &BTreeMap<u64, GroupTerm>,
-) -> Result<u64, Vec<u64>> {
+) -> Result<(u64, Vec<u64>), Vec<u64>> {
     let mut others: BTreeSet<u64> = if answers.is_empty() {
         seed.iter().copied().collect()
     } else {
@@ -147,11 +148,12 @@ pub fn floor_of(
     if !missing.is_empty() {
         return Err(missing);
     }
-    Ok(others
+    let floor = others
         .iter()
         .filter_map(|o| answers.get(o).map(|a| a.term))
         .max()
-        .unwrap_or(0))
+        .unwrap_or(0);
+    Ok((floor, others.into_iter().collect()))
 }
 
 /// Asks the other replicas of `group` for their term until every one has answered
@@ -171,10 +173,7 @@ pub async fn learn_floor(
             return None;
         }
         let missing = match floor_of(me, seed, &answers) {
-            Ok(floor) => {
-                let others = answers.keys().copied().collect();
-                return Some((floor, others));
-            }
+            Ok(known) => return Some(known),
             Err(missing) => missing,
         };
         let asks = missing.iter().map(|peer| async move {
@@ -261,10 +260,7 @@ pub fn clear(dir: &Path) -> io::Result<()> {
 }
 
 fn sync_parent(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(parent) => File::open(parent)?.sync_all(),
-        None => Ok(()),
-    }
+    path.parent().map_or(Ok(()), sync_dir)
 }
 
 #[cfg(test)]
@@ -339,7 +335,7 @@ mod tests {
         answers.insert(1, answer(2, &[1, 2, 3]));
         assert_eq!(floor_of(3, &[1, 2, 3], &answers), Err(vec![2]));
         answers.insert(2, answer(3, &[1, 2, 3]));
-        assert_eq!(floor_of(3, &[1, 2, 3], &answers), Ok(3));
+        assert_eq!(floor_of(3, &[1, 2, 3], &answers), Ok((3, vec![1, 2])));
     }
 
     #[test]
@@ -349,9 +345,9 @@ mod tests {
         answers.insert(1, answer(7, &[1, 2, 3]));
         assert_eq!(floor_of(3, &[1, 3, 4], &answers), Err(vec![2]));
         answers.insert(2, answer(6, &[1, 2, 3]));
-        assert_eq!(floor_of(3, &[1, 3, 4], &answers), Ok(7));
+        assert_eq!(floor_of(3, &[1, 3, 4], &answers), Ok((7, vec![1, 2])));
         // A group of one other replica, or none.
-        assert_eq!(floor_of(3, &[3], &BTreeMap::new()), Ok(0));
+        assert_eq!(floor_of(3, &[3], &BTreeMap::new()), Ok((0, vec![])));
     }
 
     #[test]

@@ -334,7 +334,8 @@ impl Groups {
         let config = Arc::new(config);
         let dir = self.raft_dir.join(id.to_string());
         let catching_up = catch_up::marker(&self.raft_dir, id);
-        if catching_up.exists() {
+        let was_catching_up = catching_up.exists();
+        if was_catching_up {
             // It was catching up when the node stopped: what it holds may lack committed
             // entries, and what it saw of its leaders is gone. It starts over, blank.
             catch_up::clear(&dir).map_err(|source| ClusterError::Io {
@@ -352,7 +353,7 @@ impl Groups {
         let found = Found {
             blank: log.is_blank(),
             held: id != META_GROUP && held.exists(),
-            catching_up: catching_up.exists(),
+            catching_up: was_catching_up,
             rejoining: self.raft_dir.join(catch_up::REJOINING).exists(),
         };
         if id != META_GROUP {
@@ -361,12 +362,12 @@ impl Groups {
         }
         let mut lost = catch_up::has_lost(found);
         let only_me = [self.node_id];
-        let alone = match &role {
-            Role::Queue(name) => self
-                .queue_group(name)
-                .is_some_and(|g| g.replicas == only_me),
-            _ => false,
+        // A queue's replicas as placement names them (the metadata group's: the voters).
+        let replicas = match &role {
+            Role::Queue(name) => self.queue_group(name).map(|g| g.replicas),
+            _ => None,
         };
+        let alone = replicas.as_deref() == Some(&only_me[..]);
         let members: &[u64] = match (lost, alone) {
             (true, true) => {
                 // No other replica holds it: waiting would keep the queue down for good.
@@ -399,11 +400,8 @@ impl Groups {
             source,
         })?;
         if lost {
-            let seed = match &role {
-                Role::Queue(name) => self
-                    .queue_group(name)
-                    .map(|g| g.replicas)
-                    .unwrap_or_default(),
+            let seed = match (&role, replicas) {
+                (Role::Queue(_), replicas) => replicas.unwrap_or_default(),
                 _ => self.voter_ids(),
             };
             self.lost.write().insert(id, None);

@@ -275,7 +275,8 @@ fn open_rw(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Syncs directory `dir` (its entries: a file made, renamed or removed in it).
+pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -407,9 +407,7 @@ type PublishParts = (String, Vec<WireMessage>, i64);
 fn publish_parts(command: Command) -> Result<PublishParts, BrokerError> {
     let op = match command {
         Command::Broker(op) => op,
-        Command::Publish(p) => p
-            .into_op()
-            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?,
+        Command::Publish(p) => p.into_op()?,
         _ => return Err(BrokerError::InvalidArgument("not a publish".into())),
     };
     match op {
@@ -1110,8 +1108,7 @@ impl Cluster {
                 now_ms,
             }) => {
                 // The records go encoded once, as one buffer (see `publish_batch`).
-                let append = EncodedAppend::new(queue, partition, &records, batch_key, now_ms)
-                    .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+                let append = EncodedAppend::new(queue, partition, &records, batch_key, now_ms)?;
                 propose_entry(raft, group, Command::AppendRecords(append)).await
             }
             command => propose_entry(raft, group, command).await,

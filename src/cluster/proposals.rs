@@ -200,9 +200,9 @@ fn publish<'a>(
     messages: impl IntoIterator<Item = &'a WireMessage> + Clone,
     now_ms: i64,
 ) -> Result<Command, BrokerError> {
-    EncodedPublish::new(queue, messages, now_ms)
-        .map(Command::Publish)
-        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))
+    Ok(Command::Publish(EncodedPublish::new(
+        queue, messages, now_ms,
+    )?))
 }
 
 /// Sends one waiter's publish alone and answers it.

@@ -55,6 +55,14 @@ pub enum BatchError {
     TooLarge(usize),
 }
 
+/// A batch that cannot be encoded or decoded is a bad argument to the broker (every
+/// replica decodes the same bytes, so every one answers alike).
+impl From<BatchError> for crate::broker::BrokerError {
+    fn from(error: BatchError) -> Self {
+        Self::InvalidArgument(error.to_string())
+    }
+}
+
 /// Messages encoded as one buffer (see the module doc); a clone shares the buffer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]

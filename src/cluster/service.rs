@@ -92,7 +92,7 @@ type Replies = Pin<Box<dyn Stream<Item = Result<Reply, Status>> + Send>>;
 fn checked_requests(
     messages: impl Stream<Item = Result<StreamRequest, Status>> + Send + 'static,
     (secret, stream_id): (Secret, String),
-    admits: impl Fn(&AppendEntriesRequest<TypeConfig>) -> bool + Send + 'static,
+    admit: impl Fn(&AppendEntriesRequest<TypeConfig>) -> Result<(), Status> + Send + 'static,
     refused: Arc<parking_lot::Mutex<Option<Status>>>,
 ) -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + 'static {
     messages
@@ -118,13 +118,7 @@ fn checked_requests(
                 Err(status) => Err(status),
             };
             let request = request.and_then(|request: AppendEntriesRequest<TypeConfig>| {
-                if admits(&request) {
-                    Ok(request)
-                } else {
-                    Err(Status::unavailable(
-                        "this replica lost the group's log and takes entries only from a leader of its term floor on",
-                    ))
-                }
+                admit(&request).map(|()| request)
             });
             let request = match request {
                 Ok(request) => Some(request),
@@ -137,18 +131,17 @@ fn checked_requests(
         })
 }
 
-/// True when `me` leads the group of `raft`.
-fn leads(raft: &super::state_machine::Raft, me: u64) -> bool {
-    use openraft::async_runtime::watch::WatchReceiver;
-    raft.metrics().borrow_watched().current_leader == Some(me)
-}
-
-/// The refusal of a leader below a lost group's term floor (or of any, before it is known).
-fn below_floor(group: u64) -> Status {
-    Status::unavailable(format!(
+/// Lets entries or a snapshot from the leader of `vote` into `group` here, or refuses
+/// them: a group that lost its log takes them only from its term floor on (see
+/// `catch_up.rs`).
+fn admit(cluster: &super::Cluster, group: u64, vote: &Vote) -> Result<(), Status> {
+    if cluster.groups().admits_leader(group, vote.leader_id.term) {
+        return Ok(());
+    }
+    Err(Status::unavailable(format!(
         "raft group {group} here lost its log: it takes entries only from a leader of a term \
          every other replica has reached (not known yet, or this leader's is older)"
-    ))
+    )))
 }
 
 fn bad(e: impl std::fmt::Display) -> Status {
@@ -190,11 +183,8 @@ impl cluster_server::Cluster for Service {
             .raft(group)
             .ok_or_else(|| Status::not_found(format!("no raft group {group} here (yet)")))?;
         let refused = Arc::new(parking_lot::Mutex::new(None));
-        let admits = move |request: &AppendEntriesRequest<TypeConfig>| {
-            cluster
-                .groups()
-                .admits_leader(group, request.vote.leader_id.term)
-        };
+        let admits =
+            move |request: &AppendEntriesRequest<TypeConfig>| admit(&cluster, group, &request.vote);
         let requests = checked_requests(
             request.into_inner(),
             (self.local.peers().secret().clone(), stream_id),
@@ -234,7 +224,7 @@ impl cluster_server::Cluster for Service {
             let request: TermRequest = decode(&body).map_err(bad)?;
             if request.replicate
                 && let Some(raft) = cluster.groups().raft(group)
-                && leads(&raft, cluster.node_id())
+                && cluster.leads(&raft)
                 && let Err(error) = raft.trigger().heartbeat().await
             {
                 tracing::debug!(group, %error, "cannot send a heartbeat to a replica that catches up");
@@ -254,30 +244,23 @@ impl cluster_server::Cluster for Service {
                 "raft group {group} here is catching up after losing its log: it does not vote yet"
             )));
         }
-        let admit = |vote: &Vote| {
-            if cluster.groups().admits_leader(group, vote.leader_id.term) {
-                Ok(())
-            } else {
-                Err(below_floor(group))
-            }
-        };
         match kind {
             KIND_VOTE => reply(&raft.vote(decode(&body).map_err(bad)?).await),
             KIND_APPEND => {
                 let request: AppendEntriesRequest<TypeConfig> = decode(&body).map_err(bad)?;
-                admit(&request.vote)?;
+                admit(&cluster, group, &request.vote)?;
                 reply(&raft.append_entries(request).await)
             }
             // The resumable snapshot transfer (see `snapshot_transfer.rs`).
             KIND_SNAPSHOT_HELD => {
                 let request: HeldRequest = decode(&body).map_err(bad)?;
-                admit(&request.vote)?;
+                admit(&cluster, group, &request.vote)?;
                 let receiver = cluster.groups().snapshot_receiver();
                 reply(&receiver.held(&raft, group, request).await)
             }
             KIND_SNAPSHOT_CHUNK => {
                 let request: ChunkRequest = decode(&body).map_err(bad)?;
-                admit(&request.vote)?;
+                admit(&cluster, group, &request.vote)?;
                 let receiver = cluster.groups().snapshot_receiver();
                 reply(&receiver.chunk(&raft, group, request).await)
             }
@@ -340,7 +323,13 @@ mod tests {
         let taken: Vec<u64> = checked_requests(
             futures_util::stream::iter(messages.into_iter().map(Ok)),
             (secret, "s1".into()),
-            move |r: &AppendEntriesRequest<TypeConfig>| r.vote.leader_id.term >= floor,
+            move |r: &AppendEntriesRequest<TypeConfig>| {
+                if r.vote.leader_id.term >= floor {
+                    Ok(())
+                } else {
+                    Err(Status::unavailable("below the floor"))
+                }
+            },
             Arc::clone(&refused),
         )
         .map(|r| r.vote.leader_id.term)
