@@ -81,7 +81,7 @@ use futures_util::future::BoxFuture;
 use openraft::Instant as _;
 use openraft::ReadPolicy;
 use openraft::async_runtime::watch::WatchReceiver;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::replicate::{
@@ -360,7 +360,7 @@ async fn read_index(raft: &Raft, policy: ReadPolicy, wait: Duration) -> Result<(
                 (Some(_), None) => {
                     "this node no longer leads (its successor is not known yet)".into()
                 }
-                (None, None) => format!("leader lease not renewed: {error}"),
+                (None, None) => format!("leader lease not renewed: {}", lease_error(&error)),
             };
             Err(LeaseLost {
                 reason,
@@ -373,6 +373,24 @@ async fn read_index(raft: &Raft, policy: ReadPolicy, wait: Duration) -> Result<(
             deposed: false,
             leader: None,
         }),
+    }
+}
+
+/// Why a leader could not confirm its lease, for people: openraft's own text of a lost
+/// quorum prints the membership as a debug structure.
+fn lease_error(
+    error: &RaftError<types::TypeConfig, LinearizableReadError<types::TypeConfig>>,
+) -> String {
+    match error {
+        RaftError::APIError(LinearizableReadError::QuorumNotEnough(quorum)) => {
+            let answered: Vec<String> = quorum.got.iter().map(u64::to_string).collect();
+            let nodes = if answered.len() == 1 { "node" } else { "nodes" };
+            format!(
+                "too few voters answered for a quorum (only {nodes} {})",
+                answered.join(", ")
+            )
+        }
+        other => other.to_string(),
     }
 }
 
@@ -1381,9 +1399,31 @@ mod tests {
     use futures_util::FutureExt;
 
     use super::{
-        Broker, Command, Duration, Op, OpResult, advertised_kafka, lease_then_confirm, no_leader,
-        shorten_wait,
+        Broker, Command, Duration, Op, OpResult, advertised_kafka, lease_error, lease_then_confirm,
+        no_leader, shorten_wait,
     };
+
+    /// A lost quorum is told in words, never as openraft's debug print of the membership.
+    #[test]
+    fn a_lost_quorum_names_the_nodes_that_answered() {
+        use openraft::error::{LinearizableReadError, QuorumNotEnough, RaftError};
+        let lost = |got: &[u64]| {
+            lease_error(&RaftError::APIError(
+                LinearizableReadError::QuorumNotEnough(QuorumNotEnough {
+                    cluster: "{voters:[{1:BasicNode { addr: \"a\" }}]}".into(),
+                    got: got.iter().copied().collect(),
+                }),
+            ))
+        };
+        assert_eq!(
+            lost(&[3]),
+            "too few voters answered for a quorum (only node 3)"
+        );
+        assert_eq!(
+            lost(&[1, 3]),
+            "too few voters answered for a quorum (only nodes 1, 3)"
+        );
+    }
 
     #[test]
     fn a_wildcard_kafka_listener_is_announced_at_a_reachable_host() {
