@@ -231,10 +231,11 @@ async fn write_batch(sink: &Sink, mut batch: Vec<Waiter>) {
     let command = match publish(queue, batch.iter().flat_map(|w| &w.messages), now_ms) {
         Ok(command) => command,
         Err(error) => {
+            // One publish too large to encode fails the batch: each goes alone, so only
+            // that one is refused (with the encoder's own words).
+            tracing::debug!(%error, "a batch of publishes did not encode; proposing each alone");
             for w in batch {
-                let _ = w
-                    .answer
-                    .send(Err(BrokerError::InvalidArgument(error.to_string())));
+                write_alone(sink, w).await;
             }
             return;
         }
