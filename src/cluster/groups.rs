@@ -6,7 +6,7 @@
 //! the old group's messages.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -202,6 +202,27 @@ pub struct Groups {
 /// so a follower that saw a leader die can be elected at once) and after which a leader
 /// that heard no quorum takes no write until it renews it (see `ensure_lease`).
 /// Snapshots and purging: [`storage_policy`].
+/// Group `id`'s state machine for `role`: a queue's restores the queue from the group's
+/// latest snapshot, the metadata group's installs its own.
+async fn open_machine(
+    id: u64,
+    role: Role,
+    broker: &Arc<Broker>,
+    dir: &Path,
+) -> Result<StateMachine, ClusterError> {
+    match role {
+        Role::Queue(name) => {
+            StateMachine::for_queue(&name, Arc::clone(broker), &dir.join("snapshot"))
+                .await
+                .map_err(|e| ClusterError::Raft(format!("group {id}: {e}")))
+        }
+        Role::Meta(hooks) => StateMachine::for_meta(hooks, Arc::clone(broker), dir)
+            .await
+            .map_err(|e| ClusterError::Raft(format!("metadata snapshot: {e}"))),
+        role => Ok(StateMachine::new(role, Some(Arc::clone(broker)))),
+    }
+}
+
 fn raft_config(group: u64) -> Result<Config, ClusterError> {
     Config {
         cluster_name: format!("qit-{group}"),
@@ -331,100 +352,20 @@ impl Groups {
     ) -> Result<Raft, ClusterError> {
         let preferred = members.first() == Some(&self.node_id);
         let (config, chunk_entries) = storage_policy(raft_config(id)?, self.snapshot_entries);
-        let config = Arc::new(config);
         let dir = self.raft_dir.join(id.to_string());
-        let catching_up = catch_up::marker(&self.raft_dir, id);
-        let was_catching_up = catching_up.exists();
-        if was_catching_up {
-            // It was catching up when the node stopped: what it holds may lack committed
-            // entries, and what it saw of its leaders is gone. It starts over, blank.
-            catch_up::clear(&dir).map_err(|source| ClusterError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        let log = LogStore::open_chunked(&dir, self.sync, chunk_entries).map_err(|source| {
-            ClusterError::Io {
-                path: dir.clone(),
-                source,
-            }
-        })?;
-        let held = self.held_marker(id);
-        let found = Found {
-            blank: log.is_blank(),
-            held: id != META_GROUP && held.exists(),
-            catching_up: was_catching_up,
-            rejoining: self.raft_dir.join(catch_up::REJOINING).exists(),
-        };
-        if id != META_GROUP {
-            log.mark_held(held.clone())
-                .map_err(|source| ClusterError::Io { path: held, source })?;
-        }
-        let mut lost = catch_up::has_lost(found);
-        let only_me = [self.node_id];
+        let (log, found) = self.open_log(id, &dir, chunk_entries)?;
         // A queue's replicas as placement names them (the metadata group's: the voters).
         let replicas = match &role {
             Role::Queue(name) => self.queue_group(name).map(|g| g.replicas),
             _ => None,
         };
-        let alone = replicas.as_deref() == Some(&only_me[..]);
-        let members: &[u64] = match (lost, alone) {
-            (true, true) => {
-                // No other replica holds it: waiting would keep the queue down for good.
-                tracing::error!(
-                    group = id,
-                    path = %dir.display(),
-                    "this node lost the only copy of the group's log: the queue starts empty"
-                );
-                lost = false;
-                &only_me
-            }
-            (true, false) => {
-                tracing::warn!(
-                    group = id,
-                    path = %dir.display(),
-                    "this node lost its copy of the group's log: it rejoins as a follower \
-                     and does not vote until it has caught up"
-                );
-                &[]
-            }
-            (false, _) => members,
-        };
-        let marked = if lost {
-            catch_up::mark(&catching_up)
-        } else {
-            catch_up::unmark(&catching_up)
-        };
-        marked.map_err(|source| ClusterError::Io {
-            path: catching_up,
-            source,
-        })?;
-        if lost {
-            let seed = match (&role, replicas) {
-                (Role::Queue(_), replicas) => replicas.unwrap_or_default(),
-                _ => self.voter_ids(),
-            };
-            self.lost.write().insert(id, None);
-            learn_floor(
-                id,
-                self.node_id,
-                seed,
-                Arc::clone(&self.peers),
-                Arc::clone(&self.lost),
-            );
-        }
-        let machine = match role {
-            Role::Queue(name) => {
-                StateMachine::for_queue(&name, Arc::clone(&self.broker), &dir.join("snapshot"))
-                    .await
-                    .map_err(|e| ClusterError::Raft(format!("group {id}: {e}")))?
-            }
-            Role::Meta(hooks) => StateMachine::for_meta(hooks, Arc::clone(&self.broker), &dir)
-                .await
-                .map_err(|e| ClusterError::Raft(format!("metadata snapshot: {e}")))?,
-            role => StateMachine::new(role, Some(Arc::clone(&self.broker))),
-        };
-        let seeded = self.seed(id, &log, members)?;
+        let (lost, members) = self.seed_members(id, &dir, found, replicas.as_deref(), members);
+        // A lost queue group learns its term floor from its replicas, the metadata group
+        // from every voter (`None`).
+        let floor_from = matches!(role, Role::Queue(_)).then(|| replicas.unwrap_or_default());
+        self.mark_lost(id, lost, floor_from)?;
+        let machine = open_machine(id, role, &self.broker, &dir).await?;
+        let seeded = self.seed(id, &log, &members)?;
         let replayed = machine.applied_counter();
         let applied = machine.applied_index();
         self.logs.write().insert(id, log.clone());
@@ -432,7 +373,7 @@ impl Groups {
             group: id,
             peers: Arc::clone(&self.peers),
         };
-        let raft = Raft::new(self.node_id, config, network, log, machine)
+        let raft = Raft::new(self.node_id, Arc::new(config), network, log, machine)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         if id != META_GROUP {
@@ -459,6 +400,103 @@ impl Groups {
             }
         }
         Ok(raft)
+    }
+
+    /// Opens group `id`'s Raft log in `dir` and tells what it found there. A group that was
+    /// catching up when the node stopped starts over, blank: what it holds may lack
+    /// committed entries, and what it saw of its leaders is gone. A queue group's log is
+    /// marked as held here (the metadata group's is always held).
+    fn open_log(
+        &self,
+        id: u64,
+        dir: &Path,
+        chunk_entries: usize,
+    ) -> Result<(LogStore, Found), ClusterError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ClusterError::Io { path, source }
+        };
+        let catching_up = catch_up::marker(&self.raft_dir, id).exists();
+        if catching_up {
+            catch_up::clear(dir).map_err(io(dir))?;
+        }
+        let log = LogStore::open_chunked(dir, self.sync, chunk_entries).map_err(io(dir))?;
+        let held = self.held_marker(id);
+        let found = Found {
+            blank: log.is_blank(),
+            held: id != META_GROUP && held.exists(),
+            catching_up,
+            rejoining: self.raft_dir.join(catch_up::REJOINING).exists(),
+        };
+        if id != META_GROUP {
+            log.mark_held(held.clone()).map_err(io(&held))?;
+        }
+        Ok((log, found))
+    }
+
+    /// Whether group `id` lost its log here ([`catch_up::has_lost`]), and the members a
+    /// blank log is seeded with: `members` as given when it did not; none when it did (it
+    /// joins as a follower and catches up from the others); this node alone when it did
+    /// but no other replica holds the group (waiting would keep the queue down for good).
+    fn seed_members(
+        &self,
+        id: u64,
+        dir: &Path,
+        found: Found,
+        replicas: Option<&[u64]>,
+        members: &[u64],
+    ) -> (bool, Vec<u64>) {
+        if !catch_up::has_lost(found) {
+            return (false, members.to_vec());
+        }
+        if replicas == Some(&[self.node_id][..]) {
+            tracing::error!(
+                group = id,
+                path = %dir.display(),
+                "this node lost the only copy of the group's log: the queue starts empty"
+            );
+            return (false, vec![self.node_id]);
+        }
+        tracing::warn!(
+            group = id,
+            path = %dir.display(),
+            "this node lost its copy of the group's log: it rejoins as a follower \
+             and does not vote until it has caught up"
+        );
+        (true, Vec::new())
+    }
+
+    /// Writes or removes group `id`'s catching-up marker; a group that `lost` its log
+    /// enters the lost set and starts learning its term floor from the other replicas of
+    /// `floor_from` (`None`: every voter), see [`catch_up`].
+    fn mark_lost(
+        &self,
+        id: u64,
+        lost: bool,
+        floor_from: Option<Vec<u64>>,
+    ) -> Result<(), ClusterError> {
+        let marker = catch_up::marker(&self.raft_dir, id);
+        let marked = if lost {
+            catch_up::mark(&marker)
+        } else {
+            catch_up::unmark(&marker)
+        };
+        marked.map_err(|source| ClusterError::Io {
+            path: marker,
+            source,
+        })?;
+        if lost {
+            let seed = floor_from.unwrap_or_else(|| self.voter_ids());
+            self.lost.write().insert(id, None);
+            learn_floor(
+                id,
+                self.node_id,
+                seed,
+                Arc::clone(&self.peers),
+                Arc::clone(&self.lost),
+            );
+        }
+        Ok(())
     }
 
     /// Writes the initial membership of a new group on `members` (see [`LogStore::seed`])
