@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 
-use common::cluster::{Node, retrying};
+use common::cluster::{Cluster, Node, retrying};
 use common::{eventually, http};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -22,89 +22,46 @@ const PASSWORD: &str = "a long enough password";
 
 /// Three nodes started with auth on and a small snapshot interval; the admin's token.
 struct Nodes {
-    nodes: Vec<Node>,
-    peers: String,
-    extra: Vec<String>,
+    cluster: Cluster,
     admin: String,
-    _temp: tempfile::TempDir,
 }
 
 impl Nodes {
     async fn start() -> Self {
-        let temp = tempfile::tempdir().expect("temp dir");
-        let config = temp.path().join("qit.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "raft_snapshot_entries = {SNAPSHOT_ENTRIES}\nauth = true\nadmin = \"{ADMIN}\"\nadmin_password = \"{PASSWORD}\"\n"
-            ),
-        )
-        .expect("write config");
-        let extra = vec!["--config".to_string(), config.display().to_string()];
-        let mut nodes: Vec<Node> = (1..=3)
-            .map(|id| Node::new(id, temp.path().join(format!("node-{id}"))))
-            .collect();
-        let peers = nodes.iter().map(Node::peer).collect::<Vec<_>>().join(",");
-        for node in &mut nodes {
-            node.start(&peers, &extra);
-        }
-        let mut cluster = Self {
-            nodes,
-            peers,
-            extra,
-            admin: String::new(),
-            _temp: temp,
-        };
-        for id in 1..=3 {
-            cluster.wait_serving(id).await;
-        }
-        cluster.admin = login(cluster.http(1), ADMIN).await;
-        cluster
+        let cluster = Cluster::start_with_config(&format!(
+            "raft_snapshot_entries = {SNAPSHOT_ENTRIES}\nauth = true\nadmin = \"{ADMIN}\"\nadmin_password = \"{PASSWORD}\"\n"
+        ))
+        .await;
+        let admin = login(cluster.http(1), ADMIN).await;
+        Self { cluster, admin }
     }
 
     fn node(&self, id: u64) -> &Node {
-        &self.nodes[(id - 1) as usize]
+        self.cluster.node(id)
     }
 
     fn http(&self, id: u64) -> &str {
-        &self.node(id).http
+        self.cluster.http(id)
     }
 
     fn kill(&mut self, id: u64) {
-        self.nodes[(id - 1) as usize].kill();
+        self.cluster.kill(id);
     }
 
     async fn restart(&mut self, id: u64) {
-        let (peers, extra) = (self.peers.clone(), self.extra.clone());
-        self.nodes[(id - 1) as usize].start(&peers, &extra);
+        self.cluster.restart(id);
         self.wait_serving(id).await;
     }
 
     /// Starts a new node (the next id) that replaces node `old` (`--replaces`), waits until
     /// it serves; its id.
     async fn replace(&mut self, old: u64) -> u64 {
-        let id = self.nodes.len() as u64 + 1;
-        let mut node = Node::new(id, self._temp.path().join(format!("node-{id}")));
-        let peers = format!("{},{}", self.peers, node.peer());
-        let mut extra = self.extra.clone();
-        extra.extend(["--replaces".to_string(), old.to_string()]);
-        node.start(&peers, &extra);
-        self.nodes.push(node);
-        self.wait_serving(id).await;
-        id
+        self.cluster.replace(old).await
     }
 
     /// Waits until node `id` answers `/healthz` (part of a working quorum).
     async fn wait_serving(&self, id: u64) {
-        let url = format!("{}/healthz", self.http(id));
-        eventually(&format!("node {id} serves"), || async {
-            http()
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await;
+        self.cluster.wait_serving(id).await;
     }
 
     /// GET `path` on node `id` as the admin, `None` unless 2xx.
