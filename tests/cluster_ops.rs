@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    Cluster, create_queue_as, index_past, log_bodies, metric_sum, ok, retrying, view, view_as,
+    Cluster, create_queue, create_queue_as, index_past, log_bodies, metric_sum, ok, retrying, view,
+    view_as,
 };
 use common::{eventually, http};
 use parking_lot::Mutex;
@@ -601,4 +602,67 @@ async fn sigterm_hands_off_and_leadership_returns() {
             "the leader reports {q}'s lag: {row}"
         );
     }
+}
+
+/// The partitions of `queue` in a `GET /cluster` view.
+fn partitions_of(view: &Value, queue: &str) -> Vec<Value> {
+    view["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["queue"] == queue)
+        .cloned()
+        .collect()
+}
+
+/// `GET /cluster` on a node that holds no replica of a queue names the queue's leader and
+/// term as the replicas do (from the leaders' beats), not null; once that leader is down
+/// (and the other of two replicas cannot elect alone), it names none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_replica_names_the_leader() {
+    let mut cluster = Cluster::start().await;
+    create_queue(
+        cluster.http(1),
+        "pair",
+        json!({"replicas": 2, "partitions": 2}),
+    )
+    .await;
+    let urls: Vec<String> = (1..=3)
+        .map(|id| format!("{}/cluster", cluster.http(id)))
+        .collect();
+    let url = |id: u64| urls[(id - 1) as usize].clone();
+    let mut replicas: Vec<u64> = Vec::new();
+    for _ in 0..600 {
+        let placed = view(&url(1)).await.and_then(|v| {
+            let first = partitions_of(&v, "pair").into_iter().next()?;
+            serde_json::from_value::<Vec<u64>>(first["replicas"].clone()).ok()
+        });
+        if let Some(placed) = placed {
+            replicas = placed;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(replicas.len(), 2, "the queue is placed on two nodes");
+    let outsider = (1..=3).find(|id| !replicas.contains(id)).unwrap();
+    let leader = cluster.leader_of(replicas[0], "pair", None).await;
+    let term = partitions_of(&view(&url(leader)).await.unwrap(), "pair")[0]["term"].clone();
+    eventually("the node without a replica names the leader", || async {
+        view(&url(outsider)).await.is_some_and(|v| {
+            let parts = partitions_of(&v, "pair");
+            parts.len() == 2
+                && parts
+                    .iter()
+                    .all(|p| p["leader"] == json!(leader) && p["term"] == term)
+        })
+    })
+    .await;
+    cluster.kill(leader);
+    eventually("with the leader down it names none", || async {
+        view(&url(outsider)).await.is_some_and(|v| {
+            let parts = partitions_of(&v, "pair");
+            parts.len() == 2 && parts.iter().all(|p| p["leader"].is_null())
+        })
+    })
+    .await;
 }

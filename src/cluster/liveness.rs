@@ -66,6 +66,9 @@ pub const BEAT_DEADLINE: Duration = Duration::from_millis(500);
 pub const STALL: Duration = Duration::from_millis(400);
 /// Silence of a live-looking leader before the first replica in turn elects.
 pub const SLOW_WAIT: Duration = Duration::from_millis(1_000);
+/// How long a leader's claim of a group (in its beats) names the leader of a group this
+/// node holds no replica of: ten beats, the wait before the group's own replicas elect.
+pub const CLAIM_FRESH: Duration = SLOW_WAIT;
 /// Added per rank to [`SLOW_WAIT`].
 pub const SLOW_STAGGER: Duration = Duration::from_millis(500);
 /// Largest random share added to [`SLOW_WAIT`].
@@ -223,9 +226,16 @@ struct PeerWatch {
 pub struct Detector {
     node: u64,
     groups: HashMap<u64, Watch>,
+    /// The latest claim of every group some peer leads, open here or not.
+    claims: HashMap<u64, Claim>,
     peers: HashMap<u64, PeerWatch>,
     last_turn: Option<Instant>,
     draw: fn() -> f64,
+}
+
+/// True while `claim` was heard within [`CLAIM_FRESH`] of `now`.
+fn fresh(claim: &Claim, now: Instant) -> bool {
+    now.saturating_duration_since(claim.at) <= CLAIM_FRESH
 }
 
 fn scaled(d: Duration, share: f64) -> Duration {
@@ -242,6 +252,7 @@ impl Detector {
         Self {
             node,
             groups: HashMap::new(),
+            claims: HashMap::new(),
             peers: HashMap::new(),
             last_turn: None,
             draw,
@@ -271,14 +282,19 @@ impl Detector {
     pub fn received(&mut self, from: u64, beat: &Beat, now: Instant) {
         self.peers.insert(from, PeerWatch::default());
         for led in &beat.leads {
+            let claim = Claim {
+                node: from,
+                term: led.term,
+                applied: led.applied,
+                at: now,
+            };
             let watch = self.watch(led.group, now);
             if watch.claim.is_none_or(|c| led.term >= c.term) {
-                watch.claim = Some(Claim {
-                    node: from,
-                    term: led.term,
-                    applied: led.applied,
-                    at: now,
-                });
+                watch.claim = Some(claim);
+            }
+            let latest = self.claims.entry(led.group).or_insert(claim);
+            if led.term >= latest.term || !fresh(latest, now) {
+                *latest = claim;
             }
         }
         for tip in &beat.tips {
@@ -286,6 +302,15 @@ impl Detector {
                 .tips
                 .insert(from, (tip.last, now));
         }
+    }
+
+    /// The node that claimed to lead `group` in its beats within [`CLAIM_FRESH`], and in
+    /// which term: the latest term claimed.
+    pub fn claimed(&self, group: u64, now: Instant) -> Option<(u64, u64)> {
+        self.claims
+            .get(&group)
+            .filter(|claim| fresh(claim, now))
+            .map(|claim| (claim.node, claim.term))
     }
 
     /// A beat to `to` went as `sent`.
@@ -381,6 +406,7 @@ impl Detector {
         }
         let open: HashSet<u64> = locals.iter().map(|l| l.group).collect();
         self.groups.retain(|g, _| open.contains(g));
+        self.claims.retain(|_, claim| fresh(claim, now));
         let mut actions = Vec::new();
         for local in locals {
             if !local.voter || local.leading {
@@ -560,6 +586,13 @@ impl Liveness {
 }
 
 impl Cluster {
+    /// The leader of a group this node holds no replica of, and its term: the node that
+    /// claims it in its beats ([`Detector::claimed`]), while that node is up.
+    pub fn claimed_leader(&self, group: u64) -> Option<(u64, u64)> {
+        let claimed = self.liveness.detector.lock().claimed(group, Instant::now());
+        claimed.filter(|(node, _)| self.peers().is_up(*node))
+    }
+
     /// Every open group as the loop sees it.
     fn locals(&self) -> Vec<Local> {
         let me = self.node_id();
@@ -780,6 +813,30 @@ mod tests {
             now += BEAT_EVERY;
         }
         None
+    }
+
+    /// A group this node holds no replica of is named led by whoever claims it in the
+    /// latest term, until the claims stop for longer than [`CLAIM_FRESH`] (a turn then
+    /// forgets them); a late claim of an older term does not win back.
+    #[test]
+    fn claims_name_the_leader_of_groups_not_held_here() {
+        let mut d = Detector::new(ME, half);
+        let start = Instant::now();
+        assert_eq!(d.claimed(9, start), None);
+        d.received(1, &beat(9, 3, 5), start);
+        assert_eq!(d.claimed(9, start), Some((1, 3)));
+        // No replica here: a turn keeps the claim.
+        d.turn(start, &[]);
+        assert_eq!(d.claimed(9, start + BEAT_EVERY), Some((1, 3)));
+        d.received(3, &beat(9, 4, 6), start + BEAT_EVERY);
+        d.received(1, &beat(9, 3, 5), start + BEAT_EVERY * 2);
+        assert_eq!(d.claimed(9, start + BEAT_EVERY * 2), Some((3, 4)));
+        let silent = start + BEAT_EVERY + CLAIM_FRESH + BEAT_EVERY;
+        assert_eq!(d.claimed(9, silent), None);
+        d.turn(silent, &[]);
+        // A new claim after the silence counts, whatever its term.
+        d.received(1, &beat(9, 3, 7), silent);
+        assert_eq!(d.claimed(9, silent), Some((1, 3)));
     }
 
     #[test]

@@ -199,9 +199,13 @@ impl Cluster {
         let mut partitions = Vec::new();
         for (queue, group) in self.groups().queue_groups() {
             let raft = self.groups().raft(group.id);
-            let (leader, term) = raft
-                .as_ref()
-                .map_or((None, 0), |raft| self.serving_leader_and_term(raft));
+            // A node without a replica knows the leader from the leaders' beats.
+            let (leader, term) = match &raft {
+                Some(raft) => self.serving_leader_and_term(raft),
+                None => self
+                    .claimed_leader(group.id)
+                    .map_or((None, 0), |(leader, term)| (Some(leader), term)),
+            };
             let (lag, followers) = raft.as_ref().map_or((None, Vec::new()), |r| {
                 let m = r.metrics();
                 let m = m.borrow_watched();

@@ -188,13 +188,14 @@ impl Kafka {
 
     /// `(leader of its Raft group as known here, replicas)` of a topic's partitions on a
     /// cluster node (`None` on a single node, or for a topic the cluster does not know).
+    /// A node without a replica knows the leader from the leaders' beats.
     pub fn topic_replicas(&self, topic: &str) -> Option<(Option<u64>, Vec<u64>)> {
         let cluster = self.cluster.as_ref()?;
         let group = cluster.groups().queue_group(topic)?;
-        let leader = cluster
-            .groups()
-            .leader_watch(group.id)
-            .and_then(|watch| *watch.borrow());
+        let leader = match cluster.groups().leader_watch(group.id) {
+            Some(watch) => *watch.borrow(),
+            None => cluster.claimed_leader(group.id).map(|(leader, _)| leader),
+        };
         Some((leader, group.replicas))
     }
 
