@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    Cluster, create_queue, create_queue_as, index_past, log_bodies, metric_sum, ok, retrying, view,
-    view_as,
+    Cluster, create_queue, create_queue_as, index_past, log_bodies, metric_sum, ok, publish,
+    retrying, view, view_as,
 };
 use common::{eventually, http};
 use parking_lot::Mutex;
@@ -616,8 +616,9 @@ fn partitions_of(view: &Value, queue: &str) -> Vec<Value> {
 }
 
 /// `GET /cluster` on a node that holds no replica of a queue names the queue's leader and
-/// term as the replicas do (from the leaders' beats), not null; once that leader is down
-/// (and the other of two replicas cannot elect alone), it names none.
+/// term as the replicas do (from the leaders' beats), not null, and its committed offsets
+/// (asked of the replicas), not its own empty copy's; once that leader is down (and the
+/// other of two replicas cannot elect alone), it names none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_names_the_leader() {
     let mut cluster = Cluster::start().await;
@@ -646,7 +647,21 @@ async fn a_node_without_a_replica_names_the_leader() {
     assert_eq!(replicas.len(), 2, "the queue is placed on two nodes");
     let outsider = (1..=3).find(|id| !replicas.contains(id)).unwrap();
     let leader = cluster.leader_of(replicas[0], "pair", None).await;
-    let term = partitions_of(&view(&url(leader)).await.unwrap(), "pair")[0]["term"].clone();
+    for i in 0..6 {
+        publish(cluster.http(outsider), "pair", &format!("m{i}")).await;
+    }
+    let at_leader = partitions_of(&view(&url(leader)).await.unwrap(), "pair");
+    let term = at_leader[0]["term"].clone();
+    let offsets = |parts: &[Value]| -> Vec<Value> {
+        parts
+            .iter()
+            .map(|p| p["committed_offset"].clone())
+            .collect()
+    };
+    let committed = offsets(&at_leader);
+    let total: u64 = committed.iter().filter_map(Value::as_u64).sum();
+    assert_eq!(total, 6, "{at_leader:?}");
+    // Its leader, term and committed offsets are the leader's own.
     eventually("the node without a replica names the leader", || async {
         view(&url(outsider)).await.is_some_and(|v| {
             let parts = partitions_of(&v, "pair");
@@ -654,6 +669,7 @@ async fn a_node_without_a_replica_names_the_leader() {
                 && parts
                     .iter()
                     .all(|p| p["leader"] == json!(leader) && p["term"] == term)
+                && offsets(&parts) == committed
         })
     })
     .await;

@@ -155,7 +155,7 @@ pub(super) async fn healthz(State(s): State<HttpState>) -> ApiResult {
 #[utoipa::path(get, path = "/cluster", tag = "operations", description = "The cluster: nodes, the metadata leader, every partition's leader and replicas (404 `not_clustered` on a single node).", responses((status = 200, body = crate::cluster::view::ClusterView), Errors))]
 pub(super) async fn cluster_view(State(s): State<HttpState>) -> ApiResult {
     match &s.cluster {
-        Some(cluster) => Ok(ok(json!(cluster.view()))),
+        Some(cluster) => Ok(ok(json!(cluster.current_view().await))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_clustered",

@@ -3,7 +3,7 @@
 //! changes, replication lag, last log, commit, apply and snapshot indexes, snapshot
 //! installs and resumed snapshot bytes).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -235,6 +235,44 @@ impl Cluster {
             nodes,
             partitions,
         }
+    }
+
+    /// [`Self::view`], with the committed offsets of the queues this node holds no replica
+    /// of asked of their replicas, as `GET /queues` asks them: its own copy of those
+    /// queues is empty. A queue no replica answers for keeps its offsets of 0.
+    pub async fn current_view(&self) -> ClusterView {
+        let mut view = self.view();
+        let elsewhere: BTreeSet<&str> = view
+            .partitions
+            .iter()
+            .filter(|p| self.groups().raft(p.group).is_none())
+            .map(|p| p.queue.as_str())
+            .collect();
+        if elsewhere.is_empty() {
+            return view;
+        }
+        let infos = elsewhere
+            .into_iter()
+            .filter_map(|queue| self.broker.queue_info(queue).ok())
+            .collect();
+        let offsets: HashMap<(String, u32), u64> = self
+            .broker
+            .current_queue_infos(infos)
+            .await
+            .into_iter()
+            .flat_map(|info| {
+                let name = info.name;
+                info.partitions
+                    .into_iter()
+                    .map(move |p| ((name.clone(), p.partition), p.next_offset))
+            })
+            .collect();
+        for p in &mut view.partitions {
+            if let Some(offset) = offsets.get(&(p.queue.clone(), p.partition)) {
+                p.committed_offset = *offset;
+            }
+        }
+        view
     }
 
     /// A group's leader as `GET /cluster` shows it, and its term: the leader this node
