@@ -175,6 +175,10 @@ fn follower_lag_series(m: &RaftMetrics, me: u64) -> Vec<FollowerLag> {
         .collect()
 }
 
+/// How long `GET /cluster` waits for the replicas of a queue this node holds no replica
+/// of to tell its offsets (a replica answers from its own copy after 2 s without a leader).
+const OFFSETS_WAIT: Duration = Duration::from_secs(3);
+
 impl Cluster {
     /// The cluster as this node sees it.
     pub fn view(&self) -> ClusterView {
@@ -239,34 +243,34 @@ impl Cluster {
 
     /// [`Self::view`], with the committed offsets of the queues this node holds no replica
     /// of asked of their replicas, as `GET /queues` asks them: its own copy of those
-    /// queues is empty. A queue no replica answers for keeps its offsets of 0.
+    /// queues is empty. A queue whose replicas do not answer within [`OFFSETS_WAIT`]
+    /// keeps its offsets of 0, so that the view still answers while they are down.
     pub async fn current_view(&self) -> ClusterView {
+        use futures_util::StreamExt;
         let mut view = self.view();
-        let elsewhere: BTreeSet<&str> = view
+        let elsewhere: BTreeSet<String> = view
             .partitions
             .iter()
             .filter(|p| self.groups().raft(p.group).is_none())
-            .map(|p| p.queue.as_str())
+            .map(|p| p.queue.clone())
             .collect();
-        if elsewhere.is_empty() {
-            return view;
-        }
-        let infos = elsewhere
-            .into_iter()
-            .filter_map(|queue| self.broker.queue_info(queue).ok())
-            .collect();
-        let offsets: HashMap<(String, u32), u64> = self
-            .broker
-            .current_queue_infos(infos)
-            .await
-            .into_iter()
+        let offsets: HashMap<(String, u32), u64> = futures_util::stream::iter(elsewhere)
+            .map(|queue| async move {
+                let read = self.broker.current_queue_info(&queue);
+                tokio::time::timeout(OFFSETS_WAIT, read).await.ok()?.ok()
+            })
+            .buffer_unordered(crate::broker::replicate::LIST_READS)
+            .filter_map(std::future::ready)
             .flat_map(|info| {
                 let name = info.name;
-                info.partitions
-                    .into_iter()
-                    .map(move |p| ((name.clone(), p.partition), p.next_offset))
+                futures_util::stream::iter(
+                    info.partitions
+                        .into_iter()
+                        .map(move |p| ((name.clone(), p.partition), p.next_offset)),
+                )
             })
-            .collect();
+            .collect()
+            .await;
         for p in &mut view.partitions {
             if let Some(offset) = offsets.get(&(p.queue.clone(), p.partition)) {
                 p.committed_offset = *offset;
