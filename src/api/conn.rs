@@ -55,6 +55,10 @@ pub struct Counted {
     protocol: &'static str,
     _slot: Option<OwnedSemaphorePermit>,
     idle: Option<Idle>,
+    /// Writes wait one turn of the scheduler first (gRPC, see [`Counted::poll_write_vectored`]).
+    coalesce: bool,
+    /// The pending write already waited its turn.
+    deferred: bool,
 }
 
 /// The idle timer of a connection: reset lazily (only when it fires) from the time of the
@@ -112,6 +116,8 @@ impl Counted {
             protocol,
             _slot: None,
             idle: None,
+            coalesce: protocol == "grpc",
+            deferred: false,
         }
     }
 
@@ -135,6 +141,18 @@ impl Counted {
         {
             idle.last_active = Some(Instant::now());
         }
+    }
+
+    /// True when a write should yield first (see [`Counted::poll_write_vectored`]): its
+    /// task is woken to write at its next poll.
+    fn yields(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.coalesce || self.deferred {
+            self.deferred = false;
+            return false;
+        }
+        self.deferred = true;
+        cx.waker().wake_by_ref();
+        true
     }
 
     /// After the stream said `Pending`: an error if the connection is idle for too long.
@@ -177,6 +195,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.yields(cx) {
+            return Poll::Pending;
+        }
         match Pin::new(&mut self.stream).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
                 self.touched(n);
@@ -195,11 +216,21 @@ impl AsyncWrite for Counted {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
+    /// On a gRPC connection a write first yields once to the tasks that are ready to run:
+    /// each unary call's answer is sent from a task of its own, and without the yield the
+    /// connection's writer ran right after each one and wrote every answer with a
+    /// `writev` of its own (a fifth of the server's time under pipelined `SendMessage`
+    /// calls). After the yield, the answers completed meanwhile (a group commit
+    /// completes many at once) go out in one write. The cost is one turn of the
+    /// scheduler per write, a few microseconds on an idle connection.
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.yields(cx) {
+            return Poll::Pending;
+        }
         match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
                 self.touched(n);
@@ -384,6 +415,56 @@ mod tests {
         assert_eq!(accepted, 4);
         // 10 + 20 + 40 ms of back-off for the three EMFILEs, none for the aborted one.
         assert!(started.elapsed() >= Duration::from_millis(70));
+    }
+
+    /// A gRPC connection's write yields once (waking its task, so it is polled again)
+    /// and goes out at the next poll; other connections write at once.
+    #[tokio::test]
+    async fn a_grpc_write_yields_once_then_goes_out() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::Wake;
+        use tokio::io::AsyncWrite;
+
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let bufs = [io::IoSlice::new(b"abc")];
+        for (protocol, yields) in [("grpc", true), ("http", false)] {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut io = Counted::new(stream, protocol);
+            let woken = count.0.load(Ordering::SeqCst);
+            let first = Pin::new(&mut io).poll_write_vectored(&mut cx, &bufs);
+            if yields {
+                assert!(first.is_pending(), "{protocol}: the first poll yields");
+                assert_eq!(count.0.load(Ordering::SeqCst), woken + 1, "and wakes");
+                let second = Pin::new(&mut io).poll_write_vectored(&mut cx, &bufs);
+                assert!(
+                    matches!(second, Poll::Ready(Ok(3))),
+                    "{protocol}: {second:?}"
+                );
+            } else {
+                assert!(matches!(first, Poll::Ready(Ok(3))), "{protocol}: {first:?}");
+            }
+            drop(io);
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(got, b"abc", "{protocol}: the bytes arrive once");
+            client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+        }
     }
 
     /// Regression (issue 19, item 9): a connection without traffic is closed after the
