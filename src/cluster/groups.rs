@@ -193,15 +193,6 @@ pub struct Groups {
     lost: Lost,
 }
 
-/// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
-/// per node does their work for every group at once ([`super::liveness`]), and openraft
-/// still sends every new entry and commit at once. What is left of its timers:
-/// `heartbeat_interval` is the deadline of its RPCs (of each request on an append stream,
-/// see [`super::network`]); `election_timeout_max` is the leader lease, during which a
-/// follower refuses to vote after hearing from its leader (kept below the liveness waits,
-/// so a follower that saw a leader die can be elected at once) and after which a leader
-/// that heard no quorum takes no write until it renews it (see `ensure_lease`).
-/// Snapshots and purging: [`storage_policy`].
 /// Group `id`'s state machine for `role`: a queue's restores the queue from the group's
 /// latest snapshot, the metadata group's installs its own.
 async fn open_machine(
@@ -223,6 +214,15 @@ async fn open_machine(
     }
 }
 
+/// openraft settings of a group. Its heartbeats, election timer and tick are off: one loop
+/// per node does their work for every group at once ([`super::liveness`]), and openraft
+/// still sends every new entry and commit at once. What is left of its timers:
+/// `heartbeat_interval` is the deadline of its RPCs (of each request on an append stream,
+/// see [`super::network`]); `election_timeout_max` is the leader lease, during which a
+/// follower refuses to vote after hearing from its leader (kept below the liveness waits,
+/// so a follower that saw a leader die can be elected at once) and after which a leader
+/// that heard no quorum takes no write until it renews it (see `ensure_lease`).
+/// Snapshots and purging: [`storage_policy`].
 fn raft_config(group: u64) -> Result<Config, ClusterError> {
     Config {
         cluster_name: format!("qit-{group}"),
