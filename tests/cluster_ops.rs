@@ -632,18 +632,13 @@ async fn a_node_without_a_replica_names_the_leader() {
         .map(|id| format!("{}/cluster", cluster.http(id)))
         .collect();
     let url = |id: u64| urls[(id - 1) as usize].clone();
-    let mut replicas: Vec<u64> = Vec::new();
-    for _ in 0..600 {
-        let placed = view(&url(1)).await.and_then(|v| {
+    let replicas: Vec<u64> =
+        common::eventually_some("node 1 knows the queue's replicas", || async {
+            let v = view(&url(1)).await?;
             let first = partitions_of(&v, "pair").into_iter().next()?;
-            serde_json::from_value::<Vec<u64>>(first["replicas"].clone()).ok()
-        });
-        if let Some(placed) = placed {
-            replicas = placed;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+            serde_json::from_value(first["replicas"].clone()).ok()
+        })
+        .await;
     assert_eq!(replicas.len(), 2, "the queue is placed on two nodes");
     let outsider = (1..=3).find(|id| !replicas.contains(id)).unwrap();
     let leader = cluster.leader_of(replicas[0], "pair", None).await;
