@@ -243,7 +243,7 @@ impl Cluster {
 
     /// [`Self::view`], with the committed offsets of the queues this node holds no replica
     /// of asked of their replicas, as `GET /queues` asks them: its own copy of those
-    /// queues is empty. A queue whose replicas do not answer within [`OFFSETS_WAIT`]
+    /// queues is empty. A queue whose replicas do not answer within `OFFSETS_WAIT` (3 s)
     /// keeps its offsets of 0, so that the view still answers while they are down.
     pub async fn current_view(&self) -> ClusterView {
         use futures_util::StreamExt;
