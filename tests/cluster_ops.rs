@@ -479,6 +479,13 @@ async fn sigterm_hands_off_and_leadership_returns() {
     for (lead, _) in placed.values() {
         *led.entry(lead.unwrap()).or_default() += 1;
     }
+    // Placement counts the leaders it has given out: six queues, two on each node
+    // (hashing alone put q0..q5 4/2/0).
+    assert_eq!(
+        led.values().copied().collect::<Vec<_>>(),
+        [2, 2, 2],
+        "preferred leaders spread evenly: {placed:?}"
+    );
     let (&stopping, &groups) = led.iter().max_by_key(|(_, n)| **n).unwrap();
     let survivors: Vec<u64> = (1..=3).filter(|id| *id != stopping).collect();
     let survivor_bases: Vec<String> = survivors

@@ -579,21 +579,55 @@ impl Groups {
         self.raft_dir.join(format!("{id}.moved"))
     }
 
-    /// Where placement puts `queue` over the eligible voters: its `replicas` setting's
-    /// count of them ([`REPLICAS`] when unset), preferred leader first.
-    pub fn placed(&self, queue: &str) -> Vec<u64> {
+    /// Where placement puts `queue` (of group `id`) over the eligible voters: its
+    /// `replicas` setting's count of them ([`REPLICAS`] when unset), preferred leader
+    /// first. While those are the replicas it has, it keeps their order (its preferred
+    /// leader); otherwise the one preferred for the fewest other groups of its kind leads
+    /// ([`placement::lead_balanced`]; dead-letter queues made with their queue, odd ids,
+    /// are counted apart, so that the queues themselves spread).
+    ///
+    /// Called while applying the metadata entry that creates or moves the group, it reads
+    /// only what the metadata log decided, and every node places alike.
+    fn place(&self, queue: &str, id: u64) -> Vec<u64> {
         let count = self
             .broker
             .queue_settings(queue)
             .ok()
             .and_then(|s| s.replicas)
             .map_or(REPLICAS, |r| usize::try_from(r).unwrap_or(REPLICAS));
-        placement::replicas(queue, &self.eligible(), count)
+        let hashed = placement::replicas(queue, &self.eligible(), count);
+        let queues = self.queues.read();
+        if let Some(current) = queues.get(queue).filter(|g| g.id == id) {
+            let mut have = current.replicas.clone();
+            let mut want = hashed.clone();
+            have.sort_unstable();
+            want.sort_unstable();
+            if have == want {
+                return current.replicas.clone();
+            }
+        }
+        let mut led: BTreeMap<u64, usize> = BTreeMap::new();
+        for (name, group) in queues.iter() {
+            if name != queue
+                && group.id % 2 == id % 2
+                && let Some(first) = group.replicas.first()
+            {
+                *led.entry(*first).or_default() += 1;
+            }
+        }
+        placement::lead_balanced(hashed, &led)
+    }
+
+    /// Where placement puts `queue` now (see [`Self::place`]); empty for a queue without
+    /// a group.
+    pub fn placed(&self, queue: &str) -> Vec<u64> {
+        let id = self.queues.read().get(queue).map(|g| g.id);
+        id.map(|id| self.place(queue, id)).unwrap_or_default()
     }
 
     /// Opens the group of a queue (when this node is one of its replicas).
     async fn open_queue_inner(&self, name: &str, id: u64, opening: QueueOpening) {
-        let replicas = self.placed(name);
+        let replicas = self.place(name, id);
         self.queues.write().insert(
             name.to_string(),
             QueueGroup {
