@@ -175,9 +175,45 @@ fn follower_lag_series(m: &RaftMetrics, me: u64) -> Vec<FollowerLag> {
         .collect()
 }
 
-/// How long `GET /cluster` waits for the replicas of a queue this node holds no replica
-/// of to tell its offsets (a replica answers from its own copy after 2 s without a leader).
+/// How long `GET /cluster` waits for the replicas of the queues this node holds no replica
+/// of to tell their offsets, for all of them together (a replica answers from its own copy
+/// after 2 s without a leader).
 const OFFSETS_WAIT: Duration = Duration::from_secs(3);
+
+/// The next offset of every partition of `queues` as `read` tells it, all of them read at
+/// once; what has not answered when `wait` is over (for all of them together) is left
+/// out. Reading a few at a time would leave the later ones to a wait that the first ones
+/// used up (a replica without a leader answers from its copy after 2 s).
+async fn offsets_within<F, Fut>(
+    wait: Duration,
+    queues: BTreeSet<String>,
+    read: F,
+) -> HashMap<(String, u32), u64>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Option<crate::broker::QueueInfo>>,
+{
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + wait;
+    queues
+        .into_iter()
+        .map(|queue| {
+            let read = read(queue);
+            async move { tokio::time::timeout_at(deadline, read).await.ok().flatten() }
+        })
+        .collect::<futures_util::stream::FuturesUnordered<_>>()
+        .filter_map(std::future::ready)
+        .flat_map(|info| {
+            let name = info.name;
+            futures_util::stream::iter(
+                info.partitions
+                    .into_iter()
+                    .map(move |p| ((name.clone(), p.partition), p.next_offset)),
+            )
+        })
+        .collect()
+        .await
+}
 
 impl Cluster {
     /// The cluster as this node sees it.
@@ -243,10 +279,10 @@ impl Cluster {
 
     /// [`Self::view`], with the committed offsets of the queues this node holds no replica
     /// of asked of their replicas, as `GET /queues` asks them: its own copy of those
-    /// queues is empty. A queue whose replicas do not answer within `OFFSETS_WAIT` (3 s)
-    /// keeps its offsets of 0, so that the view still answers while they are down.
+    /// queues is empty. A queue whose replicas have not answered when `OFFSETS_WAIT` (3 s)
+    /// is over keeps its offsets of 0, so that the view still answers, within those 3 s
+    /// however many queues wait, while they are down.
     pub async fn current_view(&self) -> ClusterView {
-        use futures_util::StreamExt;
         let mut view = self.view();
         let elsewhere: BTreeSet<String> = view
             .partitions
@@ -254,23 +290,8 @@ impl Cluster {
             .filter(|p| self.groups().raft(p.group).is_none())
             .map(|p| p.queue.clone())
             .collect();
-        let offsets: HashMap<(String, u32), u64> = futures_util::stream::iter(elsewhere)
-            .map(|queue| async move {
-                let read = self.broker.current_queue_info(&queue);
-                tokio::time::timeout(OFFSETS_WAIT, read).await.ok()?.ok()
-            })
-            .buffer_unordered(crate::broker::replicate::LIST_READS)
-            .filter_map(std::future::ready)
-            .flat_map(|info| {
-                let name = info.name;
-                futures_util::stream::iter(
-                    info.partitions
-                        .into_iter()
-                        .map(move |p| ((name.clone(), p.partition), p.next_offset)),
-                )
-            })
-            .collect()
-            .await;
+        let read = |queue: String| async move { self.broker.current_queue_info(&queue).await.ok() };
+        let offsets = offsets_within(OFFSETS_WAIT, elsewhere, read).await;
         for p in &mut view.partitions {
             if let Some(offset) = offsets.get(&(p.queue.clone(), p.partition)) {
                 p.committed_offset = *offset;
@@ -520,6 +541,47 @@ mod tests {
             lag,
             followers: Vec::new(),
         }
+    }
+
+    /// A queue whose replicas tell partition 0's next offset as `offset`.
+    fn info(queue: &str, offset: u64) -> crate::broker::QueueInfo {
+        crate::broker::QueueInfo {
+            name: queue.into(),
+            settings: crate::broker::QueueSettings::default(),
+            partitions: vec![crate::broker::PartitionInfo {
+                partition: 0,
+                first_offset: 0,
+                next_offset: offset,
+                segments: 1,
+                bytes: 0,
+            }],
+            groups: Vec::new(),
+        }
+    }
+
+    /// Offsets are waited for together: a hundred queues whose replicas never answer
+    /// hold the view up for one wait, not one each or per round, and those that answer
+    /// in time keep their offsets, the last queue too.
+    #[tokio::test(start_paused = true)]
+    async fn queues_that_do_not_answer_share_one_wait() {
+        let queues: BTreeSet<String> = (0..100).map(|i| format!("q{i:03}")).collect();
+        let started = tokio::time::Instant::now();
+        let offsets = offsets_within(Duration::from_secs(3), queues, |queue| async move {
+            match queue.as_str() {
+                "q000" => Some(info("q000", 7)),
+                "q099" => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Some(info("q099", 9))
+                }
+                _ => std::future::pending().await,
+            }
+        })
+        .await;
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        assert_eq!(
+            offsets,
+            HashMap::from([(("q000".into(), 0), 7), (("q099".into(), 0), 9)])
+        );
     }
 
     fn node(id: u64, up: bool) -> NodeView {
