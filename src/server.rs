@@ -59,6 +59,46 @@ pub enum ServerError {
     /// The data directory is in use by another server, or could not be locked.
     #[error(transparent)]
     DataDir(#[from] crate::storage::DirLockError),
+    /// The data directory holds the other kind of server's data: a cluster node's without
+    /// `--peers`, or a single server's with them.
+    #[error("data directory {}: {reason}", dir.display())]
+    OtherKind {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// What it holds and what to do.
+        reason: String,
+    },
+}
+
+/// Refuses a data directory that holds the other kind of server's data, before anything
+/// reads or changes it. A single server keeps its queues at the top (`registry.journal`,
+/// `queues/`), a cluster node its Raft logs in `raft/` and the state they rebuild in
+/// `state/`: started the other way, each would serve an empty broker beside data it does
+/// not see (and a cluster node's Raft logs would outlive whatever was written meanwhile).
+fn check_data_dir_kind(dir: &std::path::Path, cluster: bool) -> Result<(), ServerError> {
+    let other = |reason: String| ServerError::OtherKind {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    if !cluster && dir.join("raft").is_dir() {
+        return Err(other(format!(
+            "it holds a cluster node's data (raft/): start it with the cluster's --node-id \
+             and --peers (or QIT_NODE_ID and QIT_PEERS, or the config file), or give this \
+             server another --data-dir. To serve on its own what the node held, copy {} \
+             to a new directory and serve that",
+            dir.join("state").display()
+        )));
+    }
+    let single = dir.join("registry.journal").exists() || dir.join("queues").is_dir();
+    if cluster && single {
+        return Err(other(
+            "it holds a single server's queues (registry.journal, queues/): a cluster node \
+             does not take them over, it gets its queues from the cluster. Start the node \
+             on another --data-dir (the single server's data stays where it is)"
+                .to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// A bound, not yet running server.
@@ -105,6 +145,7 @@ impl Server {
             .with_max_mapped_files(config.max_mapped_files),
         );
         let peers = config.peer_map()?;
+        check_data_dir_kind(&config.data_dir, peers.is_some())?;
         // A cluster node's broker data is the state its Raft logs rebuild (cleared here,
         // replayed by the groups as they start).
         let broker_dir = match &peers {

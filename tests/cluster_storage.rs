@@ -258,3 +258,95 @@ async fn a_wiped_node_is_sent_the_snapshot() {
     assert_eq!(all.len(), 320, "every message delivered exactly once");
     assert_eq!(acked.len() + rest.len(), 320);
 }
+
+/// Runs `command` (a `qit serve` expected to refuse to start) to its exit, with a guard
+/// against one that serves instead; returns its exit status and what it wrote to stderr.
+fn refused_start(mut command: std::process::Command) -> (std::process::ExitStatus, String) {
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn qit");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for qit") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("qit started on a data directory of the other kind and kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    (status, stderr)
+}
+
+/// A data directory serves only the kind of server that wrote it: a cluster node's started
+/// without `--peers`, or a single server's started with them, stop at once with the
+/// reason (each would have served an empty broker beside the data) and change nothing: the
+/// node and the single server then serve their messages again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_serves_only_the_kind_of_server_that_wrote_it() {
+    // A cluster node's directory, served alone.
+    let mut cluster = Cluster::start().await;
+    common::cluster::create_queue(cluster.http(1), "kinds", json!({"partitions": 1})).await;
+    common::cluster::publish(cluster.http(1), "kinds", "in the cluster").await;
+    common::cluster::holds_exactly(&cluster, 3, "kinds", &["in the cluster"]).await;
+    cluster.kill(3);
+    let dir = cluster.root().join("node-3");
+    let port = || format!("127.0.0.1:{}", common::free_port());
+    let mut alone = std::process::Command::new(env!("CARGO_BIN_EXE_qit"));
+    alone.arg("serve").arg("--data-dir").arg(&dir).args([
+        "--http",
+        &port(),
+        "--grpc",
+        &port(),
+        "--kafka",
+        &port(),
+    ]);
+    let (status, stderr) = refused_start(alone);
+    assert!(!status.success(), "{status:?}: {stderr}");
+    assert!(
+        stderr.contains("holds a cluster node's data") && stderr.contains("--peers"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("registry.journal").exists() && !dir.join("queues").exists(),
+        "the refused server wrote nothing"
+    );
+    cluster.restart(3);
+    cluster.wait_serving(3).await;
+    common::cluster::holds_exactly(&cluster, 3, "kinds", &["in the cluster"]).await;
+
+    // A single server's directory, served as a cluster node.
+    let single_dir = cluster.root().join("single");
+    let mut single = common::Process::start(&single_dir, &[]);
+    let created = http()
+        .post(format!("{}/queues/alone", single.http))
+        .json(&json!({"partitions": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    common::cluster::publish(&single.http, "alone", "on its own").await;
+    single.signal("KILL");
+    single.wait(Duration::from_secs(10)).expect("killed");
+    drop(single);
+    let node = common::cluster::Node::new(9, single_dir.clone());
+    let (status, stderr) = refused_start(node.serve_command(&node.peer(), &[], "warn"));
+    assert!(!status.success(), "{status:?}: {stderr}");
+    assert!(
+        stderr.contains("holds a single server's queues"),
+        "{stderr}"
+    );
+    assert!(
+        !single_dir.join("raft").exists() && !single_dir.join("state").exists(),
+        "the refused node wrote nothing"
+    );
+    let again = common::Process::start(&single_dir, &[]);
+    let log: Value = common::get_json(format!("{}/queues/alone/log?from=0", again.http)).await;
+    assert_eq!(common::bodies(&log), ["on its own"], "{log}");
+}
