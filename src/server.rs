@@ -146,6 +146,9 @@ impl Server {
         );
         let peers = config.peer_map()?;
         check_data_dir_kind(&config.data_dir, peers.is_some())?;
+        if let (Some(_), Some(node)) = (&peers, config.node_id) {
+            crate::cluster::identity::claim(&config.data_dir.join("raft"), node)?;
+        }
         // A cluster node's broker data is the state its Raft logs rebuild (cleared here,
         // replayed by the groups as they start).
         let broker_dir = match &peers {

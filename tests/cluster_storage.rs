@@ -274,7 +274,7 @@ fn refused_start(mut command: std::process::Command) -> (std::process::ExitStatu
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("qit started on a data directory of the other kind and kept running");
+            panic!("qit started on a data directory it should refuse and kept running");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -284,12 +284,13 @@ fn refused_start(mut command: std::process::Command) -> (std::process::ExitStatu
     (status, stderr)
 }
 
-/// A data directory serves only the kind of server that wrote it: a cluster node's started
-/// without `--peers`, or a single server's started with them, stop at once with the
-/// reason (each would have served an empty broker beside the data) and change nothing: the
-/// node and the single server then serve their messages again.
+/// A data directory serves only the server that wrote it: a cluster node's started without
+/// `--peers` or under another node's id, or a single server's started with `--peers`, stop
+/// at once with the reason (each would have served an empty broker beside the data, or
+/// taken another node's votes) and change nothing: the node and the single server then
+/// serve their messages again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_data_directory_serves_only_the_kind_of_server_that_wrote_it() {
+async fn a_data_directory_serves_only_the_server_that_wrote_it() {
     // A cluster node's directory, served alone.
     let mut cluster = Cluster::start().await;
     common::cluster::create_queue(cluster.http(1), "kinds", json!({"partitions": 1})).await;
@@ -316,6 +317,15 @@ async fn a_data_directory_serves_only_the_kind_of_server_that_wrote_it() {
     assert!(
         !dir.join("registry.journal").exists() && !dir.join("queues").exists(),
         "the refused server wrote nothing"
+    );
+    // Node 3's directory, served as node 2 (its own directory mixed up): it would take
+    // node 3's votes as its own.
+    let impostor = common::cluster::Node::new(2, dir.clone());
+    let (status, stderr) = refused_start(impostor.serve_command(&cluster.peers, &[], "warn"));
+    assert!(!status.success(), "{status:?}: {stderr}");
+    assert!(
+        stderr.contains("belongs to node 3, not to node 2"),
+        "{stderr}"
     );
     cluster.restart(3);
     cluster.wait_serving(3).await;

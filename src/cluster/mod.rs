@@ -52,6 +52,7 @@ pub mod catch_up;
 pub mod fencing;
 pub mod groups;
 pub mod handoff;
+pub mod identity;
 pub mod kafka_addrs;
 pub mod liveness;
 pub mod log_store;
