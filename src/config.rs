@@ -325,7 +325,7 @@ impl ServerConfig {
             field: "peers",
             reason,
         };
-        let mut map = BTreeMap::new();
+        let mut map: BTreeMap<u64, String> = BTreeMap::new();
         for item in peers.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (id, addr) = item
                 .split_once('=')
@@ -343,6 +343,11 @@ impl ServerConfig {
                 .is_none_or(|(_, port)| port.parse::<u16>().is_err())
             {
                 return Err(bad(format!("`{addr}` is not HOST:PORT")));
+            }
+            if let Some((other, _)) = map.iter().find(|(_, known)| known.as_str() == addr) {
+                return Err(bad(format!(
+                    "nodes {other} and {id} have the same address {addr}: each node listens on its own"
+                )));
             }
             if map.insert(id, addr.to_string()).is_some() {
                 return Err(bad(format!("node {id} appears twice")));
@@ -518,7 +523,14 @@ mod tests {
         config.replaces = None;
         config.node_id = Some(4);
         assert!(config.validate().is_err(), "not a peer");
-        for bad in ["1=nowhere", "0=127.0.0.1:1", "1=a:1,1=b:2", "x=a:1", ""] {
+        for bad in [
+            "1=nowhere",
+            "0=127.0.0.1:1",
+            "1=a:1,1=b:2",
+            "x=a:1",
+            "",
+            "1=127.0.0.1:7101,2=127.0.0.1:7101",
+        ] {
             config.peers = Some(bad.into());
             assert!(config.peer_map().is_err(), "{bad}");
         }
