@@ -447,6 +447,55 @@ async fn leaders(base: &str) -> Option<BTreeMap<String, (Option<u64>, u64)>> {
     )
 }
 
+/// Preferred leaders per node among `placed` (queue -> (leader, preferred)), every node
+/// of 1..=3 counted.
+fn preferences(placed: &BTreeMap<String, (Option<u64>, u64)>) -> BTreeMap<u64, usize> {
+    let mut led: BTreeMap<u64, usize> = (1..=3).map(|id| (id, 0)).collect();
+    for (_, preferred) in placed.values() {
+        *led.entry(*preferred).or_default() += 1;
+    }
+    led
+}
+
+/// Deleting queues leaves preferences uneven (six queues 2/2/2, then node 3's two deleted:
+/// 2/2/0); the metadata leader moves one preference to node 3 and the queue's leadership
+/// follows, so that every node leads its share again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferences_even_out_after_deletes() {
+    let cluster = Cluster::start().await;
+    let base = cluster.node(1).http.clone();
+    for i in 0..6 {
+        let queue = format!("q{i}");
+        create_queue(&base, &queue, json!({"partitions": 1, "max_deliveries": 0})).await;
+        cluster.leader_of(1, &queue, None).await;
+    }
+    let placed = leaders(&base).await.unwrap();
+    assert_eq!(
+        preferences(&placed).values().copied().collect::<Vec<_>>(),
+        [2, 2, 2],
+        "{placed:?}"
+    );
+    for (queue, _) in placed.iter().filter(|(_, (_, preferred))| *preferred == 3) {
+        let deleted = http()
+            .delete(format!("{base}/queues/{queue}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), StatusCode::NO_CONTENT, "deleting {queue}");
+    }
+    eventually("preferences even out and leaders follow", || async {
+        leaders(&base).await.is_some_and(|l| {
+            let led = preferences(&l);
+            let (most, least) = (led.values().max(), led.values().min());
+            l.len() == 4
+                && most.zip(least).is_some_and(|(m, n)| m - n <= 1)
+                && l.values()
+                    .all(|(lead, preferred)| *lead == Some(*preferred))
+        })
+    })
+    .await;
+}
+
 /// SIGTERM on a node leading queues under a light publish load: it hands its groups to the
 /// others first, no publish gets an error other than a retried 503, and it stops cleanly.
 /// Once it is back, the queues it is the preferred leader of move back to it.
