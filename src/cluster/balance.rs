@@ -32,6 +32,8 @@ const EVERY: Duration = Duration::from_secs(1);
 const MOVES_PER_ROUND: usize = 4;
 /// How long a preferred leader must have been up before it gets groups back.
 const SETTLE: Duration = Duration::from_secs(2);
+/// How long the metadata leader waits for a moved preference to be recorded.
+const RECORD_WAIT: Duration = Duration::from_secs(5);
 /// How far behind the preferred leader may be for a hand-off to start (the hand-off then
 /// holds new work back until it has everything).
 const NEAR_LAG: u64 = 64;
@@ -112,15 +114,22 @@ impl Cluster {
             return;
         };
         let (queue, replicas) = (placed.queue.clone(), placed.replicas.clone());
-        match self.execute(Command::Placed(placed), 0).await.result {
-            Ok(_) => tracing::info!(
+        // Bounded, so that a metadata group without a quorum does not hold up the
+        // hand-backs of this round; the next round looks again.
+        let recorded = tokio::time::timeout(RECORD_WAIT, self.execute(Command::Placed(placed), 0));
+        match recorded.await.map(|reply| reply.result) {
+            Ok(Ok(_)) => tracing::info!(
                 queue,
                 ?replicas,
                 "moved a queue's preferred leader to even out the nodes"
             ),
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::debug!(queue, error = %error.message, "moving a queue's preferred leader failed")
             }
+            Err(_) => tracing::debug!(
+                queue,
+                "moving a queue's preferred leader: no answer in time"
+            ),
         }
     }
 }
