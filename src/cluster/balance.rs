@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Ticks;
 
 use super::Cluster;
-use super::groups::QueueGroup;
+use super::groups::{QueueGroup, preferences};
 use super::state_machine::Raft;
 use super::types::{Command, Placed};
 
@@ -135,22 +135,17 @@ impl Cluster {
 }
 
 /// The first queue (by name) whose preferred leader is preferred for at least two more
-/// queues of its kind (dead-letter queues made with their queue, odd group ids, are a kind
-/// of their own, as in placement) than another of its replicas, with that replica (the
-/// least preferred one, the earliest on a tie) moved first; `None` when the preferences
-/// are as even as the replicas allow. Only `eligible` nodes count and take preferences.
+/// queues of its kind ([`group_kind`](super::groups::group_kind), as in placement) than another of its
+/// replicas, with that replica (the least preferred one, the earliest on a tie) moved
+/// first; `None` when the preferences are as even as the replicas allow. Only `eligible`
+/// nodes count and take preferences.
 pub fn uneven_preference(queues: &[(String, QueueGroup)], eligible: &[u64]) -> Option<Placed> {
-    let mut led: HashMap<(u64, u64), usize> = HashMap::new();
-    for (_, group) in queues {
-        if let Some(first) = group.replicas.first() {
-            *led.entry((group.id % 2, *first)).or_default() += 1;
-        }
-    }
-    let count = |kind: u64, node: u64| led.get(&(kind, node)).copied().unwrap_or(0);
+    let led = [0, 1].map(|kind| preferences(queues.iter().map(|(_, g)| g), kind));
+    let count = |kind: usize, node: u64| led[kind].get(&node).copied().unwrap_or(0);
     let mut sorted: Vec<&(String, QueueGroup)> = queues.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     sorted.into_iter().find_map(|(queue, group)| {
-        let kind = group.id % 2;
+        let kind = group.kind();
         let preferred = *group.replicas.first()?;
         let (rank, lighter) = group
             .replicas

@@ -157,6 +157,35 @@ pub struct QueueGroup {
     pub replicas: Vec<u64>,
 }
 
+/// The kind of queue group `id` holds, as preferred leaders are spread: 0 for a queue, 1
+/// for a dead-letter queue made with its queue (odd ids). Each kind spreads on its own, so
+/// that the queues themselves do.
+pub fn group_kind(id: u64) -> usize {
+    usize::from(id % 2 == 1)
+}
+
+impl QueueGroup {
+    /// The kind of queue the group holds ([`group_kind`]).
+    pub fn kind(&self) -> usize {
+        group_kind(self.id)
+    }
+}
+
+/// How many of `groups` of `kind` ([`QueueGroup::kind`]) prefer each node as leader
+/// (their first replica): node id -> groups.
+pub fn preferences<'a>(
+    groups: impl IntoIterator<Item = &'a QueueGroup>,
+    kind: usize,
+) -> BTreeMap<u64, usize> {
+    let mut led = BTreeMap::new();
+    for group in groups.into_iter().filter(|g| g.kind() == kind) {
+        if let Some(first) = group.replicas.first() {
+            *led.entry(*first).or_default() += 1;
+        }
+    }
+    led
+}
+
 /// The groups of this node.
 pub struct Groups {
     /// This node.
@@ -582,9 +611,8 @@ impl Groups {
     /// Where placement puts `queue` (of group `id`) over the eligible voters: its
     /// `replicas` setting's count of them ([`REPLICAS`] when unset), preferred leader
     /// first. While those are the replicas it has, it keeps their order (its preferred
-    /// leader); otherwise the one preferred for the fewest other groups of its kind leads
-    /// ([`placement::lead_balanced`]; dead-letter queues made with their queue, odd ids,
-    /// are counted apart, so that the queues themselves spread).
+    /// leader); otherwise the one preferred for the fewest other groups of its kind
+    /// ([`group_kind`]) leads ([`placement::lead_balanced`]).
     ///
     /// Called while applying the metadata entry that creates or moves the group, it reads
     /// only what the metadata log decided, and every node places alike.
@@ -606,15 +634,8 @@ impl Groups {
                 return current.replicas.clone();
             }
         }
-        let mut led: BTreeMap<u64, usize> = BTreeMap::new();
-        for (name, group) in queues.iter() {
-            if name != queue
-                && group.id % 2 == id % 2
-                && let Some(first) = group.replicas.first()
-            {
-                *led.entry(*first).or_default() += 1;
-            }
-        }
+        let others = queues.iter().filter(|(name, _)| *name != queue);
+        let led = preferences(others.map(|(_, group)| group), group_kind(id));
         placement::lead_balanced(hashed, &led)
     }
 
