@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, metric, publish_spread, retrying, view};
-use common::{eventually, http};
+use common::{eventually, http, refused_start};
 use serde_json::{Value, json};
 
 /// Entries between two snapshots of a queue group, in these tests.
@@ -259,31 +259,6 @@ async fn a_wiped_node_is_sent_the_snapshot() {
     assert_eq!(acked.len() + rest.len(), 320);
 }
 
-/// Runs `command` (a `qit serve` expected to refuse to start) to its exit, with a guard
-/// against one that serves instead; returns its exit status and what it wrote to stderr.
-fn refused_start(mut command: std::process::Command) -> (std::process::ExitStatus, String) {
-    let mut child = command
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn qit");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for qit") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("qit started on a data directory it should refuse and kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("read stderr");
-    (status, stderr)
-}
-
 /// A data directory serves only the server that wrote it: a cluster node's started without
 /// `--peers` or under another node's id, or a single server's started with `--peers`, stop
 /// at once with the reason (each would have served an empty broker beside the data, or
@@ -298,17 +273,7 @@ async fn a_data_directory_serves_only_the_server_that_wrote_it() {
     common::cluster::holds_exactly(&cluster, 3, "kinds", &["in the cluster"]).await;
     cluster.kill(3);
     let dir = cluster.root().join("node-3");
-    let port = || format!("127.0.0.1:{}", common::free_port());
-    let mut alone = std::process::Command::new(env!("CARGO_BIN_EXE_qit"));
-    alone.arg("serve").arg("--data-dir").arg(&dir).args([
-        "--http",
-        &port(),
-        "--grpc",
-        &port(),
-        "--kafka",
-        &port(),
-    ]);
-    let (status, stderr) = refused_start(alone);
+    let (status, stderr) = refused_start(common::serve_command(&dir));
     assert!(!status.success(), "{status:?}: {stderr}");
     assert!(
         stderr.contains("holds a cluster node's data") && stderr.contains("--peers"),

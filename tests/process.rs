@@ -303,29 +303,7 @@ async fn a_second_server_on_a_data_directory_in_use_stops_and_changes_nothing() 
     create(&first.http, "jobs").await;
     publish(&first.http, "jobs", "before").await;
 
-    let port = || format!("127.0.0.1:{}", common::free_port());
-    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_qit"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--http", &port(), "--grpc", &port(), "--kafka", &port()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = second.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = second.kill();
-            panic!("a second server on the same data directory kept running");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    let (status, stderr) = common::refused_start(common::serve_command(dir.path()));
     assert!(!status.success(), "{status:?}: {stderr}");
     assert!(stderr.contains("in use by another qit process"), "{stderr}");
 

@@ -211,6 +211,48 @@ impl Drop for Process {
     }
 }
 
+/// `qit serve` on `dir` with free ports for its listeners, output not captured yet (for
+/// a start expected to fail: see [`refused_start`]).
+pub fn serve_command(dir: &Path) -> Command {
+    let port = || format!("127.0.0.1:{}", free_port());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_qit"));
+    command.arg("serve").arg("--data-dir").arg(dir).args([
+        "--http",
+        &port(),
+        "--grpc",
+        &port(),
+        "--kafka",
+        &port(),
+    ]);
+    command
+}
+
+/// Runs `command` (a `qit serve` expected to refuse to start) to its exit, with a guard
+/// of 30 s against one that serves instead; returns its exit status and what it wrote to
+/// stderr.
+pub fn refused_start(mut command: Command) -> (std::process::ExitStatus, String) {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qit");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for qit") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("qit started on a data directory it should refuse and kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    (status, stderr)
+}
+
 /// A reqwest client.
 pub fn http() -> reqwest::Client {
     reqwest::Client::new()
