@@ -147,6 +147,9 @@ pub struct ServerConfig {
     /// A queue's Raft group snapshots the queue's data after this many entries and purges
     /// its Raft log below the snapshot (0: never, the log grows without bound).
     pub raft_snapshot_entries: u64,
+    /// A queue's Raft group also snapshots, and purges its Raft log, once the log's files
+    /// hold more than this many bytes (0: no bound but `raft_snapshot_entries`).
+    pub raft_log_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -188,6 +191,7 @@ impl Default for ServerConfig {
             replaces: None,
             cluster_secret: None,
             raft_snapshot_entries: 20_000,
+            raft_log_bytes: 64 * 1024 * 1024,
         }
     }
 }

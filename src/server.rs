@@ -209,6 +209,7 @@ impl Server {
                     data_dir: config.data_dir.clone(),
                     sync: config.fsync == crate::log::FsyncPolicy::Always,
                     snapshot_entries: config.raft_snapshot_entries,
+                    log_bytes: config.raft_log_bytes,
                     join: config.join || config.replaces.is_some(),
                     replaces: config.replaces,
                     cluster_addr,

@@ -210,6 +210,50 @@ async fn snapshots_bound_the_raft_log_and_restarts_replay_only_the_suffix() {
     }
 }
 
+/// With snapshots by entries off, the byte budget alone bounds each node's Raft log of a
+/// queue: 12.8 MB published in 32 KiB messages leave at most a couple of MiB of log files
+/// on every node (the budget, plus what is kept below the snapshot and a chunk), a node
+/// restarted afterwards restores the budget's snapshot and serves the same log, and every
+/// message is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_budget_bounds_the_raft_log() {
+    const BUDGET: u64 = 1024 * 1024;
+    const BIG_BODY: usize = 32 * 1024;
+    fn big(i: usize) -> String {
+        format!("b-{i:05}-{}", "y".repeat(BIG_BODY - 8))
+    }
+    let mut cluster = Cluster::start_with_config(&format!(
+        "raft_snapshot_entries = 0\nraft_log_bytes = {BUDGET}\n"
+    ))
+    .await;
+    create_queue(&cluster.node(1).http, "budget").await;
+    let group = cluster.group_of(1, "budget").await;
+    let total = 400;
+    publish_spread(&cluster, "budget", 0..total, [1, 3], big).await;
+    let published_bytes = (total * BIG_BODY) as u64;
+    for node in &cluster.nodes {
+        eventually(
+            &format!("node {} keeps its raft log within the budget", node.id),
+            || async { raft_log_bytes(&node.dir, group) <= 2 * BUDGET },
+        )
+        .await;
+        eprintln!(
+            "node {}: raft log of group {group}: {} bytes for {published_bytes} published",
+            node.id,
+            raft_log_bytes(&node.dir, group)
+        );
+    }
+    assert!(metric(&cluster.node(1).http, "qit_cluster_log_budget_rounds_total").await > 0.0);
+
+    cluster.kill(3);
+    cluster.restart(3);
+    converged(&cluster, 3, 1, "budget", total).await;
+    let bodies = drain(&cluster, 3, "budget", total, true).await;
+    let seen: BTreeSet<String> = bodies.iter().cloned().collect();
+    assert_eq!(seen.len(), total, "a message was delivered twice");
+    assert_eq!(seen, (0..total).map(big).collect::<BTreeSet<_>>());
+}
+
 /// A node whose data directory was wiped is replaced by a new node (`--replaces`): the
 /// leader's log is purged, so the new replica is sent the queue's snapshot, installs it
 /// and then follows the log; its committed log and group state end identical to the

@@ -19,6 +19,7 @@ use super::ClusterError;
 use super::catch_up::{self, Found};
 use super::fencing::Fenced;
 use super::kafka_addrs::KafkaAddrs;
+use super::log_budget::{self, Budget};
 use super::log_store::LogStore;
 use super::metadata::{MetaHooks, QueueOpening};
 use super::network::{Network, Peers};
@@ -197,6 +198,8 @@ pub struct Groups {
     sync: bool,
     /// A queue group snapshots after this many entries (see [`storage_policy`]).
     snapshot_entries: u64,
+    /// A queue group snapshots and purges once its log's files pass this budget.
+    log_budget: Option<Budget>,
     /// The other nodes.
     pub peers: Arc<Peers>,
     broker: Arc<Broker>,
@@ -288,7 +291,19 @@ const MAX_APPEND_ENTRIES: u64 = 16;
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 30_000;
 /// Raft log entries kept below a queue group's snapshot, at most (a follower that lags by
 /// less catches up from the log; one further behind is sent the snapshot).
-const KEEP_BELOW_SNAPSHOT: u64 = 1000;
+const KEEP_BELOW_SNAPSHOT: u64 = log_budget::KEEP_ENTRIES;
+
+/// How a node's groups store their logs.
+#[derive(Debug, Clone, Copy)]
+pub struct Storage {
+    /// Sync appends before they count (`--fsync always`).
+    pub sync: bool,
+    /// A queue group snapshots after this many entries (0: never; `raft_snapshot_entries`).
+    pub snapshot_entries: u64,
+    /// A queue group snapshots and purges once its log's files hold more than this many
+    /// bytes (0: no such bound; `raft_log_bytes`, see [`log_budget`]).
+    pub log_bytes: u64,
+}
 
 /// How a group's log stays bounded: a snapshot every `entries` applied entries (a queue
 /// group's carries the queue's data, the metadata group's the metadata, see
@@ -322,7 +337,7 @@ impl Groups {
         node_id: u64,
         voters: BTreeMap<u64, String>,
         raft_dir: PathBuf,
-        (sync, snapshot_entries): (bool, u64),
+        storage: Storage,
         peers: Arc<Peers>,
         broker: Arc<Broker>,
     ) -> Self {
@@ -331,8 +346,11 @@ impl Groups {
             voters: RwLock::new(voters),
             snapshot_receiver: Receiver::new(raft_dir.clone()),
             raft_dir,
-            sync,
-            snapshot_entries,
+            sync: storage.sync,
+            snapshot_entries: storage.snapshot_entries,
+            log_budget: (storage.log_bytes > 0).then_some(Budget {
+                bytes: storage.log_bytes,
+            }),
             peers,
             broker,
             rafts: RwLock::new(HashMap::new()),
@@ -391,13 +409,15 @@ impl Groups {
         let (lost, members) = self.seed_members(id, &dir, found, replicas.as_deref(), members);
         // A lost queue group learns its term floor from its replicas, the metadata group
         // from every voter (`None`).
-        let floor_from = matches!(role, Role::Queue(_)).then(|| replicas.unwrap_or_default());
+        let is_queue = matches!(role, Role::Queue(_));
+        let floor_from = is_queue.then(|| replicas.unwrap_or_default());
         self.mark_lost(id, lost, floor_from)?;
         let machine = open_machine(id, role, &self.broker, &dir).await?;
         let seeded = self.seed(id, &log, &members)?;
         let replayed = machine.applied_counter();
         let applied = machine.applied_index();
         self.logs.write().insert(id, log.clone());
+        let log_handle = log.clone();
         let network = Network {
             group: id,
             peers: Arc::clone(&self.peers),
@@ -412,6 +432,9 @@ impl Groups {
         }
         if lost {
             watch_catch_up(id, &raft, Arc::clone(&self.lost), self.raft_dir.clone());
+        }
+        if let Some(budget) = self.log_budget.filter(|_| is_queue) {
+            log_budget::watch(id, raft.clone(), log_handle, budget);
         }
         self.rafts.write().insert(id, raft.clone());
         let (leader, leader_changes) = leader_watch(&raft);

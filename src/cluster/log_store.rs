@@ -44,7 +44,7 @@ use std::sync::Arc;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::recent_entries::RecentEntries;
 use super::types::{Entry, EntryPayload, LogId, Membership, TypeConfig, Vote, decode, encode};
@@ -98,6 +98,8 @@ struct Inner {
     committed_file: Option<File>,
     sync: bool,
     chunk_entries: usize,
+    /// A chunk takes no more appends once it holds this many bytes.
+    chunk_bytes: u64,
     /// Sequence number of the next chunk created.
     next_seq: u64,
     /// The marker that this node held the group's log, still to write before the first
@@ -105,6 +107,9 @@ struct Inner {
     held_marker: Option<PathBuf>,
     /// The last entries written, read back without the disk.
     recent: RecentEntries,
+    /// Rung after an append that leaves the chunk files above this many bytes (see
+    /// [`LogStore::size_alarm`]).
+    alarm: Option<(u64, Arc<Notify>)>,
 }
 
 /// One group's Raft log (cheap to clone: clones share the files).
@@ -294,6 +299,10 @@ impl Inner {
         self.vote.is_none() && self.last_log_id.is_none() && self.purged.is_none()
     }
 
+    fn disk_bytes(&self) -> u64 {
+        self.chunks.values().map(|c| c.end).sum()
+    }
+
     /// Writes the held marker, if one is still to write, before the log first holds state.
     /// `durable`: synced (and its directory) before the state it guards is written; a log
     /// that holds state already needs no sync (its files are there: a crash before the
@@ -431,7 +440,7 @@ impl Inner {
     /// The chunk appends go to: the last one, or a new one once it is full.
     fn writable_chunk(&mut self) -> std::io::Result<u64> {
         if let Some((seq, chunk)) = self.chunks.iter().next_back()
-            && chunk.end < CHUNK_BYTES
+            && chunk.end < self.chunk_bytes
             && chunk.entries < self.chunk_entries
         {
             return Ok(*seq);
@@ -491,9 +500,11 @@ impl LogStore {
             committed_file: None,
             sync,
             chunk_entries: chunk_entries.max(1),
+            chunk_bytes: CHUNK_BYTES,
             next_seq: 0,
             held_marker: None,
             recent: RecentEntries::default(),
+            alarm: None,
         };
         let mut ended = false;
         for (seq, path) in chunk_files(dir)? {
@@ -574,10 +585,53 @@ impl LogStore {
         Ok(true)
     }
 
-    /// Bytes of the log's records in its chunk files, zeros ahead not counted (for tests
-    /// and metrics).
+    /// Bytes of the log's records in its chunk files, zeros ahead not counted (purged
+    /// records still in a chunk that holds later ones are counted: they are on disk).
     pub fn disk_bytes(&self) -> u64 {
-        self.inner.lock().chunks.values().map(|c| c.end).sum()
+        self.inner.lock().disk_bytes()
+    }
+
+    /// Chunks started from now on take no more appends once they hold `bytes` (at least
+    /// one entry each; [`CHUNK_BYTES`] unless set): a purge frees whole chunks.
+    pub fn set_chunk_bytes(&self, bytes: u64) {
+        self.inner.lock().chunk_bytes = bytes.max(1);
+    }
+
+    /// A signal given (as one stored permit, however many appends ring it) after every
+    /// append that leaves the log's chunk files holding more than `bytes`; replaces an
+    /// earlier alarm.
+    pub fn size_alarm(&self, bytes: u64) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        self.inner.lock().alarm = Some((bytes, Arc::clone(&notify)));
+        notify
+    }
+
+    /// Bytes of the records of the entries above `index` (of all of them for `None`).
+    pub fn bytes_above(&self, index: Option<u64>) -> u64 {
+        let inner = self.inner.lock();
+        let from = index.map_or(0, |i| i.saturating_add(1));
+        inner
+            .slots
+            .range(from..)
+            .map(|(_, slot)| HEADER as u64 + u64::from(slot.len))
+            .sum()
+    }
+
+    /// The index to purge up to (inclusive) so that, of the entries at or below `top`, the
+    /// log keeps the last ones, at most `keep_entries` of them and at most `keep_bytes` of
+    /// their records; `None` when that purges nothing.
+    pub fn purge_point(&self, top: u64, keep_entries: u64, keep_bytes: u64) -> Option<u64> {
+        let inner = self.inner.lock();
+        let mut entries = 0;
+        let mut bytes = 0;
+        for (index, slot) in inner.slots.range(..=top).rev() {
+            entries += 1;
+            bytes += HEADER as u64 + u64::from(slot.len);
+            if entries > keep_entries || bytes > keep_bytes {
+                return Some(*index);
+            }
+        }
+        None
     }
 
     fn read_entry(inner: &Inner, index: u64, slot: Slot) -> std::io::Result<Entry> {
@@ -788,13 +842,15 @@ impl LogStore {
             pos += (HEADER + payload.len()) as u64;
             written.push((entry, payload.len()));
         }
-        let sync = inner.sync;
+        let (sync, chunk_bytes) = (inner.sync, inner.chunk_bytes);
         let Some(chunk) = inner.chunks.get_mut(&seq) else {
             return Err(io_err("appending", "the chunk being written vanished"));
         };
         if sync && pos > chunk.zeroed {
-            // Zeros ahead first (see the module doc), from the end of this append on.
-            let to = (pos / ZERO_STEP + 1) * ZERO_STEP;
+            // Zeros ahead first (see the module doc), from the end of this append on (no
+            // further than a chunk's bytes at a time: small chunks stay small on disk).
+            let step = ZERO_STEP.min(chunk_bytes);
+            let to = (pos / step + 1) * step;
             let zeros = vec![0u8; usize::try_from(to - pos).unwrap_or(0)];
             chunk
                 .file
@@ -818,6 +874,11 @@ impl LogStore {
         }
         for (entry, size) in written {
             inner.recent.push(entry, size);
+        }
+        if let Some((limit, alarm)) = &inner.alarm
+            && inner.disk_bytes() > *limit
+        {
+            alarm.notify_one();
         }
         Ok(to_sync)
     }
@@ -858,6 +919,62 @@ mod tests {
             .iter()
             .map(|e| e.log_id.index)
             .collect()
+    }
+
+    /// Bytes of one record of [`entry`]`(_, 100)`.
+    fn record_bytes() -> u64 {
+        HEADER as u64 + encode(&entry(1, 100)).unwrap().len() as u64
+    }
+
+    /// The alarm rings after an append that leaves the files above its bytes, and only
+    /// then; however many appends ring it, one wait takes it.
+    #[tokio::test]
+    async fn the_size_alarm_rings_past_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), false).unwrap();
+        let alarm = store.size_alarm(10 * record_bytes());
+        append(&store, 1, 11);
+        assert_eq!(store.disk_bytes(), 10 * record_bytes());
+        let rang = || {
+            let notified = alarm.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable()
+        };
+        assert!(!rang(), "ten records are not above ten records' bytes");
+        append(&store, 11, 14);
+        assert!(rang(), "the eleventh record rings it");
+        assert!(!rang(), "one permit for three appends");
+    }
+
+    /// The purge point keeps at most so many entries and so many bytes at or below the
+    /// top, and purges nothing when they all fit.
+    #[test]
+    fn the_purge_point_keeps_entries_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), false).unwrap();
+        append(&store, 1, 101);
+        let record = record_bytes();
+        assert_eq!(store.purge_point(80, 1000, u64::MAX), None);
+        assert_eq!(store.purge_point(80, 10, u64::MAX), Some(70));
+        assert_eq!(store.purge_point(80, 1000, 5 * record), Some(75));
+        assert_eq!(
+            store.purge_point(80, 1000, 5 * record + record / 2),
+            Some(75)
+        );
+        assert_eq!(store.purge_point(80, 3, 5 * record), Some(77));
+        assert_eq!(store.purge_point(80, 0, 0), Some(80));
+        assert_eq!(store.bytes_above(Some(80)), 20 * record);
+        assert_eq!(store.bytes_above(None), 100 * record);
+    }
+
+    /// Chunks started after `set_chunk_bytes` end at that many bytes.
+    #[test]
+    fn chunk_bytes_bound_new_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path(), false).unwrap();
+        store.set_chunk_bytes(4 * record_bytes());
+        append(&store, 1, 21);
+        assert_eq!(chunks(dir.path()), 5);
     }
 
     /// A purge deletes the chunks below the purge point (the disk shrinks) and a reopened

@@ -55,6 +55,7 @@ pub mod handoff;
 pub mod identity;
 pub mod kafka_addrs;
 pub mod liveness;
+pub mod log_budget;
 pub mod log_store;
 pub mod membership;
 pub mod metadata;
@@ -150,6 +151,9 @@ pub struct ClusterConfig {
     /// A queue group snapshots its data after this many applied entries, and its Raft log
     /// is purged below the snapshot (`raft_snapshot_entries`).
     pub snapshot_entries: u64,
+    /// A queue group also snapshots, and purges its Raft log, once the log's files hold
+    /// more than this many bytes (`raft_log_bytes`; 0: no such bound).
+    pub log_bytes: u64,
     /// This node joins a running cluster (`--join`): its metadata group is not initialized
     /// from `peers` (which name some members to ask, and this node), a member adds it.
     pub join: bool,
@@ -501,7 +505,11 @@ impl Cluster {
             config.node_id,
             config.peers.clone(),
             config.data_dir.join("raft"),
-            (config.sync, config.snapshot_entries),
+            groups::Storage {
+                sync: config.sync,
+                snapshot_entries: config.snapshot_entries,
+                log_bytes: config.log_bytes,
+            },
             Arc::clone(local.peers()),
             Arc::clone(&broker),
         ));
