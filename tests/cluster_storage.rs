@@ -254,6 +254,86 @@ async fn the_byte_budget_bounds_the_raft_log() {
     assert_eq!(seen, (0..total).map(big).collect::<BTreeSet<_>>());
 }
 
+/// Every `.log` file (segment) held by group `group`'s snapshots under node data dir `dir`,
+/// with its link count (2 or more while the queue holds it too).
+fn snapshot_segment_links(dir: &Path, group: u64) -> Vec<(std::path::PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(path: &Path, out: &mut Vec<(std::path::PathBuf, u64)>) {
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                out.push((path, meta.nlink()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        &dir.join("raft").join(group.to_string()).join("snapshot"),
+        &mut out,
+    );
+    out
+}
+
+/// Retention removes old segments on every replica; each replica then lets go of them:
+/// its snapshot no longer links them and its Raft log, which held the removed messages
+/// too, is purged. A quiet queue reaches neither `raft_snapshot_entries` nor
+/// `raft_log_bytes`, so without this its replicas kept every message ever published in
+/// their Raft logs, whatever retention removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_also_frees_the_raft_log_and_the_snapshot() {
+    let cluster = Cluster::start().await;
+    let settings = json!({
+        "partitions": 1,
+        "segment_bytes": 32768,
+        "retention": {"max_bytes": 65536},
+    });
+    common::cluster::create_queue(&cluster.node(1).http, "kept", settings).await;
+    let group = cluster.group_of(1, "kept").await;
+    let total = 200;
+    publish_spread(&cluster, "kept", 0..total, [1, 3], body).await;
+    let published_bytes = (total * BODY_BYTES) as u64;
+    for node in &cluster.nodes {
+        eventually(
+            &format!("node {} lets go of what retention removed", node.id),
+            || async {
+                let links = snapshot_segment_links(&node.dir, group);
+                raft_log_bytes(&node.dir, group) < published_bytes / 8
+                    && !links.is_empty()
+                    && links.iter().all(|(_, nlink)| *nlink >= 2)
+            },
+        )
+        .await;
+        eprintln!(
+            "node {}: raft log of group {group}: {} bytes for {published_bytes} published",
+            node.id,
+            raft_log_bytes(&node.dir, group)
+        );
+        // What retention kept is still served, the last message included.
+        let info = view(&format!("{}/queues/kept?local=true", node.http))
+            .await
+            .unwrap();
+        let first = info["partitions"][0]["first_offset"].as_u64().unwrap();
+        assert!(first > 0, "node {}: retention removed nothing", node.id);
+        let kept = view(&format!(
+            "{}/queues/kept/log?partition=0&from={first}&max=10000&local=true",
+            node.http
+        ))
+        .await
+        .unwrap();
+        let kept = kept["messages"].as_array().unwrap();
+        assert_eq!(kept.len() as u64, total as u64 - first);
+        assert_eq!(kept.last().unwrap()["body"], body(total - 1));
+    }
+}
+
 /// A node whose data directory was wiped is replaced by a new node (`--replaces`): the
 /// leader's log is purged, so the new replica is sent the queue's snapshot, installs it
 /// and then follows the log; its committed log and group state end identical to the

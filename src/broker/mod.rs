@@ -677,6 +677,11 @@ impl Broker {
         Ok(self.queue(name)?.info())
     }
 
+    /// A queue's partitions (cheap, unlike [`Self::queue_info`]: no group is looked at).
+    pub fn partition_infos(&self, name: &str) -> Result<Vec<PartitionInfo>, BrokerError> {
+        Ok(self.queue(name)?.partition_infos())
+    }
+
     /// A queue's settings (cheap, unlike [`Self::queue_info`]).
     pub fn queue_settings(&self, name: &str) -> Result<QueueSettings, BrokerError> {
         Ok(self.queue(name)?.settings.clone())

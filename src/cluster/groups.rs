@@ -409,8 +409,11 @@ impl Groups {
         let (lost, members) = self.seed_members(id, &dir, found, replicas.as_deref(), members);
         // A lost queue group learns its term floor from its replicas, the metadata group
         // from every voter (`None`).
-        let is_queue = matches!(role, Role::Queue(_));
-        let floor_from = is_queue.then(|| replicas.unwrap_or_default());
+        let queue_name = match &role {
+            Role::Queue(name) => Some(name.clone()),
+            _ => None,
+        };
+        let floor_from = queue_name.is_some().then(|| replicas.unwrap_or_default());
         self.mark_lost(id, lost, floor_from)?;
         let machine = open_machine(id, role, &self.broker, &dir).await?;
         let seeded = self.seed(id, &log, &members)?;
@@ -433,8 +436,14 @@ impl Groups {
         if lost {
             watch_catch_up(id, &raft, Arc::clone(&self.lost), self.raft_dir.clone());
         }
-        if let Some(budget) = self.log_budget.filter(|_| is_queue) {
-            log_budget::watch(id, raft.clone(), log_handle, budget);
+        if let Some(name) = queue_name {
+            log_budget::watch(log_budget::Watched {
+                group: id,
+                raft: raft.clone(),
+                log: log_handle,
+                queue: (Arc::clone(&self.broker), name),
+                budget: self.log_budget,
+            });
         }
         self.rafts.write().insert(id, raft.clone());
         let (leader, leader_changes) = leader_watch(&raft);

@@ -1,19 +1,30 @@
-//! A queue group's Raft log kept within a byte budget (`raft_log_bytes`).
+//! A queue group's copies of its messages outside the queue's segments kept bounded: its
+//! Raft log within a byte budget (`raft_log_bytes`), and neither the log nor the group's
+//! snapshot holding on to data that retention or compaction removed from the queue.
 //!
 //! Every message is in its group's Raft log as well as in the queue's segments until the
-//! log is purged below a snapshot. A snapshot every `raft_snapshot_entries` entries bounds
-//! the log in entries only, and an entry may carry anything from one small message to
-//! 4 MiB of them: 1,215 entries of 100 publishes of 1 KB each made a 327 MB log beside
-//! 301 MB of segments, and 20,000 such entries would have been 5 GB, whatever the queue's
-//! retention. So each replica also watches its log's files ([`LogStore::size_alarm`]):
-//! once they hold more than the budget, it snapshots the group (cheap: the snapshot
-//! hard-links the queue's segments) and purges the log below the snapshot, keeping the
-//! last entries under it (at most [`KEEP_ENTRIES`] of them and a quarter of the budget) so
-//! that a follower a little behind still catches up from the log. A log that stays above
-//! the budget (a purge waits while the leader still sends those entries to a follower) is
-//! looked at again at most once per [`ROUND_SPACING`], and snapshotted again only once the
-//! entries above its snapshot alone take three quarters of the budget.
+//! log is purged below a snapshot, and a snapshot hard-links the queue's segments, so a
+//! segment removed from the queue stays on disk while the snapshot holds it. Two things
+//! start a round here (a snapshot at the applied point, then a purge of the log below it):
+//!
+//! - **Size.** A snapshot every `raft_snapshot_entries` entries bounds the log in entries
+//!   only, and an entry may carry anything from one small message to 4 MiB of them: 1,215
+//!   entries of 100 publishes of 1 KB each made a 327 MB log beside 301 MB of segments,
+//!   and 20,000 such entries would have been 5 GB. So each replica watches its log's files
+//!   ([`LogStore::size_alarm`]): past the budget, it snapshots (once the entries above the
+//!   last snapshot alone take three quarters of the budget) and purges, keeping the last
+//!   entries below the snapshot (at most [`KEEP_ENTRIES`] and a quarter of the budget) so
+//!   that a follower a little behind still catches up from the log.
+//! - **Removal.** Every [`LOOK_EVERY`], each replica compares its queue's partitions with
+//!   the last look: when a partition's first offset rose or its bytes fell (retention or
+//!   compaction removed segments), it snapshots, which lets go of the removed segments,
+//!   and purges the whole log below the snapshot, which may hold the removed messages too.
+//!   A quiet queue would otherwise keep them for good: it may never reach either bound.
+//!
+//! A group is looked at again at most once per [`ROUND_SPACING`]; a purge waits while the
+//! leader still sends those entries to a follower (openraft defers it).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
@@ -21,16 +32,19 @@ use openraft::metrics::WaitError;
 
 use super::log_store::{self, LogStore};
 use super::state_machine::Raft;
+use crate::broker::Broker;
 
 /// Entries kept below a snapshot at most (the group's `max_in_snapshot_log_to_keep`).
 pub const KEEP_ENTRIES: u64 = 1000;
 /// The shortest time between two rounds of one group.
 pub const ROUND_SPACING: Duration = Duration::from_secs(1);
+/// How often a replica looks whether its queue's data lost segments.
+pub const LOOK_EVERY: Duration = Duration::from_secs(15);
 /// How long a round waits for the snapshot it asked for.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
 
-/// Rounds that brought a group's log back within its budget: snapshots asked for and
-/// purges (counter).
+/// Rounds that snapshotted and purged a queue group, by what started them (`reason`:
+/// `size` or `removal`; counter).
 pub const ROUNDS: &str = "qit_cluster_log_budget_rounds_total";
 
 /// A log's budget: above `bytes`, snapshot and purge.
@@ -53,28 +67,87 @@ impl Budget {
     }
 }
 
-/// Keeps group `group`'s log (`log`, of `raft`) within `budget`, on a task that ends with
-/// the group.
-pub fn watch(group: u64, raft: Raft, log: LogStore, budget: Budget) {
-    log.set_chunk_bytes(budget.chunk_bytes());
-    let alarm = log.size_alarm(budget.bytes);
+/// Why a round runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    /// The log's files passed the budget.
+    Size,
+    /// The queue's data lost segments since the last look.
+    Removal,
+}
+
+impl Reason {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Size => "size",
+            Self::Removal => "removal",
+        }
+    }
+}
+
+/// One group's log, its queue, and what is watched.
+pub struct Watched {
+    /// The group's id.
+    pub group: u64,
+    /// The group.
+    pub raft: Raft,
+    /// Its Raft log.
+    pub log: LogStore,
+    /// The broker holding its queue's data here, and the queue's name.
+    pub queue: (Arc<Broker>, String),
+    /// The log's byte budget; `None`: only removals start rounds.
+    pub budget: Option<Budget>,
+}
+
+/// Watches `watched` on a task that ends with the group.
+pub fn watch(watched: Watched) {
+    let Watched {
+        group,
+        raft,
+        log,
+        queue: (broker, queue),
+        budget,
+    } = watched;
+    let alarm = budget.map(|b| {
+        log.set_chunk_bytes(b.chunk_bytes());
+        log.size_alarm(b.bytes)
+    });
     let mut server = raft.server_metrics();
     tokio::spawn(async move {
+        let mut looked = footprint(&broker, &queue);
+        let mut look = tokio::time::interval(LOOK_EVERY);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                () = alarm.notified() => {}
+            let reason = tokio::select! {
+                () = async {
+                    match &alarm {
+                        Some(alarm) => alarm.notified().await,
+                        None => std::future::pending().await,
+                    }
+                } => Reason::Size,
+                _ = look.tick() => Reason::Removal,
                 changed = server.changed() => {
                     if changed.is_err() {
                         return;
                     }
                     continue;
                 }
-            }
-            if log.disk_bytes() <= budget.bytes {
+            };
+            let due = match (reason, budget) {
+                (Reason::Size, Some(budget)) => log.disk_bytes() > budget.bytes,
+                (Reason::Size, None) => false,
+                (Reason::Removal, _) => {
+                    let now = footprint(&broker, &queue);
+                    let removed = lost_data(&looked, &now);
+                    looked = now;
+                    removed
+                }
+            };
+            if !due {
                 continue;
             }
-            if let Err(error) = round(&raft, &log, budget).await {
-                tracing::debug!(group, %error, "the group stopped: its log budget is not kept");
+            if let Err(error) = round(&raft, &log, budget, reason).await {
+                tracing::debug!(group, %error, "the group stopped: its log is no longer watched");
                 return;
             }
             tokio::time::sleep(ROUND_SPACING).await;
@@ -82,39 +155,77 @@ pub fn watch(group: u64, raft: Raft, log: LogStore, budget: Budget) {
     });
 }
 
-/// Snapshots the group at its applied point (unless its snapshot is there already) and
-/// purges its log below the snapshot, keeping the last entries under it.
-async fn round(raft: &Raft, log: &LogStore, budget: Budget) -> Result<(), String> {
+/// Each partition's first offset and bytes of segments here (empty once the queue is
+/// gone).
+fn footprint(broker: &Broker, queue: &str) -> Vec<(u64, u64)> {
+    broker
+        .partition_infos(queue)
+        .map(|parts| parts.iter().map(|p| (p.first_offset, p.bytes)).collect())
+        .unwrap_or_default()
+}
+
+/// True when a partition of `now` starts later or holds fewer bytes than in `before`
+/// (segments were removed in between).
+fn lost_data(before: &[(u64, u64)], now: &[(u64, u64)]) -> bool {
+    before.len() == now.len()
+        && before
+            .iter()
+            .zip(now)
+            .any(|((first, bytes), (first_now, bytes_now))| first_now > first || bytes_now < bytes)
+}
+
+/// Snapshots the group at its applied point when `reason` calls for it, then purges its
+/// log below the snapshot: for size, keeping the last entries under it; for a removal,
+/// all of it.
+async fn round(
+    raft: &Raft,
+    log: &LogStore,
+    budget: Option<Budget>,
+    reason: Reason,
+) -> Result<(), String> {
     let (applied, snapshot) = applied_and_snapshot(raft);
-    if applied > snapshot && log.bytes_above(snapshot) > budget.bytes - budget.keep_bytes() {
+    let snapshot_now = match (reason, budget) {
+        (Reason::Removal, _) => true,
+        (Reason::Size, Some(b)) => {
+            applied > snapshot && log.bytes_above(snapshot) > b.bytes - b.keep_bytes()
+        }
+        (Reason::Size, None) => false,
+    };
+    if snapshot_now {
         raft.trigger().snapshot().await.map_err(|e| e.to_string())?;
-        let built = raft
-            .wait(Some(SNAPSHOT_WAIT))
-            .metrics(
-                |m| m.snapshot.map(|s| s.index) >= applied,
-                "a snapshot for the log budget",
-            )
-            .await;
-        match built {
-            Ok(_) => {}
-            Err(WaitError::ShuttingDown) => return Err("the group stopped".into()),
-            Err(error) => {
-                // Looked at again at the next append above the budget.
-                tracing::warn!(%error, "no snapshot for the log budget");
-                return Ok(());
+        // A snapshot at the same applied point replaces the last one (letting go of the
+        // segments it linked) without moving the index: nothing to wait for then.
+        if applied > snapshot {
+            let built = raft
+                .wait(Some(SNAPSHOT_WAIT))
+                .metrics(
+                    |m| m.snapshot.map(|s| s.index) >= applied,
+                    "a snapshot that bounds the raft log",
+                )
+                .await;
+            match built {
+                Ok(_) => {}
+                Err(WaitError::ShuttingDown) => return Err("the group stopped".into()),
+                Err(error) => {
+                    // Looked at again at the next alarm or look.
+                    tracing::warn!(%error, "no snapshot to bound the raft log");
+                    return Ok(());
+                }
             }
         }
     }
     let (_, snapshot) = applied_and_snapshot(raft);
-    if let Some(upto) =
-        snapshot.and_then(|top| log.purge_point(top, KEEP_ENTRIES, budget.keep_bytes()))
-    {
+    let (keep_entries, keep_bytes) = match (reason, budget) {
+        (Reason::Size, Some(b)) => (KEEP_ENTRIES, b.keep_bytes()),
+        _ => (0, 0),
+    };
+    if let Some(upto) = snapshot.and_then(|top| log.purge_point(top, keep_entries, keep_bytes)) {
         raft.trigger()
             .purge_log(upto)
             .await
             .map_err(|e| e.to_string())?;
     }
-    metrics::counter!(ROUNDS).increment(1);
+    metrics::counter!(ROUNDS, "reason" => reason.label()).increment(1);
     Ok(())
 }
 
@@ -147,5 +258,16 @@ mod tests {
             log_store::CHUNK_BYTES,
             "at most the default chunk"
         );
+    }
+
+    #[test]
+    fn data_is_lost_when_a_partition_starts_later_or_shrinks() {
+        let before = [(0, 1000), (5, 300)];
+        assert!(!lost_data(&before, &[(0, 1000), (5, 300)]));
+        assert!(!lost_data(&before, &[(0, 2000), (5, 300)]), "growth");
+        assert!(lost_data(&before, &[(10, 1500), (5, 300)]), "retention");
+        assert!(lost_data(&before, &[(0, 1000), (5, 200)]), "compaction");
+        assert!(!lost_data(&before, &[]), "the queue is gone");
+        assert!(!lost_data(&[], &before), "the queue was not there");
     }
 }
