@@ -342,6 +342,77 @@ async fn retention_also_frees_the_raft_log_and_the_snapshot() {
     }
 }
 
+/// Bodies of partition `partition` of `queue` in node `base`'s own copy.
+async fn local_bodies(base: &str, queue: &str, partition: u32) -> Option<Vec<String>> {
+    let url =
+        format!("{base}/queues/{queue}/log?partition={partition}&from=0&max=10000&local=true");
+    let page = view(&url).await?;
+    Some(
+        page["messages"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["body"].as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
+/// A replica restored from its snapshot puts messages without a key in the partitions the
+/// others put them in. Every publish after the first carries three messages to a queue of
+/// three partitions, so every snapshot lies one message past a full turn: a replica that
+/// restarted its turn at the restored point (as an in-memory counter did) put each later
+/// message one partition off, and the same id named different messages on its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_replica_spreads_messages_like_the_others() {
+    let mut cluster = Cluster::start_with_config("raft_snapshot_entries = 10\n").await;
+    let base = cluster.node(1).http.clone();
+    let settings = json!({"partitions": 3, "max_deliveries": 0});
+    common::cluster::create_queue(&base, "turns", settings).await;
+    let group = cluster.group_of(1, "turns").await;
+    let publish = |via: String, bodies: Vec<String>| async move {
+        let messages: Vec<Value> = bodies.iter().map(|b| json!({"body": b})).collect();
+        let (status, answer) = retrying("publish", || {
+            http()
+                .post(format!("{via}/queues/turns/messages/batch"))
+                .json(&json!({ "messages": messages }))
+        })
+        .await;
+        assert!(status.is_success(), "publish: {status} {answer}");
+    };
+    publish(base.clone(), vec!["first".into()]).await;
+    for round in 0..30 {
+        let bodies = (0..3).map(|i| format!("before-{round}-{i}")).collect();
+        publish(base.clone(), bodies).await;
+    }
+    let node2 = cluster.node(2).dir.clone();
+    eventually("node 2 has a snapshot of the queue", || async {
+        node2
+            .join("raft")
+            .join(group.to_string())
+            .join("snapshot")
+            .join("current")
+            .is_file()
+    })
+    .await;
+    cluster.kill(2);
+    cluster.restart(2);
+    for round in 0..5 {
+        let bodies = (0..3).map(|i| format!("after-{round}-{i}")).collect();
+        publish(base.clone(), bodies).await;
+    }
+    let restarted = cluster.node(2).http.clone();
+    for partition in 0..3 {
+        let reference = local_bodies(&base, "turns", partition).await.unwrap();
+        assert!(reference.iter().any(|b| b.starts_with("after-")));
+        eventually(
+            &format!("node 2's partition {partition} holds node 1's messages"),
+            || async {
+                local_bodies(&restarted, "turns", partition).await.as_ref() == Some(&reference)
+            },
+        )
+        .await;
+    }
+}
+
 /// A node whose data directory was wiped is replaced by a new node (`--replaces`): the
 /// leader's log is purged, so the new replica is sent the queue's snapshot, installs it
 /// and then follows the log; its committed log and group state end identical to the

@@ -2257,6 +2257,59 @@ mod tests {
         assert!(!text.contains(r#"queue="series-q""#), "{text}");
     }
 
+    /// A replicated publish spreads messages without a key from the number of messages
+    /// the queue holds, so a queue reopened on its data (a replica restored from its
+    /// snapshot) goes on where it was; a local publish keeps its in-memory turn.
+    #[tokio::test]
+    async fn replicated_publishes_take_their_turn_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let config = BrokerConfig {
+                data_dir: dir.path().to_path_buf(),
+                ..BrokerConfig::default()
+            };
+            Broker::open(config).await.unwrap()
+        };
+        let message = || NewMessage {
+            body: bytes::Bytes::from_static(b"m"),
+            ..NewMessage::default()
+        };
+        let settings = QueueSettings {
+            partitions: 3,
+            ..QueueSettings::default()
+        };
+        let partitions = |published: Vec<Published>| -> Vec<u32> {
+            published.iter().map(|p| p.id.partition).collect()
+        };
+        let b = open().await;
+        b.create_queue("q", settings).await.unwrap();
+        let q = b.queue("q").unwrap();
+        let first = q.publish_at(vec![message()], Some(1)).await.unwrap();
+        assert_eq!(partitions(first), [0], "none held: partition 0");
+        let more = q.publish_at(vec![message(); 4], Some(1)).await.unwrap();
+        assert_eq!(
+            partitions(more),
+            [1, 2, 0, 1],
+            "1 held: from partition 1 on"
+        );
+        b.shutdown().await.unwrap();
+        drop((q, b));
+        let b = open().await;
+        let q = b.queue("q").unwrap();
+        let after = q.publish_at(vec![message(); 2], Some(1)).await.unwrap();
+        assert_eq!(
+            partitions(after),
+            [2, 0],
+            "5 messages held: the turn goes on at 5 % 3"
+        );
+        let local = q.publish(vec![message(); 2]).await.unwrap();
+        assert_eq!(
+            partitions(local),
+            [0, 1],
+            "a local publish: the counter, from 0"
+        );
+    }
+
     #[test]
     fn dead_letter_retries_back_off_to_a_cap() {
         assert_eq!(dead_letter_retry_pause(0), DEAD_LETTER_RETRY_FIRST);

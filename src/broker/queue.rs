@@ -40,6 +40,22 @@ pub const DEFAULT_GROUP: &str = "default";
 /// Most bytes read from a partition for one lease call.
 const LEASE_READ_BYTES: usize = 8 * 1024 * 1024;
 
+/// How one publish spreads its messages without a key over the partitions, in turn.
+///
+/// A replicated publish (one that carries its proposer's clock) starts its turn where
+/// every replica can read it from its own data: the number of messages the queue's
+/// partitions hold ([`Queue::appended`]). A counter kept in memory started at 0 whenever
+/// the queue was opened, so a replica restored from a snapshot (or restarted: it restores
+/// its own) put the next message in another partition than the others did: the same id
+/// named different messages on different replicas. A single node keeps the counter:
+/// publishes that run at once each take their own turn.
+enum Spread {
+    /// The queue's in-memory counter.
+    Counter,
+    /// The next turn, counted from the messages appended so far.
+    FromLog(u64),
+}
+
 /// A message that must go to the dead-letter queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterJob {
@@ -247,6 +263,7 @@ pub struct Queue {
     group_creation: Mutex<()>,
     /// Woken on publish, redelivery, freed keys, shutdown and delete.
     pub notify: Notify,
+    /// Where the next message without a key goes, on a single node (see [`Spread`]).
     round_robin: AtomicU32,
     /// The idempotency keys of the dedup window, read back from the log by the first
     /// publish with a key (a queue never given one never reads its log for them).
@@ -627,12 +644,26 @@ impl Queue {
         Ok(window)
     }
 
-    fn partition_for(&self, message: &NewMessage) -> u32 {
+    /// The partition of `message`: by its key's hash, else the next one in turn.
+    fn partition_for(&self, message: &NewMessage, spread: &mut Spread) -> u32 {
         let n = self.partitions.len() as u32;
-        match &message.key {
-            Some(key) => message::partition_for_key(key.as_bytes(), n),
-            None => self.round_robin.fetch_add(1, AtomicOrdering::Relaxed) % n.max(1),
+        match (&message.key, spread) {
+            (Some(key), _) => message::partition_for_key(key.as_bytes(), n),
+            (None, Spread::Counter) => {
+                self.round_robin.fetch_add(1, AtomicOrdering::Relaxed) % n.max(1)
+            }
+            (None, Spread::FromLog(next)) => {
+                let partition = (*next % u64::from(n.max(1))) as u32;
+                *next += 1;
+                partition
+            }
         }
+    }
+
+    /// Messages appended to the queue so far: the sum of its partitions' next offsets
+    /// (retention and compaction do not lower it).
+    fn appended(&self) -> u64 {
+        self.partitions.iter().map(|log| log.next_offset()).sum()
     }
 
     /// Appends `records` to partition `partition` as one run, once per `key` within the
@@ -716,6 +747,10 @@ impl Queue {
         let mut same_as: Vec<Option<usize>> = vec![None; messages.len()];
         let mut first_with_key: HashMap<&str, usize> = HashMap::new();
         let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        let mut spread = match now_ms {
+            Some(_) => Spread::FromLog(self.appended()),
+            None => Spread::Counter,
+        };
         for (i, m) in messages.iter().enumerate() {
             if let (Some(key), Some(window)) = (m.idempotency_key.as_deref(), dedup.as_mut()) {
                 if let Some(id) = window.get(key, now, window_ms) {
@@ -729,7 +764,7 @@ impl Queue {
                 first_with_key.insert(key, i);
             }
             by_partition
-                .entry(self.partition_for(m))
+                .entry(self.partition_for(m, &mut spread))
                 .or_default()
                 .push(i);
         }
