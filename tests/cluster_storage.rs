@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, metric, publish_spread, retrying, view};
+use common::cluster::{Cluster, log_bodies, metric, publish_spread, retrying, view};
 use common::{eventually, http, refused_start};
 use serde_json::{Value, json};
 
@@ -342,20 +342,6 @@ async fn retention_also_frees_the_raft_log_and_the_snapshot() {
     }
 }
 
-/// Bodies of partition `partition` of `queue` in node `base`'s own copy.
-async fn local_bodies(base: &str, queue: &str, partition: u32) -> Option<Vec<String>> {
-    let url =
-        format!("{base}/queues/{queue}/log?partition={partition}&from=0&max=10000&local=true");
-    let page = view(&url).await?;
-    Some(
-        page["messages"]
-            .as_array()?
-            .iter()
-            .filter_map(|m| m["body"].as_str().map(str::to_string))
-            .collect(),
-    )
-}
-
 /// A replica restored from its snapshot puts messages without a key in the partitions the
 /// others put them in. Every publish after the first carries three messages to a queue of
 /// three partitions, so every snapshot lies one message past a full turn: a replica that
@@ -401,12 +387,12 @@ async fn a_restored_replica_spreads_messages_like_the_others() {
     }
     let restarted = cluster.node(2).http.clone();
     for partition in 0..3 {
-        let reference = local_bodies(&base, "turns", partition).await.unwrap();
+        let reference = log_bodies(&base, "turns", partition).await.unwrap();
         assert!(reference.iter().any(|b| b.starts_with("after-")));
         eventually(
             &format!("node 2's partition {partition} holds node 1's messages"),
             || async {
-                local_bodies(&restarted, "turns", partition).await.as_ref() == Some(&reference)
+                log_bodies(&restarted, "turns", partition).await.as_ref() == Some(&reference)
             },
         )
         .await;

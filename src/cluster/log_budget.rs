@@ -19,7 +19,8 @@
 //!   the last look: when a partition's first offset rose or its bytes fell (retention or
 //!   compaction removed segments), it snapshots, which lets go of the removed segments,
 //!   and purges the whole log below the snapshot, which may hold the removed messages too.
-//!   A quiet queue would otherwise keep them for good: it may never reach either bound.
+//!   A quiet queue would otherwise keep them for good: it may never reach either bound
+//!   again.
 //!
 //! A group is looked at again at most once per [`ROUND_SPACING`]; a purge waits while the
 //! leader still sends those entries to a follower (openraft defers it).
