@@ -279,6 +279,26 @@ async fn create_queue(
     expect_success(response).await.map(|_| ())
 }
 
+/// Sends the request `make` builds, and again after a pause while the server answers 503
+/// (a cluster between leaders answers `no_leader`), up to [`STREAM_RETRIES`] times; then
+/// as [`expect_success`]. (A repeated ack is harmless; a repeated publish may be stored
+/// twice, as after any lost answer.)
+async fn send_http(
+    make: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, BenchError> {
+    let mut retries = 0;
+    loop {
+        let response = make().send().await?;
+        if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && retries < STREAM_RETRIES
+        {
+            retries += 1;
+            tokio::time::sleep(STREAM_RETRY_PAUSE).await;
+            continue;
+        }
+        return expect_success(response).await;
+    }
+}
+
 async fn expect_success(response: reqwest::Response) -> Result<reqwest::Response, BenchError> {
     if response.status().is_success() {
         return Ok(response);
@@ -514,8 +534,9 @@ where
 /// gRPC status code of a request a cluster could not place: no leader for the moment
 /// (an election is under way); asked again.
 const UNAVAILABLE: u32 = tonic::Code::Unavailable as u32;
-/// How many times one request on a `Publish` stream is asked again after [`UNAVAILABLE`].
-const STREAM_RETRIES: u32 = 50;
+/// How many times one request is asked again after [`UNAVAILABLE`] (or HTTP 503): about
+/// 15 s of pauses, more than an election takes on a loaded machine.
+const STREAM_RETRIES: u32 = 150;
 /// Pause before asking again.
 const STREAM_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -630,14 +651,25 @@ async fn publish_grpc(
     shared: &Shared,
     count: usize,
 ) -> Result<usize, BenchError> {
-    let messages = (0..count).map(|_| outgoing(shared.opts.size)).collect();
-    client
-        .send_message(proto::SendMessageRequest {
+    let messages: Vec<_> = (0..count).map(|_| outgoing(shared.opts.size)).collect();
+    let mut retries = 0;
+    loop {
+        let request = proto::SendMessageRequest {
             queue: shared.queue.clone(),
-            messages,
-        })
-        .await?;
-    Ok(count)
+            messages: messages.clone(),
+        };
+        match client.send_message(request).await {
+            Ok(_) => return Ok(count),
+            // No leader for the moment: asked again, as a `Publish` stream's request is.
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && retries < STREAM_RETRIES =>
+            {
+                retries += 1;
+                tokio::time::sleep(STREAM_RETRY_PAUSE).await;
+            }
+            Err(status) => return Err(status.into()),
+        }
+    }
 }
 
 async fn publish_http(
@@ -654,17 +686,60 @@ async fn publish_http(
         "{}/queues/{}/messages/batch",
         shared.opts.http_url, shared.queue
     );
-    let response = http
-        .post(url)
-        .json(&serde_json::json!({ "messages": messages }))
-        .send()
-        .await?;
-    expect_success(response).await.map(|_| count)
+    let body = serde_json::json!({ "messages": messages });
+    send_http(|| http.post(&url).json(&body))
+        .await
+        .map(|_| count)
 }
 
+/// How many `ReceiveMessages` streams in a row a consumer opens again after they ended in
+/// [`UNAVAILABLE`] (a cluster between leaders) before it gives up.
+const RECEIVE_REOPENS: u32 = STREAM_RETRIES;
+
+/// One consumer on `ReceiveMessages` streams: a stream that ends in [`UNAVAILABLE`] (its
+/// queue's leader went away) is opened again after a pause, up to [`RECEIVE_REOPENS`]
+/// times in a row; the leases it held go back to the group.
 async fn consume_grpc(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
     let mut histogram = new_histogram();
     let mut client = BrokerClient::connect(shared.opts.grpc_url.clone()).await?;
+    let mut reopened = 0;
+    loop {
+        match receive_stream(&mut client, shared, &mut histogram).await {
+            Ok(Session::Done) => return Ok(histogram),
+            Ok(Session::Ended { delivered: true }) => reopened = 0,
+            Ok(Session::Ended { delivered: false }) if reopened < RECEIVE_REOPENS => {}
+            Ok(Session::Ended { delivered: false }) => {
+                return Err(BenchError::Stream(
+                    "the server ended every receive stream at once".into(),
+                ));
+            }
+            Err(BenchError::Rpc(status))
+                if status.code() == tonic::Code::Unavailable && reopened < RECEIVE_REOPENS => {}
+            Err(error) => return Err(error),
+        }
+        reopened += 1;
+        tokio::time::sleep(STREAM_RETRY_PAUSE).await;
+    }
+}
+
+/// How a `ReceiveMessages` stream ended without an error.
+enum Session {
+    /// The consumers reached the target.
+    Done,
+    /// The server ended it (having delivered on it, or not): open another.
+    Ended {
+        /// It delivered at least one message.
+        delivered: bool,
+    },
+}
+
+/// One `ReceiveMessages` stream until the consumers reach the target, the server ends it
+/// or it fails; each message counted is acked on it.
+async fn receive_stream(
+    client: &mut BrokerClient<tonic::transport::Channel>,
+    shared: &Shared,
+    histogram: &mut Histogram<u64>,
+) -> Result<Session, BenchError> {
     let (requests, rx) = mpsc::channel(4096);
     let open = receive_request::Request::Open(proto::OpenStream {
         queue: shared.queue.clone(),
@@ -682,13 +757,15 @@ async fn consume_grpc(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
         .receive_messages(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    let mut delivered = false;
     while !shared.consumers_done() {
         let next = tokio::time::timeout(Duration::from_millis(200), responses.next()).await;
         let Ok(next) = next else { continue };
         let Some(response) = next.transpose()? else {
-            break;
+            return Ok(Session::Ended { delivered });
         };
         if let Some(receive_response::Response::Message(message)) = response.response {
+            delivered = true;
             if !shared.claim() {
                 // Past the target: it goes back with the stream's leases.
                 continue;
@@ -702,7 +779,7 @@ async fn consume_grpc(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
                 .await
                 .is_err()
             {
-                break;
+                return Ok(Session::Ended { delivered });
             }
         }
     }
@@ -714,7 +791,7 @@ async fn consume_grpc(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
         while let Some(Ok(_)) = responses.next().await {}
     })
     .await;
-    Ok(histogram)
+    Ok(Session::Done)
 }
 
 async fn consume_http(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
@@ -726,13 +803,13 @@ async fn consume_http(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
     // Long-polls return as soon as one message is there; up to 100 lets a consumer catch up.
     let url = format!("{base}?group={GROUP}&max=100&wait=1");
     while !shared.consumers_done() {
-        let response = expect_success(http.get(&url).send().await?).await?;
+        let response = send_http(|| http.get(&url)).await?;
         let page: serde_json::Value = response.json().await?;
         let messages = page["messages"].as_array().cloned().unwrap_or_default();
         let mut acks = Vec::with_capacity(messages.len());
         for message in &messages {
             let id = message["id"].as_str().unwrap_or_default();
-            let settle = if shared.claim() {
+            let (method, settle) = if shared.claim() {
                 let body = message["body_base64"]
                     .as_str()
                     .and_then(|b| engine.decode(b).ok())
@@ -740,12 +817,17 @@ async fn consume_http(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
                 if let Some(micros) = latency_micros(&body) {
                     let _ = histogram.record(micros);
                 }
-                http.delete(format!("{base}/{id}?group={GROUP}"))
+                (
+                    reqwest::Method::DELETE,
+                    format!("{base}/{id}?group={GROUP}"),
+                )
             } else {
                 // Past the target: back to the queue at once, for whoever consumes next.
-                http.post(format!("{base}/{id}/nack?group={GROUP}&delay=0"))
+                let nack = format!("{base}/{id}/nack?group={GROUP}&delay=0");
+                (reqwest::Method::POST, nack)
             };
-            acks.push(async move { expect_success(settle.send().await?).await });
+            let http = &http;
+            acks.push(async move { send_http(|| http.request(method.clone(), &settle)).await });
         }
         // Acks of one page go out together, as a consumer with a worker pool would send them.
         for result in futures_util::future::join_all(acks).await {
@@ -758,6 +840,47 @@ async fn consume_http(shared: &Shared) -> Result<Histogram<u64>, BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request answered 503 (no leader for the moment) is sent again until it is
+    /// answered otherwise; another error is not.
+    #[tokio::test]
+    async fn http_requests_are_sent_again_while_the_server_answers_503() {
+        use axum::http::StatusCode;
+        use std::sync::atomic::AtomicUsize;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let app = axum::Router::new()
+            .route(
+                "/flaky",
+                axum::routing::post(move || {
+                    let counted = Arc::clone(&counted);
+                    async move {
+                        match counted.fetch_add(1, Ordering::SeqCst) {
+                            0 | 1 => StatusCode::SERVICE_UNAVAILABLE,
+                            _ => StatusCode::CREATED,
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/bad",
+                axum::routing::post(|| async { StatusCode::BAD_REQUEST }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let flaky = format!("http://{addr}/flaky");
+        let answered = send_http(|| http.post(&flaky)).await.unwrap();
+        assert_eq!(answered.status(), reqwest::StatusCode::CREATED);
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "two 503s, then the answer");
+        let bad = format!("http://{addr}/bad");
+        let refused = send_http(|| http.post(&bad)).await;
+        assert!(matches!(
+            refused,
+            Err(BenchError::Status { status: 400, .. })
+        ));
+    }
 
     #[test]
     fn producer_shares_add_up() {

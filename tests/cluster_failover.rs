@@ -321,3 +321,88 @@ fn lose_group_log(cluster: &Cluster, node: u64, group: u64) {
         .join(group.to_string());
     std::fs::remove_dir_all(&dir).expect("remove the group's log");
 }
+
+/// `qit bench` goes on when the leader of its queue is killed under it and comes back (the
+/// contract: "qit's own CLI and bench retry"), over gRPC: unary publishes answered
+/// `UNAVAILABLE` are sent again, and a consumer whose `ReceiveMessages` stream ends in
+/// `UNAVAILABLE` opens another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qit_bench_over_grpc_goes_on_when_the_leader_is_killed() {
+    bench_through_a_leader_kill(&["--mode", "unary"]).await;
+}
+
+/// As [`qit_bench_over_grpc_goes_on_when_the_leader_is_killed`], over HTTP. Here the node
+/// that forwards follows the leader itself (this run passed without the bench's retry of
+/// 503, which `bench::tests` covers): it guards the HTTP side of any-node serving under
+/// two changes of leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qit_bench_over_http_goes_on_when_the_leader_is_killed() {
+    bench_through_a_leader_kill(&["--http"]).await;
+}
+
+/// Runs `qit bench` (with `mode` flags) through a node that does not lead its queue,
+/// rate-limited to last about 12 s; kills the queue's leader once messages are in the
+/// queue, restarts it, and lets it take the queue back as its preferred leader. The bench
+/// must end with every message published and consumed.
+async fn bench_through_a_leader_kill(mode: &[&str]) {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "bq", json!({"partitions": 1})).await;
+    let leader = cluster.leader_of(1, "bq", None).await;
+    let via = if leader == 1 { 2 } else { 1 };
+    let (http, grpc) = (cluster.http(via).to_string(), cluster.node(via).grpc());
+    let bench = tokio::process::Command::new(env!("CARGO_BIN_EXE_qit"))
+        .args([
+            "bench",
+            "--server",
+            &http,
+            "--grpc-server",
+            &grpc,
+            "--queue",
+            "bq",
+        ])
+        .args(["--partitions", "1", "--messages", "6000", "--rate", "500"])
+        .args(["--producers", "2", "--consumers", "2", "--batch", "1"])
+        .args(["--window", "10", "--json"])
+        .args(mode)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("qit bench starts");
+    let info = format!("{http}/queues/bq");
+    eventually("the bench publishes", || async {
+        view(&info)
+            .await
+            .is_some_and(|v| v["partitions"][0]["next_offset"].as_u64() > Some(0))
+    })
+    .await;
+    cluster.kill(leader);
+    let other = cluster.leader_of(via, "bq", Some(leader)).await;
+    // Back, the preferred leader takes its group over again: a second change of leader
+    // under the bench.
+    cluster.restart(leader);
+    eventually("the restarted node leads the queue again", || async {
+        cluster.leader_of(via, "bq", Some(other)).await == leader
+    })
+    .await;
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        bench.wait_with_output(),
+    )
+    .await
+    .expect("the bench ends")
+    .expect("the bench's output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a JSON summary line");
+    assert_eq!(summary["published"], 6000, "{summary}");
+    assert_eq!(summary["consumed"], 6000, "{summary}");
+}
