@@ -10,7 +10,10 @@ mod common;
 
 use common::cluster::{Cluster, create_queue, log_bodies, partition, publish, receive, view};
 use common::eventually;
+use qit::proto::broker_client::BrokerClient;
+use qit::proto::{self, receive_request, receive_response};
 use serde_json::json;
+use tokio_stream::StreamExt;
 
 /// The leader of a queue is killed while the survivor first in turn after it has missed
 /// the last publishes (it was down and restarts right after the kill): the other survivor,
@@ -405,4 +408,71 @@ async fn bench_through_a_leader_kill(mode: &[&str]) {
         .expect("a JSON summary line");
     assert_eq!(summary["published"], 6000, "{summary}");
     assert_eq!(summary["consumed"], 6000, "{summary}");
+}
+
+/// A `ReceiveMessages` stream on a node that does not lead its queue outlives a leader's
+/// kill, the election after it, and the killed node's return, when it takes the queue
+/// back as its preferred leader: the stream's forwarded receives follow the leader (the
+/// node that handed the group back answers that it no longer leads; the stream ended
+/// there with `UNAVAILABLE`). One message is published through the follower before the
+/// kill and one after the hand-back; the same stream delivers both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_stream_through_a_follower_outlives_a_hand_back() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "rs", json!({"partitions": 1})).await;
+    let leader = cluster.leader_of(1, "rs", None).await;
+    let via = if leader == 1 { 2 } else { 1 };
+    let mut client = BrokerClient::connect(cluster.node(via).grpc())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let open = proto::OpenStream {
+        queue: "rs".into(),
+        group: String::new(),
+        max_in_flight: 10,
+        visibility_ms: None,
+    };
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Open(open)),
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .receive_messages(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    publish(cluster.http(via), "rs", "before").await;
+    let (id, body) = next_body(&mut stream).await;
+    assert_eq!(body, "before");
+    tx.send(proto::ReceiveRequest {
+        request: Some(receive_request::Request::Ack(proto::StreamAck { id })),
+    })
+    .await
+    .unwrap();
+
+    cluster.kill(leader);
+    let other = cluster.leader_of(via, "rs", Some(leader)).await;
+    cluster.restart(leader);
+    eventually("the restarted node leads the queue again", || async {
+        cluster.leader_of(via, "rs", Some(other)).await == leader
+    })
+    .await;
+    publish(cluster.http(via), "rs", "after").await;
+    let (_, body) = next_body(&mut stream).await;
+    assert_eq!(body, "after");
+}
+
+/// The next message `stream` delivers, as its id and body (an end or an error fails the
+/// test).
+async fn next_body(stream: &mut tonic::Streaming<proto::ReceiveResponse>) -> (String, String) {
+    let next = tokio::time::timeout(std::time::Duration::from_secs(60), stream.next())
+        .await
+        .expect("the stream delivers within the guard");
+    match next {
+        Some(Ok(proto::ReceiveResponse {
+            response: Some(receive_response::Response::Message(m)),
+        })) => (m.id, String::from_utf8_lossy(&m.body).into_owned()),
+        other => panic!("the stream ended or failed: {other:?}"),
+    }
 }

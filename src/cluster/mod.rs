@@ -755,9 +755,24 @@ impl Cluster {
         loop {
             let leader = self.leader_after_handoff(&raft, group).await;
             return match leader {
+                Some(leader) if leader == self.node_id() && leases => {
+                    match self.run_leases(&raft, command.clone()).await {
+                        // Deposed meanwhile (it handed the group over, say): the op follows
+                        // the group to its next leader, as a forwarded one does.
+                        Err(BrokerError::NoLeader(why))
+                            if attempts + 1 < FORWARD_ATTEMPTS && self.deposed(&raft).await =>
+                        {
+                            tracing::debug!(group, %why, "following the group's leader");
+                            attempts += 1;
+                            shorten_wait(&mut command, since.elapsed());
+                            since = tokio::time::Instant::now();
+                            continue;
+                        }
+                        answer => answer,
+                    }
+                }
                 Some(leader) if leader == self.node_id() => match command {
                     Command::Members(change) => self.change_members(change).await,
-                    command if leases => self.run_leases(&raft, command).await,
                     command => self.propose(&raft, group, command).await,
                 },
                 Some(_) if hops < MAX_HOPS && is_publish(&command) => {
@@ -765,7 +780,14 @@ impl Cluster {
                 }
                 Some(leader) if hops < MAX_HOPS => {
                     let forwarded = self
-                        .forward_or_follow(&raft, group, leader, &command, hops, &mut attempts)
+                        .forward_or_follow(
+                            &raft,
+                            group,
+                            leader,
+                            (&command, leases),
+                            hops,
+                            &mut attempts,
+                        )
                         .await;
                     match forwarded {
                         Some(answer) => answer,
@@ -909,19 +931,31 @@ impl Cluster {
     /// `None` when the leader moved and another of [`FORWARD_ATTEMPTS`] is left (counted in
     /// `attempts`); the caller then asks again who leads, once another leader is known or
     /// [`LEADER_WAIT`] has passed.
+    ///
+    /// A lease op (`leases`: receive, nack, extend) also follows when the node answers that
+    /// it no longer leads (it handed the group over meanwhile): nothing of a lease op is
+    /// replicated, so running it at the next leader is safe. A replicated op answered so
+    /// may have been committed all the same (a leader that steps down answers its pending
+    /// proposals so), and is not sent again.
     async fn forward_or_follow(
         &self,
         raft: &Raft,
         group: u64,
         leader: u64,
-        command: &Command,
+        (command, leases): (&Command, bool),
         hops: u32,
         attempts: &mut u32,
     ) -> Option<Result<(OpResult, Option<(u64, u64)>), BrokerError>> {
-        match self
+        let answer = match self
             .forward_to_leader(raft, group, leader, command, hops)
             .await
         {
+            Err(Forwarding::Failed(BrokerError::NoLeader(why))) if leases => {
+                Err(Forwarding::Moved(why))
+            }
+            answer => answer,
+        };
+        match answer {
             Err(Forwarding::Moved(why)) if *attempts + 1 < FORWARD_ATTEMPTS => {
                 tracing::debug!(group, leader, %why, "following the group's leader");
                 *attempts += 1;
@@ -1019,6 +1053,17 @@ impl Cluster {
             Err(lost) if lost.deposed => self.successor(raft, group, &lost).await,
             _ => Some(self.node_id()),
         }
+    }
+
+    /// True when another node leads `raft`'s group now (waiting up to [`LEADER_WAIT`] for
+    /// one, if none is known): this node was deposed.
+    async fn deposed(&self, raft: &Raft) -> bool {
+        let me = self.node_id();
+        self.leader_other_than(raft, me).await;
+        raft.metrics()
+            .borrow_watched()
+            .current_leader
+            .is_some_and(|l| l != me)
     }
 
     /// Who leads `raft`'s group after this node learned it was deposed (waiting up to
@@ -1214,7 +1259,14 @@ impl Cluster {
                 }
                 Some(leader) => {
                     let forwarded = self
-                        .forward_or_follow(&raft, group, leader, &command, hops, &mut attempts)
+                        .forward_or_follow(
+                            &raft,
+                            group,
+                            leader,
+                            (&command, false),
+                            hops,
+                            &mut attempts,
+                        )
                         .await;
                     match forwarded {
                         Some(answer) => answer,
