@@ -750,12 +750,15 @@ impl Cluster {
                 ))),
             };
         };
+        // A receive, nack or extend (membership changes are routed as lease ops too, but
+        // are replicated).
+        let lease_op = leases && !matches!(command, Command::Members(_));
         let mut attempts = 0;
         let (mut command, mut since) = (command, tokio::time::Instant::now());
         loop {
             let leader = self.leader_after_handoff(&raft, group).await;
             return match leader {
-                Some(leader) if leader == self.node_id() && leases => {
+                Some(leader) if leader == self.node_id() && lease_op => {
                     match self.run_leases(&raft, command.clone()).await {
                         // Deposed meanwhile (it handed the group over, say): the op follows
                         // the group to its next leader, as a forwarded one does.
@@ -784,7 +787,7 @@ impl Cluster {
                             &raft,
                             group,
                             leader,
-                            (&command, leases),
+                            (&command, lease_op),
                             hops,
                             &mut attempts,
                         )
