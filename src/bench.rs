@@ -849,23 +849,19 @@ mod tests {
         use std::sync::atomic::AtomicUsize;
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&calls);
-        let app = axum::Router::new()
-            .route(
-                "/flaky",
-                axum::routing::post(move || {
-                    let counted = Arc::clone(&counted);
-                    async move {
-                        match counted.fetch_add(1, Ordering::SeqCst) {
-                            0 | 1 => StatusCode::SERVICE_UNAVAILABLE,
-                            _ => StatusCode::CREATED,
-                        }
-                    }
-                }),
-            )
-            .route(
-                "/bad",
-                axum::routing::post(|| async { StatusCode::BAD_REQUEST }),
-            );
+        // One handler for every path (the API's routes live in one table elsewhere).
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let counted = Arc::clone(&counted);
+            async move {
+                if uri.path() == "/bad" {
+                    return StatusCode::BAD_REQUEST;
+                }
+                match counted.fetch_add(1, Ordering::SeqCst) {
+                    0 | 1 => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::CREATED,
+                }
+            }
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
