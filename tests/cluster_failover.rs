@@ -379,15 +379,7 @@ async fn bench_through_a_leader_kill(mode: &[&str]) {
             .is_some_and(|v| v["partitions"][0]["next_offset"].as_u64() > Some(0))
     })
     .await;
-    cluster.kill(leader);
-    let other = cluster.leader_of(via, "bq", Some(leader)).await;
-    // Back, the preferred leader takes its group over again: a second change of leader
-    // under the bench.
-    cluster.restart(leader);
-    eventually("the restarted node leads the queue again", || async {
-        cluster.leader_of(via, "bq", Some(other)).await == leader
-    })
-    .await;
+    kill_and_take_back(&mut cluster, leader, via, "bq").await;
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(120),
         bench.wait_with_output(),
@@ -451,13 +443,7 @@ async fn a_receive_stream_through_a_follower_outlives_a_hand_back() {
     .await
     .unwrap();
 
-    cluster.kill(leader);
-    let other = cluster.leader_of(via, "rs", Some(leader)).await;
-    cluster.restart(leader);
-    eventually("the restarted node leads the queue again", || async {
-        cluster.leader_of(via, "rs", Some(other)).await == leader
-    })
-    .await;
+    kill_and_take_back(&mut cluster, leader, via, "rs").await;
     publish(cluster.http(via), "rs", "after").await;
     let (_, body) = next_body(&mut stream).await;
     assert_eq!(body, "after");
@@ -475,4 +461,17 @@ async fn next_body(stream: &mut tonic::Streaming<proto::ReceiveResponse>) -> (St
         })) => (m.id, String::from_utf8_lossy(&m.body).into_owned()),
         other => panic!("the stream ended or failed: {other:?}"),
     }
+}
+
+/// Two changes of `queue`'s leader, as node `via` sees them: `leader` is killed and
+/// another replica is elected; `leader` is restarted and, as the queue's preferred leader,
+/// takes the group back.
+async fn kill_and_take_back(cluster: &mut Cluster, leader: u64, via: u64, queue: &str) {
+    cluster.kill(leader);
+    let other = cluster.leader_of(via, queue, Some(leader)).await;
+    cluster.restart(leader);
+    eventually("the restarted node leads the queue again", || async {
+        cluster.leader_of(via, queue, Some(other)).await == leader
+    })
+    .await;
 }
