@@ -640,9 +640,6 @@ impl Cluster {
 
     /// The group a command runs in (`None`: a queue this node does not know).
     fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
-        if let Command::Members(_) = command {
-            return Some((META_GROUP, true));
-        }
         match command.scope() {
             Scope::Meta => Some((META_GROUP, false)),
             Scope::Queue(q) => self.groups.queue_group(q).map(|g| (g.id, false)),
@@ -750,20 +747,18 @@ impl Cluster {
                 ))),
             };
         };
-        // A receive, nack or extend (membership changes are routed as lease ops too, but
-        // are replicated).
-        let lease_op = leases && !matches!(command, Command::Members(_));
         let mut attempts = 0;
         let (mut command, mut since) = (command, tokio::time::Instant::now());
         loop {
             let leader = self.leader_after_handoff(&raft, group).await;
             return match leader {
-                Some(leader) if leader == self.node_id() && lease_op => {
+                Some(leader) if leader == self.node_id() && leases => {
                     match self.run_leases(&raft, command.clone()).await {
                         // Deposed meanwhile (it handed the group over, say): the op follows
                         // the group to its next leader, as a forwarded one does.
                         Err(BrokerError::NoLeader(why))
-                            if attempts + 1 < FORWARD_ATTEMPTS && self.deposed(&raft).await =>
+                            if attempts + 1 < FORWARD_ATTEMPTS
+                                && self.other_leader(&raft).await.is_some() =>
                         {
                             tracing::debug!(group, %why, "following the group's leader");
                             attempts += 1;
@@ -787,7 +782,7 @@ impl Cluster {
                             &raft,
                             group,
                             leader,
-                            (&command, lease_op),
+                            (&command, leases),
                             hops,
                             &mut attempts,
                         )
@@ -1058,26 +1053,22 @@ impl Cluster {
         }
     }
 
-    /// True when another node leads `raft`'s group now (waiting up to [`LEADER_WAIT`] for
-    /// one, if none is known): this node was deposed.
-    async fn deposed(&self, raft: &Raft) -> bool {
+    /// Another node that leads `raft`'s group now, waiting up to [`LEADER_WAIT`] for one
+    /// if none is known: `Some` when this node was deposed.
+    async fn other_leader(&self, raft: &Raft) -> Option<u64> {
         let me = self.node_id();
         self.leader_other_than(raft, me).await;
-        raft.metrics()
-            .borrow_watched()
-            .current_leader
-            .is_some_and(|l| l != me)
+        let known = raft.metrics().borrow_watched().current_leader;
+        known.filter(|l| *l != me)
     }
 
     /// Who leads `raft`'s group after this node learned it was deposed (waiting up to
     /// [`LEADER_WAIT`] for the others' election), if that is known yet.
     async fn successor(&self, raft: &Raft, group: u64, lost: &LeaseLost) -> Option<u64> {
-        let me = self.node_id();
         tracing::debug!(group, reason = %lost.reason, "deposed: following the group's leader");
-        self.leader_other_than(raft, me).await;
-        let known = raft.metrics().borrow_watched().current_leader;
-        known
-            .filter(|l| *l != me)
+        let me = self.node_id();
+        self.other_leader(raft)
+            .await
             .or(lost.leader.filter(|l| *l != me))
     }
 
