@@ -286,16 +286,29 @@ async fn create_queue(
 async fn send_http(
     make: impl Fn() -> reqwest::RequestBuilder,
 ) -> Result<reqwest::Response, BenchError> {
+    let unavailable = |sent: &Result<reqwest::Response, reqwest::Error>| {
+        sent.as_ref()
+            .is_ok_and(|r| r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE)
+    };
+    let response = while_no_leader(|| make().send(), unavailable).await?;
+    expect_success(response).await
+}
+
+/// Makes the call `call` starts, and again after [`STREAM_RETRY_PAUSE`] while `no_leader`
+/// says its outcome is a cluster between leaders, up to [`STREAM_RETRIES`] times; the
+/// last outcome.
+async fn while_no_leader<T, Fut>(mut call: impl FnMut() -> Fut, no_leader: impl Fn(&T) -> bool) -> T
+where
+    Fut: std::future::Future<Output = T>,
+{
     let mut retries = 0;
     loop {
-        let response = make().send().await?;
-        if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE && retries < STREAM_RETRIES
-        {
-            retries += 1;
-            tokio::time::sleep(STREAM_RETRY_PAUSE).await;
-            continue;
+        let outcome = call().await;
+        if retries >= STREAM_RETRIES || !no_leader(&outcome) {
+            return outcome;
         }
-        return expect_success(response).await;
+        retries += 1;
+        tokio::time::sleep(STREAM_RETRY_PAUSE).await;
     }
 }
 
@@ -647,29 +660,26 @@ fn latency_micros(body: &[u8]) -> Option<u64> {
 }
 
 async fn publish_grpc(
-    mut client: BrokerClient<tonic::transport::Channel>,
+    client: BrokerClient<tonic::transport::Channel>,
     shared: &Shared,
     count: usize,
 ) -> Result<usize, BenchError> {
     let messages: Vec<_> = (0..count).map(|_| outgoing(shared.opts.size)).collect();
-    let mut retries = 0;
-    loop {
+    // No leader for the moment: asked again, as a `Publish` stream's request is.
+    let send = || {
+        let mut client = client.clone();
         let request = proto::SendMessageRequest {
             queue: shared.queue.clone(),
             messages: messages.clone(),
         };
-        match client.send_message(request).await {
-            Ok(_) => return Ok(count),
-            // No leader for the moment: asked again, as a `Publish` stream's request is.
-            Err(status)
-                if status.code() == tonic::Code::Unavailable && retries < STREAM_RETRIES =>
-            {
-                retries += 1;
-                tokio::time::sleep(STREAM_RETRY_PAUSE).await;
-            }
-            Err(status) => return Err(status.into()),
-        }
-    }
+        async move { client.send_message(request).await }
+    };
+    let unavailable = |sent: &Result<_, tonic::Status>| {
+        sent.as_ref()
+            .is_err_and(|status| status.code() == tonic::Code::Unavailable)
+    };
+    while_no_leader(send, unavailable).await?;
+    Ok(count)
 }
 
 async fn publish_http(
