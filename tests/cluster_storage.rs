@@ -514,3 +514,154 @@ async fn a_data_directory_serves_only_the_server_that_wrote_it() {
     let log: Value = common::get_json(format!("{}/queues/alone/log?from=0", again.http)).await;
     assert_eq!(common::bodies(&log), ["on its own"], "{log}");
 }
+
+/// A small tmpfs mounted over a directory, its contents kept; unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs with `spare` bytes free over `dir` (a stopped node's data), copying
+    /// what `dir` holds onto it (needs root, as the iptables tests do).
+    fn over(dir: &Path, spare: u64) -> Self {
+        let saved = dir.with_extension("saved");
+        let run = |cmd: &str, args: &[&str]| {
+            let out = std::process::Command::new(cmd).args(args).output().unwrap();
+            assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+        };
+        run(
+            "cp",
+            &["-a", dir.to_str().unwrap(), saved.to_str().unwrap()],
+        );
+        let used: u64 = walk_bytes(&saved);
+        let size = format!("size={}", used + spare);
+        run(
+            "mount",
+            &["-t", "tmpfs", "-o", &size, "tmpfs", dir.to_str().unwrap()],
+        );
+        let disk = Self(dir.to_path_buf());
+        run(
+            "cp",
+            &[
+                "-a",
+                &format!("{}/.", saved.display()),
+                dir.to_str().unwrap(),
+            ],
+        );
+        disk
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", self.0.to_str().unwrap_or_default()])
+            .status();
+    }
+}
+
+/// Bytes of the files under `dir` (with a block for each, as tmpfs counts them).
+fn walk_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk_bytes(&e.path()) + 4096,
+                    Ok(m) => m.len().div_ceil(4096) * 4096 + 4096,
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A leader whose disk fills stops its group (its copy could not take what the others
+/// applied); the other replicas go on under a new leader, and the full node still serves
+/// the queue by forwarding to it. Every publish answered 201 is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_disk_fills_hands_its_queue_over_and_forwards() {
+    let mut cluster = Cluster::start().await;
+    common::cluster::create_queue(cluster.http(1), "full", json!({"partitions": 1})).await;
+    let leader = cluster.leader_of(1, "full", None).await;
+    cluster.node_mut(leader).terminate();
+    let dir = cluster.node(leader).dir.clone();
+    let _disk = SmallDisk::over(&dir, 12 << 20);
+    cluster.restart(leader);
+    cluster.wait_serving(leader).await;
+    eventually("the restarted node leads its queue again", || async {
+        cluster.leader_of(leader, "full", None).await == leader
+    })
+    .await;
+
+    let base = cluster.http(leader).to_string();
+    let client = http();
+    let body = "x".repeat(60_000);
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    for _ in 0..2_000 {
+        let answer = client
+            .post(format!("{base}/queues/full/messages"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        if answer.status() == 201 {
+            let v: Value = answer.json().await.unwrap();
+            acked.push(v["offset"].as_u64().unwrap());
+        } else {
+            assert_eq!(answer.status(), 503, "a full disk is a 503");
+            // The other replicas may have stored it: never "not stored" (storage_error),
+            // and the full copy stops rather than go on without it.
+            let v: Value = answer.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "no_leader", "{v}");
+            refused += 1;
+            if refused == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        refused,
+        3,
+        "the disk never filled ({} publishes)",
+        acked.len()
+    );
+    eventually("the full node's group stopped", || async {
+        cluster.node(leader).log().contains("a raft group stopped")
+    })
+    .await;
+    // Through the full node, publishes reach the queue's new leader.
+    let (status, after) = retrying("a publish through the full node", || {
+        client
+            .post(format!("{base}/queues/full/messages"))
+            .body("after")
+    })
+    .await;
+    assert_eq!(status, 201, "{after}");
+    let other = (1..=3).find(|&n| n != leader).unwrap();
+    let new_leader = cluster.leader_of(other, "full", Some(leader)).await;
+    assert_ne!(new_leader, leader);
+    // Every acknowledged publish is in the new leader's log, and so is the last one.
+    let log: Value = client
+        .get(format!(
+            "{}/queues/full/log?partition=0&from=0&max=1000",
+            cluster.http(new_leader)
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let offsets: BTreeSet<u64> = log["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["offset"].as_u64())
+        .collect();
+    for offset in &acked {
+        assert!(
+            offsets.contains(offset),
+            "acknowledged offset {offset} lost"
+        );
+    }
+    assert!(offsets.contains(&after["offset"].as_u64().unwrap()));
+}

@@ -297,6 +297,11 @@ async fn propose_entry(
     }
 }
 
+/// True while `raft`'s group runs (openraft stops a group for good on a storage error).
+fn running(raft: &Raft) -> bool {
+    raft.metrics().borrow_watched().running_state.is_ok()
+}
+
 /// True when this node leads `raft`'s group and its leader lease has less than
 /// [`LEASE_MARGIN`] left (or its followers never answered).
 fn lease_may_lapse(raft: &Raft) -> bool {
@@ -729,13 +734,15 @@ impl Cluster {
                 "the queue was made again (group {group}, not {expected:?}): ask again"
             )));
         }
-        let Some(raft) = self.groups.raft(group) else {
-            // Not a replica of this queue: one of its replicas leads or forwards.
+        let Some(raft) = self.groups.raft(group).filter(running) else {
+            // Not a replica of this queue, or its replica here stopped (a storage error
+            // ended its group; the other replicas elect a leader without it): another
+            // replica leads or forwards.
             let replica = match command.scope() {
                 Scope::Queue(q) | Scope::Leases(q) => self
                     .groups
                     .queue_group(q)
-                    .and_then(|g| g.replicas.first().copied()),
+                    .and_then(|g| self.other_replica(&g.replicas)),
                 Scope::Meta => None,
             };
             return match replica {
@@ -904,6 +911,15 @@ impl Cluster {
         }
         let command = Command::Broker(op.clone());
         self.forward_read(leader, &command, hops).await.ok()
+    }
+
+    /// The replica (of `replicas`, in placement order) to forward to from a node that has
+    /// none running: the first other one heard from lately, or else the first other one.
+    fn other_replica(&self, replicas: &[u64]) -> Option<u64> {
+        let others = || replicas.iter().copied().filter(|&n| n != self.node_id());
+        others()
+            .find(|&n| self.peers().is_up(n))
+            .or_else(|| others().next())
     }
 
     /// One forwarded read, given [`LEADER_WAIT`] to answer: its answer (a result or a final

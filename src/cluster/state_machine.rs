@@ -530,8 +530,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         while let Some(next) = entries.next().await {
             let (entry, responder) = next?;
-            self.last_applied = Some(entry.log_id);
-            self.applied.fetch_add(1, Ordering::Relaxed);
+            let log_id = entry.log_id;
             let reply = match entry.payload {
                 EntryPayload::Blank => Applied(Ok(OpResult::Done)),
                 EntryPayload::Membership(membership) => {
@@ -543,6 +542,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(command) => self.apply_command(entry.log_id, command).await,
             };
+            if let Err(failed) = &reply.0
+                && failed.code == "storage_error"
+            {
+                // This replica's disk failed, not the entry: the other replicas applied it.
+                // Going on would leave this copy without it, so the group stops here
+                // (openraft ends it; the node forwards to the replicas that go on) and
+                // the entry applies again once the node restarts.
+                return Err(std::io::Error::other(format!(
+                    "applying entry {log_id}: {}",
+                    failed.message
+                )));
+            }
+            self.last_applied = Some(log_id);
+            self.applied.fetch_add(1, Ordering::Relaxed);
             if let Some(responder) = responder {
                 responder.send(reply);
             }
