@@ -762,4 +762,65 @@ mod tests {
         );
         assert_eq!(*hooks.draining.lock(), BTreeSet::from([4]));
     }
+
+    /// A publish this replica's disk cannot take (the other replicas applied it) stops the
+    /// machine before the entry: `apply` fails and the applied point stays where it was,
+    /// so the entry applies again at restart instead of this copy going on without it.
+    #[tokio::test]
+    async fn an_entry_this_replica_cannot_store_stops_the_machine_before_it() {
+        use super::super::types::Entry;
+        use crate::broker::replicate::WireMessage;
+        use crate::storage::SimDisk;
+
+        let disk = SimDisk::new();
+        let broker = Broker::open(BrokerConfig {
+            data_dir: "/data".into(),
+            storage: Arc::new(disk.clone()),
+            ..BrokerConfig::default()
+        })
+        .await
+        .unwrap();
+        let broker = Arc::new(broker);
+        let temp = tempfile::tempdir().unwrap();
+        let mut machine = StateMachine::for_queue("q", Arc::clone(&broker), temp.path())
+            .await
+            .unwrap();
+        let entry = |index: u64, op: Op| Entry {
+            log_id: log_id(1, 1, index),
+            payload: EntryPayload::Normal(Command::Broker(op)),
+        };
+        let publish = |body: &str| Op::Publish {
+            queue: "q".into(),
+            messages: vec![WireMessage {
+                key: None,
+                headers: BTreeMap::new(),
+                content_type: None,
+                body: bytes::Bytes::from(body.to_string()),
+                idempotency_key: None,
+            }],
+            now_ms: 1_700_000_000_000,
+        };
+        let create = Op::CreateQueue {
+            name: "q".into(),
+            settings: QueueSettings::default(),
+        };
+        let entries = [entry(1, create), entry(2, publish("kept"))];
+        machine
+            .apply(futures_util::stream::iter(entries.map(|e| Ok((e, None)))))
+            .await
+            .unwrap();
+        assert_eq!(machine.last_applied, Some(log_id(1, 1, 2)));
+
+        disk.set_space(Some(disk.used() + 10));
+        let big = "x".repeat(10_000);
+        let failed = machine
+            .apply(futures_util::stream::iter([Ok((
+                entry(3, publish(&big)),
+                None,
+            ))]))
+            .await;
+        let error = failed.expect_err("a publish the disk cannot take stops the machine");
+        assert!(error.to_string().contains("entry"), "{error}");
+        assert_eq!(machine.last_applied, Some(log_id(1, 1, 2)));
+    }
 }
