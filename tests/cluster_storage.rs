@@ -581,16 +581,18 @@ fn walk_bytes(dir: &Path) -> u64 {
 async fn a_leader_whose_disk_fills_hands_its_queue_over_and_forwards() {
     let mut cluster = Cluster::start().await;
     common::cluster::create_queue(cluster.http(1), "full", json!({"partitions": 1})).await;
-    let leader = cluster.leader_of(1, "full", None).await;
+    // The preferred replica: after its restart the group is handed back to it.
+    let leader = cluster.preferred_leader(1, "full").await;
     cluster.node_mut(leader).terminate();
     let dir = cluster.node(leader).dir.clone();
     let _disk = SmallDisk::over(&dir, 12 << 20);
     cluster.restart(leader);
     cluster.wait_serving(leader).await;
-    eventually("the restarted node leads its queue again", || async {
-        cluster.leader_of(leader, "full", None).await == leader
-    })
-    .await;
+    assert_eq!(
+        cluster.preferred_leader(leader, "full").await,
+        leader,
+        "the restarted node leads its queue again"
+    );
 
     let base = cluster.http(leader).to_string();
     let client = http();
@@ -640,17 +642,11 @@ async fn a_leader_whose_disk_fills_hands_its_queue_over_and_forwards() {
     let new_leader = cluster.leader_of(other, "full", Some(leader)).await;
     assert_ne!(new_leader, leader);
     // Every acknowledged publish is in the new leader's log, and so is the last one.
-    let log: Value = client
-        .get(format!(
-            "{}/queues/full/log?partition=0&from=0&max=1000",
-            cluster.http(new_leader)
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log = common::get_json(format!(
+        "{}/queues/full/log?partition=0&from=0&max=1000",
+        cluster.http(new_leader)
+    ))
+    .await;
     let offsets: BTreeSet<u64> = log["messages"]
         .as_array()
         .unwrap()

@@ -537,10 +537,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     if let Role::Meta(groups) = &self.role {
                         groups.set_members(&membership);
                     }
-                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    self.membership = StoredMembership::new(Some(log_id), membership);
                     Applied(Ok(OpResult::Done))
                 }
-                EntryPayload::Normal(command) => self.apply_command(entry.log_id, command).await,
+                EntryPayload::Normal(command) => self.apply_command(log_id, command).await,
             };
             if let Err(failed) = &reply.0
                 && failed.code == "storage_error"
@@ -560,7 +560,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 responder.send(reply);
             }
             // Woken per entry: the stream may wait for more before it ends.
-            self.applied_index.advance(entry.log_id.index);
+            self.applied_index.advance(log_id.index);
         }
         Ok(())
     }
