@@ -1323,6 +1323,63 @@ async fn the_replicas_setting_places_that_many_copies() {
     assert!(dir.exists(), "node {home} holds `one` ({})", dir.display());
 }
 
+/// Read fallback through a node without a replica: a two-replica queue whose leader is
+/// killed has no leader (one replica of two elects none), yet the third node, which holds
+/// no copy, answers its info and its log from the survivor's committed data, at the first
+/// asking (the survivor answers a forwarded read from its copy at once instead of waiting
+/// for an election as long as the node that forwarded it waits for the answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_replica_reads_a_leaderless_queue_at_a_survivor() {
+    let mut cluster = Cluster::start().await;
+    let b1 = cluster.http(1).to_string();
+    create_queue(&b1, "pair", json!({"replicas": 2})).await;
+    let leader = cluster.preferred_leader(1, "pair").await;
+    let v = view(&format!("{b1}/cluster")).await.expect("a view");
+    let replicas: Vec<u64> = common::cluster::partition(&v, "pair").expect("pair")["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let survivor = *replicas.iter().find(|&&n| n != leader).expect("a survivor");
+    let outsider = (1..=3)
+        .find(|n| !replicas.contains(n))
+        .expect("a node without pair");
+    common::cluster::publish(cluster.http(outsider), "pair", "kept").await;
+    let local = format!(
+        "{}/queues/pair/log?from=0&local=true",
+        cluster.http(survivor)
+    );
+    eventually("the survivor applied the message", || async {
+        view(&local)
+            .await
+            .is_some_and(|log| common::bodies(&log) == ["kept"])
+    })
+    .await;
+    cluster.kill(leader);
+    // The survivor stands for election (and knows no leader) within its election timeout.
+    let base = cluster.http(outsider).to_string();
+    for round in 0..3 {
+        let log = http()
+            .get(format!("{base}/queues/pair/log?from=0"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(log.status(), 200, "round {round}: {:?}", log.text().await);
+        let log: Value = log.json().await.unwrap();
+        assert_eq!(common::bodies(&log), ["kept"], "{log}");
+        let info = http()
+            .get(format!("{base}/queues/pair"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(info.status(), 200, "round {round}: {:?}", info.text().await);
+        let info: Value = info.json().await.unwrap();
+        assert_eq!(info["partitions"][0]["next_offset"], 1, "{info}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Reads on any node show the queue as the leader of its group holds it: a node without a
 /// replica of a one-replica queue answers its info (alone and in the list), its group's
 /// state, its log and a Subscribe stream (its own copy, `?local=true`, is empty), and

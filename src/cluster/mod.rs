@@ -835,7 +835,7 @@ impl Cluster {
                 // No leader known here: a replica that has not heard from the leader yet
                 // (a group made a moment ago) learns of it within the wait, and a group
                 // without one may elect one meanwhile.
-                match self.leader_of(raft).await {
+                match self.read_leader(raft, hops).await {
                     Some(leader) if leader != self.node_id() => vec![leader],
                     Some(_) => vec![self.confirm_reading(raft, group.id).await?],
                     None => {
@@ -922,9 +922,22 @@ impl Cluster {
             .or_else(|| others().next())
     }
 
-    /// One forwarded read, given [`LEADER_WAIT`] to answer: its answer (a result or a final
-    /// error such as `queue_not_found`), or why there is none (the target is gone, has no
-    /// leader either, or is too slow), for the caller to ask elsewhere or read here.
+    /// The leader a read of `raft`'s group goes to. A read made here waits up to
+    /// [`LEADER_WAIT`] for an election. A read forwarded here (`hops` > 0) does not: the
+    /// node that forwarded it waits no longer than that for the answer, which must then be
+    /// this node's copy (the read fallback) rather than no answer at all.
+    async fn read_leader(&self, raft: &Raft, hops: u32) -> Option<u64> {
+        if hops > 0 {
+            return raft.metrics().borrow_watched().current_leader;
+        }
+        self.leader_of(raft).await
+    }
+
+    /// One forwarded read, given [`LEADER_WAIT`] to answer (half of it when the read was
+    /// forwarded here: the node that sent it waits that long for this one): its answer (a
+    /// result or a final error such as `queue_not_found`), or why there is none (the target
+    /// is gone, has no leader either, or is too slow), for the caller to ask elsewhere or
+    /// read here.
     async fn forward_read(
         &self,
         target: u64,
@@ -932,7 +945,12 @@ impl Cluster {
         hops: u32,
     ) -> Result<Result<OpResult, BrokerError>, String> {
         let call = self.forward_call(target, command, hops, None);
-        match tokio::time::timeout(LEADER_WAIT, call).await {
+        let wait = if hops > 0 {
+            LEADER_WAIT / 2
+        } else {
+            LEADER_WAIT
+        };
+        match tokio::time::timeout(wait, call).await {
             Ok(Ok((result, _))) => Ok(Ok(result)),
             Ok(Err(Forwarding::Failed(BrokerError::NoLeader(reason)))) => Err(reason),
             Ok(Err(Forwarding::Failed(error))) => Ok(Err(error)),
