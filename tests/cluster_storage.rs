@@ -661,3 +661,93 @@ async fn a_leader_whose_disk_fills_hands_its_queue_over_and_forwards() {
     }
     assert!(offsets.contains(&after["offset"].as_u64().unwrap()));
 }
+
+/// Writes `path` until the disk under it is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    for size in [block.len(), 4096, 512, 1] {
+        while file.write_all(&block[..size]).is_ok() {}
+    }
+    let _ = file.sync_all();
+}
+
+/// A node whose replica of the metadata stopped (its disk filled) still serves metadata
+/// calls, forwarding them to the other voters, and its `/healthz` says it is not part of a
+/// working quorum, also once the disk has room again: a stopped replica stays stopped
+/// until the node restarts, and its last metrics name the leader it knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_metadata_stopped_forwards_it_and_is_not_healthy() {
+    let mut cluster = Cluster::start().await;
+    let leader = common::get_json(format!("{}/cluster", cluster.http(1))).await["leader"]
+        .as_u64()
+        .unwrap();
+    let full = (1..=3).find(|&n| n != leader).unwrap();
+    cluster.node_mut(full).terminate();
+    let dir = cluster.node(full).dir.clone();
+    let _disk = SmallDisk::over(&dir, 4 << 20);
+    cluster.restart(full);
+    cluster.wait_serving(full).await;
+
+    let filler = dir.join("filler");
+    fill(&filler);
+    let stopped = || {
+        cluster
+            .node(full)
+            .log()
+            .lines()
+            .any(|l| l.contains("a raft group stopped") && l.contains("group=0 "))
+    };
+    let client = http();
+    for i in 0.. {
+        if stopped() {
+            break;
+        }
+        assert!(i < 500, "the full node's metadata never stopped");
+        let (status, body) = retrying("an exchange made elsewhere", || {
+            client
+                .post(format!("{}/exchanges/x{i}", cluster.http(leader)))
+                .json(&json!({"type": "fanout"}))
+        })
+        .await;
+        assert_eq!(status, 201, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_file(&filler).unwrap();
+
+    let health = client
+        .get(format!("{}/healthz", cluster.http(full)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 503);
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["error"]["code"], "no_quorum", "{health}");
+    // A metadata call through the stopped node reaches the others' leader.
+    let (status, body) = retrying("a queue made through the stopped node", || {
+        client
+            .post(format!("{}/queues/made-through", cluster.http(full)))
+            .json(&json!({"partitions": 1}))
+    })
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["settings"]["partitions"], 1, "{body}");
+    // So does a call to that queue, which the stopped node never heard of.
+    let (status, body) = retrying("a publish through the stopped node", || {
+        client
+            .post(format!(
+                "{}/queues/made-through/messages",
+                cluster.http(full)
+            ))
+            .body("through")
+    })
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let log = common::get_json(format!(
+        "{}/queues/made-through/log?from=0",
+        cluster.http(full)
+    ))
+    .await;
+    assert_eq!(common::bodies(&log), ["through"], "{log}");
+}

@@ -384,7 +384,7 @@ impl Broker {
                     created,
                     dead_letter_created,
                 } => Ok(CreatedQueue {
-                    info: self.queue_info(name)?,
+                    info: self.created_queue_info(name).await?,
                     created,
                     dead_letter_created,
                 }),
@@ -402,6 +402,16 @@ impl Broker {
             }));
         }
         self.create_queue_local(name, settings).await
+    }
+
+    /// A queue's info once its creation is committed: this node's copy has it (the
+    /// replicator waits for this node to apply the entry), unless this node's replica of the
+    /// metadata is behind or stopped, where the cluster is asked.
+    async fn created_queue_info(&self, name: &str) -> Result<QueueInfo, BrokerError> {
+        match self.queue_info(name) {
+            Err(BrokerError::QueueNotFound(_)) => self.current_queue_info(name).await,
+            found => found,
+        }
     }
 
     async fn create_queue_local(

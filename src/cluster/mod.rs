@@ -579,6 +579,19 @@ impl Cluster {
         self.meta.metrics().borrow_watched().current_leader
     }
 
+    /// The node to ask about metadata this node may not have (a queue made a moment ago):
+    /// the metadata leader as this node knows it, or, where this node's replica of the
+    /// metadata stopped (a storage error; it learns nothing more), another voter, which
+    /// knows or forwards. `None`: this node is the one to answer, or knows of none.
+    fn metadata_source(&self) -> Option<u64> {
+        let leader = if running(&self.meta) {
+            self.meta_leader()
+        } else {
+            self.other_replica(&self.groups.voter_ids())
+        };
+        leader.filter(|&leader| leader != self.node_id())
+    }
+
     /// Joins the cluster (`--join`), announces this node's addresses through the metadata
     /// group until they stick, and then has the node it replaces removed (`--replaces`);
     /// run in the background.
@@ -664,7 +677,9 @@ impl Cluster {
         expected: Option<u64>,
     ) -> Option<(u64, bool)> {
         let applied = self.groups.applied(META_GROUP)?;
-        applied.wait(expected? / 2, LEADER_WAIT).await;
+        if running(&self.meta) {
+            applied.wait(expected? / 2, LEADER_WAIT).await;
+        }
         self.group_of(command)
     }
 
@@ -716,9 +731,8 @@ impl Cluster {
         let Some((group, leases)) = found else {
             // A queue created a moment ago may not have reached this node's metadata yet:
             // the metadata leader knows every committed queue.
-            let leader = self.meta.metrics().borrow_watched().current_leader;
-            return match (leader, &command) {
-                (Some(leader), _) if leader != self.node_id() && hops < MAX_HOPS => {
+            return match (self.metadata_source(), &command) {
+                (Some(leader), _) if hops < MAX_HOPS => {
                     self.forward(leader, command, hops, expected).await
                 }
                 (_, command) => match command.scope() {
@@ -737,13 +751,13 @@ impl Cluster {
         let Some(raft) = self.groups.raft(group).filter(running) else {
             // Not a replica of this queue, or its replica here stopped (a storage error
             // ended its group; the other replicas elect a leader without it): another
-            // replica leads or forwards.
+            // replica leads or forwards. The metadata group has a replica on every voter.
             let replica = match command.scope() {
                 Scope::Queue(q) | Scope::Leases(q) => self
                     .groups
                     .queue_group(q)
                     .and_then(|g| self.other_replica(&g.replicas)),
-                Scope::Meta => None,
+                Scope::Meta => self.other_replica(&self.groups.voter_ids()),
             };
             return match replica {
                 Some(node) if hops < MAX_HOPS => {
@@ -905,8 +919,8 @@ impl Cluster {
         op: &Op,
         hops: u32,
     ) -> Option<Result<OpResult, BrokerError>> {
-        let leader = self.meta.metrics().borrow_watched().current_leader?;
-        if leader == self.node_id() || hops >= MAX_HOPS {
+        let leader = self.metadata_source()?;
+        if hops >= MAX_HOPS {
             return None;
         }
         let command = Command::Broker(op.clone());
@@ -1362,7 +1376,11 @@ impl Cluster {
 
     /// Waits until this node applied `index` of `group` (bounded; the op is committed
     /// either way, this only gives read-your-writes on the node that answered).
+    /// A stopped replica applies nothing more: no wait there.
     async fn wait_applied(&self, group: u64, index: u64) {
+        if !self.groups.raft(group).is_some_and(|raft| running(&raft)) {
+            return;
+        }
         if let Some(applied) = self.groups.applied(group) {
             applied.wait(index, APPLY_WAIT).await;
         }

@@ -332,9 +332,17 @@ impl Cluster {
     /// and a majority of the voters was heard from lately (this node), or this node heard
     /// from the leader lately. (openraft's `millis_since_quorum_ack` is only as fresh as
     /// its last metrics report, which an idle group without heartbeats no longer sends;
-    /// the nodes' beats are.)
+    /// the nodes' beats are.) A node whose metadata replica stopped (a storage error) is
+    /// not: its last metrics still name the leader they knew.
     pub fn healthy(&self) -> bool {
-        let leader = self.meta().metrics().borrow_watched().current_leader;
+        let (running, leader) = {
+            let metrics = self.meta().metrics();
+            let metrics = metrics.borrow_watched();
+            (metrics.running_state.is_ok(), metrics.current_leader)
+        };
+        if !running {
+            return false;
+        }
         match leader {
             Some(leader) if leader == self.node_id() => self.majority_up(self.groups().voter_ids()),
             Some(leader) => self.peers().is_up(leader),
