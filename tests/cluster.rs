@@ -1323,11 +1323,27 @@ async fn the_replicas_setting_places_that_many_copies() {
     assert!(dir.exists(), "node {home} holds `one` ({})", dir.display());
 }
 
+/// A Subscribe stream on partition 0 of `queue` from its first offset, at the gRPC
+/// address `grpc` (the call itself must succeed).
+async fn subscribe_from_start(
+    grpc: String,
+    queue: &str,
+) -> tonic::Streaming<proto::SubscribeResponse> {
+    let mut client = BrokerClient::connect(grpc).await.unwrap();
+    let request = proto::SubscribeRequest {
+        queue: queue.into(),
+        partition: 0,
+        start: Some(proto::subscribe_request::Start::FromOffset(0)),
+    };
+    client.subscribe(request).await.unwrap().into_inner()
+}
+
 /// Read fallback through a node without a replica: a two-replica queue whose leader is
 /// killed has no leader (one replica of two elects none), yet the third node, which holds
-/// no copy, answers its info and its log from the survivor's committed data, at the first
-/// asking (the survivor answers a forwarded read from its copy at once instead of waiting
-/// for an election as long as the node that forwarded it waits for the answer).
+/// no copy, answers its info, its log and a Subscribe from the survivor's committed data,
+/// at the first asking (the survivor answers a forwarded read from its copy at once
+/// instead of waiting for an election as long as the node that forwarded it waits for the
+/// answer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_a_replica_reads_a_leaderless_queue_at_a_survivor() {
     let mut cluster = Cluster::start().await;
@@ -1378,6 +1394,16 @@ async fn a_node_without_a_replica_reads_a_leaderless_queue_at_a_survivor() {
         assert_eq!(info["partitions"][0]["next_offset"], 1, "{info}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // A Subscribe stream there starts and replays it.
+    let mut stream = subscribe_from_start(cluster.node(outsider).grpc(), "pair").await;
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the subscription goes on")
+        .expect("open")
+        .expect("a message")
+        .message
+        .expect("set");
+    assert_eq!(first.body.as_ref(), b"kept");
 }
 
 /// Reads on any node show the queue as the leader of its group holds it: a node without a
@@ -1450,15 +1476,7 @@ async fn every_node_reads_what_the_leader_holds() {
     let elsewhere = (1..=3)
         .find(|n| *n != lone_home)
         .expect("a node without `lone`");
-    let mut client = BrokerClient::connect(cluster.node(elsewhere).grpc())
-        .await
-        .unwrap();
-    let request = proto::SubscribeRequest {
-        queue: "lone".into(),
-        partition: 0,
-        start: Some(proto::subscribe_request::Start::FromOffset(0)),
-    };
-    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    let mut stream = subscribe_from_start(cluster.node(elsewhere).grpc(), "lone").await;
     common::cluster::publish(&b1, "lone", "d").await;
     let mut seen = Vec::new();
     while seen.len() < 4 {
