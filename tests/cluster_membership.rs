@@ -10,7 +10,7 @@
 //! identical. A node that lost its data is replaced with one command (`--replaces`), or
 //! rejoins under its old id and votes only once caught up; only the admin adds and removes
 //! nodes (`--auth`);
-//! queues created while a node leaves are placed on the others.
+//! queues created while a node leaves, or is down, are placed on the others.
 
 mod common;
 
@@ -1317,4 +1317,59 @@ async fn a_one_replica_queue_moves_off_a_removed_node() {
     assert_ne!(placed, [4], "{lone} left node 4");
     let got = deliver_rest(&b(3), &lone, sent.len()).await;
     assert_eq!(got, sent, "every message moved with {lone}");
+}
+
+/// A queue made while a node is down (fenced) is placed on the nodes that are up, as Kafka
+/// places a new topic on live brokers: a one-replica queue that hashes onto the down node
+/// serves at once, and a two-replica one has both replicas up. Once the node is back (and
+/// unfenced), each group moves to its hashed placement, its messages with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_made_while_a_node_is_down_are_placed_on_live_nodes() {
+    use common::cluster::{retrying, sees_fenced};
+    use qit::cluster::placement;
+    let mut cluster = Cluster::start().await;
+    let down = 3;
+    let named = |prefix: &str, n: usize| {
+        (0..)
+            .map(|i| format!("{prefix}-{i}"))
+            .find(|q| placement::replicas(q, &[1, 2, 3], n).contains(&down))
+            .expect("some name")
+    };
+    let queues = [(named("solo", 1), 1), (named("pair", 2), 2)];
+    cluster.kill(down);
+    let b1 = cluster.http(1).to_string();
+    eventually("node 3 is fenced", || sees_fenced(&b1, &[3], true)).await;
+    for (queue, n) in &queues {
+        create_queue(&b1, queue, json!({"replicas": n})).await;
+        let placed = replicas(&b1, queue).await.expect("placed");
+        assert_eq!(placed.len(), *n, "{queue}: {placed:?}");
+        assert!(
+            !placed.contains(&down),
+            "{queue} is placed on live nodes: {placed:?}"
+        );
+        let (status, body) = retrying(&format!("a publish to {queue}"), || {
+            http()
+                .post(format!("{}/queues/{queue}/messages", cluster.http(2)))
+                .body("kept")
+        })
+        .await;
+        assert_eq!(status, 201, "{queue}: {body}");
+    }
+
+    cluster.restart(down);
+    cluster.wait_serving(down).await;
+    for (queue, n) in &queues {
+        let mut hashed = placement::replicas(queue, &[1, 2, 3], *n);
+        hashed.sort_unstable();
+        eventually(&format!("{queue} moves to {hashed:?}"), || async {
+            replicas(&b1, queue).await.is_some_and(|mut r| {
+                r.sort_unstable();
+                r == hashed
+            })
+        })
+        .await;
+        for node in &hashed {
+            holds_exactly(&cluster, *node, queue, &["kept"]).await;
+        }
+    }
 }

@@ -646,8 +646,13 @@ impl Groups {
     /// leader); otherwise the one preferred for the fewest other groups of its kind
     /// ([`group_kind`]) leads ([`placement::lead_balanced`]).
     ///
+    /// A group not opened yet (its queue's creation) avoids the nodes the metadata records
+    /// as fenced ([`placement::replicas_avoiding`]); an open one is placed over all the
+    /// eligible voters, and moves there once those nodes are back (see `moves.rs`).
+    ///
     /// Called while applying the metadata entry that creates or moves the group, it reads
-    /// only what the metadata log decided, and every node places alike.
+    /// only what the metadata log decided (the fenced nodes too), and every node places
+    /// alike.
     fn place(&self, queue: &str, id: u64) -> Vec<u64> {
         let count = self
             .broker
@@ -655,9 +660,20 @@ impl Groups {
             .ok()
             .and_then(|s| s.replicas)
             .map_or(REPLICAS, |r| usize::try_from(r).unwrap_or(REPLICAS));
-        let hashed = placement::replicas(queue, &self.eligible(), count);
         let queues = self.queues.read();
-        if let Some(current) = queues.get(queue).filter(|g| g.id == id) {
+        let current = queues.get(queue).filter(|g| g.id == id);
+        // A new group goes to live nodes first; the fenced ones only make up the count,
+        // after the others (never its preferred leader while another replica is up).
+        let (hashed, filled) = match current {
+            Some(_) => (
+                placement::replicas(queue, &self.eligible(), count),
+                Vec::new(),
+            ),
+            None => {
+                placement::replicas_avoiding(queue, &self.eligible(), &self.fenced.all(), count)
+            }
+        };
+        if let Some(current) = current {
             let mut have = current.replicas.clone();
             let mut want = hashed.clone();
             have.sort_unstable();
@@ -668,7 +684,9 @@ impl Groups {
         }
         let others = queues.iter().filter(|(name, _)| *name != queue);
         let led = preferences(others.map(|(_, group)| group), group_kind(id));
-        placement::lead_balanced(hashed, &led)
+        let mut placed = placement::lead_balanced(hashed, &led);
+        placed.extend(filled);
+        placed
     }
 
     /// Where placement puts `queue` now (see [`Self::place`]); empty for a queue without

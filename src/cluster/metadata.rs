@@ -161,6 +161,8 @@ impl MetaImage {
         for node in &self.draining {
             hooks.set_draining(*node);
         }
+        // Before the queues: placement reads it.
+        hooks.replace_fenced(&self.fenced);
         self.install_queues(broker, hooks).await?;
         self.install_replicas(hooks).await;
         self.install_exchanges(broker).await?;
@@ -178,7 +180,6 @@ impl MetaImage {
                 kafka: kafka.clone(),
             });
         }
-        hooks.replace_fenced(&self.fenced);
         Ok(())
     }
 

@@ -77,7 +77,9 @@ impl Cluster {
                 let settled = wanted.iter().copied().collect::<BTreeSet<u64>>() == voters
                     && !in_joint(&raft)
                     && group.replicas == wanted;
-                if settled || wanted.is_empty() {
+                // A node that is down (fenced) could not catch up: the move waits for it.
+                let waiting = wanted.iter().any(|n| self.groups().fenced.contains(*n));
+                if settled || wanted.is_empty() || waiting {
                     continue;
                 }
                 match self.move_group(&queue, &group, &raft, &wanted).await {

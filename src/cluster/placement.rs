@@ -8,6 +8,10 @@
 //! spreads leaders only on average (twelve queues came out 7/4/1 over three nodes), while
 //! counting gives every node its share from the first queues on. The count is taken from
 //! the metadata as of the entry that places the group, so every node picks alike.
+//!
+//! A new group avoids the nodes the metadata records as fenced (down) where enough others
+//! are up ([`replicas_avoiding`]); the group moves to its hashed placement once they are
+//! back (see `moves.rs`).
 
 use std::collections::BTreeMap;
 
@@ -30,6 +34,25 @@ pub fn replicas(queue: &str, nodes: &[u64], replicas: usize) -> Vec<u64> {
         .take(replicas)
         .map(|(_, id)| id)
         .collect()
+}
+
+/// The replicas of a new group of `queue` among `nodes` while those in `down` are down
+/// (fenced): as [`replicas`] picks them among the others, then, only to make up the count,
+/// among those that are down. The first list is the live ones, the second those that are
+/// not; together `min(replicas, nodes)` of them. Kafka places a new topic on live brokers
+/// alike: a group placed on a down node would have no leader (a single replica) or less
+/// than its count of live replicas until that node returned.
+pub fn replicas_avoiding(
+    queue: &str,
+    nodes: &[u64],
+    down: &[u64],
+    count: usize,
+) -> (Vec<u64>, Vec<u64>) {
+    let (live, dead): (Vec<u64>, Vec<u64>) = nodes.iter().partition(|n| !down.contains(n));
+    let chosen = replicas(queue, &live, count);
+    let missing = count.saturating_sub(chosen.len());
+    let filled = replicas(queue, &dead, missing);
+    (chosen, filled)
 }
 
 /// `replicas` (in [`replicas`]' order) with the one that is already the preferred leader of
@@ -68,6 +91,36 @@ mod tests {
             let mut reversed = nodes.clone();
             reversed.reverse();
             prop_assert_eq!(replicas(&queue, &reversed, r), chosen);
+        }
+    }
+
+    proptest! {
+        /// A new group's replicas: as many as without nodes down, distinct, none that is
+        /// down while enough are up, the same set as [`replicas`] when none is down, and
+        /// one that is down only to make up the count.
+        #[test]
+        fn new_groups_avoid_nodes_that_are_down(
+            queue in "[a-z]{1,12}",
+            n in 1u64..7,
+            r in 1usize..4,
+            down in proptest::collection::btree_set(1u64..7, 0..4),
+        ) {
+            let nodes: Vec<u64> = (1..=n).collect();
+            let down: Vec<u64> = down.into_iter().collect();
+            let (live, filled) = replicas_avoiding(&queue, &nodes, &down, r);
+            let all: Vec<u64> = live.iter().chain(&filled).copied().collect();
+            prop_assert_eq!(all.len(), r.min(nodes.len()));
+            let mut distinct = all.clone();
+            distinct.sort();
+            distinct.dedup();
+            prop_assert_eq!(distinct.len(), all.len());
+            prop_assert!(live.iter().all(|n| !down.contains(n)));
+            prop_assert!(filled.iter().all(|n| down.contains(n)));
+            let up = nodes.iter().filter(|n| !down.contains(n)).count();
+            prop_assert_eq!(live.len(), r.min(up));
+            if down.is_empty() {
+                prop_assert_eq!(live, replicas(&queue, &nodes, r));
+            }
         }
     }
 
