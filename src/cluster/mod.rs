@@ -716,7 +716,8 @@ impl Cluster {
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
         let command = match command {
             Command::Broker(op) if op.is_read() => {
-                let answer = match self.read_elsewhere(&op, hops).await {
+                // A read sent with its group named comes from a node without a copy.
+                let answer = match self.read_elsewhere(&op, hops, expected.is_some()).await {
                     Some(answer) => answer,
                     None => self.broker.apply_op(op).await,
                 };
@@ -836,20 +837,32 @@ impl Cluster {
     /// to the leader too: a follower learns that an entry is committed only with the
     /// leader's next message, so its own log could miss a publish that another node has
     /// already answered.
-    async fn read_elsewhere(&self, op: &Op, hops: u32) -> Option<Result<OpResult, BrokerError>> {
+    ///
+    /// `for_copyless`: the read was forwarded here by a node without a copy of the queue
+    /// (it names the group it routed by), which has no copy of its own to fall back to:
+    /// where no leader is known, this node's copy answers at once instead of after
+    /// waiting for an election as long as the sender waits for the answer. A read from a
+    /// replica waits (the replica answers from its own copy if this one does not answer;
+    /// this node, restarted say, may know less).
+    async fn read_elsewhere(
+        &self,
+        op: &Op,
+        hops: u32,
+        for_copyless: bool,
+    ) -> Option<Result<OpResult, BrokerError>> {
         let Scope::Leases(queue) = op.scope() else {
             return None;
         };
         let Some(group) = self.groups.queue_group(queue) else {
             return self.read_at_meta_leader(op, hops).await;
         };
-        let replica = self.groups.raft(group.id);
+        let replica = self.groups.raft(group.id).filter(running);
         let targets = match &replica {
             Some(raft) => {
                 // No leader known here: a replica that has not heard from the leader yet
                 // (a group made a moment ago) learns of it within the wait, and a group
                 // without one may elect one meanwhile.
-                match self.read_leader(raft, hops).await {
+                match self.read_leader(raft, for_copyless).await {
                     Some(leader) if leader != self.node_id() => vec![leader],
                     Some(_) => vec![self.confirm_reading(raft, group.id).await?],
                     None => {
@@ -872,8 +885,15 @@ impl Cluster {
         };
         let command = Command::Broker(op.clone());
         let mut why = format!("group {}: more than {MAX_HOPS} hops", group.id);
+        // Without a copy here, the group is named: the replica answers from its own.
+        let named = replica.is_none().then_some(group.id);
+        let wait = if hops > 0 {
+            LEADER_WAIT / 2
+        } else {
+            LEADER_WAIT
+        };
         for target in targets.into_iter().take_while(|_| hops < MAX_HOPS) {
-            match self.forward_read(target, &command, hops).await {
+            match self.forward_read(target, &command, hops, named, wait).await {
                 Ok(answer) => return Some(answer),
                 Err(reason) => why = reason,
             }
@@ -924,7 +944,10 @@ impl Cluster {
             return None;
         }
         let command = Command::Broker(op.clone());
-        self.forward_read(leader, &command, hops).await.ok()
+        // The node asked may wait for an election before it reads.
+        self.forward_read(leader, &command, hops, None, LEADER_WAIT * 2)
+            .await
+            .ok()
     }
 
     /// The replica (of `replicas`, in placement order) to forward to from a node that has
@@ -936,34 +959,30 @@ impl Cluster {
             .or_else(|| others().next())
     }
 
-    /// The leader a read of `raft`'s group goes to. A read made here waits up to
-    /// [`LEADER_WAIT`] for an election. A read forwarded here (`hops` > 0) does not: the
-    /// node that forwarded it waits no longer than that for the answer, which must then be
-    /// this node's copy (the read fallback) rather than no answer at all.
-    async fn read_leader(&self, raft: &Raft, hops: u32) -> Option<u64> {
-        if hops > 0 {
+    /// The leader a read of `raft`'s group goes to: the one known, else one elected within
+    /// [`LEADER_WAIT`]; for a node without a copy (`for_copyless`, see
+    /// [`Self::read_elsewhere`]) only the one known, without waiting.
+    async fn read_leader(&self, raft: &Raft, for_copyless: bool) -> Option<u64> {
+        if for_copyless {
             return raft.metrics().borrow_watched().current_leader;
         }
         self.leader_of(raft).await
     }
 
-    /// One forwarded read, given [`LEADER_WAIT`] to answer (half of it when the read was
-    /// forwarded here: the node that sent it waits that long for this one): its answer (a
-    /// result or a final error such as `queue_not_found`), or why there is none (the target
-    /// is gone, has no leader either, or is too slow), for the caller to ask elsewhere or
-    /// read here.
+    /// One forwarded read (routed by `group` where this node has no copy of the queue),
+    /// given `wait` to answer (a read forwarded here gets half of [`LEADER_WAIT`]: its
+    /// sender waits that long for this node): its answer (a result or a final error such
+    /// as `queue_not_found`), or why there is none (the target is gone, has no leader
+    /// either, or is too slow), for the caller to ask elsewhere or read here.
     async fn forward_read(
         &self,
         target: u64,
         command: &Command,
         hops: u32,
+        group: Option<u64>,
+        wait: Duration,
     ) -> Result<Result<OpResult, BrokerError>, String> {
-        let call = self.forward_call(target, command, hops, None);
-        let wait = if hops > 0 {
-            LEADER_WAIT / 2
-        } else {
-            LEADER_WAIT
-        };
+        let call = self.forward_call(target, command, hops, group);
         match tokio::time::timeout(wait, call).await {
             Ok(Ok((result, _))) => Ok(Ok(result)),
             Ok(Err(Forwarding::Failed(BrokerError::NoLeader(reason)))) => Err(reason),
@@ -1394,7 +1413,7 @@ impl Cluster {
 
 impl Replicator for Cluster {
     fn read(&self, op: Op) -> BoxFuture<'_, Option<Result<OpResult, BrokerError>>> {
-        Box::pin(async move { self.read_elsewhere(&op, 0).await })
+        Box::pin(async move { self.read_elsewhere(&op, 0, false).await })
     }
 
     fn holds_replica(&self, queue: &str) -> bool {
