@@ -1002,7 +1002,11 @@ impl Broker {
             check_lease_duration("visibility", visibility)?;
         }
         let q = self.queue(queue)?;
+        let existed = q.group(group).is_some();
         let mut g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
+        if !existed {
+            self.replicate_new_group(queue, group).await?;
+        }
         let visibility_ms = visibility
             .map(millis)
             .unwrap_or(q.settings.ack_timeout as i64 * 1000);
@@ -1203,6 +1207,29 @@ impl Broker {
         let ended = q.release(&g, ids);
         self.settle_ended(queue, group, ended).await;
         Ok(())
+    }
+
+    /// On a cluster's leader, a group that a receive made here is made on the replicas
+    /// before the receive answers (an entry of no delivery counts, whose apply makes the
+    /// group): a leader killed right after would otherwise leave its successor without the
+    /// group, which would then refuse the consumer's ack of the message it got as
+    /// `group_not_found`. A single node has nothing to do.
+    async fn replicate_new_group(&self, queue: &str, group: &str) -> Result<(), BrokerError> {
+        let Some(replicator) = self.replicator() else {
+            return Ok(());
+        };
+        // As for delivery counts: a delete of the group may not pass between the check
+        // that it is there and the commit, which would make it again on the replicas.
+        let _gate = self.counts_gate.lock().await;
+        if self.queue(queue)?.group(group).is_none() {
+            return Ok(());
+        }
+        let op = replicate::Op::DeliveryCounts {
+            queue: queue.to_string(),
+            group: group.to_string(),
+            counts: Vec::new(),
+        };
+        replicator.submit(op).await?.done()
     }
 
     /// What follows leases that a nack or release ended: their delivery counts are
@@ -2216,6 +2243,66 @@ async fn run_dead_letters(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replicator that runs every op here, as a cluster's leader applies it, and
+    /// records it.
+    struct Recording {
+        broker: Weak<Broker>,
+        ops: parking_lot::Mutex<Vec<replicate::Op>>,
+    }
+
+    impl replicate::Replicator for Recording {
+        fn submit(
+            &self,
+            op: replicate::Op,
+        ) -> futures_util::future::BoxFuture<'_, Result<replicate::OpResult, BrokerError>> {
+            self.ops.lock().push(op.clone());
+            let broker = self.broker.upgrade();
+            Box::pin(async move {
+                match broker {
+                    Some(broker) => broker.apply_op(op).await,
+                    None => Err(BrokerError::ShuttingDown),
+                }
+            })
+        }
+    }
+
+    /// A receive that makes its group on a cluster's leader has the group made on the
+    /// replicas first (an op of no delivery counts for it; the counts of what it leased
+    /// follow apart); a receive of a group that exists replicates nothing of the kind.
+    #[tokio::test]
+    async fn a_receive_that_makes_its_group_replicates_it_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = testing::broker_with_queue(dir.path(), "q", 1).await;
+        let recording = Arc::new(Recording {
+            broker: Arc::downgrade(&b),
+            ops: parking_lot::Mutex::new(Vec::new()),
+        });
+        b.set_replicator(Arc::clone(&recording) as Arc<dyn replicate::Replicator>);
+        let receive = |group: &str| replicate::Op::Receive {
+            queue: "q".into(),
+            group: group.into(),
+            max: 10,
+            wait_ms: 0,
+            visibility_ms: None,
+        };
+        let made = |ops: &[replicate::Op], name: &str| {
+            ops.iter()
+                .filter(|op| {
+                    matches!(op, replicate::Op::DeliveryCounts { queue, group, counts }
+                        if queue == "q" && group == name && counts.is_empty())
+                })
+                .count()
+        };
+        b.apply_op(receive("fresh")).await.unwrap();
+        assert_eq!(made(&recording.ops.lock(), "fresh"), 1);
+        assert!(b.queue("q").unwrap().group("fresh").is_some());
+        b.apply_op(receive("fresh")).await.unwrap();
+        b.apply_op(receive(queue::DEFAULT_GROUP)).await.unwrap();
+        let ops = recording.ops.lock();
+        assert_eq!(made(&ops, "fresh"), 1, "{ops:?}");
+        assert_eq!(made(&ops, queue::DEFAULT_GROUP), 0, "{ops:?}");
+    }
 
     /// A receive that took a group just before the group was deleted leases nothing from
     /// it (the lease would go with the group, its consumer unable to ack it): a lease
