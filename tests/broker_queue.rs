@@ -932,7 +932,8 @@ struct HeldOps {
 
 impl HeldOps {
     /// A broker at `dir` holding `queue` with messages `bodies`, and its replicator, which
-    /// holds back group deletes (`deletes`) or delivery counts; and the replicator's events.
+    /// holds back group deletes (`deletes`) or delivery counts (not the empty entry that makes
+    /// a group); and the replicator's events.
     async fn install(
         dir: &Path,
         queue: &str,
@@ -985,7 +986,10 @@ impl qit::broker::replicate::Replicator for HeldOps {
         Box::pin(async move {
             let broker = self.broker.get().and_then(|b| b.upgrade()).unwrap();
             match op {
-                Op::DeliveryCounts { .. } if !self.deletes => self.held(&broker, op).await,
+                // A group's first receive makes it with an entry of no counts: not held.
+                Op::DeliveryCounts { ref counts, .. } if !self.deletes && !counts.is_empty() => {
+                    self.held(&broker, op).await
+                }
                 // As the cluster's leader proposes a group delete.
                 Op::DeleteGroup {
                     ref queue,
