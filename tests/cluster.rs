@@ -1323,6 +1323,59 @@ async fn the_replicas_setting_places_that_many_copies() {
     assert!(dir.exists(), "node {home} holds `one` ({})", dir.display());
 }
 
+/// A metadata change is answered once every live node has applied it: a queue, an
+/// exchange and a binding made through one node, then at once a publish through the
+/// exchange on another node, routes to the queue every time (before, one node could still
+/// lack the exchange, 404, or the binding, and route the message nowhere: 201 with
+/// nothing routed, the message lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_made_on_one_node_routes_at_once_on_another() {
+    let cluster = Cluster::start().await;
+    let url = format!("{}/cluster", cluster.http(1));
+    let leader = common::eventually_some("a metadata leader", || async {
+        view(&url).await.and_then(|v| v["leader"].as_u64())
+    })
+    .await;
+    // Both followers of the metadata: neither applies before the other.
+    let (a, b) = match leader {
+        1 => (2, 3),
+        2 => (3, 1),
+        _ => (1, 2),
+    };
+    let (on_a, on_b) = (cluster.http(a), cluster.http(b));
+    let client = http();
+    for i in 0..30 {
+        let (queue, exchange) = (format!("routed-{i}"), format!("fan-{i}"));
+        create_queue(on_a, &queue, json!({})).await;
+        ok("create the exchange", || {
+            client
+                .post(format!("{on_a}/exchanges/{exchange}"))
+                .json(&json!({"type": "fanout"}))
+        })
+        .await;
+        ok("bind", || {
+            client
+                .post(format!("{on_a}/exchanges/{exchange}/bindings"))
+                .json(&json!({"queue": queue}))
+        })
+        .await;
+        let answer = client
+            .post(format!("{on_b}/exchanges/{exchange}/messages"))
+            .body("routed")
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status();
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(status, 201, "round {i}: {body}");
+        assert_eq!(
+            body["routed"][0]["queue"],
+            queue.as_str(),
+            "round {i}: {body}"
+        );
+    }
+}
+
 /// A Subscribe stream on partition 0 of `queue` from its first offset, at the gRPC
 /// address `grpc` (the call itself must succeed).
 async fn subscribe_from_start(

@@ -715,6 +715,10 @@ impl Cluster {
         expected: Option<u64>,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
         let command = match command {
+            Command::AwaitMeta(index) => {
+                self.wait_applied(META_GROUP, index).await;
+                return Ok((OpResult::Done, None));
+            }
             Command::Broker(op) if op.is_read() => {
                 // A read sent with its group named comes from a node without a copy.
                 let answer = match self.read_elsewhere(&op, hops, expected.is_some()).await {
@@ -1405,6 +1409,27 @@ impl Cluster {
         }
     }
 
+    /// Waits until every other voter that is up has applied the metadata up to `index`
+    /// (each asked at once with [`Command::AwaitMeta`], each given [`LEADER_WAIT`]; a node
+    /// down or slower is not waited for). A metadata change (a binding, say) is answered
+    /// only then: a publish through an exchange on any live node routes by it, and a queue,
+    /// user or grant made through one node is known to the others, as a client that goes on
+    /// through another node expects.
+    async fn spread_metadata(&self, index: u64) {
+        let me = self.node_id();
+        let others = self.groups.voter_ids().into_iter();
+        let asks = others
+            .filter(|&n| n != me && self.peers().is_up(n))
+            .map(|node| async move {
+                let command = Command::AwaitMeta(index);
+                let call = self.forward_call(node, &command, 0, None);
+                if !matches!(tokio::time::timeout(LEADER_WAIT, call).await, Ok(Ok(_))) {
+                    tracing::debug!(node, index, "a peer did not confirm the metadata in time");
+                }
+            });
+        futures_util::future::join_all(asks).await;
+    }
+
     /// Stops every group.
     pub async fn shutdown(&self) {
         self.groups.shutdown().await;
@@ -1431,6 +1456,9 @@ impl Replicator for Cluster {
             let result = reply.result.map_err(BrokerError::from)?;
             if let Some((group, index)) = reply.applied {
                 self.wait_applied(group, index).await;
+                if group == META_GROUP {
+                    self.spread_metadata(index).await;
+                }
             }
             Ok(result)
         })

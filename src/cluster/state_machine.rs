@@ -307,8 +307,9 @@ impl StateMachine {
 
     async fn apply_command(&mut self, log_id: LogId, command: Command) -> Applied {
         match command {
-            // Membership changes run on the metadata leader and are never entries.
-            Command::Members(_) => Applied(Ok(OpResult::Done)),
+            // Membership changes run on the metadata leader, and a node asks another to
+            // await an index directly: never entries.
+            Command::Members(_) | Command::AwaitMeta(_) => Applied(Ok(OpResult::Done)),
             Command::Placed(placed) => {
                 if let Role::Meta(groups) = &self.role {
                     groups.set_replicas(&placed).await;

@@ -49,6 +49,10 @@ pub enum Command {
     /// A Kafka producer's append as the queue group's leader proposes it: the records
     /// encoded once, as one buffer. Last, as `Publish`.
     AppendRecords(EncodedAppend),
+    /// A node that answers a metadata change asks a peer to apply the metadata group's
+    /// entries up to this index first (see `Cluster::spread_metadata`); never an entry.
+    /// Last, as `Publish`.
+    AwaitMeta(u64),
 }
 
 /// A change of one node's fencing, as the metadata group records it.
@@ -82,7 +86,8 @@ impl Command {
             | Command::Placed(_)
             | Command::Draining(_)
             | Command::Kafka(_)
-            | Command::Fenced(_) => Scope::Meta,
+            | Command::Fenced(_)
+            | Command::AwaitMeta(_) => Scope::Meta,
         }
     }
 }
@@ -116,6 +121,7 @@ impl std::fmt::Display for Command {
                 true => write!(f, "node {} fenced", change.node),
                 false => write!(f, "node {} unfenced", change.node),
             },
+            Command::AwaitMeta(index) => write!(f, "await metadata index {index}"),
         }
     }
 }
