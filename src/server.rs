@@ -72,24 +72,26 @@ pub enum ServerError {
 
 /// Refuses a data directory that holds the other kind of server's data, before anything
 /// reads or changes it. A single server keeps its queues at the top (`registry.journal`,
-/// `queues/`), a cluster node its Raft logs in `raft/` and the state they rebuild in
-/// `state/`: started the other way, each would serve an empty broker beside data it does
-/// not see (and a cluster node's Raft logs would outlive whatever was written meanwhile).
+/// `queues/`); a cluster node keeps its Raft logs in `raft/` and, beside them, the state
+/// they rebuild at every start in the same places as a single server's. Started the other
+/// way, a single server would serve a copy that the cluster's logs outlive, and a cluster
+/// node would clear a single server's queues (a directory with queues and no `raft/`).
 fn check_data_dir_kind(dir: &std::path::Path, cluster: bool) -> Result<(), ServerError> {
     let other = |reason: String| ServerError::OtherKind {
         dir: dir.to_path_buf(),
         reason,
     };
     if !cluster && dir.join("raft").is_dir() {
-        return Err(other(format!(
+        return Err(other(
             "it holds a cluster node's data (raft/): start it with the cluster's --node-id \
              and --peers (or QIT_NODE_ID and QIT_PEERS, or the config file), or give this \
-             server another --data-dir. To serve on its own what the node held, copy {} \
-             to a new directory and serve that",
-            dir.join("state").display()
-        )));
+             server another --data-dir. To serve on its own what the node held, copy its \
+             queues/, registry.journal and auth/ to a new directory and serve that"
+                .to_string(),
+        ));
     }
-    let single = dir.join("registry.journal").exists() || dir.join("queues").is_dir();
+    let single = (dir.join("registry.journal").exists() || dir.join("queues").is_dir())
+        && !dir.join("raft").is_dir();
     if cluster && single {
         return Err(other(
             "it holds a single server's queues (registry.journal, queues/): a cluster node \
@@ -152,7 +154,7 @@ impl Server {
         // A cluster node's broker data is the state its Raft logs rebuild (cleared here,
         // replayed by the groups as they start).
         let broker_dir = match &peers {
-            Some(_) => crate::cluster::fresh_state_dir(&config.data_dir)?,
+            Some(_) => crate::cluster::clear_rebuilt_state(&config.data_dir)?,
             None => config.data_dir.clone(),
         };
         // A cluster node's broker data is rebuilt from the Raft logs at every start, and

@@ -829,7 +829,7 @@ async fn leader_kills_lose_nothing_acknowledged() {
 
     // Byte-level: the replicas' segment files hold the same batches and records
     // (qit-inspect compare), the restarted node and the replacement included.
-    let partition = |id: u64| cluster.node(id).dir.join("state/queues/work/0");
+    let partition = |id: u64| cluster.node(id).dir.join("queues/work/0");
     for id in [2, new] {
         let out = Command::new(env!("CARGO_BIN_EXE_qit-inspect"))
             .arg("compare")

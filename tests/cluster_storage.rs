@@ -462,15 +462,24 @@ async fn a_data_directory_serves_only_the_server_that_wrote_it() {
     common::cluster::holds_exactly(&cluster, 3, "kinds", &["in the cluster"]).await;
     cluster.kill(3);
     let dir = cluster.root().join("node-3");
+    // Its queues lie where a single server's would (`qit-inspect` finds them alike).
+    assert!(dir.join("queues/kinds/0").is_dir(), "{}", dir.display());
+    let before = files_of(&dir);
     let (status, stderr) = refused_start(common::serve_command(&dir));
     assert!(!status.success(), "{status:?}: {stderr}");
     assert!(
         stderr.contains("holds a cluster node's data") && stderr.contains("--peers"),
         "{stderr}"
     );
+    let after = files_of(&dir);
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|file| !before.contains(file))
+        .map(|(path, _)| path)
+        .collect();
     assert!(
-        !dir.join("registry.journal").exists() && !dir.join("queues").exists(),
-        "the refused server wrote nothing"
+        changed.is_empty() && after.len() == before.len(),
+        "the refused server changed nothing: {changed:?}"
     );
     // Node 3's directory, served as node 2 (its own directory mixed up): it would take
     // node 3's votes as its own.
@@ -507,12 +516,32 @@ async fn a_data_directory_serves_only_the_server_that_wrote_it() {
         "{stderr}"
     );
     assert!(
-        !single_dir.join("raft").exists() && !single_dir.join("state").exists(),
+        !single_dir.join("raft").exists(),
         "the refused node wrote nothing"
     );
     let again = common::Process::start(&single_dir, &[]);
     let log: Value = common::get_json(format!("{}/queues/alone/log?from=0", again.http)).await;
     assert_eq!(common::bodies(&log), ["on its own"], "{log}");
+}
+
+/// Every file under `dir` but the lock (which names the last process that took it) with
+/// its contents, sorted (to tell that nothing changed).
+fn files_of(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n != ".lock") {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                files.push((path, bytes));
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 /// A small tmpfs mounted over a directory, its contents kept; unmounted when dropped.

@@ -34,8 +34,9 @@
 //! replica holds exactly the committed entries.
 //!
 //! Storage: each group has its own Raft log next to the broker's data
-//! (`raft/{group}/`, [`log_store`]), and the broker's data directory of a cluster node
-//! (`state/`) is derived from the groups: it is cleared at start, the metadata group
+//! (`raft/{group}/`, [`log_store`]), and the broker's data of a cluster node (`queues/`,
+//! `registry.journal`, `auth/` beside `raft/`, where a single server keeps them) is derived
+//! from the groups: it is cleared at start ([`clear_rebuilt_state`]), the metadata group
 //! installs its snapshot ([`metadata`]) and replays the entries after it, and so re-creates
 //! every queue, and each queue group restores its queue from its latest snapshot and
 //! replays only the entries after it ([`state_machine`], [`snapshot`]). A queue group snapshots every
@@ -170,25 +171,35 @@ pub struct ClusterConfig {
     pub kafka_addr: Option<SocketAddr>,
 }
 
-/// The broker data directory of a cluster node, cleared: the groups' snapshots and
-/// committed Raft logs rebuild it at start (see the module docs).
-pub fn fresh_state_dir(data_dir: &Path) -> Result<PathBuf, ClusterError> {
-    let state = data_dir.join("state");
-    match std::fs::remove_dir_all(&state) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(ClusterError::Io {
-                path: state,
-                source,
-            });
-        }
+/// The broker's files at the top of a data directory (a single server's layout, which a
+/// cluster node shares beside its `raft/`), and `state/`, where a cluster node kept them
+/// before. A cluster node's are derived: see [`clear_rebuilt_state`].
+pub const REBUILT_STATE: [&str; 6] = [
+    "queues",
+    "registry.journal",
+    "registry.json",
+    "auth",
+    ".healthcheck",
+    "state",
+];
+
+/// Clears the broker data of a cluster node (its queues, registry and users, in the same
+/// places as a single server's, so that operators and `qit-inspect` find a partition at
+/// `{data-dir}/queues/{q}/{p}` on either): the groups' snapshots and committed Raft logs
+/// rebuild it at start (see the module docs). Only the names of [`REBUILT_STATE`] go,
+/// never anything else the directory holds; the broker's directory is `data_dir` itself.
+pub fn clear_rebuilt_state(data_dir: &Path) -> Result<PathBuf, ClusterError> {
+    for name in REBUILT_STATE {
+        let path = data_dir.join(name);
+        let removed = match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&path),
+            Ok(_) => std::fs::remove_file(&path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        removed.map_err(|source| ClusterError::Io { path, source })?;
     }
-    std::fs::create_dir_all(&state).map_err(|source| ClusterError::Io {
-        path: state.clone(),
-        source,
-    })?;
-    Ok(state)
+    Ok(data_dir.to_path_buf())
 }
 
 /// The address this node's connections to its peers go out from: the IP of its cluster
@@ -497,7 +508,7 @@ impl Cluster {
     }
 
     /// Opens this node's groups (the metadata group now; queue groups as its log replays)
-    /// over `broker`, whose data directory must be the fresh one from [`fresh_state_dir`],
+    /// over `broker`, whose data directory must be the one [`clear_rebuilt_state`] cleared,
     /// once its data or its peers let it ([`rejoin`]). `local` is from [`Cluster::prepare`];
     /// the caller moves it to [`rejoin::Phase::Running`] once the node is wired up.
     pub async fn start(
@@ -1558,6 +1569,37 @@ mod tests {
     };
 
     /// A lost quorum is told in words, never as openraft's debug print of the membership.
+    /// Clearing a node's rebuilt broker data removes the broker's own names (and the
+    /// `state/` of an older release) and nothing else of the directory: not `raft/`, not
+    /// a file of the operator's that happens to lie there.
+    #[test]
+    fn clearing_the_rebuilt_state_leaves_everything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for sub in ["queues/q/0", "auth", "state/queues", "raft/0"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        for file in [
+            "registry.journal",
+            "registry.json",
+            "queues/q/0/x.log",
+            "raft/0/vote",
+        ] {
+            std::fs::write(root.join(file), b"x").unwrap();
+        }
+        std::fs::write(root.join("notes.txt"), b"mine").unwrap();
+        assert_eq!(super::clear_rebuilt_state(root).unwrap(), root);
+        let mut left: Vec<String> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["notes.txt", "raft"]);
+        assert!(root.join("raft/0/vote").exists());
+        // Nothing to clear is no error.
+        assert_eq!(super::clear_rebuilt_state(root).unwrap(), root);
+    }
+
     #[test]
     fn a_lost_quorum_names_the_nodes_that_answered() {
         use openraft::error::{LinearizableReadError, QuorumNotEnough, RaftError};
