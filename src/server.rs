@@ -153,10 +153,9 @@ impl Server {
         }
         // A cluster node's broker data is the state its Raft logs rebuild (cleared here,
         // replayed by the groups as they start).
-        let broker_dir = match &peers {
-            Some(_) => crate::cluster::clear_rebuilt_state(&config.data_dir)?,
-            None => config.data_dir.clone(),
-        };
+        if peers.is_some() {
+            crate::cluster::clear_rebuilt_state(&config.data_dir)?;
+        }
         // A cluster node's broker data is rebuilt from the Raft logs at every start, and
         // those are what `--fsync` makes durable: syncing the rebuilt copy too would only
         // double the fsyncs of every write.
@@ -165,7 +164,7 @@ impl Server {
             None => config.fsync,
         };
         let broker = Broker::open(BrokerConfig {
-            data_dir: broker_dir.clone(),
+            data_dir: config.data_dir.clone(),
             fsync: broker_fsync,
             max_queues: config.max_queues,
             max_groups_per_queue: config.max_groups_per_queue,
@@ -176,7 +175,7 @@ impl Server {
         // A cluster node's users and grants are replicated metadata: like the broker's data
         // they live in the state its Raft logs rebuild.
         let auth = if config.auth {
-            Some(Arc::new(open_auth(&config, &broker_dir)?))
+            Some(Arc::new(open_auth(&config)?))
         } else {
             None
         };
@@ -484,13 +483,10 @@ async fn close_idle_files(files: Arc<CachedStorage>, every: Duration, stop: Canc
     }
 }
 
-/// Opens users and grants under `dir`. A cluster node without a configured JWT secret
+/// Opens users and grants under the data directory. A cluster node without a configured JWT secret
 /// signs with one derived from the cluster secret, so that a token from one node verifies
 /// on every node (and after a restart).
-fn open_auth(
-    config: &ServerConfig,
-    dir: &std::path::Path,
-) -> Result<crate::auth::AuthStore, ServerError> {
+fn open_auth(config: &ServerConfig) -> Result<crate::auth::AuthStore, ServerError> {
     let mut auth_config = crate::auth::AuthConfig {
         admin: config.admin.clone(),
         admin_password: config.admin_password.clone(),
@@ -506,7 +502,7 @@ fn open_auth(
         auth_config.jwt_secret =
             Some(crate::cluster::auth::Secret::new(secret).derive_key(b"qit jwt signing key"));
     }
-    Ok(crate::auth::AuthStore::open(dir, auth_config)?)
+    Ok(crate::auth::AuthStore::open(&config.data_dir, auth_config)?)
 }
 
 /// Resolves on SIGINT or SIGTERM.

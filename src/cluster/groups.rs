@@ -661,27 +661,24 @@ impl Groups {
             .and_then(|s| s.replicas)
             .map_or(REPLICAS, |r| usize::try_from(r).unwrap_or(REPLICAS));
         let queues = self.queues.read();
-        let current = queues.get(queue).filter(|g| g.id == id);
         // A new group goes to live nodes first; the fenced ones only make up the count,
         // after the others (never its preferred leader while another replica is up).
-        let (hashed, filled) = match current {
-            Some(_) => (
-                placement::replicas(queue, &self.eligible(), count),
-                Vec::new(),
-            ),
+        let (hashed, filled) = match queues.get(queue).filter(|g| g.id == id) {
+            Some(current) => {
+                let hashed = placement::replicas(queue, &self.eligible(), count);
+                let mut have = current.replicas.clone();
+                let mut want = hashed.clone();
+                have.sort_unstable();
+                want.sort_unstable();
+                if have == want {
+                    return current.replicas.clone();
+                }
+                (hashed, Vec::new())
+            }
             None => {
                 placement::replicas_avoiding(queue, &self.eligible(), &self.fenced.all(), count)
             }
         };
-        if let Some(current) = current {
-            let mut have = current.replicas.clone();
-            let mut want = hashed.clone();
-            have.sort_unstable();
-            want.sort_unstable();
-            if have == want {
-                return current.replicas.clone();
-            }
-        }
         let others = queues.iter().filter(|(name, _)| *name != queue);
         let led = preferences(others.map(|(_, group)| group), group_kind(id));
         let mut placed = placement::lead_balanced(hashed, &led);

@@ -188,7 +188,7 @@ pub const REBUILT_STATE: [&str; 6] = [
 /// `{data-dir}/queues/{q}/{p}` on either): the groups' snapshots and committed Raft logs
 /// rebuild it at start (see the module docs). Only the names of [`REBUILT_STATE`] go,
 /// never anything else the directory holds; the broker's directory is `data_dir` itself.
-pub fn clear_rebuilt_state(data_dir: &Path) -> Result<PathBuf, ClusterError> {
+pub fn clear_rebuilt_state(data_dir: &Path) -> Result<(), ClusterError> {
     for name in REBUILT_STATE {
         let path = data_dir.join(name);
         let removed = match std::fs::symlink_metadata(&path) {
@@ -199,7 +199,7 @@ pub fn clear_rebuilt_state(data_dir: &Path) -> Result<PathBuf, ClusterError> {
         };
         removed.map_err(|source| ClusterError::Io { path, source })?;
     }
-    Ok(data_dir.to_path_buf())
+    Ok(())
 }
 
 /// The address this node's connections to its peers go out from: the IP of its cluster
@@ -773,7 +773,7 @@ impl Cluster {
                     .groups
                     .queue_group(q)
                     .and_then(|g| self.other_replica(&g.replicas)),
-                Scope::Meta => self.other_replica(&self.groups.voter_ids()),
+                Scope::Meta => self.metadata_source(),
             };
             return match replica {
                 Some(node) if hops < MAX_HOPS => {
@@ -1568,7 +1568,6 @@ mod tests {
         no_leader, shorten_wait,
     };
 
-    /// A lost quorum is told in words, never as openraft's debug print of the membership.
     /// Clearing a node's rebuilt broker data removes the broker's own names (and the
     /// `state/` of an older release) and nothing else of the directory: not `raft/`, not
     /// a file of the operator's that happens to lie there.
@@ -1588,7 +1587,7 @@ mod tests {
             std::fs::write(root.join(file), b"x").unwrap();
         }
         std::fs::write(root.join("notes.txt"), b"mine").unwrap();
-        assert_eq!(super::clear_rebuilt_state(root).unwrap(), root);
+        super::clear_rebuilt_state(root).unwrap();
         let mut left: Vec<String> = std::fs::read_dir(root)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1597,9 +1596,10 @@ mod tests {
         assert_eq!(left, ["notes.txt", "raft"]);
         assert!(root.join("raft/0/vote").exists());
         // Nothing to clear is no error.
-        assert_eq!(super::clear_rebuilt_state(root).unwrap(), root);
+        super::clear_rebuilt_state(root).unwrap();
     }
 
+    /// A lost quorum is told in words, never as openraft's debug print of the membership.
     #[test]
     fn a_lost_quorum_names_the_nodes_that_answered() {
         use openraft::error::{LinearizableReadError, QuorumNotEnough, RaftError};
