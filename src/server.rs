@@ -306,6 +306,9 @@ impl Server {
         let grpc_task = tasks.spawn(
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(conn::KEEPALIVE_INTERVAL))
+                .layer(crate::api::catch_up::CatchUpLayer(
+                    self.cluster.as_ref().map(|(_, c)| Arc::clone(c)),
+                ))
                 .add_service(api.into_server())
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -355,6 +358,7 @@ impl Server {
         ));
         let cluster = match self.cluster {
             Some((addr, cluster)) => {
+                tasks.spawn(Arc::clone(&cluster).catch_up_metadata(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).announce(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_metrics(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_balance(stop.clone()));

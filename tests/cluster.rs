@@ -1376,6 +1376,98 @@ async fn a_binding_made_on_one_node_routes_at_once_on_another() {
     }
 }
 
+/// A node restarted after bindings, queues and exchanges changed while it was down serves
+/// by the new ones from its first answer: over HTTP once `/healthz` says it serves, and
+/// also for a request sent as soon as its port is open (it waits until the node caught up),
+/// over gRPC too. Before, a restarted node routed by its old bindings for a moment: a
+/// publish through the exchange was answered 201 with nothing routed (the message lost)
+/// and a queue made meanwhile was not found, in 5 rounds of 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_serves_by_the_metadata_made_while_it_was_down() {
+    let mut cluster = Cluster::start().await;
+    let url = format!("{}/cluster", cluster.http(1));
+    let leader = common::eventually_some("a metadata leader", || async {
+        view(&url).await.and_then(|v| v["leader"].as_u64())
+    })
+    .await;
+    // A follower of the metadata goes down; the leader takes the changes.
+    let down = leader % 3 + 1;
+    let on = cluster.http(leader).to_string();
+    let client = http();
+    ok("create the exchange", || {
+        client
+            .post(format!("{on}/exchanges/routes"))
+            .json(&json!({"type": "direct"}))
+    })
+    .await;
+    for round in 0..4 {
+        cluster.kill(down);
+        let (queue, old) = (
+            format!("made-{round}"),
+            format!("made-{}", round.max(1) - 1),
+        );
+        create_queue(&on, &queue, json!({})).await;
+        ok("bind", || {
+            client
+                .post(format!("{on}/exchanges/routes/bindings"))
+                .json(&json!({"queue": queue, "key": queue}))
+        })
+        .await;
+        if round > 0 {
+            ok("unbind", || {
+                client
+                    .delete(format!("{on}/exchanges/routes/bindings"))
+                    .json(&json!({"queue": old, "key": old}))
+            })
+            .await;
+        }
+        cluster.restart(down);
+        let base = cluster.http(down).to_string();
+        if round % 2 == 0 {
+            cluster.wait_serving(down).await;
+        } else {
+            let addr = base.trim_start_matches("http://").to_string();
+            eventually("the restarted node's port opens", || async {
+                tokio::net::TcpStream::connect(&addr).await.is_ok()
+            })
+            .await;
+        }
+        let mut grpc = BrokerClient::connect(cluster.node(down).grpc())
+            .await
+            .unwrap();
+        let info = grpc
+            .get_queue(proto::GetQueueRequest {
+                queue: queue.clone(),
+            })
+            .await;
+        assert!(info.is_ok(), "round {round}: {info:?}");
+        let routed = |key: String| {
+            let client = client.clone();
+            let base = base.clone();
+            async move {
+                let answer = client
+                    .post(format!("{base}/exchanges/routes/messages?key={key}"))
+                    .body("routed")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answer.status(), 201, "round {round}, key {key}");
+                answer.json::<Value>().await.unwrap()["routed"].clone()
+            }
+        };
+        let to_new = routed(queue.clone()).await;
+        assert_eq!(
+            to_new[0]["queue"],
+            queue.as_str(),
+            "round {round}: {to_new}"
+        );
+        if round > 0 {
+            let to_old = routed(old.clone()).await;
+            assert_eq!(to_old, json!([]), "round {round}: unbound, yet {to_old}");
+        }
+    }
+}
+
 /// A Subscribe stream on partition 0 of `queue` from its first offset, at the gRPC
 /// address `grpc` (the call itself must succeed).
 async fn subscribe_from_start(

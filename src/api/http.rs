@@ -148,6 +148,15 @@ pub(super) async fn healthz(State(s): State<HttpState>) -> ApiResult {
             "this node is not part of a working quorum",
         ));
     }
+    if let Some(cluster) = &s.cluster
+        && !cluster.metadata_caught_up()
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "catching_up",
+            "this node started a moment ago and is catching up with the cluster's metadata",
+        ));
+    }
     Ok(ok(json!({"status": "ok"})))
 }
 

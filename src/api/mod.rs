@@ -3,6 +3,7 @@
 //! document are both built from; [`console`] serves the web console's embedded files.
 
 pub mod auth;
+pub mod catch_up;
 pub mod conn;
 pub mod console;
 pub mod error;

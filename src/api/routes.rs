@@ -208,7 +208,8 @@ pub(super) async fn openapi_json() -> Response {
     }
 }
 
-/// The router with every route of [`table`], the JSON fallbacks, auth and the body limit.
+/// The router with every route of [`table`], the JSON fallbacks, auth, a starting cluster
+/// node's wait for the metadata ([`super::catch_up`]) and the body limit.
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
     build()
         .0
@@ -219,6 +220,10 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::middleware,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::catch_up::middleware,
         ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

@@ -60,6 +60,7 @@ pub mod log_budget;
 pub mod log_store;
 pub mod membership;
 pub mod metadata;
+pub mod metadata_catch_up;
 pub mod moves;
 pub mod network;
 pub mod placement;
@@ -264,6 +265,8 @@ pub struct Cluster {
     /// (openraft refuses a second while the first is joint; a node asking to join while
     /// an operator adds it then gets one answer, not a refusal).
     membership_changes: tokio::sync::Mutex<()>,
+    /// Set once this node applied the metadata committed before it started.
+    caught_up: metadata_catch_up::CaughtUp,
 }
 
 fn no_leader(what: impl std::fmt::Display) -> BrokerError {
@@ -557,6 +560,7 @@ impl Cluster {
             config,
             transfers: handoff::Transfers::default(),
             membership_changes: tokio::sync::Mutex::new(()),
+            caught_up: metadata_catch_up::CaughtUp::default(),
         }))
     }
 
@@ -730,6 +734,7 @@ impl Cluster {
                 self.wait_applied(META_GROUP, index).await;
                 return Ok((OpResult::Done, None));
             }
+            Command::MetaReadIndex => return self.meta_read_index(hops).await,
             Command::Broker(op) if op.is_read() => {
                 // A read sent with its group named comes from a node without a copy.
                 let answer = match self.read_elsewhere(&op, hops, expected.is_some()).await {

@@ -144,8 +144,12 @@ fn admit(cluster: &super::Cluster, group: u64, vote: &Vote) -> Result<(), Status
     )))
 }
 
+/// The start of the message of a call this node could not decode (from a peer of another
+/// release, say).
+pub const UNDECODABLE: &str = "undecodable cluster call";
+
 fn bad(e: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("undecodable cluster call: {e}"))
+    Status::invalid_argument(format!("{UNDECODABLE}: {e}"))
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<Reply>, Status> {

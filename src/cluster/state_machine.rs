@@ -89,6 +89,11 @@ impl AppliedIndex {
         }
     }
 
+    /// The last index applied (`None`: none yet).
+    pub fn current(&self) -> Option<u64> {
+        self.inner.lock().index
+    }
+
     /// Waits until `index` is applied, at most `limit`; true if it was.
     pub async fn wait(&self, index: u64, limit: std::time::Duration) -> bool {
         let applied = {
@@ -308,8 +313,10 @@ impl StateMachine {
     async fn apply_command(&mut self, log_id: LogId, command: Command) -> Applied {
         match command {
             // Membership changes run on the metadata leader, and a node asks another to
-            // await an index directly: never entries.
-            Command::Members(_) | Command::AwaitMeta(_) => Applied(Ok(OpResult::Done)),
+            // await an index, or the leader for its read index, directly: never entries.
+            Command::Members(_) | Command::AwaitMeta(_) | Command::MetaReadIndex => {
+                Applied(Ok(OpResult::Done))
+            }
             Command::Placed(placed) => {
                 if let Role::Meta(groups) = &self.role {
                     groups.set_replicas(&placed).await;

@@ -53,6 +53,10 @@ pub enum Command {
     /// entries up to this index first (see `Cluster::spread_metadata`); never an entry.
     /// Last, as `Publish`.
     AwaitMeta(u64),
+    /// A node that started asks the metadata leader how far the metadata is committed, to
+    /// apply that much before it serves (see `Cluster::catch_up_metadata`); answered with
+    /// the leader's applied index, never an entry. Last, as `AwaitMeta`.
+    MetaReadIndex,
 }
 
 /// A change of one node's fencing, as the metadata group records it.
@@ -87,7 +91,8 @@ impl Command {
             | Command::Draining(_)
             | Command::Kafka(_)
             | Command::Fenced(_)
-            | Command::AwaitMeta(_) => Scope::Meta,
+            | Command::AwaitMeta(_)
+            | Command::MetaReadIndex => Scope::Meta,
         }
     }
 }
@@ -122,6 +127,7 @@ impl std::fmt::Display for Command {
                 false => write!(f, "node {} unfenced", change.node),
             },
             Command::AwaitMeta(index) => write!(f, "await metadata index {index}"),
+            Command::MetaReadIndex => write!(f, "metadata read index"),
         }
     }
 }

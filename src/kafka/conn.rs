@@ -83,6 +83,11 @@ async fn connection(
     stop: &CancellationToken,
 ) -> Result<(), KafkaError> {
     let _ = stream.set_nodelay(true);
+    // A cluster node that started a moment ago answers once it knows the cluster's
+    // topics (see `cluster::metadata_catch_up`).
+    if let Some(cluster) = &kafka.cluster {
+        cluster.metadata_ready().await;
+    }
     let local = stream.local_addr()?;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::with_capacity(64 * 1024, read);

@@ -1,0 +1,85 @@
+//! On a cluster node that has just started, requests wait until the node has caught up with
+//! the cluster's metadata (bounded; see `cluster::metadata_catch_up`), so that none is
+//! served from the queues, bindings, users and grants of before the node went down: over
+//! HTTP a middleware, over gRPC a layer. `/healthz` and `/metrics` answer at once.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use futures_util::future::BoxFuture;
+
+use super::state::HttpState;
+use crate::cluster::Cluster;
+
+/// Routes that answer at once: they report on the node, catching up included.
+const AT_ONCE: &[&str] = &["/healthz", "/metrics"];
+
+/// The HTTP middleware: waits for the node to catch up, then runs the route.
+pub async fn middleware(
+    State(state): State<HttpState>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = matched.as_ref().map(MatchedPath::as_str);
+    if let Some(cluster) = &state.cluster
+        && !route.is_some_and(|r| AT_ONCE.contains(&r))
+    {
+        cluster.metadata_ready().await;
+    }
+    next.run(request).await
+}
+
+/// The gRPC layer: every call waits for the node to catch up (`None`: a single node, no
+/// wait).
+#[derive(Clone)]
+pub struct CatchUpLayer(pub Option<Arc<Cluster>>);
+
+impl<S> tower::Layer<S> for CatchUpLayer {
+    type Service = CatchUp<S>;
+
+    fn layer(&self, inner: S) -> CatchUp<S> {
+        CatchUp {
+            inner,
+            cluster: self.0.clone(),
+        }
+    }
+}
+
+/// A service behind [`CatchUpLayer`].
+#[derive(Clone)]
+pub struct CatchUp<S> {
+    inner: S,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl<S, R> tower::Service<R> for CatchUp<S>
+where
+    S: tower::Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        // The service made ready is the one to call; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let cluster = self.cluster.clone();
+        Box::pin(async move {
+            if let Some(cluster) = cluster {
+                cluster.metadata_ready().await;
+            }
+            inner.call(request).await
+        })
+    }
+}
