@@ -725,7 +725,7 @@ impl Groups {
         };
         let raft = self.rafts.write().remove(&group.id);
         self.logs.write().remove(&group.id);
-        self.watches.write().remove(&group.id);
+        self.drop_watch(group.id);
         if let Some(raft) = raft
             && let Err(error) = raft.shutdown().await
         {
@@ -733,6 +733,14 @@ impl Groups {
         }
         self.remove_group_dir(group.id);
         let _ = std::fs::remove_file(self.moved_marker(group.id));
+    }
+
+    /// Forgets what requests of group `id` wait on, the group having stopped here: a
+    /// request waiting for it to apply an entry goes on at once.
+    fn drop_watch(&self, id: u64) {
+        if let Some(watch) = self.watches.write().remove(&id) {
+            watch.applied.close();
+        }
     }
 
     fn remove_group_dir(&self, id: u64) {
@@ -779,6 +787,7 @@ impl Groups {
             }
         } else if !member && open {
             let raft = self.rafts.write().remove(&id);
+            self.drop_watch(id);
             if let Some(raft) = raft
                 && let Err(error) = raft.shutdown().await
             {
@@ -862,7 +871,9 @@ impl Groups {
     pub async fn shutdown(&self) {
         let all: Vec<Raft> = self.rafts.write().drain().map(|(_, r)| r).collect();
         self.logs.write().clear();
-        self.watches.write().clear();
+        for (_, watch) in self.watches.write().drain() {
+            watch.applied.close();
+        }
         for raft in all {
             let _ = raft.shutdown().await;
         }

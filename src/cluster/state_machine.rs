@@ -70,6 +70,8 @@ pub struct AppliedIndex {
 struct AppliedWaiters {
     index: Option<u64>,
     waiting: std::collections::BTreeMap<u64, Vec<tokio::sync::oneshot::Sender<()>>>,
+    /// The group stopped here: it applies nothing more.
+    closed: bool,
 }
 
 impl AppliedIndex {
@@ -94,12 +96,27 @@ impl AppliedIndex {
         self.inner.lock().index
     }
 
-    /// Waits until `index` is applied, at most `limit`; true if it was.
+    /// The group stopped here (its queue was deleted, or it moved off this node): every
+    /// wait ends at once, unapplied, instead of at its limit.
+    pub fn close(&self) {
+        let waiting = {
+            let mut inner = self.inner.lock();
+            inner.closed = true;
+            std::mem::take(&mut inner.waiting)
+        };
+        drop(waiting);
+    }
+
+    /// Waits until `index` is applied, at most `limit` and no longer than the group runs
+    /// here; true if it was.
     pub async fn wait(&self, index: u64, limit: std::time::Duration) -> bool {
         let applied = {
             let mut inner = self.inner.lock();
             if inner.index.is_some_and(|i| i >= index) {
                 return true;
+            }
+            if inner.closed {
+                return false;
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             inner.waiting.entry(index).or_default().push(tx);
@@ -658,6 +675,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
 
     use futures_util::future::BoxFuture;
     use openraft::BasicNode;
@@ -666,6 +684,29 @@ mod tests {
     use super::*;
     use crate::broker::{BrokerConfig, QueueSettings};
     use crate::cluster::types::{Fencing, KafkaAddr, Membership, NodeAddrs, Placed, log_id};
+
+    /// A request waiting for an entry of a group that stops here (its queue deleted) goes
+    /// on at once, unapplied; before, it waited out its limit (a publish forwarded while
+    /// its queue was deleted through another node was answered after 5 s).
+    #[tokio::test]
+    async fn closing_an_applied_index_ends_its_waits() {
+        let applied = Arc::new(AppliedIndex::default());
+        applied.advance(3);
+        assert!(applied.wait(3, Duration::ZERO).await);
+        let waiter = {
+            let applied = Arc::clone(&applied);
+            tokio::spawn(async move { applied.wait(10, Duration::from_secs(3600)).await })
+        };
+        tokio::task::yield_now().await;
+        applied.close();
+        let ended = tokio::time::timeout(Duration::from_secs(10), waiter).await;
+        assert!(!ended.expect("the wait ends when the group stops").unwrap());
+        assert!(!applied.wait(11, Duration::from_secs(3600)).await);
+        assert!(
+            applied.wait(2, Duration::ZERO).await,
+            "what was applied stays applied"
+        );
+    }
 
     /// Hooks that keep the voters and leaving marks as `Groups` does (a node not among
     /// the voters cannot be marked leaving) and note the voters each queue was opened with.
