@@ -1,7 +1,9 @@
-//! On a cluster node that has just started, requests wait until the node has caught up with
-//! the cluster's metadata (bounded; see `cluster::metadata_catch_up`), so that none is
-//! served from the queues, bindings, users and grants of before the node went down: over
-//! HTTP a middleware, over gRPC a layer. `/healthz` and `/metrics` answer at once.
+//! On a cluster node, a request is served from a confirmed view of the metadata: on a node
+//! that has just started, or was paused or cut off, it waits until the node has caught up
+//! (bounded; see `cluster::metadata_catch_up`), so that none is served from the queues,
+//! bindings, users and grants of before: over HTTP a middleware, over gRPC a layer (per
+//! call: a stream's later messages go on as they are). `/healthz` and `/metrics` answer at
+//! once.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -74,12 +76,16 @@ where
         // The service made ready is the one to call; a clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let cluster = self.cluster.clone();
+        // Boxed on its own, so that the async block below holds no deep future (the
+        // router's and the wait's together overflowed the compiler's query depth in a
+        // release build). It does nothing before it is polled, after the wait.
+        let call: BoxFuture<'static, Result<S::Response, S::Error>> = Box::pin(inner.call(request));
+        let Some(cluster) = self.cluster.clone() else {
+            return call;
+        };
         Box::pin(async move {
-            if let Some(cluster) = cluster {
-                cluster.metadata_ready().await;
-            }
-            inner.call(request).await
+            cluster.metadata_ready().await;
+            call.await
         })
     }
 }

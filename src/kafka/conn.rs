@@ -83,11 +83,6 @@ async fn connection(
     stop: &CancellationToken,
 ) -> Result<(), KafkaError> {
     let _ = stream.set_nodelay(true);
-    // A cluster node that started a moment ago answers once it knows the cluster's
-    // topics (see `cluster::metadata_catch_up`).
-    if let Some(cluster) = &kafka.cluster {
-        cluster.metadata_ready().await;
-    }
     let local = stream.local_addr()?;
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::with_capacity(64 * 1024, read);
@@ -109,6 +104,11 @@ async fn connection(
         let Some(frame) = frame else {
             return Ok(());
         };
+        // On a cluster node, from a confirmed view of the topics (one that started or was
+        // paused a moment ago waits for it; see `cluster::metadata_catch_up`).
+        if let Some(cluster) = &kafka.cluster {
+            cluster.metadata_ready().await;
+        }
         let response = tokio::select! {
             response = respond(kafka, &mut session, frame) => response?,
             _ = stop.cancelled() => return Ok(()),
