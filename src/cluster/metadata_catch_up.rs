@@ -16,8 +16,8 @@
 //! [`LEADER_WAIT`], and one at a time asks the leader (which has as long to answer).
 //! Where no confirmation can be had (no metadata leader, or a paused one), requests wait
 //! for none for [`FRESH_FOR`] after a failed one and are served from what the node has, as
-//! the read fallback is. `/healthz` answers 503
-//! `catching_up` until the node's first confirmation after its start.
+//! the read fallback is. `/healthz` answers 503 `catching_up` until the node's first
+//! confirmation after its start.
 //!
 //! A leader of an older release does not know the question (it answers that the call is
 //! undecodable): the node then takes the commit index the leader's heartbeats carry
@@ -26,6 +26,7 @@
 //! [`UP_WITHIN_MS`]: super::network::UP_WITHIN_MS
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -48,10 +49,11 @@ const RENEW_EVERY: Duration = Duration::from_millis(400);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
 /// A node's confirmations of its metadata view.
+#[derive(Default)]
 pub struct CaughtUp {
     /// Set at the first confirmation after the start.
-    first: tokio::sync::watch::Sender<bool>,
-    /// When the last confirmation and the last failed one were asked for.
+    first: AtomicBool,
+    /// When the last confirmation was asked for, and when the last failed one failed.
     times: Mutex<Times>,
     /// One confirmation at a time: requests that find the view lapsed wait on it.
     asking: tokio::sync::Mutex<()>,
@@ -63,29 +65,10 @@ struct Times {
     failed: Option<Instant>,
 }
 
-impl Default for CaughtUp {
-    fn default() -> Self {
-        Self {
-            first: tokio::sync::watch::Sender::new(false),
-            times: Mutex::new(Times::default()),
-            asking: tokio::sync::Mutex::new(()),
-        }
-    }
-}
-
 impl CaughtUp {
     /// True once confirmed after the start.
     pub fn get(&self) -> bool {
-        *self.first.borrow()
-    }
-
-    /// Waits until confirmed after the start, at most `limit`; true if it is.
-    pub async fn wait(&self, limit: Duration) -> bool {
-        let mut first = self.first.subscribe();
-        matches!(
-            tokio::time::timeout(limit, first.wait_for(|done| *done)).await,
-            Ok(Ok(_))
-        )
+        self.first.load(Ordering::Relaxed)
     }
 
     /// True while a request needs no confirmation: one asked for within [`FRESH_FOR`]
@@ -110,8 +93,7 @@ impl CaughtUp {
     /// Notes a confirmation asked for at `asked`.
     fn confirmed(&self, asked: Instant) {
         self.times.lock().confirmed = Some(asked);
-        self.first
-            .send_if_modified(|first| !std::mem::replace(first, true));
+        self.first.store(true, Ordering::Relaxed);
     }
 
     /// Notes a confirmation that failed at `at` (when the failure was known: requests go
@@ -249,27 +231,14 @@ impl Cluster {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_first_confirmation_ends_the_wait_for_it() {
-        let caught_up = Arc::new(CaughtUp::default());
-        assert!(!caught_up.get());
-        assert!(!caught_up.wait(Duration::from_millis(10)).await);
-        let waiter = {
-            let caught_up = Arc::clone(&caught_up);
-            tokio::spawn(async move { caught_up.wait(Duration::from_secs(60)).await })
-        };
-        caught_up.confirmed(Instant::now());
-        assert!(waiter.await.unwrap());
-        assert!(caught_up.get());
-        assert!(caught_up.wait(Duration::ZERO).await);
-    }
-
     #[test]
     fn a_confirmation_or_a_failed_one_holds_for_a_while() {
         let caught_up = CaughtUp::default();
         let start = Instant::now();
         assert!(!caught_up.settled(start), "never confirmed");
+        assert!(!caught_up.get());
         caught_up.confirmed(start);
+        assert!(caught_up.get());
         assert!(caught_up.settled(start + FRESH_FOR / 2));
         assert!(
             !caught_up.settled(start + FRESH_FOR),
