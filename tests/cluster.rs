@@ -1331,11 +1331,7 @@ async fn the_replicas_setting_places_that_many_copies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binding_made_on_one_node_routes_at_once_on_another() {
     let cluster = Cluster::start().await;
-    let url = format!("{}/cluster", cluster.http(1));
-    let leader = common::eventually_some("a metadata leader", || async {
-        view(&url).await.and_then(|v| v["leader"].as_u64())
-    })
-    .await;
+    let leader = metadata_leader(&cluster).await;
     // Both followers of the metadata: neither applies before the other.
     let (a, b) = match leader {
         1 => (2, 3),
@@ -1385,21 +1381,12 @@ async fn a_binding_made_on_one_node_routes_at_once_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_serves_by_the_metadata_made_while_it_was_down() {
     let mut cluster = Cluster::start().await;
-    let url = format!("{}/cluster", cluster.http(1));
-    let leader = common::eventually_some("a metadata leader", || async {
-        view(&url).await.and_then(|v| v["leader"].as_u64())
-    })
-    .await;
+    let leader = metadata_leader(&cluster).await;
     // A follower of the metadata goes down; the leader takes the changes.
     let down = leader % 3 + 1;
     let on = cluster.http(leader).to_string();
     let client = http();
-    ok("create the exchange", || {
-        client
-            .post(format!("{on}/exchanges/routes"))
-            .json(&json!({"type": "direct"}))
-    })
-    .await;
+    create_direct_exchange(&on, "routes").await;
     for round in 0..4 {
         cluster.kill(down);
         let (queue, old) = (
@@ -1476,20 +1463,11 @@ async fn a_restarted_node_serves_by_the_metadata_made_while_it_was_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_node_serves_by_the_metadata_made_while_it_was_paused() {
     let cluster = Cluster::start().await;
-    let url = format!("{}/cluster", cluster.http(1));
-    let leader = common::eventually_some("a metadata leader", || async {
-        view(&url).await.and_then(|v| v["leader"].as_u64())
-    })
-    .await;
+    let leader = metadata_leader(&cluster).await;
     let paused = leader % 3 + 1;
     let on = cluster.http(leader).to_string();
     let client = http();
-    ok("create the exchange", || {
-        client
-            .post(format!("{on}/exchanges/paused"))
-            .json(&json!({"type": "direct"}))
-    })
-    .await;
+    create_direct_exchange(&on, "paused").await;
     let leader_view = format!("{on}/cluster");
     let is_up = |up: bool| {
         let leader_view = leader_view.clone();
@@ -1531,6 +1509,26 @@ async fn a_paused_node_serves_by_the_metadata_made_while_it_was_paused() {
         );
         eventually("the leader counts the node up again", || is_up(true)).await;
     }
+}
+
+/// The metadata group's leader, once node 1 knows one.
+async fn metadata_leader(cluster: &Cluster) -> u64 {
+    let url = format!("{}/cluster", cluster.http(1));
+    common::eventually_some("a metadata leader", || async {
+        view(&url).await.and_then(|v| v["leader"].as_u64())
+    })
+    .await
+}
+
+/// Makes the direct exchange `name` through `base`.
+async fn create_direct_exchange(base: &str, name: &str) {
+    let client = http();
+    ok("create the exchange", || {
+        client
+            .post(format!("{base}/exchanges/{name}"))
+            .json(&json!({"type": "direct"}))
+    })
+    .await;
 }
 
 /// A Subscribe stream on partition 0 of `queue` from its first offset, at the gRPC
