@@ -306,9 +306,9 @@ impl Server {
         let grpc_task = tasks.spawn(
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(conn::KEEPALIVE_INTERVAL))
-                .layer(crate::api::catch_up::CatchUpLayer(
-                    self.cluster.as_ref().map(|(_, c)| Arc::clone(c)),
-                ))
+                .layer(tower::util::option_layer(self.cluster.as_ref().map(
+                    |(_, cluster)| crate::api::catch_up::CatchUpLayer(Arc::clone(cluster)),
+                )))
                 .add_service(api.into_server())
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

@@ -35,10 +35,10 @@ pub async fn middleware(
     next.run(request).await
 }
 
-/// The gRPC layer: every call waits for the node to catch up (`None`: a single node, no
-/// wait).
+/// The gRPC layer of a cluster node: every call waits for the node to catch up (a single
+/// node has no such layer).
 #[derive(Clone)]
-pub struct CatchUpLayer(pub Option<Arc<Cluster>>);
+pub struct CatchUpLayer(pub Arc<Cluster>);
 
 impl<S> tower::Layer<S> for CatchUpLayer {
     type Service = CatchUp<S>;
@@ -46,7 +46,7 @@ impl<S> tower::Layer<S> for CatchUpLayer {
     fn layer(&self, inner: S) -> CatchUp<S> {
         CatchUp {
             inner,
-            cluster: self.0.clone(),
+            cluster: Arc::clone(&self.0),
         }
     }
 }
@@ -55,7 +55,7 @@ impl<S> tower::Layer<S> for CatchUpLayer {
 #[derive(Clone)]
 pub struct CatchUp<S> {
     inner: S,
-    cluster: Option<Arc<Cluster>>,
+    cluster: Arc<Cluster>,
 }
 
 impl<S, R> tower::Service<R> for CatchUp<S>
@@ -80,9 +80,7 @@ where
         // router's and the wait's together overflowed the compiler's query depth in a
         // release build). It does nothing before it is polled, after the wait.
         let call: BoxFuture<'static, Result<S::Response, S::Error>> = Box::pin(inner.call(request));
-        let Some(cluster) = self.cluster.clone() else {
-            return call;
-        };
+        let cluster = Arc::clone(&self.cluster);
         Box::pin(async move {
             cluster.metadata_ready().await;
             call.await

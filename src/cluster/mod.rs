@@ -265,7 +265,7 @@ pub struct Cluster {
     /// (openraft refuses a second while the first is joint; a node asking to join while
     /// an operator adds it then gets one answer, not a refusal).
     membership_changes: tokio::sync::Mutex<()>,
-    /// Set once this node applied the metadata committed before it started.
+    /// This node's confirmations of its metadata view (see [`metadata_catch_up`]).
     caught_up: metadata_catch_up::CaughtUp,
 }
 

@@ -53,9 +53,10 @@ pub enum Command {
     /// entries up to this index first (see `Cluster::spread_metadata`); never an entry.
     /// Last, as `Publish`.
     AwaitMeta(u64),
-    /// A node that started asks the metadata leader how far the metadata is committed, to
-    /// apply that much before it serves (see `Cluster::catch_up_metadata`); answered with
-    /// the leader's applied index, never an entry. Last, as `AwaitMeta`.
+    /// A node asks the metadata leader how far the metadata is committed, to apply that
+    /// much before it serves (at start, and to renew its confirmed view: see
+    /// `super::metadata_catch_up`); answered with the leader's applied index, never an
+    /// entry. Last, as `AwaitMeta`.
     MetaReadIndex,
 }
 
