@@ -411,7 +411,7 @@ async fn the_metadata_log_is_snapshotted_purged_and_restored() {
     // dave may consume r3; the message published before is still in q23.
     let bob = login(&wiped, "bob").await;
     let dave = login(&wiped, "dave").await;
-    login(&wiped, "erin").await;
+    let erin = login(&wiped, "erin").await;
     let publish = |queue: &'static str| {
         let url = format!("{}/queues/{queue}/messages", wiped);
         move || http().post(&url).body("from bob")
@@ -420,6 +420,22 @@ async fn the_metadata_log_is_snapshotted_purged_and_restored() {
     assert_eq!(status(&bob, publish("q21")).await, StatusCode::FORBIDDEN);
     let receive = format!("{}/queues/r3/messages?max=1", wiped);
     assert!(status(&dave, || http().get(&receive)).await.is_success());
+    // `/cluster` shows each user the partitions of the queues they may see, as
+    // `GET /queues` does: dave only r3's (a grant), bob only q20's, erin none.
+    for (token, shown) in [(&dave, vec!["r3"]), (&bob, vec!["q20"]), (&erin, vec![])] {
+        let url = format!("{wiped}/cluster");
+        let (status, view) = retrying("GET /cluster", || http().get(&url).bearer_auth(token)).await;
+        assert!(status.is_success(), "{status} {view}");
+        let mut queues: Vec<&str> = view["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .filter_map(|p| p["queue"].as_str())
+            .collect();
+        queues.dedup();
+        assert_eq!(queues, shown, "{view}");
+        assert_eq!(view["nodes"].as_array().map(Vec::len), Some(3), "{view}");
+    }
     let log = format!("{}/queues/q23/log?partition=0&from=0&max=10", wiped);
     let bodies = retrying("read q23", || http().get(&log).bearer_auth(&alice))
         .await

@@ -161,10 +161,20 @@ pub(super) async fn healthz(State(s): State<HttpState>) -> ApiResult {
 }
 
 /// `GET /cluster`: the nodes, the metadata leader and every partition's leader and replicas.
-#[utoipa::path(get, path = "/cluster", tag = "operations", description = "The cluster: nodes, the metadata leader, every partition's leader and replicas (404 `not_clustered` on a single node).", responses((status = 200, body = crate::cluster::view::ClusterView), Errors))]
-pub(super) async fn cluster_view(State(s): State<HttpState>) -> ApiResult {
+/// With auth on, only the partitions of queues the caller may see, as in `GET /queues`.
+#[utoipa::path(get, path = "/cluster", tag = "operations", description = "The cluster: nodes, the metadata leader, every partition's leader and replicas (404 `not_clustered` on a single node). With auth on, only the partitions of the queues the caller may see (as `GET /queues`).", responses((status = 200, body = crate::cluster::view::ClusterView), Errors))]
+pub(super) async fn cluster_view(
+    State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
     match &s.cluster {
-        Some(cluster) => Ok(ok(json!(cluster.current_view().await))),
+        Some(cluster) => {
+            let mut view = cluster.current_view().await;
+            let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
+            view.partitions
+                .retain(|p| super::auth::may_view(auth, user, &p.queue));
+            Ok(ok(json!(view)))
+        }
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_clustered",
