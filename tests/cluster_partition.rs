@@ -4,7 +4,10 @@
 //! still answers the test). The cut-off node answers writes with 503 `no_leader` and
 //! `Retry-After` and still serves the committed reads it holds; the majority elects a leader
 //! and keeps serving; after healing, the cut-off node catches up to identical logs. Never
-//! two leaders in one term, as every node's `GET /cluster` reports it throughout.
+//! two leaders in one term, as every node's `GET /cluster` reports it throughout. And a
+//! restarted node that its peers cannot reach (only new connections to its listener
+//! dropped) knows it is behind and answers 503 `catching_up` rather than serve the
+//! metadata of before.
 //!
 //! Needs root and iptables (installed by `tools/netfault.sh` when missing): without them
 //! the test prints `SKIPPED: needs root/iptables` and returns.
@@ -80,10 +83,57 @@ impl Drop for Cut {
 }
 
 /// Loopback addresses for three nodes, distinct per test process (two runs at once do not
-/// cut each other's nodes off).
-fn addresses() -> [String; 3] {
+/// cut each other's nodes off) and per `test` (nor two tests of one run).
+fn addresses(test: u8) -> [String; 3] {
     let b = std::process::id() % 250 + 1;
-    [1, 2, 3].map(|n| format!("127.77.{b}.{n}"))
+    [1, 2, 3].map(|n| format!("127.{}.{b}.{n}", 77 + test))
+}
+
+/// New connections to one node's cluster listener dropped (its own connections to its
+/// peers, and their answers, go through), until this is dropped.
+struct Inbound {
+    rule: Vec<String>,
+}
+
+impl Inbound {
+    fn block(node: &common::cluster::Node) -> Self {
+        let rule = [
+            "INPUT",
+            "-p",
+            "tcp",
+            "-d",
+            &node.cluster_ip,
+            "--dport",
+            &node.cluster_port.to_string(),
+            "-m",
+            "comment",
+            "--comment",
+            RULE_COMMENT,
+            "-j",
+            "DROP",
+        ]
+        .map(String::from)
+        .to_vec();
+        let added = Command::new("iptables")
+            .args(["-w", "-A"])
+            .args(&rule)
+            .status()
+            .expect("iptables");
+        assert!(added.success(), "add the rule blocking the node's listener");
+        Self { rule }
+    }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        let removed = Command::new("iptables")
+            .args(["-w", "-D"])
+            .args(&self.rule)
+            .status();
+        if !removed.is_ok_and(|s| s.success()) {
+            eprintln!("removing the iptables rule {:?} failed", self.rule);
+        }
+    }
 }
 
 /// Every `(group, term)` → leaders reported by any node's `GET /cluster` (the metadata
@@ -166,7 +216,7 @@ async fn a_cut_off_leader_refuses_writes_serves_reads_and_catches_up() {
         println!("SKIPPED: needs root/iptables ({reason})");
         return;
     }
-    let ips = addresses();
+    let ips = addresses(0);
     let cluster = Cluster::start_at(&ips.each_ref().map(String::as_str)).await;
     let base = |id: u64| cluster.http(id).to_string();
     let claims: Claims = Arc::default();
@@ -280,5 +330,129 @@ async fn a_cut_off_leader_refuses_writes_serves_reads_and_catches_up() {
             1,
             "group {group} had leaders {leaders:?} in term {term}"
         );
+    }
+}
+
+/// A node restarted after metadata changed while it was down, whose peers cannot reach it
+/// (new connections to its cluster listener dropped) while it reaches them: it learns
+/// from the metadata leader how far the metadata is, cannot catch up, and so answers every
+/// request 503 `catching_up` with `Retry-After` (gRPC `UNAVAILABLE`) rather than serve the
+/// view of before (a publish through an exchange routed by the old bindings: the new
+/// queue never gets it). Once reachable, it catches up and routes by the new bindings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_known_to_be_behind_answers_catching_up() {
+    if let Err(reason) = iptables_ready() {
+        println!("SKIPPED: needs root/iptables ({reason})");
+        return;
+    }
+    let ips = addresses(1);
+    let mut cluster = Cluster::start_at(&ips.each_ref().map(String::as_str)).await;
+    let leader = eventually_value("a metadata leader", || async {
+        view(&format!("{}/cluster", cluster.http(1))).await?["leader"].as_u64()
+    })
+    .await;
+    let behind = leader % 3 + 1;
+    let on = cluster.http(leader).to_string();
+    let client = http();
+    ok("create exchange", || {
+        client
+            .post(format!("{on}/exchanges/routes"))
+            .json(&json!({"type": "direct"}))
+    })
+    .await;
+    create_queue(&on, "old", json!({})).await;
+    let bind = |queue: &'static str| json!({"queue": queue, "key": "k"});
+    ok("bind old", || {
+        client
+            .post(format!("{on}/exchanges/routes/bindings"))
+            .json(&bind("old"))
+    })
+    .await;
+    cluster.kill(behind);
+    create_queue(&on, "new", json!({})).await;
+    ok("bind new", || {
+        client
+            .post(format!("{on}/exchanges/routes/bindings"))
+            .json(&bind("new"))
+    })
+    .await;
+    ok("unbind old", || {
+        client
+            .delete(format!("{on}/exchanges/routes/bindings"))
+            .json(&bind("old"))
+    })
+    .await;
+
+    let blocked = Inbound::block(cluster.node(behind));
+    cluster.restart(behind);
+    let base = cluster.http(behind).to_string();
+    let publish = || {
+        once(
+            client
+                .post(format!("{base}/exchanges/routes/messages?key=k"))
+                .body("routed"),
+        )
+    };
+    // Its first requests (sent once its port opens) wait for a confirmation that the
+    // leader's answer makes impossible, then are refused.
+    let addr = base.trim_start_matches("http://").to_string();
+    eventually("the restarted node's port opens", || async {
+        tokio::net::TcpStream::connect(&addr).await.is_ok()
+    })
+    .await;
+    for round in 0..3 {
+        let (status, retry_after, body) = publish().await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "round {round}: {body}"
+        );
+        assert_eq!(
+            body["error"]["code"], "catching_up",
+            "round {round}: {body}"
+        );
+        assert!(retry_after, "a 503 carries Retry-After");
+    }
+    let mut grpc = qit::proto::broker_client::BrokerClient::connect(cluster.node(behind).grpc())
+        .await
+        .expect("gRPC");
+    let refused = grpc
+        .get_queue(qit::proto::GetQueueRequest {
+            queue: "new".into(),
+        })
+        .await
+        .expect_err("refused while behind");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // Not serving: cut off from its peers' beats as well, it says `no_quorum` first.
+    let (status, _, body) = once(client.get(format!("{base}/healthz"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    drop(blocked);
+    cluster.wait_serving(behind).await;
+    let (status, _, body) = publish().await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["routed"].as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(body["routed"][0]["queue"], "new", "{body}");
+    let found = grpc
+        .get_queue(qit::proto::GetQueueRequest {
+            queue: "new".into(),
+        })
+        .await;
+    assert!(found.is_ok(), "{found:?}");
+}
+
+/// Polls `get` until it gives a value (guarded by a deadline against a hang).
+async fn eventually_value<T, F, Fut>(what: &str, mut get: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = get().await {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: none in 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

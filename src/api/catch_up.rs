@@ -2,17 +2,19 @@
 //! that has just started, or was paused or cut off, it waits until the node has caught up
 //! (bounded; see `cluster::metadata_catch_up`), so that none is served from the queues,
 //! bindings, users and grants of before: over HTTP a middleware, over gRPC a layer (per
-//! call: a stream's later messages go on as they are). `/healthz` and `/metrics` answer at
-//! once.
+//! call: a stream's later messages go on as they are). A node still known to be behind at
+//! the end of the wait answers 503 `catching_up` (gRPC `UNAVAILABLE`) with `Retry-After`.
+//! `/healthz` and `/metrics` answer at once.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 
+use super::error::ApiError;
 use super::state::HttpState;
 use crate::cluster::Cluster;
 
@@ -29,8 +31,9 @@ pub async fn middleware(
     let route = matched.as_ref().map(MatchedPath::as_str);
     if let Some(cluster) = &state.cluster
         && !route.is_some_and(|r| AT_ONCE.contains(&r))
+        && let Err(behind) = cluster.metadata_ready().await
     {
-        cluster.metadata_ready().await;
+        return ApiError::from(behind).into_response();
     }
     next.run(request).await
 }
@@ -58,11 +61,12 @@ pub struct CatchUp<S> {
     cluster: Arc<Cluster>,
 }
 
-impl<S, R> tower::Service<R> for CatchUp<S>
+impl<S, R, B> tower::Service<R> for CatchUp<S>
 where
-    S: tower::Service<R> + Clone + Send + 'static,
+    S: tower::Service<R, Response = axum::http::Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     R: Send + 'static,
+    B: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -82,8 +86,10 @@ where
         let call: BoxFuture<'static, Result<S::Response, S::Error>> = Box::pin(inner.call(request));
         let cluster = Arc::clone(&self.cluster);
         Box::pin(async move {
-            cluster.metadata_ready().await;
-            call.await
+            match cluster.metadata_ready().await {
+                Ok(()) => call.await,
+                Err(behind) => Ok(tonic::Status::from(ApiError::from(behind)).into_http()),
+            }
         })
     }
 }

@@ -166,8 +166,8 @@ fn remote_status(code: &str) -> StatusCode {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
-        if self.code == "no_leader" {
-            // A leader is usually elected within a second or two.
+        if matches!(self.code, "no_leader" | "catching_up") {
+            // A leader is usually elected, and a node caught up, within a second or two.
             return (
                 self.status,
                 [(axum::http::header::RETRY_AFTER, "1")],
@@ -176,6 +176,16 @@ impl IntoResponse for ApiError {
                 .into_response();
         }
         (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<crate::cluster::metadata_catch_up::MetadataBehind> for ApiError {
+    fn from(behind: crate::cluster::metadata_catch_up::MetadataBehind) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "catching_up",
+            behind.to_string(),
+        )
     }
 }
 

@@ -16,8 +16,13 @@
 //! [`LEADER_WAIT`], and one at a time asks the leader (which has as long to answer).
 //! Where no confirmation can be had (no metadata leader, or a paused one), requests wait
 //! for none for [`FRESH_FOR`] after a failed one and are served from what the node has, as
-//! the read fallback is. `/healthz` answers 503 `catching_up` until the node's first
-//! confirmation after its start.
+//! the read fallback is. But where the leader answered an index that this node has not
+//! applied by the end of the wait (a busy machine, much to catch up on after a long
+//! absence, or peers that cannot reach it), the node knows its view is behind and serves
+//! nothing from it until it applied that much, leader or not: the request is answered
+//! [`MetadataBehind`] (HTTP and gRPC: 503 `catching_up`, to be retried).
+//! `/healthz` answers 503 `catching_up` until the node's first confirmation after its
+//! start.
 //!
 //! A leader of an older release does not know the question (it answers that the call is
 //! undecodable): the node then takes the commit index the leader's heartbeats carry
@@ -48,6 +53,17 @@ const RENEW_EVERY: Duration = Duration::from_millis(400);
 /// How soon it tries again before its first confirmation.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
+/// A request found this node's metadata view behind the index the metadata leader
+/// answered, and not caught up within the wait: it is not served from that view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataBehind;
+
+impl std::fmt::Display for MetadataBehind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this node is catching up with the cluster's metadata; try again in a moment")
+    }
+}
+
 /// A node's confirmations of its metadata view.
 #[derive(Default)]
 pub struct CaughtUp {
@@ -63,6 +79,9 @@ pub struct CaughtUp {
 struct Times {
     confirmed: Option<Instant>,
     failed: Option<Instant>,
+    /// The index the metadata leader answered to the latest confirmation that got an
+    /// answer, until one is confirmed: below it, the view is known to be behind.
+    behind: Option<u64>,
 }
 
 impl CaughtUp {
@@ -71,12 +90,20 @@ impl CaughtUp {
         self.first.load(Ordering::Relaxed)
     }
 
-    /// True while a request needs no confirmation: one asked for within [`FRESH_FOR`]
-    /// holds, or one failed within it (none to be had).
-    fn settled(&self, now: Instant) -> bool {
+    /// `Some` while a request needs no new confirmation, with what it is to do: one asked
+    /// for within [`FRESH_FOR`] holds (`Ok`); after one that failed within it (none to be
+    /// had) the request is served from what the node has, unless that is known to be
+    /// behind (`check`). `applied`: the index this node's metadata replica applied.
+    fn settled(&self, now: Instant, applied: Option<u64>) -> Option<Result<(), MetadataBehind>> {
         let times = *self.times.lock();
         let within = |at: Option<Instant>| at.is_some_and(|at| now.duration_since(at) < FRESH_FOR);
-        within(times.confirmed) || within(times.failed)
+        if within(times.confirmed) {
+            Some(Ok(()))
+        } else if within(times.failed) {
+            Some(self.check(applied))
+        } else {
+            None
+        }
     }
 
     /// Whether the last confirmation asked for at `since` or later succeeded (`None`: none
@@ -92,14 +119,32 @@ impl CaughtUp {
 
     /// Notes a confirmation asked for at `asked`.
     fn confirmed(&self, asked: Instant) {
-        self.times.lock().confirmed = Some(asked);
+        let mut times = self.times.lock();
+        times.confirmed = Some(asked);
+        times.behind = None;
         self.first.store(true, Ordering::Relaxed);
     }
 
-    /// Notes a confirmation that failed at `at` (when the failure was known: requests go
-    /// unconfirmed for [`FRESH_FOR`] from then).
+    /// Notes a confirmation that failed at `at` for want of a leader's answer (when the
+    /// failure was known: requests go unconfirmed for [`FRESH_FOR`] from then). A view
+    /// known to be behind stays so: no answer now does not make it current.
     fn failed(&self, at: Instant) {
         self.times.lock().failed = Some(at);
+    }
+
+    /// Notes that the metadata leader answered `index`: until this node applied that
+    /// much, its view is known to be behind.
+    fn must_reach(&self, index: u64) {
+        self.times.lock().behind = Some(index);
+    }
+
+    /// `Err` while the view is known to be behind: the leader's latest answer is above
+    /// `applied`, the index this node's metadata replica applied.
+    fn check(&self, applied: Option<u64>) -> Result<(), MetadataBehind> {
+        match self.times.lock().behind {
+            Some(index) if applied.is_none_or(|applied| applied < index) => Err(MetadataBehind),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -111,16 +156,20 @@ impl Cluster {
     }
 
     /// Waits until this node's metadata view is confirmed (see the module docs), at most
-    /// [`LEADER_WAIT`]: a request runs after this, on a fresh view unless the metadata
-    /// has no leader to confirm it.
-    pub async fn metadata_ready(&self) {
-        if self.caught_up.settled(Instant::now()) {
-            return;
+    /// [`LEADER_WAIT`]: a request runs after `Ok`, on a fresh view unless the metadata
+    /// has no leader to confirm it; `Err` when the view is known to be behind still.
+    pub async fn metadata_ready(&self) -> Result<(), MetadataBehind> {
+        let applied = || self.groups.applied(META_GROUP).and_then(|a| a.current());
+        if let Some(settled) = self.caught_up.settled(Instant::now(), applied()) {
+            return settled;
         }
         // Boxed: the forwarding under it is deep, and every request's future holds this
         // one (a release build overflowed the compiler's query depth in the gRPC layer).
         let confirm: BoxFuture<'_, bool> = Box::pin(self.confirm_metadata());
-        let _ = tokio::time::timeout(LEADER_WAIT, confirm).await;
+        if let Ok(true) = tokio::time::timeout(LEADER_WAIT, confirm).await {
+            return Ok(());
+        }
+        self.caught_up.check(applied())
     }
 
     /// Confirms this node's metadata view now and then (see the module docs), until
@@ -163,15 +212,22 @@ impl Cluster {
             return false;
         };
         let asked_leader = tokio::time::timeout(LEADER_WAIT, self.leader_read_index()).await;
-        match asked_leader.ok().flatten() {
-            Some(index) if applied.wait(index, LEADER_WAIT).await => {
-                self.caught_up.confirmed(asked);
-                true
-            }
-            _ => {
-                self.caught_up.failed(Instant::now());
-                false
-            }
+        let Some(index) = asked_leader.ok().flatten() else {
+            self.caught_up.failed(Instant::now());
+            return false;
+        };
+        // Known behind from now until applied: a request that gives up waiting meanwhile
+        // is not served from this view.
+        self.caught_up.must_reach(index);
+        if applied.wait(index, LEADER_WAIT).await {
+            self.caught_up.confirmed(asked);
+            true
+        } else {
+            tracing::debug!(
+                index,
+                "the metadata is not applied up to the leader's read index yet"
+            );
+            false
         }
     }
 
@@ -235,18 +291,20 @@ mod tests {
     fn a_confirmation_or_a_failed_one_holds_for_a_while() {
         let caught_up = CaughtUp::default();
         let start = Instant::now();
-        assert!(!caught_up.settled(start), "never confirmed");
+        let settled = |at| caught_up.settled(at, Some(7)).is_some();
+        assert!(!settled(start), "never confirmed");
         assert!(!caught_up.get());
         caught_up.confirmed(start);
         assert!(caught_up.get());
-        assert!(caught_up.settled(start + FRESH_FOR / 2));
-        assert!(
-            !caught_up.settled(start + FRESH_FOR),
-            "lapsed (a pause, say)"
-        );
+        assert!(settled(start + FRESH_FOR / 2));
+        assert!(!settled(start + FRESH_FOR), "lapsed (a pause, say)");
         caught_up.failed(start + FRESH_FOR * 2);
-        assert!(caught_up.settled(start + FRESH_FOR * 2));
-        assert!(!caught_up.settled(start + FRESH_FOR * 3));
+        assert_eq!(
+            caught_up.settled(start + FRESH_FOR * 2, Some(7)),
+            Some(Ok(())),
+            "no leader to ask: served from what the node has"
+        );
+        assert!(!settled(start + FRESH_FOR * 3));
         assert!(caught_up.get(), "the first confirmation stays");
         assert_eq!(
             caught_up.answered_since(start),
@@ -256,5 +314,40 @@ mod tests {
         assert_eq!(caught_up.answered_since(start + FRESH_FOR * 3), None);
         caught_up.confirmed(start + FRESH_FOR * 3);
         assert_eq!(caught_up.answered_since(start), Some(true));
+    }
+
+    #[test]
+    fn a_view_below_the_leaders_answer_is_known_behind_until_applied() {
+        let caught_up = CaughtUp::default();
+        let now = Instant::now();
+        assert_eq!(caught_up.check(None), Ok(()), "nothing known yet");
+        caught_up.must_reach(40);
+        assert_eq!(caught_up.check(None), Err(MetadataBehind));
+        assert_eq!(caught_up.check(Some(39)), Err(MetadataBehind));
+        assert_eq!(caught_up.check(Some(40)), Ok(()));
+        assert_eq!(
+            caught_up.settled(now, Some(39)),
+            None,
+            "a request waits, not served from the view it found behind"
+        );
+        caught_up.failed(now);
+        assert_eq!(
+            caught_up.settled(now, Some(39)),
+            Some(Err(MetadataBehind)),
+            "no leader answers now: still behind, and known to be"
+        );
+        assert_eq!(
+            caught_up.settled(now, Some(40)),
+            Some(Ok(())),
+            "applied since"
+        );
+        caught_up.confirmed(now);
+        assert_eq!(caught_up.check(Some(39)), Ok(()), "confirmed since");
+        caught_up.must_reach(50);
+        assert_eq!(
+            caught_up.settled(now, Some(45)),
+            Some(Ok(())),
+            "a renewal under way does not hold up requests while the last one holds"
+        );
     }
 }

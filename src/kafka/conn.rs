@@ -105,9 +105,14 @@ async fn connection(
             return Ok(());
         };
         // On a cluster node, from a confirmed view of the topics (one that started or was
-        // paused a moment ago waits for it; see `cluster::metadata_catch_up`).
-        if let Some(cluster) = &kafka.cluster {
-            cluster.metadata_ready().await;
+        // paused a moment ago waits for it; see `cluster::metadata_catch_up`). One still
+        // known to be behind closes the connection: the client reconnects and asks again,
+        // as after any broker's hiccup (a Kafka request has no error common to every API).
+        if let Some(cluster) = &kafka.cluster
+            && let Err(behind) = cluster.metadata_ready().await
+        {
+            tracing::debug!("closing a Kafka connection: {behind}");
+            return Ok(());
         }
         let response = tokio::select! {
             response = respond(kafka, &mut session, frame) => response?,
