@@ -73,7 +73,8 @@ impl Client {
     }
 
     /// Sends a request; `Ok(None)` for an empty (204) answer. A cluster without a leader
-    /// for the request (503 `no_leader`) is asked again, after its `Retry-After`, for up to
+    /// for the request (503 `no_leader`), or a node still catching up with the cluster
+    /// (503 `catching_up`), is asked again, after its `Retry-After`, for up to
     /// [`NO_LEADER_RETRIES`] times: an election takes a second or two.
     pub async fn request(
         &self,
@@ -89,7 +90,8 @@ impl Client {
                 .await
             {
                 Err(ClientError::Server { code, .. })
-                    if code == "no_leader" && tries < NO_LEADER_RETRIES =>
+                    if matches!(code.as_str(), "no_leader" | "catching_up")
+                        && tries < NO_LEADER_RETRIES =>
                 {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
