@@ -93,14 +93,19 @@ impl CaughtUp {
     /// `Some` while a request needs no new confirmation, with what it is to do: one asked
     /// for within [`FRESH_FOR`] holds (`Ok`); after one that failed within it (none to be
     /// had) the request is served from what the node has, unless that is known to be
-    /// behind (`check`). `applied`: the index this node's metadata replica applied.
-    fn settled(&self, now: Instant, applied: Option<u64>) -> Option<Result<(), MetadataBehind>> {
+    /// behind (`check`). `applied`: the index this node's metadata replica applied (asked
+    /// only then).
+    fn settled(
+        &self,
+        now: Instant,
+        applied: impl FnOnce() -> Option<u64>,
+    ) -> Option<Result<(), MetadataBehind>> {
         let times = *self.times.lock();
         let within = |at: Option<Instant>| at.is_some_and(|at| now.duration_since(at) < FRESH_FOR);
         if within(times.confirmed) {
             Some(Ok(()))
         } else if within(times.failed) {
-            Some(self.check(applied))
+            Some(self.check(applied()))
         } else {
             None
         }
@@ -132,6 +137,15 @@ impl CaughtUp {
         self.times.lock().failed = Some(at);
     }
 
+    /// Notes that this node's metadata replica is gone or stopped at `at`: it cannot
+    /// catch up, so its view is not held back as behind (requests go unconfirmed, as after
+    /// [`failed`](Self::failed)).
+    fn cannot_catch_up(&self, at: Instant) {
+        let mut times = self.times.lock();
+        times.failed = Some(at);
+        times.behind = None;
+    }
+
     /// Notes that the metadata leader answered `index`: until this node applied that
     /// much, its view is known to be behind.
     fn must_reach(&self, index: u64) {
@@ -160,7 +174,7 @@ impl Cluster {
     /// has no leader to confirm it; `Err` when the view is known to be behind still.
     pub async fn metadata_ready(&self) -> Result<(), MetadataBehind> {
         let applied = || self.groups.applied(META_GROUP).and_then(|a| a.current());
-        if let Some(settled) = self.caught_up.settled(Instant::now(), applied()) {
+        if let Some(settled) = self.caught_up.settled(Instant::now(), applied) {
             return settled;
         }
         // Boxed: the forwarding under it is deep, and every request's future holds this
@@ -207,8 +221,11 @@ impl Cluster {
             return confirmed;
         }
         let asked = Instant::now();
-        let Some(applied) = self.groups.applied(META_GROUP) else {
-            self.caught_up.failed(Instant::now());
+        let replica = self.groups.applied(META_GROUP);
+        let Some(applied) = replica.filter(|_| running(&self.meta)) else {
+            // No replica to catch up with (a stopped one stays so until the node
+            // restarts): the node forwards what it can and serves what it has.
+            self.caught_up.cannot_catch_up(Instant::now());
             return false;
         };
         let asked_leader = tokio::time::timeout(LEADER_WAIT, self.leader_read_index()).await;
@@ -291,7 +308,7 @@ mod tests {
     fn a_confirmation_or_a_failed_one_holds_for_a_while() {
         let caught_up = CaughtUp::default();
         let start = Instant::now();
-        let settled = |at| caught_up.settled(at, Some(7)).is_some();
+        let settled = |at| caught_up.settled(at, || Some(7)).is_some();
         assert!(!settled(start), "never confirmed");
         assert!(!caught_up.get());
         caught_up.confirmed(start);
@@ -300,7 +317,7 @@ mod tests {
         assert!(!settled(start + FRESH_FOR), "lapsed (a pause, say)");
         caught_up.failed(start + FRESH_FOR * 2);
         assert_eq!(
-            caught_up.settled(start + FRESH_FOR * 2, Some(7)),
+            caught_up.settled(start + FRESH_FOR * 2, || Some(7)),
             Some(Ok(())),
             "no leader to ask: served from what the node has"
         );
@@ -326,26 +343,32 @@ mod tests {
         assert_eq!(caught_up.check(Some(39)), Err(MetadataBehind));
         assert_eq!(caught_up.check(Some(40)), Ok(()));
         assert_eq!(
-            caught_up.settled(now, Some(39)),
+            caught_up.settled(now, || Some(39)),
             None,
             "a request waits, not served from the view it found behind"
         );
         caught_up.failed(now);
         assert_eq!(
-            caught_up.settled(now, Some(39)),
+            caught_up.settled(now, || Some(39)),
             Some(Err(MetadataBehind)),
             "no leader answers now: still behind, and known to be"
         );
         assert_eq!(
-            caught_up.settled(now, Some(40)),
+            caught_up.settled(now, || Some(40)),
             Some(Ok(())),
             "applied since"
+        );
+        caught_up.cannot_catch_up(now);
+        assert_eq!(
+            caught_up.settled(now, || Some(39)),
+            Some(Ok(())),
+            "a stopped replica never catches up: the node serves what it has"
         );
         caught_up.confirmed(now);
         assert_eq!(caught_up.check(Some(39)), Ok(()), "confirmed since");
         caught_up.must_reach(50);
         assert_eq!(
-            caught_up.settled(now, Some(45)),
+            caught_up.settled(now, || Some(45)),
             Some(Ok(())),
             "a renewal under way does not hold up requests while the last one holds"
         );
