@@ -167,6 +167,17 @@ pub struct ScrapeSeries {
     /// Each metric's type and samples, in the order the metrics were first set: a family's
     /// samples stay together, under one `# TYPE` line, as the text format requires.
     families: Vec<Family>,
+    /// The queues whose series are shown (all when absent; see [`Self::only_queues`]).
+    shown: Option<QueueFilter>,
+}
+
+/// Which queues' series a scrape shows.
+struct QueueFilter(Box<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for QueueFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueFilter")
+    }
 }
 
 #[derive(Debug)]
@@ -177,20 +188,49 @@ struct Family {
 }
 
 impl ScrapeSeries {
+    /// Series that show only the queues `shown` accepts: a sample labelled with another
+    /// `queue` is left out (with auth on, a user's scrape names only the queues the user
+    /// may see). Samples without a `queue` label are all shown.
+    pub fn only_queues(shown: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            families: Vec::new(),
+            shown: Some(QueueFilter(Box::new(shown))),
+        }
+    }
+
+    /// Whether a sample with `labels` is shown.
+    fn shows(&self, labels: &[(&str, &str)]) -> bool {
+        let Some(QueueFilter(shown)) = &self.shown else {
+            return true;
+        };
+        labels
+            .iter()
+            .all(|&(key, value)| key != "queue" || shown(value))
+    }
+
     /// Adds one sample of gauge `name` with `labels`.
     pub fn set(&mut self, name: &'static str, labels: &[(&str, &str)], value: f64) {
+        if !self.shows(labels) {
+            return;
+        }
         let lines = self.family(name, "gauge");
         push_sample(lines, name, "", labels, None, value);
     }
 
     /// Adds one sample of counter `name` with `labels`.
     pub fn counter(&mut self, name: &'static str, labels: &[(&str, &str)], value: u64) {
+        if !self.shows(labels) {
+            return;
+        }
         let lines = self.family(name, "counter");
         push_sample(lines, name, "", labels, None, value);
     }
 
     /// Adds the buckets, sum and count of histogram `name` with `labels`.
     pub fn histogram(&mut self, name: &'static str, labels: &[(&str, &str)], h: &OwnedHistogram) {
+        if !self.shows(labels) {
+            return;
+        }
         let lines = self.family(name, "histogram");
         let counts = h.bucket_counts();
         let mut below = 0;
@@ -618,5 +658,21 @@ mod tests {
         let mut later = ScrapeSeries::default();
         queue_gauges(&mut later, 0, &[]);
         assert_eq!(later.render(), "# TYPE qit_queues gauge\nqit_queues 0\n");
+        let mut shown = ScrapeSeries::only_queues(|queue| queue == "a");
+        shown.set(BACKLOG, &[("queue", "b"), ("group", "g")], 1.0);
+        shown.set(BACKLOG, &[("queue", "a"), ("group", "g")], 3.0);
+        shown.set(IN_FLIGHT, &[("queue", "b"), ("group", "g")], 1.0);
+        shown.set(QUEUES, &[], 2.0);
+        let expected = [
+            "# TYPE qit_backlog_messages gauge",
+            r#"qit_backlog_messages{queue="a",group="g"} 3"#,
+            "# TYPE qit_queues gauge",
+            "qit_queues 2",
+        ];
+        assert_eq!(
+            shown.render().lines().collect::<Vec<_>>(),
+            expected,
+            "another queue's series and families are left out"
+        );
     }
 }

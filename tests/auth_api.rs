@@ -1117,6 +1117,48 @@ async fn queues_are_seen_only_by_their_owner_grantees_and_the_admin() {
     assert_eq!(bound(alice.clone(), "/exchanges/alx").await, 1);
     assert_eq!(bound(admin.clone(), "/exchanges").await, 1);
 
+    // `/metrics` names only the queues the caller may see (every queue names its own
+    // series: its backlog gauges, and the published counter once a message is in).
+    assert_eq!(
+        call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            "/queues/alices/messages",
+            None
+        )
+        .await,
+        StatusCode::CREATED
+    );
+    let scraped = |token: String| {
+        let s = &s;
+        async move {
+            let r = http()
+                .get(format!("{}/metrics", s.http))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let text = r.text().await.unwrap();
+            let mut queues: Vec<String> = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.split("queue=\"").nth(1)?.split('"').next())
+                .map(str::to_string)
+                .collect();
+            queues.sort();
+            queues.dedup();
+            queues
+        }
+    };
+    assert_eq!(scraped(bob.clone()).await, ["bobs", "bobs.dlq"]);
+    assert_eq!(
+        scraped(admin.clone()).await,
+        ["alices", "alices.dlq", "bobs", "bobs.dlq"]
+    );
+    assert_eq!(scraped(alice.clone()).await, ["alices", "alices.dlq"]);
+
     // A grant of any permission shows the queue.
     let grant = json!({"user": "bob", "permissions": ["publish"]});
     assert_eq!(
@@ -1138,6 +1180,7 @@ async fn queues_are_seen_only_by_their_owner_grantees_and_the_admin() {
     let info = c.get_queue(authed(get, &bob)).await.unwrap().into_inner();
     assert_eq!(info.name, "alices");
     assert_eq!(bound(bob.clone(), "/exchanges/alx").await, 1);
+    assert_eq!(scraped(bob.clone()).await, ["alices", "bobs", "bobs.dlq"]);
     s.stop().await;
 }
 

@@ -183,15 +183,28 @@ pub(super) async fn cluster_view(
     }
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "operations", description = "Prometheus text format.", responses((status = 200, content_type = "text/plain", body = String), Errors))]
-pub(super) async fn metrics(State(s): State<HttpState>) -> Response {
+/// `GET /metrics`: the Prometheus text format. With auth on, the per-queue series of a
+/// user's scrape are those of the queues the user may see, as in `GET /queues` (the admin
+/// sees all).
+#[utoipa::path(get, path = "/metrics", tag = "operations", description = "Prometheus text format. With auth on, the per-queue series are those of the queues the caller may see (as `GET /queues`).", responses((status = 200, content_type = "text/plain", body = String), Errors))]
+pub(super) async fn metrics(
+    State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
+    let mut state = match (s.auth.clone(), caller.0) {
+        (Some(auth), Some(user)) if !auth.is_admin(&user) => {
+            crate::metrics::ScrapeSeries::only_queues(move |queue| {
+                super::auth::may_view(Some(&auth), Some(&user), queue)
+            })
+        }
+        _ => crate::metrics::ScrapeSeries::default(),
+    };
     let busiest: Vec<_> = s
         .broker
         .busiest_queues(s.metrics_queues)
         .iter()
         .map(QueueInfo::gauges)
         .collect();
-    let mut state = crate::metrics::ScrapeSeries::default();
     crate::metrics::queue_gauges(&mut state, s.broker.queue_count(), &busiest);
     crate::metrics::pending_ages(&mut state, &s.broker.oldest_pending_ages_ms());
     s.broker.owned_series(&mut state);
