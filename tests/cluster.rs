@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    Cluster, create_queue, index_past, log_bodies, metric, ok, receive, retrying, view,
+    Cluster, create_direct_exchange, create_queue, index_past, log_bodies, metadata_leader, metric,
+    ok, receive, retrying, view,
 };
 use common::{eventually, http};
 use parking_lot::Mutex;
@@ -1526,26 +1527,6 @@ async fn a_paused_node_serves_by_the_metadata_made_while_it_was_paused() {
         );
         eventually("the leader counts the node up again", || is_up(true)).await;
     }
-}
-
-/// The metadata group's leader, once node 1 knows one.
-async fn metadata_leader(cluster: &Cluster) -> u64 {
-    let url = format!("{}/cluster", cluster.http(1));
-    common::eventually_some("a metadata leader", || async {
-        view(&url).await.and_then(|v| v["leader"].as_u64())
-    })
-    .await
-}
-
-/// Makes the direct exchange `name` through `base`.
-async fn create_direct_exchange(base: &str, name: &str) {
-    let client = http();
-    ok("create the exchange", || {
-        client
-            .post(format!("{base}/exchanges/{name}"))
-            .json(&json!({"type": "direct"}))
-    })
-    .await;
 }
 
 /// A Subscribe stream on partition 0 of `queue` from its first offset, at the gRPC

@@ -19,7 +19,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cluster::{Cluster, create_queue, log_bodies, ok, partition, publish, view};
+use common::cluster::{
+    Cluster, create_direct_exchange, create_queue, log_bodies, metadata_leader, ok, partition,
+    publish, view,
+};
 use common::{eventually, http};
 use parking_lot::Mutex;
 use reqwest::StatusCode;
@@ -347,19 +350,11 @@ async fn a_node_known_to_be_behind_answers_catching_up() {
     }
     let ips = addresses(1);
     let mut cluster = Cluster::start_at(&ips.each_ref().map(String::as_str)).await;
-    let leader = eventually_value("a metadata leader", || async {
-        view(&format!("{}/cluster", cluster.http(1))).await?["leader"].as_u64()
-    })
-    .await;
+    let leader = metadata_leader(&cluster).await;
     let behind = leader % 3 + 1;
     let on = cluster.http(leader).to_string();
     let client = http();
-    ok("create exchange", || {
-        client
-            .post(format!("{on}/exchanges/routes"))
-            .json(&json!({"type": "direct"}))
-    })
-    .await;
+    create_direct_exchange(&on, "routes").await;
     create_queue(&on, "old", json!({})).await;
     let bind = |queue: &'static str| json!({"queue": queue, "key": "k"});
     ok("bind old", || {
@@ -439,20 +434,4 @@ async fn a_node_known_to_be_behind_answers_catching_up() {
         })
         .await;
     assert!(found.is_ok(), "{found:?}");
-}
-
-/// Polls `get` until it gives a value (guarded by a deadline against a hang).
-async fn eventually_value<T, F, Fut>(what: &str, mut get: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = get().await {
-            return value;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}: none in 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -703,3 +703,23 @@ impl Cluster {
         cluster
     }
 }
+
+/// The metadata group's leader, once node 1 knows one.
+pub async fn metadata_leader(cluster: &Cluster) -> u64 {
+    let url = format!("{}/cluster", cluster.http(1));
+    super::eventually_some("a metadata leader", || async {
+        view(&url).await.and_then(|v| v["leader"].as_u64())
+    })
+    .await
+}
+
+/// Makes the direct exchange `name` through `base`.
+pub async fn create_direct_exchange(base: &str, name: &str) {
+    let client = http();
+    ok("create the exchange", || {
+        client
+            .post(format!("{base}/exchanges/{name}"))
+            .json(&serde_json::json!({"type": "direct"}))
+    })
+    .await;
+}
