@@ -1424,6 +1424,17 @@ async fn a_restarted_node_serves_by_the_metadata_made_while_it_was_down() {
         let mut grpc = BrokerClient::connect(cluster.node(down).grpc())
             .await
             .unwrap();
+        // A 503 `catching_up` (and only that) is asked again after a pause, as its
+        // `Retry-After` says; the deadline only guards against a hang.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let catching_up = |what: &str| {
+            eprintln!("round {round}: {what}");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: still catching up"
+            );
+            tokio::time::sleep(Duration::from_millis(50))
+        };
         let info = loop {
             let info = grpc
                 .get_queue(proto::GetQueueRequest {
@@ -1432,7 +1443,7 @@ async fn a_restarted_node_serves_by_the_metadata_made_while_it_was_down() {
                 .await;
             match info {
                 Err(status) if status.message().contains("catching up") => {
-                    eprintln!("round {round}: gRPC: {}", status.message());
+                    catching_up(status.message()).await;
                 }
                 info => break info,
             }
@@ -1441,6 +1452,7 @@ async fn a_restarted_node_serves_by_the_metadata_made_while_it_was_down() {
         let routed = |key: String| {
             let client = client.clone();
             let base = base.clone();
+            let catching_up = &catching_up;
             async move {
                 loop {
                     let answer = client
@@ -1452,7 +1464,7 @@ async fn a_restarted_node_serves_by_the_metadata_made_while_it_was_down() {
                     let status = answer.status();
                     let body = answer.json::<Value>().await.unwrap();
                     if status == 503 && body["error"]["code"] == "catching_up" {
-                        eprintln!("round {round}, key {key}: {body}");
+                        catching_up(&format!("key {key}: {body}")).await;
                         continue;
                     }
                     assert_eq!(status, 201, "round {round}, key {key}: {body}");
