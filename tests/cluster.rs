@@ -194,6 +194,7 @@ async fn any_node_serves_every_step() {
     a_group_is_deleted_through_any_node(&cluster).await;
     a_publish_is_in_the_log_of_every_node_at_once(&cluster).await;
     every_part_of_a_message_reaches_every_replica(&cluster).await;
+    keyless_messages_take_turns_between_keyed_ones(&cluster).await;
     // Read fallback: alone, node 1 has no quorum, yet serves its committed data; writes
     // answer 503 no_leader with Retry-After.
     cluster.node_mut(2).kill();
@@ -244,6 +245,51 @@ async fn any_node_serves_every_step() {
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "no_leader");
+}
+
+/// Messages without a key spread over the partitions in turn also when keyed messages
+/// come between them (the queue's leader takes the turns as it proposes; counted from
+/// the messages the queue held, every keyless message here went to one partition), and
+/// every replica puts each message in the same partition.
+async fn keyless_messages_take_turns_between_keyed_ones(cluster: &Cluster) {
+    create_queue(&cluster.node(1).http, "turns", json!({"partitions": 2})).await;
+    let mut keyless_in = [0usize; 2];
+    for i in 0..8 {
+        for (query, body) in [
+            ("?key=k", format!("keyed-{i}")),
+            ("", format!("keyless-{i}")),
+        ] {
+            let (status, answer) = retrying("publish", || {
+                http()
+                    .post(format!(
+                        "{}/queues/turns/messages{query}",
+                        cluster.node(3).http
+                    ))
+                    .body(body.clone())
+            })
+            .await;
+            assert!(status.is_success(), "publish {body}: {status} {answer}");
+            if query.is_empty() {
+                keyless_in[answer["partition"].as_u64().unwrap() as usize] += 1;
+            }
+        }
+    }
+    // Exactly 4 and 4, but for a publish asked again after a lost answer.
+    assert!(
+        keyless_in.iter().all(|n| *n >= 2),
+        "keyless messages per partition: {keyless_in:?}"
+    );
+    for partition in 0..2 {
+        let reference = log_bodies(&cluster.node(1).http, "turns", partition).await;
+        for id in 2..=3 {
+            let base = cluster.node(id).http.clone();
+            eventually(
+                "replicas put each message in the same partition",
+                || async { log_bodies(&base, "turns", partition).await == reference },
+            )
+            .await;
+        }
+    }
 }
 
 /// A publish answered through one node is in the log that any node reads right after:

@@ -867,7 +867,7 @@ impl Broker {
                 replicator.submit(op).await?.published()
             }
             None => {
-                self.publish_found(queue, found.as_ref(), messages, None)
+                self.publish_found(queue, found.as_ref(), messages, None, &[])
                     .await
             }
         };
@@ -928,15 +928,17 @@ impl Broker {
         answers
     }
 
-    /// Appends on this node; `now_ms` (a replicated publish's stamp) or the clock's now.
+    /// Appends a replicated publish on this node, stamped `now_ms`, its keyless messages
+    /// in its proposer's `turns` (see [`Queue::publish_placed`]).
     async fn publish_local(
         &self,
         queue: &str,
         messages: Vec<NewMessage>,
         now_ms: Option<i64>,
+        turns: &[Option<u32>],
     ) -> Result<Vec<Published>, BrokerError> {
         let found = self.queue(queue).ok();
-        self.publish_found(queue, found.as_ref(), messages, now_ms)
+        self.publish_found(queue, found.as_ref(), messages, now_ms, turns)
             .await
     }
 
@@ -947,6 +949,7 @@ impl Broker {
         found: Option<&Arc<Queue>>,
         messages: Vec<NewMessage>,
         now_ms: Option<i64>,
+        turns: &[Option<u32>],
     ) -> Result<Vec<Published>, BrokerError> {
         if messages.is_empty() {
             return Err(BrokerError::InvalidArgument(
@@ -957,7 +960,7 @@ impl Broker {
         for (index, m) in messages.iter().enumerate() {
             message::check_new_message(m, index, q.settings.max_message_bytes)?;
         }
-        q.publish_at(messages, now_ms).await
+        q.publish_placed(messages, now_ms, turns).await
     }
 
     /// Leases up to `max` messages for `group`, waiting up to `wait` for the first one.
@@ -1631,6 +1634,23 @@ impl Broker {
         {
             Some(size) => Err(BrokerError::MessageTooLarge { size, limit }),
             None => Ok(()),
+        }
+    }
+
+    /// Gives each keyless message of a publish to `queue` the next partition in turn, as
+    /// a cluster leader proposes it: every replica then appends it there (see
+    /// [`Queue::publish_placed`]). Messages with a key, or with a partition already, are
+    /// left as they are; so is every message when this node does not know the queue (the
+    /// apply refuses the publish on every replica alike).
+    pub fn take_turns(&self, queue: &str, messages: &mut [replicate::WireMessage]) {
+        let Ok(q) = self.queue(queue) else {
+            return;
+        };
+        for m in messages
+            .iter_mut()
+            .filter(|m| m.key.is_none() && m.partition.is_none())
+        {
+            m.partition = Some(q.next_turn());
         }
     }
 
@@ -2354,9 +2374,10 @@ mod tests {
         assert!(!text.contains(r#"queue="series-q""#), "{text}");
     }
 
-    /// A replicated publish spreads messages without a key from the number of messages
-    /// the queue holds, so a queue reopened on its data (a replica restored from its
-    /// snapshot) goes on where it was; a local publish keeps its in-memory turn.
+    /// A replicated publish that carries no turns (an entry written before leaders took
+    /// them) spreads messages without a key from the number of messages the queue holds,
+    /// so a queue reopened on its data (a replica restored from its snapshot) goes on where
+    /// it was; a local publish keeps its in-memory turn.
     #[tokio::test]
     async fn replicated_publishes_take_their_turn_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
@@ -2404,6 +2425,64 @@ mod tests {
             partitions(local),
             [0, 1],
             "a local publish: the counter, from 0"
+        );
+    }
+
+    /// A replicated publish whose proposer took turns puts each keyless message where its
+    /// turn says, keyed ones by their key, and refuses a turn past the partitions; the
+    /// leader's turns come from its counter, so keyless messages that alternate with keyed
+    /// ones still spread (counted from the log they all went to one partition).
+    #[tokio::test]
+    async fn replicated_publishes_go_where_their_proposer_turned() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        };
+        let b = Broker::open(config).await.unwrap();
+        let settings = QueueSettings {
+            partitions: 2,
+            ..QueueSettings::default()
+        };
+        b.create_queue("q", settings).await.unwrap();
+        let q = b.queue("q").unwrap();
+        let keyed = || NewMessage {
+            key: Some("k".into()),
+            body: bytes::Bytes::from_static(b"keyed"),
+            ..NewMessage::default()
+        };
+        let keyless = || {
+            replicate::WireMessage::from(NewMessage {
+                body: bytes::Bytes::from_static(b"keyless"),
+                ..NewMessage::default()
+            })
+        };
+        let key_partition = message::partition_for_key(b"k", 2);
+        let mut keyless_in = [0u32; 2];
+        for _ in 0..6 {
+            let on = q.publish_at(vec![keyed()], Some(1)).await.unwrap();
+            assert_eq!(on[0].partition, key_partition);
+            let mut one = [keyless()];
+            b.take_turns("q", &mut one);
+            let turns = [one[0].partition];
+            let [one] = one;
+            let on = q
+                .publish_placed(vec![one.into()], Some(1), &turns)
+                .await
+                .unwrap();
+            assert_eq!(Some(on[0].partition), turns[0]);
+            keyless_in[on[0].partition as usize] += 1;
+        }
+        assert_eq!(keyless_in, [3, 3], "keyless messages spread in turn");
+        let mut stamped = [keyless(), replicate::WireMessage::from(keyed())];
+        b.take_turns("q", &mut stamped);
+        assert_eq!(stamped[1].partition, None, "a keyed message takes no turn");
+        let refused = q
+            .publish_placed(vec![keyed(), keyed()], Some(1), &[None, Some(2)])
+            .await;
+        assert!(
+            matches!(refused, Err(BrokerError::InvalidArgument(_))),
+            "{refused:?}"
         );
     }
 

@@ -42,18 +42,29 @@ const LEASE_READ_BYTES: usize = 8 * 1024 * 1024;
 
 /// How one publish spreads its messages without a key over the partitions, in turn.
 ///
-/// A replicated publish (one that carries its proposer's clock) starts its turn where
-/// every replica can read it from its own data: the number of messages the queue's
-/// partitions hold ([`Queue::appended`]). A counter kept in memory started at 0 whenever
-/// the queue was opened, so a replica restored from a snapshot (or restarted: it restores
-/// its own) put the next message in another partition than the others did: the same id
-/// named different messages on different replicas. A single node keeps the counter:
-/// publishes that run at once each take their own turn.
-enum Spread {
+/// A single node keeps a counter in memory: publishes that run at once each take their own
+/// turn. A replicated publish is placed the same way on every replica: its proposer (the
+/// queue group's leader) takes each keyless message's turn from its own counter and
+/// stamps it in the entry ([`Queue::next_turn`]), and every replica appends where the stamp
+/// says. An entry written before proposers stamped turns has none: its turn starts where
+/// every replica can read it from its own data, the number of messages the queue's
+/// partitions hold ([`Queue::appended`]). That count also moves with every keyed message,
+/// so keyless messages that alternate with keyed ones all fell into the same partition;
+/// and a counter kept by each replica would start at 0 whenever the queue was opened
+/// (a restored or restarted replica), so the same id would name different messages on
+/// different replicas.
+enum Spread<'a> {
     /// The queue's in-memory counter.
     Counter,
-    /// The next turn, counted from the messages appended so far.
-    FromLog(u64),
+    /// The proposer's turn for each message (`None` for keyed messages, and for every
+    /// message of an entry that carries no turns), else the next turn counted from the
+    /// messages appended so far.
+    Replicated {
+        /// Turns by message index; empty when the entry carries none.
+        turns: &'a [Option<u32>],
+        /// The next turn counted from the log.
+        from_log: u64,
+    },
 }
 
 /// A message that must go to the dead-letter queue.
@@ -644,20 +655,29 @@ impl Queue {
         Ok(window)
     }
 
-    /// The partition of `message`: by its key's hash, else the next one in turn.
-    fn partition_for(&self, message: &NewMessage, spread: &mut Spread) -> u32 {
+    /// The partition of `message`, the `index`th of its publish: by its key's hash, else
+    /// the next one in turn.
+    fn partition_for(&self, index: usize, message: &NewMessage, spread: &mut Spread) -> u32 {
         let n = self.partitions.len() as u32;
         match (&message.key, spread) {
             (Some(key), _) => message::partition_for_key(key.as_bytes(), n),
-            (None, Spread::Counter) => {
-                self.round_robin.fetch_add(1, AtomicOrdering::Relaxed) % n.max(1)
-            }
-            (None, Spread::FromLog(next)) => {
-                let partition = (*next % u64::from(n.max(1))) as u32;
-                *next += 1;
+            (None, Spread::Counter) => self.next_turn(),
+            (None, Spread::Replicated { turns, from_log }) => {
+                if let Some(Some(turn)) = turns.get(index) {
+                    return *turn;
+                }
+                let partition = (*from_log % u64::from(n.max(1))) as u32;
+                *from_log += 1;
                 partition
             }
         }
+    }
+
+    /// The partition of the next message without a key, in turn: a single node's publish
+    /// takes it as it appends, a cluster's leader as it proposes (see [`Spread`]).
+    pub fn next_turn(&self) -> u32 {
+        let n = self.partitions.len() as u32;
+        self.round_robin.fetch_add(1, AtomicOrdering::Relaxed) % n.max(1)
     }
 
     /// Messages appended to the queue so far: the sum of its partitions' next offsets
@@ -724,6 +744,18 @@ impl Queue {
         messages: Vec<NewMessage>,
         now_ms: Option<i64>,
     ) -> Result<Vec<Published>, BrokerError> {
+        self.publish_placed(messages, now_ms, &[]).await
+    }
+
+    /// [`Self::publish_at`] where a replicated publish (`now_ms` given) puts the `i`th
+    /// message without a key in partition `turns[i]` when that is given: its proposer's
+    /// turn (see [`Spread`]). A turn past the queue's partitions refuses the publish.
+    pub async fn publish_placed(
+        &self,
+        messages: Vec<NewMessage>,
+        now_ms: Option<i64>,
+        turns: &[Option<u32>],
+    ) -> Result<Vec<Published>, BrokerError> {
         if self.is_deleted() {
             return Err(BrokerError::QueueNotFound(self.name.clone()));
         }
@@ -747,8 +779,18 @@ impl Queue {
         let mut same_as: Vec<Option<usize>> = vec![None; messages.len()];
         let mut first_with_key: HashMap<&str, usize> = HashMap::new();
         let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        let partitions = self.partitions.len();
+        if let Some(turn) = turns.iter().flatten().find(|t| **t as usize >= partitions) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "a publish names partition {turn}, but queue {} has {partitions}",
+                self.name
+            )));
+        }
         let mut spread = match now_ms {
-            Some(_) => Spread::FromLog(self.appended()),
+            Some(_) => Spread::Replicated {
+                turns,
+                from_log: self.appended(),
+            },
             None => Spread::Counter,
         };
         for (i, m) in messages.iter().enumerate() {
@@ -764,7 +806,7 @@ impl Queue {
                 first_with_key.insert(key, i);
             }
             by_partition
-                .entry(self.partition_for(m, &mut spread))
+                .entry(self.partition_for(i, m, &mut spread))
                 .or_default()
                 .push(i);
         }

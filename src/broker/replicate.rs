@@ -37,6 +37,12 @@ pub struct WireMessage {
     pub body: Bytes,
     /// Idempotency key.
     pub idempotency_key: Option<String>,
+    /// The partition its proposer chose for it in turn when it has no key (a cluster
+    /// leader's round robin, see [`super::queue::Queue::next_turn`]); `None` for keyed
+    /// messages and before the proposer chose. Carried only inside an encoded publish
+    /// entry, not by this op's serde form, whose earlier entries must decode as before.
+    #[serde(skip)]
+    pub partition: Option<u32>,
 }
 
 impl WireMessage {
@@ -60,6 +66,7 @@ impl From<NewMessage> for WireMessage {
             content_type: m.content_type,
             body: m.body,
             idempotency_key: m.idempotency_key,
+            partition: None,
         }
     }
 }
@@ -955,8 +962,11 @@ impl Broker {
                 messages,
                 now_ms,
             } => {
+                let turns: Vec<Option<u32>> = messages.iter().map(|m| m.partition).collect();
                 let messages = messages.into_iter().map(NewMessage::from).collect();
-                let published = self.publish_local(&queue, messages, Some(now_ms)).await?;
+                let published = self
+                    .publish_local(&queue, messages, Some(now_ms), &turns)
+                    .await?;
                 Ok(OpResult::Published(
                     published.iter().map(|p| (p.partition, p.offset)).collect(),
                 ))
@@ -1239,30 +1249,38 @@ pub(crate) mod tests {
             proptest::option::of("[a-z/]{0,16}"),
             proptest::collection::vec(any::<u8>(), 0..64),
             proptest::option::of(".{0,12}"),
+            proptest::option::of(any::<u32>()),
         )
             .prop_map(
-                |(key, headers, content_type, body, idempotency_key)| WireMessage {
+                |(key, headers, content_type, body, idempotency_key, partition)| WireMessage {
                     key,
                     headers,
                     content_type,
                     body: Bytes::from(body),
                     idempotency_key,
+                    partition,
                 },
             )
     }
 
     proptest! {
-        /// An op survives the codec the cluster ships it with, byte for byte.
+        /// An op survives the codec the cluster ships it with, byte for byte, but for the
+        /// proposer's turns, which only an encoded publish entry carries (so that entries
+        /// stored before turns existed decode as before).
         #[test]
         fn publish_ops_round_trip(
             queue in "[a-z]{1,10}",
             messages in proptest::collection::vec(arb_message(), 0..5),
             now_ms in any::<i64>(),
         ) {
-            let op = Op::Publish { queue, messages, now_ms };
+            let op = Op::Publish { queue: queue.clone(), messages: messages.clone(), now_ms };
             let bytes = bincode::serialize(&op).unwrap();
             let back: Op = bincode::deserialize(&bytes).unwrap();
-            prop_assert_eq!(back, op);
+            let unturned = messages
+                .into_iter()
+                .map(|m| WireMessage { partition: None, ..m })
+                .collect();
+            prop_assert_eq!(back, Op::Publish { queue, messages: unturned, now_ms });
         }
 
         /// Garbage never panics the decoder.

@@ -1226,8 +1226,10 @@ impl Cluster {
         command: Command,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
         if is_publish(&command) {
-            let (queue, messages, now_ms) = publish_parts(command)?;
+            let (queue, mut messages, now_ms) = publish_parts(command)?;
             self.broker.check_sizes(&queue, &messages)?;
+            // Keyless messages take their partitions here, once, for every replica.
+            self.broker.take_turns(&queue, &mut messages);
             let sink = || proposals::propose_to(raft, group);
             return self
                 .proposals
@@ -1494,6 +1496,10 @@ impl Replicator for Cluster {
         Box::pin(async move {
             let proposed = match self.publish_route(&queue).await {
                 Some((group, Some(raft))) => {
+                    let mut publishes = publishes;
+                    for messages in &mut publishes {
+                        self.broker.take_turns(&queue, messages);
+                    }
                     let sink = || proposals::propose_to(&raft, group);
                     let proposed = self
                         .proposals

@@ -12,7 +12,9 @@
 //! ```text
 //! batch   = count u32 | message*
 //! message = body_len u32 | body | flags u8 | [key] | [content_type] | [idempotency_key] | [headers]
-//!           (each bracketed part present when its flag bit is set: 1, 2, 4, 8)
+//!           | [partition u32]
+//!           (each bracketed part present when its flag bit is set: 1, 2, 4, 8, 16; any other
+//!           bit is refused)
 //! string  = len u32 | UTF-8 bytes        key, content_type, idempotency_key are strings
 //! headers = n u32 | (string name | string value)*
 //! ```
@@ -23,7 +25,9 @@
 //! record = timestamp_ms i64 | flags u8 | [key_len u32 | key] | headers_n u32 |
 //!          (string name | value_len u32 | value)* | value_len u32 | value   (key: flag bit 1)
 //! ```
-//! All integers little-endian. Decoding checks every length against what is left and every
+//! `partition` is the turn the proposing leader gave a message without a key
+//! ([`WireMessage::partition`]); entries written before leaders chose turns have no such
+//! bit, and their replicas place those messages as they did then. All integers little-endian. Decoding checks every length against what is left and every
 //! string's UTF-8: a malformed batch is an error, never a panic.
 
 use std::collections::BTreeMap;
@@ -37,6 +41,9 @@ const KEY: u8 = 1;
 const CONTENT_TYPE: u8 = 2;
 const IDEMPOTENCY_KEY: u8 = 4;
 const HEADERS: u8 = 8;
+const PARTITION: u8 = 16;
+/// Every flag bit a message may carry.
+const MESSAGE_FLAGS: u8 = KEY | CONTENT_TYPE | IDEMPOTENCY_KEY | HEADERS | PARTITION;
 
 /// Why a batch could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -50,6 +57,14 @@ pub enum BatchError {
     /// Bytes are left after the last message or record.
     #[error("an encoded batch has {0} bytes after its last message or record")]
     Trailing(usize),
+    /// A message carries a flag bit this version does not know (written by a later one).
+    #[error("an encoded batch holds a message with unknown flags {flags:#04x}, at byte {at}")]
+    UnknownFlags {
+        /// The flags byte.
+        flags: u8,
+        /// Where it is.
+        at: usize,
+    },
     /// A length does not fit the format (more than 4 GiB).
     #[error("a part of a batch is too large to encode ({0} bytes)")]
     TooLarge(usize),
@@ -311,6 +326,7 @@ fn encoded_size(m: &WireMessage) -> usize {
         + string(&m.content_type)
         + string(&m.idempotency_key)
         + headers
+        + m.partition.map_or(0, |_| 4)
 }
 
 fn len32(len: usize) -> Result<u32, BatchError> {
@@ -330,7 +346,8 @@ fn put_message(out: &mut BytesMut, m: &WireMessage) -> Result<(), BatchError> {
         flag(m.key.is_some(), KEY)
             | flag(m.content_type.is_some(), CONTENT_TYPE)
             | flag(m.idempotency_key.is_some(), IDEMPOTENCY_KEY)
-            | flag(!m.headers.is_empty(), HEADERS),
+            | flag(!m.headers.is_empty(), HEADERS)
+            | flag(m.partition.is_some(), PARTITION),
     );
     for s in [&m.key, &m.content_type, &m.idempotency_key]
         .into_iter()
@@ -344,6 +361,9 @@ fn put_message(out: &mut BytesMut, m: &WireMessage) -> Result<(), BatchError> {
             put_bytes(out, name.as_bytes())?;
             put_bytes(out, value.as_bytes())?;
         }
+    }
+    if let Some(partition) = m.partition {
+        out.put_u32_le(partition);
     }
     Ok(())
 }
@@ -431,7 +451,11 @@ impl Reader<'_> {
 
     fn message(&mut self) -> Result<WireMessage, BatchError> {
         let body = self.bytes()?;
+        let at = self.at;
         let flags = self.u8()?;
+        if flags & !MESSAGE_FLAGS != 0 {
+            return Err(BatchError::UnknownFlags { flags, at });
+        }
         let key = self.optional(flags, KEY)?;
         let content_type = self.optional(flags, CONTENT_TYPE)?;
         let idempotency_key = self.optional(flags, IDEMPOTENCY_KEY)?;
@@ -444,12 +468,17 @@ impl Reader<'_> {
                 headers.insert(name, value);
             }
         }
+        let partition = match flags & PARTITION {
+            0 => None,
+            _ => Some(self.u32()?),
+        };
         Ok(WireMessage {
             key,
             headers,
             content_type,
             body,
             idempotency_key,
+            partition,
         })
     }
 }
@@ -526,6 +555,7 @@ mod tests {
             content_type: None,
             body: Bytes::from_static(b"hello"),
             idempotency_key: None,
+            partition: None,
         }];
         let batch = MessageBatch::encode(&messages).unwrap();
         let back = batch.decode().unwrap();
@@ -533,6 +563,25 @@ mod tests {
         assert!(inside.contains(&back[0].body.as_ptr()));
         // 4 (count) + 4 (length) + 5 (body) + 1 (flags).
         assert_eq!(batch.raw.len(), 14);
+    }
+
+    /// A batch as entries were written before leaders took turns (no partition bit)
+    /// decodes with no turn; one with a turn carries it after the other parts.
+    #[test]
+    fn turns_are_optional_and_last() {
+        let old = MessageBatch {
+            raw: Bytes::from_static(b"\x01\0\0\0\x02\0\0\0hi\0"),
+        };
+        let decoded = old.decode().unwrap();
+        assert_eq!(decoded[0].partition, None);
+        assert_eq!(&decoded[0].body[..], b"hi");
+        let turned = WireMessage {
+            partition: Some(5),
+            ..decoded[0].clone()
+        };
+        let batch = MessageBatch::encode([&turned]).unwrap();
+        assert_eq!(&batch.raw[..], b"\x01\0\0\0\x02\0\0\0hi\x10\x05\0\0\0");
+        assert_eq!(batch.decode().unwrap(), vec![turned]);
     }
 
     #[test]
@@ -551,6 +600,10 @@ mod tests {
         );
         assert_eq!(batch(b"\0\0\0\0\0").decode(), Err(BatchError::Trailing(1)));
         assert!(batch(b"\xff\xff\xff\xff").decode().is_err());
+        assert_eq!(
+            batch(b"\x01\0\0\0\0\0\0\0\x20").decode(),
+            Err(BatchError::UnknownFlags { flags: 0x20, at: 8 })
+        );
         assert_eq!(batch(b"\x00\x00\x00\x00").decode(), Ok(Vec::new()));
     }
 }

@@ -846,6 +846,7 @@ mod tests {
                 content_type: None,
                 body: bytes::Bytes::from(body.to_string()),
                 idempotency_key: None,
+                partition: None,
             }],
             now_ms: 1_700_000_000_000,
         };
