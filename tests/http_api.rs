@@ -405,6 +405,40 @@ async fn a_redrive_stores_every_dead_letter_it_moves() {
     s.stop().await;
 }
 
+/// A queue deleted and made again starts its ids over, while its dead-letter queue (not
+/// deleted with it) still remembers the dead letters of the old one: a message of the new
+/// queue dead-lettered under an old one's id is stored all the same, not taken for a
+/// repeat of the old one and dropped.
+#[tokio::test]
+async fn a_queue_made_again_dead_letters_its_messages_again() {
+    let s = TestServer::start().await;
+    for round in 0..3 {
+        create(&s, "again", json!({"max_deliveries": 1})).await;
+        send(&s, "again", &format!("job-{round}")).await;
+        let (_, leased) = get(&s, "/queues/again/messages").await;
+        let id = leased["messages"][0]["id"].as_str().unwrap().to_string();
+        assert_eq!(id, "0-0", "a queue made again starts its ids over");
+        let (status, _) = post(
+            &s,
+            &format!("/queues/again/messages/{id}/nack?delay=0"),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (_, log) = get(&s, "/queues/again.dlq/log?max=10").await;
+        let bodies: Vec<&str> = log["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["body"].as_str())
+            .collect();
+        let want: Vec<String> = (0..=round).map(|r| format!("job-{r}")).collect();
+        assert_eq!(bodies, want, "the dead letters after round {round}");
+        assert_eq!(delete(&s, "/queues/again").await, StatusCode::NO_CONTENT);
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn expiry_nack_dead_letter_and_redrive() {
     let s = TestServer::start().await;

@@ -256,11 +256,20 @@ pub fn redrive_key(dlq: &str, id: MessageId, original: &str, timestamp_ms: i64) 
     format!("qit-redrive:{hash:016x}")
 }
 
-/// The idempotency key under which group `group` of `queue` dead-letters message `id` after
-/// `delivery_count` deliveries: the same when the move is tried again (after a failed
-/// append, or by a new cluster leader that finds the delivery interrupted), so the
-/// dead-letter queue stores it once within its dedup window.
-pub fn dead_letter_key(queue: &str, group: &str, id: MessageId, delivery_count: u32) -> String {
+/// The idempotency key under which group `group` of `queue` dead-letters message `id`
+/// (published at `timestamp_ms`) after `delivery_count` deliveries: the same when the move
+/// is tried again (after a failed append, or by a new cluster leader that finds the
+/// delivery interrupted), so the dead-letter queue stores it once within its dedup window.
+/// A queue deleted and made again reuses ids; its publish time keeps a message of the new
+/// queue apart from the old one's, which the dead-letter queue would otherwise take for
+/// a repeat and drop (as [`redrive_key`] does for a dead-letter queue made again).
+pub fn dead_letter_key(
+    queue: &str,
+    group: &str,
+    id: MessageId,
+    delivery_count: u32,
+    timestamp_ms: i64,
+) -> String {
     let id = id.to_string();
     let hash = crate::hash::fnv1a(&[
         queue.as_bytes(),
@@ -269,6 +278,7 @@ pub fn dead_letter_key(queue: &str, group: &str, id: MessageId, delivery_count: 
         &[0],
         id.as_bytes(),
         &delivery_count.to_le_bytes(),
+        &timestamp_ms.to_le_bytes(),
     ]);
     format!("qit-dead-letter:{hash:016x}")
 }
@@ -385,19 +395,21 @@ mod tests {
             partition: 1,
             offset: 7,
         };
-        let key = dead_letter_key("q", "g", id, 5);
-        assert_eq!(key, dead_letter_key("q", "g", id, 5));
+        let key = dead_letter_key("q", "g", id, 5, 1000);
+        assert_eq!(key, dead_letter_key("q", "g", id, 5, 1000));
         let other = MessageId {
             partition: 1,
             offset: 8,
         };
         for different in [
-            dead_letter_key("r", "g", id, 5),
-            dead_letter_key("q", "h", id, 5),
-            dead_letter_key("q", "g", other, 5),
-            dead_letter_key("q", "g", id, 6),
+            dead_letter_key("r", "g", id, 5, 1000),
+            dead_letter_key("q", "h", id, 5, 1000),
+            dead_letter_key("q", "g", other, 5, 1000),
+            dead_letter_key("q", "g", id, 6, 1000),
+            // The same id in a queue made again: another publish time.
+            dead_letter_key("q", "g", id, 5, 1001),
             // The separators keep names that run together apart.
-            dead_letter_key("qg", "", id, 5),
+            dead_letter_key("qg", "", id, 5, 1000),
         ] {
             assert_ne!(key, different);
         }

@@ -1406,6 +1406,7 @@ impl Broker {
             &job.group,
             job.id,
             job.delivery_count,
+            record.timestamp_ms,
         ));
         for (name, value) in [
             (message::ORIGINAL_QUEUE_HEADER, job.queue.clone()),
