@@ -86,6 +86,15 @@ fn queue_script() -> Vec<Step> {
             headers: &[("Idempotency-Key", "i1")],
             ..post("/queues/dq/messages?key=k1", text("hello2"))
         },
+        // A repeat stores nothing, yet takes its turn as every keyless message does.
+        Step {
+            headers: &[("Idempotency-Key", "i2")],
+            ..post("/queues/dq/messages", text("once"))
+        },
+        Step {
+            headers: &[("Idempotency-Key", "i2")],
+            ..post("/queues/dq/messages", text("once"))
+        },
         post(
             "/queues/dq/messages",
             Body::Raw(b"\xff\x00", "application/octet-stream"),
@@ -200,6 +209,8 @@ fn lease_script() -> Vec<Step> {
         get("/queues/o/groups/default"),
         delete("/queues/o/groups/default"),
         get("/queues/o/log?partition=0&from=1&max=2"),
+        // The group's state after a seek, as its leader holds it (a redelivery counted).
+        put("/queues/o/groups/default/offset", json!({"to": "earliest"})),
         post(
             "/queues/c",
             Body::Json(json!({"compaction": true, "segment_bytes": 1024})),

@@ -1734,7 +1734,9 @@ impl Broker {
                 target: target.into(),
             };
             replicator.submit(op).await?.done()?;
-            return self.group_info(queue, group);
+            // As the leader of the queue's group holds it: a follower's own copy knows
+            // no leases, so it would show none in flight and nothing redelivered.
+            return self.current_group_info(queue, group).await;
         }
         self.seek_local(queue, group, target).await
     }

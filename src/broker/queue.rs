@@ -42,29 +42,24 @@ const LEASE_READ_BYTES: usize = 8 * 1024 * 1024;
 
 /// How one publish spreads its messages without a key over the partitions, in turn.
 ///
-/// A single node keeps a counter in memory: publishes that run at once each take their own
-/// turn. A replicated publish is placed the same way on every replica: its proposer (the
-/// queue group's leader) takes each keyless message's turn from its own counter and
-/// stamps it in the entry ([`Queue::next_turn`]), and every replica appends where the stamp
-/// says. An entry written before proposers stamped turns has none: its turn starts where
-/// every replica can read it from its own data, the number of messages the queue's
-/// partitions hold ([`Queue::appended`]). That count also moves with every keyed message,
-/// so keyless messages that alternate with keyed ones all fell into the same partition;
-/// and a counter kept by each replica would start at 0 whenever the queue was opened
-/// (a restored or restarted replica), so the same id would name different messages on
-/// different replicas.
-enum Spread<'a> {
-    /// The queue's in-memory counter.
-    Counter,
-    /// The proposer's turn for each message (`None` for keyed messages, and for every
-    /// message of an entry that carries no turns), else the next turn counted from the
-    /// messages appended so far.
-    Replicated {
-        /// Turns by message index; empty when the entry carries none.
-        turns: &'a [Option<u32>],
-        /// The next turn counted from the log.
-        from_log: u64,
-    },
+/// Each keyless message of a publish takes the next turn of a counter the queue keeps in
+/// memory ([`Queue::next_turn`]), also one that is then not stored (a repeat within the
+/// dedup window): on a single node as it appends; in a cluster, on the queue group's
+/// leader as it proposes the entry, which carries the turns (`turns`), so that every
+/// replica appends each message where the leader counted and a cluster places messages as
+/// a single node does. An entry written before leaders took turns carries none: its
+/// keyless messages start their turn where every replica can read it from its own data,
+/// the number of messages the queue's partitions hold ([`Queue::appended`]). That count
+/// also moves with every keyed message, so keyless messages that alternated with keyed
+/// ones all fell into the same partition; and a counter kept by each replica would start
+/// at 0 whenever the queue was opened (a restored or restarted replica), so the same id
+/// would name different messages on different replicas.
+struct Spread<'a> {
+    /// The turn of each message by index (`None` for keyed messages); empty when a
+    /// replicated entry carries none.
+    turns: &'a [Option<u32>],
+    /// The next turn counted from the log, for an entry without turns.
+    from_log: u64,
 }
 
 /// A message that must go to the dead-letter queue.
@@ -274,7 +269,8 @@ pub struct Queue {
     group_creation: Mutex<()>,
     /// Woken on publish, redelivery, freed keys, shutdown and delete.
     pub notify: Notify,
-    /// Where the next message without a key goes, on a single node (see [`Spread`]).
+    /// Where the next message without a key goes: on a single node as it appends, on a
+    /// cluster leader as it proposes (see [`Spread`]).
     round_robin: AtomicU32,
     /// The idempotency keys of the dedup window, read back from the log by the first
     /// publish with a key (a queue never given one never reads its log for them).
@@ -659,18 +655,15 @@ impl Queue {
     /// the next one in turn.
     fn partition_for(&self, index: usize, message: &NewMessage, spread: &mut Spread) -> u32 {
         let n = self.partitions.len() as u32;
-        match (&message.key, spread) {
-            (Some(key), _) => message::partition_for_key(key.as_bytes(), n),
-            (None, Spread::Counter) => self.next_turn(),
-            (None, Spread::Replicated { turns, from_log }) => {
-                if let Some(Some(turn)) = turns.get(index) {
-                    return *turn;
-                }
-                let partition = (*from_log % u64::from(n.max(1))) as u32;
-                *from_log += 1;
-                partition
-            }
+        if let Some(key) = &message.key {
+            return message::partition_for_key(key.as_bytes(), n);
         }
+        if let Some(Some(turn)) = spread.turns.get(index) {
+            return *turn;
+        }
+        let partition = (spread.from_log % u64::from(n.max(1))) as u32;
+        spread.from_log += 1;
+        partition
     }
 
     /// The partition of the next message without a key, in turn: a single node's publish
@@ -786,12 +779,20 @@ impl Queue {
                 self.name
             )));
         }
-        let mut spread = match now_ms {
-            Some(_) => Spread::Replicated {
-                turns,
-                from_log: self.appended(),
-            },
-            None => Spread::Counter,
+        let local_turns: Vec<Option<u32>>;
+        let turns = match now_ms {
+            Some(_) => turns,
+            None => {
+                local_turns = messages
+                    .iter()
+                    .map(|m| m.key.is_none().then(|| self.next_turn()))
+                    .collect();
+                &local_turns
+            }
+        };
+        let mut spread = Spread {
+            turns,
+            from_log: self.appended(),
         };
         for (i, m) in messages.iter().enumerate() {
             if let (Some(key), Some(window)) = (m.idempotency_key.as_deref(), dedup.as_mut()) {
