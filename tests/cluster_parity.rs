@@ -184,7 +184,7 @@ fn queue_script() -> Vec<Step> {
 fn lease_script() -> Vec<Step> {
     let ordered = json!({"ordering": "key", "max_deliveries": 2, "backoff": [0]});
     vec![
-        post("/queues/o", Body::Json(ordered)),
+        post("/queues/o", Body::Json(ordered.clone())),
         post("/queues/o/messages?key=a", text("a1")),
         post("/queues/o/messages?key=a", text("a2")),
         post("/queues/o/messages?key=b", text("b1")),
@@ -208,6 +208,8 @@ fn lease_script() -> Vec<Step> {
         post("/queues/o/messages/{id}/nack", Body::None),
         get("/queues/o/groups/default"),
         delete("/queues/o/groups/default"),
+        // Made again with the same settings: the queue as its leader holds it, a lease out.
+        post("/queues/o", Body::Json(ordered)),
         get("/queues/o/log?partition=0&from=1&max=2"),
         // The group's state after a seek, as its leader holds it (a redelivery counted).
         put("/queues/o/groups/default/offset", json!({"to": "earliest"})),

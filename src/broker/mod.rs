@@ -384,7 +384,7 @@ impl Broker {
                     created,
                     dead_letter_created,
                 } => Ok(CreatedQueue {
-                    info: self.created_queue_info(name).await?,
+                    info: self.created_queue_info(name, created).await?,
                     created,
                     dead_letter_created,
                 }),
@@ -404,10 +404,19 @@ impl Broker {
         self.create_queue_local(name, settings).await
     }
 
-    /// A queue's info once its creation is committed: this node's copy has it (the
-    /// replicator waits for this node to apply the entry), unless this node's replica of the
-    /// metadata is behind or stopped, where the cluster is asked.
-    async fn created_queue_info(&self, name: &str) -> Result<QueueInfo, BrokerError> {
+    /// A queue's info once its creation is committed. A queue made now has no leases yet:
+    /// this node's copy has it as it is (the replicator waits for this node to apply the
+    /// entry), unless this node's replica of the metadata is behind or stopped, where the
+    /// cluster is asked. A queue that existed is read as its leader holds it, with the
+    /// leases its groups have out (a follower's own copy knows none).
+    async fn created_queue_info(
+        &self,
+        name: &str,
+        created: bool,
+    ) -> Result<QueueInfo, BrokerError> {
+        if !created {
+            return self.current_queue_info(name).await;
+        }
         match self.queue_info(name) {
             Err(BrokerError::QueueNotFound(_)) => self.current_queue_info(name).await,
             found => found,
