@@ -282,6 +282,57 @@ async fn a_long_poll_through_a_follower_outlives_the_leader() {
     assert_eq!(bodies, ["after the failover"], "{body}");
 }
 
+/// A message whose one allowed delivery was under way when its leader was killed is
+/// dead-lettered by the next leader, never delivered a second time: the new leader has
+/// the count its predecessor replicated, not the lease that died with it, and a delivery
+/// cut off that way failed (as at a single node's restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_used_up_its_count_is_dead_lettered_after_a_leader_kill() {
+    use common::cluster::{index_past, labeled_metric, ok};
+    use qit::cluster::view::{APPLIED_INDEX, LAST_LOG_INDEX};
+    let mut cluster = Cluster::start().await;
+    create_queue(
+        cluster.http(1),
+        "once",
+        json!({"partitions": 1, "max_deliveries": 1}),
+    )
+    .await;
+    let leader = cluster.leader_of(1, "once", None).await;
+    publish(cluster.http(leader), "once", "only-once").await;
+    let label = "queue=\"once\"";
+    let before = labeled_metric(cluster.http(leader), LAST_LOG_INDEX, label)
+        .await
+        .expect("the leader's log index") as u64;
+    let lease = |base: String| {
+        move || common::http().get(format!("{base}/queues/once/messages?wait=1&visibility=60"))
+    };
+    let leased = ok("receive", lease(cluster.http(leader).to_string())).await;
+    assert_eq!(leased["messages"][0]["delivery_count"], 1, "{leased}");
+    // The delivery's count goes to the replicas after the receive answers: wait for the
+    // leader's entry of it, and for both others to apply it.
+    let counted = index_past(cluster.http(leader), LAST_LOG_INDEX, "once", before).await;
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    for id in &others {
+        index_past(cluster.http(*id), APPLIED_INDEX, "once", counted - 1).await;
+    }
+    cluster.kill(leader);
+    let survivor = cluster.http(others[0]).to_string();
+    let dead_letters = format!("{survivor}/queues/once.dlq/log?max=10");
+    eventually("the new leader dead-letters the message", || async {
+        let again = ok("receive", lease(survivor.clone())).await;
+        assert_eq!(
+            again["messages"].as_array().map(Vec::len),
+            Some(0),
+            "delivered again beyond max_deliveries: {again}"
+        );
+        view(&dead_letters).await.is_some_and(|log| {
+            log["messages"][0]["body"] == "only-once"
+                && log["messages"][0]["headers"]["qit-dead-letter-reason"] == "expired"
+        })
+    })
+    .await;
+}
+
 /// A one-replica queue whose node lost the group's log has no other replica to catch up
 /// from: the group starts empty and serves again rather than wait for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,8 +67,13 @@ impl GroupConfig {
     }
 
     fn exhausted(&self, delivery_count: u32) -> bool {
-        self.max_deliveries > 0 && delivery_count >= self.max_deliveries
+        exhausts(self.max_deliveries, delivery_count)
     }
+}
+
+/// True when `delivery_count` deliveries use up `max_deliveries` (0 = unlimited).
+fn exhausts(max_deliveries: u32, delivery_count: u32) -> bool {
+    max_deliveries > 0 && delivery_count >= max_deliveries
 }
 
 /// A record offered for leasing: its offset and the hash of its key.
@@ -233,6 +238,24 @@ impl PartitionState {
     fn add_lease(&mut self, offset: u64, lease: Lease) {
         self.deadlines.insert((lease.deadline_ms, offset));
         self.leases.insert(offset, lease);
+    }
+
+    /// Ends the delivery of `offset` that used up its deliveries (`delivery_count`) and
+    /// was cut off without an outcome: it failed, as if its lease had expired. It gets a
+    /// lease that is already over, so the next [`GroupState::expire`] sends it to the
+    /// dead-letter queue instead of delivering it again.
+    /// `key` is the message's key when known: the caller holds it, so that with key
+    /// ordering the next message of the key waits until this one reached the DLQ.
+    fn end_delivery(&mut self, offset: u64, delivery_count: u32, key: Option<u64>) {
+        self.counts.remove(&offset);
+        self.add_lease(
+            offset,
+            Lease {
+                deadline_ms: i64::MIN,
+                delivery_count,
+                key,
+            },
+        );
     }
 }
 
@@ -443,7 +466,12 @@ impl GroupState {
             }
         }
         ready.sort_unstable();
+        let max_deliveries = self.config.max_deliveries;
         for (offset, was_waiting) in ready.into_iter().take(budget) {
+            // A delivery ended below holds a place in flight until it expires.
+            if self.capacity() == 0 {
+                break;
+            }
             let p = self.part_mut(partition)?;
             let (count, key) = if was_waiting {
                 let Some(w) = p.waiting.remove(&offset) else {
@@ -454,7 +482,15 @@ impl GroupState {
                 let Some(key) = p.parked.remove(&offset) else {
                     continue;
                 };
-                let count = p.counts.remove(&offset).unwrap_or(0);
+                let count = p.counts.get(&offset).copied().unwrap_or(0);
+                if exhausts(max_deliveries, count) {
+                    // Its last delivery was cut off (see `lease_fresh`).
+                    p.end_delivery(offset, count, key);
+                    self.hold_key(key);
+                    self.in_flight += 1;
+                    continue;
+                }
+                p.counts.remove(&offset);
                 (count, key)
             };
             let delivery_count = count + 1;
@@ -492,6 +528,7 @@ impl GroupState {
         fresh: &[Candidate],
         grants: &mut Vec<Grant>,
     ) -> Result<(), GroupError> {
+        let max_deliveries = self.config.max_deliveries;
         // The last offset leased or waiting. Normally all of them lie before the cursor and
         // one comparison per candidate says so; only a delivery a restart ended (on its way
         // to the DLQ, see `end_interrupted_deliveries`) can lie at or past it.
@@ -501,7 +538,7 @@ impl GroupState {
             last_lease.max(p.waiting.last_key_value().map(|(o, _)| *o))
         };
         for candidate in fresh {
-            if grants.len() >= budget {
+            if grants.len() >= budget || self.capacity() == 0 {
                 break;
             }
             let busy = self.key_busy(candidate.key);
@@ -531,7 +568,21 @@ impl GroupState {
                 p.cursor = candidate.offset + 1;
                 continue;
             }
-            let delivery_count = p.counts.remove(&candidate.offset).unwrap_or(0) + 1;
+            let prior = p.counts.get(&candidate.offset).copied().unwrap_or(0);
+            if exhausts(max_deliveries, prior) {
+                // Its last delivery used up `max_deliveries` and was cut off without an
+                // outcome: a cluster leader that took the group over knows the count its
+                // predecessor replicated, but not the lease, which died with it. It
+                // failed, as at a restart (`end_interrupted_deliveries`): to the DLQ,
+                // never delivered once more than allowed.
+                p.end_delivery(candidate.offset, prior, candidate.key);
+                p.cursor = candidate.offset + 1;
+                self.hold_key(candidate.key);
+                self.in_flight += 1;
+                continue;
+            }
+            p.counts.remove(&candidate.offset);
+            let delivery_count = prior + 1;
             p.add_lease(
                 candidate.offset,
                 Lease {
@@ -903,15 +954,7 @@ impl GroupState {
                 .map(|(o, c)| (*o, *c))
                 .collect();
             for (offset, delivery_count) in exhausted {
-                p.counts.remove(&offset);
-                p.add_lease(
-                    offset,
-                    Lease {
-                        deadline_ms: i64::MIN,
-                        delivery_count,
-                        key: None,
-                    },
-                );
+                p.end_delivery(offset, delivery_count, None);
                 ended += 1;
             }
         }
@@ -1027,6 +1070,70 @@ mod tests {
             follower.note_delivery_count(0, 2, 4),
             "a lease learns a higher count"
         );
+    }
+
+    /// A replica that leads after a leader died knows, from the counts that leader
+    /// replicated, which messages had used up `max_deliveries` when their leases died with
+    /// it: it never delivers those again but dead-letters them (as expired), fresh or
+    /// parked behind a busy key alike, while the others go out with their next count.
+    #[test]
+    fn a_new_leader_dead_letters_deliveries_that_had_used_up_their_count() {
+        let dead = |delivery_count| Outcome::DeadLetter {
+            delivery_count,
+            reason: Reason::Expired,
+        };
+        for ordering in [Ordering::None, Ordering::Key] {
+            let config = GroupConfig {
+                max_deliveries: 2,
+                ordering,
+                ..config()
+            };
+            let mut follower = GroupState::new(config, &[0]);
+            assert!(follower.note_delivery_count(0, 0, 2));
+            assert!(follower.note_delivery_count(0, 1, 1));
+            assert!(follower.note_delivery_count(0, 2, 2));
+            // Offsets 1 and 2 share a key: with key ordering, 2 waits for 1's ack.
+            let candidates = [
+                Candidate {
+                    offset: 0,
+                    key: None,
+                },
+                Candidate {
+                    offset: 1,
+                    key: Some(7),
+                },
+                Candidate {
+                    offset: 2,
+                    key: Some(7),
+                },
+                Candidate {
+                    offset: 3,
+                    key: None,
+                },
+            ];
+            let (grants, _) = follower.lease(0, 100, 30_000, 10, &candidates).unwrap();
+            let counts: Vec<(u64, u32)> = grants
+                .iter()
+                .map(|g| (g.offset, g.delivery_count))
+                .collect();
+            assert_eq!(counts, vec![(1, 2), (3, 1)], "{ordering:?}");
+            let ended = |state: &mut GroupState| -> Vec<(u64, Outcome)> {
+                state
+                    .expire(100)
+                    .iter()
+                    .map(|e| (e.offset, e.outcome))
+                    .collect()
+            };
+            if ordering == Ordering::Key {
+                assert_eq!(ended(&mut follower), vec![(0, dead(2))]);
+                follower.ack(0, 1).unwrap();
+                let (grants, _) = follower.lease(0, 100, 30_000, 10, &[]).unwrap();
+                assert!(grants.is_empty(), "{grants:?}");
+                assert_eq!(ended(&mut follower), vec![(2, dead(2))]);
+            } else {
+                assert_eq!(ended(&mut follower), vec![(0, dead(2)), (2, dead(2))]);
+            }
+        }
     }
 
     #[test]
