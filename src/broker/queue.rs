@@ -58,8 +58,9 @@ struct Spread<'a> {
     /// The turn of each message by index (`None` for keyed messages); empty when a
     /// replicated entry carries none.
     turns: &'a [Option<u32>],
-    /// The next turn counted from the log, for an entry without turns.
-    from_log: u64,
+    /// The next turn counted from the log, for an entry without turns (read from the
+    /// log when first needed: a publish with turns never needs it).
+    from_log: Option<u64>,
 }
 
 /// A message that must go to the dead-letter queue.
@@ -661,8 +662,9 @@ impl Queue {
         if let Some(Some(turn)) = spread.turns.get(index) {
             return *turn;
         }
-        let partition = (spread.from_log % u64::from(n.max(1))) as u32;
-        spread.from_log += 1;
+        let next = spread.from_log.get_or_insert_with(|| self.appended());
+        let partition = (*next % u64::from(n.max(1))) as u32;
+        *next += 1;
         partition
     }
 
@@ -792,7 +794,7 @@ impl Queue {
         };
         let mut spread = Spread {
             turns,
-            from_log: self.appended(),
+            from_log: None,
         };
         for (i, m) in messages.iter().enumerate() {
             if let (Some(key), Some(window)) = (m.idempotency_key.as_deref(), dedup.as_mut()) {
