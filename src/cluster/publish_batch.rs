@@ -27,8 +27,9 @@
 //! ```
 //! `partition` is the turn the proposing leader gave a message without a key
 //! ([`WireMessage::partition`]); entries written before leaders chose turns have no such
-//! bit, and their replicas place those messages as they did then. All integers little-endian. Decoding checks every length against what is left and every
-//! string's UTF-8: a malformed batch is an error, never a panic.
+//! bit, and their replicas place those messages as they did then. All integers
+//! little-endian. Decoding checks every length against what is left and every string's
+//! UTF-8: a malformed batch is an error, never a panic.
 
 use std::collections::BTreeMap;
 
