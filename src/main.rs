@@ -21,7 +21,23 @@ use qit::server::{Server, shutdown_signal};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process, whatever the system's setting. The
+/// allocator's memory is sparse: with huge pages every 2 MiB region it touches becomes
+/// resident, and a cluster node with 1,500 idle queues held 3.9 GiB instead of a few
+/// hundred MiB. (mimalloc's own request for them is compiled out by its `no_thp` feature;
+/// this also covers systems where the kernel gives them unasked, `enabled = always`.)
+#[cfg(target_os = "linux")]
+fn no_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes nothing but a
+    // flag of this process; a kernel without it answers EINVAL, which is harmless.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn no_transparent_huge_pages() {}
+
 fn main() -> std::process::ExitCode {
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

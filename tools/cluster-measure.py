@@ -10,8 +10,9 @@ on every node, drains the queue (receive + ack until nothing comes), and checks 
 acknowledged publish was delivered and that no message whose ack was answered 204 was
 delivered again.
 
-`idle` creates 100 queues x 3 partitions and reports each node's CPU over 60 idle seconds
-and whether any group changed term; `rolling` restarts the three nodes one after the other
+`idle` creates 100 queues x 3 partitions ($IDLE_QUEUES queues) and reports how long that
+took, each node's CPU over 60 idle seconds, whether any group changed term, and each node's
+threads, open files and resident memory; `rolling` restarts the three nodes one after the other
 (SIGTERM, start again, wait until it serves and leads its preferred groups again) under a
 W1-shaped load (one message per publish, with an idempotency key; a consumer receiving and
 acking), the client retrying 503 as qit's own do, and reports publish latency (retries
@@ -36,6 +37,8 @@ MODE = sys.argv[2]  # idle | failover | rolling | addnode
 ROOT = tempfile.mkdtemp(prefix="qit-measure-")
 # QIT_MEASURE_PORTS moves every port by that much (two runs on one machine must not share ports).
 OFF = int(os.environ.get("QIT_MEASURE_PORTS", "0"))
+# Queues (3 partitions each) the idle mode makes.
+IDLE_QUEUES = int(os.environ.get("IDLE_QUEUES", "100"))
 PEERS = ",".join(f"{n}=127.0.0.1:{17100 + OFF + n}" for n in (1, 2, 3))
 LOG = os.environ.get("QIT_MEASURE_LOG", "error")
 procs = {}
@@ -85,6 +88,11 @@ def placement(queue, nodes, k=3):
 def next_offset(n, q):
     s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}", timeout=5)
     return v["partitions"][0]["next_offset"] if s == 200 and v else None
+def footprint(pid):
+    """Threads, open file descriptors and resident MiB of process `pid`."""
+    status = open(f"/proc/{pid}/status").read()
+    field = lambda name: int(next(l.split()[1] for l in status.splitlines() if l.startswith(name + ":")))
+    return (field("Threads"), len(os.listdir(f"/proc/{pid}/fd")), field("VmRSS") // 1024)
 def quantile(xs, f):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(f * len(xs)))]
@@ -93,9 +101,11 @@ try:
     for n in (1,2,3): start(n)
     wait(lambda: all((view(n) or {}).get("leader") for n in (1,2,3)))
     if MODE == "idle":
-        for i in range(100):
+        made = time.time()
+        for i in range(IDLE_QUEUES):
             wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/idle-{i}", b'{"partitions":3,"max_deliveries":0}')[0] in (200, 201) or req("GET", f"http://127.0.0.1:{18081 + OFF}/queues/idle-{i}")[0] == 200)
-        wait(lambda: all(p["leader"] for p in view(1)["partitions"]) and len(view(1)["partitions"]) == 300)
+        wait(lambda: all(p["leader"] for p in view(1)["partitions"]) and len(view(1)["partitions"]) == 3 * IDLE_QUEUES)
+        print(f"{IDLE_QUEUES} queues made and led in {time.time() - made:.1f} s")
         leaders = {}
         for p in view(1)["partitions"]: leaders[p["leader"]] = leaders.get(p["leader"], 0) + 1
         print("partitions led per node", leaders)
@@ -107,6 +117,7 @@ try:
         terms1 = {p["queue"]: p["term"] for p in view(1)["partitions"]}
         print("cpu % of a core per node over 60 s idle:", {n: round(100*(c1[n]-c0[n])/(t1-t0),1) for n in procs})
         print("queue groups whose term changed while idle:", sum(1 for q in terms0 if terms1.get(q) != terms0[q]))
+        print("threads / open files / RSS MiB per node:", {n: footprint(procs[n].pid) for n in procs})
         failed = False
     elif MODE == "rolling":
         import threading
