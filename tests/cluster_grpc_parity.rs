@@ -376,31 +376,13 @@ async fn lease_script(t: &mut Transcript) {
     let ids: Vec<String> = leased.iter().filter_map(leased_id).collect();
     assert_eq!(ids.len(), 4, "four leases: {leased:?}");
     // Settled by unary calls, each answered once it is done.
-    t.call("ack", |mut c| {
-        let id = ids[0].clone();
-        async move {
-            c.ack_message(proto::AckMessageRequest {
-                queue: LEASED.into(),
-                group: "g1".into(),
-                id,
-            })
-            .await
-        }
-    })
-    .await;
-    t.call("ack again", |mut c| {
-        let id = ids[0].clone();
-        async move {
-            c.ack_message(proto::AckMessageRequest {
-                queue: LEASED.into(),
-                group: "g1".into(),
-                id,
-            })
-            .await
-        }
-    })
-    .await;
-    for (what, id) in [("ack bad id", "garbage"), ("ack unknown id", "0-999")] {
+    let acks = [
+        ("ack", ids[0].as_str()),
+        ("ack again", ids[0].as_str()),
+        ("ack bad id", "garbage"),
+        ("ack unknown id", "0-999"),
+    ];
+    for (what, id) in acks {
         t.call(what, |mut c| async move {
             c.ack_message(proto::AckMessageRequest {
                 queue: LEASED.into(),
