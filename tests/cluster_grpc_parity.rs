@@ -289,8 +289,9 @@ async fn publish_stream(t: &mut Transcript) {
         while let Some(answer) = answers.next().await {
             got.push(answer.expect("publish answer"));
         }
-        // A seq answered "no leader" is sent again, on a new stream (the others were
-        // stored; a repeat of an unanswered one is what a client does too).
+        // A seq answered "no leader" cannot be sent again without moving the offsets of
+        // the others: the calls before were all answered, so the queue has a leader, and
+        // losing it here is a failure to report as such.
         let unavailable = got
             .iter()
             .any(|a| a.error.as_ref().is_some_and(|e| e.code == 503));
