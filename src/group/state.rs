@@ -396,6 +396,24 @@ impl GroupState {
         }
     }
 
+    /// Ends a delivery of `partition` that used up `max_deliveries` and was cut off
+    /// without an outcome ([`PartitionState::end_delivery`]) as the lease paths reach it:
+    /// until it expires into the dead-letter queue it holds its key and a place in flight,
+    /// as the lease it stands for did.
+    fn end_used_up_delivery(
+        &mut self,
+        partition: u32,
+        offset: u64,
+        delivery_count: u32,
+        key: Option<u64>,
+    ) -> Result<(), GroupError> {
+        self.part_mut(partition)?
+            .end_delivery(offset, delivery_count, key);
+        self.hold_key(key);
+        self.in_flight += 1;
+        Ok(())
+    }
+
     fn release_key(&mut self, key: Option<u64>) {
         if let Some(k) = key
             && let Some(n) = self.busy_keys.get_mut(&k)
@@ -485,9 +503,7 @@ impl GroupState {
                 let count = p.counts.get(&offset).copied().unwrap_or(0);
                 if exhausts(max_deliveries, count) {
                     // Its last delivery was cut off (see `lease_fresh`).
-                    p.end_delivery(offset, count, key);
-                    self.hold_key(key);
-                    self.in_flight += 1;
+                    self.end_used_up_delivery(partition, offset, count, key)?;
                     continue;
                 }
                 p.counts.remove(&offset);
@@ -575,10 +591,8 @@ impl GroupState {
                 // predecessor replicated, but not the lease, which died with it. It
                 // failed, as at a restart (`end_interrupted_deliveries`): to the DLQ,
                 // never delivered once more than allowed.
-                p.end_delivery(candidate.offset, prior, candidate.key);
                 p.cursor = candidate.offset + 1;
-                self.hold_key(candidate.key);
-                self.in_flight += 1;
+                self.end_used_up_delivery(partition, candidate.offset, prior, candidate.key)?;
                 continue;
             }
             p.counts.remove(&candidate.offset);
