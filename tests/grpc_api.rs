@@ -233,6 +233,51 @@ async fn credit_is_never_exceeded_and_a_dropped_stream_returns_its_leases() {
     s.stop().await;
 }
 
+/// A consumer may settle what its stream leased with unary calls (over any connection, or
+/// HTTP): an ack frees the stream's credit at once, not when the lease would have run out.
+#[tokio::test]
+async fn a_unary_ack_frees_the_credit_of_the_stream_that_leased_the_message() {
+    let s = TestServer::start().await;
+    let mut c = client(&s).await;
+    create(&mut c, "unary").await;
+    send(&mut c, "unary", &["a", "b", "c"]).await;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(open("unary", 1)).await.unwrap();
+    let mut stream = c
+        .receive_messages(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_message(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(&first.body[..], b"a");
+    c.ack_message(proto::AckMessageRequest {
+        queue: "unary".into(),
+        group: String::new(),
+        id: first.id,
+    })
+    .await
+    .unwrap();
+    // The lease would run out only after the queue's ack_timeout (30 s).
+    let second = next_message(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the unary ack freed the stream's only credit");
+    assert_eq!(&second.body[..], b"b");
+    let acked = reqwest::Client::new()
+        .delete(format!("{}/queues/unary/messages/{}", s.http, second.id))
+        .send()
+        .await
+        .unwrap();
+    assert!(acked.status().is_success(), "{}", acked.status());
+    let third = next_message(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("the HTTP ack freed the stream's only credit");
+    assert_eq!(&third.body[..], b"c");
+    drop(tx);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn errors_use_fitting_status_codes() {
     let s = TestServer::start().await;

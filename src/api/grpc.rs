@@ -1,7 +1,6 @@
 //! The gRPC API (tonic): unary rpcs, the `Publish` stream (see [`super::publish`]), the
 //! credit-based `ReceiveMessages` stream and the `Subscribe` replay-then-follow stream.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -435,18 +434,18 @@ impl broker_server::Broker for GrpcApi {
             .map_or(Duration::from_secs(settings.ack_timeout), millis);
         broker::check_lease_duration("visibility_ms", visibility)?;
         let (tx, rx) = mpsc::channel(256);
-        let session = Session {
-            broker: Arc::clone(&self.broker),
-            queue: open.queue,
+        let credit = match open.max_in_flight {
+            0 => DEFAULT_CREDIT,
+            n => u64::from(n),
+        };
+        let session = Session::new(
+            Arc::clone(&self.broker),
+            open.queue,
             group,
             visibility,
-            credit: match open.max_in_flight {
-                0 => DEFAULT_CREDIT,
-                n => u64::from(n),
-            },
-            outstanding: HashMap::new(),
+            credit,
             tx,
-        };
+        );
         self.broker.tasks().spawn(session.run(inbound, permit));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -4,8 +4,9 @@
 //! The session never has more unsettled messages out than its credit. It leases in chunks
 //! (when at least [`refill`] slots are free, or the stream holds nothing), so a consumer
 //! acking one message at a time does not cost one log read per ack; acks that arrive
-//! together are applied with one journal write. When the stream ends, its unsettled leases
-//! go back to the group at once.
+//! together are applied with one journal write. A lease whose message another call acked
+//! (a unary ack, HTTP, another node) stops counting once this node has applied the ack.
+//! When the stream ends, its unsettled leases go back to the group at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, OptionFuture};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
@@ -39,23 +40,46 @@ pub fn refill(credit: u64) -> u64 {
 
 /// One open `ReceiveMessages` stream.
 pub struct Session {
-    /// The broker.
-    pub broker: Arc<Broker>,
-    /// Queue consumed.
-    pub queue: String,
-    /// Group consumed for.
-    pub group: String,
+    broker: Arc<Broker>,
+    queue: String,
+    group: String,
     /// Lease duration (the queue's `ack_timeout` unless the stream asked otherwise).
-    pub visibility: Duration,
+    visibility: Duration,
     /// Most unsettled messages out at once.
-    pub credit: u64,
+    credit: u64,
     /// Leased on this stream and not settled, with when the lease runs out.
-    pub outstanding: HashMap<MessageId, Instant>,
+    outstanding: HashMap<MessageId, Instant>,
+    /// Wakes when messages of the group become done, by this stream or any other call
+    /// (a unary ack, another node's): those leases stop counting against the credit.
+    /// Taken once the group is known to exist (after the first delivery).
+    done: Option<watch::Receiver<u64>>,
     /// Responses to the consumer.
-    pub tx: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
+    tx: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
 }
 
 impl Session {
+    /// A stream consuming `queue` for `group`, leasing for `visibility`, with `credit`
+    /// unsettled messages out at most, answering on `tx`.
+    pub fn new(
+        broker: Arc<Broker>,
+        queue: String,
+        group: String,
+        visibility: Duration,
+        credit: u64,
+        tx: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
+    ) -> Self {
+        Self {
+            broker,
+            queue,
+            group,
+            visibility,
+            credit,
+            outstanding: HashMap::new(),
+            done: None,
+            tx,
+        }
+    }
+
     fn room(&self) -> u64 {
         self.credit.saturating_sub(self.outstanding.len() as u64)
     }
@@ -63,6 +87,27 @@ impl Session {
     fn wants_lease(&self) -> bool {
         let room = self.room();
         room > 0 && (self.outstanding.is_empty() || room >= refill(self.credit))
+    }
+
+    /// Whether leases settled elsewhere should be looked for: the stream waits for room.
+    fn watches_done(&self) -> bool {
+        self.done.is_some() && !self.outstanding.is_empty() && !self.wants_lease()
+    }
+
+    /// Forgets the outstanding leases whose messages are done for the group (settled by
+    /// a unary call, or by another node), so that they free their credit at once rather
+    /// than when their lease would have run out.
+    fn forget_done(&mut self) {
+        let ids: Vec<MessageId> = self.outstanding.keys().copied().collect();
+        match self.broker.done_among(&self.queue, &self.group, &ids) {
+            Ok(done) => {
+                for id in done {
+                    self.outstanding.remove(&id);
+                }
+            }
+            // The group is gone: its leases went with it, and nothing marks them done.
+            Err(_) => self.done = None,
+        }
     }
 
     /// Serves the stream until the consumer or the broker ends it.
@@ -108,9 +153,17 @@ impl Session {
                         break;
                     }
                 }
+                changed = done_changed(&mut self.done), if self.watches_done() => {
+                    if changed {
+                        self.forget_done();
+                    } else {
+                        self.done = None;
+                    }
+                }
                 _ = prune.tick() => {
                     let now = Instant::now();
                     self.outstanding.retain(|_, deadline| *deadline > now);
+                    self.watch_done();
                 }
                 _ = self.tx.closed() => break,
             }
@@ -172,7 +225,21 @@ impl Session {
                 return false;
             }
         }
+        self.watch_done();
         true
+    }
+
+    /// Starts watching the group for messages becoming done, once the stream holds
+    /// leases (the group exists then; on a cluster node that does not lead the queue, once
+    /// the leader's delivery counts reached it), and forgets those done before.
+    fn watch_done(&mut self) {
+        if self.done.is_some() || self.outstanding.is_empty() {
+            return;
+        }
+        if let Ok(done) = self.broker.watch_done(&self.queue, &self.group) {
+            self.done = Some(done);
+            self.forget_done();
+        }
     }
 
     /// Applies requests in order; runs of acks go to the broker together.
@@ -286,6 +353,15 @@ impl Session {
         if let Err(error) = self.broker.release(&self.queue, &self.group, &ids).await {
             tracing::debug!(%error, queue = %self.queue, "returning a stream's leases failed");
         }
+    }
+}
+
+/// Waits for the next change of `done`; false when its group is gone. Never ready
+/// without a watch.
+async fn done_changed(done: &mut Option<watch::Receiver<u64>>) -> bool {
+    match done {
+        Some(done) => done.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -1672,6 +1672,28 @@ impl Broker {
         Self::existing_group(&q, group).map(|_| ())
     }
 
+    /// Wakes when messages of a group become done on this node (see
+    /// [`queue::Group::watch_done`]); on a cluster every replica applies the acks.
+    pub fn watch_done(
+        &self,
+        queue: &str,
+        group: &str,
+    ) -> Result<tokio::sync::watch::Receiver<u64>, BrokerError> {
+        let q = self.queue(queue)?;
+        Ok(Self::existing_group(&q, group)?.watch_done())
+    }
+
+    /// Which of `ids` are done for a group, as this node has applied it.
+    pub fn done_among(
+        &self,
+        queue: &str,
+        group: &str,
+        ids: &[MessageId],
+    ) -> Result<Vec<MessageId>, BrokerError> {
+        let q = self.queue(queue)?;
+        Ok(Self::existing_group(&q, group)?.done_among(ids))
+    }
+
     /// Detailed state of a group.
     pub fn group_info(&self, queue: &str, group: &str) -> Result<GroupInfo, BrokerError> {
         let q = self.queue(queue)?;

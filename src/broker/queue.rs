@@ -9,7 +9,7 @@ use std::sync::atomic::{
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::alarms;
 
@@ -140,6 +140,9 @@ pub struct Group {
     closing: AtomicBool,
     /// The group's counters and histograms, which go with it ([`GroupSeries`]).
     pub series: GroupSeries,
+    /// Counts changes that made messages done (acks, dead letters, seeks), for a
+    /// receive stream whose credit they free (see [`Group::watch_done`]).
+    done: watch::Sender<u64>,
 }
 
 /// A group's state, locked; when released with a deadline pending, the group goes on the
@@ -176,6 +179,30 @@ impl Group {
         StateGuard {
             group: self,
             state: self.state.lock(),
+        }
+    }
+
+    /// Wakes when messages of this group become done (acked, dead-lettered, sought past),
+    /// by whatever call: a stream's credit counts its leases until they are settled,
+    /// also by a unary ack or another node's.
+    pub fn watch_done(&self) -> watch::Receiver<u64> {
+        self.done.subscribe()
+    }
+
+    /// Which of `ids` are done for this group (acked, dead-lettered or below its floor).
+    pub fn done_among(&self, ids: &[MessageId]) -> Vec<MessageId> {
+        let state = self.state.lock();
+        ids.iter()
+            .copied()
+            .filter(|id| state.is_done(id.partition, id.offset))
+            .collect()
+    }
+
+    /// Tells [`Group::watch_done`]'s watchers that messages became done.
+    fn note_done(&self) {
+        if self.done.receiver_count() > 0 {
+            self.done
+                .send_modify(|changes| *changes = changes.wrapping_add(1));
         }
     }
 
@@ -425,6 +452,7 @@ impl Queue {
             rotation: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             series: GroupSeries::default(),
+            done: watch::channel(0).0,
         });
         // A restarted group may hold redeliveries: the timer must see it.
         drop(group.lock_state());
@@ -1108,6 +1136,7 @@ impl Queue {
         };
         if fresh > 0 {
             group.series.acked.increment(fresh);
+            group.note_done();
             // A waiting receive may lease again: the next of a key, or a group that was
             // at max_in_flight.
             if was_full || self.settings.ordering == super::settings::Ordering::Key {
@@ -1210,6 +1239,7 @@ impl Queue {
             group.journal(&state, &events)
         };
         group.series.dead_lettered.increment(1);
+        group.note_done();
         self.notify.notify_waiters();
         self.wait_durable(ticket).await
     }
@@ -1248,6 +1278,7 @@ impl Queue {
             }
             group.journal(&state, &events)
         };
+        group.note_done();
         self.notify.notify_waiters();
         match ticket {
             Some(ticket) => Ok(ticket.wait().await?),
