@@ -452,16 +452,20 @@ pub async fn retrying(
 ) -> (StatusCode, Value) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(response) = make().timeout(Duration::from_secs(30)).send().await {
-            let status = response.status();
-            if status != StatusCode::SERVICE_UNAVAILABLE {
-                let body = response.json().await.unwrap_or(Value::Null);
-                return (status, body);
+        match make().timeout(Duration::from_secs(30)).send().await {
+            Ok(response) => {
+                let status = response.status();
+                if status != StatusCode::SERVICE_UNAVAILABLE {
+                    let body = response.json().await.unwrap_or(Value::Null);
+                    return (status, body);
+                }
+                assert!(
+                    response.headers().contains_key("retry-after"),
+                    "{what}: a 503 carries Retry-After"
+                );
+                eprintln!("{what}: 503, sent again");
             }
-            assert!(
-                response.headers().contains_key("retry-after"),
-                "{what}: a 503 carries Retry-After"
-            );
+            Err(error) => eprintln!("{what}: {error}, sent again"),
         }
         assert!(Instant::now() < deadline, "{what}: no answer in time");
         tokio::time::sleep(Duration::from_millis(50)).await;
