@@ -59,6 +59,26 @@ fn open(queue: &str, credit: u32) -> proto::ReceiveRequest {
     }
 }
 
+/// Opens a `ReceiveMessages` stream on `queue` with `credit`: the request sender and the
+/// answers.
+async fn open_stream(
+    c: &mut BrokerClient<Channel>,
+    queue: &str,
+    credit: u32,
+) -> (
+    mpsc::Sender<proto::ReceiveRequest>,
+    tonic::Streaming<proto::ReceiveResponse>,
+) {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(open(queue, credit)).await.unwrap();
+    let stream = c
+        .receive_messages(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
 fn ack(id: &str) -> proto::ReceiveRequest {
     proto::ReceiveRequest {
         request: Some(receive_request::Request::Ack(proto::StreamAck {
@@ -88,13 +108,7 @@ async fn send_receive_ack_then_subscribe_replays_and_follows() {
     create(&mut c, "g").await;
     let ids = send(&mut c, "g", &["one", "two"]).await;
     assert_eq!(ids, vec!["0-0", "0-1"]);
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(open("g", 10)).await.unwrap();
-    let mut stream = c
-        .receive_messages(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_stream(&mut c, "g", 10).await;
     for want in ["one", "two"] {
         let m = next_message(&mut stream, Duration::from_secs(5))
             .await
@@ -167,13 +181,7 @@ async fn credit_is_never_exceeded_and_a_dropped_stream_returns_its_leases() {
     let mut c = client(&s).await;
     create(&mut c, "credit").await;
     send(&mut c, "credit", &["a", "b", "c", "d", "e"]).await;
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(open("credit", 2)).await.unwrap();
-    let mut stream = c
-        .receive_messages(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_stream(&mut c, "credit", 2).await;
     let first = next_message(&mut stream, Duration::from_secs(5))
         .await
         .unwrap();
@@ -241,13 +249,7 @@ async fn a_unary_ack_frees_the_credit_of_the_stream_that_leased_the_message() {
     let mut c = client(&s).await;
     create(&mut c, "unary").await;
     send(&mut c, "unary", &["a", "b", "c"]).await;
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(open("unary", 1)).await.unwrap();
-    let mut stream = c
-        .receive_messages(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_stream(&mut c, "unary", 1).await;
     let first = next_message(&mut stream, Duration::from_secs(5))
         .await
         .unwrap();
