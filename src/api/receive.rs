@@ -163,6 +163,10 @@ impl Session {
                 _ = prune.tick() => {
                     let now = Instant::now();
                     self.outstanding.retain(|_, deadline| *deadline > now);
+                    if self.watches_done() {
+                        // Acks that woke no stream: another stream's, of a lease of this one.
+                        self.forget_done();
+                    }
                     self.watch_done();
                 }
                 _ = self.tx.closed() => break,
@@ -274,7 +278,15 @@ impl Session {
                 Err(status) => self.report(id, status).await,
             }
         }
-        let results = match self.broker.ack_many(&self.queue, &self.group, &ids).await {
+        let acked = self
+            .broker
+            .ack_many_from_stream(&self.queue, &self.group, &ids)
+            .await;
+        // On a cluster this node applied the acks and signalled them: not news here.
+        if let Some(done) = &mut self.done {
+            done.borrow_and_update();
+        }
+        let results = match acked {
             Ok(results) => results,
             Err(error) => {
                 // The queue or group is gone: one error for the whole run.

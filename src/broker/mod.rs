@@ -1124,7 +1124,24 @@ impl Broker {
             };
             return replicator.submit(op).await?.acked();
         }
-        self.ack_many_local(queue, group, ids, false).await
+        self.ack_many_local(queue, group, ids, false, true).await
+    }
+
+    /// [`Broker::ack_many`] for a `ReceiveMessages` stream acking what it leased: on a
+    /// single node the acks wake no stream (the acking one knows; another stream's lease
+    /// acked so is found by its next look, see `api::receive`). Replicated acks wake the
+    /// streams of every node, as any ack applied from the log does.
+    pub async fn ack_many_from_stream(
+        &self,
+        queue: &str,
+        group: &str,
+        ids: &[MessageId],
+    ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
+        if self.replicator().is_some() {
+            return self.ack_many(queue, group, ids).await;
+        }
+        self.check_running()?;
+        self.ack_many_local(queue, group, ids, false, false).await
     }
 
     /// Acks on this node; a replica applying a replicated ack creates the group (it never
@@ -1135,6 +1152,7 @@ impl Broker {
         group: &str,
         ids: &[MessageId],
         create_group: bool,
+        tell_streams: bool,
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         let q = self.queue(queue)?;
         let g = if create_group {
@@ -1142,7 +1160,7 @@ impl Broker {
         } else {
             Self::existing_group(&q, group)?
         };
-        Ok(q.ack_many(&g, ids).await)
+        Ok(q.ack_many(&g, ids, tell_streams).await)
     }
 
     /// Returns a leased message for redelivery after `delay` (default: the queue's backoff).

@@ -1108,12 +1108,21 @@ impl Queue {
 
     /// Acknowledges a message for `group`; repeating an ack is harmless.
     pub async fn ack(&self, group: &Group, id: MessageId) -> Result<(), BrokerError> {
-        self.ack_many(group, &[id]).await.pop().unwrap_or(Ok(()))
+        self.ack_many(group, &[id], true)
+            .await
+            .pop()
+            .unwrap_or(Ok(()))
     }
 
     /// Acknowledges messages for `group` under one lock and one journal write; one result
-    /// per id, in order. Repeating an ack is harmless.
-    pub async fn ack_many(&self, group: &Group, ids: &[MessageId]) -> Vec<Result<(), BrokerError>> {
+    /// per id, in order. Repeating an ack is harmless. `tell_streams`: signal
+    /// [`Group::watch_done`] (not for a stream's acks of its own leases: it knows).
+    pub async fn ack_many(
+        &self,
+        group: &Group,
+        ids: &[MessageId],
+        tell_streams: bool,
+    ) -> Vec<Result<(), BrokerError>> {
         let mut results = Vec::with_capacity(ids.len());
         let mut fresh = 0u64;
         let was_full;
@@ -1136,7 +1145,9 @@ impl Queue {
         };
         if fresh > 0 {
             group.series.acked.increment(fresh);
-            group.note_done();
+            if tell_streams {
+                group.note_done();
+            }
             // A waiting receive may lease again: the next of a key, or a group that was
             // at max_in_flight.
             if was_full || self.settings.ordering == super::settings::Ordering::Key {

@@ -973,7 +973,9 @@ impl Broker {
             }
             Op::Ack { queue, group, ids } => {
                 let ids = message_ids(ids);
-                let results = self.ack_many_local(&queue, &group, &ids, true).await?;
+                let results = self
+                    .ack_many_local(&queue, &group, &ids, true, true)
+                    .await?;
                 Ok(OpResult::Acked(
                     results
                         .iter()
