@@ -49,9 +49,9 @@ pub struct Session {
     credit: u64,
     /// Leased on this stream and not settled, with when the lease runs out.
     outstanding: HashMap<MessageId, Instant>,
-    /// Wakes when messages of the group become done, by this stream or any other call
-    /// (a unary ack, another node's): those leases stop counting against the credit.
-    /// Taken once the group is known to exist (after the first delivery).
+    /// Wakes when messages of the group become done by another call (a unary or HTTP
+    /// ack, another node's): those leases stop counting against the credit. Taken once
+    /// the group is known to exist (after the first delivery).
     done: Option<watch::Receiver<u64>>,
     /// Responses to the consumer.
     tx: mpsc::Sender<Result<proto::ReceiveResponse, Status>>,
