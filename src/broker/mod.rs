@@ -1115,16 +1115,7 @@ impl Broker {
         group: &str,
         ids: &[MessageId],
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
-        self.check_running()?;
-        if let Some(replicator) = self.replicator() {
-            let op = replicate::Op::Ack {
-                queue: queue.to_string(),
-                group: group.to_string(),
-                ids: replicate::wire_ids(ids),
-            };
-            return replicator.submit(op).await?.acked();
-        }
-        self.ack_many_local(queue, group, ids, false, true).await
+        self.ack_many_telling(queue, group, ids, true).await
     }
 
     /// [`Broker::ack_many`] for a `ReceiveMessages` stream acking what it leased: on a
@@ -1137,11 +1128,29 @@ impl Broker {
         group: &str,
         ids: &[MessageId],
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
-        if self.replicator().is_some() {
-            return self.ack_many(queue, group, ids).await;
-        }
+        self.ack_many_telling(queue, group, ids, false).await
+    }
+
+    /// Acks through the replicator, or here, waking the group's streams when
+    /// `tell_streams` (a replicated ack always wakes them, where it is applied).
+    async fn ack_many_telling(
+        &self,
+        queue: &str,
+        group: &str,
+        ids: &[MessageId],
+        tell_streams: bool,
+    ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         self.check_running()?;
-        self.ack_many_local(queue, group, ids, false, false).await
+        if let Some(replicator) = self.replicator() {
+            let op = replicate::Op::Ack {
+                queue: queue.to_string(),
+                group: group.to_string(),
+                ids: replicate::wire_ids(ids),
+            };
+            return replicator.submit(op).await?.acked();
+        }
+        self.ack_many_local(queue, group, ids, false, tell_streams)
+            .await
     }
 
     /// Acks on this node; a replica applying a replicated ack creates the group (it never

@@ -183,8 +183,9 @@ impl Group {
     }
 
     /// Wakes when messages of this group become done (acked, dead-lettered, sought past),
-    /// by whatever call: a stream's credit counts its leases until they are settled,
-    /// also by a unary ack or another node's.
+    /// except by a stream's acks on a single node ([`Queue::ack_many`]'s `tell_streams`):
+    /// a stream's credit counts its leases until they are settled, also by a unary ack or
+    /// another node's.
     pub fn watch_done(&self) -> watch::Receiver<u64> {
         self.done.subscribe()
     }
