@@ -33,7 +33,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use common::cluster::{Cluster, create_queue, log_bodies};
+use common::cluster::{Cluster, create_queue, log_bodies, partition_leaders, view};
 use common::{eventually, kafka_python};
 use qit::kafka::brokers::{Layout, NodeState};
 
@@ -271,7 +271,16 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
     let cluster = settled(Cluster::start().await).await;
     let name = queue_led_by(1, "frames");
     create_queue(cluster.http(1), &name, json!({"partitions": 2})).await;
-    let leader = cluster.leader_of(1, &name, None).await;
+    cluster.preferred_leader(1, &name).await;
+    // Each partition has a group of its own, led by the next replica in turn.
+    let leaders: Vec<u64> = common::eventually_some("every partition has a leader", || async {
+        let v = view(&format!("{}/cluster", cluster.http(1))).await?;
+        let leaders: Option<Vec<u64>> = partition_leaders(&v, &name).into_iter().collect();
+        leaders.filter(|l| l.len() == 2 && l[0] != l[1])
+    })
+    .await;
+    // Produce and fetch go to partition 1: through nodes that do not lead it.
+    let leader = leaders[1];
     let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
     let (via, reader) = (others[0], others[1]);
 
@@ -282,9 +291,9 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
         .collect();
     for node in 1..=3 {
         let addr = cluster.node(node).kafka();
-        let (addr, name, want) = (&addr, &name, &want);
+        let (addr, name, want, leaders) = (&addr, &name, &want, &leaders);
         eventually(
-            &format!("node {node}'s Metadata names every node and the leader"),
+            &format!("node {node}'s Metadata names every node and the leaders"),
             || async move {
                 let m = metadata(&mut connect(addr).await, name).await;
                 let mut brokers: Vec<(i32, String)> = m
@@ -296,9 +305,9 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
                 let partitions = &m.topics[0].partitions;
                 brokers == *want
                     && partitions.len() == 2
-                    && partitions
-                        .iter()
-                        .all(|p| p.leader_id.0 == leader as i32 && p.replica_nodes.len() == 3)
+                    && partitions.iter().zip(leaders).all(|(p, leader)| {
+                        p.leader_id.0 == *leader as i32 && p.replica_nodes.len() == 3
+                    })
             },
         )
         .await;

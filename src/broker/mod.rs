@@ -191,6 +191,38 @@ pub struct Broker {
     alarms: Arc<queue::Alarms>,
     /// The cluster's way to run state changes (absent on a single node).
     replicator: std::sync::OnceLock<Arc<dyn replicate::Replicator>>,
+    /// Per queue, what a cluster group holds while it applies entries to the queue (shared)
+    /// or replaces part of its data (alone): see [`Self::queue_gate`].
+    gates: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+}
+
+/// Where a seek to `target` moves each partition of `q`, by its logs.
+fn seek_targets(q: &Queue, target: &SeekTarget) -> Result<Vec<(u32, u64)>, BrokerError> {
+    let mut targets = Vec::new();
+    for (p, log) in q.partitions.iter().enumerate() {
+        let p = p as u32;
+        let offset = match target {
+            SeekTarget::Earliest => log.first_offset(),
+            SeekTarget::Latest => log.next_offset(),
+            SeekTarget::Offset { partition, offset } if *partition == p => {
+                (*offset).clamp(log.first_offset(), log.next_offset())
+            }
+            SeekTarget::Offset { .. } => continue,
+            SeekTarget::Time(ms) => log
+                .offset_for_timestamp(*ms)?
+                .unwrap_or_else(|| log.next_offset()),
+        };
+        targets.push((p, offset));
+    }
+    if let SeekTarget::Offset { partition, .. } = target
+        && targets.is_empty()
+    {
+        return Err(BrokerError::InvalidArgument(format!(
+            "queue `{}` has no partition {partition}",
+            q.name
+        )));
+    }
+    Ok(targets)
 }
 
 /// `(partition, offset, delivery count)` of leases granted or ended, to replicate.
@@ -251,6 +283,7 @@ impl Broker {
             dead_letter_guard: std::sync::OnceLock::new(),
             alarms,
             replicator: std::sync::OnceLock::new(),
+            gates: parking_lot::Mutex::new(HashMap::new()),
         });
         broker
             .tasks
@@ -375,7 +408,7 @@ impl Broker {
     ) -> Result<CreatedQueue, BrokerError> {
         self.check_running()?;
         if let Some(replicator) = self.replicator() {
-            let op = replicate::Op::CreateQueue {
+            let op = replicate::Op::CreateSplitQueue {
                 name: name.to_string(),
                 settings,
             };
@@ -760,8 +793,21 @@ impl Broker {
 
     /// The queue's data now, for a replica's snapshot (see [`queue::QueueImage`]): call it
     /// where nothing else appends to the queue (a cluster's apply task).
-    pub fn queue_image(&self, name: &str) -> Result<queue::QueueImage, BrokerError> {
-        Ok(self.queue(name)?.image())
+    pub fn queue_image(
+        &self,
+        name: &str,
+        part: queue::DataPart,
+    ) -> Result<queue::QueueImage, BrokerError> {
+        Ok(self.queue(name)?.image(part))
+    }
+
+    /// The gate of queue `name` on a cluster node, where several Raft groups apply to one
+    /// queue (its queue group and one group per further partition): each holds it shared
+    /// while it applies, and a group installing a snapshot holds it alone while it replaces
+    /// its part of the data ([`Self::replace_queue_data`] reopens the queue, which an apply
+    /// running meanwhile would find missing).
+    pub fn queue_gate(&self, name: &str) -> Arc<tokio::sync::RwLock<()>> {
+        Arc::clone(self.gates.lock().entry(name.to_string()).or_default())
     }
 
     /// Writes and fsyncs every partition and journal of a queue.
@@ -769,12 +815,19 @@ impl Broker {
         self.queue(name)?.flush().await
     }
 
-    /// Replaces a queue's data: the queue is closed (its waiters woken, as on deletion), its
-    /// directory emptied, `fill` writes the new content into it (on a blocking thread), and
-    /// the queue is opened again over it with the settings it had. The registry is not
-    /// touched. For a cluster replica, whose data directory is derived from its Raft
-    /// snapshots and logs: a crash halfway is repaired at the next start.
-    pub async fn replace_queue_data<F>(&self, name: &str, fill: F) -> Result<(), BrokerError>
+    /// Replaces a queue's data, as much of it as `part` holds: the queue is closed (its
+    /// waiters woken, as on deletion), the part's directories emptied, `fill` writes the new
+    /// content into the queue's directory (on a blocking thread), and the queue is opened
+    /// again over it with the settings it had. The registry is not touched. For a cluster
+    /// replica, whose data directory is derived from its Raft snapshots and logs: a crash
+    /// halfway is repaired at the next start. The caller keeps the queue's other groups
+    /// from applying meanwhile ([`Self::queue_gate`]).
+    pub async fn replace_queue_data<F>(
+        &self,
+        name: &str,
+        part: queue::DataPart,
+        fill: F,
+    ) -> Result<(), BrokerError>
     where
         F: FnOnce(&std::path::Path) -> std::io::Result<()> + Send + 'static,
     {
@@ -799,12 +852,26 @@ impl Broker {
         );
         let owned = name.to_string();
         let opened = tokio::task::spawn_blocking(move || {
-            crate::name::remove_child_dir(&*storage, &root, &owned)?;
             let dir = crate::name::child(&root, &owned, "")?;
             let io = |source| BrokerError::Storage {
                 path: dir.clone(),
                 source,
             };
+            match part.dirs() {
+                None => {
+                    crate::name::remove_child_dir(&*storage, &root, &owned)?;
+                }
+                Some(dirs) => {
+                    for sub in dirs {
+                        match storage.remove_dir_all(&dir.join(sub)) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                return Err(io(e));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
             storage.create_dir_all(&dir).map_err(io)?;
             fill(&dir).map_err(io)?;
             Queue::open(&root, &owned, settings, fsync, &storage, clock, alarms)
@@ -1164,12 +1231,16 @@ impl Broker {
         tell_streams: bool,
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         let q = self.queue(queue)?;
-        let g = if create_group {
-            q.group_or_create(group)?
+        // A replica applying a committed ack (`create_group`) takes it as its proposer
+        // checked it ([`Self::check_ids`]): on a cluster a partition's messages come
+        // through the partition's own group, which this replica may apply later than the
+        // queue group's ack of them.
+        let (g, checked) = if create_group {
+            (q.group_or_create(group)?, false)
         } else {
-            Self::existing_group(&q, group)?
+            (Self::existing_group(&q, group)?, true)
         };
-        Ok(q.ack_many(&g, ids, tell_streams).await)
+        Ok(q.ack_many(&g, ids, tell_streams, checked).await)
     }
 
     /// Returns a leased message for redelivery after `delay` (default: the queue's backoff).
@@ -1674,21 +1745,46 @@ impl Broker {
         }
     }
 
-    /// Gives each keyless message of a publish to `queue` the next partition in turn, as
-    /// a cluster leader proposes it: every replica then appends it there (see
-    /// [`Queue::publish_placed`]). Messages with a key, or with a partition already, are
-    /// left as they are; so is every message when this node does not know the queue (the
-    /// apply refuses the publish on every replica alike).
+    /// Gives each keyless message of a publish to `queue` its partition, as a cluster
+    /// proposes it: every replica then appends it there (see [`Queue::publish_placed`]).
+    /// One with an idempotency key goes by its hash (a retry lands where the first try
+    /// did, as on a single node), any other in turn. Messages with a key, or with a
+    /// partition already, are left as they are; so is every message when this node does
+    /// not know the queue (the apply refuses the publish on every replica alike).
     pub fn take_turns(&self, queue: &str, messages: &mut [replicate::WireMessage]) {
         let Ok(q) = self.queue(queue) else {
             return;
         };
+        let n = q.partitions.len() as u32;
         for m in messages
             .iter_mut()
             .filter(|m| m.key.is_none() && m.partition.is_none())
         {
-            m.partition = Some(q.next_turn());
+            m.partition = Some(match &m.idempotency_key {
+                Some(key) => message::partition_for_key(key.as_bytes(), n),
+                None => q.next_turn(),
+            });
         }
+    }
+
+    /// Whether each of `ids` is a message of `queue` on this node: a cluster leader asks
+    /// before it proposes an ack, whose replicas take it as checked (see
+    /// [`Self::ack_many_local`]).
+    pub fn check_ids(&self, queue: &str, ids: &[MessageId]) -> Result<Vec<bool>, BrokerError> {
+        let q = self.queue(queue)?;
+        Ok(ids.iter().map(|id| q.holds_message(*id)).collect())
+    }
+
+    /// Where a seek of `group` of `queue` to `target` moves each partition, by this node's
+    /// logs: a cluster leader resolves it before it proposes it, so that every replica
+    /// moves to the same offsets ([`replicate::Op::SeekTo`]).
+    pub fn resolve_seek(
+        &self,
+        queue: &str,
+        target: &SeekTarget,
+    ) -> Result<Vec<(u32, u64)>, BrokerError> {
+        let q = self.queue(queue)?;
+        seek_targets(&q, target)
     }
 
     /// Checks that `group` of `queue` exists on this node: a cluster leader asks before it
@@ -1807,27 +1903,22 @@ impl Broker {
     ) -> Result<GroupInfo, BrokerError> {
         let q = self.queue(queue)?;
         let g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
-        let mut targets = Vec::new();
-        for (p, log) in q.partitions.iter().enumerate() {
-            let p = p as u32;
-            let offset = match &target {
-                SeekTarget::Earliest => log.first_offset(),
-                SeekTarget::Latest => log.next_offset(),
-                SeekTarget::Offset { partition, offset } if *partition == p => {
-                    (*offset).clamp(log.first_offset(), log.next_offset())
-                }
-                SeekTarget::Offset { .. } => continue,
-                SeekTarget::Time(ms) => log
-                    .offset_for_timestamp(*ms)?
-                    .unwrap_or_else(|| log.next_offset()),
-            };
-            targets.push((p, offset));
-        }
-        if let SeekTarget::Offset { partition, .. } = target {
-            self.partition(&q, partition)?;
-        }
+        let targets = seek_targets(&q, &target)?;
         q.seek(&g, &targets).await?;
         Ok(q.group_info(&g))
+    }
+
+    /// Moves `group` of `queue` to `targets` as resolved by the proposer of a replicated
+    /// seek ([`Self::resolve_seek`]).
+    async fn seek_to_local(
+        &self,
+        queue: &str,
+        group: &str,
+        targets: &[(u32, u64)],
+    ) -> Result<(), BrokerError> {
+        let q = self.queue(queue)?;
+        let g = q.group_or_create_within(group, self.config.max_groups_per_queue)?;
+        q.seek(&g, targets).await
     }
 
     /// Creates an exchange; `Ok(true)` if created, `Ok(false)` if it existed with this type.
@@ -2487,6 +2578,75 @@ mod tests {
             [0, 1],
             "a local publish: the counter, from 0"
         );
+    }
+
+    /// A keyless message with an idempotency key goes to the partition of that key's hash
+    /// (on a single node, and as a cluster's proposer names it), so a retry finds the
+    /// first; a replicated publish looks its key up in its partition's window only.
+    #[tokio::test]
+    async fn idempotency_keys_pick_the_partition_and_their_window() {
+        let (_dir, b) = replicate::tests::broker_with_queue(4).await;
+        let keyed_once = |key: &str| NewMessage {
+            idempotency_key: Some(key.into()),
+            body: bytes::Bytes::from_static(b"once"),
+            ..NewMessage::default()
+        };
+        let want = message::partition_for_key(b"retry", 4);
+        let first = b.publish("q", vec![keyed_once("retry")]).await.unwrap();
+        assert_eq!(first[0].partition, want);
+        let again = b.publish("q", vec![keyed_once("retry")]).await.unwrap();
+        assert_eq!(again[0].id, first[0].id, "the repeat answers the first id");
+        let mut wire = vec![replicate::WireMessage::from(keyed_once("other"))];
+        b.take_turns("q", &mut wire);
+        assert_eq!(
+            wire[0].partition,
+            Some(message::partition_for_key(b"other", 4))
+        );
+        // Replicated: the window of the partition the publish goes to.
+        let q = b.queue("q").unwrap();
+        let elsewhere = (want + 1) % 4;
+        let placed = q
+            .publish_placed(vec![keyed_once("retry")], Some(1), &[Some(elsewhere)])
+            .await
+            .unwrap();
+        assert_eq!(placed[0].partition, elsewhere, "another partition's window");
+        let placed = q
+            .publish_placed(vec![keyed_once("retry")], Some(2), &[Some(want)])
+            .await
+            .unwrap();
+        assert_eq!(placed[0].id, first[0].id, "its own partition's window");
+    }
+
+    /// Replacing one part of a queue's data (a cluster group installing its snapshot)
+    /// leaves the other parts as they were; the image of a part holds only its files.
+    #[tokio::test]
+    async fn replacing_a_part_keeps_the_others() {
+        let (_dir, b) = replicate::tests::broker_with_queue(3).await;
+        for i in 0..30 {
+            let m = NewMessage {
+                key: Some(format!("k{i}")),
+                body: bytes::Bytes::from(format!("m{i}")),
+                ..NewMessage::default()
+            };
+            b.publish("q", vec![m]).await.unwrap();
+        }
+        b.receive("q", "g", 1, Duration::ZERO, None).await.unwrap();
+        let before = b.queue_info("q").unwrap().partitions;
+        assert!(before.iter().all(|p| p.next_offset > 0), "{before:?}");
+        let image = b.queue_image("q", queue::DataPart::Partition(1)).unwrap();
+        assert!(image.journals.is_empty());
+        assert!(image.files.iter().all(|f| f.relative.starts_with("1")));
+        let head = b.queue_image("q", queue::DataPart::Head).unwrap();
+        assert!(head.files.iter().all(|f| f.relative.starts_with("0")));
+        assert_eq!(head.journals.len(), 2, "default and g");
+        b.replace_queue_data("q", queue::DataPart::Partition(1), |_| Ok(()))
+            .await
+            .unwrap();
+        let after = b.queue_info("q").unwrap().partitions;
+        assert_eq!(after[0], before[0]);
+        assert_eq!(after[2], before[2]);
+        assert_eq!(after[1].next_offset, 0, "partition 1 replaced by nothing");
+        assert!(b.group_info("q", "g").is_ok(), "the groups stay");
     }
 
     /// A replicated publish whose proposer took turns puts each keyless message where its

@@ -282,6 +282,55 @@ pub struct QueueImage {
     pub journals: Vec<(PathBuf, Vec<u8>)>,
 }
 
+/// The part of a queue's data that one cluster group replicates: the queue group holds
+/// partition 0 and the state of every consumer group, each further partition has a group
+/// of its own (see `cluster::groups::QueueGroup`). A snapshot of a group carries its part
+/// ([`Queue::image`]), and installing one replaces only that part
+/// ([`super::Broker::replace_queue_data`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPart {
+    /// Everything: every partition and every group.
+    All,
+    /// Partition 0 and the groups' state.
+    Head,
+    /// One partition after the first, messages only.
+    Partition(u32),
+}
+
+impl DataPart {
+    /// The part of a queue's data that the cluster group of `partition` holds.
+    pub fn of_partition(partition: u32) -> Self {
+        match partition {
+            0 => Self::Head,
+            p => Self::Partition(p),
+        }
+    }
+
+    /// True when the part holds partition `p`.
+    pub fn holds_partition(self, p: u32) -> bool {
+        match self {
+            Self::All => true,
+            Self::Head => p == 0,
+            Self::Partition(mine) => mine == p,
+        }
+    }
+
+    /// True when the part holds the groups' state.
+    pub fn holds_groups(self) -> bool {
+        !matches!(self, Self::Partition(_))
+    }
+
+    /// The directories of the part, relative to the queue's directory (`None`: the whole
+    /// directory).
+    pub fn dirs(self) -> Option<Vec<PathBuf>> {
+        match self {
+            Self::All => None,
+            Self::Head => Some(vec![PathBuf::from("0"), PathBuf::from("groups")]),
+            Self::Partition(p) => Some(vec![PathBuf::from(p.to_string())]),
+        }
+    }
+}
+
 /// One queue.
 pub struct Queue {
     /// Queue name.
@@ -302,8 +351,11 @@ pub struct Queue {
     /// cluster leader as it proposes (see [`Spread`]).
     round_robin: AtomicU32,
     /// The idempotency keys of the dedup window, read back from the log by the first
-    /// publish with a key (a queue never given one never reads its log for them).
-    dedup: tokio::sync::Mutex<Option<DedupWindow>>,
+    /// publish with a key (a queue never given one never reads its log for them): one
+    /// window for the whole queue (`None`, a single node's publishes) and one per
+    /// partition (a cluster's publishes and the Kafka adapter's appends, see
+    /// [`DedupScope`]).
+    dedup: tokio::sync::Mutex<HashMap<Option<u32>, DedupWindow>>,
     deleted: AtomicBool,
     /// Where "now" comes from.
     clock: Clock,
@@ -355,7 +407,7 @@ impl Queue {
             group_creation: Mutex::new(()),
             notify: Notify::new(),
             round_robin: AtomicU32::new(0),
-            dedup: tokio::sync::Mutex::new(None),
+            dedup: tokio::sync::Mutex::new(HashMap::new()),
             deleted: AtomicBool::new(false),
             clock,
             series: QueueSeries::default(),
@@ -641,25 +693,30 @@ impl Queue {
         &self.dir
     }
 
-    /// The dedup window, locked; read back from the log (as of `now_ms`) the first time.
+    /// The dedup window of `scope` (a partition, or the whole queue: `None`), locked; read
+    /// back from the log (as of `now_ms`) the first time.
     async fn dedup_window(
         &self,
+        scope: Option<u32>,
         now_ms: i64,
     ) -> Result<tokio::sync::MappedMutexGuard<'_, DedupWindow>, BrokerError> {
-        let mut window = self.dedup.lock().await;
-        if window.is_none() {
-            *window = Some(self.rebuild_dedup(now_ms)?);
+        let mut windows = self.dedup.lock().await;
+        if let std::collections::hash_map::Entry::Vacant(vacant) = windows.entry(scope) {
+            vacant.insert(self.rebuild_dedup(scope, now_ms)?);
         }
-        Ok(tokio::sync::MutexGuard::map(window, |w| {
-            w.get_or_insert_with(DedupWindow::default)
+        Ok(tokio::sync::MutexGuard::map(windows, |w| {
+            w.entry(scope).or_default()
         }))
     }
 
-    /// The dedup window as of `now_ms`, read back from the log.
-    fn rebuild_dedup(&self, now_ms: i64) -> Result<DedupWindow, BrokerError> {
+    /// The dedup window of `scope` as of `now_ms`, read back from the log.
+    fn rebuild_dedup(&self, scope: Option<u32>, now_ms: i64) -> Result<DedupWindow, BrokerError> {
         let mut window = DedupWindow::default();
         let since = now_ms - self.settings.dedup_window as i64 * 1000;
         for (p, log) in self.partitions.iter().enumerate() {
+            if scope.is_some_and(|scope| scope as usize != p) {
+                continue;
+            }
             let Some(mut from) = log.offset_for_timestamp(since)? else {
                 continue;
             };
@@ -681,6 +738,34 @@ impl Queue {
         Ok(window)
     }
 
+    /// The dedup window a publish looks its idempotency keys up in: a single node's
+    /// (`replicated` false) the whole queue's; a replicated publish's the window of its
+    /// partition when all of its messages go to one (as every publish of a cluster does:
+    /// each partition's group applies its own publishes, in an order no other partition's
+    /// applies on a replica keep, so a window across partitions would decide differently
+    /// on each replica), else the whole queue's (entries written before).
+    fn dedup_scope(
+        &self,
+        messages: &[NewMessage],
+        replicated: bool,
+        turns: &[Option<u32>],
+    ) -> Option<u32> {
+        if !replicated {
+            return None;
+        }
+        let n = self.partitions.len() as u32;
+        let hash = |key: &String| message::partition_for_key(key.as_bytes(), n);
+        let mut partitions = messages.iter().enumerate().map(|(i, m)| {
+            m.key
+                .as_ref()
+                .map(hash)
+                .or(turns.get(i).copied().flatten())
+                .or(m.idempotency_key.as_ref().map(hash))
+        });
+        let first = partitions.next().flatten()?;
+        partitions.all(|p| p == Some(first)).then_some(first)
+    }
+
     /// The partition of `message`, the `index`th of its publish: by its key's hash, else
     /// the next one in turn.
     fn partition_for(&self, index: usize, message: &NewMessage, spread: &mut Spread) -> u32 {
@@ -690,6 +775,10 @@ impl Queue {
         }
         if let Some(Some(turn)) = spread.turns.get(index) {
             return *turn;
+        }
+        // A retry lands where the first try did (the partition's window knows it).
+        if let Some(key) = &message.idempotency_key {
+            return message::partition_for_key(key.as_bytes(), n);
         }
         let next = spread.from_log.get_or_insert_with(|| self.appended());
         let partition = (*next % u64::from(n.max(1))) as u32;
@@ -731,7 +820,7 @@ impl Queue {
             ))
         })?;
         let window_ms = self.settings.dedup_window as i64 * 1000;
-        let mut window = self.dedup_window(now_ms).await?;
+        let mut window = self.dedup_window(Some(partition), now_ms).await?;
         if let Some(id) = window.get(key, now_ms, window_ms) {
             return Ok(id.offset);
         }
@@ -795,7 +884,8 @@ impl Queue {
         let now = now_ms.unwrap_or_else(|| self.clock.now_ms());
         let window_ms = self.settings.dedup_window as i64 * 1000;
         let mut dedup = if messages.iter().any(|m| m.idempotency_key.is_some()) {
-            Some(self.dedup_window(now).await?)
+            let scope = self.dedup_scope(&messages, now_ms.is_some(), turns);
+            Some(self.dedup_window(scope, now).await?)
         } else {
             None
         };
@@ -816,7 +906,9 @@ impl Queue {
             None => {
                 local_turns = messages
                     .iter()
-                    .map(|m| m.key.is_none().then(|| self.next_turn()))
+                    .map(|m| {
+                        (m.key.is_none() && m.idempotency_key.is_none()).then(|| self.next_turn())
+                    })
                     .collect();
                 &local_turns
             }
@@ -1094,10 +1186,18 @@ impl Queue {
     }
 
     fn check_exists(&self, id: MessageId) -> Result<(), BrokerError> {
-        match self.partitions.get(id.partition as usize) {
-            Some(log) if id.offset < log.next_offset() => Ok(()),
-            _ => Err(BrokerError::MessageNotFound(id)),
+        match self.holds_message(id) {
+            true => Ok(()),
+            false => Err(BrokerError::MessageNotFound(id)),
         }
+    }
+
+    /// True when `id` names a message this queue's log has had (a partition it has, an
+    /// offset below that partition's end).
+    pub fn holds_message(&self, id: MessageId) -> bool {
+        self.partitions
+            .get(id.partition as usize)
+            .is_some_and(|log| id.offset < log.next_offset())
     }
 
     async fn wait_durable(&self, ticket: Option<Ticket>) -> Result<(), BrokerError> {
@@ -1109,7 +1209,7 @@ impl Queue {
 
     /// Acknowledges a message for `group`; repeating an ack is harmless.
     pub async fn ack(&self, group: &Group, id: MessageId) -> Result<(), BrokerError> {
-        self.ack_many(group, &[id], true)
+        self.ack_many(group, &[id], true, true)
             .await
             .pop()
             .unwrap_or(Ok(()))
@@ -1118,11 +1218,14 @@ impl Queue {
     /// Acknowledges messages for `group` under one lock and one journal write; one result
     /// per id, in order. Repeating an ack is harmless. `tell_streams`: signal
     /// [`Group::watch_done`] (not for a stream's acks of its own leases: it knows).
+    /// `checked`: refuse an id past its partition's end (a cluster replica takes the ids
+    /// its proposer checked, see `Broker::check_ids`).
     pub async fn ack_many(
         &self,
         group: &Group,
         ids: &[MessageId],
         tell_streams: bool,
+        checked: bool,
     ) -> Vec<Result<(), BrokerError>> {
         let mut results = Vec::with_capacity(ids.len());
         let mut fresh = 0u64;
@@ -1132,7 +1235,11 @@ impl Queue {
             was_full = state.capacity() == 0;
             let mut events = Vec::new();
             for id in ids {
-                let result = self.check_exists(*id).and_then(|()| {
+                let exists = match checked {
+                    true => self.check_exists(*id),
+                    false => Ok(()),
+                };
+                let result = exists.and_then(|()| {
                     state
                         .ack(id.partition, id.offset)
                         .map_err(|e| self.group_error(id.partition, e))
@@ -1389,10 +1496,13 @@ impl Queue {
         }
     }
 
-    /// The queue's data now (see [`QueueImage`]).
-    pub fn image(&self) -> QueueImage {
+    /// The queue's data now, as much of it as `part` holds (see [`QueueImage`]).
+    pub fn image(&self, part: DataPart) -> QueueImage {
         let mut image = QueueImage::default();
         for (p, log) in self.partitions.iter().enumerate() {
+            if !part.holds_partition(p as u32) {
+                continue;
+            }
             for segment in log.segments() {
                 let paths = crate::log::segment::SegmentPaths::new(log.dir(), segment.base_offset);
                 let mut files = vec![(paths.log, Some(segment.bytes))];
@@ -1421,7 +1531,7 @@ impl Queue {
                 }
             }
         }
-        for group in self.groups() {
+        for group in self.groups().into_iter().filter(|_| part.holds_groups()) {
             let snapshot = group.state.lock().snapshot().encode();
             image.journals.push((
                 PathBuf::from("groups").join(format!("{}.journal", group.name)),

@@ -444,6 +444,28 @@ pub enum Op {
         /// `(partition, offset)` of each lease.
         ids: Vec<(u32, u64)>,
     },
+    /// Create a queue whose partitions after the first each have a Raft group of their
+    /// own (a cluster's queues since that layout; [`Op::CreateQueue`] entries written
+    /// before make queues whose group holds every partition, as they always did).
+    CreateSplitQueue {
+        /// Name.
+        name: String,
+        /// Settings.
+        #[serde(with = "as_json")]
+        settings: QueueSettings,
+    },
+    /// Move a group's position to offsets its proposer resolved from a [`Op::Seek`]'s
+    /// target by its own logs: every replica moves to the same ones, also where its copy
+    /// of a partition is behind the proposer's (each partition after the first is
+    /// replicated by a group of its own).
+    SeekTo {
+        /// Queue.
+        queue: String,
+        /// Group.
+        group: String,
+        /// `(partition, offset)`.
+        offsets: Vec<(u32, u64)>,
+    },
 }
 
 /// Fields whose serde form skips absent values (queue settings, bindings) travel as JSON
@@ -498,7 +520,8 @@ impl Op {
             | Op::DeadLetterDone { queue, .. }
             | Op::DeliveryCounts { queue, .. }
             | Op::AppendRecords { queue, .. }
-            | Op::DeleteGroup { queue, .. } => Scope::Queue(queue),
+            | Op::DeleteGroup { queue, .. }
+            | Op::SeekTo { queue, .. } => Scope::Queue(queue),
             Op::Receive { queue, .. }
             | Op::Nack { queue, .. }
             | Op::Release { queue, .. }
@@ -509,6 +532,7 @@ impl Op {
             | Op::ReadLog { queue, .. } => Scope::Leases(queue),
             Op::Redrive { dead_letter, .. } => Scope::Leases(dead_letter),
             Op::CreateQueue { .. }
+            | Op::CreateSplitQueue { .. }
             | Op::DeleteQueue { .. }
             | Op::CreateExchange { .. }
             | Op::DeleteExchange { .. }
@@ -748,7 +772,7 @@ fn from_json_text<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, Broke
 }
 
 /// The error for an answer of the wrong kind from the cluster (a bug, never user input).
-pub(super) fn unexpected(what: &OpResult) -> BrokerError {
+pub fn unexpected(what: &OpResult) -> BrokerError {
     BrokerError::InvalidArgument(format!("unexpected answer from the cluster: {what:?}"))
 }
 
@@ -995,6 +1019,14 @@ impl Broker {
                 self.delete_group_local(&queue, &group, false)?;
                 Ok(OpResult::Done)
             }
+            Op::SeekTo {
+                queue,
+                group,
+                offsets,
+            } => {
+                self.seek_to_local(&queue, &group, &offsets).await?;
+                Ok(OpResult::Done)
+            }
             Op::DeadLetterDone {
                 queue,
                 group,
@@ -1005,7 +1037,7 @@ impl Broker {
                     .await?;
                 Ok(OpResult::Done)
             }
-            Op::CreateQueue { name, settings } => {
+            Op::CreateQueue { name, settings } | Op::CreateSplitQueue { name, settings } => {
                 let created = self.create_queue_local(&name, settings).await?;
                 Ok(OpResult::Created {
                     created: created.created,
@@ -1242,6 +1274,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// A broker in a temporary directory (kept while the first is) with queue `q` of
+    /// `partitions`.
+    pub(crate) async fn broker_with_queue(
+        partitions: u32,
+    ) -> (tempfile::TempDir, std::sync::Arc<Broker>) {
+        let (dir, broker) = empty_broker().await;
+        let settings = QueueSettings {
+            partitions,
+            ..QueueSettings::default()
+        };
+        broker.create_queue("q", settings).await.unwrap();
+        (dir, broker)
+    }
+
+    /// A broker with nothing in it, in a temporary directory (kept while the first is).
+    async fn empty_broker() -> (tempfile::TempDir, std::sync::Arc<Broker>) {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::open(crate::broker::BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..crate::broker::BrokerConfig::default()
+        })
+        .await
+        .unwrap();
+        (dir, broker)
+    }
+
     /// Any message: strings of any characters, bodies of any bytes (also used by the
     /// cluster's codec tests).
     pub(crate) fn arb_message() -> impl Strategy<Value = WireMessage> {
@@ -1336,13 +1394,7 @@ pub(crate) mod tests {
     /// absent fields, a group with leases, a log page.
     #[tokio::test]
     async fn forwarded_reads_answer_what_the_leader_reads_itself() {
-        let dir = tempfile::tempdir().unwrap();
-        let broker = Broker::open(crate::broker::BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..crate::broker::BrokerConfig::default()
-        })
-        .await
-        .unwrap();
+        let (_dir, broker) = empty_broker().await;
         let settings: QueueSettings =
             serde_json::from_str(r#"{"partitions":2,"backoff":[1,5],"retention":{"max_age":60}}"#)
                 .unwrap();

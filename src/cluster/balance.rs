@@ -175,6 +175,7 @@ mod tests {
         (
             name.to_string(),
             QueueGroup {
+                partitions: 1,
                 id,
                 replicas: replicas.to_vec(),
             },

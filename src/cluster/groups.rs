@@ -28,6 +28,7 @@ use super::snapshot_transfer::Receiver;
 use super::state_machine::{AppliedIndex, Raft, Role, StateMachine};
 use super::types::{Fencing, KafkaAddr, LogId, Membership, NodeAddrs, Placed};
 use crate::broker::Broker;
+use crate::broker::queue::DataPart;
 
 /// The metadata group's id.
 pub const META_GROUP: u64 = 0;
@@ -149,13 +150,62 @@ fn learn_floor(id: u64, me: u64, seed: Vec<u64>, peers: Arc<Peers>, lost: Lost) 
     });
 }
 
-/// A queue's group as this node knows it.
+/// Bit at which a partition group's partition number starts in its id (see
+/// [`partition_group`]).
+const PARTITION_SHIFT: u32 = 48;
+/// Set in the id of a queue group whose further partitions have groups of their own (a
+/// queue made by [`crate::broker::replicate::Op::CreateSplitQueue`]); a queue made before
+/// keeps every partition in its one group.
+const SPLIT: u64 = 1 << 47;
+
+/// The id of the group of a queue made by the metadata entry at `index`: twice the index
+/// (plus one for the dead-letter queue made with it), marked [`SPLIT`] when its further
+/// partitions have groups of their own.
+pub fn queue_group_id(index: u64, split: bool) -> u64 {
+    (index * 2) | if split { SPLIT } else { 0 }
+}
+
+/// The metadata index that made the queue of group `id` ([`queue_group_id`] reversed).
+pub fn created_at(id: u64) -> u64 {
+    (split_group(id).0 & !SPLIT) / 2
+}
+
+/// True when group `id` is a queue group whose further partitions have groups of their
+/// own ([`SPLIT`]).
+pub fn is_split(id: u64) -> bool {
+    id & SPLIT != 0
+}
+
+/// The id of the group of partition `partition` of the queue whose group is `queue_group`.
+/// Partition 0 lives in the queue group itself (with the consumer groups' state, see
+/// [`QueueGroup`]), so its id is the queue group's; every further partition has a group
+/// of its own, its id the queue group's with the partition number above bit 48 (a queue
+/// group's id, twice a metadata index, stays far below).
+pub fn partition_group(queue_group: u64, partition: u32) -> u64 {
+    queue_group | (u64::from(partition) << PARTITION_SHIFT)
+}
+
+/// The queue group and the partition of group `id` ([`partition_group`] reversed; the
+/// metadata group and a queue group are partition 0).
+pub fn split_group(id: u64) -> (u64, u32) {
+    let partition = u32::try_from(id >> PARTITION_SHIFT).unwrap_or(u32::MAX);
+    (id & ((1 << PARTITION_SHIFT) - 1), partition)
+}
+
+/// A queue's groups as this node knows them: the queue group, which holds partition 0 and
+/// the state of every consumer group (acks, delivery counts, seeks: the leases run on its
+/// leader, as a Kafka group coordinator's do), and one group per further partition, which
+/// holds only that partition's messages. They share the replicas; each partition's
+/// preferred leader is the next replica in turn, so the leaders of a queue's partitions
+/// spread over the nodes and so do their publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueGroup {
     /// Group id.
     pub id: u64,
     /// Replicas, preferred leader first.
     pub replicas: Vec<u64>,
+    /// The queue's partitions (one group each, partition 0's being the queue group).
+    pub partitions: u32,
 }
 
 /// The kind of queue group `id` holds, as preferred leaders are spread: 0 for a queue, 1
@@ -169,6 +219,33 @@ impl QueueGroup {
     /// The kind of queue the group holds ([`group_kind`]).
     pub fn kind(&self) -> usize {
         group_kind(self.id)
+    }
+
+    /// The group holding `partition` ([`partition_group`]).
+    pub fn group_of(&self, partition: u32) -> u64 {
+        partition_group(self.id, partition)
+    }
+
+    /// The replicas of `partition`'s group, preferred leader first: the queue's replicas
+    /// turned by the partition number.
+    pub fn replicas_of(&self, partition: u32) -> Vec<u64> {
+        let mut replicas = self.replicas.clone();
+        if !replicas.is_empty() {
+            let turn = partition as usize % replicas.len();
+            replicas.rotate_left(turn);
+        }
+        replicas
+    }
+
+    /// Every group of the queue: `(partition, group id)`, the queue group first.
+    pub fn members(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        (0..self.partitions.max(1)).map(|p| (p, self.group_of(p)))
+    }
+
+    /// The partition group `id` holds, if it is one of this queue's groups.
+    pub fn partition_of(&self, id: u64) -> Option<u32> {
+        let (queue_group, partition) = split_group(id);
+        (queue_group == self.id && partition < self.partitions.max(1)).then_some(partition)
     }
 }
 
@@ -223,6 +300,33 @@ pub struct Groups {
     /// known, then only from leaders of that term or later, and neither vote nor stand for
     /// election until they have caught up.
     lost: Lost,
+    /// Bumped after every change of the open groups, their logs or their replicas.
+    generation: AtomicU64,
+    /// [`Self::open_groups`] as of a generation.
+    open: RwLock<Option<(u64, Arc<Vec<OpenGroup>>)>>,
+}
+
+/// An open group as the liveness loop reads it at every beat ([`Groups::open_groups`]).
+#[derive(Clone)]
+pub struct OpenGroup {
+    /// Group id.
+    pub id: u64,
+    /// Its handle.
+    pub raft: Raft,
+    /// Its log.
+    pub log: Option<LogStore>,
+    /// A queue's group's replicas, preferred leader first (`None` for the metadata group).
+    pub replicas: Option<Vec<u64>>,
+}
+
+/// The role of the group of `partition` of queue `name`, whose queue group is `id`
+/// ([`QueueGroup`]).
+fn queue_role(name: &str, id: u64, partition: u32) -> Role {
+    match partition {
+        0 if is_split(id) => Role::Queue(name.to_string(), DataPart::Head),
+        0 => Role::Queue(name.to_string(), DataPart::All),
+        p => Role::Partition(name.to_string(), p),
+    }
 }
 
 /// Group `id`'s state machine for `role`: a queue's restores the queue from the group's
@@ -234,8 +338,8 @@ async fn open_machine(
     dir: &Path,
 ) -> Result<StateMachine, ClusterError> {
     match role {
-        Role::Queue(name) => {
-            StateMachine::for_queue(&name, Arc::clone(broker), &dir.join("snapshot"))
+        role @ (Role::Queue(..) | Role::Partition(..)) => {
+            StateMachine::for_queue(role, Arc::clone(broker), &dir.join("snapshot"))
                 .await
                 .map_err(|e| ClusterError::Raft(format!("group {id}: {e}")))
         }
@@ -358,6 +462,8 @@ impl Groups {
             watches: RwLock::new(HashMap::new()),
             queues: RwLock::new(BTreeMap::new()),
             lost: Arc::default(),
+            generation: AtomicU64::new(0),
+            open: RwLock::new(None),
             nodes: RwLock::new(BTreeMap::new()),
             kafka: KafkaAddrs::default(),
             fenced: Fenced::default(),
@@ -403,16 +509,14 @@ impl Groups {
         let (log, found) = self.open_log(id, &dir, chunk_entries)?;
         // A queue's replicas as placement names them (the metadata group's: the voters).
         let replicas = match &role {
-            Role::Queue(name) => self.queue_group(name).map(|g| g.replicas),
+            Role::Queue(name, _) => self.queue_group(name).map(|g| g.replicas),
+            Role::Partition(name, p) => self.queue_group(name).map(|g| g.replicas_of(*p)),
             _ => None,
         };
         let (lost, members) = self.seed_members(id, &dir, found, replicas.as_deref(), members);
         // A lost queue group learns its term floor from its replicas, the metadata group
         // from every voter (`None`).
-        let queue_name = match &role {
-            Role::Queue(name) => Some(name.clone()),
-            _ => None,
-        };
+        let queue_name = role.data().map(|(name, _)| name.to_string());
         let floor_from = queue_name.is_some().then(|| replicas.unwrap_or_default());
         self.mark_lost(id, lost, floor_from)?;
         let machine = open_machine(id, role, &self.broker, &dir).await?;
@@ -420,6 +524,7 @@ impl Groups {
         let replayed = machine.applied_counter();
         let applied = machine.applied_index();
         self.logs.write().insert(id, log.clone());
+        self.changed();
         let log_handle = log.clone();
         let network = Network {
             group: id,
@@ -446,6 +551,7 @@ impl Groups {
             });
         }
         self.rafts.write().insert(id, raft.clone());
+        self.changed();
         let (leader, leader_changes) = leader_watch(&raft);
         let watch = GroupWatch {
             applied,
@@ -693,46 +799,65 @@ impl Groups {
         id.map(|id| self.place(queue, id)).unwrap_or_default()
     }
 
-    /// Opens the group of a queue (when this node is one of its replicas).
+    /// Opens the groups of a queue (when this node is one of its replicas): its queue group
+    /// and one group per further partition (see [`QueueGroup`]).
     async fn open_queue_inner(&self, name: &str, id: u64, opening: QueueOpening) {
         let replicas = self.place(name, id);
-        self.queues.write().insert(
-            name.to_string(),
-            QueueGroup {
-                id,
-                replicas: replicas.clone(),
-            },
-        );
+        let partitions = match is_split(id) {
+            true => self
+                .broker
+                .queue_settings(name)
+                .map_or(1, |settings| settings.partitions),
+            false => 1,
+        };
+        let queue = QueueGroup {
+            id,
+            replicas: replicas.clone(),
+            partitions,
+        };
+        self.queues.write().insert(name.to_string(), queue.clone());
+        self.changed();
         if !replicas.contains(&self.node_id) || self.moved_marker(id).exists() {
             return;
         }
-        let members: &[u64] = match opening {
-            QueueOpening::Created => &replicas,
-            QueueOpening::Restored => &[],
-        };
-        if let Err(error) = self
-            .open_group(id, members, Role::Queue(name.to_string()))
-            .await
-        {
-            tracing::error!(queue = name, group = id, %error, "cannot open the queue's raft group");
+        for (partition, group) in queue.members() {
+            let members = match opening {
+                QueueOpening::Created => queue.replicas_of(partition),
+                QueueOpening::Restored => Vec::new(),
+            };
+            if let Err(error) = self
+                .open_group(group, &members, queue_role(name, id, partition))
+                .await
+            {
+                tracing::error!(queue = name, partition, group, %error, "cannot open the queue's raft group");
+            }
         }
     }
 
-    /// Stops and removes the group of a queue being deleted.
+    /// Stops and removes the groups of a queue being deleted.
     async fn close_queue_inner(&self, name: &str) {
-        let Some(group) = self.queues.write().remove(name) else {
+        let Some(queue) = self.queues.write().remove(name) else {
             return;
         };
-        let raft = self.rafts.write().remove(&group.id);
-        self.logs.write().remove(&group.id);
-        self.drop_watch(group.id);
+        self.changed();
+        for (_, group) in queue.members() {
+            self.close_group(group).await;
+        }
+        let _ = std::fs::remove_file(self.moved_marker(queue.id));
+    }
+
+    /// Stops group `id` here and removes its log.
+    async fn close_group(&self, id: u64) {
+        let raft = self.rafts.write().remove(&id);
+        self.logs.write().remove(&id);
+        self.changed();
+        self.drop_watch(id);
         if let Some(raft) = raft
             && let Err(error) = raft.shutdown().await
         {
-            tracing::warn!(queue = name, %error, "stopping the queue's raft group failed");
+            tracing::warn!(group = id, %error, "stopping a queue's raft group failed");
         }
-        self.remove_group_dir(group.id);
-        let _ = std::fs::remove_file(self.moved_marker(group.id));
+        self.remove_group_dir(id);
     }
 
     /// Forgets what requests of group `id` wait on, the group having stopped here: a
@@ -765,47 +890,78 @@ impl Groups {
     /// adds it and sends it the log or a snapshot) or closes it and clears the queue's data
     /// here (it moved off this node).
     async fn set_replicas_inner(&self, placed: &Placed) {
-        {
+        let queue = {
             let mut queues = self.queues.write();
             match queues.get_mut(&placed.queue) {
                 Some(group) if group.id == placed.group => {
                     group.replicas = placed.replicas.clone();
+                    group.clone()
                 }
                 _ => return,
             }
-        }
+        };
+        self.changed();
         let id = placed.group;
         let open = self.raft(id).is_some();
         let member = placed.replicas.contains(&self.node_id);
         if member && !open {
             let _ = std::fs::remove_file(self.moved_marker(id));
-            let role = Role::Queue(placed.queue.clone());
-            if let Err(error) = self.open_group(id, &[], role).await {
-                tracing::error!(queue = %placed.queue, group = id, %error, "cannot open the queue's raft group");
-            } else {
-                tracing::info!(queue = %placed.queue, group = id, "joining the queue's group");
+            for (partition, group) in queue.members() {
+                let role = queue_role(&placed.queue, id, partition);
+                if let Err(error) = self.open_group(group, &[], role).await {
+                    tracing::error!(queue = %placed.queue, group, %error, "cannot open the queue's raft group");
+                } else {
+                    tracing::info!(queue = %placed.queue, group, "joining the queue's group");
+                }
             }
         } else if !member && open {
-            let raft = self.rafts.write().remove(&id);
-            self.drop_watch(id);
-            if let Some(raft) = raft
-                && let Err(error) = raft.shutdown().await
-            {
-                tracing::warn!(group = id, %error, "stopping a moved queue's raft group failed");
-            }
             if let Err(error) = std::fs::write(self.moved_marker(id), b"") {
                 tracing::warn!(group = id, %error, "cannot mark a moved group");
             }
-            self.remove_group_dir(id);
+            for (_, group) in queue.members() {
+                self.close_group(group).await;
+            }
             if let Err(error) = self
                 .broker
-                .replace_queue_data(&placed.queue, |_| Ok(()))
+                .replace_queue_data(&placed.queue, DataPart::All, |_| Ok(()))
                 .await
             {
                 tracing::warn!(queue = %placed.queue, %error, "clearing a moved queue's data failed");
             }
             tracing::info!(queue = %placed.queue, group = id, "the queue's group moved off this node");
         }
+    }
+
+    /// The open groups, their logs and replicas changed: [`Self::open_groups`] builds its
+    /// list again.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Every open group with its log and replicas, in id order: built once per change
+    /// ([`Self::changed`]) rather than looked up group by group at every beat.
+    pub fn open_groups(&self) -> Arc<Vec<OpenGroup>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((built, groups)) = self.open.read().as_ref()
+            && *built == generation
+        {
+            return Arc::clone(groups);
+        }
+        let logs = self.logs.read().clone();
+        let groups: Vec<OpenGroup> = self
+            .rafts()
+            .into_iter()
+            .map(|(id, raft)| OpenGroup {
+                id,
+                raft,
+                log: logs.get(&id).cloned(),
+                replicas: self.group_replicas(id),
+            })
+            .collect();
+        let groups = Arc::new(groups);
+        // Kept only if nothing changed meanwhile (else the next call builds it again).
+        *self.open.write() = Some((generation, Arc::clone(&groups)));
+        groups
     }
 
     /// A group by id.
@@ -853,6 +1009,24 @@ impl Groups {
         self.queues.read().get(name).cloned()
     }
 
+    /// The replicas of group `id`, a queue group or a partition's, preferred leader first
+    /// (`None`: no such group known here).
+    pub fn group_replicas(&self, id: u64) -> Option<Vec<u64>> {
+        let (queue_group, _) = split_group(id);
+        let queues = self.queues.read();
+        let queue = queues.values().find(|g| g.id == queue_group)?;
+        queue.partition_of(id).map(|p| queue.replicas_of(p))
+    }
+
+    /// The queue of group `id` and the partition it holds (`None`: not a group of a queue
+    /// known here).
+    pub fn queue_of_group(&self, id: u64) -> Option<(String, u32)> {
+        let (queue_group, _) = split_group(id);
+        let queues = self.queues.read();
+        let (name, queue) = queues.iter().find(|(_, g)| g.id == queue_group)?;
+        queue.partition_of(id).map(|p| (name.clone(), p))
+    }
+
     /// Every queue's group.
     pub fn queue_groups(&self) -> Vec<(String, QueueGroup)> {
         self.queues
@@ -871,6 +1045,7 @@ impl Groups {
     pub async fn shutdown(&self) {
         let all: Vec<Raft> = self.rafts.write().drain().map(|(_, r)| r).collect();
         self.logs.write().clear();
+        self.changed();
         for (_, watch) in self.watches.write().drain() {
             watch.applied.close();
         }
@@ -975,5 +1150,56 @@ impl MetaHooks for Groups {
 
     fn fenced(&self) -> Vec<u64> {
         self.fenced.all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A group id tells its queue group, its partition, the metadata index that made
+        /// the queue and whether its partitions have groups of their own; a queue's groups
+        /// are distinct and its own.
+        #[test]
+        fn group_ids_round_trip(index in 1u64..(1 << 40), dlq in any::<bool>(), split in any::<bool>(), partitions in 1u32..=256) {
+            let id = queue_group_id(index, split) + u64::from(dlq);
+            prop_assert_eq!(created_at(id), index);
+            prop_assert_eq!(is_split(id), split);
+            prop_assert_eq!(group_kind(id), usize::from(dlq));
+            let queue = QueueGroup { id, replicas: vec![1, 2, 3], partitions };
+            let members: Vec<(u32, u64)> = queue.members().collect();
+            prop_assert_eq!(members.len(), partitions as usize);
+            prop_assert_eq!(members[0], (0, id));
+            for (p, group) in &members {
+                prop_assert_eq!(split_group(*group), (id, *p));
+                prop_assert_eq!(queue.partition_of(*group), Some(*p));
+                prop_assert_eq!(created_at(*group), index);
+                prop_assert_eq!(group_kind(*group), usize::from(dlq));
+            }
+            let distinct: BTreeSet<u64> = members.iter().map(|(_, g)| *g).collect();
+            prop_assert_eq!(distinct.len(), members.len());
+            prop_assert_eq!(queue.partition_of(partition_group(id, partitions)), None);
+        }
+    }
+
+    /// Each partition's preferred leader is the next replica in turn; all of them have the
+    /// queue's replicas.
+    #[test]
+    fn partition_leaders_take_turns_over_the_replicas() {
+        let queue = QueueGroup {
+            id: queue_group_id(7, true),
+            replicas: vec![2, 3, 1],
+            partitions: 4,
+        };
+        let firsts: Vec<u64> = (0..4).map(|p| queue.replicas_of(p)[0]).collect();
+        assert_eq!(firsts, [2, 3, 1, 2]);
+        assert_eq!(queue.replicas_of(1), [3, 1, 2]);
+        let empty = QueueGroup {
+            replicas: Vec::new(),
+            ..queue
+        };
+        assert!(empty.replicas_of(3).is_empty());
     }
 }

@@ -127,10 +127,8 @@ impl Cluster {
                 .copied();
         }
         self.groups()
-            .queue_groups()
-            .into_iter()
-            .find(|(_, g)| g.id == group)
-            .and_then(|(_, g)| g.replicas.first().copied())
+            .group_replicas(group)
+            .and_then(|replicas| replicas.first().copied())
     }
 
     /// True while this node leads `raft`.

@@ -555,6 +555,9 @@ pub struct Liveness {
     detector: Mutex<Detector>,
     /// Per voter: a beat to it is under way (voters come and go with membership changes).
     sending: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    /// The groups this node led at its last beat: only for those does a peer's claim to
+    /// lead one need a look ([`Cluster::beat_received`]).
+    leading: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Liveness {
@@ -563,6 +566,7 @@ impl Liveness {
         Self {
             node,
             detector: Mutex::new(Detector::new(node, rand::random::<f64>)),
+            leading: Mutex::default(),
             sending: Mutex::new(
                 peers
                     .into_iter()
@@ -597,22 +601,21 @@ impl Cluster {
     fn locals(&self) -> Vec<Local> {
         let me = self.node_id();
         let voters: Vec<u64> = self.groups().voter_ids();
-        let mut replicas: HashMap<u64, Vec<u64>> = self
-            .groups()
-            .queue_groups()
-            .into_iter()
-            .map(|(_, g)| (g.id, g.replicas))
-            .collect();
-        replicas.insert(META_GROUP, placement::replicas("", &voters, voters.len()));
+        let meta_replicas = placement::replicas("", &voters, voters.len());
         self.groups()
-            .rafts()
-            .into_iter()
-            .map(|(group, raft)| {
-                let m = raft.metrics();
+            .open_groups()
+            .iter()
+            .map(|open| {
+                let m = open.raft.metrics();
                 let m = m.borrow_watched();
+                let replicas = match (&open.replicas, open.id) {
+                    (Some(replicas), _) => replicas.clone(),
+                    (None, META_GROUP) => meta_replicas.clone(),
+                    (None, _) => voters.clone(),
+                };
                 Local {
-                    group,
-                    replicas: replicas.remove(&group).unwrap_or_else(|| voters.clone()),
+                    group: open.id,
+                    replicas,
                     voter: m
                         .membership_config
                         .membership()
@@ -622,7 +625,7 @@ impl Cluster {
                     leader: m.current_leader,
                     term: m.current_term,
                     applied: m.last_applied.map(|l| l.index),
-                    last_log: self.groups().last_log_id(group),
+                    last_log: open.log.as_ref().and_then(super::log_store::LogStore::tip),
                 }
             })
             .collect()
@@ -642,6 +645,7 @@ impl Cluster {
                     applied: l.applied,
                 })
                 .collect();
+            *self.liveness.leading.lock() = leads.iter().map(|l| l.group).collect();
             let (actions, tips) = {
                 let mut detector = self.liveness.detector.lock();
                 let now = Instant::now();
@@ -721,9 +725,18 @@ impl Cluster {
             .detector
             .lock()
             .received(from, &beat, Instant::now());
-        let stale = beat.leads.iter().map(|l| (l.group, Some(l.term)));
+        // A claim to lead a group matters only where this node leads it too (a deposed
+        // leader that missed the election; its beat tells it so).
+        let stale: Vec<(u64, Option<u64>)> = {
+            let leading = self.liveness.leading.lock();
+            beat.leads
+                .iter()
+                .filter(|l| leading.contains(&l.group))
+                .map(|l| (l.group, Some(l.term)))
+                .collect()
+        };
         let asked = beat.asks.iter().map(|g| (*g, None));
-        for (group, their_term) in stale.chain(asked) {
+        for (group, their_term) in stale.into_iter().chain(asked) {
             let Some(raft) = self.groups().raft(group) else {
                 continue;
             };

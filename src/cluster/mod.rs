@@ -4,8 +4,9 @@
 //! - [`log_store`]: a group's Raft log on disk (`RaftLogStorage`).
 //! - [`state_machine`]: applying committed entries through the broker's one apply path.
 //! - [`metadata`]: the metadata group's snapshot (registry, users, grants, group ids).
-//! - [`groups`]: the metadata group and one group per queue, opened and closed as queues
-//!   come and go.
+//! - [`groups`]: the metadata group, and per queue a queue group and one group per further
+//!   partition, opened and closed as queues come and go; [`partitions`]: publishes to a
+//!   queue of several partitions split by partition.
 //! - [`placement`]: rendezvous hashing of queues over node ids.
 //! - [`liveness`]: one beat per peer for all groups, and elections when a leader falls
 //!   silent (openraft's per-group heartbeats and election timers are off).
@@ -27,8 +28,10 @@
 //! [`Op`](crate::broker::replicate::Op) (it is the broker's
 //! [`Replicator`](crate::broker::replicate::Replicator)). Replicated ops (publish, ack,
 //! seek, dead-letter completion, metadata) are proposed to the group's leader and answered
-//! once a majority has them and this node has applied them; lease ops (receive, nack,
-//! extend) run on the leader of the queue's group, where the leases live. A node that
+//! once a majority has them and this node has applied them (a publish to a queue of
+//! several partitions is split by partition first, each part proposed to its partition's
+//! group); lease ops (receive, nack, extend) run on the leader of the queue's group, where
+//! the leases live. A node that
 //! does not lead forwards over the internal service, so every node serves every route, over
 //! HTTP and gRPC alike. Reads (`GET /queues/{q}`, `/log`, `Subscribe`) are local: every
 //! replica holds exactly the committed entries.
@@ -63,6 +66,7 @@ pub mod metadata;
 pub mod metadata_catch_up;
 pub mod moves;
 pub mod network;
+pub mod partitions;
 pub mod placement;
 pub mod proposals;
 pub mod publish_batch;
@@ -113,6 +117,9 @@ const CONFIRM_WAIT: Duration = Duration::from_millis(500);
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How long a node waits to apply an op committed through another node.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
+/// How long an ack waits for this node to apply a message it names that its copy does not
+/// hold yet (see `Cluster::propose_ack`).
+const ACK_APPLY_WAIT: Duration = Duration::from_secs(1);
 /// How many times one request follows its group's leader to another node, when the one it
 /// was forwarded to is gone or deposed.
 const FORWARD_ATTEMPTS: u32 = 3;
@@ -435,6 +442,44 @@ fn watch_metrics_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<u64>
     rx
 }
 
+/// The partition an append command names (a publish's by its first message, which a
+/// split publish names for all, see [`partitions`]); `None` for anything else.
+fn appended_partition(command: &Command) -> Option<u32> {
+    match command {
+        Command::Broker(Op::Publish { messages, .. }) => messages.first()?.partition,
+        Command::Broker(Op::AppendRecords { partition, .. }) => Some(*partition),
+        Command::AppendRecords(append) => Some(append.partition),
+        _ => None,
+    }
+}
+
+/// A publish forwarded with its group named (`expected`) as the op's serde form carries
+/// it, without its messages' partitions: they are the group's partition again (an encoded
+/// publish carries them, and an append names its own). Any other command as it is.
+fn name_partition(command: Command, expected: Option<u64>) -> Command {
+    match (command, expected) {
+        (
+            Command::Broker(Op::Publish {
+                queue,
+                mut messages,
+                now_ms,
+            }),
+            Some(group),
+        ) => {
+            let (_, partition) = groups::split_group(group);
+            for m in messages.iter_mut().filter(|m| m.partition.is_none()) {
+                m.partition = Some(partition);
+            }
+            Command::Broker(Op::Publish {
+                queue,
+                messages,
+                now_ms,
+            })
+        }
+        (command, _) => command,
+    }
+}
+
 fn is_publish(command: &Command) -> bool {
     matches!(
         command,
@@ -460,6 +505,16 @@ fn publish_parts(command: Command) -> Result<PublishParts, BrokerError> {
         } => Ok((queue, messages, now_ms)),
         _ => Err(BrokerError::InvalidArgument("not a publish".into())),
     }
+}
+
+/// The parts of several publishes that go to one partition: which publish each came from,
+/// with the positions of its messages there, and the messages.
+type PartitionParts = (Vec<(usize, Vec<usize>)>, Vec<Vec<WireMessage>>);
+
+/// The group a read goes to, and its replicas.
+struct ReadGroup {
+    id: u64,
+    replicas: Vec<u64>,
 }
 
 /// How forwarding an op failed.
@@ -671,13 +726,78 @@ impl Cluster {
         }
     }
 
-    /// The group a command runs in (`None`: a queue this node does not know).
+    /// The group a command runs in (`None`: a queue this node does not know): an append
+    /// to a partition after the first runs in that partition's group, anything else of a
+    /// queue in its queue group (see [`groups::QueueGroup`]).
     fn group_of(&self, command: &Command) -> Option<(u64, bool)> {
         match command.scope() {
             Scope::Meta => Some((META_GROUP, false)),
-            Scope::Queue(q) => self.groups.queue_group(q).map(|g| (g.id, false)),
+            Scope::Queue(q) => self.groups.queue_group(q).map(|g| {
+                let partition = appended_partition(command).unwrap_or(0);
+                (g.group_of(partition), false)
+            }),
             Scope::Leases(q) => self.groups.queue_group(q).map(|g| (g.id, true)),
         }
+    }
+
+    /// The group a forwarded publish names (`expected`), when it is one of its queue's
+    /// groups: a publish forwarded in its encoded form goes to the group its sender
+    /// routed it by (its messages name their partitions, but only decoding would tell).
+    fn named_append_group(&self, command: &Command, expected: u64) -> Option<(u64, bool)> {
+        if !is_publish(command) {
+            return None;
+        }
+        let Scope::Queue(queue) = command.scope() else {
+            return None;
+        };
+        let group = self.groups.queue_group(queue)?;
+        group.partition_of(expected).map(|_| (expected, false))
+    }
+
+    /// True for a publish to a queue of several partitions whose messages do not all name
+    /// one partition yet: it is split by partition first ([`partitions`]).
+    fn must_split(&self, command: &Command) -> bool {
+        let Command::Broker(Op::Publish {
+            queue, messages, ..
+        }) = command
+        else {
+            return false;
+        };
+        let several = self
+            .groups
+            .queue_group(queue)
+            .is_some_and(|g| g.partitions > 1);
+        several && !partitions::is_part(messages)
+    }
+
+    /// Runs a publish to a queue of several partitions as one publish per partition, side
+    /// by side, each to its partition's group (see [`partitions`]), and waits until this
+    /// node applied each: the ids in the order of the messages.
+    async fn publish_split(
+        &self,
+        command: Command,
+        hops: u32,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let (queue, messages, now_ms) = publish_parts(command)?;
+        let count = self.groups.queue_group(&queue).map_or(1, |g| g.partitions);
+        let len = messages.len();
+        let parts = partitions::split(&self.broker, &queue, count, messages);
+        let runs = parts.into_iter().map(|part| {
+            let command = Command::Broker(Op::Publish {
+                queue: queue.clone(),
+                messages: part.messages,
+                now_ms,
+            });
+            async move {
+                let answer = Box::pin(self.execute_inner(command, hops, None)).await;
+                if let Ok((_, Some((group, index)))) = &answer {
+                    self.wait_applied(*group, *index).await;
+                }
+                (part.positions, answer.map(|(result, _)| result))
+            }
+        });
+        let answers = futures_util::future::join_all(runs).await;
+        partitions::merge(len, answers).map(|result| (result, None))
     }
 
     /// The group of `command` once this node has applied the metadata entry that made it,
@@ -693,7 +813,9 @@ impl Cluster {
     ) -> Option<(u64, bool)> {
         let applied = self.groups.applied(META_GROUP)?;
         if running(&self.meta) {
-            applied.wait(expected? / 2, LEADER_WAIT).await;
+            applied
+                .wait(groups::created_at(expected?), LEADER_WAIT)
+                .await;
         }
         self.group_of(command)
     }
@@ -743,9 +865,13 @@ impl Cluster {
                 };
                 return answer.map(|result| (result, None));
             }
-            command => command,
+            command if expected.is_none() && self.must_split(&command) => {
+                return self.publish_split(command, hops).await;
+            }
+            command => name_partition(command, expected),
         };
-        let found = match self.group_of(&command) {
+        let named = expected.and_then(|e| self.named_append_group(&command, e));
+        let found = match named.or_else(|| self.group_of(&command)) {
             Some(found) => Some(found),
             None => self.group_once_applied(&command, expected).await,
         };
@@ -764,7 +890,9 @@ impl Cluster {
                 },
             };
         };
-        if expected.is_some_and(|expected| expected != group) {
+        if expected
+            .is_some_and(|expected| groups::split_group(expected).0 != groups::split_group(group).0)
+        {
             return Err(no_leader(format!(
                 "the queue was made again (group {group}, not {expected:?}): ask again"
             )));
@@ -774,10 +902,10 @@ impl Cluster {
             // ended its group; the other replicas elect a leader without it): another
             // replica leads or forwards. The metadata group has a replica on every voter.
             let replica = match command.scope() {
-                Scope::Queue(q) | Scope::Leases(q) => self
+                Scope::Queue(_) | Scope::Leases(_) => self
                     .groups
-                    .queue_group(q)
-                    .and_then(|g| self.other_replica(&g.replicas)),
+                    .group_replicas(group)
+                    .and_then(|replicas| self.other_replica(&replicas)),
                 Scope::Meta => self.metadata_source(),
             };
             return match replica {
@@ -873,8 +1001,18 @@ impl Cluster {
         let Scope::Leases(queue) = op.scope() else {
             return None;
         };
-        let Some(group) = self.groups.queue_group(queue) else {
+        let Some(queue_group) = self.groups.queue_group(queue) else {
             return self.read_at_meta_leader(op, hops).await;
+        };
+        // A partition's log is read at its own group's leader; the rest of a queue (its
+        // info, its groups) at the queue group's, which holds the leases.
+        let partition = match op {
+            Op::ReadLog { partition, .. } if *partition < queue_group.partitions => *partition,
+            _ => 0,
+        };
+        let group = ReadGroup {
+            id: queue_group.group_of(partition),
+            replicas: queue_group.replicas_of(partition),
         };
         let replica = self.groups.raft(group.id).filter(running);
         let targets = match &replica {
@@ -1100,16 +1238,15 @@ impl Cluster {
             .await;
     }
 
-    /// Where this replica sends publishes to `queue`, as [`Self::execute`] would: its Raft
-    /// group and, when this node leads it (and is not handing it off), the group's handle
-    /// to propose them; `None` for the handle when another replica leads (forwarded).
-    /// `None` on a node without a replica or while the group has no leader.
-    async fn publish_route(&self, queue: &str) -> Option<(u64, Option<Raft>)> {
-        let group = self.groups.queue_group(queue)?.id;
+    /// Where this replica sends publishes to `group`, as [`Self::execute`] would: when this
+    /// node leads it (and is not handing it off), the group's handle to propose them;
+    /// `None` for the handle when another replica leads (forwarded). `None` on a node
+    /// without a replica or while the group has no leader.
+    async fn publish_route(&self, group: u64) -> Option<Option<Raft>> {
         let raft = self.groups.raft(group)?;
         match self.leader_after_handoff(&raft, group).await? {
-            leader if leader == self.node_id() => Some((group, Some(raft))),
-            _ => Some((group, None)),
+            leader if leader == self.node_id() => Some(Some(raft)),
+            _ => Some(None),
         }
     }
 
@@ -1238,11 +1375,25 @@ impl Cluster {
         }
         match command {
             Command::Broker(Op::Ack {
-                ref queue,
-                group: ref consumer,
-                ..
+                queue,
+                group: consumer,
+                ids,
             }) => {
-                self.broker.check_group(queue, consumer)?;
+                self.broker.check_group(&queue, &consumer)?;
+                self.propose_ack(raft, group, queue, consumer, ids).await
+            }
+            Command::Broker(Op::Seek {
+                queue,
+                group: consumer,
+                target,
+            }) => {
+                // Resolved here, by this node's logs: see `Op::SeekTo`.
+                let offsets = self.broker.resolve_seek(&queue, &target.into())?;
+                let command = Command::Broker(Op::SeekTo {
+                    queue,
+                    group: consumer,
+                    offsets,
+                });
                 propose_entry(raft, group, command).await
             }
             Command::Broker(Op::DeleteGroup {
@@ -1268,6 +1419,65 @@ impl Cluster {
             }
             command => propose_entry(raft, group, command).await,
         }
+    }
+
+    /// Proposes an ack of `ids` for `consumer` of `queue`: those this node's log holds
+    /// (the replicas take them as checked, see `Broker::check_ids`), the others answered
+    /// `message_not_found` in their place.
+    async fn propose_ack(
+        &self,
+        raft: &Raft,
+        group: u64,
+        queue: String,
+        consumer: String,
+        ids: Vec<(u32, u64)>,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let message_ids: Vec<MessageId> = ids
+            .iter()
+            .map(|&(partition, offset)| MessageId { partition, offset })
+            .collect();
+        let mut held = self.broker.check_ids(&queue, &message_ids)?;
+        // A message of a partition with a group of its own is committed there before any
+        // consumer sees it, but this node (a queue group leader elected a moment ago, say)
+        // may apply it a little later: waited for, up to `ACK_APPLY_WAIT`.
+        let since = tokio::time::Instant::now();
+        while held.contains(&false) && since.elapsed() < ACK_APPLY_WAIT {
+            tokio::time::sleep(ACK_APPLY_WAIT / 20).await;
+            held = self.broker.check_ids(&queue, &message_ids)?;
+        }
+        let known: Vec<(u32, u64)> = ids
+            .iter()
+            .zip(&held)
+            .filter(|(_, held)| **held)
+            .map(|(id, _)| *id)
+            .collect();
+        let (acked, applied) = match known.is_empty() {
+            true => (Vec::new(), None),
+            false => {
+                let command = Command::Broker(Op::Ack {
+                    queue,
+                    group: consumer,
+                    ids: known,
+                });
+                let (result, applied) = propose_entry(raft, group, command).await?;
+                let OpResult::Acked(acked) = result else {
+                    return Err(crate::broker::replicate::unexpected(&result));
+                };
+                (acked, applied)
+            }
+        };
+        let mut acked = acked.into_iter();
+        let results = message_ids
+            .iter()
+            .zip(held)
+            .map(|(id, held)| match held {
+                true => acked
+                    .next()
+                    .unwrap_or_else(|| Err(WireError::from(&no_leader("an ack went unanswered")))),
+                false => Err(WireError::from(&BrokerError::MessageNotFound(*id))),
+            })
+            .collect();
+        Ok((OpResult::Acked(results), applied))
     }
 
     /// Forwards a publish to its queue's leader together with the others that arrive
@@ -1467,7 +1677,7 @@ impl Replicator for Cluster {
 
     fn submit(&self, op: Op) -> BoxFuture<'_, Result<OpResult, BrokerError>> {
         Box::pin(async move {
-            if let Op::CreateQueue { settings, .. } = &op {
+            if let Op::CreateQueue { settings, .. } | Op::CreateSplitQueue { settings, .. } = &op {
                 self.check_replicas(settings.replicas)?;
             }
             let reply = self.execute(Command::Broker(op), 0).await;
@@ -1486,7 +1696,9 @@ impl Replicator for Cluster {
     /// leader they queue for the next entry together, on another replica for the next
     /// forward to the leader together (and are then waited for here, as [`Self::submit`]
     /// waits); on a node without a replica, or while the group has no leader, each goes
-    /// as [`Self::submit`] sends it.
+    /// as [`Self::submit`] sends it. On a queue of several partitions each publish is
+    /// split by partition first ([`partitions`]), and each partition's parts go so to
+    /// its group.
     fn submit_publishes(
         &self,
         queue: String,
@@ -1494,41 +1706,110 @@ impl Replicator for Cluster {
         now_ms: i64,
     ) -> BoxFuture<'_, Vec<Result<OpResult, BrokerError>>> {
         Box::pin(async move {
-            let proposed = match self.publish_route(&queue).await {
-                Some((group, Some(raft))) => {
-                    let mut publishes = publishes;
-                    for messages in &mut publishes {
-                        self.broker.take_turns(&queue, messages);
-                    }
-                    let sink = || proposals::propose_to(&raft, group);
-                    let proposed = self
-                        .proposals
-                        .publish_many(sink, group, queue, publishes, now_ms);
-                    (group, proposed.await)
+            match self.groups.queue_group(&queue) {
+                Some(group) if group.partitions > 1 => {
+                    self.publish_parts_by_partition(&group, queue, publishes, now_ms)
+                        .await
                 }
-                Some((group, None)) => {
-                    let sink = self.forward_sink(group, 0);
-                    let proposed = self
-                        .forwards
-                        .publish_many(sink, group, queue, publishes, now_ms);
-                    (group, proposed.await)
+                Some(group) => {
+                    self.publish_in_group(group.id, queue, publishes, now_ms)
+                        .await
                 }
-                None => return submit_each(self, queue, publishes, now_ms).await,
-            };
-            let (group, proposed) = proposed;
-            let last = proposed
-                .iter()
-                .filter_map(|p| p.as_ref().ok().and_then(|(_, applied)| *applied))
-                .map(|(_, index)| index)
-                .max();
-            if let Some(index) = last {
-                self.wait_applied(group, index).await;
+                None => submit_each(self, queue, publishes, now_ms).await,
             }
-            proposed
-                .into_iter()
-                .map(|p| p.map(|(result, _)| result))
-                .collect()
         })
+    }
+}
+
+impl Cluster {
+    /// [`Replicator::submit_publishes`] to a queue of several partitions: every publish
+    /// split by partition, each partition's parts to its group together, and each
+    /// publish's answer merged from its parts'.
+    async fn publish_parts_by_partition(
+        &self,
+        group: &groups::QueueGroup,
+        queue: String,
+        publishes: Vec<Vec<WireMessage>>,
+        now_ms: i64,
+    ) -> Vec<Result<OpResult, BrokerError>> {
+        let lens: Vec<usize> = publishes.iter().map(Vec::len).collect();
+        // Per partition: (publish, positions of its messages) and the messages.
+        let mut by_partition: BTreeMap<u32, PartitionParts> = BTreeMap::new();
+        for (index, messages) in publishes.into_iter().enumerate() {
+            for part in partitions::split(&self.broker, &queue, group.partitions, messages) {
+                let entry = by_partition.entry(part.partition).or_default();
+                entry.0.push((index, part.positions));
+                entry.1.push(part.messages);
+            }
+        }
+        let runs = by_partition
+            .into_iter()
+            .map(|(partition, (owners, parts))| {
+                let queue = queue.clone();
+                async move {
+                    let answers = self
+                        .publish_in_group(group.group_of(partition), queue, parts, now_ms)
+                        .await;
+                    owners.into_iter().zip(answers).collect::<Vec<_>>()
+                }
+            });
+        let mut answers: Vec<Vec<partitions::PartAnswer>> =
+            lens.iter().map(|_| Vec::new()).collect();
+        for ((index, positions), answer) in futures_util::future::join_all(runs)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            if let Some(slot) = answers.get_mut(index) {
+                slot.push((positions, answer));
+            }
+        }
+        lens.into_iter()
+            .zip(answers)
+            .map(|(len, parts)| partitions::merge(len, parts))
+            .collect()
+    }
+
+    /// Publishes to `queue` that all go to `group` (the queue's, or one partition's with
+    /// every message naming it), as [`Replicator::submit_publishes`] sends them.
+    async fn publish_in_group(
+        &self,
+        group: u64,
+        queue: String,
+        publishes: Vec<Vec<WireMessage>>,
+        now_ms: i64,
+    ) -> Vec<Result<OpResult, BrokerError>> {
+        let proposed = match self.publish_route(group).await {
+            Some(Some(raft)) => {
+                let mut publishes = publishes;
+                for messages in &mut publishes {
+                    self.broker.take_turns(&queue, messages);
+                }
+                let sink = || proposals::propose_to(&raft, group);
+                self.proposals
+                    .publish_many(sink, group, queue, publishes, now_ms)
+                    .await
+            }
+            Some(None) => {
+                let sink = self.forward_sink(group, 0);
+                self.forwards
+                    .publish_many(sink, group, queue, publishes, now_ms)
+                    .await
+            }
+            None => return submit_each(self, queue, publishes, now_ms).await,
+        };
+        let last = proposed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().and_then(|(_, applied)| *applied))
+            .map(|(_, index)| index)
+            .max();
+        if let Some(index) = last {
+            self.wait_applied(group, index).await;
+        }
+        proposed
+            .into_iter()
+            .map(|p| p.map(|(result, _)| result))
+            .collect()
     }
 }
 

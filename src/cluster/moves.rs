@@ -15,6 +15,10 @@
 //! 4. The metadata group records the new replicas: the old ones close the group and clear
 //!    the queue's data, and placement's preferred leader gets the leadership back
 //!    ([`super::balance`]).
+//!
+//! A queue whose further partitions have groups of their own moves them along: once step 1
+//! is recorded, the leader of each partition's group takes it through steps 2 and 3, and
+//! the queue group's leader records step 4 only when every one of them has the new voters.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -66,6 +70,7 @@ impl Cluster {
                 if ticks.stopped() {
                     return;
                 }
+                self.move_partitions(&queue, &group).await;
                 let Some(raft) = self.groups().raft(group.id) else {
                     continue;
                 };
@@ -92,6 +97,47 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Takes the groups of `queue`'s further partitions that this node leads to the voters
+    /// placement wants, once the queue group's move recorded them among its replicas
+    /// (steps 2 and 3 of the module docs).
+    async fn move_partitions(&self, queue: &str, group: &QueueGroup) {
+        for (partition, id) in group.members().skip(1) {
+            let Some(raft) = self.groups().raft(id) else {
+                continue;
+            };
+            if !self.leads(&raft) {
+                continue;
+            }
+            let wanted = self.groups().placed(queue);
+            let settled = wanted.iter().copied().collect::<BTreeSet<u64>>() == group_voters(&raft)
+                && !in_joint(&raft);
+            let recorded = wanted.iter().all(|n| group.replicas.contains(n));
+            let waiting = wanted.iter().any(|n| self.groups().fenced.contains(*n));
+            if settled || !recorded || wanted.is_empty() || waiting {
+                continue;
+            }
+            match self.change_voters(&raft, &wanted).await {
+                Ok(()) => {
+                    tracing::info!(queue, partition, group = id, replicas = ?wanted, "partition group moved")
+                }
+                Err(error) => {
+                    tracing::warn!(queue, partition, group = id, %error, "moving a partition group: will try again")
+                }
+            }
+        }
+    }
+
+    /// True when every further partition's group of `group` has exactly `wanted` as its
+    /// voters, as this node (one of the queue's replicas) applied it.
+    fn partitions_moved(&self, group: &QueueGroup, wanted: &[u64]) -> bool {
+        let target: BTreeSet<u64> = wanted.iter().copied().collect();
+        group.members().skip(1).all(|(_, id)| {
+            self.groups()
+                .raft(id)
+                .is_some_and(|raft| group_voters(&raft) == target && !in_joint(&raft))
+        })
     }
 
     /// Records `replicas` as `queue`'s in the metadata group.
@@ -122,11 +168,6 @@ impl Cluster {
         wanted: &[u64],
     ) -> Result<(), String> {
         let voters = group_voters(raft);
-        let new: Vec<u64> = wanted
-            .iter()
-            .copied()
-            .filter(|n| !voters.contains(n))
-            .collect();
         // 1. Every replica, old and new, holds the group.
         let mut union: Vec<u64> = wanted.to_vec();
         union.extend(voters.iter().copied().filter(|v| !wanted.contains(v)));
@@ -140,6 +181,24 @@ impl Cluster {
         if group.replicas != union {
             self.record_placement(queue, group.id, union).await?;
         }
+        self.change_voters(raft, wanted).await?;
+        // 4. The old replicas let the group go, once every partition's group moved too.
+        if !self.partitions_moved(group, wanted) {
+            return Err("the queue's partition groups are still moving".into());
+        }
+        self.record_placement(queue, group.id, wanted.to_vec())
+            .await
+    }
+
+    /// Steps 2 and 3 of the module docs for a group led here: the new replicas catch up as
+    /// learners, then the voters become `wanted`.
+    async fn change_voters(&self, raft: &Raft, wanted: &[u64]) -> Result<(), String> {
+        let voters = group_voters(raft);
+        let new: Vec<u64> = wanted
+            .iter()
+            .copied()
+            .filter(|n| !voters.contains(n))
+            .collect();
         // 2. The new replicas catch up as learners.
         let addresses = self.groups().voters();
         for node in &new {
@@ -173,8 +232,6 @@ impl Cluster {
                 .await
                 .map_err(|e| format!("changing the group's voters: {e}"))?;
         }
-        // 4. The old replicas let the group go.
-        self.record_placement(queue, group.id, wanted.to_vec())
-            .await
+        Ok(())
     }
 }

@@ -34,6 +34,7 @@ use super::types::{
     Applied, Command, EntryPayload, LogId, SnapshotMeta, StoredMembership, TypeConfig,
 };
 use crate::broker::Broker;
+use crate::broker::queue::DataPart;
 use crate::broker::replicate::{Op, OpResult, WireError};
 
 /// Snapshots built by queue groups (counter).
@@ -43,6 +44,17 @@ pub const SNAPSHOTS_INSTALLED: &str = "qit_cluster_snapshots_installed_total";
 /// Snapshots of the metadata group installed from a leader (counter).
 pub const META_SNAPSHOTS_INSTALLED: &str = "qit_cluster_meta_snapshots_installed_total";
 
+impl Role {
+    /// The queue whose data the group holds, and which part of it.
+    pub fn data(&self) -> Option<(&str, DataPart)> {
+        match self {
+            Role::Queue(name, part) => Some((name, *part)),
+            Role::Partition(name, partition) => Some((name, DataPart::of_partition(*partition))),
+            Role::Meta(_) | Role::Bare => None,
+        }
+    }
+}
+
 /// A Raft group handle (every group's state machine is a [`StateMachine`]).
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 
@@ -51,8 +63,12 @@ pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 pub enum Role {
     /// The metadata group: creating and deleting a queue opens and closes its group.
     Meta(Arc<dyn MetaHooks>),
-    /// The group of the named queue.
-    Queue(String),
+    /// The group of the named queue: its consumer groups and every partition
+    /// ([`DataPart::All`], a queue made before partitions had groups of their own) or
+    /// partition 0 ([`DataPart::Head`]).
+    Queue(String, DataPart),
+    /// The group of one further partition of the named queue (its messages only).
+    Partition(String, u32),
     /// A machine with no broker behind it, for openraft's storage suite: entries only move
     /// the applied id and the membership.
     Bare,
@@ -272,19 +288,21 @@ impl StateMachine {
             .map_err(|e| format!("writing the metadata snapshot: {e}"))
     }
 
-    /// The machine of queue `name`'s group, its snapshots in `dir`: the queue's data (just
+    /// The machine of a group holding queue data (`role` is [`Role::Queue`] or
+    /// [`Role::Partition`]), its snapshots in `dir`: its part of the queue's data (just
     /// created empty by the metadata replay) is replaced by the latest snapshot's, and the
     /// machine starts at the log id that snapshot covers.
     pub async fn for_queue(
-        name: &str,
+        role: Role,
         broker: Arc<Broker>,
         dir: &std::path::Path,
     ) -> Result<Self, SnapshotError> {
         let store = SnapshotDir::open(dir)?;
-        let mut machine = Self::new(Role::Queue(name.to_string()), Some(broker));
+        let mut machine = Self::new(role, Some(broker));
         if let Some(stored) = store.current() {
             machine.restore(&stored).await?;
-            tracing::info!(queue = name, last = ?stored.manifest.last_log_id, files = stored.manifest.files.len(), "queue restored from its snapshot");
+            let (queue, part) = machine.role.data().unwrap_or(("", DataPart::All));
+            tracing::info!(queue, ?part, last = ?stored.manifest.last_log_id, files = stored.manifest.files.len(), "queue restored from its snapshot");
         }
         machine.store = Some(store);
         Ok(machine)
@@ -310,10 +328,13 @@ impl StateMachine {
 
     /// Swaps a stored snapshot's data into the broker and moves to the log id it covers.
     async fn restore(&mut self, stored: &Stored) -> Result<(), SnapshotError> {
-        if let (Role::Queue(name), Some(broker)) = (&self.role, &self.broker) {
+        if let (Some((name, part)), Some(broker)) = (self.role.data(), &self.broker) {
             let source = stored.clone();
+            // Alone: the queue's other groups apply to the queue reopened after.
+            let gate = broker.queue_gate(name);
+            let _alone = gate.write().await;
             broker
-                .replace_queue_data(name, move |dir| {
+                .replace_queue_data(name, part, move |dir| {
                     source.restore_into(dir).map_err(std::io::Error::from)
                 })
                 .await
@@ -392,30 +413,42 @@ impl StateMachine {
             _ => None,
         };
         let created_name = match &op {
-            Op::CreateQueue { name, .. } => Some(name.clone()),
+            Op::CreateQueue { name, .. } => Some((name.clone(), false)),
+            Op::CreateSplitQueue { name, .. } => Some((name.clone(), true)),
             _ => None,
         };
         if let (Role::Meta(groups), Some(name)) = (&self.role, &deleted) {
             // Stop the queue's group before its data goes.
             groups.close_queue(name).await;
         }
-        let result = broker.apply_op(op).await;
+        let result = match self.role.data() {
+            Some((queue, part)) => {
+                let partitions = broker
+                    .queue_settings(queue)
+                    .map_or(1, |settings| settings.partitions);
+                if let Err(refused) = check_part(&op, queue, part, partitions) {
+                    return Applied(Err(refused));
+                }
+                // Shared with the queue's other groups; never while one replaces its part.
+                let gate = broker.queue_gate(queue);
+                let _applying = gate.read().await;
+                broker.apply_op(op).await
+            }
+            None => broker.apply_op(op).await,
+        };
         if let Role::Meta(groups) = &self.role
             && let (
-                Some(name),
+                Some((name, split)),
                 Ok(OpResult::Created {
                     created: true,
                     dead_letter_created,
                 }),
             ) = (created_name, &result)
         {
-            groups
-                .open_queue(&name, log_id.index * 2, QueueOpening::Created)
-                .await;
+            let id = super::groups::queue_group_id(log_id.index, split);
+            groups.open_queue(&name, id, QueueOpening::Created).await;
             if let Some(dlq) = dead_letter_created {
-                groups
-                    .open_queue(dlq, log_id.index * 2 + 1, QueueOpening::Created)
-                    .await;
+                groups.open_queue(dlq, id + 1, QueueOpening::Created).await;
             }
         }
         Applied(result.map_err(|e| WireError::from(&e)))
@@ -423,8 +456,8 @@ impl StateMachine {
 
     /// Links the queue's files for a snapshot at the applied point (on the apply task).
     fn capture(&self) -> Option<Result<Captured, String>> {
-        let (Role::Queue(name), Some(store), Some(broker)) =
-            (&self.role, &self.store, &self.broker)
+        let (Some((name, part)), Some(store), Some(broker)) =
+            (self.role.data(), &self.store, &self.broker)
         else {
             return None;
         };
@@ -435,7 +468,7 @@ impl StateMachine {
         let manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
         Some(
             broker
-                .queue_image(name)
+                .queue_image(name, part)
                 .map_err(|e| e.to_string())
                 .and_then(|image| store.capture(&image, manifest).map_err(|e| e.to_string())),
         )
@@ -443,7 +476,7 @@ impl StateMachine {
 
     /// Completes a captured snapshot on a blocking thread.
     async fn finish(&self, captured: Captured) -> Result<Stored, String> {
-        if let (Role::Queue(name), Some(broker)) = (&self.role, &self.broker) {
+        if let (Some((name, _)), Some(broker)) = (self.role.data(), &self.broker) {
             broker
                 .flush_queue(name)
                 .await
@@ -510,6 +543,35 @@ impl StateMachine {
         metrics::counter!(SNAPSHOTS_INSTALLED).increment(1);
         tracing::info!(last = ?meta.last_log_id, files = stored.manifest.files.len(), "queue snapshot installed");
         Ok(())
+    }
+}
+
+/// Refuses an op that is not for `part` of `queue`, a queue of `partitions`: a
+/// partition's group takes only appends to its partition (everything else of the queue is
+/// its queue group's), and on a queue of several partitions every message of a publish
+/// names its partition (the proposer routed it by that, see `Cluster::split_publish`).
+/// Every replica refuses alike; a proposer routes ops so that none is refused.
+fn check_part(op: &Op, queue: &str, part: DataPart, partitions: u32) -> Result<(), WireError> {
+    let refused = |what: String| WireError {
+        code: "internal".into(),
+        message: format!("{what} does not belong to this group of queue {queue} ({part:?})"),
+    };
+    let named: Vec<Option<u32>> = match op {
+        Op::Publish { messages, .. } => messages.iter().map(|m| m.partition).collect(),
+        Op::AppendRecords { partition, .. } => vec![Some(*partition)],
+        _ if part.holds_groups() => return Ok(()),
+        other => return Err(refused(format!("{other:?}"))),
+    };
+    if part == DataPart::All || (partitions <= 1 && part == DataPart::Head) {
+        return Ok(());
+    }
+    match named
+        .into_iter()
+        .find(|p| !p.is_some_and(|p| part.holds_partition(p)))
+    {
+        Some(Some(p)) => Err(refused(format!("partition {p}"))),
+        Some(None) => Err(refused("a message without its partition".into())),
+        None => Ok(()),
     }
 }
 
@@ -673,6 +735,56 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 #[cfg(test)]
+mod part_tests {
+    use super::*;
+    use crate::broker::replicate::WireMessage;
+
+    fn publish(partitions: &[Option<u32>]) -> Op {
+        Op::Publish {
+            queue: "q".into(),
+            messages: partitions
+                .iter()
+                .map(|partition| WireMessage {
+                    key: None,
+                    headers: Default::default(),
+                    content_type: None,
+                    body: bytes::Bytes::from_static(b"x"),
+                    idempotency_key: None,
+                    partition: *partition,
+                })
+                .collect(),
+            now_ms: 0,
+        }
+    }
+
+    /// A partition's group takes only publishes naming its partition; a queue group of a
+    /// split queue publishes to partition 0 and everything else; the group of a queue made
+    /// before holds everything.
+    #[test]
+    fn each_group_takes_only_its_part() {
+        let ack = Op::Ack {
+            queue: "q".into(),
+            group: "g".into(),
+            ids: vec![(1, 0)],
+        };
+        let p1 = DataPart::Partition(1);
+        assert!(check_part(&publish(&[Some(1), Some(1)]), "q", p1, 3).is_ok());
+        assert!(check_part(&publish(&[Some(1), Some(2)]), "q", p1, 3).is_err());
+        assert!(check_part(&publish(&[None]), "q", p1, 3).is_err());
+        assert!(check_part(&ack, "q", p1, 3).is_err());
+        let head = DataPart::Head;
+        assert!(check_part(&publish(&[Some(0)]), "q", head, 3).is_ok());
+        assert!(check_part(&publish(&[Some(1)]), "q", head, 3).is_err());
+        assert!(check_part(&publish(&[None]), "q", head, 3).is_err());
+        assert!(check_part(&publish(&[None]), "q", head, 1).is_ok());
+        assert!(check_part(&ack, "q", head, 3).is_ok());
+        let all = DataPart::All;
+        assert!(check_part(&publish(&[Some(2), None]), "q", all, 3).is_ok());
+        assert!(check_part(&ack, "q", all, 3).is_ok());
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
     use std::time::Duration;
@@ -831,9 +943,13 @@ mod tests {
         .unwrap();
         let broker = Arc::new(broker);
         let temp = tempfile::tempdir().unwrap();
-        let mut machine = StateMachine::for_queue("q", Arc::clone(&broker), temp.path())
-            .await
-            .unwrap();
+        let mut machine = StateMachine::for_queue(
+            Role::Queue("q".into(), DataPart::All),
+            Arc::clone(&broker),
+            temp.path(),
+        )
+        .await
+        .unwrap();
         let entry = |index: u64, op: Op| Entry {
             log_id: log_id(1, 1, index),
             payload: EntryPayload::Normal(Command::Broker(op)),

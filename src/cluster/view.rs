@@ -237,34 +237,39 @@ impl Cluster {
             })
             .collect();
         let mut partitions = Vec::new();
-        for (queue, group) in self.groups().queue_groups() {
-            let raft = self.groups().raft(group.id);
-            // A node without a replica knows the leader from the leaders' beats.
-            let (leader, term) = match &raft {
-                Some(raft) => self.serving_leader_and_term(raft),
-                None => self
-                    .claimed_leader(group.id)
-                    .map_or((None, 0), |(leader, term)| (Some(leader), term)),
-            };
-            let (lag, followers) = raft.as_ref().map_or((None, Vec::new()), |r| {
-                let m = r.metrics();
-                let m = m.borrow_watched();
-                (follower_lag(&m), followers_lag(&m))
-            });
+        for (queue, queue_group) in self.groups().queue_groups() {
             let Ok(info) = self.broker.queue_info(&queue) else {
                 continue;
             };
             for p in info.partitions {
+                let group = queue_group.group_of(p.partition);
+                let raft = self.groups().raft(group);
+                // A node without a replica knows the leader from the leaders' beats.
+                let (leader, term) = match &raft {
+                    Some(raft) => self.serving_leader_and_term(raft),
+                    // Only while a majority of its replicas is up, as a replica tells it:
+                    // a leader cut off from the others (the only one left of two) still
+                    // claims the group in its beats.
+                    None => self
+                        .claimed_leader(group)
+                        .filter(|_| self.majority_up(queue_group.replicas_of(p.partition)))
+                        .map_or((None, 0), |(leader, term)| (Some(leader), term)),
+                };
+                let (lag, followers) = raft.as_ref().map_or((None, Vec::new()), |r| {
+                    let m = r.metrics();
+                    let m = m.borrow_watched();
+                    (follower_lag(&m), followers_lag(&m))
+                });
                 partitions.push(PartitionView {
                     queue: queue.clone(),
                     partition: p.partition,
                     leader,
-                    replicas: group.replicas.clone(),
+                    replicas: queue_group.replicas_of(p.partition),
                     committed_offset: p.next_offset,
-                    group: group.id,
+                    group,
                     term,
                     lag,
-                    followers: followers.clone(),
+                    followers,
                 });
             }
         }
@@ -371,14 +376,22 @@ impl Cluster {
     }
 
     /// The labels of group `id`'s series (of queue `name`): `group`, `queue`, and for a
-    /// queue's group one set per partition of the queue with `partition` (they share the
-    /// group); one set without for the metadata group.
+    /// queue's groups `partition`: the one a partition group holds, 0 for a queue group,
+    /// every partition for the group of a queue made before partition groups (one set
+    /// each); none for the metadata group.
     fn series_labels(&self, id: u64, name: &str) -> Vec<Vec<(&'static str, String)>> {
         let base = vec![("group", id.to_string()), ("queue", name.to_string())];
         if id == META_GROUP {
             return vec![base];
         }
-        (0..self.broker.partition_count(name).unwrap_or(1))
+        let partitions = match super::groups::split_group(id) {
+            // A queue made before partition groups: its group holds every partition.
+            (_, 0) if !super::groups::is_split(id) => {
+                0..self.broker.partition_count(name).unwrap_or(1)
+            }
+            (_, partition) => partition..partition + 1,
+        };
+        partitions
             .map(|partition| {
                 let mut labels = base.clone();
                 labels.push(("partition", partition.to_string()));
@@ -393,7 +406,11 @@ impl Cluster {
             .groups()
             .queue_groups()
             .into_iter()
-            .map(|(q, g)| (g.id, q))
+            .flat_map(|(q, g)| {
+                g.members()
+                    .map(|(_, id)| (id, q.clone()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         names.insert(META_GROUP, "_meta".to_string());
         names
@@ -401,8 +418,8 @@ impl Cluster {
 
     /// Adds the state of every group this node runs now (term, leadership, lag, indexes)
     /// to a scrape: a group that left this node (its queue deleted or moved) shows nothing.
-    /// A queue's series come once per partition (label `partition`): its partitions share
-    /// the queue's group, so they show the same values. The metadata group's have none.
+    /// A queue's groups label their series with the partitions they hold
+    /// ([`Self::series_labels`]); the metadata group's have none.
     pub fn group_gauges(&self, state: &mut ScrapeSeries) {
         let names = self.group_names();
         for (id, raft) in self.groups().rafts() {

@@ -186,17 +186,18 @@ impl Kafka {
         }
     }
 
-    /// `(leader of its Raft group as known here, replicas)` of a topic's partitions on a
-    /// cluster node (`None` on a single node, or for a topic the cluster does not know).
-    /// A node without a replica knows the leader from the leaders' beats.
-    pub fn topic_replicas(&self, topic: &str) -> Option<(Option<u64>, Vec<u64>)> {
+    /// `(leader of its Raft group as known here, replicas)` of partition `partition` of a
+    /// topic on a cluster node (`None` on a single node, or for a topic the cluster does
+    /// not know). A node without a replica knows the leader from the leaders' beats.
+    pub fn topic_replicas(&self, topic: &str, partition: u32) -> Option<(Option<u64>, Vec<u64>)> {
         let cluster = self.cluster.as_ref()?;
-        let group = cluster.groups().queue_group(topic)?;
-        let leader = match cluster.groups().leader_watch(group.id) {
+        let queue = cluster.groups().queue_group(topic)?;
+        let group = queue.group_of(partition);
+        let leader = match cluster.groups().leader_watch(group) {
             Some(watch) => *watch.borrow(),
-            None => cluster.claimed_leader(group.id).map(|(leader, _)| leader),
+            None => cluster.claimed_leader(group).map(|(leader, _)| leader),
         };
-        Some((leader, group.replicas))
+        Some((leader, queue.replicas_of(partition)))
     }
 
     /// `Ok` when this node holds the topic's data: always on a single node; on a cluster

@@ -110,11 +110,12 @@ async fn topic_metadata(
     let partitions = partitions.and_then(|n| kafka.allow(user, Action::View, name).map(|()| n));
     match partitions {
         Ok(n) => {
-            let (raft_leader, replicas) = kafka.topic_replicas(name).unwrap_or_default();
-            let placed = layout.placement(raft_leader, &replicas);
             let ids = |ids: &[i32]| ids.iter().map(|id| BrokerId(*id)).collect::<Vec<_>>();
             topic.partitions = (0..n as i32)
                 .map(|p| {
+                    let (raft_leader, replicas) =
+                        kafka.topic_replicas(name, p as u32).unwrap_or_default();
+                    let placed = layout.placement(raft_leader, &replicas);
                     MetadataResponsePartition::default()
                         .with_partition_index(p)
                         .with_leader_id(BrokerId(placed.leader))

@@ -392,16 +392,26 @@ impl Cluster {
     }
 }
 
-/// The one leader of every partition of `queue` in a `GET /cluster` view, if they agree.
+/// The leader of `queue`'s group (its partition 0's, which holds the leases) in a
+/// `GET /cluster` view, once every partition of the queue has a leader (each partition
+/// after the first has a group of its own, led by the next replica in turn).
 pub fn common_leader(view: &Value, queue: &str) -> Option<u64> {
-    let leaders: Vec<Option<u64>> = view["partitions"]
-        .as_array()?
-        .iter()
-        .filter(|p| p["queue"] == queue)
-        .map(|p| p["leader"].as_u64())
-        .collect();
+    let leaders: Vec<Option<u64>> = partition_leaders(view, queue);
     let first = (*leaders.first()?)?;
-    leaders.iter().all(|l| *l == Some(first)).then_some(first)
+    leaders.iter().all(Option::is_some).then_some(first)
+}
+
+/// The leader of each partition of `queue` in a `GET /cluster` view, in partition order.
+pub fn partition_leaders(view: &Value, queue: &str) -> Vec<Option<u64>> {
+    let mut leaders: Vec<(u64, Option<u64>)> = view["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["queue"] == queue)
+        .map(|p| (p["partition"].as_u64().unwrap_or(0), p["leader"].as_u64()))
+        .collect();
+    leaders.sort_unstable();
+    leaders.into_iter().map(|(_, leader)| leader).collect()
 }
 
 /// The first partition of `queue` in a `GET /cluster` view.

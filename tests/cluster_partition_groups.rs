@@ -1,0 +1,178 @@
+//! A queue of several partitions on a cluster: every partition after the first has a Raft
+//! group of its own, led by the next replica in turn, so the leaders of one queue's
+//! partitions spread over the nodes, and each partition fails over on its own. Three real
+//! `qit` processes on loopback; every wait is on a condition (deadlines only guard against
+//! hangs).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::cluster::{
+    Cluster, create_queue, log_bodies, partition_leaders, receive, retrying, view,
+};
+use common::{eventually, http};
+use serde_json::{Value, json};
+
+/// The leader of each partition of `queue` as node `base` sees it, once each has one.
+async fn leaders(base: &str, queue: &str) -> Vec<u64> {
+    common::eventually_some(
+        &format!("{base} sees a leader of every partition"),
+        || async {
+            let v = view(&format!("{base}/cluster")).await?;
+            let leaders = partition_leaders(&v, queue);
+            (!leaders.is_empty() && leaders.iter().all(Option::is_some))
+                .then(|| leaders.into_iter().flatten().collect())
+        },
+    )
+    .await
+}
+
+/// Publishes `body` to `queue` through `base` (again while the cluster answers 503); its
+/// id.
+async fn publish_via(base: &str, queue: &str, body: &str) -> String {
+    let (status, answer) = retrying(&format!("publish {body}"), || {
+        http()
+            .post(format!("{base}/queues/{queue}/messages"))
+            .body(body.to_string())
+    })
+    .await;
+    assert!(status.is_success(), "publish {body}: {status} {answer}");
+    answer["id"].as_str().expect("an id").to_string()
+}
+
+/// Receives and acks through `base` until `want` distinct bodies came; each body with the
+/// number of times it was delivered.
+async fn drain(base: &str, queue: &str, want: usize) -> BTreeMap<String, usize> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while seen.len() < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {want} delivered",
+            seen.len()
+        );
+        for m in receive(base, queue, 100).await {
+            let body = m["body"].as_str().unwrap_or_default().to_string();
+            *seen.entry(body).or_default() += 1;
+            let id = m["id"].as_str().unwrap_or_default().to_string();
+            let (status, answer) = retrying("ack", || {
+                http().delete(format!("{base}/queues/{queue}/messages/{id}"))
+            })
+            .await;
+            assert!(status.is_success(), "ack {id}: {status} {answer}");
+        }
+    }
+    seen
+}
+
+/// Three partitions on three nodes: each node leads one, as every node sees it. Keyless
+/// publishes through one node land in every partition, each in its partition's group; a
+/// retry with the same idempotency key through another node finds the first. The leader
+/// of partition 1 is killed: the others go on, partition 1 elects another leader, every
+/// answered publish is delivered once and acked; the killed node comes back, catches up
+/// to identical logs, and leads its partition again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_leaders_spread_and_fail_over_one_by_one() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(2), "spread", json!({"partitions": 3})).await;
+    let mut first = Vec::new();
+    for id in 1..=3 {
+        let seen = leaders(cluster.http(id), "spread").await;
+        let distinct: BTreeSet<u64> = seen.iter().copied().collect();
+        // A partition first led elsewhere is handed to its preferred replica soon after.
+        if distinct.len() < 3 {
+            eventually("every node leads one partition", || async {
+                let v = view(&format!("{}/cluster", cluster.http(id))).await;
+                v.is_some_and(|v| {
+                    let leaders: BTreeSet<Option<u64>> =
+                        partition_leaders(&v, "spread").into_iter().collect();
+                    leaders == BTreeSet::from([Some(1), Some(2), Some(3)])
+                })
+            })
+            .await;
+        }
+        first = leaders(cluster.http(id), "spread").await;
+    }
+    let mut published = BTreeSet::new();
+    let mut partitions = BTreeSet::new();
+    for i in 0..30 {
+        let body = format!("before-{i}");
+        let id = publish_via(cluster.http(3), "spread", &body).await;
+        partitions.insert(id.split('-').next().unwrap_or_default().to_string());
+        published.insert(body);
+    }
+    assert_eq!(
+        partitions.len(),
+        3,
+        "keyless messages go to every partition"
+    );
+    // A retry through another node finds the first (it goes by its idempotency key's hash).
+    let mut ids = Vec::new();
+    for via in [1, 2] {
+        let base = cluster.http(via).to_string();
+        let (status, answer) = retrying("publish with a key", || {
+            http()
+                .post(format!("{base}/queues/spread/messages"))
+                .header("Idempotency-Key", "once")
+                .body("once")
+        })
+        .await;
+        assert!(status.is_success(), "{status} {answer}");
+        ids.push(answer["id"].clone());
+    }
+    assert_eq!(ids[0], ids[1], "the retry answers the first one's id");
+    published.insert("once".to_string());
+
+    let victim = first[1];
+    assert_ne!(
+        victim, first[0],
+        "partition 1 is not led by partition 0's leader"
+    );
+    cluster.kill(victim);
+    let survivor = (1..=3).find(|id| *id != victim).unwrap();
+    let moved = common::eventually_some("partition 1 elects another leader", || async {
+        let v = view(&format!("{}/cluster", cluster.http(survivor))).await?;
+        let leaders = partition_leaders(&v, "spread");
+        leaders
+            .get(1)
+            .copied()
+            .flatten()
+            .filter(|l| *l != victim)
+            .map(|_| leaders)
+    })
+    .await;
+    assert_eq!(moved[0], Some(first[0]), "partition 0 kept its leader");
+    for i in 0..30 {
+        let body = format!("after-{i}");
+        publish_via(cluster.http(survivor), "spread", &body).await;
+        published.insert(body);
+    }
+    let delivered = drain(cluster.http(survivor), "spread", published.len()).await;
+    assert_eq!(
+        delivered.keys().cloned().collect::<BTreeSet<_>>(),
+        published
+    );
+    let twice: Vec<&String> = delivered
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(b, _)| b)
+        .collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+
+    cluster.restart(victim);
+    for partition in 0..3 {
+        let reference = log_bodies(cluster.http(survivor), "spread", partition).await;
+        assert!(reference.as_ref().is_some_and(|r| !r.is_empty()));
+        let base = cluster.http(victim).to_string();
+        eventually("the restarted node holds the same logs", || async {
+            log_bodies(&base, "spread", partition).await == reference
+        })
+        .await;
+    }
+    eventually("the restarted node leads its partition again", || async {
+        let v: Option<Value> = view(&format!("{}/cluster", cluster.http(survivor))).await;
+        v.is_some_and(|v| partition_leaders(&v, "spread").get(1) == Some(&Some(victim)))
+    })
+    .await;
+}
