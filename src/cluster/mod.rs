@@ -4,6 +4,7 @@
 //! - [`log_store`]: a group's Raft log on disk (`RaftLogStorage`).
 //! - [`state_machine`]: applying committed entries through the broker's one apply path.
 //! - [`metadata`]: the metadata group's snapshot (registry, users, grants, group ids).
+//! - [`group_id`]: how every node names a queue's groups alike.
 //! - [`groups`]: the metadata group, and per queue a queue group and one group per further
 //!   partition, opened and closed as queues come and go; [`partitions`]: publishes to a
 //!   queue of several partitions split by partition.
@@ -54,6 +55,7 @@ pub mod auth;
 pub mod balance;
 pub mod catch_up;
 pub mod fencing;
+pub mod group_id;
 pub mod groups;
 pub mod handoff;
 pub mod identity;

@@ -445,7 +445,7 @@ impl StateMachine {
                 }),
             ) = (created_name, &result)
         {
-            let id = super::groups::queue_group_id(log_id.index, split);
+            let id = super::group_id::queue_group_id(log_id.index, split);
             groups.open_queue(&name, id, QueueOpening::Created).await;
             if let Some(dlq) = dead_letter_created {
                 groups.open_queue(dlq, id + 1, QueueOpening::Created).await;
