@@ -248,9 +248,10 @@ async fn any_node_serves_every_step() {
 }
 
 /// Messages without a key spread over the partitions in turn also when keyed messages
-/// come between them (the queue's leader takes the turns as it proposes; counted from
-/// the messages the queue held, every keyless message here went to one partition), and
-/// every replica puts each message in the same partition.
+/// come between them (the node that takes a publish to a queue of several partitions
+/// takes the turns as it splits it by partition; counted from the messages the queue
+/// held, every keyless message here went to one partition), and every replica puts each
+/// message in the same partition.
 async fn keyless_messages_take_turns_between_keyed_ones(cluster: &Cluster) {
     create_queue(&cluster.node(1).http, "turns", json!({"partitions": 2})).await;
     let mut keyless_in = [0usize; 2];
