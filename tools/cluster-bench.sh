@@ -5,6 +5,7 @@
 #   tools/cluster-bench.sh                       # target/release/qit, 3 runs of 100,000 each
 #   QIT=target/release/qit RUNS=5 MESSAGES=200000 tools/cluster-bench.sh
 #   BENCH_ARGS="--batch 100 --window 4" tools/cluster-bench.sh   # another load shape
+#   PARTITIONS=3 tools/cluster-bench.sh          # a queue of 3 partitions (one leader each)
 #
 # The load is workload W1 of the README's Performance section: 100-byte messages, 2
 # producers on gRPC Publish streams each keeping 100 publishes of one message unanswered,
@@ -19,6 +20,7 @@ QIT=${QIT:-target/release/qit}
 RUNS=${RUNS:-3}
 MESSAGES=${MESSAGES:-100000}
 VIA=${VIA:-node1}
+PARTITIONS=${PARTITIONS:-1}
 BENCH_ARGS=${BENCH_ARGS:---batch 1 --window 100}
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/qit-cluster-bench.XXXXXX")
 export QIT_CLUSTER_SECRET=cluster-bench-secret-0123456789
@@ -44,7 +46,7 @@ wait_http() { # url
 bench() { # http grpc
   # shellcheck disable=SC2086
   "$QIT" bench --server "$1" --grpc-server "$2" $BENCH_ARGS --producers 2 --consumers 0 \
-    --partitions 1 --mode stream --messages "$MESSAGES" --json
+    --partitions "$PARTITIONS" --mode stream --messages "$MESSAGES" --json
 }
 
 rate() { python3 -c 'import json,sys; print(round(json.load(sys.stdin)["publish_msgs_per_s"]))'; }
@@ -73,7 +75,7 @@ cluster() {
   if [[ $VIA == leader || $VIA == follower ]]; then
     # The bench queue is made by the bench itself; make it first to find its leader.
     curl -fsS -X POST http://127.0.0.1:28081/queues/cluster-bench -H 'content-type: application/json' \
-      -d '{"partitions":1}' >/dev/null
+      -d "{\"partitions\":$PARTITIONS}" >/dev/null
     local leader=""
     for _ in $(seq 1 100); do
       leader=$(curl -fsS http://127.0.0.1:28081/cluster | python3 -c 'import json,sys; print(next((p["leader"] or "") for p in json.load(sys.stdin)["partitions"] if p["queue"]=="cluster-bench"))' 2>/dev/null || true)
@@ -95,7 +97,7 @@ cluster() {
 settle() { sync; sleep 1; }
 
 mkdir -p "$ROOT"
-echo "# qit publish, W1 shape (${BENCH_ARGS}), --fsync always, $MESSAGES messages per run"
+echo "# qit publish, W1 shape (${BENCH_ARGS}), $PARTITIONS partition(s), --fsync always, $MESSAGES messages per run"
 for run in $(seq 1 "$RUNS"); do
   settle
   s=$(single "$run" | rate)
