@@ -753,33 +753,41 @@ impl Queue {
         if !replicated {
             return None;
         }
-        let n = self.partitions.len() as u32;
-        let hash = |key: &String| message::partition_for_key(key.as_bytes(), n);
-        let mut partitions = messages.iter().enumerate().map(|(i, m)| {
-            m.key
-                .as_ref()
-                .map(hash)
-                .or(turns.get(i).copied().flatten())
-                .or(m.idempotency_key.as_ref().map(hash))
-        });
+        let mut partitions = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| self.named_partition(i, m, turns));
         let first = partitions.next().flatten()?;
         partitions.all(|p| p == Some(first)).then_some(first)
+    }
+
+    /// The partition that `message`, the `index`th of its publish, is bound to: its key's
+    /// hash, else its proposer's turn (`turns`), else its idempotency key's hash (a retry
+    /// lands where the first try did, and that partition's window knows it); `None`: it
+    /// goes in turn.
+    fn named_partition(
+        &self,
+        index: usize,
+        message: &NewMessage,
+        turns: &[Option<u32>],
+    ) -> Option<u32> {
+        let n = self.partitions.len() as u32;
+        let hash = |key: &String| message::partition_for_key(key.as_bytes(), n);
+        message
+            .key
+            .as_ref()
+            .map(hash)
+            .or(turns.get(index).copied().flatten())
+            .or(message.idempotency_key.as_ref().map(hash))
     }
 
     /// The partition of `message`, the `index`th of its publish: by its key's hash, else
     /// the next one in turn.
     fn partition_for(&self, index: usize, message: &NewMessage, spread: &mut Spread) -> u32 {
+        if let Some(partition) = self.named_partition(index, message, spread.turns) {
+            return partition;
+        }
         let n = self.partitions.len() as u32;
-        if let Some(key) = &message.key {
-            return message::partition_for_key(key.as_bytes(), n);
-        }
-        if let Some(Some(turn)) = spread.turns.get(index) {
-            return *turn;
-        }
-        // A retry lands where the first try did (the partition's window knows it).
-        if let Some(key) = &message.idempotency_key {
-            return message::partition_for_key(key.as_bytes(), n);
-        }
         let next = spread.from_log.get_or_insert_with(|| self.appended());
         let partition = (*next % u64::from(n.max(1))) as u32;
         *next += 1;
