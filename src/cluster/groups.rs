@@ -476,8 +476,8 @@ impl Groups {
         let (lost, members) = self.seed_members(id, &dir, found, replicas.as_deref(), members);
         // A lost queue group learns its term floor from its replicas, the metadata group
         // from every voter (`None`).
-        let queue_name = role.data().map(|(name, _)| name.to_string());
-        let floor_from = queue_name.is_some().then(|| replicas.unwrap_or_default());
+        let queue_data = role.data().map(|(name, part)| (name.to_string(), part));
+        let floor_from = queue_data.is_some().then(|| replicas.unwrap_or_default());
         self.mark_lost(id, lost, floor_from)?;
         let machine = open_machine(id, role, &self.broker, &dir).await?;
         let seeded = self.seed(id, &log, &members)?;
@@ -501,12 +501,12 @@ impl Groups {
         if lost {
             watch_catch_up(id, &raft, Arc::clone(&self.lost), self.raft_dir.clone());
         }
-        if let Some(name) = queue_name {
+        if let Some((name, part)) = queue_data {
             log_budget::watch(log_budget::Watched {
                 group: id,
                 raft: raft.clone(),
                 log: log_handle,
-                queue: (Arc::clone(&self.broker), name),
+                queue: (Arc::clone(&self.broker), name, part),
                 budget: self.log_budget,
             });
         }

@@ -15,8 +15,9 @@
 //!   last snapshot alone take three quarters of the budget) and purges, keeping the last
 //!   entries below the snapshot (at most [`KEEP_ENTRIES`] and a quarter of the budget) so
 //!   that a follower a little behind still catches up from the log.
-//! - **Removal.** Every [`LOOK_EVERY`], each replica compares its queue's partitions with
-//!   the last look: when a partition's first offset rose or its bytes fell (retention or
+//! - **Removal.** Every [`LOOK_EVERY`], each replica compares the partitions its group
+//!   holds (all of a queue's in a queue's only group; partition 0 in a queue group; its
+//!   own in a partition group) with the last look: when a partition's first offset rose or its bytes fell (retention or
 //!   compaction removed segments), it snapshots, which lets go of the removed segments,
 //!   and purges the whole log below the snapshot, which may hold the removed messages too.
 //!   A quiet queue would otherwise keep them for good: it may never reach either bound
@@ -34,6 +35,7 @@ use openraft::metrics::WaitError;
 use super::log_store::{self, LogStore};
 use super::state_machine::Raft;
 use crate::broker::Broker;
+use crate::broker::queue::DataPart;
 
 /// Entries kept below a snapshot at most (the group's `max_in_snapshot_log_to_keep`).
 pub const KEEP_ENTRIES: u64 = 1000;
@@ -94,8 +96,9 @@ pub struct Watched {
     pub raft: Raft,
     /// Its Raft log.
     pub log: LogStore,
-    /// The broker holding its queue's data here, and the queue's name.
-    pub queue: (Arc<Broker>, String),
+    /// The broker holding its queue's data here, the queue's name, and the part of the
+    /// queue's data the group holds (only removals from that part start rounds).
+    pub queue: (Arc<Broker>, String, DataPart),
     /// The log's byte budget; `None`: only removals start rounds.
     pub budget: Option<Budget>,
 }
@@ -106,7 +109,7 @@ pub fn watch(watched: Watched) {
         group,
         raft,
         log,
-        queue: (broker, queue),
+        queue: (broker, queue, part),
         budget,
     } = watched;
     let alarm = budget.map(|b| {
@@ -115,7 +118,7 @@ pub fn watch(watched: Watched) {
     });
     let mut server = raft.server_metrics();
     tokio::spawn(async move {
-        let mut looked = footprint(&broker, &queue);
+        let mut looked = footprint(&broker, &queue, part);
         let mut look = tokio::time::interval(LOOK_EVERY);
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -138,7 +141,7 @@ pub fn watch(watched: Watched) {
                 (Reason::Size, Some(budget)) => log.disk_bytes() > budget.bytes,
                 (Reason::Size, None) => false,
                 (Reason::Removal, _) => {
-                    let now = footprint(&broker, &queue);
+                    let now = footprint(&broker, &queue, part);
                     let removed = lost_data(&looked, &now);
                     looked = now;
                     removed
@@ -156,12 +159,19 @@ pub fn watch(watched: Watched) {
     });
 }
 
-/// Each partition's first offset and bytes of segments here (empty once the queue is
-/// gone).
-fn footprint(broker: &Broker, queue: &str) -> Vec<(u64, u64)> {
+/// The first offset and bytes of segments here of each partition in `part` (empty once
+/// the queue is gone). A removal from a partition of another group's part starts no round
+/// here: that group's snapshot and log hold the removed data, not this one's.
+fn footprint(broker: &Broker, queue: &str, part: DataPart) -> Vec<(u64, u64)> {
     broker
         .partition_infos(queue)
-        .map(|parts| parts.iter().map(|p| (p.first_offset, p.bytes)).collect())
+        .map(|parts| {
+            parts
+                .iter()
+                .filter(|p| part.holds_partition(p.partition))
+                .map(|p| (p.first_offset, p.bytes))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -270,5 +280,40 @@ mod tests {
         assert!(lost_data(&before, &[(0, 1000), (5, 200)]), "compaction");
         assert!(!lost_data(&before, &[]), "the queue is gone");
         assert!(!lost_data(&[], &before), "the queue was not there");
+    }
+
+    #[tokio::test]
+    async fn a_group_looks_only_at_its_own_partitions() {
+        let (_dir, broker) = crate::broker::replicate::tests::broker_with_queue(3).await;
+        for i in 0..30 {
+            let message = crate::broker::NewMessage {
+                key: Some(format!("k{i}")),
+                body: bytes::Bytes::from(vec![b'x'; 10 * (i + 1)]),
+                ..crate::broker::NewMessage::default()
+            };
+            broker.publish("q", vec![message]).await.unwrap();
+        }
+        let all: Vec<(u64, u64)> = broker
+            .partition_infos("q")
+            .unwrap()
+            .iter()
+            .map(|p| (p.first_offset, p.bytes))
+            .collect();
+        assert_eq!(all.len(), 3);
+        assert!(
+            all[0].1 != all[1].1 && all[1].1 != all[2].1,
+            "partitions tell apart: {all:?}"
+        );
+        assert_eq!(footprint(&broker, "q", DataPart::All), all);
+        assert_eq!(footprint(&broker, "q", DataPart::Head), vec![all[0]]);
+        assert_eq!(
+            footprint(&broker, "q", DataPart::Partition(1)),
+            vec![all[1]]
+        );
+        assert_eq!(
+            footprint(&broker, "q", DataPart::Partition(2)),
+            vec![all[2]]
+        );
+        assert!(footprint(&broker, "gone", DataPart::All).is_empty());
     }
 }
