@@ -374,6 +374,53 @@ async fn truncate_suffix_removes_the_tail_across_segments() {
     assert_prefix(&values(&log, 0), 38);
 }
 
+#[tokio::test]
+async fn replace_swaps_in_another_copy_and_appends_go_on_after_it() {
+    // The source: 60 records over several segments (a replica further ahead).
+    let source = tempfile::tempdir().unwrap();
+    let ahead = PartitionLog::open(source.path(), config(2048)).unwrap();
+    for i in 0..30 {
+        ahead
+            .append(vec![rec(2 * i), rec(2 * i + 1)])
+            .await
+            .unwrap();
+    }
+    ahead.flush().await.unwrap();
+    // The copy replaced: 10 other records, one of its segments being read meanwhile.
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    for i in 0..10 {
+        log.append(vec![Record {
+            value: Bytes::from(format!("old-{i}")),
+            ..rec(i)
+        }])
+        .await
+        .unwrap();
+    }
+    let held = log.read(0, usize::MAX, usize::MAX).unwrap();
+    let mut next = log.watch_next_offset();
+    log.replace(|into| {
+        for file in std::fs::read_dir(source.path())? {
+            let file = file?.path();
+            if let Some(name) = file.file_name() {
+                std::fs::copy(&file, into.join(name))?;
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(held.len(), 10, "a reader keeps what it read");
+    assert_eq!(held[9].value, Bytes::from("old-9"));
+    assert!(next.has_changed().unwrap(), "watchers see the new end");
+    assert_eq!(*next.borrow_and_update(), 60);
+    assert_eq!(log.next_offset(), 60);
+    assert_prefix(&values(&log, 0), 60);
+    assert_eq!(log.append(vec![rec(60)]).await.unwrap(), 60);
+    drop(log);
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    assert_prefix(&values(&log, 0), 61);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appenders_under_fsync_always_get_distinct_offsets() {
     let dir = tempfile::tempdir().unwrap();

@@ -815,13 +815,15 @@ impl Broker {
         self.queue(name)?.flush().await
     }
 
-    /// Replaces a queue's data, as much of it as `part` holds: the queue is closed (its
-    /// waiters woken, as on deletion), the part's directories emptied, `fill` writes the new
-    /// content into the queue's directory (on a blocking thread), and the queue is opened
-    /// again over it with the settings it had. The registry is not touched. For a cluster
-    /// replica, whose data directory is derived from its Raft snapshots and logs: a crash
-    /// halfway is repaired at the next start. The caller keeps the queue's other groups
-    /// from applying meanwhile ([`Self::queue_gate`]).
+    /// Replaces a queue's data, as much of it as `part` holds: `fill` writes the new
+    /// content into the queue's directory (on a blocking thread) once the part's
+    /// directories are emptied. One partition after the first is replaced in the open
+    /// queue ([`Queue::replace_partition`]), which keeps the consumer groups' state and
+    /// leases; any other part closes the queue (its waiters woken, as on deletion) and
+    /// opens it again over the new content with the settings it had. The registry is not
+    /// touched. For a cluster replica, whose data directory is derived from its Raft
+    /// snapshots and logs: a crash halfway is repaired at the next start. The caller keeps
+    /// the queue's other groups from applying meanwhile ([`Self::queue_gate`]).
     pub async fn replace_queue_data<F>(
         &self,
         name: &str,
@@ -832,6 +834,11 @@ impl Broker {
         F: FnOnce(&std::path::Path) -> std::io::Result<()> + Send + 'static,
     {
         let _meta = self.meta.lock().await;
+        if let queue::DataPart::Partition(partition) = part
+            && let Ok(queue) = self.queue(name)
+        {
+            return queue.replace_partition(partition, fill).await;
+        }
         let settings = self
             .registry
             .read()
@@ -2647,6 +2654,77 @@ mod tests {
         assert_eq!(after[2], before[2]);
         assert_eq!(after[1].next_offset, 0, "partition 1 replaced by nothing");
         assert!(b.group_info("q", "g").is_ok(), "the groups stay");
+    }
+
+    /// A partition after the first is replaced in the open queue: messages leased before
+    /// stay leased (a far-behind replica that leads the queue group installs a partition's
+    /// snapshot without delivering its in-flight messages again), they ack, and the new
+    /// copy's records are delivered from where the group stood.
+    #[tokio::test]
+    async fn replacing_a_partition_keeps_the_leases() {
+        let (dir, b) = replicate::tests::broker_with_queue(3).await;
+        for i in 0..30 {
+            let m = NewMessage {
+                key: Some(format!("k{i}")),
+                body: bytes::Bytes::from(format!("m{i}")),
+                ..NewMessage::default()
+            };
+            b.publish("q", vec![m]).await.unwrap();
+        }
+        // The copy to install: partition 1 as it is now, then 5 more records on it.
+        let copy = tempfile::tempdir().unwrap();
+        let live = dir.path().join("queues").join("q").join("1");
+        for file in std::fs::read_dir(&live).unwrap() {
+            let file = file.unwrap().path();
+            std::fs::copy(&file, copy.path().join(file.file_name().unwrap())).unwrap();
+        }
+        let ahead =
+            crate::log::PartitionLog::open(copy.path(), crate::log::LogConfig::default()).unwrap();
+        let extra: Vec<crate::log::Record> = (0..5)
+            .map(|i| crate::log::Record {
+                timestamp_ms: 1,
+                key: None,
+                headers: Vec::new(),
+                value: bytes::Bytes::from(format!("extra{i}")),
+            })
+            .collect();
+        ahead.append(extra).await.unwrap();
+        ahead.flush().await.unwrap();
+        drop(ahead);
+        let leased = b
+            .receive("q", "g", 100, Duration::ZERO, None)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 30);
+        let source = copy.path().to_path_buf();
+        b.replace_queue_data("q", queue::DataPart::Partition(1), move |queue_dir| {
+            std::fs::create_dir_all(queue_dir.join("1"))?;
+            for file in std::fs::read_dir(&source)? {
+                let file = file?.path();
+                if let Some(name) = file.file_name() {
+                    std::fs::copy(&file, queue_dir.join("1").join(name))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(b.group_info("q", "g").unwrap().in_flight, 30, "leases kept");
+        let more = b
+            .receive("q", "g", 100, Duration::ZERO, None)
+            .await
+            .unwrap();
+        let bodies: Vec<_> = more.iter().map(|m| m.body.clone()).collect();
+        assert_eq!(bodies.len(), 5, "only the new records: {bodies:?}");
+        assert!(
+            more.iter()
+                .all(|m| m.id.partition == 1 && m.delivery_count == 1)
+        );
+        let ids: Vec<MessageId> = leased.iter().chain(&more).map(|m| m.id).collect();
+        let acked = b.ack_many("q", "g", &ids).await.unwrap();
+        assert_eq!(acked.len(), 35);
+        assert!(acked.iter().all(Result::is_ok), "{acked:?}");
+        assert_eq!(b.group_info("q", "g").unwrap().in_flight, 0);
     }
 
     /// A replicated publish whose proposer took turns puts each keyless message where its

@@ -418,6 +418,39 @@ impl Queue {
         Ok(queue)
     }
 
+    /// Replaces the records of partition `partition` with what `fill` writes into the
+    /// queue's directory (a cluster replica installing a snapshot of that partition's
+    /// group), keeping the consumer groups, their leases and the other partitions as they
+    /// are. The partition's dedup window is read back from the new records by the next
+    /// publish with a key; waiting receives look again.
+    pub async fn replace_partition<F>(&self, partition: u32, fill: F) -> Result<(), BrokerError>
+    where
+        F: FnOnce(&Path) -> std::io::Result<()> + Send + 'static,
+    {
+        let log = usize::try_from(partition)
+            .ok()
+            .and_then(|p| self.partitions.get(p))
+            .cloned()
+            .ok_or_else(|| {
+                BrokerError::InvalidArgument(format!(
+                    "queue {} has no partition {partition}",
+                    self.name
+                ))
+            })?;
+        // Held across the swap: no publish looks a key up in the old records' window.
+        let mut windows = self.dedup.lock().await;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || log.replace(|_| fill(&dir)))
+            .await
+            .map_err(|e| {
+                BrokerError::InvalidArgument(format!("replacing a partition failed: {e}"))
+            })??;
+        windows.remove(&Some(partition));
+        drop(windows);
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
     fn groups_dir(&self) -> PathBuf {
         self.dir.join("groups")
     }

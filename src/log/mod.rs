@@ -489,6 +489,16 @@ impl PartitionLog {
         shared.writer.lock().truncate(shared, offset)
     }
 
+    /// Replaces the partition's records with what `fill` writes into its directory (a
+    /// cluster replica installing a snapshot of the partition): the directory is emptied,
+    /// filled and opened again, under the writer's lock, so appends wait for it and then
+    /// continue after the new last record. Readers holding the old segments keep reading
+    /// their bytes; the next offset's watchers see the new end.
+    pub fn replace(&self, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), LogError> {
+        let shared = &self.inner.shared;
+        shared.writer.lock().replace(shared, fill)
+    }
+
     /// Takes no more appends ([`LogError::Closed`]), for good: once this returns, no append
     /// writes the files (or creates them, or the directory) any more, so the caller may
     /// remove them (a deleted queue, whose publishes still in flight must not create its

@@ -365,11 +365,45 @@ impl Writer {
             }
         }
         recovery::sync_dir(storage, &dir)?;
-        let (list, state) = recovery::open_segments(&dir, &shared.config)?;
+        self.reopen(shared, "truncation")
+    }
+
+    /// Replaces every segment with what `fill` writes into the partition's directory,
+    /// emptied first, and takes appends again after the new last record (a failure of the
+    /// old files is forgotten with them). Readers holding the old segments keep reading
+    /// their bytes.
+    pub fn replace(
+        &mut self,
+        shared: &Shared,
+        fill: impl FnOnce(&std::path::Path) -> std::io::Result<()>,
+    ) -> Result<(), LogError> {
+        let storage = &*shared.config.storage;
+        let dir = shared.dir.clone();
+        let _guard = shared.list_lock.lock();
+        for old in shared.segments.load_full().iter() {
+            old.pin()?;
+        }
+        match storage.remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&dir)(e)),
+            _ => {}
+        }
+        storage.create_dir_all(&dir).map_err(io(&dir))?;
+        fill(&dir).map_err(io(&dir))?;
+        recovery::sync_dir(storage, &dir)?;
+        self.failed = None;
+        self.reopen(shared, "replacement")
+    }
+
+    /// Opens the partition's directory again after the segment files changed under the
+    /// list lock (`after` names the change, for the error of a directory left without a
+    /// segment).
+    fn reopen(&mut self, shared: &Shared, after: &str) -> Result<(), LogError> {
+        let dir = &shared.dir;
+        let (list, state) = recovery::open_segments(dir, &shared.config)?;
         let active = list.last().cloned().ok_or_else(|| LogError::Corrupt {
             path: dir.clone(),
             position: 0,
-            reason: "no segment after truncation".into(),
+            reason: format!("no segment after {after}"),
         })?;
         shared.segments.store(Arc::new(list));
         self.index_file = open_index(&shared.config.storage, &active.paths.index, state.indexes);
