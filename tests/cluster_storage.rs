@@ -83,10 +83,17 @@ async fn receive(base: &str, queue: &str, max: usize) -> Vec<Value> {
     answer["messages"].as_array().cloned().unwrap_or_default()
 }
 
-/// The committed log of partition 0 as node `base` reads it locally.
+/// The committed log of every partition, one after the other, as node `base` reads it
+/// locally.
 async fn log(base: &str, queue: &str) -> Option<Vec<Value>> {
-    let url = format!("{base}/queues/{queue}/log?partition=0&from=0&max=10000&local=true");
-    Some(view(&url).await?["messages"].as_array()?.clone())
+    let info = view(&format!("{base}/queues/{queue}?local=true")).await?;
+    let mut all = Vec::new();
+    for partition in 0..info["partitions"].as_array()?.len() {
+        let url =
+            format!("{base}/queues/{queue}/log?partition={partition}&from=0&max=10000&local=true");
+        all.extend(view(&url).await?["messages"].as_array()?.iter().cloned());
+    }
+    Some(all)
 }
 
 /// The replicated part of the default group's state in node `base`'s own copy: per partition,
@@ -400,13 +407,15 @@ async fn a_restored_replica_spreads_messages_like_the_others() {
 }
 
 /// A node whose data directory was wiped is replaced by a new node (`--replaces`): the
-/// leader's log is purged, so the new replica is sent the queue's snapshot, installs it
-/// and then follows the log; its committed log and group state end identical to the
-/// others'.
+/// leaders' logs are purged, so the new replica is sent the snapshots of the queue's
+/// groups (the queue group's with partition 0 and the consumer groups, and partition 1's),
+/// installs them and then follows the logs; its committed logs and group state end
+/// identical to the others'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_node_is_sent_the_snapshot() {
     let mut cluster = start().await;
-    create_queue(&cluster.node(1).http, "wiped").await;
+    let settings = json!({"partitions": 2, "max_deliveries": 0, "segment_bytes": 32768});
+    common::cluster::create_queue(&cluster.node(1).http, "wiped", settings).await;
     let group = cluster.group_of(1, "wiped").await;
     publish_spread(&cluster, "wiped", 0..200, [1, 3], body).await;
     let acked = drain(&cluster, 1, "wiped", 50, false).await;
@@ -428,7 +437,10 @@ async fn a_wiped_node_is_sent_the_snapshot() {
         "qit_cluster_snapshots_installed_total",
     )
     .await;
-    assert!(installed >= 1.0, "node {new} installed no snapshot");
+    assert!(
+        installed >= 2.0,
+        "node {new} installed {installed} snapshots, not one of each group"
+    );
     assert!(
         cluster
             .node(new)
