@@ -17,7 +17,10 @@ threads, open files and resident memory; `rolling` restarts the three nodes one 
 W1-shaped load (one message per publish, with an idempotency key; a consumer receiving and
 acking), the client retrying 503 as qit's own do, and reports publish latency (retries
 included), errors, lost and duplicate messages and acked messages delivered again.
-`addnode GB` fills the cluster with GB gigabytes and times a fourth node (`--join`) until
+`PARTITIONS=3` makes the rolling and failover modes' queues of three partitions (failover
+then kills the leader of partition 0, where the consumer groups' state is; its times are the
+target's only with one partition, since a publish after the kill may go to a partition whose
+leader lives). `addnode GB` fills the cluster with GB gigabytes and times a fourth node (`--join`) until
 it holds, caught up, every replica placement gives it, against dd writing as much.
 
     python3 tools/cluster-measure.py target/release/qit failover 30
@@ -39,6 +42,9 @@ ROOT = tempfile.mkdtemp(prefix="qit-measure-")
 OFF = int(os.environ.get("QIT_MEASURE_PORTS", "0"))
 # Queues (3 partitions each) the idle mode makes.
 IDLE_QUEUES = int(os.environ.get("IDLE_QUEUES", "100"))
+# Partitions of each queue of the rolling and failover modes (each partition after the first has its own
+# Raft group and preferred leader).
+PARTITIONS = int(os.environ.get("PARTITIONS", "1"))
 PEERS = ",".join(f"{n}=127.0.0.1:{17100 + OFF + n}" for n in (1, 2, 3))
 LOG = os.environ.get("QIT_MEASURE_LOG", "error")
 procs = {}
@@ -123,7 +129,7 @@ try:
         import threading
         Q = [f"w{i}" for i in range(6)]  # six queues: every node is the preferred leader of some
         for q in Q:
-            wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/{q}", b'{"partitions":1,"max_deliveries":0}')[0] in (200, 201))
+            wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/{q}", json.dumps({"partitions": PARTITIONS, "max_deliveries": 0}).encode())[0] in (200, 201))
         stop, down = threading.Event(), set()
         lat, errors, answered, delivered, acked_ids, again = [], [], set(), {}, set(), []
         lock = threading.Lock()
@@ -190,8 +196,9 @@ try:
         for n in (1,2,3):
             got = []
             for q in Q:
-                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}/log?partition=0&from=0&max=100000&local=true", timeout=30)
-                got.append([m["body"] for m in v["messages"]] if s == 200 else None)
+                for p in range(PARTITIONS):
+                    s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/{q}/log?partition={p}&from=0&max=100000&local=true", timeout=30)
+                    got.append([m["body"] for m in v["messages"]] if s == 200 else None)
             logs.append(got)
         stored = [b for part in logs[0] for b in (part or [])]
         lat.sort()
@@ -277,7 +284,7 @@ try:
         failed = False
     else:
         # max_deliveries 0: a message whose lease lapses many times is never dead-lettered.
-        wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/f", b'{"partitions":1,"max_deliveries":0}')[0] in (200, 201, 409))
+        wait(lambda: req("POST", f"http://127.0.0.1:{18081 + OFF}/queues/f", json.dumps({"partitions": PARTITIONS, "max_deliveries": 0}).encode())[0] in (200, 201, 409))
         times, published = [], []
         acked = {}        # message id -> body, for every ack answered 204
         delivered = []    # (id, body, delivery_count) of every delivery
@@ -327,9 +334,11 @@ try:
               "max", round(max(times),3), "all", [round(x,2) for x in times])
         for n in (1,2,3):
             def has_all():
-                s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/log?partition=0&from=0&max=1000&local=true")
-                if s != 200: return False
-                got = " ".join(json.dumps(m) for m in v["messages"])
+                got = ""
+                for p in range(PARTITIONS):
+                    s, v = req("GET", f"http://127.0.0.1:{18080 + OFF + n}/queues/f/log?partition={p}&from=0&max=1000&local=true")
+                    if s != 200: return False
+                    got += " ".join(json.dumps(m) for m in v["messages"])
                 return all(json.dumps(b) in got for b in published)
             wait(has_all, limit=30, what=f"every acknowledged publish in node {n}'s log")
         print("acknowledged publishes:", len(published), "- all in the log of every node")
