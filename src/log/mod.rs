@@ -493,7 +493,8 @@ impl PartitionLog {
     /// cluster replica installing a snapshot of the partition): the directory is emptied,
     /// filled and opened again, under the writer's lock, so appends wait for it and then
     /// continue after the new last record. Readers holding the old segments keep reading
-    /// their bytes; the next offset's watchers see the new end.
+    /// their bytes; the next offset's watchers see the new end. A closed log
+    /// ([`Self::close`]) is left alone ([`LogError::Closed`]).
     pub fn replace(&self, fill: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), LogError> {
         let shared = &self.inner.shared;
         shared.writer.lock().replace(shared, fill)

@@ -377,6 +377,10 @@ impl Writer {
         shared: &Shared,
         fill: impl FnOnce(&std::path::Path) -> std::io::Result<()>,
     ) -> Result<(), LogError> {
+        // A closed log's directory may be gone with its queue: never made again.
+        if self.closed {
+            return Err(LogError::Closed);
+        }
         let storage = &*shared.config.storage;
         let dir = shared.dir.clone();
         let _guard = shared.list_lock.lock();
