@@ -374,6 +374,17 @@ async fn truncate_suffix_removes_the_tail_across_segments() {
     assert_prefix(&values(&log, 0), 38);
 }
 
+/// Copies every file of directory `from` into directory `to`.
+fn copy_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    for file in std::fs::read_dir(from)? {
+        let file = file?.path();
+        if let Some(name) = file.file_name() {
+            std::fs::copy(&file, to.join(name))?;
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn replace_swaps_in_another_copy_and_appends_go_on_after_it() {
     // The source: 60 records over several segments (a replica further ahead).
@@ -399,16 +410,7 @@ async fn replace_swaps_in_another_copy_and_appends_go_on_after_it() {
     }
     let held = log.read(0, usize::MAX, usize::MAX).unwrap();
     let mut next = log.watch_next_offset();
-    log.replace(|into| {
-        for file in std::fs::read_dir(source.path())? {
-            let file = file?.path();
-            if let Some(name) = file.file_name() {
-                std::fs::copy(&file, into.join(name))?;
-            }
-        }
-        Ok(())
-    })
-    .unwrap();
+    log.replace(|into| copy_files(source.path(), into)).unwrap();
     assert_eq!(held.len(), 10, "a reader keeps what it read");
     assert_eq!(held[9].value, Bytes::from("old-9"));
     assert!(next.has_changed().unwrap(), "watchers see the new end");
@@ -433,22 +435,10 @@ async fn replace_keeps_what_it_replaced_when_reopened() {
     }
     let copy = tempfile::tempdir().unwrap();
     log.flush().await.unwrap();
-    for file in std::fs::read_dir(dir.path()).unwrap() {
-        let file = file.unwrap().path();
-        std::fs::copy(&file, copy.path().join(file.file_name().unwrap())).unwrap();
-    }
+    copy_files(dir.path(), copy.path()).unwrap();
     // Filled with a copy of itself: nothing lost, appends go on after it, and a reopen
     // finds the same.
-    log.replace(|into| {
-        for file in std::fs::read_dir(copy.path())? {
-            let file = file?.path();
-            if let Some(name) = file.file_name() {
-                std::fs::copy(&file, into.join(name))?;
-            }
-        }
-        Ok(())
-    })
-    .unwrap();
+    log.replace(|into| copy_files(copy.path(), into)).unwrap();
     assert_prefix(&values(&log, 0), 60);
     assert_eq!(log.append(vec![rec(60)]).await.unwrap(), 60);
     drop(log);

@@ -2624,12 +2624,10 @@ mod tests {
         assert_eq!(placed[0].id, first[0].id, "its own partition's window");
     }
 
-    /// Replacing one part of a queue's data (a cluster group installing its snapshot)
-    /// leaves the other parts as they were; the image of a part holds only its files.
-    #[tokio::test]
-    async fn replacing_a_part_keeps_the_others() {
-        let (_dir, b) = replicate::tests::broker_with_queue(3).await;
-        for i in 0..30 {
+    /// Publishes `n` messages with keys `k0`.. (spread over the partitions by key) to
+    /// queue `q`.
+    async fn publish_keyed(b: &Broker, n: usize) {
+        for i in 0..n {
             let m = NewMessage {
                 key: Some(format!("k{i}")),
                 body: bytes::Bytes::from(format!("m{i}")),
@@ -2637,6 +2635,14 @@ mod tests {
             };
             b.publish("q", vec![m]).await.unwrap();
         }
+    }
+
+    /// Replacing one part of a queue's data (a cluster group installing its snapshot)
+    /// leaves the other parts as they were; the image of a part holds only its files.
+    #[tokio::test]
+    async fn replacing_a_part_keeps_the_others() {
+        let (_dir, b) = replicate::tests::broker_with_queue(3).await;
+        publish_keyed(&b, 30).await;
         b.receive("q", "g", 1, Duration::ZERO, None).await.unwrap();
         let before = b.queue_info("q").unwrap().partitions;
         assert!(before.iter().all(|p| p.next_offset > 0), "{before:?}");
@@ -2663,14 +2669,7 @@ mod tests {
     #[tokio::test]
     async fn replacing_a_partition_keeps_the_leases() {
         let (dir, b) = replicate::tests::broker_with_queue(3).await;
-        for i in 0..30 {
-            let m = NewMessage {
-                key: Some(format!("k{i}")),
-                body: bytes::Bytes::from(format!("m{i}")),
-                ..NewMessage::default()
-            };
-            b.publish("q", vec![m]).await.unwrap();
-        }
+        publish_keyed(&b, 30).await;
         // The copy to install: partition 1 as it is now, then 5 more records on it.
         let copy = tempfile::tempdir().unwrap();
         let live = dir.path().join("queues").join("q").join("1");
