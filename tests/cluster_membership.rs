@@ -10,7 +10,8 @@
 //! identical. A node that lost its data is replaced with one command (`--replaces`), or
 //! rejoins under its old id and votes only once caught up; only the admin adds and removes
 //! nodes (`--auth`);
-//! queues created while a node leaves, or is down, are placed on the others.
+//! queues created while a node leaves, or is down, are placed on the others; a queue of
+//! three partitions moves every partition's group onto a joining node and off it again.
 
 mod common;
 
@@ -1372,4 +1373,132 @@ async fn queues_made_while_a_node_is_down_are_placed_on_live_nodes() {
             holds_exactly(&cluster, *node, queue, &["kept"]).await;
         }
     }
+}
+
+/// A queue of three partitions on a joining node: every partition's group takes the new
+/// placement (each partition group's leader adds node 4 and changes its voters; the queue
+/// group records the placement once all have), node 4 ends holding each partition's log
+/// as the other replicas do and leads partitions, and every message published before,
+/// during and after the move is delivered once; removing node 4 moves every partition off
+/// it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_partition_of_a_queue_moves_onto_a_joining_node_and_back() {
+    let cluster = Cluster::start().await;
+    let queue = queue_for_node_four();
+    let queue = queue.as_str();
+    let settings = json!({"partitions": 3, "max_deliveries": 0});
+    create_queue(cluster.http(1), queue, settings).await;
+    for i in 0..30 {
+        common::cluster::publish(cluster.http(i % 3 + 1), queue, &format!("before-{i}")).await;
+    }
+    let mut four = Node::new(4, cluster.root().join("node-4"));
+    let peers4 = format!("{},{}", cluster.peers, four.peer());
+    four.start(&peers4, &["--join".to_string()]);
+    let b4 = four.http.clone();
+    let wanted: BTreeSet<u64> = qit::cluster::placement::replicas(queue, &[1, 2, 3, 4], 3)
+        .into_iter()
+        .collect();
+    assert!(wanted.contains(&4));
+    let mut bases: Vec<String> = (1..=3).map(|id| cluster.http(id).to_string()).collect();
+    bases.push(b4.clone());
+    // Every node sees every partition on the new replicas, each led by its preferred
+    // replica (the first listed), so that no hand-off moves leases while the messages are
+    // drained below.
+    for base in &bases {
+        eventually_slow(
+            &format!("{base} sees every partition on {wanted:?}"),
+            || async {
+                partition_replicas(base, queue).await.is_some_and(|parts| {
+                    parts.len() == 3
+                        && parts
+                            .iter()
+                            .all(|(set, preferred)| *set == wanted && *preferred)
+                })
+            },
+        )
+        .await;
+    }
+    for i in 0..30 {
+        common::cluster::publish(&b4, queue, &format!("after-{i}")).await;
+    }
+    // Node 4's copy of every partition is the others' copy, every publish stored once.
+    let holders: Vec<&String> = bases
+        .iter()
+        .zip(1u64..)
+        .filter(|(_, id)| wanted.contains(id))
+        .map(|(b, _)| b)
+        .collect();
+    eventually("the replicas hold the same 60 messages", || async {
+        let mut copies = Vec::new();
+        for holder in &holders {
+            let mut parts = Vec::new();
+            for p in 0..3 {
+                parts.push(log_bodies(holder, queue, p).await);
+            }
+            copies.push(parts);
+        }
+        let stored: usize = copies[0].iter().flatten().map(Vec::len).sum();
+        stored == 60
+            && copies[0].iter().all(Option::is_some)
+            && copies.iter().all(|c| *c == copies[0])
+    })
+    .await;
+    // Every message delivered once, through node 4 (the deadline only guards a hang).
+    let mut delivered = BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while delivered.len() < 60 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "delivered {} of 60",
+            delivered.len()
+        );
+        for m in common::cluster::receive(&b4, queue, 100).await {
+            let (id, body) = (m["id"].as_str().unwrap(), m["body"].as_str().unwrap());
+            let (status, answer) = common::cluster::retrying("ack", || {
+                http().delete(format!("{b4}/queues/{queue}/messages/{id}"))
+            })
+            .await;
+            assert!(status.is_success(), "ack {id}: {status} {answer}");
+            let first = delivered.insert(body.to_string(), id.to_string());
+            assert!(first.is_none(), "{body} delivered twice");
+        }
+    }
+    assert!(common::cluster::receive(&b4, queue, 100).await.is_empty());
+    // Node 4 leaves: every partition moves off it.
+    let (status, body) = send(http().delete(format!("{}/cluster/nodes/4", cluster.http(2)))).await;
+    assert!(status.is_success(), "remove node 4: {status} {body}");
+    for base in &bases[..3] {
+        eventually_slow(&format!("{base} sees no partition on node 4"), || async {
+            partition_replicas(base, queue).await.is_some_and(|parts| {
+                parts.len() == 3
+                    && parts
+                        .iter()
+                        .all(|(set, preferred)| !set.contains(&4) && set.len() == 3 && *preferred)
+            })
+        })
+        .await;
+    }
+    four.terminate();
+}
+
+/// Each partition of `queue` in node `base`'s view: its replicas, and whether the first
+/// of them (its preferred leader) leads it.
+async fn partition_replicas(base: &str, queue: &str) -> Option<Vec<(BTreeSet<u64>, bool)>> {
+    let v = view(&format!("{base}/cluster")).await?;
+    Some(
+        v["partitions"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["queue"] == queue)
+            .map(|p| {
+                let replicas: Vec<u64> = p["replicas"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                let preferred = p["leader"].as_u64().is_some()
+                    && p["leader"].as_u64() == replicas.first().copied();
+                (replicas.into_iter().collect(), preferred)
+            })
+            .collect(),
+    )
 }
