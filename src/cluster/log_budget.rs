@@ -17,11 +17,11 @@
 //!   that a follower a little behind still catches up from the log.
 //! - **Removal.** Every [`LOOK_EVERY`], each replica compares the partitions its group
 //!   holds (all of a queue's in a queue's only group; partition 0 in a queue group; its
-//!   own in a partition group) with the last look: when a partition's first offset rose or its bytes fell (retention or
-//!   compaction removed segments), it snapshots, which lets go of the removed segments,
-//!   and purges the whole log below the snapshot, which may hold the removed messages too.
-//!   A quiet queue would otherwise keep them for good: it may never reach either bound
-//!   again.
+//!   own in a partition group) with the last look: when a partition's first offset rose
+//!   or its bytes fell (retention or compaction removed segments), it snapshots, which
+//!   lets go of the removed segments, and purges the whole log below the snapshot, which
+//!   may hold the removed messages too. A quiet queue would otherwise keep them for good:
+//!   it may never reach either bound again.
 //!
 //! A group is looked at again at most once per [`ROUND_SPACING`]; a purge waits while the
 //! leader still sends those entries to a follower (openraft defers it).
