@@ -98,11 +98,24 @@ settle() { sync; sleep 1; }
 
 mkdir -p "$ROOT"
 echo "# qit publish, W1 shape (${BENCH_ARGS}), $PARTITIONS partition(s), --fsync always, $MESSAGES messages per run"
+measure_single() { # run
+  settle
+  s=$(single "$1" | rate)
+  echo "run $1 single node: $s msg/s   ($(uptime | sed 's/.*load/load/'))"
+}
+measure_cluster() { # run
+  settle
+  c=$(cluster "$1" | rate)
+  echo "run $1 three nodes (via $VIA): $c msg/s   ($(uptime | sed 's/.*load/load/'))"
+}
+# Odd runs measure one node first, even runs three nodes first, so that a drift of the
+# machine over a series (the disk's state after the runs before) favours neither.
 for run in $(seq 1 "$RUNS"); do
-  settle
-  s=$(single "$run" | rate)
-  echo "run $run single node: $s msg/s   ($(uptime | sed 's/.*load/load/'))"
-  settle
-  c=$(cluster "$run" | rate)
-  echo "run $run three nodes (via $VIA): $c msg/s   ($(uptime | sed 's/.*load/load/'))"
+  if (( run % 2 )); then
+    measure_single "$run"
+    measure_cluster "$run"
+  else
+    measure_cluster "$run"
+    measure_single "$run"
+  fi
 done
