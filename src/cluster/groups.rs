@@ -978,15 +978,6 @@ impl Groups {
         queue.partition_of(id).map(|p| queue.replicas_of(p))
     }
 
-    /// The queue of group `id` and the partition it holds (`None`: not a group of a queue
-    /// known here).
-    pub fn queue_of_group(&self, id: u64) -> Option<(String, u32)> {
-        let (queue_group, _) = split_group(id);
-        let queues = self.queues.read();
-        let (name, queue) = queues.iter().find(|(_, g)| g.id == queue_group)?;
-        queue.partition_of(id).map(|p| (name.clone(), p))
-    }
-
     /// Every queue's group.
     pub fn queue_groups(&self) -> Vec<(String, QueueGroup)> {
         self.queues

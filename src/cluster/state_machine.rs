@@ -330,7 +330,7 @@ impl StateMachine {
     async fn restore(&mut self, stored: &Stored) -> Result<(), SnapshotError> {
         if let (Some((name, part)), Some(broker)) = (self.role.data(), &self.broker) {
             let source = stored.clone();
-            // Alone: the queue's other groups apply to the queue reopened after.
+            // Alone: the queue's other groups apply once the part is replaced.
             let gate = broker.queue_gate(name);
             let _alone = gate.write().await;
             broker
@@ -549,7 +549,7 @@ impl StateMachine {
 /// Refuses an op that is not for `part` of `queue`, a queue of `partitions`: a
 /// partition's group takes only appends to its partition (everything else of the queue is
 /// its queue group's), and on a queue of several partitions every message of a publish
-/// names its partition (the proposer routed it by that, see `Cluster::split_publish`).
+/// names its partition (the proposer routed it by that, see `cluster::partitions`).
 /// Every replica refuses alike; a proposer routes ops so that none is refused.
 fn check_part(op: &Op, queue: &str, part: DataPart, partitions: u32) -> Result<(), WireError> {
     let refused = |what: String| WireError {
