@@ -804,8 +804,8 @@ impl Broker {
     /// The gate of queue `name` on a cluster node, where several Raft groups apply to one
     /// queue (its queue group and one group per further partition): each holds it shared
     /// while it applies, and a group installing a snapshot holds it alone while it replaces
-    /// its part of the data ([`Self::replace_queue_data`] reopens the queue, which an apply
-    /// running meanwhile would find missing).
+    /// its part of the data ([`Self::replace_queue_data`] reopens the queue or a
+    /// partition's log, which an apply running meanwhile would find missing or moving).
     pub fn queue_gate(&self, name: &str) -> Arc<tokio::sync::RwLock<()>> {
         Arc::clone(self.gates.lock().entry(name.to_string()).or_default())
     }
@@ -1774,12 +1774,23 @@ impl Broker {
         }
     }
 
-    /// Whether each of `ids` is a message of `queue` on this node: a cluster leader asks
+    /// Whether each of `ids` is a message of `queue` on this node, waiting up to `wait`
+    /// for those its copy of their partition has not reached yet: a cluster leader asks
     /// before it proposes an ack, whose replicas take it as checked (see
     /// [`Self::ack_many_local`]).
-    pub fn check_ids(&self, queue: &str, ids: &[MessageId]) -> Result<Vec<bool>, BrokerError> {
+    pub async fn check_ids(
+        &self,
+        queue: &str,
+        ids: &[MessageId],
+        wait: Duration,
+    ) -> Result<Vec<bool>, BrokerError> {
         let q = self.queue(queue)?;
-        Ok(ids.iter().map(|id| q.holds_message(*id)).collect())
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut held = Vec::with_capacity(ids.len());
+        for id in ids {
+            held.push(q.holds_message_by(*id, deadline).await);
+        }
+        Ok(held)
     }
 
     /// Where a seek of `group` of `queue` to `target` moves each partition, by this node's
@@ -2622,6 +2633,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(placed[0].id, first[0].id, "its own partition's window");
+    }
+
+    /// An id this node's copy does not hold yet is waited for until its partition reaches
+    /// it; one it never reaches is answered false once the wait is over.
+    #[tokio::test]
+    async fn checking_ids_waits_for_the_partition_to_reach_them() {
+        let (_dir, b) = replicate::tests::broker_with_queue(2).await;
+        let later = MessageId {
+            partition: 1,
+            offset: 0,
+        };
+        let never = MessageId {
+            partition: 0,
+            offset: 5,
+        };
+        assert_eq!(
+            b.check_ids("q", &[later, never], Duration::ZERO)
+                .await
+                .unwrap(),
+            [false, false]
+        );
+        let waiting = {
+            let b = Arc::clone(&b);
+            // The deadline only guards a hang: the publish below ends the wait.
+            tokio::spawn(async move { b.check_ids("q", &[later], Duration::from_secs(600)).await })
+        };
+        // The test's one thread runs the check until it waits.
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let key = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| message::partition_for_key(k.as_bytes(), 2) == 1)
+            .unwrap();
+        let m = NewMessage {
+            key: Some(key),
+            body: bytes::Bytes::from_static(b"later"),
+            ..NewMessage::default()
+        };
+        b.publish("q", vec![m]).await.unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap(), [true]);
+        let bounded = b
+            .check_ids("q", &[later, never], Duration::from_millis(20))
+            .await
+            .unwrap();
+        assert_eq!(bounded, [true, false]);
+        assert!(b.check_ids("gone", &[later], Duration::ZERO).await.is_err());
     }
 
     /// Publishes `n` messages with keys `k0`.. (spread over the partitions by key) to

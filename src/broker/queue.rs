@@ -1241,6 +1241,18 @@ impl Queue {
             .is_some_and(|log| id.offset < log.next_offset())
     }
 
+    /// [`Self::holds_message`], waiting until `deadline` for the partition's end to pass
+    /// `id` (a cluster replica applies a partition's own group a little after another
+    /// group's entry that names its message).
+    pub async fn holds_message_by(&self, id: MessageId, deadline: tokio::time::Instant) -> bool {
+        let Some(log) = self.partitions.get(id.partition as usize) else {
+            return false;
+        };
+        let mut end = log.watch_next_offset();
+        let reached = end.wait_for(|next| id.offset < *next);
+        matches!(tokio::time::timeout_at(deadline, reached).await, Ok(Ok(_)))
+    }
+
     async fn wait_durable(&self, ticket: Option<Ticket>) -> Result<(), BrokerError> {
         match ticket {
             Some(ticket) if self.fsync == FsyncPolicy::Always => Ok(ticket.wait().await?),

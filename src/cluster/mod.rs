@@ -1438,15 +1438,13 @@ impl Cluster {
             .iter()
             .map(|&(partition, offset)| MessageId { partition, offset })
             .collect();
-        let mut held = self.broker.check_ids(&queue, &message_ids)?;
         // A message of a partition with a group of its own is committed there before any
         // consumer sees it, but this node (a queue group leader elected a moment ago, say)
         // may apply it a little later: waited for, up to `ACK_APPLY_WAIT`.
-        let since = tokio::time::Instant::now();
-        while held.contains(&false) && since.elapsed() < ACK_APPLY_WAIT {
-            tokio::time::sleep(ACK_APPLY_WAIT / 20).await;
-            held = self.broker.check_ids(&queue, &message_ids)?;
-        }
+        let held = self
+            .broker
+            .check_ids(&queue, &message_ids, ACK_APPLY_WAIT)
+            .await?;
         let known: Vec<(u32, u64)> = ids
             .iter()
             .zip(&held)
