@@ -252,6 +252,24 @@ async fn fetch(stream: &mut TcpStream, name: &str, partition: i32) -> (i16, Vec<
     (p.error_code, values)
 }
 
+/// The term of each partition of `queue` in a `GET /cluster` view, by partition.
+fn partition_terms(view: &serde_json::Value, queue: &str) -> Vec<u64> {
+    let mut terms: Vec<(u64, u64)> = view["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["queue"] == queue)
+        .map(|p| {
+            (
+                p["partition"].as_u64().unwrap_or(0),
+                p["term"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    terms.sort_unstable();
+    terms.into_iter().map(|(_, term)| term).collect()
+}
+
 async fn metadata(stream: &mut TcpStream, name: &str) -> MetadataResponse {
     let body = MetadataRequest::default().with_topics(Some(vec![
         kafka_protocol::messages::metadata_request::MetadataRequestTopic::default()
@@ -291,10 +309,16 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
         .collect();
     for node in 1..=3 {
         let addr = cluster.node(node).kafka();
-        let (addr, name, want, leaders) = (&addr, &name, &want, &leaders);
+        let http = cluster.http(node).to_string();
+        let (addr, http, name, want, leaders) = (&addr, &http, &name, &want, &leaders);
         eventually(
-            &format!("node {node}'s Metadata names every node and the leaders"),
+            &format!("node {node}'s Metadata names every node, the leaders and their terms"),
             || async move {
+                // Each partition's leader epoch is its group's term, as GET /cluster tells.
+                let Some(v) = view(&format!("{http}/cluster")).await else {
+                    return false;
+                };
+                let terms = partition_terms(&v, name);
                 let m = metadata(&mut connect(addr).await, name).await;
                 let mut brokers: Vec<(i32, String)> = m
                     .brokers
@@ -305,9 +329,16 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
                 let partitions = &m.topics[0].partitions;
                 brokers == *want
                     && partitions.len() == 2
-                    && partitions.iter().zip(leaders).all(|(p, leader)| {
-                        p.leader_id.0 == *leader as i32 && p.replica_nodes.len() == 3
-                    })
+                    && partitions
+                        .iter()
+                        .zip(leaders)
+                        .zip(&terms)
+                        .all(|((p, leader), term)| {
+                            p.leader_id.0 == *leader as i32
+                                && p.replica_nodes.len() == 3
+                                && *term > 0
+                                && i64::from(p.leader_epoch) == *term as i64
+                        })
             },
         )
         .await;
@@ -513,6 +544,7 @@ async fn clients_go_on_when_the_leader_and_coordinator_is_killed() {
         }
         seen.push(line);
     }
+    let before = metadata(&mut connect(&cluster.node(survivor).kafka()).await, &name).await;
     cluster.kill(victim);
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"killed\n").await.unwrap();
@@ -536,6 +568,20 @@ async fn clients_go_on_when_the_leader_and_coordinator_is_killed() {
         rest.contains("\"stored\": 4000"),
         "each record stored once: {rest}"
     );
+    // The partitions the killed node led have a new leader in a later epoch: a client
+    // holding the old leader's answer can tell it is stale.
+    let addr = cluster.node(survivor).kafka();
+    let (addr, name, before) = (&addr, &name, &before);
+    eventually("a new leader in a later epoch", || async move {
+        let after = metadata(&mut connect(addr).await, name).await;
+        let (old, new) = (&before.topics[0].partitions, &after.topics[0].partitions);
+        old.len() == new.len()
+            && old.iter().zip(new).all(|(old, new)| {
+                old.leader_id.0 != victim as i32
+                    || (new.leader_id.0 != victim as i32 && new.leader_epoch > old.leader_epoch)
+            })
+    })
+    .await;
 }
 
 /// A node without a replica of the topic (four nodes, three replicas): its Metadata names

@@ -305,6 +305,19 @@ impl Cluster {
         view
     }
 
+    /// Group `group`'s leader as this node knows it, with that leader's term: from its
+    /// own replica's Raft state, else from the leaders' beats (`None`: none known).
+    pub fn known_leader(&self, group: u64) -> Option<(u64, u64)> {
+        match self.groups().raft(group) {
+            Some(raft) => {
+                let m = raft.metrics();
+                let m = m.borrow_watched();
+                m.current_leader.map(|leader| (leader, m.current_term))
+            }
+            None => self.claimed_leader(group),
+        }
+    }
+
     /// A group's leader as `GET /cluster` shows it, and its term: the leader this node
     /// knows, or none while it cannot serve. That is a leader here whose group has no
     /// majority of its voters up (it takes no write; it gives way once the others elect

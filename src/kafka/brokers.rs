@@ -55,6 +55,12 @@ pub struct Placement {
     pub replicas: Vec<i32>,
     /// The replicas heard from lately.
     pub isr: Vec<i32>,
+    /// Kafka's leader epoch of `leader`: the term of its Raft group, which grows with
+    /// every election as a leader epoch does with every leader change (as Redpanda maps
+    /// them), so that a client can tell a stale answer from a newer one; -1 (unknown)
+    /// where `leader` is not a leader this node knows but a live replica named in its
+    /// stead; 0 on a single node, which leads its partitions for good.
+    pub leader_epoch: i32,
 }
 
 /// The nodes as this node sees them at one moment.
@@ -182,14 +188,21 @@ impl Layout {
         )
     }
 
-    /// Where a partition is served: `raft_leader` (its group's leader, when known here)
-    /// if reachable and up, else the first live reachable replica, else this node.
-    pub fn placement(&self, raft_leader: Option<u64>, replicas: &[u64]) -> Placement {
+    /// Where a partition is served: `raft_leader` (its group's leader and that leader's
+    /// term, when known here) if reachable and up, else the first live reachable replica,
+    /// else this node. `replicas` is empty on a single node.
+    pub fn placement(&self, raft_leader: Option<(u64, u64)>, replicas: &[u64]) -> Placement {
         let usable = |id: &u64| self.advertised(*id) && self.up(*id);
-        let leader = raft_leader
-            .filter(usable)
+        let known = raft_leader.filter(|(id, _)| usable(id));
+        let leader = known
+            .map(|(id, _)| id)
             .or_else(|| replicas.iter().copied().find(usable))
             .unwrap_or(self.me);
+        let leader_epoch = match known {
+            Some((_, term)) => i32::try_from(term).unwrap_or(i32::MAX),
+            None if replicas.is_empty() => 0,
+            None => -1,
+        };
         let replicas: Vec<u64> = if replicas.is_empty() {
             vec![self.me]
         } else {
@@ -203,6 +216,7 @@ impl Layout {
                 .map(|id| broker_id(*id))
                 .collect(),
             replicas: replicas.into_iter().map(broker_id).collect(),
+            leader_epoch,
         }
     }
 
@@ -300,7 +314,7 @@ mod tests {
     #[test]
     fn the_leader_is_the_raft_leader_else_a_live_replica_else_this_node() {
         let mut layout = cluster(1, 4);
-        let placed = layout.placement(Some(3), &[2, 3, 4]);
+        let placed = layout.placement(Some((3, 7)), &[2, 3, 4]);
         assert_eq!(placed.leader, 3);
         assert_eq!(placed.replicas, vec![2, 3, 4]);
         assert_eq!(placed.isr, vec![2, 3, 4]);
@@ -309,12 +323,33 @@ mod tests {
         // The Raft leader and the preferred one are down: the next live replica.
         layout.nodes.get_mut(&3).unwrap().up = false;
         layout.nodes.get_mut(&2).unwrap().up = false;
-        let placed = layout.placement(Some(3), &[2, 3, 4]);
+        let placed = layout.placement(Some((3, 7)), &[2, 3, 4]);
         assert_eq!(placed.leader, 4);
         assert_eq!(placed.isr, vec![4]);
         // A leader without a listener is not named: clients could not reach it.
         layout.nodes.get_mut(&4).unwrap().kafka = None;
-        assert_eq!(layout.placement(Some(4), &[2, 3, 4]).leader, 1);
+        assert_eq!(layout.placement(Some((4, 7)), &[2, 3, 4]).leader, 1);
+    }
+
+    #[test]
+    fn the_leader_epoch_is_the_known_leaders_term_else_unknown() {
+        let mut layout = cluster(1, 4);
+        assert_eq!(layout.placement(Some((3, 7)), &[2, 3, 4]).leader_epoch, 7);
+        // A term past Kafka's 32 bits is the largest epoch, not a wrapped one.
+        let huge = u64::from(u32::MAX) + 5;
+        assert_eq!(
+            layout.placement(Some((3, huge)), &[2, 3, 4]).leader_epoch,
+            i32::MAX
+        );
+        // A replica named because no leader is known here, or the known one is down:
+        // its epoch is unknown (a client keeps a newer one it has).
+        assert_eq!(layout.placement(None, &[2, 3, 4]).leader_epoch, -1);
+        layout.nodes.get_mut(&3).unwrap().up = false;
+        let placed = layout.placement(Some((3, 7)), &[2, 3, 4]);
+        assert_eq!((placed.leader, placed.leader_epoch), (2, -1));
+        // A single node leads its partitions for good: epoch 0.
+        let single = Layout::single(local());
+        assert_eq!(single.placement(None, &[]).leader_epoch, 0);
     }
 
     #[test]

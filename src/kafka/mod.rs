@@ -45,6 +45,10 @@ use crate::auth::{Action, AuthStore, Resource};
 use crate::broker::{Broker, BrokerError};
 use crate::cluster::Cluster;
 
+/// Where a topic's partition lives on a cluster: its group's leader as known here with
+/// that leader's Raft term, and its replicas (preferred leader first).
+pub type TopicReplicas = (Option<(u64, u64)>, Vec<u64>);
+
 /// Errors of the Kafka adapter. [`KafkaError::code`] maps each to a Kafka error code.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {
@@ -186,17 +190,14 @@ impl Kafka {
         }
     }
 
-    /// `(leader of its Raft group as known here, replicas)` of partition `partition` of a
-    /// topic on a cluster node (`None` on a single node, or for a topic the cluster does
-    /// not know). A node without a replica knows the leader from the leaders' beats.
-    pub fn topic_replicas(&self, topic: &str, partition: u32) -> Option<(Option<u64>, Vec<u64>)> {
+    /// `(leader of its Raft group as known here with its term, replicas)` of partition
+    /// `partition` of a topic on a cluster node (`None` on a single node, or for a topic
+    /// the cluster does not know). A node without a replica knows the leader from the
+    /// leaders' beats.
+    pub fn topic_replicas(&self, topic: &str, partition: u32) -> Option<TopicReplicas> {
         let cluster = self.cluster.as_ref()?;
         let queue = cluster.groups().queue_group(topic)?;
-        let group = queue.group_of(partition);
-        let leader = match cluster.groups().leader_watch(group) {
-            Some(watch) => *watch.borrow(),
-            None => cluster.claimed_leader(group).map(|(leader, _)| leader),
-        };
+        let leader = cluster.known_leader(queue.group_of(partition));
         Some((leader, queue.replicas_of(partition)))
     }
 

@@ -119,7 +119,7 @@ async fn topic_metadata(
                     MetadataResponsePartition::default()
                         .with_partition_index(p)
                         .with_leader_id(BrokerId(placed.leader))
-                        .with_leader_epoch(0)
+                        .with_leader_epoch(placed.leader_epoch)
                         .with_replica_nodes(ids(&placed.replicas))
                         .with_isr_nodes(ids(&placed.isr))
                 })
