@@ -892,6 +892,19 @@ async fn leader_kills_lose_nothing_acknowledged() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Each batch carries the term of the entry that wrote it (compared above, so the same
+    // on every replica): terms never fall along the log, and the leader elected after the
+    // first kill wrote the second round's publishes in a later term than the first's.
+    let epochs: Vec<u64> = qit::log::inspect::inspect(&partition(1), false)
+        .unwrap()
+        .iter()
+        .flat_map(|s| s.batches.iter().map(|b| b.leader_epoch))
+        .collect();
+    assert!(epochs.iter().all(|e| *e >= 1), "{epochs:?}");
+    assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "{epochs:?}");
+    let mut terms = epochs.clone();
+    terms.dedup();
+    assert!(terms.len() >= 2, "batches of two leaders' terms: {terms:?}");
 }
 
 /// openraft's storage suite against the cluster's Raft log and state machine.

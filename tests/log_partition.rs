@@ -107,6 +107,34 @@ async fn rolls_segments_and_reopens() {
     assert_eq!(log.locate(201).unwrap(), None);
 }
 
+/// A batch carries the leader epoch set when it was appended (0 until one is set), and
+/// keeps it across a reopen; reading is not affected.
+#[tokio::test]
+async fn batches_carry_the_leader_epoch_set_when_they_were_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(1 << 20)).unwrap();
+    log.append(vec![rec(0)]).await.unwrap();
+    log.set_leader_epoch(3);
+    log.append(vec![rec(1), rec(2)]).await.unwrap();
+    log.set_leader_epoch(7);
+    log.append(vec![rec(3)]).await.unwrap();
+    drop(log);
+    let epochs = |dir: &Path| -> Vec<(u64, u64)> {
+        qit::log::inspect::inspect(dir, false)
+            .unwrap()
+            .iter()
+            .flat_map(|s| s.batches.iter().map(|b| (b.base_offset, b.leader_epoch)))
+            .collect()
+    };
+    assert_eq!(epochs(dir.path()), [(0, 0), (1, 3), (3, 7)]);
+    let log = PartitionLog::open(dir.path(), config(1 << 20)).unwrap();
+    assert_prefix(&values(&log, 0), 4);
+    // A reopened log starts at 0 again until told: the epoch is the writer's, not the file's.
+    log.append(vec![rec(4)]).await.unwrap();
+    drop(log);
+    assert_eq!(epochs(dir.path()).last(), Some(&(4, 0)));
+}
+
 #[tokio::test]
 async fn lz4_batches_read_back() {
     let dir = tempfile::tempdir().unwrap();

@@ -810,6 +810,15 @@ impl Broker {
         Arc::clone(self.gates.lock().entry(name.to_string()).or_default())
     }
 
+    /// Stamps the batches appended from now on to the partitions of `name` that `part`
+    /// holds with `epoch` (a cluster replica applying an entry of that Raft term); a queue
+    /// that does not exist is left alone (the op applied next answers for it).
+    pub fn set_leader_epoch(&self, name: &str, part: queue::DataPart, epoch: u64) {
+        if let Ok(queue) = self.queue(name) {
+            queue.set_leader_epoch(part, epoch);
+        }
+    }
+
     /// Writes and fsyncs every partition and journal of a queue.
     pub async fn flush_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.queue(name)?.flush().await

@@ -418,6 +418,16 @@ impl Queue {
         Ok(queue)
     }
 
+    /// Sets the leader epoch of the batches appended from now on to the partitions `part`
+    /// holds ([`PartitionLog::set_leader_epoch`]).
+    pub fn set_leader_epoch(&self, part: DataPart, epoch: u64) {
+        for (p, log) in self.partitions.iter().enumerate() {
+            if u32::try_from(p).is_ok_and(|p| part.holds_partition(p)) {
+                log.set_leader_epoch(epoch);
+            }
+        }
+    }
+
     /// Replaces the records of partition `partition` with what `fill` writes into the
     /// queue's directory (a cluster replica installing a snapshot of that partition's
     /// group), keeping the consumer groups, their leases and the other partitions as they

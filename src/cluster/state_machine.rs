@@ -432,6 +432,8 @@ impl StateMachine {
                 // Shared with the queue's other groups; never while one replaces its part.
                 let gate = broker.queue_gate(queue);
                 let _applying = gate.read().await;
+                // What this entry appends carries its term, on every replica alike.
+                broker.set_leader_epoch(queue, part, log_id.leader_id.term);
                 broker.apply_op(op).await
             }
             None => broker.apply_op(op).await,

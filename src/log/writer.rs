@@ -188,7 +188,14 @@ impl Writer {
         }
         let position = self.extent.len;
         self.buf.clear();
-        record::encode_batch(&mut self.buf, base, 0, records, shared.config.compression);
+        let epoch = shared.leader_epoch.load(Ordering::Acquire);
+        record::encode_batch(
+            &mut self.buf,
+            base,
+            epoch,
+            records,
+            shared.config.compression,
+        );
         let header = record::peek_header(&self.buf).ok_or_else(|| LogError::Corrupt {
             path: self.active.paths.log.clone(),
             position,
