@@ -1202,8 +1202,7 @@ async fn only_the_admin_adds_and_removes_nodes() {
 async fn queues_made_while_a_node_leaves_are_not_placed_on_it() {
     let cluster = Cluster::start_with(4, &[]).await;
     let b = |id: u64| cluster.http(id).to_string();
-    let v = view(&format!("{}/cluster", b(1))).await.expect("a view");
-    let leader = v["leader"].as_u64().expect("a metadata leader");
+    let leader = common::cluster::metadata_leader(&cluster).await;
     // `stopped`: neither the metadata leader nor the leaving node 4; `via` takes the
     // requests.
     let stopped = (1..=3).find(|n| *n != leader).expect("a node");

@@ -721,9 +721,8 @@ fn fill(path: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_metadata_stopped_forwards_it_and_is_not_healthy() {
     let mut cluster = Cluster::start().await;
-    let leader = common::get_json(format!("{}/cluster", cluster.http(1))).await["leader"]
-        .as_u64()
-        .unwrap();
+    // Shown only while node 1 hears from it: waited for, not read once.
+    let leader = common::cluster::metadata_leader(&cluster).await;
     let full = (1..=3).find(|&n| n != leader).unwrap();
     cluster.node_mut(full).terminate();
     let dir = cluster.node(full).dir.clone();
