@@ -359,6 +359,7 @@ impl Server {
         let cluster = match self.cluster {
             Some((addr, cluster)) => {
                 tasks.spawn(Arc::clone(&cluster).catch_up_metadata(stop.clone()));
+                tasks.spawn(Arc::clone(&cluster).watch_stalls(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).announce(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_metrics(stop.clone()));
                 tasks.spawn(Arc::clone(&cluster).run_balance(stop.clone()));

@@ -24,6 +24,13 @@
 //! `/healthz` answers 503 `catching_up` until the node's first confirmation after its
 //! start.
 //!
+//! A node that was itself stalled (paused, or its process not run for a while) learns of
+//! it from a ticker ([`Cluster::watch_stalls`]): for [`AFTER_STALL`] after one, a
+//! confirmation that fails does not count as "no leader to be had" (right after a pause
+//! this node may know no leader, or only its deadlines passed, while the others went on
+//! without it), and a request that gets no confirmation within its wait is answered
+//! [`MetadataBehind`] instead of being served from the view of before the pause.
+//!
 //! A leader of an older release does not know the question (it answers that the call is
 //! undecodable): the node then takes the commit index the leader's heartbeats carry
 //! instead.
@@ -53,6 +60,16 @@ const RENEW_EVERY: Duration = Duration::from_millis(400);
 /// How soon it tries again before its first confirmation.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
+/// How often the stall ticker runs.
+const TICK_EVERY: Duration = Duration::from_millis(100);
+/// A gap between ticks longer than this is a stall of this node.
+const STALL: Duration = Duration::from_millis(1_000);
+/// How long after a stall failed confirmations do not count: `UP_WITHIN_MS` (3 s), the
+/// silence after which the others go on without this node, and a second more.
+const AFTER_STALL: Duration = Duration::from_millis(4_000);
+/// How long a request waits between confirmations while this node recovers from a stall.
+const RETRY_AFTER_STALL: Duration = Duration::from_millis(50);
+
 /// A request found this node's metadata view behind the index the metadata leader
 /// answered, and not caught up within the wait: it is not served from that view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +90,14 @@ pub struct CaughtUp {
     times: Mutex<Times>,
     /// One confirmation at a time: requests that find the view lapsed wait on it.
     asking: tokio::sync::Mutex<()>,
+    /// The stall ticker's last tick, and when it last found a stall.
+    ticks: Mutex<Ticks>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Ticks {
+    last: Option<Instant>,
+    stalled: Option<Instant>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -146,6 +171,33 @@ impl CaughtUp {
         times.behind = None;
     }
 
+    /// The stall ticker ran at `now`: a gap since its last run longer than [`STALL`] was a
+    /// stall of this node.
+    fn tick(&self, now: Instant) {
+        let mut ticks = self.ticks.lock();
+        if ticks
+            .last
+            .is_some_and(|last| now.duration_since(last) > STALL)
+        {
+            ticks.stalled = Some(now);
+        }
+        ticks.last = Some(now);
+    }
+
+    /// True while this node recovers from a stall: one found within [`AFTER_STALL`], or
+    /// one going on (the ticker has not run for [`STALL`]: the node runs again, and this
+    /// runs before the ticker).
+    fn stalled_lately(&self, now: Instant) -> bool {
+        let ticks = *self.ticks.lock();
+        let gap = |at: Option<Instant>, over: Duration| {
+            at.is_some_and(|at| now.saturating_duration_since(at) > over)
+        };
+        gap(ticks.last, STALL)
+            || ticks
+                .stalled
+                .is_some_and(|at| now.saturating_duration_since(at) < AFTER_STALL)
+    }
+
     /// Notes that the metadata leader answered `index`: until this node applied that
     /// much, its view is known to be behind.
     fn must_reach(&self, index: u64) {
@@ -179,11 +231,43 @@ impl Cluster {
         }
         // Boxed: the forwarding under it is deep, and every request's future holds this
         // one (a release build overflowed the compiler's query depth in the gRPC layer).
-        let confirm: BoxFuture<'_, bool> = Box::pin(self.confirm_metadata());
+        let confirm: BoxFuture<'_, bool> =
+            Box::pin(self.confirm_until(Instant::now() + LEADER_WAIT));
         if let Ok(true) = tokio::time::timeout(LEADER_WAIT, confirm).await {
             return Ok(());
         }
+        if self.caught_up.stalled_lately(Instant::now()) {
+            // The others may have gone on without this node: not served from its view.
+            return Err(MetadataBehind);
+        }
         self.caught_up.check(applied())
+    }
+
+    /// Confirms the metadata view, again and again while this node recovers from a stall
+    /// (it learns the leader again within moments), until `deadline`; true if confirmed.
+    async fn confirm_until(&self, deadline: Instant) -> bool {
+        loop {
+            if self.confirm_metadata().await {
+                return true;
+            }
+            let now = Instant::now();
+            if !self.caught_up.stalled_lately(now) || now + RETRY_AFTER_STALL >= deadline {
+                return false;
+            }
+            tokio::time::sleep(RETRY_AFTER_STALL).await;
+        }
+    }
+
+    /// Notes every [`TICK_EVERY`] that this node runs, so that a stall of it (a pause, say)
+    /// is known (see the module docs), until `stop`.
+    pub async fn watch_stalls(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            self.caught_up.tick(Instant::now());
+            tokio::select! {
+                _ = tokio::time::sleep(TICK_EVERY) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
     }
 
     /// Confirms this node's metadata view now and then (see the module docs), until
@@ -230,7 +314,14 @@ impl Cluster {
         };
         let asked_leader = tokio::time::timeout(LEADER_WAIT, self.leader_read_index()).await;
         let Some(index) = asked_leader.ok().flatten() else {
-            self.caught_up.failed(Instant::now());
+            let now = Instant::now();
+            if self.caught_up.stalled_lately(now) {
+                // Says nothing of the leader: this node was not running (its deadline
+                // passed meanwhile) or does not know the leader again yet.
+                tracing::debug!("no metadata confirmation right after a stall of this node");
+            } else {
+                self.caught_up.failed(now);
+            }
             return false;
         };
         // Known behind from now until applied: a request that gives up waiting meanwhile
@@ -331,6 +422,37 @@ mod tests {
         assert_eq!(caught_up.answered_since(start + FRESH_FOR * 3), None);
         caught_up.confirmed(start + FRESH_FOR * 3);
         assert_eq!(caught_up.answered_since(start), Some(true));
+    }
+
+    #[test]
+    fn a_gap_between_ticks_is_a_stall_for_a_while() {
+        let caught_up = CaughtUp::default();
+        let start = Instant::now();
+        assert!(
+            !caught_up.stalled_lately(start),
+            "never ticked: no stall known"
+        );
+        caught_up.tick(start);
+        caught_up.tick(start + TICK_EVERY);
+        assert!(!caught_up.stalled_lately(start + TICK_EVERY * 2));
+        // Paused for 3 s: before the ticker runs again, the gap itself tells.
+        let resumed = start + TICK_EVERY + Duration::from_secs(3);
+        assert!(caught_up.stalled_lately(resumed));
+        caught_up.tick(resumed);
+        assert!(caught_up.stalled_lately(resumed + TICK_EVERY));
+        caught_up.tick(resumed + TICK_EVERY);
+        assert!(caught_up.stalled_lately(resumed + AFTER_STALL / 2));
+        let mut at = resumed;
+        while at < resumed + AFTER_STALL {
+            at += TICK_EVERY;
+            caught_up.tick(at);
+        }
+        assert!(!caught_up.stalled_lately(at), "recovered");
+        // Late ticks of a busy machine below the threshold are no stall.
+        caught_up.tick(at + STALL);
+        assert!(!caught_up.stalled_lately(at + STALL));
+        let up_within = Duration::from_millis(super::super::network::UP_WITHIN_MS as u64);
+        assert!(AFTER_STALL > up_within);
     }
 
     #[test]
