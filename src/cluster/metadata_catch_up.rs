@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::BrokerError;
 use crate::broker::replicate::OpResult;
+use crate::clock::Ticks;
 
 use super::types::Command;
 use super::{Cluster, LEADER_WAIT, MAX_HOPS, META_GROUP, confirm_read, no_leader, running};
@@ -91,11 +92,11 @@ pub struct CaughtUp {
     /// One confirmation at a time: requests that find the view lapsed wait on it.
     asking: tokio::sync::Mutex<()>,
     /// The stall ticker's last tick, and when it last found a stall.
-    ticks: Mutex<Ticks>,
+    stalls: Mutex<Stalls>,
 }
 
 #[derive(Default, Clone, Copy)]
-struct Ticks {
+struct Stalls {
     last: Option<Instant>,
     stalled: Option<Instant>,
 }
@@ -174,26 +175,26 @@ impl CaughtUp {
     /// The stall ticker ran at `now`: a gap since its last run longer than [`STALL`] was a
     /// stall of this node.
     fn tick(&self, now: Instant) {
-        let mut ticks = self.ticks.lock();
-        if ticks
+        let mut stalls = self.stalls.lock();
+        if stalls
             .last
             .is_some_and(|last| now.duration_since(last) > STALL)
         {
-            ticks.stalled = Some(now);
+            stalls.stalled = Some(now);
         }
-        ticks.last = Some(now);
+        stalls.last = Some(now);
     }
 
     /// True while this node recovers from a stall: one found within [`AFTER_STALL`], or
     /// one going on (the ticker has not run for [`STALL`]: the node runs again, and this
     /// runs before the ticker).
     fn stalled_lately(&self, now: Instant) -> bool {
-        let ticks = *self.ticks.lock();
+        let stalls = *self.stalls.lock();
         let gap = |at: Option<Instant>, over: Duration| {
             at.is_some_and(|at| now.saturating_duration_since(at) > over)
         };
-        gap(ticks.last, STALL)
-            || ticks
+        gap(stalls.last, STALL)
+            || stalls
                 .stalled
                 .is_some_and(|at| now.saturating_duration_since(at) < AFTER_STALL)
     }
@@ -231,8 +232,7 @@ impl Cluster {
         }
         // Boxed: the forwarding under it is deep, and every request's future holds this
         // one (a release build overflowed the compiler's query depth in the gRPC layer).
-        let confirm: BoxFuture<'_, bool> =
-            Box::pin(self.confirm_until(Instant::now() + LEADER_WAIT));
+        let confirm: BoxFuture<'_, bool> = Box::pin(self.confirm_after_stall());
         if let Ok(true) = tokio::time::timeout(LEADER_WAIT, confirm).await {
             return Ok(());
         }
@@ -244,14 +244,14 @@ impl Cluster {
     }
 
     /// Confirms the metadata view, again and again while this node recovers from a stall
-    /// (it learns the leader again within moments), until `deadline`; true if confirmed.
-    async fn confirm_until(&self, deadline: Instant) -> bool {
+    /// (it learns the leader again within moments; the caller bounds the wait); true if
+    /// confirmed.
+    async fn confirm_after_stall(&self) -> bool {
         loop {
             if self.confirm_metadata().await {
                 return true;
             }
-            let now = Instant::now();
-            if !self.caught_up.stalled_lately(now) || now + RETRY_AFTER_STALL >= deadline {
+            if !self.caught_up.stalled_lately(Instant::now()) {
                 return false;
             }
             tokio::time::sleep(RETRY_AFTER_STALL).await;
@@ -261,12 +261,9 @@ impl Cluster {
     /// Notes every [`TICK_EVERY`] that this node runs, so that a stall of it (a pause, say)
     /// is known (see the module docs), until `stop`.
     pub async fn watch_stalls(self: Arc<Self>, stop: CancellationToken) {
-        loop {
+        let mut ticks = Ticks::new(TICK_EVERY, stop);
+        while ticks.next().await {
             self.caught_up.tick(Instant::now());
-            tokio::select! {
-                _ = tokio::time::sleep(TICK_EVERY) => {}
-                _ = stop.cancelled() => return,
-            }
         }
     }
 
