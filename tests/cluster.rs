@@ -892,16 +892,17 @@ async fn leader_kills_lose_nothing_acknowledged() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // Each batch carries the term of the entry that wrote it (compared above, so the same
-    // on every replica): terms never fall along the log, and the leader elected after the
-    // first kill wrote the second round's publishes in a later term than the first's.
-    let epochs: Vec<u64> = qit::log::inspect::inspect(&partition(1), false)
+    // Each batch carries the term and index of the entry that wrote it (compared above, so
+    // the same on every replica): neither falls along the log, and the leader elected after
+    // the first kill wrote the second round's publishes in a later term than the first's.
+    let stamps: Vec<(u64, u64)> = qit::log::inspect::inspect(&partition(1), false)
         .unwrap()
         .iter()
-        .flat_map(|s| s.batches.iter().map(|b| b.leader_epoch))
+        .flat_map(|s| s.batches.iter().map(|b| (b.leader_epoch, b.raft_index)))
         .collect();
-    assert!(epochs.iter().all(|e| *e >= 1), "{epochs:?}");
-    assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "{epochs:?}");
+    assert!(stamps.iter().all(|(e, i)| *e >= 1 && *i >= 1), "{stamps:?}");
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+    let epochs: Vec<u64> = stamps.iter().map(|(e, _)| *e).collect();
     let mut terms = epochs.clone();
     terms.dedup();
     assert!(terms.len() >= 2, "batches of two leaders' terms: {terms:?}");

@@ -1,18 +1,38 @@
-//! The byte format is frozen by a golden fixture (`tests/fixtures/golden-v1/`), and
-//! `qit-inspect` is checked as a user runs it.
+//! The byte format is frozen by golden fixtures: `tests/fixtures/golden-v2/` is what this
+//! code writes, `tests/fixtures/golden-v1/` what format v1 wrote (still read, and appended
+//! to). `qit-inspect` is checked as a user runs it.
 //!
 //! To change the format deliberately: bump the version in `storage-format.md`, run
-//! `cargo test --test log_format -- --ignored regenerate` and commit the new fixture.
+//! `cargo test --test log_format -- --ignored regenerate` and commit the new fixture (the
+//! fixtures of earlier versions stay as they are).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bytes::Bytes;
-use qit::log::record::encode_batch;
+use qit::log::record::{Stamp, encode_batch};
 use qit::log::{Compression, FsyncPolicy, LogConfig, PartitionLog, Record};
 
+/// The fixture of what this code writes.
 fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden-v2")
+}
+
+/// The fixture format v1 wrote: the same records, 60-byte headers without Raft index.
+fn v1_fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden-v1")
+}
+
+/// The stamp of each fixture batch: the first as a single node writes (zeros), the second
+/// as a cluster replica applying Raft entry 9 of term 2 does (v1 wrote epoch 0 only).
+fn golden_stamps() -> [Stamp; 2] {
+    [
+        Stamp::default(),
+        Stamp {
+            leader_epoch: 2,
+            raft_index: 9,
+        },
+    ]
 }
 
 /// The records of the fixture: batch one uncompressed, batch two LZ4.
@@ -55,7 +75,7 @@ fn copy_dir(from: &Path, to: &Path) {
 async fn regenerate() {
     let dir = fixture_dir();
     let _ = std::fs::remove_dir_all(&dir);
-    for (records, compression) in golden_batches() {
+    for ((records, compression), stamp) in golden_batches().into_iter().zip(golden_stamps()) {
         let log = PartitionLog::open(
             &dir,
             LogConfig {
@@ -65,6 +85,7 @@ async fn regenerate() {
             },
         )
         .unwrap();
+        log.set_stamp(stamp);
         log.append(records).await.unwrap();
     }
 }
@@ -73,8 +94,8 @@ async fn regenerate() {
 fn encoder_still_writes_the_golden_bytes() {
     let mut bytes = Vec::new();
     let mut next = 0;
-    for (records, compression) in golden_batches() {
-        encode_batch(&mut bytes, next, 0, &records, compression);
+    for ((records, compression), stamp) in golden_batches().into_iter().zip(golden_stamps()) {
+        encode_batch(&mut bytes, next, stamp, &records, compression);
         next += records.len() as u64;
     }
     let golden = std::fs::read(fixture_dir().join("00000000000000000000.log")).unwrap();
@@ -84,25 +105,78 @@ fn encoder_still_writes_the_golden_bytes() {
     );
 }
 
+/// Both fixtures (this version's and v1's) read back as the records they were written
+/// from, and their batches name their version and stamp.
 #[test]
-fn golden_fixture_reads_back_exactly() {
+fn golden_fixtures_read_back_exactly() {
+    let want: Vec<Record> = golden_batches().into_iter().flat_map(|(r, _)| r).collect();
+    for (dir, version) in [(fixture_dir(), 2), (v1_fixture_dir(), 1)] {
+        let temp = tempfile::tempdir().unwrap();
+        copy_dir(&dir, temp.path());
+        let log = PartitionLog::open(temp.path(), LogConfig::default()).unwrap();
+        let got = log.read(0, 100, usize::MAX).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.offset, i as u64);
+            assert_eq!(
+                (&g.key, &g.headers, &g.value, g.timestamp_ms),
+                (&w.key, &w.headers, &w.value, w.timestamp_ms)
+            );
+        }
+        assert_eq!(
+            log.offset_for_timestamp(1_700_000_001_000).unwrap(),
+            Some(2)
+        );
+        drop(log);
+        let batches: Vec<_> = qit::log::inspect::inspect(temp.path(), false)
+            .unwrap()
+            .into_iter()
+            .flat_map(|s| s.batches)
+            .map(|b| (b.version, b.leader_epoch, b.raft_index))
+            .collect();
+        let stamps = golden_stamps().map(|s| match version {
+            1 => (1, 0, 0),
+            _ => (2, s.leader_epoch, s.raft_index),
+        });
+        assert_eq!(batches, stamps, "{}", dir.display());
+    }
+}
+
+/// A partition written by format v1 takes appends: the new batches are v2 and follow the
+/// v1 ones in the same segment, and all of it reads back (also after a reopen).
+#[tokio::test]
+async fn a_v1_partition_takes_v2_appends() {
     let temp = tempfile::tempdir().unwrap();
-    copy_dir(&fixture_dir(), temp.path());
+    copy_dir(&v1_fixture_dir(), temp.path());
+    let log = PartitionLog::open(temp.path(), LogConfig::default()).unwrap();
+    log.set_stamp(Stamp {
+        leader_epoch: 4,
+        raft_index: 40,
+    });
+    let more = Record {
+        timestamp_ms: 1_700_000_002_000,
+        key: None,
+        headers: vec![],
+        value: Bytes::from_static(b"after v1"),
+    };
+    assert_eq!(log.append(vec![more.clone()]).await.unwrap(), 22);
+    drop(log);
     let log = PartitionLog::open(temp.path(), LogConfig::default()).unwrap();
     let got = log.read(0, 100, usize::MAX).unwrap();
-    let want: Vec<Record> = golden_batches().into_iter().flat_map(|(r, _)| r).collect();
-    assert_eq!(got.len(), want.len());
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g.offset, i as u64);
-        assert_eq!(
-            (&g.key, &g.headers, &g.value, g.timestamp_ms),
-            (&w.key, &w.headers, &w.value, w.timestamp_ms)
-        );
-    }
-    assert_eq!(
-        log.offset_for_timestamp(1_700_000_001_000).unwrap(),
-        Some(2)
-    );
+    assert_eq!(got.len(), 23);
+    assert_eq!(got[0].key.as_deref(), Some(&b"user-1"[..]));
+    assert_eq!((got[22].offset, &got[22].value), (22, &more.value));
+    drop(log);
+    let segments = qit::log::inspect::inspect(temp.path(), false).unwrap();
+    assert_eq!(segments.len(), 1, "one segment holds both versions");
+    let batches: Vec<_> = segments[0]
+        .batches
+        .iter()
+        .map(|b| (b.version, b.raft_index))
+        .collect();
+    assert_eq!(batches, [(1, 0), (1, 0), (2, 40)]);
+    let (ok, text) = inspect(&["verify"], temp.path());
+    assert!(ok, "{text}");
 }
 
 fn inspect(args: &[&str], path: &Path) -> (bool, String) {
@@ -176,4 +250,63 @@ fn inspect_reports_damage_with_file_and_position() {
     std::fs::write(&index, &entries).unwrap();
     let (ok, text) = inspect(&["verify"], temp.path());
     assert!(!ok && text.contains(".index"), "{text}");
+}
+
+/// `v2` (one batch this code encoded) as format v1 wrote it: no Raft index after the
+/// 60-byte header, version 1, length and CRC redone.
+fn as_v1(v2: &[u8]) -> Vec<u8> {
+    let mut out = v2[..60].to_vec();
+    out.extend_from_slice(&v2[68..]);
+    out[12] = 1;
+    let len = out.len() as u32;
+    out[8..12].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32fast::hash(&out[8..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A v1 segment whose last batch is shorter than a v2 header (one empty record) reads
+/// back whole: a reader must not ask for a v2 header's bytes past the end of the data.
+#[tokio::test]
+async fn a_v1_segment_ending_in_a_batch_shorter_than_a_v2_header_reads() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut bytes = Vec::new();
+    for (offset, value) in [(0u64, &b"first"[..]), (1, &b""[..])] {
+        let mut v2 = Vec::new();
+        let record = Record {
+            value: Bytes::copy_from_slice(value),
+            ..Record::default()
+        };
+        encode_batch(
+            &mut v2,
+            offset,
+            Stamp::default(),
+            &[record],
+            Compression::None,
+        );
+        bytes.extend(as_v1(&v2));
+    }
+    let last = bytes.len()
+        - as_v1(&{
+            let mut v2 = Vec::new();
+            encode_batch(
+                &mut v2,
+                1,
+                Stamp::default(),
+                &[Record::default()],
+                Compression::None,
+            );
+            v2
+        })
+        .len();
+    assert!(
+        bytes.len() - last < 68,
+        "the last batch is shorter than a v2 header"
+    );
+    std::fs::write(temp.path().join("00000000000000000000.log"), &bytes).unwrap();
+    let log = PartitionLog::open(temp.path(), LogConfig::default()).unwrap();
+    let got = log.read(0, 10, usize::MAX).unwrap();
+    let values: Vec<&[u8]> = got.iter().map(|r| &r.value[..]).collect();
+    assert_eq!(values, [&b"first"[..], &b""[..]]);
+    assert_eq!(log.read(1, 10, usize::MAX).unwrap().len(), 1);
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use qit::log::record::Stamp;
 use qit::log::{Compression, FsyncPolicy, LogConfig, LogError, PartitionLog, Record};
 
 fn config(segment_bytes: u64) -> LogConfig {
@@ -107,32 +108,41 @@ async fn rolls_segments_and_reopens() {
     assert_eq!(log.locate(201).unwrap(), None);
 }
 
-/// A batch carries the leader epoch set when it was appended (0 until one is set), and
-/// keeps it across a reopen; reading is not affected.
+/// A batch carries the stamp (leader epoch and Raft index) set when it was appended
+/// (zeros until one is set), and keeps it across a reopen; reading is not affected.
 #[tokio::test]
-async fn batches_carry_the_leader_epoch_set_when_they_were_appended() {
+async fn batches_carry_the_stamp_set_when_they_were_appended() {
     let dir = tempfile::tempdir().unwrap();
     let log = PartitionLog::open(dir.path(), config(1 << 20)).unwrap();
+    let stamp = |leader_epoch, raft_index| Stamp {
+        leader_epoch,
+        raft_index,
+    };
     log.append(vec![rec(0)]).await.unwrap();
-    log.set_leader_epoch(3);
+    log.set_stamp(stamp(3, 11));
     log.append(vec![rec(1), rec(2)]).await.unwrap();
-    log.set_leader_epoch(7);
+    log.set_stamp(stamp(7, 12));
     log.append(vec![rec(3)]).await.unwrap();
     drop(log);
-    let epochs = |dir: &Path| -> Vec<(u64, u64)> {
+    let stamps = |dir: &Path| -> Vec<(u64, u64, u64)> {
         qit::log::inspect::inspect(dir, false)
             .unwrap()
             .iter()
-            .flat_map(|s| s.batches.iter().map(|b| (b.base_offset, b.leader_epoch)))
+            .flat_map(|s| {
+                s.batches
+                    .iter()
+                    .map(|b| (b.base_offset, b.leader_epoch, b.raft_index))
+            })
             .collect()
     };
-    assert_eq!(epochs(dir.path()), [(0, 0), (1, 3), (3, 7)]);
+    assert_eq!(stamps(dir.path()), [(0, 0, 0), (1, 3, 11), (3, 7, 12)]);
     let log = PartitionLog::open(dir.path(), config(1 << 20)).unwrap();
     assert_prefix(&values(&log, 0), 4);
-    // A reopened log starts at 0 again until told: the epoch is the writer's, not the file's.
+    // A reopened log starts at zeros again until told: the stamp is the writer's, not the
+    // file's.
     log.append(vec![rec(4)]).await.unwrap();
     drop(log);
-    assert_eq!(epochs(dir.path()).last(), Some(&(4, 0)));
+    assert_eq!(stamps(dir.path()).last(), Some(&(4, 0, 0)));
 }
 
 #[tokio::test]

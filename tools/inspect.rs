@@ -160,14 +160,16 @@ fn dump(reports: &[SegmentReport], preview: usize, as_json: bool) {
         let mut records = report.records().iter().peekable();
         for b in &report.batches {
             println!(
-                "  batch @{} offsets {}..{} records {} bytes {} {} epoch {}",
+                "  batch @{} v{} offsets {}..{} records {} bytes {} {} epoch {} raft index {}",
                 b.position,
+                b.version,
                 b.base_offset,
                 b.next_offset,
                 b.records,
                 b.bytes,
                 b.compression,
-                b.leader_epoch
+                b.leader_epoch,
+                b.raft_index
             );
             while let Some(r) = records.next_if(|r| r.offset < b.next_offset) {
                 let headers: Vec<String> = r

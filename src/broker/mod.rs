@@ -811,11 +811,12 @@ impl Broker {
     }
 
     /// Stamps the batches appended from now on to the partitions of `name` that `part`
-    /// holds with `epoch` (a cluster replica applying an entry of that Raft term); a queue
-    /// that does not exist is left alone (the op applied next answers for it).
-    pub fn set_leader_epoch(&self, name: &str, part: queue::DataPart, epoch: u64) {
+    /// holds with `stamp` (a cluster replica applying the entry of that Raft term and
+    /// index); a queue that does not exist is left alone (the op applied next answers for
+    /// it).
+    pub fn set_stamp(&self, name: &str, part: queue::DataPart, stamp: crate::log::record::Stamp) {
         if let Ok(queue) = self.queue(name) {
-            queue.set_leader_epoch(part, epoch);
+            queue.set_stamp(part, stamp);
         }
     }
 

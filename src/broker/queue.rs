@@ -27,6 +27,7 @@ use crate::group::{
     Candidate, Event, GroupConfig, GroupError, GroupState, Outcome, Reason, Snapshot,
 };
 use crate::journal::{Journal, Ticket};
+use crate::log::record::Stamp;
 use crate::log::{FsyncObserver, FsyncPolicy, LogConfig, PartitionLog, StoredRecord};
 use crate::metrics::{GroupSeries, QueueSeries};
 use crate::storage::SharedStorage;
@@ -418,12 +419,12 @@ impl Queue {
         Ok(queue)
     }
 
-    /// Sets the leader epoch of the batches appended from now on to the partitions `part`
-    /// holds ([`PartitionLog::set_leader_epoch`]).
-    pub fn set_leader_epoch(&self, part: DataPart, epoch: u64) {
+    /// Sets the stamp (Raft term and index) of the batches appended from now on to the
+    /// partitions `part` holds ([`PartitionLog::set_stamp`]).
+    pub fn set_stamp(&self, part: DataPart, stamp: Stamp) {
         for (p, log) in self.partitions.iter().enumerate() {
             if u32::try_from(p).is_ok_and(|p| part.holds_partition(p)) {
-                log.set_leader_epoch(epoch);
+                log.set_stamp(stamp);
             }
         }
     }

@@ -36,6 +36,7 @@ use super::types::{
 use crate::broker::Broker;
 use crate::broker::queue::DataPart;
 use crate::broker::replicate::{Op, OpResult, WireError};
+use crate::log::record::Stamp;
 
 /// Snapshots built by queue groups (counter).
 pub const SNAPSHOTS_BUILT: &str = "qit_cluster_snapshots_built_total";
@@ -432,8 +433,13 @@ impl StateMachine {
                 // Shared with the queue's other groups; never while one replaces its part.
                 let gate = broker.queue_gate(queue);
                 let _applying = gate.read().await;
-                // What this entry appends carries its term, on every replica alike.
-                broker.set_leader_epoch(queue, part, log_id.leader_id.term);
+                // What this entry appends carries its term and index, on every replica
+                // alike.
+                let stamp = Stamp {
+                    leader_epoch: log_id.leader_id.term,
+                    raft_index: log_id.index,
+                };
+                broker.set_stamp(queue, part, stamp);
                 broker.apply_op(op).await
             }
             None => broker.apply_op(op).await,

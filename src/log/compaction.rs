@@ -75,7 +75,7 @@ fn rewrite_batch(
     record::encode_slots(
         out,
         header.base_offset,
-        header.leader_epoch,
+        header.stamp(),
         header.last_offset_delta,
         &slots,
         header.compression,
@@ -91,8 +91,9 @@ fn rewritten_bytes(
     let mut out = Vec::with_capacity(segment.len() as usize);
     let mut removed = 0;
     let mut position = 0;
-    // A run of batches left empty, as (base offset, next offset): written as one.
-    let mut empty_run: Option<(u64, u64, u64)> = None;
+    // A run of batches left empty, as (base offset, next offset, the first one's stamp):
+    // written as one.
+    let mut empty_run: Option<(u64, u64, record::Stamp)> = None;
     while position < segment.len() {
         let (header, bytes) = segment.batch_at(position)?;
         let records = record::decode_records(&header, &bytes).map_err(|e| LogError::Corrupt {
@@ -105,11 +106,8 @@ fn rewritten_bytes(
         removed += dropped;
         let now_empty = dropped as usize == records.len();
         if now_empty {
-            let run = empty_run.get_or_insert((
-                header.base_offset,
-                header.next_offset(),
-                header.leader_epoch,
-            ));
+            let run =
+                empty_run.get_or_insert((header.base_offset, header.next_offset(), header.stamp()));
             run.1 = header.next_offset();
         } else {
             flush_empty_run(&mut empty_run, &mut out);
@@ -121,10 +119,10 @@ fn rewritten_bytes(
     Ok((removed > 0).then_some((out, removed)))
 }
 
-fn flush_empty_run(run: &mut Option<(u64, u64, u64)>, out: &mut Vec<u8>) {
-    if let Some((base, next, epoch)) = run.take() {
+fn flush_empty_run(run: &mut Option<(u64, u64, record::Stamp)>, out: &mut Vec<u8>) {
+    if let Some((base, next, stamp)) = run.take() {
         let last_delta = (next - 1 - base) as u32;
-        record::encode_slots(out, base, epoch, last_delta, &[], super::Compression::None);
+        record::encode_slots(out, base, stamp, last_delta, &[], super::Compression::None);
     }
 }
 

@@ -45,8 +45,12 @@ pub struct BatchSummary {
     pub first_timestamp_ms: i64,
     /// Largest record timestamp (ms).
     pub max_timestamp_ms: i64,
-    /// Leader epoch.
+    /// Leader epoch (the Raft term of the entry that wrote it on a cluster replica).
     pub leader_epoch: u64,
+    /// Raft log index of the entry that wrote it (0 on a single node and in v1 batches).
+    pub raft_index: u64,
+    /// Format version of the batch (1 or 2).
+    pub version: u8,
 }
 
 /// One segment as found.
@@ -205,6 +209,8 @@ fn inspect_segment(file: &Path, with_records: bool) -> Result<SegmentReport, Log
             first_timestamp_ms: header.first_timestamp_ms,
             max_timestamp_ms: header.max_timestamp_ms,
             leader_epoch: header.leader_epoch,
+            raft_index: header.raft_index,
+            version: header.version,
         });
         expected = header.next_offset();
         position += u64::from(header.batch_len);
@@ -327,7 +333,7 @@ pub struct Difference {
 
 /// Compares two scans of one partition (say, the same partition on two cluster replicas),
 /// both made with records: batch for batch (offset range, record count, compression,
-/// leader epoch) and record for record (offset, timestamp, key, headers, value). File
+/// leader epoch, Raft index) and record for record (offset, timestamp, key, headers, value). File
 /// positions are not compared: equal batches give equal positions anyway, and a copy
 /// whose retention or compaction ran at another moment differs in its first segments.
 /// With `common_start`, only the offsets both copies still hold are compared (retention
@@ -420,21 +426,24 @@ fn batch_difference(x: &BatchSummary, y: &BatchSummary) -> Option<String> {
             b.records,
             b.compression,
             b.leader_epoch,
+            b.raft_index,
         )
     };
     (shape(x) != shape(y)).then(|| {
         format!(
-            "batch differs: A has offsets {}..{} ({} records, {}, epoch {}), B has {}..{} ({} records, {}, epoch {})",
+            "batch differs: A has offsets {}..{} ({} records, {}, epoch {}, Raft index {}), B has {}..{} ({} records, {}, epoch {}, Raft index {})",
             x.base_offset,
             x.next_offset,
             x.records,
             x.compression,
             x.leader_epoch,
+            x.raft_index,
             y.base_offset,
             y.next_offset,
             y.records,
             y.compression,
-            y.leader_epoch
+            y.leader_epoch,
+            y.raft_index
         )
     })
 }

@@ -203,9 +203,10 @@ struct Shared {
     segments: ArcSwap<Vec<Arc<Segment>>>,
     /// One past the last readable offset.
     next_offset: AtomicU64,
-    /// The leader epoch written into the header of every batch appended from now on
-    /// ([`PartitionLog::set_leader_epoch`]).
+    /// The leader epoch and Raft index written into the header of every batch appended
+    /// from now on ([`PartitionLog::set_stamp`]).
     leader_epoch: AtomicU64,
+    raft_index: AtomicU64,
     watch: watch::Sender<u64>,
     /// Serializes changes of the segment list (roll, drop, truncate).
     list_lock: Mutex<()>,
@@ -276,6 +277,7 @@ impl PartitionLog {
             segments: ArcSwap::from_pointee(segments),
             next_offset: AtomicU64::new(next),
             leader_epoch: AtomicU64::new(0),
+            raft_index: AtomicU64::new(0),
             watch: watch::Sender::new(next),
             list_lock: Mutex::new(()),
             writer: Mutex::new(writer),
@@ -411,15 +413,16 @@ impl PartitionLog {
             .map_or(0, |s| s.base_offset)
     }
 
-    /// Sets the leader epoch that batches appended from now on carry in their header: on a
-    /// cluster node, the Raft term of the entry being applied, so that every replica writes
-    /// the same bytes and a batch tells which leader's term wrote it (0 until set, as on a
-    /// single node).
-    pub fn set_leader_epoch(&self, epoch: u64) {
-        self.inner
-            .shared
+    /// Sets the stamp that batches appended from now on carry in their header: on a
+    /// cluster node, the Raft term and index of the entry being applied, so that every
+    /// replica writes the same bytes and a batch tells which entry of which leader's term
+    /// wrote it (zeros until set, as on a single node).
+    pub fn set_stamp(&self, stamp: record::Stamp) {
+        let shared = &self.inner.shared;
+        shared
             .leader_epoch
-            .store(epoch, Ordering::Release);
+            .store(stamp.leader_epoch, Ordering::Release);
+        shared.raft_index.store(stamp.raft_index, Ordering::Release);
     }
 
     /// One past the last readable offset.

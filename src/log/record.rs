@@ -1,7 +1,7 @@
 //! The batch and record codec: the only place that lays out batch bytes.
 //!
-//! A batch is a fixed 60-byte header followed by the records section (optionally LZ4
-//! compressed). All integers are little-endian; record fields use LEB128 varints (zigzag for
+//! A batch is a header (68 bytes in format v2, which this code writes; 60 in format v1,
+//! still read) followed by the records section (optionally LZ4 compressed). All integers are little-endian; record fields use LEB128 varints (zigzag for
 //! the signed timestamp delta). `storage-format.md` has the byte tables.
 //!
 //! Decoding never panics: [`classify`] tells a whole batch from a torn one (not enough bytes)
@@ -19,9 +19,11 @@ use super::{Compression, Record, StoredRecord};
 /// `"QITB"`: the first four bytes of every batch.
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"QITB");
 /// Format version written by this code.
-pub const FORMAT_VERSION: u8 = 1;
-/// Size of the batch header in bytes.
-pub const HEADER_LEN: usize = 60;
+pub const FORMAT_VERSION: u8 = 2;
+/// Size of the batch header this code writes (format v2), in bytes.
+pub const HEADER_LEN: usize = 68;
+/// Size of a format v1 batch header, in bytes: v2's without the Raft index.
+pub const HEADER_LEN_V1: usize = 60;
 /// Largest batch accepted when decoding (guards against absurd lengths).
 pub const MAX_BATCH_LEN: usize = 256 * 1024 * 1024;
 
@@ -36,8 +38,10 @@ const LEN_AT: usize = 8;
 const VERSION_AT: usize = 12;
 /// u8 attributes: bits 0-2 compression (0 none, 1 LZ4); other bits 0.
 const ATTR_AT: usize = 13;
-/// u16 reserved, 0.
-const RESERVED_AT: usize = 14;
+/// u8 entry type ([`EntryType`]; v2, reserved 0 in v1, whose batches are all data).
+const ENTRY_TYPE_AT: usize = 14;
+/// u8 reserved, 0 (v1: with the byte before it, a u16 reserved 0).
+const RESERVED_AT: usize = 15;
 /// u64 offset of the first record slot of the batch.
 const BASE_OFFSET_AT: usize = 16;
 /// u64 leader epoch of the writer (0 on a single node; for replication).
@@ -53,6 +57,56 @@ const FIRST_TS_AT: usize = 40;
 const MAX_TS_AT: usize = 48;
 /// u32 size of the records section before compression.
 const RAW_SIZE_AT: usize = 56;
+/// u64 Raft log index of the entry that wrote the batch (v2; 0 on a single node).
+const RAFT_INDEX_AT: usize = 60;
+
+/// The header length of a format version, `None` for a version this code does not know.
+pub fn header_len(version: u8) -> Option<usize> {
+    match version {
+        1 => Some(HEADER_LEN_V1),
+        2 => Some(HEADER_LEN),
+        _ => None,
+    }
+}
+
+/// What kind of entry a batch is (the v2 header's entry type). Only data is written
+/// today; codes 1-3 are set aside for a Raft group's own entries (blank, membership, group
+/// events) once the segment log is a partition group's Raft log, and are refused until a
+/// version of this code writes and reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryType {
+    /// Records (code 0). Every v1 batch is data.
+    #[default]
+    Data,
+}
+
+impl EntryType {
+    /// The type's code in the header.
+    pub fn code(self) -> u8 {
+        match self {
+            EntryType::Data => 0,
+        }
+    }
+
+    /// The type a header code names, `None` for a code this version does not know.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(EntryType::Data),
+            _ => None,
+        }
+    }
+}
+
+/// Where a batch comes from, as its header records it: on a cluster replica, the Raft
+/// term (Kafka's leader epoch) and log index of the entry whose apply wrote it, the same on
+/// every replica; both 0 on a single node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stamp {
+    /// The Raft term of the entry (header `leader_epoch`).
+    pub leader_epoch: u64,
+    /// The Raft log index of the entry (header `raft_index`, v2).
+    pub raft_index: u64,
+}
 
 /// Attribute bits for compression.
 const COMPRESSION_MASK: u8 = 0b111;
@@ -71,8 +125,13 @@ pub struct BatchHeader {
     pub compression: Compression,
     /// First offset slot.
     pub base_offset: u64,
-    /// Leader epoch of the writer.
+    /// Leader epoch of the writer: the Raft term of the entry that wrote it (0 on a
+    /// single node).
     pub leader_epoch: u64,
+    /// Raft log index of the entry that wrote it (0 on a single node and in v1 batches).
+    pub raft_index: u64,
+    /// What the batch holds (data in v1 batches).
+    pub entry_type: EntryType,
     /// Last offset slot minus `base_offset`.
     pub last_offset_delta: u32,
     /// Records present.
@@ -88,6 +147,19 @@ pub struct BatchHeader {
 }
 
 impl BatchHeader {
+    /// Bytes of this batch's header (by its format version; the records section follows).
+    pub fn header_len(&self) -> usize {
+        header_len(self.version).unwrap_or(HEADER_LEN)
+    }
+
+    /// The term and index the batch was stamped with.
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            leader_epoch: self.leader_epoch,
+            raft_index: self.raft_index,
+        }
+    }
+
     /// One past the last offset this batch covers.
     /// [`classify`] refuses a batch whose offsets would overflow, so this saturates only
     /// for headers that were never checked.
@@ -135,12 +207,24 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     ))
 }
 
-/// Reads a header without checking the CRC (cheap: for skipping and index checks).
+/// Reads a header without checking the CRC (cheap: for skipping and index checks). `None`
+/// when `bytes` are shorter than the header of the version they name, or the entry type
+/// is unknown to this version.
 pub fn peek_header(bytes: &[u8]) -> Option<BatchHeader> {
     let attributes = *bytes.get(ATTR_AT)?;
+    let version = *bytes.get(VERSION_AT)?;
+    let (raft_index, entry_type) = match version {
+        1 => (0, EntryType::Data),
+        _ => (
+            u64_at(bytes, RAFT_INDEX_AT)?,
+            EntryType::from_code(*bytes.get(ENTRY_TYPE_AT)?)?,
+        ),
+    };
     Some(BatchHeader {
         batch_len: u32_at(bytes, LEN_AT)?,
-        version: *bytes.get(VERSION_AT)?,
+        version,
+        raft_index,
+        entry_type,
         compression: if attributes & COMPRESSION_MASK == COMPRESSION_LZ4 {
             Compression::Lz4
         } else {
@@ -159,21 +243,32 @@ pub fn peek_header(bytes: &[u8]) -> Option<BatchHeader> {
 
 /// Classifies the bytes at the start of `bytes` (which may run past the batch).
 pub fn classify(bytes: &[u8]) -> Decoded {
-    if bytes.len() < HEADER_LEN {
+    if bytes.len() < HEADER_LEN_V1 {
         return Decoded::Torn {
             available: bytes.len(),
-            needed: HEADER_LEN,
+            needed: HEADER_LEN_V1,
         };
     }
     let corrupt = |reason: String| Decoded::Corrupt { reason };
     if u32_at(bytes, MAGIC_AT) != Some(BATCH_MAGIC) {
         return corrupt("bad magic".into());
     }
+    let version = bytes.get(VERSION_AT).copied().unwrap_or_default();
+    let Some(header_len) = header_len(version) else {
+        return corrupt(format!("unknown format version {version}"));
+    };
+    if bytes.len() < header_len {
+        return Decoded::Torn {
+            available: bytes.len(),
+            needed: header_len,
+        };
+    }
     let Some(header) = peek_header(bytes) else {
-        return corrupt("unreadable header".into());
+        let code = bytes.get(ENTRY_TYPE_AT).copied().unwrap_or_default();
+        return corrupt(format!("unknown entry type {code}"));
     };
     let len = header.batch_len as usize;
-    if !(HEADER_LEN..=MAX_BATCH_LEN).contains(&len) {
+    if !(header_len..=MAX_BATCH_LEN).contains(&len) {
         return corrupt(format!("impossible batch length {len}"));
     }
     if bytes.len() < len {
@@ -192,11 +287,16 @@ pub fn classify(bytes: &[u8]) -> Decoded {
             header.crc
         ));
     }
-    if bytes.get(RESERVED_AT..RESERVED_AT + 2) != Some(&[0, 0][..]) {
+    // v1 reserves the entry type's byte too; v2 only the one after it.
+    let reserved = match version {
+        1 => ENTRY_TYPE_AT..RESERVED_AT + 1,
+        _ => RESERVED_AT..RESERVED_AT + 1,
+    };
+    if bytes
+        .get(reserved)
+        .is_none_or(|r| r.iter().any(|b| *b != 0))
+    {
         return corrupt("reserved bytes are not zero".into());
-    }
-    if header.version != FORMAT_VERSION {
-        return corrupt(format!("unknown format version {}", header.version));
     }
     if header.record_count > header.last_offset_delta.saturating_add(1) {
         return corrupt("more records than offset slots".into());
@@ -286,7 +386,7 @@ pub struct Slot<'a> {
 pub fn encode_batch(
     out: &mut Vec<u8>,
     base_offset: u64,
-    leader_epoch: u64,
+    stamp: Stamp,
     records: &[Record],
     compression: Compression,
 ) {
@@ -299,7 +399,7 @@ pub fn encode_batch(
         })
         .collect();
     let last = records.len().saturating_sub(1) as u32;
-    encode_slots(out, base_offset, leader_epoch, last, &slots, compression);
+    encode_slots(out, base_offset, stamp, last, &slots, compression);
 }
 
 /// Encodes a batch of records at given offset slots (gaps allowed, as after compaction).
@@ -309,7 +409,7 @@ pub fn encode_batch(
 pub fn encode_slots(
     out: &mut Vec<u8>,
     base_offset: u64,
-    leader_epoch: u64,
+    stamp: Stamp,
     last_offset_delta: u32,
     slots: &[Slot<'_>],
     compression: Compression,
@@ -344,14 +444,16 @@ pub fn encode_slots(
     out.put_u32_le(batch_len);
     out.put_u8(FORMAT_VERSION);
     out.put_u8(attributes);
-    out.put_u16_le(0);
+    out.put_u8(EntryType::Data.code());
+    out.put_u8(0);
     out.put_u64_le(base_offset);
-    out.put_u64_le(leader_epoch);
+    out.put_u64_le(stamp.leader_epoch);
     out.put_u32_le(last_offset_delta);
     out.put_u32_le(slots.len() as u32);
     out.put_i64_le(first_ts);
     out.put_i64_le(max_ts);
     out.put_u32_le(raw_size);
+    out.put_u64_le(stamp.raft_index);
     debug_assert_eq!(out.len() - start, HEADER_LEN);
     out.extend_from_slice(&section);
     let crc = crc32fast::hash(&out[start + LEN_AT..]);
@@ -411,7 +513,7 @@ pub fn decode_records_from(
     from: u64,
     limit: usize,
 ) -> Result<Vec<StoredRecord>, RecordError> {
-    let section = batch.slice(HEADER_LEN.min(batch.len())..);
+    let section = batch.slice(header.header_len().min(batch.len())..);
     let section = match header.compression {
         Compression::None => section,
         Compression::Lz4 => {
@@ -556,13 +658,23 @@ mod tests {
             records in proptest::collection::vec(record_strategy(), 1..20),
             base in 0u64..1_000_000_000,
             lz4 in any::<bool>(),
+            leader_epoch in any::<u64>(),
+            raft_index in any::<u64>(),
+            v1 in any::<bool>(),
         ) {
             let compression = if lz4 { Compression::Lz4 } else { Compression::None };
             let mut buf = Vec::new();
-            encode_batch(&mut buf, base, 7, &records, compression);
+            let stamp = Stamp { leader_epoch, raft_index };
+            encode_batch(&mut buf, base, stamp, &records, compression);
+            if v1 {
+                buf = as_v1(&buf);
+            }
             let (header, decoded) = decode_one(&buf);
             prop_assert_eq!(header.base_offset, base);
-            prop_assert_eq!(header.leader_epoch, 7);
+            prop_assert_eq!(header.leader_epoch, leader_epoch);
+            prop_assert_eq!(header.raft_index, if v1 { 0 } else { raft_index });
+            prop_assert_eq!(header.version, if v1 { 1 } else { 2 });
+            prop_assert_eq!(header.entry_type, EntryType::Data);
             prop_assert_eq!(header.next_offset(), base + records.len() as u64);
             prop_assert_eq!(decoded.len(), records.len());
             for (i, (got, want)) in decoded.iter().zip(&records).enumerate() {
@@ -609,7 +721,7 @@ mod tests {
         ) {
             let compression = if lz4 { Compression::Lz4 } else { Compression::None };
             let mut buf = Vec::new();
-            encode_batch(&mut buf, 100, 0, &records, compression);
+            encode_batch(&mut buf, 100, Stamp::default(), &records, compression);
             let at = LEN_AT + 4 + position.index(buf.len() - LEN_AT - 4);
             buf[at] ^= xor;
             let crc = crc32fast::hash(&buf[LEN_AT..]);
@@ -624,13 +736,70 @@ mod tests {
             records in proptest::collection::vec(record_strategy(), 1..5),
             position in any::<prop::sample::Index>(),
             flip in 1u8..=255,
+            v1 in any::<bool>(),
         ) {
             let mut buf = Vec::new();
-            encode_batch(&mut buf, 0, 0, &records, Compression::None);
+            encode_batch(&mut buf, 0, Stamp { leader_epoch: 3, raft_index: 9 }, &records, Compression::None);
+            if v1 {
+                buf = as_v1(&buf);
+            }
             let at = position.index(buf.len());
             buf[at] ^= flip;
             prop_assert!(!matches!(classify(&buf), Decoded::Batch(_)));
         }
+    }
+
+    /// The format v1 form of the v2 batch `v2`: no Raft index, version 1, CRC redone.
+    fn as_v1(v2: &[u8]) -> Vec<u8> {
+        let mut out = v2[..HEADER_LEN_V1].to_vec();
+        out.extend_from_slice(&v2[HEADER_LEN..]);
+        out[VERSION_AT] = 1;
+        let len = out.len() as u32;
+        out[LEN_AT..LEN_AT + 4].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32fast::hash(&out[LEN_AT..]);
+        out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// A v1 batch is cut torn anywhere short of its 60-byte header, a v2 one short of its
+    /// 68 bytes; a version or entry type this code does not know is corrupt.
+    #[test]
+    fn header_lengths_and_unknown_codes() {
+        let records = vec![Record {
+            value: Bytes::from_static(b"hello"),
+            ..Record::default()
+        }];
+        let mut v2 = Vec::new();
+        encode_batch(&mut v2, 0, Stamp::default(), &records, Compression::None);
+        let v1 = as_v1(&v2);
+        assert_eq!(v2.len(), v1.len() + 8);
+        for (bytes, len) in [(&v1, HEADER_LEN_V1), (&v2, HEADER_LEN)] {
+            match classify(&bytes[..len - 1]) {
+                Decoded::Torn { needed, .. } => assert_eq!(needed, len),
+                other => panic!("{other:?}"),
+            }
+        }
+        for (at, value, reason) in [
+            (VERSION_AT, 3, "unknown format version 3"),
+            (ENTRY_TYPE_AT, 1, "unknown entry type 1"),
+        ] {
+            let mut bytes = v2.clone();
+            bytes[at] = value;
+            let crc = crc32fast::hash(&bytes[LEN_AT..]);
+            bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(
+                classify(&bytes),
+                Decoded::Corrupt {
+                    reason: reason.into()
+                }
+            );
+        }
+        // v1 reserved the entry type's byte: not zero there is corrupt, not a type.
+        let mut bytes = v1.clone();
+        bytes[ENTRY_TYPE_AT] = 1;
+        let crc = crc32fast::hash(&bytes[LEN_AT..]);
+        bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(classify(&bytes), Decoded::Corrupt { .. }));
     }
 
     /// A batch with the given header fields around `section`, with a matching CRC.
@@ -656,6 +825,7 @@ mod tests {
         out.put_i64_le(i64::MAX);
         out.put_i64_le(i64::MAX);
         out.put_u32_le(raw_size);
+        out.put_u64_le(0);
         out.extend_from_slice(section);
         let crc = crc32fast::hash(&out[LEN_AT..]);
         out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
@@ -706,7 +876,7 @@ mod tests {
             ..Record::default()
         }];
         let mut buf = Vec::new();
-        encode_batch(&mut buf, 5, 0, &records, Compression::None);
+        encode_batch(&mut buf, 5, Stamp::default(), &records, Compression::None);
         for cut in 0..buf.len() {
             assert!(
                 matches!(classify(&buf[..cut]), Decoded::Torn { .. }),
@@ -726,7 +896,7 @@ mod tests {
             record: &a,
         }];
         let mut buf = Vec::new();
-        encode_slots(&mut buf, 10, 0, 9, &slots, Compression::None);
+        encode_slots(&mut buf, 10, Stamp::default(), 9, &slots, Compression::None);
         let (header, decoded) = decode_one(&buf);
         assert_eq!(header.next_offset(), 20);
         assert_eq!(decoded[0].offset, 13);

@@ -467,7 +467,10 @@ pub struct SegmentReader<'a> {
 impl SegmentReader<'_> {
     /// Reads just the header of the batch at `position` (no CRC check).
     pub fn header_at(&self, position: u64) -> Result<BatchHeader, LogError> {
-        let bytes = self.read_range(position, HEADER_LEN as u64)?;
+        // The longest header there is, or what the segment holds past `position` (a whole
+        // batch of a shorter version may end sooner).
+        let len = (HEADER_LEN as u64).min(self.segment.len().saturating_sub(position));
+        let bytes = self.read_range(position, len)?;
         if bytes.get(..4) != Some(&record::BATCH_MAGIC.to_le_bytes()[..]) {
             return Err(self.segment.corrupt(position, "bad batch header".into()));
         }
@@ -533,7 +536,13 @@ mod tests {
             })
             .collect();
         let mut out = Vec::new();
-        record::encode_batch(&mut out, base, 0, &records, Compression::None);
+        record::encode_batch(
+            &mut out,
+            base,
+            record::Stamp::default(),
+            &records,
+            Compression::None,
+        );
         out
     }
 

@@ -188,11 +188,14 @@ impl Writer {
         }
         let position = self.extent.len;
         self.buf.clear();
-        let epoch = shared.leader_epoch.load(Ordering::Acquire);
+        let stamp = record::Stamp {
+            leader_epoch: shared.leader_epoch.load(Ordering::Acquire),
+            raft_index: shared.raft_index.load(Ordering::Acquire),
+        };
         record::encode_batch(
             &mut self.buf,
             base,
-            epoch,
+            stamp,
             records,
             shared.config.compression,
         );
@@ -490,7 +493,7 @@ fn rewrite_prefix(
             record::encode_slots(
                 &mut out,
                 header.base_offset,
-                header.leader_epoch,
+                header.stamp(),
                 last_delta,
                 &slots,
                 header.compression,
