@@ -310,3 +310,44 @@ async fn a_v1_segment_ending_in_a_batch_shorter_than_a_v2_header_reads() {
     assert_eq!(values, [&b"first"[..], &b""[..]]);
     assert_eq!(log.read(1, 10, usize::MAX).unwrap().len(), 1);
 }
+
+/// Compaction of a sealed v1 segment rewrites its batches as v2 (Raft index 0): the kept
+/// records read back at their offsets, the batches keep their offset ranges, and the
+/// partition verifies.
+#[tokio::test]
+async fn compaction_rewrites_a_v1_segment_as_v2() {
+    let temp = tempfile::tempdir().unwrap();
+    copy_dir(&v1_fixture_dir(), temp.path());
+    let config = LogConfig {
+        segment_bytes: 100,
+        ..LogConfig::default()
+    };
+    let log = PartitionLog::open(temp.path(), config).unwrap();
+    // The v1 segment is past 100 bytes: this append rolls, sealing it.
+    log.append(vec![Record::default()]).await.unwrap();
+    let ranges = |dir: &Path| -> Vec<(u8, u64, u64, u64)> {
+        qit::log::inspect::inspect(dir, false).unwrap()[0]
+            .batches
+            .iter()
+            .map(|b| (b.version, b.base_offset, b.next_offset, b.raft_index))
+            .collect()
+    };
+    assert_eq!(ranges(temp.path()), [(1, 0, 2, 0), (1, 2, 22, 0)]);
+    let keyed = |r: &qit::log::StoredRecord| r.key.as_deref() != Some(&b"k1"[..]);
+    let stats = log.rewrite_sealed(0, &mut |r| keyed(r)).unwrap();
+    assert!(stats.records_removed > 0, "{stats:?}");
+    let got = log.read(0, 100, usize::MAX).unwrap();
+    let want: Vec<u64> = golden_batches()
+        .into_iter()
+        .flat_map(|(r, _)| r)
+        .enumerate()
+        .filter(|(_, r)| r.key.as_deref() != Some(&b"k1"[..]))
+        .map(|(i, _)| i as u64)
+        .chain([22])
+        .collect();
+    assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), want);
+    drop(log);
+    assert_eq!(ranges(temp.path()), [(2, 0, 2, 0), (2, 2, 22, 0)]);
+    let (ok, text) = inspect(&["verify"], temp.path());
+    assert!(ok, "{text}");
+}

@@ -724,8 +724,7 @@ mod tests {
             encode_batch(&mut buf, 100, Stamp::default(), &records, compression);
             let at = LEN_AT + 4 + position.index(buf.len() - LEN_AT - 4);
             buf[at] ^= xor;
-            let crc = crc32fast::hash(&buf[LEN_AT..]);
-            buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            fix_crc(&mut buf);
             if let Decoded::Batch(header) = classify(&buf) {
                 let _ = decode_records(&header, &Bytes::from(buf));
             }
@@ -756,9 +755,14 @@ mod tests {
         out[VERSION_AT] = 1;
         let len = out.len() as u32;
         out[LEN_AT..LEN_AT + 4].copy_from_slice(&len.to_le_bytes());
-        let crc = crc32fast::hash(&out[LEN_AT..]);
-        out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        fix_crc(&mut out);
         out
+    }
+
+    /// Writes the CRC that matches the rest of the batch `bytes`.
+    fn fix_crc(bytes: &mut [u8]) {
+        let crc = crc32fast::hash(&bytes[LEN_AT..]);
+        bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// A v1 batch is cut torn anywhere short of its 60-byte header, a v2 one short of its
@@ -785,8 +789,7 @@ mod tests {
         ] {
             let mut bytes = v2.clone();
             bytes[at] = value;
-            let crc = crc32fast::hash(&bytes[LEN_AT..]);
-            bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            fix_crc(&mut bytes);
             assert_eq!(
                 classify(&bytes),
                 Decoded::Corrupt {
@@ -797,8 +800,7 @@ mod tests {
         // v1 reserved the entry type's byte: not zero there is corrupt, not a type.
         let mut bytes = v1.clone();
         bytes[ENTRY_TYPE_AT] = 1;
-        let crc = crc32fast::hash(&bytes[LEN_AT..]);
-        bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        fix_crc(&mut bytes);
         assert!(matches!(classify(&bytes), Decoded::Corrupt { .. }));
     }
 
@@ -827,8 +829,7 @@ mod tests {
         out.put_u32_le(raw_size);
         out.put_u64_le(0);
         out.extend_from_slice(section);
-        let crc = crc32fast::hash(&out[LEN_AT..]);
-        out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+        fix_crc(&mut out);
         out
     }
 
