@@ -168,6 +168,55 @@ pub struct QueueGroup {
     pub partitions: u32,
 }
 
+/// The queue groups a node knows, by queue name, with an index by group id (requests
+/// name a group by id; a scan over every queue per request grew with the queues).
+#[derive(Debug, Default)]
+struct QueueGroups {
+    by_name: BTreeMap<String, QueueGroup>,
+    /// Each queue group's id to its queue's name.
+    names: HashMap<u64, String>,
+}
+
+impl QueueGroups {
+    /// Records `group` as `name`'s (replacing the group of a queue made again).
+    fn insert(&mut self, name: &str, group: QueueGroup) {
+        let id = group.id;
+        if let Some(old) = self.by_name.insert(name.to_string(), group) {
+            self.names.remove(&old.id);
+        }
+        self.names.insert(id, name.to_string());
+    }
+
+    /// Forgets `name`'s group, and returns it.
+    fn remove(&mut self, name: &str) -> Option<QueueGroup> {
+        let group = self.by_name.remove(name)?;
+        self.names.remove(&group.id);
+        Some(group)
+    }
+
+    /// Sets the replicas of `queue`'s group when that group is `id`; returns it changed.
+    fn set_replicas(&mut self, queue: &str, id: u64, replicas: &[u64]) -> Option<QueueGroup> {
+        let group = self.by_name.get_mut(queue).filter(|g| g.id == id)?;
+        group.replicas = replicas.to_vec();
+        Some(group.clone())
+    }
+
+    /// The queue group whose id is `id`.
+    fn by_id(&self, id: u64) -> Option<&QueueGroup> {
+        self.names.get(&id).and_then(|name| self.by_name.get(name))
+    }
+}
+
+/// Reads go to the map by name; changes go through the methods above, which keep the
+/// index by id.
+impl std::ops::Deref for QueueGroups {
+    type Target = BTreeMap<String, QueueGroup>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.by_name
+    }
+}
+
 /// The kind of queue group `id` holds, as preferred leaders are spread: 0 for a queue, 1
 /// for a dead-letter queue made with its queue (odd ids). Each kind spreads on its own, so
 /// that the queues themselves do.
@@ -245,7 +294,7 @@ pub struct Groups {
     logs: RwLock<HashMap<u64, LogStore>>,
     /// Each open group's applied index and its leader, for requests that wait on them.
     watches: RwLock<HashMap<u64, GroupWatch>>,
-    queues: RwLock<BTreeMap<String, QueueGroup>>,
+    queues: RwLock<QueueGroups>,
     nodes: RwLock<BTreeMap<u64, NodeAddrs>>,
     /// Every node's Kafka listener.
     pub kafka: KafkaAddrs,
@@ -420,7 +469,7 @@ impl Groups {
             rafts: RwLock::new(HashMap::new()),
             logs: RwLock::new(HashMap::new()),
             watches: RwLock::new(HashMap::new()),
-            queues: RwLock::new(BTreeMap::new()),
+            queues: RwLock::default(),
             lost: Arc::default(),
             generation: AtomicU64::new(0),
             open: RwLock::new(None),
@@ -775,7 +824,7 @@ impl Groups {
             replicas: replicas.clone(),
             partitions,
         };
-        self.queues.write().insert(name.to_string(), queue.clone());
+        self.queues.write().insert(name, queue.clone());
         self.changed();
         if !replicas.contains(&self.node_id) || self.moved_marker(id).exists() {
             return;
@@ -850,15 +899,12 @@ impl Groups {
     /// adds it and sends it the log or a snapshot) or closes it and clears the queue's data
     /// here (it moved off this node).
     async fn set_replicas_inner(&self, placed: &Placed) {
-        let queue = {
-            let mut queues = self.queues.write();
-            match queues.get_mut(&placed.queue) {
-                Some(group) if group.id == placed.group => {
-                    group.replicas = placed.replicas.clone();
-                    group.clone()
-                }
-                _ => return,
-            }
+        let changed =
+            self.queues
+                .write()
+                .set_replicas(&placed.queue, placed.group, &placed.replicas);
+        let Some(queue) = changed else {
+            return;
         };
         self.changed();
         let id = placed.group;
@@ -974,7 +1020,7 @@ impl Groups {
     pub fn group_replicas(&self, id: u64) -> Option<Vec<u64>> {
         let (queue_group, _) = split_group(id);
         let queues = self.queues.read();
-        let queue = queues.values().find(|g| g.id == queue_group)?;
+        let queue = queues.by_id(queue_group)?;
         queue.partition_of(id).map(|p| queue.replicas_of(p))
     }
 
@@ -1110,6 +1156,41 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        /// The index by id follows every insert, re-make and removal: each known queue's
+        /// group is found by its id, and no id of a forgotten group finds anything.
+        #[test]
+        fn queue_groups_find_by_id_what_they_hold_by_name(
+            ops in proptest::collection::vec((0u8..4, 0u64..6, any::<bool>()), 0..40),
+        ) {
+            let mut groups = QueueGroups::default();
+            let mut next_id = 1;
+            for (name, id_seed, remove) in ops {
+                let name = format!("q{name}");
+                match remove {
+                    true => {
+                        groups.remove(&name);
+                    }
+                    false => {
+                        next_id += 1 + id_seed;
+                        let group = QueueGroup { id: next_id, replicas: vec![1, 2, 3], partitions: 1 };
+                        groups.insert(&name, group);
+                    }
+                }
+                prop_assert_eq!(groups.names.len(), groups.len());
+                for (name, group) in groups.iter() {
+                    prop_assert_eq!(groups.by_id(group.id).map(|g| g.id), Some(group.id));
+                    prop_assert_eq!(groups.names.get(&group.id), Some(name));
+                }
+            }
+            let placed = groups.iter().next().map(|(n, g)| (n.clone(), g.id));
+            if let Some((name, id)) = placed {
+                prop_assert!(groups.set_replicas(&name, id + 1, &[9]).is_none());
+                let changed = groups.set_replicas(&name, id, &[3, 1]);
+                prop_assert_eq!(changed.map(|g| g.replicas), Some(vec![3, 1]));
+                prop_assert_eq!(groups.by_id(id).map(|g| g.replicas.clone()), Some(vec![3, 1]));
+            }
+        }
+
         /// A group id tells its queue group, its partition, the metadata index that made
         /// the queue and whether its partitions have groups of their own; a queue's groups
         /// are distinct and its own.
