@@ -351,3 +351,25 @@ async fn compaction_rewrites_a_v1_segment_as_v2() {
     let (ok, text) = inspect(&["verify"], temp.path());
     assert!(ok, "{text}");
 }
+
+/// `qit-inspect stats` counts each batch's own header in the uncompressed size: a
+/// partition of uncompressed batches of both versions has a compression ratio of exactly 1.
+#[tokio::test]
+async fn stats_of_uncompressed_batches_of_both_versions_show_no_compression() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut v2 = Vec::new();
+    let record = Record {
+        value: Bytes::from_static(b"v1 batch"),
+        ..Record::default()
+    };
+    encode_batch(&mut v2, 0, Stamp::default(), &[record], Compression::None);
+    std::fs::write(temp.path().join("00000000000000000000.log"), as_v1(&v2)).unwrap();
+    let log = PartitionLog::open(temp.path(), LogConfig::default()).unwrap();
+    log.append(vec![Record::default()]).await.unwrap();
+    drop(log);
+    let (ok, text) = inspect(&["stats", "--json"], temp.path());
+    assert!(ok, "{text}");
+    let stats: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(stats["batches"], 2);
+    assert_eq!(stats["compression_ratio"].as_f64(), Some(1.0), "{text}");
+}

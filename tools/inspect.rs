@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use qit::log::inspect::{self, SegmentReport};
+use qit::log::record;
 
 #[derive(Parser)]
 #[command(
@@ -233,7 +234,14 @@ fn stats(reports: &[SegmentReport], as_json: bool) {
     let records: u64 = reports.iter().map(SegmentReport::record_count).sum();
     let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
     let stored: u64 = batches.iter().map(|b| u64::from(b.bytes)).sum();
-    let raw: u64 = batches.iter().map(|b| u64::from(b.raw_bytes) + 60).sum();
+    // Uncompressed size: each batch's header (by its version) and records section.
+    let raw: u64 = batches
+        .iter()
+        .map(|b| {
+            let header = record::header_len(b.version).unwrap_or(record::HEADER_LEN);
+            u64::from(b.raw_bytes) + header as u64
+        })
+        .sum();
     let first_ts = batches.iter().map(|b| b.first_timestamp_ms).min();
     let max_ts = batches.iter().map(|b| b.max_timestamp_ms).max();
     let first_offset = reports.first().map_or(0, |r| r.base_offset);
