@@ -1,8 +1,9 @@
 //! The batch and record codec: the only place that lays out batch bytes.
 //!
 //! A batch is a header (68 bytes in format v2, which this code writes; 60 in format v1,
-//! still read) followed by the records section (optionally LZ4 compressed). All integers are little-endian; record fields use LEB128 varints (zigzag for
-//! the signed timestamp delta). `storage-format.md` has the byte tables.
+//! still read) followed by the records section (optionally LZ4 compressed). All integers
+//! are little-endian; record fields use LEB128 varints (zigzag for the signed timestamp
+//! delta). `storage-format.md` has the byte tables.
 //!
 //! Decoding never panics: [`classify`] tells a whole batch from a torn one (not enough bytes)
 //! and a corrupt one (bad magic, length or CRC), and recovery and `qit-inspect` both use it.
