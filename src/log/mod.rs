@@ -204,7 +204,9 @@ struct Shared {
     /// One past the last readable offset.
     next_offset: AtomicU64,
     /// The leader epoch and Raft index written into the header of every batch appended
-    /// from now on ([`PartitionLog::set_stamp`]).
+    /// from now on ([`PartitionLog::set_stamp`]). Set by the task that then appends (a
+    /// cluster group's apply, the partition's only writer there), so an append never reads
+    /// the halves of two stamps.
     leader_epoch: AtomicU64,
     raft_index: AtomicU64,
     watch: watch::Sender<u64>,
