@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bytes::Bytes;
-use qit::log::record::{Stamp, encode_batch};
+use qit::log::record::{HEADER_LEN, HEADER_LEN_V1, Stamp, encode_batch};
 use qit::log::{Compression, FsyncPolicy, LogConfig, PartitionLog, Record};
 
 /// The fixture of what this code writes.
@@ -253,10 +253,10 @@ fn inspect_reports_damage_with_file_and_position() {
 }
 
 /// `v2` (one batch this code encoded) as format v1 wrote it: no Raft index after the
-/// 60-byte header, version 1, length and CRC redone.
+/// 60-byte header, version 1 (byte 12), length (bytes 8-11) and CRC (bytes 4-7) redone.
 fn as_v1(v2: &[u8]) -> Vec<u8> {
-    let mut out = v2[..60].to_vec();
-    out.extend_from_slice(&v2[68..]);
+    let mut out = v2[..HEADER_LEN_V1].to_vec();
+    out.extend_from_slice(&v2[HEADER_LEN..]);
     out[12] = 1;
     let len = out.len() as u32;
     out[8..12].copy_from_slice(&len.to_le_bytes());
@@ -271,6 +271,7 @@ fn as_v1(v2: &[u8]) -> Vec<u8> {
 async fn a_v1_segment_ending_in_a_batch_shorter_than_a_v2_header_reads() {
     let temp = tempfile::tempdir().unwrap();
     let mut bytes = Vec::new();
+    let mut last_len = 0;
     for (offset, value) in [(0u64, &b"first"[..]), (1, &b""[..])] {
         let mut v2 = Vec::new();
         let record = Record {
@@ -284,23 +285,12 @@ async fn a_v1_segment_ending_in_a_batch_shorter_than_a_v2_header_reads() {
             &[record],
             Compression::None,
         );
-        bytes.extend(as_v1(&v2));
+        let v1 = as_v1(&v2);
+        last_len = v1.len();
+        bytes.extend(v1);
     }
-    let last = bytes.len()
-        - as_v1(&{
-            let mut v2 = Vec::new();
-            encode_batch(
-                &mut v2,
-                1,
-                Stamp::default(),
-                &[Record::default()],
-                Compression::None,
-            );
-            v2
-        })
-        .len();
     assert!(
-        bytes.len() - last < 68,
+        last_len < HEADER_LEN,
         "the last batch is shorter than a v2 header"
     );
     std::fs::write(temp.path().join("00000000000000000000.log"), &bytes).unwrap();
