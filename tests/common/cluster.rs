@@ -104,10 +104,12 @@ impl Node {
     pub fn start(&mut self, peers: &str, extra: &[String]) {
         assert!(self.child.is_none(), "node {} runs already", self.id);
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        // QIT_TEST_LOG: the nodes' log filter when a test is looked into.
-        // qit::server's warnings tell of an unclean stop (see `Node::log`).
-        let filter = std::env::var("QIT_TEST_LOG")
-            .unwrap_or_else(|_| "error,openraft=off,qit::server=warn".into());
+        // QIT_TEST_LOG: the nodes' log filter when a test is looked into. By default the
+        // node logs at info (kept, and shown when the test fails: see `Drop`), and only
+        // errors and qit::server's warnings (an unclean stop) are passed on at once.
+        let filter = std::env::var("QIT_TEST_LOG").ok();
+        let echo_all = filter.is_some();
+        let filter = filter.unwrap_or_else(|| "info,openraft=warn".into());
         let mut child = self
             .serve_command(peers, &extra, &filter)
             .stderr(Stdio::piped())
@@ -117,7 +119,9 @@ impl Node {
             let log = Arc::clone(&self.log);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    eprintln!("{line}");
+                    if echo_all || is_alarm(&line) {
+                        eprintln!("{line}");
+                    }
                     let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
                     log.push_str(&line);
                     log.push('\n');
@@ -175,8 +179,37 @@ impl Node {
     }
 }
 
+/// Whether a node's log line is an error, or a warning of `qit::server` (an unclean stop):
+/// the lines passed on to the test's output as they come.
+fn is_alarm(line: &str) -> bool {
+    // `{time} {LEVEL} {target}: {message}` (text format, no colours on a pipe).
+    let mut words = line.split_whitespace().skip(1);
+    match (words.next(), words.next()) {
+        (Some("ERROR"), _) => true,
+        (Some("WARN"), Some(target)) => target.starts_with("qit::server"),
+        _ => false,
+    }
+}
+
+/// Lines of each node's log shown when a test fails.
+const LOG_TAIL_ON_FAILURE: usize = 400;
+
 impl Drop for Node {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: what the node logged tells why more often than not.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
+            eprintln!(
+                "--- node {} log, last {} of {} lines ---\n{}\n--- end of node {} log ---",
+                self.id,
+                tail.len(),
+                lines.len(),
+                tail.join("\n"),
+                self.id
+            );
+        }
         // A stopped process is continued first, so that SIGKILL's reaping does not wait.
         if let Some(child) = &self.child {
             let _ = Command::new("kill")
