@@ -31,6 +31,7 @@ fn golden_stamps() -> [Stamp; 2] {
         Stamp {
             leader_epoch: 2,
             raft_index: 9,
+            ..Stamp::default()
         },
     ]
 }
@@ -152,6 +153,7 @@ async fn a_v1_partition_takes_v2_appends() {
     log.set_stamp(Stamp {
         leader_epoch: 4,
         raft_index: 40,
+        ..Stamp::default()
     });
     let more = Record {
         timestamp_ms: 1_700_000_002_000,

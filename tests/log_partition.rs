@@ -117,6 +117,7 @@ async fn batches_carry_the_stamp_set_when_they_were_appended() {
     let stamp = |leader_epoch, raft_index| Stamp {
         leader_epoch,
         raft_index,
+        ..Stamp::default()
     };
     log.append(vec![rec(0)]).await.unwrap();
     log.set_stamp(stamp(3, 11));
@@ -143,6 +144,128 @@ async fn batches_carry_the_stamp_set_when_they_were_appended() {
     log.append(vec![rec(4)]).await.unwrap();
     drop(log);
     assert_eq!(stamps(dir.path()).last(), Some(&(4, 0, 0)));
+}
+
+/// A log that is a Raft group's log: each entry is a batch of its own with its type, term
+/// and index; readers of records pass over the group's own entries (their offsets are
+/// gaps), `batches_from` gives every batch back whole, and compaction and a reopen keep
+/// them.
+#[tokio::test]
+async fn raft_entries_are_batches_readers_of_records_pass_over() {
+    use qit::log::record::EntryType;
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: every entry past the first rolls, so reads cross segments.
+    let log = PartitionLog::open(dir.path(), config(64)).unwrap();
+    let entry = |term, index, entry_type| Stamp {
+        leader_epoch: term,
+        raft_index: index,
+        entry_type,
+    };
+    let control = |value: &'static [u8]| Record {
+        value: Bytes::from_static(value),
+        ..Record::default()
+    };
+    let appended = [
+        log.append_entry(entry(1, 1, EntryType::Blank), &[control(b"")]),
+        log.append_entry(entry(1, 2, EntryType::Data), &[rec(0), rec(1)]),
+        log.append_entry(entry(1, 3, EntryType::Membership), &[control(b"m")]),
+        log.append_entry(entry(2, 4, EntryType::Command), &[control(b"c")]),
+        log.append_entry(entry(2, 5, EntryType::Data), &[rec(2)]),
+    ]
+    .map(Result::unwrap);
+    assert_eq!(appended, [(0, 1), (1, 3), (3, 4), (4, 5), (5, 6)]);
+    // Nothing merges or splits an entry, and an empty one writes nothing.
+    assert_eq!(
+        log.append_entry(entry(2, 6, EntryType::Data), &[]).unwrap(),
+        (6, 6)
+    );
+    let check = |log: &PartitionLog| {
+        let read: Vec<(u64, Bytes)> = values(log, 0);
+        let want = [(1, rec(0).value), (2, rec(1).value), (5, rec(2).value)];
+        assert_eq!(read, want);
+        assert_eq!(values(log, 3), want[2..]);
+        let batches = log.batches_from(0, usize::MAX).unwrap();
+        let shape: Vec<(u64, u64, u64, EntryType, u32)> = batches
+            .iter()
+            .map(|(h, _)| {
+                (
+                    h.base_offset,
+                    h.leader_epoch,
+                    h.raft_index,
+                    h.entry_type,
+                    h.record_count,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (0, 1, 1, EntryType::Blank, 1),
+                (1, 1, 2, EntryType::Data, 2),
+                (3, 1, 3, EntryType::Membership, 1),
+                (4, 2, 4, EntryType::Command, 1),
+                (5, 2, 5, EntryType::Data, 1),
+            ]
+        );
+        let (header, bytes) = &log.batches_from(3, 1).unwrap()[0];
+        let records = qit::log::record::decode_records(header, bytes).unwrap();
+        assert_eq!(records[0].value, Bytes::from_static(b"m"));
+        assert_eq!(log.batches_from(4, 10).unwrap().len(), 2);
+        assert!(log.batches_from(6, 10).unwrap().is_empty());
+        // Offset 2 lies inside the data batch at 1: no entry starts there.
+        assert!(matches!(
+            log.batches_from(2, 1),
+            Err(LogError::Corrupt { .. })
+        ));
+    };
+    check(&log);
+    drop(log);
+    let log = PartitionLog::open(dir.path(), config(64)).unwrap();
+    check(&log);
+    // Compaction that drops every message keeps the group's own entries as they were.
+    for segment in log.segments().into_iter().filter(|s| s.sealed) {
+        log.rewrite_sealed(segment.base_offset, &mut |_| false)
+            .unwrap();
+    }
+    assert_eq!(values(&log, 0), [(5, rec(2).value)]);
+    let kept: Vec<(u64, EntryType)> = log
+        .batches_from(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|(h, _)| h.record_count > 0)
+        .map(|(h, _)| (h.base_offset, h.entry_type))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            (0, EntryType::Blank),
+            (3, EntryType::Membership),
+            (4, EntryType::Command),
+            (5, EntryType::Data),
+        ]
+    );
+}
+
+/// Under `fsync = always` an entry is readable once durable, and `durable` waits for
+/// the sync that covers it.
+#[tokio::test]
+async fn an_entry_is_read_once_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        fsync: FsyncPolicy::Always,
+        ..config(1 << 20)
+    };
+    let log = PartitionLog::open(dir.path(), cfg).unwrap();
+    let stamp = Stamp {
+        leader_epoch: 1,
+        raft_index: 1,
+        ..Stamp::default()
+    };
+    let (first, end) = log.append_entry(stamp, &[rec(0)]).unwrap();
+    assert_eq!((first, end), (0, 1));
+    log.durable(end).await.unwrap();
+    assert_eq!(log.batches_from(0, 1).unwrap().len(), 1);
+    assert_prefix(&values(&log, 0), 1);
 }
 
 #[tokio::test]

@@ -161,7 +161,7 @@ fn dump(reports: &[SegmentReport], preview: usize, as_json: bool) {
         let mut records = report.records().iter().peekable();
         for b in &report.batches {
             println!(
-                "  batch @{} v{} offsets {}..{} records {} bytes {} {} epoch {} raft index {}",
+                "  batch @{} v{} offsets {}..{} records {} bytes {} {} epoch {} raft index {}{}",
                 b.position,
                 b.version,
                 b.base_offset,
@@ -170,7 +170,13 @@ fn dump(reports: &[SegmentReport], preview: usize, as_json: bool) {
                 b.bytes,
                 b.compression,
                 b.leader_epoch,
-                b.raft_index
+                b.raft_index,
+                // A Raft group's own entry says so; data batches read as before.
+                if b.entry_type == "data" {
+                    String::new()
+                } else {
+                    format!(" ({} entry)", b.entry_type)
+                }
             );
             while let Some(r) = records.next_if(|r| r.offset < b.next_offset) {
                 let headers: Vec<String> = r

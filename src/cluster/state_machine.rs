@@ -438,6 +438,7 @@ impl StateMachine {
                 let stamp = Stamp {
                     leader_epoch: log_id.leader_id.term,
                     raft_index: log_id.index,
+                    ..Stamp::default()
                 };
                 broker.set_stamp(queue, part, stamp);
                 broker.apply_op(op).await

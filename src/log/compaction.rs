@@ -96,6 +96,13 @@ fn rewritten_bytes(
     let mut empty_run: Option<(u64, u64, record::Stamp)> = None;
     while position < segment.len() {
         let (header, bytes) = segment.batch_at(position)?;
+        if !header.entry_type.is_data() {
+            // A Raft group's own entry holds no message to compact: kept as it is.
+            flush_empty_run(&mut empty_run, &mut out);
+            out.extend_from_slice(&bytes);
+            position += u64::from(header.batch_len);
+            continue;
+        }
         let records = record::decode_records(&header, &bytes).map_err(|e| LogError::Corrupt {
             path: segment.paths.log.clone(),
             position,

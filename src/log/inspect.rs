@@ -51,6 +51,9 @@ pub struct BatchSummary {
     pub raft_index: u64,
     /// Format version of the batch (1 or 2).
     pub version: u8,
+    /// What the batch is: `data`, or a Raft group's own entry (`blank`, `membership`,
+    /// `command`), whose record is no message.
+    pub entry_type: &'static str,
 }
 
 /// One segment as found.
@@ -75,9 +78,13 @@ pub struct SegmentReport {
 }
 
 impl SegmentReport {
-    /// Records in this segment.
+    /// Records (messages) in this segment: those of data batches.
     pub fn record_count(&self) -> u64 {
-        self.batches.iter().map(|b| u64::from(b.records)).sum()
+        self.batches
+            .iter()
+            .filter(|b| b.entry_type == "data")
+            .map(|b| u64::from(b.records))
+            .sum()
     }
 
     /// Decoded records (only when asked for by [`inspect`] with `with_records`).
@@ -191,7 +198,9 @@ fn inspect_segment(file: &Path, with_records: bool) -> Result<SegmentReport, Log
         }
         let batch = rest.slice(..header.batch_len as usize);
         match record::decode_records(&header, &batch) {
-            Ok(records) if with_records => report.records.extend(records),
+            Ok(records) if with_records && header.entry_type.is_data() => {
+                report.records.extend(records)
+            }
             Ok(_) => {}
             Err(e) => report.problems.push(problem(position, e.to_string())),
         }
@@ -211,6 +220,7 @@ fn inspect_segment(file: &Path, with_records: bool) -> Result<SegmentReport, Log
             leader_epoch: header.leader_epoch,
             raft_index: header.raft_index,
             version: header.version,
+            entry_type: header.entry_type.name(),
         });
         expected = header.next_offset();
         position += u64::from(header.batch_len);
@@ -427,20 +437,23 @@ fn batch_difference(x: &BatchSummary, y: &BatchSummary) -> Option<String> {
             b.compression,
             b.leader_epoch,
             b.raft_index,
+            b.entry_type,
         )
     };
     (shape(x) != shape(y)).then(|| {
         format!(
-            "batch differs: A has offsets {}..{} ({} records, {}, epoch {}, Raft index {}), B has {}..{} ({} records, {}, epoch {}, Raft index {})",
+            "batch differs: A has offsets {}..{} ({} {} records, {}, epoch {}, Raft index {}), B has {}..{} ({} {} records, {}, epoch {}, Raft index {})",
             x.base_offset,
             x.next_offset,
             x.records,
+            x.entry_type,
             x.compression,
             x.leader_epoch,
             x.raft_index,
             y.base_offset,
             y.next_offset,
             y.records,
+            y.entry_type,
             y.compression,
             y.leader_epoch,
             y.raft_index

@@ -319,6 +319,88 @@ impl PartitionLog {
         }
     }
 
+    /// Appends `records` as one batch of its own stamped `stamp` (never merged with other
+    /// appends; see [`Self::append`]), for a log that is a Raft group's log: one entry, one
+    /// batch. Returns the batch's first offset and one past its last; the batch is written,
+    /// and readable once durable ([`Self::durable`]) under [`FsyncPolicy::Always`], at once
+    /// otherwise. An empty `records` writes nothing.
+    pub fn append_entry(
+        &self,
+        stamp: record::Stamp,
+        records: &[Record],
+    ) -> Result<(u64, u64), LogError> {
+        let shared = &self.inner.shared;
+        shared.writer.lock().append_stamped(shared, stamp, records)
+    }
+
+    /// Resolves once everything up to offset `end` is durable: under
+    /// [`FsyncPolicy::Always`] after the sync that covers it (and readable then); at once
+    /// under the other policies, whose writes count as durable when written.
+    pub fn durable(&self, end: u64) -> impl std::future::Future<Output = Result<(), LogError>> {
+        let shared = Arc::clone(&self.inner.shared);
+        async move {
+            if shared.config.fsync == FsyncPolicy::Always {
+                shared
+                    .commit
+                    .wait_synced(end)
+                    .await
+                    .map_err(LogError::Failed)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Whole batches, CRC-checked, from the readable one that starts at offset `from` on,
+    /// at most `max` of them, of every entry type (for a log that is a Raft group's log).
+    /// Empty when `from` is at or past the readable end; an error when no batch starts at
+    /// `from`.
+    pub fn batches_from(
+        &self,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(record::BatchHeader, bytes::Bytes)>, LogError> {
+        let next = self.next_offset();
+        let segments = self.inner.shared.segments.load_full();
+        let mut out = Vec::new();
+        if from >= next || max == 0 {
+            return Ok(out);
+        }
+        let start = segments
+            .partition_point(|s| s.base_offset <= from)
+            .saturating_sub(1);
+        for segment in segments.iter().skip(start) {
+            let (mut position, _) = segment.position_for(from)?;
+            let reader = segment.reader()?;
+            let len = segment.len();
+            while position < len && out.len() < max {
+                let at = position;
+                let (header, batch) = reader.batch_at(at)?;
+                position += u64::from(header.batch_len);
+                if header.base_offset >= next {
+                    return Ok(out);
+                }
+                if header.next_offset() <= from {
+                    continue;
+                }
+                if out.is_empty() && header.base_offset != from {
+                    return Err(LogError::Corrupt {
+                        path: segment.paths.log.clone(),
+                        position: at,
+                        reason: format!(
+                            "no batch starts at offset {from} (the batch there starts at {})",
+                            header.base_offset
+                        ),
+                    });
+                }
+                out.push((header, batch));
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Batches written since the log was opened (each one `write`); merged appends share one.
     pub fn batches_written(&self) -> u64 {
         self.inner.shared.combiner.writes()
@@ -418,7 +500,8 @@ impl PartitionLog {
     /// Sets the stamp that batches appended from now on carry in their header: on a
     /// cluster node, the Raft term and index of the entry being applied, so that every
     /// replica writes the same bytes and a batch tells which entry of which leader's term
-    /// wrote it (zeros until set, as on a single node).
+    /// wrote it (zeros until set, as on a single node). These batches are data: the
+    /// stamp's entry type is not used (see [`Self::append_entry`] for the other kinds).
     pub fn set_stamp(&self, stamp: record::Stamp) {
         let shared = &self.inner.shared;
         shared
@@ -571,6 +654,11 @@ fn read_segment(
         }
         if header.base_offset >= next {
             return Ok(true);
+        }
+        if !header.entry_type.is_data() {
+            // A Raft group's own entry: it takes its offset, and holds no message.
+            position += u64::from(header.batch_len);
+            continue;
         }
         let limit = max_records.saturating_sub(out.len());
         let records = record::decode_records_from(&header, &batch, from, limit).map_err(|e| {

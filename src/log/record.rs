@@ -70,15 +70,20 @@ pub fn header_len(version: u8) -> Option<usize> {
     }
 }
 
-/// What kind of entry a batch is (the v2 header's entry type). Only data is written
-/// today; codes 1-3 are set aside for a Raft group's own entries (blank, membership, group
-/// events) once the segment log is a partition group's Raft log, and are refused until a
-/// version of this code writes and reads them.
+/// What kind of entry a batch is (the v2 header's entry type). A queue's partition holds
+/// data only; a partition log that is a Raft group's log (see `cluster::partition_log_store`)
+/// also holds the group's own entries, one batch each, which readers of records pass over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EntryType {
     /// Records (code 0). Every v1 batch is data.
     #[default]
     Data,
+    /// A Raft blank entry (code 1): one empty record.
+    Blank,
+    /// A Raft membership entry (code 2): one record holding the encoded membership.
+    Membership,
+    /// Any other Raft entry of the group (code 3): one record holding the encoded command.
+    Command,
 }
 
 impl EntryType {
@@ -86,6 +91,9 @@ impl EntryType {
     pub fn code(self) -> u8 {
         match self {
             EntryType::Data => 0,
+            EntryType::Blank => 1,
+            EntryType::Membership => 2,
+            EntryType::Command => 3,
         }
     }
 
@@ -93,20 +101,40 @@ impl EntryType {
     pub fn from_code(code: u8) -> Option<Self> {
         match code {
             0 => Some(EntryType::Data),
+            1 => Some(EntryType::Blank),
+            2 => Some(EntryType::Membership),
+            3 => Some(EntryType::Command),
             _ => None,
         }
+    }
+
+    /// The type's name: `data`, `blank`, `membership` or `command`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryType::Data => "data",
+            EntryType::Blank => "blank",
+            EntryType::Membership => "membership",
+            EntryType::Command => "command",
+        }
+    }
+
+    /// True for records that consumers read; false for a Raft group's own entries.
+    pub fn is_data(self) -> bool {
+        self == EntryType::Data
     }
 }
 
 /// Where a batch comes from, as its header records it: on a cluster replica, the Raft
-/// term (Kafka's leader epoch) and log index of the entry whose apply wrote it, the same on
-/// every replica; both 0 on a single node.
+/// term (Kafka's leader epoch) and log index of the entry that wrote it, the same on every
+/// replica (both 0 on a single node), and what kind of entry it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stamp {
     /// The Raft term of the entry (header `leader_epoch`).
     pub leader_epoch: u64,
     /// The Raft log index of the entry (header `raft_index`, v2).
     pub raft_index: u64,
+    /// The kind of entry (header `entry_type`, v2): data unless the log is a Raft log.
+    pub entry_type: EntryType,
 }
 
 /// Attribute bits for compression.
@@ -153,11 +181,12 @@ impl BatchHeader {
         header_len(self.version).unwrap_or(HEADER_LEN)
     }
 
-    /// The term and index the batch was stamped with.
+    /// The term, index and entry type the batch was stamped with.
     pub fn stamp(&self) -> Stamp {
         Stamp {
             leader_epoch: self.leader_epoch,
             raft_index: self.raft_index,
+            entry_type: self.entry_type,
         }
     }
 
@@ -445,7 +474,7 @@ pub fn encode_slots(
     out.put_u32_le(batch_len);
     out.put_u8(FORMAT_VERSION);
     out.put_u8(attributes);
-    out.put_u8(EntryType::Data.code());
+    out.put_u8(stamp.entry_type.code());
     out.put_u8(0);
     out.put_u64_le(base_offset);
     out.put_u64_le(stamp.leader_epoch);
@@ -661,11 +690,14 @@ mod tests {
             lz4 in any::<bool>(),
             leader_epoch in any::<u64>(),
             raft_index in any::<u64>(),
+            code in 0u8..4,
             v1 in any::<bool>(),
         ) {
             let compression = if lz4 { Compression::Lz4 } else { Compression::None };
             let mut buf = Vec::new();
-            let stamp = Stamp { leader_epoch, raft_index };
+            // v1 has no entry type: only data is written in it.
+            let entry_type = EntryType::from_code(if v1 { 0 } else { code }).unwrap();
+            let stamp = Stamp { leader_epoch, raft_index, entry_type };
             encode_batch(&mut buf, base, stamp, &records, compression);
             if v1 {
                 buf = as_v1(&buf);
@@ -675,7 +707,8 @@ mod tests {
             prop_assert_eq!(header.leader_epoch, leader_epoch);
             prop_assert_eq!(header.raft_index, if v1 { 0 } else { raft_index });
             prop_assert_eq!(header.version, if v1 { 1 } else { 2 });
-            prop_assert_eq!(header.entry_type, EntryType::Data);
+            prop_assert_eq!(header.entry_type, entry_type);
+            prop_assert_eq!(header.stamp(), Stamp { raft_index: header.raft_index, ..stamp });
             prop_assert_eq!(header.next_offset(), base + records.len() as u64);
             prop_assert_eq!(decoded.len(), records.len());
             for (i, (got, want)) in decoded.iter().zip(&records).enumerate() {
@@ -739,7 +772,7 @@ mod tests {
             v1 in any::<bool>(),
         ) {
             let mut buf = Vec::new();
-            encode_batch(&mut buf, 0, Stamp { leader_epoch: 3, raft_index: 9 }, &records, Compression::None);
+            encode_batch(&mut buf, 0, Stamp { leader_epoch: 3, raft_index: 9, ..Stamp::default() }, &records, Compression::None);
             if v1 {
                 buf = as_v1(&buf);
             }
@@ -786,7 +819,7 @@ mod tests {
         }
         for (at, value, reason) in [
             (VERSION_AT, 3, "unknown format version 3"),
-            (ENTRY_TYPE_AT, 1, "unknown entry type 1"),
+            (ENTRY_TYPE_AT, 4, "unknown entry type 4"),
         ] {
             let mut bytes = v2.clone();
             bytes[at] = value;

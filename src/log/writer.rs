@@ -173,6 +173,21 @@ impl Writer {
     /// Writes `records` as one batch (rolling first when the segment is full); returns its
     /// first offset and one past its last. Publishes at once unless `fsync = always`.
     pub fn append(&mut self, shared: &Shared, records: &[Record]) -> Result<(u64, u64), LogError> {
+        let stamp = record::Stamp {
+            leader_epoch: shared.leader_epoch.load(Ordering::Acquire),
+            raft_index: shared.raft_index.load(Ordering::Acquire),
+            entry_type: record::EntryType::Data,
+        };
+        self.append_stamped(shared, stamp, records)
+    }
+
+    /// [`Self::append`] with the batch stamped `stamp` rather than with the log's stamp.
+    pub fn append_stamped(
+        &mut self,
+        shared: &Shared,
+        stamp: record::Stamp,
+        records: &[Record],
+    ) -> Result<(u64, u64), LogError> {
         if self.closed {
             return Err(LogError::Closed);
         }
@@ -188,10 +203,6 @@ impl Writer {
         }
         let position = self.extent.len;
         self.buf.clear();
-        let stamp = record::Stamp {
-            leader_epoch: shared.leader_epoch.load(Ordering::Acquire),
-            raft_index: shared.raft_index.load(Ordering::Acquire),
-        };
         record::encode_batch(
             &mut self.buf,
             base,
