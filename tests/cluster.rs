@@ -933,6 +933,49 @@ async fn openraft_storage_suite_passes() {
         .unwrap();
 }
 
+/// openraft's storage suite against a Raft log kept in a partition's segment log, under
+/// both kinds of durability (acknowledged when written, and after a sync).
+#[tokio::test]
+async fn openraft_storage_suite_passes_over_the_segment_log() {
+    use qit::cluster::partition_log_store::PartitionLogStore;
+    use qit::cluster::state_machine::{Role, StateMachine};
+    use qit::cluster::types::TypeConfig;
+    use qit::log::{FsyncPolicy, LogConfig, PartitionLog};
+
+    struct Builder(FsyncPolicy);
+    impl
+        openraft::testing::log::StoreBuilder<
+            TypeConfig,
+            PartitionLogStore,
+            StateMachine,
+            tempfile::TempDir,
+        > for Builder
+    {
+        async fn build(
+            &self,
+        ) -> Result<
+            (tempfile::TempDir, PartitionLogStore, StateMachine),
+            openraft::StorageError<TypeConfig>,
+        > {
+            let dir = tempfile::tempdir().unwrap();
+            let config = LogConfig {
+                fsync: self.0,
+                // Small segments: the suite's logs span several.
+                segment_bytes: 512,
+                ..LogConfig::default()
+            };
+            let log = PartitionLog::open(dir.path(), config).unwrap();
+            let store = PartitionLogStore::open(log).unwrap();
+            Ok((dir, store, StateMachine::new(Role::Bare, None)))
+        }
+    }
+    for policy in [FsyncPolicy::Never, FsyncPolicy::Always] {
+        openraft::testing::log::Suite::test_all(Builder(policy))
+            .await
+            .unwrap();
+    }
+}
+
 /// `(group, term)` -> every leader a node reported for it.
 type LeadersSeen = BTreeMap<(u64, u64), BTreeSet<u64>>;
 

@@ -172,11 +172,16 @@ impl Flusher {
 }
 
 /// `error` with what was being done when it happened.
-fn io_err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> std::io::Error {
+pub(super) fn io_err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(format!("raft log: {context}: {e}"))
 }
 
-fn write_small<T: Serialize>(dir: &Path, name: &str, value: &T, sync: bool) -> std::io::Result<()> {
+pub(super) fn write_small<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+    sync: bool,
+) -> std::io::Result<()> {
     let payload = encode(value).map_err(std::io::Error::other)?;
     let mut bytes = crc32fast::hash(&payload).to_le_bytes().to_vec();
     bytes.extend_from_slice(&payload);
@@ -195,7 +200,10 @@ fn write_small<T: Serialize>(dir: &Path, name: &str, value: &T, sync: bool) -> s
     Ok(())
 }
 
-fn read_small<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> std::io::Result<Option<T>> {
+pub(super) fn read_small<T: for<'de> Deserialize<'de>>(
+    dir: &Path,
+    name: &str,
+) -> std::io::Result<Option<T>> {
     let mut bytes = Vec::new();
     match File::open(dir.join(name)) {
         Ok(mut file) => file.read_to_end(&mut bytes)?,

@@ -68,6 +68,7 @@ pub mod metadata;
 pub mod metadata_catch_up;
 pub mod moves;
 pub mod network;
+pub mod partition_log_store;
 pub mod partitions;
 pub mod placement;
 pub mod proposals;

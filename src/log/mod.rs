@@ -336,7 +336,10 @@ impl PartitionLog {
     /// Resolves once everything up to offset `end` is durable: under
     /// [`FsyncPolicy::Always`] after the sync that covers it (and readable then); at once
     /// under the other policies, whose writes count as durable when written.
-    pub fn durable(&self, end: u64) -> impl std::future::Future<Output = Result<(), LogError>> {
+    pub fn durable(
+        &self,
+        end: u64,
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send + 'static {
         let shared = Arc::clone(&self.inner.shared);
         async move {
             if shared.config.fsync == FsyncPolicy::Always {

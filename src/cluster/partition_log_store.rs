@@ -1,0 +1,715 @@
+//! A Raft group's log kept in a partition's own segment log ([`RaftLogStorage`] over a
+//! [`PartitionLog`]): one entry, one batch, stamped with the entry's term, index and type,
+//! so that the log a partition group replicates and the log its consumers read can be one
+//! and the same bytes instead of every message written twice (the Raft log's chunk files
+//! of [`super::log_store`], then the partition on apply).
+//!
+//! ```text
+//! {partition dir}/
+//!   {base:020}.log / .index / .timeindex   the segments: one batch per entry
+//!   raft-leaders      crc32 u32 LE | bincode Vec<(term, node)>: who led each term
+//!   raft-vote         crc32 u32 LE | bincode Vote
+//!   raft-committed    crc32 u32 LE | bincode Option<LogId>
+//!   raft-purged       crc32 u32 LE | bincode (LogId, offset of the entry after it)
+//! ```
+//!
+//! A batch's header holds the entry's term (`leader_epoch`), index (`raft_index`) and type
+//! (blank, membership, command; data for records); openraft's log id also names the
+//! leader of the term, which the small `raft-leaders` table keeps (Kafka's leader-epoch
+//! checkpoint: one line per term, written before the term's first entry counts as
+//! durable). A blank entry is one empty record; a membership or a command is one record
+//! whose value is the bincode-encoded payload. Readers of messages pass over all three.
+//!
+//! Appends are written at once (one batch each, never merged) and acknowledged to
+//! openraft once durable under the partition's fsync policy, in order. Under
+//! `fsync = always` a batch is readable from the segments only after its sync, so the
+//! entries appended and not yet readable are kept in memory until they are. Truncation
+//! cuts the segment log at the first removed entry's offset. A purge records the purge
+//! point and the offset after it and forgets the entries up to it; it deletes nothing:
+//! the segments hold the partition's messages, which retention removes (at most up to the
+//! purge point, so that every entry openraft may still send stays).
+//!
+//! What is not here yet: data entries (a publish written as a data batch at append, so
+//! that apply only makes it visible) and the commit gate they need (consumers must never
+//! read an entry that may still be truncated). Until then this store is exercised by
+//! openraft's storage suite and its own tests, and no group uses it.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::log_store::{io_err, read_small, write_small};
+use super::types::{Command, Entry, EntryPayload, LeaderId, LogId, Membership, TypeConfig, Vote};
+use super::types::{decode, encode};
+use crate::log::record::{self, EntryType, Stamp};
+use crate::log::{LogError, PartitionLog, Record};
+
+/// The side file of who led each term.
+const LEADERS: &str = "raft-leaders";
+/// The side file of the vote.
+const VOTE: &str = "raft-vote";
+/// The side file of the committed id.
+const COMMITTED: &str = "raft-committed";
+/// The side file of the purge point.
+const PURGED: &str = "raft-purged";
+/// Batches read from the segments at a time while opening.
+const SCAN_BATCHES: usize = 1024;
+
+/// Where one entry lies in the segment log: its batch's offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    /// The batch's first offset.
+    base: u64,
+    /// One past its last.
+    next: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    /// Every entry past the purge point, by index.
+    spans: BTreeMap<u64, Span>,
+    /// Entries appended whose batches are not readable yet (written, not yet synced).
+    unsynced: BTreeMap<u64, Entry>,
+    /// term -> the node that led it.
+    leaders: BTreeMap<u64, u64>,
+    last_log_id: Option<LogId>,
+    /// The purge point and the offset of the entry after it.
+    purged: Option<(LogId, u64)>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+}
+
+/// An append waiting to become durable before openraft is told.
+struct Flush {
+    durable: BoxFuture<'static, Result<(), LogError>>,
+    done: IOFlushed<TypeConfig>,
+}
+
+/// A Raft group's log in a partition's segment log (cheap to clone: clones share it).
+#[derive(Clone)]
+pub struct PartitionLogStore {
+    log: PartitionLog,
+    inner: Arc<Mutex<Inner>>,
+    /// Tells openraft of durable appends, in order.
+    flusher: mpsc::UnboundedSender<Flush>,
+}
+
+impl Inner {
+    /// The log id of the entry stamped `term` and `index`.
+    fn log_id(&self, term: u64, index: u64) -> std::io::Result<LogId> {
+        let node = self.leaders.get(&term).copied().ok_or_else(|| {
+            io_err(
+                format!("reading entry {index}"),
+                format!("no leader recorded for term {term}"),
+            )
+        })?;
+        Ok(LogId {
+            leader_id: LeaderId {
+                term,
+                node_id: node,
+            },
+            index,
+        })
+    }
+
+    /// The last entry's id, or the purge point when no entry follows it.
+    fn last_id(&self, log: &PartitionLog) -> std::io::Result<Option<LogId>> {
+        match self.spans.last_key_value() {
+            Some((index, span)) => {
+                if let Some(entry) = self.unsynced.get(index) {
+                    return Ok(Some(entry.log_id));
+                }
+                let batches = log
+                    .batches_from(span.base, 1)
+                    .map_err(|e| io_err(format!("reading entry {index}"), e))?;
+                let (header, _) = batches
+                    .first()
+                    .ok_or_else(|| io_err(format!("reading entry {index}"), "its batch is gone"))?;
+                Ok(Some(self.log_id(header.leader_epoch, header.raft_index)?))
+            }
+            None => Ok(self.purged.map(|(id, _)| id)),
+        }
+    }
+
+    /// Forgets unsynced entries whose batches have become readable.
+    fn prune_unsynced(&mut self, readable_end: u64) {
+        while let Some((&index, _)) = self.unsynced.first_key_value() {
+            match self.spans.get(&index) {
+                Some(span) if span.next <= readable_end => {
+                    self.unsynced.remove(&index);
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+impl PartitionLogStore {
+    /// The Raft log kept in `log`, with its side files in the log's directory.
+    pub fn open(log: PartitionLog) -> std::io::Result<Self> {
+        let dir = log.dir().to_path_buf();
+        let leaders: Vec<(u64, u64)> = read_small(&dir, LEADERS)?.unwrap_or_default();
+        let purged: Option<(LogId, u64)> = read_small(&dir, PURGED)?;
+        let mut inner = Inner {
+            vote: read_small(&dir, VOTE)?,
+            committed: read_small::<Option<LogId>>(&dir, COMMITTED)?.flatten(),
+            dir,
+            spans: BTreeMap::new(),
+            unsynced: BTreeMap::new(),
+            leaders: leaders.into_iter().collect(),
+            last_log_id: None,
+            purged,
+        };
+        inner.spans = scan_spans(&log, purged)?;
+        inner.last_log_id = inner.last_id(&log)?;
+        let (flusher, flushes) = mpsc::unbounded_channel();
+        tokio::spawn(run_flusher(flushes));
+        Ok(Self {
+            log,
+            inner: Arc::new(Mutex::new(inner)),
+            flusher,
+        })
+    }
+
+    /// The partition log this Raft log lives in.
+    pub fn partition_log(&self) -> &PartitionLog {
+        &self.log
+    }
+
+    /// Reads entry `index` back, from memory while its batch is not readable yet.
+    fn read_entries(&self, inner: &Inner, indexes: &[(u64, Span)]) -> std::io::Result<Vec<Entry>> {
+        let mut out = Vec::with_capacity(indexes.len());
+        let mut from_disk: Option<std::vec::IntoIter<(record::BatchHeader, Bytes)>> = None;
+        for (index, span) in indexes {
+            if let Some(entry) = inner.unsynced.get(index) {
+                out.push(entry.clone());
+                continue;
+            }
+            let subject = || format!("reading entry {index}");
+            let next = match from_disk.as_mut().and_then(Iterator::next) {
+                Some(batch) if batch.0.base_offset == span.base => batch,
+                _ => {
+                    // One read for the run of entries from here on.
+                    let wanted = indexes.len() - out.len();
+                    let mut batches = self
+                        .log
+                        .batches_from(span.base, wanted)
+                        .map_err(|e| io_err(subject(), e))?
+                        .into_iter();
+                    let first = batches
+                        .next()
+                        .ok_or_else(|| io_err(subject(), "its batch is gone"))?;
+                    from_disk = Some(batches);
+                    first
+                }
+            };
+            let (header, bytes) = next;
+            if header.raft_index != *index {
+                return Err(io_err(
+                    subject(),
+                    format!("the batch there holds entry {}", header.raft_index),
+                ));
+            }
+            out.push(entry_of(inner, &header, &bytes)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The spans of the entries after the purge point, from the segments.
+fn scan_spans(
+    log: &PartitionLog,
+    purged: Option<(LogId, u64)>,
+) -> std::io::Result<BTreeMap<u64, Span>> {
+    let mut spans = BTreeMap::new();
+    let mut at = purged.map_or(log.first_offset(), |(_, next)| next);
+    let mut expected = purged.map(|(id, _)| id.index + 1);
+    loop {
+        let batches = log
+            .batches_from(at, SCAN_BATCHES)
+            .map_err(|e| io_err(format!("opening the log at offset {at}"), e))?;
+        let Some((last, _)) = batches.last() else {
+            return Ok(spans);
+        };
+        at = last.next_offset();
+        for (header, _) in &batches {
+            let index = header.raft_index;
+            if expected.is_some_and(|e| e != index) {
+                return Err(io_err(
+                    "opening the log",
+                    format!(
+                        "the batch at offset {} holds entry {index}, {expected:?} was expected",
+                        header.base_offset
+                    ),
+                ));
+            }
+            expected = Some(index + 1);
+            spans.insert(
+                index,
+                Span {
+                    base: header.base_offset,
+                    next: header.next_offset(),
+                },
+            );
+        }
+    }
+}
+
+/// The batch an entry is written as: its stamp and records.
+fn batch_of(entry: &Entry) -> std::io::Result<(Stamp, Record)> {
+    let subject = || format!("writing entry {}", entry.log_id);
+    let (entry_type, value) = match &entry.payload {
+        EntryPayload::Blank => (EntryType::Blank, Vec::new()),
+        EntryPayload::Membership(m) => (
+            EntryType::Membership,
+            encode(m).map_err(|e| io_err(subject(), e))?,
+        ),
+        EntryPayload::Normal(command) => (
+            EntryType::Command,
+            encode(command).map_err(|e| io_err(subject(), e))?,
+        ),
+    };
+    let stamp = Stamp {
+        leader_epoch: entry.log_id.leader_id.term,
+        raft_index: entry.log_id.index,
+        entry_type,
+    };
+    // Timestamp 0: every replica writes the same bytes.
+    let record = Record {
+        value: Bytes::from(value),
+        ..Record::default()
+    };
+    Ok((stamp, record))
+}
+
+/// The entry a batch holds.
+fn entry_of(inner: &Inner, header: &record::BatchHeader, bytes: &Bytes) -> std::io::Result<Entry> {
+    let index = header.raft_index;
+    let subject = || format!("reading entry {index}");
+    let log_id = inner.log_id(header.leader_epoch, index)?;
+    let value = || -> std::io::Result<Bytes> {
+        let records = record::decode_records(header, bytes).map_err(|e| io_err(subject(), e))?;
+        let [record] = <[_; 1]>::try_from(records)
+            .map_err(|r| io_err(subject(), format!("{} records, not one", r.len())))?;
+        Ok(record.value)
+    };
+    let payload = match header.entry_type {
+        EntryType::Blank => EntryPayload::Blank,
+        EntryType::Membership => EntryPayload::Membership(
+            decode::<Membership>(&value()?).map_err(|e| io_err(subject(), e))?,
+        ),
+        EntryType::Command => {
+            EntryPayload::Normal(decode::<Command>(&value()?).map_err(|e| io_err(subject(), e))?)
+        }
+        EntryType::Data => {
+            return Err(io_err(
+                subject(),
+                "a data batch (this version writes no data entries into a Raft log)",
+            ));
+        }
+    };
+    Ok(Entry { log_id, payload })
+}
+
+/// Tells openraft of each append once it is durable, in the order they came.
+async fn run_flusher(mut flushes: mpsc::UnboundedReceiver<Flush>) {
+    while let Some(flush) = flushes.recv().await {
+        let result = flush.durable.await.map_err(std::io::Error::other);
+        flush.done.io_completed(result);
+    }
+}
+
+impl RaftLogReader<TypeConfig> for PartitionLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> std::io::Result<Vec<Entry>> {
+        let mut inner = self.inner.lock();
+        inner.prune_unsynced(self.log.next_offset());
+        let wanted: Vec<(u64, Span)> = inner.spans.range(range).map(|(i, s)| (*i, *s)).collect();
+        self.read_entries(&inner, &wanted)
+    }
+
+    async fn read_vote(&mut self) -> std::io::Result<Option<Vote>> {
+        Ok(self.inner.lock().vote)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for PartitionLogStore {
+    type LogReader = PartitionLogStore;
+
+    async fn get_log_state(&mut self) -> std::io::Result<LogState<TypeConfig>> {
+        let inner = self.inner.lock();
+        Ok(LogState {
+            last_purged_log_id: inner.purged.map(|(id, _)| id),
+            last_log_id: inner.last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
+        let mut inner = self.inner.lock();
+        write_small(&inner.dir, VOTE, vote, true).map_err(|e| io_err("saving the vote", e))?;
+        inner.vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> std::io::Result<()> {
+        let mut inner = self.inner.lock();
+        // Synced with the next vote or append: a lost committed id is learnt again.
+        write_small(&inner.dir, COMMITTED, &committed, false)
+            .map_err(|e| io_err("saving the committed id", e))?;
+        inner.committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> std::io::Result<Option<LogId>> {
+        Ok(self.inner.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> std::io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let written = {
+            let mut inner = self.inner.lock();
+            inner.prune_unsynced(self.log.next_offset());
+            append_locked(&self.log, &mut inner, entries)
+        };
+        match written {
+            Ok(end) => {
+                let flush = Flush {
+                    durable: Box::pin(self.log.durable(end)),
+                    done: callback,
+                };
+                if let Err(mpsc::error::SendError(flush)) = self.flusher.send(flush) {
+                    flush
+                        .done
+                        .io_completed(Err(std::io::Error::other("raft log: the flusher stopped")));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                callback.io_completed(Err(std::io::Error::new(e.kind(), e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last: Option<LogId>) -> std::io::Result<()> {
+        let from = last.map_or(0, |l| l.index + 1);
+        let cut = self.inner.lock().spans.get(&from).map(|s| s.base);
+        let Some(offset) = cut else {
+            return Ok(());
+        };
+        self.log
+            .truncate_suffix(offset)
+            .await
+            .map_err(|e| io_err(format!("truncating after {last:?}"), e))?;
+        let mut inner = self.inner.lock();
+        inner.spans.split_off(&from);
+        inner.unsynced.split_off(&from);
+        inner.last_log_id = inner.last_id(&self.log)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> std::io::Result<()> {
+        let mut inner = self.inner.lock();
+        let after = match inner.spans.get(&log_id.index) {
+            Some(span) => span.next,
+            // Past the last entry (a snapshot installed): the next entry comes at the end.
+            None => inner
+                .spans
+                .range(log_id.index..)
+                .next()
+                .map_or_else(|| self.log_end(&inner), |(_, s)| s.base),
+        };
+        write_small(&inner.dir, PURGED, &(log_id, after), true)
+            .map_err(|e| io_err(format!("purging up to {log_id}"), e))?;
+        inner.purged = Some((log_id, after));
+        let kept = inner.spans.split_off(&(log_id.index + 1));
+        inner.spans = kept;
+        let kept = inner.unsynced.split_off(&(log_id.index + 1));
+        inner.unsynced = kept;
+        if inner
+            .last_log_id
+            .is_none_or(|last| last.index < log_id.index)
+        {
+            inner.last_log_id = Some(log_id);
+        }
+        Ok(())
+    }
+}
+
+impl PartitionLogStore {
+    /// One past the last offset written (readable or not).
+    fn log_end(&self, inner: &Inner) -> u64 {
+        inner
+            .spans
+            .last_key_value()
+            .map_or_else(|| self.log.next_offset(), |(_, s)| s.next)
+    }
+}
+
+/// Writes `entries` at the end of the log, one batch each; returns the end offset to wait
+/// for before they count as durable.
+fn append_locked<I>(log: &PartitionLog, inner: &mut Inner, entries: I) -> std::io::Result<u64>
+where
+    I: IntoIterator<Item = Entry>,
+{
+    let mut end = inner
+        .spans
+        .last_key_value()
+        .map_or_else(|| log.next_offset(), |(_, s)| s.next);
+    for entry in entries {
+        let subject = || format!("writing entry {}", entry.log_id);
+        let term = entry.log_id.leader_id.term;
+        let node = entry.log_id.leader_id.node_id;
+        match inner.leaders.get(&term) {
+            Some(known) if *known != node => {
+                return Err(io_err(
+                    subject(),
+                    format!("term {term} was led by node {known}, not {node}"),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                // Durable before any entry of the term is: synced now.
+                inner.leaders.insert(term, node);
+                let table: Vec<(u64, u64)> = inner.leaders.iter().map(|(t, n)| (*t, *n)).collect();
+                write_small(&inner.dir, LEADERS, &table, true).map_err(|e| io_err(subject(), e))?;
+            }
+        }
+        let (stamp, record) = batch_of(&entry)?;
+        let (base, next) = log
+            .append_entry(stamp, std::slice::from_ref(&record))
+            .map_err(|e| io_err(subject(), e))?;
+        let index = entry.log_id.index;
+        inner.spans.insert(index, Span { base, next });
+        inner.last_log_id = Some(entry.log_id);
+        inner.unsynced.insert(index, entry);
+        end = next;
+    }
+    Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::types::log_id;
+    use super::*;
+    use crate::broker::replicate::Op;
+    use crate::log::{FsyncPolicy, LogConfig};
+    use openraft::type_config::TypeConfigExt;
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    fn open(dir: &Path, fsync: FsyncPolicy) -> PartitionLogStore {
+        let config = LogConfig {
+            fsync,
+            // Small segments: logs span several.
+            segment_bytes: 256,
+            ..LogConfig::default()
+        };
+        PartitionLogStore::open(PartitionLog::open(dir, config).unwrap()).unwrap()
+    }
+
+    /// Entry `index` of `term` (led by node `term % 3 + 1`), of kind `kind % 3`: blank,
+    /// membership or command.
+    fn entry(kind: u8, term: u64, index: u64) -> Entry {
+        let payload = match kind % 3 {
+            0 => EntryPayload::Blank,
+            1 => EntryPayload::Membership(Membership::from(
+                [
+                    (1u64, openraft::BasicNode::new("a")),
+                    (index, openraft::BasicNode::new("b")),
+                ]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            )),
+            _ => EntryPayload::Normal(Command::Broker(Op::DeleteQueue {
+                name: format!("q{index}"),
+            })),
+        };
+        Entry {
+            log_id: log_id(term, term % 3 + 1, index),
+            payload,
+        }
+    }
+
+    async fn append(store: &mut PartitionLogStore, entries: Vec<Entry>) {
+        let (tx, rx) = TypeConfig::oneshot();
+        store.append(entries, IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    async fn all(store: &mut PartitionLogStore) -> Vec<Entry> {
+        store.try_get_log_entries(..).await.unwrap()
+    }
+
+    /// Under `fsync = always` an entry appended and not yet synced is read back from
+    /// memory (its batch is not readable yet), and from the segments once synced.
+    #[tokio::test]
+    async fn an_unsynced_entry_is_read_from_memory_until_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), FsyncPolicy::Always);
+        append(&mut store, vec![entry(0, 1, 1)]).await;
+        let end = {
+            let mut inner = store.inner.lock();
+            append_locked(&store.log, &mut inner, [entry(2, 1, 2)]).unwrap()
+        };
+        assert_eq!(
+            store.log.next_offset(),
+            1,
+            "the second batch is not readable yet"
+        );
+        assert_eq!(all(&mut store).await, [entry(0, 1, 1), entry(2, 1, 2)]);
+        store.log.durable(end).await.unwrap();
+        assert_eq!(store.log.next_offset(), 2);
+        assert_eq!(all(&mut store).await, [entry(0, 1, 1), entry(2, 1, 2)]);
+        assert!(store.inner.lock().unsynced.is_empty());
+    }
+
+    /// A term has one leader: an entry naming another is refused, and nothing is written.
+    #[tokio::test]
+    async fn a_term_has_one_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        append(&mut store, vec![entry(0, 4, 1)]).await;
+        let mut other = entry(0, 4, 2);
+        other.log_id.leader_id.node_id = 9;
+        let (tx, _rx) = TypeConfig::oneshot();
+        assert!(store.append([other], IOFlushed::signal(tx)).await.is_err());
+        assert_eq!(all(&mut store).await, [entry(0, 4, 1)]);
+    }
+
+    /// What a model of the log does to a test.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Appends entries of these kinds, in a later term first when `new_term`.
+        Append { kinds: Vec<u8>, new_term: bool },
+        /// Keeps the entries up to `back` before the last.
+        Truncate { back: u64 },
+        /// Purges up to `back` before the last (or `past` entries after it: a snapshot).
+        Purge { back: u64, past: u64 },
+        /// Closes the log and opens it again.
+        Reopen,
+        /// Saves a vote and a committed id.
+        Vote { term: u64 },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (proptest::collection::vec(any::<u8>(), 1..5), any::<bool>())
+                .prop_map(|(kinds, new_term)| Step::Append { kinds, new_term }),
+            1 => (0u64..4).prop_map(|back| Step::Truncate { back }),
+            1 => (0u64..4, prop_oneof![3 => Just(0u64), 1 => 1u64..3])
+                .prop_map(|(back, past)| Step::Purge { back, past }),
+            1 => Just(Step::Reopen),
+            1 => (1u64..5).prop_map(|term| Step::Vote { term }),
+        ]
+    }
+
+    /// The log against a model (a purge point and the entries after it) over random
+    /// appends, truncations, purges (also past the last entry) and reopens, under both
+    /// durability policies: the same entries, log state, vote and committed id each time,
+    /// and never a message for readers of the partition.
+    #[test]
+    fn the_log_follows_a_model() {
+        let config = ProptestConfig {
+            cases: 48,
+            ..ProptestConfig::default()
+        };
+        proptest!(config, |(steps in proptest::collection::vec(step(), 1..24), always in any::<bool>())| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let policy = if always { FsyncPolicy::Always } else { FsyncPolicy::Never };
+                let dir = tempfile::tempdir().unwrap();
+                let mut store = open(dir.path(), policy);
+                let mut model: Vec<Entry> = Vec::new();
+                let mut purged: Option<LogId> = None;
+                let mut vote: Option<(Vote, Option<LogId>)> = None;
+                let mut term = 1;
+                for step in steps {
+                    let last = model.last().map(|e| e.log_id).or(purged);
+                    let next = last.map_or(1, |l| l.index + 1);
+                    match step {
+                        Step::Append { kinds, new_term } => {
+                            term = term.max(last.map_or(1, |l| l.leader_id.term)) + u64::from(new_term);
+                            let entries: Vec<Entry> = kinds
+                                .iter()
+                                .enumerate()
+                                .map(|(i, k)| entry(*k, term, next + i as u64))
+                                .collect();
+                            append(&mut store, entries.clone()).await;
+                            model.extend(entries);
+                        }
+                        Step::Truncate { back } => {
+                            let keep = (model.len() as u64).saturating_sub(back) as usize;
+                            if keep == 0 {
+                                // Raft never truncates at or below the purge point.
+                                continue;
+                            }
+                            let at = model[keep - 1].log_id;
+                            store.truncate_after(Some(at)).await.unwrap();
+                            model.truncate(keep);
+                        }
+                        Step::Purge { back, past } => {
+                            let target = if past > 0 {
+                                // A snapshot past the last entry: the log starts after it.
+                                Some(log_id(term, term % 3 + 1, next - 1 + past))
+                            } else {
+                                let at = (model.len() as u64).saturating_sub(back + 1) as usize;
+                                model.get(at).map(|e| e.log_id)
+                            };
+                            let Some(target) = target else { continue };
+                            store.purge(target).await.unwrap();
+                            model.retain(|e| e.log_id.index > target.index);
+                            purged = Some(target);
+                        }
+                        Step::Reopen => {
+                            drop(store);
+                            store = open(dir.path(), policy);
+                        }
+                        Step::Vote { term: t } => {
+                            let v = Vote::new(t, t % 3 + 1);
+                            store.save_vote(&v).await.unwrap();
+                            store.save_committed(last).await.unwrap();
+                            vote = Some((v, last));
+                        }
+                    }
+                    let state = store.get_log_state().await.unwrap();
+                    assert_eq!(state.last_purged_log_id, purged);
+                    assert_eq!(state.last_log_id, model.last().map(|e| e.log_id).or(purged));
+                    assert_eq!(all(&mut store).await, model);
+                    if let Some(first) = model.first() {
+                        let index = first.log_id.index;
+                        let some = store.try_get_log_entries(index + 1..index + 3).await.unwrap();
+                        assert_eq!(some, model.get(1..3.min(model.len())).unwrap_or_default());
+                    }
+                    if let Some((v, committed)) = vote {
+                        assert_eq!(store.read_vote().await.unwrap(), Some(v));
+                        assert_eq!(store.read_committed().await.unwrap(), committed);
+                    }
+                    let messages = store.partition_log().read(0, usize::MAX, usize::MAX).unwrap();
+                    assert!(messages.is_empty(), "{messages:?}");
+                }
+            });
+        });
+    }
+}
