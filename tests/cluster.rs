@@ -964,8 +964,8 @@ async fn openraft_storage_suite_passes_over_the_segment_log() {
                 segment_bytes: 512,
                 ..LogConfig::default()
             };
-            let log = PartitionLog::open(dir.path(), config).unwrap();
-            let store = PartitionLogStore::open(log).unwrap();
+            let log = PartitionLog::open(&dir.path().join("partition"), config).unwrap();
+            let store = PartitionLogStore::open(log, &dir.path().join("raft")).unwrap();
             Ok((dir, store, StateMachine::new(Role::Bare, None)))
         }
     }

@@ -5,8 +5,8 @@
 //! of [`super::log_store`], then the partition on apply).
 //!
 //! ```text
-//! {partition dir}/
-//!   {base:020}.log / .index / .timeindex   the segments: one batch per entry
+//! {partition dir}/{base:020}.log / .index / .timeindex   the segments: one batch per entry
+//! {side dir}/
 //!   raft-leaders      crc32 u32 LE | bincode Vec<(term, node)>: who led each term
 //!   raft-vote         crc32 u32 LE | bincode Vote
 //!   raft-committed    crc32 u32 LE | bincode Option<LogId>
@@ -37,7 +37,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -153,9 +153,12 @@ impl Inner {
 }
 
 impl PartitionLogStore {
-    /// The Raft log kept in `log`, with its side files in the log's directory.
-    pub fn open(log: PartitionLog) -> std::io::Result<Self> {
-        let dir = log.dir().to_path_buf();
+    /// The Raft log kept in `log`, with its side files in `dir` (made if missing; kept apart from the
+    /// partition's directory, which a snapshot replaces whole). Spawns the task that tells
+    /// openraft of durable appends: call it on a Tokio runtime.
+    pub fn open(log: PartitionLog, dir: &Path) -> std::io::Result<Self> {
+        let dir = dir.to_path_buf();
+        std::fs::create_dir_all(&dir)?;
         let leaders: Vec<(u64, u64)> = read_small(&dir, LEADERS)?.unwrap_or_default();
         let purged: Option<(LogId, u64)> = read_small(&dir, PURGED)?;
         let mut inner = Inner {
@@ -517,7 +520,6 @@ mod tests {
     use crate::log::{FsyncPolicy, LogConfig};
     use openraft::type_config::TypeConfigExt;
     use proptest::prelude::*;
-    use std::path::Path;
 
     fn open(dir: &Path, fsync: FsyncPolicy) -> PartitionLogStore {
         let config = LogConfig {
@@ -526,7 +528,8 @@ mod tests {
             segment_bytes: 256,
             ..LogConfig::default()
         };
-        PartitionLogStore::open(PartitionLog::open(dir, config).unwrap()).unwrap()
+        let log = PartitionLog::open(&dir.join("partition"), config).unwrap();
+        PartitionLogStore::open(log, &dir.join("raft")).unwrap()
     }
 
     /// Entry `index` of `term` (led by node `term % 3 + 1`), of kind `kind % 3`: blank,
