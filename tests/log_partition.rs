@@ -246,6 +246,93 @@ async fn raft_entries_are_batches_readers_of_records_pass_over() {
     );
 }
 
+/// Under a commit gate, readers of records (reads, the next offset and its watchers,
+/// lookups by offset and time) see only what lies below it, whatever is written; the Raft
+/// reader sees everything written; the gate only moves on, and a truncation of the
+/// uncommitted suffix changes nothing readers see.
+#[tokio::test]
+async fn a_commit_gate_holds_readers_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(1 << 20)).unwrap();
+    log.append(vec![rec(0), rec(1)]).await.unwrap();
+    log.set_commit_gate(Some(2));
+    let mut watch = log.watch_next_offset();
+    watch.mark_unchanged();
+    let stamp = Stamp::default();
+    assert_eq!(log.append_entry(stamp, &[rec(2), rec(3)]).unwrap(), (2, 4));
+    assert_eq!(log.append_entry(stamp, &[rec(4)]).unwrap(), (4, 5));
+    assert_eq!(log.next_offset(), 2);
+    assert_eq!(log.written_end(), 5);
+    assert_prefix(&values(&log, 0), 2);
+    assert!(values(&log, 2).is_empty());
+    assert_eq!(log.locate(2).unwrap(), None);
+    assert_eq!(log.offset_for_timestamp(1_002).unwrap(), None);
+    assert!(!watch.has_changed().unwrap(), "nothing new for readers");
+    assert_eq!(log.batches_from(2, 10).unwrap().len(), 2);
+
+    log.commit_to(4);
+    assert!(watch.has_changed().unwrap());
+    assert_eq!(*watch.borrow_and_update(), 4);
+    assert_prefix(&values(&log, 0), 4);
+    assert_eq!(log.offset_for_timestamp(1_002).unwrap(), Some(2));
+    log.commit_to(3);
+    assert_eq!(log.next_offset(), 4, "the gate never moves back");
+
+    // The entry past the gate is cut (a new leader's log wins): readers see no change.
+    log.truncate_suffix(4).await.unwrap();
+    assert_eq!((log.written_end(), log.next_offset()), (4, 4));
+    assert!(!watch.has_changed().unwrap());
+    assert_eq!(log.append_entry(stamp, &[rec(4), rec(5)]).unwrap(), (4, 6));
+    assert_eq!(log.next_offset(), 4);
+    log.commit_to(6);
+    assert_prefix(&values(&log, 0), 6);
+
+    // Without a gate readers see what is written again.
+    log.set_commit_gate(Some(6));
+    log.append(vec![rec(6)]).await.unwrap();
+    assert_eq!(log.next_offset(), 6);
+    log.set_commit_gate(None);
+    assert_prefix(&values(&log, 0), 7);
+}
+
+/// Appends and gate moves racing on two threads: what readers see never goes back, and
+/// ends at the smaller of the two ends, watchers included.
+#[test]
+fn a_racing_commit_never_leaves_readers_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(1 << 20)).unwrap();
+    log.set_commit_gate(Some(0));
+    let watch = log.watch_next_offset();
+    const N: u64 = 2_000;
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut seen = 0;
+            while !done.load(Ordering::Acquire) {
+                let now = log.next_offset();
+                assert!(now >= seen, "readers went back from {seen} to {now}");
+                seen = now;
+                std::thread::yield_now();
+            }
+        });
+        let appender = scope.spawn(|| {
+            for i in 0..N {
+                log.append_entry(Stamp::default(), &[rec(i)]).unwrap();
+            }
+        });
+        let committer = scope.spawn(|| {
+            for end in 1..=N {
+                log.commit_to(end);
+            }
+        });
+        appender.join().unwrap();
+        committer.join().unwrap();
+        done.store(true, Ordering::Release);
+    });
+    assert_eq!(log.next_offset(), N);
+    assert_eq!(*watch.borrow(), N);
+}
+
 /// Under `fsync = always` an entry is readable once durable, and `durable` waits for
 /// the sync that covers it.
 #[tokio::test]

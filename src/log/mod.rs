@@ -201,8 +201,15 @@ struct Shared {
     config: LogConfig,
     /// Segments, oldest first; the last one is active. Replaced whole, never mutated.
     segments: ArcSwap<Vec<Arc<Segment>>>,
-    /// One past the last readable offset.
+    /// One past the last offset readers of records see: [`Self::written`], held back at
+    /// [`Self::gate`]. Changed only through [`Shared::refresh_visible`].
     next_offset: AtomicU64,
+    /// One past the last offset whose batch is readable (published by the writer), for
+    /// the log's own Raft reader ([`PartitionLog::batches_from`]).
+    written: AtomicU64,
+    /// The commit gate: readers of records see nothing at or past it ([`PartitionLog::
+    /// set_commit_gate`]); `u64::MAX` when the log has none.
+    gate: AtomicU64,
     /// The leader epoch and Raft index written into the header of every batch appended
     /// from now on ([`PartitionLog::set_stamp`]). Set by the task that then appends (a
     /// cluster group's apply, the partition's only writer there), so an append never reads
@@ -219,6 +226,24 @@ struct Shared {
     commit: GroupCommit,
     /// Appends waiting to be merged into the next batch.
     combiner: combine::Combiner,
+}
+
+impl Shared {
+    /// Sets what readers see, `min(written, gate)`, and tells the watchers when it
+    /// changed. Computed under the watch's lock from the latest values, so that a publish
+    /// and a commit racing each other never leave an older value behind.
+    fn refresh_visible(&self) {
+        self.watch.send_if_modified(|seen| {
+            let visible = self
+                .written
+                .load(Ordering::Acquire)
+                .min(self.gate.load(Ordering::Acquire));
+            self.next_offset.store(visible, Ordering::Release);
+            let changed = *seen != visible;
+            *seen = visible;
+            changed
+        });
+    }
 }
 
 /// The handles' common part; dropping the last handle stops pool syncs and syncs a last
@@ -278,6 +303,8 @@ impl PartitionLog {
             config,
             segments: ArcSwap::from_pointee(segments),
             next_offset: AtomicU64::new(next),
+            written: AtomicU64::new(next),
+            gate: AtomicU64::new(u64::MAX),
             leader_epoch: AtomicU64::new(0),
             raft_index: AtomicU64::new(0),
             watch: watch::Sender::new(next),
@@ -353,16 +380,47 @@ impl PartitionLog {
         }
     }
 
+    /// Puts a commit gate on the log at offset `end` (`None` takes it away): readers of
+    /// records ([`Self::read`], [`Self::next_offset`] and its watchers, [`Self::locate`],
+    /// [`Self::offset_for_timestamp`]) see nothing at or past it, whatever is written; the
+    /// log's own Raft reader ([`Self::batches_from`]) sees everything written. For a log
+    /// that is a Raft group's log, whose entries are written before they are committed and
+    /// may still be truncated: consumers never read such an entry. [`Self::commit_to`]
+    /// moves the gate on.
+    pub fn set_commit_gate(&self, end: Option<u64>) {
+        let shared = &self.inner.shared;
+        shared
+            .gate
+            .store(end.unwrap_or(u64::MAX), Ordering::Release);
+        shared.refresh_visible();
+    }
+
+    /// Moves the commit gate on to `end` (never back; nothing without a gate): readers see
+    /// the records below it once written.
+    pub fn commit_to(&self, end: u64) {
+        let shared = &self.inner.shared;
+        let before = shared.gate.fetch_max(end, Ordering::AcqRel);
+        if before < end {
+            shared.refresh_visible();
+        }
+    }
+
+    /// One past the last offset whose batch is readable by [`Self::batches_from`] (written,
+    /// and under `fsync = always` synced), the commit gate notwithstanding.
+    pub fn written_end(&self) -> u64 {
+        self.inner.shared.written.load(Ordering::Acquire)
+    }
+
     /// Whole batches, CRC-checked, from the readable one that starts at offset `from` on,
-    /// at most `max` of them, of every entry type (for a log that is a Raft group's log).
-    /// Empty when `from` is at or past the readable end; an error when no batch starts at
-    /// `from`.
+    /// at most `max` of them, of every entry type, past the commit gate too (for a log that
+    /// is a Raft group's log). Empty when `from` is at or past the readable end; an error
+    /// when no batch starts at `from`.
     pub fn batches_from(
         &self,
         from: u64,
         max: usize,
     ) -> Result<Vec<(record::BatchHeader, bytes::Bytes)>, LogError> {
-        let next = self.next_offset();
+        let next = self.written_end();
         let segments = self.inner.shared.segments.load_full();
         let mut out = Vec::new();
         if from >= next || max == 0 {
@@ -589,7 +647,8 @@ impl PartitionLog {
         Ok(removed.len())
     }
 
-    /// Removes every record at or past `offset` (for replication); next_offset becomes `offset`.
+    /// Removes every record at or past `offset` (for replication); the written end becomes
+    /// `offset` (and what readers see, unless a commit gate lies below it).
     pub async fn truncate_suffix(&self, offset: u64) -> Result<(), LogError> {
         let shared = &self.inner.shared;
         shared.writer.lock().truncate(shared, offset)

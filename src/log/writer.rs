@@ -103,10 +103,8 @@ fn report_fsync(shared: &Shared, started: Instant) {
 /// Makes `extent` of `segment` visible to readers.
 fn publish(shared: &Shared, segment: &Segment, extent: Extent) {
     segment.publish(extent);
-    shared
-        .next_offset
-        .store(extent.next_offset, Ordering::Release);
-    shared.watch.send_replace(extent.next_offset);
+    shared.written.store(extent.next_offset, Ordering::Release);
+    shared.refresh_visible();
 }
 
 /// The active segment's writing state, guarded by the partition's writer lock.
