@@ -965,7 +965,7 @@ async fn openraft_storage_suite_passes_over_the_segment_log() {
                 ..LogConfig::default()
             };
             let log = PartitionLog::open(&dir.path().join("partition"), config).unwrap();
-            let store = PartitionLogStore::open(log, &dir.path().join("raft")).unwrap();
+            let store = PartitionLogStore::open(log, &dir.path().join("raft"), "q", 0).unwrap();
             Ok((dir, store, StateMachine::new(Role::Bare, None)))
         }
     }

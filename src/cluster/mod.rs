@@ -452,6 +452,7 @@ fn appended_partition(command: &Command) -> Option<u32> {
         Command::Broker(Op::Publish { messages, .. }) => messages.first()?.partition,
         Command::Broker(Op::AppendRecords { partition, .. }) => Some(*partition),
         Command::AppendRecords(append) => Some(append.partition),
+        Command::Records(records) => Some(records.partition),
         _ => None,
     }
 }

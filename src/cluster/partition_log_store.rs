@@ -29,10 +29,16 @@
 //! the segments hold the partition's messages, which retention removes (at most up to the
 //! purge point, so that every entry openraft may still send stays).
 //!
-//! What is not here yet: data entries (a publish written as a data batch at append, so
-//! that apply only makes it visible) and the commit gate they need (consumers must never
-//! read an entry that may still be truncated). Until then this store is exercised by
-//! openraft's storage suite and its own tests, and no group uses it.
+//! Records for the log's own partition ([`Command::Records`]) are a data batch of those
+//! records: the messages consumers read, written once. Consumers never read an entry that
+//! may still be truncated: the store puts a commit gate on the partition log at the end of
+//! the committed entries (at open, from the saved committed id and purge point) and moves
+//! it on as openraft saves a later committed id.
+//!
+//! No group uses this store yet: a partition group's leader still proposes publishes for
+//! its state machine to decide (deduplication, partition, limits) at apply, so its entries
+//! are not the records; the leader must decide first and propose [`Command::Records`].
+//! Until then the store is exercised by openraft's storage suite and its own tests.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -47,8 +53,11 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::log_store::{io_err, read_small, write_small};
-use super::types::{Command, Entry, EntryPayload, LeaderId, LogId, Membership, TypeConfig, Vote};
+use super::types::{
+    Command, Entry, EntryPayload, LeaderId, LogId, Membership, PartitionRecords, TypeConfig, Vote,
+};
 use super::types::{decode, encode};
+use crate::broker::replicate::WireRecord;
 use crate::log::record::{self, EntryType, Stamp};
 use crate::log::{LogError, PartitionLog, Record};
 
@@ -74,6 +83,9 @@ struct Span {
 
 struct Inner {
     dir: PathBuf,
+    /// The queue and partition whose log this is: their records entries are data batches.
+    queue: String,
+    partition: u32,
     /// Every entry past the purge point, by index.
     spans: BTreeMap<u64, Span>,
     /// Entries appended whose batches are not readable yet (written, not yet synced).
@@ -139,6 +151,26 @@ impl Inner {
         }
     }
 
+    /// Where the committed entries end in the segment log: the commit gate, below which
+    /// readers of messages see the partition. Everything up to the purge point is
+    /// committed; without a committed id or a purge point nothing is.
+    fn committed_end(&self, log: &PartitionLog) -> u64 {
+        let purged_end = self.purged.map(|(_, after)| after);
+        let Some(committed) = self.committed else {
+            return purged_end.unwrap_or_else(|| log.first_offset());
+        };
+        match self.spans.get(&committed.index) {
+            Some(span) => span.next,
+            None => match self.spans.first_key_value() {
+                // Below the entries kept: at or below the purge point.
+                Some((first, span)) if committed.index < *first => purged_end.unwrap_or(span.base),
+                // Past the last entry (it was truncated since the id was saved, which
+                // Raft never does to a committed entry; or nothing follows a purge).
+                _ => purged_end.unwrap_or_else(|| log.first_offset()),
+            },
+        }
+    }
+
     /// Forgets unsynced entries whose batches have become readable.
     fn prune_unsynced(&mut self, readable_end: u64) {
         while let Some((&index, _)) = self.unsynced.first_key_value() {
@@ -153,10 +185,16 @@ impl Inner {
 }
 
 impl PartitionLogStore {
-    /// The Raft log kept in `log`, with its side files in `dir` (made if missing; kept apart from the
-    /// partition's directory, which a snapshot replaces whole). Spawns the task that tells
-    /// openraft of durable appends: call it on a Tokio runtime.
-    pub fn open(log: PartitionLog, dir: &Path) -> std::io::Result<Self> {
+    /// The Raft log of partition `partition` of `queue`, kept in `log`, with its side files
+    /// in `dir` (made if missing; kept apart from the partition's directory, which a
+    /// snapshot replaces whole). Spawns the task that tells openraft of durable appends:
+    /// call it on a Tokio runtime.
+    pub fn open(
+        log: PartitionLog,
+        dir: &Path,
+        queue: &str,
+        partition: u32,
+    ) -> std::io::Result<Self> {
         let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let leaders: Vec<(u64, u64)> = read_small(&dir, LEADERS)?.unwrap_or_default();
@@ -165,6 +203,8 @@ impl PartitionLogStore {
             vote: read_small(&dir, VOTE)?,
             committed: read_small::<Option<LogId>>(&dir, COMMITTED)?.flatten(),
             dir,
+            queue: queue.to_string(),
+            partition,
             spans: BTreeMap::new(),
             unsynced: BTreeMap::new(),
             leaders: leaders.into_iter().collect(),
@@ -173,6 +213,7 @@ impl PartitionLogStore {
         };
         inner.spans = scan_spans(&log, purged)?;
         inner.last_log_id = inner.last_id(&log)?;
+        log.set_commit_gate(Some(inner.committed_end(&log)));
         let (flusher, flushes) = mpsc::unbounded_channel();
         tokio::spawn(run_flusher(flushes));
         Ok(Self {
@@ -266,10 +307,24 @@ fn scan_spans(
     }
 }
 
-/// The batch an entry is written as: its stamp and records.
-fn batch_of(entry: &Entry) -> std::io::Result<(Stamp, Record)> {
+/// The batch an entry is written as: its stamp and records. Records for this log's
+/// partition are a data batch of them; anything else is one record of its own kind.
+fn batch_of(inner: &Inner, entry: &Entry) -> std::io::Result<(Stamp, Vec<Record>)> {
     let subject = || format!("writing entry {}", entry.log_id);
+    let stamp = |entry_type| Stamp {
+        leader_epoch: entry.log_id.leader_id.term,
+        raft_index: entry.log_id.index,
+        entry_type,
+    };
     let (entry_type, value) = match &entry.payload {
+        EntryPayload::Normal(Command::Records(r))
+            if r.queue == inner.queue
+                && r.partition == inner.partition
+                && !r.records.is_empty() =>
+        {
+            let records = r.records.iter().cloned().map(Record::from).collect();
+            return Ok((stamp(EntryType::Data), records));
+        }
         EntryPayload::Blank => (EntryType::Blank, Vec::new()),
         EntryPayload::Membership(m) => (
             EntryType::Membership,
@@ -280,17 +335,12 @@ fn batch_of(entry: &Entry) -> std::io::Result<(Stamp, Record)> {
             encode(command).map_err(|e| io_err(subject(), e))?,
         ),
     };
-    let stamp = Stamp {
-        leader_epoch: entry.log_id.leader_id.term,
-        raft_index: entry.log_id.index,
-        entry_type,
-    };
     // Timestamp 0: every replica writes the same bytes.
     let record = Record {
         value: Bytes::from(value),
         ..Record::default()
     };
-    Ok((stamp, record))
+    Ok((stamp(entry_type), vec![record]))
 }
 
 /// The entry a batch holds.
@@ -313,10 +363,21 @@ fn entry_of(inner: &Inner, header: &record::BatchHeader, bytes: &Bytes) -> std::
             EntryPayload::Normal(decode::<Command>(&value()?).map_err(|e| io_err(subject(), e))?)
         }
         EntryType::Data => {
-            return Err(io_err(
-                subject(),
-                "a data batch (this version writes no data entries into a Raft log)",
-            ));
+            let records =
+                record::decode_records(header, bytes).map_err(|e| io_err(subject(), e))?;
+            EntryPayload::Normal(Command::Records(PartitionRecords {
+                queue: inner.queue.clone(),
+                partition: inner.partition,
+                records: records
+                    .into_iter()
+                    .map(|r| WireRecord {
+                        timestamp_ms: r.timestamp_ms,
+                        key: r.key,
+                        headers: r.headers,
+                        value: r.value,
+                    })
+                    .collect(),
+            }))
         }
     };
     Ok(Entry { log_id, payload })
@@ -336,7 +397,7 @@ impl RaftLogReader<TypeConfig> for PartitionLogStore {
         range: RB,
     ) -> std::io::Result<Vec<Entry>> {
         let mut inner = self.inner.lock();
-        inner.prune_unsynced(self.log.next_offset());
+        inner.prune_unsynced(self.log.written_end());
         let wanted: Vec<(u64, Span)> = inner.spans.range(range).map(|(i, s)| (*i, *s)).collect();
         self.read_entries(&inner, &wanted)
     }
@@ -374,6 +435,8 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         write_small(&inner.dir, COMMITTED, &committed, false)
             .map_err(|e| io_err("saving the committed id", e))?;
         inner.committed = committed;
+        // Consumers read what is committed.
+        self.log.commit_to(inner.committed_end(&self.log));
         Ok(())
     }
 
@@ -392,7 +455,7 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     {
         let written = {
             let mut inner = self.inner.lock();
-            inner.prune_unsynced(self.log.next_offset());
+            inner.prune_unsynced(self.log.written_end());
             append_locked(&self.log, &mut inner, entries)
         };
         match written {
@@ -446,6 +509,8 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         write_small(&inner.dir, PURGED, &(log_id, after), true)
             .map_err(|e| io_err(format!("purging up to {log_id}"), e))?;
         inner.purged = Some((log_id, after));
+        // Only committed entries are purged.
+        self.log.commit_to(after);
         let kept = inner.spans.split_off(&(log_id.index + 1));
         inner.spans = kept;
         let kept = inner.unsynced.split_off(&(log_id.index + 1));
@@ -466,7 +531,7 @@ impl PartitionLogStore {
         inner
             .spans
             .last_key_value()
-            .map_or_else(|| self.log.next_offset(), |(_, s)| s.next)
+            .map_or_else(|| self.log.written_end(), |(_, s)| s.next)
     }
 }
 
@@ -479,7 +544,7 @@ where
     let mut end = inner
         .spans
         .last_key_value()
-        .map_or_else(|| log.next_offset(), |(_, s)| s.next);
+        .map_or_else(|| log.written_end(), |(_, s)| s.next);
     for entry in entries {
         let subject = || format!("writing entry {}", entry.log_id);
         let term = entry.log_id.leader_id.term;
@@ -499,9 +564,9 @@ where
                 write_small(&inner.dir, LEADERS, &table, true).map_err(|e| io_err(subject(), e))?;
             }
         }
-        let (stamp, record) = batch_of(&entry)?;
+        let (stamp, records) = batch_of(inner, &entry)?;
         let (base, next) = log
-            .append_entry(stamp, std::slice::from_ref(&record))
+            .append_entry(stamp, &records)
             .map_err(|e| io_err(subject(), e))?;
         let index = entry.log_id.index;
         inner.spans.insert(index, Span { base, next });
@@ -529,13 +594,36 @@ mod tests {
             ..LogConfig::default()
         };
         let log = PartitionLog::open(&dir.join("partition"), config).unwrap();
-        PartitionLogStore::open(log, &dir.join("raft")).unwrap()
+        PartitionLogStore::open(log, &dir.join("raft"), "q", 1).unwrap()
     }
 
-    /// Entry `index` of `term` (led by node `term % 3 + 1`), of kind `kind % 3`: blank,
-    /// membership or command.
+    /// `n` records (one at least) made from `seed`: keys, headers and values of varied
+    /// shapes, the empty ones included.
+    fn records(seed: u64, n: usize) -> Vec<WireRecord> {
+        (0..n.max(1) as u64)
+            .map(|i| {
+                let x = seed.wrapping_mul(31).wrapping_add(i);
+                WireRecord {
+                    timestamp_ms: 1_700_000_000_000 + x as i64 % 5_000,
+                    key: match x % 3 {
+                        0 => None,
+                        1 => Some(Bytes::new()),
+                        _ => Some(Bytes::from(format!("k{x}"))),
+                    },
+                    headers: (0..x % 3)
+                        .map(|h| (format!("h{h}"), Bytes::from(vec![h as u8; h as usize])))
+                        .collect(),
+                    value: Bytes::from("v".repeat((x % 40) as usize)),
+                }
+            })
+            .collect()
+    }
+
+    /// Entry `index` of `term` (led by node `term % 3 + 1`), of kind `kind % 5`: blank,
+    /// membership, command, records for the log's partition (a data batch), records for
+    /// another partition (a command).
     fn entry(kind: u8, term: u64, index: u64) -> Entry {
-        let payload = match kind % 3 {
+        let payload = match kind % 5 {
             0 => EntryPayload::Blank,
             1 => EntryPayload::Membership(Membership::from(
                 [
@@ -545,14 +633,43 @@ mod tests {
                 .into_iter()
                 .collect::<BTreeMap<_, _>>(),
             )),
-            _ => EntryPayload::Normal(Command::Broker(Op::DeleteQueue {
+            2 => EntryPayload::Normal(Command::Broker(Op::DeleteQueue {
                 name: format!("q{index}"),
+            })),
+            kind => EntryPayload::Normal(Command::Records(PartitionRecords {
+                queue: "q".into(),
+                partition: if kind == 3 { 1 } else { 2 },
+                records: records(index, index as usize % 4),
             })),
         };
         Entry {
             log_id: log_id(term, term % 3 + 1, index),
             payload,
         }
+    }
+
+    /// The records an entry puts in the log's partition (data), if any.
+    fn data_of(entry: &Entry) -> Vec<WireRecord> {
+        match &entry.payload {
+            EntryPayload::Normal(Command::Records(r)) if r.partition == 1 => r.records.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// What readers of messages see of the partition.
+    fn messages(store: &PartitionLogStore) -> Vec<WireRecord> {
+        store
+            .partition_log()
+            .read(0, usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| WireRecord {
+                timestamp_ms: r.timestamp_ms,
+                key: r.key,
+                headers: r.headers,
+                value: r.value,
+            })
+            .collect()
     }
 
     async fn append(store: &mut PartitionLogStore, entries: Vec<Entry>) {
@@ -574,18 +691,40 @@ mod tests {
         append(&mut store, vec![entry(0, 1, 1)]).await;
         let end = {
             let mut inner = store.inner.lock();
-            append_locked(&store.log, &mut inner, [entry(2, 1, 2)]).unwrap()
+            append_locked(&store.log, &mut inner, [entry(3, 1, 2)]).unwrap()
         };
-        assert_eq!(
-            store.log.next_offset(),
-            1,
-            "the second batch is not readable yet"
-        );
-        assert_eq!(all(&mut store).await, [entry(0, 1, 1), entry(2, 1, 2)]);
-        store.log.durable(end).await.unwrap();
-        assert_eq!(store.log.next_offset(), 2);
-        assert_eq!(all(&mut store).await, [entry(0, 1, 1), entry(2, 1, 2)]);
+        let log = store.partition_log().clone();
+        assert_eq!(log.written_end(), 1, "the second batch is not readable yet");
+        assert_eq!(all(&mut store).await, [entry(0, 1, 1), entry(3, 1, 2)]);
+        log.durable(end).await.unwrap();
+        assert_eq!(log.written_end(), end);
+        assert_eq!(all(&mut store).await, [entry(0, 1, 1), entry(3, 1, 2)]);
         assert!(store.inner.lock().unsynced.is_empty());
+    }
+
+    /// A data entry's records are read by consumers once committed, not before; a
+    /// reopened log keeps the gate where the saved committed id puts it.
+    #[tokio::test]
+    async fn records_are_read_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        append(
+            &mut store,
+            vec![entry(0, 1, 1), entry(3, 1, 2), entry(3, 1, 3)],
+        )
+        .await;
+        assert!(messages(&store).is_empty(), "nothing is committed");
+        store.save_committed(Some(log_id(1, 2, 2))).await.unwrap();
+        assert_eq!(messages(&store), data_of(&entry(3, 1, 2)));
+        drop(store);
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        assert_eq!(messages(&store), data_of(&entry(3, 1, 2)));
+        store.truncate_after(Some(log_id(1, 2, 2))).await.unwrap();
+        append(&mut store, vec![entry(3, 2, 3)]).await;
+        store.save_committed(Some(log_id(2, 3, 3))).await.unwrap();
+        let mut want = data_of(&entry(3, 1, 2));
+        want.extend(data_of(&entry(3, 2, 3)));
+        assert_eq!(messages(&store), want);
     }
 
     /// A term has one leader: an entry naming another is refused, and nothing is written.
@@ -606,14 +745,15 @@ mod tests {
     enum Step {
         /// Appends entries of these kinds, in a later term first when `new_term`.
         Append { kinds: Vec<u8>, new_term: bool },
-        /// Keeps the entries up to `back` before the last.
+        /// Keeps the entries up to `back` before the last (never a committed one).
         Truncate { back: u64 },
-        /// Purges up to `back` before the last (or `past` entries after it: a snapshot).
+        /// Purges up to `back` before the committed entry, or `past` entries past the last
+        /// one (a snapshot installed, committed first).
         Purge { back: u64, past: u64 },
         /// Closes the log and opens it again.
         Reopen,
-        /// Saves a vote and a committed id.
-        Vote { term: u64 },
+        /// Saves a vote, and the last entry as committed.
+        Commit { term: u64 },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -624,14 +764,15 @@ mod tests {
             1 => (0u64..4, prop_oneof![3 => Just(0u64), 1 => 1u64..3])
                 .prop_map(|(back, past)| Step::Purge { back, past }),
             1 => Just(Step::Reopen),
-            1 => (1u64..5).prop_map(|term| Step::Vote { term }),
+            2 => (1u64..5).prop_map(|term| Step::Commit { term }),
         ]
     }
 
-    /// The log against a model (a purge point and the entries after it) over random
-    /// appends, truncations, purges (also past the last entry) and reopens, under both
-    /// durability policies: the same entries, log state, vote and committed id each time,
-    /// and never a message for readers of the partition.
+    /// The log against a model (a purge point, the entries after it, a committed id and
+    /// the records written) over random appends, truncations, purges (also past the last
+    /// entry), commits and reopens, under both durability policies: the same entries,
+    /// log state, vote and committed id each time, and readers of messages see exactly the
+    /// records of the committed data entries.
     #[test]
     fn the_log_follows_a_model() {
         let config = ProptestConfig {
@@ -645,12 +786,16 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap();
                 let mut store = open(dir.path(), policy);
                 let mut model: Vec<Entry> = Vec::new();
+                // Every data entry written and not truncated: (index, its records).
+                let mut written: Vec<(u64, Vec<WireRecord>)> = Vec::new();
                 let mut purged: Option<LogId> = None;
-                let mut vote: Option<(Vote, Option<LogId>)> = None;
+                let mut committed: Option<LogId> = None;
+                let mut vote: Option<Vote> = None;
                 let mut term = 1;
                 for step in steps {
                     let last = model.last().map(|e| e.log_id).or(purged);
                     let next = last.map_or(1, |l| l.index + 1);
+                    let committed_index = committed.map_or(0, |c| c.index);
                     match step {
                         Step::Append { kinds, new_term } => {
                             term = term.max(last.map_or(1, |l| l.leader_id.term)) + u64::from(new_term);
@@ -660,25 +805,36 @@ mod tests {
                                 .map(|(i, k)| entry(*k, term, next + i as u64))
                                 .collect();
                             append(&mut store, entries.clone()).await;
+                            written.extend(entries.iter().map(|e| (e.log_id.index, data_of(e))));
                             model.extend(entries);
                         }
                         Step::Truncate { back } => {
                             let keep = (model.len() as u64).saturating_sub(back) as usize;
-                            if keep == 0 {
-                                // Raft never truncates at or below the purge point.
+                            // Raft never truncates a committed entry, nor at the purge point.
+                            let Some(at) = keep.checked_sub(1).map(|k| model[k].log_id) else {
+                                continue;
+                            };
+                            if at.index < committed_index {
                                 continue;
                             }
-                            let at = model[keep - 1].log_id;
                             store.truncate_after(Some(at)).await.unwrap();
                             model.truncate(keep);
+                            written.retain(|(i, _)| *i <= at.index);
                         }
                         Step::Purge { back, past } => {
                             let target = if past > 0 {
-                                // A snapshot past the last entry: the log starts after it.
-                                Some(log_id(term, term % 3 + 1, next - 1 + past))
+                                // A snapshot past the last entry: committed, the log starts after it.
+                                let target = log_id(term, term % 3 + 1, next - 1 + past);
+                                store.save_committed(Some(target)).await.unwrap();
+                                committed = Some(target);
+                                Some(target)
                             } else {
-                                let at = (model.len() as u64).saturating_sub(back + 1) as usize;
-                                model.get(at).map(|e| e.log_id)
+                                model
+                                    .iter()
+                                    .rev()
+                                    .filter(|e| e.log_id.index <= committed_index)
+                                    .nth(back as usize)
+                                    .map(|e| e.log_id)
                             };
                             let Some(target) = target else { continue };
                             store.purge(target).await.unwrap();
@@ -689,11 +845,14 @@ mod tests {
                             drop(store);
                             store = open(dir.path(), policy);
                         }
-                        Step::Vote { term: t } => {
+                        Step::Commit { term: t } => {
                             let v = Vote::new(t, t % 3 + 1);
                             store.save_vote(&v).await.unwrap();
-                            store.save_committed(last).await.unwrap();
-                            vote = Some((v, last));
+                            if last.is_some_and(|l| l.index >= committed_index) {
+                                store.save_committed(last).await.unwrap();
+                                committed = last;
+                            }
+                            vote = Some(v);
                         }
                     }
                     let state = store.get_log_state().await.unwrap();
@@ -705,12 +864,15 @@ mod tests {
                         let some = store.try_get_log_entries(index + 1..index + 3).await.unwrap();
                         assert_eq!(some, model.get(1..3.min(model.len())).unwrap_or_default());
                     }
-                    if let Some((v, committed)) = vote {
-                        assert_eq!(store.read_vote().await.unwrap(), Some(v));
-                        assert_eq!(store.read_committed().await.unwrap(), committed);
-                    }
-                    let messages = store.partition_log().read(0, usize::MAX, usize::MAX).unwrap();
-                    assert!(messages.is_empty(), "{messages:?}");
+                    assert_eq!(store.read_vote().await.unwrap(), vote);
+                    assert_eq!(store.read_committed().await.unwrap(), committed);
+                    let committed_index = committed.map_or(0, |c| c.index);
+                    let want: Vec<WireRecord> = written
+                        .iter()
+                        .filter(|(i, _)| *i <= committed_index)
+                        .flat_map(|(_, r)| r.clone())
+                        .collect();
+                    assert_eq!(messages(&store), want);
                 }
             });
         });

@@ -389,6 +389,7 @@ impl StateMachine {
             Command::Broker(op) => self.apply_op(log_id, op).await,
             Command::Publish(publish) => self.apply_decoded(log_id, publish.into_op()).await,
             Command::AppendRecords(append) => self.apply_decoded(log_id, append.into_op()).await,
+            Command::Records(records) => self.apply_op(log_id, records.into_op()).await,
         }
     }
 
@@ -931,6 +932,98 @@ mod tests {
             vec![("q".to_string(), BTreeSet::from([2, 3, 4]))]
         );
         assert_eq!(*hooks.draining.lock(), BTreeSet::from([4]));
+    }
+
+    /// Records entries are appended as they are, timestamps and keys included, each time
+    /// (the leader that proposed them decided about duplicates); records for a partition
+    /// the group does not hold are refused and leave the queue alone.
+    #[tokio::test]
+    async fn records_are_appended_as_they_are() {
+        use super::super::types::{Entry, PartitionRecords};
+        use crate::broker::ReadFrom;
+        use crate::broker::replicate::WireRecord;
+
+        let temp = tempfile::tempdir().unwrap();
+        let broker = Broker::open(BrokerConfig {
+            data_dir: temp.path().join("data"),
+            ..BrokerConfig::default()
+        })
+        .await
+        .unwrap();
+        let broker = Arc::new(broker);
+        let mut machine = StateMachine::for_queue(
+            Role::Queue("q".into(), DataPart::Head),
+            Arc::clone(&broker),
+            &temp.path().join("raft"),
+        )
+        .await
+        .unwrap();
+        let create = Op::CreateQueue {
+            name: "q".into(),
+            settings: QueueSettings {
+                partitions: 2,
+                ..QueueSettings::default()
+            },
+        };
+        let record = |value: &'static str, ts: i64| WireRecord {
+            timestamp_ms: ts,
+            key: Some(bytes::Bytes::from_static(b"k")),
+            headers: vec![("h".into(), bytes::Bytes::from_static(b"v"))],
+            value: bytes::Bytes::from_static(value.as_bytes()),
+        };
+        let records = |partition, values: &[(&'static str, i64)]| {
+            Command::Records(PartitionRecords {
+                queue: "q".into(),
+                partition,
+                records: values.iter().map(|(v, ts)| record(v, *ts)).collect(),
+            })
+        };
+        let entries = [
+            Command::Broker(create),
+            records(0, &[("a", 5), ("b", 3)]),
+            records(0, &[("a", 5)]),
+            records(1, &[("elsewhere", 1)]),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, command)| {
+            Ok((
+                Entry {
+                    log_id: log_id(1, 1, i as u64 + 1),
+                    payload: EntryPayload::Normal(command),
+                },
+                None,
+            ))
+        });
+        machine
+            .apply(futures_util::stream::iter(entries))
+            .await
+            .unwrap();
+        let read = |partition| {
+            broker
+                .read_log("q", partition, ReadFrom::Offset(0), 100)
+                .unwrap()
+                .0
+                .into_iter()
+                .map(|d| (d.id.offset, d.timestamp_ms, d.key, d.headers, d.body))
+                .collect::<Vec<_>>()
+        };
+        let headers: BTreeMap<String, String> = [("h".to_string(), "v".to_string())].into();
+        let got = read(0);
+        let want: Vec<_> = [(0, 5, "a"), (1, 3, "b"), (2, 5, "a")]
+            .into_iter()
+            .map(|(offset, ts, body)| {
+                (
+                    offset,
+                    ts,
+                    Some("k".to_string()),
+                    headers.clone(),
+                    bytes::Bytes::from_static(body.as_bytes()),
+                )
+            })
+            .collect();
+        assert_eq!(got, want);
+        assert!(read(1).is_empty(), "partition 1 is another group's");
     }
 
     /// A publish this replica's disk cannot take (the other replicas applied it) stops the

@@ -58,6 +58,35 @@ pub enum Command {
     /// `super::metadata_catch_up`); answered with the leader's applied index, never an
     /// entry. Last, as `AwaitMeta`.
     MetaReadIndex,
+    /// Records to append to a partition as they are (deduplicated and with their headers
+    /// set by the partition's leader): a group whose Raft log is its partition's segment
+    /// log writes them as the entry's data batch ([`super::partition_log_store`]). Applied
+    /// as an append without an idempotence key. Last, as `MetaReadIndex`.
+    Records(PartitionRecords),
+}
+
+/// Records for one partition of a queue, as stored ([`Command::Records`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionRecords {
+    /// The queue.
+    pub queue: String,
+    /// The partition.
+    pub partition: u32,
+    /// The records, in order.
+    pub records: Vec<crate::broker::replicate::WireRecord>,
+}
+
+impl PartitionRecords {
+    /// The append as the broker applies it: the records as they are, no idempotence key.
+    pub fn into_op(self) -> Op {
+        Op::AppendRecords {
+            queue: self.queue,
+            partition: self.partition,
+            records: self.records,
+            batch_key: None,
+            now_ms: 0,
+        }
+    }
 }
 
 /// A change of one node's fencing, as the metadata group records it.
@@ -86,6 +115,7 @@ impl Command {
             Command::Broker(op) => op.scope(),
             Command::Publish(p) => Scope::Queue(&p.queue),
             Command::AppendRecords(a) => Scope::Queue(&a.queue),
+            Command::Records(r) => Scope::Queue(&r.queue),
             Command::Node(_)
             | Command::Members(_)
             | Command::Placed(_)
@@ -114,6 +144,13 @@ impl std::fmt::Display for Command {
                 a.records.len(),
                 a.queue,
                 a.partition
+            ),
+            Command::Records(r) => write!(
+                f,
+                "{} records to {} partition {}",
+                r.records.len(),
+                r.queue,
+                r.partition
             ),
             Command::Broker(op) => write!(f, "{op:?}"),
             Command::Node(addrs) => write!(f, "node {} at {}", addrs.id, addrs.cluster),
