@@ -304,10 +304,14 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     crc32fast::hash(key) % partitions.max(1)
 }
 
-/// Idempotency keys seen within the dedup window, with the id they got.
+/// Idempotency keys seen within the dedup window, with the id they got, and the keys a
+/// partition's leader holds pending (decided, being replicated, offset not known yet: see
+/// `broker::sequencer`).
 #[derive(Debug, Default)]
 pub struct DedupWindow {
     ids: HashMap<String, (MessageId, i64)>,
+    /// Pending keys, each with what its release wakes.
+    pending: HashMap<String, std::sync::Arc<tokio::sync::Notify>>,
     /// `(time, key)` in time order (not insertion order: a Kafka producer's timestamps
     /// need not rise, and one far ahead must not hold the older keys back).
     order: BTreeSet<(i64, String)>,
@@ -344,6 +348,24 @@ impl DedupWindow {
             if let Some((_, key)) = self.order.pop_first() {
                 self.ids.remove(&key);
             }
+        }
+    }
+
+    /// What the release of pending key `key` wakes, when another publish holds it.
+    pub fn pending(&self, key: &str) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.pending.get(key).cloned()
+    }
+
+    /// Holds `key` pending: a publish decided it and replicates it.
+    pub fn hold(&mut self, key: String) {
+        self.pending.entry(key).or_default();
+    }
+
+    /// Releases pending key `key` (remembered with its id first when it got one), waking
+    /// whoever waits for it.
+    pub fn release(&mut self, key: &str) {
+        if let Some(released) = self.pending.remove(key) {
+            released.notify_waiters();
         }
     }
 

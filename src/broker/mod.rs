@@ -16,6 +16,7 @@ pub mod queue;
 mod records;
 pub mod registry;
 pub mod replicate;
+pub mod sequencer;
 pub mod settings;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -739,7 +739,7 @@ impl Queue {
 
     /// The dedup window of `scope` (a partition, or the whole queue: `None`), locked; read
     /// back from the log (as of `now_ms`) the first time.
-    async fn dedup_window(
+    pub(super) async fn dedup_window(
         &self,
         scope: Option<u32>,
         now_ms: i64,

@@ -1,0 +1,397 @@
+//! Publishes a partition's leader decides before it replicates them: which messages are
+//! new (their idempotency keys unseen within the dedup window) and the exact records they
+//! are stored as. A partition group whose Raft log is its partition's segment log
+//! (`cluster::partition_log_store`) writes an entry's records when the entry is appended,
+//! before it is applied, so the replicas cannot decide about duplicates when they apply
+//! it, as they do for a publish proposed as a command (`Queue::publish_placed`): the
+//! leader decides first and proposes the records.
+//!
+//! The leader's view of the window is what is applied plus what it holds pending: a
+//! publish holds the keys of its new messages pending from [`Queue::sequence`] until
+//! [`Queue::settle`] (with the offsets its records got, or without when the entry was not
+//! committed). A publish whose key another one holds pending waits for that one to settle,
+//! then decides again: so a key repeated by concurrent publishes is stored once. Every
+//! replica that applies records remembers their keys ([`Queue::note_records`]), so a
+//! replica that becomes leader knows them once it has applied its log (a new leader must
+//! apply every entry of its log before it sequences: the entries of the previous term may
+//! hold keys).
+
+use std::collections::HashMap;
+
+use super::message::{self, IDEMPOTENCY_HEADER};
+use super::queue::Queue;
+use super::types::{BrokerError, MessageId, NewMessage};
+use crate::log::Record;
+
+/// A publish to one partition as its leader decided it.
+#[derive(Debug)]
+pub struct Sequenced {
+    /// The partition.
+    pub partition: u32,
+    /// The records to append, in order: the publish's new messages, stored as they are.
+    pub records: Vec<Record>,
+    /// What each message of the publish answers, in the publish's order.
+    pub answers: Vec<Answer>,
+    /// The keys this publish holds pending, with the index of their record.
+    held: Vec<(String, usize)>,
+    /// The publish time the records carry.
+    now_ms: i64,
+}
+
+/// What one message of a sequenced publish answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// It is the `n`th of the new records: its offset is the records' first plus `n`.
+    Record(usize),
+    /// Its key was published before, within the dedup window: that message's id.
+    Known(MessageId),
+}
+
+impl Sequenced {
+    /// The id of each message, once the records were appended from offset `first`.
+    pub fn ids(&self, first: u64) -> Vec<MessageId> {
+        self.answers
+            .iter()
+            .map(|answer| match answer {
+                Answer::Record(n) => MessageId {
+                    partition: self.partition,
+                    offset: first + *n as u64,
+                },
+                Answer::Known(id) => *id,
+            })
+            .collect()
+    }
+}
+
+impl Queue {
+    /// Decides a publish of `messages` to `partition` at `now_ms` (see the module doc):
+    /// checks their sizes, answers a message whose key the window knows with that id,
+    /// and makes a record of every other one (a key repeated within the publish is stored
+    /// once, and the repeat answers the same record), holding their keys pending. Waits
+    /// while another publish holds one of the keys pending. Every `Sequenced` must be
+    /// settled ([`Self::settle`]).
+    pub async fn sequence(
+        &self,
+        partition: u32,
+        messages: &[NewMessage],
+        now_ms: i64,
+    ) -> Result<Sequenced, BrokerError> {
+        if self.is_deleted() {
+            return Err(BrokerError::QueueNotFound(self.name.clone()));
+        }
+        if partition as usize >= self.partitions.len() {
+            return Err(BrokerError::InvalidArgument(format!(
+                "queue `{}` has no partition {partition}",
+                self.name
+            )));
+        }
+        for m in messages {
+            let size = m.body.len() as u64;
+            if size > self.settings.max_message_bytes {
+                return Err(BrokerError::MessageTooLarge {
+                    size,
+                    limit: self.settings.max_message_bytes,
+                });
+            }
+        }
+        let window_ms = self.settings.dedup_window as i64 * 1000;
+        loop {
+            let mut window = self.dedup_window(Some(partition), now_ms).await?;
+            // A key another publish holds: wait for it to settle, then decide again.
+            let held_elsewhere = messages
+                .iter()
+                .filter_map(|m| m.idempotency_key.as_deref())
+                .find_map(|key| window.pending(key));
+            if let Some(released) = held_elsewhere {
+                let settled = released.notified();
+                drop(window);
+                settled.await;
+                continue;
+            }
+            let mut sequenced = Sequenced {
+                partition,
+                records: Vec::new(),
+                answers: Vec::with_capacity(messages.len()),
+                held: Vec::new(),
+                now_ms,
+            };
+            let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+            for m in messages {
+                if let Some(key) = m.idempotency_key.as_deref() {
+                    if let Some(id) = window.get(key, now_ms, window_ms) {
+                        sequenced.answers.push(Answer::Known(id));
+                        continue;
+                    }
+                    if let Some(&n) = first_with_key.get(key) {
+                        sequenced.answers.push(Answer::Record(n));
+                        continue;
+                    }
+                    let n = sequenced.records.len();
+                    first_with_key.insert(key, n);
+                    if window_ms > 0 {
+                        window.hold(key.to_string());
+                        sequenced.held.push((key.to_string(), n));
+                    }
+                }
+                sequenced
+                    .answers
+                    .push(Answer::Record(sequenced.records.len()));
+                sequenced.records.push(message::to_record(m, now_ms));
+            }
+            return Ok(sequenced);
+        }
+    }
+
+    /// Ends what `sequenced` holds pending: with `first`, the offset its records were
+    /// appended from (their keys are remembered with their ids), or `None` when they were
+    /// not (the entry was not committed: a retry decides again). Wakes the publishes that
+    /// wait for its keys.
+    pub async fn settle(
+        &self,
+        sequenced: &Sequenced,
+        first: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        if sequenced.held.is_empty() {
+            return Ok(());
+        }
+        let mut window = self
+            .dedup_window(Some(sequenced.partition), sequenced.now_ms)
+            .await?;
+        for (key, n) in &sequenced.held {
+            if let Some(first) = first {
+                let id = MessageId {
+                    partition: sequenced.partition,
+                    offset: first + *n as u64,
+                };
+                window.insert(key.clone(), id, sequenced.now_ms);
+            }
+            window.release(key);
+        }
+        Ok(())
+    }
+
+    /// Remembers the keys of `records`, appended to `partition` from offset `first` (a
+    /// replica applying records its leader sequenced), when the partition's window is in
+    /// memory (one read back from the log later finds them there anyway).
+    pub async fn note_records(
+        &self,
+        partition: u32,
+        first: u64,
+        records: &[Record],
+    ) -> Result<(), BrokerError> {
+        let keyed: Vec<(String, MessageId, i64)> = records
+            .iter()
+            .enumerate()
+            .filter_map(|(n, record)| {
+                let (_, key) = record
+                    .headers
+                    .iter()
+                    .find(|(name, _)| name == IDEMPOTENCY_HEADER)?;
+                let id = MessageId {
+                    partition,
+                    offset: first + n as u64,
+                };
+                Some((
+                    String::from_utf8_lossy(key).into_owned(),
+                    id,
+                    record.timestamp_ms,
+                ))
+            })
+            .collect();
+        let Some(now_ms) = keyed.iter().map(|(_, _, at)| *at).max() else {
+            return Ok(());
+        };
+        let mut window = self.dedup_window(Some(partition), now_ms).await?;
+        for (key, id, at) in keyed {
+            window.insert(key, id, at);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::QueueSettings;
+    use std::sync::Arc;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    async fn queue(dir: &std::path::Path) -> (Arc<crate::broker::Broker>, Arc<Queue>) {
+        let config = crate::broker::BrokerConfig {
+            data_dir: dir.to_path_buf(),
+            ..crate::broker::BrokerConfig::default()
+        };
+        let broker = crate::broker::Broker::open(config).await.unwrap();
+        let settings = QueueSettings {
+            partitions: 2,
+            max_message_bytes: 100,
+            ..QueueSettings::default()
+        };
+        broker.create_queue("q", settings).await.unwrap();
+        let queue = broker.queue("q").unwrap();
+        (broker, queue)
+    }
+
+    fn message(body: &str, key: Option<&str>) -> NewMessage {
+        NewMessage {
+            body: bytes::Bytes::from(body.to_string()),
+            idempotency_key: key.map(str::to_string),
+            ..NewMessage::default()
+        }
+    }
+
+    /// Appends what `sequenced` decided to its partition, and settles it.
+    async fn append(queue: &Queue, sequenced: &Sequenced) -> Vec<MessageId> {
+        let log = &queue.partitions[sequenced.partition as usize];
+        let first = log.append(sequenced.records.clone()).await.unwrap();
+        queue.settle(sequenced, Some(first)).await.unwrap();
+        sequenced.ids(first)
+    }
+
+    /// New messages become records as a publish stores them; a key repeated within the
+    /// publish is one record; a key settled before answers its id and stores nothing; a
+    /// dedup window of 0 remembers nothing.
+    #[tokio::test]
+    async fn keys_seen_answer_their_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, queue) = queue(dir.path()).await;
+        let first = [
+            message("a", Some("k1")),
+            message("b", None),
+            message("a again", Some("k1")),
+        ];
+        let sequenced = queue.sequence(1, &first, NOW).await.unwrap();
+        assert_eq!(sequenced.records.len(), 2);
+        assert_eq!(
+            sequenced.records[0],
+            message::to_record(&first[0], NOW),
+            "stored as a publish stores it"
+        );
+        let ids = append(&queue, &sequenced).await;
+        let at = |offset| MessageId {
+            partition: 1,
+            offset,
+        };
+        assert_eq!(ids, [at(0), at(1), at(0)]);
+
+        let again = queue
+            .sequence(
+                1,
+                &[message("a", Some("k1")), message("c", Some("k2"))],
+                NOW + 1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.answers, [Answer::Known(at(0)), Answer::Record(0)]);
+        assert_eq!(append(&queue, &again).await, [at(0), at(2)]);
+        // Past the window, a key is new again.
+        let later = NOW + queue.settings.dedup_window as i64 * 1000 + 10;
+        let late = queue
+            .sequence(1, &[message("a", Some("k1"))], later)
+            .await
+            .unwrap();
+        assert_eq!(late.answers, [Answer::Record(0)]);
+        queue.settle(&late, None).await.unwrap();
+    }
+
+    /// A key another publish holds pending makes a publish wait until that one settles:
+    /// then it answers the id the first got, or, when the first was not appended, stores
+    /// the message itself.
+    #[tokio::test]
+    async fn a_pending_key_waits_for_its_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, queue) = queue(dir.path()).await;
+        let first = queue
+            .sequence(0, &[message("a", Some("k"))], NOW)
+            .await
+            .unwrap();
+        let waiting = tokio::spawn({
+            let queue = Arc::clone(&queue);
+            async move {
+                queue
+                    .sequence(0, &[message("b", None), message("a", Some("k"))], NOW)
+                    .await
+            }
+        });
+        // It cannot decide while `k` is pending (whatever the scheduler does meanwhile).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        // Not appended (no commit): the waiting publish stores the message itself.
+        queue.settle(&first, None).await.unwrap();
+        let second = waiting.await.unwrap().unwrap();
+        assert_eq!(second.answers, [Answer::Record(0), Answer::Record(1)]);
+        let ids = append(&queue, &second).await;
+        let third = queue
+            .sequence(0, &[message("a", Some("k"))], NOW)
+            .await
+            .unwrap();
+        assert_eq!(third.answers, [Answer::Known(ids[1])]);
+    }
+
+    /// A replica that applies records remembers their keys, so it answers them once it
+    /// leads; a window read back from the log after a restart knows them too.
+    #[tokio::test]
+    async fn applied_records_teach_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, queue) = queue(dir.path()).await;
+        // Warm the window, as a replica that served before would have.
+        let warm = queue.sequence(1, &[], NOW).await.unwrap();
+        queue.settle(&warm, None).await.unwrap();
+        let records = vec![
+            message::to_record(&message("x", Some("kx")), NOW),
+            message::to_record(&message("y", None), NOW),
+        ];
+        let first = queue.partitions[1].append(records.clone()).await.unwrap();
+        queue.note_records(1, first, &records).await.unwrap();
+        let id = MessageId {
+            partition: 1,
+            offset: first,
+        };
+        let sequenced = queue
+            .sequence(1, &[message("x", Some("kx"))], NOW + 5)
+            .await
+            .unwrap();
+        assert_eq!(sequenced.answers, [Answer::Known(id)]);
+        drop((broker, queue, sequenced));
+        let (_broker, queue) = {
+            let config = crate::broker::BrokerConfig {
+                data_dir: dir.path().to_path_buf(),
+                ..crate::broker::BrokerConfig::default()
+            };
+            let broker = crate::broker::Broker::open(config).await.unwrap();
+            let queue = broker.queue("q").unwrap();
+            (broker, queue)
+        };
+        let sequenced = queue
+            .sequence(1, &[message("x", Some("kx"))], NOW + 5)
+            .await
+            .unwrap();
+        assert_eq!(sequenced.answers, [Answer::Known(id)]);
+    }
+
+    /// Sizes are checked before anything is held, and a partition the queue lacks is
+    /// refused.
+    #[tokio::test]
+    async fn bad_publishes_hold_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, queue) = queue(dir.path()).await;
+        let big = "x".repeat(101);
+        let refused = queue
+            .sequence(0, &[message("a", Some("k")), message(&big, None)], NOW)
+            .await;
+        assert!(matches!(refused, Err(BrokerError::MessageTooLarge { .. })));
+        assert!(matches!(
+            queue.sequence(2, &[message("a", None)], NOW).await,
+            Err(BrokerError::InvalidArgument(_))
+        ));
+        // Nothing held: `k` decides at once.
+        let sequenced = queue
+            .sequence(0, &[message("a", Some("k"))], NOW)
+            .await
+            .unwrap();
+        assert_eq!(sequenced.answers, [Answer::Record(0)]);
+    }
+}
