@@ -176,3 +176,114 @@ async fn partition_leaders_spread_and_fail_over_one_by_one() {
     })
     .await;
 }
+
+/// Publishes `body` with idempotency key `key` to `queue` through `base` (again while the
+/// cluster answers 503); its id.
+async fn publish_once(base: &str, queue: &str, key: &str, body: &str) -> String {
+    let (status, answer) = retrying(&format!("publish {key}"), || {
+        http()
+            .post(format!("{base}/queues/{queue}/messages"))
+            .header("Idempotency-Key", key)
+            .body(body.to_string())
+    })
+    .await;
+    assert!(status.is_success(), "publish {key}: {status} {answer}");
+    answer["id"].as_str().expect("an id").to_string()
+}
+
+/// A partition group's leader decides about repeated idempotency keys before it
+/// replicates a publish: each key, published at once through all three nodes, is stored
+/// once and all three get its id, whichever partition it goes to; once the leader of a
+/// partition that holds keys is killed, its successor answers every key with the same id
+/// again and stores nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_key_is_stored_once_by_its_partitions_leader() {
+    let mut cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "keys", json!({"partitions": 3})).await;
+    leaders(cluster.http(1), "keys").await;
+    let keys: Vec<String> = (0..24).map(|i| format!("key-{i}")).collect();
+    let mut ids: BTreeMap<String, String> = BTreeMap::new();
+    for key in &keys {
+        let body = format!("body-{key}");
+        let sent = [1, 2, 3].map(|via| {
+            let (base, key, body) = (cluster.http(via).to_string(), key.clone(), body.clone());
+            tokio::spawn(async move { publish_once(&base, "keys", &key, &body).await })
+        });
+        let mut answers = BTreeSet::new();
+        for answer in sent {
+            answers.insert(answer.await.unwrap());
+        }
+        assert_eq!(answers.len(), 1, "{key} answered with {answers:?}");
+        ids.insert(key.clone(), answers.into_iter().next().unwrap());
+    }
+    let partition_of = |id: &String| id.split('-').next().unwrap_or_default().to_string();
+    let used: BTreeSet<String> = ids.values().map(partition_of).collect();
+    assert!(
+        used.iter().any(|p| p != "0"),
+        "some key goes to a partition group: {used:?}"
+    );
+    let sequenced = common::cluster::metric_sum(
+        &cluster
+            .nodes
+            .iter()
+            .map(|n| n.http.clone())
+            .collect::<Vec<_>>(),
+        "qit_cluster_publishes_sequenced_total",
+    )
+    .await;
+    assert!(
+        sequenced > 0.0,
+        "no publish was sequenced by a partition leader"
+    );
+    // Every node's copies hold each body once.
+    let want: BTreeSet<String> = keys.iter().map(|k| format!("body-{k}")).collect();
+    for node in 1..=3u64 {
+        let base = cluster.http(node).to_string();
+        eventually(&format!("node {node} holds each body once"), || async {
+            let mut bodies = Vec::new();
+            for partition in 0..3 {
+                match log_bodies(&base, "keys", partition).await {
+                    Some(b) => bodies.extend(b),
+                    None => return false,
+                }
+            }
+            bodies.len() == want.len() && bodies.into_iter().collect::<BTreeSet<_>>() == want
+        })
+        .await;
+    }
+
+    // The leader of a partition group that holds keys goes; its successor knows them.
+    let (partition, _) = ids
+        .values()
+        .map(partition_of)
+        .filter(|p| p != "0")
+        .map(|p| (p.parse::<usize>().unwrap(), ()))
+        .next()
+        .unwrap();
+    let victim = leaders(cluster.http(1), "keys").await[partition];
+    cluster.kill(victim);
+    let survivor = (1..=3).find(|id| *id != victim).unwrap();
+    for key in &keys {
+        let again = publish_once(cluster.http(survivor), "keys", key, "again").await;
+        assert_eq!(
+            again, ids[key],
+            "{key} answered another id after the failover"
+        );
+    }
+    // Read at each partition's leader, which applied every answered publish.
+    let base = cluster.http(survivor).to_string();
+    let mut bodies = Vec::new();
+    for partition in 0..3 {
+        let url = format!("{base}/queues/keys/log?partition={partition}&from=0&max=10000");
+        let (status, log) = retrying("read the log", || http().get(&url)).await;
+        assert!(status.is_success(), "{status} {log}");
+        let messages = log["messages"].as_array().cloned().unwrap_or_default();
+        bodies.extend(
+            messages
+                .iter()
+                .filter_map(|m| m["body"].as_str().map(String::from)),
+        );
+    }
+    assert_eq!(bodies.len(), want.len(), "nothing new stored: {bodies:?}");
+    assert_eq!(bodies.into_iter().collect::<BTreeSet<_>>(), want);
+}

@@ -118,7 +118,14 @@ impl Broker {
         let count = records.len() as u64;
         let first = match batch_key {
             Some(key) => q.append_once(partition, records, &key, now_ms).await?,
-            None => self.partition(&q, partition)?.append(records).await?,
+            None => {
+                // Records a partition's leader sequenced: their keys are known here now,
+                // for when this replica leads (see `sequencer`).
+                let keys = super::sequencer::keys_of(&records);
+                let first = self.partition(&q, partition)?.append(records).await?;
+                q.note_keys(partition, first, keys).await?;
+                first
+            }
         };
         q.notify.notify_waiters();
         q.series.published.increment(count);

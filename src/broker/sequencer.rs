@@ -11,13 +11,14 @@
 //! [`Queue::settle`] (with the offsets its records got, or without when the entry was not
 //! committed). A publish whose key another one holds pending waits for that one to settle,
 //! then decides again: so a key repeated by concurrent publishes is stored once. Every
-//! replica that applies records remembers their keys ([`Queue::note_records`]), so a
+//! replica that applies records remembers their keys ([`Queue::note_keys`]), so a
 //! replica that becomes leader knows them once it has applied its log (a new leader must
 //! apply every entry of its log before it sequences: the entries of the previous term may
 //! hold keys).
 
 use std::collections::HashMap;
 
+use super::Broker;
 use super::message::{self, IDEMPOTENCY_HEADER};
 use super::queue::Queue;
 use super::types::{BrokerError, MessageId, NewMessage};
@@ -170,42 +171,89 @@ impl Queue {
         Ok(())
     }
 
-    /// Remembers the keys of `records`, appended to `partition` from offset `first` (a
-    /// replica applying records its leader sequenced), when the partition's window is in
-    /// memory (one read back from the log later finds them there anyway).
-    pub async fn note_records(
+    /// Remembers the keys of records appended to `partition` from offset `first` (a
+    /// replica applying records its leader sequenced), taken from them by [`keys_of`],
+    /// when the partition's window is in memory (one read back from the log later finds
+    /// them there anyway).
+    pub async fn note_keys(
         &self,
         partition: u32,
         first: u64,
-        records: &[Record],
+        keys: Vec<RecordKey>,
     ) -> Result<(), BrokerError> {
-        let keyed: Vec<(String, MessageId, i64)> = records
-            .iter()
-            .enumerate()
-            .filter_map(|(n, record)| {
-                let (_, key) = record
-                    .headers
-                    .iter()
-                    .find(|(name, _)| name == IDEMPOTENCY_HEADER)?;
-                let id = MessageId {
-                    partition,
-                    offset: first + n as u64,
-                };
-                Some((
-                    String::from_utf8_lossy(key).into_owned(),
-                    id,
-                    record.timestamp_ms,
-                ))
-            })
-            .collect();
-        let Some(now_ms) = keyed.iter().map(|(_, _, at)| *at).max() else {
+        let Some(now_ms) = keys.iter().map(|k| k.at_ms).max() else {
             return Ok(());
         };
         let mut window = self.dedup_window(Some(partition), now_ms).await?;
-        for (key, id, at) in keyed {
-            window.insert(key, id, at);
+        for key in keys {
+            let id = MessageId {
+                partition,
+                offset: first + key.index as u64,
+            };
+            window.insert(key.key, id, key.at_ms);
         }
         Ok(())
+    }
+}
+
+/// The idempotency key of one of a run of records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordKey {
+    /// The record's place in the run.
+    pub index: usize,
+    /// The key.
+    pub key: String,
+    /// The record's timestamp.
+    pub at_ms: i64,
+}
+
+/// The idempotency keys `records` carry (before they are appended: see
+/// [`Queue::note_keys`]).
+pub fn keys_of(records: &[Record]) -> Vec<RecordKey> {
+    records
+        .iter()
+        .enumerate()
+        .filter_map(|(index, record)| {
+            let (_, key) = record
+                .headers
+                .iter()
+                .find(|(name, _)| name == IDEMPOTENCY_HEADER)?;
+            Some(RecordKey {
+                index,
+                key: String::from_utf8_lossy(key).into_owned(),
+                at_ms: record.timestamp_ms,
+            })
+        })
+        .collect()
+}
+
+impl Broker {
+    /// [`Queue::sequence`] on queue `queue`.
+    pub async fn sequence(
+        &self,
+        queue: &str,
+        partition: u32,
+        messages: &[NewMessage],
+        now_ms: i64,
+    ) -> Result<Sequenced, BrokerError> {
+        self.queue(queue)?
+            .sequence(partition, messages, now_ms)
+            .await
+    }
+
+    /// [`Queue::settle`] on queue `queue` (nothing to do once it is deleted: its window
+    /// went with it).
+    pub async fn settle(
+        &self,
+        queue: &str,
+        sequenced: &Sequenced,
+        first: Option<u64>,
+    ) -> Result<(), BrokerError> {
+        match self.queue(queue) {
+            Ok(q) => q.settle(sequenced, first).await,
+            Err(BrokerError::QueueNotFound(_)) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 }
 
@@ -344,8 +392,9 @@ mod tests {
             message::to_record(&message("x", Some("kx")), NOW),
             message::to_record(&message("y", None), NOW),
         ];
-        let first = queue.partitions[1].append(records.clone()).await.unwrap();
-        queue.note_records(1, first, &records).await.unwrap();
+        let keys = keys_of(&records);
+        let first = queue.partitions[1].append(records).await.unwrap();
+        queue.note_keys(1, first, keys).await.unwrap();
         let id = MessageId {
             partition: 1,
             offset: first,

@@ -297,15 +297,30 @@ async fn propose_entry(
     if let Err(error) = ensure_lease(raft).await {
         return Err(no_leader(format!("group {group}: {error}")));
     }
-    let written = tokio::time::timeout(COMMIT_WAIT, raft.client_write(command)).await;
-    let Ok(written) = written else {
+    match tokio::time::timeout(COMMIT_WAIT, write_entry(raft, group, command)).await {
+        Ok(written) => written,
         // A leader cut off from its majority cannot commit; the entry may still commit
         // later (a retry can then store it twice: at least once, like a lost answer).
-        return Err(no_leader(format!(
-            "group {group}: not committed within {COMMIT_WAIT:?} (no quorum?)"
-        )));
-    };
-    match written {
+        Err(_) => Err(not_committed(group)),
+    }
+}
+
+/// The answer to a proposal whose entry was not committed within [`COMMIT_WAIT`].
+fn not_committed(group: u64) -> BrokerError {
+    no_leader(format!(
+        "group {group}: not committed within {COMMIT_WAIT:?} (no quorum?)"
+    ))
+}
+
+/// Writes `command` as an entry of `raft`'s group, which this node leads, and waits until
+/// it is applied here or known not to be (however long that takes: see
+/// [`propose_entry`] for the bounded wait).
+async fn write_entry(
+    raft: &Raft,
+    group: u64,
+    command: Command,
+) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+    match raft.client_write(command).await {
         Ok(response) => {
             let result = response.data.0.map_err(BrokerError::from)?;
             Ok((result, Some((group, response.log_id.index))))
@@ -1371,7 +1386,14 @@ impl Cluster {
             self.broker.check_sizes(&queue, &messages)?;
             // Keyless messages take their partitions here, once, for every replica.
             self.broker.take_turns(&queue, &mut messages);
-            let sink = || proposals::propose_to(raft, group);
+            // A partition group's leader decides its publishes before they are replicated
+            // (see `broker::sequencer`); a queue group's replicas decide when they apply.
+            let sink = || match group_id::split_group(group) {
+                (_, partition @ 1..) => {
+                    proposals::sequence_to(raft, group, Arc::clone(&self.broker), partition)
+                }
+                _ => proposals::propose_to(raft, group),
+            };
             return self
                 .proposals
                 .publish(sink, group, queue, messages, now_ms)

@@ -28,9 +28,10 @@ use tokio::sync::oneshot;
 use super::propose_entry;
 use super::publish_batch::EncodedPublish;
 use super::state_machine::Raft;
-use super::types::Command;
-use crate::broker::BrokerError;
-use crate::broker::replicate::{OpResult, WireError, WireMessage};
+use super::types::{Command, PartitionRecords};
+use crate::broker::replicate::{OpResult, WireError, WireMessage, WireRecord};
+use crate::broker::sequencer::Sequenced;
+use crate::broker::{Broker, BrokerError, NewMessage};
 
 /// Where a batch of publishes goes (one [`Command::Publish`]), and what it answered.
 pub type Sink = Arc<dyn Fn(Command) -> BoxFuture<'static, Proposed> + Send + Sync>;
@@ -42,6 +43,107 @@ pub fn propose_to(raft: &Raft, group: u64) -> Sink {
         let raft = raft.clone();
         Box::pin(async move { propose_entry(&raft, group, command).await })
     })
+}
+
+/// The sink of a partition group this node leads, whose leader decides its publishes
+/// before they are replicated (see [`crate::broker::sequencer`]): once every entry of its
+/// log is applied here (the last leader's entries may hold keys), the publish is
+/// sequenced, and its new messages are proposed as the records they are stored as
+/// ([`Command::Records`]). The write goes on when its caller stops waiting for it (after
+/// [`super::COMMIT_WAIT`]): the keys it holds stay pending until it is known whether the
+/// entry was committed, so a retry of the publish waits for that instead of storing the
+/// messages twice.
+pub fn sequence_to(raft: &Raft, group: u64, broker: Arc<Broker>, partition: u32) -> Sink {
+    let raft = raft.clone();
+    Arc::new(move |command| {
+        let (raft, broker) = (raft.clone(), Arc::clone(&broker));
+        Box::pin(async move { sequence(raft, group, broker, partition, command).await })
+    })
+}
+
+/// Publishes a partition group's leader sequenced (see [`sequence_to`]), with label
+/// `outcome`: `written` (records proposed), `known` (every message published before,
+/// nothing written) (counter).
+pub const SEQUENCED: &str = "qit_cluster_publishes_sequenced_total";
+
+/// Sequences a publish and proposes its records (see [`sequence_to`]).
+async fn sequence(
+    raft: Raft,
+    group: u64,
+    broker: Arc<Broker>,
+    partition: u32,
+    command: Command,
+) -> Proposed {
+    let (queue, messages, now_ms) = super::publish_parts(command)?;
+    if let Some(other) = messages
+        .iter()
+        .find_map(|m| m.partition.filter(|p| *p != partition))
+    {
+        return Err(BrokerError::InvalidArgument(format!(
+            "a publish to partition {other} reached the group of partition {partition}"
+        )));
+    }
+    super::confirm_read(&raft, super::LEADER_WAIT)
+        .await
+        .map_err(|lost| super::no_leader(format!("group {group}: {}", lost.reason)))?;
+    let messages: Vec<NewMessage> = messages.into_iter().map(NewMessage::from).collect();
+    let sequenced = tokio::time::timeout(
+        super::COMMIT_WAIT,
+        broker.sequence(&queue, partition, &messages, now_ms),
+    )
+    .await
+    .map_err(|_| super::not_committed(group))??;
+    if sequenced.records.is_empty() {
+        // Every message was published before: nothing to write.
+        metrics::counter!(SEQUENCED, "outcome" => "known").increment(1);
+        let places = places(&sequenced, 0);
+        return Ok((OpResult::Published(places), None));
+    }
+    metrics::counter!(SEQUENCED, "outcome" => "written").increment(1);
+    let records = Command::Records(PartitionRecords {
+        queue: queue.clone(),
+        partition,
+        records: sequenced
+            .records
+            .iter()
+            .cloned()
+            .map(WireRecord::from)
+            .collect(),
+    });
+    let write = tokio::spawn(async move {
+        let written = super::write_entry(&raft, group, records).await;
+        let first = match &written {
+            Ok((OpResult::Published(at), _)) => at.first().map(|(_, offset)| *offset),
+            _ => None,
+        };
+        if let Err(error) = broker.settle(&queue, &sequenced, first).await {
+            tracing::warn!(%error, queue, "settling a sequenced publish failed");
+        }
+        match (written, first) {
+            (Ok((_, applied)), Some(first)) => {
+                Ok((OpResult::Published(places(&sequenced, first)), applied))
+            }
+            (Ok((other, _)), None) => Err(BrokerError::from(WireError {
+                code: "internal".into(),
+                message: format!("records were answered with {other:?}"),
+            })),
+            (Err(error), _) => Err(error),
+        }
+    });
+    match tokio::time::timeout(super::COMMIT_WAIT, write).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(join)) => Err(super::no_leader(format!("group {group}: {join}"))),
+        Err(_) => Err(super::not_committed(group)),
+    }
+}
+
+/// Where each message of a sequenced publish went, its new records appended from `first`.
+fn places(sequenced: &Sequenced, first: u64) -> Vec<(u32, u64)> {
+    sequenced
+        .ids(first)
+        .into_iter()
+        .map(|id| (id.partition, id.offset))
+        .collect()
 }
 
 /// Entries of one group on the way at once (more publishes wait and go as one entry).
