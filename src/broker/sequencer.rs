@@ -421,6 +421,119 @@ mod tests {
         assert_eq!(sequenced.answers, [Answer::Known(id)]);
     }
 
+    /// One step of the sequencer's model test.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A publish of messages with these keys (`None`: no key).
+        Publish(Vec<Option<u8>>),
+        /// Settles the `n`th outstanding publish (modulo their number), its records
+        /// appended (`true`) or not.
+        Settle(usize, bool),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::collection::vec(proptest::option::of(0u8..6), 1..5).prop_map(Step::Publish),
+            (any::<usize>(), any::<bool>()).prop_map(|(n, done)| Step::Settle(n, done)),
+        ]
+    }
+
+    /// The sequencer against a model over random publishes and settlements (single
+    /// threaded, so a publish that would wait is seen waiting): a key the window knows
+    /// answers its id, a key repeated in a publish is one record, a key another publish
+    /// holds makes a publish wait, a key settled without its records is new again, and
+    /// every id a key answers holds a record with that key.
+    #[test]
+    fn the_sequencer_follows_a_model() {
+        use futures_util::FutureExt;
+        use proptest::prelude::*;
+        let config = ProptestConfig {
+            cases: 64,
+            ..ProptestConfig::default()
+        };
+        proptest!(config, |(steps in proptest::collection::vec(step(), 1..40))| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let (_broker, queue) = queue(dir.path()).await;
+                let mut known: HashMap<String, MessageId> = HashMap::new();
+                let mut pending: HashMap<String, usize> = HashMap::new();
+                let mut outstanding: Vec<(usize, Sequenced)> = Vec::new();
+                for (serial, step) in steps.into_iter().enumerate() {
+                    match step {
+                        Step::Publish(keys) => {
+                            let keys: Vec<Option<String>> =
+                                keys.iter().map(|k| k.map(|k| format!("k{k}"))).collect();
+                            let messages: Vec<NewMessage> = keys
+                                .iter()
+                                .map(|k| message("m", k.as_deref()))
+                                .collect();
+                            let blocked = keys.iter().flatten().any(|k| pending.contains_key(k));
+                            let decided = queue.sequence(1, &messages, NOW).now_or_never();
+                            if blocked {
+                                assert!(decided.is_none(), "a held key did not make it wait");
+                                continue;
+                            }
+                            let sequenced = decided.expect("decides at once").unwrap();
+                            let mut first_of: HashMap<&String, usize> = HashMap::new();
+                            let mut records = 0;
+                            for (key, answer) in keys.iter().zip(&sequenced.answers) {
+                                let want = match key {
+                                    Some(k) if known.contains_key(k) => Answer::Known(known[k]),
+                                    Some(k) if first_of.contains_key(k) => Answer::Record(first_of[k]),
+                                    _ => {
+                                        if let Some(k) = key {
+                                            first_of.insert(k, records);
+                                        }
+                                        records += 1;
+                                        Answer::Record(records - 1)
+                                    }
+                                };
+                                assert_eq!(*answer, want);
+                            }
+                            assert_eq!(sequenced.records.len(), records);
+                            for k in first_of.keys() {
+                                pending.insert((*k).clone(), serial);
+                            }
+                            outstanding.push((serial, sequenced));
+                        }
+                        Step::Settle(n, appended) => {
+                            if outstanding.is_empty() {
+                                continue;
+                            }
+                            let (serial, sequenced) = outstanding.remove(n % outstanding.len());
+                            let first = if appended && !sequenced.records.is_empty() {
+                                let log = &queue.partitions[1];
+                                Some(log.append(sequenced.records.clone()).await.unwrap())
+                            } else {
+                                None
+                            };
+                            queue.settle(&sequenced, first).await.unwrap();
+                            pending.retain(|_, holder| *holder != serial);
+                            if let Some(first) = first {
+                                for m in sequenced.ids(first) {
+                                    let record = &queue.partitions[1]
+                                        .read(m.offset, 1, usize::MAX)
+                                        .unwrap()[0];
+                                    if let Some(k) = message::idempotency_key(record) {
+                                        known.insert(k, m);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                // Every id a key answers holds a record with that key.
+                for (key, id) in &known {
+                    let record = &queue.partitions[1].read(id.offset, 1, usize::MAX).unwrap()[0];
+                    assert_eq!(record.offset, id.offset);
+                    assert_eq!(message::idempotency_key(record).as_deref(), Some(key.as_str()));
+                }
+            });
+        });
+    }
+
     /// Sizes are checked before anything is held, and a partition the queue lacks is
     /// refused.
     #[tokio::test]
