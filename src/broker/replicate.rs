@@ -108,6 +108,17 @@ impl From<crate::log::Record> for WireRecord {
     }
 }
 
+impl From<crate::log::StoredRecord> for WireRecord {
+    fn from(r: crate::log::StoredRecord) -> Self {
+        Self {
+            timestamp_ms: r.timestamp_ms,
+            key: r.key,
+            headers: r.headers,
+            value: r.value,
+        }
+    }
+}
+
 impl From<WireRecord> for crate::log::Record {
     fn from(r: WireRecord) -> Self {
         Self {

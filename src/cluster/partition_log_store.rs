@@ -368,15 +368,7 @@ fn entry_of(inner: &Inner, header: &record::BatchHeader, bytes: &Bytes) -> std::
             EntryPayload::Normal(Command::Records(PartitionRecords {
                 queue: inner.queue.clone(),
                 partition: inner.partition,
-                records: records
-                    .into_iter()
-                    .map(|r| WireRecord {
-                        timestamp_ms: r.timestamp_ms,
-                        key: r.key,
-                        headers: r.headers,
-                        value: r.value,
-                    })
-                    .collect(),
+                records: records.into_iter().map(WireRecord::from).collect(),
             }))
         }
     };
@@ -663,12 +655,7 @@ mod tests {
             .read(0, usize::MAX, usize::MAX)
             .unwrap()
             .into_iter()
-            .map(|r| WireRecord {
-                timestamp_ms: r.timestamp_ms,
-                key: r.key,
-                headers: r.headers,
-                value: r.value,
-            })
+            .map(WireRecord::from)
             .collect()
     }
 

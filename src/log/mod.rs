@@ -421,15 +421,12 @@ impl PartitionLog {
         max: usize,
     ) -> Result<Vec<(record::BatchHeader, bytes::Bytes)>, LogError> {
         let next = self.written_end();
-        let segments = self.inner.shared.segments.load_full();
         let mut out = Vec::new();
         if from >= next || max == 0 {
             return Ok(out);
         }
-        let start = segments
-            .partition_point(|s| s.base_offset <= from)
-            .saturating_sub(1);
-        for segment in segments.iter().skip(start) {
+        let segments = self.inner.shared.segments.load_full();
+        for segment in segments_from(&segments, from) {
             let (mut position, _) = segment.position_for(from)?;
             let reader = segment.reader()?;
             let len = segment.len();
@@ -483,11 +480,8 @@ impl PartitionLog {
         if from >= next || max_records == 0 {
             return Ok(out);
         }
-        let start = segments
-            .partition_point(|s| s.base_offset <= from)
-            .saturating_sub(1);
         let mut bytes = 0usize;
-        for segment in segments.iter().skip(start) {
+        for segment in segments_from(&segments, from) {
             let done = read_segment(
                 segment,
                 from,
@@ -682,6 +676,14 @@ impl PartitionLog {
 
 /// Reads records of one segment from `from` into `out` until `full` says stop or the
 /// segment ends; returns true when full.
+/// The segments of `segments` (oldest first) from the one that holds offset `from` on.
+fn segments_from(segments: &[Arc<Segment>], from: u64) -> impl Iterator<Item = &Arc<Segment>> {
+    let start = segments
+        .partition_point(|s| s.base_offset <= from)
+        .saturating_sub(1);
+    segments.iter().skip(start)
+}
+
 fn read_segment(
     segment: &Segment,
     from: u64,
