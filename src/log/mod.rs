@@ -335,13 +335,7 @@ impl PartitionLog {
         let shared = Arc::clone(&self.inner.shared);
         async move {
             let (first, end) = combine::append(Arc::clone(&shared), records).await?;
-            if shared.config.fsync == FsyncPolicy::Always {
-                shared
-                    .commit
-                    .wait_synced(end)
-                    .await
-                    .map_err(LogError::Failed)?;
-            }
+            durable(&shared, end).await?;
             Ok(first)
         }
     }
@@ -368,16 +362,7 @@ impl PartitionLog {
         end: u64,
     ) -> impl std::future::Future<Output = Result<(), LogError>> + Send + 'static {
         let shared = Arc::clone(&self.inner.shared);
-        async move {
-            if shared.config.fsync == FsyncPolicy::Always {
-                shared
-                    .commit
-                    .wait_synced(end)
-                    .await
-                    .map_err(LogError::Failed)?;
-            }
-            Ok(())
-        }
+        async move { durable(&shared, end).await }
     }
 
     /// Puts a commit gate on the log at offset `end` (`None` takes it away): readers of
@@ -676,6 +661,19 @@ impl PartitionLog {
 
 /// Reads records of one segment from `from` into `out` until `full` says stop or the
 /// segment ends; returns true when full.
+/// Waits until everything up to offset `end` is durable under the log's fsync policy (see
+/// [`PartitionLog::durable`]).
+async fn durable(shared: &Shared, end: u64) -> Result<(), LogError> {
+    if shared.config.fsync == FsyncPolicy::Always {
+        shared
+            .commit
+            .wait_synced(end)
+            .await
+            .map_err(LogError::Failed)?;
+    }
+    Ok(())
+}
+
 /// The segments of `segments` (oldest first) from the one that holds offset `from` on.
 fn segments_from(segments: &[Arc<Segment>], from: u64) -> impl Iterator<Item = &Arc<Segment>> {
     let start = segments
