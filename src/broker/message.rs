@@ -285,8 +285,12 @@ pub fn dead_letter_key(
 
 /// The idempotency key of a stored record, if it has one.
 pub fn idempotency_key(record: &StoredRecord) -> Option<String> {
-    record
-        .headers
+    idempotency_key_in(&record.headers)
+}
+
+/// The idempotency key among a record's `headers`, if any.
+pub fn idempotency_key_in(headers: &[(String, Bytes)]) -> Option<String> {
+    headers
         .iter()
         .find(|(name, _)| name == IDEMPOTENCY_HEADER)
         .map(|(_, value)| text(value))

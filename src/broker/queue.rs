@@ -924,15 +924,7 @@ impl Queue {
         if self.is_deleted() {
             return Err(BrokerError::QueueNotFound(self.name.clone()));
         }
-        for m in &messages {
-            let size = m.body.len() as u64;
-            if size > self.settings.max_message_bytes {
-                return Err(BrokerError::MessageTooLarge {
-                    size,
-                    limit: self.settings.max_message_bytes,
-                });
-            }
-        }
+        self.check_sizes(&messages)?;
         let now = now_ms.unwrap_or_else(|| self.clock.now_ms());
         let window_ms = self.settings.dedup_window as i64 * 1000;
         let mut dedup = if messages.iter().any(|m| m.idempotency_key.is_some()) {
@@ -1034,6 +1026,19 @@ impl Queue {
                 offset: id.offset,
             })
             .collect())
+    }
+
+    /// Refuses a publish with a body larger than the queue's `max_message_bytes`.
+    pub(super) fn check_sizes(&self, messages: &[NewMessage]) -> Result<(), BrokerError> {
+        let limit = self.settings.max_message_bytes;
+        match messages
+            .iter()
+            .map(|m| m.body.len() as u64)
+            .find(|size| *size > limit)
+        {
+            Some(size) => Err(BrokerError::MessageTooLarge { size, limit }),
+            None => Ok(()),
+        }
     }
 
     /// Ends expired leases of `group`; returns what ended.

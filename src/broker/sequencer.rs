@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 
 use super::Broker;
-use super::message::{self, IDEMPOTENCY_HEADER};
+use super::message;
 use super::queue::Queue;
 use super::types::{BrokerError, MessageId, NewMessage};
 use crate::log::Record;
@@ -86,15 +86,7 @@ impl Queue {
                 self.name
             )));
         }
-        for m in messages {
-            let size = m.body.len() as u64;
-            if size > self.settings.max_message_bytes {
-                return Err(BrokerError::MessageTooLarge {
-                    size,
-                    limit: self.settings.max_message_bytes,
-                });
-            }
-        }
+        self.check_sizes(messages)?;
         let window_ms = self.settings.dedup_window as i64 * 1000;
         loop {
             let mut window = self.dedup_window(Some(partition), now_ms).await?;
@@ -214,13 +206,9 @@ pub fn keys_of(records: &[Record]) -> Vec<RecordKey> {
         .iter()
         .enumerate()
         .filter_map(|(index, record)| {
-            let (_, key) = record
-                .headers
-                .iter()
-                .find(|(name, _)| name == IDEMPOTENCY_HEADER)?;
             Some(RecordKey {
                 index,
-                key: String::from_utf8_lossy(key).into_owned(),
+                key: message::idempotency_key_in(&record.headers)?,
                 at_ms: record.timestamp_ms,
             })
         })

@@ -171,6 +171,13 @@ impl Inner {
         }
     }
 
+    /// One past the last offset written to `log` (readable or not).
+    fn end(&self, log: &PartitionLog) -> u64 {
+        self.spans
+            .last_key_value()
+            .map_or_else(|| log.written_end(), |(_, s)| s.next)
+    }
+
     /// Forgets unsynced entries whose batches have become readable.
     fn prune_unsynced(&mut self, readable_end: u64) {
         while let Some((&index, _)) = self.unsynced.first_key_value() {
@@ -228,41 +235,39 @@ impl PartitionLogStore {
         &self.log
     }
 
-    /// Reads entry `index` back, from memory while its batch is not readable yet.
-    fn read_entries(&self, inner: &Inner, indexes: &[(u64, Span)]) -> std::io::Result<Vec<Entry>> {
-        let mut out = Vec::with_capacity(indexes.len());
-        let mut from_disk: Option<std::vec::IntoIter<(record::BatchHeader, Bytes)>> = None;
-        for (index, span) in indexes {
-            if let Some(entry) = inner.unsynced.get(index) {
-                out.push(entry.clone());
-                continue;
-            }
-            let subject = || format!("reading entry {index}");
-            let next = match from_disk.as_mut().and_then(Iterator::next) {
-                Some(batch) if batch.0.base_offset == span.base => batch,
-                _ => {
-                    // One read for the run of entries from here on.
-                    let wanted = indexes.len() - out.len();
-                    let mut batches = self
-                        .log
-                        .batches_from(span.base, wanted)
-                        .map_err(|e| io_err(subject(), e))?
-                        .into_iter();
-                    let first = batches
-                        .next()
-                        .ok_or_else(|| io_err(subject(), "its batch is gone"))?;
-                    from_disk = Some(batches);
-                    first
-                }
-            };
-            let (header, bytes) = next;
-            if header.raft_index != *index {
+    /// Reads the entries `wanted` (consecutive) back: from the segments in one read, and
+    /// the last ones from memory while their batches are not readable yet.
+    fn read_entries(&self, inner: &Inner, wanted: &[(u64, Span)]) -> std::io::Result<Vec<Entry>> {
+        // The unsynced entries are the log's last ones.
+        let on_disk = wanted.partition_point(|(index, _)| !inner.unsynced.contains_key(index));
+        let mut out = Vec::with_capacity(wanted.len());
+        if let Some((first, span)) = wanted.first().filter(|_| on_disk > 0) {
+            let subject = || format!("reading entries from {first}");
+            let batches = self
+                .log
+                .batches_from(span.base, on_disk)
+                .map_err(|e| io_err(subject(), e))?;
+            if batches.len() != on_disk {
                 return Err(io_err(
                     subject(),
-                    format!("the batch there holds entry {}", header.raft_index),
+                    format!("{} of {on_disk} batches are there", batches.len()),
                 ));
             }
-            out.push(entry_of(inner, &header, &bytes)?);
+            for ((index, _), (header, bytes)) in wanted.iter().zip(&batches) {
+                if header.raft_index != *index {
+                    return Err(io_err(
+                        format!("reading entry {index}"),
+                        format!("the batch there holds entry {}", header.raft_index),
+                    ));
+                }
+                out.push(entry_of(inner, header, bytes)?);
+            }
+        }
+        for (index, _) in &wanted[on_disk..] {
+            let entry = inner.unsynced.get(index).cloned();
+            out.push(
+                entry.ok_or_else(|| io_err(format!("reading entry {index}"), "not in memory"))?,
+            );
         }
         Ok(out)
     }
@@ -496,7 +501,7 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
                 .spans
                 .range(log_id.index..)
                 .next()
-                .map_or_else(|| self.log_end(&inner), |(_, s)| s.base),
+                .map_or_else(|| inner.end(&self.log), |(_, s)| s.base),
         };
         write_small(&inner.dir, PURGED, &(log_id, after), true)
             .map_err(|e| io_err(format!("purging up to {log_id}"), e))?;
@@ -517,26 +522,13 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     }
 }
 
-impl PartitionLogStore {
-    /// One past the last offset written (readable or not).
-    fn log_end(&self, inner: &Inner) -> u64 {
-        inner
-            .spans
-            .last_key_value()
-            .map_or_else(|| self.log.written_end(), |(_, s)| s.next)
-    }
-}
-
 /// Writes `entries` at the end of the log, one batch each; returns the end offset to wait
 /// for before they count as durable.
 fn append_locked<I>(log: &PartitionLog, inner: &mut Inner, entries: I) -> std::io::Result<u64>
 where
     I: IntoIterator<Item = Entry>,
 {
-    let mut end = inner
-        .spans
-        .last_key_value()
-        .map_or_else(|| log.written_end(), |(_, s)| s.next);
+    let mut end = inner.end(log);
     for entry in entries {
         let subject = || format!("writing entry {}", entry.log_id);
         let term = entry.log_id.leader_id.term;
