@@ -366,6 +366,21 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
         (0, 1),
         "a retried batch is stored once, whichever node takes it"
     );
+    // The partition's leader answered the retried batch from its dedup window before
+    // anything was replicated (`broker::sequencer`), as it answers a repeated publish.
+    let mut known = 0.0;
+    for node in 1..=3 {
+        let base = cluster.http(node);
+        let label = "outcome=\"known\"";
+        known +=
+            common::cluster::labeled_metric(base, "qit_cluster_publishes_sequenced_total", label)
+                .await
+                .unwrap_or(0.0);
+    }
+    assert!(
+        known >= 1.0,
+        "the retried batch was not answered by the leader's sequencer"
+    );
     assert_eq!(
         produce(&mut elsewhere, &name, 1, batch(4242, 2, &["z"])).await,
         (0, 3)

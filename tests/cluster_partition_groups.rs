@@ -287,3 +287,48 @@ async fn each_key_is_stored_once_by_its_partitions_leader() {
     assert_eq!(bodies.len(), want.len(), "nothing new stored: {bodies:?}");
     assert_eq!(bodies.into_iter().collect::<BTreeSet<_>>(), want);
 }
+
+/// A message as large as the queue allows (body and idempotency key, as a single node
+/// counts it), is taken by every partition's group: its leader checks it as a single node
+/// does, and the replicas do not check the stored record again (there the key is a header
+/// whose name counts too: such a publish was once written, then refused when applied).
+/// One byte more is refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_at_the_size_limit_is_taken_by_every_partition() {
+    let cluster = Cluster::start().await;
+    let settings = json!({"partitions": 3, "max_message_bytes": 64});
+    create_queue(cluster.http(1), "full", settings).await;
+    leaders(cluster.http(1), "full").await;
+    // Keys of two bytes: 62 + 2 is the limit.
+    let body = "x".repeat(62);
+    let mut partitions = BTreeSet::new();
+    for i in 0..6 {
+        let id = publish_once(cluster.http(1 + i % 3), "full", &format!("k{i}"), &body).await;
+        partitions.insert(id.split('-').next().unwrap_or_default().to_string());
+    }
+    assert!(
+        partitions.iter().any(|p| p != "0"),
+        "some went to a partition group: {partitions:?}"
+    );
+    let (status, answer) = retrying("publish one byte too many", || {
+        http()
+            .post(format!("{}/queues/full/messages", cluster.http(2)))
+            .header("Idempotency-Key", "k9")
+            .body("x".repeat(63))
+    })
+    .await;
+    assert_eq!(status, 413, "{answer}");
+    // Each of the six is stored once, the refused one nowhere (node 1 replicates every
+    // partition).
+    eventually("node 1 holds the six messages", || async {
+        let mut stored = 0;
+        for partition in 0..3 {
+            match log_bodies(cluster.http(1), "full", partition).await {
+                Some(log) => stored += log.len(),
+                None => return false,
+            }
+        }
+        stored == 6
+    })
+    .await;
+}

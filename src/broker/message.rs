@@ -82,6 +82,26 @@ pub fn record_size(
         + idempotency_key.map_or(0, str::len)) as u64
 }
 
+/// Checks records appended as they are (a Kafka producer's): each within `limit` bytes,
+/// counted as [`stored_record_size`] (413 otherwise).
+pub fn check_record_sizes(records: &[Record], limit: u64) -> Result<(), BrokerError> {
+    match records.iter().map(stored_record_size).find(|s| *s > limit) {
+        Some(size) => Err(BrokerError::MessageTooLarge { size, limit }),
+        None => Ok(()),
+    }
+}
+
+/// The bytes of a record counted against `max_message_bytes`: value, key, and header names
+/// and values.
+pub fn stored_record_size(record: &Record) -> u64 {
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    (record.value.len() + record.key.as_ref().map_or(0, |k| k.len()) + headers) as u64
+}
+
 /// Checks a message from a publisher: key, headers, content type and idempotency key within
 /// their caps (400), and the whole record within `max_message_bytes` (413). `index` is its
 /// place in a batch, for the message.

@@ -3,8 +3,11 @@
 //! and header bytes kept as they are, and read stored records back without the lossy text
 //! conversion of [`super::Delivery`].
 
+use std::sync::Arc;
+
 use crate::log::{Record, StoredRecord};
 
+use super::queue::Queue;
 use super::replicate::{Op, WireRecord};
 use super::{Broker, BrokerError};
 
@@ -74,7 +77,7 @@ impl Broker {
             Some(replicator) => {
                 // Checked before it is proposed, as a publish is (the apply checks again).
                 if let Some(q) = &found {
-                    check_sizes(&records, q.settings.max_message_bytes)?;
+                    super::message::check_record_sizes(&records, q.settings.max_message_bytes)?;
                 }
                 let op = Op::AppendRecords {
                     queue: queue.to_string(),
@@ -107,26 +110,63 @@ impl Broker {
         batch_key: Option<String>,
         now_ms: i64,
     ) -> Result<u64, BrokerError> {
-        if records.is_empty() {
-            return Err(BrokerError::InvalidArgument("no records to append".into()));
+        let q = self.live_queue(queue)?;
+        super::message::check_record_sizes(&records, q.settings.max_message_bytes)?;
+        match batch_key {
+            Some(key) => {
+                if records.is_empty() {
+                    return Err(BrokerError::InvalidArgument("no records to append".into()));
+                }
+                let count = records.len() as u64;
+                let first = q.append_once(partition, records, &key, now_ms).await?;
+                q.notify.notify_waiters();
+                q.series.published.increment(count);
+                Ok(first)
+            }
+            None => self.store_records(&q, partition, records).await,
         }
+    }
+
+    /// Appends records a partition's leader sequenced (a replica applying them, see
+    /// [`super::sequencer`]) as they are: the leader checked what they came from as a
+    /// single node checks it (a publish's bodies, an append's records), so they are not
+    /// checked again here (a record carries headers, an idempotency key among them, that
+    /// a publish's check does not count).
+    pub async fn append_sequenced_local(
+        &self,
+        queue: &str,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<u64, BrokerError> {
+        let q = self.live_queue(queue)?;
+        self.store_records(&q, partition, records).await
+    }
+
+    /// The queue named `queue`, unless it is being deleted.
+    fn live_queue(&self, queue: &str) -> Result<Arc<Queue>, BrokerError> {
         let q = self.queue(queue)?;
         if q.is_deleted() {
             return Err(BrokerError::QueueNotFound(queue.to_string()));
         }
-        check_sizes(&records, q.settings.max_message_bytes)?;
+        Ok(q)
+    }
+
+    /// Appends `records` to `partition` of `q` as one run and remembers their idempotency
+    /// keys (records a partition's leader sequenced carry them: known here now, for when
+    /// this replica leads, see [`super::sequencer`]); returns the first one's offset.
+    async fn store_records(
+        &self,
+        q: &Queue,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<u64, BrokerError> {
+        if records.is_empty() {
+            return Err(BrokerError::InvalidArgument("no records to append".into()));
+        }
         let count = records.len() as u64;
-        let first = match batch_key {
-            Some(key) => q.append_once(partition, records, &key, now_ms).await?,
-            None => {
-                // Records a partition's leader sequenced: their keys are known here now,
-                // for when this replica leads (see `sequencer`).
-                let keys = super::sequencer::keys_of(&records);
-                let first = self.partition(&q, partition)?.append(records).await?;
-                q.note_keys(partition, first, keys).await?;
-                first
-            }
-        };
+        let keys = super::sequencer::keys_of(&records);
+        let first = self.partition(q, partition)?.append(records).await?;
+        q.note_keys(partition, first, keys).await?;
         q.notify.notify_waiters();
         q.series.published.increment(count);
         Ok(first)
@@ -232,25 +272,4 @@ impl Broker {
             .map_or(timestamp_ms, |r| r.timestamp_ms);
         Ok(Some((offset, found)))
     }
-}
-
-/// Each record within `limit` bytes.
-fn check_sizes(records: &[Record], limit: u64) -> Result<(), BrokerError> {
-    for record in records {
-        let size = record_size(record);
-        if size > limit {
-            return Err(BrokerError::MessageTooLarge { size, limit });
-        }
-    }
-    Ok(())
-}
-
-/// The bytes of a record counted against `max_message_bytes`.
-fn record_size(record: &Record) -> u64 {
-    let headers: usize = record
-        .headers
-        .iter()
-        .map(|(name, value)| name.len() + value.len())
-        .sum();
-    (record.value.len() + record.key.as_ref().map_or(0, |k| k.len()) + headers) as u64
 }

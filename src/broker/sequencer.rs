@@ -35,8 +35,11 @@ pub struct Sequenced {
     pub answers: Vec<Answer>,
     /// The keys this publish holds pending, with the index of their record.
     held: Vec<(String, usize)>,
-    /// The publish time the records carry.
+    /// The time of the publish (the dedup window is read as of then).
     now_ms: i64,
+    /// The time its keys are remembered with: the publish time its records carry, or an
+    /// append's first record's timestamp.
+    keys_at_ms: i64,
 }
 
 /// What one message of a sequenced publish answers.
@@ -77,15 +80,7 @@ impl Queue {
         messages: &[NewMessage],
         now_ms: i64,
     ) -> Result<Sequenced, BrokerError> {
-        if self.is_deleted() {
-            return Err(BrokerError::QueueNotFound(self.name.clone()));
-        }
-        if partition as usize >= self.partitions.len() {
-            return Err(BrokerError::InvalidArgument(format!(
-                "queue `{}` has no partition {partition}",
-                self.name
-            )));
-        }
+        self.check_sequenced(partition)?;
         self.check_sizes(messages)?;
         let window_ms = self.settings.dedup_window as i64 * 1000;
         loop {
@@ -107,6 +102,7 @@ impl Queue {
                 answers: Vec::with_capacity(messages.len()),
                 held: Vec::new(),
                 now_ms,
+                keys_at_ms: now_ms,
             };
             let mut first_with_key: HashMap<&str, usize> = HashMap::new();
             for m in messages {
@@ -135,6 +131,79 @@ impl Queue {
         }
     }
 
+    /// Decides an append of `records` to `partition` (a Kafka producer's batch), once per
+    /// `batch_key` within the dedup window when one is given, as [`Queue::append_once`]
+    /// does on a single node: a key the window knows answers the offset of the first
+    /// record that append stored, and nothing is stored; otherwise the records are stored
+    /// as they are, the first carrying the key, which is held pending. Checks the records'
+    /// sizes as a single node does. Every `Sequenced` must be settled ([`Self::settle`]).
+    pub async fn sequence_records(
+        &self,
+        partition: u32,
+        mut records: Vec<Record>,
+        batch_key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Sequenced, BrokerError> {
+        self.check_sequenced(partition)?;
+        if records.is_empty() {
+            return Err(BrokerError::InvalidArgument("no records to append".into()));
+        }
+        message::check_record_sizes(&records, self.settings.max_message_bytes)?;
+        let keys_at_ms = records.first().map_or(now_ms, |r| r.timestamp_ms);
+        let mut sequenced = Sequenced {
+            partition,
+            records: Vec::new(),
+            answers: vec![Answer::Record(0)],
+            held: Vec::new(),
+            now_ms,
+            keys_at_ms,
+        };
+        let Some(key) = batch_key else {
+            sequenced.records = records;
+            return Ok(sequenced);
+        };
+        let window_ms = self.settings.dedup_window as i64 * 1000;
+        loop {
+            let mut window = self.dedup_window(Some(partition), now_ms).await?;
+            if let Some(released) = window.pending(key) {
+                let settled = released.notified();
+                drop(window);
+                settled.await;
+                continue;
+            }
+            if let Some(id) = window.get(key, now_ms, window_ms) {
+                sequenced.answers = vec![Answer::Known(id)];
+                return Ok(sequenced);
+            }
+            if window_ms > 0 {
+                window.hold(key.to_string());
+                sequenced.held.push((key.to_string(), 0));
+            }
+            if let Some(first) = records.first_mut() {
+                first.headers.push((
+                    message::IDEMPOTENCY_HEADER.to_string(),
+                    bytes::Bytes::copy_from_slice(key.as_bytes()),
+                ));
+            }
+            sequenced.records = records;
+            return Ok(sequenced);
+        }
+    }
+
+    /// Refuses to sequence for a queue being deleted or a partition it lacks.
+    fn check_sequenced(&self, partition: u32) -> Result<(), BrokerError> {
+        if self.is_deleted() {
+            return Err(BrokerError::QueueNotFound(self.name.clone()));
+        }
+        if partition as usize >= self.partitions.len() {
+            return Err(BrokerError::InvalidArgument(format!(
+                "queue `{}` has no partition {partition}",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Ends what `sequenced` holds pending: with `first`, the offset its records were
     /// appended from (their keys are remembered with their ids), or `None` when they were
     /// not (the entry was not committed: a retry decides again). Wakes the publishes that
@@ -156,7 +225,7 @@ impl Queue {
                     partition: sequenced.partition,
                     offset: first + *n as u64,
                 };
-                window.insert(key.clone(), id, sequenced.now_ms);
+                window.insert(key.clone(), id, sequenced.keys_at_ms);
             }
             window.release(key);
         }
@@ -226,6 +295,20 @@ impl Broker {
     ) -> Result<Sequenced, BrokerError> {
         self.queue(queue)?
             .sequence(partition, messages, now_ms)
+            .await
+    }
+
+    /// [`Queue::sequence_records`] on queue `queue`.
+    pub async fn sequence_records(
+        &self,
+        queue: &str,
+        partition: u32,
+        records: Vec<Record>,
+        batch_key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Sequenced, BrokerError> {
+        self.queue(queue)?
+            .sequence_records(partition, records, batch_key, now_ms)
             .await
     }
 
@@ -407,6 +490,84 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sequenced.answers, [Answer::Known(id)]);
+    }
+
+    /// An append with a batch key is stored once within the window: its first record
+    /// carries the key (as `append_once` stores it on a single node), a repeat answers
+    /// the first record's offset and stores nothing, and a repeat while the first is
+    /// pending waits for it. Without a key the records are stored as given; a record too
+    /// large is refused before anything is held.
+    #[tokio::test]
+    async fn appends_are_stored_once_per_batch_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, queue) = queue(dir.path()).await;
+        let batch = |values: &[&str]| -> Vec<Record> {
+            values
+                .iter()
+                .map(|v| message::to_record(&message(v, None), NOW - 7))
+                .collect()
+        };
+        let plain = queue
+            .sequence_records(1, batch(&["p"]), None, NOW)
+            .await
+            .unwrap();
+        assert_eq!(plain.records, batch(&["p"]));
+        assert_eq!(append(&queue, &plain).await.len(), 1);
+
+        let first = queue
+            .sequence_records(1, batch(&["x", "y"]), Some("kafka:1"), NOW)
+            .await
+            .unwrap();
+        assert_eq!(first.answers, [Answer::Record(0)]);
+        assert_eq!(
+            message::idempotency_key_in(&first.records[0].headers).as_deref(),
+            Some("kafka:1")
+        );
+        assert_eq!(
+            first.records[1],
+            batch(&["y"])[0],
+            "only the first carries it"
+        );
+        let retry = tokio::spawn({
+            let queue = Arc::clone(&queue);
+            async move {
+                let records = batch(&["x", "y"]);
+                queue
+                    .sequence_records(1, records, Some("kafka:1"), NOW + 1)
+                    .await
+            }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !retry.is_finished(),
+            "a pending batch key makes a retry wait"
+        );
+        let ids = append(&queue, &first).await;
+        let at = MessageId {
+            partition: 1,
+            offset: 1,
+        };
+        assert_eq!(ids, [at]);
+        let retry = retry.await.unwrap().unwrap();
+        assert_eq!(retry.answers, [Answer::Known(at)]);
+        assert!(retry.records.is_empty(), "nothing stored again");
+        queue.settle(&retry, None).await.unwrap();
+
+        let big = "x".repeat(101);
+        assert!(matches!(
+            queue
+                .sequence_records(1, batch(&[&big]), Some("kafka:2"), NOW)
+                .await,
+            Err(BrokerError::MessageTooLarge { .. })
+        ));
+        let after = queue
+            .sequence_records(1, batch(&["z"]), Some("kafka:2"), NOW)
+            .await
+            .unwrap();
+        assert_eq!(after.answers, [Answer::Record(0)], "nothing was held");
+        queue.settle(&after, None).await.unwrap();
     }
 
     /// One step of the sequencer's model test.

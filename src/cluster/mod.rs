@@ -1439,6 +1439,18 @@ impl Cluster {
                 batch_key,
                 now_ms,
             }) => {
+                if let (_, own @ 1..) = group_id::split_group(group) {
+                    // A partition group's leader decides its appends, as its publishes.
+                    let append = proposals::AppendParts {
+                        queue,
+                        partition,
+                        records,
+                        batch_key,
+                        now_ms,
+                    };
+                    let broker = Arc::clone(&self.broker);
+                    return proposals::sequence_append(raft, group, broker, own, append).await;
+                }
                 // The records go encoded once, as one buffer (see `publish_batch`).
                 let append = EncodedAppend::new(queue, partition, &records, batch_key, now_ms)?;
                 propose_entry(raft, group, Command::AppendRecords(append)).await

@@ -32,6 +32,7 @@ use super::types::{Command, PartitionRecords};
 use crate::broker::replicate::{OpResult, WireError, WireMessage, WireRecord};
 use crate::broker::sequencer::Sequenced;
 use crate::broker::{Broker, BrokerError, NewMessage};
+use crate::log::Record;
 
 /// Where a batch of publishes goes (one [`Command::Publish`]), and what it answered.
 pub type Sink = Arc<dyn Fn(Command) -> BoxFuture<'static, Proposed> + Send + Sync>;
@@ -61,9 +62,9 @@ pub fn sequence_to(raft: &Raft, group: u64, broker: Arc<Broker>, partition: u32)
     })
 }
 
-/// Publishes a partition group's leader sequenced (see [`sequence_to`]), with label
-/// `outcome`: `written` (records proposed), `known` (every message published before,
-/// nothing written) (counter).
+/// Publishes and record appends a partition group's leader sequenced (see
+/// [`sequence_to`], [`sequence_append`]), with label `outcome`: `written` (records
+/// proposed), `known` (every message published before, nothing written) (counter).
 pub const SEQUENCED: &str = "qit_cluster_publishes_sequenced_total";
 
 /// Sequences a publish and proposes its records (see [`sequence_to`]).
@@ -93,6 +94,69 @@ async fn sequence(
     )
     .await
     .map_err(|_| super::not_committed(group))??;
+    write_sequenced(raft, group, broker, queue, sequenced).await
+}
+
+/// An append of records (a Kafka producer's batch) to partition `partition`, whose group
+/// `group` this node leads: sequenced by this leader, once per `batch_key` within the
+/// dedup window (see [`Broker::sequence_records`]), then proposed as the records they are
+/// stored as, as a publish is ([`sequence_to`]).
+pub async fn sequence_append(
+    raft: &Raft,
+    group: u64,
+    broker: Arc<Broker>,
+    partition: u32,
+    append: AppendParts,
+) -> Proposed {
+    let AppendParts {
+        queue,
+        partition: named,
+        records,
+        batch_key,
+        now_ms,
+    } = append;
+    if named != partition {
+        return Err(BrokerError::InvalidArgument(format!(
+            "an append to partition {named} reached the group of partition {partition}"
+        )));
+    }
+    super::confirm_read(raft, super::LEADER_WAIT)
+        .await
+        .map_err(|lost| super::no_leader(format!("group {group}: {}", lost.reason)))?;
+    let records: Vec<Record> = records.into_iter().map(Record::from).collect();
+    let sequenced = tokio::time::timeout(
+        super::COMMIT_WAIT,
+        broker.sequence_records(&queue, partition, records, batch_key.as_deref(), now_ms),
+    )
+    .await
+    .map_err(|_| super::not_committed(group))??;
+    write_sequenced(raft.clone(), group, broker, queue, sequenced).await
+}
+
+/// An append of records as [`sequence_append`] takes it.
+pub struct AppendParts {
+    /// The queue.
+    pub queue: String,
+    /// The partition it names.
+    pub partition: u32,
+    /// The records.
+    pub records: Vec<WireRecord>,
+    /// Stored once per this key within the dedup window, when given.
+    pub batch_key: Option<String>,
+    /// When it was made.
+    pub now_ms: i64,
+}
+
+/// Proposes the records of a sequenced publish or append as one [`Command::Records`] entry,
+/// settles it with the outcome and answers where each message went (nothing is written when
+/// every message was known: each answers the id it got before).
+async fn write_sequenced(
+    raft: Raft,
+    group: u64,
+    broker: Arc<Broker>,
+    queue: String,
+    sequenced: Sequenced,
+) -> Proposed {
     if sequenced.records.is_empty() {
         // Every message was published before: nothing to write.
         metrics::counter!(SEQUENCED, "outcome" => "known").increment(1);
@@ -102,7 +166,7 @@ async fn sequence(
     metrics::counter!(SEQUENCED, "outcome" => "written").increment(1);
     let records = Command::Records(PartitionRecords {
         queue: queue.clone(),
-        partition,
+        partition: sequenced.partition,
         records: sequenced
             .records
             .iter()

@@ -31,7 +31,8 @@ use super::snapshot::{
     snapshot_id, unpack_bare,
 };
 use super::types::{
-    Applied, Command, EntryPayload, LogId, SnapshotMeta, StoredMembership, TypeConfig,
+    Applied, Command, EntryPayload, LogId, PartitionRecords, SnapshotMeta, StoredMembership,
+    TypeConfig,
 };
 use crate::broker::Broker;
 use crate::broker::queue::DataPart;
@@ -389,7 +390,7 @@ impl StateMachine {
             Command::Broker(op) => self.apply_op(log_id, op).await,
             Command::Publish(publish) => self.apply_decoded(log_id, publish.into_op()).await,
             Command::AppendRecords(append) => self.apply_decoded(log_id, append.into_op()).await,
-            Command::Records(records) => self.apply_op(log_id, records.into_op()).await,
+            Command::Records(records) => self.apply_entry(log_id, Apply::Records(records)).await,
         }
     }
 
@@ -405,18 +406,24 @@ impl StateMachine {
         }
     }
 
-    /// Applies a broker op; a queue made or deleted opens or closes its group here.
+    /// Applies a broker op.
     async fn apply_op(&mut self, log_id: LogId, op: Op) -> Applied {
+        self.apply_entry(log_id, Apply::Op(op)).await
+    }
+
+    /// Applies a broker op or sequenced records; a queue made or deleted opens or closes
+    /// its group here.
+    async fn apply_entry(&mut self, log_id: LogId, apply: Apply) -> Applied {
         let Some(broker) = &self.broker else {
             return Applied(Ok(OpResult::Done));
         };
-        let deleted = match &op {
-            Op::DeleteQueue { name } => Some(name.clone()),
+        let deleted = match apply.op() {
+            Some(Op::DeleteQueue { name }) => Some(name.clone()),
             _ => None,
         };
-        let created_name = match &op {
-            Op::CreateQueue { name, .. } => Some((name.clone(), false)),
-            Op::CreateSplitQueue { name, .. } => Some((name.clone(), true)),
+        let created_name = match apply.op() {
+            Some(Op::CreateQueue { name, .. }) => Some((name.clone(), false)),
+            Some(Op::CreateSplitQueue { name, .. }) => Some((name.clone(), true)),
             _ => None,
         };
         if let (Role::Meta(groups), Some(name)) = (&self.role, &deleted) {
@@ -428,7 +435,7 @@ impl StateMachine {
                 let partitions = broker
                     .queue_settings(queue)
                     .map_or(1, |settings| settings.partitions);
-                if let Err(refused) = check_part(&op, queue, part, partitions) {
+                if let Err(refused) = check_part(&apply, queue, part, partitions) {
                     return Applied(Err(refused));
                 }
                 // Shared with the queue's other groups; never while one replaces its part.
@@ -442,9 +449,9 @@ impl StateMachine {
                     ..Stamp::default()
                 };
                 broker.set_stamp(queue, part, stamp);
-                broker.apply_op(op).await
+                apply.run(broker).await
             }
-            None => broker.apply_op(op).await,
+            None => apply.run(broker).await,
         };
         if let Role::Meta(groups) = &self.role
             && let (
@@ -556,21 +563,64 @@ impl StateMachine {
     }
 }
 
+/// What an entry asks a group's machine to apply.
+enum Apply {
+    /// A broker op, applied as the broker applies it ([`Broker::apply_op`]).
+    Op(Op),
+    /// Records a partition's leader sequenced ([`Command::Records`]), appended as they are
+    /// ([`Broker::append_sequenced_local`]).
+    Records(PartitionRecords),
+}
+
+impl Apply {
+    /// The op, when it is one.
+    fn op(&self) -> Option<&Op> {
+        match self {
+            Apply::Op(op) => Some(op),
+            Apply::Records(_) => None,
+        }
+    }
+
+    /// Applies it to `broker`'s own state.
+    async fn run(self, broker: &Broker) -> Result<OpResult, crate::broker::BrokerError> {
+        match self {
+            Apply::Op(op) => broker.apply_op(op).await,
+            Apply::Records(PartitionRecords {
+                queue,
+                partition,
+                records,
+            }) => {
+                let records = records.into_iter().map(crate::log::Record::from).collect();
+                let first = broker
+                    .append_sequenced_local(&queue, partition, records)
+                    .await?;
+                Ok(OpResult::Published(vec![(partition, first)]))
+            }
+        }
+    }
+}
+
 /// Refuses an op that is not for `part` of `queue`, a queue of `partitions`: a
 /// partition's group takes only appends to its partition (everything else of the queue is
 /// its queue group's), and on a queue of several partitions every message of a publish
 /// names its partition (the proposer routed it by that, see `cluster::partitions`).
 /// Every replica refuses alike; a proposer routes ops so that none is refused.
-fn check_part(op: &Op, queue: &str, part: DataPart, partitions: u32) -> Result<(), WireError> {
+fn check_part(
+    apply: &Apply,
+    queue: &str,
+    part: DataPart,
+    partitions: u32,
+) -> Result<(), WireError> {
     let refused = |what: String| WireError {
         code: "internal".into(),
         message: format!("{what} does not belong to this group of queue {queue} ({part:?})"),
     };
-    let named: Vec<Option<u32>> = match op {
-        Op::Publish { messages, .. } => messages.iter().map(|m| m.partition).collect(),
-        Op::AppendRecords { partition, .. } => vec![Some(*partition)],
+    let named: Vec<Option<u32>> = match apply {
+        Apply::Records(records) => vec![Some(records.partition)],
+        Apply::Op(Op::Publish { messages, .. }) => messages.iter().map(|m| m.partition).collect(),
+        Apply::Op(Op::AppendRecords { partition, .. }) => vec![Some(*partition)],
         _ if part.holds_groups() => return Ok(()),
-        other => return Err(refused(format!("{other:?}"))),
+        Apply::Op(other) => return Err(refused(format!("{other:?}"))),
     };
     if part == DataPart::All || (partitions <= 1 && part == DataPart::Head) {
         return Ok(());
@@ -749,8 +799,8 @@ mod part_tests {
     use super::*;
     use crate::broker::replicate::WireMessage;
 
-    fn publish(partitions: &[Option<u32>]) -> Op {
-        Op::Publish {
+    fn publish(partitions: &[Option<u32>]) -> Apply {
+        Apply::Op(Op::Publish {
             queue: "q".into(),
             messages: partitions
                 .iter()
@@ -764,7 +814,15 @@ mod part_tests {
                 })
                 .collect(),
             now_ms: 0,
-        }
+        })
+    }
+
+    fn records(partition: u32) -> Apply {
+        Apply::Records(PartitionRecords {
+            queue: "q".into(),
+            partition,
+            records: Vec::new(),
+        })
     }
 
     /// A partition's group takes only publishes naming its partition; a queue group of a
@@ -772,16 +830,18 @@ mod part_tests {
     /// before holds everything.
     #[test]
     fn each_group_takes_only_its_part() {
-        let ack = Op::Ack {
+        let ack = Apply::Op(Op::Ack {
             queue: "q".into(),
             group: "g".into(),
             ids: vec![(1, 0)],
-        };
+        });
         let p1 = DataPart::Partition(1);
         assert!(check_part(&publish(&[Some(1), Some(1)]), "q", p1, 3).is_ok());
         assert!(check_part(&publish(&[Some(1), Some(2)]), "q", p1, 3).is_err());
         assert!(check_part(&publish(&[None]), "q", p1, 3).is_err());
         assert!(check_part(&ack, "q", p1, 3).is_err());
+        assert!(check_part(&records(1), "q", p1, 3).is_ok());
+        assert!(check_part(&records(2), "q", p1, 3).is_err());
         let head = DataPart::Head;
         assert!(check_part(&publish(&[Some(0)]), "q", head, 3).is_ok());
         assert!(check_part(&publish(&[Some(1)]), "q", head, 3).is_err());

@@ -61,7 +61,8 @@ pub enum Command {
     /// Records to append to a partition as they are (deduplicated and with their headers
     /// set by the partition's leader): a group whose Raft log is its partition's segment
     /// log writes them as the entry's data batch ([`super::partition_log_store`]). Applied
-    /// as an append without an idempotence key. Last, as `MetaReadIndex`.
+    /// as they are, unchecked (`Broker::append_sequenced_local`): the leader checked what
+    /// they came from. Last, as `MetaReadIndex`.
     Records(PartitionRecords),
 }
 
@@ -74,19 +75,6 @@ pub struct PartitionRecords {
     pub partition: u32,
     /// The records, in order.
     pub records: Vec<crate::broker::replicate::WireRecord>,
-}
-
-impl PartitionRecords {
-    /// The append as the broker applies it: the records as they are, no idempotence key.
-    pub fn into_op(self) -> Op {
-        Op::AppendRecords {
-            queue: self.queue,
-            partition: self.partition,
-            records: self.records,
-            batch_key: None,
-            now_ms: 0,
-        }
-    }
 }
 
 /// A change of one node's fencing, as the metadata group records it.
