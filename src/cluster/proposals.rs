@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
+use openraft::async_runtime::watch::WatchReceiver;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -48,9 +49,9 @@ pub fn propose_to(raft: &Raft, group: u64) -> Sink {
 
 /// The sink of a partition group this node leads, whose leader decides its publishes
 /// before they are replicated (see [`crate::broker::sequencer`]): once every entry of its
-/// log is applied here (the last leader's entries may hold keys), the publish is
-/// sequenced, and its new messages are proposed as the records they are stored as
-/// ([`Command::Records`]). The write goes on when its caller stops waiting for it (after
+/// log from before its term is applied here (the last leader's entries may hold keys, see
+/// `ready_to_sequence`), the publish is sequenced, and its new messages are proposed as
+/// the records they are stored as ([`Command::Records`]). The write goes on when its caller stops waiting for it (after
 /// [`super::COMMIT_WAIT`]): the keys it holds stay pending until it is known whether the
 /// entry was committed, so a retry of the publish waits for that instead of storing the
 /// messages twice.
@@ -84,9 +85,7 @@ async fn sequence(
             "a publish to partition {other} reached the group of partition {partition}"
         )));
     }
-    super::confirm_read(&raft, super::LEADER_WAIT)
-        .await
-        .map_err(|lost| super::no_leader(format!("group {group}: {}", lost.reason)))?;
+    ready_to_sequence(&raft, group).await?;
     let messages: Vec<NewMessage> = messages.into_iter().map(NewMessage::from).collect();
     let sequenced = tokio::time::timeout(
         super::COMMIT_WAIT,
@@ -120,9 +119,7 @@ pub async fn sequence_append(
             "an append to partition {named} reached the group of partition {partition}"
         )));
     }
-    super::confirm_read(raft, super::LEADER_WAIT)
-        .await
-        .map_err(|lost| super::no_leader(format!("group {group}: {}", lost.reason)))?;
+    ready_to_sequence(raft, group).await?;
     let records: Vec<Record> = records.into_iter().map(Record::from).collect();
     let sequenced = tokio::time::timeout(
         super::COMMIT_WAIT,
@@ -131,6 +128,31 @@ pub async fn sequence_append(
     .await
     .map_err(|_| super::not_committed(group))??;
     write_sequenced(raft.clone(), group, broker, queue, sequenced).await
+}
+
+/// Waits until this leader may sequence: every entry of its log from before its term
+/// applied here, since those may hold keys its dedup window must know (the entries of its
+/// own term are ones it sequenced itself: their keys are pending or settled here). Once an
+/// entry of its term is applied, every earlier one is: no wait, which is every publish but
+/// the first few after an election. Before, openraft's read index ([`super::confirm_read`])
+/// confirms the leadership and waits for what was committed.
+async fn ready_to_sequence(raft: &Raft, group: u64) -> Result<(), BrokerError> {
+    if applied_own_term(raft) {
+        return Ok(());
+    }
+    super::confirm_read(raft, super::LEADER_WAIT)
+        .await
+        .map_err(|lost| super::no_leader(format!("group {group}: {}", lost.reason)))
+}
+
+/// This node leads `raft`'s group and has applied an entry of its own term.
+fn applied_own_term(raft: &Raft) -> bool {
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    m.state == openraft::ServerState::Leader
+        && m.last_applied.is_some_and(|applied| {
+            applied.leader_id.term == m.current_term && applied.leader_id.node_id == m.id
+        })
 }
 
 /// An append of records as [`sequence_append`] takes it.
