@@ -332,3 +332,39 @@ async fn a_message_at_the_size_limit_is_taken_by_every_partition() {
     })
     .await;
 }
+
+/// Partition 0 of a queue made with groups per partition (a queue of one partition here)
+/// lives in the queue group, whose leader sequences its publishes too: a key published
+/// again, through another node, answers the first id from the leader's dedup window before
+/// anything is replicated, and is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_groups_leader_sequences_partition_zero() {
+    let cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "solo", json!({"partitions": 1})).await;
+    leaders(cluster.http(1), "solo").await;
+    let first = publish_once(cluster.http(1), "solo", "once", "body-once").await;
+    let again = publish_once(cluster.http(2), "solo", "once", "body-again").await;
+    assert_eq!(first, again);
+    let mut known = 0.0;
+    for node in 1..=3 {
+        let label = "outcome=\"known\"";
+        known += common::cluster::labeled_metric(
+            cluster.http(node),
+            "qit_cluster_publishes_sequenced_total",
+            label,
+        )
+        .await
+        .unwrap_or(0.0);
+    }
+    assert!(
+        known >= 1.0,
+        "the repeat was not answered by the leader's sequencer"
+    );
+    for node in 1..=3u64 {
+        let base = cluster.http(node).to_string();
+        eventually(&format!("node {node} holds the body once"), || async {
+            log_bodies(&base, "solo", 0).await == Some(vec!["body-once".to_string()])
+        })
+        .await;
+    }
+}

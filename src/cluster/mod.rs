@@ -468,6 +468,7 @@ fn appended_partition(command: &Command) -> Option<u32> {
         Command::Broker(Op::AppendRecords { partition, .. }) => Some(*partition),
         Command::AppendRecords(append) => Some(append.partition),
         Command::Records(records) => Some(records.partition),
+        Command::RecordBatch(records) => Some(records.partition),
         _ => None,
     }
 }
@@ -507,17 +508,12 @@ fn is_publish(command: &Command) -> bool {
 }
 
 /// The partition whose publishes and appends group `group`'s leader sequences (see
-/// `broker::sequencer`): a partition group's (partition 1 and on of a split queue). `None`
-/// for a queue group (partition 0, or every partition of a queue made before partitions
-/// had groups of their own) and the metadata group: their replicas decide publishes when
-/// they apply them. (Sequencing partition 0 too measured about 5 % slower on the W1
-/// benchmark through the leader: a `Command::Records` entry is a bincode list of records,
-/// not one buffer as a `Command::Publish` is.)
+/// `broker::sequencer`): every group of a split queue, partition 0 in the queue group
+/// itself. `None` for the metadata group and the group of a queue made before partitions
+/// had groups of their own, whose replicas decide publishes when they apply them.
 fn sequenced_partition(group: u64) -> Option<u32> {
-    match group_id::split_group(group) {
-        (_, 0) => None,
-        (_, partition) => Some(partition),
-    }
+    let (queue_group, partition) = group_id::split_group(group);
+    (group != META_GROUP && group_id::is_split(queue_group)).then_some(partition)
 }
 
 /// A publish's queue, messages and time.
@@ -1400,8 +1396,9 @@ impl Cluster {
             self.broker.check_sizes(&queue, &messages)?;
             // Keyless messages take their partitions here, once, for every replica.
             self.broker.take_turns(&queue, &mut messages);
-            // A partition group's leader decides its publishes before they are replicated
-            // (see `broker::sequencer`); a queue group's replicas decide when they apply.
+            // The leader of a split queue's group decides its publishes before they are
+            // replicated (see `broker::sequencer`); the replicas of a queue made before
+            // partitions had groups of their own decide when they apply.
             let sink = || match sequenced_partition(group) {
                 Some(partition) => {
                     proposals::sequence_to(raft, group, Arc::clone(&self.broker), partition)
@@ -1454,7 +1451,7 @@ impl Cluster {
                 now_ms,
             }) => {
                 if let Some(own) = sequenced_partition(group) {
-                    // A partition group's leader decides its appends, as its publishes.
+                    // Its leader decides its appends, as its publishes.
                     let append = proposals::AppendParts {
                         queue,
                         partition,

@@ -29,16 +29,16 @@
 //! the segments hold the partition's messages, which retention removes (at most up to the
 //! purge point, so that every entry openraft may still send stays).
 //!
-//! Records for the log's own partition ([`Command::Records`]) are a data batch of those
-//! records: the messages consumers read, written once. Consumers never read an entry that
+//! Records for the log's own partition ([`Command::Records`], or [`Command::RecordBatch`],
+//! read back as `Records`) are a data batch of those records: the messages consumers read, written once. Consumers never read an entry that
 //! may still be truncated: the store puts a commit gate on the partition log at the end of
 //! the committed entries (at open, from the saved committed id and purge point) and moves
 //! it on as openraft saves a later committed id.
 //!
-//! No group uses this store yet: a partition group's leader still proposes publishes for
-//! its state machine to decide (deduplication, partition, limits) at apply, so its entries
-//! are not the records; the leader must decide first and propose [`Command::Records`].
-//! Until then the store is exercised by openraft's storage suite and its own tests.
+//! No group uses this store yet, though a split queue's group's leader already decides its
+//! publishes first and proposes the records ([`crate::broker::sequencer`]): the groups
+//! still keep chunk logs and append on apply. Until they move, the store is exercised by
+//! openraft's storage suite and its own tests.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -321,7 +321,22 @@ fn batch_of(inner: &Inner, entry: &Entry) -> std::io::Result<(Stamp, Vec<Record>
         raft_index: entry.log_id.index,
         entry_type,
     };
-    let (entry_type, value) = match &entry.payload {
+    let decoded;
+    let payload = match &entry.payload {
+        // Records as one buffer are the same records (read back as `Command::Records`).
+        EntryPayload::Normal(Command::RecordBatch(batch)) => {
+            let records = batch.decode().map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", subject()),
+                )
+            })?;
+            decoded = EntryPayload::Normal(Command::Records(records));
+            &decoded
+        }
+        payload => payload,
+    };
+    let (entry_type, value) = match payload {
         EntryPayload::Normal(Command::Records(r))
             if r.queue == inner.queue
                 && r.partition == inner.partition
@@ -659,6 +674,29 @@ mod tests {
 
     async fn all(store: &mut PartitionLogStore) -> Vec<Entry> {
         store.try_get_log_entries(..).await.unwrap()
+    }
+
+    /// Records sent as one buffer ([`Command::RecordBatch`], what leaders propose) are the
+    /// same data batch as records sent as a list, and read back as the list.
+    #[tokio::test]
+    async fn a_record_batch_is_a_data_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        let listed = entry(3, 1, 2);
+        let EntryPayload::Normal(Command::Records(records)) = &listed.payload else {
+            panic!("entry kind 3 is records for the log's partition");
+        };
+        let batch = Entry {
+            log_id: listed.log_id,
+            payload: EntryPayload::Normal(Command::RecordBatch(
+                super::super::types::EncodedRecords::encode(records).unwrap(),
+            )),
+        };
+        append(&mut store, vec![batch]).await;
+        assert_eq!(all(&mut store).await, std::slice::from_ref(&listed));
+        store.save_committed(Some(listed.log_id)).await.unwrap();
+        assert_eq!(messages(&store), data_of(&listed));
+        assert_eq!(messages(&store).len(), 2);
     }
 
     /// Under `fsync = always` an entry appended and not yet synced is read back from

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 use super::propose_entry;
 use super::publish_batch::EncodedPublish;
 use super::state_machine::Raft;
-use super::types::{Command, PartitionRecords};
+use super::types::{Command, EncodedRecords, PartitionRecords};
 use crate::broker::replicate::{OpResult, WireError, WireMessage, WireRecord};
 use crate::broker::sequencer::Sequenced;
 use crate::broker::{Broker, BrokerError, NewMessage};
@@ -47,11 +47,11 @@ pub fn propose_to(raft: &Raft, group: u64) -> Sink {
     })
 }
 
-/// The sink of a partition group this node leads, whose leader decides its publishes
-/// before they are replicated (see [`crate::broker::sequencer`]): once every entry of its
+/// The sink of a split queue's group this node leads (a partition group, or the queue
+/// group for partition 0), whose leader decides its publishes before they are replicated (see [`crate::broker::sequencer`]): once every entry of its
 /// log from before its term is applied here (the last leader's entries may hold keys, see
 /// `ready_to_sequence`), the publish is sequenced, and its new messages are proposed as
-/// the records they are stored as ([`Command::Records`]). The write goes on when its caller stops waiting for it (after
+/// the records they are stored as ([`Command::RecordBatch`]). The write goes on when its caller stops waiting for it (after
 /// [`super::COMMIT_WAIT`]): the keys it holds stay pending until it is known whether the
 /// entry was committed, so a retry of the publish waits for that instead of storing the
 /// messages twice.
@@ -63,7 +63,7 @@ pub fn sequence_to(raft: &Raft, group: u64, broker: Arc<Broker>, partition: u32)
     })
 }
 
-/// Publishes and record appends a partition group's leader sequenced (see
+/// Publishes and record appends a split queue's group's leader sequenced (see
 /// [`sequence_to`], [`sequence_append`]), with label `outcome`: `written` (records
 /// proposed), `known` (every message published before, nothing written) (counter).
 pub const SEQUENCED: &str = "qit_cluster_publishes_sequenced_total";
@@ -169,7 +169,7 @@ pub struct AppendParts {
     pub now_ms: i64,
 }
 
-/// Proposes the records of a sequenced publish or append as one [`Command::Records`] entry,
+/// Proposes the records of a sequenced publish or append as one [`Command::RecordBatch`] entry,
 /// settles it with the outcome and answers where each message went (nothing is written when
 /// every message was known: each answers the id it got before).
 async fn write_sequenced(
@@ -185,8 +185,7 @@ async fn write_sequenced(
         let places = places(&sequenced, 0);
         return Ok((OpResult::Published(places), None));
     }
-    metrics::counter!(SEQUENCED, "outcome" => "written").increment(1);
-    let records = Command::Records(PartitionRecords {
+    let records = PartitionRecords {
         queue: queue.clone(),
         partition: sequenced.partition,
         records: sequenced
@@ -195,7 +194,18 @@ async fn write_sequenced(
             .cloned()
             .map(WireRecord::from)
             .collect(),
-    });
+    };
+    let records = match EncodedRecords::encode(&records) {
+        Ok(encoded) => Command::RecordBatch(encoded),
+        Err(error) => {
+            // Nothing written: its keys are free again.
+            if let Err(error) = broker.settle(&queue, &sequenced, None).await {
+                tracing::warn!(%error, queue, "settling a sequenced publish failed");
+            }
+            return Err(BrokerError::from(error));
+        }
+    };
+    metrics::counter!(SEQUENCED, "outcome" => "written").increment(1);
     let write = tokio::spawn(async move {
         let written = super::write_entry(&raft, group, records).await;
         let first = match &written {

@@ -391,6 +391,13 @@ impl StateMachine {
             Command::Publish(publish) => self.apply_decoded(log_id, publish.into_op()).await,
             Command::AppendRecords(append) => self.apply_decoded(log_id, append.into_op()).await,
             Command::Records(records) => self.apply_entry(log_id, Apply::Records(records)).await,
+            Command::RecordBatch(batch) => match batch.decode() {
+                Ok(records) => self.apply_entry(log_id, Apply::Records(records)).await,
+                Err(error) => Applied(Err(WireError {
+                    code: "internal".into(),
+                    message: error.to_string(),
+                })),
+            },
         }
     }
 

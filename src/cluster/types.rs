@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::publish_batch::{EncodedAppend, EncodedPublish};
+use super::publish_batch::{BatchError, EncodedAppend, EncodedPublish, RecordBatch};
 use crate::broker::replicate::{Op, OpResult, Scope, WireError};
 
 /// A node's addresses, as the metadata group records them.
@@ -64,6 +64,41 @@ pub enum Command {
     /// as they are, unchecked (`Broker::append_sequenced_local`): the leader checked what
     /// they came from. Last, as `MetaReadIndex`.
     Records(PartitionRecords),
+    /// [`Command::Records`] with the records encoded once, as one buffer
+    /// ([`EncodedRecords`]): what a partition's leader proposes (a bincode list of records
+    /// decodes with an allocation per field on every replica). Last, as `Records`.
+    RecordBatch(EncodedRecords),
+}
+
+/// Records for one partition of a queue as one buffer ([`Command::RecordBatch`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodedRecords {
+    /// The queue.
+    pub queue: String,
+    /// The partition.
+    pub partition: u32,
+    /// The records, in order.
+    pub records: RecordBatch,
+}
+
+impl EncodedRecords {
+    /// `records`, encoded.
+    pub fn encode(records: &PartitionRecords) -> Result<Self, BatchError> {
+        Ok(Self {
+            queue: records.queue.clone(),
+            partition: records.partition,
+            records: RecordBatch::encode(&records.records)?,
+        })
+    }
+
+    /// The records decoded (their bytes slices of the buffer).
+    pub fn decode(&self) -> Result<PartitionRecords, BatchError> {
+        Ok(PartitionRecords {
+            queue: self.queue.clone(),
+            partition: self.partition,
+            records: self.records.decode()?,
+        })
+    }
 }
 
 /// Records for one partition of a queue, as stored ([`Command::Records`]).
@@ -104,6 +139,7 @@ impl Command {
             Command::Publish(p) => Scope::Queue(&p.queue),
             Command::AppendRecords(a) => Scope::Queue(&a.queue),
             Command::Records(r) => Scope::Queue(&r.queue),
+            Command::RecordBatch(r) => Scope::Queue(&r.queue),
             Command::Node(_)
             | Command::Members(_)
             | Command::Placed(_)
@@ -134,6 +170,13 @@ impl std::fmt::Display for Command {
                 a.partition
             ),
             Command::Records(r) => write!(
+                f,
+                "{} records to {} partition {}",
+                r.records.len(),
+                r.queue,
+                r.partition
+            ),
+            Command::RecordBatch(r) => write!(
                 f,
                 "{} records to {} partition {}",
                 r.records.len(),
@@ -370,11 +413,32 @@ mod tests {
             Op::AppendRecords {
                 queue: "q".into(),
                 partition: 1,
-                records,
+                records: records.clone(),
                 batch_key: Some("kafka:1:0:0".into()),
                 now_ms: 9,
             }
         );
+        // A partition leader's records: variant 11 as a list, 12 as one buffer, the same
+        // records either way.
+        let listed = PartitionRecords {
+            queue: "q".into(),
+            partition: 2,
+            records,
+        };
+        let bytes = encode(&Command::Records(listed.clone())).unwrap();
+        assert_eq!(&bytes[..4], &11u32.to_le_bytes(), "Records is variant 11");
+        let batch = EncodedRecords::encode(&listed).unwrap();
+        let bytes = encode(&Command::RecordBatch(batch.clone())).unwrap();
+        assert_eq!(
+            &bytes[..4],
+            &12u32.to_le_bytes(),
+            "RecordBatch is variant 12"
+        );
+        assert_eq!(
+            decode::<Command>(&bytes).unwrap(),
+            Command::RecordBatch(batch.clone())
+        );
+        assert_eq!(batch.decode().unwrap(), listed);
     }
 
     proptest::proptest! {
