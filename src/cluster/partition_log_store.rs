@@ -30,8 +30,8 @@
 //! purge point, so that every entry openraft may still send stays).
 //!
 //! Records for the log's own partition ([`Command::Records`], or [`Command::RecordBatch`],
-//! read back as `Records`) are a data batch of those records: the messages consumers read, written once. Consumers never read an entry that
-//! may still be truncated: the store puts a commit gate on the partition log at the end of
+//! read back as `Records`) are a data batch of those records: the messages consumers read,
+//! written once. Consumers never read an entry that may still be truncated: the store puts a commit gate on the partition log at the end of
 //! the committed entries (at open, from the saved committed id and purge point) and moves
 //! it on as openraft saves a later committed id.
 //!
@@ -689,7 +689,12 @@ mod tests {
         let batch = Entry {
             log_id: listed.log_id,
             payload: EntryPayload::Normal(Command::RecordBatch(
-                super::super::types::EncodedRecords::encode(records).unwrap(),
+                super::super::types::EncodedRecords {
+                    queue: records.queue.clone(),
+                    partition: records.partition,
+                    records: super::super::publish_batch::RecordBatch::encode(&records.records)
+                        .unwrap(),
+                },
             )),
         };
         append(&mut store, vec![batch]).await;

@@ -27,9 +27,9 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::propose_entry;
-use super::publish_batch::EncodedPublish;
+use super::publish_batch::{EncodedPublish, RecordBatch};
 use super::state_machine::Raft;
-use super::types::{Command, EncodedRecords, PartitionRecords};
+use super::types::{Command, EncodedRecords};
 use crate::broker::replicate::{OpResult, WireError, WireMessage, WireRecord};
 use crate::broker::sequencer::Sequenced;
 use crate::broker::{Broker, BrokerError, NewMessage};
@@ -48,11 +48,12 @@ pub fn propose_to(raft: &Raft, group: u64) -> Sink {
 }
 
 /// The sink of a split queue's group this node leads (a partition group, or the queue
-/// group for partition 0), whose leader decides its publishes before they are replicated (see [`crate::broker::sequencer`]): once every entry of its
-/// log from before its term is applied here (the last leader's entries may hold keys, see
-/// `ready_to_sequence`), the publish is sequenced, and its new messages are proposed as
-/// the records they are stored as ([`Command::RecordBatch`]). The write goes on when its caller stops waiting for it (after
-/// [`super::COMMIT_WAIT`]): the keys it holds stay pending until it is known whether the
+/// group for partition 0), whose leader decides its publishes before they are replicated
+/// (see [`crate::broker::sequencer`]): once every entry of its log from before its term is
+/// applied here (the last leader's entries may hold keys, see `ready_to_sequence`), the
+/// publish is sequenced, and its new messages are proposed as the records they are stored
+/// as ([`Command::RecordBatch`]). The write goes on when its caller stops waiting for it
+/// (after [`super::COMMIT_WAIT`]): the keys it holds stay pending until it is known whether the
 /// entry was committed, so a retry of the publish waits for that instead of storing the
 /// messages twice.
 pub fn sequence_to(raft: &Raft, group: u64, broker: Arc<Broker>, partition: u32) -> Sink {
@@ -169,9 +170,9 @@ pub struct AppendParts {
     pub now_ms: i64,
 }
 
-/// Proposes the records of a sequenced publish or append as one [`Command::RecordBatch`] entry,
-/// settles it with the outcome and answers where each message went (nothing is written when
-/// every message was known: each answers the id it got before).
+/// Proposes the records of a sequenced publish or append as one [`Command::RecordBatch`]
+/// entry, settles it with the outcome and answers where each message went (nothing is
+/// written when every message was known: each answers the id it got before).
 async fn write_sequenced(
     raft: Raft,
     group: u64,
@@ -185,18 +186,13 @@ async fn write_sequenced(
         let places = places(&sequenced, 0);
         return Ok((OpResult::Published(places), None));
     }
-    let records = PartitionRecords {
-        queue: queue.clone(),
-        partition: sequenced.partition,
-        records: sequenced
-            .records
-            .iter()
-            .cloned()
-            .map(WireRecord::from)
-            .collect(),
-    };
-    let records = match EncodedRecords::encode(&records) {
-        Ok(encoded) => Command::RecordBatch(encoded),
+    // Encoded from the records themselves, not from a copy of them.
+    let records = match RecordBatch::encode(&sequenced.records) {
+        Ok(records) => Command::RecordBatch(EncodedRecords {
+            queue: queue.clone(),
+            partition: sequenced.partition,
+            records,
+        }),
         Err(error) => {
             // Nothing written: its keys are free again.
             if let Err(error) = broker.settle(&queue, &sequenced, None).await {

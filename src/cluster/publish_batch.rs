@@ -37,6 +37,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::replicate::{Op, WireMessage, WireRecord};
+use crate::log::Record;
 
 const KEY: u8 = 1;
 const CONTENT_TYPE: u8 = 2;
@@ -194,24 +195,68 @@ pub struct RecordBatch {
     raw: Bytes,
 }
 
+/// A record as [`RecordBatch::encode`] reads it: one travelling in an op ([`WireRecord`])
+/// or one as the log stores it ([`Record`], a leader's sequenced records), so that neither
+/// is copied into the other first.
+pub trait EncodableRecord {
+    /// Milliseconds since the Unix epoch.
+    fn timestamp_ms(&self) -> i64;
+    /// Key bytes.
+    fn key(&self) -> Option<&Bytes>;
+    /// Headers in order.
+    fn headers(&self) -> &[(String, Bytes)];
+    /// The payload.
+    fn value(&self) -> &Bytes;
+}
+
+impl EncodableRecord for WireRecord {
+    fn timestamp_ms(&self) -> i64 {
+        self.timestamp_ms
+    }
+    fn key(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+    fn headers(&self) -> &[(String, Bytes)] {
+        &self.headers
+    }
+    fn value(&self) -> &Bytes {
+        &self.value
+    }
+}
+
+impl EncodableRecord for Record {
+    fn timestamp_ms(&self) -> i64 {
+        self.timestamp_ms
+    }
+    fn key(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+    fn headers(&self) -> &[(String, Bytes)] {
+        &self.headers
+    }
+    fn value(&self) -> &Bytes {
+        &self.value
+    }
+}
+
 impl RecordBatch {
     /// Encodes `records` into one buffer.
-    pub fn encode(records: &[WireRecord]) -> Result<Self, BatchError> {
+    pub fn encode<R: EncodableRecord>(records: &[R]) -> Result<Self, BatchError> {
         let size: usize = records.iter().map(record_size).sum();
         let mut out = BytesMut::with_capacity(4 + size);
         out.put_u32_le(len32(records.len())?);
         for r in records {
-            out.put_i64_le(r.timestamp_ms);
-            out.put_u8(if r.key.is_some() { KEY } else { 0 });
-            if let Some(key) = &r.key {
+            out.put_i64_le(r.timestamp_ms());
+            out.put_u8(if r.key().is_some() { KEY } else { 0 });
+            if let Some(key) = r.key() {
                 put_bytes(&mut out, key)?;
             }
-            out.put_u32_le(len32(r.headers.len())?);
-            for (name, value) in &r.headers {
+            out.put_u32_le(len32(r.headers().len())?);
+            for (name, value) in r.headers() {
                 put_bytes(&mut out, name.as_bytes())?;
                 put_bytes(&mut out, value)?;
             }
-            put_bytes(&mut out, &r.value)?;
+            put_bytes(&mut out, r.value())?;
         }
         Ok(Self { raw: out.freeze() })
     }
@@ -279,9 +324,9 @@ impl EncodedAppend {
     }
 }
 
-fn record_size(r: &WireRecord) -> usize {
-    let headers: usize = r.headers.iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
-    8 + 1 + r.key.as_ref().map_or(0, |k| 4 + k.len()) + 4 + headers + 4 + r.value.len()
+fn record_size<R: EncodableRecord>(r: &R) -> usize {
+    let headers: usize = r.headers().iter().map(|(k, v)| 8 + k.len() + v.len()).sum();
+    8 + 1 + r.key().map_or(0, |k| 4 + k.len()) + 4 + headers + 4 + r.value().len()
 }
 
 /// The items of batch `raw`: its count, then that many read by `item`, each at least

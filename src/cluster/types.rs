@@ -82,15 +82,6 @@ pub struct EncodedRecords {
 }
 
 impl EncodedRecords {
-    /// `records`, encoded.
-    pub fn encode(records: &PartitionRecords) -> Result<Self, BatchError> {
-        Ok(Self {
-            queue: records.queue.clone(),
-            partition: records.partition,
-            records: RecordBatch::encode(&records.records)?,
-        })
-    }
-
     /// The records decoded (their bytes slices of the buffer).
     pub fn decode(&self) -> Result<PartitionRecords, BatchError> {
         Ok(PartitionRecords {
@@ -427,7 +418,11 @@ mod tests {
         };
         let bytes = encode(&Command::Records(listed.clone())).unwrap();
         assert_eq!(&bytes[..4], &11u32.to_le_bytes(), "Records is variant 11");
-        let batch = EncodedRecords::encode(&listed).unwrap();
+        let batch = EncodedRecords {
+            queue: "q".into(),
+            partition: 2,
+            records: RecordBatch::encode(&listed.records).unwrap(),
+        };
         let bytes = encode(&Command::RecordBatch(batch.clone())).unwrap();
         assert_eq!(
             &bytes[..4],
