@@ -368,3 +368,86 @@ async fn the_queue_groups_leader_sequences_partition_zero() {
         .await;
     }
 }
+
+/// Written records the leaders' sequencers proposed, over every node.
+async fn sequenced_written(cluster: &Cluster) -> f64 {
+    let mut written = 0.0;
+    for node in 1..=3 {
+        written += common::cluster::labeled_metric(
+            cluster.http(node),
+            "qit_cluster_publishes_sequenced_total",
+            "outcome=\"written\"",
+        )
+        .await
+        .unwrap_or(0.0);
+    }
+    written
+}
+
+/// A gRPC Publish stream on the leader of a split queue's group goes through the leader's
+/// sequencer too, as a publish over HTTP or one forwarded from another node does: a key it
+/// carries is held pending by the leader while its entry is on the way, and a repeat
+/// through another node answers its id. (The stream's publishes once went to the group as
+/// publishes for the replicas to decide, unseen by the leader's sequencer until applied.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stream_on_the_leader_is_sequenced() {
+    let cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "streamed", json!({"partitions": 1})).await;
+    let leader = leaders(cluster.http(1), "streamed").await[0];
+    let before = sequenced_written(&cluster).await;
+    let mut client = qit::proto::broker_client::BrokerClient::connect(cluster.node(leader).grpc())
+        .await
+        .expect("connect to the leader's gRPC listener");
+    let message = |body: &str, key: &str| qit::proto::OutgoingMessage {
+        body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        idempotency_key: Some(key.into()),
+        ..Default::default()
+    };
+    let requests = vec![
+        qit::proto::PublishRequest {
+            seq: 1,
+            queue: "streamed".into(),
+            messages: vec![message("s1", "stream-1")],
+        },
+        qit::proto::PublishRequest {
+            seq: 2,
+            queue: "streamed".into(),
+            messages: vec![message("s2", "stream-2")],
+        },
+    ];
+    let mut answers = client
+        .publish(tokio_stream::iter(requests))
+        .await
+        .expect("a publish stream")
+        .into_inner();
+    let mut ids = BTreeMap::new();
+    while let Some(answer) = tokio_stream::StreamExt::next(&mut answers).await {
+        let answer = answer.expect("a publish answer");
+        assert!(
+            answer.error.is_none(),
+            "publish {}: {:?}",
+            answer.seq,
+            answer.error
+        );
+        ids.insert(answer.seq, answer.messages[0].id.clone());
+    }
+    assert_eq!(ids.len(), 2, "both publishes answered");
+    assert!(
+        sequenced_written(&cluster).await > before,
+        "the stream's publishes were not sequenced by the leader"
+    );
+    let follower = (1..=3).find(|n| *n != leader).expect("a follower");
+    let again = publish_once(cluster.http(follower), "streamed", "stream-1", "repeat").await;
+    assert_eq!(
+        Some(&again),
+        ids.get(&1),
+        "a repeated key answers the stream's id"
+    );
+    for node in 1..=3u64 {
+        let base = cluster.http(node).to_string();
+        eventually(&format!("node {node} holds each body once"), || async {
+            log_bodies(&base, "streamed", 0).await == Some(vec!["s1".into(), "s2".into()])
+        })
+        .await;
+    }
+}

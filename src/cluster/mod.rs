@@ -1396,15 +1396,7 @@ impl Cluster {
             self.broker.check_sizes(&queue, &messages)?;
             // Keyless messages take their partitions here, once, for every replica.
             self.broker.take_turns(&queue, &mut messages);
-            // The leader of a split queue's group decides its publishes before they are
-            // replicated (see `broker::sequencer`); the replicas of a queue made before
-            // partitions had groups of their own decide when they apply.
-            let sink = || match sequenced_partition(group) {
-                Some(partition) => {
-                    proposals::sequence_to(raft, group, Arc::clone(&self.broker), partition)
-                }
-                None => proposals::propose_to(raft, group),
-            };
+            let sink = || self.leader_sink(raft, group);
             return self
                 .proposals
                 .publish(sink, group, queue, messages, now_ms)
@@ -1560,6 +1552,22 @@ impl Cluster {
         }
     }
 
+    /// The sink of the publishes to `group` that this node, its leader, proposes. The leader
+    /// of a split queue's group decides its publishes before they are replicated (see
+    /// `broker::sequencer`); the replicas of a queue made before partitions had groups of
+    /// their own decide when they apply. Every path of a publish into the group (one
+    /// publish, a stream's publishes, forwarded ones) takes this sink, so that the leader
+    /// holds every key on the way pending: a key in an entry the replicas decide would be
+    /// unknown to the leader's window until applied.
+    fn leader_sink(&self, raft: &Raft, group: u64) -> proposals::Sink {
+        match sequenced_partition(group) {
+            Some(partition) => {
+                proposals::sequence_to(raft, group, Arc::clone(&self.broker), partition)
+            }
+            None => proposals::propose_to(raft, group),
+        }
+    }
+
     /// The sink of forwarded publishes to `group`'s leader ([`Self::forward_batch`]).
     fn forward_sink(&self, group: u64, hops: u32) -> impl FnOnce() -> proposals::Sink + use<> {
         let me = self.me.clone();
@@ -1595,13 +1603,9 @@ impl Cluster {
             };
             return match leader {
                 // Led here meanwhile: proposed as this node proposes its own publishes.
-                Some(leader) if leader == self.node_id() => match sequenced_partition(group) {
-                    Some(partition) => {
-                        let broker = Arc::clone(&self.broker);
-                        proposals::sequence_to(&raft, group, broker, partition)(command).await
-                    }
-                    None => propose_entry(&raft, group, command).await,
-                },
+                Some(leader) if leader == self.node_id() => {
+                    self.leader_sink(&raft, group)(command).await
+                }
                 Some(leader) => {
                     let forwarded = self
                         .forward_or_follow(
@@ -1837,7 +1841,7 @@ impl Cluster {
                 for messages in &mut publishes {
                     self.broker.take_turns(&queue, messages);
                 }
-                let sink = || proposals::propose_to(&raft, group);
+                let sink = || self.leader_sink(&raft, group);
                 self.proposals
                     .publish_many(sink, group, queue, publishes, now_ms)
                     .await
