@@ -2522,6 +2522,32 @@ mod tests {
         assert_eq!(got.len(), 1, "the new group of the name has the message");
     }
 
+    /// `qit_messages_published_total` counts the messages stored: a repeat of an
+    /// idempotency key within the dedup window (in the same publish or a later one) answers
+    /// the first id and is not counted again, as a cluster's replicas count what they store.
+    #[tokio::test]
+    async fn a_repeated_key_is_not_counted_as_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = testing::broker_with_queue(dir.path(), "counted", 1).await;
+        let once = |key: &str| NewMessage {
+            idempotency_key: Some(key.into()),
+            body: bytes::Bytes::from_static(b"once"),
+            ..NewMessage::default()
+        };
+        b.publish("counted", vec![once("a"), once("a"), once("b")])
+            .await
+            .unwrap();
+        b.publish("counted", vec![once("b"), NewMessage::default()])
+            .await
+            .unwrap();
+        let mut series = crate::metrics::ScrapeSeries::default();
+        b.owned_series(&mut series);
+        let text = series.render();
+        // One by the helper, then a, b and the keyless one.
+        let expected = r#"qit_messages_published_total{queue="counted"} 4"#;
+        assert!(text.contains(expected), "no {expected} in {text}");
+    }
+
     /// A queue's and its groups' counters and histograms are its own: a scrape shows them
     /// from the queue, the process-wide recorder (which keeps a series until the process
     /// ends) never holds them, and they go when the queue is deleted.

@@ -1016,7 +1016,9 @@ impl Queue {
         }
         drop(dedup);
         self.notify.notify_waiters();
-        self.series.published.increment(messages.len() as u64);
+        // Messages stored: a repeat of a key within the dedup window stores nothing.
+        let stored: usize = by_partition.values().map(Vec::len).sum();
+        self.series.published.increment(stored as u64);
         Ok(results
             .into_iter()
             .flatten()
