@@ -297,12 +297,22 @@ async fn publish_script(t: &mut Transcript) {
     .await;
 }
 
-/// Three publishes on one Publish stream, one of them to a missing queue.
+/// Publishes on one Publish stream: one to a missing queue, one too large, an idempotency
+/// key sent twice and one sent before on `SendMessage` (on a cluster, the stream's
+/// publishes to a partition whose leader is this node go through its sequencer too).
 async fn publish_stream(t: &mut Transcript) {
+    let too_large = proto::OutgoingMessage {
+        body: bytes::Bytes::from(vec![b'x'; 1024 * 1024 + 1]),
+        ..message("")
+    };
     let requests = [
         ("gq", vec![message("s1"), message("s2")]),
         ("nope", vec![message("s-lost")]),
         ("gq", vec![keyed("k2-b", "k2")]),
+        ("gq", vec![once("s-once", "i3")]),
+        ("gq", vec![too_large]),
+        ("gq", vec![once("s-once-again", "i3")]),
+        ("gq", vec![once("o1-again", "i1")]),
     ];
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
