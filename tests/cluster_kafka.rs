@@ -368,15 +368,8 @@ async fn any_node_serves_produce_fetch_metadata_and_finds_the_coordinator() {
     );
     // The partition's leader answered the retried batch from its dedup window before
     // anything was replicated (`broker::sequencer`), as it answers a repeated publish.
-    let mut known = 0.0;
-    for node in 1..=3 {
-        let base = cluster.http(node);
-        let label = "outcome=\"known\"";
-        known +=
-            common::cluster::labeled_metric(base, "qit_cluster_publishes_sequenced_total", label)
-                .await
-                .unwrap_or(0.0);
-    }
+    let metric = "qit_cluster_publishes_sequenced_total";
+    let known = common::cluster::labeled_metric_sum(&cluster, metric, "outcome=\"known\"").await;
     assert!(
         known >= 1.0,
         "the retried batch was not answered by the leader's sequencer"

@@ -345,17 +345,7 @@ async fn the_queue_groups_leader_sequences_partition_zero() {
     let first = publish_once(cluster.http(1), "solo", "once", "body-once").await;
     let again = publish_once(cluster.http(2), "solo", "once", "body-again").await;
     assert_eq!(first, again);
-    let mut known = 0.0;
-    for node in 1..=3 {
-        let label = "outcome=\"known\"";
-        known += common::cluster::labeled_metric(
-            cluster.http(node),
-            "qit_cluster_publishes_sequenced_total",
-            label,
-        )
-        .await
-        .unwrap_or(0.0);
-    }
+    let known = sequenced(&cluster, "known").await;
     assert!(
         known >= 1.0,
         "the repeat was not answered by the leader's sequencer"
@@ -369,19 +359,12 @@ async fn the_queue_groups_leader_sequences_partition_zero() {
     }
 }
 
-/// Written records the leaders' sequencers proposed, over every node.
-async fn sequenced_written(cluster: &Cluster) -> f64 {
-    let mut written = 0.0;
-    for node in 1..=3 {
-        written += common::cluster::labeled_metric(
-            cluster.http(node),
-            "qit_cluster_publishes_sequenced_total",
-            "outcome=\"written\"",
-        )
-        .await
-        .unwrap_or(0.0);
-    }
-    written
+/// Publishes the leaders' sequencers decided with `outcome` (`written`, `known`), over
+/// every node.
+async fn sequenced(cluster: &Cluster, outcome: &str) -> f64 {
+    let label = format!("outcome=\"{outcome}\"");
+    let name = "qit_cluster_publishes_sequenced_total";
+    common::cluster::labeled_metric_sum(cluster, name, &label).await
 }
 
 /// A gRPC Publish stream on the leader of a split queue's group goes through the leader's
@@ -394,7 +377,7 @@ async fn a_publish_stream_on_the_leader_is_sequenced() {
     let cluster = Cluster::start().await;
     create_queue(cluster.http(1), "streamed", json!({"partitions": 1})).await;
     let leader = leaders(cluster.http(1), "streamed").await[0];
-    let before = sequenced_written(&cluster).await;
+    let before = sequenced(&cluster, "written").await;
     let mut client = qit::proto::broker_client::BrokerClient::connect(cluster.node(leader).grpc())
         .await
         .expect("connect to the leader's gRPC listener");
@@ -433,7 +416,7 @@ async fn a_publish_stream_on_the_leader_is_sequenced() {
     }
     assert_eq!(ids.len(), 2, "both publishes answered");
     assert!(
-        sequenced_written(&cluster).await > before,
+        sequenced(&cluster, "written").await > before,
         "the stream's publishes were not sequenced by the leader"
     );
     let follower = (1..=3).find(|n| *n != leader).expect("a follower");

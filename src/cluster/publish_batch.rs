@@ -209,35 +209,28 @@ pub trait EncodableRecord {
     fn value(&self) -> &Bytes;
 }
 
-impl EncodableRecord for WireRecord {
-    fn timestamp_ms(&self) -> i64 {
-        self.timestamp_ms
-    }
-    fn key(&self) -> Option<&Bytes> {
-        self.key.as_ref()
-    }
-    fn headers(&self) -> &[(String, Bytes)] {
-        &self.headers
-    }
-    fn value(&self) -> &Bytes {
-        &self.value
-    }
+/// [`EncodableRecord`] for a record type with the fields of that name.
+macro_rules! encodable_record {
+    ($record:ty) => {
+        impl EncodableRecord for $record {
+            fn timestamp_ms(&self) -> i64 {
+                self.timestamp_ms
+            }
+            fn key(&self) -> Option<&Bytes> {
+                self.key.as_ref()
+            }
+            fn headers(&self) -> &[(String, Bytes)] {
+                &self.headers
+            }
+            fn value(&self) -> &Bytes {
+                &self.value
+            }
+        }
+    };
 }
 
-impl EncodableRecord for Record {
-    fn timestamp_ms(&self) -> i64 {
-        self.timestamp_ms
-    }
-    fn key(&self) -> Option<&Bytes> {
-        self.key.as_ref()
-    }
-    fn headers(&self) -> &[(String, Bytes)] {
-        &self.headers
-    }
-    fn value(&self) -> &Bytes {
-        &self.value
-    }
-}
+encodable_record!(WireRecord);
+encodable_record!(Record);
 
 impl RecordBatch {
     /// Encodes `records` into one buffer.

@@ -712,6 +712,16 @@ pub async fn metric_sum(bases: &[String], name: &str) -> f64 {
     sum
 }
 
+/// Metric `name`'s series with `label` summed over every node of `cluster` (a node without
+/// it counts 0).
+pub async fn labeled_metric_sum(cluster: &Cluster, name: &str, label: &str) -> f64 {
+    let mut sum = 0.0;
+    for node in &cluster.nodes {
+        sum += labeled_metric(&node.http, name, label).await.unwrap_or(0.0);
+    }
+    sum
+}
+
 impl Node {
     /// A node like [`Node::new`] whose cluster listener is on `cluster_ip` (another loopback
     /// address, such as `127.0.0.3`, so that a firewall rule on it cuts the node off from
