@@ -434,3 +434,62 @@ async fn a_publish_stream_on_the_leader_is_sequenced() {
         .await;
     }
 }
+
+/// Messages stored in `queue` as node `base` answers its info: the sum over its
+/// partitions.
+async fn stored(base: &str, queue: &str) -> u64 {
+    let info = common::cluster::ok("queue info", || {
+        http().get(format!("{base}/queues/{queue}"))
+    })
+    .await;
+    let partitions = info["partitions"].as_array().cloned().unwrap_or_default();
+    partitions
+        .iter()
+        .map(|p| {
+            let next = p["next_offset"].as_u64().unwrap_or(0);
+            next.saturating_sub(p["first_offset"].as_u64().unwrap_or(0))
+        })
+        .sum()
+}
+
+/// A queue's info, read right after a publish was answered, holds that publish whichever
+/// node leads its partitions: the info is read at the queue group's leader, which first
+/// applies each other partition as far as that partition's leader has committed it. (It
+/// once answered each partition as far as it had applied it, behind the partition's
+/// leader for a moment after every publish.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queues_info_holds_every_answered_publish() {
+    let cluster = Cluster::start().await;
+    create_queue(cluster.http(1), "counted", json!({"partitions": 3})).await;
+    let first: Vec<Option<u64>> =
+        common::eventually_some("every node leads one partition", || async {
+            let v = view(&format!("{}/cluster", cluster.http(1))).await?;
+            let leaders = partition_leaders(&v, "counted");
+            let distinct: BTreeSet<&Option<u64>> = leaders.iter().collect();
+            (distinct.len() == 3 && leaders.iter().all(Option::is_some)).then_some(leaders)
+        })
+        .await;
+    let reader = first[0].expect("partition 0 has a leader");
+    let mut total = 0u64;
+    for i in 0..30u64 {
+        // Through the other two nodes, the leaders of partitions 1 and 2.
+        let via = first[1 + (i % 2) as usize].expect("a leader");
+        let messages: Vec<Value> = (0..400)
+            .map(|j| json!({"body": format!("m{i}-{j}"), "key": format!("k{i}-{j}")}))
+            .collect();
+        let base = cluster.http(via).to_string();
+        let (status, answer) = retrying("batch publish", || {
+            http()
+                .post(format!("{base}/queues/counted/messages/batch"))
+                .json(&json!({ "messages": messages }))
+        })
+        .await;
+        assert!(status.is_success(), "batch {i}: {status} {answer}");
+        total += 400;
+        assert_eq!(
+            stored(cluster.http(reader), "counted").await,
+            total,
+            "the info read at node {reader} right after batch {i} was answered through node {via}"
+        );
+    }
+}

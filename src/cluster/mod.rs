@@ -73,6 +73,7 @@ pub mod partitions;
 pub mod placement;
 pub mod proposals;
 pub mod publish_batch;
+pub mod read_index;
 pub mod recent_entries;
 pub mod rejoin;
 pub mod service;
@@ -886,6 +887,7 @@ impl Cluster {
                 return Ok((OpResult::Done, None));
             }
             Command::MetaReadIndex => return self.meta_read_index(hops).await,
+            Command::ReadIndex(group) => return self.group_read_index(group, hops).await,
             Command::Broker(op) if op.is_read() => {
                 // A read sent with its group named comes from a node without a copy.
                 let answer = match self.read_elsewhere(&op, hops, expected.is_some()).await {
@@ -1051,7 +1053,13 @@ impl Cluster {
                 // without one may elect one meanwhile.
                 match self.read_leader(raft, for_copyless).await {
                     Some(leader) if leader != self.node_id() => vec![leader],
-                    Some(_) => vec![self.confirm_reading(raft, group.id).await?],
+                    Some(_) => match self.confirm_reading(raft, group.id).await {
+                        Some(successor) => vec![successor],
+                        None => {
+                            self.settle_partitions(op, &queue_group).await;
+                            return None;
+                        }
+                    },
                     None => {
                         read_fallback(group.id, "the group has no leader");
                         return None;

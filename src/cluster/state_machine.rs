@@ -354,9 +354,10 @@ impl StateMachine {
         match command {
             // Membership changes run on the metadata leader, and a node asks another to
             // await an index, or the leader for its read index, directly: never entries.
-            Command::Members(_) | Command::AwaitMeta(_) | Command::MetaReadIndex => {
-                Applied(Ok(OpResult::Done))
-            }
+            Command::Members(_)
+            | Command::AwaitMeta(_)
+            | Command::MetaReadIndex
+            | Command::ReadIndex(_) => Applied(Ok(OpResult::Done)),
             Command::Placed(placed) => {
                 if let Role::Meta(groups) = &self.role {
                     groups.set_replicas(&placed).await;

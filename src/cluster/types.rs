@@ -68,6 +68,11 @@ pub enum Command {
     /// ([`EncodedRecords`]): what a partition's leader proposes (a bincode list of records
     /// decodes with an allocation per field on every replica). Last, as `Records`.
     RecordBatch(EncodedRecords),
+    /// A node that answers a queue's info asks the leader of one of the queue's partition
+    /// groups (this id) how far that group is committed, to apply that much before it
+    /// answers (see `Cluster::settle_partitions`); answered with the leader's applied
+    /// index once it confirmed that it leads, never an entry. Last, as `RecordBatch`.
+    ReadIndex(u64),
 }
 
 /// Records for one partition of a queue as one buffer ([`Command::RecordBatch`]).
@@ -138,7 +143,8 @@ impl Command {
             | Command::Kafka(_)
             | Command::Fenced(_)
             | Command::AwaitMeta(_)
-            | Command::MetaReadIndex => Scope::Meta,
+            | Command::MetaReadIndex
+            | Command::ReadIndex(_) => Scope::Meta,
         }
     }
 }
@@ -188,6 +194,7 @@ impl std::fmt::Display for Command {
             },
             Command::AwaitMeta(index) => write!(f, "await metadata index {index}"),
             Command::MetaReadIndex => write!(f, "metadata read index"),
+            Command::ReadIndex(group) => write!(f, "read index of group {group}"),
         }
     }
 }
