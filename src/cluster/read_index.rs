@@ -9,10 +9,13 @@
 //! So before such a read the node settles each other partition: it confirms it leads the
 //! partition's group (and has applied what was committed, openraft's read index), or asks
 //! that group's leader for its read index ([`Command::ReadIndex`]) and applies as far.
-//! Each partition is settled at once and within [`SETTLE_WAIT`]; a partition whose leader
-//! does not answer in time is read as this node has it (the read fallback).
+//! Each partition is settled at once and within [`SETTLE_WAIT`] (asked again, of its next
+//! leader, while it is between leaders); a partition whose leader does not answer in time
+//! is read as this node has it (the read fallback).
 
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use openraft::async_runtime::watch::WatchReceiver;
 
@@ -22,7 +25,9 @@ use crate::broker::BrokerError;
 use crate::broker::replicate::{Op, OpResult};
 
 /// How long a read waits for one partition to settle before it reads what is here.
-pub const SETTLE_WAIT: Duration = Duration::from_millis(500);
+pub const SETTLE_WAIT: Duration = Duration::from_secs(1);
+/// Pause before a partition between leaders is asked again.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 /// Answered reads of a queue's info that read a partition unsettled (its leader did not
 /// answer within [`SETTLE_WAIT`]) (counter).
@@ -43,32 +48,49 @@ impl Cluster {
     }
 
     /// Applies `group` as far as its leader has committed it; false when that could not be
-    /// confirmed within [`SETTLE_WAIT`] (no leader, or it did not answer).
+    /// confirmed within [`SETTLE_WAIT`]. A group between leaders (a hand-off, an election)
+    /// is asked again, of the leader it has next, until the time is up.
     async fn settle_group(&self, group: u64) -> bool {
         let Some(raft) = self.groups.raft(group).filter(running) else {
             // No replica here (a partition moving): nothing of it is read here.
             return true;
         };
-        let leader = raft.metrics().borrow_watched().current_leader;
-        match leader {
-            Some(me) if me == self.node_id() => confirm_read(&raft, SETTLE_WAIT).await.is_ok(),
-            Some(leader) => {
-                let asked = self.forward(leader, Command::ReadIndex(group), 0, None);
-                match tokio::time::timeout(SETTLE_WAIT, asked).await {
-                    Ok(Ok((_, Some((answered, index))))) if answered == group => {
-                        self.applied_within(group, index).await
-                    }
-                    _ => false,
-                }
+        let deadline = Instant::now() + SETTLE_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
             }
-            None => false,
+            let leader = tokio::time::timeout(left, self.leader_of(&raft)).await;
+            let settled = match leader {
+                Ok(Some(me)) if me == self.node_id() => confirm_read(&raft, left).await.is_ok(),
+                Ok(Some(leader)) => self.settle_from(group, leader, deadline).await,
+                Ok(None) | Err(_) => false,
+            };
+            if settled {
+                return true;
+            }
+            tokio::time::sleep(RETRY_PAUSE.min(left)).await;
         }
     }
 
-    /// Waits up to [`SETTLE_WAIT`] until this node applied `group` up to `index`.
-    async fn applied_within(&self, group: u64, index: u64) -> bool {
+    /// Asks `leader` for `group`'s read index and applies up to it, by `deadline`.
+    async fn settle_from(&self, group: u64, leader: u64, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let asked = self.forward(leader, Command::ReadIndex(group), 0, None);
+        match tokio::time::timeout(left, asked).await {
+            Ok(Ok((_, Some((answered, index))))) if answered == group => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                self.applied_within(group, index, left).await
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits up to `limit` until this node applied `group` up to `index`.
+    async fn applied_within(&self, group: u64, index: u64, limit: Duration) -> bool {
         match self.groups.applied(group) {
-            Some(applied) => applied.wait(index, SETTLE_WAIT).await,
+            Some(applied) => applied.wait(index, limit).await,
             None => false,
         }
     }
