@@ -50,8 +50,9 @@ use crate::broker::BrokerError;
 use crate::broker::replicate::OpResult;
 use crate::clock::Ticks;
 
+use super::read_index::ReadIndexOf;
 use super::types::Command;
-use super::{Cluster, LEADER_WAIT, MAX_HOPS, META_GROUP, confirm_read, no_leader, running};
+use super::{Cluster, LEADER_WAIT, META_GROUP, running};
 
 /// How long a confirmed view of the metadata holds (and how long requests go unconfirmed
 /// after a failed confirmation). Below `UP_WITHIN_MS` (3 s), see the module docs.
@@ -368,23 +369,12 @@ impl Cluster {
         &self,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
-        if !running(&self.meta) {
-            return Err(no_leader("this node's metadata replica stopped"));
-        }
-        match self.meta_leader() {
-            Some(leader) if leader == self.node_id() => {
-                confirm_read(&self.meta, LEADER_WAIT)
-                    .await
-                    .map_err(|lost| no_leader(format!("metadata: {}", lost.reason)))?;
-                let index = self.groups.applied(META_GROUP).and_then(|a| a.current());
-                Ok((OpResult::Done, Some((META_GROUP, index.unwrap_or(0)))))
-            }
-            Some(leader) if hops < MAX_HOPS => {
-                self.forward(leader, Command::MetaReadIndex, hops, None)
-                    .await
-            }
-            _ => Err(no_leader("metadata")),
-        }
+        let asked = ReadIndexOf {
+            group: META_GROUP,
+            named: "metadata",
+            ask: Command::MetaReadIndex,
+        };
+        self.answer_read_index(&self.meta, asked, hops).await
     }
 }
 

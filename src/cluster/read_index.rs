@@ -103,25 +103,55 @@ impl Cluster {
         group: u64,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
-        let Some(raft) = self.groups.raft(group).filter(running) else {
+        let Some(raft) = self.groups.raft(group) else {
             return Err(no_leader(format!("group {group} is closed here")));
         };
+        let asked = ReadIndexOf {
+            group,
+            named: &format!("group {group}"),
+            ask: Command::ReadIndex(group),
+        };
+        self.answer_read_index(&raft, asked, hops).await
+    }
+
+    /// Answers a request for the read index of `raft`'s group (`asked`): as the group's
+    /// leader, the index it applied once it confirmed that it leads (openraft's read index:
+    /// every entry committed before is in); elsewhere the leader's answer, forwarded with
+    /// the same request. [`Command::MetaReadIndex`] and [`Command::ReadIndex`] both.
+    pub(super) async fn answer_read_index(
+        &self,
+        raft: &super::state_machine::Raft,
+        asked: ReadIndexOf<'_>,
+        hops: u32,
+    ) -> Result<(OpResult, Option<(u64, u64)>), BrokerError> {
+        let ReadIndexOf { group, named, ask } = asked;
+        if !running(raft) {
+            return Err(no_leader(format!("{named}: this node's replica stopped")));
+        }
         let leader = raft.metrics().borrow_watched().current_leader;
         match leader {
             Some(me) if me == self.node_id() => {
-                confirm_read(&raft, LEADER_WAIT)
+                confirm_read(raft, LEADER_WAIT)
                     .await
-                    .map_err(|lost| no_leader(format!("group {group}: {}", lost.reason)))?;
+                    .map_err(|lost| no_leader(format!("{named}: {}", lost.reason)))?;
                 let index = self.groups.applied(group).and_then(|a| a.current());
                 Ok((OpResult::Done, Some((group, index.unwrap_or(0)))))
             }
-            Some(leader) if hops < MAX_HOPS => {
-                self.forward(leader, Command::ReadIndex(group), hops + 1, None)
-                    .await
-            }
-            _ => Err(no_leader(format!("group {group}"))),
+            // `forward` counts the hop.
+            Some(leader) if hops < MAX_HOPS => self.forward(leader, ask, hops, None).await,
+            _ => Err(no_leader(named)),
         }
     }
+}
+
+/// A request for a group's read index, as [`Cluster::answer_read_index`] answers it.
+pub(super) struct ReadIndexOf<'a> {
+    /// The group.
+    pub group: u64,
+    /// The group as errors name it.
+    pub named: &'a str,
+    /// The command that asks its leader.
+    pub ask: Command,
 }
 
 /// True for a read whose answer shows every partition of its queue (its offsets, or a
