@@ -777,3 +777,72 @@ proptest! {
         });
     }
 }
+
+/// A Raft floor (`keep_from`) keeps retention and compaction off the segments holding an
+/// offset at or past it, and says when retention was held back there; below it they work
+/// as before.
+#[tokio::test]
+async fn the_raft_floor_holds_retention_and_compaction_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    for i in 0..100 {
+        log.append(vec![rec(i)]).await.unwrap();
+    }
+    let segments = log.segments();
+    assert!(segments.len() >= 4, "{segments:?}");
+    let (second, third) = (segments[1].base_offset, segments[2].base_offset);
+    log.keep_from(second);
+    assert!(!log.held_back());
+    // Retention asks for more than the floor allows: only the first segment goes.
+    assert_eq!(log.drop_segments_before(third).unwrap(), 1);
+    assert_eq!(log.first_offset(), second);
+    assert!(log.held_back(), "retention was held back");
+    // Compaction leaves a sealed segment past the floor as it is.
+    let mut drop_all = |_: &qit::log::StoredRecord| false;
+    let stats = log.rewrite_sealed(second, &mut drop_all).unwrap();
+    assert_eq!(stats.records_removed, 0);
+    // The floor moves on (a purge): retention goes on, nothing is held back any more.
+    log.keep_from(u64::MAX);
+    assert!(!log.held_back());
+    assert_eq!(log.drop_segments_before(third).unwrap(), 1);
+    assert_eq!(log.first_offset(), third);
+    assert_eq!(values(&log, 0).first().map(|(o, _)| *o), Some(third));
+}
+
+/// `segments_until` names the partition as it was when an offset was its end: the
+/// segments below it, the last one cut where the batch at that offset starts, which reads
+/// back as exactly the records below it. An offset inside a batch is refused.
+#[tokio::test]
+async fn segments_until_cuts_at_a_batch_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = PartitionLog::open(dir.path(), config(2048)).unwrap();
+    for i in 0..60u64 {
+        // Batches of two records: offsets 0, 2, 4, ... start batches.
+        log.append(vec![rec(2 * i), rec(2 * i + 1)]).await.unwrap();
+    }
+    let all = log.segments();
+    let cut_at = all[1].base_offset + 4;
+    let until = log.segments_until(cut_at).unwrap();
+    assert_eq!(until.len(), 2);
+    assert_eq!(until[0], all[0]);
+    assert_eq!(until[1].base_offset, all[1].base_offset);
+    assert_eq!(until[1].next_offset, cut_at);
+    assert!(until[1].bytes < all[1].bytes && !until[1].sealed);
+    // The cut files hold the records below the cut, whole.
+    let copy = tempfile::tempdir().unwrap();
+    for segment in &until {
+        let name = format!("{:020}.log", segment.base_offset);
+        let bytes = std::fs::read(dir.path().join(&name)).unwrap();
+        std::fs::write(copy.path().join(&name), &bytes[..segment.bytes as usize]).unwrap();
+    }
+    let cut = PartitionLog::open(copy.path(), config(2048)).unwrap();
+    assert_eq!(cut.next_offset(), cut_at);
+    assert_prefix(&values(&cut, 0), cut_at as usize);
+    // The end, and a whole segment's start, are boundaries too.
+    assert_eq!(log.segments_until(120).unwrap(), all);
+    assert_eq!(
+        log.segments_until(all[1].base_offset).unwrap(),
+        all[..1].to_vec()
+    );
+    assert!(log.segments_until(cut_at + 1).is_err(), "inside a batch");
+}

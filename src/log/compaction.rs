@@ -11,6 +11,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::record::{self, BatchHeader, Slot};
 use super::recovery::{self, temp_path};
@@ -165,6 +166,7 @@ impl PartitionLog {
             .load()
             .iter()
             .find(|s| s.base_offset == base_offset && s.is_sealed())
+            .filter(|s| s.next_offset() <= shared.floor.load(Ordering::Acquire))
             .cloned()
         else {
             return Ok(RewriteStats::default());

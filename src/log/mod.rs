@@ -210,6 +210,13 @@ struct Shared {
     /// The commit gate: readers of records see nothing at or past it ([`PartitionLog::
     /// set_commit_gate`]); `u64::MAX` when the log has none.
     gate: AtomicU64,
+    /// The Raft floor: segments holding an offset at or past it are neither deleted by
+    /// retention nor rewritten by compaction ([`PartitionLog::keep_from`]); `u64::MAX`
+    /// when the log has none.
+    floor: AtomicU64,
+    /// The highest offset retention asked to delete below and the Raft floor held back
+    /// (0: none): see [`PartitionLog::held_back`].
+    held_back: AtomicU64,
     /// The leader epoch and Raft index written into the header of every batch appended
     /// from now on ([`PartitionLog::set_stamp`]). Set by the task that then appends (a
     /// cluster group's apply, the partition's only writer there), so an append never reads
@@ -305,6 +312,8 @@ impl PartitionLog {
             next_offset: AtomicU64::new(next),
             written: AtomicU64::new(next),
             gate: AtomicU64::new(u64::MAX),
+            floor: AtomicU64::new(u64::MAX),
+            held_back: AtomicU64::new(0),
             leader_epoch: AtomicU64::new(0),
             raft_index: AtomicU64::new(0),
             watch: watch::Sender::new(next),
@@ -378,6 +387,27 @@ impl PartitionLog {
             .gate
             .store(end.unwrap_or(u64::MAX), Ordering::Release);
         shared.refresh_visible();
+    }
+
+    /// Keeps every segment holding offset `offset` or a later one from retention and
+    /// compaction ([`Self::drop_segments_before`], [`Self::rewrite_sealed`]): for a log
+    /// that is a Raft group's log, whose entries past the purge point a follower may still
+    /// be sent as they were written.
+    pub fn keep_from(&self, offset: u64) {
+        self.inner.shared.floor.store(offset, Ordering::Release);
+    }
+
+    /// The Raft floor ([`Self::keep_from`]; `u64::MAX` when none).
+    pub fn floor(&self) -> u64 {
+        self.inner.shared.floor.load(Ordering::Acquire)
+    }
+
+    /// True when retention asked to delete segments that the Raft floor keeps
+    /// ([`Self::drop_segments_before`] below an offset past it): the group whose log this
+    /// is should snapshot and purge, which moves the floor on.
+    pub fn held_back(&self) -> bool {
+        let shared = &self.inner.shared;
+        shared.held_back.load(Ordering::Acquire) > shared.floor.load(Ordering::Acquire)
     }
 
     /// Moves the commit gate on to `end` (never back; nothing without a gate): readers see
@@ -560,6 +590,39 @@ impl PartitionLog {
         self.inner.shared.watch.subscribe()
     }
 
+    /// The segments holding the offsets below `end` (a batch boundary), oldest first, the
+    /// last one's `bytes` cut where the batch at `end` starts: the partition as it was
+    /// when `end` was its end (for a snapshot of a Raft group's log at an entry, the later
+    /// entries left out). An error when no batch starts or ends at `end`.
+    pub fn segments_until(&self, end: u64) -> Result<Vec<SegmentInfo>, LogError> {
+        let mut out = Vec::new();
+        for segment in self.inner.shared.segments.load_full().iter() {
+            let info = SegmentInfo {
+                base_offset: segment.base_offset,
+                next_offset: segment.next_offset(),
+                bytes: segment.len(),
+                max_timestamp_ms: segment.max_timestamp_ms(),
+                sealed: segment.is_sealed(),
+            };
+            if info.next_offset <= end {
+                out.push(info);
+                continue;
+            }
+            if segment.base_offset >= end {
+                break;
+            }
+            let position = batch_position(segment, end)?;
+            out.push(SegmentInfo {
+                next_offset: end,
+                bytes: position,
+                sealed: false,
+                ..info
+            });
+            break;
+        }
+        Ok(out)
+    }
+
     /// Segments, oldest first.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         self.inner
@@ -582,11 +645,17 @@ impl PartitionLog {
         &self.inner.shared.dir
     }
 
-    /// Deletes whole sealed segments whose every offset is below `offset`; returns how many.
-    /// Safe while readers hold them: their files are pinned mapped first, and an unlinked
-    /// file stays mapped until the last reader drops it.
+    /// Deletes whole sealed segments whose every offset is below `offset` (and below the
+    /// Raft floor, [`Self::keep_from`]); returns how many. Safe while readers hold them:
+    /// their files are pinned mapped first, and an unlinked file stays mapped until the
+    /// last reader drops it.
     pub fn drop_segments_before(&self, offset: u64) -> Result<usize, LogError> {
         let shared = &self.inner.shared;
+        let floor = shared.floor.load(Ordering::Acquire);
+        if offset > floor {
+            shared.held_back.fetch_max(offset, Ordering::AcqRel);
+        }
+        let offset = offset.min(floor);
         let removed: Vec<Arc<Segment>> = {
             let _guard = shared.list_lock.lock();
             let list = shared.segments.load_full();
@@ -629,6 +698,11 @@ impl PartitionLog {
     /// Removes every record at or past `offset` (for replication); the written end becomes
     /// `offset` (and what readers see, unless a commit gate lies below it).
     pub async fn truncate_suffix(&self, offset: u64) -> Result<(), LogError> {
+        self.truncate_suffix_now(offset)
+    }
+
+    /// [`Self::truncate_suffix`] on the caller's thread (it writes and syncs the files).
+    pub fn truncate_suffix_now(&self, offset: u64) -> Result<(), LogError> {
         let shared = &self.inner.shared;
         shared.writer.lock().truncate(shared, offset)
     }
@@ -659,8 +733,28 @@ impl PartitionLog {
     }
 }
 
-/// Reads records of one segment from `from` into `out` until `full` says stop or the
-/// segment ends; returns true when full.
+/// The byte position in `segment` of the batch that starts at offset `at`.
+fn batch_position(segment: &Segment, at: u64) -> Result<u64, LogError> {
+    let (mut position, _) = segment.position_for(at)?;
+    let reader = segment.reader()?;
+    let len = segment.len();
+    while position < len {
+        let header = reader.header_at(position)?;
+        if header.base_offset == at {
+            return Ok(position);
+        }
+        if header.base_offset > at {
+            break;
+        }
+        position += u64::from(header.batch_len);
+    }
+    Err(LogError::Corrupt {
+        path: segment.paths.log.clone(),
+        position,
+        reason: format!("no batch starts at offset {at}"),
+    })
+}
+
 /// Waits until everything up to offset `end` is durable under the log's fsync policy (see
 /// [`PartitionLog::durable`]).
 async fn durable(shared: &Shared, end: u64) -> Result<(), LogError> {
