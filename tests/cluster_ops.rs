@@ -701,7 +701,17 @@ async fn a_node_without_a_replica_names_the_leader() {
     for i in 0..6 {
         publish(cluster.http(outsider), "pair", &format!("m{i}")).await;
     }
-    let at_leader = partitions_of(&view(&url(leader)).await.unwrap(), "pair");
+    // The queue group's leader holds a follower's copy of a partition another node leads:
+    // it shows a publish once it learns of its commit, a moment after the answer.
+    let at_leader = common::eventually_some("the leader's view holds every publish", || async {
+        let parts = partitions_of(&view(&url(leader)).await?, "pair");
+        let total: u64 = parts
+            .iter()
+            .filter_map(|p| p["committed_offset"].as_u64())
+            .sum();
+        (total == 6).then_some(parts)
+    })
+    .await;
     // Each partition's leader, term and committed offset.
     let state = |parts: &[Value]| -> Vec<(Value, Value, Value)> {
         parts
