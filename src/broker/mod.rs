@@ -802,6 +802,17 @@ impl Broker {
         Ok(self.queue(name)?.image(part))
     }
 
+    /// [`Self::queue_image`] with the partitions `part` holds cut at offset `until`
+    /// ([`queue::Queue::image_until`]).
+    pub fn queue_image_until(
+        &self,
+        name: &str,
+        part: queue::DataPart,
+        until: u64,
+    ) -> Result<queue::QueueImage, BrokerError> {
+        Ok(self.queue(name)?.image_until(part, Some(until))?)
+    }
+
     /// The gate of queue `name` on a cluster node, where several Raft groups apply to one
     /// queue (its queue group and one group per further partition): each holds it shared
     /// while it applies, and a group installing a snapshot holds it alone while it replaces
@@ -858,8 +869,20 @@ impl Broker {
             .cloned()
             .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))?;
         let old = self.queues.write().remove(name);
+        // The partitions the part does not hold stay as they are, open (other groups
+        // write them, one through its Raft log: see `cluster::group_log`).
+        let kept: Vec<Option<crate::log::PartitionLog>> = old
+            .as_ref()
+            .map(|old| {
+                old.partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(p, log)| (!part.holds_partition(p as u32)).then(|| log.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
         if let Some(old) = old {
-            old.mark_deleted();
+            old.mark_deleted_in(part);
         }
         let root = self.queues_dir();
         let storage = Arc::clone(&self.config.storage);
@@ -892,7 +915,9 @@ impl Broker {
             }
             storage.create_dir_all(&dir).map_err(io)?;
             fill(&dir).map_err(io)?;
-            Queue::open(&root, &owned, settings, fsync, &storage, clock, alarms)
+            Queue::open_keeping(
+                &root, &owned, settings, fsync, &storage, clock, alarms, kept,
+            )
         })
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("replacing a queue failed: {e}")));

@@ -384,6 +384,33 @@ impl Queue {
         clock: Clock,
         alarms: Arc<Alarms>,
     ) -> Result<Self, BrokerError> {
+        Self::open_keeping(
+            root,
+            name,
+            settings,
+            fsync,
+            storage,
+            clock,
+            alarms,
+            Vec::new(),
+        )
+    }
+
+    /// [`Self::open`], taking over the open logs `kept` names by partition (`None`, or
+    /// past its end: opened here) instead of opening their directories again: a cluster
+    /// replica replacing its queue group's part of the queue keeps the partitions other
+    /// groups write ([`DataPart::Head`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_keeping(
+        root: &Path,
+        name: &str,
+        settings: QueueSettings,
+        fsync: FsyncPolicy,
+        storage: &SharedStorage,
+        clock: Clock,
+        alarms: Arc<Alarms>,
+        mut kept: Vec<Option<PartitionLog>>,
+    ) -> Result<Self, BrokerError> {
         let dir = crate::name::child(root, name, "")?;
         let log_config = LogConfig {
             storage: Arc::clone(storage),
@@ -394,8 +421,14 @@ impl Queue {
             })),
             ..LogConfig::default()
         };
-        let partitions = (0..settings.partitions)
-            .map(|p| PartitionLog::open(&dir.join(p.to_string()), log_config.clone()))
+        kept.resize(settings.partitions as usize, None);
+        let partitions = kept
+            .into_iter()
+            .enumerate()
+            .map(|(p, kept)| match kept {
+                Some(log) => Ok(log),
+                None => PartitionLog::open(&dir.join(p.to_string()), log_config.clone()),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let queue = Self {
             name: name.to_string(),
@@ -717,9 +750,17 @@ impl Queue {
     /// Marks the queue deleted, closes its logs and journals (so that work still in flight
     /// cannot create its directory again once it is removed) and wakes its waiters.
     pub fn mark_deleted(&self) {
+        self.mark_deleted_in(DataPart::All);
+    }
+
+    /// [`Self::mark_deleted`], closing only the logs of the partitions `part` holds (the
+    /// others are taken over by the queue opened in its place, [`Self::open_keeping`]).
+    pub fn mark_deleted_in(&self, part: DataPart) {
         self.deleted.store(true, AtomicOrdering::Release);
-        for log in &self.partitions {
-            log.close();
+        for (p, log) in self.partitions.iter().enumerate() {
+            if part.holds_partition(p as u32) {
+                log.close();
+            }
         }
         for group in self.groups() {
             group.journal.close();
@@ -1569,12 +1610,28 @@ impl Queue {
 
     /// The queue's data now, as much of it as `part` holds (see [`QueueImage`]).
     pub fn image(&self, part: DataPart) -> QueueImage {
+        // Without a cut no segment is looked into.
+        self.image_until(part, None).unwrap_or_default()
+    }
+
+    /// [`Self::image`], the partitions `part` holds cut at offset `until` (a batch
+    /// boundary): their records up to it, as when it was their end (a snapshot of a
+    /// partition whose Raft log is its segment log, at the entry that ends there).
+    pub fn image_until(
+        &self,
+        part: DataPart,
+        until: Option<u64>,
+    ) -> Result<QueueImage, crate::log::LogError> {
         let mut image = QueueImage::default();
         for (p, log) in self.partitions.iter().enumerate() {
             if !part.holds_partition(p as u32) {
                 continue;
             }
-            for segment in log.segments() {
+            let segments = match until {
+                Some(end) => log.segments_until(end)?,
+                None => log.segments(),
+            };
+            for segment in segments {
                 let paths = crate::log::segment::SegmentPaths::new(log.dir(), segment.base_offset);
                 let mut files = vec![(paths.log, Some(segment.bytes))];
                 if segment.sealed {
@@ -1609,7 +1666,7 @@ impl Queue {
                 Journal::checkpoint_file(&snapshot),
             ));
         }
-        image
+        Ok(image)
     }
 
     /// Writes and fsyncs every partition and journal.

@@ -142,6 +142,37 @@ impl Broker {
         self.store_records(&q, partition, records).await
     }
 
+    /// Takes note of records a partition's Raft log wrote into the partition itself, from
+    /// offset `first` (a replica applying a partition group's entry whose log is the
+    /// partition's segment log, `cluster::partition_log_store`): what
+    /// [`Self::append_sequenced_local`] does but the append, which happened as the entry
+    /// was written. Their idempotency keys join the window, waiters are woken.
+    pub async fn note_stored(
+        &self,
+        queue: &str,
+        partition: u32,
+        first: u64,
+        records: &[Record],
+    ) -> Result<u64, BrokerError> {
+        let q = self.live_queue(queue)?;
+        self.partition(&q, partition)?;
+        q.note_keys(partition, first, super::sequencer::keys_of(records))
+            .await?;
+        q.notify.notify_waiters();
+        q.series.published.increment(records.len() as u64);
+        Ok(first)
+    }
+
+    /// The log of `partition` of `queue` (a cluster group whose Raft log it is).
+    pub fn partition_log(
+        &self,
+        queue: &str,
+        partition: u32,
+    ) -> Result<crate::log::PartitionLog, BrokerError> {
+        let q = self.queue(queue)?;
+        self.partition(&q, partition).cloned()
+    }
+
     /// The queue named `queue`, unless it is being deleted.
     fn live_queue(&self, queue: &str) -> Result<Arc<Queue>, BrokerError> {
         let q = self.queue(queue)?;

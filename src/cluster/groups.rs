@@ -18,11 +18,13 @@ use tokio::sync::watch;
 use super::ClusterError;
 use super::catch_up::{self, Found};
 use super::fencing::Fenced;
+use super::group_log::{self, GroupLog};
 use super::kafka_addrs::KafkaAddrs;
 use super::log_budget::{self, Budget};
 use super::log_store::LogStore;
 use super::metadata::{MetaHooks, QueueOpening};
 use super::network::{Network, Peers};
+use super::partition_log_store::PartitionLogStore;
 use super::placement;
 use super::snapshot_transfer::Receiver;
 use super::state_machine::{AppliedIndex, Raft, Role, StateMachine};
@@ -291,7 +293,7 @@ pub struct Groups {
     broker: Arc<Broker>,
     rafts: RwLock<HashMap<u64, Raft>>,
     /// Each open group's log (its tip is read by [`super::liveness`]).
-    logs: RwLock<HashMap<u64, LogStore>>,
+    logs: RwLock<HashMap<u64, GroupLog>>,
     /// Each open group's applied index and its leader, for requests that wait on them.
     watches: RwLock<HashMap<u64, GroupWatch>>,
     queues: RwLock<QueueGroups>,
@@ -323,7 +325,7 @@ pub struct OpenGroup {
     /// Its handle.
     pub raft: Raft,
     /// Its log.
-    pub log: Option<LogStore>,
+    pub log: Option<GroupLog>,
     /// A queue's group's replicas, preferred leader first (`None` for the metadata group).
     pub replicas: Option<Vec<u64>>,
 }
@@ -345,13 +347,21 @@ async fn open_machine(
     role: Role,
     broker: &Arc<Broker>,
     dir: &Path,
+    log: &GroupLog,
 ) -> Result<StateMachine, ClusterError> {
+    let partition_log = match log {
+        GroupLog::Partition(store) => Some(store.clone()),
+        GroupLog::Chunks(_) => None,
+    };
     match role {
-        role @ (Role::Queue(..) | Role::Partition(..)) => {
-            StateMachine::for_queue(role, Arc::clone(broker), &dir.join("snapshot"))
-                .await
-                .map_err(|e| ClusterError::Raft(format!("group {id}: {e}")))
-        }
+        role @ (Role::Queue(..) | Role::Partition(..)) => StateMachine::for_queue(
+            role,
+            Arc::clone(broker),
+            &dir.join("snapshot"),
+            partition_log,
+        )
+        .await
+        .map_err(|e| ClusterError::Raft(format!("group {id}: {e}"))),
         Role::Meta(hooks) => StateMachine::for_meta(hooks, Arc::clone(broker), dir)
             .await
             .map_err(|e| ClusterError::Raft(format!("metadata snapshot: {e}"))),
@@ -515,7 +525,7 @@ impl Groups {
         let preferred = members.first() == Some(&self.node_id);
         let (config, chunk_entries) = storage_policy(raft_config(id)?, self.snapshot_entries);
         let dir = self.raft_dir.join(id.to_string());
-        let (log, found) = self.open_log(id, &dir, chunk_entries)?;
+        let (log, found) = self.open_log(id, &dir, chunk_entries, &role).await?;
         // A queue's replicas as placement names them (the metadata group's: the voters).
         let replicas = match &role {
             Role::Queue(name, _) => self.queue_group(name).map(|g| g.replicas),
@@ -528,8 +538,8 @@ impl Groups {
         let queue_data = role.data().map(|(name, part)| (name.to_string(), part));
         let floor_from = queue_data.is_some().then(|| replicas.unwrap_or_default());
         self.mark_lost(id, lost, floor_from)?;
-        let machine = open_machine(id, role, &self.broker, &dir).await?;
-        let seeded = self.seed(id, &log, &members)?;
+        let machine = open_machine(id, role, &self.broker, &dir, &log).await?;
+        let seeded = self.seed(id, &log, &members).await?;
         let replayed = machine.applied_counter();
         let applied = machine.applied_index();
         self.logs.write().insert(id, log.clone());
@@ -539,9 +549,14 @@ impl Groups {
             group: id,
             peers: Arc::clone(&self.peers),
         };
-        let raft = Raft::new(self.node_id, Arc::new(config), network, log, machine)
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let config = Arc::new(config);
+        let raft = match log {
+            GroupLog::Chunks(log) => Raft::new(self.node_id, config, network, log, machine).await,
+            GroupLog::Partition(log) => {
+                Raft::new(self.node_id, config, network, log, machine).await
+            }
+        }
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
         if id != META_GROUP {
             let replayed = replayed.load(std::sync::atomic::Ordering::Relaxed);
             metrics::counter!(START_REPLAYED).increment(replayed);
@@ -582,12 +597,13 @@ impl Groups {
     /// catching up when the node stopped starts over, blank: what it holds may lack
     /// committed entries, and what it saw of its leaders is gone. A queue group's log is
     /// marked as held here (the metadata group's is always held).
-    fn open_log(
+    async fn open_log(
         &self,
         id: u64,
         dir: &Path,
         chunk_entries: usize,
-    ) -> Result<(LogStore, Found), ClusterError> {
+        role: &Role,
+    ) -> Result<(GroupLog, Found), ClusterError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ClusterError::Io { path, source }
@@ -596,7 +612,16 @@ impl Groups {
         if catching_up {
             catch_up::clear(dir).map_err(io(dir))?;
         }
-        let log = LogStore::open_chunked(dir, self.sync, chunk_entries).map_err(io(dir))?;
+        let log = match role {
+            Role::Partition(name, partition)
+                if !group_log::holds_chunks(dir).map_err(io(dir))? =>
+            {
+                GroupLog::Partition(self.open_partition_log(id, dir, name, *partition).await?)
+            }
+            _ => GroupLog::Chunks(
+                LogStore::open_chunked(dir, self.sync, chunk_entries).map_err(io(dir))?,
+            ),
+        };
         let held = self.held_marker(id);
         let found = Found {
             blank: log.is_blank(),
@@ -608,6 +633,39 @@ impl Groups {
             log.mark_held(held.clone()).map_err(io(&held))?;
         }
         Ok((log, found))
+    }
+
+    /// Opens partition group `id`'s Raft log in the partition's own segment log: the
+    /// broker's partition directory becomes a link to `segments/` in the group's directory
+    /// `dir` (opened behind a closed commit gate: nothing of it is read before the log
+    /// says what is committed), and the log's side files are kept in `dir`.
+    async fn open_partition_log(
+        &self,
+        id: u64,
+        dir: &Path,
+        name: &str,
+        partition: u32,
+    ) -> Result<PartitionLogStore, ClusterError> {
+        let segments = dir.join(group_log::SEGMENTS);
+        std::fs::create_dir_all(&segments).map_err(|source| ClusterError::Io {
+            path: segments.clone(),
+            source,
+        })?;
+        let broker_error = |e: crate::broker::BrokerError| {
+            ClusterError::Raft(format!("group {id}: opening partition {partition}: {e}"))
+        };
+        let log = self
+            .broker
+            .partition_log(name, partition)
+            .map_err(broker_error)?;
+        log.set_commit_gate(Some(0));
+        group_log::relink_partition(&self.broker, name, partition, segments, |_| Ok(()))
+            .await
+            .map_err(broker_error)?;
+        PartitionLogStore::open(log, dir, name, partition).map_err(|source| ClusterError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
     }
 
     /// Whether group `id` lost its log here ([`catch_up::has_lost`]), and the members a
@@ -677,7 +735,7 @@ impl Groups {
 
     /// Writes the initial membership of a new group on `members` (see [`LogStore::seed`])
     /// into `log`, if it is empty; returns whether it did.
-    fn seed(&self, id: u64, log: &LogStore, members: &[u64]) -> Result<bool, ClusterError> {
+    async fn seed(&self, id: u64, log: &GroupLog, members: &[u64]) -> Result<bool, ClusterError> {
         let Some(&preferred) = members.first() else {
             return Ok(false);
         };
@@ -692,6 +750,7 @@ impl Groups {
             return Ok(false);
         }
         log.seed(preferred, Membership::from(nodes))
+            .await
             .map_err(|source| ClusterError::Io {
                 path: self.raft_dir.join(id.to_string()),
                 source,
@@ -995,7 +1054,7 @@ impl Groups {
 
     /// The id of the last entry in group `id`'s log here (`None`: empty, or not open).
     pub fn last_log_id(&self, id: u64) -> Option<LogId> {
-        self.logs.read().get(&id).and_then(LogStore::tip)
+        self.logs.read().get(&id).and_then(GroupLog::tip)
     }
 
     /// Every open group.

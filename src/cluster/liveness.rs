@@ -634,7 +634,7 @@ impl Cluster {
                     leader: m.current_leader,
                     term: m.current_term,
                     applied: m.last_applied.map(|l| l.index),
-                    last_log: open.log.as_ref().and_then(super::log_store::LogStore::tip),
+                    last_log: open.log.as_ref().and_then(super::group_log::GroupLog::tip),
                 }
             })
             .collect()

@@ -23,6 +23,14 @@
 //!   may hold the removed messages too. A quiet queue would otherwise keep them for good:
 //!   it may never reach either bound again.
 //!
+//! - **Held.** A partition group whose Raft log is its partition's segment log
+//!   ([`GroupLog::Partition`]) has no copy to bound, but retention may delete its
+//!   segments only below the purge point (a follower may still be sent the entries
+//!   above it, see `PartitionLog::keep_from`). Every [`LOOK_EVERY`], when retention was
+//!   held back there, the replica snapshots and purges the whole log below the snapshot,
+//!   and retention's next pass deletes the segments. A quiet partition would otherwise
+//!   keep them for good. Removals start rounds there too (the snapshot lets go of them).
+//!
 //! A group is looked at again at most once per [`ROUND_SPACING`]; a purge waits while the
 //! leader still sends those entries to a follower (openraft defers it).
 
@@ -32,7 +40,8 @@ use std::time::Duration;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::metrics::WaitError;
 
-use super::log_store::{self, LogStore};
+use super::group_log::GroupLog;
+use super::log_store;
 use super::state_machine::Raft;
 use crate::broker::Broker;
 use crate::broker::queue::DataPart;
@@ -77,6 +86,8 @@ enum Reason {
     Size,
     /// The queue's data lost segments since the last look.
     Removal,
+    /// Retention was held back at the purge point of a partition's own segment log.
+    Held,
 }
 
 impl Reason {
@@ -84,6 +95,7 @@ impl Reason {
         match self {
             Self::Size => "size",
             Self::Removal => "removal",
+            Self::Held => "held",
         }
     }
 }
@@ -95,7 +107,7 @@ pub struct Watched {
     /// The group.
     pub raft: Raft,
     /// Its Raft log.
-    pub log: LogStore,
+    pub log: GroupLog,
     /// The broker holding its queue's data here, the queue's name, and the part of the
     /// queue's data the group holds (only removals from that part start rounds).
     pub queue: (Arc<Broker>, String, DataPart),
@@ -112,10 +124,13 @@ pub fn watch(watched: Watched) {
         queue: (broker, queue, part),
         budget,
     } = watched;
-    let alarm = budget.map(|b| {
-        log.set_chunk_bytes(b.chunk_bytes());
-        log.size_alarm(b.bytes)
-    });
+    let alarm = match (&log, budget) {
+        (GroupLog::Chunks(chunks), Some(b)) => {
+            chunks.set_chunk_bytes(b.chunk_bytes());
+            Some(chunks.size_alarm(b.bytes))
+        }
+        _ => None,
+    };
     let mut server = raft.server_metrics();
     tokio::spawn(async move {
         let mut looked = footprint(&broker, &queue, part);
@@ -137,14 +152,21 @@ pub fn watch(watched: Watched) {
                     continue;
                 }
             };
-            let due = match (reason, budget) {
-                (Reason::Size, Some(budget)) => log.disk_bytes() > budget.bytes,
-                (Reason::Size, None) => false,
-                (Reason::Removal, _) => {
+            let (due, reason) = match (reason, budget, &log) {
+                (Reason::Size, Some(budget), GroupLog::Chunks(chunks)) => {
+                    (chunks.disk_bytes() > budget.bytes, reason)
+                }
+                (Reason::Size, ..) => (false, reason),
+                (Reason::Removal | Reason::Held, ..) => {
                     let now = footprint(&broker, &queue, part);
                     let removed = lost_data(&looked, &now);
                     looked = now;
-                    removed
+                    match &log {
+                        GroupLog::Partition(store) if store.partition_log().held_back() => {
+                            (true, Reason::Held)
+                        }
+                        _ => (removed, Reason::Removal),
+                    }
                 }
             };
             if !due {
@@ -190,17 +212,26 @@ fn lost_data(before: &[(u64, u64)], now: &[(u64, u64)]) -> bool {
 /// all of it.
 async fn round(
     raft: &Raft,
-    log: &LogStore,
+    log: &GroupLog,
     budget: Option<Budget>,
     reason: Reason,
 ) -> Result<(), String> {
     let (applied, snapshot) = applied_and_snapshot(raft);
-    let snapshot_now = match (reason, budget) {
-        (Reason::Removal, _) => true,
-        (Reason::Size, Some(b)) => {
-            applied > snapshot && log.bytes_above(snapshot) > b.bytes - b.keep_bytes()
+    if let (Reason::Held, GroupLog::Partition(store)) = (reason, log)
+        && applied == snapshot
+        && store.purged_index() == snapshot
+    {
+        // Snapshotted and purged up to the applied entry already: the purge point moves on
+        // with later entries (or once openraft no longer defers the purge for a follower
+        // that still needs the entries).
+        return Ok(());
+    }
+    let snapshot_now = match (reason, budget, log) {
+        (Reason::Removal | Reason::Held, ..) => true,
+        (Reason::Size, Some(b), GroupLog::Chunks(chunks)) => {
+            applied > snapshot && chunks.bytes_above(snapshot) > b.bytes - b.keep_bytes()
         }
-        (Reason::Size, None) => false,
+        (Reason::Size, ..) => false,
     };
     if snapshot_now {
         raft.trigger().snapshot().await.map_err(|e| e.to_string())?;
@@ -230,7 +261,14 @@ async fn round(
         (Reason::Size, Some(b)) => (KEEP_ENTRIES, b.keep_bytes()),
         _ => (0, 0),
     };
-    if let Some(upto) = snapshot.and_then(|top| log.purge_point(top, keep_entries, keep_bytes)) {
+    let upto = match log {
+        GroupLog::Chunks(chunks) => {
+            snapshot.and_then(|top| chunks.purge_point(top, keep_entries, keep_bytes))
+        }
+        // The whole log below the snapshot: its records stay in the segments.
+        GroupLog::Partition(_) => snapshot,
+    };
+    if let Some(upto) = upto {
         raft.trigger()
             .purge_log(upto)
             .await

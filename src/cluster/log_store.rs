@@ -176,6 +176,21 @@ pub(super) fn io_err(context: impl std::fmt::Display, e: impl std::fmt::Display)
     std::io::Error::other(format!("raft log: {context}: {e}"))
 }
 
+/// Writes the empty marker file `marker` unless it exists (synced, with its directory,
+/// when `durable`).
+pub(super) fn write_marker(marker: &Path, durable: bool) -> std::io::Result<()> {
+    if !marker.exists() {
+        let file = File::create(marker)?;
+        if durable {
+            file.sync_all()?;
+            if let Some(parent) = marker.parent() {
+                sync_dir(parent)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn write_small<T: Serialize>(
     dir: &Path,
     name: &str,
@@ -320,19 +335,7 @@ impl Inner {
         let Some(marker) = self.held_marker.take() else {
             return Ok(());
         };
-        let written = (|| -> std::io::Result<()> {
-            if !marker.exists() {
-                let file = File::create(&marker)?;
-                if durable {
-                    file.sync_all()?;
-                    if let Some(parent) = marker.parent() {
-                        sync_dir(parent)?;
-                    }
-                }
-            }
-            Ok(())
-        })();
-        if let Err(error) = written {
+        if let Err(error) = write_marker(&marker, durable) {
             self.held_marker = Some(marker);
             return Err(io_err("writing the held marker", error));
         }

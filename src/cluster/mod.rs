@@ -56,6 +56,7 @@ pub mod balance;
 pub mod catch_up;
 pub mod fencing;
 pub mod group_id;
+pub mod group_log;
 pub mod groups;
 pub mod handoff;
 pub mod identity;

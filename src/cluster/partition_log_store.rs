@@ -1,44 +1,46 @@
 //! A Raft group's log kept in a partition's own segment log ([`RaftLogStorage`] over a
-//! [`PartitionLog`]): one entry, one batch, stamped with the entry's term, index and type,
-//! so that the log a partition group replicates and the log its consumers read can be one
-//! and the same bytes instead of every message written twice (the Raft log's chunk files
-//! of [`super::log_store`], then the partition on apply).
+//! [`PartitionLog`]), so that the log a partition group replicates and the log its
+//! consumers read are one and the same bytes: each message is written once per replica,
+//! as its entry is appended (applying it only takes note, see `state_machine`). Every
+//! partition group made since 2026-12-07 keeps its log here ([`super::group_log`]).
 //!
 //! ```text
-//! {partition dir}/{base:020}.log / .index / .timeindex   the segments: one batch per entry
+//! {partition dir}/{base:020}.log / .index / .timeindex   the segments: one data batch per
+//!                                                        entry holding records
 //! {side dir}/
+//!   raft-entries      crc32 u32 LE | bincode Vec<Entry>: every other entry
 //!   raft-leaders      crc32 u32 LE | bincode Vec<(term, node)>: who led each term
 //!   raft-vote         crc32 u32 LE | bincode Vote
 //!   raft-committed    crc32 u32 LE | bincode Option<LogId>
-//!   raft-purged       crc32 u32 LE | bincode (LogId, offset of the entry after it)
+//!   raft-purged       crc32 u32 LE | bincode (LogId, offset of the records after it)
 //! ```
 //!
-//! A batch's header holds the entry's term (`leader_epoch`), index (`raft_index`) and type
-//! (blank, membership, command; data for records); openraft's log id also names the
-//! leader of the term, which the small `raft-leaders` table keeps (Kafka's leader-epoch
-//! checkpoint: one line per term, written before the term's first entry counts as
-//! durable). A blank entry is one empty record; a membership or a command is one record
-//! whose value is the bincode-encoded payload. Readers of messages pass over all three.
+//! An entry holding records for the log's own partition ([`Command::Records`], or
+//! [`Command::RecordBatch`], read back as `Records`) is a data batch of exactly those
+//! records, whose header holds the entry's term (`leader_epoch`) and index (`raft_index`);
+//! openraft's log id also names the leader of the term, which the small `raft-leaders`
+//! table keeps (Kafka's leader-epoch checkpoint: one line per term, written before the
+//! term's first entry counts as durable). Every other entry (blank, membership, any other
+//! command: one per election or membership change, not per message) is kept in the side
+//! file `raft-entries`, rewritten whole by rename and synced before its append counts, so
+//! that it takes no offset: the partition's offsets count its messages only, from 0.
 //!
 //! Appends are written at once (one batch each, never merged) and acknowledged to
 //! openraft once durable under the partition's fsync policy, in order. Under
 //! `fsync = always` a batch is readable from the segments only after its sync, so the
-//! entries appended and not yet readable are kept in memory until they are. Truncation
-//! cuts the segment log at the first removed entry's offset. A purge records the purge
-//! point and the offset after it and forgets the entries up to it; it deletes nothing:
-//! the segments hold the partition's messages, which retention removes (at most up to the
-//! purge point, so that every entry openraft may still send stays).
+//! entries appended and not yet readable are kept in memory until they are. Opening checks
+//! that the batches and the side entries together hold every index after the purge point,
+//! and ends the log at the first missing one (an append whose side entry was not saved
+//! when the node stopped). Truncation drops the side entries, then cuts the segment log at
+//! the first removed batch. A purge records the purge point and the offset after it and
+//! forgets the entries up to it; it deletes nothing: the segments hold the partition's
+//! messages, which retention removes, only below the purge point
+//! ([`PartitionLog::keep_from`]: every entry openraft may still send stays).
 //!
-//! Records for the log's own partition ([`Command::Records`], or [`Command::RecordBatch`],
-//! read back as `Records`) are a data batch of those records: the messages consumers read,
-//! written once. Consumers never read an entry that may still be truncated: the store puts a commit gate on the partition log at the end of
-//! the committed entries (at open, from the saved committed id and purge point) and moves
-//! it on as openraft saves a later committed id.
-//!
-//! No group uses this store yet, though a split queue's group's leader already decides its
-//! publishes first and proposes the records ([`crate::broker::sequencer`]): the groups
-//! still keep chunk logs and append on apply. Until they move, the store is exercised by
-//! openraft's storage suite and its own tests.
+//! Consumers never read an entry that may still be truncated: the store puts a commit gate
+//! on the partition log at the end of the records of the committed entries (at open, from
+//! the saved committed id and purge point) and moves it on as openraft saves a later
+//! committed id, which it does before it applies.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -52,11 +54,11 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::log_store::{io_err, read_small, write_small};
+use super::log_store::{io_err, read_small, write_marker, write_small};
+use super::types::decode;
 use super::types::{
     Command, Entry, EntryPayload, LeaderId, LogId, Membership, PartitionRecords, TypeConfig, Vote,
 };
-use super::types::{decode, encode};
 use crate::broker::replicate::WireRecord;
 use crate::log::record::{self, EntryType, Stamp};
 use crate::log::{LogError, PartitionLog, Record};
@@ -69,6 +71,13 @@ const VOTE: &str = "raft-vote";
 const COMMITTED: &str = "raft-committed";
 /// The side file of the purge point.
 const PURGED: &str = "raft-purged";
+/// Where a partition group's records live when its log is its partition's segment log:
+/// `segments/` in the group's directory (which the start of a node keeps, unlike the
+/// broker's `queues/`, and which a lost group's clearing takes along; see
+/// [`super::group_log`]).
+pub const SEGMENTS: &str = "segments";
+/// The side file of the entries that hold no records for the partition.
+const ENTRIES: &str = "raft-entries";
 /// Batches read from the segments at a time while opening.
 const SCAN_BATCHES: usize = 1024;
 
@@ -86,8 +95,13 @@ struct Inner {
     /// The queue and partition whose log this is: their records entries are data batches.
     queue: String,
     partition: u32,
-    /// Every entry past the purge point, by index.
+    /// Every entry past the purge point that holds the partition's records (a data
+    /// batch), by index.
     spans: BTreeMap<u64, Span>,
+    /// Every other entry past the purge point (blank, membership, any other command), by
+    /// index: kept in the side file [`ENTRIES`], not in the segments, so that they take no
+    /// offset of the partition's messages.
+    side: BTreeMap<u64, Entry>,
     /// Entries appended whose batches are not readable yet (written, not yet synced).
     unsynced: BTreeMap<u64, Entry>,
     /// term -> the node that led it.
@@ -97,6 +111,9 @@ struct Inner {
     purged: Option<(LogId, u64)>,
     vote: Option<Vote>,
     committed: Option<LogId>,
+    /// The marker that this node held the log, while it is still to be written (before
+    /// the first vote or entry; see [`PartitionLogStore::mark_held`]).
+    held_marker: Option<PathBuf>,
 }
 
 /// An append waiting to become durable before openraft is told.
@@ -134,6 +151,12 @@ impl Inner {
 
     /// The last entry's id, or the purge point when no entry follows it.
     fn last_id(&self, log: &PartitionLog) -> std::io::Result<Option<LogId>> {
+        let data_last = self.spans.last_key_value().map(|(index, _)| *index);
+        if let Some((index, entry)) = self.side.last_key_value()
+            && data_last.is_none_or(|last| *index > last)
+        {
+            return Ok(Some(entry.log_id));
+        }
         match self.spans.last_key_value() {
             Some((index, span)) => {
                 if let Some(entry) = self.unsynced.get(index) {
@@ -151,24 +174,67 @@ impl Inner {
         }
     }
 
+    /// Where the records of the entries up to the purge point end in the segment log:
+    /// where those of the entries after it begin.
+    fn start(&self, log: &PartitionLog) -> u64 {
+        match (self.purged, self.spans.first_key_value()) {
+            (Some((_, after)), _) => after,
+            (None, Some((_, span))) => span.base,
+            (None, None) => log.first_offset(),
+        }
+    }
+
+    /// Where the records of the entries up to `index` end in the segment log.
+    fn data_end_through(&self, index: u64, log: &PartitionLog) -> u64 {
+        match self.spans.range(..=index).next_back() {
+            Some((_, span)) => span.next,
+            None => self.start(log),
+        }
+    }
+
     /// Where the committed entries end in the segment log: the commit gate, below which
     /// readers of messages see the partition. Everything up to the purge point is
     /// committed; without a committed id or a purge point nothing is.
     fn committed_end(&self, log: &PartitionLog) -> u64 {
-        let purged_end = self.purged.map(|(_, after)| after);
-        let Some(committed) = self.committed else {
-            return purged_end.unwrap_or_else(|| log.first_offset());
-        };
-        match self.spans.get(&committed.index) {
-            Some(span) => span.next,
-            None => match self.spans.first_key_value() {
-                // Below the entries kept: at or below the purge point.
-                Some((first, span)) if committed.index < *first => purged_end.unwrap_or(span.base),
-                // Past the last entry (it was truncated since the id was saved, which
-                // Raft never does to a committed entry; or nothing follows a purge).
-                _ => purged_end.unwrap_or_else(|| log.first_offset()),
-            },
+        match self.committed {
+            Some(committed) => self.data_end_through(committed.index, log),
+            None => self.start(log),
         }
+    }
+
+    /// Writes the side entries to their file (by rename; synced when `sync`).
+    fn save_side(&self, sync: bool) -> std::io::Result<()> {
+        let entries: Vec<&Entry> = self.side.values().collect();
+        write_small(&self.dir, ENTRIES, &entries, sync)
+            .map_err(|e| io_err("saving the log's entries without records", e))
+    }
+
+    /// True when the log holds nothing a voter must remember (no vote, no entry, no purge
+    /// point).
+    fn is_blank(&self) -> bool {
+        self.vote.is_none()
+            && self.spans.is_empty()
+            && self.side.is_empty()
+            && self.purged.is_none()
+    }
+
+    /// Writes the held marker, if it is still to be written, durably.
+    fn write_held_marker(&mut self) -> std::io::Result<()> {
+        let Some(marker) = self.held_marker.take() else {
+            return Ok(());
+        };
+        if let Err(error) = write_marker(&marker, true) {
+            self.held_marker = Some(marker);
+            return Err(io_err("writing the held marker", error));
+        }
+        Ok(())
+    }
+
+    /// Where openraft may still read: the first offset after the purge point (the log's
+    /// first without one). Retention and compaction keep to below it.
+    fn floor(&self, log: &PartitionLog) -> u64 {
+        self.purged
+            .map_or_else(|| log.first_offset(), |(_, after)| after)
     }
 
     /// One past the last offset written to `log` (readable or not).
@@ -206,21 +272,31 @@ impl PartitionLogStore {
         std::fs::create_dir_all(&dir)?;
         let leaders: Vec<(u64, u64)> = read_small(&dir, LEADERS)?.unwrap_or_default();
         let purged: Option<(LogId, u64)> = read_small(&dir, PURGED)?;
+        let side: Vec<Entry> = read_small(&dir, ENTRIES)?.unwrap_or_default();
+        let purged_index = purged.map(|(id, _)| id.index);
         let mut inner = Inner {
             vote: read_small(&dir, VOTE)?,
             committed: read_small::<Option<LogId>>(&dir, COMMITTED)?.flatten(),
             dir,
             queue: queue.to_string(),
             partition,
+            side: side
+                .into_iter()
+                .filter(|e| purged_index.is_none_or(|p| e.log_id.index > p))
+                .map(|e| (e.log_id.index, e))
+                .collect(),
             spans: BTreeMap::new(),
             unsynced: BTreeMap::new(),
             leaders: leaders.into_iter().collect(),
             last_log_id: None,
             purged,
+            held_marker: None,
         };
         inner.spans = scan_spans(&log, purged)?;
+        cut_at_gap(&log, &mut inner)?;
         inner.last_log_id = inner.last_id(&log)?;
         log.set_commit_gate(Some(inner.committed_end(&log)));
+        log.keep_from(inner.floor(&log));
         let (flusher, flushes) = mpsc::unbounded_channel();
         tokio::spawn(run_flusher(flushes));
         Ok(Self {
@@ -235,52 +311,190 @@ impl PartitionLogStore {
         &self.log
     }
 
-    /// Reads the entries `wanted` (consecutive) back: from the segments in one read, and
-    /// the last ones from memory while their batches are not readable yet.
-    fn read_entries(&self, inner: &Inner, wanted: &[(u64, Span)]) -> std::io::Result<Vec<Entry>> {
-        // The unsynced entries are the log's last ones.
-        let on_disk = wanted.partition_point(|(index, _)| !inner.unsynced.contains_key(index));
-        let mut out = Vec::with_capacity(wanted.len());
-        if let Some((first, span)) = wanted.first().filter(|_| on_disk > 0) {
+    /// True when the log holds nothing a voter must remember (no vote, no entry, no purge
+    /// point): a new replica's, or one whose files were lost.
+    pub fn is_blank(&self) -> bool {
+        self.inner.lock().is_blank()
+    }
+
+    /// Makes `marker` (a file outside the log's directory) the lasting sign that this node
+    /// held the log: written now when the log holds state, else before its first vote or
+    /// entry is written (as `LogStore::mark_held`).
+    pub fn mark_held(&self, marker: PathBuf) -> std::io::Result<()> {
+        let mut inner = self.inner.lock();
+        inner.held_marker = Some(marker);
+        if inner.is_blank() {
+            return Ok(());
+        }
+        inner.write_held_marker()
+    }
+
+    /// The id of the last entry written (or the purge point of an empty log).
+    pub fn tip(&self) -> Option<LogId> {
+        self.inner.lock().last_log_id
+    }
+
+    /// Writes `membership` as the first entry of an empty log, as if `leader` had written
+    /// it with openraft's `initialize` (see `LogStore::seed`), durably; returns whether it
+    /// wrote it (not when the log holds entries or a purge point).
+    pub async fn seed(&self, leader: u64, membership: Membership) -> std::io::Result<bool> {
+        let end = {
+            let mut inner = self.inner.lock();
+            if inner.last_log_id.is_some() {
+                return Ok(false);
+            }
+            inner.write_held_marker()?;
+            let entry = Entry {
+                log_id: super::types::log_id(0, leader, 0),
+                payload: EntryPayload::Membership(membership),
+            };
+            append_locked(&self.log, &mut inner, [entry])?
+        };
+        self.log
+            .durable(end)
+            .await
+            .map_err(|e| io_err("writing the initial membership", e))?;
+        Ok(true)
+    }
+
+    /// The purge point's index (`None`: nothing purged).
+    pub fn purged_index(&self) -> Option<u64> {
+        self.inner.lock().purged.map(|(id, _)| id.index)
+    }
+
+    /// The offsets of entry `index`'s batch (first, one past the last), while the log
+    /// holds it.
+    pub fn span_of(&self, index: u64) -> Option<(u64, u64)> {
+        self.inner
+            .lock()
+            .spans
+            .get(&index)
+            .map(|span| (span.base, span.next))
+    }
+
+    /// Where the records of the entries up to `index` end in the segment log, while the
+    /// log holds entry `index` (or it is the purge point).
+    pub fn end_of(&self, index: u64) -> Option<u64> {
+        let inner = self.inner.lock();
+        let held = inner.spans.contains_key(&index)
+            || inner.side.contains_key(&index)
+            || inner.purged.is_some_and(|(id, _)| id.index == index);
+        held.then(|| inner.data_end_through(index, &self.log))
+    }
+
+    /// Where the partition's records are (the directory the broker's partition directory
+    /// links to, see `cluster::group_log`).
+    pub fn segments_dir(&self) -> PathBuf {
+        self.inner.lock().dir.join(SEGMENTS)
+    }
+
+    /// True when the log holds entry `log_id` itself (same index and term).
+    pub fn holds(&self, log_id: &LogId) -> std::io::Result<bool> {
+        let inner = self.inner.lock();
+        if inner.purged.is_some_and(|(id, _)| id == *log_id) {
+            return Ok(true);
+        }
+        if let Some(entry) = inner
+            .unsynced
+            .get(&log_id.index)
+            .or_else(|| inner.side.get(&log_id.index))
+        {
+            return Ok(entry.log_id == *log_id);
+        }
+        let Some(span) = inner.spans.get(&log_id.index) else {
+            return Ok(false);
+        };
+        let batches = self
+            .log
+            .batches_from(span.base, 1)
+            .map_err(|e| io_err(format!("reading entry {}", log_id.index), e))?;
+        match batches.first() {
+            Some((header, _)) => {
+                Ok(inner.log_id(header.leader_epoch, header.raft_index)? == *log_id)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Starts the log over after the partition was replaced by a snapshot's records, which
+    /// cover the entries up to `last` and end where the partition now ends: every entry up
+    /// to `last` counts as purged (and committed: readers see the whole partition), none
+    /// follows.
+    pub fn reset_to_snapshot(&self, last: LogId) -> std::io::Result<()> {
+        let mut inner = self.inner.lock();
+        let end = self.log.written_end();
+        write_small(&inner.dir, PURGED, &(last, end), true)
+            .map_err(|e| io_err(format!("starting over at snapshot {last}"), e))?;
+        inner.purged = Some((last, end));
+        inner.spans.clear();
+        inner.unsynced.clear();
+        inner.side.clear();
+        inner.save_side(true)?;
+        inner.last_log_id = Some(last);
+        inner
+            .leaders
+            .entry(last.leader_id.term)
+            .or_insert(last.leader_id.node_id);
+        self.log.set_commit_gate(Some(end));
+        self.log.keep_from(end);
+        Ok(())
+    }
+
+    /// Reads the entries `wanted` (consecutive indexes) back: those without records from
+    /// memory, those with records from the segments in one read (their batches follow one
+    /// another), the last of them from memory while their batches are not readable yet.
+    fn read_entries(&self, inner: &Inner, wanted: &[u64]) -> std::io::Result<Vec<Entry>> {
+        let on_disk: Vec<(u64, Span)> = wanted
+            .iter()
+            .filter(|index| !inner.unsynced.contains_key(index))
+            .filter_map(|index| inner.spans.get(index).map(|span| (*index, *span)))
+            .collect();
+        let mut batches = Vec::new();
+        if let Some((first, span)) = on_disk.first() {
             let subject = || format!("reading entries from {first}");
-            let batches = self
+            batches = self
                 .log
-                .batches_from(span.base, on_disk)
+                .batches_from(span.base, on_disk.len())
                 .map_err(|e| io_err(subject(), e))?;
-            if batches.len() != on_disk {
+            if batches.len() != on_disk.len() {
                 return Err(io_err(
                     subject(),
-                    format!("{} of {on_disk} batches are there", batches.len()),
+                    format!("{} of {} batches are there", batches.len(), on_disk.len()),
                 ));
             }
-            for ((index, _), (header, bytes)) in wanted.iter().zip(&batches) {
-                if header.raft_index != *index {
-                    return Err(io_err(
-                        format!("reading entry {index}"),
-                        format!("the batch there holds entry {}", header.raft_index),
-                    ));
-                }
-                out.push(entry_of(inner, header, bytes)?);
-            }
         }
-        for (index, _) in &wanted[on_disk..] {
-            let entry = inner.unsynced.get(index).cloned();
-            out.push(
-                entry.ok_or_else(|| io_err(format!("reading entry {index}"), "not in memory"))?,
-            );
+        let mut batches = batches.into_iter();
+        let mut out = Vec::with_capacity(wanted.len());
+        for index in wanted {
+            if let Some(entry) = inner.side.get(index).or_else(|| inner.unsynced.get(index)) {
+                out.push(entry.clone());
+                continue;
+            }
+            let (header, bytes) = batches
+                .next()
+                .ok_or_else(|| io_err(format!("reading entry {index}"), "not in the log"))?;
+            if header.raft_index != *index {
+                return Err(io_err(
+                    format!("reading entry {index}"),
+                    format!("the batch there holds entry {}", header.raft_index),
+                ));
+            }
+            out.push(entry_of(inner, &header, &bytes)?);
         }
         Ok(out)
     }
 }
 
-/// The spans of the entries after the purge point, from the segments.
+/// The spans of the entries with records after the purge point, from the segments (in
+/// index order: each batch's index is above its predecessor's, or opening fails naming
+/// the offset).
 fn scan_spans(
     log: &PartitionLog,
     purged: Option<(LogId, u64)>,
 ) -> std::io::Result<BTreeMap<u64, Span>> {
     let mut spans = BTreeMap::new();
     let mut at = purged.map_or(log.first_offset(), |(_, next)| next);
-    let mut expected = purged.map(|(id, _)| id.index + 1);
+    let mut above = purged.map(|(id, _)| id.index);
     loop {
         let batches = log
             .batches_from(at, SCAN_BATCHES)
@@ -291,16 +505,16 @@ fn scan_spans(
         at = last.next_offset();
         for (header, _) in &batches {
             let index = header.raft_index;
-            if expected.is_some_and(|e| e != index) {
+            if above.is_some_and(|above| index <= above) {
                 return Err(io_err(
                     "opening the log",
                     format!(
-                        "the batch at offset {} holds entry {index}, {expected:?} was expected",
+                        "the batch at offset {} holds entry {index}, after entry {above:?}",
                         header.base_offset
                     ),
                 ));
             }
-            expected = Some(index + 1);
+            above = Some(index);
             spans.insert(
                 index,
                 Span {
@@ -312,55 +526,87 @@ fn scan_spans(
     }
 }
 
-/// The batch an entry is written as: its stamp and records. Records for this log's
-/// partition are a data batch of them; anything else is one record of its own kind.
-fn batch_of(inner: &Inner, entry: &Entry) -> std::io::Result<(Stamp, Vec<Record>)> {
+/// Cuts the log at its first missing entry: an entry without records whose side file was
+/// not saved yet when the node stopped leaves the entries written after it without their
+/// predecessor (none of them was reported durable: the side file is saved before an
+/// append is). A missing entry at or below the saved committed one is damage, not such a
+/// tail: opening fails.
+fn cut_at_gap(log: &PartitionLog, inner: &mut Inner) -> std::io::Result<()> {
+    let mut expected = inner.purged.map(|(id, _)| id.index + 1);
+    let mut gap = None;
+    let indexes = {
+        let mut all: Vec<u64> = inner
+            .spans
+            .keys()
+            .chain(inner.side.keys())
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all
+    };
+    for index in indexes {
+        if expected.is_some_and(|e| e != index) {
+            gap = expected;
+            break;
+        }
+        expected = Some(index + 1);
+    }
+    let Some(gap) = gap else {
+        return Ok(());
+    };
+    if inner.committed.is_some_and(|c| c.index >= gap) {
+        return Err(io_err(
+            "opening the log",
+            format!(
+                "entry {gap} is missing, and the entries up to {:?} were committed",
+                inner.committed.map(|c| c.index)
+            ),
+        ));
+    }
+    tracing::warn!(dir = %inner.dir.display(), entry = gap, "the log ends where an entry is missing: the entries written after it are dropped");
+    if inner.side.range(gap..).next().is_some() {
+        inner.side.split_off(&gap);
+        inner.save_side(true)?;
+    }
+    if let Some((_, span)) = inner.spans.range(gap..).next() {
+        let cut = span.base;
+        log.truncate_suffix_now(cut)
+            .map_err(|e| io_err(format!("cutting the log at entry {gap}"), e))?;
+        inner.spans.split_off(&gap);
+    }
+    Ok(())
+}
+
+/// The batch an entry is written as, when it holds records for this log's partition (a
+/// `Records` or `RecordBatch` command): a data batch of exactly those records, stamped
+/// with the entry's term and index. `None` for any other entry (kept in the side file).
+fn batch_of(inner: &Inner, entry: &Entry) -> std::io::Result<Option<(Stamp, Vec<Record>)>> {
     let subject = || format!("writing entry {}", entry.log_id);
-    let stamp = |entry_type| Stamp {
+    let records = match &entry.payload {
+        EntryPayload::Normal(Command::Records(r)) => Some(r.clone()),
+        // Records as one buffer are the same records (read back as `Command::Records`).
+        EntryPayload::Normal(Command::RecordBatch(batch)) => Some(batch.decode().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", subject()),
+            )
+        })?),
+        _ => None,
+    };
+    let Some(r) = records.filter(|r| {
+        r.queue == inner.queue && r.partition == inner.partition && !r.records.is_empty()
+    }) else {
+        return Ok(None);
+    };
+    let stamp = Stamp {
         leader_epoch: entry.log_id.leader_id.term,
         raft_index: entry.log_id.index,
-        entry_type,
+        entry_type: EntryType::Data,
     };
-    let decoded;
-    let payload = match &entry.payload {
-        // Records as one buffer are the same records (read back as `Command::Records`).
-        EntryPayload::Normal(Command::RecordBatch(batch)) => {
-            let records = batch.decode().map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}: {e}", subject()),
-                )
-            })?;
-            decoded = EntryPayload::Normal(Command::Records(records));
-            &decoded
-        }
-        payload => payload,
-    };
-    let (entry_type, value) = match payload {
-        EntryPayload::Normal(Command::Records(r))
-            if r.queue == inner.queue
-                && r.partition == inner.partition
-                && !r.records.is_empty() =>
-        {
-            let records = r.records.iter().cloned().map(Record::from).collect();
-            return Ok((stamp(EntryType::Data), records));
-        }
-        EntryPayload::Blank => (EntryType::Blank, Vec::new()),
-        EntryPayload::Membership(m) => (
-            EntryType::Membership,
-            encode(m).map_err(|e| io_err(subject(), e))?,
-        ),
-        EntryPayload::Normal(command) => (
-            EntryType::Command,
-            encode(command).map_err(|e| io_err(subject(), e))?,
-        ),
-    };
-    // Timestamp 0: every replica writes the same bytes.
-    let record = Record {
-        value: Bytes::from(value),
-        ..Record::default()
-    };
-    Ok((stamp(entry_type), vec![record]))
+    Ok(Some((
+        stamp,
+        r.records.into_iter().map(Record::from).collect(),
+    )))
 }
 
 /// The entry a batch holds.
@@ -410,7 +656,13 @@ impl RaftLogReader<TypeConfig> for PartitionLogStore {
     ) -> std::io::Result<Vec<Entry>> {
         let mut inner = self.inner.lock();
         inner.prune_unsynced(self.log.written_end());
-        let wanted: Vec<(u64, Span)> = inner.spans.range(range).map(|(i, s)| (*i, *s)).collect();
+        let mut wanted: Vec<u64> = inner
+            .spans
+            .range(range.clone())
+            .map(|(i, _)| *i)
+            .chain(inner.side.range(range).map(|(i, _)| *i))
+            .collect();
+        wanted.sort_unstable();
         self.read_entries(&inner, &wanted)
     }
 
@@ -436,6 +688,7 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
+        inner.write_held_marker()?;
         write_small(&inner.dir, VOTE, vote, true).map_err(|e| io_err("saving the vote", e))?;
         inner.vote = Some(*vote);
         Ok(())
@@ -468,7 +721,9 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         let written = {
             let mut inner = self.inner.lock();
             inner.prune_unsynced(self.log.written_end());
-            append_locked(&self.log, &mut inner, entries)
+            inner
+                .write_held_marker()
+                .and_then(|()| append_locked(&self.log, &mut inner, entries))
         };
         match written {
             Ok(end) => {
@@ -492,14 +747,22 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
 
     async fn truncate_after(&mut self, last: Option<LogId>) -> std::io::Result<()> {
         let from = last.map_or(0, |l| l.index + 1);
-        let cut = self.inner.lock().spans.get(&from).map(|s| s.base);
-        let Some(offset) = cut else {
-            return Ok(());
+        let cut = {
+            let mut inner = self.inner.lock();
+            // The side entries first: a crash in between leaves later records without
+            // their predecessor, which opening cuts.
+            if inner.side.range(from..).next().is_some() {
+                inner.side.split_off(&from);
+                inner.save_side(true)?;
+            }
+            inner.spans.range(from..).next().map(|(_, s)| s.base)
         };
-        self.log
-            .truncate_suffix(offset)
-            .await
-            .map_err(|e| io_err(format!("truncating after {last:?}"), e))?;
+        if let Some(offset) = cut {
+            self.log
+                .truncate_suffix(offset)
+                .await
+                .map_err(|e| io_err(format!("truncating after {last:?}"), e))?;
+        }
         let mut inner = self.inner.lock();
         inner.spans.split_off(&from);
         inner.unsynced.split_off(&from);
@@ -509,24 +772,29 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
 
     async fn purge(&mut self, log_id: LogId) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
-        let after = match inner.spans.get(&log_id.index) {
-            Some(span) => span.next,
-            // Past the last entry (a snapshot installed): the next entry comes at the end.
-            None => inner
-                .spans
-                .range(log_id.index..)
-                .next()
-                .map_or_else(|| inner.end(&self.log), |(_, s)| s.base),
-        };
+        // Where the records after the purge point begin (past the last entry, a snapshot
+        // installed: at the end).
+        let after = inner
+            .spans
+            .range(log_id.index + 1..)
+            .next()
+            .map_or_else(|| inner.end(&self.log), |(_, s)| s.base);
         write_small(&inner.dir, PURGED, &(log_id, after), true)
             .map_err(|e| io_err(format!("purging up to {log_id}"), e))?;
         inner.purged = Some((log_id, after));
         // Only committed entries are purged.
         self.log.commit_to(after);
+        self.log.keep_from(after);
         let kept = inner.spans.split_off(&(log_id.index + 1));
         inner.spans = kept;
         let kept = inner.unsynced.split_off(&(log_id.index + 1));
         inner.unsynced = kept;
+        if inner.side.range(..=log_id.index).next().is_some() {
+            let kept = inner.side.split_off(&(log_id.index + 1));
+            inner.side = kept;
+            // Not synced: entries at or below the purge point are passed over on open.
+            inner.save_side(false)?;
+        }
         if inner
             .last_log_id
             .is_none_or(|last| last.index < log_id.index)
@@ -544,6 +812,7 @@ where
     I: IntoIterator<Item = Entry>,
 {
     let mut end = inner.end(log);
+    let mut side_changed = false;
     for entry in entries {
         let subject = || format!("writing entry {}", entry.log_id);
         let term = entry.log_id.leader_id.term;
@@ -563,15 +832,23 @@ where
                 write_small(&inner.dir, LEADERS, &table, true).map_err(|e| io_err(subject(), e))?;
             }
         }
-        let (stamp, records) = batch_of(inner, &entry)?;
+        let index = entry.log_id.index;
+        inner.last_log_id = Some(entry.log_id);
+        let Some((stamp, records)) = batch_of(inner, &entry)? else {
+            inner.side.insert(index, entry);
+            side_changed = true;
+            continue;
+        };
         let (base, next) = log
             .append_entry(stamp, &records)
             .map_err(|e| io_err(subject(), e))?;
-        let index = entry.log_id.index;
         inner.spans.insert(index, Span { base, next });
-        inner.last_log_id = Some(entry.log_id);
         inner.unsynced.insert(index, entry);
         end = next;
+    }
+    if side_changed {
+        // Synced before the append counts as durable.
+        inner.save_side(true)?;
     }
     Ok(end)
 }
@@ -716,12 +993,78 @@ mod tests {
             append_locked(&store.log, &mut inner, [entry(3, 1, 2)]).unwrap()
         };
         let log = store.partition_log().clone();
-        assert_eq!(log.written_end(), 1, "the second batch is not readable yet");
+        assert_eq!(log.written_end(), 0, "the data batch is not readable yet");
         assert_eq!(all(&mut store).await, [entry(0, 1, 1), entry(3, 1, 2)]);
         log.durable(end).await.unwrap();
         assert_eq!(log.written_end(), end);
         assert_eq!(all(&mut store).await, [entry(0, 1, 1), entry(3, 1, 2)]);
         assert!(store.inner.lock().unsynced.is_empty());
+    }
+
+    /// Entries without records (membership, blank, commands) take no offset: a new
+    /// group's first message is at offset 0 after its initial membership and its first
+    /// leader's blank entry, and the partition's offsets count its messages only.
+    #[tokio::test]
+    async fn entries_without_records_take_no_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        let entries = vec![
+            entry(1, 1, 1),
+            entry(0, 1, 2),
+            entry(3, 1, 3),
+            entry(2, 1, 4),
+        ];
+        let count = data_of(&entries[2]).len() as u64;
+        append(&mut store, entries.clone()).await;
+        store.save_committed(Some(log_id(1, 2, 4))).await.unwrap();
+        let log = store.partition_log().clone();
+        assert_eq!((log.first_offset(), log.next_offset()), (0, count));
+        assert_eq!(store.span_of(3), Some((0, count)));
+        assert_eq!(store.end_of(2), Some(0));
+        assert_eq!(store.end_of(4), Some(count));
+        drop(store);
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        assert_eq!(all(&mut store).await, entries);
+        assert_eq!(messages(&store), data_of(&entries[2]));
+    }
+
+    /// A log whose side file lost its last entries (the node stopped before it was
+    /// saved) ends where the first one is missing: the records written after it are cut
+    /// off, never read as entries that do not follow their predecessor. Below the
+    /// committed entry a missing entry is damage: opening fails.
+    #[tokio::test]
+    async fn a_missing_entry_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        append(&mut store, vec![entry(3, 1, 1)]).await;
+        let saved = std::fs::read(dir.path().join("raft").join(ENTRIES)).ok();
+        append(&mut store, vec![entry(0, 1, 2), entry(3, 1, 3)]).await;
+        drop(store);
+        let side = dir.path().join("raft").join(ENTRIES);
+        match &saved {
+            Some(bytes) => std::fs::write(&side, bytes).unwrap(),
+            None => std::fs::remove_file(&side).unwrap(),
+        }
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        assert_eq!(all(&mut store).await, [entry(3, 1, 1)]);
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_log_id,
+            Some(log_id(1, 2, 1))
+        );
+        append(&mut store, vec![entry(0, 2, 2), entry(3, 2, 3)]).await;
+        store.save_committed(Some(log_id(2, 0, 3))).await.unwrap();
+        drop(store);
+        std::fs::remove_file(&side).unwrap();
+        let log = PartitionLog::open(
+            &dir.path().join("partition"),
+            LogConfig {
+                segment_bytes: 256,
+                ..LogConfig::default()
+            },
+        )
+        .unwrap();
+        let opened = PartitionLogStore::open(log, &dir.path().join("raft"), "q", 1);
+        assert!(opened.is_err(), "a committed entry is missing");
     }
 
     /// A data entry's records are read by consumers once committed, not before; a

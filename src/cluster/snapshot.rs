@@ -438,6 +438,17 @@ impl Stored {
     /// Writes this snapshot's files into an empty queue directory `dir`: immutable ones
     /// hard-linked, the others copied up to their length and checked against their CRC.
     pub fn restore_into(&self, dir: &Path) -> Result<(), SnapshotError> {
+        self.restore_files(dir, false)
+    }
+
+    /// [`Self::restore_into`], every copied file synced (records that are a Raft group's
+    /// log, which no start rebuilds: see `cluster::group_log`); linked files are a
+    /// snapshot's, synced when it was made. The caller syncs the directories.
+    pub fn restore_durably(&self, dir: &Path) -> Result<(), SnapshotError> {
+        self.restore_files(dir, true)
+    }
+
+    fn restore_files(&self, dir: &Path, durable: bool) -> Result<(), SnapshotError> {
         for entry in &self.manifest.files {
             let relative = checked_relative(&entry.path, &self.dir)?;
             let (from, to) = (self.file(entry), dir.join(&relative));
@@ -450,8 +461,9 @@ impl Stored {
                 continue;
             }
             let mut source = File::open(&from).map_err(SnapshotError::io(&from))?;
-            // Not synced: the broker's data of a cluster node is rebuilt at every start.
-            let crc = copy_prefix(&mut source, &to, entry.len, false)?;
+            // Not synced unless asked: the broker's data of a cluster node is rebuilt at
+            // every start.
+            let crc = copy_prefix(&mut source, &to, entry.len, durable)?;
             if crc != entry.crc {
                 return Err(SnapshotError::invalid(&from, "CRC mismatch"));
             }

@@ -6,7 +6,11 @@
 //! at start (see `mod.rs`). The metadata group installs its latest snapshot and replays
 //! the entries after it, and so creates every queue again, empty. A queue group's machine then
 //! restores the queue's data from the group's latest snapshot ([`super::snapshot`]) before
-//! openraft replays only the entries after it.
+//! openraft replays only the entries after it. A partition group whose Raft log is its
+//! partition's segment log ([`super::partition_log_store`]) is the exception: its records
+//! are written once, as their entries are appended, and are not cleared; its machine takes
+//! note of them as it applies (idempotency keys, waiters), builds snapshots cut at the
+//! applied entry, and installs one only where the log does not hold its last entry.
 //!
 //! A queue group's snapshot carries the queue's data: the files are captured between two
 //! applies ([`RaftStateMachine::get_snapshot_builder`] runs on the apply task) and the
@@ -25,6 +29,7 @@ use openraft::RaftSnapshotBuilder;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 
 use super::metadata::{MetaHooks, MetaImage, QueueOpening, SNAPSHOT_FILE, write_durably};
+use super::partition_log_store::PartitionLogStore;
 use super::publish_batch::BatchError;
 use super::snapshot::{
     Captured, Manifest, Snapshot, SnapshotData, SnapshotDir, SnapshotError, Stored, pack_bare,
@@ -181,6 +186,10 @@ pub struct StateMachine {
     meta_dir: Option<std::path::PathBuf>,
     /// A metadata builder's image, captured between two applies.
     captured_meta: Option<MetaImage>,
+    /// A partition group's Raft log when it is the partition's own segment log: an
+    /// entry's records are in the partition once it is written, so applying it only takes
+    /// note of them, and the group's snapshots are cut at the applied entry.
+    partition_log: Option<PartitionLogStore>,
 }
 
 impl StateMachine {
@@ -200,6 +209,7 @@ impl StateMachine {
             captured: None,
             meta_dir: None,
             captured_meta: None,
+            partition_log: None,
         }
     }
 
@@ -293,18 +303,31 @@ impl StateMachine {
     /// The machine of a group holding queue data (`role` is [`Role::Queue`] or
     /// [`Role::Partition`]), its snapshots in `dir`: its part of the queue's data (just
     /// created empty by the metadata replay) is replaced by the latest snapshot's, and the
-    /// machine starts at the log id that snapshot covers.
+    /// machine starts at the log id that snapshot covers. A partition whose Raft log is its
+    /// segment log (`partition_log`) holds its records already: the machine only starts
+    /// at the snapshot's log id (the entries after it apply again, taking note of their
+    /// records).
     pub async fn for_queue(
         role: Role,
         broker: Arc<Broker>,
         dir: &std::path::Path,
+        partition_log: Option<PartitionLogStore>,
     ) -> Result<Self, SnapshotError> {
         let store = SnapshotDir::open(dir)?;
         let mut machine = Self::new(role, Some(broker));
-        if let Some(stored) = store.current() {
-            machine.restore(&stored).await?;
-            let (queue, part) = machine.role.data().unwrap_or(("", DataPart::All));
-            tracing::info!(queue, ?part, last = ?stored.manifest.last_log_id, files = stored.manifest.files.len(), "queue restored from its snapshot");
+        machine.partition_log = partition_log;
+        match store.current() {
+            // The partition holds its records already.
+            Some(stored) if machine.partition_log.is_some() => {
+                machine.applied_up_to(stored.manifest.last_log_id);
+                machine.membership = stored.manifest.membership.clone();
+            }
+            Some(stored) => {
+                machine.restore(&stored).await?;
+                let (queue, part) = machine.role.data().unwrap_or(("", DataPart::All));
+                tracing::info!(queue, ?part, last = ?stored.manifest.last_log_id, files = stored.manifest.files.len(), "queue restored from its snapshot");
+            }
+            None => {}
         }
         machine.store = Some(store);
         Ok(machine)
@@ -330,6 +353,9 @@ impl StateMachine {
 
     /// Swaps a stored snapshot's data into the broker and moves to the log id it covers.
     async fn restore(&mut self, stored: &Stored) -> Result<(), SnapshotError> {
+        if let Some(log) = self.partition_log.clone() {
+            return self.restore_partition_log(stored, &log).await;
+        }
         if let (Some((name, part)), Some(broker)) = (self.role.data(), &self.broker) {
             let source = stored.clone();
             // Alone: the queue's other groups apply once the part is replaced.
@@ -346,6 +372,48 @@ impl StateMachine {
                 })?;
         }
         self.applied_up_to(stored.manifest.last_log_id);
+        self.membership = stored.manifest.membership.clone();
+        Ok(())
+    }
+
+    /// Makes a partition whose Raft log is its segment log hold a received snapshot: the
+    /// partition's records are replaced by the snapshot's (durably: they are the log), and
+    /// the log starts over after the snapshot's last entry, unless it holds that entry
+    /// already (then it holds the same records up to it, and the entries after it, which
+    /// openraft keeps).
+    async fn restore_partition_log(
+        &mut self,
+        stored: &Stored,
+        log: &PartitionLogStore,
+    ) -> Result<(), SnapshotError> {
+        let invalid = |reason: String| SnapshotError::Invalid {
+            path: stored.dir.clone(),
+            reason,
+        };
+        let last = stored
+            .manifest
+            .last_log_id
+            .ok_or_else(|| invalid("a partition's snapshot without a last entry".into()))?;
+        let held = log
+            .holds(&last)
+            .map_err(|e| invalid(format!("reading the log: {e}")))?;
+        if let (false, Some((name, part)), Some(broker)) = (held, self.role.data(), &self.broker) {
+            let source = stored.clone();
+            let segments = log.segments_dir();
+            let DataPart::Partition(partition) = part else {
+                return Err(invalid(format!("the log of {part:?} is not a partition's")));
+            };
+            let emptied = segments.clone();
+            super::group_log::relink_partition(broker, name, partition, segments, move |dir| {
+                clear_dir(&emptied)?;
+                source.restore_durably(dir).map_err(std::io::Error::from)
+            })
+            .await
+            .map_err(|e| invalid(format!("the broker cannot open it: {e}")))?;
+            log.reset_to_snapshot(last)
+                .map_err(|e| invalid(format!("starting the log over: {e}")))?;
+        }
+        self.applied_up_to(Some(last));
         self.membership = stored.manifest.membership.clone();
         Ok(())
     }
@@ -456,8 +524,13 @@ impl StateMachine {
                     raft_index: log_id.index,
                     ..Stamp::default()
                 };
-                broker.set_stamp(queue, part, stamp);
-                apply.run(broker).await
+                match &self.partition_log {
+                    Some(log) => apply.note(broker, log, log_id).await,
+                    None => {
+                        broker.set_stamp(queue, part, stamp);
+                        apply.run(broker).await
+                    }
+                }
             }
             None => apply.run(broker).await,
         };
@@ -491,9 +564,21 @@ impl StateMachine {
             self.snapshots_built,
         );
         let manifest = Manifest::bare(id, self.last_applied, self.membership.clone());
+        let image = match &self.partition_log {
+            // The records of the entries up to the applied one, not those written since.
+            Some(log) => match self.last_applied.and_then(|l| log.end_of(l.index)) {
+                Some(end) => broker.queue_image_until(name, part, end),
+                None => {
+                    return Some(Err(format!(
+                        "no end of the applied entry {:?} in the log",
+                        self.last_applied
+                    )));
+                }
+            },
+            None => broker.queue_image(name, part),
+        };
         Some(
-            broker
-                .queue_image(name, part)
+            image
                 .map_err(|e| e.to_string())
                 .and_then(|image| store.capture(&image, manifest).map_err(|e| e.to_string())),
         )
@@ -580,7 +665,57 @@ enum Apply {
     Records(PartitionRecords),
 }
 
+/// Empties directory `dir` (made if missing).
+fn clear_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::create_dir_all(dir)
+}
+
 impl Apply {
+    /// Applies it where the partition's Raft log is its segment log (`log`), entry
+    /// `log_id` written there already: records for the partition are in it, and only
+    /// noted ([`Broker::note_stored`]); any other append would write outside the log's
+    /// entries, and is refused (only a leader of an earlier release proposes one: upgrade
+    /// a cluster's nodes together).
+    async fn note(
+        self,
+        broker: &Broker,
+        log: &PartitionLogStore,
+        log_id: LogId,
+    ) -> Result<OpResult, crate::broker::BrokerError> {
+        use crate::broker::BrokerError;
+        match self {
+            Apply::Records(PartitionRecords {
+                queue,
+                partition,
+                records,
+            }) if !records.is_empty() => {
+                let (first, _) = log.span_of(log_id.index).ok_or_else(|| {
+                    BrokerError::InvalidArgument(format!(
+                        "entry {log_id} is not in partition {partition}'s log"
+                    ))
+                })?;
+                let records: Vec<crate::log::Record> =
+                    records.into_iter().map(crate::log::Record::from).collect();
+                broker
+                    .note_stored(&queue, partition, first, &records)
+                    .await?;
+                Ok(OpResult::Published(vec![(partition, first)]))
+            }
+            Apply::Op(Op::Publish { .. } | Op::AppendRecords { .. }) => {
+                Err(BrokerError::InvalidArgument(
+                    "a publish entry of an earlier release reached a partition whose Raft \
+                     log is its segment log"
+                        .into(),
+                ))
+            }
+            other => other.run(broker).await,
+        }
+    }
+
     /// The op, when it is one.
     fn op(&self) -> Option<&Op> {
         match self {
@@ -740,6 +875,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             captured,
             meta_dir: self.meta_dir.clone(),
             captured_meta,
+            partition_log: self.partition_log.clone(),
         }
     }
 
@@ -1023,6 +1159,7 @@ mod tests {
             Role::Queue("q".into(), DataPart::Head),
             Arc::clone(&broker),
             &temp.path().join("raft"),
+            None,
         )
         .await
         .unwrap();
@@ -1117,6 +1254,7 @@ mod tests {
             Role::Queue("q".into(), DataPart::All),
             Arc::clone(&broker),
             temp.path(),
+            None,
         )
         .await
         .unwrap();
