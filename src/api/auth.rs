@@ -14,8 +14,9 @@
 //!   publish to and consume from, or one this create makes.
 //! - [`check_bind_target`], [`check_route_targets`]: binding a queue, and publishing
 //!   through an exchange, need publish on the queue(s).
-//! - [`record_created_queue`]: ownership is only ever given for queues a call created;
-//!   a queue without an owner belongs to the admin alone.
+//! - [`creator`]: ownership is only ever given for queues and exchanges a call created,
+//!   recorded with the creation ([`check_created_queue`] checks a new queue's dead-letter
+//!   queue again); a queue without an owner belongs to the admin alone.
 //! - [`refusal`]: a refused call on a queue or exchange that does not exist is its 404.
 //!
 //! With auth off, every check passes and behaviour is as without this module.
@@ -278,11 +279,17 @@ pub fn check_dead_letter(
     )
 }
 
-/// Records the creator as owner of a queue this call created, and of the dead-letter queue
-/// made with it, never of one that existed. If the dead-letter queue appeared meanwhile
-/// (made by someone else between the check and the create) and the caller may not use it,
-/// the new queue is deleted again and the create refused.
-pub async fn record_created_queue(
+/// The owner to record for what a create makes ([`Broker::create_queue_owned`],
+/// [`Broker::create_exchange_owned`]): the caller, with authentication on.
+pub fn creator<'u>(auth: Option<&AuthStore>, user: Option<&'u str>) -> Option<&'u str> {
+    auth.and(user)
+}
+
+/// Checks a queue this call created, and its owner recorded with it, again: if the
+/// dead-letter queue appeared meanwhile (made by someone else between the check and the
+/// create) and the caller may not use it, the new queue is deleted again and the create
+/// refused.
+pub async fn check_created_queue(
     auth: Option<&AuthStore>,
     user: Option<&str>,
     broker: &Broker,
@@ -297,12 +304,9 @@ pub async fn record_created_queue(
         let dlq = Resource::queue(&dlq_name);
         if let Err(error) = allow(auth, Some(user), &[Action::Publish, Action::Consume], &dlq) {
             broker.delete_queue(queue).await?;
+            forget(auth, broker, &Resource::queue(queue)).await;
             return Err(error.into());
         }
-    }
-    broker.set_owner(&Resource::queue(queue), user).await?;
-    if let Some(dlq) = &created.dead_letter_created {
-        broker.set_owner(&Resource::queue(dlq), user).await?;
     }
     Ok(())
 }
@@ -324,22 +328,6 @@ pub fn dead_letter_guard(store: Arc<AuthStore>) -> crate::broker::DeadLetterGuar
             .is_ok(),
         },
     )
-}
-
-/// Records the creator of a new exchange as its owner (through the broker: replicated in
-/// a cluster).
-pub async fn record_created_exchange(
-    auth: Option<&AuthStore>,
-    user: Option<&str>,
-    broker: &Broker,
-    exchange: &str,
-) -> Result<(), ApiError> {
-    match (auth, user) {
-        (Some(_), Some(user)) => Ok(broker
-            .set_owner(&Resource::exchange(exchange), user)
-            .await?),
-        _ => Ok(()),
-    }
 }
 
 /// Forgets the owner and grants of a deleted queue or exchange (a later one of the same

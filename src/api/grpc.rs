@@ -263,11 +263,12 @@ impl broker_server::Broker for GrpcApi {
         super::auth::check_existing_visible(auth, user, &self.broker, &r.queue)?;
         super::auth::check_dead_letter(auth, user, &self.broker, &r.queue, &settings)
             .map_err(|e| Status::from(ApiError::from(e)))?;
+        let owner = super::auth::creator(auth, user);
         let created = self
             .broker
-            .create_queue_reporting(&r.queue, settings)
+            .create_queue_owned(&r.queue, settings, owner)
             .await?;
-        super::auth::record_created_queue(auth, user, &self.broker, &r.queue, &created).await?;
+        super::auth::check_created_queue(auth, user, &self.broker, &r.queue, &created).await?;
         Ok(Response::new(proto::CreateQueueResponse {
             queue: Some(queue_info(created.info)),
             created: created.created,

@@ -281,8 +281,9 @@ pub(super) async fn create_queue(
     let (auth, user) = (s.auth.as_deref(), caller.0.as_deref());
     super::auth::check_existing_visible(auth, user, &s.broker, &queue)?;
     super::auth::check_dead_letter(auth, user, &s.broker, &queue, &settings)?;
-    let created = s.broker.create_queue_reporting(&queue, settings).await?;
-    super::auth::record_created_queue(auth, user, &s.broker, &queue, &created).await?;
+    let owner = super::auth::creator(auth, user);
+    let created = s.broker.create_queue_owned(&queue, settings, owner).await?;
+    super::auth::check_created_queue(auth, user, &s.broker, &queue, &created).await?;
     let (info, was_created) = (created.info, created.created);
     let status = if was_created {
         StatusCode::CREATED
@@ -726,16 +727,11 @@ pub(super) async fn create_exchange(
     body: Body,
 ) -> ApiResult {
     let request: ExchangeBody = json_body(&body_bytes(body)?, false)?;
-    let was_created = s.broker.create_exchange(&exchange, request.kind).await?;
-    if was_created {
-        super::auth::record_created_exchange(
-            s.auth.as_deref(),
-            caller.0.as_deref(),
-            &s.broker,
-            &exchange,
-        )
+    let owner = super::auth::creator(s.auth.as_deref(), caller.0.as_deref());
+    let was_created = s
+        .broker
+        .create_exchange_owned(&exchange, request.kind, owner)
         .await?;
-    }
     let status = if was_created {
         StatusCode::CREATED
     } else {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Broker, BrokerError};
+use super::{Broker, BrokerError, CreatedQueue};
 use crate::auth::{AuthStore, Permission, Resource, UserRecord};
 
 /// A password hash as it travels in an op (`Debug` redacts it, like [`UserRecord`]).
@@ -144,6 +144,42 @@ impl Broker {
             return self.submit_access(op).await;
         }
         self.apply_access(op)
+    }
+
+    /// Records `owner` as the owner of what a create made: the queue and the dead-letter
+    /// queue made with it, nothing for a queue that existed (part of applying
+    /// [`Op::CreateOwnedQueue`](super::replicate::Op::CreateOwnedQueue), and of a single
+    /// node's create). Nothing with authentication off.
+    pub(super) fn own_created_queue(
+        &self,
+        name: &str,
+        created: &CreatedQueue,
+        owner: &str,
+    ) -> Result<(), BrokerError> {
+        let Some(store) = self.auth.get() else {
+            return Ok(());
+        };
+        if created.created {
+            store.set_owner(&Resource::queue(name), owner)?;
+        }
+        if let Some(dead_letter) = &created.dead_letter_created {
+            store.set_owner(&Resource::queue(dead_letter), owner)?;
+        }
+        Ok(())
+    }
+
+    /// Records `owner` as the owner of an exchange a create made (`created`), as
+    /// [`Self::own_created_queue`] does for a queue.
+    pub(super) fn own_created_exchange(
+        &self,
+        name: &str,
+        created: bool,
+        owner: &str,
+    ) -> Result<(), BrokerError> {
+        match self.auth.get() {
+            Some(store) if created => Ok(store.set_owner(&Resource::exchange(name), owner)?),
+            _ => Ok(()),
+        }
     }
 
     /// Applies an access op to the installed store (the one apply path of the single node

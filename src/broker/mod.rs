@@ -407,11 +407,30 @@ impl Broker {
         name: &str,
         settings: QueueSettings,
     ) -> Result<CreatedQueue, BrokerError> {
+        self.create_queue_owned(name, settings, None).await
+    }
+
+    /// [`Self::create_queue_reporting`] by `owner` (with authentication on): the queue and
+    /// a dead-letter queue made with it are recorded as the owner's together with the
+    /// creation (one metadata entry in a cluster), never those of a queue that existed.
+    pub async fn create_queue_owned(
+        &self,
+        name: &str,
+        settings: QueueSettings,
+        owner: Option<&str>,
+    ) -> Result<CreatedQueue, BrokerError> {
         self.check_running()?;
         if let Some(replicator) = self.replicator() {
-            let op = replicate::Op::CreateSplitQueue {
-                name: name.to_string(),
-                settings,
+            let op = match owner {
+                Some(owner) => replicate::Op::CreateOwnedQueue {
+                    name: name.to_string(),
+                    settings,
+                    owner: owner.to_string(),
+                },
+                None => replicate::Op::CreateSplitQueue {
+                    name: name.to_string(),
+                    settings,
+                },
             };
             return match replicator.submit(op).await? {
                 replicate::OpResult::Created {
@@ -435,7 +454,11 @@ impl Broker {
                 ),
             }));
         }
-        self.create_queue_local(name, settings).await
+        let created = self.create_queue_local(name, settings).await?;
+        if let Some(owner) = owner {
+            self.own_created_queue(name, &created, owner)?;
+        }
+        Ok(created)
     }
 
     /// A queue's info once its creation is committed. A queue made now has no leases yet:
@@ -1981,18 +2004,41 @@ impl Broker {
         name: &str,
         kind: ExchangeKind,
     ) -> Result<bool, BrokerError> {
+        self.create_exchange_owned(name, kind, None).await
+    }
+
+    /// [`Self::create_exchange`] by `owner` (with authentication on), who owns the exchange
+    /// if this creates it, recorded together with the creation (one metadata entry in a
+    /// cluster).
+    pub async fn create_exchange_owned(
+        &self,
+        name: &str,
+        kind: ExchangeKind,
+        owner: Option<&str>,
+    ) -> Result<bool, BrokerError> {
         self.check_running()?;
         if let Some(replicator) = self.replicator() {
-            let op = replicate::Op::CreateExchange {
-                name: name.to_string(),
-                kind,
+            let op = match owner {
+                Some(owner) => replicate::Op::CreateOwnedExchange {
+                    name: name.to_string(),
+                    kind,
+                    owner: owner.to_string(),
+                },
+                None => replicate::Op::CreateExchange {
+                    name: name.to_string(),
+                    kind,
+                },
             };
             return match replicator.submit(op).await? {
                 replicate::OpResult::ExchangeCreated(created) => Ok(created),
                 other => Err(replicate::unexpected(&other)),
             };
         }
-        self.create_exchange_local(name, kind).await
+        let created = self.create_exchange_local(name, kind).await?;
+        if let Some(owner) = owner {
+            self.own_created_exchange(name, created, owner)?;
+        }
+        Ok(created)
     }
 
     async fn create_exchange_local(

@@ -477,6 +477,29 @@ pub enum Op {
         /// `(partition, offset)`.
         offsets: Vec<(u32, u64)>,
     },
+    /// [`Op::CreateSplitQueue`] by a user, who owns what it creates (the queue, and a
+    /// dead-letter queue made with it), recorded by the same entry: a create that commits
+    /// after its answer was lost (a 503) and is sent again finds the queue owned by its
+    /// creator, as a separate ownership entry after an answer would not leave it.
+    CreateOwnedQueue {
+        /// Name.
+        name: String,
+        /// Settings.
+        #[serde(with = "as_json")]
+        settings: QueueSettings,
+        /// The creator.
+        owner: String,
+    },
+    /// [`Op::CreateExchange`] by a user, who owns the exchange if this creates it (in the
+    /// same entry, as [`Op::CreateOwnedQueue`]).
+    CreateOwnedExchange {
+        /// Name.
+        name: String,
+        /// Type.
+        kind: ExchangeKind,
+        /// The creator.
+        owner: String,
+    },
 }
 
 /// Fields whose serde form skips absent values (queue settings, bindings) travel as JSON
@@ -544,8 +567,10 @@ impl Op {
             Op::Redrive { dead_letter, .. } => Scope::Leases(dead_letter),
             Op::CreateQueue { .. }
             | Op::CreateSplitQueue { .. }
+            | Op::CreateOwnedQueue { .. }
             | Op::DeleteQueue { .. }
             | Op::CreateExchange { .. }
+            | Op::CreateOwnedExchange { .. }
             | Op::DeleteExchange { .. }
             | Op::Bind { .. }
             | Op::Unbind { .. }
@@ -1059,9 +1084,26 @@ impl Broker {
                 self.delete_queue_local(&name).await?;
                 Ok(OpResult::Done)
             }
+            Op::CreateOwnedQueue {
+                name,
+                settings,
+                owner,
+            } => {
+                let created = self.create_queue_local(&name, settings).await?;
+                self.own_created_queue(&name, &created, &owner)?;
+                Ok(OpResult::Created {
+                    created: created.created,
+                    dead_letter_created: created.dead_letter_created,
+                })
+            }
             Op::CreateExchange { name, kind } => Ok(OpResult::ExchangeCreated(
                 self.create_exchange_local(&name, kind).await?,
             )),
+            Op::CreateOwnedExchange { name, kind, owner } => {
+                let created = self.create_exchange_local(&name, kind).await?;
+                self.own_created_exchange(&name, created, &owner)?;
+                Ok(OpResult::ExchangeCreated(created))
+            }
             Op::DeleteExchange { name } => {
                 self.delete_exchange_local(&name).await?;
                 Ok(OpResult::Done)
@@ -1397,6 +1439,73 @@ pub(crate) mod tests {
             let bytes = bincode::serialize(&op).unwrap();
             let back: Op = bincode::deserialize(&bytes).unwrap();
             assert_eq!(back, op);
+        }
+    }
+
+    /// A create by a user records its owner with the creation, in the same op: applied
+    /// again (a create whose answer was lost, sent again, commits a second entry) it finds
+    /// the queue, its dead-letter queue and the exchange owned by their creator, never
+    /// ownerless, and a later create of the same names by someone else changes nothing.
+    #[tokio::test]
+    async fn an_owned_create_records_its_owner_with_the_creation() {
+        let (dir, broker) = empty_broker().await;
+        let config = crate::auth::AuthConfig {
+            admin: Some("root".into()),
+            password_cost: crate::auth::PasswordCost::cheap_for_tests(),
+            ..crate::auth::AuthConfig::default()
+        };
+        let store = std::sync::Arc::new(
+            crate::auth::AuthStore::open(&dir.path().join("access"), config).unwrap(),
+        );
+        broker.set_auth(std::sync::Arc::clone(&store));
+        let settings: QueueSettings = serde_json::from_str(r#"{"max_deliveries":3}"#).unwrap();
+        let queue = |owner: &str| Op::CreateOwnedQueue {
+            name: "q".into(),
+            settings: settings.clone(),
+            owner: owner.into(),
+        };
+        let exchange = |owner: &str| Op::CreateOwnedExchange {
+            name: "x".into(),
+            kind: ExchangeKind::Topic,
+            owner: owner.into(),
+        };
+        let owners = || {
+            ["q", "q.dlq"]
+                .map(|q| store.owner(&Resource::queue(q)))
+                .into_iter()
+                .chain([store.owner(&Resource::exchange("x"))])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            broker.apply_op(queue("alice")).await.unwrap(),
+            OpResult::Created {
+                created: true,
+                dead_letter_created: Some("q.dlq".into()),
+            }
+        );
+        assert_eq!(
+            broker.apply_op(exchange("alice")).await.unwrap(),
+            OpResult::ExchangeCreated(true)
+        );
+        let alice = vec![Some("alice".to_string()); 3];
+        assert_eq!(owners(), alice);
+        for user in ["alice", "bob"] {
+            assert_eq!(
+                broker.apply_op(queue(user)).await.unwrap(),
+                OpResult::Created {
+                    created: false,
+                    dead_letter_created: None,
+                }
+            );
+            assert_eq!(
+                broker.apply_op(exchange(user)).await.unwrap(),
+                OpResult::ExchangeCreated(false)
+            );
+            assert_eq!(owners(), alice, "after {user}'s create of the same names");
+        }
+        for op in [queue("alice"), exchange("alice")] {
+            let bytes = bincode::serialize(&op).unwrap();
+            assert_eq!(bincode::deserialize::<Op>(&bytes).unwrap(), op);
         }
     }
 

@@ -1742,7 +1742,10 @@ impl Replicator for Cluster {
 
     fn submit(&self, op: Op) -> BoxFuture<'_, Result<OpResult, BrokerError>> {
         Box::pin(async move {
-            if let Op::CreateQueue { settings, .. } | Op::CreateSplitQueue { settings, .. } = &op {
+            if let Op::CreateQueue { settings, .. }
+            | Op::CreateSplitQueue { settings, .. }
+            | Op::CreateOwnedQueue { settings, .. } = &op
+            {
                 self.check_replicas(settings.replicas)?;
             }
             let reply = self.execute(Command::Broker(op), 0).await;

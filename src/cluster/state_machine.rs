@@ -499,7 +499,9 @@ impl StateMachine {
         };
         let created_name = match apply.op() {
             Some(Op::CreateQueue { name, .. }) => Some((name.clone(), false)),
-            Some(Op::CreateSplitQueue { name, .. }) => Some((name.clone(), true)),
+            Some(Op::CreateSplitQueue { name, .. } | Op::CreateOwnedQueue { name, .. }) => {
+                Some((name.clone(), true))
+            }
             _ => None,
         };
         if let (Role::Meta(groups), Some(name)) = (&self.role, &deleted) {

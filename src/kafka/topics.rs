@@ -146,8 +146,12 @@ async fn create_queue(
         &settings,
     )
     .map_err(|e| KafkaError::Forbidden(e.to_string()))?;
-    let created = kafka.broker.create_queue_reporting(name, settings).await?;
-    crate::api::auth::record_created_queue(
+    let owner = crate::api::auth::creator(kafka.auth.as_deref(), user);
+    let created = kafka
+        .broker
+        .create_queue_owned(name, settings, owner)
+        .await?;
+    crate::api::auth::check_created_queue(
         kafka.auth.as_deref(),
         user,
         &kafka.broker,
