@@ -3,8 +3,9 @@
 //! every node are snapshotted with their group ids and the metadata log is purged below the
 //! snapshot; a restarted node rebuilds from its own snapshot, a node that missed the purged
 //! entries is sent the snapshot over its old state, a wiped node's replacement over nothing, and every
-//! node ends with the same metadata. Three `qit` processes on loopback with auth on; every
-//! wait is on a condition (the deadlines only guard against hangs).
+//! node ends with the same metadata; and a create that commits after its answer was lost
+//! leaves what it made owned by its creator. Three `qit` processes on loopback with auth
+//! on; every wait is on a condition (the deadlines only guard against hangs).
 
 mod common;
 
@@ -441,4 +442,94 @@ async fn the_metadata_log_is_snapshotted_purged_and_restored() {
         .await
         .1;
     assert_eq!(bodies["messages"][0]["body"], "kept", "{bodies}");
+}
+
+/// A create whose answer was lost and that committed after it leaves what it made owned
+/// by its creator: the metadata leader, cut off from both followers (SIGSTOP), answers 503
+/// when its commit wait ends, and the entry commits once one follower is back (only the
+/// leader, which holds it, can then be elected). Sent again, the create answers 200, and
+/// the creator may delete the queue, its dead-letter queue and the exchange. While the
+/// owner was recorded by a second entry after the create's answer, the create sent again
+/// found them without owner, and the delete was refused (403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_commits_after_its_answer_is_owned_by_its_creator() {
+    let cluster = Nodes::start().await;
+    register(cluster.http(1), "alice").await;
+    let alice = login(cluster.http(1), "alice").await;
+    let creates = [
+        ("/queues/lost", json!({"max_deliveries": 3})),
+        ("/exchanges/lost-x", json!({"type": "fanout"})),
+    ];
+    for (path, body) in &creates {
+        for attempt in 1.. {
+            for id in 1..=3 {
+                cluster.wait_serving(id).await;
+            }
+            let leader = common::eventually_some("a metadata leader", || async {
+                cluster.get(1, "/cluster").await?["leader"].as_u64()
+            })
+            .await;
+            let followers: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+            let at = cluster.http(leader).to_string();
+            for &follower in &followers {
+                cluster.node(follower).signal("STOP");
+            }
+            let answer = http()
+                .post(format!("{at}{path}"))
+                .bearer_auth(&alice)
+                .json(body)
+                .send()
+                .await
+                .expect("the leader answers");
+            assert_eq!(
+                answer.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{path} without a quorum"
+            );
+            cluster.node(followers[0]).signal("CONT");
+            // A write after it: once committed, so is the create, if the leader took it
+            // (the entries commit in order, and only the leader holding it can be elected).
+            let marker = format!("{at}/queues/marker-{attempt}");
+            assert!(
+                status(&cluster.admin, || http().post(&marker))
+                    .await
+                    .is_success(),
+                "the marker queue is made"
+            );
+            cluster.node(followers[1]).signal("CONT");
+            if cluster.get(leader, path).await.is_some() {
+                break;
+            }
+            // The leader's lease lapsed before the create came: it refused to propose it.
+            assert!(
+                attempt < 5,
+                "{path}: the leader never took the create in 5 attempts"
+            );
+        }
+        let at = cluster.http(1).to_string();
+        must(&alice, &format!("{path} sent again"), || {
+            http().post(format!("{at}{path}")).json(body)
+        })
+        .await;
+    }
+    for path in ["/queues/lost", "/queues/lost.dlq", "/exchanges/lost-x"] {
+        // Every node applies the create (and its owner) in its own time: one was stopped.
+        for id in 1..=3 {
+            let url = format!("{}{path}", cluster.http(id));
+            let alice = &alice;
+            eventually(&format!("alice sees {path} through node {id}"), || {
+                let url = url.clone();
+                async move {
+                    let answer = http().get(&url).bearer_auth(alice).send().await;
+                    answer.is_ok_and(|a| a.status().is_success())
+                }
+            })
+            .await;
+        }
+        let at = cluster.http(2).to_string();
+        must(&alice, &format!("delete {path}"), || {
+            http().delete(format!("{at}{path}"))
+        })
+        .await;
+    }
 }
