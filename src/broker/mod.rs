@@ -2081,7 +2081,16 @@ impl Broker {
         self.commit(MetaCommand::DeleteExchange {
             name: name.to_string(),
         })
-        .await
+        .await?;
+        // Its owner goes in the same step, as a queue's does (see `delete_queue_local`):
+        // a delete whose answer was lost and that a client sent again (a 404 then) never
+        // reaches the separate forget after it.
+        if let Some(store) = self.auth.get()
+            && let Err(error) = store.remove_resource(&crate::auth::Resource::exchange(name))
+        {
+            tracing::error!(exchange = name, %error, "forgetting a deleted exchange's owner failed");
+        }
+        Ok(())
     }
 
     /// One exchange: its type and bindings.

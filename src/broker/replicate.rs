@@ -1445,7 +1445,8 @@ pub(crate) mod tests {
     /// A create by a user records its owner with the creation, in the same op: applied
     /// again (a create whose answer was lost, sent again, commits a second entry) it finds
     /// the queue, its dead-letter queue and the exchange owned by their creator, never
-    /// ownerless, and a later create of the same names by someone else changes nothing.
+    /// ownerless, and a later create of the same names by someone else changes nothing;
+    /// a delete forgets the owner.
     #[tokio::test]
     async fn an_owned_create_records_its_owner_with_the_creation() {
         let (dir, broker) = empty_broker().await;
@@ -1503,6 +1504,17 @@ pub(crate) mod tests {
             );
             assert_eq!(owners(), alice, "after {user}'s create of the same names");
         }
+        // A delete forgets the owner in the same op (a lost answer skips a later forget).
+        for op in [
+            Op::DeleteQueue { name: "q".into() },
+            Op::DeleteQueue {
+                name: "q.dlq".into(),
+            },
+            Op::DeleteExchange { name: "x".into() },
+        ] {
+            broker.apply_op(op).await.unwrap();
+        }
+        assert_eq!(owners(), [None, None, None]);
         for op in [queue("alice"), exchange("alice")] {
             let bytes = bincode::serialize(&op).unwrap();
             assert_eq!(bincode::deserialize::<Op>(&bytes).unwrap(), op);
