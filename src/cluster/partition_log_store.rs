@@ -28,10 +28,7 @@
 //! Appends are written at once (one batch each, never merged) and acknowledged to
 //! openraft once durable under the partition's fsync policy, in order. Under
 //! `fsync = always` a batch is readable from the segments only after its sync, so the
-//! entries appended and not yet readable are kept in memory until they are; then the last
-//! of them stay in memory for a while as they came ([`RecentEntries`], bounded), so that
-//! applying an entry and sending it to a follower after its sync take a clone, not a read
-//! and a decode of its records from the segments. Opening checks
+//! entries appended and not yet readable are kept in memory until they are. Opening checks
 //! that the batches and the side entries together hold every index after the purge point,
 //! and ends the log at the first missing one (an append whose side entry was not saved
 //! when the node stopped). Truncation drops the side entries, then cuts the segment log at
@@ -58,7 +55,6 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::log_store::{io_err, read_small, write_marker, write_small};
-use super::recent_entries::RecentEntries;
 use super::types::decode;
 use super::types::{
     Command, Entry, EntryPayload, LeaderId, LogId, Membership, PartitionRecords, TypeConfig, Vote,
@@ -108,9 +104,6 @@ struct Inner {
     side: BTreeMap<u64, Entry>,
     /// Entries appended whose batches are not readable yet (written, not yet synced).
     unsynced: BTreeMap<u64, Entry>,
-    /// The last entries with records whose batches became readable, as they were appended
-    /// (a cache: reads of them skip the segments; see [`RecentEntries`]).
-    recent: RecentEntries,
     /// term -> the node that led it.
     leaders: BTreeMap<u64, u64>,
     last_log_id: Option<LogId>,
@@ -251,28 +244,16 @@ impl Inner {
             .map_or_else(|| log.written_end(), |(_, s)| s.next)
     }
 
-    /// Moves unsynced entries whose batches have become readable to the recent ones.
+    /// Forgets unsynced entries whose batches have become readable.
     fn prune_unsynced(&mut self, readable_end: u64) {
         while let Some((&index, _)) = self.unsynced.first_key_value() {
             match self.spans.get(&index) {
                 Some(span) if span.next <= readable_end => {
-                    if let Some(entry) = self.unsynced.remove(&index) {
-                        let size = entry_size(&entry);
-                        self.recent.push(entry, size);
-                    }
+                    self.unsynced.remove(&index);
                 }
                 _ => break,
             }
         }
-    }
-
-    /// The entry at `index` if memory holds it (a side entry, an unsynced or recent one).
-    fn in_memory(&self, index: u64) -> Option<Entry> {
-        self.side
-            .get(&index)
-            .or_else(|| self.unsynced.get(&index))
-            .cloned()
-            .or_else(|| self.recent.get(index))
     }
 }
 
@@ -306,7 +287,6 @@ impl PartitionLogStore {
                 .collect(),
             spans: BTreeMap::new(),
             unsynced: BTreeMap::new(),
-            recent: RecentEntries::default(),
             leaders: leaders.into_iter().collect(),
             last_log_id: None,
             purged,
@@ -414,7 +394,11 @@ impl PartitionLogStore {
         if inner.purged.is_some_and(|(id, _)| id == *log_id) {
             return Ok(true);
         }
-        if let Some(entry) = inner.in_memory(log_id.index) {
+        if let Some(entry) = inner
+            .unsynced
+            .get(&log_id.index)
+            .or_else(|| inner.side.get(&log_id.index))
+        {
             return Ok(entry.log_id == *log_id);
         }
         let Some(span) = inner.spans.get(&log_id.index) else {
@@ -444,7 +428,6 @@ impl PartitionLogStore {
         inner.purged = Some((last, end));
         inner.spans.clear();
         inner.unsynced.clear();
-        inner.recent.clear();
         inner.side.clear();
         inner.save_side(true)?;
         inner.last_log_id = Some(last);
@@ -457,47 +440,48 @@ impl PartitionLogStore {
         Ok(())
     }
 
-    /// Reads the entries `wanted` (consecutive indexes) back: those memory holds from
-    /// there (without records, unsynced, recent), the others from the segments in one read
-    /// (their batches follow one another).
+    /// Reads the entries `wanted` (consecutive indexes) back: those without records from
+    /// memory, those with records from the segments in one read (their batches follow one
+    /// another), the last of them from memory while their batches are not readable yet.
     fn read_entries(&self, inner: &Inner, wanted: &[u64]) -> std::io::Result<Vec<Entry>> {
-        let mut out: Vec<(u64, Option<Entry>)> = wanted
+        let on_disk: Vec<(u64, Span)> = wanted
             .iter()
-            .map(|index| (*index, inner.in_memory(*index)))
+            .filter(|index| !inner.unsynced.contains_key(index))
+            .filter_map(|index| inner.spans.get(index).map(|span| (*index, *span)))
             .collect();
-        let on_disk: Vec<u64> = out
-            .iter()
-            .filter(|(_, entry)| entry.is_none())
-            .map(|(index, _)| *index)
-            .collect();
-        if let (Some(first), Some(last)) = (on_disk.first(), on_disk.last()) {
+        let mut batches = Vec::new();
+        if let Some((first, span)) = on_disk.first() {
             let subject = || format!("reading entries from {first}");
-            let from = inner
-                .spans
-                .get(first)
-                .ok_or_else(|| io_err(subject(), "not in the log"))?;
-            // Every batch from the first to the last wanted one (those memory holds
-            // between them too, if any: read and passed over).
-            let count = inner.spans.range(first..=last).count();
-            let batches = self
+            batches = self
                 .log
-                .batches_from(from.base, count)
+                .batches_from(span.base, on_disk.len())
                 .map_err(|e| io_err(subject(), e))?;
-            let mut read: BTreeMap<u64, Entry> = BTreeMap::new();
-            for (header, bytes) in batches {
-                if on_disk.binary_search(&header.raft_index).is_ok() {
-                    read.insert(header.raft_index, entry_of(inner, &header, &bytes)?);
-                }
-            }
-            for (index, slot) in &mut out {
-                if slot.is_none() {
-                    *slot = Some(read.remove(index).ok_or_else(|| {
-                        io_err(format!("reading entry {index}"), "not in the log")
-                    })?);
-                }
+            if batches.len() != on_disk.len() {
+                return Err(io_err(
+                    subject(),
+                    format!("{} of {} batches are there", batches.len(), on_disk.len()),
+                ));
             }
         }
-        Ok(out.into_iter().filter_map(|(_, entry)| entry).collect())
+        let mut batches = batches.into_iter();
+        let mut out = Vec::with_capacity(wanted.len());
+        for index in wanted {
+            if let Some(entry) = inner.side.get(index).or_else(|| inner.unsynced.get(index)) {
+                out.push(entry.clone());
+                continue;
+            }
+            let (header, bytes) = batches
+                .next()
+                .ok_or_else(|| io_err(format!("reading entry {index}"), "not in the log"))?;
+            if header.raft_index != *index {
+                return Err(io_err(
+                    format!("reading entry {index}"),
+                    format!("the batch there holds entry {}", header.raft_index),
+                ));
+            }
+            out.push(entry_of(inner, &header, &bytes)?);
+        }
+        Ok(out)
     }
 }
 
@@ -623,23 +607,6 @@ fn batch_of(inner: &Inner, entry: &Entry) -> std::io::Result<Option<(Stamp, Vec<
         stamp,
         r.records.into_iter().map(Record::from).collect(),
     )))
-}
-
-/// About the bytes an entry with records takes in memory (what [`RecentEntries`] counts).
-fn entry_size(entry: &Entry) -> usize {
-    const OVERHEAD: usize = 64;
-    match &entry.payload {
-        EntryPayload::Normal(Command::RecordBatch(batch)) => OVERHEAD + batch.records.byte_len(),
-        EntryPayload::Normal(Command::Records(r)) => r
-            .records
-            .iter()
-            .map(|record| {
-                let headers: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-                OVERHEAD + record.value.len() + record.key.as_ref().map_or(0, Bytes::len) + headers
-            })
-            .sum(),
-        _ => OVERHEAD,
-    }
 }
 
 /// The entry a batch holds.
@@ -799,7 +766,6 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         let mut inner = self.inner.lock();
         inner.spans.split_off(&from);
         inner.unsynced.split_off(&from);
-        inner.recent.truncate_from(from);
         inner.last_log_id = inner.last_id(&self.log)?;
         Ok(())
     }
@@ -823,7 +789,6 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
         inner.spans = kept;
         let kept = inner.unsynced.split_off(&(log_id.index + 1));
         inner.unsynced = kept;
-        inner.recent.purge_upto(log_id.index);
         if inner.side.range(..=log_id.index).next().is_some() {
             let kept = inner.side.split_off(&(log_id.index + 1));
             inner.side = kept;
@@ -988,13 +953,17 @@ mod tests {
         store.try_get_log_entries(..).await.unwrap()
     }
 
-    /// `listed` (records for the log's partition as a list) with its records as one
-    /// buffer ([`Command::RecordBatch`], what leaders propose).
-    fn as_batch(listed: &Entry) -> Entry {
+    /// Records sent as one buffer ([`Command::RecordBatch`], what leaders propose) are the
+    /// same data batch as records sent as a list, and read back as the list.
+    #[tokio::test]
+    async fn a_record_batch_is_a_data_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), FsyncPolicy::Never);
+        let listed = entry(3, 1, 2);
         let EntryPayload::Normal(Command::Records(records)) = &listed.payload else {
             panic!("entry kind 3 is records for the log's partition");
         };
-        Entry {
+        let batch = Entry {
             log_id: listed.log_id,
             payload: EntryPayload::Normal(Command::RecordBatch(
                 super::super::types::EncodedRecords {
@@ -1004,59 +973,12 @@ mod tests {
                         .unwrap(),
                 },
             )),
-        }
-    }
-
-    /// Records sent as one buffer are the same data batch as records sent as a list: read
-    /// back as they came while memory keeps them, as the list from the segments.
-    #[tokio::test]
-    async fn a_record_batch_is_a_data_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = open(dir.path(), FsyncPolicy::Never);
-        let listed = entry(3, 1, 2);
-        let batch = as_batch(&listed);
-        append(&mut store, vec![batch.clone()]).await;
-        assert_eq!(all(&mut store).await, std::slice::from_ref(&batch));
+        };
+        append(&mut store, vec![batch]).await;
+        assert_eq!(all(&mut store).await, std::slice::from_ref(&listed));
         store.save_committed(Some(listed.log_id)).await.unwrap();
         assert_eq!(messages(&store), data_of(&listed));
         assert_eq!(messages(&store).len(), 2);
-        drop(store);
-        let mut store = open(dir.path(), FsyncPolicy::Never);
-        assert_eq!(all(&mut store).await, std::slice::from_ref(&listed));
-    }
-
-    /// The last entries synced stay in memory as they came (a record batch is read back
-    /// as one, not decoded from the segments): a purge drops those up to its point, a
-    /// truncation those after its cut, and an entry appended again after a truncation
-    /// is read as the new one.
-    #[tokio::test]
-    async fn recent_entries_are_read_from_memory_until_purged_or_truncated() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = open(dir.path(), FsyncPolicy::Always);
-        let listed: Vec<Entry> = (1..=5).map(|index| entry(3, 1, index)).collect();
-        let batches: Vec<Entry> = listed.iter().map(as_batch).collect();
-        append(&mut store, batches.clone()).await;
-        assert_eq!(all(&mut store).await, batches);
-        assert!(
-            store.inner.lock().unsynced.is_empty(),
-            "synced: read from memory"
-        );
-
-        store.save_committed(Some(log_id(1, 2, 5))).await.unwrap();
-        store.purge(log_id(1, 2, 2)).await.unwrap();
-        assert!(store.inner.lock().recent.get(2).is_none());
-        assert_eq!(all(&mut store).await, batches[2..]);
-
-        store.truncate_after(Some(log_id(1, 2, 3))).await.unwrap();
-        assert!(store.inner.lock().recent.get(4).is_none());
-        assert_eq!(all(&mut store).await, batches[2..3]);
-        let again = as_batch(&entry(3, 2, 4));
-        append(&mut store, vec![again.clone()]).await;
-        assert_eq!(all(&mut store).await, [batches[2].clone(), again.clone()]);
-
-        drop(store);
-        let mut store = open(dir.path(), FsyncPolicy::Always);
-        assert_eq!(all(&mut store).await, [listed[2].clone(), entry(3, 2, 4)]);
     }
 
     /// Under `fsync = always` an entry appended and not yet synced is read back from

@@ -269,11 +269,6 @@ impl RecordBatch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// The size of the encoded buffer, in bytes.
-    pub fn byte_len(&self) -> usize {
-        self.raw.len()
-    }
 }
 
 /// A Kafka producer's append to one partition as one entry, its records encoded once (see
