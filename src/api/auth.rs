@@ -303,8 +303,8 @@ pub async fn check_created_queue(
     if created.dead_letter_created.is_none() && broker.queue_settings(&dlq_name).is_ok() {
         let dlq = Resource::queue(&dlq_name);
         if let Err(error) = allow(auth, Some(user), &[Action::Publish, Action::Consume], &dlq) {
+            // The delete forgets the queue's owner in the same step.
             broker.delete_queue(queue).await?;
-            forget(auth, broker, &Resource::queue(queue)).await;
             return Err(error.into());
         }
     }
