@@ -456,6 +456,24 @@ fn read_fallback(group: u64, why: &str) {
     metrics::counter!(READ_FALLBACKS).increment(1);
 }
 
+/// Resolves once `leaders` names a leader other than `leader` after this call: what it
+/// held before does not count. The watch follows the metrics a moment behind, so a node
+/// that just learned it was deposed may still see itself there while it forwards to its
+/// successor; taking that for a change of leader dropped a forwarded publish the successor
+/// had already stored and sent it again (stored twice). Never resolves once the group
+/// stopped (the call decides).
+async fn deposed_after(leaders: &mut tokio::sync::watch::Receiver<Option<u64>>, leader: u64) {
+    leaders.borrow_and_update();
+    loop {
+        if leaders.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if leaders.borrow_and_update().is_some_and(|l| l != leader) {
+            return;
+        }
+    }
+}
+
 /// A receiver of `raft`'s current leader (a group this node has no watch of yet).
 fn watch_metrics_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<u64>> {
     let (_, rx) = tokio::sync::watch::channel(raft.metrics().borrow_watched().current_leader);
@@ -1243,22 +1261,20 @@ impl Cluster {
         command: &Command,
         hops: u32,
     ) -> Result<(OpResult, Option<(u64, u64)>), Forwarding> {
+        // Another leader known before anything is sent: follow it, nothing can be stored
+        // twice. (This node named there is a leadership it was deposed from, not yet
+        // seen in its metrics: the caller learned `leader` from the others.)
+        let known = raft.metrics().borrow_watched().current_leader;
+        if let Some(other) = known.filter(|&l| l != leader && l != self.node_id()) {
+            return Err(Forwarding::Moved(format!("node {other} leads now")));
+        }
         // The group's leader only (its metrics change at every entry: hundreds of
         // requests in flight would all wake at each).
         let mut leaders = self
             .groups
             .leader_watch(group)
             .unwrap_or_else(|| watch_metrics_leader(raft));
-        let deposed = async {
-            let changed = leaders
-                .wait_for(|l| l.is_some_and(|l| l != leader))
-                .await
-                .is_ok();
-            if !changed {
-                // The group stopped: never "deposed", the call decides.
-                std::future::pending::<()>().await;
-            }
-        };
+        let deposed = deposed_after(&mut leaders, leader);
         tokio::select! {
             answer = self.forward_call(leader, command, hops, Some(group)) => answer,
             () = deposed => Err(Forwarding::Moved(format!("node {leader} no longer leads"))),
