@@ -1253,3 +1253,102 @@ async fn a_missing_queue_or_exchange_is_not_found_not_forbidden() {
     }
     s.stop().await;
 }
+
+/// A queue or exchange deleted (over HTTP or gRPC) takes its owner and grants with it: made
+/// again by someone else it is theirs alone (the old owner may not delete it, an old
+/// grantee may not publish to it), and this holds after a restart.
+#[tokio::test]
+async fn a_deleted_queue_or_exchange_is_made_again_without_its_owner_or_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let alice = register(&s, "alice").await;
+    let bob = register(&s, "bob").await;
+    let carol = register(&s, "carol").await;
+    let grant = json!({"user": "bob", "permissions": ["publish", "consume"]});
+    for queue in ["over-http", "over-grpc"] {
+        let created = call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            &format!("/queues/{queue}"),
+            None,
+        )
+        .await;
+        assert_eq!(created, StatusCode::CREATED);
+        let granted = call(
+            &s,
+            Some(&alice),
+            Method::POST,
+            &format!("/queues/{queue}/grants"),
+            Some(grant.clone()),
+        )
+        .await;
+        assert_eq!(granted, StatusCode::OK);
+    }
+    let created = call(
+        &s,
+        Some(&alice),
+        Method::POST,
+        "/exchanges/fan",
+        Some(json!({"type": "fanout"})),
+    )
+    .await;
+    assert_eq!(created, StatusCode::CREATED);
+    let deleted = call(&s, Some(&alice), Method::DELETE, "/queues/over-http", None).await;
+    assert_eq!(deleted, StatusCode::NO_CONTENT);
+    // Their dead-letter queues are not deleted with them: alice's until she does.
+    for dlq in ["over-http.dlq", "over-grpc.dlq"] {
+        let path = format!("/queues/{dlq}");
+        let deleted = call(&s, Some(&alice), Method::DELETE, &path, None).await;
+        assert_eq!(deleted, StatusCode::NO_CONTENT, "{dlq}");
+    }
+    let mut c = BrokerClient::connect(s.grpc.clone()).await.unwrap();
+    let delete = proto::DeleteQueueRequest {
+        queue: "over-grpc".into(),
+    };
+    c.delete_queue(authed(delete, &alice)).await.unwrap();
+    let deleted = call(&s, Some(&alice), Method::DELETE, "/exchanges/fan", None).await;
+    assert_eq!(deleted, StatusCode::NO_CONTENT);
+    for queue in ["over-http", "over-grpc"] {
+        let created = call(
+            &s,
+            Some(&carol),
+            Method::POST,
+            &format!("/queues/{queue}"),
+            None,
+        )
+        .await;
+        assert_eq!(created, StatusCode::CREATED);
+    }
+    let created = call(
+        &s,
+        Some(&carol),
+        Method::POST,
+        "/exchanges/fan",
+        Some(json!({"type": "fanout"})),
+    )
+    .await;
+    assert_eq!(created, StatusCode::CREATED);
+    s.stop().await;
+    let s = start(dir.path()).await;
+    for queue in ["over-http", "over-grpc"] {
+        let path = format!("/queues/{queue}/messages");
+        let publish = call(&s, Some(&bob), Method::POST, &path, Some(json!("x"))).await;
+        assert_eq!(publish, StatusCode::FORBIDDEN, "bob publishes to {queue}");
+        let path = format!("/queues/{queue}");
+        let delete = call(&s, Some(&alice), Method::DELETE, &path, None).await;
+        assert_eq!(delete, StatusCode::FORBIDDEN, "alice deletes {queue}");
+        let path = format!("/queues/{queue}/messages");
+        let publish_own = call(&s, Some(&carol), Method::POST, &path, Some(json!("x"))).await;
+        assert_eq!(
+            publish_own,
+            StatusCode::CREATED,
+            "carol publishes to {queue}"
+        );
+    }
+    let delete = call(&s, Some(&alice), Method::DELETE, "/exchanges/fan", None).await;
+    assert_eq!(delete, StatusCode::FORBIDDEN);
+    let delete = call(&s, Some(&carol), Method::DELETE, "/exchanges/fan", None).await;
+    assert_eq!(delete, StatusCode::NO_CONTENT);
+    s.stop().await;
+}

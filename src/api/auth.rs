@@ -330,16 +330,6 @@ pub fn dead_letter_guard(store: Arc<AuthStore>) -> crate::broker::DeadLetterGuar
     )
 }
 
-/// Forgets the owner and grants of a deleted queue or exchange (a later one of the same
-/// name starts clean; through the broker: replicated in a cluster).
-pub async fn forget(auth: Option<&AuthStore>, broker: &Broker, resource: &Resource) {
-    if auth.is_some()
-        && let Err(error) = broker.forget_resource(resource).await
-    {
-        tracing::error!(%error, "forgetting ownership failed");
-    }
-}
-
 /// Checks that the caller may publish into the queue a binding targets.
 pub fn check_bind_target(state: &HttpState, caller: &Caller, queue: &str) -> Result<(), ApiError> {
     Ok(allow(

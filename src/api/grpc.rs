@@ -281,8 +281,8 @@ impl broker_server::Broker for GrpcApi {
     ) -> Result<Response<proto::DeleteQueueResponse>, Status> {
         self.check_queue(&request, Action::Manage)?;
         let queue = request.into_inner().queue;
+        // The delete forgets the queue's owner and grants in the same step.
         self.broker.delete_queue(&queue).await?;
-        super::auth::forget(self.auth.as_deref(), &self.broker, &Resource::queue(&queue)).await;
         Ok(Response::new(proto::DeleteQueueResponse {}))
     }
 

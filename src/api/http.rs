@@ -20,7 +20,6 @@ use super::auth::Caller;
 use super::error::{ApiError, body_bytes};
 use super::json::{self, BatchPublish};
 use super::schema::*;
-use crate::auth::Resource;
 use crate::broker::{
     Binding, ExchangeInfo, ExchangeKind, GroupInfo, MessageId, NewMessage, Published, QueueInfo,
     QueueSettings, ReadFrom, SeekTarget,
@@ -317,8 +316,8 @@ pub(super) async fn delete_queue(
     State(s): State<HttpState>,
     Path(queue): Path<String>,
 ) -> ApiResult {
+    // The delete forgets the queue's owner and grants in the same step.
     s.broker.delete_queue(&queue).await?;
-    super::auth::forget(s.auth.as_deref(), &s.broker, &Resource::queue(&queue)).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -777,8 +776,8 @@ pub(super) async fn delete_exchange(
     State(s): State<HttpState>,
     Path(exchange): Path<String>,
 ) -> ApiResult {
+    // The delete forgets the exchange's owner and grants in the same step.
     s.broker.delete_exchange(&exchange).await?;
-    super::auth::forget(s.auth.as_deref(), &s.broker, &Resource::exchange(&exchange)).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

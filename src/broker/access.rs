@@ -64,7 +64,8 @@ pub enum AccessOp {
         /// From whom.
         user: String,
     },
-    /// Forget the owner and grants of a deleted queue or exchange.
+    /// Forget the owner and grants of a deleted queue or exchange. Proposed no more (a
+    /// delete forgets them in its own entry); applied as ever from logs that hold it.
     Forget {
         /// The queue or exchange.
         resource: Resource,
@@ -125,14 +126,6 @@ impl Broker {
             by: by.to_string(),
             resource: resource.clone(),
             user: user.to_string(),
-        })
-        .await
-    }
-
-    /// Forgets the owner and grants of a deleted queue or exchange.
-    pub async fn forget_resource(&self, resource: &Resource) -> Result<(), BrokerError> {
-        self.access(AccessOp::Forget {
-            resource: resource.clone(),
         })
         .await
     }

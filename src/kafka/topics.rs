@@ -24,7 +24,7 @@ use kafka_protocol::protocol::StrBytes;
 use super::brokers::Layout;
 use super::session::Session;
 use super::{Kafka, KafkaError};
-use crate::auth::{Action, Resource};
+use crate::auth::Action;
 use crate::broker::{QueueSettings, RetentionPolicy};
 
 /// Configs a topic creation accepts and ignores (replication is not Kafka's here).
@@ -300,19 +300,10 @@ pub async fn delete(
                 .map_err(KafkaError::from),
             Err(error) => Err(error),
         };
-        match outcome {
-            Ok(()) => {
-                crate::api::auth::forget(
-                    kafka.auth.as_deref(),
-                    &kafka.broker,
-                    &Resource::queue(&topic),
-                )
-                .await
-            }
-            Err(error) => {
-                result.error_code = error.code();
-                result.error_message = Some(text(&error.to_string()));
-            }
+        // The delete forgets the topic's owner and grants in the same step.
+        if let Err(error) = outcome {
+            result.error_code = error.code();
+            result.error_message = Some(text(&error.to_string()));
         }
         response.responses.push(result);
     }
