@@ -42,8 +42,7 @@ pub use settings::{InvalidSetting, Ordering, QueueSettings, Retention, Retention
 pub use types::*;
 
 use crate::journal::Ticket;
-use crate::storage::SharedStorage;
-use queue::{DeadLetterJob, Ended, Group, Queue};
+use queue::{DeadLetterJob, Ended, Group, Queue, QueueEnv};
 use registry::{MetaCommand, MetaLog, Registry};
 
 /// Threads that open queues at start: each queue's recovery is mostly small file reads and
@@ -54,12 +53,8 @@ const OPEN_THREADS: usize = 4;
 /// Opens every queue of the registry, on a few threads; a queue whose data cannot be opened
 /// is set aside with the reason (logged), so that the others serve.
 fn open_queues(
-    root: &std::path::Path,
+    env: &QueueEnv,
     specs: Vec<(String, QueueSettings)>,
-    fsync: crate::log::FsyncPolicy,
-    storage: &SharedStorage,
-    clock: &Clock,
-    alarms: &Arc<queue::Alarms>,
 ) -> (HashMap<String, Arc<Queue>>, HashMap<String, String>) {
     let threads = std::thread::available_parallelism()
         .map_or(1, |cores| usize::from(cores) * 2)
@@ -72,15 +67,7 @@ fn open_queues(
                 scope.spawn(move || {
                     part.iter()
                         .map(|(name, settings)| {
-                            let opened = Queue::open(
-                                root,
-                                name,
-                                settings.clone(),
-                                fsync,
-                                storage,
-                                clock.clone(),
-                                Arc::clone(alarms),
-                            );
+                            let opened = Queue::open(env, name, settings.clone());
                             (name.clone(), opened)
                         })
                         .collect::<Vec<_>>()
@@ -240,6 +227,17 @@ impl Broker {
         self.config.data_dir.join("queues")
     }
 
+    /// What this broker opens its queues with.
+    fn queue_env(&self) -> QueueEnv {
+        QueueEnv {
+            root: self.queues_dir(),
+            fsync: self.config.fsync,
+            storage: Arc::clone(&self.config.storage),
+            clock: self.config.clock.clone(),
+            alarms: Arc::clone(&self.alarms),
+        }
+    }
+
     /// Opens the data directory: loads queues, exchanges and group state, recovering logs.
     pub async fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
         let data_dir = config.data_dir.clone();
@@ -251,21 +249,22 @@ impl Broker {
                 source,
             })?;
         let (meta_log, registry) = MetaLog::open(Arc::clone(&storage), &data_dir).await?;
-        let fsync = config.fsync;
-        let clock = config.clock.clone();
-        let root = data_dir.join("queues");
         let specs: Vec<(String, QueueSettings)> = registry
             .queues
             .iter()
             .map(|(n, s)| (n.clone(), s.clone()))
             .collect();
         let alarms = Arc::new(queue::Alarms::default());
-        let for_open = Arc::clone(&alarms);
-        let (opened, damaged) = tokio::task::spawn_blocking(move || {
-            open_queues(&root, specs, fsync, &storage, &clock, &for_open)
-        })
-        .await
-        .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
+        let env = QueueEnv {
+            root: data_dir.join("queues"),
+            fsync: config.fsync,
+            storage,
+            clock: config.clock.clone(),
+            alarms: Arc::clone(&alarms),
+        };
+        let (opened, damaged) = tokio::task::spawn_blocking(move || open_queues(&env, specs))
+            .await
+            .map_err(|e| BrokerError::InvalidArgument(format!("opening queues failed: {e}")))?;
         let (dead_letters, jobs) = mpsc::unbounded_channel();
         let (delivery_counts, counts) = mpsc::unbounded_channel();
         let broker = Arc::new(Broker {
@@ -648,29 +647,15 @@ impl Broker {
         &self,
         specs: Vec<(String, QueueSettings)>,
     ) -> Result<Vec<Queue>, BrokerError> {
-        let root = self.queues_dir();
-        let (fsync, clock, alarms) = (
-            self.config.fsync,
-            self.config.clock.clone(),
-            Arc::clone(&self.alarms),
-        );
-        let storage = Arc::clone(&self.config.storage);
+        let env = self.queue_env();
         tokio::task::spawn_blocking(move || {
             specs
                 .into_iter()
                 .map(|(name, settings)| {
                     // A directory the registry does not name is left over from a creation
                     // or a deletion a crash cut short: the new queue starts empty.
-                    crate::name::remove_child_dir(&*storage, &root, &name)?;
-                    Queue::open(
-                        &root,
-                        &name,
-                        settings,
-                        fsync,
-                        &storage,
-                        clock.clone(),
-                        Arc::clone(&alarms),
-                    )
+                    crate::name::remove_child_dir(&*env.storage, &env.root, &name)?;
+                    Queue::open(&env, &name, settings)
                 })
                 .collect()
         })
@@ -907,13 +892,8 @@ impl Broker {
         if let Some(old) = old {
             old.mark_deleted_in(part);
         }
-        let root = self.queues_dir();
-        let storage = Arc::clone(&self.config.storage);
-        let (fsync, clock, alarms) = (
-            self.config.fsync,
-            self.config.clock.clone(),
-            Arc::clone(&self.alarms),
-        );
+        let env = self.queue_env();
+        let (root, storage) = (env.root.clone(), Arc::clone(&env.storage));
         let owned = name.to_string();
         let opened = tokio::task::spawn_blocking(move || {
             let dir = crate::name::child(&root, &owned, "")?;
@@ -938,9 +918,7 @@ impl Broker {
             }
             storage.create_dir_all(&dir).map_err(io)?;
             fill(&dir).map_err(io)?;
-            Queue::open_keeping(
-                &root, &owned, settings, fsync, &storage, clock, alarms, kept,
-            )
+            Queue::open_keeping(&env, &owned, settings, kept)
         })
         .await
         .map_err(|e| BrokerError::InvalidArgument(format!("replacing a queue failed: {e}")));

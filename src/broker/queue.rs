@@ -373,47 +373,47 @@ fn storage(path: &Path) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
     }
 }
 
+/// What a broker opens each of its queues with, the same for all of them.
+#[derive(Clone)]
+pub struct QueueEnv {
+    /// The directory holding the queues' directories.
+    pub root: PathBuf,
+    /// When appends are synced.
+    pub fsync: FsyncPolicy,
+    /// The file system the queues' files are on.
+    pub storage: SharedStorage,
+    /// Where "now" comes from.
+    pub clock: Clock,
+    /// The broker's timer list, for the queues' groups.
+    pub alarms: Arc<Alarms>,
+}
+
 impl Queue {
-    /// Opens (or creates) the queue's directory under `root`.
-    pub fn open(
-        root: &Path,
-        name: &str,
-        settings: QueueSettings,
-        fsync: FsyncPolicy,
-        storage: &SharedStorage,
-        clock: Clock,
-        alarms: Arc<Alarms>,
-    ) -> Result<Self, BrokerError> {
-        Self::open_keeping(
-            root,
-            name,
-            settings,
-            fsync,
-            storage,
-            clock,
-            alarms,
-            Vec::new(),
-        )
+    /// Opens (or creates) the queue's directory under `env.root`.
+    pub fn open(env: &QueueEnv, name: &str, settings: QueueSettings) -> Result<Self, BrokerError> {
+        Self::open_keeping(env, name, settings, Vec::new())
     }
 
     /// [`Self::open`], taking over the open logs `kept` names by partition (`None`, or
     /// past its end: opened here) instead of opening their directories again: a cluster
     /// replica replacing its queue group's part of the queue keeps the partitions other
     /// groups write ([`DataPart::Head`]).
-    #[allow(clippy::too_many_arguments)]
     pub fn open_keeping(
-        root: &Path,
+        env: &QueueEnv,
         name: &str,
         settings: QueueSettings,
-        fsync: FsyncPolicy,
-        storage: &SharedStorage,
-        clock: Clock,
-        alarms: Arc<Alarms>,
         mut kept: Vec<Option<PartitionLog>>,
     ) -> Result<Self, BrokerError> {
-        let dir = crate::name::child(root, name, "")?;
+        let QueueEnv {
+            root,
+            fsync,
+            storage,
+            clock,
+            alarms,
+        } = env.clone();
+        let dir = crate::name::child(&root, name, "")?;
         let log_config = LogConfig {
-            storage: Arc::clone(storage),
+            storage: Arc::clone(&storage),
             segment_bytes: settings.segment_bytes,
             fsync,
             on_fsync: Some(FsyncObserver::new(|took| {
@@ -435,7 +435,7 @@ impl Queue {
             settings,
             dir,
             fsync,
-            storage: Arc::clone(storage),
+            storage,
             partitions,
             groups: RwLock::new(BTreeMap::new()),
             group_creation: Mutex::new(()),
