@@ -1940,9 +1940,36 @@ mod tests {
     use futures_util::FutureExt;
 
     use super::{
-        Broker, Command, Duration, Op, OpResult, advertised_kafka, lease_error, lease_then_confirm,
-        no_leader, shorten_wait,
+        Broker, Command, Duration, Op, OpResult, advertised_kafka, deposed_after, lease_error,
+        lease_then_confirm, no_leader, shorten_wait,
     };
+
+    /// A forward's target counts as deposed only by a leader other than it that the watch
+    /// names after the forward started: not by what it named before (a node deposed a
+    /// moment ago may still see itself there, which dropped a forward its successor had
+    /// stored, and the publish was stored twice), not by the target itself or by no
+    /// leader; never once the group stopped.
+    #[test]
+    fn a_forward_is_deposed_only_by_a_later_other_leader() {
+        let (leaders, mut watch) = tokio::sync::watch::channel(Some(1));
+        let mut deposed = Box::pin(deposed_after(&mut watch, 2));
+        assert!(
+            (&mut deposed).now_or_never().is_none(),
+            "node 1 named before"
+        );
+        for seen in [Some(2), None, Some(2)] {
+            leaders.send(seen).unwrap();
+            assert!((&mut deposed).now_or_never().is_none(), "{seen:?}");
+        }
+        leaders.send(Some(3)).unwrap();
+        assert!((&mut deposed).now_or_never().is_some(), "node 3 leads now");
+
+        let (leaders, mut watch) = tokio::sync::watch::channel(Some(2));
+        let mut deposed = Box::pin(deposed_after(&mut watch, 2));
+        assert!((&mut deposed).now_or_never().is_none());
+        drop(leaders);
+        assert!((&mut deposed).now_or_never().is_none(), "the group stopped");
+    }
 
     /// Clearing a node's rebuilt broker data removes the broker's own names (and the
     /// `state/` of an older release) and nothing else of the directory: not `raft/`, not
