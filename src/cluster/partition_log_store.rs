@@ -54,7 +54,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::log_store::{io_err, read_small, write_marker, write_small};
+use super::log_store::{InPlaceFile, io_err, read_small, write_marker, write_small};
 use super::types::decode;
 use super::types::{
     Command, Entry, EntryPayload, LeaderId, LogId, Membership, PartitionRecords, TypeConfig, Vote,
@@ -111,6 +111,8 @@ struct Inner {
     purged: Option<(LogId, u64)>,
     vote: Option<Vote>,
     committed: Option<LogId>,
+    /// The `raft-committed` file, rewritten in place at every commit.
+    committed_file: InPlaceFile,
     /// The marker that this node held the log, while it is still to be written (before
     /// the first vote or entry; see [`PartitionLogStore::mark_held`]).
     held_marker: Option<PathBuf>,
@@ -276,7 +278,8 @@ impl PartitionLogStore {
         let purged_index = purged.map(|(id, _)| id.index);
         let mut inner = Inner {
             vote: read_small(&dir, VOTE)?,
-            committed: read_small::<Option<LogId>>(&dir, COMMITTED)?.flatten(),
+            committed: read_committed(&dir),
+            committed_file: InPlaceFile::new(dir.join(COMMITTED)),
             dir,
             queue: queue.to_string(),
             partition,
@@ -488,6 +491,18 @@ impl PartitionLogStore {
 /// The spans of the entries with records after the purge point, from the segments (in
 /// index order: each batch's index is above its predecessor's, or opening fails naming
 /// the offset).
+/// The committed id saved in `dir`, if any: a torn or corrupt file (a crash mid-write)
+/// counts as none, as a lost one does (it is learnt again from the leader).
+fn read_committed(dir: &Path) -> Option<LogId> {
+    match read_small::<Option<LogId>>(dir, COMMITTED) {
+        Ok(committed) => committed.flatten(),
+        Err(error) => {
+            tracing::warn!(dir = %dir.display(), %error, "partition log: ignoring the saved committed id");
+            None
+        }
+    }
+}
+
 fn scan_spans(
     log: &PartitionLog,
     purged: Option<(LogId, u64)>,
@@ -697,7 +712,9 @@ impl RaftLogStorage<TypeConfig> for PartitionLogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> std::io::Result<()> {
         let mut inner = self.inner.lock();
         // Synced with the next vote or append: a lost committed id is learnt again.
-        write_small(&inner.dir, COMMITTED, &committed, false)
+        inner
+            .committed_file
+            .write(&committed)
             .map_err(|e| io_err("saving the committed id", e))?;
         inner.committed = committed;
         // Consumers read what is committed.
