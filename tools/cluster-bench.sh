@@ -79,7 +79,7 @@ single() {
   "$QIT" serve --fsync always --http 127.0.0.1:28080 --grpc 127.0.0.1:29090 \
     --data-dir "$dir" >"$dir.log" 2>&1 &
   pids+=($!)
-  wait_http http://127.0.0.1:28080/healthz
+  wait_http http://127.0.0.1:28080/healthz || { tail -n 30 "$dir.log" >&2; stop_all; return 1; }
   bench_with_cpu http://127.0.0.1:28080 http://127.0.0.1:29090
   stop_all
   rm -rf "$dir"
@@ -93,7 +93,10 @@ cluster() {
       >"$dir-node-$n.log" 2>&1 &
     pids+=($!)
   done
-  for n in 1 2 3; do wait_http "http://127.0.0.1:2808$n/healthz"; done
+  for n in 1 2 3; do
+    # A node that does not come up shows why (its log goes with the run's directory).
+    wait_http "http://127.0.0.1:2808$n/healthz" || { tail -n 30 "$dir-node-$n.log" >&2; stop_all; return 1; }
+  done
   local http=http://127.0.0.1:28081 grpc=http://127.0.0.1:29091
   if [[ $VIA == leader || $VIA == follower ]]; then
     # The bench queue is made by the bench itself; make it first to find its leader.
@@ -121,14 +124,21 @@ settle() { sync; sleep 1; }
 
 mkdir -p "$ROOT"
 echo "# qit publish, W1 shape (${BENCH_ARGS}), $PARTITIONS partition(s), --fsync always, $MESSAGES messages per run"
+# Each measurement runs in a subshell (its servers are its own) and is waited for to the
+# end: `read < <(...)` returned at its first line, before its servers had stopped, and the
+# next run's servers found their ports taken.
 measure_single() { # run
   settle
-  read -r s cpu < <(single "$1")
+  local out
+  out=$(single "$1")
+  read -r s cpu <<<"$out"
   echo "run $1 single node: $s msg/s, $cpu CPU-s per 100k messages   ($(uptime | sed 's/.*load/load/'))"
 }
 measure_cluster() { # run
   settle
-  read -r c cpu < <(cluster "$1")
+  local out
+  out=$(cluster "$1")
+  read -r c cpu <<<"$out"
   echo "run $1 three nodes (via $VIA): $c msg/s, $cpu CPU-s per 100k messages (all three)   ($(uptime | sed 's/.*load/load/'))"
 }
 # Odd runs measure one node first, even runs three nodes first, so that a drift of the
