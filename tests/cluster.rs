@@ -1044,14 +1044,7 @@ async fn a_paused_leader_steps_down() {
         assert!(status.is_success(), "{status} {body}");
     }
     let fallbacks = metric(&cluster.node(leader).http, READ_FALLBACKS).await;
-    let pid = cluster.node(leader).pid().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    cluster.node(leader).signal("STOP");
     let survivor_url = format!("{}/cluster", cluster.node(survivor).http);
     eventually("the others elect a new leader", || async {
         view(&survivor_url).await.is_some_and(|v| {
@@ -1103,13 +1096,7 @@ async fn a_paused_leader_steps_down() {
             .send(),
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    cluster.node(leader).signal("CONT");
     let answer = to_old.await.unwrap().unwrap();
     let status = answer.status();
     assert!(

@@ -146,7 +146,8 @@ impl Node {
         self.child.as_ref().expect("the node runs").id()
     }
 
-    /// Sends signal `name` (`STOP`, `CONT`, `TERM`, ...) to the running node.
+    /// Sends signal `name` (`STOP`, `CONT`, `TERM`, ...) to the running node; `STOP` returns
+    /// once every thread of it stopped ([`super::wait_stopped`]).
     pub fn signal(&self, name: &str) {
         let pid = self.pid().to_string();
         let status = Command::new("kill")
@@ -154,6 +155,9 @@ impl Node {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{name} {pid}");
+        if name == "STOP" {
+            super::wait_stopped(self.pid());
+        }
     }
 
     /// SIGKILL, and reap.

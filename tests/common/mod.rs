@@ -181,7 +181,8 @@ impl Process {
         panic!("qit did not start listening on {addr}");
     }
 
-    /// Sends a signal (`TERM`, `KILL`, ...).
+    /// Sends a signal (`TERM`, `KILL`, ...); `STOP` returns once every thread stopped
+    /// ([`wait_stopped`]).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
@@ -189,6 +190,9 @@ impl Process {
             .status()
             .unwrap();
         assert!(status.success());
+        if name == "STOP" {
+            wait_stopped(self.child.id());
+        }
     }
 
     /// Waits for the exit, up to `timeout`.
@@ -365,4 +369,32 @@ pub fn kafka_python() -> &'static str {
             .trim()
             .to_string()
     })
+}
+
+/// Waits until every thread of process `pid` is stopped (state `T` in
+/// `/proc/{pid}/task/*/stat`). `kill -STOP` returns before that: the thread that takes
+/// the signal stops the others once it runs, and on a busy machine another thread of the
+/// process may meanwhile go on for a while (a "stopped" follower acked an entry so, and a
+/// create meant to find no quorum was committed).
+pub fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process runs");
+        let running = tasks.flatten().any(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // `pid (comm) state ...`: the state follows the last `)`.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            state.is_some_and(|s| s != 'T' && s != 't')
+        });
+        if !running {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} did not stop in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
