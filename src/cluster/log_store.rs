@@ -216,9 +216,10 @@ pub(super) fn write_small<T: Serialize>(
 }
 
 /// A small file saved often and cheaply (a log's committed id, at every commit): written
-/// in place, one `pwrite` of `crc32 | payload` (no new file, no rename: creating and
-/// renaming a file per commit was a tenth of a partition group's CPU, most of it the file
-/// system allocating inodes) and not synced. A torn write fails its CRC ([`read_small`]
+/// in place, one `pwrite` of `crc32 | payload` (no new file, no rename: a partition
+/// group that created and renamed a file per commit spent much of its CPU in the file
+/// system allocating inodes, and a queue of three partitions published at about half
+/// the rate) and not synced. A torn write fails its CRC ([`read_small`]
 /// errs, which its readers take for a lost value, learnt again).
 pub(super) struct InPlaceFile {
     path: PathBuf,
