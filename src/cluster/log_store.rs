@@ -219,8 +219,8 @@ pub(super) fn write_small<T: Serialize>(
 /// in place, one `pwrite` of `crc32 | payload` (no new file, no rename: a partition
 /// group that created and renamed a file per commit spent much of its CPU in the file
 /// system allocating inodes, and a queue of three partitions published at about half
-/// the rate) and not synced. A torn write fails its CRC ([`read_small`]
-/// errs, which its readers take for a lost value, learnt again).
+/// the rate) and not synced. A torn write fails its CRC and reads as nothing (a lost
+/// committed id is learnt again from the leader).
 pub(super) struct InPlaceFile {
     path: PathBuf,
     /// The open file and its length.
@@ -251,6 +251,18 @@ impl InPlaceFile {
         Ok(())
     }
 
+    /// What the file holds, if anything: a torn or corrupt one (a crash mid-write) counts
+    /// as nothing, and is logged.
+    pub(super) fn read<T: for<'de> Deserialize<'de>>(&self) -> Option<T> {
+        match read_small_at(&self.path) {
+            Ok(value) => value,
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "raft log: ignoring a saved value");
+                None
+            }
+        }
+    }
+
     /// Removes the file.
     pub(super) fn remove(&mut self) -> std::io::Result<()> {
         self.open = None;
@@ -265,12 +277,18 @@ pub(super) fn read_small<T: for<'de> Deserialize<'de>>(
     dir: &Path,
     name: &str,
 ) -> std::io::Result<Option<T>> {
+    read_small_at(&dir.join(name))
+}
+
+/// [`read_small`] of the file at `path`.
+fn read_small_at<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
     let mut bytes = Vec::new();
-    match File::open(dir.join(name)) {
+    match File::open(path) {
         Ok(mut file) => file.read_to_end(&mut bytes)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
     let corrupt =
         || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{name}: corrupt"));
     let (crc, payload) = bytes.split_at_checked(4).ok_or_else(corrupt)?;
@@ -279,18 +297,6 @@ pub(super) fn read_small<T: for<'de> Deserialize<'de>>(
         return Err(corrupt());
     }
     decode(payload).map(Some).map_err(|_| corrupt())
-}
-
-/// The committed id saved in `dir`, if any: a torn or corrupt file (a crash mid-write)
-/// counts as none, as a lost one does (it is learnt again from the leader).
-fn read_committed(dir: &Path) -> Option<LogId> {
-    match read_small(dir, "committed") {
-        Ok(committed) => committed,
-        Err(error) => {
-            tracing::warn!(dir = %dir.display(), %error, "raft log: ignoring the saved committed id");
-            None
-        }
-    }
 }
 
 /// Scans a chunk: the valid records (log id, position, payload length) and where they end.
@@ -390,7 +396,7 @@ impl Inner {
 
     /// Saves the committed id at every commit, cheaply: written in place (one `pwrite` of a
     /// fixed-size record, no new file, no rename) and not synced. A torn write fails its
-    /// CRC and reads as no committed id (see [`read_committed`]).
+    /// CRC and reads as no committed id (see [`InPlaceFile::read`]).
     fn write_committed(&mut self, committed: Option<LogId>) -> std::io::Result<()> {
         match committed {
             Some(id) => self.committed_file.write(&id),
@@ -530,6 +536,7 @@ impl LogStore {
             sync_dir(dir)?;
         }
         let purged: Option<LogId> = read_small(dir, "purged")?;
+        let committed_file = InPlaceFile::new(dir.join("committed"));
         let mut inner = Inner {
             dir: dir.to_path_buf(),
             chunks: BTreeMap::new(),
@@ -537,8 +544,8 @@ impl LogStore {
             last_log_id: purged,
             purged,
             vote: read_small(dir, "vote")?,
-            committed: read_committed(dir),
-            committed_file: InPlaceFile::new(dir.join("committed")),
+            committed: committed_file.read(),
+            committed_file,
             sync,
             chunk_entries: chunk_entries.max(1),
             chunk_bytes: CHUNK_BYTES,
@@ -957,12 +964,10 @@ mod tests {
         let gone: Option<Option<LogId>> = read_small(dir.path(), "small").unwrap();
         assert_eq!(gone, None);
         file.write(&log_id(2, 2, 2)).unwrap();
-        std::fs::write(dir.path().join("committed"), [1, 2, 3, 4, 5, 6]).unwrap();
-        assert_eq!(read_committed(dir.path()), None, "torn: none");
-        assert_eq!(
-            read_small::<LogId>(dir.path(), "small").unwrap(),
-            Some(log_id(2, 2, 2))
-        );
+        assert_eq!(file.read::<LogId>(), Some(log_id(2, 2, 2)));
+        std::fs::write(dir.path().join("small"), [1, 2, 3, 4, 5, 6]).unwrap();
+        assert!(read_small::<LogId>(dir.path(), "small").is_err(), "torn");
+        assert_eq!(file.read::<LogId>(), None, "torn: none");
     }
 
     fn entry(index: u64, bytes: usize) -> Entry {

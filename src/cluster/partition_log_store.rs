@@ -276,10 +276,11 @@ impl PartitionLogStore {
         let purged: Option<(LogId, u64)> = read_small(&dir, PURGED)?;
         let side: Vec<Entry> = read_small(&dir, ENTRIES)?.unwrap_or_default();
         let purged_index = purged.map(|(id, _)| id.index);
+        let committed_file = InPlaceFile::new(dir.join(COMMITTED));
         let mut inner = Inner {
             vote: read_small(&dir, VOTE)?,
-            committed: read_committed(&dir),
-            committed_file: InPlaceFile::new(dir.join(COMMITTED)),
+            committed: committed_file.read::<Option<LogId>>().flatten(),
+            committed_file,
             dir,
             queue: queue.to_string(),
             partition,
@@ -491,18 +492,6 @@ impl PartitionLogStore {
 /// The spans of the entries with records after the purge point, from the segments (in
 /// index order: each batch's index is above its predecessor's, or opening fails naming
 /// the offset).
-/// The committed id saved in `dir`, if any: a torn or corrupt file (a crash mid-write)
-/// counts as none, as a lost one does (it is learnt again from the leader).
-fn read_committed(dir: &Path) -> Option<LogId> {
-    match read_small::<Option<LogId>>(dir, COMMITTED) {
-        Ok(committed) => committed.flatten(),
-        Err(error) => {
-            tracing::warn!(dir = %dir.display(), %error, "partition log: ignoring the saved committed id");
-            None
-        }
-    }
-}
-
 fn scan_spans(
     log: &PartitionLog,
     purged: Option<(LogId, u64)>,
