@@ -893,17 +893,17 @@ impl Broker {
             old.mark_deleted_in(part);
         }
         let env = self.queue_env();
-        let (root, storage) = (env.root.clone(), Arc::clone(&env.storage));
         let owned = name.to_string();
         let opened = tokio::task::spawn_blocking(move || {
-            let dir = crate::name::child(&root, &owned, "")?;
+            let (root, storage) = (&env.root, &env.storage);
+            let dir = crate::name::child(root, &owned, "")?;
             let io = |source| BrokerError::Storage {
                 path: dir.clone(),
                 source,
             };
             match part.dirs() {
                 None => {
-                    crate::name::remove_child_dir(&*storage, &root, &owned)?;
+                    crate::name::remove_child_dir(&**storage, root, &owned)?;
                 }
                 Some(dirs) => {
                     for sub in dirs {
