@@ -1254,6 +1254,19 @@ async fn a_missing_queue_or_exchange_is_not_found_not_forbidden() {
     s.stop().await;
 }
 
+/// Creates the queues `over-http` and `over-grpc` and the fanout exchange `fan` as the
+/// holder of `token` (each answered 201).
+async fn create_queues_and_exchange(s: &TestServer, token: &str) {
+    for (path, body) in [
+        ("/queues/over-http", None),
+        ("/queues/over-grpc", None),
+        ("/exchanges/fan", Some(json!({"type": "fanout"}))),
+    ] {
+        let created = call(s, Some(token), Method::POST, path, body).await;
+        assert_eq!(created, StatusCode::CREATED, "{path}");
+    }
+}
+
 /// A queue or exchange deleted (over HTTP or gRPC) takes its owner and grants with it: made
 /// again by someone else it is theirs alone (the old owner may not delete it, an old
 /// grantee may not publish to it), and this holds after a restart.
@@ -1265,16 +1278,8 @@ async fn a_deleted_queue_or_exchange_is_made_again_without_its_owner_or_grants()
     let bob = register(&s, "bob").await;
     let carol = register(&s, "carol").await;
     let grant = json!({"user": "bob", "permissions": ["publish", "consume"]});
+    create_queues_and_exchange(&s, &alice).await;
     for queue in ["over-http", "over-grpc"] {
-        let created = call(
-            &s,
-            Some(&alice),
-            Method::POST,
-            &format!("/queues/{queue}"),
-            None,
-        )
-        .await;
-        assert_eq!(created, StatusCode::CREATED);
         let granted = call(
             &s,
             Some(&alice),
@@ -1285,15 +1290,6 @@ async fn a_deleted_queue_or_exchange_is_made_again_without_its_owner_or_grants()
         .await;
         assert_eq!(granted, StatusCode::OK);
     }
-    let created = call(
-        &s,
-        Some(&alice),
-        Method::POST,
-        "/exchanges/fan",
-        Some(json!({"type": "fanout"})),
-    )
-    .await;
-    assert_eq!(created, StatusCode::CREATED);
     let deleted = call(&s, Some(&alice), Method::DELETE, "/queues/over-http", None).await;
     assert_eq!(deleted, StatusCode::NO_CONTENT);
     // Their dead-letter queues are not deleted with them: alice's until she does.
@@ -1309,26 +1305,7 @@ async fn a_deleted_queue_or_exchange_is_made_again_without_its_owner_or_grants()
     c.delete_queue(authed(delete, &alice)).await.unwrap();
     let deleted = call(&s, Some(&alice), Method::DELETE, "/exchanges/fan", None).await;
     assert_eq!(deleted, StatusCode::NO_CONTENT);
-    for queue in ["over-http", "over-grpc"] {
-        let created = call(
-            &s,
-            Some(&carol),
-            Method::POST,
-            &format!("/queues/{queue}"),
-            None,
-        )
-        .await;
-        assert_eq!(created, StatusCode::CREATED);
-    }
-    let created = call(
-        &s,
-        Some(&carol),
-        Method::POST,
-        "/exchanges/fan",
-        Some(json!({"type": "fanout"})),
-    )
-    .await;
-    assert_eq!(created, StatusCode::CREATED);
+    create_queues_and_exchange(&s, &carol).await;
     s.stop().await;
     let s = start(dir.path()).await;
     for queue in ["over-http", "over-grpc"] {
